@@ -1,0 +1,31 @@
+"""Test configuration: 8 CPU devices, strict dtype/rank promotion, float64 on request."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def x64():
+    """Run the test body with float64 enabled (``jax.enable_x64``)."""
+    with jax.enable_x64(True):
+        yield
+
+
+@pytest.fixture
+def getkey():
+    """A fresh PRNG key per call: ``k = getkey()``."""
+    counter = iter(range(10**9))
+
+    def _get():
+        return jax.random.key(next(counter))
+
+    return _get

@@ -1,0 +1,44 @@
+"""Tree tolerance helpers for tests."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def tree_allclose(a, b, *, rtol=1e-5, atol=1e-8) -> bool:
+    """True when the trees have the same structure and every leaf pair is allclose."""
+    la, ta = jax.tree.flatten(a)
+    lb, tb = jax.tree.flatten(b)
+    if ta != tb:
+        return False
+    return all(np.allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol) for x, y in zip(la, lb))
+
+
+def assert_tree_allclose(a, b, *, rtol=1e-5, atol=1e-8):
+    la, ta = jax.tree.flatten(a)
+    lb, tb = jax.tree.flatten(b)
+    assert ta == tb, f"tree structures differ:\n{ta}\n{tb}"
+    for i, (x, y) in enumerate(zip(la, lb)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol, err_msg=f"leaf {i}")
+
+
+def tree_norm(t) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(t)))
+
+
+def tree_dot(a, b) -> jax.Array:
+    return sum(jnp.sum(x * y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def tree_rel_err(a, b) -> float:
+    """|a - b| / max(|b|, tiny) over whole trees."""
+    diff = jax.tree.map(lambda x, y: x - y, a, b)
+    return float(tree_norm(diff) / jnp.maximum(tree_norm(b), 1e-30))
+
+
+def max_rel_change(y, y0) -> float:
+    """max |y - y0| / max |y0| over arrays."""
+    y, y0 = np.asarray(y), np.asarray(y0)
+    return float(np.max(np.abs(y - y0)) / max(np.max(np.abs(y0)), 1e-30))

@@ -1,0 +1,262 @@
+"""The abstract group action and the flat-dictionary machinery shared by every action.
+
+Every action works on a *flat view* of the parameters, ``{path: array}`` (see :mod:`quotient_sgd._tree`), and
+touches only the leaves named by its paths.  The public methods (``act``, ``vertical``, ``canonicalize``, ...)
+take and return the user's parameter pytree (an ``nnx.State`` or a nested dict).
+
+Notation follows THEORY.md section 1: for a continuous action with Lie-algebra coordinates ``xi`` the tangent
+map at ``theta`` is ``J xi = d/ds exp(s xi) . theta |_{s=0}``; the vertical space is ``V(theta) = range(J)``
+and the Euclidean vertical projection is ``P_V u = J (J^T J)^+ J^T u``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+from jax.flatten_util import ravel_pytree
+
+from .. import _tree
+from .._tree import Path
+
+Flat = dict[Path, jax.Array]
+Member = tuple[Path, Any]
+
+
+class SymmetryError(ValueError):
+    """A declared group action is not a symmetry of the model (or is malformed)."""
+
+
+def _tiny(x: jax.Array) -> jax.Array:
+    return jnp.asarray(jnp.finfo(x.dtype).tiny, x.dtype)
+
+
+def unit_sqnorm(x: jax.Array, axis: int) -> jax.Array:
+    """Sum of squares over every axis but ``axis`` (the unit axis); shape ``(n,)``."""
+    axis = axis % x.ndim
+    other = tuple(i for i in range(x.ndim) if i != axis)
+    return jnp.sum(jnp.square(x), axis=other)
+
+
+def unit_dot(x: jax.Array, y: jax.Array, axis: int) -> jax.Array:
+    axis = axis % x.ndim
+    other = tuple(i for i in range(x.ndim) if i != axis)
+    return jnp.sum(x * y, axis=other)
+
+
+def along(v: jax.Array, x: jax.Array, axis: int) -> jax.Array:
+    """Broadcast the per-unit vector ``v`` (shape ``(n,)``) against ``x`` along ``axis``."""
+    axis = axis % x.ndim
+    shape = [1] * x.ndim
+    shape[axis] = x.shape[axis]
+    return jnp.reshape(v.astype(x.dtype), shape)
+
+
+class Group(eqx.Module):
+    """A group acting on (a subset of) a model's parameters, leaving the network function unchanged.
+
+    Subclasses implement the private flat-view methods; the public methods below wrap them.  A *component*
+    (``Rescale``, ``Scale``, ``Translation``, ``GL``, ``Permutation``) acts on the leaves named in its paths;
+    :class:`~quotient_sgd.symmetry.Product` combines components.
+    """
+
+    name: str = eqx.field(static=True)
+
+    continuous: ClassVar[bool] = True
+    #: "min_norm" when the canonical representative is the minimum-norm point of the orbit (Kempf-Ness),
+    #: which lets overlapping components be canonicalised jointly by Newton's method.
+    canonical_kind: ClassVar[str] = "other"
+    #: whether elements commute (so that Lie-algebra coordinates add under composition).
+    abelian: ClassVar[bool] = True
+    #: whether the Noether charges are linear (translation) rather than quadratic forms of the parameters.
+    charge_linear: ClassVar[bool] = False
+
+    # ----- to implement -------------------------------------------------------------------------------------
+    def paths(self) -> tuple[Path, ...]:
+        raise NotImplementedError
+
+    def _check(self, flat: Flat) -> None:
+        for p in self.paths():
+            if p not in flat:
+                raise SymmetryError(
+                    f"action {self.name!r} names parameter path {p!r}, which the parameters do not have; "
+                    f"available paths: {list(flat)}"
+                )
+
+    def _sample(self, key, flat: Flat, scale: float):
+        raise NotImplementedError
+
+    def _identity(self, flat: Flat):
+        raise NotImplementedError
+
+    def _act(self, g, flat: Flat) -> Flat:
+        raise NotImplementedError
+
+    def _inverse(self, g):
+        raise NotImplementedError
+
+    def _compose(self, g, h):
+        raise NotImplementedError
+
+    def _canonical_element(self, flat: Flat):
+        raise NotImplementedError
+
+    def _invariants(self, flat: Flat):
+        raise NotImplementedError
+
+    def _charges(self, flat: Flat):
+        return {}
+
+    # continuous actions only
+    def _exp(self, xi):
+        raise NotImplementedError
+
+    def _algebra_zeros(self, flat: Flat):
+        raise NotImplementedError
+
+    def _tmap(self, flat: Flat, xi) -> Flat:
+        """``J xi`` on this action's own paths."""
+        raise NotImplementedError
+
+    def _tmap_T(self, flat: Flat, v: Flat):
+        """``J^T v`` (reads ``v`` at this action's own paths)."""
+        raise NotImplementedError
+
+    def _vcoeffs(self, flat: Flat, v: Flat):
+        """``(J^T J)^+ J^T v``: closed form where one exists; the generic solve otherwise."""
+        return generic_vcoeffs((self,), flat, v)[0]
+
+    # ----- public API ---------------------------------------------------------------------------------------
+    def _flat(self, params) -> tuple[Flat, Any]:
+        flat, treedef = _tree.flatten(params)
+        self._check(flat)
+        return flat, treedef
+
+    def sample(self, key, params, scale: float = 1.0):
+        """A random group element.  Positive factors have log-factors ~ U(-2 scale, 2 scale); GL elements are
+        ``U diag(exp(linspace(-1.5 scale, 1.5 scale))) V^T`` with Haar-random ``U, V`` (condition number
+        ``exp(3 scale)``); permutations are uniform."""
+        flat, _ = self._flat(params)
+        return self._sample(key, flat, scale)
+
+    def identity(self, params):
+        flat, _ = self._flat(params)
+        return self._identity(flat)
+
+    def act(self, g, params):
+        """``g . params``."""
+        flat, treedef = self._flat(params)
+        return _tree.unflatten(self._act(g, flat), treedef)
+
+    def inverse(self, g):
+        return self._inverse(g)
+
+    def compose(self, g, h):
+        """The element ``g o h`` with ``(g o h) . theta = g . (h . theta)``."""
+        return self._compose(g, h)
+
+    def canonical_element(self, params):
+        """The element ``k`` with ``k . params = canonicalize(params)``."""
+        flat, _ = self._flat(params)
+        return self._canonical_element(flat)
+
+    def canonicalize(self, params):
+        """The canonical representative of the orbit of ``params`` (same network function)."""
+        flat, treedef = self._flat(params)
+        return _tree.unflatten(self._act(self._canonical_element(flat), flat), treedef)
+
+    def invariants(self, params):
+        """Orbit-invariant features (THEORY section 1): equal on ``params`` and ``g . params`` for every g."""
+        flat, _ = self._flat(params)
+        return self._invariants(flat)
+
+    def charges(self, params):
+        """Noether charges (THEORY section 2): quadratic forms ``Q(theta) = 1/2 theta^T A theta`` (linear forms
+        for translation), conserved by gradient flow."""
+        flat, _ = self._flat(params)
+        return self._charges(flat)
+
+    def vertical(self, params, v):
+        """Euclidean projection of ``v`` (a pytree like ``params``) onto the orbit tangent space at ``params``."""
+        flat, treedef = self._flat(params)
+        vflat, _ = _tree.flatten(v)
+        out = self._vertical_flat(flat, vflat)
+        return _tree.unflatten(out, treedef)
+
+    def horizontal(self, params, v):
+        """``v - vertical(params, v)``: the component of ``v`` orthogonal to the orbit."""
+        flat, treedef = self._flat(params)
+        vflat, _ = _tree.flatten(v)
+        out = self._vertical_flat(flat, vflat)
+        return _tree.unflatten({p: vflat[p] - out[p] for p in vflat}, treedef)
+
+    def tangents(self, params):
+        """The orbit tangent vectors ``J e_i`` for a basis ``e_i`` of the Lie algebra, stacked on a leading axis
+        of every leaf (a pytree like ``params``); an empty leading axis for a discrete group."""
+        flat, treedef = self._flat(params)
+        out = self._tangents_flat(flat)
+        return _tree.unflatten(out, treedef)
+
+    # ----- shared flat helpers ------------------------------------------------------------------------------
+    def _vertical_flat(self, flat: Flat, vflat: Flat) -> Flat:
+        out = {p: jnp.zeros_like(x) for p, x in vflat.items()}
+        if not self.continuous:
+            return out
+        d = self._tmap(flat, self._vcoeffs(flat, vflat))
+        for p, x in d.items():
+            out[p] = out[p] + x.astype(out[p].dtype)
+        return out
+
+    def _tangents_flat(self, flat: Flat) -> Flat:
+        if not self.continuous:
+            return {p: jnp.zeros((0,) + x.shape, x.dtype) for p, x in flat.items()}
+        xi0 = self._algebra_zeros(flat)
+        vec0, unravel = ravel_pytree(xi0)
+        basis = jnp.eye(vec0.shape[0], dtype=vec0.dtype)
+
+        def one(e):
+            d = self._tmap(flat, unravel(e))
+            return {p: d.get(p, jnp.zeros_like(x)) for p, x in flat.items()}
+
+        return jax.vmap(one)(basis)
+
+
+# ----- generic (lineax) vertical projection for one action or a cluster of overlapping actions ----------------
+def _sum_tmaps(comps, flat: Flat, xis) -> Flat:
+    out: Flat = {}
+    for c, xi in zip(comps, xis):
+        for p, x in c._tmap(flat, xi).items():
+            out[p] = out[p] + x if p in out else x
+    return out
+
+
+def gram_matrix(comps, flat: Flat):
+    """The dense Gram matrix ``J^T J`` of the joint tangent map of ``comps`` in raveled algebra coordinates."""
+    xi0 = tuple(c._algebra_zeros(flat) for c in comps)
+    vec0, unravel = ravel_pytree(xi0)
+
+    def jtj(vec):
+        xis = unravel(vec)
+        d = _sum_tmaps(comps, flat, xis)
+        full = {p: d.get(p, jnp.zeros_like(x)) for p, x in flat.items()}
+        return ravel_pytree(tuple(c._tmap_T(flat, full) for c in comps))[0]
+
+    return jax.jacfwd(jtj)(vec0), unravel
+
+
+def generic_vcoeffs(comps, flat: Flat, v: Flat):
+    """``(J^T J)^+ J^T v`` for the joint tangent map of ``comps``, by a dense lineax solve.
+
+    The Gram matrix is materialised by forward-mode differentiation of the (linear) map ``xi -> J^T J xi`` and
+    solved with lineax's SVD solver, i.e. the pseudo-inverse: the result is the exact projection onto
+    ``range(J)`` even where generators are linearly dependent (a unit whose weights vanish).
+    """
+    G, unravel = gram_matrix(comps, flat)
+    full = {p: v.get(p, jnp.zeros_like(x)) for p, x in flat.items()}
+    rhs = ravel_pytree(tuple(c._tmap_T(flat, full) for c in comps))[0]
+    op = lx.MatrixLinearOperator(G, lx.symmetric_tag)
+    sol = lx.linear_solve(op, rhs, solver=lx.SVD(rcond=float(jnp.finfo(G.dtype).eps) * G.shape[0]))
+    return unravel(sol.value)

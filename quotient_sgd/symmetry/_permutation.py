@@ -1,0 +1,90 @@
+"""Permutations of hidden units (THEORY section 1, "permutation")."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from .._tree import Path
+from ._base import Group, SymmetryError, unit_dot, unit_sqnorm
+
+
+class Permutation(Group):
+    """``S_n`` reordering the units along ``axis`` of every member array simultaneously.
+
+    Element: an index array ``sigma`` (``int32``, shape ``(n,)``); ``(sigma . theta)[..., i, ...] =
+    theta[..., sigma[i], ...]``.  Discrete: no tangents, no charges, the vertical space is ``{0}``.
+    Canonical representative: units sorted by the key ``sum_members |slice_i|^2`` (ties broken by the sum of
+    the slice's entries).  Sorting moves entries without arithmetic, so ``canonicalize(P . theta)`` equals
+    ``canonicalize(theta)`` bit for bit.  Invariants: the sorted keys.
+    """
+
+    members: tuple[tuple[Path, int], ...] = eqx.field(static=True)
+
+    continuous: ClassVar[bool] = False
+
+    abelian: ClassVar[bool] = False
+
+    def __init__(self, members, name: str = "permutation"):
+        self.name = name
+        ms = []
+        for m in members:
+            try:
+                path, axis = m
+                ms.append((tuple(path), int(axis)))
+            except (TypeError, ValueError):
+                raise SymmetryError(f"Permutation {name!r}: members must be (path, axis), got {m!r}") from None
+        if not ms:
+            raise SymmetryError(f"Permutation {name!r} needs at least one member")
+        self.members = tuple(ms)
+
+    def paths(self):
+        return tuple(p for p, _ in self.members)
+
+    def _check(self, flat):
+        super()._check(flat)
+        if len({flat[p].shape[a] for p, a in self.members}) != 1:
+            raise SymmetryError(f"Permutation {self.name!r}: members disagree on the number of units")
+
+    def _n(self, flat):
+        p, a = self.members[0]
+        return flat[p].shape[a]
+
+    def _sample(self, key, flat, scale):
+        return jax.random.permutation(key, self._n(flat)).astype(jnp.int32)
+
+    def _identity(self, flat):
+        return jnp.arange(self._n(flat), dtype=jnp.int32)
+
+    def _act(self, g, flat):
+        out = dict(flat)
+        for p, a in self.members:
+            out[p] = jnp.take(out[p], g, axis=a)
+        return out
+
+    def _inverse(self, g):
+        return jnp.argsort(g).astype(jnp.int32)
+
+    def _compose(self, g, h):
+        return jnp.take(h, g).astype(jnp.int32)
+
+    def sort_key(self, flat):
+        """Per-unit sort key: ``sum_members |slice|^2 + 1e-3 * tanh(sum of slice entries)``."""
+        sq = sum(unit_sqnorm(flat[p], a) for p, a in self.members)
+        s = sum(unit_dot(flat[p], jnp.ones_like(flat[p]), a) for p, a in self.members)
+        return sq + 1e-3 * jnp.tanh(s) * jnp.maximum(jnp.mean(sq), jnp.finfo(sq.dtype).tiny)
+
+    def _canonical_element(self, flat):
+        return jnp.argsort(self.sort_key(flat)).astype(jnp.int32)
+
+    def _invariants(self, flat):
+        return jnp.sort(self.sort_key(flat))
+
+    def _charges(self, flat):
+        return {}
+
+    def _algebra_zeros(self, flat):
+        return ()

@@ -1,0 +1,262 @@
+"""Products of group actions, with overlaps handled explicitly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from ._base import Flat, Group, SymmetryError, generic_vcoeffs
+
+
+class Word(eqx.Module):
+    """An element of a :class:`Product`: component elements applied left to right.
+
+    ``Word(indices=(i, j), elements=(g_i, g_j)) . theta = g_j . (g_i . theta)``.  Products of overlapping
+    actions need not commute (a permutation and a rescale of one layer), so composition concatenates words
+    rather than combining component by component.
+    """
+
+    indices: tuple[int, ...] = eqx.field(static=True)
+    elements: tuple[Any, ...]
+
+
+def _clusters(comps, pred) -> tuple[tuple[int, ...], ...]:
+    """Connected components of the overlap graph (shared parameter paths) of the comps selected by ``pred``."""
+    idx = [i for i, c in enumerate(comps) if pred(c)]
+    parent = {i: i for i in idx}
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a in idx:
+        for b in idx:
+            if a < b and set(comps[a].paths()) & set(comps[b].paths()):
+                parent[find(a)] = find(b)
+    groups: dict[int, list[int]] = {}
+    for i in idx:
+        groups.setdefault(find(i), []).append(i)
+    return tuple(tuple(g) for g in sorted(groups.values()))
+
+
+class Product(Group):
+    """The product of component actions (a model's full symmetry group).
+
+    Components may overlap (share parameter arrays): the rescale of layer ``l`` and of layer ``l+1`` both act on
+    ``W_{l+1}``; a permutation and a rescale act on the same units.  Overlaps are handled explicitly:
+
+    - elements are :class:`Word` s, so non-commuting components compose correctly;
+    - ``vertical`` / ``horizontal``: components are grouped into clusters of overlapping continuous actions.
+      A cluster of one uses its closed form; a larger cluster (a chain of rescales) solves the joint normal
+      equations ``J^T J c = J^T v`` with a dense lineax solve, because the tangents of overlapping components
+      are not orthogonal;
+    - ``canonicalize``: per cluster, continuous components first -- a single component by its closed form;
+      several abelian minimum-norm components (rescale chains, with the logit translation) jointly, by Newton's
+      method on the orbit norm ``f(xi) = |exp(xi) . theta|^2`` in Lie-algebra coordinates (convex for rescale:
+      a sum of exponentials of linear functions; the Hessian is ``k x k`` with ``k`` the number of generators,
+      pseudo-inverted, with a backtracking line search); otherwise by repeated sweeps of the
+      components' own canonicalisations.  Permutations in a cluster then sort units by keys evaluated at that
+      continuous-canonical point (so the keys are orbit invariants), the sort is applied to the original
+      parameters (entries move without arithmetic, so permutations canonicalise bit for bit), and the
+      continuous canonicalisation is applied again;
+    - ``invariants``: a component alone in its cluster reports its own invariants; a component in a larger
+      cluster reports them at the cluster's canonical point, which makes them invariant under the whole group.
+    """
+
+    components: tuple[Group, ...]
+    newton_iters: int = eqx.field(static=True, default=40)
+    sweeps: int = eqx.field(static=True, default=8)
+
+    def __init__(self, components, name: str = "product", *, newton_iters: int = 40, sweeps: int = 8):
+        comps = []
+        for c in components:
+            comps.extend(c.components if isinstance(c, Product) else [c])
+        names = [c.name for c in comps]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise SymmetryError(f"Product {name!r}: component names must be unique, repeated: {sorted(dup)}")
+        self.components = tuple(comps)
+        self.name = name
+        self.newton_iters = newton_iters
+        self.sweeps = sweeps
+
+    # --- structure ----------------------------------------------------------------------------------------
+    @property
+    def continuous(self) -> bool:  # type: ignore[override]
+        return any(c.continuous for c in self.components)
+
+    @property
+    def charge_linear(self) -> dict[str, bool]:  # type: ignore[override]
+        return {c.name: c.charge_linear for c in self.components if c.continuous}
+
+    def component(self, name: str) -> Group:
+        for c in self.components:
+            if c.name == name:
+                return c
+        raise KeyError(f"no component named {name!r}; components: {[c.name for c in self.components]}")
+
+    def _cont(self) -> tuple[int, ...]:
+        return tuple(i for i, c in enumerate(self.components) if c.continuous)
+
+    def continuous_clusters(self):
+        return _clusters(self.components, lambda c: c.continuous)
+
+    def clusters(self):
+        return _clusters(self.components, lambda c: True)
+
+    def paths(self):
+        seen = []
+        for c in self.components:
+            seen.extend(p for p in c.paths() if p not in seen)
+        return tuple(seen)
+
+    def _check(self, flat):
+        for c in self.components:
+            c._check(flat)
+
+    # --- group law --------------------------------------------------------------------------------------
+    def _sample(self, key, flat, scale):
+        keys = jax.random.split(key, max(len(self.components), 1))
+        return Word(tuple(range(len(self.components))),
+                    tuple(c._sample(k, flat, scale) for c, k in zip(self.components, keys)))
+
+    def sample_component(self, key, params, name: str, scale: float = 1.0) -> Word:
+        """A random element of the component ``name`` alone, as an element of the product."""
+        i = [c.name for c in self.components].index(self.component(name).name)
+        flat, _ = self._flat(params)
+        return Word((i,), (self.components[i]._sample(key, flat, scale),))
+
+    def _identity(self, flat):
+        return Word((), ())
+
+    def _act(self, g: Word, flat):
+        for i, e in zip(g.indices, g.elements):
+            flat = self.components[i]._act(e, flat)
+        return flat
+
+    def _inverse(self, g: Word):
+        return Word(tuple(reversed(g.indices)),
+                    tuple(self.components[i]._inverse(e) for i, e in zip(reversed(g.indices), reversed(g.elements))))
+
+    def _compose(self, g: Word, h: Word):
+        return Word(h.indices + g.indices, h.elements + g.elements)
+
+    # --- Lie algebra (continuous components, in order) -------------------------------------------------------
+    def _exp(self, xi):
+        idx = self._cont()
+        return Word(idx, tuple(self.components[i]._exp(x) for i, x in zip(idx, xi)))
+
+    def _algebra_zeros(self, flat):
+        return tuple(self.components[i]._algebra_zeros(flat) for i in self._cont())
+
+    def _tmap(self, flat, xi):
+        out: Flat = {}
+        for i, x in zip(self._cont(), xi):
+            for p, d in self.components[i]._tmap(flat, x).items():
+                out[p] = out[p] + d if p in out else d
+        return out
+
+    def _tmap_T(self, flat, v):
+        return tuple(self.components[i]._tmap_T(flat, v) for i in self._cont())
+
+    def _vcoeffs(self, flat, v):
+        idx = self._cont()
+        coeffs: dict[int, Any] = {}
+        for cl in self.continuous_clusters():
+            if len(cl) == 1:
+                coeffs[cl[0]] = self.components[cl[0]]._vcoeffs(flat, v)
+            else:
+                sol = generic_vcoeffs(tuple(self.components[i] for i in cl), flat, v)
+                coeffs.update(zip(cl, sol))
+        return tuple(coeffs[i] for i in idx)
+
+    # --- canonical representative ---------------------------------------------------------------------------
+    def _newton(self, cl, flat) -> Word:
+        comps = tuple(self.components[i] for i in cl)
+        paths = {p for c in comps for p in c.paths()}
+
+        def apply(xis, f):
+            for c, x in zip(comps, xis):
+                f = c._act(c._exp(x), f)
+            return f
+
+        xi0 = tuple(c._algebra_zeros(flat) for c in comps)
+        vec0, unravel = ravel_pytree(xi0)
+
+        def sqnorm(vec):
+            f = apply(unravel(vec), flat)
+            return sum(jnp.sum(jnp.square(f[p])) for p in paths)
+
+        ts = jnp.asarray([1.0, 0.5, 0.25, 0.125, 1 / 16, 1 / 64, 0.0], vec0.dtype)
+        tol = 64 * jnp.finfo(vec0.dtype).eps
+
+        def body(carry):
+            vec, it, _ = carry
+            grad = jax.grad(sqnorm)(vec)
+            hess = jax.hessian(sqnorm)(vec)
+            w, U = jnp.linalg.eigh(hess)
+            winv = jnp.where(w > jnp.finfo(w.dtype).eps * w.shape[0] * jnp.max(w), 1 / jnp.where(w > 0, w, 1), 0)
+            step = -(U @ (winv * (U.T @ grad)))
+            norms = jax.vmap(lambda t: sqnorm(vec + t * step))(ts)
+            # Near the minimum the decrease is below the float resolution of the norm, so the line search can no
+            # longer rank the candidates: inside the quadratic-convergence region take the full Newton step.
+            t = jnp.where(jnp.max(jnp.abs(step)) < 0.25, ts[0], ts[jnp.argmin(norms)])
+            return vec + t * step, it + 1, jnp.max(jnp.abs(t * step))
+
+        def cond(carry):
+            _, it, size = carry
+            return (it < self.newton_iters) & (size > tol)
+
+        vec, _, _ = jax.lax.while_loop(cond, body, (vec0, jnp.asarray(0), jnp.asarray(jnp.inf, vec0.dtype)))
+        xis = unravel(vec)
+        return Word(cl, tuple(c._exp(x) for c, x in zip(comps, xis)))
+
+    def _continuous_canonical(self, cl, flat) -> Word:
+        comps = [self.components[i] for i in cl]
+        if len(cl) == 1:
+            return Word(cl, (comps[0]._canonical_element(flat),))
+        if all(c.canonical_kind == "min_norm" and getattr(c, "abelian", True) for c in comps):
+            return self._newton(cl, flat)
+        word = Word((), ())
+        for _ in range(self.sweeps):
+            for i in cl:
+                cur = self._act(word, flat)
+                word = self._compose(Word((i,), (self.components[i]._canonical_element(cur),)), word)
+        return word
+
+    def _cluster_canonical(self, cl, flat) -> Word:
+        cont = tuple(i for i in cl if self.components[i].continuous)
+        disc = tuple(i for i in cl if not self.components[i].continuous)
+        k1 = self._continuous_canonical(cont, flat) if cont else Word((), ())
+        if not disc:
+            return k1
+        at = self._act(k1, flat)
+        perms = Word(disc, tuple(self.components[i]._canonical_element(at) for i in disc))
+        if not cont:
+            return perms
+        sorted_flat = self._act(perms, flat)
+        return self._compose(self._continuous_canonical(cont, sorted_flat), perms)
+
+    def _canonical_element(self, flat):
+        word = Word((), ())
+        for cl in self.clusters():
+            word = self._compose(self._cluster_canonical(cl, flat), word)
+        return word
+
+    # --- invariants and charges -----------------------------------------------------------------------------
+    def _invariants(self, flat):
+        out = {}
+        for cl in self.clusters():
+            at = flat if len(cl) == 1 else self._act(self._cluster_canonical(cl, flat), flat)
+            for i in cl:
+                out[self.components[i].name] = self.components[i]._invariants(at)
+        return {c.name: out[c.name] for c in self.components}
+
+    def _charges(self, flat):
+        return {c.name: c._charges(flat) for c in self.components if c.continuous}

@@ -1,0 +1,111 @@
+"""Extreme eigenvalues of the (projected) Hessian by Lanczos on Hessian-vector products (THEORY sections 3-4).
+
+``P H P`` with ``P`` the Euclidean horizontal projection at the evaluation point: the Hessian restricted to the
+directions that change the network function.  Lanczos (matfree's full-reorthogonalised tridiagonalisation)
+started from a horizontal vector stays in the horizontal space, so the ``k`` zero eigenvalues that ``P H P``
+has on the vertical space do not pollute the bottom of the spectrum.  The Hessian-vector product is
+``jax.linearize`` of the gradient, linearised once and applied ``num_matvecs`` times.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from matfree import decomp, eig
+
+from ._kinds import ORBIT_INVARIANT, RAW, REDUCED_DYNAMICS, observable
+from ._util import tree_norm, tree_random_normal, tree_scale
+
+
+class Extremes(NamedTuple):
+    """Top-``k`` (descending) and bottom-``k`` (ascending) Ritz values with their Ritz vectors (pytrees like
+    the parameters, with a leading axis ``k``)."""
+
+    top: jax.Array
+    bottom: jax.Array
+    top_vectors: Any
+    bottom_vectors: Any
+
+
+def lanczos_extremes(matvec: Callable, v0, *, num_matvecs: int = 20, k: int = 1) -> Extremes:
+    """Top-``k`` and bottom-``k`` eigenpairs of a symmetric linear operator by ``num_matvecs`` Lanczos steps.
+
+    Args:
+        matvec: ``v -> A v`` on pytrees like ``v0`` (symmetric).
+        v0: starting vector (any nonzero pytree; its span must contain the wanted eigenvectors' directions).
+        num_matvecs: Krylov depth (at most the operator's rank on the span of ``v0``).
+        k: how many extremes to return at each end (``2 k <= num_matvecs`` for disjoint ends).
+
+    Returns:
+        :class:`Extremes`.
+    """
+    if not 1 <= k <= num_matvecs:
+        raise ValueError(f"need 1 <= k <= num_matvecs, got k={k}, num_matvecs={num_matvecs}")
+    tridiag = decomp.tridiag_sym(num_matvecs, reortho="full", materialize=True, custom_vjp=False)
+    vals, vecs = eig.eigh_partial(tridiag)(matvec, v0)
+    top = vals[::-1][:k]
+    bottom = vals[:k]
+    top_vectors = jax.tree.map(lambda x: x[::-1][:k], vecs)
+    bottom_vectors = jax.tree.map(lambda x: x[:k], vecs)
+    return Extremes(top, bottom, top_vectors, bottom_vectors)
+
+
+def hvp_operator(loss_fn: Callable, params, project: Callable | None = None) -> Callable:
+    """``v -> P H P v`` with ``H`` the Hessian of ``loss_fn`` at ``params`` (``P`` = identity when ``project`` is
+    None).  The gradient is linearised once (``jax.linearize``), so every application costs one tangent pass."""
+    _, lin = jax.linearize(jax.grad(loss_fn), params)
+    if project is None:
+        return lin
+    return lambda v: project(lin(project(v)))
+
+
+def hessian_extremes(
+    loss_fn: Callable, params, project: Callable | None = None, *, key, num_matvecs: int = 20, k: int = 1
+) -> Extremes:
+    """Extreme eigenpairs of ``P H P`` at ``params`` restricted to the range of ``P`` (:func:`lanczos_extremes`
+    started from a projected Gaussian vector)."""
+    v0 = tree_random_normal(key, params)
+    if project is not None:
+        v0 = project(v0)
+    v0 = tree_scale(1 / tree_norm(v0), v0)
+    return lanczos_extremes(hvp_operator(loss_fn, params, project), v0, num_matvecs=num_matvecs, k=k)
+
+
+@observable(ORBIT_INVARIANT, "sharpness_quotient", "lambda_min_quotient")
+def sharpness_quotient(loss_fn, group, params, *, key, num_matvecs: int = 20, k: int = 1) -> Extremes:
+    """Extremes of the horizontal Hessian at the canonical representative ``c(theta)``: the function's own
+    curvature, equal on every point of the orbit (THEORY section 4, kind 1)."""
+    pc = group.canonicalize(params)
+    return hessian_extremes(
+        loss_fn, pc, lambda v: group.horizontal(pc, v), key=key, num_matvecs=num_matvecs, k=k
+    )
+
+
+@observable(REDUCED_DYNAMICS, "sharpness_horizontal", "lambda_min_horizontal")
+def sharpness_horizontal(loss_fn, group, params, *, key, num_matvecs: int = 20, k: int = 1) -> Extremes:
+    """Extremes of the horizontal Hessian ``P H P`` at the current point: the curvature the next step sees
+    (stability, THEORY section 4, kind 2)."""
+    return hessian_extremes(
+        loss_fn, params, lambda v: group.horizontal(params, v), key=key, num_matvecs=num_matvecs, k=k
+    )
+
+
+@observable(RAW, "sharpness_raw", "lambda_min_raw")
+def sharpness_raw(loss_fn, params, *, key, num_matvecs: int = 20, k: int = 1) -> Extremes:
+    """Extremes of the raw Hessian at the current point (Dinh et al. 2017: not a function on the quotient)."""
+    return hessian_extremes(loss_fn, params, None, key=key, num_matvecs=num_matvecs, k=k)
+
+
+def dense_hessian(loss_fn: Callable, params, project: Callable | None = None) -> jax.Array:
+    """The dense ``P H P`` in raveled coordinates (``jax.flatten_util.ravel_pytree`` order); small models only."""
+    from jax.flatten_util import ravel_pytree
+
+    flat, unravel = ravel_pytree(params)
+    op = hvp_operator(loss_fn, params, project)
+
+    def col(e):
+        return ravel_pytree(op(unravel(e)))[0]
+
+    return jax.vmap(col)(jnp.eye(flat.shape[0], dtype=flat.dtype))

@@ -1,0 +1,40 @@
+"""Gradient-noise temperature on the horizontal space (THEORY section 3, "Mapping SGD onto (t, nu)")."""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from ._kinds import REDUCED_DYNAMICS, observable
+
+
+class Noise(NamedTuple):
+    sigma2: jax.Array  #: per-example gradient variance per horizontal dimension
+    temperature: jax.Array  #: T = eta sigma^2 / (2 B)
+    viscosity: jax.Array  #: nu = T / 2
+
+
+@observable(REDUCED_DYNAMICS, "noise_sigma2", "temperature", "viscosity")
+def gradient_noise(example_loss_fn: Callable, group, params, *, lr) -> Noise:
+    """Per-example gradient noise projected on the horizontal space at ``params``, and the SGD temperature.
+
+    ``example_loss_fn(params) -> (B,)`` per-example losses of the step's batch (mean = the batch loss).
+    ``sigma^2 = sum_i |P_h (g_i - g_mean)|^2 / ((B - 1) d_h)`` with ``d_h = P - (number of group generators)``;
+    ``T = eta sigma^2 / (2 B)`` (Chaudhari & Soatto 2018, isotropic average) and the default viscosity
+    ``nu = T / 2``.  This mapping is a modelling choice (THEORY section 3); cost: ``B`` per-example gradients.
+    """
+    per_ex = jax.jacrev(example_loss_fn)(params)
+    b = jax.tree.leaves(per_ex)[0].shape[0]
+    hor = jax.vmap(lambda g: group.horizontal(params, g))(per_ex)
+    flat = jax.vmap(lambda t: ravel_pytree(t)[0])(hor)
+    centred = flat - jnp.mean(flat, axis=0, keepdims=True)
+    n_params = flat.shape[1]
+    n_vert = jax.tree.leaves(jax.eval_shape(group.tangents, params))
+    n_vert = n_vert[0].shape[0] if n_vert else 0
+    d_h = max(n_params - n_vert, 1)
+    sigma2 = jnp.sum(jnp.square(centred)) / jnp.asarray((max(b - 1, 1)) * d_h, flat.dtype)
+    temp = jnp.asarray(lr, flat.dtype) * sigma2 / jnp.asarray(2 * b, flat.dtype)
+    return Noise(sigma2, temp, temp / 2)

@@ -1,0 +1,167 @@
+"""Cheap per-step observables: closed-form projections, no extra gradient evaluations (THEORY sections 1, 2, 4).
+
+Every function is pure and declares its kind (:mod:`._kinds`).  Arguments follow one convention: ``params`` is
+the current point ``theta_k``, ``grads`` the gradient ``g_k = grad L(theta_k)`` of the step's batch, ``updates``
+the optimiser's final update ``Delta_k`` (so ``theta_{k+1} = theta_k + Delta_k``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ._kinds import ORBIT_INVARIANT, RAW, REDUCED_DYNAMICS, observable
+from ._util import (
+    charges_dict,
+    components,
+    per_component,
+    rescale_members,
+    scale_members,
+    tree_dot,
+    tree_norm,
+    tree_sqnorm,
+    unit_sum,
+)
+
+
+def _safe_div(a, b):
+    ok = b > 0
+    return jnp.where(ok, a / jnp.where(ok, b, jnp.ones_like(b)), jnp.zeros_like(a))
+
+
+@observable(RAW, "grad_norm")
+def grad_norm(grads) -> jax.Array:
+    """``|g|``, the Euclidean gradient norm at the current point.  Raw: ``grad L(g.theta) = g^{-T} grad L(theta)``
+    changes it along the orbit (THEORY section 1)."""
+    return tree_norm(grads)
+
+
+def canonical_gradient(group, params, grads, element=None):
+    """The gradient at the canonical representative ``k . theta``, transported from ``grad L(theta)``.
+
+    For an action that is linear (or affine) in the parameters, ``L(h . phi) = L(phi)`` for ``h = k^{-1}``
+    gives ``grad L(k . theta) = J_h^T grad L(theta)`` where ``J_h`` is the (constant) Jacobian of
+    ``phi -> h . phi``: one vector-Jacobian product of the action, no second pass through the network.
+    ``element`` is ``group.canonical_element(params)`` when already known.
+    """
+    k = group.canonical_element(params) if element is None else element
+    kinv = group.inverse(k)
+    _, vjp = jax.vjp(lambda phi: group.act(kinv, phi), params)
+    (gc,) = vjp(grads)
+    return gc
+
+
+@observable(ORBIT_INVARIANT, "grad_norm_canonical")
+def grad_norm_canonical(group, params, grads, element=None) -> jax.Array:
+    """``|grad L(c(theta))|``, the gradient norm at the canonical representative (THEORY section 4, kind 1).
+    See :func:`canonical_gradient`."""
+    return tree_norm(canonical_gradient(group, params, grads, element))
+
+
+@observable(REDUCED_DYNAMICS, "update_horizontal_norm", "update_vertical_norm")
+def update_split_norms(group, params, updates) -> tuple[jax.Array, jax.Array]:
+    """``(|Delta_h|, |Delta_v|)``: norms of the horizontal and vertical (gauge-drift) parts of the update at
+    ``theta`` (THEORY section 1).  Nonzero vertical part for weight decay, momentum and Adam."""
+    v = group.vertical(params, updates)
+    return tree_norm(jax.tree.map(lambda u, w: u - w, updates, v)), tree_norm(v)
+
+
+@observable(REDUCED_DYNAMICS, "charges")
+def charges(group, params) -> dict[str, jax.Array]:
+    """Noether charges per component (THEORY section 2): ``{component name: array}``.  Equivariant rather than
+    invariant under the charge-preserving elements: a permutation permutes a rescale component's per-unit
+    charges, an orthogonal GL element conjugates a matrix charge (their sorted values / spectra are invariant)."""
+    return charges_dict(group, params)
+
+
+@observable(REDUCED_DYNAMICS, "charge_drift")
+def charge_drift(group, params, updates) -> dict[str, jax.Array]:
+    """Observed change of every charge over the step: ``Q(theta + Delta) - Q(theta)``."""
+    q0 = charges_dict(group, params)
+    q1 = charges_dict(group, jax.tree.map(lambda p, u: p + u, params, updates))
+    return jax.tree.map(lambda a, b: a - b, q1, q0)
+
+
+@observable(ORBIT_INVARIANT, "invariant_norms")
+def invariant_norms(group, params) -> dict[str, jax.Array]:
+    """Per component, the Euclidean norm of the component's orbit-invariant features ``group.invariants``
+    (e.g. ``|(|w_in,j| |w_out,j|)_j|`` for a rescale layer, the norm of ``W_Q W_K^T`` for attention)."""
+    inv = per_component(group, group.invariants(params))
+    return {k: tree_norm(v) if jax.tree.leaves(v) else jnp.zeros(()) for k, v in inv.items()}
+
+
+@observable(REDUCED_DYNAMICS, "angular_update")
+def angular_update(group, params, updates) -> dict[str, jax.Array]:
+    """For every scale-invariant component (weights feeding a normalisation), the RMS over its normalised units
+    of the angle between ``w`` and ``w + Delta`` (radians).  THEORY section 2: at equilibrium under SGD with
+    weight decay it is about ``sqrt(2 eta lambda)`` (spherical motion dynamics, Wan et al. 2021)."""
+    out = {}
+    for c in components(group):
+        ms = scale_members(c)
+        if ms is None:
+            continue
+        ww = unit_sum(params, ms, jnp.square)
+        wd = unit_sum((params, updates), ms, lambda w, d: w * d)
+        dd = unit_sum(updates, ms, jnp.square)
+        nw = jnp.sqrt(ww)
+        along = _safe_div(wd, nw)  # component of Delta along w
+        perp = jnp.sqrt(jnp.maximum(dd - along * along, 0))
+        ang = jnp.arctan2(perp, nw + along)
+        out[c.name] = jnp.sqrt(jnp.mean(jnp.square(ang)))
+    return out
+
+
+@observable(REDUCED_DYNAMICS, "curvature")
+def directional_curvature(grad_prev, grad_next, step) -> jax.Array:
+    """``kappa_k = <g_{k+1} - g_k, theta_{k+1} - theta_k> / |theta_{k+1} - theta_k|^2`` (THEORY section 4):
+    the curvature of the loss along the step actually taken (0 for a zero step).  With mini-batches the two
+    gradients come from different batches, so kappa carries gradient noise."""
+    num = tree_dot(grad_next, step) - tree_dot(grad_prev, step)
+    return _safe_div(num, tree_sqnorm(step))
+
+
+@observable(REDUCED_DYNAMICS, "shock_number")
+def shock_number(lr, curvature) -> jax.Array:
+    """``eta max(0, -kappa)``: characteristics of the coarse-grained flow cross within one step when it reaches
+    1 (THEORY section 3-4)."""
+    return lr * jnp.maximum(-curvature, 0)
+
+
+@observable(REDUCED_DYNAMICS, "fold_number")
+def fold_number(lr, curvature) -> jax.Array:
+    """``eta max(0, kappa)``: the explicit step map folds at 1 and is unstable at 2 (edge of stability)."""
+    return lr * jnp.maximum(curvature, 0)
+
+
+@observable(REDUCED_DYNAMICS, "effective_lr")
+def effective_lr(group, params, grads, updates, grads_canonical) -> dict[str, jax.Array]:
+    """The step's length on the quotient relative to the gradient's (THEORY section 4).
+
+    - ``"global"``: ``-<g, Delta> / |g_c|^2``, the learning rate a plain gradient step at the canonical
+      representative would need for the same first-order loss decrease (``= eta |g|^2 / |g_c|^2`` for SGD).
+    - per rescale component, per unit ``j`` with ``a^2 = |w_in,j|^2`` (bias included), ``b^2 = |w_out,j|^2``:
+      ``eta_j = -<Delta_j, g_j> (a^2 + b^2) / |g_j|^2`` (sums over the unit's incoming and outgoing slices).
+      For an SGD step this is exactly ``eta (a^2 + b^2) = 2 eta sqrt(Q_j^2 + m_j^2)``: the rate at which the
+      unit's function component ``m_j = a b`` (orbit part) moves, amplified by its charge
+      ``Q_j = (a^2 - b^2) / 2`` (charge part).
+    - per scale component, per normalised unit: ``-<Delta, g> / (|w|^2 |g|^2)``; ``eta / |w|^2 = eta / (2 Q)``
+      for SGD, the effective angular learning rate of a scale-invariant block.
+    """
+    out = {"global": _safe_div(-tree_dot(grads, updates), tree_sqnorm(grads_canonical))}
+    for c in components(group):
+        rm = rescale_members(c)
+        if rm is not None:
+            ins, outs = rm
+            members = ins + outs
+            w2 = unit_sum(params, members, jnp.square)
+            dg = unit_sum((updates, grads), members, lambda d, g: d * g)
+            gg = unit_sum(grads, members, jnp.square)
+            out[c.name] = _safe_div(-dg * w2, gg)
+            continue
+        sm = scale_members(c)
+        if sm is not None:
+            w2 = unit_sum(params, sm, jnp.square)
+            dg = unit_sum((updates, grads), sm, lambda d, g: d * g)
+            gg = unit_sum(grads, sm, jnp.square)
+            out[c.name] = _safe_div(-dg, w2 * gg)
+    return out

@@ -1,0 +1,105 @@
+"""Small pytree and group helpers shared by the observables (private)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from .. import _tree
+
+
+def tree_dot(a, b) -> jax.Array:
+    """``<a, b>`` summed over all leaves."""
+    leaves = [jnp.sum(x * y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+    return sum(leaves[1:], leaves[0])
+
+
+def tree_sqnorm(a) -> jax.Array:
+    return tree_dot(a, a)
+
+
+def tree_norm(a) -> jax.Array:
+    return jnp.sqrt(tree_sqnorm(a))
+
+
+def tree_add(a, b):
+    return jax.tree.map(lambda x, y: x + y, a, b)
+
+
+def tree_sub(a, b):
+    return jax.tree.map(lambda x, y: x - y, a, b)
+
+
+def tree_scale(c, a):
+    return jax.tree.map(lambda x: jnp.asarray(c, x.dtype) * x, a)
+
+
+def tree_axpy(c, x, y):
+    """``c x + y``."""
+    return jax.tree.map(lambda u, v: jnp.asarray(c, u.dtype) * u + v, x, y)
+
+
+def tree_random_normal(key, like):
+    leaves, treedef = jax.tree.flatten(like)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+
+
+def components(group) -> tuple[Any, ...]:
+    """The components of a :class:`~quotient_sgd.symmetry.Product`, or ``(group,)`` for a single action."""
+    comps = getattr(group, "components", None)
+    return tuple(comps) if comps is not None else (group,)
+
+
+def per_component(group, value) -> dict[str, Any]:
+    """Normalise a group method's output to ``{component name: value}`` (a Product already returns a dict)."""
+    if getattr(group, "components", None) is not None:
+        return dict(value)
+    return {group.name: value}
+
+
+def charge_linear(group) -> dict[str, bool]:
+    """``{component name: whether its charge is linear (translation) rather than quadratic}``."""
+    if hasattr(group, "charge_is_linear"):
+        return dict(group.charge_is_linear())
+    lin = getattr(group, "charge_linear", False)
+    if isinstance(lin, dict):
+        return dict(lin)
+    return {group.name: bool(lin)}
+
+
+def charges_dict(group, params) -> dict[str, jax.Array]:
+    return per_component(group, group.charges(params))
+
+
+def unit_sum(tree, members, fn) -> jax.Array:
+    """Per-unit sum over ``members = ((path, axis_or_None), ...)`` of ``fn(leaf...)`` reduced over all other
+    axes; ``axis=None`` means one unit for the whole block (shape ``(1,)``)."""
+    flat = [_tree.flatten(t)[0] for t in tree] if isinstance(tree, tuple) else [_tree.flatten(tree)[0]]
+    total = None
+    for path, axis in members:
+        xs = [f[tuple(path)] for f in flat]
+        v = fn(*xs)
+        if axis is None:
+            s = jnp.reshape(jnp.sum(v), (1,))
+        else:
+            ax = axis % v.ndim
+            s = jnp.sum(v, axis=tuple(i for i in range(v.ndim) if i != ax))
+        total = s if total is None else total + s
+    return total
+
+
+def rescale_members(comp):
+    """``(incoming, outgoing)`` member lists when ``comp`` is a rescale action, else ``None``."""
+    if hasattr(comp, "incoming") and hasattr(comp, "outgoing"):
+        return tuple(comp.incoming), tuple(comp.outgoing)
+    return None
+
+
+def scale_members(comp):
+    """The member list when ``comp`` is a scale (normalisation) action, else ``None``."""
+    if type(comp).__name__ == "Scale" and hasattr(comp, "members"):
+        return tuple(comp.members)
+    return None

@@ -1,0 +1,85 @@
+"""Optax transforms that act on the symmetry: horizontal projection of updates and gauge fixing."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ..observables import canonical_gradient
+
+
+def horizontal(tx: optax.GradientTransformation, group) -> optax.GradientTransformationExtraArgs:
+    """Run ``tx`` and project its update onto the horizontal space at the current parameters (THEORY section 1):
+    ``Delta_h = Delta - P_V Delta``.  Removes the gauge drift (the vertical part that weight decay, momentum
+    and Adam add); to first order the function moves exactly as under ``tx``.
+
+    Example::
+
+        tx = horizontal(optax.adamw(1e-3, weight_decay=0.1), group)
+    """
+    inner = optax.with_extra_args_support(tx)
+
+    def init(params):
+        return inner.init(params)
+
+    def update(updates, state, params=None, **extra_args):
+        if params is None:
+            raise ValueError("horizontal(tx, group) needs params: tx.update(grads, state, params)")
+        u, state = inner.update(updates, state, params, **extra_args)
+        return group.horizontal(params, u), state
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+class GaugeFixState(NamedTuple):
+    inner_state: Any
+    count: jax.Array
+
+
+def gauge_fix(tx: optax.GradientTransformation, group, every: int = 1) -> optax.GradientTransformationExtraArgs:
+    """Run ``tx`` on the canonical section: every ``every`` steps the parameters are moved to their canonical
+    representative ``c(theta) = k . theta`` before the step (the function is unchanged), and the gradient is
+    transported there exactly, ``grad L(k . theta) = J_{k^{-1}}^T grad L(theta)`` (a vector-Jacobian product of
+    the linear action; no second pass through the network).  The returned update is
+    ``c(theta) + Delta(c(theta)) - theta``, so ``theta + update`` is the step taken from the canonical point.
+
+    Consequence (tested): SGD + ``gauge_fix`` from ``theta`` and from ``g . theta`` give identical iterates after
+    the first step, since both start from ``c(theta) = c(g . theta)`` with the same transported gradient.  Put
+    it inside :func:`quotient_trajectory`, which then observes the fixed dynamics.
+
+    Args:
+        tx: the optimiser (its state, e.g. momentum, lives at the canonical points).
+        group: the symmetry group; its action must be linear or affine in the parameters.
+        every: canonicalise every ``every`` steps (steps in between run ``tx`` unchanged).
+    """
+    if every < 1:
+        raise ValueError(f"every must be >= 1, got {every}")
+    inner = optax.with_extra_args_support(tx)
+
+    def init(params):
+        return GaugeFixState(inner.init(params), jnp.zeros((), jnp.int32))
+
+    def update(updates, state, params=None, **extra_args):
+        if params is None:
+            raise ValueError("gauge_fix(tx, group) needs params: tx.update(grads, state, params)")
+
+        def fixed(_):
+            k = group.canonical_element(params)
+            pc = group.act(k, params)
+            gc = canonical_gradient(group, params, updates, element=k)
+            u, s = inner.update(gc, state.inner_state, pc, **extra_args)
+            return jax.tree.map(lambda a, b, c: (a + b) - c, pc, u, params), s
+
+        def plain(_):
+            return inner.update(updates, state.inner_state, params, **extra_args)
+
+        if every == 1:
+            u, s = fixed(None)
+        else:
+            u, s = jax.lax.cond(state.count % every == 0, fixed, plain, None)
+        return u, GaugeFixState(s, state.count + 1)
+
+    return optax.GradientTransformationExtraArgs(init, update)

@@ -1,0 +1,110 @@
+"""Optimiser descriptors for the charge-drift prediction, and access to injected hyperparameters."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+#: A hyperparameter value: a number / array, the name of an ``optax.inject_hyperparams`` hyperparameter
+#: (read from the optimiser state at every step, so it can be vmapped or changed without recompiling), or a
+#: schedule ``count -> value`` evaluated at the wrapper's step count.
+Hyper = Union[float, jax.Array, str, Callable[[jax.Array], Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class SGDSpec:
+    """What :func:`~quotient_sgd.optim.quotient_trajectory` must know about an SGD-family optimiser to predict
+    the charge drift (THEORY section 2; the recursion is in :func:`quotient_sgd.observables.predict_charge_drift`).
+
+    The optimiser it describes makes the update ``Delta = -eta (d + weight_decay * theta)`` with
+    ``m+ = momentum * m + g + coupled_weight_decay * theta`` and ``d = m+`` (heavy ball) or
+    ``d = g + coupled_weight_decay * theta + momentum * m+`` (``nesterov=True``), i.e. for example
+
+    - ``optax.sgd(eta, momentum=beta, nesterov=...)``: ``SGDSpec(eta, momentum=beta, nesterov=...)``;
+    - decoupled weight decay ``optax.chain(optax.trace(beta), optax.add_decayed_weights(lam), optax.scale(-eta))``
+      or, without momentum, ``optax.chain(optax.add_decayed_weights(lam), optax.sgd(eta))``:
+      ``SGDSpec(eta, weight_decay=lam, momentum=beta)`` (without momentum coupled and decoupled coincide);
+    - coupled weight decay ``optax.chain(optax.add_decayed_weights(lam), optax.sgd(eta, momentum=beta))``:
+      ``SGDSpec(eta, coupled_weight_decay=lam, momentum=beta)``;
+    - injected: ``optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9)`` with
+      ``SGDSpec("learning_rate", momentum="momentum")``.
+
+    Clipping inside the chain is fine (the prediction uses the actual update); the learning rate and the weight
+    decay must be the ones applied.  Every field is a :data:`Hyper`; ``nesterov`` is static.
+    """
+
+    learning_rate: Hyper
+    weight_decay: Hyper = 0.0
+    momentum: Hyper = 0.0
+    nesterov: bool = False
+    coupled_weight_decay: Hyper = 0.0
+
+    def resolve(self, opt_state, count) -> dict[str, jax.Array]:
+        """The numeric hyperparameters at this step (``opt_state``: the wrapped optimiser's state after its
+        update, where ``inject_hyperparams`` stores the values it just used)."""
+        return {
+            f: resolve_hyper(getattr(self, f), opt_state, count, f)
+            for f in ("learning_rate", "weight_decay", "momentum", "coupled_weight_decay")
+        }
+
+
+def _inject_states(opt_state) -> list:
+    is_inj = lambda x: isinstance(x, optax.InjectHyperparamsState)  # noqa: E731
+    return [x for x in jax.tree.leaves(opt_state, is_leaf=is_inj) if is_inj(x)]
+
+
+def injected_hyperparams(opt_state) -> dict[str, jax.Array]:
+    """All hyperparameters injected by ``optax.inject_hyperparams`` anywhere in ``opt_state`` (outer first)."""
+    out: dict[str, jax.Array] = {}
+    for s in _inject_states(opt_state):
+        for k, v in s.hyperparams.items():
+            out.setdefault(k, v)
+    return out
+
+
+def resolve_hyper(value: Hyper, opt_state, count, field: str = "value"):
+    if isinstance(value, str):
+        hp = injected_hyperparams(opt_state)
+        if value not in hp:
+            raise KeyError(
+                f"SGDSpec.{field}={value!r}: no injected hyperparameter of that name in the optimiser state; "
+                f"injected: {sorted(hp)}. Wrap the optimiser with optax.inject_hyperparams or pass a number."
+            )
+        return jnp.asarray(hp[value])
+    if callable(value):
+        return jnp.asarray(value(count))
+    return jnp.asarray(value)
+
+
+def set_hyperparams(opt_state, **values):
+    """A copy of ``opt_state`` with the named ``optax.inject_hyperparams`` values replaced (in every injected
+    state that has them).  Use it to build a vmapped sweep without recompiling::
+
+        tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
+        states = jax.vmap(lambda lr: set_hyperparams(tx.init(params), learning_rate=lr))(lrs)
+    """
+    is_inj = lambda x: isinstance(x, optax.InjectHyperparamsState)  # noqa: E731
+    found = set()
+
+    def fix(x):
+        if not is_inj(x):
+            return x
+        hp = dict(x.hyperparams)
+        for k, v in values.items():
+            if k in hp:
+                hp[k] = jnp.asarray(v, jnp.asarray(hp[k]).dtype)
+                found.add(k)
+        return x._replace(hyperparams=hp)
+
+    out = jax.tree.map(fix, opt_state, is_leaf=is_inj)
+    missing = set(values) - found
+    if missing:
+        raise KeyError(
+            f"set_hyperparams: {sorted(missing)} not injected in the optimiser state; injected: "
+            f"{sorted(injected_hyperparams(opt_state))}"
+        )
+    return out

@@ -1,0 +1,159 @@
+"""The scan-based training loop: one jitted ``lax.scan`` over steps, vmap-able over seeds and hyperparameters."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ._trajectory import _find
+
+
+def _objective(loss_fn, has_aux, params, model_state, batch):
+    """``(loss, (aux, new_model_state))`` whatever the user's convention."""
+    if model_state is not None:
+        loss, (aux, new_ms) = loss_fn(params, model_state, batch)
+        return loss, (aux, new_ms)
+    out = loss_fn(params, batch)
+    if has_aux:
+        loss, aux = out
+    else:
+        loss, aux = out, None
+    return loss, (aux, None)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("loss_fn", "tx", "batch_fn", "num_steps", "has_aux", "example_loss_fn", "unroll"),
+    donate_argnames=("params", "opt_state", "model_state"),
+)
+def _run_donated(params, opt_state, model_state, data, key, start_step, **static):
+    return _run(params, opt_state, model_state, data, key, start_step, **static)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("loss_fn", "tx", "batch_fn", "num_steps", "has_aux", "example_loss_fn", "unroll"),
+)
+def _run_kept(params, opt_state, model_state, data, key, start_step, **static):
+    return _run(params, opt_state, model_state, data, key, start_step, **static)
+
+
+def _run(params, opt_state, model_state, data, key, start_step, *, loss_fn, tx, batch_fn, num_steps, has_aux,
+         example_loss_fn, unroll):
+    tx = optax.with_extra_args_support(tx)
+    steps = start_step + jnp.arange(num_steps, dtype=jnp.int32)
+    has_q = bool(_find(opt_state))
+
+    def body(carry, xs):
+        params, opt_state, model_state = carry
+        step, batch = xs
+        if batch_fn is not None:
+            batch = batch_fn(step, jax.random.fold_in(key, step))
+
+        def obj(p):
+            return _objective(loss_fn, has_aux, p, model_state, batch)
+
+        (loss, (aux, new_ms)), grads = jax.value_and_grad(obj, has_aux=True)(params)
+        extra = {"value": loss, "loss_fn": lambda p: obj(p)[0]}
+        if example_loss_fn is not None:
+            extra["example_loss_fn"] = lambda p: example_loss_fn(p, batch)
+        updates, opt_state = tx.update(grads, opt_state, params, **extra)
+        params = optax.apply_updates(params, updates)
+        out: dict[str, Any] = {}
+        if has_q:
+            out.update(_find(opt_state)[0].observables)
+        out["loss"] = loss
+        if has_aux:
+            out["aux"] = aux
+        return (params, opt_state, new_ms if model_state is not None else None), out
+
+    xs = (steps, None if batch_fn is not None else data)
+    (params, opt_state, model_state), traj = jax.lax.scan(
+        body, (params, opt_state, model_state), xs, length=num_steps, unroll=unroll)
+    return params, opt_state, model_state, traj
+
+
+def train(
+    loss_fn: Callable,
+    params,
+    tx: optax.GradientTransformation,
+    data,
+    *,
+    num_steps: int | None = None,
+    key=None,
+    opt_state=None,
+    start_step=0,
+    has_aux: bool = False,
+    model_state=None,
+    example_loss_fn: Callable | None = None,
+    donate: bool = True,
+    unroll: int = 1,
+):
+    """Train with ``tx`` for ``num_steps`` steps in one jitted ``lax.scan``; returns
+    ``(params, opt_state, trajectory)`` (``(params, opt_state, model_state, trajectory)`` when ``model_state`` is
+    given).
+
+    Args:
+        loss_fn: ``loss_fn(params, batch) -> loss`` (``-> (loss, aux)`` with ``has_aux``); with ``model_state``
+            (non-Param NNX state such as batch statistics): ``loss_fn(params, model_state, batch) ->
+            (loss, (aux, new_model_state))``; the new model state is threaded to the next step.  Must be a
+            hashable callable (a module-level function or a ``functools.partial`` of one is cached; a fresh
+            lambda per call recompiles).
+        params: the initial parameters (a pytree, e.g. the ``nnx.Param`` state of ``nnx.split``).
+        tx: the optimiser, e.g. ``quotient_trajectory(optax.sgd(0.1), group)``.  Hyperparameters that a sweep
+            varies belong in the state (``optax.inject_hyperparams``; :func:`set_hyperparams`), so new values
+            do not recompile.
+        data: either a pytree of arrays whose leading axis indexes the steps of this call, or a pure
+            ``batch_fn(step, key) -> batch`` evaluated inside the scan (``step`` is the global step
+            ``start_step + i``, ``key = fold_in(key, step)``), so full-batch runs never copy the data per step.
+        num_steps: the number of steps (default: the leading axis of ``data``; required with a ``batch_fn``).
+        key: PRNG key for ``batch_fn`` (default ``jax.random.key(0)``).
+        opt_state: resume from this optimiser state (default ``tx.init(params)``).
+        start_step: the global index of the first step: a run in chunks (carrying ``params``, ``opt_state``,
+            ``model_state`` and advancing ``start_step``) equals the unchunked run.
+        example_loss_fn: ``(params, batch) -> (B,)`` per-example losses, passed on to the optimiser (the noise
+            temperature of :func:`quotient_trajectory` with ``noise_every``).
+        donate: donate ``params`` / ``opt_state`` / ``model_state`` buffers to the loop (the arrays passed in are
+            consumed; pass ``donate=False`` to keep using them).  Ignored under ``vmap`` / an outer ``jit``.
+        unroll: ``lax.scan`` unroll factor.
+
+    Returns:
+        ``trajectory``: ``{key: array stacked over steps}``: ``loss`` always, ``aux`` with ``has_aux``, and
+        every observable of a :func:`quotient_trajectory` in ``tx`` (nested dicts for per-component ones).
+
+    Runs unchanged under ``jax.vmap`` (over ``params`` / ``key`` for seeds, over ``opt_state`` for injected
+    hyperparameters).
+    """
+    if callable(data) and not hasattr(data, "shape"):
+        batch_fn, stacked = data, None
+        if num_steps is None:
+            raise ValueError("train(data=batch_fn, ...) needs num_steps")
+    else:
+        batch_fn, stacked = None, data
+        leaves = jax.tree.leaves(data)
+        if not leaves:
+            raise ValueError("train: data has no arrays; pass stacked batches or a batch_fn(step, key)")
+        n = leaves[0].shape[0]
+        if num_steps is None:
+            num_steps = n
+        elif num_steps != n:
+            stacked = jax.tree.map(lambda x: x[:num_steps], data)
+            if num_steps > n:
+                raise ValueError(f"train: num_steps={num_steps} but data has only {n} stacked batches")
+    if key is None:
+        key = jax.random.key(0)
+    if opt_state is None:
+        opt_state = tx.init(params)
+    run = _run_donated if donate else _run_kept
+    params, opt_state, model_state, traj = run(
+        params, opt_state, model_state, stacked, key, jnp.asarray(start_step, jnp.int32),
+        loss_fn=loss_fn, tx=tx, batch_fn=batch_fn, num_steps=int(num_steps), has_aux=has_aux,
+        example_loss_fn=example_loss_fn, unroll=unroll,
+    )
+    if model_state is not None:
+        return params, opt_state, model_state, traj
+    return params, opt_state, traj

@@ -1,0 +1,404 @@
+"""``quotient_trajectory``: an Optax wrapper that records quotient observables while any optimiser trains."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from .. import observables as obs
+from ..observables._util import (
+    charge_linear,
+    charges_dict,
+    components,
+    rescale_members,
+    scale_members,
+    tree_dot,
+    tree_sqnorm,
+)
+from ._spec import SGDSpec
+
+#: The per-step observables recorded by default (all cheap: closed-form projections, no extra gradients).
+DEFAULT_OBSERVABLES: tuple[str, ...] = (
+    "loss",
+    "grad_norm",
+    "grad_norm_canonical",
+    "update_horizontal_norm",
+    "update_vertical_norm",
+    "charges",
+    "charge_drift",
+    "charge_drift_predicted",
+    "invariant_norms",
+    "angular_update",
+    "curvature",
+    "shock_number",
+    "fold_number",
+    "effective_lr",
+)
+_HESSIAN_AT = ("quotient", "horizontal", "raw")
+
+
+class QuotientTrajectoryState(NamedTuple):
+    """State of :func:`quotient_trajectory`; its pytree structure is fixed at ``init``.
+
+    Attributes:
+        inner_state: the wrapped optimiser's state.
+        count: number of updates so far (int32).
+        observables: the latest observables ``{key: array or {component: array}}`` (see
+            :func:`observables_of`).
+        carry: what later steps need: the previous update (for the directional curvature), scalars of the
+            previous step, and the charge cross terms ``c_k`` of the momentum recursion.
+        eigenvectors: ``{"top_<where>" / "bottom_<where>": pytree with a leading axis k}`` of the last Hessian
+            evaluation when ``keep_eigenvectors=True``, else ``{}``.
+    """
+
+    inner_state: Any
+    count: jax.Array
+    observables: dict
+    carry: dict
+    eigenvectors: dict
+
+
+def _zeros_like_struct(struct):
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), struct)
+
+
+def quotient_trajectory(
+    tx: optax.GradientTransformation,
+    group,
+    *,
+    observables: Sequence[str] | None = None,
+    every: int = 1,
+    hessian_every: int | None = None,
+    spec: SGDSpec | None = None,
+    hessian_at: Sequence[str] = _HESSIAN_AT,
+    hessian_k: int = 1,
+    lanczos_steps: int = 20,
+    keep_eigenvectors: bool = False,
+    noise_every: int | None = None,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    """Wrap ``tx`` so that every update also records quotient observables (THEORY sections 1-4).
+
+    Put it outermost: the incoming ``updates`` must be the raw gradients ``g_k``.  The wrapped optimiser runs
+    unchanged (its updates are returned as they are); the observables of step ``k`` are computed from
+    ``theta_k``, ``g_k`` and the final update ``Delta_k`` and stored in the state
+    (:func:`observables_of`).  The state's structure is fixed at ``init`` (``lax.scan`` / ``vmap`` safe).
+
+    Extra arguments of ``update`` (``optax`` extra args; :func:`~quotient_sgd.optim.train` passes them all):
+
+    - ``value``: the loss at ``theta_k`` (the ``loss`` observable; NaN without it);
+    - ``loss_fn``: ``params -> loss`` on the step's batch; needed when ``hessian_every`` is set;
+    - ``example_loss_fn``: ``params -> (B,)`` per-example losses; needed when ``noise_every`` is set.
+
+    Observables (keys of :func:`observables_of`, kinds in :data:`quotient_sgd.observables.KINDS`):
+    ``loss, grad_norm, grad_norm_canonical, update_horizontal_norm, update_vertical_norm, charges,
+    charge_drift, charge_drift_predicted, invariant_norms, angular_update, curvature, shock_number,
+    fold_number, effective_lr``.  Notes: ``charges`` / ``charge_drift`` / ``charge_drift_predicted`` /
+    ``invariant_norms`` / ``angular_update`` / ``effective_lr`` are dicts keyed by component name
+    (``effective_lr`` also has ``"global"``); ``curvature``, ``shock_number`` and ``fold_number`` recorded at
+    step ``k`` describe the previous step ``k - 1`` (they need ``g_k``; zero at the first step); the shock /
+    fold numbers use the spec's learning rate, else the step's ``effective_lr["global"]``.
+    ``charge_drift_predicted`` is the exact SGD identity (:func:`quotient_sgd.observables.predict_charge_drift`)
+    and needs ``spec``; without one (Adam, other optimisers) it is NaN: the drift is observed, not predicted.
+
+    With ``hessian_every=K``, every ``K`` steps (starting at step 0): for each ``where`` in ``hessian_at``
+    (``"quotient"``: horizontal Hessian at the canonical representative, orbit invariant; ``"horizontal"``: at
+    the current point, what the step sees; ``"raw"``: unprojected), ``sharpness_<where>`` (top eigenvalue),
+    ``lambda_min_<where>`` (bottom), ``hessian_top_<where>`` / ``hessian_bottom_<where>`` (``hessian_k`` each),
+    plus ``shock_number_hessian = eta max(0, -lambda_min_horizontal)``, ``fold_number_hessian =
+    eta lambda_max_horizontal`` and ``hessian_step``; values persist between evaluations.  ``lanczos_steps``
+    Lanczos iterations each.  With ``noise_every=K``: ``noise_sigma2``, ``temperature``, ``viscosity``.
+
+    Args:
+        tx: any optax transformation (extra-args aware or not).
+        group: the model's symmetry group (:mod:`quotient_sgd.symmetry`).
+        observables: the per-step keys to record (default :data:`DEFAULT_OBSERVABLES`).
+        every: refresh the per-step observables every ``every`` steps (the charge cross term and the
+            previous-step buffer are updated every step regardless, so the identities stay exact).
+        spec: :class:`SGDSpec` describing ``tx`` for the charge-drift prediction.
+        seed: seeds the Lanczos starting vectors (folded with the step count).
+
+    Example::
+
+        tx = quotient_trajectory(optax.sgd(0.1), group, spec=SGDSpec(0.1))
+        params, state, traj = train(loss_fn, params, tx, data)
+        traj["grad_norm_canonical"]          # one value per step
+    """
+    keys = tuple(DEFAULT_OBSERVABLES if observables is None else observables)
+    unknown = set(keys) - set(DEFAULT_OBSERVABLES)
+    if unknown:
+        raise ValueError(f"unknown observables {sorted(unknown)}; available: {DEFAULT_OBSERVABLES}")
+    bad_at = set(hessian_at) - set(_HESSIAN_AT)
+    if bad_at:
+        raise ValueError(f"hessian_at: unknown {sorted(bad_at)}; choose from {_HESSIAN_AT}")
+    if every < 1:
+        raise ValueError(f"every must be >= 1, got {every}")
+    inner = optax.with_extra_args_support(tx)
+    want = set(keys)
+    need_curv = bool(want & {"curvature", "shock_number", "fold_number"})
+    need_cross = "charge_drift_predicted" in want and spec is not None
+    base_key = jax.random.key(seed)
+
+    # -- the per-step observables ---------------------------------------------------------------------------
+    def step_observables(params, grads, updates, value, lr_spec, carry):
+        out: dict[str, Any] = {}
+        dt = jax.tree.leaves(params)[0].dtype
+        if "loss" in want:
+            out["loss"] = jnp.asarray(jnp.nan if value is None else value, dt)
+        if "grad_norm" in want:
+            out["grad_norm"] = obs.grad_norm(grads)
+        gc = None
+        if want & {"grad_norm_canonical", "effective_lr"} or (need_curv and lr_spec is None):
+            gc = obs.canonical_gradient(group, params, grads)
+            if "grad_norm_canonical" in want:
+                out["grad_norm_canonical"] = jnp.sqrt(tree_sqnorm(gc))
+        if want & {"update_horizontal_norm", "update_vertical_norm"}:
+            h, v = obs.update_split_norms(group, params, updates)
+            if "update_horizontal_norm" in want:
+                out["update_horizontal_norm"] = h
+            if "update_vertical_norm" in want:
+                out["update_vertical_norm"] = v
+        q = charges_dict(group, params)
+        if "charges" in want:
+            out["charges"] = q
+        if "charge_drift" in want:
+            q1 = charges_dict(group, jax.tree.map(lambda p, u: p + u, params, updates))
+            out["charge_drift"] = jax.tree.map(lambda a, b: a - b, q1, q)
+        if "invariant_norms" in want:
+            out["invariant_norms"] = obs.invariant_norms(group, params)
+        if "angular_update" in want:
+            out["angular_update"] = obs.angular_update(group, params, updates)
+        eff = None
+        if "effective_lr" in want or (need_curv and lr_spec is None):
+            eff = obs.effective_lr(group, params, grads, updates, gc)
+            if "effective_lr" in want:
+                out["effective_lr"] = eff
+        if need_curv:
+            kappa = obs.directional_curvature(carry["prev_gd"], tree_dot(grads, carry["prev_update"]),
+                                              carry["prev_update"])
+            kappa = jnp.where(carry["prev_dd"] > 0, kappa, jnp.zeros_like(kappa))
+            if "curvature" in want:
+                out["curvature"] = kappa
+            if "shock_number" in want:
+                out["shock_number"] = obs.shock_number(carry["prev_lr"], kappa)
+            if "fold_number" in want:
+                out["fold_number"] = obs.fold_number(carry["prev_lr"], kappa)
+        return out, q, eff
+
+    def _curv_terms(grads, updates):
+        return tree_dot(grads, updates), tree_sqnorm(updates)
+
+    # -- init ---------------------------------------------------------------------------------------------------
+    def init(params):
+        inner_state = inner.init(params)
+        dt = jax.tree.leaves(params)[0].dtype
+        zero = jnp.zeros((), dt)
+
+        def shape_fn(p):
+            hp = None if spec is None else {"learning_rate": jnp.ones((), dt)}
+            carry0 = _carry0(p)
+            o, _, _ = step_observables(p, p, p, zero, hp, carry0)
+            return o
+
+        observ = _zeros_like_struct(jax.eval_shape(shape_fn, params))
+        if "charge_drift_predicted" in want:
+            observ["charge_drift_predicted"] = jax.tree.map(
+                lambda x: jnp.full(x.shape, jnp.nan, x.dtype), _zeros_like_struct(
+                    jax.eval_shape(lambda p: charges_dict(group, p), params)))
+        if "loss" in observ:
+            observ["loss"] = jnp.full((), jnp.nan, dt)
+        if hessian_every is not None:
+            for w in hessian_at:
+                observ[f"sharpness_{w}"] = jnp.full((), jnp.nan, dt)
+                observ[f"lambda_min_{w}"] = jnp.full((), jnp.nan, dt)
+                observ[f"hessian_top_{w}"] = jnp.full((hessian_k,), jnp.nan, dt)
+                observ[f"hessian_bottom_{w}"] = jnp.full((hessian_k,), jnp.nan, dt)
+            if "horizontal" in hessian_at:
+                observ["shock_number_hessian"] = jnp.full((), jnp.nan, dt)
+                observ["fold_number_hessian"] = jnp.full((), jnp.nan, dt)
+            observ["hessian_step"] = jnp.full((), -1, jnp.int32)
+        if noise_every is not None:
+            for k in ("noise_sigma2", "temperature", "viscosity"):
+                observ[k] = jnp.full((), jnp.nan, dt)
+        eigvecs = {}
+        if hessian_every is not None and keep_eigenvectors:
+            for w in hessian_at:
+                for end in ("top", "bottom"):
+                    eigvecs[f"{end}_{w}"] = jax.tree.map(
+                        lambda x: jnp.zeros((hessian_k,) + x.shape, x.dtype), params)
+        return QuotientTrajectoryState(inner_state, jnp.zeros((), jnp.int32), observ, _carry0(params), eigvecs)
+
+    def _carry0(params):
+        dt = jax.tree.leaves(params)[0].dtype
+        carry: dict[str, Any] = {}
+        if need_curv:
+            carry["prev_update"] = jax.tree.map(jnp.zeros_like, params)
+            carry["prev_gd"] = jnp.zeros((), dt)
+            carry["prev_dd"] = jnp.zeros((), dt)
+            carry["prev_lr"] = jnp.zeros((), dt)
+        if need_cross:
+            carry["cross"] = jax.tree.map(
+                jnp.zeros_like, _zeros_like_struct(jax.eval_shape(lambda p: charges_dict(group, p), params)))
+        return carry
+
+    # -- update ---------------------------------------------------------------------------------------------
+    def update(updates, state, params=None, **extra_args):
+        if params is None:
+            raise ValueError("quotient_trajectory needs params: call tx.update(grads, state, params, value=loss)")
+        grads = updates
+        new_updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
+        count = state.count
+        dt = jax.tree.leaves(params)[0].dtype
+        hp = None if spec is None else {k: jnp.asarray(v, dt) for k, v in spec.resolve(inner_state, count).items()}
+        value = extra_args.get("value")
+        carry = state.carry
+
+        observ = dict(state.observables)
+        step_keys = [k for k in observ if k in want and k != "charge_drift_predicted"]
+        if every == 1:
+            fresh, q, eff = step_observables(params, grads, new_updates, value, hp, carry)
+        else:
+            fresh = jax.lax.cond(
+                count % every == 0,
+                lambda _: step_observables(params, grads, new_updates, value, hp, carry)[0],
+                lambda _: {k: observ[k] for k in step_keys},
+                None,
+            )
+            q = eff = None
+        observ.update(fresh)
+        new_carry: dict[str, Any] = {}
+        lr_now = None
+        if need_curv:
+            if hp is not None:
+                lr_now = hp["learning_rate"]
+            else:
+                e = eff if eff is not None else obs.effective_lr(
+                    group, params, grads, new_updates, obs.canonical_gradient(group, params, grads))
+                lr_now = e["global"]
+        if need_cross:
+            pred, cross = obs.predict_charge_drift(
+                group, params, grads, new_updates, carry["cross"],
+                lr=hp["learning_rate"], momentum=hp["momentum"], nesterov=spec.nesterov,
+                weight_decay=hp["weight_decay"], coupled_weight_decay=hp["coupled_weight_decay"],
+                charges_now=q,
+            )
+            new_carry["cross"] = cross
+            if every == 1:
+                observ["charge_drift_predicted"] = pred
+            else:
+                rec = count % every == 0
+                observ["charge_drift_predicted"] = jax.tree.map(
+                    lambda a, b: jnp.where(rec, a, b), pred, observ["charge_drift_predicted"])
+        if need_curv:
+            gd, dd = _curv_terms(grads, new_updates)
+            new_carry["prev_update"] = new_updates
+            new_carry["prev_gd"] = gd
+            new_carry["prev_dd"] = dd
+            new_carry["prev_lr"] = jnp.asarray(lr_now, dt)
+        eigvecs = state.eigenvectors
+        if hessian_every is not None:
+            loss_fn = extra_args.get("loss_fn")
+            if loss_fn is None:
+                raise ValueError(
+                    "quotient_trajectory(hessian_every=...) needs the extra argument loss_fn=(params -> loss on "
+                    "the step's batch); quotient_sgd.optim.train passes it, a hand-written loop must too."
+                )
+            lr_h = hp["learning_rate"] if hp is not None else observ.get("effective_lr", {}).get("global", jnp.nan)
+            observ, eigvecs = jax.lax.cond(
+                count % hessian_every == 0,
+                lambda _: _hessian(loss_fn, params, observ, eigvecs, count, lr_h),
+                lambda _: (observ, eigvecs),
+                None,
+            )
+        if noise_every is not None:
+            efn = extra_args.get("example_loss_fn")
+            if efn is None:
+                raise ValueError(
+                    "quotient_trajectory(noise_every=...) needs the extra argument example_loss_fn=(params -> (B,) "
+                    "per-example losses); pass example_loss_fn to quotient_sgd.optim.train."
+                )
+            lr_n = hp["learning_rate"] if hp is not None else observ.get("effective_lr", {}).get("global", jnp.nan)
+
+            def noise(_):
+                n = obs.gradient_noise(efn, group, params, lr=lr_n)
+                o = dict(observ)
+                o.update(noise_sigma2=n.sigma2, temperature=n.temperature, viscosity=n.viscosity)
+                return o
+
+            observ = jax.lax.cond(count % noise_every == 0, noise, lambda _: observ, None)
+        new_state = QuotientTrajectoryState(inner_state, count + 1, observ, new_carry, eigvecs)
+        return new_updates, new_state
+
+    def _hessian(loss_fn, params, observ, eigvecs, count, lr):
+        observ = dict(observ)
+        eigvecs = dict(eigvecs)
+        dt = jax.tree.leaves(params)[0].dtype
+        key = jax.random.fold_in(base_key, count)
+        for i, w in enumerate(hessian_at):
+            kw = dict(key=jax.random.fold_in(key, i), num_matvecs=lanczos_steps, k=hessian_k)
+            if w == "quotient":
+                ex = obs.sharpness_quotient(loss_fn, group, params, **kw)
+            elif w == "horizontal":
+                ex = obs.sharpness_horizontal(loss_fn, group, params, **kw)
+            else:
+                ex = obs.sharpness_raw(loss_fn, params, **kw)
+            observ[f"sharpness_{w}"] = ex.top[0].astype(dt)
+            observ[f"lambda_min_{w}"] = ex.bottom[0].astype(dt)
+            observ[f"hessian_top_{w}"] = ex.top.astype(dt)
+            observ[f"hessian_bottom_{w}"] = ex.bottom.astype(dt)
+            if w == "horizontal":
+                lr_ = jnp.asarray(lr, dt)
+                observ["shock_number_hessian"] = lr_ * jnp.maximum(-ex.bottom[0], 0).astype(dt)
+                observ["fold_number_hessian"] = lr_ * jnp.maximum(ex.top[0], 0).astype(dt)
+            if keep_eigenvectors:
+                eigvecs[f"top_{w}"] = ex.top_vectors
+                eigvecs[f"bottom_{w}"] = ex.bottom_vectors
+        observ["hessian_step"] = count.astype(jnp.int32)
+        return observ, eigvecs
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _find(opt_state) -> list[QuotientTrajectoryState]:
+    is_q = lambda x: isinstance(x, QuotientTrajectoryState)  # noqa: E731
+    return [x for x in jax.tree.leaves(opt_state, is_leaf=is_q) if is_q(x)]
+
+
+def observables_of(opt_state) -> dict:
+    """The latest observables recorded by the (outermost) :func:`quotient_trajectory` in ``opt_state``:
+    ``{key: array or {component: array}}`` (kinds in :data:`quotient_sgd.observables.KINDS`)."""
+    found = _find(opt_state)
+    if not found:
+        raise ValueError(
+            "observables_of: no QuotientTrajectoryState in this optimiser state; wrap the optimiser with "
+            "quotient_sgd.optim.quotient_trajectory(tx, group)"
+        )
+    return found[0].observables
+
+
+def eigenvectors_of(opt_state) -> dict:
+    """Ritz vectors of the last Hessian evaluation (``quotient_trajectory(..., keep_eigenvectors=True)``):
+    ``{"top_<where>" / "bottom_<where>": pytree like params with a leading axis hessian_k}``.  Vectors for
+    ``"quotient"`` live at the canonical representative."""
+    found = _find(opt_state)
+    if not found or not found[0].eigenvectors:
+        raise ValueError("eigenvectors_of: use quotient_trajectory(..., hessian_every=K, keep_eigenvectors=True)")
+    return found[0].eigenvectors
+
+
+def flatten_trajectory(trajectory: dict, sep: str = "/") -> dict[str, Any]:
+    """``{"charges": {"rescale0": a}} -> {"charges/rescale0": a}``, e.g. for ``numpy.savez``."""
+    out = {}
+    for k, v in trajectory.items():
+        if isinstance(v, dict):
+            for k2, v2 in flatten_trajectory(v, sep).items():
+                out[f"{k}{sep}{k2}"] = v2
+        else:
+            out[k] = v
+    return out
+
+
+del components, rescale_members, scale_members, charge_linear

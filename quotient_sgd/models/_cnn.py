@@ -1,0 +1,156 @@
+"""A small convolutional network with optional normalisation, and its symmetries (THEORY section 1)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ..symmetry import Permutation, Product, Rescale, Scale, Translation
+from ._activations import check_activation, get_activation, is_homogeneous
+from ._norm import NORM_EPS, BatchNorm, LayerNorm
+
+NORMS = (None, "layer", "batch")
+
+
+class CNN(nnx.Module):
+    """``conv -> [norm] -> sigma`` blocks, global average pooling, and a linear head; inputs NHWC.
+
+    Block ``l``: ``z = conv_l(h)`` (kernel ``(k, k, c_l, c_{l+1})``, ``SAME`` padding, stride ``strides[l]``),
+    then ``norm_l(z)`` when ``norm`` is set, then the activation.  The head maps the spatially averaged last
+    feature map ``(N, c_L)`` to ``(N, dout)``.  Works for any image size (8x8 digits, 28x28 MNIST-like).
+
+    Args:
+        in_channels: input channels (1 for grey-scale images).
+        channels: output channels of each conv layer, e.g. ``(8, 16)``.
+        dout: output dimension (number of classes).
+        kernel_size: square kernel size.
+        strides: one stride for every layer, or one per layer.
+        norm: ``None``; ``"layer"`` (:class:`LayerNorm` over the channels at each position); or ``"batch"``
+            (:class:`BatchNorm` per channel over batch and space, with running statistics as ``nnx.BatchStat``
+            state, ``model.train()`` / ``model.eval()``).  With ``"batch"`` the convs have no bias (the batch
+            mean would cancel it).
+        activation: as for :class:`~quotient_sgd.models.MLP` (default ``"relu"``).
+        classifier: ``False`` (default) returns the head output ``z``; ``True`` returns ``log_softmax(z)`` and
+            declares the softmax-logit translation (see :class:`~quotient_sgd.models.MLP`).
+        norm_eps: epsilon inside the normalisation variance (default ``NORM_EPS = 1e-12``, so that the scale
+            symmetry is exact to float rounding).
+        param_dtype: parameter dtype (inputs are cast to it).
+        rngs: ``nnx.Rngs``.
+
+    Parameter paths: ``("convs", l, "kernel")`` ``(k, k, c_l, c_{l+1})``, ``("convs", l, "bias")`` ``(c_{l+1},)``
+    (absent with ``norm="batch"``), ``("norms", l, "scale" | "bias")`` ``(c_{l+1},)`` when ``norm`` is set,
+    ``("head", "kernel")`` ``(c_L, dout)``, ``("head", "bias")`` ``(dout,)``.  Batch statistics (not ``Param``):
+    ``("norms", l, "mean" | "var")``.
+
+    Example:
+        >>> model = CNN(1, (4, 8), 10, norm="batch", classifier=True, rngs=nnx.Rngs(0))
+        >>> model(jnp.ones((2, 8, 8, 1))).shape
+        (2, 10)
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        channels: Sequence[int],
+        dout: int,
+        *,
+        kernel_size: int = 3,
+        strides: int | Sequence[int] = 1,
+        norm: str | None = None,
+        activation: str = "relu",
+        classifier: bool = False,
+        norm_eps: float = NORM_EPS,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}")
+        channels = tuple(channels)
+        if not channels:
+            raise ValueError("channels must name at least one conv layer, got ()")
+        strides = (strides,) * len(channels) if isinstance(strides, int) else tuple(strides)
+        if len(strides) != len(channels):
+            raise ValueError(f"strides must be an int or have one entry per conv layer ({len(channels)}), "
+                             f"got {strides!r}")
+        self.activation = check_activation(activation)
+        self.norm = norm
+        self.classifier = bool(classifier)
+        sizes = (in_channels, *channels)
+        self.convs = nnx.List(
+            [
+                nnx.Conv(a, b, (kernel_size, kernel_size), strides=s, padding="SAME", use_bias=norm != "batch",
+                         param_dtype=param_dtype, rngs=rngs)
+                for a, b, s in zip(sizes[:-1], sizes[1:], strides)
+            ]
+        )
+        if norm == "layer":
+            self.norms = nnx.List([LayerNorm(c, eps=norm_eps, param_dtype=param_dtype) for c in channels])
+        elif norm == "batch":
+            self.norms = nnx.List([BatchNorm(c, eps=norm_eps, param_dtype=param_dtype) for c in channels])
+        self.head = nnx.Linear(channels[-1], dout, param_dtype=param_dtype, rngs=rngs)
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """The head output ``z`` (before any ``log_softmax``), shape ``(N, dout)``; ``x`` is ``(N, H, W, C)``."""
+        act = get_activation(self.activation)
+        h = jnp.asarray(x, self.head.kernel[...].dtype)
+        for l, conv in enumerate(self.convs):
+            h = conv(h)
+            if self.norm is not None:
+                h = self.norms[l](h)
+            h = act(h)
+        return self.head(jnp.mean(h, axis=(1, 2)))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        z = self.logits(x)
+        return jax.nn.log_softmax(z, axis=-1) if self.classifier else z
+
+    def symmetries(self) -> Product:
+        """The symmetry group this CNN's structure has (THEORY section 1).
+
+        For each conv layer ``l`` (channels ``c_{l+1}``), with ``next`` = ``(convs.{l+1}.kernel, axis 2)`` or,
+        for the last layer, ``(head.kernel, axis 0)`` (global average pooling is linear, so it commutes with
+        per-channel factors and with channel permutations):
+
+        - ``norm=None``: ``"rescale/convs.{l}"`` (positively homogeneous activation only): conv kernel (axis 3)
+          and bias times ``a``, ``next`` divided by ``a``, per channel.
+        - ``norm="layer"``: ``"scale/convs.{l}"``: ``Scale`` of the whole conv kernel and bias as *one* block
+          (the LayerNorm over channels is invariant under one common factor, not per-channel ones);
+          ``"rescale/norms.{l}"`` (homogeneous activation only): the LayerNorm's ``scale`` and ``bias``
+          (``gamma``, ``beta``) times ``a`` per channel, ``next`` divided by ``a``: ``gamma n + beta`` feeds the
+          activation directly.  A rescale *across* the normalisation (conv kernel vs ``next``) is not a symmetry.
+        - ``norm="batch"``: ``"scale/convs.{l}"``: ``Scale`` per output channel of the conv kernel (axis 3;
+          batch normalisation is per channel); ``"rescale/norms.{l}"`` as for ``"layer"``.  These hold for the
+          training-mode function (batch statistics); in evaluation mode the running statistics would have to be
+          transformed too (they are state, not parameters).
+        - always ``"permutation/convs.{l}"``: the channels, permuted in the conv kernel (axis 3) and bias, the
+          norm's ``scale`` / ``bias``, and ``next``; exact for every elementwise activation (also in evaluation
+          mode only if the running statistics are permuted alongside).
+
+        and ``"translation/head"`` when ``classifier=True``.
+        """
+        comps = []
+        hom = is_homogeneous(self.activation)
+        L = len(self.convs)
+        for l in range(L):
+            k, b = ("convs", l, "kernel"), ("convs", l, "bias")
+            nxt = (("convs", l + 1, "kernel"), 2) if l + 1 < L else (("head", "kernel"), 0)
+            units = [(k, 3)] + ([(b, 0)] if self.norm != "batch" else [])
+            if self.norm is None:
+                if hom:
+                    comps.append(Rescale(incoming=tuple(units), outgoing=(nxt,), name=f"rescale/convs.{l}"))
+            else:
+                gamma, beta = ("norms", l, "scale"), ("norms", l, "bias")
+                if self.norm == "layer":
+                    comps.append(Scale(members=((k, None), (b, None)), name=f"scale/convs.{l}"))
+                else:
+                    comps.append(Scale(members=((k, 3),), name=f"scale/convs.{l}"))
+                if hom:
+                    comps.append(Rescale(incoming=((gamma, 0), (beta, 0)), outgoing=(nxt,), name=f"rescale/norms.{l}"))
+                units += [(gamma, 0), (beta, 0)]
+            comps.append(Permutation(members=tuple(units) + (nxt,), name=f"permutation/convs.{l}"))
+        if self.classifier:
+            comps.append(Translation(kernel=("head", "kernel"), bias=("head", "bias"), name="translation/head"))
+        return Product(comps, name="CNN")

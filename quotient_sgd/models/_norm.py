@@ -1,0 +1,101 @@
+"""Normalisation layers whose scale invariance is exact up to float rounding (THEORY section 1, "scale").
+
+A normalisation ``n(z) = (z - mean z) / sqrt(var z + eps)`` is invariant under ``z -> c z`` only when
+``eps = 0``.  The usual ``eps = 1e-5`` breaks the scale symmetry by a relative ``eps / (c^2 var z)``, visible at
+float32 tolerance for factors ``c`` in ``e^-2 .. e^2``; so these layers default to ``eps = NORM_EPS = 1e-12``
+*inside* the variance: a guard against ``0 / 0`` for a constant input (which then maps to ``0``), negligible
+against any realistic variance.  The variance is computed in two passes, ``mean((z - mean z)^2)``, which is
+itself scale-equivariant and free of the cancellation of ``mean(z^2) - mean(z)^2``.
+
+Layouts: features on the last axis.  ``LayerNorm`` normalises over the last axis (per position: over the
+channels of a conv map, over ``d_model`` of a token); ``BatchNorm`` normalises every channel over all other
+axes (batch and space) in training mode, and keeps running statistics as non-``Param`` NNX state
+(``nnx.BatchStat``) for evaluation mode.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+NORM_EPS = 1e-12
+"""Default epsilon inside the variance of :class:`LayerNorm` / :class:`BatchNorm` (see the module docstring)."""
+
+
+def _along_last(v: jax.Array, ndim: int) -> jax.Array:
+    """Reshape the per-feature vector ``v`` to broadcast against an ``ndim``-array (explicit rank promotion)."""
+    return jnp.reshape(v, (1,) * (ndim - 1) + (v.shape[0],))
+
+
+def _normalise(z: jax.Array, axes: tuple[int, ...], eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    mean = jnp.mean(z, axis=axes, keepdims=True)
+    zc = z - mean
+    var = jnp.mean(jnp.square(zc), axis=axes, keepdims=True)
+    return zc * jax.lax.rsqrt(var + jnp.asarray(eps, z.dtype)), mean, var
+
+
+class LayerNorm(nnx.Module):
+    """``y = gamma * (z - mean z) / sqrt(var z + eps) + beta`` over the last axis.
+
+    Params: ``scale`` (``gamma``, shape ``(C,)``, init 1) and ``bias`` (``beta``, ``(C,)``, init 0).
+    Exactly invariant (to rounding) under ``z -> c z``, ``c > 0``: the weights producing ``z`` carry the scale
+    symmetry of THEORY section 1 as one block.
+    """
+
+    def __init__(self, num_features: int, *, eps: float = NORM_EPS, param_dtype=jnp.float32):
+        self.num_features = num_features
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((num_features,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
+
+    def __call__(self, z: jax.Array) -> jax.Array:
+        y, _, _ = _normalise(z, (z.ndim - 1,), self.eps)
+        return y * _along_last(self.scale[...], z.ndim) + _along_last(self.bias[...], z.ndim)
+
+
+class BatchNorm(nnx.Module):
+    """Per-channel batch normalisation over all axes but the last.
+
+    Training mode (``use_running_average=False``, the default; ``model.train()``): normalise with the batch
+    statistics and update the running ones, ``r <- momentum r + (1 - momentum) batch`` (biased batch variance).
+    Evaluation mode (``model.eval()``): normalise with the running statistics.
+    Params ``scale``, ``bias`` as in :class:`LayerNorm`; state ``mean``, ``var`` are ``nnx.BatchStat`` (not
+    ``nnx.Param``), so ``nnx.split(model, nnx.Param, ...)`` puts them in the non-parameter state.
+
+    In training mode the output is invariant under ``z[..., k] -> c_k z[..., k]`` for every channel ``k``
+    separately (the per-channel scale symmetry).  In evaluation mode it is not, unless the running statistics
+    are transformed alongside (they are state, not parameters): symmetries are declared for the training-mode
+    function.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        eps: float = NORM_EPS,
+        momentum: float = 0.9,
+        use_running_average: bool = False,
+        param_dtype=jnp.float32,
+    ):
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.use_running_average = use_running_average
+        self.scale = nnx.Param(jnp.ones((num_features,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), param_dtype))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), param_dtype))
+
+    def __call__(self, z: jax.Array) -> jax.Array:
+        nd = z.ndim
+        if self.use_running_average:
+            mean = _along_last(self.mean[...], nd).astype(z.dtype)
+            var = _along_last(self.var[...], nd).astype(z.dtype)
+            y = (z - mean) * jax.lax.rsqrt(var + jnp.asarray(self.eps, z.dtype))
+        else:
+            y, mean, var = _normalise(z, tuple(range(nd - 1)), self.eps)
+            m = jnp.asarray(self.momentum, self.mean[...].dtype)
+            self.mean[...] = m * self.mean[...] + (1 - m) * jnp.reshape(mean, (-1,)).astype(m.dtype)
+            self.var[...] = m * self.var[...] + (1 - m) * jnp.reshape(var, (-1,)).astype(m.dtype)
+        return y * _along_last(self.scale[...], nd) + _along_last(self.bias[...], nd)

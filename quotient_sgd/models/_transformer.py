@@ -1,0 +1,196 @@
+"""A decoder-only pre-norm Transformer with explicit per-head attention parameters (THEORY section 1)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ..symmetry import GL, Permutation, Product, Rescale, Translation
+from ._activations import check_activation, get_activation, is_homogeneous
+from ._norm import NORM_EPS, LayerNorm
+
+
+def _bias_heads(b: jax.Array) -> jax.Array:
+    """``(H, d)`` head biases -> ``(1, H, 1, d)``, to add to ``(B, H, T, d)`` (explicit rank promotion)."""
+    return b[None, :, None, :]
+
+
+class CausalSelfAttention(nnx.Module):
+    """Causal multi-head attention with the per-head matrices held explicitly.
+
+    Params (``H`` heads, ``D = d_model``, ``d = d_head``): ``w_q, w_k, w_v`` ``(H, D, d)``, ``b_q, b_k, b_v``
+    ``(H, d)``, ``w_o`` ``(H, d, D)``, ``b_o`` ``(D,)``.  Head ``h`` computes
+    ``softmax_causal((x W_Q^h + b_Q^h)(x W_K^h + b_K^h)^T / sqrt(d)) (x W_V^h + b_V^h) W_O^h``; the heads are
+    summed and ``b_o`` added.  The scores depend on ``(W_Q^h, b_Q^h)`` and ``(W_K^h, b_K^h)`` only through the
+    bilinear form ``[W_Q; b_Q][W_K; b_K]^T``, the output on ``(W_V, b_V)`` and ``W_O`` only through
+    ``[W_V; b_V] W_O`` (attention rows sum to one): the QK and VO ``GL(d)`` symmetries.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        if d_model % num_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
+        H, D, d = num_heads, d_model, d_model // num_heads
+        self.num_heads, self.d_head = H, d
+        init = jax.nn.initializers.normal(stddev=1.0 / math.sqrt(D))
+        init_o = jax.nn.initializers.normal(stddev=1.0 / math.sqrt(H * d))
+        self.w_q = nnx.Param(init(rngs.params(), (H, D, d), param_dtype))
+        self.w_k = nnx.Param(init(rngs.params(), (H, D, d), param_dtype))
+        self.w_v = nnx.Param(init(rngs.params(), (H, D, d), param_dtype))
+        self.w_o = nnx.Param(init_o(rngs.params(), (H, d, D), param_dtype))
+        self.b_q = nnx.Param(jnp.zeros((H, d), param_dtype))
+        self.b_k = nnx.Param(jnp.zeros((H, d), param_dtype))
+        self.b_v = nnx.Param(jnp.zeros((H, d), param_dtype))
+        self.b_o = nnx.Param(jnp.zeros((D,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        T = x.shape[1]
+        q = jnp.einsum("btD,hDd->bhtd", x, self.w_q[...]) + _bias_heads(self.b_q[...])
+        k = jnp.einsum("btD,hDd->bhtd", x, self.w_k[...]) + _bias_heads(self.b_k[...])
+        v = jnp.einsum("btD,hDd->bhtd", x, self.w_v[...]) + _bias_heads(self.b_v[...])
+        s = jnp.einsum("bhtd,bhsd->bhts", q, k) / jnp.asarray(math.sqrt(self.d_head), x.dtype)
+        causal = jnp.tril(jnp.ones((T, T), dtype=bool))[None, None, :, :]
+        s = jnp.where(causal, s, jnp.asarray(jnp.finfo(s.dtype).min, s.dtype))
+        a = jax.nn.softmax(s, axis=-1)
+        o = jnp.einsum("bhts,bhsd->bhtd", a, v)
+        return jnp.einsum("bhtd,hdD->btD", o, self.w_o[...]) + self.b_o[...][None, None, :]
+
+
+class Block(nnx.Module):
+    """Pre-norm block: ``x + attn(ln1(x))``, then ``x + fc_out(sigma(fc_in(ln2(x))))``."""
+
+    def __init__(self, d_model, num_heads, *, mlp_ratio, activation, norm_eps, param_dtype, rngs):
+        self.ln1 = LayerNorm(d_model, eps=norm_eps, param_dtype=param_dtype)
+        self.attn = CausalSelfAttention(d_model, num_heads, param_dtype=param_dtype, rngs=rngs)
+        self.ln2 = LayerNorm(d_model, eps=norm_eps, param_dtype=param_dtype)
+        self.fc_in = nnx.Linear(d_model, mlp_ratio * d_model, param_dtype=param_dtype, rngs=rngs)
+        self.fc_out = nnx.Linear(mlp_ratio * d_model, d_model, param_dtype=param_dtype, rngs=rngs)
+        self.activation = activation
+
+    def __call__(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.fc_out(get_activation(self.activation)(self.fc_in(self.ln2(x))))
+
+
+class Transformer(nnx.Module):
+    """Decoder-only Transformer: int tokens ``(B, T)`` -> logits ``(B, T, vocab_size)``.
+
+    ``x = tok_embed[tokens] + pos_embed[:T]``; ``num_layers`` pre-norm blocks (causal multi-head attention with
+    explicit per-head parameters, then an MLP ``d_model -> mlp_ratio d_model -> d_model``); a final LayerNorm;
+    the unembedding ``Linear(d_model, vocab_size)`` with bias.
+
+    Args:
+        vocab_size, d_model, num_heads, num_layers, max_len: sizes (``d_head = d_model / num_heads``).
+        rngs: ``nnx.Rngs``.
+        mlp_ratio: hidden width of the MLP blocks in units of ``d_model``.
+        activation: MLP activation (``"relu"`` default; see :class:`~quotient_sgd.models.MLP`).
+        classifier: ``True`` (default: a language model's logits always feed a softmax) returns
+            ``log_softmax`` of the unembedding output (normalised logits; identical under
+            ``optax.softmax_cross_entropy``) and declares the softmax-logit translation; ``False`` returns the
+            raw unembedding output.  ``logits(tokens)`` always gives the raw output.
+        norm_eps: LayerNorm epsilon inside the variance (``NORM_EPS = 1e-12``).
+        param_dtype: parameter dtype.
+
+    Parameter paths: ``("tok_embed", "embedding")`` ``(V, D)``, ``("pos_embed", "embedding")`` ``(max_len, D)``;
+    per block ``i``: ``("blocks", i, "ln1" | "ln2", "scale" | "bias")`` ``(D,)``,
+    ``("blocks", i, "attn", "w_q" | "w_k" | "w_v")`` ``(H, D, d)``, ``("blocks", i, "attn", "b_q" | "b_k" |
+    "b_v")`` ``(H, d)``, ``("blocks", i, "attn", "w_o")`` ``(H, d, D)``, ``("blocks", i, "attn", "b_o")``
+    ``(D,)``, ``("blocks", i, "fc_in" | "fc_out", "kernel" | "bias")``; ``("ln_f", "scale" | "bias")``;
+    ``("unembed", "kernel")`` ``(D, V)``, ``("unembed", "bias")`` ``(V,)``.
+
+    Example:
+        >>> model = Transformer(13, 16, 2, 1, 8, rngs=nnx.Rngs(0))
+        >>> model(jnp.zeros((2, 5), jnp.int32)).shape
+        (2, 5, 13)
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int,
+        num_heads: int,
+        num_layers: int,
+        max_len: int,
+        *,
+        rngs: nnx.Rngs,
+        mlp_ratio: int = 4,
+        activation: str = "relu",
+        classifier: bool = True,
+        norm_eps: float = NORM_EPS,
+        param_dtype=jnp.float32,
+    ):
+        self.activation = check_activation(activation)
+        self.classifier = bool(classifier)
+        self.max_len = max_len
+        self.tok_embed = nnx.Embed(vocab_size, d_model, param_dtype=param_dtype, rngs=rngs)
+        self.pos_embed = nnx.Embed(max_len, d_model, param_dtype=param_dtype, rngs=rngs)
+        self.blocks = nnx.List(
+            [
+                Block(d_model, num_heads, mlp_ratio=mlp_ratio, activation=self.activation, norm_eps=norm_eps,
+                      param_dtype=param_dtype, rngs=rngs)
+                for _ in range(num_layers)
+            ]
+        )
+        self.ln_f = LayerNorm(d_model, eps=norm_eps, param_dtype=param_dtype)
+        self.unembed = nnx.Linear(d_model, vocab_size, param_dtype=param_dtype, rngs=rngs)
+
+    def logits(self, tokens: jax.Array) -> jax.Array:
+        """The raw unembedding output ``(B, T, vocab_size)`` for int tokens ``(B, T)``, ``T <= max_len``."""
+        T = tokens.shape[-1]
+        if T > self.max_len:
+            raise ValueError(f"sequence length {T} exceeds max_len={self.max_len}")
+        x = self.tok_embed(tokens) + self.pos_embed.embedding[...][None, :T, :]
+        for block in self.blocks:
+            x = block(x)
+        return self.unembed(self.ln_f(x))
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        z = self.logits(tokens)
+        return jax.nn.log_softmax(z, axis=-1) if self.classifier else z
+
+    def symmetries(self) -> Product:
+        """The symmetry group declared for this Transformer (THEORY section 1).
+
+        Per block ``i`` (``a = ("blocks", i, "attn")``):
+
+        - ``"qk/blocks.{i}"``: ``GL(kind="qk")`` per head on ``(w_q, b_q)``, ``(w_k, b_k)``:
+          ``W_Q -> W_Q A``, ``W_K -> W_K A^{-T}`` (biases alike) leaves every score unchanged.
+        - ``"vo/blocks.{i}"``: ``GL(kind="vo")`` per head on ``(w_v, b_v)``, ``w_o``: ``W_V -> W_V B``,
+          ``W_O -> B^{-1} W_O``; the value bias moves with ``W_V`` because attention rows sum to one.
+        - ``"permutation/blocks.{i}.heads"``: the heads (axis 0 of every per-head array) are summed, so their
+          order is arbitrary.
+        - ``"rescale/blocks.{i}.mlp"`` (relu / leaky_relu / identity only): ``fc_in`` columns and bias times
+          ``a``, ``fc_out`` rows divided by ``a``.
+        - ``"permutation/blocks.{i}.mlp"``: the MLP hidden units.
+
+        and ``"translation/unembed"`` when ``classifier=True``.
+
+        Further true symmetries not declared here (they would couple every block into one overlap cluster):
+        scaling the whole residual stream (embeddings, ``w_o``, ``b_o``, ``fc_out``) by one factor, exact for
+        ``norm_eps -> 0`` because every read of the stream goes through a LayerNorm; per-coordinate rescales
+        between a LayerNorm's ``(scale, bias)`` and the rows of the matrices reading it.
+        """
+        comps = []
+        hom = is_homogeneous(self.activation)
+        for i in range(len(self.blocks)):
+            a = ("blocks", i, "attn")
+            comps.append(GL(left=(a + ("w_q",), a + ("b_q",)), right=(a + ("w_k",), a + ("b_k",)), kind="qk",
+                            name=f"qk/blocks.{i}"))
+            comps.append(GL(left=(a + ("w_v",), a + ("b_v",)), right=(a + ("w_o",), None), kind="vo",
+                            name=f"vo/blocks.{i}"))
+            comps.append(Permutation(members=tuple((a + (n,), 0) for n in
+                                                   ("w_q", "b_q", "w_k", "b_k", "w_v", "b_v", "w_o")),
+                                     name=f"permutation/blocks.{i}.heads"))
+            fin_k, fin_b = ("blocks", i, "fc_in", "kernel"), ("blocks", i, "fc_in", "bias")
+            fout_k = ("blocks", i, "fc_out", "kernel")
+            if hom:
+                comps.append(Rescale(incoming=((fin_k, 1), (fin_b, 0)), outgoing=((fout_k, 0),),
+                                     name=f"rescale/blocks.{i}.mlp"))
+            comps.append(Permutation(members=((fin_k, 1), (fin_b, 0), (fout_k, 0)),
+                                     name=f"permutation/blocks.{i}.mlp"))
+        if self.classifier:
+            comps.append(Translation(kernel=("unembed", "kernel"), bias=("unembed", "bias"),
+                                     name="translation/unembed"))
+        return Product(comps, name="Transformer")

@@ -1,0 +1,71 @@
+"""What the step sees, split into the function's own curvature and the gauge (charge) part (THEORY section 4).
+
+For a linear action and the canonical element ``k`` (``theta_c = k . theta``), invariance ``L(theta) =
+L(k . theta)`` gives the exact transport of the Hessian
+
+    H(theta) = J_k^T H(theta_c) J_k,          J_k the (constant) Jacobian of ``phi -> k . phi``,
+
+so the sharpness the step sees, ``lambda_step = lambda_max(P H(theta) P)``, is the canonical sharpness
+``lambda_canonical`` (an orbit invariant: the function's own curvature) times a gauge factor
+``gauge_factor = lambda_step / lambda_canonical`` that depends on where on the orbit the charges put theta.
+The charges predict it: when ``H(theta_c)`` is dominated by its top eigenpair ``(lambda_c, v_c)`` (as at the edge
+of stability), ``H(theta) ~ lambda_c w w^T`` with ``w = J_k^T v_c`` horizontal at theta, hence
+
+    gauge_factor_charges = |J_k^T v_c|^2.
+
+For one rescale unit with ``|w_in| = a``, ``|w_out| = b`` at a critical point this is exact:
+``(a^2 + b^2) / (2 a b) = sqrt(Q^2 + m^2) / m`` -- the effective learning rate ``eta (a^2 + b^2) = 2 eta
+sqrt(Q^2 + m^2)`` over the balanced one ``2 eta m``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from ..observables import sharpness_horizontal, sharpness_quotient, sharpness_raw
+
+
+def _sq(t) -> jax.Array:
+    return sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(t))
+
+
+def gauge_transport(group, params, v_canonical):
+    """``J_k^T v`` with ``k`` the canonical element at ``params``: a horizontal vector at the canonical point
+    transported to ``params`` (the covariant transport of gradients / Hessian eigenvectors)."""
+    k = group.canonical_element(params)
+    _, vjp = jax.vjp(lambda th: group.act(k, th), params)
+    (u,) = vjp(v_canonical)
+    return u
+
+
+def stability_decomposition(loss_fn: Callable, group, params, lr=None, *, key, num_matvecs: int = 20,
+                            raw: bool = True) -> dict[str, jax.Array]:
+    """The stability decomposition at ``params`` (jit-able; three Lanczos runs of ``num_matvecs`` HVPs).
+
+    Returns ``{"sharpness_horizontal", "sharpness_quotient", "sharpness_raw", "lambda_min_horizontal",
+    "lambda_min_quotient", "gauge_factor", "gauge_factor_charges"}`` and, with ``lr``,
+    ``"lr_times_lambda_step"`` (= ``lr * lambda_canonical * gauge_factor``, the number that crosses 2 at the
+    edge of stability).  Keys match the trajectory keys the detectors read.
+    """
+    eq = sharpness_quotient(loss_fn, group, params, key=key, num_matvecs=num_matvecs)
+    es = sharpness_horizontal(loss_fn, group, params, key=key, num_matvecs=num_matvecs)
+    lam_c, lam_s = eq.top[0], es.top[0]
+    v_c = jax.tree.map(lambda x: x[0], eq.top_vectors)
+    v_c_sq = _sq(v_c)
+    w = gauge_transport(group, params, v_c)
+    out = {
+        "sharpness_horizontal": lam_s,
+        "sharpness_quotient": lam_c,
+        "lambda_min_horizontal": es.bottom[0],
+        "lambda_min_quotient": eq.bottom[0],
+        "gauge_factor": lam_s / lam_c,
+        "gauge_factor_charges": _sq(w) / v_c_sq,
+    }
+    if raw:
+        out["sharpness_raw"] = sharpness_raw(loss_fn, params, key=key, num_matvecs=num_matvecs).top[0]
+    if lr is not None:
+        out["lr_times_lambda_step"] = jnp.asarray(lr, lam_s.dtype) * lam_s
+    return out

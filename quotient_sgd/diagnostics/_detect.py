@@ -1,0 +1,342 @@
+"""Phase-transition detectors on quotient trajectories (THEORY sections 3-4).
+
+Every detector is a pure host-side function ``trajectory -> list[Event]``.  The trajectory is a dict of per-step
+arrays (leading axis = step) with the keys of :func:`quotient_sgd.optim.quotient_trajectory` (``loss``,
+``shock_number``, ``fold_number``, ``sharpness_quotient`` / ``sharpness_horizontal`` / ``sharpness_raw``,
+``grad_norm_canonical``, ``invariant_norms``, ...); Hessian keys may be refreshed every few steps (marked by
+``hessian_step`` or NaN in between).  Missing keys switch the corresponding detector off.
+
+Variants (THEORY section 4): ``quotient`` events read orbit invariants only and are identical on a trajectory and
+its re-gauged copy; ``step`` events read what the optimiser step sees (reduced dynamics) and carry the
+decomposition ``lr * lambda_step = lr * lambda_canonical * gauge_factor`` so that "the function became sharp"
+(``lambda_canonical``) is told from "the parameterisation became unbalanced" (``gauge_factor``); ``raw`` events
+read raw norms / sharpness, for comparison only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from ._cusum import cusum, cusum_threshold
+from ._events import Event
+from ._series import (
+    SHARPNESS_KEYS,
+    crossings,
+    first_key,
+    flatten_trajectory,
+    fresh_mask,
+    is_invariant,
+    kind_of,
+    learning_rate,
+    scalar,
+    spikes,
+    steps_of,
+)
+
+ALL_KINDS = ("divergence", "shock", "fold", "edge_of_stability", "loss_spike", "catapult", "transition")
+
+
+def _f(x) -> float:
+    return float(np.asarray(x))
+
+
+def _decomposition(traj, i: int, lr_i: float | None) -> dict[str, float]:
+    """The stability decomposition at index ``i`` (where the Hessian keys are fresh)."""
+    out: dict[str, float] = {}
+    ks = first_key(traj, SHARPNESS_KEYS["step"])
+    kq = first_key(traj, SHARPNESS_KEYS["quotient"])
+    kr = first_key(traj, SHARPNESS_KEYS["raw"])
+    if ks is not None:
+        out["lambda_step"] = _f(traj[ks][i])
+    if kq is not None:
+        out["lambda_canonical"] = _f(traj[kq][i])
+    if kr is not None:
+        out["lambda_raw"] = _f(traj[kr][i])
+    if ks is not None and kq is not None and out["lambda_canonical"] != 0:
+        out["gauge_factor"] = out["lambda_step"] / out["lambda_canonical"]
+    if "gauge_factor_charges" in traj and np.asarray(traj["gauge_factor_charges"]).ndim == 1:
+        out["gauge_factor_charges"] = _f(traj["gauge_factor_charges"][i])
+    if lr_i is not None:
+        for k in ("lambda_step", "lambda_canonical", "lambda_raw"):
+            if k in out:
+                out["lr_times_" + k] = lr_i * out[k]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def detect_divergence(traj, *, steps, divergence_factor: float = 100.0, **_) -> list[Event]:
+    """First step where the loss is non-finite or exceeds ``divergence_factor`` times the initial loss."""
+    loss = scalar(traj, "loss")
+    if loss is None or loss.size == 0:
+        return []
+    l0 = loss[0] if np.isfinite(loss[0]) else np.inf
+    bad = ~np.isfinite(loss) | (loss > divergence_factor * l0)
+    if not bad.any():
+        return []
+    i = int(np.argmax(bad))
+    strength = float(loss[i] / l0) if np.isfinite(loss[i]) else float("inf")
+    return [Event(int(steps[i]), "divergence", strength, {"loss": _f(loss[i])}, "quotient", True,
+                  {"initial_loss": _f(l0), "factor": divergence_factor})]
+
+
+def _threshold_events(traj, key: str, values: np.ndarray, idx: np.ndarray, steps, kind: str, level: float,
+                      variant: str, rearm: float, lr: np.ndarray | None, extra_keys=()) -> list[Event]:
+    out = []
+    for s, _e, p in crossings(values[idx], level, rearm):
+        i, ip = int(idx[s]), int(idx[p])
+        obs = {key: _f(values[i])}
+        for k in extra_keys:
+            if k in traj and np.asarray(traj[k]).ndim == 1:
+                obs[k] = _f(traj[k][i])
+        details: dict[str, Any] = {"level": level, "peak": _f(values[ip]), "peak_step": int(steps[ip])}
+        if variant == "step":
+            details.update(_decomposition(traj, i, None if lr is None else float(lr[i])))
+        out.append(Event(int(steps[i]), kind, _f(values[i]), obs, variant, is_invariant(obs), details))
+    return out
+
+
+def detect_shock(traj, *, steps, lr=None, shock_level: float = 1.0, rearm: float = 0.9, slice_shocks=(), **_):
+    """``shock``: the shock number ``eta max(0, -kappa)`` of the step (directional curvature along the step) or
+    ``eta max(0, -lambda_min)`` of the horizontal Hessian (``shock_number_hessian``) reaching ``shock_level``:
+    characteristics of the coarse-grained flow cross within one step (THEORY section 3).  ``slice_shocks``:
+    shocks found by the HJ flow on a loss slice, ``[{"step", "shock_time", "strength", ...}]``, reported as
+    variant ``"slice"`` events with ``strength = lr / shock_time`` (a step of size ``lr`` reaches the shock)."""
+    out = []
+    for key in ("shock_number", "shock_number_hessian"):
+        v = scalar(traj, key)
+        if v is None:
+            continue
+        idx = np.nonzero(fresh_mask(traj, key, steps) if key.endswith("hessian") else np.isfinite(v))[0]
+        out += _threshold_events(traj, key, v, idx, steps, "shock", shock_level, "step", rearm, lr, ("curvature",))
+    for sh in slice_shocks:
+        t = float(sh["shock_time"])
+        eta = float(sh.get("lr", np.nan if lr is None else lr[0]))
+        out.append(Event(int(sh["step"]), "shock", eta / t if t > 0 else float("inf"),
+                         {"shock_time": t}, "slice", False, {k: v for k, v in sh.items() if k != "step"}))
+    return out
+
+
+def detect_fold(traj, *, steps, lr=None, fold_levels: Sequence[float] = (1.0, 2.0), rearm: float = 0.9, **_):
+    """``fold``: the fold number ``eta max(0, kappa)`` of the step crossing 1 (the explicit step map folds) and
+    2 (unstable), THEORY section 4; variant ``step`` with the decomposition at the nearest Hessian refresh."""
+    v = scalar(traj, "fold_number")
+    if v is None:
+        return []
+    idx = np.nonzero(np.isfinite(v))[0]
+    out = []
+    for level in fold_levels:
+        out += _threshold_events(traj, "fold_number", v, idx, steps, "fold", level, "step", rearm, lr,
+                                 ("curvature",))
+    return out
+
+
+def detect_edge_of_stability(traj, *, steps, lr=None, eos_levels: Sequence[float] = (1.0, 2.0),
+                             rearm: float = 0.9, **_) -> list[Event]:
+    """``edge_of_stability``: ``eta * lambda_max`` crossing 1 and 2 (Cohen et al. 2021; THEORY sections 3-4).
+
+    - variant ``step``: ``lambda_max`` of the horizontal Hessian at the current point (what the step sees), with
+      the decomposition ``lambda_step = lambda_canonical * gauge_factor`` and ``gauge_factor_charges`` (the
+      charge prediction) when recorded;
+    - variant ``quotient``: the canonical sharpness (the function's own curvature, orbit invariant): "the
+      balanced twin would be at the edge";
+    - variant ``raw``: the raw Hessian's top eigenvalue.
+    """
+    if lr is None:
+        return []
+    out = []
+    for variant in ("step", "quotient", "raw"):
+        key = first_key(traj, SHARPNESS_KEYS[variant])
+        if key is None:
+            continue
+        idx = np.nonzero(fresh_mask(traj, key, steps))[0]
+        q = lr * np.asarray(traj[key], dtype=np.float64)
+        for level in eos_levels:
+            for ev in _threshold_events(traj, key, q, idx, steps, "edge_of_stability", level, variant, rearm, lr):
+                obs = {key: _f(traj[key][int(np.searchsorted(steps, ev.step))]), "lr": _f(lr[0])}
+                out.append(Event(ev.step, ev.kind, ev.strength, obs, variant, is_invariant(obs), ev.details))
+    return out
+
+
+def detect_loss_spike(traj, *, steps, spike_factor: float = 2.0, spike_window: int = 50, **_) -> list[Event]:
+    """``loss_spike``: the loss exceeds ``spike_factor`` times its minimum over the previous ``spike_window``
+    steps (orbit invariant).  ``strength`` = peak / base."""
+    loss = scalar(traj, "loss")
+    if loss is None:
+        return []
+    out = []
+    for onset, end, peak, base in spikes(loss, spike_factor, spike_window):
+        out.append(Event(int(steps[onset]), "loss_spike", _f(loss[peak] / base), {"loss": _f(loss[onset])},
+                         "quotient", True, {"base": base, "peak_step": int(steps[peak]), "end_step": int(steps[end]),
+                                            "factor": spike_factor}))
+    return out
+
+
+def detect_catapult(traj, *, steps, lr=None, spike_factor: float = 2.0, spike_window: int = 50,
+                    drop_factor: float = 0.8, confirm_window: int = 100, **_) -> list[Event]:
+    """``catapult`` (Lewkowycz et al. 2020): a loss spike followed, within ``confirm_window`` steps of its end,
+    by the sharpness falling below ``drop_factor`` times its value before the spike.  One event per spike and
+    sharpness variant (``quotient``: canonical sharpness, orbit invariant; ``step``: what the step sees, with the
+    decomposition before and after; ``raw``).  The event's step is the spike onset; ``details.confirm_step`` is
+    when the sharpness drop confirmed it."""
+    loss = scalar(traj, "loss")
+    if loss is None:
+        return []
+    out = []
+    sp = spikes(loss, spike_factor, spike_window)
+    for variant in ("quotient", "step", "raw"):
+        key = first_key(traj, SHARPNESS_KEYS[variant])
+        if key is None:
+            continue
+        fidx = np.nonzero(fresh_mask(traj, key, steps))[0]
+        if fidx.size == 0:
+            continue
+        sharp = np.asarray(traj[key], dtype=np.float64)
+        for onset, end, peak, base in sp:
+            before = fidx[fidx <= onset]
+            if before.size == 0:
+                continue
+            ib = int(before[-1])
+            after = fidx[(fidx > onset) & (fidx <= end + confirm_window)]
+            drop = after[sharp[after] < drop_factor * sharp[ib]]
+            if drop.size == 0:
+                continue
+            ia = int(drop[0])
+            obs = {"loss": _f(loss[onset]), key: _f(sharp[ib])}
+            details: dict[str, Any] = {
+                "loss_base": base, "loss_peak": _f(loss[peak]), "peak_step": int(steps[peak]),
+                "sharpness_before": _f(sharp[ib]), "sharpness_after": _f(sharp[ia]),
+                "sharpness_ratio": _f(sharp[ia] / sharp[ib]), "confirm_step": int(steps[ia]),
+            }
+            if variant == "step":
+                lri = None if lr is None else float(lr[ib])
+                details["before"] = _decomposition(traj, ib, lri)
+                details["after"] = _decomposition(traj, ia, lri)
+            out.append(Event(int(steps[onset]), "catapult", _f(loss[peak] / base), obs, variant,
+                             is_invariant(obs), details))
+    return out
+
+
+def _transform(v: np.ndarray, how: str) -> np.ndarray:
+    if how == "log_diff":
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.diff(np.log(v))
+    if how == "diff":
+        return np.diff(v)
+    if how == "level":
+        return v
+    raise ValueError(f"unknown transform {how!r}; use 'log_diff', 'diff' or 'level'")
+
+
+def default_transition_keys(traj, variant: str = "quotient") -> list[str]:
+    """Scalar keys monitored by default: orbit-invariant training-side observables (``loss``,
+    ``grad_norm_canonical``, ``invariant_norms/*``) for ``quotient``; ``grad_norm`` for ``raw``.  Held-out metrics
+    (``test_*``) are never defaults: they are what the detector is validated against."""
+    if variant == "raw":
+        return [k for k in ("grad_norm",) if k in traj]
+    keys = [k for k in ("loss", "grad_norm_canonical") if scalar(traj, k) is not None]
+    keys += sorted(k for k in traj if k.startswith("invariant_norms/") and np.asarray(traj[k]).ndim == 1)
+    return keys
+
+
+def detect_transition(traj, *, steps, transition_keys: Sequence[str] | None = None, alpha: float = 0.05,
+                      block: int | None = None, transform: str | Mapping[str, str] = "auto", k: float = 0.5,
+                      min_ref: int = 10, horizon: int | None = None, variants=("quotient", "raw"), **_):
+    """``transition``: change points in quotient observables by the self-starting CUSUM of :mod:`._cusum`.
+
+    Each monitored key is transformed (``log_diff``, the per-step change of its logarithm, for positive series,
+    i.e. a change in its *rate*; ``diff`` otherwise, or as given), averaged over blocks of ``block`` steps
+    (default ``max(1, n // 100)``) and tested at level ``alpha / (number of keys)``, so that
+
+        P(any transition event on a stationary trajectory) <= alpha     (Bonferroni over keys)
+
+    with the per-key bound of :func:`~quotient_sgd.diagnostics.cusum_threshold` (independent Gaussian block
+    values).  ``horizon``: planned trajectory length in steps for live use (fixes the threshold).  Event step:
+    the alarm (causal detection time, end of the block); ``details.onset_step`` the estimated change point.
+    """
+    n = len(steps)
+    blk = int(block or max(1, n // 100))
+    out = []
+    for variant in variants:
+        keys = list(transition_keys) if (transition_keys is not None and variant == "quotient") \
+            else default_transition_keys(traj, variant)
+        if transition_keys is not None and variant == "raw":
+            keys = [kk for kk in keys if kk not in transition_keys]
+        keys = [kk for kk in keys if scalar(traj, kk) is not None and (variant == "raw") != is_invariant([kk])]
+        if not keys:
+            continue
+        a = alpha / len(keys)
+        for key in keys:
+            v = scalar(traj, key)
+            how = transform.get(key, "auto") if isinstance(transform, Mapping) else transform
+            if how == "auto":
+                fin = v[np.isfinite(v)]
+                how = "log_diff" if fin.size and np.all(fin > 0) else "diff"
+            x = _transform(v, how)
+            off = len(v) - len(x)  # x[j] describes the change into step j + off
+            nb = len(x) // blk
+            if nb <= min_ref:
+                continue
+            xb = x[: nb * blk].reshape(nb, blk)
+            with np.errstate(invalid="ignore"):
+                xb = np.where(np.all(np.isfinite(xb), axis=1), np.nanmean(np.where(np.isfinite(xb), xb, np.nan),
+                                                                          axis=1), np.nan)
+            hb = (horizon - off) // blk if horizon else None
+            h = cusum_threshold(int(hb or np.isfinite(xb).sum()), a, k, min_ref)
+            for al in cusum(xb, alpha=a, k=k, min_ref=min_ref, threshold=h):
+                i_alarm = min(n - 1, (al.index + 1) * blk - 1 + off)
+                i_onset = min(n - 1, al.onset * blk + off)
+                obs = {key: _f(v[i_alarm])}
+                out.append(Event(int(steps[i_alarm]), "transition", al.statistic / h, obs, variant,
+                                 is_invariant([key]),
+                                 {"observable": key, "onset_step": int(steps[i_onset]), "direction": al.direction,
+                                  "transform": how, "block": blk, "alpha": a, "threshold": h,
+                                  "kind_of_observable": kind_of(key)}))
+    return out
+
+
+_DETECTORS = {
+    "divergence": detect_divergence, "shock": detect_shock, "fold": detect_fold,
+    "edge_of_stability": detect_edge_of_stability, "loss_spike": detect_loss_spike,
+    "catapult": detect_catapult, "transition": detect_transition,
+}
+
+
+def detect(trajectory, *, lr=None, kinds: Iterable[str] | None = None, start_step: int = 0, **options) -> list[Event]:
+    """Detect phase transitions in a trajectory.
+
+    Args:
+        trajectory: ``dict[str, array]`` with leading axis = step (nested dicts such as ``charges`` allowed), the
+            output of :func:`quotient_sgd.optim.train`, or a loaded ``trajectory.npz``.  A ``step`` key, when
+            present, gives the step numbers; otherwise ``start_step + arange(n)`` (live chunks: pass the chunk's
+            first step, or use :class:`LiveDetector`).
+        lr: learning rate (number or per-step array), needed by ``edge_of_stability``; defaults to the
+            trajectory's ``lr`` / ``learning_rate`` key.
+        kinds: detectors to run (default: all of :data:`ALL_KINDS`).
+        **options: detector options (``alpha``, ``block``, ``transition_keys``, ``spike_factor``,
+            ``spike_window``, ``drop_factor``, ``confirm_window``, ``eos_levels``, ``fold_levels``,
+            ``shock_level``, ``rearm``, ``divergence_factor``, ``slice_shocks``, ``horizon``).
+
+    Returns:
+        Events sorted by step (then kind).
+
+    Example:
+        >>> import numpy as np
+        >>> traj = {"loss": np.r_[np.linspace(1, .5, 50), [2.0, 3.0], np.linspace(.4, .1, 50)]}
+        >>> [(e.step, e.kind) for e in detect(traj, kinds=["loss_spike"])]
+        [(50, 'loss_spike')]
+    """
+    traj = flatten_trajectory(trajectory)
+    if "loss" not in traj:
+        raise KeyError(f"a trajectory needs at least the 'loss' key; got keys {sorted(traj)}")
+    steps = steps_of(traj, start_step)
+    lr_arr = learning_rate(traj, lr, len(steps))
+    kinds = ALL_KINDS if kinds is None else tuple(kinds)
+    unknown = set(kinds) - set(_DETECTORS)
+    if unknown:
+        raise ValueError(f"unknown event kinds {sorted(unknown)}; available: {list(_DETECTORS)}")
+    events: list[Event] = []
+    for kd in kinds:
+        events += _DETECTORS[kd](traj, steps=steps, lr=lr_arr, **options)
+    return sorted(events, key=lambda e: (e.step, e.kind, e.variant))

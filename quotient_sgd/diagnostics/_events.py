@@ -1,0 +1,103 @@
+"""Detected events and their JSON form (the ``events.json`` of a run directory, DESIGN "The run directory")."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Iterable
+
+#: Variants of a detector: which version of the observable it reads (THEORY section 4).
+#: ``"quotient"``: orbit invariants (canonical point); ``"step"``: what the step actually sees (reduced dynamics,
+#: reported with its decomposition); ``"raw"``: raw parameter-space quantities, for comparison only.
+VARIANTS = ("quotient", "step", "raw")
+
+
+def _clean(x: Any) -> Any:
+    """JSON-safe copy: numpy scalars -> float/int, non-finite floats -> ``"inf"``/``"-inf"``/``"nan"`` strings."""
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if hasattr(x, "item") and getattr(x, "ndim", 0) == 0:
+        x = x.item()
+    if isinstance(x, bool) or x is None or isinstance(x, str):
+        return x
+    if isinstance(x, int):
+        return x
+    if isinstance(x, float):
+        return x if math.isfinite(x) else str(x)
+    return str(x)
+
+
+def _unclean(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _unclean(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_unclean(v) for v in x]
+    if x in ("inf", "-inf", "nan"):
+        return float(x)
+    return x
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """One detected phase transition / shock.
+
+    Attributes:
+        step: the training step at which the detector fires (causal: computable from the trajectory up to
+            ``step`` plus, for ``catapult``, the confirmation window stated in ``details``).
+        kind: ``"shock"``, ``"fold"``, ``"edge_of_stability"``, ``"catapult"``, ``"loss_spike"``,
+            ``"transition"`` or ``"divergence"``.
+        strength: a dimensionless size (shock / fold number, eta*lambda, spike ratio, CUSUM statistic / threshold).
+        observables: ``{trajectory key: value at step}`` of the observables that triggered it.
+        variant: ``"quotient"`` (orbit invariants), ``"step"`` (what the step sees) or ``"raw"``.
+        invariant: True when every triggering observable is an orbit invariant, so that the event is identical on
+            a trajectory and on its re-gauged copy (THEORY section 4).
+        details: detector-specific numbers, e.g. the stability decomposition
+            ``{"lr_times_lambda_step", "lambda_canonical", "gauge_factor", "gauge_factor_charges"}``, the level
+            crossed, the estimated onset step of a change point.
+    """
+
+    step: int
+    kind: str
+    strength: float
+    observables: dict = dataclasses.field(default_factory=dict)
+    variant: str = "quotient"
+    invariant: bool = False
+    details: dict = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return _clean(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Event":
+        d = _unclean(dict(d))
+        return cls(
+            step=int(d["step"]), kind=str(d["kind"]), strength=float(d["strength"]),
+            observables=dict(d.get("observables", {})), variant=str(d.get("variant", "quotient")),
+            invariant=bool(d.get("invariant", False)), details=dict(d.get("details", {})),
+        )
+
+    def key(self) -> tuple:
+        """Identity used to de-duplicate events found again on a longer trajectory (live detection)."""
+        return (self.kind, self.variant, self.step, self.details.get("level"), self.details.get("observable"))
+
+
+def events_to_json(events: Iterable[Event]) -> str:
+    return json.dumps([e.to_dict() for e in events], indent=1)
+
+
+def save_events(path: str | os.PathLike, events: Iterable[Event]) -> None:
+    """Write ``events`` to ``path`` (``events.json``), atomically (write then rename)."""
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(events_to_json(events))
+    os.replace(tmp, path)
+
+
+def load_events(path: str | os.PathLike) -> list[Event]:
+    with open(path) as f:
+        return [Event.from_dict(d) for d in json.load(f)]

@@ -1,0 +1,86 @@
+"""Detection on a saved run directory and live, chunk by chunk, inside a training loop."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+from ._detect import detect
+from ._events import Event, save_events
+from ._series import flatten_trajectory
+
+
+def _lr_from_config(cfg: Mapping[str, Any]):
+    """Best-effort learning rate from a resolved ``config.json`` (``optim.lr`` / ``optim.learning_rate`` / top
+    level); None when the config has none (then pass ``lr=`` explicitly)."""
+    for sect in (cfg.get("optim", {}), cfg.get("optimizer", {}), cfg):
+        if isinstance(sect, Mapping):
+            for k in ("lr", "learning_rate"):
+                if isinstance(sect.get(k), (int, float)):
+                    return float(sect[k])
+    return None
+
+
+def detect_run(run_dir: str | os.PathLike, *, lr=None, write: bool = True, **options) -> list[Event]:
+    """Run :func:`detect` on ``run_dir/trajectory.npz`` and (``write=True``) write ``run_dir/events.json``.
+
+    The learning rate comes from ``lr`` or, failing that, from ``run_dir/config.json``.  Sweep trajectories
+    (an extra leading sweep axis) are not split here: pass one member's trajectory to :func:`detect`.
+    """
+    run_dir = os.fspath(run_dir)
+    with np.load(os.path.join(run_dir, "trajectory.npz")) as z:
+        traj = {k: z[k] for k in z.files}
+    if lr is None and os.path.exists(os.path.join(run_dir, "config.json")):
+        with open(os.path.join(run_dir, "config.json")) as f:
+            lr = _lr_from_config(json.load(f))
+    events = detect(traj, lr=lr, **options)
+    if write:
+        save_events(os.path.join(run_dir, "events.json"), events)
+    return events
+
+
+class LiveDetector:
+    """Incremental detection: feed trajectory chunks as the runner produces them, get the new events.
+
+    The chunks are concatenated on the host and :func:`detect` is re-run on the whole trajectory so far (cheap
+    next to training); events already reported are not reported again.  Set ``horizon`` (planned number of
+    steps) so that the change-point threshold is the one calibrated for the full run.  With ``path`` the
+    cumulative event list is written to ``events.json`` after every chunk.
+
+    Example:
+        >>> import numpy as np
+        >>> live = LiveDetector(kinds=["divergence"])
+        >>> live.update({"loss": np.ones(10)})
+        []
+        >>> [e.kind for e in live.update({"loss": np.array([1.0, np.inf])})]
+        ['divergence']
+    """
+
+    def __init__(self, *, lr=None, path: str | os.PathLike | None = None, start_step: int = 0, **options):
+        self.lr = lr
+        self.path = path
+        self.start_step = start_step
+        self.options = options
+        self._chunks: list[dict[str, np.ndarray]] = []
+        self._seen: set = set()
+        self.events: list[Event] = []
+
+    def update(self, chunk) -> list[Event]:
+        self._chunks.append(flatten_trajectory(chunk))
+        keys = set.intersection(*(set(c) for c in self._chunks))
+        traj = {k: np.concatenate([c[k] for c in self._chunks], axis=0) for k in keys}
+        lr = self.lr
+        if lr is not None and np.ndim(lr) == 1:
+            lr = np.asarray(lr)[: len(traj["loss"])]
+        new = []
+        for e in detect(traj, lr=lr, start_step=self.start_step, **self.options):
+            if e.key() not in self._seen:
+                self._seen.add(e.key())
+                new.append(e)
+        self.events += new
+        if self.path is not None:
+            save_events(self.path, self.events)
+        return new

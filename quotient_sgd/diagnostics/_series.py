@@ -1,0 +1,162 @@
+"""Reading observables out of a trajectory (a live chunk, a stacked scan output or a saved ``trajectory.npz``)."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+# Keys the diagnostics may meet that no observable function registers: metrics of the network function
+# (orbit invariants) and the hyperparameters of the step (external, hence unchanged by re-gauging).
+_EXTRA_KINDS = {
+    "test_loss": "orbit_invariant", "test_accuracy": "orbit_invariant", "train_accuracy": "orbit_invariant",
+    "accuracy": "orbit_invariant", "loss": "orbit_invariant", "lr": "external", "learning_rate": "external",
+    "step": "external", "gauge_factor_charges": "reduced_dynamics", "lr_times_lambda_step": "reduced_dynamics",
+}
+
+#: Aliases: the first key present in a trajectory is used.
+SHARPNESS_KEYS = {
+    "quotient": ("sharpness_quotient", "hessian_top_quotient"),
+    "step": ("sharpness_horizontal", "hessian_top_horizontal"),
+    "raw": ("sharpness_raw", "hessian_top_raw"),
+}
+
+
+def kind_of(key: str) -> str:
+    """Kind of a (possibly ``"/"``-joined) trajectory key: ``orbit_invariant``, ``reduced_dynamics``, ``raw``
+    or ``external``.  Unknown keys count as ``raw`` (never trusted as invariant)."""
+    root = key.split("/")[0]
+    if root in _EXTRA_KINDS:
+        return _EXTRA_KINDS[root]
+    try:
+        from ..observables import kind_of as _kind_of
+
+        return _kind_of(root)
+    except (ImportError, KeyError):
+        return "raw"
+
+
+def is_invariant(keys) -> bool:
+    return all(kind_of(k) in ("orbit_invariant", "external") for k in keys)
+
+
+def flatten_trajectory(trajectory: Mapping[str, Any] | Any) -> dict[str, np.ndarray]:
+    """``{"a": {"b": x}} -> {"a/b": np.asarray(x)}``; a ``np.load``-ed npz is accepted as is."""
+    out: dict[str, np.ndarray] = {}
+
+    def rec(prefix, v):
+        if isinstance(v, Mapping) or hasattr(v, "files"):
+            keys = v.files if hasattr(v, "files") else list(v.keys())
+            for k in keys:
+                rec(f"{prefix}/{k}" if prefix else str(k), v[k])
+        elif isinstance(v, tuple) and hasattr(v, "_fields"):  # NamedTuple, e.g. Extremes
+            for k in v._fields:
+                rec(f"{prefix}/{k}" if prefix else k, getattr(v, k))
+        else:
+            out[prefix] = np.asarray(v)
+
+    rec("", trajectory)
+    return out
+
+
+def num_steps(traj: Mapping[str, np.ndarray]) -> int:
+    if "loss" in traj:
+        return int(np.asarray(traj["loss"]).shape[0])
+    lens = {np.asarray(v).shape[0] for v in traj.values() if np.asarray(v).ndim >= 1}
+    if len(lens) != 1:
+        raise ValueError(f"cannot tell the number of steps of a trajectory with leading axes {sorted(lens)}")
+    return lens.pop()
+
+
+def steps_of(traj: Mapping[str, np.ndarray], start_step: int = 0) -> np.ndarray:
+    if "step" in traj:
+        return np.asarray(traj["step"]).astype(np.int64).reshape(-1)
+    return start_step + np.arange(num_steps(traj), dtype=np.int64)
+
+
+def scalar(traj: Mapping[str, np.ndarray], key: str) -> np.ndarray | None:
+    """The float64 series of a scalar-per-step key (None when absent or not scalar per step)."""
+    if key not in traj:
+        return None
+    v = np.asarray(traj[key])
+    if v.ndim != 1:
+        return None
+    return v.astype(np.float64)
+
+
+def first_key(traj, candidates) -> str | None:
+    for k in candidates:
+        if k in traj and np.asarray(traj[k]).ndim == 1:
+            return k
+    return None
+
+
+def fresh_mask(traj: Mapping[str, np.ndarray], key: str, steps: np.ndarray) -> np.ndarray:
+    """Where a periodically refreshed (Hessian) observable holds a new value: ``hessian_step == step`` when the
+    trajectory records it, else wherever the value is finite (NaN marks a step without a refresh)."""
+    v = np.asarray(traj[key], dtype=np.float64)
+    mask = np.isfinite(v)
+    if "hessian_step" in traj:
+        mask &= np.asarray(traj["hessian_step"]).astype(np.int64).reshape(-1) == steps
+    return mask
+
+
+def learning_rate(traj: Mapping[str, np.ndarray], lr, n: int) -> np.ndarray | None:
+    """Per-step learning rate from the ``lr`` argument (number or array) or the ``lr``/``learning_rate`` key."""
+    if lr is not None:
+        return np.broadcast_to(np.asarray(lr, dtype=np.float64), (n,)).copy()
+    for k in ("lr", "learning_rate"):
+        if k in traj:
+            return np.asarray(traj[k], dtype=np.float64).reshape(n)
+    return None
+
+
+def crossings(values: np.ndarray, level: float, rearm: float = 0.9) -> list[tuple[int, int, int]]:
+    """Episodes of ``values >= level`` with hysteresis: ``(start, end, peak)`` indices, an episode ending when
+    the value falls below ``rearm * level``.  Non-finite values are skipped."""
+    out = []
+    armed = True
+    start = peak = -1
+    last = -1
+    for i, v in enumerate(values):
+        if not np.isfinite(v):
+            continue
+        last = i
+        if armed and v >= level:
+            armed, start, peak = False, i, i
+        elif not armed:
+            if v > values[peak]:
+                peak = i
+            if v < rearm * level:
+                out.append((start, i, peak))
+                armed = True
+    if not armed:
+        out.append((start, last, peak))
+    return out
+
+
+def spikes(loss: np.ndarray, factor: float = 2.0, window: int = 50) -> list[tuple[int, int, int, float]]:
+    """Loss spikes: ``(onset, end, peak, base)``, onset where ``loss > factor * base`` with ``base`` the minimum
+    of the previous ``window`` losses; the spike ends when the loss falls back below ``factor * base``.  A
+    non-finite loss is a spike that never ends (see ``divergence``)."""
+    out = []
+    i, n = 1, len(loss)
+    while i < n:
+        lo = max(0, i - window)
+        prev = loss[lo:i]
+        prev = prev[np.isfinite(prev)]
+        if prev.size == 0:
+            i += 1
+            continue
+        base = float(np.min(prev))
+        if not np.isfinite(loss[i]) or loss[i] > factor * base:
+            j, peak = i, i
+            while j < n and (not np.isfinite(loss[j]) or loss[j] > factor * base):
+                if not np.isfinite(loss[j]) or (np.isfinite(loss[peak]) and loss[j] > loss[peak]):
+                    peak = j
+                j += 1
+            out.append((i, min(j, n - 1), peak, base))
+            i = j + 1
+        else:
+            i += 1
+    return out

@@ -1,0 +1,130 @@
+"""Shock-aware learning-rate control: an Optax wrapper that keeps the step's fold / shock numbers at a target.
+
+The wrapper measures, from successive gradients and its own previous update, the curvature of the loss along the
+step actually taken (THEORY section 4),
+
+    kappa_k = <g_k - g_{k-1}, Delta_{k-1}> / |Delta_{k-1}|^2,
+
+and the step's effective learning rate ``h = |u| / |g|`` of the inner optimiser's proposed update ``u`` (``= eta``
+for plain gradient descent, so the numbers below are exactly THEORY's ``eta kappa``).  Predicted numbers of the
+proposed step: fold ``F = h max(0, kappa)`` (the explicit step map folds at 1 and is unstable at 2: the edge of
+stability) and shock ``S = h max(0, -kappa)`` (characteristics of the coarse-grained flow cross within the step
+at 1, THEORY section 3).
+
+**Policy.** The proposed update is multiplied by ``s``:
+
+- ``policy="cap"`` (default): ``s = min(1, fold_target / F, shock_target / S)``: never lengthen the inner
+  optimiser's step, shorten it just enough to keep ``F <= fold_target`` and ``S <= shock_target``.  With
+  ``fold_target < 2`` this prevents edge-of-stability spikes and catapults; with ``fold_target`` in (1, 2) the
+  iteration stays stable but oscillates (folds) along the sharpest direction.
+- ``policy="track"``: ``s = fold_target / F`` (clipped to ``[min_scale, max_scale]``): hold the fold number at the
+  target, lengthening the step in flat regions.  A ``fold_target`` schedule above 2 for a few steps *deliberately
+  crosses* the stability edge (e.g. to trigger a catapult into a flatter region) and then returns below it.
+
+``fold_target`` / ``shock_target`` may be numbers or schedules ``count -> value``.  On the first step no curvature
+is known yet and ``s = init_scale``.  ``curvature_decay`` in [0, 1) smooths kappa by an exponential moving average
+(useful with mini-batch gradient noise, which enters kappa through the two different batches); 0 uses the latest
+estimate.  The state has a fixed structure (safe inside ``lax.scan``, vmap and ``inject_hyperparams`` of the
+inner optimiser).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Target = Union[float, Callable[[jax.Array], jax.Array]]
+
+
+class ShockAwareState(NamedTuple):
+    count: jax.Array  # steps taken
+    scale: jax.Array  # s applied at the last step
+    curvature: jax.Array  # (smoothed) kappa along the last step
+    fold_number: jax.Array  # predicted fold number of the step taken (s F)
+    shock_number: jax.Array  # predicted shock number of the step taken (s S)
+    prev_grads: Any
+    prev_updates: Any
+    inner_state: Any
+
+
+def _dot(a, b):
+    return sum(jnp.sum(x * y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _value(t: Target, count):
+    return jnp.asarray(t(count) if callable(t) else t, jnp.float32)
+
+
+def shock_aware_lr(inner: optax.GradientTransformation, *, fold_target: Target = 1.8,
+                   shock_target: Target = 1.0, policy: str = "cap", init_scale: float = 1.0,
+                   min_scale: float = 1e-3, max_scale: float = 1.0,
+                   curvature_decay: float = 0.0) -> optax.GradientTransformation:
+    """Wrap ``inner`` (any Optax optimiser producing the final update) with shock-aware step control.
+
+    Args:
+        inner: the optimiser whose updates are scaled (e.g. ``optax.sgd(0.1)``, ``optax.adamw(...)``).
+        fold_target: target / cap for the fold number ``h max(0, kappa)`` (number or schedule).
+        shock_target: cap for the shock number ``h max(0, -kappa)``.
+        policy: ``"cap"`` or ``"track"`` (module docstring).
+        init_scale: scale of the first step (no curvature measured yet).
+        min_scale, max_scale: bounds of the scale (``"cap"`` also never exceeds 1).
+        curvature_decay: EMA factor for kappa.
+
+    The live numbers are in the state: ``state.fold_number``, ``state.shock_number``, ``state.scale``,
+    ``state.curvature``.
+
+    Example:
+        >>> import jax.numpy as jnp, optax
+        >>> tx = shock_aware_lr(optax.sgd(1.5), fold_target=1.0)   # lr 1.5 on curvature 2: fold number 3
+        >>> params = jnp.array([1.0]); state = tx.init(params)
+        >>> for _ in range(2):
+        ...     g = 2.0 * params
+        ...     u, state = tx.update(g, state, params)
+        ...     params = params + u
+        >>> round(float(state.fold_number), 3), round(float(state.scale), 3)
+        (1.0, 0.333)
+    """
+    if policy not in ("cap", "track"):
+        raise ValueError(f"policy must be 'cap' or 'track', got {policy!r}")
+    if not 0.0 <= curvature_decay < 1.0:
+        raise ValueError(f"curvature_decay must be in [0, 1), got {curvature_decay}")
+
+    def init(params):
+        z = jnp.zeros((), jnp.float32)
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return ShockAwareState(jnp.zeros((), jnp.int32), jnp.ones((), jnp.float32), z, z, z, zeros, zeros,
+                               inner.init(params))
+
+    def update(grads, state, params=None):
+        u, inner_state = inner.update(grads, state.inner_state, params)
+        dd = _dot(state.prev_updates, state.prev_updates)
+        have = (state.count > 0) & (dd > 0)
+        diff = jax.tree.map(lambda a, b: a - b, grads, state.prev_grads)
+        k_new = jnp.where(have, _dot(diff, state.prev_updates) / jnp.where(have, dd, 1.0), 0.0)
+        k_new = k_new.astype(jnp.float32)
+        ema = jnp.asarray(curvature_decay, jnp.float32)
+        kappa = jnp.where(state.count > 1, ema * state.curvature + (1 - ema) * k_new, k_new)
+        gg = _dot(grads, grads)
+        h = jnp.where(gg > 0, jnp.sqrt(_dot(u, u) / jnp.where(gg > 0, gg, 1.0)), 0.0).astype(jnp.float32)
+        fold = h * jnp.maximum(kappa, 0.0)
+        shock = h * jnp.maximum(-kappa, 0.0)
+        ft, st = _value(fold_target, state.count), _value(shock_target, state.count)
+        tiny = jnp.asarray(1e-30, jnp.float32)
+        s_fold = ft / jnp.maximum(fold, tiny)
+        s_shock = st / jnp.maximum(shock, tiny)
+        if policy == "cap":
+            s = jnp.minimum(jnp.minimum(1.0, s_fold), s_shock)
+            s = jnp.clip(s, min_scale, min(max_scale, 1.0))
+        else:
+            s = jnp.where(fold > 0, s_fold, max_scale)
+            s = jnp.minimum(s, s_shock)
+            s = jnp.clip(s, min_scale, max_scale)
+        s = jnp.where(have, s, jnp.asarray(init_scale, jnp.float32))
+        updates = jax.tree.map(lambda x: (s.astype(x.dtype) * x), u)
+        new = ShockAwareState(state.count + 1, s, kappa, s * fold, s * shock, grads, updates, inner_state)
+        return updates, new
+
+    return optax.GradientTransformation(init, update)

@@ -1,0 +1,113 @@
+"""The mean-field two-layer network and its permutation quotient, the empirical particle measure (THEORY section 1).
+
+``f(x) = (1/n) sum_j w_out,j sigma(w_in,j . x + b_j)``.  The network is a function of the empirical measure
+``mu_n = (1/n) sum_j delta_{theta_j}`` of its particles ``theta_j = (w_in,j, b_j, w_out,j)``: the orbit of the
+permutation group ``S_n``, i.e. the quotient, *is* ``mu_n``.  Functions of ``mu_n`` (its moments, kernel
+distances between two particle sets) are therefore exact quotient observables.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ..symmetry import Permutation, Product, Rescale
+from ._activations import check_activation, get_activation, is_homogeneous
+
+
+class MeanField(nnx.Module):
+    """``f(x) = (1/width) sum_j w_out,j sigma(w_in,j . x + b_j)`` (mean-field scaling).
+
+    Args:
+        din, width, dout: input dimension, number of particles ``n``, output dimension.
+        activation: as for :class:`~quotient_sgd.models.MLP` (default ``"relu"``).
+        param_dtype: parameter dtype (inputs are cast to it).
+        rngs: ``nnx.Rngs``.  Particles are i.i.d.: ``w_in ~ N(0, 1/din)``, ``b = 0``, ``w_out ~ N(0, 1)``, so
+            ``mu_n`` approximates a fixed measure as ``width -> infinity`` and ``f`` stays O(1).
+
+    Parameter paths (the particle axis is axis 0 of each): ``("w_in",)`` ``(width, din)``, ``("b",)``
+    ``(width,)``, ``("w_out",)`` ``(width, dout)``.
+    """
+
+    def __init__(self, din: int, width: int, dout: int, *, activation: str = "relu", param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.activation = check_activation(activation)
+        self.width = width
+        self.w_in = nnx.Param(jax.random.normal(rngs.params(), (width, din), param_dtype) / math.sqrt(din))
+        self.b = nnx.Param(jnp.zeros((width,), param_dtype))
+        self.w_out = nnx.Param(jax.random.normal(rngs.params(), (width, dout), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.asarray(x, self.w_in[...].dtype)
+        h = get_activation(self.activation)(x @ self.w_in[...].T + jnp.reshape(self.b[...], (1,) * (x.ndim - 1) + (-1,)))
+        return (h @ self.w_out[...]) / jnp.asarray(self.width, x.dtype)
+
+    def symmetries(self) -> Product:
+        """``"permutation/particles"``: ``S_n`` on axis 0 of ``w_in``, ``b``, ``w_out`` (the sum over particles is
+        order-free), and, for relu / leaky_relu / identity, ``"rescale/particles"``: ``(w_in,j, b_j) -> a_j (w_in,j,
+        b_j)``, ``w_out,j -> w_out,j / a_j`` (positive homogeneity).  The two overlap; :class:`Product` composes
+        them as words."""
+        units = ((("w_in",), 0), (("b",), 0), (("w_out",), 0))
+        comps = []
+        if is_homogeneous(self.activation):
+            comps.append(Rescale(incoming=units[:2], outgoing=units[2:], name="rescale/particles"))
+        comps.append(Permutation(members=units, name="permutation/particles"))
+        return Product(comps, name="MeanField")
+
+
+def particles(params, *, balanced: bool = False) -> jax.Array:
+    """The particle array ``(width, din + 1 + dout)``, row ``j`` = ``(w_in,j, b_j, w_out,j)``.
+
+    Args:
+        params: a :class:`MeanField` model, or its parameters (``nnx.State`` / dict with ``w_in``, ``b``,
+            ``w_out``).
+        balanced: rescale every particle to the balanced point of its rescale orbit,
+            ``|(w_in,j, b_j)| = |w_out,j|`` (the canonical representative of THEORY section 1; particles with a
+            zero half are left as they are).  Only meaningful for a positively homogeneous activation; then
+            functions of the balanced particles are invariant under rescale as well as permutation.
+    """
+    if isinstance(params, nnx.Module):
+        params = nnx.state(params, nnx.Param)
+    w_in, b, w_out = (jnp.asarray(params[k][...]) for k in ("w_in", "b", "w_out"))
+    pin = jnp.concatenate([w_in, b[:, None]], axis=1)
+    if balanced:
+        nin = jnp.linalg.norm(pin, axis=1)
+        nout = jnp.linalg.norm(w_out, axis=1)
+        ok = (nin > 0) & (nout > 0)
+        a = jnp.where(ok, jnp.sqrt(jnp.where(ok, nout, 1) / jnp.where(ok, nin, 1)), 1)[:, None]
+        pin, w_out = pin * a, w_out / a
+    return jnp.concatenate([pin, w_out], axis=1)
+
+
+def particle_moments(p: jax.Array) -> dict[str, jax.Array]:
+    """First and second moments of the empirical measure ``mu_n = (1/n) sum_j delta_{p_j}``.
+
+    Returns ``{"mean": (k,), "second_moment": (k, k)}`` with ``mean = (1/n) sum_j p_j`` and
+    ``second_moment = (1/n) sum_j p_j p_j^T``; both are invariant under permutations of the rows of ``p``.
+    """
+    n = jnp.asarray(p.shape[0], p.dtype)
+    return {"mean": jnp.sum(p, axis=0) / n, "second_moment": (p.T @ p) / n}
+
+
+def mmd(p: jax.Array, q: jax.Array, *, bandwidth: float = 1.0, squared: bool = False) -> jax.Array:
+    """Maximum mean discrepancy between the empirical measures of particle sets ``p`` ``(n, k)``, ``q`` ``(m, k)``.
+
+    Gaussian kernel ``k(x, y) = exp(-|x - y|^2 / (2 bandwidth^2))``;
+    ``MMD^2 = mean k(p, p) + mean k(q, q) - 2 mean k(p, q)`` (the biased V-statistic: the exact squared RKHS
+    distance between the two empirical measures, so ``MMD(p, p) = 0``, ``MMD > 0`` for different measures since
+    the Gaussian kernel is characteristic, and it is invariant under permutations of either set's particles).
+
+    Returns ``MMD`` (``sqrt`` of ``max(MMD^2, 0)``), or ``MMD^2`` with ``squared=True`` (smooth everywhere; use
+    it to differentiate).
+    """
+    h2 = 2 * jnp.square(jnp.asarray(bandwidth, p.dtype))
+
+    def kmean(a, c):
+        d2 = jnp.sum(jnp.square(a[:, None, :] - c[None, :, :]), axis=-1)
+        return jnp.mean(jnp.exp(-d2 / h2))
+
+    m2 = kmean(p, p) + kmean(q, q) - 2 * kmean(p, q)
+    return m2 if squared else jnp.sqrt(jnp.maximum(m2, 0))

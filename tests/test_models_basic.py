@@ -1,0 +1,156 @@
+"""Shapes, argument validation, determinism and train/eval state of quotient_sgd.models."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from quotient_sgd import _tree
+from quotient_sgd.models import CNN, MLP, DeepLinear, MeanField, Transformer
+
+from helpers import assert_tree_allclose, tree_allclose
+
+
+def _params(model):
+    return nnx.split(model, nnx.Param, ...)[1]
+
+
+def test_mlp_shapes_and_paths():
+    model = MLP(3, (5, 4), 2, activation="gelu", rngs=nnx.Rngs(0))
+    assert model(jnp.ones((7, 3), jnp.float32)).shape == (7, 2)
+    flat = {p: v.shape for p, v in _tree.flatten(_params(model))[0].items()}
+    assert flat == {("layers", 0, "kernel"): (3, 5), ("layers", 0, "bias"): (5,),
+                    ("layers", 1, "kernel"): (5, 4), ("layers", 1, "bias"): (4,),
+                    ("layers", 2, "kernel"): (4, 2), ("layers", 2, "bias"): (2,)}
+
+
+@pytest.mark.parametrize("make", [
+    lambda a: MLP(2, (3,), 1, activation=a, rngs=nnx.Rngs(0)),
+    lambda a: MeanField(2, 4, 1, activation=a, rngs=nnx.Rngs(0)),
+    lambda a: CNN(1, (2,), 3, activation=a, rngs=nnx.Rngs(0)),
+    lambda a: Transformer(5, 4, 2, 1, 4, activation=a, rngs=nnx.Rngs(0)),
+])
+@pytest.mark.parametrize("bad", ["swish", "ReLU", None])
+def test_activation_validation(make, bad):
+    with pytest.raises(ValueError, match=r"activation must be one of .*'relu'.*got"):
+        make(bad)
+
+
+def test_cnn_norm_validation():
+    with pytest.raises(ValueError, match="norm must be one of"):
+        CNN(1, (2,), 3, norm="group", rngs=nnx.Rngs(0))
+
+
+def test_classifier_outputs_are_normalised_log_probs():
+    x = jax.random.normal(jax.random.key(0), (6, 3))
+    model = MLP(3, (4,), 5, classifier=True, rngs=nnx.Rngs(0))
+    y = model(x)
+    np.testing.assert_allclose(np.exp(np.asarray(y)).sum(-1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(y, jax.nn.log_softmax(model.logits(x)), rtol=1e-6)
+    reg = MLP(3, (4,), 5, rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(reg(x), model.logits(x))
+
+
+@pytest.mark.parametrize("hw", [8, 28])
+@pytest.mark.parametrize("norm", [None, "layer", "batch"])
+def test_cnn_shapes(hw, norm):
+    model = CNN(1, (3, 4), 10, norm=norm, strides=(1, 2), rngs=nnx.Rngs(0))
+    assert model(jnp.ones((2, hw, hw, 1), jnp.float32)).shape == (2, 10)
+    p = _params(model)
+    assert p["convs"][1]["kernel"].shape == (3, 3, 3, 4)
+    assert ("bias" in p["convs"][0]) == (norm != "batch")
+    assert p["head"]["kernel"].shape == (4, 10)
+
+
+def test_transformer_shapes_and_paths():
+    V, D, H, L, T = 7, 8, 2, 2, 5
+    model = Transformer(V, D, H, L, T, rngs=nnx.Rngs(0), mlp_ratio=2)
+    tokens = jnp.zeros((3, 4), jnp.int32)
+    assert model(tokens).shape == (3, 4, V)
+    a = _params(model)["blocks"][1]["attn"]
+    for n in ("w_q", "w_k", "w_v"):
+        assert a[n].shape == (H, D, D // H)
+    for n in ("b_q", "b_k", "b_v"):
+        assert a[n].shape == (H, D // H)
+    assert a["w_o"].shape == (H, D // H, D) and a["b_o"].shape == (D,)
+    assert _params(model)["unembed"]["kernel"].shape == (D, V)
+    with pytest.raises(ValueError, match="max_len"):
+        model(jnp.zeros((1, T + 1), jnp.int32))
+
+
+def test_transformer_is_causal():
+    model = Transformer(7, 8, 2, 2, 6, rngs=nnx.Rngs(0))
+    t1 = jnp.asarray([[1, 2, 3, 4, 5, 6]], jnp.int32)
+    t2 = t1.at[0, 4].set(0)
+    y1, y2 = model(t1), model(t2)
+    np.testing.assert_array_equal(y1[:, :4], y2[:, :4])
+    assert not np.allclose(y1[:, 4:], y2[:, 4:])
+
+
+def test_meanfield_formula():
+    model = MeanField(3, 5, 2, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (4, 3))
+    w_in, b, w_out = model.w_in[...], model.b[...], model.w_out[...]
+    expected = sum(np.outer(np.maximum(x @ w_in[j] + b[j], 0), w_out[j]) for j in range(5)) / 5
+    np.testing.assert_allclose(model(x), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [
+    lambda r: MLP(3, (4,), 2, rngs=r),
+    lambda r: DeepLinear(3, (4,), 2, rngs=r),
+    lambda r: CNN(1, (2,), 3, norm="batch", rngs=r),
+    lambda r: Transformer(5, 4, 2, 1, 4, rngs=r),
+    lambda r: MeanField(3, 4, 2, rngs=r),
+])
+def test_determinism_per_rngs(make):
+    p0 = _params(make(nnx.Rngs(0)))
+    assert_tree_allclose(p0, _params(make(nnx.Rngs(0))), rtol=0, atol=0)
+    assert not tree_allclose(p0, _params(make(nnx.Rngs(1))))
+
+
+def test_float64_params(x64):
+    model = MLP(2, (3,), 1, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+    assert model(jnp.ones((2, 2), jnp.float32)).dtype == jnp.float64
+
+
+def test_batchnorm_state_threading_in_jit():
+    model = CNN(1, (3,), 2, norm="batch", rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1)) * 2.0 + 1.0
+
+    @jax.jit
+    def step(params, rest, x):
+        m = nnx.merge(graphdef, params, rest)
+        y = m(x)
+        _, _, new_rest = nnx.split(m, nnx.Param, ...)
+        return y, new_rest
+
+    y, rest1 = step(params, rest, x)
+    mean0, mean1 = rest["norms"][0]["mean"][...], rest1["norms"][0]["mean"][...]
+    assert not np.allclose(mean0, mean1)  # training mode updates the running statistics
+    # the update is r <- 0.9 r + 0.1 * (batch mean of the conv output)
+    conv_out = model.convs[0](x)
+    np.testing.assert_allclose(mean1, 0.1 * np.asarray(conv_out).mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-7)
+    # training mode output does not depend on the running statistics
+    y2, rest2 = step(params, rest1, x)
+    np.testing.assert_allclose(y, y2, rtol=1e-6)
+    assert not np.allclose(rest2["norms"][0]["var"][...], rest1["norms"][0]["var"][...])
+
+    # evaluation mode: uses the running statistics and leaves them alone; graphdef records the mode
+    model.eval()
+    graphdef_e, params_e, rest_e = nnx.split(model, nnx.Param, ...)
+
+    @jax.jit
+    def step_eval(params, rest, x):
+        m = nnx.merge(graphdef_e, params, rest)
+        y = m(x)
+        return y, nnx.split(m, nnx.Param, ...)[2]
+
+    ye1, r1 = step_eval(params, rest1, x)
+    ye2, _ = step_eval(params, rest2, x)
+    assert_tree_allclose(r1, rest1, rtol=0, atol=0)
+    assert not np.allclose(ye1, ye2)
+    assert not np.allclose(ye1, y)
+    model.train()
+    assert model.norms[0].use_running_average is False

@@ -1,0 +1,101 @@
+"""Synthetic tasks (teacher-student, modular arithmetic, sparse parity) and scikit-learn's bundled digits.
+
+Every generator is a deterministic function of its ``seed`` (NumPy's PCG64 on the host, so the arrays are the
+same on every platform and JAX version), and returns a :class:`~quotient_sgd.data.Dataset` with a train/test split.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._dataset import Dataset, make_dataset
+
+
+def _split(n: int, n_train: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    perm = rng.permutation(n)
+    return perm[:n_train], perm[n_train:]
+
+
+def teacher_student(*, seed: int = 0, n_train: int = 512, n_test: int = 256, din: int = 8, dout: int = 1,
+                    teacher_hidden: int = 16, noise: float = 0.0) -> Dataset:
+    """Regression on the outputs of a random teacher ``y = tanh(x W1) W2 / sqrt(h) + noise * eps``.
+
+    ``x ~ N(0, I_din)``, ``W1 ~ N(0, 1/din)``, ``W2 ~ N(0, 1)``, ``eps ~ N(0, 1)``; task ``"regression"``."""
+    rng = np.random.default_rng([seed, 1])
+    w1 = rng.normal(size=(din, teacher_hidden)) / np.sqrt(din)
+    w2 = rng.normal(size=(teacher_hidden, dout))
+    x = rng.normal(size=(n_train + n_test, din))
+    y = np.tanh(x @ w1) @ w2 / np.sqrt(teacher_hidden) + noise * rng.normal(size=(n_train + n_test, dout))
+    return make_dataset(x[:n_train], y[:n_train], x[n_train:], y[n_train:], task="regression", num_classes=dout,
+                        name="teacher_student")
+
+
+def modular_arithmetic(*, seed: int = 0, p: int = 23, train_fraction: float = 0.5, encoding: str = "onehot",
+                       ) -> Dataset:
+    """All pairs ``(a, b)``, ``0 <= a, b < p``, labelled ``(a + b) mod p`` (the grokking task), split at random.
+
+    Args:
+        encoding: ``"onehot"``: inputs ``concat(onehot(a), onehot(b))`` of length ``2p`` (for an MLP);
+            ``"tokens"``: int sequences ``[a, b, p]`` (``p`` is the ``=`` token; vocabulary ``p + 1``) for a
+            Transformer, which predicts the label at the last position.
+        train_fraction: fraction of the ``p^2`` pairs used for training.
+    """
+    if encoding not in ("onehot", "tokens"):
+        raise ValueError(f"encoding must be 'onehot' or 'tokens', got {encoding!r}")
+    a, b = np.meshgrid(np.arange(p), np.arange(p), indexing="ij")
+    a, b = a.ravel(), b.ravel()
+    y = (a + b) % p
+    if encoding == "onehot":
+        eye = np.eye(p, dtype=np.float32)
+        x = np.concatenate([eye[a], eye[b]], axis=1)
+    else:
+        x = np.stack([a, b, np.full_like(a, p)], axis=1).astype(np.int32)
+    n_train = int(round(train_fraction * p * p))
+    tr, te = _split(p * p, n_train, np.random.default_rng([seed, 2]))
+    return make_dataset(x[tr], y[tr], x[te], y[te], task="classification", num_classes=p,
+                        name=f"modular_arithmetic_{encoding}")
+
+
+def sparse_parity(*, seed: int = 0, n_bits: int = 20, k: int = 3, n_train: int = 1024, n_test: int = 512,
+                  ) -> Dataset:
+    """``x`` uniform in ``{-1, +1}^n_bits``, label ``1`` when the product of ``k`` fixed (random) bits is ``-1``.
+
+    Two classes; the relevant bits are drawn from ``seed`` too."""
+    if not 1 <= k <= n_bits:
+        raise ValueError(f"sparse_parity needs 1 <= k <= n_bits, got k={k}, n_bits={n_bits}")
+    rng = np.random.default_rng([seed, 3])
+    bits = rng.choice(n_bits, size=k, replace=False)
+    x = rng.choice(np.array([-1.0, 1.0]), size=(n_train + n_test, n_bits))
+    y = (np.prod(x[:, bits], axis=1) < 0).astype(np.int32)
+    return make_dataset(x[:n_train], y[:n_train], x[n_train:], y[n_train:], task="classification", num_classes=2,
+                        name="sparse_parity")
+
+
+def digits(*, seed: int = 0, test_fraction: float = 0.25, layout: str = "flat") -> Dataset:
+    """scikit-learn's bundled handwritten digits (1797 images 8x8, 10 classes; no download), pixels in [0, 1].
+
+    Args:
+        layout: ``"flat"`` (``(n, 64)``, for an MLP) or ``"image"`` (``(n, 8, 8, 1)`` NHWC, for a CNN).
+        test_fraction: fraction of the images held out, chosen at random from ``seed``.
+    """
+    from sklearn.datasets import load_digits
+
+    if layout not in ("flat", "image"):
+        raise ValueError(f"layout must be 'flat' or 'image', got {layout!r}")
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)
+    x = x.reshape(len(x), 64) if layout == "flat" else x[..., None]
+    n = len(x)
+    n_test = int(round(test_fraction * n))
+    tr, te = _split(n, n - n_test, np.random.default_rng([seed, 4]))
+    return make_dataset(x[tr], d.target[tr], x[te], d.target[te], task="classification", num_classes=10,
+                        name="digits")
+
+
+#: name -> generator; the ``data.name`` of a config.
+GENERATORS = {
+    "teacher_student": teacher_student,
+    "modular_arithmetic": modular_arithmetic,
+    "sparse_parity": sparse_parity,
+    "digits": digits,
+}

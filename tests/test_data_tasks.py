@@ -1,0 +1,69 @@
+"""Data sets: determinism per seed, splits, shapes, and on-device batch sampling inside lax.scan."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from quotient_sgd import data
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("teacher_student", dict(n_train=64, n_test=32)),
+    ("modular_arithmetic", dict(p=7, encoding="onehot")),
+    ("modular_arithmetic", dict(p=7, encoding="tokens")),
+    ("sparse_parity", dict(n_bits=10, k=3, n_train=64, n_test=32)),
+    ("digits", dict()),
+    ("digits", dict(layout="image")),
+])
+def test_deterministic_per_seed_and_split(name, kw):
+    gen = data.GENERATORS[name]
+    a, b, c = gen(seed=0, **kw), gen(seed=0, **kw), gen(seed=1, **kw)
+    for f in ("x_train", "y_train", "x_test", "y_test"):
+        np.testing.assert_array_equal(np.asarray(getattr(a, f)), np.asarray(getattr(b, f)))
+    assert not np.array_equal(np.asarray(a.x_train), np.asarray(c.x_train))
+    assert a.num_train > 0 and a.num_test > 0
+    assert a.x_train.shape[1:] == a.x_test.shape[1:]
+    if a.task == "classification":
+        assert a.y_train.dtype == jnp.int32
+        assert int(jnp.max(a.y_train)) < a.num_classes
+
+
+def test_modular_labels_and_disjoint_split():
+    ds = data.modular_arithmetic(p=11, encoding="tokens", train_fraction=0.5)
+    x = np.concatenate([np.asarray(ds.x_train), np.asarray(ds.x_test)])
+    y = np.concatenate([np.asarray(ds.y_train), np.asarray(ds.y_test)])
+    np.testing.assert_array_equal((x[:, 0] + x[:, 1]) % 11, y)
+    assert np.all(x[:, 2] == 11)
+    assert len({tuple(r) for r in x}) == 121  # every pair exactly once across the split
+
+
+def test_sparse_parity_labels_depend_on_k_bits():
+    ds = data.sparse_parity(n_bits=8, k=2, n_train=512, n_test=8, seed=3)
+    x, y = np.asarray(ds.x_train), np.asarray(ds.y_train)
+    found = [(i, j) for i in range(8) for j in range(i + 1, 8)
+             if np.array_equal((x[:, i] * x[:, j] < 0).astype(int), y)]
+    assert len(found) == 1
+
+
+def test_batch_fn_inside_scan_and_prefix_property():
+    ds = data.teacher_student(n_train=50, n_test=10)
+    f = data.batch_fn(ds, 8)
+
+    def body(c, step):
+        b = f(step, jax.random.fold_in(jax.random.key(0), step))
+        return c, b["x"]
+
+    _, xs = jax.lax.scan(body, 0, jnp.arange(4))
+    assert xs.shape == (4, 8, 8)
+    assert not np.array_equal(np.asarray(xs[0]), np.asarray(xs[1]))
+    # a batch of 5 is the prefix of the padded batch of 8 with weights (1,...,1,0,0,0)
+    k = jax.random.key(3)
+    small = data.batch_fn(ds, 5)(0, k)
+    padded = data.batch_fn(ds, jnp.int32(5), max_batch_size=8)(0, k)
+    np.testing.assert_array_equal(np.asarray(padded["x"][:5]), np.asarray(small["x"]))
+    np.testing.assert_array_equal(np.asarray(padded["w"]), [1, 1, 1, 1, 1, 0, 0, 0])
+    full = data.batch_fn(ds, None)(0, k)
+    assert full["x"].shape == (50, 8)
+    with pytest.raises(ValueError, match="exceeds"):
+        data.batch_fn(ds, 51)

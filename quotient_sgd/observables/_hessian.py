@@ -73,14 +73,43 @@ def hessian_extremes(
     return lanczos_extremes(hvp_operator(loss_fn, params, project), v0, num_matvecs=num_matvecs, k=k)
 
 
+def frozen_horizontal(group, params, *, max_elements: int = 2**24) -> Callable:
+    """The horizontal projection at ``params`` as a reusable linear map ``v -> v - P_V v``.
+
+    Built once from the orbit tangents ``T`` (``k x P``, :meth:`group.tangents`): ``P_V v = T^T (T T^T)^+ T v``,
+    so every application costs ``O(k P)`` instead of a fresh projection solve (Lanczos applies it twice per
+    matrix-vector product).  Falls back to ``group.horizontal`` when ``k P > max_elements``.
+    """
+    from jax.flatten_util import ravel_pytree
+
+    flat0, unravel = ravel_pytree(params)
+    shapes = jax.eval_shape(group.tangents, params)
+    leaves = jax.tree.leaves(shapes)
+    k = leaves[0].shape[0] if leaves else 0
+    if k == 0:
+        return lambda v: v
+    if k * flat0.shape[0] > max_elements:
+        return lambda v: group.horizontal(params, v)
+    tm = jax.vmap(lambda t: ravel_pytree(t)[0])(group.tangents(params))
+    gram = tm @ tm.T
+    w, u = jnp.linalg.eigh(gram)
+    cutoff = jnp.max(w) * jnp.asarray(jnp.finfo(w.dtype).eps * k, w.dtype)
+    winv = jnp.where(w > cutoff, 1 / jnp.where(w > cutoff, w, jnp.ones_like(w)), jnp.zeros_like(w))
+    basis = (u * jnp.sqrt(winv)[None, :]).T @ tm  # rows: an orthonormal basis of V (zero rows for null dirs)
+
+    def project(v):
+        f = ravel_pytree(v)[0]
+        return unravel(f - basis.T @ (basis @ f))
+
+    return project
+
+
 @observable(ORBIT_INVARIANT, "sharpness_quotient", "lambda_min_quotient")
 def sharpness_quotient(loss_fn, group, params, *, key, num_matvecs: int = 20, k: int = 1) -> Extremes:
     """Extremes of the horizontal Hessian at the canonical representative ``c(theta)``: the function's own
     curvature, equal on every point of the orbit (THEORY section 4, kind 1)."""
     pc = group.canonicalize(params)
-    return hessian_extremes(
-        loss_fn, pc, lambda v: group.horizontal(pc, v), key=key, num_matvecs=num_matvecs, k=k
-    )
+    return hessian_extremes(loss_fn, pc, frozen_horizontal(group, pc), key=key, num_matvecs=num_matvecs, k=k)
 
 
 @observable(REDUCED_DYNAMICS, "sharpness_horizontal", "lambda_min_horizontal")
@@ -88,7 +117,7 @@ def sharpness_horizontal(loss_fn, group, params, *, key, num_matvecs: int = 20, 
     """Extremes of the horizontal Hessian ``P H P`` at the current point: the curvature the next step sees
     (stability, THEORY section 4, kind 2)."""
     return hessian_extremes(
-        loss_fn, params, lambda v: group.horizontal(params, v), key=key, num_matvecs=num_matvecs, k=k
+        loss_fn, params, frozen_horizontal(group, params), key=key, num_matvecs=num_matvecs, k=k
     )
 
 

@@ -1,0 +1,118 @@
+"""Uniform grids for the HJ / Burgers engine (THEORY section 3).
+
+A periodic grid on ``[lo, hi)`` has ``n`` nodes ``x_i = lo + i * dx`` with ``dx = (hi - lo) / n``: the Fourier
+pseudo-spectral scheme reads them as collocation points, the finite-volume scheme as cell centres (the two
+readings differ by O(dx^2), inside the second-order accuracy of the FV scheme).
+
+A bounded (``periodic=False``) grid on ``[lo, hi]`` has ``n`` nodes including both ends, ``dx = (hi - lo) /
+(n - 1)``.  Only the finite-volume scheme runs on it; its ghost cells continue the last samples' trend
+(linear for a gradient field p, quadratic for a value field u: the loss is continued by its local quadratic
+model).  Any boundary treatment is wrong where characteristics enter the domain, so loss slices
+(:func:`quotient_sgd.hj.slice_flow`) sample the loss on a margin beyond the slice ends and crop it off; see
+there.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+
+from ._custom_types import Array
+
+
+def _float_dtype():
+    return jnp.zeros((), dtype=float).dtype  # float32, or float64 under jax_enable_x64
+
+
+class Grid(eqx.Module):
+    """A 1-D uniform grid.
+
+    Example:
+        >>> g = Grid(256, -1.0, 1.0)            # periodic [-1, 1)
+        >>> g.x.shape, float(g.dx)
+        ((256,), 0.0078125)
+        >>> g2 = g * Grid(64, 0.0, 1.0)         # 2-D product, g2.x has shape (2, 256, 64)
+    """
+
+    n: int = eqx.field(static=True)
+    lo: float = eqx.field(static=True)
+    hi: float = eqx.field(static=True)
+    periodic: bool = eqx.field(static=True, default=True)
+
+    def __init__(self, n: int, lo: float, hi: float, *, periodic: bool = True):
+        if int(n) < 4:
+            raise ValueError(f"Grid needs n >= 4 points, got n={n}.")
+        if not float(hi) > float(lo):
+            raise ValueError(f"Grid needs hi > lo, got lo={lo}, hi={hi}.")
+        self.n = int(n)
+        self.lo = float(lo)
+        self.hi = float(hi)
+        self.periodic = bool(periodic)
+
+    ndim = 1
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.n,)
+
+    @property
+    def length(self) -> float:
+        return self.hi - self.lo
+
+    @property
+    def dx(self) -> float:
+        return self.length / (self.n if self.periodic else self.n - 1)
+
+    @property
+    def x(self) -> Array:
+        dtype = _float_dtype()
+        return jnp.asarray(self.lo + self.dx * np.arange(self.n), dtype=dtype)
+
+    def wavenumbers(self, *, real: bool = False) -> Array:
+        """Angular wavenumbers ``k`` of ``fft`` (or ``rfft`` if ``real``) on this (periodic) grid."""
+        freq = np.fft.rfftfreq(self.n) if real else np.fft.fftfreq(self.n)
+        return jnp.asarray(2 * np.pi / self.length * self.n * freq, dtype=_float_dtype())
+
+    def index_frequencies(self, *, real: bool = False) -> np.ndarray:
+        """Integer mode numbers m (``k = 2 pi m / length``)."""
+        return np.rint(self.n * (np.fft.rfftfreq(self.n) if real else np.fft.fftfreq(self.n)))
+
+    def __mul__(self, other: "Grid") -> "Grid2D":
+        return Grid2D(self, other)
+
+
+class Grid2D(eqx.Module):
+    """Tensor product of two 1-D grids; ``x`` has shape ``(2, nx, ny)`` ("ij" indexing).
+
+    A value field u lives on shape ``(nx, ny)``; a gradient field p = grad u on ``(2, nx, ny)``.
+    """
+
+    gx: Grid
+    gy: Grid
+
+    ndim = 2
+
+    @property
+    def periodic(self) -> bool:
+        return self.gx.periodic and self.gy.periodic
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.gx.n, self.gy.n)
+
+    @property
+    def dx(self) -> tuple[float, float]:
+        return (self.gx.dx, self.gy.dx)
+
+    @property
+    def axes(self) -> tuple[Grid, Grid]:
+        return (self.gx, self.gy)
+
+    @property
+    def x(self) -> Array:
+        xx, yy = jnp.meshgrid(self.gx.x, self.gy.x, indexing="ij")
+        return jnp.stack([xx, yy])
+
+
+AnyGrid = Grid | Grid2D

@@ -1,0 +1,188 @@
+"""Diffrax solves of the viscous Burgers (gradient) and Hamilton-Jacobi (value) flows (THEORY section 3)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import diffrax as dfx
+import equinox as eqx
+import jax.numpy as jnp
+
+from ._custom_types import Array
+from ._etd import ETDRK4, SemilinearTerm
+from ._finite_volume import FiniteVolume
+from ._grid import AnyGrid
+from ._spectral import Spectral
+
+_SOLVERS = ("auto", "etd", "tsit5", "kencarp")
+
+
+class Solution(eqx.Module):
+    """Saved states of a flow.  ``ts[-1] == t1``; ``ys[i]`` is the field at ``ts[i]``.
+
+    ``BurgersSolution.ps`` / ``HJSolution.us`` name ``ys`` in THEORY's notation.  ``num_steps`` counts
+    accepted + rejected steps.
+    """
+
+    ts: Array
+    ys: Array
+    grid: AnyGrid
+    num_steps: Array
+
+
+class BurgersSolution(Solution):
+    @property
+    def ps(self) -> Array:
+        return self.ys
+
+
+class HJSolution(Solution):
+    @property
+    def us(self) -> Array:
+        return self.ys
+
+
+def as_scheme(scheme: str | eqx.Module) -> eqx.Module:
+    """``"spectral"`` -> :class:`Spectral`, ``"fv"`` -> :class:`FiniteVolume` (minmod), ``"fv-smooth"`` ->
+    ``FiniteVolume(limiter="smooth")``; scheme objects pass through."""
+    if isinstance(scheme, (Spectral, FiniteVolume)):
+        return scheme
+    table = {"spectral": Spectral(), "fv": FiniteVolume(), "fv-smooth": FiniteVolume(limiter="smooth")}
+    if scheme not in table:
+        raise ValueError(f"scheme={scheme!r} is not one of {sorted(table)} or a Spectral/FiniteVolume object.")
+    return table[scheme]
+
+
+class _Explicit(eqx.Module):
+    scheme: Any
+    grid: AnyGrid
+    form: str = eqx.field(static=True)
+
+    def __call__(self, t, y, nu):
+        return self.scheme.rhs(self.grid, self.form, y, jnp.zeros_like(nu))
+
+
+class _Implicit(eqx.Module):
+    scheme: Any
+    grid: AnyGrid
+    form: str = eqx.field(static=True)
+
+    def __call__(self, t, y, nu):
+        return self.scheme.diffusion(self.grid, self.form, y, nu)
+
+
+def _solve(form, name, y0, grid, *, nu, t1, ts, scheme, solver, rtol, atol, max_steps, dt0, adaptive,
+           adjoint, progress):
+    scheme = as_scheme(scheme)
+    y0 = jnp.asarray(y0)
+    if not jnp.issubdtype(y0.dtype, jnp.floating):
+        y0 = y0.astype(float)
+    dtype = y0.dtype
+    want = grid.shape if (form == "hj" or grid.ndim == 1) else (2, *grid.shape)
+    if y0.shape != want:
+        raise ValueError(f"{name}: initial field has shape {y0.shape}; on this grid it must be {want}.")
+    if isinstance(scheme, Spectral) and not grid.periodic:
+        raise ValueError(f"{name}: the spectral scheme needs a periodic grid; use scheme='fv' on bounded grids.")
+    if isinstance(adjoint, dfx.BacksolveAdjoint):
+        raise ValueError(
+            f"{name}: BacksolveAdjoint is not supported: its backward-in-time solve of the viscous equation is "
+            "anti-diffusive (ill-posed) and blows up. Use the default RecursiveCheckpointAdjoint()."
+        )
+    nu = jnp.asarray(nu, dtype)
+    t1 = jnp.asarray(t1, dtype)
+    if solver not in _SOLVERS and not isinstance(solver, dfx.AbstractSolver):
+        raise ValueError(f"{name}: solver={solver!r} is not one of {_SOLVERS} or a diffrax solver.")
+    if solver == "auto":
+        solver = "etd" if isinstance(scheme, Spectral) else "tsit5"
+    term = SemilinearTerm(scheme, grid, form)
+    if solver == "etd":
+        if not isinstance(scheme, Spectral):
+            raise ValueError(f"{name}: solver='etd' needs the spectral scheme (diagonal viscous term); "
+                             "use solver='tsit5' or 'kencarp' with finite volumes.")
+        solver = ETDRK4()
+    elif solver == "tsit5":
+        solver = dfx.Tsit5()
+    elif solver == "kencarp":
+        # IMEX: advection explicit, viscosity implicit (dense Jacobian: O(n^3) per step, moderate grids only).
+        term = dfx.MultiTerm(dfx.ODETerm(_Explicit(scheme, grid, form)), dfx.ODETerm(_Implicit(scheme, grid, form)))
+        solver = dfx.KenCarp4()
+    if adaptive:
+        controller = dfx.PIDController(rtol=rtol, atol=atol)
+        if ts is not None:
+            controller = dfx.ClipStepSizeController(controller, step_ts=jnp.asarray(ts, dtype))
+    else:
+        if dt0 is None:
+            raise ValueError(f"{name}: adaptive=False needs a fixed step dt0.")
+        controller = dfx.ConstantStepSize()
+    saveat = dfx.SaveAt(t1=True) if ts is None else dfx.SaveAt(ts=jnp.asarray(ts, dtype), t1=True)
+    sol = dfx.diffeqsolve(
+        term, solver, t0=jnp.zeros((), dtype), t1=t1, dt0=dt0, y0=y0, args=nu, saveat=saveat,
+        stepsize_controller=controller, adjoint=adjoint, max_steps=max_steps, throw=False,
+        progress_meter=dfx.TqdmProgressMeter() if progress else dfx.NoProgressMeter(),
+    )
+    ys = sol.ys
+    ys = eqx.error_if(
+        ys, sol.result == dfx.RESULTS.max_steps_reached,
+        f"{name}: max_steps={max_steps} steps were taken before reaching t1. Increase max_steps, loosen "
+        "rtol/atol, or, if a shock is forming, use scheme='fv', more grid points or a larger nu.",
+    )
+    ys = eqx.error_if(
+        ys, (sol.result != dfx.RESULTS.successful) & (sol.result != dfx.RESULTS.max_steps_reached),
+        f"{name}: the diffrax solve failed before t1 (step size collapsed or a nonlinear solve failed). The "
+        "field is probably blowing up: use scheme='fv', more grid points, or a larger nu.",
+    )
+    ys = eqx.error_if(
+        ys, ~jnp.all(jnp.isfinite(ys)),
+        f"{name}: the solution is not finite. The grid under-resolves the flow (spectral schemes need the "
+        "shock width ~4 nu / jump to span a few points): use scheme='fv', more grid points or a larger nu.",
+    )
+    cls = BurgersSolution if form == "burgers" else HJSolution
+    return cls(ts=sol.ts, ys=ys, grid=grid, num_steps=sol.stats["num_steps"])
+
+
+def solve_burgers(p0, grid: AnyGrid, *, nu, t1, ts=None, scheme="spectral", solver="auto", rtol=1e-6,
+                  atol=1e-8, max_steps: int = 16384, dt0=None, adaptive: bool = True,
+                  adjoint=dfx.RecursiveCheckpointAdjoint(), progress: bool = False) -> BurgersSolution:
+    """Solve the viscous Burgers equation ``p_t + (p . grad) p = nu Lap p`` from ``p0`` (THEORY section 3).
+
+    Args:
+        p0: initial gradient field, shape ``(n,)`` (1-D) or ``(2, nx, ny)`` (2-D, a gradient field).
+        grid: :class:`Grid` or :class:`Grid2D`.
+        nu: viscosity (differentiable, vmappable).
+        t1: final time (differentiable).
+        ts: optional intermediate save times in ``[0, t1]``; the solution saves at ``(*ts, t1)``.
+        scheme: ``"spectral"`` (periodic, smooth/viscous), ``"fv"`` / ``"fv-smooth"`` or a scheme object.
+        solver: ``"auto"`` (ETDRK4 for spectral, Tsit5 for FV), ``"etd"``, ``"tsit5"``, ``"kencarp"``
+            (IMEX: explicit advection, implicit viscosity), or a diffrax solver for the full right-hand side.
+        rtol, atol: tolerances of the PID step-size controller.
+        max_steps: step budget (finite, as reverse-mode autodiff needs); exceeding it raises an error.
+        dt0, adaptive: initial step; ``adaptive=False`` steps with the constant ``dt0``.
+        adjoint: a diffrax adjoint; RecursiveCheckpointAdjoint by default.  BacksolveAdjoint is refused: it
+            integrates the viscous equation backwards in time, which is anti-diffusive and blows up.
+        progress: show a tqdm progress meter.
+
+    Returns:
+        :class:`BurgersSolution` with ``.ts`` and ``.ps`` (last entry at ``t1``).
+
+    Example:
+        >>> g = Grid(256, -1.0, 1.0)
+        >>> sol = solve_burgers(-jnp.sin(jnp.pi * g.x), g, nu=0.01 / jnp.pi, t1=0.5)
+        >>> sol.ps.shape
+        (1, 256)
+    """
+    return _solve("burgers", "solve_burgers", p0, grid, nu=nu, t1=t1, ts=ts, scheme=scheme, solver=solver,
+                  rtol=rtol, atol=atol, max_steps=max_steps, dt0=dt0, adaptive=adaptive, adjoint=adjoint,
+                  progress=progress)
+
+
+def solve_hj(u0, grid: AnyGrid, *, nu, t1, ts=None, scheme="spectral", solver="auto", rtol=1e-6, atol=1e-8,
+             max_steps: int = 16384, dt0=None, adaptive: bool = True, adjoint=dfx.RecursiveCheckpointAdjoint(),
+             progress: bool = False) -> HJSolution:
+    """Solve the viscous Hamilton-Jacobi equation ``u_t + |grad u|^2 / 2 = nu Lap u`` from ``u0 = L``.
+
+    Same arguments as :func:`solve_burgers`; ``u0`` has shape ``(n,)`` or ``(nx, ny)``.  Its exact solution is
+    the Cole-Hopf transform (:func:`cole_hopf`), the coarse-grained loss of THEORY section 3; its mean is not
+    held fixed.  Returns :class:`HJSolution` with ``.ts`` and ``.us``.
+    """
+    return _solve("hj", "solve_hj", u0, grid, nu=nu, t1=t1, ts=ts, scheme=scheme, solver=solver, rtol=rtol,
+                  atol=atol, max_steps=max_steps, dt0=dt0, adaptive=adaptive, adjoint=adjoint, progress=progress)

@@ -1,0 +1,115 @@
+"""Fourier pseudo-spectral right-hand sides with 2/3 dealiasing (THEORY section 3).
+
+Gradient form (viscous Burgers, p = grad u):   p_t = -grad(|p|^2 / 2) + nu Lap p
+Value form (viscous Hamilton-Jacobi):          u_t = -|grad u|^2 / 2  + nu Lap u
+
+In 2-D the Burgers nonlinearity is written as grad(|p|^2/2), which equals (p . grad) p exactly when p is a
+gradient field (the only case THEORY section 3 needs: p = grad u stays curl-free); this conservative form is
+the one that captures shocks correctly.  The mean of u is *not* held fixed: the k = 0 mode of the HJ
+nonlinearity, -mean(|grad u|^2)/2, lowers the level of the value function as it should (Cole-Hopf).
+
+Dealiasing (Orszag's 2/3 rule): the quadratic products are formed from the modes |m| <= n/3 of each axis, and
+only the modes |m| <= n/3 of the product are kept, so no aliased mode of the product reaches a kept mode.  Modes
+above the cut in the state are not fed to the nonlinearity and decay under the exact viscous factor.
+
+The split ``y_t = L y + N(y)`` with L = -nu |k|^2 diagonal in Fourier space is what the exponential
+integrator (:class:`quotient_sgd.hj.ETDRK4`) uses; ``rhs`` is the sum, for plain explicit or IMEX stepping.
+Reference: Basdevant et al., Computers & Fluids 14 (1986), for the Fourier method on Burgers.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+
+from ._custom_types import Array
+from ._grid import AnyGrid, Grid
+
+
+def _axes(grid: AnyGrid) -> tuple[int, ...]:
+    return (-1,) if grid.ndim == 1 else (-2, -1)
+
+
+def _wavevectors(grid: AnyGrid) -> list[Array]:
+    """One array per axis, broadcastable to the rfftn output shape."""
+    if grid.ndim == 1:
+        return [grid.wavenumbers(real=True)]
+    kx = grid.gx.wavenumbers(real=False)[:, None]
+    ky = grid.gy.wavenumbers(real=True)[None, :]
+    return [kx, ky]
+
+
+class Spectral(eqx.Module):
+    """Fourier pseudo-spectral scheme on a periodic grid (smooth, viscous regime).
+
+    Resolves a viscous shock when its width ~ 4 nu / jump spans a few grid points; below that it rings (Gibbs)
+    and eventually blows up: use :class:`FiniteVolume` for near-inviscid flows.
+
+    Attributes:
+        dealias: fraction of the modes of each axis kept in products (2/3: Orszag's rule).
+    """
+
+    dealias: float = eqx.field(static=True, default=2.0 / 3.0)
+
+    # -- transforms ---------------------------------------------------------------------------------------
+    def forward(self, grid: AnyGrid, y: Array) -> Array:
+        return jnp.fft.rfftn(y, axes=_axes(grid))
+
+    def inverse(self, grid: AnyGrid, yhat: Array) -> Array:
+        return jnp.fft.irfftn(yhat, s=grid.shape, axes=_axes(grid))
+
+    def _mask(self, grid: AnyGrid) -> Array:
+        grids = (grid,) if isinstance(grid, Grid) else grid.axes
+        masks = []
+        for i, g in enumerate(grids):
+            m = g.index_frequencies(real=(i == len(grids) - 1))
+            masks.append(np.abs(m) <= self.dealias * g.n / 2)
+        mask = masks[0] if len(masks) == 1 else masks[0][:, None] & masks[1][None, :]
+        return jnp.asarray(mask)
+
+    def linear_symbol(self, grid: AnyGrid, nu) -> Array:
+        """Diagonal of L = nu Lap in Fourier space, ``-nu |k|^2`` (shape of the rfftn output)."""
+        k2 = sum(k * k for k in _wavevectors(grid))
+        return -nu * k2
+
+    def nonlinear_hat(self, grid: AnyGrid, form: str, yhat: Array) -> Array:
+        """Fourier transform of the dealiased nonlinear term N(y)."""
+        mask = self._mask(grid)
+        ks = _wavevectors(grid)
+        yhat = jnp.where(jnp.broadcast_to(mask, yhat.shape), yhat, jnp.zeros_like(yhat))
+        if form == "burgers":
+            p = self.inverse(grid, yhat)
+            energy = 0.5 * jnp.sum(p * p, axis=0) if grid.ndim == 2 else 0.5 * p * p
+            ehat = jnp.where(mask, self.forward(grid, energy), 0)
+            grads = [(1j * k) * ehat for k in ks]
+            out = grads[0] if grid.ndim == 1 else jnp.stack(grads)
+            return -out
+        if form == "hj":
+            sq = 0
+            for k in ks:
+                g = self.inverse(grid, (1j * k) * yhat)
+                sq = sq + g * g
+            return -0.5 * jnp.where(mask, self.forward(grid, sq), 0)
+        raise ValueError(f"form must be 'burgers' or 'hj', got {form!r}.")
+
+    def rhs(self, grid: AnyGrid, form: str, y: Array, nu) -> Array:
+        """Full right-hand side ``L y + N(y)`` in physical space."""
+        yhat = self.forward(grid, y)
+        lin = self.linear_symbol(grid, nu)
+        if form == "burgers" and grid.ndim == 2:
+            lin = lin[None]
+        return self.inverse(grid, lin * yhat + self.nonlinear_hat(grid, form, yhat))
+
+    def diffusion(self, grid: AnyGrid, form: str, y: Array, nu) -> Array:
+        """The stiff linear part ``nu Lap y`` alone (the implicit term of an IMEX split)."""
+        lin = self.linear_symbol(grid, nu)
+        if form == "burgers" and grid.ndim == 2:
+            lin = lin[None]
+        return self.inverse(grid, lin * self.forward(grid, y))
+
+    def derivative(self, grid: AnyGrid, u: Array) -> Array:
+        """Spectral gradient of a scalar field (shape ``(n,)`` in 1-D, ``(2, nx, ny)`` in 2-D)."""
+        uhat = self.forward(grid, u)
+        gs = [self.inverse(grid, (1j * k) * uhat) for k in _wavevectors(grid)]
+        return gs[0] if grid.ndim == 1 else jnp.stack(gs)

@@ -1,0 +1,31 @@
+"""Experiment 1 (experiments/edge_of_stability.py): full-batch GD on a ReLU MLP at the edge of stability, and a
+twin started from a randomly re-gauged copy of the same initial function."""
+
+import ml_collections
+
+
+def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.scale = scale
+    c.seed = 0
+    c.num_examples = 128  # teacher-student regression, inputs N(0, I)
+    c.input_dim = 8
+    c.teacher_hidden = 16  # tanh teacher
+    c.teacher_gain = 2.0
+    c.hidden = (32, 32)  # ReLU student
+    c.eta_lambda0 = 1.4  # lr = eta_lambda0 / lambda_step(theta_0) of the balanced run
+    c.twin_scale = 0.3  # log rescale factors ~ U(-2 s, 2 s) for the re-gauged twin
+    c.num_steps = 400
+    c.hessian_every = 10
+    c.lanczos = 20
+    if scale == "paper":
+        c.num_examples = 1000
+        c.input_dim = 32
+        c.teacher_hidden = 64
+        c.hidden = (256, 256)
+        c.num_steps = 5000
+        c.hessian_every = 20
+        c.lanczos = 40
+    elif scale == "test":
+        c.num_steps = 150
+    return c

@@ -1,0 +1,209 @@
+"""Shared pieces of the experiments: small models, a chunked recorder, tables and figures.
+
+The recorder trains with :func:`quotient_sgd.optim.train` and :func:`quotient_sgd.optim.quotient_trajectory`
+(per-step observables) in chunks of ``hessian_every`` steps (a chunked run equals an unchunked one) and, before
+every chunk, evaluates :func:`quotient_sgd.diagnostics.stability_decomposition` (canonical, horizontal and raw
+sharpness plus the charge prediction of the gauge factor) and optional held-out metrics.  Between evaluations the
+Hessian keys are NaN and ``hessian_step`` is -1, the convention the detectors read.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from quotient_sgd.diagnostics import Event, save_events, stability_decomposition
+from quotient_sgd.optim import quotient_trajectory, train
+from quotient_sgd.optim import flatten_trajectory as _flat
+
+HESSIAN_KEYS = ("sharpness_horizontal", "sharpness_quotient", "sharpness_raw", "lambda_min_horizontal",
+                "lambda_min_quotient", "gauge_factor", "gauge_factor_charges", "lr_times_lambda_step")
+
+
+def out_dir(name: str) -> str:
+    d = os.environ.get("QSGD_EXPERIMENT_OUT", os.path.join(os.path.dirname(__file__), "results"))
+    d = os.path.join(d, name)
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def parse_overrides(argv=None) -> dict[str, str]:
+    """``key=value`` command-line overrides (``scale=paper``, ``steps=2000``)."""
+    out = {}
+    for a in (sys.argv[1:] if argv is None else argv):
+        if "=" not in a:
+            raise SystemExit(f"arguments are key=value overrides (e.g. scale=paper), got {a!r}")
+        k, v = a.split("=", 1)
+        out[k.lstrip("-").replace("config.", "")] = v
+    return out
+
+
+def load_config(module, argv=None):
+    """``configs/<name>.py``'s ``get_config(scale)`` with ``key=value`` overrides applied (typed as the
+    default)."""
+    ov = parse_overrides(argv)
+    cfg = module.get_config(ov.pop("scale", "cpu"))
+    for k, v in ov.items():
+        cur = cfg
+        parts = k.split(".")
+        for p in parts[:-1]:
+            cur = cur[p]
+        old = cur[parts[-1]]
+        cur[parts[-1]] = type(old)(v) if not isinstance(old, (tuple, list)) else type(old)(json.loads(v))
+    return cfg
+
+
+# --- models ------------------------------------------------------------------------------------------------
+def split_model(model):
+    graphdef, params = nnx.split(model, nnx.Param)
+    return graphdef, params, model.symmetries()
+
+
+def mse(graphdef, params, batch):
+    x, y = batch
+    pred = nnx.merge(graphdef, params)(x)
+    return 0.5 * jnp.mean(jnp.sum(jnp.square(pred - y), axis=-1))
+
+
+def xent(graphdef, params, batch):
+    x, y = batch
+    logp = nnx.merge(graphdef, params)(x)
+    if logp.ndim == 3:  # sequence model: predict at the last position
+        logp = logp[:, -1, :]
+    return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=-1))
+
+
+def accuracy(graphdef, params, batch):
+    x, y = batch
+    out = nnx.merge(graphdef, params)(x)
+    if out.ndim == 3:
+        out = out[:, -1, :]
+    return jnp.mean((jnp.argmax(out, axis=-1) == y).astype(jnp.float32))
+
+
+def _const_batch(batch, step, key):
+    return batch
+
+
+# --- the recorder ------------------------------------------------------------------------------------------
+def record(loss_fn: Callable, params, tx, group, batch, num_steps: int, *, lr=None, hessian_every: int = 10,
+           lanczos: int = 20, seed: int = 0, evals: dict[str, Callable] | None = None, batch_fn=None,
+           hessian_batch=None, decomposition: bool = True, observables=None, raw: bool = True, spec=None):
+    """Train ``num_steps`` steps, recording per-step observables and, every ``hessian_every`` steps, the
+    stability decomposition and ``evals`` (``name -> fn(params) -> scalar``).
+
+    ``loss_fn(params, batch)``; ``batch`` is the full batch (full-batch GD) unless ``batch_fn(step, key)`` is
+    given; ``hessian_batch`` (default ``batch``) is the batch the Hessian is evaluated on.  ``spec``: the
+    :class:`~quotient_sgd.optim.SGDSpec` of an SGD ``tx`` (the fold / shock numbers then use its learning rate
+    and need no canonical gradient per step).
+    Returns ``(params, trajectory as a flat dict of numpy arrays, wall seconds of training alone)``.
+    """
+    qtx = quotient_trajectory(tx, group, observables=observables, spec=spec)
+    data = batch_fn if batch_fn is not None else functools.partial(_const_batch, batch)
+    hb = batch if hessian_batch is None else hessian_batch
+    hloss = functools.partial(_bind_batch, loss_fn, hb)
+    decomp = jax.jit(lambda p, k: stability_decomposition(hloss, group, p, lr, key=k, num_matvecs=lanczos,
+                                                          raw=raw))
+    ev = {k: jax.jit(f) for k, f in (evals or {}).items()}
+    opt_state = None
+    chunks, side = [], []
+    key = jax.random.key(seed)
+    train_time = 0.0
+    for start in range(0, num_steps, hessian_every):
+        n = min(hessian_every, num_steps - start)
+        row = {"step": start}
+        if decomposition:
+            row.update({k: float(v) for k, v in decomp(params, jax.random.fold_in(key, start)).items()})
+        row.update({k: float(f(params)) for k, f in ev.items()})
+        side.append(row)
+        t0 = time.perf_counter()
+        params, opt_state, traj = train(loss_fn, params, qtx, data, num_steps=n, opt_state=opt_state,
+                                        start_step=start, key=key, donate=False)
+        jax.block_until_ready(traj["loss"])
+        train_time += time.perf_counter() - t0
+        chunks.append({k: np.asarray(v) for k, v in _flat(traj).items()})
+    out = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+    out["step"] = np.arange(num_steps)
+    out["hessian_step"] = np.full(num_steps, -1, np.int64)
+    keys = sorted({k for r in side for k in r if k != "step"})
+    for k in keys:
+        out[k] = np.full(num_steps, np.nan)
+    for r in side:
+        out["hessian_step"][r["step"]] = r["step"]
+        for k in keys:
+            out[k][r["step"]] = r.get(k, np.nan)
+    return params, out, train_time
+
+
+def _bind_batch(loss_fn, batch, params):
+    return loss_fn(params, batch)
+
+
+def sampled(traj, key):
+    """``(steps, values)`` of a periodically refreshed key."""
+    m = (traj["hessian_step"] == traj["step"]) & np.isfinite(traj[key])
+    return traj["step"][m], traj[key][m]
+
+
+# --- output --------------------------------------------------------------------------------------------------
+def save(name: str, traj: dict, events: list[Event], table: list[dict], extra: dict | None = None) -> str:
+    d = out_dir(name)
+    np.savez_compressed(os.path.join(d, "trajectory.npz"), **traj)
+    save_events(os.path.join(d, "events.json"), events)
+    with open(os.path.join(d, "result.json"), "w") as f:
+        json.dump({"table": table, **(extra or {})}, f, indent=1, default=float)
+    with open(os.path.join(d, "result.md"), "w") as f:
+        f.write(markdown_table(table))
+    return d
+
+
+def markdown_table(rows: list[dict]) -> str:
+    if not rows:
+        return "(empty)\n"
+    cols = list(rows[0])
+    for r in rows[1:]:
+        cols += [c for c in r if c not in cols]
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def first(events, kind, variant=None, after: int = -1, **details):
+    for e in events:
+        if e.kind == kind and (variant is None or e.variant == variant) and e.step > after and all(
+                e.details.get(k) == v for k, v in details.items()):
+            return e
+    return None
+
+
+def plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as _plt
+
+    return _plt
+
+
+def mark_events(ax, events, kinds=None, **kw):
+    colors = {"edge_of_stability": "tab:red", "catapult": "tab:purple", "transition": "tab:green",
+              "loss_spike": "tab:orange", "fold": "tab:brown", "shock": "tab:pink", "divergence": "k"}
+    for e in events:
+        if kinds is None or e.kind in kinds:
+            ax.axvline(e.step, color=colors.get(e.kind, "gray"), lw=0.8, ls="--", alpha=0.7, **kw)

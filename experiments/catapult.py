@@ -1,0 +1,124 @@
+"""Experiment 2: the catapult (Lewkowycz et al. 2020) detected on the quotient.
+
+A wide two-layer ReLU network, full-batch GD at ``lr = eta_lambda0 / lambda0`` with ``2 < eta_lambda0 < 4``:
+the loss spikes, the sharpness drops below ``2 / lr``, and training converges in a flatter region.  The
+detectors: ``catapult`` (loss spike then sharpness drop; quotient, step and raw variants), ``edge_of_stability``,
+``loss_spike``.
+
+    python experiments/catapult.py [scale=paper] [eta_lambda0=3.0]
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import _common as C  # noqa: E402
+from quotient_sgd.diagnostics import detect, stability_decomposition  # noqa: E402
+from quotient_sgd.models import MLP  # noqa: E402
+from quotient_sgd.optim import SGDSpec  # noqa: E402
+
+OBS = ["loss", "grad_norm", "curvature", "shock_number", "fold_number"]
+
+
+def setup(cfg):
+    kx = jax.random.key(cfg.seed)
+    x = jax.random.normal(kx, (cfg.num_examples, cfg.input_dim))
+    teacher = MLP(cfg.input_dim, (cfg.teacher_hidden,), 1, activation="tanh", rngs=nnx.Rngs(cfg.seed + 1))
+    y = cfg.teacher_gain * teacher(x)
+    graphdef, params, group = C.split_model(
+        MLP(cfg.input_dim, (cfg.width,), 1, activation="relu", rngs=nnx.Rngs(cfg.seed + 2)))
+    loss = functools.partial(C.mse, graphdef)
+    d0 = jax.jit(lambda p: stability_decomposition(functools.partial(C._bind_batch, loss, (x, y)), group, p,
+                                                   key=jax.random.key(0), num_matvecs=cfg.lanczos, raw=False))
+    lam0 = float(d0(params)["sharpness_horizontal"])
+    return graphdef, params, group, (x, y), loss, lam0
+
+
+def run(cfg, eta_lambda0=None):
+    graphdef, params, group, batch, loss, lam0 = setup(cfg)
+    lr = (cfg.eta_lambda0 if eta_lambda0 is None else eta_lambda0) / lam0
+    _, traj, wall = C.record(loss, params, optax.sgd(lr), group, batch, cfg.num_steps, lr=lr,
+                             hessian_every=cfg.hessian_every, lanczos=cfg.lanczos, observables=OBS,
+                             spec=SGDSpec(lr), seed=cfg.seed)
+    events = detect(traj, lr=lr, kinds=["catapult", "loss_spike", "edge_of_stability", "fold", "divergence"],
+                    spike_factor=cfg.spike_factor, drop_factor=cfg.drop_factor)
+    return dict(lr=lr, lambda0=lam0, traj=traj, events=events, wall=wall)
+
+
+def ground_truth(traj, lr, spike_factor=2.0):
+    """The catapult read from loss and sharpness directly: peak of the loss over its initial value, the step of
+    the peak, and the horizontal sharpness at the end relative to 2 / lr."""
+    loss = traj["loss"]
+    peak = int(np.nanargmax(loss))
+    s, lam = C.sampled(traj, "sharpness_horizontal")
+    return {"loss_peak_ratio": float(loss[peak] / loss[0]), "peak_step": peak,
+            "lr*lambda_step start": float(lr * lam[0]), "lr*lambda_step end": float(lr * lam[-1]),
+            "spiked": bool(loss[peak] > spike_factor * loss[0]), "final loss": float(loss[-1])}
+
+
+def summarise(out):
+    gt = ground_truth(out["traj"], out["lr"])
+    row = {"eta*lambda0": out["lr"] * out["lambda0"], **gt}
+    for v in ("quotient", "step", "raw"):
+        e = C.first(out["events"], "catapult", v)
+        row[f"catapult[{v}] step"] = e.step if e else "missed"
+        if e:
+            row[f"catapult[{v}] confirm"] = e.details["confirm_step"]
+            row[f"catapult[{v}] sharpness ratio"] = e.details["sharpness_ratio"]
+    e = C.first(out["events"], "catapult", "step")
+    if e:
+        row["gauge before"] = e.details["before"].get("gauge_factor")
+        row["gauge after"] = e.details["after"].get("gauge_factor")
+    row["n loss spikes"] = sum(1 for x in out["events"] if x.kind == "loss_spike")
+    row["wall_s"] = out["wall"]
+    return [row]
+
+
+def figure(outs, path):
+    plt = C.plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, out in outs.items():
+        tr = out["traj"]
+        line, = axes[0].semilogy(tr["loss"], label=name)
+        s, v = C.sampled(tr, "sharpness_horizontal")
+        axes[1].plot(s, out["lr"] * v, "-", color=line.get_color(), label=f"{name}: step")
+        s, v = C.sampled(tr, "sharpness_quotient")
+        axes[1].plot(s, out["lr"] * v, "--", color=line.get_color(), label=f"{name}: canonical")
+        C.mark_events(axes[0], [e for e in out["events"] if e.kind == "catapult" and e.variant == "quotient"])
+    axes[1].axhline(2.0, color="k", lw=0.8)
+    axes[0].set(title="loss (full-batch GD); dashed: catapult events", xlabel="step")
+    axes[1].set(title="lr * lambda_max (step: -, canonical: --)", xlabel="step")
+    for a in axes:
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    import catapult as cfgmod  # configs/catapult.py
+
+    cfg = C.load_config(cfgmod, argv)
+    outs = {f"eta*lambda0={e}": run(cfg, e) for e in (1.5, cfg.eta_lambda0)}
+    rows = []
+    for name, out in outs.items():
+        rows += [{"setting": name, **r} for r in summarise(out)]
+    main_out = outs[f"eta*lambda0={cfg.eta_lambda0}"]
+    d = C.save("catapult", main_out["traj"], main_out["events"], rows, {"lr": main_out["lr"]})
+    figure(outs, os.path.join(d, "catapult.png"))
+    print(C.markdown_table(rows))
+    print("written to", d)
+
+
+if __name__ == "__main__":
+    main()

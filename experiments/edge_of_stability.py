@@ -1,0 +1,140 @@
+"""Experiment 1: the edge of stability seen on the quotient (THEORY section 4; Cohen et al. 2021).
+
+Full-batch GD on a ReLU MLP (teacher-student regression).  The sharpness the step sees, ``lr * lambda_max`` of
+the horizontal Hessian at the current point, rises to 2 and hovers there.  A twin starts from a randomly
+re-gauged copy of the same initial function (same function, unbalanced charges): its step sees a different
+curvature from the start, reaches the edge at a different canonical (function) sharpness, and the decomposition
+``lr lambda_step = lr lambda_canonical x gauge_factor`` with the charge prediction of the gauge factor says why.
+
+    python experiments/edge_of_stability.py [scale=paper] [num_steps=...]
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import _common as C  # noqa: E402
+from quotient_sgd.diagnostics import detect, stability_decomposition  # noqa: E402
+from quotient_sgd.models import MLP  # noqa: E402
+from quotient_sgd.optim import SGDSpec  # noqa: E402
+
+OBS = ["loss", "grad_norm", "curvature", "shock_number", "fold_number"]
+
+
+def setup(cfg):
+    key = jax.random.key(cfg.seed)
+    kx, kg = jax.random.split(key)
+    x = jax.random.normal(kx, (cfg.num_examples, cfg.input_dim))
+    teacher = MLP(cfg.input_dim, (cfg.teacher_hidden,), 1, activation="tanh", rngs=nnx.Rngs(cfg.seed + 1))
+    y = cfg.teacher_gain * teacher(x)
+    graphdef, params, group = C.split_model(
+        MLP(cfg.input_dim, tuple(cfg.hidden), 1, activation="relu", rngs=nnx.Rngs(cfg.seed + 2)))
+    twin = group.act(group.sample(kg, params, scale=cfg.twin_scale), params)
+    return graphdef, params, twin, group, (x, y)
+
+
+def run(cfg):
+    graphdef, params, twin, group, batch = setup(cfg)
+    loss = functools.partial(C.mse, graphdef)
+    d0 = jax.jit(lambda p: stability_decomposition(functools.partial(C._bind_batch, loss, batch), group, p,
+                                                   key=jax.random.key(0), num_matvecs=cfg.lanczos))
+    lam0 = float(d0(params)["sharpness_horizontal"])
+    lr = cfg.eta_lambda0 / lam0
+    tx = optax.sgd(lr)
+    res = {}
+    for name, p0 in (("balanced", params), ("regauged", twin)):
+        _, traj, wall = C.record(loss, p0, tx, group, batch, cfg.num_steps, lr=lr, hessian_every=cfg.hessian_every,
+                                 lanczos=cfg.lanczos, observables=OBS, spec=SGDSpec(lr), seed=cfg.seed)
+        events = detect(traj, lr=lr, kinds=["edge_of_stability", "fold", "catapult", "loss_spike", "divergence"])
+        res[name] = dict(traj=traj, events=events, wall=wall)
+    return dict(lr=lr, lambda0=lam0, runs=res, cfg=cfg)
+
+
+def summarise(out):
+    lr = out["lr"]
+    rows = []
+    for name, r in out["runs"].items():
+        tr, ev = r["traj"], r["events"]
+        s, lam_s = C.sampled(tr, "sharpness_horizontal")
+        _, lam_c = C.sampled(tr, "sharpness_quotient")
+        _, lam_r = C.sampled(tr, "sharpness_raw")
+        _, gf = C.sampled(tr, "gauge_factor")
+        _, gfc = C.sampled(tr, "gauge_factor_charges")
+        e2 = C.first(ev, "edge_of_stability", "step", level=2.0)
+        e2q = C.first(ev, "edge_of_stability", "quotient", level=2.0)
+        e2r = C.first(ev, "edge_of_stability", "raw", level=2.0)
+        hover = s >= (e2.step if e2 else s[-1] + 1)
+        loss = tr["loss"]
+        nonmono = int(np.argmax(np.diff(loss) > 0)) + 1 if np.any(np.diff(loss) > 0) else -1
+        rows.append({
+            "run": name,
+            "lr*lambda_step(0)": lr * lam_s[0], "lr*lambda_canonical(0)": lr * lam_c[0],
+            "lr*lambda_raw(0)": lr * lam_r[0], "gauge(0)": gf[0], "gauge_charges(0)": gfc[0],
+            "EoS step (detector, step variant)": e2.step if e2 else "missed",
+            "EoS step (canonical variant)": e2q.step if e2q else "none",
+            "EoS step (raw variant)": e2r.step if e2r else "none",
+            "first loss increase": nonmono,
+            "mean lr*lambda_step at edge": float(np.mean(lr * lam_s[hover])) if hover.any() else float("nan"),
+            "lambda_canonical at edge": float(lam_c[s == e2.step][0]) if e2 else float("nan"),
+            "lambda_raw at edge": float(lam_r[s == e2.step][0]) if e2 else float("nan"),
+            "gauge at edge": float(gf[s == e2.step][0]) if e2 else float("nan"),
+            "gauge_charges at edge": float(gfc[s == e2.step][0]) if e2 else float("nan"),
+            "mean gauge on edge": float(np.mean(gf[hover])) if hover.any() else float("nan"),
+            "mean gauge_charges on edge": float(np.mean(gfc[hover])) if hover.any() else float("nan"),
+            "final loss": float(loss[-1]), "wall_s": r["wall"],
+        })
+    return rows
+
+
+def figure(out, path):
+    plt = C.plt()
+    lr = out["lr"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for (name, r), col in zip(out["runs"].items(), ("tab:blue", "tab:orange")):
+        tr = r["traj"]
+        axes[0].semilogy(tr["loss"], color=col, label=name)
+        for key, ls in (("sharpness_horizontal", "-"), ("sharpness_quotient", "--"), ("sharpness_raw", ":")):
+            s, v = C.sampled(tr, key)
+            axes[1].plot(s, lr * v, ls, color=col, label=f"{name}: lr*{key.split('_')[1]}")
+        s, gf = C.sampled(tr, "gauge_factor")
+        _, gfc = C.sampled(tr, "gauge_factor_charges")
+        axes[2].plot(s, gf, "-", color=col, label=f"{name}: measured")
+        axes[2].plot(s, gfc, "--", color=col, label=f"{name}: from charges")
+        C.mark_events(axes[1], [e for e in r["events"] if e.kind == "edge_of_stability" and e.variant == "step"])
+    axes[1].axhline(2.0, color="k", lw=0.8)
+    axes[0].set(title="loss (full-batch GD)", xlabel="step")
+    axes[1].set(title="lr * lambda_max: step (-), canonical (--), raw (:)", xlabel="step")
+    axes[2].set(title="gauge factor lambda_step / lambda_canonical", xlabel="step")
+    for a in axes:
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    import edge_of_stability as cfgmod  # configs/edge_of_stability.py
+
+    cfg = C.load_config(cfgmod, argv)
+    out = run(cfg)
+    rows = summarise(out)
+    d = C.save("edge_of_stability", out["runs"]["balanced"]["traj"], out["runs"]["balanced"]["events"] +
+               out["runs"]["regauged"]["events"], rows, {"lr": out["lr"], "lambda0": out["lambda0"]})
+    np.savez_compressed(os.path.join(d, "trajectory_regauged.npz"), **out["runs"]["regauged"]["traj"])
+    figure(out, os.path.join(d, "edge_of_stability.png"))
+    print(C.markdown_table(rows))
+    print("written to", d)
+
+
+if __name__ == "__main__":
+    main()

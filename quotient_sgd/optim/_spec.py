@@ -7,7 +7,6 @@ from typing import Any, Callable, Union
 
 import jax
 import jax.numpy as jnp
-import optax
 
 #: A hyperparameter value: a number / array, the name of an ``optax.inject_hyperparams`` hyperparameter
 #: (read from the optimiser state at every step, so it can be vmapped or changed without recompiling), or a
@@ -52,8 +51,13 @@ class SGDSpec:
         }
 
 
+def _is_inject_state(x) -> bool:
+    # optax.inject_hyperparams returns InjectStatefulHyperparamsState (optax >= 0.2.4), older InjectHyperparamsState
+    return isinstance(x, tuple) and hasattr(x, "hyperparams") and hasattr(x, "inner_state") and hasattr(x, "count")
+
+
 def _inject_states(opt_state) -> list:
-    is_inj = lambda x: isinstance(x, optax.InjectHyperparamsState)  # noqa: E731
+    is_inj = _is_inject_state
     return [x for x in jax.tree.leaves(opt_state, is_leaf=is_inj) if is_inj(x)]
 
 
@@ -87,7 +91,7 @@ def set_hyperparams(opt_state, **values):
         tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
         states = jax.vmap(lambda lr: set_hyperparams(tx.init(params), learning_rate=lr))(lrs)
     """
-    is_inj = lambda x: isinstance(x, optax.InjectHyperparamsState)  # noqa: E731
+    is_inj = _is_inject_state
     found = set()
 
     def fix(x):

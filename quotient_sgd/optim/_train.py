@@ -15,6 +15,9 @@ from ._trajectory import _find
 def _objective(loss_fn, has_aux, params, model_state, batch):
     """``(loss, (aux, new_model_state))`` whatever the user's convention."""
     if model_state is not None:
+        # Rebuild the state's containers at the current trace level: NNX forbids mutating a Variable created at
+        # an outer trace (the scan carry) from inside jax.grad, which merge-then-update patterns would do.
+        model_state = jax.tree.map(lambda a: a, model_state)
         loss, (aux, new_ms) = loss_fn(params, model_state, batch)
         return loss, (aux, new_ms)
     out = loss_fn(params, batch)

@@ -1,0 +1,134 @@
+"""train(): one jitted scan; vmap over hyperparameters; chunking; batch_fn; NNX state threading."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from quotient_sgd.optim import quotient_trajectory, set_hyperparams, train
+from quotient_sgd.symmetry import Product, Rescale
+
+
+def _init(key, sizes=(3, 6, 2)):
+    ks = jax.random.split(key, len(sizes))
+    return {f"l{i}": {"kernel": jax.random.normal(ks[i], (a, b)) / np.sqrt(a), "bias": jnp.zeros((b,))}
+            for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))}
+
+
+def _apply(p, x):
+    h = jax.nn.relu(x @ p["l0"]["kernel"] + p["l0"]["bias"][None, :])
+    return h @ p["l1"]["kernel"] + p["l1"]["bias"][None, :]
+
+
+def mse(p, batch):
+    x, y = batch
+    return jnp.mean(jnp.square(_apply(p, x) - y))
+
+
+GROUP = Product((Rescale(incoming=((("l0", "kernel"), 1), (("l0", "bias"), 0)), outgoing=((("l1", "kernel"), 0),),
+                         name="r0"),))
+X = jax.random.normal(jax.random.key(1), (64, 3))
+Y = jnp.stack([jnp.sin(X[:, 0]), X[:, 1] * X[:, 2]], axis=1)
+
+
+def batch_fn(step, key):
+    idx = jax.random.choice(key, 64, (16,), replace=False)
+    return X[idx], Y[idx]
+
+
+def test_vmap_over_learning_rates_equals_separate_runs():
+    lrs = jnp.linspace(0.01, 0.2, 8)
+    tx = quotient_trajectory(optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9), GROUP,
+                             observables=("loss", "grad_norm", "effective_lr"))
+    params = _init(jax.random.key(0))
+    states = jax.vmap(lambda lr: set_hyperparams(tx.init(params), learning_rate=lr))(lrs)
+    run = lambda s: train(mse, params, tx, batch_fn, num_steps=20, opt_state=s, donate=False)  # noqa: E731
+    pv, _, tv = jax.vmap(run)(states)
+    for i in range(8):
+        pi, _, ti = run(jax.tree.map(lambda a: a[i], states))
+        np.testing.assert_allclose(tv["loss"][i], ti["loss"], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(tv["effective_lr"]["r0"][i], ti["effective_lr"]["r0"], rtol=1e-4, atol=1e-7)
+        for a, b in zip(jax.tree.leaves(pv), jax.tree.leaves(pi)):
+            np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-6)
+    assert len({float(v) for v in tv["loss"][:, -1]}) == 8
+
+
+def test_chunked_equals_unchunked_and_stacked_data():
+    tx = quotient_trajectory(optax.sgd(0.05, momentum=0.9), GROUP, observables=("loss", "curvature", "charges"))
+    params = _init(jax.random.key(0))
+    p_full, s_full, t_full = train(mse, params, tx, batch_fn, num_steps=12, donate=False)
+    p, s, t1 = train(mse, params, tx, batch_fn, num_steps=5, donate=False)
+    p, s, t2 = train(mse, p, tx, batch_fn, num_steps=7, opt_state=s, start_step=5)  # donated
+    np.testing.assert_allclose(jnp.concatenate([t1["curvature"], t2["curvature"]]), t_full["curvature"],
+                               rtol=1e-5, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p_full)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    # stacked data = the same batches materialised
+    keys = jax.random.key(0)
+    stacked = jax.vmap(lambda i: batch_fn(i, jax.random.fold_in(keys, i)))(jnp.arange(12))
+    p_st, _, t_st = train(mse, params, tx, stacked, donate=False)
+    np.testing.assert_allclose(t_st["loss"], t_full["loss"], rtol=1e-6)
+
+
+def test_vmap_over_seeds_and_has_aux():
+    def loss_aux(p, batch):
+        out = _apply(p, batch[0])
+        return jnp.mean(jnp.square(out - batch[1])), jnp.mean(out)
+
+    params = jax.vmap(_init)(jax.random.split(jax.random.key(0), 3))
+    keys = jax.random.split(jax.random.key(1), 3)
+    _, _, traj = jax.vmap(lambda p, k: train(loss_aux, p, optax.sgd(0.05), batch_fn, num_steps=4, key=k,
+                                             has_aux=True, donate=False))(params, keys)
+    assert traj["loss"].shape == (3, 4) and traj["aux"].shape == (3, 4)
+
+
+class _BNModel(nnx.Module):
+    """Linear -> batch-statistics normalisation (running mean in a BatchStat) -> ReLU -> Linear."""
+
+    def __init__(self, rngs):
+        self.l0 = nnx.Linear(3, 6, rngs=rngs)
+        self.l1 = nnx.Linear(6, 2, rngs=rngs)
+        self.mean = nnx.BatchStat(jnp.zeros((6,)))
+
+    def __call__(self, x):
+        h = self.l0(x)
+        m = jnp.mean(h, axis=0)
+        self.mean.value = 0.9 * self.mean.value + 0.1 * m
+        return self.l1(jax.nn.relu(h - m[None, :]))
+
+
+def test_nnx_model_state_threaded():
+    model = _BNModel(nnx.Rngs(0))
+    graphdef, params, bstats = nnx.split(model, nnx.Param, nnx.BatchStat)
+
+    def loss_fn(p, ms, batch):
+        m = nnx.merge(graphdef, p, ms)
+        out = m(batch[0])
+        _, _, new_ms = nnx.split(m, nnx.Param, nnx.BatchStat)
+        return jnp.mean(jnp.square(out - batch[1])), (None, new_ms)
+
+    tx = optax.sgd(0.05)
+    p, s, ms, traj = train(loss_fn, params, tx, batch_fn, num_steps=6, model_state=bstats, donate=False)
+    # reference: a plain Python loop
+    pr, sr, msr = params, tx.init(params), bstats
+    key = jax.random.key(0)
+    for i in range(6):
+        batch = batch_fn(jnp.int32(i), jax.random.fold_in(key, i))
+        fresh = lambda p, ms, b: loss_fn(p, jax.tree.map(lambda a: a, ms), b)  # noqa: E731  (see train)
+        (l, (_, msr2)), g = jax.value_and_grad(fresh, has_aux=True)(pr, msr, batch)
+        u, sr = tx.update(g, sr, pr)
+        pr, msr = optax.apply_updates(pr, u), msr2
+        np.testing.assert_allclose(traj["loss"][i], l, rtol=1e-5)
+    np.testing.assert_allclose(ms["mean"].value, msr["mean"].value, rtol=1e-5, atol=1e-7)
+    assert float(jnp.max(jnp.abs(ms["mean"].value))) > 0
+
+
+def test_errors_are_clear():
+    with pytest.raises(ValueError, match="num_steps"):
+        train(mse, _init(jax.random.key(0)), optax.sgd(0.1), batch_fn)
+    tx = quotient_trajectory(optax.sgd(0.1), GROUP, hessian_every=2)
+    p = _init(jax.random.key(0))
+    with pytest.raises(ValueError, match="loss_fn"):
+        tx.update(p, tx.init(p), p)

@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from flax.errors import TraceContextError
 
 from quotient_sgd.models import CNN, MLP, DeepLinear, MeanField, Transformer
 from quotient_sgd.symmetry import Product, Rescale, Scale, SymmetryError, Translation, verify
@@ -42,12 +41,7 @@ CASES = (
        ("transformer-gelu", lambda: Transformer(7, 8, 2, 1, 5, rngs=nnx.Rngs(0), mlp_ratio=2, activation="gelu"),
         _tok())]
 )
-# verify() merges the non-Param state inside jax.jit from a closure, and BatchNorm's training-mode update of its
-# running statistics then raises flax's TraceContextError; until verify passes that state as a jit argument (or
-# merges with copy=True), the batch-norm cases are asserted by test_batchnorm_cnn_symmetries_threaded below.
-_VERIFY_BN = pytest.mark.xfail(raises=TraceContextError, strict=False,
-                               reason="symmetry.verify closes over BatchStat state inside jit")
-CASES = [pytest.param(*c, id=c[0], marks=[_VERIFY_BN] if "batch" in c[0] else []) for c in CASES]
+CASES = [pytest.param(*c, id=c[0]) for c in CASES]
 
 
 @pytest.mark.parametrize("name,make,x", CASES)

@@ -115,7 +115,7 @@ class GL(Group):
         k1, k2 = jax.random.split(key)
         s = jnp.exp(jnp.linspace(-1.5 * scale, 1.5 * scale, d, dtype=dt))
         U, V = _random_orthogonal(k1, batch, d, dt), _random_orthogonal(k2, batch, d, dt)
-        return (U * s) @ _mT(V)
+        return (U * jnp.reshape(s, (1,) * len(batch) + (1, d))) @ _mT(V)
 
     def _identity(self, flat):
         return jnp.broadcast_to(jnp.eye(self._d(flat), dtype=flat[self.left[0]].dtype),

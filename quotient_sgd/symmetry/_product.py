@@ -45,6 +45,36 @@ def _clusters(comps, pred) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(g) for g in sorted(groups.values()))
 
 
+def _gl_chain(comps):
+    """For a chain of head-free GL 'vo' actions (a deep linear stack ``W_1 W_2 ... W_L``), a function returning the
+    end-to-end product (the orbit invariant of the chain); ``None`` for any other cluster."""
+    from ._gl import GL
+
+    if not all(isinstance(c, GL) and c.kind == "vo" and c.left[1] is None for c in comps):
+        return None
+    lefts = {c.left[0]: c for c in comps}
+    rights = {c.right[0] for c in comps}
+    starts = [c for c in comps if c.left[0] not in rights]
+    if len(starts) != 1:
+        return None
+    order, c = [starts[0].left[0]], starts[0]
+    while True:
+        order.append(c.right[0])
+        if c.right[0] not in lefts:
+            break
+        c = lefts[c.right[0]]
+    if len(order) != len(comps) + 1:
+        return None
+
+    def product(flat):
+        m = flat[order[0]]
+        for p in order[1:]:
+            m = m @ flat[p]
+        return m
+
+    return product
+
+
 class Product(Group):
     """The product of component actions (a model's full symmetry group).
 
@@ -200,9 +230,11 @@ class Product(Group):
             vec, it, _ = carry
             grad = jax.grad(sqnorm)(vec)
             hess = jax.hessian(sqnorm)(vec)
-            w, U = jnp.linalg.eigh(hess)
+            # Jacobi-scaled pseudo-inverse: generators of very different norms stay resolvable in float32.
+            dg = jnp.sqrt(jnp.maximum(jnp.diagonal(hess), jnp.finfo(hess.dtype).tiny))
+            w, U = jnp.linalg.eigh(hess / dg[:, None] / dg[None, :])
             winv = jnp.where(w > jnp.finfo(w.dtype).eps * w.shape[0] * jnp.max(w), 1 / jnp.where(w > 0, w, 1), 0)
-            step = -(U @ (winv * (U.T @ grad)))
+            step = -(U @ (winv * (U.T @ (grad / dg)))) / dg
             norms = jax.vmap(lambda t: sqnorm(vec + t * step))(ts)
             # Near the minimum the decrease is below the float resolution of the norm, so the line search can no
             # longer rank the candidates: inside the quadratic-convergence region take the full Newton step.
@@ -213,16 +245,38 @@ class Product(Group):
             _, it, size = carry
             return (it < self.newton_iters) & (size > tol)
 
-        vec, _, _ = jax.lax.while_loop(cond, body, (vec0, jnp.asarray(0), jnp.asarray(jnp.inf, vec0.dtype)))
+        # Start from a few block-coordinate sweeps (each component's closed-form canonicalisation given the
+        # others; for these abelian actions the algebra coordinates are the element's log-factors / shifts).
+        xis = list(xi0)
+        for _ in range(4):
+            for j, c in enumerate(comps):
+                cur = apply(tuple(xis), flat)
+                xis[j] = jax.tree.map(jnp.add, xis[j], c._canonical_element(cur))
+        vec_init = ravel_pytree(tuple(xis))[0]
+        vec, _, _ = jax.lax.while_loop(cond, body, (vec_init, jnp.asarray(0), jnp.asarray(jnp.inf, vec0.dtype)))
         xis = unravel(vec)
         return Word(cl, tuple(c._exp(x) for c, x in zip(comps, xis)))
 
-    def _continuous_canonical(self, cl, flat) -> Word:
+    def _continuous_canonical(self, cont, flat) -> Word:
+        word = Word((), ())
+        sub = _clusters(self.components, lambda c: c.continuous)
+        for cl in sub:
+            if set(cl) <= set(cont):
+                word = self._compose(self._continuous_subcluster(cl, flat), word)
+        return word
+
+    def _continuous_subcluster(self, cl, flat) -> Word:
         comps = [self.components[i] for i in cl]
         if len(cl) == 1:
             return Word(cl, (comps[0]._canonical_element(flat),))
         if all(c.canonical_kind == "min_norm" and getattr(c, "abelian", True) for c in comps):
             return self._newton(cl, flat)
+        if any(getattr(c, "abelian", True) is False for c in comps):
+            raise SymmetryError(
+                f"canonicalize: components {[c.name for c in comps]} overlap and include a non-abelian action "
+                f"(e.g. a chain of GL actions on a deep linear stack); no canonical section is implemented for "
+                f"that case. Use the invariants (for a GL chain: the end-to-end product) instead."
+            )
         word = Word((), ())
         for _ in range(self.sweeps):
             for i in cl:
@@ -253,6 +307,11 @@ class Product(Group):
     def _invariants(self, flat):
         out = {}
         for cl in self.clusters():
+            chain = _gl_chain(tuple(self.components[i] for i in cl)) if len(cl) > 1 else None
+            if chain is not None:
+                prod = chain(flat)
+                out.update({self.components[i].name: prod for i in cl})
+                continue
             at = flat if len(cl) == 1 else self._act(self._cluster_canonical(cl, flat), flat)
             for i in cl:
                 out[self.components[i].name] = self.components[i]._invariants(at)

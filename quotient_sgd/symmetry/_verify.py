@@ -28,8 +28,13 @@ def verify(model, group: Group, x, key, *, num_samples: int = 4, scale: float = 
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     @jax.jit
+    def _f(p, r):
+        # the non-Param state (e.g. batch statistics a training-mode BatchNorm updates) is an argument, so the
+        # model is rebuilt inside the trace and nothing outside it is mutated
+        return nnx.merge(graphdef, p, r)(x)
+
     def f(p):
-        return nnx.merge(graphdef, p, rest)(x)
+        return _f(p, rest)
 
     y0 = f(params)
     ref = jnp.maximum(jnp.max(jnp.abs(y0)), jnp.finfo(y0.dtype).tiny)

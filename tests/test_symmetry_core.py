@@ -1,0 +1,257 @@
+"""Group actions on hand-written networks: the exact properties of THEORY sections 1-2."""
+
+from __future__ import annotations
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from quotient_sgd.symmetry import (
+    Permutation, Product, Rescale, SymmetryError, align, quotient_distance, vertical_generic,
+)
+from quotient_sgd import _tree
+
+from helpers import assert_tree_allclose, tree_dot, tree_norm
+from symmetry_cases import (
+    attention_apply, attention_group, attention_params, deep_linear_apply, deep_linear_group, deep_linear_params,
+    mlp_apply, mlp_group, mlp_params, normed_apply, normed_group, normed_params,
+)
+
+
+def _logprobs(p, x, activation="relu"):
+    return jax.nn.log_softmax(mlp_apply(p, x, activation), axis=-1)
+
+
+def _cases():
+    """(name, params_fn(key, dtype), apply(params, x), group, x_fn(key, dtype), classifier)."""
+    widths = (5, 7, 6, 3)
+    return {
+        "mlp": (lambda k, dt=jnp.float32: mlp_params(k, widths, dt), _logprobs, mlp_group(widths),
+                lambda k, dt=jnp.float32: jax.random.normal(k, (9, 5), dt)),
+        "attention": (lambda k, dt=jnp.float32: attention_params(k, dtype=dt), attention_apply, attention_group(),
+                      lambda k, dt=jnp.float32: jax.random.normal(k, (2, 4, 8), dt)),
+        "layernorm": (lambda k, dt=jnp.float32: normed_params(k, dtype=dt), normed_apply, normed_group(False),
+                      lambda k, dt=jnp.float32: jax.random.normal(k, (9, 5), dt)),
+        "batchnorm": (lambda k, dt=jnp.float32: normed_params(k, dtype=dt),
+                      lambda p, x: normed_apply(p, x, per_channel=True), normed_group(True),
+                      lambda k, dt=jnp.float32: jax.random.normal(k, (9, 5), dt)),
+        "deep_linear": (lambda k, dt=jnp.float32: deep_linear_params(k, (4, 5, 5, 3), dt), deep_linear_apply,
+                        deep_linear_group((4, 5, 5, 3)), lambda k, dt=jnp.float32: jax.random.normal(k, (9, 4), dt)),
+    }
+
+
+CASES = _cases()
+CANONICAL = ["mlp", "attention", "layernorm", "batchnorm"]
+
+
+def _rel(a, b):
+    return float(tree_norm(jax.tree.map(lambda x, y: x - y, a, b)) / tree_norm(b))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_action_preserves_function_and_group_law(name):
+    make, f, G, xs = CASES[name]
+    p, x = make(jax.random.key(0)), xs(jax.random.key(1))
+    g, h = G.sample(jax.random.key(2), p), G.sample(jax.random.key(3), p)
+    y0 = f(p, x)
+    gp = G.act(g, p)
+    assert float(jnp.max(jnp.abs(f(gp, x) - y0)) / jnp.max(jnp.abs(y0))) < 1e-5
+    assert _rel(gp, p) > 0.1  # the parameters really moved
+    assert_tree_allclose(G.act(G.inverse(g), gp), p, rtol=1e-4, atol=1e-5)
+    assert_tree_allclose(G.act(G.compose(g, h), p), G.act(g, G.act(h, p)), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_gradient_is_horizontal_per_example_and_batch(name):
+    make, f, G, xs = CASES[name]
+    p, x = make(jax.random.key(0)), xs(jax.random.key(1))
+    T = G.tangents(p)
+    k = jax.tree.leaves(T)[0].shape[0]
+    assert k > 0
+
+    def loss(p, x):
+        return jnp.sum(jnp.sin(f(p, x)))
+
+    grads = [jax.grad(loss)(p, x)] + [jax.grad(loss)(p, x[i:i + 1]) for i in range(3)]
+    tnorm = jnp.sqrt(sum(jnp.sum(jnp.square(t).reshape(k, -1), axis=1) for t in jax.tree.leaves(T)))
+    for gr in grads:
+        dots = sum(jnp.sum((t * g[None]).reshape(k, -1), axis=1) for t, g in zip(jax.tree.leaves(T), jax.tree.leaves(gr)))
+        bound = 1e-6 * tree_norm(gr) * tnorm
+        # float32 rounding of the dot products themselves: a few ulps of |grad| |v_i|
+        assert bool(jnp.all(jnp.abs(dots) <= jnp.maximum(bound, 2e-6 * tree_norm(gr) * tnorm))), (name, dots, bound)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_projections(name, x64):
+    make, f, G, xs = CASES[name]
+    p = make(jax.random.key(0), jnp.float64)
+    v = jax.tree.map(lambda a: jax.random.normal(jax.random.key(7), a.shape, a.dtype), p)
+    V, H = G.vertical(p, v), G.horizontal(p, v)
+    assert_tree_allclose(jax.tree.map(jnp.add, V, H), v, rtol=1e-12, atol=1e-12)
+    assert_tree_allclose(G.horizontal(p, H), H, rtol=1e-9, atol=1e-10)
+    assert_tree_allclose(G.vertical(p, V), V, rtol=1e-9, atol=1e-10)
+    T = G.tangents(p)
+    k = jax.tree.leaves(T)[0].shape[0]
+    for i in range(k):
+        ti = jax.tree.map(lambda t: t[i], T)
+        assert abs(float(tree_dot(ti, H))) <= 1e-9 * float(tree_norm(ti) * tree_norm(v))
+    assert_tree_allclose(V, vertical_generic(G, p, v), rtol=1e-8, atol=1e-10)
+    # the vertical part lies in the span of the tangents: it is orthogonal to every horizontal vector
+    w = jax.tree.map(lambda a: jax.random.normal(jax.random.key(8), a.shape, a.dtype), p)
+    assert abs(float(tree_dot(V, G.horizontal(p, w)))) <= 1e-9 * float(tree_norm(V) * tree_norm(w))
+
+
+@pytest.mark.parametrize("name", CANONICAL)
+def test_canonicalize(name):
+    make, f, G, xs = CASES[name]
+    p, x = make(jax.random.key(0)), xs(jax.random.key(1))
+    c = G.canonicalize(p)
+    assert_tree_allclose(G.canonicalize(c), c, rtol=1e-4, atol=1e-5)
+    y0 = f(p, x)
+    assert float(jnp.max(jnp.abs(f(c, x) - y0)) / jnp.max(jnp.abs(y0))) < 1e-5
+    for s in range(3):
+        g = G.sample(jax.random.key(10 + s), p)
+        assert _rel(G.canonicalize(G.act(g, p)), c) < 1e-4
+        assert_tree_allclose(G.invariants(G.act(g, p)), G.invariants(p), rtol=1e-4, atol=1e-5)
+
+
+def test_canonicalize_permutations_exactly():
+    make, f, G, xs = CASES["mlp"]
+    p = make(jax.random.key(0))
+    c = G.canonicalize(p)
+    g = G.sample_component(jax.random.key(1), p, "perm/0")
+    g = G.compose(G.sample_component(jax.random.key(2), p, "perm/1"), g)
+    cg = G.canonicalize(G.act(g, p))
+    assert all(bool(jnp.all(a == b)) for a, b in zip(jax.tree.leaves(cg), jax.tree.leaves(c)))
+
+
+def test_charges_vanish_at_balanced_point():
+    make, f, G, xs = CASES["mlp"]
+    c = G.canonicalize(make(jax.random.key(0)))
+    for name in ("rescale/0", "rescale/1"):
+        assert float(jnp.max(jnp.abs(G.charges(c)[name]))) < 1e-5
+
+
+def test_sgd_step_breaks_charges_by_the_exact_amount(x64):
+    """THEORY section 2: Q+ = (1 - eta lam)^2 Q + 1/2 eta^2 (|g_in|^2 - |g_out|^2) = (1-eta lam)^2 Q + eta^2 Q(g);
+    the linear translation charge S+ = (1 - eta lam) S."""
+    make, f, G, xs = CASES["mlp"]
+    p, x = make(jax.random.key(0), jnp.float64), xs(jax.random.key(1), jnp.float64)
+    labels = jnp.arange(x.shape[0]) % 3
+
+    def loss(p):
+        return -jnp.mean(jnp.take_along_axis(f(p, x), labels[:, None], axis=1))
+
+    eta, lam = 0.7, 0.05
+    g = jax.grad(loss)(p)
+    new = jax.tree.map(lambda a, b: (1 - eta * lam) * a - eta * b, p, g)
+    Q, Qg, Qn = G.charges(p), G.charges(g), G.charges(new)
+    for name in ("rescale/0", "rescale/1"):
+        pred = (1 - eta * lam) ** 2 * Q[name] + eta**2 * Qg[name]
+        np.testing.assert_allclose(Qn[name], pred, rtol=1e-10, atol=1e-12)
+        assert float(jnp.max(jnp.abs(Qn[name] - Q[name]))) > 1e-4  # really broken
+    for k in ("kernel", "bias"):
+        np.testing.assert_allclose(Qn["translation"][k], (1 - eta * lam) * Q["translation"][k], rtol=1e-10, atol=1e-12)
+
+
+def test_charges_conserved_by_gradient_flow(x64):
+    # identity activation: rescale is still a symmetry, and the flow is smooth (ReLU kinks would stall a
+    # tight-tolerance adaptive solver without changing the conservation law)
+    make, _, G, xs = CASES["mlp"]
+    p, x = make(jax.random.key(0), jnp.float64), xs(jax.random.key(1), jnp.float64)
+    y = jnp.sin(x[:, :3])
+
+    def loss(p):
+        return 0.5 * jnp.mean(jnp.square(jnp.tanh(mlp_apply(p, x, "identity")) - y))
+
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(lambda t, p, args: jax.tree.map(jnp.negative, jax.grad(loss)(p))),
+        diffrax.Dopri8(), t0=0.0, t1=1.0, dt0=0.01, y0=p,
+        stepsize_controller=diffrax.PIDController(rtol=1e-12, atol=1e-12), max_steps=100_000,
+    )
+    p1 = jax.tree.map(lambda a: a[-1], sol.ys)
+    assert float(loss(p1)) < 0.9 * float(loss(p))  # it trained
+    Q0, Q1 = G.charges(p), G.charges(p1)
+    for name in ("rescale/0", "rescale/1"):
+        scale = float(jnp.max(jnp.abs(Q0[name])) + jnp.max(jnp.abs(G.invariants(p)[name])))
+        assert float(jnp.max(jnp.abs(Q1[name] - Q0[name]))) <= 1e-6 * scale
+
+
+def test_deep_linear_invariant_is_end_to_end_product():
+    make, f, G, xs = CASES["deep_linear"]
+    p = make(jax.random.key(0))
+    g = G.sample(jax.random.key(1), p)
+    inv, inv_g = G.invariants(p), G.invariants(G.act(g, p))
+    assert_tree_allclose(inv_g, inv, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(inv["gl/0"], f(p, jnp.eye(4)), rtol=1e-5, atol=1e-6)
+    with pytest.raises(SymmetryError, match="non-abelian"):
+        G.canonicalize(p)
+
+
+@pytest.mark.parametrize("name", ["mlp", "attention"])
+def test_align_and_quotient_distance(name):
+    make, f, G, xs = CASES[name]
+    a = make(jax.random.key(0))
+    g = G.sample(jax.random.key(1), a)
+    ga = G.act(g, a)
+    raw = float(tree_norm(jax.tree.map(jnp.subtract, a, ga)))
+    assert raw > 0.5
+    assert float(quotient_distance(G, a, ga)) < 1e-4 * float(tree_norm(a))
+    assert _rel(align(G, a, ga), a) < 1e-4
+    b = make(jax.random.key(5))
+    dab, dba = float(quotient_distance(G, a, b)), float(quotient_distance(G, b, a))
+    assert dab == pytest.approx(dba, rel=1e-5)
+    assert dab <= float(tree_norm(jax.tree.map(jnp.subtract, a, b))) * (1 + 1e-6)
+    assert dab > 1e-2
+
+
+def test_errors_name_the_problem():
+    p = mlp_params(jax.random.key(0), (5, 7, 3))
+    bad = Rescale(incoming=((("layers", 0, "kernel"), -1),), outgoing=((("layers", 9, "kernel"), 0),), name="r")
+    with pytest.raises(SymmetryError, match=r"layers', 9"):
+        bad.charges(p)
+    mismatched = Rescale(incoming=((("layers", 0, "kernel"), -1),), outgoing=((("layers", 1, "kernel"), 1),), name="r")
+    with pytest.raises(SymmetryError, match="number of units"):
+        mismatched.charges(p)
+    with pytest.raises(SymmetryError, match="unique"):
+        Product([Permutation(members=((("layers", 0, "bias"), 0),), name="x"),
+                 Permutation(members=((("layers", 0, "bias"), 0),), name="x")])
+
+
+def test_jit_and_vmap_over_group_elements():
+    make, f, G, xs = CASES["mlp"]
+    p, x = make(jax.random.key(0)), xs(jax.random.key(1))
+    gs = jax.vmap(lambda k: G.sample(k, p))(jax.random.split(jax.random.key(2), 5))
+    ys = jax.vmap(lambda g: f(G.act(g, p), x))(gs)
+    np.testing.assert_allclose(ys, jnp.broadcast_to(f(p, x), ys.shape), rtol=1e-4, atol=1e-5)
+    cs = jax.jit(jax.vmap(lambda g: G.canonicalize(G.act(g, p))))(gs)
+    c = G.canonicalize(p)
+    for i in range(5):
+        assert _rel(jax.tree.map(lambda a: a[i], cs), c) < 1e-4
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    widths=st.lists(st.integers(2, 6), min_size=1, max_size=3),
+    activation=st.sampled_from(["relu", "leaky_relu", "identity"]),
+    seed=st.integers(0, 2**16),
+    scale=st.floats(0.2, 1.0),
+)
+def test_property_mlp_group(widths, activation, seed, scale):
+    ws = (3, *widths, 2)
+    G = mlp_group(ws)
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    p, x = mlp_params(k1, ws), jax.random.normal(k2, (6, 3))
+    g = G.sample(k3, p, scale=scale)
+    gp = G.act(g, p)
+    y0 = _logprobs(p, x, activation)
+    assert float(jnp.max(jnp.abs(_logprobs(gp, x, activation) - y0))) <= 1e-4 * float(jnp.max(jnp.abs(y0)))
+    v = jax.tree.map(lambda a: jax.random.normal(k3, a.shape), p)
+    H = G.horizontal(gp, v)
+    assert_tree_allclose(G.horizontal(gp, H), H, rtol=1e-3, atol=1e-4)
+    assert _rel(G.canonicalize(gp), G.canonicalize(p)) < 1e-3
+    assert_tree_allclose(G.invariants(gp), G.invariants(p), rtol=1e-3, atol=1e-4)

@@ -48,9 +48,21 @@ def parse_overrides(argv=None) -> dict[str, str]:
     return out
 
 
-def load_config(module, argv=None):
+def config_module(name: str):
+    """The module ``configs/<name>.py`` (loaded by path: the experiment scripts share the config names)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", name + ".py")
+    spec = importlib.util.spec_from_file_location(f"qsgd_configs_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def load_config(name: str, argv=None):
     """``configs/<name>.py``'s ``get_config(scale)`` with ``key=value`` overrides applied (typed as the
     default)."""
+    module = config_module(name)
     ov = parse_overrides(argv)
     cfg = module.get_config(ov.pop("scale", "cpu"))
     for k, v in ov.items():

@@ -15,7 +15,6 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -106,9 +105,7 @@ def figure(outs, path):
 
 
 def main(argv=None):
-    import catapult as cfgmod  # configs/catapult.py
-
-    cfg = C.load_config(cfgmod, argv)
+    cfg = C.load_config("catapult", argv)
     outs = {f"eta*lambda0={e}": run(cfg, e) for e in (1.5, cfg.eta_lambda0)}
     rows = []
     for name, out in outs.items():

@@ -16,7 +16,6 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -123,9 +122,7 @@ def figure(out, path):
 
 
 def main(argv=None):
-    import edge_of_stability as cfgmod  # configs/edge_of_stability.py
-
-    cfg = C.load_config(cfgmod, argv)
+    cfg = C.load_config("edge_of_stability", argv)
     out = run(cfg)
     rows = summarise(out)
     d = C.save("edge_of_stability", out["runs"]["balanced"]["traj"], out["runs"]["balanced"]["events"] +

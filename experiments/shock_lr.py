@@ -1,0 +1,87 @@
+"""Experiment 6: shock-aware learning rate (:func:`quotient_sgd.diagnostics.shock_aware_lr`) versus constant
+and cosine schedules at equal step budget, on the catapult setting (wide two-layer ReLU net, full-batch GD,
+base lr = 3 / lambda0).  Reported: final loss, number of loss spikes (``loss_spike`` detector), wall time.
+
+    python experiments/shock_lr.py [scale=paper]
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import _common as C  # noqa: E402
+import catapult as exp2  # noqa: E402  (experiments/catapult.py is found first on sys.path)
+from quotient_sgd.diagnostics import detect, shock_aware_lr  # noqa: E402
+from quotient_sgd.optim import train  # noqa: E402
+
+
+def optimisers(cfg, lr):
+    n = cfg.num_steps
+    return {
+        "constant": optax.sgd(lr),
+        "cosine": optax.sgd(optax.cosine_decay_schedule(lr, n)),
+        "shock-aware cap": shock_aware_lr(optax.sgd(lr), fold_target=cfg.fold_target, policy="cap",
+                                          init_scale=cfg.init_scale),
+        "shock-aware track": shock_aware_lr(optax.sgd(lr), fold_target=cfg.track_target, policy="track",
+                                            max_scale=cfg.max_scale, init_scale=cfg.init_scale),
+    }
+
+
+def run_one(cfg, seed):
+    pc = cfg.problem.copy_and_resolve_references()
+    pc.seed = seed
+    graphdef, params, group, batch, loss, lam0 = exp2.setup(pc)
+    lr = cfg.eta_lambda0 / lam0
+    data = functools.partial(C._const_batch, batch)
+    rows = []
+    for name, tx in optimisers(cfg, lr).items():
+        train(loss, params, tx, data, num_steps=cfg.num_steps, donate=False)  # compile
+        t0 = time.perf_counter()
+        _, _, traj = train(loss, params, tx, data, num_steps=cfg.num_steps, donate=False)
+        l = np.asarray(jax.block_until_ready(traj["loss"]))
+        wall = time.perf_counter() - t0
+        spikes = [e for e in detect({"loss": l}, kinds=["loss_spike"], spike_factor=cfg.spike_factor)]
+        rows.append({"seed": seed, "schedule": name, "final loss": float(l[-1]), "max loss / initial": float(
+            np.nanmax(l) / l[0]), "loss spikes": len(spikes), "wall_s": wall, "loss": l})
+    return rows
+
+
+def run(cfg):
+    return [r for s in cfg.seeds for r in run_one(cfg, s)]
+
+
+def figure(rows, path):
+    plt = C.plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        if r["seed"] == rows[0]["seed"]:
+            ax.semilogy(r["loss"], label=r["schedule"])
+    ax.set(xlabel="step", ylabel="loss", title="catapult setting, base lr = 3 / lambda0")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    cfg = C.load_config("shock_lr", argv)
+    rows = run(cfg)
+    table = [{k: v for k, v in r.items() if k != "loss"} for r in rows]
+    d = C.save("shock_lr", {"loss_" + r["schedule"].replace(" ", "_") + f"_{r['seed']}": r["loss"] for r in rows},
+               [], table)
+    figure(rows, os.path.join(d, "shock_lr.png"))
+    print(C.markdown_table(table))
+    print("written to", d)
+
+
+if __name__ == "__main__":
+    main()

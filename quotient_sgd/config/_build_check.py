@@ -1,0 +1,37 @@
+"""The symmetry component names a configured model declares, found without computing anything."""
+
+from __future__ import annotations
+
+import functools
+
+from ._settings import Settings
+
+
+def input_spec(s: Settings) -> tuple[tuple[int, ...], int, bool]:
+    """``(input shape without batch, output dim, tokens?)`` of the configured data, by arithmetic."""
+    d = s.data
+    if d.name == "teacher_student":
+        return (d.din,), d.dout, False
+    if d.name == "sparse_parity":
+        return (d.n_bits,), 2, False
+    if d.name == "modular_arithmetic":
+        if s.model.name == "transformer":
+            return (3,), d.p, True
+        return (2 * d.p,), d.p, False
+    return ((8, 8, 1) if s.model.name == "cnn" else (64,)), 10, False
+
+
+@functools.lru_cache(maxsize=64)
+def _names(model_settings, data_settings) -> tuple[str, ...]:
+    from flax import nnx
+
+    from ..runner._build import make_model
+
+    s = Settings(model=model_settings, data=data_settings)
+    model = nnx.eval_shape(lambda: make_model(s, nnx.Rngs(0)))
+    return tuple(c.name for c in model.symmetries().components)
+
+
+def component_names(s: Settings) -> list[str]:
+    """Names of the symmetry components the configured model declares (built abstractly: ``nnx.eval_shape``)."""
+    return list(_names(s.model, s.data))

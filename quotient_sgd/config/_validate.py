@@ -1,0 +1,293 @@
+"""Validation of a config, once, on load: ``ConfigDict -> Settings`` or a :class:`ConfigError` naming the key,
+the offending value and what is allowed.  Nothing is computed or written before this passes."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import math
+import os
+from typing import Any, Mapping
+
+from ._settings import (
+    DATASETS,
+    MODELS,
+    OPTIMIZERS,
+    SECTIONS,
+    SWEEP_AXES,
+    SWEEP_MODES,
+    SYMMETRY_MODES,
+    DataSettings,
+    ModelSettings,
+    Settings,
+)
+
+#: Element types of the tuple-valued fields.
+_ELEMENT_TYPES = {
+    "model.hidden": int, "model.channels": int, "symmetry.components": str, "observables.names": str,
+    "sweep.seed": int, "sweep.lr": float, "sweep.batch_size": int, "sweep.weight_decay": float,
+    "sweep.momentum": float, "sweep.init_gauge": float,
+}
+
+
+class ConfigError(ValueError):
+    """A config key has an unknown name, a wrong type or an out-of-range value."""
+
+
+def _err(key: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"config.{key} = {value!r}: {allowed}")
+
+
+def _to_plain(cfg) -> dict:
+    if hasattr(cfg, "to_dict"):
+        cfg = cfg.to_dict()
+    return dict(cfg)
+
+
+def _typed(key: str, value: Any, default: Any) -> Any:
+    """``value`` coerced to the type of ``default`` (int -> float allowed), or a ConfigError."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        raise _err(key, value, f"expected a bool (True/False), got {type(value).__name__}")
+    if isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise _err(key, value, f"expected an int, got {type(value).__name__}")
+    if isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _err(key, value, f"expected a float, got {type(value).__name__}")
+    if isinstance(default, str):
+        if isinstance(value, str):
+            return value
+        raise _err(key, value, f"expected a string, got {type(value).__name__}")
+    if isinstance(default, tuple):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise _err(key, value, f"expected a tuple/list, got {type(value).__name__}")
+        et = _ELEMENT_TYPES.get(key)
+        if et is None:
+            return tuple(value)
+        return tuple(_typed(f"{key}[{i}]", v, et(0) if et is not str else "") for i, v in enumerate(value))
+    raise TypeError(f"schema field {key} has an unsupported default {default!r}")
+
+
+def _section(name: str, cls, values: Mapping[str, Any]):
+    if not isinstance(values, Mapping):
+        raise _err(name, values, f"expected a section (ConfigDict) with keys {[f.name for f in dataclasses.fields(cls)]}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in values.items():
+        if k not in fields:
+            close = difflib.get_close_matches(k, list(fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"config.{name}.{k}: unknown key{hint}; allowed keys of config.{name}: "
+                              f"{sorted(fields)}")
+        kwargs[k] = _typed(f"{name}.{k}", v, fields[k].default)
+    return cls(**kwargs)
+
+
+def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise _err(key, value, allowed)
+
+
+def train_size(d: DataSettings) -> int:
+    """The number of training examples ``d`` describes (arithmetic only: no data is built)."""
+    if d.name in ("teacher_student", "sparse_parity"):
+        return d.n_train
+    if d.name == "modular_arithmetic":
+        return int(round(d.train_fraction * d.p * d.p))
+    n = 1797
+    return n - int(round(d.test_fraction * n))
+
+
+def _check_data(d: DataSettings) -> None:
+    _check(d.name in DATASETS, "data.name", d.name, f"allowed: {list(DATASETS)}")
+    _check(d.batch_size >= 0, "data.batch_size", d.batch_size, "must be >= 1, or 0 for full batch")
+    if d.name == "teacher_student":
+        for k in ("n_train", "n_test", "din", "dout", "teacher_hidden"):
+            _check(getattr(d, k) >= 1, f"data.{k}", getattr(d, k), "must be >= 1")
+        _check(d.noise >= 0, "data.noise", d.noise, "must be >= 0")
+    if d.name == "sparse_parity":
+        for k in ("n_train", "n_test", "n_bits"):
+            _check(getattr(d, k) >= 1, f"data.{k}", getattr(d, k), "must be >= 1")
+        _check(1 <= d.k <= d.n_bits, "data.k", d.k, f"must satisfy 1 <= k <= data.n_bits = {d.n_bits}")
+    if d.name == "modular_arithmetic":
+        _check(d.p >= 2, "data.p", d.p, "must be >= 2")
+        _check(0 < d.train_fraction < 1, "data.train_fraction", d.train_fraction, "must be in (0, 1)")
+    if d.name == "digits":
+        _check(0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction, "must be in (0, 1)")
+    n = train_size(d)
+    _check(d.batch_size <= n, "data.batch_size", d.batch_size,
+           f"larger than the training set ({n} examples of {d.name!r}); use <= {n}, or 0 for full batch")
+
+
+def _check_model(m: ModelSettings, d: DataSettings) -> None:
+    from ..models import ACTIVATIONS
+
+    _check(m.name in MODELS, "model.name", m.name, f"allowed: {list(MODELS)}")
+    _check(m.activation in ACTIVATIONS, "model.activation", m.activation, f"allowed: {sorted(ACTIVATIONS)}")
+    if m.name in ("mlp", "deep_linear"):
+        _check(all(h >= 1 for h in m.hidden), "model.hidden", m.hidden, "widths must be >= 1")
+    if m.name == "cnn":
+        _check(d.name == "digits", "model.name", m.name, f"a CNN needs image data: data.name='digits', got {d.name!r}")
+        _check(len(m.channels) >= 1 and all(c >= 1 for c in m.channels), "model.channels", m.channels,
+               "at least one conv layer, widths >= 1")
+        _check(m.kernel_size >= 1, "model.kernel_size", m.kernel_size, "must be >= 1")
+        _check(m.norm in ("none", "layer"), "model.norm", m.norm,
+               "allowed: ['none', 'layer'] (batch statistics are not carried by the runner)")
+    if m.name == "transformer":
+        _check(d.name == "modular_arithmetic", "model.name", m.name,
+               f"a Transformer reads token sequences: data.name='modular_arithmetic', got {d.name!r}")
+        for k in ("d_model", "num_heads", "num_layers", "mlp_ratio"):
+            _check(getattr(m, k) >= 1, f"model.{k}", getattr(m, k), "must be >= 1")
+        _check(m.d_model % m.num_heads == 0, "model.num_heads", m.num_heads,
+               f"must divide model.d_model = {m.d_model}")
+    if m.name == "meanfield":
+        _check(m.width >= 1, "model.width", m.width, "must be >= 1")
+
+
+def _check_symmetry(s: Settings) -> None:
+    from ..optim import DEFAULT_OBSERVABLES
+    from ._build_check import component_names
+
+    sym, ob = s.symmetry, s.observables
+    _check(sym.mode in SYMMETRY_MODES, "symmetry.mode", sym.mode, f"allowed: {list(SYMMETRY_MODES)}")
+    _check(sym.gauge_fix_every >= 1, "symmetry.gauge_fix_every", sym.gauge_fix_every, "must be >= 1")
+    names = component_names(s)
+    kinds = sorted({n.split("/")[0] for n in names})
+    for c in sym.components:
+        ok = c == "all" or c in names or c in kinds
+        _check(ok, "symmetry.components", sym.components,
+               f"{c!r} is not a symmetry of this {s.model.name} (activation {s.model.activation!r}); it has the "
+               f"kinds {kinds} and the components {names}; use 'all', a kind or a component name")
+    if not sym.enabled:
+        _check(sym.mode == "observe", "symmetry.mode", sym.mode, "needs symmetry.enabled=True")
+    bad = [n for n in ob.names if n not in DEFAULT_OBSERVABLES]
+    _check(not bad, "observables.names", ob.names, f"unknown {bad}; allowed: {list(DEFAULT_OBSERVABLES)}")
+    for k in ("every", "hessian_k", "lanczos_steps"):
+        _check(getattr(ob, k) >= 1, f"observables.{k}", getattr(ob, k), "must be >= 1")
+    for k in ("hessian_every", "noise_every"):
+        _check(getattr(ob, k) >= 0, f"observables.{k}", getattr(ob, k), "must be >= 0 (0: off)")
+    _check(ob.noise_every == 0 or ob.per_example_grads, "observables.noise_every", ob.noise_every,
+           "the gradient-noise temperature needs per-example gradients: set observables.per_example_grads=True "
+           "or observables.noise_every=0")
+    _check(ob.noise_every == 0 or sym.enabled, "observables.noise_every", ob.noise_every,
+           "needs symmetry.enabled=True (the noise is measured on the horizontal space)")
+    _check(ob.hessian_every == 0 or sym.enabled, "observables.hessian_every", ob.hessian_every,
+           "needs symmetry.enabled=True")
+    _check(s.init_gauge >= 0, "init_gauge", s.init_gauge, "must be >= 0 (0: no re-gauging)")
+    _check(s.init_gauge == 0 or sym.enabled, "init_gauge", s.init_gauge, "needs symmetry.enabled=True")
+
+
+def _check_optim(s: Settings) -> None:
+    o = s.optim
+    _check(o.name in OPTIMIZERS, "optim.name", o.name, f"allowed: {list(OPTIMIZERS)}")
+    _check(o.lr > 0 and math.isfinite(o.lr), "optim.lr", o.lr, "must be a finite number > 0")
+    _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    _check(o.clip_norm >= 0, "optim.clip_norm", o.clip_norm, "must be >= 0 (0: no clipping)")
+    _check(0 <= o.b1 < 1, "optim.b1", o.b1, "must be in [0, 1)")
+    _check(0 <= o.b2 < 1, "optim.b2", o.b2, "must be in [0, 1)")
+    _check(o.eps > 0, "optim.eps", o.eps, "must be > 0")
+    _check(o.name != "adam" or o.weight_decay == 0, "optim.weight_decay", o.weight_decay,
+           "optim.name='adam' has no weight decay; use optim.name='adamw'")
+    _check(o.name != "adam" or not s.sweep.weight_decay, "sweep.weight_decay", s.sweep.weight_decay,
+           "optim.name='adam' has no weight decay; use optim.name='adamw'")
+    _check(o.name == "sgd" or o.momentum == 0, "optim.momentum", o.momentum,
+           f"only for optim.name='sgd' ({o.name!r} has b1/b2)")
+
+
+def _check_sweep(s: Settings) -> None:
+    sw = s.sweep
+    _check(sw.mode in SWEEP_MODES, "sweep.mode", sw.mode, f"allowed: {list(SWEEP_MODES)}")
+    _check(sw.members_per_device >= 0, "sweep.members_per_device", sw.members_per_device,
+           "must be >= 0 (0: chosen from the measured cost)")
+    axes = sw.axes()
+    if sw.mode == "zip" and axes:
+        lens = {a: len(v) for a, v in axes.items()}
+        _check(len(set(lens.values())) == 1, "sweep.mode", sw.mode, f"zip needs equally long lists, got {lens}")
+    n = train_size(s.data)
+    for v in sw.lr:
+        _check(v > 0 and math.isfinite(v), "sweep.lr", sw.lr, "every value must be a finite number > 0")
+    for v in sw.batch_size:
+        _check(1 <= v <= n, "sweep.batch_size", sw.batch_size,
+               f"every value must be in [1, {n}] (the training set of {s.data.name!r})")
+    _check(not sw.batch_size or s.data.batch_size > 0, "sweep.batch_size", sw.batch_size,
+           "cannot sweep the batch size of a full-batch run (data.batch_size=0)")
+    for v in sw.weight_decay:
+        _check(v >= 0, "sweep.weight_decay", sw.weight_decay, "every value must be >= 0")
+    for v in sw.momentum:
+        _check(0 <= v < 1, "sweep.momentum", sw.momentum, "every value must be in [0, 1)")
+    _check(not sw.momentum or s.optim.name == "sgd", "sweep.momentum", sw.momentum, "only for optim.name='sgd'")
+    for v in sw.init_gauge:
+        _check(v >= 0, "sweep.init_gauge", sw.init_gauge, "every value must be >= 0")
+    _check(not sw.init_gauge or s.symmetry.enabled, "sweep.init_gauge", sw.init_gauge, "needs symmetry.enabled")
+
+
+def validate(cfg: Mapping[str, Any] | Any) -> Settings:
+    """``ConfigDict`` (or nested dict) -> :class:`Settings`, or :class:`ConfigError` naming the key, the value
+    and what is allowed.  Pure: nothing is computed on device and nothing is written."""
+    values = _to_plain(cfg)
+    top = {f.name: f for f in dataclasses.fields(Settings)}
+    kwargs: dict[str, Any] = {}
+    for k, v in values.items():
+        if k not in top:
+            close = difflib.get_close_matches(k, list(top), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"config.{k}: unknown key{hint}; allowed top-level keys: {sorted(top)}")
+        if k in SECTIONS:
+            kwargs[k] = _section(k, SECTIONS[k], v)
+        else:
+            kwargs[k] = _typed(k, v, top[k].default)
+    s = Settings(**kwargs)
+    _check(bool(s.name) and "/" not in s.name, "name", s.name, "a non-empty run name without '/'")
+    _check(s.steps >= 1, "steps", s.steps, "must be >= 1")
+    _check(s.checkpoint.every >= 1, "checkpoint.every", s.checkpoint.every, "must be >= 1")
+    _check(s.checkpoint.keep >= 1, "checkpoint.keep", s.checkpoint.keep, "must be >= 1")
+    _check(s.logging.every >= 1, "logging.every", s.logging.every, "must be >= 1")
+    _check_data(s.data)
+    _check_model(s.model, s.data)
+    _check_optim(s)
+    _check_symmetry(s)
+    _check_sweep(s)
+    return s
+
+
+def from_dict(d: Mapping[str, Any]) -> Settings:
+    """Re-validate a resolved ``config.json``."""
+    return validate(d)
+
+
+def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None):
+    """Import ``path`` (a ``configs/<name>.py`` with ``get_config()``), apply ``{"optim.lr": 0.05}``-style
+    overrides, and return the ConfigDict (validate it with :func:`validate`)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    spec = importlib.util.spec_from_file_location(f"_qsgd_config_{abs(hash(path))}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    if not hasattr(mod, "get_config"):
+        raise ConfigError(f"config file {path!r} defines no get_config()")
+    cfg = mod.get_config()
+    for key, value in (overrides or {}).items():
+        node = cfg
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if p not in node:
+                raise ConfigError(f"config.{key}: unknown section {p!r}")
+            node = node[p]
+        if parts[-1] not in node:
+            raise ConfigError(f"config.{key}: unknown key; allowed keys: {sorted(node.keys())}")
+        node[parts[-1]] = value
+    return cfg
+
+
+def quickstart_path() -> str:
+    """The default config shipped inside the package (``quotient-sgd run`` with no ``--config``)."""
+    return os.path.join(os.path.dirname(__file__), "quickstart.py")

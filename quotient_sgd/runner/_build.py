@@ -1,0 +1,207 @@
+"""Settings -> (model, symmetry group, data, loss, optimiser chain): everything a run needs, built once."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from .. import data as qdata
+from ..config import Settings
+
+
+def make_model(s: Settings, rngs: nnx.Rngs) -> nnx.Module:
+    """The configured model (``model.name``), sized from the configured data."""
+    from .. import models
+    from ..config._build_check import input_spec
+
+    m = s.model
+    shape, dout, _ = input_spec(s)
+    classification = s.data.name != "teacher_student"
+    din = math.prod(shape)
+    if m.name == "mlp":
+        return models.MLP(din, tuple(m.hidden), dout, activation=m.activation, classifier=classification, rngs=rngs)
+    if m.name == "deep_linear":
+        return models.DeepLinear(din, tuple(m.hidden), dout, rngs=rngs)
+    if m.name == "meanfield":
+        return models.MeanField(din, m.width, dout, activation=m.activation, rngs=rngs)
+    if m.name == "cnn":
+        return models.CNN(shape[-1], tuple(m.channels), dout, kernel_size=m.kernel_size,
+                          norm=None if m.norm == "none" else m.norm, activation=m.activation, classifier=True,
+                          rngs=rngs)
+    if m.name == "transformer":
+        return models.Transformer(s.data.p + 1, m.d_model, m.num_heads, m.num_layers, shape[0], rngs=rngs,
+                                  mlp_ratio=m.mlp_ratio, activation=m.activation, classifier=True)
+    raise ValueError(f"config.model.name = {m.name!r}: unknown model")
+
+
+def make_dataset(s: Settings) -> qdata.Dataset:
+    """The configured data set (deterministic in ``data.seed``)."""
+    d = s.data
+    if d.name == "teacher_student":
+        return qdata.teacher_student(seed=d.seed, n_train=d.n_train, n_test=d.n_test, din=d.din, dout=d.dout,
+                                     teacher_hidden=d.teacher_hidden, noise=d.noise)
+    if d.name == "modular_arithmetic":
+        enc = "tokens" if s.model.name == "transformer" else "onehot"
+        return qdata.modular_arithmetic(seed=d.seed, p=d.p, train_fraction=d.train_fraction, encoding=enc)
+    if d.name == "sparse_parity":
+        return qdata.sparse_parity(seed=d.seed, n_bits=d.n_bits, k=d.k, n_train=d.n_train, n_test=d.n_test)
+    return qdata.digits(seed=d.seed, test_fraction=d.test_fraction, layout="image" if s.model.name == "cnn" else "flat")
+
+
+# ---- losses: module-level functions, bound with functools.partial (hashable, so train() caches them) --------
+def _outputs(graphdef, params, x, last_token: bool):
+    model = nnx.merge(graphdef, params)
+    out = model(x)
+    return out[:, -1, :] if last_token else out
+
+
+def example_losses(params, batch, *, graphdef, task: str, last_token: bool):
+    """Per-example losses ``(B,)``: cross-entropy (classification) or squared error summed over outputs / 2."""
+    out = _outputs(graphdef, params, batch["x"], last_token)
+    if task == "classification":
+        return optax.softmax_cross_entropy_with_integer_labels(out, batch["y"])
+    return 0.5 * jnp.sum(jnp.square(out - batch["y"]), axis=-1)
+
+
+def batch_loss(params, batch, *, graphdef, task: str, last_token: bool):
+    """``sum(w * l) / sum(w)`` over the batch (``w``: padding mask of a batch-size sweep)."""
+    l = example_losses(params, batch, graphdef=graphdef, task=task, last_token=last_token)
+    w = batch["w"].astype(l.dtype)
+    return jnp.sum(w * l) / jnp.sum(w)
+
+
+def evaluate(params, batch, *, graphdef, task: str, last_token: bool) -> dict:
+    """Loss (and accuracy for classification) on a whole split."""
+    out = _outputs(graphdef, params, batch["x"], last_token)
+    if task == "classification":
+        loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(out, batch["y"]))
+        acc = jnp.mean((jnp.argmax(out, axis=-1) == batch["y"]).astype(jnp.float32))
+        return {"loss": loss, "accuracy": acc}
+    return {"loss": jnp.mean(0.5 * jnp.sum(jnp.square(out - batch["y"]), axis=-1))}
+
+
+# ---- optimiser ------------------------------------------------------------------------------------------------
+def _sgd(learning_rate, momentum, weight_decay, nesterov=False, clip_norm=0.0):
+    parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm > 0 else []
+    parts += [optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov)]
+    return optax.chain(*parts)
+
+
+def _adam(learning_rate, weight_decay, b1=0.9, b2=0.999, eps=1e-8, clip_norm=0.0, decoupled=True):
+    parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm > 0 else []
+    if decoupled:
+        parts.append(optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+    else:
+        parts.append(optax.adam(learning_rate, b1=b1, b2=b2, eps=eps))
+    return optax.chain(*parts)
+
+
+def make_inner_optimizer(s: Settings) -> optax.GradientTransformation:
+    """The optimiser with ``learning_rate``, ``weight_decay`` (and ``momentum`` for SGD) injected
+    (``optax.inject_hyperparams``): a sweep sets them per member in the state, without recompiling."""
+    o = s.optim
+    if o.name == "sgd":
+        return optax.inject_hyperparams(_sgd, static_args=("nesterov", "clip_norm"))(
+            learning_rate=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov,
+            clip_norm=o.clip_norm)
+    return optax.inject_hyperparams(_adam, static_args=("b1", "b2", "eps", "clip_norm", "decoupled"))(
+        learning_rate=o.lr, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, clip_norm=o.clip_norm,
+        decoupled=o.name == "adamw")
+
+
+def select_group(s: Settings, full):
+    """The components of ``full`` selected by ``symmetry.components`` (a Product), or None."""
+    from ..symmetry import Product
+
+    if not s.symmetry.enabled:
+        return None
+    want = s.symmetry.components
+    comps = [c for c in full.components
+             if "all" in want or c.name in want or c.name.split("/")[0] in want]
+    return Product(comps, name=full.name) if comps else None
+
+
+def make_optimizer(s: Settings, group) -> optax.GradientTransformation:
+    """``quotient_trajectory( [horizontal | gauge_fix]( inject_hyperparams(optimiser) ), group)``."""
+    from .. import optim
+
+    tx = make_inner_optimizer(s)
+    if group is None:
+        return tx
+    sym, ob = s.symmetry, s.observables
+    spec = None
+    if sym.mode == "horizontal":
+        tx = optim.horizontal(tx, group)
+    elif sym.mode == "gauge_fix":
+        tx = optim.gauge_fix(tx, group, every=sym.gauge_fix_every)
+    elif s.optim.name == "sgd":
+        spec = optim.SGDSpec("learning_rate", momentum="momentum", nesterov=s.optim.nesterov,
+                             coupled_weight_decay="weight_decay")
+    return optim.quotient_trajectory(
+        tx, group, observables=tuple(ob.names) or None, every=ob.every,
+        hessian_every=ob.hessian_every or None, spec=spec, hessian_k=ob.hessian_k, lanczos_steps=ob.lanczos_steps,
+        noise_every=ob.noise_every or None, seed=s.seed)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Built:
+    """Everything static about a run: hashable by identity, so jitted programs built on it are cached."""
+
+    settings: Settings
+    graphdef: Any
+    rest: Any
+    group: Any            # the selected Product (observables / projections), or None
+    gauge_group: Any      # continuous part used by init_gauge, or None
+    dataset: qdata.Dataset
+    tx: optax.GradientTransformation
+    loss_fn: Callable
+    example_loss_fn: Callable | None
+    eval_fn: Callable
+    num_params: int
+
+
+def build(s: Settings) -> Built:
+    """Build the model structure, group, data, loss and optimiser of a validated config."""
+    from ..symmetry import Product
+
+    model = nnx.eval_shape(lambda: make_model(s, nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    group = select_group(s, model.symmetries())
+    gauge = None
+    if group is not None:
+        cont = [c for c in group.components if c.continuous]
+        gauge = Product(cont, name="gauge") if cont else None
+    ds = make_dataset(s)
+    kw = dict(graphdef=graphdef, task=ds.task, last_token=s.model.name == "transformer")
+    need_ex = s.observables.per_example_grads
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    return Built(s, graphdef, rest, group, gauge, ds, make_optimizer(s, group),
+                 functools.partial(batch_loss, **kw), functools.partial(example_losses, **kw) if need_ex else None,
+                 functools.partial(evaluate, **kw), int(n))
+
+
+def init_params(b: Built, seed, init_gauge):
+    """Initial parameters for ``seed`` (traceable: usable under ``vmap`` over seeds), moved by a random element
+    of the continuous symmetries of scale ``init_gauge`` when ``init_gauge > 0`` (same function, different
+    parameterisation)."""
+    key = jax.random.key(seed)
+    model = make_model(b.settings, nnx.Rngs(params=jax.random.fold_in(key, 0)))
+    _, params, _ = nnx.split(model, nnx.Param, ...)
+    if b.gauge_group is None:
+        return params
+    scale = jnp.asarray(init_gauge, jnp.float32)
+    g = b.gauge_group.sample(jax.random.fold_in(key, 2), params, scale)
+    moved = b.gauge_group.act(g, params)
+    return jax.tree.map(lambda a, p: jnp.where(scale > 0, a, p), moved, params)
+
+
+def batch_key(seed):
+    """The PRNG key of the batch sampler of ``seed`` (``train`` folds in the step)."""
+    return jax.random.fold_in(jax.random.key(seed), 1)

@@ -1,0 +1,257 @@
+"""Plots, events and ``summary.md`` of a run directory (``quotient-sgd report runs/NAME`` regenerates them)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from ..config import Settings, validate
+from ._rundir import TrajectoryParts, read_metrics, write_json
+
+PLOTS = ("loss", "observables", "charges", "shock_fold", "hessian", "events")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _series(traj: dict, prefix: str) -> dict[str, np.ndarray]:
+    """Per-step scalar series of the keys under ``prefix/`` (vectors per step reduced to their norm)."""
+    out = {}
+    for k, v in traj.items():
+        if k == prefix or k.startswith(prefix + "/"):
+            v = np.asarray(v, np.float64)
+            out[k] = v if v.ndim == 1 else np.linalg.norm(v.reshape(len(v), -1), axis=1)
+    return out
+
+
+def _placeholder(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=9, wrap=True)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _plot_lines(ax, steps, series: dict, title: str, logy: bool = False, empty: str = "not recorded"):
+    drawn = False
+    for k, v in series.items():
+        if np.isfinite(v).any():
+            ax.plot(steps[: len(v)], v, label=k, lw=1)
+            drawn = True
+    if not drawn:
+        _placeholder(ax, f"{title}: {empty}")
+        return
+    if logy and all((v[np.isfinite(v)] > 0).all() for v in series.values()):
+        ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("step")
+    ax.legend(fontsize=6)
+
+
+def make_plots(workdir: str, traj: dict, metrics: list[dict], events: list[dict]) -> list[str]:
+    """Write ``plots/<name>.png`` for every name in :data:`PLOTS`; returns the paths."""
+    plt = _plt()
+    pdir = os.path.join(workdir, "plots")
+    os.makedirs(pdir, exist_ok=True)
+    steps = np.asarray(traj.get("step", np.arange(len(traj.get("loss", [])))))
+    paths = []
+
+    def save(fig, name):
+        p = os.path.join(pdir, f"{name}.png")
+        fig.tight_layout()
+        fig.savefig(p, dpi=90)
+        plt.close(fig)
+        paths.append(p)
+
+    # loss: train (per step) and the evaluations at chunk ends
+    fig, ax = plt.subplots(figsize=(6, 4))
+    series = {"train loss (batch)": np.asarray(traj.get("loss", []), np.float64)}
+    _plot_lines(ax, steps, series, "loss", logy=True)
+    ev = [r for r in metrics if "test_loss" in r]
+    if ev:
+        ax.plot([r["step"] for r in ev], [r["test_loss"] for r in ev], "o-", ms=3, label="test loss")
+        ax.plot([r["step"] for r in ev], [r["train_loss"] for r in ev], "s--", ms=3, label="train loss (full)")
+        if "test_accuracy" in ev[0]:
+            ax2 = ax.twinx()
+            ax2.plot([r["step"] for r in ev], [r["test_accuracy"] for r in ev], "g:", label="test accuracy")
+            ax2.set_ylabel("accuracy")
+            ax2.set_ylim(0, 1)
+        ax.legend(fontsize=6)
+    save(fig, "loss")
+
+    # quotient vs raw observables
+    fig, axs = plt.subplots(1, 3, figsize=(12, 3.6))
+    _plot_lines(axs[0], steps, {k: np.asarray(traj[k], np.float64) for k in ("grad_norm", "grad_norm_canonical")
+                                if k in traj}, "gradient norm: raw vs canonical (quotient)", logy=True)
+    _plot_lines(axs[1], steps, {k: np.asarray(traj[k], np.float64) for k in
+                                ("update_horizontal_norm", "update_vertical_norm") if k in traj},
+                "update: horizontal vs vertical", logy=True)
+    _plot_lines(axs[2], steps, _series(traj, "effective_lr"), "effective learning rate on the quotient")
+    save(fig, "observables")
+
+    # charges and their drift (observed vs predicted)
+    fig, axs = plt.subplots(1, 2, figsize=(10, 3.6))
+    _plot_lines(axs[0], steps, _series(traj, "charges"), "Noether charges |Q| per component")
+    drift = _series(traj, "charge_drift")
+    pred = _series(traj, "charge_drift_predicted")
+    drift = {k: v for k, v in drift.items() if not k.startswith("charge_drift_predicted")}
+    _plot_lines(axs[1], steps, {**drift, **{k: v for k, v in pred.items() if np.isfinite(v).any()}},
+                "charge drift per step: observed vs predicted")
+    save(fig, "charges")
+
+    # shock and fold numbers
+    fig, ax = plt.subplots(figsize=(6, 4))
+    _plot_lines(ax, steps, {k: np.asarray(traj[k], np.float64) for k in
+                            ("shock_number", "fold_number", "shock_number_hessian", "fold_number_hessian")
+                            if k in traj}, "shock and fold numbers (fold at 1, unstable at 2)")
+    if any(k in traj for k in ("fold_number", "fold_number_hessian")):
+        ax.axhline(1.0, color="k", lw=0.5, ls="--")
+        ax.axhline(2.0, color="r", lw=0.5, ls="--")
+    save(fig, "shock_fold")
+
+    # Hessian extremes (sampled where fresh)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    hk = [k for k in traj if k.startswith("sharpness_") or k.startswith("lambda_min_")]
+    if hk and "hessian_step" in traj:
+        hs = np.asarray(traj["hessian_step"])
+        fresh = np.r_[True, hs[1:] != hs[:-1]] & (hs >= 0)
+        _plot_lines(ax, steps[fresh], {k: np.asarray(traj[k], np.float64)[fresh] for k in sorted(hk)},
+                    "Hessian extremes: quotient / horizontal / raw")
+    else:
+        _placeholder(ax, "Hessian extremes not recorded\n(set observables.hessian_every > 0)")
+    save(fig, "hessian")
+
+    # events on the loss curve
+    fig, ax = plt.subplots(figsize=(6, 4))
+    _plot_lines(ax, steps, {"loss": np.asarray(traj.get("loss", []), np.float64)}, "detected events", logy=True)
+    colors = {}
+    for e in events:
+        c = colors.setdefault(e["kind"], f"C{len(colors) + 1}")
+        ax.axvline(e["step"], color=c, lw=0.8, alpha=0.7)
+    for kind, c in colors.items():
+        ax.plot([], [], color=c, label=kind)
+    if not events:
+        ax.text(0.02, 0.02, "no events detected", transform=ax.transAxes, fontsize=8)
+    ax.legend(fontsize=6)
+    save(fig, "events")
+    return paths
+
+
+def detect_events(s: Settings, traj: dict, diverged: dict | None) -> tuple[list[dict], str | None]:
+    """Events of the diagnostics (:func:`quotient_sgd.diagnostics.detect`) plus the run's own divergence."""
+    out: list[dict] = []
+    err = None
+    finite = {k: v for k, v in traj.items()}
+    if diverged is not None and "loss" in finite:
+        n = diverged["step"] - int(traj["step"][0]) if len(traj.get("step", [])) else 0
+        finite = {k: v[:n] for k, v in finite.items()}
+    if len(finite.get("loss", [])) > 1:
+        try:
+            from ..diagnostics import detect
+
+            out = [e.to_dict() for e in detect(finite, lr=s.optim.lr, horizon=s.steps)]
+        except Exception as e:  # a diagnostic failing must not lose the run's outputs
+            err = f"{type(e).__name__}: {e}"
+    if diverged is not None:
+        out.append({"step": int(diverged["step"]), "kind": "divergence", "strength": "inf",
+                    "observables": {}, "variant": "quotient", "invariant": True,
+                    "details": {"reason": diverged["reason"], "ended_run": True}})
+    return sorted(out, key=lambda e: e["step"]), err
+
+
+def write_summary(workdir: str, s: Settings, traj: dict, metrics: list[dict], events: list[dict], *,
+                  diverged: dict | None, wall_s: float | None, resumed_from: int | None, detect_error: str | None,
+                  ) -> str:
+    ev = [r for r in metrics if "test_loss" in r]
+    last = ev[-1] if ev else {}
+    n = len(traj.get("loss", []))
+    lines = [f"# Run `{s.name}`", ""]
+    lines += [f"- model: {s.model.name} ({s.model.activation}), data: {s.data.name}, optimiser: {s.optim.name} "
+              f"lr={s.optim.lr} momentum={s.optim.momentum} weight_decay={s.optim.weight_decay}, batch size "
+              f"{s.data.batch_size or 'full'}",
+              f"- steps: {n} of {s.steps}" + (f", resumed from step {resumed_from}" if resumed_from else ""),
+              f"- symmetry: {'off' if not s.symmetry.enabled else ', '.join(s.symmetry.components)} "
+              f"(mode {s.symmetry.mode}), init_gauge={s.init_gauge}, seed={s.seed}"]
+    if wall_s is not None:
+        lines.append(f"- wall time: {wall_s:.1f} s")
+    if diverged is not None:
+        lines.append(f"- **diverged at step {diverged['step']}: {diverged['reason']}** (run ended cleanly)")
+    if last:
+        res = ", ".join(f"{k}={last[k]:.4g}" for k in ("train_loss", "test_loss", "train_accuracy", "test_accuracy")
+                        if k in last)
+        lines.append(f"- final (step {last['step']}): {res}")
+    lines += ["", "## Detected events", ""]
+    if detect_error:
+        lines.append(f"Detection failed: {detect_error}")
+    if events:
+        lines += ["| step | kind | variant | strength |", "|---:|---|---|---:|"]
+        for e in events[:40]:
+            lines.append(f"| {e['step']} | {e['kind']} | {e.get('variant', '')} | {e.get('strength', '')} |")
+        if len(events) > 40:
+            lines.append(f"| ... | {len(events) - 40} more in events.json | | |")
+    else:
+        lines.append("None.")
+    lines += ["", "## Files", "", "config.json, trajectory.npz, metrics.jsonl, events.json, checkpoints/, "
+              + ", ".join(f"plots/{p}.png" for p in PLOTS), ""]
+    text = "\n".join(lines)
+    tmp = os.path.join(workdir, "summary.md.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, os.path.join(workdir, "summary.md"))
+    return text
+
+
+def finalize(workdir: str, s: Settings, traj: dict, *, diverged: dict | None, wall_s: float | None,
+             resumed_from: int | None) -> list[dict]:
+    """events.json, plots and summary.md of a finished (or diverged) run."""
+    metrics = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    events, err = detect_events(s, traj, diverged)
+    write_json(os.path.join(workdir, "events.json"), events)
+    if s.logging.plots:
+        make_plots(workdir, traj, metrics, events)
+    write_summary(workdir, s, traj, metrics, events, diverged=diverged, wall_s=wall_s, resumed_from=resumed_from,
+                  detect_error=err)
+    return events
+
+
+def load_run(workdir: str) -> tuple[Settings, dict, list[dict], list[dict]]:
+    with open(os.path.join(workdir, "config.json")) as f:
+        s = validate(json.load(f))
+    path = os.path.join(workdir, "trajectory.npz")
+    if os.path.exists(path):
+        with np.load(path) as z:
+            traj = {k: z[k] for k in z.files}
+    else:
+        traj = TrajectoryParts(workdir).load()
+    events = []
+    if os.path.exists(os.path.join(workdir, "events.json")):
+        with open(os.path.join(workdir, "events.json")) as f:
+            events = json.load(f)
+    return s, traj, read_metrics(os.path.join(workdir, "metrics.jsonl")), events
+
+
+def report(workdir: str) -> str:
+    """Regenerate ``plots/*.png`` and ``summary.md`` of a run directory (or of a sweep directory: its member
+    runs and the sweep table); returns the summary text."""
+    if os.path.exists(os.path.join(workdir, "sweep.json")):
+        from ._sweep import report_sweep
+
+        return report_sweep(workdir)
+    if not os.path.exists(os.path.join(workdir, "config.json")):
+        raise FileNotFoundError(f"{workdir!r} is not a run directory (no config.json) nor a sweep (no sweep.json)")
+    s, traj, metrics, events = load_run(workdir)
+    diverged = next(({"step": e["step"], "reason": e["details"].get("reason", "")} for e in events
+                     if e["kind"] == "divergence" and e.get("details", {}).get("ended_run")), None)
+    if not events and traj:
+        events, _ = detect_events(s, traj, diverged)
+        write_json(os.path.join(workdir, "events.json"), events)
+    make_plots(workdir, traj, metrics, events)
+    return write_summary(workdir, s, traj, metrics, events, diverged=diverged, wall_s=None, resumed_from=None,
+                         detect_error=None)

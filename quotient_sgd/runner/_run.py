@@ -1,0 +1,161 @@
+"""``run``: a config-driven training run writing its run directory, resumable after SIGKILL."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..config import Settings
+from ..optim import flatten_trajectory
+from ._build import Built, build
+from ._chunk import single_programs, to_host
+from ._rundir import Checkpoints, MetricsLog, TrajectoryParts, check_workdir, remove_outputs, write_json
+
+
+@dataclasses.dataclass
+class RunResult:
+    workdir: str
+    steps_done: int
+    diverged: dict | None
+    trajectory: dict
+    wall_s: float
+    resumed_from: int
+
+
+def chunk_bounds(start: int, total: int, every: int) -> list[tuple[int, int]]:
+    """Chunks ``[a, b)`` aligned to multiples of ``every`` (the same boundaries whatever the resume point)."""
+    out, a = [], start
+    while a < total:
+        b = min((a // every + 1) * every, total)
+        out.append((a, b))
+        a = b
+    return out
+
+
+def scalar_rows(traj: dict[str, np.ndarray], start: int, every: int, last: int) -> list[dict]:
+    """Metric rows of the logged steps of a chunk: every scalar-per-step observable (flattened keys)."""
+    flat = {k: v for k, v in traj.items() if v.ndim == 1 and k != "step"}
+    n = len(traj["step"])
+    rows = []
+    for i in range(n):
+        step = start + i
+        if step % every == 0 or step == last:
+            rows.append({"step": step, **{k: v[i] for k, v in flat.items()}})
+    return rows
+
+
+def first_divergence(loss: np.ndarray, params_finite: bool, start: int) -> dict | None:
+    bad = ~np.isfinite(loss)
+    if bad.any():
+        i = int(np.argmax(bad))
+        return {"step": start + i, "reason": f"non-finite loss ({loss[i]})"}
+    if not params_finite:
+        return {"step": start + len(loss) - 1, "reason": "non-finite parameters"}
+    return None
+
+
+def _progress(s: Settings, initial: int):
+    if not s.logging.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=s.steps, initial=initial, unit="step", desc=s.name, dynamic_ncols=True, file=sys.stderr,
+                smoothing=0.3)
+
+
+def _tensorboard(s: Settings, workdir: str):
+    if not s.logging.tensorboard:
+        return None
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError as e:  # pragma: no cover
+        raise RuntimeError("logging.tensorboard=True needs tensorboardX: pip install 'quotient_sgd[tensorboard]'") from e
+    return SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+
+def run(settings: Settings, workdir: str, *, built: Built | None = None, max_chunks: int | None = None) -> RunResult:
+    """Train the validated ``settings`` into ``workdir`` (created, or resumed when it holds this config).
+
+    Writes ``config.json``, ``metrics.jsonl`` (rows as chunks finish), ``checkpoints/`` (after every chunk of
+    ``checkpoint.every`` steps), then ``trajectory.npz``, ``events.json``, ``plots/*.png`` and ``summary.md``.
+    A non-finite loss or parameter ends the run cleanly: the step and the reason go to ``events.json`` and
+    ``summary.md``.  ``max_chunks`` stops after that many chunks (tests).
+    """
+    t0 = time.time()
+    s = settings
+    resume = check_workdir(workdir, s)  # raises before anything is written
+    b = built if built is not None else build(s)
+    os.makedirs(workdir, exist_ok=True)
+    if not resume:
+        write_json(os.path.join(workdir, "config.json"), s.to_dict())
+    ckpt = Checkpoints(workdir, s.checkpoint.keep) if s.checkpoint.enabled else None
+    metrics, parts = MetricsLog(os.path.join(workdir, "metrics.jsonl")), TrajectoryParts(workdir)
+    every = s.checkpoint.every
+    init, _ = single_programs(b, every)
+    params, opt_state = init(jnp.int32(s.seed), jnp.float32(s.init_gauge))
+    start = 0
+    if ckpt is not None and ckpt.latest() is not None:
+        start = int(ckpt.latest())
+        params, opt_state = ckpt.restore(start, (params, opt_state))
+    parts.truncate(start)
+    metrics.truncate(start)
+    remove_outputs(workdir)
+    tb = _tensorboard(s, workdir)
+    bar = _progress(s, start)
+    diverged = None
+    seed = jnp.int32(s.seed)
+    try:
+        for n_chunk, (a, c) in enumerate(chunk_bounds(start, s.steps, every)):
+            if max_chunks is not None and n_chunk >= max_chunks:
+                break
+            _, chunk = single_programs(b, c - a)
+            params, opt_state, traj, ev = chunk(params, opt_state, seed, None, b.dataset, jnp.int32(a))
+            traj = flatten_trajectory(to_host(traj))
+            ev = to_host(ev)
+            traj["step"] = np.arange(a, c, dtype=np.int64)
+            diverged = first_divergence(traj["loss"], bool(ev["params_finite"]), a)
+            if diverged is not None:
+                keep = diverged["step"] - a + 1
+                traj = {k: v[:keep] for k, v in traj.items()}
+            rows = scalar_rows(traj, a, s.logging.every, (c - 1) if diverged is None else diverged["step"])
+            if rows and diverged is None:
+                rows[-1].update({k: v for k, v in ev.items() if k != "params_finite"})
+            parts.write(a, traj)
+            metrics.append(rows)
+            if tb is not None:
+                for r in rows:
+                    for k, v in r.items():
+                        if k != "step":
+                            tb.add_scalar(k, float(v), r["step"])
+                tb.flush()
+            if diverged is not None:
+                break
+            if ckpt is not None:
+                ckpt.save(c, (params, opt_state))
+            if bar is not None:
+                bar.set_postfix(loss=f"{float(traj['loss'][-1]):.4g}",
+                                test=f"{float(ev['test_loss']):.4g}", refresh=False)
+                bar.update(c - a)
+    finally:
+        if bar is not None:
+            bar.close()
+        if tb is not None:
+            tb.close()
+        if ckpt is not None:
+            ckpt.close()
+    steps_done = s.steps if diverged is None else diverged["step"] + 1
+    finished = diverged is not None or max_chunks is None or steps_done >= s.steps
+    traj = parts.load()
+    if finished:
+        traj = parts.assemble(os.path.join(workdir, "trajectory.npz"))
+        from ._report import finalize
+
+        finalize(workdir, s, traj, diverged=diverged, wall_s=time.time() - t0, resumed_from=start)
+    return RunResult(workdir, int(len(traj.get("step", []))), diverged, traj, time.time() - t0, start)

@@ -1,0 +1,220 @@
+"""The run directory (DESIGN "The run directory"): config check, metrics log, trajectory parts, checkpoints.
+
+Crash safety (SIGKILL at any instant): after every scan chunk ``[a, b)`` the runner writes, in this order,
+(1) ``trajectory_parts/part_<a>.npz`` (temp file + rename), (2) the chunk's ``metrics.jsonl`` rows (appended,
+fsynced), (3) the orbax checkpoint of step ``b`` (orbax finalises a step directory atomically).  On resume from
+checkpoint ``c``, parts starting at or after ``c`` and metric rows with ``step >= c`` are dropped, so the rows and
+parts of an interrupted chunk are recomputed once, never lost, never duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from typing import Any
+
+import jax
+import numpy as np
+
+from ..config import Settings
+
+#: config keys that may differ between a run and its resumption (they do not change what is computed).
+_IGNORED_KEYS = ("logging.progress", "logging.tensorboard", "logging.plots")
+
+
+class RunDirError(RuntimeError):
+    """A run directory holds a different run (or something that is not a run)."""
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_diff(a: dict, b: dict) -> dict[str, tuple]:
+    """``{dotted key: (value in a, value in b)}`` of the keys that differ (ignoring logging-only keys)."""
+    fa, fb = _flat(a), _flat(b)
+    return {k: (fa.get(k, "<absent>"), fb.get(k, "<absent>")) for k in sorted(set(fa) | set(fb))
+            if k not in _IGNORED_KEYS and fa.get(k, "<absent>") != fb.get(k, "<absent>")}
+
+
+def check_workdir(workdir: str, settings: Settings) -> bool:
+    """Decide, before anything is written, whether ``workdir`` is new (False) or this run's to resume (True).
+
+    Raises :class:`RunDirError` naming the directory and the differing keys when it holds another config, or
+    when it is a non-empty directory without a ``config.json``."""
+    cfg_path = os.path.join(workdir, "config.json")
+    if os.path.isfile(cfg_path):
+        with open(cfg_path) as f:
+            old = json.load(f)
+        diff = config_diff(old, settings.to_dict())
+        if diff:
+            lines = "; ".join(f"{k}: {a!r} (in the directory) != {b!r} (now)" for k, a, b in
+                              ((k, *v) for k, v in diff.items()))
+            raise RunDirError(
+                f"run directory {workdir!r} holds a run of a different config ({len(diff)} differing keys: "
+                f"{lines}). Choose another --workdir, or delete the directory to start over.")
+        return True
+    if os.path.isdir(workdir) and os.listdir(workdir):
+        raise RunDirError(f"run directory {workdir!r} exists, is not empty and has no config.json: not a "
+                          f"quotient_sgd run; refusing to write into it. Choose another --workdir.")
+    return False
+
+
+def write_json(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=_json_default)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _json_default(x):
+    if hasattr(x, "item"):
+        return x.item()
+    if isinstance(x, tuple):
+        return list(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+# ---- metrics.jsonl ----------------------------------------------------------------------------------------------
+def _clean(v):
+    v = float(v)
+    return v if math.isfinite(v) else str(v)
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per logged step (``{"step": k, "loss": ..., ...}``)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def truncate(self, step: int) -> None:
+        """Keep the rows with ``step < step`` (and drop a torn last line), atomically."""
+        if not os.path.exists(self.path):
+            return
+        keep = []
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    break
+                if row.get("step", -1) < step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def append(self, rows: list[dict]) -> None:
+        with open(self.path, "a") as f:
+            for r in rows:
+                f.write(json.dumps({k: (_clean(v) if k != "step" else int(v)) for k, v in r.items()}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_metrics(path: str) -> list[dict]:
+    rows = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    rows.append({k: (float(v) if isinstance(v, str) else v) for k, v in json.loads(line).items()})
+    return rows
+
+
+# ---- trajectory parts ------------------------------------------------------------------------------------------
+class TrajectoryParts:
+    """Per-chunk ``npz`` files; :meth:`assemble` concatenates them into ``trajectory.npz``."""
+
+    def __init__(self, workdir: str):
+        self.dir = os.path.join(workdir, "trajectory_parts")
+
+    def _starts(self) -> list[int]:
+        if not os.path.isdir(self.dir):
+            return []
+        return sorted(int(f[5:-4]) for f in os.listdir(self.dir) if f.startswith("part_") and f.endswith(".npz"))
+
+    def truncate(self, step: int) -> None:
+        for a in self._starts():
+            if a >= step:
+                os.remove(os.path.join(self.dir, f"part_{a:09d}.npz"))
+
+    def write(self, start: int, arrays: dict[str, np.ndarray]) -> None:
+        os.makedirs(self.dir, exist_ok=True)
+        path = os.path.join(self.dir, f"part_{start:09d}.npz")
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+
+    def load(self) -> dict[str, np.ndarray]:
+        chunks = []
+        for a in self._starts():
+            with np.load(os.path.join(self.dir, f"part_{a:09d}.npz")) as z:
+                chunks.append({k: z[k] for k in z.files})
+        if not chunks:
+            return {}
+        keys = chunks[0].keys()
+        return {k: np.concatenate([c[k] for c in chunks], axis=0) for k in keys}
+
+    def assemble(self, path: str) -> dict[str, np.ndarray]:
+        traj = self.load()
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, **traj)
+        os.replace(tmp, path)
+        return traj
+
+
+# ---- checkpoints (orbax) ---------------------------------------------------------------------------------------
+class Checkpoints:
+    """Orbax checkpoints of ``(params, opt_state)`` by step, saved synchronously (a step is on disk, finalised,
+    when :meth:`save` returns).  Leaves are stored under their flat index; restoring needs a template tree of
+    the same structure (a fresh init), so any optimiser-state structure round-trips exactly."""
+
+    def __init__(self, workdir: str, keep: int):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.manager = ocp.CheckpointManager(
+            self.dir, options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False,
+                                                           create=True))
+
+    def latest(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state) -> None:
+        leaves = {f"{i:05d}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state))}
+        self.manager.save(step, args=self._ocp.args.StandardSave(leaves))
+        self.manager.wait_until_finished()
+
+    def restore(self, step: int, template):
+        leaves, treedef = jax.tree.flatten(template)
+        abstract = {f"{i:05d}": np.zeros(np.shape(x), np.asarray(x).dtype) for i, x in enumerate(leaves)}
+        got = self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
+        return jax.tree.unflatten(treedef, [np.asarray(got[f"{i:05d}"]) for i in range(len(leaves))])
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def remove_outputs(workdir: str) -> None:
+    """Remove the derived outputs (they are rewritten at the end of a run)."""
+    for name in ("trajectory.npz", "summary.md"):
+        p = os.path.join(workdir, name)
+        if os.path.exists(p):
+            os.remove(p)
+    shutil.rmtree(os.path.join(workdir, "plots"), ignore_errors=True)

@@ -1,0 +1,88 @@
+"""gauge_fix equivariance and the horizontal projection transform."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
+
+from quotient_sgd.optim import gauge_fix, horizontal, quotient_trajectory, train
+from quotient_sgd.symmetry import Product, Rescale, Translation
+
+
+def _init(key, sizes=(3, 6, 5, 3)):
+    ks = jax.random.split(key, len(sizes))
+    return {f"l{i}": {"kernel": jax.random.normal(ks[i], (a, b)) / np.sqrt(a),
+                      "bias": 0.1 * jax.random.normal(jax.random.fold_in(ks[i], 1), (b,))}
+            for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))}
+
+
+def _apply(p, x):
+    n = len(p)
+    for i in range(n):
+        x = x @ p[f"l{i}"]["kernel"] + p[f"l{i}"]["bias"][None, :]
+        if i < n - 1:
+            x = jax.nn.relu(x)
+    return x
+
+
+GROUP = Product(
+    [Rescale(incoming=(((f"l{i}", "kernel"), 1), ((f"l{i}", "bias"), 0)), outgoing=(((f"l{i + 1}", "kernel"), 0),),
+             name=f"r{i}") for i in range(2)]
+    + [Translation(kernel=("l2", "kernel"), bias=("l2", "bias"), name="t")]
+)
+X = jax.random.normal(jax.random.key(1), (10, 16, 3))
+Y = jax.random.randint(jax.random.key(2), (10, 16), 0, 3)
+PROBE = jax.random.normal(jax.random.key(3), (32, 3))
+
+
+def loss_with_outputs(p, batch):
+    x, y = batch
+    loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(_apply(p, x), y))
+    return loss, jax.nn.log_softmax(_apply(p, PROBE), axis=-1)
+
+
+def test_gauge_fix_equivariance():
+    """SGD + gauge_fix from params and from g.params computes the same function at every step; plain SGD does
+    not (rescale is not an isometry)."""
+    params = _init(jax.random.key(0))
+    g = GROUP.sample(jax.random.key(5), params, scale=1.0)
+    moved = GROUP.act(g, params)
+    outs = {}
+    for name, tx in (("fixed", gauge_fix(optax.sgd(0.2), GROUP)), ("plain", optax.sgd(0.2))):
+        run = jax.jit(lambda p: train(loss_with_outputs, p, tx, (X, Y), has_aux=True, donate=False)[2]["aux"])  # noqa: B023
+        outs[name] = (run(params), run(moved))
+    a, b = outs["fixed"]
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+    a, b = outs["plain"]
+    assert float(jnp.max(jnp.abs(a - b))) > 1e-2
+
+
+def test_gauge_fix_every_and_function_unchanged():
+    params = _init(jax.random.key(0))
+    tx = gauge_fix(optax.sgd(0.0), GROUP, every=2)  # zero lr: only the re-gauging acts
+    p1, _, _ = train(loss_with_outputs, params, tx, (X[:3], Y[:3]), has_aux=True, donate=False)
+    lsm = lambda p: jax.nn.log_softmax(_apply(p, PROBE), axis=-1)  # noqa: E731  (translation shifts raw logits)
+    np.testing.assert_allclose(lsm(p1), lsm(params), rtol=1e-4, atol=1e-5)
+    canon = GROUP.canonicalize(params)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(canon)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_horizontal_updates_are_horizontal():
+    params = _init(jax.random.key(0))
+    tx = quotient_trajectory(horizontal(optax.chain(optax.add_decayed_weights(0.1), optax.sgd(0.1, momentum=0.9)),
+                                        GROUP), GROUP, observables=("update_vertical_norm", "update_horizontal_norm"))
+    _, _, traj = train(loss_with_outputs, params, tx, (X, Y), has_aux=True, donate=False)
+    assert float(jnp.max(traj["update_vertical_norm"] / traj["update_horizontal_norm"])) < 1e-4
+    # without the projection weight decay and momentum drift along the orbit
+    tx0 = quotient_trajectory(optax.chain(optax.add_decayed_weights(0.1), optax.sgd(0.1, momentum=0.9)), GROUP,
+                              observables=("update_vertical_norm", "update_horizontal_norm"))
+    _, _, traj0 = train(loss_with_outputs, params, tx0, (X, Y), has_aux=True, donate=False)
+    assert float(jnp.max(traj0["update_vertical_norm"] / traj0["update_horizontal_norm"])) > 1e-2
+    # direct check against the orbit tangents
+    grads = jax.grad(lambda p: loss_with_outputs(p, (X[0], Y[0]))[0])(params)
+    tx1 = horizontal(optax.sgd(0.1, momentum=0.9), GROUP)
+    u, _ = tx1.update(grads, tx1.init(params), params)
+    tang = jax.vmap(lambda t: ravel_pytree(t)[0])(GROUP.tangents(params))
+    assert float(jnp.max(jnp.abs(tang @ ravel_pytree(u)[0]))) < 1e-5

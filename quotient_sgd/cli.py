@@ -1,0 +1,160 @@
+"""The ``quotient-sgd`` command: ``run``, ``sweep`` and ``report``.
+
+    quotient-sgd run   [--config=configs/X.py] [--config.optim.lr=0.05 ...] [--workdir=runs/NAME]
+    quotient-sgd sweep --config=configs/X.py [--config.sweep.lr="(0.03,0.1)"] [--workdir=runs/NAME-sweep]
+                       [--coordinator_address=HOST:PORT --num_processes=N --process_id=I | --distributed]
+    quotient-sgd report runs/NAME
+
+Without ``--config`` the default config shipped in the package (``quotient_sgd/config/quickstart.py``) runs.
+
+Allocator settings: glibc's malloc reads ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` and
+``MALLOC_TOP_PAD_`` only at process start, so the command re-executes itself once with
+``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_TOP_PAD_=268435456`` (fewer
+mmap/munmap round trips and page faults for the large host buffers of checkpoints and trajectories).  Values
+already present in the environment are kept; ``QSGD_NO_MALLOC_TUNING=1`` disables the re-exec.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+MALLOC_SETTINGS = {
+    "MALLOC_MMAP_THRESHOLD_": "33554432",
+    "MALLOC_TRIM_THRESHOLD_": "4294967296",
+    "MALLOC_TOP_PAD_": "268435456",
+}
+_REEXEC_MARK = "QSGD_MALLOC_TUNED"
+
+USAGE = __doc__.split("\n\n")[1]
+
+
+def _maybe_reexec(argv: list[str]) -> None:
+    """Re-execute this process once with the allocator settings (see the module docstring)."""
+    if os.environ.get("QSGD_NO_MALLOC_TUNING") == "1" or os.environ.get(_REEXEC_MARK) == "1":
+        return
+    if all(k in os.environ for k in MALLOC_SETTINGS):
+        return
+    env = dict(os.environ)
+    for k, v in MALLOC_SETTINGS.items():
+        env.setdefault(k, v)
+    env[_REEXEC_MARK] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "quotient_sgd.cli", *argv[1:]], env)
+
+
+def _define_flags(argv: list[str]):
+    from absl import flags
+    from ml_collections import config_flags
+
+    from .config import quickstart_path
+
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", default=quickstart_path(), help_string="config file (get_config())",
+                                    flag_values=fv, lock_config=True, sys_argv=argv)
+    flags.DEFINE_string("workdir", None, "run directory (default runs/<config name>, sweeps runs/<name>-sweep)",
+                        flag_values=fv)
+    flags.DEFINE_string("coordinator_address", os.environ.get("QSGD_COORDINATOR_ADDRESS"),
+                        "multi-host sweep: coordinator HOST:PORT (env QSGD_COORDINATOR_ADDRESS)", flag_values=fv)
+    flags.DEFINE_integer("num_processes", _env_int("QSGD_NUM_PROCESSES"),
+                         "multi-host sweep: number of processes (env QSGD_NUM_PROCESSES)", flag_values=fv)
+    flags.DEFINE_integer("process_id", _env_int("QSGD_PROCESS_ID"),
+                         "multi-host sweep: this process's id (env QSGD_PROCESS_ID)", flag_values=fv)
+    flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() with JAX's cluster auto-detection "
+                      "(TPU pods, SLURM, ...)", flag_values=fv)
+    return fv
+
+
+def _env_int(name: str):
+    v = os.environ.get(name)
+    return int(v) if v not in (None, "") else None
+
+
+def _fail(msg: str, code: int = 2) -> int:
+    print(f"quotient-sgd: error: {msg}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv if argv is None else argv)
+    if argv is sys.argv or argv == sys.argv:
+        _maybe_reexec(argv)
+    from absl import flags
+
+    try:
+        fv = _define_flags(argv)
+        rest = fv(argv)
+    except flags.Error as e:
+        return _fail(str(e))
+    except (AttributeError, KeyError, ValueError, TypeError, OSError) as e:
+        # ml_collections raises these for an override of a key the config does not have / of the wrong type
+        msg = str(e.args[0] if e.args else e).strip("'\"").replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
+        overrides = [a for a in argv[1:] if a.startswith("--config.")]
+        if isinstance(e, OSError):
+            return _fail(f"cannot load the config file: {msg}")
+        return _fail(f"bad config override among {overrides}: {msg}")
+    cmd = rest[1] if len(rest) > 1 else "run"
+    if cmd in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    if cmd == "report":
+        if len(rest) != 3:
+            return _fail("usage: quotient-sgd report RUN_DIR")
+        from .runner import report
+
+        try:
+            text = report(rest[2])
+        except FileNotFoundError as e:
+            return _fail(str(e))
+        print(text)
+        return 0
+    if cmd not in ("run", "sweep"):
+        return _fail(f"unknown subcommand {cmd!r}; use run, sweep or report\n{USAGE}")
+    if len(rest) > 2:
+        return _fail(f"unexpected arguments {rest[2:]}")
+    from .config import ConfigError, validate
+    from .runner import RunDirError
+
+    try:
+        cfg = fv.config
+        settings = validate(cfg)
+    except OSError as e:
+        return _fail(f"cannot load the config file: {e}")
+    except (ConfigError, flags.Error, ValueError, KeyError, AttributeError, TypeError) as e:
+        return _fail(str(e.args[0] if isinstance(e, KeyError) and e.args else e))
+    try:
+        if cmd == "run":
+            from .runner import run
+
+            workdir = fv.workdir or os.path.join("runs", settings.name)
+            res = run(settings, workdir)
+            status = (f"diverged at step {res.diverged['step']} ({res.diverged['reason']})" if res.diverged
+                      else f"{res.steps_done} steps")
+            print(f"quotient-sgd: {status}; wrote {workdir} ({res.wall_s:.1f} s)")
+            return 0
+        from .runner import sweep
+
+        _init_distributed(fv)
+        workdir = fv.workdir or os.path.join("runs", f"{settings.name}-sweep")
+        out = sweep(settings, workdir)
+        print(f"quotient-sgd: sweep of {out.num_members} members; wrote {workdir} ({out.wall_s:.1f} s)")
+        return 0
+    except (ConfigError, RunDirError) as e:
+        return _fail(str(e))
+
+
+def _init_distributed(fv) -> None:
+    import jax
+
+    if fv.coordinator_address:
+        if fv.num_processes is None or fv.process_id is None:
+            raise SystemExit(_fail("--coordinator_address needs --num_processes and --process_id"))
+        jax.distributed.initialize(coordinator_address=fv.coordinator_address, num_processes=fv.num_processes,
+                                   process_id=fv.process_id)
+    elif fv.distributed:
+        jax.distributed.initialize()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

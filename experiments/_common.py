@@ -112,7 +112,7 @@ def record(loss_fn: Callable, params, tx, group, batch, num_steps: int, *, lr=No
            lanczos: int = 20, seed: int = 0, evals: dict[str, Callable] | None = None, batch_fn=None,
            hessian_batch=None, decomposition: bool = True, observables=None, raw: bool = True, spec=None):
     """Train ``num_steps`` steps, recording per-step observables and, every ``hessian_every`` steps, the
-    stability decomposition and ``evals`` (``name -> fn(params) -> scalar``).
+    stability decomposition and ``evals`` (``name -> fn(params) -> scalar or {key: scalar}``).
 
     ``loss_fn(params, batch)``; ``batch`` is the full batch (full-batch GD) unless ``batch_fn(step, key)`` is
     given; ``hessian_batch`` (default ``batch``) is the batch the Hessian is evaluated on.  ``spec``: the
@@ -136,7 +136,12 @@ def record(loss_fn: Callable, params, tx, group, batch, num_steps: int, *, lr=No
         row = {"step": start}
         if decomposition:
             row.update({k: float(v) for k, v in decomp(params, jax.random.fold_in(key, start)).items()})
-        row.update({k: float(f(params)) for k, f in ev.items()})
+        for k, f in ev.items():
+            v = f(params)
+            if isinstance(v, dict):
+                row.update({f"{k}/{kk}": float(vv) for kk, vv in v.items()})
+            else:
+                row[k] = float(v)
         side.append(row)
         t0 = time.perf_counter()
         params, opt_state, traj = train(loss_fn, params, qtx, data, num_steps=n, opt_state=opt_state,
@@ -159,6 +164,13 @@ def record(loss_fn: Callable, params, tx, group, batch, num_steps: int, *, lr=No
 
 def _bind_batch(loss_fn, batch, params):
     return loss_fn(params, batch)
+
+
+def subsample(traj, keys):
+    """The trajectory restricted to the refresh steps (``hessian_step == step``): a coarse trajectory whose
+    every key is fresh, e.g. for change-point detection on periodically evaluated observables."""
+    m = traj["hessian_step"] == traj["step"]
+    return {k: traj[k][m] for k in keys if k in traj}
 
 
 def sampled(traj, key):

@@ -101,9 +101,9 @@ class Product(Group):
 
     components: tuple[Group, ...]
     newton_iters: int = eqx.field(static=True, default=40)
-    sweeps: int = eqx.field(static=True, default=8)
+    sweeps: int = eqx.field(static=True, default=200)
 
-    def __init__(self, components, name: str = "product", *, newton_iters: int = 40, sweeps: int = 8):
+    def __init__(self, components, name: str = "product", *, newton_iters: int = 40, sweeps: int = 200):
         comps = []
         for c in components:
             comps.extend(c.components if isinstance(c, Product) else [c])
@@ -277,12 +277,41 @@ class Product(Group):
                 f"(e.g. a chain of GL actions on a deep linear stack); no canonical section is implemented for "
                 f"that case. Use the invariants (for a GL chain: the end-to-end product) instead."
             )
-        word = Word((), ())
-        for _ in range(self.sweeps):
-            for i in cl:
-                cur = self._act(word, flat)
-                word = self._compose(Word((i,), (self.components[i]._canonical_element(cur),)), word)
-        return word
+        return self._sweeps(cl, flat)
+
+    def _sweeps(self, cl, flat) -> Word:
+        """Block-coordinate canonicalisation of an abelian cluster that is not a pure minimum-norm problem (a
+        rescale feeding a scale-invariant block): each component's closed-form canonical element given the others,
+        repeated until the elements stop changing (the fixed point is the unique point of the joint orbit that
+        satisfies every component's gauge condition; the error contracts geometrically, by about 1/2 a sweep for
+        a rescale next to a scale block).  Elements of these actions are additive coordinates (log-factors,
+        shifts), so the sweeps accumulate them inside a ``lax.while_loop``."""
+        comps = tuple(self.components[i] for i in cl)
+        tol = 64 * jnp.finfo(jax.tree.leaves(flat)[0].dtype).eps
+
+        def apply(xis):
+            f = flat
+            for c, x in zip(comps, xis):
+                f = c._act(x, f)
+            return f
+
+        def body(carry):
+            xis, it, _ = carry
+            xis = list(xis)
+            size = jnp.zeros((), tol.dtype)
+            for j, c in enumerate(comps):
+                d = c._canonical_element(apply(tuple(xis)))
+                xis[j] = jax.tree.map(jnp.add, xis[j], d)
+                size = jnp.maximum(size, max(jnp.max(jnp.abs(x)) for x in jax.tree.leaves(d)))
+            return tuple(xis), it + 1, size
+
+        def cond(carry):
+            _, it, size = carry
+            return (it < self.sweeps) & (size > tol)
+
+        xi0 = tuple(c._identity(flat) for c in comps)
+        xis, _, _ = jax.lax.while_loop(cond, body, (xi0, jnp.asarray(0), jnp.asarray(jnp.inf, tol.dtype)))
+        return Word(cl, xis)
 
     def _cluster_canonical(self, cl, flat) -> Word:
         cont = tuple(i for i in cl if self.components[i].continuous)

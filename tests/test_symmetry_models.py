@@ -1,0 +1,125 @@
+"""Issue A's acceptance properties on the real Flax NNX models (MLP, CNN, Transformer)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from quotient_sgd.models import CNN, MLP, Transformer
+from quotient_sgd.symmetry import GL, Rescale, Scale, Word
+
+from helpers import assert_tree_allclose, tree_norm
+
+
+def _mlp():
+    return MLP(6, (8, 7), 4, activation="relu", classifier=True, rngs=nnx.Rngs(0)), \
+        jax.random.normal(jax.random.key(1), (10, 6)), jnp.arange(10) % 4
+
+
+def _cnn():
+    return CNN(1, (3, 4), 5, norm="layer", activation="relu", classifier=True, rngs=nnx.Rngs(0)), \
+        jax.random.normal(jax.random.key(1), (6, 8, 8, 1)), jnp.arange(6) % 5
+
+
+def _transformer():
+    model = Transformer(11, 8, 2, 2, 5, rngs=nnx.Rngs(0), mlp_ratio=2)
+    x = jax.random.randint(jax.random.key(1), (3, 5), 0, 11)
+    return model, x, jnp.roll(x, -1, axis=1)
+
+
+MODELS = {"mlp": _mlp, "cnn": _cnn, "transformer": _transformer}
+
+
+def _setup(name):
+    model, x, y = MODELS[name]()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def apply(p):
+        return nnx.merge(graphdef, p, rest)(x)
+
+    def loss(p, xb=x, yb=y):
+        logp = nnx.merge(graphdef, p, rest)(xb)
+        return -jnp.mean(jnp.take_along_axis(logp, yb[..., None], axis=-1))
+
+    return model.symmetries(), params, jax.jit(apply), loss
+
+
+def _push(G, params, c=4.0):
+    """A group element scaling every continuous positive/GL component uniformly by e^c: with the sampled element
+    (factors e^-2..e^2, GL condition number e^3 ~ 20) it makes raw norms change by well over 10x."""
+    idx, elems = [], []
+    for i, comp in enumerate(G.components):
+        if isinstance(comp, (Rescale, Scale)):
+            idx.append(i)
+            elems.append(comp.identity(params) + c)
+        elif isinstance(comp, GL):
+            idx.append(i)
+            elems.append(comp.identity(params) * np.exp(c).astype(np.float32))
+    return Word(tuple(idx), tuple(elems))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_models_outputs_invariants_and_canonical_quantities(name):
+    G, p, apply, loss = _setup(name)
+    y0, c = apply(p), G.canonicalize(p)
+    inv = G.invariants(p)
+    gnorm_c = tree_norm(jax.grad(loss)(c))
+    for s in range(2):
+        g = G.compose(_push(G, p), G.sample(jax.random.key(10 + s), p, scale=1.0))
+        gp = G.act(g, p)
+        ratio = float(tree_norm(gp) / tree_norm(p))
+        assert ratio >= 10 or ratio <= 0.1, ratio
+        np.testing.assert_allclose(apply(gp), y0, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(y0))))
+        assert_tree_allclose(G.invariants(gp), inv, rtol=1e-4, atol=1e-5)
+        cg = G.canonicalize(gp)
+        assert float(tree_norm(jax.tree.map(jnp.subtract, cg, c)) / tree_norm(c)) < 1e-4
+        np.testing.assert_allclose(apply(cg), y0, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(y0))))
+        np.testing.assert_allclose(tree_norm(jax.grad(loss)(cg)), gnorm_c, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_models_gradient_horizontal(name):
+    G, p, apply, loss = _setup(name)
+    model, x, y = MODELS[name]()
+    T = G.tangents(p)
+    k = jax.tree.leaves(T)[0].shape[0]
+    tl = jax.tree.leaves(T)
+    tnorm = jnp.sqrt(sum(jnp.sum(jnp.square(t).reshape(k, -1), axis=1) for t in tl))
+    grads = [jax.grad(loss)(p)] + [jax.grad(loss)(p, x[i:i + 1], y[i:i + 1]) for i in range(2)]
+    for gr in grads:
+        dots = sum(jnp.sum((t * g[None]).reshape(k, -1), axis=1) for t, g in zip(tl, jax.tree.leaves(gr)))
+        assert bool(jnp.all(jnp.abs(dots) <= 1e-6 * tree_norm(gr) * tnorm + 1e-7 * tnorm)), (name, jnp.max(jnp.abs(dots)))
+
+
+@pytest.mark.parametrize("name", ["mlp", "transformer"])
+def test_models_projection_closed_forms_agree_with_generic(name, x64):
+    from quotient_sgd.symmetry import vertical_generic
+    G, p, _, _ = _setup(name)
+    p = jax.tree.map(lambda a: a.astype(jnp.float64), p)
+    v = jax.tree.map(lambda a: jax.random.normal(jax.random.key(3), a.shape, a.dtype), p)
+    V = G.vertical(p, v)
+    assert_tree_allclose(V, vertical_generic(G, p, v), rtol=1e-7, atol=1e-9)
+    H = G.horizontal(p, v)
+    assert_tree_allclose(G.horizontal(p, H), H, rtol=1e-8, atol=1e-10)
+
+
+@settings(max_examples=6, deadline=None)
+@given(hidden=st.lists(st.integers(2, 5), min_size=1, max_size=3),
+       activation=st.sampled_from(["relu", "leaky_relu", "identity"]),
+       seed=st.integers(0, 1000))
+def test_property_nnx_mlp(hidden, activation, seed):
+    model = MLP(3, tuple(hidden), 2, activation=activation, classifier=True, rngs=nnx.Rngs(seed))
+    G = model.symmetries()
+    graphdef, p, rest = nnx.split(model, nnx.Param, ...)
+    x = jax.random.normal(jax.random.key(seed), (4, 3))
+    g = G.sample(jax.random.key(seed + 1), p)
+    gp = G.act(g, p)
+    y0 = nnx.merge(graphdef, p, rest)(x)
+    np.testing.assert_allclose(nnx.merge(graphdef, gp, rest)(x), y0, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(y0))))
+    assert float(tree_norm(jax.tree.map(jnp.subtract, G.canonicalize(gp), G.canonicalize(p)))
+                 / tree_norm(G.canonicalize(p))) < 1e-3

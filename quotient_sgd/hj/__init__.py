@@ -20,3 +20,10 @@ from ._solve import HJSolution as HJSolution
 from ._solve import solve_burgers as solve_burgers
 from ._solve import solve_hj as solve_hj
 from ._spectral import Spectral as Spectral
+from ._shocks import find_shocks as find_shocks
+from ._shocks import shock_time as shock_time
+from ._shocks import shock_time_from_hessian as shock_time_from_hessian
+from ._shocks import Shocks as Shocks
+from ._slices import loss_slice as loss_slice
+from ._slices import slice_flow as slice_flow
+from ._slices import SliceFlow as SliceFlow

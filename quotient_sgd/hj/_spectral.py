@@ -40,6 +40,11 @@ def _wavevectors(grid: AnyGrid) -> list[Array]:
     return [kx, ky]
 
 
+def _ik(k: Array, like: Array) -> Array:
+    """i k as a complex array of ``like``'s dtype (explicit: strict dtype promotion)."""
+    return k.astype(like.dtype) * 1j
+
+
 class Spectral(eqx.Module):
     """Fourier pseudo-spectral scheme on a periodic grid (smooth, viscous regime).
 
@@ -82,13 +87,13 @@ class Spectral(eqx.Module):
             p = self.inverse(grid, yhat)
             energy = 0.5 * jnp.sum(p * p, axis=0) if grid.ndim == 2 else 0.5 * p * p
             ehat = jnp.where(mask, self.forward(grid, energy), 0)
-            grads = [(1j * k) * ehat for k in ks]
+            grads = [_ik(k, ehat) * ehat for k in ks]
             out = grads[0] if grid.ndim == 1 else jnp.stack(grads)
             return -out
         if form == "hj":
             sq = 0
             for k in ks:
-                g = self.inverse(grid, (1j * k) * yhat)
+                g = self.inverse(grid, _ik(k, yhat) * yhat)
                 sq = sq + g * g
             return -0.5 * jnp.where(mask, self.forward(grid, sq), 0)
         raise ValueError(f"form must be 'burgers' or 'hj', got {form!r}.")
@@ -99,17 +104,18 @@ class Spectral(eqx.Module):
         lin = self.linear_symbol(grid, nu)
         if form == "burgers" and grid.ndim == 2:
             lin = lin[None]
-        return self.inverse(grid, lin * yhat + self.nonlinear_hat(grid, form, yhat))
+        return self.inverse(grid, lin.astype(yhat.dtype) * yhat + self.nonlinear_hat(grid, form, yhat))
 
     def diffusion(self, grid: AnyGrid, form: str, y: Array, nu) -> Array:
         """The stiff linear part ``nu Lap y`` alone (the implicit term of an IMEX split)."""
         lin = self.linear_symbol(grid, nu)
         if form == "burgers" and grid.ndim == 2:
             lin = lin[None]
-        return self.inverse(grid, lin * self.forward(grid, y))
+        yhat = self.forward(grid, y)
+        return self.inverse(grid, lin.astype(yhat.dtype) * yhat)
 
     def derivative(self, grid: AnyGrid, u: Array) -> Array:
         """Spectral gradient of a scalar field (shape ``(n,)`` in 1-D, ``(2, nx, ny)`` in 2-D)."""
         uhat = self.forward(grid, u)
-        gs = [self.inverse(grid, (1j * k) * uhat) for k in _wavevectors(grid)]
+        gs = [self.inverse(grid, _ik(k, uhat) * uhat) for k in _wavevectors(grid)]
         return gs[0] if grid.ndim == 1 else jnp.stack(gs)

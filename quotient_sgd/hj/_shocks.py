@@ -1,0 +1,164 @@
+"""Shock times and shock detection (THEORY section 3).
+
+Inviscid shock time: characteristics x = y + t p0(y) first cross at t* = 1 / max(0, -min p0'), in d
+dimensions t* = 1 / max(0, -lambda_min(grad p0)) (grad p0 = Hessian of the loss, symmetric).
+
+A viscous shock is a front of width O(nu / jump) across which p drops from p_left to p_right.  It moves at the
+Rankine-Hugoniot speed s = (p_left + p_right) / 2 and is admissible (Oleinik) when p_left > p_right; a jump
+with p_left < p_right is an expansion, which spreads into a rarefaction fan and is not a shock.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._custom_types import Array
+from ._grid import AnyGrid, Grid
+
+
+def _diff(p: Array, g: Grid, axis: int) -> Array:
+    """Fourth-order central derivative along ``axis`` (one-sided second order at bounded ends)."""
+    n, dx = g.n, g.dx
+    if g.periodic:
+        def sh(k):
+            return jnp.take(p, (np.arange(n) + k) % n, axis=axis)
+
+        return (8 * (sh(1) - sh(-1)) - (sh(2) - sh(-2))) / (12 * dx)
+    p = jnp.moveaxis(p, axis, 0)
+    inner = (p[2:] - p[:-2]) / (2 * dx)
+    first = (-3 * p[0] + 4 * p[1] - p[2]) / (2 * dx)
+    last = (3 * p[-1] - 4 * p[-2] + p[-3]) / (2 * dx)
+    return jnp.moveaxis(jnp.concatenate([first[None], inner, last[None]]), 0, axis)
+
+
+def shock_time_from_hessian(lambda_min) -> Array:
+    """t* = 1 / max(0, -lambda_min) (inf when the loss is locally convex); THEORY section 3."""
+    lam = jnp.asarray(lambda_min)
+    neg = jnp.maximum(-lam, jnp.zeros_like(lam))
+    return jnp.where(neg > 0, 1.0 / jnp.where(neg > 0, neg, jnp.ones_like(neg)), jnp.inf)
+
+
+def shock_time(p0: Array, grid: AnyGrid) -> Array:
+    """Inviscid shock time ``t* = -1 / min p0'`` of initial data on a grid (``inf`` if p0 is nowhere decreasing).
+
+    1-D: the minimum of the fourth-order derivative is refined by a parabola through its three lowest samples.
+    2-D (``p0`` of shape ``(2, nx, ny)``): the smallest eigenvalue of the symmetrised Jacobian of p0.
+    For Hessian extremes known otherwise (e.g. Lanczos on a network loss) use :func:`shock_time_from_hessian`.
+    """
+    p0 = jnp.asarray(p0)
+    if grid.ndim == 1:
+        d = _diff(p0, grid, 0)
+        i = jnp.argmin(d)
+        n = grid.n
+        if grid.periodic:
+            dm, d0, dp = d[(i - 1) % n], d[i], d[(i + 1) % n]
+        else:
+            j = jnp.clip(i, 1, n - 2)
+            dm, d0, dp = d[j - 1], d[j], d[j + 1]
+        curv = dm - 2 * d0 + dp
+        ok = curv > 0
+        refined = d0 - jnp.where(ok, (dp - dm) ** 2 / (8 * jnp.where(ok, curv, jnp.ones_like(curv))), 0)
+        lam = jnp.where((i > 0) & (i < n - 1) | grid.periodic, jnp.minimum(refined, d0), d0)
+        return shock_time_from_hessian(lam)
+    gx, gy = grid.axes
+    a, b = _diff(p0[0], gx, 0), _diff(p0[1], gy, 1)
+    c = 0.5 * (_diff(p0[0], gy, 1) + _diff(p0[1], gx, 0))
+    lam = 0.5 * (a + b) - jnp.sqrt(0.25 * (a - b) ** 2 + c * c)
+    return shock_time_from_hessian(jnp.min(lam))
+
+
+class Shocks(eqx.Module):
+    """Detected shocks, a fixed number of slots (so it jits and vmaps); ``valid`` marks the filled ones.
+
+    Attributes (arrays of length ``max_shocks``, sorted by decreasing steepness):
+        location: sub-grid position of the steepest point of the front.
+        left, right: states p_left, p_right on either side; ``jump = left - right``.
+        steepness: max |dp/dx| across the front.
+        speed: Rankine-Hugoniot speed (left + right) / 2.
+        admissible: Oleinik entropy condition left > right.
+    """
+
+    location: Array
+    left: Array
+    right: Array
+    jump: Array
+    steepness: Array
+    speed: Array
+    admissible: Array
+    valid: Array
+
+    def to_list(self) -> list[dict]:
+        """Host-side list of dicts, one per valid shock."""
+        arrs = {k: np.asarray(getattr(self, k)) for k in
+                ("location", "left", "right", "jump", "steepness", "speed", "admissible")}
+        valid = np.asarray(self.valid)
+        return [{k: (bool(v[i]) if k == "admissible" else float(v[i])) for k, v in arrs.items()}
+                for i in np.flatnonzero(valid)]
+
+    @property
+    def count(self) -> Array:
+        return jnp.sum(self.valid)
+
+
+def find_shocks(p: Array, grid: Grid, *, max_shocks: int = 8, min_steepness=None, window: int | None = None,
+                include_inadmissible: bool = False) -> Shocks:
+    """Find the shocks of a 1-D gradient field ``p`` on ``grid`` (THEORY section 3).
+
+    A shock is a local maximum of the compression ``-dp/dx`` (within +-3 cells) above ``min_steepness``
+    (default: 10 x the mean slope ``(max p - min p) / length``).  Its left/right states are the extreme values of
+    p within ``window`` cells on each side (default ``max(4, n // 32)``; it must exceed the front's width).
+    Expansion jumps (p increasing) are inadmissible and are not reported unless ``include_inadmissible``, in
+    which case peaks of |dp/dx| are candidates and ``admissible`` tells them apart.
+
+    Returns:
+        :class:`Shocks` with ``max_shocks`` slots.
+    """
+    p = jnp.asarray(p)
+    if grid.ndim != 1 or p.shape != grid.shape:
+        raise ValueError(f"find_shocks takes a 1-D field of shape {grid.shape}, got {p.shape}; for 2-D fields "
+                         "take 1-D cuts.")
+    n, dx = grid.n, grid.dx
+    w = max(4, n // 32) if window is None else int(window)
+    dp = _diff(p, grid, 0)
+    s = jnp.abs(dp) if include_inadmissible else -dp
+    if min_steepness is None:
+        min_steepness = 10.0 * (jnp.max(p) - jnp.min(p)) / grid.length
+    idx = np.arange(n)
+
+    def nb(k):
+        j = (idx + k) % n if grid.periodic else np.clip(idx + k, 0, n - 1)
+        return j
+
+    peak = s > min_steepness
+    for k in (1, 2, 3):
+        peak = peak & (s >= s[nb(-k)]) & (s > s[nb(k)])
+    score = jnp.where(peak, s, -jnp.inf)
+    top, i = jax.lax.top_k(score, max_shocks)
+    valid = jnp.isfinite(top)
+    # sub-grid location: vertex of the parabola through the steepness at i - 1, i, i + 1
+    sm, s0, sp = s[nb(-1)][i], s[i], s[nb(1)][i]
+    curv = sm - 2 * s0 + sp
+    ok = curv < 0
+    off = jnp.clip(jnp.where(ok, 0.5 * (sm - sp) / jnp.where(ok, curv, -jnp.ones_like(curv)), 0), -0.5, 0.5)
+    loc = grid.x[i] + off * dx
+    if grid.periodic:
+        loc = grid.lo + jnp.mod(loc - grid.lo, grid.length)
+    offs_l = np.arange(-w, 0)
+    offs_r = np.arange(1, w + 1)
+
+    def gather(offs):
+        j = i[:, None] + jnp.asarray(offs, i.dtype)[None, :]
+        j = j % n if grid.periodic else jnp.clip(j, 0, n - 1)
+        return p[j]
+
+    pl, pr = gather(offs_l), gather(offs_r)
+    decreasing = dp[i] < 0
+    left = jnp.where(decreasing, jnp.max(pl, axis=1), jnp.min(pl, axis=1))
+    right = jnp.where(decreasing, jnp.min(pr, axis=1), jnp.max(pr, axis=1))
+    admissible = left > right
+    valid = valid & (admissible | include_inadmissible)
+    return Shocks(location=loc, left=left, right=right, jump=left - right, steepness=jnp.abs(dp[i]),
+                  speed=0.5 * (left + right), admissible=admissible, valid=valid)

@@ -1,0 +1,101 @@
+"""Cole-Hopf references (2-D quadrature, Monte Carlo) and loss slices (THEORY section 3)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from quotient_sgd.hj import (
+    cole_hopf,
+    cole_hopf_gradient,
+    cole_hopf_monte_carlo,
+    Grid,
+    slice_flow,
+    solve_burgers,
+    solve_hj,
+)
+
+
+def test_2d_solvers_match_2d_quadrature(x64):
+    g = Grid(24, -1.0, 1.0) * Grid(24, -1.0, 1.0)
+    nu, t1 = 0.1, 0.2
+
+    def loss(y):
+        return jnp.cos(jnp.pi * y[0]) * jnp.cos(jnp.pi * y[1]) / jnp.pi**2
+
+    x, y = g.x
+    u0 = jnp.cos(jnp.pi * x) * jnp.cos(jnp.pi * y) / jnp.pi**2
+    u_ref = cole_hopf(loss, g.x, t1, nu, ndim=2, num=61)
+    p_ref = cole_hopf_gradient(loss, g.x, t1, nu, ndim=2, num=61)
+    u = solve_hj(u0, g, nu=nu, t1=t1, rtol=1e-9, atol=1e-11).us[-1]
+    p0 = jnp.stack([-jnp.sin(jnp.pi * x) * jnp.cos(jnp.pi * y), -jnp.cos(jnp.pi * x) * jnp.sin(jnp.pi * y)]) / jnp.pi
+    p = solve_burgers(p0, g, nu=nu, t1=t1, rtol=1e-9, atol=1e-11).ps[-1]
+    assert float(jnp.max(jnp.abs(u - u_ref))) < 1e-6
+    assert float(jnp.max(jnp.abs(p - p_ref))) < 1e-6
+    p_fv = solve_burgers(p0, g, nu=nu, t1=t1, scheme="fv", rtol=1e-9, atol=1e-11).ps[-1]
+    assert float(jnp.max(jnp.abs(p_fv - p_ref))) < 2e-2
+
+
+def test_monte_carlo_matches_exact_quadratic(getkey):
+    # L = sum_i a_i th_i^2 / 2: u = sum_i a_i th_i^2 / (2 (1 + a_i t)) + nu log(1 + a_i t), p_i = a_i th_i/(1 + a_i t)
+    a = {"w": jnp.linspace(0.5, 2.0, 20).reshape(4, 5), "b": jnp.linspace(0.1, 1.0, 3)}
+    th = {"w": jnp.sin(jnp.arange(20.0)).reshape(4, 5), "b": jnp.array([0.3, -1.0, 0.5])}
+
+    def loss_fn(p):
+        return sum(jnp.sum(0.5 * a[k] * p[k] ** 2) for k in p)
+
+    t, nu = 0.1, 0.5  # small nu in high dimension collapses the weights (ess -> 1): see MonteCarloEstimate
+    est = cole_hopf_monte_carlo(loss_fn, th, t, nu, key=getkey(), num_samples=2048)
+    u_exact = sum(jnp.sum(a[k] * th[k] ** 2 / (2 * (1 + a[k] * t)) + nu * jnp.log1p(a[k] * t)) for k in a)
+    assert abs(float(est.value - u_exact)) < 5 * float(est.value_std) + 1e-4
+    for k in a:
+        z = (est.grad[k] - a[k] * th[k] / (1 + a[k] * t)) / (est.grad_std[k] + 1e-6)
+        assert float(jnp.max(jnp.abs(z))) < 5
+    assert 10.0 < float(est.ess) <= 2048
+
+
+def test_monte_carlo_matches_1d_quadrature(getkey):
+    def loss(y):
+        return jnp.cos(jnp.pi * y) / jnp.pi
+
+    est = cole_hopf_monte_carlo(lambda v: loss(v[0]), jnp.array([0.2]), 0.2, 0.05, key=getkey(), num_samples=2048)
+    u = float(cole_hopf(loss, jnp.array(0.2), 0.2, 0.05))
+    p = float(cole_hopf_gradient(loss, jnp.array(0.2), 0.2, 0.05))
+    assert abs(float(est.value) - u) < 5 * float(est.value_std) + 1e-5
+    assert abs(float(est.grad[0]) - p) < 5 * float(est.grad_std[0]) + 1e-5
+
+
+def _toy():
+    d = {"w": jnp.array([0.6, 0.8, 0.0]), "b": jnp.zeros(())}
+    centre = {"w": jnp.array([0.0, 0.0, 0.5]), "b": jnp.asarray(0.1)}
+
+    def loss_fn(p):  # along d this is cos(pi a)/pi + const: a shock forms at a = 0 after t* = 1/pi
+        return jnp.cos(jnp.pi * jnp.dot(p["w"], d["w"])) / jnp.pi + p["b"] ** 2 + 0.1 * p["w"][2] ** 2
+
+    return loss_fn, centre, d
+
+
+def test_slice_flow_shock_and_cole_hopf(x64):
+    loss_fn, centre, d = _toy()
+    res = slice_flow(loss_fn, centre, d, extent=0.8, n=161, eta=0.01, k=45, nu=2e-3, margin=1.0)
+    assert bool(res.boundary_ok)
+    const = 0.1**2 + 0.1 * 0.25
+    ref = cole_hopf(lambda y: jnp.cos(jnp.pi * y) / jnp.pi + const, res.grid.x, 0.45, 2e-3)
+    assert float(jnp.max(jnp.abs(res.u - ref))) < 5e-3
+    shocks = res.shocks.to_list()
+    assert len(shocks) == 1 and abs(shocks[0]["location"]) < 0.02 and shocks[0]["admissible"]
+    assert float(res.shock_time) == pytest.approx(1 / np.pi, rel=1e-2)
+
+
+def test_slice_flow_differentiable_in_eta_and_nu(x64):
+    loss_fn, centre, d = _toy()
+
+    def obs(eta, nu):
+        r = slice_flow(loss_fn, centre, d, extent=0.8, n=41, eta=eta, k=20, nu=nu, margin=1.0, rtol=1e-10, atol=1e-12)
+        return jnp.sum(r.u * jnp.linspace(0.0, 1.0, 41))
+
+    ge, gn = jax.grad(obs, argnums=(0, 1))(0.01, 0.02)
+    fe = (obs(0.01 + 1e-4, 0.02) - obs(0.01 - 1e-4, 0.02)) / 2e-4
+    fn = (obs(0.01, 0.02 + 1e-4) - obs(0.01, 0.02 - 1e-4)) / 2e-4
+    assert float(ge) == pytest.approx(float(fe), rel=1e-4)
+    assert float(gn) == pytest.approx(float(fn), rel=1e-4)

@@ -15,6 +15,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
@@ -24,11 +25,18 @@ from quotient_sgd.diagnostics import detect, shock_aware_lr  # noqa: E402
 from quotient_sgd.optim import train  # noqa: E402
 
 
+def _cosine(lr, n, count):
+    """``lr (1 + cos(pi t / n)) / 2`` (optax's cosine_decay_schedule, written with explicit dtypes so that it
+    also runs under strict dtype promotion)."""
+    t = jnp.minimum(jnp.asarray(count, jnp.float32), jnp.float32(n)) / jnp.float32(n)
+    return jnp.float32(lr) * 0.5 * (1.0 + jnp.cos(jnp.float32(np.pi) * t))
+
+
 def optimisers(cfg, lr):
     n = cfg.num_steps
     return {
         "constant": optax.sgd(lr),
-        "cosine": optax.sgd(optax.cosine_decay_schedule(lr, n)),
+        "cosine": optax.sgd(functools.partial(_cosine, lr, n)),
         "shock-aware cap": shock_aware_lr(optax.sgd(lr), fold_target=cfg.fold_target, policy="cap",
                                           init_scale=cfg.init_scale),
         "shock-aware track": shock_aware_lr(optax.sgd(lr), fold_target=cfg.track_target, policy="track",

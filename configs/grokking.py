@@ -28,6 +28,6 @@ def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
         c.eval_every = 100
     elif scale == "test":
         c.lr = 3e-3
-        c.num_steps = 2500
-        c.eval_every = 25
+        c.num_steps = 1800
+        c.eval_every = 50
     return c

@@ -1,0 +1,25 @@
+"""Experiment 5 (experiments/hj_slices.py): the viscous HJ flow on 1-D loss slices of a network trained by GD
+(the ReLU MLP of configs/edge_of_stability.py), along the most concave horizontal direction at the canonical
+point; slice shock time versus the quotient-Hessian prediction t* = 1 / max(0, -lambda_min)."""
+
+import ml_collections
+
+
+def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.scale = scale
+    c.seed = 0
+    c.checkpoints = (0, 25, 100, 300)  # GD steps at which slices are taken
+    c.extents = (0.02, 0.1, 0.5)  # slice half-widths along the unit eigenvector
+    c.n = 201  # grid points on the slice
+    c.nu = 1e-4  # viscosity of the flow (reported; THEORY section 3: a modelling choice)
+    c.flow_time_factor = 2.0  # flow to t = factor x t*_hessian, after the predicted shock time
+    c.lanczos = 30
+    if scale == "paper":
+        c.checkpoints = (0, 100, 500, 2000, 5000)
+        c.n = 801
+        c.lanczos = 60
+    elif scale == "test":
+        c.checkpoints = (0, 50)
+        c.extents = (0.02, 0.5)
+    return c

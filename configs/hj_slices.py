@@ -12,7 +12,8 @@ def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
     c.checkpoints = (0, 25, 100, 300)  # GD steps at which slices are taken
     c.extents = (0.02, 0.1, 0.5)  # slice half-widths along the unit eigenvector
     c.n = 201  # grid points on the slice
-    c.nu = 1e-4  # viscosity of the flow (reported; THEORY section 3: a modelling choice)
+    c.nu_rel = 1e-2  # viscosity nu = nu_rel * extent^2 / t (viscous length ~ 10% of the slice; reported per row)
+    c.max_steps = 20000
     c.flow_time_factor = 2.0  # flow to t = factor x t*_hessian, after the predicted shock time
     c.lanczos = 30
     if scale == "paper":

@@ -159,12 +159,25 @@ def detect_edge_of_stability(traj, *, steps, lr=None, eos_levels: Sequence[float
     return out
 
 
-def detect_loss_spike(traj, *, steps, spike_factor: float = 2.0, spike_window: int = 50, **_) -> list[Event]:
+def _causal_mean(x: np.ndarray, k: int) -> np.ndarray:
+    if k <= 1:
+        return x
+    c = np.cumsum(np.r_[0.0, x])
+    idx = np.arange(1, len(x) + 1)
+    lo = np.maximum(idx - k, 0)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
+def detect_loss_spike(traj, *, steps, spike_factor: float = 2.0, spike_window: int = 50, spike_smooth: int = 1,
+                      **_) -> list[Event]:
     """``loss_spike``: the loss exceeds ``spike_factor`` times its minimum over the previous ``spike_window``
-    steps (orbit invariant).  ``strength`` = peak / base."""
+    steps (orbit invariant).  ``strength`` = peak / base.  With mini-batch losses set ``spike_smooth`` (a causal
+    running mean over that many steps is tested instead): the raw mini-batch loss fluctuates by more than a
+    factor 2 once it is small, which the detector would report as spikes."""
     loss = scalar(traj, "loss")
     if loss is None:
         return []
+    loss = _causal_mean(loss, int(spike_smooth))
     out = []
     for onset, end, peak, base in spikes(loss, spike_factor, spike_window):
         out.append(Event(int(steps[onset]), "loss_spike", _f(loss[peak] / base), {"loss": _f(loss[onset])},
@@ -174,7 +187,8 @@ def detect_loss_spike(traj, *, steps, spike_factor: float = 2.0, spike_window: i
 
 
 def detect_catapult(traj, *, steps, lr=None, spike_factor: float = 2.0, spike_window: int = 50,
-                    drop_factor: float = 0.8, confirm_window: int = 100, **_) -> list[Event]:
+                    drop_factor: float = 0.8, confirm_window: int = 100, spike_smooth: int = 1,
+                    **_) -> list[Event]:
     """``catapult`` (Lewkowycz et al. 2020): a loss spike followed, within ``confirm_window`` steps of its end,
     by the sharpness falling below ``drop_factor`` times its value before the spike.  One event per spike and
     sharpness variant (``quotient``: canonical sharpness, orbit invariant; ``step``: what the step sees, with the
@@ -184,6 +198,7 @@ def detect_catapult(traj, *, steps, lr=None, spike_factor: float = 2.0, spike_wi
     if loss is None:
         return []
     out = []
+    loss = _causal_mean(loss, int(spike_smooth))
     sp = spikes(loss, spike_factor, spike_window)
     for variant in ("quotient", "step", "raw"):
         key = first_key(traj, SHARPNESS_KEYS[variant])
@@ -315,7 +330,7 @@ def detect(trajectory, *, lr=None, kinds: Iterable[str] | None = None, start_ste
             trajectory's ``lr`` / ``learning_rate`` key.
         kinds: detectors to run (default: all of :data:`ALL_KINDS`).
         **options: detector options (``alpha``, ``block``, ``transition_keys``, ``spike_factor``,
-            ``spike_window``, ``drop_factor``, ``confirm_window``, ``eos_levels``, ``fold_levels``,
+            ``spike_window``, ``spike_smooth``, ``drop_factor``, ``confirm_window``, ``eos_levels``, ``fold_levels``,
             ``shock_level``, ``rearm``, ``divergence_factor``, ``slice_shocks``, ``horizon``).
 
     Returns:

@@ -1,0 +1,126 @@
+"""Experiment 4: spherical motion of scale-invariant blocks (THEORY section 2; Wan et al. 2021, Kosson et al.
+2023).
+
+A CNN with a LayerNorm after every conv (:class:`quotient_sgd.models.CNN`, ``norm="layer"``: each conv block is
+scale invariant, a ``Scale`` symmetry) trained on scikit-learn's digits by mini-batch SGD with weight decay
+``lambda``.  The raw weight norm of a scale-invariant block drifts and then settles where ``2 lambda |w|^2 ~
+eta |g|^2``; the quotient observable that matters, the RMS angular update per step, settles at
+``sqrt(2 eta lambda)``.  Reported: the measured equilibrium against the prediction, the time to reach it, the
+norm (charge ``|w|^2 / 2``) trajectory, and the events the detectors raise on the run.
+
+    python experiments/normalised_cnn.py [scale=paper]
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import _common as C  # noqa: E402
+from quotient_sgd.data import batch_fn, digits  # noqa: E402
+from quotient_sgd.diagnostics import detect  # noqa: E402
+from quotient_sgd.models import CNN  # noqa: E402
+from quotient_sgd.optim import SGDSpec, quotient_trajectory, train  # noqa: E402
+from quotient_sgd.optim import flatten_trajectory as _flat  # noqa: E402
+
+
+def _xent(graphdef, params, batch):
+    logp = nnx.merge(graphdef, params)(batch["x"])
+    nll = -jnp.take_along_axis(logp, batch["y"][:, None], axis=-1)[:, 0]
+    return jnp.sum(batch["w"] * nll) / jnp.sum(batch["w"])
+
+
+def run(cfg):
+    ds = digits(seed=cfg.seed, layout="image")
+    model = CNN(1, tuple(cfg.channels), 10, norm=cfg.norm, classifier=True, rngs=nnx.Rngs(cfg.seed))
+    graphdef, params, group = C.split_model(model)
+    loss = functools.partial(_xent, graphdef)
+    tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.sgd(cfg.lr))
+    qtx = quotient_trajectory(tx, group, observables=["loss", "grad_norm", "angular_update", "charges"],
+                              spec=SGDSpec(cfg.lr, weight_decay=cfg.weight_decay))
+    import time
+
+    t0 = time.perf_counter()
+    params, _, traj = train(loss, params, qtx, batch_fn(ds, cfg.batch_size), num_steps=cfg.num_steps,
+                            key=jax.random.key(cfg.seed), donate=False)
+    traj = {k: np.asarray(v) for k, v in _flat(traj).items()}
+    wall = time.perf_counter() - t0
+    logp = nnx.merge(graphdef, params)(ds.x_test)
+    test_acc = float(jnp.mean((jnp.argmax(logp, -1) == ds.y_test).astype(jnp.float32)))
+    events = detect(traj, kinds=["transition", "loss_spike", "divergence"], block=max(1, cfg.num_steps // 100),
+                    spike_smooth=cfg.spike_smooth)
+    return dict(traj=traj, events=events, wall=wall, test_acc=test_acc)
+
+
+def summarise(cfg, out):
+    tr = out["traj"]
+    pred = float(np.sqrt(2 * cfg.lr * cfg.weight_decay))
+    n = len(tr["loss"])
+    tail = slice(int(n * (1 - cfg.tail_fraction)), n)
+    rows = []
+    for k in sorted(tr):
+        if not k.startswith("angular_update/"):
+            continue
+        name = k.split("/", 1)[1]
+        ang = tr[k]
+        sm = np.convolve(ang, np.ones(50) / 50, mode="valid")  # 50-step running mean
+        reach = np.nonzero(np.abs(sm / pred - 1) < 0.1)[0]
+        q = tr.get(f"charges/{name}")
+        rows.append({
+            "block": name, "predicted sqrt(2 eta lambda)": pred, "measured RMS angle (tail)": float(np.mean(ang[tail])),
+            "ratio": float(np.mean(ang[tail]) / pred),
+            "steps to within 10%": int(reach[0]) + 49 if reach.size else "not reached",
+            "|w|^2 start": float(2 * np.sum(q[0])) if q is not None else None,
+            "|w|^2 end": float(2 * np.sum(q[-1])) if q is not None else None,
+        })
+    return rows
+
+
+def figure(cfg, out, path):
+    plt = C.plt()
+    tr = out["traj"]
+    pred = np.sqrt(2 * cfg.lr * cfg.weight_decay)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for k in sorted(tr):
+        if k.startswith("angular_update/"):
+            sm = np.convolve(tr[k], np.ones(50) / 50, mode="valid")
+            axes[0].plot(np.arange(len(sm)) + 49, sm, label=k.split("/", 1)[1])
+        if k.startswith("charges/scale"):
+            axes[1].plot(2 * tr[k].reshape(len(tr[k]), -1).sum(-1), label=k.split("/", 1)[1])
+    axes[0].axhline(pred, color="k", ls="--", label="sqrt(2 eta lambda)")
+    axes[0].set(title="RMS angular update per step (50-step mean)", xlabel="step")
+    axes[1].set(title="|w|^2 of the scale-invariant blocks (raw)", xlabel="step", yscale="log")
+    axes[2].semilogy(tr["loss"], lw=0.5)
+    C.mark_events(axes[2], out["events"])
+    axes[2].set(title=f"train loss (test acc {out['test_acc']:.3f}); dashed: events", xlabel="step")
+    for a in axes[:2]:
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    cfg = C.load_config("normalised_cnn", argv)
+    out = run(cfg)
+    rows = summarise(cfg, out)
+    d = C.save("normalised_cnn", out["traj"], out["events"], rows,
+               {"test_acc": out["test_acc"], "wall_s": out["wall"],
+                "events": [(e.step, e.kind, e.variant, e.details.get("observable")) for e in out["events"]]})
+    figure(cfg, out, os.path.join(d, "normalised_cnn.png"))
+    print(C.markdown_table(rows))
+    print("test acc", out["test_acc"], "events", [(e.step, e.kind, e.details.get("observable")) for e in out["events"]])
+    print("written to", d)
+
+
+if __name__ == "__main__":
+    main()

@@ -241,3 +241,20 @@ def test_angular_update_scale_block(x64):
     w, w1 = p["w"], p["w"] + d["w"]
     ref = jnp.arccos(jnp.dot(w, w1) / jnp.linalg.norm(w) / jnp.linalg.norm(w1))
     np.testing.assert_allclose(a, ref, rtol=1e-10)
+
+
+def test_every_records_on_schedule(x64):
+    """every=3: recorded steps equal the every=1 run, other steps repeat the last record; identities exact."""
+    inner, spec = OPTIMISERS["heavy_ball_wd"]
+    params = init_mlp(jax.random.key(0), dtype=jnp.float64)
+    obs = ("loss", "grad_norm", "charge_drift", "charge_drift_predicted", "curvature")
+    t1 = train(xent, params, quotient_trajectory(inner, mlp_group(), spec=spec, observables=obs),
+               data(9, dtype=jnp.float64), donate=False)[2]
+    t3 = train(xent, params, quotient_trajectory(inner, mlp_group(), spec=spec, observables=obs, every=3),
+               data(9, dtype=jnp.float64), donate=False)[2]
+    rec = np.array([0, 0, 0, 3, 3, 3, 6, 6, 6])
+    for k in ("grad_norm", "curvature"):
+        np.testing.assert_allclose(t3[k], t1[k][rec], rtol=1e-12, err_msg=k)
+    np.testing.assert_allclose(t3["loss"], t1["loss"], rtol=1e-12)  # train reports the loss every step
+    np.testing.assert_allclose(t3["charge_drift_predicted"]["r0"], t1["charge_drift"]["r0"][rec], rtol=1e-8,
+                               atol=1e-14)

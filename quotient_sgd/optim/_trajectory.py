@@ -9,15 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from .. import observables as obs
-from ..observables._util import (
-    charge_linear,
-    charges_dict,
-    components,
-    rescale_members,
-    scale_members,
-    tree_dot,
-    tree_sqnorm,
-)
+from ..observables._util import charges_dict, tree_dot, tree_sqnorm
 from ._spec import SGDSpec
 
 #: The per-step observables recorded by default (all cheap: closed-form projections, no extra gradients).
@@ -400,5 +392,3 @@ def flatten_trajectory(trajectory: dict, sep: str = "/") -> dict[str, Any]:
             out[k] = v
     return out
 
-
-del components, rescale_members, scale_members, charge_linear

@@ -42,12 +42,23 @@ def _f(x) -> float:
     return float(np.asarray(x))
 
 
-def _decomposition(traj, i: int, lr_i: float | None) -> dict[str, float]:
-    """The stability decomposition at index ``i`` (where the Hessian keys are fresh)."""
+def _decomposition(traj, i: int, lr_i: float | None, steps=None) -> dict[str, float]:
+    """The stability decomposition at the last Hessian refresh at or before index ``i`` (``at_step``)."""
     out: dict[str, float] = {}
     ks = first_key(traj, SHARPNESS_KEYS["step"])
     kq = first_key(traj, SHARPNESS_KEYS["quotient"])
     kr = first_key(traj, SHARPNESS_KEYS["raw"])
+    anchor = ks or kq or kr
+    if anchor is None:
+        return out
+    if steps is None:
+        steps = traj["step"] if "step" in traj else np.arange(len(traj[anchor]))
+    fresh = np.nonzero(fresh_mask(traj, anchor, np.asarray(steps)))[0]
+    fresh = fresh[fresh <= i]
+    if fresh.size == 0:
+        return out
+    i = int(fresh[-1])
+    out["at_step"] = int(steps[i])
     if ks is not None:
         out["lambda_step"] = _f(traj[ks][i])
     if kq is not None:
@@ -92,13 +103,14 @@ def _threshold_events(traj, key: str, values: np.ndarray, idx: np.ndarray, steps
                 obs[k] = _f(traj[k][i])
         details: dict[str, Any] = {"level": level, "peak": _f(values[ip]), "peak_step": int(steps[ip])}
         if variant == "step":
-            details.update(_decomposition(traj, i, None if lr is None else float(lr[i])))
+            details.update(_decomposition(traj, i, None if lr is None else float(lr[i]), steps))
         out.append(Event(int(steps[i]), kind, _f(values[i]), obs, variant, is_invariant(obs), details))
     return out
 
 
 def detect_shock(traj, *, steps, lr=None, shock_level: float = 1.0, rearm: float = 0.9, slice_shocks=(), **_):
-    """``shock``: the shock number ``eta max(0, -kappa)`` of the step (directional curvature along the step) or
+    """``shock``: the shock number ``eta max(0, -kappa)`` of the step (in the trajectory of
+    :func:`~quotient_sgd.optim.quotient_trajectory` the row ``k`` holds the number of step ``k - 1``) (directional curvature along the step) or
     ``eta max(0, -lambda_min)`` of the horizontal Hessian (``shock_number_hessian``) reaching ``shock_level``:
     characteristics of the coarse-grained flow cross within one step (THEORY section 3).  ``slice_shocks``:
     shocks found by the HJ flow on a loss slice, ``[{"step", "shock_time", "strength", ...}]``, reported as
@@ -226,8 +238,8 @@ def detect_catapult(traj, *, steps, lr=None, spike_factor: float = 2.0, spike_wi
             }
             if variant == "step":
                 lri = None if lr is None else float(lr[ib])
-                details["before"] = _decomposition(traj, ib, lri)
-                details["after"] = _decomposition(traj, ia, lri)
+                details["before"] = _decomposition(traj, ib, lri, steps)
+                details["after"] = _decomposition(traj, ia, lri, steps)
             out.append(Event(int(steps[onset]), "catapult", _f(loss[peak] / base), obs, variant,
                              is_invariant(obs), details))
     return out

@@ -117,10 +117,13 @@ def record(loss_fn: Callable, params, tx, group, batch, num_steps: int, *, lr=No
     ``loss_fn(params, batch)``; ``batch`` is the full batch (full-batch GD) unless ``batch_fn(step, key)`` is
     given; ``hessian_batch`` (default ``batch``) is the batch the Hessian is evaluated on.  ``spec``: the
     :class:`~quotient_sgd.optim.SGDSpec` of an SGD ``tx`` (the fold / shock numbers then use its learning rate
-    and need no canonical gradient per step).
+    and need no canonical gradient per step).  ``observables="curvature"``: full-batch training in the plain
+    loop :func:`_curvature_chunk` (loss, grad norm, directional curvature, fold and shock numbers), used by the
+    full-batch experiments because ``quotient_trajectory``'s curvature is wrong at this commit (it passes
+    scalars where :func:`quotient_sgd.observables.directional_curvature` expects trees; reported upstream).
     Returns ``(params, trajectory as a flat dict of numpy arrays, wall seconds of training alone)``.
     """
-    qtx = quotient_trajectory(tx, group, observables=observables, spec=spec)
+    qtx = None if observables == "curvature" else quotient_trajectory(tx, group, observables=observables, spec=spec)
     data = batch_fn if batch_fn is not None else functools.partial(_const_batch, batch)
     hb = batch if hessian_batch is None else hessian_batch
     hloss = functools.partial(_bind_batch, loss_fn, hb)
@@ -144,8 +147,15 @@ def record(loss_fn: Callable, params, tx, group, batch, num_steps: int, *, lr=No
                 row[k] = float(v)
         side.append(row)
         t0 = time.perf_counter()
-        params, opt_state, traj = train(loss_fn, params, qtx, data, num_steps=n, opt_state=opt_state,
-                                        start_step=start, key=key, donate=False)
+        if observables == "curvature":
+            if opt_state is None:
+                zeros = jax.tree.map(jnp.zeros_like, params)
+                opt_state, ccarry = tx.init(params), (zeros, zeros, jnp.zeros((), jnp.float32))
+            params, opt_state, ccarry, traj = _curvature_chunk(params, opt_state, ccarry, batch, loss_fn=loss_fn,
+                                                               tx=tx, num_steps=n)
+        else:
+            params, opt_state, traj = train(loss_fn, params, qtx, data, num_steps=n, opt_state=opt_state,
+                                            start_step=start, key=key, donate=False)
         jax.block_until_ready(traj["loss"])
         train_time += time.perf_counter() - t0
         chunks.append({k: np.asarray(v) for k, v in _flat(traj).items()})
@@ -160,6 +170,33 @@ def record(loss_fn: Callable, params, tx, group, batch, num_steps: int, *, lr=No
         for k in keys:
             out[k][r["step"]] = r.get(k, np.nan)
     return params, out, train_time
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "tx", "num_steps"))
+def _curvature_chunk(params, opt_state, carry, batch, *, loss_fn, tx, num_steps):
+    """Plain full-batch loop that also measures the directional curvature along every step (THEORY section 4):
+    ``kappa_k = <g_{k+1} - g_k, Delta_k> / |Delta_k|^2``; fold / shock numbers ``h max(0, +-kappa)`` with
+    ``h = |Delta| / |g|`` (``= lr`` for SGD).  Row ``k`` holds the numbers of step ``k - 1`` (0 at the first
+    step), the convention of :func:`quotient_sgd.optim.quotient_trajectory`."""
+
+    def dot(a, b):
+        return sum(jnp.sum(x * y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+    def body(c, _):
+        p, s, (g_prev, u_prev, h_prev) = c
+        loss, g = jax.value_and_grad(loss_fn)(p, batch)
+        dd = dot(u_prev, u_prev)
+        ok = dd > 0
+        kappa = jnp.where(ok, (dot(g, u_prev) - dot(g_prev, u_prev)) / jnp.where(ok, dd, 1.0), 0.0)
+        u, s = tx.update(g, s, p)
+        gg = dot(g, g)
+        h = jnp.where(gg > 0, jnp.sqrt(dot(u, u) / jnp.where(gg > 0, gg, 1.0)), 0.0)
+        out = {"loss": loss, "grad_norm": jnp.sqrt(gg), "curvature": kappa,
+               "fold_number": h_prev * jnp.maximum(kappa, 0.0), "shock_number": h_prev * jnp.maximum(-kappa, 0.0)}
+        return (optax.apply_updates(p, u), s, (g, u, h)), out
+
+    (params, opt_state, carry), traj = jax.lax.scan(body, (params, opt_state, carry), None, length=num_steps)
+    return params, opt_state, carry, traj
 
 
 def _bind_batch(loss_fn, batch, params):

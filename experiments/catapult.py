@@ -26,7 +26,7 @@ from quotient_sgd.diagnostics import detect, stability_decomposition  # noqa: E4
 from quotient_sgd.models import MLP  # noqa: E402
 from quotient_sgd.optim import SGDSpec  # noqa: E402
 
-OBS = ["loss", "grad_norm", "curvature", "shock_number", "fold_number"]
+OBS = "curvature"  # see _common.record
 
 
 def setup(cfg):
@@ -70,7 +70,7 @@ def summarise(out):
     row = {"eta*lambda0": out["lr"] * out["lambda0"], **gt}
     for v in ("quotient", "step", "raw"):
         e = C.first(out["events"], "catapult", v)
-        row[f"catapult[{v}] step"] = e.step if e else "missed"
+        row[f"catapult[{v}] step"] = e.step if e else ("missed" if gt["spiked"] else "none (none expected)")
         if e:
             row[f"catapult[{v}] confirm"] = e.details["confirm_step"]
             row[f"catapult[{v}] sharpness ratio"] = e.details["sharpness_ratio"]

@@ -27,7 +27,7 @@ from quotient_sgd.diagnostics import detect, stability_decomposition  # noqa: E4
 from quotient_sgd.models import MLP  # noqa: E402
 from quotient_sgd.optim import SGDSpec  # noqa: E402
 
-OBS = ["loss", "grad_norm", "curvature", "shock_number", "fold_number"]
+OBS = "curvature"  # see _common.record
 
 
 def setup(cfg):

@@ -77,16 +77,29 @@ def _decomposition(traj, i: int, lr_i: float | None, steps=None) -> dict[str, fl
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def detect_divergence(traj, *, steps, divergence_factor: float = 100.0, **_) -> list[Event]:
-    """First step where the loss is non-finite or exceeds ``divergence_factor`` times the initial loss."""
+def detect_divergence(traj, *, steps, divergence_factor: float = 100.0, divergence_patience: int = 20,
+                      **_) -> list[Event]:
+    """First step where the loss is non-finite, or where it has exceeded ``divergence_factor`` times the initial
+    loss for ``divergence_patience`` consecutive steps (a catapult's transient spike is not a divergence; the
+    event's step is the first of those steps)."""
     loss = scalar(traj, "loss")
     if loss is None or loss.size == 0:
         return []
     l0 = loss[0] if np.isfinite(loss[0]) else np.inf
-    bad = ~np.isfinite(loss) | (loss > divergence_factor * l0)
-    if not bad.any():
+    nonfinite = ~np.isfinite(loss)
+    high = np.where(nonfinite, False, loss > divergence_factor * l0)
+    run = np.zeros(len(loss), np.int64)
+    for t in range(len(loss)):
+        run[t] = (run[t - 1] + 1 if t else 1) if high[t] else 0
+    sustained = np.nonzero(run >= divergence_patience)[0]
+    cands = []
+    if nonfinite.any():
+        cands.append(int(np.argmax(nonfinite)))
+    if sustained.size:
+        cands.append(int(sustained[0]) - divergence_patience + 1)
+    if not cands:
         return []
-    i = int(np.argmax(bad))
+    i = min(cands)
     strength = float(loss[i] / l0) if np.isfinite(loss[i]) else float("inf")
     return [Event(int(steps[i]), "divergence", strength, {"loss": _f(loss[i])}, "quotient", True,
                   {"initial_loss": _f(l0), "factor": divergence_factor})]
@@ -343,7 +356,7 @@ def detect(trajectory, *, lr=None, kinds: Iterable[str] | None = None, start_ste
         kinds: detectors to run (default: all of :data:`ALL_KINDS`).
         **options: detector options (``alpha``, ``block``, ``transition_keys``, ``spike_factor``,
             ``spike_window``, ``spike_smooth``, ``drop_factor``, ``confirm_window``, ``eos_levels``, ``fold_levels``,
-            ``shock_level``, ``rearm``, ``divergence_factor``, ``slice_shocks``, ``horizon``).
+            ``shock_level``, ``rearm``, ``divergence_factor``, ``divergence_patience``, ``slice_shocks``, ``horizon``).
 
     Returns:
         Events sorted by step (then kind).

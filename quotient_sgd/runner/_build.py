@@ -147,7 +147,7 @@ def make_optimizer(s: Settings, group) -> optax.GradientTransformation:
     return optim.quotient_trajectory(
         tx, group, observables=tuple(ob.names) or None, every=ob.every,
         hessian_every=ob.hessian_every or None, spec=spec, hessian_k=ob.hessian_k, lanczos_steps=ob.lanczos_steps,
-        noise_every=ob.noise_every or None, seed=s.seed)
+        noise_every=ob.noise_every or None, seed=0)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -167,8 +167,26 @@ class Built:
     num_params: int
 
 
+def program_settings(s: Settings) -> Settings:
+    """``s`` with every value that is an input of the compiled programs (not part of their structure) reset:
+    seed, injected hyperparameters, init_gauge, and the bookkeeping sections.  Runs that agree on the result
+    share one :class:`Built`, hence one compilation (a loop over seeds or learning rates compiles once)."""
+    d = Settings()
+    return dataclasses.replace(
+        s, name=d.name, steps=d.steps, seed=d.seed, init_gauge=d.init_gauge, logging=d.logging,
+        checkpoint=d.checkpoint, sweep=d.sweep,
+        optim=dataclasses.replace(s.optim, lr=d.optim.lr, momentum=d.optim.momentum,
+                                  weight_decay=d.optim.weight_decay))
+
+
 def build(s: Settings) -> Built:
-    """Build the model structure, group, data, loss and optimiser of a validated config."""
+    """Build the model structure, group, data, loss and optimiser of a validated config (cached: runs whose
+    :func:`program_settings` agree get the same object)."""
+    return _build(program_settings(s))
+
+
+@functools.lru_cache(maxsize=16)
+def _build(s: Settings) -> Built:
     from ..symmetry import Product
 
     model = nnx.eval_shape(lambda: make_model(s, nnx.Rngs(0)))

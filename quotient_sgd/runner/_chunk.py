@@ -46,10 +46,23 @@ def init_state(b: Built, seed, init_gauge, hyper: dict):
     return params, opt_state
 
 
+def hyper(b: Built, lr, wd, mom) -> dict:
+    """The injected hyperparameters of the optimiser state (:func:`~._build.make_inner_optimizer`)."""
+    h = {"learning_rate": lr, "weight_decay": wd}
+    if b.settings.optim.name == "sgd":
+        h["momentum"] = mom
+    return h
+
+
+def hyper_of(s) -> tuple:
+    return (jnp.float32(s.optim.lr), jnp.float32(s.optim.weight_decay), jnp.float32(s.optim.momentum))
+
+
 @functools.lru_cache(maxsize=32)
 def single_programs(b: Built, num_steps: int):
-    """Jitted ``init`` and ``chunk`` for one run (cached per Built and chunk length)."""
-    init = jax.jit(lambda seed, g: init_state(b, seed, g, {}))
+    """Jitted ``init(seed, gauge, lr, wd, momentum)`` and ``chunk`` for one run (cached per Built and chunk
+    length: seeds and hyperparameters are inputs, so a loop over them compiles once)."""
+    init = jax.jit(lambda seed, g, lr, wd, mom: init_state(b, seed, g, hyper(b, lr, wd, mom)))
     chunk = jax.jit(functools.partial(chunk_step, b, num_steps, None))
     return init, chunk
 

@@ -15,7 +15,7 @@ import numpy as np
 from ..config import Settings
 from ..optim import flatten_trajectory
 from ._build import Built, build
-from ._chunk import single_programs, to_host
+from ._chunk import hyper_of, single_programs, to_host
 from ._rundir import Checkpoints, MetricsLog, TrajectoryParts, check_workdir, remove_outputs, write_json
 
 
@@ -99,7 +99,7 @@ def run(settings: Settings, workdir: str, *, built: Built | None = None, max_chu
     metrics, parts = MetricsLog(os.path.join(workdir, "metrics.jsonl")), TrajectoryParts(workdir)
     every = s.checkpoint.every
     init, _ = single_programs(b, every)
-    params, opt_state = init(jnp.int32(s.seed), jnp.float32(s.init_gauge))
+    params, opt_state = init(jnp.int32(s.seed), jnp.float32(s.init_gauge), *hyper_of(s))
     start = 0
     if ckpt is not None and ckpt.latest() is not None:
         start = int(ckpt.latest())
@@ -110,6 +110,7 @@ def run(settings: Settings, workdir: str, *, built: Built | None = None, max_chu
     tb = _tensorboard(s, workdir)
     bar = _progress(s, start)
     diverged = None
+    done = start
     seed = jnp.int32(s.seed)
     try:
         for n_chunk, (a, c) in enumerate(chunk_bounds(start, s.steps, every)):
@@ -139,6 +140,7 @@ def run(settings: Settings, workdir: str, *, built: Built | None = None, max_chu
                 break
             if ckpt is not None:
                 ckpt.save(c, (params, opt_state))
+            done = c
             if bar is not None:
                 bar.set_postfix(loss=f"{float(traj['loss'][-1]):.4g}",
                                 test=f"{float(ev['test_loss']):.4g}", refresh=False)
@@ -150,8 +152,7 @@ def run(settings: Settings, workdir: str, *, built: Built | None = None, max_chu
             tb.close()
         if ckpt is not None:
             ckpt.close()
-    steps_done = s.steps if diverged is None else diverged["step"] + 1
-    finished = diverged is not None or max_chunks is None or steps_done >= s.steps
+    finished = diverged is not None or done >= s.steps
     traj = parts.load()
     if finished:
         traj = parts.assemble(os.path.join(workdir, "trajectory.npz"))

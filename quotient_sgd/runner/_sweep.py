@@ -34,7 +34,7 @@ from .. import data as qdata
 from ..config import SWEEP_AXES, Settings, SweepSettings
 from ..optim import flatten_trajectory
 from ._build import Built, batch_key, build
-from ._chunk import chunk_step, init_state
+from ._chunk import chunk_step, hyper as _hyper, init_state
 from ._run import chunk_bounds, first_divergence, scalar_rows
 from ._rundir import MetricsLog, RunDirError, TrajectoryParts, config_diff, write_json
 
@@ -68,11 +68,6 @@ def member_settings(s: Settings, i: int, member: dict) -> Settings:
 
 
 # ---- programs ------------------------------------------------------------------------------------------------
-def _hyper(b: Built, lr, wd, mom) -> dict:
-    h = {"learning_rate": lr, "weight_decay": wd}
-    if b.settings.optim.name == "sgd":
-        h["momentum"] = mom
-    return h
 
 
 def _state_axes(b: Built):

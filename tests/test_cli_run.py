@@ -1,0 +1,61 @@
+"""`quotient-sgd run` on the default config writes every file of the run directory; `report` regenerates them."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+RUN_FILES = ("config.json", "trajectory.npz", "metrics.jsonl", "events.json", "summary.md")
+PLOTS = ("loss", "observables", "charges", "shock_fold", "hessian", "events")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _quotient_sgd(args, cwd):
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run([sys.executable, "-m", "quotient_sgd.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def _check_run_dir(d):
+    for f in RUN_FILES:
+        assert os.path.getsize(os.path.join(d, f)) > 0, f
+    assert [n for n in os.listdir(os.path.join(d, "checkpoints")) if n.isdigit()]
+    for p in PLOTS:
+        path = os.path.join(d, "plots", f"{p}.png")
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+        assert head == PNG_MAGIC and os.path.getsize(path) > 2000, p
+
+
+def _run_and_report(tmp_path, extra):
+    res = _quotient_sgd(["run", *extra], cwd=tmp_path)  # from a directory with no configs/: the embedded default
+    assert res.returncode == 0, res.stderr[-3000:]
+    d = tmp_path / "runs" / "quickstart"
+    _check_run_dir(d)
+    os.remove(d / "plots" / "loss.png")
+    os.remove(d / "summary.md")
+    rep = _quotient_sgd(["report", str(d)], cwd=tmp_path)
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    _check_run_dir(d)
+    assert "# Run `quickstart`" in rep.stdout
+
+
+def test_default_run_short(tmp_path):
+    """The default config, shortened to 40 steps (Hessian every 20) to keep the suite fast."""
+    _run_and_report(tmp_path, ["--config.steps=40", "--config.checkpoint.every=20",
+                               "--config.observables.hessian_every=20"])
+
+
+@pytest.mark.slow
+def test_default_run_full(tmp_path):
+    """`quotient-sgd run` with no arguments at all."""
+    _run_and_report(tmp_path, [])
+
+
+def test_help_and_unknown_subcommand(tmp_path):
+    assert "quotient-sgd run" in _quotient_sgd(["help"], cwd=tmp_path).stdout
+    res = _quotient_sgd(["frobnicate"], cwd=tmp_path)
+    assert res.returncode == 2 and "unknown subcommand" in res.stderr
+    assert os.listdir(tmp_path) == []

@@ -1,0 +1,106 @@
+"""Resume after a real SIGKILL: the restarted command ends with the trajectory of an uninterrupted run (bitwise,
+CPU, same seed) and metrics.jsonl has every row exactly once; a different config never overwrites a run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from quotient_sgd.config import load_config, validate
+from quotient_sgd.runner import RunDirError, run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+ARGS = [f"--config={TINY}", "--config.steps=400", "--config.checkpoint.every=10", "--config.logging.plots=False"]
+
+
+def _cmd(workdir):
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    return [sys.executable, "-m", "quotient_sgd.cli", "run", *ARGS, f"--workdir={workdir}"], env
+
+
+def _checkpoint_steps(workdir):
+    d = os.path.join(workdir, "checkpoints")
+    return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def _rows(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _traj(workdir):
+    with np.load(os.path.join(workdir, "trajectory.npz")) as z:
+        return {k: z[k] for k in z.files}
+
+
+def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
+    killed, ref = str(tmp_path / "killed"), str(tmp_path / "ref")
+    cmd, env = _cmd(killed)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        steps = _checkpoint_steps(killed)
+        if steps and steps[-1] >= 30:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not os.path.exists(os.path.join(killed, "summary.md"))
+    last_ckpt = _checkpoint_steps(killed)[-1]
+    assert 30 <= last_ckpt < 400
+
+    # restart with the same command; an uninterrupted run for reference
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd_ref, _ = _cmd(ref)
+    subprocess.run(cmd_ref, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    a, b = _traj(killed), _traj(ref)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)  # bitwise
+    ra, rb = _rows(killed), _rows(ref)
+    steps = [r["step"] for r in ra]
+    assert steps == sorted(set(steps)), "duplicated or unordered metric rows"
+    assert ra == rb, "lost or changed metric rows"
+    assert f"resumed from step {last_ckpt}" in open(os.path.join(killed, "summary.md")).read() or last_ckpt == 400
+
+
+def test_in_process_resume_and_config_guard(tmp_path):
+    c = load_config(TINY)
+    c.steps = 40
+    c.logging.plots = False
+    s = validate(c)
+    wd = str(tmp_path / "r")
+    part = run(s, wd, max_chunks=2)
+    assert part.steps_done == 20 and not os.path.exists(os.path.join(wd, "summary.md"))
+    full = run(s, wd)
+    assert full.resumed_from == 20
+    ref = run(s, str(tmp_path / "ref"))
+    for k in ref.trajectory:
+        np.testing.assert_array_equal(full.trajectory[k], ref.trajectory[k], err_msg=k)
+    assert [r["step"] for r in _rows(wd)] == [r["step"] for r in _rows(str(tmp_path / "ref"))]
+
+    # a different config: refused, naming the directory and the differing keys; nothing changes
+    before = {f: os.path.getmtime(os.path.join(wd, f)) for f in os.listdir(wd)}
+    c.optim.lr = 0.01
+    with pytest.raises(RunDirError) as e:
+        run(validate(c), wd)
+    msg = str(e.value)
+    assert wd in msg and "optim.lr" in msg and "0.05" in msg and "0.01" in msg
+    assert {f: os.path.getmtime(os.path.join(wd, f)) for f in os.listdir(wd)} == before
+
+    # a non-run directory is refused too
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match="no config.json"):
+        run(s, str(other))
+    assert os.listdir(other) == ["notes.txt"]

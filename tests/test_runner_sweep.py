@@ -1,0 +1,114 @@
+"""Sweeps: 8-device sharding == 1 device == the member's own run; a diverging member is recorded while the
+others finish; 2 processes x 4 CPU devices (jax.distributed on 127.0.0.1) == 1 process."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from quotient_sgd.config import load_config, validate
+from quotient_sgd.runner import run, sweep
+from quotient_sgd.runner._sweep import member_settings, sweep_members
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+
+
+def _settings(**over):
+    c = load_config(TINY)
+    c.steps = 20
+    c.logging.plots = False
+    for k, v in over.items():
+        c.update_from_flattened_dict({k: v})
+    return validate(c)
+
+
+def _traj(d):
+    with np.load(os.path.join(d, "trajectory.npz")) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _assert_same(a, b, rtol=1e-5, atol=1e-7):
+    assert sorted(a) == sorted(b)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=atol, err_msg=k)
+
+
+def test_sharded_sweep_equals_one_device_and_single_runs(tmp_path):
+    s = _settings()
+    assert len(jax.devices()) == 8
+    r8 = sweep(s, str(tmp_path / "d8"), members_per_device=1, plots=False)
+    r1 = sweep(s, str(tmp_path / "d1"), members_per_device=8, devices=jax.devices()[:1], plots=False)
+    assert (r8.num_devices, r1.num_devices, r8.num_members) == (8, 1, 8)
+    for d8, d1 in zip(r8.member_dirs, r1.member_dirs):
+        _assert_same(_traj(d8), _traj(d1))
+    # a member equals the plain run of its settings
+    i = 5
+    ms = member_settings(s, i, sweep_members(s)[i])
+    res = run(ms, str(tmp_path / "single"))
+    _assert_same(_traj(r8.member_dirs[i]), res.trajectory)
+    for d in r8.member_dirs:
+        for f in ("config.json", "trajectory.npz", "metrics.jsonl", "events.json", "summary.md"):
+            assert os.path.exists(os.path.join(d, f)), (d, f)
+    assert "| 007 |" in open(tmp_path / "d8" / "summary.md").read()
+
+
+def test_diverging_member_recorded_others_finish(tmp_path):
+    s = _settings(**{"sweep.lr": (0.05, 500.0), "sweep.seed": (0,), "steps": 30})
+    r = sweep(s, str(tmp_path / "sw"), members_per_device=2, devices=jax.devices()[:1], plots=True)
+    assert list(r.diverged) == [1]
+    ok, bad = r.member_dirs
+    assert len(_traj(ok)["loss"]) == 30 and np.isfinite(_traj(ok)["loss"]).all()
+    events = json.load(open(os.path.join(bad, "events.json")))
+    div = [e for e in events if e["kind"] == "divergence" and e["details"].get("ended_run")]
+    assert len(div) == 1 and div[0]["step"] == r.diverged[1]["step"] < 30
+    assert "non-finite" in div[0]["details"]["reason"]
+    assert len(_traj(bad)["loss"]) == div[0]["step"] + 1
+    table = open(tmp_path / "sw" / "summary.md").read()
+    assert f"diverged at step {div[0]['step']}" in table
+    for p in ("loss.png", "final.png"):
+        assert os.path.getsize(tmp_path / "sw" / "plots" / p) > 1000
+
+
+def test_single_run_divergence_ends_cleanly(tmp_path):
+    res = run(_settings(**{"optim.lr": 500.0}), str(tmp_path / "r"))
+    assert res.diverged is not None and res.diverged["step"] < 20
+    events = json.load(open(tmp_path / "r" / "events.json"))
+    assert any(e["kind"] == "divergence" and e["step"] == res.diverged["step"] for e in events)
+    assert "diverged at step" in open(tmp_path / "r" / "summary.md").read()
+
+
+def _free_port():
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        return sk.getsockname()[1]
+
+
+def _cli(args, env_extra, cwd):
+    env = dict(os.environ, QSGD_NO_MALLOC_TUNING="1", **env_extra)
+    env.pop("XLA_FLAGS", None)
+    return subprocess.Popen([sys.executable, "-m", "quotient_sgd.cli", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_process_distributed_sweep_equals_single_process(tmp_path):
+    common = ["sweep", f"--config={TINY}", "--config.steps=20", "--config.logging.plots=False",
+              "--config.sweep.members_per_device=1"]
+    port = _free_port()
+    procs = [_cli(common + [f"--workdir={tmp_path / 'multi'}", f"--coordinator_address=127.0.0.1:{port}",
+                            "--num_processes=2", f"--process_id={i}"], {"JAX_NUM_CPU_DEVICES": "4"}, tmp_path)
+             for i in range(2)]
+    ref = _cli(common + [f"--workdir={tmp_path / 'single'}"], {"JAX_NUM_CPU_DEVICES": "8"}, tmp_path)
+    outs = [p.communicate(timeout=240)[0] for p in procs + [ref]]
+    for p, out in zip(procs + [ref], outs):
+        assert p.returncode == 0, out[-3000:]
+    meta = json.load(open(tmp_path / "multi" / "sweep.json"))
+    assert (meta["num_processes"], meta["num_devices"]) == (2, 8)
+    for i in range(8):
+        d = f"members/{i:03d}"
+        _assert_same(_traj(tmp_path / "multi" / d), _traj(tmp_path / "single" / d), rtol=0, atol=0)

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from jax.flatten_util import ravel_pytree
 
 from quotient_sgd import observables as qobs
@@ -34,10 +35,12 @@ def _group():
     return Product(comps + [Translation(kernel=("l2", "kernel"), bias=("l2", "bias"), name="t")])
 
 
-def test_lanczos_extremes_dense_matrix(x64):
+@pytest.mark.parametrize("method", ["unrolled", "matfree"])
+def test_lanczos_extremes_dense_matrix(x64, method):
     m = jax.random.normal(jax.random.key(0), (40, 40), jnp.float64)
     a = m + m.T
-    ex = qobs.lanczos_extremes(lambda v: a @ v, jnp.ones(40, jnp.float64), num_matvecs=40, k=3)
+    ex = jax.jit(lambda v: qobs.lanczos_extremes(lambda u: a @ u, v, num_matvecs=40, k=3, method=method))(
+        jnp.ones(40, jnp.float64))
     ev = jnp.linalg.eigvalsh(a)
     np.testing.assert_allclose(ex.top, ev[::-1][:3], rtol=1e-8)
     np.testing.assert_allclose(ex.bottom, ev[:3], rtol=1e-8)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import diffrax as dfx
 import equinox as eqx
+import jax
 import jax.numpy as jnp
+import numpy as np
 import optimistix as optx
 
 from ._custom_types import Array
-from ._etd import ETDRK4, SemilinearTerm
+from ._etd import CachedCoefficients, ETDRK4, etdrk4_coefficients, SemilinearTerm
 from ._finite_volume import FiniteVolume
 from ._grid import AnyGrid
 from ._spectral import Spectral
@@ -72,8 +75,36 @@ class _Implicit(eqx.Module):
         return self.scheme.diffusion(self.grid, self.form, y, nu)
 
 
+class _LatticeWithStops(dfx.AbstractStepSizeController):
+    """Fixed steps on the lattice ``k h`` (``t0 = 0``), also stepping exactly onto each save time ``stops``.
+
+    A save time between two lattice points splits that one step in two; every other step has size ``h``, so
+    :class:`ETDRK4`'s cached coefficients serve them.  (``diffrax.ClipStepSizeController`` only wraps adaptive
+    controllers.)
+    """
+
+    h: Array
+    stops: Array  # sorted, last = t1
+
+    def wrap(self, direction):
+        return self
+
+    def _next(self, t):
+        h, tol = self.h, 1e-3  # tol: a fraction of a step, far above the rounding of t / h in float32 or 64
+        lattice = (jnp.floor(t / h + tol) + 1) * h
+        later = self.stops > t + tol * h
+        stop = jnp.min(jnp.where(later, self.stops, self.stops[-1]))
+        return jnp.where(stop <= lattice + tol * h, stop, lattice)
+
+    def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
+        return self._next(t0), None
+
+    def adapt_step_size(self, t0, t1, y0, y1_candidate, args, y_error, error_order, controller_state):
+        return True, t1, self._next(t1), False, None, dfx.RESULTS.successful
+
+
 def _solve(form, name, y0, grid, *, nu, t1, ts, scheme, solver, rtol, atol, max_steps, dt0, adaptive,
-           adjoint, progress):
+           adjoint, progress, dt=None):
     scheme = as_scheme(scheme)
     y0 = jnp.asarray(y0)
     if not jnp.issubdtype(y0.dtype, jnp.floating):
@@ -93,6 +124,11 @@ def _solve(form, name, y0, grid, *, nu, t1, ts, scheme, solver, rtol, atol, max_
     t1 = jnp.asarray(t1, dtype)
     if solver not in _SOLVERS and not isinstance(solver, dfx.AbstractSolver):
         raise ValueError(f"{name}: solver={solver!r} is not one of {_SOLVERS} or a diffrax solver.")
+    if not adaptive:
+        if dt0 is None and dt is None:
+            raise ValueError(f"{name}: adaptive=False needs a fixed step dt (or dt0).")
+        dt = dt0 if dt is None else dt
+    fixed = dt is not None
     if solver == "auto":
         solver = "etd" if isinstance(scheme, Spectral) else "tsit5"
     term = SemilinearTerm(scheme, grid, form)
@@ -109,20 +145,43 @@ def _solve(form, name, y0, grid, *, nu, t1, ts, scheme, solver, rtol, atol, max_
         # The implicit part is linear, so one chord iteration is exact; tying the root finder's tolerance to a
         # tight controller rtol makes round-off stagnation look like divergence and rejects every step.
         solver = dfx.KenCarp4(root_finder=dfx.VeryChord(rtol=1e-3, atol=1e-6, norm=optx.max_norm))
-    if adaptive:
-        controller = dfx.PIDController(rtol=rtol, atol=atol)
+    if fixed:
+        # uniform steps h = t1 / ceil(t1 / dt) <= dt ending exactly at t1 (the step count is not differentiated)
+        num = jax.lax.stop_gradient(jnp.maximum(jnp.ceil(t1 / jnp.asarray(dt, dtype) - 1e-9), 1.0))
+        dt0 = t1 / num
+        if ts is None:
+            controller = dfx.ConstantStepSize()
+        else:
+            stops = jnp.concatenate([jnp.sort(jnp.asarray(ts, dtype).reshape(-1)), t1[None]])
+            controller = _LatticeWithStops(dt0, stops)
+    else:
+        # tolerances as arrays, not Python floats: a solve at another tolerance reuses the compiled one
+        controller = dfx.PIDController(rtol=jnp.asarray(rtol, dtype), atol=jnp.asarray(atol, dtype))
         if ts is not None:
             controller = dfx.ClipStepSizeController(controller, step_ts=jnp.asarray(ts, dtype))
-    else:
-        if dt0 is None:
-            raise ValueError(f"{name}: adaptive=False needs a fixed step dt0.")
-        controller = dfx.ConstantStepSize()
+    args = nu
+    if fixed and isinstance(solver, ETDRK4):
+        cdt = jax.eval_shape(term.forward, y0).dtype
+        args = CachedCoefficients(nu, dt0, etdrk4_coefficients(term.linear(nu), dt0, cdt), recheck=ts is not None)
+    if fixed and type(adjoint) is dfx.RecursiveCheckpointAdjoint and adjoint.checkpoints is None:
+        try:  # concrete t1 and dt: the step count is known, so checkpoint every step (no recomputation)
+            known = int(np.ceil(float(t1) / float(dt) - 1e-9)) + (0 if ts is None else int(np.size(ts))) + 1
+        except (jax.errors.ConcretizationTypeError, TypeError):
+            known = None
+        saves = 1 if ts is None else 1 + int(np.size(ts))
+        if known is not None and known * y0.nbytes * (4 + saves) <= 2**29:
+            max_steps = min(known, max_steps)
+            adjoint = dfx.RecursiveCheckpointAdjoint(checkpoints=max_steps)
     saveat = dfx.SaveAt(t1=True) if ts is None else dfx.SaveAt(ts=jnp.asarray(ts, dtype), t1=True)
-    sol = dfx.diffeqsolve(
-        term, solver, t0=jnp.zeros((), dtype), t1=t1, dt0=dt0, y0=y0, args=nu, saveat=saveat,
-        stepsize_controller=controller, adjoint=adjoint, max_steps=max_steps, throw=False,
-        progress_meter=dfx.TqdmProgressMeter() if progress else dfx.NoProgressMeter(),
-    )
+    with warnings.catch_warnings():
+        # The only complex leaves are CachedCoefficients' diagonal factors, which multiply spectra inside a step;
+        # the state and everything diffrax integrates are real.
+        warnings.filterwarnings("ignore", message="Complex dtype support in Diffrax")
+        sol = dfx.diffeqsolve(
+            term, solver, t0=jnp.zeros((), dtype), t1=t1, dt0=dt0, y0=y0, args=args, saveat=saveat,
+            stepsize_controller=controller, adjoint=adjoint, max_steps=max_steps, throw=False,
+            progress_meter=dfx.TqdmProgressMeter() if progress else dfx.NoProgressMeter(),
+        )
     ys = sol.ys
     ys = eqx.error_if(
         ys, sol.result == dfx.RESULTS.max_steps_reached,
@@ -144,7 +203,7 @@ def _solve(form, name, y0, grid, *, nu, t1, ts, scheme, solver, rtol, atol, max_
 
 
 def solve_burgers(p0, grid: AnyGrid, *, nu, t1, ts=None, scheme="spectral", solver="auto", rtol=1e-6,
-                  atol=1e-8, max_steps: int = 16384, dt0=None, adaptive: bool = True,
+                  atol=1e-8, max_steps: int = 16384, dt=None, dt0=None, adaptive: bool = True,
                   adjoint=dfx.RecursiveCheckpointAdjoint(), progress: bool = False) -> BurgersSolution:
     """Solve the viscous Burgers equation ``p_t + (p . grad) p = nu Lap p`` from ``p0`` (THEORY section 3).
 
@@ -157,9 +216,14 @@ def solve_burgers(p0, grid: AnyGrid, *, nu, t1, ts=None, scheme="spectral", solv
         scheme: ``"spectral"`` (periodic, smooth/viscous), ``"fv"`` / ``"fv-smooth"`` or a scheme object.
         solver: ``"auto"`` (ETDRK4 for spectral, Tsit5 for FV), ``"etd"``, ``"tsit5"``, ``"kencarp"``
             (IMEX: explicit advection, implicit viscosity), or a diffrax solver for the full right-hand side.
-        rtol, atol: tolerances of the PID step-size controller.
+        rtol, atol: tolerances of the PID step-size controller (adaptive stepping, the default).
+        dt: fixed stepping instead: ``ceil(t1 / dt)`` equal steps of size ``t1 / ceil(t1 / dt) <= dt`` (plus a
+            split step at each save time in ``ts`` that falls between them).  With ETDRK4 the phi-function
+            coefficients are then built once per solve instead of once per step; this is the fast path when
+            the step that reaches a target error is known (benchmarks/hj.py), and the one that
+            differentiates exactly the map finite differences see.
         max_steps: step budget (finite, as reverse-mode autodiff needs); exceeding it raises an error.
-        dt0, adaptive: initial step; ``adaptive=False`` steps with the constant ``dt0``.
+        dt0, adaptive: initial step of adaptive stepping; ``adaptive=False`` with ``dt0`` means ``dt=dt0``.
         adjoint: a diffrax adjoint; RecursiveCheckpointAdjoint by default.  BacksolveAdjoint is refused: it
             integrates the viscous equation backwards in time, which is anti-diffusive and blows up.
         progress: show a tqdm progress meter.
@@ -175,11 +239,11 @@ def solve_burgers(p0, grid: AnyGrid, *, nu, t1, ts=None, scheme="spectral", solv
     """
     return _solve("burgers", "solve_burgers", p0, grid, nu=nu, t1=t1, ts=ts, scheme=scheme, solver=solver,
                   rtol=rtol, atol=atol, max_steps=max_steps, dt0=dt0, adaptive=adaptive, adjoint=adjoint,
-                  progress=progress)
+                  progress=progress, dt=dt)
 
 
 def solve_hj(u0, grid: AnyGrid, *, nu, t1, ts=None, scheme="spectral", solver="auto", rtol=1e-6, atol=1e-8,
-             max_steps: int = 16384, dt0=None, adaptive: bool = True, adjoint=dfx.RecursiveCheckpointAdjoint(),
+             max_steps: int = 16384, dt=None, dt0=None, adaptive: bool = True, adjoint=dfx.RecursiveCheckpointAdjoint(),
              progress: bool = False) -> HJSolution:
     """Solve the viscous Hamilton-Jacobi equation ``u_t + |grad u|^2 / 2 = nu Lap u`` from ``u0 = L``.
 
@@ -188,4 +252,5 @@ def solve_hj(u0, grid: AnyGrid, *, nu, t1, ts=None, scheme="spectral", solver="a
     held fixed.  Returns :class:`HJSolution` with ``.ts`` and ``.us``.
     """
     return _solve("hj", "solve_hj", u0, grid, nu=nu, t1=t1, ts=ts, scheme=scheme, solver=solver, rtol=rtol,
-                  atol=atol, max_steps=max_steps, dt0=dt0, adaptive=adaptive, adjoint=adjoint, progress=progress)
+                  atol=atol, max_steps=max_steps, dt0=dt0, adaptive=adaptive, adjoint=adjoint, progress=progress,
+                  dt=dt)

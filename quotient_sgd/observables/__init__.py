@@ -56,7 +56,7 @@ KINDS["fold_number_hessian"] = REDUCED_DYNAMICS
 __all__ = [
     "KINDS", "ORBIT_INVARIANT", "RAW", "REDUCED_DYNAMICS", "Extremes", "Noise", "angular_update",
     "canonical_gradient", "charge_drift", "charges", "dense_hessian", "directional_curvature", "effective_lr",
-    "fold_number", "frozen_horizontal", "gradient_noise", "grad_norm", "grad_norm_canonical", "hessian_extremes", "hvp_operator",
-    "invariant_norms", "kind_of", "lanczos_extremes", "observable", "predict_charge_drift", "shock_number",
+    "fold_number", "frozen_horizontal", "gradient_noise", "grad_norm", "grad_norm_canonical", "hessian_extremes",
+    "hvp_operator", "invariant_norms", "kind_of", "lanczos_extremes", "observable", "predict_charge_drift", "shock_number",
     "sharpness_horizontal", "sharpness_quotient", "sharpness_raw", "update_split_norms",
 ]

@@ -2,7 +2,8 @@
 
 ``P H P`` with ``P`` the Euclidean horizontal projection at the evaluation point: the Hessian restricted to the
 directions that change the network function.  Lanczos (matfree's full-reorthogonalised tridiagonalisation)
-started from a horizontal vector stays in the horizontal space, so the ``k`` zero eigenvalues that ``P H P``
+(or the straight-line version in :func:`lanczos_extremes`) started from a horizontal vector stays in the
+horizontal space, so the ``k`` zero eigenvalues that ``P H P``
 has on the vertical space do not pollute the bottom of the spectrum.  The Hessian-vector product is
 ``jax.linearize`` of the gradient, linearised once and applied ``num_matvecs`` times.
 """
@@ -29,7 +30,34 @@ class Extremes(NamedTuple):
     bottom_vectors: Any
 
 
-def lanczos_extremes(matvec: Callable, v0, *, num_matvecs: int = 20, k: int = 1) -> Extremes:
+def _lanczos_unrolled(matvec: Callable, v0: jax.Array, num_matvecs: int):
+    """Lanczos with full (twice-applied) reorthogonalisation as straight-line code: ``(T, Q)`` with ``T`` the
+    ``K x K`` tridiagonal matrix and ``Q`` the ``K x n`` Krylov basis (rows)."""
+    n = v0.shape[0]
+    qmat = jnp.zeros((num_matvecs, n), v0.dtype)
+    q = v0 / jnp.linalg.norm(v0)
+    alphas, betas = [], []
+    for j in range(num_matvecs):
+        qmat = qmat.at[j].set(q)
+        w = matvec(q)
+        alphas.append(jnp.dot(q, w))
+        w = w - qmat.T @ (qmat @ w)
+        w = w - qmat.T @ (qmat @ w)
+        if j < num_matvecs - 1:
+            beta = jnp.linalg.norm(w)
+            betas.append(beta)
+            # breakdown (an invariant subspace was found): continue with zeros, which add zero Ritz values
+            q = jnp.where(beta > 0, w / jnp.where(beta > 0, beta, jnp.ones_like(beta)), jnp.zeros_like(w))
+    t = jnp.diag(jnp.stack(alphas))
+    if betas:
+        off = jnp.stack(betas)
+        t = t + jnp.diag(off, 1) + jnp.diag(off, -1)
+    return t, qmat
+
+
+def lanczos_extremes(
+    matvec: Callable, v0, *, num_matvecs: int = 20, k: int = 1, method: str = "unrolled"
+) -> Extremes:
     """Top-``k`` and bottom-``k`` eigenpairs of a symmetric linear operator by ``num_matvecs`` Lanczos steps.
 
     Args:
@@ -37,14 +65,29 @@ def lanczos_extremes(matvec: Callable, v0, *, num_matvecs: int = 20, k: int = 1)
         v0: starting vector (any nonzero pytree; its span must contain the wanted eigenvectors' directions).
         num_matvecs: Krylov depth (at most the operator's rank on the span of ``v0``).
         k: how many extremes to return at each end (``2 k <= num_matvecs`` for disjoint ends).
+        method: ``"unrolled"`` (default): full reorthogonalisation written as straight-line code, which XLA:CPU
+            runs several times faster than a loop (measured: 20 steps on an 85k-parameter MLP, 162 ms through
+            a ``fori_loop`` vs ~20 ms unrolled); compile time grows with ``num_matvecs``.
+            ``"matfree"``: ``matfree.decomp.tridiag_sym(num_matvecs, reortho="full")`` with
+            ``matfree.eig.eigh_partial`` (a loop; constant compile time).
 
     Returns:
         :class:`Extremes`.
     """
     if not 1 <= k <= num_matvecs:
         raise ValueError(f"need 1 <= k <= num_matvecs, got k={k}, num_matvecs={num_matvecs}")
-    tridiag = decomp.tridiag_sym(num_matvecs, reortho="full", materialize=True, custom_vjp=False)
-    vals, vecs = eig.eigh_partial(tridiag)(matvec, v0)
+    if method == "matfree":
+        tridiag = decomp.tridiag_sym(num_matvecs, reortho="full", materialize=True, custom_vjp=False)
+        vals, vecs = eig.eigh_partial(tridiag)(matvec, v0)
+    elif method == "unrolled":
+        from jax.flatten_util import ravel_pytree
+
+        flat, unravel = ravel_pytree(v0)
+        t, qmat = _lanczos_unrolled(lambda f: ravel_pytree(matvec(unravel(f)))[0], flat, num_matvecs)
+        vals, s = jnp.linalg.eigh(t)
+        vecs = jax.vmap(unravel)(s.T @ qmat)
+    else:
+        raise ValueError(f"method must be 'unrolled' or 'matfree', got {method!r}")
     top = vals[::-1][:k]
     bottom = vals[:k]
     top_vectors = jax.tree.map(lambda x: x[::-1][:k], vecs)

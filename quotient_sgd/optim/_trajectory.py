@@ -104,6 +104,12 @@ def quotient_trajectory(
     eta lambda_max_horizontal`` and ``hessian_step``; values persist between evaluations.  ``lanczos_steps``
     Lanczos iterations each.  With ``noise_every=K``: ``noise_sigma2``, ``temperature``, ``viscosity``.
 
+    Cost: ``grad_norm_canonical``, ``effective_lr`` (its ``"global"`` entry), ``invariant_norms`` and the update
+    split call ``group.canonical_element`` / ``group.invariants`` / ``group.vertical``; for groups whose
+    components overlap (rescale chains, permutations) these are solves that can cost far more than a training
+    step (see ``benchmarks/trajectory.py``).  The other defaults are closed-form passes over the parameters.
+    Pick ``observables=`` and ``every=`` accordingly.
+
     Args:
         tx: any optax transformation (extra-args aware or not).
         group: the model's symmetry group (:mod:`quotient_sgd.symmetry`).

@@ -12,4 +12,17 @@ See THEORY.md for the mathematics.  The subpackages are
 - :mod:`quotient_sgd.runner` and :mod:`quotient_sgd.config`: config-driven runs and sweeps.
 """
 
+import os as _os
+
 __version__ = "0.1.0"
+
+# XLA:CPU's concurrency-optimized scheduler deadlocks (all runtime threads parked, no progress) on some graphs
+# this package builds -- observed with jax/jaxlib 0.10.2 on the jitted canonicalisation of a two-block
+# Transformer's symmetry group, which completes in seconds with the scheduler off.  XLA reads XLA_FLAGS when the
+# backend starts, so the flag takes effect when quotient_sgd is imported before JAX runs anything.
+# Set QSGD_KEEP_XLA_SCHEDULER=1 to leave XLA_FLAGS untouched.
+_XLA_FIX = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+if _os.environ.get("QSGD_KEEP_XLA_SCHEDULER") != "1" and "xla_cpu_enable_concurrency_optimized_scheduler" not in (
+    _os.environ.get("XLA_FLAGS", "")
+):
+    _os.environ["XLA_FLAGS"] = (_os.environ.get("XLA_FLAGS", "") + " " + _XLA_FIX).strip()

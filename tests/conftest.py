@@ -2,8 +2,7 @@
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "")
-
+import quotient_sgd  # noqa: E402,F401  (sets XLA_FLAGS before the backend starts; see quotient_sgd/__init__.py)
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)

@@ -103,9 +103,11 @@ def test_two_process_distributed_sweep_equals_single_process(tmp_path):
     procs = [_cli(common + [f"--workdir={tmp_path / 'multi'}", f"--coordinator_address=127.0.0.1:{port}",
                             "--num_processes=2", f"--process_id={i}"], {"JAX_NUM_CPU_DEVICES": "4"}, tmp_path)
              for i in range(2)]
-    ref = _cli(common + [f"--workdir={tmp_path / 'single'}"], {"JAX_NUM_CPU_DEVICES": "8"}, tmp_path)
-    outs = [p.communicate(timeout=240)[0] for p in procs + [ref]]
-    for p, out in zip(procs + [ref], outs):
+    # the single-process reference: this process, 8 CPU devices, one member per device
+    s = _settings(**{"sweep.members_per_device": 1})
+    sweep(s, str(tmp_path / "single"), plots=False)
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
     meta = json.load(open(tmp_path / "multi" / "sweep.json"))
     assert (meta["num_processes"], meta["num_devices"]) == (2, 8)

@@ -238,8 +238,8 @@ def load_run(workdir: str) -> tuple[Settings, dict, list[dict], list[dict]]:
 
 
 def report(workdir: str) -> str:
-    """Regenerate ``plots/*.png`` and ``summary.md`` of a run directory (or of a sweep directory: its member
-    runs and the sweep table); returns the summary text."""
+    """Regenerate ``plots/*.png`` and ``summary.md`` of a run directory (of a sweep directory: the sweep table
+    and comparison plots; run ``report`` on ``members/<i>`` for a member); returns the summary text."""
     if os.path.exists(os.path.join(workdir, "sweep.json")):
         from ._sweep import report_sweep
 

@@ -9,7 +9,9 @@ from ._cole_hopf import cole_hopf as cole_hopf
 from ._cole_hopf import cole_hopf_gradient as cole_hopf_gradient
 from ._cole_hopf import cole_hopf_monte_carlo as cole_hopf_monte_carlo
 from ._cole_hopf import MonteCarloEstimate as MonteCarloEstimate
+from ._etd import CachedCoefficients as CachedCoefficients
 from ._etd import ETDRK4 as ETDRK4
+from ._etd import etdrk4_coefficients as etdrk4_coefficients
 from ._etd import SemilinearTerm as SemilinearTerm
 from ._finite_volume import FiniteVolume as FiniteVolume
 from ._grid import Grid as Grid

@@ -78,7 +78,7 @@ class SliceFlow(eqx.Module):
 
 def slice_flow(loss_fn: Callable, params, directions, *, extent: float, n: int, eta, k, nu, margin: float = 0.5,
                scheme="fv-smooth", solver: str = "tsit5", rtol: float = 1e-6, atol: float = 1e-8,
-               max_steps: int = 16384, max_shocks: int = 8) -> SliceFlow:
+               max_steps: int = 16384, max_shocks: int = 8, dt=None) -> SliceFlow:
     """Coarse-grain a loss on a slice: HJ flow for t = eta * k at viscosity nu, then report shocks.
 
     Args:
@@ -88,7 +88,9 @@ def slice_flow(loss_fn: Callable, params, directions, *, extent: float, n: int, 
         extent: the slice covers ``a in [-extent, extent]`` along each direction, with ``n`` points.
         eta, k, nu: step size, number of steps, viscosity (differentiable in eta and nu).
         margin: extra sampled region on each side, as a fraction of ``extent``.
-        scheme, solver, rtol, atol, max_steps: as :func:`solve_hj` (bounded grid: finite volumes only).
+        scheme, solver, rtol, atol, max_steps, dt: as :func:`solve_hj` (bounded grid: finite volumes only;
+            ``dt`` selects fixed steps, whose derivatives in eta and nu are those of the map finite differences
+            see as long as ``ceil(eta k / dt)`` does not change).
     """
     ds = _directions(directions)
     dim = len(ds)
@@ -103,7 +105,7 @@ def slice_flow(loss_fn: Callable, params, directions, *, extent: float, n: int, 
     t = jnp.asarray(eta, dtype) * jnp.asarray(k, dtype)
     nu = jnp.asarray(nu, dtype)
     sol = solve_hj(l_ext, ext, nu=nu, t1=t, scheme=scheme, solver=solver, rtol=rtol, atol=atol,
-                   max_steps=max_steps)
+                   max_steps=max_steps, dt=dt)
     sl = (slice(pad, pad + n),) * dim
     u = sol.us[-1][sl]
     loss = l_ext[sl]

@@ -145,24 +145,6 @@ def _solve(form, name, y0, grid, *, nu, t1, ts, scheme, solver, rtol, atol, max_
         # The implicit part is linear, so one chord iteration is exact; tying the root finder's tolerance to a
         # tight controller rtol makes round-off stagnation look like divergence and rejects every step.
         solver = dfx.KenCarp4(root_finder=dfx.VeryChord(rtol=1e-3, atol=1e-6, norm=optx.max_norm))
-    if fixed:
-        # uniform steps h = t1 / ceil(t1 / dt) <= dt ending exactly at t1 (the step count is not differentiated)
-        num = jax.lax.stop_gradient(jnp.maximum(jnp.ceil(t1 / jnp.asarray(dt, dtype) - 1e-9), 1.0))
-        dt0 = t1 / num
-        if ts is None:
-            controller = dfx.ConstantStepSize()
-        else:
-            stops = jnp.concatenate([jnp.sort(jnp.asarray(ts, dtype).reshape(-1)), t1[None]])
-            controller = _LatticeWithStops(dt0, stops)
-    else:
-        # tolerances as arrays, not Python floats: a solve at another tolerance reuses the compiled one
-        controller = dfx.PIDController(rtol=jnp.asarray(rtol, dtype), atol=jnp.asarray(atol, dtype))
-        if ts is not None:
-            controller = dfx.ClipStepSizeController(controller, step_ts=jnp.asarray(ts, dtype))
-    args = nu
-    if fixed and isinstance(solver, ETDRK4):
-        cdt = jax.eval_shape(term.forward, y0).dtype
-        args = CachedCoefficients(nu, dt0, etdrk4_coefficients(term.linear(nu), dt0, cdt), recheck=ts is not None)
     if fixed and type(adjoint) is dfx.RecursiveCheckpointAdjoint and adjoint.checkpoints is None:
         try:  # concrete t1 and dt: the step count is known, so checkpoint every step (no recomputation)
             known = int(np.ceil(float(t1) / float(dt) - 1e-9)) + (0 if ts is None else int(np.size(ts))) + 1
@@ -172,7 +154,38 @@ def _solve(form, name, y0, grid, *, nu, t1, ts, scheme, solver, rtol, atol, max_
         if known is not None and known * y0.nbytes * (4 + saves) <= 2**29:
             max_steps = min(known, max_steps)
             adjoint = dfx.RecursiveCheckpointAdjoint(checkpoints=max_steps)
-    saveat = dfx.SaveAt(t1=True) if ts is None else dfx.SaveAt(ts=jnp.asarray(ts, dtype), t1=True)
+    as_array = (lambda v: None if v is None else jnp.asarray(v, dtype))
+    return _integrate(form, name, grid, term, solver, y0, nu, t1, as_array(ts), as_array(dt), as_array(dt0),
+                      as_array(rtol), as_array(atol), max_steps, adjoint, progress)
+
+
+@eqx.filter_jit
+def _integrate(form, name, grid, term, solver, y0, nu, t1, ts, dt, dt0, rtol, atol, max_steps, adjoint,
+               progress):
+    """The numerical part of a solve, jitted as a whole (Python-level checks stay in :func:`_solve`): one
+    compilation per grid / scheme / solver / stepping mode / save structure; nu, t1, ts, dt and the tolerances
+    are traced, so other values reuse it."""
+    dtype = y0.dtype
+    fixed = dt is not None
+    if fixed:
+        # uniform steps h = t1 / ceil(t1 / dt) <= dt ending exactly at t1 (the step count is not differentiated)
+        num = jax.lax.stop_gradient(jnp.maximum(jnp.ceil(t1 / dt - 1e-9), 1.0))
+        dt0 = t1 / num
+        if ts is None:
+            controller = dfx.ConstantStepSize()
+        else:
+            stops = jnp.concatenate([jnp.sort(ts.reshape(-1)), t1[None]])
+            controller = _LatticeWithStops(dt0, stops)
+    else:
+        # tolerances are arrays, not Python floats: a solve at another tolerance reuses the compilation
+        controller = dfx.PIDController(rtol=rtol, atol=atol)
+        if ts is not None:
+            controller = dfx.ClipStepSizeController(controller, step_ts=ts)
+    args = nu
+    if fixed and isinstance(solver, ETDRK4):
+        cdt = jax.eval_shape(term.forward, y0).dtype
+        args = CachedCoefficients(nu, dt0, etdrk4_coefficients(term.linear(nu), dt0, cdt), recheck=ts is not None)
+    saveat = dfx.SaveAt(t1=True) if ts is None else dfx.SaveAt(ts=ts, t1=True)
     with warnings.catch_warnings():
         # The only complex leaves are CachedCoefficients' diagonal factors, which multiply spectra inside a step;
         # the state and everything diffrax integrates are real.

@@ -258,3 +258,28 @@ def test_every_records_on_schedule(x64):
     np.testing.assert_allclose(t3["loss"], t1["loss"], rtol=1e-12)  # train reports the loss every step
     np.testing.assert_allclose(t3["charge_drift_predicted"]["r0"], t1["charge_drift"]["r0"][rec], rtol=1e-8,
                                atol=1e-14)
+
+
+def test_curvature_matches_plain_loop(x64):
+    """curvature / shock / fold at step k equal kappa_{k-1} = <g_k - g_{k-1}, Delta_{k-1}> / |Delta_{k-1}|^2
+    computed in a hand-written loop (full batch, heavy ball)."""
+    inner, spec = OPTIMISERS["heavy_ball_wd"]
+    params = init_mlp(jax.random.key(0), dtype=jnp.float64)
+    x, y = data(1, b=32, dtype=jnp.float64)
+    batch = (x[0], y[0])
+    stacked = jax.tree.map(lambda a: jnp.broadcast_to(a[None], (6,) + a.shape), batch)
+    tx = quotient_trajectory(inner, mlp_group(), spec=spec, observables=("curvature", "shock_number", "fold_number"))
+    traj = train(xent, params, tx, stacked, donate=False)[2]
+    p, s, kappas, prev = params, inner.init(params), [0.0], None
+    for _ in range(6):
+        g = jax.grad(xent)(p, batch)
+        if prev is not None:
+            g0, u0 = prev
+            num = sum(jnp.sum((a - b) * c) for a, b, c in zip(*(jax.tree.leaves(t) for t in (g, g0, u0))))
+            kappas.append(float(num / sum(jnp.sum(c * c) for c in jax.tree.leaves(u0))))
+        u, s = inner.update(g, s, p)
+        p, prev = optax.apply_updates(p, u), (g, u)
+    np.testing.assert_allclose(traj["curvature"], kappas[:6], rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(traj["fold_number"], 0.05 * np.maximum(kappas[:6], 0), rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(traj["shock_number"], 0.05 * np.maximum(-np.array(kappas[:6]), 0), rtol=1e-8,
+                               atol=1e-12)

@@ -175,9 +175,12 @@ def quotient_trajectory(
             if "effective_lr" in want:
                 out["effective_lr"] = eff
         if need_curv:
-            kappa = obs.directional_curvature(carry["prev_gd"], tree_dot(grads, carry["prev_update"]),
-                                              carry["prev_update"])
-            kappa = jnp.where(carry["prev_dd"] > 0, kappa, jnp.zeros_like(kappa))
+            # kappa_{k-1} = (<g_k, Delta_{k-1}> - <g_{k-1}, Delta_{k-1}>) / |Delta_{k-1}|^2
+            # (obs.directional_curvature with the previous step's scalars carried instead of g_{k-1})
+            dd = carry["prev_dd"]
+            ok = dd > 0
+            num = tree_dot(grads, carry["prev_update"]) - carry["prev_gd"]
+            kappa = jnp.where(ok, num / jnp.where(ok, dd, jnp.ones_like(dd)), jnp.zeros_like(dd))
             if "curvature" in want:
                 out["curvature"] = kappa
             if "shock_number" in want:

@@ -30,4 +30,6 @@ def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
     elif scale == "test":
         c.width = 256
         c.num_steps = 80
+        c.hessian_every = 8
+        c.lanczos = 15
     return c

@@ -126,9 +126,7 @@ def record(loss_fn: Callable, params, tx, group, batch, num_steps: int, *, lr=No
     qtx = None if observables == "curvature" else quotient_trajectory(tx, group, observables=observables, spec=spec)
     data = batch_fn if batch_fn is not None else functools.partial(_const_batch, batch)
     hb = batch if hessian_batch is None else hessian_batch
-    hloss = functools.partial(_bind_batch, loss_fn, hb)
-    decomp = jax.jit(lambda p, k: stability_decomposition(hloss, group, p, lr, key=k, num_matvecs=lanczos,
-                                                          raw=raw))
+    decomp = functools.partial(decomposition_fn(loss_fn, hb, group, lanczos, raw), lr=lr)
     ev = {k: jax.jit(f) for k, f in (evals or {}).items()}
     opt_state = None
     chunks, side = [], []
@@ -197,6 +195,32 @@ def _curvature_chunk(params, opt_state, carry, batch, *, loss_fn, tx, num_steps)
 
     (params, opt_state, carry), traj = jax.lax.scan(body, (params, opt_state, carry), None, length=num_steps)
     return params, opt_state, carry, traj
+
+
+_DECOMP_CACHE: dict = {}
+
+
+def decomposition_fn(loss_fn, batch, group, lanczos: int = 20, raw: bool = True):
+    """``(params, key, lr=None) -> stability_decomposition(...)`` jitted once per (loss, batch, group, settings):
+    runs of one experiment that share them (twins, learning rates) share the compilation."""
+    ck = (id(loss_fn), id(batch), id(group), lanczos, raw)
+    if ck not in _DECOMP_CACHE:
+        hloss = functools.partial(_bind_batch, loss_fn, batch)
+
+        @jax.jit
+        def f(p, k, lr):
+            d = stability_decomposition(hloss, group, p, key=k, num_matvecs=lanczos, raw=raw)
+            d["lr_times_lambda_step"] = lr * d["sharpness_horizontal"]
+            return d
+
+        def call(p, k, lr=None):
+            d = f(p, k, jnp.asarray(jnp.nan if lr is None else lr, jnp.float32))
+            if lr is None:
+                d = {kk: v for kk, v in d.items() if kk != "lr_times_lambda_step"}
+            return d
+
+        _DECOMP_CACHE[ck] = (call, loss_fn, batch, group)  # keep the keyed objects alive
+    return _DECOMP_CACHE[ck][0]
 
 
 def _bind_batch(loss_fn, batch, params):

@@ -22,7 +22,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import _common as C  # noqa: E402
-from quotient_sgd.diagnostics import detect, stability_decomposition  # noqa: E402
+from quotient_sgd.diagnostics import detect  # noqa: E402
 from quotient_sgd.models import MLP  # noqa: E402
 from quotient_sgd.optim import SGDSpec  # noqa: E402
 
@@ -37,14 +37,21 @@ def setup(cfg):
     graphdef, params, group = C.split_model(
         MLP(cfg.input_dim, (cfg.width,), 1, activation="relu", rngs=nnx.Rngs(cfg.seed + 2)))
     loss = functools.partial(C.mse, graphdef)
-    d0 = jax.jit(lambda p: stability_decomposition(functools.partial(C._bind_batch, loss, (x, y)), group, p,
-                                                   key=jax.random.key(0), num_matvecs=cfg.lanczos, raw=False))
-    lam0 = float(d0(params)["sharpness_horizontal"])
-    return graphdef, params, group, (x, y), loss, lam0
+    batch = (x, y)
+    d0 = C.decomposition_fn(loss, batch, group, cfg.lanczos, raw=True)
+    lam0 = float(d0(params, jax.random.key(0))["sharpness_horizontal"])
+    return graphdef, params, group, batch, loss, lam0
+
+
+_SETUPS: dict = {}
 
 
 def run(cfg, eta_lambda0=None):
-    graphdef, params, group, batch, loss, lam0 = setup(cfg)
+    key = (cfg.seed, cfg.num_examples, cfg.input_dim, cfg.width, cfg.teacher_hidden, cfg.teacher_gain,
+           cfg.lanczos)
+    if key not in _SETUPS:  # runs at several learning rates share the data, the model and the compilations
+        _SETUPS[key] = setup(cfg)
+    graphdef, params, group, batch, loss, lam0 = _SETUPS[key]
     lr = (cfg.eta_lambda0 if eta_lambda0 is None else eta_lambda0) / lam0
     _, traj, wall = C.record(loss, params, optax.sgd(lr), group, batch, cfg.num_steps, lr=lr,
                              hessian_every=cfg.hessian_every, lanczos=cfg.lanczos, observables=OBS,

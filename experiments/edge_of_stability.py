@@ -23,7 +23,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import _common as C  # noqa: E402
-from quotient_sgd.diagnostics import detect, stability_decomposition  # noqa: E402
+from quotient_sgd.diagnostics import detect  # noqa: E402
 from quotient_sgd.models import MLP  # noqa: E402
 from quotient_sgd.optim import SGDSpec  # noqa: E402
 
@@ -45,9 +45,8 @@ def setup(cfg):
 def run(cfg):
     graphdef, params, twin, group, batch = setup(cfg)
     loss = functools.partial(C.mse, graphdef)
-    d0 = jax.jit(lambda p: stability_decomposition(functools.partial(C._bind_batch, loss, batch), group, p,
-                                                   key=jax.random.key(0), num_matvecs=cfg.lanczos))
-    lam0 = float(d0(params)["sharpness_horizontal"])
+    d0 = C.decomposition_fn(loss, batch, group, cfg.lanczos, raw=True)
+    lam0 = float(d0(params, jax.random.key(0))["sharpness_horizontal"])
     lr = cfg.eta_lambda0 / lam0
     tx = optax.sgd(lr)
     res = {}

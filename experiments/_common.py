@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

@@ -64,7 +64,8 @@ def run(cfg):
 
 
 def ground_truth(sub):
-    """On the test accuracy smoothed by a running median of 5 evaluations: memorisation step (train accuracy >= 0.99) and the test-accuracy jump after it: ``grok_end`` = first step
+    """On the test accuracy smoothed by a running median of 5 evaluations: memorisation step (train accuracy
+    >= 0.99) and the test-accuracy jump after it: ``grok_end`` = first step
     with test accuracy >= 0.9 x its maximum; ``grok_start`` = the last step before it with test accuracy at least
     0.25 below the value at ``grok_end`` (where the final rise starts); ``grok_mid`` = first step half-way
     between the two accuracies.  ``grokked``: the maximum exceeds 0.8 and the rise happens >= 500 steps after

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from quotient_sgd.diagnostics import ShockAwareState, detect, shock_aware_lr
+from quotient_sgd.diagnostics import ShockAwareState, shock_aware_lr
 from quotient_sgd.optim import train
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
@@ -42,8 +42,8 @@ def test_fold_number_exact_on_a_quadratic_and_cap():
 def test_state_structure_fixed_vmappable_and_policies():
     p0 = {"w": jnp.asarray([1.0, -2.0])}
     for policy in ("cap", "track"):
-        tx = shock_aware_lr(optax.sgd(0.1, momentum=0.9), policy=policy, fold_target=lambda c: jnp.where(c < 5, 2.5, 1.0),
-                            curvature_decay=0.5, max_scale=3.0)
+        tx = shock_aware_lr(optax.sgd(0.1, momentum=0.9), policy=policy,
+                            fold_target=lambda c: jnp.where(c < 5, 2.5, 1.0), curvature_decay=0.5, max_scale=3.0)
         s0 = tx.init(p0)
         g = {"w": jnp.asarray([0.3, 0.1])}
         _, s1 = tx.update(g, s0, p0)

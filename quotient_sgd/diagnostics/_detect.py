@@ -122,8 +122,9 @@ def _threshold_events(traj, key: str, values: np.ndarray, idx: np.ndarray, steps
 
 
 def detect_shock(traj, *, steps, lr=None, shock_level: float = 1.0, rearm: float = 0.9, slice_shocks=(), **_):
-    """``shock``: the shock number ``eta max(0, -kappa)`` of the step (in the trajectory of
-    :func:`~quotient_sgd.optim.quotient_trajectory` the row ``k`` holds the number of step ``k - 1``) (directional curvature along the step) or
+    """``shock``: the shock number ``eta max(0, -kappa)`` of the step (directional curvature along the step; in
+    the trajectory of :func:`~quotient_sgd.optim.quotient_trajectory` row ``k`` holds the number of step
+    ``k - 1``) or
     ``eta max(0, -lambda_min)`` of the horizontal Hessian (``shock_number_hessian``) reaching ``shock_level``:
     characteristics of the coarse-grained flow cross within one step (THEORY section 3).  ``slice_shocks``:
     shocks found by the HJ flow on a loss slice, ``[{"step", "shock_time", "strength", ...}]``, reported as

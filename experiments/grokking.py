@@ -59,7 +59,8 @@ def run(cfg):
     sub = C.subsample(traj, [k for k in traj if k not in ("hessian_step",)])
     sub.pop("grad_norm", None)  # the per-step raw key would shadow the sampled one
     sub["grad_norm"] = C.subsample(traj, ["grad_norm"])["grad_norm"]
-    events = detect(sub, kinds=["transition", "loss_spike", "divergence"], block=1, alpha=cfg.alpha)
+    events = detect(sub, kinds=["transition"], block=1, alpha=cfg.alpha)
+    events += detect({"loss": traj["loss"]}, kinds=["loss_spike", "divergence"])  # on the per-step loss
     return dict(traj=traj, sub=sub, events=events, wall=wall)
 
 

@@ -138,7 +138,8 @@ def crossings(values: np.ndarray, level: float, rearm: float = 0.9) -> list[tupl
 def spikes(loss: np.ndarray, factor: float = 2.0, window: int = 50) -> list[tuple[int, int, int, float]]:
     """Loss spikes: ``(onset, end, peak, base)``, onset where ``loss > factor * base`` with ``base`` the minimum
     of the previous ``window`` losses; the spike ends when the loss falls back below ``factor * base``.  A
-    non-finite loss is a spike that never ends (see ``divergence``)."""
+    non-finite loss is a spike that never ends (see ``divergence``).  A spike also ends ``window`` steps after its
+    peak."""
     out = []
     i, n = 1, len(loss)
     while i < n:
@@ -151,7 +152,10 @@ def spikes(loss: np.ndarray, factor: float = 2.0, window: int = 50) -> list[tupl
         base = float(np.min(prev))
         if not np.isfinite(loss[i]) or loss[i] > factor * base:
             j, peak = i, i
-            while j < n and (not np.isfinite(loss[j]) or loss[j] > factor * base):
+            # the episode ends when the loss is back below factor * base, or ``window`` steps after its peak
+            # (a loss that settles at a new, higher level starts a new baseline instead of merging every later
+            # spike into this one)
+            while j < n and (not np.isfinite(loss[j]) or loss[j] > factor * base) and j - peak <= window:
                 if not np.isfinite(loss[j]) or (np.isfinite(loss[peak]) and loss[j] > loss[peak]):
                     peak = j
                 j += 1

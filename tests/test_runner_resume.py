@@ -40,7 +40,10 @@ def _traj(workdir):
         return {k: z[k] for k in z.files}
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
+    """Three subprocesses (killed, restarted, reference); the fast version of the same property (resume from a
+    checkpoint mid-run, bitwise trajectory, every metric row once) is test_in_process_resume_and_config_guard."""
     killed, ref = str(tmp_path / "killed"), str(tmp_path / "ref")
     cmd, env = _cmd(killed)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

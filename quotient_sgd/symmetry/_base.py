@@ -125,6 +125,11 @@ class Group(eqx.Module):
         """``J^T v`` (reads ``v`` at this action's own paths)."""
         raise NotImplementedError
 
+    def _gram_diag(self, flat: Flat):
+        """The diagonal of this action's own Gram matrix ``J^T J`` in algebra coordinates (for preconditioning);
+        ones where no cheap diagonal is known."""
+        return jax.tree.map(jnp.ones_like, self._algebra_zeros(flat))
+
     def _vcoeffs(self, flat: Flat, v: Flat):
         """``(J^T J)^+ J^T v``: closed form where one exists; the generic solve otherwise."""
         return generic_vcoeffs((self,), flat, v)[0]
@@ -260,3 +265,36 @@ def generic_vcoeffs(comps, flat: Flat, v: Flat):
     op = lx.MatrixLinearOperator(G, lx.symmetric_tag)
     sol = lx.linear_solve(op, rhs, solver=lx.SVD(rcond=float(jnp.finfo(G.dtype).eps) * G.shape[0]))
     return unravel(sol.value)
+
+
+def cg_vcoeffs(comps, flat: Flat, v: Flat, *, max_steps: int | None = None):
+    """``(J^T J)^+ J^T v`` for the joint tangent map of ``comps`` by matrix-free conjugate gradients (lineax).
+
+    Each iteration costs one ``J`` and one ``J^T`` (``O(P)``), against ``k`` of them to materialise the Gram
+    matrix: the method for large clusters (a deep MLP's chain of rescales has one generator per hidden unit).
+    The Gram matrix is positive semi-definite and the right-hand side lies in its range, so CG converges to the
+    minimum-norm solution from zero; tolerances follow the dtype (``1e-12`` relative in float64, ``1e-6`` in
+    float32).
+    """
+    xi0 = tuple(c._algebra_zeros(flat) for c in comps)
+    paths = {p for c in comps for p in c.paths()}
+    dtype = jax.tree.leaves(xi0)[0].dtype
+    k = sum(x.size for x in jax.tree.leaves(xi0))
+
+    def jtj(xis):
+        d = _sum_tmaps(comps, flat, xis)
+        full = {p: d.get(p, jnp.zeros_like(flat[p])) for p in paths}
+        return tuple(c._tmap_T(flat, full) for c in comps)
+
+    full_v = {p: v.get(p, jnp.zeros_like(flat[p])) for p in paths}
+    rhs = tuple(c._tmap_T(flat, full_v) for c in comps)
+    struct = jax.eval_shape(lambda: xi0)
+    op = lx.FunctionLinearOperator(jtj, struct, tags=lx.positive_semidefinite_tag)
+    # Jacobi preconditioner from each component's own Gram diagonal (exact inverse for a lone diagonal action)
+    diag = tuple(c._gram_diag(flat) for c in comps)
+    inv = jax.tree.map(lambda d: jnp.where(d > 0, 1 / jnp.where(d > 0, d, 1), 1), diag)
+    pre = lx.FunctionLinearOperator(lambda r: jax.tree.map(jnp.multiply, inv, r), struct,
+                                    tags=lx.positive_semidefinite_tag)
+    tol = 1e-12 if dtype == jnp.float64 else 1e-6
+    solver = lx.CG(rtol=tol, atol=tol * 1e-3, max_steps=max_steps or max(4 * k, 50))
+    return lx.linear_solve(op, rhs, solver, options={"preconditioner": pre}, throw=False).value

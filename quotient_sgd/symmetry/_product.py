@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from ._base import Flat, Group, SymmetryError, generic_vcoeffs
+from ._base import Flat, Group, SymmetryError, cg_vcoeffs, generic_vcoeffs
 
 
 class Word(eqx.Module):
@@ -101,9 +101,12 @@ class Product(Group):
 
     components: tuple[Group, ...]
     newton_iters: int = eqx.field(static=True, default=40)
-    sweeps: int = eqx.field(static=True, default=200)
+    sweeps: int = eqx.field(static=True, default=500)
+    newton: bool = eqx.field(static=True, default=False)
+    dense_max: int = eqx.field(static=True, default=64)
 
-    def __init__(self, components, name: str = "product", *, newton_iters: int = 40, sweeps: int = 200):
+    def __init__(self, components, name: str = "product", *, newton_iters: int = 40, sweeps: int = 500,
+                 newton: bool = False, dense_max: int = 64):
         comps = []
         for c in components:
             comps.extend(c.components if isinstance(c, Product) else [c])
@@ -115,6 +118,8 @@ class Product(Group):
         self.name = name
         self.newton_iters = newton_iters
         self.sweeps = sweeps
+        self.newton = newton
+        self.dense_max = dense_max
 
     # --- structure ----------------------------------------------------------------------------------------
     @property
@@ -202,7 +207,10 @@ class Product(Group):
             if len(cl) == 1:
                 coeffs[cl[0]] = self.components[cl[0]]._vcoeffs(flat, v)
             else:
-                sol = generic_vcoeffs(tuple(self.components[i] for i in cl), flat, v)
+                comps = tuple(self.components[i] for i in cl)
+                k = sum(x.size for c in comps for x in jax.tree.leaves(c._algebra_zeros(flat)))
+                # small clusters: exact dense solve; large ones: matrix-free CG (O(P) per iteration)
+                sol = generic_vcoeffs(comps, flat, v) if k <= self.dense_max else cg_vcoeffs(comps, flat, v)
                 coeffs.update(zip(cl, sol))
         return tuple(coeffs[i] for i in idx)
 
@@ -269,7 +277,7 @@ class Product(Group):
         comps = [self.components[i] for i in cl]
         if len(cl) == 1:
             return Word(cl, (comps[0]._canonical_element(flat),))
-        if all(c.canonical_kind == "min_norm" and getattr(c, "abelian", True) for c in comps):
+        if all(c.canonical_kind == "min_norm" and getattr(c, "abelian", True) for c in comps) and self.newton:
             return self._newton(cl, flat)
         if any(getattr(c, "abelian", True) is False for c in comps):
             raise SymmetryError(
@@ -302,7 +310,8 @@ class Product(Group):
             for j, c in enumerate(comps):
                 d = c._canonical_element(apply(tuple(xis)))
                 xis[j] = jax.tree.map(jnp.add, xis[j], d)
-                size = jnp.maximum(size, max(jnp.max(jnp.abs(x)) for x in jax.tree.leaves(d)))
+                for x in jax.tree.leaves(d):
+                    size = jnp.maximum(size, jnp.max(jnp.abs(x)))
             return tuple(xis), it + 1, size
 
         def cond(carry):

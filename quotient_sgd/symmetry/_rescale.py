@@ -123,6 +123,10 @@ class Rescale(Group):
         c = sum(unit_dot(v[p], flat[p], a) for p, a in self.incoming)
         return c - sum(unit_dot(v[p], flat[p], a) for p, a in self.outgoing)
 
+    def _gram_diag(self, flat):
+        sin, sout = self._in_out_sq(flat)
+        return sin + sout
+
     def _vcoeffs(self, flat, v):
         if set(p for p, _ in self.incoming) & set(p for p, _ in self.outgoing):
             return super()._vcoeffs(flat, v)  # self-overlapping declaration: no diagonal Gram matrix

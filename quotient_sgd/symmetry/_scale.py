@@ -107,6 +107,9 @@ class Scale(Group):
     def _tmap_T(self, flat, v):
         return self._dot(flat, v)
 
+    def _gram_diag(self, flat):
+        return self._sq(flat)
+
     def _vcoeffs(self, flat, v):
         sq = self._sq(flat)
         return jnp.where(sq > 0, self._dot(flat, v) / jnp.where(sq > 0, sq, 1), 0)

@@ -91,6 +91,9 @@ class Translation(Group):
             out["c"] = jnp.sum(v[self.bias])
         return out
 
+    def _gram_diag(self, flat):
+        return jax.tree.map(lambda x: jnp.full_like(x, self._C(flat)), self._algebra_zeros(flat))
+
     def _vcoeffs(self, flat, v):
         return jax.tree.map(lambda x: x / self._C(flat), self._tmap_T(flat, v))
 

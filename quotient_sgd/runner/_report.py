@@ -156,7 +156,10 @@ def detect_events(s: Settings, traj: dict, diverged: dict | None) -> tuple[list[
         try:
             from ..diagnostics import detect
 
-            out = [e.to_dict() for e in detect(finite, lr=s.optim.lr, horizon=s.steps)]
+            # mini-batch losses fluctuate step to step: spikes are judged on a 20-step causal mean (full batch:
+            # the raw loss), as in experiments/normalised_cnn.py
+            smooth = 1 if s.data.batch_size == 0 else 20
+            out = [e.to_dict() for e in detect(finite, lr=s.optim.lr, horizon=s.steps, spike_smooth=smooth)]
         except Exception as e:  # a diagnostic failing must not lose the run's outputs
             err = f"{type(e).__name__}: {e}"
     if diverged is not None:

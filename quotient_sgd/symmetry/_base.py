@@ -229,6 +229,23 @@ class Group(eqx.Module):
         return jax.vmap(one)(basis)
 
 
+class LogFactorGroup(Group):
+    """Base for positive-factor groups ``(R_{>0})^n`` stored as log-factors: the group law is addition, the
+    Lie algebra is ``R^n`` and ``exp`` is the identity on these coordinates (rescale, scale)."""
+
+    def _inverse(self, g):
+        return -g
+
+    def _compose(self, g, h):
+        return g + h
+
+    def _exp(self, xi):
+        return xi
+
+    def _algebra_zeros(self, flat):
+        return self._identity(flat)
+
+
 # ----- generic (lineax) vertical projection for one action or a cluster of overlapping actions ----------------
 def _sum_tmaps(comps, flat: Flat, xis) -> Flat:
     out: Flat = {}

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from .._tree import Path
-from ._base import Flat, Group, SymmetryError, along, unit_dot, unit_sqnorm
+from ._base import Flat, LogFactorGroup, SymmetryError, along, unit_dot, unit_sqnorm
 
 
 def _norm_members(members, what: str, name: str) -> tuple[tuple[Path, int], ...]:
@@ -25,7 +25,7 @@ def _norm_members(members, what: str, name: str) -> tuple[tuple[Path, int], ...]
     return tuple(out)
 
 
-class Rescale(Group):
+class Rescale(LogFactorGroup):
     """Per-unit positive rescaling: ``w_in,j -> a_j w_in,j``, ``b_in,j -> a_j b_in,j``, ``w_out,j -> w_out,j / a_j``.
 
     A symmetry between two layers joined by a positively homogeneous activation (ReLU, leaky ReLU, identity).
@@ -96,19 +96,6 @@ class Rescale(Group):
         for p, ax in self.outgoing:
             out[p] = out[p] / along(a, out[p], ax)
         return out
-
-    def _inverse(self, g):
-        return -g
-
-    def _compose(self, g, h):
-        return g + h
-
-    # Lie algebra = R^n, exp = identity on log-factors
-    def _exp(self, xi):
-        return xi
-
-    def _algebra_zeros(self, flat):
-        return self._identity(flat)
 
     def _tmap(self, flat, xi):
         out = {}

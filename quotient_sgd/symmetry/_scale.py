@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 
 from .._tree import Path
-from ._base import Flat, Group, SymmetryError, along, unit_dot, unit_sqnorm
+from ._base import Flat, LogFactorGroup, SymmetryError, along, unit_dot, unit_sqnorm
 
 
-class Scale(Group):
+class Scale(LogFactorGroup):
     """``w -> c w`` for the weights feeding a normalisation (LayerNorm, RMSNorm, BatchNorm).
 
     ``members = ((path, axis), ...)``.  With ``axis=None`` for every member the whole block (all members
@@ -88,18 +88,6 @@ class Scale(Group):
         for p, a in self.members:
             out[p] = out[p] * self._factor(c, out[p], a)
         return out
-
-    def _inverse(self, g):
-        return -g
-
-    def _compose(self, g, h):
-        return g + h
-
-    def _exp(self, xi):
-        return xi
-
-    def _algebra_zeros(self, flat):
-        return self._identity(flat)
 
     def _tmap(self, flat, xi):
         return {p: flat[p] * self._factor(xi, flat[p], a) for p, a in self.members}

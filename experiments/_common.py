@@ -286,6 +286,13 @@ def plt():
     return _plt
 
 
+def save_figure(fig, path: str) -> None:
+    """Lay out, write (120 dpi) and close an experiment's figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt().close(fig)
+
+
 def mark_events(ax, events, kinds=None, **kw):
     colors = {"edge_of_stability": "tab:red", "catapult": "tab:purple", "transition": "tab:green",
               "loss_spike": "tab:orange", "fold": "tab:brown", "shock": "tab:pink", "divergence": "k"}

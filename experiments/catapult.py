@@ -106,9 +106,7 @@ def figure(outs, path):
     axes[1].set(title="lr * lambda_max (step: -, canonical: --)", xlabel="step")
     for a in axes:
         a.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    C.save_figure(fig, path)
 
 
 def main(argv=None):

@@ -115,9 +115,7 @@ def figure(out, path):
     axes[2].set(title="gauge factor lambda_step / lambda_canonical", xlabel="step")
     for a in axes:
         a.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    C.save_figure(fig, path)
 
 
 def main(argv=None):

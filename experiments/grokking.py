@@ -128,9 +128,7 @@ def figure(out, path):
         a.legend(fontsize=7)
     axes[0].set(title="accuracy; dashed: transition events (quotient)", xlabel="step")
     axes[1].set(title="losses", xlabel="step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    C.save_figure(fig, path)
 
 
 def main(argv=None):

@@ -111,9 +111,7 @@ def figure(out, path):
     ax.set(xlabel="GD step of the checkpoint", ylabel="t* slice / t* Hessian",
            title="slice shock time vs quotient-Hessian prediction")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    C.save_figure(fig, path)
 
 
 def main(argv=None):

@@ -104,9 +104,7 @@ def figure(cfg, out, path):
     axes[2].set(title=f"train loss (test acc {out['test_acc']:.3f}); dashed: events", xlabel="step")
     for a in axes[:2]:
         a.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    C.save_figure(fig, path)
 
 
 def main(argv=None):

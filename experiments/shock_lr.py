@@ -75,9 +75,7 @@ def figure(rows, path):
             ax.semilogy(r["loss"], label=r["schedule"])
     ax.set(xlabel="step", ylabel="loss", title="catapult setting, base lr = 3 / lambda0")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    C.save_figure(fig, path)
 
 
 def main(argv=None):

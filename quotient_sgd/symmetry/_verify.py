@@ -39,12 +39,15 @@ def verify(model, group: Group, x, key, *, num_samples: int = 4, scale: float = 
     y0 = f(params)
     ref = jnp.maximum(jnp.max(jnp.abs(y0)), jnp.finfo(y0.dtype).tiny)
     comps = group.components if isinstance(group, Product) else (group,)
+
+    def change(action, g) -> float:
+        return float(jnp.max(jnp.abs(f(action.act(g, params)) - y0)) / ref)
+
     worst = 0.0
     keys = jax.random.split(key, len(comps) + 1)
     for c, k in zip(comps, keys):
         for kk in jax.random.split(k, num_samples):
-            g = c.sample(kk, params, scale)
-            err = float(jnp.max(jnp.abs(f(c.act(g, params)) - y0)) / ref)
+            err = change(c, c.sample(kk, params, scale))
             worst = max(worst, err)
             if not err <= rtol:
                 raise SymmetryError(
@@ -55,8 +58,7 @@ def verify(model, group: Group, x, key, *, num_samples: int = 4, scale: float = 
                 )
     if isinstance(group, Product):
         for kk in jax.random.split(keys[-1], num_samples):
-            g = group.sample(kk, params, scale)
-            err = float(jnp.max(jnp.abs(f(group.act(g, params)) - y0)) / ref)
+            err = change(group, group.sample(kk, params, scale))
             worst = max(worst, err)
             if not err <= rtol:
                 raise SymmetryError(

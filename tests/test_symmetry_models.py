@@ -123,3 +123,28 @@ def test_property_nnx_mlp(hidden, activation, seed):
     np.testing.assert_allclose(nnx.merge(graphdef, gp, rest)(x), y0, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(y0))))
     assert float(tree_norm(jax.tree.map(jnp.subtract, G.canonicalize(gp), G.canonicalize(p)))
                  / tree_norm(G.canonicalize(p))) < 1e-3
+
+
+def test_transformer_invariants_without_canonicalisation():
+    """The attention cluster (QK, VO, head permutation) and the MLP cluster (rescale, unit permutation) report their
+    invariants without canonicalising: sorted by invariant keys.  They are exactly unchanged by permutations, equal
+    to tolerance on any orbit point, and they separate orbits (an off-orbit change of one head moves them)."""
+    G, p, apply, _ = _setup("transformer")
+    flat, _ = G._flat(p)
+    for cl in G.clusters():
+        if len(cl) > 1:
+            assert G._sorted_invariants(cl, flat) is not None, [G.components[i].name for i in cl]
+    inv = G.invariants(p)
+    perms = [i for i, c in enumerate(G.components) if not c.continuous]
+    for s in range(3):
+        keys = jax.random.split(jax.random.key(20 + s), len(perms))
+        word = Word(tuple(perms), tuple(G.components[i]._sample(k, flat, 1.0) for i, k in zip(perms, keys)))
+        jax.tree.map(np.testing.assert_array_equal, G.invariants(G.act(word, p)), inv)
+        g = G.compose(_push(G, p, 2.0), G.sample(jax.random.key(30 + s), p, scale=1.0))
+        assert_tree_allclose(G.invariants(G.act(g, p)), inv, rtol=1e-4, atol=1e-5)
+    w_q = p["blocks"][0]["attn"]["w_q"]
+    bumped = jax.tree.map(lambda a: a, p)
+    bumped["blocks"][0]["attn"]["w_q"] = nnx.Param(w_q.value.at[1, 0, 0].add(0.5))
+    assert not np.allclose(apply(bumped), apply(p), rtol=1e-4)
+    moved = G.invariants(bumped)
+    assert float(jnp.max(jnp.abs(moved["qk/blocks.0"] - inv["qk/blocks.0"]))) > 1e-2

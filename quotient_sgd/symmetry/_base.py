@@ -110,6 +110,13 @@ class Group(eqx.Module):
     def _charges(self, flat: Flat):
         return {}
 
+    def _perm_axis(self, perm, flat: Flat) -> int | None:
+        """For a continuous action whose ``_invariants`` is one array: the axis of that array indexed by the units
+        of the permutation ``perm`` (permuting the units permutes the invariants along it, and nothing else), or
+        ``None`` when no such axis exists.  Lets :class:`Product` compute the invariants of a cluster of a
+        permutation and the continuous actions it reorders without canonicalising it."""
+        return None
+
     # continuous actions only
     def _exp(self, xi):
         raise NotImplementedError

@@ -148,15 +148,7 @@ class GL(Group):
         return _mT(self._L(flat)) @ vL - _mT(vR) @ self._R(flat)
 
     def _vcoeffs(self, flat, v):
-        L, R = self._L(flat), self._R(flat)
-        C = self._tmap_T(flat, v)
-        lam, U = jnp.linalg.eigh(_mT(L) @ L)
-        mu, V = jnp.linalg.eigh(_mT(R) @ R)
-        denom = lam[..., :, None] + mu[..., None, :]
-        eps = jnp.finfo(denom.dtype).eps * jnp.max(denom, axis=(-2, -1), keepdims=True)
-        Ct = _mT(U) @ C @ V
-        X = jnp.where(denom > eps, Ct / jnp.where(denom > eps, denom, 1), 0)
-        return U @ X @ _mT(V)
+        return sylvester_vcoeffs((self,), flat, v)[0]
 
     def _canonical_element(self, flat):
         L, R = self._L(flat), self._R(flat)
@@ -174,6 +166,48 @@ class GL(Group):
     def _invariants(self, flat):
         return self._L(flat) @ _mT(self._R(flat))
 
+    def _perm_axis(self, perm, flat):
+        # M = L R~^T keeps the leading (head) axes: a permutation of the heads (axis 0 of every member) permutes
+        # M along axis 0.  Without head axes, axis 0 is a matrix axis and no such axis exists.
+        members = set(getattr(perm, "members", ()))
+        if self._batch(flat) and all((p, 0) in members for p in self.paths()):
+            return 0
+        return None
+
     def _charges(self, flat):
         L, R = self._L(flat), self._R(flat)
         return _mT(L) @ L - _mT(R) @ R
+
+
+def sylvester_vcoeffs(gls, flat, v) -> list[jax.Array]:
+    """The vertical coefficients of several GL actions (no shared parameters), with one batched eigendecomposition.
+
+    For each action, the Sylvester normal equations ``(L^T L) X + X (R~^T R~) = J^T v`` are solved in the
+    eigenbases of the two Gram matrices, ``X = U [(U^T C V) / (lam_i + mu_j)] V^T`` (pseudo-inverse on the
+    degenerate directions).  The Gram matrices of all actions with the same ``d`` go through one ``eigh`` call:
+    on CPU each small eigendecomposition is dominated by per-call overhead."""
+    grams, batches = [], []
+    for g in gls:
+        L, R = g._L(flat), g._R(flat)
+        grams.append(jnp.stack([_mT(L) @ L, _mT(R) @ R]))
+        batches.append(g._batch(flat))
+    out: list[jax.Array | None] = [None] * len(gls)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, a in enumerate(grams):
+        by_shape.setdefault((a.shape[-1], a.dtype), []).append(i)
+    for (d, _), idx in by_shape.items():
+        flat_grams = [grams[i].reshape(2, -1, d, d) for i in idx]
+        sizes = [x.shape[1] for x in flat_grams]
+        w, Q = jnp.linalg.eigh(jnp.concatenate(flat_grams, axis=1))
+        start = 0
+        for i, n in zip(idx, sizes):
+            lam, mu = w[0, start:start + n], w[1, start:start + n]
+            U, V = Q[0, start:start + n], Q[1, start:start + n]
+            start += n
+            C = gls[i]._tmap_T(flat, v).reshape(n, d, d)
+            denom = lam[..., :, None] + mu[..., None, :]
+            eps = jnp.finfo(denom.dtype).eps * jnp.max(denom, axis=(-2, -1), keepdims=True)
+            Ct = _mT(U) @ C @ V
+            X = jnp.where(denom > eps, Ct / jnp.where(denom > eps, denom, 1), 0)
+            out[i] = (U @ X @ _mT(V)).reshape(batches[i] + (d, d))
+    return out

@@ -12,6 +12,14 @@ from .._tree import Path
 from ._base import Group, SymmetryError, unit_dot, unit_sqnorm
 
 
+def unit_key(arrays) -> jax.Array:
+    """Per-unit sort key of ``[(array, unit_axis), ...]``: ``sum |slice|^2 + 1e-3 * tanh(sum of slice entries)``
+    (the second term separates units of equal norm)."""
+    sq = sum(unit_sqnorm(x, a) for x, a in arrays)
+    s = sum(unit_dot(x, jnp.ones_like(x), a) for x, a in arrays)
+    return sq + 1e-3 * jnp.tanh(s) * jnp.maximum(jnp.mean(sq), jnp.finfo(sq.dtype).tiny)
+
+
 class Permutation(Group):
     """``S_n`` reordering the units along ``axis`` of every member array simultaneously.
 
@@ -73,9 +81,7 @@ class Permutation(Group):
 
     def sort_key(self, flat):
         """Per-unit sort key: ``sum_members |slice|^2 + 1e-3 * tanh(sum of slice entries)``."""
-        sq = sum(unit_sqnorm(flat[p], a) for p, a in self.members)
-        s = sum(unit_dot(flat[p], jnp.ones_like(flat[p]), a) for p, a in self.members)
-        return sq + 1e-3 * jnp.tanh(s) * jnp.maximum(jnp.mean(sq), jnp.finfo(sq.dtype).tiny)
+        return unit_key([(flat[p], a) for p, a in self.members])
 
     def _canonical_element(self, flat):
         return jnp.argsort(self.sort_key(flat)).astype(jnp.int32)

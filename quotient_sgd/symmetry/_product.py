@@ -10,6 +10,8 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from ._base import Flat, Group, SymmetryError, cg_vcoeffs, generic_vcoeffs
+from ._gl import GL, sylvester_vcoeffs
+from ._permutation import Permutation, unit_key
 
 
 class Word(eqx.Module):
@@ -95,8 +97,13 @@ class Product(Group):
       continuous-canonical point (so the keys are orbit invariants), the sort is applied to the original
       parameters (entries move without arithmetic, so permutations canonicalise bit for bit), and the
       continuous canonicalisation is applied again;
-    - ``invariants``: a component alone in its cluster reports its own invariants; a component in a larger
-      cluster reports them at the cluster's canonical point, which makes them invariant under the whole group.
+    - ``invariants``: a component alone in its cluster reports its own invariants.  A cluster of
+      non-overlapping continuous actions and the permutations that reorder their units (attention QK / VO with
+      the head permutation; a rescale with its unit permutation) reports each continuous action's own
+      invariants with the units sorted by keys built from them (no canonicalisation).  Any other cluster
+      reports its components' invariants at the cluster's canonical point.  Either way they are invariant
+      under the whole group.
+    - lone GL actions share one batched eigendecomposition for their Sylvester solves.
     """
 
     components: tuple[Group, ...]
@@ -203,7 +210,12 @@ class Product(Group):
     def _vcoeffs(self, flat, v):
         idx = self._cont()
         coeffs: dict[int, Any] = {}
+        # lone GL actions (attention heads of every block): one batched Sylvester solve for all of them
+        gl = [cl[0] for cl in self.continuous_clusters() if len(cl) == 1 and isinstance(self.components[cl[0]], GL)]
+        coeffs.update(zip(gl, sylvester_vcoeffs(tuple(self.components[i] for i in gl), flat, v)))
         for cl in self.continuous_clusters():
+            if len(cl) == 1 and cl[0] in coeffs:
+                continue
             if len(cl) == 1:
                 coeffs[cl[0]] = self.components[cl[0]]._vcoeffs(flat, v)
             else:
@@ -350,10 +362,58 @@ class Product(Group):
                 prod = chain(flat)
                 out.update({self.components[i].name: prod for i in cl})
                 continue
+            sorted_inv = self._sorted_invariants(cl, flat) if len(cl) > 1 else None
+            if sorted_inv is not None:
+                out.update(sorted_inv)
+                continue
             at = flat if len(cl) == 1 else self._act(self._cluster_canonical(cl, flat), flat)
             for i in cl:
                 out[self.components[i].name] = self.components[i]._invariants(at)
         return {c.name: out[c.name] for c in self.components}
+
+    def _sorted_invariants(self, cl, flat):
+        """Invariants of a cluster of non-overlapping continuous actions and the permutations that reorder their
+        units, without canonicalising it: each continuous action's own invariants (orbit invariants of that
+        action, equivariant under the permutations: ``_perm_axis``), with every permutation's units sorted by a
+        key built from those invariants (and from the member slices no continuous action touches).  Invariant
+        under the whole cluster, as complete as the canonical-point invariants, and a few array passes instead of
+        two canonicalisations.  ``None`` when the cluster does not have that shape (the caller canonicalises)."""
+        comps = [self.components[i] for i in cl]
+        cont = [c for c in comps if c.continuous]
+        perms = [c for c in comps if not c.continuous]
+        if not cont or not perms or not all(isinstance(p, Permutation) for p in perms):
+            return None
+
+        def overlap(a, b):
+            return bool(set(a.paths()) & set(b.paths()))
+
+        pairs = [(a, b) for group in (cont, perms) for i, a in enumerate(group) for b in group[i + 1:]]
+        if any(overlap(a, b) for a, b in pairs):
+            return None
+        axes: dict[tuple[str, str], int] = {}
+        for c in cont:
+            for p in perms:
+                if overlap(c, p):
+                    ax = c._perm_axis(p, flat)
+                    if ax is None:
+                        return None
+                    axes[(c.name, p.name)] = ax
+        inv = {c.name: c._invariants(flat) for c in cont}
+        if not all(isinstance(v, jax.Array) for v in inv.values()):
+            return None
+        out = {}
+        for p in perms:
+            touching = [c for c in cont if overlap(c, p)]
+            covered = {q for c in touching for q in c.paths()}
+            feats = [(inv[c.name], axes[(c.name, p.name)]) for c in touching]
+            feats += [(flat[q], a) for q, a in p.members if q not in covered]
+            key = unit_key(feats)
+            order = jnp.argsort(key)
+            out[p.name] = key[order]
+            for c in touching:
+                inv[c.name] = jnp.take(inv[c.name], order, axis=axes[(c.name, p.name)])
+        out.update(inv)
+        return out
 
     def _charges(self, flat):
         return {c.name: c._charges(flat) for c in self.components if c.continuous}

@@ -132,6 +132,10 @@ class Rescale(LogFactorGroup):
         sin, sout = self._in_out_sq(flat)
         return jnp.sqrt(sin * sout)
 
+    def _perm_axis(self, perm, flat):
+        # the invariants are per unit; a permutation of exactly these units (every member on its unit axis)
+        return 0 if set(self.incoming + self.outgoing) <= set(getattr(perm, "members", ())) else None
+
     def _charges(self, flat):
         sin, sout = self._in_out_sq(flat)
         return 0.5 * (sin - sout)

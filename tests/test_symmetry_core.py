@@ -188,8 +188,28 @@ def test_deep_linear_invariant_is_end_to_end_product():
     inv, inv_g = G.invariants(p), G.invariants(G.act(g, p))
     assert_tree_allclose(inv_g, inv, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(inv["gl/0"], f(p, jnp.eye(4)), rtol=1e-5, atol=1e-6)
-    with pytest.raises(SymmetryError, match="non-abelian"):
+    with pytest.raises(SymmetryError, match="minimal chains only"):  # inner widths 5 > min(4, 3)
         G.canonicalize(p)
+
+
+@pytest.mark.parametrize("widths", [(6, 3, 3, 3, 5), (4, 2, 2, 4)])
+def test_deep_linear_minimal_chain_canonicalize(widths, x64):
+    """A minimal chain (equal inner widths <= min(in, out)) has a balanced canonical representative: constant on
+    orbits, idempotent, function-preserving, balanced (W_l^T W_l = W_{l+1} W_{l+1}^T), diagonal inner factors."""
+    G = deep_linear_group(widths)
+    p = deep_linear_params(jax.random.key(0), widths, jnp.float64)
+    x = jax.random.normal(jax.random.key(2), (7, widths[0]), jnp.float64)
+    c = G.canonicalize(p)
+    np.testing.assert_allclose(deep_linear_apply(c, x), deep_linear_apply(p, x), rtol=1e-10, atol=1e-12)
+    for s in range(3):
+        g = G.sample(jax.random.key(10 + s), p, scale=1.0)
+        assert_tree_allclose(G.canonicalize(G.act(g, p)), c, rtol=1e-8, atol=1e-10)
+    assert_tree_allclose(G.canonicalize(c), c, rtol=1e-10, atol=1e-12)
+    mats = [c["layers"][i]["kernel"] for i in range(len(widths) - 1)]
+    for a, b in zip(mats[:-1], mats[1:]):
+        np.testing.assert_allclose(a.T @ a, b @ b.T, rtol=1e-8, atol=1e-10)
+    for m in mats[1:-1]:
+        np.testing.assert_allclose(m, jnp.diag(jnp.diagonal(m)), atol=1e-10)
 
 
 @pytest.mark.parametrize("name", ["mlp", "attention"])

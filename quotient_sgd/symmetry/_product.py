@@ -47,9 +47,10 @@ def _clusters(comps, pred) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(g) for g in sorted(groups.values()))
 
 
-def _gl_chain(comps):
-    """For a chain of head-free GL 'vo' actions (a deep linear stack ``W_1 W_2 ... W_L``), a function returning the
-    end-to-end product (the orbit invariant of the chain); ``None`` for any other cluster."""
+def _gl_chain_order(comps):
+    """For a chain of head-free GL 'vo' actions (a deep linear stack ``W_1 W_2 ... W_L``): the matrix paths in
+    order and the components in order (component ``l`` acts between ``W_l`` and ``W_{l+1}``); ``None`` for any
+    other cluster."""
     from ._gl import GL
 
     if not all(isinstance(c, GL) and c.kind == "vo" and c.left[1] is None for c in comps):
@@ -59,14 +60,25 @@ def _gl_chain(comps):
     starts = [c for c in comps if c.left[0] not in rights]
     if len(starts) != 1:
         return None
-    order, c = [starts[0].left[0]], starts[0]
+    order, chain, c = [starts[0].left[0]], [starts[0]], starts[0]
     while True:
         order.append(c.right[0])
         if c.right[0] not in lefts:
             break
         c = lefts[c.right[0]]
+        chain.append(c)
     if len(order) != len(comps) + 1:
         return None
+    return order, chain
+
+
+def _gl_chain(comps):
+    """For a GL chain (see :func:`_gl_chain_order`), a function returning the end-to-end product (the orbit
+    invariant of the chain); ``None`` for any other cluster."""
+    found = _gl_chain_order(comps)
+    if found is None:
+        return None
+    order = found[0]
 
     def product(flat):
         m = flat[order[0]]
@@ -93,7 +105,8 @@ class Product(Group):
       method on the orbit norm ``f(xi) = |exp(xi) . theta|^2`` in Lie-algebra coordinates (convex for rescale:
       a sum of exponentials of linear functions; the Hessian is ``k x k`` with ``k`` the number of generators,
       pseudo-inverted, with a backtracking line search); otherwise by repeated sweeps of the
-      components' own canonicalisations.  Permutations in a cluster then sort units by keys evaluated at that
+      components' own canonicalisations; a minimal deep linear GL chain by the SVD of its end-to-end product
+      (balanced, diagonal inner factors).  Permutations in a cluster then sort units by keys evaluated at that
       continuous-canonical point (so the keys are orbit invariants), the sort is applied to the original
       parameters (entries move without arithmetic, so permutations canonicalise bit for bit), and the
       continuous canonicalisation is applied again;
@@ -291,13 +304,50 @@ class Product(Group):
             return Word(cl, (comps[0]._canonical_element(flat),))
         if all(c.canonical_kind == "min_norm" and getattr(c, "abelian", True) for c in comps) and self.newton:
             return self._newton(cl, flat)
+        if _gl_chain_order(comps) is not None:
+            return self._gl_chain_canonical(cl, flat)
         if any(getattr(c, "abelian", True) is False for c in comps):
             raise SymmetryError(
                 f"canonicalize: components {[c.name for c in comps]} overlap and include a non-abelian action "
-                f"(e.g. a chain of GL actions on a deep linear stack); no canonical section is implemented for "
-                f"that case. Use the invariants (for a GL chain: the end-to-end product) instead."
+                f"other than a deep linear GL chain; no canonical section is implemented for that case. Use the "
+                f"invariants instead."
             )
         return self._sweeps(cl, flat)
+
+    def _gl_chain_canonical(self, cl, flat) -> Word:
+        """Canonical representative of a minimal deep linear chain ``M = W_1 W_2 ... W_L`` (every inner width
+        ``n`` equal, ``n <= min(d_in, d_out)``, ``M`` of rank ``n``): the orbit is then determined by ``M``.  With
+        the thin SVD ``M = U S V^T`` (``n`` columns; signs fixed so that the largest-magnitude entry of each
+        column of ``U`` is positive) the representative is ``W_1 = U S^{1/L}``, ``W_l = S^{1/L}`` (diagonal),
+        ``W_L = S^{1/L} V^T``: balanced (``W_l^T W_l = W_{l+1} W_{l+1}^T``, the minimum-norm point of the orbit),
+        with the remaining orthogonal freedom fixed by the diagonal inner factors.  The element of bond ``l`` is
+        ``A_l = P_l^+ U S^{l/L}`` with ``P_l = W_1 ... W_l`` (the partial product moves as ``P_l -> P_l A_l``)."""
+        order, chain = _gl_chain_order(tuple(self.components[i] for i in cl))
+        mats = [flat[p] for p in order]
+        widths = {m.shape[1] for m in mats[:-1]}
+        n, L = mats[0].shape[1], len(mats)
+        if len(widths) != 1 or n > min(mats[0].shape[0], mats[-1].shape[1]):
+            raise SymmetryError(
+                f"canonicalize: the GL chain {[c.name for c in chain]} has inner widths "
+                f"{[m.shape[1] for m in mats[:-1]]} for input {mats[0].shape[0]} and output {mats[-1].shape[1]}; "
+                "a canonical section is implemented for minimal chains only (all inner widths equal and at most "
+                "min(input, output)), where the end-to-end product determines the orbit. Use the invariants "
+                "(the end-to-end product) instead."
+            )
+        P = [mats[0]]
+        for m in mats[1:]:
+            P.append(P[-1] @ m)
+        U, S, _ = jnp.linalg.svd(P[-1], full_matrices=False)
+        U, S = U[:, :n], S[:n]
+        idx = jnp.argmax(jnp.abs(U), axis=0)
+        sign = jnp.sign(U[idx, jnp.arange(n)])
+        U = U * jnp.where(sign == 0, 1, sign).astype(U.dtype)[None, :]
+        elems = []
+        for l in range(1, L):
+            target = U * (S ** (l / L))[None, :]
+            elems.append(jnp.linalg.lstsq(P[l - 1], target)[0])
+        by_name = {c.name: e for c, e in zip(chain, elems)}
+        return Word(cl, tuple(by_name[self.components[i].name] for i in cl))
 
     def _sweeps(self, cl, flat) -> Word:
         """Block-coordinate canonicalisation of an abelian cluster that is not a pure minimum-norm problem (a

@@ -275,3 +275,22 @@ def test_property_mlp_group(widths, activation, seed, scale):
     assert_tree_allclose(G.horizontal(gp, H), H, rtol=1e-3, atol=1e-4)
     assert _rel(G.canonicalize(gp), G.canonicalize(p)) < 1e-3
     assert_tree_allclose(G.invariants(gp), G.invariants(p), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", CANONICAL)
+def test_continuous_canonical_element_and_unordered_invariants(name):
+    """The continuous canonical point differs from the canonical representative by a permutation of units (same
+    norms); warm-starting it from a nearby point's element gives the same element; unordered invariants have the
+    norms of the invariants, component by component, and are unchanged in norm on g.params."""
+    make, _, G, _ = CASES[name]
+    p = make(jax.random.key(0))
+    k = G.continuous_canonical_element(p)
+    np.testing.assert_allclose(tree_norm(G.act(k, p)), tree_norm(G.canonicalize(p)), rtol=1e-5)
+    near = jax.tree.map(lambda a: a * (1 + 0.01 * jax.random.normal(jax.random.key(5), a.shape, a.dtype)), p)
+    k_near = G.continuous_canonical_element(near)
+    assert_tree_allclose(G.continuous_canonical_element(near, init=k), k_near, rtol=1e-4, atol=1e-5)
+    inv = G.invariants(p)
+    g = G.sample(jax.random.key(1), p, scale=1.0)
+    for un in (G.unordered_invariants(p), G.unordered_invariants(p, k), G.unordered_invariants(G.act(g, p))):
+        for c in inv:
+            np.testing.assert_allclose(tree_norm(un[c]), tree_norm(inv[c]), rtol=1e-4, atol=1e-6)

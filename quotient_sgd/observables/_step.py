@@ -83,10 +83,13 @@ def charge_drift(group, params, updates) -> dict[str, jax.Array]:
 
 
 @observable(ORBIT_INVARIANT, "invariant_norms")
-def invariant_norms(group, params) -> dict[str, jax.Array]:
+def invariant_norms(group, params, element=None) -> dict[str, jax.Array]:
     """Per component, the Euclidean norm of the component's orbit-invariant features ``group.invariants``
-    (e.g. ``|(|w_in,j| |w_out,j|)_j|`` for a rescale layer, the norm of ``W_Q W_K^T`` for attention)."""
-    inv = per_component(group, group.invariants(params))
+    (e.g. ``|(|w_in,j| |w_out,j|)_j|`` for a rescale layer, the norm of ``W_Q W_K^T`` for attention).
+
+    Computed from ``group.unordered_invariants`` (the same arrays up to the order of permuted units, so the
+    same norms, without sorting); ``element``: ``group.continuous_canonical_element(params)`` when known."""
+    inv = per_component(group, group.unordered_invariants(params, element))
     return {k: tree_norm(v) if jax.tree.leaves(v) else jnp.zeros(()) for k, v in inv.items()}
 
 

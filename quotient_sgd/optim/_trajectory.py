@@ -138,6 +138,8 @@ def quotient_trajectory(
     want = set(keys)
     need_curv = bool(want & {"curvature", "shock_number", "fold_number"})
     need_cross = "charge_drift_predicted" in want and spec is not None
+    need_canon = bool(want & {"grad_norm_canonical", "effective_lr", "invariant_norms"}) or (
+        need_curv and spec is None)
     base_key = jax.random.key(seed)
 
     # -- the per-step observables ---------------------------------------------------------------------------
@@ -148,9 +150,13 @@ def quotient_trajectory(
             out["loss"] = jnp.asarray(jnp.nan if value is None else value, dt)
         if "grad_norm" in want:
             out["grad_norm"] = obs.grad_norm(grads)
-        gc = None
+        gc = elem = None
+        if need_canon:
+            # the continuous canonical point (norms there equal those at the canonical representative: the
+            # two differ by a permutation of units), warm-started from the previous step's element
+            elem = group.continuous_canonical_element(params, init=carry.get("canon"))
         if want & {"grad_norm_canonical", "effective_lr"} or (need_curv and lr_spec is None):
-            gc = obs.canonical_gradient(group, params, grads)
+            gc = obs.canonical_gradient(group, params, grads, elem)
             if "grad_norm_canonical" in want:
                 out["grad_norm_canonical"] = jnp.sqrt(tree_sqnorm(gc))
         if want & {"update_horizontal_norm", "update_vertical_norm"}:
@@ -166,7 +172,7 @@ def quotient_trajectory(
             q1 = charges_dict(group, jax.tree.map(lambda p, u: p + u, params, updates))
             out["charge_drift"] = jax.tree.map(lambda a, b: a - b, q1, q)
         if "invariant_norms" in want:
-            out["invariant_norms"] = obs.invariant_norms(group, params)
+            out["invariant_norms"] = obs.invariant_norms(group, params, elem)
         if "angular_update" in want:
             out["angular_update"] = obs.angular_update(group, params, updates)
         eff = None
@@ -187,7 +193,7 @@ def quotient_trajectory(
                 out["shock_number"] = obs.shock_number(carry["prev_lr"], kappa)
             if "fold_number" in want:
                 out["fold_number"] = obs.fold_number(carry["prev_lr"], kappa)
-        return out, q, eff
+        return out, q, eff, elem
 
     def _curv_terms(grads, updates):
         return tree_dot(grads, updates), tree_sqnorm(updates)
@@ -201,7 +207,7 @@ def quotient_trajectory(
         def shape_fn(p):
             hp = None if spec is None else {"learning_rate": jnp.ones((), dt)}
             carry0 = _carry0(p)
-            o, _, _ = step_observables(p, p, p, zero, hp, carry0)
+            o, _, _, _ = step_observables(p, p, p, zero, hp, carry0)
             return o
 
         observ = _zeros_like_struct(jax.eval_shape(shape_fn, params))
@@ -243,6 +249,8 @@ def quotient_trajectory(
         if need_cross:
             carry["cross"] = jax.tree.map(
                 jnp.zeros_like, _zeros_like_struct(jax.eval_shape(lambda p: charges_dict(group, p), params)))
+        if need_canon:
+            carry["canon"] = group.continuous_canonical_element(params)
         return carry
 
     # -- update ---------------------------------------------------------------------------------------------
@@ -260,17 +268,19 @@ def quotient_trajectory(
         observ = dict(state.observables)
         step_keys = [k for k in observ if k in want and k != "charge_drift_predicted"]
         if every == 1:
-            fresh, q, eff = step_observables(params, grads, new_updates, value, hp, carry)
+            fresh, q, eff, elem = step_observables(params, grads, new_updates, value, hp, carry)
         else:
-            fresh = jax.lax.cond(
+            fresh, elem = jax.lax.cond(
                 count % every == 0,
-                lambda _: step_observables(params, grads, new_updates, value, hp, carry)[0],
-                lambda _: {k: observ[k] for k in step_keys},
+                lambda _: tuple(step_observables(params, grads, new_updates, value, hp, carry)[i] for i in (0, 3)),
+                lambda _: ({k: observ[k] for k in step_keys}, carry.get("canon")),
                 None,
             )
             q = eff = None
         observ.update(fresh)
         new_carry: dict[str, Any] = {}
+        if need_canon:
+            new_carry["canon"] = elem
         lr_now = None
         if need_curv:
             if hp is not None:
@@ -360,7 +370,9 @@ def quotient_trajectory(
         observ["hessian_step"] = count.astype(jnp.int32)
         return observ, eigvecs
 
-    return optax.GradientTransformationExtraArgs(init, update)
+    # init traces the observables once for their shapes and may run iterative canonicalisations: jitted, so that
+    # repeated inits (new runs, resumed chunks) neither retrace nor dispatch op by op
+    return optax.GradientTransformationExtraArgs(jax.jit(init), update)
 
 
 def _find(opt_state) -> list[QuotientTrajectoryState]:

@@ -175,6 +175,18 @@ class Group(eqx.Module):
         flat, _ = self._flat(params)
         return self._canonical_element(flat)
 
+    def continuous_canonical_element(self, params, init=None):
+        """The element taking ``params`` to the canonical point of the continuous part of the group (no
+        permutation sort); for a single action, its canonical element (continuous) or the identity (discrete).
+        See :meth:`Product.continuous_canonical_element`."""
+        flat, _ = self._flat(params)
+        return self._canonical_element(flat) if self.continuous else self._identity(flat)
+
+    def unordered_invariants(self, params, element=None):
+        """Orbit invariants up to the order of permuted units (see :meth:`Product.unordered_invariants`); for a
+        single action, :meth:`invariants`."""
+        return self.invariants(params)
+
     def canonicalize(self, params):
         """The canonical representative of the orbit of ``params`` (same network function)."""
         flat, treedef = self._flat(params)

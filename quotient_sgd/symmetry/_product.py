@@ -290,15 +290,15 @@ class Product(Group):
         xis = unravel(vec)
         return Word(cl, tuple(c._exp(x) for c, x in zip(comps, xis)))
 
-    def _continuous_canonical(self, cont, flat) -> Word:
+    def _continuous_canonical(self, cont, flat, init: dict | None = None) -> Word:
         word = Word((), ())
         sub = _clusters(self.components, lambda c: c.continuous)
         for cl in sub:
             if set(cl) <= set(cont):
-                word = self._compose(self._continuous_subcluster(cl, flat), word)
+                word = self._compose(self._continuous_subcluster(cl, flat, init), word)
         return word
 
-    def _continuous_subcluster(self, cl, flat) -> Word:
+    def _continuous_subcluster(self, cl, flat, init: dict | None = None) -> Word:
         comps = [self.components[i] for i in cl]
         if len(cl) == 1:
             return Word(cl, (comps[0]._canonical_element(flat),))
@@ -312,7 +312,7 @@ class Product(Group):
                 f"other than a deep linear GL chain; no canonical section is implemented for that case. Use the "
                 f"invariants instead."
             )
-        return self._sweeps(cl, flat)
+        return self._sweeps(cl, flat, None if init is None else tuple(init[i] for i in cl))
 
     def _gl_chain_canonical(self, cl, flat) -> Word:
         """Canonical representative of a minimal deep linear chain ``M = W_1 W_2 ... W_L`` (every inner width
@@ -349,7 +349,7 @@ class Product(Group):
         by_name = {c.name: e for c, e in zip(chain, elems)}
         return Word(cl, tuple(by_name[self.components[i].name] for i in cl))
 
-    def _sweeps(self, cl, flat) -> Word:
+    def _sweeps(self, cl, flat, init=None) -> Word:
         """Block-coordinate canonicalisation of an abelian cluster that is not a pure minimum-norm problem (a
         rescale feeding a scale-invariant block): each component's closed-form canonical element given the others,
         repeated until the elements stop changing (the fixed point is the unique point of the joint orbit that
@@ -380,7 +380,7 @@ class Product(Group):
             _, it, size = carry
             return (it < self.sweeps) & (size > tol)
 
-        xi0 = tuple(c._identity(flat) for c in comps)
+        xi0 = tuple(c._identity(flat) for c in comps) if init is None else tuple(init)
         xis, _, _ = jax.lax.while_loop(cond, body, (xi0, jnp.asarray(0), jnp.asarray(jnp.inf, tol.dtype)))
         return Word(cl, xis)
 
@@ -402,6 +402,49 @@ class Product(Group):
         for cl in self.clusters():
             word = self._compose(self._cluster_canonical(cl, flat), word)
         return word
+
+    def continuous_canonical_element(self, params, init: Word | None = None) -> Word:
+        """The element ``k`` taking ``params`` to the canonical point of the continuous part of the group only
+        (each cluster of overlapping continuous actions canonicalised jointly; no permutation sort).  It differs
+        from :meth:`canonical_element` by a permutation of units, so norms, and per-component norms, at
+        ``k . params`` equal those at the canonical representative: the cheaper choice for norm observables.
+
+        ``init``: a previous result of this method (same group and shapes), e.g. from the last training step.
+        Iterative cluster canonicalisations (block-coordinate sweeps) start from it; the fixed point is unique,
+        so the result does not depend on ``init`` beyond the solver tolerance, only the number of sweeps does."""
+        flat, _ = self._flat(params)
+        start = None if init is None else dict(zip(init.indices, init.elements))
+        return self._continuous_canonical(self._cont(), flat, start)
+
+    def unordered_invariants(self, params, element: Word | None = None):
+        """Per component, orbit invariants up to the order of permuted units: equal to :meth:`invariants` after
+        a permutation of units within each array, so every norm or sum of them equals that of
+        :meth:`invariants`.  Clusters that :meth:`invariants` canonicalises are evaluated at the continuous
+        canonical point instead (``element``: :meth:`continuous_canonical_element` when already known), which
+        skips the permutation sort and the second continuous canonicalisation."""
+        flat, _ = self._flat(params)
+        at = None
+        out = {}
+        for cl in self.clusters():
+            chain = _gl_chain(tuple(self.components[i] for i in cl)) if len(cl) > 1 else None
+            if chain is not None:
+                prod = chain(flat)
+                out.update({self.components[i].name: prod for i in cl})
+                continue
+            sorted_inv = self._sorted_invariants(cl, flat) if len(cl) > 1 else None
+            if sorted_inv is not None:
+                out.update(sorted_inv)
+                continue
+            if len(cl) == 1:
+                src = flat
+            else:
+                if at is None:
+                    k = self._continuous_canonical(self._cont(), flat) if element is None else element
+                    at = self._act(k, flat)
+                src = at
+            for i in cl:
+                out[self.components[i].name] = self.components[i]._invariants(src)
+        return {c.name: out[c.name] for c in self.components}
 
     # --- invariants and charges -----------------------------------------------------------------------------
     def _invariants(self, flat):

@@ -154,3 +154,25 @@ def test_batchnorm_state_threading_in_jit():
     assert not np.allclose(ye1, y)
     model.train()
     assert model.norms[0].use_running_average is False
+
+
+@pytest.mark.parametrize("k,stride,hw", [(3, 1, 8), (3, 2, 7), (5, 2, 8), (2, 1, 5), (3, 3, 28)])
+@pytest.mark.parametrize("norm", [None, "layer"])
+def test_cnn_patch_convolution_equals_xla_convolution(k, stride, hw, norm, x64):
+    """The im2col convolution (default on CPU) is the same function as XLA's convolution, with the same
+    gradient, for odd/even sizes, strides and kernel sizes (float64)."""
+    kw = dict(kernel_size=k, strides=stride, norm=norm, param_dtype=jnp.float64)
+    a = CNN(2, (3, 4), 5, conv_impl="patches", rngs=nnx.Rngs(0), **kw)
+    b = CNN(2, (3, 4), 5, conv_impl="xla", rngs=nnx.Rngs(0), **kw)
+    x = jax.random.normal(jax.random.key(1), (3, hw, hw, 2), jnp.float64)
+    np.testing.assert_allclose(a(x), b(x), rtol=1e-12, atol=1e-12)
+    ga, pa = nnx.split(a, nnx.Param)
+    gb, pb = nnx.split(b, nnx.Param)
+    grad_a = jax.grad(lambda p: jnp.sum(jnp.sin(nnx.merge(ga, p)(x))))(pa)
+    grad_b = jax.grad(lambda p: jnp.sum(jnp.sin(nnx.merge(gb, p)(x))))(pb)
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-10, atol=1e-12), grad_a, grad_b)
+
+
+def test_cnn_conv_impl_is_checked():
+    with pytest.raises(ValueError, match="conv_impl"):
+        CNN(1, (3,), 2, conv_impl="fft", rngs=nnx.Rngs(0))

@@ -15,6 +15,29 @@ from ._norm import NORM_EPS, BatchNorm, LayerNorm
 NORMS = (None, "layer", "batch")
 
 
+CONV_IMPLS = ("auto", "patches", "xla")
+
+
+def conv_same_patches(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, stride: int = 1) -> jax.Array:
+    """A ``SAME``-padded 2-D convolution (NHWC input, HWIO kernel, XLA's padding convention) as a sum over the
+    ``k x k`` shifted, strided slices of the padded input contracted with the kernel (im2col): no convolution
+    op in the forward or backward pass.  On XLA:CPU a convolution inside a loop body (a training
+    ``lax.scan``) runs many times slower than outside one (jax issue 12868); this form does not."""
+    kh, kw = kernel.shape[:2]
+    n, h, w, _ = x.shape
+    ho, wo = -(-h // stride), -(-w // stride)
+    ph = max((ho - 1) * stride + kh - h, 0)
+    pw = max((wo - 1) * stride + kw - w, 0)
+    xp = jnp.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
+    patches = jnp.stack([
+        jax.lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, xp.shape[3]),
+                      (1, stride, stride, 1))
+        for i in range(kh) for j in range(kw)
+    ], axis=3)
+    out = jnp.einsum("nhwpc,pco->nhwo", patches, kernel.reshape(kh * kw, *kernel.shape[2:]))
+    return out if bias is None else out + bias[None, None, None, :]
+
+
 class CNN(nnx.Module):
     """``conv -> [norm] -> sigma`` blocks, global average pooling, and a linear head; inputs NHWC.
 
@@ -27,6 +50,10 @@ class CNN(nnx.Module):
         channels: output channels of each conv layer, e.g. ``(8, 16)``.
         dout: output dimension (number of classes).
         kernel_size: square kernel size.
+        conv_impl: ``"patches"`` (shifted slices contracted with the kernel, :func:`conv_same_patches`),
+            ``"xla"`` (``nnx.Conv``, XLA's convolution) or ``"auto"`` (default: patches on CPU, where XLA's
+            convolution inside a training loop is many times slower, XLA's elsewhere).  Same parameters and
+            the same function either way (to float rounding).
         strides: one stride for every layer, or one per layer.
         norm: ``None``; ``"layer"`` (:class:`LayerNorm` over the channels at each position); or ``"batch"``
             (:class:`BatchNorm` per channel over batch and space, with running statistics as ``nnx.BatchStat``
@@ -63,9 +90,12 @@ class CNN(nnx.Module):
         activation: str = "relu",
         classifier: bool = False,
         norm_eps: float = NORM_EPS,
+        conv_impl: str = "auto",
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
+        if conv_impl not in CONV_IMPLS:
+            raise ValueError(f"conv_impl must be one of {list(CONV_IMPLS)}, got {conv_impl!r}")
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}")
         channels = tuple(channels)
@@ -76,6 +106,8 @@ class CNN(nnx.Module):
             raise ValueError(f"strides must be an int or have one entry per conv layer ({len(channels)}), "
                              f"got {strides!r}")
         self.activation = check_activation(activation)
+        self.conv_impl = conv_impl
+        self.strides = strides
         self.norm = norm
         self.classifier = bool(classifier)
         sizes = (in_channels, *channels)
@@ -96,8 +128,15 @@ class CNN(nnx.Module):
         """The head output ``z`` (before any ``log_softmax``), shape ``(N, dout)``; ``x`` is ``(N, H, W, C)``."""
         act = get_activation(self.activation)
         h = jnp.asarray(x, self.head.kernel[...].dtype)
+        impl = self.conv_impl
+        if impl == "auto":
+            impl = "patches" if jax.default_backend() == "cpu" else "xla"
         for l, conv in enumerate(self.convs):
-            h = conv(h)
+            if impl == "xla":
+                h = conv(h)
+            else:
+                h = conv_same_patches(h, conv.kernel[...], None if conv.bias is None else conv.bias[...],
+                                      self.strides[l])
             if self.norm is not None:
                 h = self.norms[l](h)
             h = act(h)

@@ -25,6 +25,10 @@ def _cmd(workdir):
     return [sys.executable, "-m", "quotient_sgd.cli", "run", *ARGS, f"--workdir={workdir}"], env
 
 
+def _ok(proc):
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
 def _checkpoint_steps(workdir):
     d = os.path.join(workdir, "checkpoints")
     return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
@@ -61,9 +65,9 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
     assert 30 <= last_ckpt < 400
 
     # restart with the same command; an uninterrupted run for reference
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _ok(subprocess.run(cmd, env=env, capture_output=True, text=True))
     cmd_ref, _ = _cmd(ref)
-    subprocess.run(cmd_ref, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _ok(subprocess.run(cmd_ref, env=env, capture_output=True, text=True))
 
     a, b = _traj(killed), _traj(ref)
     assert sorted(a) == sorted(b)
@@ -107,3 +111,25 @@ def test_in_process_resume_and_config_guard(tmp_path):
     with pytest.raises(RunDirError, match="no config.json"):
         run(s, str(other))
     assert os.listdir(other) == ["notes.txt"]
+
+
+def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    """A checkpoint step whose files are incomplete (a kill inside orbax's finalisation) is deleted with a
+    warning and the run resumes from the one before; the result still equals an uninterrupted run."""
+    import shutil
+
+    c = load_config(TINY)
+    c.steps = 40
+    c.logging.plots = False
+    s = validate(c)
+    wd = str(tmp_path / "r")
+    run(s, wd, max_chunks=3)
+    assert _checkpoint_steps(wd) == [20, 30]
+    shutil.rmtree(os.path.join(wd, "checkpoints", "30", "default"))
+    with pytest.warns(RuntimeWarning, match="checkpoint 30"):
+        resumed = run(s, wd)
+    assert resumed.resumed_from == 20
+    ref = run(s, str(tmp_path / "ref"))
+    for k in ref.trajectory:
+        np.testing.assert_array_equal(resumed.trajectory[k], ref.trajectory[k], err_msg=k)
+    assert _rows(wd) == _rows(str(tmp_path / "ref"))

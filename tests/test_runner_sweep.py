@@ -114,3 +114,51 @@ def test_two_process_distributed_sweep_equals_single_process(tmp_path):
     for i in range(8):
         d = f"members/{i:03d}"
         _assert_same(_traj(tmp_path / "multi" / d), _traj(tmp_path / "single" / d), rtol=0, atol=0)
+
+
+def _eqns(jaxpr, inside_cond=False):
+    """``(eqn, inside a cond branch?)`` for every equation, nested jaxprs included."""
+    from jax.extend.core import jaxprs_in_params
+
+    for e in jaxpr.eqns:
+        yield e, inside_cond
+        for sub in jaxprs_in_params(e.params):
+            yield from _eqns(sub, inside_cond or e.primitive.name == "cond")
+
+
+def _vmapped_chunk_jaxpr(s, axes_fn):
+    import functools
+
+    import jax.numpy as jnp
+
+    from quotient_sgd.runner._build import build
+    from quotient_sgd.runner._chunk import chunk_step, single_programs
+
+    b = build(s)
+    axes = axes_fn(b)
+    init1, _ = single_programs(b, 10)
+    state1 = jax.device_get(init1(jnp.int32(0), jnp.float32(0), jnp.float32(0.05), jnp.float32(0), jnp.float32(0.9)))
+    state = jax.tree.map(lambda x, a: x if a is None else np.stack([x] * 4), state1, axes,
+                         is_leaf=lambda x: x is None)
+    f = jax.vmap(functools.partial(chunk_step, b, 10, None), in_axes=(axes, 0, None, None, None),
+                 out_axes=(axes, 0, 0))
+    return jax.make_jaxpr(f)(state, jnp.arange(4, dtype=jnp.int32), None, b.dataset, jnp.int32(0)).jaxpr
+
+
+def test_periodic_observables_stay_branches_under_vmap():
+    """The step counters are unbatched in the vmapped chunk of a sweep: ``count % every`` and
+    ``count % hessian_every`` stay ``cond`` s on a scalar predicate, so the Lanczos iteration (its ``eigh``) runs
+    only inside a branch, not at every step for every member.  With the counters batched (the control), vmap turns
+    the conds into ``select`` s of both branches and the ``eigh`` lands outside any branch."""
+    from quotient_sgd.runner._sweep import _state_axes, _state_shapes
+
+    s = _settings(**{"observables.every": 5, "observables.hessian_every": 10, "observables.lanczos_steps": 4})
+    eqns = list(_eqns(_vmapped_chunk_jaxpr(s, _state_axes)))
+    conds = [e for e, _ in eqns if e.primitive.name == "cond"]
+    assert len(conds) >= 2 and all(e.invars[0].aval.shape == () for e in conds)
+    eighs = [inside for e, inside in eqns if e.primitive.name == "eigh"]
+    assert eighs and all(eighs), "the Hessian's Lanczos runs outside its cond branch"
+
+    all_batched = lambda b: jax.tree.map(lambda x: 0, _state_shapes(b))  # noqa: E731
+    control = list(_eqns(_vmapped_chunk_jaxpr(s, all_batched)))
+    assert not all(inside for e, inside in control if e.primitive.name == "eigh")

@@ -138,8 +138,7 @@ def _check_model(m: ModelSettings, d: DataSettings) -> None:
         _check(len(m.channels) >= 1 and all(c >= 1 for c in m.channels), "model.channels", m.channels,
                "at least one conv layer, widths >= 1")
         _check(m.kernel_size >= 1, "model.kernel_size", m.kernel_size, "must be >= 1")
-        _check(m.norm in ("none", "layer"), "model.norm", m.norm,
-               "allowed: ['none', 'layer'] (batch statistics are not carried by the runner)")
+        _check(m.norm in ("none", "layer", "batch"), "model.norm", m.norm, "allowed: ['none', 'layer', 'batch']")
     if m.name == "transformer":
         _check(d.name == "modular_arithmetic", "model.name", m.name,
                f"a Transformer reads token sequences: data.name='modular_arithmetic', got {d.name!r}")
@@ -149,6 +148,10 @@ def _check_model(m: ModelSettings, d: DataSettings) -> None:
                f"must divide model.d_model = {m.d_model}")
     if m.name == "meanfield":
         _check(m.width >= 1, "model.width", m.width, "must be >= 1")
+
+
+def _batch_norm(s: Settings) -> bool:
+    return s.model.name == "cnn" and s.model.norm == "batch"
 
 
 def _check_symmetry(s: Settings) -> None:
@@ -176,6 +179,9 @@ def _check_symmetry(s: Settings) -> None:
     _check(ob.noise_every == 0 or ob.per_example_grads, "observables.noise_every", ob.noise_every,
            "the gradient-noise temperature needs per-example gradients: set observables.per_example_grads=True "
            "or observables.noise_every=0")
+    _check(not (ob.per_example_grads and _batch_norm(s)), "observables.per_example_grads", ob.per_example_grads,
+           "per-example gradients are not defined with model.norm='batch': every example's loss depends on the "
+           "whole batch through the batch statistics; use model.norm='layer' or 'none', or per_example_grads=False")
     _check(ob.noise_every == 0 or sym.enabled, "observables.noise_every", ob.noise_every,
            "needs symmetry.enabled=True (the noise is measured on the horizontal space)")
     _check(ob.hessian_every == 0 or sym.enabled, "observables.hessian_every", ob.hessian_every,
@@ -219,6 +225,10 @@ def _check_sweep(s: Settings) -> None:
                f"every value must be in [1, {n}] (the training set of {s.data.name!r})")
     _check(not sw.batch_size or s.data.batch_size > 0, "sweep.batch_size", sw.batch_size,
            "cannot sweep the batch size of a full-batch run (data.batch_size=0)")
+    _check(not sw.batch_size or not _batch_norm(s), "sweep.batch_size", sw.batch_size,
+           "a batch-size sweep runs every member on the largest batch with a 0/1 mask, and the masked examples "
+           "would enter the batch statistics of model.norm='batch'; sweep the other axes and run one sweep per "
+           "batch size (or use model.norm='layer')")
     for v in sw.weight_decay:
         _check(v >= 0, "sweep.weight_decay", sw.weight_decay, "every value must be >= 0")
     for v in sw.momentum:

@@ -56,35 +56,59 @@ def make_dataset(s: Settings) -> qdata.Dataset:
 
 
 # ---- losses: module-level functions, bound with functools.partial (hashable, so train() caches them) --------
-def _outputs(graphdef, params, x, last_token: bool):
-    model = nnx.merge(graphdef, params)
-    out = model(x)
+def _merge(graphdef, params, model_state):
+    return nnx.merge(graphdef, params) if model_state is None else nnx.merge(graphdef, params, model_state)
+
+
+def _head(out, last_token: bool):
     return out[:, -1, :] if last_token else out
+
+
+def _example_losses(out, y, task: str):
+    if task == "classification":
+        return optax.softmax_cross_entropy_with_integer_labels(out, y)
+    return 0.5 * jnp.sum(jnp.square(out - y), axis=-1)
+
+
+def _weighted_mean(l, w):
+    w = w.astype(l.dtype)
+    return jnp.sum(w * l) / jnp.sum(w)
 
 
 def example_losses(params, batch, *, graphdef, task: str, last_token: bool):
     """Per-example losses ``(B,)``: cross-entropy (classification) or squared error summed over outputs / 2."""
-    out = _outputs(graphdef, params, batch["x"], last_token)
-    if task == "classification":
-        return optax.softmax_cross_entropy_with_integer_labels(out, batch["y"])
-    return 0.5 * jnp.sum(jnp.square(out - batch["y"]), axis=-1)
+    out = _head(nnx.merge(graphdef, params)(batch["x"]), last_token)
+    return _example_losses(out, batch["y"], task)
 
 
 def batch_loss(params, batch, *, graphdef, task: str, last_token: bool):
     """``sum(w * l) / sum(w)`` over the batch (``w``: padding mask of a batch-size sweep)."""
-    l = example_losses(params, batch, graphdef=graphdef, task=task, last_token=last_token)
-    w = batch["w"].astype(l.dtype)
-    return jnp.sum(w * l) / jnp.sum(w)
+    return _weighted_mean(example_losses(params, batch, graphdef=graphdef, task=task, last_token=last_token),
+                          batch["w"])
 
 
-def evaluate(params, batch, *, graphdef, task: str, last_token: bool) -> dict:
-    """Loss (and accuracy for classification) on a whole split."""
-    out = _outputs(graphdef, params, batch["x"], last_token)
+def stateful_batch_loss(params, model_state, batch, *, graphdef, task: str, last_token: bool):
+    """The training-mode loss of a model with non-parameter state (BatchNorm's running statistics):
+    ``(loss, (None, new_model_state))``, the convention of :func:`quotient_sgd.optim.train` with
+    ``model_state``.  The batch statistics normalise; the running ones are updated and threaded to the next step."""
+    model = _merge(graphdef, params, model_state)
+    out = _head(model(batch["x"]), last_token)
+    _, _, new_state = nnx.split(model, nnx.Param, ...)
+    return _weighted_mean(_example_losses(out, batch["y"], task), batch["w"]), (None, new_state)
+
+
+def evaluate(params, batch, model_state=None, *, graphdef, task: str, last_token: bool) -> dict:
+    """Loss (and accuracy for classification) on a whole split; a model with state is evaluated in evaluation
+    mode (``model.eval()``: BatchNorm normalises with its running statistics)."""
+    model = _merge(graphdef, params, model_state)
+    if model_state is not None:
+        model.eval()
+    out = _head(model(batch["x"]), last_token)
+    loss = jnp.mean(_example_losses(out, batch["y"], task))
     if task == "classification":
-        loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(out, batch["y"]))
         acc = jnp.mean((jnp.argmax(out, axis=-1) == batch["y"]).astype(jnp.float32))
         return {"loss": loss, "accuracy": acc}
-    return {"loss": jnp.mean(0.5 * jnp.sum(jnp.square(out - batch["y"]), axis=-1))}
+    return {"loss": loss}
 
 
 # ---- optimiser ------------------------------------------------------------------------------------------------
@@ -152,7 +176,11 @@ def make_optimizer(s: Settings, group) -> optax.GradientTransformation:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Built:
-    """Everything static about a run: hashable by identity, so jitted programs built on it are cached."""
+    """Everything static about a run: hashable by identity, so jitted programs built on it are cached.
+
+    ``stateful``: the model has non-parameter state (BatchNorm's running statistics), threaded through training
+    as ``model_state`` (``loss_fn(params, model_state, batch) -> (loss, (None, new_model_state))``); otherwise
+    ``loss_fn(params, batch) -> loss``."""
 
     settings: Settings
     graphdef: Any
@@ -165,6 +193,7 @@ class Built:
     example_loss_fn: Callable | None
     eval_fn: Callable
     num_params: int
+    stateful: bool = False
 
 
 def program_settings(s: Settings) -> Settings:
@@ -191,6 +220,7 @@ def _build(s: Settings) -> Built:
 
     model = nnx.eval_shape(lambda: make_model(s, nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    stateful = bool(jax.tree.leaves(rest))
     group = select_group(s, model.symmetries())
     gauge = None
     if group is not None:
@@ -200,24 +230,32 @@ def _build(s: Settings) -> Built:
     kw = dict(graphdef=graphdef, task=ds.task, last_token=s.model.name == "transformer")
     need_ex = s.observables.per_example_grads
     n = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-    return Built(s, graphdef, rest, group, gauge, ds, make_optimizer(s, group),
-                 functools.partial(batch_loss, **kw), functools.partial(example_losses, **kw) if need_ex else None,
-                 functools.partial(evaluate, **kw), int(n))
+    loss = functools.partial(stateful_batch_loss if stateful else batch_loss, **kw)
+    return Built(s, graphdef, rest, group, gauge, ds, make_optimizer(s, group), loss,
+                 functools.partial(example_losses, **kw) if need_ex else None,
+                 functools.partial(evaluate, **kw), int(n), stateful)
 
 
 def init_params(b: Built, seed, init_gauge):
     """Initial parameters for ``seed`` (traceable: usable under ``vmap`` over seeds), moved by a random element
     of the continuous symmetries of scale ``init_gauge`` when ``init_gauge > 0`` (same function, different
     parameterisation)."""
+    return init_model(b, seed, init_gauge)[0]
+
+
+def init_model(b: Built, seed, init_gauge):
+    """``(params, model_state)`` for ``seed``: :func:`init_params` and the model's initial non-parameter state
+    (``None`` for a model without one)."""
     key = jax.random.key(seed)
     model = make_model(b.settings, nnx.Rngs(params=jax.random.fold_in(key, 0)))
-    _, params, _ = nnx.split(model, nnx.Param, ...)
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    model_state = rest if b.stateful else None
     if b.gauge_group is None:
-        return params
+        return params, model_state
     scale = jnp.asarray(init_gauge, jnp.float32)
     g = b.gauge_group.sample(jax.random.fold_in(key, 2), params, scale)
     moved = b.gauge_group.act(g, params)
-    return jax.tree.map(lambda a, p: jnp.where(scale > 0, a, p), moved, params)
+    return jax.tree.map(lambda a, p: jnp.where(scale > 0, a, p), moved, params), model_state
 
 
 def batch_key(seed):

@@ -1,4 +1,8 @@
-"""The jitted unit of work: one scan chunk of training plus evaluation, for one run or vmapped over members."""
+"""The jitted unit of work: one scan chunk of training plus evaluation, for one run or vmapped over members.
+
+The training state of a run is ``(params, opt_state, model_state)``; ``model_state`` is the model's
+non-parameter state (BatchNorm's running statistics), ``None`` for models without one.
+"""
 
 from __future__ import annotations
 
@@ -10,40 +14,46 @@ import numpy as np
 
 from .. import data as qdata
 from ..optim import set_hyperparams, train
-from ._build import Built, batch_key, init_params
+from ._batches import batch_fn
+from ._build import Built, batch_key, init_model
 
 
 def _finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def chunk_step(b: Built, num_steps: int, padded_batch: int | None, params, opt_state, seed, batch_size, dataset,
-               start_step):
+def chunk_step(b: Built, num_steps: int, padded_batch: int | None, state, seed, batch_size, dataset, start_step):
     """``num_steps`` steps of ``quotient_sgd.optim.train`` from ``start_step``, then the test / train evaluation.
 
-    ``batch_size`` is a traced per-member value only when a sweep varies it (``padded_batch`` is then the largest
-    batch: smaller ones are masked prefixes); otherwise the configured static batch size is used."""
+    ``state = (params, opt_state, model_state)``.  ``batch_size`` is a traced per-member value only when a sweep
+    varies it (``padded_batch`` is then the largest batch: smaller ones are masked prefixes); otherwise the
+    configured static batch size is used.  Returns ``(state, trajectory, evaluation)``."""
+    params, opt_state, model_state = state
     bs = b.settings.data.batch_size
     if padded_batch is not None:
-        bf = qdata.batch_fn(dataset, batch_size, max_batch_size=padded_batch)
+        bf = batch_fn(dataset, batch_size, max_batch_size=padded_batch)
     else:
-        bf = qdata.batch_fn(dataset, bs if bs > 0 else None)
-    params, opt_state, traj = train(
-        b.loss_fn, params, b.tx, bf, num_steps=num_steps, key=batch_key(seed), opt_state=opt_state,
-        start_step=start_step, example_loss_fn=b.example_loss_fn, donate=False)
-    ev = {f"test_{k}": v for k, v in b.eval_fn(params, qdata.full_batch(dataset, "test")).items()}
-    ev.update({f"train_{k}": v for k, v in b.eval_fn(params, qdata.full_batch(dataset, "train")).items()})
+        bf = batch_fn(dataset, bs if bs > 0 else None)
+    kw = dict(num_steps=num_steps, key=batch_key(seed), opt_state=opt_state, start_step=start_step,
+              example_loss_fn=b.example_loss_fn, donate=False)
+    if b.stateful:
+        params, opt_state, model_state, traj = train(b.loss_fn, params, b.tx, bf, model_state=model_state, **kw)
+    else:
+        params, opt_state, traj = train(b.loss_fn, params, b.tx, bf, **kw)
+    ev = {f"test_{k}": v for k, v in b.eval_fn(params, qdata.full_batch(dataset, "test"), model_state).items()}
+    ev.update({f"train_{k}": v for k, v in b.eval_fn(params, qdata.full_batch(dataset, "train"), model_state).items()})
     ev["params_finite"] = _finite(params)
-    return params, opt_state, traj, ev
+    return (params, opt_state, model_state), traj, ev
 
 
 def init_state(b: Built, seed, init_gauge, hyper: dict):
-    """``(params, opt_state)`` of one member: init, optional re-gauging, hyperparameters set in the state."""
-    params = init_params(b, seed, init_gauge)
+    """``(params, opt_state, model_state)`` of one member: init, optional re-gauging, hyperparameters set in the
+    optimiser state."""
+    params, model_state = init_model(b, seed, init_gauge)
     opt_state = b.tx.init(params)
     if hyper:
         opt_state = set_hyperparams(opt_state, **hyper)
-    return params, opt_state
+    return params, opt_state, model_state
 
 
 def hyper(b: Built, lr, wd, mom) -> dict:
@@ -60,8 +70,9 @@ def hyper_of(s) -> tuple:
 
 @functools.lru_cache(maxsize=32)
 def single_programs(b: Built, num_steps: int):
-    """Jitted ``init(seed, gauge, lr, wd, momentum)`` and ``chunk`` for one run (cached per Built and chunk
-    length: seeds and hyperparameters are inputs, so a loop over them compiles once)."""
+    """Jitted ``init(seed, gauge, lr, wd, momentum)`` and ``chunk(state, seed, batch_size, dataset, start)`` for
+    one run (cached per Built and chunk length: seeds and hyperparameters are inputs, so a loop over them
+    compiles once)."""
     init = jax.jit(lambda seed, g, lr, wd, mom: init_state(b, seed, g, hyper(b, lr, wd, mom)))
     chunk = jax.jit(functools.partial(chunk_step, b, num_steps, None))
     return init, chunk

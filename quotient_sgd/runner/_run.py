@@ -99,11 +99,10 @@ def run(settings: Settings, workdir: str, *, built: Built | None = None, max_chu
     metrics, parts = MetricsLog(os.path.join(workdir, "metrics.jsonl")), TrajectoryParts(workdir)
     every = s.checkpoint.every
     init, _ = single_programs(b, every)
-    params, opt_state = init(jnp.int32(s.seed), jnp.float32(s.init_gauge), *hyper_of(s))
+    state = init(jnp.int32(s.seed), jnp.float32(s.init_gauge), *hyper_of(s))
     start = 0
-    if ckpt is not None and ckpt.latest() is not None:
-        start = int(ckpt.latest())
-        params, opt_state = ckpt.restore(start, (params, opt_state))
+    if ckpt is not None:
+        start, state = ckpt.restore_latest(state)
     parts.truncate(start)
     metrics.truncate(start)
     remove_outputs(workdir)
@@ -117,7 +116,7 @@ def run(settings: Settings, workdir: str, *, built: Built | None = None, max_chu
             if max_chunks is not None and n_chunk >= max_chunks:
                 break
             _, chunk = single_programs(b, c - a)
-            params, opt_state, traj, ev = chunk(params, opt_state, seed, None, b.dataset, jnp.int32(a))
+            state, traj, ev = chunk(state, seed, None, b.dataset, jnp.int32(a))
             traj = flatten_trajectory(to_host(traj))
             ev = to_host(ev)
             traj["step"] = np.arange(a, c, dtype=np.int64)
@@ -139,7 +138,7 @@ def run(settings: Settings, workdir: str, *, built: Built | None = None, max_chu
             if diverged is not None:
                 break
             if ckpt is not None:
-                ckpt.save(c, (params, opt_state))
+                ckpt.save(c, state)
             done = c
             if bar is not None:
                 bar.set_postfix(loss=f"{float(traj['loss'][-1]):.4g}",

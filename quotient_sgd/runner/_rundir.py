@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 from typing import Any
 
 import jax
@@ -180,35 +181,73 @@ class TrajectoryParts:
 
 # ---- checkpoints (orbax) ---------------------------------------------------------------------------------------
 class Checkpoints:
-    """Orbax checkpoints of ``(params, opt_state)`` by step, saved synchronously (a step is on disk, finalised,
-    when :meth:`save` returns).  Leaves are stored under their flat index; restoring needs a template tree of
-    the same structure (a fresh init), so any optimiser-state structure round-trips exactly."""
+    """Orbax checkpoints of a training state by step, saved synchronously (a step is on disk, finalised, when
+    :meth:`save` returns).  Leaves are stored under their flat index; restoring needs a template tree of the same
+    structure (a fresh init), so any optimiser-state structure round-trips exactly.  Arrays that span several
+    processes (a multi-host sweep) are saved and restored as global ``jax.Array`` s by every process together
+    (orbax writes each process's shards); the others go through host memory."""
 
     def __init__(self, workdir: str, keep: int):
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
         self.dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
-        self.manager = ocp.CheckpointManager(
-            self.dir, options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False,
-                                                           create=True))
+        self.keep = keep
+        self.manager = self._manager()
+
+    def _manager(self):
+        return self._ocp.CheckpointManager(
+            self.dir, options=self._ocp.CheckpointManagerOptions(
+                max_to_keep=self.keep, enable_async_checkpointing=False, create=True))
 
     def latest(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state) -> None:
-        leaves = {f"{i:05d}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state))}
+        leaves = {f"{i:05d}": _global_or_host(x) for i, x in enumerate(jax.tree.leaves(state))}
         self.manager.save(step, args=self._ocp.args.StandardSave(leaves))
         self.manager.wait_until_finished()
 
     def restore(self, step: int, template):
+        """The state saved at ``step``, in the structure of ``template``; leaves of ``template`` that are global
+        arrays come back with their sharding, the others as numpy arrays."""
         leaves, treedef = jax.tree.flatten(template)
-        abstract = {f"{i:05d}": np.zeros(np.shape(x), np.asarray(x).dtype) for i, x in enumerate(leaves)}
+        abstract = {f"{i:05d}": _abstract(x) for i, x in enumerate(leaves)}
         got = self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
-        return jax.tree.unflatten(treedef, [np.asarray(got[f"{i:05d}"]) for i in range(len(leaves))])
+        return jax.tree.unflatten(treedef, [got[f"{i:05d}"] if _is_global(x) else np.asarray(got[f"{i:05d}"])
+                                            for i, x in enumerate(leaves)])
+
+    def restore_latest(self, template) -> tuple[int, Any]:
+        """``(step, state)`` of the newest checkpoint that restores, or ``(0, template)`` when there is none.  A
+        step that does not restore (a kill that interrupted orbax's finalisation) is reported and deleted, and
+        the one before it is used: resuming from an older checkpoint recomputes more, it loses nothing."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                return int(step), self.restore(step, template)
+            except Exception as e:  # noqa: BLE001  (any failure to read the step means: not a usable checkpoint)
+                warnings.warn(f"checkpoint {step} in {self.dir} does not restore ({type(e).__name__}: {e}); "
+                              f"deleting it and resuming from an earlier one", RuntimeWarning, stacklevel=2)
+                self.manager.close()
+                shutil.rmtree(os.path.join(self.dir, str(step)), ignore_errors=True)
+                self.manager = self._manager()  # a fresh manager: the failed read leaves it inconsistent
+        return 0, template
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _is_global(x) -> bool:
+    return isinstance(x, jax.Array) and not x.is_fully_addressable
+
+
+def _global_or_host(x):
+    return x if _is_global(x) else np.asarray(x)
+
+
+def _abstract(x):
+    if _is_global(x):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    return np.zeros(np.shape(x), np.dtype(x.dtype))
 
 
 def remove_outputs(workdir: str) -> None:

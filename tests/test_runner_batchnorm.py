@@ -1,0 +1,93 @@
+"""BatchNorm models run and sweep: the running statistics are threaded through training, checkpointed (a resumed
+run equals an uninterrupted one, evaluation included) and used for evaluation; a sweep member equals its run."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from quotient_sgd import data as qdata
+from quotient_sgd.config import ConfigError, load_config, validate
+from quotient_sgd.runner import run, sweep
+from quotient_sgd.runner._build import build
+from quotient_sgd.runner._chunk import hyper_of, single_programs
+from quotient_sgd.runner._sweep import member_settings, sweep_members
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _settings(**over):
+    c = load_config(os.path.join(ROOT, "configs", "digits_bn_cnn.py"))
+    c.steps = 20
+    c.model.channels = (4, 8)
+    c.data.batch_size = 32
+    c.observables.names = ("loss", "grad_norm", "charges", "angular_update")
+    c.observables.every = 5
+    c.observables.hessian_every = 10
+    c.observables.lanczos_steps = 4
+    c.checkpoint.every = 10
+    c.logging.plots = False
+    c.logging.progress = False
+    c.sweep.lr = (0.05, 0.1)
+    for k, v in over.items():
+        c.update_from_flattened_dict({k: v})
+    return validate(c)
+
+
+def _rows(d):
+    with open(os.path.join(d, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_running_statistics_are_trained_and_used_for_evaluation():
+    s = _settings()
+    b = build(s)
+    assert b.stateful
+    init, chunk = single_programs(b, 10)
+    state0 = init(jnp.int32(0), jnp.float32(0), *hyper_of(s))
+    state, traj, ev = chunk(state0, jnp.int32(0), None, b.dataset, jnp.int32(0))
+    assert np.isfinite(np.asarray(traj["loss"])).all() and np.isfinite(np.asarray(traj["sharpness_raw"])).all()
+    means = [np.asarray(x) for x in jax.tree.leaves(state[2])]
+    assert any(np.abs(m).max() > 1e-3 for m in means), "the running statistics did not move"
+    # evaluation normalises with the running statistics: fresh ones give a different test loss
+    test = qdata.full_batch(b.dataset, "test")
+    fresh = b.eval_fn(state[0], test, state0[2])["loss"]
+    np.testing.assert_allclose(ev["test_loss"], b.eval_fn(state[0], test, state[2])["loss"], rtol=1e-6)
+    assert abs(float(fresh) - float(ev["test_loss"])) > 1e-4
+
+
+def test_batchnorm_run_resumes_and_sweep_equals_runs(tmp_path):
+    s = _settings()
+    ms = member_settings(s, 1, sweep_members(s)[1])
+    wd, ref = str(tmp_path / "r"), str(tmp_path / "ref")
+    run(ms, wd, max_chunks=1)
+    resumed = run(ms, wd)
+    full = run(ms, ref)
+    assert resumed.resumed_from == 10
+    for k in full.trajectory:
+        np.testing.assert_array_equal(resumed.trajectory[k], full.trajectory[k], err_msg=k)
+    assert _rows(wd) == _rows(ref)  # the evaluation rows (running statistics) too
+
+    res = sweep(s, str(tmp_path / "sw"), members_per_device=2, devices=jax.devices()[:1])
+    with np.load(os.path.join(res.member_dirs[1], "trajectory.npz")) as z:
+        for k in z.files:
+            np.testing.assert_allclose(z[k], full.trajectory[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    ra, rb = _rows(res.member_dirs[1]), _rows(ref)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb]
+    np.testing.assert_allclose([r["test_loss"] for r in ra if "test_loss" in r],
+                               [r["test_loss"] for r in rb if "test_loss" in r], rtol=1e-5)
+
+
+@pytest.mark.parametrize("over,needles", [
+    ({"observables.per_example_grads": True}, ["config.observables.per_example_grads", "norm='batch'",
+                                               "batch statistics"]),
+    ({"sweep.batch_size": (16, 32)}, ["config.sweep.batch_size", "mask", "batch statistics"]),
+])
+def test_what_batch_statistics_rule_out_is_refused(over, needles):
+    with pytest.raises(ConfigError) as e:
+        _settings(**over)
+    for n in needles:
+        assert n in str(e.value), (n, str(e.value))

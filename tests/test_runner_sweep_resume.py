@@ -1,0 +1,140 @@
+"""Sweeps checkpoint every member's state after every chunk and resume like runs: a sweep interrupted at any
+moment (a real SIGKILL in the slow test; an interruption between chunks, plus the rows and parts a kill during a
+chunk leaves behind, in the fast one) and restarted with the same command ends with the trajectories of an
+uninterrupted sweep (bitwise, CPU) and every metric row exactly once; a member that diverged before the
+checkpoint stays diverged."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from quotient_sgd.config import load_config, validate
+from quotient_sgd.runner import RunDirError, sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+
+
+def _settings(**over):
+    c = load_config(TINY)
+    c.steps = 40
+    c.logging.plots = False
+    for k, v in over.items():
+        c.update_from_flattened_dict({k: v})
+    return validate(c)
+
+
+def _traj(d):
+    with np.load(os.path.join(d, "trajectory.npz")) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _rows(d):
+    with open(os.path.join(d, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _assert_bitwise(dir_a, dir_b, n):
+    for i in range(n):
+        a, b = _traj(os.path.join(dir_a, "members", f"{i:03d}")), _traj(os.path.join(dir_b, "members", f"{i:03d}"))
+        assert sorted(a) == sorted(b)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"member {i}: {k}")
+        ra, rb = _rows(os.path.join(dir_a, "members", f"{i:03d}")), _rows(os.path.join(dir_b, "members", f"{i:03d}"))
+        steps = [r["step"] for r in ra]
+        assert steps == sorted(set(steps)), f"member {i}: duplicated or unordered metric rows"
+        assert ra == rb, f"member {i}: lost or changed metric rows"
+
+
+@pytest.mark.parametrize("members_per_device", [4, 1])
+def test_sweep_resumes_from_its_checkpoint(tmp_path, members_per_device):
+    """Four members (seeds 0, 1 x lr 0.05, 500) on one device, batched (4 per device) or one at a time through
+    the program of a single run.  Members 1 and 3 diverge (lr 500); member 1 before the checkpoint the sweep
+    resumes from."""
+    s = _settings(**{"sweep.lr": (0.05, 500.0), "sweep.seed": (0, 1)})
+    dev = jax.devices()[:1]
+    wd, ref = str(tmp_path / "sw"), str(tmp_path / "ref")
+    part = sweep(s, wd, members_per_device=members_per_device, devices=dev, max_chunks=2)
+    assert (part.steps_done, part.resumed_from) == (20, 0)
+    assert not os.path.exists(os.path.join(wd, "summary.md"))
+    assert sorted(int(x) for x in os.listdir(os.path.join(wd, "checkpoints")) if x.isdigit()) == [10, 20]
+    assert 1 in part.diverged and part.diverged[1]["step"] < 20
+
+    # what a kill during the chunk [20, 30) leaves: that chunk's part files and metric rows, no checkpoint 30
+    m0 = os.path.join(wd, "members", "000")
+    np.savez(os.path.join(m0, "trajectory_parts", "part_000000020.npz"), loss=np.zeros(10))
+    with open(os.path.join(m0, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": 20, "loss": -1.0}) + "\n" + '{"step": 25, "lo')  # a torn last line too
+
+    done = sweep(s, wd, members_per_device=members_per_device, devices=dev)
+    assert (done.steps_done, done.resumed_from, done.members_per_device) == (40, 20, members_per_device)
+    assert sorted(done.diverged) == [1, 3]
+    full = sweep(s, ref, members_per_device=members_per_device, devices=dev)
+    assert full.diverged == done.diverged
+    _assert_bitwise(wd, ref, 4)
+    table = open(os.path.join(wd, "summary.md")).read()
+    assert f"diverged at step {done.diverged[1]['step']}" in table and "| 003 |" in table
+    assert len(_traj(os.path.join(wd, "members", "000"))["loss"]) == 40
+
+    # the directory now holds this sweep: another config is refused, naming the differing key
+    with pytest.raises(RunDirError, match="sweep.lr"):
+        sweep(_settings(**{"sweep.lr": (0.05, 0.1), "sweep.seed": (0, 1)}), wd, members_per_device=4, devices=dev)
+
+
+def test_resume_needs_the_same_devices(tmp_path):
+    s = _settings()
+    wd = str(tmp_path / "sw")
+    sweep(s, wd, members_per_device=1, max_chunks=1)  # 8 members, one per device of 8
+    with pytest.raises(RunDirError, match="8 device"):
+        sweep(s, wd, devices=jax.devices()[:2])
+
+
+def _sweep_cmd(workdir):
+    env = dict(os.environ, QSGD_NO_MALLOC_TUNING="1")
+    env.pop("XLA_FLAGS", None)
+    args = [f"--config={TINY}", "--config.steps=300", "--config.checkpoint.every=10", "--config.logging.plots=False",
+            "--config.sweep.members_per_device=8"]
+    return [sys.executable, "-m", "quotient_sgd.cli", "sweep", *args, f"--workdir={workdir}"], env
+
+
+def _ok(proc):
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _checkpoint_steps(workdir):
+    d = os.path.join(workdir, "checkpoints")
+    return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+@pytest.mark.slow
+def test_sweep_resume_after_sigkill_is_bitwise_identical(tmp_path):
+    """A real subprocess killed mid-sweep, restarted with the same command, against an uninterrupted sweep; the
+    fast version of the same property is test_sweep_resumes_from_its_checkpoint."""
+    killed, ref = str(tmp_path / "killed"), str(tmp_path / "ref")
+    cmd, env = _sweep_cmd(killed)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        steps = _checkpoint_steps(killed)
+        if steps and steps[-1] >= 30:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the sweep finished before it could be killed"
+    assert not os.path.exists(os.path.join(killed, "summary.md"))
+    last = _checkpoint_steps(killed)[-1]
+    assert 30 <= last < 300
+
+    _ok(subprocess.run(cmd, env=env, capture_output=True, text=True))
+    cmd_ref, _ = _sweep_cmd(ref)
+    _ok(subprocess.run(cmd_ref, env=env, capture_output=True, text=True))
+    _assert_bitwise(killed, ref, 8)
+    assert json.load(open(os.path.join(killed, "sweep.json")))["members_per_device"] == 8

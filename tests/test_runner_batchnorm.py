@@ -60,7 +60,7 @@ def test_running_statistics_are_trained_and_used_for_evaluation():
 
 
 def test_batchnorm_run_resumes_and_sweep_equals_runs(tmp_path):
-    s = _settings()
+    s = _settings(**{"observables.hessian_every": 0})  # the Hessian with batch statistics: the test above
     ms = member_settings(s, 1, sweep_members(s)[1])
     wd, ref = str(tmp_path / "r"), str(tmp_path / "ref")
     run(ms, wd, max_chunks=1)

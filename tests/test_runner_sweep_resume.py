@@ -138,3 +138,49 @@ def test_sweep_resume_after_sigkill_is_bitwise_identical(tmp_path):
     _ok(subprocess.run(cmd_ref, env=env, capture_output=True, text=True))
     _assert_bitwise(killed, ref, 8)
     assert json.load(open(os.path.join(killed, "sweep.json")))["members_per_device"] == 8
+
+
+def test_switch_to_batched_members_after_the_first_chunk(tmp_path, monkeypatch):
+    """A sweep that decides to batch after its first chunk regroups the members (one per device -> four per
+    device) and equals a sweep batched from the start; killed after the switch, it resumes in the new grouping
+    and equals the uninterrupted one bitwise."""
+    from quotient_sgd.runner import _sweep
+
+    calls = []
+
+    def choose(**kw):
+        calls.append(kw)
+        return 4, {"forced": True}
+
+    monkeypatch.setattr(_sweep, "choose_members_per_device", choose)
+    s = _settings(**{"sweep.lr": (0.05, 0.1), "sweep.seed": (0, 1)})
+    dev = jax.devices()[:1]
+    ad, ad2, fixed = str(tmp_path / "adaptive"), str(tmp_path / "adaptive2"), str(tmp_path / "fixed")
+    part = sweep(s, ad, devices=dev, max_chunks=3)
+    assert part.schedule == [{"from_step": 0, "members_per_device": 1}, {"from_step": 10, "members_per_device": 4}]
+    assert len(calls) == 1 and calls[0]["remaining_chunks"] == 3 and calls[0]["groups"] == 4
+    done = sweep(s, ad, devices=dev)
+    assert (done.resumed_from, done.members_per_device, len(calls)) == (30, 4, 1)  # no second decision
+    sweep(s, ad2, devices=dev)
+    _assert_bitwise(ad, ad2, 4)
+    sweep(s, fixed, members_per_device=4, devices=dev)
+    for i in range(4):
+        a, b = _traj(os.path.join(ad, "members", f"{i:03d}")), _traj(os.path.join(fixed, "members", f"{i:03d}"))
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=f"member {i}: {k}")
+
+
+def test_choose_members_per_device_from_measured_costs():
+    from quotient_sgd.runner._sweep import choose_members_per_device as choose
+
+    common = dict(steps_per_chunk=100, groups=16, flop_rate=1e11, max_per_device=16)
+    # a step of ~300 us with ~1 us of arithmetic (overhead-bound): a long sweep batches all members ...
+    m, info = choose(chunk_s=0.5, compile_s=10.0, remaining_chunks=100, flops=1e5, **common)
+    assert m == 16 and info["unamortised_fraction"] < 0.01
+    # ... a short one does not pay the compilation of a batched program back
+    assert choose(chunk_s=0.5, compile_s=10.0, remaining_chunks=5, flops=1e5, **common)[0] == 1
+    # a step that is mostly arithmetic gains nothing from batching, however long the sweep
+    assert choose(chunk_s=1.6, compile_s=1.0, remaining_chunks=1000, flops=9e7, **common)[0] == 1
+    # in between (60% arithmetic), a quarter of the members per device: more would crowd the caches
+    assert choose(chunk_s=1.6, compile_s=1.0, remaining_chunks=1000, flops=6e7, **common)[0] == 4
+    assert choose(chunk_s=1.6, compile_s=1.0, remaining_chunks=1000, flops=3e7, **common)[0] == 16

@@ -6,9 +6,7 @@ import dataclasses
 import os
 import sys
 import time
-from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -102,7 +100,8 @@ def run(settings: Settings, workdir: str, *, built: Built | None = None, max_chu
     state = init(jnp.int32(s.seed), jnp.float32(s.init_gauge), *hyper_of(s))
     start = 0
     if ckpt is not None:
-        start, state = ckpt.restore_latest(state)
+        start, restored = ckpt.restore_latest(state)
+        state = restored if start else state
     parts.truncate(start)
     metrics.truncate(start)
     remove_outputs(workdir)

@@ -218,19 +218,20 @@ class Checkpoints:
                                             for i, x in enumerate(leaves)])
 
     def restore_latest(self, template) -> tuple[int, Any]:
-        """``(step, state)`` of the newest checkpoint that restores, or ``(0, template)`` when there is none.  A
-        step that does not restore (a kill that interrupted orbax's finalisation) is reported and deleted, and
-        the one before it is used: resuming from an older checkpoint recomputes more, it loses nothing."""
+        """``(step, state)`` of the newest checkpoint that restores, or ``(0, None)`` when there is none
+        (``template``: a tree, or ``step -> tree`` when the structure depends on the step).  A step that does not
+        restore (a kill that interrupted orbax's finalisation) is reported and deleted, and the one before it is
+        used: resuming from an older checkpoint recomputes more, it loses nothing."""
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
-                return int(step), self.restore(step, template)
+                return int(step), self.restore(step, template(step) if callable(template) else template)
             except Exception as e:  # noqa: BLE001  (any failure to read the step means: not a usable checkpoint)
                 warnings.warn(f"checkpoint {step} in {self.dir} does not restore ({type(e).__name__}: {e}); "
                               f"deleting it and resuming from an earlier one", RuntimeWarning, stacklevel=2)
                 self.manager.close()
                 shutil.rmtree(os.path.join(self.dir, str(step)), ignore_errors=True)
                 self.manager = self._manager()  # a fresh manager: the failed read leaves it inconsistent
-        return 0, template
+        return 0, None
 
     def close(self) -> None:
         self.manager.close()

@@ -7,16 +7,19 @@ re-gauging at init) and ``batch_size`` (the largest batch is drawn and smaller o
 (``jax.devices()`` spans every process after ``jax.distributed.initialize``); each process writes the run
 directories of the members that live on its devices.
 
-How many members run side by side on one device is chosen from the measured cost of the model (see
-:func:`choose_members_per_device`): batching small models amortises per-step overhead (many times faster than a
-loop over runs), while a model whose single step already fills the cores gains nothing and runs one member at a
-time through the very program a single ``run`` compiles.  Members advance chunk by chunk together: after every
-chunk of ``checkpoint.every`` steps each member's rows are written and *one* orbax checkpoint holds every
-member's state, so a sweep killed at any moment resumes from its last checkpoint, like a run.
+Members advance chunk by chunk together.  The first chunk runs one member per device, through the very program
+a single ``run`` compiles (and shares across members); what it cost then decides the rest
+(:func:`choose_members_per_device`): batching a small model's members amortises per-step overhead (many times
+faster than a loop over runs) once the sweep is long enough to pay for compiling the batched program, while a
+model whose step already fills the cores keeps running one member at a time, so a sweep is never slower than
+its members run one after another.  After every chunk of ``checkpoint.every`` steps each member's rows are
+written (while the next chunk computes) and *one* orbax checkpoint holds every member's state, so a sweep
+killed at any moment resumes from its last checkpoint, like a run.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import itertools
@@ -62,6 +65,7 @@ class SweepResult:
     resumed_from: int = 0
     steps_done: int = 0
     measured_cost: dict = dataclasses.field(default_factory=dict)
+    schedule: list = dataclasses.field(default_factory=list)
 
 
 def sweep_members(s: Settings) -> list[dict[str, Any]]:
@@ -115,14 +119,14 @@ def sweep_programs(b: Built, num_steps: int, padded_batch: int | None, mesh: Mes
 
 def _group_state(b: Built, member_state, idx: list[int], mesh: Mesh):
     """The state of a vmapped group of members (rows ``idx``) as global arrays sharded over ``mesh``, assembled
-    from ``member_state(i)`` (one member's state on the host, from the unbatched init program: the batched init
-    would be a second, larger compilation).  Only the rows this process holds are initialised here."""
+    from ``member_state(i)`` (one member's state on the host).  Only the rows this process holds are asked for."""
     leaves, treedef = jax.tree.flatten(_state_shapes(b))
     mem, rep = NamedSharding(mesh, P("sweep")), NamedSharding(mesh, P())
+    local = idx[_owned_rows(mem, len(idx))[0]]
     out = []
     for k, x in enumerate(leaves):
         if x.ndim == 0 and jnp.issubdtype(x.dtype, jnp.integer):  # step counters: equal for all, unbatched
-            out.append(_global(np.asarray(jax.tree.leaves(member_state(idx[0]))[k]), rep))
+            out.append(_global(np.asarray(jax.tree.leaves(member_state(local))[k]), rep))
             continue
 
         def rows(index, k=k):
@@ -131,6 +135,33 @@ def _group_state(b: Built, member_state, idx: list[int], mesh: Mesh):
 
         out.append(jax.make_array_from_callback((len(idx),) + x.shape, mem, rows))
     return jax.tree.unflatten(treedef, out)
+
+
+def _member_states(b: Built, layout: _Layout, states: list, mesh: Mesh) -> dict[int, Any]:
+    """``{member: its state on the host}`` for the members (padding included) held by this process."""
+    out = {}
+    if not layout.batched:
+        for idx, st in zip(layout.groups, states):
+            out[idx[0]] = jax.device_get(st)
+        return out
+    flags = [not (x.ndim == 0 and jnp.issubdtype(x.dtype, jnp.integer)) for x in jax.tree.leaves(_state_shapes(b))]
+    for idx, st in zip(layout.groups, states):
+        leaves, treedef = jax.tree.flatten(st)
+        rows: dict[int, list] = {}
+        for x, is_batched in zip(leaves, flags):
+            shards = x.addressable_shards
+            if not is_batched:
+                value = np.asarray(shards[0].data)
+                for r in _owned_rows(NamedSharding(mesh, P("sweep")), len(idx)):
+                    rows.setdefault(r, []).append(value)
+                continue
+            for sh in shards:
+                start, data = sh.index[0].start or 0, np.asarray(sh.data)
+                for j in range(data.shape[0]):
+                    rows.setdefault(start + j, []).append(data[j])
+        for r, vals in rows.items():
+            out[idx[r]] = jax.tree.unflatten(treedef, vals)
+    return out
 
 
 def _global(x: np.ndarray, sharding) -> jax.Array:
@@ -168,6 +199,19 @@ def _host_rows(tree, batched: bool) -> dict:
 
 
 # ---- choosing the number of members per device ------------------------------------------------------------------
+#: Tracing and compiling a chunk program vmapped over a group of members, relative to the unbatched program it
+#: replaces (measured 1.5-1.9 on XLA:CPU for the quickstart MLP with its observables, MLPs and CNNs; 2 errs on
+#: the side of not batching a sweep too short to pay the compilation back).
+BATCHED_COMPILE_FACTOR = 2.0
+#: Batched arithmetic slows down with the group size (the members' working sets compete for the caches): measured
+#: here, 16 members of a 784-256-256-10 MLP (arithmetic 83% of its step) cost 9% more per member than one at a
+#: time and 4 members 5% less.  The arithmetic of a group of ``m`` is charged ``1 + BATCHED_ARITHMETIC_SLOWDOWN
+#: * (m - 1) * f`` times its unbatched time, which reproduces both.
+BATCHED_ARITHMETIC_SLOWDOWN = 0.024
+#: Seconds the first compilation of each chunk program took in this process (the costs decisions are based on).
+_COMPILE_S: dict[tuple, float] = {}
+
+
 def _best_time(f, *args, repeats: int = 3) -> float:
     out = jax.block_until_ready(f(*args))
     best = math.inf
@@ -179,7 +223,6 @@ def _best_time(f, *args, repeats: int = 3) -> float:
     return best
 
 
-@functools.lru_cache(maxsize=1)
 def machine_flop_rate() -> float:
     """Floating-point operations per second of the default device, measured on a 256^3 float32 matrix product
     (the size of one layer of the models this runs; milliseconds, one tiny compilation)."""
@@ -187,75 +230,78 @@ def machine_flop_rate() -> float:
     return 2 * 256**3 / _best_time(jax.jit(lambda a: a @ a), a, repeats=5)
 
 
-def _plain_step_cost(b: Built, padded_batch: int | None, steps: int = 4) -> tuple[float, float]:
-    """``(seconds, flops)`` of one plain training step (batch sampling, loss, gradient, optimiser update;
-    no observables) of one member: measured time, and XLA's cost analysis of the step (the scan body is counted
-    once).  The state starts at a constant fill: the cost does not depend on the values."""
+@functools.lru_cache(maxsize=16)
+def plain_step_flops(b: Built, padded_batch: int | None = None) -> float:
+    """Floating-point operations of one plain training step of one member (batch sampling, loss, gradient,
+    optimiser update; no observables), from XLA's cost analysis of the lowered step: nothing is compiled."""
     import optax
 
     tx = make_inner_optimizer(b.settings)
     bs = padded_batch or (b.settings.data.batch_size or None)
 
-    def steps_fn(state, seed, dataset):
-        bf = batch_fn(dataset, bs)
-        key = batch_key(seed)
-
-        def body(carry, step):
-            p, st, ms = carry
-            batch = bf(step, jax.random.fold_in(key, step))
-            if b.stateful:
-                (_, (_, ms)), g = jax.value_and_grad(b.loss_fn, has_aux=True)(p, ms, batch)
-            else:
-                g = jax.grad(b.loss_fn)(p, batch)
-            u, st = tx.update(g, st, p)
-            return (optax.apply_updates(p, u), st, ms), None
-
-        return jax.lax.scan(body, state, jnp.arange(steps))[0]
+    def step(state, seed, dataset):
+        p, st, ms = state
+        batch = batch_fn(dataset, bs)(jnp.int32(0), batch_key(seed))
+        if b.stateful:
+            (_, (_, ms)), g = jax.value_and_grad(b.loss_fn, has_aux=True)(p, ms, batch)
+        else:
+            g = jax.grad(b.loss_fn)(p, batch)
+        u, st = tx.update(g, st, p)
+        return optax.apply_updates(p, u), st, ms
 
     def init():
         p, ms = init_model(b, 0, 0.0)
         return p, tx.init(p), ms
 
-    state = jax.tree.map(lambda s: np.full(s.shape, 0.01 if jnp.issubdtype(s.dtype, jnp.floating) else 0, s.dtype),
-                         jax.eval_shape(init))
-    f = jax.jit(steps_fn).lower(state, jnp.int32(0), b.dataset).compile()
-    cost = f.cost_analysis() or {}
-    seconds = _best_time(f, state, jnp.int32(0), b.dataset, repeats=2) / steps
-    return seconds, float(cost.get("flops", 0.0))
+    cost = jax.jit(step).lower(jax.eval_shape(init), jax.ShapeDtypeStruct((), jnp.int32), b.dataset).cost_analysis()
+    return float((cost or {}).get("flops", 0.0))
 
 
-@functools.lru_cache(maxsize=16)
-def choose_members_per_device(b: Built, max_per_device: int, padded_batch: int | None = None,
+def choose_members_per_device(*, chunk_s: float, compile_s, remaining_chunks: int, steps_per_chunk: int,
+                              groups: int, flops: float, flop_rate: float, max_per_device: int,
                               ) -> tuple[int, dict[str, Any]]:
-    """The number of members to vmap on one device (all, a quarter of them, or one), from measured costs.
+    """Members per device for the rest of a sweep (all, a quarter, or one), from what its first chunk cost.
 
-    Batching ``m`` members amortises what a step spends beyond its arithmetic (dispatch of many small
-    operations, loops, launches) and nothing of the arithmetic itself.  So the decision compares the measured
-    time of one member's plain training step, ``t`` (:func:`_plain_step_cost`: sampling, loss, gradient,
-    optimiser; one small compilation and a few steps), with the time its arithmetic needs at this machine's
-    measured rate (:func:`machine_flop_rate`), ``t_a = flops / rate``: with
-    ``f = t_a / t`` the fraction that batching cannot amortise, ``m`` members cost at best
-    ``s(m) = 1 / (f + (1 - f) / m)`` times less per member.  All members are batched when ``s(all) >= 2``, a
-    quarter of them when ``s(all / 4) >= 1.5``, else one member at a time runs through the program of a single
-    run (a step that already fills the cores: batching it measured no faster, and slower for large groups).
-    The margins absorb the cost of batched arithmetic and the noise of a loaded machine; the quotient
-    observables added on top of the plain step are many small operations, which batching amortises best.
-    Returns ``(m, measurements)``; measured once per program structure and process."""
-    if max_per_device <= 1:
-        return 1, {}
-    t, flops = _plain_step_cost(b, padded_batch)
-    t_arith = flops / machine_flop_rate()
-    f = min(1.0, t_arith / t)
-    gain = {m: 1.0 / (f + (1.0 - f) / m) for m in sorted({max_per_device, max(1, max_per_device // 4)})}
-    quarter = max_per_device // 4
-    if gain[max_per_device] >= 2.0:
-        m = max_per_device
-    elif quarter >= 2 and gain[quarter] >= 1.5:
-        m = quarter
-    else:
-        m = 1
-    return m, {"step_s": t, "arithmetic_s": t_arith, "flops": flops,
-               "unamortised_fraction": f, "predicted_gain": {str(k): v for k, v in gain.items()}}
+    Every sweep starts one member per device, through the program a single run compiles.  After the first chunk
+    the costs are known: ``chunk_s`` (seconds of that chunk for all ``groups`` groups of members),
+    ``compile_s`` (the predicted seconds of tracing and compiling the batched program for ``m`` members per device,
+    a callable ``m -> s``: :data:`BATCHED_COMPILE_FACTOR` times what the first chunk's program took, nothing if
+    this process compiled that program before; or one number for all ``m``), and the arithmetic of a member's
+    step, ``flops /
+    flop_rate`` (:func:`plain_step_flops`, :func:`machine_flop_rate`).  Batching ``m`` members amortises what a
+    step spends beyond its arithmetic (dispatch of many small operations, loops) and nothing of the arithmetic,
+    which even slows down in large groups (:data:`BATCHED_ARITHMETIC_SLOWDOWN`): with ``f`` the arithmetic's
+    fraction of the measured step, the rest of the sweep is predicted to cost
+    ``f (1 + 0.024 (m - 1) f) + (1 - f) / m`` times what it costs one member per device, plus the compilation of
+    the batched program.  The cheapest prediction wins if it
+    saves at least 20% of the rest of the sweep; otherwise members keep running one at a time (a step that fills
+    the cores, or a sweep too short to pay for the compilation).  Returns ``(m, measurements)``."""
+    t_step = chunk_s / max(1, groups * steps_per_chunk)
+    f = min(1.0, flops / flop_rate / t_step) if t_step > 0 else 1.0
+    rest = remaining_chunks * chunk_s
+    predicted, compile_m = {1: rest}, {}
+    for m in sorted({max_per_device, max_per_device // 4} - {0, 1}):
+        per_member = f * (1.0 + BATCHED_ARITHMETIC_SLOWDOWN * (m - 1) * f) + (1.0 - f) / m
+        compile_m[m] = compile_s(m) if callable(compile_s) else compile_s
+        predicted[m] = compile_m[m] + rest * per_member
+    best = min(predicted, key=predicted.get)
+    if predicted[best] > 0.8 * rest:
+        best = 1
+    return best, {"step_s": t_step, "arithmetic_s": flops / flop_rate, "unamortised_fraction": f,
+                  "batched_compile_s": {str(k): v for k, v in compile_m.items()}, "rest_one_per_device_s": rest,
+                  "predicted_rest_s": {str(k): v for k, v in predicted.items()}}
+
+
+class _Layout:
+    """``mpd`` members per device: groups of ``mpd * nd`` members, member ``(h * mpd + k) * nd + d`` of group
+    ``h`` at row ``d * mpd + k``, i.e. on device ``d`` whatever ``mpd`` is (changing ``mpd`` moves no member to
+    another device, or process).  Indices ``>= n`` pad the last group (copies of real members, not written)."""
+
+    def __init__(self, mpd: int, nd: int, n: int, padded: bool):
+        self.mpd = mpd
+        size = mpd * nd
+        self.batched = not (size == 1 and not padded)  # one member on one device: the unbatched program
+        self.groups = [[(h * mpd + r % mpd) * nd + r // mpd for r in range(size)] for h in range(math.ceil(n / size))]
 
 
 # ---- the run directory of a sweep -------------------------------------------------------------------------------
@@ -326,15 +372,28 @@ def _finish_member(d: str, ms: Settings, diverged: dict | None, plots: bool) -> 
 
 
 # ---- the sweep ------------------------------------------------------------------------------------------------
+def _layout_at(schedule: list[dict], step: int) -> int:
+    """Members per device of the chunk that ends at ``step`` (the layout of the checkpoint of ``step``)."""
+    mpd = schedule[0]["members_per_device"]
+    for entry in schedule[1:]:
+        if entry["from_step"] < step:
+            mpd = entry["members_per_device"]
+    return mpd
+
+
 def sweep(settings: Settings, workdir: str, *, members_per_device: int | None = None, devices=None,
           plots: bool | None = None, max_chunks: int | None = None) -> SweepResult:
     """Run the sweep of ``settings`` into ``workdir``: ``sweep.json``, ``members/<i>/`` (one run directory per
     member), ``checkpoints/`` (every member's state after every chunk), ``summary.md`` (the table) and
-    ``plots/*.png`` (comparisons).  A directory holding this sweep resumes from its last checkpoint (with the
-    recorded grouping of members, so the trajectories equal those of an uninterrupted sweep).
+    ``plots/*.png`` (comparisons).  A directory holding this sweep resumes from its last checkpoint, with the
+    recorded members per device, so the trajectories equal those of an uninterrupted sweep.
+
+    Members run one per device through the program of a single run for the first chunk; then
+    :func:`choose_members_per_device` decides from what that chunk cost whether the rest runs batched.
 
     Args:
-        members_per_device: override the measured choice (``sweep.members_per_device`` otherwise; 0 = measure).
+        members_per_device: fix the number of members vmapped per device (``sweep.members_per_device``
+            otherwise; 0 = decide from the measured cost).
         devices: devices of the mesh (default: ``jax.devices()``, every device of every process).
         max_chunks: stop after that many chunks (tests).
     """
@@ -347,62 +406,42 @@ def sweep(settings: Settings, workdir: str, *, members_per_device: int | None = 
     devices = list(jax.devices() if devices is None else devices)
     nd = len(devices)
     mesh = Mesh(np.array(devices), ("sweep",))
+    mem, rep = NamedSharding(mesh, P("sweep")), NamedSharding(mesh, P())
     per_dev_max = math.ceil(n / nd)
     leader = jax.process_index() == 0
+    multi = jax.process_count() > 1
     every = s.checkpoint.every
     padded = max(s.sweep.batch_size) if s.sweep.batch_size else None
-    resuming = old is not None and s.checkpoint.enabled and bool(_checkpoint_steps(workdir))
-    costs: dict = {}
-    if resuming:
+    if multi:
+        from jax.experimental import multihost_utils
+    if old is not None and s.checkpoint.enabled and _checkpoint_steps(workdir):
         if (old["num_devices"], old["num_processes"]) != (nd, jax.process_count()):
             raise RunDirError(
                 f"sweep directory {workdir!r} was checkpointed with {old['num_devices']} device(s) in "
                 f"{old['num_processes']} process(es), now {nd} in {jax.process_count()}: its checkpoints hold the "
                 f"members in that layout. Resume with the same devices, or choose another --workdir.")
-        mpd = int(old["members_per_device"])
-        costs = old.get("measured_cost", {})
+        schedule, decided, costs = old["schedule"], old["decided"], old.get("measured_cost", {})
     else:
-        mpd = members_per_device or s.sweep.members_per_device
-        if not mpd:
-            mpd, costs = choose_members_per_device(b, per_dev_max, padded)
-        mpd = max(1, min(mpd, per_dev_max))
-        if jax.process_count() > 1:  # timings differ between processes: the leader's choice holds for all
-            from jax.experimental import multihost_utils
+        fixed = members_per_device or s.sweep.members_per_device
+        schedule = [{"from_step": 0, "members_per_device": max(1, min(fixed or 1, per_dev_max))}]
+        decided, costs = bool(fixed) or per_dev_max == 1, {}
+    if multi:  # every process has checked the directory before anyone writes into it
+        multihost_utils.sync_global_devices("quotient_sgd_sweep_checked")
 
-            mpd = int(multihost_utils.broadcast_one_to_all(np.int32(mpd)))
-    if leader:
-        os.makedirs(workdir, exist_ok=True)
-        write_json(os.path.join(workdir, "sweep.json"), {
-            "config": s.to_dict(), "members": members, "num_devices": nd, "num_processes": jax.process_count(),
-            "members_per_device": mpd, "measured_cost": costs})
+    def record():
+        if leader:
+            os.makedirs(workdir, exist_ok=True)
+            write_json(os.path.join(workdir, "sweep.json"), {
+                "config": s.to_dict(), "members": members, "num_devices": nd, "num_processes": jax.process_count(),
+                "members_per_device": schedule[-1]["members_per_device"], "schedule": schedule, "decided": decided,
+                "measured_cost": costs})
 
-    group = mpd * nd
-    groups = [list(range(g0, g0 + group)) for g0 in range(0, n, group)]
-    # one device, one member at a time, every member on the same batch size: the unbatched program of `run`
-    batched = not (group == 1 and padded is None)
-    mem, rep = NamedSharding(mesh, P("sweep")), NamedSharding(mesh, P())
-    dataset = jax.tree.map(lambda x: _global(np.asarray(x), rep), b.dataset) if batched else b.dataset
-
-    def val(i, axis, default):
-        return members[min(i, n - 1)].get(axis, default)
-
-    def inputs(idx):
-        def arr(axis, default, dt):
-            x = np.array([val(i, axis, default) for i in idx], dt)
-            return _global(x, mem) if batched else jnp.asarray(x[0])
-
-        seeds = arr("seed", s.seed, np.int32)
-        bsz = arr("batch_size", s.data.batch_size, np.int32) if padded is not None else None
-        return seeds, bsz
-
-    def chunk_program(num_steps):
-        return sweep_programs(b, num_steps, padded, mesh) if batched else single_programs(b, num_steps)[1]
-
-    ins = [inputs(idx) for idx in groups]
+    record()
     init1, _ = single_programs(b, every)
     host_states: dict[int, Any] = {}
 
     def member_state(i):
+        """Member ``i``'s initial state on the host, from the unbatched init program of a single run."""
         if i not in host_states:
             m = members[min(i, n - 1)]
             host_states[i] = jax.device_get(init1(
@@ -411,41 +450,93 @@ def sweep(settings: Settings, workdir: str, *, members_per_device: int | None = 
                 jnp.float32(m.get("momentum", s.optim.momentum))))
         return host_states[i]
 
-    if batched:
-        states = [_group_state(b, member_state, idx, mesh) for idx in groups]
-    else:
-        states = [jax.device_put(member_state(idx[0])) for idx in groups]
-    host_states.clear()
-    owned = [[j for j in (_owned_rows(mem, group) if batched else [0]) if idx[j] < n] for idx in groups]
-    dirs = [os.path.join(workdir, "members", f"{i:03d}") for i in range(n)]
+    def make_states(layout: _Layout, state_of) -> list:
+        if layout.batched:
+            return [_group_state(b, state_of, idx, mesh) for idx in layout.groups]
+        return [jax.device_put(state_of(idx[0])) for idx in layout.groups]
+
+    def value_of(i, axis, default):
+        return members[min(i, n - 1)].get(axis, default)
+
+    def inputs(layout: _Layout) -> list:
+        """Per group: ``(seeds, batch sizes or None)``, the members' program inputs besides the state."""
+        out = []
+        for idx in layout.groups:
+            def arr(axis, default, dt):
+                x = np.array([value_of(i, axis, default) for i in idx], dt)
+                return _global(x, mem) if layout.batched else jnp.asarray(x[0])
+
+            out.append((arr("seed", s.seed, np.int32),
+                        arr("batch_size", s.data.batch_size, np.int32) if padded is not None else None))
+        return out
+
+    def owned(layout: _Layout) -> list[list[int]]:
+        rows = _owned_rows(mem, len(layout.groups[0])) if layout.batched else [0]
+        return [[j for j in rows if idx[j] < n] for idx in layout.groups]
+
+    # the flops of a plain step are counted while the first program compiles (decisions only)
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    flops_future = pool.submit(plain_step_flops, b, padded) if not decided else None
+    pool.shutdown(wait=False)
+
+    dataset_global = jax.tree.map(lambda x: _global(np.asarray(x), rep), b.dataset)
+    compiled: dict[tuple[int, int], Any] = {}
+
+    def program(layout: _Layout, num_steps: int, state, ins):
+        key = (layout.mpd, num_steps)
+        if key not in compiled:
+            t = time.perf_counter()
+            if layout.batched:
+                f = sweep_programs(b, num_steps, padded, mesh)
+                compiled[key] = f.lower(state, ins[0], ins[1], dataset_global, _global(np.int32(0), rep)).compile()
+            else:
+                f = single_programs(b, num_steps)[1]
+                compiled[key] = f.lower(state, ins[0], None, b.dataset, jnp.int32(0)).compile()
+            # the first compilation in this process is the real cost (later ones come from JAX's caches)
+            _COMPILE_S.setdefault((b, mesh, padded, num_steps, layout.mpd), time.perf_counter() - t)
+        return compiled[key]
+
+    def batched_compile_s(num_steps: int, mpd: int) -> float:
+        """Predicted cost of compiling the batched program: nothing if this process compiled it already."""
+        if (b, mesh, padded, num_steps, mpd) in _COMPILE_S:
+            return 0.0
+        return BATCHED_COMPILE_FACTOR * _COMPILE_S[(b, mesh, padded, num_steps, layout.mpd)]
+
+    layout = _Layout(schedule[0]["members_per_device"], nd, n, padded is not None)
     ckpt = Checkpoints(workdir, s.checkpoint.keep) if s.checkpoint.enabled else None
     start = 0
     if ckpt is not None:
-        start, packed = ckpt.restore_latest(_pack(states))
+        start, packed = ckpt.restore_latest(
+            lambda step: _pack(make_states(_Layout(_layout_at(schedule, step), nd, n, padded is not None),
+                                           member_state)))
         if start:
-            states = _unpack(packed, states)
+            layout = _Layout(_layout_at(schedule, start), nd, n, padded is not None)
+            states = _unpack(packed, make_states(layout, member_state))
+    if not start:
+        states = make_states(layout, member_state)
+    host_states.clear()
+    ins, own = inputs(layout), owned(layout)
+    dirs = [os.path.join(workdir, "members", f"{i:03d}") for i in range(n)]
     diverged: dict[int, dict] = {}
-    for g, idx in enumerate(groups):
-        for j in owned[g]:
-            i = idx[j]
-            dv = _open_member_dir(dirs[i], member_settings(s, i, members[i]), start)
+    for g, idx in enumerate(layout.groups):
+        for j in own[g]:
+            dv = _open_member_dir(dirs[idx[j]], member_settings(s, idx[j], members[idx[j]]), start)
             if dv is not None:
-                diverged[i] = dv
+                diverged[idx[j]] = dv
 
     from tqdm import tqdm
 
-    bar = tqdm(total=s.steps * n, initial=start * n, unit="member-step",
-               desc=f"{s.name} sweep ({n} members, {nd} devices, {mpd}/device)",
-               disable=not (s.logging.progress and leader), dynamic_ncols=True)
+    bar = tqdm(total=s.steps * n, initial=start * n, unit="member-step", desc=f"{s.name} sweep ({n} members, "
+               f"{nd} devices)", disable=not (s.logging.progress and leader), dynamic_ncols=True)
 
-    def write_chunk(a, c, outs, states_c):
+    def write_chunk(a, c, outs, states_c, lay, own_c, before_checkpoint=None):
         """Rows and parts of chunk ``[a, c)`` for the members held here, then the checkpoint of step ``c``."""
         for g, out in enumerate(outs):
             if out is None:
                 continue
-            traj, ev = _host_rows(flatten_trajectory(out[0]), batched), _host_rows(out[1], batched)
-            for j in owned[g]:
-                i = groups[g][j]
+            traj, ev = _host_rows(flatten_trajectory(out[0]), lay.batched), _host_rows(out[1], lay.batched)
+            for j in own_c[g]:
+                i = lay.groups[g][j]
                 if i in diverged:
                     continue
                 t = {k: v[j] for k, v in traj.items()}
@@ -462,33 +553,61 @@ def sweep(settings: Settings, workdir: str, *, members_per_device: int | None = 
                 if dv is not None:
                     diverged[i] = dv
                     write_json(os.path.join(dirs[i], "diverged.json"), dv)
+        if before_checkpoint is not None:
+            before_checkpoint()
         if ckpt is not None:
             ckpt.save(c, _pack(states_c))
         bar.update((c - a) * n)
 
-    chunks = chunk_bounds(start, s.steps, every)
-    if max_chunks is not None:
-        chunks = chunks[:max_chunks]
+    all_chunks = chunk_bounds(start, s.steps, every)
+    chunks = all_chunks if max_chunks is None else all_chunks[:max_chunks]
     pending = None
     done = start
     try:
-        for a, c in chunks:
-            # dispatch the chunk of every group (asynchronous), then write the previous chunk while it computes
-            chunk = chunk_program(c - a)
-            start_arr = _global(np.asarray(a, np.int32), rep) if batched else jnp.int32(a)
+        for k, (a, c) in enumerate(chunks):
+            due = [e["members_per_device"] for e in schedule[1:] if e["from_step"] == a]
+            if due and due[-1] != layout.mpd:  # regroup the members (on the host of the process holding them)
+                new = _Layout(due[-1], nd, n, padded is not None)
+                held = _member_states(b, layout, states, mesh)
+                states = make_states(new, lambda i: held[i] if i in held else held[i % nd])
+                layout, ins, own = new, inputs(new), owned(new)
+            # dispatch every group's chunk (asynchronous), then write the previous chunk while it computes
+            start_arr = _global(np.asarray(a, np.int32), rep) if layout.batched else jnp.int32(a)
+            data = dataset_global if layout.batched else b.dataset
+            run_chunk = program(layout, c - a, states[0], ins[0])
+            t_chunk = time.perf_counter()
             outs = []
-            for g, idx in enumerate(groups):
-                if jax.process_count() == 1 and all(i in diverged for i in idx if i < n):
+            for g, idx in enumerate(layout.groups):
+                if not multi and all(i in diverged for i in idx if i < n):
                     outs.append(None)
                     continue
                 seeds, bsz = ins[g]
-                states[g], traj, ev = chunk(states[g], seeds, bsz, dataset, start_arr)
+                states[g], traj, ev = run_chunk(states[g], seeds, bsz, data, start_arr)
                 outs.append((traj, ev))
             if pending is not None:
                 write_chunk(*pending)
                 done = pending[1]
-            pending = (a, c, outs, list(states))
-            if jax.process_count() == 1 and len(diverged) == n:
+            pending = (a, c, outs, list(states), layout, own)
+            if not decided and k == 0 and a == 0:
+                jax.block_until_ready(outs)
+                chunk_s = time.perf_counter() - t_chunk
+
+                def decide(chunk_s=chunk_s, c=c):
+                    nonlocal decided, costs
+                    m, costs = choose_members_per_device(
+                        chunk_s=chunk_s, compile_s=lambda mpd: batched_compile_s(c - a, mpd),
+                        remaining_chunks=len(all_chunks) - 1, steps_per_chunk=c - a, groups=len(layout.groups),
+                        flops=flops_future.result(), flop_rate=machine_flop_rate(), max_per_device=per_dev_max)
+                    if multi:  # timings differ between processes: the leader's choice holds for all
+                        m = int(multihost_utils.broadcast_one_to_all(np.int32(m)))
+                    if m != layout.mpd:
+                        schedule.append({"from_step": c, "members_per_device": m})
+                    decided = True
+                    record()  # before the checkpoint of step c: a resumed sweep regroups where this one does
+
+                write_chunk(*pending, before_checkpoint=decide)
+                done, pending = c, None
+            if not multi and len(diverged) == n:
                 break
         if pending is not None:
             write_chunk(*pending)
@@ -500,22 +619,32 @@ def sweep(settings: Settings, workdir: str, *, members_per_device: int | None = 
     finished = done >= s.steps or len(diverged) == n
     plots = plots if plots is not None else s.logging.plots
     if finished:
-        for g, idx in enumerate(groups):
-            for j in owned[g]:
+        for g, idx in enumerate(layout.groups):
+            for j in own[g]:
                 _finish_member(dirs[idx[j]], member_settings(s, idx[j], members[idx[j]]), diverged.get(idx[j]), plots)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
+    if multi:
         multihost_utils.sync_global_devices("quotient_sgd_sweep_done")
     wall = time.time() - t0
-    res = SweepResult(workdir, n, members, dirs, diverged, mpd, nd, wall, start, done, costs)
+    res = SweepResult(workdir, n, members, dirs, diverged, layout.mpd, nd, wall, start, done, costs, schedule)
     if leader and finished:
         report_sweep(workdir, wall_s=wall, plots=plots)
     return res
 
 
 def _fmt_s(t: float) -> str:
-    return f"{t * 1e6:.0f} us" if t < 1e-3 else f"{t * 1e3:.2f} ms"
+    return f"{t * 1e6:.0f} us" if t < 1e-3 else f"{t * 1e3:.2f} ms" if t < 1 else f"{t:.1f} s"
+
+
+def _grouping_text(meta: dict) -> str:
+    sched = meta.get("schedule") or [{"from_step": 0, "members_per_device": meta["members_per_device"]}]
+    text = ", then ".join(f"{e['members_per_device']} member(s) per device from step {e['from_step']}"
+                          for e in sched)
+    cost = meta.get("measured_cost")
+    if cost and "predicted_rest_s" in cost:
+        pred = ", ".join(f"{k}: {_fmt_s(v)}" for k, v in cost["predicted_rest_s"].items())
+        text += (f" (first chunk: a member's step {_fmt_s(cost['step_s'])}, {cost['unamortised_fraction']:.0%} of it "
+                 f"arithmetic; predicted rest of the sweep, compilation included, by members per device: {pred})")
+    return text
 
 
 def report_sweep(workdir: str, *, wall_s: float | None = None, plots: bool = True) -> str:
@@ -542,10 +671,7 @@ def report_sweep(workdir: str, *, wall_s: float | None = None, plots: bool = Tru
     lines = [f"# Sweep `{meta['config']['name']}`", "",
              f"- {len(members)} members ({meta['config']['sweep']['mode']} over {axes or 'nothing'}), "
              f"{meta['num_devices']} devices in {meta['num_processes']} process(es), "
-             f"{meta['members_per_device']} member(s) per device"
-             + (f" (chosen from a plain step of {_fmt_s(meta['measured_cost']['step_s'])}, of which "
-                f"{meta['measured_cost']['unamortised_fraction']:.0%} is arithmetic that batching cannot amortise)"
-                if meta.get("measured_cost") else "")]
+             + _grouping_text(meta)]
     if wall_s is not None:
         lines.append(f"- wall time: {wall_s:.1f} s")
     lines += ["", "| member | " + " | ".join(axes) + " | train loss | test loss | test acc | status |",

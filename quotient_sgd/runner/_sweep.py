@@ -242,8 +242,9 @@ def plain_step_flops(b: Built, padded_batch: int | None = None) -> float:
     def step(state, seed, dataset):
         p, st, ms = state
         batch = batch_fn(dataset, bs)(jnp.int32(0), batch_key(seed))
-        if b.stateful:
-            (_, (_, ms)), g = jax.value_and_grad(b.loss_fn, has_aux=True)(p, ms, batch)
+        if b.stateful:  # fresh containers for the model state inside the gradient, as in optim.train
+            obj = lambda p: b.loss_fn(p, jax.tree.map(lambda a: a, ms), batch)  # noqa: E731
+            (_, (_, ms)), g = jax.value_and_grad(obj, has_aux=True)(p)
         else:
             g = jax.grad(b.loss_fn)(p, batch)
         u, st = tx.update(g, st, p)

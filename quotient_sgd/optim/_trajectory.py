@@ -41,7 +41,8 @@ class QuotientTrajectoryState(NamedTuple):
         observables: the latest observables ``{key: array or {component: array}}`` (see
             :func:`observables_of`).
         carry: what later steps need: the previous update (for the directional curvature), scalars of the
-            previous step, and the charge cross terms ``c_k`` of the momentum recursion.
+            previous step, the charge cross terms ``c_k`` of the momentum recursion, and the last continuous
+            canonical element (``"canon"``, the warm start of the next one).
         eigenvectors: ``{"top_<where>" / "bottom_<where>": pytree with a leading axis k}`` of the last Hessian
             evaluation when ``keep_eigenvectors=True``, else ``{}``.
     """

@@ -423,31 +423,24 @@ class Product(Group):
         canonical point instead (``element``: :meth:`continuous_canonical_element` when already known), which
         skips the permutation sort and the second continuous canonicalisation."""
         flat, _ = self._flat(params)
-        at = None
-        out = {}
-        for cl in self.clusters():
-            chain = _gl_chain(tuple(self.components[i] for i in cl)) if len(cl) > 1 else None
-            if chain is not None:
-                prod = chain(flat)
-                out.update({self.components[i].name: prod for i in cl})
-                continue
-            sorted_inv = self._sorted_invariants(cl, flat) if len(cl) > 1 else None
-            if sorted_inv is not None:
-                out.update(sorted_inv)
-                continue
-            if len(cl) == 1:
-                src = flat
-            else:
-                if at is None:
-                    k = self._continuous_canonical(self._cont(), flat) if element is None else element
-                    at = self._act(k, flat)
-                src = at
-            for i in cl:
-                out[self.components[i].name] = self.components[i]._invariants(src)
-        return {c.name: out[c.name] for c in self.components}
+        at: list = []
+
+        def point(cl):
+            if not at:
+                k = self._continuous_canonical(self._cont(), flat) if element is None else element
+                at.append(self._act(k, flat))
+            return at[0]
+
+        return self._cluster_invariants(flat, point)
 
     # --- invariants and charges -----------------------------------------------------------------------------
     def _invariants(self, flat):
+        return self._cluster_invariants(flat, lambda cl: self._act(self._cluster_canonical(cl, flat), flat))
+
+    def _cluster_invariants(self, flat, point):
+        """Per component invariants, cluster by cluster: a lone component's own; a GL chain's end-to-end product;
+        a permutation-sorted cluster's (:meth:`_sorted_invariants`); any other cluster's components' own
+        invariants at ``point(cluster)``, a point of its orbit fixed by its canonicalisation."""
         out = {}
         for cl in self.clusters():
             chain = _gl_chain(tuple(self.components[i] for i in cl)) if len(cl) > 1 else None
@@ -459,9 +452,9 @@ class Product(Group):
             if sorted_inv is not None:
                 out.update(sorted_inv)
                 continue
-            at = flat if len(cl) == 1 else self._act(self._cluster_canonical(cl, flat), flat)
+            src = flat if len(cl) == 1 else point(cl)
             for i in cl:
-                out[self.components[i].name] = self.components[i]._invariants(at)
+                out[self.components[i].name] = self.components[i]._invariants(src)
         return {c.name: out[c.name] for c in self.components}
 
     def _sorted_invariants(self, cl, flat):

@@ -35,7 +35,7 @@ def _group():
     return Product(comps + [Translation(kernel=("l2", "kernel"), bias=("l2", "bias"), name="t")])
 
 
-@pytest.mark.parametrize("method", ["unrolled", "matfree"])
+@pytest.mark.parametrize("method", ["loop", "unrolled", "matfree"])
 def test_lanczos_extremes_dense_matrix(x64, method):
     m = jax.random.normal(jax.random.key(0), (40, 40), jnp.float64)
     a = m + m.T

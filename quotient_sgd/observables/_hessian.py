@@ -30,29 +30,54 @@ class Extremes(NamedTuple):
     bottom_vectors: Any
 
 
+def _lanczos_step(matvec: Callable, j, qmat, q):
+    """One Lanczos step with full (twice-applied) reorthogonalisation against the rows of ``qmat`` (rows past
+    ``j`` are zero): ``(qmat, alpha_j, beta_j, q_{j+1})``."""
+    qmat = qmat.at[j].set(q)
+    w = matvec(q)
+    alpha = jnp.dot(q, w)
+    w = w - qmat.T @ (qmat @ w)
+    w = w - qmat.T @ (qmat @ w)
+    beta = jnp.linalg.norm(w)
+    # breakdown (an invariant subspace was found): continue with zeros, which add zero Ritz values
+    q = jnp.where(beta > 0, w / jnp.where(beta > 0, beta, jnp.ones_like(beta)), jnp.zeros_like(w))
+    return qmat, alpha, beta, q
+
+
+def _tridiagonal(alphas, betas):
+    t = jnp.diag(alphas)
+    if betas.shape[0]:
+        t = t + jnp.diag(betas, 1) + jnp.diag(betas, -1)
+    return t
+
+
+def _lanczos_loop(matvec: Callable, v0: jax.Array, num_matvecs: int):
+    """Lanczos with full (twice-applied) reorthogonalisation in a ``fori_loop``: ``(T, Q)`` with ``T`` the
+    ``K x K`` tridiagonal matrix and ``Q`` the ``K x n`` Krylov basis (rows).  The operator is traced once."""
+    n, dt = v0.shape[0], v0.dtype
+
+    def body(j, carry):
+        qmat, q, alphas, betas = carry
+        qmat, alpha, beta, q = _lanczos_step(matvec, j, qmat, q)
+        return qmat, q, alphas.at[j].set(alpha), betas.at[j].set(beta)
+
+    init = (jnp.zeros((num_matvecs, n), dt), v0 / jnp.linalg.norm(v0), jnp.zeros(num_matvecs, dt),
+            jnp.zeros(num_matvecs, dt))
+    qmat, _, alphas, betas = jax.lax.fori_loop(0, num_matvecs, body, init)
+    return _tridiagonal(alphas, betas[:-1]), qmat
+
+
 def _lanczos_unrolled(matvec: Callable, v0: jax.Array, num_matvecs: int):
-    """Lanczos with full (twice-applied) reorthogonalisation as straight-line code: ``(T, Q)`` with ``T`` the
-    ``K x K`` tridiagonal matrix and ``Q`` the ``K x n`` Krylov basis (rows)."""
+    """The same as :func:`_lanczos_loop` as straight-line code (the operator is traced ``num_matvecs`` times)."""
     n = v0.shape[0]
     qmat = jnp.zeros((num_matvecs, n), v0.dtype)
     q = v0 / jnp.linalg.norm(v0)
     alphas, betas = [], []
     for j in range(num_matvecs):
-        qmat = qmat.at[j].set(q)
-        w = matvec(q)
-        alphas.append(jnp.dot(q, w))
-        w = w - qmat.T @ (qmat @ w)
-        w = w - qmat.T @ (qmat @ w)
-        if j < num_matvecs - 1:
-            beta = jnp.linalg.norm(w)
-            betas.append(beta)
-            # breakdown (an invariant subspace was found): continue with zeros, which add zero Ritz values
-            q = jnp.where(beta > 0, w / jnp.where(beta > 0, beta, jnp.ones_like(beta)), jnp.zeros_like(w))
-    t = jnp.diag(jnp.stack(alphas))
-    if betas:
-        off = jnp.stack(betas)
-        t = t + jnp.diag(off, 1) + jnp.diag(off, -1)
-    return t, qmat
+        qmat, alpha, beta, q = _lanczos_step(matvec, j, qmat, q)
+        alphas.append(alpha)
+        betas.append(beta)
+    return _tridiagonal(jnp.stack(alphas), jnp.stack(betas[:-1]) if num_matvecs > 1 else jnp.zeros(0, v0.dtype)), qmat
 
 
 def lanczos_extremes(
@@ -65,11 +90,14 @@ def lanczos_extremes(
         v0: starting vector (any nonzero pytree; its span must contain the wanted eigenvectors' directions).
         num_matvecs: Krylov depth (at most the operator's rank on the span of ``v0``).
         k: how many extremes to return at each end (``2 k <= num_matvecs`` for disjoint ends).
-        method: ``"unrolled"`` (default): full reorthogonalisation written as straight-line code, which XLA:CPU
-            runs several times faster than a loop (measured: 20 steps on an 85k-parameter MLP, 162 ms through
-            a ``fori_loop`` vs ~20 ms unrolled); compile time grows with ``num_matvecs``.
-            ``"matfree"``: ``matfree.decomp.tridiag_sym(num_matvecs, reortho="full")`` with
-            ``matfree.eig.eigh_partial`` (a loop; constant compile time).
+        method: ``"unrolled"`` (default): full (twice-applied) reorthogonalisation as straight-line code; the
+            operator is traced ``num_matvecs`` times, so compile time grows with it (1.7 s for 20 steps on an
+            85k-parameter MLP).  ``"loop"``: the same arithmetic in a ``lax.fori_loop``, traced and compiled
+            once (0.6 s there): the choice inside training loops, where the Hessian is evaluated every ``K`` steps
+            and compile time counts (:func:`quotient_sgd.optim.quotient_trajectory` uses it).  Run times on
+            XLA:CPU with 2 threads were measured comparable but bimodal for both (18-26 ms in one mode, 80-140 ms
+            in another where both cores spin).  ``"matfree"``: ``matfree.decomp.tridiag_sym(num_matvecs,
+            reortho="full")`` with ``matfree.eig.eigh_partial`` (a loop; 24 ms there).
 
     Returns:
         :class:`Extremes`.
@@ -79,15 +107,16 @@ def lanczos_extremes(
     if method == "matfree":
         tridiag = decomp.tridiag_sym(num_matvecs, reortho="full", materialize=True, custom_vjp=False)
         vals, vecs = eig.eigh_partial(tridiag)(matvec, v0)
-    elif method == "unrolled":
+    elif method in ("loop", "unrolled"):
         from jax.flatten_util import ravel_pytree
 
         flat, unravel = ravel_pytree(v0)
-        t, qmat = _lanczos_unrolled(lambda f: ravel_pytree(matvec(unravel(f)))[0], flat, num_matvecs)
+        lanczos = _lanczos_loop if method == "loop" else _lanczos_unrolled
+        t, qmat = lanczos(lambda f: ravel_pytree(matvec(unravel(f)))[0], flat, num_matvecs)
         vals, s = jnp.linalg.eigh(t)
         vecs = jax.vmap(unravel)(s.T @ qmat)
     else:
-        raise ValueError(f"method must be 'unrolled' or 'matfree', got {method!r}")
+        raise ValueError(f"method must be 'loop', 'unrolled' or 'matfree', got {method!r}")
     top = vals[::-1][:k]
     bottom = vals[:k]
     top_vectors = jax.tree.map(lambda x: x[::-1][:k], vecs)
@@ -105,22 +134,23 @@ def hvp_operator(loss_fn: Callable, params, project: Callable | None = None) -> 
 
 
 def hessian_extremes(
-    loss_fn: Callable, params, project: Callable | None = None, *, key, num_matvecs: int = 20, k: int = 1
+    loss_fn: Callable, params, project: Callable | None = None, *, key, num_matvecs: int = 20, k: int = 1,
+    method: str = "loop",
 ) -> Extremes:
     """Extreme eigenpairs of ``P H P`` at ``params`` restricted to the range of ``P`` (:func:`lanczos_extremes`
-    started from a projected Gaussian vector)."""
+    with ``method``, started from a projected Gaussian vector)."""
     v0 = tree_random_normal(key, params)
     if project is not None:
         v0 = project(v0)
     v0 = tree_scale(1 / tree_norm(v0), v0)
     if project is None:
-        return lanczos_extremes(hvp_operator(loss_fn, params), v0, num_matvecs=num_matvecs, k=k)
+        return lanczos_extremes(hvp_operator(loss_fn, params), v0, num_matvecs=num_matvecs, k=k, method=method)
     # Every Lanczos vector is a combination of v0 and earlier outputs of the operator, all horizontal, and on
     # horizontal vectors P H P = P H: one projection per product instead of two.  (Rounding leaves vertical
     # parts of order eps in the Lanczos vectors; the outer projection removes what H makes of them from the
     # output, so the Ritz values move by O(eps |H|).)
     _, lin = jax.linearize(jax.grad(loss_fn), params)
-    return lanczos_extremes(lambda v: project(lin(v)), v0, num_matvecs=num_matvecs, k=k)
+    return lanczos_extremes(lambda v: project(lin(v)), v0, num_matvecs=num_matvecs, k=k, method=method)
 
 
 def frozen_horizontal(group, params, *, max_elements: int = 2**24) -> Callable:
@@ -155,26 +185,29 @@ def frozen_horizontal(group, params, *, max_elements: int = 2**24) -> Callable:
 
 
 @observable(ORBIT_INVARIANT, "sharpness_quotient", "lambda_min_quotient")
-def sharpness_quotient(loss_fn, group, params, *, key, num_matvecs: int = 20, k: int = 1) -> Extremes:
+def sharpness_quotient(loss_fn, group, params, *, key, num_matvecs: int = 20, k: int = 1,
+                       method: str = "unrolled") -> Extremes:
     """Extremes of the horizontal Hessian at the canonical representative ``c(theta)``: the function's own
     curvature, equal on every point of the orbit (THEORY section 4, kind 1)."""
     pc = group.canonicalize(params)
-    return hessian_extremes(loss_fn, pc, frozen_horizontal(group, pc), key=key, num_matvecs=num_matvecs, k=k)
+    return hessian_extremes(loss_fn, pc, frozen_horizontal(group, pc), key=key, num_matvecs=num_matvecs, k=k,
+                            method=method)
 
 
 @observable(REDUCED_DYNAMICS, "sharpness_horizontal", "lambda_min_horizontal")
-def sharpness_horizontal(loss_fn, group, params, *, key, num_matvecs: int = 20, k: int = 1) -> Extremes:
+def sharpness_horizontal(loss_fn, group, params, *, key, num_matvecs: int = 20, k: int = 1,
+                         method: str = "unrolled") -> Extremes:
     """Extremes of the horizontal Hessian ``P H P`` at the current point: the curvature the next step sees
     (stability, THEORY section 4, kind 2)."""
     return hessian_extremes(
-        loss_fn, params, frozen_horizontal(group, params), key=key, num_matvecs=num_matvecs, k=k
+        loss_fn, params, frozen_horizontal(group, params), key=key, num_matvecs=num_matvecs, k=k, method=method
     )
 
 
 @observable(RAW, "sharpness_raw", "lambda_min_raw")
-def sharpness_raw(loss_fn, params, *, key, num_matvecs: int = 20, k: int = 1) -> Extremes:
+def sharpness_raw(loss_fn, params, *, key, num_matvecs: int = 20, k: int = 1, method: str = "unrolled") -> Extremes:
     """Extremes of the raw Hessian at the current point (Dinh et al. 2017: not a function on the quotient)."""
-    return hessian_extremes(loss_fn, params, None, key=key, num_matvecs=num_matvecs, k=k)
+    return hessian_extremes(loss_fn, params, None, key=key, num_matvecs=num_matvecs, k=k, method=method)
 
 
 def dense_hessian(loss_fn: Callable, params, project: Callable | None = None) -> jax.Array:

@@ -42,9 +42,20 @@ def tree_axpy(c, x, y):
 
 
 def tree_random_normal(key, like):
+    """Standard normal entries shaped like ``like``: one draw of the total size per dtype, split over the leaves
+    (each ``jax.random.normal`` call is a separate threefry kernel to compile: one per dtype, not per leaf)."""
     leaves, treedef = jax.tree.flatten(like)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+    dtypes = sorted({jnp.dtype(x.dtype).name for x in leaves})
+    out = [None] * len(leaves)
+    for d, k in zip(dtypes, jax.random.split(key, len(dtypes))):
+        idx = [i for i, x in enumerate(leaves) if jnp.dtype(x.dtype).name == d]
+        sizes = [leaves[i].size for i in idx]
+        flat = jax.random.normal(k, (sum(sizes),), d)
+        start = 0
+        for i, n in zip(idx, sizes):
+            out[i] = flat[start:start + n].reshape(leaves[i].shape)
+            start += n
+    return jax.tree.unflatten(treedef, out)
 
 
 def components(group) -> tuple[Any, ...]:

@@ -69,6 +69,7 @@ def quotient_trajectory(
     hessian_at: Sequence[str] = _HESSIAN_AT,
     hessian_k: int = 1,
     lanczos_steps: int = 20,
+    lanczos_method: str = "loop",
     keep_eigenvectors: bool = False,
     noise_every: int | None = None,
     seed: int = 0,
@@ -103,7 +104,9 @@ def quotient_trajectory(
     ``lambda_min_<where>`` (bottom), ``hessian_top_<where>`` / ``hessian_bottom_<where>`` (``hessian_k`` each),
     plus ``shock_number_hessian = eta max(0, -lambda_min_horizontal)``, ``fold_number_hessian =
     eta lambda_max_horizontal`` and ``hessian_step``; values persist between evaluations.  ``lanczos_steps``
-    Lanczos iterations each.  With ``noise_every=K``: ``noise_sigma2``, ``temperature``, ``viscosity``.
+    Lanczos iterations each, by ``lanczos_method`` (:func:`quotient_sgd.observables.lanczos_extremes`; the
+    default ``"loop"`` compiles the Hessian-vector product once; the evaluations at several points are one
+    ``lax.map``, so the product and the projection are compiled once for all of them).  With ``noise_every=K``: ``noise_sigma2``, ``temperature``, ``viscosity``.
 
     Cost: ``grad_norm_canonical``, ``effective_lr`` (its ``"global"`` entry), ``invariant_norms`` and the update
     split call ``group.canonical_element`` / ``group.invariants`` / ``group.vertical``; for groups whose
@@ -130,6 +133,8 @@ def quotient_trajectory(
     unknown = set(keys) - set(DEFAULT_OBSERVABLES)
     if unknown:
         raise ValueError(f"unknown observables {sorted(unknown)}; available: {DEFAULT_OBSERVABLES}")
+    if lanczos_method not in ("loop", "unrolled", "matfree"):
+        raise ValueError(f"lanczos_method must be 'loop', 'unrolled' or 'matfree', got {lanczos_method!r}")
     bad_at = set(hessian_at) - set(_HESSIAN_AT)
     if bad_at:
         raise ValueError(f"hessian_at: unknown {sorted(bad_at)}; choose from {_HESSIAN_AT}")
@@ -344,19 +349,43 @@ def quotient_trajectory(
         new_state = QuotientTrajectoryState(inner_state, count + 1, observ, new_carry, eigvecs)
         return new_updates, new_state
 
+    def _all_extremes(loss_fn, params, key):
+        """Extremes for every ``where`` in ``hessian_at``: the same Lanczos (the quotient one at
+        ``group.canonicalize(params)``) with keys ``fold_in(key, i)``; several are one ``lax.map`` over the stacked
+        points, so the Hessian-vector product, the projection and the Lanczos loop are compiled once."""
+        kw = dict(num_matvecs=lanczos_steps, k=hessian_k, method=lanczos_method)
+        keys = [jax.random.fold_in(key, i) for i in range(len(hessian_at))]
+        if len(hessian_at) == 1:
+            w = hessian_at[0]
+            if w == "quotient":
+                return [obs.sharpness_quotient(loss_fn, group, params, key=keys[0], **kw)]
+            if w == "horizontal":
+                return [obs.sharpness_horizontal(loss_fn, group, params, key=keys[0], **kw)]
+            return [obs.sharpness_raw(loss_fn, params, key=keys[0], **kw)]
+        canon = group.canonicalize(params) if "quotient" in hessian_at else None
+        points = [canon if w == "quotient" else params for w in hessian_at]
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *points)
+        projected = jnp.asarray([w != "raw" for w in hessian_at])
+
+        def one(args):
+            point, proj, k = args
+            frozen = obs.frozen_horizontal(group, point)
+
+            def project(v):
+                return jax.tree.map(lambda a, b: jnp.where(proj, a, b), frozen(v), v)
+
+            return obs.hessian_extremes(loss_fn, point, project, key=k, **kw)
+
+        ex = jax.lax.map(one, (stacked, projected, jnp.stack(keys)))
+        return [jax.tree.map(lambda x, i=i: x[i], ex) for i in range(len(hessian_at))]
+
     def _hessian(loss_fn, params, observ, eigvecs, count, lr):
         observ = dict(observ)
         eigvecs = dict(eigvecs)
         dt = jax.tree.leaves(params)[0].dtype
         key = jax.random.fold_in(base_key, count)
-        for i, w in enumerate(hessian_at):
-            kw = dict(key=jax.random.fold_in(key, i), num_matvecs=lanczos_steps, k=hessian_k)
-            if w == "quotient":
-                ex = obs.sharpness_quotient(loss_fn, group, params, **kw)
-            elif w == "horizontal":
-                ex = obs.sharpness_horizontal(loss_fn, group, params, **kw)
-            else:
-                ex = obs.sharpness_raw(loss_fn, params, **kw)
+        exs = _all_extremes(loss_fn, params, key)
+        for w, ex in zip(hessian_at, exs):
             observ[f"sharpness_{w}"] = ex.top[0].astype(dt)
             observ[f"lambda_min_{w}"] = ex.bottom[0].astype(dt)
             observ[f"hessian_top_{w}"] = ex.top.astype(dt)

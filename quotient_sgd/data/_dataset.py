@@ -63,17 +63,29 @@ def make_dataset(x_train, y_train, x_test, y_test, *, task: str, num_classes: in
     return Dataset(_x(x_train), _y(y_train), _x(x_test), _y(y_test), task, int(num_classes), name)
 
 
-def sample_indices(key, n: int, batch_size: int) -> jax.Array:
-    """``batch_size`` distinct indices in ``[0, n)``: the first entries of a uniform random permutation.
+#: How :func:`sample_indices` draws: both give a uniformly random subset in uniformly random order.
+SAMPLERS = ("permutation", "top_k")
 
-    Taking a prefix of one permutation means a smaller batch is always a prefix of a larger one drawn with the
-    same key, which is what lets a sweep over batch sizes run as one padded, masked program
+
+def sample_indices(key, n: int, batch_size: int, sampler: str = "permutation") -> jax.Array:
+    """``batch_size`` distinct indices in ``[0, n)``: a uniformly random subset in uniformly random order.
+
+    ``sampler="permutation"``: the first entries of ``jax.random.permutation(key, n)`` (a sort of all ``n`` at
+    every call).  ``"top_k"``: the positions of the ``batch_size`` largest of ``n`` i.i.d. uniforms
+    (``lax.top_k``; the same distribution, other draws; measured on XLA:CPU 20-45 us against 170 us for the
+    permutation of the 1348 digits, which dominated a small model's step: the config runner uses it).
+    Either way a smaller batch is a prefix of a larger one drawn with the same key (for ``top_k`` ties break
+    towards the lower index), which is what lets a sweep over batch sizes run as one padded, masked program
     (:func:`batch_fn` with ``max_batch_size``)."""
-    return jax.random.permutation(key, n)[:batch_size]
+    if sampler == "permutation":
+        return jax.random.permutation(key, n)[:batch_size]
+    if sampler == "top_k":
+        return jax.lax.top_k(jax.random.uniform(key, (n,)), batch_size)[1]
+    raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
 
 
 def batch_fn(dataset: Dataset, batch_size: int | None, *, max_batch_size: int | None = None,
-             ) -> Callable[[jax.Array, jax.Array], dict]:
+             sampler: str = "permutation") -> Callable[[jax.Array, jax.Array], dict]:
     """A pure ``batch_fn(step, key) -> {"x", "y", "w"}`` for :func:`quotient_sgd.optim.train`.
 
     The indices are sampled on device from ``key`` inside the scan (the data set is never copied once per step).
@@ -86,6 +98,7 @@ def batch_fn(dataset: Dataset, batch_size: int | None, *, max_batch_size: int | 
             ``max_batch_size`` is given (a batch-size sweep): then ``max_batch_size`` indices are drawn and the
             first ``batch_size`` of them get weight 1.
         max_batch_size: static padded size of the batch (default ``batch_size``).
+        sampler: how the indices are drawn (:func:`sample_indices`).
 
     Example:
         >>> from quotient_sgd.data import teacher_student
@@ -101,13 +114,15 @@ def batch_fn(dataset: Dataset, batch_size: int | None, *, max_batch_size: int | 
             return {"x": dataset.x_train, "y": dataset.y_train, "w": jnp.ones((n,), jnp.float32)}
 
         return full
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     size = int(batch_size if max_batch_size is None else max_batch_size)
     if size > n:
         raise ValueError(f"batch size {size} exceeds the {n} training examples of {dataset.name!r}")
 
     def sample(step, key):
         del step
-        idx = sample_indices(key, n, size)
+        idx = sample_indices(key, n, size, sampler)
         if max_batch_size is None:
             w = jnp.ones((size,), jnp.float32)
         else:

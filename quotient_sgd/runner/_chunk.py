@@ -78,5 +78,34 @@ def single_programs(b: Built, num_steps: int):
     return init, chunk
 
 
+@jax.jit
+def _concat_by_dtype(leaves: tuple) -> dict:
+    out: dict[str, list] = {}
+    for x in leaves:
+        out.setdefault(jnp.dtype(x.dtype).name, []).append(jnp.ravel(x))
+    return {k: jnp.concatenate(v) for k, v in out.items()}
+
+
 def to_host(tree):
-    return jax.tree.map(lambda x: np.asarray(x), tree)
+    """``tree`` as numpy arrays.  A chunk's outputs are ~100 small arrays; fetching each costs a fixed ~40 us, so
+    the numeric leaves that this process can address are concatenated on device (one array per dtype and set of
+    devices) and come over in one transfer each, then split into views."""
+    leaves, treedef = jax.tree.flatten(tree)
+    out = [None] * len(leaves)
+    groups: dict[tuple, list[int]] = {}
+    for i, x in enumerate(leaves):
+        if (isinstance(x, jax.Array) and x.is_fully_addressable
+                and (jnp.issubdtype(x.dtype, jnp.number) or x.dtype == jnp.bool_)):
+            groups.setdefault(tuple(sorted(d.id for d in x.sharding.device_set)), []).append(i)
+        else:
+            out[i] = np.asarray(x)
+    for idx in groups.values():
+        flat = jax.device_get(_concat_by_dtype(tuple(leaves[i] for i in idx)))
+        offsets: dict[str, int] = {}
+        for i in idx:
+            x = leaves[i]
+            name = jnp.dtype(x.dtype).name
+            a = offsets.get(name, 0)
+            out[i] = flat[name][a:a + x.size].reshape(x.shape)
+            offsets[name] = a + x.size
+    return jax.tree.unflatten(treedef, out)

@@ -171,8 +171,13 @@ class TrajectoryParts:
         keys = chunks[0].keys()
         return {k: np.concatenate([c[k] for c in chunks], axis=0) for k in keys}
 
-    def assemble(self, path: str) -> dict[str, np.ndarray]:
-        traj = self.load()
+    def assemble(self, path: str, chunks: list[dict] | None = None) -> dict[str, np.ndarray]:
+        """Write ``trajectory.npz`` from the parts on disk, or from ``chunks`` (the same parts, still in memory:
+        the caller guarantees they are all of them, in order)."""
+        if chunks:
+            traj = {k: np.concatenate([c[k] for c in chunks], axis=0) for k in chunks[0]}
+        else:
+            traj = self.load()
         tmp = path + ".tmp.npz"
         np.savez(tmp, **traj)
         os.replace(tmp, path)
@@ -198,7 +203,7 @@ class Checkpoints:
     def _manager(self):
         return self._ocp.CheckpointManager(
             self.dir, options=self._ocp.CheckpointManagerOptions(
-                max_to_keep=self.keep, enable_async_checkpointing=False, create=True))
+                max_to_keep=self.keep, enable_async_checkpointing=True, create=True))
 
     def latest(self) -> int | None:
         return self.manager.latest_step()
@@ -206,7 +211,6 @@ class Checkpoints:
     def save(self, step: int, state) -> None:
         leaves = {f"{i:05d}": _global_or_host(x) for i, x in enumerate(jax.tree.leaves(state))}
         self.manager.save(step, args=self._ocp.args.StandardSave(leaves))
-        self.manager.wait_until_finished()
 
     def restore(self, step: int, template):
         """The state saved at ``step``, in the structure of ``template``; leaves of ``template`` that are global

@@ -39,7 +39,7 @@ from ..config import SWEEP_AXES, Settings, SweepSettings
 from ..optim import flatten_trajectory
 from ._batches import batch_fn
 from ._build import Built, batch_key, build, init_model, make_inner_optimizer
-from ._chunk import chunk_step, hyper as _hyper, init_state, single_programs
+from ._chunk import chunk_step, hyper as _hyper, init_state, single_programs, to_host
 from ._run import chunk_bounds, first_divergence, scalar_rows
 from ._rundir import (
     Checkpoints,
@@ -180,12 +180,13 @@ def _owned_rows(sharding, size: int) -> list[int]:
 
 def _host_rows(tree, batched: bool) -> dict:
     """``tree`` on the host: numpy leaves with the member axis first (all of it when the arrays are addressable
-    from this process, else ``{row: leaf row}`` dicts of the rows held here)."""
+    from this process, else ``{row: leaf row}`` dicts of the rows held here).  Addressable trees (those of all
+    groups at once) come over in one ``jax.device_get``."""
     leaves, treedef = jax.tree.flatten(tree)
     if not batched:
-        return jax.tree.unflatten(treedef, [np.asarray(x)[None] for x in jax.device_get(leaves)])
+        return jax.tree.unflatten(treedef, [np.asarray(x)[None] for x in jax.tree.leaves(to_host(leaves))])
     if all(x.is_fully_addressable for x in leaves):
-        return jax.tree.unflatten(treedef, jax.device_get(leaves))
+        return to_host(tree)
     out = []
     for x in leaves:
         rows = {}
@@ -200,9 +201,10 @@ def _host_rows(tree, batched: bool) -> dict:
 
 # ---- choosing the number of members per device ------------------------------------------------------------------
 #: Tracing and compiling a chunk program vmapped over a group of members, relative to the unbatched program it
-#: replaces (measured 1.5-1.9 on XLA:CPU for the quickstart MLP with its observables, MLPs and CNNs; 2 errs on
-#: the side of not batching a sweep too short to pay the compilation back).
-BATCHED_COMPILE_FACTOR = 2.0
+#: replaces (measured on XLA:CPU: 1.34 for the quickstart MLP with its observables and Hessian, 1.38 for a
+#: 784-256-256-10 MLP; 1.5-1.9 before the Hessian's Lanczos became a loop; 1.5 errs on the side of not batching a
+#: sweep too short to pay the compilation back).
+BATCHED_COMPILE_FACTOR = 1.5
 #: Batched arithmetic slows down with the group size (the members' working sets compete for the caches): measured
 #: here, 16 members of a 784-256-256-10 MLP (arithmetic 83% of its step) cost 9% more per member than one at a
 #: time and 4 members 5% less.  The arithmetic of a group of ``m`` is charged ``1 + BATCHED_ARITHMETIC_SLOWDOWN
@@ -364,10 +366,20 @@ def _open_member_dir(d: str, ms: Settings, start: int) -> dict | None:
     return None
 
 
-def _finish_member(d: str, ms: Settings, diverged: dict | None, plots: bool) -> None:
+def _trajectory_bytes(b: Built, s: Settings, n: int) -> int:
+    """Bytes of the trajectories of all ``n`` members (from the shapes of the recorded observables)."""
+    from ..optim._trajectory import _find
+
+    found = _find(_state_shapes(b)[1])
+    leaves = jax.tree.leaves(found[0].observables) if found else []
+    per_step = 64 + sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves)
+    return n * s.steps * per_step
+
+
+def _finish_member(d: str, ms: Settings, diverged: dict | None, plots: bool, chunks: list | None = None) -> None:
     from ._report import finalize
 
-    traj = TrajectoryParts(d).assemble(os.path.join(d, "trajectory.npz"))
+    traj = TrajectoryParts(d).assemble(os.path.join(d, "trajectory.npz"), chunks)
     finalize(d, dataclasses.replace(ms, logging=dataclasses.replace(ms.logging, plots=plots)), traj,
              diverged=diverged, wall_s=None, resumed_from=None)
 
@@ -532,10 +544,11 @@ def sweep(settings: Settings, workdir: str, *, members_per_device: int | None = 
 
     def write_chunk(a, c, outs, states_c, lay, own_c, before_checkpoint=None):
         """Rows and parts of chunk ``[a, c)`` for the members held here, then the checkpoint of step ``c``."""
-        for g, out in enumerate(outs):
+        host = _host_rows([None if o is None else (flatten_trajectory(o[0]), o[1]) for o in outs], lay.batched)
+        for g, out in enumerate(host):
             if out is None:
                 continue
-            traj, ev = _host_rows(flatten_trajectory(out[0]), lay.batched), _host_rows(out[1], lay.batched)
+            traj, ev = out
             for j in own_c[g]:
                 i = lay.groups[g][j]
                 if i in diverged:
@@ -550,6 +563,8 @@ def sweep(settings: Settings, workdir: str, *, members_per_device: int | None = 
                 if rows and dv is None:
                     rows[-1].update({k: v for k, v in e.items() if k != "params_finite"})
                 TrajectoryParts(dirs[i]).write(a, t)
+                if kept is not None:
+                    kept.setdefault(i, []).append(t)
                 MetricsLog(os.path.join(dirs[i], "metrics.jsonl")).append(rows)
                 if dv is not None:
                     diverged[i] = dv
@@ -560,6 +575,9 @@ def sweep(settings: Settings, workdir: str, *, members_per_device: int | None = 
             ckpt.save(c, _pack(states_c))
         bar.update((c - a) * n)
 
+    # the chunks written by this call, per member, so that assembling trajectory.npz need not read them back
+    # (not after a resume, whose earlier parts are on disk only, nor when they would hold more than 256 MB)
+    kept: dict[int, list] | None = {} if start == 0 and _trajectory_bytes(b, s, n) <= 2**28 else None
     all_chunks = chunk_bounds(start, s.steps, every)
     chunks = all_chunks if max_chunks is None else all_chunks[:max_chunks]
     pending = None
@@ -622,7 +640,9 @@ def sweep(settings: Settings, workdir: str, *, members_per_device: int | None = 
     if finished:
         for g, idx in enumerate(layout.groups):
             for j in own[g]:
-                _finish_member(dirs[idx[j]], member_settings(s, idx[j], members[idx[j]]), diverged.get(idx[j]), plots)
+                i = idx[j]
+                _finish_member(dirs[i], member_settings(s, i, members[i]), diverged.get(i), plots,
+                               None if kept is None else kept.get(i, []))
     if multi:
         multihost_utils.sync_global_devices("quotient_sgd_sweep_done")
     wall = time.time() - t0

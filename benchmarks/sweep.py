@@ -1,6 +1,6 @@
 """Wall time of a 16-member sweep vs 16 sequential runs of the same members, in one process.
 
-    python benchmarks/sweep.py [--steps N] [--only quickstart|mlp784] [--warm]
+    python benchmarks/sweep.py [--steps N] [--only quickstart|mlp784] [--warm] [--cli]
 
 Models: the quickstart config (MLP 64-32-10 on digits, quotient observables every 10 steps, Hessian every 100)
 and a compute-bound 784-256-256-10 ReLU MLP at batch 128 (teacher-student data, symmetry observables off) whose
@@ -10,8 +10,9 @@ member on both sides).  Every compilation cache is cleared before each side, so 
 sequential loop compiles once: hyperparameters are injected and seeds traced; the sweep compiles its programs
 and measures its members per device).  Prints ratio = sequential / sweep (> 1: the sweep is faster).
 ``--warm`` repeats each side
-with its programs already compiled (the ratio of the running time alone).  Target: >= 4x for quickstart; >= 1x (never slower) for
-every model.
+with its programs already compiled (the ratio of the running time alone).  ``--cli`` also times what a user
+types: 16 ``quotient-sgd run`` commands one after the other (each process imports, compiles and runs one member)
+against one ``quotient-sgd sweep`` command.  Target: >= 4x for quickstart; >= 1x (never slower) for every model.
 """
 
 from __future__ import annotations
@@ -85,11 +86,51 @@ def measure(cfg, tmp, repeats=1):
     return t_seq, t_sweep, res
 
 
+_CLI_CONFIG = """
+from quotient_sgd.config import quickstart_path
+import importlib.util
+
+def get_config():
+    spec = importlib.util.spec_from_file_location("q", quickstart_path())
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config()
+    c.steps = {steps}
+    c.sweep.seed = (0, 1, 2, 3)
+    c.sweep.lr = (0.03, 0.1, 0.2, 0.3)
+    c.logging.plots = False
+    c.logging.progress = False
+    return c
+"""
+
+
+def measure_cli(steps, tmp):
+    """Seconds of 16 ``quotient-sgd run`` processes (the members of the quickstart sweep, one after the other)
+    and of one ``quotient-sgd sweep`` process."""
+    import subprocess
+    import sys
+
+    cfg = os.path.join(tmp, "cli_quickstart.py")
+    with open(cfg, "w") as f:
+        f.write(_CLI_CONFIG.format(steps=steps))
+    cmd = [sys.executable, "-m", "quotient_sgd.cli"]
+    t = time.perf_counter()
+    for i, (seed, lr) in enumerate((s, lr) for s in (0, 1, 2, 3) for lr in (0.03, 0.1, 0.2, 0.3)):
+        subprocess.run([*cmd, "run", f"--config={cfg}", f"--config.seed={seed}", f"--config.optim.lr={lr}",
+                        f"--workdir={os.path.join(tmp, 'cli-seq', f'{i:03d}')}"], check=True, capture_output=True)
+    t_seq = time.perf_counter() - t
+    t = time.perf_counter()
+    subprocess.run([*cmd, "sweep", f"--config={cfg}", f"--workdir={os.path.join(tmp, 'cli-sweep')}"], check=True,
+                   capture_output=True)
+    return t_seq, time.perf_counter() - t
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--only", default=None)
     ap.add_argument("--warm", action="store_true", help="also time both sides with compiled programs")
+    ap.add_argument("--cli", action="store_true", help="also time 16 `quotient-sgd run` vs one `quotient-sgd sweep`")
     a = ap.parse_args()
     print(f"devices: {jax.devices()}")
     for name, make in (("quickstart", quickstart), ("mlp784", mlp784)):
@@ -104,6 +145,14 @@ def main():
             grouping = ", then ".join(f"{e['members_per_device']}/device from step {e['from_step']}" for e in res.schedule)
             print(f"{name:>10} ({label:>8}): 16 sequential runs {t_seq[k]:6.1f} s | 16-member sweep {t_sweep[k]:6.1f} s "
                   f"({grouping}; {res.num_devices} device(s)) | ratio {t_seq[k] / t_sweep[k]:5.2f}x", flush=True)
+    if a.cli and a.only in (None, "quickstart"):
+        tmp = tempfile.mkdtemp()
+        try:
+            t_seq, t_sweep = measure_cli(a.steps, tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        print(f"quickstart (     cli): 16 `quotient-sgd run` {t_seq:6.1f} s | one `quotient-sgd sweep` {t_sweep:6.1f} s | "
+              f"ratio {t_seq / t_sweep:5.2f}x", flush=True)
 
 
 if __name__ == "__main__":

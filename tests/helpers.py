@@ -1,6 +1,9 @@
-"""Tree tolerance helpers for tests."""
+"""Tree tolerance helpers and run-directory readers for tests."""
 
 from __future__ import annotations
+
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -42,3 +45,15 @@ def max_rel_change(y, y0) -> float:
     """max |y - y0| / max |y0| over arrays."""
     y, y0 = np.asarray(y), np.asarray(y0)
     return float(np.max(np.abs(y - y0)) / max(np.max(np.abs(y0)), 1e-30))
+
+
+def load_trajectory(run_dir: str) -> dict:
+    """``trajectory.npz`` of a run directory as a dict of numpy arrays."""
+    with np.load(os.path.join(run_dir, "trajectory.npz")) as z:
+        return {k: z[k] for k in z.files}
+
+
+def load_metric_rows(run_dir: str) -> list[dict]:
+    """The rows of ``metrics.jsonl`` of a run directory, as written."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]

@@ -13,6 +13,7 @@ import sys
 import jax
 import numpy as np
 
+from helpers import load_metric_rows, load_trajectory
 from quotient_sgd.config import load_config, validate
 from quotient_sgd.runner import sweep
 
@@ -102,16 +103,6 @@ def _results(procs):
     return results
 
 
-def _traj(d):
-    with np.load(os.path.join(d, "trajectory.npz")) as z:
-        return {k: z[k] for k in z.files}
-
-
-def _rows(d):
-    with open(os.path.join(d, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def _checkpoint_steps(workdir):
     d = os.path.join(workdir, "checkpoints")
     return sorted(int(n) for n in os.listdir(d) if n.isdigit())
@@ -140,7 +131,7 @@ def test_two_process_sweep_regroups_and_resumes_bitwise(tmp_path, monkeypatch):
         fixed = sweep(_settings(), str(tmp_path / "fixed"), members_per_device=FORCED_MPD, plots=False)
         assert fixed.schedule == [{"from_step": 0, "members_per_device": FORCED_MPD}]
         for a, b in zip(ref.member_dirs, fixed.member_dirs):
-            ta, tb = _traj(a), _traj(b)
+            ta, tb = load_trajectory(a), load_trajectory(b)
             for k in ta:
                 np.testing.assert_allclose(ta[k], tb[k], rtol=1e-5, atol=1e-6, err_msg=f"{a}: {k}")
     except BaseException:
@@ -180,12 +171,12 @@ def test_two_process_sweep_regroups_and_resumes_bitwise(tmp_path, monkeypatch):
 
     for i in range(NUM_MEMBERS):
         a, b = os.path.join(wd, "members", f"{i:03d}"), os.path.join(tmp_path, "single", "members", f"{i:03d}")
-        ta, tb = _traj(a), _traj(b)
+        ta, tb = load_trajectory(a), load_trajectory(b)
         assert sorted(ta) == sorted(tb), f"member {i}"
         assert len(ta["loss"]) == 40, f"member {i}"
         for k in ta:
             np.testing.assert_array_equal(ta[k], tb[k], err_msg=f"member {i}: {k}")
-        ra, rb = _rows(a), _rows(b)
+        ra, rb = load_metric_rows(a), load_metric_rows(b)
         steps = [r["step"] for r in ra]
         assert steps == sorted(set(steps)), f"member {i}: duplicated or unordered metric rows"
         assert ra == rb, f"member {i}: lost or changed metric rows"

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import load_metric_rows, load_trajectory
 from quotient_sgd.config import load_config, validate
 from quotient_sgd.runner import RunDirError, sweep
 
@@ -31,23 +32,14 @@ def _settings(**over):
     return validate(c)
 
 
-def _traj(d):
-    with np.load(os.path.join(d, "trajectory.npz")) as z:
-        return {k: z[k] for k in z.files}
-
-
-def _rows(d):
-    with open(os.path.join(d, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def _assert_bitwise(dir_a, dir_b, n):
     for i in range(n):
-        a, b = _traj(os.path.join(dir_a, "members", f"{i:03d}")), _traj(os.path.join(dir_b, "members", f"{i:03d}"))
+        da, db = (os.path.join(d, "members", f"{i:03d}") for d in (dir_a, dir_b))
+        a, b = load_trajectory(da), load_trajectory(db)
         assert sorted(a) == sorted(b)
         for k in a:
             np.testing.assert_array_equal(a[k], b[k], err_msg=f"member {i}: {k}")
-        ra, rb = _rows(os.path.join(dir_a, "members", f"{i:03d}")), _rows(os.path.join(dir_b, "members", f"{i:03d}"))
+        ra, rb = load_metric_rows(da), load_metric_rows(db)
         steps = [r["step"] for r in ra]
         assert steps == sorted(set(steps)), f"member {i}: duplicated or unordered metric rows"
         assert ra == rb, f"member {i}: lost or changed metric rows"
@@ -81,7 +73,7 @@ def test_sweep_resumes_from_its_checkpoint(tmp_path, members_per_device):
     _assert_bitwise(wd, ref, 4)
     table = open(os.path.join(wd, "summary.md")).read()
     assert f"diverged at step {done.diverged[1]['step']}" in table and "| 003 |" in table
-    assert len(_traj(os.path.join(wd, "members", "000"))["loss"]) == 40
+    assert len(load_trajectory(os.path.join(wd, "members", "000"))["loss"]) == 40
 
     # the directory now holds this sweep: another config is refused, naming the differing key
     with pytest.raises(RunDirError, match="sweep.lr"):
@@ -165,7 +157,7 @@ def test_switch_to_batched_members_after_the_first_chunk(tmp_path, monkeypatch):
     _assert_bitwise(ad, ad2, 4)
     sweep(s, fixed, members_per_device=4, devices=dev)
     for i in range(4):
-        a, b = _traj(os.path.join(ad, "members", f"{i:03d}")), _traj(os.path.join(fixed, "members", f"{i:03d}"))
+        a, b = (load_trajectory(os.path.join(d, "members", f"{i:03d}")) for d in (ad, fixed))
         for k in a:
             np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=f"member {i}: {k}")
 

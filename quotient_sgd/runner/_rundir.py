@@ -186,8 +186,11 @@ class TrajectoryParts:
 
 # ---- checkpoints (orbax) ---------------------------------------------------------------------------------------
 class Checkpoints:
-    """Orbax checkpoints of a training state by step, saved synchronously (a step is on disk, finalised, when
-    :meth:`save` returns).  Leaves are stored under their flat index; restoring needs a template tree of the same
+    """Orbax checkpoints of a training state by step, saved asynchronously: :meth:`save` returns once orbax holds
+    the arrays and writes them while the next chunk runs (it waits for the previous save first; :meth:`close`
+    waits for the last).  A step counts only once orbax has finalised it, and everything a run writes for the
+    steps before a checkpoint (metrics rows, trajectory parts) is written before that checkpoint's save starts,
+    so a kill at any moment resumes from a finalised step with nothing of its past missing.  Leaves are stored under their flat index; restoring needs a template tree of the same
     structure (a fresh init), so any optimiser-state structure round-trips exactly.  Arrays that span several
     processes (a multi-host sweep) are saved and restored as global ``jax.Array`` s by every process together
     (orbax writes each process's shards); the others go through host memory."""

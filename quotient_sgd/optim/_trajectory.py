@@ -371,8 +371,8 @@ def quotient_trajectory(
             point, proj, k = args
             frozen = obs.frozen_horizontal(group, point)
 
-            def project(v):
-                return jax.tree.map(lambda a, b: jnp.where(proj, a, b), frozen(v), v)
+            def project(v):  # a real branch: the raw point skips the projection's solves
+                return jax.lax.cond(proj, frozen, lambda u: u, v)
 
             return obs.hessian_extremes(loss_fn, point, project, key=k, **kw)
 

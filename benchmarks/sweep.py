@@ -151,8 +151,8 @@ def main():
             t_seq, t_sweep = measure_cli(a.steps, tmp)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        print(f"quickstart (     cli): 16 `quotient-sgd run` {t_seq:6.1f} s | one `quotient-sgd sweep` {t_sweep:6.1f} s | "
-              f"ratio {t_seq / t_sweep:5.2f}x", flush=True)
+        print(f"quickstart (     cli): 16 `quotient-sgd run` {t_seq:6.1f} s | one `quotient-sgd sweep` "
+              f"{t_sweep:6.1f} s | ratio {t_seq / t_sweep:5.2f}x", flush=True)
 
 
 if __name__ == "__main__":

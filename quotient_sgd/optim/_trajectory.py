@@ -106,7 +106,8 @@ def quotient_trajectory(
     eta lambda_max_horizontal`` and ``hessian_step``; values persist between evaluations.  ``lanczos_steps``
     Lanczos iterations each, by ``lanczos_method`` (:func:`quotient_sgd.observables.lanczos_extremes`; the
     default ``"loop"`` compiles the Hessian-vector product once; the evaluations at several points are one
-    ``lax.map``, so the product and the projection are compiled once for all of them).  With ``noise_every=K``: ``noise_sigma2``, ``temperature``, ``viscosity``.
+    ``lax.map``, so the product and the projection are compiled once for all of them).  With ``noise_every=K``:
+    ``noise_sigma2``, ``temperature``, ``viscosity``.
 
     Cost: ``grad_norm_canonical``, ``effective_lr`` (its ``"global"`` entry), ``invariant_norms`` and the update
     split call ``group.canonical_element`` / ``group.invariants`` / ``group.vertical``; for groups whose

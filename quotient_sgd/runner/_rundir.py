@@ -190,8 +190,9 @@ class Checkpoints:
     the arrays and writes them while the next chunk runs (it waits for the previous save first; :meth:`close`
     waits for the last).  A step counts only once orbax has finalised it, and everything a run writes for the
     steps before a checkpoint (metrics rows, trajectory parts) is written before that checkpoint's save starts,
-    so a kill at any moment resumes from a finalised step with nothing of its past missing.  Leaves are stored under their flat index; restoring needs a template tree of the same
-    structure (a fresh init), so any optimiser-state structure round-trips exactly.  Arrays that span several
+    so a kill at any moment resumes from a finalised step with nothing of its past missing.  Leaves are stored
+    under their flat index; restoring needs a template tree of the same structure (a fresh init), so any
+    optimiser-state structure round-trips exactly.  Arrays that span several
     processes (a multi-host sweep) are saved and restored as global ``jax.Array`` s by every process together
     (orbax writes each process's shards); the others go through host memory."""
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import time
 
 import jax
 import jax.numpy as jnp
@@ -57,3 +60,38 @@ def load_metric_rows(run_dir: str) -> list[dict]:
     """The rows of ``metrics.jsonl`` of a run directory, as written."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def checkpoint_steps(run_dir: str) -> list[int]:
+    """The steps saved under ``run_dir/checkpoints`` (finalised orbax steps), ascending."""
+    d = os.path.join(run_dir, "checkpoints")
+    return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def kill_after_checkpoint(cmd: list[str], env: dict, run_dir: str, step: int, timeout: float) -> int:
+    """Start ``cmd``, SIGKILL it as soon as a checkpoint of at least ``step`` exists in ``run_dir``; returns the
+    process's exit code (``-SIGKILL`` when it was killed, anything else when it finished or timed out first)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        steps = checkpoint_steps(run_dir)
+        if steps and steps[-1] >= step:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    return proc.wait()
+
+
+def assert_sweeps_bitwise(sweep_a: str, sweep_b: str, num_members: int) -> None:
+    """Every member's ``trajectory.npz`` of two sweep directories is bitwise equal, and its ``metrics.jsonl``
+    rows are equal, ordered and never duplicated."""
+    for i in range(num_members):
+        da, db = (os.path.join(d, "members", f"{i:03d}") for d in (sweep_a, sweep_b))
+        a, b = load_trajectory(da), load_trajectory(db)
+        assert sorted(a) == sorted(b), f"member {i}"
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"member {i}: {k}")
+        ra, rb = load_metric_rows(da), load_metric_rows(db)
+        steps = [r["step"] for r in ra]
+        assert steps == sorted(set(steps)), f"member {i}: duplicated or unordered metric rows"
+        assert ra == rb, f"member {i}: lost or changed metric rows"

@@ -13,7 +13,7 @@ import sys
 import jax
 import numpy as np
 
-from helpers import load_metric_rows, load_trajectory
+from helpers import assert_sweeps_bitwise, checkpoint_steps, load_trajectory
 from quotient_sgd.config import load_config, validate
 from quotient_sgd.runner import sweep
 
@@ -103,11 +103,6 @@ def _results(procs):
     return results
 
 
-def _checkpoint_steps(workdir):
-    d = os.path.join(workdir, "checkpoints")
-    return sorted(int(n) for n in os.listdir(d) if n.isdigit())
-
-
 def test_two_process_sweep_regroups_and_resumes_bitwise(tmp_path, monkeypatch):
     from quotient_sgd.runner import _sweep
 
@@ -145,7 +140,7 @@ def test_two_process_sweep_regroups_and_resumes_bitwise(tmp_path, monkeypatch):
         assert r["choose_calls"] == [3] and r["schedule"] == schedule
     meta = json.load(open(os.path.join(wd, "sweep.json")))
     assert (meta["num_processes"], meta["num_devices"], meta["schedule"], meta["decided"]) == (2, 8, schedule, True)
-    assert _checkpoint_steps(wd) == [10]
+    assert checkpoint_steps(wd) == [10]
     assert not os.path.exists(os.path.join(wd, "summary.md"))
 
     # what a kill during the next chunk leaves behind in a member written by each process (members 0-3 live on
@@ -161,7 +156,7 @@ def test_two_process_sweep_regroups_and_resumes_bitwise(tmp_path, monkeypatch):
     for r in _results(_start_two_processes(str(worker), wd, 2, str(tmp_path))):
         assert (r["resumed_from"], r["steps_done"], r["members_per_device"]) == (10, 30, FORCED_MPD)
         assert r["choose_calls"] == [] and r["schedule"] == schedule  # decided once, in the first run
-    assert _checkpoint_steps(wd)[-1] == 30
+    assert checkpoint_steps(wd)[-1] == 30
 
     # 3. the same command again resumes from step 30, in the batched layout, and finishes
     for r in _results(_start_two_processes(str(worker), wd, None, str(tmp_path))):
@@ -170,13 +165,5 @@ def test_two_process_sweep_regroups_and_resumes_bitwise(tmp_path, monkeypatch):
     assert os.path.exists(os.path.join(wd, "summary.md"))
 
     for i in range(NUM_MEMBERS):
-        a, b = os.path.join(wd, "members", f"{i:03d}"), os.path.join(tmp_path, "single", "members", f"{i:03d}")
-        ta, tb = load_trajectory(a), load_trajectory(b)
-        assert sorted(ta) == sorted(tb), f"member {i}"
-        assert len(ta["loss"]) == 40, f"member {i}"
-        for k in ta:
-            np.testing.assert_array_equal(ta[k], tb[k], err_msg=f"member {i}: {k}")
-        ra, rb = load_metric_rows(a), load_metric_rows(b)
-        steps = [r["step"] for r in ra]
-        assert steps == sorted(set(steps)), f"member {i}: duplicated or unordered metric rows"
-        assert ra == rb, f"member {i}: lost or changed metric rows"
+        assert len(load_trajectory(os.path.join(wd, "members", f"{i:03d}"))["loss"]) == 40, f"member {i}"
+    assert_sweeps_bitwise(wd, os.path.join(tmp_path, "single"), NUM_MEMBERS)

@@ -6,11 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
+from helpers import checkpoint_steps, kill_after_checkpoint, load_trajectory
 from quotient_sgd.config import load_config, validate
 from quotient_sgd.runner import RunDirError, run
 
@@ -29,19 +29,9 @@ def _ok(proc):
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
-def _checkpoint_steps(workdir):
-    d = os.path.join(workdir, "checkpoints")
-    return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
-
-
 def _rows(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
-
-
-def _traj(workdir):
-    with np.load(os.path.join(workdir, "trajectory.npz")) as z:
-        return {k: z[k] for k in z.files}
 
 
 @pytest.mark.slow
@@ -50,18 +40,10 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
     checkpoint mid-run, bitwise trajectory, every metric row once) is test_in_process_resume_and_config_guard."""
     killed, ref = str(tmp_path / "killed"), str(tmp_path / "ref")
     cmd, env = _cmd(killed)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        steps = _checkpoint_steps(killed)
-        if steps and steps[-1] >= 30:
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    code = kill_after_checkpoint(cmd, env, killed, 30, timeout=180)
+    assert code == -signal.SIGKILL, "the run finished before it could be killed"
     assert not os.path.exists(os.path.join(killed, "summary.md"))
-    last_ckpt = _checkpoint_steps(killed)[-1]
+    last_ckpt = checkpoint_steps(killed)[-1]
     assert 30 <= last_ckpt < 400
 
     # restart with the same command; an uninterrupted run for reference
@@ -69,7 +51,7 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
     cmd_ref, _ = _cmd(ref)
     _ok(subprocess.run(cmd_ref, env=env, capture_output=True, text=True))
 
-    a, b = _traj(killed), _traj(ref)
+    a, b = load_trajectory(killed), load_trajectory(ref)
     assert sorted(a) == sorted(b)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)  # bitwise
@@ -124,7 +106,7 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     s = validate(c)
     wd = str(tmp_path / "r")
     run(s, wd, max_chunks=3)
-    assert _checkpoint_steps(wd) == [20, 30]
+    assert checkpoint_steps(wd) == [20, 30]
     shutil.rmtree(os.path.join(wd, "checkpoints", "30", "default"))
     with pytest.warns(RuntimeWarning, match="checkpoint 30"):
         resumed = run(s, wd)

@@ -9,13 +9,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 
-from helpers import load_metric_rows, load_trajectory
+from helpers import assert_sweeps_bitwise, checkpoint_steps, kill_after_checkpoint, load_trajectory
 from quotient_sgd.config import load_config, validate
 from quotient_sgd.runner import RunDirError, sweep
 
@@ -30,19 +29,6 @@ def _settings(**over):
     for k, v in over.items():
         c.update_from_flattened_dict({k: v})
     return validate(c)
-
-
-def _assert_bitwise(dir_a, dir_b, n):
-    for i in range(n):
-        da, db = (os.path.join(d, "members", f"{i:03d}") for d in (dir_a, dir_b))
-        a, b = load_trajectory(da), load_trajectory(db)
-        assert sorted(a) == sorted(b)
-        for k in a:
-            np.testing.assert_array_equal(a[k], b[k], err_msg=f"member {i}: {k}")
-        ra, rb = load_metric_rows(da), load_metric_rows(db)
-        steps = [r["step"] for r in ra]
-        assert steps == sorted(set(steps)), f"member {i}: duplicated or unordered metric rows"
-        assert ra == rb, f"member {i}: lost or changed metric rows"
 
 
 @pytest.mark.parametrize("members_per_device", [4, 1])
@@ -70,7 +56,7 @@ def test_sweep_resumes_from_its_checkpoint(tmp_path, members_per_device):
     assert sorted(done.diverged) == [1, 3]
     full = sweep(s, ref, members_per_device=members_per_device, devices=dev)
     assert full.diverged == done.diverged
-    _assert_bitwise(wd, ref, 4)
+    assert_sweeps_bitwise(wd, ref, 4)
     table = open(os.path.join(wd, "summary.md")).read()
     assert f"diverged at step {done.diverged[1]['step']}" in table and "| 003 |" in table
     assert len(load_trajectory(os.path.join(wd, "members", "000"))["loss"]) == 40
@@ -100,35 +86,22 @@ def _ok(proc):
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
-def _checkpoint_steps(workdir):
-    d = os.path.join(workdir, "checkpoints")
-    return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
-
-
 @pytest.mark.slow
 def test_sweep_resume_after_sigkill_is_bitwise_identical(tmp_path):
     """A real subprocess killed mid-sweep, restarted with the same command, against an uninterrupted sweep; the
     fast version of the same property is test_sweep_resumes_from_its_checkpoint."""
     killed, ref = str(tmp_path / "killed"), str(tmp_path / "ref")
     cmd, env = _sweep_cmd(killed)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        steps = _checkpoint_steps(killed)
-        if steps and steps[-1] >= 30:
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the sweep finished before it could be killed"
+    code = kill_after_checkpoint(cmd, env, killed, 30, timeout=240)
+    assert code == -signal.SIGKILL, "the sweep finished before it could be killed"
     assert not os.path.exists(os.path.join(killed, "summary.md"))
-    last = _checkpoint_steps(killed)[-1]
+    last = checkpoint_steps(killed)[-1]
     assert 30 <= last < 300
 
     _ok(subprocess.run(cmd, env=env, capture_output=True, text=True))
     cmd_ref, _ = _sweep_cmd(ref)
     _ok(subprocess.run(cmd_ref, env=env, capture_output=True, text=True))
-    _assert_bitwise(killed, ref, 8)
+    assert_sweeps_bitwise(killed, ref, 8)
     assert json.load(open(os.path.join(killed, "sweep.json")))["members_per_device"] == 8
 
 
@@ -154,7 +127,7 @@ def test_switch_to_batched_members_after_the_first_chunk(tmp_path, monkeypatch):
     done = sweep(s, ad, devices=dev)
     assert (done.resumed_from, done.members_per_device, len(calls)) == (30, 4, 1)  # no second decision
     sweep(s, ad2, devices=dev)
-    _assert_bitwise(ad, ad2, 4)
+    assert_sweeps_bitwise(ad, ad2, 4)
     sweep(s, fixed, members_per_device=4, devices=dev)
     for i in range(4):
         a, b = (load_trajectory(os.path.join(d, "members", f"{i:03d}")) for d in (ad, fixed))

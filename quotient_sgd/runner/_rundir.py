@@ -138,6 +138,11 @@ def read_metrics(path: str) -> list[dict]:
 
 
 # ---- trajectory parts ------------------------------------------------------------------------------------------
+def _concatenate(chunks: list[dict]) -> dict[str, np.ndarray]:
+    """Chunks of a trajectory (dicts of arrays over steps) joined along the step axis."""
+    return {k: np.concatenate([c[k] for c in chunks], axis=0) for k in chunks[0]} if chunks else {}
+
+
 class TrajectoryParts:
     """Per-chunk ``npz`` files; :meth:`assemble` concatenates them into ``trajectory.npz``."""
 
@@ -166,18 +171,12 @@ class TrajectoryParts:
         for a in self._starts():
             with np.load(os.path.join(self.dir, f"part_{a:09d}.npz")) as z:
                 chunks.append({k: z[k] for k in z.files})
-        if not chunks:
-            return {}
-        keys = chunks[0].keys()
-        return {k: np.concatenate([c[k] for c in chunks], axis=0) for k in keys}
+        return _concatenate(chunks)
 
     def assemble(self, path: str, chunks: list[dict] | None = None) -> dict[str, np.ndarray]:
         """Write ``trajectory.npz`` from the parts on disk, or from ``chunks`` (the same parts, still in memory:
         the caller guarantees they are all of them, in order)."""
-        if chunks:
-            traj = {k: np.concatenate([c[k] for c in chunks], axis=0) for k in chunks[0]}
-        else:
-            traj = self.load()
+        traj = _concatenate(chunks) if chunks else self.load()
         tmp = path + ".tmp.npz"
         np.savez(tmp, **traj)
         os.replace(tmp, path)
@@ -192,9 +191,9 @@ class Checkpoints:
     steps before a checkpoint (metrics rows, trajectory parts) is written before that checkpoint's save starts,
     so a kill at any moment resumes from a finalised step with nothing of its past missing.  Leaves are stored
     under their flat index; restoring needs a template tree of the same structure (a fresh init), so any
-    optimiser-state structure round-trips exactly.  Arrays that span several
-    processes (a multi-host sweep) are saved and restored as global ``jax.Array`` s by every process together
-    (orbax writes each process's shards); the others go through host memory."""
+    optimiser-state structure round-trips exactly.  Arrays that span several processes (a multi-host sweep) are
+    saved and restored as global ``jax.Array`` s by every process together (orbax writes each process's shards);
+    the others go through host memory."""
 
     def __init__(self, workdir: str, keep: int):
         import orbax.checkpoint as ocp

@@ -99,3 +99,58 @@ def test_gradient_noise_temperature(x64):
     sigma2 = float(jnp.sum(jnp.var(g, axis=0, ddof=1)) / n_h)  # per-example grads are already horizontal
     np.testing.assert_allclose(n.sigma2, sigma2, rtol=1e-8)
     np.testing.assert_allclose(n.temperature, 0.1 * sigma2 / 32, rtol=1e-8)
+
+
+@pytest.mark.parametrize("method", ["loop", "unrolled"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_lanczos_past_breakdown(x64, method, dtype):
+    """More Lanczos steps than the Krylov space has dimensions (a rank-3 operator; an eigenvector as start): the
+    extremes are those of the operator, with unit Ritz vectors, not zeros or values from rounding noise."""
+    n = 30
+    u = jnp.linalg.qr(jax.random.normal(jax.random.key(0), (n, n), jnp.float64))[0]
+    d = jnp.zeros(n, jnp.float64).at[:3].set(jnp.array([2.0, -1.0, 0.5]))
+    a = ((u * d[None, :]) @ u.T).astype(dtype)
+    tol = 1e-4 if dtype == jnp.float32 else 1e-10
+    run = jax.jit(lambda v: qobs.lanczos_extremes(lambda w: a @ w, v, num_matvecs=20, k=2, method=method))
+    ex = run(jax.random.normal(jax.random.key(1), (n,), dtype))
+    # the Krylov space of a generic start: the three eigenvectors and one null direction
+    np.testing.assert_allclose(ex.top, [2.0, 0.5], atol=tol)
+    np.testing.assert_allclose(ex.bottom, [-1.0, 0.0], atol=tol)
+    for vecs, vals in ((ex.top_vectors, ex.top), (ex.bottom_vectors, ex.bottom)):
+        np.testing.assert_allclose(jnp.linalg.norm(vecs, axis=1), 1.0, atol=tol)
+        np.testing.assert_allclose(vecs @ a.T, vals[:, None] * vecs, atol=tol)
+    ex = run(u[:, 0].astype(dtype))  # breakdown after the first step
+    np.testing.assert_allclose([ex.top[0], ex.bottom[0]], [2.0, 2.0], atol=tol)
+    np.testing.assert_allclose(jnp.abs(ex.top_vectors[0] @ u[:, 0].astype(dtype)), 1.0, atol=tol)
+
+
+def test_trajectory_hessian_past_horizontal_dimension(x64):
+    """``hessian_every`` with more Lanczos steps (20) than the horizontal space of a 2-3-2 MLP has dimensions
+    (17 parameters, 3 rescale generators: 14): P H P and raw extremes equal the dense ones."""
+    from quotient_sgd.optim import observables_of, quotient_trajectory
+
+    group = Product([Rescale(incoming=((("l0", "kernel"), 1), (("l0", "bias"), 0)), outgoing=((("l1", "kernel"), 0),),
+                             name="r0")])
+    params = _init(jax.random.key(4), sizes=(2, 3, 2))
+    x = jax.random.normal(jax.random.key(1), (64, 2), jnp.float64)
+
+    def f(p):
+        h = jax.nn.relu(x @ p["l0"]["kernel"] + p["l0"]["bias"][None, :])
+        return h @ p["l1"]["kernel"] + p["l1"]["bias"][None, :]
+
+    y = f(params) + 0.01 * jax.random.normal(jax.random.key(2), (64, 2), jnp.float64)
+    loss = lambda p: 0.5 * jnp.mean(jnp.sum((f(p) - y) ** 2, -1))  # noqa: E731
+    tx = quotient_trajectory(optax.sgd(0.1), group, hessian_every=1, lanczos_steps=20,
+                             hessian_at=("horizontal", "raw"), observables=("loss",))
+    _, st = jax.jit(lambda p: tx.update(jax.grad(loss)(p), tx.init(p), p, value=loss(p), loss_fn=loss))(params)
+    o = observables_of(st)
+    tang = jax.vmap(lambda t: ravel_pytree(t)[0])(group.tangents(params))
+    _, s, vt = jnp.linalg.svd(tang)
+    hor = vt[int(jnp.sum(s > 1e-10 * s[0])):].T
+    assert hor.shape[1] == 14
+    h = qobs.dense_hessian(loss, params)
+    ev_h, ev_r = jnp.linalg.eigvalsh(hor.T @ h @ hor), jnp.linalg.eigvalsh(h)
+    scale = float(ev_r[-1])
+    np.testing.assert_allclose([o["sharpness_horizontal"], o["lambda_min_horizontal"]], [ev_h[-1], ev_h[0]],
+                               atol=1e-6 * scale)
+    np.testing.assert_allclose([o["sharpness_raw"], o["lambda_min_raw"]], [ev_r[-1], ev_r[0]], atol=1e-6 * scale)

@@ -30,18 +30,35 @@ class Extremes(NamedTuple):
     bottom_vectors: Any
 
 
-def _lanczos_step(matvec: Callable, j, qmat, q):
+#: A Lanczos step breaks down when the reorthogonalised residual is below this fraction of ``|A q|``: the Krylov
+#: space is then invariant to working precision (exhausted, or ``v0`` lies in an invariant subspace), and what is
+#: left of the residual is rounding noise, not a new direction.
+_BREAKDOWN = {"float32": 2e-5, "float64": 1e-10}
+
+
+def _breakdown_tol(dtype) -> float:
+    return _BREAKDOWN.get(jnp.dtype(dtype).name, 2e-5)
+
+
+def _lanczos_step(matvec: Callable, j, qmat, q, done, fill):
     """One Lanczos step with full (twice-applied) reorthogonalisation against the rows of ``qmat`` (rows past
-    ``j`` are zero): ``(qmat, alpha_j, beta_j, q_{j+1})``."""
+    ``j`` are zero): ``(qmat, alpha_j, beta_j, q_{j+1}, done_{j+1})``.
+
+    After a breakdown (``done``) the step is inert: ``q`` is zero, ``beta = 0`` and ``alpha = fill``.  With ``fill``
+    the first diagonal entry ``alpha_0`` (a Rayleigh quotient of the leading block, so inside its spectrum), the
+    padded tridiagonal matrix has the leading block's eigenvalues plus copies of ``fill``, which are never more
+    extreme: the extremes are those of the Krylov space actually built."""
     qmat = qmat.at[j].set(q)
     w = matvec(q)
-    alpha = jnp.dot(q, w)
+    alpha = jnp.where(done, fill, jnp.dot(q, w))
+    scale = jnp.linalg.norm(w)
     w = w - qmat.T @ (qmat @ w)
     w = w - qmat.T @ (qmat @ w)
     beta = jnp.linalg.norm(w)
-    # breakdown (an invariant subspace was found): continue with zeros, which add zero Ritz values
-    q = jnp.where(beta > 0, w / jnp.where(beta > 0, beta, jnp.ones_like(beta)), jnp.zeros_like(w))
-    return qmat, alpha, beta, q
+    stop = done | (beta <= _breakdown_tol(w.dtype) * scale)
+    beta = jnp.where(stop, jnp.zeros_like(beta), beta)
+    q = jnp.where(stop, jnp.zeros_like(w), w / jnp.where(stop, jnp.ones_like(beta), beta))
+    return qmat, alpha, beta, q, stop
 
 
 def _tridiagonal(alphas, betas):
@@ -52,19 +69,21 @@ def _tridiagonal(alphas, betas):
 
 
 def _lanczos_loop(matvec: Callable, v0: jax.Array, num_matvecs: int):
-    """Lanczos with full (twice-applied) reorthogonalisation in a ``fori_loop``: ``(T, Q)`` with ``T`` the
-    ``K x K`` tridiagonal matrix and ``Q`` the ``K x n`` Krylov basis (rows).  The operator is traced once."""
+    """Lanczos with full (twice-applied) reorthogonalisation in a ``fori_loop``: ``(T, Q, active)`` with ``T`` the
+    ``K x K`` tridiagonal matrix, ``Q`` the ``K x n`` Krylov basis (rows; zero after a breakdown) and ``active``
+    the ``(K,)`` mask of the rows built before the breakdown.  The operator is traced once."""
     n, dt = v0.shape[0], v0.dtype
 
     def body(j, carry):
-        qmat, q, alphas, betas = carry
-        qmat, alpha, beta, q = _lanczos_step(matvec, j, qmat, q)
-        return qmat, q, alphas.at[j].set(alpha), betas.at[j].set(beta)
+        qmat, q, alphas, betas, done, active = carry
+        active = active.at[j].set(~done)
+        qmat, alpha, beta, q, done = _lanczos_step(matvec, j, qmat, q, done, alphas[0])
+        return qmat, q, alphas.at[j].set(alpha), betas.at[j].set(beta), done, active
 
     init = (jnp.zeros((num_matvecs, n), dt), v0 / jnp.linalg.norm(v0), jnp.zeros(num_matvecs, dt),
-            jnp.zeros(num_matvecs, dt))
-    qmat, _, alphas, betas = jax.lax.fori_loop(0, num_matvecs, body, init)
-    return _tridiagonal(alphas, betas[:-1]), qmat
+            jnp.zeros(num_matvecs, dt), jnp.zeros((), bool), jnp.zeros(num_matvecs, bool))
+    qmat, _, alphas, betas, _, active = jax.lax.fori_loop(0, num_matvecs, body, init)
+    return _tridiagonal(alphas, betas[:-1]), qmat, active
 
 
 def _lanczos_unrolled(matvec: Callable, v0: jax.Array, num_matvecs: int):
@@ -72,12 +91,15 @@ def _lanczos_unrolled(matvec: Callable, v0: jax.Array, num_matvecs: int):
     n = v0.shape[0]
     qmat = jnp.zeros((num_matvecs, n), v0.dtype)
     q = v0 / jnp.linalg.norm(v0)
-    alphas, betas = [], []
+    done = jnp.zeros((), bool)
+    alphas, betas, active = [], [], []
     for j in range(num_matvecs):
-        qmat, alpha, beta, q = _lanczos_step(matvec, j, qmat, q)
+        active.append(~done)
+        qmat, alpha, beta, q, done = _lanczos_step(matvec, j, qmat, q, done, alphas[0] if alphas else 0.0)
         alphas.append(alpha)
         betas.append(beta)
-    return _tridiagonal(jnp.stack(alphas), jnp.stack(betas[:-1]) if num_matvecs > 1 else jnp.zeros(0, v0.dtype)), qmat
+    betas = jnp.stack(betas[:-1]) if num_matvecs > 1 else jnp.zeros(0, v0.dtype)
+    return _tridiagonal(jnp.stack(alphas), betas), qmat, jnp.stack(active)
 
 
 def lanczos_extremes(
@@ -112,9 +134,16 @@ def lanczos_extremes(
 
         flat, unravel = ravel_pytree(v0)
         lanczos = _lanczos_loop if method == "loop" else _lanczos_unrolled
-        t, qmat = lanczos(lambda f: ravel_pytree(matvec(unravel(f)))[0], flat, num_matvecs)
+        t, qmat, active = lanczos(lambda f: ravel_pytree(matvec(unravel(f)))[0], flat, num_matvecs)
         vals, s = jnp.linalg.eigh(t)
-        vecs = jax.vmap(unravel)(s.T @ qmat)
+        # Ritz pairs of the Krylov space built before a breakdown: eigenvectors of T supported on its leading
+        # block (the padding block adds copies of alpha_0, never more extreme, but they tie in degenerate cases)
+        built = jnp.sum(jnp.where(active[:, None], s * s, 0), axis=0) > 0.5
+        order_top = jnp.argsort(jnp.where(built, -vals, jnp.inf))[:k]
+        order_bottom = jnp.argsort(jnp.where(built, vals, jnp.inf))[:k]
+        ritz = s.T @ qmat
+        top, bottom = vals[order_top], vals[order_bottom]
+        return Extremes(top, bottom, jax.vmap(unravel)(ritz[order_top]), jax.vmap(unravel)(ritz[order_bottom]))
     else:
         raise ValueError(f"method must be 'loop', 'unrolled' or 'matfree', got {method!r}")
     top = vals[::-1][:k]

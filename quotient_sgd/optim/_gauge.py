@@ -50,6 +50,14 @@ def gauge_fix(tx: optax.GradientTransformation, group, every: int = 1) -> optax.
     the first step, since both start from ``c(theta) = c(g . theta)`` with the same transported gradient.  Put
     it inside :func:`quotient_trajectory`, which then observes the fixed dynamics.
 
+    The optimiser's state follows the units: the unit permutations of the canonical element (the discrete part,
+    isometries) are applied to every parameter-shaped leaf of ``tx``'s state (momentum, Adam's moments), so a unit
+    keeps its own velocity when the canonical sort reorders units between steps.  Hence SGD / momentum / Adam +
+    ``gauge_fix`` compute the same function at every step whether or not the group includes the permutations
+    (tested).  The continuous part of the element is not transported: it moves the parameters by ``O(step)``
+    between consecutive canonical points, and the state of an arbitrary optimiser has no known transformation
+    law under it (a momentum transforms like a gradient, Adam's second moment does not).
+
     Args:
         tx: the optimiser (its state, e.g. momentum, lives at the canonical points).
         group: the symmetry group; its action must be linear or affine in the parameters.
@@ -70,7 +78,7 @@ def gauge_fix(tx: optax.GradientTransformation, group, every: int = 1) -> optax.
             k = group.canonical_element(params)
             pc = group.act(k, params)
             gc = canonical_gradient(group, params, updates, element=k)
-            u, s = inner.update(gc, state.inner_state, pc, **extra_args)
+            u, s = inner.update(gc, _permute_state(group, k, state.inner_state, params), pc, **extra_args)
             return jax.tree.map(lambda a, b, c: (a + b) - c, pc, u, params), s
 
         def plain(_):
@@ -83,3 +91,27 @@ def gauge_fix(tx: optax.GradientTransformation, group, every: int = 1) -> optax.
         return u, GaugeFixState(s, state.count + 1)
 
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _unit_permutations(group, k):
+    """The discrete part of the element ``k`` (the unit permutations, in order); ``None`` when it has none."""
+    from ..symmetry import Word
+
+    if isinstance(k, Word):
+        keep = [(i, e) for i, e in zip(k.indices, k.elements) if not group.components[i].continuous]
+        return Word(tuple(i for i, _ in keep), tuple(e for _, e in keep)) if keep else None
+    return None if group.continuous else k
+
+
+def _permute_state(group, k, state, params):
+    """``state`` with the unit permutations of ``k`` applied to every subtree shaped like ``params``."""
+    perm = _unit_permutations(group, k)
+    if perm is None:
+        return state
+    struct = jax.tree.structure(params)
+    shapes = [jnp.shape(x) for x in jax.tree.leaves(params)]
+
+    def like(x):
+        return jax.tree.structure(x) == struct and [jnp.shape(y) for y in jax.tree.leaves(x)] == shapes
+
+    return jax.tree.map(lambda x: group.act(perm, x) if like(x) else x, state, is_leaf=like)

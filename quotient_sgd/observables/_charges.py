@@ -66,6 +66,7 @@ def predict_charge_drift(
     weight_decay=0.0,
     coupled_weight_decay=0.0,
     charges_now=None,
+    velocity=None,
 ):
     """The predicted drift ``Q_{k+1} - Q_k`` of every charge for SGD (module docstring), and the next cross term.
 
@@ -76,6 +77,9 @@ def predict_charge_drift(
         lr, momentum, weight_decay (decoupled), coupled_weight_decay: the optimiser's hyperparameters (scalars,
             possibly traced); ``nesterov`` static.
         charges_now: ``charges(params)`` when already computed.
+        velocity: Nesterov only: the optimiser's momentum after this step, ``m_{k+1}`` (optax's ``TraceState.trace``).
+            Without it, it is recovered from the update as ``(d - g - coupled_weight_decay theta) / momentum``, which
+            assumes the momentum accumulated ``grads`` themselves (not, e.g., clipped gradients).
 
     Returns:
         ``(predicted drift {component: array}, next cross {component: array})``.
@@ -88,7 +92,9 @@ def predict_charge_drift(
     a = 1 - eta * lam_d
     safe_eta = jnp.where(eta != 0, eta, jnp.ones_like(eta))
     d = jax.tree.map(lambda u, p: -u / safe_eta - lam_d * p, updates, params)
-    if nesterov:
+    if nesterov and velocity is not None:
+        m = velocity
+    elif nesterov:
         safe_beta = jnp.where(beta != 0, beta, jnp.ones_like(beta))
         m = jax.tree.map(
             lambda dd, g, p: jnp.where(beta != 0, (dd - g - lam_c * p) / safe_beta, dd), d, grads, params

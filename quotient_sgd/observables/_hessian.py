@@ -119,7 +119,11 @@ def lanczos_extremes(
             and compile time counts (:func:`quotient_sgd.optim.quotient_trajectory` uses it).  Run times on
             XLA:CPU with 2 threads were measured comparable but bimodal for both (18-26 ms in one mode, 80-140 ms
             in another where both cores spin).  ``"matfree"``: ``matfree.decomp.tridiag_sym(num_matvecs,
-            reortho="full")`` with ``matfree.eig.eigh_partial`` (a loop; 24 ms there).
+            reortho="full")`` with ``matfree.eig.eigh_partial`` (a loop; 24 ms there).  ``"loop"`` and
+            ``"unrolled"`` stop at a breakdown (the Krylov space exhausted: ``num_matvecs`` above the dimension of
+            the space, e.g. a small model's horizontal space) and return the extremes of the space built;
+            ``"matfree"`` does not (it raises for ``num_matvecs`` above the dimension and can return a spurious
+            value at it): keep ``num_matvecs`` below the dimension with it.
 
     Returns:
         :class:`Extremes`.

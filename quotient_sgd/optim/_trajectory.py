@@ -130,6 +130,9 @@ def quotient_trajectory(
         params, state, traj = train(loss_fn, params, tx, data)
         traj["grad_norm_canonical"]          # one value per step
     """
+    if isinstance(observables, str) or isinstance(hessian_at, str):
+        which, value = ("observables", observables) if isinstance(observables, str) else ("hessian_at", hessian_at)
+        raise ValueError(f"{which} must be a sequence of names, e.g. ({value!r},), not the string {value!r}")
     keys = tuple(DEFAULT_OBSERVABLES if observables is None else observables)
     unknown = set(keys) - set(DEFAULT_OBSERVABLES)
     if unknown:
@@ -141,6 +144,15 @@ def quotient_trajectory(
         raise ValueError(f"hessian_at: unknown {sorted(bad_at)}; choose from {_HESSIAN_AT}")
     if every < 1:
         raise ValueError(f"every must be >= 1, got {every}")
+    for name, value in (("hessian_every", hessian_every), ("noise_every", noise_every)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be None (off) or an integer >= 1, got {value!r}")
+    if hessian_every is not None:
+        if not hessian_at:
+            raise ValueError(f"hessian_at must name at least one of {_HESSIAN_AT} when hessian_every is set")
+        if not 1 <= hessian_k <= lanczos_steps:
+            raise ValueError(f"need 1 <= hessian_k <= lanczos_steps, got hessian_k={hessian_k}, "
+                             f"lanczos_steps={lanczos_steps}")
     inner = optax.with_extra_args_support(tx)
     want = set(keys)
     need_curv = bool(want & {"curvature", "shock_number", "fold_number"})
@@ -301,7 +313,7 @@ def quotient_trajectory(
                 group, params, grads, new_updates, carry["cross"],
                 lr=hp["learning_rate"], momentum=hp["momentum"], nesterov=spec.nesterov,
                 weight_decay=hp["weight_decay"], coupled_weight_decay=hp["coupled_weight_decay"],
-                charges_now=q,
+                charges_now=q, velocity=_momentum_trace(inner_state, params) if spec.nesterov else None,
             )
             new_carry["cross"] = cross
             if every == 1:
@@ -404,6 +416,17 @@ def quotient_trajectory(
     # init traces the observables once for their shapes and may run iterative canonicalisations: jitted, so that
     # repeated inits (new runs, resumed chunks) neither retrace nor dispatch op by op
     return optax.GradientTransformationExtraArgs(jax.jit(init), update)
+
+
+def _momentum_trace(inner_state, params):
+    """The momentum ``m_{k+1}`` of the wrapped optimiser (the ``trace`` of its one ``optax.TraceState`` shaped like
+    ``params``), else ``None``.  Nesterov's update mixes the accumulated gradient into the step, so the charge
+    prediction needs the momentum itself when the accumulated gradient is not the raw one (clipping)."""
+    is_trace = lambda x: isinstance(x, optax.TraceState)  # noqa: E731
+    found = [x.trace for x in jax.tree.leaves(inner_state, is_leaf=is_trace) if is_trace(x)]
+    if len(found) == 1 and jax.tree.structure(found[0]) == jax.tree.structure(params):
+        return found[0]
+    return None
 
 
 def _find(opt_state) -> list[QuotientTrajectoryState]:

@@ -8,6 +8,8 @@ import pytest
 from quotient_sgd.cli import main
 from quotient_sgd.config import ConfigError, default_config, load_config, quickstart_path, validate
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def _cfg(**over):
     c = load_config(quickstart_path())
@@ -49,6 +51,74 @@ def test_out_of_range_values(over, needles):
         assert n in str(e.value), (n, str(e.value))
 
 
+def _tiny(**over):
+    c = load_config(os.path.join(ROOT, "configs", "tiny.py"))
+    for k, v in over.items():
+        c.update_from_flattened_dict({k: v})
+    return c
+
+
+@pytest.mark.parametrize("over,needles", [
+    # a deep linear stack whose GL chain is not minimal has no canonical representative (SymmetryError at compute)
+    ({"model.name": "deep_linear", "model.hidden": (4, 4)},
+     ["config.model.hidden = (4, 4)", "not minimal", "min(input, output) = 1", "'grad_norm_canonical'"]),
+    ({"model.name": "deep_linear", "model.hidden": (4,), "observables.names": ("loss", "invariant_norms")},
+     ["config.model.hidden = (4,)", "not minimal", "'invariant_norms'"]),
+    ({"model.name": "deep_linear", "model.hidden": (2, 3), "data.dout": 4, "observables.names": ("loss",),
+      "observables.hessian_every": 5}, ["config.model.hidden = (2, 3)", "observables.hessian_every = 5"]),
+    ({"model.name": "deep_linear", "model.hidden": (4, 4), "observables.names": ("loss",),
+      "symmetry.mode": "gauge_fix"}, ["config.model.hidden", "symmetry.mode = 'gauge_fix'"]),
+    ({"model.name": "deep_linear", "model.hidden": (4, 4), "observables.names": ("loss", "curvature"),
+      "symmetry.mode": "horizontal"}, ["config.model.hidden", "['curvature'] with symmetry.mode='horizontal'"]),
+    # Lanczos: k extremes need k steps (ValueError at compute)
+    ({"observables.hessian_every": 2, "observables.hessian_k": 5, "observables.lanczos_steps": 2},
+     ["config.observables.hessian_k = 5", "<= observables.lanczos_steps = 2"]),
+    # seeds are int32 inputs (OverflowError at compute)
+    ({"seed": 2**31}, ["config.seed = 2147483648", "int32"]),
+    ({"sweep.seed": (0, 2**40)}, ["config.sweep.seed = (0, 1099511627776)", "int32"]),
+    ({"data.seed": -1}, ["config.data.seed = -1", "[0, 2147483647]"]),
+    # empty splits
+    ({"data.name": "digits", "data.test_fraction": 1e-5}, ["config.data.test_fraction = 1e-05", "0 test images",
+                                                           "at least one example"]),
+    ({"data.name": "modular_arithmetic", "data.p": 2, "data.train_fraction": 0.1, "data.batch_size": 1},
+     ["config.data.train_fraction = 0.1", "0 training and 4 test pairs", "at least one example"]),
+    ({"data.name": "modular_arithmetic", "data.p": 3, "data.train_fraction": 0.95, "data.batch_size": 1},
+     ["config.data.train_fraction = 0.95", "9 training and 0 test pairs"]),
+    # re-gauging without a continuous symmetry
+    ({"init_gauge": 1.0, "model.activation": "tanh"}, ["config.init_gauge = 1.0", "have none", "'tanh'"]),
+    ({"init_gauge": 1.0, "symmetry.components": ("permutation",)}, ["config.init_gauge = 1.0", "have none"]),
+    ({"sweep.init_gauge": (0.0, 2.0), "symmetry.components": ("permutation",)},
+     ["config.sweep.init_gauge = (0.0, 2.0)", "have none"]),
+    # non-finite values
+    ({"init_gauge": float("inf")}, ["config.init_gauge = inf", "finite"]),
+    ({"init_gauge": float("nan")}, ["config.init_gauge = nan", "finite"]),
+    ({"optim.weight_decay": float("inf")}, ["config.optim.weight_decay = inf", "finite"]),
+    ({"optim.weight_decay": float("nan")}, ["config.optim.weight_decay = nan", "finite"]),
+    ({"sweep.weight_decay": (0.0, float("inf"))}, ["config.sweep.weight_decay", "finite"]),
+])
+def test_configs_that_would_fail_at_compute_are_refused(over, needles):
+    with pytest.raises(ConfigError) as e:
+        validate(_tiny(**over))
+    for n in needles:
+        assert n in str(e.value), (n, str(e.value))
+
+
+@pytest.mark.parametrize("over", [
+    {"model.name": "deep_linear", "model.hidden": (1, 1)},                     # minimal: canonical section exists
+    {"model.name": "deep_linear", "model.hidden": (4, 4), "data.dout": 4, "observables.hessian_every": 5},
+    {"model.name": "deep_linear", "model.hidden": (4, 4), "observables.names": ("loss", "grad_norm", "charges"),
+     "symmetry.mode": "horizontal"},                                           # nothing needs it
+    {"model.name": "deep_linear", "model.hidden": (4, 2), "data.dout": 4, "symmetry.components": ("gl/layers.1",)},
+    {"observables.hessian_every": 2, "observables.hessian_k": 2, "observables.lanczos_steps": 2},
+    {"seed": 2**31 - 1, "sweep.seed": (-(2**31), 0)},
+    {"init_gauge": 1.0, "model.activation": "tanh", "symmetry.components": ("all",), "data.name": "digits",
+     "model.name": "cnn", "model.norm": "layer"},                              # tanh, but the norm's scale symmetry
+    {"init_gauge": 0.0, "symmetry.components": ("permutation",)},
+])
+def test_neighbouring_configs_still_validate(over):
+    validate(_tiny(**over))
+
+
 def test_wrong_types():
     c = default_config()
     c.optim.lr = 0.1
@@ -86,6 +156,10 @@ def test_unknown_keys():
     (["--config.symmetry.components=('gl',)"], "'gl' is not a symmetry"),
     (["--config.observables.noise_every=3"], "per-example gradients"),
     (["--config=does_not_exist.py"], "does_not_exist.py"),
+    (["--config.model.name=deep_linear", "--config.model.hidden=(16,16)"], "config.model.hidden = (16, 16)"),
+    (["--config.observables.hessian_k=30"], "config.observables.hessian_k = 30"),
+    (["--config.seed=4294967296"], "config.seed = 4294967296"),
+    (["--config.init_gauge=1.0", "--config.symmetry.components=('permutation',)"], "config.init_gauge = 1.0"),
 ])
 def test_cli_bad_config_writes_nothing(tmp_path, monkeypatch, capsys, args, needle):
     monkeypatch.chdir(tmp_path)

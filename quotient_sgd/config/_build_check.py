@@ -22,16 +22,26 @@ def input_spec(s: Settings) -> tuple[tuple[int, ...], int, bool]:
 
 
 @functools.lru_cache(maxsize=64)
-def _names(model_settings, data_settings) -> tuple[str, ...]:
+def _components(model_settings, data_settings) -> tuple[tuple[str, bool], ...]:
     from flax import nnx
 
     from ..runner._build import make_model
 
     s = Settings(model=model_settings, data=data_settings)
     model = nnx.eval_shape(lambda: make_model(s, nnx.Rngs(0)))
-    return tuple(c.name for c in model.symmetries().components)
+    return tuple((c.name, bool(c.continuous)) for c in model.symmetries().components)
 
 
 def component_names(s: Settings) -> list[str]:
     """Names of the symmetry components the configured model declares (built abstractly: ``nnx.eval_shape``)."""
-    return list(_names(s.model, s.data))
+    return [name for name, _ in _components(s.model, s.data)]
+
+
+def selected_components(s: Settings) -> list[tuple[str, bool]]:
+    """``(name, continuous)`` of the components ``symmetry.components`` selects (as
+    :func:`quotient_sgd.runner._build.select_group` does); empty when the symmetry is off."""
+    if not s.symmetry.enabled:
+        return []
+    want = s.symmetry.components
+    return [(name, cont) for name, cont in _components(s.model, s.data)
+            if "all" in want or name in want or name.split("/")[0] in want]

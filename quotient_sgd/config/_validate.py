@@ -31,6 +31,10 @@ _ELEMENT_TYPES = {
 }
 
 
+#: Seeds are int32 inputs of the compiled programs.
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
 class ConfigError(ValueError):
     """A config key has an unknown name, a wrong type or an out-of-range value."""
 
@@ -105,13 +109,23 @@ def train_size(d: DataSettings) -> int:
     return n - int(round(d.test_fraction * n))
 
 
+def test_size(d: DataSettings) -> int:
+    """The number of test examples ``d`` describes (arithmetic only, as :mod:`quotient_sgd.data` splits)."""
+    if d.name in ("teacher_student", "sparse_parity"):
+        return d.n_test
+    if d.name == "modular_arithmetic":
+        return d.p * d.p - train_size(d)
+    return int(round(d.test_fraction * 1797))
+
+
 def _check_data(d: DataSettings) -> None:
     _check(d.name in DATASETS, "data.name", d.name, f"allowed: {list(DATASETS)}")
+    _check(0 <= d.seed <= INT32_MAX, "data.seed", d.seed, f"must be in [0, {INT32_MAX}]")
     _check(d.batch_size >= 0, "data.batch_size", d.batch_size, "must be >= 1, or 0 for full batch")
     if d.name == "teacher_student":
         for k in ("n_train", "n_test", "din", "dout", "teacher_hidden"):
             _check(getattr(d, k) >= 1, f"data.{k}", getattr(d, k), "must be >= 1")
-        _check(d.noise >= 0, "data.noise", d.noise, "must be >= 0")
+        _check(d.noise >= 0 and math.isfinite(d.noise), "data.noise", d.noise, "must be a finite number >= 0")
     if d.name == "sparse_parity":
         for k in ("n_train", "n_test", "n_bits"):
             _check(getattr(d, k) >= 1, f"data.{k}", getattr(d, k), "must be >= 1")
@@ -119,8 +133,17 @@ def _check_data(d: DataSettings) -> None:
     if d.name == "modular_arithmetic":
         _check(d.p >= 2, "data.p", d.p, "must be >= 2")
         _check(0 < d.train_fraction < 1, "data.train_fraction", d.train_fraction, "must be in (0, 1)")
+        n, total = train_size(d), d.p * d.p
+        _check(1 <= n <= total - 1, "data.train_fraction", d.train_fraction,
+               f"splits the {total} pairs of data.p = {d.p} into {n} training and {total - n} test pairs; both "
+               f"splits need at least one example: use a fraction in [{1.5 / total:.3g}, {1 - 1.5 / total:.3g}]"
+               + (" (or a larger data.p)" if total < 16 else ""))
     if d.name == "digits":
         _check(0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction, "must be in (0, 1)")
+        n_te = test_size(d)
+        _check(1 <= n_te <= 1796, "data.test_fraction", d.test_fraction,
+               f"splits the 1797 images into {1797 - n_te} training and {n_te} test images; both splits need at "
+               f"least one example: use a fraction in [{1.5 / 1797:.3g}, {1 - 1.5 / 1797:.3g}]")
     n = train_size(d)
     _check(d.batch_size <= n, "data.batch_size", d.batch_size,
            f"larger than the training set ({n} examples of {d.name!r}); use <= {n}, or 0 for full batch")
@@ -156,12 +179,13 @@ def _batch_norm(s: Settings) -> bool:
 
 def _check_symmetry(s: Settings) -> None:
     from ..optim import DEFAULT_OBSERVABLES
-    from ._build_check import component_names
+    from ._build_check import component_names, selected_components
 
     sym, ob = s.symmetry, s.observables
     _check(sym.mode in SYMMETRY_MODES, "symmetry.mode", sym.mode, f"allowed: {list(SYMMETRY_MODES)}")
     _check(sym.gauge_fix_every >= 1, "symmetry.gauge_fix_every", sym.gauge_fix_every, "must be >= 1")
     names = component_names(s)
+    selected = selected_components(s)
     kinds = sorted({n.split("/")[0] for n in names})
     for c in sym.components:
         ok = c == "all" or c in names or c in kinds
@@ -176,6 +200,9 @@ def _check_symmetry(s: Settings) -> None:
         _check(getattr(ob, k) >= 1, f"observables.{k}", getattr(ob, k), "must be >= 1")
     for k in ("hessian_every", "noise_every"):
         _check(getattr(ob, k) >= 0, f"observables.{k}", getattr(ob, k), "must be >= 0 (0: off)")
+    _check(ob.hessian_every == 0 or ob.hessian_k <= ob.lanczos_steps, "observables.hessian_k", ob.hessian_k,
+           f"Lanczos finds at most as many extreme eigenvalues as it takes steps: must be <= "
+           f"observables.lanczos_steps = {ob.lanczos_steps} (or raise lanczos_steps)")
     _check(ob.noise_every == 0 or ob.per_example_grads, "observables.noise_every", ob.noise_every,
            "the gradient-noise temperature needs per-example gradients: set observables.per_example_grads=True "
            "or observables.noise_every=0")
@@ -186,8 +213,78 @@ def _check_symmetry(s: Settings) -> None:
            "needs symmetry.enabled=True (the noise is measured on the horizontal space)")
     _check(ob.hessian_every == 0 or sym.enabled, "observables.hessian_every", ob.hessian_every,
            "needs symmetry.enabled=True")
-    _check(s.init_gauge >= 0, "init_gauge", s.init_gauge, "must be >= 0 (0: no re-gauging)")
+    _check(s.init_gauge >= 0 and math.isfinite(s.init_gauge), "init_gauge", s.init_gauge,
+           "must be a finite number >= 0 (0: no re-gauging)")
     _check(s.init_gauge == 0 or sym.enabled, "init_gauge", s.init_gauge, "needs symmetry.enabled=True")
+    gauges = [("init_gauge", s.init_gauge, s.init_gauge)] + [("sweep.init_gauge", s.sweep.init_gauge, v)
+                                                            for v in s.sweep.init_gauge]
+    for key, value, g in gauges:
+        _check(g == 0 or not sym.enabled or any(cont for _, cont in selected), key, value,
+               f"re-gauging moves the parameters by a continuous symmetry, and the selected symmetry.components = "
+               f"{sym.components} of this {s.model.name} (activation {s.model.activation!r}) have none (selected: "
+               f"{[n for n, _ in selected]}; the model's components: {names}); use 0, or select a continuous "
+               f"component (rescale, scale, translation, gl)")
+    _check_canonical_section(s, selected)
+
+
+#: Observables evaluated at the canonical representative (``quotient_sgd.optim.quotient_trajectory``).
+_CANONICAL_OBSERVABLES = ("grad_norm_canonical", "effective_lr", "invariant_norms")
+
+
+def _canonical_users(s: Settings) -> list[str]:
+    """What the configured run evaluates at the canonical representative of the parameters' orbit."""
+    from ..optim import DEFAULT_OBSERVABLES
+
+    names = tuple(s.observables.names) or DEFAULT_OBSERVABLES
+    out = [f"observable {n!r}" for n in _CANONICAL_OBSERVABLES if n in names]
+    curv = [n for n in ("curvature", "shock_number", "fold_number") if n in names]
+    if curv and (s.symmetry.mode != "observe" or s.optim.name != "sgd"):
+        why = f"symmetry.mode={s.symmetry.mode!r}" if s.symmetry.mode != "observe" else f"optim.name={s.optim.name!r}"
+        out.append(f"observables {curv} with {why} (their learning rate is then the effective one, measured at the "
+                   f"canonical representative)")
+    if s.observables.hessian_every > 0:
+        out.append(f"observables.hessian_every = {s.observables.hessian_every} (the quotient Hessian is taken at the "
+                   f"canonical representative)")
+    if s.symmetry.mode == "gauge_fix":
+        out.append("symmetry.mode = 'gauge_fix'")
+    return out
+
+
+def _check_canonical_section(s: Settings, selected: list[tuple[str, bool]]) -> None:
+    """A deep linear stack has a canonical representative only where its GL chain is minimal (every inner width
+    equal and at most the chain's input and output widths: then the end-to-end product determines the orbit).
+    A run that needs one (see :func:`_canonical_users`) on a stack that is not minimal is refused."""
+    if s.model.name != "deep_linear" or not selected:
+        return
+    users = _canonical_users(s)
+    if not users:
+        return
+    from ._build_check import input_spec
+
+    shape, dout, _ = input_spec(s)
+    sizes = (math.prod(shape), *s.model.hidden, dout)
+    bonds = sorted(int(n.rsplit(".", 1)[1]) for n, _ in selected if n.startswith("gl/layers."))
+    runs: list[list[int]] = []
+    for l in bonds:  # consecutive bonds share a kernel: one chain
+        if runs and runs[-1][-1] == l - 1:
+            runs[-1].append(l)
+        else:
+            runs.append([l])
+    for r in runs:
+        a, b = r[0], r[-1]
+        din, inner, out = sizes[a], sizes[a + 1:b + 2], sizes[b + 2]
+        m = min(din, out)
+        if len(set(inner)) == 1 and inner[0] <= m:
+            continue
+        chain = [f"gl/layers.{l}" for l in r]
+        raise _err("model.hidden", s.model.hidden,
+                   f"the deep linear GL chain {chain} (input width {din}, inner widths {list(inner)}, output width "
+                   f"{out}) is not minimal: a canonical representative of its orbit exists only for minimal chains, "
+                   f"all inner widths equal and at most min(input, output) = {m} (e.g. model.hidden = "
+                   f"{tuple([m] * len(s.model.hidden))}), and this run needs one for: {'; '.join(users)}. Use such "
+                   f"widths, or only what needs no canonical representative (e.g. observables.names = ('loss', "
+                   f"'grad_norm', 'charges', 'charge_drift', 'update_horizontal_norm'), observables.hessian_every = "
+                   f"0, symmetry.mode 'observe' or 'horizontal')")
 
 
 def _check_optim(s: Settings) -> None:
@@ -195,11 +292,13 @@ def _check_optim(s: Settings) -> None:
     _check(o.name in OPTIMIZERS, "optim.name", o.name, f"allowed: {list(OPTIMIZERS)}")
     _check(o.lr > 0 and math.isfinite(o.lr), "optim.lr", o.lr, "must be a finite number > 0")
     _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)")
-    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
-    _check(o.clip_norm >= 0, "optim.clip_norm", o.clip_norm, "must be >= 0 (0: no clipping)")
+    _check(o.weight_decay >= 0 and math.isfinite(o.weight_decay), "optim.weight_decay", o.weight_decay,
+           "must be a finite number >= 0")
+    _check(o.clip_norm >= 0 and math.isfinite(o.clip_norm), "optim.clip_norm", o.clip_norm,
+           "must be a finite number >= 0 (0: no clipping)")
     _check(0 <= o.b1 < 1, "optim.b1", o.b1, "must be in [0, 1)")
     _check(0 <= o.b2 < 1, "optim.b2", o.b2, "must be in [0, 1)")
-    _check(o.eps > 0, "optim.eps", o.eps, "must be > 0")
+    _check(o.eps > 0 and math.isfinite(o.eps), "optim.eps", o.eps, "must be a finite number > 0")
     _check(o.name != "adam" or o.weight_decay == 0, "optim.weight_decay", o.weight_decay,
            "optim.name='adam' has no weight decay; use optim.name='adamw'")
     _check(o.name != "adam" or not s.sweep.weight_decay, "sweep.weight_decay", s.sweep.weight_decay,
@@ -229,13 +328,18 @@ def _check_sweep(s: Settings) -> None:
            "a batch-size sweep runs every member on the largest batch with a 0/1 mask, and the masked examples "
            "would enter the batch statistics of model.norm='batch'; sweep the other axes and run one sweep per "
            "batch size (or use model.norm='layer')")
+    for v in sw.seed:
+        _check(INT32_MIN <= v <= INT32_MAX, "sweep.seed", sw.seed,
+               f"every value must be an int32, in [{INT32_MIN}, {INT32_MAX}]")
     for v in sw.weight_decay:
-        _check(v >= 0, "sweep.weight_decay", sw.weight_decay, "every value must be >= 0")
+        _check(v >= 0 and math.isfinite(v), "sweep.weight_decay", sw.weight_decay,
+               "every value must be a finite number >= 0")
     for v in sw.momentum:
         _check(0 <= v < 1, "sweep.momentum", sw.momentum, "every value must be in [0, 1)")
     _check(not sw.momentum or s.optim.name == "sgd", "sweep.momentum", sw.momentum, "only for optim.name='sgd'")
     for v in sw.init_gauge:
-        _check(v >= 0, "sweep.init_gauge", sw.init_gauge, "every value must be >= 0")
+        _check(v >= 0 and math.isfinite(v), "sweep.init_gauge", sw.init_gauge,
+               "every value must be a finite number >= 0")
     _check(not sw.init_gauge or s.symmetry.enabled, "sweep.init_gauge", sw.init_gauge, "needs symmetry.enabled")
 
 
@@ -257,6 +361,7 @@ def validate(cfg: Mapping[str, Any] | Any) -> Settings:
     s = Settings(**kwargs)
     _check(bool(s.name) and "/" not in s.name, "name", s.name, "a non-empty run name without '/'")
     _check(s.steps >= 1, "steps", s.steps, "must be >= 1")
+    _check(INT32_MIN <= s.seed <= INT32_MAX, "seed", s.seed, f"must be an int32, in [{INT32_MIN}, {INT32_MAX}]")
     _check(s.checkpoint.every >= 1, "checkpoint.every", s.checkpoint.every, "must be >= 1")
     _check(s.checkpoint.keep >= 1, "checkpoint.keep", s.checkpoint.keep, "must be >= 1")
     _check(s.logging.every >= 1, "logging.every", s.logging.every, "must be >= 1")

@@ -57,18 +57,90 @@ def _define_flags(argv: list[str]):
                         flag_values=fv)
     flags.DEFINE_string("coordinator_address", os.environ.get("QSGD_COORDINATOR_ADDRESS"),
                         "multi-host sweep: coordinator HOST:PORT (env QSGD_COORDINATOR_ADDRESS)", flag_values=fv)
-    flags.DEFINE_integer("num_processes", _env_int("QSGD_NUM_PROCESSES"),
+    flags.DEFINE_integer("num_processes", _env_int("QSGD_NUM_PROCESSES", "the number of processes, as --num_processes"),
                          "multi-host sweep: number of processes (env QSGD_NUM_PROCESSES)", flag_values=fv)
-    flags.DEFINE_integer("process_id", _env_int("QSGD_PROCESS_ID"),
+    flags.DEFINE_integer("process_id", _env_int("QSGD_PROCESS_ID", "this process's id, as --process_id"),
                          "multi-host sweep: this process's id (env QSGD_PROCESS_ID)", flag_values=fv)
     flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() with JAX's cluster auto-detection "
                       "(TPU pods, SLURM, ...)", flag_values=fv)
     return fv
 
 
-def _env_int(name: str):
+class _EnvError(ValueError):
+    """An environment variable the command reads has a value it cannot use."""
+
+
+def _env_int(name: str, what: str):
     v = os.environ.get(name)
-    return int(v) if v not in (None, "") else None
+    if v in (None, ""):
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise _EnvError(f"environment variable {name}={v!r}: expected an integer ({what})") from None
+
+
+def _overrides(argv: list[str]) -> list[tuple[str, str]]:
+    """``(dotted key, value as typed)`` of the ``--config.<key>=<value>`` (or ``--config.<key> <value>``)
+    arguments."""
+    out = []
+    for i, a in enumerate(argv):
+        if a.startswith("--config."):
+            key, eq, value = a[len("--config."):].partition("=")
+            if not eq:
+                value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else ""
+            out.append((key, value))
+    return out
+
+
+_KINDS = {"bool": "a bool (True/False)", "int": "an int", "float": "a float", "str": "a string",
+          "tuple": "a tuple/list", "ConfigDict": "a section (ConfigDict)"}
+
+
+def _config_file_type_error(exc: BaseException) -> str | None:
+    """The message for a config file that assigned a value of the wrong type to a key of a type-safe
+    ``ConfigDict`` (``config.optim.lr = "0.1"``): the full dotted key, the value, the expected type and the line
+    of the config file.  ``None`` when ``exc`` is not that (``ml_collections`` reports only the last key)."""
+    from ml_collections import ConfigDict
+
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        frames, tb = [], e.__traceback__
+        while tb is not None:
+            frames.append(tb.tb_frame)
+            tb = tb.tb_next
+        setter = next((f for f in reversed(frames) if f.f_code.co_name == "__setitem__"
+                       and isinstance(f.f_locals.get("self"), ConfigDict) and "key" in f.f_locals), None)
+        if isinstance(e, TypeError) and setter is not None:
+            node, key, value = setter.f_locals["self"], setter.f_locals["key"], setter.f_locals.get("value")
+            path, where = None, ""
+            for f in frames:
+                if f.f_code.co_name == "get_config":
+                    where = f" (in {f.f_code.co_filename}, line {f.f_lineno})"
+                for v in list(f.f_locals.values()):
+                    if path is None and isinstance(v, ConfigDict):
+                        path = _path_to(v, node)
+            dotted = ".".join([*(path or []), str(key)])
+            field = node._fields.get(key) if hasattr(node, "_fields") else None
+            expected = _KINDS.get(type(field).__name__, type(field).__name__) if field is not None else "?"
+            return (f"config.{dotted} = {value!r}{where}: expected {expected}, got {type(value).__name__}"
+                    + ("" if path is not None else " (the key's section could not be determined)"))
+        e = e.__context__ or e.__cause__
+    return None
+
+
+def _path_to(root, node, prefix=()):
+    """The keys leading from the ``ConfigDict`` ``root`` to ``node`` (identity), or ``None``."""
+    if root is node:
+        return list(prefix)
+    for k, v in root.items():
+        if hasattr(v, "items") and not isinstance(v, (str, bytes)):
+            found = _path_to(v, node, prefix + (k,))
+            if found is not None:
+                return found
+    return None
 
 
 def _fail(msg: str, code: int = 2) -> int:
@@ -82,11 +154,20 @@ def main(argv: list[str] | None = None) -> int:
         _maybe_reexec(argv)
     from absl import flags
 
+    from .config import ConfigError, check_override_key
+
+    try:
+        for key, value in _overrides(argv[1:]):
+            check_override_key(key, value)
+    except ConfigError as e:
+        return _fail(str(e))
     try:
         fv = _define_flags(argv)
         rest = fv(argv)
-    except flags.Error as e:
+    except _EnvError as e:
         return _fail(str(e))
+    except flags.Error as e:
+        return _fail(_config_file_type_error(e) or str(e))
     except (AttributeError, KeyError, ValueError, TypeError, OSError) as e:
         # ml_collections raises these for an override of a key the config does not have / of the wrong type
         msg = str(e.args[0] if e.args else e).strip("'\"").replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
@@ -113,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"unknown subcommand {cmd!r}; use run, sweep or report\n{USAGE}")
     if len(rest) > 2:
         return _fail(f"unexpected arguments {rest[2:]}")
-    from .config import ConfigError, validate
+    from .config import validate
     from .runner import RunDirError
 
     try:
@@ -150,6 +231,11 @@ def _init_distributed(fv) -> None:
     if fv.coordinator_address:
         if fv.num_processes is None or fv.process_id is None:
             raise SystemExit(_fail("--coordinator_address needs --num_processes and --process_id"))
+        if fv.num_processes < 1:
+            raise SystemExit(_fail(f"--num_processes (or QSGD_NUM_PROCESSES) = {fv.num_processes}: must be >= 1"))
+        if not 0 <= fv.process_id < fv.num_processes:
+            raise SystemExit(_fail(f"--process_id (or QSGD_PROCESS_ID) = {fv.process_id}: must be in "
+                                   f"[0, {fv.num_processes - 1}] (--num_processes = {fv.num_processes})"))
         jax.distributed.initialize(coordinator_address=fv.coordinator_address, num_processes=fv.num_processes,
                                    process_id=fv.process_id)
     elif fv.distributed:

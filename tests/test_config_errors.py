@@ -149,7 +149,11 @@ def test_unknown_keys():
 
 @pytest.mark.parametrize("args,needle", [
     (["--config.optim.lr=-1"], "config.optim.lr = -1.0: must be a finite number > 0"),
-    (["--config.optim.lrr=1"], "'lrr'"),
+    (["--config.optim.lrr=1"], "config.optim.lrr = 1: unknown key (did you mean 'lr'?); allowed keys of "
+                               "config.optim: ['b1', 'b2', 'clip_norm', 'eps', 'lr', 'momentum', 'name',"),
+    (["--config.foo=1"], "config.foo = 1: unknown key; allowed top-level keys: ['checkpoint', 'data',"),
+    (["--config.optim.foo", "2"], "config.optim.foo = 2: unknown key; allowed keys of config.optim: ["),
+    (["--config.optim.lr.x=1"], "config.optim.lr.x = 1: config.optim.lr is a float, not a section"),
     (["--config.optim.lr=abc"], "could not convert string to float"),
     (["--config.data.batch_size=100000"], "config.data.batch_size = 100000"),
     (["--config.steps=0"], "config.steps = 0: must be >= 1"),
@@ -170,6 +174,57 @@ def test_cli_bad_config_writes_nothing(tmp_path, monkeypatch, capsys, args, need
     assert needle in err, err
     assert "Traceback" not in err
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("var,value", [("QSGD_NUM_PROCESSES", "abc"), ("QSGD_PROCESS_ID", "1.5")])
+def test_cli_bad_environment_variable_is_named(tmp_path, monkeypatch, capsys, var, value):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(var, value)
+    code = main(["quotient-sgd", "sweep", "--config.steps=10", f"--workdir={tmp_path / 'sw'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"environment variable {var}={value!r}: expected an integer" in err, err
+    assert "override" not in err and "Traceback" not in err
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("cmd", ["run", "sweep"])
+@pytest.mark.parametrize("sub", ["", "sub"])
+def test_cli_workdir_that_is_a_file(tmp_path, monkeypatch, capsys, cmd, sub):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("keep me")
+    wd = tmp_path / "afile" / sub if sub else tmp_path / "afile"
+    code = main(["quotient-sgd", cmd, "--config.steps=10", f"--workdir={wd}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert ("exists and is not a directory" if not sub else "is not a directory") in err, err
+    assert str(tmp_path / "afile") in err and "Traceback" not in err
+    assert os.listdir(tmp_path) == ["afile"] and (tmp_path / "afile").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("line,needle", [
+    ('config.optim.lr = "0.1"', "config.optim.lr = '0.1' (in {path}, line 6): expected a float, got str"),
+    ("config.logging.tensorboard = 1", "config.logging.tensorboard = 1 (in {path}, line 6): expected a bool"),
+    ("config.optim = 0.1", "config.optim = 0.1 (in {path}, line 6): expected a section (ConfigDict), got float"),
+    ("config.steps = 2.5", "config.steps = 2.5 (in {path}, line 6): expected an int, got float"),
+])
+def test_cli_wrong_type_in_config_file_names_the_dotted_key(tmp_path, monkeypatch, capsys, line, needle):
+    cfg_dir = tmp_path / "cfg"
+    cfg_dir.mkdir()
+    path = cfg_dir / "wrong.py"
+    path.write_text("from quotient_sgd.config import default_config\n\n\ndef get_config():\n"
+                    "    config = default_config()\n"
+                    f"    {line}\n"
+                    "    return config\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    code = main(["quotient-sgd", "run", f"--config={path}", f"--workdir={work / 'r'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert needle.format(path=path) in err, err
+    assert "Traceback" not in err
+    assert os.listdir(work) == []
 
 
 def test_loaded_settings_are_frozen_and_typed():

@@ -18,6 +18,7 @@ from ._settings import SweepSettings as SweepSettings
 from ._settings import SymmetrySettings as SymmetrySettings
 from ._settings import default_config as default_config
 from ._validate import ConfigError as ConfigError
+from ._validate import check_override_key as check_override_key
 from ._validate import from_dict as from_dict
 from ._validate import load_config as load_config
 from ._validate import quickstart_path as quickstart_path
@@ -26,6 +27,6 @@ from ._validate import validate as validate
 
 __all__ = [
     "MODELS", "SWEEP_AXES", "CheckpointSettings", "ConfigError", "DataSettings", "LoggingSettings", "ModelSettings",
-    "ObservableSettings", "OptimSettings", "Settings", "SweepSettings", "SymmetrySettings", "default_config",
-    "from_dict", "load_config", "quickstart_path", "train_size", "validate",
+    "ObservableSettings", "OptimSettings", "Settings", "SweepSettings", "SymmetrySettings", "check_override_key",
+    "default_config", "from_dict", "load_config", "quickstart_path", "train_size", "validate",
 ]

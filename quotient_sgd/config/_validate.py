@@ -378,6 +378,43 @@ def from_dict(d: Mapping[str, Any]) -> Settings:
     return validate(d)
 
 
+def _kind(default: Any) -> str:
+    """What a schema field holds, in words (for messages)."""
+    if isinstance(default, bool):
+        return "a bool"
+    return {int: "an int", float: "a float", str: "a string", tuple: "a tuple"}.get(type(default), "a value")
+
+
+def check_override_key(key: str, raw: Any) -> None:
+    """:class:`ConfigError` when the dotted ``key`` of a ``--config.<key>=<raw>`` override is not a key of the
+    schema: the message names the key, the value and the keys allowed at that level (as :func:`validate` does
+    for a config file)."""
+    parts = key.split(".")
+    top = {f.name: f for f in dataclasses.fields(Settings)}
+
+    def unknown(k: str, allowed: list[str], level: str) -> ConfigError:
+        close = difflib.get_close_matches(k, allowed, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return ConfigError(f"config.{key} = {raw}: unknown key{hint}; allowed {level}: {sorted(allowed)}")
+
+    if parts[0] not in top:
+        raise unknown(parts[0], list(top), "top-level keys")
+    if parts[0] in SECTIONS:
+        if len(parts) == 1:
+            return
+        fields = {f.name: f for f in dataclasses.fields(SECTIONS[parts[0]])}
+        if parts[1] not in fields:
+            raise unknown(parts[1], list(fields), f"keys of config.{parts[0]}")
+        if len(parts) > 2:
+            leaf = f"config.{parts[0]}.{parts[1]}"
+            raise ConfigError(f"config.{key} = {raw}: {leaf} is {_kind(fields[parts[1]].default)}, not a section; "
+                              f"set it as --{leaf}=VALUE")
+        return
+    if len(parts) > 1:
+        raise ConfigError(f"config.{key} = {raw}: config.{parts[0]} is {_kind(top[parts[0]].default)}, not a "
+                          f"section; set it as --config.{parts[0]}=VALUE")
+
+
 def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None):
     """Import ``path`` (a ``configs/<name>.py`` with ``get_config()``), apply ``{"optim.lr": 0.05}``-style
     overrides, and return the ConfigDict (validate it with :func:`validate`)."""

@@ -47,11 +47,25 @@ def config_diff(a: dict, b: dict) -> dict[str, tuple]:
             if k not in _IGNORED_KEYS and fa.get(k, "<absent>") != fb.get(k, "<absent>")}
 
 
+def check_directory_path(workdir: str, what: str = "run directory") -> None:
+    """:class:`RunDirError` when ``workdir`` cannot be a directory: it, or the nearest of its parents that
+    exists, is not a directory (nothing is written)."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise RunDirError(f"{what} {workdir!r} exists and is not a directory. Choose another --workdir.")
+    parent = os.path.dirname(os.path.abspath(workdir))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise RunDirError(f"{what} {workdir!r} cannot be created: {parent!r} is not a directory. Choose another "
+                          f"--workdir.")
+
+
 def check_workdir(workdir: str, settings: Settings) -> bool:
     """Decide, before anything is written, whether ``workdir`` is new (False) or this run's to resume (True).
 
     Raises :class:`RunDirError` naming the directory and the differing keys when it holds another config, or
     when it is a non-empty directory without a ``config.json``."""
+    check_directory_path(workdir)
     cfg_path = os.path.join(workdir, "config.json")
     if os.path.isfile(cfg_path):
         with open(cfg_path) as f:

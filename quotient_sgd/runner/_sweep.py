@@ -46,6 +46,7 @@ from ._rundir import (
     MetricsLog,
     RunDirError,
     TrajectoryParts,
+    check_directory_path,
     config_diff,
     remove_outputs,
     write_json,
@@ -325,6 +326,7 @@ def _unpack(packed, templates: list) -> list:
 def _check_sweep_dir(workdir: str, s: Settings) -> dict | None:
     """The ``sweep.json`` of this sweep when ``workdir`` holds it (a sweep to resume), ``None`` for a new or
     empty directory; :class:`RunDirError` for a directory of anything else (nothing is written)."""
+    check_directory_path(workdir, "sweep directory")
     path = os.path.join(workdir, "sweep.json")
     if os.path.isfile(path):
         with open(path) as f:

@@ -14,7 +14,15 @@ from ..config import Settings
 from ..optim import flatten_trajectory
 from ._build import Built, build
 from ._chunk import hyper_of, single_programs, to_host
-from ._rundir import Checkpoints, MetricsLog, TrajectoryParts, check_workdir, remove_outputs, write_json
+from ._rundir import (
+    Checkpoints,
+    MetricsLog,
+    TrajectoryParts,
+    check_workdir,
+    discard_new_run,
+    remove_outputs,
+    write_json,
+)
 
 
 @dataclasses.dataclass
@@ -85,32 +93,49 @@ def run(settings: Settings, workdir: str, *, built: Built | None = None, max_chu
     ``checkpoint.every`` steps), then ``trajectory.npz``, ``events.json``, ``plots/*.png`` and ``summary.md``.
     A non-finite loss or parameter ends the run cleanly: the step and the reason go to ``events.json`` and
     ``summary.md``.  ``max_chunks`` stops after that many chunks (tests).
+
+    A new run that fails with an exception before its first chunk is written leaves nothing behind: what this
+    call created is removed (the directory itself when this call created it), so the corrected command can run
+    into the same ``workdir``.  A directory being resumed is never removed.
     """
     t0 = time.time()
     s = settings
     resume = check_workdir(workdir, s)  # raises before anything is written
     b = built if built is not None else build(s)
+    created = not os.path.isdir(workdir)
     os.makedirs(workdir, exist_ok=True)
+    progress = {"chunks": 0}
+    try:
+        return _run(s, workdir, b, resume, max_chunks, t0, progress)
+    except BaseException:
+        if not resume and not progress["chunks"]:
+            discard_new_run(workdir, created)
+        raise
+
+
+def _run(s: Settings, workdir: str, b: Built, resume: bool, max_chunks: int | None, t0: float,
+         progress: dict) -> RunResult:
     if not resume:
         write_json(os.path.join(workdir, "config.json"), s.to_dict())
-    ckpt = Checkpoints(workdir, s.checkpoint.keep) if s.checkpoint.enabled else None
     metrics, parts = MetricsLog(os.path.join(workdir, "metrics.jsonl")), TrajectoryParts(workdir)
     every = s.checkpoint.every
     init, _ = single_programs(b, every)
     state = init(jnp.int32(s.seed), jnp.float32(s.init_gauge), *hyper_of(s))
-    start = 0
-    if ckpt is not None:
-        start, restored = ckpt.restore_latest(state)
-        state = restored if start else state
-    parts.truncate(start)
-    metrics.truncate(start)
-    remove_outputs(workdir)
-    tb = _tensorboard(s, workdir)
-    bar = _progress(s, start)
+    ckpt = tb = bar = None
     diverged = None
-    done = start
-    seed = jnp.int32(s.seed)
     try:
+        ckpt = Checkpoints(workdir, s.checkpoint.keep) if s.checkpoint.enabled else None
+        start = 0
+        if ckpt is not None:
+            start, restored = ckpt.restore_latest(state)
+            state = restored if start else state
+        parts.truncate(start)
+        metrics.truncate(start)
+        remove_outputs(workdir)
+        tb = _tensorboard(s, workdir)
+        bar = _progress(s, start)
+        done = start
+        seed = jnp.int32(s.seed)
         for n_chunk, (a, c) in enumerate(chunk_bounds(start, s.steps, every)):
             if max_chunks is not None and n_chunk >= max_chunks:
                 break
@@ -135,9 +160,11 @@ def run(settings: Settings, workdir: str, *, built: Built | None = None, max_chu
                             tb.add_scalar(k, float(v), r["step"])
                 tb.flush()
             if diverged is not None:
+                progress["chunks"] += 1
                 break
             if ckpt is not None:
                 ckpt.save(c, state)
+            progress["chunks"] += 1
             done = c
             if bar is not None:
                 bar.set_postfix(loss=f"{float(traj['loss'][-1]):.4g}",

@@ -84,6 +84,21 @@ def check_workdir(workdir: str, settings: Settings) -> bool:
     return False
 
 
+def discard_new_run(workdir: str, created: bool) -> None:
+    """Remove what a new run (or sweep) wrote into ``workdir`` before it failed: the directory itself when the
+    failed call created it, else its entries (the directory was empty before the call: :func:`check_workdir`
+    refuses any other that holds no run)."""
+    if created:
+        shutil.rmtree(workdir, ignore_errors=True)
+        return
+    for name in os.listdir(workdir):
+        p = os.path.join(workdir, name)
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            os.remove(p)
+
+
 def write_json(path: str, obj: Any) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

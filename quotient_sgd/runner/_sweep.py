@@ -48,6 +48,7 @@ from ._rundir import (
     TrajectoryParts,
     check_directory_path,
     config_diff,
+    discard_new_run,
     remove_outputs,
     write_json,
 )
@@ -411,12 +412,35 @@ def sweep(settings: Settings, workdir: str, *, members_per_device: int | None = 
             otherwise; 0 = decide from the measured cost).
         devices: devices of the mesh (default: ``jax.devices()``, every device of every process).
         max_chunks: stop after that many chunks (tests).
+
+    A new sweep that fails with an exception before its first chunk is written leaves nothing behind (in one
+    process: what this call created is removed, the directory itself when this call created it), so the
+    corrected command can run into the same ``workdir``.  A directory being resumed is never removed.
     """
+    created = not os.path.isdir(workdir)
+    progress = {"new": False, "chunks": 0}
+    try:
+        return _sweep(settings, workdir, progress, members_per_device=members_per_device, devices=devices,
+                      plots=plots, max_chunks=max_chunks)
+    except BaseException:
+        if progress["new"] and not progress["chunks"] and jax.process_count() == 1:
+            if progress.get("checkpoints") is not None:
+                try:  # an exception before the chunk loop leaves the manager open
+                    progress["checkpoints"].close()
+                except Exception:  # noqa: BLE001  (the original exception is what matters)
+                    pass
+            discard_new_run(workdir, created)
+        raise
+
+
+def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_device: int | None, devices,
+           plots: bool | None, max_chunks: int | None) -> SweepResult:
     t0 = time.time()
     s = settings
     members = sweep_members(s)
     n = len(members)
     old = _check_sweep_dir(workdir, s)  # raises before anything is written
+    progress["new"] = old is None
     b = build(s)
     devices = list(jax.devices() if devices is None else devices)
     nd = len(devices)
@@ -519,6 +543,7 @@ def sweep(settings: Settings, workdir: str, *, members_per_device: int | None = 
 
     layout = _Layout(schedule[0]["members_per_device"], nd, n, padded is not None)
     ckpt = Checkpoints(workdir, s.checkpoint.keep) if s.checkpoint.enabled else None
+    progress["checkpoints"] = ckpt
     start = 0
     if ckpt is not None:
         start, packed = ckpt.restore_latest(
@@ -575,6 +600,7 @@ def sweep(settings: Settings, workdir: str, *, members_per_device: int | None = 
             before_checkpoint()
         if ckpt is not None:
             ckpt.save(c, _pack(states_c))
+        progress["chunks"] += 1
         bar.update((c - a) * n)
 
     # the chunks written by this call, per member, so that assembling trajectory.npz need not read them back

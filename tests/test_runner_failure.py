@@ -1,0 +1,90 @@
+"""A run or sweep that fails with an exception before its first chunk is written leaves nothing that blocks the
+corrected command (what the failed call created is removed); a directory that held a run before is never
+touched."""
+
+import os
+
+import jax
+import pytest
+
+from quotient_sgd.config import load_config, validate
+from quotient_sgd.runner import run, sweep
+from quotient_sgd.runner import _run as run_module
+from quotient_sgd.runner import _sweep as sweep_module
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _settings(**over):
+    c = load_config(os.path.join(ROOT, "configs", "tiny.py"))
+    c.steps = 20
+    c.checkpoint.every = 10
+    c.logging.plots = False
+    c.observables.names = ("loss", "grad_norm", "charges")
+    c.sweep.seed = ()
+    for k, v in over.items():
+        c.update_from_flattened_dict({k: v})
+    return validate(c)
+
+
+def _fail(*args, **kwargs):
+    raise RuntimeError("injected failure")
+
+
+def _snapshot(d):
+    out = {}
+    for root, _, files in os.walk(d):
+        for f in files:
+            p = os.path.join(root, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, d)] = fh.read()
+    return out
+
+
+def test_run_failing_in_its_first_chunk_leaves_no_directory(tmp_path, monkeypatch):
+    wd = str(tmp_path / "r")
+    monkeypatch.setattr(run_module, "to_host", _fail)  # the first chunk's outputs never reach the host
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run(_settings(**{"logging.tensorboard": True}), wd)
+    assert not os.path.exists(wd)
+
+    # a directory that existed (empty) is kept, and emptied of what the failed call wrote
+    os.makedirs(wd)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run(_settings(), wd)
+    assert os.path.isdir(wd) and os.listdir(wd) == []
+
+    # the corrected command (another config) runs into the same directory
+    monkeypatch.undo()
+    res = run(_settings(**{"optim.lr": 0.02}), wd, max_chunks=1)
+    assert res.steps_done == 10
+
+
+def test_failing_resume_leaves_the_run_untouched(tmp_path, monkeypatch):
+    wd = str(tmp_path / "r")
+    s = _settings()
+    run(s, wd, max_chunks=1)
+    before = _snapshot(wd)
+    assert any(k.startswith("checkpoints") for k in before) and "config.json" in before
+    monkeypatch.setattr(run_module, "to_host", _fail)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run(s, wd)
+    assert _snapshot(wd) == before
+
+
+def test_sweep_failing_in_its_first_chunk_leaves_no_directory(tmp_path, monkeypatch):
+    wd = str(tmp_path / "sw")
+    s = _settings(**{"sweep.lr": (0.02, 0.05)})
+    monkeypatch.setattr(sweep_module, "flatten_trajectory", _fail)  # writing the first chunk's rows fails
+    with pytest.raises(RuntimeError, match="injected failure"):
+        sweep(s, wd, devices=jax.devices()[:1])
+    assert not os.path.exists(wd)
+
+    monkeypatch.undo()
+    res = sweep(s, wd, devices=jax.devices()[:1], max_chunks=1)
+    assert res.steps_done == 10
+    before = _snapshot(wd)
+    monkeypatch.setattr(sweep_module, "flatten_trajectory", _fail)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        sweep(s, wd, devices=jax.devices()[:1])  # resuming: never removed
+    assert _snapshot(wd) == before

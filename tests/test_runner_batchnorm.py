@@ -1,6 +1,7 @@
 """BatchNorm models run and sweep: the running statistics are threaded through training, checkpointed (a resumed
 run equals an uninterrupted one, evaluation included) and used for evaluation; a sweep member equals its run."""
 
+import functools
 import json
 import os
 
@@ -8,11 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from quotient_sgd import data as qdata
 from quotient_sgd.config import ConfigError, load_config, validate
 from quotient_sgd.runner import run, sweep
-from quotient_sgd.runner._build import build
+from quotient_sgd.runner._build import build, init_model, regauge
 from quotient_sgd.runner._chunk import hyper_of, single_programs
 from quotient_sgd.runner._sweep import member_settings, sweep_members
 
@@ -57,6 +59,50 @@ def test_running_statistics_are_trained_and_used_for_evaluation():
     fresh = b.eval_fn(state[0], test, state0[2])["loss"]
     np.testing.assert_allclose(ev["test_loss"], b.eval_fn(state[0], test, state[2])["loss"], rtol=1e-6)
     assert abs(float(fresh) - float(ev["test_loss"])) > 1e-4
+
+
+def test_init_gauge_moves_the_running_statistics_with_the_parameters():
+    """Re-gauging a BatchNorm CNN keeps its evaluation-mode function: the per-channel scale of a conv's output
+    moves the running mean and variance of the BatchNorm it feeds (mean -> c mean, var -> c^2 var)."""
+    s = _settings()
+    b = build(s)
+    test = qdata.full_batch(b.dataset, "test")
+    train = dict(qdata.full_batch(b.dataset, "train"))
+    train.setdefault("w", jnp.ones(train["y"].shape[0]))
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def outputs(p, ms, train_mode=False):  # log-probabilities (evaluation mode: with the running statistics)
+        model = nnx.merge(b.graphdef, p, ms)
+        if not train_mode:
+            model.eval()
+        return model(test["x"])
+
+    def check(pg, msg, p, ms):
+        # float32 rounding through factors up to e^4: the training-mode function (a symmetry all along) moves
+        # by ~2e-5 per output; evaluation mode must move no more (unmapped statistics move it by ~1e-1)
+        np.testing.assert_allclose(outputs(pg, msg, True), outputs(p, ms, True), rtol=1e-4)
+        np.testing.assert_allclose(outputs(pg, msg), outputs(p, ms), rtol=1e-4)
+        np.testing.assert_allclose(jax.jit(b.eval_fn)(pg, test, msg)["loss"], jax.jit(b.eval_fn)(p, test, ms)["loss"],
+                                   rtol=1e-5)
+        loss = jax.jit(lambda p, ms: b.loss_fn(p, ms, train)[0])
+        np.testing.assert_allclose(loss(pg, msg), loss(p, ms), rtol=1e-5)
+
+    p0, ms0 = init_model(b, jnp.int32(0), jnp.float32(0.0))
+    p2, ms2 = init_model(b, jnp.int32(0), jnp.float32(2.0))
+    assert max(float(jnp.max(jnp.abs(a - c))) for a, c in zip(jax.tree.leaves(p0), jax.tree.leaves(p2))) > 0.1
+    check(p2, ms2, p0, ms0)
+    # running statistics away from their initial (0, 1), updated by training-mode calls: the same map holds
+    @jax.jit
+    def updated(p, ms):
+        model = nnx.merge(b.graphdef, p, ms)
+        for i in range(3):
+            model(train["x"][64 * i:64 * (i + 1)])
+        return nnx.split(model, nnx.Param, ...)[1:]
+
+    p, ms = updated(p0, ms0)
+    pg, msg = regauge(b, jax.random.key(7), p, ms, 2.0)
+    assert any(float(jnp.max(jnp.abs(a - c))) > 0.1 for a, c in zip(jax.tree.leaves(ms), jax.tree.leaves(msg)))
+    check(pg, msg, p, ms)
 
 
 def test_batchnorm_run_resumes_and_sweep_equals_runs(tmp_path):

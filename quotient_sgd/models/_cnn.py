@@ -162,8 +162,8 @@ class CNN(nnx.Module):
           activation directly.  A rescale *across* the normalisation (conv kernel vs ``next``) is not a symmetry.
         - ``norm="batch"``: ``"scale/convs.{l}"``: ``Scale`` per output channel of the conv kernel (axis 3;
           batch normalisation is per channel); ``"rescale/norms.{l}"`` as for ``"layer"``.  These hold for the
-          training-mode function (batch statistics); in evaluation mode the running statistics would have to be
-          transformed too (they are state, not parameters).
+          training-mode function (batch statistics); in evaluation mode the running statistics have to be
+          transformed too (they are state, not parameters): :meth:`act_on_batch_stats`.
         - always ``"permutation/convs.{l}"``: the channels, permuted in the conv kernel (axis 3) and bias, the
           norm's ``scale`` / ``bias``, and ``next``; exact for every elementwise activation (also in evaluation
           mode only if the running statistics are permuted alongside).
@@ -193,3 +193,43 @@ class CNN(nnx.Module):
         if self.classifier:
             comps.append(Translation(kernel=("head", "kernel"), bias=("head", "bias"), name="translation/head"))
         return Product(comps, name="CNN")
+
+    def act_on_batch_stats(self, group: Product, g, state):
+        """The BatchNorm running statistics that go with the parameters moved by ``g``, an element (a ``Word``) of
+        ``group``, a :class:`Product` of continuous components of :meth:`symmetries`: with them the
+        evaluation-mode function of ``(g . params, state')`` equals that of ``(params, state)``.
+
+        ``state``: the model's non-parameter state (``nnx.split(model, nnx.Param, ...)[2]``).  Of the continuous
+        components, only ``"scale/convs.{l}"`` changes what a BatchNorm sees: it multiplies output channel ``k``
+        of conv ``l``, the input of ``norms.{l}``, by ``c_k = exp(xi_k)``, so the running mean becomes ``c_k
+        mean_k`` and the running variance ``c_k^2 var_k`` (the normalised value ``(z - mean) / sqrt(var + eps)``
+        is then unchanged up to ``eps``, as in training mode).  ``"rescale/norms.{l}"`` scales the norm's output
+        and divides the next layer's input weights (exact through a homogeneous activation) and
+        ``"translation/head"`` acts after the last norm: neither touches the statistics.  Other components (the
+        permutations) are refused."""
+        if self.norm != "batch":
+            return state
+        factors: dict[int, jax.Array] = {}
+        for i, e in zip(g.indices, g.elements):
+            comp = group.components[i]
+            kind = comp.name.split("/")[0]
+            if isinstance(comp, Scale) and comp.per_channel and kind == "scale":
+                (path, axis), = comp.members
+                if path[0] != "convs" or path[2] != "kernel" or axis != 3:
+                    raise ValueError(f"act_on_batch_stats: unexpected scale component {comp.name!r}")
+                l = int(path[1])
+                factors[l] = factors.get(l, 1.0) * jnp.exp(e)
+            elif isinstance(comp, (Rescale, Translation)):
+                continue
+            else:
+                raise ValueError(f"act_on_batch_stats: the action of {comp.name!r} on the running statistics is not "
+                                 f"implemented (only the continuous components of a BatchNorm CNN are)")
+
+        def move(path, x):
+            keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+            if keys[0] != "norms" or int(keys[1]) not in factors:
+                return x
+            c = factors[int(keys[1])].astype(x.dtype)
+            return x * c if keys[2] == "mean" else x * c * c if keys[2] == "var" else x
+
+        return jax.tree_util.tree_map_with_path(move, state)

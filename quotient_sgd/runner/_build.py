@@ -245,17 +245,32 @@ def init_params(b: Built, seed, init_gauge):
 
 def init_model(b: Built, seed, init_gauge):
     """``(params, model_state)`` for ``seed``: :func:`init_params` and the model's initial non-parameter state
-    (``None`` for a model without one)."""
+    (``None`` for a model without one), both moved by :func:`regauge` when ``init_gauge > 0``."""
     key = jax.random.key(seed)
     model = make_model(b.settings, nnx.Rngs(params=jax.random.fold_in(key, 0)))
     _, params, rest = nnx.split(model, nnx.Param, ...)
     model_state = rest if b.stateful else None
+    return regauge(b, jax.random.fold_in(key, 2), params, model_state, init_gauge)
+
+
+def regauge(b: Built, key, params, model_state, scale):
+    """``(params, model_state)`` moved by a random element of the continuous symmetries (``b.gauge_group``) of
+    scale ``scale`` (traceable; unchanged where ``scale == 0``): the same function, another parameterisation.
+    Non-parameter state follows the element (BatchNorm's running statistics: ``CNN.act_on_batch_stats``), so
+    the evaluation-mode function is the same too."""
     if b.gauge_group is None:
         return params, model_state
-    scale = jnp.asarray(init_gauge, jnp.float32)
-    g = b.gauge_group.sample(jax.random.fold_in(key, 2), params, scale)
-    moved = b.gauge_group.act(g, params)
-    return jax.tree.map(lambda a, p: jnp.where(scale > 0, a, p), moved, params), model_state
+    scale = jnp.asarray(scale, jnp.float32)
+    g = b.gauge_group.sample(key, params, scale)
+    keep = lambda a, p: jnp.where(scale > 0, a, p)  # noqa: E731
+    moved = jax.tree.map(keep, b.gauge_group.act(g, params), params)
+    if model_state is not None:
+        model = nnx.merge(b.graphdef, params, model_state)
+        if not hasattr(model, "act_on_batch_stats"):
+            raise ValueError(f"{type(model).__name__} has non-parameter state and no act_on_batch_stats: "
+                             f"re-gauging would change its evaluation-mode function")
+        model_state = jax.tree.map(keep, model.act_on_batch_stats(b.gauge_group, g, model_state), model_state)
+    return moved, model_state
 
 
 def batch_key(seed):

@@ -95,3 +95,29 @@ def assert_sweeps_bitwise(sweep_a: str, sweep_b: str, num_members: int) -> None:
         steps = [r["step"] for r in ra]
         assert steps == sorted(set(steps)), f"member {i}: duplicated or unordered metric rows"
         assert ra == rb, f"member {i}: lost or changed metric rows"
+
+
+def read_tensorboard(run_dir: str) -> dict[str, list[tuple[int, float]]]:
+    """``{tag: [(step, value), ...]}`` of the scalar events under ``run_dir/tensorboard``, as TensorBoard shows
+    them: files in name order, and a ``SessionLog.START`` event at step ``s`` (``SummaryWriter(purge_step=s)``)
+    hides the values of steps ``>= s`` read before it."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    d = os.path.join(run_dir, "tensorboard")
+    for name in sorted(os.listdir(d)):
+        with open(os.path.join(d, name), "rb") as f:
+            data = f.read()
+        i = 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            ev = event_pb2.Event()
+            ev.ParseFromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            if ev.HasField("session_log") and ev.session_log.status == event_pb2.SessionLog.START:
+                out = {k: [(s, v) for s, v in vals if s < ev.step] for k, vals in out.items()}
+            for v in ev.summary.value:
+                out.setdefault(v.tag, []).append((int(ev.step), float(v.simple_value)))
+    return out

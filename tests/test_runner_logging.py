@@ -2,9 +2,14 @@
 
 import json
 import os
+import shutil
 
+import jax
+import numpy as np
+
+from helpers import checkpoint_steps, load_metric_rows, read_tensorboard
 from quotient_sgd.config import load_config, validate
-from quotient_sgd.runner import run
+from quotient_sgd.runner import run, sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,3 +26,48 @@ def test_jsonl_and_tensorboard(tmp_path):
     assert "test_loss" in rows[2] and "test_loss" in rows[-1] and "test_loss" not in rows[0]
     tb = os.listdir(tmp_path / "r" / "tensorboard")
     assert any(f.startswith("events.out.tfevents") for f in tb)
+
+
+def _tensorboard_matches_metrics(run_dir):
+    """Every scalar of metrics.jsonl is a TensorBoard tag with the same steps (each once) and values."""
+    rows = load_metric_rows(run_dir)
+    tb = read_tensorboard(run_dir)
+    want: dict[str, list] = {}
+    for r in rows:
+        for k, v in r.items():
+            if k != "step":
+                want.setdefault(k, []).append((r["step"], float(v)))
+    assert sorted(tb) == sorted(want)
+    for k in want:
+        assert [s for s, _ in tb[k]] == [s for s, _ in want[k]], k
+        np.testing.assert_allclose([v for _, v in tb[k]], [v for _, v in want[k]], rtol=1e-6, err_msg=k)
+
+
+def _tiny(**over):
+    c = load_config(os.path.join(ROOT, "configs", "tiny.py"))
+    c.steps = 30
+    c.logging.plots = False
+    c.logging.tensorboard = True
+    c.observables.names = ("loss", "grad_norm", "charges")
+    for k, v in over.items():
+        c.update_from_flattened_dict({k: v})
+    return validate(c)
+
+
+def test_tensorboard_of_a_resumed_run_has_every_row_once(tmp_path):
+    wd = str(tmp_path / "r")
+    s = _tiny()
+    run(s, wd, max_chunks=2)
+    assert checkpoint_steps(wd) == [10, 20]
+    # as if killed after the rows of [10, 20) were written but before checkpoint 20 was finalised
+    shutil.rmtree(os.path.join(wd, "checkpoints", "20"))
+    assert run(s, wd).resumed_from == 10
+    _tensorboard_matches_metrics(wd)
+
+
+def test_sweep_writes_tensorboard_per_member(tmp_path):
+    s = _tiny(**{"sweep.seed": (), "sweep.lr": (0.02, 0.05), "steps": 20})
+    res = sweep(s, str(tmp_path / "sw"), devices=jax.devices()[:1])
+    for d in res.member_dirs:
+        assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(d, "tensorboard")))
+        _tensorboard_matches_metrics(d)

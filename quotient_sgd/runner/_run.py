@@ -76,14 +76,28 @@ def _progress(s: Settings, initial: int):
                 smoothing=0.3)
 
 
-def _tensorboard(s: Settings, workdir: str):
+def _tensorboard(s: Settings, workdir: str, resumed_from: int = 0):
+    """The TensorBoard writer of a run directory (``None`` unless ``logging.tensorboard``).  A run resumed from
+    step ``c`` passes ``purge_step=c``: TensorBoard then hides the rows of steps ``>= c`` written before the
+    interruption (they are written again).  Each writer gets its own file (the name's suffix: two writers
+    started within the same second would otherwise share, and truncate, one file)."""
     if not s.logging.tensorboard:
         return None
     try:
         from tensorboardX import SummaryWriter
     except ImportError as e:  # pragma: no cover
         raise RuntimeError("logging.tensorboard=True needs tensorboardX: pip install 'quotient_sgd[tensorboard]'") from e
-    return SummaryWriter(os.path.join(workdir, "tensorboard"))
+    return SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resumed_from or None,
+                         filename_suffix=f".{time.time_ns()}")
+
+
+def write_tensorboard(tb, rows: list[dict]) -> None:
+    """The metric rows (as appended to ``metrics.jsonl``) as TensorBoard scalars: one tag per key, at its step."""
+    for r in rows:
+        for k, v in r.items():
+            if k != "step":
+                tb.add_scalar(k, float(v), r["step"])
+    tb.flush()
 
 
 def run(settings: Settings, workdir: str, *, built: Built | None = None, max_chunks: int | None = None) -> RunResult:
@@ -132,7 +146,7 @@ def _run(s: Settings, workdir: str, b: Built, resume: bool, max_chunks: int | No
         parts.truncate(start)
         metrics.truncate(start)
         remove_outputs(workdir)
-        tb = _tensorboard(s, workdir)
+        tb = _tensorboard(s, workdir, start)
         bar = _progress(s, start)
         done = start
         seed = jnp.int32(s.seed)
@@ -154,11 +168,7 @@ def _run(s: Settings, workdir: str, b: Built, resume: bool, max_chunks: int | No
             parts.write(a, traj)
             metrics.append(rows)
             if tb is not None:
-                for r in rows:
-                    for k, v in r.items():
-                        if k != "step":
-                            tb.add_scalar(k, float(v), r["step"])
-                tb.flush()
+                write_tensorboard(tb, rows)
             if diverged is not None:
                 progress["chunks"] += 1
                 break

@@ -40,7 +40,7 @@ from ..optim import flatten_trajectory
 from ._batches import batch_fn
 from ._build import Built, batch_key, build, init_model, make_inner_optimizer
 from ._chunk import chunk_step, hyper as _hyper, init_state, single_programs, to_host
-from ._run import chunk_bounds, first_divergence, scalar_rows
+from ._run import _tensorboard, chunk_bounds, first_divergence, scalar_rows, write_tensorboard
 from ._rundir import (
     Checkpoints,
     MetricsLog,
@@ -568,6 +568,12 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
 
     bar = tqdm(total=s.steps * n, initial=start * n, unit="member-step", desc=f"{s.name} sweep ({n} members, "
                f"{nd} devices)", disable=not (s.logging.progress and leader), dynamic_ncols=True)
+    writers: dict[int, Any] = {}  # TensorBoard writers of the members held here (logging.tensorboard)
+
+    def tensorboard(i: int):
+        if i not in writers:
+            writers[i] = _tensorboard(s, dirs[i], start)
+        return writers[i]
 
     def write_chunk(a, c, outs, states_c, lay, own_c, before_checkpoint=None):
         """Rows and parts of chunk ``[a, c)`` for the members held here, then the checkpoint of step ``c``."""
@@ -593,6 +599,9 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
                 if kept is not None:
                     kept.setdefault(i, []).append(t)
                 MetricsLog(os.path.join(dirs[i], "metrics.jsonl")).append(rows)
+                tb = tensorboard(i)
+                if tb is not None:
+                    write_tensorboard(tb, rows)
                 if dv is not None:
                     diverged[i] = dv
                     write_json(os.path.join(dirs[i], "diverged.json"), dv)
@@ -661,6 +670,9 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
             done = pending[1]
     finally:
         bar.close()
+        for tb in writers.values():
+            if tb is not None:
+                tb.close()
         if ckpt is not None:
             ckpt.close()
     finished = done >= s.steps or len(diverged) == n

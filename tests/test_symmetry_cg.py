@@ -70,3 +70,31 @@ def test_cg_vertical_stops_in_float32_on_a_wide_mlp(monkeypatch):
         ref = np.asarray(ravel_pytree(g64.vertical(p64, v64))[0])
     got = np.asarray(ravel_pytree(group.vertical(params, v))[0], np.float64)
     assert np.linalg.norm(got - ref) <= 1e-4 * np.linalg.norm(ref)
+
+
+@pytest.mark.parametrize("widths", [(5, 7), (6, 6)])
+def test_cg_projection_of_horizontal_vectors(x64, widths):
+    """A horizontal vector (a gradient) has a zero vertical part, and the projection is idempotent, when the
+    cluster goes through CG with a rank-deficient Gram matrix (a non-minimal deep linear GL chain, 72-74
+    generators).  Scaling the right-hand side by |J^T v| (~ rounding here) made CG chase the noise: a vertical
+    part 22x the gradient's norm."""
+    import jax.numpy as jnp
+
+    from quotient_sgd.symmetry import Product
+
+    model = models.DeepLinear(8, widths, 5, param_dtype=jnp.float64, rngs=nnx.Rngs(3))
+    gd, params = nnx.split(model, nnx.Param)
+    group = model.symmetries()
+    dense = Product(group.components, name=group.name, dense_max=10**6)
+    x = jax.random.normal(jax.random.key(1), (7, 8), jnp.float64)
+    grad = jax.grad(lambda q: jnp.sum(jnp.sin(nnx.merge(gd, q)(x))))(params)
+    norm = lambda t: float(jnp.linalg.norm(ravel_pytree(t)[0]))  # noqa: E731
+    k = jax.tree.leaves(jax.eval_shape(group.tangents, params))[0].shape[0]  # generators
+    assert k > group.dense_max  # solved by CG
+    assert norm(group.vertical(params, grad)) <= 1e-10 * norm(grad)
+    v = jax.tree.map(lambda a: jax.random.normal(jax.random.key(3), a.shape, a.dtype), params)
+    h = group.horizontal(params, v)
+    diff = jax.tree.map(lambda a, b: a - b, group.horizontal(params, h), h)
+    assert norm(diff) <= 1e-9 * norm(h)
+    ref = dense.horizontal(params, v)
+    assert norm(jax.tree.map(lambda a, b: a - b, h, ref)) <= 1e-9 * norm(ref)

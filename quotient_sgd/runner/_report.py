@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,8 @@ from ..config import Settings, validate
 from ._rundir import TrajectoryParts, read_metrics, write_json
 
 PLOTS = ("loss", "observables", "charges", "shock_fold", "hessian", "events")
+#: What a finished run recorded about itself (wall time, resume step, divergence): ``report`` keeps it.
+RECORD = "run.json"
 
 
 def _plt():
@@ -211,9 +214,31 @@ def write_summary(workdir: str, s: Settings, traj: dict, metrics: list[dict], ev
     return text
 
 
+def read_record(workdir: str) -> dict | None:
+    """``{"wall_s", "resumed_from", "diverged"}`` as the run recorded them (``run.json``; for a directory written
+    before that file existed, the lines of its ``summary.md``), or ``None``."""
+    path = os.path.join(workdir, RECORD)
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    path = os.path.join(workdir, "summary.md")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        text = f.read()
+    wall = re.search(r"^- wall time: ([0-9.eE+-]+) s$", text, re.M)
+    resumed = re.search(r"^- steps: .*, resumed from step (\d+)$", text, re.M)
+    div = re.search(r"^- \*\*diverged at step (\d+): (.*)\*\* \(run ended cleanly\)$", text, re.M)
+    return {"wall_s": float(wall.group(1)) if wall else None,
+            "resumed_from": int(resumed.group(1)) if resumed else None,
+            "diverged": {"step": int(div.group(1)), "reason": div.group(2)} if div else None}
+
+
 def finalize(workdir: str, s: Settings, traj: dict, *, diverged: dict | None, wall_s: float | None,
              resumed_from: int | None) -> list[dict]:
-    """events.json, plots and summary.md of a finished (or diverged) run."""
+    """events.json, plots, summary.md and run.json (the wall time, resume step and divergence, which ``report``
+    keeps) of a finished (or diverged) run."""
+    write_json(os.path.join(workdir, RECORD), {"wall_s": wall_s, "resumed_from": resumed_from, "diverged": diverged})
     metrics = read_metrics(os.path.join(workdir, "metrics.jsonl"))
     events, err = detect_events(s, traj, diverged)
     write_json(os.path.join(workdir, "events.json"), events)
@@ -250,11 +275,13 @@ def report(workdir: str) -> str:
     if not os.path.exists(os.path.join(workdir, "config.json")):
         raise FileNotFoundError(f"{workdir!r} is not a run directory (no config.json) nor a sweep (no sweep.json)")
     s, traj, metrics, events = load_run(workdir)
-    diverged = next(({"step": e["step"], "reason": e["details"].get("reason", "")} for e in events
-                     if e["kind"] == "divergence" and e.get("details", {}).get("ended_run")), None)
+    record = read_record(workdir) or {}
+    diverged = record.get("diverged") or next(
+        ({"step": e["step"], "reason": e["details"].get("reason", "")} for e in events
+         if e["kind"] == "divergence" and e.get("details", {}).get("ended_run")), None)
     if not events and traj:
         events, _ = detect_events(s, traj, diverged)
         write_json(os.path.join(workdir, "events.json"), events)
     make_plots(workdir, traj, metrics, events)
-    return write_summary(workdir, s, traj, metrics, events, diverged=diverged, wall_s=None, resumed_from=None,
-                         detect_error=None)
+    return write_summary(workdir, s, traj, metrics, events, diverged=diverged, wall_s=record.get("wall_s"),
+                         resumed_from=record.get("resumed_from"), detect_error=None)

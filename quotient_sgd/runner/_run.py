@@ -143,6 +143,9 @@ def _run(s: Settings, workdir: str, b: Built, resume: bool, max_chunks: int | No
         if ckpt is not None:
             start, restored = ckpt.restore_latest(state)
             state = restored if start else state
+        from ._report import read_record
+
+        previous = read_record(workdir) if resume else None  # before remove_outputs deletes it
         parts.truncate(start)
         metrics.truncate(start)
         remove_outputs(workdir)
@@ -193,5 +196,8 @@ def _run(s: Settings, workdir: str, b: Built, resume: bool, max_chunks: int | No
         traj = parts.assemble(os.path.join(workdir, "trajectory.npz"))
         from ._report import finalize
 
-        finalize(workdir, s, traj, diverged=diverged, wall_s=time.time() - t0, resumed_from=start)
+        wall_s, resumed_from = time.time() - t0, start
+        if not progress["chunks"] and previous is not None:  # a finished run run again: nothing was computed
+            wall_s, resumed_from = previous.get("wall_s"), previous.get("resumed_from")
+        finalize(workdir, s, traj, diverged=diverged, wall_s=wall_s, resumed_from=resumed_from)
     return RunResult(workdir, int(len(traj.get("step", []))), diverged, traj, time.time() - t0, start)

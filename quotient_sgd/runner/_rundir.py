@@ -289,7 +289,7 @@ def _abstract(x):
 
 def remove_outputs(workdir: str) -> None:
     """Remove the derived outputs (they are rewritten at the end of a run)."""
-    for name in ("trajectory.npz", "summary.md"):
+    for name in ("trajectory.npz", "summary.md", "run.json"):
         p = os.path.join(workdir, name)
         if os.path.exists(p):
             os.remove(p)

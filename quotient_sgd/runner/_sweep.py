@@ -467,13 +467,18 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
     if multi:  # every process has checked the directory before anyone writes into it
         multihost_utils.sync_global_devices("quotient_sgd_sweep_checked")
 
+    # the wall time of the call that finished the sweep (kept by a re-run that computes nothing, and by report)
+    recorded_wall = None if old is None else old.get("wall_s")
+
     def record():
         if leader:
             os.makedirs(workdir, exist_ok=True)
-            write_json(os.path.join(workdir, "sweep.json"), {
-                "config": s.to_dict(), "members": members, "num_devices": nd, "num_processes": jax.process_count(),
-                "members_per_device": schedule[-1]["members_per_device"], "schedule": schedule, "decided": decided,
-                "measured_cost": costs})
+            meta = {"config": s.to_dict(), "members": members, "num_devices": nd, "num_processes": jax.process_count(),
+                    "members_per_device": schedule[-1]["members_per_device"], "schedule": schedule,
+                    "decided": decided, "measured_cost": costs}
+            if recorded_wall is not None:
+                meta["wall_s"] = recorded_wall
+            write_json(os.path.join(workdir, "sweep.json"), meta)
 
     record()
     init1, _ = single_programs(b, every)
@@ -688,7 +693,10 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
     wall = time.time() - t0
     res = SweepResult(workdir, n, members, dirs, diverged, layout.mpd, nd, wall, start, done, costs, schedule)
     if leader and finished:
-        report_sweep(workdir, wall_s=wall, plots=plots)
+        if progress["chunks"] or recorded_wall is None:
+            recorded_wall = wall
+            record()
+        report_sweep(workdir, wall_s=recorded_wall, plots=plots)
     return res
 
 
@@ -710,10 +718,12 @@ def _grouping_text(meta: dict) -> str:
 
 def report_sweep(workdir: str, *, wall_s: float | None = None, plots: bool = True) -> str:
     """The sweep table (``summary.md``) and comparison plots (``plots/loss.png``, ``plots/final.png``)."""
-    from ._report import _plt, load_run
+    from ._report import _plt, load_run, read_record
 
     with open(os.path.join(workdir, "sweep.json")) as f:
         meta = json.load(f)
+    if wall_s is None:
+        wall_s = meta.get("wall_s")
     members = meta["members"]
     rows = []
     curves = []
@@ -724,7 +734,8 @@ def report_sweep(workdir: str, *, wall_s: float | None = None, plots: bool = Tru
             continue
         _, traj, metrics, events = load_run(d)
         ev = [r for r in metrics if "test_loss" in r]
-        div = next((e for e in events if e["kind"] == "divergence" and e.get("details", {}).get("ended_run")), None)
+        div = next((e for e in events if e["kind"] == "divergence" and e.get("details", {}).get("ended_run")),
+                   (read_record(d) or {}).get("diverged"))
         status = f"diverged at step {div['step']}" if div else "ok"
         rows.append((i, m, ev[-1] if ev else None, traj, status))
         curves.append((i, m, traj))

@@ -1,0 +1,84 @@
+"""`report` regenerates summary.md without losing what the run recorded (wall time, resume step, divergence), and
+a finished run or sweep run again (nothing to compute) keeps its recorded wall time."""
+
+import json
+import os
+import re
+
+import jax
+
+from quotient_sgd.config import load_config, validate
+from quotient_sgd.runner import report, run, sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _settings(**over):
+    c = load_config(os.path.join(ROOT, "configs", "tiny.py"))
+    c.steps = 20
+    c.logging.plots = False
+    c.observables.names = ("loss", "grad_norm", "charges")
+    for k, v in over.items():
+        c.update_from_flattened_dict({k: v})
+    return validate(c)
+
+
+def _summary(d):
+    with open(os.path.join(d, "summary.md")) as f:
+        return f.read()
+
+
+def _line(text, start):
+    found = [line for line in text.splitlines() if line.startswith(start)]
+    assert len(found) == 1, (start, text)
+    return found[0]
+
+
+def test_report_and_rerun_keep_wall_time_and_resume_step(tmp_path):
+    wd = str(tmp_path / "r")
+    s = _settings()
+    run(s, wd, max_chunks=1)
+    run(s, wd)  # resumed from step 10
+    first = _summary(wd)
+    wall = _line(first, "- wall time: ")
+    assert "resumed from step 10" in _line(first, "- steps: ")
+
+    run(s, wd)  # finished: nothing computed, the record stays
+    again = _summary(wd)
+    assert _line(again, "- wall time: ") == wall
+    assert _line(again, "- steps: ") == _line(first, "- steps: ")
+
+    os.remove(os.path.join(wd, "summary.md"))
+    text = report(wd)
+    assert _line(text, "- wall time: ") == wall and "resumed from step 10" in text
+    assert text == _summary(wd) == first
+
+    # a directory written before run.json existed: its summary.md is the record
+    os.remove(os.path.join(wd, "run.json"))
+    assert report(wd) == first
+
+
+def test_report_keeps_the_divergence_without_events(tmp_path):
+    wd = str(tmp_path / "r")
+    run(_settings(**{"optim.lr": 50.0}), wd)
+    first = _summary(wd)
+    div = _line(first, "- **diverged at step ")
+    assert re.match(r"- \*\*diverged at step \d+: non-finite", div)
+    os.remove(os.path.join(wd, "events.json"))
+    os.remove(os.path.join(wd, "summary.md"))
+    text = report(wd)
+    assert _line(text, "- **diverged at step ") == div
+    assert _line(text, "- wall time: ") == _line(first, "- wall time: ")
+    with open(os.path.join(wd, "events.json")) as f:
+        assert [e for e in json.load(f) if e["kind"] == "divergence"]
+
+
+def test_sweep_report_and_rerun_keep_wall_time(tmp_path):
+    wd = str(tmp_path / "sw")
+    s = _settings(**{"sweep.seed": (), "sweep.lr": (0.02, 0.05)})
+    sweep(s, wd, devices=jax.devices()[:1])
+    wall = _line(_summary(wd), "- wall time: ")
+    sweep(s, wd, devices=jax.devices()[:1])  # finished: nothing computed
+    assert _line(_summary(wd), "- wall time: ") == wall
+    os.remove(os.path.join(wd, "summary.md"))
+    assert _line(report(wd), "- wall time: ") == wall

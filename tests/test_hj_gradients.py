@@ -88,3 +88,10 @@ def test_clear_errors():
         solve_burgers(p0, g, nu=0.05, t1=0.3, adjoint=dfx.BacksolveAdjoint())
     with pytest.raises(ValueError, match="periodic"):
         solve_burgers(p0, Grid(64, -1.0, 1.0, periodic=False), nu=0.05, t1=0.3)
+    # an ill-posed (anti-diffusive) or backward problem, and non-positive steps, are refused naming the argument
+    for kw, match in ((dict(nu=-0.01, t1=0.3), "nu=-0.01"), (dict(nu=0.05, t1=-0.1), "t1=-0.1"),
+                      (dict(nu=0.05, t1=0.3, adaptive=False, dt=-0.01), "dt=-0.01")):
+        with pytest.raises(ValueError, match=match):
+            solve_burgers(p0, g, **kw)
+        with pytest.raises(ValueError, match=match):
+            solve_hj(p0, g, **kw)

@@ -28,6 +28,15 @@ def test_shock_time_from_initial_data(name):
     assert float(shock_time(p0(g.x), g)) == pytest.approx(exact_tstar(dp), rel=1e-2)
 
 
+@pytest.mark.parametrize("n", [21, 51, 201])
+def test_shock_time_bounded_grid_steepest_at_an_end(n):
+    """On a bounded grid whose steepest descent is at an end (p0 = -x^3 on [0, 1]: t* = 1/3), the end sample's
+    derivative sets the time, not its neighbour's (10.7% off at n = 21 before)."""
+    g = Grid(n, 0.0, 1.0, periodic=False)
+    for p0, exact in ((-g.x**3, 1 / 3), ((1 - g.x) ** 3, 1 / 3)):  # steepest at the right end, then the left
+        assert float(shock_time(p0, g)) == pytest.approx(exact, rel=1e-2)
+
+
 def test_shock_time_from_hessian_and_2d():
     assert float(shock_time_from_hessian(-4.0)) == pytest.approx(0.25)
     assert np.isinf(float(shock_time_from_hessian(1.0)))

@@ -61,7 +61,8 @@ def shock_time(p0: Array, grid: AnyGrid) -> Array:
         curv = dm - 2 * d0 + dp
         ok = curv > 0
         refined = d0 - jnp.where(ok, (dp - dm) ** 2 / (8 * jnp.where(ok, curv, jnp.ones_like(curv))), 0)
-        lam = jnp.where((i > 0) & (i < n - 1) | grid.periodic, jnp.minimum(refined, d0), d0)
+        # at an end of a bounded grid the minimum is the end sample itself (no parabola through it)
+        lam = jnp.where((i > 0) & (i < n - 1) | grid.periodic, jnp.minimum(refined, d0), d[i])
         return shock_time_from_hessian(lam)
     gx, gy = grid.axes
     a, b = _diff(p0[0], gx, 0), _diff(p0[1], gy, 1)

@@ -103,6 +103,19 @@ class _LatticeWithStops(dfx.AbstractStepSizeController):
         return True, t1, self._next(t1), False, None, dfx.RESULTS.successful
 
 
+def _concrete_negative(value, strict: bool):
+    """``value`` when it is a known number below zero (or equal to zero with ``strict``), else ``None`` (also for
+    traced values, e.g. under ``vmap`` or ``grad``, which cannot be checked here)."""
+    if value is None:
+        return None
+    try:
+        a = np.asarray(value, dtype=float)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError, TypeError):
+        return None
+    bad = (a <= 0) if strict else (a < 0)
+    return value if bool(np.any(bad)) else None
+
+
 def _solve(form, name, y0, grid, *, nu, t1, ts, scheme, solver, rtol, atol, max_steps, dt0, adaptive,
            adjoint, progress, dt=None):
     scheme = as_scheme(scheme)
@@ -120,6 +133,12 @@ def _solve(form, name, y0, grid, *, nu, t1, ts, scheme, solver, rtol, atol, max_
             f"{name}: BacksolveAdjoint is not supported: its backward-in-time solve of the viscous equation is "
             "anti-diffusive (ill-posed) and blows up. Use the default RecursiveCheckpointAdjoint()."
         )
+    for arg, value, allowed in (("nu", nu, "nu >= 0 (the viscous equation runs forward in time; nu < 0 is "
+                                 "anti-diffusive, ill-posed)"), ("t1", t1, "t1 >= 0"), ("dt", dt, "dt > 0"),
+                                ("dt0", dt0, "dt0 > 0")):
+        bad = _concrete_negative(value, strict=arg.startswith("dt"))
+        if bad is not None:
+            raise ValueError(f"{name}: {arg}={bad} is not allowed; need {allowed}.")
     nu = jnp.asarray(nu, dtype)
     t1 = jnp.asarray(t1, dtype)
     if solver not in _SOLVERS and not isinstance(solver, dfx.AbstractSolver):

@@ -121,3 +121,18 @@ def read_tensorboard(run_dir: str) -> dict[str, list[tuple[int, float]]]:
             for v in ev.summary.value:
                 out.setdefault(v.tag, []).append((int(ev.step), float(v.simple_value)))
     return out
+
+
+def tiny_settings(steps: int = 20, **over):
+    """Validated settings of ``configs/tiny.py`` for fast runner tests: ``steps`` steps, plots off, three cheap
+    observables, then ``over`` (flattened keys, e.g. ``**{"optim.lr": 0.5}``)."""
+    from quotient_sgd.config import load_config, validate
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    c = load_config(os.path.join(root, "configs", "tiny.py"))
+    c.steps = steps
+    c.logging.plots = False
+    c.observables.names = ("loss", "grad_norm", "charges")
+    for k, v in over.items():
+        c.update_from_flattened_dict({k: v})
+    return validate(c)

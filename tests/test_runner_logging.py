@@ -7,7 +7,7 @@ import shutil
 import jax
 import numpy as np
 
-from helpers import checkpoint_steps, load_metric_rows, read_tensorboard
+from helpers import checkpoint_steps, load_metric_rows, read_tensorboard, tiny_settings
 from quotient_sgd.config import load_config, validate
 from quotient_sgd.runner import run, sweep
 
@@ -43,15 +43,8 @@ def _tensorboard_matches_metrics(run_dir):
         np.testing.assert_allclose([v for _, v in tb[k]], [v for _, v in want[k]], rtol=1e-6, err_msg=k)
 
 
-def _tiny(**over):
-    c = load_config(os.path.join(ROOT, "configs", "tiny.py"))
-    c.steps = 30
-    c.logging.plots = False
-    c.logging.tensorboard = True
-    c.observables.names = ("loss", "grad_norm", "charges")
-    for k, v in over.items():
-        c.update_from_flattened_dict({k: v})
-    return validate(c)
+def _tiny(steps=30, **over):
+    return tiny_settings(steps, **{"logging.tensorboard": True, **over})
 
 
 def test_tensorboard_of_a_resumed_run_has_every_row_once(tmp_path):
@@ -66,7 +59,7 @@ def test_tensorboard_of_a_resumed_run_has_every_row_once(tmp_path):
 
 
 def test_sweep_writes_tensorboard_per_member(tmp_path):
-    s = _tiny(**{"sweep.seed": (), "sweep.lr": (0.02, 0.05), "steps": 20})
+    s = _tiny(20, **{"sweep.seed": (), "sweep.lr": (0.02, 0.05)})
     res = sweep(s, str(tmp_path / "sw"), devices=jax.devices()[:1])
     for d in res.member_dirs:
         assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(d, "tensorboard")))

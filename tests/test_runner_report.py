@@ -7,20 +7,12 @@ import re
 
 import jax
 
-from quotient_sgd.config import load_config, validate
+from helpers import tiny_settings
 from quotient_sgd.runner import report, run, sweep
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _settings(**over):
-    c = load_config(os.path.join(ROOT, "configs", "tiny.py"))
-    c.steps = 20
-    c.logging.plots = False
-    c.observables.names = ("loss", "grad_norm", "charges")
-    for k, v in over.items():
-        c.update_from_flattened_dict({k: v})
-    return validate(c)
+    return tiny_settings(20, **over)
 
 
 def _summary(d):

@@ -99,23 +99,25 @@ def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
         raise _err(key, value, allowed)
 
 
+#: Images in scikit-learn's bundled digits (``quotient_sgd.data.digits``).
+DIGITS_SIZE = 1797
+
+
+def split_sizes(d: DataSettings) -> tuple[int, int]:
+    """``(train, test)`` example counts that ``d`` describes (arithmetic only, as :mod:`quotient_sgd.data`
+    splits: no data is built)."""
+    if d.name in ("teacher_student", "sparse_parity"):
+        return d.n_train, d.n_test
+    if d.name == "modular_arithmetic":
+        n = int(round(d.train_fraction * d.p * d.p))
+        return n, d.p * d.p - n
+    n_test = int(round(d.test_fraction * DIGITS_SIZE))
+    return DIGITS_SIZE - n_test, n_test
+
+
 def train_size(d: DataSettings) -> int:
-    """The number of training examples ``d`` describes (arithmetic only: no data is built)."""
-    if d.name in ("teacher_student", "sparse_parity"):
-        return d.n_train
-    if d.name == "modular_arithmetic":
-        return int(round(d.train_fraction * d.p * d.p))
-    n = 1797
-    return n - int(round(d.test_fraction * n))
-
-
-def test_size(d: DataSettings) -> int:
-    """The number of test examples ``d`` describes (arithmetic only, as :mod:`quotient_sgd.data` splits)."""
-    if d.name in ("teacher_student", "sparse_parity"):
-        return d.n_test
-    if d.name == "modular_arithmetic":
-        return d.p * d.p - train_size(d)
-    return int(round(d.test_fraction * 1797))
+    """The number of training examples ``d`` describes (:func:`split_sizes`)."""
+    return split_sizes(d)[0]
 
 
 def _check_data(d: DataSettings) -> None:
@@ -133,17 +135,17 @@ def _check_data(d: DataSettings) -> None:
     if d.name == "modular_arithmetic":
         _check(d.p >= 2, "data.p", d.p, "must be >= 2")
         _check(0 < d.train_fraction < 1, "data.train_fraction", d.train_fraction, "must be in (0, 1)")
-        n, total = train_size(d), d.p * d.p
-        _check(1 <= n <= total - 1, "data.train_fraction", d.train_fraction,
-               f"splits the {total} pairs of data.p = {d.p} into {n} training and {total - n} test pairs; both "
+        (n, n_te), total = split_sizes(d), d.p * d.p
+        _check(n >= 1 and n_te >= 1, "data.train_fraction", d.train_fraction,
+               f"splits the {total} pairs of data.p = {d.p} into {n} training and {n_te} test pairs; both "
                f"splits need at least one example: use a fraction in [{1.5 / total:.3g}, {1 - 1.5 / total:.3g}]"
                + (" (or a larger data.p)" if total < 16 else ""))
     if d.name == "digits":
         _check(0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction, "must be in (0, 1)")
-        n_te = test_size(d)
-        _check(1 <= n_te <= 1796, "data.test_fraction", d.test_fraction,
-               f"splits the 1797 images into {1797 - n_te} training and {n_te} test images; both splits need at "
-               f"least one example: use a fraction in [{1.5 / 1797:.3g}, {1 - 1.5 / 1797:.3g}]")
+        n_tr, n_te = split_sizes(d)
+        _check(n_tr >= 1 and n_te >= 1, "data.test_fraction", d.test_fraction,
+               f"splits the {DIGITS_SIZE} images into {n_tr} training and {n_te} test images; both splits need "
+               f"at least one example: use a fraction in [{1.5 / DIGITS_SIZE:.3g}, {1 - 1.5 / DIGITS_SIZE:.3g}]")
     n = train_size(d)
     _check(d.batch_size <= n, "data.batch_size", d.batch_size,
            f"larger than the training set ({n} examples of {d.name!r}); use <= {n}, or 0 for full batch")

@@ -160,3 +160,18 @@ def test_batchnorm_cnn_symmetries_threaded(activation):
         assert err <= 1e-5, c.name
     err = float(jnp.max(jnp.abs(f(group.act(group.sample(keys[-1], params), params), rest) - y))) / ref
     assert err <= 1e-5
+
+
+def test_verify_tells_rounding_from_a_false_action_at_large_elements():
+    """float32, elements of scale 3 (GL matrices of condition ~1e3): the Transformer's true symmetries change
+    the outputs beyond rtol=1e-5 by rounding alone, as much as the exact round trip g^-1.(g.theta) does, so
+    verify passes them; an action that is not a symmetry still fails at the same scale, with the rounding
+    comparison in the message."""
+    model = Transformer(16, 32, 4, 2, 16, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(0), (4, 16), 0, 16)
+    worst = verify(model, model.symmetries(), tokens, jax.random.key(1), scale=3.0, rtol=1e-5)
+    assert worst > 1e-5  # the case this is about: rounding above rtol
+    for activation in ("gelu", "tanh"):
+        bad_model, bad = _forced_rescale_mlp(activation)
+        with pytest.raises(SymmetryError, match="round trip"):
+            verify(bad_model, Product([bad]), _vec(3), jax.random.key(1), scale=3.0, rtol=1e-5)

@@ -143,6 +143,33 @@ def _path_to(root, node, prefix=()):
     return None
 
 
+def _config_path(argv: list[str]) -> str | None:
+    """The ``--config=PATH`` (or ``--config PATH``) argument, ``None`` when absent (the embedded default)."""
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a[len("--config="):]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _config_file_error(argv: list[str]) -> str | None:
+    """The validation error of the config file alone, without the overrides; ``None`` when it is valid or cannot
+    be loaded on its own."""
+    from .config import ConfigError, load_config, validate
+
+    path = _config_path(argv)
+    if path is None:
+        return None
+    try:
+        validate(load_config(path))
+    except ConfigError as e:
+        return f"{e} (in {path}, before any --config.* override)"
+    except Exception:  # noqa: BLE001 - any other failure is reported by the caller as it is
+        return None
+    return None
+
+
 def _fail(msg: str, code: int = 2) -> int:
     print(f"quotient-sgd: error: {msg}", file=sys.stderr)
     return code
@@ -174,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides = [a for a in argv[1:] if a.startswith("--config.")]
         if isinstance(e, OSError):
             return _fail(f"cannot load the config file: {msg}")
+        file_error = _config_file_error(argv[1:])
+        if file_error:  # the file itself is not a valid run config: say that, not which override tripped on it
+            return _fail(file_error)
         return _fail(f"bad config override among {overrides}: {msg}")
     cmd = rest[1] if len(rest) > 1 else "run"
     if cmd in ("-h", "--help", "help"):

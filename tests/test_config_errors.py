@@ -233,3 +233,17 @@ def test_loaded_settings_are_frozen_and_typed():
     with pytest.raises(Exception):
         s.optim.lr = 1.0  # frozen
     assert validate(s.to_dict()) == s  # config.json round-trips
+
+
+@pytest.mark.parametrize("overrides", [[], ["--config.steps=40", "--config.logging.progress=False"]])
+def test_cli_experiment_config_is_named_as_not_a_run_config(tmp_path, monkeypatch, capsys, overrides):
+    """An experiment's config (configs/catapult.py) given to `run`, with or without overrides of run keys it
+    lacks: the error says the file is not a run config and where experiment configs run; nothing is written."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "catapult.py")
+    monkeypatch.chdir(tmp_path)
+    code = main(["quotient-sgd", "run", f"--config={path}", *overrides, f"--workdir={tmp_path / 'runs' / 'x'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "it is not a run config" in err and "python experiments/<name>.py" in err, err
+    assert ("before any --config.* override" in err) == bool(overrides), err
+    assert os.listdir(tmp_path) == []

@@ -132,3 +132,21 @@ def test_errors_are_clear():
     p = _init(jax.random.key(0))
     with pytest.raises(ValueError, match="loss_fn"):
         tx.update(p, tx.init(p), p)
+
+
+def test_reusing_donated_inputs_is_a_clear_error():
+    """train donates its inputs by default: calling it again with the same (now deleted) arrays names the
+    argument and the ways out, instead of JAX's 'Array has been deleted'; donate=False keeps them usable and
+    the second run equals the first."""
+    p = _init(jax.random.key(0))
+    kept = jax.tree.map(jnp.copy, p)
+    tx = optax.sgd(0.1, momentum=0.9)
+    p1, s1, _ = train(mse, p, tx, batch_fn, num_steps=3)
+    with pytest.raises(ValueError, match=r"params holds arrays that were donated .* donate=False"):
+        train(mse, p, tx, batch_fn, num_steps=3)
+    train(mse, p1, tx, batch_fn, num_steps=3, opt_state=s1)  # consumes p1 and s1
+    with pytest.raises(ValueError, match=r"opt_state holds arrays that were donated"):
+        train(mse, jax.tree.map(jnp.copy, kept), tx, batch_fn, num_steps=3, opt_state=s1)
+    a = train(mse, kept, tx, batch_fn, num_steps=3, donate=False)[0]
+    b = train(mse, kept, tx, batch_fn, num_steps=3, donate=False)[0]
+    assert jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), a, b))

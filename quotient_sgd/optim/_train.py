@@ -149,6 +149,14 @@ def train(
                 raise ValueError(f"train: num_steps={num_steps} but data has only {n} stacked batches")
     if key is None:
         key = jax.random.key(0)
+    for name, tree in (("params", params), ("opt_state", opt_state), ("model_state", model_state)):
+        if any(isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.is_deleted()
+               for x in jax.tree.leaves(tree)):
+            raise ValueError(
+                f"train: {name} holds arrays that were donated to an earlier train call (donate=True, the default, "
+                f"consumes them) and are deleted; use what that call returned, pass donate=False to keep the "
+                f"inputs, or pass a copy (jax.tree.map(jnp.copy, {name}))"
+            )
     if opt_state is None:
         opt_state = tx.init(params)
     run = _run_donated if donate else _run_kept

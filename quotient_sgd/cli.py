@@ -234,11 +234,11 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"cannot load the config file: {e}")
     except (ConfigError, flags.Error, ValueError, KeyError, AttributeError, TypeError) as e:
         return _fail(str(e.args[0] if isinstance(e, KeyError) and e.args else e))
+    workdir = fv.workdir or os.path.join("runs", settings.name if cmd == "run" else f"{settings.name}-sweep")
     try:
         if cmd == "run":
             from .runner import run
 
-            workdir = fv.workdir or os.path.join("runs", settings.name)
             res = run(settings, workdir)
             status = (f"diverged at step {res.diverged['step']} ({res.diverged['reason']})" if res.diverged
                       else f"{res.steps_done} steps")
@@ -247,12 +247,25 @@ def main(argv: list[str] | None = None) -> int:
         from .runner import sweep
 
         _init_distributed(fv)
-        workdir = fv.workdir or os.path.join("runs", f"{settings.name}-sweep")
         out = sweep(settings, workdir)
         print(f"quotient-sgd: sweep of {out.num_members} members; wrote {workdir} ({out.wall_s:.1f} s)")
         return 0
     except (ConfigError, RunDirError) as e:
         return _fail(str(e))
+    except KeyboardInterrupt:
+        return _fail(_interrupted(workdir), code=130)
+
+
+def _interrupted(workdir: str) -> str:
+    """What an interrupted run or sweep kept (the runner has waited for the checkpoint being written)."""
+    ckdir = os.path.join(workdir, "checkpoints")
+    steps = sorted(int(d) for d in os.listdir(ckdir) if d.isdigit()) if os.path.isdir(ckdir) else []
+    if steps:
+        return (f"interrupted; {workdir} keeps its checkpoint of step {steps[-1]} and the metrics up to it: run the "
+                "same command to resume from there")
+    if os.path.isdir(workdir):
+        return f"interrupted before the first checkpoint; the same command starts {workdir} again from step 0"
+    return "interrupted before anything was written"
 
 
 def _init_distributed(fv) -> None:

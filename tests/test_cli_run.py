@@ -60,3 +60,24 @@ def test_help_and_unknown_subcommand(tmp_path):
     res = _quotient_sgd(["frobnicate"], cwd=tmp_path)
     assert res.returncode == 2 and "unknown subcommand" in res.stderr
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("checkpointed", [True, False])
+def test_cli_interrupt_says_what_was_kept(tmp_path, monkeypatch, capsys, checkpointed):
+    """Ctrl-C during `run` (KeyboardInterrupt out of the runner, which has waited for the checkpoint in flight):
+    exit status 130 and a message naming the checkpoint step to resume from, not a traceback."""
+    import quotient_sgd.runner as runner_pkg
+    from quotient_sgd.cli import main
+
+    wd = tmp_path / "runs" / "x"
+
+    def interrupted_run(settings, workdir, **kw):
+        os.makedirs(os.path.join(workdir, "checkpoints", "300") if checkpointed else workdir)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner_pkg, "run", interrupted_run)
+    code = main(["quotient-sgd", "run", "--config.steps=1000", f"--workdir={wd}"])
+    err = capsys.readouterr().err
+    assert code == 130
+    assert ("checkpoint of step 300" in err) == checkpointed, err
+    assert "same command" in err and "Traceback" not in err, err

@@ -162,3 +162,16 @@ def test_periodic_observables_stay_branches_under_vmap():
     all_batched = lambda b: jax.tree.map(lambda x: 0, _state_shapes(b))  # noqa: E731
     control = list(_eqns(_vmapped_chunk_jaxpr(s, all_batched)))
     assert not all(inside for e, inside in control if e.primitive.name == "eigh")
+
+
+def test_batch_size_sweep_members_equal_their_own_runs(tmp_path):
+    """A sweep over batch sizes runs every member at the largest batch with the others masked (their batches are
+    prefixes of the same random draw): each member equals the plain run of its own batch size up to float32
+    summation order."""
+    s = _settings(**{"steps": 12, "sweep.lr": (0.05,), "sweep.seed": (0, 1), "sweep.batch_size": (8, 32)})
+    r = sweep(s, str(tmp_path / "sw"), plots=False)
+    members = sweep_members(s)
+    assert sorted({m["batch_size"] for m in members}) == [8, 32]
+    for i, m in enumerate(members):
+        res = run(member_settings(s, i, m), str(tmp_path / f"run{i}"))
+        _assert_same(_traj(r.member_dirs[i]), res.trajectory, rtol=1e-3, atol=1e-6)

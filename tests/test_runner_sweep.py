@@ -175,3 +175,16 @@ def test_batch_size_sweep_members_equal_their_own_runs(tmp_path):
     for i, m in enumerate(members):
         res = run(member_settings(s, i, m), str(tmp_path / f"run{i}"))
         _assert_same(_traj(r.member_dirs[i]), res.trajectory, rtol=1e-3, atol=1e-6)
+
+
+def test_init_gauge_sweep_same_function_different_parameterisation(tmp_path):
+    """Members that differ only in init_gauge start from one function in different parameterisations: equal loss
+    and orbit-invariant grad_norm_canonical at step 0, a raw grad_norm changed several-fold."""
+    s = _settings(**{"steps": 3, "sweep.lr": (0.05,), "sweep.seed": (0,), "sweep.init_gauge": (0.0, 2.0)})
+    r = sweep(s, str(tmp_path / "sw"), plots=False)
+    assert [m["init_gauge"] for m in sweep_members(s)] == [0.0, 2.0]
+    a, b = (_traj(d) for d in r.member_dirs)
+    np.testing.assert_allclose(b["loss"][0], a["loss"][0], rtol=1e-5)
+    np.testing.assert_allclose(b["grad_norm_canonical"][0], a["grad_norm_canonical"][0], rtol=1e-4)
+    ratio = b["grad_norm"][0] / a["grad_norm"][0]
+    assert max(ratio, 1 / ratio) > 2, ratio

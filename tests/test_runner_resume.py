@@ -115,3 +115,27 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     for k in ref.trajectory:
         np.testing.assert_array_equal(resumed.trajectory[k], ref.trajectory[k], err_msg=k)
     assert _rows(wd) == _rows(str(tmp_path / "ref"))
+
+
+def test_ctrl_c_is_held_back_until_a_checkpoint_write_ends():
+    """SIGINT inside ``sigint_deferred`` (around every checkpoint save / close) does not interrupt the block; it
+    is delivered to the previous handler (KeyboardInterrupt) when the block ends, and the handler is restored."""
+    import time
+
+    from quotient_sgd.runner._rundir import sigint_deferred
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        finished = []
+        with pytest.raises(KeyboardInterrupt):
+            with sigint_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+                finished.append(True)
+        assert finished == [True]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with sigint_deferred():  # nothing received: nothing raised
+            finished.append(True)
+        assert finished == [True, True]
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -9,10 +9,13 @@ parts of an interrupted chunk are recomputed once, never lost, never duplicated.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
+import signal
+import threading
 import warnings
 from typing import Any
 
@@ -242,7 +245,8 @@ class Checkpoints:
 
     def save(self, step: int, state) -> None:
         leaves = {f"{i:05d}": _global_or_host(x) for i, x in enumerate(jax.tree.leaves(state))}
-        self.manager.save(step, args=self._ocp.args.StandardSave(leaves))
+        with sigint_deferred():  # the save waits for the previous one's finalisation: let it finish
+            self.manager.save(step, args=self._ocp.args.StandardSave(leaves))
 
     def restore(self, step: int, template):
         """The state saved at ``step``, in the structure of ``template``; leaves of ``template`` that are global
@@ -270,7 +274,30 @@ class Checkpoints:
         return 0, None
 
     def close(self) -> None:
-        self.manager.close()
+        with sigint_deferred():
+            self.manager.close()
+
+
+@contextlib.contextmanager
+def sigint_deferred():
+    """Hold back Ctrl-C (SIGINT) until the block ends, then deliver it to the handler that was installed (Python's:
+    ``KeyboardInterrupt``).  Checkpoint writes run to completion, so an interrupt never leaves a half-finalised
+    checkpoint or orbax's error log behind.  A no-op outside the main thread or where SIGINT is ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if not callable(previous):  # SIG_IGN / SIG_DFL / not installed from Python: leave it alone
+        yield
+        return
+    received: list = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            previous(*received[0])
 
 
 def _is_global(x) -> bool:

@@ -80,8 +80,12 @@ def test_vmap_over_initial_data_and_2d():
 def test_clear_errors():
     g = Grid(64, -1.0, 1.0)
     p0 = -jnp.sin(jnp.pi * g.x)
-    with pytest.raises(Exception, match="max_steps=3"):
+    with pytest.raises(Exception, match="max_steps=3.*use scheme='fv'"):
         solve_burgers(p0, g, nu=0.05, t1=0.3, max_steps=3).ps.block_until_ready()
+    # on finite volumes the advice is the viscous step limit of the explicit solver, not "use scheme='fv'"
+    with pytest.raises(Exception, match=r"max_steps=3.*dt <= dx\^2 / \(2 nu\)") as info:
+        solve_burgers(p0, g, nu=0.05, t1=0.3, scheme="fv", max_steps=3).ps.block_until_ready()
+    assert "use scheme='fv'" not in str(info.value)
     with pytest.raises(Exception, match="not finite|failed|max_steps"):
         solve_burgers(p0 * jnp.nan, g, nu=0.05, t1=0.3, max_steps=3).ps.block_until_ready()  # same compilation
     with pytest.raises(ValueError, match="BacksolveAdjoint"):

@@ -175,12 +175,25 @@ def _solve(form, name, y0, grid, *, nu, t1, ts, scheme, solver, rtol, atol, max_
             adjoint = dfx.RecursiveCheckpointAdjoint(checkpoints=max_steps)
     as_array = (lambda v: None if v is None else jnp.asarray(v, dtype))
     return _integrate(form, name, grid, term, solver, y0, nu, t1, as_array(ts), as_array(dt), as_array(dt0),
-                      as_array(rtol), as_array(atol), max_steps, adjoint, progress)
+                      as_array(rtol), as_array(atol), max_steps, adjoint, progress,
+                      _max_steps_advice(scheme, solver))
+
+
+def _max_steps_advice(scheme, solver) -> str:
+    """What to do when ``max_steps`` runs out, for this scheme and solver: part of the error's (static) message,
+    so it depends only on what the compilation already does (never on nu, t1 or the grid values)."""
+    if isinstance(scheme, Spectral):
+        return ("Increase max_steps, loosen rtol/atol, or, if a shock is forming, use scheme='fv', more grid points "
+                "or a larger nu.")
+    if isinstance(solver, dfx.KenCarp4):
+        return "Increase max_steps or loosen rtol/atol."
+    return ("Increase max_steps or loosen rtol/atol: on finite volumes an explicit solver's stable step is limited "
+            "by the viscous term, dt <= dx^2 / (2 nu), so it needs about t1 * 2 nu / dx^2 steps.")
 
 
 @eqx.filter_jit
 def _integrate(form, name, grid, term, solver, y0, nu, t1, ts, dt, dt0, rtol, atol, max_steps, adjoint,
-               progress):
+               progress, advice: str):
     """The numerical part of a solve, jitted as a whole (Python-level checks stay in :func:`_solve`): one
     compilation per grid / scheme / solver / stepping mode / save structure; nu, t1, ts, dt and the tolerances
     are traced, so other values reuse it."""
@@ -217,8 +230,7 @@ def _integrate(form, name, grid, term, solver, y0, nu, t1, ts, dt, dt0, rtol, at
     ys = sol.ys
     ys = eqx.error_if(
         ys, sol.result == dfx.RESULTS.max_steps_reached,
-        f"{name}: max_steps={max_steps} steps were taken before reaching t1. Increase max_steps, loosen "
-        "rtol/atol, or, if a shock is forming, use scheme='fv', more grid points or a larger nu.",
+        f"{name}: max_steps={max_steps} steps were taken before reaching t1. {advice}",
     )
     ys = eqx.error_if(
         ys, (sol.result != dfx.RESULTS.successful) & (sol.result != dfx.RESULTS.max_steps_reached),

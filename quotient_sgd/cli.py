@@ -28,6 +28,24 @@ _REEXEC_MARK = "QSGD_MALLOC_TUNED"
 
 USAGE = __doc__.split("\n\n")[1]
 
+HELP = f"""quotient-sgd: config-driven training runs that record quotient (symmetry-corrected) trajectories.
+
+{USAGE}
+
+  --config=PATH            a configs/<name>.py with get_config() (default: the embedded quickstart config)
+  --config.KEY=VALUE       override one key of the config, e.g. --config.optim.lr=0.05 --config.steps=2000
+  --workdir=DIR            the run (or sweep) directory; re-running the same command resumes from its last
+                           checkpoint; a directory holding a different config is refused
+  --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+                           a sweep over several hosts (jax.distributed; env QSGD_COORDINATOR_ADDRESS,
+                           QSGD_NUM_PROCESSES, QSGD_PROCESS_ID)
+  --distributed            jax.distributed.initialize() with JAX's cluster auto-detection (TPU pods, SLURM)
+  -h, --help               this text;  --version  the package version
+
+Ctrl-C waits for the checkpoint being written and exits with status 130; the same command resumes.
+Environment: QSGD_NO_MALLOC_TUNING=1 keeps glibc's default malloc (see the module docstring of quotient_sgd.cli).
+"""
+
 
 def _maybe_reexec(argv: list[str]) -> None:
     """Re-execute this process once with the allocator settings (see the module docstring)."""
@@ -177,6 +195,14 @@ def _fail(msg: str, code: int = 2) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
+    if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
+        print(HELP)
+        return 0
+    if "--version" in argv[1:]:
+        from . import __version__
+
+        print(f"quotient-sgd {__version__}")
+        return 0
     if argv is sys.argv or argv == sys.argv:
         _maybe_reexec(argv)
     from absl import flags
@@ -206,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(file_error)
         return _fail(f"bad config override among {overrides}: {msg}")
     cmd = rest[1] if len(rest) > 1 else "run"
-    if cmd in ("-h", "--help", "help"):
-        print(USAGE)
+    if cmd == "help":
+        print(HELP)
         return 0
     if cmd == "report":
         if len(rest) != 3:

@@ -247,3 +247,19 @@ def test_cli_experiment_config_is_named_as_not_a_run_config(tmp_path, monkeypatc
     assert "it is not a run config" in err and "python experiments/<name>.py" in err, err
     assert ("before any --config.* override" in err) == bool(overrides), err
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("args", [["--help"], ["-h"], ["run", "--help"], ["sweep", "-h"], ["help"]])
+def test_cli_help(tmp_path, monkeypatch, capsys, args):
+    monkeypatch.chdir(tmp_path)
+    assert main(["quotient-sgd", *args]) == 0
+    out = capsys.readouterr().out
+    assert "quotient-sgd run" in out and "--config.KEY=VALUE" in out and "--workdir=DIR" in out
+    assert os.listdir(tmp_path) == []
+
+
+def test_cli_version(capsys):
+    from quotient_sgd import __version__
+
+    assert main(["quotient-sgd", "--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"quotient-sgd {__version__}"

@@ -99,5 +99,6 @@ def save_events(path: str | os.PathLike, events: Iterable[Event]) -> None:
 
 
 def load_events(path: str | os.PathLike) -> list[Event]:
+    """The events of an ``events.json`` (as written by a run, a sweep member or :func:`save_events`)."""
     with open(path) as f:
         return [Event.from_dict(d) for d in json.load(f)]

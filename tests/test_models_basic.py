@@ -176,3 +176,10 @@ def test_cnn_patch_convolution_equals_xla_convolution(k, stride, hw, norm, x64):
 def test_cnn_conv_impl_is_checked():
     with pytest.raises(ValueError, match="conv_impl"):
         CNN(1, (3,), 2, conv_impl="fft", rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("hidden", [8, (8, 0), (8, 2.5), "8"])
+def test_mlp_hidden_must_be_a_sequence_of_widths(hidden):
+    with pytest.raises(ValueError, match="hidden must be a sequence of widths"):
+        MLP(4, hidden, 3, rngs=nnx.Rngs(0))
+    assert MLP(4, [np.int64(8)], 3, rngs=nnx.Rngs(0))(jnp.ones((2, 4))).shape == (2, 3)

@@ -294,3 +294,26 @@ def test_continuous_canonical_element_and_unordered_invariants(name):
     for un in (G.unordered_invariants(p), G.unordered_invariants(p, k), G.unordered_invariants(G.act(g, p))):
         for c in inv:
             np.testing.assert_allclose(tree_norm(un[c]), tree_norm(inv[c]), rtol=1e-4, atol=1e-6)
+
+
+def test_sample_scale_and_align_layout_are_checked():
+    from flax import nnx
+
+    from quotient_sgd.models import MLP
+
+    def params(hidden, seed):
+        return nnx.split(MLP(4, hidden, 3, rngs=nnx.Rngs(seed)), nnx.Param)[1]
+
+    p = params((8,), 0)
+    group = MLP(4, (8,), 3, rngs=nnx.Rngs(0)).symmetries()
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scale=.* need a finite number >= 0"):
+            group.sample(jax.random.key(0), p, scale=bad)
+        with pytest.raises(ValueError, match="scale="):
+            group.sample_component(jax.random.key(0), p, group.components[0].name, scale=bad)
+    g0 = group.sample(jax.random.key(0), p, scale=0.0)  # scale 0: the continuous part is the identity
+    moved = group.act(g0, p)
+    assert float(quotient_distance(group, p, moved)) < 1e-5
+    for fn in (align, quotient_distance):
+        with pytest.raises(ValueError, match=r"has shape \(.*8,?\) in params_a and \(.*9,?\) in params_b"):
+            fn(group, p, params((9,), 1))

@@ -72,7 +72,19 @@ def _quadrature_2d(loss, x, t, nu, num, lipschitz):
     return u.reshape(shape), jnp.moveaxis(p, -1, 0).reshape(x.shape)
 
 
+def _check_positive(name: str, **values) -> None:
+    """``ValueError`` naming the argument when a known (not traced) ``t`` or ``nu`` is not > 0: the Cole-Hopf
+    kernel needs both (``nu = 0`` is the inviscid limit, the Hopf-Lax formula; ``t = 0`` is the loss itself)."""
+    from ._solve import _concrete_negative
+
+    for arg, value in values.items():
+        bad = _concrete_negative(value, strict=True)
+        if bad is not None:
+            raise ValueError(f"{name}: {arg}={bad} is not allowed; need {arg} > 0.")
+
+
 def _dispatch(loss, x, t, nu, ndim, num, lipschitz):
+    _check_positive("cole_hopf", t=t, nu=nu)
     if ndim == 1:
         return _quadrature_1d(loss, x, t, nu, 4001 if num is None else num, lipschitz)
     if ndim == 2:
@@ -140,6 +152,7 @@ def cole_hopf_monte_carlo(loss_fn: Callable, params, t, nu, *, key, num_samples:
         key: PRNG key.
         num_samples: even number of samples.
     """
+    _check_positive("cole_hopf_monte_carlo", t=t, nu=nu)
     leaves, treedef = jax.tree.flatten(params)
     dtype = leaves[0].dtype
     t, nu = jnp.asarray(t, dtype), jnp.asarray(nu, dtype)

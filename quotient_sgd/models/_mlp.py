@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 from typing import Sequence
 
 import jax
@@ -52,6 +54,9 @@ class MLP(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.activation = check_activation(activation)
+        if isinstance(hidden, (numbers.Integral, str)) or not all(
+                isinstance(h, numbers.Integral) and h >= 1 for h in hidden):
+            raise ValueError(f"MLP: hidden must be a sequence of widths >= 1, e.g. (64, 64) or (32,), got {hidden!r}")
         self.classifier = bool(classifier)
         sizes = (din, *tuple(hidden), dout)
         self.layers = nnx.List(

@@ -73,6 +73,19 @@ def _align_flat(group: Group, fa: Flat, fb: Flat, rounds: int, iters: int) -> Fl
     return jax.tree.map(lambda *xs: jnp.stack(xs)[best], *cands)
 
 
+def _check_same_layout(name: str, fa, fb) -> None:
+    """``ValueError`` naming the first parameter whose path or shape differs between the two networks: orbits of
+    one group are compared only between parameter trees of one architecture."""
+    if set(fa) != set(fb):
+        diff = sorted(set(fa) ^ set(fb), key=str)[0]
+        raise ValueError(f"{name}: params_a and params_b have different parameters (e.g. {diff!r} is in only one); "
+                         f"they must come from the same architecture")
+    for path in fa:
+        if fa[path].shape != fb[path].shape:
+            raise ValueError(f"{name}: parameter {path!r} has shape {fa[path].shape} in params_a and "
+                             f"{fb[path].shape} in params_b; they must come from the same architecture")
+
+
 def align(group: Group, params_a, params_b, *, rounds: int = 3, iters: int = 8):
     """Bring ``params_b`` to a point of its orbit close to ``params_a``.
 
@@ -85,6 +98,7 @@ def align(group: Group, params_a, params_b, *, rounds: int = 3, iters: int = 8):
     """
     fa, treedef = group._flat(params_a)
     fb, _ = group._flat(params_b)
+    _check_same_layout("align", fa, fb)
     return _tree.unflatten(_align_flat(group, fa, fb, rounds, iters), treedef)
 
 
@@ -98,6 +112,7 @@ def quotient_distance(group: Group, params_a, params_b, **kw):
     """
     fa, _ = group._flat(params_a)
     fb, _ = group._flat(params_b)
+    _check_same_layout("quotient_distance", fa, fb)
     ab = _align_flat(group, fa, fb, kw.get("rounds", 3), kw.get("iters", 8))
     ba = _align_flat(group, fb, fa, kw.get("rounds", 3), kw.get("iters", 8))
     return jnp.sqrt(jnp.minimum(_sqdist(fa, ab), _sqdist(fb, ba)))

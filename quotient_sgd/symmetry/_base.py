@@ -55,6 +55,17 @@ def along(v: jax.Array, x: jax.Array, axis: int) -> jax.Array:
     return jnp.reshape(v.astype(x.dtype), shape)
 
 
+def _check_scale(scale) -> None:
+    """``ValueError`` for a known ``scale`` that is negative or not finite (traced values pass)."""
+    try:
+        value = float(scale)
+    except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return
+    if not (value >= 0 and value != float("inf")):
+        raise ValueError(f"sample: scale={scale!r} is not allowed; need a finite number >= 0 (the spread of the "
+                         f"log-factors, 2 x scale).")
+
+
 class Group(eqx.Module):
     """A group acting on (a subset of) a model's parameters, leaving the network function unchanged.
 
@@ -150,7 +161,9 @@ class Group(eqx.Module):
     def sample(self, key, params, scale: float = 1.0):
         """A random group element.  Positive factors have log-factors ~ U(-2 scale, 2 scale); GL elements are
         ``U diag(exp(linspace(-1.5 scale, 1.5 scale))) V^T`` with Haar-random ``U, V`` (condition number
-        ``exp(3 scale)``); permutations are uniform."""
+        ``exp(3 scale)``); permutations are uniform.  ``scale``: a finite number >= 0 (0: the identity of the
+        continuous part)."""
+        _check_scale(scale)
         flat, _ = self._flat(params)
         return self._sample(key, flat, scale)
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from ._base import Flat, Group, SymmetryError, cg_vcoeffs, generic_vcoeffs
+from ._base import Flat, Group, SymmetryError, _check_scale, cg_vcoeffs, generic_vcoeffs
 from ._gl import GL, sylvester_vcoeffs
 from ._permutation import Permutation, unit_key
 
@@ -189,6 +189,7 @@ class Product(Group):
 
     def sample_component(self, key, params, name: str, scale: float = 1.0) -> Word:
         """A random element of the component ``name`` alone, as an element of the product."""
+        _check_scale(scale)
         i = [c.name for c in self.components].index(self.component(name).name)
         flat, _ = self._flat(params)
         return Word((i,), (self.components[i]._sample(key, flat, scale),))

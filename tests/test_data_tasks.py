@@ -67,3 +67,16 @@ def test_batch_fn_inside_scan_and_prefix_property():
     assert full["x"].shape == (50, 8)
     with pytest.raises(ValueError, match="exceeds"):
         data.batch_fn(ds, 51)
+
+
+@pytest.mark.parametrize("make,needle", [
+    (lambda: data.teacher_student(n_train=0), "teacher_student: n_train=0 is not allowed; need an integer >= 1"),
+    (lambda: data.teacher_student(noise=-0.1), "teacher_student: noise=-0.1"),
+    (lambda: data.modular_arithmetic(p=1), "modular_arithmetic: p=1 is not allowed; need an integer >= 2"),
+    (lambda: data.modular_arithmetic(train_fraction=1.0), "modular_arithmetic: train_fraction=1.0"),
+    (lambda: data.sparse_parity(n_train=0), "sparse_parity: n_train=0"),
+    (lambda: data.digits(test_fraction=0.0), "digits: test_fraction=0.0"),
+])
+def test_task_arguments_are_checked(make, needle):
+    with pytest.raises(ValueError, match=needle):
+        make()

@@ -92,3 +92,11 @@ def test_expansion_jumps_are_not_shocks():
     # after evolution the expansion has become a fan, with no steep front there
     p = solve_burgers(p0, g, nu=1e-3, t1=0.2, ts=jnp.asarray([0.1]), scheme="fv", rtol=1e-6, atol=1e-8).ps[-1]
     assert all(abs(s["location"]) > 0.5 for s in find_shocks(p, g, include_inadmissible=True).to_list())
+
+
+def test_grid2d_needs_two_grids():
+    from quotient_sgd.hj import Grid, Grid2D
+
+    with pytest.raises(ValueError, match="Grid2D: gy must be a 1-D Grid"):
+        Grid2D(Grid(16, 0.0, 1.0), 5)
+    assert Grid2D(Grid(16, 0.0, 1.0), Grid(8, 0.0, 1.0)).shape == (16, 8)

@@ -183,3 +183,18 @@ def test_mlp_hidden_must_be_a_sequence_of_widths(hidden):
     with pytest.raises(ValueError, match="hidden must be a sequence of widths"):
         MLP(4, hidden, 3, rngs=nnx.Rngs(0))
     assert MLP(4, [np.int64(8)], 3, rngs=nnx.Rngs(0))(jnp.ones((2, 4))).shape == (2, 3)
+
+
+@pytest.mark.parametrize("make,needle", [
+    (lambda: CNN(1, 8, 10, rngs=nnx.Rngs(0)), "CNN: channels must be a sequence of widths >= 1"),
+    (lambda: CNN(1, (), 10, rngs=nnx.Rngs(0)), "CNN: channels must be a non-empty sequence"),
+    (lambda: CNN(0, (4,), 10, rngs=nnx.Rngs(0)), "CNN: in_channels must be an integer >= 1, got 0"),
+    (lambda: MeanField(4, 0, 1, rngs=nnx.Rngs(0)), "MeanField: width must be an integer >= 1, got 0"),
+    (lambda: Transformer(10, 32, 0, 1, 8, rngs=nnx.Rngs(0)), "Transformer: num_heads must be an integer >= 1"),
+    (lambda: Transformer(10, 32, 4, 1, 8, mlp_ratio=0, rngs=nnx.Rngs(0)), "Transformer: mlp_ratio must be"),
+    (lambda: MLP(0, (4,), 2, rngs=nnx.Rngs(0)), "MLP: din must be an integer >= 1, got 0"),
+    (lambda: DeepLinear(3, (4, -1), 2, rngs=nnx.Rngs(0)), "DeepLinear: widths must be a sequence of widths"),
+])
+def test_model_sizes_are_checked(make, needle):
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(")):
+        make()

@@ -16,11 +16,28 @@ def _split(n: int, n_train: int, rng: np.random.Generator) -> tuple[np.ndarray, 
     return perm[:n_train], perm[n_train:]
 
 
+def _check(task: str, **checks) -> None:
+    """``checks``: ``name=(value, ok, what)``; a ``ValueError`` naming the task, the argument and what is allowed
+    for the first value that is not ``ok``."""
+    for name, (value, ok, what) in checks.items():
+        if not ok:
+            raise ValueError(f"{task}: {name}={value!r} is not allowed; need {what}")
+
+
+def _int_at_least(value, low: int) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= low
+
+
 def teacher_student(*, seed: int = 0, n_train: int = 512, n_test: int = 256, din: int = 8, dout: int = 1,
                     teacher_hidden: int = 16, noise: float = 0.0) -> Dataset:
     """Regression on the outputs of a random teacher ``y = tanh(x W1) W2 / sqrt(h) + noise * eps``.
 
     ``x ~ N(0, I_din)``, ``W1 ~ N(0, 1/din)``, ``W2 ~ N(0, 1)``, ``eps ~ N(0, 1)``; task ``"regression"``."""
+    _check("teacher_student", n_train=(n_train, _int_at_least(n_train, 1), "an integer >= 1"),
+           n_test=(n_test, _int_at_least(n_test, 0), "an integer >= 0"),
+           din=(din, _int_at_least(din, 1), "an integer >= 1"), dout=(dout, _int_at_least(dout, 1), "an integer >= 1"),
+           teacher_hidden=(teacher_hidden, _int_at_least(teacher_hidden, 1), "an integer >= 1"),
+           noise=(noise, bool(np.isfinite(noise) and noise >= 0), "a finite number >= 0"))
     rng = np.random.default_rng([seed, 1])
     w1 = rng.normal(size=(din, teacher_hidden)) / np.sqrt(din)
     w2 = rng.normal(size=(teacher_hidden, dout))
@@ -42,6 +59,11 @@ def modular_arithmetic(*, seed: int = 0, p: int = 23, train_fraction: float = 0.
     """
     if encoding not in ("onehot", "tokens"):
         raise ValueError(f"encoding must be 'onehot' or 'tokens', got {encoding!r}")
+    _check("modular_arithmetic", p=(p, _int_at_least(p, 2), "an integer >= 2"),
+           train_fraction=(train_fraction, 0 < train_fraction < 1 and round(train_fraction * p * p) >= 1
+                           and round(train_fraction * p * p) < p * p,
+                           f"0 < train_fraction < 1 leaving at least one pair on each side of the split "
+                           f"(p^2 = {p * p if isinstance(p, (int, np.integer)) else '?'} pairs)"))
     a, b = np.meshgrid(np.arange(p), np.arange(p), indexing="ij")
     a, b = a.ravel(), b.ravel()
     y = (a + b) % p
@@ -63,6 +85,8 @@ def sparse_parity(*, seed: int = 0, n_bits: int = 20, k: int = 3, n_train: int =
     Two classes; the relevant bits are drawn from ``seed`` too."""
     if not 1 <= k <= n_bits:
         raise ValueError(f"sparse_parity needs 1 <= k <= n_bits, got k={k}, n_bits={n_bits}")
+    _check("sparse_parity", n_train=(n_train, _int_at_least(n_train, 1), "an integer >= 1"),
+           n_test=(n_test, _int_at_least(n_test, 0), "an integer >= 0"))
     rng = np.random.default_rng([seed, 3])
     bits = rng.choice(n_bits, size=k, replace=False)
     x = rng.choice(np.array([-1.0, 1.0]), size=(n_train + n_test, n_bits))
@@ -82,6 +106,7 @@ def digits(*, seed: int = 0, test_fraction: float = 0.25, layout: str = "flat") 
 
     if layout not in ("flat", "image"):
         raise ValueError(f"layout must be 'flat' or 'image', got {layout!r}")
+    _check("digits", test_fraction=(test_fraction, 0 < test_fraction < 1, "0 < test_fraction < 1"))
     d = load_digits()
     x = (d.images / 16.0).astype(np.float32)
     x = x.reshape(len(x), 64) if layout == "flat" else x[..., None]

@@ -93,6 +93,12 @@ class Grid2D(eqx.Module):
 
     ndim = 2
 
+    def __check_init__(self):
+        for name in ("gx", "gy"):
+            if not isinstance(getattr(self, name), Grid):
+                raise ValueError(f"Grid2D: {name} must be a 1-D Grid, e.g. Grid(64, -1.0, 1.0), got "
+                                 f"{getattr(self, name)!r}")
+
     @property
     def periodic(self) -> bool:
         return self.gx.periodic and self.gy.periodic

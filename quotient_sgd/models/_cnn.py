@@ -10,6 +10,7 @@ from flax import nnx
 
 from ..symmetry import Permutation, Product, Rescale, Scale, Translation
 from ._activations import check_activation, get_activation, is_homogeneous
+from ._checks import check_sizes, check_widths
 from ._norm import NORM_EPS, BatchNorm, LayerNorm
 
 NORMS = (None, "layer", "batch")
@@ -98,9 +99,8 @@ class CNN(nnx.Module):
             raise ValueError(f"conv_impl must be one of {list(CONV_IMPLS)}, got {conv_impl!r}")
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}")
-        channels = tuple(channels)
-        if not channels:
-            raise ValueError("channels must name at least one conv layer, got ()")
+        check_sizes("CNN", in_channels=in_channels, dout=dout, kernel_size=kernel_size)
+        channels = check_widths("CNN", "channels", channels, allow_empty=False)
         strides = (strides,) * len(channels) if isinstance(strides, int) else tuple(strides)
         if len(strides) != len(channels):
             raise ValueError(f"strides must be an int or have one entry per conv layer ({len(channels)}), "

@@ -16,6 +16,7 @@ from flax import nnx
 
 from ..symmetry import Permutation, Product, Rescale
 from ._activations import check_activation, get_activation, is_homogeneous
+from ._checks import check_sizes
 
 
 class MeanField(nnx.Module):
@@ -35,6 +36,7 @@ class MeanField(nnx.Module):
     def __init__(self, din: int, width: int, dout: int, *, activation: str = "relu", param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
         self.activation = check_activation(activation)
+        check_sizes("MeanField", din=din, width=width, dout=dout)
         self.width = width
         self.w_in = nnx.Param(jax.random.normal(rngs.params(), (width, din), param_dtype) / math.sqrt(din))
         self.b = nnx.Param(jnp.zeros((width,), param_dtype))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 
 from typing import Sequence
 
@@ -12,6 +11,7 @@ from flax import nnx
 
 from ..symmetry import GL, Permutation, Product, Rescale, Translation
 from ._activations import check_activation, get_activation, is_homogeneous
+from ._checks import check_sizes, check_widths
 
 
 def _kernel(layer: nnx.Linear) -> jax.Array:
@@ -54,9 +54,8 @@ class MLP(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.activation = check_activation(activation)
-        if isinstance(hidden, (numbers.Integral, str)) or not all(
-                isinstance(h, numbers.Integral) and h >= 1 for h in hidden):
-            raise ValueError(f"MLP: hidden must be a sequence of widths >= 1, e.g. (64, 64) or (32,), got {hidden!r}")
+        check_sizes("MLP", din=din, dout=dout)
+        hidden = check_widths("MLP", "hidden", hidden)
         self.classifier = bool(classifier)
         sizes = (din, *tuple(hidden), dout)
         self.layers = nnx.List(
@@ -125,7 +124,8 @@ class DeepLinear(nnx.Module):
     """
 
     def __init__(self, din: int, widths: Sequence[int], dout: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        sizes = (din, *tuple(widths), dout)
+        check_sizes("DeepLinear", din=din, dout=dout)
+        sizes = (din, *check_widths("DeepLinear", "widths", widths), dout)
         self.layers = nnx.List(
             [
                 nnx.Linear(a, b, use_bias=False, param_dtype=param_dtype, rngs=rngs)

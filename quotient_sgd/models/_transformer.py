@@ -10,6 +10,7 @@ from flax import nnx
 
 from ..symmetry import GL, Permutation, Product, Rescale, Translation
 from ._activations import check_activation, get_activation, is_homogeneous
+from ._checks import check_sizes
 from ._norm import NORM_EPS, LayerNorm
 
 
@@ -122,6 +123,8 @@ class Transformer(nnx.Module):
         param_dtype=jnp.float32,
     ):
         self.activation = check_activation(activation)
+        check_sizes("Transformer", vocab_size=vocab_size, d_model=d_model, num_heads=num_heads, num_layers=num_layers,
+                    max_len=max_len, mlp_ratio=mlp_ratio)
         self.classifier = bool(classifier)
         self.max_len = max_len
         self.tok_embed = nnx.Embed(vocab_size, d_model, param_dtype=param_dtype, rngs=rngs)

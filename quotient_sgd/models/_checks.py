@@ -1,0 +1,25 @@
+"""Argument checks shared by the model constructors: a clear ``ValueError`` naming the model and the argument."""
+
+from __future__ import annotations
+
+import numbers
+
+
+def check_sizes(model: str, **sizes) -> None:
+    """Every value an integer >= 1 (``din=4, width=0`` -> ``MeanField: width must be an integer >= 1, got 0``)."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{model}: {name} must be an integer >= 1, got {value!r}")
+
+
+def check_widths(model: str, name: str, widths, *, allow_empty: bool = True) -> tuple[int, ...]:
+    """A sequence of integers >= 1 (layer widths / channels), returned as a tuple of ints."""
+    example = "(64, 64) or (32,)"
+    if isinstance(widths, (numbers.Integral, str)) or not hasattr(widths, "__iter__"):
+        raise ValueError(f"{model}: {name} must be a sequence of widths >= 1, e.g. {example}, got {widths!r}")
+    out = tuple(widths)
+    if (not out and not allow_empty) or not all(
+            isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= 1 for w in out):
+        raise ValueError(f"{model}: {name} must be a {'non-empty ' if not allow_empty else ''}sequence of widths "
+                         f">= 1, e.g. {example}, got {widths!r}")
+    return tuple(int(w) for w in out)

@@ -75,3 +75,13 @@ def test_shock_aware_lr_on_catapult_setting_fewer_spikes_no_worse_loss():
     assert const["loss spikes"] >= 1 and const["max loss / initial"] > 10  # the constant lr catapults
     assert cap["loss spikes"] < const["loss spikes"]
     assert cap["final loss"] <= const["final loss"]
+
+
+def test_shock_aware_lr_arguments_are_checked():
+    import optax
+
+    for kw, needle in ((dict(fold_target=-1.0), "fold_target=-1.0"), (dict(shock_target=0.0), "shock_target=0.0"),
+                       (dict(init_scale=float("inf")), "init_scale=inf"),
+                       (dict(min_scale=0.5, max_scale=0.1), "min_scale=0.5 > max_scale=0.1")):
+        with pytest.raises(ValueError, match=needle):
+            shock_aware_lr(optax.sgd(0.1), **kw)

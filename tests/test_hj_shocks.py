@@ -100,3 +100,8 @@ def test_grid2d_needs_two_grids():
     with pytest.raises(ValueError, match="Grid2D: gy must be a 1-D Grid"):
         Grid2D(Grid(16, 0.0, 1.0), 5)
     assert Grid2D(Grid(16, 0.0, 1.0), Grid(8, 0.0, 1.0)).shape == (16, 8)
+
+
+def test_shock_time_checks_the_field_shape():
+    with pytest.raises(ValueError, match=r"shock_time: p0 has shape \(10,\); on this grid it must be \(16,\)"):
+        shock_time(jnp.zeros(10), Grid(16, 0.0, 1.0))

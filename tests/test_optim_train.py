@@ -150,3 +150,18 @@ def test_reusing_donated_inputs_is_a_clear_error():
     a = train(mse, kept, tx, batch_fn, num_steps=3, donate=False)[0]
     b = train(mse, kept, tx, batch_fn, num_steps=3, donate=False)[0]
     assert jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), a, b))
+
+
+def test_wrappers_name_a_wrong_tx_or_group():
+    from quotient_sgd.optim import SGDSpec, gauge_fix, horizontal
+
+    for wrap in (quotient_trajectory, horizontal, gauge_fix):
+        with pytest.raises(TypeError, match=f"{wrap.__name__}: tx must be an optax.GradientTransformation"):
+            wrap(0.1, GROUP)
+        with pytest.raises(TypeError, match=f"{wrap.__name__}: group must be a quotient_sgd.symmetry.Group"):
+            wrap(optax.sgd(0.1), "rescale")
+    for field in ("learning_rate", "weight_decay", "momentum", "coupled_weight_decay"):
+        kw = {"learning_rate": 0.1, field: -0.5}
+        with pytest.raises(ValueError, match=f"SGDSpec: {field}=-0.5 is not allowed"):
+            SGDSpec(**kw)
+    assert SGDSpec("learning_rate", momentum="momentum").momentum == "momentum"  # names of injected values pass

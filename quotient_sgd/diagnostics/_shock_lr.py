@@ -91,6 +91,12 @@ def shock_aware_lr(inner: optax.GradientTransformation, *, fold_target: Target =
         raise ValueError(f"policy must be 'cap' or 'track', got {policy!r}")
     if not 0.0 <= curvature_decay < 1.0:
         raise ValueError(f"curvature_decay must be in [0, 1), got {curvature_decay}")
+    for name, value in (("fold_target", fold_target), ("shock_target", shock_target), ("init_scale", init_scale),
+                        ("min_scale", min_scale), ("max_scale", max_scale)):
+        if isinstance(value, (int, float)) and not 0 < value < float("inf"):
+            raise ValueError(f"shock_aware_lr: {name}={value!r} is not allowed; need a finite number > 0")
+    if min_scale > max_scale:
+        raise ValueError(f"shock_aware_lr: min_scale={min_scale} > max_scale={max_scale}")
 
     def init(params):
         z = jnp.zeros((), jnp.float32)

@@ -49,6 +49,9 @@ def shock_time(p0: Array, grid: AnyGrid) -> Array:
     For Hessian extremes known otherwise (e.g. Lanczos on a network loss) use :func:`shock_time_from_hessian`.
     """
     p0 = jnp.asarray(p0)
+    want = grid.shape if grid.ndim == 1 else (2, *grid.shape)
+    if p0.shape != tuple(want):
+        raise ValueError(f"shock_time: p0 has shape {p0.shape}; on this grid it must be {tuple(want)}")
     if grid.ndim == 1:
         d = _diff(p0, grid, 0)
         i = jnp.argmin(d)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from ..observables import canonical_gradient
+from ._spec import check_wrapped
 
 
 def horizontal(tx: optax.GradientTransformation, group) -> optax.GradientTransformationExtraArgs:
@@ -20,6 +21,7 @@ def horizontal(tx: optax.GradientTransformation, group) -> optax.GradientTransfo
 
         tx = horizontal(optax.adamw(1e-3, weight_decay=0.1), group)
     """
+    check_wrapped("horizontal", tx, group)
     inner = optax.with_extra_args_support(tx)
 
     def init(params):
@@ -65,6 +67,7 @@ def gauge_fix(tx: optax.GradientTransformation, group, every: int = 1) -> optax.
     """
     if every < 1:
         raise ValueError(f"every must be >= 1, got {every}")
+    check_wrapped("gauge_fix", tx, group)
     inner = optax.with_extra_args_support(tx)
 
     def init(params):

@@ -14,6 +14,18 @@ import jax.numpy as jnp
 Hyper = Union[float, jax.Array, str, Callable[[jax.Array], Any]]
 
 
+def check_wrapped(name: str, tx, group) -> None:
+    """``TypeError`` naming the argument when ``tx`` is not an Optax transformation or ``group`` not a symmetry
+    group (``model.symmetries()``): the wrappers would otherwise fail at the first update, far from the cause."""
+    from ..symmetry import Group
+
+    if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
+        raise TypeError(f"{name}: tx must be an optax.GradientTransformation (e.g. optax.sgd(0.1)), got {tx!r}")
+    if not isinstance(group, Group):
+        raise TypeError(f"{name}: group must be a quotient_sgd.symmetry.Group (e.g. model.symmetries()), got "
+                        f"{group!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class SGDSpec:
     """What :func:`~quotient_sgd.optim.quotient_trajectory` must know about an SGD-family optimiser to predict
@@ -41,6 +53,13 @@ class SGDSpec:
     momentum: Hyper = 0.0
     nesterov: bool = False
     coupled_weight_decay: Hyper = 0.0
+
+    def __post_init__(self):
+        for f in ("learning_rate", "weight_decay", "momentum", "coupled_weight_decay"):
+            v = getattr(self, f)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not (0 <= v < float("inf")):
+                raise ValueError(f"SGDSpec: {f}={v!r} is not allowed; need a finite number >= 0 (or the name of an "
+                                 f"injected hyperparameter, or a schedule)")
 
     def resolve(self, opt_state, count) -> dict[str, jax.Array]:
         """The numeric hyperparameters at this step (``opt_state``: the wrapped optimiser's state after its

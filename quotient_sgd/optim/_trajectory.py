@@ -10,7 +10,7 @@ import optax
 
 from .. import observables as obs
 from ..observables._util import charges_dict, tree_dot, tree_sqnorm
-from ._spec import SGDSpec
+from ._spec import SGDSpec, check_wrapped
 
 #: The per-step observables recorded by default (all cheap: closed-form projections, no extra gradients).
 DEFAULT_OBSERVABLES: tuple[str, ...] = (
@@ -153,6 +153,7 @@ def quotient_trajectory(
         if not 1 <= hessian_k <= lanczos_steps:
             raise ValueError(f"need 1 <= hessian_k <= lanczos_steps, got hessian_k={hessian_k}, "
                              f"lanczos_steps={lanczos_steps}")
+    check_wrapped("quotient_trajectory", tx, group)
     inner = optax.with_extra_args_support(tx)
     want = set(keys)
     need_curv = bool(want & {"curvature", "shock_number", "fold_number"})

@@ -317,3 +317,13 @@ def test_sample_scale_and_align_layout_are_checked():
     for fn in (align, quotient_distance):
         with pytest.raises(ValueError, match=r"has shape \(.*8,?\) in params_a and \(.*9,?\) in params_b"):
             fn(group, p, params((9,), 1))
+
+
+def test_member_axis_outside_the_array_is_named():
+    p = {"a": {"kernel": jnp.ones((3, 4))}, "b": {"kernel": jnp.ones((4, 2))}}
+    bad = Rescale(incoming=((("a", "kernel"), 5),), outgoing=((("b", "kernel"), 0),), name="r")
+    with pytest.raises(SymmetryError, match=r"'r': member \('a', 'kernel'\) acts along axis 5, but that parameter "
+                                            r"has shape \(3, 4\)"):
+        Product([bad]).sample(jax.random.key(0), p)
+    with pytest.raises(SymmetryError, match="acts along axis -3"):
+        Permutation(members=((("a", "kernel"), -3), (("b", "kernel"), 0)), name="perm").sample(jax.random.key(0), p)

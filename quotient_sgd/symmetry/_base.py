@@ -97,6 +97,15 @@ class Group(eqx.Module):
                     f"available paths: {list(flat)}"
                 )
 
+    def _check_axes(self, flat: Flat, members) -> None:
+        """``SymmetryError`` naming the member whose unit ``axis`` the array does not have (``None``: no axis)."""
+        for p, a in members:
+            if a is not None and not -flat[p].ndim <= a < flat[p].ndim:
+                raise SymmetryError(
+                    f"action {self.name!r}: member {p!r} acts along axis {a}, but that parameter has shape "
+                    f"{flat[p].shape} ({flat[p].ndim} axes)"
+                )
+
     def _sample(self, key, flat: Flat, scale: float):
         raise NotImplementedError
 

@@ -54,6 +54,7 @@ class Permutation(Group):
 
     def _check(self, flat):
         super()._check(flat)
+        self._check_axes(flat, self.members)
         if len({flat[p].shape[a] for p, a in self.members}) != 1:
             raise SymmetryError(f"Permutation {self.name!r}: members disagree on the number of units")
 

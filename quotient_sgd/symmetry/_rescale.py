@@ -60,6 +60,7 @@ class Rescale(LogFactorGroup):
 
     def _check(self, flat):
         super()._check(flat)
+        self._check_axes(flat, self.incoming + self.outgoing)
         sizes = {flat[p].shape[a] for p, a in self.incoming + self.outgoing}
         if len(sizes) != 1:
             raise SymmetryError(

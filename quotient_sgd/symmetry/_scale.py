@@ -49,6 +49,7 @@ class Scale(LogFactorGroup):
 
     def _check(self, flat):
         super()._check(flat)
+        self._check_axes(flat, self.members)
         if self.per_channel:
             sizes = {flat[p].shape[a] for p, a in self.members}
             if len(sizes) != 1:

@@ -204,14 +204,21 @@ def write_summary(workdir: str, s: Settings, traj: dict, metrics: list[dict], ev
             lines.append(f"| ... | {len(events) - 40} more in events.json | | |")
     else:
         lines.append("None.")
-    lines += ["", "## Files", "", "config.json, trajectory.npz, metrics.jsonl, events.json, checkpoints/, "
-              + ", ".join(f"plots/{p}.png" for p in PLOTS), ""]
+    lines += ["", "## Files", "", ", ".join(_files(workdir)), ""]
     text = "\n".join(lines)
     tmp = os.path.join(workdir, "summary.md.tmp")
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, os.path.join(workdir, "summary.md"))
     return text
+
+
+def _files(workdir: str) -> list[str]:
+    """The run directory's outputs that exist (an interrupted run has no trajectory.npz yet; plots can be off),
+    summary.md included (being written)."""
+    names = ["config.json", "trajectory.npz", "metrics.jsonl", "events.json", RECORD, "summary.md", "checkpoints/",
+             "trajectory_parts/", "tensorboard/"] + [f"plots/{p}.png" for p in PLOTS]
+    return [n for n in names if n == "summary.md" or os.path.exists(os.path.join(workdir, n.rstrip("/")))]
 
 
 def read_record(workdir: str) -> dict | None:

@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
 
         _init_distributed(fv)
         out = sweep(settings, workdir)
-        print(f"quotient-sgd: sweep of {out.num_members} members; wrote {workdir} ({out.wall_s:.1f} s)")
+        noun = "member" if out.num_members == 1 else "members"
+        print(f"quotient-sgd: sweep of {out.num_members} {noun}; wrote {workdir} ({out.wall_s:.1f} s)")
         return 0
     except (ConfigError, RunDirError) as e:
         return _fail(str(e))

@@ -34,10 +34,9 @@ def _rows(workdir):
         return [json.loads(line) for line in f]
 
 
-@pytest.mark.slow
 def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
-    """Three subprocesses (killed, restarted, reference); the fast version of the same property (resume from a
-    checkpoint mid-run, bitwise trajectory, every metric row once) is test_in_process_resume_and_config_guard."""
+    """Three subprocesses (killed, restarted, reference): issue 5's must-show, so it runs in the default suite
+    (not marked slow); test_in_process_resume_and_config_guard checks the same property in one process."""
     killed, ref = str(tmp_path / "killed"), str(tmp_path / "ref")
     cmd, env = _cmd(killed)
     code = kill_after_checkpoint(cmd, env, killed, 30, timeout=180)

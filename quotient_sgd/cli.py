@@ -285,8 +285,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _interrupted(workdir: str) -> str:
     """What an interrupted run or sweep kept (the runner has waited for the checkpoint being written)."""
-    ckdir = os.path.join(workdir, "checkpoints")
-    steps = sorted(int(d) for d in os.listdir(ckdir) if d.isdigit()) if os.path.isdir(ckdir) else []
+    from .runner._rundir import checkpoint_steps
+
+    steps = checkpoint_steps(workdir)
     if steps:
         return (f"interrupted; {workdir} keeps its checkpoint of step {steps[-1]} and the metrics up to it: run the "
                 "same command to resume from there")

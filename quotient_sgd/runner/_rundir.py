@@ -278,6 +278,13 @@ class Checkpoints:
             self.manager.close()
 
 
+def checkpoint_steps(workdir: str) -> list[int]:
+    """The steps of the finalised checkpoints in ``workdir/checkpoints`` (orbax's temporary directories of a save
+    in flight are not steps), ascending."""
+    d = os.path.join(workdir, "checkpoints")
+    return sorted(int(x) for x in os.listdir(d) if x.isdigit()) if os.path.isdir(d) else []
+
+
 @contextlib.contextmanager
 def sigint_deferred():
     """Hold back Ctrl-C (SIGINT) until the block ends, then deliver it to the handler that was installed (Python's:

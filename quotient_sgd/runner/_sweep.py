@@ -47,6 +47,7 @@ from ._rundir import (
     RunDirError,
     TrajectoryParts,
     check_directory_path,
+    checkpoint_steps,
     config_diff,
     discard_new_run,
     remove_outputs,
@@ -344,11 +345,6 @@ def _check_sweep_dir(workdir: str, s: Settings) -> dict | None:
     return None
 
 
-def _checkpoint_steps(workdir: str) -> list[int]:
-    d = os.path.join(workdir, "checkpoints")
-    return sorted(int(x) for x in os.listdir(d) if x.isdigit()) if os.path.isdir(d) else []
-
-
 def _open_member_dir(d: str, ms: Settings, start: int) -> dict | None:
     """Create (or reopen at checkpoint ``start``) a member's run directory; returns its divergence when it
     diverged before ``start``."""
@@ -453,7 +449,7 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
     padded = max(s.sweep.batch_size) if s.sweep.batch_size else None
     if multi:
         from jax.experimental import multihost_utils
-    if old is not None and s.checkpoint.enabled and _checkpoint_steps(workdir):
+    if old is not None and s.checkpoint.enabled and checkpoint_steps(workdir):
         if (old["num_devices"], old["num_processes"]) != (nd, jax.process_count()):
             raise RunDirError(
                 f"sweep directory {workdir!r} was checkpointed with {old['num_devices']} device(s) in "

@@ -11,6 +11,7 @@ from flax import nnx
 from ..symmetry import Permutation, Product, Rescale, Scale, Translation
 from ._activations import check_activation, get_activation, is_homogeneous
 from ._checks import check_sizes, check_widths
+from ._init import lecun_normal
 from ._norm import NORM_EPS, BatchNorm, LayerNorm
 
 NORMS = (None, "layer", "batch")
@@ -114,7 +115,7 @@ class CNN(nnx.Module):
         self.convs = nnx.List(
             [
                 nnx.Conv(a, b, (kernel_size, kernel_size), strides=s, padding="SAME", use_bias=norm != "batch",
-                         param_dtype=param_dtype, rngs=rngs)
+                         kernel_init=lecun_normal(), param_dtype=param_dtype, rngs=rngs)
                 for a, b, s in zip(sizes[:-1], sizes[1:], strides)
             ]
         )
@@ -122,7 +123,7 @@ class CNN(nnx.Module):
             self.norms = nnx.List([LayerNorm(c, eps=norm_eps, param_dtype=param_dtype) for c in channels])
         elif norm == "batch":
             self.norms = nnx.List([BatchNorm(c, eps=norm_eps, param_dtype=param_dtype) for c in channels])
-        self.head = nnx.Linear(channels[-1], dout, param_dtype=param_dtype, rngs=rngs)
+        self.head = nnx.Linear(channels[-1], dout, kernel_init=lecun_normal(), param_dtype=param_dtype, rngs=rngs)
 
     def logits(self, x: jax.Array) -> jax.Array:
         """The head output ``z`` (before any ``log_softmax``), shape ``(N, dout)``; ``x`` is ``(N, H, W, C)``."""

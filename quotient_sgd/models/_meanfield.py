@@ -17,6 +17,7 @@ from flax import nnx
 from ..symmetry import Permutation, Product, Rescale
 from ._activations import check_activation, get_activation, is_homogeneous
 from ._checks import check_sizes
+from ._init import normal
 
 
 class MeanField(nnx.Module):
@@ -38,9 +39,9 @@ class MeanField(nnx.Module):
         self.activation = check_activation(activation)
         check_sizes("MeanField", din=din, width=width, dout=dout)
         self.width = width
-        self.w_in = nnx.Param(jax.random.normal(rngs.params(), (width, din), param_dtype) / math.sqrt(din))
+        self.w_in = nnx.Param(normal(1.0)(rngs.params(), (width, din), param_dtype) / math.sqrt(din))
         self.b = nnx.Param(jnp.zeros((width,), param_dtype))
-        self.w_out = nnx.Param(jax.random.normal(rngs.params(), (width, dout), param_dtype))
+        self.w_out = nnx.Param(normal(1.0)(rngs.params(), (width, dout), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jnp.asarray(x, self.w_in[...].dtype)

@@ -12,6 +12,7 @@ from flax import nnx
 from ..symmetry import GL, Permutation, Product, Rescale, Translation
 from ._activations import check_activation, get_activation, is_homogeneous
 from ._checks import check_sizes, check_widths
+from ._init import lecun_normal
 
 
 def _kernel(layer: nnx.Linear) -> jax.Array:
@@ -59,7 +60,8 @@ class MLP(nnx.Module):
         self.classifier = bool(classifier)
         sizes = (din, *tuple(hidden), dout)
         self.layers = nnx.List(
-            [nnx.Linear(a, b, param_dtype=param_dtype, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])]
+            [nnx.Linear(a, b, kernel_init=lecun_normal(), param_dtype=param_dtype, rngs=rngs)
+             for a, b in zip(sizes[:-1], sizes[1:])]
         )
 
     def logits(self, x: jax.Array) -> jax.Array:
@@ -128,7 +130,7 @@ class DeepLinear(nnx.Module):
         sizes = (din, *check_widths("DeepLinear", "widths", widths), dout)
         self.layers = nnx.List(
             [
-                nnx.Linear(a, b, use_bias=False, param_dtype=param_dtype, rngs=rngs)
+                nnx.Linear(a, b, use_bias=False, kernel_init=lecun_normal(), param_dtype=param_dtype, rngs=rngs)
                 for a, b in zip(sizes[:-1], sizes[1:])
             ]
         )

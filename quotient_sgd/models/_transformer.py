@@ -11,6 +11,7 @@ from flax import nnx
 from ..symmetry import GL, Permutation, Product, Rescale, Translation
 from ._activations import check_activation, get_activation, is_homogeneous
 from ._checks import check_sizes
+from ._init import embed_init, lecun_normal, normal
 from ._norm import NORM_EPS, LayerNorm
 
 
@@ -35,8 +36,8 @@ class CausalSelfAttention(nnx.Module):
             raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
         H, D, d = num_heads, d_model, d_model // num_heads
         self.num_heads, self.d_head = H, d
-        init = jax.nn.initializers.normal(stddev=1.0 / math.sqrt(D))
-        init_o = jax.nn.initializers.normal(stddev=1.0 / math.sqrt(H * d))
+        init = normal(stddev=1.0 / math.sqrt(D))
+        init_o = normal(stddev=1.0 / math.sqrt(H * d))
         self.w_q = nnx.Param(init(rngs.params(), (H, D, d), param_dtype))
         self.w_k = nnx.Param(init(rngs.params(), (H, D, d), param_dtype))
         self.w_v = nnx.Param(init(rngs.params(), (H, D, d), param_dtype))
@@ -66,8 +67,9 @@ class Block(nnx.Module):
         self.ln1 = LayerNorm(d_model, eps=norm_eps, param_dtype=param_dtype)
         self.attn = CausalSelfAttention(d_model, num_heads, param_dtype=param_dtype, rngs=rngs)
         self.ln2 = LayerNorm(d_model, eps=norm_eps, param_dtype=param_dtype)
-        self.fc_in = nnx.Linear(d_model, mlp_ratio * d_model, param_dtype=param_dtype, rngs=rngs)
-        self.fc_out = nnx.Linear(mlp_ratio * d_model, d_model, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(kernel_init=lecun_normal(), param_dtype=param_dtype, rngs=rngs)
+        self.fc_in = nnx.Linear(d_model, mlp_ratio * d_model, **kw)
+        self.fc_out = nnx.Linear(mlp_ratio * d_model, d_model, **kw)
         self.activation = activation
 
     def __call__(self, x):
@@ -127,8 +129,8 @@ class Transformer(nnx.Module):
                     max_len=max_len, mlp_ratio=mlp_ratio)
         self.classifier = bool(classifier)
         self.max_len = max_len
-        self.tok_embed = nnx.Embed(vocab_size, d_model, param_dtype=param_dtype, rngs=rngs)
-        self.pos_embed = nnx.Embed(max_len, d_model, param_dtype=param_dtype, rngs=rngs)
+        self.tok_embed = nnx.Embed(vocab_size, d_model, embedding_init=embed_init(), param_dtype=param_dtype, rngs=rngs)
+        self.pos_embed = nnx.Embed(max_len, d_model, embedding_init=embed_init(), param_dtype=param_dtype, rngs=rngs)
         self.blocks = nnx.List(
             [
                 Block(d_model, num_heads, mlp_ratio=mlp_ratio, activation=self.activation, norm_eps=norm_eps,
@@ -137,7 +139,7 @@ class Transformer(nnx.Module):
             ]
         )
         self.ln_f = LayerNorm(d_model, eps=norm_eps, param_dtype=param_dtype)
-        self.unembed = nnx.Linear(d_model, vocab_size, param_dtype=param_dtype, rngs=rngs)
+        self.unembed = nnx.Linear(d_model, vocab_size, kernel_init=lecun_normal(), param_dtype=param_dtype, rngs=rngs)
 
     def logits(self, tokens: jax.Array) -> jax.Array:
         """The raw unembedding output ``(B, T, vocab_size)`` for int tokens ``(B, T)``, ``T <= max_len``."""

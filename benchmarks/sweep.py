@@ -59,8 +59,8 @@ def clear_caches():
     from quotient_sgd.runner import _build, _chunk, _sweep
 
     jax.clear_caches()
-    for f in (_build._build, _chunk.single_programs, _sweep.sweep_programs, _sweep.plain_step_flops,
-              _sweep._state_shapes):
+    for f in (_build._build, _chunk.init_program, _chunk.single_programs, _sweep.sweep_programs,
+              _sweep.plain_step_flops, _sweep._state_shapes):
         f.cache_clear()
     _sweep._COMPILE_S.clear()
 

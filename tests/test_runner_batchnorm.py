@@ -15,7 +15,7 @@ from quotient_sgd import data as qdata
 from quotient_sgd.config import ConfigError, load_config, validate
 from quotient_sgd.runner import run, sweep
 from quotient_sgd.runner._build import build, init_model, regauge
-from quotient_sgd.runner._chunk import hyper_of, single_programs
+from quotient_sgd.runner._chunk import hyper_of, init_program, single_programs
 from quotient_sgd.runner._sweep import member_settings, sweep_members
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +48,7 @@ def test_running_statistics_are_trained_and_used_for_evaluation():
     s = _settings()
     b = build(s)
     assert b.stateful
-    init, chunk = single_programs(b, 10)
+    init, chunk = init_program(b), single_programs(b, 10)
     state0 = init(jnp.int32(0), jnp.float32(0), *hyper_of(s))
     state, traj, ev = chunk(state0, jnp.int32(0), None, b.dataset, jnp.int32(0))
     assert np.isfinite(np.asarray(traj["loss"])).all() and np.isfinite(np.asarray(traj["sharpness_raw"])).all()

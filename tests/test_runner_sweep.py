@@ -132,11 +132,11 @@ def _vmapped_chunk_jaxpr(s, axes_fn):
     import jax.numpy as jnp
 
     from quotient_sgd.runner._build import build
-    from quotient_sgd.runner._chunk import chunk_step, single_programs
+    from quotient_sgd.runner._chunk import chunk_step, init_program
 
     b = build(s)
     axes = axes_fn(b)
-    init1, _ = single_programs(b, 10)
+    init1 = init_program(b)
     state1 = jax.device_get(init1(jnp.int32(0), jnp.float32(0), jnp.float32(0.05), jnp.float32(0), jnp.float32(0.9)))
     state = jax.tree.map(lambda x, a: x if a is None else np.stack([x] * 4), state1, axes,
                          is_leaf=lambda x: x is None)
@@ -188,3 +188,25 @@ def test_init_gauge_sweep_same_function_different_parameterisation(tmp_path):
     np.testing.assert_allclose(b["grad_norm_canonical"][0], a["grad_norm_canonical"][0], rtol=1e-4)
     ratio = b["grad_norm"][0] / a["grad_norm"][0]
     assert max(ratio, 1 / ratio) > 2, ratio
+
+
+def test_init_without_regauging_is_the_same_state():
+    """Runs whose members all start at init_gauge = 0 compile the initialisation without the random re-gauging:
+    the state of the re-gauging program at scale 0 (what an init_gauge sweep's gauge-0 member gets) to float32
+    rounding (XLA fuses the draws differently in the two programs), from a smaller program."""
+    import jax.numpy as jnp
+
+    from quotient_sgd.runner._build import build
+    from quotient_sgd.runner._chunk import init_program
+
+    b = build(_settings(**{"init_gauge": 0.0}))
+    assert b.gauge_group is not None
+    with_g, without = init_program(b, True), init_program(b, False)
+    for seed in (0, 5):
+        args = (jnp.int32(seed), jnp.float32(0), jnp.float32(0.05), jnp.float32(0), jnp.float32(0.9))
+        a, c = jax.tree.leaves(with_g(*args)), jax.tree.leaves(without(*args))
+        assert len(a) == len(c)
+        for x, y in zip(a, c):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+    count = lambda f: len(f.lower(*args).as_text())  # noqa: E731
+    assert count(without) < count(with_g)

@@ -245,11 +245,14 @@ def init_params(b: Built, seed, init_gauge):
 
 def init_model(b: Built, seed, init_gauge):
     """``(params, model_state)`` for ``seed``: :func:`init_params` and the model's initial non-parameter state
-    (``None`` for a model without one), both moved by :func:`regauge` when ``init_gauge > 0``."""
+    (``None`` for a model without one), both moved by :func:`regauge` when ``init_gauge > 0`` (``None``: the
+    re-gauging is left out of the traced program)."""
     key = jax.random.key(seed)
     model = make_model(b.settings, nnx.Rngs(params=jax.random.fold_in(key, 0)))
     _, params, rest = nnx.split(model, nnx.Param, ...)
     model_state = rest if b.stateful else None
+    if init_gauge is None:
+        return params, model_state
     return regauge(b, jax.random.fold_in(key, 2), params, model_state, init_gauge)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from ..config import Settings
 from ..optim import flatten_trajectory
 from ._build import Built, build
-from ._chunk import hyper_of, single_programs, to_host
+from ._chunk import hyper_of, init_program, single_programs, to_host
 from ._rundir import (
     Checkpoints,
     MetricsLog,
@@ -133,7 +133,7 @@ def _run(s: Settings, workdir: str, b: Built, resume: bool, max_chunks: int | No
         write_json(os.path.join(workdir, "config.json"), s.to_dict())
     metrics, parts = MetricsLog(os.path.join(workdir, "metrics.jsonl")), TrajectoryParts(workdir)
     every = s.checkpoint.every
-    init, _ = single_programs(b, every)
+    init = init_program(b, s.init_gauge > 0)
     state = init(jnp.int32(s.seed), jnp.float32(s.init_gauge), *hyper_of(s))
     ckpt = tb = bar = None
     diverged = None
@@ -156,7 +156,7 @@ def _run(s: Settings, workdir: str, b: Built, resume: bool, max_chunks: int | No
         for n_chunk, (a, c) in enumerate(chunk_bounds(start, s.steps, every)):
             if max_chunks is not None and n_chunk >= max_chunks:
                 break
-            _, chunk = single_programs(b, c - a)
+            chunk = single_programs(b, c - a)
             state, traj, ev = chunk(state, seed, None, b.dataset, jnp.int32(a))
             traj = flatten_trajectory(to_host(traj))
             ev = to_host(ev)

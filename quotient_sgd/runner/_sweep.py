@@ -39,7 +39,7 @@ from ..config import SWEEP_AXES, Settings, SweepSettings
 from ..optim import flatten_trajectory
 from ._batches import batch_fn
 from ._build import Built, batch_key, build, init_model, make_inner_optimizer
-from ._chunk import chunk_step, hyper as _hyper, init_state, single_programs, to_host
+from ._chunk import chunk_step, hyper as _hyper, init_program, init_state, single_programs, to_host
 from ._run import _tensorboard, chunk_bounds, first_divergence, scalar_rows, write_tensorboard
 from ._rundir import (
     Checkpoints,
@@ -477,7 +477,7 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
             write_json(os.path.join(workdir, "sweep.json"), meta)
 
     record()
-    init1, _ = single_programs(b, every)
+    init1 = init_program(b, any(m.get("init_gauge", s.init_gauge) > 0 for m in members))
     host_states: dict[int, Any] = {}
 
     def member_state(i):
@@ -530,7 +530,7 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
                 f = sweep_programs(b, num_steps, padded, mesh)
                 compiled[key] = f.lower(state, ins[0], ins[1], dataset_global, _global(np.int32(0), rep)).compile()
             else:
-                f = single_programs(b, num_steps)[1]
+                f = single_programs(b, num_steps)
                 compiled[key] = f.lower(state, ins[0], None, b.dataset, jnp.int32(0)).compile()
             # the first compilation in this process is the real cost (later ones come from JAX's caches)
             _COMPILE_S.setdefault((b, mesh, padded, num_steps, layout.mpd), time.perf_counter() - t)

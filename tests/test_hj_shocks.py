@@ -105,3 +105,16 @@ def test_grid2d_needs_two_grids():
 def test_shock_time_checks_the_field_shape():
     with pytest.raises(ValueError, match=r"shock_time: p0 has shape \(10,\); on this grid it must be \(16,\)"):
         shock_time(jnp.zeros(10), Grid(16, 0.0, 1.0))
+
+
+@pytest.mark.parametrize("shift", [0.0, 1e-5, -1e-5, 1e-3])
+def test_shock_location_stays_inside_periodic_grid(shift):
+    """A front at (or a hair left of) the grid start is reported in [lo, hi): wrapping -tiny by the period used
+    to round to hi itself (a location 2.0 on [0, 2))."""
+    g = Grid(512, 0.0, 2.0)
+    p = -jnp.tanh(jnp.sin(jnp.pi * (g.x + shift * g.dx)) / 0.05)
+    sh = find_shocks(p, g).to_list()
+    assert len(sh) == 1
+    loc = sh[0]["location"]
+    assert g.lo <= loc < g.hi, loc
+    assert min(loc, g.hi - loc) < g.dx

@@ -150,6 +150,8 @@ def find_shocks(p: Array, grid: Grid, *, max_shocks: int = 8, min_steepness=None
     loc = grid.x[i] + off * dx
     if grid.periodic:
         loc = grid.lo + jnp.mod(loc - grid.lo, grid.length)
+        # a front just left of lo wraps to lo + length - tiny, which rounds to hi: outside [lo, hi)
+        loc = jnp.where(loc >= grid.hi, loc - grid.length, loc)
     offs_l = np.arange(-w, 0)
     offs_r = np.arange(1, w + 1)
 

@@ -61,3 +61,12 @@ def test_transition_in_loss_rate_detected_within_window():
     assert 600 <= ev[0].step <= 700
     assert abs(ev[0].details["onset_step"] - 600) <= 100
     assert ev[0].invariant and ev[0].variant == "quotient"
+
+
+def test_false_alarm_rate_is_location_invariant_at_a_large_level():
+    """A stationary series at level 1e8 with unit noise alarms as rarely as one at level 0: the running variance
+    is accumulated relative to a value of the series (the raw one-pass variance cancelled: 96% false alarms)."""
+    rng = np.random.default_rng(0)
+    trials, alpha = 200, 0.05
+    alarms = sum(bool(cusum(1e8 + rng.standard_normal(60), alpha=alpha)) for _ in range(trials))
+    assert alarms / trials <= _binomial_bound(alpha, trials)

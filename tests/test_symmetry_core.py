@@ -332,9 +332,10 @@ def test_member_axis_outside_the_array_is_named():
 @pytest.mark.parametrize("name, scale, tol", [("mlp", 2.0, 1e-3), ("deep_linear", 1.0, 1e-3), ("attention", 2.0, 1e-4)])
 def test_float32_projection_at_unbalanced_point_matches_float64(name, scale, tol):
     """The float32 vertical projection at a point moved by a sampled element (rescale factors up to e^4, GL
-    condition number e^6) agrees with the float64 projection at the same point: the dense cluster solve and
-    the per-head Sylvester solve work on the tangent factors, not on their Gram matrices (which squared the
-    condition number: 32% / 8% / 0.06% of |v| off before)."""
+    condition number e^6) agrees with the float64 projection at the same point: the rescale chain's dense solve
+    and the per-head Sylvester solve refine their normal-equation solutions with the residual in parameter
+    space, the deep linear GL chain solves least squares on its tangent matrix (without either: 32% / 8% / 0.06%
+    of |v| off)."""
     make, _, G, _ = CASES[name]
     p = make(jax.random.key(3))
     gp = G.act(G.sample(jax.random.key(101), p, scale), p)

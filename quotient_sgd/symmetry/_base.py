@@ -310,50 +310,70 @@ def gram_matrix(comps, flat: Flat):
     return jax.jacfwd(jtj)(vec0), unravel
 
 
+#: Steps of iterative refinement after a solve of the normal equations ``J^T J xi = J^T v`` (dense clusters and
+#: GL actions): the normal equations square the condition number of ``J``; each step forms the residual
+#: ``v - J xi`` in parameter space and solves again with the same factorisation.
+REFINE_STEPS = 1
+
+
 #: Largest tangent matrix ``J`` (rows: entries of the cluster's parameters, columns: generators) that
-#: :func:`generic_vcoeffs` materialises for its least-squares solve; larger clusters solve the Gram system.
+#: :func:`generic_vcoeffs` materialises for a cluster of non-abelian actions.
 JACOBIAN_MAX_ENTRIES = 1 << 22
 
 
-def generic_vcoeffs(comps, flat: Flat, v: Flat):
+def generic_vcoeffs(comps, flat: Flat, v: Flat, *, refine: int = REFINE_STEPS):
     """``(J^T J)^+ J^T v`` for the joint tangent map of ``comps``, by a dense solve.
 
-    The least-squares problem ``min |J xi - v|`` is solved by the SVD of ``J`` itself (materialised by
-    forward-mode differentiation of the linear map ``xi -> J xi`` on the cluster's own parameters), with its
-    columns scaled to unit norm; singular values below ``eps max(shape)`` of the largest are dropped (the
-    pseudo-inverse), so ``J xi`` is the exact projection onto ``range(J)`` even where generators are linearly
-    dependent (a unit whose weights vanish; its coefficient is 0).  Solving the normal equations instead squares
-    the condition number: at an unbalanced point (a chain of rescales with factors ``e^+-4``, a deep linear chain
-    after a GL element of condition number ``e^3``) the float32 projection was then 20-50% of ``|v|`` off.
-    Clusters whose ``J`` would exceed :data:`JACOBIAN_MAX_ENTRIES` entries solve the (Jacobi-scaled) Gram system
-    ``J^T J`` with lineax's SVD solver instead.
-    """
-    xi0 = tuple(c._algebra_zeros(flat) for c in comps)
-    vec0, unravel = ravel_pytree(xi0)
-    paths = list(dict.fromkeys(p for c in comps for p in c.paths()))
-    rows = sum(flat[p].size for p in paths)
-    if rows * vec0.shape[0] <= JACOBIAN_MAX_ENTRIES:
-        def jmap(vec):
-            d = _sum_tmaps(comps, flat, unravel(vec))
-            return jnp.concatenate([jnp.reshape(d.get(p, jnp.zeros_like(flat[p])), (-1,)) for p in paths])
+    The Gram matrix is materialised by forward-mode differentiation of the (linear) map ``xi -> J^T J xi``,
+    scaled to unit diagonal (Jacobi) and eigendecomposed; eigenvalues below ``eps n`` of the largest are dropped
+    (the pseudo-inverse), so ``J xi`` is the projection onto ``range(J)`` even where generators are linearly
+    dependent (a unit whose weights vanish; its coefficient is 0).  The normal equations square the condition
+    number: at an unbalanced point (a chain of rescales with factors ``e^+-4``) a float32 solve was 20-50% of
+    ``|v|`` off; ``refine`` steps of iterative refinement (residual ``v - J xi`` in parameter space, solved again
+    with the same eigenbasis) bring it to the float32 rounding of the projection (``5e-8`` of ``|v|`` there).
 
-        J = jax.jacfwd(jmap)(vec0)
-        rhs = jnp.concatenate([jnp.reshape(v.get(p, jnp.zeros_like(flat[p])), (-1,)).astype(J.dtype)
-                               for p in paths])
-        cnorm = jnp.sqrt(jnp.sum(jnp.square(J), axis=0))
-        cs = jnp.where(cnorm > 0, 1 / jnp.where(cnorm > 0, cnorm, 1), 0)
-        U, s, Vt = jnp.linalg.svd(J * cs[None, :], full_matrices=False)
-        cut = jnp.finfo(J.dtype).eps * max(J.shape) * jnp.max(s, initial=0)
-        sinv = jnp.where(s > cut, 1 / jnp.where(s > cut, s, 1), 0)
-        return unravel(cs * (Vt.T @ (sinv * (U.T @ rhs))))
+    Clusters with a non-abelian action (a deep linear GL chain) couple their generators so strongly that
+    legitimate directions fall below the Gram matrix's rounding (after an element of condition number ``e^3``,
+    9% of ``|v|`` was lost, refinement or not): they solve the least-squares problem ``min |J xi - v|`` by the
+    SVD of ``J`` itself (materialised by forward-mode differentiation of ``xi -> J xi``, columns scaled to unit
+    norm, singular values below ``eps max(shape)`` of the largest dropped) while ``J`` has at most
+    :data:`JACOBIAN_MAX_ENTRIES` entries.
+    """
+    if any(not getattr(c, "abelian", True) for c in comps):
+        xi0 = tuple(c._algebra_zeros(flat) for c in comps)
+        vec0, unravel = ravel_pytree(xi0)
+        paths = list(dict.fromkeys(p for c in comps for p in c.paths()))
+        if sum(flat[p].size for p in paths) * vec0.shape[0] <= JACOBIAN_MAX_ENTRIES:
+            def jmap(vec):
+                d = _sum_tmaps(comps, flat, unravel(vec))
+                return jnp.concatenate([jnp.reshape(d.get(p, jnp.zeros_like(flat[p])), (-1,)) for p in paths])
+
+            J = jax.jacfwd(jmap)(vec0)
+            rhs = jnp.concatenate([jnp.reshape(v.get(p, jnp.zeros_like(flat[p])), (-1,)).astype(J.dtype)
+                                   for p in paths])
+            cnorm = jnp.sqrt(jnp.sum(jnp.square(J), axis=0))
+            cs = jnp.where(cnorm > 0, 1 / jnp.where(cnorm > 0, cnorm, 1), 0)
+            U, s, Vt = jnp.linalg.svd(J * cs[None, :], full_matrices=False)
+            cut = jnp.finfo(J.dtype).eps * max(J.shape) * jnp.max(s, initial=0)
+            sinv = jnp.where(s > cut, 1 / jnp.where(s > cut, s, 1), 0)
+            return unravel(cs * (Vt.T @ (sinv * (U.T @ rhs))))
     G, unravel = gram_matrix(comps, flat)
-    full = {p: v.get(p, jnp.zeros_like(x)) for p, x in flat.items()}
-    rhs = ravel_pytree(tuple(c._tmap_T(flat, full) for c in comps))[0]
     d = jnp.diagonal(G)
     ds = jnp.where(d > 0, 1 / jnp.sqrt(jnp.where(d > 0, d, 1)), 0)
-    op = lx.MatrixLinearOperator(G * ds[:, None] * ds[None, :], lx.symmetric_tag)
-    sol = lx.linear_solve(op, rhs * ds, solver=lx.SVD(rcond=float(jnp.finfo(G.dtype).eps) * G.shape[0]))
-    return unravel(ds * sol.value)
+    w, Q = jnp.linalg.eigh(G * ds[:, None] * ds[None, :])
+    cut = jnp.finfo(G.dtype).eps * G.shape[0] * jnp.max(w, initial=0)
+    winv = jnp.where(w > cut, 1 / jnp.where(w > cut, w, 1), 0)
+
+    def solve(r: Flat):
+        full = {p: r.get(p, jnp.zeros_like(x)) for p, x in flat.items()}
+        rhs = ravel_pytree(tuple(c._tmap_T(flat, full) for c in comps))[0]
+        return ds * (Q @ (winv * (Q.T @ (ds * rhs))))
+
+    x = solve(v)
+    for _ in range(refine):
+        Jx = _sum_tmaps(comps, flat, unravel(x))
+        x = x + solve({p: v.get(p, jnp.zeros_like(y)) - y for p, y in Jx.items()})
+    return unravel(x)
 
 
 def cg_vcoeffs(comps, flat: Flat, v: Flat, *, max_steps: int | None = None):

@@ -330,7 +330,7 @@ def generic_vcoeffs(comps, flat: Flat, v: Flat, *, refine: int = REFINE_STEPS):
     dependent (a unit whose weights vanish; its coefficient is 0).  The normal equations square the condition
     number: at an unbalanced point (a chain of rescales with factors ``e^+-4``) a float32 solve was 20-50% of
     ``|v|`` off; ``refine`` steps of iterative refinement (residual ``v - J xi`` in parameter space, solved again
-    with the same eigenbasis) bring it to the float32 rounding of the projection (``5e-8`` of ``|v|`` there).
+    with the same eigenbasis) bring it to the float32 rounding of the projection (``3e-7`` of ``|v|`` there).
 
     Clusters with a non-abelian action (a deep linear GL chain) couple their generators so strongly that
     legitimate directions fall below the Gram matrix's rounding (after an element of condition number ``e^3``,

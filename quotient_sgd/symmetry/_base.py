@@ -386,7 +386,7 @@ def cg_vcoeffs(comps, flat: Flat, v: Flat, *, max_steps: int | None = None):
     float32).
     """
     xi0 = tuple(c._algebra_zeros(flat) for c in comps)
-    paths = {p for c in comps for p in c.paths()}
+    paths = list(dict.fromkeys(p for c in comps for p in c.paths()))
     dtype = jax.tree.leaves(xi0)[0].dtype
     k = sum(x.size for x in jax.tree.leaves(xi0))
 

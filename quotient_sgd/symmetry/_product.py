@@ -254,7 +254,8 @@ class Product(Group):
     # --- canonical representative ---------------------------------------------------------------------------
     def _newton(self, cl, flat) -> Word:
         comps = tuple(self.components[i] for i in cl)
-        paths = {p for c in comps for p in c.paths()}
+        paths = list(dict.fromkeys(p for c in comps for p in c.paths()))  # ordered: a set would make the
+        # summation order (and the compiled program) depend on PYTHONHASHSEED
 
         def apply(xis, f):
             for c, x in zip(comps, xis):

@@ -12,6 +12,11 @@ Allocator settings: glibc's malloc reads ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TR
 ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_TOP_PAD_=268435456`` (fewer
 mmap/munmap round trips and page faults for the large host buffers of checkpoints and trajectories).  Values
 already present in the environment are kept; ``QSGD_NO_MALLOC_TUNING=1`` disables the re-exec.
+
+Compilation cache: ``run`` and ``sweep`` keep JAX's persistent compilation cache (:func:`compilation_cache_dir`),
+so a command that compiles the programs of an earlier one (the same config with another seed or learning rate:
+both are program inputs) loads them from disk instead of compiling again (``quotient-sgd run`` on the default
+config: ~4 s instead of ~11 s).  A cached program is the compiled program itself: results are unchanged.
 """
 
 from __future__ import annotations
@@ -43,8 +48,40 @@ HELP = f"""quotient-sgd: config-driven training runs that record quotient (symme
   -h, --help               this text;  --version  the package version
 
 Ctrl-C waits for the checkpoint being written and exits with status 130; the same command resumes.
-Environment: QSGD_NO_MALLOC_TUNING=1 keeps glibc's default malloc (see the module docstring of quotient_sgd.cli).
+Environment: QSGD_NO_MALLOC_TUNING=1 keeps glibc's default malloc (see the module docstring of quotient_sgd.cli);
+QSGD_COMPILATION_CACHE=DIR (or "off") moves (or turns off) the compilation cache, ~/.cache/quotient_sgd/jax by
+default ($XDG_CACHE_HOME/quotient_sgd/jax); JAX_COMPILATION_CACHE_DIR, when set, is used as it is.
 """
+
+
+def compilation_cache_dir() -> str | None:
+    """The directory of JAX's persistent compilation cache for ``run`` and ``sweep``: ``$QSGD_COMPILATION_CACHE``
+    (``off``, ``none``, ``0`` or empty: no cache), else ``$XDG_CACHE_HOME/quotient_sgd/jax`` (``XDG_CACHE_HOME``
+    defaults to ``~/.cache``)."""
+    path = os.environ.get("QSGD_COMPILATION_CACHE")
+    if path is not None:
+        return None if path.strip().lower() in ("", "off", "none", "0", "false") else os.path.expanduser(path)
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "quotient_sgd", "jax")
+
+
+def _enable_compilation_cache() -> None:
+    """Point JAX's persistent compilation cache at :func:`compilation_cache_dir` (a cache the user configured
+    through ``JAX_COMPILATION_CACHE_DIR`` is kept; a directory that cannot be created means no cache)."""
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:
+        return
+    path = compilation_cache_dir()
+    if path is None:
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return
+    jax.config.update("jax_compilation_cache_dir", path)
+    # the init and chunk programs of small models compile in 0.2-4 s: keep every one worth reading back
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
 def _maybe_reexec(argv: list[str]) -> None:
@@ -261,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, flags.Error, ValueError, KeyError, AttributeError, TypeError) as e:
         return _fail(str(e.args[0] if isinstance(e, KeyError) and e.args else e))
     workdir = fv.workdir or os.path.join("runs", settings.name if cmd == "run" else f"{settings.name}-sweep")
+    _enable_compilation_cache()
     try:
         if cmd == "run":
             from .runner import run

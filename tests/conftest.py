@@ -2,6 +2,10 @@
 
 import os
 
+# the CLI's persistent compilation cache stays off in tests (each test compiles what it checks; concurrent
+# workers would share one directory); tests/test_cli_run.py turns it on in its own directory
+os.environ["QSGD_COMPILATION_CACHE"] = "off"
+
 import quotient_sgd  # noqa: E402,F401  (sets XLA_FLAGS before the backend starts; see quotient_sgd/__init__.py)
 import jax  # noqa: E402
 

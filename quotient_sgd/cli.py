@@ -16,7 +16,7 @@ already present in the environment are kept; ``QSGD_NO_MALLOC_TUNING=1`` disable
 Compilation cache: ``run`` and ``sweep`` keep JAX's persistent compilation cache (:func:`compilation_cache_dir`),
 so a command that compiles the programs of an earlier one (the same config with another seed or learning rate:
 both are program inputs) loads them from disk instead of compiling again (``quotient-sgd run`` on the default
-config: ~4 s instead of ~11 s).  A cached program is the compiled program itself: results are unchanged.
+config: 5 s instead of 8-9 s).  A cached program is the compiled program itself: results are unchanged.
 """
 
 from __future__ import annotations

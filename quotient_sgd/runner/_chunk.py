@@ -75,9 +75,10 @@ def init_program(b: Built, regauge: bool = True):
     ``init_gauge = 0``, leaves the random re-gauging out of the program (the identity at scale 0): the same
     values to float32 rounding (XLA fuses the random draws differently in the two programs), and about half the
     compile time of the initialisation."""
-    if regauge:
-        return jax.jit(lambda seed, g, lr, wd, mom: init_state(b, seed, g, hyper(b, lr, wd, mom)))
-    return jax.jit(lambda seed, g, lr, wd, mom: init_state(b, seed, None, hyper(b, lr, wd, mom)))
+    def init(seed, gauge, lr, wd, mom):
+        return init_state(b, seed, gauge if regauge else None, hyper(b, lr, wd, mom))
+
+    return jax.jit(init)
 
 
 @functools.lru_cache(maxsize=32)

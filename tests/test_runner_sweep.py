@@ -210,3 +210,56 @@ def test_init_without_regauging_is_the_same_state():
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
     count = lambda f: len(f.lower(*args).as_text())  # noqa: E731
     assert count(without) < count(with_g)
+
+
+_CACHE_SCRIPT = """
+import sys
+import jax
+import jax.numpy as jnp
+jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+from quotient_sgd.runner._sweep import compile_seconds
+
+def f(x):
+    for i in range(60):  # a program that takes a measurable time to compile
+        x = jnp.sin(x) * (i + 1.0) + jnp.cumsum(x)
+    return x
+
+hits = []
+jax.monitoring.register_event_listener(lambda event, **_: hits.append(event == "/jax/compilation_cache/cache_hits"))
+lowered = jax.jit(f).lower(jnp.ones(37))
+_, first = compile_seconds(lowered)
+jax.clear_caches()
+lowered = jax.jit(f).lower(jnp.ones(37))
+hits.clear()
+_, second = compile_seconds(lowered)  # served by the persistent cache
+print(first, second, sum(hits))
+"""
+
+
+def test_compile_seconds_sees_through_the_persistent_cache(tmp_path):
+    """The sweep's batching decision weighs the compile time of its first program: when JAX's persistent cache
+    serves that program, compile_seconds reports the time its compilation took (JAX's saved-time event), not
+    the load time, so the decision does not depend on what the cache holds."""
+    import jax
+
+    from quotient_sgd.runner._sweep import _SAVED_EVENT, compile_seconds
+
+    class Fake:
+        def compile(self):
+            jax.monitoring.record_event_duration_secs(_SAVED_EVENT, 2.5)
+            return "executable"
+
+    out, seconds = compile_seconds(Fake())
+    assert out == "executable" and 2.5 <= seconds < 3.5
+    jax.monitoring.record_event_duration_secs(_SAVED_EVENT, 100.0)  # the listener is gone after the call
+    assert compile_seconds(Fake())[1] < 3.5
+
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    res = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT, str(tmp_path / "cache")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    first, second, hits = map(float, res.stdout.split())
+    assert hits == 1  # the second compilation came from the persistent cache
+    assert first > 0.05 and 0.5 * first <= second <= 2 * first + 0.5, (first, second)

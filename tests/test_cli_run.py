@@ -115,3 +115,16 @@ def test_compilation_cache_reused_and_results_unchanged(tmp_path):
     for k in b:
         np.testing.assert_array_equal(b[k], c[k], err_msg=k)
     assert not np.array_equal(a["loss"], b["loss"])
+
+
+def test_start_up_imports_only_what_a_run_needs():
+    """Building and running import neither scikit-learn (the digits are read from its data file) nor
+    scipy.optimize (weight matching imports it on first use): ~1.2 s of every command's start."""
+    code = ("import sys; from quotient_sgd.config import load_config, quickstart_path, validate; "
+            "from quotient_sgd.runner import build; build(validate(load_config(quickstart_path()))); "
+            "print(sorted(m for m in ('sklearn', 'scipy.optimize') if m in sys.modules))")
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "[]", out.stdout

@@ -5,7 +5,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from .. import _tree
 from ._base import Flat, Group, unit_dot
@@ -19,6 +18,8 @@ def _sqdist(a: Flat, b: Flat):
 
 def _lsa(cost):
     def host(c):
+        from scipy.optimize import linear_sum_assignment  # imported on first use: scipy.optimize takes ~0.5 s
+
         _, col = linear_sum_assignment(np.asarray(c), maximize=True)
         return col.astype(np.int32)
 

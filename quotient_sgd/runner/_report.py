@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from typing import Any
 
 import numpy as np
@@ -17,13 +18,23 @@ PLOTS = ("loss", "observables", "charges", "shock_fold", "hessian", "events")
 RECORD = "run.json"
 
 
-def _plt():
-    import matplotlib
+_PLT_LOCK = threading.Lock()
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+
+def _plt():
+    with _PLT_LOCK:  # one import at a time (prefetch_plotting's thread and the report)
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
 
     return plt
+
+
+def prefetch_plotting() -> None:
+    """Import matplotlib's pyplot (~0.9 s) on a background thread: started before a run's first compilation,
+    which releases the GIL, the import overlaps it and the report at the end finds the module loaded."""
+    threading.Thread(target=_plt, daemon=True, name="quotient_sgd-import-pyplot").start()
 
 
 def _series(traj: dict, prefix: str) -> dict[str, np.ndarray]:

@@ -133,6 +133,10 @@ def _run(s: Settings, workdir: str, b: Built, resume: bool, max_chunks: int | No
         write_json(os.path.join(workdir, "config.json"), s.to_dict())
     metrics, parts = MetricsLog(os.path.join(workdir, "metrics.jsonl")), TrajectoryParts(workdir)
     every = s.checkpoint.every
+    if s.logging.plots:
+        from ._report import prefetch_plotting
+
+        prefetch_plotting()
     init = init_program(b, s.init_gauge > 0)
     state = init(jnp.int32(s.seed), jnp.float32(s.init_gauge), *hyper_of(s))
     ckpt = tb = bar = None

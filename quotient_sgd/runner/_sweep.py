@@ -501,6 +501,10 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
             write_json(os.path.join(workdir, "sweep.json"), meta)
 
     record()
+    if plots if plots is not None else s.logging.plots:
+        from ._report import prefetch_plotting
+
+        prefetch_plotting()
     init1 = init_program(b, any(m.get("init_gauge", s.init_gauge) > 0 for m in members))
     host_states: dict[int, Any] = {}
 

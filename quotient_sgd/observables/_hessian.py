@@ -214,6 +214,8 @@ def frozen_horizontal(group, params, *, max_elements: int = 2**24) -> Callable:
     """
     from jax.flatten_util import ravel_pytree
 
+    from ..symmetry._base import inverse_where
+
     flat0, unravel = ravel_pytree(params)
     shapes = jax.eval_shape(group.tangents, params)
     leaves = jax.tree.leaves(shapes)
@@ -231,7 +233,7 @@ def frozen_horizontal(group, params, *, max_elements: int = 2**24) -> Callable:
         for _ in range(2):
             w, u = jnp.linalg.eigh(basis @ basis.T)
             keep = w > jnp.max(w) * jnp.asarray(eps * k, w.dtype)
-            winv = jnp.where(keep, 1 / jnp.where(keep, w, jnp.ones_like(w)), jnp.zeros_like(w))
+            winv = inverse_where(w, keep)
             basis = (u * jnp.sqrt(winv)[None, :]).T @ basis  # rows: orthonormal (zero rows: null directions)
     else:
         _, sv, vt = jnp.linalg.svd(basis, full_matrices=False)

@@ -310,6 +310,12 @@ def gram_matrix(comps, flat: Flat):
     return jax.jacfwd(jtj)(vec0), unravel
 
 
+def inverse_where(x, keep):
+    """``1 / x`` where ``keep``, 0 elsewhere (no division by the dropped entries): the pseudo-inverse of the
+    eigen- or singular values of a factorisation."""
+    return jnp.where(keep, 1 / jnp.where(keep, x, jnp.ones_like(x)), jnp.zeros_like(x))
+
+
 #: Steps of iterative refinement after a solve of the normal equations ``J^T J xi = J^T v`` (dense clusters and
 #: GL actions): the normal equations square the condition number of ``J``; each step forms the residual
 #: ``v - J xi`` in parameter space and solves again with the same factorisation.
@@ -352,17 +358,17 @@ def generic_vcoeffs(comps, flat: Flat, v: Flat, *, refine: int = REFINE_STEPS):
             rhs = jnp.concatenate([jnp.reshape(v.get(p, jnp.zeros_like(flat[p])), (-1,)).astype(J.dtype)
                                    for p in paths])
             cnorm = jnp.sqrt(jnp.sum(jnp.square(J), axis=0))
-            cs = jnp.where(cnorm > 0, 1 / jnp.where(cnorm > 0, cnorm, 1), 0)
+            cs = inverse_where(cnorm, cnorm > 0)
             U, s, Vt = jnp.linalg.svd(J * cs[None, :], full_matrices=False)
             cut = jnp.finfo(J.dtype).eps * max(J.shape) * jnp.max(s, initial=0)
-            sinv = jnp.where(s > cut, 1 / jnp.where(s > cut, s, 1), 0)
+            sinv = inverse_where(s, s > cut)
             return unravel(cs * (Vt.T @ (sinv * (U.T @ rhs))))
     G, unravel = gram_matrix(comps, flat)
     d = jnp.diagonal(G)
     ds = jnp.where(d > 0, 1 / jnp.sqrt(jnp.where(d > 0, d, 1)), 0)
     w, Q = jnp.linalg.eigh(G * ds[:, None] * ds[None, :])
     cut = jnp.finfo(G.dtype).eps * G.shape[0] * jnp.max(w, initial=0)
-    winv = jnp.where(w > cut, 1 / jnp.where(w > cut, w, 1), 0)
+    winv = inverse_where(w, w > cut)
 
     def solve(r: Flat):
         full = {p: r.get(p, jnp.zeros_like(x)) for p, x in flat.items()}

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 
 from .._tree import Path
-from ._base import REFINE_STEPS, Group, SymmetryError
+from ._base import REFINE_STEPS, Group, SymmetryError, inverse_where
 
 
 def _mT(x):
@@ -210,7 +210,7 @@ def sylvester_vcoeffs(gls, flat, v, *, refine: int = REFINE_STEPS) -> list[jax.A
             start += n
             denom = lam[..., :, None] + mu[..., None, :]
             eps = jnp.finfo(denom.dtype).eps * jnp.max(denom, axis=(-2, -1), keepdims=True)
-            inv = jnp.where(denom > eps, 1 / jnp.where(denom > eps, denom, 1), 0)
+            inv = inverse_where(denom, denom > eps)
 
             def solve(C, U=U, V=V, inv=inv, n=n, d=d, batch=batches[i]):
                 X = U @ ((_mT(U) @ C.reshape(n, d, d) @ V) * inv) @ _mT(V)

@@ -138,3 +138,21 @@ def test_ctrl_c_is_held_back_until_a_checkpoint_write_ends():
         assert finished == [True, True]
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_resume_after_a_kill_inside_a_trajectory_part_write(tmp_path):
+    """A SIGKILL while ``trajectory_parts/part_<a>.npz`` is being written leaves its temporary file
+    (``part_<a>.npz.tmp.npz``) behind: it is not a part, the same command resumes over it (and removes it), and
+    the run ends with every step once."""
+    from helpers import tiny_settings
+
+    s = tiny_settings(steps=30, **{"checkpoint.every": 10})
+    wd = str(tmp_path / "r")
+    run(s, wd, max_chunks=2)
+    parts = tmp_path / "r" / "trajectory_parts"
+    (parts / "part_000000020.npz.tmp.npz").write_bytes(b"PK\x03\x04 torn")  # the write the kill interrupted
+    done = run(s, wd)
+    assert done.resumed_from == 20
+    np.testing.assert_array_equal(load_trajectory(wd)["step"], np.arange(30))
+    assert sorted(os.listdir(parts)) == [f"part_{a:09d}.npz" for a in (0, 10, 20)]
+    assert [r["step"] for r in _rows(wd)] == sorted({r["step"] for r in _rows(wd)})

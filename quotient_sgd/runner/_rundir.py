@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import threading
@@ -175,6 +176,12 @@ def _concatenate(chunks: list[dict]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([c[k] for c in chunks], axis=0) for k in chunks[0]} if chunks else {}
 
 
+#: A finished trajectory part, named by the step it starts at.
+_PART_NAME = re.compile(r"part_(\d+)\.npz")
+#: The suffix of a part being written (``np.savez`` keeps a name ending in ``.npz``).
+_TMP_SUFFIX = ".tmp.npz"
+
+
 class TrajectoryParts:
     """Per-chunk ``npz`` files; :meth:`assemble` concatenates them into ``trajectory.npz``."""
 
@@ -182,19 +189,25 @@ class TrajectoryParts:
         self.dir = os.path.join(workdir, "trajectory_parts")
 
     def _starts(self) -> list[int]:
+        """The start steps of the finished parts (``part_<a>.npz``; the temporary file of a write that a kill
+        interrupted, ``part_<a>.npz.tmp.npz``, is not a part)."""
         if not os.path.isdir(self.dir):
             return []
-        return sorted(int(f[5:-4]) for f in os.listdir(self.dir) if f.startswith("part_") and f.endswith(".npz"))
+        return sorted(int(m.group(1)) for m in map(_PART_NAME.fullmatch, os.listdir(self.dir)) if m)
 
     def truncate(self, step: int) -> None:
-        for a in self._starts():
-            if a >= step:
-                os.remove(os.path.join(self.dir, f"part_{a:09d}.npz"))
+        """Remove the parts starting at or after ``step`` and the temporary files of interrupted writes."""
+        if not os.path.isdir(self.dir):
+            return
+        for name in os.listdir(self.dir):
+            m = _PART_NAME.fullmatch(name)
+            if (m is None and name.endswith(_TMP_SUFFIX)) or (m is not None and int(m.group(1)) >= step):
+                os.remove(os.path.join(self.dir, name))
 
     def write(self, start: int, arrays: dict[str, np.ndarray]) -> None:
         os.makedirs(self.dir, exist_ok=True)
         path = os.path.join(self.dir, f"part_{start:09d}.npz")
-        tmp = path + ".tmp.npz"
+        tmp = path + _TMP_SUFFIX
         np.savez(tmp, **arrays)
         os.replace(tmp, path)
 

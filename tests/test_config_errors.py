@@ -136,6 +136,26 @@ def test_wrong_types():
         validate(d)
 
 
+def test_numpy_numbers_are_the_numbers_they_hold():
+    """``config.sweep.seed = tuple(np.arange(4))`` (NumPy integers) and NumPy floats / booleans in a nested dict
+    validate as the Python numbers they hold (``config.json`` stays plain JSON); a NumPy bool is still not an int."""
+    import json
+
+    import numpy as np
+
+    s = validate(_tiny(**{"sweep.seed": tuple(np.arange(4)), "sweep.lr": tuple(np.float32([0.5, 0.25]))}))
+    assert s.sweep.seed == (0, 1, 2, 3) and all(type(v) is int for v in s.sweep.seed)
+    assert s.sweep.lr == (0.5, 0.25) and all(type(v) is float for v in s.sweep.lr)
+    d = default_config().to_dict()
+    d["steps"], d["optim"]["lr"], d["logging"]["plots"] = np.int64(7), np.float32(0.5), np.bool_(False)
+    s = validate(d)
+    assert (type(s.steps), type(s.optim.lr), s.logging.plots) == (int, float, False)
+    json.dumps(s.to_dict())
+    d["steps"] = np.bool_(True)
+    with pytest.raises(ConfigError, match=r"config\.steps = .*expected an int, got bool"):
+        validate(d)
+
+
 def test_unknown_keys():
     d = default_config().to_dict()
     d["optim"]["lrr"] = 0.1

@@ -7,8 +7,11 @@ import dataclasses
 import difflib
 import importlib.util
 import math
+import numbers
 import os
 from typing import Any, Mapping
+
+import numpy as np
 
 from ._settings import (
     DATASETS,
@@ -49,20 +52,26 @@ def _to_plain(cfg) -> dict:
     return dict(cfg)
 
 
+def _is_bool(value: Any) -> bool:
+    """A Python or NumPy boolean (``np.bool_`` is not a ``bool``)."""
+    return isinstance(value, (bool, np.bool_))
+
+
 def _typed(key: str, value: Any, default: Any) -> Any:
-    """``value`` coerced to the type of ``default`` (int -> float allowed), or a ConfigError."""
+    """``value`` coerced to the Python type of ``default`` (int -> float allowed; NumPy scalars such as the
+    elements of ``tuple(np.arange(4))`` count as the numbers they hold), or a ConfigError."""
     if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
+        if _is_bool(value):
+            return bool(value)
         raise _err(key, value, f"expected a bool (True/False), got {type(value).__name__}")
     if isinstance(default, int):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
+        if isinstance(value, numbers.Integral) and not _is_bool(value):
+            return int(value)
+        if isinstance(value, numbers.Real) and not _is_bool(value) and float(value).is_integer():
             return int(value)
         raise _err(key, value, f"expected an int, got {type(value).__name__}")
     if isinstance(default, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, numbers.Real) and not _is_bool(value):
             return float(value)
         raise _err(key, value, f"expected a float, got {type(value).__name__}")
     if isinstance(default, str):

@@ -156,3 +156,23 @@ def test_resume_after_a_kill_inside_a_trajectory_part_write(tmp_path):
     np.testing.assert_array_equal(load_trajectory(wd)["step"], np.arange(30))
     assert sorted(os.listdir(parts)) == [f"part_{a:09d}.npz" for a in (0, 10, 20)]
     assert [r["step"] for r in _rows(wd)] == sorted({r["step"] for r in _rows(wd)})
+
+
+def test_new_run_killed_while_writing_its_config_starts_again(tmp_path):
+    """A kill between ``config.json.tmp`` and its rename leaves a directory holding only that file: the same
+    command starts the run there (it is not refused as a foreign directory); any other file is still refused."""
+    from helpers import tiny_settings
+
+    s = tiny_settings(steps=10)
+    wd = tmp_path / "r"
+    wd.mkdir()
+    (wd / "config.json.tmp").write_text('{"name": "tin')  # torn
+    done = run(s, str(wd))
+    assert done.steps_done == 10 and json.loads((wd / "config.json").read_text()) == s.to_dict()
+    assert not (wd / "config.json.tmp").exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json.tmp").write_text("{}")
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match="no config.json"):
+        run(s, str(other))

@@ -82,10 +82,20 @@ def check_workdir(workdir: str, settings: Settings) -> bool:
                 f"run directory {workdir!r} holds a run of a different config ({len(diff)} differing keys: "
                 f"{lines}). Choose another --workdir, or delete the directory to start over.")
         return True
-    if os.path.isdir(workdir) and os.listdir(workdir):
+    if foreign_entries(workdir, "config.json"):
         raise RunDirError(f"run directory {workdir!r} exists, is not empty and has no config.json: not a "
                           f"quotient_sgd run; refusing to write into it. Choose another --workdir.")
     return False
+
+
+def foreign_entries(workdir: str, record: str) -> list[str]:
+    """The entries of ``workdir`` (a directory without its ``record`` file, ``config.json`` or ``sweep.json``)
+    other than ``<record>.tmp``: the temporary file of a new run killed while writing its record is what that run
+    wrote, not another's data, and the same command starts the run again over it.  Empty when ``workdir`` does not
+    exist."""
+    if not os.path.isdir(workdir):
+        return []
+    return sorted(n for n in os.listdir(workdir) if n != record + ".tmp")
 
 
 def discard_new_run(workdir: str, created: bool) -> None:

@@ -311,3 +311,26 @@ def test_bad_arguments_name_themselves(kwargs, match):
     """Bad arguments fail at construction with a ValueError naming the argument (not later, inside a scan)."""
     with pytest.raises(ValueError, match=match):
         quotient_trajectory(optax.sgd(0.1), mlp_group(), **kwargs)
+
+
+
+def test_hessian_and_noise_use_the_steps_own_learning_rate():
+    """Without a spec, eta in fold/shock_number_hessian and the temperature is the evaluation step's own
+    effective_lr["global"]: not NaN when effective_lr is not recorded, not a stale record when every > 1.  Under
+    a permutation group the canonical gradient is a permutation of g, so that rate is the schedule's exactly."""
+    params = init_mlp(jax.random.key(0), sizes=(3, 4, 3))
+    group = Product((Permutation(members=((("l0", "kernel"), 1), (("l0", "bias"), 0), (("l1", "kernel"), 0)),
+                                 name="p0"),))
+    sgd = optax.sgd(lambda count: 0.05 * (count + 1).astype(jnp.float32))  # eta_k = 0.05 (k + 1)
+
+    def example_loss(p, batch):
+        return optax.softmax_cross_entropy_with_integer_labels(apply_mlp(p, batch[0]), batch[1])
+
+    eta = np.array([0.05, 0.05, 0.15, 0.15])  # the rate of steps 0 and 2, where they are evaluated
+    hessian = dict(hessian_every=2, hessian_at=("horizontal",), lanczos_steps=4)
+    for observables, every, kw in ((("loss",), 1, hessian), (("effective_lr",), 3, {})):
+        tx = quotient_trajectory(sgd, group, observables=observables, every=every, noise_every=2, **kw)
+        traj = train(xent, params, tx, data(4, b=6), example_loss_fn=example_loss, donate=False)[2]
+        np.testing.assert_allclose(traj["temperature"], eta * traj["noise_sigma2"] / 12, rtol=1e-5)
+        if kw:
+            np.testing.assert_allclose(traj["fold_number_hessian"], eta * traj["sharpness_horizontal"], rtol=1e-5)

@@ -107,7 +107,9 @@ def quotient_trajectory(
     Lanczos iterations each, by ``lanczos_method`` (:func:`quotient_sgd.observables.lanczos_extremes`; the
     default ``"loop"`` compiles the Hessian-vector product once; the evaluations at several points are one
     ``lax.map``, so the product and the projection are compiled once for all of them).  With ``noise_every=K``:
-    ``noise_sigma2``, ``temperature``, ``viscosity``.
+    ``noise_sigma2``, ``temperature``, ``viscosity``.  Their ``eta`` is the spec's learning rate, else the
+    evaluation step's own ``effective_lr["global"]`` (computed there whether or not ``effective_lr`` is recorded,
+    and whatever ``every`` is).
 
     Cost: ``grad_norm_canonical``, ``effective_lr`` (its ``"global"`` entry), ``invariant_norms`` and the update
     split call ``group.canonical_element`` / ``group.invariants`` / ``group.vertical``; for groups whose
@@ -301,14 +303,17 @@ def quotient_trajectory(
         new_carry: dict[str, Any] = {}
         if need_canon:
             new_carry["canon"] = elem
-        lr_now = None
-        if need_curv:
+
+        def step_lr():
+            # this step's learning rate: the spec's, else the step's own effective_lr["global"] (never the recorded
+            # one, which is absent when not asked for and stale between records when every > 1)
             if hp is not None:
-                lr_now = hp["learning_rate"]
-            else:
-                e = eff if eff is not None else obs.effective_lr(
-                    group, params, grads, new_updates, obs.canonical_gradient(group, params, grads))
-                lr_now = e["global"]
+                return hp["learning_rate"]
+            e = eff if eff is not None else obs.effective_lr(
+                group, params, grads, new_updates, obs.canonical_gradient(group, params, grads))
+            return e["global"]
+
+        lr_now = step_lr() if need_curv else None
         if need_cross:
             pred, cross = obs.predict_charge_drift(
                 group, params, grads, new_updates, carry["cross"],
@@ -337,10 +342,9 @@ def quotient_trajectory(
                     "quotient_trajectory(hessian_every=...) needs the extra argument loss_fn=(params -> loss on "
                     "the step's batch); quotient_sgd.optim.train passes it, a hand-written loop must too."
                 )
-            lr_h = hp["learning_rate"] if hp is not None else observ.get("effective_lr", {}).get("global", jnp.nan)
             observ, eigvecs = jax.lax.cond(
                 count % hessian_every == 0,
-                lambda _: _hessian(loss_fn, params, observ, eigvecs, count, lr_h),
+                lambda _: _hessian(loss_fn, params, observ, eigvecs, count, step_lr() if lr_now is None else lr_now),
                 lambda _: (observ, eigvecs),
                 None,
             )
@@ -351,10 +355,9 @@ def quotient_trajectory(
                     "quotient_trajectory(noise_every=...) needs the extra argument example_loss_fn=(params -> (B,) "
                     "per-example losses); pass example_loss_fn to quotient_sgd.optim.train."
                 )
-            lr_n = hp["learning_rate"] if hp is not None else observ.get("effective_lr", {}).get("global", jnp.nan)
 
             def noise(_):
-                n = obs.gradient_noise(efn, group, params, lr=lr_n)
+                n = obs.gradient_noise(efn, group, params, lr=step_lr() if lr_now is None else lr_now)
                 o = dict(observ)
                 o.update(noise_sigma2=n.sigma2, temperature=n.temperature, viscosity=n.viscosity)
                 return o

@@ -305,12 +305,27 @@ def test_curvature_matches_plain_loop(x64):
         (dict(hessian_every=5, hessian_at=("quotent",)), "hessian_at"),
         (dict(hessian_every=5, hessian_k=5, lanczos_steps=4), "hessian_k"),
         (dict(lanczos_method="arnoldi"), "lanczos_method"),
+        (dict(every=1.5), r"every must be an integer >= 1, got 1.5"),
+        (dict(every=True), r"every must be an integer >= 1, got True"),
+        (dict(every=None), r"every must be an integer >= 1, got None"),
+        (dict(hessian_every=True), r"hessian_every must be None \(off\) or an integer >= 1, got True"),
+        (dict(noise_every=2.0), r"noise_every must be None \(off\) or an integer >= 1, got 2.0"),
+        (dict(spec=0.1), r"spec must be None or a quotient_sgd.optim.SGDSpec"),
     ],
 )
 def test_bad_arguments_name_themselves(kwargs, match):
-    """Bad arguments fail at construction with a ValueError naming the argument (not later, inside a scan)."""
-    with pytest.raises(ValueError, match=match):
+    """Bad arguments fail at construction with an error naming the argument (not later, inside a scan, where a
+    float or bool period was a dtype-promotion error or silently taken as 1, and a bad spec an AttributeError)."""
+    with pytest.raises((ValueError, TypeError), match=match):
         quotient_trajectory(optax.sgd(0.1), mlp_group(), **kwargs)
+
+
+@pytest.mark.parametrize("every", [0, 1.5, True, None, "2"])
+def test_gauge_fix_every_must_be_a_positive_integer(every):
+    from quotient_sgd.optim import gauge_fix
+
+    with pytest.raises(ValueError, match=r"gauge_fix: every must be an integer >= 1, got"):
+        gauge_fix(optax.sgd(0.1), mlp_group(), every=every)
 
 
 

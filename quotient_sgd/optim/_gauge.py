@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from ..observables import canonical_gradient
-from ._spec import check_wrapped
+from ._spec import check_period, check_wrapped
 
 
 def horizontal(tx: optax.GradientTransformation, group) -> optax.GradientTransformationExtraArgs:
@@ -65,8 +65,7 @@ def gauge_fix(tx: optax.GradientTransformation, group, every: int = 1) -> optax.
         group: the symmetry group; its action must be linear or affine in the parameters.
         every: canonicalise every ``every`` steps (steps in between run ``tx`` unchanged).
     """
-    if every < 1:
-        raise ValueError(f"every must be >= 1, got {every}")
+    check_period("gauge_fix", "every", every)
     check_wrapped("gauge_fix", tx, group)
     inner = optax.with_extra_args_support(tx)
 

@@ -26,6 +26,19 @@ def check_wrapped(name: str, tx, group) -> None:
                         f"{group!r}")
 
 
+def check_period(owner: str, name: str, value, *, optional: bool = False) -> None:
+    """``ValueError`` naming the argument unless ``value`` is an integer ``>= 1`` (``None`` too when ``optional``):
+    a float, a bool or a string period would otherwise be accepted (``True`` as ``1``) or fail inside the first
+    traced step with an unrelated promotion error."""
+    import numbers
+
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        allowed = "None (off) or an integer >= 1" if optional else "an integer >= 1"
+        raise ValueError(f"{owner}: {name} must be {allowed}, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class SGDSpec:
     """What :func:`~quotient_sgd.optim.quotient_trajectory` must know about an SGD-family optimiser to predict

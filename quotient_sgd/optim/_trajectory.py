@@ -10,7 +10,7 @@ import optax
 
 from .. import observables as obs
 from ..observables._util import charges_dict, tree_dot, tree_sqnorm
-from ._spec import SGDSpec, check_wrapped
+from ._spec import SGDSpec, check_period, check_wrapped
 
 #: The per-step observables recorded by default (all cheap: closed-form projections, no extra gradients).
 DEFAULT_OBSERVABLES: tuple[str, ...] = (
@@ -144,11 +144,12 @@ def quotient_trajectory(
     bad_at = set(hessian_at) - set(_HESSIAN_AT)
     if bad_at:
         raise ValueError(f"hessian_at: unknown {sorted(bad_at)}; choose from {_HESSIAN_AT}")
-    if every < 1:
-        raise ValueError(f"every must be >= 1, got {every}")
-    for name, value in (("hessian_every", hessian_every), ("noise_every", noise_every)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be None (off) or an integer >= 1, got {value!r}")
+    check_period("quotient_trajectory", "every", every)
+    check_period("quotient_trajectory", "hessian_every", hessian_every, optional=True)
+    check_period("quotient_trajectory", "noise_every", noise_every, optional=True)
+    if spec is not None and not isinstance(spec, SGDSpec):
+        raise TypeError(f"quotient_trajectory: spec must be None or a quotient_sgd.optim.SGDSpec (e.g. "
+                        f"SGDSpec(0.1, momentum=0.9)), got {spec!r}")
     if hessian_every is not None:
         if not hessian_at:
             raise ValueError(f"hessian_at must name at least one of {_HESSIAN_AT} when hessian_every is set")

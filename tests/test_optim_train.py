@@ -134,6 +134,33 @@ def test_errors_are_clear():
         tx.update(p, tx.init(p), p)
 
 
+def test_bad_loss_conventions_and_arguments_name_themselves():
+    """A loss_fn whose return value does not match has_aux / model_state, a non-scalar loss, and bad num_steps /
+    start_step / data fail with a ValueError naming the argument (they were JAX errors from inside grad or scan,
+    or, for a float start_step, a silent truncation)."""
+    p = _init(jax.random.key(0))
+    aux_loss = lambda p, b: (mse(p, b), {"n": jnp.int32(1)})  # noqa: E731
+    cases = [
+        (dict(loss_fn=aux_loss), r"returned a tuple of 2 .* pass has_aux=True"),
+        (dict(has_aux=True), r"has_aux=True.* must return \(loss, aux\), got an array of shape \(\)"),
+        (dict(loss_fn=lambda p, b: jnp.square(_apply(p, b[0]) - b[1])), r"must be a scalar, got shape \(16, 2\)"),
+        (dict(loss_fn=lambda p, ms, b: mse(p, b), model_state={"m": jnp.zeros(())}),
+         r"model_state=.* must return \(loss, \(aux, new_model_state\)\)"),
+        (dict(num_steps=-1), "num_steps must be None .* or an integer >= 0, got -1"),
+        (dict(num_steps=2.0), "num_steps must be None .* or an integer >= 0, got 2.0"),
+        (dict(start_step=1.5), "start_step must be an integer"),
+        (dict(data=(X[None].repeat(2, 0), Y[None].repeat(3, 0))), r"same leading \(step\) axis"),
+    ]
+    for kw, match in cases:
+        kw = dict(dict(loss_fn=mse, data=batch_fn, num_steps=2), **kw)
+        with pytest.raises(ValueError, match=match):
+            train(kw.pop("loss_fn"), p, optax.sgd(0.1), kw.pop("data"), donate=False, **kw)
+    # integer scalars of any kind are fine as start_step
+    a = train(mse, p, optax.sgd(0.1), batch_fn, num_steps=2, start_step=np.int64(3), donate=False)[2]
+    b = train(mse, p, optax.sgd(0.1), batch_fn, num_steps=2, start_step=jnp.int32(3), donate=False)[2]
+    np.testing.assert_array_equal(a["loss"], b["loss"])
+
+
 def test_reusing_donated_inputs_is_a_clear_error():
     """train donates its inputs by default: calling it again with the same (now deleted) arrays names the
     argument and the ways out, instead of JAX's 'Array has been deleted'; donate=False keeps them usable and

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Any, Callable
 
 import jax
@@ -13,19 +14,50 @@ from ._trajectory import _find
 
 
 def _objective(loss_fn, has_aux, params, model_state, batch):
-    """``(loss, (aux, new_model_state))`` whatever the user's convention."""
+    """``(loss, (aux, new_model_state))`` whatever the user's convention; a return value that does not follow the
+    convention the arguments announce is a ``ValueError`` naming it (rather than JAX's error from inside grad)."""
     if model_state is not None:
         # Rebuild the state's containers at the current trace level: NNX forbids mutating a Variable created at
         # an outer trace (the scan carry) from inside jax.grad, which merge-then-update patterns would do.
         model_state = jax.tree.map(lambda a: a, model_state)
-        loss, (aux, new_ms) = loss_fn(params, model_state, batch)
-        return loss, (aux, new_ms)
+        out = loss_fn(params, model_state, batch)
+        if not (_is_pair(out) and _is_pair(out[1])):
+            raise ValueError(
+                "train(model_state=...): loss_fn(params, model_state, batch) must return "
+                f"(loss, (aux, new_model_state)) (aux may be None), got {_describe(out)}"
+            )
+        loss, (aux, new_ms) = out
+        return _scalar_loss(loss), (aux, new_ms)
     out = loss_fn(params, batch)
     if has_aux:
+        if not _is_pair(out):
+            raise ValueError(f"train(has_aux=True): loss_fn(params, batch) must return (loss, aux), got "
+                             f"{_describe(out)}; pass has_aux=False for a loss_fn that returns the loss alone")
         loss, aux = out
     else:
+        if isinstance(out, (tuple, list)):
+            raise ValueError(f"train: loss_fn(params, batch) returned {_describe(out)}; pass has_aux=True for a "
+                             f"loss_fn that returns (loss, aux)")
         loss, aux = out, None
-    return loss, (aux, None)
+    return _scalar_loss(loss), (aux, None)
+
+
+def _is_pair(x) -> bool:
+    return isinstance(x, (tuple, list)) and len(x) == 2
+
+
+def _describe(x) -> str:
+    if isinstance(x, (tuple, list)):
+        return f"a {type(x).__name__} of {len(x)} ({', '.join(_describe(y) for y in x)})"
+    shape = getattr(x, "shape", None)
+    return f"an array of shape {tuple(shape)}" if shape is not None else type(x).__name__
+
+
+def _scalar_loss(loss):
+    if jnp.shape(loss) != ():
+        raise ValueError(f"train: the loss returned by loss_fn must be a scalar, got shape {jnp.shape(loss)} "
+                         f"(average per-example losses, e.g. jnp.mean)")
+    return loss
 
 
 @functools.partial(
@@ -131,6 +163,15 @@ def train(
     Runs unchanged under ``jax.vmap`` (over ``params`` / ``key`` for seeds, over ``opt_state`` for injected
     hyperparameters).
     """
+    if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral)
+                                  or num_steps < 0):
+        raise ValueError(f"train: num_steps must be None (the data's leading axis) or an integer >= 0, got "
+                         f"{num_steps!r}")
+    if isinstance(start_step, bool) or not (isinstance(start_step, numbers.Integral) or (
+            hasattr(start_step, "dtype") and jnp.issubdtype(start_step.dtype, jnp.integer)
+            and jnp.ndim(start_step) == 0)):
+        raise ValueError(f"train: start_step must be an integer (a Python int or an integer scalar array), got "
+                         f"{start_step!r}")
     if callable(data) and not hasattr(data, "shape"):
         batch_fn, stacked = data, None
         if num_steps is None:
@@ -140,6 +181,10 @@ def train(
         leaves = jax.tree.leaves(data)
         if not leaves:
             raise ValueError("train: data has no arrays; pass stacked batches or a batch_fn(step, key)")
+        sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
+        if len(sizes) != 1 or None in sizes:
+            shapes = [jnp.shape(x) for x in leaves]
+            raise ValueError(f"train: every array in data needs the same leading (step) axis, got shapes {shapes}")
         n = leaves[0].shape[0]
         if num_steps is None:
             num_steps = n

@@ -93,3 +93,20 @@ def test_summary_lists_the_files_that_exist(tmp_path):
     run(s, wd)
     files = _line(_summary(wd), "config.json")
     assert files.startswith("config.json, trajectory.npz, metrics.jsonl, events.json, run.json, summary.md")
+
+
+def test_report_of_a_resumed_interrupted_run_detects_its_events_again(tmp_path):
+    """``report`` on an interrupted run writes the events of its trajectory so far; once the run has resumed and
+    is interrupted again, ``report`` detects the events of the longer trajectory, not the stale file's."""
+    wd = str(tmp_path / "r")
+    s = tiny_settings(30, **{"checkpoint.every": 10})
+    run(s, wd, max_chunks=1)
+    report(wd)
+    stale = [{"step": 1, "kind": "stale_marker", "strength": 1.0, "observables": {}, "variant": "quotient",
+              "invariant": True, "details": {}}]  # stands for the events of the first 10 steps
+    with open(os.path.join(wd, "events.json"), "w") as f:
+        json.dump(stale, f)
+    run(s, wd, max_chunks=1)  # resumed from step 10, interrupted at 20
+    assert "stale_marker" not in report(wd)
+    with open(os.path.join(wd, "events.json")) as f:
+        assert all(e["kind"] != "stale_marker" for e in json.load(f))

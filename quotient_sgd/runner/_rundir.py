@@ -345,8 +345,10 @@ def _abstract(x):
 
 
 def remove_outputs(workdir: str) -> None:
-    """Remove the derived outputs (they are rewritten at the end of a run)."""
-    for name in ("trajectory.npz", "summary.md", "run.json"):
+    """Remove the derived outputs (they are rewritten at the end of a run).  ``events.json`` is one of them: the
+    one that ``report`` wrote for an interrupted run holds the events of its shorter trajectory, and a later
+    ``report`` re-detects them only when the file is missing."""
+    for name in ("trajectory.npz", "events.json", "summary.md", "run.json"):
         p = os.path.join(workdir, name)
         if os.path.exists(p):
             os.remove(p)

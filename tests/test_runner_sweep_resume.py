@@ -199,3 +199,21 @@ def test_sweep_started_batched_compiles_no_single_program(tmp_path, monkeypatch)
     assert "started batched: a member's plain step 20 us" in open(os.path.join(ad, "summary.md")).read()
     sweep(s, fixed, members_per_device=4, devices=dev)
     assert_sweeps_bitwise(ad, fixed, 4)
+
+
+def test_new_sweep_killed_while_recording_starts_again(tmp_path):
+    """A new sweep killed while writing ``sweep.json`` leaves only ``sweep.json.tmp``: the same command starts the
+    sweep again there; any other entry still makes the directory foreign."""
+    s = _settings(**{"steps": 10, "sweep.lr": (0.05, 0.1)})
+    wd = tmp_path / "sw"
+    wd.mkdir()
+    (wd / "sweep.json.tmp").write_text('{"config": {"na')
+    res = sweep(s, str(wd), members_per_device=2, devices=jax.devices()[:1])
+    assert res.steps_done == 10 and not (wd / "sweep.json.tmp").exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "sweep.json.tmp").write_text("{}")
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match="not empty"):
+        sweep(s, str(other), members_per_device=2, devices=jax.devices()[:1])
+    assert sorted(os.listdir(other)) == ["notes.txt", "sweep.json.tmp"]

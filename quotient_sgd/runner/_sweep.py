@@ -53,6 +53,7 @@ from ._rundir import (
     checkpoint_steps,
     config_diff,
     discard_new_run,
+    foreign_entries,
     remove_outputs,
     write_json,
 )
@@ -441,7 +442,7 @@ def _check_sweep_dir(workdir: str, s: Settings) -> dict | None:
             raise RunDirError(f"sweep directory {workdir!r} holds a sweep of a different config ({lines}). "
                               f"Choose another --workdir, or delete the directory.")
         return meta
-    if os.path.isdir(workdir) and os.listdir(workdir):
+    if foreign_entries(workdir, "sweep.json"):  # (a lone sweep.json.tmp: this sweep, killed while recording)
         raise RunDirError(f"sweep directory {workdir!r} exists, is not empty and has no sweep.json; refusing to "
                           f"write into it. Choose another --workdir.")
     return None

@@ -161,6 +161,22 @@ def test_bad_loss_conventions_and_arguments_name_themselves():
     np.testing.assert_array_equal(a["loss"], b["loss"])
 
 
+def test_set_hyperparams_refuses_to_truncate_an_integer_injection():
+    """optax.inject_hyperparams keeps a Python int (momentum=0) as an int32: a float set there was cast to 0
+    silently (a sweep over momenta ran them all at 0); now a ValueError naming it.  Ints and floats into float
+    slots still work, also traced under vmap."""
+    p = _init(jax.random.key(0))
+    state = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0).init(p)
+    with pytest.raises(ValueError, match=r"momentum was injected as an integer .* inject a float \(momentum=0.0"):
+        set_hyperparams(state, momentum=0.9)
+    with pytest.raises(ValueError, match="momentum was injected as an integer"):
+        jax.vmap(lambda m: set_hyperparams(state, momentum=m))(jnp.array([0.5, 0.9]))
+    assert int(set_hyperparams(state, momentum=1).hyperparams["momentum"]) == 1
+    lrs = jax.vmap(lambda lr: set_hyperparams(state, learning_rate=lr))(jnp.array([0.5, 2.0])).hyperparams
+    np.testing.assert_allclose(lrs["learning_rate"], [0.5, 2.0])
+    assert float(set_hyperparams(state, learning_rate=1).hyperparams["learning_rate"]) == 1.0
+
+
 def test_reusing_donated_inputs_is_a_clear_error():
     """train donates its inputs by default: calling it again with the same (now deleted) arrays names the
     argument and the ways out, instead of JAX's 'Array has been deleted'; donate=False keeps them usable and

@@ -118,7 +118,9 @@ def resolve_hyper(value: Hyper, opt_state, count, field: str = "value"):
 
 def set_hyperparams(opt_state, **values):
     """A copy of ``opt_state`` with the named ``optax.inject_hyperparams`` values replaced (in every injected
-    state that has them).  Use it to build a vmapped sweep without recompiling::
+    state that has them), cast to the dtype stored there; a float for a hyperparameter that was injected as an
+    integer (``momentum=0``) is a ``ValueError`` rather than a silent truncation.  Use it to build a vmapped sweep
+    without recompiling::
 
         tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
         states = jax.vmap(lambda lr: set_hyperparams(tx.init(params), learning_rate=lr))(lrs)
@@ -132,7 +134,14 @@ def set_hyperparams(opt_state, **values):
         hp = dict(x.hyperparams)
         for k, v in values.items():
             if k in hp:
-                hp[k] = jnp.asarray(v, jnp.asarray(hp[k]).dtype)
+                old, new = jnp.asarray(hp[k]), jnp.asarray(v)
+                if jnp.issubdtype(old.dtype, jnp.integer) and not jnp.issubdtype(new.dtype, jnp.integer):
+                    raise ValueError(
+                        f"set_hyperparams: {k} was injected as an integer ({old.dtype}: a Python int such as "
+                        f"{k}=0 or 1), so the {new.dtype} value {v!r} would be truncated to it; inject a float "
+                        f"({k}=0.0 / 1.0)"
+                    )
+                hp[k] = new.astype(old.dtype)
                 found.add(k)
         return x._replace(hyperparams=hp)
 

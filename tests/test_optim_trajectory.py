@@ -320,6 +320,17 @@ def test_bad_arguments_name_themselves(kwargs, match):
         quotient_trajectory(optax.sgd(0.1), mlp_group(), **kwargs)
 
 
+@pytest.mark.parametrize("shape", [(), (2, 3)])
+def test_example_loss_fn_must_return_per_example_losses(shape):
+    """A scalar (the mean loss) or a 2-d example_loss_fn was taken apart as if the first leaf's leading axis of the
+    gradient were the batch: a vmap size error, or silently a wrong temperature; now a ValueError naming it."""
+    params = init_mlp(jax.random.key(0), sizes=(3, 4, 3))
+    tx = quotient_trajectory(optax.sgd(0.1), mlp_group(2, translation=False), noise_every=1, observables=("loss",))
+    bad = lambda p, batch: jnp.broadcast_to(xent(p, batch), shape)  # noqa: E731
+    with pytest.raises(ValueError, match=r"example_loss_fn must return the per-example losses, shape \(B,\)"):
+        train(xent, params, tx, data(2), example_loss_fn=bad, donate=False)
+
+
 @pytest.mark.parametrize("every", [0, 1.5, True, None, "2"])
 def test_gauge_fix_every_must_be_a_positive_integer(every):
     from quotient_sgd.optim import gauge_fix

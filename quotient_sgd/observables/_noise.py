@@ -26,6 +26,13 @@ def gradient_noise(example_loss_fn: Callable, group, params, *, lr) -> Noise:
     ``T = eta sigma^2 / (2 B)`` (Chaudhari & Soatto 2018, isotropic average) and the default viscosity
     ``nu = T / 2``.  This mapping is a modelling choice (THEORY section 3); cost: ``B`` per-example gradients.
     """
+    shape = jax.eval_shape(example_loss_fn, params).shape
+    if len(shape) != 1:
+        # a scalar (the mean loss) would make jacrev's output the gradient itself, whose first leaf's leading axis
+        # was then taken for the batch: an unrelated vmap error, or a silently wrong sigma^2 when all leaves agree
+        raise ValueError(f"gradient_noise: example_loss_fn must return the per-example losses, shape (B,), got shape "
+                         f"{shape} (for quotient_sgd.optim.train: example_loss_fn=(params, batch) -> (B,), not the "
+                         f"mean loss)")
     per_ex = jax.jacrev(example_loss_fn)(params)
     b = jax.tree.leaves(per_ex)[0].shape[0]
     hor = jax.vmap(lambda g: group.horizontal(params, g))(per_ex)

@@ -60,7 +60,7 @@ def clear_caches():
 
     jax.clear_caches()
     for f in (_build._build, _chunk.init_program, _chunk.single_programs, _sweep.sweep_programs,
-              _sweep.plain_step_flops, _sweep._plain_program, _sweep._state_shapes):
+              _sweep.plain_step_flops, _sweep._state_shapes):
         f.cache_clear()
     _sweep._COMPILE_S.clear()
 

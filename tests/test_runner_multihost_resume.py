@@ -24,8 +24,7 @@ TINY = os.path.join(ROOT, "configs", "tiny.py")
 #: one-per-device layout padded; 4 chunks of 10 steps.
 OVERRIDES = {"steps": 40, "checkpoint.every": 10, "logging.plots": False, "sweep.members_per_device": 0,
              "sweep.seed": tuple(range(10)), "sweep.lr": (0.02, 0.05)}
-#: The forced choice after the first chunk (the sweep is forced to start one member per device): every member
-#: of a device in one vmapped group.
+#: The forced choice after the first chunk: every member of a device in one vmapped group.
 FORCED_MPD = 3
 NUM_MEMBERS = 20
 
@@ -47,7 +46,6 @@ if args["force_mpd"]:
         calls.append(kw["remaining_chunks"])
         return args["force_mpd"], {"forced": True}
     _sweep.choose_members_per_device = choose
-    _sweep.choose_start_members_per_device = lambda **kw: (1, {"forced": True})  # start one per device
 c = load_config(args["config"])
 for k, v in args["overrides"].items():
     c.update_from_flattened_dict({k: tuple(v) if isinstance(v, list) else v})
@@ -120,7 +118,6 @@ def test_two_process_sweep_regroups_and_resumes_bitwise(tmp_path, monkeypatch):
     # the reference, while the workers start: this process, 8 CPU devices, uninterrupted, the same choice
     try:
         monkeypatch.setattr(_sweep, "choose_members_per_device", lambda **kw: (FORCED_MPD, {"forced": True}))
-        monkeypatch.setattr(_sweep, "choose_start_members_per_device", lambda **kw: (1, {"forced": True}))
         assert len(jax.devices()) == 8
         ref = sweep(_settings(), str(tmp_path / "single"), plots=False)
         assert (ref.schedule, ref.num_devices, ref.num_members) == (schedule, 8, NUM_MEMBERS)

@@ -118,7 +118,6 @@ def test_switch_to_batched_members_after_the_first_chunk(tmp_path, monkeypatch):
         return 4, {"forced": True}
 
     monkeypatch.setattr(_sweep, "choose_members_per_device", choose)
-    monkeypatch.setattr(_sweep, "choose_start_members_per_device", lambda **kw: (1, {"forced": True}))
     s = _settings(**{"sweep.lr": (0.05, 0.1), "sweep.seed": (0, 1)})
     dev = jax.devices()[:1]
     ad, ad2, fixed = str(tmp_path / "adaptive"), str(tmp_path / "adaptive2"), str(tmp_path / "fixed")
@@ -150,55 +149,6 @@ def test_choose_members_per_device_from_measured_costs():
     # in between (60% arithmetic), a quarter of the members per device: more would crowd the caches
     assert choose(chunk_s=1.6, compile_s=1.0, remaining_chunks=1000, flops=6e7, **common)[0] == 4
     assert choose(chunk_s=1.6, compile_s=1.0, remaining_chunks=1000, flops=3e7, **common)[0] == 16
-
-
-def test_choose_start_members_per_device_from_the_plain_step():
-    from quotient_sgd.runner._sweep import choose_start_members_per_device as choose
-
-    common = dict(flop_rate=1e11, max_per_device=16)
-    # a 20 us plain step with 0.2 us of arithmetic: overhead-bound, the sweep starts with all members batched
-    m, info = choose(step_s=2e-5, flops=2e4, **common)
-    assert m == 16 and info["unamortised_fraction"] == pytest.approx(0.01)
-    assert info["predicted_cost_per_member"]["16"] < 0.1
-    # 30% arithmetic: batching still cuts a member's step to ~0.38 of it
-    assert choose(step_s=1e-3, flops=3e7, **common)[0] == 16
-    # 45% arithmetic: the best group (all 16) is predicted at 0.56 > 0.5: start one per device, measure
-    assert choose(step_s=1e-3, flops=4.5e7, **common)[0] == 1
-    # a step that is all arithmetic, and a sweep of one member per device, never start batched
-    assert choose(step_s=1e-3, flops=1e9, **common)[0] == 1
-    assert choose(step_s=2e-5, flops=2e4, flop_rate=1e11, max_per_device=1)[0] == 1
-
-
-def test_sweep_started_batched_compiles_no_single_program(tmp_path, monkeypatch):
-    """When the plain step says to start batched, the sweep compiles the batched chunk program only (never the
-    unbatched one of a single run), records the choice, and equals the same sweep with the grouping fixed."""
-    from quotient_sgd.runner import _sweep
-
-    seen = []
-    cost = {"plain_step_s": 2e-5, "arithmetic_s": 1e-7, "unamortised_fraction": 0.005,
-            "predicted_cost_per_member": {"4": 0.25}}
-
-    def choose(**kw):
-        seen.append(kw)
-        return 4, cost
-
-    def no_single(*a, **k):
-        raise AssertionError("the unbatched chunk program was built")
-
-    s = _settings(**{"sweep.lr": (0.05, 0.1), "sweep.seed": (0, 1)})
-    dev = jax.devices()[:1]
-    monkeypatch.setattr(_sweep, "choose_start_members_per_device", choose)
-    monkeypatch.setattr(_sweep, "choose_members_per_device", lambda **kw: pytest.fail("second decision"))
-    monkeypatch.setattr(_sweep, "single_programs", no_single)
-    ad, fixed = str(tmp_path / "adaptive"), str(tmp_path / "fixed")
-    res = sweep(s, ad, devices=dev)
-    assert res.schedule == [{"from_step": 0, "members_per_device": 4}] and res.members_per_device == 4
-    assert len(seen) == 1 and seen[0]["max_per_device"] == 4 and seen[0]["step_s"] > 0 and seen[0]["flops"] > 0
-    meta = json.load(open(os.path.join(ad, "sweep.json")))
-    assert meta["decided"] and meta["measured_cost"] == {"start": cost}
-    assert "started batched: a member's plain step 20 us" in open(os.path.join(ad, "summary.md")).read()
-    sweep(s, fixed, members_per_device=4, devices=dev)
-    assert_sweeps_bitwise(ad, fixed, 4)
 
 
 def test_new_sweep_killed_while_recording_starts_again(tmp_path):

@@ -7,14 +7,11 @@ re-gauging at init) and ``batch_size`` (the largest batch is drawn and smaller o
 (``jax.devices()`` spans every process after ``jax.distributed.initialize``); each process writes the run
 directories of the members that live on its devices.
 
-Members advance chunk by chunk together.  Before any chunk program compiles, a member's plain training step is
-timed (:func:`plain_step_seconds`) against its arithmetic: when batching is predicted to halve a member's step
-or better (:func:`choose_start_members_per_device`), the sweep starts with its members batched and compiles only
-that program.  Otherwise the first chunk runs one member per device, through the very program a single ``run``
-compiles (and shares across members), and what it cost decides the rest (:func:`choose_members_per_device`):
-batching a small model's members amortises per-step overhead (many times faster than a loop over runs) once the
-sweep is long enough to pay for compiling the batched program, while a model whose step already fills the cores
-keeps running one member at a time, so a sweep is never slower than
+Members advance chunk by chunk together.  The first chunk runs one member per device, through the very program
+a single ``run`` compiles (and shares across members); what it cost then decides the rest
+(:func:`choose_members_per_device`): batching a small model's members amortises per-step overhead (many times
+faster than a loop over runs) once the sweep is long enough to pay for compiling the batched program, while a
+model whose step already fills the cores keeps running one member at a time, so a sweep is never slower than
 its members run one after another.  After every chunk of ``checkpoint.every`` steps each member's rows are
 written (while the next chunk computes) and *one* orbax checkpoint holds every member's state, so a sweep
 killed at any moment resumes from its last checkpoint, like a run.
@@ -239,18 +236,18 @@ def machine_flop_rate() -> float:
     return 2 * 256**3 / _best_time(jax.jit(lambda a: a @ a), a, repeats=5)
 
 
-def _plain_step(b: Built, padded_batch: int | None):
-    """``(step, init)``: one plain training step of one member, ``step(state, seed, dataset, i) -> state`` (batch
-    sampling, loss, gradient, optimiser update; no observables), and ``init(params=None, model_state=None) ->
-    state`` (the model's initialisation when no parameters are given)."""
+@functools.lru_cache(maxsize=16)
+def plain_step_flops(b: Built, padded_batch: int | None = None) -> float:
+    """Floating-point operations of one plain training step of one member (batch sampling, loss, gradient,
+    optimiser update; no observables), from XLA's cost analysis of the lowered step: nothing is compiled."""
     import optax
 
     tx = make_inner_optimizer(b.settings)
     bs = padded_batch or (b.settings.data.batch_size or None)
 
-    def step(state, seed, dataset, i):
+    def step(state, seed, dataset):
         p, st, ms = state
-        batch = batch_fn(dataset, bs)(i, batch_key(seed))
+        batch = batch_fn(dataset, bs)(jnp.int32(0), batch_key(seed))
         if b.stateful:  # fresh containers for the model state inside the gradient, as in optim.train
             obj = lambda p: b.loss_fn(p, jax.tree.map(lambda a: a, ms), batch)  # noqa: E731
             (_, (_, ms)), g = jax.value_and_grad(obj, has_aux=True)(p)
@@ -259,53 +256,12 @@ def _plain_step(b: Built, padded_batch: int | None):
         u, st = tx.update(g, st, p)
         return optax.apply_updates(p, u), st, ms
 
-    def init(p=None, ms=None):
-        if p is None:
-            p, ms = init_model(b, 0, 0.0)
+    def init():
+        p, ms = init_model(b, 0, 0.0)
         return p, tx.init(p), ms
 
-    return step, init
-
-
-@functools.lru_cache(maxsize=16)
-def plain_step_flops(b: Built, padded_batch: int | None = None) -> float:
-    """Floating-point operations of one plain training step of one member (batch sampling, loss, gradient,
-    optimiser update; no observables), from XLA's cost analysis of the lowered step: nothing is compiled."""
-    step, init = _plain_step(b, padded_batch)
-    lowered = jax.jit(step).lower(jax.eval_shape(init), jax.ShapeDtypeStruct((), jnp.int32), b.dataset,
-                                  jax.ShapeDtypeStruct((), jnp.int32))
-    cost = lowered.cost_analysis()
+    cost = jax.jit(step).lower(jax.eval_shape(init), jax.ShapeDtypeStruct((), jnp.int32), b.dataset).cost_analysis()
     return float((cost or {}).get("flops", 0.0))
-
-
-#: Plain steps per call of the program :func:`plain_step_seconds` times.
-PROBE_STEPS = 20
-
-
-@functools.lru_cache(maxsize=16)
-def _plain_program(b: Built, padded_batch: int | None):
-    """The compiled ``run(params, model_state, seed, dataset)``: :data:`PROBE_STEPS` plain steps of one member
-    from ``params`` in a ``lax.scan`` (the optimiser's init included)."""
-    step, init = _plain_step(b, padded_batch)
-
-    def run(params, model_state, seed, dataset):
-        return jax.lax.scan(lambda st, i: (step(st, seed, dataset, i), None), init(params, model_state),
-                            jnp.arange(PROBE_STEPS, dtype=jnp.int32))[0]
-
-    p, _, ms = jax.eval_shape(init)
-    return jax.jit(run).lower(p, ms, jax.ShapeDtypeStruct((), jnp.int32), b.dataset).compile()
-
-
-def plain_step_seconds(b: Built, padded_batch: int | None = None) -> float:
-    """Seconds of one plain training step of one member (batch sampling, loss, gradient, optimiser update; no
-    observables) on this process's default device: the best of three calls of :data:`PROBE_STEPS` steps in a
-    jitted ``lax.scan`` from zero parameters (the same operations as from any others).  A small program: it
-    compiles in a fraction of a chunk program's time, and :func:`_plain_program` can compile it in the
-    background."""
-    run = _plain_program(b, padded_batch)
-    _, init = _plain_step(b, padded_batch)
-    p, _, ms = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(init))
-    return _best_time(run, p, ms, jnp.int32(0), b.dataset) / PROBE_STEPS
 
 
 _SAVED_EVENT = "/jax/compilation_cache/compile_time_saved_sec"
@@ -332,40 +288,6 @@ def compile_seconds(lowered) -> tuple[Any, float]:
     return out, seconds + sum(saved)
 
 
-def _per_member_cost(f: float, m: int) -> float:
-    """Predicted running cost of a member in a group of ``m`` per device relative to one per device, for a step
-    whose arithmetic is the fraction ``f`` of it: ``f (1 + 0.024 (m - 1) f) + (1 - f) / m``."""
-    return f * (1.0 + BATCHED_ARITHMETIC_SLOWDOWN * (m - 1) * f) + (1.0 - f) / m
-
-
-#: A sweep starts with its members batched when that is predicted to cut the running cost of a member's plain
-#: step to at most this fraction (:func:`choose_start_members_per_device`).
-START_BATCHED_BELOW = 0.5
-
-
-def choose_start_members_per_device(*, step_s: float, flops: float, flop_rate: float, max_per_device: int,
-                                    ) -> tuple[int, dict[str, Any]]:
-    """Members per device to start a sweep with, from the measured plain step of one member.
-
-    ``step_s`` is what a plain training step of one member costs here (:func:`plain_step_seconds`, measured
-    before any chunk program is compiled), ``flops / flop_rate`` its arithmetic (:func:`plain_step_flops`,
-    :func:`machine_flop_rate`).  A group of ``m`` members per device is predicted to cost
-    :func:`_per_member_cost` per member, as in :func:`choose_members_per_device`.  When the best ``m`` (all, or a
-    quarter) cuts that to at most :data:`START_BATCHED_BELOW`, the step is mostly unamortised overhead (dispatch
-    of small operations), which the chunk program's observables only add to: the sweep compiles the batched
-    program directly, and never the unbatched one (a group's program compiles in 1.3-1.4x the time of one
-    member's, so starting batched costs about one compilation either way, while deciding after a first
-    unbatched chunk would cost two).  Otherwise it returns 1, and the sweep measures its first chunk one member
-    per device and decides with :func:`choose_members_per_device`.  Returns ``(m, measurements)``."""
-    f = min(1.0, flops / flop_rate / step_s) if step_s > 0 else 1.0
-    predicted = {m: _per_member_cost(f, m) for m in sorted({max_per_device, max_per_device // 4} - {0, 1})}
-    best = min(predicted, key=predicted.get, default=1)
-    if best != 1 and predicted[best] > START_BATCHED_BELOW:
-        best = 1
-    return best, {"plain_step_s": step_s, "arithmetic_s": flops / flop_rate, "unamortised_fraction": f,
-                  "predicted_cost_per_member": {str(k): v for k, v in predicted.items()}}
-
-
 def choose_members_per_device(*, chunk_s: float, compile_s, remaining_chunks: int, steps_per_chunk: int,
                               groups: int, flops: float, flop_rate: float, max_per_device: int,
                               ) -> tuple[int, dict[str, Any]]:
@@ -390,7 +312,7 @@ def choose_members_per_device(*, chunk_s: float, compile_s, remaining_chunks: in
     rest = remaining_chunks * chunk_s
     predicted, compile_m = {1: rest}, {}
     for m in sorted({max_per_device, max_per_device // 4} - {0, 1}):
-        per_member = _per_member_cost(f, m)
+        per_member = f * (1.0 + BATCHED_ARITHMETIC_SLOWDOWN * (m - 1) * f) + (1.0 - f) / m
         compile_m[m] = compile_s(m) if callable(compile_s) else compile_s
         predicted[m] = compile_m[m] + rest * per_member
     best = min(predicted, key=predicted.get)
@@ -621,24 +543,10 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
         rows = _owned_rows(mem, len(layout.groups[0])) if layout.batched else [0]
         return [[j for j in rows if idx[j] < n] for idx in layout.groups]
 
-    # an undecided sweep counts the flops of a plain step and compiles the program that times it in the background,
-    # while the initialisation compiles here; with both, it chooses how to start (decisions only)
-    probe = None
-    if not decided:
-        pool = concurrent.futures.ThreadPoolExecutor(1)
-        probe = pool.submit(lambda: (plain_step_flops(b, padded), _plain_program(b, padded)))
-        pool.shutdown(wait=False)
-        member_state(0)
-        m, start_costs = choose_start_members_per_device(
-            step_s=plain_step_seconds(b, padded), flops=probe.result()[0], flop_rate=machine_flop_rate(),
-            max_per_device=per_dev_max)
-        if multi:  # timings differ between processes: the leader's choice holds for all
-            m = int(multihost_utils.broadcast_one_to_all(np.int32(m)))
-        costs = {"start": start_costs}
-        if m != 1:
-            schedule[0]["members_per_device"] = m
-            decided = True
-        record()
+    # the flops of a plain step are counted while the first program compiles (decisions only)
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    flops_future = pool.submit(plain_step_flops, b, padded) if not decided else None
+    pool.shutdown(wait=False)
 
     dataset_global = jax.tree.map(lambda x: _global(np.asarray(x), rep), b.dataset)
     compiled: dict[tuple[int, int], Any] = {}
@@ -772,11 +680,10 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
 
                 def decide(chunk_s=chunk_s, c=c):
                     nonlocal decided, costs
-                    m, measured = choose_members_per_device(
+                    m, costs = choose_members_per_device(
                         chunk_s=chunk_s, compile_s=lambda mpd: batched_compile_s(c - a, mpd),
                         remaining_chunks=len(all_chunks) - 1, steps_per_chunk=c - a, groups=len(layout.groups),
-                        flops=probe.result()[0], flop_rate=machine_flop_rate(), max_per_device=per_dev_max)
-                    costs = {**costs, **measured}
+                        flops=flops_future.result(), flop_rate=machine_flop_rate(), max_per_device=per_dev_max)
                     if multi:  # timings differ between processes: the leader's choice holds for all
                         m = int(multihost_utils.broadcast_one_to_all(np.int32(m)))
                     if m != layout.mpd:
@@ -827,12 +734,6 @@ def _grouping_text(meta: dict) -> str:
     text = ", then ".join(f"{e['members_per_device']} member(s) per device from step {e['from_step']}"
                           for e in sched)
     cost = meta.get("measured_cost")
-    start = (cost or {}).get("start")
-    if start and sched[0]["members_per_device"] > 1:
-        pred = ", ".join(f"{k}: {v:.2f}" for k, v in start["predicted_cost_per_member"].items())
-        text += (f" (started batched: a member's plain step {_fmt_s(start['plain_step_s'])}, "
-                 f"{start['unamortised_fraction']:.0%} of it arithmetic; predicted cost of a member's step by members "
-                 f"per device, relative to one: {pred})")
     if cost and "predicted_rest_s" in cost:
         pred = ", ".join(f"{k}: {_fmt_s(v)}" for k, v in cost["predicted_rest_s"].items())
         text += (f" (first chunk: a member's step {_fmt_s(cost['step_s'])}, {cost['unamortised_fraction']:.0%} of it "

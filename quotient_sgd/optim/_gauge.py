@@ -60,6 +60,12 @@ def gauge_fix(tx: optax.GradientTransformation, group, every: int = 1) -> optax.
     between consecutive canonical points, and the state of an arbitrary optimiser has no known transformation
     law under it (a momentum transforms like a gradient, Adam's second moment does not).
 
+    Non-parameter state that the group also acts on is not moved either: the optimiser never sees it.  A
+    BatchNorm model's running statistics follow its channels (``CNN.act_on_batch_stats``); training-mode
+    outputs use the batch's statistics and are unchanged, but the evaluation-mode function would change after a
+    canonicalisation that permutes or rescales channels.  The config runner refuses ``symmetry.mode =
+    'gauge_fix'`` with ``model.norm = 'batch'``.
+
     Args:
         tx: the optimiser (its state, e.g. momentum, lives at the canonical points).
         group: the symmetry group; its action must be linear or affine in the parameters.

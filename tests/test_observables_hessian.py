@@ -181,12 +181,14 @@ def test_lanczos_basis_stays_orthogonal_in_float32(method):
     assert float(ritz[-2]) < float(ritz[-1]) * (1 - 1e-3)
 
 
+@pytest.mark.parametrize("budget", ["default", "fallback"])
 @pytest.mark.parametrize("name", ["mlp", "deep_linear", "attention"])
-def test_frozen_projection_float32_at_unbalanced_point(name):
+def test_frozen_projection_float32_at_unbalanced_point(name, budget):
     """The frozen horizontal projection of the Lanczos operators, built in float32 at a point moved by a sampled
     element (rescale factors up to e^4, GL condition numbers up to e^6), agrees with the float64 projection:
     its basis comes from row-scaled tangents, orthonormalised twice (abelian) or by an SVD (GL); one unscaled
-    Gram pass was 32% / 8% / 15% of |v| off."""
+    Gram pass was 32% / 8% / 15% of |v| off.  Over its build budget (``max_build_flops=0``), the projection is
+    ``group.horizontal`` applied afresh, equally accurate, without the dense tangent matrix."""
     from symmetry_cases import (attention_group, attention_params, deep_linear_group, deep_linear_params,
                                 mlp_group, mlp_params)
 
@@ -200,9 +202,37 @@ def test_frozen_projection_float32_at_unbalanced_point(name):
     p = make(jax.random.key(3), jnp.float32)
     gp = group.act(group.sample(jax.random.key(101), p, scale), p)
     v = jax.tree.map(lambda a: jax.random.normal(jax.random.key(5), a.shape, a.dtype), gp)
-    h32 = jax.jit(lambda q, u: qobs.frozen_horizontal(group, q)(u))(gp, v)
+    kw = {} if budget == "default" else {"max_build_flops": 0.0}
+    project = jax.jit(lambda q, u: qobs.frozen_horizontal(group, q, **kw)(u))
+    h32 = project(gp, v)
+    k = jax.tree.leaves(jax.eval_shape(group.tangents, gp))[0].shape[0]
+    tangent_matrix = f"f32[{k},{sum(a.size for a in jax.tree.leaves(gp))}]"
+    if name != "deep_linear":  # (a deep linear chain's own horizontal solves least squares on that matrix)
+        assert (budget == "default") == (tangent_matrix in str(project.trace(gp, v).jaxpr))
     with jax.enable_x64(True):
         up = lambda t: jax.tree.map(lambda a: a.astype(jnp.float64), t)  # noqa: E731
         h64 = jax.jit(group.horizontal)(up(gp), up(v))
         err = float(tree_norm(jax.tree.map(jnp.subtract, up(h32), h64)) / tree_norm(up(v)))
     assert err < 1e-4, err
+
+
+def test_projection_for_the_lanczos_method():
+    """A Lanczos operator traced once ("loop") projects with ``group.horizontal`` afresh (no dense tangent
+    matrix); straight-line code ("unrolled") with the frozen basis; both are the same projection."""
+    from symmetry_cases import mlp_group, mlp_params
+
+    sizes = (5, 7, 6, 3)
+    group = mlp_group(sizes)
+    p = mlp_params(jax.random.key(0), sizes, jnp.float32)
+    v = jax.tree.map(lambda a: jax.random.normal(jax.random.key(1), a.shape, a.dtype), p)
+    k = jax.tree.leaves(jax.eval_shape(group.tangents, p))[0].shape[0]
+    tangent_matrix = f"f32[{k},{sum(a.size for a in jax.tree.leaves(p))}]"
+    out = {}
+    for method in ("loop", "unrolled"):
+        project = jax.jit(lambda q, u, m=method: qobs.projection_for(group, q, m)(u))
+        out[method] = project(p, v)
+        assert (tangent_matrix in str(project.trace(p, v).jaxpr)) == (method == "unrolled")
+    direct = jax.jit(group.horizontal)(p, v)
+    for a, b, c in zip(jax.tree.leaves(out["loop"]), jax.tree.leaves(direct), jax.tree.leaves(out["unrolled"])):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(c, b, rtol=1e-4, atol=1e-5)

@@ -13,6 +13,7 @@ from ._charges import predict_charge_drift as predict_charge_drift
 from ._hessian import Extremes as Extremes
 from ._hessian import dense_hessian as dense_hessian
 from ._hessian import frozen_horizontal as frozen_horizontal
+from ._hessian import projection_for as projection_for
 from ._hessian import hessian_extremes as hessian_extremes
 from ._hessian import hvp_operator as hvp_operator
 from ._hessian import lanczos_extremes as lanczos_extremes
@@ -57,6 +58,7 @@ __all__ = [
     "KINDS", "ORBIT_INVARIANT", "RAW", "REDUCED_DYNAMICS", "Extremes", "Noise", "angular_update",
     "canonical_gradient", "charge_drift", "charges", "dense_hessian", "directional_curvature", "effective_lr",
     "fold_number", "frozen_horizontal", "gradient_noise", "grad_norm", "grad_norm_canonical", "hessian_extremes",
-    "hvp_operator", "invariant_norms", "kind_of", "lanczos_extremes", "observable", "predict_charge_drift", "shock_number",
+    "hvp_operator", "invariant_norms", "kind_of", "lanczos_extremes", "observable", "predict_charge_drift",
+    "projection_for", "shock_number",
     "sharpness_horizontal", "sharpness_quotient", "sharpness_raw", "update_split_norms",
 ]

@@ -387,10 +387,10 @@ def quotient_trajectory(
 
         def one(args):
             point, proj, k = args
-            frozen = obs.frozen_horizontal(group, point)
+            horizontal = obs.projection_for(group, point, lanczos_method)
 
             def project(v):  # a real branch: the raw point skips the projection's solves
-                return jax.lax.cond(proj, frozen, lambda u: u, v)
+                return jax.lax.cond(proj, horizontal, lambda u: u, v)
 
             return obs.hessian_extremes(loss_fn, point, project, key=k, **kw)
 

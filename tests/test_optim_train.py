@@ -7,7 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
-from quotient_sgd.optim import quotient_trajectory, set_hyperparams, train
+from quotient_sgd.optim import member_axes, quotient_trajectory, set_hyperparams, train
 from quotient_sgd.symmetry import Product, Rescale
 
 
@@ -53,6 +53,39 @@ def test_vmap_over_learning_rates_equals_separate_runs():
         for a, b in zip(jax.tree.leaves(pv), jax.tree.leaves(pi)):
             np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-6)
     assert len({float(v) for v in tv["loss"][:, -1]}) == 8
+
+
+def _eqns(jaxpr, inside_cond=False):
+    from jax.extend.core import jaxprs_in_params
+
+    for e in jaxpr.eqns:
+        yield e, inside_cond
+        for sub in jaxprs_in_params(e.params):
+            yield from _eqns(sub, inside_cond or e.primitive.name == "cond")
+
+
+def test_member_axes_keep_periodic_observables_branches_under_vmap():
+    """With ``member_axes`` the step counters stay unbatched in a vmapped sweep: the Hessian every 5 steps is a
+    ``cond`` on a scalar, its Lanczos (``eigh``) only inside the branch, and the members equal their own runs.
+    With every leaf batched (the control) vmap turns the cond into a select that runs the Lanczos every step."""
+    lrs = jnp.array([0.05, 0.2])
+    tx = quotient_trajectory(optax.inject_hyperparams(optax.sgd)(learning_rate=0.1), GROUP, observables=("loss",),
+                             hessian_every=5, hessian_at=("horizontal",), lanczos_steps=3)
+    params = _init(jax.random.key(0))
+    axes = member_axes(tx.init(params))
+    assert jax.tree.leaves(axes) and None in jax.tree.leaves(axes, is_leaf=lambda a: a is None)
+    states = jax.vmap(lambda lr: set_hyperparams(tx.init(params), learning_rate=lr), out_axes=axes)(lrs)
+    run = lambda s: train(mse, params, tx, batch_fn, num_steps=7, opt_state=s, donate=False)  # noqa: E731
+    for in_axes, branches in ((axes, True), (0, False)):
+        jaxpr = jax.make_jaxpr(jax.vmap(run, in_axes=(in_axes,)))(
+            states if branches else jax.vmap(lambda lr: set_hyperparams(tx.init(params), learning_rate=lr))(lrs))
+        eighs = [inside for e, inside in _eqns(jaxpr.jaxpr) if e.primitive.name == "eigh"]
+        assert eighs and all(eighs) == branches
+    _, _, tv = jax.vmap(run, in_axes=(axes,))(states)
+    for i, lr in enumerate(lrs):
+        _, _, ti = run(set_hyperparams(tx.init(params), learning_rate=lr))
+        for k in ("loss", "sharpness_horizontal", "hessian_step"):
+            np.testing.assert_allclose(tv[k][i], ti[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
 def test_chunked_equals_unchunked_and_stacked_data():

@@ -5,7 +5,7 @@
 - :func:`horizontal`: project updates onto the horizontal space;
 - :func:`gauge_fix`: run the optimiser on the canonical section;
 - :func:`train`: one jitted ``lax.scan`` over steps, vmap-able over seeds and injected hyperparameters
-  (:func:`set_hyperparams`).
+  (:func:`set_hyperparams`, :func:`member_axes`).
 """
 
 from ._gauge import GaugeFixState as GaugeFixState
@@ -13,6 +13,7 @@ from ._gauge import gauge_fix as gauge_fix
 from ._gauge import horizontal as horizontal
 from ._spec import SGDSpec as SGDSpec
 from ._spec import injected_hyperparams as injected_hyperparams
+from ._spec import member_axes as member_axes
 from ._spec import set_hyperparams as set_hyperparams
 from ._train import train as train
 from ._trajectory import DEFAULT_OBSERVABLES as DEFAULT_OBSERVABLES
@@ -24,6 +25,6 @@ from ._trajectory import quotient_trajectory as quotient_trajectory
 
 __all__ = [
     "DEFAULT_OBSERVABLES", "GaugeFixState", "QuotientTrajectoryState", "SGDSpec", "eigenvectors_of",
-    "flatten_trajectory", "gauge_fix", "horizontal", "injected_hyperparams", "observables_of",
+    "flatten_trajectory", "gauge_fix", "horizontal", "injected_hyperparams", "member_axes", "observables_of",
     "quotient_trajectory", "set_hyperparams", "train",
 ]

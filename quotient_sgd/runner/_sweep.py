@@ -36,7 +36,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ..config import SWEEP_AXES, Settings, SweepSettings
-from ..optim import flatten_trajectory
+from ..optim import flatten_trajectory, member_axes
 from ._batches import batch_fn
 from ._build import Built, batch_key, build, init_model, make_inner_optimizer
 from ._chunk import chunk_step, hyper as _hyper, init_program, init_state, single_programs, to_host
@@ -102,8 +102,7 @@ def _state_axes(b: Built):
     (``count % every``, Hessian every K steps) a real branch under ``vmap`` instead of a ``select`` that would
     evaluate the expensive branch at every step for every member (``tests/test_runner_sweep.py`` checks the
     compiled program)."""
-    return jax.tree.map(lambda x: None if (x.ndim == 0 and jnp.issubdtype(x.dtype, jnp.integer)) else 0,
-                        _state_shapes(b))
+    return member_axes(_state_shapes(b))
 
 
 @functools.lru_cache(maxsize=32)

@@ -339,7 +339,6 @@ def test_gauge_fix_every_must_be_a_positive_integer(every):
         gauge_fix(optax.sgd(0.1), mlp_group(), every=every)
 
 
-
 def test_hessian_and_noise_use_the_steps_own_learning_rate():
     """Without a spec, eta in fold/shock_number_hessian and the temperature is the evaluation step's own
     effective_lr["global"]: not NaN when effective_lr is not recorded, not a stale record when every > 1.  Under

@@ -185,6 +185,7 @@ def test_unknown_keys():
     (["--config.model.name=deep_linear", "--config.model.hidden=(16,16)"], "config.model.hidden = (16, 16)"),
     (["--config.observables.hessian_k=30"], "config.observables.hessian_k = 30"),
     (["--config.seed=4294967296"], "config.seed = 4294967296"),
+    (["--config.model.hidden=(4,x)"], "config.model.hidden = '(4,x)': expected a tuple of ints, got a string"),
     (["--config.init_gauge=1.0", "--config.symmetry.components=('permutation',)"], "config.init_gauge = 1.0"),
 ])
 def test_cli_bad_config_writes_nothing(tmp_path, monkeypatch, capsys, args, needle):

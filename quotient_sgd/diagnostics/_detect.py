@@ -288,16 +288,21 @@ def detect_transition(traj, *, steps, transition_keys: Sequence[str] | None = No
 
     Each monitored key is transformed (``log_diff``, the per-step change of its logarithm, for positive series,
     i.e. a change in its *rate*; ``diff`` otherwise, or as given), averaged over blocks of ``block`` steps
-    (default ``max(1, n // 100)``) and tested at level ``alpha / (number of keys)``, so that
+    (default ``max(1, horizon // 100)`` with ``horizon``, else ``max(1, n // 100)``) and tested at level
+    ``alpha / (number of keys)``, so that
 
         P(any transition event on a stationary trajectory) <= alpha     (Bonferroni over keys)
 
     with the per-key bound of :func:`~quotient_sgd.diagnostics.cusum_threshold` (independent Gaussian block
-    values).  ``horizon``: planned trajectory length in steps for live use (fixes the threshold).  Event step:
+    values).  ``horizon``: planned trajectory length in steps for live use (fixes the block length and the
+    threshold, so that chunks of any size give the events of the whole trajectory).  Event step:
     the alarm (causal detection time, end of the block); ``details.onset_step`` the estimated change point.
     """
     n = len(steps)
-    blk = int(block or max(1, n // 100))
+    # with a planned horizon the block length must not depend on how much of the run has arrived: a block that
+    # grew with the live trajectory re-detected the same change point once per block length (4 events for 1)
+    plan = max(int(horizon), n) if horizon else n
+    blk = int(block or max(1, plan // 100))
     out = []
     for variant in variants:
         keys = list(transition_keys) if (transition_keys is not None and variant == "quotient") \
@@ -323,8 +328,8 @@ def detect_transition(traj, *, steps, transition_keys: Sequence[str] | None = No
             with np.errstate(invalid="ignore"):
                 xb = np.where(np.all(np.isfinite(xb), axis=1), np.nanmean(np.where(np.isfinite(xb), xb, np.nan),
                                                                           axis=1), np.nan)
-            hb = (horizon - off) // blk if horizon else None
-            h = cusum_threshold(int(hb or np.isfinite(xb).sum()), a, k, min_ref)
+            hb = (plan - off) // blk if horizon else 0
+            h = cusum_threshold(int(max(hb, np.isfinite(xb).sum())), a, k, min_ref)
             for al in cusum(xb, alpha=a, k=k, min_ref=min_ref, threshold=h):
                 i_alarm = min(n - 1, (al.index + 1) * blk - 1 + off)
                 i_onset = min(n - 1, al.onset * blk + off)

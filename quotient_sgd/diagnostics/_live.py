@@ -47,7 +47,10 @@ class LiveDetector:
 
     The chunks are concatenated on the host and :func:`detect` is re-run on the whole trajectory so far (cheap
     next to training); events already reported are not reported again.  Set ``horizon`` (planned number of
-    steps) so that the change-point threshold is the one calibrated for the full run.  With ``path`` the
+    steps) so that the change-point block length and threshold are those of the full run: the events are then
+    those of one :func:`detect` call (same ``horizon``) on the whole trajectory, whatever the chunk sizes.
+    Without ``horizon`` both grow with the trajectory so far, and ``transition`` events depend on the chunking
+    (the same change point may be reported again at another block length).  With ``path`` the
     cumulative event list is written to ``events.json`` after every chunk.
 
     Example:

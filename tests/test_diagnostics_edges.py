@@ -26,3 +26,19 @@ def test_live_transition_events_do_not_depend_on_chunk_size():
             got += live.update({"loss": traj["loss"][a:a + size]})
         assert [e.key() for e in got] == [e.key() for e in full], size
         assert [e.details["block"] for e in got] == [full[0].details["block"]]
+
+
+def test_transition_false_alarm_rate_bounds_quotient_and_raw_events_together():
+    """A stationary trajectory with a quotient key (``loss``) and a raw key (``grad_norm``): the stated bound
+    ``P(any transition event) <= alpha`` holds for both variants together (Bonferroni over every monitored key;
+    split per variant, the rate was ``1 - (1 - alpha)^2``, 0.36 at alpha = 0.2)."""
+    rng = np.random.default_rng(3)
+    alpha, trials, n = 0.2, 200, 120
+    hits = 0
+    for _ in range(trials):
+        traj = {"loss": 2.0 + 0.1 * rng.standard_normal(n), "grad_norm": 1.0 + 0.1 * rng.standard_normal(n)}
+        ev = detect(traj, kinds=["transition"], alpha=alpha, block=1, transform="level")
+        hits += bool(ev)
+        assert all(e.details["alpha"] == alpha / 2 for e in ev)
+    bound = alpha + 3 * np.sqrt(alpha * (1 - alpha) / trials) + 3 * np.sqrt(alpha * (1 - alpha) / 4000)
+    assert hits / trials <= bound, hits / trials

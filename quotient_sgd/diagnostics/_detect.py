@@ -289,7 +289,7 @@ def detect_transition(traj, *, steps, transition_keys: Sequence[str] | None = No
     Each monitored key is transformed (``log_diff``, the per-step change of its logarithm, for positive series,
     i.e. a change in its *rate*; ``diff`` otherwise, or as given), averaged over blocks of ``block`` steps
     (default ``max(1, horizon // 100)`` with ``horizon``, else ``max(1, n // 100)``) and tested at level
-    ``alpha / (number of keys)``, so that
+    ``alpha / (number of monitored keys, quotient and raw variants together)``, so that
 
         P(any transition event on a stationary trajectory) <= alpha     (Bonferroni over keys)
 
@@ -304,41 +304,43 @@ def detect_transition(traj, *, steps, transition_keys: Sequence[str] | None = No
     plan = max(int(horizon), n) if horizon else n
     blk = int(block or max(1, plan // 100))
     out = []
+    monitored = []
     for variant in variants:
         keys = list(transition_keys) if (transition_keys is not None and variant == "quotient") \
             else default_transition_keys(traj, variant)
         if transition_keys is not None and variant == "raw":
             keys = [kk for kk in keys if kk not in transition_keys]
         keys = [kk for kk in keys if scalar(traj, kk) is not None and (variant == "raw") != is_invariant([kk])]
-        if not keys:
+        monitored += [(variant, kk) for kk in keys]
+    # Bonferroni over every monitored key of every variant: the stated bound is on any transition event of the
+    # run (split per variant, a trajectory with quotient and raw keys had twice the stated false-alarm rate)
+    a = alpha / max(1, len(monitored))
+    for variant, key in monitored:
+        v = scalar(traj, key)
+        how = transform.get(key, "auto") if isinstance(transform, Mapping) else transform
+        if how == "auto":
+            fin = v[np.isfinite(v)]
+            how = "log_diff" if fin.size and np.all(fin > 0) else "diff"
+        x = _transform(v, how)
+        off = len(v) - len(x)  # x[j] describes the change into step j + off
+        nb = len(x) // blk
+        if nb <= min_ref:
             continue
-        a = alpha / len(keys)
-        for key in keys:
-            v = scalar(traj, key)
-            how = transform.get(key, "auto") if isinstance(transform, Mapping) else transform
-            if how == "auto":
-                fin = v[np.isfinite(v)]
-                how = "log_diff" if fin.size and np.all(fin > 0) else "diff"
-            x = _transform(v, how)
-            off = len(v) - len(x)  # x[j] describes the change into step j + off
-            nb = len(x) // blk
-            if nb <= min_ref:
-                continue
-            xb = x[: nb * blk].reshape(nb, blk)
-            with np.errstate(invalid="ignore"):
-                xb = np.where(np.all(np.isfinite(xb), axis=1), np.nanmean(np.where(np.isfinite(xb), xb, np.nan),
-                                                                          axis=1), np.nan)
-            hb = (plan - off) // blk if horizon else 0
-            h = cusum_threshold(int(max(hb, np.isfinite(xb).sum())), a, k, min_ref)
-            for al in cusum(xb, alpha=a, k=k, min_ref=min_ref, threshold=h):
-                i_alarm = min(n - 1, (al.index + 1) * blk - 1 + off)
-                i_onset = min(n - 1, al.onset * blk + off)
-                obs = {key: _f(v[i_alarm])}
-                out.append(Event(int(steps[i_alarm]), "transition", al.statistic / h, obs, variant,
-                                 is_invariant([key]),
-                                 {"observable": key, "onset_step": int(steps[i_onset]), "direction": al.direction,
-                                  "transform": how, "block": blk, "alpha": a, "threshold": h,
-                                  "kind_of_observable": kind_of(key)}))
+        xb = x[: nb * blk].reshape(nb, blk)
+        with np.errstate(invalid="ignore"):
+            xb = np.where(np.all(np.isfinite(xb), axis=1), np.nanmean(np.where(np.isfinite(xb), xb, np.nan),
+                                                                      axis=1), np.nan)
+        hb = (plan - off) // blk if horizon else 0
+        h = cusum_threshold(int(max(hb, np.isfinite(xb).sum())), a, k, min_ref)
+        for al in cusum(xb, alpha=a, k=k, min_ref=min_ref, threshold=h):
+            i_alarm = min(n - 1, (al.index + 1) * blk - 1 + off)
+            i_onset = min(n - 1, al.onset * blk + off)
+            obs = {key: _f(v[i_alarm])}
+            out.append(Event(int(steps[i_alarm]), "transition", al.statistic / h, obs, variant,
+                             is_invariant([key]),
+                             {"observable": key, "onset_step": int(steps[i_onset]), "direction": al.direction,
+                              "transform": how, "block": blk, "alpha": a, "threshold": h,
+                              "kind_of_observable": kind_of(key)}))
     return out
 
 

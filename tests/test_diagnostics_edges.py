@@ -42,3 +42,30 @@ def test_transition_false_alarm_rate_bounds_quotient_and_raw_events_together():
         assert all(e.details["alpha"] == alpha / 2 for e in ev)
     bound = alpha + 3 * np.sqrt(alpha * (1 - alpha) / trials) + 3 * np.sqrt(alpha * (1 - alpha) / 4000)
     assert hits / trials <= bound, hits / trials
+
+
+def test_shock_aware_lr_rejects_numpy_and_jax_scalars_out_of_range_and_accepts_traced_targets():
+    """``fold_target=np.float32(0)`` (or a JAX scalar) used to pass the check and pin every step at
+    ``min_scale``; a target traced under ``vmap`` is still accepted."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    import pytest
+
+    from quotient_sgd.diagnostics import shock_aware_lr
+
+    for value in (np.float32(0.0), np.int64(-1), jnp.asarray(0.0), np.float32(np.inf), np.ones(2), "1.8"):
+        with pytest.raises(ValueError, match="fold_target="):
+            shock_aware_lr(optax.sgd(0.1), fold_target=value)
+    shock_aware_lr(optax.sgd(0.1), fold_target=np.float32(1.5), shock_target=jnp.asarray(1.0))
+
+    def fold_after_two_steps(target):
+        tx = shock_aware_lr(optax.sgd(1.5), fold_target=target)
+        p = jnp.array([1.0])
+        st = tx.init(p)
+        for _ in range(2):
+            u, st = tx.update(2.0 * p, st, p)
+            p = p + u
+        return st.fold_number
+
+    np.testing.assert_allclose(jax.vmap(fold_after_two_steps)(jnp.array([0.5, 1.0])), [0.5, 1.0], rtol=1e-6)

@@ -34,6 +34,7 @@ from typing import Any, Callable, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 Target = Union[float, Callable[[jax.Array], jax.Array]]
@@ -56,6 +57,23 @@ def _dot(a, b):
 
 def _value(t: Target, count):
     return jnp.asarray(t(count) if callable(t) else t, jnp.float32)
+
+
+def _check_positive(name: str, value) -> None:
+    """A concrete number (Python, NumPy or JAX scalar) must be finite and > 0; schedules and traced values (a
+    target swept under ``vmap``) are checked where they are used.  NumPy / JAX scalars were let through: a
+    ``fold_target`` of ``np.float32(0)`` pinned every step at ``min_scale``."""
+    if callable(value) or isinstance(value, jax.core.Tracer):
+        return
+    try:
+        x = np.asarray(value)
+    except Exception:  # noqa: BLE001 - not array-like: reported below
+        x = None
+    if x is None or x.ndim != 0 or x.dtype.kind not in "iuf":
+        raise ValueError(f"shock_aware_lr: {name}={value!r} is not allowed; need a finite number > 0 or a "
+                         "schedule count -> value")
+    if not 0 < float(x) < float("inf"):
+        raise ValueError(f"shock_aware_lr: {name}={value!r} is not allowed; need a finite number > 0")
 
 
 def shock_aware_lr(inner: optax.GradientTransformation, *, fold_target: Target = 1.8,
@@ -93,8 +111,7 @@ def shock_aware_lr(inner: optax.GradientTransformation, *, fold_target: Target =
         raise ValueError(f"curvature_decay must be in [0, 1), got {curvature_decay}")
     for name, value in (("fold_target", fold_target), ("shock_target", shock_target), ("init_scale", init_scale),
                         ("min_scale", min_scale), ("max_scale", max_scale)):
-        if isinstance(value, (int, float)) and not 0 < value < float("inf"):
-            raise ValueError(f"shock_aware_lr: {name}={value!r} is not allowed; need a finite number > 0")
+        _check_positive(name, value)
     if min_scale > max_scale:
         raise ValueError(f"shock_aware_lr: min_scale={min_scale} > max_scale={max_scale}")
 

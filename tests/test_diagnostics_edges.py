@@ -69,3 +69,24 @@ def test_shock_aware_lr_rejects_numpy_and_jax_scalars_out_of_range_and_accepts_t
         return st.fold_number
 
     np.testing.assert_allclose(jax.vmap(fold_after_two_steps)(jnp.array([0.5, 1.0])), [0.5, 1.0], rtol=1e-6)
+
+
+def test_negative_losses_are_not_spikes_or_divergence():
+    """A negative loss (a negative log-likelihood): ``factor * base`` lies below a negative base, so a constant
+    loss of -3 was a divergence at step 0 and a loss spike every ``spike_window`` steps.  A real rise of a negative
+    loss is still found, at its step, with the size relative to ``|base|``."""
+    kinds = ["divergence", "loss_spike", "catapult"]
+    for loss in (np.full(300, -3.0), np.linspace(-1.0, -2.0, 300)):
+        ev = detect({"loss": loss, "sharpness_quotient": np.linspace(10.0, 1.0, 300)}, kinds=kinds)
+        assert ev == [], [(e.step, e.kind) for e in ev]
+    loss = np.r_[np.full(40, -3.0), [-0.5, 2.0, -1.0], np.full(40, -3.0)]
+    (ev,) = detect({"loss": loss}, kinds=kinds)
+    assert (ev.step, ev.kind, ev.details["peak_step"]) == (41, "loss_spike", 41)
+    np.testing.assert_allclose(ev.strength, 1 + 5.0 / 3.0)
+    loss = np.r_[np.full(10, -1.0), np.full(30, 500.0)]
+    (ev,) = detect({"loss": loss}, kinds=kinds[:1])
+    assert ev.step == 10 and ev.strength > 100
+    # positive losses: the ratio is unchanged
+    loss = np.r_[np.full(40, 1.0), [3.0], np.full(40, 1.0)]
+    (ev,) = detect({"loss": loss}, kinds=kinds)
+    assert ev.step == 40 and ev.strength == 3.0

@@ -23,6 +23,7 @@ from ._cusum import cusum, cusum_threshold
 from ._events import Event
 from ._series import (
     SHARPNESS_KEYS,
+    above,
     crossings,
     first_key,
     flatten_trajectory,
@@ -30,6 +31,7 @@ from ._series import (
     is_invariant,
     kind_of,
     learning_rate,
+    ratio,
     scalar,
     spikes,
     steps_of,
@@ -81,13 +83,15 @@ def detect_divergence(traj, *, steps, divergence_factor: float = 100.0, divergen
                       **_) -> list[Event]:
     """First step where the loss is non-finite, or where it has exceeded ``divergence_factor`` times the initial
     loss for ``divergence_patience`` consecutive steps (a catapult's transient spike is not a divergence; the
-    event's step is the first of those steps)."""
+    event's step is the first of those steps).  A negative initial loss ``l0`` must be exceeded by
+    ``(divergence_factor - 1) |l0|`` (``factor * l0`` lies below it: a constant negative loss diverged at step 0)."""
     loss = scalar(traj, "loss")
     if loss is None or loss.size == 0:
         return []
     l0 = loss[0] if np.isfinite(loss[0]) else np.inf
     nonfinite = ~np.isfinite(loss)
-    high = np.where(nonfinite, False, loss > divergence_factor * l0)
+    with np.errstate(invalid="ignore"):
+        high = np.where(nonfinite, False, above(loss, l0, divergence_factor))
     run = np.zeros(len(loss), np.int64)
     for t in range(len(loss)):
         run[t] = (run[t - 1] + 1 if t else 1) if high[t] else 0
@@ -100,7 +104,7 @@ def detect_divergence(traj, *, steps, divergence_factor: float = 100.0, divergen
     if not cands:
         return []
     i = min(cands)
-    strength = float(loss[i] / l0) if np.isfinite(loss[i]) else float("inf")
+    strength = ratio(loss[i], l0) if np.isfinite(loss[i]) else float("inf")
     return [Event(int(steps[i]), "divergence", strength, {"loss": _f(loss[i])}, "quotient", True,
                   {"initial_loss": _f(l0), "factor": divergence_factor})]
 
@@ -197,16 +201,17 @@ def _causal_mean(x: np.ndarray, k: int) -> np.ndarray:
 def detect_loss_spike(traj, *, steps, spike_factor: float = 2.0, spike_window: int = 50, spike_smooth: int = 1,
                       **_) -> list[Event]:
     """``loss_spike``: the loss exceeds ``spike_factor`` times its minimum over the previous ``spike_window``
-    steps (orbit invariant).  ``strength`` = peak / base.  With mini-batch losses set ``spike_smooth`` (a causal
-    running mean over that many steps is tested instead): the raw mini-batch loss fluctuates by more than a
-    factor 2 once it is small, which the detector would report as spikes."""
+    steps (orbit invariant; a negative minimum ``base`` must be exceeded by ``(spike_factor - 1) |base|``).
+    ``strength`` = peak / base (``1 + (peak - base) / |base|`` in general).  With mini-batch losses set
+    ``spike_smooth`` (a causal running mean over that many steps is tested instead): the raw mini-batch loss
+    fluctuates by more than a factor 2 once it is small, which the detector would report as spikes."""
     loss = scalar(traj, "loss")
     if loss is None:
         return []
     loss = _causal_mean(loss, int(spike_smooth))
     out = []
     for onset, end, peak, base in spikes(loss, spike_factor, spike_window):
-        out.append(Event(int(steps[onset]), "loss_spike", _f(loss[peak] / base), {"loss": _f(loss[onset])},
+        out.append(Event(int(steps[onset]), "loss_spike", ratio(loss[peak], base), {"loss": _f(loss[onset])},
                          "quotient", True, {"base": base, "peak_step": int(steps[peak]), "end_step": int(steps[end]),
                                             "factor": spike_factor}))
     return out
@@ -254,7 +259,7 @@ def detect_catapult(traj, *, steps, lr=None, spike_factor: float = 2.0, spike_wi
                 lri = None if lr is None else float(lr[ib])
                 details["before"] = _decomposition(traj, ib, lri, steps)
                 details["after"] = _decomposition(traj, ia, lri, steps)
-            out.append(Event(int(steps[onset]), "catapult", _f(loss[peak] / base), obs, variant,
+            out.append(Event(int(steps[onset]), "catapult", ratio(loss[peak], base), obs, variant,
                              is_invariant(obs), details))
     return out
 

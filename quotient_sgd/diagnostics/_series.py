@@ -135,9 +135,25 @@ def crossings(values: np.ndarray, level: float, rearm: float = 0.9) -> list[tupl
     return out
 
 
+def above(value, base, factor: float):
+    """``value > factor * base`` for a positive ``base``, written ``value - base > (factor - 1) |base|`` so that
+    a negative base (a negative log-likelihood) is handled too: ``factor * base`` lies *below* a negative base,
+    and a constant negative loss read as a spike at every step."""
+    return value - base > (factor - 1.0) * np.abs(base)
+
+
+def ratio(value, base) -> float:
+    """``value / base`` for a positive ``base``; ``1 + (value - base) / |base|`` in general (the size of a spike
+    or divergence above a possibly negative base); ``inf`` above a zero base."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(1.0 + (value - base) / np.abs(base)) if base != 0 else (
+            float("inf") if value > 0 else float("nan") if not np.isfinite(value) else 1.0)
+
+
 def spikes(loss: np.ndarray, factor: float = 2.0, window: int = 50) -> list[tuple[int, int, int, float]]:
     """Loss spikes: ``(onset, end, peak, base)``, onset where ``loss > factor * base`` with ``base`` the minimum
-    of the previous ``window`` losses; the spike ends when the loss falls back below ``factor * base``.  A
+    of the previous ``window`` losses (:func:`above`, which also holds for a negative base); the spike ends when
+    the loss falls back below that level.  A
     non-finite loss is a spike that never ends (see ``divergence``).  A spike also ends ``window`` steps after its
     peak."""
     out = []
@@ -150,12 +166,12 @@ def spikes(loss: np.ndarray, factor: float = 2.0, window: int = 50) -> list[tupl
             i += 1
             continue
         base = float(np.min(prev))
-        if not np.isfinite(loss[i]) or loss[i] > factor * base:
+        if not np.isfinite(loss[i]) or above(loss[i], base, factor):
             j, peak = i, i
             # the episode ends when the loss is back below factor * base, or ``window`` steps after its peak
             # (a loss that settles at a new, higher level starts a new baseline instead of merging every later
             # spike into this one)
-            while j < n and (not np.isfinite(loss[j]) or loss[j] > factor * base) and j - peak <= window:
+            while j < n and (not np.isfinite(loss[j]) or above(loss[j], base, factor)) and j - peak <= window:
                 if not np.isfinite(loss[j]) or (np.isfinite(loss[peak]) and loss[j] > loss[peak]):
                     peak = j
                 j += 1

@@ -90,3 +90,19 @@ def test_negative_losses_are_not_spikes_or_divergence():
     loss = np.r_[np.full(40, 1.0), [3.0], np.full(40, 1.0)]
     (ev,) = detect({"loss": loss}, kinds=kinds)
     assert ev.step == 40 and ev.strength == 3.0
+
+
+def test_requested_transition_keys_are_monitored_whatever_their_kind_and_absent_ones_reported():
+    """``transition_keys=["grad_norm"]`` (a raw key) or a charge (reduced dynamics) was dropped from both variants
+    without a word; now monitored as variant ``raw`` (not invariant), and a key the trajectory lacks is warned
+    about."""
+    import pytest
+
+    x = _rate_change_loss()
+    for key, variant in (("grad_norm", "raw"), ("charges/unit", "raw"), ("test_accuracy", "quotient")):
+        ev = detect({"loss": np.ones(len(x)), key: x}, kinds=["transition"], transition_keys=[key], block=10)
+        assert [(e.details["observable"], e.variant, e.invariant) for e in ev] == [
+            (key, variant, variant == "quotient")], key
+        assert 600 <= ev[0].step <= 700
+    with pytest.warns(UserWarning, match="not_recorded"):
+        assert detect({"loss": x}, kinds=["transition"], transition_keys=["not_recorded"], block=10) == []

@@ -15,6 +15,7 @@ read raw norms / sharpness, for comparison only.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -299,7 +300,9 @@ def detect_transition(traj, *, steps, transition_keys: Sequence[str] | None = No
         P(any transition event on a stationary trajectory) <= alpha     (Bonferroni over keys)
 
     with the per-key bound of :func:`~quotient_sgd.diagnostics.cusum_threshold` (independent Gaussian block
-    values).  ``horizon``: planned trajectory length in steps for live use (fixes the block length and the
+    values).  ``transition_keys``: the keys to monitor instead of :func:`default_transition_keys` (orbit
+    invariants as variant ``quotient``, other keys as ``raw``; a key the trajectory lacks is skipped with a
+    warning).  ``horizon``: planned trajectory length in steps for live use (fixes the block length and the
     threshold, so that chunks of any size give the events of the whole trajectory).  Event step:
     the alarm (causal detection time, end of the block); ``details.onset_step`` the estimated change point.
     """
@@ -310,11 +313,19 @@ def detect_transition(traj, *, steps, transition_keys: Sequence[str] | None = No
     blk = int(block or max(1, plan // 100))
     out = []
     monitored = []
+    if transition_keys is not None:
+        # requested keys are monitored whatever their kind, in the variant their kind gives (a non-invariant key
+        # such as ``grad_norm`` was silently dropped from both variants); absent ones are reported
+        absent = [kk for kk in transition_keys if scalar(traj, kk) is None]
+        if absent:
+            warnings.warn(f"detect_transition: transition_keys {absent} are not scalar-per-step keys of the "
+                          f"trajectory (keys: {sorted(traj)}); skipped", stacklevel=2)
     for variant in variants:
         keys = list(transition_keys) if (transition_keys is not None and variant == "quotient") \
             else default_transition_keys(traj, variant)
         if transition_keys is not None and variant == "raw":
             keys = [kk for kk in keys if kk not in transition_keys]
+            keys += [kk for kk in transition_keys if not is_invariant([kk])]
         keys = [kk for kk in keys if scalar(traj, kk) is not None and (variant == "raw") != is_invariant([kk])]
         monitored += [(variant, kk) for kk in keys]
     # Bonferroni over every monitored key of every variant: the stated bound is on any transition event of the

@@ -262,7 +262,7 @@ def projection_for(group, params, method: str) -> Callable:
     :func:`frozen_horizontal` basis (within its build budget) in straight-line code (``"unrolled"``)."""
     if method == "unrolled":
         return frozen_horizontal(group, params)
-    return frozen_horizontal(group, params, max_build_flops=0.0)
+    return lambda v: group.horizontal(params, v)
 
 
 @observable(ORBIT_INVARIANT, "sharpness_quotient", "lambda_min_quotient")

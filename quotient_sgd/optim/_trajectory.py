@@ -307,14 +307,19 @@ def quotient_trajectory(
 
         def step_lr():
             # this step's learning rate: the spec's, else the step's own effective_lr["global"] (never the recorded
-            # one, which is absent when not asked for and stale between records when every > 1)
+            # one, which is absent when not asked for and stale between records when every > 1); computed once per
+            # step when the curvature needs it, else inside the branches that use it
+            if lr_now is not None:
+                return lr_now
             if hp is not None:
                 return hp["learning_rate"]
             e = eff if eff is not None else obs.effective_lr(
                 group, params, grads, new_updates, obs.canonical_gradient(group, params, grads))
             return e["global"]
 
-        lr_now = step_lr() if need_curv else None
+        lr_now = None
+        if need_curv:
+            lr_now = step_lr()
         if need_cross:
             pred, cross = obs.predict_charge_drift(
                 group, params, grads, new_updates, carry["cross"],
@@ -345,7 +350,7 @@ def quotient_trajectory(
                 )
             observ, eigvecs = jax.lax.cond(
                 count % hessian_every == 0,
-                lambda _: _hessian(loss_fn, params, observ, eigvecs, count, step_lr() if lr_now is None else lr_now),
+                lambda _: _hessian(loss_fn, params, observ, eigvecs, count, step_lr()),
                 lambda _: (observ, eigvecs),
                 None,
             )
@@ -358,7 +363,7 @@ def quotient_trajectory(
                 )
 
             def noise(_):
-                n = obs.gradient_noise(efn, group, params, lr=step_lr() if lr_now is None else lr_now)
+                n = obs.gradient_noise(efn, group, params, lr=step_lr())
                 o = dict(observ)
                 o.update(noise_sigma2=n.sigma2, temperature=n.temperature, viscosity=n.viscosity)
                 return o

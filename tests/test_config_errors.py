@@ -40,8 +40,6 @@ class _null:
     ({"observables.noise_every": 5}, ["config.observables.noise_every", "5", "per-example gradients",
                                       "per_example_grads=True"]),
     ({"optim.momentum": 1.5}, ["config.optim.momentum", "1.5", "[0, 1)"]),
-    ({"model.name": "cnn", "model.norm": "batch", "symmetry.mode": "gauge_fix", "observables.hessian_every": 0},
-     ["config.symmetry.mode", "'gauge_fix'", "running statistics", "'horizontal'"]),
     ({"model.name": "resnet"}, ["config.model.name", "'resnet'", "mlp"]),
     ({"sweep.lr": (0.1, -1.0)}, ["config.sweep.lr", "every value must be"]),
     ({"sweep.mode": "zip", "sweep.seed": (0, 1, 2)}, ["config.sweep.mode", "zip needs equally long lists"]),

@@ -120,3 +120,55 @@ def test_gauge_fix_state_follows_unit_permutations(x64, monkeypatch):
     monkeypatch.setattr(_gauge, "_permute_state", lambda group, k, state, params: state)
     tx = optax.sgd(0.3, momentum=0.9)
     assert float(jnp.max(jnp.abs(outputs(tx, full) - outputs(tx, noperm)))) > 1e-3
+
+
+def test_gauge_fix_moves_batch_statistics_with_the_parameters(x64):
+    """A BatchNorm CNN under gauge_fix: the canonical element (channel scales *and* the channel sort) moves the
+    running statistics through ``act_on_model_state``, so the evaluation-mode function is that of the un-fixed
+    run (zero learning rate: only the re-gauging acts), and SGD + gauge_fix
+    from ``(g . params, g . stats)`` gives the evaluation-mode function of the run from ``(params, stats)``.
+    Without the action ``train`` refuses."""
+    import functools
+
+    from flax import nnx
+
+    from quotient_sgd.models import CNN
+
+    model = CNN(in_channels=1, channels=(4, 6), dout=3, norm="batch", rngs=nnx.Rngs(0), param_dtype=jnp.float64)
+    graphdef, params, stats = nnx.split(model, nnx.Param, ...)
+    group = model.symmetries()
+    x = jax.random.normal(jax.random.key(1), (4, 16, 6, 6, 1), jnp.float64)
+    y = jax.random.randint(jax.random.key(2), (4, 16), 0, 3)
+
+    def loss_fn(p, ms, batch):
+        m = nnx.merge(graphdef, p, ms)
+        loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(m(batch[0]), batch[1]))
+        return loss, (None, nnx.split(m, nnx.Param, ...)[2])
+
+    @jax.jit
+    def evaluate(p, ms):
+        m = nnx.merge(graphdef, p, ms)
+        m.eval()
+        return m(x[0])
+
+    act = functools.partial(model.act_on_batch_stats, group)
+    kw = dict(model_state=stats, act_on_model_state=act, donate=False)
+    p0, _, ms0, _ = train(loss_fn, params, optax.sgd(0.0), (x, y), **kw)
+    # every=2 over 4 steps: re-gauged at steps 0 and 2, a plain step in between (the branch that moves nothing)
+    p, _, ms, _ = train(loss_fn, params, gauge_fix(optax.sgd(0.0), group, every=2), (x, y), **kw)
+    assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p0))) > 0.1
+    np.testing.assert_allclose(evaluate(p, ms), evaluate(p0, ms0), rtol=1e-9, atol=1e-9)
+    # the statistics left where they were: another function
+    assert float(jnp.max(jnp.abs(evaluate(p, ms0) - evaluate(p0, ms0)))) > 1e-2
+
+    gp, gstats = jax.jit(lambda k: (lambda g: (group.act(g, params), act(g, stats)))(group.sample(k, params, 1.0)))(
+        jax.random.key(5))
+    tx = gauge_fix(optax.sgd(0.1, momentum=0.9), group)
+    a = train(loss_fn, params, tx, (x, y), **kw)
+    b = train(loss_fn, gp, tx, (x, y), **dict(kw, model_state=gstats))
+    np.testing.assert_allclose(evaluate(b[0], b[2]), evaluate(a[0], a[2]), rtol=1e-8, atol=1e-8)
+
+    import pytest
+
+    with pytest.raises(ValueError, match="act_on_model_state"):
+        train(loss_fn, params, tx, (x, y), model_state=stats, donate=False)

@@ -138,3 +138,18 @@ def test_what_batch_statistics_rule_out_is_refused(over, needles):
         _settings(**over)
     for n in needles:
         assert n in str(e.value), (n, str(e.value))
+
+
+def test_gauge_fix_with_batch_norm_keeps_the_evaluation_function(tmp_path):
+    """``symmetry.mode='gauge_fix'`` on a BatchNorm CNN: the runner moves the running statistics with every
+    re-gauging (``train(act_on_model_state=...)``), so at a negligible learning rate the evaluation rows equal
+    those of the same run without gauge fixing, although the parameters moved to their canonical point."""
+    over = {"steps": 4, "checkpoint.every": 4, "observables.hessian_every": 0, "observables.every": 4,
+            "observables.names": ("loss",), "optim.lr": 1e-9, "optim.momentum": 0.0}
+    rows = {}
+    for mode in ("observe", "gauge_fix"):
+        s = _settings(**over, **{"symmetry.mode": mode})
+        assert (build(s).act_on_model_state is not None) == (mode == "gauge_fix")
+        rows[mode] = [r for r in _rows(run(s, str(tmp_path / mode)).workdir) if "test_loss" in r][-1]
+    for k in ("test_loss", "test_accuracy", "train_loss"):
+        np.testing.assert_allclose(rows["gauge_fix"][k], rows["observe"][k], rtol=1e-4, err_msg=k)

@@ -224,11 +224,6 @@ def _check_symmetry(s: Settings) -> None:
     _check(not (ob.per_example_grads and _batch_norm(s)), "observables.per_example_grads", ob.per_example_grads,
            "per-example gradients are not defined with model.norm='batch': every example's loss depends on the "
            "whole batch through the batch statistics; use model.norm='layer' or 'none', or per_example_grads=False")
-    _check(not (sym.mode == "gauge_fix" and _batch_norm(s)), "symmetry.mode", sym.mode,
-           "gauge_fix moves the parameters to their canonical representative, and with model.norm='batch' the "
-           "running statistics (model state, which the optimiser does not see) would have to move with them: the "
-           "evaluation-mode function would change; use symmetry.mode='observe' or 'horizontal', or "
-           "model.norm='layer' or 'none'")
     _check(ob.noise_every == 0 or sym.enabled, "observables.noise_every", ob.noise_every,
            "needs symmetry.enabled=True (the noise is measured on the horizontal space)")
     _check(ob.hessian_every == 0 or sym.enabled, "observables.hessian_every", ob.hessian_every,

@@ -197,20 +197,30 @@ class CNN(nnx.Module):
 
     def act_on_batch_stats(self, group: Product, g, state):
         """The BatchNorm running statistics that go with the parameters moved by ``g``, an element (a ``Word``) of
-        ``group``, a :class:`Product` of continuous components of :meth:`symmetries`: with them the
-        evaluation-mode function of ``(g . params, state')`` equals that of ``(params, state)``.
+        ``group``, a :class:`Product` of components of :meth:`symmetries`: with them the evaluation-mode function
+        of ``(g . params, state')`` equals that of ``(params, state)``.
 
-        ``state``: the model's non-parameter state (``nnx.split(model, nnx.Param, ...)[2]``).  Of the continuous
-        components, only ``"scale/convs.{l}"`` changes what a BatchNorm sees: it multiplies output channel ``k``
-        of conv ``l``, the input of ``norms.{l}``, by ``c_k = exp(xi_k)``, so the running mean becomes ``c_k
-        mean_k`` and the running variance ``c_k^2 var_k`` (the normalised value ``(z - mean) / sqrt(var + eps)``
-        is then unchanged up to ``eps``, as in training mode).  ``"rescale/norms.{l}"`` scales the norm's output
-        and divides the next layer's input weights (exact through a homogeneous activation) and
-        ``"translation/head"`` acts after the last norm: neither touches the statistics.  Other components (the
-        permutations) are refused."""
+        ``state``: the model's non-parameter state (``nnx.split(model, nnx.Param, ...)[2]``).  The word's elements
+        act in order, as on the parameters.  ``"scale/convs.{l}"`` multiplies output channel ``k`` of conv ``l``,
+        the input of ``norms.{l}``, by ``c_k = exp(xi_k)``: the running mean becomes ``c_k mean_k`` and the
+        running variance ``c_k^2 var_k`` (the normalised value ``(z - mean) / sqrt(var + eps)`` is then unchanged
+        up to ``eps``, as in training mode).  ``"permutation/convs.{l}"`` reorders the channels of conv ``l`` and
+        of ``norms.{l}``: the running statistics are reordered with them (exactly).  ``"rescale/norms.{l}"``
+        scales the norm's output and divides the next layer's input weights (exact through a homogeneous
+        activation) and ``"translation/head"`` acts after the last norm: neither touches the statistics.  This is
+        what :func:`quotient_sgd.optim.train` needs as ``act_on_model_state`` for ``gauge_fix``, whose canonical
+        elements include the permutations: ``functools.partial(model.act_on_batch_stats, group)``."""
         if self.norm != "batch":
             return state
-        factors: dict[int, jax.Array] = {}
+        flat: dict[int, dict] = {}  # layer -> {"mean": ..., "var": ...}
+
+        def collect(path, x):
+            keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+            if keys[0] == "norms" and keys[2] in ("mean", "var"):
+                flat.setdefault(int(keys[1]), {})[keys[2]] = x
+            return x
+
+        jax.tree_util.tree_map_with_path(collect, state)
         for i, e in zip(g.indices, g.elements):
             comp = group.components[i]
             kind = comp.name.split("/")[0]
@@ -219,18 +229,27 @@ class CNN(nnx.Module):
                 if path[0] != "convs" or path[2] != "kernel" or axis != 3:
                     raise ValueError(f"act_on_batch_stats: unexpected scale component {comp.name!r}")
                 l = int(path[1])
-                factors[l] = factors.get(l, 1.0) * jnp.exp(e)
+                if l in flat:
+                    c = jnp.exp(e)
+                    flat[l] = {"mean": flat[l]["mean"] * c.astype(flat[l]["mean"].dtype),
+                               "var": flat[l]["var"] * (c * c).astype(flat[l]["var"].dtype)}
+            elif isinstance(comp, Permutation):
+                (path, axis) = comp.members[0]
+                if path[0] != "convs" or path[2] != "kernel" or axis != 3:
+                    raise ValueError(f"act_on_batch_stats: unexpected permutation component {comp.name!r}")
+                l = int(path[1])
+                if l in flat:
+                    flat[l] = {k: jnp.take(v, e, axis=0) for k, v in flat[l].items()}
             elif isinstance(comp, (Rescale, Translation)):
                 continue
             else:
                 raise ValueError(f"act_on_batch_stats: the action of {comp.name!r} on the running statistics is not "
-                                 f"implemented (only the continuous components of a BatchNorm CNN are)")
+                                 f"implemented (only the components of a BatchNorm CNN's symmetries are)")
 
         def move(path, x):
             keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-            if keys[0] != "norms" or int(keys[1]) not in factors:
-                return x
-            c = factors[int(keys[1])].astype(x.dtype)
-            return x * c if keys[2] == "mean" else x * c * c if keys[2] == "var" else x
+            if keys[0] == "norms" and keys[2] in ("mean", "var"):
+                return flat[int(keys[1])][keys[2]]
+            return x
 
         return jax.tree_util.tree_map_with_path(move, state)

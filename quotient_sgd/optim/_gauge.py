@@ -37,8 +37,13 @@ def horizontal(tx: optax.GradientTransformation, group) -> optax.GradientTransfo
 
 
 class GaugeFixState(NamedTuple):
+    """``inner_state``: the wrapped optimiser's; ``count``: steps taken; ``element``: the canonical element ``k``
+    applied at the last step when ``applied`` (``train`` moves non-parameter model state with it)."""
+
     inner_state: Any
     count: jax.Array
+    element: Any = None
+    applied: jax.Array | None = None
 
 
 def gauge_fix(tx: optax.GradientTransformation, group, every: int = 1) -> optax.GradientTransformationExtraArgs:
@@ -60,11 +65,12 @@ def gauge_fix(tx: optax.GradientTransformation, group, every: int = 1) -> optax.
     between consecutive canonical points, and the state of an arbitrary optimiser has no known transformation
     law under it (a momentum transforms like a gradient, Adam's second moment does not).
 
-    Non-parameter state that the group also acts on is not moved either: the optimiser never sees it.  A
-    BatchNorm model's running statistics follow its channels (``CNN.act_on_batch_stats``); training-mode
-    outputs use the batch's statistics and are unchanged, but the evaluation-mode function would change after a
-    canonicalisation that permutes or rescales channels.  The config runner refuses ``symmetry.mode =
-    'gauge_fix'`` with ``model.norm = 'batch'``.
+    Non-parameter state that the group also acts on (a BatchNorm model's running statistics follow its
+    channels) never reaches the optimiser: the state records the element ``k`` it applied (``element``,
+    ``applied``), and :func:`train` given ``model_state`` moves that state with it through its
+    ``act_on_model_state`` argument (``functools.partial(model.act_on_batch_stats, group)`` for a BatchNorm
+    CNN), so the evaluation-mode function is unchanged by the re-gauging too (tested).  A hand-written loop
+    does the same with :func:`gauge_fix_element`.
 
     Args:
         tx: the optimiser (its state, e.g. momentum, lives at the canonical points).
@@ -76,7 +82,10 @@ def gauge_fix(tx: optax.GradientTransformation, group, every: int = 1) -> optax.
     inner = optax.with_extra_args_support(tx)
 
     def init(params):
-        return GaugeFixState(inner.init(params), jnp.zeros((), jnp.int32))
+        # a placeholder of the canonical element's structure (never applied: applied is False until a fix)
+        shapes = jax.eval_shape(group.canonical_element, params)
+        element = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+        return GaugeFixState(inner.init(params), jnp.zeros((), jnp.int32), element, jnp.zeros((), jnp.bool_))
 
     def update(updates, state, params=None, **extra_args):
         if params is None:
@@ -87,16 +96,17 @@ def gauge_fix(tx: optax.GradientTransformation, group, every: int = 1) -> optax.
             pc = group.act(k, params)
             gc = canonical_gradient(group, params, updates, element=k)
             u, s = inner.update(gc, _permute_state(group, k, state.inner_state, params), pc, **extra_args)
-            return jax.tree.map(lambda a, b, c: (a + b) - c, pc, u, params), s
+            return jax.tree.map(lambda a, b, c: (a + b) - c, pc, u, params), s, k, jnp.ones((), jnp.bool_)
 
         def plain(_):
-            return inner.update(updates, state.inner_state, params, **extra_args)
+            u, s = inner.update(updates, state.inner_state, params, **extra_args)
+            return u, s, state.element, jnp.zeros((), jnp.bool_)
 
         if every == 1:
-            u, s = fixed(None)
+            u, s, k, applied = fixed(None)
         else:
-            u, s = jax.lax.cond(state.count % every == 0, fixed, plain, None)
-        return u, GaugeFixState(s, state.count + 1)
+            u, s, k, applied = jax.lax.cond(state.count % every == 0, fixed, plain, None)
+        return u, GaugeFixState(s, state.count + 1, k, applied)
 
     return optax.GradientTransformationExtraArgs(init, update)
 
@@ -123,3 +133,22 @@ def _permute_state(group, k, state, params):
         return jax.tree.structure(x) == struct and [jnp.shape(y) for y in jax.tree.leaves(x)] == shapes
 
     return jax.tree.map(lambda x: group.act(perm, x) if like(x) else x, state, is_leaf=like)
+
+
+def _gauge_fix_states(opt_state) -> list[GaugeFixState]:
+    """Every :class:`GaugeFixState` in ``opt_state``, outermost first (the order their elements acted)."""
+    is_g = lambda x: isinstance(x, GaugeFixState)  # noqa: E731
+    found = []
+    for x in jax.tree.leaves(opt_state, is_leaf=is_g):
+        if is_g(x):
+            found.append(x)
+            found.extend(_gauge_fix_states(x.inner_state))
+    return found
+
+
+def gauge_fix_element(opt_state):
+    """``[(element, applied), ...]`` of every :func:`gauge_fix` in ``opt_state`` after an update, outermost
+    first: the canonical element each applied to the parameters at that step (``applied`` a boolean scalar; the
+    element is a placeholder when False).  Non-parameter state the group acts on follows the parameters by
+    these elements, in this order (what :func:`train` does with ``act_on_model_state``)."""
+    return [(g.element, g.applied) for g in _gauge_fix_states(opt_state)]

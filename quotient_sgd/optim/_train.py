@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ._gauge import gauge_fix_element
 from ._trajectory import _find
 
 
@@ -62,7 +63,8 @@ def _scalar_loss(loss):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("loss_fn", "tx", "batch_fn", "num_steps", "has_aux", "example_loss_fn", "unroll"),
+    static_argnames=("loss_fn", "tx", "batch_fn", "num_steps", "has_aux", "example_loss_fn", "unroll",
+                     "act_on_model_state"),
     donate_argnames=("params", "opt_state", "model_state"),
 )
 def _run_donated(params, opt_state, model_state, data, key, start_step, **static):
@@ -71,14 +73,15 @@ def _run_donated(params, opt_state, model_state, data, key, start_step, **static
 
 @functools.partial(
     jax.jit,
-    static_argnames=("loss_fn", "tx", "batch_fn", "num_steps", "has_aux", "example_loss_fn", "unroll"),
+    static_argnames=("loss_fn", "tx", "batch_fn", "num_steps", "has_aux", "example_loss_fn", "unroll",
+                     "act_on_model_state"),
 )
 def _run_kept(params, opt_state, model_state, data, key, start_step, **static):
     return _run(params, opt_state, model_state, data, key, start_step, **static)
 
 
 def _run(params, opt_state, model_state, data, key, start_step, *, loss_fn, tx, batch_fn, num_steps, has_aux,
-         example_loss_fn, unroll):
+         example_loss_fn, unroll, act_on_model_state):
     tx = optax.with_extra_args_support(tx)
     steps = start_step + jnp.arange(num_steps, dtype=jnp.int32)
     has_q = bool(_find(opt_state))
@@ -98,6 +101,8 @@ def _run(params, opt_state, model_state, data, key, start_step, *, loss_fn, tx, 
             extra["example_loss_fn"] = lambda p: example_loss_fn(p, batch)
         updates, opt_state = tx.update(grads, opt_state, params, **extra)
         params = optax.apply_updates(params, updates)
+        if model_state is not None:
+            new_ms = _follow_gauge_fix(opt_state, new_ms, act_on_model_state)
         out: dict[str, Any] = {}
         if has_q:
             out.update(_find(opt_state)[0].observables)
@@ -110,6 +115,20 @@ def _run(params, opt_state, model_state, data, key, start_step, *, loss_fn, tx, 
     (params, opt_state, model_state), traj = jax.lax.scan(
         body, (params, opt_state, model_state), xs, length=num_steps, unroll=unroll)
     return params, opt_state, model_state, traj
+
+
+def _follow_gauge_fix(opt_state, model_state, act: Callable | None):
+    """``model_state`` moved by the canonical elements the ``gauge_fix`` transforms in ``opt_state`` applied to
+    the parameters at this step (in their order; none: unchanged)."""
+    for element, applied in gauge_fix_element(opt_state):
+        if act is None:
+            raise ValueError(
+                "train: tx contains gauge_fix, which moves the parameters to their canonical representative, and "
+                "model_state is given: pass act_on_model_state=(element, model_state) -> model_state, the action "
+                "of the group on that state (functools.partial(model.act_on_batch_stats, group) for a BatchNorm "
+                "CNN; lambda g, s: s when the group does not act on it)")
+        model_state = jax.lax.cond(applied, lambda s, e=element: act(e, s), lambda s: s, model_state)
+    return model_state
 
 
 def train(
@@ -127,6 +146,7 @@ def train(
     example_loss_fn: Callable | None = None,
     donate: bool = True,
     unroll: int = 1,
+    act_on_model_state: Callable | None = None,
 ):
     """Train with ``tx`` for ``num_steps`` steps in one jitted ``lax.scan``; returns
     ``(params, opt_state, trajectory)`` (``(params, opt_state, model_state, trajectory)`` when ``model_state`` is
@@ -155,6 +175,10 @@ def train(
         donate: donate ``params`` / ``opt_state`` / ``model_state`` buffers to the loop (the arrays passed in are
             consumed; pass ``donate=False`` to keep using them).  Ignored under ``vmap`` / an outer ``jit``.
         unroll: ``lax.scan`` unroll factor.
+        act_on_model_state: ``(element, model_state) -> model_state``, the group's action on the model's
+            non-parameter state; needed with ``model_state`` when ``tx`` contains :func:`gauge_fix`, whose
+            re-gauging of the parameters the state then follows (its elements: :func:`gauge_fix_element`).  For
+            a BatchNorm CNN: ``functools.partial(model.act_on_batch_stats, group)`` (a hashable callable).
 
     Returns:
         ``trajectory``: ``{key: array stacked over steps}``: ``loss`` always, ``aux`` with ``has_aux``, and
@@ -208,7 +232,7 @@ def train(
     params, opt_state, model_state, traj = run(
         params, opt_state, model_state, stacked, key, jnp.asarray(start_step, jnp.int32),
         loss_fn=loss_fn, tx=tx, batch_fn=batch_fn, num_steps=int(num_steps), has_aux=has_aux,
-        example_loss_fn=example_loss_fn, unroll=unroll,
+        example_loss_fn=example_loss_fn, unroll=unroll, act_on_model_state=act_on_model_state,
     )
     if model_state is not None:
         return params, opt_state, model_state, traj

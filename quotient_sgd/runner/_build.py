@@ -194,6 +194,7 @@ class Built:
     eval_fn: Callable
     num_params: int
     stateful: bool = False
+    act_on_model_state: Callable | None = None  # the group's action on the model state (gauge_fix follows it)
 
 
 def program_settings(s: Settings) -> Settings:
@@ -231,9 +232,15 @@ def _build(s: Settings) -> Built:
     need_ex = s.observables.per_example_grads
     n = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
     loss = functools.partial(stateful_batch_loss if stateful else batch_loss, **kw)
+    act = None
+    if stateful and group is not None and s.symmetry.mode == "gauge_fix":
+        if not hasattr(model, "act_on_batch_stats"):
+            raise ValueError(f"symmetry.mode='gauge_fix': {type(model).__name__} has non-parameter state and no "
+                             f"act_on_batch_stats, so re-gauging would change its evaluation-mode function")
+        act = functools.partial(model.act_on_batch_stats, group)
     return Built(s, graphdef, rest, group, gauge, ds, make_optimizer(s, group), loss,
                  functools.partial(example_losses, **kw) if need_ex else None,
-                 functools.partial(evaluate, **kw), int(n), stateful)
+                 functools.partial(evaluate, **kw), int(n), stateful, act)
 
 
 def init_params(b: Built, seed, init_gauge):

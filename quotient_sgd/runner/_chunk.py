@@ -37,7 +37,8 @@ def chunk_step(b: Built, num_steps: int, padded_batch: int | None, state, seed, 
     kw = dict(num_steps=num_steps, key=batch_key(seed), opt_state=opt_state, start_step=start_step,
               example_loss_fn=b.example_loss_fn, donate=False)
     if b.stateful:
-        params, opt_state, model_state, traj = train(b.loss_fn, params, b.tx, bf, model_state=model_state, **kw)
+        params, opt_state, model_state, traj = train(b.loss_fn, params, b.tx, bf, model_state=model_state,
+                                                     act_on_model_state=b.act_on_model_state, **kw)
     else:
         params, opt_state, traj = train(b.loss_fn, params, b.tx, bf, **kw)
     ev = {f"test_{k}": v for k, v in b.eval_fn(params, qdata.full_batch(dataset, "test"), model_state).items()}

@@ -106,3 +106,28 @@ def test_requested_transition_keys_are_monitored_whatever_their_kind_and_absent_
         assert 600 <= ev[0].step <= 700
     with pytest.warns(UserWarning, match="not_recorded"):
         assert detect({"loss": x}, kinds=["transition"], transition_keys=["not_recorded"], block=10) == []
+
+
+def test_windows_count_steps_in_a_subsampled_trajectory():
+    """A trajectory kept every 10 steps (a ``step`` key) gives the events of the full one: ``spike_window`` and
+    ``divergence_patience`` are steps, not records.  A slow rise (x2.5 over 100 steps, < x2 within any 50) is no
+    spike at either resolution; a sustained x200 for 30 steps is a divergence at both."""
+    t = np.arange(1000)
+    loss = np.where(t < 200, 10.0 - 9.0 * t / 200, 1.0)
+    loss = np.where((t >= 400) & (t < 500), 1.0 + 1.5 * (t - 400) / 100, loss)
+    loss = np.where(t >= 500, 2.5, loss)
+    for traj in ({"loss": loss, "step": t}, {"loss": loss[::10], "step": t[::10]}):
+        assert detect(traj, kinds=["loss_spike"]) == []
+    loss = np.where((t >= 700) & (t < 730), 2000.0, loss)
+    got = [detect(traj, kinds=["divergence"]) for traj in ({"loss": loss, "step": t},
+                                                          {"loss": loss[::10], "step": t[::10]})]
+    assert [[e.step for e in g] for g in got] == [[700], [700]]
+
+
+def test_zero_initial_loss_is_no_divergence_baseline():
+    """An initial loss of exactly 0 has no multiple to exceed: a later positive loss is not a divergence, a
+    non-finite one is."""
+    loss = np.r_[0.0, np.full(50, 0.1)]
+    assert detect({"loss": loss}, kinds=["divergence"]) == []
+    loss[30] = np.nan
+    assert [e.step for e in detect({"loss": loss}, kinds=["divergence"])] == [30]

@@ -80,6 +80,14 @@ def _decomposition(traj, i: int, lr_i: float | None, steps=None) -> dict[str, fl
 
 
 # ----------------------------------------------------------------------------------------------------------------
+def _records(window: int, steps) -> int:
+    """A window of ``window`` *steps* in records of a trajectory recorded at ``steps`` (every ``K`` steps: the
+    median spacing; at least one record)."""
+    steps = np.asarray(steps)
+    stride = float(np.median(np.diff(steps))) if steps.size > 1 else 1.0
+    return max(1, int(np.ceil(window / stride))) if stride > 1 else max(1, int(window))
+
+
 def detect_divergence(traj, *, steps, divergence_factor: float = 100.0, divergence_patience: int = 20,
                       **_) -> list[Event]:
     """First step where the loss is non-finite, or where it has exceeded ``divergence_factor`` times the initial
@@ -92,16 +100,17 @@ def detect_divergence(traj, *, steps, divergence_factor: float = 100.0, divergen
     l0 = loss[0] if np.isfinite(loss[0]) else np.inf
     nonfinite = ~np.isfinite(loss)
     with np.errstate(invalid="ignore"):
-        high = np.where(nonfinite, False, above(loss, l0, divergence_factor))
+        high = np.where(nonfinite | (l0 == 0), False, above(loss, l0, divergence_factor))
+    patience = _records(divergence_patience, steps)
     run = np.zeros(len(loss), np.int64)
     for t in range(len(loss)):
         run[t] = (run[t - 1] + 1 if t else 1) if high[t] else 0
-    sustained = np.nonzero(run >= divergence_patience)[0]
+    sustained = np.nonzero(run >= patience)[0]
     cands = []
     if nonfinite.any():
         cands.append(int(np.argmax(nonfinite)))
     if sustained.size:
-        cands.append(int(sustained[0]) - divergence_patience + 1)
+        cands.append(int(sustained[0]) - patience + 1)
     if not cands:
         return []
     i = min(cands)
@@ -205,13 +214,14 @@ def detect_loss_spike(traj, *, steps, spike_factor: float = 2.0, spike_window: i
     steps (orbit invariant; a negative minimum ``base`` must be exceeded by ``(spike_factor - 1) |base|``).
     ``strength`` = peak / base (``1 + (peak - base) / |base|`` in general).  With mini-batch losses set
     ``spike_smooth`` (a causal running mean over that many steps is tested instead): the raw mini-batch loss
-    fluctuates by more than a factor 2 once it is small, which the detector would report as spikes."""
+    fluctuates by more than a factor 2 once it is small, which the detector would report as spikes.  Windows
+    count steps (a trajectory kept every ``K`` steps: ``K`` steps per record)."""
     loss = scalar(traj, "loss")
     if loss is None:
         return []
-    loss = _causal_mean(loss, int(spike_smooth))
+    loss = _causal_mean(loss, _records(spike_smooth, steps))
     out = []
-    for onset, end, peak, base in spikes(loss, spike_factor, spike_window):
+    for onset, end, peak, base in spikes(loss, spike_factor, _records(spike_window, steps)):
         out.append(Event(int(steps[onset]), "loss_spike", ratio(loss[peak], base), {"loss": _f(loss[onset])},
                          "quotient", True, {"base": base, "peak_step": int(steps[peak]), "end_step": int(steps[end]),
                                             "factor": spike_factor}))
@@ -225,13 +235,13 @@ def detect_catapult(traj, *, steps, lr=None, spike_factor: float = 2.0, spike_wi
     by the sharpness falling below ``drop_factor`` times its value before the spike.  One event per spike and
     sharpness variant (``quotient``: canonical sharpness, orbit invariant; ``step``: what the step sees, with the
     decomposition before and after; ``raw``).  The event's step is the spike onset; ``details.confirm_step`` is
-    when the sharpness drop confirmed it."""
+    when the sharpness drop confirmed it.  Windows count steps, as in :func:`detect_loss_spike`."""
     loss = scalar(traj, "loss")
     if loss is None:
         return []
     out = []
-    loss = _causal_mean(loss, int(spike_smooth))
-    sp = spikes(loss, spike_factor, spike_window)
+    loss = _causal_mean(loss, _records(spike_smooth, steps))
+    sp = spikes(loss, spike_factor, _records(spike_window, steps))
     for variant in ("quotient", "step", "raw"):
         key = first_key(traj, SHARPNESS_KEYS[variant])
         if key is None:
@@ -245,7 +255,7 @@ def detect_catapult(traj, *, steps, lr=None, spike_factor: float = 2.0, spike_wi
             if before.size == 0:
                 continue
             ib = int(before[-1])
-            after = fidx[(fidx > onset) & (fidx <= end + confirm_window)]
+            after = fidx[(fidx > onset) & (steps[fidx] <= steps[end] + confirm_window)]
             drop = after[sharp[after] < drop_factor * sharp[ib]]
             if drop.size == 0:
                 continue

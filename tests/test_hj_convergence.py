@@ -121,3 +121,17 @@ def test_save_times(x64, stepping):
     assert sol.ts.shape == (3,) and float(sol.ts[-1]) == pytest.approx(0.2)
     for t, p in zip(np.asarray(sol.ts), sol.ps):
         assert float(jnp.max(jnp.abs(p - cole_hopf_gradient(loss, g.x, float(t), 0.05)))) < 1e-7
+
+
+def test_float32_field_under_x64(x64):
+    """A float32 field keeps its precision when float64 is enabled (the grid's wavenumbers are float64 then; the
+    viscous symbol used to mix the two, which strict promotion refuses)."""
+    g = Grid(32, -1.0, 1.0)
+    p = solve_burgers(-jnp.sin(jnp.pi * g.x).astype(jnp.float32), g, nu=0.1, t1=0.2, dt=0.05).ps[-1]
+    assert p.dtype == jnp.float32
+    # Cole-Hopf by a plain NumPy quadrature (cole_hopf_gradient's compilation would dominate this test)
+    x, y = np.asarray(g.x)[:, None], np.linspace(-3.0, 3.0, 6001)[None, :]
+    logw = -((x - y) ** 2) / (4 * 0.1 * 0.2) - np.cos(np.pi * y) / (np.pi * 2 * 0.1)
+    w = np.exp(logw - logw.max(axis=1, keepdims=True))
+    ref = np.sum(w * (x - y), axis=1) / (0.2 * np.sum(w, axis=1))
+    assert np.max(np.abs(np.asarray(p, np.float64) - ref)) < 1e-4

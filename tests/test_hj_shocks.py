@@ -1,5 +1,6 @@
 """Shock times, Rankine-Hugoniot speeds and entropy admissibility (THEORY section 3)."""
 
+import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -118,3 +119,11 @@ def test_shock_location_stays_inside_periodic_grid(shift):
     loc = sh[0]["location"]
     assert g.lo <= loc < g.hi, loc
     assert min(loc, g.hi - loc) < g.dx
+
+
+def test_find_shocks_float32_field_under_x64(x64):
+    g = Grid(64, -1.0, 1.0)
+    p = -jnp.tanh(g.x / 0.05).astype(jnp.float32)
+    sh = eqx.filter_jit(find_shocks)(p, g)  # jitted: faster than dispatching its many small ops one by one
+    assert sh.location.dtype == jnp.float32
+    assert int(sh.count) == 1 and abs(float(sh.location[0])) < g.dx

@@ -147,7 +147,7 @@ def find_shocks(p: Array, grid: Grid, *, max_shocks: int = 8, min_steepness=None
     curv = sm - 2 * s0 + sp
     ok = curv < 0
     off = jnp.clip(jnp.where(ok, 0.5 * (sm - sp) / jnp.where(ok, curv, -jnp.ones_like(curv)), 0), -0.5, 0.5)
-    loc = grid.x[i] + off * dx
+    loc = grid.x.astype(p.dtype)[i] + off * dx
     if grid.periodic:
         loc = grid.lo + jnp.mod(loc - grid.lo, grid.length)
         # a front just left of lo wraps to lo + length - tiny, which rounds to hi: outside [lo, hi)

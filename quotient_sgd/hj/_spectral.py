@@ -76,7 +76,7 @@ class Spectral(eqx.Module):
     def linear_symbol(self, grid: AnyGrid, nu) -> Array:
         """Diagonal of L = nu Lap in Fourier space, ``-nu |k|^2`` (shape of the rfftn output)."""
         k2 = sum(k * k for k in _wavevectors(grid))
-        return -nu * k2
+        return -nu * k2.astype(jnp.result_type(nu))  # the field's precision, not the grid's default float
 
     def nonlinear_hat(self, grid: AnyGrid, form: str, yhat: Array) -> Array:
         """Fourier transform of the dealiased nonlinear term N(y)."""

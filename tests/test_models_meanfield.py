@@ -1,7 +1,6 @@
 """The mean-field network's quotient: the empirical particle measure, its moments and MMD."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 

@@ -9,7 +9,6 @@ import sys
 
 import jax
 import numpy as np
-import pytest
 
 from quotient_sgd.config import load_config, validate
 from quotient_sgd.runner import run, sweep

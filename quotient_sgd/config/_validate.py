@@ -18,7 +18,6 @@ from ._settings import (
     MODELS,
     OPTIMIZERS,
     SECTIONS,
-    SWEEP_AXES,
     SWEEP_MODES,
     SYMMETRY_MODES,
     DataSettings,

@@ -26,6 +26,6 @@ from ._trajectory import quotient_trajectory as quotient_trajectory
 
 __all__ = [
     "DEFAULT_OBSERVABLES", "GaugeFixState", "QuotientTrajectoryState", "SGDSpec", "eigenvectors_of",
-    "flatten_trajectory", "gauge_fix", "gauge_fix_element", "horizontal", "injected_hyperparams", "member_axes", "observables_of",
-    "quotient_trajectory", "set_hyperparams", "train",
+    "flatten_trajectory", "gauge_fix", "gauge_fix_element", "horizontal", "injected_hyperparams", "member_axes",
+    "observables_of", "quotient_trajectory", "set_hyperparams", "train",
 ]

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import threading
-from typing import Any
 
 import numpy as np
 

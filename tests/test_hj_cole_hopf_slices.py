@@ -114,3 +114,16 @@ def test_cole_hopf_refuses_non_positive_t_and_nu():
     # traced values cannot be checked here and pass through (grad with respect to nu still works)
     d = jax.grad(lambda nu: cole_hopf(loss, jnp.array(0.2), 0.3, nu, num=801))(0.05)
     assert bool(jnp.isfinite(d))
+
+
+def test_monte_carlo_standard_errors_count_antithetic_pairs_once():
+    """At the minimum of an even loss the two samples of an antithetic pair are equal: the gradient estimate is
+    exactly 0 for every key (its standard error must be ~0, it was reported as ~0.16) and the value has the
+    error of m / 2 draws, not m (reported sqrt(2) too small)."""
+    est = jax.jit(jax.vmap(lambda k: cole_hopf_monte_carlo(lambda p: 2 * jnp.sum(p**2), jnp.zeros(3), 0.5, 0.2,
+                                                             key=k, num_samples=64)))(
+        jax.random.split(jax.random.key(0), 400))
+    assert float(jnp.max(jnp.abs(est.grad))) < 1e-6 and float(jnp.max(est.grad_std)) < 1e-6
+    assert float(jnp.mean(est.value_std)) == pytest.approx(float(jnp.std(est.value)), rel=0.15)
+    with pytest.raises(ValueError, match=r"num_samples=7 is not allowed; need an even number >= 4"):
+        cole_hopf_monte_carlo(lambda p: jnp.sum(p**2), jnp.zeros(3), 0.5, 0.2, key=jax.random.key(0), num_samples=7)

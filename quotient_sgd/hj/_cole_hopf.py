@@ -127,7 +127,10 @@ class MonteCarloEstimate(eqx.Module):
     Attributes:
         value: u(x, t) estimate; ``value_std`` its standard error (delta method on log-mean-exp).
         grad: pytree like x, the self-normalised importance-sampling estimate of p = E_w[grad L(x + z)];
-            ``grad_std`` its per-entry standard error, ``sqrt(sum_i w_i^2 (g_i - grad)^2)``.
+            ``grad_std`` its per-entry standard error, ``sqrt(sum_pairs (sum_{i in pair} w_i (g_i - grad))^2)``.
+        Both standard errors treat each antithetic pair (+z, -z) as one independent draw: the two samples of a
+        pair are correlated (equal for a loss even about x), so counting them as independent misstates the
+        error.
         ess: effective sample size ``1 / sum_i w_i^2`` of the normalised weights (small ess: nu too small
             or t too large for the sample count; the estimate is then biased toward min L).
     """
@@ -150,13 +153,16 @@ def cole_hopf_monte_carlo(loss_fn: Callable, params, t, nu, *, key, num_samples:
         loss_fn: ``loss_fn(params) -> scalar``; params any pytree of float arrays.
         t, nu: coarse-graining time and viscosity.
         key: PRNG key.
-        num_samples: even number of samples.
+        num_samples: an even number of samples (>= 4), drawn as ``num_samples / 2`` antithetic pairs.
     """
     _check_positive("cole_hopf_monte_carlo", t=t, nu=nu)
+    if int(num_samples) != num_samples or num_samples < 4 or num_samples % 2:
+        raise ValueError(f"cole_hopf_monte_carlo: num_samples={num_samples!r} is not allowed; need an even number "
+                         ">= 4 (antithetic pairs, at least two for a standard error).")
     leaves, treedef = jax.tree.flatten(params)
     dtype = leaves[0].dtype
     t, nu = jnp.asarray(t, dtype), jnp.asarray(nu, dtype)
-    half = max(num_samples // 2, 1)
+    half = int(num_samples) // 2
     keys = jax.random.split(key, len(leaves))
     zs = [jax.random.normal(k, (half, *l.shape), l.dtype) * jnp.sqrt(2 * nu * t) for k, l in zip(keys, leaves)]
     zs = [jnp.concatenate([z, -z]) for z in zs]
@@ -171,15 +177,20 @@ def cole_hopf_monte_carlo(loss_fn: Callable, params, t, nu, *, key, num_samples:
     lse = logsumexp(a)
     value = -2 * nu * (lse - jnp.log(jnp.asarray(m, dtype)))
     e = jnp.exp(a - jnp.max(a))
-    value_std = 2 * nu * jnp.std(e) / (jnp.sqrt(jnp.asarray(m, dtype)) * jnp.mean(e))
+    # sample i and i + half are a pair (+z, -z): the independent draws are the pairs
+    pair_e = 0.5 * (e[:half] + e[half:])
+    value_std = 2 * nu * jnp.std(pair_e) / (jnp.sqrt(jnp.asarray(half, dtype)) * jnp.mean(e))
     w = jax.nn.softmax(a)
 
     def wmean(g):
         return jnp.tensordot(w, g, axes=1)
 
+    def pair_std(g, gm):
+        r = w.reshape((m,) + (1,) * (g.ndim - 1)) * (g - gm[None])
+        r = r[:half] + r[half:]
+        return jnp.sqrt(jnp.sum(r * r, axis=0))
+
     grad = jax.tree.map(wmean, grads)
-    grad_std = jax.tree.map(
-        lambda g, gm: jnp.sqrt(jnp.tensordot(w * w, (g - gm[None]) ** 2, axes=1)), grads, grad
-    )
+    grad_std = jax.tree.map(pair_std, grads, grad)
     return MonteCarloEstimate(value=value, value_std=value_std, grad=grad, grad_std=grad_std,
                               ess=1.0 / jnp.sum(w * w))

@@ -20,7 +20,8 @@ from ._grid import AnyGrid, Grid
 
 
 def _diff(p: Array, g: Grid, axis: int) -> Array:
-    """Fourth-order central derivative along ``axis`` (one-sided second order at bounded ends)."""
+    """Fourth-order central derivative along ``axis`` (on a bounded grid: second-order central next to the ends,
+    one-sided second order at the ends)."""
     n, dx = g.n, g.dx
     if g.periodic:
         def sh(k):
@@ -28,10 +29,11 @@ def _diff(p: Array, g: Grid, axis: int) -> Array:
 
         return (8 * (sh(1) - sh(-1)) - (sh(2) - sh(-2))) / (12 * dx)
     p = jnp.moveaxis(p, axis, 0)
-    inner = (p[2:] - p[:-2]) / (2 * dx)
+    inner = (8 * (p[3:-1] - p[1:-3]) - (p[4:] - p[:-4])) / (12 * dx)  # nodes 2 .. n - 3
+    near = (p[2] - p[0]) / (2 * dx), (p[-1] - p[-3]) / (2 * dx)  # nodes 1 and n - 2
     first = (-3 * p[0] + 4 * p[1] - p[2]) / (2 * dx)
     last = (3 * p[-1] - 4 * p[-2] + p[-3]) / (2 * dx)
-    return jnp.moveaxis(jnp.concatenate([first[None], inner, last[None]]), 0, axis)
+    return jnp.moveaxis(jnp.concatenate([first[None], near[0][None], inner, near[1][None], last[None]]), 0, axis)
 
 
 def shock_time_from_hessian(lambda_min) -> Array:

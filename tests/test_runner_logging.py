@@ -35,7 +35,7 @@ def _tensorboard_matches_metrics(run_dir):
     want: dict[str, list] = {}
     for r in rows:
         for k, v in r.items():
-            if k != "step":
+            if k != "step" and np.isfinite(float(v)):  # NaN (not defined for the run) is left out
                 want.setdefault(k, []).append((r["step"], float(v)))
     assert sorted(tb) == sorted(want)
     for k in want:
@@ -56,6 +56,27 @@ def test_tensorboard_of_a_resumed_run_has_every_row_once(tmp_path):
     shutil.rmtree(os.path.join(wd, "checkpoints", "20"))
     assert run(s, wd).resumed_from == 10
     _tensorboard_matches_metrics(wd)
+
+
+def test_tensorboard_leaves_out_values_not_defined_for_the_run():
+    """A NaN in a metric row (an observable not defined for the run: ``charge_drift_predicted`` under Adam is NaN
+    at every step; metrics.jsonl keeps it as "nan") gets no TensorBoard scalar: tensorboardX warned on each."""
+    from quotient_sgd.runner._run import write_tensorboard
+
+    class Writer:
+        def __init__(self):
+            self.scalars = []
+
+        def add_scalar(self, tag, value, step):
+            self.scalars.append((tag, value, step))
+
+        def flush(self):
+            pass
+
+    tb = Writer()
+    write_tensorboard(tb, [{"step": 0, "loss": 1.5, "charge_drift_predicted/t": "nan", "grad_norm": np.float32(2)},
+                           {"step": 5, "loss": np.inf, "charge_drift_predicted/t": float("nan")}])
+    assert tb.scalars == [("loss", 1.5, 0), ("grad_norm", 2.0, 0)]
 
 
 def test_sweep_writes_tensorboard_per_member(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -92,11 +93,13 @@ def _tensorboard(s: Settings, workdir: str, resumed_from: int = 0):
 
 
 def write_tensorboard(tb, rows: list[dict]) -> None:
-    """The metric rows (as appended to ``metrics.jsonl``) as TensorBoard scalars: one tag per key, at its step."""
+    """The metric rows (as appended to ``metrics.jsonl``) as TensorBoard scalars: one tag per key, at its step.
+    Non-finite values are left out (an observable not defined for the run, e.g. ``charge_drift_predicted``
+    under Adam, is NaN at every step; tensorboardX would warn on each; ``metrics.jsonl`` keeps them)."""
     for r in rows:
         for k, v in r.items():
-            if k != "step":
-                tb.add_scalar(k, float(v), r["step"])
+            if k != "step" and math.isfinite(x := float(v)):
+                tb.add_scalar(k, x, r["step"])
     tb.flush()
 
 

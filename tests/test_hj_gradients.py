@@ -99,3 +99,20 @@ def test_clear_errors():
             solve_burgers(p0, g, **kw)
         with pytest.raises(ValueError, match=match):
             solve_hj(p0, g, **kw)
+
+
+def test_clear_errors_for_save_times_and_non_scalar_arguments():
+    g = Grid(16, -1.0, 1.0)
+    p0 = -jnp.sin(jnp.pi * g.x)
+    for ts in ([0.2, 0.1], [0.1, 0.5], [-0.1, 0.1]):  # refused before any compilation, naming ts
+        with pytest.raises(ValueError, match=r"ts=.* need non-decreasing save times in \[0, t1\]"):
+            solve_burgers(p0, g, nu=0.05, t1=0.3, ts=jnp.asarray(ts))
+    with pytest.raises(ValueError, match=r"ts must be a 1-D array"):
+        solve_hj(p0, g, nu=0.05, t1=0.3, ts=jnp.full((2, 2), 0.1))
+    for kw, match in ((dict(nu=jnp.array([0.05, 0.1]), t1=0.3), r"nu must be a scalar, got shape \(2,\)"),
+                      (dict(nu=0.05, t1=jnp.array([0.3])), r"t1 must be a scalar, got shape \(1,\)")):
+        with pytest.raises(ValueError, match=match):
+            solve_burgers(p0, g, **kw)
+    # one save time may be given as a scalar
+    sol = solve_burgers(p0, g, nu=0.05, t1=0.3, ts=0.1, dt=0.05)
+    assert np.allclose(np.asarray(sol.ts), [0.1, 0.3])

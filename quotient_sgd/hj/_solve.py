@@ -116,6 +116,17 @@ def _concrete_negative(value, strict: bool):
     return value if bool(np.any(bad)) else None
 
 
+def _check_save_times(name, ts, t1) -> None:
+    """``ValueError`` when known (not traced) save times are not non-decreasing within ``[0, t1]``."""
+    try:
+        a, end = np.asarray(ts, dtype=float), float(t1)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError, TypeError):
+        return
+    if np.any(np.diff(a) < 0) or np.any(a < 0) or np.any(a > end):
+        raise ValueError(f"{name}: ts={a.tolist()} is not allowed; need non-decreasing save times in [0, t1] = "
+                         f"[0, {end}].")
+
+
 def _solve(form, name, y0, grid, *, nu, t1, ts, scheme, solver, rtol, atol, max_steps, dt0, adaptive,
            adjoint, progress, dt=None):
     scheme = as_scheme(scheme)
@@ -139,8 +150,17 @@ def _solve(form, name, y0, grid, *, nu, t1, ts, scheme, solver, rtol, atol, max_
         bad = _concrete_negative(value, strict=arg.startswith("dt"))
         if bad is not None:
             raise ValueError(f"{name}: {arg}={bad} is not allowed; need {allowed}.")
+    for arg, value in (("nu", nu), ("t1", t1)):
+        if jnp.ndim(value) != 0:
+            raise ValueError(f"{name}: {arg} must be a scalar, got shape {jnp.shape(value)}; for several values "
+                             f"jax.vmap the solve over {arg}.")
     nu = jnp.asarray(nu, dtype)
     t1 = jnp.asarray(t1, dtype)
+    if ts is not None:
+        if jnp.ndim(ts) > 1:
+            raise ValueError(f"{name}: ts must be a 1-D array of save times, got shape {jnp.shape(ts)}.")
+        ts = jnp.atleast_1d(jnp.asarray(ts, dtype))  # compared with t1 in the solve's precision
+        _check_save_times(name, ts, t1)
     if solver not in _SOLVERS and not isinstance(solver, dfx.AbstractSolver):
         raise ValueError(f"{name}: solver={solver!r} is not one of {_SOLVERS} or a diffrax solver.")
     if not adaptive:

@@ -136,3 +136,10 @@ def test_shock_time_bounded_grid_interior_fourth_order():
     assert float(shock_time(-jnp.sin(jnp.pi * g.x), g)) == pytest.approx(1 / np.pi, rel=2e-5)
     g = Grid(64, -5.0, 5.0, periodic=False)  # p0 = exp(-x^2): min p0' = -sqrt(2) e^(-1/2) at x = 1/sqrt(2)
     assert float(shock_time(jnp.exp(-g.x**2), g)) == pytest.approx(np.exp(0.5) / np.sqrt(2), rel=1e-3)
+
+
+@pytest.mark.parametrize("args", [(4.5, 0.0, 1.0), (8, 0.0, float("inf")), (8, float("-inf"), 0.0)])
+def test_grid_refuses_fractional_n_and_infinite_ends(args):
+    # n = 4.5 was truncated to 4 points, hi = inf gave dx = inf
+    with pytest.raises(ValueError, match=r"Grid needs (an integer n >= 4|finite lo < hi)"):
+        Grid(*args)

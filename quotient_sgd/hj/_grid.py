@@ -41,10 +41,10 @@ class Grid(eqx.Module):
     periodic: bool = eqx.field(static=True, default=True)
 
     def __init__(self, n: int, lo: float, hi: float, *, periodic: bool = True):
-        if int(n) < 4:
-            raise ValueError(f"Grid needs n >= 4 points, got n={n}.")
-        if not float(hi) > float(lo):
-            raise ValueError(f"Grid needs hi > lo, got lo={lo}, hi={hi}.")
+        if int(n) != n or int(n) < 4:
+            raise ValueError(f"Grid needs an integer n >= 4 points, got n={n}.")
+        if not (np.isfinite(float(lo)) and np.isfinite(float(hi)) and float(hi) > float(lo)):
+            raise ValueError(f"Grid needs finite lo < hi, got lo={lo}, hi={hi}.")
         self.n = int(n)
         self.lo = float(lo)
         self.hi = float(hi)

@@ -130,7 +130,9 @@ class MonteCarloEstimate(eqx.Module):
             ``grad_std`` its per-entry standard error, ``sqrt(sum_pairs (sum_{i in pair} w_i (g_i - grad))^2)``.
         Both standard errors treat each antithetic pair (+z, -z) as one independent draw: the two samples of a
         pair are correlated (equal for a loss even about x), so counting them as independent misstates the
-        error.
+        error.  Being first-order (delta-method) estimates of a self-normalised ratio, they run low at small
+        sample counts (measured: 1.5-1.8x below the spread over keys at 64 samples on non-symmetric losses,
+        within ~10% at 1024): trust them from a few hundred samples on.
         ess: effective sample size ``1 / sum_i w_i^2`` of the normalised weights (small ess: nu too small
             or t too large for the sample count; the estimate is then biased toward min L).
     """

@@ -212,6 +212,22 @@ def test_deep_linear_minimal_chain_canonicalize(widths, x64):
         np.testing.assert_allclose(m, jnp.diag(jnp.diagonal(m)), atol=1e-10)
 
 
+def test_canonicalize_rank_deficient_heads_stays_finite():
+    """A head whose QK or VO product has rank < d_head (a zero-initialised W_O, a zero W_Q column) has no balanced
+    point on its orbit; canonicalize keeps that head (finite, same products) instead of applying a singular
+    element (NaN)."""
+    p = attention_params(jax.random.key(0))
+    p["o"]["kernel"] = p["o"]["kernel"].at[1].set(0.0)
+    p["q"]["kernel"] = p["q"]["kernel"].at[0, :, 1].set(0.0)
+    p["q"]["bias"] = p["q"]["bias"].at[0, 1].set(0.0)
+    G = attention_group()
+    for name in ("qk", "vo"):
+        gl = G.component(name)
+        c = jax.jit(gl.canonicalize)(p)
+        assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(c)), name
+        np.testing.assert_allclose(gl.invariants(c), gl.invariants(p), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["mlp", "attention"])
 def test_align_and_quotient_distance(name):
     make, f, G, xs = CASES[name]

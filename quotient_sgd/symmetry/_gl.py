@@ -42,7 +42,8 @@ class GL(Group):
     Charge: ``L^T L - R~^T R~`` (a ``d x d`` matrix per head).  Invariant: ``M``.
     Canonical representative: with ``M = U S V^T`` (thin SVD, ``d`` columns), ``L = U S^{1/2}``,
     ``R~ = V S^{1/2}``, signs fixed so that the largest-magnitude entry of each column of ``U`` is positive:
-    the balanced (minimum-norm) point of the orbit, made unique.
+    the balanced (minimum-norm) point of the orbit, made unique.  A head whose ``M`` has rank ``< d`` (a zero
+    or rank-deficient factor) has no such point on its orbit; canonicalisation leaves it as it is.
     """
 
     left: tuple[Path, Path | None] = eqx.field(static=True)
@@ -161,7 +162,15 @@ class GL(Group):
         sign = jnp.where(sign == 0, 1, sign).astype(L.dtype)
         # L' = Q1 u diag(sqrt s) diag(sign) = L A  with  A = R1^{-1} u diag(sqrt(s) sign)
         target = u * (jnp.sqrt(s) * sign)[..., None, :]
-        return jnp.linalg.solve(R1, target)
+        A = jnp.linalg.solve(R1, target)
+        # A head whose M has rank < d (a zero or rank-deficient factor, e.g. a zero-initialised W_O) has no balanced
+        # point on its orbit (the minimum norm is approached only in the orbit's closure): A is then singular or
+        # not finite, and g . theta would be NaN.  Such a head keeps the identity (finite, same function, but not
+        # constant on its orbit).
+        moved = jnp.concatenate([L @ A, _mT(jnp.linalg.solve(A, _mT(R)))], axis=-2)
+        usable = jnp.all(jnp.isfinite(moved), axis=(-2, -1))
+        eye = jnp.broadcast_to(jnp.eye(A.shape[-1], dtype=A.dtype), A.shape)
+        return jnp.where(usable[..., None, None], A, eye)
 
     def _invariants(self, flat):
         return self._L(flat) @ _mT(self._R(flat))

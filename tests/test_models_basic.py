@@ -176,6 +176,7 @@ def test_cnn_patch_convolution_equals_xla_convolution(k, stride, hw, norm, x64):
 def test_cnn_conv_impl_is_checked():
     with pytest.raises(ValueError, match="conv_impl"):
         CNN(1, (3,), 2, conv_impl="fft", rngs=nnx.Rngs(0))
+    assert CNN(1, (3, 3), 2, strides=np.int64(2), rngs=nnx.Rngs(0)).strides == (2, 2)  # NumPy integers accepted
 
 
 @pytest.mark.parametrize("hidden", [8, (8, 0), (8, 2.5), "8"])
@@ -194,6 +195,12 @@ def test_mlp_hidden_must_be_a_sequence_of_widths(hidden):
     (lambda: Transformer(10, 32, 4, 1, 8, mlp_ratio=0, rngs=nnx.Rngs(0)), "Transformer: mlp_ratio must be"),
     (lambda: MLP(0, (4,), 2, rngs=nnx.Rngs(0)), "MLP: din must be an integer >= 1, got 0"),
     (lambda: DeepLinear(3, (4, -1), 2, rngs=nnx.Rngs(0)), "DeepLinear: widths must be a sequence of widths"),
+    (lambda: CNN(1, (4,), 2, strides=0, rngs=nnx.Rngs(0)), "CNN: strides must be an integer >= 1"),
+    (lambda: CNN(1, (4, 4), 2, strides=(1, -1), rngs=nnx.Rngs(0)), "CNN: strides must be an integer >= 1"),
+    (lambda: CNN(1, (4,), 2, strides=1.5, rngs=nnx.Rngs(0)), "CNN: strides must be an integer >= 1"),
+    (lambda: CNN(1, (4, 4), 2, strides=(1,), rngs=nnx.Rngs(0)), "one such integer per conv layer"),
+    (lambda: CNN(1, (4,), 2, norm="layer", norm_eps=-1e-5, rngs=nnx.Rngs(0)), "CNN: norm_eps must be a finite"),
+    (lambda: Transformer(10, 32, 4, 1, 8, norm_eps=-1.0, rngs=nnx.Rngs(0)), "Transformer: norm_eps must be a"),
 ])
 def test_model_sizes_are_checked(make, needle):
     with pytest.raises(ValueError, match=needle.replace("(", r"\(")):

@@ -23,3 +23,14 @@ def check_widths(model: str, name: str, widths, *, allow_empty: bool = True) -> 
         raise ValueError(f"{model}: {name} must be a {'non-empty ' if not allow_empty else ''}sequence of widths "
                          f">= 1, e.g. {example}, got {widths!r}")
     return tuple(int(w) for w in out)
+
+
+def check_eps(model: str, name: str, value) -> float:
+    """A finite number >= 0 (a normalisation epsilon: a negative one makes a constant input NaN)."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        out = float("nan")
+    if isinstance(value, bool) or not 0 <= out < float("inf"):
+        raise ValueError(f"{model}: {name} must be a finite number >= 0, got {value!r}")
+    return out

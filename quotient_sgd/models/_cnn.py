@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Sequence
 
 import jax
@@ -10,7 +11,7 @@ from flax import nnx
 
 from ..symmetry import Permutation, Product, Rescale, Scale, Translation
 from ._activations import check_activation, get_activation, is_homogeneous
-from ._checks import check_sizes, check_widths
+from ._checks import check_eps, check_sizes, check_widths
 from ._init import lecun_normal
 from ._norm import NORM_EPS, BatchNorm, LayerNorm
 
@@ -102,10 +103,14 @@ class CNN(nnx.Module):
             raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}")
         check_sizes("CNN", in_channels=in_channels, dout=dout, kernel_size=kernel_size)
         channels = check_widths("CNN", "channels", channels, allow_empty=False)
-        strides = (strides,) * len(channels) if isinstance(strides, int) else tuple(strides)
-        if len(strides) != len(channels):
-            raise ValueError(f"strides must be an int or have one entry per conv layer ({len(channels)}), "
-                             f"got {strides!r}")
+        seq = ((strides,) * len(channels) if isinstance(strides, numbers.Integral)
+               else tuple(strides) if hasattr(strides, "__iter__") and not isinstance(strides, str) else ())
+        if len(seq) != len(channels) or not all(
+                isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1 for s in seq):
+            raise ValueError(f"CNN: strides must be an integer >= 1 or one such integer per conv layer "
+                             f"({len(channels)}), got {strides!r}")
+        strides = tuple(int(s) for s in seq)
+        norm_eps = check_eps("CNN", "norm_eps", norm_eps)
         self.activation = check_activation(activation)
         self.conv_impl = conv_impl
         self.strides = strides

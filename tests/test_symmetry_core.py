@@ -322,7 +322,7 @@ def test_sample_scale_and_align_layout_are_checked():
 
     p = params((8,), 0)
     group = MLP(4, (8,), 3, rngs=nnx.Rngs(0)).symmetries()
-    for bad in (-1.0, float("nan"), float("inf")):
+    for bad in (-1.0, float("nan"), float("inf"), "big", [1.0, 2.0], True):
         with pytest.raises(ValueError, match="scale=.* need a finite number >= 0"):
             group.sample(jax.random.key(0), p, scale=bad)
         with pytest.raises(ValueError, match="scale="):
@@ -333,6 +333,39 @@ def test_sample_scale_and_align_layout_are_checked():
     for fn in (align, quotient_distance):
         with pytest.raises(ValueError, match=r"has shape \(.*8,?\) in params_a and \(.*9,?\) in params_b"):
             fn(group, p, params((9,), 1))
+
+
+def test_malformed_declarations_and_projection_inputs_are_named():
+    """A translation bias that is not one entry per class (its vertical part was computed with the kernel's class
+    count), a GL factor that is not a matrix or a bias of the wrong shape, a vector v unlike params, and verify
+    with no samples (it checked nothing and returned 0) are reported, naming the argument."""
+    from quotient_sgd.symmetry import GL, Translation, verify
+
+    p = {"w": jnp.ones((3, 4)), "b": jnp.ones((5,))}
+    with pytest.raises(SymmetryError, match=r"bias must be \(C,\) = \(4,\).*got \(5,\)"):
+        Translation(kernel=("w",), bias=("b",)).vertical(p, p)
+    a = {"q": jnp.ones((2, 4, 3)), "bq": jnp.ones((2, 4)), "k": jnp.ones((2, 4, 3)), "v": jnp.ones((4,))}
+    with pytest.raises(SymmetryError, match=r"bias \('bq',\) must have shape \(2, 3\)"):
+        GL(left=(("q",), ("bq",)), right=(("k",), None), kind="qk").charges(a)
+    with pytest.raises(SymmetryError, match=r"\('v',\) must be a matrix"):
+        GL(left=(("v",), None), right=(("k",), None), kind="qk").charges(a)
+    with pytest.raises(SymmetryError, match="left and right must be"):
+        GL(left=("q",), right=(("k",), None), kind="qk")
+    make, f, G, xs = CASES["mlp"]
+    params = make(jax.random.key(0))
+    v = jax.tree.map(jnp.ones_like, params)
+    v["layers"][0]["bias"] = jnp.ones((7, 2))
+    with pytest.raises(ValueError, match=r"horizontal: v has shape \(7, 2\) at \('layers', 0, 'bias'\)"):
+        G.horizontal(params, v)
+    with pytest.raises(ValueError, match=r"vertical: v has no leaf at"):
+        G.vertical(params, {"x": jnp.ones(3)})
+    from flax import nnx
+
+    from quotient_sgd.models import MLP
+
+    model = MLP(3, (4,), 2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="num_samples must be an integer >= 1"):
+        verify(model, model.symmetries(), jnp.ones((2, 3)), jax.random.key(0), num_samples=0)
 
 
 def test_member_axis_outside_the_array_is_named():

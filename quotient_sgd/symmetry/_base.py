@@ -59,9 +59,11 @@ def _check_scale(scale) -> None:
     """``ValueError`` for a known ``scale`` that is negative or not finite (traced values pass)."""
     try:
         value = float(scale)
-    except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
         return
-    if not (value >= 0 and value != float("inf")):
+    except (TypeError, ValueError):
+        value = float("nan")  # not a number (a string, a sequence): reported below
+    if isinstance(scale, bool) or not (value >= 0 and value != float("inf")):
         raise ValueError(f"sample: scale={scale!r} is not allowed; need a finite number >= 0 (the spread of the "
                          f"log-factors, 2 x scale).")
 
@@ -225,17 +227,32 @@ class Group(eqx.Module):
         flat, _ = self._flat(params)
         return self._charges(flat)
 
+    def _flat_like(self, flat: Flat, v, method: str) -> Flat:
+        """``v`` flattened, with a ``ValueError`` naming the first leaf whose path or shape differs from ``params``."""
+        vflat, _ = _tree.flatten(v)
+        for p, x in flat.items():
+            if p not in vflat:
+                raise ValueError(f"{method}: v has no leaf at {p!r}; it must be a pytree like params (same paths "
+                                 f"and shapes), got paths {list(vflat)}")
+            if jnp.shape(vflat[p]) != x.shape:
+                raise ValueError(f"{method}: v has shape {jnp.shape(vflat[p])} at {p!r} where params has {x.shape}; "
+                                 f"it must be a pytree like params")
+        if len(vflat) != len(flat):
+            extra = [p for p in vflat if p not in flat]
+            raise ValueError(f"{method}: v has leaves that params lacks: {extra}; it must be a pytree like params")
+        return vflat
+
     def vertical(self, params, v):
         """Euclidean projection of ``v`` (a pytree like ``params``) onto the orbit tangent space at ``params``."""
         flat, treedef = self._flat(params)
-        vflat, _ = _tree.flatten(v)
+        vflat = self._flat_like(flat, v, "vertical")
         out = self._vertical_flat(flat, vflat)
         return _tree.unflatten(out, treedef)
 
     def horizontal(self, params, v):
         """``v - vertical(params, v)``: the component of ``v`` orthogonal to the orbit."""
         flat, treedef = self._flat(params)
-        vflat, _ = _tree.flatten(v)
+        vflat = self._flat_like(flat, v, "horizontal")
         out = self._vertical_flat(flat, vflat)
         return _tree.unflatten({p: vflat[p] - out[p] for p in vflat}, treedef)
 

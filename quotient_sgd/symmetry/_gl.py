@@ -57,8 +57,12 @@ class GL(Group):
             raise SymmetryError(f"GL {name!r}: kind must be 'qk' or 'vo', got {kind!r}")
         self.name = name
         self.kind = kind
-        self.left = (tuple(left[0]), None if left[1] is None else tuple(left[1]))
-        self.right = (tuple(right[0]), None if right[1] is None else tuple(right[1]))
+        try:
+            self.left = (tuple(left[0]), None if left[1] is None else tuple(left[1]))
+            self.right = (tuple(right[0]), None if right[1] is None else tuple(right[1]))
+        except (TypeError, IndexError):
+            raise SymmetryError(f"GL {name!r}: left and right must be (W_path, bias_path_or_None), got "
+                                f"left={left!r}, right={right!r}") from None
         if kind == "vo" and self.right[1] is not None:
             raise SymmetryError(f"GL {name!r}: kind 'vo' does not act on the right bias; pass (W_path, None)")
 
@@ -67,6 +71,14 @@ class GL(Group):
 
     def _check(self, flat):
         super()._check(flat)
+        for W, b in (self.left, self.right):
+            if flat[W].ndim < 2:
+                raise SymmetryError(f"GL {self.name!r} ({self.kind}): {W!r} must be a matrix (with leading head "
+                                    f"axes), got shape {flat[W].shape}")
+            if b is not None and flat[b].shape != flat[W].shape[:-2] + flat[W].shape[-1:]:
+                raise SymmetryError(f"GL {self.name!r} ({self.kind}): bias {b!r} must have shape "
+                                    f"{flat[W].shape[:-2] + flat[W].shape[-1:]} to go with {W!r} of shape "
+                                    f"{flat[W].shape}, got {flat[b].shape}")
         d = flat[self.left[0]].shape[-1]
         dr = flat[self.right[0]].shape[-1] if self.kind == "qk" else flat[self.right[0]].shape[-2]
         if d != dr or flat[self.left[0]].shape[:-2] != flat[self.right[0]].shape[:-2]:

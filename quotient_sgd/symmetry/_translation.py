@@ -41,6 +41,9 @@ class Translation(Group):
         super()._check(flat)
         if flat[self.kernel].ndim != 2:
             raise SymmetryError(f"Translation {self.name!r}: kernel must be (h, C), got {flat[self.kernel].shape}")
+        if self.bias is not None and flat[self.bias].shape != flat[self.kernel].shape[1:]:
+            raise SymmetryError(f"Translation {self.name!r}: bias must be (C,) = {flat[self.kernel].shape[1:]} like "
+                                f"the kernel's classes, got {flat[self.bias].shape}")
 
     def _h(self, flat):
         return flat[self.kernel].shape[0]

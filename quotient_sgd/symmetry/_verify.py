@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -36,6 +38,11 @@ def verify(model, group: Group, x, key, *, num_samples: int = 4, scale: float = 
         SymmetryError: naming the component and the parameter paths it acts on, when the change exceeds ``rtol``
         and is not explained by rounding.
     """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
+        raise ValueError(f"verify: num_samples must be an integer >= 1 (random elements per component), got "
+                         f"{num_samples!r}")
+    if isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or not rtol >= 0:
+        raise ValueError(f"verify: rtol must be a number >= 0, got {rtol!r}")
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     @jax.jit

@@ -228,6 +228,19 @@ def test_canonicalize_rank_deficient_heads_stays_finite():
         np.testing.assert_allclose(gl.invariants(c), gl.invariants(p), rtol=1e-5, atol=1e-6)
 
 
+def test_deep_linear_rank_deficient_chain_canonicalize_stays_finite():
+    """A minimal chain whose end-to-end product has rank < n (a zero column inside) has no balanced point on its
+    orbit; canonicalize leaves it (finite, same function) instead of applying singular elements (NaN)."""
+    widths = (4, 2, 2, 4)
+    G = deep_linear_group(widths)
+    p = deep_linear_params(jax.random.key(0), widths)
+    p["layers"][1]["kernel"] = p["layers"][1]["kernel"].at[:, 0].set(0.0)
+    c = G.canonicalize(p)
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(c))
+    x = jnp.eye(4)
+    np.testing.assert_allclose(deep_linear_apply(c, x), deep_linear_apply(p, x), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["mlp", "attention"])
 def test_align_and_quotient_distance(name):
     make, f, G, xs = CASES[name]

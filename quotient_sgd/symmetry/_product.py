@@ -334,7 +334,8 @@ class Product(Group):
         column of ``U`` is positive) the representative is ``W_1 = U S^{1/L}``, ``W_l = S^{1/L}`` (diagonal),
         ``W_L = S^{1/L} V^T``: balanced (``W_l^T W_l = W_{l+1} W_{l+1}^T``, the minimum-norm point of the orbit),
         with the remaining orthogonal freedom fixed by the diagonal inner factors.  The element of bond ``l`` is
-        ``A_l = P_l^+ U S^{l/L}`` with ``P_l = W_1 ... W_l`` (the partial product moves as ``P_l -> P_l A_l``)."""
+        ``A_l = P_l^+ U S^{l/L}`` with ``P_l = W_1 ... W_l`` (the partial product moves as ``P_l -> P_l A_l``).
+        A chain whose ``M`` has rank ``< n`` has no balanced point on its orbit and is left as it is."""
         order, chain = _gl_chain_order(tuple(self.components[i] for i in cl))
         mats = [flat[p] for p in order]
         widths = {m.shape[1] for m in mats[:-1]}
@@ -360,7 +361,12 @@ class Product(Group):
             target = U * (S ** (l / L))[None, :]
             elems.append(jnp.linalg.lstsq(P[l - 1], target)[0])
         by_name = {c.name: e for c, e in zip(chain, elems)}
-        return Word(cl, tuple(by_name[self.components[i].name] for i in cl))
+        word = Word(cl, tuple(by_name[self.components[i].name] for i in cl))
+        # M of rank < n (a rank-deficient factor): no balanced point lies on the orbit and the elements above are
+        # singular (the representative would be NaN); the chain then keeps the identity (same function).
+        moved = self._act(word, flat)
+        usable = jnp.all(jnp.stack([jnp.all(jnp.isfinite(moved[p])) for p in order]))
+        return Word(cl, tuple(jnp.where(usable, e, jnp.eye(e.shape[-1], dtype=e.dtype)) for e in word.elements))
 
     def _sweeps(self, cl, flat, init=None) -> Word:
         """Block-coordinate canonicalisation of an abelian cluster that is not a pure minimum-norm problem (a

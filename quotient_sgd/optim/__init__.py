@@ -10,7 +10,7 @@
 
 from ._gauge import GaugeFixState as GaugeFixState
 from ._gauge import gauge_fix as gauge_fix
-from ._gauge import gauge_fix_element as gauge_fix_element
+from ._gauge import gauge_fix_elements as gauge_fix_elements
 from ._gauge import horizontal as horizontal
 from ._spec import SGDSpec as SGDSpec
 from ._spec import injected_hyperparams as injected_hyperparams
@@ -26,6 +26,6 @@ from ._trajectory import quotient_trajectory as quotient_trajectory
 
 __all__ = [
     "DEFAULT_OBSERVABLES", "GaugeFixState", "QuotientTrajectoryState", "SGDSpec", "eigenvectors_of",
-    "flatten_trajectory", "gauge_fix", "gauge_fix_element", "horizontal", "injected_hyperparams", "member_axes",
+    "flatten_trajectory", "gauge_fix", "gauge_fix_elements", "horizontal", "injected_hyperparams", "member_axes",
     "observables_of", "quotient_trajectory", "set_hyperparams", "train",
 ]

@@ -70,7 +70,7 @@ def gauge_fix(tx: optax.GradientTransformation, group, every: int = 1) -> optax.
     ``applied``), and :func:`train` given ``model_state`` moves that state with it through its
     ``act_on_model_state`` argument (``functools.partial(model.act_on_batch_stats, group)`` for a BatchNorm
     CNN), so the evaluation-mode function is unchanged by the re-gauging too (tested).  A hand-written loop
-    does the same with :func:`gauge_fix_element`.
+    does the same with :func:`gauge_fix_elements`.
 
     Args:
         tx: the optimiser (its state, e.g. momentum, lives at the canonical points).
@@ -146,7 +146,7 @@ def _gauge_fix_states(opt_state) -> list[GaugeFixState]:
     return found
 
 
-def gauge_fix_element(opt_state):
+def gauge_fix_elements(opt_state):
     """``[(element, applied), ...]`` of every :func:`gauge_fix` in ``opt_state`` after an update, outermost
     first: the canonical element each applied to the parameters at that step (``applied`` a boolean scalar; the
     element is a placeholder when False).  Non-parameter state the group acts on follows the parameters by

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ._gauge import gauge_fix_element
+from ._gauge import gauge_fix_elements
 from ._trajectory import _find
 
 
@@ -120,7 +120,7 @@ def _run(params, opt_state, model_state, data, key, start_step, *, loss_fn, tx, 
 def _follow_gauge_fix(opt_state, model_state, act: Callable | None):
     """``model_state`` moved by the canonical elements the ``gauge_fix`` transforms in ``opt_state`` applied to
     the parameters at this step (in their order; none: unchanged)."""
-    for element, applied in gauge_fix_element(opt_state):
+    for element, applied in gauge_fix_elements(opt_state):
         if act is None:
             raise ValueError(
                 "train: tx contains gauge_fix, which moves the parameters to their canonical representative, and "
@@ -177,7 +177,7 @@ def train(
         unroll: ``lax.scan`` unroll factor.
         act_on_model_state: ``(element, model_state) -> model_state``, the group's action on the model's
             non-parameter state; needed with ``model_state`` when ``tx`` contains :func:`gauge_fix`, whose
-            re-gauging of the parameters the state then follows (its elements: :func:`gauge_fix_element`).  For
+            re-gauging of the parameters the state then follows (its elements: :func:`gauge_fix_elements`).  For
             a BatchNorm CNN: ``functools.partial(model.act_on_batch_stats, group)`` (a hashable callable).
 
     Returns:

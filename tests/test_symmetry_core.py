@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quotient_sgd.symmetry import (
-    Permutation, Product, Rescale, SymmetryError, align, quotient_distance, vertical_generic,
+    Permutation, Product, Rescale, SymmetryError, Word, align, quotient_distance, vertical_generic,
 )
 from quotient_sgd import _tree
 
@@ -127,6 +127,33 @@ def test_canonicalize_permutations_exactly():
     g = G.compose(G.sample_component(jax.random.key(2), p, "perm/1"), g)
     cg = G.canonicalize(G.act(g, p))
     assert all(bool(jnp.all(a == b)) for a, b in zip(jax.tree.leaves(cg), jax.tree.leaves(c)))
+
+
+def test_canonicalize_and_invariants_exact_under_permutations_of_tied_units():
+    """Units (heads) with equal sort keys but different weights (one's entries a reordering of the other's: equal
+    norm and sum) are ordered from any starting order: canonicalize and the invariants stay bit-exact under
+    permutations (their order followed the input's)."""
+    make, f, G, xs = CASES["mlp"]
+    p = make(jax.random.key(0))
+    k0, b0, k1 = p["layers"][0]["kernel"], p["layers"][0]["bias"], p["layers"][1]["kernel"]
+    p["layers"][0]["kernel"] = k0.at[:, 2].set(k0[jnp.array([1, 2, 3, 4, 0]), 0])
+    p["layers"][0]["bias"] = b0.at[2].set(b0[0])
+    p["layers"][1]["kernel"] = k1.at[2].set(k1[0])
+    swap = Product([G.component("perm/0")])
+    word = Word((0,), (jnp.asarray([2, 1, 0, 3, 4, 5, 6], jnp.int32),))
+    c, cs = swap.canonicalize(p), swap.canonicalize(swap.act(word, p))
+    assert all(bool(jnp.all(a == b)) for a, b in zip(jax.tree.leaves(cs), jax.tree.leaves(c)))
+    A = attention_group()
+    q = jax.tree.map(lambda a: jnp.round(4 * a), attention_params(jax.random.key(0)))  # integers: exact sums
+    rows = jnp.asarray([1, 2, 3, 4, 5, 6, 7, 0])  # head 1: head 0 with its input rows reordered (W_QK reordered)
+    for n in ("q", "k", "v", "o"):
+        q[n]["kernel"] = q[n]["kernel"].at[1].set(q[n]["kernel"][0][rows] if n in "qk" else q[n]["kernel"][0])
+    for n in ("q", "k", "v"):
+        q[n]["bias"] = q[n]["bias"].at[1].set(q[n]["bias"][0])
+    heads = Product([A.component("heads")])
+    flip = Word((0,), (jnp.asarray([1, 0], jnp.int32),))
+    inv = jax.jit(A.invariants)
+    jax.tree.map(np.testing.assert_array_equal, inv(heads.act(flip, q)), inv(q))
 
 
 def test_charges_vanish_at_balanced_point():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import equinox as eqx
@@ -20,14 +21,29 @@ def unit_key(arrays) -> jax.Array:
     return sq + 1e-3 * jnp.tanh(s) * jnp.maximum(jnp.mean(sq), jnp.finfo(sq.dtype).tiny)
 
 
+def unit_order(arrays) -> jax.Array:
+    """The permutation sorting the units of ``[(array, unit_axis), ...]`` by :func:`unit_key`, ties broken by a
+    fixed projection of each unit's slices (``sum_i r_i slice_i``, ``r_i = cos(0.7548776662466927 (i + 1))``):
+    units of equal norm and sum whose entries differ (one's weights a reordering of the other's) then sort the
+    same way from any starting order.  Only identical units still tie, and exchanging them changes nothing."""
+    tie = 0.0
+    for x, a in arrays:
+        a = a % x.ndim
+        shape = tuple(1 if i == a else n for i, n in enumerate(x.shape))
+        r = jnp.cos(0.7548776662466927 * jnp.arange(1, math.prod(shape) + 1, dtype=x.dtype)).reshape(shape)
+        tie = tie + unit_dot(x, jnp.broadcast_to(r, x.shape), a)
+    return jnp.lexsort((tie, unit_key(arrays)))
+
+
 class Permutation(Group):
     """``S_n`` reordering the units along ``axis`` of every member array simultaneously.
 
     Element: an index array ``sigma`` (``int32``, shape ``(n,)``); ``(sigma . theta)[..., i, ...] =
     theta[..., sigma[i], ...]``.  Discrete: no tangents, no charges, the vertical space is ``{0}``.
     Canonical representative: units sorted by the key ``sum_members |slice_i|^2`` (ties broken by the sum of
-    the slice's entries).  Sorting moves entries without arithmetic, so ``canonicalize(P . theta)`` equals
-    ``canonicalize(theta)`` bit for bit.  Invariants: the sorted keys.
+    the slice's entries, then by a fixed projection of the slices: :func:`unit_order`).  Sorting moves entries
+    without arithmetic, so ``canonicalize(P . theta)`` equals ``canonicalize(theta)`` bit for bit.  Invariants:
+    the sorted keys.
     """
 
     members: tuple[tuple[Path, int], ...] = eqx.field(static=True)
@@ -85,7 +101,7 @@ class Permutation(Group):
         return unit_key([(flat[p], a) for p, a in self.members])
 
     def _canonical_element(self, flat):
-        return jnp.argsort(self.sort_key(flat)).astype(jnp.int32)
+        return unit_order([(flat[p], a) for p, a in self.members]).astype(jnp.int32)
 
     def _invariants(self, flat):
         return jnp.sort(self.sort_key(flat))

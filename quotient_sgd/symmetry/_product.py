@@ -11,7 +11,7 @@ from jax.flatten_util import ravel_pytree
 
 from ._base import Flat, Group, SymmetryError, _check_scale, cg_vcoeffs, generic_vcoeffs
 from ._gl import GL, sylvester_vcoeffs
-from ._permutation import Permutation, unit_key
+from ._permutation import Permutation, unit_key, unit_order
 
 
 class Word(eqx.Module):
@@ -513,7 +513,7 @@ class Product(Group):
             feats = [(inv[c.name], axes[(c.name, p.name)]) for c in touching]
             feats += [(flat[q], a) for q, a in p.members if q not in covered]
             key = unit_key(feats)
-            order = jnp.argsort(key)
+            order = unit_order(feats)
             out[p.name] = key[order]
             for c in touching:
                 inv[c.name] = jnp.take(inv[c.name], order, axis=axes[(c.name, p.name)])

@@ -8,6 +8,7 @@ from typing import ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .._tree import Path
 from ._base import Group, SymmetryError, unit_dot, unit_sqnorm
@@ -21,18 +22,20 @@ def unit_key(arrays) -> jax.Array:
     return sq + 1e-3 * jnp.tanh(s) * jnp.maximum(jnp.mean(sq), jnp.finfo(sq.dtype).tiny)
 
 
-def unit_order(arrays) -> jax.Array:
+def unit_order(arrays, key: jax.Array | None = None) -> jax.Array:
     """The permutation sorting the units of ``[(array, unit_axis), ...]`` by :func:`unit_key`, ties broken by a
     fixed projection of each unit's slices (``sum_i r_i slice_i``, ``r_i = cos(0.7548776662466927 (i + 1))``):
     units of equal norm and sum whose entries differ (one's weights a reordering of the other's) then sort the
-    same way from any starting order.  Only identical units still tie, and exchanging them changes nothing."""
+    same way from any starting order.  Only identical units still tie, and exchanging them changes nothing.
+    ``key``: the units' :func:`unit_key` when the caller has it already."""
     tie = 0.0
     for x, a in arrays:
         a = a % x.ndim
         shape = tuple(1 if i == a else n for i, n in enumerate(x.shape))
-        r = jnp.cos(0.7548776662466927 * jnp.arange(1, math.prod(shape) + 1, dtype=x.dtype)).reshape(shape)
-        tie = tie + unit_dot(x, jnp.broadcast_to(r, x.shape), a)
-    return jnp.lexsort((tie, unit_key(arrays)))
+        # a constant of the program (computed here, not by the compiled code at every call)
+        r = np.cos(0.7548776662466927 * np.arange(1, math.prod(shape) + 1)).reshape(shape)
+        tie = tie + unit_dot(x, jnp.asarray(r, x.dtype), a)
+    return jnp.lexsort((tie, unit_key(arrays) if key is None else key))
 
 
 class Permutation(Group):

@@ -513,7 +513,7 @@ class Product(Group):
             feats = [(inv[c.name], axes[(c.name, p.name)]) for c in touching]
             feats += [(flat[q], a) for q, a in p.members if q not in covered]
             key = unit_key(feats)
-            order = unit_order(feats)
+            order = unit_order(feats, key)
             out[p.name] = key[order]
             for c in touching:
                 inv[c.name] = jnp.take(inv[c.name], order, axis=axes[(c.name, p.name)])

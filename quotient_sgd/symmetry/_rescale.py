@@ -35,7 +35,11 @@ class Rescale(LogFactorGroup):
 
     Charges (THEORY section 2): ``Q_j = 1/2 (|in_j|^2 - |out_j|^2)`` (``in`` includes the bias).
     Invariants: ``m_j = |in_j| |out_j|``.  Canonical representative: the balanced point ``|in_j| = |out_j|``,
-    which is also the minimum-norm point of the orbit (Du et al., 2018).
+    which is also the minimum-norm point of the orbit (Du et al., 2018).  A unit with exactly one side zero
+    (zero incoming weights and bias but outgoing weights, or the reverse) has no balanced point: its orbit is
+    not closed and the minimum-norm point is the limit with the other side at zero as well.  The canonical
+    element keeps a finite factor there, so in an overlapping chain (an MLP's consecutive layers) the canonical
+    point and the invariants of the neighbouring layer are not orbit-constant at such a point.
 
     Args:
         incoming: ``((path, axis), ...)``: arrays multiplied by ``a`` along their unit ``axis``.

@@ -296,6 +296,17 @@ def test_errors_name_the_problem():
     with pytest.raises(SymmetryError, match="unique"):
         Product([Permutation(members=((("layers", 0, "bias"), 0),), name="x"),
                  Permutation(members=((("layers", 0, "bias"), 0),), name="x")])
+    with pytest.raises(SymmetryError, match="components must be groups"):
+        Product([1, 2])
+    G = Product([Rescale(incoming=((("layers", 0, "kernel"), -1), (("layers", 0, "bias"), 0)),
+                         outgoing=((("layers", 1, "kernel"), 0),), name="r")])
+    for bad_kw in ({"rounds": -1}, {"iters": 2.5}, {"rounds": True}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad_kw))} must be an integer >= 0"):
+            align(G, p, p, **bad_kw)
+        with pytest.raises(ValueError, match=f"{next(iter(bad_kw))} must be an integer >= 0"):
+            quotient_distance(G, p, p, **bad_kw)
+    with pytest.raises(TypeError):  # a misspelt option was ignored
+        quotient_distance(G, p, p, round=5)
 
 
 def test_jit_and_vmap_over_group_elements():

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import numbers
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .. import _tree
-from ._base import Flat, Group, unit_dot
+from ._base import Flat, Group
 from ._permutation import Permutation
-from ._product import Product, Word
+from ._product import Product
 
 
 def _sqdist(a: Flat, b: Flat):
@@ -97,23 +99,31 @@ def align(group: Group, params_a, params_b, *, rounds: int = 3, iters: int = 8):
     farther from ``params_a`` than ``params_b`` itself.  For ``params_b = g . params_a`` it returns ``params_a``
     up to float rounding.
     """
+    _check_counts("align", rounds=rounds, iters=iters)
     fa, treedef = group._flat(params_a)
     fb, _ = group._flat(params_b)
     _check_same_layout("align", fa, fb)
     return _tree.unflatten(_align_flat(group, fa, fb, rounds, iters), treedef)
 
 
-def quotient_distance(group: Group, params_a, params_b, **kw):
+def _check_counts(fn: str, **counts) -> None:
+    for name, n in counts.items():
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+            raise ValueError(f"{fn}: {name} must be an integer >= 0, got {n!r}")
+
+
+def quotient_distance(group: Group, params_a, params_b, *, rounds: int = 3, iters: int = 8):
     """Distance between the orbits of ``params_a`` and ``params_b``:
     ``min(|a - align(a, b)|, |b - align(b, a)|)`` (Euclidean).
 
     Zero (to tolerance) when ``b = g . a``; symmetric by construction; never larger than ``|a - b|``.
     The symmetrisation is needed because rescale and GL actions are not isometries, so the one-sided distance
-    ``min_g |a - g . b|`` is not symmetric in general.
+    ``min_g |a - g . b|`` is not symmetric in general.  ``rounds`` / ``iters``: as for :func:`align`.
     """
+    _check_counts("quotient_distance", rounds=rounds, iters=iters)
     fa, _ = group._flat(params_a)
     fb, _ = group._flat(params_b)
     _check_same_layout("quotient_distance", fa, fb)
-    ab = _align_flat(group, fa, fb, kw.get("rounds", 3), kw.get("iters", 8))
-    ba = _align_flat(group, fb, fa, kw.get("rounds", 3), kw.get("iters", 8))
+    ab = _align_flat(group, fa, fb, rounds, iters)
+    ba = _align_flat(group, fb, fa, rounds, iters)
     return jnp.sqrt(jnp.minimum(_sqdist(fa, ab), _sqdist(fb, ba)))

@@ -135,6 +135,9 @@ class Product(Group):
                  newton: bool = False, dense_max: int = 64):
         comps = []
         for c in components:
+            if not isinstance(c, Group):
+                raise SymmetryError(f"Product {name!r}: components must be groups (Rescale, Scale, GL, ...), got "
+                                    f"{c!r}")
             comps.extend(c.components if isinstance(c, Product) else [c])
         names = [c.name for c in comps]
         dup = {n for n in names if names.count(n) > 1}

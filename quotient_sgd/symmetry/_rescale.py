@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from .._tree import Path
-from ._base import Flat, LogFactorGroup, SymmetryError, along, unit_dot, unit_sqnorm
+from ._base import LogFactorGroup, SymmetryError, along, unit_dot, unit_sqnorm
 
 
 def _norm_members(members, what: str, name: str) -> tuple[tuple[Path, int], ...]:

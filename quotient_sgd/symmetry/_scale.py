@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from .._tree import Path
-from ._base import Flat, LogFactorGroup, SymmetryError, along, unit_dot, unit_sqnorm
+from ._base import LogFactorGroup, SymmetryError, along, unit_dot, unit_sqnorm
 
 
 class Scale(LogFactorGroup):

@@ -93,7 +93,8 @@ def _typed(key: str, value: Any, default: Any) -> Any:
 
 def _section(name: str, cls, values: Mapping[str, Any]):
     if not isinstance(values, Mapping):
-        raise _err(name, values, f"expected a section (ConfigDict) with keys {[f.name for f in dataclasses.fields(cls)]}")
+        keys = [f.name for f in dataclasses.fields(cls)]
+        raise _err(name, values, f"expected a section (ConfigDict) with keys {keys}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for k, v in values.items():

@@ -45,7 +45,8 @@ class MeanField(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jnp.asarray(x, self.w_in[...].dtype)
-        h = get_activation(self.activation)(x @ self.w_in[...].T + jnp.reshape(self.b[...], (1,) * (x.ndim - 1) + (-1,)))
+        bias = jnp.reshape(self.b[...], (1,) * (x.ndim - 1) + (-1,))
+        h = get_activation(self.activation)(x @ self.w_in[...].T + bias)
         return (h @ self.w_out[...]) / jnp.asarray(self.width, x.dtype)
 
     def symmetries(self) -> Product:

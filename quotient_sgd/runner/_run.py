@@ -87,7 +87,8 @@ def _tensorboard(s: Settings, workdir: str, resumed_from: int = 0):
     try:
         from tensorboardX import SummaryWriter
     except ImportError as e:  # pragma: no cover
-        raise RuntimeError("logging.tensorboard=True needs tensorboardX: pip install 'quotient_sgd[tensorboard]'") from e
+        raise RuntimeError("logging.tensorboard=True needs tensorboardX: "
+                           "pip install 'quotient_sgd[tensorboard]'") from e
     return SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resumed_from or None,
                          filename_suffix=f".{time.time_ns()}")
 

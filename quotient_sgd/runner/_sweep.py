@@ -786,7 +786,8 @@ def report_sweep(workdir: str, *, wall_s: float | None = None, plots: bool = Tru
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for i, m, traj in curves:
             if "loss" in traj and len(traj["loss"]):
-                ax.plot(traj["step"], traj["loss"], lw=0.8, label=f"{i:03d} " + ", ".join(f"{k}={v}" for k, v in m.items()))
+                label = f"{i:03d} " + ", ".join(f"{k}={v}" for k, v in m.items())
+                ax.plot(traj["step"], traj["loss"], lw=0.8, label=label)
         ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_title("training loss per member", fontsize=9)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .. import _tree
 from ..symmetry import Permutation, Product, Rescale, Scale, Translation
 from ._activations import check_activation, get_activation, is_homogeneous
 from ._checks import check_eps, check_sizes, check_widths
@@ -217,15 +218,11 @@ class CNN(nnx.Module):
         elements include the permutations: ``functools.partial(model.act_on_batch_stats, group)``."""
         if self.norm != "batch":
             return state
+        leaves, treedef = _tree.flatten(state)
         flat: dict[int, dict] = {}  # layer -> {"mean": ..., "var": ...}
-
-        def collect(path, x):
-            keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-            if keys[0] == "norms" and keys[2] in ("mean", "var"):
-                flat.setdefault(int(keys[1]), {})[keys[2]] = x
-            return x
-
-        jax.tree_util.tree_map_with_path(collect, state)
+        for path, x in leaves.items():
+            if len(path) == 3 and path[0] == "norms" and path[2] in ("mean", "var"):
+                flat.setdefault(int(path[1]), {})[path[2]] = x
         for i, e in zip(g.indices, g.elements):
             comp = group.components[i]
             kind = comp.name.split("/")[0]
@@ -251,10 +248,7 @@ class CNN(nnx.Module):
                 raise ValueError(f"act_on_batch_stats: the action of {comp.name!r} on the running statistics is not "
                                  f"implemented (only the components of a BatchNorm CNN's symmetries are)")
 
-        def move(path, x):
-            keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-            if keys[0] == "norms" and keys[2] in ("mean", "var"):
-                return flat[int(keys[1])][keys[2]]
-            return x
-
-        return jax.tree_util.tree_map_with_path(move, state)
+        for path in leaves:
+            if len(path) == 3 and path[0] == "norms" and path[2] in ("mean", "var"):
+                leaves[path] = flat[int(path[1])][path[2]]
+        return _tree.unflatten(leaves, treedef)

@@ -33,9 +33,12 @@ def _traj(d):
 
 
 def _assert_same(a, b, rtol=1e-5, atol=1e-7):
+    """Equal to float32 rounding: batched and unbatched programs order their sums differently, and a value that
+    is a difference of larger ones (the step's curvature near 0) keeps only the rounding of the series' scale."""
     assert sorted(a) == sorted(b)
     for k in a:
-        np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=atol, err_msg=k)
+        scale = np.max(np.abs(b[k]), initial=0.0, where=np.isfinite(b[k])) if np.size(b[k]) else 0.0
+        np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=max(atol, 1e-6 * scale), err_msg=k)
 
 
 def test_sharded_sweep_equals_one_device_and_single_runs(tmp_path):

@@ -1,0 +1,62 @@
+"""The swap-or-not sampler: a bijection of ``[0, n)`` for every key, uniform statistics of its draws, the round
+count's bound, and its argument checks."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from quotient_sgd import data as qdata
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 10, 257, 1348])
+def test_swap_or_not_is_a_permutation(n):
+    keys = jax.random.split(jax.random.key(n), 5)
+    images = np.asarray(jax.vmap(lambda k: qdata.swap_or_not(k, n, jnp.arange(n)))(keys))
+    for row in images:
+        np.testing.assert_array_equal(np.sort(row), np.arange(n))
+    if n >= 7:  # different keys give different permutations (7! = 5040 of them)
+        assert len({tuple(r) for r in images}) == len(images)
+
+
+def test_swap_or_not_pairs_are_uniform():
+    # the ordered pair of the first two draws from 10 examples: 90 equally likely values
+    keys = jax.random.split(jax.random.key(1), 18000)
+    idx = np.asarray(jax.vmap(lambda k: qdata.sample_indices(k, 10, 2, "swap_or_not"))(keys))
+    assert (idx[:, 0] != idx[:, 1]).all()
+    counts = np.bincount(idx[:, 0] * 10 + idx[:, 1], minlength=100).reshape(10, 10)
+    assert (np.diag(counts) == 0).all()
+    expected = len(keys) / 90
+    chi2 = ((counts - expected) ** 2 / expected)[~np.eye(10, dtype=bool)].sum()
+    assert chi2 < 89 + 6 * math.sqrt(2 * 89), chi2  # df 89: mean 89, sd 13.3
+
+
+def test_swap_or_not_inclusion_is_uniform_on_the_digits_size():
+    n, b = 1348, 64
+    keys = jax.random.split(jax.random.key(2), 3000)
+    idx = np.asarray(jax.vmap(lambda k: qdata.sample_indices(k, n, b, "swap_or_not"))(keys))
+    assert all(len(set(row)) == b for row in idx[:200])
+    counts = np.bincount(idx.ravel(), minlength=n)
+    expected = len(keys) * b / n
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    assert chi2 < (n - 1) + 6 * math.sqrt(2 * (n - 1)), chi2
+    # no pull towards the keys' pairing structure: the sum of the first two draws is uniform mod n
+    s = np.bincount((idx[:, 0] + idx[:, 1]) % 8, minlength=8)
+    assert np.abs(s - len(keys) / 8).max() < 6 * math.sqrt(len(keys) / 8), s
+
+
+@pytest.mark.parametrize("n", [2, 10, 1348, 60000])
+def test_rounds_are_the_fewest_meeting_the_bound(n):
+    r = qdata.swap_or_not_rounds(n)
+    assert r % 8 == 0
+    q = -(-n // 4)
+    assert qdata.swap_or_not_bound(n, q, r) <= 1e-6 < qdata.swap_or_not_bound(n, q, r - 8)
+
+
+def test_swap_or_not_checks_n():
+    with pytest.raises(ValueError, match="n must be in"):
+        qdata.swap_or_not(jax.random.key(0), 0, jnp.arange(1))
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        qdata.sample_indices(jax.random.key(0), 10, 2, "shuffle")

@@ -21,6 +21,7 @@ from ._rundir import (
     TrajectoryParts,
     check_workdir,
     discard_new_run,
+    make_directory,
     remove_outputs,
     write_json,
 )
@@ -121,7 +122,7 @@ def run(settings: Settings, workdir: str, *, built: Built | None = None, max_chu
     resume = check_workdir(workdir, s)  # raises before anything is written
     b = built if built is not None else build(s)
     created = not os.path.isdir(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    make_directory(workdir)
     progress = {"chunks": 0}
     try:
         return _run(s, workdir, b, resume, max_chunks, t0, progress)

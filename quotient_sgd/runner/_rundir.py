@@ -53,15 +53,38 @@ def config_diff(a: dict, b: dict) -> dict[str, tuple]:
 
 def check_directory_path(workdir: str, what: str = "run directory") -> None:
     """:class:`RunDirError` when ``workdir`` cannot be a directory: it, or the nearest of its parents that
-    exists, is not a directory (nothing is written)."""
+    exists, is not a directory, or is one this process may not write into (nothing is written)."""
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise RunDirError(f"{what} {workdir!r} exists and is not a directory. Choose another --workdir.")
+    if os.path.isdir(workdir):
+        if not os.access(workdir, os.W_OK | os.X_OK):
+            raise RunDirError(f"{what} {workdir!r} is not writable (permission denied). Choose another --workdir.")
+        return
     parent = os.path.dirname(os.path.abspath(workdir))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise RunDirError(f"{what} {workdir!r} cannot be created: {parent!r} is not a directory. Choose another "
                           f"--workdir.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RunDirError(f"{what} {workdir!r} cannot be created: {parent!r} is not writable (permission "
+                          f"denied). Choose another --workdir.")
+
+
+def make_directory(workdir: str, what: str = "run directory") -> None:
+    """``os.makedirs(workdir, exist_ok=True)``, its failure (a read-only file system, a name too long, ...) as a
+    :class:`RunDirError` naming the directory and the reason; the parents it created before failing are removed."""
+    first_new = None
+    path = os.path.abspath(workdir)
+    while not os.path.exists(path):
+        first_new, path = path, os.path.dirname(path)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        if first_new is not None:
+            shutil.rmtree(first_new, ignore_errors=True)
+        raise RunDirError(f"{what} {workdir!r} cannot be created: {e.strerror or e}. Choose another "
+                          f"--workdir.") from e
 
 
 def check_workdir(workdir: str, settings: Settings) -> bool:

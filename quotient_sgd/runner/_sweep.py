@@ -51,6 +51,7 @@ from ._rundir import (
     config_diff,
     discard_new_run,
     foreign_entries,
+    make_directory,
     remove_outputs,
     write_json,
 )
@@ -492,7 +493,7 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
 
     def record():
         if leader:
-            os.makedirs(workdir, exist_ok=True)
+            make_directory(workdir, "sweep directory")
             meta = {"config": s.to_dict(), "members": members, "num_devices": nd, "num_processes": jax.process_count(),
                     "members_per_device": schedule[-1]["members_per_device"], "schedule": schedule,
                     "decided": decided, "measured_cost": costs}

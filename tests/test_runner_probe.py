@@ -48,3 +48,30 @@ def test_workdir_that_cannot_be_created_is_named(tmp_path, monkeypatch, capsys, 
     assert code == 2, err
     assert "cannot be created" in err and "name too long" in err.lower() and "Traceback" not in err, err
     assert os.listdir(tmp_path) == []
+
+
+def _table(text):
+    return [line for line in text.splitlines() if line.startswith("|")]
+
+
+def test_sweep_table_of_a_sweep_without_axes_is_well_formed(tmp_path):
+    """A sweep with no axis (one member: the config itself): every line of its summary table has as many cells
+    as the header (the header had an empty column for the missing axes).  Reported before any member has a
+    trajectory, its loss plot has no legend (matplotlib warned about an empty one)."""
+    import json
+    import warnings
+
+    from quotient_sgd.config import load_config, validate
+    from quotient_sgd.runner import report
+
+    s = validate(load_config(TINY, {"sweep.seed": (), "sweep.lr": ()}))
+    d = tmp_path / "sw"
+    d.mkdir()
+    (d / "sweep.json").write_text(json.dumps({"config": s.to_dict(), "members": [{}], "num_devices": 1,
+                                              "num_processes": 1, "members_per_device": 1}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        table = _table(report(str(d)))
+    assert not [w for w in caught if "legend" in str(w.message)]  # no curve to label yet: no empty legend
+    assert len(table) == 3 and table[0].startswith("| member | train loss |"), table
+    assert len({line.count("|") for line in table}) == 1, table

@@ -771,7 +771,7 @@ def report_sweep(workdir: str, *, wall_s: float | None = None, plots: bool = Tru
              + _grouping_text(meta)]
     if wall_s is not None:
         lines.append(f"- wall time: {wall_s:.1f} s")
-    lines += ["", "| member | " + " | ".join(axes) + " | train loss | test loss | test acc | status |",
+    lines += ["", "| " + " | ".join(["member", *axes, "train loss", "test loss", "test acc", "status"]) + " |",
               "|---:|" + "---:|" * len(axes) + "---:|---:|---:|---|"]
     for i, m, last, _, status in rows:
         vals = " | ".join(str(m[a]) for a in axes)
@@ -792,7 +792,7 @@ def report_sweep(workdir: str, *, wall_s: float | None = None, plots: bool = Tru
         ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_title("training loss per member", fontsize=9)
-        if len(curves) <= 16:
+        if ax.lines and len(curves) <= 16:  # (no curve yet: a sweep reported before its first chunk)
             ax.legend(fontsize=5)
         fig.tight_layout()
         fig.savefig(os.path.join(workdir, "plots", "loss.png"), dpi=90)

@@ -467,13 +467,33 @@ def eigenvectors_of(opt_state) -> dict:
 
 
 def flatten_trajectory(trajectory: dict, sep: str = "/") -> dict[str, Any]:
-    """``{"charges": {"rescale0": a}} -> {"charges/rescale0": a}``, e.g. for ``numpy.savez``."""
-    out = {}
-    for k, v in trajectory.items():
+    """``{"charges": {"rescale0": a}} -> {"charges/rescale0": a}``, e.g. for ``numpy.savez``: one array per key.
+
+    Every pytree node is flattened, not only dicts: an ``aux`` that ``loss_fn`` returned as a tuple, list or
+    ``NamedTuple`` gives ``"aux/0"``, ``"aux/1"`` (or the field names); ``None`` entries are left out.  Dicts keep
+    their order."""
+    out: dict[str, Any] = {}
+
+    def rec(prefix, v):
         if isinstance(v, dict):
-            for k2, v2 in flatten_trajectory(v, sep).items():
-                out[f"{k}{sep}{k2}"] = v2
-        else:
-            out[k] = v
+            for k, x in v.items():
+                rec(f"{prefix}{sep}{k}" if prefix else str(k), x)
+            return
+        for path, x in jax.tree_util.tree_flatten_with_path(v, is_leaf=lambda y: isinstance(y, dict))[0]:
+            name = sep.join([prefix] * bool(prefix) + [_key_name(p) for p in path])
+            if isinstance(x, dict):
+                rec(name, x)
+            else:
+                out[name] = x
+
+    rec("", trajectory)
     return out
+
+
+def _key_name(entry) -> str:
+    """The name of one pytree path entry: a dict key, a sequence index, an attribute or field name."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
 

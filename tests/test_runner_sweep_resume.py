@@ -16,7 +16,7 @@ import pytest
 
 from helpers import assert_sweeps_bitwise, checkpoint_steps, kill_after_checkpoint, load_trajectory
 from quotient_sgd.config import load_config, validate
-from quotient_sgd.runner import RunDirError, sweep
+from quotient_sgd.runner import RunDirError, report, sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
@@ -44,6 +44,12 @@ def test_sweep_resumes_from_its_checkpoint(tmp_path, members_per_device):
     assert not os.path.exists(os.path.join(wd, "summary.md"))
     assert sorted(int(x) for x in os.listdir(os.path.join(wd, "checkpoints")) if x.isdigit()) == [10, 20]
     assert 1 in part.diverged and part.diverged[1]["step"] < 20
+    # its report (before the resume) tells the finished, diverged and unfinished members apart
+    table = report(wd)
+    assert f"| 001 | 0 | 500.0 | - | - | - | diverged at step {part.diverged[1]['step']} |" in table, table
+    assert "| 000 | 0 | 0.05 |" in table and "| unfinished (20 of 40 steps) |" in table, table
+    assert " ok |" not in table, table
+    os.remove(os.path.join(wd, "summary.md"))
 
     # what a kill during the chunk [20, 30) leaves: that chunk's part files and metric rows, no checkpoint 30
     m0 = os.path.join(wd, "members", "000")

@@ -725,6 +725,14 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
     return res
 
 
+def _read_json(path: str):
+    """The JSON object in ``path``, ``None`` when there is no such file."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def _fmt_s(t: float) -> str:
     return f"{t * 1e6:.0f} us" if t < 1e-3 else f"{t * 1e3:.2f} ms" if t < 1 else f"{t:.1f} s"
 
@@ -750,6 +758,7 @@ def report_sweep(workdir: str, *, wall_s: float | None = None, plots: bool = Tru
     if wall_s is None:
         wall_s = meta.get("wall_s")
     members = meta["members"]
+    total = meta["config"]["steps"]
     rows = []
     curves = []
     for i, m in enumerate(members):
@@ -760,8 +769,11 @@ def report_sweep(workdir: str, *, wall_s: float | None = None, plots: bool = Tru
         _, traj, metrics, events = load_run(d)
         ev = [r for r in metrics if "test_loss" in r]
         div = next((e for e in events if e["kind"] == "divergence" and e.get("details", {}).get("ended_run")),
-                   (read_record(d) or {}).get("diverged"))
-        status = f"diverged at step {div['step']}" if div else "ok"
+                   (read_record(d) or {}).get("diverged") or _read_json(os.path.join(d, "diverged.json")))
+        done = len(traj.get("step", ()))
+        # a sweep reported while it runs, or after an interruption: its members have not all their steps yet
+        status = (f"diverged at step {div['step']}" if div else "ok" if done >= total
+                  else f"unfinished ({done} of {total} steps)")
         rows.append((i, m, ev[-1] if ev else None, traj, status))
         curves.append((i, m, traj))
     axes = list(members[0]) if members and members[0] else []

@@ -38,3 +38,24 @@ def test_flatten_trajectory_flattens_a_tuple_aux_for_savez():
     pair = namedtuple("pair", "acc logits")
     out = flatten_trajectory({"b": {"y": 1, "x": None}, "aux": pair(2, [3, {"z": 4}])}, sep=".")
     assert out == {"b.y": 1, "aux.acc": 2, "aux.logits.0": 3, "aux.logits.1.z": 4}
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(hessian_every=2, hessian_k=1.5), r"hessian_k must be an integer >= 1, got 1.5"),
+        (dict(hessian_every=2, hessian_k=True, lanczos_steps=4), r"hessian_k must be an integer >= 1, got True"),
+        (dict(hessian_every=2, lanczos_steps=6.0), r"lanczos_steps must be an integer >= 1, got 6.0"),
+        (dict(seed=1.5), r"seed must be an integer .*got 1.5"),
+        (dict(seed=jax.random.key(0)), r"seed must be an integer"),
+        (dict(observables=("loss", "sharpness_quotient")), r"'sharpness_quotient' is recorded with hessian_every=K"),
+        (dict(observables=("temperature",)), r"'temperature' is recorded with noise_every=K"),
+        (dict(observables=("grad_nrom",)), r"unknown observables \['grad_nrom'\](.|\n)*did you mean 'grad_norm'"),
+    ],
+)
+def test_more_bad_arguments_name_themselves(kwargs, match):
+    """A float hessian_k / lanczos_steps failed inside the first traced step ('Shapes must be 1D sequences of
+    concrete values of integer type'), True was taken as 1, a float or key seed failed inside jax.random.key;
+    Hessian and noise keys put in observables= were only 'unknown'.  Now each error names the argument."""
+    with pytest.raises((ValueError, TypeError), match=match):
+        quotient_trajectory(optax.sgd(0.1), mlp_group(), **kwargs)

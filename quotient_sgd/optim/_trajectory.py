@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -136,9 +137,9 @@ def quotient_trajectory(
         which, value = ("observables", observables) if isinstance(observables, str) else ("hessian_at", hessian_at)
         raise ValueError(f"{which} must be a sequence of names, e.g. ({value!r},), not the string {value!r}")
     keys = tuple(DEFAULT_OBSERVABLES if observables is None else observables)
-    unknown = set(keys) - set(DEFAULT_OBSERVABLES)
+    unknown = [k for k in keys if k not in DEFAULT_OBSERVABLES]
     if unknown:
-        raise ValueError(f"unknown observables {sorted(unknown)}; available: {DEFAULT_OBSERVABLES}")
+        raise ValueError(_unknown_observables(unknown))
     if lanczos_method not in ("loop", "unrolled", "matfree"):
         raise ValueError(f"lanczos_method must be 'loop', 'unrolled' or 'matfree', got {lanczos_method!r}")
     bad_at = set(hessian_at) - set(_HESSIAN_AT)
@@ -153,9 +154,14 @@ def quotient_trajectory(
     if hessian_every is not None:
         if not hessian_at:
             raise ValueError(f"hessian_at must name at least one of {_HESSIAN_AT} when hessian_every is set")
+        check_period("quotient_trajectory", "hessian_k", hessian_k)
+        check_period("quotient_trajectory", "lanczos_steps", lanczos_steps)
         if not 1 <= hessian_k <= lanczos_steps:
             raise ValueError(f"need 1 <= hessian_k <= lanczos_steps, got hessian_k={hessian_k}, "
                              f"lanczos_steps={lanczos_steps}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"quotient_trajectory: seed must be an integer (it seeds the Lanczos starting vectors), got "
+                        f"{seed!r}")
     check_wrapped("quotient_trajectory", tx, group)
     inner = optax.with_extra_args_support(tx)
     want = set(keys)
@@ -426,6 +432,33 @@ def quotient_trajectory(
     # init traces the observables once for their shapes and may run iterative canonicalisations: jitted, so that
     # repeated inits (new runs, resumed chunks) neither retrace nor dispatch op by op
     return optax.GradientTransformationExtraArgs(jax.jit(init), update)
+
+
+#: Trajectory keys that are not per-step observables: what records them instead.
+_PERIODIC_KEYS = {
+    **{f"{p}_{w}": "hessian_every=K" for p in ("sharpness", "lambda_min", "hessian_top", "hessian_bottom")
+       for w in _HESSIAN_AT},
+    "shock_number_hessian": "hessian_every=K", "fold_number_hessian": "hessian_every=K",
+    "hessian_step": "hessian_every=K",
+    "noise_sigma2": "noise_every=K", "temperature": "noise_every=K", "viscosity": "noise_every=K",
+}
+
+
+def _unknown_observables(unknown) -> str:
+    """The error for names in ``observables=`` that are not per-step observables: the Hessian and noise keys
+    are recorded by their own arguments, misspelt names get the nearest valid ones."""
+    import difflib
+
+    lines = [f"quotient_trajectory: unknown observables {list(unknown)}; observables= takes per-step observables, "
+             f"choose from {DEFAULT_OBSERVABLES}"]
+    for k in unknown:
+        if k in _PERIODIC_KEYS:
+            lines.append(f"  {k!r} is recorded with {_PERIODIC_KEYS[k]} (not through observables=)")
+        elif isinstance(k, str):
+            close = difflib.get_close_matches(k, DEFAULT_OBSERVABLES, n=2)
+            if close:
+                lines.append(f"  {k!r}: did you mean {' or '.join(map(repr, close))}?")
+    return "\n".join(lines)
 
 
 def _momentum_trace(inner_state, params):

@@ -75,3 +75,26 @@ def test_sweep_table_of_a_sweep_without_axes_is_well_formed(tmp_path):
     assert not [w for w in caught if "legend" in str(w.message)]  # no curve to label yet: no empty legend
     assert len(table) == 3 and table[0].startswith("| member | train loss |"), table
     assert len({line.count("|") for line in table}) == 1, table
+
+
+def test_running_a_diverged_run_again_computes_nothing_and_keeps_its_record(tmp_path):
+    """A run that diverged has ended, like a finished one: the same command again leaves its trajectory, metric rows
+    and record (wall time, 'resumed from') as they were (the diverging chunk was recomputed from the checkpoint
+    before it, and the run recorded as 'resumed from step 6')."""
+    import json
+
+    from quotient_sgd.config import load_config, validate
+    from quotient_sgd.runner import run
+
+    s = validate(load_config(TINY, {"steps": 20, "optim.lr": 2.0, "checkpoint.every": 2, "logging.every": 1,
+                                    "observables.names": ("loss",), "logging.plots": False}))
+    wd = str(tmp_path / "r")
+    first = run(s, wd)
+    assert first.diverged is not None and first.diverged["step"] >= 4  # after a checkpoint (every 2 steps)
+    files = ("run.json", "metrics.jsonl", "events.json", "trajectory.npz")
+    before = {f: open(os.path.join(wd, f), "rb").read() for f in files}
+    again = run(s, wd)
+    assert again.diverged == first.diverged and again.steps_done == first.steps_done
+    assert {f: open(os.path.join(wd, f), "rb").read() for f in files} == before
+    assert json.loads(before["run.json"])["resumed_from"] == 0
+    assert "resumed from" not in open(os.path.join(wd, "summary.md")).read()

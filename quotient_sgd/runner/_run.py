@@ -155,14 +155,18 @@ def _run(s: Settings, workdir: str, b: Built, resume: bool, max_chunks: int | No
         from ._report import read_record
 
         previous = read_record(workdir) if resume else None  # before remove_outputs deletes it
-        parts.truncate(start)
-        metrics.truncate(start)
+        # a run that diverged has ended: run again, it computes nothing (as a finished run) and keeps its record
+        diverged = (previous or {}).get("diverged")
+        if diverged is None:
+            parts.truncate(start)
+            metrics.truncate(start)
         remove_outputs(workdir)
-        tb = _tensorboard(s, workdir, start)
+        todo = chunk_bounds(start, s.steps, every) if diverged is None else []
+        tb = _tensorboard(s, workdir, start) if todo else None
         bar = _progress(s, start)
         done = start
         seed = jnp.int32(s.seed)
-        for n_chunk, (a, c) in enumerate(chunk_bounds(start, s.steps, every)):
+        for n_chunk, (a, c) in enumerate(todo):
             if max_chunks is not None and n_chunk >= max_chunks:
                 break
             chunk = single_programs(b, c - a)

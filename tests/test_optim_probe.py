@@ -59,3 +59,29 @@ def test_more_bad_arguments_name_themselves(kwargs, match):
     Hessian and noise keys put in observables= were only 'unknown'.  Now each error names the argument."""
     with pytest.raises((ValueError, TypeError), match=match):
         quotient_trajectory(optax.sgd(0.1), mlp_group(), **kwargs)
+
+
+def _xent(p, batch):
+    return xent_with_aux(p, batch)[0]
+
+
+def _batch_fn(step, key):
+    return jax.tree.map(lambda a: a[0], data(1))
+
+
+def test_train_names_a_bad_key_unroll_or_opt_state():
+    """An integer key failed inside the scan ('JAX encountered invalid PRNG key data'), a float unroll with
+    "'float' object cannot be interpreted as an integer", and the inner optimiser's state passed as opt_state of
+    the wrapped one with "'tuple' object has no attribute 'inner_state'"; each now names its argument."""
+    params = init_mlp(jax.random.key(0))
+    tx = quotient_trajectory(optax.sgd(0.1), mlp_group(), observables=("loss",))
+    with pytest.raises(TypeError, match=r"train: key must be a PRNG key, e\.g\. jax\.random\.key\(0\).*got 0"):
+        train(_xent, params, tx, _batch_fn, num_steps=2, key=0, donate=False)
+    with pytest.raises(ValueError, match=r"train: unroll must be an integer >= 0 or a bool .*got 1.5"):
+        train(_xent, params, tx, data(2), unroll=1.5, donate=False)
+    with pytest.raises(ValueError, match=r"train: opt_state does not have the structure of tx\.init\(params\)"):
+        train(_xent, params, tx, data(2), opt_state=optax.sgd(0.1).init(params), donate=False)
+    # what was accepted stays accepted: a raw uint32 key, and the state tx.init gives
+    _, state, traj = train(_xent, params, tx, _batch_fn, num_steps=2, key=jax.random.PRNGKey(1), donate=False)
+    assert traj["loss"].shape == (2,)
+    train(_xent, params, tx, data(2), opt_state=state, donate=False)

@@ -131,6 +131,31 @@ def _follow_gauge_fix(opt_state, model_state, act: Callable | None):
     return model_state
 
 
+def _is_prng_key(key) -> bool:
+    """A typed key (``jax.random.key``) or a raw ``uint32`` key (``jax.random.PRNGKey``)."""
+    dtype = getattr(key, "dtype", None)
+    if dtype is None:
+        return False
+    return jnp.issubdtype(dtype, jax.dtypes.prng_key) or (dtype == jnp.uint32 and jnp.ndim(key) == 1)
+
+
+def _check_opt_state(tx, params, opt_state, error: Exception) -> None:
+    """After the loop failed: a ``ValueError`` naming ``opt_state`` when its structure is not that of
+    ``tx.init(params)`` (the state of the unwrapped optimiser, or of another chain, failed inside the first update
+    with an unrelated ``AttributeError``); otherwise nothing (the caller re-raises ``error``)."""
+    try:
+        expected = jax.tree.structure(jax.eval_shape(tx.init, params))
+    except Exception:
+        return
+    got = jax.tree.structure(opt_state)
+    if got != expected:
+        raise ValueError(
+            f"train: opt_state does not have the structure of tx.init(params) (resume with the state that train or "
+            f"tx.init returned for this tx, e.g. the quotient_trajectory-wrapped optimiser's, not the inner one's):"
+            f"\n  expected {expected}\n  got      {got}"
+        ) from error
+
+
 def train(
     loss_fn: Callable,
     params,
@@ -216,8 +241,14 @@ def train(
             stacked = jax.tree.map(lambda x: x[:num_steps], data)
             if num_steps > n:
                 raise ValueError(f"train: num_steps={num_steps} but data has only {n} stacked batches")
+    if not isinstance(unroll, bool) and (not isinstance(unroll, numbers.Integral) or unroll < 0):
+        raise ValueError(f"train: unroll must be an integer >= 0 or a bool (the lax.scan unroll factor), got "
+                         f"{unroll!r}")
     if key is None:
         key = jax.random.key(0)
+    elif not _is_prng_key(key):
+        raise TypeError(f"train: key must be a PRNG key, e.g. jax.random.key(0) (batch_fn receives fold_in(key, "
+                        f"step)), got {key!r}")
     for name, tree in (("params", params), ("opt_state", opt_state), ("model_state", model_state)):
         if any(isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.is_deleted()
                for x in jax.tree.leaves(tree)):
@@ -229,11 +260,15 @@ def train(
     if opt_state is None:
         opt_state = tx.init(params)
     run = _run_donated if donate else _run_kept
-    params, opt_state, model_state, traj = run(
-        params, opt_state, model_state, stacked, key, jnp.asarray(start_step, jnp.int32),
-        loss_fn=loss_fn, tx=tx, batch_fn=batch_fn, num_steps=int(num_steps), has_aux=has_aux,
-        example_loss_fn=example_loss_fn, unroll=unroll, act_on_model_state=act_on_model_state,
-    )
+    try:
+        params, opt_state, model_state, traj = run(
+            params, opt_state, model_state, stacked, key, jnp.asarray(start_step, jnp.int32),
+            loss_fn=loss_fn, tx=tx, batch_fn=batch_fn, num_steps=int(num_steps), has_aux=has_aux,
+            example_loss_fn=example_loss_fn, unroll=unroll, act_on_model_state=act_on_model_state,
+        )
+    except Exception as e:
+        _check_opt_state(tx, params, opt_state, e)
+        raise
     if model_state is not None:
         return params, opt_state, model_state, traj
     return params, opt_state, traj

@@ -105,6 +105,10 @@ def _define_flags(argv: list[str]):
 
     from .config import quickstart_path
 
+    # ml_collections loads the file as the module "config_config" with SourceFileLoader.load_module, which
+    # re-executes it inside a module of that name already in sys.modules: a second main() in one process would
+    # keep the first config's names (its get_config() for a file that defines none)
+    sys.modules.pop("config_config", None)
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file("config", default=quickstart_path(), help_string="config file (get_config())",
                                     flag_values=fv, lock_config=True, sys_argv=argv)
@@ -219,7 +223,8 @@ def _config_file_error(argv: list[str]) -> str | None:
     try:
         validate(load_config(path))
     except ConfigError as e:
-        return f"{e} (in {path}, before any --config.* override)"
+        where = ", before any --config.* override" if _overrides(argv) else ""
+        return f"{e} (in {path}{where})"
     except Exception:  # noqa: BLE001 - any other failure is reported by the caller as it is
         return None
     return None
@@ -267,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         file_error = _config_file_error(argv[1:])
         if file_error:  # the file itself is not a valid run config: say that, not which override tripped on it
             return _fail(file_error)
+        if not overrides:
+            return _fail(f"cannot load the config file {_config_path(argv[1:])!r}: {msg}")
         return _fail(f"bad config override among {overrides}: {msg}")
     cmd = rest[1] if len(rest) > 1 else "run"
     if cmd == "help":

@@ -284,3 +284,24 @@ def test_cli_version(capsys):
 
     assert main(["quotient-sgd", "--version"]) == 0
     assert capsys.readouterr().out.strip() == f"quotient-sgd {__version__}"
+
+
+@pytest.mark.parametrize("overrides", [[], ["--config.steps=3"]])
+def test_cli_config_file_without_get_config_or_py_suffix(tmp_path, monkeypatch, capsys, overrides):
+    """A config file whose name does not end in .py loads like any other (ml_collections reads it; so does
+    load_config); one that defines no get_config() is named as such, not as a 'bad config override among []',
+    also in a process that loaded another config file before (whose get_config() was kept and run)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["quotient-sgd", "run", f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}", "--config.steps=0",
+                 "--workdir=r"]) == 2  # loads configs/tiny.py (and stops at validation)
+    capsys.readouterr()
+    (tmp_path / "notes.txt").write_text("x = 1\n")
+    code = main(["quotient-sgd", "run", f"--config={tmp_path / 'notes.txt'}", *overrides, "--workdir=r"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "notes.txt' defines no get_config()" in err and "override among" not in err, err
+    assert ("before any --config.* override" in err) == bool(overrides), err
+    with open(os.path.join(ROOT, "configs", "tiny.py")) as f:
+        (tmp_path / "tiny_config").write_text(f.read())
+    assert validate(load_config(tmp_path / "tiny_config", {"steps": 3})).steps == 3
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt", "tiny_config"]

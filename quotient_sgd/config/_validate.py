@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.machinery
 import importlib.util
 import math
 import numbers
@@ -439,7 +440,9 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist")
-    spec = importlib.util.spec_from_file_location(f"_qsgd_config_{abs(hash(path))}", path)
+    # the source loader reads any file name (a config without the .py suffix: spec_from_file_location returns None)
+    loader = importlib.machinery.SourceFileLoader(f"_qsgd_config_{abs(hash(path))}", path)
+    spec = importlib.util.spec_from_loader(loader.name, loader)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)  # type: ignore[union-attr]
     if not hasattr(mod, "get_config"):

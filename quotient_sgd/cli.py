@@ -304,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"cannot load the config file: {e}")
     except (ConfigError, flags.Error, ValueError, KeyError, AttributeError, TypeError) as e:
         return _fail(str(e.args[0] if isinstance(e, KeyError) and e.args else e))
+    bad_launch = _launch_error(fv, cmd)
+    if bad_launch:
+        return _fail(bad_launch)
     workdir = fv.workdir or os.path.join("runs", settings.name if cmd == "run" else f"{settings.name}-sweep")
     _enable_compilation_cache()
     try:
@@ -341,21 +344,46 @@ def _interrupted(workdir: str) -> str:
     return "interrupted before anything was written"
 
 
+_LAUNCH_FLAGS = ("coordinator_address", "num_processes", "process_id", "distributed")
+
+
+def _launch_error(fv, cmd: str) -> str | None:
+    """What is wrong with the multi-host options (flags or environment) of ``cmd``, ``None`` when nothing is.
+
+    A ``run`` is one process: multi-host flags on its command line are refused (a run started in N processes
+    would train N copies into one directory).  A ``sweep`` given more than one process (or a process id other than
+    0) needs the coordinator
+    (``--coordinator_address``) or JAX's cluster auto-detection (``--distributed``); without either, every process
+    would run the whole sweep on its own into the same directory."""
+    if cmd == "run":
+        given = [f"--{n}" for n in _LAUNCH_FLAGS if fv[n].present]
+        return (f"{', '.join(given)}: a run is one process; the multi-host options are for `quotient-sgd sweep`"
+                if given else None)
+    if fv.coordinator_address:
+        if fv.num_processes is None or fv.process_id is None:
+            return "--coordinator_address needs --num_processes and --process_id"
+        if fv.num_processes < 1:
+            return f"--num_processes (or QSGD_NUM_PROCESSES) = {fv.num_processes}: must be >= 1"
+        if not 0 <= fv.process_id < fv.num_processes:
+            return (f"--process_id (or QSGD_PROCESS_ID) = {fv.process_id}: must be in [0, {fv.num_processes - 1}] "
+                    f"(--num_processes = {fv.num_processes})")
+    elif not fv.distributed and ((fv.num_processes or 1) > 1 or (fv.process_id or 0) != 0):
+        return (f"--num_processes = {fv.num_processes}, --process_id = {fv.process_id} (flags or QSGD_NUM_PROCESSES, "
+                f"QSGD_PROCESS_ID) without a coordinator: each process would run the whole sweep on its own into the "
+                f"same directory. Give --coordinator_address=HOST:PORT (or QSGD_COORDINATOR_ADDRESS), or "
+                f"--distributed for JAX's cluster auto-detection")
+    return None
+
+
 def _init_distributed(fv) -> None:
+    """``jax.distributed.initialize`` as the (checked, :func:`_launch_error`) options of a sweep ask."""
     import jax
 
     if fv.coordinator_address:
-        if fv.num_processes is None or fv.process_id is None:
-            raise SystemExit(_fail("--coordinator_address needs --num_processes and --process_id"))
-        if fv.num_processes < 1:
-            raise SystemExit(_fail(f"--num_processes (or QSGD_NUM_PROCESSES) = {fv.num_processes}: must be >= 1"))
-        if not 0 <= fv.process_id < fv.num_processes:
-            raise SystemExit(_fail(f"--process_id (or QSGD_PROCESS_ID) = {fv.process_id}: must be in "
-                                   f"[0, {fv.num_processes - 1}] (--num_processes = {fv.num_processes})"))
         jax.distributed.initialize(coordinator_address=fv.coordinator_address, num_processes=fv.num_processes,
                                    process_id=fv.process_id)
-    elif fv.distributed:
-        jax.distributed.initialize()
+    elif fv.distributed:  # a process count or id given with it completes what the auto-detection finds
+        jax.distributed.initialize(num_processes=fv.num_processes, process_id=fv.process_id)
 
 
 if __name__ == "__main__":

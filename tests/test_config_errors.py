@@ -305,3 +305,27 @@ def test_cli_config_file_without_get_config_or_py_suffix(tmp_path, monkeypatch, 
         (tmp_path / "tiny_config").write_text(f.read())
     assert validate(load_config(tmp_path / "tiny_config", {"steps": 3})).steps == 3
     assert sorted(os.listdir(tmp_path)) == ["notes.txt", "tiny_config"]
+
+
+@pytest.mark.parametrize("cmd,args,env,needle", [
+    ("sweep", ["--num_processes=2", "--process_id=0"], {}, "without a coordinator: each process would run the "
+                                                           "whole sweep on its own into the same directory"),
+    ("sweep", [], {"QSGD_NUM_PROCESSES": "2", "QSGD_PROCESS_ID": "1"}, "--num_processes = 2, --process_id = 1"),
+    ("run", ["--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=0"], {},
+     "--coordinator_address, --num_processes, --process_id: a run is one process"),
+    ("run", ["--distributed"], {}, "--distributed: a run is one process"),
+    ("sweep", ["--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=2"], {},
+     "--process_id (or QSGD_PROCESS_ID) = 2: must be in [0, 1]"),
+])
+def test_cli_multi_host_options_that_would_be_ignored_are_refused(tmp_path, monkeypatch, capsys, cmd, args, env,
+                                                                   needle):
+    """Multi-host options that would be ignored (a process count without a coordinator: every process would run
+    the whole sweep into one directory; any of them on a run) fail before anything starts, naming them."""
+    monkeypatch.chdir(tmp_path)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    code = main(["quotient-sgd", cmd, "--config.steps=10", *args, f"--workdir={tmp_path / 'w'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert needle in err and "Traceback" not in err, err
+    assert os.listdir(tmp_path) == []

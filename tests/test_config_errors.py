@@ -184,6 +184,10 @@ def test_unknown_keys():
     (["--config.observables.hessian_k=30"], "config.observables.hessian_k = 30"),
     (["--config.seed=4294967296"], "config.seed = 4294967296"),
     (["--config.model.hidden=(4,x)"], "config.model.hidden = '(4,x)': expected a tuple of ints, got a string"),
+    (["--config.observables.names=(loss,grad_norm)"], "config.observables.names = '(loss,grad_norm)': expected a "
+     "tuple of strings, got a string that does not parse as one: quote each name, e.g. "
+     "--config.observables.names=\"('loss', 'grad_norm')\""),
+    (["--config.symmetry.components=(rescale)"], "quote each name, e.g. --config.symmetry.components=\"('rescale',)\""),
     (["--config.init_gauge=1.0", "--config.symmetry.components=('permutation',)"], "config.init_gauge = 1.0"),
 ])
 def test_cli_bad_config_writes_nothing(tmp_path, monkeypatch, capsys, args, needle):

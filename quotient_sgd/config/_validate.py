@@ -84,8 +84,13 @@ def _typed(key: str, value: Any, default: Any) -> Any:
         et = _ELEMENT_TYPES.get(key)
         if et is None:
             return tuple(value)
-        if (et is not str and len(value) == 1 and isinstance(value[0], str)
+        if (len(value) == 1 and isinstance(value[0], str)
                 and value[0].strip()[:1] in ("(", "[")):  # an override ml_collections could not parse as a tuple
+            if et is str:  # (unquoted names: --config.observables.names=(loss,grad_norm))
+                names = [n.strip().strip("'\"") for n in value[0].strip().strip("()[]").split(",") if n.strip()]
+                example = repr(tuple(names or ["a", "b"]))
+                raise _err(key, value[0], f"expected a tuple of strings, got a string that does not parse as one: "
+                                          f"quote each name, e.g. --config.{key}=\"{example}\"")
             raise _err(key, value[0], f"expected a tuple of {et.__name__}s, got a string that does not parse as "
                                       f"one (e.g. --config.{key}='(64, 32)')")
         return tuple(_typed(f"{key}[{i}]", v, et(0) if et is not str else "") for i, v in enumerate(value))

@@ -190,6 +190,27 @@ def _config_file_type_error(exc: BaseException) -> str | None:
     return None
 
 
+def _flag_value_error(exc: BaseException) -> str | None:
+    """``config.KEY = 'VALUE': expected <type> (why)`` for a ``--config.KEY=VALUE`` that absl could not parse as
+    the key's type (its own message for a bool was ``('Non-boolean argument to boolean flag', 'yes')``), ``None``
+    for any other error."""
+    import re
+
+    from .config import Settings
+
+    m = re.fullmatch(r"flag --config\.([\w.]+)=(.*?): (.*)", str(exc), re.S)
+    if m is None:
+        return None
+    key, value, detail = m.groups()
+    node = Settings()
+    for part in key.split("."):
+        node = getattr(node, part, None)
+    kind = _KINDS.get(type(node).__name__)
+    if node is None or kind is None:
+        return None
+    return f"config.{key} = {value!r}: expected {kind}" + ("" if isinstance(node, bool) else f" ({detail})")
+
+
 def _path_to(root, node, prefix=()):
     """The keys leading from the ``ConfigDict`` ``root`` to ``node`` (identity), or ``None``."""
     if root is node:
@@ -262,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     except _EnvError as e:
         return _fail(str(e))
     except flags.Error as e:
-        return _fail(_config_file_type_error(e) or str(e))
+        return _fail(_config_file_type_error(e) or _flag_value_error(e) or str(e))
     except (AttributeError, KeyError, ValueError, TypeError, OSError) as e:
         # ml_collections raises these for an override of a key the config does not have / of the wrong type
         msg = str(e.args[0] if e.args else e).strip("'\"").replace("\\n", " ").replace("\n", " ").replace("\\'", "'")

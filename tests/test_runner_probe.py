@@ -98,3 +98,28 @@ def test_running_a_diverged_run_again_computes_nothing_and_keeps_its_record(tmp_
     assert {f: open(os.path.join(wd, f), "rb").read() for f in files} == before
     assert json.loads(before["run.json"])["resumed_from"] == 0
     assert "resumed from" not in open(os.path.join(wd, "summary.md")).read()
+
+
+def test_sweep_whose_members_all_diverged_computes_nothing_when_run_again(tmp_path):
+    """A sweep ends when every member has diverged; the same command again computes nothing and keeps its
+    checkpoints and recorded wall time (it ran the remaining chunks for no member, checkpointing each, and recorded
+    the new call's wall time)."""
+    import json
+
+    import jax
+
+    from helpers import checkpoint_steps
+    from quotient_sgd.config import load_config, validate
+    from quotient_sgd.runner import sweep
+
+    # (the programs of the diverging run above: compiled once)
+    s = validate(load_config(TINY, {"steps": 20, "checkpoint.every": 2, "sweep.seed": (), "sweep.lr": (2.0, 3.0),
+                                    "logging.every": 1, "observables.names": ("loss",), "logging.plots": False}))
+    wd = str(tmp_path / "sw")
+    first = sweep(s, wd, members_per_device=1, devices=jax.devices()[:1], plots=False)
+    assert sorted(first.diverged) == [0, 1] and first.steps_done < 20
+    ckpts, wall = checkpoint_steps(wd), json.load(open(os.path.join(wd, "sweep.json")))["wall_s"]
+    again = sweep(s, wd, members_per_device=1, devices=jax.devices()[:1], plots=False)
+    assert again.diverged == first.diverged and again.steps_done == first.steps_done
+    assert checkpoint_steps(wd) == ckpts
+    assert json.load(open(os.path.join(wd, "sweep.json")))["wall_s"] == wall

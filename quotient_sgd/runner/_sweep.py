@@ -647,6 +647,8 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
     kept: dict[int, list] | None = {} if start == 0 and _trajectory_bytes(b, s, n) <= 2**28 else None
     all_chunks = chunk_bounds(start, s.steps, every)
     chunks = all_chunks if max_chunks is None else all_chunks[:max_chunks]
+    if not multi and len(diverged) == n:  # every member diverged before the checkpoint: the sweep has ended
+        chunks = []
     pending = None
     done = start
     try:

@@ -22,17 +22,17 @@ def xent_with_aux(p, batch):
 def test_flatten_trajectory_flattens_a_tuple_aux_for_savez():
     """An aux returned as a tuple (accuracy, logits) became one entry holding the tuple, which numpy.savez
     could not store (arrays of different shapes); now every array has its own key."""
-    tx = quotient_trajectory(optax.sgd(0.1), mlp_group(), observables=("loss", "charges"))
-    _, _, traj = train(xent_with_aux, init_mlp(jax.random.key(0)), tx, data(3), has_aux=True, donate=False)
+    aux = (jnp.linspace(0.0, 1.0, 3), jnp.ones((3, 8, 3)))  # (accuracy, logits) stacked over 3 steps
+    traj = {"loss": jnp.zeros(3), "charges": {"r0": jnp.zeros((3, 5)), "t": {"bias": jnp.zeros(3)}}, "aux": aux}
     flat = flatten_trajectory(traj)
-    assert {"aux/0", "aux/1", "loss", "charges/r0", "charges/t/bias"} <= set(flat)
+    assert list(flat) == ["loss", "charges/r0", "charges/t/bias", "aux/0", "aux/1"]
     buf = io.BytesIO()
     np.savez(buf, **flat)
     buf.seek(0)
     with np.load(buf) as z:
-        np.testing.assert_array_equal(z["aux/1"], traj["aux"][1])
+        np.testing.assert_array_equal(z["aux/1"], aux[1])
         assert z["aux/1"].shape == (3, 8, 3) and z["aux/0"].shape == (3,)
-    # NamedTuple fields by name, None left out, dict order kept
+    # NamedTuple fields by name, None left out
     from collections import namedtuple
 
     pair = namedtuple("pair", "acc logits")
@@ -82,6 +82,42 @@ def test_train_names_a_bad_key_unroll_or_opt_state():
     with pytest.raises(ValueError, match=r"train: opt_state does not have the structure of tx\.init\(params\)"):
         train(_xent, params, tx, data(2), opt_state=optax.sgd(0.1).init(params), donate=False)
     # what was accepted stays accepted: a raw uint32 key, and the state tx.init gives
-    _, state, traj = train(_xent, params, tx, _batch_fn, num_steps=2, key=jax.random.PRNGKey(1), donate=False)
+    traj = train(_xent, params, tx, _batch_fn, num_steps=2, key=jax.random.PRNGKey(1), opt_state=tx.init(params),
+                 donate=False)[2]
     assert traj["loss"].shape == (2,)
-    train(_xent, params, tx, data(2), opt_state=state, donate=False)
+
+
+def test_a_group_without_canonical_section_names_what_needs_one(x64):
+    """A deep linear chain that is not minimal has no canonical representative.  Observables that do not need one
+    run: curvature alone (its learning rate served only the shock / fold numbers, yet was computed at the
+    canonical point) and the raw Hessian (whose learning rate only the horizontal one uses); before, both were a
+    SymmetryError telling to 'use the invariants'.  What does need it is named in the error."""
+    from quotient_sgd.optim import SGDSpec
+    from quotient_sgd.symmetry import GL, Product, SymmetryError
+
+    # models.DeepLinear(3, (4, 5), 2): W0 (3, 4), W1 (4, 5), W2 (5, 2) with GL(4) and GL(5) between them
+    ks = jax.random.split(jax.random.key(0), 3)
+    sizes = (3, 4, 5, 2)
+    params = {f"w{i}": jax.random.normal(ks[i], (a, b), jnp.float64) / np.sqrt(a)
+              for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))}
+    group = Product([GL(left=((f"w{i}",), None), right=((f"w{i + 1}",), None), kind="vo", name=f"gl{i}")
+                     for i in range(2)])
+    x = jax.random.normal(jax.random.key(1), (4, 8, 3), jnp.float64)
+    y = jax.random.normal(jax.random.key(2), (4, 8, 2), jnp.float64)
+
+    def mse(p, batch):
+        return jnp.mean(jnp.square(batch[0] @ p["w0"] @ p["w1"] @ p["w2"] - batch[1]))
+
+    sgd = optax.sgd(0.05)
+    traj = train(mse, params, quotient_trajectory(sgd, group, observables=("curvature",), hessian_every=2,
+                                                  hessian_at=("raw",), lanczos_steps=2), (x, y), donate=False)[2]
+    ref = train(mse, params, quotient_trajectory(sgd, group, observables=("curvature",), spec=SGDSpec(0.05)), (x, y),
+                donate=False)[2]
+    np.testing.assert_allclose(traj["curvature"], ref["curvature"], rtol=1e-12)
+    assert float(jnp.max(jnp.abs(traj["curvature"]))) > 0 and bool(jnp.all(jnp.isfinite(traj["sharpness_raw"])))
+    with pytest.raises(SymmetryError, match=r"needed by: grad_norm_canonical; invariant_norms; effective_lr(.|\n)*"
+                                            r"minimal chains only"):
+        train(mse, params, quotient_trajectory(sgd, group), (x, y), donate=False)
+    with pytest.raises(SymmetryError, match=r"needed by: hessian_at 'quotient'"):
+        train(mse, params, quotient_trajectory(sgd, group, observables=("loss",), hessian_every=2, lanczos_steps=4,
+                                               spec=SGDSpec(0.05)), (x, y), donate=False)

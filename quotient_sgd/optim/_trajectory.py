@@ -166,10 +166,13 @@ def quotient_trajectory(
     inner = optax.with_extra_args_support(tx)
     want = set(keys)
     need_curv = bool(want & {"curvature", "shock_number", "fold_number"})
+    # the shock / fold numbers need the step's learning rate (without a spec: effective_lr's, at the canonical point)
+    need_lr = bool(want & {"shock_number", "fold_number"})
     need_cross = "charge_drift_predicted" in want and spec is not None
     need_canon = bool(want & {"grad_norm_canonical", "effective_lr", "invariant_norms"}) or (
-        need_curv and spec is None)
+        need_lr and spec is None)
     base_key = jax.random.key(seed)
+    explained = _explain_canonical(_canonical_users(keys, spec, hessian_every, hessian_at, noise_every))
 
     # -- the per-step observables ---------------------------------------------------------------------------
     def step_observables(params, grads, updates, value, lr_spec, carry):
@@ -184,7 +187,7 @@ def quotient_trajectory(
             # the continuous canonical point (norms there equal those at the canonical representative: the
             # two differ by a permutation of units), warm-started from the previous step's element
             elem = group.continuous_canonical_element(params, init=carry.get("canon"))
-        if want & {"grad_norm_canonical", "effective_lr"} or (need_curv and lr_spec is None):
+        if want & {"grad_norm_canonical", "effective_lr"} or (need_lr and lr_spec is None):
             gc = obs.canonical_gradient(group, params, grads, elem)
             if "grad_norm_canonical" in want:
                 out["grad_norm_canonical"] = jnp.sqrt(tree_sqnorm(gc))
@@ -205,7 +208,7 @@ def quotient_trajectory(
         if "angular_update" in want:
             out["angular_update"] = obs.angular_update(group, params, updates)
         eff = None
-        if "effective_lr" in want or (need_curv and lr_spec is None):
+        if "effective_lr" in want or (need_lr and lr_spec is None):
             eff = obs.effective_lr(group, params, grads, updates, gc)
             if "effective_lr" in want:
                 out["effective_lr"] = eff
@@ -228,6 +231,7 @@ def quotient_trajectory(
         return tree_dot(grads, updates), tree_sqnorm(updates)
 
     # -- init ---------------------------------------------------------------------------------------------------
+    @explained
     def init(params):
         inner_state = inner.init(params)
         dt = jax.tree.leaves(params)[0].dtype
@@ -283,6 +287,7 @@ def quotient_trajectory(
         return carry
 
     # -- update ---------------------------------------------------------------------------------------------
+    @explained
     def update(updates, state, params=None, **extra_args):
         if params is None:
             raise ValueError("quotient_trajectory needs params: call tx.update(grads, state, params, value=loss)")
@@ -324,7 +329,7 @@ def quotient_trajectory(
             return e["global"]
 
         lr_now = None
-        if need_curv:
+        if need_lr:
             lr_now = step_lr()
         if need_cross:
             pred, cross = obs.predict_charge_drift(
@@ -345,7 +350,7 @@ def quotient_trajectory(
             new_carry["prev_update"] = new_updates
             new_carry["prev_gd"] = gd
             new_carry["prev_dd"] = dd
-            new_carry["prev_lr"] = jnp.asarray(lr_now, dt)
+            new_carry["prev_lr"] = carry["prev_lr"] if lr_now is None else jnp.asarray(lr_now, dt)
         eigvecs = state.eigenvectors
         if hessian_every is not None:
             loss_fn = extra_args.get("loss_fn")
@@ -356,7 +361,9 @@ def quotient_trajectory(
                 )
             observ, eigvecs = jax.lax.cond(
                 count % hessian_every == 0,
-                lambda _: _hessian(loss_fn, params, observ, eigvecs, count, step_lr()),
+                # eta only enters the horizontal shock / fold numbers
+                lambda _: _hessian(loss_fn, params, observ, eigvecs, count,
+                                   step_lr() if "horizontal" in hessian_at else None),
                 lambda _: (observ, eigvecs),
                 None,
             )
@@ -432,6 +439,44 @@ def quotient_trajectory(
     # init traces the observables once for their shapes and may run iterative canonicalisations: jitted, so that
     # repeated inits (new runs, resumed chunks) neither retrace nor dispatch op by op
     return optax.GradientTransformationExtraArgs(jax.jit(init), update)
+
+
+def _canonical_users(keys, spec, hessian_every, hessian_at, noise_every) -> list[str]:
+    """What a :func:`quotient_trajectory` so configured evaluates at the canonical representative."""
+    users = [k for k in keys if k in ("grad_norm_canonical", "effective_lr", "invariant_norms")]
+    if spec is None:  # the learning rate is then the step's effective_lr["global"]
+        users += [f"{k} (its learning rate without spec=)" for k in keys if k in ("shock_number", "fold_number")]
+    if hessian_every is not None and "quotient" in hessian_at:
+        users.append("hessian_at 'quotient'")
+    if hessian_every is not None and "horizontal" in hessian_at and spec is None:
+        users.append("hessian_at 'horizontal' (the learning rate of its shock / fold numbers without spec=)")
+    if noise_every is not None and spec is None:
+        users.append("noise_every (the learning rate of the temperature without spec=)")
+    return users
+
+
+def _explain_canonical(users):
+    """Decorator: a ``SymmetryError`` from canonicalising (a group with no canonical section at these parameters,
+    e.g. a deep linear chain that is not minimal) is re-raised naming what asked for the canonical point."""
+    import functools
+
+    from ..symmetry import SymmetryError
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapped(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except SymmetryError as e:
+                if not users or not str(e).startswith("canonicalize:"):
+                    raise
+                raise SymmetryError(
+                    f"quotient_trajectory: the canonical representative of the parameters' orbit, which this group "
+                    f"does not have here, is needed by: {'; '.join(users)}.  Leave them out (observables=, "
+                    f"hessian_at=) or pass spec=SGDSpec(...) for the learning rate.  The group says: {e}") from e
+        return wrapped
+
+    return deco
 
 
 #: Trajectory keys that are not per-step observables: what records them instead.

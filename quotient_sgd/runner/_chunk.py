@@ -101,17 +101,30 @@ def to_host(tree):
     """``tree`` as numpy arrays.  A chunk's outputs are ~100 small arrays; fetching each costs a fixed ~40 us, so
     the numeric leaves that this process can address are concatenated on device (one array per dtype and set of
     devices) and come over in one transfer each, then split into views."""
+    return to_host_finish(to_host_start(tree))
+
+
+def to_host_start(tree):
+    """The device half of :func:`to_host`: dispatches the concatenations and returns a handle for
+    :func:`to_host_finish`.  Dispatched right after the program that computes ``tree``, the concatenations run
+    before whatever is dispatched next, so the fetch does not wait for that (a pipeline writes chunk ``k`` while
+    chunk ``k + 1`` computes)."""
     leaves, treedef = jax.tree.flatten(tree)
-    out = [None] * len(leaves)
     groups: dict[tuple, list[int]] = {}
     for i, x in enumerate(leaves):
         if (isinstance(x, jax.Array) and x.is_fully_addressable
                 and (jnp.issubdtype(x.dtype, jnp.number) or x.dtype == jnp.bool_)):
             groups.setdefault(tuple(sorted(d.id for d in x.sharding.device_set)), []).append(i)
-        else:
-            out[i] = np.asarray(x)
-    for idx in groups.values():
-        flat = jax.device_get(_concat_by_dtype(tuple(leaves[i] for i in idx)))
+    cats = [(idx, _concat_by_dtype(tuple(leaves[i] for i in idx))) for idx in groups.values()]
+    return leaves, treedef, cats
+
+
+def to_host_finish(handle):
+    """The numpy tree of a :func:`to_host_start` handle."""
+    leaves, treedef, cats = handle
+    out = [None] * len(leaves)
+    for idx, cat in cats:
+        flat = jax.device_get(cat)
         offsets: dict[str, int] = {}
         for i in idx:
             x = leaves[i]
@@ -119,4 +132,7 @@ def to_host(tree):
             a = offsets.get(name, 0)
             out[i] = flat[name][a:a + x.size].reshape(x.shape)
             offsets[name] = a + x.size
+    for i, x in enumerate(leaves):
+        if out[i] is None:
+            out[i] = np.asarray(x)
     return jax.tree.unflatten(treedef, out)

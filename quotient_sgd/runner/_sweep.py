@@ -39,7 +39,15 @@ from ..config import SWEEP_AXES, Settings, SweepSettings
 from ..optim import flatten_trajectory, member_axes
 from ._batches import batch_fn
 from ._build import Built, batch_key, build, init_model, make_inner_optimizer
-from ._chunk import chunk_step, hyper as _hyper, init_program, init_state, single_programs, to_host
+from ._chunk import (
+    chunk_step,
+    hyper as _hyper,
+    init_program,
+    init_state,
+    single_programs,
+    to_host_finish,
+    to_host_start,
+)
 from ._run import _tensorboard, chunk_bounds, first_divergence, scalar_rows, write_tensorboard
 from ._rundir import (
     Checkpoints,
@@ -186,19 +194,35 @@ def _host_rows(tree, batched: bool) -> dict:
     """``tree`` on the host: numpy leaves with the member axis first (all of it when the arrays are addressable
     from this process, else ``{row: leaf row}`` dicts of the rows held here).  Addressable trees (those of all
     groups at once) come over in one ``jax.device_get``."""
+    return _host_rows_finish(_host_rows_start(tree, batched))
+
+
+def _host_rows_start(tree, batched: bool):
+    """:func:`_host_rows` in two halves: this one dispatches the device work (:func:`~._chunk.to_host_start`), to be
+    called right after the chunk that computes ``tree`` and before the next is dispatched, so that fetching the
+    rows does not wait for the next chunk; :func:`_host_rows_finish` fetches them."""
     leaves, treedef = jax.tree.flatten(tree)
     if not batched:
-        return jax.tree.unflatten(treedef, [np.asarray(x)[None] for x in jax.tree.leaves(to_host(leaves))])
+        return "unbatched", to_host_start(leaves), treedef
     if all(x.is_fully_addressable for x in leaves):
-        return to_host(tree)
+        return "addressable", to_host_start(tree), None
+    return "shards", leaves, treedef
+
+
+def _host_rows_finish(handle) -> dict:
+    kind, data, treedef = handle
+    if kind == "unbatched":
+        return jax.tree.unflatten(treedef, [np.asarray(x)[None] for x in to_host_finish(data)])
+    if kind == "addressable":
+        return to_host_finish(data)
     out = []
-    for x in leaves:
+    for x in data:
         rows = {}
         for sh in x.addressable_shards:
             start = sh.index[0].start or 0
-            data = np.asarray(sh.data)
-            for j in range(data.shape[0]):
-                rows[start + j] = data[j]
+            sh_data = np.asarray(sh.data)
+            for j in range(sh_data.shape[0]):
+                rows[start + j] = sh_data[j]
         out.append(rows)
     return jax.tree.unflatten(treedef, out)
 
@@ -605,9 +629,10 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
             writers[i] = _tensorboard(s, dirs[i], start)
         return writers[i]
 
-    def write_chunk(a, c, outs, states_c, lay, own_c, before_checkpoint=None):
-        """Rows and parts of chunk ``[a, c)`` for the members held here, then the checkpoint of step ``c``."""
-        host = _host_rows([None if o is None else (flatten_trajectory(o[0]), o[1]) for o in outs], lay.batched)
+    def write_chunk(a, c, fetch, states_c, lay, own_c, before_checkpoint=None):
+        """Rows and parts of chunk ``[a, c)`` for the members held here (``fetch``: the :func:`_host_rows_start`
+        handle of its outputs), then the checkpoint of step ``c``."""
+        host = _host_rows_finish(fetch)
         for g, out in enumerate(host):
             if out is None:
                 continue
@@ -671,11 +696,13 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
                     continue
                 seeds, bsz = ins[g]
                 states[g], traj, ev = run_chunk(states[g], seeds, bsz, data, start_arr)
-                outs.append((traj, ev))
+                outs.append((flatten_trajectory(traj), ev))
+            # the outputs' device-side gathering goes into the queue now, ahead of the next chunk
+            fetch = _host_rows_start(outs, layout.batched)
             if pending is not None:
                 write_chunk(*pending)
                 done = pending[1]
-            pending = (a, c, outs, list(states), layout, own)
+            pending = (a, c, fetch, list(states), layout, own)
             if not decided and k == 0 and a == 0:
                 jax.block_until_ready(outs)
                 chunk_s = time.perf_counter() - t_chunk

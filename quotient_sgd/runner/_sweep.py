@@ -365,7 +365,7 @@ def _pack(states: list):
     leaves: orbax's cost grows with the number of leaves), or, across processes, the list of global arrays."""
     if jax.process_count() > 1:
         return states
-    return jax.tree.map(lambda *xs: np.stack(jax.device_get(xs)), *states)
+    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *states)
 
 
 def _unpack(packed, templates: list) -> list:

@@ -59,6 +59,11 @@ class SGDSpec:
 
     Clipping inside the chain is fine (the prediction uses the actual update); the learning rate and the weight
     decay must be the ones applied.  Every field is a :data:`Hyper`; ``nesterov`` is static.
+
+    The weight decays act on every parameter.  A decay restricted to some leaves (``add_decayed_weights(lam,
+    mask=...)``, e.g. none on biases) is not what the recursion assumes: the decay then moves a charge by a bilinear
+    term of ``theta`` and its masked part rather than by ``lam * Q``, so ``charge_drift_predicted`` does not apply
+    (describe such an optimiser with no spec: the observed ``charge_drift`` is still recorded).
     """
 
     learning_rate: Hyper

@@ -54,3 +54,18 @@ def get(tree, path: Path):
 def paths(tree) -> list[Path]:
     """All leaf paths of ``tree``."""
     return list(flatten(tree)[0])
+
+
+def widen(tree):
+    """``tree`` with its floating leaves narrower than float32 (bfloat16, float16) cast to float32, every other leaf
+    unchanged (the same tree when there are none).  The symmetry groups' solves (``eigh``, QR, SVD: XLA:CPU has no
+    bfloat16 kernels for them) and the quotient observables run in float32 on low-precision parameters."""
+    import jax.numpy as jnp
+
+    def up(x):
+        dt = getattr(x, "dtype", None)
+        if dt is not None and jnp.issubdtype(dt, jnp.floating) and jnp.finfo(dt).bits < 32:
+            return x.astype(jnp.float32)
+        return x
+
+    return jax.tree.map(up, tree)

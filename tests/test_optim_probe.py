@@ -121,3 +121,52 @@ def test_a_group_without_canonical_section_names_what_needs_one(x64):
     with pytest.raises(SymmetryError, match=r"needed by: hessian_at 'quotient'"):
         train(mse, params, quotient_trajectory(sgd, group, observables=("loss",), hessian_every=2, lanczos_steps=4,
                                                spec=SGDSpec(0.05)), (x, y), donate=False)
+
+
+def _bf16_problem():
+    group = mlp_group()
+    params = init_mlp(jax.random.key(0), dtype=jnp.bfloat16)
+
+    def loss(p, batch):
+        x, y = batch
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(apply_mlp(p, x), y))
+
+    return group, params, loss, data(6)
+
+
+def test_low_precision_parameters_are_observed_in_float32():
+    """bfloat16 parameters: the observables and the horizontal projection ran the group's eigh / CG in
+    bfloat16, which XLA:CPU has no kernels for (NotImplementedError); they now run in float32 while the
+    parameters and updates keep their dtype, and the charge identity holds to the parameters' rounding."""
+    from quotient_sgd.optim import SGDSpec, horizontal
+
+    group, params, loss, batches = _bf16_problem()
+    tx = quotient_trajectory(optax.sgd(0.05, momentum=0.9, nesterov=True), group,
+                             spec=SGDSpec(0.05, momentum=0.9, nesterov=True),
+                             observables=("loss", "grad_norm", "grad_norm_canonical", "update_vertical_norm",
+                                          "charges", "charge_drift", "charge_drift_predicted"))
+    p, _, traj = train(loss, params, tx, batches, donate=False)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(p))
+    flat = flatten_trajectory(traj)
+    assert flat["grad_norm"].dtype == jnp.float32 and np.isfinite(flat["update_vertical_norm"]).all()
+    for k in [k for k in flat if k.startswith("charge_drift/")]:
+        observed, predicted = flat[k][1:], flat["charge_drift_predicted" + k[len("charge_drift"):]][1:]
+        scale = np.max(np.abs(flat["charges" + k[len("charge_drift"):]]))
+        np.testing.assert_allclose(observed, predicted, atol=2e-2 * scale, err_msg=k)  # bfloat16: 8 bits
+    # horizontal(): bfloat16 updates, horizontal to their rounding
+    tx = quotient_trajectory(horizontal(optax.sgd(0.1), group), group,
+                             observables=("update_horizontal_norm", "update_vertical_norm"))
+    p, _, traj = train(loss, params, tx, batches, donate=False)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(p))
+    assert (np.asarray(traj["update_vertical_norm"]) <= 1e-2 * np.asarray(traj["update_horizontal_norm"])).all()
+
+
+@pytest.mark.slow
+def test_low_precision_parameters_hessian():
+    """The horizontal Hessian of bfloat16 parameters is taken at their float32 values (a finite sharpness)."""
+    group, params, loss, batches = _bf16_problem()
+    tx = quotient_trajectory(optax.sgd(0.05), group, observables=("loss",), hessian_every=3, lanczos_steps=4,
+                             hessian_at=("horizontal",))
+    _, _, traj = train(loss, params, tx, batches, donate=False)
+    s = np.asarray(traj["sharpness_horizontal"])
+    assert s.dtype == np.float32 and np.isfinite(s[[0, 3]]).all()

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from .._tree import widen
 from ..observables import canonical_gradient
 from ._spec import check_period, check_wrapped
 
@@ -31,7 +32,9 @@ def horizontal(tx: optax.GradientTransformation, group) -> optax.GradientTransfo
         if params is None:
             raise ValueError("horizontal(tx, group) needs params: tx.update(grads, state, params)")
         u, state = inner.update(updates, state, params, **extra_args)
-        return group.horizontal(params, u), state
+        # low-precision parameters are projected in float32 (widen) and the update keeps its dtype
+        h = group.horizontal(widen(params), widen(u))
+        return jax.tree.map(lambda a, b: a.astype(b.dtype), h, u), state
 
     return optax.GradientTransformationExtraArgs(init, update)
 

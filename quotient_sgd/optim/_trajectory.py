@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from .. import observables as obs
+from .._tree import widen
 from ..observables._util import charges_dict, tree_dot, tree_sqnorm
 from ._spec import SGDSpec, check_period, check_wrapped
 
@@ -234,6 +235,7 @@ def quotient_trajectory(
     @explained
     def init(params):
         inner_state = inner.init(params)
+        params = widen(params)  # observables of bfloat16 / float16 parameters are computed in float32
         dt = jax.tree.leaves(params)[0].dtype
         zero = jnp.zeros((), dt)
 
@@ -293,6 +295,8 @@ def quotient_trajectory(
             raise ValueError("quotient_trajectory needs params: call tx.update(grads, state, params, value=loss)")
         grads = updates
         new_updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
+        returned = new_updates
+        params, grads, new_updates = widen(params), widen(grads), widen(new_updates)  # as in init
         count = state.count
         dt = jax.tree.leaves(params)[0].dtype
         hp = None if spec is None else {k: jnp.asarray(v, dt) for k, v in spec.resolve(inner_state, count).items()}
@@ -336,7 +340,7 @@ def quotient_trajectory(
                 group, params, grads, new_updates, carry["cross"],
                 lr=hp["learning_rate"], momentum=hp["momentum"], nesterov=spec.nesterov,
                 weight_decay=hp["weight_decay"], coupled_weight_decay=hp["coupled_weight_decay"],
-                charges_now=q, velocity=_momentum_trace(inner_state, params) if spec.nesterov else None,
+                charges_now=q, velocity=widen(_momentum_trace(inner_state, params)) if spec.nesterov else None,
             )
             new_carry["cross"] = cross
             if every == 1:
@@ -383,7 +387,7 @@ def quotient_trajectory(
 
             observ = jax.lax.cond(count % noise_every == 0, noise, lambda _: observ, None)
         new_state = QuotientTrajectoryState(inner_state, count + 1, observ, new_carry, eigvecs)
-        return new_updates, new_state
+        return returned, new_state
 
     def _all_extremes(loss_fn, params, key):
         """Extremes for every ``where`` in ``hessian_at``: the same Lanczos (the quotient one at

@@ -219,6 +219,25 @@ def test_deep_linear_invariant_is_end_to_end_product():
         G.canonicalize(p)
 
 
+def test_single_gl_bond_wider_than_its_ends_has_no_canonical_section():
+    """One GL bond of inner width 4 between 3 inputs and 2 outputs (a deep linear network with one wide hidden
+    layer) failed inside the QR / SVD with a broadcasting TypeError; it is a SymmetryError naming the action."""
+    from flax import nnx
+
+    from quotient_sgd import models
+
+    model = models.DeepLinear(3, (4,), 2, rngs=nnx.Rngs(0))
+    _, p = nnx.split(model, nnx.Param)
+    with pytest.raises(SymmetryError, match="inner dimension d=4 wider"):
+        model.symmetries().canonical_element(p)
+    narrow = models.DeepLinear(3, (2,), 3, rngs=nnx.Rngs(0))
+    _, q = nnx.split(narrow, nnx.Param)
+    k = narrow.symmetries().canonical_element(q)  # d = 2 <= min(3, 3): the balanced point
+    c = narrow.symmetries().act(k, q)
+    w0, w1 = c["layers"][0]["kernel"].value, c["layers"][1]["kernel"].value
+    np.testing.assert_allclose(w0.T @ w0, w1 @ w1.T, atol=1e-4)  # balanced
+
+
 @pytest.mark.parametrize("widths", [(6, 3, 3, 3, 5), (4, 2, 2, 4)])
 def test_deep_linear_minimal_chain_canonicalize(widths, x64):
     """A minimal chain (equal inner widths <= min(in, out)) has a balanced canonical representative: constant on

@@ -165,6 +165,12 @@ class GL(Group):
 
     def _canonical_element(self, flat):
         L, R = self._L(flat), self._R(flat)
+        d, m, k = L.shape[-1], L.shape[-2], R.shape[-2]
+        if d > min(m, k):  # M = L R^T has rank <= min(m, k) < d: no orbit has a balanced point
+            raise SymmetryError(
+                f"canonicalize: GL {self.name!r} acts on an inner dimension d={d} wider than its factors' other "
+                f"sides ({m} and {k} rows); a canonical section is implemented for d <= min of them (then the "
+                f"product L R^T determines the orbit). Use the invariants (the product) instead.")
         Q1, R1 = jnp.linalg.qr(L)
         Q2, R2 = jnp.linalg.qr(R)
         u, s, vt = jnp.linalg.svd(R1 @ _mT(R2))

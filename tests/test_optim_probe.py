@@ -170,3 +170,32 @@ def test_low_precision_parameters_hessian():
     _, _, traj = train(loss, params, tx, batches, donate=False)
     s = np.asarray(traj["sharpness_horizontal"])
     assert s.dtype == np.float32 and np.isfinite(s[[0, 3]]).all()
+
+
+def test_gauge_fix_canonicalises_low_precision_parameters_in_float32():
+    """gauge_fix on a bfloat16 deep linear chain (a GL symmetry: SVD / QR) failed with NotImplementedError; it now
+    canonicalises in float32, the parameters stay bfloat16 and, at zero learning rate, the function is unchanged to
+    bfloat16 rounding while the parameters move to the balanced point."""
+    from flax import nnx
+
+    from quotient_sgd import models
+    from quotient_sgd.optim import gauge_fix
+
+    model = models.DeepLinear(3, (2,), 3, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    group = model.symmetries()
+    g = group.sample(jax.random.key(1), params, 1.0)
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), group.act(g, params))
+    x = jax.random.normal(jax.random.key(2), (5, 3), jnp.bfloat16)
+
+    def f(p):
+        return nnx.merge(graphdef, p)(x).astype(jnp.float32)
+
+    tx = gauge_fix(optax.sgd(0.0), group)
+    u, _ = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    new = optax.apply_updates(params, u)
+    assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(new))
+    np.testing.assert_allclose(f(new), f(params), rtol=5e-2, atol=5e-2 * float(jnp.max(jnp.abs(f(params)))))
+    moved = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+                for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(params)))
+    assert moved > 0.1

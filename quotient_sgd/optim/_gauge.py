@@ -33,8 +33,7 @@ def horizontal(tx: optax.GradientTransformation, group) -> optax.GradientTransfo
             raise ValueError("horizontal(tx, group) needs params: tx.update(grads, state, params)")
         u, state = inner.update(updates, state, params, **extra_args)
         # low-precision parameters are projected in float32 (widen) and the update keeps its dtype
-        h = group.horizontal(widen(params), widen(u))
-        return jax.tree.map(lambda a, b: a.astype(b.dtype), h, u), state
+        return _like(group.horizontal(widen(params), widen(u)), u), state
 
     return optax.GradientTransformationExtraArgs(init, update)
 
@@ -86,7 +85,7 @@ def gauge_fix(tx: optax.GradientTransformation, group, every: int = 1) -> optax.
 
     def init(params):
         # a placeholder of the canonical element's structure (never applied: applied is False until a fix)
-        shapes = jax.eval_shape(group.canonical_element, params)
+        shapes = jax.eval_shape(group.canonical_element, widen(params))
         element = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
         return GaugeFixState(inner.init(params), jnp.zeros((), jnp.int32), element, jnp.zeros((), jnp.bool_))
 
@@ -95,11 +94,16 @@ def gauge_fix(tx: optax.GradientTransformation, group, every: int = 1) -> optax.
             raise ValueError("gauge_fix(tx, group) needs params: tx.update(grads, state, params)")
 
         def fixed(_):
-            k = group.canonical_element(params)
-            pc = group.act(k, params)
-            gc = canonical_gradient(group, params, updates, element=k)
-            u, s = inner.update(gc, _permute_state(group, k, state.inner_state, params), pc, **extra_args)
-            return jax.tree.map(lambda a, b, c: (a + b) - c, pc, u, params), s, k, jnp.ones((), jnp.bool_)
+            # bfloat16 / float16 parameters are canonicalised in float32 (widen: the group's QR / SVD / eigh have
+            # no low-precision kernels on CPU); the inner optimiser sees, and the update keeps, their dtype
+            pw = widen(params)
+            k = group.canonical_element(pw)
+            pc = group.act(k, pw)
+            gc = canonical_gradient(group, pw, widen(updates), element=k)
+            u, s = inner.update(_like(gc, updates), _permute_state(group, k, state.inner_state, params),
+                                _like(pc, params), **extra_args)
+            step = jax.tree.map(lambda a, b, c: (a + b) - c, pc, widen(u), pw)
+            return _like(step, u), s, k, jnp.ones((), jnp.bool_)
 
         def plain(_):
             u, s = inner.update(updates, state.inner_state, params, **extra_args)
@@ -112,6 +116,11 @@ def gauge_fix(tx: optax.GradientTransformation, group, every: int = 1) -> optax.
         return u, GaugeFixState(s, state.count + 1, k, applied)
 
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _like(tree, ref):
+    """``tree`` cast leaf by leaf to the dtypes of ``ref`` (a no-op where they agree)."""
+    return jax.tree.map(lambda a, b: a.astype(b.dtype), tree, ref)
 
 
 def _unit_permutations(group, k):

@@ -328,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     bad_launch = _launch_error(fv, cmd)
     if bad_launch:
         return _fail(bad_launch)
+    if fv.workdir is not None and not fv.workdir.strip():
+        # e.g. --workdir=$RUNDIR with RUNDIR unset: writing to the default instead would surprise
+        return _fail("--workdir is empty; give a directory, or leave the flag out for the default "
+                     f"runs/{settings.name if cmd == 'run' else settings.name + '-sweep'}")
     workdir = fv.workdir or os.path.join("runs", settings.name if cmd == "run" else f"{settings.name}-sweep")
     _enable_compilation_cache()
     try:

@@ -229,6 +229,16 @@ def test_cli_workdir_that_is_a_file(tmp_path, monkeypatch, capsys, cmd, sub):
     assert os.listdir(tmp_path) == ["afile"] and (tmp_path / "afile").read_text() == "keep me"
 
 
+@pytest.mark.parametrize("cmd", ["run", "sweep"])
+def test_cli_empty_workdir_is_refused(tmp_path, monkeypatch, capsys, cmd):
+    """``--workdir=$RUNDIR`` with the variable unset ran into the default runs/<name> instead."""
+    monkeypatch.chdir(tmp_path)
+    code = main(["quotient-sgd", cmd, "--config.steps=10", "--workdir="])
+    err = capsys.readouterr().err
+    assert code == 2 and "--workdir is empty" in err and "runs/" in err, err
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("line,needle", [
     ('config.optim.lr = "0.1"', "config.optim.lr = '0.1' (in {path}, line 6): expected a float, got str"),
     ("config.logging.tensorboard = 1", "config.logging.tensorboard = 1 (in {path}, line 6): expected a bool"),

@@ -51,6 +51,7 @@ def test_flatten_trajectory_flattens_a_tuple_aux_for_savez():
         (dict(observables=("loss", "sharpness_quotient")), r"'sharpness_quotient' is recorded with hessian_every=K"),
         (dict(observables=("temperature",)), r"'temperature' is recorded with noise_every=K"),
         (dict(observables=("grad_nrom",)), r"unknown observables \['grad_nrom'\](.|\n)*did you mean 'grad_norm'"),
+        (dict(hessian_every=2, hessian_at=("raw", "raw")), r"hessian_at: names a point more than once"),
     ],
 )
 def test_more_bad_arguments_name_themselves(kwargs, match):

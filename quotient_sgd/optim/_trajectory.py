@@ -146,6 +146,8 @@ def quotient_trajectory(
     bad_at = set(hessian_at) - set(_HESSIAN_AT)
     if bad_at:
         raise ValueError(f"hessian_at: unknown {sorted(bad_at)}; choose from {_HESSIAN_AT}")
+    if len(set(hessian_at)) != len(tuple(hessian_at)):  # each would run its own Lanczos into the same keys
+        raise ValueError(f"hessian_at: names a point more than once: {tuple(hessian_at)}")
     check_period("quotient_trajectory", "every", every)
     check_period("quotient_trajectory", "hessian_every", hessian_every, optional=True)
     check_period("quotient_trajectory", "noise_every", noise_every, optional=True)

@@ -340,14 +340,30 @@ def test_jit_and_vmap_over_group_elements():
         assert _rel(jax.tree.map(lambda a: a[i], cs), c) < 1e-4
 
 
-@settings(max_examples=8, deadline=None)
-@given(
+_MLP_GROUP_CASES = dict(
     widths=st.lists(st.integers(2, 6), min_size=1, max_size=3),
     activation=st.sampled_from(["relu", "leaky_relu", "identity"]),
     seed=st.integers(0, 2**16),
     scale=st.floats(0.2, 1.0),
 )
+
+
+# every drawn width list is a new set of shapes to compile (~6 s each on 2 cores): 3 draws in the fast suite,
+# 12 in the slow one
+@settings(max_examples=3, deadline=None)
+@given(**_MLP_GROUP_CASES)
 def test_property_mlp_group(widths, activation, seed, scale):
+    _check_mlp_group(widths, activation, seed, scale)
+
+
+@pytest.mark.slow
+@settings(max_examples=12, deadline=None)
+@given(**_MLP_GROUP_CASES)
+def test_property_mlp_group_more_examples(widths, activation, seed, scale):
+    _check_mlp_group(widths, activation, seed, scale)
+
+
+def _check_mlp_group(widths, activation, seed, scale):
     ws = (3, *widths, 2)
     G = mlp_group(ws)
     k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)

@@ -60,3 +60,36 @@ def test_swap_or_not_checks_n():
         qdata.swap_or_not(jax.random.key(0), 0, jnp.arange(1))
     with pytest.raises(ValueError, match="sampler must be one of"):
         qdata.sample_indices(jax.random.key(0), 10, 2, "shuffle")
+
+
+@pytest.mark.parametrize("sampler", qdata.SAMPLERS)
+def test_sample_indices_edges_of_batch_size(sampler):
+    key = jax.random.key(0)
+    assert qdata.sample_indices(key, 10, 0, sampler).shape == (0,)
+    assert qdata.sample_indices(key, 0, 0, sampler).shape == (0,)
+    whole = np.asarray(qdata.sample_indices(key, 10, 10, sampler))
+    np.testing.assert_array_equal(np.sort(whole), np.arange(10))
+    np.testing.assert_array_equal(np.asarray(qdata.sample_indices(key, 10, 1, sampler)), whole[:1])
+    np.testing.assert_array_equal(np.asarray(qdata.sample_indices(key, np.int64(10), np.int32(3), sampler)),
+                                  whole[:3])
+    # more than n distinct indices cannot exist: refused (was a silent short batch, or repeated indices)
+    with pytest.raises(ValueError, match=r"sample_indices: batch_size=11 is not allowed; need an integer in \[0, n\]"):
+        qdata.sample_indices(key, 10, 11, sampler)
+    # a negative batch was n - 1 indices (a Python slice) for the permutation
+    with pytest.raises(ValueError, match="sample_indices: batch_size=-1 is not allowed"):
+        qdata.sample_indices(key, 10, -1, sampler)
+    for bad in (3.0, True, "3", None):
+        with pytest.raises(ValueError, match="sample_indices: batch_size="):
+            qdata.sample_indices(key, 10, bad, sampler)
+    with pytest.raises(ValueError, match="sample_indices: n=10.0 is not allowed"):
+        qdata.sample_indices(key, 10.0, 3, sampler)
+    with pytest.raises(ValueError, match="batch_size must be a static"):
+        jax.jit(lambda b: qdata.sample_indices(key, 10, b, sampler))(3)
+
+
+def test_float_batch_size_does_not_poison_later_draws():
+    # lax.top_k caches on k, and 3.0 == 3: a refused float must not reach it, or later calls with k=3 fail
+    key = jax.random.key(5)
+    with pytest.raises(ValueError, match="batch_size"):
+        qdata.sample_indices(key, 13, 3.0, "top_k")
+    assert qdata.sample_indices(key, 13, 3, "top_k").shape == (3,)

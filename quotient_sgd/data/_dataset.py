@@ -63,6 +63,24 @@ def make_dataset(x_train, y_train, x_test, y_test, *, task: str, num_classes: in
     return Dataset(_x(x_train), _y(y_train), _x(x_test), _y(y_test), task, int(num_classes), name)
 
 
+def _static_int(where: str, name: str, value, low: int, high: int | None = None, what: str | None = None) -> int:
+    """``value`` as a Python ``int`` in ``[low, high]``: a Python or NumPy integer or a concrete integer JAX scalar
+    (not a ``bool``, a float or a traced value); otherwise a ``ValueError`` naming ``where``, the argument and what is
+    allowed."""
+    bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+    need = what or f"an integer {'in ' if high is not None else ''}{bound}"
+    if isinstance(value, jax.core.Tracer):
+        raise ValueError(f"{where}: {name} must be a static (Python) integer, got a traced value; need {need}")
+    ok = not isinstance(value, (bool, np.bool_)) and np.issubdtype(np.asarray(value).dtype, np.integer) \
+        and np.ndim(value) == 0
+    if ok:
+        value = int(value)
+        ok = value >= low and (high is None or value <= high)
+    if not ok:
+        raise ValueError(f"{where}: {name}={value!r} is not allowed; need {need}")
+    return value
+
+
 #: How :func:`sample_indices` draws: each gives a uniformly random subset in uniformly random order (``"swap_or_not"``
 #: to within a stated distance, see :func:`swap_or_not_rounds`).
 SAMPLERS = ("permutation", "top_k", "swap_or_not")
@@ -147,14 +165,23 @@ def sample_indices(key, n: int, batch_size: int, sampler: str = "permutation") -
     batches of up to ``n / 4``) of a uniformly random subset in random order.  The config runner uses it.
     Each way a smaller batch is a prefix of a larger one drawn with the same key (for ``top_k`` ties break
     towards the lower index), which is what lets a sweep over batch sizes run as one padded, masked program
-    (:func:`batch_fn` with ``max_batch_size``)."""
+    (:func:`batch_fn` with ``max_batch_size``).
+
+    ``n`` and ``batch_size`` are static integers with ``0 <= batch_size <= n`` (a larger batch cannot be distinct);
+    anything else is refused with a ``ValueError``."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    n = _static_int("sample_indices", "n", n, 0)
+    batch_size = _static_int("sample_indices", "batch_size", batch_size, 0, n,
+                             f"an integer in [0, n] = [0, {n}] (distinct indices of the {n} examples)")
+    if sampler == "swap_or_not" and n == 0:
+        return jnp.zeros((0,), jnp.int32)
     if sampler == "permutation":
         return jax.random.permutation(key, n)[:batch_size]
     if sampler == "top_k":
         return jax.lax.top_k(jax.random.uniform(key, (n,)), batch_size)[1]
     if sampler == "swap_or_not":
         return swap_or_not(key, n, jnp.arange(batch_size, dtype=jnp.uint32))
-    raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
 
 
 def batch_fn(dataset: Dataset, batch_size: int | None, *, max_batch_size: int | None = None,

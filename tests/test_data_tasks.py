@@ -105,3 +105,37 @@ def test_digits_are_scikit_learns_without_importing_it():
             "print('sklearn' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("sampler", data.SAMPLERS)
+def test_batch_fn_edges(sampler):
+    ds = data.teacher_student(n_train=10, n_test=2)
+    k = jax.random.key(1)
+    whole = data.batch_fn(ds, 10, sampler=sampler)(0, k)
+    assert whole["x"].shape == (10, 8) and float(whole["w"].sum()) == 10
+    np.testing.assert_array_equal(np.sort(np.asarray(whole["x"][:, 0])), np.sort(np.asarray(ds.x_train[:, 0])))
+    one = data.batch_fn(ds, 1, sampler=sampler)(0, k)
+    np.testing.assert_array_equal(np.asarray(one["x"]), np.asarray(whole["x"][:1]))
+    # max_batch_size smaller than the batch size was a silent batch of max_batch_size, all weighted 1
+    with pytest.raises(ValueError, match=r"batch_fn: batch_size=8 is not allowed; need an integer in "
+                                         r"\[1, max_batch_size\] = \[1, 4\]"):
+        data.batch_fn(ds, 8, max_batch_size=4, sampler=sampler)
+    # an empty batch (weights summing to 0: a 0/0 loss), a negative or a fractional one are refused
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match=f"batch_fn: batch_size={bad!r} is not allowed; need an integer >= 1, "
+                                             "or None for the full batch"):
+            data.batch_fn(ds, bad, sampler=sampler)
+    with pytest.raises(ValueError, match="batch_fn: max_batch_size=0 is not allowed"):
+        data.batch_fn(ds, 0, max_batch_size=0, sampler=sampler)
+    # a traced batch size needs the padded size, and then gives the masked prefix
+    with pytest.raises(ValueError, match="a traced batch_size needs a static max_batch_size"):
+        jax.jit(lambda b: data.batch_fn(ds, b, sampler=sampler)(0, k)["x"])(3)
+    w = jax.jit(lambda b: data.batch_fn(ds, b, max_batch_size=6, sampler=sampler)(0, k)["w"])(jnp.int32(3))
+    np.testing.assert_array_equal(np.asarray(w), [1, 1, 1, 0, 0, 0])
+    with pytest.raises(ValueError, match="a traced batch_size must be an integer scalar"):
+        jax.jit(lambda b: data.batch_fn(ds, b, max_batch_size=6, sampler=sampler)(0, k)["w"])(jnp.float32(2.5))
+    # the full batch takes no padded size and still checks the sampler's name
+    with pytest.raises(ValueError, match="max_batch_size=4 needs a batch_size"):
+        data.batch_fn(ds, None, max_batch_size=4, sampler=sampler)
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        data.batch_fn(ds, None, sampler="shuffle")

@@ -197,7 +197,8 @@ def batch_fn(dataset: Dataset, batch_size: int | None, *, max_batch_size: int | 
         batch_size: examples per step, or ``None`` for full batch.  May be a traced integer when
             ``max_batch_size`` is given (a batch-size sweep): then ``max_batch_size`` indices are drawn and the
             first ``batch_size`` of them get weight 1.
-        max_batch_size: static padded size of the batch (default ``batch_size``).
+        max_batch_size: static padded size of the batch (default ``batch_size``); at least a static
+            ``batch_size``.  A traced ``batch_size`` above it cannot be checked and weights the whole padded batch.
         sampler: how the indices are drawn (:func:`sample_indices`).
 
     Example:
@@ -208,15 +209,31 @@ def batch_fn(dataset: Dataset, batch_size: int | None, *, max_batch_size: int | 
         ((8, 8), (8,))
     """
     n = dataset.num_train
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if batch_size is None:
+        if max_batch_size is not None:
+            raise ValueError(f"batch_fn: max_batch_size={max_batch_size!r} needs a batch_size (it pads a sampled "
+                             "batch); batch_size=None is the full batch")
+
         def full(step, key):
             del step, key
             return {"x": dataset.x_train, "y": dataset.y_train, "w": jnp.ones((n,), jnp.float32)}
 
         return full
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    size = int(batch_size if max_batch_size is None else max_batch_size)
+    if max_batch_size is None:
+        if isinstance(batch_size, jax.core.Tracer):
+            raise ValueError("batch_fn: a traced batch_size needs a static max_batch_size (the padded size of the "
+                             "batch: max_batch_size indices are drawn and the first batch_size get weight 1)")
+        size = _static_int("batch_fn", "batch_size", batch_size, 1, None,
+                           "an integer >= 1, or None for the full batch")
+    else:
+        size = _static_int("batch_fn", "max_batch_size", max_batch_size, 1)
+        if not isinstance(batch_size, jax.core.Tracer):
+            _static_int("batch_fn", "batch_size", batch_size, 1, size,
+                        f"an integer in [1, max_batch_size] = [1, {size}]")
+        elif not jnp.issubdtype(jnp.result_type(batch_size), jnp.integer) or jnp.ndim(batch_size) != 0:
+            raise ValueError(f"batch_fn: a traced batch_size must be an integer scalar, got {batch_size.aval}")
     if size > n:
         raise ValueError(f"batch size {size} exceeds the {n} training examples of {dataset.name!r}")
 

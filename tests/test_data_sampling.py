@@ -56,8 +56,17 @@ def test_rounds_are_the_fewest_meeting_the_bound(n):
 
 
 def test_swap_or_not_checks_n():
-    with pytest.raises(ValueError, match="n must be in"):
+    with pytest.raises(ValueError, match=r"swap_or_not: n=0 is not allowed; need an integer in \[1, 2\^31\)"):
         qdata.swap_or_not(jax.random.key(0), 0, jnp.arange(1))
+    # a fractional n was truncated by the uint32 cast (10.5 drew a permutation of 10); rounds < 0 was an MLIRError
+    for bad in (10.5, 10.0, True, 2**31):
+        with pytest.raises(ValueError, match=f"swap_or_not: n={bad!r} is not allowed"):
+            qdata.swap_or_not(jax.random.key(0), bad, jnp.arange(1))
+    for bad in (-1, 8.5):
+        with pytest.raises(ValueError, match=f"swap_or_not: rounds={bad!r} is not allowed; need an integer >= 0"):
+            qdata.swap_or_not(jax.random.key(0), 10, jnp.arange(3), rounds=bad)
+    np.testing.assert_array_equal(np.asarray(qdata.swap_or_not(jax.random.key(0), 10, jnp.arange(3), rounds=0)),
+                                  [0, 1, 2])
     with pytest.raises(ValueError, match="sampler must be one of"):
         qdata.sample_indices(jax.random.key(0), 10, 2, "shuffle")
 

@@ -135,9 +135,8 @@ def swap_or_not(key, n: int, x: jax.Array, rounds: int | None = None) -> jax.Arr
     (``K_r = bits mod n``: off uniform by at most ``n / 2^32``); the round function is MurmurHash3's
     finaliser of ``x ^ salt_r``, a pseudo-random stand-in for the ideal round function of the bound
     (:func:`swap_or_not_bound`).  ``rounds`` defaults to :func:`swap_or_not_rounds` ``(n)``."""
-    if not 1 <= n < 2**31:
-        raise ValueError(f"swap_or_not: n must be in [1, 2^31), got {n}")
-    rounds = swap_or_not_rounds(n) if rounds is None else int(rounds)
+    n = _static_int("swap_or_not", "n", n, 1, 2**31 - 1, "an integer in [1, 2^31)")
+    rounds = swap_or_not_rounds(n) if rounds is None else _static_int("swap_or_not", "rounds", rounds, 0)
     x = jnp.asarray(x).astype(jnp.uint32)
     if rounds == 0:
         return x.astype(jnp.int32)

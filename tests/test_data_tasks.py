@@ -139,3 +139,45 @@ def test_batch_fn_edges(sampler):
         data.batch_fn(ds, None, max_batch_size=4, sampler=sampler)
     with pytest.raises(ValueError, match="sampler must be one of"):
         data.batch_fn(ds, None, sampler="shuffle")
+
+
+@pytest.mark.parametrize("make,needle", [
+    # wrong types were TypeErrors from NumPy naming no argument (or, for k=True, passed the range check first)
+    (lambda: data.teacher_student(seed=-1), "teacher_student: seed=-1 is not allowed; need an integer >= 0"),
+    (lambda: data.teacher_student(seed=None), "teacher_student: seed=None is not allowed"),
+    (lambda: data.teacher_student(seed=1.5), "teacher_student: seed=1.5 is not allowed"),
+    (lambda: data.teacher_student(seed=True), "teacher_student: seed=True is not allowed"),
+    (lambda: data.teacher_student(noise="0.1"), "teacher_student: noise='0.1' is not allowed; need a finite number"),
+    (lambda: data.teacher_student(noise=None), "teacher_student: noise=None is not allowed"),
+    (lambda: data.teacher_student(noise=True), "teacher_student: noise=True is not allowed"),
+    (lambda: data.modular_arithmetic(p="7"), "modular_arithmetic: p='7' is not allowed; need an integer >= 2"),
+    (lambda: data.modular_arithmetic(p=None), "modular_arithmetic: p=None is not allowed"),
+    (lambda: data.modular_arithmetic(train_fraction="0.5"), "modular_arithmetic: train_fraction='0.5' is not allowed"),
+    (lambda: data.modular_arithmetic(train_fraction=None), "modular_arithmetic: train_fraction=None is not allowed"),
+    (lambda: data.modular_arithmetic(seed=-3), "modular_arithmetic: seed=-3 is not allowed"),
+    (lambda: data.sparse_parity(k=5, n_bits=3), r"sparse_parity: k=5 is not allowed; need an integer in \[1, n_bits\] "
+                                                r"= \[1, 3\]"),
+    (lambda: data.sparse_parity(k=0), "sparse_parity: k=0 is not allowed"),
+    (lambda: data.sparse_parity(k=2.0), "sparse_parity: k=2.0 is not allowed"),
+    (lambda: data.sparse_parity(k=True), "sparse_parity: k=True is not allowed"),
+    (lambda: data.sparse_parity(k=None), "sparse_parity: k=None is not allowed"),
+    (lambda: data.sparse_parity(n_bits=5.0, k=2), "sparse_parity: n_bits=5.0 is not allowed; need an integer >= 1"),
+    (lambda: data.sparse_parity(seed=None), "sparse_parity: seed=None is not allowed"),
+    (lambda: data.digits(test_fraction="0.2"), "digits: test_fraction='0.2' is not allowed; need 0 < test_fraction"),
+    (lambda: data.digits(test_fraction=None), "digits: test_fraction=None is not allowed"),
+    (lambda: data.digits(seed=-1), "digits: seed=-1 is not allowed"),
+])
+def test_task_argument_types_are_checked(make, needle):
+    with pytest.raises(ValueError, match=needle):
+        make()
+
+
+def test_integer_seeds_of_any_kind_give_the_same_data():
+    ref = data.teacher_student(seed=3, n_train=8, n_test=4)
+    for seed in (np.int64(3), np.int32(3), jnp.int32(3)):
+        ds = data.teacher_student(seed=seed, n_train=8, n_test=4)
+        np.testing.assert_array_equal(np.asarray(ds.x_train), np.asarray(ref.x_train))
+        np.testing.assert_array_equal(np.asarray(ds.y_test), np.asarray(ref.y_test))
+    ds = data.modular_arithmetic(seed=jnp.int32(2), p=5)
+    np.testing.assert_array_equal(np.asarray(ds.y_train), np.asarray(data.modular_arithmetic(seed=2, p=5).y_train))
+

@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from ._dataset import Dataset, make_dataset
+from ._dataset import Dataset, _static_int, make_dataset
 
 
 def _split(n: int, n_train: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -33,6 +33,20 @@ def _int_at_least(value, low: int) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= low
 
 
+def _real(value) -> bool:
+    """A real number: a Python, NumPy or concrete JAX integer or float scalar (not a ``bool``, a string or ``None``)."""
+    try:
+        a = np.asarray(value)
+    except Exception:  # e.g. a traced JAX value
+        return False
+    return a.ndim == 0 and a.dtype.kind in "iuf"
+
+
+def _seed(task: str, seed) -> int:
+    """``seed`` as a Python ``int`` (a Python or NumPy integer, or a concrete integer JAX scalar, ``>= 0``)."""
+    return _static_int(task, "seed", seed, 0, None, "an integer >= 0")
+
+
 def teacher_student(*, seed: int = 0, n_train: int = 512, n_test: int = 256, din: int = 8, dout: int = 1,
                     teacher_hidden: int = 16, noise: float = 0.0) -> Dataset:
     """Regression on the outputs of a random teacher ``y = tanh(x W1) W2 / sqrt(h) + noise * eps``.
@@ -42,8 +56,8 @@ def teacher_student(*, seed: int = 0, n_train: int = 512, n_test: int = 256, din
            n_test=(n_test, _int_at_least(n_test, 0), "an integer >= 0"),
            din=(din, _int_at_least(din, 1), "an integer >= 1"), dout=(dout, _int_at_least(dout, 1), "an integer >= 1"),
            teacher_hidden=(teacher_hidden, _int_at_least(teacher_hidden, 1), "an integer >= 1"),
-           noise=(noise, bool(np.isfinite(noise) and noise >= 0), "a finite number >= 0"))
-    rng = np.random.default_rng([seed, 1])
+           noise=(noise, _real(noise) and bool(np.isfinite(noise) and noise >= 0), "a finite number >= 0"))
+    rng = np.random.default_rng([_seed("teacher_student", seed), 1])
     w1 = rng.normal(size=(din, teacher_hidden)) / np.sqrt(din)
     w2 = rng.normal(size=(teacher_hidden, dout))
     x = rng.normal(size=(n_train + n_test, din))
@@ -64,11 +78,13 @@ def modular_arithmetic(*, seed: int = 0, p: int = 23, train_fraction: float = 0.
     """
     if encoding not in ("onehot", "tokens"):
         raise ValueError(f"encoding must be 'onehot' or 'tokens', got {encoding!r}")
-    _check("modular_arithmetic", p=(p, _int_at_least(p, 2), "an integer >= 2"),
-           train_fraction=(train_fraction, 0 < train_fraction < 1 and round(train_fraction * p * p) >= 1
-                           and round(train_fraction * p * p) < p * p,
+    seed = _seed("modular_arithmetic", seed)
+    _check("modular_arithmetic", p=(p, _int_at_least(p, 2), "an integer >= 2"))
+    _check("modular_arithmetic",
+           train_fraction=(train_fraction, _real(train_fraction) and 0 < train_fraction < 1
+                           and 1 <= round(train_fraction * p * p) < p * p,
                            f"0 < train_fraction < 1 leaving at least one pair on each side of the split "
-                           f"(p^2 = {p * p if isinstance(p, (int, np.integer)) else '?'} pairs)"))
+                           f"(p^2 = {p * p} pairs)"))
     a, b = np.meshgrid(np.arange(p), np.arange(p), indexing="ij")
     a, b = a.ravel(), b.ravel()
     y = (a + b) % p
@@ -88,11 +104,11 @@ def sparse_parity(*, seed: int = 0, n_bits: int = 20, k: int = 3, n_train: int =
     """``x`` uniform in ``{-1, +1}^n_bits``, label ``1`` when the product of ``k`` fixed (random) bits is ``-1``.
 
     Two classes; the relevant bits are drawn from ``seed`` too."""
-    if not 1 <= k <= n_bits:
-        raise ValueError(f"sparse_parity needs 1 <= k <= n_bits, got k={k}, n_bits={n_bits}")
-    _check("sparse_parity", n_train=(n_train, _int_at_least(n_train, 1), "an integer >= 1"),
+    _check("sparse_parity", n_bits=(n_bits, _int_at_least(n_bits, 1), "an integer >= 1"))
+    _check("sparse_parity", k=(k, _int_at_least(k, 1) and k <= n_bits, f"an integer in [1, n_bits] = [1, {n_bits}]"),
+           n_train=(n_train, _int_at_least(n_train, 1), "an integer >= 1"),
            n_test=(n_test, _int_at_least(n_test, 0), "an integer >= 0"))
-    rng = np.random.default_rng([seed, 3])
+    rng = np.random.default_rng([_seed("sparse_parity", seed), 3])
     bits = rng.choice(n_bits, size=k, replace=False)
     x = rng.choice(np.array([-1.0, 1.0]), size=(n_train + n_test, n_bits))
     y = (np.prod(x[:, bits], axis=1) < 0).astype(np.int32)
@@ -128,7 +144,9 @@ def digits(*, seed: int = 0, test_fraction: float = 0.25, layout: str = "flat") 
     """
     if layout not in ("flat", "image"):
         raise ValueError(f"layout must be 'flat' or 'image', got {layout!r}")
-    _check("digits", test_fraction=(test_fraction, 0 < test_fraction < 1, "0 < test_fraction < 1"))
+    seed = _seed("digits", seed)
+    _check("digits", test_fraction=(test_fraction, _real(test_fraction) and 0 < test_fraction < 1,
+                                    "0 < test_fraction < 1"))
     images, target = _digits_arrays()
     x = (images / 16.0).astype(np.float32)
     x = x.reshape(len(x), 64) if layout == "flat" else x[..., None]

@@ -181,3 +181,15 @@ def test_integer_seeds_of_any_kind_give_the_same_data():
     ds = data.modular_arithmetic(seed=jnp.int32(2), p=5)
     np.testing.assert_array_equal(np.asarray(ds.y_train), np.asarray(data.modular_arithmetic(seed=2, p=5).y_train))
 
+
+@pytest.mark.parametrize("fraction,side", [(1e-4, "holds out 0"), (0.9999, "holds out 1797")])
+def test_digits_split_leaves_both_sides_non_empty(fraction, side):
+    # was a silent empty test set (or an empty training set, whose batches are empty)
+    with pytest.raises(ValueError, match=f"digits: test_fraction={fraction!r} is not allowed; need 0 < test_fraction "
+                                         f"< 1 leaving at least one of the 1797 images on each side of the split "
+                                         f"\\(it {side}\\)"):
+        data.digits(test_fraction=fraction)
+    ds = data.digits(test_fraction=1 / 1797)
+    assert (ds.num_train, ds.num_test) == (1796, 1)
+    ds = data.digits(test_fraction=1796 / 1797)
+    assert (ds.num_train, ds.num_test) == (1, 1796)

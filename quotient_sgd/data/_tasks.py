@@ -148,10 +148,13 @@ def digits(*, seed: int = 0, test_fraction: float = 0.25, layout: str = "flat") 
     _check("digits", test_fraction=(test_fraction, _real(test_fraction) and 0 < test_fraction < 1,
                                     "0 < test_fraction < 1"))
     images, target = _digits_arrays()
+    n = len(images)
+    n_test = int(round(test_fraction * n))
+    _check("digits", test_fraction=(test_fraction, 1 <= n_test < n,
+                                    f"0 < test_fraction < 1 leaving at least one of the {n} images on each side of "
+                                    f"the split (it holds out {n_test})"))
     x = (images / 16.0).astype(np.float32)
     x = x.reshape(len(x), 64) if layout == "flat" else x[..., None]
-    n = len(x)
-    n_test = int(round(test_fraction * n))
     tr, te = _split(n, n - n_test, np.random.default_rng([seed, 4]))
     return make_dataset(x[tr], target[tr], x[te], target[te], task="classification", num_classes=10,
                         name="digits")

@@ -193,3 +193,11 @@ def test_digits_split_leaves_both_sides_non_empty(fraction, side):
     assert (ds.num_train, ds.num_test) == (1796, 1)
     ds = data.digits(test_fraction=1796 / 1797)
     assert (ds.num_train, ds.num_test) == (1, 1796)
+
+
+@pytest.mark.parametrize("dtype", [jnp.uint8, jnp.int16, jnp.int32])
+def test_batch_fn_traced_batch_size_of_any_integer_dtype(dtype):
+    # under strict dtype promotion (the tests' setting) a uint8 / int16 batch size failed the mask's comparison
+    ds = data.teacher_student(n_train=10, n_test=2)
+    w = jax.jit(lambda b: data.batch_fn(ds, b, max_batch_size=6)(0, jax.random.key(0))["w"])(jnp.asarray(4, dtype))
+    np.testing.assert_array_equal(np.asarray(w), [1, 1, 1, 1, 0, 0])

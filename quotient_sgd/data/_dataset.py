@@ -242,7 +242,7 @@ def batch_fn(dataset: Dataset, batch_size: int | None, *, max_batch_size: int | 
         if max_batch_size is None:
             w = jnp.ones((size,), jnp.float32)
         else:
-            w = (jnp.arange(size) < batch_size).astype(jnp.float32)
+            w = (jnp.arange(size) < jnp.asarray(batch_size).astype(jnp.int32)).astype(jnp.float32)
         return {"x": dataset.x_train[idx], "y": dataset.y_train[idx], "w": w}
 
     return sample

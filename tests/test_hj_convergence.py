@@ -1,6 +1,5 @@
 """Convergence of the HJ / Burgers solvers to the Cole-Hopf solution (THEORY section 3)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

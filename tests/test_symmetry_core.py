@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from quotient_sgd.symmetry import (
     Permutation, Product, Rescale, SymmetryError, Word, align, quotient_distance, vertical_generic,
 )
-from quotient_sgd import _tree
 
 from helpers import assert_tree_allclose, tree_dot, tree_norm
 from symmetry_cases import (

@@ -190,17 +190,10 @@ def _owned_rows(sharding, size: int) -> list[int]:
     return sorted(rows)
 
 
-def _host_rows(tree, batched: bool) -> dict:
-    """``tree`` on the host: numpy leaves with the member axis first (all of it when the arrays are addressable
-    from this process, else ``{row: leaf row}`` dicts of the rows held here).  Addressable trees (those of all
-    groups at once) come over in one ``jax.device_get``."""
-    return _host_rows_finish(_host_rows_start(tree, batched))
-
-
 def _host_rows_start(tree, batched: bool):
-    """:func:`_host_rows` in two halves: this one dispatches the device work (:func:`~._chunk.to_host_start`), to be
-    called right after the chunk that computes ``tree`` and before the next is dispatched, so that fetching the
-    rows does not wait for the next chunk; :func:`_host_rows_finish` fetches them."""
+    """Start bringing ``tree`` to the host: dispatches the device work (:func:`~._chunk.to_host_start`); called
+    right after the chunk that computes ``tree`` and before the next is dispatched, so that fetching the rows
+    (:func:`_host_rows_finish`) does not wait for the next chunk."""
     leaves, treedef = jax.tree.flatten(tree)
     if not batched:
         return "unbatched", to_host_start(leaves), treedef
@@ -210,6 +203,9 @@ def _host_rows_start(tree, batched: bool):
 
 
 def _host_rows_finish(handle) -> dict:
+    """``tree`` on the host: numpy leaves with the member axis first (all of it when the arrays are addressable
+    from this process, else ``{row: leaf row}`` dicts of the rows held here).  Addressable trees (those of all
+    groups at once) come over in one ``jax.device_get``."""
     kind, data, treedef = handle
     if kind == "unbatched":
         return jax.tree.unflatten(treedef, [np.asarray(x)[None] for x in to_host_finish(data)])
@@ -405,9 +401,8 @@ def _open_member_dir(d: str, ms: Settings, start: int) -> dict | None:
     MetricsLog(os.path.join(d, "metrics.jsonl")).truncate(start)
     remove_outputs(d)
     div_path = os.path.join(d, "diverged.json")
-    if os.path.exists(div_path):
-        with open(div_path) as f:
-            div = json.load(f)
+    div = _read_json(div_path)
+    if div is not None:
         if div["step"] < start:
             return div
         os.remove(div_path)

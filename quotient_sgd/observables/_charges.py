@@ -35,6 +35,22 @@ so with ``lambda_c = 0`` the translation charge obeys ``S+ = (1 - eta lambda_d) 
 ``d_k`` and ``m_{k+1}`` are recovered from the actual update ``Delta_k = -eta (d_k + lambda_d theta_k)``:
 ``d_k = -Delta_k / eta - lambda_d theta_k`` and ``m_{k+1} = d_k`` (heavy ball) or
 ``m_{k+1} = (d_k - g_k - lambda_c theta_k) / beta`` (Nesterov), so no copy of the optimiser's velocity is kept.
+**Masked weight decay.**  When the decays act only on some leaves (``optax.add_decayed_weights(lam, mask=...)``,
+e.g. none on biases), write ``M`` for the 0/1 projection onto those leaves and ``w_k = M theta_k``:
+
+    m_{k+1} = beta m_k + g_k + lambda_c w_k,     theta_{k+1} = theta_k - eta (d_k + lambda_d w_k).
+
+The same algebra, with ``B(theta_k, w_k)`` no longer equal to ``2 Q_k``, gives with ``p_k = beta c_k +
+lambda_c B(theta_k, w_k)`` and ``r_k = p_k`` (heavy ball) or ``lambda_c B(theta_k, w_k) + beta p_k`` (Nesterov):
+
+    Q_{k+1} = Q_k - eta lambda_d B(theta_k, w_k) - eta r_k + eta^2 Q(d_k + lambda_d w_k)          (exact)
+    c_{k+1} = p_k - eta lambda_d B(w_k, m_{k+1}) - eta B(d_k, m_{k+1}),
+
+which is the recursion above when ``w_k = theta_k``; for a linear charge ``S_{k+1} = S_k - eta lambda_d S(w_k) -
+eta r_k`` and ``s_{k+1} = p_k`` with ``lambda_c S(w_k)`` in place of ``lambda_c S_k``.  A decay that is masked per
+component (the rescale unit's incoming kernel decayed, its outgoing one not) thus moves the charge by the bilinear
+term ``B(theta, w)`` of the parameters and their decayed part.
+
 Adam's per-coordinate scaling breaks ``theta^T A d = 0``-type cancellations: its drift is observed, not
 predicted.
 """
@@ -67,6 +83,7 @@ def predict_charge_drift(
     coupled_weight_decay=0.0,
     charges_now=None,
     velocity=None,
+    decay_mask=None,
 ):
     """The predicted drift ``Q_{k+1} - Q_k`` of every charge for SGD (module docstring), and the next cross term.
 
@@ -80,6 +97,9 @@ def predict_charge_drift(
         velocity: Nesterov only: the optimiser's momentum after this step, ``m_{k+1}`` (optax's ``TraceState.trace``).
             Without it, it is recovered from the update as ``(d - g - coupled_weight_decay theta) / momentum``, which
             assumes the momentum accumulated ``grads`` themselves (not, e.g., clipped gradients).
+        decay_mask: ``None`` (both decays act on every parameter), or a pytree of booleans with the structure of
+            ``params`` (or a prefix of it), ``True`` where the decays act (optax's ``mask``): the masked recursion
+            of the module docstring.
 
     Returns:
         ``(predicted drift {component: array}, next cross {component: array})``.
@@ -91,6 +111,9 @@ def predict_charge_drift(
     lam_c = jnp.asarray(coupled_weight_decay, dt)
     a = 1 - eta * lam_d
     safe_eta = jnp.where(eta != 0, eta, jnp.ones_like(eta))
+    if decay_mask is not None:
+        return _predict_masked(group, params, grads, updates, cross, eta, beta, lam_d, lam_c, safe_eta, nesterov,
+                               charges_now, velocity, decay_mask)
     d = jax.tree.map(lambda u, p: -u / safe_eta - lam_d * p, updates, params)
     if nesterov and velocity is not None:
         m = velocity
@@ -126,6 +149,64 @@ def predict_charge_drift(
 
             b_dm = jax.tree.map(_polar, qd[k], qm[k], qdm[k]) if nesterov else jax.tree.map(lambda x: 2 * x, qd[k])
             out = jax.tree.map(one_quad, q[k], cross[k], qd[k], b_dm)
+        is_pair = lambda x: isinstance(x, tuple)  # noqa: E731
+        pred[k] = jax.tree.map(lambda t: t[0], out, is_leaf=is_pair)
+        new_cross[k] = jax.tree.map(lambda t: t[1], out, is_leaf=is_pair)
+    return pred, new_cross
+
+
+def masked_leaves(mask, params):
+    """``M theta``: ``params`` with the leaves where ``mask`` (a pytree of booleans, or a prefix of ``params``'
+    structure, as optax's ``mask``) is ``False`` set to zero."""
+    try:
+        return jax.tree.map(
+            lambda m, sub: jax.tree.map(lambda p: jnp.where(jnp.asarray(m), p, jnp.zeros_like(p)), sub),
+            mask, params)
+    except ValueError as e:
+        raise ValueError(f"decay_mask must be a pytree of booleans with the structure of params (or a prefix of "
+                         f"it), True where the weight decay acts: {e}") from e
+
+
+def _predict_masked(group, params, grads, updates, cross, eta, beta, lam_d, lam_c, safe_eta, nesterov, charges_now,
+                    velocity, decay_mask):
+    add = lambda x, y: jax.tree.map(lambda a, b: a + b, x, y)  # noqa: E731
+    w = masked_leaves(decay_mask, params)
+    d = jax.tree.map(lambda u, ww: -u / safe_eta - lam_d * ww, updates, w)
+    if nesterov and velocity is not None:
+        m = velocity
+    elif nesterov:
+        safe_beta = jnp.where(beta != 0, beta, jnp.ones_like(beta))
+        m = jax.tree.map(lambda dd, g, ww: jnp.where(beta != 0, (dd - g - lam_c * ww) / safe_beta, dd), d, grads, w)
+    else:
+        m = d
+    q = charges_now if charges_now is not None else charges_dict(group, params)
+    qw = charges_dict(group, w)
+    b_tw = jax.tree.map(_polar, q, qw, charges_dict(group, add(params, w)))
+    q_step = charges_dict(group, jax.tree.map(lambda dd, ww: dd + lam_d * ww, d, w))
+    qm = charges_dict(group, m)
+    b_wm = jax.tree.map(_polar, qw, qm, charges_dict(group, add(w, m)))
+    qd = charges_dict(group, d)
+    b_dm = jax.tree.map(_polar, qd, qm, charges_dict(group, add(d, m))) if nesterov else jax.tree.map(
+        lambda x: 2 * x, qd)
+    lin = charge_linear(group)
+    pred, new_cross = {}, {}
+    for k in q:
+        if lin.get(k, False):  # qw[k] is S(w), linear
+
+            def one_lin(c, sw):
+                p = beta * c + lam_c * sw
+                r = lam_c * sw + beta * p if nesterov else p
+                return -eta * lam_d * sw - eta * r, p
+
+            out = jax.tree.map(one_lin, cross[k], qw[k])
+        else:
+
+            def one_quad(c, btw, qs, bwm, bdm):
+                p = beta * c + lam_c * btw
+                r = lam_c * btw + beta * p if nesterov else p
+                return eta * eta * qs - eta * lam_d * btw - eta * r, p - eta * lam_d * bwm - eta * bdm
+
+            out = jax.tree.map(one_quad, cross[k], b_tw[k], q_step[k], b_wm[k], b_dm[k])
         is_pair = lambda x: isinstance(x, tuple)  # noqa: E731
         pred[k] = jax.tree.map(lambda t: t[0], out, is_leaf=is_pair)
         new_cross[k] = jax.tree.map(lambda t: t[1], out, is_leaf=is_pair)

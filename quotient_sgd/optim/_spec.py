@@ -60,10 +60,17 @@ class SGDSpec:
     Clipping inside the chain is fine (the prediction uses the actual update); the learning rate and the weight
     decay must be the ones applied.  Every field is a :data:`Hyper`; ``nesterov`` is static.
 
-    The weight decays act on every parameter.  A decay restricted to some leaves (``add_decayed_weights(lam,
-    mask=...)``, e.g. none on biases) is not what the recursion assumes: the decay then moves a charge by a bilinear
-    term of ``theta`` and its masked part rather than by ``lam * Q``, so ``charge_drift_predicted`` does not apply
-    (describe such an optimiser with no spec: the observed ``charge_drift`` is still recorded).
+    The weight decays act on every parameter unless ``decay_mask`` restricts them, as optax's ``mask``: a pytree
+    of booleans with the structure of the parameters (or a prefix of it), or a function ``params -> such a
+    pytree``, ``True`` where the decays act.  For example no decay on biases::
+
+        mask = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)
+        tx = optax.chain(optax.add_decayed_weights(lam, mask=mask), optax.sgd(eta))
+        spec = SGDSpec(eta, weight_decay=lam, decay_mask=mask)
+
+    A masked decay moves a charge by a bilinear term of ``theta`` and its decayed part rather than by ``lam * Q``;
+    the prediction then follows the masked recursion of :func:`quotient_sgd.observables.predict_charge_drift`.
+    (One mask serves both decays; an optimiser with differently masked coupled and decoupled decays has no spec.)
     """
 
     learning_rate: Hyper
@@ -71,13 +78,26 @@ class SGDSpec:
     momentum: Hyper = 0.0
     nesterov: bool = False
     coupled_weight_decay: Hyper = 0.0
+    decay_mask: Any = None
 
     def __post_init__(self):
+        if self.decay_mask is not None and not callable(self.decay_mask):
+            bad = [x for x in jax.tree.leaves(self.decay_mask)
+                   if not (isinstance(x, bool) or getattr(x, "dtype", None) == jnp.bool_)]
+            if bad or not jax.tree.leaves(self.decay_mask):
+                raise TypeError(f"SGDSpec: decay_mask must be None, a pytree of booleans (True where the weight "
+                                f"decay acts) or a function params -> such a pytree, got {self.decay_mask!r}")
         for f in ("learning_rate", "weight_decay", "momentum", "coupled_weight_decay"):
             v = getattr(self, f)
             if isinstance(v, (int, float)) and not isinstance(v, bool) and not (0 <= v < float("inf")):
                 raise ValueError(f"SGDSpec: {f}={v!r} is not allowed; need a finite number >= 0 (or the name of an "
                                  f"injected hyperparameter, or a schedule)")
+
+    def mask_for(self, params):
+        """The decay mask for ``params`` (``None``: every parameter is decayed)."""
+        if self.decay_mask is None:
+            return None
+        return self.decay_mask(params) if callable(self.decay_mask) else self.decay_mask
 
     def resolve(self, opt_state, count) -> dict[str, jax.Array]:
         """The numeric hyperparameters at this step (``opt_state``: the wrapped optimiser's state after its

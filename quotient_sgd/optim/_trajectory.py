@@ -343,6 +343,7 @@ def quotient_trajectory(
                 lr=hp["learning_rate"], momentum=hp["momentum"], nesterov=spec.nesterov,
                 weight_decay=hp["weight_decay"], coupled_weight_decay=hp["coupled_weight_decay"],
                 charges_now=q, velocity=widen(_momentum_trace(inner_state, params)) if spec.nesterov else None,
+                decay_mask=spec.mask_for(params),
             )
             new_carry["cross"] = cross
             if every == 1:

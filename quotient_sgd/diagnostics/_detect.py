@@ -22,6 +22,7 @@ import numpy as np
 
 from ._cusum import cusum, cusum_threshold
 from ._events import Event
+from ._options import check_kinds, check_options
 from ._series import (
     SHARPNESS_KEYS,
     above,
@@ -390,10 +391,16 @@ def detect(trajectory, *, lr=None, kinds: Iterable[str] | None = None, start_ste
         kinds: detectors to run (default: all of :data:`ALL_KINDS`).
         **options: detector options (``alpha``, ``block``, ``transition_keys``, ``spike_factor``,
             ``spike_window``, ``spike_smooth``, ``drop_factor``, ``confirm_window``, ``eos_levels``, ``fold_levels``,
-            ``shock_level``, ``rearm``, ``divergence_factor``, ``divergence_patience``, ``slice_shocks``, ``horizon``).
+            ``shock_level``, ``rearm``, ``divergence_factor``, ``divergence_patience``, ``slice_shocks``, ``horizon``,
+            ``transform``, ``k``, ``min_ref``, ``variants``).
 
     Returns:
         Events sorted by step (then kind).
+
+    Raises:
+        TypeError: an option no detector takes (a misspelt option was ignored).
+        ValueError: an unknown kind, an option or ``lr`` out of its range (the message names the allowed values),
+            or a ``loss`` that is not one value per step (e.g. a vmapped trajectory: pass one member).
 
     Example:
         >>> import numpy as np
@@ -401,15 +408,22 @@ def detect(trajectory, *, lr=None, kinds: Iterable[str] | None = None, start_ste
         >>> [(e.step, e.kind) for e in detect(traj, kinds=["loss_spike"])]
         [(50, 'loss_spike')]
     """
+    kinds = ALL_KINDS if kinds is None else check_kinds(kinds, ALL_KINDS)
+    check_options(options)
     traj = flatten_trajectory(trajectory)
     if "loss" not in traj:
         raise KeyError(f"a trajectory needs at least the 'loss' key; got keys {sorted(traj)}")
+    shape = np.shape(traj["loss"])
+    if len(shape) != 1:
+        # every detector reads scalar-per-step series: a (members, steps) trajectory switched them all off
+        raise ValueError(f"detect: 'loss' must hold one value per step, shape (steps,); got shape {shape}. A "
+                         "vmapped or swept trajectory has a leading member axis: pass one member, e.g. "
+                         "jax.tree.map(lambda x: x[i], trajectory)")
+    if "step" in traj and np.shape(traj["step"]) != shape:
+        raise ValueError(f"detect: the trajectory's 'step' key has shape {np.shape(traj['step'])}; it must "
+                         f"number the rows of 'loss', shape {shape}")
     steps = steps_of(traj, start_step)
     lr_arr = learning_rate(traj, lr, len(steps))
-    kinds = ALL_KINDS if kinds is None else tuple(kinds)
-    unknown = set(kinds) - set(_DETECTORS)
-    if unknown:
-        raise ValueError(f"unknown event kinds {sorted(unknown)}; available: {list(_DETECTORS)}")
     events: list[Event] = []
     for kd in kinds:
         events += _DETECTORS[kd](traj, steps=steps, lr=lr_arr, **options)

@@ -8,8 +8,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ._detect import detect
+from ._detect import ALL_KINDS, detect
 from ._events import Event, save_events
+from ._options import check_kinds, check_options
 from ._series import flatten_trajectory
 
 
@@ -63,6 +64,10 @@ class LiveDetector:
     """
 
     def __init__(self, *, lr=None, path: str | os.PathLike | None = None, start_step: int = 0, **options):
+        # a misspelt option or kind fails here, not at the first chunk (hours into a run)
+        if options.get("kinds") is not None:
+            check_kinds(options["kinds"], ALL_KINDS)
+        check_options({k: v for k, v in options.items() if k != "kinds"}, "LiveDetector")
         self.lr = lr
         self.path = path
         self.start_step = start_step

@@ -1,0 +1,98 @@
+"""Checking the options of :func:`~quotient_sgd.diagnostics.detect` once, before any detector runs.
+
+The detectors take their options as keyword arguments and ignore the ones meant for other detectors, so a
+misspelt option (``spike_factr=3``) or a value outside its range (``block=-1``, ``spike_factor=0.5``) used to
+switch a detector off or make it fire everywhere without a word.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+_TRANSFORMS = ("auto", "log_diff", "diff", "level")
+_TRANSITION_VARIANTS = ("quotient", "raw")
+
+
+def _real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and bool(np.isfinite(v))
+
+
+def _int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _names(v, allowed=None) -> bool:
+    if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
+        return False
+    v = list(v)
+    return all(isinstance(x, str) for x in v) and (allowed is None or set(v) <= set(allowed))
+
+
+def _levels(v) -> bool:
+    if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
+        return False
+    v = list(v)
+    return len(v) > 0 and all(_real(x) and x > 0 for x in v)
+
+
+def _transform(v) -> bool:
+    if isinstance(v, Mapping):
+        return all(isinstance(k, str) and x in _TRANSFORMS for k, x in v.items())
+    return v in _TRANSFORMS
+
+
+#: option -> (check, what is allowed)
+_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "alpha": (lambda v: _real(v) and 0 < v < 1, "a number in (0, 1)"),
+    "block": (lambda v: v is None or (_int(v) and v >= 1), "None or an integer >= 1"),
+    "horizon": (lambda v: v is None or (_int(v) and v >= 1), "None or an integer >= 1 (planned steps)"),
+    "k": (lambda v: _real(v) and v >= 0, "a finite number >= 0"),
+    "min_ref": (lambda v: _int(v) and v >= 2, "an integer >= 2"),
+    "transition_keys": (lambda v: v is None or _names(v),
+                        "None or a sequence of trajectory keys, e.g. ('loss',) (not a single string)"),
+    "transform": (_transform, f"one of {_TRANSFORMS} or a mapping key -> one of them"),
+    "variants": (lambda v: _names(v, _TRANSITION_VARIANTS),
+                 f"a sequence of names from {_TRANSITION_VARIANTS}, e.g. ('quotient',)"),
+    "spike_factor": (lambda v: _real(v) and v > 1, "a finite number > 1"),
+    "spike_window": (lambda v: _int(v) and v >= 1, "an integer >= 1 (steps)"),
+    "spike_smooth": (lambda v: _int(v) and v >= 1, "an integer >= 1 (steps)"),
+    "drop_factor": (lambda v: _real(v) and 0 < v < 1, "a number in (0, 1)"),
+    "confirm_window": (lambda v: _int(v) and v >= 1, "an integer >= 1 (steps)"),
+    "eos_levels": (_levels, "a non-empty sequence of finite numbers > 0, e.g. (1.0, 2.0)"),
+    "fold_levels": (_levels, "a non-empty sequence of finite numbers > 0, e.g. (1.0, 2.0)"),
+    "shock_level": (lambda v: _real(v) and v > 0, "a finite number > 0"),
+    "rearm": (lambda v: _real(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "divergence_factor": (lambda v: _real(v) and v > 1, "a finite number > 1"),
+    "divergence_patience": (lambda v: _int(v) and v >= 1, "an integer >= 1 (steps)"),
+    "slice_shocks": (lambda v: not isinstance(v, (str, bytes, Mapping)) and hasattr(v, "__iter__")
+                     and all(isinstance(s, Mapping) and "step" in s and "shock_time" in s for s in v),
+                     "a sequence of mappings with 'step' and 'shock_time'"),
+}
+
+OPTIONS = tuple(_CHECKS)
+
+
+def check_options(options: Mapping[str, Any], where: str = "detect") -> None:
+    """Raise ``TypeError`` for an option no detector takes and ``ValueError`` for a value outside its range."""
+    unknown = sorted(set(options) - set(_CHECKS))
+    if unknown:
+        raise TypeError(f"{where}: unknown option(s) {unknown}; the detectors' options are {sorted(_CHECKS)}")
+    for name, value in options.items():
+        ok, allowed = _CHECKS[name]
+        if not ok(value):
+            raise ValueError(f"{where}: {name}={value!r} is not allowed; need {allowed}")
+
+
+def check_kinds(kinds, all_kinds) -> tuple[str, ...]:
+    """``kinds`` as a tuple without repeats (a repeated kind reported every event twice)."""
+    if isinstance(kinds, (str, bytes)) or not hasattr(kinds, "__iter__"):
+        raise ValueError(f"kinds must be a sequence of event kinds, e.g. ({kinds!r},), not {kinds!r}; "
+                         f"available: {list(all_kinds)}")
+    kinds = tuple(dict.fromkeys(kinds))
+    unknown = [kd for kd in kinds if kd not in all_kinds]
+    if unknown:
+        raise ValueError(f"kinds: unknown event kinds {unknown}; available: {list(all_kinds)}")
+    return kinds

@@ -1,0 +1,67 @@
+"""Diagnostics on inputs beyond the main tests: option checking, vmapped trajectories, learning-rate schedules,
+non-finite losses, and ``shock_aware_lr`` under ``optax.inject_hyperparams`` inside jit / scan."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from quotient_sgd.diagnostics import LiveDetector, detect, shock_aware_lr
+
+
+def _spiky(n=120):
+    return np.r_[np.linspace(1.0, 0.5, n // 2), [3.0], np.linspace(0.5, 0.2, n - n // 2 - 1)]
+
+
+@pytest.mark.parametrize("options, name", [
+    ({"spike_factr": 3.0}, "spike_factr"),
+    ({"block": -1}, "block"),
+    ({"block": 0}, "block"),
+    ({"spike_factor": 0.5}, "spike_factor"),
+    ({"spike_window": 0}, "spike_window"),
+    ({"eos_levels": 2.0}, "eos_levels"),
+    ({"fold_levels": (-1.0,)}, "fold_levels"),
+    ({"rearm": 2.0}, "rearm"),
+    ({"transition_keys": "loss"}, "transition_keys"),
+    ({"variants": ("quotent",)}, "variants"),
+    ({"horizon": 0}, "horizon"),
+    ({"alpha": 5.0}, "alpha"),
+    ({"kinds": "shock"}, "kinds"),
+])
+def test_misspelt_or_out_of_range_options_are_refused_by_name(options, name):
+    """A misspelt option was ignored and ``block=-1`` / ``spike_factor=0.5`` / ``eos_levels=2.0`` switched a
+    detector off, made it fire at every step or raised a bare ``TypeError`` from inside a detector."""
+    with pytest.raises((TypeError, ValueError), match=name):
+        detect({"loss": _spiky(), "sharpness_quotient": np.full(120, 3.0)}, lr=1.0, **options)
+    with pytest.raises((TypeError, ValueError), match=name):  # live: at construction, not at the first chunk
+        LiveDetector(**options)
+
+
+def test_a_repeated_kind_reports_its_events_once():
+    loss = _spiky()
+    assert detect({"loss": loss}, kinds=["loss_spike", "loss_spike"]) == detect({"loss": loss}, kinds=["loss_spike"])
+
+
+def test_a_vmapped_trajectory_is_refused_not_read_as_eventless():
+    """A ``(members, steps)`` loss switched every detector off: a divergent member gave ``[]``."""
+    loss = np.stack([_spiky(), np.r_[np.ones(60), np.full(60, np.inf)]])
+    assert detect({"loss": loss[1]}, kinds=["divergence"])
+    with pytest.raises(ValueError, match="one member"):
+        detect({"loss": loss}, kinds=["divergence"])
+    with pytest.raises(ValueError, match="'step'"):  # a step key that does not number the rows
+        detect({"loss": _spiky(), "step": np.arange(100)}, kinds=["loss_spike"])
+
+
+def _scan_scales(tx, get, steps=10):
+    a = jnp.array([2.0, 0.5])
+
+    def body(carry, _):
+        p, s = carry
+        u, s = tx.update(a * p, s, p)
+        return (optax.apply_updates(p, u), s), get(s)
+
+    p = jnp.ones(2)
+    return jax.lax.scan(body, (p, tx.init(p)), None, length=steps)[1]

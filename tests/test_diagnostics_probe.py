@@ -55,6 +55,18 @@ def test_a_vmapped_trajectory_is_refused_not_read_as_eventless():
         detect({"loss": _spiky(), "step": np.arange(100)}, kinds=["loss_spike"])
 
 
+def test_learning_rate_argument_is_checked_and_a_stored_single_value_broadcast():
+    traj = {"loss": np.ones(50), "sharpness_quotient": np.full(50, 25.0)}
+    with pytest.raises(ValueError, match="lr"):
+        detect(traj, lr=np.ones(10), kinds=["edge_of_stability"])
+    with pytest.raises(ValueError, match="lr"):  # eta < 0 with lambda < 0 read as past the edge
+        detect({"loss": np.ones(50), "sharpness_quotient": np.full(50, -25.0)}, lr=-0.1,
+               kinds=["edge_of_stability"])
+    # a run's constant learning rate stored once in the trajectory (a 0-d array) failed to reshape
+    ev = detect({**traj, "lr": np.float64(0.1)}, kinds=["edge_of_stability"])
+    assert sorted(e.details["level"] for e in ev) == [1.0, 2.0]
+
+
 def _scan_scales(tx, get, steps=10):
     a = jnp.array([2.0, 0.5])
 

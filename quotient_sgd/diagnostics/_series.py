@@ -102,12 +102,28 @@ def fresh_mask(traj: Mapping[str, np.ndarray], key: str, steps: np.ndarray) -> n
 
 
 def learning_rate(traj: Mapping[str, np.ndarray], lr, n: int) -> np.ndarray | None:
-    """Per-step learning rate from the ``lr`` argument (number or array) or the ``lr``/``learning_rate`` key."""
+    """Per-step learning rate from the ``lr`` argument (number or array) or the ``lr``/``learning_rate`` key
+    (one value per step, or a single value for the whole run)."""
     if lr is not None:
-        return np.broadcast_to(np.asarray(lr, dtype=np.float64), (n,)).copy()
+        try:
+            arr = np.asarray(lr, dtype=np.float64)
+        except (TypeError, ValueError):
+            arr = None
+        if arr is None or arr.ndim > 1 or (arr.ndim == 1 and arr.shape[0] != n):
+            what = f"lr of shape {arr.shape}" if arr is not None else f"lr={lr!r}"
+            raise ValueError(f"detect: {what} is not allowed; need a number or one value per step (shape ({n},))")
+        if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+            raise ValueError(f"detect: lr must be finite and >= 0, got {lr!r}")
+        return np.broadcast_to(arr, (n,)).copy()
     for k in ("lr", "learning_rate"):
         if k in traj:
-            return np.asarray(traj[k], dtype=np.float64).reshape(n)
+            v = np.asarray(traj[k], dtype=np.float64)
+            if v.size == 1:  # a run's constant learning rate stored once
+                return np.full(n, float(v.reshape(())))
+            if v.shape != (n,):
+                raise ValueError(f"detect: the trajectory's {k!r} key has shape {v.shape}; need one value per "
+                                 f"step (shape ({n},)) or a single value")
+            return v
     return None
 
 

@@ -67,6 +67,21 @@ def test_learning_rate_argument_is_checked_and_a_stored_single_value_broadcast()
     assert sorted(e.details["level"] for e in ev) == [1.0, 2.0]
 
 
+def test_edge_of_stability_and_slice_shocks_use_the_learning_rate_of_their_step():
+    """With a warm-up schedule the event reported ``lr[0]``, the first warm-up value, as the learning rate that
+    crossed the edge; a slice shock's strength ``lr / shock_time`` used ``lr[0]`` too."""
+    n = 60
+    lr = np.r_[np.linspace(0.01, 1.0, 30), np.ones(30)]
+    traj = {"loss": np.ones(n), "sharpness_quotient": np.full(n, 2.5)}
+    ev = detect(traj, lr=lr, kinds=["edge_of_stability"])
+    assert [e.details["level"] for e in ev] == [1.0, 2.0]
+    for e in ev:
+        assert e.observables["lr"] == pytest.approx(lr[e.step])
+        assert e.observables["lr"] * e.observables["sharpness_quotient"] == pytest.approx(e.strength)
+    (sh,) = detect(traj, lr=lr, kinds=["shock"], slice_shocks=[{"step": 40, "shock_time": 0.5}])
+    assert sh.strength == pytest.approx(lr[40] / 0.5)
+
+
 def _scan_scales(tx, get, steps=10):
     a = jnp.array([2.0, 0.5])
 

@@ -153,7 +153,10 @@ def detect_shock(traj, *, steps, lr=None, shock_level: float = 1.0, rearm: float
         out += _threshold_events(traj, key, v, idx, steps, "shock", shock_level, "step", rearm, lr, ("curvature",))
     for sh in slice_shocks:
         t = float(sh["shock_time"])
-        eta = float(sh.get("lr", np.nan if lr is None else lr[0]))
+        # without its own ``lr`` a slice shock is reached by the step size at its step (the last recorded step at
+        # or before it; ``lr[0]`` was used whatever the schedule)
+        at = max(0, int(np.searchsorted(steps, int(sh["step"]), side="right")) - 1)
+        eta = float(sh.get("lr", np.nan if lr is None else lr[at]))
         out.append(Event(int(sh["step"]), "shock", eta / t if t > 0 else float("inf"),
                          {"shock_time": t}, "slice", False, {k: v for k, v in sh.items() if k != "step"}))
     return out
@@ -195,7 +198,10 @@ def detect_edge_of_stability(traj, *, steps, lr=None, eos_levels: Sequence[float
         q = lr * np.asarray(traj[key], dtype=np.float64)
         for level in eos_levels:
             for ev in _threshold_events(traj, key, q, idx, steps, "edge_of_stability", level, variant, rearm, lr):
-                obs = {key: _f(traj[key][int(np.searchsorted(steps, ev.step))]), "lr": _f(lr[0])}
+                # the row of the event (``steps`` need not be sorted); the learning rate *at* that step (with a
+                # schedule, ``lr[0]`` was reported: a warm-up's first value instead of the one that crossed)
+                i = int(np.nonzero(steps == ev.step)[0][0])
+                obs = {key: _f(traj[key][i]), "lr": _f(lr[i])}
                 out.append(Event(ev.step, ev.kind, ev.strength, obs, variant, is_invariant(obs), ev.details))
     return out
 

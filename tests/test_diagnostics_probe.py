@@ -82,6 +82,15 @@ def test_edge_of_stability_and_slice_shocks_use_the_learning_rate_of_their_step(
     assert sh.strength == pytest.approx(lr[40] / 0.5)
 
 
+def test_a_spike_into_a_non_finite_loss_has_infinite_strength_and_no_warning():
+    loss = np.r_[np.linspace(1.0, 0.5, 50), [np.nan] * 10]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # "Mean of empty slice" from the NaN blocks
+        ev = detect({"loss": loss, "grad_norm_canonical": loss}, kinds=["loss_spike", "divergence", "transition"])
+    spikes = [e for e in ev if e.kind == "loss_spike"]
+    assert [e.step for e in spikes] == [50] and spikes[0].strength == float("inf")  # was NaN
+
+
 def _scan_scales(tx, get, steps=10):
     a = jnp.array([2.0, 0.5])
 

@@ -360,9 +360,8 @@ def detect_transition(traj, *, steps, transition_keys: Sequence[str] | None = No
         if nb <= min_ref:
             continue
         xb = x[: nb * blk].reshape(nb, blk)
-        with np.errstate(invalid="ignore"):
-            xb = np.where(np.all(np.isfinite(xb), axis=1), np.nanmean(np.where(np.isfinite(xb), xb, np.nan),
-                                                                      axis=1), np.nan)
+        with np.errstate(invalid="ignore", over="ignore"):  # a block with a non-finite value is skipped
+            xb = np.where(np.all(np.isfinite(xb), axis=1), xb.mean(axis=1), np.nan)
         hb = (plan - off) // blk if horizon else 0
         h = cusum_threshold(int(max(hb, np.isfinite(xb).sum())), a, k, min_ref)
         for al in cusum(xb, alpha=a, k=k, min_ref=min_ref, threshold=h):

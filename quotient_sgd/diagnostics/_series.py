@@ -160,10 +160,11 @@ def above(value, base, factor: float):
 
 def ratio(value, base) -> float:
     """``value / base`` for a positive ``base``; ``1 + (value - base) / |base|`` in general (the size of a spike
-    or divergence above a possibly negative base); ``inf`` above a zero base."""
+    or divergence above a possibly negative base); ``inf`` above a zero base or for a non-finite ``value``."""
+    if not np.isfinite(value):  # a spike into a non-finite loss: unbounded (it was reported as NaN)
+        return float("inf")
     with np.errstate(divide="ignore", invalid="ignore"):
-        return float(1.0 + (value - base) / np.abs(base)) if base != 0 else (
-            float("inf") if value > 0 else float("nan") if not np.isfinite(value) else 1.0)
+        return float(1.0 + (value - base) / np.abs(base)) if base != 0 else (float("inf") if value > 0 else 1.0)
 
 
 def spikes(loss: np.ndarray, factor: float = 2.0, window: int = 50) -> list[tuple[int, int, int, float]]:

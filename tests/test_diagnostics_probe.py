@@ -101,3 +101,16 @@ def _scan_scales(tx, get, steps=10):
 
     p = jnp.ones(2)
     return jax.lax.scan(body, (p, tx.init(p)), None, length=steps)[1]
+
+
+def test_shock_aware_lr_under_inject_hyperparams_inside_jit_and_scan():
+    """``inject_hyperparams`` hands the numeric arguments over as tracers inside jit / scan: the argument checks
+    raised ``TracerBoolConversionError``.  Injected, the transform must give the plain one's scales."""
+    kw = dict(fold_target=1.0, policy="track", min_scale=0.1, max_scale=2.0, curvature_decay=0.3)
+    injected = optax.inject_hyperparams(shock_aware_lr)(optax.sgd(1.5), **kw)
+    got = jax.jit(lambda: _scan_scales(injected, lambda s: s.inner_state.scale))()
+    want = _scan_scales(shock_aware_lr(optax.sgd(1.5), **kw), lambda s: s.scale)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert float(jnp.max(want)) > 1.0  # ``track`` lengthened a step: max_scale is in use
+    with pytest.raises(ValueError, match="curvature_decay"):  # was a bare TypeError from a comparison
+        shock_aware_lr(optax.sgd(0.1), curvature_decay="0.5")

@@ -107,12 +107,20 @@ def shock_aware_lr(inner: optax.GradientTransformation, *, fold_target: Target =
     """
     if policy not in ("cap", "track"):
         raise ValueError(f"policy must be 'cap' or 'track', got {policy!r}")
-    if not 0.0 <= curvature_decay < 1.0:
-        raise ValueError(f"curvature_decay must be in [0, 1), got {curvature_decay}")
+    # under ``optax.inject_hyperparams`` inside jit / scan the numeric arguments arrive as tracers: they are
+    # checked when concrete (a Python comparison of a tracer raised TracerBoolConversionError)
+    if not isinstance(curvature_decay, jax.core.Tracer):
+        try:
+            d = np.asarray(curvature_decay)
+            ok = d.ndim == 0 and d.dtype.kind in "iuf" and 0.0 <= float(d) < 1.0
+        except Exception:  # noqa: BLE001 - not array-like: reported below
+            ok = False
+        if not ok:
+            raise ValueError(f"shock_aware_lr: curvature_decay must be a number in [0, 1), got {curvature_decay!r}")
     for name, value in (("fold_target", fold_target), ("shock_target", shock_target), ("init_scale", init_scale),
                         ("min_scale", min_scale), ("max_scale", max_scale)):
         _check_positive(name, value)
-    if min_scale > max_scale:
+    if not any(isinstance(v, jax.core.Tracer) for v in (min_scale, max_scale)) and min_scale > max_scale:
         raise ValueError(f"shock_aware_lr: min_scale={min_scale} > max_scale={max_scale}")
 
     def init(params):
@@ -138,13 +146,14 @@ def shock_aware_lr(inner: optax.GradientTransformation, *, fold_target: Target =
         tiny = jnp.asarray(1e-30, jnp.float32)
         s_fold = ft / jnp.maximum(fold, tiny)
         s_shock = st / jnp.maximum(shock, tiny)
+        lo, hi = jnp.asarray(min_scale, jnp.float32), jnp.asarray(max_scale, jnp.float32)
         if policy == "cap":
             s = jnp.minimum(jnp.minimum(1.0, s_fold), s_shock)
-            s = jnp.clip(s, min_scale, min(max_scale, 1.0))
+            s = jnp.clip(s, lo, jnp.minimum(hi, 1.0))
         else:
-            s = jnp.where(fold > 0, s_fold, max_scale)
+            s = jnp.where(fold > 0, s_fold, hi)
             s = jnp.minimum(s, s_shock)
-            s = jnp.clip(s, min_scale, max_scale)
+            s = jnp.clip(s, lo, hi)
         s = jnp.where(have, s, jnp.asarray(init_scale, jnp.float32))
         updates = jax.tree.map(lambda x: (s.astype(x.dtype) * x), u)
         new = ShockAwareState(state.count + 1, s, kappa, s * fold, s * shock, grads, updates, inner_state)

@@ -317,7 +317,8 @@ def detect_transition(traj, *, steps, transition_keys: Sequence[str] | None = No
         P(any transition event on a stationary trajectory) <= alpha     (Bonferroni over keys)
 
     with the per-key bound of :func:`~quotient_sgd.diagnostics.cusum_threshold` (independent Gaussian block
-    values).  ``transition_keys``: the keys to monitor instead of :func:`default_transition_keys` (orbit
+    values; a serially correlated or heavy-tailed rate exceeds it unless ``block`` is several correlation times,
+    measured rates in :mod:`._cusum`).  ``transition_keys``: the keys to monitor instead of :func:`default_transition_keys` (orbit
     invariants as variant ``quotient``, other keys as ``raw``; a key the trajectory lacks is skipped with a
     warning).  ``horizon``: planned trajectory length in steps for live use (fixes the block length and the
     threshold, so that chunks of any size give the events of the whole trajectory).  Event step:

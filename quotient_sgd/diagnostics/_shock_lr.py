@@ -25,7 +25,7 @@ at 1, THEORY section 3).
 is known yet and ``s = init_scale``.  ``curvature_decay`` in [0, 1) smooths kappa by an exponential moving average
 (useful with mini-batch gradient noise, which enters kappa through the two different batches); 0 uses the latest
 estimate.  The state has a fixed structure (safe inside ``lax.scan``, vmap and ``inject_hyperparams`` of the
-inner optimiser).
+inner optimiser or of this wrapper: ``optax.inject_hyperparams(shock_aware_lr)(inner, fold_target=1.8)``).
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ def _value(t: Target, count):
 
 def _check_positive(name: str, value) -> None:
     """A concrete number (Python, NumPy or JAX scalar) must be finite and > 0; schedules and traced values (a
-    target swept under ``vmap``) are checked where they are used.  NumPy / JAX scalars were let through: a
+    target swept under ``vmap`` or injected by ``optax.inject_hyperparams``) cannot be checked inside a traced
+    step and are used as they come (a non-positive target pins the scale at ``min_scale``).  NumPy / JAX scalars were let through: a
     ``fold_target`` of ``np.float32(0)`` pinned every step at ``min_scale``."""
     if callable(value) or isinstance(value, jax.core.Tracer):
         return

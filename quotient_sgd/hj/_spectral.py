@@ -8,8 +8,10 @@ gradient field (the only case THEORY section 3 needs: p = grad u stays curl-free
 the one that captures shocks correctly.  The mean of u is *not* held fixed: the k = 0 mode of the HJ
 nonlinearity, -mean(|grad u|^2)/2, lowers the level of the value function as it should (Cole-Hopf).
 
-Dealiasing (Orszag's 2/3 rule): the quadratic products are formed from the modes |m| <= n/3 of each axis, and
-only the modes |m| <= n/3 of the product are kept, so no aliased mode of the product reaches a kept mode.  Modes
+Dealiasing (Orszag's 2/3 rule): the quadratic products are formed from the modes |m| < n/3 of each axis, and
+only the modes |m| < n/3 of the product are kept, so no aliased mode of the product reaches a kept mode: a
+product of kept modes has |m| <= 2K and aliases to |m| >= n - 2K, which is not kept exactly when 3K < n.  (The
+bound is strict: with n divisible by 3, keeping K = n/3 would alias the product mode 2K onto the kept mode -K.)  Modes
 above the cut in the state are not fed to the nonlinearity and decay under the exact viscous factor.
 
 The split ``y_t = L y + N(y)`` with L = -nu |k|^2 diagonal in Fourier space is what the exponential
@@ -69,7 +71,8 @@ class Spectral(eqx.Module):
         masks = []
         for i, g in enumerate(grids):
             m = g.index_frequencies(real=(i == len(grids) - 1))
-            masks.append(np.abs(m) <= self.dealias * g.n / 2)
+            # strictly below the cut (see the module docstring); the slack absorbs the rounding of dealias * n
+            masks.append(2 * np.abs(m) < self.dealias * g.n - 1e-9)
         mask = masks[0] if len(masks) == 1 else masks[0][:, None] & masks[1][None, :]
         return jnp.asarray(mask)
 

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from quotient_sgd.diagnostics import LiveDetector, detect, shock_aware_lr
+from quotient_sgd.diagnostics import LiveDetector, detect, detect_run, shock_aware_lr
 
 
 def _spiky(n=120):
@@ -114,3 +114,19 @@ def test_shock_aware_lr_under_inject_hyperparams_inside_jit_and_scan():
     assert float(jnp.max(want)) > 1.0  # ``track`` lengthened a step: max_scale is in use
     with pytest.raises(ValueError, match="curvature_decay"):  # was a bare TypeError from a comparison
         shock_aware_lr(optax.sgd(0.1), curvature_decay="0.5")
+
+
+def test_detect_run_redetects_a_mini_batch_run_with_the_runs_own_settings(tmp_path):
+    """A mini-batch loss fluctuates by more than 2x step to step: ``quotient-sgd run`` judges spikes on a
+    20-step mean and plans the change-point blocks for its ``steps``; ``detect_run`` used neither and rewrote the
+    run's empty ``events.json`` with dozens of loss spikes."""
+    rng = np.random.default_rng(0)
+    n = 400
+    loss = np.exp(-0.003 * np.arange(n) + 0.6 * rng.standard_normal(n))  # mini-batch losses, no transition
+    np.savez(tmp_path / "trajectory.npz", loss=loss, step=np.arange(n))
+    (tmp_path / "config.json").write_text('{"steps": 400, "optim": {"lr": 0.1}, "data": {"batch_size": 64}}')
+    assert len(detect({"loss": loss}, kinds=["loss_spike"])) > 10  # the unsmoothed detector on this loss
+    ev = detect_run(tmp_path)
+    assert ev == detect({"loss": loss}, lr=0.1, horizon=400, spike_smooth=20)
+    assert not [e for e in ev if e.kind == "loss_spike"]
+    assert detect_run(tmp_path, write=False, spike_smooth=1, kinds=["loss_spike"])  # an explicit option wins

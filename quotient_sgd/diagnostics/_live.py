@@ -25,18 +25,38 @@ def _lr_from_config(cfg: Mapping[str, Any]):
     return None
 
 
+def _options_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The detector settings ``quotient-sgd run`` uses for its own ``events.json``
+    (``quotient_sgd.runner._report.detect_events``): ``horizon`` = the planned steps, and a mini-batch loss
+    (``data.batch_size > 0``) judged for spikes on a 20-step causal mean."""
+    out: dict[str, Any] = {}
+    if isinstance(cfg.get("steps"), int) and not isinstance(cfg.get("steps"), bool) and cfg["steps"] > 0:
+        out["horizon"] = cfg["steps"]
+    data = cfg.get("data")
+    if isinstance(data, Mapping) and isinstance(data.get("batch_size"), int):
+        out["spike_smooth"] = 1 if data["batch_size"] == 0 else 20
+    return out
+
+
 def detect_run(run_dir: str | os.PathLike, *, lr=None, write: bool = True, **options) -> list[Event]:
     """Run :func:`detect` on ``run_dir/trajectory.npz`` and (``write=True``) write ``run_dir/events.json``.
 
-    The learning rate comes from ``lr`` or, failing that, from ``run_dir/config.json``.  Sweep trajectories
+    The learning rate comes from ``lr`` or, failing that, from ``run_dir/config.json``; so do, unless given,
+    the settings the run itself detected with (``horizon`` = the config's ``steps``; ``spike_smooth=20`` for a
+    mini-batch loss), so that re-detecting a run directory rewrites the run's own events.  Sweep trajectories
     (an extra leading sweep axis) are not split here: pass one member's trajectory to :func:`detect`.
     """
     run_dir = os.fspath(run_dir)
     with np.load(os.path.join(run_dir, "trajectory.npz")) as z:
         traj = {k: z[k] for k in z.files}
-    if lr is None and os.path.exists(os.path.join(run_dir, "config.json")):
+    if os.path.exists(os.path.join(run_dir, "config.json")):
         with open(os.path.join(run_dir, "config.json")) as f:
-            lr = _lr_from_config(json.load(f))
+            cfg = json.load(f)
+        if lr is None:
+            lr = _lr_from_config(cfg)
+        # without them a mini-batch run's loss noise was re-detected as dozens of loss spikes, overwriting the
+        # run's own (empty) events.json
+        options = {**_options_from_config(cfg), **options}
     events = detect(traj, lr=lr, **options)
     if write:
         save_events(os.path.join(run_dir, "events.json"), events)

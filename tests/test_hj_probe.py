@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quotient_sgd.hj import Grid, Spectral
+from quotient_sgd.hj import Grid, solve_burgers, solve_hj, Spectral
 
 
 @pytest.mark.parametrize("n", [63, 64, 96, 97])
@@ -22,3 +22,37 @@ def test_dealiasing_leaves_no_aliased_mode(x64, n, form):
     allowed[:, 0] = True
     allowed[ms[2 * ms <= n // 2], 2 * ms[2 * ms <= n // 2]] = True
     assert np.max(np.where(allowed, 0.0, out)) < 1e-9 * n * n, np.argwhere(~allowed & (out > 1e-9 * n * n))
+
+
+@pytest.mark.parametrize("arg", ["t1", "nu", "p0", "dt"])
+def test_solve_refuses_non_finite_inputs(arg):
+    """A NaN t1 returned the initial data as the solution at t = 0; a NaN nu or p0 ran 16384 steps into a
+    max_steps error; t1 = inf did too."""
+    g = Grid(16, -1.0, 1.0)
+    kw = dict(p0=-jnp.sin(jnp.pi * g.x), nu=0.1, t1=0.1, dt=0.01)
+    kw[arg] = kw[arg].at[3].set(jnp.nan) if arg == "p0" else float("nan")
+    with pytest.raises(ValueError, match=f"{arg}.*finite"):
+        solve_burgers(kw.pop("p0"), g, **kw)
+    with pytest.raises(ValueError, match="t1=inf is not finite"):
+        solve_hj(jnp.cos(g.x), g, nu=0.1, t1=float("inf"))
+
+
+def test_traced_non_finite_t1_raises():
+    g = Grid(16, -1.0, 1.0)
+    p0 = -jnp.sin(jnp.pi * g.x)
+    run = jax.jit(lambda t1: solve_burgers(p0, g, nu=0.1, t1=t1, dt=0.05).ps[-1])
+    assert np.all(np.isfinite(np.asarray(run(0.1))))
+    with pytest.raises(Exception, match="not finite"):
+        jax.block_until_ready(run(jnp.nan))
+
+
+def test_half_precision_field_runs_in_float32_and_complex_is_refused():
+    g = Grid(16, -1.0, 1.0)
+    p0 = -jnp.sin(jnp.pi * g.x)
+    ref = solve_burgers(p0, g, nu=0.1, t1=0.1, dt=0.05).ps[-1]
+    for half in (jnp.float16, jnp.bfloat16):
+        p = solve_burgers(p0.astype(half), g, nu=0.1, t1=0.1, dt=0.05).ps[-1]
+        assert p.dtype == jnp.float32
+        assert np.max(np.abs(np.asarray(p - ref))) < 1e-2
+    with pytest.raises(TypeError, match="p0 has dtype complex64"):
+        solve_burgers(p0.astype(jnp.complex64), g, nu=0.1, t1=0.1)

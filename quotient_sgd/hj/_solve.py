@@ -116,6 +116,17 @@ def _concrete_negative(value, strict: bool):
     return value if bool(np.any(bad)) else None
 
 
+def _concrete_non_finite(value):
+    """``True`` when ``value`` is known (not traced) and has a NaN or infinite entry."""
+    if value is None:
+        return False
+    try:
+        a = np.asarray(value)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError, TypeError):
+        return False
+    return a.dtype.kind in "fc" and not bool(np.all(np.isfinite(a)))
+
+
 def _check_save_times(name, ts, t1) -> None:
     """``ValueError`` when known (not traced) save times are not non-decreasing within ``[0, t1]``."""
     try:
@@ -130,9 +141,15 @@ def _check_save_times(name, ts, t1) -> None:
 def _solve(form, name, y0, grid, *, nu, t1, ts, scheme, solver, rtol, atol, max_steps, dt0, adaptive,
            adjoint, progress, dt=None):
     scheme = as_scheme(scheme)
+    field = "p0" if form == "burgers" else "u0"
     y0 = jnp.asarray(y0)
+    if jnp.issubdtype(y0.dtype, jnp.complexfloating):
+        raise TypeError(f"{name}: {field} has dtype {y0.dtype}; the field must be real (float32 or float64).")
     if not jnp.issubdtype(y0.dtype, jnp.floating):
         y0 = y0.astype(float)
+    elif jnp.finfo(y0.dtype).bits < 32:
+        # half precision (e.g. a bfloat16 network's loss slice): the FFTs and Diffrax's controllers need >= 32 bits
+        y0 = y0.astype(jnp.float32)
     dtype = y0.dtype
     want = grid.shape if (form == "hj" or grid.ndim == 1) else (2, *grid.shape)
     if y0.shape != want:
@@ -150,6 +167,10 @@ def _solve(form, name, y0, grid, *, nu, t1, ts, scheme, solver, rtol, atol, max_
         bad = _concrete_negative(value, strict=arg.startswith("dt"))
         if bad is not None:
             raise ValueError(f"{name}: {arg}={bad} is not allowed; need {allowed}.")
+    for arg, value in ((field, y0), ("nu", nu), ("t1", t1), ("dt", dt), ("dt0", dt0)):
+        if _concrete_non_finite(value):
+            what = f"{arg} has a NaN or infinite entry" if arg == field else f"{arg}={value} is not finite"
+            raise ValueError(f"{name}: {what}; it must be finite.")
     for arg, value in (("nu", nu), ("t1", t1)):
         if jnp.ndim(value) != 0:
             raise ValueError(f"{name}: {arg} must be a scalar, got shape {jnp.shape(value)}; for several values "
@@ -251,6 +272,12 @@ def _integrate(form, name, grid, term, solver, y0, nu, t1, ts, dt, dt0, rtol, at
             progress_meter=dfx.TqdmProgressMeter() if progress else dfx.NoProgressMeter(),
         )
     ys = sol.ys
+    # traced values escape _solve's checks: a NaN t1 ends the solve at once (returning y0), a NaN nu or y0 runs
+    # into max_steps; name the cause instead
+    ys = eqx.error_if(
+        ys, ~jnp.isfinite(t1) | ~jnp.isfinite(nu) | ~jnp.all(jnp.isfinite(y0)),
+        f"{name}: nu, t1 or the initial field is not finite; all must be finite.",
+    )
     ys = eqx.error_if(
         ys, sol.result == dfx.RESULTS.max_steps_reached,
         f"{name}: max_steps={max_steps} steps were taken before reaching t1. {advice}",
@@ -275,7 +302,9 @@ def solve_burgers(p0, grid: AnyGrid, *, nu, t1, ts=None, scheme="spectral", solv
     """Solve the viscous Burgers equation ``p_t + (p . grad) p = nu Lap p`` from ``p0`` (THEORY section 3).
 
     Args:
-        p0: initial gradient field, shape ``(n,)`` (1-D) or ``(2, nx, ny)`` (2-D, a gradient field).
+        p0: initial gradient field, shape ``(n,)`` (1-D) or ``(2, nx, ny)`` (2-D, a gradient field); real and
+            finite.  Integer and half-precision (float16, bfloat16) fields are solved in float32 / the default
+            float.
         grid: :class:`Grid` or :class:`Grid2D`.
         nu: viscosity (differentiable, vmappable).
         t1: final time (differentiable).

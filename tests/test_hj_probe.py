@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quotient_sgd.hj import Grid, solve_burgers, solve_hj, Spectral
+from quotient_sgd.hj import cole_hopf, Grid, solve_burgers, solve_hj, Spectral
 
 
 @pytest.mark.parametrize("n", [63, 64, 96, 97])
@@ -56,3 +56,15 @@ def test_half_precision_field_runs_in_float32_and_complex_is_refused():
         assert np.max(np.abs(np.asarray(p - ref))) < 1e-2
     with pytest.raises(TypeError, match="p0 has dtype complex64"):
         solve_burgers(p0.astype(jnp.complex64), g, nu=0.1, t1=0.1)
+
+
+def test_cole_hopf_integer_points_and_num(x64):
+    """Integer points gave NaN in 2-D (the quadrature nodes took the points' integer dtype); num=1 gave -inf."""
+    t, nu = 0.5, 0.1  # L = |y|^2 / 2: u = |x|^2 / (2 (1 + t)) + d nu log(1 + t)
+    u = cole_hopf(lambda z: 0.5 * (z[0] ** 2 + z[1] ** 2), jnp.asarray([[0, 1], [1, 0]]), t, nu, ndim=2, num=101)
+    assert np.allclose(np.asarray(u), 1 / (2 * (1 + t)) + 2 * nu * np.log(1 + t), atol=1e-8)
+    u1 = cole_hopf(lambda y: 0.5 * y * y, jnp.asarray([0, 1]), t, nu)
+    assert np.allclose(np.asarray(u1), np.asarray([0.0, 1.0]) / (2 * (1 + t)) + nu * np.log(1 + t), atol=1e-8)
+    for num in (1, 2, 10.5):
+        with pytest.raises(ValueError, match="num="):
+            cole_hopf(lambda y: 0.5 * y * y, jnp.asarray([0.0]), t, nu, num=num)

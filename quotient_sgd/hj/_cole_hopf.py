@@ -29,9 +29,15 @@ def _window(t, nu, lipschitz):
     return lipschitz * t + jnp.sqrt((lipschitz * t) ** 2 + 160.0 * nu * t)
 
 
-def _quadrature_1d(loss, x, t, nu, num, lipschitz):
+def _float_points(x):
+    """``x`` as a float array (integer points in the default float)."""
     x = jnp.asarray(x)
-    dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.zeros((), float).dtype
+    return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.zeros((), float).dtype)
+
+
+def _quadrature_1d(loss, x, t, nu, num, lipschitz):
+    x = _float_points(x)
+    dtype = x.dtype
     t, nu = jnp.asarray(t, dtype), jnp.asarray(nu, dtype)
     w = _window(t, nu, lipschitz)
     s = jnp.linspace(-1.0, 1.0, num, dtype=dtype) * w
@@ -50,7 +56,7 @@ def _quadrature_1d(loss, x, t, nu, num, lipschitz):
 
 
 def _quadrature_2d(loss, x, t, nu, num, lipschitz):
-    x = jnp.asarray(x)
+    x = _float_points(x)
     dtype = x.dtype
     t, nu = jnp.asarray(t, dtype), jnp.asarray(nu, dtype)
     w = _window(t, nu, lipschitz)
@@ -85,12 +91,15 @@ def _check_positive(name: str, **values) -> None:
 
 def _dispatch(loss, x, t, nu, ndim, num, lipschitz):
     _check_positive("cole_hopf", t=t, nu=nu)
+    if num is not None and (int(num) != num or num < 3):
+        raise ValueError(f"cole_hopf: num={num!r} is not allowed; need an integer >= 3 quadrature points per axis "
+                         "(the spacing must resolve the weight's width, see the module docstring).")
     if ndim == 1:
-        return _quadrature_1d(loss, x, t, nu, 4001 if num is None else num, lipschitz)
+        return _quadrature_1d(loss, x, t, nu, 4001 if num is None else int(num), lipschitz)
     if ndim == 2:
         if jnp.shape(x)[0] != 2:
             raise ValueError(f"cole_hopf(ndim=2) wants points of shape (2, ...), got {jnp.shape(x)}.")
-        return _quadrature_2d(loss, x, t, nu, 201 if num is None else num, lipschitz)
+        return _quadrature_2d(loss, x, t, nu, 201 if num is None else int(num), lipschitz)
     raise ValueError(f"cole_hopf quadrature is for ndim 1 or 2 (got {ndim}); use cole_hopf_monte_carlo.")
 
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quotient_sgd.hj import cole_hopf, Grid, solve_burgers, solve_hj, Spectral
+from quotient_sgd.hj import cole_hopf, Grid, slice_flow, solve_burgers, solve_hj, Spectral
 
 
 @pytest.mark.parametrize("n", [63, 64, 96, 97])
@@ -68,3 +68,20 @@ def test_cole_hopf_integer_points_and_num(x64):
     for num in (1, 2, 10.5):
         with pytest.raises(ValueError, match="num="):
             cole_hopf(lambda y: 0.5 * y * y, jnp.asarray([0.0]), t, nu, num=num)
+
+
+def test_slice_flow_under_jit(x64):
+    """slice_flow sized its margin with jnp.ceil, a tracer under jax.jit: any jitted caller crashed."""
+    w, d = jnp.asarray([0.3, -0.2]), jnp.asarray([1.0, 0.0])
+
+    def loss_fn(p):
+        return 0.5 * jnp.sum(p**2)
+
+    def run(eta, nu):
+        return slice_flow(loss_fn, w, d, extent=1.0, n=11, eta=eta, k=3, nu=nu, dt=0.05).u
+
+    u = jax.jit(run)(0.1, 0.05)
+    a, t = np.linspace(-1.0, 1.0, 11), 0.3  # quadratic slice: u = 0.02 + (a + 0.3)^2 / (2 (1 + t)) + nu log(1 + t)
+    assert np.allclose(np.asarray(u), 0.02 + (a + 0.3) ** 2 / (2 * (1 + t)) + 0.05 * np.log(1 + t), atol=1e-4)
+    with pytest.raises(ValueError, match="extent=-1.0"):
+        slice_flow(loss_fn, w, d, extent=-1.0, n=21, eta=0.1, k=3, nu=0.05)

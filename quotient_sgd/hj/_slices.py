@@ -14,11 +14,13 @@ independent of the boundary treatment as long as information from the boundary c
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ._custom_types import Array
 from ._grid import AnyGrid, Grid, Grid2D
@@ -94,8 +96,15 @@ def slice_flow(loss_fn: Callable, params, directions, *, extent: float, n: int, 
     """
     ds = _directions(directions)
     dim = len(ds)
+    if not (int(n) == n and n >= 4):
+        raise ValueError(f"slice_flow: n={n!r} is not allowed; need an integer >= 4 points along each direction.")
+    if not (np.isfinite(extent) and extent > 0) or not (np.isfinite(margin) and margin >= 0):
+        raise ValueError(f"slice_flow: extent={extent!r}, margin={margin!r} are not allowed; need a finite "
+                         "extent > 0 and margin >= 0 (plain numbers: they fix the grid, so they cannot be traced).")
+    n = int(n)
     dx = 2 * extent / (n - 1)
-    pad = int(jnp.ceil(margin * extent / dx))
+    # Python arithmetic (the grid size is static, also under jax.jit); the slack absorbs rounding of the ratio
+    pad = math.ceil(margin * extent / dx - 1e-9)
     lo, hi = -extent - pad * dx, extent + pad * dx
     g1 = Grid(n + 2 * pad, lo, hi, periodic=False)
     crop1 = Grid(n, -extent, extent, periodic=False)

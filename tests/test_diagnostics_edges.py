@@ -2,6 +2,7 @@
 signed losses, degenerate and malformed inputs."""
 
 import numpy as np
+import pytest
 
 from quotient_sgd.diagnostics import LiveDetector, detect
 
@@ -131,3 +132,41 @@ def test_zero_initial_loss_is_no_divergence_baseline():
     assert detect({"loss": loss}, kinds=["divergence"]) == []
     loss[30] = np.nan
     assert [e.step for e in detect({"loss": loss}, kinds=["divergence"])] == [30]
+
+
+def test_edge_of_stability_moves_with_momentum():
+    """With momentum the step turns unstable at eta lambda = 2 (1 + beta) (Nesterov: 2 (1 + beta) / (1 + 2 beta)),
+    checked on the quadratic itself; the detector's level 2 follows it."""
+    from quotient_sgd.diagnostics import stability_edge
+
+    def blows_up(x, beta, nesterov):  # optax.sgd's recursion on L = lambda theta^2 / 2, x = eta lambda
+        th, m = 1.0, 0.0
+        for _ in range(3000):
+            m = beta * m + x * th
+            th -= x * th + beta * m if nesterov else m
+            if abs(th) > 1e6:
+                return True
+        return False
+
+    for beta, nesterov in ((0.0, False), (0.5, False), (0.9, False), (0.5, True), (0.9, True)):
+        e = stability_edge(beta, nesterov)
+        assert blows_up(1.01 * e, beta, nesterov) and not blows_up(0.99 * e, beta, nesterov), (beta, nesterov)
+    lr = 0.1
+    traj = {"loss": np.ones(60), "sharpness_horizontal": np.r_[np.full(20, 10.0), np.full(20, 30.0),
+                                                                np.full(20, 39.0)]}
+    levels = lambda **kw: sorted(e.details["level"] for e in detect(traj, lr=lr, kinds=["edge_of_stability"], **kw))
+    assert levels() == [1.0, 2.0]                      # eta lambda = 3: past 2 without momentum
+    assert levels(momentum=0.9) == [1.9, 3.8]          # 3.9 > 3.8, 3.0 < 3.8: one crossing each, the later one
+    first = {e.details["level"]: e.step for e in detect(traj, lr=lr, kinds=["edge_of_stability"], momentum=0.9)}
+    assert first[3.8] == 40 and first[1.9] == 20
+    with pytest.raises(ValueError, match="momentum"):
+        detect(traj, lr=lr, momentum=1.5)
+
+
+def test_run_directories_are_detected_with_their_momentum():
+    from quotient_sgd.diagnostics._live import _options_from_config
+
+    sgd = {"steps": 10, "optim": {"name": "sgd", "momentum": 0.9, "nesterov": True}}
+    assert _options_from_config(sgd) == {"horizon": 10, "momentum": 0.9, "nesterov": True}
+    for optim in ({"name": "sgd", "momentum": 0.0}, {"name": "adamw", "momentum": 0.9}):
+        assert "momentum" not in _options_from_config({"steps": 10, "optim": optim})

@@ -24,6 +24,7 @@ from ._detect import detect_fold as detect_fold
 from ._detect import detect_loss_spike as detect_loss_spike
 from ._detect import detect_shock as detect_shock
 from ._detect import detect_transition as detect_transition
+from ._detect import stability_edge as stability_edge
 from ._events import Event as Event
 from ._events import load_events as load_events
 from ._events import save_events as save_events
@@ -36,5 +37,5 @@ __all__ = [
     "ALL_KINDS", "Alarm", "Event", "LiveDetector", "ShockAwareState", "cusum", "cusum_threshold",
     "default_transition_keys", "detect", "detect_catapult", "detect_divergence", "detect_edge_of_stability",
     "detect_fold", "detect_loss_spike", "detect_run", "detect_shock", "detect_transition", "gauge_transport",
-    "load_events", "save_events", "shock_aware_lr", "stability_decomposition",
+    "load_events", "save_events", "shock_aware_lr", "stability_decomposition", "stability_edge",
 ]

@@ -176,9 +176,25 @@ def detect_fold(traj, *, steps, lr=None, fold_levels: Sequence[float] = (1.0, 2.
     return out
 
 
+def stability_edge(momentum: float = 0.0, nesterov: bool = False) -> float:
+    """The value of ``eta * lambda`` at which SGD with momentum ``beta`` (optax's form: ``m+ = beta m + g``, step
+    ``-eta m+``, or ``-eta (g + beta m+)`` with ``nesterov``) turns unstable on a quadratic of curvature
+    ``lambda``: ``2 (1 + beta)`` for heavy ball, ``2 (1 + beta) / (1 + 2 beta)`` for Nesterov, ``2`` without
+    momentum (the roots of ``z^2 - (1 + beta - eta lambda) z + beta = 0``, resp. of Nesterov's recursion, leave the
+    unit disc there)."""
+    b = float(momentum)
+    return 2 * (1 + b) / (1 + 2 * b) if nesterov else 2 * (1 + b)
+
+
 def detect_edge_of_stability(traj, *, steps, lr=None, eos_levels: Sequence[float] = (1.0, 2.0),
-                             rearm: float = 0.9, **_) -> list[Event]:
+                             rearm: float = 0.9, momentum: float = 0.0, nesterov: bool = False,
+                             **_) -> list[Event]:
     """``edge_of_stability``: ``eta * lambda_max`` crossing 1 and 2 (Cohen et al. 2021; THEORY sections 3-4).
+
+    With momentum (``momentum=beta``, ``nesterov``) the edge of the step is not at ``eta lambda = 2`` but at
+    :func:`stability_edge` (3.8 for heavy ball with ``beta = 0.9``): the levels are multiplied by
+    ``stability_edge(beta, nesterov) / 2``, so that level 2 still means "unstable on the quadratic"; the event's
+    ``details`` give the scaled ``level`` and the ``edge``.
 
     - variant ``step``: ``lambda_max`` of the horizontal Hessian at the current point (what the step sees), with
       the decomposition ``lambda_step = lambda_canonical * gauge_factor`` and ``gauge_factor_charges`` (the
@@ -189,6 +205,7 @@ def detect_edge_of_stability(traj, *, steps, lr=None, eos_levels: Sequence[float
     """
     if lr is None:
         return []
+    edge = stability_edge(momentum, nesterov)
     out = []
     for variant in ("step", "quotient", "raw"):
         key = first_key(traj, SHARPNESS_KEYS[variant])
@@ -197,12 +214,14 @@ def detect_edge_of_stability(traj, *, steps, lr=None, eos_levels: Sequence[float
         idx = np.nonzero(fresh_mask(traj, key, steps))[0]
         q = lr * np.asarray(traj[key], dtype=np.float64)
         for level in eos_levels:
+            level = level * edge / 2
             for ev in _threshold_events(traj, key, q, idx, steps, "edge_of_stability", level, variant, rearm, lr):
                 # the row of the event (``steps`` need not be sorted); the learning rate *at* that step (with a
                 # schedule, ``lr[0]`` was reported: a warm-up's first value instead of the one that crossed)
                 i = int(np.nonzero(steps == ev.step)[0][0])
                 obs = {key: _f(traj[key][i]), "lr": _f(lr[i])}
-                out.append(Event(ev.step, ev.kind, ev.strength, obs, variant, is_invariant(obs), ev.details))
+                details = {**ev.details, "edge": edge} if edge != 2 else ev.details
+                out.append(Event(ev.step, ev.kind, ev.strength, obs, variant, is_invariant(obs), details))
     return out
 
 
@@ -398,7 +417,8 @@ def detect(trajectory, *, lr=None, kinds: Iterable[str] | None = None, start_ste
         **options: detector options (``alpha``, ``block``, ``transition_keys``, ``spike_factor``,
             ``spike_window``, ``spike_smooth``, ``drop_factor``, ``confirm_window``, ``eos_levels``, ``fold_levels``,
             ``shock_level``, ``rearm``, ``divergence_factor``, ``divergence_patience``, ``slice_shocks``, ``horizon``,
-            ``transform``, ``k``, ``min_ref``, ``variants``).
+            ``transform``, ``k``, ``min_ref``, ``variants``; ``momentum`` and ``nesterov`` of an SGD run move the
+            edge of stability to :func:`stability_edge`).
 
     Returns:
         Events sorted by step (then kind).

@@ -35,7 +35,17 @@ def _options_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     data = cfg.get("data")
     if isinstance(data, Mapping) and isinstance(data.get("batch_size"), int):
         out["spike_smooth"] = 1 if data["batch_size"] == 0 else 20
+    optim = cfg.get("optim")
+    if isinstance(optim, Mapping) and optim.get("name") == "sgd":
+        out.update(momentum_options(optim.get("momentum", 0.0), optim.get("nesterov", False)))
     return out
+
+
+def momentum_options(momentum, nesterov) -> dict[str, Any]:
+    """``{"momentum", "nesterov"}`` for :func:`detect` from an SGD run's settings (empty without momentum)."""
+    if isinstance(momentum, (int, float)) and not isinstance(momentum, bool) and 0 < momentum < 1:
+        return {"momentum": float(momentum), "nesterov": bool(nesterov)}
+    return {}
 
 
 def detect_run(run_dir: str | os.PathLike, *, lr=None, write: bool = True, **options) -> list[Event]:

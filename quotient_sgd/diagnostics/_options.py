@@ -62,6 +62,8 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "drop_factor": (lambda v: _real(v) and 0 < v < 1, "a number in (0, 1)"),
     "confirm_window": (lambda v: _int(v) and v >= 1, "an integer >= 1 (steps)"),
     "eos_levels": (_levels, "a non-empty sequence of finite numbers > 0, e.g. (1.0, 2.0)"),
+    "momentum": (lambda v: _real(v) and 0 <= v < 1, "a number in [0, 1) (SGD's momentum beta)"),
+    "nesterov": (lambda v: isinstance(v, (bool, np.bool_)), "True or False"),
     "fold_levels": (_levels, "a non-empty sequence of finite numbers > 0, e.g. (1.0, 2.0)"),
     "shock_level": (lambda v: _real(v) and v > 0, "a finite number > 0"),
     "rearm": (lambda v: _real(v) and 0 < v <= 1, "a number in (0, 1]"),

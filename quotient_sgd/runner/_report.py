@@ -176,7 +176,11 @@ def detect_events(s: Settings, traj: dict, diverged: dict | None) -> tuple[list[
             # mini-batch losses fluctuate step to step: spikes are judged on a 20-step causal mean (full batch:
             # the raw loss), as in experiments/normalised_cnn.py
             smooth = 1 if s.data.batch_size == 0 else 20
-            out = [e.to_dict() for e in detect(finite, lr=s.optim.lr, horizon=s.steps, spike_smooth=smooth)]
+            from ..diagnostics._live import momentum_options
+
+            # with momentum the edge of stability is at eta lambda = 2 (1 + beta) (Nesterov: / (1 + 2 beta))
+            mom = momentum_options(s.optim.momentum, s.optim.nesterov) if s.optim.name == "sgd" else {}
+            out = [e.to_dict() for e in detect(finite, lr=s.optim.lr, horizon=s.steps, spike_smooth=smooth, **mom)]
         except Exception as e:  # a diagnostic failing must not lose the run's outputs
             err = f"{type(e).__name__}: {e}"
     if diverged is not None:

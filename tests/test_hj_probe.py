@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quotient_sgd.hj import cole_hopf, Grid, slice_flow, solve_burgers, solve_hj, Spectral
+from quotient_sgd.hj import (cole_hopf, find_shocks, Grid, shock_time, shock_time_from_hessian, slice_flow, solve_burgers,
+                              solve_hj, Spectral)
 
 
 @pytest.mark.parametrize("n", [63, 64, 96, 97])
@@ -61,7 +62,7 @@ def test_half_precision_field_runs_in_float32_and_complex_is_refused():
 def test_cole_hopf_integer_points_and_num(x64):
     """Integer points gave NaN in 2-D (the quadrature nodes took the points' integer dtype); num=1 gave -inf."""
     t, nu = 0.5, 0.1  # L = |y|^2 / 2: u = |x|^2 / (2 (1 + t)) + d nu log(1 + t)
-    u = cole_hopf(lambda z: 0.5 * (z[0] ** 2 + z[1] ** 2), jnp.asarray([[0, 1], [1, 0]]), t, nu, ndim=2, num=101)
+    u = cole_hopf(lambda z: 0.5 * (z[0] ** 2 + z[1] ** 2), jnp.asarray([[0, 1], [1, 0]]), t, nu, ndim=2, num=61)
     assert np.allclose(np.asarray(u), 1 / (2 * (1 + t)) + 2 * nu * np.log(1 + t), atol=1e-8)
     u1 = cole_hopf(lambda y: 0.5 * y * y, jnp.asarray([0, 1]), t, nu)
     assert np.allclose(np.asarray(u1), np.asarray([0.0, 1.0]) / (2 * (1 + t)) + nu * np.log(1 + t), atol=1e-8)
@@ -85,3 +86,24 @@ def test_slice_flow_under_jit(x64):
     assert np.allclose(np.asarray(u), 0.02 + (a + 0.3) ** 2 / (2 * (1 + t)) + 0.05 * np.log(1 + t), atol=1e-4)
     with pytest.raises(ValueError, match="extent=-1.0"):
         slice_flow(loss_fn, w, d, extent=-1.0, n=21, eta=0.1, k=3, nu=0.05)
+
+
+@pytest.mark.parametrize("periodic", [True, False])
+def test_find_shocks_on_grids_smaller_than_its_slots(periodic):
+    """n = 4..7 points with the default 8 slots crashed in lax.top_k; a step down is found, other slots stay empty
+    (the default threshold, 10 x the mean slope, is above any slope n < 10 points can show)."""
+    for n in (4, 7):
+        g = Grid(n, -1.0, 1.0, periodic=periodic)
+        s = find_shocks(jnp.where(g.x < 0.2, 1.0, -1.0), g, window=1, min_steepness=0.5)
+        assert s.location.shape == (8,) and 1 <= int(s.count) <= 2  # the step down (and the seam, if periodic)
+        assert max(d["jump"] for d in s.to_list()) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="window=0"):
+        find_shocks(jnp.zeros(8), Grid(8, -1.0, 1.0), window=0)
+
+
+def test_shock_time_of_a_nan_field_is_nan():
+    """A NaN field (a diverged solve) read as 'no compression': t* = inf."""
+    g = Grid(32, -1.0, 1.0)
+    assert np.isnan(float(shock_time(jnp.where(g.x < 0, jnp.nan, -jnp.sin(jnp.pi * g.x)), g)))
+    assert np.isnan(float(shock_time_from_hessian(jnp.nan)))
+    assert np.isinf(float(shock_time_from_hessian(2.0))) and float(shock_time_from_hessian(-2.0)) == 0.5

@@ -37,10 +37,11 @@ def _diff(p: Array, g: Grid, axis: int) -> Array:
 
 
 def shock_time_from_hessian(lambda_min) -> Array:
-    """t* = 1 / max(0, -lambda_min) (inf when the loss is locally convex); THEORY section 3."""
+    """t* = 1 / max(0, -lambda_min) (inf when the loss is locally convex, NaN for NaN); THEORY section 3."""
     lam = jnp.asarray(lambda_min)
     neg = jnp.maximum(-lam, jnp.zeros_like(lam))
-    return jnp.where(neg > 0, 1.0 / jnp.where(neg > 0, neg, jnp.ones_like(neg)), jnp.inf)
+    t = jnp.where(neg > 0, 1.0 / jnp.where(neg > 0, neg, jnp.ones_like(neg)), jnp.inf)
+    return jnp.where(jnp.isnan(lam), jnp.full_like(t, jnp.nan), t)  # NaN in (e.g. a diverged field), NaN out: not "no shock"
 
 
 def shock_time(p0: Array, grid: AnyGrid) -> Array:
@@ -127,6 +128,11 @@ def find_shocks(p: Array, grid: Grid, *, max_shocks: int = 8, min_steepness=None
         raise ValueError(f"find_shocks takes a 1-D field of shape {grid.shape}, got {p.shape}; for 2-D fields "
                          "take 1-D cuts.")
     n, dx = grid.n, grid.dx
+    if not (int(max_shocks) == max_shocks and max_shocks >= 1):
+        raise ValueError(f"find_shocks: max_shocks={max_shocks!r} is not allowed; need an integer >= 1.")
+    if window is not None and not (int(window) == window and window >= 1):
+        raise ValueError(f"find_shocks: window={window!r} is not allowed; need an integer >= 1 cells (or None).")
+    max_shocks = int(max_shocks)
     w = max(4, n // 32) if window is None else int(window)
     dp = _diff(p, grid, 0)
     s = jnp.abs(dp) if include_inadmissible else -dp
@@ -142,7 +148,11 @@ def find_shocks(p: Array, grid: Grid, *, max_shocks: int = 8, min_steepness=None
     for k in (1, 2, 3):
         peak = peak & (s >= s[nb(-k)]) & (s > s[nb(k)])
     score = jnp.where(peak, s, -jnp.inf)
-    top, i = jax.lax.top_k(score, max_shocks)
+    # a grid with fewer points than slots (n = 4 with the default 8) fills the rest with empty slots
+    top, i = jax.lax.top_k(score, min(max_shocks, n))
+    if max_shocks > n:
+        top = jnp.concatenate([top, jnp.full((max_shocks - n,), -jnp.inf, top.dtype)])
+        i = jnp.concatenate([i, jnp.zeros((max_shocks - n,), i.dtype)])
     valid = jnp.isfinite(top)
     # sub-grid location: vertex of the parabola through the steepness at i - 1, i, i + 1
     sm, s0, sp = s[nb(-1)][i], s[i], s[nb(1)][i]

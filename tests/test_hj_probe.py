@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quotient_sgd.hj import (cole_hopf, find_shocks, Grid, shock_time, shock_time_from_hessian, slice_flow, solve_burgers,
-                              solve_hj, Spectral)
+from quotient_sgd.hj import (cole_hopf, find_shocks, Grid, shock_time, shock_time_from_hessian, slice_flow,
+                             solve_burgers, solve_hj, Spectral)
 
 
 @pytest.mark.parametrize("n", [63, 64, 96, 97])

@@ -41,7 +41,8 @@ def shock_time_from_hessian(lambda_min) -> Array:
     lam = jnp.asarray(lambda_min)
     neg = jnp.maximum(-lam, jnp.zeros_like(lam))
     t = jnp.where(neg > 0, 1.0 / jnp.where(neg > 0, neg, jnp.ones_like(neg)), jnp.inf)
-    return jnp.where(jnp.isnan(lam), jnp.full_like(t, jnp.nan), t)  # NaN in (e.g. a diverged field), NaN out: not "no shock"
+    # NaN in (e.g. a diverged field), NaN out: not inf, which would read as "no compression"
+    return jnp.where(jnp.isnan(lam), jnp.full_like(t, jnp.nan), t)
 
 
 def shock_time(p0: Array, grid: AnyGrid) -> Array:

@@ -169,7 +169,7 @@ def _solve(form, name, y0, grid, *, nu, t1, ts, scheme, solver, rtol, atol, max_
             raise ValueError(f"{name}: {arg}={bad} is not allowed; need {allowed}.")
     for arg, value in ((field, y0), ("nu", nu), ("t1", t1), ("dt", dt), ("dt0", dt0)):
         if _concrete_non_finite(value):
-            what = f"{arg} has a NaN or infinite entry" if arg == field else f"{arg}={value} is not finite"
+            what = f"{arg} is not finite (a NaN or infinite entry)" if arg == field else f"{arg}={value} is not finite"
             raise ValueError(f"{name}: {what}; it must be finite.")
     for arg, value in (("nu", nu), ("t1", t1)):
         if jnp.ndim(value) != 0:

@@ -320,8 +320,10 @@ def solve_burgers(p0, grid: AnyGrid, *, nu, t1, ts=None, scheme="spectral", solv
             differentiates exactly the map finite differences see.
         max_steps: step budget (finite, as reverse-mode autodiff needs); exceeding it raises an error.
         dt0, adaptive: initial step of adaptive stepping; ``adaptive=False`` with ``dt0`` means ``dt=dt0``.
-        adjoint: a diffrax adjoint; RecursiveCheckpointAdjoint by default.  BacksolveAdjoint is refused: it
-            integrates the viscous equation backwards in time, which is anti-diffusive and blows up.
+        adjoint: a diffrax adjoint; RecursiveCheckpointAdjoint by default (reverse mode: ``jax.grad`` /
+            ``jax.vjp``).  For forward mode (``jax.jvp``, ``jax.jacfwd``) pass ``diffrax.ForwardMode()``: the
+            default's custom VJP refuses ``jvp``.  BacksolveAdjoint is refused: it integrates the viscous equation
+            backwards in time, which is anti-diffusive and blows up.
         progress: show a tqdm progress meter.
 
     Returns:

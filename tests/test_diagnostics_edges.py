@@ -170,3 +170,11 @@ def test_run_directories_are_detected_with_their_momentum():
     assert _options_from_config(sgd) == {"horizon": 10, "momentum": 0.9, "nesterov": True}
     for optim in ({"name": "sgd", "momentum": 0.0}, {"name": "adamw", "momentum": 0.9}):
         assert "momentum" not in _options_from_config({"steps": 10, "optim": optim})
+
+
+def test_live_detector_keeps_a_key_that_appears_in_a_later_chunk():
+    """An observable first recorded in the second chunk is monitored from there (it was dropped for the run)."""
+    live = LiveDetector(lr=0.1, kinds=["edge_of_stability"])
+    assert live.update({"loss": np.ones(20)}) == []
+    new = live.update({"loss": np.ones(20), "sharpness_horizontal": np.r_[np.full(10, 15.0), np.full(10, 25.0)]})
+    assert [(e.step, e.details["level"]) for e in new if e.variant == "step"] == [(20, 1.0), (30, 2.0)]

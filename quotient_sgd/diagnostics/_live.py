@@ -108,8 +108,7 @@ class LiveDetector:
 
     def update(self, chunk) -> list[Event]:
         self._chunks.append(flatten_trajectory(chunk))
-        keys = set.intersection(*(set(c) for c in self._chunks))
-        traj = {k: np.concatenate([c[k] for c in self._chunks], axis=0) for k in keys}
+        traj = _concatenate(self._chunks)
         lr = self.lr
         if lr is not None and np.ndim(lr) == 1:
             lr = np.asarray(lr)[: len(traj["loss"])]
@@ -122,3 +121,25 @@ class LiveDetector:
         if self.path is not None:
             save_events(self.path, self.events)
         return new
+
+
+def _concatenate(chunks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The chunks' series end to end.  A key missing from some chunks (recorded from a later chunk on, e.g. an
+    observable switched on mid-run) is NaN there rather than dropped for the whole run; a key whose per-step shape
+    changes between chunks is dropped."""
+    out = {}
+    for k in dict.fromkeys(k for c in chunks for k in c):
+        have = [np.asarray(c[k]) for c in chunks if k in c]
+        trail = {a.shape[1:] for a in have}
+        if len(trail) != 1:
+            continue
+        if len(have) == len(chunks):
+            out[k] = np.concatenate(have, axis=0)
+            continue
+        (shape,) = trail
+        parts = []
+        for c in chunks:
+            n = len(np.asarray(c["loss"])) if "loss" in c else 0
+            parts.append(np.asarray(c[k], np.float64) if k in c else np.full((n,) + shape, np.nan))
+        out[k] = np.concatenate(parts, axis=0)
+    return out

@@ -194,12 +194,18 @@ class MetricsLog:
 
 
 def read_metrics(path: str) -> list[dict]:
+    """The rows of ``metrics.jsonl``.  A torn last line (a run killed while appending its rows) ends the rows read,
+    as :meth:`MetricsLog.truncate` drops it on resume: a killed run can be reported."""
     rows = []
     if os.path.exists(path):
         with open(path) as f:
             for line in f:
                 if line.strip():
-                    rows.append({k: (float(v) if isinstance(v, str) else v) for k, v in json.loads(line).items()})
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        break
+                    rows.append({k: (float(v) if isinstance(v, str) else v) for k, v in row.items()})
     return rows
 
 

@@ -309,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
             text = report(rest[2])
         except FileNotFoundError as e:
             return _fail(str(e))
+        except ConfigError as e:  # a config.json this version's schema does not accept (an older version's)
+            return _fail(f"cannot report {rest[2]!r}: its config.json is not a valid config: {e}")
         print(text)
         return 0
     if cmd not in ("run", "sweep"):

@@ -18,6 +18,14 @@ def _sqdist(a: Flat, b: Flat):
     return sum(jnp.sum(jnp.square(a[p] - b[p])) for p in a)
 
 
+def _closest(target: Flat, cands: list[Flat]) -> Flat:
+    """The candidate nearest ``target``.  A candidate that is not finite (an exponential or a solve that overflowed
+    on a badly conditioned orbit) counts as infinitely far: ``argmin`` would otherwise pick its NaN distance."""
+    d = jnp.stack([_sqdist(target, c) for c in cands])
+    best = jnp.argmin(jnp.where(jnp.isnan(d), jnp.inf, d))
+    return jax.tree.map(lambda *xs: jnp.stack(xs)[best], *cands)
+
+
 def _lsa(cost):
     def host(c):
         from scipy.optimize import linear_sum_assignment  # imported on first use: scipy.optimize takes ~0.5 s
@@ -47,10 +55,7 @@ def _gauss_newton(group: Group, target: Flat, cur: Flat, iters: int) -> Flat:
     for _ in range(iters):
         diff = {p: target[p] - cur[p] for p in cur}
         xi = group._vcoeffs(cur, diff)
-        cands = [group._act(group._exp(jax.tree.map(lambda x: t * x, xi)), cur) for t in ts]
-        d = jnp.stack([_sqdist(target, c) for c in cands])
-        best = jnp.argmin(d)
-        cur = jax.tree.map(lambda *xs: jnp.stack(xs)[best], *cands)
+        cur = _closest(target, [group._act(group._exp(jax.tree.map(lambda x: t * x, xi)), cur) for t in ts])
     return cur
 
 
@@ -70,10 +75,7 @@ def _align_flat(group: Group, fa: Flat, fb: Flat, rounds: int, iters: int) -> Fl
             cb = c._act(sigma, cb)
     cand = _gauss_newton(group, fa, group._act(group._inverse(ka), cb), iters)
     plain = _gauss_newton(group, fa, fb, iters)
-    cands = [fb, plain, cand]
-    d = jnp.stack([_sqdist(fa, c) for c in cands])
-    best = jnp.argmin(d)
-    return jax.tree.map(lambda *xs: jnp.stack(xs)[best], *cands)
+    return _closest(fa, [fb, plain, cand])
 
 
 def _check_same_layout(name: str, fa, fb) -> None:

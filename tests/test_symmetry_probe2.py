@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import pytest
 from flax import nnx
 
-from quotient_sgd.symmetry import GL, quotient_distance
+from quotient_sgd.models import MLP
+from quotient_sgd.symmetry import GL, Product, SymmetryError, quotient_distance, verify
 
 from helpers import tree_norm
+
+
+def _vec(din, n=7, dtype=jnp.float32):
+    return jax.random.normal(jax.random.key(1), (n, din), dtype)
 
 
 def test_quotient_distance_to_own_orbit_is_finite_when_a_gauss_newton_step_overflows():
@@ -21,3 +27,29 @@ def test_quotient_distance_to_own_orbit_is_finite_when_a_gauss_newton_step_overf
     moved = group.act(group.sample(jax.random.key(3), params, 4.0), params)
     d = float(quotient_distance(group, params, moved, rounds=0, iters=1))
     assert d <= 1e-3 * float(tree_norm(params))
+
+
+def _identity_mlp_gl():
+    model = MLP(5, (4,), 3, activation="identity", rngs=nnx.Rngs(0))
+    gl = GL(left=(("layers", 0, "kernel"), ("layers", 0, "bias")), right=(("layers", 1, "kernel"), None), kind="vo",
+            name="gl/layers.0")
+    return model, Product([gl])
+
+
+def test_verify_is_inconclusive_not_failing_when_elements_overflow():
+    """float32, GL elements at scale 10 (condition number e^30) on an identity MLP, where GL is a true symmetry:
+    the outputs become NaN.  verify used to raise SymmetryError ("not a symmetry ... changed them by nan"); a
+    comparison with NaN proves nothing, so it now raises a ValueError saying it is inconclusive."""
+    model, group = _identity_mlp_gl()
+    with pytest.raises(ValueError, match="inconclusive") as info:
+        verify(model, group, _vec(5), jax.random.key(0), scale=10.0, num_samples=1)
+    assert not isinstance(info.value, SymmetryError)
+    assert verify(model, group, _vec(5), jax.random.key(0), scale=1.0, num_samples=1) <= 1e-4
+
+
+@pytest.mark.slow
+def test_verify_still_fails_a_false_action_at_large_elements():
+    _, group = _identity_mlp_gl()
+    bad = MLP(5, (4,), 3, activation="gelu", rngs=nnx.Rngs(0))
+    with pytest.raises(SymmetryError, match="not a symmetry"):
+        verify(bad, group, _vec(5), jax.random.key(0), scale=10.0, num_samples=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import jax
@@ -31,12 +32,19 @@ def verify(model, group: Group, x, key, *, num_samples: int = 4, scale: float = 
     that many digits either way, whereas an action that is not a symmetry changes the outputs far beyond the
     rounding of its round trip.
 
+    When the element is too large for the parameter dtype to tell (the outputs become non-finite, or a change
+    above ``rtol`` is within rounding of a round trip that itself changes the outputs by a tenth of their size
+    or more: GL elements at ``scale=8`` in float32, rescale factors beyond the float32 range), the result is
+    neither a pass nor a failure: ``ValueError`` (a ``SymmetryError`` used to claim that the action was not a
+    symmetry).
+
     Returns:
         the worst relative output change observed.
 
     Raises:
         SymmetryError: naming the component and the parameter paths it acts on, when the change exceeds ``rtol``
         and is not explained by rounding.
+        ValueError: a bad argument, or an inconclusive comparison (above).
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
         raise ValueError(f"verify: num_samples must be an integer >= 1 (random elements per component), got "
@@ -67,13 +75,21 @@ def verify(model, group: Group, x, key, *, num_samples: int = 4, scale: float = 
         return float(jnp.max(jnp.abs(f(there_and_back) - y0)) / ref)
 
     def fails(action, g, err) -> str | None:
-        """``None`` when ``err`` is within ``rtol`` or explained by rounding, else the rounding comparison."""
+        """``None`` when ``err`` is within ``rtol`` or explained by rounding, else the rounding comparison.
+        ``ValueError`` when the element is too large for the dtype to tell (see below)."""
         if err <= rtol:
             return None
         rt = rounding(action, g)
-        if err <= ROUNDING_FACTOR * rt:
+        if math.isfinite(err) and err > ROUNDING_FACTOR * rt:
+            return f"(the round trip g^-1 . (g . theta), exactly theta, changed them by only {rt:.3g} in rounding)"
+        if math.isfinite(err) and ROUNDING_FACTOR * rt < 1:
             return None
-        return f"(the round trip g^-1 . (g . theta), exactly theta, changed them by only {rt:.3g} in rounding)"
+        # The element overflowed (non-finite outputs), or its rounding alone changes the outputs by as much as they
+        # are large, so that it would excuse any change: neither "symmetry" nor "not a symmetry" can be read off.
+        raise ValueError(
+            f"verify: inconclusive for {action.name!r} at scale={scale} in {y0.dtype}: a random element changed the "
+            f"outputs by {err:.3g} (relative) and the exact round trip g^-1 . (g . theta) by {rt:.3g}: rounding or "
+            f"overflow of elements this large swamps the comparison. Use a smaller scale or float64 parameters.")
 
     worst = 0.0
     keys = jax.random.split(key, len(comps) + 1)

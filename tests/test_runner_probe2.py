@@ -76,3 +76,35 @@ def test_report_of_a_config_json_the_schema_does_not_accept_is_an_error(tmp_path
     err = capsys.readouterr().err
     assert code == 2, err
     assert "Traceback" not in err and repr(str(d)) in err and "config.optim.old_key: unknown key" in err, err
+
+
+@pytest.mark.parametrize("name", [".", ".."])
+def test_run_names_that_are_not_directory_names_are_refused(name):
+    """``name`` is the default run directory ``runs/<name>``: '.' made ``runs/`` itself the run directory (and the
+    next run a directory inside it), '..' the current directory.  Refused naming the key and the value."""
+    with pytest.raises(ConfigError, match=r"config\.name = '\.+': .*other than '\.' and '\.\.'"):
+        _tiny(name=name)
+    assert _tiny(name="a b ü").name == "a b ü"
+
+
+@pytest.mark.parametrize("key, value", [
+    ("symmetry.mode", "gauge_fix"), ("symmetry.mode", "horizontal"), ("observables.hessian_every", 5),
+    ("observables.names", ("loss", "grad_norm")),
+])
+def test_settings_that_need_a_symmetry_on_a_model_without_one_are_refused(key, value):
+    """An MLP without hidden layers declares no symmetry: a run of it has no group, trained plainly and recording
+    the loss only.  Gauge fixing, horizontal projection, the quotient Hessian and quotient observables asked of it
+    were silently dropped; they are refused naming the key and the value."""
+    base = {"model.hidden": (), "observables.names": (), "sweep.lr": (), "sweep.seed": ()}
+    assert validate(load_config(TINY, base)).model.hidden == ()
+    with pytest.raises(ConfigError, match=rf"config\.{key} = {value!r}".replace("(", r"\(").replace(")", r"\)")
+                       + ".*declares no symmetry"):
+        validate(load_config(TINY, {**base, key: value}))
+
+
+def test_observables_asked_of_a_run_with_the_symmetry_off_are_refused():
+    """With ``symmetry.enabled=False`` a run records the loss only: observables named explicitly were dropped
+    without a word (the Hessian and the noise were refused already); refused naming the key."""
+    with pytest.raises(ConfigError, match=r"config\.observables\.names = .*symmetry\.enabled=False"):
+        _tiny(**{"symmetry.enabled": False})
+    assert not _tiny(**{"symmetry.enabled": False, "observables.names": ("loss",)}).symmetry.enabled

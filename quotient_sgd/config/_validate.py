@@ -215,8 +215,20 @@ def _check_symmetry(s: Settings) -> None:
                f"kinds {kinds} and the components {names}; use 'all', a kind or a component name")
     if not sym.enabled:
         _check(sym.mode == "observe", "symmetry.mode", sym.mode, "needs symmetry.enabled=True")
+    elif not selected:  # a model without symmetries (an MLP with model.hidden=()): the run has no group
+        why = (f"this {s.model.name} declares no symmetry (its components: {names}), so the run has no group")
+        _check(sym.mode == "observe", "symmetry.mode", sym.mode,
+               f"{why} to project on or fix the gauge of; use symmetry.mode='observe'")
+        for k in ("hessian_every", "noise_every"):
+            _check(getattr(ob, k) <= 0, f"observables.{k}", getattr(ob, k),
+                   f"{why} and records the loss only; use observables.{k}=0")
     bad = [n for n in ob.names if n not in DEFAULT_OBSERVABLES]
     _check(not bad, "observables.names", ob.names, f"unknown {bad}; allowed: {list(DEFAULT_OBSERVABLES)}")
+    extra = [n for n in ob.names if n != "loss"]
+    _check(not extra or bool(selected), "observables.names", ob.names,
+           f"{extra} are recorded with the symmetry group, and this run has none ("
+           + ("symmetry.enabled=False" if not sym.enabled else f"this {s.model.name} declares no symmetry")
+           + "): it records the loss only; use observables.names=() or ('loss',)")
     for k in ("every", "hessian_k", "lanczos_steps"):
         _check(getattr(ob, k) >= 1, f"observables.{k}", getattr(ob, k), "must be >= 1")
     for k in ("hessian_every", "noise_every"):

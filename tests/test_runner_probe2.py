@@ -108,3 +108,12 @@ def test_observables_asked_of_a_run_with_the_symmetry_off_are_refused():
     with pytest.raises(ConfigError, match=r"config\.observables\.names = .*symmetry\.enabled=False"):
         _tiny(**{"symmetry.enabled": False})
     assert not _tiny(**{"symmetry.enabled": False, "observables.names": ("loss",)}).symmetry.enabled
+
+
+@pytest.mark.parametrize("opt", ["adam", "adamw"])
+def test_nesterov_with_adam_is_refused(opt):
+    """``optim.nesterov`` is read by SGD only: with Adam(W) it was ignored without a word (as momentum is
+    refused there)."""
+    with pytest.raises(ConfigError, match=r"config\.optim\.nesterov = True: only for optim\.name='sgd'"):
+        _tiny(**{"optim.name": opt, "optim.momentum": 0.0, "optim.nesterov": True})
+    assert _tiny(**{"optim.nesterov": True}).optim.nesterov

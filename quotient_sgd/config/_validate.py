@@ -338,6 +338,8 @@ def _check_optim(s: Settings) -> None:
            "optim.name='adam' has no weight decay; use optim.name='adamw'")
     _check(o.name == "sgd" or o.momentum == 0, "optim.momentum", o.momentum,
            f"only for optim.name='sgd' ({o.name!r} has b1/b2)")
+    _check(o.name == "sgd" or not o.nesterov, "optim.nesterov", o.nesterov,
+           f"only for optim.name='sgd' ({o.name!r} has no Nesterov variant here); use optim.nesterov=False")
 
 
 def _check_sweep(s: Settings) -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
 from quotient_sgd.models import MLP
-from quotient_sgd.symmetry import GL, Product, SymmetryError, quotient_distance, verify
+from quotient_sgd.symmetry import GL, Product, Rescale, SymmetryError, Translation, quotient_distance, verify
 
 from helpers import tree_norm
 
@@ -53,3 +54,27 @@ def test_verify_still_fails_a_false_action_at_large_elements():
     bad = MLP(5, (4,), 3, activation="gelu", rngs=nnx.Rngs(0))
     with pytest.raises(SymmetryError, match="not a symmetry"):
         verify(bad, group, _vec(5), jax.random.key(0), scale=10.0, num_samples=1)
+
+
+def test_grad_through_canonicalize_of_a_rescale_translation_cluster(x64):
+    """A rescale feeding a softmax head (an MLP classifier's last two layers) is canonicalised by block-coordinate
+    sweeps in a while_loop; jax.grad through canonicalize raised "Reverse-mode differentiation does not work for
+    lax.while_loop".  Now it is differentiated implicitly and matches a central difference (float64)."""
+    group = Product([Rescale(incoming=((("w1",), 1), (("b1",), 0)), outgoing=((("w2",), 0),), name="rescale"),
+                     Translation(kernel=("w2",), bias=("b2",), name="translation")])
+    rng = np.random.default_rng(0)
+    params = {k: jnp.asarray(rng.normal(size=s)) for k, s in
+              (("w1", (2, 3)), ("b1", (3,)), ("w2", (3, 2)), ("b2", (2,)))}
+    u = {k: jnp.asarray(rng.normal(size=x.shape)) for k, x in params.items()}
+
+    def f(p):
+        c = group.canonicalize(p)
+        return sum(jnp.sum(jnp.sin(3.0 * x)) for x in c.values())
+
+    grad = jax.jit(jax.grad(f))(params)
+    along = jax.jit(lambda h: f({k: x + h * u[k] for k, x in params.items()}))
+    h = 1e-5
+    fd = (along(h) - along(-h)) / (2 * h)
+    assert float(sum(jnp.sum(grad[k] * u[k]) for k in params)) == pytest.approx(float(fd), rel=1e-7, abs=1e-9)
+    # f is an orbit invariant, so its gradient is horizontal
+    assert float(tree_norm(jax.jit(group.vertical)(params, grad))) <= 1e-10 * float(tree_norm(grad))

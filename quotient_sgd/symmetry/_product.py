@@ -377,7 +377,13 @@ class Product(Group):
         repeated until the elements stop changing (the fixed point is the unique point of the joint orbit that
         satisfies every component's gauge condition; the error contracts geometrically, by about 1/2 a sweep for
         a rescale next to a scale block).  Elements of these actions are additive coordinates (log-factors,
-        shifts), so the sweeps accumulate them inside a ``lax.while_loop``."""
+        shifts), so the sweeps accumulate them inside a ``lax.while_loop``.
+
+        Reverse-mode differentiation cannot go through a ``while_loop``: the loop is wrapped in
+        ``jax.lax.custom_root`` with the gauge conditions ``r(xi) = (canonical element of each component at
+        xi . theta)``, zero at the fixed point, so derivatives of the canonical point follow from the implicit
+        function theorem (a dense ``k x k`` least-squares solve with the linearised conditions, ``k`` generators,
+        built only when differentiating; a generator with no gauge condition, a unit with a zero side, gets 0)."""
         comps = tuple(self.components[i] for i in cl)
         tol = 64 * jnp.finfo(jax.tree.leaves(flat)[0].dtype).eps
 
@@ -402,9 +408,21 @@ class Product(Group):
             _, it, size = carry
             return (it < self.sweeps) & (size > tol)
 
+        def residual(xis):
+            f = apply(xis)
+            return tuple(c._canonical_element(f) for c in comps)
+
+        def solve(_, xi0):
+            return jax.lax.while_loop(cond, body, (xi0, jnp.asarray(0), jnp.asarray(jnp.inf, tol.dtype)))[0]
+
+        def tangent_solve(lin, y):
+            yv, unravel = ravel_pytree(y)
+            jac = jax.jacfwd(lambda v: ravel_pytree(lin(unravel(v)))[0])(jnp.zeros_like(yv))
+            return unravel(jnp.linalg.lstsq(jac, yv)[0])
+
         xi0 = tuple(c._identity(flat) for c in comps) if init is None else tuple(init)
-        xis, _, _ = jax.lax.while_loop(cond, body, (xi0, jnp.asarray(0), jnp.asarray(jnp.inf, tol.dtype)))
-        return Word(cl, xis)
+        xis = jax.lax.custom_root(residual, jax.lax.stop_gradient(xi0), solve, tangent_solve)
+        return Word(cl, tuple(xis))
 
     def _cluster_canonical(self, cl, flat) -> Word:
         cont = tuple(i for i in cl if self.components[i].continuous)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from quotient_sgd.models import MLP
+from quotient_sgd.models import CNN, MLP
 from quotient_sgd.symmetry import GL, Product, Rescale, SymmetryError, Translation, quotient_distance, verify
 
 from helpers import tree_norm
@@ -78,3 +78,13 @@ def test_grad_through_canonicalize_of_a_rescale_translation_cluster(x64):
     assert float(sum(jnp.sum(grad[k] * u[k]) for k in params)) == pytest.approx(float(fd), rel=1e-7, abs=1e-9)
     # f is an orbit invariant, so its gradient is horizontal
     assert float(tree_norm(jax.jit(group.vertical)(params, grad))) <= 1e-10 * float(tree_norm(grad))
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 5, 1), (5, 5, 3)])
+def test_cnn_refuses_input_with_the_wrong_channels(shape):
+    """A 3-channel CNN given a grey-scale (1-channel) image: the patch convolution's einsum broadcast the single
+    channel over the kernel's three and returned outputs without complaint.  Now a ValueError names the shape."""
+    model = CNN(3, (2,), 2, conv_impl="patches", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"in_channels=3"):
+        model(jnp.ones(shape))
+    assert model(jnp.ones((2, 5, 5, 3))).shape == (2, 2)

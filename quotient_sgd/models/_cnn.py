@@ -135,6 +135,10 @@ class CNN(nnx.Module):
         """The head output ``z`` (before any ``log_softmax``), shape ``(N, dout)``; ``x`` is ``(N, H, W, C)``."""
         act = get_activation(self.activation)
         h = jnp.asarray(x, self.head.kernel[...].dtype)
+        c_in = self.convs[0].kernel[...].shape[2]
+        if h.ndim != 4 or h.shape[-1] != c_in:
+            # the patch contraction (an einsum) would broadcast a single input channel over all c_in silently
+            raise ValueError(f"CNN: x must be (N, H, W, in_channels={c_in}) (NHWC), got shape {h.shape}")
         impl = self.conv_impl
         if impl == "auto":
             impl = "patches" if jax.default_backend() == "cpu" else "xla"

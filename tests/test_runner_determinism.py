@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _SCRIPT = """
@@ -29,8 +31,13 @@ for path in sys.argv[1:]:
 """
 
 
-def test_lowered_programs_do_not_depend_on_the_hash_seed():
-    configs = [os.path.join(ROOT, "configs", f"{n}.py") for n in ("quickstart", "digits_bn_cnn", "grokking")]
+# the quickstart in the fast suite; its BatchNorm CNN and Transformer siblings in the slow one
+@pytest.mark.parametrize("names", [
+    ("quickstart",),
+    pytest.param(("digits_bn_cnn", "grokking"), marks=pytest.mark.slow),
+], ids=["quickstart", "cnn_transformer"])
+def test_lowered_programs_do_not_depend_on_the_hash_seed(names):
+    configs = [os.path.join(ROOT, "configs", f"{n}.py") for n in names]
     out = []
     for seed in ("1", "2"):
         env = dict(os.environ, PYTHONHASHSEED=seed)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from quotient_sgd.models import CNN, MLP
+from quotient_sgd.models import CNN, MLP, Transformer
 from quotient_sgd.symmetry import GL, Product, Rescale, SymmetryError, Translation, quotient_distance, verify
 
 from helpers import tree_norm
@@ -88,3 +88,15 @@ def test_cnn_refuses_input_with_the_wrong_channels(shape):
     with pytest.raises(ValueError, match=r"in_channels=3"):
         model(jnp.ones(shape))
     assert model(jnp.ones((2, 5, 5, 3))).shape == (2, 2)
+
+
+@pytest.mark.parametrize("make", [
+    lambda r: MLP(3, (4,), 1, classifier=True, rngs=r),
+    lambda r: CNN(1, (2,), 1, classifier=True, rngs=r),
+    lambda r: Transformer(1, 8, 2, 1, 4, rngs=r),
+], ids=["mlp", "cnn", "transformer"])
+def test_a_classifier_over_one_class_is_refused(make):
+    """log_softmax over a single class is identically 0: such a model is constant (canonicalize and invariants are
+    then meaningless), so it is refused naming the size."""
+    with pytest.raises(ValueError, match="classifier=True needs"):
+        make(nnx.Rngs(0))

@@ -25,6 +25,14 @@ def check_widths(model: str, name: str, widths, *, allow_empty: bool = True) -> 
     return tuple(int(w) for w in out)
 
 
+def check_classes(model: str, name: str, n: int, classifier) -> None:
+    """A classifier's ``log_softmax`` over a single class is identically 0: the model would be constant, and its
+    translation symmetry the whole head."""
+    if classifier and n < 2:
+        raise ValueError(f"{model}: classifier=True needs {name} >= 2 classes (log_softmax over one class is "
+                         f"constant); got {name}={n}. Use classifier=False for a single output")
+
+
 def check_eps(model: str, name: str, value) -> float:
     """A finite number >= 0 (a normalisation epsilon: a negative one makes a constant input NaN)."""
     try:

@@ -12,7 +12,7 @@ from flax import nnx
 from .. import _tree
 from ..symmetry import Permutation, Product, Rescale, Scale, Translation
 from ._activations import check_activation, get_activation, is_homogeneous
-from ._checks import check_eps, check_sizes, check_widths
+from ._checks import check_classes, check_eps, check_sizes, check_widths
 from ._init import lecun_normal
 from ._norm import NORM_EPS, BatchNorm, LayerNorm
 
@@ -103,6 +103,7 @@ class CNN(nnx.Module):
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}")
         check_sizes("CNN", in_channels=in_channels, dout=dout, kernel_size=kernel_size)
+        check_classes("CNN", "dout", dout, classifier)
         channels = check_widths("CNN", "channels", channels, allow_empty=False)
         seq = ((strides,) * len(channels) if isinstance(strides, numbers.Integral)
                else tuple(strides) if hasattr(strides, "__iter__") and not isinstance(strides, str) else ())

@@ -11,7 +11,7 @@ from flax import nnx
 
 from ..symmetry import GL, Permutation, Product, Rescale, Translation
 from ._activations import check_activation, get_activation, is_homogeneous
-from ._checks import check_sizes, check_widths
+from ._checks import check_classes, check_sizes, check_widths
 from ._init import lecun_normal
 
 
@@ -56,6 +56,7 @@ class MLP(nnx.Module):
     ):
         self.activation = check_activation(activation)
         check_sizes("MLP", din=din, dout=dout)
+        check_classes("MLP", "dout", dout, classifier)
         hidden = check_widths("MLP", "hidden", hidden)
         self.classifier = bool(classifier)
         sizes = (din, *tuple(hidden), dout)

@@ -10,7 +10,7 @@ from flax import nnx
 
 from ..symmetry import GL, Permutation, Product, Rescale, Translation
 from ._activations import check_activation, get_activation, is_homogeneous
-from ._checks import check_eps, check_sizes
+from ._checks import check_classes, check_eps, check_sizes
 from ._init import embed_init, lecun_normal, normal
 from ._norm import NORM_EPS, LayerNorm
 
@@ -127,6 +127,7 @@ class Transformer(nnx.Module):
         self.activation = check_activation(activation)
         check_sizes("Transformer", vocab_size=vocab_size, d_model=d_model, num_heads=num_heads, num_layers=num_layers,
                     max_len=max_len, mlp_ratio=mlp_ratio)
+        check_classes("Transformer", "vocab_size", vocab_size, classifier)
         norm_eps = check_eps("Transformer", "norm_eps", norm_eps)
         self.classifier = bool(classifier)
         self.max_len = max_len

@@ -302,7 +302,15 @@ class Product(Group):
                 cur = apply(tuple(xis), flat)
                 xis[j] = jax.tree.map(jnp.add, xis[j], c._canonical_element(cur))
         vec_init = ravel_pytree(tuple(xis))[0]
-        vec, _, _ = jax.lax.while_loop(cond, body, (vec_init, jnp.asarray(0), jnp.asarray(jnp.inf, vec0.dtype)))
+
+        def solve(_, v):
+            return jax.lax.while_loop(cond, body, (v, jnp.asarray(0), jnp.asarray(jnp.inf, vec0.dtype)))[0]
+
+        def tangent_solve(lin, y):  # the Hessian of the norm, pseudo-inverted (a generator with zero tangent: 0)
+            return jnp.linalg.lstsq(jax.jacfwd(lin)(jnp.zeros_like(y)), y)[0]
+
+        # as in the sweeps: implicit differentiation at the minimum (grad sqnorm = 0) instead of the while_loop
+        vec = jax.lax.custom_root(jax.grad(sqnorm), jax.lax.stop_gradient(vec_init), solve, tangent_solve)
         xis = unravel(vec)
         return Word(cl, tuple(c._exp(x) for c, x in zip(comps, xis)))
 

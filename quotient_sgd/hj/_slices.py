@@ -36,9 +36,73 @@ def _directions(directions) -> tuple:
     return (directions,)
 
 
-def loss_slice(loss_fn: Callable, params, directions, grid: AnyGrid) -> Array:
-    """Sample ``loss_fn(params + a . directions)`` on ``grid`` (a ``Grid`` for one direction, ``Grid2D`` for two)."""
+def _describe(tree) -> str:
+    return str(jax.tree.map(lambda x: tuple(jnp.shape(x)), tree))
+
+
+def _match_directions(params, directions) -> tuple:
+    """The directions as pytrees shaped like ``params``, in ``params``' dtypes.
+
+    Accepted: one pytree like ``params``, a tuple / list of one or two, or one pytree whose leaves carry a leading
+    axis of 1 or 2 (the Ritz vectors of ``observables_of(state)`` / ``eigenvectors_of(state)``, ``{"top_...":
+    pytree with a leading axis k}``), which is split into that many directions.
+    """
+    p_leaves, p_def = jax.tree.flatten(params)
+    shapes = [tuple(jnp.shape(x)) for x in p_leaves]
+
+    def like_params(d) -> bool:
+        leaves, tdef = jax.tree.flatten(d)
+        return tdef == p_def and [tuple(jnp.shape(x)) for x in leaves] == shapes
+
     ds = _directions(directions)
+    if len(ds) == 1 and not like_params(ds[0]):
+        leaves, tdef = jax.tree.flatten(ds[0])
+        ks = {tuple(jnp.shape(x))[:1] for x in leaves}
+        if (tdef == p_def and len(ks) == 1 and next(iter(ks)) in ((1,), (2,))
+                and [tuple(jnp.shape(x))[1:] for x in leaves] == shapes):
+            k = next(iter(ks))[0]
+            ds = tuple(jax.tree.map(lambda x, i=i: x[i], ds[0]) for i in range(k))
+    for d in ds:
+        if not like_params(d):
+            raise ValueError(
+                f"a slice direction must be a pytree like params (shapes {_describe(params)}), got one with shapes "
+                f"{_describe(d)}; for Ritz vectors with a leading axis k pick one (jax.tree.map(lambda v: v[i], "
+                "vecs)) or pass a leading axis of 1 or 2; for a flat vector unravel it first "
+                "(jax.flatten_util.ravel_pytree(params)[1](vec)).")
+    # a float32 Ritz vector through float64 params (or the reverse) must not promote the sample points
+    return tuple(jax.tree.map(lambda p, v: jnp.asarray(v).astype(jnp.asarray(p).dtype), params, d) for d in ds)
+
+
+def _gram(ds) -> Array:
+    leaves = [jax.tree.leaves(d) for d in ds]
+    # params may mix dtypes (a float64 bias beside float32 kernels): accumulate in the widest
+    acc = jnp.float64 if any(x.dtype == jnp.float64 for x in leaves[0]) else jnp.float32
+    return jnp.stack([jnp.stack([sum(jnp.sum(x * y).astype(acc) for x, y in zip(a, b)) for b in leaves])
+                      for a in leaves])
+
+
+def _orthonormalize(ds) -> tuple:
+    """Gram-Schmidt: the first direction normalised, the second made orthogonal to it and normalised."""
+    out = []
+    for d in ds:
+        for e in out:
+            c = _gram((d, e))[0, 1]
+            d = jax.tree.map(lambda x, y: x - c.astype(x.dtype) * y, d, e)
+        n = jnp.sqrt(_gram((d,))[0, 0])
+        if not isinstance(n, jax.core.Tracer) and not float(n) > 0:
+            raise ValueError("slice_flow(orthonormalize=True): the directions are linearly dependent (or zero).")
+        out.append(jax.tree.map(lambda x: x / n.astype(x.dtype), d))
+    return tuple(out)
+
+
+def loss_slice(loss_fn: Callable, params, directions, grid: AnyGrid) -> Array:
+    """Sample ``loss_fn(params + a . directions)`` on ``grid`` (a ``Grid`` for one direction, ``Grid2D`` for two).
+
+    ``directions``: a pytree like ``params``, a tuple of one or two, or a pytree with a leading axis of 1 or 2
+    (Ritz vectors as ``eigenvectors_of(state)`` keeps them); used as given (not normalised): ``a`` is the
+    coefficient of each direction.
+    """
+    ds = _match_directions(params, directions)
     if len(ds) != grid.ndim:
         raise ValueError(f"{len(ds)} direction(s) need a {len(ds)}-D grid, got a {grid.ndim}-D one.")
 
@@ -80,21 +144,42 @@ class SliceFlow(eqx.Module):
 
 def slice_flow(loss_fn: Callable, params, directions, *, extent: float, n: int, eta, k, nu, margin: float = 0.5,
                scheme="fv-smooth", solver: str = "tsit5", rtol: float = 1e-6, atol: float = 1e-8,
-               max_steps: int = 16384, max_shocks: int = 8, dt=None) -> SliceFlow:
+               max_steps: int = 16384, max_shocks: int = 8, dt=None, orthonormalize: bool = False) -> SliceFlow:
     """Coarse-grain a loss on a slice: HJ flow for t = eta * k at viscosity nu, then report shocks.
 
     Args:
         loss_fn: ``loss_fn(params) -> scalar``.
         params: the centre point (pytree).
-        directions: a pytree like params, or a tuple of one or two (e.g. Lanczos eigenvectors).
+        directions: a pytree like params, a tuple of one or two, or a pytree with a leading axis of 1 or 2 (Lanczos
+            eigenvectors as ``eigenvectors_of(state)`` keeps them).  They must be orthonormal: the flow runs in the
+            slice coordinates ``a`` with the Euclidean metric, which is the parameters' metric restricted to the
+            slice (so that k steps of size eta are the time eta * k, THEORY section 3) only when the directions
+            are orthonormal; along a direction of norm s a step of size eta moves ``a`` as a step of size
+            eta / s^2 would, and the shock time seen in ``a`` is divided by s^2.  Concrete directions that
+            are not orthonormal (to 1e-3) are refused; under ``jax.jit`` the check runs inside (``eqx.error_if``).
         extent: the slice covers ``a in [-extent, extent]`` along each direction, with ``n`` points.
         eta, k, nu: step size, number of steps, viscosity (differentiable in eta and nu).
         margin: extra sampled region on each side, as a fraction of ``extent``.
         scheme, solver, rtol, atol, max_steps, dt: as :func:`solve_hj` (bounded grid: finite volumes only;
             ``dt`` selects fixed steps, whose derivatives in eta and nu are those of the map finite differences
             see as long as ``ceil(eta k / dt)`` does not change).
+        orthonormalize: orthonormalise the directions first (Gram-Schmidt, in the given order) instead of refusing
+            directions that are not orthonormal.
     """
-    ds = _directions(directions)
+    ds = _match_directions(params, directions)
+    if orthonormalize:
+        ds = _orthonormalize(ds)
+    else:
+        gram = _gram(ds)
+        bad = jnp.max(jnp.abs(gram - jnp.eye(len(ds), dtype=gram.dtype)))
+        if isinstance(bad, jax.core.Tracer):
+            ds = eqx.error_if(ds, bad > 1e-3, "slice_flow: the directions are not orthonormal; pass orthonormal "
+                              "directions or orthonormalize=True.")
+        elif not float(bad) <= 1e-3:
+            raise ValueError(
+                f"slice_flow: the directions are not orthonormal (Gram matrix {np.round(np.asarray(gram), 6).tolist()})"
+                "; the flow's time t = eta * k holds in the slice coordinates only for orthonormal directions (a "
+                "direction of norm s divides the shock time by s^2).  Normalise them or pass orthonormalize=True.")
     dim = len(ds)
     if not (int(n) == n and n >= 4):
         raise ValueError(f"slice_flow: n={n!r} is not allowed; need an integer >= 4 points along each direction.")

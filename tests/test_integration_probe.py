@@ -52,5 +52,11 @@ def test_slice_flow_needs_orthonormal_directions(x64):
     skew = jax.tree.map(lambda a, b: (a + b) / np.sqrt(2.0), _E0, _E1)
     with pytest.raises(ValueError, match="not orthonormal"):
         slice_flow(_saddle, _CENTRE, (_E0, skew), **_KW)
+
+
+@pytest.mark.slow
+def test_slice_flow_orthonormalises_a_skew_pair(x64):
+    """The 2-D flow (its compile is the cost) on a non-orthogonal pair spanning the saddle's plane."""
+    skew = jax.tree.map(lambda a, b: (a + b) / np.sqrt(2.0), _E0, _E1)
     r2 = slice_flow(_saddle, _CENTRE, (_E0, skew), orthonormalize=True, **{**_KW, "n": 5})
     assert float(r2.shock_time) == pytest.approx(2.0, rel=1e-6)

@@ -70,9 +70,25 @@ def load_config(name: str, argv=None):
         parts = k.split(".")
         for p in parts[:-1]:
             cur = cur[p]
-        old = cur[parts[-1]]
-        cur[parts[-1]] = type(old)(v) if not isinstance(old, (tuple, list)) else type(old)(json.loads(v))
+        if parts[-1] not in cur:
+            raise SystemExit(f"{name}: unknown config key {k!r}; keys here: {sorted(cur.keys())}")
+        cur[parts[-1]] = _typed(k, v, cur[parts[-1]])
     return cfg
+
+
+def _typed(key: str, value: str, old):
+    """``value`` (a command-line string) as the type of the default ``old``: ``true`` / ``false`` for booleans
+    (``bool("False")`` is ``True``), JSON lists for tuples and lists."""
+    try:
+        if isinstance(old, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError("expected true or false")
+            return value.lower() in ("true", "1")
+        if isinstance(old, (tuple, list)):
+            return type(old)(json.loads(value))
+        return type(old)(value)
+    except ValueError as e:
+        raise SystemExit(f"{key}={value!r}: expected {type(old).__name__} like the default {old!r} ({e})") from None
 
 
 # --- models ------------------------------------------------------------------------------------------------

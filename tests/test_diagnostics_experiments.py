@@ -131,3 +131,15 @@ def test_grokking_cpu():
     cfg, out, gt = _grok("cpu")
     _check_grok_transition(gt)
     _check_grok_detected(out, gt)
+
+
+def test_experiment_overrides_are_typed_and_checked():
+    """``key=value`` overrides take the default's type: ``false`` is False (``bool("False")`` was True), a bad value
+    or an unknown key stops with a message naming it."""
+    assert C._typed("flag", "False", True) is False and C._typed("flag", "true", False) is True
+    assert C._typed("steps", "12", 3) == 12 and C._typed("sizes", "[1, 2]", (3,)) == (1, 2)
+    with pytest.raises(SystemExit, match="flag='maybe'"):
+        C._typed("flag", "maybe", True)
+    with pytest.raises(SystemExit, match="unknown config key 'no_such_key'"):
+        C.load_config("edge_of_stability", ["scale=test", "no_such_key=1"])
+    assert C.load_config("edge_of_stability", ["scale=test", "seed=3"]).seed == 3

@@ -93,7 +93,10 @@ def shock_aware_lr(inner: optax.GradientTransformation, *, fold_target: Target =
         curvature_decay: EMA factor for kappa.
 
     The live numbers are in the state: ``state.fold_number``, ``state.shock_number``, ``state.scale``,
-    ``state.curvature``.
+    ``state.curvature`` (a :class:`ShockAwareState`; wrapped by :func:`~quotient_sgd.optim.quotient_trajectory`
+    it is ``state.inner_state``, and ``optax.tree.get(state, "fold_number")`` then finds two values: the
+    trajectory's observable ``eta kappa`` of the step it records, and this transform's, measured with the step
+    length actually taken).
 
     Example:
         >>> import jax.numpy as jnp, optax

@@ -96,7 +96,17 @@ def _run(params, opt_state, model_state, data, key, start_step, *, loss_fn, tx, 
             return _objective(loss_fn, has_aux, p, model_state, batch)
 
         (loss, (aux, new_ms)), grads = jax.value_and_grad(obj, has_aux=True)(params)
-        extra = {"value": loss, "loss_fn": lambda p: obj(p)[0]}
+
+        def value_fn(p, *, loss_fn=None, example_loss_fn=None, obj_fn=None):
+            # optax's line searches (optax.lbfgs) pass the extra arguments they do not consume on to value_fn and
+            # refuse any that it does not name: the others this loop passes are named here and ignored
+            del loss_fn, example_loss_fn, obj_fn
+            return obj(p)[0]
+
+        # optax's names: value / grad / value_fn (optax.lbfgs's line search), obj_fn (optax.contrib.sophia);
+        # loss_fn / example_loss_fn: quotient_trajectory's Hessian and noise
+        extra = {"value": loss, "grad": grads, "value_fn": value_fn, "obj_fn": lambda p: obj(p)[0],
+                 "loss_fn": lambda p: obj(p)[0]}
         if example_loss_fn is not None:
             extra["example_loss_fn"] = lambda p: example_loss_fn(p, batch)
         updates, opt_state = tx.update(grads, opt_state, params, **extra)
@@ -186,7 +196,10 @@ def train(
         params: the initial parameters (a pytree, e.g. the ``nnx.Param`` state of ``nnx.split``).
         tx: the optimiser, e.g. ``quotient_trajectory(optax.sgd(0.1), group)``.  Hyperparameters that a sweep
             varies belong in the state (``optax.inject_hyperparams``; :func:`set_hyperparams`), so new values
-            do not recompile.
+            do not recompile.  Every update gets the optax extra arguments ``value`` (the batch loss), ``grad``
+            (its gradient), ``value_fn`` and ``obj_fn`` (``params -> loss`` on the step's batch; what
+            ``optax.lbfgs`` and ``optax.contrib.sophia`` need), ``loss_fn`` (the same, for the Hessian of
+            :func:`quotient_trajectory`) and, when given, ``example_loss_fn``.
         data: either a pytree of arrays whose leading axis indexes the steps of this call, or a pure
             ``batch_fn(step, key) -> batch`` evaluated inside the scan (``step`` is the global step
             ``start_step + i``, ``key = fold_in(key, step)``), so full-batch runs never copy the data per step.

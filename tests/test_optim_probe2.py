@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from quotient_sgd.optim import quotient_trajectory, train
+from quotient_sgd.optim import gauge_fix, quotient_trajectory, train
 from test_optim_trajectory import data, init_mlp, mlp_group, xent
 
 
@@ -32,3 +32,33 @@ def test_train_runs_optax_line_searches(name):
     assert np.all(np.diff(traj["loss"]) < 0), traj["loss"]
     g0 = jax.jit(lambda p, b: optax.tree.norm(jax.grad(xent)(p, b)))(params, jax.tree.map(lambda x: x[0], batches))
     np.testing.assert_allclose(traj["grad_norm"][0], g0, rtol=1e-5)
+
+
+def test_gauge_fix_hands_a_line_search_the_gradient_at_the_canonical_point(x64):
+    """Under gauge_fix the inner optimiser steps from the canonical point c(theta): the gradient it is given as
+    the extra argument grad must be the one there (the transported gradient), as the updates are.  With the
+    raw gradient at theta, the line search tested sufficient decrease with a slope that was not that of its
+    direction, and accepted other step sizes than the same line search run on the canonical points."""
+    group = mlp_group(2, translation=False)
+    params, batches = init_mlp(jax.random.key(0), (3, 5, 3), jnp.float64), data(3, dtype=jnp.float64)
+    # unbalanced: theta is far from c(theta), so the raw and transported gradients differ
+    params = jax.jit(lambda p: group.act(group.sample(jax.random.key(3), p, 1.0), p))(params)
+    # sufficient decrease f(c + s u) <= f(c) + s slope_rtol <grad, u>: the accepted step size s depends on grad
+    tx = gauge_fix(_line_search(decrease_factor=0.7, slope_rtol=0.5), group)
+    p, _, _ = train(xent, params, tx, batches, donate=False)
+    # reference: the line search run by hand on the canonical points
+    inner = _line_search(decrease_factor=0.7, slope_rtol=0.5)
+
+    @jax.jit
+    def step(q, state, batch):
+        f = lambda z: xent(z, batch)  # noqa: E731
+        qc = group.canonicalize(q)
+        value, grad = jax.value_and_grad(f)(qc)
+        u, state = inner.update(grad, state, qc, value=value, grad=grad, value_fn=f)
+        return optax.apply_updates(qc, u), state
+
+    state, q = inner.init(params), params
+    for i in range(3):
+        q, state = step(q, state, jax.tree.map(lambda x: x[i], batches))
+    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(q)):
+        np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-9)

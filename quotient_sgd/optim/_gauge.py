@@ -100,8 +100,12 @@ def gauge_fix(tx: optax.GradientTransformation, group, every: int = 1) -> optax.
             k = group.canonical_element(pw)
             pc = group.act(k, pw)
             gc = canonical_gradient(group, pw, widen(updates), element=k)
+            extra = dict(extra_args)
+            if "grad" in extra:  # optax's name for the gradient at params (optax.lbfgs): that at pc is gc
+                g = extra["grad"]
+                extra["grad"] = _like(gc if g is updates else canonical_gradient(group, pw, widen(g), element=k), g)
             u, s = inner.update(_like(gc, updates), _permute_state(group, k, state.inner_state, params),
-                                _like(pc, params), **extra_args)
+                                _like(pc, params), **extra)
             step = jax.tree.map(lambda a, b, c: (a + b) - c, pc, widen(u), pw)
             return _like(step, u), s, k, jnp.ones((), jnp.bool_)
 

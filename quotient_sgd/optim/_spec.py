@@ -175,7 +175,9 @@ def set_hyperparams(opt_state, **values):
         states = jax.vmap(lambda lr: set_hyperparams(tx.init(params), learning_rate=lr))(lrs)
 
     (with ``out_axes=member_axes(tx.init(params))`` when ``tx`` records periodic observables:
-    :func:`member_axes`).
+    :func:`member_axes`).  A hyperparameter injected as a schedule (``learning_rate=optax.cosine_decay_schedule(...)``)
+    is recomputed from the schedule at every step, so setting it here changes nothing: sweep a schedule's
+    parameters by injecting them as numbers and building the schedule inside the optimiser.
     """
     is_inj = _is_inject_state
     found = set()

@@ -26,9 +26,11 @@ def _lr_from_config(cfg: Mapping[str, Any]):
 
 
 def _options_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The detector settings ``quotient-sgd run`` uses for its own ``events.json``
-    (``quotient_sgd.runner._report.detect_events``): ``horizon`` = the planned steps, and a mini-batch loss
-    (``data.batch_size > 0``) judged for spikes on a 20-step causal mean."""
+    """The detector settings of a run with config ``cfg`` (``config.json``, ``Settings.to_dict()``): what
+    ``quotient-sgd run`` detects its own ``events.json`` with (``quotient_sgd.runner._report.detect_events``) and
+    :func:`detect_run` re-detects with.  ``horizon`` = the planned steps; a mini-batch loss (``data.batch_size >
+    0``) judged for spikes on a 20-step causal mean (full batch: the raw loss); SGD's momentum, which moves the
+    edge of stability to ``eta lambda = 2 (1 + beta)`` (Nesterov: ``/ (1 + 2 beta)``)."""
     out: dict[str, Any] = {}
     if isinstance(cfg.get("steps"), int) and not isinstance(cfg.get("steps"), bool) and cfg["steps"] > 0:
         out["horizon"] = cfg["steps"]
@@ -37,15 +39,10 @@ def _options_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
         out["spike_smooth"] = 1 if data["batch_size"] == 0 else 20
     optim = cfg.get("optim")
     if isinstance(optim, Mapping) and optim.get("name") == "sgd":
-        out.update(momentum_options(optim.get("momentum", 0.0), optim.get("nesterov", False)))
+        beta = optim.get("momentum", 0.0)
+        if isinstance(beta, (int, float)) and not isinstance(beta, bool) and 0 < beta < 1:
+            out.update(momentum=float(beta), nesterov=bool(optim.get("nesterov", False)))
     return out
-
-
-def momentum_options(momentum, nesterov) -> dict[str, Any]:
-    """``{"momentum", "nesterov"}`` for :func:`detect` from an SGD run's settings (empty without momentum)."""
-    if isinstance(momentum, (int, float)) and not isinstance(momentum, bool) and 0 < momentum < 1:
-        return {"momentum": float(momentum), "nesterov": bool(nesterov)}
-    return {}
 
 
 def detect_run(run_dir: str | os.PathLike, *, lr=None, write: bool = True, **options) -> list[Event]:

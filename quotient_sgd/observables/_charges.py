@@ -111,28 +111,39 @@ def predict_charge_drift(
     lam_c = jnp.asarray(coupled_weight_decay, dt)
     a = 1 - eta * lam_d
     safe_eta = jnp.where(eta != 0, eta, jnp.ones_like(eta))
-    if decay_mask is not None:
-        return _predict_masked(group, params, grads, updates, cross, eta, beta, lam_d, lam_c, safe_eta, nesterov,
-                               charges_now, velocity, decay_mask)
-    d = jax.tree.map(lambda u, p: -u / safe_eta - lam_d * p, updates, params)
+    masked = decay_mask is not None
+    w = masked_leaves(decay_mask, params) if masked else params  # the decayed part M theta
+    d = jax.tree.map(lambda u, x: -u / safe_eta - lam_d * x, updates, w)
     if nesterov and velocity is not None:
         m = velocity
     elif nesterov:
         safe_beta = jnp.where(beta != 0, beta, jnp.ones_like(beta))
-        m = jax.tree.map(
-            lambda dd, g, p: jnp.where(beta != 0, (dd - g - lam_c * p) / safe_beta, dd), d, grads, params
-        )
+        m = jax.tree.map(lambda dd, g, x: jnp.where(beta != 0, (dd - g - lam_c * x) / safe_beta, dd), d, grads, w)
     else:
         m = d
+    add = lambda x, y: jax.tree.map(lambda a_, b_: a_ + b_, x, y)  # noqa: E731
     q = charges_now if charges_now is not None else charges_dict(group, params)
     qd = charges_dict(group, d)
-    if nesterov:
-        qm = charges_dict(group, m)
-        qdm = charges_dict(group, jax.tree.map(lambda x, y: x + y, d, m))
+    qm = charges_dict(group, m) if nesterov else qd
+    b_dm = jax.tree.map(_polar, qd, qm, charges_dict(group, add(d, m))) if nesterov else jax.tree.map(
+        lambda x: 2 * x, qd)
+    if masked:  # the bilinear terms of the masked recursion (module docstring); without a mask B(theta, w) = 2 Q
+        qw = charges_dict(group, w)
+        b_tw = jax.tree.map(_polar, q, qw, charges_dict(group, add(params, w)))
+        q_step = charges_dict(group, jax.tree.map(lambda dd, x: dd + lam_d * x, d, w))
+        b_wm = jax.tree.map(_polar, qw, qm, charges_dict(group, add(w, m)))
     lin = charge_linear(group)
     pred, new_cross = {}, {}
     for k in q:
-        if lin.get(k, False):
+        if lin.get(k, False) and masked:  # qw[k] = S(w), linear
+
+            def one_lin_masked(c, sw):
+                p = beta * c + lam_c * sw
+                r = lam_c * sw + beta * p if nesterov else p
+                return -eta * lam_d * sw - eta * r, p
+
+            out = jax.tree.map(one_lin_masked, cross[k], qw[k])
+        elif lin.get(k, False):
 
             def one_lin(qk, c):
                 p = beta * c + lam_c * qk
@@ -140,15 +151,22 @@ def predict_charge_drift(
                 return (a - 1) * qk - eta * r, p
 
             out = jax.tree.map(one_lin, q[k], cross[k])
+        elif masked:
+
+            def one_quad_masked(c, btw, qs, bwm, bdm):
+                p = beta * c + lam_c * btw
+                r = lam_c * btw + beta * p if nesterov else p
+                return eta * eta * qs - eta * lam_d * btw - eta * r, p - eta * lam_d * bwm - eta * bdm
+
+            out = jax.tree.map(one_quad_masked, cross[k], b_tw[k], q_step[k], b_wm[k], b_dm[k])
         else:
 
-            def one_quad(qk, c, qdk, b_dm):
+            def one_quad(qk, c, qdk, bdm):
                 p = beta * c + 2 * lam_c * qk
                 r = 2 * lam_c * qk + beta * p if nesterov else p
-                return (a * a - 1) * qk - a * eta * r + eta * eta * qdk, a * p - eta * b_dm
+                return (a * a - 1) * qk - a * eta * r + eta * eta * qdk, a * p - eta * bdm
 
-            b_dm = jax.tree.map(_polar, qd[k], qm[k], qdm[k]) if nesterov else jax.tree.map(lambda x: 2 * x, qd[k])
-            out = jax.tree.map(one_quad, q[k], cross[k], qd[k], b_dm)
+            out = jax.tree.map(one_quad, q[k], cross[k], qd[k], b_dm[k])
         is_pair = lambda x: isinstance(x, tuple)  # noqa: E731
         pred[k] = jax.tree.map(lambda t: t[0], out, is_leaf=is_pair)
         new_cross[k] = jax.tree.map(lambda t: t[1], out, is_leaf=is_pair)
@@ -166,48 +184,3 @@ def masked_leaves(mask, params):
         raise ValueError(f"decay_mask must be a pytree of booleans with the structure of params (or a prefix of "
                          f"it), True where the weight decay acts: {e}") from e
 
-
-def _predict_masked(group, params, grads, updates, cross, eta, beta, lam_d, lam_c, safe_eta, nesterov, charges_now,
-                    velocity, decay_mask):
-    add = lambda x, y: jax.tree.map(lambda a, b: a + b, x, y)  # noqa: E731
-    w = masked_leaves(decay_mask, params)
-    d = jax.tree.map(lambda u, ww: -u / safe_eta - lam_d * ww, updates, w)
-    if nesterov and velocity is not None:
-        m = velocity
-    elif nesterov:
-        safe_beta = jnp.where(beta != 0, beta, jnp.ones_like(beta))
-        m = jax.tree.map(lambda dd, g, ww: jnp.where(beta != 0, (dd - g - lam_c * ww) / safe_beta, dd), d, grads, w)
-    else:
-        m = d
-    q = charges_now if charges_now is not None else charges_dict(group, params)
-    qw = charges_dict(group, w)
-    b_tw = jax.tree.map(_polar, q, qw, charges_dict(group, add(params, w)))
-    q_step = charges_dict(group, jax.tree.map(lambda dd, ww: dd + lam_d * ww, d, w))
-    qm = charges_dict(group, m)
-    b_wm = jax.tree.map(_polar, qw, qm, charges_dict(group, add(w, m)))
-    qd = charges_dict(group, d)
-    b_dm = jax.tree.map(_polar, qd, qm, charges_dict(group, add(d, m))) if nesterov else jax.tree.map(
-        lambda x: 2 * x, qd)
-    lin = charge_linear(group)
-    pred, new_cross = {}, {}
-    for k in q:
-        if lin.get(k, False):  # qw[k] is S(w), linear
-
-            def one_lin(c, sw):
-                p = beta * c + lam_c * sw
-                r = lam_c * sw + beta * p if nesterov else p
-                return -eta * lam_d * sw - eta * r, p
-
-            out = jax.tree.map(one_lin, cross[k], qw[k])
-        else:
-
-            def one_quad(c, btw, qs, bwm, bdm):
-                p = beta * c + lam_c * btw
-                r = lam_c * btw + beta * p if nesterov else p
-                return eta * eta * qs - eta * lam_d * btw - eta * r, p - eta * lam_d * bwm - eta * bdm
-
-            out = jax.tree.map(one_quad, cross[k], b_tw[k], q_step[k], b_wm[k], b_dm[k])
-        is_pair = lambda x: isinstance(x, tuple)  # noqa: E731
-        pred[k] = jax.tree.map(lambda t: t[0], out, is_leaf=is_pair)
-        new_cross[k] = jax.tree.map(lambda t: t[1], out, is_leaf=is_pair)
-    return pred, new_cross

@@ -97,16 +97,18 @@ def _run(params, opt_state, model_state, data, key, start_step, *, loss_fn, tx, 
 
         (loss, (aux, new_ms)), grads = jax.value_and_grad(obj, has_aux=True)(params)
 
+        def batch_loss(p):
+            return obj(p)[0]
+
         def value_fn(p, *, loss_fn=None, example_loss_fn=None, obj_fn=None):
             # optax's line searches (optax.lbfgs) pass the extra arguments they do not consume on to value_fn and
             # refuse any that it does not name: the others this loop passes are named here and ignored
             del loss_fn, example_loss_fn, obj_fn
-            return obj(p)[0]
+            return batch_loss(p)
 
         # optax's names: value / grad / value_fn (optax.lbfgs's line search), obj_fn (optax.contrib.sophia);
         # loss_fn / example_loss_fn: quotient_trajectory's Hessian and noise
-        extra = {"value": loss, "grad": grads, "value_fn": value_fn, "obj_fn": lambda p: obj(p)[0],
-                 "loss_fn": lambda p: obj(p)[0]}
+        extra = {"value": loss, "grad": grads, "value_fn": value_fn, "obj_fn": batch_loss, "loss_fn": batch_loss}
         if example_loss_fn is not None:
             extra["example_loss_fn"] = lambda p: example_loss_fn(p, batch)
         updates, opt_state = tx.update(grads, opt_state, params, **extra)

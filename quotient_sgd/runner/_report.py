@@ -172,15 +172,11 @@ def detect_events(s: Settings, traj: dict, diverged: dict | None) -> tuple[list[
     if len(finite.get("loss", [])) > 1:
         try:
             from ..diagnostics import detect
+            from ..diagnostics._live import _options_from_config
 
-            # mini-batch losses fluctuate step to step: spikes are judged on a 20-step causal mean (full batch:
-            # the raw loss), as in experiments/normalised_cnn.py
-            smooth = 1 if s.data.batch_size == 0 else 20
-            from ..diagnostics._live import momentum_options
-
-            # with momentum the edge of stability is at eta lambda = 2 (1 + beta) (Nesterov: / (1 + 2 beta))
-            mom = momentum_options(s.optim.momentum, s.optim.nesterov) if s.optim.name == "sgd" else {}
-            out = [e.to_dict() for e in detect(finite, lr=s.optim.lr, horizon=s.steps, spike_smooth=smooth, **mom)]
+            # the run's settings (horizon, spike smoothing of a mini-batch loss, momentum), the ones detect_run
+            # re-detects a run directory with
+            out = [e.to_dict() for e in detect(finite, lr=s.optim.lr, **_options_from_config(s.to_dict()))]
         except Exception as e:  # a diagnostic failing must not lose the run's outputs
             err = f"{type(e).__name__}: {e}"
     if diverged is not None:

@@ -102,3 +102,14 @@ def test_float_batch_size_does_not_poison_later_draws():
     with pytest.raises(ValueError, match="batch_size"):
         qdata.sample_indices(key, 13, 3.0, "top_k")
     assert qdata.sample_indices(key, 13, 3, "top_k").shape == (3,)
+
+
+@pytest.mark.parametrize("sampler", qdata.SAMPLERS)
+def test_draws_do_not_depend_on_x64(sampler):
+    # a run draws the same batches with float64 enabled or not (top_k once drew float64 uniforms under x64)
+    key = jax.random.key(3)
+    plain = qdata.sample_indices(key, 1348, 64, sampler)
+    with jax.enable_x64(True):
+        wide = qdata.sample_indices(key, 1348, 64, sampler)
+    assert plain.dtype == wide.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(plain), np.asarray(wide))

@@ -176,9 +176,10 @@ def sample_indices(key, n: int, batch_size: int, sampler: str = "permutation") -
     if sampler == "swap_or_not" and n == 0:
         return jnp.zeros((0,), jnp.int32)
     if sampler == "permutation":
-        return jax.random.permutation(key, n)[:batch_size]
+        return jax.random.permutation(key, n)[:batch_size].astype(jnp.int32)
     if sampler == "top_k":
-        return jax.lax.top_k(jax.random.uniform(key, (n,)), batch_size)[1]
+        # float32 uniforms whatever jax_enable_x64 says, so that a run draws the same batches with x64 on or off
+        return jax.lax.top_k(jax.random.uniform(key, (n,), jnp.float32), batch_size)[1].astype(jnp.int32)
     if sampler == "swap_or_not":
         return swap_or_not(key, n, jnp.arange(batch_size, dtype=jnp.uint32))
 

@@ -211,7 +211,10 @@ def train(
         start_step: the global index of the first step: a run in chunks (carrying ``params``, ``opt_state``,
             ``model_state`` and advancing ``start_step``) equals the unchunked run.
         example_loss_fn: ``(params, batch) -> (B,)`` per-example losses, passed on to the optimiser (the noise
-            temperature of :func:`quotient_trajectory` with ``noise_every``).
+            temperature of :func:`quotient_trajectory` with ``noise_every``).  It gets no ``model_state``: with
+            batch statistics the examples of a batch are not independent (each one's loss depends on the
+            others through the normalisation), so per-example gradients have no meaning there; a model whose
+            state does not couple examples can close over it.
         donate: donate ``params`` / ``opt_state`` / ``model_state`` buffers to the loop (the arrays passed in are
             consumed; pass ``donate=False`` to keep using them).  Ignored under ``vmap`` / an outer ``jit``.
         unroll: ``lax.scan`` unroll factor.

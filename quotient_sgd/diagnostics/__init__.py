@@ -24,6 +24,8 @@ from ._detect import detect_fold as detect_fold
 from ._detect import detect_loss_spike as detect_loss_spike
 from ._detect import detect_shock as detect_shock
 from ._detect import detect_transition as detect_transition
+from ._detect import fold_edge as fold_edge
+from ._detect import fold_levels_for as fold_levels_for
 from ._detect import stability_edge as stability_edge
 from ._events import Event as Event
 from ._events import load_events as load_events
@@ -37,5 +39,6 @@ __all__ = [
     "ALL_KINDS", "Alarm", "Event", "LiveDetector", "ShockAwareState", "cusum", "cusum_threshold",
     "default_transition_keys", "detect", "detect_catapult", "detect_divergence", "detect_edge_of_stability",
     "detect_fold", "detect_loss_spike", "detect_run", "detect_shock", "detect_transition", "gauge_transport",
-    "load_events", "save_events", "shock_aware_lr", "stability_decomposition", "stability_edge",
+    "fold_edge", "fold_levels_for", "load_events", "save_events", "shock_aware_lr", "stability_decomposition",
+    "stability_edge",
 ]

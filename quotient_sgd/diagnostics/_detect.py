@@ -15,6 +15,7 @@ read raw norms / sharpness, for comparison only.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -162,20 +163,6 @@ def detect_shock(traj, *, steps, lr=None, shock_level: float = 1.0, rearm: float
     return out
 
 
-def detect_fold(traj, *, steps, lr=None, fold_levels: Sequence[float] = (1.0, 2.0), rearm: float = 0.9, **_):
-    """``fold``: the fold number ``eta max(0, kappa)`` of the step crossing 1 (the explicit step map folds) and
-    2 (unstable), THEORY section 4; variant ``step`` with the decomposition at the nearest Hessian refresh."""
-    v = scalar(traj, "fold_number")
-    if v is None:
-        return []
-    idx = np.nonzero(np.isfinite(v))[0]
-    out = []
-    for level in fold_levels:
-        out += _threshold_events(traj, "fold_number", v, idx, steps, "fold", level, "step", rearm, lr,
-                                 ("curvature",))
-    return out
-
-
 def stability_edge(momentum: float = 0.0, nesterov: bool = False) -> float:
     """The value of ``eta * lambda`` at which SGD with momentum ``beta`` (optax's form: ``m+ = beta m + g``, step
     ``-eta m+``, or ``-eta (g + beta m+)`` with ``nesterov``) turns unstable on a quadratic of curvature
@@ -184,6 +171,59 @@ def stability_edge(momentum: float = 0.0, nesterov: bool = False) -> float:
     unit disc there)."""
     b = float(momentum)
     return 2 * (1 + b) / (1 + 2 * b) if nesterov else 2 * (1 + b)
+
+
+def fold_edge(momentum: float = 0.0, nesterov: bool = False) -> float:
+    """The value of ``eta * lambda`` at which SGD with momentum ``beta`` (optax's form, as in
+    :func:`stability_edge`) starts to fold on a quadratic of curvature ``lambda``: the eigenvalues of its linear
+    step map leave the non-negative real axis, so that the iterate no longer approaches the minimum monotonically
+    but oscillates about it.  ``1`` without momentum (the eigenvalue ``1 - eta lambda`` crosses 0);
+    ``(1 - sqrt(beta))^2`` for heavy ball (the roots of ``z^2 - (1 + beta - eta lambda) z + beta = 0`` turn
+    complex; their product is ``beta > 0``, so neither crosses 0); ``((1 - beta) / (1 + beta))^2`` for Nesterov
+    (the roots of ``z^2 - (1 + beta)(1 - eta lambda) z + beta (1 - eta lambda) = 0`` turn complex there, and both
+    pass through 0 at ``eta lambda = 1``).  Momentum makes the iteration under-damped along every direction with
+    ``eta lambda`` above this level (0.0026 at ``beta = 0.9``)."""
+    b = float(momentum)
+    return float(((1 - b) / (1 + b)) ** 2 if nesterov else (1 - np.sqrt(b)) ** 2)
+
+
+def fold_levels_for(levels: Sequence[float], momentum: float = 0.0, nesterov: bool = False) -> list[float]:
+    """``fold_levels`` given on gradient descent's scale (1: the step map folds, 2: unstable) mapped to SGD with
+    momentum ``beta``: piecewise linear through ``0 -> 0``, ``1 -> fold_edge(beta, nesterov)`` and
+    ``2 -> stability_edge(beta, nesterov)``, and ``x -> x * stability_edge / 2`` above 2 (the scaling of
+    :func:`detect_edge_of_stability`).  The identity without momentum."""
+    f, e = fold_edge(momentum, nesterov), stability_edge(momentum, nesterov)
+    out = []
+    for x in levels:
+        x = float(x)
+        out.append(float(x * f if x <= 1 else (f + (x - 1) * (e - f) if x <= 2 else x * e / 2)))
+    return out
+
+
+def detect_fold(traj, *, steps, lr=None, fold_levels: Sequence[float] = (1.0, 2.0), rearm: float = 0.9,
+                momentum: float = 0.0, nesterov: bool = False, **_):
+    """``fold``: the fold number ``eta max(0, kappa)`` of the step crossing 1 (the explicit step map folds) and
+    2 (unstable), THEORY section 4; variant ``step`` with the decomposition at the nearest Hessian refresh.
+
+    With momentum (``momentum=beta``, ``nesterov``) the levels are those of the momentum iteration on the
+    quadratic (:func:`fold_levels_for`): level 1 is :func:`fold_edge` (the iteration starts to oscillate,
+    ``(1 - sqrt(beta))^2`` for heavy ball) and level 2 is :func:`stability_edge` (``2 (1 + beta)``); the event's
+    ``details`` give the mapped ``level``, the ``gd_level`` it came from, ``fold_edge`` and ``edge``."""
+    v = scalar(traj, "fold_number")
+    if v is None:
+        return []
+    idx = np.nonzero(np.isfinite(v))[0]
+    mapped = fold_levels_for(fold_levels, momentum, nesterov)
+    out = []
+    for gd_level, level in zip(fold_levels, mapped):
+        for ev in _threshold_events(traj, "fold_number", v, idx, steps, "fold", level, "step", rearm, lr,
+                                    ("curvature",)):
+            if momentum:
+                ev = dataclasses.replace(ev, details={**ev.details, "gd_level": float(gd_level),
+                                                      "fold_edge": fold_edge(momentum, nesterov),
+                                                      "edge": stability_edge(momentum, nesterov)})
+            out.append(ev)
+    return out
 
 
 def detect_edge_of_stability(traj, *, steps, lr=None, eos_levels: Sequence[float] = (1.0, 2.0),
@@ -418,7 +458,7 @@ def detect(trajectory, *, lr=None, kinds: Iterable[str] | None = None, start_ste
             ``spike_window``, ``spike_smooth``, ``drop_factor``, ``confirm_window``, ``eos_levels``, ``fold_levels``,
             ``shock_level``, ``rearm``, ``divergence_factor``, ``divergence_patience``, ``slice_shocks``, ``horizon``,
             ``transform``, ``k``, ``min_ref``, ``variants``; ``momentum`` and ``nesterov`` of an SGD run move the
-            edge of stability to :func:`stability_edge`).
+            edge of stability to :func:`stability_edge` and the fold levels to :func:`fold_levels_for`).
 
     Returns:
         Events sorted by step (then kind).

@@ -30,7 +30,8 @@ def _options_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     ``quotient-sgd run`` detects its own ``events.json`` with (``quotient_sgd.runner._report.detect_events``) and
     :func:`detect_run` re-detects with.  ``horizon`` = the planned steps; a mini-batch loss (``data.batch_size >
     0``) judged for spikes on a 20-step causal mean (full batch: the raw loss); SGD's momentum, which moves the
-    edge of stability to ``eta lambda = 2 (1 + beta)`` (Nesterov: ``/ (1 + 2 beta)``)."""
+    edge of stability to ``eta lambda = 2 (1 + beta)`` (Nesterov: ``/ (1 + 2 beta)``) and the fold to
+    :func:`~quotient_sgd.diagnostics.fold_edge`."""
     out: dict[str, Any] = {}
     if isinstance(cfg.get("steps"), int) and not isinstance(cfg.get("steps"), bool) and cfg["steps"] > 0:
         out["horizon"] = cfg["steps"]

@@ -1,5 +1,6 @@
 """Convergence of the HJ / Burgers solvers to the Cole-Hopf solution (THEORY section 3)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from quotient_sgd.hj import (
     Grid,
     solve_burgers,
     solve_hj,
+    Spectral,
 )
 
 NU = 0.01 / np.pi  # Basdevant et al. (1986) reference problem
@@ -64,6 +66,57 @@ def test_spectral_shock_resolved(x64):
     # Past the shock time (t = 1.6037/pi, max slope ~152): fast decay once the viscous front is resolved.
     errs, orders = linf_errors([256, 512], 1.6037 / np.pi, "spectral")
     assert errs[-1] < 5e-3 and orders[-1] > 3
+
+
+# Basdevant et al. (1986), Computers & Fluids 14:23-41: u_t + u u_x = nu u_xx, u0 = -sin(pi x), nu = 0.01/pi is
+# our Burgers form with p = u (L = cos(pi x)/pi) as it stands (same sign, same time). The steepest slope, reached
+# at the origin at t = 1.6037/pi (not at the inviscid shock time 1/pi, where du/dx(0) = -34.226), is
+# du/dx(0) = -152.00516 (their Cole-Hopf value by Hermite quadrature, 8 digits).
+T_BASDEVANT = 1.6037 / np.pi
+SLOPE_BASDEVANT = -152.00516
+
+
+def basdevant_spectral(n, **kwargs):
+    g = Grid(n, -1.0, 1.0)
+    p = solve_burgers(-jnp.sin(jnp.pi * g.x), g, nu=NU, t1=T_BASDEVANT, max_steps=30000, **kwargs).ps[-1]
+    return g, p, float(Spectral().derivative(g, p)[n // 2])  # node n / 2 is x = 0
+
+
+def test_basdevant_slope_cole_hopf_and_coarse_spectral(x64):
+    # N = 1024 spans the front (width ~ 2/152) by ~5 points: measured slope error 1.6e-4, profile error 1.9e-5
+    g, p, slope = basdevant_spectral(1024, dt=T_BASDEVANT / 100)
+    assert slope == pytest.approx(SLOPE_BASDEVANT, rel=5e-4)
+    # one quadrature: the profile on the grid and the Cole-Hopf slope at 0 by a central difference at +-h
+    # (truncation h^2 |d3p/dx3| / 6 ~ 1e-8 relative at h = 1e-6)
+    h = 1e-6
+    ref = cole_hopf_gradient(loss, jnp.concatenate([g.x, jnp.array([-h, h])]), T_BASDEVANT, NU, num=401)
+    assert float(ref[-1] - ref[-2]) / (2 * h) == pytest.approx(SLOPE_BASDEVANT, rel=1e-7)  # published: 8 digits
+    assert float(jnp.max(jnp.abs(p - ref[:-2]))) < 5e-5
+
+
+@pytest.mark.slow
+def test_basdevant_spectral_fine(x64):
+    # measured: slope error 6e-9 (N = 2048) and 6e-12 (N = 4096), profile error 4e-10 and 2e-12
+    errs = []
+    for n in (2048, 4096):
+        g, p, slope = basdevant_spectral(n, rtol=1e-10, atol=1e-13)
+        errs.append(abs(slope / SLOPE_BASDEVANT - 1))
+        assert float(jnp.max(jnp.abs(p - cole_hopf_gradient(loss, g.x, T_BASDEVANT, NU)))) < 1e-9
+    assert errs[0] < 3e-8 and errs[1] < 3e-8  # the published value is rounded to 3e-8
+    exact = float(jax.grad(lambda x: cole_hopf_gradient(loss, x, T_BASDEVANT, NU))(0.0))
+    assert abs(exact / SLOPE_BASDEVANT - 1) < 3e-8 and abs(slope / exact - 1) < 1e-10
+
+
+@pytest.mark.slow
+def test_basdevant_finite_volume_slope_second_order(x64):
+    # measured (minmod, central difference at x = 0): relative slope error 3.0e-2, 6.2e-3, 1.5e-3
+    errs = []
+    for n in (1024, 2048, 4096):
+        g = Grid(n, -1.0, 1.0)
+        p = final_field("burgers", "fv", n, T_BASDEVANT)
+        errs.append(abs(float(p[n // 2 + 1] - p[n // 2 - 1]) / (2 * g.dx) / SLOPE_BASDEVANT - 1))
+    orders = -np.diff(np.log2(errs))
+    assert np.all(orders > 1.8) and errs[-1] < 2e-3
 
 
 def test_fv_smooth_second_order(x64):

@@ -256,7 +256,7 @@ def detect_edge_of_stability(traj, *, steps, lr=None, eos_levels: Sequence[float
         for level in eos_levels:
             level = level * edge / 2
             for ev in _threshold_events(traj, key, q, idx, steps, "edge_of_stability", level, variant, rearm, lr):
-                # the row of the event (``steps`` need not be sorted); the learning rate *at* that step (with a
+                # the row of the event; the learning rate *at* that step (with a
                 # schedule, ``lr[0]`` was reported: a warm-up's first value instead of the one that crossed)
                 i = int(np.nonzero(steps == ev.step)[0][0])
                 obs = {key: _f(traj[key][i]), "lr": _f(lr[i])}
@@ -449,8 +449,9 @@ def detect(trajectory, *, lr=None, kinds: Iterable[str] | None = None, start_ste
     Args:
         trajectory: ``dict[str, array]`` with leading axis = step (nested dicts such as ``charges`` allowed), the
             output of :func:`quotient_sgd.optim.train`, or a loaded ``trajectory.npz``.  A ``step`` key, when
-            present, gives the step numbers; otherwise ``start_step + arange(n)`` (live chunks: pass the chunk's
-            first step, or use :class:`LiveDetector`).
+            present, gives the step numbers (strictly increasing integers); otherwise ``start_step + arange(n)``
+            (live chunks: pass the chunk's first step, or use :class:`LiveDetector`).  Every series has one row
+            per step; one recorded every ``K`` steps holds its value or is NaN in between.
         lr: learning rate (number or per-step array), needed by ``edge_of_stability``; defaults to the
             trajectory's ``lr`` / ``learning_rate`` key.
         kinds: detectors to run (default: all of :data:`ALL_KINDS`).
@@ -466,7 +467,8 @@ def detect(trajectory, *, lr=None, kinds: Iterable[str] | None = None, start_ste
     Raises:
         TypeError: an option no detector takes (a misspelt option was ignored).
         ValueError: an unknown kind, an option or ``lr`` out of its range (the message names the allowed values),
-            or a ``loss`` that is not one value per step (e.g. a vmapped trajectory: pass one member).
+            a ``loss`` that is not one value per step (e.g. a vmapped trajectory: pass one member), a scalar series
+            with another number of rows than ``loss``, or a ``step`` key that is not strictly increasing integers.
 
     Example:
         >>> import numpy as np
@@ -488,6 +490,15 @@ def detect(trajectory, *, lr=None, kinds: Iterable[str] | None = None, start_ste
     if "step" in traj and np.shape(traj["step"]) != shape:
         raise ValueError(f"detect: the trajectory's 'step' key has shape {np.shape(traj['step'])}; it must "
                          f"number the rows of 'loss', shape {shape}")
+    # a scalar series of another length (recorded every K steps as its own short array) was read row by row
+    # against the loss's steps: its events landed at the wrong steps, or an index error / broadcast error
+    short = {k: len(v) for k, v in traj.items() if np.ndim(v) == 1 and len(v) != shape[0]
+             and k not in ("lr", "learning_rate")}
+    if short:
+        raise ValueError(f"detect: every scalar series needs one row per row of 'loss' ({shape[0]}); got "
+                         f"{short}. A series recorded every K steps is given on the trajectory's rows: its last "
+                         "value held, or NaN between records (Hessian keys: with 'hessian_step' marking the "
+                         "refreshes), as quotient_trajectory records them")
     steps = steps_of(traj, start_step)
     lr_arr = learning_rate(traj, lr, len(steps))
     events: list[Event] = []

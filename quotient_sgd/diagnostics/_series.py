@@ -69,9 +69,35 @@ def num_steps(traj: Mapping[str, np.ndarray]) -> int:
 
 
 def steps_of(traj: Mapping[str, np.ndarray], start_step: int = 0) -> np.ndarray:
+    """The step numbers of the rows: the ``step`` key, else ``start_step + arange(rows)``.
+
+    Raises:
+        ValueError: ``step`` values that are not finite integers or not strictly increasing (repeated or unsorted
+            steps, e.g. chunks concatenated in the wrong order or twice: every detector reads the rows as
+            consecutive in time), or a ``start_step`` that is not an integer.
+    """
     if "step" in traj:
-        return np.asarray(traj["step"]).astype(np.int64).reshape(-1)
-    return start_step + np.arange(num_steps(traj), dtype=np.int64)
+        raw = np.asarray(traj["step"]).reshape(-1)
+        if raw.dtype.kind not in "iuf":
+            raise ValueError(f"detect: the trajectory's 'step' key must hold integer step numbers; got dtype "
+                             f"{raw.dtype}")
+        with np.errstate(invalid="ignore"):
+            bad = np.nonzero(raw != np.round(raw))[0]  # NaN (a live chunk without steps), 2.5
+        if bad.size:
+            raise ValueError(f"detect: the trajectory's 'step' key must hold integer step numbers; got step[{bad[0]}]"
+                             f" = {raw[bad[0]]} ({bad.size} non-integer value(s))")
+        steps = raw.astype(np.int64)
+        back = np.nonzero(np.diff(steps) <= 0)[0]
+        if back.size:
+            i = int(back[0])
+            raise ValueError(f"detect: the trajectory's 'step' key must be strictly increasing (one row per step, "
+                             f"in order); step[{i}] = {steps[i]} is followed by step[{i + 1}] = {steps[i + 1]} "
+                             f"({back.size} such place(s)). Repeated or unsorted steps come from chunks concatenated "
+                             "twice or out of order: sort the rows by step and drop the repeats")
+        return steps
+    if isinstance(start_step, bool) or not isinstance(start_step, (int, np.integer)):
+        raise ValueError(f"detect: start_step={start_step!r} is not allowed; need an integer (the first row's step)")
+    return int(start_step) + np.arange(num_steps(traj), dtype=np.int64)
 
 
 def scalar(traj: Mapping[str, np.ndarray], key: str) -> np.ndarray | None:

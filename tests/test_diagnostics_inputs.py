@@ -1,0 +1,50 @@
+"""Detectors on malformed or unusual trajectories: the ``step`` key, series of another length, non-finite
+observables, subsampled trajectories with Hessian refreshes between records, live chunks of single steps."""
+
+import numpy as np
+import pytest
+
+from quotient_sgd.diagnostics import LiveDetector, detect
+
+
+def _spiky(n=61):
+    return np.r_[np.ones(n // 2), [3.0], np.ones(n - n // 2 - 1)]
+
+
+@pytest.mark.parametrize("step, match", [
+    (np.r_[np.arange(31), np.arange(30)], r"step\[30\] = 30 is followed by step\[31\] = 0"),  # a chunk twice
+    (np.r_[np.arange(30, 61), np.arange(30)], "strictly increasing"),                        # chunks swapped
+    (np.r_[np.arange(30), [29], np.arange(31, 61)], r"step\[29\] = 29 is followed by step\[30\] = 29"),
+    (np.arange(61) + 0.5, "integer"),
+    (np.r_[np.arange(60.0), np.nan], r"step\[60\] = nan"),
+])
+def test_steps_that_are_not_strictly_increasing_integers_are_refused(step, match):
+    """Repeated or unsorted steps were read as consecutive rows: the spike of the second copy was reported at a
+    step of the first, ``2.5`` was truncated to 2 and a NaN step cast to a huge negative number."""
+    loss = _spiky()
+    assert [e.step for e in detect({"loss": loss, "step": np.arange(61)}, kinds=["loss_spike"])] == [30]
+    with pytest.raises(ValueError, match="'step'") as err:
+        detect({"loss": loss, "step": step}, kinds=["loss_spike"])
+    assert err.match(match)
+    with pytest.raises(ValueError, match="start_step=1.5"):
+        detect({"loss": loss}, start_step=1.5)
+
+
+def test_live_chunks_that_repeat_steps_are_refused():
+    """A live chunk sent twice (or overlapping the previous one) made a spike out of the repeated rows."""
+    live = LiveDetector(kinds=["loss_spike"])
+    assert live.update({"loss": np.ones(3), "step": np.arange(3)}) == []
+    with pytest.raises(ValueError, match=r"step\[2\] = 2 is followed by step\[3\] = 2"):
+        live.update({"loss": np.array([1.0, 5.0, 1.0]), "step": np.arange(2, 5)})
+
+
+@pytest.mark.parametrize("key, values", [
+    ("sharpness_quotient", np.r_[np.full(5, 5.0), np.full(5, 30.0)]),   # a Hessian every 100 steps, 10 rows
+    ("fold_number", np.r_[np.full(50, 0.1), np.full(50, 3.0)]),         # every 10 steps, 100 rows
+    ("grad_norm_canonical", np.ones(2000)),                             # longer than the loss
+])
+def test_a_series_with_another_number_of_rows_is_refused_by_name(key, values):
+    """A series recorded every K steps as its own short array was read against the loss's first rows: the fold
+    crossing at step 500 was reported at step 50, and a short sharpness raised a bare broadcast error."""
+    with pytest.raises(ValueError, match=f"'{key}'"):
+        detect({"loss": np.linspace(1.0, 0.1, 1000), key: values}, lr=0.1)

@@ -48,3 +48,36 @@ def test_a_series_with_another_number_of_rows_is_refused_by_name(key, values):
     crossing at step 500 was reported at step 50, and a short sharpness raised a bare broadcast error."""
     with pytest.raises(ValueError, match=f"'{key}'"):
         detect({"loss": np.linspace(1.0, 0.1, 1000), key: values}, lr=0.1)
+
+
+def test_an_infinite_sharpness_or_fold_number_crosses_every_level_and_nan_is_still_no_record():
+    """``+inf`` (a Hessian or curvature estimate that overflowed) was skipped like a missing record: a sharpness
+    jumping to ``inf`` gave no edge-of-stability event and a fold number of ``inf`` no fold event."""
+    n = 60
+    sharp = np.r_[np.full(30, 1.0), np.full(30, np.inf)]
+    sharp[1::2] = np.nan  # refreshed every other step
+    traj = {"loss": np.ones(n), "sharpness_quotient": sharp, "fold_number": np.r_[np.full(30, 0.1),
+                                                                                   np.full(30, np.inf)]}
+    ev = detect(traj, lr=0.1, kinds=["edge_of_stability", "fold"])
+    assert [(e.step, e.kind, e.details["level"]) for e in ev] == [
+        (30, "edge_of_stability", 1.0), (30, "edge_of_stability", 2.0), (30, "fold", 1.0), (30, "fold", 2.0)]
+    assert all(e.strength == np.inf for e in ev)
+    traj["sharpness_quotient"] = np.where(np.arange(n) % 2, np.nan, 30.0)  # NaN rows are not below the level
+    assert [e.step for e in detect(traj, lr=0.1, kinds=["edge_of_stability"])] == [0, 0]
+
+
+def test_hessian_refreshes_between_kept_rows_are_read_at_the_next_row():
+    """A trajectory kept every 10 steps with a Hessian every 15: a refresh counted only where ``hessian_step``
+    equalled a kept step (every 30 steps), so the crossing refreshed at step 495 was reported at 510, from the
+    refresh at 510.  It is seen at the next kept row, 500, and the decomposition names the refresh (495)."""
+    t = np.arange(1000)
+    hs = t // 15 * 15
+    sharp = np.where(hs >= 495, 30.0, 5.0)
+    full = {"loss": np.ones(1000), "step": t, "sharpness_horizontal": sharp, "sharpness_quotient": sharp / 2,
+            "hessian_step": hs}
+    kept = {k: v[::10] for k, v in full.items()}
+    for traj, step in ((full, 495), (kept, 500)):
+        ev = [e for e in detect(traj, lr=0.1, kinds=["edge_of_stability"]) if e.variant == "step"]
+        assert [(e.step, e.details["level"], e.details["at_step"]) for e in ev] == [(step, 1.0, 495),
+                                                                                   (step, 2.0, 495)]
+        assert ev[0].details["gauge_factor"] == 2.0

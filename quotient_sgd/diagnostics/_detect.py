@@ -35,6 +35,7 @@ from ._series import (
     kind_of,
     learning_rate,
     ratio,
+    refresh_step,
     scalar,
     spikes,
     steps_of,
@@ -63,7 +64,7 @@ def _decomposition(traj, i: int, lr_i: float | None, steps=None) -> dict[str, fl
     if fresh.size == 0:
         return out
     i = int(fresh[-1])
-    out["at_step"] = int(steps[i])
+    out["at_step"] = refresh_step(traj, i, steps)
     if ks is not None:
         out["lambda_step"] = _f(traj[ks][i])
     if kq is not None:
@@ -150,7 +151,7 @@ def detect_shock(traj, *, steps, lr=None, shock_level: float = 1.0, rearm: float
         v = scalar(traj, key)
         if v is None:
             continue
-        idx = np.nonzero(fresh_mask(traj, key, steps) if key.endswith("hessian") else np.isfinite(v))[0]
+        idx = np.nonzero(fresh_mask(traj, key, steps) if key.endswith("hessian") else ~np.isnan(v))[0]
         out += _threshold_events(traj, key, v, idx, steps, "shock", shock_level, "step", rearm, lr, ("curvature",))
     for sh in slice_shocks:
         t = float(sh["shock_time"])
@@ -212,7 +213,7 @@ def detect_fold(traj, *, steps, lr=None, fold_levels: Sequence[float] = (1.0, 2.
     v = scalar(traj, "fold_number")
     if v is None:
         return []
-    idx = np.nonzero(np.isfinite(v))[0]
+    idx = np.nonzero(~np.isnan(v))[0]
     mapped = fold_levels_for(fold_levels, momentum, nesterov)
     out = []
     for gd_level, level in zip(fold_levels, mapped):

@@ -118,13 +118,23 @@ def first_key(traj, candidates) -> str | None:
 
 
 def fresh_mask(traj: Mapping[str, np.ndarray], key: str, steps: np.ndarray) -> np.ndarray:
-    """Where a periodically refreshed (Hessian) observable holds a new value: ``hessian_step == step`` when the
-    trajectory records it, else wherever the value is finite (NaN marks a step without a refresh)."""
+    """Where a periodically refreshed (Hessian) observable holds a new value: the first row at which
+    ``hessian_step`` (the step of the refresh, ``-1`` before the first) takes a new value when the trajectory
+    records it, else wherever the value is not NaN (NaN marks a step without a refresh; an infinite value is a
+    value).  In a trajectory kept every ``K`` steps a refresh between two kept rows is seen at the next one (it
+    was dropped unless ``hessian_step`` equalled a kept step: two of every three refreshes with ``K = 10`` and a
+    Hessian every 15 steps)."""
     v = np.asarray(traj[key], dtype=np.float64)
-    mask = np.isfinite(v)
+    mask = ~np.isnan(v)
     if "hessian_step" in traj:
-        mask &= np.asarray(traj["hessian_step"]).astype(np.int64).reshape(-1) == steps
+        hs = np.asarray(traj["hessian_step"]).astype(np.int64).reshape(-1)
+        mask &= (hs >= 0) & np.r_[True, hs[1:] != hs[:-1]]
     return mask
+
+
+def refresh_step(traj: Mapping[str, np.ndarray], i: int, steps: np.ndarray) -> int:
+    """The step of the Hessian refresh held at row ``i`` (``hessian_step``, else the row's step)."""
+    return int(traj["hessian_step"][i]) if "hessian_step" in traj else int(steps[i])
 
 
 def learning_rate(traj: Mapping[str, np.ndarray], lr, n: int) -> np.ndarray | None:
@@ -155,13 +165,13 @@ def learning_rate(traj: Mapping[str, np.ndarray], lr, n: int) -> np.ndarray | No
 
 def crossings(values: np.ndarray, level: float, rearm: float = 0.9) -> list[tuple[int, int, int]]:
     """Episodes of ``values >= level`` with hysteresis: ``(start, end, peak)`` indices, an episode ending when
-    the value falls below ``rearm * level``.  Non-finite values are skipped."""
+    the value falls below ``rearm * level``.  NaN values are skipped; ``+inf`` is above any level (a sharpness or fold number that overflowed)."""
     out = []
     armed = True
     start = peak = -1
     last = -1
     for i, v in enumerate(values):
-        if not np.isfinite(v):
+        if np.isnan(v):
             continue
         last = i
         if armed and v >= level:

@@ -81,3 +81,21 @@ def test_hessian_refreshes_between_kept_rows_are_read_at_the_next_row():
         assert [(e.step, e.details["level"], e.details["at_step"]) for e in ev] == [(step, 1.0, 495),
                                                                                    (step, 2.0, 495)]
         assert ev[0].details["gauge_factor"] == 2.0
+
+
+def test_live_detector_fed_one_step_at_a_time_as_scalars_or_rows_gives_the_whole_runs_events():
+    """A training loop handing over each step's numbers as scalars (``{"loss": 0.3}``) failed with "zero-dimensional
+    arrays cannot be concatenated"; one-row chunks and scalar chunks now give the events of one ``detect`` call."""
+    n = 120
+    t = np.arange(n)
+    traj = {"loss": np.r_[np.linspace(1.0, 0.5, 60), [3.0], np.linspace(0.5, 0.2, 59)],
+            "sharpness_quotient": np.where(t % 10 == 0, np.where(t < 50, 5.0, 30.0), np.nan),
+            "fold_number": np.linspace(0.0, 2.5, n), "hessian_top_quotient": np.ones((n, 3)), "step": t + 7}
+    full = detect(traj, lr=0.1, horizon=n)
+    assert {e.kind for e in full} >= {"loss_spike", "edge_of_stability", "fold"}
+    for one in (lambda i: {k: v[i] for k, v in traj.items()}, lambda i: {k: v[i:i + 1] for k, v in traj.items()}):
+        live = LiveDetector(lr=0.1, horizon=n)
+        got = [e for i in range(n) for e in live.update(one(i))]
+        assert sorted(e.key() for e in got) == sorted(e.key() for e in full)
+    with pytest.raises(ValueError, match="start_step"):
+        LiveDetector(start_step=0.5)

@@ -96,6 +96,8 @@ class LiveDetector:
         if options.get("kinds") is not None:
             check_kinds(options["kinds"], ALL_KINDS)
         check_options({k: v for k, v in options.items() if k != "kinds"}, "LiveDetector")
+        if isinstance(start_step, bool) or not isinstance(start_step, (int, np.integer)):
+            raise ValueError(f"LiveDetector: start_step={start_step!r} is not allowed; need an integer")
         self.lr = lr
         self.path = path
         self.start_step = start_step
@@ -105,7 +107,12 @@ class LiveDetector:
         self.events: list[Event] = []
 
     def update(self, chunk) -> list[Event]:
-        self._chunks.append(flatten_trajectory(chunk))
+        """Add ``chunk`` (a trajectory of the next steps, leading axis = step; or one step as scalars, e.g.
+        ``{"loss": 0.3}``) and return the events it reveals."""
+        chunk = flatten_trajectory(chunk)
+        if "loss" in chunk and chunk["loss"].ndim == 0:  # one step given as scalars: a chunk of one row
+            chunk = {k: v[None] for k, v in chunk.items()}
+        self._chunks.append(chunk)
         traj = _concatenate(self._chunks)
         lr = self.lr
         if lr is not None and np.ndim(lr) == 1:

@@ -165,7 +165,8 @@ def learning_rate(traj: Mapping[str, np.ndarray], lr, n: int) -> np.ndarray | No
 
 def crossings(values: np.ndarray, level: float, rearm: float = 0.9) -> list[tuple[int, int, int]]:
     """Episodes of ``values >= level`` with hysteresis: ``(start, end, peak)`` indices, an episode ending when
-    the value falls below ``rearm * level``.  NaN values are skipped; ``+inf`` is above any level (a sharpness or fold number that overflowed)."""
+    the value falls below ``rearm * level``.  NaN values are skipped; ``+inf`` is above any level (a sharpness
+    or fold number that overflowed)."""
     out = []
     armed = True
     start = peak = -1

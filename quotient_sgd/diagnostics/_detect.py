@@ -105,15 +105,13 @@ def detect_divergence(traj, *, steps, divergence_factor: float = 100.0, divergen
     with np.errstate(invalid="ignore"):
         high = np.where(nonfinite | (l0 == 0), False, above(loss, l0, divergence_factor))
     patience = _records(divergence_patience, steps)
-    run = np.zeros(len(loss), np.int64)
-    for t in range(len(loss)):
-        run[t] = (run[t - 1] + 1 if t else 1) if high[t] else 0
-    sustained = np.nonzero(run >= patience)[0]
+    c = np.r_[0, np.cumsum(high)]
+    sustained = np.nonzero(c[patience:] - c[:-patience] == patience)[0]  # first rows of `patience` high in a row
     cands = []
     if nonfinite.any():
         cands.append(int(np.argmax(nonfinite)))
     if sustained.size:
-        cands.append(int(sustained[0]) - patience + 1)
+        cands.append(int(sustained[0]))
     if not cands:
         return []
     i = min(cands)

@@ -10,6 +10,7 @@ import sys
 import jax
 import numpy as np
 
+from helpers import tiny_settings
 from quotient_sgd.config import load_config, validate
 from quotient_sgd.runner import run, sweep
 from quotient_sgd.runner._sweep import member_settings, sweep_members
@@ -265,3 +266,57 @@ def test_compile_seconds_sees_through_the_persistent_cache(tmp_path):
     first, second, hits = map(float, res.stdout.split())
     assert hits == 1  # the second compilation came from the persistent cache
     assert first > 0.05 and 0.5 * first <= second <= 2 * first + 0.5, (first, second)
+
+
+def _counting_programs(monkeypatch):
+    """Record the start step of every chunk program call a sweep makes (one per group and chunk)."""
+    from quotient_sgd.runner import _sweep as sweep_module
+
+    calls = []
+    compile_seconds = sweep_module.compile_seconds
+
+    def counting(lowered):
+        f, seconds = compile_seconds(lowered)
+
+        def call(*args):
+            calls.append(int(np.asarray(args[-1])))
+            return f(*args)
+
+        return call, seconds
+
+    monkeypatch.setattr(sweep_module, "compile_seconds", counting)
+    return calls
+
+
+def test_sweep_stops_when_no_member_is_live(tmp_path, monkeypatch):
+    """Every member diverges in the first chunk: the sweep computes no further chunk (it used to dispatch the
+    next chunk before reading the divergences of the previous one), keeps no checkpoint after it, and records
+    each member's divergence (step, reason) as the member's own run does."""
+    calls = _counting_programs(monkeypatch)
+    s = tiny_settings(30, **{"sweep.lr": (500.0, 800.0), "sweep.seed": ()})
+    wd = str(tmp_path / "sw")
+    r = sweep(s, wd, members_per_device=1, devices=jax.devices()[:1])
+    assert sorted(r.diverged) == [0, 1] and all(d["step"] < 10 for d in r.diverged.values())
+    assert calls == [0, 0]  # the first chunk of each member only
+    assert r.steps_done == 10 and sorted(int(x) for x in os.listdir(os.path.join(wd, "checkpoints"))) == [10]
+    for i, d in enumerate(r.member_dirs):
+        own = run(member_settings(s, i, sweep_members(s)[i]), str(tmp_path / f"run{i}"))
+        assert own.diverged == r.diverged[i]
+        events = json.load(open(os.path.join(d, "events.json")))
+        assert events == json.load(open(tmp_path / f"run{i}" / "events.json"))
+        assert len(_traj(d)["loss"]) == own.diverged["step"] + 1
+    # run again: nothing is computed
+    calls.clear()
+    assert sweep(s, wd, members_per_device=1, devices=jax.devices()[:1]).diverged == r.diverged
+    assert calls == []
+
+
+def test_diverged_member_is_not_run_in_the_next_chunk(tmp_path, monkeypatch):
+    """One member per device, run one at a time: the member that diverged in the first chunk is not run in the
+    second (the other finishes)."""
+    calls = _counting_programs(monkeypatch)
+    s = tiny_settings(30, **{"sweep.lr": (0.05, 500.0), "sweep.seed": ()})
+    r = sweep(s, str(tmp_path / "sw"), members_per_device=1, devices=jax.devices()[:1])
+    assert list(r.diverged) == [1] and r.diverged[1]["step"] < 10
+    assert calls == [0, 0, 10, 20]
+    assert len(_traj(r.member_dirs[0])["loss"]) == 30

@@ -624,10 +624,32 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
             writers[i] = _tensorboard(s, dirs[i], start)
         return writers[i]
 
-    def write_chunk(a, c, fetch, states_c, lay, own_c, before_checkpoint=None):
-        """Rows and parts of chunk ``[a, c)`` for the members held here (``fetch``: the :func:`_host_rows_start`
-        handle of its outputs), then the checkpoint of step ``c``."""
-        host = _host_rows_finish(fetch)
+    def host_outputs(p: list) -> list:
+        """The outputs of the pending chunk ``p`` on the host (waits for the chunk; fetched once)."""
+        if p[3] is None:
+            p[2], p[3] = None, _host_rows_finish(p[2])
+        return p[3]
+
+    def ending(p: list) -> set[int]:
+        """The members held here whose divergence the pending chunk ``p`` records (read from its outputs on the
+        host, as :func:`write_chunk` does)."""
+        a, lay, own_c, out = p[0], p[5], p[6], set()
+        for g, o in enumerate(host_outputs(p)):
+            if o is None:
+                continue
+            traj, ev = o
+            for j in own_c[g]:
+                i = lay.groups[g][j]
+                if i not in diverged and first_divergence(traj["loss"][j], bool(ev["params_finite"][j]), a):
+                    out.add(i)
+        return out
+
+    def write_chunk(p: list, before_checkpoint=None):
+        """Rows and parts of the pending chunk ``p = [a, c, fetch, host, states, layout, owned]`` (``fetch``: the
+        :func:`_host_rows_start` handle of its outputs, ``host``: those outputs once fetched) for the members held
+        here, then the checkpoint of step ``c``."""
+        a, c, _, _, states_c, lay, own_c = p
+        host = host_outputs(p)
         for g, out in enumerate(host):
             if out is None:
                 continue
@@ -673,6 +695,15 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
     done = start
     try:
         for k, (a, c) in enumerate(chunks):
+            # the divergences the previous chunk records decide what this one computes (waiting for that chunk,
+            # whose rows are written while this one computes): the groups whose members have all diverged are not
+            # run, and the sweep ends as soon as no member is live (across processes every group runs: the
+            # programs of a group span processes, and each process sees its own members only)
+            dead = set(diverged)
+            if pending is not None and not multi:
+                dead |= ending(pending)
+                if len(dead) == n:
+                    break
             due = [e["members_per_device"] for e in schedule[1:] if e["from_step"] == a]
             if due and due[-1] != layout.mpd:  # regroup the members (on the host of the process holding them)
                 new = _Layout(due[-1], nd, n, padded is not None)
@@ -686,7 +717,7 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
             t_chunk = time.perf_counter()
             outs = []
             for g, idx in enumerate(layout.groups):
-                if not multi and all(i in diverged for i in idx if i < n):
+                if not multi and all(i in dead for i in idx if i < n):
                     outs.append(None)
                     continue
                 seeds, bsz = ins[g]
@@ -695,9 +726,9 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
             # the outputs' device-side gathering goes into the queue now, ahead of the next chunk
             fetch = _host_rows_start(outs, layout.batched)
             if pending is not None:
-                write_chunk(*pending)
+                write_chunk(pending)
                 done = pending[1]
-            pending = (a, c, fetch, list(states), layout, own)
+            pending = [a, c, fetch, None, list(states), layout, own]
             if not decided and k == 0 and a == 0:
                 jax.block_until_ready(outs)
                 chunk_s = time.perf_counter() - t_chunk
@@ -715,12 +746,12 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
                     decided = True
                     record()  # before the checkpoint of step c: a resumed sweep regroups where this one does
 
-                write_chunk(*pending, before_checkpoint=decide)
+                write_chunk(pending, before_checkpoint=decide)
                 done, pending = c, None
             if not multi and len(diverged) == n:
                 break
         if pending is not None:
-            write_chunk(*pending)
+            write_chunk(pending)
             done = pending[1]
     finally:
         bar.close()

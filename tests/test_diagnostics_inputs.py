@@ -147,3 +147,15 @@ def test_loss_spikes_and_divergence_are_linear_time_and_equal_the_step_by_step_r
     t0 = time.perf_counter()
     assert detect({"loss": loss}, kinds=["loss_spike", "divergence"]) == []
     assert time.perf_counter() - t0 < 1.0  # 0.03 s; 1.4 s step by step
+
+
+def test_detect_run_on_a_sweep_or_unfinished_directory_says_what_it_is(tmp_path):
+    """A sweep's root (``sweep.json``, members under ``members/``) or a run without ``trajectory.npz`` gave numpy's
+    bare "No such file or directory"."""
+    from quotient_sgd.diagnostics import detect_run
+
+    (tmp_path / "sweep.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="sweep directory.*members"):
+        detect_run(tmp_path)
+    with pytest.raises(FileNotFoundError, match="run_dir=.*has no trajectory.npz"):
+        detect_run(tmp_path / "members")

@@ -55,7 +55,14 @@ def detect_run(run_dir: str | os.PathLike, *, lr=None, write: bool = True, **opt
     (an extra leading sweep axis) are not split here: pass one member's trajectory to :func:`detect`.
     """
     run_dir = os.fspath(run_dir)
-    with np.load(os.path.join(run_dir, "trajectory.npz")) as z:
+    path = os.path.join(run_dir, "trajectory.npz")
+    if not os.path.exists(path):
+        if os.path.exists(os.path.join(run_dir, "sweep.json")):
+            raise FileNotFoundError(f"detect_run: {run_dir!r} is a sweep directory; its members' run directories "
+                                    f"are {os.path.join(run_dir, 'members', '<index>')!r}: detect each of them")
+        raise FileNotFoundError(f"detect_run: run_dir={run_dir!r} has no trajectory.npz (a run writes it when it "
+                                "finishes; an unfinished run is completed by running it again)")
+    with np.load(path) as z:
         traj = {k: z[k] for k in z.files}
     if os.path.exists(os.path.join(run_dir, "config.json")):
         with open(os.path.join(run_dir, "config.json")) as f:

@@ -159,3 +159,20 @@ def test_detect_run_on_a_sweep_or_unfinished_directory_says_what_it_is(tmp_path)
         detect_run(tmp_path)
     with pytest.raises(FileNotFoundError, match="run_dir=.*has no trajectory.npz"):
         detect_run(tmp_path / "members")
+
+
+def test_hessian_keys_first_recorded_in_a_later_live_chunk_are_read_without_a_cast_warning():
+    """``hessian_step`` missing from the first chunk was filled with NaN and cast to int64 (RuntimeWarning, and
+    the row number of a NaN is arbitrary); it is ``-1`` there, the value before the first refresh."""
+    import warnings
+
+    live = LiveDetector(lr=0.1, kinds=["edge_of_stability"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert live.update({"loss": np.ones(20), "step": np.arange(20)}) == []
+        new = live.update({"loss": np.ones(20), "step": np.arange(20, 40),
+                           "sharpness_horizontal": np.r_[np.full(10, 15.0), np.full(10, 25.0)],
+                           "hessian_step": np.r_[np.full(10, 20), np.full(10, 30)]})
+        assert [(e.step, e.details["level"], e.details["at_step"]) for e in new] == [(20, 1.0, 20), (30, 2.0, 30)]
+        traj = {"loss": np.ones(4), "sharpness_quotient": np.full(4, 30.0), "hessian_step": [np.nan, 1, 1, 3]}
+        assert [e.step for e in detect(traj, lr=0.1, kinds=["edge_of_stability"])] == [1, 1]

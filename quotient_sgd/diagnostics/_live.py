@@ -139,8 +139,8 @@ class LiveDetector:
 
 def _concatenate(chunks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """The chunks' series end to end.  A key missing from some chunks (recorded from a later chunk on, e.g. an
-    observable switched on mid-run) is NaN there rather than dropped for the whole run; a key whose per-step shape
-    changes between chunks is dropped."""
+    observable switched on mid-run) is NaN there (``hessian_step``: -1, no refresh yet) rather than dropped for
+    the whole run; a key whose per-step shape changes between chunks is dropped."""
     out = {}
     for k in dict.fromkeys(k for c in chunks for k in c):
         have = [np.asarray(c[k]) for c in chunks if k in c]
@@ -154,6 +154,9 @@ def _concatenate(chunks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         parts = []
         for c in chunks:
             n = len(np.asarray(c["loss"])) if "loss" in c else 0
-            parts.append(np.asarray(c[k], np.float64) if k in c else np.full((n,) + shape, np.nan))
+            if k == "hessian_step":
+                parts.append(np.asarray(c[k], np.int64) if k in c else np.full((n,) + shape, -1, np.int64))
+            else:
+                parts.append(np.asarray(c[k], np.float64) if k in c else np.full((n,) + shape, np.nan))
         out[k] = np.concatenate(parts, axis=0)
     return out

@@ -127,7 +127,8 @@ def fresh_mask(traj: Mapping[str, np.ndarray], key: str, steps: np.ndarray) -> n
     v = np.asarray(traj[key], dtype=np.float64)
     mask = ~np.isnan(v)
     if "hessian_step" in traj:
-        hs = np.asarray(traj["hessian_step"]).astype(np.int64).reshape(-1)
+        hs = np.asarray(traj["hessian_step"], np.float64).reshape(-1)
+        hs = np.where(np.isfinite(hs), hs, -1).astype(np.int64)  # NaN: a row without one (live chunks), as -1
         mask &= (hs >= 0) & np.r_[True, hs[1:] != hs[:-1]]
     return mask
 

@@ -176,3 +176,65 @@ def test_new_run_killed_while_writing_its_config_starts_again(tmp_path):
     (other / "notes.txt").write_text("mine")
     with pytest.raises(RunDirError, match="no config.json"):
         run(s, str(other))
+
+
+def test_resume_with_other_checkpoint_keep_and_enabled(tmp_path):
+    """``checkpoint.keep`` and ``checkpoint.enabled`` change neither the trajectory nor the rows: a resume with
+    other values runs (it used to be refused as another config), records them in config.json, and ends with
+    the trajectory and rows of an uninterrupted run; keys that change what is computed are still refused."""
+    from helpers import tiny_settings
+
+    s = tiny_settings(40, **{"checkpoint.keep": 3})
+    ref = run(s, str(tmp_path / "ref"))
+    wd = str(tmp_path / "r")
+    run(s, wd, max_chunks=3)
+    assert checkpoint_steps(wd) == [10, 20, 30]
+    s1 = tiny_settings(40, **{"checkpoint.keep": 1})
+    done = run(s1, wd)
+    assert done.resumed_from == 30 and checkpoint_steps(wd) == [40]
+    assert json.load(open(os.path.join(wd, "config.json"))) == json.loads(json.dumps(s1.to_dict()))
+    for k in ref.trajectory:
+        np.testing.assert_array_equal(done.trajectory[k], ref.trajectory[k], err_msg=k)  # bitwise
+    assert _rows(wd) == _rows(str(tmp_path / "ref"))
+
+    # without checkpoints: an unfinished run restarts from step 0 (same steps, same rows); a finished one
+    # computes nothing and keeps its record
+    wd2 = str(tmp_path / "r2")
+    run(s, wd2, max_chunks=2)
+    off = tiny_settings(40, **{"checkpoint.keep": 3, "checkpoint.enabled": False})
+    done = run(off, wd2)
+    assert done.resumed_from == 0 and json.load(open(os.path.join(wd2, "config.json")))["checkpoint"]["enabled"] is False
+    for k in ref.trajectory:
+        np.testing.assert_array_equal(done.trajectory[k], ref.trajectory[k], err_msg=k)
+    assert _rows(wd2) == _rows(str(tmp_path / "ref"))
+    record = json.load(open(os.path.join(wd2, "run.json")))
+    again = run(off, wd2)
+    assert again.steps_done == 40 and json.load(open(os.path.join(wd2, "run.json"))) == record
+    assert _rows(wd2) == _rows(str(tmp_path / "ref"))
+
+    for key, value in (("checkpoint.every", 20), ("logging.every", 7)):
+        with pytest.raises(RunDirError, match=key.replace(".", r"\.")):
+            run(tiny_settings(40, **{"checkpoint.keep": 3, key: value}), wd)
+
+
+def test_finished_run_again_without_plots_keeps_them(tmp_path):
+    """A finished run run again with ``logging.plots=False`` keeps the plots an earlier call drew (it used to
+    delete plots/); a run that computes more steps removes plots that describe its shorter trajectory."""
+    from helpers import tiny_settings
+    from quotient_sgd.runner import report
+
+    wd = tmp_path / "r"
+    run(tiny_settings(20, **{"logging.plots": True}), str(wd))
+    plots = {p.name: p.read_bytes() for p in (wd / "plots").iterdir()}
+    assert "loss.png" in plots
+    run(tiny_settings(20), str(wd))
+    assert {p.name: p.read_bytes() for p in (wd / "plots").iterdir()} == plots
+    assert "plots/loss.png" in (wd / "summary.md").read_text()
+    assert json.load(open(wd / "config.json"))["logging"]["plots"] is False
+
+    part = tmp_path / "part"
+    run(tiny_settings(20), str(part), max_chunks=1)
+    report(str(part))  # the plots of the first 10 steps
+    assert (part / "plots" / "loss.png").exists()
+    run(tiny_settings(20), str(part))
+    assert not (part / "plots").exists()

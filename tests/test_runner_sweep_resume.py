@@ -173,3 +173,23 @@ def test_new_sweep_killed_while_recording_starts_again(tmp_path):
     with pytest.raises(RunDirError, match="not empty"):
         sweep(s, str(other), members_per_device=2, devices=jax.devices()[:1])
     assert sorted(os.listdir(other)) == ["notes.txt", "sweep.json.tmp"]
+
+
+def test_sweep_resume_with_other_checkpoint_keep(tmp_path):
+    """A sweep resumed with another ``checkpoint.keep`` runs (it used to be refused as another config), records
+    it in sweep.json and every member's config.json, and ends with the trajectories of an uninterrupted sweep."""
+    from helpers import tiny_settings
+
+    s = tiny_settings(30, **{"sweep.lr": (0.05, 0.02), "sweep.seed": ()})
+    dev = jax.devices()[:1]
+    wd, ref = str(tmp_path / "sw"), str(tmp_path / "ref")
+    sweep(s, wd, members_per_device=1, devices=dev, max_chunks=2)
+    assert checkpoint_steps(wd) == [10, 20]
+    s1 = tiny_settings(30, **{"sweep.lr": (0.05, 0.02), "sweep.seed": (), "checkpoint.keep": 1})
+    done = sweep(s1, wd, members_per_device=1, devices=dev)
+    assert (done.resumed_from, done.steps_done) == (20, 30) and checkpoint_steps(wd) == [30]
+    sweep(s, ref, members_per_device=1, devices=dev)
+    assert_sweeps_bitwise(wd, ref, 2)
+    assert json.load(open(os.path.join(wd, "sweep.json")))["config"]["checkpoint"]["keep"] == 1
+    for i in range(2):
+        assert json.load(open(os.path.join(wd, "members", f"{i:03d}", "config.json")))["checkpoint"]["keep"] == 1

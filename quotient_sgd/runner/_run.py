@@ -23,7 +23,7 @@ from ._rundir import (
     discard_new_run,
     make_directory,
     remove_outputs,
-    write_json,
+    write_config,
 )
 
 
@@ -134,8 +134,7 @@ def run(settings: Settings, workdir: str, *, built: Built | None = None, max_chu
 
 def _run(s: Settings, workdir: str, b: Built, resume: bool, max_chunks: int | None, t0: float,
          progress: dict) -> RunResult:
-    if not resume:
-        write_json(os.path.join(workdir, "config.json"), s.to_dict())
+    write_config(os.path.join(workdir, "config.json"), s)  # (a resume may change the keys that compute nothing)
     metrics, parts = MetricsLog(os.path.join(workdir, "metrics.jsonl")), TrajectoryParts(workdir)
     every = s.checkpoint.every
     if s.logging.plots:
@@ -152,19 +151,24 @@ def _run(s: Settings, workdir: str, b: Built, resume: bool, max_chunks: int | No
         if ckpt is not None:
             start, restored = ckpt.restore_latest(state)
             state = restored if start else state
-        from ._report import read_record
+        from ._report import RECORD, read_record
 
         previous = read_record(workdir) if resume else None  # before remove_outputs deletes it
-        # a run that diverged has ended: run again, it computes nothing (as a finished run) and keeps its record
+        # a run that diverged has ended: run again, it computes nothing (as a finished run) and keeps its record;
+        # so does a finished run without the checkpoint of its last step (checkpoints off, or kept elsewhere):
+        # run.json is written once its last step is
         diverged = (previous or {}).get("diverged")
-        if diverged is None:
+        ended = diverged is not None or (resume and os.path.isfile(os.path.join(workdir, RECORD)))
+        if not ended:
             parts.truncate(start)
             metrics.truncate(start)
-        remove_outputs(workdir)
-        todo = chunk_bounds(start, s.steps, every) if diverged is None else []
+        todo = [] if ended else chunk_bounds(start, s.steps, every)
+        # plots/ goes when it would describe a shorter trajectory than the one this call ends with, or is
+        # rewritten; a finished run run again without plots keeps those it has
+        remove_outputs(workdir, plots=bool(todo) or s.logging.plots)
         tb = _tensorboard(s, workdir, start) if todo else None
         bar = _progress(s, start)
-        done = start
+        done = s.steps if ended and diverged is None else start
         seed = jnp.int32(s.seed)
         for n_chunk, (a, c) in enumerate(todo):
             if max_chunks is not None and n_chunk >= max_chunks:

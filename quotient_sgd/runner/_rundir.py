@@ -25,8 +25,13 @@ import numpy as np
 
 from ..config import Settings
 
-#: config keys that may differ between a run and its resumption (they do not change what is computed).
-_IGNORED_KEYS = ("logging.progress", "logging.tensorboard", "logging.plots")
+#: config keys that may differ between a run and its resumption: they change neither the trajectory nor the
+#: metric rows (the progress bar, the TensorBoard copy of the rows, whether plots are drawn, how many checkpoints
+#: are kept, whether checkpoints are written: without them a run restarts from step 0 and recomputes the same
+#: steps).  The resumed run records the new values in ``config.json``.  ``checkpoint.every`` is not one of them:
+#: it sets the chunks, whose last steps carry the evaluation rows.
+_IGNORED_KEYS = ("logging.progress", "logging.tensorboard", "logging.plots", "checkpoint.keep",
+                 "checkpoint.enabled")
 
 
 class RunDirError(RuntimeError):
@@ -143,6 +148,17 @@ def write_json(path: str, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_config(path: str, settings: Settings) -> None:
+    """Write ``settings`` to ``path`` (``config.json``) unless it holds them already: a new run, or a run resumed
+    with other values of the keys a resume may change (``_IGNORED_KEYS``), which the file then records."""
+    new = json.loads(json.dumps(settings.to_dict(), default=_json_default))
+    if os.path.isfile(path):
+        with open(path) as f:
+            if json.load(f) == new:
+                return
+    write_json(path, new)
 
 
 def _json_default(x):
@@ -373,12 +389,15 @@ def _abstract(x):
     return np.zeros(np.shape(x), np.dtype(x.dtype))
 
 
-def remove_outputs(workdir: str) -> None:
+def remove_outputs(workdir: str, plots: bool = True) -> None:
     """Remove the derived outputs (they are rewritten at the end of a run).  ``events.json`` is one of them: the
     one that ``report`` wrote for an interrupted run holds the events of its shorter trajectory, and a later
-    ``report`` re-detects them only when the file is missing."""
+    ``report`` re-detects them only when the file is missing.  ``plots=False`` keeps ``plots/``: the caller
+    passes it when the run computes nothing more (its plots describe its whole trajectory) and will not write
+    plots itself (``logging.plots=False``), so the plots of an earlier call are not lost."""
     for name in ("trajectory.npz", "events.json", "summary.md", "run.json"):
         p = os.path.join(workdir, name)
         if os.path.exists(p):
             os.remove(p)
-    shutil.rmtree(os.path.join(workdir, "plots"), ignore_errors=True)
+    if plots:
+        shutil.rmtree(os.path.join(workdir, "plots"), ignore_errors=True)

@@ -61,6 +61,7 @@ from ._rundir import (
     foreign_entries,
     make_directory,
     remove_outputs,
+    write_config,
     write_json,
 )
 
@@ -390,23 +391,22 @@ def _check_sweep_dir(workdir: str, s: Settings) -> dict | None:
     return None
 
 
-def _open_member_dir(d: str, ms: Settings, start: int) -> dict | None:
+def _open_member_dir(d: str, ms: Settings, start: int, plots: bool = True) -> dict | None:
     """Create (or reopen at checkpoint ``start``) a member's run directory; returns its divergence when it
-    diverged before ``start``."""
+    diverged before ``start``.  ``plots``: the sweep writes the members' plots; otherwise the plots of a member
+    that computes nothing more (finished, or diverged before ``start``) are kept."""
     os.makedirs(d, exist_ok=True)
     cfg = os.path.join(d, "config.json")
-    if not os.path.exists(cfg):
-        write_json(cfg, ms.to_dict())
-    TrajectoryParts(d).truncate(start)
-    MetricsLog(os.path.join(d, "metrics.jsonl")).truncate(start)
-    remove_outputs(d)
     div_path = os.path.join(d, "diverged.json")
     div = _read_json(div_path)
-    if div is not None:
-        if div["step"] < start:
-            return div
+    if div is not None and div["step"] >= start:
         os.remove(div_path)
-    return None
+        div = None
+    TrajectoryParts(d).truncate(start)
+    MetricsLog(os.path.join(d, "metrics.jsonl")).truncate(start)
+    remove_outputs(d, plots=plots or not (div is not None or start >= ms.steps))
+    write_config(cfg, ms)
+    return div
 
 
 def _trajectory_bytes(b: Built, s: Settings, n: int) -> int:
@@ -493,7 +493,9 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
     padded = max(s.sweep.batch_size) if s.sweep.batch_size else None
     if multi:
         from jax.experimental import multihost_utils
-    if old is not None and s.checkpoint.enabled and checkpoint_steps(workdir):
+    # the recorded grouping holds wherever checkpoints exist (also when this call writes none: they stay
+    # consistent with sweep.json, and the steps recomputed from 0 are those of the recorded sweep)
+    if old is not None and checkpoint_steps(workdir):
         if (old["num_devices"], old["num_processes"]) != (nd, jax.process_count()):
             raise RunDirError(
                 f"sweep directory {workdir!r} was checkpointed with {old['num_devices']} device(s) in "
@@ -601,6 +603,8 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
         if start:
             layout = _Layout(_layout_at(schedule, start), nd, n, padded is not None)
             states = _unpack(packed, make_states(layout, member_state))
+    if not start and old is not None and old.get("wall_s") is not None:
+        start, states = s.steps, []  # a finished sweep (its wall time is recorded), without checkpoints to say so
     if not start:
         states = make_states(layout, member_state)
     host_states.clear()
@@ -609,7 +613,8 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
     diverged: dict[int, dict] = {}
     for g, idx in enumerate(layout.groups):
         for j in own[g]:
-            dv = _open_member_dir(dirs[idx[j]], member_settings(s, idx[j], members[idx[j]]), start)
+            dv = _open_member_dir(dirs[idx[j]], member_settings(s, idx[j], members[idx[j]]), start,
+                                  plots if plots is not None else s.logging.plots)
             if dv is not None:
                 diverged[idx[j]] = dv
 

@@ -238,3 +238,34 @@ def test_finished_run_again_without_plots_keeps_them(tmp_path):
     assert (part / "plots" / "loss.png").exists()
     run(tiny_settings(20), str(part))
     assert not (part / "plots").exists()
+
+
+def test_resume_over_a_half_deleted_old_checkpoint(tmp_path, caplog):
+    """A kill while orbax deletes a checkpoint beyond ``keep`` (file by file, after finalising a newer one) leaves
+    part of that step's directory: the resume removes it quietly (orbax used to log "Metadata file does not
+    exist" for it), resumes from the newest step and ends with the trajectory and rows of an uninterrupted run."""
+    import logging
+    import shutil
+    import warnings
+
+    from helpers import tiny_settings
+
+    s = tiny_settings(40)
+    wd = str(tmp_path / "r")
+    run(s, wd, max_chunks=3)
+    ck = os.path.join(wd, "checkpoints")
+    assert checkpoint_steps(wd) == [20, 30]
+    for step, lost in ((10, "_CHECKPOINT_METADATA"), (0, "default")):  # what two interrupted deletions leave
+        shutil.copytree(os.path.join(ck, "20"), os.path.join(ck, str(step)))
+        shutil.rmtree(os.path.join(ck, str(step), lost)) if lost == "default" else \
+            os.remove(os.path.join(ck, str(step), lost))
+    caplog.set_level(logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        done = run(s, wd)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert done.resumed_from == 30 and sorted(os.listdir(ck)) == ["30", "40"]
+    ref = run(s, str(tmp_path / "ref"))
+    for k in ref.trajectory:
+        np.testing.assert_array_equal(done.trajectory[k], ref.trajectory[k], err_msg=k)
+    assert _rows(wd) == _rows(str(tmp_path / "ref"))

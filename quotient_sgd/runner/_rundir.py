@@ -301,6 +301,8 @@ class Checkpoints:
         self._ocp = ocp
         self.dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
         self.keep = keep
+        for step in _half_deleted_steps(self.dir):
+            shutil.rmtree(os.path.join(self.dir, step), ignore_errors=True)
         self.manager = self._manager()
 
     def _manager(self):
@@ -346,11 +348,34 @@ class Checkpoints:
             self.manager.close()
 
 
+#: Files orbax writes into every step directory it finalises (``<step>/_CHECKPOINT_METADATA``, the step's
+#: metadata, and ``<step>/default/_METADATA``, the tree's).
+_STEP_FILES = ("_CHECKPOINT_METADATA", os.path.join("default", "_METADATA"))
+
+
+def _half_deleted_steps(directory: str) -> list[str]:
+    """The step directories in ``directory`` that lack one of :data:`_STEP_FILES` and are older than a complete
+    step: what remains of a step that orbax was deleting when the run was killed (after finalising a step it
+    removes the older ones beyond ``keep``, file by file, in parallel; orbax would warn "Metadata file does not
+    exist" on each, then delete it at the next save).  A step being written never looks like this (orbax
+    finalises a step by renaming its temporary directory); an incomplete newest step is left to
+    :meth:`Checkpoints.restore_latest`, which reports it."""
+    if not os.path.isdir(directory):
+        return []
+    steps = [x for x in os.listdir(directory) if x.isdigit()]
+    complete = [int(x) for x in steps if all(os.path.isfile(os.path.join(directory, x, f)) for f in _STEP_FILES)]
+    newest = max(complete, default=-1)
+    return sorted((x for x in steps if int(x) < newest and int(x) not in complete), key=int)
+
+
 def checkpoint_steps(workdir: str) -> list[int]:
     """The steps of the finalised checkpoints in ``workdir/checkpoints`` (orbax's temporary directories of a save
-    in flight are not steps), ascending."""
+    in flight, and what remains of a step whose deletion a kill interrupted, are not steps), ascending."""
     d = os.path.join(workdir, "checkpoints")
-    return sorted(int(x) for x in os.listdir(d) if x.isdigit()) if os.path.isdir(d) else []
+    if not os.path.isdir(d):
+        return []
+    bad = set(_half_deleted_steps(d))
+    return sorted(int(x) for x in os.listdir(d) if x.isdigit() and x not in bad)
 
 
 @contextlib.contextmanager

@@ -42,6 +42,7 @@ def test_live_chunks_that_repeat_steps_are_refused():
     ("sharpness_quotient", np.r_[np.full(5, 5.0), np.full(5, 30.0)]),   # a Hessian every 100 steps, 10 rows
     ("fold_number", np.r_[np.full(50, 0.1), np.full(50, 3.0)]),         # every 10 steps, 100 rows
     ("grad_norm_canonical", np.ones(2000)),                             # longer than the loss
+    ("sharpness_quotient", np.full((3, 1000), 30.0)),                   # a sweep's members: ignored, no events
 ])
 def test_a_series_with_another_number_of_rows_is_refused_by_name(key, values):
     """A series recorded every K steps as its own short array was read against the loss's first rows: the fold

@@ -466,7 +466,7 @@ def detect(trajectory, *, lr=None, kinds: Iterable[str] | None = None, start_ste
     Raises:
         TypeError: an option no detector takes (a misspelt option was ignored).
         ValueError: an unknown kind, an option or ``lr`` out of its range (the message names the allowed values),
-            a ``loss`` that is not one value per step (e.g. a vmapped trajectory: pass one member), a scalar series
+            a ``loss`` that is not one value per step (e.g. a vmapped trajectory: pass one member), a series
             with another number of rows than ``loss``, or a ``step`` key that is not strictly increasing integers.
 
     Example:
@@ -490,14 +490,16 @@ def detect(trajectory, *, lr=None, kinds: Iterable[str] | None = None, start_ste
         raise ValueError(f"detect: the trajectory's 'step' key has shape {np.shape(traj['step'])}; it must "
                          f"number the rows of 'loss', shape {shape}")
     # a scalar series of another length (recorded every K steps as its own short array) was read row by row
-    # against the loss's steps: its events landed at the wrong steps, or an index error / broadcast error
-    short = {k: len(v) for k, v in traj.items() if np.ndim(v) == 1 and len(v) != shape[0]
+    # against the loss's steps: its events landed at the wrong steps, or an index error / broadcast error; a
+    # series with a leading member axis (one member's loss taken out of a sweep, the rest not) was ignored
+    short = {k: np.shape(v) for k, v in traj.items() if np.ndim(v) >= 1 and np.shape(v)[0] != shape[0]
              and k not in ("lr", "learning_rate")}
     if short:
-        raise ValueError(f"detect: every scalar series needs one row per row of 'loss' ({shape[0]}); got "
-                         f"{short}. A series recorded every K steps is given on the trajectory's rows: its last "
-                         "value held, or NaN between records (Hessian keys: with 'hessian_step' marking the "
-                         "refreshes), as quotient_trajectory records them")
+        raise ValueError(f"detect: every series needs one row per row of 'loss' ({shape[0]}, leading axis); got "
+                         f"shapes {short}. A series recorded every K steps is given on the trajectory's rows: its "
+                         "last value held, or NaN between records (Hessian keys: with 'hessian_step' marking the "
+                         "refreshes), as quotient_trajectory records them; of a swept trajectory pass one member, "
+                         "every key")
     steps = steps_of(traj, start_step)
     lr_arr = learning_rate(traj, lr, len(steps))
     events: list[Event] = []

@@ -175,36 +175,47 @@ def _sgd_on_quadratic(x, beta, nesterov, steps):
 
 def test_fold_levels_move_with_momentum(tmp_path):
     """The fold detector kept gradient descent's levels 1 and 2 under momentum.  On the quadratic, optax's
-    heavy-ball / Nesterov iteration approaches the minimum monotonically below ``fold_edge`` (all eigenvalues of
-    its step map real and >= 0) and oscillates about it above (it overshoots, theta < 0); it is unstable above
-    ``stability_edge``.  The detector's levels 1 and 2 follow them, also when a run directory is re-detected."""
+    heavy-ball / Nesterov step map has all its eigenvalues in the right half-plane below ``fold_edge`` and one in
+    the left half-plane above (the iterate overshoots: for gradient descent the eigenvalue ``1 - eta lambda``
+    turns negative); Nesterov's map turns singular there (it folds), heavy ball's never (determinant ``beta``); the
+    iteration is unstable above ``stability_edge``.  The detector's levels 1 and 2 follow them, also when a run
+    directory is re-detected."""
     from quotient_sgd.diagnostics import detect_run, fold_edge, fold_levels_for, stability_edge
 
-    def step_map_eigenvalues(x, beta, nesterov):  # columns: one step from (theta, eta m) = (1, 0) and (0, 1)
+    def step_map(x, beta, nesterov):  # columns: one step from (theta, eta m) = (1, 0) and (0, 1)
         cols = []
         for th, u in ((1.0, 0.0), (0.0, 1.0)):
             m = beta * u + x * th
             cols.append((th - (x * th + beta * m if nesterov else m), m))
-        return np.linalg.eigvals(np.array(cols).T)
+        return np.array(cols).T
 
     for beta, nesterov in ((0.0, False), (0.5, False), (0.9, False), (0.5, True), (0.9, True)):
-        f = fold_edge(beta, nesterov)
-        below, above = _sgd_on_quadratic(0.98 * f, beta, nesterov, 5000), _sgd_on_quadratic(1.02 * f, beta,
-                                                                                         nesterov, 5000)
-        assert np.all(below >= 0) and np.any(above < 0), (beta, nesterov)
-        z = step_map_eigenvalues(0.98 * f, beta, nesterov)
-        assert np.all(np.abs(z.imag) < 1e-12) and np.all(z.real >= -1e-12), (beta, nesterov, z)
-        z = step_map_eigenvalues(1.02 * f, beta, nesterov)
-        assert np.any(np.abs(z.imag) > 1e-6) or np.any(z.real < 0), (beta, nesterov, z)
-        assert fold_levels_for((1.0, 2.0), beta, nesterov) == [f, stability_edge(beta, nesterov)]
+        f, e = fold_edge(beta, nesterov), stability_edge(beta, nesterov)
+        assert 0 < f < e
+        below, above = np.linalg.eigvals(step_map(0.98 * f, beta, nesterov)), np.linalg.eigvals(
+            step_map(1.02 * f, beta, nesterov))
+        # (without momentum the second state is a copy of the gradient: a zero eigenvalue, and 1 - eta lambda)
+        assert np.all(below.real >= 0) and np.any(above.real < 0), (beta, nesterov, below, above)
+        dets = [np.linalg.det(step_map(x * f, beta, nesterov)) for x in (0.98, 1.02)]
+        if beta == 0:
+            assert below.max() > 0 > above.min()
+        elif nesterov:  # the map folds: its Jacobian determinant changes sign
+            assert dets[0] > 0 > dets[1], (beta, nesterov, dets)
+        else:
+            np.testing.assert_allclose(dets, beta, atol=1e-12)
+        # still stable between the fold and the edge, unstable beyond the edge
+        assert np.max(np.abs(np.linalg.eigvals(step_map(0.5 * (f + e), beta, nesterov)))) < 1
+        assert np.max(np.abs(np.linalg.eigvals(step_map(1.02 * e, beta, nesterov)))) > 1
+        assert np.all(np.isfinite(_sgd_on_quadratic(0.98 * e, beta, nesterov, 2000)))
+        assert fold_levels_for((1.0, 2.0), beta, nesterov) == [f, e]
     assert fold_edge() == 1.0 and fold_levels_for((0.5, 1.0, 1.5, 2.0, 3.0)) == [0.5, 1.0, 1.5, 2.0, 3.0]
 
-    fold = np.r_[np.full(20, 0.001), np.full(20, 0.01), np.full(20, 3.0), np.full(20, 3.9)]
+    fold = np.r_[np.full(20, 0.001), np.full(20, 1.2), np.full(20, 2.05), np.full(20, 3.9)]
     traj = {"loss": np.ones(80), "fold_number": fold}
     got = lambda **kw: [(e.step, e.details["level"]) for e in detect(traj, kinds=["fold"], **kw)]
-    assert got() == [(40, 1.0), (40, 2.0)]
-    assert got(momentum=0.9) == [(20, fold_edge(0.9)), (60, 3.8)]  # was [(40, 1.0), (40, 2.0)]
-    assert got(momentum=0.5, nesterov=True) == [(40, fold_edge(0.5, True)), (40, 1.5)]  # fold edge 1/9
+    assert got() == [(20, 1.0), (40, 2.0)]
+    assert got(momentum=0.9) == [(40, 1.9), (60, 3.8)]  # was [(20, 1.0), (40, 2.0)]
+    assert got(momentum=0.5, nesterov=True) == [(20, 1.0), (40, 1.5)]
     (ev,) = [e for e in detect(traj, kinds=["fold"], momentum=0.9) if e.step == 60]
     assert (ev.details["gd_level"], ev.details["edge"]) == (2.0, 3.8)
     np.savez(tmp_path / "trajectory.npz", **traj)

@@ -174,16 +174,23 @@ def stability_edge(momentum: float = 0.0, nesterov: bool = False) -> float:
 
 def fold_edge(momentum: float = 0.0, nesterov: bool = False) -> float:
     """The value of ``eta * lambda`` at which SGD with momentum ``beta`` (optax's form, as in
-    :func:`stability_edge`) starts to fold on a quadratic of curvature ``lambda``: the eigenvalues of its linear
-    step map leave the non-negative real axis, so that the iterate no longer approaches the minimum monotonically
-    but oscillates about it.  ``1`` without momentum (the eigenvalue ``1 - eta lambda`` crosses 0);
-    ``(1 - sqrt(beta))^2`` for heavy ball (the roots of ``z^2 - (1 + beta - eta lambda) z + beta = 0`` turn
-    complex; their product is ``beta > 0``, so neither crosses 0); ``((1 - beta) / (1 + beta))^2`` for Nesterov
-    (the roots of ``z^2 - (1 + beta)(1 - eta lambda) z + beta (1 - eta lambda) = 0`` turn complex there, and both
-    pass through 0 at ``eta lambda = 1``).  Momentum makes the iteration under-damped along every direction with
-    ``eta lambda`` above this level (0.0026 at ``beta = 0.9``)."""
+    :func:`stability_edge`) folds on a quadratic of curvature ``lambda``: an eigenvalue of its linear step map
+    reaches the left half-plane, so the iterate overshoots the minimum (for a real eigenvalue, flips side every
+    step; for a complex pair, turns by more than a quarter turn a step), half-way to the instability.
+
+    - Gradient descent: ``1``; the eigenvalue ``1 - eta lambda`` crosses 0 and the step map ``x -> x - eta grad
+      L`` itself folds (its Jacobian turns singular): THEORY section 4's fold.
+    - Nesterov: ``1`` as well; the roots of ``z^2 - (1 + beta)(1 - eta lambda) z + beta (1 - eta lambda)`` both
+      pass through 0 there, and the step map's Jacobian (determinant ``beta (1 - eta lambda)``) turns singular:
+      it folds in THEORY's sense.
+    - Heavy ball: ``1 + beta``, half its edge ``2 (1 + beta)``; the roots of ``z^2 - (1 + beta - eta lambda) z +
+      beta`` are complex there with real part ``(1 + beta - eta lambda) / 2``.  Its step map never turns
+      singular (determinant ``beta``), so this overshoot is the fold's counterpart, not a fold of the map.
+
+    (The roots of either momentum iteration are complex, the iterate spiralling in, from a far smaller
+    ``eta lambda``, ``(1 - sqrt(beta))^2`` for heavy ball: the normal regime of momentum, not a transition.)"""
     b = float(momentum)
-    return float(((1 - b) / (1 + b)) ** 2 if nesterov else (1 - np.sqrt(b)) ** 2)
+    return 1.0 if nesterov else 1.0 + b
 
 
 def fold_levels_for(levels: Sequence[float], momentum: float = 0.0, nesterov: bool = False) -> list[float]:
@@ -205,8 +212,9 @@ def detect_fold(traj, *, steps, lr=None, fold_levels: Sequence[float] = (1.0, 2.
     2 (unstable), THEORY section 4; variant ``step`` with the decomposition at the nearest Hessian refresh.
 
     With momentum (``momentum=beta``, ``nesterov``) the levels are those of the momentum iteration on the
-    quadratic (:func:`fold_levels_for`): level 1 is :func:`fold_edge` (the iteration starts to oscillate,
-    ``(1 - sqrt(beta))^2`` for heavy ball) and level 2 is :func:`stability_edge` (``2 (1 + beta)``); the event's
+    quadratic (:func:`fold_levels_for`): level 1 is :func:`fold_edge` (the iterate overshoots the minimum,
+    ``1 + beta`` for heavy ball, ``1`` for Nesterov) and level 2 is :func:`stability_edge` (``2 (1 + beta)``,
+    Nesterov ``2 (1 + beta) / (1 + 2 beta)``); the event's
     ``details`` give the mapped ``level``, the ``gd_level`` it came from, ``fold_edge`` and ``edge``."""
     v = scalar(traj, "fold_number")
     if v is None:

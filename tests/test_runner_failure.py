@@ -88,3 +88,41 @@ def test_sweep_failing_in_its_first_chunk_leaves_no_directory(tmp_path, monkeypa
     with pytest.raises(RuntimeError, match="injected failure"):
         sweep(s, wd, devices=jax.devices()[:1])  # resuming: never removed
     assert _snapshot(wd) == before
+
+
+def test_a_directory_in_use_is_refused_and_left_alone(tmp_path):
+    """While one call writes into a directory (it holds the directory's lock), a second run or sweep of it is
+    refused, naming the directory, and changes nothing (two calls used to both append every metric row); once
+    the lock is released the same command resumes."""
+    import fcntl
+
+    from quotient_sgd.runner import RunDirError
+
+    def lock_directory(d):  # what the call writing into ``d`` holds (another open file description conflicts
+        fd = os.open(d, os.O_RDONLY)  # with it as another process's would)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+
+    s = _settings()
+    wd = str(tmp_path / "r")
+    run(s, wd, max_chunks=1)
+    before = _snapshot(wd)
+    lock = lock_directory(wd)
+    try:
+        with pytest.raises(RunDirError, match="in use") as e:
+            run(s, wd)
+        assert wd in str(e.value)
+        assert _snapshot(wd) == before
+    finally:
+        os.close(lock)
+    assert run(s, wd).resumed_from == 10
+
+    sw = tmp_path / "sw"
+    sw.mkdir()  # a new sweep whose directory another call has just created and locked
+    lock = lock_directory(str(sw))
+    try:
+        with pytest.raises(RunDirError, match="sweep directory .* is in use"):
+            sweep(_settings(**{"sweep.lr": (0.02, 0.05)}), str(sw), devices=jax.devices()[:1])
+        assert sw.is_dir() and os.listdir(sw) == []
+    finally:
+        os.close(lock)

@@ -21,8 +21,10 @@ from ._rundir import (
     TrajectoryParts,
     check_workdir,
     discard_new_run,
+    lock_directory,
     make_directory,
     remove_outputs,
+    unlock_directory,
     write_config,
 )
 
@@ -115,21 +117,28 @@ def run(settings: Settings, workdir: str, *, built: Built | None = None, max_chu
 
     A new run that fails with an exception before its first chunk is written leaves nothing behind: what this
     call created is removed (the directory itself when this call created it), so the corrected command can run
-    into the same ``workdir``.  A directory being resumed is never removed.
+    into the same ``workdir``.  A directory being resumed is never removed.  The call holds a lock on ``workdir``
+    (:func:`~._rundir.lock_directory`): a second call on the same directory while one runs is refused
+    (:class:`RunDirError`) and changes nothing.
     """
     t0 = time.time()
     s = settings
-    resume = check_workdir(workdir, s)  # raises before anything is written
+    check_workdir(workdir, s)  # raises before anything is written
     b = built if built is not None else build(s)
     created = not os.path.isdir(workdir)
     make_directory(workdir)
-    progress = {"chunks": 0}
+    lock = lock_directory(workdir)
     try:
-        return _run(s, workdir, b, resume, max_chunks, t0, progress)
-    except BaseException:
-        if not resume and not progress["chunks"]:
-            discard_new_run(workdir, created)
-        raise
+        resume = check_workdir(workdir, s)  # again, locked: another call may have written it in the meantime
+        progress = {"chunks": 0}
+        try:
+            return _run(s, workdir, b, resume, max_chunks, t0, progress)
+        except BaseException:
+            if not resume and not progress["chunks"]:
+                discard_new_run(workdir, created)
+            raise
+    finally:
+        unlock_directory(lock)
 
 
 def _run(s: Settings, workdir: str, b: Built, resume: bool, max_chunks: int | None, t0: float,

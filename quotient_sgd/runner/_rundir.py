@@ -126,6 +126,34 @@ def foreign_entries(workdir: str, record: str) -> list[str]:
     return sorted(n for n in os.listdir(workdir) if n != record + ".tmp")
 
 
+def lock_directory(workdir: str, what: str = "run directory") -> int | None:
+    """Take an exclusive lock on the directory ``workdir`` (``flock`` on the directory itself: no file is added
+    to it) for the call that writes into it; :func:`unlock_directory` (or the end of the process) releases it.
+    :class:`RunDirError` when another process (a run, a sweep) holds it: two calls writing into one directory
+    would both append every metric row and race on the checkpoints.  ``None`` where the file system has no
+    locks (some network file systems): the directory is then used unlocked, as before."""
+    import fcntl
+
+    fd = os.open(workdir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunDirError(f"{what} {workdir!r} is in use: another process is writing into it (a run or sweep "
+                          f"still running). Wait for it to end (the same command then resumes the run, or finds "
+                          f"it finished), or choose another --workdir.") from None
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def unlock_directory(fd: int | None) -> None:
+    """Release a lock of :func:`lock_directory`."""
+    if fd is not None:
+        os.close(fd)
+
+
 def discard_new_run(workdir: str, created: bool) -> None:
     """Remove what a new run (or sweep) wrote into ``workdir`` before it failed: the directory itself when the
     failed call created it, else its entries (the directory was empty before the call: :func:`check_workdir`

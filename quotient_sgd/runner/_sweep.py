@@ -59,8 +59,10 @@ from ._rundir import (
     config_diff,
     discard_new_run,
     foreign_entries,
+    lock_directory,
     make_directory,
     remove_outputs,
+    unlock_directory,
     write_config,
     write_json,
 )
@@ -459,6 +461,11 @@ def sweep(settings: Settings, workdir: str, *, members_per_device: int | None = 
     """
     created = not os.path.isdir(workdir)
     progress = {"new": False, "chunks": 0}
+    lock = None
+    if jax.process_index() == 0:  # (the processes of a multi-host sweep share the directory: one holds the lock)
+        _check_sweep_dir(workdir, settings)  # raises before anything is written
+        make_directory(workdir, "sweep directory")
+        lock = lock_directory(workdir, "sweep directory")  # (refused: the directory is another call's)
     try:
         return _sweep(settings, workdir, progress, members_per_device=members_per_device, devices=devices,
                       plots=plots, max_chunks=max_chunks)
@@ -471,6 +478,8 @@ def sweep(settings: Settings, workdir: str, *, members_per_device: int | None = 
                     pass
             discard_new_run(workdir, created)
         raise
+    finally:
+        unlock_directory(lock)
 
 
 def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_device: int | None, devices,

@@ -110,3 +110,19 @@ def test_report_of_a_resumed_interrupted_run_detects_its_events_again(tmp_path):
     assert "stale_marker" not in report(wd)
     with open(os.path.join(wd, "events.json")) as f:
         assert all(e["kind"] != "stale_marker" for e in json.load(f))
+
+
+def test_report_of_a_run_without_steps_draws_every_plot_quietly(tmp_path):
+    """A run killed before its first chunk holds its config.json only: ``report`` writes the summary (0 steps)
+    and every plot without a warning (matplotlib used to warn that the events plot had no labelled artist)."""
+    import warnings
+
+    from quotient_sgd.runner._report import PLOTS
+
+    s = tiny_settings(20)
+    (tmp_path / "config.json").write_text(json.dumps(s.to_dict()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        text = report(str(tmp_path))
+    assert "- steps: 0 of 20" in text
+    assert sorted(os.listdir(tmp_path / "plots")) == sorted(f"{p}.png" for p in PLOTS)

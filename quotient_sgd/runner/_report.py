@@ -156,7 +156,8 @@ def make_plots(workdir: str, traj: dict, metrics: list[dict], events: list[dict]
         ax.plot([], [], color=c, label=kind)
     if not events:
         ax.text(0.02, 0.02, "no events detected", transform=ax.transAxes, fontsize=8)
-    ax.legend(fontsize=6)
+    if ax.get_legend_handles_labels()[0]:  # (no loss curve and no event: a run reported before its first chunk)
+        ax.legend(fontsize=6)
     save(fig, "events")
     return paths
 

@@ -2,6 +2,7 @@
 corrected command (what the failed call created is removed); a directory that held a run before is never
 touched."""
 
+import json
 import os
 
 import jax
@@ -126,3 +127,22 @@ def test_a_directory_in_use_is_refused_and_left_alone(tmp_path):
         assert sw.is_dir() and os.listdir(sw) == []
     finally:
         os.close(lock)
+
+
+def test_run_and_sweep_directories_are_told_apart(tmp_path):
+    """``run`` on a sweep directory and ``sweep`` on a run directory are refused, saying what the directory holds
+    (they used to call it not a quotient_sgd directory / a directory without sweep.json); nothing is written."""
+    from quotient_sgd.runner import RunDirError
+
+    rd, sd = tmp_path / "run", tmp_path / "sw"
+    rd.mkdir()
+    (rd / "config.json").write_text(json.dumps(_settings().to_dict()))
+    sd.mkdir()
+    (sd / "sweep.json").write_text("{}")
+    (sd / "members").mkdir()
+    before = _snapshot(str(tmp_path))
+    with pytest.raises(RunDirError, match=r"holds a sweep \(sweep.json\), not a run.*quotient-sgd sweep"):
+        run(_settings(), str(sd))
+    with pytest.raises(RunDirError, match=r"holds a run \(config.json\), not a sweep.*quotient-sgd run"):
+        sweep(_settings(**{"sweep.lr": (0.02, 0.05)}), str(rd), devices=jax.devices()[:1])
+    assert _snapshot(str(tmp_path)) == before

@@ -110,6 +110,9 @@ def check_workdir(workdir: str, settings: Settings) -> bool:
                 f"run directory {workdir!r} holds a run of a different config ({len(diff)} differing keys: "
                 f"{lines}). Choose another --workdir, or delete the directory to start over.")
         return True
+    if os.path.isfile(os.path.join(workdir, "sweep.json")):
+        raise RunDirError(f"run directory {workdir!r} holds a sweep (sweep.json), not a run; refusing to write "
+                          f"into it. Run 'quotient-sgd sweep' on it, or choose another --workdir.")
     if foreign_entries(workdir, "config.json"):
         raise RunDirError(f"run directory {workdir!r} exists, is not empty and has no config.json: not a "
                           f"quotient_sgd run; refusing to write into it. Choose another --workdir.")

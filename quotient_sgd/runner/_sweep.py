@@ -387,6 +387,9 @@ def _check_sweep_dir(workdir: str, s: Settings) -> dict | None:
             raise RunDirError(f"sweep directory {workdir!r} holds a sweep of a different config ({lines}). "
                               f"Choose another --workdir, or delete the directory.")
         return meta
+    if os.path.isfile(os.path.join(workdir, "config.json")):
+        raise RunDirError(f"sweep directory {workdir!r} holds a run (config.json), not a sweep; refusing to write "
+                          f"into it. Run 'quotient-sgd run' on it, or choose another --workdir.")
     if foreign_entries(workdir, "sweep.json"):  # (a lone sweep.json.tmp: this sweep, killed while recording)
         raise RunDirError(f"sweep directory {workdir!r} exists, is not empty and has no sweep.json; refusing to "
                           f"write into it. Choose another --workdir.")

@@ -127,3 +127,43 @@ def test_monte_carlo_standard_errors_count_antithetic_pairs_once():
     assert float(jnp.mean(est.value_std)) == pytest.approx(float(jnp.std(est.value)), rel=0.15)
     with pytest.raises(ValueError, match=r"num_samples=7 is not allowed; need an even number >= 4"):
         cole_hopf_monte_carlo(lambda p: jnp.sum(p**2), jnp.zeros(3), 0.5, 0.2, key=jax.random.key(0), num_samples=7)
+
+
+def test_cole_hopf_window_holds_steep_losses(x64):
+    """The window used to assume |grad L| <= lipschitz = 1 and cut the weight of steeper losses silently (u off
+    by O(1) at slope 8). Exact references: L = y^2/2 at slopes 5..10 gives u = x^2 / (2 (1 + t)) + nu log(1 + t),
+    p = x / (1 + t); L = 8 y gives u = 8 x - 32 t, p = 8."""
+    t, nu = 2.0, 0.05
+    x = jnp.linspace(5.0, 10.0, 6)
+    quad = lambda y: 0.5 * y * y  # noqa: E731
+    u, p = cole_hopf(quad, x, t, nu), cole_hopf_gradient(quad, x, t, nu)
+    assert np.allclose(np.asarray(u), np.asarray(x**2 / (2 * (1 + t)) + nu * np.log1p(t)), rtol=0, atol=1e-10)
+    assert np.allclose(np.asarray(p), np.asarray(x / (1 + t)), rtol=0, atol=1e-10)
+    xs = jnp.linspace(-1.0, 1.0, 3)
+    assert np.allclose(np.asarray(cole_hopf(lambda y: 8.0 * y, xs, 0.5, 0.01)), np.asarray(8 * xs - 16), atol=1e-10)
+    # a given bound that is false is refused, naming it and the bound whose window holds the weight
+    with pytest.raises(ValueError, match=r"lipschitz=1.0 is too small .* needs lipschitz=8"):
+        cole_hopf(lambda y: 8.0 * y, xs, 0.5, 0.01, lipschitz=1.0)
+    assert np.allclose(np.asarray(cole_hopf(lambda y: 8.0 * y, xs, 0.5, 0.01, lipschitz=8.0)), np.asarray(8 * xs - 16),
+                       atol=1e-10)
+    with pytest.raises(ValueError, match="lipschitz=-1"):
+        cole_hopf(quad, x, t, nu, lipschitz=-1)
+
+
+def test_cole_hopf_steep_window_under_jit_grad_vmap_and_2d(x64):
+    t, nu = 1.0, 0.1
+    quad = lambda y: 0.5 * y * y  # noqa: E731
+    # L = y^2/2 at slopes 6 and 8 (windows searched under jit, vmap and grad): u = x^2 / (2 (1 + t)) + nu log(1 + t),
+    # du/dx = p = x / (1 + t), du/dnu = log(1 + t)
+    f = jax.value_and_grad(lambda x, nu: cole_hopf(quad, x, t, nu), argnums=(0, 1))
+    u, (p, d) = jax.jit(jax.vmap(f, in_axes=(0, None)))(jnp.array([-8.0, 6.0]), nu)
+    assert np.allclose(np.asarray(u), np.array([16.0, 9.0]) + nu * np.log1p(t), atol=1e-9)
+    assert np.allclose(np.asarray(p), [-4.0, 3.0], atol=1e-9)
+    assert np.allclose(np.asarray(d), np.log1p(t), atol=1e-9)
+    with pytest.raises(Exception, match="lipschitz"):  # traced: equinox.error_if at run time
+        jax.jit(lambda x: cole_hopf(quad, x, t, nu, lipschitz=1.0))(jnp.array([8.0])).block_until_ready()
+    x2 = jnp.array([[6.0], [-5.0]])  # 2-D, L = |y|^2 / 2: u = |x|^2 / (2 (1 + t)) + 2 nu log(1 + t)
+    u2 = cole_hopf(lambda z: 0.5 * (z[0] ** 2 + z[1] ** 2), x2, t, nu, ndim=2, num=121)
+    assert float(u2[0]) == pytest.approx(61.0 / 4 + 2 * nu * np.log1p(t), abs=1e-9)
+    with pytest.raises(ValueError, match="num=201 is too coarse"):
+        cole_hopf(quad, jnp.array([1.0]), 1.0, 1e-6, num=201)

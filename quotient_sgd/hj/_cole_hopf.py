@@ -7,8 +7,23 @@
 The quadrature is the trapezoidal rule on a window around x, evaluated with log-sum-exp so that it is stable for
 small nu (the weights are exp(-O(1/nu))).  The window half-width is
 ``W = lip t + sqrt(lip^2 t^2 + 160 nu t)``: for an L with |grad L| <= lip every point beyond it has a
-log-weight at least 40 below the one at y = x, so the truncation error is below e^-40.  The spacing must
-resolve the width of the weight, ~ sqrt(2 nu t / (1 + t max L'')): choose ``num`` accordingly.
+log-weight at least 40 below the one at y = x, so the truncation error is below e^-40.
+
+``lipschitz=None`` (the default) finds ``lip`` from the loss at each point: the smallest of 1, 2, 4, ..., 2^30
+whose window's edge (its two ends in 1-D, its boundary square in 2-D) has log-weights at least 40 below the
+window's peak.  The weight at the edge is what truncation drops: below e^-40 of the peak it is negligible for any
+weight that decays beyond the window (e.g. when |grad L| <= lip holds outside it, as above); a loss with a deeper
+well beyond a window whose edge already looks negligible is not detected.  Each doubling costs one more
+evaluation of the loss on the ``num`` nodes (a loss with |grad L| <= 1 costs two: the search and the quadrature).
+The bound is not differentiated (the result does not depend on the window once it holds the weight).
+
+A given ``lipschitz`` is used as it is, and checked on the same loss values: where the edge weight is above
+e^-30 of the peak (the bound is false there) a ``ValueError`` names ``lipschitz`` and the value the automatic
+search needs.  Both modes also check the spacing: the weight must span at least 3 nodes (effective sample size
+``1 / sum w_i^2`` of the normalised weights), else a ``ValueError`` asks for a larger ``num``.  The spacing
+``2 W / (num - 1)`` must resolve the width of the weight, ~ sqrt(2 nu t / (1 + t max L'')), to the accuracy
+wanted: choose ``num`` accordingly.  Under ``jit`` / ``vmap`` / ``grad`` (traced values) the same checks raise
+through ``equinox.error_if`` when the computation runs.
 
 In high dimension (network parameters) :func:`cole_hopf_monte_carlo` samples y = x + z, z ~ N(0, 2 nu t I).
 """
@@ -20,6 +35,7 @@ from typing import Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import logsumexp
 
 from ._custom_types import Array
@@ -35,47 +51,113 @@ def _float_points(x):
     return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.zeros((), float).dtype)
 
 
-def _quadrature_1d(loss, x, t, nu, num, lipschitz):
-    x = _float_points(x)
-    dtype = x.dtype
-    t, nu = jnp.asarray(t, dtype), jnp.asarray(nu, dtype)
-    w = _window(t, nu, lipschitz)
-    s = jnp.linspace(-1.0, 1.0, num, dtype=dtype) * w
-    ds = 2 * w / (num - 1)
-
-    def one(xi):
-        logw = -(s * s) / (4 * nu * t) - jax.vmap(loss)(xi + s) / (2 * nu)
-        lse = logsumexp(logw)
-        u = -2 * nu * (lse + jnp.log(ds) - 0.5 * jnp.log(4 * jnp.pi * nu * t))
-        p = jnp.sum(jax.nn.softmax(logw) * (-s)) / t
-        return u, p
-
-    flat = x.reshape(-1).astype(dtype)
-    u, p = jax.lax.map(one, flat, batch_size=64)
-    return u.reshape(x.shape), p.reshape(x.shape)
+_GAP = 40.0  # the automatic window ends where the log-weight is this far below its peak (e^-40)
+_CHECK_GAP = 30.0  # a given lipschitz is refused where the window's edge weight exceeds e^-30 of the peak
+_MIN_ESS = 3.0  # the weight must span at least this many quadrature points (effective sample size)
+_DOUBLINGS = 30  # the automatic window doubles its Lipschitz bound at most this often (1 .. 2^30)
 
 
-def _quadrature_2d(loss, x, t, nu, num, lipschitz):
-    x = _float_points(x)
-    dtype = x.dtype
-    t, nu = jnp.asarray(t, dtype), jnp.asarray(nu, dtype)
-    w = _window(t, nu, lipschitz)
-    s1 = jnp.linspace(-1.0, 1.0, num, dtype=dtype) * w
+def _concrete(a):
+    """``a`` as a NumPy array, or ``None`` when it is traced (under jit, vmap or grad)."""
+    try:
+        return np.asarray(a)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError, TypeError):
+        return None
+
+
+def _nodes(ndim, num, dtype):
+    """Unit quadrature nodes, shape ``(num ** ndim, ndim)``, and the mask of those on the window's edge."""
+    s1 = jnp.linspace(-1.0, 1.0, num, dtype=dtype)
+    edge1 = np.zeros(num, bool)
+    edge1[[0, -1]] = True
+    if ndim == 1:
+        return s1[:, None], edge1
     sx, sy = jnp.meshgrid(s1, s1, indexing="ij")
-    s = jnp.stack([sx.reshape(-1), sy.reshape(-1)], axis=-1)  # (num^2, 2)
-    ds = (2 * w / (num - 1)) ** 2
+    ex, ey = np.meshgrid(edge1, edge1, indexing="ij")
+    return jnp.stack([sx.reshape(-1), sy.reshape(-1)], axis=-1), (ex | ey).reshape(-1)
 
-    def one(xi):
-        logw = -jnp.sum(s * s, axis=-1) / (4 * nu * t) - jax.vmap(loss)(xi[None, :] + s) / (2 * nu)
-        lse = logsumexp(logw)
-        u = -2 * nu * (lse + jnp.log(ds) - jnp.log(4 * jnp.pi * nu * t))
-        p = jnp.sum(jax.nn.softmax(logw)[:, None] * (-s), axis=0) / t
-        return u, p
 
-    pts = jnp.moveaxis(x, 0, -1).reshape(-1, 2)
-    u, p = jax.lax.map(one, pts, batch_size=16)
-    shape = x.shape[1:]
-    return u.reshape(shape), jnp.moveaxis(p, -1, 0).reshape(x.shape)
+def _logweights(loss, xi, t, nu, lip, unit, ndim):
+    """Window half-width, nodes ``s`` and log-weights of the Cole-Hopf integrand at the point ``xi``."""
+    w = _window(t, nu, lip)
+    s = unit * w
+    ys = xi + s[:, 0] if ndim == 1 else xi[None, :] + s
+    return w, s, -jnp.sum(s * s, axis=-1) / (4 * nu * t) - jax.vmap(loss)(ys) / (2 * nu)
+
+
+def _edge_gap(logw, edge):
+    """How far (in log units) the largest weight on the window's edge lies below the peak."""
+    return jnp.max(logw) - jnp.max(jnp.where(edge, logw, -jnp.inf))
+
+
+@eqx.filter_jit
+def _pass(loss, pts, t, nu, lips, num, ndim):
+    """u, p and the diagnostics (edge gap, effective sample size, bound ``lip``) at each point of ``pts`` (rows),
+    each on the window of its own bound ``lips[i]``.  Jitted: repeated calls with the same loss reuse it."""
+    unit, edge = _nodes(ndim, num, pts.dtype)
+    edge = jnp.asarray(edge)
+
+    def one(a):
+        xi, lip = a
+        w, s, logw = _logweights(loss, xi, t, nu, lip, unit, ndim)
+        log_ds = ndim * jnp.log(2 * w / (num - 1))
+        u = -2 * nu * (logsumexp(logw) + log_ds - 0.5 * ndim * jnp.log(4 * jnp.pi * nu * t))
+        soft = jax.nn.softmax(logw)
+        p = jnp.sum(soft[:, None] * (-s), axis=0) / t
+        diag = jax.lax.stop_gradient(jnp.stack([_edge_gap(logw, edge), 1.0 / jnp.sum(soft * soft), lip]))
+        return u, (p[0] if ndim == 1 else p), diag
+
+    return jax.lax.map(one, (pts, lips), batch_size=64 if ndim == 1 else 16)
+
+
+@eqx.filter_jit
+def _search(loss, pts, t, nu, lips, gaps, num, ndim):
+    """Per point, from the bound ``lips[i]`` whose window's edge gap is ``gaps[i]``: the smallest ``2^k lips[i]``
+    (k <= _DOUBLINGS) whose window holds the weight to e^-_GAP at its edge.  Not differentiated."""
+    pts, t, nu = jax.lax.stop_gradient((pts, t, nu))
+    unit, edge = _nodes(ndim, num, pts.dtype)
+    edge = jnp.asarray(edge)
+
+    def one(a):
+        xi, lip, g = a
+
+        def cond(c):
+            return (c[1] < _GAP) & (c[2] < _DOUBLINGS)
+
+        def body(c):
+            lip = 2 * c[0]
+            return lip, _edge_gap(_logweights(loss, xi, t, nu, lip, unit, ndim)[2], edge), c[2] + 1
+
+        return jax.lax.while_loop(cond, body, (lip, g, 0))[0]
+
+    return jax.lax.stop_gradient(jax.lax.map(one, (pts, lips, gaps), batch_size=64 if ndim == 1 else 16))
+
+
+def _quadrature(loss, x, t, nu, num, lipschitz, ndim):
+    """u, p and the diagnostics (edge gap, effective sample size, Lipschitz bound of the window) at each point,
+    and the points as rows."""
+    x = _float_points(x)
+    dtype = x.dtype
+    t, nu = jnp.asarray(t, dtype), jnp.asarray(nu, dtype)
+    pts = x.reshape(-1) if ndim == 1 else jnp.moveaxis(x, 0, -1).reshape(-1, 2)
+    lips = jnp.full(pts.shape[:1], 1.0 if lipschitz is None else lipschitz, dtype)
+    out = _pass(loss, pts, t, nu, lips, num, ndim)
+    if lipschitz is None:
+        # points whose window at lip = 1 does not hold the weight search their own (only run when some exist)
+        def widened():
+            wider = _search(loss, pts, t, nu, out[2][:, 2], out[2][:, 0], num, ndim)
+            return _pass(loss, pts, t, nu, wider, num, ndim)
+
+        held = jnp.all(out[2][:, 0] >= _GAP)
+        known = _concrete(held)
+        if known is None:
+            out = jax.lax.cond(held, lambda: out, widened)
+        elif not known:  # known values: decide here, so the common case compiles no search
+            out = widened()
+    u, p, diag = out
+    if ndim == 1:
+        return u.reshape(x.shape), p.reshape(x.shape), diag, pts
+    return u.reshape(x.shape[1:]), jnp.moveaxis(p, -1, 0).reshape(x.shape), diag, pts
 
 
 def _check_positive(name: str, **values) -> None:
@@ -94,16 +176,58 @@ def _dispatch(loss, x, t, nu, ndim, num, lipschitz):
     if num is not None and (int(num) != num or num < 3):
         raise ValueError(f"cole_hopf: num={num!r} is not allowed; need an integer >= 3 quadrature points per axis "
                          "(the spacing must resolve the weight's width, see the module docstring).")
-    if ndim == 1:
-        return _quadrature_1d(loss, x, t, nu, 4001 if num is None else int(num), lipschitz)
-    if ndim == 2:
-        if jnp.shape(x)[0] != 2:
-            raise ValueError(f"cole_hopf(ndim=2) wants points of shape (2, ...), got {jnp.shape(x)}.")
-        return _quadrature_2d(loss, x, t, nu, 201 if num is None else int(num), lipschitz)
-    raise ValueError(f"cole_hopf quadrature is for ndim 1 or 2 (got {ndim}); use cole_hopf_monte_carlo.")
+    lip = None if lipschitz is None else _concrete(lipschitz)
+    if lip is not None and not (lip.ndim == 0 and np.isfinite(float(lip)) and float(lip) >= 0):
+        raise ValueError(f"cole_hopf: lipschitz={lipschitz!r} is not allowed; need a finite number >= 0 (a bound "
+                         "on |grad L|) or None (the window is found from the loss).")
+    if ndim not in (1, 2):
+        raise ValueError(f"cole_hopf quadrature is for ndim 1 or 2 (got {ndim}); use cole_hopf_monte_carlo.")
+    if ndim == 2 and jnp.shape(x)[0] != 2:
+        raise ValueError(f"cole_hopf(ndim=2) wants points of shape (2, ...), got {jnp.shape(x)}.")
+    num = (4001 if ndim == 1 else 201) if num is None else int(num)
+    u, p, diag, pts = _quadrature(loss, x, t, nu, num, lipschitz, ndim)
+    truncated = diag[:, 0] < (_CHECK_GAP if lipschitz is not None else _GAP)
+    coarse = diag[:, 1] < _MIN_ESS
+    known = _concrete(diag)
+    if known is None:  # traced: the check runs with the computation
+        given = "lipschitz is below |grad L| there" if lipschitz is not None else "no window up to 2^30 holds it"
+        u, p = eqx.error_if(
+            (u, p), jnp.any(truncated),
+            f"cole_hopf: the quadrature window truncates the Cole-Hopf weight at some point ({given}); pass a "
+            "larger lipschitz, or lipschitz=None to find the window from the loss.")
+        u, p = eqx.error_if(
+            (u, p), jnp.any(coarse),
+            f"cole_hopf: the Cole-Hopf weight spans fewer than {_MIN_ESS:g} quadrature points at some point; "
+            "increase num.")
+        return u, p
+    bad = np.flatnonzero(known[:, 0] < (_CHECK_GAP if lipschitz is not None else _GAP))
+    if bad.size:
+        i = bad[np.argmin(known[bad, 0])]
+        where = np.asarray(pts[i]).tolist()
+        if lipschitz is None:
+            raise ValueError(
+                f"cole_hopf: at x={where} no window up to lipschitz=2^{_DOUBLINGS} holds the Cole-Hopf weight (its "
+                "edge weight is not below e^-40 of its peak): the integral may diverge (L falling faster than "
+                "-|y|^2 / (2 t)).")
+        at = pts[bad] if ndim == 1 else pts[bad].T
+        need = float(np.max(np.asarray(_quadrature(loss, at, t, nu, num, None, ndim)[2])[:, 2]))
+        raise ValueError(
+            f"cole_hopf: lipschitz={lipschitz!r} is too small for this loss: at x={where} the quadrature window "
+            f"cuts the Cole-Hopf weight where it is e^-{float(known[i, 0]):.3g} of its peak (|grad L| exceeds "
+            f"lipschitz there). The window that holds it at every such point needs lipschitz={need:g}; or pass "
+            "lipschitz=None to find the window from the loss.")
+    bad = np.flatnonzero(known[:, 1] < _MIN_ESS)
+    if bad.size:
+        i = bad[np.argmin(known[bad, 1])]
+        raise ValueError(
+            f"cole_hopf: num={num} is too coarse: at x={np.asarray(pts[i]).tolist()} the Cole-Hopf weight spans "
+            f"{float(known[i, 1]):.3g} quadrature points (effective sample size; at least {_MIN_ESS:g} needed); "
+            "increase num (the spacing is 2 W / (num - 1) with the window W of the module docstring).")
+    return u, p
 
 
-def cole_hopf(loss: Callable, x, t, nu, *, ndim: int = 1, num: int | None = None, lipschitz: float = 1.0) -> Array:
+def cole_hopf(loss: Callable, x, t, nu, *, ndim: int = 1, num: int | None = None,
+              lipschitz: float | None = None) -> Array:
     """Coarse-grained loss u(x, t) (the viscous HJ solution with u(., 0) = loss) by quadrature.
 
     Args:
@@ -113,7 +237,9 @@ def cole_hopf(loss: Callable, x, t, nu, *, ndim: int = 1, num: int | None = None
         t, nu: coarse-graining time and viscosity (t > 0, nu > 0).
         ndim: 1 or 2.
         num: quadrature points per axis (default 4001 in 1-D, 201 in 2-D).
-        lipschitz: an upper bound on |grad L|, which sets the window (see the module docstring).
+        lipschitz: an upper bound on |grad L|, which sets the window, or ``None`` (default): the window is found
+            from the loss at each point.  Either way a window that truncates the weight raises ``ValueError``
+            (see the module docstring).
 
     Example:
         >>> u = cole_hopf(lambda y: jnp.cos(jnp.pi * y) / jnp.pi, jnp.linspace(-1, 1, 5), 0.3, 0.01)
@@ -122,7 +248,7 @@ def cole_hopf(loss: Callable, x, t, nu, *, ndim: int = 1, num: int | None = None
 
 
 def cole_hopf_gradient(loss: Callable, x, t, nu, *, ndim: int = 1, num: int | None = None,
-                       lipschitz: float = 1.0) -> Array:
+                       lipschitz: float | None = None) -> Array:
     """p(x, t) = grad u, the viscous Burgers solution with p(., 0) = grad loss, by quadrature.
 
     Same arguments as :func:`cole_hopf`; returns shape ``x.shape`` (1-D) or ``(2, ...)`` (2-D).

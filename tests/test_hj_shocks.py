@@ -143,3 +143,25 @@ def test_grid_refuses_fractional_n_and_infinite_ends(args):
     # n = 4.5 was truncated to 4 points, hi = inf gave dx = inf
     with pytest.raises(ValueError, match=r"Grid needs (an integer n >= 4|finite lo < hi)"):
         Grid(*args)
+
+
+@pytest.mark.parametrize("periodic", [True, False])
+def test_find_shocks_default_threshold_on_small_grids(periodic):
+    """On 5-9 points the default threshold (10 x the mean slope) was above the steepness of any front (a step has
+    ~0.6 n x the mean slope), so clear shocks went unreported. Steps and fronts about one cell wide are found now;
+    smooth fields (sines, a ramp, a parabola, exponentials) still report none."""
+    find = eqx.filter_jit(find_shocks)  # one compilation per grid
+    for n in range(5, 10):
+        g = Grid(n, -1.0, 1.0, periodic=periodic)
+        x = np.asarray(g.x)
+        for x0 in (-0.37, 0.0, 0.1, 0.2):
+            found = find(jnp.asarray(np.where(x <= x0 + 1e-9, 1.0, -1.0)), g).to_list()
+            assert len(found) == 1 and found[0]["jump"] == pytest.approx(2.0), (n, x0)
+            assert abs(found[0]["location"] - x0) < 1.01 * g.dx, (n, x0)
+            if n >= 7:
+                assert len(find(jnp.asarray(-np.tanh((x - x0) / (0.5 * g.dx))), g).to_list()) == 1, (n, x0)
+        smooth = [-np.sin(np.pi * x + ph) for ph in (0.0, 0.3, 1.1, 2.0)]
+        if not periodic:
+            smooth += [-x, -x * x, np.exp(-1.5 * x), x - 0.8 * x**3]
+        for i, p in enumerate(smooth):
+            assert int(find(jnp.asarray(p), g).count) == 0, (n, i)

@@ -115,8 +115,11 @@ def find_shocks(p: Array, grid: Grid, *, max_shocks: int = 8, min_steepness=None
                 include_inadmissible: bool = False) -> Shocks:
     """Find the shocks of a 1-D gradient field ``p`` on ``grid`` (THEORY section 3).
 
-    A shock is a local maximum of the compression ``-dp/dx`` (within +-3 cells) above ``min_steepness``
-    (default: 10 x the mean slope ``(max p - min p) / length``).  Its left/right states are the extreme values of
+    A shock is a local maximum of the compression ``-dp/dx`` (within +-3 cells) above ``min_steepness``.
+    Default: 10 x the mean slope ``(max p - min p) / length``; on grids of fewer than 30 cells, where even a
+    front one cell wide falls below that (its steepness is ~0.6 x cells x the mean slope), a peak also counts
+    when it exceeds both ``cells / 3`` x the mean slope (a front narrower than ~3 cells) and 3 x the median cell
+    slope ``|p[i+1] - p[i]| / dx`` (flat on both sides: a smooth field such as a sine or a ramp stays below 2).  Its left/right states are the extreme values of
     p within ``window`` cells on each side (default ``max(4, n // 32)``; it must exceed the front's width).
     Expansion jumps (p increasing) are inadmissible and are not reported unless ``include_inadmissible``, in
     which case peaks of |dp/dx| are candidates and ``admissible`` tells them apart.
@@ -137,15 +140,28 @@ def find_shocks(p: Array, grid: Grid, *, max_shocks: int = 8, min_steepness=None
     w = max(4, n // 32) if window is None else int(window)
     dp = _diff(p, grid, 0)
     s = jnp.abs(dp) if include_inadmissible else -dp
-    if min_steepness is None:
-        min_steepness = 10.0 * (jnp.max(p) - jnp.min(p)) / grid.length
     idx = np.arange(n)
 
     def nb(k):
         j = (idx + k) % n if grid.periodic else np.clip(idx + k, 0, n - 1)
         return j
 
-    peak = s > min_steepness
+    if min_steepness is None:
+        mean_slope = (jnp.max(p) - jnp.min(p)) / grid.length
+        peak = s > 10.0 * mean_slope
+        cells = round(grid.length / dx)
+        if cells < 30:
+            # a front one cell wide has s ~ 0.6 n x the mean slope, under 10 x below ~17 points; here a peak also
+            # counts when the front is narrower than ~3 cells (s > cells / 3 x the mean slope) and flat on both
+            # sides: steeper than 3 x the median cell slope |dp| / dx (a smooth field, e.g. a sine, stays below 2)
+            dcell = (p[nb(1)] - p) if grid.periodic else (p[1:] - p[:-1])
+            median_slope = jnp.median(jnp.abs(dcell)) / dx
+            small = (s > cells / 3.0 * mean_slope) & (s > 3.0 * median_slope)
+            if not grid.periodic:  # a front has two sides: not at the ends of a bounded grid
+                small = small & jnp.asarray((idx > 0) & (idx < n - 1))
+            peak = peak | small
+    else:
+        peak = s > min_steepness
     for k in (1, 2, 3):
         peak = peak & (s >= s[nb(-k)]) & (s > s[nb(k)])
     score = jnp.where(peak, s, -jnp.inf)

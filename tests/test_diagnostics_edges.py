@@ -239,3 +239,22 @@ def test_live_detector_keeps_a_key_that_appears_in_a_later_chunk():
     assert live.update({"loss": np.ones(20)}) == []
     new = live.update({"loss": np.ones(20), "sharpness_horizontal": np.r_[np.full(10, 15.0), np.full(10, 25.0)]})
     assert [(e.step, e.details["level"]) for e in new if e.variant == "step"] == [(20, 1.0), (30, 2.0)]
+
+
+def test_adam_runs_get_no_edge_of_stability_events(tmp_path):
+    """An Adam run's raw / quotient eta lambda_max has no stability level (its edge concerns the preconditioned
+    Hessian): the runner's and detect_run's settings for adam / adamw mark it adaptive and no
+    edge-of-stability event is reported, where gradient descent's levels once gave two."""
+    from quotient_sgd.diagnostics import detect_run
+    from quotient_sgd.diagnostics._live import _options_from_config
+
+    traj = {"loss": np.ones(40), "sharpness_horizontal": np.r_[np.full(20, 5.0), np.full(20, 30.0)]}
+    assert len(detect(traj, lr=0.1, kinds=["edge_of_stability"])) == 2
+    assert detect(traj, lr=0.1, kinds=["edge_of_stability"], adaptive=True) == []
+    with pytest.raises(ValueError, match="adaptive"):
+        detect(traj, lr=0.1, adaptive="yes")
+    for name, adaptive in (("adam", True), ("adamw", True), ("sgd", None)):
+        assert _options_from_config({"steps": 40, "optim": {"name": name}}).get("adaptive") is adaptive
+    np.savez(tmp_path / "trajectory.npz", **traj)
+    (tmp_path / "config.json").write_text('{"steps": 40, "optim": {"name": "adamw", "lr": 0.1}}')
+    assert [e for e in detect_run(tmp_path, write=False) if e.kind == "edge_of_stability"] == []

@@ -235,7 +235,7 @@ def detect_fold(traj, *, steps, lr=None, fold_levels: Sequence[float] = (1.0, 2.
 
 def detect_edge_of_stability(traj, *, steps, lr=None, eos_levels: Sequence[float] = (1.0, 2.0),
                              rearm: float = 0.9, momentum: float = 0.0, nesterov: bool = False,
-                             **_) -> list[Event]:
+                             adaptive: bool = False, **_) -> list[Event]:
     """``edge_of_stability``: ``eta * lambda_max`` crossing 1 and 2 (Cohen et al. 2021; THEORY sections 3-4).
 
     With momentum (``momentum=beta``, ``nesterov``) the edge of the step is not at ``eta lambda = 2`` but at
@@ -249,8 +249,13 @@ def detect_edge_of_stability(traj, *, steps, lr=None, eos_levels: Sequence[float
     - variant ``quotient``: the canonical sharpness (the function's own curvature, orbit invariant): "the
       balanced twin would be at the edge";
     - variant ``raw``: the raw Hessian's top eigenvalue.
+
+    ``adaptive=True`` (an Adam / AdamW run; the runner says so from its config): no events.  An adaptive
+    optimiser's step is stable or not according to its *preconditioned* Hessian (Cohen et al. 2022: Adam's
+    ``lambda_max(P^-1 H)`` hovers at ``2 (1 + beta_1) / ((1 - beta_1) eta)``), which is not recorded, while
+    ``eta lambda_max(H)`` of the raw or quotient Hessian has no stability level for it.
     """
-    if lr is None:
+    if lr is None or adaptive:
         return []
     edge = stability_edge(momentum, nesterov)
     out = []
@@ -466,7 +471,9 @@ def detect(trajectory, *, lr=None, kinds: Iterable[str] | None = None, start_ste
             ``spike_window``, ``spike_smooth``, ``drop_factor``, ``confirm_window``, ``eos_levels``, ``fold_levels``,
             ``shock_level``, ``rearm``, ``divergence_factor``, ``divergence_patience``, ``slice_shocks``, ``horizon``,
             ``transform``, ``k``, ``min_ref``, ``variants``; ``momentum`` and ``nesterov`` of an SGD run move the
-            edge of stability to :func:`stability_edge` and the fold levels to :func:`fold_levels_for`).
+            edge of stability to :func:`stability_edge` and the fold levels to :func:`fold_levels_for`;
+            ``adaptive=True`` for an Adam-type run: no ``edge_of_stability`` events, see
+            :func:`detect_edge_of_stability`).
 
     Returns:
         Events sorted by step (then kind).

@@ -31,7 +31,8 @@ def _options_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     :func:`detect_run` re-detects with.  ``horizon`` = the planned steps; a mini-batch loss (``data.batch_size >
     0``) judged for spikes on a 20-step causal mean (full batch: the raw loss); SGD's momentum, which moves the
     edge of stability to ``eta lambda = 2 (1 + beta)`` (Nesterov: ``/ (1 + 2 beta)``) and the fold to
-    :func:`~quotient_sgd.diagnostics.fold_edge`."""
+    :func:`~quotient_sgd.diagnostics.fold_edge`; ``adaptive`` for Adam / AdamW, whose edge of stability is not
+    one of ``eta lambda_max`` (no such events)."""
     out: dict[str, Any] = {}
     if isinstance(cfg.get("steps"), int) and not isinstance(cfg.get("steps"), bool) and cfg["steps"] > 0:
         out["horizon"] = cfg["steps"]
@@ -43,6 +44,8 @@ def _options_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
         beta = optim.get("momentum", 0.0)
         if isinstance(beta, (int, float)) and not isinstance(beta, bool) and 0 < beta < 1:
             out.update(momentum=float(beta), nesterov=bool(optim.get("nesterov", False)))
+    if isinstance(optim, Mapping) and optim.get("name") in ("adam", "adamw"):
+        out["adaptive"] = True
     return out
 
 

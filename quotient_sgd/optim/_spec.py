@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Callable, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 #: A hyperparameter value: a number / array, the name of an ``optax.inject_hyperparams`` hyperparameter
 #: (read from the optimiser state at every step, so it can be vmapped or changed without recompiling), or a
@@ -87,9 +89,17 @@ class SGDSpec:
             if bad or not jax.tree.leaves(self.decay_mask):
                 raise TypeError(f"SGDSpec: decay_mask must be None, a pytree of booleans (True where the weight "
                                 f"decay acts) or a function params -> such a pytree, got {self.decay_mask!r}")
+        if not isinstance(self.nesterov, (bool, np.bool_)):
+            raise TypeError(f"SGDSpec: nesterov must be True or False (it is static: it selects the recursion), got "
+                            f"{self.nesterov!r}")
         for f in ("learning_rate", "weight_decay", "momentum", "coupled_weight_decay"):
             v = getattr(self, f)
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and not (0 <= v < float("inf")):
+            # None, a bool or any other object failed only inside the first traced step, far from the cause
+            if isinstance(v, (bool, np.bool_)) or not (isinstance(v, (numbers.Real, str, jax.Array, np.ndarray))
+                                                       or callable(v)):
+                raise TypeError(f"SGDSpec: {f}={v!r} is not allowed; need a finite number >= 0, the name of an "
+                                f"injected hyperparameter, or a schedule count -> value")
+            if isinstance(v, numbers.Real) and not (0 <= v < float("inf")):
                 raise ValueError(f"SGDSpec: {f}={v!r} is not allowed; need a finite number >= 0 (or the name of an "
                                  f"injected hyperparameter, or a schedule)")
 

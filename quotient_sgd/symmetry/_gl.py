@@ -38,7 +38,7 @@ class GL(Group):
 
     Tangents: ``xi in gl(d)`` gives ``(L xi, -R~ xi^T)``; ``J^T (u_L, u_R) = L^T u_L - u_R^T R~``; the normal
     equations are the Sylvester system ``(L^T L) X + X (R~^T R~) = L^T u_L - u_R^T R~`` (THEORY section 1),
-    solved through eigendecompositions of the two Gram matrices.
+    solved in the eigenbases of the two Gram matrices (from the SVDs of the factors: :func:`sylvester_vcoeffs`).
     Charge: ``L^T L - R~^T R~`` (a ``d x d`` matrix per head).  Invariant: ``M``.
     Canonical representative: with ``M = U S V^T`` (thin SVD, ``d`` columns), ``L = U S^{1/2}``,
     ``R~ = V S^{1/2}``, signs fixed so that the largest-magnitude entry of each column of ``U`` is positive:
@@ -207,37 +207,49 @@ class GL(Group):
 
 
 def sylvester_vcoeffs(gls, flat, v, *, refine: int = REFINE_STEPS) -> list[jax.Array]:
-    """The vertical coefficients of several GL actions (no shared parameters), with one batched eigendecomposition.
+    """The vertical coefficients of several GL actions (no shared parameters), with one batched SVD.
 
     For each action, the Sylvester normal equations ``(L^T L) X + X (R~^T R~) = J^T v`` are solved in the
     eigenbases of the two Gram matrices, ``X = U [(U^T C V) / (lam_i + mu_j)] V^T`` (pseudo-inverse on the
-    degenerate directions).  The Gram matrices of all actions with the same ``d`` go through one ``eigh`` call:
-    on CPU each small eigendecomposition is dominated by per-call overhead.  Normal equations square the
-    condition number (after a GL element of condition number ``e^6`` the float32 projection of an attention head
-    was ``1e-3`` of ``|v|`` off), so ``refine`` steps of iterative refinement follow: the residual
-    ``r = v - J X`` is formed in parameter space and ``X += solve(J^T r)`` in the same eigenbases (a few small
-    products; the error contracts by ``~eps cond(J)^2`` per step: ``7e-6`` after one)."""
-    grams, batches = [], []
+    degenerate directions).  The eigenbases and eigenvalues come from the singular value decompositions of the
+    factors themselves, ``L = P diag(s) U^T`` with ``lam = s^2``, not from ``eigh`` of the Gram matrices: forming
+    ``L^T L`` squares the condition number, so at an unbalanced head (a GL element of condition number ``e^7.5``)
+    its float32 ``eigh`` returned a negative eigenvalue where the true one was ``1e-5`` and the dropped direction
+    left the projection 7% of ``|v|`` off, refinement or not.  The SVD resolves ``s`` to ``eps s_max``, so a
+    direction is dropped only where ``sqrt(lam_i + mu_j)``, a singular value of the tangent map ``J``, is below
+    ``eps n`` of the largest (``n``: the factors' row count), as a least-squares solve would.  The factors of all
+    actions with the same ``d`` (rows padded with zeros, which change neither ``s`` nor ``U``) go through one
+    ``svd`` call: on CPU each small decomposition is dominated by per-call overhead.  Normal equations still
+    amplify the rounding of the right-hand side, so ``refine`` steps of iterative refinement follow: the residual
+    ``r = v - J X`` is formed in parameter space and ``X += solve(J^T r)`` in the same bases (a few small products;
+    the error contracts by ``~eps cond(J)`` per step)."""
+    facs, batches = [], []
     for g in gls:
-        L, R = g._L(flat), g._R(flat)
-        grams.append(jnp.stack([_mT(L) @ L, _mT(R) @ R]))
+        facs.append((g._L(flat), g._R(flat)))
         batches.append(g._batch(flat))
     solvers: list = [None] * len(gls)
     by_shape: dict[tuple, list[int]] = {}
-    for i, a in enumerate(grams):
-        by_shape.setdefault((a.shape[-1], a.dtype), []).append(i)
+    for i, (L, _) in enumerate(facs):
+        by_shape.setdefault((L.shape[-1], L.dtype), []).append(i)
     for (d, _), idx in by_shape.items():
-        flat_grams = [grams[i].reshape(2, -1, d, d) for i in idx]
-        sizes = [x.shape[1] for x in flat_grams]
-        w, Q = jnp.linalg.eigh(jnp.concatenate(flat_grams, axis=1))
+        rows = max([d] + [x.shape[-2] for i in idx for x in facs[i]])
+
+        def stack(x, rows=rows, d=d):  # (..., m, d) -> (n, rows, d), zero rows appended
+            x = x.reshape(-1, x.shape[-2], d)
+            return jnp.pad(x, ((0, 0), (0, rows - x.shape[1]), (0, 0)))
+
+        parts = [stack(x) for i in idx for x in facs[i]]
+        sizes = [x.shape[0] for x in parts[::2]]
+        _, s, Vt = jnp.linalg.svd(jnp.concatenate(parts, axis=0), full_matrices=False)
+        w, Q = jnp.square(s), _mT(Vt)  # Gram eigenvalues (n, d) and eigenvectors (columns)
         start = 0
         for i, n in zip(idx, sizes):
-            lam, mu = w[0, start:start + n], w[1, start:start + n]
-            U, V = Q[0, start:start + n], Q[1, start:start + n]
-            start += n
+            lam, mu = w[start:start + n], w[start + n:start + 2 * n]
+            U, V = Q[start:start + n], Q[start + n:start + 2 * n]
+            start += 2 * n
             denom = lam[..., :, None] + mu[..., None, :]
-            eps = jnp.finfo(denom.dtype).eps * jnp.max(denom, axis=(-2, -1), keepdims=True)
-            inv = inverse_where(denom, denom > eps)
+            cut = jnp.square(jnp.finfo(denom.dtype).eps * rows) * jnp.max(denom, axis=(-2, -1), keepdims=True)
+            inv = inverse_where(denom, denom > cut)
 
             def solve(C, U=U, V=V, inv=inv, n=n, d=d, batch=batches[i]):
                 X = U @ ((_mT(U) @ C.reshape(n, d, d) @ V) * inv) @ _mT(V)

@@ -122,7 +122,7 @@ class Product(Group):
       invariants with the units sorted by keys built from them (no canonicalisation).  Any other cluster
       reports its components' invariants at the cluster's canonical point.  Either way they are invariant
       under the whole group.
-    - lone GL actions share one batched eigendecomposition for their Sylvester solves.
+    - lone GL actions share one batched SVD for their Sylvester solves.
     """
 
     components: tuple[Group, ...]
@@ -201,6 +201,14 @@ class Product(Group):
         return Word((), ())
 
     def _act(self, g: Word, flat):
+        if not isinstance(g, Word):
+            raise TypeError(f"Product {self.name!r}: an element must be a Word (from sample, sample_component, "
+                            f"identity, canonical_element, compose or inverse of this group), got {type(g).__name__}")
+        bad = [i for i in g.indices if not 0 <= i < len(self.components)]
+        if bad or len(g.indices) != len(g.elements):
+            raise ValueError(f"Product {self.name!r}: the Word names components {list(g.indices)} with "
+                             f"{len(g.elements)} elements; this group has components 0..{len(self.components) - 1} "
+                             f"({[c.name for c in self.components]}), one element each")
         for i, e in zip(g.indices, g.elements):
             flat = self.components[i]._act(e, flat)
         return flat

@@ -1,0 +1,96 @@
+"""Vertical projections at badly conditioned points, in float32 (THEORY section 1)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from quotient_sgd.symmetry import GL, Product
+
+
+def _gl_vertical_reference(L, R, uL, uR):
+    """``P_V u`` in float64 NumPy for ``L -> L A``, ``R -> R A^{-T}`` (one head): the tangents ``(L E_ij, -R E_ji)``
+    materialised column by column, then least squares."""
+    L, R, uL, uR = (np.asarray(x, np.float64) for x in (L, R, uL, uR))
+    d = L.shape[1]
+    cols = []
+    for i in range(d):
+        for j in range(d):
+            E = np.zeros((d, d))
+            E[i, j] = 1
+            cols.append(np.concatenate([(L @ E).ravel(), (-R @ E.T).ravel()]))
+    J = np.stack(cols, axis=1)
+    u = np.concatenate([uL.ravel(), uR.ravel()])
+    return J @ np.linalg.lstsq(J, u, rcond=None)[0], u
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gl_vertical_float32_at_unbalanced_heads(seed):
+    """The heads' Sylvester solve took its eigenbases from float32 ``eigh`` of the Gram matrices ``L^T L``, which
+    squares the condition number: after a GL element of condition number ``e^7.5`` (``sample(scale=2.5)``) a
+    Gram matrix's computed smallest eigenvalue was negative where the true one is ``1e-5``, that direction was
+    dropped and the vertical part was up to 7% of ``|v|`` off the least-squares projection, refinement or not.
+    From the SVDs of the factors it is within float32 rounding times the condition number of the tangents."""
+    k1, k2, k3, k4, k5 = jax.random.split(jax.random.key(seed), 5)
+    params = {"q": jax.random.normal(k1, (2, 5, 4)), "k": jax.random.normal(k2, (2, 5, 4))}
+    v = {"q": jax.random.normal(k3, (2, 5, 4)), "k": jax.random.normal(k4, (2, 5, 4))}
+    gl = GL(left=(("q",), None), right=(("k",), None), kind="qk", name="qk")
+    point = gl.act(gl.sample(k5, params, 2.5), params)
+    for group in (gl, Product([gl])):
+        got = group.vertical(point, v)
+        assert got["q"].dtype == jnp.float32
+        for h in range(2):
+            ref, u = _gl_vertical_reference(point["q"][h], point["k"][h], v["q"][h], v["k"][h])
+            out = np.concatenate([np.ravel(got["q"][h]), np.ravel(got["k"][h])]).astype(np.float64)
+            assert np.linalg.norm(out - ref) / np.linalg.norm(u) < 1e-4
+
+
+def test_product_act_names_a_bad_element():
+    """An element that is not a Word failed with ``AttributeError: ... no attribute 'indices'``, a Word naming a
+    component the group does not have with a bare ``IndexError``."""
+    from quotient_sgd.symmetry import Rescale, Word
+
+    params = {"a": jnp.ones((2, 3)), "b": jnp.ones((3, 2))}
+    group = Product([Rescale(incoming=((("a",), 1),), outgoing=((("b",), 0),), name="r")], name="net")
+    with pytest.raises(TypeError, match="Product 'net': an element must be a Word"):
+        group.act(jnp.zeros(3), params)
+    with pytest.raises(ValueError, match=r"Product 'net': the Word names components \[1\] with 1 elements; this "
+                                         r"group has components 0..0 \(\['r'\]\)"):
+        group.act(Word((1,), (jnp.zeros(3),)), params)
+    out = group.act(Word((0,), (jnp.log(jnp.asarray([1.0, 2.0, 4.0])),)), params)
+    assert jnp.array_equal(out["a"][0], jnp.asarray([1.0, 2.0, 4.0]))
+
+
+def test_mlp_and_deep_linear_name_a_wrong_input_width():
+    """A wrong feature count failed inside the first matrix product with JAX's ``dot_general requires contracting
+    dimensions to have the same shape`` (also from ``verify``), naming neither the model nor ``din``."""
+    from flax import nnx
+
+    from quotient_sgd import models
+
+    mlp = models.MLP(3, (4,), 2, rngs=nnx.Rngs(0))
+    deep = models.DeepLinear(3, (4,), 2, rngs=nnx.Rngs(0))
+    for model, name in ((mlp, "MLP"), (deep, "DeepLinear")):
+        with pytest.raises(ValueError, match=rf"{name}: x must have din=3 features on its last axis, \(\.\.\., 3\), "
+                                             rf"got shape \(2, 5\)"):
+            model(jnp.ones((2, 5)))
+        assert model(jnp.ones((2, 3))).shape == (2, 2)
+        assert model(jnp.ones((3,))).shape == (2,)  # one example without a batch axis still works
+
+
+def test_sgdspec_refuses_values_that_are_not_hyperparameters():
+    """``SGDSpec(None)``, ``SGDSpec(0.1, momentum=True)`` or ``nesterov="yes"`` were accepted and failed (or ran
+    the wrong recursion) only inside the first traced step; a NumPy scalar below 0 passed the range check."""
+    from quotient_sgd.optim import SGDSpec
+
+    with pytest.raises(TypeError, match="SGDSpec: learning_rate=None is not allowed"):
+        SGDSpec(None)
+    with pytest.raises(TypeError, match="SGDSpec: momentum=True is not allowed"):
+        SGDSpec(0.1, momentum=True)
+    with pytest.raises(TypeError, match="SGDSpec: nesterov must be True or False"):
+        SGDSpec(0.1, nesterov="yes")
+    with pytest.raises(ValueError, match="SGDSpec: weight_decay=.*-0.5.* is not allowed"):
+        SGDSpec(0.1, weight_decay=np.float32(-0.5))
+    for ok in (0.1, np.float32(0.1), jnp.asarray(0.1), "learning_rate", lambda c: 0.1):
+        assert SGDSpec(ok).learning_rate is ok
+    assert SGDSpec(0.1, nesterov=np.bool_(True)).nesterov

@@ -52,7 +52,11 @@ def test_verify_is_inconclusive_not_failing_when_elements_overflow():
 def test_verify_still_fails_a_false_action_at_large_elements():
     _, group = _identity_mlp_gl()
     bad = MLP(5, (4,), 3, activation="gelu", rngs=nnx.Rngs(0))
+    # condition number e^24: the round trip is still finite in float32 and the false action fails
     with pytest.raises(SymmetryError, match="not a symmetry"):
+        verify(bad, group, _vec(5), jax.random.key(0), scale=8.0, num_samples=1)
+    # at scale 10 the gelu model's outputs overflow to NaN on some CPUs and not on others: either verdict but a pass
+    with pytest.raises((SymmetryError, ValueError), match="not a symmetry|inconclusive"):
         verify(bad, group, _vec(5), jax.random.key(0), scale=10.0, num_samples=1)
 
 

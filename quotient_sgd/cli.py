@@ -21,6 +21,7 @@ config: 5 s instead of 8-9 s).  A cached program is the compiled program itself:
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -251,6 +252,100 @@ def _config_file_error(argv: list[str]) -> str | None:
     return None
 
 
+def _config_load_error(argv: list[str]) -> str | None:
+    """What stops the ``--config`` file from loading, said plainly, or ``None`` (no ``--config``, or it loads and
+    its ``get_config()`` returns a mapping): a missing path, a directory, an exception raised by the file or its
+    ``get_config()`` (type, message and the line of the config file), a ``get_config()`` that needs arguments or
+    returns something other than a ``ConfigDict``.  ``ml_collections`` would report these with its own traceback
+    text, or not at all (an exception in ``get_config()`` escaped as a traceback).  A file without
+    ``get_config()`` is left to the caller's message."""
+    import inspect
+    import traceback
+
+    from .config import ConfigError, load_config
+
+    path = _config_path(argv)
+    if path is None:
+        return None
+    if not path.strip():
+        return "--config is empty; give a config file (configs/<name>.py), or leave the flag out for the default"
+    if path.startswith("--"):
+        return f"--config needs a file path, got the option {path!r}; write --config=configs/<name>.py"
+    if not os.path.exists(path):
+        return f"config file {path!r} does not exist"
+    if os.path.isdir(path):
+        return f"config file {path!r} is a directory; give a file defining get_config(), e.g. configs/tiny.py"
+    try:
+        cfg = load_config(path)
+    except ConfigError:
+        return None
+    except Exception as e:  # noqa: BLE001 - anything the file raises is reported, with where it was raised
+        typed = _config_file_type_error(e)
+        if typed:  # a value of the wrong type assigned to a key: named with its dotted key
+            return typed
+        real = os.path.realpath(path)
+        lines = [fr.lineno for fr in traceback.extract_tb(e.__traceback__) if os.path.realpath(fr.filename) == real]
+        if isinstance(e, SyntaxError) and e.lineno is not None:
+            lines.append(e.lineno)
+        where = f", line {lines[-1]}" if lines else ""
+        text = e.msg if isinstance(e, SyntaxError) else str(e)
+        if isinstance(e, TypeError) and "get_config()" in text:
+            try:
+                sig = f"get_config{inspect.signature(_config_get_config(path))}"
+            except Exception:  # noqa: BLE001
+                sig = "get_config(...)"
+            return (f"cannot load the config file {path!r}: {sig} cannot be called without arguments ({text}); "
+                    f"the command calls get_config()")
+        return f"cannot load the config file {path!r}{where}: {type(e).__name__}: {text}"
+    if not (hasattr(cfg, "to_dict") or isinstance(cfg, dict)):
+        return (f"cannot load the config file {path!r}: get_config() returned {cfg!r} ({type(cfg).__name__}), "
+                f"not a ConfigDict; return the config (start from quotient_sgd.config.default_config())")
+    return None
+
+
+def _config_get_config(path: str):
+    """The ``get_config`` object of the config file ``path`` (for its signature in a message)."""
+    import importlib.machinery
+    import importlib.util
+
+    loader = importlib.machinery.SourceFileLoader("_qsgd_config_signature", path)
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    mod = importlib.util.module_from_spec(spec)
+    loader.exec_module(mod)
+    return mod.get_config
+
+
+def _bad_json(workdir: str) -> str | None:
+    """The first of the JSON records of a run or sweep directory that does not parse, with the parser's message."""
+    for name in ("sweep.json", "config.json", "run.json", "events.json"):
+        path = os.path.join(workdir, name)
+        if os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    json.load(f)
+            except ValueError as e:
+                return f"{path} is not valid JSON ({e})"
+    return None
+
+
+def _unused_override_error(argv: list[str], settings, cmd: str) -> str | None:
+    """The first ``--config.<key>`` override that ``cmd`` would not read with ``settings`` (a key of another
+    model, data set or optimiser, ...: :func:`quotient_sgd.config.unused_keys`), named with why, or ``None``.
+    An override that resets such a key to the schema's default passes (``optim.momentum=0`` with Adam, as
+    validation asks; an emptied sweep axis on ``run``)."""
+    from .config import Settings, unused_keys
+
+    unused = unused_keys(settings, cmd)
+    default = Settings()
+    for key, value in _overrides(argv):
+        sect, _, field = key.partition(".")
+        if key in unused and getattr(getattr(settings, sect), field) == getattr(getattr(default, sect), field):
+            continue  # a reset to the default (momentum=0 for Adam, an emptied sweep axis on `run`) asks for nothing
+        if key in unused:
+            return f"config.{key} = {value}: this override would have no effect: {unused[key]}"
+    return None
+
+
 def _fail(msg: str, code: int = 2) -> int:
     print(f"quotient-sgd: error: {msg}", file=sys.stderr)
     return code
@@ -277,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
             check_override_key(key, value)
     except ConfigError as e:
         return _fail(str(e))
+    load_error = _config_load_error(argv[1:])
+    if load_error:
+        return _fail(load_error)
     try:
         fv = _define_flags(argv)
         rest = fv(argv)
@@ -311,6 +409,11 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(str(e))
         except ConfigError as e:  # a config.json this version's schema does not accept (an older version's)
             return _fail(f"cannot report {rest[2]!r}: its config.json is not a valid config: {e}")
+        except json.JSONDecodeError:
+            bad = _bad_json(rest[2])
+            if bad is None:
+                raise
+            return _fail(f"cannot report {rest[2]!r}: {bad}")
         print(text)
         return 0
     if cmd not in ("run", "sweep"):
@@ -327,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"cannot load the config file: {e}")
     except (ConfigError, flags.Error, ValueError, KeyError, AttributeError, TypeError) as e:
         return _fail(str(e.args[0] if isinstance(e, KeyError) and e.args else e))
+    unused = _unused_override_error(argv[1:], settings, cmd)
+    if unused:
+        return _fail(unused)
     bad_launch = _launch_error(fv, cmd)
     if bad_launch:
         return _fail(bad_launch)
@@ -354,6 +460,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except (ConfigError, RunDirError) as e:
         return _fail(str(e))
+    except json.JSONDecodeError:
+        bad = _bad_json(workdir)
+        if bad is None:
+            raise
+        return _fail(f"{'run' if cmd == 'run' else 'sweep'} directory {workdir!r}: {bad}; refusing to write into it. "
+                     f"Choose another --workdir")
     except KeyboardInterrupt:
         return _fail(_interrupted(workdir), code=130)
 

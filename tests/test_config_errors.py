@@ -345,3 +345,144 @@ def test_cli_multi_host_options_that_would_be_ignored_are_refused(tmp_path, monk
     assert code == 2
     assert needle in err and "Traceback" not in err, err
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("over,needles", [
+    # integer settings are int32 in the compiled programs (OverflowError there, after the run had started)
+    ({"steps": 2**31}, ["config.steps = 2147483648", "must be <= 2147483647", "int32"]),
+    ({"observables.every": 2**40}, ["config.observables.every = 1099511627776", "<= 2147483647"]),
+    ({"checkpoint.every": 2**31}, ["config.checkpoint.every = 2147483648", "<= 2147483647"]),
+    ({"model.hidden": (16, 2**31)}, ["config.model.hidden = (16, 2147483648)", "<= 2147483647"]),
+    # an empty selection said "this mlp declares no symmetry" (it declares three) about another key
+    ({"symmetry.components": ()}, ["config.symmetry.components = ()", "selects no component", "'rescale/layers.0'",
+                                   "symmetry.enabled=False"]),
+    ({"name": "  "}, ["config.name = '  '", "non-blank"]),
+    # repeated sweep values: identical members
+    ({"sweep.lr": (0.05, 0.05)}, ["config.sweep.lr = (0.05, 0.05)", "repeats [0.05]", "identical members"]),
+    ({"sweep.seed": (3, 1, 3)}, ["config.sweep.seed = (3, 1, 3)", "repeats [3]"]),
+    ({"sweep.mode": "zip", "sweep.seed": (0, 0), "sweep.lr": (0.1, 0.1)},
+     ["config.sweep.mode = 'zip'", "repeat the member(s) [(0, 0.1)]"]),
+])
+def test_more_configs_refused_on_load(over, needles):
+    with pytest.raises(ConfigError) as e:
+        validate(_tiny(**over))
+    for n in needles:
+        assert n in str(e.value), (n, str(e.value))
+
+
+@pytest.mark.parametrize("over", [
+    {"steps": 2**31 - 1, "checkpoint.every": 2**31 - 1},
+    {"sweep.mode": "zip", "sweep.seed": (0, 0), "sweep.lr": (0.02, 0.05)},   # distinct members
+    {"symmetry.enabled": False, "symmetry.components": (), "observables.names": ("loss",)},
+])
+def test_more_neighbouring_configs_still_validate(over):
+    validate(_tiny(**over))
+
+
+@pytest.mark.parametrize("cfg", [[], None, "configs/tiny.py", 3])
+def test_validate_needs_a_mapping(cfg):
+    """A config.json holding a list validated as the default config (``dict([]) == {}``)."""
+    with pytest.raises(ConfigError, match=r"config = .*: expected a ConfigDict or a dict of the run sections"):
+        validate(cfg)
+
+
+def _no_runner(monkeypatch):
+    """Make reaching the runner (compute) a failure of the test rather than a long run."""
+    import quotient_sgd.runner as runner_pkg
+
+    def reached(settings, workdir, **kw):
+        raise AssertionError("the command reached the runner")
+
+    monkeypatch.setattr(runner_pkg, "run", reached)
+    monkeypatch.setattr(runner_pkg, "sweep", reached)
+
+
+@pytest.mark.parametrize("args,needle", [
+    # overrides of keys the configured model / data / optimiser does not read had no effect
+    (["--config.model.channels=(4,)"], "config.model.channels = (4,): this override would have no effect: only "
+                                       "model.name in ['cnn'] reads it, and this config has model.name = 'mlp'"),
+    (["--config.model.d_model=64"], "only model.name in ['transformer'] reads it"),
+    (["--config.data.n_train=10"], "config.data.n_train = 10: this override would have no effect: only data.name in "
+                                   "['teacher_student', 'sparse_parity'] reads it, and this config has data.name = "
+                                   "'digits'"),
+    (["--config.optim.b1=0.5"], "config.optim.b1 = 0.5: this override would have no effect: only optim.name in "
+                                "['adam', 'adamw'] reads it"),
+    (["--config.observables.hessian_every=0", "--config.observables.lanczos_steps=5"],
+     "config.observables.lanczos_steps = 5: this override would have no effect: read only with "
+     "observables.hessian_every > 0"),
+    (["--config.symmetry.gauge_fix_every=5"], "read only with symmetry.mode='gauge_fix'"),
+    (["--config.sweep.lr=(0.5,0.6)"], "config.sweep.lr = (0.5,0.6): this override would have no effect: the sweep "
+                                      "section is read by `quotient-sgd sweep`"),
+    (["--config.steps=3000000000"], "config.steps = 3000000000: must be <= 2147483647"),
+])
+def test_cli_override_without_effect_is_refused(tmp_path, monkeypatch, capsys, args, needle):
+    _no_runner(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    code = main(["quotient-sgd", "run", *args, f"--workdir={tmp_path / 'runs' / 'x'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and "Traceback" not in err, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_cli_overrides_that_are_read_reach_the_runner(tmp_path, monkeypatch, capsys):
+    """The neighbours of the refused overrides: the same keys with the model that reads them, and an emptied sweep
+    axis on `run` (it asks for no sweep), reach the runner with the values given."""
+    import quotient_sgd.runner as runner_pkg
+
+    got = []
+    monkeypatch.setattr(runner_pkg, "run", lambda settings, workdir, **kw: got.append(settings) or 1 / 0)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ZeroDivisionError):
+        main(["quotient-sgd", "run", "--config.model.name=cnn", "--config.model.channels=(4,)",
+              "--config.optim.name=adam", "--config.optim.b1=0.5", "--config.optim.momentum=0.0",
+              "--config.sweep.lr=()", "--config.sweep.seed=()", f"--workdir={tmp_path / 'w'}"])
+    assert got[0].model.channels == (4,) and got[0].optim.b1 == 0.5 and got[0].sweep.axes() == {}
+
+
+@pytest.mark.parametrize("body,needle", [
+    ("def get_config():\n    raise RuntimeError('boom')\n", "{path!r}, line 2: RuntimeError: boom"),
+    ("def get_config(:\n    pass\n", "{path!r}, line 1: SyntaxError: invalid syntax"),
+    ("import not_a_module_qsgd\n", "{path!r}, line 1: ModuleNotFoundError: No module named 'not_a_module_qsgd'"),
+    ("def get_config():\n    pass\n", "{path!r}: get_config() returned None (NoneType), not a ConfigDict"),
+    ("def get_config(scale):\n    pass\n", "{path!r}: get_config(scale) cannot be called without arguments"),
+    (None, "config file {path!r} is a directory"),
+    ("", "config file {path!r} does not exist"),
+])
+def test_cli_config_file_that_does_not_load(tmp_path, monkeypatch, capsys, body, needle):
+    """A config file that raises (in its body or in get_config()), does not parse, returns no config, needs
+    arguments, is a directory or is missing: exit status 2 and one line naming the file, what went wrong and
+    where -- no traceback (an exception raised by get_config() escaped as one), nothing written."""
+    cfg_dir = tmp_path / "cfg"
+    cfg_dir.mkdir()
+    path = cfg_dir / "c.py"
+    if body is None:
+        path.mkdir()
+    elif body:
+        path.write_text(body)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    _no_runner(monkeypatch)
+    code = main(["quotient-sgd", "sweep", f"--config={path}", f"--workdir={work / 'r'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert needle.format(path=str(path)) in err and "Traceback" not in err, err
+    assert os.listdir(work) == []
+
+
+@pytest.mark.parametrize("cmd,record", [("report", "config.json"), ("report", "sweep.json"),
+                                        ("run", "config.json"), ("sweep", "sweep.json")])
+def test_cli_directory_with_a_corrupt_record(tmp_path, monkeypatch, capsys, cmd, record):
+    """A run / sweep directory whose config.json or sweep.json does not parse (a truncated copy): `report`, and
+    `run` / `sweep` on it as --workdir, name the file and stop (a JSONDecodeError traceback before); nothing in the
+    directory changes."""
+    monkeypatch.chdir(tmp_path)
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / record).write_text('{"name": "quickst')
+    args = [str(d)] if cmd == "report" else ["--config.steps=10", f"--workdir={d}"]
+    code = main(["quotient-sgd", cmd, *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"{d / record} is not valid JSON" in err and "Traceback" not in err, err
+    assert os.listdir(tmp_path) == ["d"] and os.listdir(d) == [record]

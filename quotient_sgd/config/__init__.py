@@ -23,10 +23,11 @@ from ._validate import from_dict as from_dict
 from ._validate import load_config as load_config
 from ._validate import quickstart_path as quickstart_path
 from ._validate import train_size as train_size
+from ._validate import unused_keys as unused_keys
 from ._validate import validate as validate
 
 __all__ = [
     "MODELS", "SWEEP_AXES", "CheckpointSettings", "ConfigError", "DataSettings", "LoggingSettings", "ModelSettings",
     "ObservableSettings", "OptimSettings", "Settings", "SweepSettings", "SymmetrySettings", "check_override_key",
-    "default_config", "from_dict", "load_config", "quickstart_path", "train_size", "validate",
+    "default_config", "from_dict", "load_config", "quickstart_path", "train_size", "unused_keys", "validate",
 ]

@@ -91,8 +91,9 @@ def _typed(key: str, value: Any, default: Any) -> Any:
                 example = repr(tuple(names or ["a", "b"]))
                 raise _err(key, value[0], f"expected a tuple of strings, got a string that does not parse as one: "
                                           f"quote each name, e.g. --config.{key}=\"{example}\"")
+            example = "(0.1, 0.3)" if et is float else "(64, 32)"
             raise _err(key, value[0], f"expected a tuple of {et.__name__}s, got a string that does not parse as "
-                                      f"one (e.g. --config.{key}='(64, 32)')")
+                                      f"one (e.g. --config.{key}='{example}')")
         return tuple(_typed(f"{key}[{i}]", v, et(0) if et is not str else "") for i, v in enumerate(value))
     raise TypeError(f"schema field {key} has an unsupported default {default!r}")
 
@@ -208,6 +209,9 @@ def _check_symmetry(s: Settings) -> None:
     names = component_names(s)
     selected = selected_components(s)
     kinds = sorted({n.split("/")[0] for n in names})
+    _check(bool(sym.components) or not sym.enabled, "symmetry.components", sym.components,
+           f"selects no component of this {s.model.name} (it has the kinds {kinds} and the components {names}); "
+           f"use ('all',), kinds or component names, or symmetry.enabled=False for a run without the group")
     for c in sym.components:
         ok = c == "all" or c in names or c in kinds
         _check(ok, "symmetry.components", sym.components,
@@ -351,6 +355,15 @@ def _check_sweep(s: Settings) -> None:
     if sw.mode == "zip" and axes:
         lens = {a: len(v) for a, v in axes.items()}
         _check(len(set(lens.values())) == 1, "sweep.mode", sw.mode, f"zip needs equally long lists, got {lens}")
+    for a, vals in axes.items():
+        dup = sorted({v for v in vals if vals.count(v) > 1})
+        _check(sw.mode != "product" or not dup, f"sweep.{a}", vals,
+               f"repeats {dup}: the product would run identical members; list each value once")
+    if sw.mode == "zip" and axes:
+        rows = list(zip(*axes.values()))
+        dup = sorted({r for r in rows if rows.count(r) > 1})
+        _check(not dup, "sweep.mode", sw.mode,
+               f"zip pairs {list(axes)} repeat the member(s) {dup}: identical members; make every member distinct")
     n = train_size(s.data)
     for v in sw.lr:
         _check(v > 0 and math.isfinite(v), "sweep.lr", sw.lr, "every value must be a finite number > 0")
@@ -378,9 +391,31 @@ def _check_sweep(s: Settings) -> None:
     _check(not sw.init_gauge or s.symmetry.enabled, "sweep.init_gauge", sw.init_gauge, "needs symmetry.enabled")
 
 
+def _check_int32(s: Settings) -> None:
+    """Every integer setting (and every element of an integer tuple) at most ``INT32_MAX``: step counts, periods,
+    sizes and seeds are int32 in the compiled programs, and a larger value failed there with an OverflowError
+    after the run had started."""
+    for sect in (None, *SECTIONS):
+        obj = s if sect is None else getattr(s, sect)
+        for f in dataclasses.fields(obj):
+            if sect is None and f.name in SECTIONS:
+                continue
+            key = f.name if sect is None else f"{sect}.{f.name}"
+            value = getattr(obj, f.name)
+            items = value if isinstance(value, tuple) else (value,)
+            for v in items:
+                if isinstance(v, int) and not isinstance(v, bool) and v > INT32_MAX:
+                    raise _err(key, value, f"must be <= {INT32_MAX} (integer settings are int32 in the compiled "
+                                           f"programs)")
+
+
 def validate(cfg: Mapping[str, Any] | Any) -> Settings:
     """``ConfigDict`` (or nested dict) -> :class:`Settings`, or :class:`ConfigError` naming the key, the value
     and what is allowed.  Pure: nothing is computed on device and nothing is written."""
+    if not (isinstance(cfg, Mapping) or hasattr(cfg, "to_dict")):
+        raise ConfigError(f"config = {cfg!r}: expected a ConfigDict or a dict of the run sections "
+                          f"{sorted(SECTIONS)}, got {type(cfg).__name__} (get_config() returns the ConfigDict of "
+                          f"quotient_sgd.config.default_config(), changed where the run differs)")
     values = _to_plain(cfg)
     top = {f.name: f for f in dataclasses.fields(Settings)}
     kwargs: dict[str, Any] = {}
@@ -397,8 +432,9 @@ def validate(cfg: Mapping[str, Any] | Any) -> Settings:
         else:
             kwargs[k] = _typed(k, v, top[k].default)
     s = Settings(**kwargs)
-    _check(bool(s.name) and "/" not in s.name and s.name not in (".", ".."), "name", s.name,
-           "a non-empty run name without '/', other than '.' and '..' (it names the default run directory "
+    _check_int32(s)
+    _check(bool(s.name.strip()) and "/" not in s.name and s.name not in (".", ".."), "name", s.name,
+           "a non-blank run name without '/', other than '.' and '..' (it names the default run directory "
            "runs/<name>)")
     _check(s.steps >= 1, "steps", s.steps, "must be >= 1")
     _check(INT32_MIN <= s.seed <= INT32_MAX, "seed", s.seed, f"must be an int32, in [{INT32_MIN}, {INT32_MAX}]")
@@ -485,3 +521,49 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
 def quickstart_path() -> str:
     """The default config shipped inside the package (``quotient-sgd run`` with no ``--config``)."""
     return os.path.join(os.path.dirname(__file__), "quickstart.py")
+
+
+#: The keys read only by some choices of ``model.name`` / ``data.name`` / ``optim.name`` (the others ignore them).
+_READ_BY = {
+    "model": {"hidden": ("mlp", "deep_linear"), "activation": ("mlp", "cnn", "transformer", "meanfield"),
+              "channels": ("cnn",), "kernel_size": ("cnn",), "norm": ("cnn",), "d_model": ("transformer",),
+              "num_heads": ("transformer",), "num_layers": ("transformer",), "mlp_ratio": ("transformer",),
+              "width": ("meanfield",)},
+    "data": {"n_train": ("teacher_student", "sparse_parity"), "n_test": ("teacher_student", "sparse_parity"),
+             "din": ("teacher_student",), "dout": ("teacher_student",), "teacher_hidden": ("teacher_student",),
+             "noise": ("teacher_student",), "p": ("modular_arithmetic",), "train_fraction": ("modular_arithmetic",),
+             "n_bits": ("sparse_parity",), "k": ("sparse_parity",), "test_fraction": ("digits",)},
+    "optim": {"momentum": ("sgd",), "nesterov": ("sgd",), "b1": ("adam", "adamw"), "b2": ("adam", "adamw"),
+              "eps": ("adam", "adamw"), "weight_decay": ("sgd", "adamw")},
+}
+
+
+def unused_keys(s: Settings, command: str = "run") -> dict[str, str]:
+    """``{dotted key: why}`` for the keys that ``quotient-sgd <command>`` (``"run"`` or ``"sweep"``) does not read
+    with the settings ``s``: those of another model, data set or optimiser (``model.channels`` of an MLP), the
+    Lanczos sizes without ``observables.hessian_every``, ``symmetry.gauge_fix_every`` outside ``gauge_fix`` mode,
+    ``symmetry.components`` with the symmetry off, and under ``run`` the ``sweep`` section.  A config file holds
+    every key (:func:`default_config`); a ``--config.<key>`` override of one of these would have no effect."""
+    out: dict[str, str] = {}
+    for sect, table in _READ_BY.items():
+        chosen = getattr(s, sect).name
+        for key, readers in table.items():
+            if chosen not in readers:
+                out[f"{sect}.{key}"] = (f"only {sect}.name in {list(readers)} reads it, and this config has "
+                                        f"{sect}.name = {chosen!r} (set {sect}.name too, or drop the override)")
+    if s.observables.hessian_every == 0:
+        for key in ("hessian_k", "lanczos_steps"):
+            out[f"observables.{key}"] = ("read only with observables.hessian_every > 0, and this config has 0 "
+                                         "(off); set observables.hessian_every too, or drop the override")
+    if s.symmetry.mode != "gauge_fix":
+        out["symmetry.gauge_fix_every"] = (f"read only with symmetry.mode='gauge_fix', and this config has "
+                                           f"{s.symmetry.mode!r}; set symmetry.mode too, or drop the override")
+    if not s.symmetry.enabled:
+        out["symmetry.components"] = ("not read with symmetry.enabled=False; set symmetry.enabled=True too, or drop "
+                                      "the override")
+    if command == "run":
+        for f in dataclasses.fields(SECTIONS["sweep"]):
+            out[f"sweep.{f.name}"] = ("the sweep section is read by `quotient-sgd sweep`; `run` trains one model "
+                                      "with the config's own values (optim.lr, seed, ...): use `quotient-sgd sweep`, "
+                                      "or override those keys")
+    return out

@@ -399,6 +399,12 @@ def main(argv: list[str] | None = None) -> int:
         print(HELP)
         return 0
     if cmd == "report":
+        given = [f"--{n}" for n in ("config", "workdir", *_LAUNCH_FLAGS) if fv[n].present]
+        given += [f"--config.{k}" for k, _ in _overrides(argv[1:])]
+        if given:  # report reads the directory's config.json: these would be ignored
+            where = f" (the directory is the argument: quotient-sgd report {fv.workdir})" if fv.workdir else ""
+            return _fail(f"{', '.join(given)}: `report` takes only the run or sweep directory; it redraws from the "
+                         f"directory's own config.json, and these options are for run and sweep{where}")
         if len(rest) != 3:
             return _fail("usage: quotient-sgd report RUN_DIR")
         from .runner import report

@@ -486,3 +486,23 @@ def test_cli_directory_with_a_corrupt_record(tmp_path, monkeypatch, capsys, cmd,
     assert code == 2
     assert f"{d / record} is not valid JSON" in err and "Traceback" not in err, err
     assert os.listdir(tmp_path) == ["d"] and os.listdir(d) == [record]
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--config.logging.plots=False"], "--config.logging.plots: `report` takes only the run or sweep directory"),
+    (["--config={tiny}"], "--config: `report` takes only"),
+    (["--workdir={d}"], "--workdir: `report` takes only"),
+])
+def test_cli_report_refuses_run_options(tmp_path, monkeypatch, capsys, extra, needle):
+    """`report DIR` with --config / --config.* / --workdir ignored them and redrew from DIR's config.json."""
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(validate(_tiny()).to_dict()))
+    tiny = os.path.join(ROOT, "configs", "tiny.py")
+    code = main(["quotient-sgd", "report", str(d), *[a.format(tiny=tiny, d=d) for a in extra]])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err, err
+    assert os.listdir(tmp_path) == ["d"] and os.listdir(d) == ["config.json"]

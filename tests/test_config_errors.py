@@ -506,3 +506,28 @@ def test_cli_report_refuses_run_options(tmp_path, monkeypatch, capsys, extra, ne
     err = capsys.readouterr().err
     assert code == 2 and needle in err, err
     assert os.listdir(tmp_path) == ["d"] and os.listdir(d) == ["config.json"]
+
+
+@pytest.mark.parametrize("over,needle", [
+    ({"model.name": "mpl"}, "config.model.name = 'mpl': allowed: ['mlp', 'cnn', 'transformer', 'meanfield', "
+                            "'deep_linear'] (did you mean 'mlp'?)"),
+    ({"optim.name": "Adam"}, "config.optim.name = 'Adam': allowed: ['sgd', 'adam', 'adamw'] (did you mean 'adam'?)"),
+    ({"symmetry.mode": "horizonal"}, "(did you mean 'horizontal'?)"),
+    ({"data.name": "teacher-student"}, "(did you mean 'teacher_student'?)"),
+    ({"sweep.mode": "prodcut"}, "(did you mean 'product'?)"),
+    ({"model.activation": "Tanh"}, "(did you mean 'tanh'?)"),
+    ({"observables.names": ("loss", "grad_nrom")}, "unknown ['grad_nrom']; allowed: ['loss', "),
+    ({"observables.names": ("loss", "grad_nrom")}, "(did you mean 'grad_nrom' -> 'grad_norm'?)"),
+    ({"symmetry.components": ("rescal",)}, "'rescal' is not a symmetry of this mlp"),
+    ({"symmetry.components": ("rescal",)}, "(did you mean 'rescale'?)"),
+])
+def test_misspelt_choices_are_suggested(over, needle):
+    with pytest.raises(ConfigError) as e:
+        validate(_tiny(**over))
+    assert needle in str(e.value), str(e.value)
+
+
+def test_unrelated_choice_gets_no_suggestion():
+    with pytest.raises(ConfigError) as e:
+        validate(_tiny(**{"model.name": "resnet"}))
+    assert "did you mean" not in str(e.value), str(e.value)

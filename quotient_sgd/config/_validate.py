@@ -119,6 +119,18 @@ def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
         raise _err(key, value, allowed)
 
 
+def _check_choice(key: str, value: str, choices) -> None:
+    """``value`` one of ``choices``, or a ConfigError listing them (with the closest, or the one differing only
+    in case, as a suggestion)."""
+    choices = list(choices)
+    if value in choices:
+        return
+    close = [c for c in choices if c.lower() == str(value).lower()] or difflib.get_close_matches(str(value), choices,
+                                                                                             n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise _err(key, value, f"allowed: {choices}{hint}")
+
+
 #: Images in scikit-learn's bundled digits (``quotient_sgd.data.digits``).
 DIGITS_SIZE = 1797
 
@@ -141,7 +153,7 @@ def train_size(d: DataSettings) -> int:
 
 
 def _check_data(d: DataSettings) -> None:
-    _check(d.name in DATASETS, "data.name", d.name, f"allowed: {list(DATASETS)}")
+    _check_choice("data.name", d.name, DATASETS)
     _check(0 <= d.seed <= INT32_MAX, "data.seed", d.seed, f"must be in [0, {INT32_MAX}]")
     _check(d.batch_size >= 0, "data.batch_size", d.batch_size, "must be >= 1, or 0 for full batch")
     if d.name == "teacher_student":
@@ -174,8 +186,8 @@ def _check_data(d: DataSettings) -> None:
 def _check_model(m: ModelSettings, d: DataSettings) -> None:
     from ..models import ACTIVATIONS
 
-    _check(m.name in MODELS, "model.name", m.name, f"allowed: {list(MODELS)}")
-    _check(m.activation in ACTIVATIONS, "model.activation", m.activation, f"allowed: {sorted(ACTIVATIONS)}")
+    _check_choice("model.name", m.name, MODELS)
+    _check_choice("model.activation", m.activation, sorted(ACTIVATIONS))
     if m.name in ("mlp", "deep_linear"):
         _check(all(h >= 1 for h in m.hidden), "model.hidden", m.hidden, "widths must be >= 1")
     if m.name == "cnn":
@@ -183,7 +195,7 @@ def _check_model(m: ModelSettings, d: DataSettings) -> None:
         _check(len(m.channels) >= 1 and all(c >= 1 for c in m.channels), "model.channels", m.channels,
                "at least one conv layer, widths >= 1")
         _check(m.kernel_size >= 1, "model.kernel_size", m.kernel_size, "must be >= 1")
-        _check(m.norm in ("none", "layer", "batch"), "model.norm", m.norm, "allowed: ['none', 'layer', 'batch']")
+        _check_choice("model.norm", m.norm, ("none", "layer", "batch"))
     if m.name == "transformer":
         _check(d.name == "modular_arithmetic", "model.name", m.name,
                f"a Transformer reads token sequences: data.name='modular_arithmetic', got {d.name!r}")
@@ -204,7 +216,7 @@ def _check_symmetry(s: Settings) -> None:
     from ._build_check import component_names, selected_components
 
     sym, ob = s.symmetry, s.observables
-    _check(sym.mode in SYMMETRY_MODES, "symmetry.mode", sym.mode, f"allowed: {list(SYMMETRY_MODES)}")
+    _check_choice("symmetry.mode", sym.mode, SYMMETRY_MODES)
     _check(sym.gauge_fix_every >= 1, "symmetry.gauge_fix_every", sym.gauge_fix_every, "must be >= 1")
     names = component_names(s)
     selected = selected_components(s)
@@ -214,9 +226,11 @@ def _check_symmetry(s: Settings) -> None:
            f"use ('all',), kinds or component names, or symmetry.enabled=False for a run without the group")
     for c in sym.components:
         ok = c == "all" or c in names or c in kinds
+        close = [] if ok else difflib.get_close_matches(c, ["all", *kinds, *names], n=1)
         _check(ok, "symmetry.components", sym.components,
                f"{c!r} is not a symmetry of this {s.model.name} (activation {s.model.activation!r}); it has the "
-               f"kinds {kinds} and the components {names}; use 'all', a kind or a component name")
+               f"kinds {kinds} and the components {names}; use 'all', a kind or a component name"
+               + (f" (did you mean {close[0]!r}?)" if close else ""))
     if not sym.enabled:
         _check(sym.mode == "observe", "symmetry.mode", sym.mode, "needs symmetry.enabled=True")
     elif not selected:  # a model without symmetries (an MLP with model.hidden=()): the run has no group
@@ -227,7 +241,10 @@ def _check_symmetry(s: Settings) -> None:
             _check(getattr(ob, k) <= 0, f"observables.{k}", getattr(ob, k),
                    f"{why} and records the loss only; use observables.{k}=0")
     bad = [n for n in ob.names if n not in DEFAULT_OBSERVABLES]
-    _check(not bad, "observables.names", ob.names, f"unknown {bad}; allowed: {list(DEFAULT_OBSERVABLES)}")
+    close = {b: difflib.get_close_matches(b, list(DEFAULT_OBSERVABLES), n=1) for b in bad}
+    hint = ", ".join(f"{b!r} -> {c[0]!r}" for b, c in close.items() if c)
+    _check(not bad, "observables.names", ob.names, f"unknown {bad}; allowed: {list(DEFAULT_OBSERVABLES)}"
+           + (f" (did you mean {hint}?)" if hint else ""))
     extra = [n for n in ob.names if n != "loss"]
     _check(not extra or bool(selected), "observables.names", ob.names,
            f"{extra} are recorded with the symmetry group, and this run has none ("
@@ -326,7 +343,7 @@ def _check_canonical_section(s: Settings, selected: list[tuple[str, bool]]) -> N
 
 def _check_optim(s: Settings) -> None:
     o = s.optim
-    _check(o.name in OPTIMIZERS, "optim.name", o.name, f"allowed: {list(OPTIMIZERS)}")
+    _check_choice("optim.name", o.name, OPTIMIZERS)
     _check(o.lr > 0 and math.isfinite(o.lr), "optim.lr", o.lr, "must be a finite number > 0")
     _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)")
     _check(o.weight_decay >= 0 and math.isfinite(o.weight_decay), "optim.weight_decay", o.weight_decay,
@@ -348,7 +365,7 @@ def _check_optim(s: Settings) -> None:
 
 def _check_sweep(s: Settings) -> None:
     sw = s.sweep
-    _check(sw.mode in SWEEP_MODES, "sweep.mode", sw.mode, f"allowed: {list(SWEEP_MODES)}")
+    _check_choice("sweep.mode", sw.mode, SWEEP_MODES)
     _check(sw.members_per_device >= 0, "sweep.members_per_device", sw.members_per_device,
            "must be >= 0 (0: chosen from the measured cost)")
     axes = sw.axes()

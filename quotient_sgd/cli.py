@@ -48,7 +48,10 @@ HELP = f"""quotient-sgd: config-driven training runs that record quotient (symme
   --distributed            jax.distributed.initialize() with JAX's cluster auto-detection (TPU pods, SLURM)
   -h, --help               this text;  --version  the package version
 
-Ctrl-C waits for the checkpoint being written and exits with status 130; the same command resumes.
+The keys of a config, with their defaults: python -c "import quotient_sgd.config as c; print(c.default_config())"
+(an override of a key the run would not read, e.g. model.channels of an MLP, is refused).
+Exit status: 0 done; 2 a bad config, option or directory (reported before anything is computed or written);
+130 interrupted: Ctrl-C waits for the checkpoint being written, and the same command resumes.
 Environment: QSGD_NO_MALLOC_TUNING=1 keeps glibc's default malloc (see the module docstring of quotient_sgd.cli);
 QSGD_COMPILATION_CACHE=DIR (or "off") moves (or turns off) the compilation cache, ~/.cache/quotient_sgd/jax by
 default ($XDG_CACHE_HOME/quotient_sgd/jax); JAX_COMPILATION_CACHE_DIR, when set, is used as it is.

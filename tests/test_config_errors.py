@@ -531,3 +531,17 @@ def test_unrelated_choice_gets_no_suggestion():
     with pytest.raises(ConfigError) as e:
         validate(_tiny(**{"model.name": "resnet"}))
     assert "did you mean" not in str(e.value), str(e.value)
+
+
+def test_cli_help_says_where_the_keys_are_and_the_exit_statuses(capsys):
+    import subprocess
+    import sys
+
+    assert main(["quotient-sgd", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "Exit status: 0 done; 2 a bad config" in out and "130 interrupted" in out, out
+    cmd = next(line for line in out.splitlines() if "default_config()" in line).split("python -c ", 1)[1]
+    cmd = cmd.split(")\"", 1)[0] + ")\""
+    code = cmd.strip().strip('"')
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "lr: 0.1" in res.stdout and "hidden:" in res.stdout, res.stderr[-2000:]

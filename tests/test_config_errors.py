@@ -411,6 +411,9 @@ def _no_runner(monkeypatch):
      "config.observables.lanczos_steps = 5: this override would have no effect: read only with "
      "observables.hessian_every > 0"),
     (["--config.symmetry.gauge_fix_every=5"], "read only with symmetry.mode='gauge_fix'"),
+    (["--config.checkpoint.enabled=False", "--config.checkpoint.keep=5"], "config.checkpoint.keep = 5: this override "
+                                                                          "would have no effect: not read with "
+                                                                          "checkpoint.enabled=False"),
     (["--config.sweep.lr=(0.5,0.6)"], "config.sweep.lr = (0.5,0.6): this override would have no effect: the sweep "
                                       "section is read by `quotient-sgd sweep`"),
     (["--config.steps=3000000000"], "config.steps = 3000000000: must be <= 2147483647"),

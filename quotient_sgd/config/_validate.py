@@ -559,7 +559,8 @@ def unused_keys(s: Settings, command: str = "run") -> dict[str, str]:
     """``{dotted key: why}`` for the keys that ``quotient-sgd <command>`` (``"run"`` or ``"sweep"``) does not read
     with the settings ``s``: those of another model, data set or optimiser (``model.channels`` of an MLP), the
     Lanczos sizes without ``observables.hessian_every``, ``symmetry.gauge_fix_every`` outside ``gauge_fix`` mode,
-    ``symmetry.components`` with the symmetry off, and under ``run`` the ``sweep`` section.  A config file holds
+    ``symmetry.components`` with the symmetry off, ``checkpoint.keep`` without checkpoints, and under ``run`` the
+    ``sweep`` section.  A config file holds
     every key (:func:`default_config`); a ``--config.<key>`` override of one of these would have no effect."""
     out: dict[str, str] = {}
     for sect, table in _READ_BY.items():
@@ -578,6 +579,9 @@ def unused_keys(s: Settings, command: str = "run") -> dict[str, str]:
     if not s.symmetry.enabled:
         out["symmetry.components"] = ("not read with symmetry.enabled=False; set symmetry.enabled=True too, or drop "
                                       "the override")
+    if not s.checkpoint.enabled:
+        out["checkpoint.keep"] = ("not read with checkpoint.enabled=False (no checkpoint is written); set "
+                                  "checkpoint.enabled=True too, or drop the override")
     if command == "run":
         for f in dataclasses.fields(SECTIONS["sweep"]):
             out[f"sweep.{f.name}"] = ("the sweep section is read by `quotient-sgd sweep`; `run` trains one model "

@@ -106,12 +106,29 @@ def test_two_process_distributed_sweep_equals_single_process(tmp_path):
     procs = [_cli(common + [f"--workdir={tmp_path / 'multi'}", f"--coordinator_address=127.0.0.1:{port}",
                             "--num_processes=2", f"--process_id={i}"], {"JAX_NUM_CPU_DEVICES": "4"}, tmp_path)
              for i in range(2)]
+    # meanwhile, a second 2-process sweep on a directory in use (this process holds its lock) is refused by every
+    # process: process 0 holds the directory's lock, and its refusal reaches process 1 (which waited for it in a
+    # collective, then failed with a traceback once process 0 had exited)
+    from quotient_sgd.runner._rundir import lock_directory, unlock_directory
+
+    os.makedirs(tmp_path / "busy")
+    lock = lock_directory(str(tmp_path / "busy"))
+    port2 = _free_port()
+    refused = [_cli(common + [f"--workdir={tmp_path / 'busy'}", f"--coordinator_address=127.0.0.1:{port2}",
+                              "--num_processes=2", f"--process_id={i}"], {"JAX_NUM_CPU_DEVICES": "4"}, tmp_path)
+               for i in range(2)]
     # the single-process reference: this process, 8 CPU devices, one member per device
     s = _settings(**{"sweep.members_per_device": 1})
     sweep(s, str(tmp_path / "single"), plots=False)
     outs = [p.communicate(timeout=240)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
+    refused_outs = [p.communicate(timeout=240)[0] for p in refused]
+    unlock_directory(lock)
+    for i, (p, out) in enumerate(zip(refused, refused_outs)):
+        assert p.returncode == 2 and "is in use" in out and "Traceback" not in out, (i, out[-3000:])
+    assert "process 0: " in refused_outs[1]
+    assert os.listdir(tmp_path / "busy") == []
     meta = json.load(open(tmp_path / "multi" / "sweep.json"))
     assert (meta["num_processes"], meta["num_devices"]) == (2, 8)
     for i in range(8):

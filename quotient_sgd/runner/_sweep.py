@@ -442,6 +442,34 @@ def _layout_at(schedule: list[dict], step: int) -> int:
     return mpd
 
 
+#: Bytes of a refusal's message passed between the processes of a multi-host sweep (:func:`_agree`).
+_MESSAGE_BYTES = 2048
+
+
+def _agree(error: BaseException | None, who: str) -> None:
+    """The processes of a multi-host sweep agree on going on: each passes the exception its checks of the
+    directory raised (``None``: none), and every process raises when any did, the process that failed its own
+    exception, the others a :class:`RunDirError` quoting it.  (A refusal in one process alone left the others
+    waiting for it in a collective, then failing with a traceback once it had exited.)  Nothing in one
+    process."""
+    if jax.process_count() == 1:
+        if error is not None:
+            raise error
+        return
+    from jax.experimental import multihost_utils
+
+    msg = b"" if error is None else f"{who}: {error}".encode()[: _MESSAGE_BYTES - 1]
+    buf = np.zeros(_MESSAGE_BYTES, np.uint8)
+    buf[0] = error is not None
+    buf[1:1 + len(msg)] = np.frombuffer(msg, np.uint8)
+    every = np.asarray(multihost_utils.process_allgather(buf))
+    if error is not None:
+        raise error
+    failed = [bytes(row[1:]).rstrip(b"\0").decode(errors="replace") for row in every if row[0]]
+    if failed:
+        raise RunDirError("; ".join(failed))
+
+
 def sweep(settings: Settings, workdir: str, *, members_per_device: int | None = None, devices=None,
           plots: bool | None = None, max_chunks: int | None = None) -> SweepResult:
     """Run the sweep of ``settings`` into ``workdir``: ``sweep.json``, ``members/<i>/`` (one run directory per
@@ -465,10 +493,19 @@ def sweep(settings: Settings, workdir: str, *, members_per_device: int | None = 
     created = not os.path.isdir(workdir)
     progress = {"new": False, "chunks": 0}
     lock = None
+    error = None
     if jax.process_index() == 0:  # (the processes of a multi-host sweep share the directory: one holds the lock)
-        _check_sweep_dir(workdir, settings)  # raises before anything is written
-        make_directory(workdir, "sweep directory")
-        lock = lock_directory(workdir, "sweep directory")  # (refused: the directory is another call's)
+        try:
+            _check_sweep_dir(workdir, settings)  # raises before anything is written
+            make_directory(workdir, "sweep directory")
+            lock = lock_directory(workdir, "sweep directory")  # (refused: the directory is another call's)
+        except Exception as e:  # noqa: BLE001  (raised below, in every process)
+            error = e
+    try:
+        _agree(error, "process 0")
+    except BaseException:
+        unlock_directory(lock)
+        raise
     try:
         return _sweep(settings, workdir, progress, members_per_device=members_per_device, devices=devices,
                       plots=plots, max_chunks=max_chunks)
@@ -491,7 +528,11 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
     s = settings
     members = sweep_members(s)
     n = len(members)
-    old = _check_sweep_dir(workdir, s)  # raises before anything is written
+    try:
+        old = _check_sweep_dir(workdir, s)  # raises before anything is written
+    except Exception as e:  # noqa: BLE001  (every process raises, see _agree)
+        _agree(e, f"process {jax.process_index()}")
+        raise
     progress["new"] = old is None
     b = build(s)
     devices = list(jax.devices() if devices is None else devices)
@@ -509,17 +550,19 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
     # consistent with sweep.json, and the steps recomputed from 0 are those of the recorded sweep)
     if old is not None and checkpoint_steps(workdir):
         if (old["num_devices"], old["num_processes"]) != (nd, jax.process_count()):
-            raise RunDirError(
+            e = RunDirError(
                 f"sweep directory {workdir!r} was checkpointed with {old['num_devices']} device(s) in "
                 f"{old['num_processes']} process(es), now {nd} in {jax.process_count()}: its checkpoints hold the "
                 f"members in that layout. Resume with the same devices, or choose another --workdir.")
+            _agree(e, f"process {jax.process_index()}")
+            raise e
         schedule, decided, costs = old["schedule"], old["decided"], old.get("measured_cost", {})
     else:
         fixed = members_per_device or s.sweep.members_per_device
         schedule = [{"from_step": 0, "members_per_device": max(1, min(fixed or 1, per_dev_max))}]
         decided, costs = bool(fixed) or per_dev_max == 1, {}
     if multi:  # every process has checked the directory before anyone writes into it
-        multihost_utils.sync_global_devices("quotient_sgd_sweep_checked")
+        _agree(None, f"process {jax.process_index()}")
 
     # the wall time of the call that finished the sweep (kept by a re-run that computes nothing, and by report)
     recorded_wall = None if old is None else old.get("wall_s")

@@ -7,8 +7,9 @@ re-gauging at init) and ``batch_size`` (the largest batch is drawn and smaller o
 (``jax.devices()`` spans every process after ``jax.distributed.initialize``); each process writes the run
 directories of the members that live on its devices.
 
-Members advance chunk by chunk together.  The first chunk runs one member per device, through the very program
-a single ``run`` compiles (and shares across members); what it cost then decides the rest
+Members advance chunk by chunk together.  The first chunk runs one member per device (on one device without
+padding, through the very program a single ``run`` compiles, shared across members; over several devices, the
+sharded program with one member on each); what it cost then decides the rest
 (:func:`choose_members_per_device`): batching a small model's members amortises per-step overhead (many times
 faster than a loop over runs) once the sweep is long enough to pay for compiling the batched program, while a
 model whose step already fills the cores keeps running one member at a time, so a sweep is never slower than

@@ -266,6 +266,7 @@ def _config_load_error(argv: list[str]) -> str | None:
     import traceback
 
     from .config import ConfigError, load_config
+    from .config._validate import config_module
 
     path = _config_path(argv)
     if path is None:
@@ -294,7 +295,7 @@ def _config_load_error(argv: list[str]) -> str | None:
         text = e.msg if isinstance(e, SyntaxError) else str(e)
         if isinstance(e, TypeError) and "get_config()" in text:
             try:
-                sig = f"get_config{inspect.signature(_config_get_config(path))}"
+                sig = f"get_config{inspect.signature(config_module(path).get_config)}"
             except Exception:  # noqa: BLE001
                 sig = "get_config(...)"
             return (f"cannot load the config file {path!r}: {sig} cannot be called without arguments ({text}); "
@@ -304,18 +305,6 @@ def _config_load_error(argv: list[str]) -> str | None:
         return (f"cannot load the config file {path!r}: get_config() returned {cfg!r} ({type(cfg).__name__}), "
                 f"not a ConfigDict; return the config (start from quotient_sgd.config.default_config())")
     return None
-
-
-def _config_get_config(path: str):
-    """The ``get_config`` object of the config file ``path`` (for its signature in a message)."""
-    import importlib.machinery
-    import importlib.util
-
-    loader = importlib.machinery.SourceFileLoader("_qsgd_config_signature", path)
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    mod = importlib.util.module_from_spec(spec)
-    loader.exec_module(mod)
-    return mod.get_config
 
 
 def _bad_json(workdir: str) -> str | None:
@@ -341,11 +330,12 @@ def _unused_override_error(argv: list[str], settings, cmd: str) -> str | None:
     unused = unused_keys(settings, cmd)
     default = Settings()
     for key, value in _overrides(argv):
+        if key not in unused:
+            continue
         sect, _, field = key.partition(".")
-        if key in unused and getattr(getattr(settings, sect), field) == getattr(getattr(default, sect), field):
+        if getattr(getattr(settings, sect), field) == getattr(getattr(default, sect), field):
             continue  # a reset to the default (momentum=0 for Adam, an emptied sweep axis on `run`) asks for nothing
-        if key in unused:
-            return f"config.{key} = {value}: this override would have no effect: {unused[key]}"
+        return f"config.{key} = {value}: this override would have no effect: {unused[key]}"
     return None
 
 

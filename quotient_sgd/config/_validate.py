@@ -508,17 +508,23 @@ def check_override_key(key: str, raw: Any) -> None:
                           f"section; set it as --config.{parts[0]}=VALUE")
 
 
+def config_module(path: str):
+    """The config file ``path`` imported as a module (its top level run)."""
+    # the source loader reads any file name (a config without the .py suffix: spec_from_file_location returns None)
+    loader = importlib.machinery.SourceFileLoader(f"_qsgd_config_{abs(hash(path))}", path)
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
 def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None):
     """Import ``path`` (a ``configs/<name>.py`` with ``get_config()``), apply ``{"optim.lr": 0.05}``-style
     overrides, and return the ConfigDict (validate it with :func:`validate`)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist")
-    # the source loader reads any file name (a config without the .py suffix: spec_from_file_location returns None)
-    loader = importlib.machinery.SourceFileLoader(f"_qsgd_config_{abs(hash(path))}", path)
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    mod = config_module(path)
     if not hasattr(mod, "get_config"):
         raise ConfigError(f"config file {path!r} defines no get_config()")
     cfg = mod.get_config()

@@ -158,7 +158,7 @@ def test_detect_run_on_a_sweep_or_unfinished_directory_says_what_it_is(tmp_path)
     (tmp_path / "sweep.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="sweep directory.*members"):
         detect_run(tmp_path)
-    with pytest.raises(FileNotFoundError, match="run_dir=.*has no trajectory.npz"):
+    with pytest.raises(FileNotFoundError, match="run_dir=.*does not exist"):
         detect_run(tmp_path / "members")
 
 

@@ -73,7 +73,7 @@ def test_sweep_table_of_a_sweep_without_axes_is_well_formed(tmp_path):
         warnings.simplefilter("always")
         table = _table(report(str(d)))
     assert not [w for w in caught if "legend" in str(w.message)]  # no curve to label yet: no empty legend
-    assert len(table) == 3 and table[0].startswith("| member | train loss |"), table
+    assert len(table) == 3 and table[0].startswith("| member | eval step | train loss |"), table
     assert len({line.count("|") for line in table}) == 1, table
 
 

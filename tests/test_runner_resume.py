@@ -44,6 +44,11 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
     assert not os.path.exists(os.path.join(killed, "summary.md"))
     last_ckpt = checkpoint_steps(killed)[-1]
     assert 30 <= last_ckpt < 400
+    # the killed run's trajectory so far: its parts (those after the last checkpoint too), joined in step order
+    from quotient_sgd.runner import load_trajectory as run_trajectory
+
+    so_far = run_trajectory(killed)
+    assert so_far.source.startswith("trajectory_parts/") and len(so_far["step"]) >= last_ckpt
 
     # restart with the same command; an uninterrupted run for reference
     _ok(subprocess.run(cmd, env=env, capture_output=True, text=True))
@@ -51,6 +56,8 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
     _ok(subprocess.run(cmd_ref, env=env, capture_output=True, text=True))
 
     a, b = load_trajectory(killed), load_trajectory(ref)
+    for k in b:
+        np.testing.assert_array_equal(so_far[k], b[k][: len(so_far["step"])], err_msg=k)
     assert sorted(a) == sorted(b)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)  # bitwise

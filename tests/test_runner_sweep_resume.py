@@ -46,7 +46,7 @@ def test_sweep_resumes_from_its_checkpoint(tmp_path, members_per_device):
     assert 1 in part.diverged and part.diverged[1]["step"] < 20
     # its report (before the resume) tells the finished, diverged and unfinished members apart
     table = report(wd)
-    assert f"| 001 | 0 | 500.0 | - | - | - | diverged at step {part.diverged[1]['step']} |" in table, table
+    assert f"| 001 | 0 | 500.0 | - | - | - | - | diverged at step {part.diverged[1]['step']} |" in table, table
     assert "| 000 | 0 | 0.05 |" in table and "| unfinished (20 of 40 steps) |" in table, table
     assert " ok |" not in table, table
     os.remove(os.path.join(wd, "summary.md"))

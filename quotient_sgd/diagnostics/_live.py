@@ -50,23 +50,41 @@ def _options_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def detect_run(run_dir: str | os.PathLike, *, lr=None, write: bool = True, **options) -> list[Event]:
-    """Run :func:`detect` on ``run_dir/trajectory.npz`` and (``write=True``) write ``run_dir/events.json``.
+    """Run :func:`detect` on the trajectory of ``run_dir`` and (``write=True``) write ``run_dir/events.json``.
 
-    The learning rate comes from ``lr`` or, failing that, from ``run_dir/config.json``; so do, unless given,
-    the settings the run itself detected with (``horizon`` = the config's ``steps``; ``spike_smooth=20`` for a
-    mini-batch loss), so that re-detecting a run directory rewrites the run's own events.  Sweep trajectories
-    (an extra leading sweep axis) are not split here: pass one member's trajectory to :func:`detect`.
+    The trajectory is :func:`quotient_sgd.runner.load_trajectory`'s: ``trajectory.npz``, or, for a run not
+    finished (or killed), its ``trajectory_parts/`` joined in step order (a ``RuntimeWarning`` says which steps
+    were read).  The learning rate comes from ``lr`` or, failing that, from ``run_dir/config.json``; so do,
+    unless given, the settings the run itself detected with (``horizon`` = the config's ``steps``;
+    ``spike_smooth=20`` for a mini-batch loss), so that re-detecting a run directory rewrites the run's own
+    events.  A divergence that ended the run, as the runner recorded it (``run.json``, the ``ended_run`` event
+    of ``events.json``, a sweep member's ``diverged.json``), is kept: the other detectors read the steps before
+    it (as the runner does), and the runner's divergence event, with its reason, is part of the result as the
+    runner wrote it (once: re-detecting a run directory rewrites the run's own ``events.json``).  Sweep
+    trajectories (an extra leading sweep axis) are not split here: pass one member's run directory
+    (``members/<i>``).
+
+    Raises:
+        FileNotFoundError: ``run_dir`` is a sweep directory (the message names its members' run directories),
+            not a run directory, or a run without any recorded step yet.
     """
+    import warnings
+
+    from ..runner._report import recorded_divergence
+    from ..runner._rundir import load_trajectory
+
     run_dir = os.fspath(run_dir)
-    path = os.path.join(run_dir, "trajectory.npz")
-    if not os.path.exists(path):
-        if os.path.exists(os.path.join(run_dir, "sweep.json")):
-            raise FileNotFoundError(f"detect_run: {run_dir!r} is a sweep directory; its members' run directories "
-                                    f"are {os.path.join(run_dir, 'members', '<index>')!r}: detect each of them")
-        raise FileNotFoundError(f"detect_run: run_dir={run_dir!r} has no trajectory.npz (a run writes it when it "
-                                "finishes; an unfinished run is completed by running it again)")
-    with np.load(path) as z:
-        traj = {k: z[k] for k in z.files}
+    try:
+        traj = load_trajectory(run_dir)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"detect_run: {str(e).removeprefix('load_trajectory: ')}") from None
+    if not traj:
+        raise FileNotFoundError(f"detect_run: run_dir={run_dir!r} has no trajectory yet (neither trajectory.npz "
+                                f"nor trajectory parts: the run stopped before its first chunk; running it again "
+                                f"computes it)")
+    if traj.source != "trajectory.npz":
+        warnings.warn(f"detect_run: {run_dir!r} has no trajectory.npz; read {traj.source}", RuntimeWarning,
+                      stacklevel=2)
     if os.path.exists(os.path.join(run_dir, "config.json")):
         with open(os.path.join(run_dir, "config.json")) as f:
             cfg = json.load(f)
@@ -75,10 +93,38 @@ def detect_run(run_dir: str | os.PathLike, *, lr=None, write: bool = True, **opt
         # without them a mini-batch run's loss noise was re-detected as dozens of loss spikes, overwriting the
         # run's own (empty) events.json
         options = {**_options_from_config(cfg), **options}
-    events = detect(traj, lr=lr, **options)
+    ended = _runner_divergence_event(run_dir, recorded_divergence(run_dir))
+    if ended is None:
+        events = detect(traj, lr=lr, **options)
+    else:
+        # as the runner: the detectors read the steps before the divergence (every event is earlier than it, so
+        # none repeats it), and the runner's event states it
+        n = len(np.asarray(traj.get("loss", ())))
+        rows = np.asarray(traj["step"]) if "step" in traj else np.arange(n)
+        keep = rows < ended.step
+        before = {k: np.asarray(v)[keep] if np.ndim(v) >= 1 and len(v) == n else v for k, v in traj.items()}
+        events = detect(before, lr=lr, **options) if keep.sum() > 1 else []
+        events = sorted(events + [ended], key=lambda e: (e.step, e.kind, e.variant))
     if write:
         save_events(os.path.join(run_dir, "events.json"), events)
     return events
+
+
+def _runner_divergence_event(run_dir: str, diverged: dict | None) -> Event | None:
+    """The divergence event the runner wrote for the divergence ``diverged`` (``{"step", "reason"}``) that ended
+    the run: its ``ended_run`` event in ``events.json`` as written, else the event the runner writes for it
+    (``runner._report.detect_events``); ``None`` without a divergence."""
+    if diverged is None:
+        return None
+    path = os.path.join(run_dir, "events.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            for d in json.load(f):
+                if (d.get("kind") == "divergence" and d.get("details", {}).get("ended_run")
+                        and int(d.get("step", -1)) == int(diverged["step"])):
+                    return Event.from_dict(d)
+    return Event(int(diverged["step"]), "divergence", float("inf"), {}, "quotient", True,
+                 {"reason": diverged.get("reason", ""), "ended_run": True})
 
 
 class LiveDetector:

@@ -4,6 +4,7 @@
   ``events.json``, ``checkpoints/``, ``plots/*.png``, ``summary.md``), resumable after SIGKILL;
 - :func:`sweep`: the config's sweep as one vmapped program sharded over every device (and host);
 - :func:`report`: regenerate plots and ``summary.md`` of a run or sweep directory;
+- :func:`load_trajectory`: a run directory's trajectory (``trajectory.npz``, or the parts of an unfinished run);
 - :func:`build`: the pieces of a run (model structure, group, data, loss, optimiser) for research code.
 """
 
@@ -17,10 +18,11 @@ from ._report import report as report
 from ._run import RunResult as RunResult
 from ._run import run as run
 from ._rundir import RunDirError as RunDirError
+from ._rundir import load_trajectory as load_trajectory
 from ._sweep import sweep as sweep
 from ._sweep import sweep_members as sweep_members
 
 __all__ = [
-    "Built", "RunDirError", "RunResult", "build", "init_params", "make_dataset", "make_model", "make_optimizer",
-    "report", "run", "sweep", "sweep_members",
+    "Built", "RunDirError", "RunResult", "build", "init_params", "load_trajectory", "make_dataset", "make_model",
+    "make_optimizer", "report", "run", "sweep", "sweep_members",
 ]

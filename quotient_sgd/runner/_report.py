@@ -10,7 +10,7 @@ import threading
 import numpy as np
 
 from ..config import Settings, validate
-from ._rundir import TrajectoryParts, read_metrics, write_json
+from ._rundir import load_trajectory, read_metrics, write_json
 
 PLOTS = ("loss", "observables", "charges", "shock_fold", "hessian", "events")
 #: What a finished run recorded about itself (wall time, resume step, divergence): ``report`` keeps it.
@@ -136,11 +136,19 @@ def make_plots(workdir: str, traj: dict, metrics: list[dict], events: list[dict]
     # Hessian extremes (sampled where fresh)
     fig, ax = plt.subplots(figsize=(6, 4))
     hk = [k for k in traj if k.startswith("sharpness_") or k.startswith("lambda_min_")]
+    pk = sorted(k for k in hk if k.endswith("_preconditioned"))  # Adam's P^-1 H: its own scale, right axis
+    hk = [k for k in hk if k not in pk]
     if hk and "hessian_step" in traj:
         hs = np.asarray(traj["hessian_step"])
         fresh = np.r_[True, hs[1:] != hs[:-1]] & (hs >= 0)
         _plot_lines(ax, steps[fresh], {k: np.asarray(traj[k], np.float64)[fresh] for k in sorted(hk)},
-                    "Hessian extremes: quotient / horizontal / raw")
+                    "Hessian extremes: quotient / horizontal / raw" + (" (dotted, right: P^-1 H)" if pk else ""))
+        if pk:
+            ax2 = ax.twinx()
+            for j, k in enumerate(pk):
+                ax2.plot(steps[fresh], np.asarray(traj[k], np.float64)[fresh], ls=":", lw=1, color=f"C{len(hk) + j}",
+                         label=k)
+            ax2.legend(fontsize=6, loc="lower right")
     else:
         _placeholder(ax, "Hessian extremes not recorded\n(set observables.hessian_every > 0)")
     save(fig, "hessian")
@@ -187,9 +195,25 @@ def detect_events(s: Settings, traj: dict, diverged: dict | None) -> tuple[list[
     return sorted(out, key=lambda e: e["step"]), err
 
 
+def last_evaluation_text(last: dict, n: int, diverged: dict | None) -> str:
+    """What the evaluation row ``last`` (the last metric row with ``test_loss``) is, for a run of ``n`` recorded
+    steps: ``"final (step k)"`` when it evaluates the run's last step, else which earlier step it evaluates.  A
+    diverged run's last evaluation is the one of the chunk before the divergence (the chunk that diverged is not
+    evaluated), an unfinished run's the one of its last finished chunk."""
+    step = int(last["step"])
+    if diverged is not None:
+        return f"last evaluation (step {step}, before the divergence at step {diverged['step']})"
+    if step < n - 1:
+        return f"last evaluation (step {step} of the {n} steps recorded)"
+    return f"final (step {step})"
+
+
 def write_summary(workdir: str, s: Settings, traj: dict, metrics: list[dict], events: list[dict], *,
                   diverged: dict | None, wall_s: float | None, resumed_from: int | None, detect_error: str | None,
-                  ) -> str:
+                  source: str | None = None) -> str:
+    """Write ``summary.md``: what ran, its steps, wall time, divergence, last evaluation (with the step it
+    evaluates), the detected events and the files.  ``source``: where the trajectory was read from, stated when
+    it is not ``trajectory.npz`` (the parts of an unfinished run)."""
     ev = [r for r in metrics if "test_loss" in r]
     last = ev[-1] if ev else {}
     n = len(traj.get("loss", []))
@@ -200,6 +224,8 @@ def write_summary(workdir: str, s: Settings, traj: dict, metrics: list[dict], ev
               f"- steps: {n} of {s.steps}" + (f", resumed from step {resumed_from}" if resumed_from else ""),
               f"- symmetry: {'off' if not s.symmetry.enabled else ', '.join(s.symmetry.components)} "
               f"(mode {s.symmetry.mode}), init_gauge={s.init_gauge}, seed={s.seed}"]
+    if source and source != "trajectory.npz":
+        lines.append(f"- trajectory read from {source}")
     if wall_s is not None:
         lines.append(f"- wall time: {wall_s:.1f} s")
     if diverged is not None:
@@ -207,7 +233,7 @@ def write_summary(workdir: str, s: Settings, traj: dict, metrics: list[dict], ev
     if last:
         res = ", ".join(f"{k}={last[k]:.4g}" for k in ("train_loss", "test_loss", "train_accuracy", "test_accuracy")
                         if k in last)
-        lines.append(f"- final (step {last['step']}): {res}")
+        lines.append(f"- {last_evaluation_text(last, n, diverged)}: {res}")
     lines += ["", "## Detected events", ""]
     if detect_error:
         lines.append(f"Detection failed: {detect_error}")
@@ -271,15 +297,35 @@ def finalize(workdir: str, s: Settings, traj: dict, *, diverged: dict | None, wa
     return events
 
 
+def recorded_divergence(workdir: str, events: list[dict] | None = None) -> dict | None:
+    """``{"step", "reason"}`` of the divergence that ended the run, as the runner recorded it: in ``run.json``
+    (or, for an older directory, ``summary.md``), else the ``ended_run`` divergence event of ``events`` (read
+    from ``events.json`` when ``None``), else a sweep member's ``diverged.json`` (a sweep not finished yet);
+    ``None`` when the run did not diverge."""
+    div = (read_record(workdir) or {}).get("diverged")
+    if div is not None:
+        return div
+    if events is None:
+        path = os.path.join(workdir, "events.json")
+        events = []
+        if os.path.exists(path):
+            with open(path) as f:
+                events = json.load(f)
+    div = next(({"step": e["step"], "reason": e["details"].get("reason", "")} for e in events
+                if e.get("kind") == "divergence" and e.get("details", {}).get("ended_run")), None)
+    if div is None and os.path.exists(os.path.join(workdir, "diverged.json")):
+        with open(os.path.join(workdir, "diverged.json")) as f:
+            div = json.load(f)
+    return div
+
+
 def load_run(workdir: str) -> tuple[Settings, dict, list[dict], list[dict]]:
+    """``(settings, trajectory, metric rows, events)`` of a run directory; the trajectory is
+    :func:`~._rundir.load_trajectory`'s (its ``source`` says whether it came from ``trajectory.npz`` or from the
+    parts of an unfinished run), the events ``events.json``'s (none when it is missing)."""
     with open(os.path.join(workdir, "config.json")) as f:
         s = validate(json.load(f))
-    path = os.path.join(workdir, "trajectory.npz")
-    if os.path.exists(path):
-        with np.load(path) as z:
-            traj = {k: z[k] for k in z.files}
-    else:
-        traj = TrajectoryParts(workdir).load()
+    traj = load_trajectory(workdir)
     events = []
     if os.path.exists(os.path.join(workdir, "events.json")):
         with open(os.path.join(workdir, "events.json")) as f:
@@ -298,12 +344,11 @@ def report(workdir: str) -> str:
         raise FileNotFoundError(f"{workdir!r} is not a run directory (no config.json) nor a sweep (no sweep.json)")
     s, traj, metrics, events = load_run(workdir)
     record = read_record(workdir) or {}
-    diverged = record.get("diverged") or next(
-        ({"step": e["step"], "reason": e["details"].get("reason", "")} for e in events
-         if e["kind"] == "divergence" and e.get("details", {}).get("ended_run")), None)
+    diverged = recorded_divergence(workdir, events)
     if not events and traj:
         events, _ = detect_events(s, traj, diverged)
         write_json(os.path.join(workdir, "events.json"), events)
     make_plots(workdir, traj, metrics, events)
     return write_summary(workdir, s, traj, metrics, events, diverged=diverged, wall_s=record.get("wall_s"),
-                         resumed_from=record.get("resumed_from"), detect_error=None)
+                         resumed_from=record.get("resumed_from"), detect_error=None,
+                         source=getattr(traj, "source", None))

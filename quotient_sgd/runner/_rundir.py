@@ -10,6 +10,7 @@ parts of an interrupted chunk are recomputed once, never lost, never duplicated.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -129,12 +130,23 @@ def foreign_entries(workdir: str, record: str) -> list[str]:
     return sorted(n for n in os.listdir(workdir) if n != record + ".tmp")
 
 
+#: The directories whose lock :func:`lock_directory` could not take (no ``flock`` on their file system): each
+#: is warned about once per process.
+_UNLOCKED_WARNED: set[str] = set()
+
+
 def lock_directory(workdir: str, what: str = "run directory") -> int | None:
     """Take an exclusive lock on the directory ``workdir`` (``flock`` on the directory itself: no file is added
     to it) for the call that writes into it; :func:`unlock_directory` (or the end of the process) releases it.
     :class:`RunDirError` when another process (a run, a sweep) holds it: two calls writing into one directory
-    would both append every metric row and race on the checkpoints.  ``None`` where the file system has no
-    locks (some network file systems): the directory is then used unlocked, as before."""
+    would both append every metric row and race on the checkpoints.  ``None`` where the file system refuses the
+    lock (no ``flock``: ``ENOLCK``, ``EOPNOTSUPP``, ``ENOSYS`` on some network file systems, or another
+    ``OSError``): the directory is then used unlocked, and a ``RuntimeWarning`` naming it and the reason is
+    issued (once per directory and process), since nothing then stops a second command writing into it.
+
+    A multi-host sweep takes it in process 0 only (its other processes go on only if process 0's checks and lock
+    succeeded); whether it also keeps out a command started on another host is the shared file system's
+    (``flock`` on NFS is forwarded as a POSIX lock; some file systems lock per host only)."""
     import fcntl
 
     fd = os.open(workdir, os.O_RDONLY)
@@ -145,8 +157,16 @@ def lock_directory(workdir: str, what: str = "run directory") -> int | None:
         raise RunDirError(f"{what} {workdir!r} is in use: another process is writing into it (a run or sweep "
                           f"still running). Wait for it to end (the same command then resumes the run, or finds "
                           f"it finished), or choose another --workdir.") from None
-    except OSError:
+    except OSError as e:
         os.close(fd)
+        key = os.path.abspath(workdir)
+        if key not in _UNLOCKED_WARNED:
+            _UNLOCKED_WARNED.add(key)
+            name = errno.errorcode.get(e.errno, str(e.errno)) if e.errno is not None else type(e).__name__
+            warnings.warn(f"{what} {workdir!r} cannot be locked ({name}: {e.strerror or e}; its file system has "
+                          f"no flock): it is used unlocked, so nothing stops a second run or sweep from writing "
+                          f"into it at the same time. Do not start two commands on it.", RuntimeWarning,
+                          stacklevel=2)
         return None
     return fd
 
@@ -241,18 +261,26 @@ class MetricsLog:
 
 
 def read_metrics(path: str) -> list[dict]:
-    """The rows of ``metrics.jsonl``.  A torn last line (a run killed while appending its rows) ends the rows read,
-    as :meth:`MetricsLog.truncate` drops it on resume: a killed run can be reported."""
+    """The rows of ``metrics.jsonl``.  A line that is not JSON (the torn last line of a run killed while
+    appending its rows) ends the rows read, as :meth:`MetricsLog.truncate` drops it and what follows on resume:
+    a killed run can be reported.  A ``RuntimeWarning`` names the file, the line and how many lines are
+    ignored."""
     rows = []
     if os.path.exists(path):
         with open(path) as f:
-            for line in f:
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError:
-                        break
-                    rows.append({k: (float(v) if isinstance(v, str) else v) for k, v in row.items()})
+            lines = f.readlines()
+        for n, line in enumerate(lines):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    rest = len(lines) - n
+                    warnings.warn(f"{path}: line {n + 1} is not a complete JSON row ({line.strip()[:60]!r}: a run "
+                                  f"killed while appending its rows); ignoring it"
+                                  + (f" and the {rest - 1} line(s) after it" if rest > 1 else "")
+                                  + f", {len(rows)} row(s) read", RuntimeWarning, stacklevel=2)
+                    break
+                rows.append({k: (float(v) if isinstance(v, str) else v) for k, v in row.items()})
     return rows
 
 
@@ -312,6 +340,83 @@ class TrajectoryParts:
         np.savez(tmp, **traj)
         os.replace(tmp, path)
         return traj
+
+
+class LoadedTrajectory(dict):
+    """The trajectory :func:`load_trajectory` read (``{key: array}``, leading axis = step), with ``source``:
+    what was read (``"trajectory.npz"``, or which trajectory parts of an unfinished run)."""
+
+    source: str = ""
+
+
+def load_trajectory(run_dir: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The trajectory of a run directory (a run, or a sweep's ``members/<i>``): ``{key: array}``, leading axis =
+    step, ``step`` included.
+
+    ``trajectory.npz`` when it exists (a finished or diverged run).  Otherwise (a run unfinished, or killed
+    before assembling it) the trajectory parts, joined in step order: every ``trajectory_parts/part_<a>.npz``
+    (a part is written to a temporary file and renamed: a present part is complete; the temporary file of a
+    write a kill interrupted, ``*.tmp.npz``, is not read).  Parts starting at or after the newest checkpoint are
+    read too: they hold steps the run computed before it was killed (their rows are in ``metrics.jsonl``); a
+    resume drops and recomputes them, with the same values.  A part that does not load, or that does not start
+    where the previous one ended, ends the trajectory with a ``RuntimeWarning`` naming it.  An empty dict when
+    there is neither (a run killed before its first chunk).
+
+    The result is a ``dict`` whose ``source`` attribute says what was read (``"trajectory.npz"``, or the parts,
+    their steps and how many of them lie after the newest checkpoint).
+
+    Raises:
+        FileNotFoundError: ``run_dir`` does not exist, is a sweep directory (the message names its members'
+            run directories), or holds no run (no ``config.json`` and no trajectory).
+    """
+    run_dir = os.fspath(run_dir)
+    path = os.path.join(run_dir, "trajectory.npz")
+    out = LoadedTrajectory()
+    if os.path.isfile(path):
+        with np.load(path) as z:
+            out.update({k: z[k] for k in z.files})
+        out.source = "trajectory.npz"
+        return out
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"load_trajectory: run_dir={run_dir!r} does not exist")
+    if os.path.isfile(os.path.join(run_dir, "sweep.json")):
+        raise FileNotFoundError(f"load_trajectory: {run_dir!r} is a sweep directory, not a run; its members' run "
+                                f"directories are {os.path.join(run_dir, 'members', '<index>')!r} (e.g. "
+                                f"{os.path.join(run_dir, 'members', '000')!r}): pass one of them")
+    parts = TrajectoryParts(run_dir)
+    starts = parts._starts()
+    if not starts:
+        if not os.path.isfile(os.path.join(run_dir, "config.json")):
+            raise FileNotFoundError(f"load_trajectory: {run_dir!r} is not a run directory (no config.json, no "
+                                    f"trajectory.npz, no trajectory_parts/)")
+        out.source = "nothing: no trajectory.npz and no trajectory parts (a run stopped before its first chunk)"
+        return out
+    chunks, end = [], None
+    for a in starts:
+        name = os.path.join(parts.dir, f"part_{a:09d}.npz")
+        try:
+            with np.load(name) as z:
+                chunk = {k: z[k] for k in z.files}
+        except Exception as e:  # noqa: BLE001  (a file a crash of the machine left incomplete: any read error)
+            warnings.warn(f"load_trajectory: {name} does not load ({type(e).__name__}: {e}); the trajectory "
+                          f"ends before step {a}", RuntimeWarning, stacklevel=2)
+            break
+        first = int(chunk["step"][0]) if len(chunk.get("step", ())) else a
+        if end is not None and first != end:
+            warnings.warn(f"load_trajectory: {name} starts at step {first}, the parts before it end at step "
+                          f"{end}; the trajectory ends there", RuntimeWarning, stacklevel=2)
+            break
+        chunks.append(chunk)
+        end = first + len(next(iter(chunk.values()), ()))
+    out.update(_concatenate(chunks))
+    ckpts = checkpoint_steps(run_dir)
+    past = [a for a in starts[: len(chunks)] if a >= max(ckpts, default=0)]
+    where = (f"the newest checkpoint (step {ckpts[-1]})" if ckpts else "step 0 (no checkpoint)")
+    out.source = (f"trajectory_parts/ ({len(chunks)} part(s), steps {starts[0]} to {end - 1}; no trajectory.npz: "
+                  f"an unfinished or killed run"
+                  + (f"; {len(past)} part(s) from step {past[0]} on are after {where}: a resume recomputes them"
+                     if past else "") + ")")
+    return out
 
 
 # ---- checkpoints (orbax) ---------------------------------------------------------------------------------------

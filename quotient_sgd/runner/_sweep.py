@@ -27,6 +27,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import time
 from typing import Any
 
@@ -415,6 +416,16 @@ def _open_member_dir(d: str, ms: Settings, start: int, plots: bool = True) -> di
     return div
 
 
+def _remove_sweep_outputs(workdir: str, *, plots: bool, summary: bool) -> None:
+    """Remove the sweep's ``plots/`` (``plots``) and ``summary.md`` (``summary``) before a call that computes
+    more steps or redraws them: the table and plots of a sweep reported part-way describe fewer steps than the
+    resumed sweep has, and stale plots must not outlive the summary they were drawn with."""
+    if plots:
+        shutil.rmtree(os.path.join(workdir, "plots"), ignore_errors=True)
+    if summary and os.path.exists(os.path.join(workdir, "summary.md")):
+        os.remove(os.path.join(workdir, "summary.md"))
+
+
 def _trajectory_bytes(b: Built, s: Settings, n: int) -> int:
     """Bytes of the trajectories of all ``n`` members (from the shapes of the recorded observables)."""
     from ..optim._trajectory import _find
@@ -752,6 +763,12 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
     chunks = all_chunks if max_chunks is None else all_chunks[:max_chunks]
     if not multi and len(diverged) == n:  # every member diverged before the checkpoint: the sweep has ended
         chunks = []
+    if leader:
+        # the sweep's summary.md and plots/ (of a `report` on the unfinished sweep) go when they would describe
+        # fewer steps than this call ends with, or are rewritten; a finished sweep run again without plots keeps
+        # those it has (the rule of a run's own outputs, remove_outputs)
+        _remove_sweep_outputs(workdir, plots=bool(chunks) or (plots if plots is not None else s.logging.plots),
+                              summary=bool(chunks))
     pending = None
     done = start
     try:
@@ -867,7 +884,7 @@ def _grouping_text(meta: dict) -> str:
 
 def report_sweep(workdir: str, *, wall_s: float | None = None, plots: bool = True) -> str:
     """The sweep table (``summary.md``) and comparison plots (``plots/loss.png``, ``plots/final.png``)."""
-    from ._report import _plt, load_run, read_record
+    from ._report import _plt, load_run, recorded_divergence
 
     with open(os.path.join(workdir, "sweep.json")) as f:
         meta = json.load(f)
@@ -880,17 +897,16 @@ def report_sweep(workdir: str, *, wall_s: float | None = None, plots: bool = Tru
     for i, m in enumerate(members):
         d = os.path.join(workdir, "members", f"{i:03d}")
         if not os.path.exists(os.path.join(d, "config.json")):
-            rows.append((i, m, None, None, "missing"))
+            rows.append((i, m, None, None, "missing", None))
             continue
         _, traj, metrics, events = load_run(d)
         ev = [r for r in metrics if "test_loss" in r]
-        div = next((e for e in events if e["kind"] == "divergence" and e.get("details", {}).get("ended_run")),
-                   (read_record(d) or {}).get("diverged") or _read_json(os.path.join(d, "diverged.json")))
+        div = recorded_divergence(d, events)
         done = len(traj.get("step", ()))
         # a sweep reported while it runs, or after an interruption: its members have not all their steps yet
         status = (f"diverged at step {div['step']}" if div else "ok" if done >= total
                   else f"unfinished ({done} of {total} steps)")
-        rows.append((i, m, ev[-1] if ev else None, traj, status))
+        rows.append((i, m, ev[-1] if ev else None, traj, status, div))
         curves.append((i, m, traj))
     axes = list(members[0]) if members and members[0] else []
     lines = [f"# Sweep `{meta['config']['name']}`", "",
@@ -899,13 +915,15 @@ def report_sweep(workdir: str, *, wall_s: float | None = None, plots: bool = Tru
              + _grouping_text(meta)]
     if wall_s is not None:
         lines.append(f"- wall time: {wall_s:.1f} s")
-    lines += ["", "| " + " | ".join(["member", *axes, "train loss", "test loss", "test acc", "status"]) + " |",
-              "|---:|" + "---:|" * len(axes) + "---:|---:|---:|---|"]
-    for i, m, last, _, status in rows:
+    # the losses are those of the member's last evaluation, at the step given (a diverged member's is the one
+    # before its divergence: the chunk that diverged is not evaluated)
+    lines += ["", "| " + " | ".join(["member", *axes, "eval step", "train loss", "test loss", "test acc", "status"])
+              + " |", "|---:|" + "---:|" * len(axes) + "---:|---:|---:|---:|---|"]
+    for i, m, last, _, status, _ in rows:
         vals = " | ".join(str(m[a]) for a in axes)
         f = (lambda k: f"{last[k]:.4g}" if last and k in last else "-")  # noqa: E731
-        lines.append(f"| {i:03d} | {vals}{' | ' if axes else ''}{f('train_loss')} | {f('test_loss')} | "
-                     f"{f('test_accuracy')} | {status} |")
+        lines.append(f"| {i:03d} | {vals}{' | ' if axes else ''}{last['step'] if last else '-'} | "
+                     f"{f('train_loss')} | {f('test_loss')} | {f('test_accuracy')} | {status} |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(workdir, "summary.md"), "w") as f:
         f.write(text)
@@ -926,7 +944,7 @@ def report_sweep(workdir: str, *, wall_s: float | None = None, plots: bool = Tru
         fig.savefig(os.path.join(workdir, "plots", "loss.png"), dpi=90)
         plt.close(fig)
         fig, ax = plt.subplots(figsize=(6, 4))
-        xs = [r for r in rows if r[2] is not None]
+        xs = [r for r in rows if r[2] is not None and r[5] is None]  # (a diverged member's losses predate it)
         if xs and axes:
             key = axes[0] if "lr" not in axes else "lr"
             for k in ("test_loss", "train_loss"):
@@ -936,8 +954,8 @@ def report_sweep(workdir: str, *, wall_s: float | None = None, plots: bool = Tru
                 ax.set_xscale("log")
             ax.legend(fontsize=7)
         else:
-            ax.text(0.5, 0.5, "no finished members to compare", ha="center", transform=ax.transAxes)
-        ax.set_title("final losses by member", fontsize=9)
+            ax.text(0.5, 0.5, "no evaluated members to compare", ha="center", transform=ax.transAxes)
+        ax.set_title("last evaluated losses by member (diverged members left out)", fontsize=9)
         fig.tight_layout()
         fig.savefig(os.path.join(workdir, "plots", "final.png"), dpi=90)
         plt.close(fig)

@@ -1,0 +1,264 @@
+"""The run directory read and reported at its edges: a sweep reported part-way and resumed without plots, the
+last evaluation of a diverged run or member, re-detecting a diverged run's events, the trajectory of an
+unfinished or killed run (``load_trajectory``), a file system without locks, a torn ``metrics.jsonl`` and the
+directories ``report`` and ``detect_run`` are given by mistake."""
+
+import errno
+import json
+import os
+import shutil
+import warnings
+
+import jax
+import numpy as np
+import pytest
+
+from helpers import load_metric_rows, tiny_settings
+from quotient_sgd.cli import main
+from quotient_sgd.diagnostics import detect, detect_run
+from quotient_sgd.diagnostics._live import _options_from_config
+from quotient_sgd.runner import load_trajectory, report, run, sweep
+from quotient_sgd.runner._rundir import lock_directory, read_metrics, unlock_directory
+
+#: tiny with momentum 0.9 at lr 1.0 diverges in its second chunk (step 16), after one evaluation (step 9)
+DIVERGING = {"optim.lr": 1.0}
+
+
+def _events(d):
+    with open(os.path.join(d, "events.json")) as f:
+        return json.load(f)
+
+
+def _plots(d):
+    p = os.path.join(d, "plots")
+    return {n: open(os.path.join(p, n), "rb").read() for n in sorted(os.listdir(p))} if os.path.isdir(p) else {}
+
+
+def _last_eval_step(d):
+    return [r["step"] for r in load_metric_rows(d) if "test_loss" in r][-1]
+
+
+@pytest.fixture(scope="module")
+def diverged_run(tmp_path_factory):
+    wd = str(tmp_path_factory.mktemp("div") / "r")
+    r = run(tiny_settings(40, **DIVERGING), wd)
+    assert r.diverged is not None and r.diverged["step"] > 10, r.diverged  # after the first evaluation
+    return wd, r.diverged
+
+
+# ---- 1. a sweep's plots ------------------------------------------------------------------------------------------
+def test_sweep_reported_part_way_then_resumed_without_plots_drops_the_stale_plots(tmp_path):
+    """``report`` on an unfinished sweep draws ``plots/`` of its first steps; the sweep resumed with
+    ``logging.plots=False`` computes the rest: the stale plots (and table) go, as a run's do.  A finished sweep
+    run again without plots keeps the plots a ``report`` drew of it."""
+    s = tiny_settings(20, **{"sweep.seed": (), "sweep.lr": (0.02, 0.05)})
+    wd = str(tmp_path / "sw")
+    dev = jax.devices()[:1]
+    sweep(s, wd, members_per_device=1, devices=dev, max_chunks=1)
+    assert "unfinished (10 of 20 steps)" in report(wd)
+    assert set(_plots(wd)) == {"loss.png", "final.png"}
+    done = sweep(s, wd, members_per_device=1, devices=dev)
+    assert done.steps_done == 20 and done.resumed_from == 10
+    assert _plots(wd) == {}  # (they showed 10 steps; the summary shows 20)
+    assert " ok |" in open(os.path.join(wd, "summary.md")).read()
+
+    report(wd)
+    drawn = _plots(wd)
+    assert set(drawn) == {"loss.png", "final.png"}
+    sweep(s, wd, members_per_device=1, devices=dev)  # finished: computes nothing, draws nothing
+    assert _plots(wd) == drawn
+
+
+# ---- 2. the last evaluation of a diverged run ---------------------------------------------------------------------
+def test_diverged_run_summary_gives_the_step_of_its_last_evaluation(diverged_run):
+    wd, div = diverged_run
+    ev_step = _last_eval_step(wd)
+    assert ev_step < div["step"]
+    text = open(os.path.join(wd, "summary.md")).read()
+    line = [x for x in text.splitlines() if "test_loss=" in x]
+    assert line == [f"- last evaluation (step {ev_step}, before the divergence at step {div['step']}): "
+                    + line[0].split("): ", 1)[1]], text
+    assert "final" not in line[0]
+
+
+def test_diverged_sweep_member_row_gives_the_step_of_its_losses(tmp_path):
+    """The table's losses of a member that diverged after an evaluation are that evaluation's; the row says
+    its step (the "eval step" column)."""
+    s = tiny_settings(40, **{"sweep.seed": (), "sweep.lr": (0.05, DIVERGING["optim.lr"])})
+    wd = str(tmp_path / "sw")
+    r = sweep(s, wd, members_per_device=1, devices=jax.devices()[:1])
+    assert sorted(r.diverged) == [1] and r.diverged[1]["step"] > 10
+    table = open(os.path.join(wd, "summary.md")).read()
+    assert "| member | lr | eval step | train loss | test loss | test acc | status |" in table, table
+    for i, status in ((0, "ok"), (1, f"diverged at step {r.diverged[1]['step']}")):
+        d = os.path.join(wd, "members", f"{i:03d}")
+        rows = [x for x in load_metric_rows(d) if "test_loss" in x]
+        last = rows[-1]
+        assert (f"| {i:03d} | {s.sweep.lr[i]} | {last['step']} | {last['train_loss']:.4g} | {last['test_loss']:.4g} "
+                f"| - | {status} |") in table, table
+    assert _last_eval_step(os.path.join(wd, "members", "001")) < r.diverged[1]["step"]
+    member = open(os.path.join(wd, "members", "001", "summary.md")).read()
+    assert f"before the divergence at step {r.diverged[1]['step']}" in member
+
+
+# ---- 3. detect_run keeps the runner's divergence ----------------------------------------------------------------
+def test_detect_run_on_a_diverged_run_rewrites_the_runs_own_events(diverged_run, tmp_path):
+    """Re-detection gives the run's own events.json: the runner's divergence event with its reason (it was
+    replaced by the detector's, without the reason, and the detectors read the non-finite step), once, however
+    often it runs; without events.json the divergence comes from run.json."""
+    src, div = diverged_run
+    wd = str(tmp_path / "r")
+    shutil.copytree(src, wd)
+    own = _events(wd)
+    ended = [e for e in own if e["kind"] == "divergence"]
+    assert ended == [{"step": div["step"], "kind": "divergence", "strength": "inf", "observables": {},
+                      "variant": "quotient", "invariant": True,
+                      "details": {"reason": div["reason"], "ended_run": True}}]
+    for _ in range(2):
+        got = detect_run(wd)
+        assert _events(wd) == own
+        assert [e.to_dict() for e in got] == own
+    os.remove(os.path.join(wd, "events.json"))
+    detect_run(wd)
+    assert _events(wd) == own
+
+
+def test_detect_run_on_a_member_of_an_unfinished_sweep_keeps_its_divergence(diverged_run, tmp_path):
+    """A member that diverged in a sweep not finished yet has its divergence in diverged.json only."""
+    src, div = diverged_run
+    wd = str(tmp_path / "m")
+    shutil.copytree(src, wd)
+    own = _events(wd)
+    for name in ("run.json", "events.json", "summary.md"):
+        os.remove(os.path.join(wd, name))
+    with open(os.path.join(wd, "diverged.json"), "w") as f:
+        json.dump(div, f)
+    detect_run(wd)
+    assert _events(wd) == own
+
+
+# ---- 4. the trajectory of an unfinished or killed run -----------------------------------------------------------
+def test_load_trajectory_of_a_killed_run_reads_its_parts(tmp_path):
+    """What a kill during the chunk [20, 30) after its part and rows were written, but before checkpoint 30,
+    leaves (and a temporary part of a write it interrupted): ``load_trajectory`` joins the parts in step order,
+    bitwise the first 30 steps of the uninterrupted run, and says what it read; ``detect_run`` and ``report``
+    read it too."""
+    s = tiny_settings(40)
+    ref, wd = str(tmp_path / "ref"), str(tmp_path / "r")
+    full = run(s, ref)
+    run(s, wd, max_chunks=3)
+    shutil.rmtree(os.path.join(wd, "checkpoints", "30"))  # the checkpoint the kill prevented
+    parts = os.path.join(wd, "trajectory_parts")
+    with open(os.path.join(parts, "part_000000030.npz.tmp.npz"), "wb") as f:
+        f.write(b"PK\x03\x04 torn")
+    assert not os.path.exists(os.path.join(wd, "trajectory.npz"))
+
+    traj = load_trajectory(wd)
+    assert sorted(traj) == sorted(full.trajectory)
+    for k, v in traj.items():
+        np.testing.assert_array_equal(v, full.trajectory[k][:30], err_msg=k)
+    assert traj.source.startswith("trajectory_parts/ (3 part(s), steps 0 to 29")
+    assert "1 part(s) from step 20 on are after the newest checkpoint (step 20)" in traj.source
+    assert load_trajectory(ref).source == "trajectory.npz"
+
+    with pytest.warns(RuntimeWarning, match="no trajectory.npz; read trajectory_parts/"):
+        events = detect_run(wd, write=False)
+    opts = _options_from_config(s.to_dict())
+    assert events == detect({k: v[:30] for k, v in full.trajectory.items()}, lr=s.optim.lr, **opts)
+    text = report(wd)
+    assert "- steps: 30 of 40" in text and "- trajectory read from trajectory_parts/ (3 part(s)" in text
+
+    # a part a crash of the machine left unreadable ends the trajectory before it, with a warning
+    with open(os.path.join(parts, "part_000000020.npz"), "wb") as f:
+        f.write(b"PK\x03\x04 torn")
+    with pytest.warns(RuntimeWarning, match="part_000000020.npz does not load"):
+        assert len(load_trajectory(wd)["loss"]) == 20
+
+
+def test_load_trajectory_of_a_run_without_steps_and_of_what_is_no_run(tmp_path):
+    s = tiny_settings(20)
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.json").write_text(json.dumps(s.to_dict()))
+    traj = load_trajectory(str(tmp_path / "r"))
+    assert traj == {} and "before its first chunk" in traj.source
+    with pytest.raises(FileNotFoundError, match="no trajectory yet"):
+        detect_run(str(tmp_path / "r"))
+    with pytest.raises(FileNotFoundError, match="not a run directory"):
+        load_trajectory(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_trajectory(str(tmp_path / "nothing"))
+
+
+def test_report_and_detect_run_on_a_sweep_root_say_what_to_pass(tmp_path, capsys):
+    s = tiny_settings(10, **{"sweep.seed": (), "sweep.lr": (0.02, 0.05)})
+    wd = str(tmp_path / "sw")
+    sweep(s, wd, members_per_device=1, devices=jax.devices()[:1])
+    for f in (load_trajectory, detect_run):
+        with pytest.raises(FileNotFoundError, match=r"sweep directory.*members.*000"):
+            f(wd)
+    assert main(["quotient-sgd", "report", wd]) == 0
+    assert "| 001 | 0.05 |" in capsys.readouterr().out
+    assert len(detect_run(os.path.join(wd, "members", "001"), write=False)) >= 0  # a member is a run
+
+
+# ---- 5. no locks ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS])
+def test_a_directory_that_cannot_be_locked_is_used_with_one_warning(tmp_path, monkeypatch, code):
+    import fcntl
+
+    def refuse(fd, op):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    wd = str(tmp_path / f"nolock{code}")
+    os.makedirs(wd)
+    with pytest.warns(RuntimeWarning, match=f"{wd}.*cannot be locked .*{errno.errorcode[code]}"):
+        assert lock_directory(wd) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per directory
+        assert lock_directory(wd) is None
+        unlock_directory(None)
+
+
+def test_run_on_a_file_system_without_locks_warns_and_runs(tmp_path, monkeypatch):
+    import fcntl
+
+    def refuse(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    wd = str(tmp_path / "r")
+    with pytest.warns(RuntimeWarning, match="used unlocked") as got:
+        assert run(tiny_settings(10), wd).steps_done == 10
+    assert sum("cannot be locked" in str(w.message) for w in got) == 1
+
+
+# ---- a torn metrics.jsonl, a missing events.json ------------------------------------------------------------------
+def test_torn_metrics_line_is_ignored_with_a_warning(tmp_path, capsys):
+    """A run killed while appending its rows: ``report`` (API and CLI) still writes the summary of the complete
+    rows and warns about the partial line."""
+    s = tiny_settings(20)
+    wd = str(tmp_path / "r")
+    run(s, wd, max_chunks=1)
+    rows = read_metrics(os.path.join(wd, "metrics.jsonl"))
+    with open(os.path.join(wd, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 10, "loss": 0.4')
+    with pytest.warns(RuntimeWarning, match=r"metrics.jsonl: line 4 is not a complete JSON row.*3 row\(s\) read"):
+        assert read_metrics(os.path.join(wd, "metrics.jsonl")) == rows
+    with pytest.warns(RuntimeWarning, match="line 4"):
+        text = report(wd)
+    assert "- steps: 10 of 20" in text
+    with pytest.warns(RuntimeWarning, match="line 4 is not a complete JSON row"):
+        assert main(["quotient-sgd", "report", wd]) == 0
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and "steps: 10 of 20" in out
+
+
+def test_report_without_events_json_detects_them_again(diverged_run, tmp_path):
+    src, div = diverged_run
+    wd = str(tmp_path / "r")
+    shutil.copytree(src, wd)
+    own = _events(wd)
+    os.remove(os.path.join(wd, "events.json"))
+    text = report(wd)
+    assert _events(wd) == own and f"diverged at step {div['step']}" in text

@@ -15,6 +15,7 @@ from ._cusum import cusum_threshold as cusum_threshold
 from ._decomposition import gauge_transport as gauge_transport
 from ._decomposition import stability_decomposition as stability_decomposition
 from ._detect import ALL_KINDS as ALL_KINDS
+from ._detect import adam_edge as adam_edge
 from ._detect import default_transition_keys as default_transition_keys
 from ._detect import detect as detect
 from ._detect import detect_catapult as detect_catapult
@@ -36,7 +37,7 @@ from ._shock_lr import ShockAwareState as ShockAwareState
 from ._shock_lr import shock_aware_lr as shock_aware_lr
 
 __all__ = [
-    "ALL_KINDS", "Alarm", "Event", "LiveDetector", "ShockAwareState", "cusum", "cusum_threshold",
+    "ALL_KINDS", "Alarm", "Event", "LiveDetector", "ShockAwareState", "adam_edge", "cusum", "cusum_threshold",
     "default_transition_keys", "detect", "detect_catapult", "detect_divergence", "detect_edge_of_stability",
     "detect_fold", "detect_loss_spike", "detect_run", "detect_shock", "detect_transition", "gauge_transport",
     "fold_edge", "fold_levels_for", "load_events", "save_events", "shock_aware_lr", "stability_decomposition",

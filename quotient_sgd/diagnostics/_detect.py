@@ -172,6 +172,27 @@ def stability_edge(momentum: float = 0.0, nesterov: bool = False) -> float:
     return 2 * (1 + b) / (1 + 2 * b) if nesterov else 2 * (1 + b)
 
 
+def adam_edge(b1: float = 0.9) -> float:
+    """The value of ``eta * lambda`` at which Adam with first-moment decay ``b1`` turns unstable on a quadratic,
+    ``lambda`` an eigenvalue of the *preconditioned* Hessian ``P^-1 H`` (Cohen et al. 2022): ``2 (1 + b1) /
+    (1 - b1)``, 38 for ``b1 = 0.9``, 2 for ``b1 = 0`` (RMSProp).
+
+    With ``P = (1 - b1^t) (sqrt(v_hat) + eps)`` frozen (:func:`quotient_sgd.optim.adam_preconditioner`), Adam's step
+    ``theta -> theta - eta P^-1 m``, ``m -> b1 m + (1 - b1) g``, is EMA momentum; on a mode ``a`` of
+    ``P^-1/2 H P^-1/2`` its linear map has the characteristic polynomial ``z^2 - (1 + b1 - eta a (1 - b1)) z + b1``,
+    whose roots leave the unit disc through ``-1`` at ``eta a (1 - b1) = 2 (1 + b1)`` (heavy ball's
+    :func:`stability_edge` with the gradient scaled by ``1 - b1``).
+
+    Raises:
+        ValueError: ``b1`` not a number in ``[0, 1)``.
+    """
+    ok = isinstance(b1, (int, float, np.integer, np.floating)) and not isinstance(b1, bool) and 0 <= b1 < 1
+    if not ok:
+        raise ValueError(f"adam_edge: b1={b1!r} is not allowed; need a number in [0, 1) (Adam's first-moment decay)")
+    b = float(b1)
+    return 2 * (1 + b) / (1 - b)
+
+
 def fold_edge(momentum: float = 0.0, nesterov: bool = False) -> float:
     """The value of ``eta * lambda`` at which SGD with momentum ``beta`` (optax's form, as in
     :func:`stability_edge`) folds on a quadratic of curvature ``lambda``: an eigenvalue of its linear step map
@@ -235,7 +256,7 @@ def detect_fold(traj, *, steps, lr=None, fold_levels: Sequence[float] = (1.0, 2.
 
 def detect_edge_of_stability(traj, *, steps, lr=None, eos_levels: Sequence[float] = (1.0, 2.0),
                              rearm: float = 0.9, momentum: float = 0.0, nesterov: bool = False,
-                             adaptive: bool = False, **_) -> list[Event]:
+                             adaptive: bool = False, b1: float = 0.9, **_) -> list[Event]:
     """``edge_of_stability``: ``eta * lambda_max`` crossing 1 and 2 (Cohen et al. 2021; THEORY sections 3-4).
 
     With momentum (``momentum=beta``, ``nesterov``) the edge of the step is not at ``eta lambda = 2`` but at
@@ -250,13 +271,20 @@ def detect_edge_of_stability(traj, *, steps, lr=None, eos_levels: Sequence[float
       balanced twin would be at the edge";
     - variant ``raw``: the raw Hessian's top eigenvalue.
 
-    ``adaptive=True`` (an Adam / AdamW run; the runner says so from its config): no events.  An adaptive
-    optimiser's step is stable or not according to its *preconditioned* Hessian (Cohen et al. 2022: Adam's
-    ``lambda_max(P^-1 H)`` hovers at ``2 (1 + beta_1) / ((1 - beta_1) eta)``), which is not recorded, while
-    ``eta lambda_max(H)`` of the raw or quotient Hessian has no stability level for it.
+    ``adaptive=True`` (an Adam / AdamW run with first-moment decay ``b1``; the runner says so from its config):
+    an adaptive optimiser's step is stable or not according to its *preconditioned* Hessian (Cohen et al. 2022:
+    Adam's ``lambda_max(P^-1 H)`` rises to and hovers at ``adam_edge(b1) / eta``), while ``eta lambda_max(H)`` of
+    the raw or quotient Hessian has no stability level for it: the variants above give no events.  Instead,
+    variant ``preconditioned``: ``eta * sharpness_preconditioned`` (``quotient_trajectory(hessian_at=(...,
+    "preconditioned"), preconditioner=adam_preconditioner(...))``; raw kind) crossing the levels multiplied by
+    :func:`adam_edge` ``(b1) / 2``, so that level 2 means "Adam unstable on the quadratic with its
+    preconditioner frozen"; ``details`` give the scaled ``level``, the ``edge`` and ``b1``.  Without that key an
+    adaptive run has no ``edge_of_stability`` events.  ``b1`` is read only with ``adaptive=True``.
     """
-    if lr is None or adaptive:
+    if lr is None:
         return []
+    if adaptive:
+        return _preconditioned_edge(traj, steps, lr, eos_levels, rearm, b1)
     edge = stability_edge(momentum, nesterov)
     out = []
     for variant in ("step", "quotient", "raw"):
@@ -274,6 +302,26 @@ def detect_edge_of_stability(traj, *, steps, lr=None, eos_levels: Sequence[float
                 obs = {key: _f(traj[key][i]), "lr": _f(lr[i])}
                 details = {**ev.details, "edge": edge} if edge != 2 else ev.details
                 out.append(Event(ev.step, ev.kind, ev.strength, obs, variant, is_invariant(obs), details))
+    return out
+
+
+def _preconditioned_edge(traj, steps, lr, eos_levels, rearm, b1) -> list[Event]:
+    """The ``preconditioned`` variant of :func:`detect_edge_of_stability` (an adaptive run)."""
+    key = first_key(traj, SHARPNESS_KEYS["preconditioned"])
+    if key is None:
+        return []
+    edge = adam_edge(b1)
+    idx = np.nonzero(fresh_mask(traj, key, steps))[0]
+    q = lr * np.asarray(traj[key], dtype=np.float64)
+    out = []
+    for level in eos_levels:
+        level = level * edge / 2
+        for ev in _threshold_events(traj, key, q, idx, steps, "edge_of_stability", level, "preconditioned", rearm,
+                                    lr):
+            i = int(np.nonzero(steps == ev.step)[0][0])
+            obs = {key: _f(traj[key][i]), "lr": _f(lr[i])}
+            out.append(Event(ev.step, ev.kind, ev.strength, obs, "preconditioned", is_invariant(obs),
+                             {**ev.details, "edge": edge, "b1": float(b1)}))
     return out
 
 
@@ -472,7 +520,8 @@ def detect(trajectory, *, lr=None, kinds: Iterable[str] | None = None, start_ste
             ``shock_level``, ``rearm``, ``divergence_factor``, ``divergence_patience``, ``slice_shocks``, ``horizon``,
             ``transform``, ``k``, ``min_ref``, ``variants``; ``momentum`` and ``nesterov`` of an SGD run move the
             edge of stability to :func:`stability_edge` and the fold levels to :func:`fold_levels_for`;
-            ``adaptive=True`` for an Adam-type run: no ``edge_of_stability`` events, see
+            ``adaptive=True`` for an Adam-type run with first-moment decay ``b1`` (default 0.9):
+            ``edge_of_stability`` events only from the preconditioned sharpness, at :func:`adam_edge`, see
             :func:`detect_edge_of_stability`).
 
     Returns:

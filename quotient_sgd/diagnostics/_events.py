@@ -10,8 +10,9 @@ from typing import Any, Iterable
 
 #: Variants of a detector: which version of the observable it reads (THEORY section 4).
 #: ``"quotient"``: orbit invariants (canonical point); ``"step"``: what the step actually sees (reduced dynamics,
-#: reported with its decomposition); ``"raw"``: raw parameter-space quantities, for comparison only.
-VARIANTS = ("quotient", "step", "raw")
+#: reported with its decomposition); ``"raw"``: raw parameter-space quantities, for comparison only;
+#: ``"preconditioned"``: an adaptive optimiser's preconditioned sharpness (``edge_of_stability`` of Adam, raw kind).
+VARIANTS = ("quotient", "step", "raw", "preconditioned")
 
 
 def _clean(x: Any) -> Any:
@@ -52,7 +53,8 @@ class Event:
             ``"transition"`` or ``"divergence"``.
         strength: a dimensionless size (shock / fold number, eta*lambda, spike ratio, CUSUM statistic / threshold).
         observables: ``{trajectory key: value at step}`` of the observables that triggered it.
-        variant: ``"quotient"`` (orbit invariants), ``"step"`` (what the step sees) or ``"raw"``.
+        variant: ``"quotient"`` (orbit invariants), ``"step"`` (what the step sees), ``"raw"`` or
+            ``"preconditioned"`` (Adam's preconditioned sharpness).
         invariant: True when every triggering observable is an orbit invariant, so that the event is identical on
             a trajectory and on its re-gauged copy (THEORY section 4).
         details: detector-specific numbers, e.g. the stability decomposition

@@ -31,8 +31,9 @@ def _options_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     :func:`detect_run` re-detects with.  ``horizon`` = the planned steps; a mini-batch loss (``data.batch_size >
     0``) judged for spikes on a 20-step causal mean (full batch: the raw loss); SGD's momentum, which moves the
     edge of stability to ``eta lambda = 2 (1 + beta)`` (Nesterov: ``/ (1 + 2 beta)``) and the fold to
-    :func:`~quotient_sgd.diagnostics.fold_edge`; ``adaptive`` for Adam / AdamW, whose edge of stability is not
-    one of ``eta lambda_max`` (no such events)."""
+    :func:`~quotient_sgd.diagnostics.fold_edge`; ``adaptive`` and ``b1`` for Adam / AdamW, whose edge of stability
+    is one of the preconditioned sharpness at :func:`~quotient_sgd.diagnostics.adam_edge` ``(b1)``, not of
+    ``eta lambda_max(H)``."""
     out: dict[str, Any] = {}
     if isinstance(cfg.get("steps"), int) and not isinstance(cfg.get("steps"), bool) and cfg["steps"] > 0:
         out["horizon"] = cfg["steps"]
@@ -46,6 +47,9 @@ def _options_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
             out.update(momentum=float(beta), nesterov=bool(optim.get("nesterov", False)))
     if isinstance(optim, Mapping) and optim.get("name") in ("adam", "adamw"):
         out["adaptive"] = True
+        b1 = optim.get("b1", 0.9)
+        if isinstance(b1, (int, float)) and not isinstance(b1, bool) and 0 <= b1 < 1:
+            out["b1"] = float(b1)
     return out
 
 

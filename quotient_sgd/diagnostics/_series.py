@@ -19,6 +19,7 @@ SHARPNESS_KEYS = {
     "quotient": ("sharpness_quotient", "hessian_top_quotient"),
     "step": ("sharpness_horizontal", "hessian_top_horizontal"),
     "raw": ("sharpness_raw", "hessian_top_raw"),
+    "preconditioned": ("sharpness_preconditioned", "hessian_top_preconditioned"),
 }
 
 

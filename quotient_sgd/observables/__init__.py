@@ -18,6 +18,7 @@ from ._hessian import hessian_extremes as hessian_extremes
 from ._hessian import hvp_operator as hvp_operator
 from ._hessian import lanczos_extremes as lanczos_extremes
 from ._hessian import sharpness_horizontal as sharpness_horizontal
+from ._hessian import sharpness_preconditioned as sharpness_preconditioned
 from ._hessian import sharpness_quotient as sharpness_quotient
 from ._hessian import sharpness_raw as sharpness_raw
 from ._kinds import KINDS as KINDS
@@ -51,6 +52,8 @@ KINDS["hessian_top_horizontal"] = REDUCED_DYNAMICS
 KINDS["hessian_bottom_horizontal"] = REDUCED_DYNAMICS
 KINDS["hessian_top_raw"] = RAW
 KINDS["hessian_bottom_raw"] = RAW
+KINDS["hessian_top_preconditioned"] = RAW
+KINDS["hessian_bottom_preconditioned"] = RAW
 KINDS["shock_number_hessian"] = REDUCED_DYNAMICS
 KINDS["fold_number_hessian"] = REDUCED_DYNAMICS
 
@@ -60,5 +63,5 @@ __all__ = [
     "fold_number", "frozen_horizontal", "gradient_noise", "grad_norm", "grad_norm_canonical", "hessian_extremes",
     "hvp_operator", "invariant_norms", "kind_of", "lanczos_extremes", "observable", "predict_charge_drift",
     "projection_for", "shock_number",
-    "sharpness_horizontal", "sharpness_quotient", "sharpness_raw", "update_split_norms",
+    "sharpness_horizontal", "sharpness_preconditioned", "sharpness_quotient", "sharpness_raw", "update_split_norms",
 ]

@@ -292,6 +292,39 @@ def sharpness_raw(loss_fn, params, *, key, num_matvecs: int = 20, k: int = 1, me
     return hessian_extremes(loss_fn, params, None, key=key, num_matvecs=num_matvecs, k=k, method=method)
 
 
+@observable(RAW, "sharpness_preconditioned", "lambda_min_preconditioned")
+def sharpness_preconditioned(loss_fn, params, preconditioner, *, key, num_matvecs: int = 20, k: int = 1,
+                             method: str = "unrolled") -> Extremes:
+    """Extremes of the preconditioned Hessian ``P^-1 H`` at ``params``, with ``P = diag(preconditioner)``:
+    the curvature a diagonally preconditioned step ``theta -> theta - eta P^-1 m`` sees (Adam's, Cohen et al.
+    2022; :func:`quotient_sgd.optim.adam_preconditioner` gives Adam's ``P``).
+
+    ``P^-1 H`` is not symmetric but similar to ``S = P^-1/2 H P^-1/2`` (``P^-1 H = P^-1/2 S P^1/2``): the same
+    eigenvalues, found by Lanczos (:func:`lanczos_extremes` with ``method``) on ``v -> P^-1/2 H (P^-1/2 v)``, one
+    Hessian-vector product each, started from a Gaussian vector.  The Ritz vectors returned are those of ``S``
+    (orthonormal); ``P^-1/2 u`` are the corresponding right eigenvectors of ``P^-1 H``.
+
+    Raw kind: a diagonal ``P`` in parameter coordinates is not carried along an orbit (a rescaling moves ``H``
+    and the step's own ``P`` differently), so the value is not a function on the quotient.
+
+    Args:
+        loss_fn: ``params -> loss``.
+        params: the evaluation point.
+        preconditioner: ``diag(P)``, a pytree like ``params`` with positive entries (an entry ``<= 0`` makes the
+            operator, and the result, non-finite).
+        key, num_matvecs, k, method: as in :func:`hessian_extremes`.
+    """
+    s = jax.tree.map(lambda p, x: jax.lax.rsqrt(jnp.asarray(p, x.dtype)), preconditioner, params)
+    _, lin = jax.linearize(jax.grad(loss_fn), params)
+
+    def matvec(v):
+        return jax.tree.map(jnp.multiply, s, lin(jax.tree.map(jnp.multiply, s, v)))
+
+    v0 = tree_random_normal(key, params)
+    v0 = tree_scale(1 / tree_norm(v0), v0)
+    return lanczos_extremes(matvec, v0, num_matvecs=num_matvecs, k=k, method=method)
+
+
 def dense_hessian(loss_fn: Callable, params, project: Callable | None = None) -> jax.Array:
     """The dense ``P H P`` in raveled coordinates (``jax.flatten_util.ravel_pytree`` order); small models only."""
     from jax.flatten_util import ravel_pytree

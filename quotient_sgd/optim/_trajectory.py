@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,8 @@ DEFAULT_OBSERVABLES: tuple[str, ...] = (
     "effective_lr",
 )
 _HESSIAN_AT = ("quotient", "horizontal", "raw")
+#: Every point ``hessian_at`` may name: the default ones and ``"preconditioned"`` (needs ``preconditioner=``).
+_HESSIAN_AT_ALL = _HESSIAN_AT + ("preconditioned",)
 #: Parameters times points up to which the Hessian's Lanczos runs at several points are vmapped, not mapped.
 _SIDE_BY_SIDE_MAX = 2**18
 
@@ -77,6 +79,7 @@ def quotient_trajectory(
     keep_eigenvectors: bool = False,
     noise_every: int | None = None,
     seed: int = 0,
+    preconditioner: Callable[[Any], Any] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Wrap ``tx`` so that every update also records quotient observables (THEORY sections 1-4).
 
@@ -107,7 +110,16 @@ def quotient_trajectory(
     the current point, what the step sees; ``"raw"``: unprojected), ``sharpness_<where>`` (top eigenvalue),
     ``lambda_min_<where>`` (bottom), ``hessian_top_<where>`` / ``hessian_bottom_<where>`` (``hessian_k`` each),
     plus ``shock_number_hessian = eta max(0, -lambda_min_horizontal)``, ``fold_number_hessian =
-    eta lambda_max_horizontal`` and ``hessian_step``; values persist between evaluations.  ``lanczos_steps``
+    eta lambda_max_horizontal`` and ``hessian_step``; values persist between evaluations.  ``"preconditioned"``
+    (not a default; needs ``preconditioner``): the extremes of ``P^-1 H``, the raw Hessian ``H`` at the current
+    point preconditioned by the diagonal ``P = preconditioner(inner_state)``, with ``inner_state`` the wrapped
+    optimiser's state *after* step ``k`` (for Adam, :func:`~quotient_sgd.optim.adam_preconditioner`: the ``P``
+    that step ``k`` divided by), as ``sharpness_preconditioned`` / ``lambda_min_preconditioned`` /
+    ``hessian_top_preconditioned`` / ``hessian_bottom_preconditioned`` (raw kind;
+    :func:`quotient_sgd.observables.sharpness_preconditioned`).  Adam's step from ``theta_k`` is stable on the
+    local quadratic iff ``eta sharpness_preconditioned < 2 (1 + b1) / (1 - b1)``
+    (:func:`quotient_sgd.diagnostics.adam_edge`; Cohen et al. 2022).  Its Lanczos runs on its own, after the
+    other points' (another operator).  ``lanczos_steps``
     Lanczos iterations each, by ``lanczos_method`` (:func:`quotient_sgd.observables.lanczos_extremes`; the
     default ``"loop"`` compiles the Hessian-vector product once; the evaluations at several points are one
     ``lax.map``, so the product and the projection are compiled once for all of them; vmapped for models of up to
@@ -130,6 +142,8 @@ def quotient_trajectory(
             previous-step buffer are updated every step regardless, so the identities stay exact).
         spec: :class:`SGDSpec` describing ``tx`` for the charge-drift prediction.
         seed: seeds the Lanczos starting vectors (folded with the step count).
+        preconditioner: ``inner_state -> diag(P)`` (a pytree like the parameters, positive), pure and traceable;
+            read only with ``"preconditioned"`` in ``hessian_at``, which needs it.
 
     Example::
 
@@ -146,9 +160,9 @@ def quotient_trajectory(
         raise ValueError(_unknown_observables(unknown))
     if lanczos_method not in ("loop", "unrolled", "matfree"):
         raise ValueError(f"lanczos_method must be 'loop', 'unrolled' or 'matfree', got {lanczos_method!r}")
-    bad_at = set(hessian_at) - set(_HESSIAN_AT)
+    bad_at = set(hessian_at) - set(_HESSIAN_AT_ALL)
     if bad_at:
-        raise ValueError(f"hessian_at: unknown {sorted(bad_at)}; choose from {_HESSIAN_AT}")
+        raise ValueError(f"hessian_at: unknown {sorted(bad_at)}; choose from {_HESSIAN_AT_ALL}")
     if len(set(hessian_at)) != len(tuple(hessian_at)):  # each would run its own Lanczos into the same keys
         raise ValueError(f"hessian_at: names a point more than once: {tuple(hessian_at)}")
     check_period("quotient_trajectory", "every", every)
@@ -159,12 +173,23 @@ def quotient_trajectory(
                         f"SGDSpec(0.1, momentum=0.9)), got {spec!r}")
     if hessian_every is not None:
         if not hessian_at:
-            raise ValueError(f"hessian_at must name at least one of {_HESSIAN_AT} when hessian_every is set")
+            raise ValueError(f"hessian_at must name at least one of {_HESSIAN_AT_ALL} when hessian_every is set")
+        if "preconditioned" in hessian_at and preconditioner is None:
+            raise ValueError("quotient_trajectory: hessian_at names 'preconditioned', which needs preconditioner= "
+                             "(a function inner_state -> diag(P) like the parameters; for Adam / AdamW "
+                             "quotient_sgd.optim.adam_preconditioner(b1, b2, eps))")
         check_period("quotient_trajectory", "hessian_k", hessian_k)
         check_period("quotient_trajectory", "lanczos_steps", lanczos_steps)
         if not 1 <= hessian_k <= lanczos_steps:
             raise ValueError(f"need 1 <= hessian_k <= lanczos_steps, got hessian_k={hessian_k}, "
                              f"lanczos_steps={lanczos_steps}")
+    if preconditioner is not None and not callable(preconditioner):
+        raise TypeError(f"quotient_trajectory: preconditioner must be None or a function inner_state -> diag(P), "
+                        f"got {preconditioner!r}")
+    if preconditioner is not None and (hessian_every is None or "preconditioned" not in hessian_at):
+        raise ValueError("quotient_trajectory: preconditioner= is read only with hessian_every set and "
+                         f"'preconditioned' in hessian_at (got hessian_every={hessian_every!r}, "
+                         f"hessian_at={tuple(hessian_at)!r}); add them, or drop preconditioner")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"quotient_trajectory: seed must be an integer (it seeds the Lanczos starting vectors), got "
                         f"{seed!r}")
@@ -373,7 +398,7 @@ def quotient_trajectory(
                 count % hessian_every == 0,
                 # eta only enters the horizontal shock / fold numbers
                 lambda _: _hessian(loss_fn, params, observ, eigvecs, count,
-                                   step_lr() if "horizontal" in hessian_at else None),
+                                   step_lr() if "horizontal" in hessian_at else None, inner_state),
                 lambda _: (observ, eigvecs),
                 None,
             )
@@ -395,23 +420,39 @@ def quotient_trajectory(
         new_state = QuotientTrajectoryState(inner_state, count + 1, observ, new_carry, eigvecs)
         return returned, new_state
 
-    def _all_extremes(loss_fn, params, key):
-        """Extremes for every ``where`` in ``hessian_at``: the same Lanczos (the quotient one at
+    def _all_extremes(loss_fn, params, key, inner_state):
+        """Extremes for every ``where`` in ``hessian_at``, in its order: the same Lanczos (the quotient one at
         ``group.canonicalize(params)``) with keys ``fold_in(key, i)``; several are one ``lax.map`` over the stacked
-        points, so the Hessian-vector product, the projection and the Lanczos loop are compiled once."""
+        points, so the Hessian-vector product, the projection and the Lanczos loop are compiled once.  The
+        preconditioned one (another operator) runs on its own."""
         kw = dict(num_matvecs=lanczos_steps, k=hessian_k, method=lanczos_method)
-        keys = [jax.random.fold_in(key, i) for i in range(len(hessian_at))]
-        if len(hessian_at) == 1:
-            w = hessian_at[0]
+        if "preconditioned" in hessian_at:
+            i = list(hessian_at).index("preconditioned")
+            pdiag = widen(preconditioner(inner_state))
+            pre = obs.sharpness_preconditioned(loss_fn, params, pdiag, key=jax.random.fold_in(key, i), **kw)
+            others = [(j, w) for j, w in enumerate(hessian_at) if w != "preconditioned"]
+            out = _point_extremes(loss_fn, params, key, [w for _, w in others], [j for j, _ in others])
+            out.insert(i, pre)
+            return out
+        return _point_extremes(loss_fn, params, key, list(hessian_at), list(range(len(hessian_at))))
+
+    def _point_extremes(loss_fn, params, key, where, index):
+        """:func:`_all_extremes` for the points ``where`` (of ``hessian_at``, at positions ``index``)."""
+        if not where:
+            return []
+        kw = dict(num_matvecs=lanczos_steps, k=hessian_k, method=lanczos_method)
+        keys = [jax.random.fold_in(key, i) for i in index]
+        if len(where) == 1:
+            w = where[0]
             if w == "quotient":
                 return [obs.sharpness_quotient(loss_fn, group, params, key=keys[0], **kw)]
             if w == "horizontal":
                 return [obs.sharpness_horizontal(loss_fn, group, params, key=keys[0], **kw)]
             return [obs.sharpness_raw(loss_fn, params, key=keys[0], **kw)]
-        canon = group.canonicalize(params) if "quotient" in hessian_at else None
-        points = [canon if w == "quotient" else params for w in hessian_at]
+        canon = group.canonicalize(params) if "quotient" in where else None
+        points = [canon if w == "quotient" else params for w in where]
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *points)
-        projected = jnp.asarray([w != "raw" for w in hessian_at])
+        projected = jnp.asarray([w != "raw" for w in where])
 
         def one(args):
             point, proj, k = args
@@ -428,14 +469,14 @@ def quotient_trajectory(
         size = sum(x.size for x in jax.tree.leaves(params))
         side_by_side = len(points) if size * len(points) <= _SIDE_BY_SIDE_MAX else 1
         ex = jax.lax.map(one, (stacked, projected, jnp.stack(keys)), batch_size=side_by_side)
-        return [jax.tree.map(lambda x, i=i: x[i], ex) for i in range(len(hessian_at))]
+        return [jax.tree.map(lambda x, i=i: x[i], ex) for i in range(len(where))]
 
-    def _hessian(loss_fn, params, observ, eigvecs, count, lr):
+    def _hessian(loss_fn, params, observ, eigvecs, count, lr, inner_state):
         observ = dict(observ)
         eigvecs = dict(eigvecs)
         dt = jax.tree.leaves(params)[0].dtype
         key = jax.random.fold_in(base_key, count)
-        exs = _all_extremes(loss_fn, params, key)
+        exs = _all_extremes(loss_fn, params, key, inner_state)
         for w, ex in zip(hessian_at, exs):
             observ[f"sharpness_{w}"] = ex.top[0].astype(dt)
             observ[f"lambda_min_{w}"] = ex.bottom[0].astype(dt)
@@ -497,7 +538,7 @@ def _explain_canonical(users):
 #: Trajectory keys that are not per-step observables: what records them instead.
 _PERIODIC_KEYS = {
     **{f"{p}_{w}": "hessian_every=K" for p in ("sharpness", "lambda_min", "hessian_top", "hessian_bottom")
-       for w in _HESSIAN_AT},
+       for w in _HESSIAN_AT_ALL},
     "shock_number_hessian": "hessian_every=K", "fold_number_hessian": "hessian_every=K",
     "hessian_step": "hessian_every=K",
     "noise_sigma2": "noise_every=K", "temperature": "noise_every=K", "viscosity": "noise_every=K",

@@ -153,7 +153,10 @@ def select_group(s: Settings, full):
 
 
 def make_optimizer(s: Settings, group) -> optax.GradientTransformation:
-    """``quotient_trajectory( [horizontal | gauge_fix]( inject_hyperparams(optimiser) ), group)``."""
+    """``quotient_trajectory( [horizontal | gauge_fix]( inject_hyperparams(optimiser) ), group)``; with Adam /
+    AdamW and ``observables.hessian_every > 0`` the Hessian extremes include ``"preconditioned"``
+    (``sharpness_preconditioned``: ``P^-1 H`` with Adam's ``P`` from the config's ``b1, b2, eps``,
+    :func:`quotient_sgd.optim.adam_preconditioner`)."""
     from .. import optim
 
     tx = make_inner_optimizer(s)
@@ -168,10 +171,15 @@ def make_optimizer(s: Settings, group) -> optax.GradientTransformation:
     elif s.optim.name == "sgd":
         spec = optim.SGDSpec("learning_rate", momentum="momentum", nesterov=s.optim.nesterov,
                              coupled_weight_decay="weight_decay")
+    extra: dict[str, Any] = {}
+    if s.optim.name in ("adam", "adamw") and ob.hessian_every:
+        # Adam's own edge of stability: the top eigenvalue of P^-1 H (sharpness_preconditioned)
+        extra = dict(hessian_at=("quotient", "horizontal", "raw", "preconditioned"),
+                     preconditioner=optim.adam_preconditioner(s.optim.b1, s.optim.b2, s.optim.eps))
     return optim.quotient_trajectory(
         tx, group, observables=tuple(ob.names) or None, every=ob.every,
         hessian_every=ob.hessian_every or None, spec=spec, hessian_k=ob.hessian_k, lanczos_steps=ob.lanczos_steps,
-        noise_every=ob.noise_every or None, seed=0)
+        noise_every=ob.noise_every or None, seed=0, **extra)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -1,0 +1,112 @@
+"""Adam's diagonal preconditioner, read out of an optimiser state (Cohen et al. 2022; THEORY section 4).
+
+Adam's step is ``theta <- theta - eta m_hat / (sqrt(v_hat + eps_root) + eps)`` with ``m = b1 m + (1 - b1) g``,
+``v = b2 v + (1 - b2) g^2`` and the bias corrections ``m_hat = m / (1 - b1^t)``, ``v_hat = v / (1 - b2^t)``.  Written
+as ``theta <- theta - eta P^-1 m`` it is EMA momentum preconditioned by the diagonal
+
+    P = (1 - b1^t) (sqrt(v_hat + eps_root) + eps).
+
+With ``P`` frozen, on a quadratic of Hessian ``H`` this iteration is stable iff ``eta lambda_max(P^-1 H) <
+2 (1 + b1) / (1 - b1)`` (:func:`quotient_sgd.diagnostics.adam_edge`): in the eigenbasis of ``P^-1/2 H P^-1/2``
+each mode ``a`` follows ``m+ = b1 m + (1 - b1) a x``, ``x+ = x - eta m+``, whose roots leave the unit disc through
+``-1`` at ``eta a (1 - b1) = 2 (1 + b1)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from .._tree import widen
+
+
+def _check_rate(name: str, value) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"adam_preconditioner: {name} must be a number, got {value!r}") from None
+    if not 0 <= v < 1:
+        raise ValueError(f"adam_preconditioner: {name}={value!r} is not allowed; need a number in [0, 1)")
+    return v
+
+
+def _check_nonneg(name: str, value) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"adam_preconditioner: {name} must be a number, got {value!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise ValueError(f"adam_preconditioner: {name}={value!r} is not allowed; need a finite number >= 0")
+    return v
+
+
+def find_adam_state(inner_state) -> optax.ScaleByAdamState:
+    """The one ``optax.ScaleByAdamState`` (``count``, ``mu``, ``nu``) inside an optimiser state, wherever it sits
+    (``optax.chain``, ``inject_hyperparams``, ``masked``, ``quotient_sgd.optim.horizontal`` ...).
+
+    Raises:
+        ValueError: none, or more than one (e.g. ``optax.multi_transform`` with two Adams: their preconditioners
+            cover different parameters; pass a ``preconditioner`` function of your own).
+    """
+    is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731
+    found = [x for x in jax.tree.leaves(inner_state, is_leaf=is_adam) if is_adam(x)]
+    if len(found) != 1:
+        what = "no" if not found else f"{len(found)}"
+        raise ValueError(
+            f"adam_preconditioner: the optimiser state holds {what} optax.ScaleByAdamState (exactly one is needed: "
+            f"the state of optax.adam / adamw / scale_by_adam); for another adaptive optimiser pass "
+            f"quotient_trajectory(preconditioner=...) a function inner_state -> diag(P) of your own")
+    return found[0]
+
+
+def adam_preconditioner(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                        eps_root: float = 0.0) -> Callable[[Any], Any]:
+    """Adam's diagonal preconditioner as a pure function ``inner_state -> diag(P)`` (a pytree like the
+    parameters), for :func:`quotient_sgd.optim.quotient_trajectory` ``(hessian_at=(..., "preconditioned"),
+    preconditioner=adam_preconditioner(...))``.
+
+    ``P = (1 - b1^t) (sqrt(nu / (1 - b2^t) + eps_root) + eps)``, with ``t`` (``count``) and ``nu`` of the one
+    ``optax.ScaleByAdamState`` in the state (:func:`find_adam_state`).  Given the state *after* an update (what
+    ``quotient_trajectory`` passes: the wrapped optimiser's state once it has taken step ``k``), ``P`` is exactly
+    the preconditioner that step ``k`` divided by (``nu`` already holds ``g_k^2``, ``t = k + 1``), and the best
+    estimate of the next step's, which differs by one more EMA update of ``nu``.  ``eta P^-1 m`` is then optax's
+    step: ``eta m_hat / (sqrt(v_hat + eps_root) + eps)``.
+
+    ``b1, b2, eps, eps_root`` must be those of the optimiser (``optax.adam`` / ``adamw`` defaults here): the
+    state does not hold them.  Not covered: Nesterov Adam (``nesterov=True``, another ``m_hat``) and decoupled
+    weight decay (AdamW's ``eta lambda_wd theta`` adds ``lambda_wd`` to the curvature of each mode, negligible
+    for the usual ``lambda_wd``); both are left out of ``P``.  Parameters that the Adam state does not cover (a
+    partial ``optax.masked``) make it raise: their step has no such ``P``.
+
+    Raises:
+        ValueError / TypeError: a decay rate outside ``[0, 1)``, ``eps`` or ``eps_root`` negative or not finite;
+            at call time, a state without exactly one ``ScaleByAdamState``.
+    """
+    b1 = _check_rate("b1", b1)
+    b2 = _check_rate("b2", b2)
+    eps = _check_nonneg("eps", eps)
+    eps_root = _check_nonneg("eps_root", eps_root)
+
+    def preconditioner(inner_state):
+        st = find_adam_state(inner_state)
+        if any(isinstance(x, optax.MaskedNode) for x in
+               jax.tree.leaves(st.nu, is_leaf=lambda x: isinstance(x, optax.MaskedNode))):
+            raise ValueError("adam_preconditioner: the Adam state covers only part of the parameters (optax.masked "
+                             "with a partial mask); the others are not preconditioned by it.  Pass "
+                             "quotient_trajectory(preconditioner=...) a function giving diag(P) for every "
+                             "parameter")
+
+        def one(nu):  # in the dtype of nu, at least float32 (widen)
+            dt = nu.dtype
+            t = jnp.asarray(st.count).astype(dt)
+            c1 = 1 - jnp.power(jnp.asarray(b1, dt), t)
+            c2 = 1 - jnp.power(jnp.asarray(b2, dt), t)
+            return c1 * (jnp.sqrt(nu / c2 + eps_root) + eps)
+
+        return jax.tree.map(one, widen(st.nu))
+
+    preconditioner.b1 = b1  # type: ignore[attr-defined]
+    return preconditioner

@@ -248,6 +248,8 @@ def test_torn_metrics_line_is_ignored_with_a_warning(tmp_path, capsys):
     with pytest.warns(RuntimeWarning, match="line 4"):
         text = report(wd)
     assert "- steps: 10 of 20" in text
+    # (the evaluation of an unfinished run is not its final one)
+    assert f"- last evaluation (step 9; 10 of 20 steps recorded): train_loss={rows[-1]['train_loss']:.4g}," in text
     with pytest.warns(RuntimeWarning, match="line 4 is not a complete JSON row"):
         assert main(["quotient-sgd", "report", wd]) == 0
     out, err = capsys.readouterr()

@@ -195,16 +195,16 @@ def detect_events(s: Settings, traj: dict, diverged: dict | None) -> tuple[list[
     return sorted(out, key=lambda e: e["step"]), err
 
 
-def last_evaluation_text(last: dict, n: int, diverged: dict | None) -> str:
+def last_evaluation_text(last: dict, n: int, total: int, diverged: dict | None) -> str:
     """What the evaluation row ``last`` (the last metric row with ``test_loss``) is, for a run of ``n`` recorded
-    steps: ``"final (step k)"`` when it evaluates the run's last step, else which earlier step it evaluates.  A
-    diverged run's last evaluation is the one of the chunk before the divergence (the chunk that diverged is not
-    evaluated), an unfinished run's the one of its last finished chunk."""
+    steps out of ``total``: ``"final (step k)"`` when it evaluates the last step of a finished run, else which
+    step it evaluates.  A diverged run's last evaluation is the one of the chunk before the divergence (the chunk
+    that diverged is not evaluated), an unfinished run's the one of its last finished chunk."""
     step = int(last["step"])
     if diverged is not None:
         return f"last evaluation (step {step}, before the divergence at step {diverged['step']})"
-    if step < n - 1:
-        return f"last evaluation (step {step} of the {n} steps recorded)"
+    if step < n - 1 or n < total:
+        return f"last evaluation (step {step}; {n} of {total} steps recorded)"
     return f"final (step {step})"
 
 
@@ -233,7 +233,7 @@ def write_summary(workdir: str, s: Settings, traj: dict, metrics: list[dict], ev
     if last:
         res = ", ".join(f"{k}={last[k]:.4g}" for k in ("train_loss", "test_loss", "train_accuracy", "test_accuracy")
                         if k in last)
-        lines.append(f"- {last_evaluation_text(last, n, diverged)}: {res}")
+        lines.append(f"- {last_evaluation_text(last, n, s.steps, diverged)}: {res}")
     lines += ["", "## Detected events", ""]
     if detect_error:
         lines.append(f"Detection failed: {detect_error}")

@@ -295,9 +295,9 @@ def _regression(steps, lr, hessian_every=10):
 @pytest.mark.slow
 def test_adam_preconditioned_sharpness_hovers_at_the_edge(adam_x64):
     """1200 full-batch Adam steps at ``eta = 0.03``: ``eta lambda_max(P^-1 H)`` rises to ``adam_edge(0.9) = 38``
-    (while the loss falls, ``v`` shrinks and ``P^-1`` grows) and then hovers there (measured 0.83-1.02 times
-    the edge over the last third, with small loss spikes where it overshoots), while ``eta lambda_max(H)`` stays
-    near 0.14, far below any level of gradient descent or of Adam."""
+    by step 90 (while the loss falls, ``v`` shrinks and ``P^-1`` grows) and then hovers there (measured 0.875-1.041
+    times the edge over the last third, dropping back after each overshoot), while ``eta lambda_max(H)`` stays
+    below 0.24, far below any level of gradient descent or of Adam."""
     pre, raw, traj = _regression(1200, 0.03)
     assert pre[1:6].max() < 0.6  # well below the edge after the first step (whose P has seen one gradient)
     last = pre[2 * len(pre) // 3:]
@@ -308,11 +308,14 @@ def test_adam_preconditioned_sharpness_hovers_at_the_edge(adam_x64):
 
 
 def test_adam_preconditioned_sharpness_reaches_the_edge_fast(adam_x64):
-    """The fast variant: 300 steps reach the edge (within 0.8-1.3 of it at the highest refresh after step 150)
-    from well below it, with ``eta lambda_max(H)`` below 0.5."""
-    pre, raw, _ = _regression(300, 0.03)
+    """The fast variant: 150 steps rise from well below the edge to it (measured: 0.16-0.45 times it at steps
+    10-50, 1.09 at step 90) and stay near it after the first crossing (0.84-1.01), with ``eta lambda_max(H)``
+    below 0.5."""
+    pre, raw, _ = _regression(150, 0.03)
     assert pre[1:6].max() < 0.6
-    assert 0.8 < pre[15:].max() < 1.3, pre
+    first = int(np.argmax(pre[1:] >= 1.0)) + 1
+    assert pre[first] >= 1.0 and first < len(pre) - 3, pre
+    assert 0.7 < pre[first:].min() and pre[first:].max() < 1.3, pre
     assert raw.max() < 0.5
 
 

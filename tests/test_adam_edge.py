@@ -14,6 +14,7 @@ from jax.flatten_util import ravel_pytree
 from helpers import load_trajectory, tiny_settings
 from quotient_sgd.diagnostics import LiveDetector, adam_edge, detect, detect_edge_of_stability
 from quotient_sgd.diagnostics._live import _options_from_config
+from quotient_sgd.observables import kind_of
 from quotient_sgd.optim import adam_preconditioner, quotient_trajectory, train
 from quotient_sgd.symmetry import Product, Rescale
 
@@ -143,6 +144,8 @@ def test_recorded_preconditioned_sharpness_is_the_dense_top_eigenvalue(adam_x64,
             held = float(o["sharpness_preconditioned"])
         else:
             assert float(o["sharpness_preconditioned"]) == held
+    # declared, and declared raw: a diagonal P in parameter coordinates does not follow the orbit
+    assert {kind_of(k) for k in o if k.endswith("_preconditioned")} == {"raw"} and len(o) == 6
 
 
 def test_preconditioned_sharpness_under_vmap_over_learning_rates(adam_x64):

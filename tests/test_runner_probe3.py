@@ -175,6 +175,30 @@ def test_load_trajectory_of_a_killed_run_reads_its_parts(tmp_path):
         assert len(load_trajectory(wd)["loss"]) == 20
 
 
+def test_load_trajectory_of_a_finished_run_whose_trajectory_npz_does_not_load(tmp_path):
+    """A ``trajectory.npz`` that a crash of the machine left incomplete (it is not fsynced): the parts it was
+    assembled from are read instead, with a warning (it was a ``BadZipFile`` traceback from ``report``)."""
+    wd = str(tmp_path / "r")
+    full = run(tiny_settings(20), wd)
+    with open(os.path.join(wd, "trajectory.npz"), "wb") as f:
+        f.write(b"PK\x03\x04 torn")
+    with pytest.warns(RuntimeWarning, match="trajectory.npz does not load"):
+        traj = load_trajectory(wd)
+    assert sorted(traj) == sorted(full.trajectory)
+    for k, v in traj.items():
+        np.testing.assert_array_equal(v, full.trajectory[k], err_msg=k)
+    assert traj.source.startswith("trajectory_parts/ (2 part(s), steps 0 to 19; trajectory.npz does not load")
+    with pytest.warns(RuntimeWarning, match="trajectory.npz does not load"):
+        assert "- steps: 20 of 20" in report(wd)
+    for name in os.listdir(os.path.join(wd, "trajectory_parts")):
+        with open(os.path.join(wd, "trajectory_parts", name), "wb") as f:
+            f.write(b"PK\x03\x04 torn")
+    with pytest.warns(RuntimeWarning) as got:
+        assert load_trajectory(wd) == {}
+    assert ["trajectory.npz does not load" in str(w.message) for w in got] == [True, False], [str(w.message) for w in got]
+    assert "part_000000000.npz does not load" in str(got[1].message)
+
+
 def test_load_trajectory_of_a_run_without_steps_and_of_what_is_no_run(tmp_path):
     s = tiny_settings(20)
     (tmp_path / "r").mkdir()

@@ -342,6 +342,12 @@ class TrajectoryParts:
         return traj
 
 
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    """The arrays of an ``npz`` file (the file is closed also when it does not load)."""
+    with open(path, "rb") as f, np.load(f) as z:
+        return {k: z[k] for k in z.files}
+
+
 class LoadedTrajectory(dict):
     """The trajectory :func:`load_trajectory` read (``{key: array}``, leading axis = step), with ``source``:
     what was read (``"trajectory.npz"``, or which trajectory parts of an unfinished run)."""
@@ -353,7 +359,8 @@ def load_trajectory(run_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     """The trajectory of a run directory (a run, or a sweep's ``members/<i>``): ``{key: array}``, leading axis =
     step, ``step`` included.
 
-    ``trajectory.npz`` when it exists (a finished or diverged run).  Otherwise (a run unfinished, or killed
+    ``trajectory.npz`` when it exists (a finished or diverged run; one that does not load, as a crash of the
+    machine may leave it, is reported with a ``RuntimeWarning`` and the parts are read).  Otherwise (a run unfinished, or killed
     before assembling it) the trajectory parts, joined in step order: every ``trajectory_parts/part_<a>.npz``
     (a part is written to a temporary file and renamed: a present part is complete; the temporary file of a
     write a kill interrupted, ``*.tmp.npz``, is not read).  Parts starting at or after the newest checkpoint are
@@ -372,11 +379,17 @@ def load_trajectory(run_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     run_dir = os.fspath(run_dir)
     path = os.path.join(run_dir, "trajectory.npz")
     out = LoadedTrajectory()
+    unreadable = ""
     if os.path.isfile(path):
-        with np.load(path) as z:
-            out.update({k: z[k] for k in z.files})
-        out.source = "trajectory.npz"
-        return out
+        try:
+            out.update(_read_npz(path))
+            out.source = "trajectory.npz"
+            return out
+        except Exception as e:  # noqa: BLE001  (a file a crash of the machine left incomplete: any read error)
+            out.clear()
+            unreadable = f"trajectory.npz does not load ({type(e).__name__}: {e})"
+            warnings.warn(f"load_trajectory: {path} does not load ({type(e).__name__}: {e}); reading the "
+                          f"trajectory parts it was assembled from instead", RuntimeWarning, stacklevel=2)
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"load_trajectory: run_dir={run_dir!r} does not exist")
     if os.path.isfile(os.path.join(run_dir, "sweep.json")):
@@ -395,8 +408,7 @@ def load_trajectory(run_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     for a in starts:
         name = os.path.join(parts.dir, f"part_{a:09d}.npz")
         try:
-            with np.load(name) as z:
-                chunk = {k: z[k] for k in z.files}
+            chunk = _read_npz(name)
         except Exception as e:  # noqa: BLE001  (a file a crash of the machine left incomplete: any read error)
             warnings.warn(f"load_trajectory: {name} does not load ({type(e).__name__}: {e}); the trajectory "
                           f"ends before step {a}", RuntimeWarning, stacklevel=2)
@@ -408,12 +420,15 @@ def load_trajectory(run_dir: str | os.PathLike) -> dict[str, np.ndarray]:
             break
         chunks.append(chunk)
         end = first + len(next(iter(chunk.values()), ()))
+    if not chunks:
+        out.source = f"nothing: {unreadable or 'no trajectory.npz'}, and its first trajectory part does not load"
+        return out
     out.update(_concatenate(chunks))
     ckpts = checkpoint_steps(run_dir)
     past = [a for a in starts[: len(chunks)] if a >= max(ckpts, default=0)]
     where = (f"the newest checkpoint (step {ckpts[-1]})" if ckpts else "step 0 (no checkpoint)")
-    out.source = (f"trajectory_parts/ ({len(chunks)} part(s), steps {starts[0]} to {end - 1}; no trajectory.npz: "
-                  f"an unfinished or killed run"
+    out.source = (f"trajectory_parts/ ({len(chunks)} part(s), steps {starts[0]} to {end - 1}; "
+                  + (unreadable or "no trajectory.npz: an unfinished or killed run")
                   + (f"; {len(past)} part(s) from step {past[0]} on are after {where}: a resume recomputes them"
                      if past else "") + ")")
     return out

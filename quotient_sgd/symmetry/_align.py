@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import numbers
 
 import jax
@@ -48,15 +49,22 @@ def _match(perm: Permutation, target: Flat, cur: Flat):
 
 
 def _gauss_newton(group: Group, target: Flat, cur: Flat, iters: int) -> Flat:
-    """Fit the continuous gauge: ``cur <- exp(t xi) . cur`` with ``xi = (J^T J)^+ J^T (target - cur)``."""
-    if not group.continuous:
+    """Fit the continuous gauge: ``cur <- exp(t xi) . cur`` with ``xi = (J^T J)^+ J^T (target - cur)``, the step
+    ``t`` in (1, 1/2, 1/4, 0) that lands nearest ``target`` (``t = 0`` keeps ``cur``: never farther)."""
+    if not group.continuous or iters == 0:
         return cur
-    ts = (1.0, 0.5, 0.25, 0.0)
-    for _ in range(iters):
+    ts = jnp.asarray((1.0, 0.5, 0.25, 0.0))
+
+    def body(_, cur):
         diff = {p: target[p] - cur[p] for p in cur}
         xi = group._vcoeffs(cur, diff)
-        cur = _closest(target, [group._act(group._exp(jax.tree.map(lambda x: t * x, xi)), cur) for t in ts])
-    return cur
+        cands = jax.vmap(lambda t: group._act(group._exp(jax.tree.map(lambda x: (t * x).astype(x.dtype), xi)),
+                                              cur))(ts.astype(jnp.result_type(*jax.tree.leaves(xi))))
+        d = jax.vmap(lambda c: _sqdist(target, c))(cands)
+        best = jnp.argmin(jnp.where(jnp.isnan(d), jnp.inf, d))
+        return jax.tree.map(lambda x: x[best], cands)
+
+    return jax.lax.fori_loop(0, iters, body, cur)
 
 
 def _perm_components(group: Group):
@@ -64,7 +72,11 @@ def _perm_components(group: Group):
     return [(i, c) for i, c in enumerate(comps) if isinstance(c, Permutation)]
 
 
+@functools.partial(jax.jit, static_argnums=(3, 4))
 def _align_flat(group: Group, fa: Flat, fb: Flat, rounds: int, iters: int) -> Flat:
+    """One compiled program per group, parameter layout and ``(rounds, iters)``: the Gauss-Newton iterations are a
+    ``fori_loop`` and the Hungarian matching a host callback, so repeated alignments (along a trajectory) reuse
+    it."""
     ka = group._canonical_element(fa)
     ca = group._act(ka, fa)
     cb = group._act(group._canonical_element(fb), fb)

@@ -11,6 +11,7 @@ and the Euclidean vertical projection is ``P_V u = J (J^T J)^+ J^T u``.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, ClassVar
 
 import equinox as eqx
@@ -24,6 +25,18 @@ from .._tree import Path
 
 Flat = dict[Path, jax.Array]
 Member = tuple[Path, Any]
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _compiled(group: "Group", method: str, *args):
+    """``group.<method>(*args)`` as one compiled program, cached per group, method and argument shapes.
+
+    The public methods check their arguments eagerly and then run the flat-view computation through this, so that
+    an eager call costs one cached program rather than hundreds of dispatched operations (a canonicalisation is
+    block-coordinate sweeps or Newton steps over every component).  Under an outer ``jit`` / ``vmap`` / ``grad``
+    it is inlined like any jitted function.  Groups hold only static fields, so ``group`` is part of the cache
+    key, not an input."""
+    return getattr(group, method)(*args)
 
 
 class SymmetryError(ValueError):
@@ -176,16 +189,16 @@ class Group(eqx.Module):
         continuous part)."""
         _check_scale(scale)
         flat, _ = self._flat(params)
-        return self._sample(key, flat, scale)
+        return _compiled(self, "_sample", key, flat, scale)
 
     def identity(self, params):
         flat, _ = self._flat(params)
-        return self._identity(flat)
+        return _compiled(self, "_identity", flat)
 
     def act(self, g, params):
         """``g . params``."""
         flat, treedef = self._flat(params)
-        return _tree.unflatten(self._act(g, flat), treedef)
+        return _tree.unflatten(_compiled(self, "_act", g, flat), treedef)
 
     def inverse(self, g):
         return self._inverse(g)
@@ -197,14 +210,14 @@ class Group(eqx.Module):
     def canonical_element(self, params):
         """The element ``k`` with ``k . params = canonicalize(params)``."""
         flat, _ = self._flat(params)
-        return self._canonical_element(flat)
+        return _compiled(self, "_canonical_element", flat)
 
     def continuous_canonical_element(self, params, init=None):
         """The element taking ``params`` to the canonical point of the continuous part of the group (no
         permutation sort); for a single action, its canonical element (continuous) or the identity (discrete).
         See :meth:`Product.continuous_canonical_element`."""
         flat, _ = self._flat(params)
-        return self._canonical_element(flat) if self.continuous else self._identity(flat)
+        return _compiled(self, "_canonical_element" if self.continuous else "_identity", flat)
 
     def unordered_invariants(self, params, element=None):
         """Orbit invariants up to the order of permuted units (see :meth:`Product.unordered_invariants`); for a
@@ -214,18 +227,18 @@ class Group(eqx.Module):
     def canonicalize(self, params):
         """The canonical representative of the orbit of ``params`` (same network function)."""
         flat, treedef = self._flat(params)
-        return _tree.unflatten(self._act(self._canonical_element(flat), flat), treedef)
+        return _tree.unflatten(_compiled(self, "_canonicalize_flat", flat), treedef)
 
     def invariants(self, params):
         """Orbit-invariant features (THEORY section 1): equal on ``params`` and ``g . params`` for every g."""
         flat, _ = self._flat(params)
-        return self._invariants(flat)
+        return _compiled(self, "_invariants", flat)
 
     def charges(self, params):
         """Noether charges (THEORY section 2): quadratic forms ``Q(theta) = 1/2 theta^T A theta`` (linear forms
         for translation), conserved by gradient flow."""
         flat, _ = self._flat(params)
-        return self._charges(flat)
+        return _compiled(self, "_charges", flat)
 
     def _flat_like(self, flat: Flat, v, method: str) -> Flat:
         """``v`` flattened, with a ``ValueError`` naming the first leaf whose path or shape differs from ``params``."""
@@ -246,24 +259,30 @@ class Group(eqx.Module):
         """Euclidean projection of ``v`` (a pytree like ``params``) onto the orbit tangent space at ``params``."""
         flat, treedef = self._flat(params)
         vflat = self._flat_like(flat, v, "vertical")
-        out = self._vertical_flat(flat, vflat)
+        out = _compiled(self, "_vertical_flat", flat, vflat)
         return _tree.unflatten(out, treedef)
 
     def horizontal(self, params, v):
         """``v - vertical(params, v)``: the component of ``v`` orthogonal to the orbit."""
         flat, treedef = self._flat(params)
         vflat = self._flat_like(flat, v, "horizontal")
-        out = self._vertical_flat(flat, vflat)
-        return _tree.unflatten({p: vflat[p] - out[p] for p in vflat}, treedef)
+        return _tree.unflatten(_compiled(self, "_horizontal_flat", flat, vflat), treedef)
 
     def tangents(self, params):
         """The orbit tangent vectors ``J e_i`` for a basis ``e_i`` of the Lie algebra, stacked on a leading axis
         of every leaf (a pytree like ``params``); an empty leading axis for a discrete group."""
         flat, treedef = self._flat(params)
-        out = self._tangents_flat(flat)
+        out = _compiled(self, "_tangents_flat", flat)
         return _tree.unflatten(out, treedef)
 
     # ----- shared flat helpers ------------------------------------------------------------------------------
+    def _canonicalize_flat(self, flat: Flat) -> Flat:
+        return self._act(self._canonical_element(flat), flat)
+
+    def _horizontal_flat(self, flat: Flat, vflat: Flat) -> Flat:
+        out = self._vertical_flat(flat, vflat)
+        return {p: vflat[p] - out[p] for p in vflat}
+
     def _vertical_flat(self, flat: Flat, vflat: Flat) -> Flat:
         out = {p: jnp.zeros_like(x) for p, x in vflat.items()}
         if not self.continuous:

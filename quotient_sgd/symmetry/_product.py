@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from ._base import Flat, Group, SymmetryError, _check_scale, cg_vcoeffs, generic_vcoeffs
+from ._base import Flat, Group, SymmetryError, _check_scale, _compiled, cg_vcoeffs, generic_vcoeffs
 from ._gl import GL, sylvester_vcoeffs
 from ._permutation import Permutation, unit_key, unit_order
 
@@ -469,6 +469,9 @@ class Product(Group):
         Iterative cluster canonicalisations (block-coordinate sweeps) start from it; the fixed point is unique,
         so the result does not depend on ``init`` beyond the solver tolerance, only the number of sweeps does."""
         flat, _ = self._flat(params)
+        return _compiled(self, "_continuous_canonical_flat", flat, init)
+
+    def _continuous_canonical_flat(self, flat, init):
         start = None if init is None else dict(zip(init.indices, init.elements))
         return self._continuous_canonical(self._cont(), flat, start)
 
@@ -479,6 +482,9 @@ class Product(Group):
         canonical point instead (``element``: :meth:`continuous_canonical_element` when already known), which
         skips the permutation sort and the second continuous canonicalisation."""
         flat, _ = self._flat(params)
+        return _compiled(self, "_unordered_invariants_flat", flat, element)
+
+    def _unordered_invariants_flat(self, flat, element):
         at: list = []
 
         def point(cl):

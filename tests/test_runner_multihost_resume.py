@@ -12,6 +12,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from helpers import assert_sweeps_bitwise, checkpoint_steps, load_trajectory
 from quotient_sgd.config import load_config, validate
@@ -103,6 +104,8 @@ def _results(procs):
     return results
 
 
+@pytest.mark.xdist_group("multiprocess")  # never beside another multi-process test: their spinning
+# collectives, oversubscribed on 2 cores, made each one 5-15x slower
 def test_two_process_sweep_regroups_and_resumes_bitwise(tmp_path, monkeypatch):
     from quotient_sgd.runner import _sweep
 

@@ -9,6 +9,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from helpers import tiny_settings
 from quotient_sgd.config import load_config, validate
@@ -99,6 +100,8 @@ def _cli(args, env_extra, cwd):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.xdist_group("multiprocess")  # never beside another multi-process test: their spinning
+# collectives, oversubscribed on 2 cores, made each one 5-15x slower
 def test_two_process_distributed_sweep_equals_single_process(tmp_path):
     common = ["sweep", f"--config={TINY}", "--config.steps=20", "--config.logging.plots=False",
               "--config.sweep.members_per_device=1"]

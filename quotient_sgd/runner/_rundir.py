@@ -360,14 +360,15 @@ def load_trajectory(run_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     step, ``step`` included.
 
     ``trajectory.npz`` when it exists (a finished or diverged run; one that does not load, as a crash of the
-    machine may leave it, is reported with a ``RuntimeWarning`` and the parts are read).  Otherwise (a run unfinished, or killed
-    before assembling it) the trajectory parts, joined in step order: every ``trajectory_parts/part_<a>.npz``
-    (a part is written to a temporary file and renamed: a present part is complete; the temporary file of a
-    write a kill interrupted, ``*.tmp.npz``, is not read).  Parts starting at or after the newest checkpoint are
-    read too: they hold steps the run computed before it was killed (their rows are in ``metrics.jsonl``); a
-    resume drops and recomputes them, with the same values.  A part that does not load, or that does not start
-    where the previous one ended, ends the trajectory with a ``RuntimeWarning`` naming it.  An empty dict when
-    there is neither (a run killed before its first chunk).
+    machine may leave it, is reported with a ``RuntimeWarning`` and the parts are read).  Otherwise (a run
+    unfinished, or killed before assembling it) the trajectory parts, joined in step order: every
+    ``trajectory_parts/part_<a>.npz`` (a part is written to a temporary file and renamed: a present part is
+    complete; the temporary file of a write a kill interrupted, ``*.tmp.npz``, is not read).  Parts starting at or
+    after the newest checkpoint (for a sweep member, the sweep's) are read too: they hold steps the run computed
+    before it was killed (their rows are in ``metrics.jsonl``); a resume drops and recomputes them, with the same
+    values.  A part that does not load, or that does not start where the previous one ended, ends the trajectory
+    with a ``RuntimeWarning`` naming it.  An empty dict when there is neither (a run killed before its first
+    chunk).
 
     The result is a ``dict`` whose ``source`` attribute says what was read (``"trajectory.npz"``, or the parts,
     their steps and how many of them lie after the newest checkpoint).
@@ -424,9 +425,14 @@ def load_trajectory(run_dir: str | os.PathLike) -> dict[str, np.ndarray]:
         out.source = f"nothing: {unreadable or 'no trajectory.npz'}, and its first trajectory part does not load"
         return out
     out.update(_concatenate(chunks))
-    ckpts = checkpoint_steps(run_dir)
+    # a sweep member's checkpoints are the sweep's (members/<i>/../../checkpoints): a resume restarts from them
+    root = os.path.dirname(os.path.dirname(os.path.abspath(run_dir)))
+    member = (os.path.basename(os.path.dirname(os.path.abspath(run_dir))) == "members"
+              and os.path.isfile(os.path.join(root, "sweep.json")))
+    ckpts = checkpoint_steps(root if member else run_dir)
     past = [a for a in starts[: len(chunks)] if a >= max(ckpts, default=0)]
-    where = (f"the newest checkpoint (step {ckpts[-1]})" if ckpts else "step 0 (no checkpoint)")
+    whose = "the sweep's newest checkpoint" if member else "the newest checkpoint"
+    where = (f"{whose} (step {ckpts[-1]})" if ckpts else "step 0 (no checkpoint)")
     out.source = (f"trajectory_parts/ ({len(chunks)} part(s), steps {starts[0]} to {end - 1}; "
                   + (unreadable or "no trajectory.npz: an unfinished or killed run")
                   + (f"; {len(past)} part(s) from step {past[0]} on are after {where}: a resume recomputes them"

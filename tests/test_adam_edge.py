@@ -203,13 +203,14 @@ def _bump(state):
 # ---- detection --------------------------------------------------------------------------------------------------
 
 
-def _synthetic(peak, lr=0.01, n=60, every=5):
-    """``eta * sharpness_preconditioned`` rising linearly from 0 to ``peak`` then falling back, refreshed every
+def _synthetic(peak, lr=0.01, n=60, every=5, start=100):
+    """``eta * sharpness_preconditioned`` rising linearly from 0 to ``peak`` then falling back over steps
+    ``start .. start + n - 1`` (past Adam's bias-correction steps, which the detector leaves out), refreshed every
     ``every`` steps and held in between (``hessian_step`` marks the refreshes)."""
-    steps = np.arange(n)
+    steps = np.arange(start, start + n)
     refresh = steps - steps % every
-    shape = np.interp(refresh, [0, n // 2, n - 1], [0.0, peak, 0.0])
-    return {"loss": np.linspace(1.0, 0.5, n), "sharpness_preconditioned": shape / lr,
+    shape = np.interp(refresh - start, [0, n // 2, n - 1], [0.0, peak, 0.0])
+    return {"step": steps, "loss": np.linspace(1.0, 0.5, n), "sharpness_preconditioned": shape / lr,
             "hessian_step": refresh.astype(np.int32), "lr": np.full(n, lr)}
 
 
@@ -220,7 +221,7 @@ def _expected(traj, level, lr, rearm=0.9):
     out, armed = [], True
     for i in np.nonzero(fresh)[0]:
         if armed and q[i] >= level:
-            out.append(int(i))
+            out.append(int(traj["step"][i]))
             armed = False
         elif not armed and q[i] < rearm * level:
             armed = True
@@ -249,7 +250,26 @@ def test_detect_preconditioned_edge_of_stability(b1):
     assert detect(traj, kinds=["edge_of_stability"]) == []
     assert detect({k: v for k, v in traj.items() if k != "sharpness_preconditioned"},
                   kinds=["edge_of_stability"], adaptive=True, b1=b1) == []
-    assert detect_edge_of_stability(traj, steps=np.arange(60), lr=traj["lr"], adaptive=True, b1=b1) == ev
+    assert detect_edge_of_stability(traj, steps=traj["step"], lr=traj["lr"], adaptive=True, b1=b1) == ev
+
+
+@pytest.mark.parametrize("b1", [0.9, 0.5, 0.0])
+def test_adam_bias_correction_steps_are_not_read(b1):
+    """While ``b1^t`` is not small, ``P`` carries Adam's bias correction ``1 - b1^t``: the preconditioned sharpness
+    of a constant curvature reads ``lambda / (1 - b1^t)``, up to ``1 / (1 - b1)`` times its settled value (what
+    made every Adam run cross the edge at step 0).  Those steps (``b1^(k+1) > 0.05``) give no event; a crossing
+    after them does, at its step."""
+    edge, n = adam_edge(b1), 80
+    steps = np.arange(n)
+    settled = 0.8 * edge / 0.01  # eta * lambda = 0.8 edge once settled: above level 1 (edge / 2), below the edge
+    lam = settled / (1 - b1 ** (steps + 1.0))
+    first = int(np.ceil(np.log(0.05) / np.log(b1))) - 1 if b1 > 0 else 0  # the first row read: b1^(k+1) <= 0.05
+    assert b1 ** (first + 1) <= 0.05 < (b1 ** first if first > 0 else 1.0)
+    traj = {"step": steps, "loss": np.ones(n), "sharpness_preconditioned": lam, "hessian_step": steps,
+            "lr": np.full(n, 0.01)}
+    ev = detect(traj, kinds=["edge_of_stability"], adaptive=True, b1=b1)
+    assert [(e.step, e.details["level"]) for e in ev] == [(first, edge / 2)], [(e.step, e.details) for e in ev]
+    assert 0.01 * lam[0] >= edge or b1 == 0  # the bias-corrected steps did cross the edge (b1 = 0: none exist)
 
 
 def test_detect_stays_silent_below_the_edge():

@@ -278,7 +278,9 @@ def detect_edge_of_stability(traj, *, steps, lr=None, eos_levels: Sequence[float
     variant ``preconditioned``: ``eta * sharpness_preconditioned`` (``quotient_trajectory(hessian_at=(...,
     "preconditioned"), preconditioner=adam_preconditioner(...))``; raw kind) crossing the levels multiplied by
     :func:`adam_edge` ``(b1) / 2``, so that level 2 means "Adam unstable on the quadratic with its
-    preconditioner frozen"; ``details`` give the scaled ``level``, the ``edge`` and ``b1``.  Without that key an
+    preconditioner frozen"; ``details`` give the scaled ``level``, the ``edge`` and ``b1``.  Steps with
+    ``b1^(k+1) > 0.05`` (the first 28 for ``b1 = 0.9``) are not read: there ``P`` still carries Adam's bias
+    correction ``1 - b1^t`` (the sharpness is inflated by up to ``1 / (1 - b1)`` and ``P`` is far from frozen).  Without that key an
     adaptive run has no ``edge_of_stability`` events.  ``b1`` is read only with ``adaptive=True``.
     """
     if lr is None:
@@ -305,13 +307,22 @@ def detect_edge_of_stability(traj, *, steps, lr=None, eos_levels: Sequence[float
     return out
 
 
+#: Adam's bias-correction remainder ``b1^t`` up to which its preconditioned sharpness is not read (see below).
+_ADAM_SETTLED = 0.05
+
+
 def _preconditioned_edge(traj, steps, lr, eos_levels, rearm, b1) -> list[Event]:
     """The ``preconditioned`` variant of :func:`detect_edge_of_stability` (an adaptive run)."""
     key = first_key(traj, SHARPNESS_KEYS["preconditioned"])
     if key is None:
         return []
     edge = adam_edge(b1)
-    idx = np.nonzero(fresh_mask(traj, key, steps))[0]
+    # Adam's first steps are left out: while b1^t is not small, P carries the bias correction (1 - b1^t), which
+    # grows from 1 - b1 to 1 within a few 1 / (1 - b1) steps, so lambda_max(P^-1 H) is inflated by up to
+    # 1 / (1 - b1) (10x at step 0 for b1 = 0.9: every run crossed the edge there) and P is not frozen, the premise
+    # of adam_edge.  Row k holds the P of step k, t = k + 1.
+    settled = np.power(float(b1), np.asarray(steps, np.float64) + 1) <= _ADAM_SETTLED
+    idx = np.nonzero(fresh_mask(traj, key, steps) & settled)[0]
     q = lr * np.asarray(traj[key], dtype=np.float64)
     out = []
     for level in eos_levels:

@@ -94,3 +94,59 @@ def test_sgdspec_refuses_values_that_are_not_hyperparameters():
     for ok in (0.1, np.float32(0.1), jnp.asarray(0.1), "learning_rate", lambda c: 0.1):
         assert SGDSpec(ok).learning_rate is ok
     assert SGDSpec(0.1, nesterov=np.bool_(True)).nesterov
+
+
+def test_low_precision_sample_and_act_fast():
+    """The fast variant of the next test: a bfloat16 Transformer's group element (its QR failed) moves the
+    parameters in bfloat16 exactly as the float32 computation rounded to bfloat16."""
+    from flax import nnx
+
+    from quotient_sgd.models import Transformer
+
+    m = Transformer(11, 16, 2, 1, 9, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16)
+    G, p = m.symmetries(), nnx.state(m, nnx.Param)
+    g = G.sample(jax.random.key(1), p, scale=0.5)
+    got, want = G.act(g, p), G.act(g, jax.tree.map(lambda x: x.astype(jnp.float32), p))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert a.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b.astype(jnp.bfloat16), np.float32),
+                                   rtol=1e-2, atol=1e-2 * float(jnp.max(jnp.abs(b))))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["transformer", "cnn"])
+def test_low_precision_parameters_are_computed_in_float32(model):
+    """bfloat16 parameters (XLA:CPU has no bfloat16 QR / SVD / eigh): the group's public methods and
+    ``quotient_distance`` compute in float32 and return what is like the parameters in bfloat16, equal to the
+    float32 computation on the same values rounded to bfloat16; ``sample`` failed in its QR, ``quotient_distance``
+    in an SVD."""
+    from flax import nnx
+
+    from quotient_sgd.models import CNN, Transformer
+    from quotient_sgd.symmetry import quotient_distance
+
+    def make(dt):
+        if model == "transformer":
+            return Transformer(11, 16, 2, 1, 9, rngs=nnx.Rngs(0), param_dtype=dt)
+        return CNN(3, (4, 6), 5, rngs=nnx.Rngs(0), param_dtype=dt)
+
+    m = make(jnp.bfloat16)
+    G, p = m.symmetries(), nnx.state(m, nnx.Param)
+    p32 = jax.tree.map(lambda x: x.astype(jnp.float32), p)
+    g = G.sample(jax.random.key(1), p, scale=0.5)
+    assert all(x.dtype != jnp.bfloat16 for x in jax.tree.leaves(g) if jnp.issubdtype(x.dtype, jnp.floating))
+    v = jax.tree.map(lambda x: jnp.ones_like(x), p)
+    for name, got, want in (("act", G.act(g, p), G.act(g, p32)), ("canonicalize", G.canonicalize(p),
+                                                                  G.canonicalize(p32)),
+                            ("horizontal", G.horizontal(p, v), G.horizontal(p32, jax.tree.map(
+                                lambda x: x.astype(jnp.float32), v)))):
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            assert a.dtype == jnp.bfloat16, name
+            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b.astype(jnp.bfloat16), np.float32),
+                                       rtol=1e-2, atol=1e-2 * float(jnp.max(jnp.abs(b))), err_msg=name)
+    for a, b in zip(jax.tree.leaves(G.invariants(p)), jax.tree.leaves(G.invariants(p32))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    gp = G.act(g, p)
+    moved = float(jnp.sqrt(sum(jnp.sum(jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32)))
+                               for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(gp)))))
+    assert float(quotient_distance(G, p, gp)) < 0.2 * moved  # bfloat16 rounding of g.p, not the orbit distance

@@ -117,7 +117,8 @@ def align(group: Group, params_a, params_b, *, rounds: int = 3, iters: int = 8):
     fa, treedef = group._flat(params_a)
     fb, _ = group._flat(params_b)
     _check_same_layout("align", fa, fb)
-    return _tree.unflatten(_align_flat(group, fa, fb, rounds, iters), treedef)
+    out = _align_flat(group, _tree.widen(fa), _tree.widen(fb), rounds, iters)  # bfloat16 / float16: in float32
+    return _tree.unflatten({p: x.astype(fb[p].dtype) for p, x in out.items()}, treedef)
 
 
 def _check_counts(fn: str, **counts) -> None:
@@ -138,6 +139,7 @@ def quotient_distance(group: Group, params_a, params_b, *, rounds: int = 3, iter
     fa, _ = group._flat(params_a)
     fb, _ = group._flat(params_b)
     _check_same_layout("quotient_distance", fa, fb)
+    fa, fb = _tree.widen(fa), _tree.widen(fb)  # bfloat16 / float16: computed in float32
     ab = _align_flat(group, fa, fb, rounds, iters)
     ba = _align_flat(group, fb, fa, rounds, iters)
     return jnp.sqrt(jnp.minimum(_sqdist(fa, ab), _sqdist(fb, ba)))

@@ -27,6 +27,10 @@ Flat = dict[Path, jax.Array]
 Member = tuple[Path, Any]
 
 
+#: Flat methods returning a pytree like the parameters: the position of the argument whose dtypes it keeps.
+_LIKE_ARG = {"_act": 1, "_canonicalize_flat": 0, "_vertical_flat": 1, "_horizontal_flat": 1, "_tangents_flat": 0}
+
+
 @functools.partial(jax.jit, static_argnums=(1,))
 def _compiled(group: "Group", method: str, *args):
     """``group.<method>(*args)`` as one compiled program, cached per group, method and argument shapes.
@@ -35,8 +39,17 @@ def _compiled(group: "Group", method: str, *args):
     an eager call costs one cached program rather than hundreds of dispatched operations (a canonicalisation is
     block-coordinate sweeps or Newton steps over every component).  Under an outer ``jit`` / ``vmap`` / ``grad``
     it is inlined like any jitted function.  Groups hold only static fields, so ``group`` is part of the cache
-    key, not an input."""
-    return getattr(group, method)(*args)
+    key, not an input.
+
+    Low-precision floats (bfloat16, float16) are computed in float32 (:func:`quotient_sgd._tree.widen`: XLA:CPU
+    has no such QR / SVD / eigh kernels); what is like the parameters (``act``, ``canonicalize``, ``vertical``,
+    ``horizontal``, ``tangents``) is returned in their dtypes, group elements, invariants and charges in
+    float32."""
+    out = getattr(group, method)(*_tree.widen(args))
+    if method in _LIKE_ARG:
+        like = args[_LIKE_ARG[method]]
+        out = {p: x.astype(like[p].dtype) if p in like else x for p, x in out.items()}
+    return out
 
 
 class SymmetryError(ValueError):

@@ -79,6 +79,21 @@ def test_transformer_shapes_and_paths():
         model(jnp.zeros((1, T + 1), jnp.int32))
 
 
+def test_transformer_one_sequence_and_several_batch_axes():
+    """One sequence ``(T,)`` gives ``(T, V)`` (it gave ``(1, T, V)``, a batch of one), equal to its row of a batch;
+    several batch axes ``(A, B, T)`` give ``(A, B, T, V)``, equal to the flattened batch; a scalar is refused."""
+    model = Transformer(7, 8, 2, 1, 6, rngs=nnx.Rngs(0))
+    batch = jax.random.randint(jax.random.key(0), (6, 5), 0, 7)
+    out = model(batch)
+    np.testing.assert_allclose(model(batch[2]), out[2], rtol=1e-6, atol=1e-6)
+    assert model(batch[2]).shape == (5, 7)
+    np.testing.assert_allclose(model(batch.reshape(2, 3, 5)), out.reshape(2, 3, 5, 7), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="sequence axis"):
+        model(jnp.int32(3))
+    with pytest.raises(ValueError, match="max_len"):
+        model(jnp.zeros((7,), jnp.int32))
+
+
 def test_transformer_is_causal():
     model = Transformer(7, 8, 2, 2, 6, rngs=nnx.Rngs(0))
     t1 = jnp.asarray([[1, 2, 3, 4, 5, 6]], jnp.int32)

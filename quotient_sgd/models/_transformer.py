@@ -144,7 +144,15 @@ class Transformer(nnx.Module):
         self.unembed = nnx.Linear(d_model, vocab_size, kernel_init=lecun_normal(), param_dtype=param_dtype, rngs=rngs)
 
     def logits(self, tokens: jax.Array) -> jax.Array:
-        """The raw unembedding output ``(B, T, vocab_size)`` for int tokens ``(B, T)``, ``T <= max_len``."""
+        """The raw unembedding output ``(..., T, vocab_size)`` for int tokens ``(..., T)``, ``T <= max_len``: one
+        sequence ``(T,)`` gives ``(T, vocab_size)``, a batch ``(B, T)`` gives ``(B, T, vocab_size)``, more leading
+        axes are batch axes too."""
+        tokens = jnp.asarray(tokens)
+        if tokens.ndim == 0:
+            raise ValueError("Transformer: tokens must have a sequence axis, shape (T,) or (batch, T); got a scalar")
+        if tokens.ndim != 2:  # one sequence, or several batch axes: run it as a (batch, T) batch
+            lead, T = tokens.shape[:-1], tokens.shape[-1]
+            return self.logits(tokens.reshape(-1, T)).reshape(*lead, T, -1)
         T = tokens.shape[-1]
         if T > self.max_len:
             raise ValueError(f"sequence length {T} exceeds max_len={self.max_len}")

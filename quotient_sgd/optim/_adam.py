@@ -23,23 +23,15 @@ import optax
 from .._tree import widen
 
 
-def _check_rate(name: str, value) -> float:
+def _check_number(name: str, value, *, rate: bool) -> float:
+    """``value`` as a float: a decay rate in ``[0, 1)`` (``rate``) or a finite number ``>= 0``."""
     try:
         v = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"adam_preconditioner: {name} must be a number, got {value!r}") from None
-    if not 0 <= v < 1:
-        raise ValueError(f"adam_preconditioner: {name}={value!r} is not allowed; need a number in [0, 1)")
-    return v
-
-
-def _check_nonneg(name: str, value) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"adam_preconditioner: {name} must be a number, got {value!r}") from None
-    if not v >= 0 or v == float("inf"):
-        raise ValueError(f"adam_preconditioner: {name}={value!r} is not allowed; need a finite number >= 0")
+    ok, allowed = (0 <= v < 1, "a number in [0, 1)") if rate else (0 <= v < float("inf"), "a finite number >= 0")
+    if not ok:
+        raise ValueError(f"adam_preconditioner: {name}={value!r} is not allowed; need {allowed}")
     return v
 
 
@@ -85,10 +77,10 @@ def adam_preconditioner(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
         ValueError / TypeError: a decay rate outside ``[0, 1)``, ``eps`` or ``eps_root`` negative or not finite;
             at call time, a state without exactly one ``ScaleByAdamState``.
     """
-    b1 = _check_rate("b1", b1)
-    b2 = _check_rate("b2", b2)
-    eps = _check_nonneg("eps", eps)
-    eps_root = _check_nonneg("eps_root", eps_root)
+    b1 = _check_number("b1", b1, rate=True)
+    b2 = _check_number("b2", b2, rate=True)
+    eps = _check_number("eps", eps, rate=False)
+    eps_root = _check_number("eps_root", eps_root, rate=False)
 
     def preconditioner(inner_state):
         st = find_adam_state(inner_state)
@@ -108,5 +100,4 @@ def adam_preconditioner(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
 
         return jax.tree.map(one, widen(st.nu))
 
-    preconditioner.b1 = b1  # type: ignore[attr-defined]
     return preconditioner

@@ -326,11 +326,7 @@ class TrajectoryParts:
         os.replace(tmp, path)
 
     def load(self) -> dict[str, np.ndarray]:
-        chunks = []
-        for a in self._starts():
-            with np.load(os.path.join(self.dir, f"part_{a:09d}.npz")) as z:
-                chunks.append({k: z[k] for k in z.files})
-        return _concatenate(chunks)
+        return _concatenate([_read_npz(os.path.join(self.dir, f"part_{a:09d}.npz")) for a in self._starts()])
 
     def assemble(self, path: str, chunks: list[dict] | None = None) -> dict[str, np.ndarray]:
         """Write ``trajectory.npz`` from the parts on disk, or from ``chunks`` (the same parts, still in memory:

@@ -1,7 +1,7 @@
 """The run directory read and reported at its edges: a sweep reported part-way and resumed without plots, the
 last evaluation of a diverged run or member, re-detecting a diverged run's events, the trajectory of an
-unfinished or killed run (``load_trajectory``), a file system without locks, a torn ``metrics.jsonl`` and the
-directories ``report`` and ``detect_run`` are given by mistake."""
+unfinished or killed run (``load_trajectory``), a file system without locks, a torn ``metrics.jsonl``, the
+directories ``report`` and ``detect_run`` are given by mistake, and files fsynced before they are renamed."""
 
 import errno
 import json
@@ -176,8 +176,9 @@ def test_load_trajectory_of_a_killed_run_reads_its_parts(tmp_path):
 
 
 def test_load_trajectory_of_a_finished_run_whose_trajectory_npz_does_not_load(tmp_path):
-    """A ``trajectory.npz`` that a crash of the machine left incomplete (it is not fsynced): the parts it was
-    assembled from are read instead, with a warning (it was a ``BadZipFile`` traceback from ``report``)."""
+    """A ``trajectory.npz`` that a crash of the machine left incomplete (a file system that ignores fsync): the
+    parts it was assembled from are read instead, with a warning (it was a ``BadZipFile`` traceback from
+    ``report``)."""
     wd = str(tmp_path / "r")
     full = run(tiny_settings(20), wd)
     with open(os.path.join(wd, "trajectory.npz"), "wb") as f:
@@ -305,3 +306,63 @@ def test_load_trajectory_of_a_killed_sweep_member_counts_the_sweeps_checkpoints(
     assert traj.source.startswith("trajectory_parts/ (2 part(s), steps 0 to 19"), traj.source
     assert "1 part(s) from step 10 on are after the sweep's newest checkpoint (step 10)" in traj.source, traj.source
     assert np.array_equal(traj["step"], np.arange(20))
+
+
+# ---- 6. durable writes ------------------------------------------------------------------------------------------
+def test_every_file_renamed_into_a_run_directory_is_fsynced_before_and_its_directory_after(tmp_path, monkeypatch):
+    """A crash of the machine after a rename must not leave a renamed but empty or partial file: every file the
+    run renames into place (the trajectory parts and ``trajectory.npz`` were not fsynced at all) is fsynced,
+    complete (its size then is its size when renamed), before ``os.replace``, and its directory after it."""
+    calls = []  # ("fsync", path, size) and ("replace", src, dst, size), in the order they happened
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd):
+        st = os.fstat(fd)
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"), st.st_size))
+        return fsync(fd)
+
+    def recording_replace(src, dst, *a, **k):
+        calls.append(("replace", os.path.abspath(src), os.path.abspath(dst), os.stat(src).st_size))
+        return replace(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    wd = os.path.realpath(str(tmp_path / "r"))
+    run(tiny_settings(20), wd)
+    ckpts = os.path.join(wd, "checkpoints")  # (orbax's own files, written on its threads)
+    ours = [i for i, c in enumerate(calls) if c[0] == "replace" and not c[2].startswith(ckpts)]
+    renamed = [os.path.relpath(calls[i][2], wd) for i in ours]
+    assert sorted(renamed) == ["config.json", "events.json", "run.json", "summary.md", "trajectory.npz",
+                               "trajectory_parts/part_000000000.npz", "trajectory_parts/part_000000010.npz"]
+    for i, nxt in zip(ours, ours[1:] + [len(calls)]):
+        _, src, dst, size = calls[i]
+        synced = [c[2] for c in calls[:i] if c[0] == "fsync" and c[1] == src]
+        assert synced and synced[-1] == size, (dst, synced, size)  # fsynced, after its last write, before the rename
+        assert any(c[0] == "fsync" and c[1] == os.path.dirname(dst) for c in calls[i + 1: nxt]), dst
+
+
+def test_a_directory_the_file_system_will_not_fsync_is_written_all_the_same(tmp_path, monkeypatch):
+    """``fsync`` of a directory fails on some file systems (``EINVAL``), opening one on others: the write goes on."""
+    from quotient_sgd._durable import durable_write
+
+    fsync, opener = os.fsync, os.open
+
+    def refuse_directories(fd):
+        if os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", refuse_directories)
+    with durable_write(str(tmp_path / "a.json")) as f:
+        f.write("1")
+    assert (tmp_path / "a.json").read_text() == "1" and not (tmp_path / "a.json.tmp").exists()
+
+    def no_directories(path, flags, *a, **k):
+        if os.path.isdir(path):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+        return opener(path, flags, *a, **k)
+
+    monkeypatch.setattr(os, "open", no_directories)
+    with durable_write(str(tmp_path / "a.json")) as f:
+        f.write("2")
+    assert (tmp_path / "a.json").read_text() == "2"

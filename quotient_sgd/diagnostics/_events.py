@@ -8,6 +8,8 @@ import math
 import os
 from typing import Any, Iterable
 
+from .._durable import durable_write
+
 #: Variants of a detector: which version of the observable it reads (THEORY section 4).
 #: ``"quotient"``: orbit invariants (canonical point); ``"step"``: what the step actually sees (reduced dynamics,
 #: reported with its decomposition); ``"raw"``: raw parameter-space quantities, for comparison only;
@@ -92,12 +94,10 @@ def events_to_json(events: Iterable[Event]) -> str:
 
 
 def save_events(path: str | os.PathLike, events: Iterable[Event]) -> None:
-    """Write ``events`` to ``path`` (``events.json``), atomically (write then rename)."""
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    """Write ``events`` to ``path`` (``events.json``), atomically and durably (written to a temporary file,
+    ``fsync``-ed, renamed: :func:`quotient_sgd._durable.durable_write`)."""
+    with durable_write(os.fspath(path)) as f:
         f.write(events_to_json(events))
-    os.replace(tmp, path)
 
 
 def load_events(path: str | os.PathLike) -> list[Event]:

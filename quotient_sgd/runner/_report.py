@@ -9,6 +9,7 @@ import threading
 
 import numpy as np
 
+from .._durable import durable_write
 from ..config import Settings, validate
 from ._rundir import load_trajectory, read_metrics, write_json
 
@@ -247,10 +248,8 @@ def write_summary(workdir: str, s: Settings, traj: dict, metrics: list[dict], ev
         lines.append("None.")
     lines += ["", "## Files", "", ", ".join(_files(workdir)), ""]
     text = "\n".join(lines)
-    tmp = os.path.join(workdir, "summary.md.tmp")
-    with open(tmp, "w") as f:
+    with durable_write(os.path.join(workdir, "summary.md")) as f:
         f.write(text)
-    os.replace(tmp, os.path.join(workdir, "summary.md"))
     return text
 
 

@@ -5,6 +5,11 @@ Crash safety (SIGKILL at any instant): after every scan chunk ``[a, b)`` the run
 fsynced), (3) the orbax checkpoint of step ``b`` (orbax finalises a step directory atomically).  On resume from
 checkpoint ``c``, parts starting at or after ``c`` and metric rows with ``step >= c`` are dropped, so the rows and
 parts of an interrupted chunk are recomputed once, never lost, never duplicated.
+
+Every file renamed into place (the parts, ``trajectory.npz``, ``config.json``, ``run.json``, ``events.json``,
+``summary.md``, a truncated ``metrics.jsonl``) goes through :func:`~quotient_sgd._durable.durable_write`: it is
+fsynced before the rename and its directory after it, so that a crash of the machine (not only a kill of the
+process) leaves either the old file or the complete new one, never a renamed but empty or partial file.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from .._durable import durable_write, fsync_directory
 from ..config import Settings
 
 #: config keys that may differ between a run and its resumption: they change neither the trajectory nor the
@@ -193,12 +199,9 @@ def discard_new_run(workdir: str, created: bool) -> None:
 
 
 def write_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    """Write ``obj`` as JSON to ``path``, atomically and durably (:func:`~quotient_sgd._durable.durable_write`)."""
+    with durable_write(path) as f:
         json.dump(obj, f, indent=1, default=_json_default)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_config(path: str, settings: Settings) -> None:
@@ -245,19 +248,19 @@ class MetricsLog:
                     break
                 if row.get("step", -1) < step:
                     keep.append(line if line.endswith("\n") else line + "\n")
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
+        with durable_write(self.path) as f:
             f.writelines(keep)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
 
     def append(self, rows: list[dict]) -> None:
+        """Append ``rows``, ``fsync``-ed (and the directory, when this creates the file)."""
+        new = not os.path.exists(self.path)
         with open(self.path, "a") as f:
             for r in rows:
                 f.write(json.dumps({k: (_clean(v) if k != "step" else int(v)) for k, v in r.items()}) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        if new:
+            fsync_directory(os.path.dirname(os.path.abspath(self.path)))
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -292,7 +295,7 @@ def _concatenate(chunks: list[dict]) -> dict[str, np.ndarray]:
 
 #: A finished trajectory part, named by the step it starts at.
 _PART_NAME = re.compile(r"part_(\d+)\.npz")
-#: The suffix of a part being written (``np.savez`` keeps a name ending in ``.npz``).
+#: The suffix of a part being written (it is renamed to ``part_<a>.npz`` once complete and fsynced).
 _TMP_SUFFIX = ".tmp.npz"
 
 
@@ -319,11 +322,13 @@ class TrajectoryParts:
                 os.remove(os.path.join(self.dir, name))
 
     def write(self, start: int, arrays: dict[str, np.ndarray]) -> None:
-        os.makedirs(self.dir, exist_ok=True)
-        path = os.path.join(self.dir, f"part_{start:09d}.npz")
-        tmp = path + _TMP_SUFFIX
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+        """Write ``part_<start>.npz`` atomically and durably (:func:`~quotient_sgd._durable.durable_write`): a
+        part present after a crash of the machine is complete."""
+        if not os.path.isdir(self.dir):
+            os.makedirs(self.dir, exist_ok=True)
+            fsync_directory(os.path.dirname(self.dir))
+        with durable_write(os.path.join(self.dir, f"part_{start:09d}.npz"), "wb", _TMP_SUFFIX) as f:
+            np.savez(f, **arrays)
 
     def load(self) -> dict[str, np.ndarray]:
         return _concatenate([_read_npz(os.path.join(self.dir, f"part_{a:09d}.npz")) for a in self._starts()])
@@ -332,9 +337,8 @@ class TrajectoryParts:
         """Write ``trajectory.npz`` from the parts on disk, or from ``chunks`` (the same parts, still in memory:
         the caller guarantees they are all of them, in order)."""
         traj = _concatenate(chunks) if chunks else self.load()
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, **traj)
-        os.replace(tmp, path)
+        with durable_write(path, "wb", ".tmp.npz") as f:
+            np.savez(f, **traj)
         return traj
 
 
@@ -356,7 +360,8 @@ def load_trajectory(run_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     step, ``step`` included.
 
     ``trajectory.npz`` when it exists (a finished or diverged run; one that does not load, as a crash of the
-    machine may leave it, is reported with a ``RuntimeWarning`` and the parts are read).  Otherwise (a run
+    machine may leave it where the file system does not honour ``fsync``, or in a directory written before these
+    files were fsynced, is reported with a ``RuntimeWarning`` and the parts are read).  Otherwise (a run
     unfinished, or killed before assembling it) the trajectory parts, joined in step order: every
     ``trajectory_parts/part_<a>.npz`` (a part is written to a temporary file and renamed: a present part is
     complete; the temporary file of a write a kill interrupted, ``*.tmp.npz``, is not read).  Parts starting at or

@@ -37,6 +37,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from .._durable import durable_write
 from ..config import SWEEP_AXES, Settings, SweepSettings
 from ..optim import flatten_trajectory, member_axes
 from ._batches import batch_fn
@@ -925,7 +926,7 @@ def report_sweep(workdir: str, *, wall_s: float | None = None, plots: bool = Tru
         lines.append(f"| {i:03d} | {vals}{' | ' if axes else ''}{last['step'] if last else '-'} | "
                      f"{f('train_loss')} | {f('test_loss')} | {f('test_accuracy')} | {status} |")
     text = "\n".join(lines) + "\n"
-    with open(os.path.join(workdir, "summary.md"), "w") as f:
+    with durable_write(os.path.join(workdir, "summary.md")) as f:
         f.write(text)
     if plots:
         plt = _plt()

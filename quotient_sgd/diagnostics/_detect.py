@@ -172,7 +172,7 @@ def stability_edge(momentum: float = 0.0, nesterov: bool = False) -> float:
     return 2 * (1 + b) / (1 + 2 * b) if nesterov else 2 * (1 + b)
 
 
-def adam_edge(b1: float = 0.9) -> float:
+def adam_edge(b1: float = 0.9, *, decay: float = 0.0, nesterov: bool = False) -> float:
     """The value of ``eta * lambda`` at which Adam with first-moment decay ``b1`` turns unstable on a quadratic,
     ``lambda`` an eigenvalue of the *preconditioned* Hessian ``P^-1 H`` (Cohen et al. 2022): ``2 (1 + b1) /
     (1 - b1)``, 38 for ``b1 = 0.9``, 2 for ``b1 = 0`` (RMSProp).
@@ -183,14 +183,41 @@ def adam_edge(b1: float = 0.9) -> float:
     whose roots leave the unit disc through ``-1`` at ``eta a (1 - b1) = 2 (1 + b1)`` (heavy ball's
     :func:`stability_edge` with the gradient scaled by ``1 - b1``).
 
+    ``decay``: AdamW's decoupled weight decay as the product ``eta * weight_decay`` of the step
+    (``optax.adamw``: ``theta -> theta - eta (m_hat / (sqrt(v_hat) + eps) + weight_decay theta)``, with no mask:
+    the same decay on every parameter, so that it stays ``decay * identity`` in the whitened coordinates
+    ``P^1/2 theta``).  The map of a mode becomes ``u+ = (1 - decay - eta (1 - b1) a) u - eta b1 z``,
+    ``z+ = (1 - b1) a u + b1 z`` (``u = P^1/2 theta``, ``z = P^-1/2 m``), with characteristic polynomial ``z^2 -
+    (1 + b1 - decay - eta a (1 - b1)) z + b1 (1 - decay)``; its roots leave the unit disc through ``-1`` at
+    ``eta a = (2 - decay) (1 + b1) / (1 - b1)``.  A complex pair has modulus ``sqrt(b1 |1 - decay|) < 1`` and the
+    polynomial is ``(1 - b1) (decay + eta a) > 0`` at ``+1``, so for ``a >= 0`` this is the only way out.
+
+    ``nesterov``: Nesterov Adam (``optax.adam`` / ``adamw(..., nesterov=True)``, ``optax.nadam`` / ``nadamw``), whose
+    step divides ``b1 m+ + (1 - b1) g`` (each bias-corrected) instead of ``m+`` by ``P``.  Once the bias correction
+    has settled (``b1^t`` small) a mode follows ``u+ = (1 - decay - eta (1 - b1^2) a) u - eta b1^2 z``,
+    ``z+ = (1 - b1) a u + b1 z``, with characteristic polynomial ``z^2 - (1 + b1 - decay - (1 + b1) k) z +
+    b1 (1 - decay - k)``, ``k = eta a (1 - b1)``: the roots leave through ``-1`` at ``eta a = (2 - decay) (1 + b1) /
+    ((1 - b1) (1 + 2 b1))`` (13.57 for ``b1 = 0.9``: Nesterov's :func:`stability_edge` with the gradient scaled by
+    ``1 - b1``); below it ``|b1 (1 - decay - k)| < 1`` and the value at ``+1``, ``(1 - b1) decay + k``, is
+    positive, so no root leaves elsewhere.
+
     Raises:
-        ValueError: ``b1`` not a number in ``[0, 1)``.
+        ValueError: ``b1`` not a number in ``[0, 1)``, ``decay`` not a number in ``[0, 2)`` (from ``decay = 2`` on
+            the decay alone, ``theta -> (1 - decay) theta``, is unstable: no ``a >= 0`` is stable), ``nesterov`` not
+            a bool.
     """
     ok = isinstance(b1, (int, float, np.integer, np.floating)) and not isinstance(b1, bool) and 0 <= b1 < 1
     if not ok:
         raise ValueError(f"adam_edge: b1={b1!r} is not allowed; need a number in [0, 1) (Adam's first-moment decay)")
-    b = float(b1)
-    return 2 * (1 + b) / (1 - b)
+    ok = isinstance(decay, (int, float, np.integer, np.floating)) and not isinstance(decay, bool) and 0 <= decay < 2
+    if not ok:
+        raise ValueError(f"adam_edge: decay={decay!r} is not allowed; need a number in [0, 2) (AdamW's decoupled "
+                         f"weight decay times the learning rate, eta * weight_decay)")
+    if not isinstance(nesterov, (bool, np.bool_)):
+        raise ValueError(f"adam_edge: nesterov={nesterov!r} is not allowed; need True or False (Nesterov Adam)")
+    b, d = float(b1), float(decay)
+    edge = (2 - d) * (1 + b) / (1 - b)
+    return edge / (1 + 2 * b) if nesterov else edge
 
 
 def fold_edge(momentum: float = 0.0, nesterov: bool = False) -> float:
@@ -256,7 +283,8 @@ def detect_fold(traj, *, steps, lr=None, fold_levels: Sequence[float] = (1.0, 2.
 
 def detect_edge_of_stability(traj, *, steps, lr=None, eos_levels: Sequence[float] = (1.0, 2.0),
                              rearm: float = 0.9, momentum: float = 0.0, nesterov: bool = False,
-                             adaptive: bool = False, b1: float = 0.9, **_) -> list[Event]:
+                             adaptive: bool = False, b1: float = 0.9, weight_decay: float = 0.0,
+                             **_) -> list[Event]:
     """``edge_of_stability``: ``eta * lambda_max`` crossing 1 and 2 (Cohen et al. 2021; THEORY sections 3-4).
 
     With momentum (``momentum=beta``, ``nesterov``) the edge of the step is not at ``eta lambda = 2`` but at
@@ -277,16 +305,26 @@ def detect_edge_of_stability(traj, *, steps, lr=None, eos_levels: Sequence[float
     the raw or quotient Hessian has no stability level for it: the variants above give no events.  Instead,
     variant ``preconditioned``: ``eta * sharpness_preconditioned`` (``quotient_trajectory(hessian_at=(...,
     "preconditioned"), preconditioner=adam_preconditioner(...))``; raw kind) crossing the levels multiplied by
-    :func:`adam_edge` ``(b1) / 2``, so that level 2 means "Adam unstable on the quadratic with its
-    preconditioner frozen"; ``details`` give the scaled ``level``, the ``edge`` and ``b1``.  Steps with
-    ``b1^(k+1) > 0.05`` (the first 28 for ``b1 = 0.9``) are not read: there ``P`` still carries Adam's bias
-    correction ``1 - b1^t`` (the sharpness is inflated by up to ``1 / (1 - b1)`` and ``P`` is far from frozen).  Without that key an
-    adaptive run has no ``edge_of_stability`` events.  ``b1`` is read only with ``adaptive=True``.
+    :func:`adam_edge` ``(b1, decay=lr * weight_decay, nesterov=nesterov) / 2``, so that level 2 means "Adam
+    unstable on the quadratic with its preconditioner frozen"; ``details`` give the scaled ``level``, the ``edge``,
+    ``b1``, ``decay`` and ``nesterov``.  ``weight_decay``: AdamW's decoupled weight decay (``optax.adamw``'s
+    ``weight_decay``, no mask), which lowers the edge to ``(2 - eta wd) (1 + b1) / (1 - b1)``; the product
+    ``decay = eta wd`` is taken with the learning rate of each step (``lr`` per step: the edge moves with a
+    schedule).  ``nesterov=True``: Nesterov Adam (``optax.adam(..., nesterov=True)``, ``optax.nadam`` /
+    ``nadamw``), edge ``/ (1 + 2 b1)``.  Steps with ``b1^(k+1) > 0.05`` (the first 28 for ``b1 = 0.9``) are not
+    read: there ``P`` still carries Adam's bias correction ``1 - b1^t`` (the sharpness is inflated by up to
+    ``1 / (1 - b1)`` and ``P`` is far from frozen).  Without that key an adaptive run has no
+    ``edge_of_stability`` events.  ``b1`` and ``weight_decay`` are read only with
+    ``adaptive=True`` (``nesterov`` then means Nesterov Adam, ``momentum`` is not read).
+
+    Raises:
+        ValueError: ``adaptive=True`` with ``lr * weight_decay >= 2`` at a step read (the decay alone is unstable
+            there: :func:`adam_edge` has no edge).
     """
     if lr is None:
         return []
     if adaptive:
-        return _preconditioned_edge(traj, steps, lr, eos_levels, rearm, b1)
+        return _preconditioned_edge(traj, steps, lr, eos_levels, rearm, b1, weight_decay, nesterov)
     edge = stability_edge(momentum, nesterov)
     out = []
     for variant in ("step", "quotient", "raw"):
@@ -311,28 +349,40 @@ def detect_edge_of_stability(traj, *, steps, lr=None, eos_levels: Sequence[float
 _ADAM_SETTLED = 0.05
 
 
-def _preconditioned_edge(traj, steps, lr, eos_levels, rearm, b1) -> list[Event]:
+def _preconditioned_edge(traj, steps, lr, eos_levels, rearm, b1, weight_decay=0.0, nesterov=False) -> list[Event]:
     """The ``preconditioned`` variant of :func:`detect_edge_of_stability` (an adaptive run)."""
     key = first_key(traj, SHARPNESS_KEYS["preconditioned"])
     if key is None:
         return []
-    edge = adam_edge(b1)
     # Adam's first steps are left out: while b1^t is not small, P carries the bias correction (1 - b1^t), which
     # grows from 1 - b1 to 1 within a few 1 / (1 - b1) steps, so lambda_max(P^-1 H) is inflated by up to
     # 1 / (1 - b1) (10x at step 0 for b1 = 0.9: every run crossed the edge there) and P is not frozen, the premise
     # of adam_edge.  Row k holds the P of step k, t = k + 1.
     settled = np.power(float(b1), np.asarray(steps, np.float64) + 1) <= _ADAM_SETTLED
     idx = np.nonzero(fresh_mask(traj, key, steps) & settled)[0]
+    # AdamW's decay enters as eta * wd of each step: with a schedule the edge moves with the learning rate
+    decay = np.asarray(lr, np.float64) * float(weight_decay)
+    bad = idx[decay[idx] >= 2]
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"detect: lr * weight_decay = {float(decay[i])!r} at step {int(steps[i])} (lr={_f(lr[i])!r}, "
+                         f"weight_decay={weight_decay!r}) is not allowed; need < 2 for an edge of stability "
+                         f"(AdamW's decay alone, theta -> (1 - lr * weight_decay) theta, is unstable from 2 on)")
+    edges = np.full(len(decay), np.nan)
+    uniq, inverse = np.unique(decay[idx], return_inverse=True)
+    edges[idx] = np.array([adam_edge(b1, decay=float(d), nesterov=bool(nesterov)) for d in uniq])[inverse]
     q = lr * np.asarray(traj[key], dtype=np.float64)
     out = []
     for level in eos_levels:
-        level = level * edge / 2
-        for ev in _threshold_events(traj, key, q, idx, steps, "edge_of_stability", level, "preconditioned", rearm,
-                                    lr):
-            i = int(np.nonzero(steps == ev.step)[0][0])
+        levels = level * edges / 2
+        for s, _e, p in crossings(q[idx], levels[idx], rearm):
+            i, ip = int(idx[s]), int(idx[p])
             obs = {key: _f(traj[key][i]), "lr": _f(lr[i])}
-            out.append(Event(ev.step, ev.kind, ev.strength, obs, "preconditioned", is_invariant(obs),
-                             {**ev.details, "edge": edge, "b1": float(b1)}))
+            details = {"level": float(levels[i]), "peak": _f(q[ip]), "peak_step": int(steps[ip]),
+                       "edge": float(edges[i]), "b1": float(b1), "decay": float(decay[i]),
+                       "nesterov": bool(nesterov)}
+            out.append(Event(int(steps[i]), "edge_of_stability", _f(q[i]), obs, "preconditioned",
+                             is_invariant(obs), details))
     return out
 
 
@@ -531,9 +581,9 @@ def detect(trajectory, *, lr=None, kinds: Iterable[str] | None = None, start_ste
             ``shock_level``, ``rearm``, ``divergence_factor``, ``divergence_patience``, ``slice_shocks``, ``horizon``,
             ``transform``, ``k``, ``min_ref``, ``variants``; ``momentum`` and ``nesterov`` of an SGD run move the
             edge of stability to :func:`stability_edge` and the fold levels to :func:`fold_levels_for`;
-            ``adaptive=True`` for an Adam-type run with first-moment decay ``b1`` (default 0.9):
-            ``edge_of_stability`` events only from the preconditioned sharpness, at :func:`adam_edge`, see
-            :func:`detect_edge_of_stability`).
+            ``adaptive=True`` for an Adam-type run with first-moment decay ``b1`` (default 0.9), AdamW's
+            ``weight_decay`` and ``nesterov`` for Nesterov Adam: ``edge_of_stability`` events only from the
+            preconditioned sharpness, at :func:`adam_edge`, see :func:`detect_edge_of_stability`).
 
     Returns:
         Events sorted by step (then kind).

@@ -33,7 +33,8 @@ def _options_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     edge of stability to ``eta lambda = 2 (1 + beta)`` (Nesterov: ``/ (1 + 2 beta)``) and the fold to
     :func:`~quotient_sgd.diagnostics.fold_edge`; ``adaptive`` and ``b1`` for Adam / AdamW, whose edge of stability
     is one of the preconditioned sharpness at :func:`~quotient_sgd.diagnostics.adam_edge` ``(b1)``, not of
-    ``eta lambda_max(H)``."""
+    ``eta lambda_max(H)``, and for AdamW its ``weight_decay`` (decoupled: the edge is ``adam_edge(b1, decay=lr *
+    weight_decay)``).  (The configs have no Nesterov Adam: ``optim.nesterov`` is for SGD only.)"""
     out: dict[str, Any] = {}
     if isinstance(cfg.get("steps"), int) and not isinstance(cfg.get("steps"), bool) and cfg["steps"] > 0:
         out["horizon"] = cfg["steps"]
@@ -50,6 +51,10 @@ def _options_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
         b1 = optim.get("b1", 0.9)
         if isinstance(b1, (int, float)) and not isinstance(b1, bool) and 0 <= b1 < 1:
             out["b1"] = float(b1)
+        wd = optim.get("weight_decay", 0.0)
+        if (optim.get("name") == "adamw" and isinstance(wd, (int, float)) and not isinstance(wd, bool)
+                and 0 <= wd < float("inf")):
+            out["weight_decay"] = float(wd)
     return out
 
 

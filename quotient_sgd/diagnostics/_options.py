@@ -67,6 +67,9 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "adaptive": (lambda v: isinstance(v, (bool, np.bool_)), "True or False (an Adam-type optimiser)"),
     "b1": (lambda v: _real(v) and 0 <= v < 1,
            "a number in [0, 1) (Adam's first-moment decay; read with adaptive=True)"),
+    "weight_decay": (lambda v: _real(v) and v >= 0,
+                     "a finite number >= 0 (AdamW's decoupled weight decay, optax.adamw's weight_decay; read with "
+                     "adaptive=True)"),
     "fold_levels": (_levels, "a non-empty sequence of finite numbers > 0, e.g. (1.0, 2.0)"),
     "shock_level": (lambda v: _real(v) and v > 0, "a finite number > 0"),
     "rearm": (lambda v: _real(v) and 0 < v <= 1, "a number in (0, 1]"),

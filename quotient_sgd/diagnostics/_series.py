@@ -165,24 +165,27 @@ def learning_rate(traj: Mapping[str, np.ndarray], lr, n: int) -> np.ndarray | No
     return None
 
 
-def crossings(values: np.ndarray, level: float, rearm: float = 0.9) -> list[tuple[int, int, int]]:
+def crossings(values: np.ndarray, level, rearm: float = 0.9) -> list[tuple[int, int, int]]:
     """Episodes of ``values >= level`` with hysteresis: ``(start, end, peak)`` indices, an episode ending when
-    the value falls below ``rearm * level``.  NaN values are skipped; ``+inf`` is above any level (a sharpness
-    or fold number that overflowed)."""
+    the value falls below ``rearm * level``.  ``level``: a number, or one per value (a level that moves along the
+    trajectory, e.g. an edge of stability that depends on the step's learning rate).  NaN values are skipped;
+    ``+inf`` is above any level (a sharpness or fold number that overflowed)."""
     out = []
     armed = True
     start = peak = -1
     last = -1
+    per_value = np.ndim(level) > 0
     for i, v in enumerate(values):
         if np.isnan(v):
             continue
         last = i
-        if armed and v >= level:
+        lv = level[i] if per_value else level
+        if armed and v >= lv:
             armed, start, peak = False, i, i
         elif not armed:
             if v > values[peak]:
                 peak = i
-            if v < rearm * level:
+            if v < rearm * lv:
                 out.append((start, i, peak))
                 armed = True
     if not armed:

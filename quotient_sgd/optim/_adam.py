@@ -9,7 +9,8 @@ as ``theta <- theta - eta P^-1 m`` it is EMA momentum preconditioned by the diag
 With ``P`` frozen, on a quadratic of Hessian ``H`` this iteration is stable iff ``eta lambda_max(P^-1 H) <
 2 (1 + b1) / (1 - b1)`` (:func:`quotient_sgd.diagnostics.adam_edge`): in the eigenbasis of ``P^-1/2 H P^-1/2``
 each mode ``a`` follows ``m+ = b1 m + (1 - b1) a x``, ``x+ = x - eta m+``, whose roots leave the unit disc through
-``-1`` at ``eta a (1 - b1) = 2 (1 + b1)``.
+``-1`` at ``eta a (1 - b1) = 2 (1 + b1)``; AdamW's decoupled decay ``eta wd`` and Nesterov Adam lower that
+edge (``adam_edge(b1, decay=eta * wd, nesterov=...)``).
 """
 
 from __future__ import annotations
@@ -68,10 +69,11 @@ def adam_preconditioner(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     step: ``eta m_hat / (sqrt(v_hat + eps_root) + eps)``.
 
     ``b1, b2, eps, eps_root`` must be those of the optimiser (``optax.adam`` / ``adamw`` defaults here): the
-    state does not hold them.  Not covered: Nesterov Adam (``nesterov=True``, another ``m_hat``) and decoupled
-    weight decay (AdamW's ``eta lambda_wd theta`` adds ``lambda_wd`` to the curvature of each mode, negligible
-    for the usual ``lambda_wd``); both are left out of ``P``.  Parameters that the Adam state does not cover (a
-    partial ``optax.masked``) make it raise: their step has no such ``P``.
+    state does not hold them.  Nesterov Adam (``nesterov=True``, ``optax.nadam``; another ``m_hat``) and AdamW's
+    decoupled weight decay (``eta wd theta`` beside the preconditioned step) have the same ``P``: they move the
+    edge, not the preconditioner (:func:`quotient_sgd.diagnostics.adam_edge` ``(b1, decay=eta * wd,
+    nesterov=...)``).  Parameters that the Adam state does not cover (a partial ``optax.masked``) make it raise:
+    their step has no such ``P``.
 
     Raises:
         ValueError / TypeError: a decay rate outside ``[0, 1)``, ``eps`` or ``eps_root`` negative or not finite;

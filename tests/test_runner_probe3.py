@@ -18,7 +18,9 @@ from quotient_sgd.cli import main
 from quotient_sgd.diagnostics import detect, detect_run
 from quotient_sgd.diagnostics._live import _options_from_config
 from quotient_sgd.runner import load_trajectory, report, run, sweep
+from quotient_sgd.runner._report import inferred_divergence
 from quotient_sgd.runner._rundir import lock_directory, read_metrics, unlock_directory
+from quotient_sgd.runner._sweep import report_sweep
 
 #: tiny with momentum 0.9 at lr 1.0 diverges in its second chunk (step 16), after one evaluation (step 9)
 DIVERGING = {"optim.lr": 1.0}
@@ -81,13 +83,20 @@ def test_diverged_run_summary_gives_the_step_of_its_last_evaluation(diverged_run
     assert "final" not in line[0]
 
 
-def test_diverged_sweep_member_row_gives_the_step_of_its_losses(tmp_path):
-    """The table's losses of a member that diverged after an evaluation are that evaluation's; the row says
-    its step (the "eval step" column)."""
+@pytest.fixture(scope="module")
+def diverged_sweep(tmp_path_factory):
+    """A finished sweep whose member 1 diverged after its first evaluation: ``(directory, settings, result)``."""
     s = tiny_settings(40, **{"sweep.seed": (), "sweep.lr": (0.05, DIVERGING["optim.lr"])})
-    wd = str(tmp_path / "sw")
+    wd = str(tmp_path_factory.mktemp("divsweep") / "sw")
     r = sweep(s, wd, members_per_device=1, devices=jax.devices()[:1])
     assert sorted(r.diverged) == [1] and r.diverged[1]["step"] > 10
+    return wd, s, r
+
+
+def test_diverged_sweep_member_row_gives_the_step_of_its_losses(diverged_sweep):
+    """The table's losses of a member that diverged after an evaluation are that evaluation's; the row says
+    its step (the "eval step" column)."""
+    wd, s, r = diverged_sweep
     table = open(os.path.join(wd, "summary.md")).read()
     assert "| member | lr | eval step | train loss | test loss | test acc | status |" in table, table
     for i, status in ((0, "ok"), (1, f"diverged at step {r.diverged[1]['step']}")):
@@ -167,6 +176,7 @@ def test_load_trajectory_of_a_killed_run_reads_its_parts(tmp_path):
     assert events == detect({k: v[:30] for k, v in full.trajectory.items()}, lr=s.optim.lr, **opts)
     text = report(wd)
     assert "- steps: 30 of 40" in text and "- trajectory read from trajectory_parts/ (3 part(s)" in text
+    assert "diverged" not in text  # (its losses are finite)
 
     # a part a crash of the machine left unreadable ends the trajectory before it, with a warning
     with open(os.path.join(parts, "part_000000020.npz"), "wb") as f:
@@ -366,3 +376,103 @@ def test_a_directory_the_file_system_will_not_fsync_is_written_all_the_same(tmp_
     with durable_write(str(tmp_path / "a.json")) as f:
         f.write("2")
     assert (tmp_path / "a.json").read_text() == "2"
+
+
+# ---- 7. a diverged run killed before it recorded its divergence -------------------------------------------------
+#: What a diverged run or member records about its divergence (run.json; events.json; a member's diverged.json),
+#: and what it writes after them (summary.md, plots/) or just before (trajectory.npz, assembled from the parts)
+RECORDS = ("run.json", "events.json", "diverged.json", "summary.md", "plots")
+
+
+def _kill_before_recording(src, wd, assembled):
+    """A copy of the diverged run ``src`` as a kill after the part of the diverging chunk (and its rows), before
+    the divergence is recorded, leaves it: without its records and (``assembled=False``) ``trajectory.npz``."""
+    shutil.copytree(src, wd)
+    for name in RECORDS + (() if assembled else ("trajectory.npz",)):
+        p = os.path.join(wd, name)
+        if os.path.isdir(p):
+            shutil.rmtree(p)
+        elif os.path.exists(p):
+            os.remove(p)
+
+
+def _without_reason(events):
+    return [{**e, "details": {k: v for k, v in e["details"].items() if k not in ("reason", "inferred")}}
+            for e in events]
+
+
+@pytest.mark.parametrize("assembled", [False, True])
+def test_a_diverged_run_killed_before_recording_it_is_reported_as_diverged(diverged_run, tmp_path, assembled):
+    """``report`` and ``detect_run`` read the divergence off the trajectory (first non-finite loss) when the run
+    recorded none: the summary has the "diverged at step" line (it had none, and the detectors read the
+    non-finite steps), the events are the run's own (same steps and values; the divergence's reason says it was
+    inferred), and running the command again recomputes the chunk and records the divergence as the
+    uninterrupted run did (the inferred line in summary.md is not taken for a recorded one)."""
+    src, div = diverged_run
+    own = _events(src)
+    recorded_line = [x for x in open(os.path.join(src, "summary.md")).read().splitlines() if "diverged at" in x]
+    eval_line = [x for x in open(os.path.join(src, "summary.md")).read().splitlines() if "evaluation" in x]
+    wd = str(tmp_path / "r")
+    _kill_before_recording(src, wd, assembled)
+    inferred = dict(step=div["step"], reason=f"{div['reason']}; inferred from the trajectory: the run did not "
+                                             f"record it (it did not finish)", inferred=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (no trajectory.npz: the parts are read)
+        text = report(wd)
+        got = detect_run(wd, write=False)
+    line = [x for x in text.splitlines() if "diverged at" in x]
+    assert line == [f"- **diverged at step {div['step']}: {inferred['reason']}** (running the command again "
+                    f"records it)"], text
+    assert recorded_line == [f"- **diverged at step {div['step']}: {div['reason']}** (run ended cleanly)"]
+    assert [x for x in text.splitlines() if "evaluation" in x] == eval_line
+    written = _events(wd)
+    assert _without_reason(written) == _without_reason(own)
+    assert [e["details"] for e in written if e["kind"] == "divergence"] == [
+        {"reason": inferred["reason"], "ended_run": True, "inferred": True}]
+    assert [e.to_dict() for e in got] == written
+    assert inferred_divergence(load_trajectory(wd)) == inferred
+
+    again = run(tiny_settings(40, **DIVERGING), wd)
+    assert again.diverged == div and again.resumed_from == 10
+    assert _events(wd) == own
+    assert [x for x in open(os.path.join(wd, "summary.md")).read().splitlines() if "diverged at" in x] == \
+        recorded_line
+
+
+def test_a_run_whose_losses_are_finite_has_no_inferred_divergence(diverged_run):
+    """Only a non-finite loss is a divergence: the steps of the diverged run before its divergence (whose gradient
+    norm is already non-finite at the step before it) have none, nor a trajectory that goes on after a non-finite
+    loss (the runner ends a run at its first one: it is not a run's divergence)."""
+    src, div = diverged_run
+    traj = load_trajectory(src)
+    before = {k: v[: div["step"]] for k, v in traj.items()}
+    assert not np.isfinite(before["grad_norm"]).all() and np.isfinite(before["loss"]).all()
+    assert inferred_divergence(before) is None
+    assert inferred_divergence({k: v[:10] for k, v in traj.items()}) is None
+    assert inferred_divergence({}) is None
+    assert inferred_divergence({k: v[5:] for k, v in traj.items()})["step"] == div["step"]  # (steps from 5)
+    goes_on = {k: np.concatenate([v, v[:3]]) for k, v in traj.items()}
+    goes_on["step"] = np.arange(len(goes_on["loss"]))
+    assert inferred_divergence(goes_on) is None
+
+
+def test_a_diverged_sweep_member_killed_before_recording_it_is_reported_as_diverged(diverged_sweep, tmp_path):
+    """A member killed after its diverging part, before its diverged.json: the sweep table and the member's
+    ``report`` / ``detect_run`` give its divergence (the table said "unfinished"), as inferred."""
+    src, s, r = diverged_sweep
+    div = r.diverged[1]
+    wd = str(tmp_path / "sw")
+    shutil.copytree(src, wd)
+    member = os.path.join(wd, "members", "001")
+    own = _events(member)
+    shutil.rmtree(member)
+    _kill_before_recording(os.path.join(src, "members", "001"), member, assembled=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        table = report_sweep(wd, plots=False)
+        got = [e.to_dict() for e in detect_run(member, write=False)]
+        text = report(member)
+    assert f"| diverged at step {div['step']} (inferred from its trajectory) |" in table, table
+    assert " | ok |" in table
+    assert f"- **diverged at step {div['step']}: {div['reason']}; inferred from the trajectory" in text
+    assert _without_reason(got) == _without_reason(own) == _without_reason(_events(member))

@@ -69,7 +69,10 @@ def detect_run(run_dir: str | os.PathLike, *, lr=None, write: bool = True, **opt
     events.  A divergence that ended the run, as the runner recorded it (``run.json``, the ``ended_run`` event
     of ``events.json``, a sweep member's ``diverged.json``), is kept: the other detectors read the steps before
     it (as the runner does), and the runner's divergence event, with its reason, is part of the result as the
-    runner wrote it (once: re-detecting a run directory rewrites the run's own ``events.json``).  Sweep
+    runner wrote it (once: re-detecting a run directory rewrites the run's own ``events.json``).  A run killed
+    after the trajectory of the chunk that diverged was written but before the divergence was recorded is
+    treated alike: its divergence is the first recorded step with a non-finite loss, its reason saying that it
+    was inferred from the trajectory (``quotient_sgd.runner._report.run_divergence``).  Sweep
     trajectories (an extra leading sweep axis) are not split here: pass one member's run directory
     (``members/<i>``).
 
@@ -79,7 +82,7 @@ def detect_run(run_dir: str | os.PathLike, *, lr=None, write: bool = True, **opt
     """
     import warnings
 
-    from ..runner._report import recorded_divergence
+    from ..runner._report import run_divergence
     from ..runner._rundir import load_trajectory
 
     run_dir = os.fspath(run_dir)
@@ -102,7 +105,7 @@ def detect_run(run_dir: str | os.PathLike, *, lr=None, write: bool = True, **opt
         # without them a mini-batch run's loss noise was re-detected as dozens of loss spikes, overwriting the
         # run's own (empty) events.json
         options = {**_options_from_config(cfg), **options}
-    ended = _runner_divergence_event(run_dir, recorded_divergence(run_dir))
+    ended = _runner_divergence_event(run_dir, run_divergence(run_dir, traj))
     if ended is None:
         events = detect(traj, lr=lr, **options)
     else:
@@ -133,7 +136,8 @@ def _runner_divergence_event(run_dir: str, diverged: dict | None) -> Event | Non
                         and int(d.get("step", -1)) == int(diverged["step"])):
                     return Event.from_dict(d)
     return Event(int(diverged["step"]), "divergence", float("inf"), {}, "quotient", True,
-                 {"reason": diverged.get("reason", ""), "ended_run": True})
+                 {"reason": diverged.get("reason", ""), "ended_run": True,
+                  **({"inferred": True} if diverged.get("inferred") else {})})
 
 
 class LiveDetector:

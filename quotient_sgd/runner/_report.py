@@ -192,7 +192,8 @@ def detect_events(s: Settings, traj: dict, diverged: dict | None) -> tuple[list[
     if diverged is not None:
         out.append({"step": int(diverged["step"]), "kind": "divergence", "strength": "inf",
                     "observables": {}, "variant": "quotient", "invariant": True,
-                    "details": {"reason": diverged["reason"], "ended_run": True}})
+                    "details": {"reason": diverged["reason"], "ended_run": True,
+                                **({"inferred": True} if diverged.get("inferred") else {})}})
     return sorted(out, key=lambda e: e["step"]), err
 
 
@@ -230,7 +231,10 @@ def write_summary(workdir: str, s: Settings, traj: dict, metrics: list[dict], ev
     if wall_s is not None:
         lines.append(f"- wall time: {wall_s:.1f} s")
     if diverged is not None:
-        lines.append(f"- **diverged at step {diverged['step']}: {diverged['reason']}** (run ended cleanly)")
+        # (an inferred divergence has another ending: read_record must not take it for one the run recorded)
+        lines.append(f"- **diverged at step {diverged['step']}: {diverged['reason']}** "
+                     + ("(running the command again records it)"
+                        if diverged.get("inferred") else "(run ended cleanly)"))
     if last:
         res = ", ".join(f"{k}={last[k]:.4g}" for k in ("train_loss", "test_loss", "train_accuracy", "test_accuracy")
                         if k in last)
@@ -299,8 +303,9 @@ def finalize(workdir: str, s: Settings, traj: dict, *, diverged: dict | None, wa
 def recorded_divergence(workdir: str, events: list[dict] | None = None) -> dict | None:
     """``{"step", "reason"}`` of the divergence that ended the run, as the runner recorded it: in ``run.json``
     (or, for an older directory, ``summary.md``), else the ``ended_run`` divergence event of ``events`` (read
-    from ``events.json`` when ``None``), else a sweep member's ``diverged.json`` (a sweep not finished yet);
-    ``None`` when the run did not diverge."""
+    from ``events.json`` when ``None``; not one that ``report`` inferred, see :func:`inferred_divergence`), else
+    a sweep member's ``diverged.json`` (a sweep not finished yet); ``None`` when the run recorded no
+    divergence."""
     div = (read_record(workdir) or {}).get("diverged")
     if div is not None:
         return div
@@ -311,11 +316,46 @@ def recorded_divergence(workdir: str, events: list[dict] | None = None) -> dict 
             with open(path) as f:
                 events = json.load(f)
     div = next(({"step": e["step"], "reason": e["details"].get("reason", "")} for e in events
-                if e.get("kind") == "divergence" and e.get("details", {}).get("ended_run")), None)
+                if e.get("kind") == "divergence" and e.get("details", {}).get("ended_run")
+                and not e["details"].get("inferred")), None)
     if div is None and os.path.exists(os.path.join(workdir, "diverged.json")):
         with open(os.path.join(workdir, "diverged.json")) as f:
             div = json.load(f)
     return div
+
+
+#: What the reason of a divergence read off the trajectory adds to the runner's reason.
+INFERRED = "inferred from the trajectory: the run did not record it (it did not finish)"
+
+
+def inferred_divergence(traj: dict) -> dict | None:
+    """``{"step", "reason", "inferred": True}`` of the divergence a run's trajectory shows: its first recorded
+    step whose loss is not finite (the runner's rule), the reason saying it was inferred (:data:`INFERRED`).
+    ``None`` when every recorded loss is finite (a divergence by non-finite parameters alone leaves no mark in
+    the trajectory and is not inferred), and when steps follow the first non-finite loss: the runner ends a
+    run at that step (the last one it records), so such a trajectory was not ended by a divergence there.
+
+    This is the state a run or sweep member killed after writing the trajectory part of the chunk that diverged,
+    and before recording the divergence (``run.json``, ``events.json``, a member's ``diverged.json``), leaves;
+    running the same command again recomputes that chunk and records it."""
+    from ._run import first_divergence
+
+    loss = np.asarray(traj.get("loss", ()))
+    if loss.ndim != 1 or not len(loss):
+        return None
+    start = int(np.asarray(traj["step"])[0]) if len(traj.get("step", ())) else 0
+    div = first_divergence(loss, True, start)
+    if div is None or div["step"] != start + len(loss) - 1:
+        return None
+    return {**div, "reason": f"{div['reason']}; {INFERRED}", "inferred": True}
+
+
+def run_divergence(workdir: str, traj: dict, events: list[dict] | None = None) -> dict | None:
+    """The divergence that ended the run in ``workdir``: the one it recorded (:func:`recorded_divergence`),
+    else the one its trajectory ``traj`` shows (:func:`inferred_divergence`: a run stopped before recording
+    it); ``None`` when there is neither.  ``report``, the sweep table and
+    :func:`~quotient_sgd.diagnostics.detect_run` read it here."""
+    return recorded_divergence(workdir, events) or inferred_divergence(traj)
 
 
 def load_run(workdir: str) -> tuple[Settings, dict, list[dict], list[dict]]:
@@ -343,7 +383,7 @@ def report(workdir: str) -> str:
         raise FileNotFoundError(f"{workdir!r} is not a run directory (no config.json) nor a sweep (no sweep.json)")
     s, traj, metrics, events = load_run(workdir)
     record = read_record(workdir) or {}
-    diverged = recorded_divergence(workdir, events)
+    diverged = run_divergence(workdir, traj, events)
     if not events and traj:
         events, _ = detect_events(s, traj, diverged)
         write_json(os.path.join(workdir, "events.json"), events)

@@ -885,7 +885,7 @@ def _grouping_text(meta: dict) -> str:
 
 def report_sweep(workdir: str, *, wall_s: float | None = None, plots: bool = True) -> str:
     """The sweep table (``summary.md``) and comparison plots (``plots/loss.png``, ``plots/final.png``)."""
-    from ._report import _plt, load_run, recorded_divergence
+    from ._report import _plt, load_run, run_divergence
 
     with open(os.path.join(workdir, "sweep.json")) as f:
         meta = json.load(f)
@@ -902,11 +902,14 @@ def report_sweep(workdir: str, *, wall_s: float | None = None, plots: bool = Tru
             continue
         _, traj, metrics, events = load_run(d)
         ev = [r for r in metrics if "test_loss" in r]
-        div = recorded_divergence(d, events)
+        div = run_divergence(d, traj, events)
         done = len(traj.get("step", ()))
         # a sweep reported while it runs, or after an interruption: its members have not all their steps yet
-        status = (f"diverged at step {div['step']}" if div else "ok" if done >= total
-                  else f"unfinished ({done} of {total} steps)")
+        if div:  # (inferred: a kill between the member's diverging part and its diverged.json)
+            status = f"diverged at step {div['step']}" + (" (inferred from its trajectory)" if div.get("inferred")
+                                                          else "")
+        else:
+            status = "ok" if done >= total else f"unfinished ({done} of {total} steps)"
         rows.append((i, m, ev[-1] if ev else None, traj, status, div))
         curves.append((i, m, traj))
     axes = list(members[0]) if members and members[0] else []

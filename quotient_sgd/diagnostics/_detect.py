@@ -120,16 +120,20 @@ def detect_divergence(traj, *, steps, divergence_factor: float = 100.0, divergen
                   {"initial_loss": _f(l0), "factor": divergence_factor})]
 
 
-def _threshold_events(traj, key: str, values: np.ndarray, idx: np.ndarray, steps, kind: str, level: float,
+def _threshold_events(traj, key: str, values: np.ndarray, idx: np.ndarray, steps, kind: str, level,
                       variant: str, rearm: float, lr: np.ndarray | None, extra_keys=()) -> list[Event]:
+    """Crossings of ``values`` (rows ``idx``) over ``level``: a number, or one per row (a level that moves with
+    the step's learning rate); ``details["level"]`` is the level of the crossing's row."""
     out = []
-    for s, _e, p in crossings(values[idx], level, rearm):
+    per_row = np.ndim(level) > 0
+    for s, _e, p in crossings(values[idx], np.asarray(level)[idx] if per_row else level, rearm):
         i, ip = int(idx[s]), int(idx[p])
         obs = {key: _f(values[i])}
         for k in extra_keys:
             if k in traj and np.asarray(traj[k]).ndim == 1:
                 obs[k] = _f(traj[k][i])
-        details: dict[str, Any] = {"level": level, "peak": _f(values[ip]), "peak_step": int(steps[ip])}
+        details: dict[str, Any] = {"level": float(level[i]) if per_row else level, "peak": _f(values[ip]),
+                                   "peak_step": int(steps[ip])}
         if variant == "step":
             details.update(_decomposition(traj, i, None if lr is None else float(lr[i]), steps))
         out.append(Event(int(steps[i]), kind, _f(values[i]), obs, variant, is_invariant(obs), details))
@@ -162,14 +166,38 @@ def detect_shock(traj, *, steps, lr=None, shock_level: float = 1.0, rearm: float
     return out
 
 
-def stability_edge(momentum: float = 0.0, nesterov: bool = False) -> float:
+def _check_decay(fn: str, decay, bound: float, what: str) -> float:
+    """``decay`` (``eta * weight_decay`` of SGD's coupled decay) as a float in ``[0, bound)``, else ValueError."""
+    ok = (isinstance(decay, (int, float, np.integer, np.floating)) and not isinstance(decay, bool)
+          and 0 <= decay < bound)
+    if not ok:
+        raise ValueError(f"{fn}: decay={decay!r} is not allowed; need a number in [0, {bound!r}) (SGD's coupled "
+                         f"weight decay times the learning rate, eta * weight_decay; from {bound!r} on the decay "
+                         f"alone, on a mode of zero curvature, {what})")
+    return float(decay)
+
+
+def stability_edge(momentum: float = 0.0, nesterov: bool = False, *, decay: float = 0.0) -> float:
     """The value of ``eta * lambda`` at which SGD with momentum ``beta`` (optax's form: ``m+ = beta m + g``, step
     ``-eta m+``, or ``-eta (g + beta m+)`` with ``nesterov``) turns unstable on a quadratic of curvature
     ``lambda``: ``2 (1 + beta)`` for heavy ball, ``2 (1 + beta) / (1 + 2 beta)`` for Nesterov, ``2`` without
     momentum (the roots of ``z^2 - (1 + beta - eta lambda) z + beta = 0``, resp. of Nesterov's recursion, leave the
-    unit disc there)."""
+    unit disc there).
+
+    ``decay``: SGD's coupled weight decay as the product ``eta * weight_decay`` of the step
+    (``optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(eta, momentum, nesterov))``: the term
+    ``weight_decay * theta`` is added to the gradient before the momentum trace, an L2 term of the gradient that is
+    not part of the loss).  On a mode of curvature ``lambda`` of the *loss* Hessian the step map is the one
+    without decay at curvature ``lambda + weight_decay``, so the edge moves to ``eta lambda = stability_edge(beta,
+    nesterov) - decay``.
+
+    Raises:
+        ValueError: ``decay`` not a number in ``[0, stability_edge(beta, nesterov))`` (from there on the decay
+            alone is unstable: even ``lambda = 0`` is at or past the edge).
+    """
     b = float(momentum)
-    return 2 * (1 + b) / (1 + 2 * b) if nesterov else 2 * (1 + b)
+    edge = 2 * (1 + b) / (1 + 2 * b) if nesterov else 2 * (1 + b)
+    return edge - _check_decay("stability_edge", decay, edge, "the step map is unstable")
 
 
 def adam_edge(b1: float = 0.9, *, decay: float = 0.0, nesterov: bool = False) -> float:
@@ -220,7 +248,7 @@ def adam_edge(b1: float = 0.9, *, decay: float = 0.0, nesterov: bool = False) ->
     return edge / (1 + 2 * b) if nesterov else edge
 
 
-def fold_edge(momentum: float = 0.0, nesterov: bool = False) -> float:
+def fold_edge(momentum: float = 0.0, nesterov: bool = False, *, decay: float = 0.0) -> float:
     """The value of ``eta * lambda`` at which SGD with momentum ``beta`` (optax's form, as in
     :func:`stability_edge`) folds on a quadratic of curvature ``lambda``: an eigenvalue of its linear step map
     reaches the left half-plane, so the iterate overshoots the minimum (for a real eigenvalue, flips side every
@@ -236,17 +264,32 @@ def fold_edge(momentum: float = 0.0, nesterov: bool = False) -> float:
       singular (determinant ``beta``), so this overshoot is the fold's counterpart, not a fold of the map.
 
     (The roots of either momentum iteration are complex, the iterate spiralling in, from a far smaller
-    ``eta lambda``, ``(1 - sqrt(beta))^2`` for heavy ball: the normal regime of momentum, not a transition.)"""
+    ``eta lambda``, ``(1 - sqrt(beta))^2`` for heavy ball: the normal regime of momentum, not a transition.)
+
+    ``decay``: SGD's coupled weight decay ``eta * weight_decay``, as in :func:`stability_edge` (the curvature
+    the step sees is ``lambda + weight_decay``): the fold moves to ``eta lambda = fold_edge(beta, nesterov) -
+    decay``, ``lambda`` of the loss Hessian.
+
+    Raises:
+        ValueError: ``decay`` not a number in ``[0, fold_edge(beta, nesterov))`` (from there on the decay alone
+            folds the step map: every mode, even ``lambda = 0``, overshoots)."""
     b = float(momentum)
-    return 1.0 if nesterov else 1.0 + b
+    fold = 1.0 if nesterov else 1.0 + b
+    return fold - _check_decay("fold_edge", decay, fold, "the step map overshoots (folds)")
 
 
-def fold_levels_for(levels: Sequence[float], momentum: float = 0.0, nesterov: bool = False) -> list[float]:
+def fold_levels_for(levels: Sequence[float], momentum: float = 0.0, nesterov: bool = False, *,
+                    decay: float = 0.0) -> list[float]:
     """``fold_levels`` given on gradient descent's scale (1: the step map folds, 2: unstable) mapped to SGD with
-    momentum ``beta``: piecewise linear through ``0 -> 0``, ``1 -> fold_edge(beta, nesterov)`` and
-    ``2 -> stability_edge(beta, nesterov)``, and ``x -> x * stability_edge / 2`` above 2 (the scaling of
-    :func:`detect_edge_of_stability`).  The identity without momentum."""
-    f, e = fold_edge(momentum, nesterov), stability_edge(momentum, nesterov)
+    momentum ``beta`` and coupled weight decay ``decay = eta * weight_decay``, in ``eta * lambda`` of the loss:
+    piecewise linear through ``0 -> 0``, ``1 -> fold_edge(beta, nesterov, decay=decay)`` and
+    ``2 -> stability_edge(beta, nesterov, decay=decay)``, and ``x -> x * stability_edge / 2`` above 2 (the scaling
+    of :func:`detect_edge_of_stability`).  The identity without momentum and decay.
+
+    Raises:
+        ValueError: ``decay`` not in ``[0, fold_edge(beta, nesterov))`` (no fold level: see :func:`fold_edge`).
+    """
+    f, e = fold_edge(momentum, nesterov, decay=decay), stability_edge(momentum, nesterov, decay=decay)
     out = []
     for x in levels:
         x = float(x)
@@ -254,8 +297,32 @@ def fold_levels_for(levels: Sequence[float], momentum: float = 0.0, nesterov: bo
     return out
 
 
+def _coupled_decay(lr, weight_decay, idx, steps, bound: float, bound_text: str, what: str) -> np.ndarray:
+    """SGD's coupled weight decay ``lr * weight_decay`` of each row (the learning rate of the row: the level moves
+    with a schedule), checked below ``bound`` at the rows ``idx`` that are read."""
+    decay = np.asarray(lr, np.float64) * float(weight_decay)
+    bad = idx[decay[idx] >= bound]
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"detect: lr * weight_decay = {float(decay[i])!r} at step {int(steps[i])} (lr={_f(lr[i])!r}, "
+                         f"weight_decay={weight_decay!r}) is not allowed; need < {bound_text} = {bound!r} for "
+                         f"{what} (SGD's coupled decay, optax.add_decayed_weights before the momentum, adds "
+                         f"weight_decay to every curvature: from there on the decay alone, at zero curvature of "
+                         f"the loss, is past it)")
+    return decay
+
+
+def _per_row(fn, decay: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``fn(d)`` for the decay ``d`` of each row of ``idx`` (once per distinct value), NaN elsewhere."""
+    out = np.full(len(decay), np.nan)
+    uniq, inverse = np.unique(decay[idx], return_inverse=True)
+    out[idx] = np.array([fn(float(d)) for d in uniq], np.float64)[inverse]
+    return out
+
+
 def detect_fold(traj, *, steps, lr=None, fold_levels: Sequence[float] = (1.0, 2.0), rearm: float = 0.9,
-                momentum: float = 0.0, nesterov: bool = False, **_):
+                momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0, adaptive: bool = False,
+                **_):
     """``fold``: the fold number ``eta max(0, kappa)`` of the step crossing 1 (the explicit step map folds) and
     2 (unstable), THEORY section 4; variant ``step`` with the decomposition at the nearest Hessian refresh.
 
@@ -263,17 +330,49 @@ def detect_fold(traj, *, steps, lr=None, fold_levels: Sequence[float] = (1.0, 2.
     quadratic (:func:`fold_levels_for`): level 1 is :func:`fold_edge` (the iterate overshoots the minimum,
     ``1 + beta`` for heavy ball, ``1`` for Nesterov) and level 2 is :func:`stability_edge` (``2 (1 + beta)``,
     Nesterov ``2 (1 + beta) / (1 + 2 beta)``); the event's
-    ``details`` give the mapped ``level``, the ``gd_level`` it came from, ``fold_edge`` and ``edge``."""
+    ``details`` give the mapped ``level``, the ``gd_level`` it came from, ``fold_edge`` and ``edge``.
+
+    ``weight_decay``: SGD's coupled weight decay (``optax.add_decayed_weights(weight_decay)`` before
+    ``optax.sgd``: ``weight_decay * theta`` added to the gradient, not a term of the loss whose curvature
+    ``kappa`` is), which adds ``weight_decay`` to the curvature the step sees: both levels move down by
+    ``decay = lr * weight_decay`` (``fold_levels_for(..., decay=decay)``), ``lr`` the learning rate of the row
+    (a schedule moves the levels; the fold number of row ``k`` was taken with step ``k - 1``'s learning rate, one
+    step's change of ``lr * weight_decay`` apart), and ``details`` also give ``decay``.  Not read with
+    ``adaptive=True`` (AdamW's decay is decoupled; an adaptive run keeps gradient descent's levels).
+
+    Raises:
+        ValueError: ``weight_decay > 0`` without a learning rate, or ``lr * weight_decay >= fold_edge(beta,
+            nesterov)`` at a step read (the decay alone folds the step map: no fold level).
+    """
     v = scalar(traj, "fold_number")
     if v is None:
         return []
     idx = np.nonzero(~np.isnan(v))[0]
-    mapped = fold_levels_for(fold_levels, momentum, nesterov)
+    wd = 0.0 if adaptive else float(weight_decay)
+    if not wd:
+        mapped = fold_levels_for(fold_levels, momentum, nesterov)
+        levels = [(g, m) for g, m in zip(fold_levels, mapped)]
+    else:
+        if lr is None:
+            raise ValueError(f"detect: weight_decay={weight_decay!r} of an SGD run needs the learning rate (lr=, or "
+                             f"the trajectory's 'lr' key) to place the fold levels (they move by lr * weight_decay)")
+        decay = _coupled_decay(lr, wd, idx, steps, fold_edge(momentum, nesterov),
+                               f"fold_edge(momentum={float(momentum)!r}, nesterov={bool(nesterov)!r})",
+                               "a fold level")
+        folds = _per_row(lambda d: fold_edge(momentum, nesterov, decay=d), decay, idx)
+        edges = _per_row(lambda d: stability_edge(momentum, nesterov, decay=d), decay, idx)
+        levels = [(g, _per_row(lambda d, g=g: fold_levels_for((g,), momentum, nesterov, decay=d)[0], decay, idx))
+                  for g in fold_levels]
     out = []
-    for gd_level, level in zip(fold_levels, mapped):
+    for gd_level, level in levels:
         for ev in _threshold_events(traj, "fold_number", v, idx, steps, "fold", level, "step", rearm, lr,
                                     ("curvature",)):
-            if momentum:
+            if wd:
+                i = int(np.nonzero(steps == ev.step)[0][0])
+                ev = dataclasses.replace(ev, details={**ev.details, "gd_level": float(gd_level),
+                                                      "fold_edge": float(folds[i]), "edge": float(edges[i]),
+                                                      "decay": float(decay[i])})
+            elif momentum:
                 ev = dataclasses.replace(ev, details={**ev.details, "gd_level": float(gd_level),
                                                       "fold_edge": fold_edge(momentum, nesterov),
                                                       "edge": stability_edge(momentum, nesterov)})
@@ -290,7 +389,13 @@ def detect_edge_of_stability(traj, *, steps, lr=None, eos_levels: Sequence[float
     With momentum (``momentum=beta``, ``nesterov``) the edge of the step is not at ``eta lambda = 2`` but at
     :func:`stability_edge` (3.8 for heavy ball with ``beta = 0.9``): the levels are multiplied by
     ``stability_edge(beta, nesterov) / 2``, so that level 2 still means "unstable on the quadratic"; the event's
-    ``details`` give the scaled ``level`` and the ``edge``.
+    ``details`` give the scaled ``level`` and the ``edge``.  ``weight_decay`` (without ``adaptive``): SGD's
+    coupled weight decay (``optax.add_decayed_weights(weight_decay)`` before ``optax.sgd``: ``weight_decay *
+    theta`` added to the gradient before the momentum trace, an L2 term that is not in the loss whose Hessian the
+    sharpness keys measure); it adds ``weight_decay`` to every curvature the step sees, so the edge in ``eta
+    lambda`` of the loss is ``stability_edge(beta, nesterov, decay=lr * weight_decay)`` ``= stability_edge(beta,
+    nesterov) - lr * weight_decay``, with the learning rate of each step (it moves with a schedule); ``details``
+    then give the ``edge`` and ``decay`` of the event's step.
 
     - variant ``step``: ``lambda_max`` of the horizontal Hessian at the current point (what the step sees), with
       the decomposition ``lambda_step = lambda_canonical * gauge_factor`` and ``gauge_factor_charges`` (the
@@ -314,18 +419,20 @@ def detect_edge_of_stability(traj, *, steps, lr=None, eos_levels: Sequence[float
     ``nadamw``), edge ``/ (1 + 2 b1)``.  Steps with ``b1^(k+1) > 0.05`` (the first 28 for ``b1 = 0.9``) are not
     read: there ``P`` still carries Adam's bias correction ``1 - b1^t`` (the sharpness is inflated by up to
     ``1 / (1 - b1)`` and ``P`` is far from frozen).  Without that key an adaptive run has no
-    ``edge_of_stability`` events.  ``b1`` and ``weight_decay`` are read only with
-    ``adaptive=True`` (``nesterov`` then means Nesterov Adam, ``momentum`` is not read).
+    ``edge_of_stability`` events.  ``b1`` is read only with ``adaptive=True`` (``nesterov`` then means Nesterov
+    Adam, ``weight_decay`` AdamW's decoupled decay, ``momentum`` is not read).
 
     Raises:
         ValueError: ``adaptive=True`` with ``lr * weight_decay >= 2`` at a step read (the decay alone is unstable
-            there: :func:`adam_edge` has no edge).
+            there: :func:`adam_edge` has no edge); an SGD run (``adaptive=False``) with ``lr * weight_decay >=
+            stability_edge(beta, nesterov)`` at a step read (SGD's coupled decay alone is unstable there).
     """
     if lr is None:
         return []
     if adaptive:
         return _preconditioned_edge(traj, steps, lr, eos_levels, rearm, b1, weight_decay, nesterov)
     edge = stability_edge(momentum, nesterov)
+    wd = float(weight_decay)
     out = []
     for variant in ("step", "quotient", "raw"):
         key = first_key(traj, SHARPNESS_KEYS[variant])
@@ -333,14 +440,24 @@ def detect_edge_of_stability(traj, *, steps, lr=None, eos_levels: Sequence[float
             continue
         idx = np.nonzero(fresh_mask(traj, key, steps))[0]
         q = lr * np.asarray(traj[key], dtype=np.float64)
+        if wd:
+            # SGD's coupled decay adds weight_decay to the curvature the step sees: the edge of each row in
+            # eta lambda of the loss is stability_edge - lr * weight_decay of that row
+            decay = _coupled_decay(lr, wd, idx, steps, edge,
+                                   f"stability_edge(momentum={float(momentum)!r}, nesterov={bool(nesterov)!r})",
+                                   "an edge of stability")
+            edges = _per_row(lambda d: stability_edge(momentum, nesterov, decay=d), decay, idx)
         for level in eos_levels:
-            level = level * edge / 2
-            for ev in _threshold_events(traj, key, q, idx, steps, "edge_of_stability", level, variant, rearm, lr):
+            for ev in _threshold_events(traj, key, q, idx, steps, "edge_of_stability",
+                                        level * (edges if wd else edge) / 2, variant, rearm, lr):
                 # the row of the event; the learning rate *at* that step (with a
                 # schedule, ``lr[0]`` was reported: a warm-up's first value instead of the one that crossed)
                 i = int(np.nonzero(steps == ev.step)[0][0])
                 obs = {key: _f(traj[key][i]), "lr": _f(lr[i])}
-                details = {**ev.details, "edge": edge} if edge != 2 else ev.details
+                if wd:
+                    details = {**ev.details, "edge": float(edges[i]), "decay": float(decay[i])}
+                else:
+                    details = {**ev.details, "edge": edge} if edge != 2 else ev.details
                 out.append(Event(ev.step, ev.kind, ev.strength, obs, variant, is_invariant(obs), details))
     return out
 
@@ -579,8 +696,10 @@ def detect(trajectory, *, lr=None, kinds: Iterable[str] | None = None, start_ste
         **options: detector options (``alpha``, ``block``, ``transition_keys``, ``spike_factor``,
             ``spike_window``, ``spike_smooth``, ``drop_factor``, ``confirm_window``, ``eos_levels``, ``fold_levels``,
             ``shock_level``, ``rearm``, ``divergence_factor``, ``divergence_patience``, ``slice_shocks``, ``horizon``,
-            ``transform``, ``k``, ``min_ref``, ``variants``; ``momentum`` and ``nesterov`` of an SGD run move the
-            edge of stability to :func:`stability_edge` and the fold levels to :func:`fold_levels_for`;
+            ``transform``, ``k``, ``min_ref``, ``variants``; ``momentum``, ``nesterov`` and ``weight_decay``
+            (coupled: ``optax.add_decayed_weights`` before ``optax.sgd``, the edges move down by ``lr *
+            weight_decay``) of an SGD run move the edge of stability to :func:`stability_edge` and the fold levels
+            to :func:`fold_levels_for`;
             ``adaptive=True`` for an Adam-type run with first-moment decay ``b1`` (default 0.9), AdamW's
             ``weight_decay`` and ``nesterov`` for Nesterov Adam: ``edge_of_stability`` events only from the
             preconditioned sharpness, at :func:`adam_edge`, see :func:`detect_edge_of_stability`).

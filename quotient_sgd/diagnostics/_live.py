@@ -31,7 +31,8 @@ def _options_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     :func:`detect_run` re-detects with.  ``horizon`` = the planned steps; a mini-batch loss (``data.batch_size >
     0``) judged for spikes on a 20-step causal mean (full batch: the raw loss); SGD's momentum, which moves the
     edge of stability to ``eta lambda = 2 (1 + beta)`` (Nesterov: ``/ (1 + 2 beta)``) and the fold to
-    :func:`~quotient_sgd.diagnostics.fold_edge`; ``adaptive`` and ``b1`` for Adam / AdamW, whose edge of stability
+    :func:`~quotient_sgd.diagnostics.fold_edge`, and SGD's (coupled) ``weight_decay`` when it is not 0, which
+    lowers both by ``lr * weight_decay``; ``adaptive`` and ``b1`` for Adam / AdamW, whose edge of stability
     is one of the preconditioned sharpness at :func:`~quotient_sgd.diagnostics.adam_edge` ``(b1)``, not of
     ``eta lambda_max(H)``, and for AdamW its ``weight_decay`` (decoupled: the edge is ``adam_edge(b1, decay=lr *
     weight_decay)``).  (The configs have no Nesterov Adam: ``optim.nesterov`` is for SGD only.)"""
@@ -46,6 +47,9 @@ def _options_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
         beta = optim.get("momentum", 0.0)
         if isinstance(beta, (int, float)) and not isinstance(beta, bool) and 0 < beta < 1:
             out.update(momentum=float(beta), nesterov=bool(optim.get("nesterov", False)))
+        wd = optim.get("weight_decay", 0.0)
+        if isinstance(wd, (int, float)) and not isinstance(wd, bool) and 0 < wd < float("inf"):
+            out["weight_decay"] = float(wd)
     if isinstance(optim, Mapping) and optim.get("name") in ("adam", "adamw"):
         out["adaptive"] = True
         b1 = optim.get("b1", 0.9)

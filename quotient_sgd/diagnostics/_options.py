@@ -68,8 +68,8 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "b1": (lambda v: _real(v) and 0 <= v < 1,
            "a number in [0, 1) (Adam's first-moment decay; read with adaptive=True)"),
     "weight_decay": (lambda v: _real(v) and v >= 0,
-                     "a finite number >= 0 (AdamW's decoupled weight decay, optax.adamw's weight_decay; read with "
-                     "adaptive=True)"),
+                     "a finite number >= 0 (with adaptive=True AdamW's decoupled weight decay, optax.adamw's "
+                     "weight_decay; else SGD's coupled one, optax.add_decayed_weights before optax.sgd)"),
     "fold_levels": (_levels, "a non-empty sequence of finite numbers > 0, e.g. (1.0, 2.0)"),
     "shock_level": (lambda v: _real(v) and v > 0, "a finite number > 0"),
     "rearm": (lambda v: _real(v) and 0 < v <= 1, "a number in (0, 1]"),

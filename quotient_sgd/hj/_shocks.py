@@ -120,7 +120,14 @@ def find_shocks(p: Array, grid: Grid, *, max_shocks: int = 8, min_steepness=None
     front one cell wide falls below that (its steepness is ~0.6 x cells x the mean slope), a peak also counts
     when it exceeds both ``cells / 3`` x the mean slope (a front narrower than ~3 cells) and 3 x the median cell
     slope ``|p[i+1] - p[i]| / dx`` (flat on both sides: a smooth field such as a sine or a ramp stays below 2).  Its left/right states are the extreme values of
-    p within ``window`` cells on each side (default ``max(4, n // 32)``; it must exceed the front's width).
+    p within ``window`` cells on each side.  By default (``window=None``) each side's window follows the front:
+    ``4.5`` times the distance (sub-cell, by linear interpolation) from the peak to where the steepness has
+    fallen to half its peak value on that side, at least 4 cells and at most ``n // 2``.  For Taylor's profile
+    ``-A tanh(A x / (2 nu))`` (steepness ~ sech^2, half maximum at 0.88 tanh lengths) that is 3.97 tanh lengths,
+    where the profile is within 7e-4 of its states, however many cells the front spans.  A given ``window`` is
+    used on both sides as it is (it must exceed the front's width).  A peak whose jump is below a quarter of
+    its steepness times the cell size (a one-cell step has 1.7) is the derivative stencil's ringing beside a
+    step, not a front, and is not reported.
     Expansion jumps (p increasing) are inadmissible and are not reported unless ``include_inadmissible``, in
     which case peaks of |dp/dx| are candidates and ``admissible`` tells them apart.
 
@@ -137,7 +144,6 @@ def find_shocks(p: Array, grid: Grid, *, max_shocks: int = 8, min_steepness=None
     if window is not None and not (int(window) == window and window >= 1):
         raise ValueError(f"find_shocks: window={window!r} is not allowed; need an integer >= 1 cells (or None).")
     max_shocks = int(max_shocks)
-    w = max(4, n // 32) if window is None else int(window)
     dp = _diff(p, grid, 0)
     s = jnp.abs(dp) if include_inadmissible else -dp
     idx = np.arange(n)
@@ -181,19 +187,44 @@ def find_shocks(p: Array, grid: Grid, *, max_shocks: int = 8, min_steepness=None
         loc = grid.lo + jnp.mod(loc - grid.lo, grid.length)
         # a front just left of lo wraps to lo + length - tiny, which rounds to hi: outside [lo, hi)
         loc = jnp.where(loc >= grid.hi, loc - grid.length, loc)
-    offs_l = np.arange(-w, 0)
-    offs_r = np.arange(1, w + 1)
+    reach = max(4, n // 2) if window is None else int(window)
+    offs = np.arange(1, reach + 1)
 
-    def gather(offs):
-        j = i[:, None] + jnp.asarray(offs, i.dtype)[None, :]
+    def gather(f, sign):
+        j = i[:, None] + jnp.asarray(sign * offs, i.dtype)[None, :]
         j = j % n if grid.periodic else jnp.clip(j, 0, n - 1)
-        return p[j]
+        return f[j]
 
-    pl, pr = gather(offs_l), gather(offs_r)
+    pl, pr = gather(p, -1), gather(p, 1)
+    if window is None:
+        def side(sv):
+            # first offset where the steepness is at most half the peak's, and the crossing between it and the
+            # offset before (offset 0: the peak); no crossing within reach: the whole reach
+            half = 0.5 * s[i][:, None]
+            below = sv <= half
+            k = jnp.argmax(below, axis=1)
+            prev = jnp.where(k > 0, jnp.take_along_axis(sv, jnp.maximum(k - 1, 0)[:, None], 1)[:, 0], s[i])
+            at = jnp.take_along_axis(sv, k[:, None], 1)[:, 0]
+            drop = prev - at
+            one = jnp.ones_like(drop)
+            frac = jnp.where(drop > 0, (prev - half[:, 0]) / jnp.where(drop > 0, drop, one), one)
+            kf = k.astype(sv.dtype)
+            h = jnp.where(jnp.any(below, axis=1), kf + jnp.clip(frac, 0, 1), jnp.full_like(kf, reach))
+            return jnp.clip(jnp.ceil(4.5 * h), 4, reach)
+
+        wl, wr = side(gather(s, -1)), side(gather(s, 1))
+        inl = jnp.asarray(offs, wl.dtype)[None, :] <= wl[:, None]
+        inr = jnp.asarray(offs, wr.dtype)[None, :] <= wr[:, None]
+    else:
+        inl = inr = jnp.ones(pl.shape, bool)
     decreasing = dp[i] < 0
-    left = jnp.where(decreasing, jnp.max(pl, axis=1), jnp.min(pl, axis=1))
-    right = jnp.where(decreasing, jnp.min(pr, axis=1), jnp.max(pr, axis=1))
+    big, small = jnp.asarray(jnp.inf, p.dtype), jnp.asarray(-jnp.inf, p.dtype)
+    left = jnp.where(decreasing, jnp.max(jnp.where(inl, pl, small), axis=1), jnp.min(jnp.where(inl, pl, big), axis=1))
+    right = jnp.where(decreasing, jnp.min(jnp.where(inr, pr, big), axis=1), jnp.max(jnp.where(inr, pr, small), axis=1))
     admissible = left > right
-    valid = valid & (admissible | include_inadmissible)
+    # a front drops by at least what its steepness gives over a fraction of a cell (a one-cell step: 1.7 x); a peak
+    # with (almost) no jump is the fourth-order stencil's ringing beside a step, not a front
+    real = jnp.abs(left - right) > 0.25 * jnp.abs(dp[i]) * dx
+    valid = valid & real & (admissible | include_inadmissible)
     return Shocks(location=loc, left=left, right=right, jump=left - right, steepness=jnp.abs(dp[i]),
                   speed=0.5 * (left + right), admissible=admissible, valid=valid)

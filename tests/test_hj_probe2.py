@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quotient_sgd.hj import find_shocks, Grid
+from quotient_sgd.hj import cole_hopf, cole_hopf_gradient, cole_hopf_monte_carlo, find_shocks, Grid
 
 
 def taylor_shock(x, nu, amplitude, speed, x0):
@@ -65,3 +65,23 @@ def test_find_shocks_speed_of_the_shifted_sine_shock(t):
         assert sh["speed"] == pytest.approx(c, abs=1e-3)
         jumps.append(sh["jump"])
     assert jumps[0] == pytest.approx(jumps[1], rel=2e-3)
+
+
+@pytest.mark.parametrize("arg", ["t", "nu"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_cole_hopf_refuses_non_finite_t_and_nu(arg, value):
+    """A NaN or infinite t or nu made every value NaN, silently (the solvers refuse them naming the argument)."""
+    loss = lambda y: jnp.cos(y)  # noqa: E731
+    kw = {"t": 0.5, "nu": 0.1, arg: value}
+    for f in (cole_hopf, cole_hopf_gradient):
+        with pytest.raises(ValueError, match=f"{f.__name__}: {arg}={value} is not finite"):
+            f(loss, jnp.asarray([0.0, 1.0]), kw["t"], kw["nu"])
+    with pytest.raises(ValueError, match=f"cole_hopf_monte_carlo: {arg}={value} is not finite"):
+        cole_hopf_monte_carlo(lambda v: jnp.sum(v * v), jnp.zeros(2), kw["t"], kw["nu"], key=jax.random.key(0))
+
+
+def test_cole_hopf_traced_non_finite_nu_raises(x64):
+    f = jax.jit(lambda nu: cole_hopf(lambda y: 0.5 * y * y, jnp.asarray([1.0]), 1.0, nu, num=201))
+    assert float(f(0.1)[0]) == pytest.approx(0.25 + 0.1 * np.log(2.0), abs=1e-9)  # x^2 / (2 (1 + t)) + nu log(1 + t)
+    with pytest.raises(Exception, match="t and nu must be finite"):
+        jax.block_until_ready(f(jnp.nan))

@@ -161,43 +161,50 @@ def _quadrature(loss, x, t, nu, num, lipschitz, ndim):
 
 
 def _check_positive(name: str, **values) -> None:
-    """``ValueError`` naming the argument when a known (not traced) ``t`` or ``nu`` is not > 0: the Cole-Hopf
-    kernel needs both (``nu = 0`` is the inviscid limit, the Hopf-Lax formula; ``t = 0`` is the loss itself)."""
-    from ._solve import _concrete_negative
+    """``ValueError`` naming the argument when a known (not traced) ``t`` or ``nu`` is not a finite number > 0: the
+    Cole-Hopf kernel needs both (``nu = 0`` is the inviscid limit, the Hopf-Lax formula; ``t = 0`` is the loss
+    itself; a NaN or infinite one made every value NaN)."""
+    from ._solve import _concrete_negative, _concrete_non_finite
 
     for arg, value in values.items():
         bad = _concrete_negative(value, strict=True)
         if bad is not None:
             raise ValueError(f"{name}: {arg}={bad} is not allowed; need {arg} > 0.")
+        if _concrete_non_finite(value):
+            raise ValueError(f"{name}: {arg}={value} is not finite; need a finite {arg} > 0.")
 
 
-def _dispatch(loss, x, t, nu, ndim, num, lipschitz):
-    _check_positive("cole_hopf", t=t, nu=nu)
+def _dispatch(loss, x, t, nu, ndim, num, lipschitz, name="cole_hopf"):
+    _check_positive(name, t=t, nu=nu)
     if num is not None and (int(num) != num or num < 3):
-        raise ValueError(f"cole_hopf: num={num!r} is not allowed; need an integer >= 3 quadrature points per axis "
+        raise ValueError(f"{name}: num={num!r} is not allowed; need an integer >= 3 quadrature points per axis "
                          "(the spacing must resolve the weight's width, see the module docstring).")
     lip = None if lipschitz is None else _concrete(lipschitz)
     if lip is not None and not (lip.ndim == 0 and np.isfinite(float(lip)) and float(lip) >= 0):
-        raise ValueError(f"cole_hopf: lipschitz={lipschitz!r} is not allowed; need a finite number >= 0 (a bound "
+        raise ValueError(f"{name}: lipschitz={lipschitz!r} is not allowed; need a finite number >= 0 (a bound "
                          "on |grad L|) or None (the window is found from the loss).")
     if ndim not in (1, 2):
-        raise ValueError(f"cole_hopf quadrature is for ndim 1 or 2 (got {ndim}); use cole_hopf_monte_carlo.")
+        raise ValueError(f"{name}: the quadrature is for ndim 1 or 2 (got {ndim}); use cole_hopf_monte_carlo.")
     if ndim == 2 and jnp.shape(x)[0] != 2:
-        raise ValueError(f"cole_hopf(ndim=2) wants points of shape (2, ...), got {jnp.shape(x)}.")
+        raise ValueError(f"{name}(ndim=2) wants points of shape (2, ...), got {jnp.shape(x)}.")
     num = (4001 if ndim == 1 else 201) if num is None else int(num)
     u, p, diag, pts = _quadrature(loss, x, t, nu, num, lipschitz, ndim)
     truncated = diag[:, 0] < (_CHECK_GAP if lipschitz is not None else _GAP)
     coarse = diag[:, 1] < _MIN_ESS
     known = _concrete(diag)
-    if known is None:  # traced: the check runs with the computation
+    if known is None:  # traced: the checks run with the computation
+        tn = jnp.asarray([t, nu], dtype=u.dtype)
+        u, p = eqx.error_if(
+            (u, p), ~jnp.all(jnp.isfinite(tn) & (tn > 0)),
+            f"{name}: t and nu must be finite numbers > 0 (a traced value is not).")
         given = "lipschitz is below |grad L| there" if lipschitz is not None else "no window up to 2^30 holds it"
         u, p = eqx.error_if(
             (u, p), jnp.any(truncated),
-            f"cole_hopf: the quadrature window truncates the Cole-Hopf weight at some point ({given}); pass a "
+            f"{name}: the quadrature window truncates the Cole-Hopf weight at some point ({given}); pass a "
             "larger lipschitz, or lipschitz=None to find the window from the loss.")
         u, p = eqx.error_if(
             (u, p), jnp.any(coarse),
-            f"cole_hopf: the Cole-Hopf weight spans fewer than {_MIN_ESS:g} quadrature points at some point; "
+            f"{name}: the Cole-Hopf weight spans fewer than {_MIN_ESS:g} quadrature points at some point; "
             "increase num.")
         return u, p
     bad = np.flatnonzero(known[:, 0] < (_CHECK_GAP if lipschitz is not None else _GAP))
@@ -206,13 +213,13 @@ def _dispatch(loss, x, t, nu, ndim, num, lipschitz):
         where = np.asarray(pts[i]).tolist()
         if lipschitz is None:
             raise ValueError(
-                f"cole_hopf: at x={where} no window up to lipschitz=2^{_DOUBLINGS} holds the Cole-Hopf weight (its "
+                f"{name}: at x={where} no window up to lipschitz=2^{_DOUBLINGS} holds the Cole-Hopf weight (its "
                 "edge weight is not below e^-40 of its peak): the integral may diverge (L falling faster than "
                 "-|y|^2 / (2 t)).")
         at = pts[bad] if ndim == 1 else pts[bad].T
         need = float(np.max(np.asarray(_quadrature(loss, at, t, nu, num, None, ndim)[2])[:, 2]))
         raise ValueError(
-            f"cole_hopf: lipschitz={lipschitz!r} is too small for this loss: at x={where} the quadrature window "
+            f"{name}: lipschitz={lipschitz!r} is too small for this loss: at x={where} the quadrature window "
             f"cuts the Cole-Hopf weight where it is e^-{float(known[i, 0]):.3g} of its peak (|grad L| exceeds "
             f"lipschitz there). The window that holds it at every such point needs lipschitz={need:g}; or pass "
             "lipschitz=None to find the window from the loss.")
@@ -220,7 +227,7 @@ def _dispatch(loss, x, t, nu, ndim, num, lipschitz):
     if bad.size:
         i = bad[np.argmin(known[bad, 1])]
         raise ValueError(
-            f"cole_hopf: num={num} is too coarse: at x={np.asarray(pts[i]).tolist()} the Cole-Hopf weight spans "
+            f"{name}: num={num} is too coarse: at x={np.asarray(pts[i]).tolist()} the Cole-Hopf weight spans "
             f"{float(known[i, 1]):.3g} quadrature points (effective sample size; at least {_MIN_ESS:g} needed); "
             "increase num (the spacing is 2 W / (num - 1) with the window W of the module docstring).")
     return u, p
@@ -234,7 +241,7 @@ def cole_hopf(loss: Callable, x, t, nu, *, ndim: int = 1, num: int | None = None
         loss: ``L(y)``; scalar -> scalar in 1-D, ``(2,)`` -> scalar in 2-D.  Evaluated on all of R^d (pass a
             periodic function for a periodic problem).
         x: evaluation points, any shape in 1-D; ``(2, ...)`` in 2-D (e.g. ``Grid2D.x``).
-        t, nu: coarse-graining time and viscosity (t > 0, nu > 0).
+        t, nu: coarse-graining time and viscosity (finite, t > 0, nu > 0; otherwise ``ValueError`` naming it).
         ndim: 1 or 2.
         num: quadrature points per axis (default 4001 in 1-D, 201 in 2-D).
         lipschitz: an upper bound on |grad L|, which sets the window, or ``None`` (default): the window is found
@@ -253,7 +260,7 @@ def cole_hopf_gradient(loss: Callable, x, t, nu, *, ndim: int = 1, num: int | No
 
     Same arguments as :func:`cole_hopf`; returns shape ``x.shape`` (1-D) or ``(2, ...)`` (2-D).
     """
-    return _dispatch(loss, x, t, nu, ndim, num, lipschitz)[1]
+    return _dispatch(loss, x, t, nu, ndim, num, lipschitz, "cole_hopf_gradient")[1]
 
 
 class MonteCarloEstimate(eqx.Module):

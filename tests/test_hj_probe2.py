@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quotient_sgd.hj import cole_hopf, cole_hopf_gradient, cole_hopf_monte_carlo, find_shocks, Grid
+from quotient_sgd.hj import cole_hopf, cole_hopf_gradient, cole_hopf_monte_carlo, find_shocks, Grid, solve_burgers, solve_hj
 
 
 def taylor_shock(x, nu, amplitude, speed, x0):
@@ -85,3 +85,20 @@ def test_cole_hopf_traced_non_finite_nu_raises(x64):
     assert float(f(0.1)[0]) == pytest.approx(0.25 + 0.1 * np.log(2.0), abs=1e-9)  # x^2 / (2 (1 + t)) + nu log(1 + t)
     with pytest.raises(Exception, match="t and nu must be finite"):
         jax.block_until_ready(f(jnp.nan))
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(rtol=-1.0), r"rtol=-1.0 is not allowed; need a finite number >= 0"),
+    (dict(atol=-1e-8), r"atol=-1e-08 is not allowed"),
+    (dict(rtol=float("nan")), r"rtol=nan is not allowed"),
+    (dict(rtol=0.0, atol=0.0), r"rtol=0 and atol=0 is not allowed"),
+    (dict(max_steps=0), r"max_steps=0 is not allowed; need an integer >= 1"),
+    (dict(max_steps=2.5), r"max_steps=2.5 is not allowed"),
+])
+def test_solve_refuses_bad_tolerances_and_step_budgets(kw, match):
+    """rtol=-1 was accepted and every step taken at the largest growth (3 steps, 1e-3 off, on the problem below);
+    rtol=atol=0 ran into max_steps; max_steps=0 failed inside diffrax ('Must have at least one checkpoint')."""
+    g = Grid(16, -1.0, 1.0)
+    for solve in (solve_burgers, solve_hj):
+        with pytest.raises(ValueError, match=f"{solve.__name__}: {match}"):
+            solve(-jnp.sin(jnp.pi * g.x), g, nu=0.1, t1=0.2, **kw)

@@ -127,6 +127,14 @@ def _concrete_non_finite(value):
     return a.dtype.kind in "fc" and not bool(np.all(np.isfinite(a)))
 
 
+def _concrete_value(value):
+    """``value`` as a float NumPy array, or ``None`` when it is traced (it cannot be checked here)."""
+    try:
+        return np.asarray(value, dtype=float)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError, TypeError):
+        return None
+
+
 def _check_save_times(name, ts, t1) -> None:
     """``ValueError`` when known (not traced) save times are not non-decreasing within ``[0, t1]``."""
     try:
@@ -171,6 +179,18 @@ def _solve(form, name, y0, grid, *, nu, t1, ts, scheme, solver, rtol, atol, max_
         if _concrete_non_finite(value):
             what = f"{arg} is not finite (a NaN or infinite entry)" if arg == field else f"{arg}={value} is not finite"
             raise ValueError(f"{name}: {what}; it must be finite.")
+    if isinstance(max_steps, bool) or not (isinstance(max_steps, (int, np.integer)) and max_steps >= 1):
+        raise ValueError(f"{name}: max_steps={max_steps!r} is not allowed; need an integer >= 1.")
+    if dt is None and adaptive:
+        tols = {}
+        for arg, value in (("rtol", rtol), ("atol", atol)):
+            a = _concrete_value(value)
+            if a is not None and not (a.ndim == 0 and np.isfinite(a) and a >= 0):
+                raise ValueError(f"{name}: {arg}={value!r} is not allowed; need a finite number >= 0 (the PID "
+                                 "controller accepts every step when a tolerance is negative).")
+            tols[arg] = a
+        if all(a is not None for a in tols.values()) and tols["rtol"] == 0 and tols["atol"] == 0:
+            raise ValueError(f"{name}: rtol=0 and atol=0 is not allowed; at least one tolerance must be > 0.")
     for arg, value in (("nu", nu), ("t1", t1)):
         if jnp.ndim(value) != 0:
             raise ValueError(f"{name}: {arg} must be a scalar, got shape {jnp.shape(value)}; for several values "
@@ -312,13 +332,15 @@ def solve_burgers(p0, grid: AnyGrid, *, nu, t1, ts=None, scheme="spectral", solv
         scheme: ``"spectral"`` (periodic, smooth/viscous), ``"fv"`` / ``"fv-smooth"`` or a scheme object.
         solver: ``"auto"`` (ETDRK4 for spectral, Tsit5 for FV), ``"etd"``, ``"tsit5"``, ``"kencarp"``
             (IMEX: explicit advection, implicit viscosity), or a diffrax solver for the full right-hand side.
-        rtol, atol: tolerances of the PID step-size controller (adaptive stepping, the default).
+        rtol, atol: tolerances of the PID step-size controller (adaptive stepping, the default): finite, >= 0,
+            not both 0.
         dt: fixed stepping instead: ``ceil(t1 / dt)`` equal steps of size ``t1 / ceil(t1 / dt) <= dt`` (plus a
             split step at each save time in ``ts`` that falls between them).  With ETDRK4 the phi-function
             coefficients are then built once per solve instead of once per step; this is the fast path when
             the step that reaches a target error is known (benchmarks/hj.py), and the one that
             differentiates exactly the map finite differences see.
-        max_steps: step budget (finite, as reverse-mode autodiff needs); exceeding it raises an error.
+        max_steps: step budget, an integer >= 1 (finite, as reverse-mode autodiff needs); exceeding it raises an
+            error.
         dt0, adaptive: initial step of adaptive stepping; ``adaptive=False`` with ``dt0`` means ``dt=dt0``.
         adjoint: a diffrax adjoint; RecursiveCheckpointAdjoint by default (reverse mode: ``jax.grad`` /
             ``jax.vjp``).  For forward mode (``jax.jvp``, ``jax.jacfwd``) pass ``diffrax.ForwardMode()``: the

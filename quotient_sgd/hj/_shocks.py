@@ -122,7 +122,8 @@ def find_shocks(p: Array, grid: Grid, *, max_shocks: int = 8, min_steepness=None
     slope ``|p[i+1] - p[i]| / dx`` (flat on both sides: a smooth field such as a sine or a ramp stays below 2).  Its left/right states are the extreme values of
     p within ``window`` cells on each side.  By default (``window=None``) each side's window follows the front:
     ``4.5`` times the distance (sub-cell, by linear interpolation) from the peak to where the steepness has
-    fallen to half its peak value on that side, at least 4 cells and at most ``n // 2``.  For Taylor's profile
+    fallen to half its peak value on that side, at most ``n // 2`` cells, and ending earlier at the first valley
+    of the steepness past that point (where it rises again: the next front).  For Taylor's profile
     ``-A tanh(A x / (2 nu))`` (steepness ~ sech^2, half maximum at 0.88 tanh lengths) that is 3.97 tanh lengths,
     where the profile is within 7e-4 of its states, however many cells the front spans.  A given ``window`` is
     used on both sides as it is (it must exceed the front's width).  A peak whose jump is below a quarter of
@@ -210,7 +211,12 @@ def find_shocks(p: Array, grid: Grid, *, max_shocks: int = 8, min_steepness=None
             frac = jnp.where(drop > 0, (prev - half[:, 0]) / jnp.where(drop > 0, drop, one), one)
             kf = k.astype(sv.dtype)
             h = jnp.where(jnp.any(below, axis=1), kf + jnp.clip(frac, 0, 1), jnp.full_like(kf, reach))
-            return jnp.clip(jnp.ceil(4.5 * h), 4, reach)
+            # the valley between this front and the next: the first offset past the half maximum after which the
+            # steepness rises again (a flat field, steepness 0, has none)
+            rising = jnp.concatenate([sv[:, 1:] > sv[:, :-1], jnp.zeros_like(below[:, :1])], axis=1)
+            rising = rising & (jnp.arange(reach)[None, :] >= k[:, None])
+            valley = jnp.where(jnp.any(rising, axis=1), jnp.argmax(rising, axis=1) + 1, reach).astype(sv.dtype)
+            return jnp.clip(jnp.minimum(jnp.ceil(4.5 * h), valley), 1, reach)
 
         wl, wr = side(gather(s, -1)), side(gather(s, 1))
         inl = jnp.asarray(offs, wl.dtype)[None, :] <= wl[:, None]

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from helpers import tiny_settings
-from quotient_sgd.diagnostics import LiveDetector, detect, detect_run, fold_edge, fold_levels_for, stability_edge
+from quotient_sgd.diagnostics import ALL_KINDS, LiveDetector, detect, detect_run, fold_edge, fold_levels_for, stability_edge
 from quotient_sgd.diagnostics._live import _options_from_config
 
 # ---- the thresholds against optax ------------------------------------------------------------------------------
@@ -246,3 +246,30 @@ def test_runner_detects_sgd_runs_with_weight_decay_at_the_decayed_edge(tmp_path)
     events, err = detect_events(plain_sgd, traj, None)
     assert err is None and not [e for e in events if e["kind"] == "edge_of_stability"
                                 and e["details"]["level"] == e["details"]["edge"]]
+
+
+def test_runner_keeps_the_other_detectors_events_when_one_refuses_the_config():
+    """Nesterov SGD with ``lr * weight_decay`` past its fold (1) but below its edge (1.357): the fold detector
+    refuses the run (every mode folds), the runner records that error and still writes the edge-of-stability and
+    the other detectors' events (it used to write none: one error in ``detect`` lost them all)."""
+    from quotient_sgd.runner._report import detect_events
+
+    over = {"optim.name": "sgd", "optim.lr": 0.5, "optim.momentum": 0.9, "optim.nesterov": True,
+            "optim.weight_decay": 2.4}
+    s = tiny_settings(60, **over)
+    decay = 0.5 * 2.4
+    assert fold_edge(0.9, nesterov=True) < decay < stability_edge(0.9, nesterov=True)
+    traj = _rising(1.0, 0.5)  # eta * sharpness reaches 1, past the decayed edge 1.357 - 1.2
+    traj.pop("lr")
+    traj["fold_number"] = np.linspace(0.0, 0.5, 60)
+    events, err = detect_events(s, traj, None)
+    assert err is not None and err.startswith("fold: ValueError") and "weight_decay" in err
+    kinds = {e["kind"] for e in events}
+    assert "edge_of_stability" in kinds and len(kinds) > 1 and "fold" not in kinds
+    eos = [e for e in events if e["kind"] == "edge_of_stability"]
+    assert [e["details"]["edge"] for e in eos] == pytest.approx(
+        [stability_edge(0.9, nesterov=True, decay=decay)] * len(eos))
+    others = [k for k in ALL_KINDS if k != "fold"]
+    alone = [e.to_dict() for e in detect(traj, lr=0.5, kinds=others, **_options_from_config(s.to_dict()))]
+    assert sorted(json.dumps(e, sort_keys=True) for e in events) == sorted(json.dumps(e, sort_keys=True)
+                                                                          for e in alone)

@@ -180,15 +180,22 @@ def detect_events(s: Settings, traj: dict, diverged: dict | None) -> tuple[list[
         n = diverged["step"] - int(traj["step"][0]) if len(traj.get("step", [])) else 0
         finite = {k: v[:n] for k, v in finite.items()}
     if len(finite.get("loss", [])) > 1:
-        try:
-            from ..diagnostics import detect
-            from ..diagnostics._live import _options_from_config
+        from ..diagnostics import ALL_KINDS, detect
+        from ..diagnostics._live import _options_from_config
 
-            # the run's settings (horizon, spike smoothing of a mini-batch loss, momentum), the ones detect_run
-            # re-detects a run directory with
-            out = [e.to_dict() for e in detect(finite, lr=s.optim.lr, **_options_from_config(s.to_dict()))]
-        except Exception as e:  # a diagnostic failing must not lose the run's outputs
-            err = f"{type(e).__name__}: {e}"
+        # the run's settings (horizon, spike smoothing of a mini-batch loss, momentum), the ones detect_run
+        # re-detects a run directory with
+        opts = _options_from_config(s.to_dict())
+        try:
+            out = [e.to_dict() for e in detect(finite, lr=s.optim.lr, **opts)]
+        except Exception:  # a diagnostic failing must not lose the run's outputs, nor the other detectors' events
+            errs = []
+            for kind in ALL_KINDS:
+                try:
+                    out += [e.to_dict() for e in detect(finite, lr=s.optim.lr, kinds=[kind], **opts)]
+                except Exception as e:
+                    errs.append(f"{kind}: {type(e).__name__}: {e}")
+            err = "; ".join(errs) or None
     if diverged is not None:
         out.append({"step": int(diverged["step"]), "kind": "divergence", "strength": "inf",
                     "observables": {}, "variant": "quotient", "invariant": True,

@@ -294,7 +294,9 @@ def cole_hopf_monte_carlo(loss_fn: Callable, params, t, nu, *, key, num_samples:
     the score-function form E_w[-z] / t).  Differentiable, jit- and vmap-able.
 
     Args:
-        loss_fn: ``loss_fn(params) -> scalar``; params any pytree of float arrays.
+        loss_fn: ``loss_fn(params) -> scalar``; params any pytree of float arrays, of one or mixed dtypes
+            (bfloat16 / float16 included): the weights are computed in the widest of them (at least float32),
+            each sample and gradient leaf in its parameter's dtype.
         t, nu: coarse-graining time and viscosity.
         key: PRNG key.
         num_samples: an even number of samples (>= 4), drawn as ``num_samples / 2`` antithetic pairs.
@@ -304,18 +306,24 @@ def cole_hopf_monte_carlo(loss_fn: Callable, params, t, nu, *, key, num_samples:
         raise ValueError(f"cole_hopf_monte_carlo: num_samples={num_samples!r} is not allowed; need an even number "
                          ">= 4 (antithetic pairs, at least two for a standard error).")
     leaves, treedef = jax.tree.flatten(params)
-    dtype = leaves[0].dtype
+    leaves = [jnp.asarray(leaf) for leaf in leaves]
+    # one working precision for the weights: the widest of the leaves, at least float32 (params may mix float32
+    # and float64 leaves, or be bfloat16 / float16); samples and gradients come back in each leaf's dtype
+    dtype = max([jnp.dtype(jnp.float32), *(leaf.dtype for leaf in leaves)], key=lambda d: jnp.finfo(d).bits)
     t, nu = jnp.asarray(t, dtype), jnp.asarray(nu, dtype)
     half = int(num_samples) // 2
     keys = jax.random.split(key, len(leaves))
-    zs = [jax.random.normal(k, (half, *l.shape), l.dtype) * jnp.sqrt(2 * nu * t) for k, l in zip(keys, leaves)]
+    zs = [(jax.random.normal(k, (half, *leaf.shape), dtype) * jnp.sqrt(2 * nu * t)).astype(leaf.dtype)
+          for k, leaf in zip(keys, leaves)]
     zs = [jnp.concatenate([z, -z]) for z in zs]
     z_tree = jax.tree.unflatten(treedef, zs)
+    params = jax.tree.unflatten(treedef, leaves)
 
     def at(z):
         return jax.value_and_grad(loss_fn)(jax.tree.map(lambda a, b: a + b, params, z))
 
     losses, grads = jax.vmap(at)(z_tree)
+    losses = losses.astype(dtype)
     m = losses.shape[0]
     a = -losses / (2 * nu)
     lse = logsumexp(a)
@@ -327,14 +335,15 @@ def cole_hopf_monte_carlo(loss_fn: Callable, params, t, nu, *, key, num_samples:
     w = jax.nn.softmax(a)
 
     def wmean(g):
-        return jnp.tensordot(w, g, axes=1)
+        return jnp.tensordot(w, g.astype(dtype), axes=1)
 
     def pair_std(g, gm):
-        r = w.reshape((m,) + (1,) * (g.ndim - 1)) * (g - gm[None])
+        r = w.reshape((m,) + (1,) * (g.ndim - 1)) * (g.astype(dtype) - gm[None])
         r = r[:half] + r[half:]
         return jnp.sqrt(jnp.sum(r * r, axis=0))
 
     grad = jax.tree.map(wmean, grads)
     grad_std = jax.tree.map(pair_std, grads, grad)
+    grad, grad_std = (jax.tree.map(lambda g, leaf: g.astype(leaf.dtype), tree, params) for tree in (grad, grad_std))
     return MonteCarloEstimate(value=value, value_std=value_std, grad=grad, grad_std=grad_std,
                               ess=1.0 / jnp.sum(w * w))

@@ -151,3 +151,20 @@ def test_monte_carlo_on_params_of_mixed_dtypes(x64, dtypes):
         assert est.grad[k].dtype == th[k].dtype and est.grad_std[k].dtype == th[k].dtype
         err = jnp.abs(est.grad[k].astype(jnp.float64) - a[k] * thf[k] / (1 + a[k] * t))
         assert float(jnp.max(err - 5 * est.grad_std[k].astype(jnp.float64))) < slack
+
+
+def test_cole_hopf_half_precision_points_and_a_loss_of_another_dtype(x64):
+    """bfloat16 / float16 points ran the quadrature in half precision (u 1e-3 off) and a loss computing in another
+    dtype than the points (float32 at bfloat16 points, float64 at float32 points) failed under strict promotion.
+    Exact for L = y^2 / 2: u = x^2 / (2 (1 + t)) + nu log(1 + t)."""
+    t, nu = 0.5, 0.1
+    x = jnp.asarray([-1.0, 0.25, 0.5], jnp.float32)
+    exact = np.asarray(x, np.float64) ** 2 / (2 * (1 + t)) + nu * np.log1p(t)
+    f = jax.jit(lambda x, loss: cole_hopf(loss, x, t, nu, num=401), static_argnums=1)
+    cases = ((jnp.bfloat16, lambda y: 0.5 * y.astype(jnp.float32) ** 2),
+             (jnp.float16, lambda y: 0.5 * y * y),
+             (jnp.float32, lambda y: 0.5 * y.astype(jnp.float64) ** 2))
+    for dtype, loss in cases:
+        u = f(x.astype(dtype), loss)
+        assert u.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(u, np.float64), exact, rtol=0, atol=2e-6)

@@ -46,9 +46,12 @@ def _window(t, nu, lipschitz):
 
 
 def _float_points(x):
-    """``x`` as a float array (integer points in the default float)."""
+    """``x`` as a float array: integer points in the default float, half-precision ones (bfloat16, float16) in
+    float32 (the quadrature's log-sum-exp and node spacing need it; the solvers do the same)."""
     x = jnp.asarray(x)
-    return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.zeros((), float).dtype)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        return x.astype(jnp.zeros((), float).dtype)
+    return x.astype(jnp.float32) if jnp.finfo(x.dtype).bits < 32 else x
 
 
 _GAP = 40.0  # the automatic window ends where the log-weight is this far below its peak (e^-40)
@@ -82,7 +85,9 @@ def _logweights(loss, xi, t, nu, lip, unit, ndim):
     w = _window(t, nu, lip)
     s = unit * w
     ys = xi + s[:, 0] if ndim == 1 else xi[None, :] + s
-    return w, s, -jnp.sum(s * s, axis=-1) / (4 * nu * t) - jax.vmap(loss)(ys) / (2 * nu)
+    # the loss may compute in another precision than the points (a float32 network at float64 points, or the
+    # reverse): its values join the weights in the points' dtype
+    return w, s, -jnp.sum(s * s, axis=-1) / (4 * nu * t) - jax.vmap(loss)(ys).astype(s.dtype) / (2 * nu)
 
 
 def _edge_gap(logw, edge):
@@ -240,7 +245,9 @@ def cole_hopf(loss: Callable, x, t, nu, *, ndim: int = 1, num: int | None = None
     Args:
         loss: ``L(y)``; scalar -> scalar in 1-D, ``(2,)`` -> scalar in 2-D.  Evaluated on all of R^d (pass a
             periodic function for a periodic problem).
-        x: evaluation points, any shape in 1-D; ``(2, ...)`` in 2-D (e.g. ``Grid2D.x``).
+        x: evaluation points, any shape in 1-D; ``(2, ...)`` in 2-D (e.g. ``Grid2D.x``).  The quadrature runs in
+            their dtype (integer points in the default float, bfloat16 / float16 ones in float32, the dtype of
+            the result and of the points the loss is called at); the loss's values are cast to it.
         t, nu: coarse-graining time and viscosity (finite, t > 0, nu > 0; otherwise ``ValueError`` naming it).
         ndim: 1 or 2.
         num: quadrature points per axis (default 4001 in 1-D, 201 in 2-D).

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quotient_sgd.hj import cole_hopf, cole_hopf_gradient, cole_hopf_monte_carlo, find_shocks, Grid, solve_burgers, solve_hj
+from quotient_sgd.hj import (cole_hopf, cole_hopf_gradient, cole_hopf_monte_carlo, find_shocks, Grid, solve_burgers,
+                             solve_hj, Spectral)
 
 
 def taylor_shock(x, nu, amplitude, speed, x0):
@@ -168,3 +169,11 @@ def test_cole_hopf_half_precision_points_and_a_loss_of_another_dtype(x64):
         u = f(x.astype(dtype), loss)
         assert u.dtype == jnp.float32
         np.testing.assert_allclose(np.asarray(u, np.float64), exact, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("dealias", [0.0, -1.0, float("nan"), 1.5, "2/3"])
+def test_spectral_refuses_a_dealias_fraction_outside_0_1(dealias):
+    """dealias <= 0 (or NaN) kept no mode in the products: the solve ran the heat equation without a word."""
+    with pytest.raises(ValueError, match=r"Spectral\(dealias=.*\) is not allowed; need a number in \(0, 1\]"):
+        Spectral(dealias=dealias)
+    assert Spectral(dealias=1.0).dealias == 1.0 and Spectral().dealias == pytest.approx(2 / 3)

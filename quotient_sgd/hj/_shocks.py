@@ -119,16 +119,18 @@ def find_shocks(p: Array, grid: Grid, *, max_shocks: int = 8, min_steepness=None
     Default: 10 x the mean slope ``(max p - min p) / length``; on grids of fewer than 30 cells, where even a
     front one cell wide falls below that (its steepness is ~0.6 x cells x the mean slope), a peak also counts
     when it exceeds both ``cells / 3`` x the mean slope (a front narrower than ~3 cells) and 3 x the median cell
-    slope ``|p[i+1] - p[i]| / dx`` (flat on both sides: a smooth field such as a sine or a ramp stays below 2).  Its left/right states are the extreme values of
-    p within ``window`` cells on each side.  By default (``window=None``) each side's window follows the front:
-    ``4.5`` times the distance (sub-cell, by linear interpolation) from the peak to where the steepness has
-    fallen to half its peak value on that side, at most ``n // 2`` cells, and ending earlier at the first valley
-    of the steepness past that point (where it rises again: the next front).  For Taylor's profile
-    ``-A tanh(A x / (2 nu))`` (steepness ~ sech^2, half maximum at 0.88 tanh lengths) that is 3.97 tanh lengths,
-    where the profile is within 7e-4 of its states, however many cells the front spans.  A given ``window`` is
-    used on both sides as it is (it must exceed the front's width).  A peak whose jump is below a quarter of
-    its steepness times the cell size (a one-cell step has 1.7) is the derivative stencil's ringing beside a
-    step, not a front, and is not reported.
+    slope ``|p[i+1] - p[i]| / dx`` (flat on both sides: a smooth field such as a sine or a ramp stays below 2).
+
+    Its left/right states are the extreme values of p within a window on each side.  By default
+    (``window=None``) each side's window follows the front: 4.5 times the distance (sub-cell, by linear
+    interpolation) from the peak to where the steepness has fallen to half its peak value on that side, at most
+    ``n // 2`` cells, and ending earlier at the first valley of the steepness past that point (where it rises
+    again: the next front).  For Taylor's profile ``-A tanh(A x / (2 nu))`` (steepness ~ sech^2, half maximum at
+    0.88 tanh lengths) that is 3.97 tanh lengths, where the profile is within 7e-4 A of its states, however many
+    cells the front spans.  A given ``window`` (cells) is used on both sides as it is (it must exceed the front's
+    width).  A peak whose jump is below a quarter of its steepness times the cell size (a one-cell step has 1.7)
+    is the derivative stencil's ringing beside a step, not a front, and is not reported.
+
     Expansion jumps (p increasing) are inadmissible and are not reported unless ``include_inadmissible``, in
     which case peaks of |dp/dx| are candidates and ``admissible`` tells them apart.
 

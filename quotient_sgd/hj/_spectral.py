@@ -54,10 +54,17 @@ class Spectral(eqx.Module):
     and eventually blows up: use :class:`FiniteVolume` for near-inviscid flows.
 
     Attributes:
-        dealias: fraction of the modes of each axis kept in products (2/3: Orszag's rule).
+        dealias: fraction of the modes of each axis kept in products, in (0, 1] (2/3: Orszag's rule); 0 or less
+            dropped the nonlinearity silently (a heat equation) and is refused.
     """
 
     dealias: float = eqx.field(static=True, default=2.0 / 3.0)
+
+    def __check_init__(self):
+        d = self.dealias
+        if isinstance(d, bool) or not (isinstance(d, (int, float, np.floating)) and np.isfinite(d) and 0 < d <= 1):
+            raise ValueError(f"Spectral(dealias={d!r}) is not allowed; need a number in (0, 1] (the fraction of "
+                             "each axis's modes kept in products; 2/3 is Orszag's rule, 1 keeps all).")
 
     # -- transforms ---------------------------------------------------------------------------------------
     def forward(self, grid: AnyGrid, y: Array) -> Array:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from quotient_sgd.hj import (cole_hopf, cole_hopf_gradient, cole_hopf_monte_carlo, find_shocks, Grid, solve_burgers,
-                             solve_hj, Spectral)
+                             slice_flow, solve_hj, Spectral)
 
 
 def taylor_shock(x, nu, amplitude, speed, x0):
@@ -177,3 +177,13 @@ def test_spectral_refuses_a_dealias_fraction_outside_0_1(dealias):
     with pytest.raises(ValueError, match=r"Spectral\(dealias=.*\) is not allowed; need a number in \(0, 1\]"):
         Spectral(dealias=dealias)
     assert Spectral(dealias=1.0).dealias == 1.0 and Spectral().dealias == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("arg,value", [("eta", -0.1), ("k", -3), ("nu", -0.05), ("eta", float("nan")),
+                                       ("nu", float("inf"))])
+def test_slice_flow_names_a_bad_eta_k_or_nu(arg, value):
+    """A negative eta or k was reported as 'solve_hj: t1=-0.30000001192092896 is not allowed', naming neither."""
+    kw = {"eta": 0.1, "k": 3, "nu": 0.05, arg: value}
+    with pytest.raises(ValueError, match=f"slice_flow: {arg}={value!r} is not allowed; need a finite number >= 0"):
+        slice_flow(lambda p: 0.5 * jnp.sum(p**2), jnp.asarray([0.3, -0.2]), jnp.asarray([1.0, 0.0]), extent=1.0, n=11,
+                   dt=0.05, **kw)

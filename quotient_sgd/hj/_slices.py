@@ -181,6 +181,13 @@ def slice_flow(loss_fn: Callable, params, directions, *, extent: float, n: int, 
                 "; the flow's time t = eta * k holds in the slice coordinates only for orthonormal directions (a "
                 "direction of norm s divides the shock time by s^2).  Normalise them or pass orthonormalize=True.")
     dim = len(ds)
+    from ._solve import _concrete_value
+
+    for arg, value in (("eta", eta), ("k", k), ("nu", nu)):
+        a = _concrete_value(value)  # None when traced (checked by solve_hj as t1 = eta * k and nu)
+        if a is not None and not (np.all(np.isfinite(a)) and np.all(a >= 0)):
+            raise ValueError(f"slice_flow: {arg}={value!r} is not allowed; need a finite number >= 0 (the flow runs "
+                             "for t = eta * k >= 0 at viscosity nu >= 0).")
     if not (int(n) == n and n >= 4):
         raise ValueError(f"slice_flow: n={n!r} is not allowed; need an integer >= 4 points along each direction.")
     if not (np.isfinite(extent) and extent > 0) or not (np.isfinite(margin) and margin >= 0):

@@ -187,3 +187,15 @@ def test_slice_flow_names_a_bad_eta_k_or_nu(arg, value):
     with pytest.raises(ValueError, match=f"slice_flow: {arg}={value!r} is not allowed; need a finite number >= 0"):
         slice_flow(lambda p: 0.5 * jnp.sum(p**2), jnp.asarray([0.3, -0.2]), jnp.asarray([1.0, 0.0]), extent=1.0, n=11,
                    dt=0.05, **kw)
+
+
+def test_solve_names_the_initial_field_of_a_wrong_shape():
+    """The shape error said 'initial field', not the argument (p0 / u0)."""
+    g = Grid(8, -1.0, 1.0)
+    with pytest.raises(ValueError, match=r"solve_burgers: p0 has shape \(5,\); on this grid it must be \(8,\)\."):
+        solve_burgers(jnp.zeros(5), g, nu=0.1, t1=0.1)
+    with pytest.raises(ValueError, match=r"solve_hj: u0 has shape \(2, 8, 8\); on this grid it must be \(8, 8\) "
+                                         r"\(a value field \(nx, ny\) on a 2-D grid\)"):
+        solve_hj(jnp.zeros((2, 8, 8)), g * g, nu=0.1, t1=0.1)
+    with pytest.raises(ValueError, match=r"solve_burgers: p0 has shape \(8, 8\); .* \(2, 8, 8\) \(a gradient field"):
+        solve_burgers(jnp.zeros((8, 8)), g * g, nu=0.1, t1=0.1)

@@ -161,7 +161,9 @@ def _solve(form, name, y0, grid, *, nu, t1, ts, scheme, solver, rtol, atol, max_
     dtype = y0.dtype
     want = grid.shape if (form == "hj" or grid.ndim == 1) else (2, *grid.shape)
     if y0.shape != want:
-        raise ValueError(f"{name}: initial field has shape {y0.shape}; on this grid it must be {want}.")
+        what = "a value field (nx, ny)" if form == "hj" else "a gradient field (2, nx, ny)"
+        raise ValueError(f"{name}: {field} has shape {y0.shape}; on this grid it must be {want}"
+                         + (f" ({what} on a 2-D grid)." if grid.ndim == 2 else "."))
     if isinstance(scheme, Spectral) and not grid.periodic:
         raise ValueError(f"{name}: the spectral scheme needs a periodic grid; use scheme='fv' on bounded grids.")
     if isinstance(adjoint, dfx.BacksolveAdjoint):

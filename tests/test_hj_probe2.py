@@ -40,7 +40,7 @@ def test_find_shocks_states_of_a_resolved_taylor_shock(n, length, periodic):
             assert sh["steepness"] == pytest.approx(amplitude / length, rel=1e-2)
 
 
-def numpy_cole_hopf_gradient(loss, x, t, nu, half_width=12.0, num=24001):
+def numpy_cole_hopf_gradient(loss, x, t, nu, half_width=12.0, num=8001):
     """p(x, t) = E_w[(x - y) / t], w(y) ~ exp(-(x - y)^2 / (4 nu t) - L(y) / (2 nu)), by a plain NumPy quadrature
     (compiling cole_hopf_gradient would dominate a quick test)."""
     x = np.asarray(x, np.float64)[:, None]

@@ -4,7 +4,7 @@ observables, subsampled trajectories with Hessian refreshes between records, liv
 import numpy as np
 import pytest
 
-from quotient_sgd.diagnostics import LiveDetector, detect
+from quotient_sgd.diagnostics import LiveDetector, detect, load_events
 
 
 def _spiky(n=61):
@@ -177,3 +177,13 @@ def test_hessian_keys_first_recorded_in_a_later_live_chunk_are_read_without_a_ca
         assert [(e.step, e.details["level"], e.details["at_step"]) for e in new] == [(20, 1.0, 20), (30, 2.0, 30)]
         traj = {"loss": np.ones(4), "sharpness_quotient": np.full(4, 30.0), "hessian_step": [np.nan, 1, 1, 3]}
         assert [e.step for e in detect(traj, lr=0.1, kinds=["edge_of_stability"])] == [1, 1]
+
+
+def test_live_detector_writes_its_events_into_a_directory_not_made_yet(tmp_path):
+    """``LiveDetector(path="runs/my_run/events.json")`` (the README's example) raised FileNotFoundError at the
+    first chunk when ``runs/my_run`` did not exist; the directory is now made with the detector."""
+    path = tmp_path / "runs" / "my_run" / "events.json"
+    live = LiveDetector(kinds=["loss_spike"], path=path)
+    new = live.update({"loss": _spiky()})
+    assert [e.step for e in new] == [30]
+    assert [e.to_dict() for e in load_events(path)] == [e.to_dict() for e in new]

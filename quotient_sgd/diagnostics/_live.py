@@ -155,7 +155,8 @@ class LiveDetector:
     those of one :func:`detect` call (same ``horizon``) on the whole trajectory, whatever the chunk sizes.
     Without ``horizon`` both grow with the trajectory so far, and ``transition`` events depend on the chunking
     (the same change point may be reported again at another block length).  With ``path`` the
-    cumulative event list is written to ``events.json`` after every chunk.
+    cumulative event list is written to ``path`` (an ``events.json``) after every chunk; its directory is created
+    when the detector is made, if it does not exist (so an unwritable location fails there, not at a chunk).
 
     Example:
         >>> import numpy as np
@@ -173,6 +174,8 @@ class LiveDetector:
         check_options({k: v for k, v in options.items() if k != "kinds"}, "LiveDetector")
         if isinstance(start_step, bool) or not isinstance(start_step, (int, np.integer)):
             raise ValueError(f"LiveDetector: start_step={start_step!r} is not allowed; need an integer")
+        if path is not None:  # a path in a directory not made yet (runs/my_run/events.json) failed at the first chunk
+            os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
         self.lr = lr
         self.path = path
         self.start_step = start_step

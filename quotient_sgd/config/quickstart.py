@@ -1,6 +1,6 @@
 """The default config (``quotient-sgd run`` with no ``--config``): a small ReLU MLP on scikit-learn's digits.
 
-SGD with momentum, every default quotient observable per step, Hessian extremes every 100 steps; finishes in
+SGD with momentum, every default quotient observable every 10 steps, Hessian extremes every 100 steps; finishes in
 well under a minute on 2 CPU cores.  ``configs/quickstart.py`` loads this file.
 """
 

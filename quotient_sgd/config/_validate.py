@@ -363,6 +363,14 @@ def _check_optim(s: Settings) -> None:
            f"only for optim.name='sgd' ({o.name!r} has no Nesterov variant here); use optim.nesterov=False")
 
 
+def _check_members(sw, axis: str, ok, allowed: str) -> None:
+    """Every value of the sweep axis ``sweep.<axis>`` passes ``ok``, or a ConfigError naming the axis, its list,
+    what is allowed and the first member value that is not (with its position in the list)."""
+    values = getattr(sw, axis)
+    for i, v in enumerate(values):
+        _check(ok(v), f"sweep.{axis}", values, f"{allowed}; sweep.{axis}[{i}] = {v!r} is not")
+
+
 def _check_sweep(s: Settings) -> None:
     sw = s.sweep
     _check_choice("sweep.mode", sw.mode, SWEEP_MODES)
@@ -382,29 +390,23 @@ def _check_sweep(s: Settings) -> None:
         _check(not dup, "sweep.mode", sw.mode,
                f"zip pairs {list(axes)} repeat the member(s) {dup}: identical members; make every member distinct")
     n = train_size(s.data)
-    for v in sw.lr:
-        _check(v > 0 and math.isfinite(v), "sweep.lr", sw.lr, "every value must be a finite number > 0")
-    for v in sw.batch_size:
-        _check(1 <= v <= n, "sweep.batch_size", sw.batch_size,
-               f"every value must be in [1, {n}] (the training set of {s.data.name!r})")
+    _check_members(sw, "lr", lambda v: v > 0 and math.isfinite(v), "every value must be a finite number > 0")
+    _check_members(sw, "batch_size", lambda v: 1 <= v <= n,
+                   f"every value must be in [1, {n}] (the training set of {s.data.name!r})")
     _check(not sw.batch_size or s.data.batch_size > 0, "sweep.batch_size", sw.batch_size,
            "cannot sweep the batch size of a full-batch run (data.batch_size=0)")
     _check(not sw.batch_size or not _batch_norm(s), "sweep.batch_size", sw.batch_size,
            "a batch-size sweep runs every member on the largest batch with a 0/1 mask, and the masked examples "
            "would enter the batch statistics of model.norm='batch'; sweep the other axes and run one sweep per "
            "batch size (or use model.norm='layer')")
-    for v in sw.seed:
-        _check(INT32_MIN <= v <= INT32_MAX, "sweep.seed", sw.seed,
-               f"every value must be an int32, in [{INT32_MIN}, {INT32_MAX}]")
-    for v in sw.weight_decay:
-        _check(v >= 0 and math.isfinite(v), "sweep.weight_decay", sw.weight_decay,
-               "every value must be a finite number >= 0")
-    for v in sw.momentum:
-        _check(0 <= v < 1, "sweep.momentum", sw.momentum, "every value must be in [0, 1)")
+    _check_members(sw, "seed", lambda v: INT32_MIN <= v <= INT32_MAX,
+                   f"every value must be an int32, in [{INT32_MIN}, {INT32_MAX}]")
+    _check_members(sw, "weight_decay", lambda v: v >= 0 and math.isfinite(v),
+                   "every value must be a finite number >= 0")
+    _check_members(sw, "momentum", lambda v: 0 <= v < 1, "every value must be in [0, 1)")
     _check(not sw.momentum or s.optim.name == "sgd", "sweep.momentum", sw.momentum, "only for optim.name='sgd'")
-    for v in sw.init_gauge:
-        _check(v >= 0 and math.isfinite(v), "sweep.init_gauge", sw.init_gauge,
-               "every value must be a finite number >= 0")
+    _check_members(sw, "init_gauge", lambda v: v >= 0 and math.isfinite(v),
+                   "every value must be a finite number >= 0")
     _check(not sw.init_gauge or s.symmetry.enabled, "sweep.init_gauge", sw.init_gauge, "needs symmetry.enabled")
 
 

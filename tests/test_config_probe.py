@@ -46,3 +46,20 @@ def test_cli_invalid_sweep_member_is_named_and_nothing_is_written(tmp_path, monk
     err = capsys.readouterr().err
     assert code == 2 and "config.sweep.lr = (0.05, 0.1, 0.0)" in err and "sweep.lr[2] = 0.0 is not" in err, err
     assert "Traceback" not in err and os.listdir(tmp_path) == []
+
+
+def test_run_name_with_a_nul_character_is_refused(tmp_path, monkeypatch, capsys):
+    """A config.name holding a NUL character passed validation; the default run directory runs/<name> then failed
+    with a ValueError traceback from os.makedirs after runs/ had been created."""
+    with pytest.raises(ConfigError) as e:
+        validate(_tiny(name="a\0b"))
+    assert "config.name = 'a\\x00b'" in str(e.value) and "without '/' or NUL characters" in str(e.value), str(e.value)
+    validate(_tiny(name="a b-c.d"))  # its neighbour still validates
+    path = tmp_path / "c.py"
+    path.write_text("from quotient_sgd.config import default_config\n\n\ndef get_config():\n"
+                    "    config = default_config()\n    config.name = 'a\\0b'\n    return config\n")
+    monkeypatch.chdir(tmp_path)
+    code = main(["quotient-sgd", "run", f"--config={path}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "config.name = 'a\\x00b'" in err and "Traceback" not in err, err
+    assert os.listdir(tmp_path) == ["c.py"]

@@ -452,9 +452,9 @@ def validate(cfg: Mapping[str, Any] | Any) -> Settings:
             kwargs[k] = _typed(k, v, top[k].default)
     s = Settings(**kwargs)
     _check_int32(s)
-    _check(bool(s.name.strip()) and "/" not in s.name and s.name not in (".", ".."), "name", s.name,
-           "a non-blank run name without '/', other than '.' and '..' (it names the default run directory "
-           "runs/<name>)")
+    _check(bool(s.name.strip()) and "/" not in s.name and "\0" not in s.name and s.name not in (".", ".."), "name",
+           s.name, "a non-blank run name without '/' or NUL characters, other than '.' and '..' (it names the "
+           "default run directory runs/<name>)")
     _check(s.steps >= 1, "steps", s.steps, "must be >= 1")
     _check(INT32_MIN <= s.seed <= INT32_MAX, "seed", s.seed, f"must be an int32, in [{INT32_MIN}, {INT32_MAX}]")
     _check(s.checkpoint.every >= 1, "checkpoint.every", s.checkpoint.every, "must be >= 1")

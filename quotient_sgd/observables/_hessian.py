@@ -113,7 +113,7 @@ def _lanczos_unrolled(matvec: Callable, v0: jax.Array, num_matvecs: int):
 
 
 def lanczos_extremes(
-    matvec: Callable, v0, *, num_matvecs: int = 20, k: int = 1, method: str = "unrolled"
+    matvec: Callable, v0, *, num_matvecs: int = 20, k: int = 1, method: str = "loop"
 ) -> Extremes:
     """Top-``k`` and bottom-``k`` eigenpairs of a symmetric linear operator by ``num_matvecs`` Lanczos steps.
 
@@ -122,13 +122,14 @@ def lanczos_extremes(
         v0: starting vector (any nonzero pytree; its span must contain the wanted eigenvectors' directions).
         num_matvecs: Krylov depth (at most the operator's rank on the span of ``v0``).
         k: how many extremes to return at each end (``2 k <= num_matvecs`` for disjoint ends).
-        method: ``"unrolled"`` (default): full reorthogonalisation as straight-line code; the
-            operator is traced ``num_matvecs`` times, so compile time grows with it (1.7 s for 20 steps on an
-            85k-parameter MLP).  ``"loop"``: the same arithmetic in a ``lax.fori_loop``, traced and compiled
-            once (0.6 s there): the choice inside training loops, where the Hessian is evaluated every ``K`` steps
-            and compile time counts (:func:`quotient_sgd.optim.quotient_trajectory` uses it).  Run times on
-            XLA:CPU with 2 threads were measured comparable but bimodal for both (18-26 ms in one mode, 80-140 ms
-            in another where both cores spin).  ``"matfree"``: ``matfree.decomp.tridiag_sym(num_matvecs,
+        method: ``"loop"`` (default): full reorthogonalisation in a ``lax.fori_loop``, the operator traced and
+            compiled once (what :func:`quotient_sgd.optim.quotient_trajectory` uses).  ``"unrolled"``: the same
+            arithmetic as straight-line code; the operator is traced ``num_matvecs`` times, so compile time grows
+            with it, for no faster run on XLA:CPU: 20 steps of ``sharpness_horizontal`` compiled in 3.1 / 4.0 /
+            9.9 s with ``"loop"`` against 6.9 / 5.8 / 22.8 s unrolled for the benchmark MLP / CNN / Transformer
+            (``benchmarks/trajectory.py``), and ran in 39 / 98 / 249 ms against 41 / 95 / 257 ms.  (Run times on
+            XLA:CPU with 2 threads are bimodal for both: 18-26 ms in one mode, 80-140 ms in another where both
+            cores spin, for an 85k-parameter MLP.)  ``"matfree"``: ``matfree.decomp.tridiag_sym(num_matvecs,
             reortho="full")`` with ``matfree.eig.eigh_partial`` (a loop; 24 ms there).  ``"loop"`` and
             ``"unrolled"`` stop at a breakdown (the Krylov space exhausted: ``num_matvecs`` above the dimension of
             the space, e.g. a small model's horizontal space) and return the extremes of the space built;
@@ -267,7 +268,7 @@ def projection_for(group, params, method: str) -> Callable:
 
 @observable(ORBIT_INVARIANT, "sharpness_quotient", "lambda_min_quotient")
 def sharpness_quotient(loss_fn, group, params, *, key, num_matvecs: int = 20, k: int = 1,
-                       method: str = "unrolled") -> Extremes:
+                       method: str = "loop") -> Extremes:
     """Extremes of the horizontal Hessian at the canonical representative ``c(theta)``: the function's own
     curvature, equal on every point of the orbit (THEORY section 4, kind 1)."""
     pc = group.canonicalize(params)
@@ -277,7 +278,7 @@ def sharpness_quotient(loss_fn, group, params, *, key, num_matvecs: int = 20, k:
 
 @observable(REDUCED_DYNAMICS, "sharpness_horizontal", "lambda_min_horizontal")
 def sharpness_horizontal(loss_fn, group, params, *, key, num_matvecs: int = 20, k: int = 1,
-                         method: str = "unrolled") -> Extremes:
+                         method: str = "loop") -> Extremes:
     """Extremes of the horizontal Hessian ``P H P`` at the current point: the curvature the next step sees
     (stability, THEORY section 4, kind 2)."""
     return hessian_extremes(
@@ -287,14 +288,14 @@ def sharpness_horizontal(loss_fn, group, params, *, key, num_matvecs: int = 20, 
 
 
 @observable(RAW, "sharpness_raw", "lambda_min_raw")
-def sharpness_raw(loss_fn, params, *, key, num_matvecs: int = 20, k: int = 1, method: str = "unrolled") -> Extremes:
+def sharpness_raw(loss_fn, params, *, key, num_matvecs: int = 20, k: int = 1, method: str = "loop") -> Extremes:
     """Extremes of the raw Hessian at the current point (Dinh et al. 2017: not a function on the quotient)."""
     return hessian_extremes(loss_fn, params, None, key=key, num_matvecs=num_matvecs, k=k, method=method)
 
 
 @observable(RAW, "sharpness_preconditioned", "lambda_min_preconditioned")
 def sharpness_preconditioned(loss_fn, params, preconditioner, *, key, num_matvecs: int = 20, k: int = 1,
-                             method: str = "unrolled") -> Extremes:
+                             method: str = "loop") -> Extremes:
     """Extremes of the preconditioned Hessian ``P^-1 H`` at ``params``, with ``P = diag(preconditioner)``:
     the curvature a diagonally preconditioned step ``theta -> theta - eta P^-1 m`` sees (Adam's, Cohen et al.
     2022; :func:`quotient_sgd.optim.adam_preconditioner` gives Adam's ``P``).

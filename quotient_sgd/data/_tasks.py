@@ -57,6 +57,8 @@ def teacher_student(*, seed: int = 0, n_train: int = 512, n_test: int = 256, din
            din=(din, _int_at_least(din, 1), "an integer >= 1"), dout=(dout, _int_at_least(dout, 1), "an integer >= 1"),
            teacher_hidden=(teacher_hidden, _int_at_least(teacher_hidden, 1), "an integer >= 1"),
            noise=(noise, _real(noise) and bool(np.isfinite(noise) and noise >= 0), "a finite number >= 0"))
+    # Python ints: NumPy fixed-width integers would wrap around in n_train + n_test
+    n_train, n_test, din, dout, teacher_hidden = map(int, (n_train, n_test, din, dout, teacher_hidden))
     rng = np.random.default_rng([_seed("teacher_student", seed), 1])
     w1 = rng.normal(size=(din, teacher_hidden)) / np.sqrt(din)
     w2 = rng.normal(size=(teacher_hidden, dout))
@@ -74,12 +76,14 @@ def modular_arithmetic(*, seed: int = 0, p: int = 23, train_fraction: float = 0.
         encoding: ``"onehot"``: inputs ``concat(onehot(a), onehot(b))`` of length ``2p`` (for an MLP);
             ``"tokens"``: int sequences ``[a, b, p]`` (``p`` is the ``=`` token; vocabulary ``p + 1``) for a
             Transformer, which predicts the label at the last position.
-        train_fraction: fraction of the ``p^2`` pairs used for training.
+        train_fraction: fraction of the ``p^2`` pairs used for training: ``round(train_fraction * p^2)`` of them
+            (Python's ``round``, a half to the even count), the rest held out.
     """
     if encoding not in ("onehot", "tokens"):
         raise ValueError(f"encoding must be 'onehot' or 'tokens', got {encoding!r}")
     seed = _seed("modular_arithmetic", seed)
     _check("modular_arithmetic", p=(p, _int_at_least(p, 2), "an integer >= 2"))
+    p = int(p)  # a NumPy fixed-width integer would wrap around in p * p
     _check("modular_arithmetic",
            train_fraction=(train_fraction, _real(train_fraction) and 0 < train_fraction < 1
                            and 1 <= round(train_fraction * p * p) < p * p,
@@ -108,6 +112,7 @@ def sparse_parity(*, seed: int = 0, n_bits: int = 20, k: int = 3, n_train: int =
     _check("sparse_parity", k=(k, _int_at_least(k, 1) and k <= n_bits, f"an integer in [1, n_bits] = [1, {n_bits}]"),
            n_train=(n_train, _int_at_least(n_train, 1), "an integer >= 1"),
            n_test=(n_test, _int_at_least(n_test, 0), "an integer >= 0"))
+    n_bits, k, n_train, n_test = map(int, (n_bits, k, n_train, n_test))  # no wrap-around in n_train + n_test
     rng = np.random.default_rng([_seed("sparse_parity", seed), 3])
     bits = rng.choice(n_bits, size=k, replace=False)
     x = rng.choice(np.array([-1.0, 1.0]), size=(n_train + n_test, n_bits))

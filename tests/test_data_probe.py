@@ -1,5 +1,5 @@
-"""Data sets and batches on cases the other data tests leave out: NumPy fixed-width integer sizes and exact
-references for the synthetic tasks."""
+"""Data sets and batches on cases the other data tests leave out: NumPy fixed-width integer sizes, the padded
+batch under float64, and exact references for the synthetic tasks."""
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,21 @@ def test_numpy_fixed_width_integer_sizes_do_not_wrap(make, kw):
     for a, b in zip(_arrays(got), _arrays(ref)):
         np.testing.assert_array_equal(a, b)
     assert got.num_classes == ref.num_classes and type(got.num_classes) is int
+
+
+@pytest.mark.parametrize("sampler", data.SAMPLERS)
+@pytest.mark.parametrize("bs_dtype", [jnp.int32, jnp.int64])
+def test_padded_batch_under_x64(x64, sampler, bs_dtype):
+    """With jax_enable_x64 the mask compared an int64 arange with the int32 batch size, which strict promotion
+    refuses; the padded batch is now the unpadded one plus zero weights, eager and under jit, as without x64."""
+    ds = data.teacher_student(n_train=40, n_test=4)
+    k = jax.random.key(2)
+    small = data.batch_fn(ds, 5, sampler=sampler)(jnp.int64(7), k)
+    f = data.batch_fn(ds, jnp.asarray(5, bs_dtype), max_batch_size=8, sampler=sampler)
+    for padded in (f(jnp.int64(7), k), jax.jit(f)(jnp.int64(7), k)):
+        np.testing.assert_array_equal(np.asarray(padded["x"][:5]), np.asarray(small["x"]))
+        np.testing.assert_array_equal(np.asarray(padded["w"]), [1, 1, 1, 1, 1, 0, 0, 0])
+        assert padded["w"].dtype == jnp.float32 and padded["x"].dtype == jnp.float32
 
 
 def test_teacher_student_targets_are_the_teachers_outputs_plus_noise():

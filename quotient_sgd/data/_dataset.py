@@ -243,7 +243,9 @@ def batch_fn(dataset: Dataset, batch_size: int | None, *, max_batch_size: int | 
         if max_batch_size is None:
             w = jnp.ones((size,), jnp.float32)
         else:
-            w = (jnp.arange(size) < jnp.asarray(batch_size).astype(jnp.int32)).astype(jnp.float32)
+            # int32 on both sides whatever jax_enable_x64 says (an int64 arange against the int32 batch size is
+            # refused under strict dtype promotion)
+            w = (jnp.arange(size, dtype=jnp.int32) < jnp.asarray(batch_size).astype(jnp.int32)).astype(jnp.float32)
         return {"x": dataset.x_train[idx], "y": dataset.y_train[idx], "w": w}
 
     return sample

@@ -96,8 +96,14 @@ def invariant_norms(group, params, element=None) -> dict[str, jax.Array]:
 @observable(REDUCED_DYNAMICS, "angular_update")
 def angular_update(group, params, updates) -> dict[str, jax.Array]:
     """For every scale-invariant component (weights feeding a normalisation), the RMS over its normalised units
-    of the angle between ``w`` and ``w + Delta`` (radians).  THEORY section 2: at equilibrium under SGD with
-    weight decay it is about ``sqrt(2 eta lambda)`` (spherical motion dynamics, Wan et al. 2021)."""
+    of the angle between ``w`` and ``w + Delta`` (radians).  THEORY section 2 (spherical motion dynamics, Wan et
+    al. 2021): at the equilibrium of SGD with learning rate ``eta`` and weight decay ``lambda`` the RMS over steps
+    of this angle is about ``sqrt(2 eta lambda)``; with heavy-ball momentum ``beta`` about
+    ``sqrt(2 eta lambda / (1 + beta))`` when the decay goes through the momentum (coupled / L2,
+    ``optax.chain(optax.add_decayed_weights(lambda), optax.sgd(eta, momentum=beta))``) and about
+    ``sqrt(2 eta lambda (1 - beta) / (1 + beta))`` when it is decoupled (``optax.chain(optax.trace(beta),
+    optax.add_decayed_weights(lambda), optax.scale(-eta))``), to first order in ``eta lambda``.  The equilibrium
+    holds for the mean square of the angle: the mean angle over steps is smaller when the angle fluctuates."""
     out = {}
     for c in components(group):
         ms = scale_members(c)

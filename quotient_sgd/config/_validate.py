@@ -164,6 +164,16 @@ def _check_data(d: DataSettings) -> None:
         for k in ("n_train", "n_test", "n_bits"):
             _check(getattr(d, k) >= 1, f"data.{k}", getattr(d, k), "must be >= 1")
         _check(1 <= d.k <= d.n_bits, "data.k", d.k, f"must satisfy 1 <= k <= data.n_bits = {d.n_bits}")
+        if 2**d.n_bits <= d.n_train:  # the training draws may cover every input (cheap to check: few bits)
+            from ..data import sparse_parity
+
+            try:
+                sparse_parity(seed=d.seed, n_bits=d.n_bits, k=d.k, n_train=d.n_train, n_test=d.n_test)
+            except ValueError:
+                _check(False, "data.n_test", d.n_test,
+                       f"the data.n_train = {d.n_train} training inputs drawn from data.seed = {d.seed} are all "
+                       f"2^n_bits = {2**d.n_bits} inputs of data.n_bits = {d.n_bits}, so none is left to hold out "
+                       f"for a test set; use fewer training examples or more bits")
     if d.name == "modular_arithmetic":
         _check(d.p >= 2, "data.p", d.p, "must be >= 2")
         _check(0 < d.train_fraction < 1, "data.train_fraction", d.train_fraction, "must be in (0, 1)")

@@ -107,7 +107,14 @@ def sparse_parity(*, seed: int = 0, n_bits: int = 20, k: int = 3, n_train: int =
                   ) -> Dataset:
     """``x`` uniform in ``{-1, +1}^n_bits``, label ``1`` when the product of ``k`` fixed (random) bits is ``-1``.
 
-    Two classes; the relevant bits are drawn from ``seed`` too."""
+    Two classes; the relevant bits are drawn from ``seed`` too.  The test inputs are held out: a test draw equal
+    to a training input is drawn again (for a small ``n_bits`` independent draws repeated training inputs, 28 of
+    100 test rows at ``n_bits = 10``, so that test accuracy partly measured memorisation); test rows may repeat
+    among themselves.  Draws that hit no training input are kept as they are.
+
+    Raises:
+        ValueError: an argument out of range, or ``n_test > 0`` when the training inputs are all ``2^n_bits``
+            inputs (none is left to hold out)."""
     _check("sparse_parity", n_bits=(n_bits, _int_at_least(n_bits, 1), "an integer >= 1"))
     _check("sparse_parity", k=(k, _int_at_least(k, 1) and k <= n_bits, f"an integer in [1, n_bits] = [1, {n_bits}]"),
            n_train=(n_train, _int_at_least(n_train, 1), "an integer >= 1"),
@@ -116,9 +123,29 @@ def sparse_parity(*, seed: int = 0, n_bits: int = 20, k: int = 3, n_train: int =
     rng = np.random.default_rng([_seed("sparse_parity", seed), 3])
     bits = rng.choice(n_bits, size=k, replace=False)
     x = rng.choice(np.array([-1.0, 1.0]), size=(n_train + n_test, n_bits))
+    if n_test:
+        x[n_train:] = _held_out(rng, x[:n_train], x[n_train:])
     y = (np.prod(x[:, bits], axis=1) < 0).astype(np.int32)
     return make_dataset(x[:n_train], y[:n_train], x[n_train:], y[n_train:], task="classification", num_classes=2,
                         name="sparse_parity")
+
+
+def _held_out(rng: np.random.Generator, train: np.ndarray, test: np.ndarray) -> np.ndarray:
+    """``test`` (rows in ``{-1, +1}^n``) with every row equal to a row of ``train`` drawn again from ``rng``
+    until none is."""
+    n_bits = train.shape[1]
+    key = lambda rows: [r.tobytes() for r in np.packbits(rows > 0, axis=1)]  # noqa: E731
+    seen = set(key(train))
+    if n_bits < 63 and len(seen) >= 2**n_bits:
+        raise ValueError(f"sparse_parity: n_test={len(test)} needs inputs outside the training set, but the "
+                         f"n_train={len(train)} training inputs are all 2^n_bits = {2**n_bits} inputs of "
+                         f"n_bits={n_bits}; use n_test=0, fewer training examples or more bits")
+    test = test.copy()
+    bad = np.array([b in seen for b in key(test)], bool)
+    while bad.any():
+        test[bad] = rng.choice(np.array([-1.0, 1.0]), size=(int(bad.sum()), n_bits))
+        bad[bad] = [b in seen for b in key(test[bad])]
+    return test
 
 
 @functools.lru_cache(maxsize=1)

@@ -61,6 +61,14 @@ def run(cfg):
     return dict(traj=traj, events=events, wall=wall, test_acc=test_acc)
 
 
+def running_rms(ang, window: int = 50):
+    """The RMS of the per-step angle over a sliding ``window`` of steps (``len(ang) - window + 1`` values; entry
+    ``i`` ends at step ``i + window - 1``).  The equilibrium holds for the mean square of the angle, ``eta^2 |g|^2
+    / |w|^2 ~ 2 eta lambda``: the mean angle is smaller by the spread of the per-step angle (Jensen)."""
+    ang = np.asarray(ang, np.float64)
+    return np.sqrt(np.convolve(np.square(ang), np.ones(window) / window, mode="valid"))
+
+
 def summarise(cfg, out):
     tr = out["traj"]
     pred = float(np.sqrt(2 * cfg.lr * cfg.weight_decay))
@@ -72,12 +80,13 @@ def summarise(cfg, out):
             continue
         name = k.split("/", 1)[1]
         ang = tr[k]
-        sm = np.convolve(ang, np.ones(50) / 50, mode="valid")  # 50-step running mean
+        sm = running_rms(ang)
         reach = np.nonzero(np.abs(sm / pred - 1) < 0.1)[0]
         q = tr.get(f"charges/{name}")
+        rms = float(np.sqrt(np.mean(np.square(ang[tail]))))
         rows.append({
-            "block": name, "predicted sqrt(2 eta lambda)": pred, "measured RMS angle (tail)": float(np.mean(ang[tail])),
-            "ratio": float(np.mean(ang[tail]) / pred),
+            "block": name, "predicted sqrt(2 eta lambda)": pred, "measured RMS angle (tail)": rms,
+            "ratio": rms / pred, "mean angle (tail)": float(np.mean(ang[tail])),
             "steps to within 10%": int(reach[0]) + 49 if reach.size else "not reached",
             "|w|^2 start": float(2 * np.sum(q[0])) if q is not None else None,
             "|w|^2 end": float(2 * np.sum(q[-1])) if q is not None else None,
@@ -92,12 +101,12 @@ def figure(cfg, out, path):
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for k in sorted(tr):
         if k.startswith("angular_update/"):
-            sm = np.convolve(tr[k], np.ones(50) / 50, mode="valid")
+            sm = running_rms(tr[k])
             axes[0].plot(np.arange(len(sm)) + 49, sm, label=k.split("/", 1)[1])
         if k.startswith("charges/scale"):
             axes[1].plot(2 * tr[k].reshape(len(tr[k]), -1).sum(-1), label=k.split("/", 1)[1])
     axes[0].axhline(pred, color="k", ls="--", label="sqrt(2 eta lambda)")
-    axes[0].set(title="RMS angular update per step (50-step mean)", xlabel="step")
+    axes[0].set(title="RMS angular update per step (over 50 steps)", xlabel="step")
     axes[1].set(title="|w|^2 of the scale-invariant blocks (raw)", xlabel="step", yscale="log")
     axes[2].semilogy(tr["loss"], lw=0.5)
     C.mark_events(axes[2], out["events"])

@@ -89,3 +89,104 @@ def test_effective_lr_of_a_scale_block_is_eta_over_squared_norm(x64):
     out = qobs.effective_lr(SMD_GROUP, p, g, upd, g)
     np.testing.assert_allclose(out["s"], eta / jnp.sum(jnp.square(p["w"]), axis=1), rtol=1e-10)
     np.testing.assert_allclose(out["s"], eta / (2 * qobs.charges(SMD_GROUP, p)["s"]), rtol=1e-10)
+
+
+# ----- charge identities on a CNN's channel rescale charges --------------------------------------------------
+def _cnn_setup():
+    from flax import nnx
+
+    from quotient_sgd.models import CNN
+
+    model = CNN(1, (2, 3), 3, activation="relu", classifier=True, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(p, batch):
+        x, y = batch
+        logp = nnx.merge(graphdef, p, rest)(x)
+        return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
+
+    steps = 12
+    x = jax.random.normal(jax.random.key(1), (steps, 4, 4, 4, 1), jnp.float64)
+    y = jax.random.randint(jax.random.key(2), (steps, 4), 0, 3)
+    return model.symmetries(), params, loss, (x, y)
+
+
+def _cosine(count):  # optax's own schedules mix int32 and Python floats, which strict promotion refuses
+    return 0.05 * (1 + jnp.cos(jnp.pi * count.astype(jnp.float64) / 12)) / 2 + 0.01
+
+
+CNN_OPTIMISERS = {
+    # clipped gradients and the coupled decay accumulate in the Nesterov momentum; the learning rate is a schedule
+    # injected into the state (the spec reads it there)
+    "clip_coupled_wd_nesterov_injected_schedule": (
+        optax.chain(optax.clip_by_global_norm(0.3), optax.add_decayed_weights(0.01),
+                    optax.inject_hyperparams(optax.sgd)(learning_rate=_cosine, momentum=0.9, nesterov=True)),
+        SGDSpec("learning_rate", coupled_weight_decay=0.01, momentum="momentum", nesterov=True)),
+    # the schedule as a callable in the spec, evaluated at the wrapper's count
+    "schedule_coupled_wd": (
+        optax.chain(optax.add_decayed_weights(0.02), optax.sgd(_cosine, momentum=0.9)),
+        SGDSpec(_cosine, coupled_weight_decay=0.02, momentum=0.9)),
+    "decoupled_wd_injected_schedule": (
+        optax.chain(optax.trace(0.9), optax.add_decayed_weights(0.02),
+                    optax.inject_hyperparams(optax.scale_by_learning_rate)(learning_rate=_cosine)),
+        SGDSpec("learning_rate", weight_decay=0.02, momentum=0.9)),
+}
+
+
+def _check_cnn_charge_identity(name):
+    group, params, loss, data = _cnn_setup()
+    inner, spec = CNN_OPTIMISERS[name]
+    tx = quotient_trajectory(inner, group, spec=spec, observables=("charge_drift", "charge_drift_predicted"))
+    _, _, traj = train(loss, params, tx, data, donate=False)
+    for d, p in zip(jax.tree.leaves(traj["charge_drift"]), jax.tree.leaves(traj["charge_drift_predicted"])):
+        scale = max(float(jnp.max(jnp.abs(d))), 1e-6)  # a conserved component: both ~ rounding
+        assert float(jnp.max(jnp.abs(d - p))) / scale < 1e-8, name
+    assert float(jnp.max(jnp.abs(traj["charge_drift"]["rescale/convs.0"]))) > 1e-4, name  # the drift is real
+
+
+def test_cnn_channel_charges_follow_the_predicted_drift(x64):
+    """charge_drift == charge_drift_predicted (1e-8 relative) for the CNN's per-channel rescale charges and the
+    head's translation charge under clipping + coupled decay + Nesterov with an injected learning-rate schedule."""
+    _check_cnn_charge_identity("clip_coupled_wd_nesterov_injected_schedule")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["schedule_coupled_wd", "decoupled_wd_injected_schedule"])
+def test_cnn_channel_charges_follow_the_predicted_drift_schedules(x64, name):
+    _check_cnn_charge_identity(name)
+
+
+@pytest.mark.slow
+def test_cnn_channel_charges_conserved_by_gradient_flow(x64):
+    """With a tiny learning rate and no decay (gradient flow) the channel rescale charges are conserved (Du et al.
+    2018, balancedness; the drift per step is O(eta^2)): over 12 steps of 1e-4."""
+    group, params, loss, data = _cnn_setup()
+    tx = quotient_trajectory(optax.sgd(1e-4), group, observables=("charges",))
+    _, _, traj = train(loss, params, tx, data, donate=False)
+    for name in ("rescale/convs.0", "rescale/convs.1"):
+        q = traj["charges"][name]
+        assert float(jnp.max(jnp.abs(q[-1] - q[0])) / jnp.max(jnp.abs(q[0]))) < 1e-5, name
+
+
+def test_normalised_cnn_experiment_reports_the_rms_angle():
+    """Experiment 4 compares the angular update with sqrt(2 eta lambda), an equilibrium of its mean square: an angle
+    alternating between 0 and sqrt(2) * prediction sits exactly at it (RMS = prediction, mean = 0.71 x)."""
+    import os
+    import sys
+
+    import ml_collections
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+    import normalised_cnn as E
+
+    cfg = ml_collections.ConfigDict(dict(lr=0.1, weight_decay=0.01, tail_fraction=0.25))
+    pred = np.sqrt(2 * cfg.lr * cfg.weight_decay)
+    ang = np.tile([0.0, np.sqrt(2) * pred], 200)
+    ang[:100] = 0.5 * pred  # a transient of 100 steps below the equilibrium
+    (row,) = E.summarise(cfg, {"traj": {"loss": np.ones(400), "angular_update/scale/convs.0": ang}})
+    np.testing.assert_allclose(row["measured RMS angle (tail)"], pred, rtol=1e-12)
+    np.testing.assert_allclose(row["ratio"], 1.0, rtol=1e-12)
+    np.testing.assert_allclose(row["mean angle (tail)"], pred / np.sqrt(2), rtol=1e-12)
+    # the first 50-step window with at most 12 transient steps: mean square (12 / 4 + 38) / 50 = 0.82 (RMS 0.906)
+    assert row["steps to within 10%"] == 137
+    np.testing.assert_allclose(E.running_rms(ang)[100:], pred, rtol=1e-12)

@@ -297,19 +297,23 @@ def fold_levels_for(levels: Sequence[float], momentum: float = 0.0, nesterov: bo
     return out
 
 
-def _coupled_decay(lr, weight_decay, idx, steps, bound: float, bound_text: str, what: str) -> np.ndarray:
-    """SGD's coupled weight decay ``lr * weight_decay`` of each row (the learning rate of the row: the level moves
-    with a schedule), checked below ``bound`` at the rows ``idx`` that are read."""
+def _decay_of_rows(lr, weight_decay, idx, steps, bound: float, need: str, why: str) -> np.ndarray:
+    """The decay ``lr * weight_decay`` of each row (the learning rate of the row: a level moves with a schedule),
+    checked below ``bound`` at the rows ``idx`` that are read; the error says ``need < {need}`` and ``why``."""
     decay = np.asarray(lr, np.float64) * float(weight_decay)
     bad = idx[decay[idx] >= bound]
     if bad.size:
         i = int(bad[0])
         raise ValueError(f"detect: lr * weight_decay = {float(decay[i])!r} at step {int(steps[i])} (lr={_f(lr[i])!r}, "
-                         f"weight_decay={weight_decay!r}) is not allowed; need < {bound_text} = {bound!r} for "
-                         f"{what} (SGD's coupled decay, optax.add_decayed_weights before the momentum, adds "
-                         f"weight_decay to every curvature: from there on the decay alone, at zero curvature of "
-                         f"the loss, is past it)")
+                         f"weight_decay={weight_decay!r}) is not allowed; need < {need} ({why})")
     return decay
+
+
+def _coupled_decay(lr, weight_decay, idx, steps, bound: float, bound_text: str, what: str) -> np.ndarray:
+    """SGD's coupled weight decay ``lr * weight_decay`` of each row, checked below ``bound`` (:func:`_decay_of_rows`)."""
+    return _decay_of_rows(lr, weight_decay, idx, steps, bound, f"{bound_text} = {bound!r} for {what}",
+                          "SGD's coupled decay, optax.add_decayed_weights before the momentum, adds weight_decay to "
+                          "every curvature: from there on the decay alone, at zero curvature of the loss, is past it")
 
 
 def _per_row(fn, decay: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -478,28 +482,19 @@ def _preconditioned_edge(traj, steps, lr, eos_levels, rearm, b1, weight_decay=0.
     settled = np.power(float(b1), np.asarray(steps, np.float64) + 1) <= _ADAM_SETTLED
     idx = np.nonzero(fresh_mask(traj, key, steps) & settled)[0]
     # AdamW's decay enters as eta * wd of each step: with a schedule the edge moves with the learning rate
-    decay = np.asarray(lr, np.float64) * float(weight_decay)
-    bad = idx[decay[idx] >= 2]
-    if bad.size:
-        i = int(bad[0])
-        raise ValueError(f"detect: lr * weight_decay = {float(decay[i])!r} at step {int(steps[i])} (lr={_f(lr[i])!r}, "
-                         f"weight_decay={weight_decay!r}) is not allowed; need < 2 for an edge of stability "
-                         f"(AdamW's decay alone, theta -> (1 - lr * weight_decay) theta, is unstable from 2 on)")
-    edges = np.full(len(decay), np.nan)
-    uniq, inverse = np.unique(decay[idx], return_inverse=True)
-    edges[idx] = np.array([adam_edge(b1, decay=float(d), nesterov=bool(nesterov)) for d in uniq])[inverse]
+    decay = _decay_of_rows(lr, weight_decay, idx, steps, 2.0, "2 for an edge of stability",
+                           "AdamW's decay alone, theta -> (1 - lr * weight_decay) theta, is unstable from 2 on")
+    edges = _per_row(lambda d: adam_edge(b1, decay=d, nesterov=bool(nesterov)), decay, idx)
     q = lr * np.asarray(traj[key], dtype=np.float64)
     out = []
     for level in eos_levels:
-        levels = level * edges / 2
-        for s, _e, p in crossings(q[idx], levels[idx], rearm):
-            i, ip = int(idx[s]), int(idx[p])
+        for ev in _threshold_events(traj, key, q, idx, steps, "edge_of_stability", level * edges / 2,
+                                    "preconditioned", rearm, lr):
+            i = int(np.nonzero(steps == ev.step)[0][0])
             obs = {key: _f(traj[key][i]), "lr": _f(lr[i])}
-            details = {"level": float(levels[i]), "peak": _f(q[ip]), "peak_step": int(steps[ip]),
-                       "edge": float(edges[i]), "b1": float(b1), "decay": float(decay[i]),
+            details = {**ev.details, "edge": float(edges[i]), "b1": float(b1), "decay": float(decay[i]),
                        "nesterov": bool(nesterov)}
-            out.append(Event(int(steps[i]), "edge_of_stability", _f(q[i]), obs, "preconditioned",
-                             is_invariant(obs), details))
+            out.append(Event(ev.step, ev.kind, ev.strength, obs, "preconditioned", is_invariant(obs), details))
     return out
 
 

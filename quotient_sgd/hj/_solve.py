@@ -103,14 +103,20 @@ class _LatticeWithStops(dfx.AbstractStepSizeController):
         return True, t1, self._next(t1), False, None, dfx.RESULTS.successful
 
 
+def _concrete_value(value, dtype=float):
+    """``value`` as a NumPy array (of ``dtype``; ``None`` keeps its own), or ``None`` when it is traced (e.g. under
+    ``vmap`` or ``grad``: it cannot be checked here)."""
+    try:
+        return np.asarray(value, dtype=dtype)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError, TypeError):
+        return None
+
+
 def _concrete_negative(value, strict: bool):
     """``value`` when it is a known number below zero (or equal to zero with ``strict``), else ``None`` (also for
-    traced values, e.g. under ``vmap`` or ``grad``, which cannot be checked here)."""
-    if value is None:
-        return None
-    try:
-        a = np.asarray(value, dtype=float)
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError, TypeError):
+    traced values, which cannot be checked here)."""
+    a = None if value is None else _concrete_value(value)
+    if a is None:
         return None
     bad = (a <= 0) if strict else (a < 0)
     return value if bool(np.any(bad)) else None
@@ -118,21 +124,8 @@ def _concrete_negative(value, strict: bool):
 
 def _concrete_non_finite(value):
     """``True`` when ``value`` is known (not traced) and has a NaN or infinite entry."""
-    if value is None:
-        return False
-    try:
-        a = np.asarray(value)
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError, TypeError):
-        return False
-    return a.dtype.kind in "fc" and not bool(np.all(np.isfinite(a)))
-
-
-def _concrete_value(value):
-    """``value`` as a float NumPy array, or ``None`` when it is traced (it cannot be checked here)."""
-    try:
-        return np.asarray(value, dtype=float)
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError, TypeError):
-        return None
+    a = None if value is None else _concrete_value(value, None)
+    return a is not None and a.dtype.kind in "fc" and not bool(np.all(np.isfinite(a)))
 
 
 def _check_save_times(name, ts, t1) -> None:

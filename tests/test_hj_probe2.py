@@ -199,3 +199,15 @@ def test_solve_names_the_initial_field_of_a_wrong_shape():
         solve_hj(jnp.zeros((2, 8, 8)), g * g, nu=0.1, t1=0.1)
     with pytest.raises(ValueError, match=r"solve_burgers: p0 has shape \(8, 8\); .* \(2, 8, 8\) \(a gradient field"):
         solve_burgers(jnp.zeros((8, 8)), g * g, nu=0.1, t1=0.1)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_find_shocks_refuses_a_non_finite_field(bad):
+    """A NaN field (a diverged solve) was reported as having no shocks: every comparison with NaN is False."""
+    g = Grid(64, -1.0, 1.0)
+    p = jnp.where(g.x < 0.0, 1.0, -1.0).at[40].set(bad)
+    with pytest.raises(ValueError, match=r"find_shocks: p is not finite \(1 NaN or infinite entries, the first at "
+                                         r"index 40\)"):
+        find_shocks(p, g)
+    s = find_shocks(jnp.where(g.x < 0.0, 1.0, -1.0), g)  # the same front, finite, is found
+    assert int(s.valid.sum()) >= 1

@@ -134,6 +134,9 @@ def find_shocks(p: Array, grid: Grid, *, max_shocks: int = 8, min_steepness=None
     Expansion jumps (p increasing) are inadmissible and are not reported unless ``include_inadmissible``, in
     which case peaks of |dp/dx| are candidates and ``admissible`` tells them apart.
 
+    A known (not traced) field with a NaN or infinite entry is refused (``ValueError``); under ``jit`` such a
+    field reports no shocks.
+
     Returns:
         :class:`Shocks` with ``max_shocks`` slots.
     """
@@ -141,6 +144,12 @@ def find_shocks(p: Array, grid: Grid, *, max_shocks: int = 8, min_steepness=None
     if grid.ndim != 1 or p.shape != grid.shape:
         raise ValueError(f"find_shocks takes a 1-D field of shape {grid.shape}, got {p.shape}; for 2-D fields "
                          "take 1-D cuts.")
+    from ._solve import _concrete_non_finite
+
+    if _concrete_non_finite(p):  # every comparison with NaN is False: it would report "no shocks"
+        bad = np.flatnonzero(~np.isfinite(np.asarray(p)))
+        raise ValueError(f"find_shocks: p is not finite ({bad.size} NaN or infinite entries, the first at index "
+                         f"{int(bad[0])}); a field from a diverged solve has no fronts to locate.")
     n, dx = grid.n, grid.dx
     if not (int(max_shocks) == max_shocks and max_shocks >= 1):
         raise ValueError(f"find_shocks: max_shocks={max_shocks!r} is not allowed; need an integer >= 1.")

@@ -133,6 +133,37 @@ def test_neighbouring_configs_still_validate(over):
     validate(_tiny(**over))
 
 
+@pytest.mark.parametrize("over,needles", [
+    # data.p = 50000 asked for 10^15 bytes of one-hot inputs: the run died building them, or the machine swapped
+    ({"data.name": "modular_arithmetic", "data.p": 50000},
+     ["config.data.p = 50000", "2500000000 examples", "GiB to build", "use a smaller data.p", "p^3"]),
+    ({"data.name": "modular_arithmetic", "data.p": 500},
+     ["config.data.p = 500", "250000 examples", "2.79 GiB to build, more than this machine's 2 GiB"]),
+    ({"data.name": "teacher_student", "data.n_train": 10**8},
+     ["config.data.n_train = 100000000", "GiB to build"]),
+    ({"data.name": "sparse_parity", "data.n_test": 10**8, "data.n_bits": 40},
+     ["config.data.n_test = 100000000", "GiB to build"]),
+    ({"data.name": "teacher_student", "data.n_train": 2**30, "data.n_test": 2**30, "data.din": 1},
+     ["config.data.n_train = 1073741824", "2147483648 examples (train and test)", "at most 2147483647 are "
+      "indexable"]),
+])
+def test_data_sets_larger_than_memory_are_refused(monkeypatch, over, needles):
+    import quotient_sgd.config._validate as v
+
+    big = over.get("data.n_test") == 2**30   # the int32 limit, on a machine with the memory for the data
+    monkeypatch.setattr(v, "physical_memory", lambda: (2**50 if big else 2 * 2**30))   # else a 2 GiB machine
+    with pytest.raises(ConfigError) as e:
+        validate(_tiny(**over))
+    for n in needles:
+        assert n in str(e.value), (n, str(e.value))
+    if over.get("data.p") == 500:   # the same on a machine with the memory for it, and smaller data on this one
+        monkeypatch.setattr(v, "physical_memory", lambda: 4 * 2**30)
+        validate(_tiny(**over))
+        monkeypatch.setattr(v, "physical_memory", lambda: 2 * 2**30)
+        validate(_tiny(**{**over, "data.p": 400}))
+        validate(_tiny(**{**over, "data.p": 500, "model.name": "transformer"}))  # tokens: p^2, not p^3
+
+
 def test_wrong_types():
     c = default_config()
     c.optim.lr = 0.1

@@ -193,6 +193,47 @@ def _check_data(d: DataSettings) -> None:
            f"larger than the training set ({n} examples of {d.name!r}); use <= {n}, or 0 for full batch")
 
 
+def physical_memory() -> int | None:
+    """This machine's physical memory in bytes (``None`` where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def data_bytes(d: DataSettings, model_name: str) -> tuple[int, str]:
+    """About the peak host memory that building the data set ``d`` (for ``model_name``) takes, in bytes, and the
+    key that sets its size (arithmetic only: no data is built).  Counts the float64 draws and the float32 copies
+    :mod:`quotient_sgd.data` makes; the one-hot encoding of ``modular_arithmetic`` grows as ``p^3``."""
+    if d.name == "teacher_student":
+        n = d.n_train + d.n_test
+        return n * (12 * (d.din + d.dout) + 8 * d.teacher_hidden), (
+            "data.n_train" if d.n_train >= d.n_test else "data.n_test")
+    if d.name == "sparse_parity":
+        return 12 * (d.n_train + d.n_test) * d.n_bits, "data.n_train" if d.n_train >= d.n_test else "data.n_test"
+    if d.name == "modular_arithmetic":
+        pairs = d.p * d.p
+        return (pairs * 24 * d.p if model_name != "transformer" else pairs * 64), "data.p"
+    return 16 * DIGITS_SIZE * 65, "data.test_fraction"
+
+
+def _check_data_size(d: DataSettings, model_name: str, memory: int | None = None) -> None:
+    """A data set larger than this machine's memory (or with more examples than an int32 index reaches) is refused
+    before anything is built: ``data.p = 50000`` asked for 10^15 bytes of one-hot inputs."""
+    n_examples = sum(split_sizes(d))
+    nbytes, key = data_bytes(d, model_name)
+    value = getattr(d, key.split(".")[1])
+    memory = physical_memory() if memory is None else memory
+    if memory is not None:
+        _check(nbytes <= memory, key, value,
+               f"makes a data set of {n_examples} examples that takes about {nbytes / 2**30:.3g} GiB to build, more "
+               f"than this machine's {memory / 2**30:.3g} GiB of memory; use a smaller {key}"
+               + (" (the one-hot inputs of an MLP grow as p^3; a transformer takes p^2 tokens)"
+                  if d.name == "modular_arithmetic" and model_name != "transformer" else ""))
+    _check(n_examples <= INT32_MAX, key, value, f"makes {n_examples} examples (train and test); at most "
+           f"{INT32_MAX} are indexable (int32)")
+
+
 def _check_model(m: ModelSettings, d: DataSettings) -> None:
     from ..models import ACTIVATIONS
 
@@ -472,6 +513,7 @@ def validate(cfg: Mapping[str, Any] | Any) -> Settings:
     _check(s.logging.every >= 1, "logging.every", s.logging.every, "must be >= 1")
     _check_data(s.data)
     _check_model(s.model, s.data)
+    _check_data_size(s.data, s.model.name)
     _check_optim(s)
     _check_symmetry(s)
     _check_sweep(s)

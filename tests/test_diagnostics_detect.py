@@ -160,6 +160,7 @@ def regauged_pair():
     return ob(ps), ob(ps_g), lr
 
 
+@pytest.mark.xdist_group("regauged_pair")  # one worker builds the module fixture once
 def test_orbit_invariant_detectors_identical_on_regauged_trajectory(regauged_pair):
     a, b, lr = regauged_pair
     kw = dict(lr=lr, block=1, min_ref=8, spike_factor=2.0)
@@ -175,6 +176,7 @@ def test_orbit_invariant_detectors_identical_on_regauged_trajectory(regauged_pai
     assert np.max(rel) > 0.1
 
 
+@pytest.mark.xdist_group("regauged_pair")  # one worker builds the module fixture once
 def test_decomposition_identity_along_trajectory(regauged_pair):
     a, b, lr = regauged_pair
     for t in (a, b):

@@ -118,10 +118,12 @@ def grok_fast():
     return _grok("test")
 
 
+@pytest.mark.xdist_group("grok_fast")  # one worker builds the module fixture once
 def test_grokking_fast_transition_happens(grok_fast):
     _check_grok_transition(grok_fast[2])
 
 
+@pytest.mark.xdist_group("grok_fast")  # one worker builds the module fixture once
 def test_grokking_fast_detected(grok_fast):
     _check_grok_detected(grok_fast[1], grok_fast[2])
 

@@ -72,6 +72,7 @@ def test_sweep_reported_part_way_then_resumed_without_plots_drops_the_stale_plot
 
 
 # ---- 2. the last evaluation of a diverged run ---------------------------------------------------------------------
+@pytest.mark.xdist_group("diverged_run")  # one worker builds the module fixture once
 def test_diverged_run_summary_gives_the_step_of_its_last_evaluation(diverged_run):
     wd, div = diverged_run
     ev_step = _last_eval_step(wd)
@@ -93,6 +94,7 @@ def diverged_sweep(tmp_path_factory):
     return wd, s, r
 
 
+@pytest.mark.xdist_group("diverged_sweep")  # one worker builds the module fixture once
 def test_diverged_sweep_member_row_gives_the_step_of_its_losses(diverged_sweep):
     """The table's losses of a member that diverged after an evaluation are that evaluation's; the row says
     its step (the "eval step" column)."""
@@ -111,6 +113,7 @@ def test_diverged_sweep_member_row_gives_the_step_of_its_losses(diverged_sweep):
 
 
 # ---- 3. detect_run keeps the runner's divergence ----------------------------------------------------------------
+@pytest.mark.xdist_group("diverged_run")  # one worker builds the module fixture once
 def test_detect_run_on_a_diverged_run_rewrites_the_runs_own_events(diverged_run, tmp_path):
     """Re-detection gives the run's own events.json: the runner's divergence event with its reason (it was
     replaced by the detector's, without the reason, and the detectors read the non-finite step), once, however
@@ -132,6 +135,7 @@ def test_detect_run_on_a_diverged_run_rewrites_the_runs_own_events(diverged_run,
     assert _events(wd) == own
 
 
+@pytest.mark.xdist_group("diverged_run")  # one worker builds the module fixture once
 def test_detect_run_on_a_member_of_an_unfinished_sweep_keeps_its_divergence(diverged_run, tmp_path):
     """A member that diverged in a sweep not finished yet has its divergence in diverged.json only."""
     src, div = diverged_run
@@ -291,6 +295,7 @@ def test_torn_metrics_line_is_ignored_with_a_warning(tmp_path, capsys):
     assert "Traceback" not in err and "steps: 10 of 20" in out
 
 
+@pytest.mark.xdist_group("diverged_run")  # one worker builds the module fixture once
 def test_report_without_events_json_detects_them_again(diverged_run, tmp_path):
     src, div = diverged_run
     wd = str(tmp_path / "r")
@@ -401,6 +406,7 @@ def _without_reason(events):
             for e in events]
 
 
+@pytest.mark.xdist_group("diverged_run")  # one worker builds the module fixture once
 @pytest.mark.parametrize("assembled", [False, True])
 def test_a_diverged_run_killed_before_recording_it_is_reported_as_diverged(diverged_run, tmp_path, assembled):
     """``report`` and ``detect_run`` read the divergence off the trajectory (first non-finite loss) when the run
@@ -439,6 +445,7 @@ def test_a_diverged_run_killed_before_recording_it_is_reported_as_diverged(diver
         recorded_line
 
 
+@pytest.mark.xdist_group("diverged_run")  # one worker builds the module fixture once
 def test_a_run_whose_losses_are_finite_has_no_inferred_divergence(diverged_run):
     """Only a non-finite loss is a divergence: the steps of the diverged run before its divergence (whose gradient
     norm is already non-finite at the step before it) have none, nor a trajectory that goes on after a non-finite
@@ -456,6 +463,7 @@ def test_a_run_whose_losses_are_finite_has_no_inferred_divergence(diverged_run):
     assert inferred_divergence(goes_on) is None
 
 
+@pytest.mark.xdist_group("diverged_sweep")  # one worker builds the module fixture once
 def test_a_diverged_sweep_member_killed_before_recording_it_is_reported_as_diverged(diverged_sweep, tmp_path):
     """A member killed after its diverging part, before its diverged.json: the sweep table and the member's
     ``report`` / ``detect_run`` give its divergence (the table said "unfinished"), as inferred."""

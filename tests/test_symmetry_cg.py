@@ -2,6 +2,8 @@
 solve, and it stops when it has converged on generic vectors in float32 (its stopping test is norm-wise: a
 per-entry relative test never passes for entries near zero, and the solve ran to its cap of 4 k iterations)."""
 
+import math
+
 import jax
 import lineax as lx
 import numpy as np
@@ -21,8 +23,15 @@ def _setup(sizes, dtype):
     group = model.symmetries()
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(1), len(leaves))
-    v = jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape, "float32").astype(dtype) for k, x in zip(keys, leaves)])
+    v = jax.tree.unflatten(treedef, [_normal(k, x.shape, "float32").astype(dtype)
+                                     for k, x in zip(keys, leaves)])
     return group, params, v
+
+
+def _normal(key, shape, dtype):
+    """``jax.random.normal(key, shape, dtype)``, drawn flat and reshaped: the same values (threefry counts by the
+    flat index), without compiling a two-dimensional draw per shape (~1 s each)."""
+    return jax.random.normal(key, (math.prod(shape),), dtype).reshape(shape)
 
 
 def _cg_steps(group, params, v, monkeypatch):
@@ -38,10 +47,14 @@ def _cg_steps(group, params, v, monkeypatch):
         steps.append(sol.stats["num_steps"])
         return sol
 
+    def run(flat, vflat):  # jitted: one program, not the solve dispatched op by op
+        _base.cg_vcoeffs(comps, flat, vflat)
+        return steps[0]
+
     monkeypatch.setattr(_base.lx, "linear_solve", counting)
-    _base.cg_vcoeffs(comps, flat, vflat)
+    num_steps = jax.jit(run)(flat, vflat)
     monkeypatch.undo()
-    return int(steps[0]), k
+    return int(num_steps), k
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -65,9 +78,9 @@ def test_cg_vertical_stops_in_float32_on_a_wide_mlp(monkeypatch):
     group, params, v = _setup((64, (256, 256), 10), "float32")
     steps, k = _cg_steps(group, params, v, monkeypatch)
     assert steps < 60, (steps, 4 * k)
-    with jax.enable_x64(True):
-        g64, p64, v64 = _setup((64, (256, 256), 10), "float64")
-        ref = np.asarray(ravel_pytree(g64.vertical(p64, v64))[0])
+    with jax.enable_x64(True):  # the same group, parameters and vector in float64 (what _setup gives)
+        p64, v64 = (jax.tree.map(lambda x: x.astype("float64"), t) for t in (params, v))
+        ref = np.asarray(ravel_pytree(group.vertical(p64, v64))[0])
     got = np.asarray(ravel_pytree(group.vertical(params, v))[0], np.float64)
     assert np.linalg.norm(got - ref) <= 1e-4 * np.linalg.norm(ref)
 
@@ -90,12 +103,12 @@ def test_cg_projection_of_horizontal_vectors(x64, widths, monkeypatch):
     dense = Product(group.components, name=group.name, dense_max=10**6)
     monkeypatch.setattr(_product, "NONABELIAN_DENSE_MAX", 0)  # this test is about the CG solve itself
     x = jax.random.normal(jax.random.key(1), (7, 8), jnp.float64)
-    grad = jax.grad(lambda q: jnp.sum(jnp.sin(nnx.merge(gd, q)(x))))(params)
+    grad = jax.jit(jax.grad(lambda q: jnp.sum(jnp.sin(nnx.merge(gd, q)(x)))))(params)  # (eager: op by op)
     norm = lambda t: float(jnp.linalg.norm(ravel_pytree(t)[0]))  # noqa: E731
     k = jax.tree.leaves(jax.eval_shape(group.tangents, params))[0].shape[0]  # generators
     assert k > group.dense_max  # solved by CG
     assert norm(group.vertical(params, grad)) <= 1e-10 * norm(grad)
-    v = jax.tree.map(lambda a: jax.random.normal(jax.random.key(3), a.shape, a.dtype), params)
+    v = jax.tree.map(lambda a: _normal(jax.random.key(3), a.shape, a.dtype), params)
     h = group.horizontal(params, v)
     diff = jax.tree.map(lambda a, b: a - b, group.horizontal(params, h), h)
     assert norm(diff) <= 1e-9 * norm(h)
@@ -117,7 +130,7 @@ def test_gl_chain_projection_at_unbalanced_points(x64, scale):
     assert k > group.dense_max
     for seed in (7, 8):
         p = group.act(group.sample(jax.random.key(seed), params, scale=scale), params)
-        v = jax.tree.map(lambda a: jax.random.normal(jax.random.key(3), a.shape, a.dtype), p)
+        v = jax.tree.map(lambda a: _normal(jax.random.key(3), a.shape, a.dtype), p)
         h = group.horizontal(p, v)
         hf, vf = ravel_pytree(h)[0], ravel_pytree(v)[0]
         tm = jax.vmap(lambda t: ravel_pytree(t)[0])(group.tangents(p))

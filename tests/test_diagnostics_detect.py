@@ -131,7 +131,9 @@ def regauged_pair():
     group = model.symmetries()
     loss = functools.partial(_mse, graphdef, batch=(x, y))
     loss = (lambda f: (lambda p: f(params=p)))(loss)
-    lam0 = float(stability_decomposition(loss, group, params, key=key, raw=False)["sharpness_horizontal"])
+    # jitted: op by op the decomposition's Lanczos runs dispatched small ops for ~5 s
+    lam0 = float(jax.jit(lambda p: stability_decomposition(loss, group, p, key=key, raw=False))(params)[
+        "sharpness_horizontal"])
     lr = 3.0 / lam0  # catapult regime
     tx = optax.sgd(lr)
 

@@ -201,7 +201,8 @@ def test_state_structure_fixed_and_vmappable():
     _, s1 = jax.jit(lambda g, s, p: tx.update(g, s, p, value=1.0, loss_fn=lf))(grads, s0, params)
     assert jax.tree.structure(s0) == jax.tree.structure(s1)
     assert all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(jax.tree.leaves(s0), jax.tree.leaves(s1)))
-    batched = jax.vmap(tx.init)(jax.vmap(init_mlp)(jax.random.split(jax.random.key(3), 2)))
+    # jitted: the vmapped init run op by op compiled each batched random draw and init op on its own (~3 s)
+    batched = jax.jit(lambda k: jax.vmap(tx.init)(jax.vmap(init_mlp)(jax.random.split(k, 2))))(jax.random.key(3))
     assert jax.tree.leaves(batched)[0].shape[0] == 2
 
 

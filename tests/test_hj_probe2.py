@@ -211,3 +211,35 @@ def test_find_shocks_refuses_a_non_finite_field(bad):
         find_shocks(p, g)
     s = find_shocks(jnp.where(g.x < 0.0, 1.0, -1.0), g)  # the same front, finite, is found
     assert int(s.valid.sum()) >= 1
+
+
+def _slice_case():
+    x = jnp.linspace(-1.0, 1.0, 16)
+    loss = lambda p: jnp.mean(jnp.tanh(x * p["w"]) ** 2)  # noqa: E731
+    return loss, {"w": jnp.asarray(0.7)}, {"w": jnp.asarray(1.0)}, dict(extent=1.0, n=17, eta=0.1, k=3, nu=0.05)
+
+
+def test_slice_flow_compiled_path_checks_a_known_array_tolerance():
+    """slice_flow runs its array work as one compiled program; a known array tolerance is fixed in it as a number
+    and still refused when out of range (solve_hj checks it as the program is traced)."""
+    loss, p, d, kw = _slice_case()
+    with pytest.raises(ValueError, match="rtol=-1.0 is not allowed"):
+        slice_flow(loss, p, d, rtol=jnp.asarray(-1.0), **kw)
+
+
+@pytest.mark.slow
+def test_slice_flow_op_by_op_for_an_unhashable_loss_gives_the_same_slice():
+    """An unhashable loss_fn cannot key the compiled program's cache: it runs op by op, to the same slice."""
+    loss, p, d, kw = _slice_case()
+
+    class Unhashable:
+        __hash__ = None
+
+        def __call__(self, q):
+            return loss(q)
+
+    a, b = slice_flow(loss, p, d, **kw), slice_flow(Unhashable(), p, d, **kw)
+    for f in ("loss", "u", "p", "t", "reach"):
+        ref = getattr(a, f)
+        np.testing.assert_allclose(getattr(b, f), ref, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(ref))),
+                                   err_msg=f)

@@ -150,12 +150,19 @@ def find_shocks(p: Array, grid: Grid, *, max_shocks: int = 8, min_steepness=None
         bad = np.flatnonzero(~np.isfinite(np.asarray(p)))
         raise ValueError(f"find_shocks: p is not finite ({bad.size} NaN or infinite entries, the first at index "
                          f"{int(bad[0])}); a field from a diverged solve has no fronts to locate.")
-    n, dx = grid.n, grid.dx
     if not (int(max_shocks) == max_shocks and max_shocks >= 1):
         raise ValueError(f"find_shocks: max_shocks={max_shocks!r} is not allowed; need an integer >= 1.")
     if window is not None and not (int(window) == window and window >= 1):
         raise ValueError(f"find_shocks: window={window!r} is not allowed; need an integer >= 1 cells (or None).")
     max_shocks = int(max_shocks)
+    window = None if window is None else int(window)
+    # one compiled program (op by op, the first call dispatched ~100 small ops: 6.1 s against ~1 s on 256 points)
+    return _find_jit(p, grid, max_shocks, min_steepness, window, include_inadmissible)
+
+
+def _find(p, grid, max_shocks, min_steepness, window, include_inadmissible) -> Shocks:
+    """:func:`find_shocks` after its argument checks."""
+    n, dx = grid.n, grid.dx
     dp = _diff(p, grid, 0)
     s = jnp.abs(dp) if include_inadmissible else -dp
     idx = np.arange(n)
@@ -245,3 +252,6 @@ def find_shocks(p: Array, grid: Grid, *, max_shocks: int = 8, min_steepness=None
     valid = valid & real & (admissible | include_inadmissible)
     return Shocks(location=loc, left=left, right=right, jump=left - right, steepness=jnp.abs(dp[i]),
                   speed=0.5 * (left + right), admissible=admissible, valid=valid)
+
+
+_find_jit = eqx.filter_jit(_find)

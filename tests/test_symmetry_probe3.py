@@ -150,3 +150,35 @@ def test_low_precision_parameters_are_computed_in_float32(model):
     moved = float(jnp.sqrt(sum(jnp.sum(jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32)))
                                for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(gp)))))
     assert float(quotient_distance(G, p, gp)) < 0.2 * moved  # bfloat16 rounding of g.p, not the orbit distance
+
+
+def test_transformer_refuses_tokens_outside_the_vocabulary():
+    """A token ``>= vocab_size`` made every output NaN (the embedding lookup fills it with NaN and attention spreads
+    it to every position), a negative one silently read the last embedding row.  Concrete tokens are checked;
+    traced ones still run."""
+    from flax import nnx
+
+    from quotient_sgd.models import Transformer
+
+    m = Transformer(3, 4, 2, 1, 4, rngs=nnx.Rngs(0))
+    for bad, lo, hi in (([[0, 1, 3]], 0, 3), ([[0, -1, 2]], -1, 2)):
+        with pytest.raises(ValueError, match=rf"Transformer: tokens must be integers in \[0, vocab_size=3\), got "
+                                             rf"values from {lo} to {hi}"):
+            m(jnp.asarray(bad, jnp.int32))
+    y = nnx.jit(lambda mm, t: mm(t))(m, jnp.asarray([[0, 1, 2]], jnp.int32))  # traced tokens: not checked
+    assert y.shape == (1, 3, 3) and bool(jnp.all(jnp.isfinite(y)))
+
+
+def test_meanfield_names_a_wrong_input_width():
+    """A wrong feature count failed inside the matrix product with JAX's ``dot_general requires contracting
+    dimensions to have the same shape``, naming neither the model nor ``din``."""
+    from flax import nnx
+
+    from quotient_sgd.models import MeanField
+
+    m = MeanField(3, 5, 2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"MeanField: x must have din=3 features on its last axis, \(\.\.\., 3\), "
+                                         r"got shape \(6, 2\)"):
+        m(jnp.ones((6, 2)))
+    assert m(jnp.ones((6, 3))).shape == (6, 2)
+    assert m(jnp.ones((3,))).shape == (2,)

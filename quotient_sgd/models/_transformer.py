@@ -146,7 +146,8 @@ class Transformer(nnx.Module):
     def logits(self, tokens: jax.Array) -> jax.Array:
         """The raw unembedding output ``(..., T, vocab_size)`` for int tokens ``(..., T)``, ``T <= max_len``: one
         sequence ``(T,)`` gives ``(T, vocab_size)``, a batch ``(B, T)`` gives ``(B, T, vocab_size)``, more leading
-        axes are batch axes too."""
+        axes are batch axes too.  Concrete tokens outside ``[0, vocab_size)`` raise ``ValueError``; traced ones (under
+        ``jit``) cannot be checked: the lookup then gives NaN (``>= vocab_size``) or wraps (negative)."""
         tokens = jnp.asarray(tokens)
         if tokens.ndim == 0:
             raise ValueError("Transformer: tokens must have a sequence axis, shape (T,) or (batch, T); got a scalar")
@@ -156,6 +157,14 @@ class Transformer(nnx.Module):
         T = tokens.shape[-1]
         if T > self.max_len:
             raise ValueError(f"sequence length {T} exceeds max_len={self.max_len}")
+        V = self.tok_embed.num_embeddings
+        if not isinstance(tokens, jax.core.Tracer) and tokens.size and jnp.issubdtype(tokens.dtype, jnp.integer):
+            # the embedding lookup fills a token >= V with NaN (every later position too, through attention) and
+            # wraps a negative one to the end of the vocabulary, silently; traced tokens cannot be checked here
+            lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
+            if lo < 0 or hi >= V:
+                raise ValueError(f"Transformer: tokens must be integers in [0, vocab_size={V}), got values from {lo} "
+                                 f"to {hi}")
         x = self.tok_embed(tokens) + self.pos_embed.embedding[...][None, :T, :]
         for block in self.blocks:
             x = block(x)

@@ -40,31 +40,37 @@ def _breakdown_tol(dtype) -> float:
     return _BREAKDOWN.get(jnp.dtype(dtype).name, 2e-5)
 
 
-def _lanczos_step(matvec: Callable, j, qmat, q, q_prev, beta_prev, done, fill):
+def _lanczos_step(matvec: Callable, j, qmat, q, q_prev, beta_prev, done, fill, scale):
     """One Lanczos step: the three-term recurrence ``w = A q_j - alpha_j q_j - beta_{j-1} q_{j-1}``, then one
     classical Gram-Schmidt pass against the rows of ``qmat`` (rows past ``j`` are zero; a pass over the rows
     built so far only was measured slower on XLA:CPU: the slice is a copy).  The recurrence is the first
     orthogonalisation, so the full pass acts on a residual already orthogonal to the basis up to rounding
     ("twice is enough"): the basis stays orthogonal to working precision at half the memory traffic of two full
-    passes (a 20-step raw-Hessian Lanczos on an 85k-parameter MLP: 25.5 -> 19.8 ms on one core).  Returns
-    ``(qmat, alpha_j, beta_j, q_{j+1}, done_{j+1})``.
+    passes (a 20-step raw-Hessian Lanczos on an 85k-parameter MLP: 25.5 -> 19.8 ms on one core).
 
     After a breakdown (``done``) the step is inert: ``q`` is zero, ``beta = 0`` and ``alpha = fill``.  With ``fill``
     the first diagonal entry ``alpha_0`` (a Rayleigh quotient of the leading block, so inside its spectrum), the
     padded tridiagonal matrix has the leading block's eigenvalues plus copies of ``fill``, which are never more
-    extreme: the extremes are those of the Krylov space actually built."""
+    extreme: the extremes are those of the Krylov space actually built.
+
+    The breakdown test compares the residual with ``scale``, the largest ``|A q_i|`` seen so far (``i <= j``; a
+    lower bound on ``|A|``; pass zero at the first step), not with this step's ``|A q_j|`` alone: once ``q_j``
+    lies (almost) in the operator's null space (a Hessian's symmetry and dead directions), ``|A q_j|`` is itself
+    rounding noise, the residual left after the space is exhausted is not small against it, and the recurrence
+    went on normalising noise (a rank-139 operator on ``n = 192`` with ``n`` steps: Ritz values ``~1e17``).
+    Returns ``(qmat, alpha_j, beta_j, q_{j+1}, done_{j+1}, scale)``."""
     qmat = qmat.at[j].set(q)
     w = matvec(q)
     a = jnp.dot(q, w)
     alpha = jnp.where(done, fill, a)
-    scale = jnp.linalg.norm(w)
+    scale = jnp.maximum(scale, jnp.linalg.norm(w))
     w = w - a * q - beta_prev * q_prev
     w = w - qmat.T @ (qmat @ w)
     beta = jnp.linalg.norm(w)
     stop = done | (beta <= _breakdown_tol(w.dtype) * scale)
     beta = jnp.where(stop, jnp.zeros_like(beta), beta)
     q_next = jnp.where(stop, jnp.zeros_like(w), w / jnp.where(stop, jnp.ones_like(beta), beta))
-    return qmat, alpha, beta, q_next, stop
+    return qmat, alpha, beta, q_next, stop, scale
 
 
 def _tridiagonal(alphas, betas):
@@ -81,15 +87,16 @@ def _lanczos_loop(matvec: Callable, v0: jax.Array, num_matvecs: int):
     n, dt = v0.shape[0], v0.dtype
 
     def body(j, carry):
-        qmat, q, q_prev, beta_prev, alphas, betas, done, active = carry
+        qmat, q, q_prev, beta_prev, alphas, betas, done, active, scale = carry
         active = active.at[j].set(~done)
-        qmat, alpha, beta, q_next, done = _lanczos_step(matvec, j, qmat, q, q_prev, beta_prev, done, alphas[0])
-        return qmat, q_next, q, beta, alphas.at[j].set(alpha), betas.at[j].set(beta), done, active
+        qmat, alpha, beta, q_next, done, scale = _lanczos_step(matvec, j, qmat, q, q_prev, beta_prev, done,
+                                                               alphas[0], scale)
+        return qmat, q_next, q, beta, alphas.at[j].set(alpha), betas.at[j].set(beta), done, active, scale
 
     init = (jnp.zeros((num_matvecs, n), dt), v0 / jnp.linalg.norm(v0), jnp.zeros((n,), dt), jnp.zeros((), dt),
             jnp.zeros(num_matvecs, dt), jnp.zeros(num_matvecs, dt), jnp.zeros((), bool),
-            jnp.zeros(num_matvecs, bool))
-    qmat, _, _, _, alphas, betas, _, active = jax.lax.fori_loop(0, num_matvecs, body, init)
+            jnp.zeros(num_matvecs, bool), jnp.zeros((), dt))
+    qmat, _, _, _, alphas, betas, _, active, _ = jax.lax.fori_loop(0, num_matvecs, body, init)
     return _tridiagonal(alphas, betas[:-1]), qmat, active
 
 
@@ -99,12 +106,12 @@ def _lanczos_unrolled(matvec: Callable, v0: jax.Array, num_matvecs: int):
     qmat = jnp.zeros((num_matvecs, n), v0.dtype)
     q = v0 / jnp.linalg.norm(v0)
     q_prev, beta = jnp.zeros_like(q), jnp.zeros((), v0.dtype)
-    done = jnp.zeros((), bool)
+    done, scale = jnp.zeros((), bool), jnp.zeros((), v0.dtype)
     alphas, betas, active = [], [], []
     for j in range(num_matvecs):
         active.append(~done)
-        qmat, alpha, beta, q_next, done = _lanczos_step(matvec, j, qmat, q, q_prev, beta, done,
-                                                        alphas[0] if alphas else 0.0)
+        qmat, alpha, beta, q_next, done, scale = _lanczos_step(matvec, j, qmat, q, q_prev, beta, done,
+                                                               alphas[0] if alphas else 0.0, scale)
         q_prev, q = q, q_next
         alphas.append(alpha)
         betas.append(beta)

@@ -59,8 +59,13 @@ class SGDSpec:
     - injected: ``optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9)`` with
       ``SGDSpec("learning_rate", momentum="momentum")``.
 
-    Clipping inside the chain is fine (the prediction uses the actual update); the learning rate and the weight
-    decay must be the ones applied.  Every field is a :data:`Hyper`; ``nesterov`` is static.
+    Clipping inside the chain is fine when it rescales the whole gradient by one factor
+    (``optax.clip_by_global_norm``): the clipped gradient stays orthogonal to the symmetry generators, and the
+    prediction uses the actual update.  Clipping per coordinate or per leaf (``optax.clip``,
+    ``optax.clip_by_block_rms``) does not keep that orthogonality: the charges then drift by a term the identity
+    does not contain (the prediction can be off by more than 100%), and such an optimiser has no spec.  The
+    learning rate and the weight decay must be the ones applied.  Every field is a :data:`Hyper`; ``nesterov`` is
+    static.
 
     The weight decays act on every parameter unless ``decay_mask`` restricts them, as optax's ``mask``: a pytree
     of booleans with the structure of the parameters (or a prefix of it), or a function ``params -> such a

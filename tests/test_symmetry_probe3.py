@@ -167,6 +167,13 @@ def test_transformer_refuses_tokens_outside_the_vocabulary():
             m(jnp.asarray(bad, jnp.int32))
     y = nnx.jit(lambda mm, t: mm(t))(m, jnp.asarray([[0, 1, 2]], jnp.int32))  # traced tokens: not checked
     assert y.shape == (1, 3, 3) and bool(jnp.all(jnp.isfinite(y)))
+    # concrete tokens closed over by a jitted function: checked with NumPy (jnp.min there is traced: int() failed)
+    graphdef, params = nnx.split(m)
+    tokens = jnp.asarray([[0, 1, 2]], jnp.int32)
+    np.testing.assert_allclose(jax.jit(lambda p: nnx.merge(graphdef, p)(tokens))(params), y, rtol=1e-6)
+    bad = jnp.asarray([[0, 1, 3]], jnp.int32)
+    with pytest.raises(ValueError, match="got values from 0 to 3"):
+        jax.jit(lambda p: nnx.merge(graphdef, p)(bad))(params)
 
 
 def test_meanfield_names_a_wrong_input_width():

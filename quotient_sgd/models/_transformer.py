@@ -6,6 +6,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ..symmetry import GL, Permutation, Product, Rescale, Translation
@@ -161,7 +162,8 @@ class Transformer(nnx.Module):
         if not isinstance(tokens, jax.core.Tracer) and tokens.size and jnp.issubdtype(tokens.dtype, jnp.integer):
             # the embedding lookup fills a token >= V with NaN (every later position too, through attention) and
             # wraps a negative one to the end of the vocabulary, silently; traced tokens cannot be checked here
-            lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
+            t = np.asarray(tokens)  # numpy: under an outer jit that closes over the tokens, jnp.min would be traced
+            lo, hi = int(t.min()), int(t.max())
             if lo < 0 or hi >= V:
                 raise ValueError(f"Transformer: tokens must be integers in [0, vocab_size={V}), got values from {lo} "
                                  f"to {hi}")

@@ -189,3 +189,20 @@ def test_meanfield_names_a_wrong_input_width():
         m(jnp.ones((6, 2)))
     assert m(jnp.ones((6, 3))).shape == (6, 2)
     assert m(jnp.ones((3,))).shape == (2,)
+
+
+def test_quotient_distance_and_align_name_themselves_without_a_canonical_section():
+    """A deep linear chain that is not minimal has no canonical representative; align / quotient_distance, which
+    canonicalise both points first, raised the canonicalisation's own error ('canonicalize: ...'), naming neither
+    themselves nor why they canonicalise."""
+    from flax import nnx
+
+    from quotient_sgd.models import DeepLinear
+    from quotient_sgd.symmetry import align, quotient_distance, SymmetryError
+
+    m = DeepLinear(2, (3,), 2, rngs=nnx.Rngs(0))
+    G, p = m.symmetries(), nnx.split(m, nnx.Param)[1]
+    for fn, name in ((quotient_distance, "quotient_distance"), (align, "align")):
+        with pytest.raises(SymmetryError, match=rf"^{name}: both points are canonicalised first .* The group says: "
+                                                r"canonicalize:"):
+            fn(G, p, p)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _tree
-from ._base import Flat, Group
+from ._base import Flat, Group, SymmetryError
 from ._permutation import Permutation
 from ._product import Product
 
@@ -112,13 +112,35 @@ def align(group: Group, params_a, params_b, *, rounds: int = 3, iters: int = 8):
     refined by Gauss-Newton steps in the Lie algebra.  The result is on the orbit of ``params_b`` and never
     farther from ``params_a`` than ``params_b`` itself.  For ``params_b = g . params_a`` it returns ``params_a``
     up to float rounding.
+
+    Raises:
+        SymmetryError: the group has no canonical section at these parameters (e.g. a deep linear chain that is
+            not minimal: see its ``canonicalize``).
     """
     _check_counts("align", rounds=rounds, iters=iters)
     fa, treedef = group._flat(params_a)
     fb, _ = group._flat(params_b)
     _check_same_layout("align", fa, fb)
-    out = _align_flat(group, _tree.widen(fa), _tree.widen(fb), rounds, iters)  # bfloat16 / float16: in float32
+    with _canonicalising("align"):
+        out = _align_flat(group, _tree.widen(fa), _tree.widen(fb), rounds, iters)  # bfloat16 / float16: in float32
     return _tree.unflatten({p: x.astype(fb[p].dtype) for p, x in out.items()}, treedef)
+
+
+class _canonicalising:
+    """Re-raise a ``SymmetryError`` from canonicalising (a group with no canonical section at these parameters,
+    e.g. a deep linear chain that is not minimal) naming the function that canonicalised."""
+
+    def __init__(self, fn: str):
+        self.fn = fn
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if isinstance(err, SymmetryError) and str(err).startswith("canonicalize:"):
+            raise SymmetryError(f"{self.fn}: both points are canonicalised first (weight matching runs on the "
+                                f"canonical points), which this group cannot do here.  The group says: {err}") from err
+        return False
 
 
 def _check_counts(fn: str, **counts) -> None:
@@ -133,13 +155,15 @@ def quotient_distance(group: Group, params_a, params_b, *, rounds: int = 3, iter
 
     Zero (to tolerance) when ``b = g . a``; symmetric by construction; never larger than ``|a - b|``.
     The symmetrisation is needed because rescale and GL actions are not isometries, so the one-sided distance
-    ``min_g |a - g . b|`` is not symmetric in general.  ``rounds`` / ``iters``: as for :func:`align`.
+    ``min_g |a - g . b|`` is not symmetric in general.  ``rounds`` / ``iters``: as for :func:`align`, whose
+    canonicalisation limits (``SymmetryError``) apply.
     """
     _check_counts("quotient_distance", rounds=rounds, iters=iters)
     fa, _ = group._flat(params_a)
     fb, _ = group._flat(params_b)
     _check_same_layout("quotient_distance", fa, fb)
     fa, fb = _tree.widen(fa), _tree.widen(fb)  # bfloat16 / float16: computed in float32
-    ab = _align_flat(group, fa, fb, rounds, iters)
-    ba = _align_flat(group, fb, fa, rounds, iters)
+    with _canonicalising("quotient_distance"):
+        ab = _align_flat(group, fa, fb, rounds, iters)
+        ba = _align_flat(group, fb, fa, rounds, iters)
     return jnp.sqrt(jnp.minimum(_sqdist(fa, ab), _sqdist(fb, ba)))

@@ -227,6 +227,27 @@ def test_slice_flow_compiled_path_checks_a_known_array_tolerance():
         slice_flow(loss, p, d, rtol=jnp.asarray(-1.0), **kw)
 
 
+def test_slice_flow_compiles_for_nnx_state_parameters(monkeypatch):
+    """Parameters held in an ``nnx.State`` (unhashable) took the op-by-op path: the cache key hashed every
+    non-array argument, parameters included.  Only the static arguments key it now."""
+    from flax import nnx
+
+    import quotient_sgd.hj._slices as slices
+    from quotient_sgd.models import MLP
+
+    _, params = nnx.split(MLP(2, (3,), 1, rngs=nnx.Rngs(0)), nnx.Param)
+    d = jax.tree.map(lambda a: jnp.zeros_like(a), params)
+    d["layers"][0]["kernel"] = nnx.Param(jnp.ones((2, 3)) / np.sqrt(6.0))
+
+    def op_by_op(*args):
+        raise AssertionError("slice_flow ran op by op")
+
+    monkeypatch.setattr(slices, "_flow", op_by_op)  # the compiled program traces the original
+    with pytest.raises(ValueError, match="rtol=-1.0 is not allowed"):  # raised as the compiled program traces
+        slice_flow(lambda p: sum(jnp.sum(jnp.square(a)) for a in jax.tree.leaves(p)), params, d, extent=1.0,
+                   n=17, eta=0.1, k=3, nu=0.05, rtol=jnp.asarray(-1.0))
+
+
 @pytest.mark.slow
 def test_slice_flow_op_by_op_for_an_unhashable_loss_gives_the_same_slice():
     """An unhashable loss_fn cannot key the compiled program's cache: it runs op by op, to the same slice."""

@@ -207,9 +207,9 @@ def slice_flow(loss_fn: Callable, params, directions, *, extent: float, n: int, 
     rtol, atol, dt = (_plain(v) for v in (rtol, atol, dt))
     args = (loss_fn, params, tuple(ds), jnp.asarray(eta), jnp.asarray(k), jnp.asarray(nu), ext, crop, pad, dx, dim,
             scheme, solver, rtol, atol, max_steps, max_shocks, dt)
-    try:
-        hash(tuple(a for a in args if not eqx.is_array(a) and not isinstance(a, (dict, list, tuple))))
-    except TypeError:  # an unhashable loss_fn or scheme: op by op
+    try:  # what keys the compiled program's cache (the grids and counts are hashable by construction)
+        hash((loss_fn, scheme, solver, rtol, atol, dt))
+    except TypeError:  # an unhashable loss_fn or scheme (or traced tolerances, under an outer jit): op by op
         return _flow(*args)
     return _flow_jit(*args)
 

@@ -1,8 +1,11 @@
-"""Argument checks shared by the model constructors: a clear ``ValueError`` naming the model and the argument."""
+"""Argument checks shared by the models: a clear ``ValueError`` naming the model and the argument."""
 
 from __future__ import annotations
 
 import numbers
+
+import jax
+import jax.numpy as jnp
 
 
 def check_sizes(model: str, **sizes) -> None:
@@ -42,3 +45,14 @@ def check_eps(model: str, name: str, value) -> float:
     if isinstance(value, bool) or not 0 <= out < float("inf"):
         raise ValueError(f"{model}: {name} must be a finite number >= 0, got {value!r}")
     return out
+
+
+def check_input(model: str, x, kernel: jax.Array) -> jax.Array:
+    """``x`` cast to the dtype of the first layer's ``kernel`` ``(din, ...)``; ``ValueError`` naming the model
+    unless its last axis has ``din`` features (JAX's own error, from inside the first matrix product, named
+    neither)."""
+    x = jnp.asarray(x, kernel.dtype)
+    if x.ndim < 1 or x.shape[-1] != kernel.shape[0]:
+        raise ValueError(f"{model}: x must have din={kernel.shape[0]} features on its last axis, "
+                         f"(..., {kernel.shape[0]}), got shape {x.shape}")
+    return x

@@ -16,9 +16,8 @@ from flax import nnx
 
 from ..symmetry import Permutation, Product, Rescale
 from ._activations import check_activation, get_activation, is_homogeneous
-from ._checks import check_sizes
+from ._checks import check_input, check_sizes
 from ._init import normal
-from ._mlp import _check_input
 
 
 class MeanField(nnx.Module):
@@ -45,7 +44,7 @@ class MeanField(nnx.Module):
         self.w_out = nnx.Param(normal(1.0)(rngs.params(), (width, dout), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = _check_input("MeanField", x, self.w_in[...].T)
+        x = check_input("MeanField", x, self.w_in[...].T)
         bias = jnp.reshape(self.b[...], (1,) * (x.ndim - 1) + (-1,))
         h = get_activation(self.activation)(x @ self.w_in[...].T + bias)
         return (h @ self.w_out[...]) / jnp.asarray(self.width, x.dtype)

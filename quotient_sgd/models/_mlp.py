@@ -11,22 +11,12 @@ from flax import nnx
 
 from ..symmetry import GL, Permutation, Product, Rescale, Translation
 from ._activations import check_activation, get_activation, is_homogeneous
-from ._checks import check_classes, check_sizes, check_widths
+from ._checks import check_classes, check_input, check_sizes, check_widths
 from ._init import lecun_normal
 
 
 def _kernel(layer: nnx.Linear) -> jax.Array:
     return layer.kernel[...]
-
-
-def _check_input(model: str, x, kernel: jax.Array) -> jax.Array:
-    """``x`` cast to the parameter dtype; ``ValueError`` naming the model unless its last axis has ``din`` features
-    (JAX's own error, from inside the first matrix product, named neither)."""
-    x = jnp.asarray(x, kernel.dtype)
-    if x.ndim < 1 or x.shape[-1] != kernel.shape[0]:
-        raise ValueError(f"{model}: x must have din={kernel.shape[0]} features on its last axis, "
-                         f"(..., {kernel.shape[0]}), got shape {x.shape}")
-    return x
 
 
 class MLP(nnx.Module):
@@ -78,7 +68,7 @@ class MLP(nnx.Module):
     def logits(self, x: jax.Array) -> jax.Array:
         """The last layer's output ``z`` (before any ``log_softmax``), shape ``(..., dout)``."""
         act = get_activation(self.activation)
-        x = _check_input("MLP", x, _kernel(self.layers[0]))
+        x = check_input("MLP", x, _kernel(self.layers[0]))
         for layer in self.layers[:-1]:
             x = act(layer(x))
         return self.layers[-1](x)
@@ -147,7 +137,7 @@ class DeepLinear(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = _check_input("DeepLinear", x, _kernel(self.layers[0]))
+        x = check_input("DeepLinear", x, _kernel(self.layers[0]))
         for layer in self.layers:
             x = layer(x)
         return x

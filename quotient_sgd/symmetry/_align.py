@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import numbers
 
@@ -126,21 +127,17 @@ def align(group: Group, params_a, params_b, *, rounds: int = 3, iters: int = 8):
     return _tree.unflatten({p: x.astype(fb[p].dtype) for p, x in out.items()}, treedef)
 
 
-class _canonicalising:
+@contextlib.contextmanager
+def _canonicalising(fn: str):
     """Re-raise a ``SymmetryError`` from canonicalising (a group with no canonical section at these parameters,
-    e.g. a deep linear chain that is not minimal) naming the function that canonicalised."""
-
-    def __init__(self, fn: str):
-        self.fn = fn
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, err, tb):
-        if isinstance(err, SymmetryError) and str(err).startswith("canonicalize:"):
-            raise SymmetryError(f"{self.fn}: both points are canonicalised first (weight matching runs on the "
-                                f"canonical points), which this group cannot do here.  The group says: {err}") from err
-        return False
+    e.g. a deep linear chain that is not minimal) naming the function ``fn`` that canonicalised."""
+    try:
+        yield
+    except SymmetryError as err:
+        if not str(err).startswith("canonicalize:"):
+            raise
+        raise SymmetryError(f"{fn}: both points are canonicalised first (weight matching runs on the canonical "
+                            f"points), which this group cannot do here.  The group says: {err}") from err
 
 
 def _check_counts(fn: str, **counts) -> None:

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quotient_sgd.hj import (cole_hopf, cole_hopf_gradient, cole_hopf_monte_carlo, find_shocks, Grid, solve_burgers,
-                             slice_flow, solve_hj, Spectral)
+from quotient_sgd.hj import (cole_hopf, cole_hopf_gradient, cole_hopf_monte_carlo, find_shocks, Grid, shock_time,
+                             solve_burgers, slice_flow, solve_hj, Spectral)
 
 
 def taylor_shock(x, nu, amplitude, speed, x0):
@@ -264,3 +264,27 @@ def test_slice_flow_op_by_op_for_an_unhashable_loss_gives_the_same_slice():
         ref = getattr(a, f)
         np.testing.assert_allclose(getattr(b, f), ref, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(ref))),
                                    err_msg=f)
+
+
+def test_bounded_grid_shock_time_is_fourth_order_at_an_end(x64):
+    """The steepest descent of p0 = -sin(x) on the bounded grid [0, 1] is at the left end (p0'(0) = -1, t* = 1).
+    The end nodes used second-order one-sided stencils, so shock_time converged at second order there (error
+    ratio ~4 per halving of dx); the five-point stencils make it fourth order (ratio ~16), like the interior.
+    Float64."""
+    errs = []
+    for n in (17, 33, 65):
+        g = Grid(n, 0.0, 1.0, periodic=False)
+        errs.append(abs(float(shock_time(-jnp.sin(jnp.asarray(g.x, jnp.float64)), g)) - 1.0))
+    orders = np.log2(np.array(errs[:-1]) / np.array(errs[1:]))
+    assert np.all(orders > 3.5), (errs, orders)
+
+
+def test_find_shocks_refuses_a_non_finite_field_under_jit():
+    """Under jit a NaN field reported "no shocks" (every comparison with NaN is False); now the compiled check
+    raises when the computation runs, while a finite field still gives its shock."""
+    g = Grid(64, -1.0, 1.0)
+    p = -jnp.tanh(g.x / 0.05)
+    find = jax.jit(lambda q: find_shocks(q, g).valid)
+    assert bool(find(p)[0])
+    with pytest.raises(Exception, match="find_shocks: p is not finite"):
+        jax.block_until_ready(find(p.at[7].set(jnp.nan)))

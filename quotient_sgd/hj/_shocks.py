@@ -19,9 +19,13 @@ from ._custom_types import Array
 from ._grid import AnyGrid, Grid
 
 
-def _diff(p: Array, g: Grid, axis: int) -> Array:
-    """Fourth-order central derivative along ``axis`` (on a bounded grid: second-order central next to the ends,
-    one-sided second order at the ends)."""
+def _diff(p: Array, g: Grid, axis: int, *, end_order: int = 4) -> Array:
+    """Fourth-order central derivative along ``axis``.
+
+    On a bounded grid, the two nodes at each end take one-sided five-point stencils (fourth order, for smooth
+    fields) or, with ``end_order=2`` or on fewer than 5 points, second-order ones (central next to the end,
+    one-sided three-point at it): :func:`find_shocks` uses those, since the wider stencils ring next to a front.
+    """
     n, dx = g.n, g.dx
     if g.periodic:
         def sh(k):
@@ -30,10 +34,16 @@ def _diff(p: Array, g: Grid, axis: int) -> Array:
         return (8 * (sh(1) - sh(-1)) - (sh(2) - sh(-2))) / (12 * dx)
     p = jnp.moveaxis(p, axis, 0)
     inner = (8 * (p[3:-1] - p[1:-3]) - (p[4:] - p[:-4])) / (12 * dx)  # nodes 2 .. n - 3
-    near = (p[2] - p[0]) / (2 * dx), (p[-1] - p[-3]) / (2 * dx)  # nodes 1 and n - 2
-    first = (-3 * p[0] + 4 * p[1] - p[2]) / (2 * dx)
-    last = (3 * p[-1] - 4 * p[-2] + p[-3]) / (2 * dx)
-    return jnp.moveaxis(jnp.concatenate([first[None], near[0][None], inner, near[1][None], last[None]]), 0, axis)
+    if end_order == 4 and n >= 5:  # fourth order at every node: the one-sided five-point stencils at nodes 0, 1, n - 2, n - 1
+        first = (-25 * p[0] + 48 * p[1] - 36 * p[2] + 16 * p[3] - 3 * p[4]) / (12 * dx)
+        near0 = (-3 * p[0] - 10 * p[1] + 18 * p[2] - 6 * p[3] + p[4]) / (12 * dx)
+        near1 = (3 * p[-1] + 10 * p[-2] - 18 * p[-3] + 6 * p[-4] - p[-5]) / (12 * dx)
+        last = (25 * p[-1] - 48 * p[-2] + 36 * p[-3] - 16 * p[-4] + 3 * p[-5]) / (12 * dx)
+    else:  # second order
+        near0, near1 = (p[2] - p[0]) / (2 * dx), (p[-1] - p[-3]) / (2 * dx)
+        first = (-3 * p[0] + 4 * p[1] - p[2]) / (2 * dx)
+        last = (3 * p[-1] - 4 * p[-2] + p[-3]) / (2 * dx)
+    return jnp.moveaxis(jnp.concatenate([first[None], near0[None], inner, near1[None], last[None]]), 0, axis)
 
 
 def shock_time_from_hessian(lambda_min) -> Array:
@@ -134,8 +144,9 @@ def find_shocks(p: Array, grid: Grid, *, max_shocks: int = 8, min_steepness=None
     Expansion jumps (p increasing) are inadmissible and are not reported unless ``include_inadmissible``, in
     which case peaks of |dp/dx| are candidates and ``admissible`` tells them apart.
 
-    A known (not traced) field with a NaN or infinite entry is refused (``ValueError``); under ``jit`` such a
-    field reports no shocks.
+    A field with a NaN or infinite entry is refused: a known (not traced) one with a ``ValueError`` naming the
+    first bad index, a traced one (under ``jit`` / ``vmap``) when the computation runs, through
+    ``equinox.error_if`` (every comparison with NaN is False: it would otherwise report "no shocks").
 
     Returns:
         :class:`Shocks` with ``max_shocks`` slots.
@@ -163,7 +174,9 @@ def find_shocks(p: Array, grid: Grid, *, max_shocks: int = 8, min_steepness=None
 def _find(p, grid, max_shocks, min_steepness, window, include_inadmissible) -> Shocks:
     """:func:`find_shocks` after its argument checks."""
     n, dx = grid.n, grid.dx
-    dp = _diff(p, grid, 0)
+    p = eqx.error_if(p, ~jnp.all(jnp.isfinite(p)), "find_shocks: p is not finite (NaN or infinite entries); a "
+                     "field from a diverged solve has no fronts to locate.")
+    dp = _diff(p, grid, 0, end_order=2)  # the five-point end stencils ring beside a front at an end
     s = jnp.abs(dp) if include_inadmissible else -dp
     idx = np.arange(n)
 

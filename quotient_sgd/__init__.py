@@ -1,6 +1,7 @@
 """quotient_sgd: symmetry-quotiented SGD dynamics and the shock-wave picture of training.
 
-See THEORY.md for the mathematics.  The subpackages are
+The mathematics is in the "The mathematics" section of README.md; docstrings cite its sections as "THEORY
+section N".  The subpackages are
 
 - :mod:`quotient_sgd.symmetry`: parameter-symmetry group actions and quotient geometry;
 - :mod:`quotient_sgd.models`: Flax NNX models that declare their symmetries;

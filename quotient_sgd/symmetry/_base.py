@@ -4,7 +4,7 @@ Every action works on a *flat view* of the parameters, ``{path: array}`` (see :m
 touches only the leaves named by its paths.  The public methods (``act``, ``vertical``, ``canonicalize``, ...)
 take and return the user's parameter pytree (an ``nnx.State`` or a nested dict).
 
-Notation follows THEORY.md section 1: for a continuous action with Lie-algebra coordinates ``xi`` the tangent
+Notation follows THEORY section 1: for a continuous action with Lie-algebra coordinates ``xi`` the tangent
 map at ``theta`` is ``J xi = d/ds exp(s xi) . theta |_{s=0}``; the vertical space is ``V(theta) = range(J)``
 and the Euclidean vertical projection is ``P_V u = J (J^T J)^+ J^T u``.
 """

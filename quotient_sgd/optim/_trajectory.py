@@ -102,8 +102,12 @@ def quotient_trajectory(
     (``effective_lr`` also has ``"global"``); ``curvature``, ``shock_number`` and ``fold_number`` recorded at
     step ``k`` describe the previous step ``k - 1`` (they need ``g_k``; zero at the first step); the shock /
     fold numbers use the spec's learning rate, else the step's ``effective_lr["global"]``.
-    ``charge_drift_predicted`` is the exact SGD identity (:func:`quotient_sgd.observables.predict_charge_drift`)
-    and needs ``spec``; without one (Adam, other optimisers) it is NaN: the drift is observed, not predicted.
+    ``charge_drift`` is ``Q(theta_{k+1}) - Q(theta_k)`` with ``theta_{k+1} = optax.apply_updates(theta_k,
+    Delta_k)`` as the parameters store it: for bfloat16 / float16 parameters it includes the rounding of the step
+    to their dtype (which the float32 observables would otherwise not see), so the recorded ``charges`` of
+    consecutive steps differ by exactly it.  ``charge_drift_predicted`` is the exact SGD identity
+    (:func:`quotient_sgd.observables.predict_charge_drift`) and needs ``spec``; without one (Adam, other
+    optimisers) it is NaN: the drift is observed, not predicted.
 
     With ``hessian_every=K``, every ``K`` steps (starting at step 0): for each ``where`` in ``hessian_at``
     (``"quotient"``: horizontal Hessian at the canonical representative, orbit invariant; ``"horizontal"``: at
@@ -206,7 +210,9 @@ def quotient_trajectory(
     explained = _explain_canonical(_canonical_users(keys, spec, hessian_every, hessian_at, noise_every))
 
     # -- the per-step observables ---------------------------------------------------------------------------
-    def step_observables(params, grads, updates, value, lr_spec, carry):
+    def step_observables(params, grads, updates, value, lr_spec, carry, next_params):
+        """``next_params``: ``theta_{k+1}`` as the parameters will hold it (``optax.apply_updates`` in their own
+        dtype, then widened), which the observed charge drift is measured at."""
         out: dict[str, Any] = {}
         dt = jax.tree.leaves(params)[0].dtype
         if "loss" in want:
@@ -232,7 +238,9 @@ def quotient_trajectory(
         if "charges" in want:
             out["charges"] = q
         if "charge_drift" in want:
-            q1 = charges_dict(group, jax.tree.map(lambda p, u: p + u, params, updates))
+            # at theta_{k+1} as stored: for bfloat16 / float16 parameters the rounding of the step to their dtype
+            # moves the charges too (often by more than the step itself), and is part of the observed drift
+            q1 = charges_dict(group, next_params)
             out["charge_drift"] = jax.tree.map(lambda a, b: a - b, q1, q)
         if "invariant_norms" in want:
             out["invariant_norms"] = obs.invariant_norms(group, params, elem)
@@ -272,7 +280,7 @@ def quotient_trajectory(
         def shape_fn(p):
             hp = None if spec is None else {"learning_rate": jnp.ones((), dt)}
             carry0 = _carry0(p)
-            o, _, _, _ = step_observables(p, p, p, zero, hp, carry0)
+            o, _, _, _ = step_observables(p, p, p, zero, hp, carry0, p)
             return o
 
         observ = _zeros_like_struct(jax.eval_shape(shape_fn, params))
@@ -326,6 +334,7 @@ def quotient_trajectory(
         grads = updates
         new_updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
         returned = new_updates
+        next_params = _as_stored(params, returned)
         params, grads, new_updates = widen(params), widen(grads), widen(new_updates)  # as in init
         count = state.count
         dt = jax.tree.leaves(params)[0].dtype
@@ -336,11 +345,12 @@ def quotient_trajectory(
         observ = dict(state.observables)
         step_keys = [k for k in observ if k in want and k != "charge_drift_predicted"]
         if every == 1:
-            fresh, q, eff, elem = step_observables(params, grads, new_updates, value, hp, carry)
+            fresh, q, eff, elem = step_observables(params, grads, new_updates, value, hp, carry, next_params)
         else:
             fresh, elem = jax.lax.cond(
                 count % every == 0,
-                lambda _: tuple(step_observables(params, grads, new_updates, value, hp, carry)[i] for i in (0, 3)),
+                lambda _: tuple(step_observables(params, grads, new_updates, value, hp, carry, next_params)[i]
+                                for i in (0, 3)),
                 lambda _: ({k: observ[k] for k in step_keys}, carry.get("canon")),
                 None,
             )
@@ -571,6 +581,30 @@ def _momentum_trace(inner_state, params):
     if len(found) == 1 and jax.tree.structure(found[0]) == jax.tree.structure(params):
         return found[0]
     return None
+
+
+def _as_stored(params, updates):
+    """``theta + Delta`` as ``optax.apply_updates`` stores it (rounded to each parameter's dtype), widened like the
+    other observables' inputs.  The rounding of bfloat16 / float16 leaves is made explicit with
+    ``lax.reduce_precision``: XLA may drop a cast to a narrower float followed by a cast back (excess precision),
+    and did here, so that the observed drift missed the rounding that the stored parameters undergo."""
+    def one(p, u):
+        if u is None:
+            return widen(p)
+        p, u = jnp.asarray(p), jnp.asarray(u)
+        wide = widen(p).dtype
+        x = widen(p) + _rounded(widen(u), u.dtype).astype(wide)
+        return _rounded(x, p.dtype).astype(wide)
+    return jax.tree.map(one, params, updates, is_leaf=lambda x: x is None)
+
+
+def _rounded(x, dtype):
+    """``x`` rounded to the precision of the float ``dtype`` when that is narrower than float32, kept in its own
+    dtype (``lax.reduce_precision``, which XLA does not elide as it may a pair of casts)."""
+    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+        fi = jnp.finfo(dtype)
+        return jax.lax.reduce_precision(x, exponent_bits=fi.nexp, mantissa_bits=fi.nmant)
+    return x
 
 
 def _find(opt_state) -> list[QuotientTrajectoryState]:

@@ -17,6 +17,35 @@ from ._product import Product
 ROUNDING_FACTOR = 10.0
 
 
+def _requirement(action: Group) -> str:
+    """What makes an action of this kind a symmetry, for the message of a declared action that is not one."""
+    from ._gl import GL
+    from ._permutation import Permutation
+    from ._rescale import Rescale
+    from ._scale import Scale
+    from ._translation import Translation
+
+    if isinstance(action, Rescale):
+        return ("a rescale is a symmetry only when the incoming units reach the outgoing weights through a positively "
+                "homogeneous activation (relu, leaky_relu, identity) and nothing else: not across a residual / skip "
+                "connection, a normalisation or another path that reads the units")
+    if isinstance(action, Translation):
+        return ("a translation shifts every logit by the same amount, which leaves log_softmax unchanged but not the "
+                "logits: verify compares the model's outputs, so the model must return log-probabilities (e.g. "
+                "jax.nn.log_softmax of the logits)")
+    if isinstance(action, Scale):
+        return ("a scale is a symmetry only of weights whose outputs go through a normalisation (LayerNorm, RMSNorm, "
+                "BatchNorm over the members' units) and nowhere else")
+    if isinstance(action, GL):
+        return ("a GL action is a symmetry only when its two factors enter the network through their product alone "
+                "(W_Q W_K^T, W_V W_O, consecutive linear layers): no activation or normalisation between them")
+    if isinstance(action, Permutation):
+        return ("a permutation must reorder every array indexed by those units (incoming kernel columns and biases, "
+                "outgoing kernel rows, per-unit normalisation parameters) and be followed by an elementwise "
+                "activation")
+    return "its action changes the network function"
+
+
 def verify(model, group: Group, x, key, *, num_samples: int = 4, scale: float = 1.0, rtol: float = 1e-4) -> float:
     """Check numerically that every component of ``group`` leaves ``model``'s outputs on ``x`` unchanged.
 
@@ -103,8 +132,7 @@ def verify(model, group: Group, x, key, *, num_samples: int = 4, scale: float = 
                 raise SymmetryError(
                     f"declared action {c.name!r} ({type(c).__name__} on parameters {list(c.paths())}) is not a "
                     f"symmetry of {type(model).__name__}: a random element changed the outputs by {err:.3g} "
-                    f"(relative) > rtol={rtol} {why}. Remove it from the model's symmetries() (e.g. rescale needs a "
-                    f"positively homogeneous activation such as relu, leaky_relu or identity)."
+                    f"(relative) > rtol={rtol} {why}. Remove it from the model's symmetries(): {_requirement(c)}."
                 )
     if isinstance(group, Product):
         for kk in jax.random.split(keys[-1], num_samples):

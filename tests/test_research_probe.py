@@ -1,0 +1,108 @@
+"""The public API used from research code: user-written NNX models with groups built from the primitives, and
+training loops beyond the shipped models and optimisers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from quotient_sgd import models, optim
+from quotient_sgd.symmetry import GL, Rescale, SymmetryError, Translation, verify
+
+
+# ----- verify on user-written models: a wrong declaration says what is wrong with it ------------------------------
+class _ResidualMLP(nnx.Module):
+    """``w3(h + w2 relu(w1 h))`` with ``h = w0 x``: the hidden units of ``w1`` can be rescaled, those of ``w0``
+    cannot (``h`` also reaches the output through the skip connection)."""
+
+    def __init__(self, rngs):
+        f64 = jnp.float64
+        self.w0 = nnx.Linear(4, 6, param_dtype=f64, rngs=rngs)
+        self.w1 = nnx.Linear(6, 8, param_dtype=f64, rngs=rngs)
+        self.w2 = nnx.Linear(8, 6, param_dtype=f64, rngs=rngs)
+        self.w3 = nnx.Linear(6, 2, param_dtype=f64, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.w0(x)
+        return self.w3(h + self.w2(jax.nn.relu(self.w1(h))))
+
+
+class _TwoLayer(nnx.Module):
+    """A hand-written 2-layer ReLU classifier returning logits, or log-probabilities with ``log_probs``."""
+
+    def __init__(self, rngs, log_probs):
+        self.l1 = nnx.Linear(5, 7, param_dtype=jnp.float64, rngs=rngs)
+        self.l2 = nnx.Linear(7, 3, param_dtype=jnp.float64, rngs=rngs)
+        self.log_probs = log_probs
+
+    def __call__(self, x):
+        z = self.l2(jax.nn.relu(self.l1(x)))
+        return jax.nn.log_softmax(z) if self.log_probs else z
+
+
+def _units(k, b, k_next):
+    return ((k, 1), (b, 0)), ((k_next, 0),)
+
+
+def test_verify_names_the_skip_connection_for_a_rescale_across_it(x64):
+    """A rescale of the units of ``w0`` is not a symmetry (the skip connection reads them); the message used to
+    suggest a homogeneous activation, which the model already has, instead of what breaks it."""
+    model = _ResidualMLP(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (6, 4), jnp.float64)
+    inc, out = _units(("w1", "kernel"), ("w1", "bias"), ("w2", "kernel"))
+    good = Rescale(inc, out, name="rescale/w1")
+    assert verify(model, good, x, jax.random.key(2), num_samples=2, scale=2.0) < 1e-12
+    inc, out = _units(("w0", "kernel"), ("w0", "bias"), ("w1", "kernel"))
+    wrong = Rescale(inc, out, name="rescale/w0")
+    with pytest.raises(SymmetryError, match=r"'rescale/w0'.*not a symmetry.*skip connection"):
+        verify(model, wrong, x, jax.random.key(2), num_samples=1)
+
+
+def test_verify_says_a_translation_needs_log_probabilities(x64):
+    """The logit translation leaves log_softmax unchanged, not the logits: on a model returning logits verify
+    must fail and say so (the message used to speak of a rescale's activation); on log-probabilities it passes."""
+    x = jax.random.normal(jax.random.key(1), (6, 5), jnp.float64)
+    group = Translation(("l2", "kernel"), ("l2", "bias"), name="t")
+    assert verify(_TwoLayer(nnx.Rngs(0), log_probs=True), group, x, jax.random.key(2), num_samples=2,
+                  scale=2.0) < 1e-12
+    with pytest.raises(SymmetryError, match=r"'t' \(Translation.*log_softmax.*log-probabilities") as err:
+        verify(_TwoLayer(nnx.Rngs(0), log_probs=False), group, x, jax.random.key(2), num_samples=1)
+    assert "rescale" not in str(err.value).split("symmetries():")[1]
+
+
+def test_verify_names_what_a_gl_pair_needs(x64):
+    """A GL action across a ReLU (two layers of an MLP declared as a deep linear pair) is not a symmetry."""
+    model = _TwoLayer(nnx.Rngs(0), log_probs=False)
+    x = jax.random.normal(jax.random.key(1), (6, 5), jnp.float64)
+    wrong = GL((("l1", "kernel"), ("l1", "bias")), (("l2", "kernel"), None), kind="vo", name="gl/l1")
+    with pytest.raises(SymmetryError, match=r"'gl/l1'.*through their product alone"):
+        verify(model, wrong, x, jax.random.key(2), num_samples=1)
+
+
+# ----- the observed charge drift of low-precision parameters -----------------------------------------------------
+def _lowp_loss(graphdef, params, batch):
+    logp = nnx.merge(graphdef, params)(batch["x"])
+    return optax.softmax_cross_entropy_with_integer_labels(logp, batch["y"]).mean()
+
+
+def test_charge_drift_is_the_change_of_the_stored_charges():
+    """``charge_drift`` at step k is ``Q(theta_{k+1}) - Q(theta_k)`` for the parameters train stores, so the recorded
+    charges of consecutive steps differ by exactly it.  For bfloat16 parameters it used to be measured at the
+    unrounded float32 ``theta + Delta`` (XLA also dropped the round trip through bfloat16): it reported ~3e-5
+    where the stored charges moved by ~3e-3, the rounding of the step, which is what a low-precision run drifts by."""
+    dtype = jnp.bfloat16
+    model = models.MLP(8, (16,), 3, classifier=True, param_dtype=dtype, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    x = jax.random.normal(jax.random.key(0), (32, 8), dtype)
+    y = jax.random.randint(jax.random.key(1), (32,), 0, 3)
+    data = {"x": jnp.broadcast_to(x, (6,) + x.shape), "y": jnp.broadcast_to(y, (6,) + y.shape)}
+    tx = optim.quotient_trajectory(optax.sgd(0.05), model.symmetries(), observables=("charges", "charge_drift"))
+    loss = jax.tree_util.Partial(_lowp_loss, graphdef)
+    _, _, traj = optim.train(loss, params, tx, data, donate=False)
+    q = traj["charges"]["rescale/layers.0"]
+    drift = traj["charge_drift"]["rescale/layers.0"]
+    stored = np.asarray(q[1:] - q[:-1])
+    assert np.max(np.abs(stored)) > 1e-4  # the charges do move, by the rounding
+    np.testing.assert_allclose(np.asarray(drift[:-1]), stored, rtol=0, atol=1e-3 * np.max(np.abs(stored)))

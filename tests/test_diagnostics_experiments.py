@@ -1,6 +1,6 @@
-"""Fast versions of experiments 1-3 (``scale=test`` configs): the transition happens, asserted from loss /
-accuracy / sharpness, and the detector reports it within a stated window.  The CPU-default versions are marked
-slow."""
+"""Experiments 1-3: the transition happens, asserted from loss / accuracy / sharpness, and the detector reports it
+within a stated window.  Experiments 1-2 run their fast ``scale=test`` configs, with the CPU defaults marked slow;
+grokking runs its CPU default (the test scale's detection was not reproducible across seeds)."""
 
 import os
 import sys
@@ -114,34 +114,19 @@ def _check_grok_detected(out, gt):
 
 
 @pytest.fixture(scope="module")
-def grok_fast():
-    return _grok("test")
+def grok_cpu():
+    # the CPU default (5000 steps, ~40 s), not ``scale=test``: at the test scale no seed of four raises a
+    # transition event when run as a one-device script (experiments/README.md, "Across seeds"); seed 0's event
+    # under the tests' 8 CPU devices came from their float rounding.  The CPU default's change points after
+    # memorisation come on seeds 0 and 1 alike.
+    return _grok("cpu")
 
 
-@pytest.mark.xdist_group("grok_fast")  # one worker builds the module fixture once
-def test_grokking_fast_transition_happens(grok_fast):
-    _check_grok_transition(grok_fast[2])
+@pytest.mark.xdist_group("grok_cpu")  # one worker builds the module fixture once
+def test_grokking_cpu_transition_happens(grok_cpu):
+    _check_grok_transition(grok_cpu[2])
 
 
-@pytest.mark.xdist_group("grok_fast")  # one worker builds the module fixture once
-def test_grokking_fast_detected(grok_fast):
-    _check_grok_detected(grok_fast[1], grok_fast[2])
-
-
-@pytest.mark.slow
-def test_grokking_cpu():
-    cfg, out, gt = _grok("cpu")
-    _check_grok_transition(gt)
-    _check_grok_detected(out, gt)
-
-
-def test_experiment_overrides_are_typed_and_checked():
-    """``key=value`` overrides take the default's type: ``false`` is False (``bool("False")`` was True), a bad value
-    or an unknown key stops with a message naming it."""
-    assert C._typed("flag", "False", True) is False and C._typed("flag", "true", False) is True
-    assert C._typed("steps", "12", 3) == 12 and C._typed("sizes", "[1, 2]", (3,)) == (1, 2)
-    with pytest.raises(SystemExit, match="flag='maybe'"):
-        C._typed("flag", "maybe", True)
-    with pytest.raises(SystemExit, match="unknown config key 'no_such_key'"):
-        C.load_config("edge_of_stability", ["scale=test", "no_such_key=1"])
-    assert C.load_config("edge_of_stability", ["scale=test", "seed=3"]).seed == 3
+@pytest.mark.xdist_group("grok_cpu")  # one worker builds the module fixture once
+def test_grokking_cpu_detected(grok_cpu):
+    _check_grok_detected(grok_cpu[1], grok_cpu[2])

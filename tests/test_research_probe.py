@@ -106,3 +106,43 @@ def test_charge_drift_is_the_change_of_the_stored_charges():
     stored = np.asarray(q[1:] - q[:-1])
     assert np.max(np.abs(stored)) > 1e-4  # the charges do move, by the rounding
     np.testing.assert_allclose(np.asarray(drift[:-1]), stored, rtol=0, atol=1e-3 * np.max(np.abs(stored)))
+
+
+# ----- the predicted charge drift through steps the optimiser skips ----------------------------------------------
+def _skip_loss(graphdef, params, batch):
+    logp = nnx.merge(graphdef, params)(batch["x"])
+    return optax.softmax_cross_entropy_with_integer_labels(logp, batch["y"]).mean() * batch["scale"]
+
+
+def _nan_lr_zero(count):
+    return jnp.where(count == 2, 0.0, 0.1)
+
+
+@pytest.mark.parametrize("case", ["apply_if_finite", "multisteps", "zero_lr"])
+def test_charge_drift_predicted_through_skipped_steps(x64, case):
+    """A step the optimiser skips (``optax.apply_if_finite`` on a NaN gradient at step 3; ``optax.MultiSteps``
+    while it accumulates) leaves the parameters and the momentum as they are.  The SGD recursion read its zero
+    update as a zero momentum: it predicted a drift ``-eta beta c`` where the charges did not move and lost the
+    cross term after it (errors ~8e-4 here).  A zero learning rate (the momentum still accumulates) is not a
+    skip and stays exact."""
+    model = models.MLP(4, (3,), 2, classifier=True, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    x = jax.random.normal(jax.random.key(0), (16, 4), jnp.float64)
+    y = jax.random.randint(jax.random.key(1), (16,), 0, 2)
+    scale = jnp.where(jnp.arange(8) == 3, jnp.nan, 1.0) if case == "apply_if_finite" else jnp.ones(8, jnp.float64)
+    data = {"x": jnp.broadcast_to(x, (8,) + x.shape), "y": jnp.broadcast_to(y, (8,) + y.shape), "scale": scale}
+    if case == "apply_if_finite":
+        inner, spec = optax.apply_if_finite(optax.sgd(0.1, momentum=0.9), 3), optim.SGDSpec(0.1, momentum=0.9)
+    elif case == "multisteps":
+        inner = optax.MultiSteps(optax.sgd(0.1, momentum=0.9), 2, accumulator_dtype=jnp.float64)
+        inner, spec = inner.gradient_transformation(), optim.SGDSpec(0.1, momentum=0.9)
+    else:
+        inner, spec = optax.sgd(_nan_lr_zero, momentum=0.9), optim.SGDSpec(_nan_lr_zero, momentum=0.9)
+    tx = optim.quotient_trajectory(inner, model.symmetries(), spec=spec,
+                                   observables=("charges", "charge_drift", "charge_drift_predicted"))
+    # optax.MultiSteps divides float64 accumulators by its int32 step count: not allowed under strict promotion
+    with jax.numpy_dtype_promotion("standard" if case == "multisteps" else "strict"):
+        _, _, traj = optim.train(jax.tree_util.Partial(_skip_loss, graphdef), params, tx, data, donate=False)
+    observed, predicted = traj["charge_drift"]["rescale/layers.0"], traj["charge_drift_predicted"]["rescale/layers.0"]
+    assert np.max(np.abs(np.asarray(observed))) > 1e-4
+    np.testing.assert_allclose(np.asarray(predicted), np.asarray(observed), rtol=0, atol=1e-12)

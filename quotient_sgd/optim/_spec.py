@@ -67,6 +67,12 @@ class SGDSpec:
     learning rate and the weight decay must be the ones applied.  Every field is a :data:`Hyper`; ``nesterov`` is
     static.
 
+    A step that the optimiser skips, leaving parameters and momentum as they are (``optax.apply_if_finite`` on a
+    non-finite gradient, ``optax.MultiSteps`` while it accumulates; the spec then describes the wrapped SGD), is
+    recognised by its update of exact zeros at a nonzero learning rate: its predicted drift is zero and the
+    momentum's cross term is carried through it, so the prediction stays exact (up to the rounding of
+    ``MultiSteps``' accumulator, float32 by default).
+
     The weight decays act on every parameter unless ``decay_mask`` restricts them, as optax's ``mask``: a pytree
     of booleans with the structure of the parameters (or a prefix of it), or a function ``params -> such a
     pytree``, ``True`` where the decays act.  For example no decay on biases::

@@ -383,6 +383,15 @@ def quotient_trajectory(
                 charges_now=q, velocity=widen(_momentum_trace(inner_state, params)) if spec.nesterov else None,
                 decay_mask=spec.mask_for(params),
             )
+            # A step that changes nothing (an update of exact zeros at a nonzero learning rate) is one the optimiser
+            # skipped: optax.apply_if_finite on a non-finite gradient, optax.MultiSteps while it accumulates.  Its
+            # momentum is unchanged, so theta^T A m is too and the charges do not move; the recursion would read
+            # the zero update as a zero momentum (c -> beta c, a drift of -eta beta c).  At a zero learning rate the
+            # momentum does move, and the recursion has it right.
+            skipped = jnp.logical_and(
+                hp["learning_rate"] != 0, jnp.all(jnp.stack([jnp.all(u == 0) for u in jax.tree.leaves(new_updates)])))
+            pred = jax.tree.map(lambda x: jnp.where(skipped, jnp.zeros_like(x), x), pred)
+            cross = jax.tree.map(lambda new, old: jnp.where(skipped, old, new), cross, carry["cross"])
             new_carry["cross"] = cross
             if every == 1:
                 observ["charge_drift_predicted"] = pred

@@ -14,15 +14,18 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
 import _common as C  # noqa: E402
 
 
-def _eos(scale):
+def _eos(scale, *overrides):
     import edge_of_stability as E
 
-    cfg = C.load_config("edge_of_stability", [f"scale={scale}"])
+    cfg = C.load_config("edge_of_stability", [f"scale={scale}", *overrides])
     out = E.run(cfg)
     return cfg, out, {r["run"]: r for r in E.summarise(out)}
 
 
-def _check_eos(cfg, out, rows):
+def _check_eos(cfg, out, rows, seed_zero=True):
+    """The detector's claims; ``seed_zero`` adds the claims of the seed-0 setting (its transition is a clean
+    edge of stability, the twin's gauge factor > 1.2 x and canonical sharpness at the edge > 5% apart), which
+    other seeds need not share (a catapult into the edge on seed 1, a 1.17 x gauge on seed 2)."""
     lr = out["lr"]
     for name, r in out["runs"].items():
         s, lam = C.sampled(r["traj"], "sharpness_horizontal")
@@ -32,11 +35,13 @@ def _check_eos(cfg, out, rows):
         assert np.any(np.diff(loss) > 0), name
         t_true = int(np.argmax(np.diff(loss) > 0)) + 1
         after = lr * lam[s >= t_true]
-        assert 1.7 <= np.mean(after) <= 2.3 and np.max(after) < 2.6, (name, after)
+        assert 1.7 <= np.mean(after) <= 2.3, (name, after)
+        if seed_zero:
+            assert np.max(after) < 2.6, (name, after)
         # stated window: the detector's level-2 crossing at most 50 steps before the first loss increase and at
         # most one Hessian refresh after it
         e = C.first(r["events"], "edge_of_stability", "step", level=2.0)
-        assert e is not None and t_true - 50 <= e.step <= t_true + cfg.hessian_every, (name, e.step, t_true)
+        assert e is not None and t_true - 50 <= e.step <= t_true + cfg.hessian_every, (name, e and e.step, t_true)
         d = e.details
         np.testing.assert_allclose(d["lr_times_lambda_step"], d["lr_times_lambda_canonical"] * d["gauge_factor"],
                                    rtol=1e-5)
@@ -44,14 +49,24 @@ def _check_eos(cfg, out, rows):
     # and it reaches the edge earlier, at a different canonical sharpness
     b, g = rows["balanced"], rows["regauged"]
     np.testing.assert_allclose(b["lr*lambda_canonical(0)"], g["lr*lambda_canonical(0)"], rtol=1e-3)
-    assert g["gauge(0)"] > 1.2 * b["gauge(0)"]
+    assert g["gauge(0)"] > b["gauge(0)"]
     np.testing.assert_allclose(g["gauge_charges(0)"], g["gauge(0)"], rtol=0.1)
     assert g["EoS step (detector, step variant)"] < b["EoS step (detector, step variant)"]
-    assert abs(g["lambda_canonical at edge"] / b["lambda_canonical at edge"] - 1) > 0.05
+    if seed_zero:
+        assert g["gauge(0)"] > 1.2 * b["gauge(0)"]
+        assert abs(g["lambda_canonical at edge"] / b["lambda_canonical at edge"] - 1) > 0.05
 
 
 def test_edge_of_stability_fast():
     _check_eos(*_eos("test"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_edge_of_stability_other_seeds(seed):
+    """The detector's claims on other seeds at the test scale (Hessian every step): the edge within its window
+    of the first loss increase on both runs, the twin unstable first, the charges predicting its gauge."""
+    _check_eos(*_eos("test", f"seed={seed}"), seed_zero=False)
 
 
 @pytest.mark.slow

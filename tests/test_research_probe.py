@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from quotient_sgd import models, optim
-from quotient_sgd.symmetry import GL, Rescale, SymmetryError, Translation, verify
+from quotient_sgd.symmetry import GL, Rescale, Scale, SymmetryError, Translation, verify
 
 
 # ----- verify on user-written models: a wrong declaration says what is wrong with it ------------------------------
@@ -146,3 +146,28 @@ def test_charge_drift_predicted_through_skipped_steps(x64, case):
     observed, predicted = traj["charge_drift"]["rescale/layers.0"], traj["charge_drift_predicted"]["rescale/layers.0"]
     assert np.max(np.abs(np.asarray(observed))) > 1e-4
     np.testing.assert_allclose(np.asarray(predicted), np.asarray(observed), rtol=0, atol=1e-12)
+
+
+class _Normed(nnx.Module):
+    """``w2 relu(layer_norm(w1 x))``, the normalisation with an ``epsilon`` (1e-6 by default, as LayerNorm's)."""
+
+    def __init__(self, rngs, epsilon=1e-6):
+        self.w1 = nnx.Linear(5, 7, param_dtype=jnp.float64, rngs=rngs)
+        self.w2 = nnx.Linear(7, 3, param_dtype=jnp.float64, rngs=rngs)
+        self.epsilon = epsilon
+
+    def __call__(self, x):
+        z = self.w1(x)
+        z = z - jnp.mean(z, axis=-1, keepdims=True)
+        return self.w2(jax.nn.relu(z / jnp.sqrt(jnp.mean(z * z, axis=-1, keepdims=True) + self.epsilon)))
+
+
+def test_verify_says_the_epsilon_of_a_normalisation_breaks_a_scale(x64):
+    """The scale of the weights feeding a layer norm is a symmetry up to its epsilon: at scale 2 (factors down to
+    e^-4) an epsilon of 1e-5 changes the outputs by ~1e-3, which verify reports; the message names the epsilon (it
+    used to speak of a rescale's activation).  With a negligible epsilon it passes."""
+    x = jax.random.normal(jax.random.key(1), (9, 5), jnp.float64)
+    group = Scale(((("w1", "kernel"), None), (("w1", "bias"), None)), name="scale/w1")
+    assert verify(_Normed(nnx.Rngs(0), epsilon=1e-14), group, x, jax.random.key(2), num_samples=2, scale=2.0) < 1e-8
+    with pytest.raises(SymmetryError, match=r"'scale/w1'.*normalisation.*epsilon"):
+        verify(_Normed(nnx.Rngs(0), epsilon=1e-5), group, x, jax.random.key(2), num_samples=2, scale=2.0)

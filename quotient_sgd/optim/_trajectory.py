@@ -12,6 +12,7 @@ import optax
 from .. import observables as obs
 from .._tree import widen
 from ..observables._util import charges_dict, tree_dot, tree_sqnorm
+from ._gauge import GaugeFixState
 from ._spec import SGDSpec, check_period, check_wrapped
 
 #: The per-step observables recorded by default (all cheap: closed-form projections, no extra gradients).
@@ -107,7 +108,9 @@ def quotient_trajectory(
     to their dtype (which the float32 observables would otherwise not see), so the recorded ``charges`` of
     consecutive steps differ by exactly it.  ``charge_drift_predicted`` is the exact SGD identity
     (:func:`quotient_sgd.observables.predict_charge_drift`) and needs ``spec``; without one (Adam, other
-    optimisers) it is NaN: the drift is observed, not predicted.
+    optimisers), and when ``tx`` contains :func:`~quotient_sgd.optim.gauge_fix` (its jumps to the canonical
+    representative move the charges by what the identity does not contain), it is NaN: the drift is observed,
+    not predicted.
 
     With ``hessian_every=K``, every ``K`` steps (starting at step 0): for each ``where`` in ``hessian_at``
     (``"quotient"``: horizontal Hessian at the canonical representative, orbit invariant; ``"horizontal"``: at
@@ -375,7 +378,11 @@ def quotient_trajectory(
         lr_now = None
         if need_lr:
             lr_now = step_lr()
-        if need_cross:
+        if need_cross and _gauge_fixed(inner_state):
+            # gauge_fix's re-gauging jumps to the canonical representative, which moves the charges by an amount
+            # the SGD identity does not contain: observed, not predicted (NaN from init)
+            new_carry["cross"] = carry["cross"]
+        elif need_cross:
             pred, cross = obs.predict_charge_drift(
                 group, params, grads, new_updates, carry["cross"],
                 lr=hp["learning_rate"], momentum=hp["momentum"], nesterov=spec.nesterov,
@@ -605,6 +612,12 @@ def _as_stored(params, updates):
         x = widen(p) + _rounded(widen(u), u.dtype).astype(wide)
         return _rounded(x, p.dtype).astype(wide)
     return jax.tree.map(one, params, updates, is_leaf=lambda x: x is None)
+
+
+def _gauge_fixed(inner_state) -> bool:
+    """Whether the wrapped optimiser contains :func:`gauge_fix` (static: read off the state's structure)."""
+    is_g = lambda x: isinstance(x, GaugeFixState)  # noqa: E731
+    return any(is_g(x) for x in jax.tree.leaves(inner_state, is_leaf=is_g))
 
 
 def _rounded(x, dtype):

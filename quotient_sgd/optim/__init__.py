@@ -11,6 +11,7 @@
 
 from ._adam import adam_preconditioner as adam_preconditioner
 from ._gauge import GaugeFixState as GaugeFixState
+from ._gauge import HorizontalState as HorizontalState
 from ._gauge import gauge_fix as gauge_fix
 from ._gauge import gauge_fix_elements as gauge_fix_elements
 from ._gauge import horizontal as horizontal
@@ -27,7 +28,7 @@ from ._trajectory import observables_of as observables_of
 from ._trajectory import quotient_trajectory as quotient_trajectory
 
 __all__ = [
-    "DEFAULT_OBSERVABLES", "GaugeFixState", "QuotientTrajectoryState", "SGDSpec", "adam_preconditioner",
+    "DEFAULT_OBSERVABLES", "GaugeFixState", "HorizontalState", "QuotientTrajectoryState", "SGDSpec", "adam_preconditioner",
     "eigenvectors_of",
     "flatten_trajectory", "gauge_fix", "gauge_fix_elements", "horizontal", "injected_hyperparams", "member_axes",
     "observables_of", "quotient_trajectory", "set_hyperparams", "train",

@@ -13,10 +13,19 @@ from ..observables import canonical_gradient
 from ._spec import check_period, check_wrapped
 
 
+class HorizontalState(NamedTuple):
+    """The state of :func:`horizontal`: ``inner_state`` is the wrapped optimiser's.  It marks the update as
+    horizontal, which :func:`~quotient_sgd.optim.quotient_trajectory` reads to predict the charge drift exactly."""
+
+    inner_state: Any
+
+
 def horizontal(tx: optax.GradientTransformation, group) -> optax.GradientTransformationExtraArgs:
     """Run ``tx`` and project its update onto the horizontal space at the current parameters (THEORY section 1):
     ``Delta_h = Delta - P_V Delta``.  Removes the gauge drift (the vertical part that weight decay, momentum
-    and Adam add); to first order the function moves exactly as under ``tx``.
+    and Adam add); to first order the function moves exactly as under ``tx``.  Its state is a
+    :class:`HorizontalState` around ``tx``'s (``optax.inject_hyperparams`` values inside are found as before by
+    :func:`~quotient_sgd.optim.set_hyperparams`).
 
     Example::
 
@@ -26,14 +35,14 @@ def horizontal(tx: optax.GradientTransformation, group) -> optax.GradientTransfo
     inner = optax.with_extra_args_support(tx)
 
     def init(params):
-        return inner.init(params)
+        return HorizontalState(inner.init(params))
 
     def update(updates, state, params=None, **extra_args):
         if params is None:
             raise ValueError("horizontal(tx, group) needs params: tx.update(grads, state, params)")
-        u, state = inner.update(updates, state, params, **extra_args)
+        u, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
         # low-precision parameters are projected in float32 (widen) and the update keeps its dtype
-        return _like(group.horizontal(widen(params), widen(u)), u), state
+        return _like(group.horizontal(widen(params), widen(u)), u), HorizontalState(inner_state)
 
     return optax.GradientTransformationExtraArgs(init, update)
 

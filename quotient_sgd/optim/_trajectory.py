@@ -12,7 +12,7 @@ import optax
 from .. import observables as obs
 from .._tree import widen
 from ..observables._util import charges_dict, tree_dot, tree_sqnorm
-from ._gauge import GaugeFixState
+from ._gauge import GaugeFixState, HorizontalState
 from ._spec import SGDSpec, check_period, check_wrapped
 
 #: The per-step observables recorded by default (all cheap: closed-form projections, no extra gradients).
@@ -109,8 +109,11 @@ def quotient_trajectory(
     consecutive steps differ by exactly it.  ``charge_drift_predicted`` is the exact SGD identity
     (:func:`quotient_sgd.observables.predict_charge_drift`) and needs ``spec``; without one (Adam, other
     optimisers), and when ``tx`` contains :func:`~quotient_sgd.optim.gauge_fix` (its jumps to the canonical
-    representative move the charges by what the identity does not contain), it is NaN: the drift is observed,
-    not predicted.
+    representative move the charges by what the identity does not contain) or a :func:`~quotient_sgd.optim.
+    horizontal` inside a chain, it is NaN: the drift is observed, not predicted.  When ``tx`` is itself
+    ``horizontal(...)`` the update is orthogonal to the orbit, and the drift is ``Q(Delta)`` exactly, for any
+    optimiser inside (Adam included) and with or without ``spec`` (float32: up to the projection's rounding,
+    ``<grad Q(theta), Delta>`` is not exactly zero).
 
     With ``hessian_every=K``, every ``K`` steps (starting at step 0): for each ``where`` in ``hessian_at``
     (``"quotient"``: horizontal Hessian at the canonical representative, orbit invariant; ``"horizontal"``: at
@@ -378,9 +381,24 @@ def quotient_trajectory(
         lr_now = None
         if need_lr:
             lr_now = step_lr()
-        if need_cross and _gauge_fixed(inner_state):
+        if "charge_drift_predicted" in want and isinstance(inner_state, HorizontalState):
+            # tx = horizontal(...): Delta is orthogonal to the orbit, and the change of a charge, quadratic or
+            # linear, is its linear term <grad Q(theta), Delta> (grad Q(theta) is a vertical tangent: zero) plus
+            # Q(Delta): the drift is Q(Delta) exactly, whatever the optimiser inside (up to the projection's
+            # rounding)
+            pred = charges_dict(group, new_updates)
+            if need_cross:
+                new_carry["cross"] = carry["cross"]
+            if every == 1:
+                observ["charge_drift_predicted"] = pred
+            else:
+                rec = count % every == 0
+                observ["charge_drift_predicted"] = jax.tree.map(
+                    lambda a, b: jnp.where(rec, a, b), pred, observ["charge_drift_predicted"])
+        elif need_cross and (_gauge_fixed(inner_state) or _contains_horizontal(inner_state)):
             # gauge_fix's re-gauging jumps to the canonical representative, which moves the charges by an amount
-            # the SGD identity does not contain: observed, not predicted (NaN from init)
+            # the SGD identity does not contain; a horizontal projection inside a chain changes the step the
+            # identity models: observed, not predicted (NaN from init)
             new_carry["cross"] = carry["cross"]
         elif need_cross:
             pred, cross = obs.predict_charge_drift(
@@ -618,6 +636,12 @@ def _gauge_fixed(inner_state) -> bool:
     """Whether the wrapped optimiser contains :func:`gauge_fix` (static: read off the state's structure)."""
     is_g = lambda x: isinstance(x, GaugeFixState)  # noqa: E731
     return any(is_g(x) for x in jax.tree.leaves(inner_state, is_leaf=is_g))
+
+
+def _contains_horizontal(inner_state) -> bool:
+    """Whether :func:`horizontal` is anywhere in the wrapped optimiser (static: read off the state's structure)."""
+    is_h = lambda x: isinstance(x, HorizontalState)  # noqa: E731
+    return any(is_h(x) for x in jax.tree.leaves(inner_state, is_leaf=is_h))
 
 
 def _rounded(x, dtype):

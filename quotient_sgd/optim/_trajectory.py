@@ -120,7 +120,7 @@ def quotient_trajectory(
     the current point, what the step sees; ``"raw"``: unprojected), ``sharpness_<where>`` (top eigenvalue),
     ``lambda_min_<where>`` (bottom), ``hessian_top_<where>`` / ``hessian_bottom_<where>`` (``hessian_k`` each),
     plus ``shock_number_hessian = eta max(0, -lambda_min_horizontal)``, ``fold_number_hessian =
-    eta lambda_max_horizontal`` and ``hessian_step``; values persist between evaluations.  ``"preconditioned"``
+    eta max(0, lambda_max_horizontal)`` and ``hessian_step``; values persist between evaluations.  ``"preconditioned"``
     (not a default; needs ``preconditioner``): the extremes of ``P^-1 H``, the raw Hessian ``H`` at the current
     point preconditioned by the diagonal ``P = preconditioner(inner_state)``, with ``inner_state`` the wrapped
     optimiser's state *after* step ``k`` (for Adam, :func:`~quotient_sgd.optim.adam_preconditioner`: the ``P``

@@ -34,7 +34,7 @@ def _diff(p: Array, g: Grid, axis: int, *, end_order: int = 4) -> Array:
         return (8 * (sh(1) - sh(-1)) - (sh(2) - sh(-2))) / (12 * dx)
     p = jnp.moveaxis(p, axis, 0)
     inner = (8 * (p[3:-1] - p[1:-3]) - (p[4:] - p[:-4])) / (12 * dx)  # nodes 2 .. n - 3
-    if end_order == 4 and n >= 5:  # fourth order at every node: the one-sided five-point stencils at nodes 0, 1, n - 2, n - 1
+    if end_order == 4 and n >= 5:  # fourth order everywhere: one-sided five-point stencils at 0, 1, n - 2, n - 1
         first = (-25 * p[0] + 48 * p[1] - 36 * p[2] + 16 * p[3] - 3 * p[4]) / (12 * dx)
         near0 = (-3 * p[0] - 10 * p[1] + 18 * p[2] - 6 * p[3] + p[4]) / (12 * dx)
         near1 = (3 * p[-1] + 10 * p[-2] - 18 * p[-3] + 6 * p[-4] - p[-5]) / (12 * dx)

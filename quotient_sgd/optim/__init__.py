@@ -28,8 +28,8 @@ from ._trajectory import observables_of as observables_of
 from ._trajectory import quotient_trajectory as quotient_trajectory
 
 __all__ = [
-    "DEFAULT_OBSERVABLES", "GaugeFixState", "HorizontalState", "QuotientTrajectoryState", "SGDSpec", "adam_preconditioner",
-    "eigenvectors_of",
+    "DEFAULT_OBSERVABLES", "GaugeFixState", "HorizontalState", "QuotientTrajectoryState", "SGDSpec",
+    "adam_preconditioner", "eigenvectors_of",
     "flatten_trajectory", "gauge_fix", "gauge_fix_elements", "horizontal", "injected_hyperparams", "member_axes",
     "observables_of", "quotient_trajectory", "set_hyperparams", "train",
 ]

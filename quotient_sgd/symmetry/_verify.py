@@ -35,8 +35,9 @@ def _requirement(action: Group) -> str:
                 "jax.nn.log_softmax of the logits)")
     if isinstance(action, Scale):
         return ("a scale is a symmetry only of weights whose outputs go through a normalisation (LayerNorm, RMSNorm, "
-                "BatchNorm over the members' units) and nowhere else; exactly only where the normalisation's epsilon is "
-                "negligible against the variance of its input (small weights, or log-factors at large scale, are not)")
+                "BatchNorm over the members' units) and nowhere else; exactly only where the normalisation's epsilon "
+                "is negligible against the variance of its input (small weights, or log-factors at large scale, are "
+                "not)")
     if isinstance(action, GL):
         return ("a GL action is a symmetry only when its two factors enter the network through their product alone "
                 "(W_Q W_K^T, W_V W_O, consecutive linear layers): no activation or normalisation between them")

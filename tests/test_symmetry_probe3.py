@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from quotient_sgd.symmetry import GL, Product
 
@@ -206,3 +207,29 @@ def test_quotient_distance_and_align_name_themselves_without_a_canonical_section
         with pytest.raises(SymmetryError, match=rf"^{name}: both points are canonicalised first .* The group says: "
                                                 r"canonicalize:"):
             fn(G, p, p)
+
+
+def test_quotient_distance_canonical_is_a_function_of_the_orbits():
+    """The plain quotient_distance is point-to-orbit (symmetrised): moving an argument along its orbit changes
+    it, since rescales are not isometries.  ``canonical=True`` compares the canonical representatives: unchanged
+    when both arguments are moved by random elements (rescales and permutations), zero on one orbit, never larger
+    than the distance between the canonical points."""
+    from quotient_sgd.models import MLP
+    from quotient_sgd.symmetry import quotient_distance
+
+    model = MLP(3, (6,), 2, rngs=nnx.Rngs(0))
+    G = model.symmetries()
+    a = nnx.state(model, nnx.Param)
+    b = nnx.state(MLP(3, (6,), 2, rngs=nnx.Rngs(1)), nnx.Param)
+    ga = G.act(G.sample(jax.random.key(2), a), a)
+    gb = G.act(G.sample(jax.random.key(3), b), b)
+    qd = jax.jit(lambda p, q: quotient_distance(G, p, q, canonical=True))
+    d0 = float(qd(a, b))
+    assert float(qd(ga, gb)) == pytest.approx(d0, rel=1e-4)
+    gap = jax.tree.map(lambda x, y: x - y, G.canonicalize(a), G.canonicalize(b))
+    assert 0.1 < d0 <= float(jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(gap)))) * (1 + 1e-6)
+    assert float(qd(a, ga)) < 1e-4 * d0
+    plain = jax.jit(lambda p, q: quotient_distance(G, p, q))
+    assert abs(float(plain(ga, gb)) / float(plain(a, b)) - 1) > 1e-3  # the plain one does depend on the points
+    with pytest.raises(ValueError, match="canonical=1"):
+        quotient_distance(G, a, b, canonical=1)

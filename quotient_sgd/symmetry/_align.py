@@ -146,21 +146,31 @@ def _check_counts(fn: str, **counts) -> None:
             raise ValueError(f"{fn}: {name} must be an integer >= 0, got {n!r}")
 
 
-def quotient_distance(group: Group, params_a, params_b, *, rounds: int = 3, iters: int = 8):
+def quotient_distance(group: Group, params_a, params_b, *, rounds: int = 3, iters: int = 8,
+                      canonical: bool = False):
     """Distance between the orbits of ``params_a`` and ``params_b``:
     ``min(|a - align(a, b)|, |b - align(b, a)|)`` (Euclidean).
 
     Zero (to tolerance) when ``b = g . a``; symmetric by construction; never larger than ``|a - b|``.
     The symmetrisation is needed because rescale and GL actions are not isometries, so the one-sided distance
-    ``min_g |a - g . b|`` is not symmetric in general.  ``rounds`` / ``iters``: as for :func:`align`, whose
-    canonicalisation limits (``SymmetryError``) apply.
+    ``min_g |a - g . b|`` is not symmetric in general.  For the same reason it depends on where ``a`` and ``b``
+    sit on their orbits (moving ``a`` to ``g . a`` changes it, by a few percent for random ``g``): it measures
+    how far these two networks are from each other's orbits.  ``canonical=True`` compares the canonical
+    representatives ``c(a)``, ``c(b)`` instead (the same formula, never larger than ``|c(a) - c(b)|``): a
+    function of the two orbits alone, unchanged when either argument is moved along its orbit.  ``rounds`` /
+    ``iters``: as for :func:`align`, whose canonicalisation limits (``SymmetryError``) apply.
     """
     _check_counts("quotient_distance", rounds=rounds, iters=iters)
+    if not isinstance(canonical, (bool, np.bool_)):
+        raise ValueError(f"quotient_distance: canonical={canonical!r} is not allowed; need True or False")
     fa, _ = group._flat(params_a)
     fb, _ = group._flat(params_b)
     _check_same_layout("quotient_distance", fa, fb)
     fa, fb = _tree.widen(fa), _tree.widen(fb)  # bfloat16 / float16: computed in float32
     with _canonicalising("quotient_distance"):
+        if canonical:
+            fa = group._act(group._canonical_element(fa), fa)
+            fb = group._act(group._canonical_element(fb), fb)
         ab = _align_flat(group, fa, fb, rounds, iters)
         ba = _align_flat(group, fb, fa, rounds, iters)
     return jnp.sqrt(jnp.minimum(_sqdist(fa, ab), _sqdist(fb, ba)))

@@ -378,6 +378,14 @@ def quotient_trajectory(
                 group, params, grads, new_updates, obs.canonical_gradient(group, params, grads))
             return e["global"]
 
+        def record_prediction(pred):
+            if every == 1:
+                observ["charge_drift_predicted"] = pred
+            else:
+                rec = count % every == 0
+                observ["charge_drift_predicted"] = jax.tree.map(
+                    lambda a, b: jnp.where(rec, a, b), pred, observ["charge_drift_predicted"])
+
         lr_now = None
         if need_lr:
             lr_now = step_lr()
@@ -389,12 +397,7 @@ def quotient_trajectory(
             pred = charges_dict(group, new_updates)
             if need_cross:
                 new_carry["cross"] = carry["cross"]
-            if every == 1:
-                observ["charge_drift_predicted"] = pred
-            else:
-                rec = count % every == 0
-                observ["charge_drift_predicted"] = jax.tree.map(
-                    lambda a, b: jnp.where(rec, a, b), pred, observ["charge_drift_predicted"])
+            record_prediction(pred)
         elif need_cross and (_gauge_fixed(inner_state) or _contains_horizontal(inner_state)):
             # gauge_fix's re-gauging jumps to the canonical representative, which moves the charges by an amount
             # the SGD identity does not contain; a horizontal projection inside a chain changes the step the
@@ -418,12 +421,7 @@ def quotient_trajectory(
             pred = jax.tree.map(lambda x: jnp.where(skipped, jnp.zeros_like(x), x), pred)
             cross = jax.tree.map(lambda new, old: jnp.where(skipped, old, new), cross, carry["cross"])
             new_carry["cross"] = cross
-            if every == 1:
-                observ["charge_drift_predicted"] = pred
-            else:
-                rec = count % every == 0
-                observ["charge_drift_predicted"] = jax.tree.map(
-                    lambda a, b: jnp.where(rec, a, b), pred, observ["charge_drift_predicted"])
+            record_prediction(pred)
         if need_curv:
             gd, dd = _curv_terms(grads, new_updates)
             new_carry["prev_update"] = new_updates

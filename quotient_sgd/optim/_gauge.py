@@ -66,7 +66,8 @@ def gauge_fix(tx: optax.GradientTransformation, group, every: int = 1) -> optax.
 
     Consequence (tested): SGD + ``gauge_fix`` from ``theta`` and from ``g . theta`` give identical iterates after
     the first step, since both start from ``c(theta) = c(g . theta)`` with the same transported gradient.  Put
-    it inside :func:`quotient_trajectory`, which then observes the fixed dynamics.
+    it inside :func:`quotient_trajectory`, which then observes the fixed dynamics (its step observables describe
+    the step from ``c(theta)``, without the re-gauging jump).
 
     The optimiser's state follows the units: the unit permutations of the canonical element (the discrete part,
     isometries) are applied to every parameter-shaped leaf of ``tx``'s state (momentum, Adam's moments), so a unit

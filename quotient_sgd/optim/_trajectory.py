@@ -12,7 +12,7 @@ import optax
 from .. import observables as obs
 from .._tree import widen
 from ..observables._util import charges_dict, tree_dot, tree_sqnorm
-from ._gauge import GaugeFixState, HorizontalState
+from ._gauge import GaugeFixState, HorizontalState, _like
 from ._spec import SGDSpec, check_period, check_wrapped
 
 #: The per-step observables recorded by default (all cheap: closed-form projections, no extra gradients).
@@ -113,7 +113,12 @@ def quotient_trajectory(
     horizontal` inside a chain, it is NaN: the drift is observed, not predicted.  When ``tx`` is itself
     ``horizontal(...)`` the update is orthogonal to the orbit, and the drift is ``Q(Delta)`` exactly, for any
     optimiser inside (Adam included) and with or without ``spec`` (float32: up to the projection's rounding,
-    ``<grad Q(theta), Delta>`` is not exactly zero).
+    ``<grad Q(theta), Delta>`` is not exactly zero).  When ``tx`` is itself ``gauge_fix(...)``, its update
+    ``c(theta) + Delta - theta`` also holds the re-gauging jump to the canonical representative (a reordering of
+    units, a rescale: a change of coordinates, as large as the step or larger); the observables of the step
+    (``update_horizontal_norm``, ``update_vertical_norm``, ``angular_update``, ``effective_lr``, ``curvature``,
+    ``shock_number``, ``fold_number``) describe the step ``Delta`` taken from ``c(theta)`` with the gradient
+    transported there, while ``charges`` / ``charge_drift`` are of the parameters as stored.
 
     With ``hessian_every=K``, every ``K`` steps (starting at step 0): for each ``where`` in ``hessian_at``
     (``"quotient"``: horizontal Hessian at the canonical representative, orbit invariant; ``"horizontal"``: at
@@ -216,9 +221,13 @@ def quotient_trajectory(
     explained = _explain_canonical(_canonical_users(keys, spec, hessian_every, hessian_at, noise_every))
 
     # -- the per-step observables ---------------------------------------------------------------------------
-    def step_observables(params, grads, updates, value, lr_spec, carry, next_params):
+    def step_observables(params, grads, updates, value, lr_spec, carry, next_params, frame=None):
         """``next_params``: ``theta_{k+1}`` as the parameters will hold it (``optax.apply_updates`` in their own
-        dtype, then widened), which the observed charge drift is measured at."""
+        dtype, then widened), which the observed charge drift is measured at.  ``frame``: ``(point, gradient,
+        step)`` of the step taken, which the update norms, angular update, effective learning rates and the
+        curvature's carried step describe (under :func:`gauge_fix`: :func:`_section_step`); default
+        ``(params, grads, updates)``."""
+        sp, sg, su = (params, grads, updates) if frame is None else frame
         out: dict[str, Any] = {}
         dt = jax.tree.leaves(params)[0].dtype
         if "loss" in want:
@@ -235,7 +244,7 @@ def quotient_trajectory(
             if "grad_norm_canonical" in want:
                 out["grad_norm_canonical"] = jnp.sqrt(tree_sqnorm(gc))
         if want & {"update_horizontal_norm", "update_vertical_norm"}:
-            h, v = obs.update_split_norms(group, params, updates)
+            h, v = obs.update_split_norms(group, sp, su)
             if "update_horizontal_norm" in want:
                 out["update_horizontal_norm"] = h
             if "update_vertical_norm" in want:
@@ -251,10 +260,10 @@ def quotient_trajectory(
         if "invariant_norms" in want:
             out["invariant_norms"] = obs.invariant_norms(group, params, elem)
         if "angular_update" in want:
-            out["angular_update"] = obs.angular_update(group, params, updates)
+            out["angular_update"] = obs.angular_update(group, sp, su)
         eff = None
         if "effective_lr" in want or (need_lr and lr_spec is None):
-            eff = obs.effective_lr(group, params, grads, updates, gc)
+            eff = obs.effective_lr(group, sp, sg, su, gc)
             if "effective_lr" in want:
                 out["effective_lr"] = eff
         if need_curv:
@@ -350,13 +359,30 @@ def quotient_trajectory(
 
         observ = dict(state.observables)
         step_keys = [k for k in observ if k in want and k != "charge_drift_predicted"]
+        # tx = gauge_fix(...): the step of the fixed dynamics is taken from c(theta) with the transported gradient;
+        # the update also holds the jump theta -> c(theta) (a change of coordinates), which the step observables
+        # leave out.  Computed every step when the curvature carries the step, else where they are recorded.
+        section = isinstance(inner_state, GaugeFixState)
+        frame = _section_step(group, params, grads, new_updates, inner_state) if section and need_curv else None
+
+        def step_frame():
+            # (point, gradient, step) of the step taken (not cached: also called inside lax.cond branches)
+            if frame is not None:
+                return frame
+            if section:
+                return _section_step(group, params, grads, new_updates, inner_state)
+            return params, grads, new_updates
+
+        def observe():
+            f = step_frame() if want & _STEP_FRAME_OBSERVABLES else (params, grads, new_updates)
+            return step_observables(params, grads, new_updates, value, hp, carry, next_params, f)
+
         if every == 1:
-            fresh, q, eff, elem = step_observables(params, grads, new_updates, value, hp, carry, next_params)
+            fresh, q, eff, elem = observe()
         else:
             fresh, elem = jax.lax.cond(
                 count % every == 0,
-                lambda _: tuple(step_observables(params, grads, new_updates, value, hp, carry, next_params)[i]
-                                for i in (0, 3)),
+                lambda _: tuple(observe()[i] for i in (0, 3)),
                 lambda _: ({k: observ[k] for k in step_keys}, carry.get("canon")),
                 None,
             )
@@ -374,8 +400,10 @@ def quotient_trajectory(
                 return lr_now
             if hp is not None:
                 return hp["learning_rate"]
-            e = eff if eff is not None else obs.effective_lr(
-                group, params, grads, new_updates, obs.canonical_gradient(group, params, grads))
+            if eff is not None:
+                return eff["global"]
+            sp, sg, su = step_frame()
+            e = obs.effective_lr(group, sp, sg, su, obs.canonical_gradient(group, params, grads))
             return e["global"]
 
         def record_prediction(pred):
@@ -423,8 +451,9 @@ def quotient_trajectory(
             new_carry["cross"] = cross
             record_prediction(pred)
         if need_curv:
-            gd, dd = _curv_terms(grads, new_updates)
-            new_carry["prev_update"] = new_updates
+            _, sg, su = step_frame()
+            gd, dd = _curv_terms(sg, su)
+            new_carry["prev_update"] = su
             new_carry["prev_gd"] = gd
             new_carry["prev_dd"] = dd
             new_carry["prev_lr"] = carry["prev_lr"] if lr_now is None else jnp.asarray(lr_now, dt)
@@ -628,6 +657,24 @@ def _as_stored(params, updates):
         x = widen(p) + _rounded(widen(u), u.dtype).astype(wide)
         return _rounded(x, p.dtype).astype(wide)
     return jax.tree.map(one, params, updates, is_leaf=lambda x: x is None)
+
+
+#: The observables of the step taken, which under :func:`gauge_fix` leave out its re-gauging jump.
+_STEP_FRAME_OBSERVABLES = frozenset({"update_horizontal_norm", "update_vertical_norm", "angular_update",
+                                     "effective_lr", "curvature", "shock_number", "fold_number"})
+
+
+def _section_step(group, params, grads, updates, gstate: GaugeFixState):
+    """``(c, g_c, Delta)`` of a :func:`gauge_fix` step from ``params``: the canonical point ``c = k . theta`` it
+    stepped from (``k``: the element its state records), the gradient transported there and the step taken from
+    it, ``theta + update - c``; ``(params, grads, updates)`` at a step that did not re-gauge (``every > 1``)."""
+
+    def fixed(_):
+        c = group.act(gstate.element, params)
+        gc = obs.canonical_gradient(group, params, grads, element=gstate.element)
+        return c, _like(gc, grads), jax.tree.map(lambda p, u, x: (p + u) - x, params, updates, c)
+
+    return jax.lax.cond(gstate.applied, fixed, lambda _: (params, grads, updates), None)
 
 
 def _gauge_fixed(inner_state) -> bool:

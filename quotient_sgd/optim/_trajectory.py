@@ -426,7 +426,7 @@ def quotient_trajectory(
             if need_cross:
                 new_carry["cross"] = carry["cross"]
             record_prediction(pred)
-        elif need_cross and (_gauge_fixed(inner_state) or _contains_horizontal(inner_state)):
+        elif need_cross and _contains(inner_state, GaugeFixState, HorizontalState):
             # gauge_fix's re-gauging jumps to the canonical representative, which moves the charges by an amount
             # the SGD identity does not contain; a horizontal projection inside a chain changes the step the
             # identity models: observed, not predicted (NaN from init)
@@ -677,16 +677,11 @@ def _section_step(group, params, grads, updates, gstate: GaugeFixState):
     return jax.lax.cond(gstate.applied, fixed, lambda _: (params, grads, updates), None)
 
 
-def _gauge_fixed(inner_state) -> bool:
-    """Whether the wrapped optimiser contains :func:`gauge_fix` (static: read off the state's structure)."""
-    is_g = lambda x: isinstance(x, GaugeFixState)  # noqa: E731
-    return any(is_g(x) for x in jax.tree.leaves(inner_state, is_leaf=is_g))
-
-
-def _contains_horizontal(inner_state) -> bool:
-    """Whether :func:`horizontal` is anywhere in the wrapped optimiser (static: read off the state's structure)."""
-    is_h = lambda x: isinstance(x, HorizontalState)  # noqa: E731
-    return any(is_h(x) for x in jax.tree.leaves(inner_state, is_leaf=is_h))
+def _contains(inner_state, *state_types) -> bool:
+    """Whether the wrapped optimiser's state holds one of ``state_types`` anywhere (e.g. :class:`GaugeFixState`:
+    it contains :func:`gauge_fix`); static, read off the state's structure."""
+    hit = lambda x: isinstance(x, state_types)  # noqa: E731
+    return any(hit(x) for x in jax.tree.leaves(inner_state, is_leaf=hit))
 
 
 def _rounded(x, dtype):

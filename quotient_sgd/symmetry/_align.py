@@ -169,8 +169,7 @@ def quotient_distance(group: Group, params_a, params_b, *, rounds: int = 3, iter
     fa, fb = _tree.widen(fa), _tree.widen(fb)  # bfloat16 / float16: computed in float32
     with _canonicalising("quotient_distance"):
         if canonical:
-            fa = group._act(group._canonical_element(fa), fa)
-            fb = group._act(group._canonical_element(fb), fb)
+            fa, fb = group._canonicalize_flat(fa), group._canonicalize_flat(fb)
         ab = _align_flat(group, fa, fb, rounds, iters)
         ba = _align_flat(group, fb, fa, rounds, iters)
     return jnp.sqrt(jnp.minimum(_sqdist(fa, ab), _sqdist(fb, ba)))

@@ -13,6 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def child_xla_flags() -> str:
+    """The XLA optimisation flag this process compiles with (tests/conftest.py), for a subprocess whose results
+    are compared bitwise with this process's: the same program compiled at another level rounds differently."""
+    return " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_backend_optimization_level" in f)
+
+
 def tree_allclose(a, b, *, rtol=1e-5, atol=1e-8) -> bool:
     """True when the trees have the same structure and every leaf pair is allclose."""
     la, ta = jax.tree.flatten(a)

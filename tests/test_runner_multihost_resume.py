@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import assert_sweeps_bitwise, checkpoint_steps, load_trajectory
+from helpers import assert_sweeps_bitwise, checkpoint_steps, child_xla_flags, load_trajectory
 from quotient_sgd.config import load_config, validate
 from quotient_sgd.runner import sweep
 
@@ -74,8 +74,7 @@ def _free_port():
 def _start_two_processes(worker, workdir, max_chunks, cwd):
     """The same command in 2 processes (a fresh coordinator each time)."""
     port = _free_port()
-    env = dict(os.environ, QSGD_NO_MALLOC_TUNING="1")
-    env.pop("XLA_FLAGS", None)
+    env = dict(os.environ, QSGD_NO_MALLOC_TUNING="1", XLA_FLAGS=child_xla_flags())
     env.pop("JAX_NUM_CPU_DEVICES", None)
     procs = []
     for i in range(2):

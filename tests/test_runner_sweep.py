@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import tiny_settings
+from helpers import child_xla_flags, tiny_settings
 from quotient_sgd.config import load_config, validate
 from quotient_sgd.runner import run, sweep
 from quotient_sgd.runner._sweep import member_settings, sweep_members
@@ -94,8 +94,7 @@ def _free_port():
 
 
 def _cli(args, env_extra, cwd):
-    env = dict(os.environ, QSGD_NO_MALLOC_TUNING="1", **env_extra)
-    env.pop("XLA_FLAGS", None)
+    env = dict(os.environ, QSGD_NO_MALLOC_TUNING="1", XLA_FLAGS=child_xla_flags(), **env_extra)
     return subprocess.Popen([sys.executable, "-m", "quotient_sgd.cli", *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

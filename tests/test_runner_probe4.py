@@ -43,3 +43,17 @@ def test_gauge_fix_observed_step_does_not_depend_on_the_starting_gauge(tmp_path)
     for k in ("update_horizontal_norm", "update_vertical_norm", "effective_lr/global", "effective_lr/rescale/layers.0",
               "curvature", "shock_number", "fold_number"):
         np.testing.assert_allclose(a[k], b[k], rtol=2e-3, atol=1e-6, err_msg=k)
+
+
+def test_gauge_fix_hessian_and_noise_observables_are_those_of_the_canonical_point(tmp_path):
+    """The Hessian extremes and the gradient-noise temperature under gauge_fix describe the point the step is taken
+    from, c(theta): the same from theta_0 and from a random g . theta_0 at every evaluation, step 0 included (they
+    were evaluated at the stored theta, so at step 0 the horizontal and raw sharpness were those of the re-gauged
+    initialisation)."""
+    over = {"observables.hessian_every": 4, "observables.noise_every": 4, "observables.per_example_grads": True}
+    a = _gauge_fix_run(tmp_path, "h0", **over)
+    b = _gauge_fix_run(tmp_path, "h2", init_gauge=2.0, **over)
+    keys = [f"{s}_{w}" for s in ("sharpness", "lambda_min") for w in ("quotient", "horizontal", "raw")]
+    keys += ["shock_number_hessian", "fold_number_hessian", "noise_sigma2", "temperature"]
+    for k in keys:
+        np.testing.assert_allclose(a[k], b[k], rtol=2e-3, atol=1e-6, err_msg=k)

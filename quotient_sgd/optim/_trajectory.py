@@ -118,7 +118,9 @@ def quotient_trajectory(
     units, a rescale: a change of coordinates, as large as the step or larger); the observables of the step
     (``update_horizontal_norm``, ``update_vertical_norm``, ``angular_update``, ``effective_lr``, ``curvature``,
     ``shock_number``, ``fold_number``) describe the step ``Delta`` taken from ``c(theta)`` with the gradient
-    transported there, while ``charges`` / ``charge_drift`` are of the parameters as stored.
+    transported there, while ``charges`` / ``charge_drift`` are of the parameters as stored; the Hessian and
+    noise observables below are evaluated at ``c(theta)`` too (every ``where`` of ``hessian_at``: there the
+    current point is the canonical one).
 
     With ``hessian_every=K``, every ``K`` steps (starting at step 0): for each ``where`` in ``hessian_at``
     (``"quotient"``: horizontal Hessian at the canonical representative, orbit invariant; ``"horizontal"``: at
@@ -373,6 +375,12 @@ def quotient_trajectory(
                 return _section_step(group, params, grads, new_updates, inner_state)
             return params, grads, new_updates
 
+        def step_point():
+            # where the step is taken from: under gauge_fix the canonical point c(theta), which the Hessian and
+            # noise observables describe (at the stored theta they would describe the parameterisation the
+            # re-gauging leaves, e.g. a re-gauged initialisation at step 0)
+            return step_frame()[0] if section else params
+
         def observe():
             f = step_frame() if want & _STEP_FRAME_OBSERVABLES else (params, grads, new_updates)
             return step_observables(params, grads, new_updates, value, hp, carry, next_params, f)
@@ -468,7 +476,7 @@ def quotient_trajectory(
             observ, eigvecs = jax.lax.cond(
                 count % hessian_every == 0,
                 # eta only enters the horizontal shock / fold numbers
-                lambda _: _hessian(loss_fn, params, observ, eigvecs, count,
+                lambda _: _hessian(loss_fn, step_point(), observ, eigvecs, count,
                                    step_lr() if "horizontal" in hessian_at else None, inner_state),
                 lambda _: (observ, eigvecs),
                 None,
@@ -482,7 +490,7 @@ def quotient_trajectory(
                 )
 
             def noise(_):
-                n = obs.gradient_noise(efn, group, params, lr=step_lr())
+                n = obs.gradient_noise(efn, group, step_point(), lr=step_lr())
                 o = dict(observ)
                 o.update(noise_sigma2=n.sigma2, temperature=n.temperature, viscosity=n.viscosity)
                 return o

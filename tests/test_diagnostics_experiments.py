@@ -73,8 +73,12 @@ def test_edge_of_stability_other_seeds(seed):
 
 
 @pytest.mark.slow
-def test_edge_of_stability_cpu():
-    _check_eos(*_eos("cpu"))
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+def test_edge_of_stability_cpu(seed):
+    """The CPU default (400 steps, Hessian every step) on seeds 0-4: the edge of both runs found within its window
+    and the twin's first.  With the Hessian every 10 steps the twin's edge was missed on seeds 1 (a catapult
+    between two samples) and 4 (at 1.97-1.996 at the samples)."""
+    _check_eos(*_eos("cpu", f"seed={seed}"), seed_zero=seed == 0)
 
 
 def _catapult(scale):

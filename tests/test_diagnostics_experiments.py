@@ -65,19 +65,12 @@ def test_edge_of_stability_fast():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [1, 2, 3, 4])
-def test_edge_of_stability_other_seeds(seed):
-    """The detector's claims on other seeds at the test scale (Hessian every step): the edge within its window
-    of the first loss increase on both runs, the twin unstable first, the charges predicting its gauge."""
-    _check_eos(*_eos("test", f"seed={seed}"), seed_zero=False)
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
 def test_edge_of_stability_cpu(seed):
     """The CPU default (400 steps, Hessian every step) on seeds 0-4: the edge of both runs found within its window
     and the twin's first.  With the Hessian every 10 steps the twin's edge was missed on seeds 1 (a catapult
-    between two samples) and 4 (at 1.97-1.996 at the samples)."""
+    between two samples) and 4 (at 1.97-1.996 at the samples).  The test scale runs the first 150 steps of the
+    same runs, which hold every edge and first loss increase of seeds 0-4."""
     _check_eos(*_eos("cpu", f"seed={seed}"), seed_zero=seed == 0)
 
 

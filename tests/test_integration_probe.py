@@ -60,3 +60,18 @@ def test_slice_flow_orthonormalises_a_skew_pair(x64):
     skew = jax.tree.map(lambda a, b: (a + b) / np.sqrt(2.0), _E0, _E1)
     r2 = slice_flow(_saddle, _CENTRE, (_E0, skew), orthonormalize=True, **{**_KW, "n": 5})
     assert float(r2.shock_time) == pytest.approx(2.0, rel=1e-6)
+
+
+def test_runner_build_names_what_it_takes():
+    """``runner.build`` (the README's "same pieces from a config") takes the validated ``Settings``; handed the
+    ``ConfigDict`` itself it failed inside ``dataclasses.replace`` ("replace() should be called on dataclass
+    instances"), naming neither the argument nor the fix.  The validated config builds."""
+    from quotient_sgd import config as qconfig
+    from quotient_sgd import runner
+
+    cfg = qconfig.default_config()
+    with pytest.raises(TypeError, match=r"build: s must be a quotient_sgd\.config\.Settings.*got ConfigDict.*"
+                                        r"quotient_sgd\.config\.validate\(config\)"):
+        runner.build(cfg)
+    built = runner.build(qconfig.validate(cfg))
+    assert built.settings.model.name == cfg.model.name and built.group is not None

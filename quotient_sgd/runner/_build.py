@@ -219,7 +219,11 @@ def program_settings(s: Settings) -> Settings:
 
 def build(s: Settings) -> Built:
     """Build the model structure, group, data, loss and optimiser of a validated config (cached: runs whose
-    :func:`program_settings` agree get the same object)."""
+    :func:`program_settings` agree get the same object).  ``s``: a :class:`~quotient_sgd.config.Settings`, what
+    ``quotient_sgd.config.validate(config)`` returns for a ``ConfigDict``; anything else raises ``TypeError``."""
+    if not isinstance(s, Settings):
+        raise TypeError(f"build: s must be a quotient_sgd.config.Settings (a validated config), got "
+                        f"{type(s).__name__}; pass quotient_sgd.config.validate(config)")
     return _build(program_settings(s))
 
 

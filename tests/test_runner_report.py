@@ -126,3 +126,19 @@ def test_report_of_a_run_without_steps_draws_every_plot_quietly(tmp_path):
         text = report(str(tmp_path))
     assert "- steps: 0 of 20" in text
     assert sorted(os.listdir(tmp_path / "plots")) == sorted(f"{p}.png" for p in PLOTS)
+
+
+def test_summary_names_the_settings_its_optimiser_reads():
+    """summary.md's optimiser line lists the keys that optimiser reads: Adam's b1 / b2 / eps, not SGD's momentum
+    (an AdamW run's summary said momentum=0.0)."""
+    from quotient_sgd.runner._report import _optimiser_text
+
+    adamw = _settings(**{"optim.name": "adamw", "optim.momentum": 0.0, "optim.weight_decay": 0.01,
+                         "optim.b2": 0.98}).optim
+    text = _optimiser_text(adamw)
+    assert text.startswith("adamw lr=") and "b2=0.98" in text and "weight_decay=0.01" in text, text
+    assert "momentum" not in text and "nesterov" not in text and "clip_norm" not in text, text
+    sgd = _settings(**{"optim.momentum": 0.9, "optim.nesterov": True, "optim.clip_norm": 1.0}).optim
+    text = _optimiser_text(sgd)
+    assert "momentum=0.9" in text and "nesterov=True" in text and "clip_norm=1.0" in text, text
+    assert "b1" not in text and "eps" not in text, text

@@ -217,6 +217,16 @@ def last_evaluation_text(last: dict, n: int, total: int, diverged: dict | None) 
     return f"final (step {step})"
 
 
+def _optimiser_text(o) -> str:
+    """``name lr=... key=...`` with the keys this optimiser reads (Adam's summary has no momentum), plus the global
+    gradient clipping when it is on."""
+    from ..config._validate import _READ_BY
+
+    keys = ["lr"] + [k for k, readers in _READ_BY["optim"].items() if o.name in readers]
+    text = " ".join([o.name] + [f"{k}={getattr(o, k)}" for k in keys])
+    return text + (f" clip_norm={o.clip_norm}" if o.clip_norm else "")
+
+
 def write_summary(workdir: str, s: Settings, traj: dict, metrics: list[dict], events: list[dict], *,
                   diverged: dict | None, wall_s: float | None, resumed_from: int | None, detect_error: str | None,
                   source: str | None = None) -> str:
@@ -227,9 +237,8 @@ def write_summary(workdir: str, s: Settings, traj: dict, metrics: list[dict], ev
     last = ev[-1] if ev else {}
     n = len(traj.get("loss", []))
     lines = [f"# Run `{s.name}`", ""]
-    lines += [f"- model: {s.model.name} ({s.model.activation}), data: {s.data.name}, optimiser: {s.optim.name} "
-              f"lr={s.optim.lr} momentum={s.optim.momentum} weight_decay={s.optim.weight_decay}, batch size "
-              f"{s.data.batch_size or 'full'}",
+    lines += [f"- model: {s.model.name} ({s.model.activation}), data: {s.data.name}, optimiser: "
+              f"{_optimiser_text(s.optim)}, batch size {s.data.batch_size or 'full'}",
               f"- steps: {n} of {s.steps}" + (f", resumed from step {resumed_from}" if resumed_from else ""),
               f"- symmetry: {'off' if not s.symmetry.enabled else ', '.join(s.symmetry.components)} "
               f"(mode {s.symmetry.mode}), init_gauge={s.init_gauge}, seed={s.seed}"]

@@ -251,3 +251,48 @@ def test_charge_drift_predicted_for_a_horizontal_update(x64, name):
     assert scale > 1e-6
     err = max(np.max(np.abs(p - o)) for p, o in zip(pred, obs))
     assert err <= 1e-8 * scale, (err, scale)
+
+
+# ----- the observer does not change what it observes --------------------------------------------------------------
+_OBSERVER_SCRIPT = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import jax, numpy as np
+from helpers import tiny_settings
+from quotient_sgd import data, optim
+from quotient_sgd.runner import build
+from quotient_sgd.runner._build import init_params, make_inner_optimizer
+
+s = tiny_settings(60)
+b = build(s)
+p0 = init_params(b, 0, 0.0)
+p0 = p0[0] if isinstance(p0, tuple) else p0
+inner = make_inner_optimizer(s)
+spec = optim.SGDSpec("learning_rate", momentum="momentum", coupled_weight_decay="weight_decay")
+out = {}
+for name, tx in (("plain", inner), ("observed", optim.quotient_trajectory(inner, b.group, spec=spec))):
+    p, _, _ = optim.train(b.loss_fn, jax.tree.map(lambda x: x.copy(), p0), tx, data.batch_fn(b.dataset, 16),
+                          num_steps=60, key=jax.random.key(1))
+    out[name] = jax.tree.leaves(p)
+diff = max(float(np.max(np.abs(x - y))) for x, y in zip(out["plain"], out["observed"]))
+print("MAXDIFF", diff)
+"""
+
+
+def test_default_observables_leave_the_training_bitwise_unchanged():
+    """Wrapping SGD with momentum in quotient_trajectory with every default observable trains the same parameters,
+    bit for bit, as the plain optimiser, compiled at XLA's default optimisation level (a subprocess: the suite
+    compiles at level 0).  The curvature's carried update had changed how XLA compiled the training step itself
+    (the parameters moved by float32 rounding from step ~5 on configs/tiny.py); it now carries the previous point
+    and gradient, which the step computes anyway."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    res = subprocess.run([sys.executable, "-c", _OBSERVER_SCRIPT, os.path.dirname(os.path.abspath(__file__))],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    diff = float(next(ln for ln in res.stdout.splitlines() if ln.startswith("MAXDIFF")).split()[1])
+    assert diff == 0.0, diff

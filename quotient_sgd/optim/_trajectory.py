@@ -101,13 +101,7 @@ def quotient_trajectory(
     fold_number, effective_lr``.  Notes: ``charges`` / ``charge_drift`` / ``charge_drift_predicted`` /
     ``invariant_norms`` / ``angular_update`` / ``effective_lr`` are dicts keyed by component name
     (``effective_lr`` also has ``"global"``); ``curvature``, ``shock_number`` and ``fold_number`` recorded at
-    step ``k`` describe the previous step ``k - 1`` (they need ``g_k``; zero at the first step): ``curvature`` is
-    ``<g_k - g_{k-1}, theta_k - theta_{k-1}> / |theta_k - theta_{k-1}|^2`` along the step as the parameters stored
-    it (THEORY section 4; from the previous point and gradient, carried).  XLA compiles the training step and the
-    observables as one program, so the trained parameters can differ from those of ``tx`` alone by float
-    rounding; measured on configs/tiny.py at XLA's default level: bitwise equal for SGD with momentum and every
-    default observable (with the Hessian too), ~1 ulp apart with ``every=10`` or with AdamW (its
-    ``curvature`` and ``effective_lr``); the shock /
+    step ``k`` describe the previous step ``k - 1`` (they need ``g_k``; zero at the first step); the shock /
     fold numbers use the spec's learning rate, else the step's ``effective_lr["global"]``.
     ``charge_drift`` is ``Q(theta_{k+1}) - Q(theta_k)`` with ``theta_{k+1} = optax.apply_updates(theta_k,
     Delta_k)`` as the parameters store it: for bfloat16 / float16 parameters it includes the rounding of the step
@@ -275,15 +269,11 @@ def quotient_trajectory(
             if "effective_lr" in want:
                 out["effective_lr"] = eff
         if need_curv:
-            # kappa_{k-1} = <g_k - g_{k-1}, Delta_{k-1}> / |Delta_{k-1}|^2 along the step the parameters took,
-            # Delta_{k-1} = theta_k - theta_{k-1} as stored (from c(theta_{k-1}) under gauge_fix), from the previous
-            # step's point and gradient carried.  Carrying the update instead made XLA compile the training step
-            # itself differently, which moved SGD's trained parameters by float rounding from step ~5 on
-            # configs/tiny.py (the observer changed what it observed)
-            step = jax.tree.map(lambda a, b: a - b, params, carry["prev_point"])
-            dd = tree_sqnorm(step)
+            # kappa_{k-1} = (<g_k, Delta_{k-1}> - <g_{k-1}, Delta_{k-1}>) / |Delta_{k-1}|^2
+            # (obs.directional_curvature with the previous step's scalars carried instead of g_{k-1})
+            dd = carry["prev_dd"]
             ok = dd > 0
-            num = tree_dot(jax.tree.map(lambda a, b: a - b, grads, carry["prev_grad"]), step)
+            num = tree_dot(grads, carry["prev_update"]) - carry["prev_gd"]
             kappa = jnp.where(ok, num / jnp.where(ok, dd, jnp.ones_like(dd)), jnp.zeros_like(dd))
             if "curvature" in want:
                 out["curvature"] = kappa
@@ -292,6 +282,9 @@ def quotient_trajectory(
             if "fold_number" in want:
                 out["fold_number"] = obs.fold_number(carry["prev_lr"], kappa)
         return out, q, eff, elem
+
+    def _curv_terms(grads, updates):
+        return tree_dot(grads, updates), tree_sqnorm(updates)
 
     # -- init ---------------------------------------------------------------------------------------------------
     @explained
@@ -339,8 +332,9 @@ def quotient_trajectory(
         dt = jax.tree.leaves(params)[0].dtype
         carry: dict[str, Any] = {}
         if need_curv:
-            carry["prev_point"] = params  # theta_0: no step before the first, kappa_{-1} = 0
-            carry["prev_grad"] = jax.tree.map(jnp.zeros_like, params)
+            carry["prev_update"] = jax.tree.map(jnp.zeros_like, params)
+            carry["prev_gd"] = jnp.zeros((), dt)
+            carry["prev_dd"] = jnp.zeros((), dt)
             carry["prev_lr"] = jnp.zeros((), dt)
         if need_cross:
             carry["cross"] = jax.tree.map(
@@ -465,9 +459,11 @@ def quotient_trajectory(
             new_carry["cross"] = cross
             record_prediction(pred)
         if need_curv:
-            sp, sg, _ = step_frame()
-            new_carry["prev_point"] = sp
-            new_carry["prev_grad"] = sg
+            _, sg, su = step_frame()
+            gd, dd = _curv_terms(sg, su)
+            new_carry["prev_update"] = su
+            new_carry["prev_gd"] = gd
+            new_carry["prev_dd"] = dd
             new_carry["prev_lr"] = carry["prev_lr"] if lr_now is None else jnp.asarray(lr_now, dt)
         eigvecs = state.eigenvectors
         if hessian_every is not None:

@@ -378,8 +378,11 @@ def quotient_trajectory(
         def step_point():
             # where the step is taken from: under gauge_fix the canonical point c(theta), which the Hessian and
             # noise observables describe (at the stored theta they would describe the parameterisation the
-            # re-gauging leaves, e.g. a re-gauged initialisation at step 0)
-            return step_frame()[0] if section else params
+            # re-gauging leaves, e.g. a re-gauged initialisation at step 0); the point alone, without the
+            # transported gradient and the step that the whole frame also computes
+            if frame is not None:
+                return frame[0]
+            return _section_point(group, params, inner_state) if section else params
 
         def observe():
             f = step_frame() if want & _STEP_FRAME_OBSERVABLES else (params, grads, new_updates)
@@ -683,6 +686,11 @@ def _section_step(group, params, grads, updates, gstate: GaugeFixState):
         return c, _like(gc, grads), jax.tree.map(lambda p, u, x: (p + u) - x, params, updates, c)
 
     return jax.lax.cond(gstate.applied, fixed, lambda _: (params, grads, updates), None)
+
+
+def _section_point(group, params, gstate: GaugeFixState):
+    """The point of :func:`_section_step` alone: ``c = k . theta`` where the step re-gauged, else ``theta``."""
+    return jax.lax.cond(gstate.applied, lambda p: group.act(gstate.element, p), lambda p: p, params)
 
 
 def _contains(inner_state, *state_types) -> bool:

@@ -12,7 +12,8 @@ import numpy as np
 
 #: A hyperparameter value: a number / array, the name of an ``optax.inject_hyperparams`` hyperparameter
 #: (read from the optimiser state at every step, so it can be vmapped or changed without recompiling), or a
-#: schedule ``count -> value`` evaluated at the wrapper's step count.
+#: schedule ``count -> value`` evaluated at the wrapper's step count (refused with optimisers that skip steps,
+#: ``optax.MultiSteps`` / ``apply_if_finite``: their own count lags it; inject the schedule there).
 Hyper = Union[float, jax.Array, str, Callable[[jax.Array], Any]]
 
 
@@ -71,7 +72,10 @@ class SGDSpec:
     non-finite gradient, ``optax.MultiSteps`` while it accumulates; the spec then describes the wrapped SGD), is
     recognised by its update of exact zeros at a nonzero learning rate: its predicted drift is zero and the
     momentum's cross term is carried through it, so the prediction stays exact (up to the rounding of
-    ``MultiSteps``' accumulator, float32 by default).
+    ``MultiSteps``' accumulator, float32 by default).  Such an optimiser's schedules run on its own count of the
+    steps it applied, not on the wrapper's count of all steps, so a field given as a schedule is refused there
+    (``quotient_trajectory`` raises at ``init``): inject the schedule and name it instead,
+    ``optax.inject_hyperparams(optax.sgd)(learning_rate=schedule)`` with ``SGDSpec("learning_rate")``.
 
     The weight decays act on every parameter unless ``decay_mask`` restricts them, as optax's ``mask``: a pytree
     of booleans with the structure of the parameters (or a prefix of it), or a function ``params -> such a

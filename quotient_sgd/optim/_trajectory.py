@@ -290,6 +290,8 @@ def quotient_trajectory(
     @explained
     def init(params):
         inner_state = inner.init(params)
+        if spec is not None:
+            _check_schedule_counts(spec, inner_state)
         params = widen(params)  # observables of bfloat16 / float16 parameters are computed in float32
         dt = jax.tree.leaves(params)[0].dtype
         zero = jnp.zeros((), dt)
@@ -642,6 +644,35 @@ def _unknown_observables(unknown) -> str:
             if close:
                 lines.append(f"  {k!r}: did you mean {' or '.join(map(repr, close))}?")
     return "\n".join(lines)
+
+
+#: States of optax wrappers whose skipped steps leave the wrapped optimiser's state, and so its step count, as it
+#: was: a schedule inside then runs on the optimiser's count of applied steps, not on quotient_trajectory's count.
+_SKIPPING_STATES = (optax.MultiStepsState, optax.ApplyIfFiniteState, optax.ConditionallyTransformState,
+                    optax.ConditionallyMaskState)
+
+
+def _check_schedule_counts(spec: SGDSpec, inner_state) -> None:
+    """``ValueError`` when a field of ``spec`` is a schedule and the wrapped optimiser can skip steps
+    (``optax.MultiSteps``, ``optax.apply_if_finite``, ``optax.conditionally_transform`` / ``conditionally_mask``):
+    the spec's schedule is evaluated at the wrapper's count of every step, the optimiser's at its own count of the
+    steps it applied, so after the first skipped step the two differ and the predicted drift would be silently
+    wrong (by 50% with ``MultiSteps(every_k_schedule=3)`` on a halving schedule).  Injected hyperparameters
+    (``optax.inject_hyperparams``, named in the spec) store the value the optimiser used and stay exact."""
+    fields = ("learning_rate", "weight_decay", "momentum", "coupled_weight_decay")
+    scheduled = [f for f in fields if callable(getattr(spec, f)) and not isinstance(getattr(spec, f), str)]
+    if not scheduled:
+        return
+    hit = lambda x: isinstance(x, _SKIPPING_STATES)  # noqa: E731
+    skipping = sorted({type(x).__name__ for x in jax.tree.leaves(inner_state, is_leaf=hit) if hit(x)})
+    if skipping:
+        raise ValueError(
+            f"quotient_trajectory: spec has the schedule(s) {scheduled} (functions count -> value, evaluated at "
+            f"quotient_trajectory's count of all steps), but the optimiser holds {skipping}, whose skipped steps do "
+            f"not advance the wrapped optimiser's own step count, so its schedule and the spec's would disagree "
+            f"after the first skipped step.  Inject the schedule instead and name it in the spec: "
+            f"optax.inject_hyperparams(optax.sgd)(learning_rate=schedule, ...) with SGDSpec('learning_rate', ...) "
+            f"(the state then stores the value each step used), or pass spec=None (drift observed, not predicted)")
 
 
 def _momentum_trace(inner_state, params):

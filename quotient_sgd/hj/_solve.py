@@ -15,7 +15,7 @@ import optimistix as optx
 from ._custom_types import Array
 from ._etd import CachedCoefficients, ETDRK4, etdrk4_coefficients, SemilinearTerm
 from ._finite_volume import FiniteVolume
-from ._grid import AnyGrid
+from ._grid import AnyGrid, Grid, Grid2D
 from ._spectral import Spectral
 
 _SOLVERS = ("auto", "etd", "tsit5", "kencarp")
@@ -129,19 +129,31 @@ def _concrete_non_finite(value):
 
 
 def _check_save_times(name, ts, t1) -> None:
-    """``ValueError`` when known (not traced) save times are not non-decreasing within ``[0, t1]``."""
+    """``ValueError`` when known (not traced) save times are empty, not finite, or not non-decreasing within
+    ``[0, t1]``."""
     try:
         a, end = np.asarray(ts, dtype=float), float(t1)
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError, TypeError):
         return
+    # shown to 7 significant digits: float32 save times read as given (0.05, not 0.05000000074505806)
+    shown, end_shown = [float(f"{v:.7g}") for v in a.tolist()], float(f"{end:.7g}")
+    if a.size == 0:
+        raise ValueError(f"{name}: ts=[] is not allowed; pass ts=None to save at t1 only, or at least one save "
+                         "time in [0, t1].")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name}: ts={shown} is not finite (a NaN or infinite entry); need finite, "
+                         f"non-decreasing save times in [0, t1] = [0, {end_shown}].")
     if np.any(np.diff(a) < 0) or np.any(a < 0) or np.any(a > end):
-        raise ValueError(f"{name}: ts={a.tolist()} is not allowed; need non-decreasing save times in [0, t1] = "
-                         f"[0, {end}].")
+        raise ValueError(f"{name}: ts={shown} is not allowed; need non-decreasing save times in [0, t1] = "
+                         f"[0, {end_shown}].")
 
 
 def _solve(form, name, y0, grid, *, nu, t1, ts, scheme, solver, rtol, atol, max_steps, dt0, adaptive,
            adjoint, progress, dt=None):
     scheme = as_scheme(scheme)
+    if not isinstance(grid, (Grid, Grid2D)):
+        raise ValueError(f"{name}: grid={grid!r} is not allowed; need a Grid (1-D) or Grid2D (e.g. Grid(n, lo, hi) "
+                         "* Grid(m, lo, hi)).")
     field = "p0" if form == "burgers" else "u0"
     y0 = jnp.asarray(y0)
     if jnp.issubdtype(y0.dtype, jnp.complexfloating):
@@ -287,11 +299,14 @@ def _integrate(form, name, grid, term, solver, y0, nu, t1, ts, dt, dt0, rtol, at
             progress_meter=dfx.TqdmProgressMeter() if progress else dfx.NoProgressMeter(),
         )
     ys = sol.ys
-    # traced values escape _solve's checks: a NaN t1 ends the solve at once (returning y0), a NaN nu or y0 runs
-    # into max_steps; name the cause instead
+    # traced values escape _solve's checks: a NaN t1 ends the solve at once (returning y0), a NaN nu, y0 or save
+    # time runs into max_steps (adaptive) or fills the field with NaN (fixed steps); name the cause instead
+    bad = ~jnp.isfinite(t1) | ~jnp.isfinite(nu) | ~jnp.all(jnp.isfinite(y0))
+    if ts is not None:
+        bad = bad | ~jnp.all(jnp.isfinite(ts))
     ys = eqx.error_if(
-        ys, ~jnp.isfinite(t1) | ~jnp.isfinite(nu) | ~jnp.all(jnp.isfinite(y0)),
-        f"{name}: nu, t1 or the initial field is not finite; all must be finite.",
+        ys, bad,
+        f"{name}: nu, t1, ts or the initial field is not finite; all must be finite.",
     )
     ys = eqx.error_if(
         ys, sol.result == dfx.RESULTS.max_steps_reached,
@@ -323,7 +338,8 @@ def solve_burgers(p0, grid: AnyGrid, *, nu, t1, ts=None, scheme="spectral", solv
         grid: :class:`Grid` or :class:`Grid2D`.
         nu: viscosity (differentiable, vmappable).
         t1: final time (differentiable).
-        ts: optional intermediate save times in ``[0, t1]``; the solution saves at ``(*ts, t1)``.
+        ts: optional intermediate save times: finite, non-decreasing, in ``[0, t1]``, at least one (``None``
+            saves at t1 only); the solution saves at ``(*ts, t1)``.
         scheme: ``"spectral"`` (periodic, smooth/viscous), ``"fv"`` / ``"fv-smooth"`` or a scheme object.
         solver: ``"auto"`` (ETDRK4 for spectral, Tsit5 for FV), ``"etd"``, ``"tsit5"``, ``"kencarp"``
             (IMEX: explicit advection, implicit viscosity), or a diffrax solver for the full right-hand side.

@@ -50,3 +50,29 @@ def test_an_injected_schedule_with_apply_if_finite_is_predicted_exactly(x64):
         d, p = np.asarray(d), np.asarray(p)
         assert np.all(d[2] == 0) and np.all(p[2] == 0)
         assert float(np.max(np.abs(d - p)) / np.max(np.abs(d))) < 1e-9
+
+
+def test_observables_before_the_first_update_are_nan_not_zero():
+    """observables_of(tx.init(params)) gave charges 0, grad_norm 0, invariant_norms 0, effective_lr 0: values the
+    parameters do not have (their charges are not zero), read as if recorded.  Nothing is recorded before the first
+    update: every value is NaN (as loss and charge_drift_predicted already were), the structure unchanged; the
+    first update fills all of them."""
+    from quotient_sgd.optim import observables_of
+
+    params = init_mlp(jax.random.key(0))
+    tx = quotient_trajectory(optax.sgd(0.1), mlp_group(), hessian_every=1, lanczos_steps=4, hessian_at=("raw",))
+    s0 = tx.init(params)
+    o0 = observables_of(s0)
+    assert float(jnp.max(jnp.abs(mlp_group().charges(params)["r0"]))) > 0
+    for k, v in o0.items():
+        if k != "hessian_step":
+            assert all(bool(jnp.all(jnp.isnan(x))) for x in jax.tree.leaves(v)), k
+    assert int(o0["hessian_step"]) == -1
+    batch = jax.tree.map(lambda a: a[0], data(1))
+    loss = lambda p: xent(p, batch)  # noqa: E731
+    _, s1 = jax.jit(lambda p, s: tx.update(jax.grad(loss)(p), s, p, value=loss(p), loss_fn=loss))(params, s0)
+    assert jax.tree.structure(s1) == jax.tree.structure(s0)
+    o1 = observables_of(s1)
+    recorded = {k: v for k, v in o1.items() if k != "charge_drift_predicted"}  # NaN without a spec
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(recorded)), o1
+    np.testing.assert_allclose(o1["charges"]["r0"], mlp_group().charges(params)["r0"], rtol=1e-6)

@@ -302,7 +302,10 @@ def quotient_trajectory(
             o, _, _, _ = step_observables(p, p, p, zero, hp, carry0, p)
             return o
 
-        observ = _zeros_like_struct(jax.eval_shape(shape_fn, params))
+        # NaN until the first update records them: zeros read as values (charges 0, grad_norm 0) that the
+        # parameters do not have
+        observ = jax.tree.map(lambda x: jnp.full(x.shape, jnp.nan if jnp.issubdtype(x.dtype, jnp.inexact) else 0,
+                                                 x.dtype), jax.eval_shape(shape_fn, params))
         if "charge_drift_predicted" in want:
             observ["charge_drift_predicted"] = jax.tree.map(
                 lambda x: jnp.full(x.shape, jnp.nan, x.dtype), _zeros_like_struct(
@@ -747,7 +750,8 @@ def _find(opt_state) -> list[QuotientTrajectoryState]:
 
 def observables_of(opt_state) -> dict:
     """The latest observables recorded by the (outermost) :func:`quotient_trajectory` in ``opt_state``:
-    ``{key: array or {component: array}}`` (kinds in :data:`quotient_sgd.observables.KINDS`)."""
+    ``{key: array or {component: array}}`` (kinds in :data:`quotient_sgd.observables.KINDS`).  Before the first
+    update (the state of ``init``) every value is NaN (``hessian_step`` -1): nothing has been recorded yet."""
     found = _find(opt_state)
     if not found:
         raise ValueError(

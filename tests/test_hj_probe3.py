@@ -1,5 +1,6 @@
 """Edge cases of the HJ / Burgers engine found by probing beyond the other tests (THEORY section 3)."""
 
+import diffrax as dfx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,3 +48,54 @@ def test_a_grid_that_is_not_a_grid_is_refused_by_name(grid):
     _, p0 = _sine()
     with pytest.raises(ValueError, match=r"grid=.* is not allowed; need a Grid \(1-D\) or Grid2D"):
         solve_burgers(p0, grid, nu=0.1, t1=0.1)
+
+
+def _numpy_cole_hopf(loss, x, t, nu):
+    """u(x, t) by a plain NumPy trapezoidal quadrature (THEORY section 3) for a 2-periodic loss."""
+    x, y = np.asarray(x, np.float64)[:, None], np.linspace(-4.0, 4.0, 16001)[None, :]
+    logw = -((x - y) ** 2) / (4 * nu * t) - loss(y) / (2 * nu)
+    m = logw.max(axis=1, keepdims=True)
+    integral = np.sum(np.exp(logw - m), axis=1) * (y[0, 1] - y[0, 0])
+    return -2 * nu * (np.log(integral) + m[:, 0] - 0.5 * np.log(4 * np.pi * nu * t))
+
+
+@pytest.mark.parametrize("scheme", ["spectral", "fv"])
+def test_value_form_accuracy_does_not_depend_on_the_loss_level(x64, scheme):
+    # u -> u + c leaves the HJ equation unchanged, but the controller's tolerance atol + rtol |u| did not: at a
+    # level of 1000 the adaptive solve took 4 steps instead of 69 (spectral) and its error grew from 1e-10 to
+    # 5e-5 (spectral) and 6e-3 (finite volume).  Now the solve integrates the deviation from the mean.
+    g = Grid(32, -1.0, 1.0)
+
+    def loss(y):
+        return np.cos(np.pi * y) / np.pi + 0.3 * np.sin(2 * np.pi * y + 0.4) / np.pi
+
+    u0 = jnp.asarray(loss(np.asarray(g.x)))
+    ref = _numpy_cole_hopf(loss, g.x, 0.3, 0.1)
+    base = solve_hj(u0, g, nu=0.1, t1=0.3, scheme=scheme)
+    err0 = np.max(np.abs(np.asarray(base.us[-1]) - ref))
+    for level in (1e3, -1e3):
+        sol = solve_hj(u0 + level, g, nu=0.1, t1=0.3, scheme=scheme)
+        assert int(sol.num_steps) == int(base.num_steps)
+        np.testing.assert_allclose(np.asarray(sol.us[-1]) - level, np.asarray(base.us[-1]), rtol=0, atol=1e-10)
+        assert np.max(np.abs(np.asarray(sol.us[-1]) - level - ref)) <= err0 + 1e-10
+
+
+@pytest.mark.slow
+def test_value_form_derivative_through_the_level(x64):
+    # the mean taken off and added back is differentiated: along a constant the derivative is the constant (the
+    # solve is shift-equivariant), along a bump it matches central finite differences (forward mode: its compile
+    # is a fraction of reverse mode's, which tests/test_hj_gradients.py covers)
+    g = Grid(16, -1.0, 1.0)
+    x = g.x
+    u0 = jnp.cos(jnp.pi * x) / jnp.pi + 2.0
+    bump = jnp.exp(-10 * (x - 0.3) ** 2)
+
+    def final(u):
+        return solve_hj(u, g, nu=0.1, t1=0.2, dt=0.05, adjoint=dfx.ForwardMode()).us[-1]
+
+    u1, along_one = jax.jvp(final, (u0,), (jnp.ones_like(u0),))
+    np.testing.assert_allclose(np.asarray(along_one), 1.0, rtol=0, atol=1e-12)
+    along_bump = jax.jvp(final, (u0,), (bump,))[1]
+    up, um = (jax.jvp(final, (u0 + e * bump,), (bump,))[0] for e in (1e-5, -1e-5))  # one compiled program
+    fd = (up - um) / 2e-5
+    np.testing.assert_allclose(np.asarray(along_bump), np.asarray(fd), rtol=0, atol=1e-9)

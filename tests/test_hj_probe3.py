@@ -22,6 +22,15 @@ def test_empty_save_times_are_refused_by_name(solve):
         solve(p0, g, nu=0.1, t1=0.1, ts=[])
 
 
+@pytest.mark.parametrize("ts, match", [([], r"ts=\[\] is not allowed"),
+                                       ([0.05, 0.02], r"ts=\[0.05, 0.02\] is not allowed; need non-decreasing")])
+def test_known_save_times_are_checked_when_t1_is_traced(ts, match):
+    # with t1 traced (vmap over t1) every check of the save times was skipped, also those that do not need t1
+    g, p0 = _sine()
+    with pytest.raises(ValueError, match=match):
+        jax.vmap(lambda t1: solve_burgers(p0, g, nu=0.1, t1=t1, ts=ts).ps)(jnp.array([0.1, 0.2]))
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_non_finite_save_time_is_refused_by_name(bad):
     # a NaN save time passed the order / range check (every comparison with NaN is False) and the solve then ran

@@ -130,22 +130,22 @@ def _concrete_non_finite(value):
 
 def _check_save_times(name, ts, t1) -> None:
     """``ValueError`` when known (not traced) save times are empty, not finite, or not non-decreasing within
-    ``[0, t1]``."""
-    try:
-        a, end = np.asarray(ts, dtype=float), float(t1)
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError, TypeError):
-        return
-    # shown to 7 significant digits: float32 save times read as given (0.05, not 0.05000000074505806)
-    shown, end_shown = [float(f"{v:.7g}") for v in a.tolist()], float(f"{end:.7g}")
-    if a.size == 0:
+    ``[0, t1]`` (the range only when ``t1`` is known too)."""
+    if np.size(ts) == 0:  # the shape is known even when the values are traced
         raise ValueError(f"{name}: ts=[] is not allowed; pass ts=None to save at t1 only, or at least one save "
                          "time in [0, t1].")
+    a = _concrete_value(ts)
+    if a is None:
+        return
+    # shown to 7 significant digits: float32 save times read as given (0.05, not 0.05000000074505806)
+    shown = [float(f"{v:.7g}") for v in a.tolist()]
+    end = _concrete_value(t1)
+    rng = "[0, t1]" if end is None else f"[0, t1] = [0, {float(f'{float(end):.7g}')}]"
     if not np.all(np.isfinite(a)):
         raise ValueError(f"{name}: ts={shown} is not finite (a NaN or infinite entry); need finite, "
-                         f"non-decreasing save times in [0, t1] = [0, {end_shown}].")
-    if np.any(np.diff(a) < 0) or np.any(a < 0) or np.any(a > end):
-        raise ValueError(f"{name}: ts={shown} is not allowed; need non-decreasing save times in [0, t1] = "
-                         f"[0, {end_shown}].")
+                         f"non-decreasing save times in {rng}.")
+    if np.any(np.diff(a) < 0) or np.any(a < 0) or (end is not None and np.any(a > end)):
+        raise ValueError(f"{name}: ts={shown} is not allowed; need non-decreasing save times in {rng}.")
 
 
 def _solve(form, name, y0, grid, *, nu, t1, ts, scheme, solver, rtol, atol, max_steps, dt0, adaptive,

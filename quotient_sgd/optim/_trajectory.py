@@ -290,7 +290,9 @@ def quotient_trajectory(
     @explained
     def init(params):
         inner_state = inner.init(params)
-        if spec is not None:
+        if spec is not None and not _contains(inner_state, GaugeFixState, HorizontalState):
+            # (horizontal(...) predicts Q(Delta) without the spec; gauge_fix / an inner horizontal: not predicted)
+            _check_sgd_like(inner_state)
             _check_schedule_counts(spec, inner_state)
         params = widen(params)  # observables of bfloat16 / float16 parameters are computed in float32
         dt = jax.tree.leaves(params)[0].dtype
@@ -647,6 +649,30 @@ def _unknown_observables(unknown) -> str:
             if close:
                 lines.append(f"  {k!r}: did you mean {' or '.join(map(repr, close))}?")
     return "\n".join(lines)
+
+
+#: States of optax transforms that rescale the step per coordinate or by a searched step size (adaptive methods,
+#: sign methods, line searches): the SGD identity of an :class:`SGDSpec` does not hold.  (A trust ratio, LARS, has
+#: an empty state: not recognised here.)
+_NOT_SGD_STATES = tuple(getattr(optax, n) for n in (
+    "ScaleByAdamState", "ScaleByAdaDeltaState", "ScaleByAdanState", "ScaleByAmsgradState", "ScaleByBeliefState",
+    "ScaleByLionState", "ScaleByNovogradState", "ScaleByRStdDevState", "ScaleByRmsState", "ScaleByRpropState",
+    "ScaleByRssState", "ScaleBySM3State", "ScaleByLBFGSState", "ScaleByBacktrackingLinesearchState",
+    "ScaleByZoomLinesearchState") if getattr(optax, n, optax.EmptyState) is not optax.EmptyState)
+
+
+def _check_sgd_like(inner_state) -> None:
+    """``ValueError`` when ``spec`` is given for an optimiser whose state shows that it is not SGD (Adam, RMSProp,
+    Adagrad, Lion, LAMB, a line search ...): the predicted drift would be that of an SGD step the optimiser
+    does not take (measured ~100% off for adamw, rmsprop and adagrad), with nothing to say so."""
+    hit = lambda x: isinstance(x, _NOT_SGD_STATES)  # noqa: E731
+    found = sorted({type(x).__name__ for x in jax.tree.leaves(inner_state, is_leaf=hit) if hit(x)})
+    if found:
+        raise ValueError(
+            f"quotient_trajectory: spec=SGDSpec(...) describes an SGD-family optimiser, but the optimiser's state "
+            f"holds {found} (a per-coordinate or searched rescaling of the step), for which the SGD charge "
+            f"identity does not hold; pass spec=None (charge_drift is observed, charge_drift_predicted NaN), or wrap "
+            f"the optimiser in quotient_sgd.optim.horizontal(...), whose drift is predicted for any optimiser")
 
 
 #: States of optax wrappers whose skipped steps leave the wrapped optimiser's state, and so its step count, as it

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quotient_sgd.hj import Grid, solve_burgers, solve_hj
+from quotient_sgd.hj import find_shocks, Grid, solve_burgers, solve_hj
 
 
 def _sine(n=16):
@@ -108,3 +108,13 @@ def test_value_form_derivative_through_the_level(x64):
     up, um = (jax.jvp(final, (u0 + e * bump,), (bump,))[0] for e in (1e-5, -1e-5))  # one compiled program
     fd = (up - um) / 2e-5
     np.testing.assert_allclose(np.asarray(along_bump), np.asarray(fd), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("threshold", [np.nan, np.inf, -1.0, [1.0, 2.0]])
+def test_find_shocks_refuses_a_threshold_that_is_not_a_number_at_least_0(threshold):
+    # a NaN threshold made every comparison False, so a field with a clear front reported no shocks
+    g = Grid(64, -1.0, 1.0)
+    p = -jnp.tanh(g.x / 0.05)
+    assert find_shocks(p, g, min_steepness=5.0).to_list()[0]["jump"] == pytest.approx(2.0, abs=1e-3)
+    with pytest.raises(ValueError, match=r"find_shocks: min_steepness=.* is not allowed; need a finite number >= 0"):
+        find_shocks(p, g, min_steepness=threshold)

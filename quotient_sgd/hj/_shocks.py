@@ -125,7 +125,8 @@ def find_shocks(p: Array, grid: Grid, *, max_shocks: int = 8, min_steepness=None
                 include_inadmissible: bool = False) -> Shocks:
     """Find the shocks of a 1-D gradient field ``p`` on ``grid`` (THEORY section 3).
 
-    A shock is a local maximum of the compression ``-dp/dx`` (within +-3 cells) above ``min_steepness``.
+    A shock is a local maximum of the compression ``-dp/dx`` (within +-3 cells) above ``min_steepness`` (a
+    finite number >= 0, or ``None`` for the default below).
     Default: 10 x the mean slope ``(max p - min p) / length``; on grids of fewer than 30 cells, where even a
     front one cell wide falls below that (its steepness is ~0.6 x cells x the mean slope), a peak also counts
     when it exceeds both ``cells / 3`` x the mean slope (a front narrower than ~3 cells) and 3 x the median cell
@@ -155,7 +156,7 @@ def find_shocks(p: Array, grid: Grid, *, max_shocks: int = 8, min_steepness=None
     if grid.ndim != 1 or p.shape != grid.shape:
         raise ValueError(f"find_shocks takes a 1-D field of shape {grid.shape}, got {p.shape}; for 2-D fields "
                          "take 1-D cuts.")
-    from ._solve import _concrete_non_finite
+    from ._solve import _concrete_non_finite, _concrete_value
 
     if _concrete_non_finite(p):  # every comparison with NaN is False: it would report "no shocks"
         bad = np.flatnonzero(~np.isfinite(np.asarray(p)))
@@ -165,6 +166,12 @@ def find_shocks(p: Array, grid: Grid, *, max_shocks: int = 8, min_steepness=None
         raise ValueError(f"find_shocks: max_shocks={max_shocks!r} is not allowed; need an integer >= 1.")
     if window is not None and not (int(window) == window and window >= 1):
         raise ValueError(f"find_shocks: window={window!r} is not allowed; need an integer >= 1 cells (or None).")
+    if min_steepness is not None:
+        m = _concrete_value(min_steepness)  # None when traced (under jit / vmap): used as it is
+        if m is not None and not (m.ndim == 0 and np.isfinite(m) and m >= 0):
+            # a NaN threshold made every comparison False: "no shocks" for any field
+            raise ValueError(f"find_shocks: min_steepness={min_steepness!r} is not allowed; need a finite number "
+                             ">= 0 (a threshold on -dp/dx) or None (the default threshold).")
     max_shocks = int(max_shocks)
     window = None if window is None else int(window)
     # one compiled program (op by op, the first call dispatched ~100 small ops: 6.1 s against ~1 s on 256 points)

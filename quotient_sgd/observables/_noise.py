@@ -25,6 +25,7 @@ def gradient_noise(example_loss_fn: Callable, group, params, *, lr) -> Noise:
     ``sigma^2 = sum_i |P_h (g_i - g_mean)|^2 / ((B - 1) d_h)`` with ``d_h = P - (number of group generators)``;
     ``T = eta sigma^2 / (2 B)`` (Chaudhari & Soatto 2018, isotropic average) and the default viscosity
     ``nu = T / 2``.  This mapping is a modelling choice (THEORY section 3); cost: ``B`` per-example gradients.
+    With ``B = 1`` the sample variance is undefined: all three are NaN.
     """
     shape = jax.eval_shape(example_loss_fn, params).shape
     if len(shape) != 1:
@@ -43,5 +44,7 @@ def gradient_noise(example_loss_fn: Callable, group, params, *, lr) -> Noise:
     n_vert = n_vert[0].shape[0] if n_vert else 0
     d_h = max(n_params - n_vert, 1)
     sigma2 = jnp.sum(jnp.square(centred)) / jnp.asarray((max(b - 1, 1)) * d_h, flat.dtype)
+    if b < 2:  # one example has no sample variance: NaN, not the 0 that its zero deviation from itself gives
+        sigma2 = jnp.full((), jnp.nan, flat.dtype)
     temp = jnp.asarray(lr, flat.dtype) * sigma2 / jnp.asarray(2 * b, flat.dtype)
     return Noise(sigma2, temp, temp / 2)

@@ -94,6 +94,20 @@ def _check_scale(scale) -> None:
                          f"log-factors, 2 x scale).")
 
 
+def _check_key(key, method: str = "sample") -> None:
+    """``TypeError`` naming ``key`` when it is not one PRNG key: a typed key of shape ``()`` (``jax.random.key``)
+    or a legacy ``uint32`` key of shape ``(2,)`` (``jax.random.PRNGKey``); batches of keys are for ``jax.vmap``."""
+    dtype, shape = getattr(key, "dtype", None), jnp.shape(key) if hasattr(key, "shape") else None
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        if shape == ():
+            return
+    elif dtype == jnp.uint32 and shape == (2,):
+        return
+    what = f"an array of shape {shape} and dtype {dtype}" if shape is not None else repr(key)
+    raise TypeError(f"{method}: key={what} is not a PRNG key; need one key, jax.random.key(seed) (or a legacy "
+                    f"jax.random.PRNGKey(seed)); for several elements split the key and jax.vmap over the keys")
+
+
 class Group(eqx.Module):
     """A group acting on (a subset of) a model's parameters, leaving the network function unchanged.
 
@@ -193,6 +207,12 @@ class Group(eqx.Module):
     def _flat(self, params) -> tuple[Flat, Any]:
         flat, treedef = _tree.flatten(params)
         self._check(flat)
+        for p in self.paths():
+            dtype = getattr(flat[p], "dtype", None)
+            if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+                raise TypeError(f"{self.name}: params has dtype {dtype} at {p!r}, a path the group acts on; "
+                                f"group actions need floating-point parameters (float16 / bfloat16 / float32 / "
+                                f"float64)")
         return flat, treedef
 
     def sample(self, key, params, scale: float = 1.0):
@@ -201,6 +221,7 @@ class Group(eqx.Module):
         ``exp(3 scale)``); permutations are uniform.  ``scale``: a finite number >= 0 (0: the identity of the
         continuous part)."""
         _check_scale(scale)
+        _check_key(key)
         flat, _ = self._flat(params)
         return _compiled(self, "_sample", key, flat, scale)
 
@@ -208,9 +229,23 @@ class Group(eqx.Module):
         flat, _ = self._flat(params)
         return _compiled(self, "_identity", flat)
 
+    def _check_element(self, g, flat: Flat, where: str = "") -> None:
+        """``ValueError`` naming this action when ``g`` is not shaped like its elements at ``flat`` (an element of
+        another action, or sampled at parameters of other widths)."""
+        want = jax.eval_shape(self._identity, {p: jax.ShapeDtypeStruct(x.shape, x.dtype) for p, x in flat.items()})
+        wleaves, wdef = jax.tree.flatten(want)
+        gleaves, gdef = jax.tree.flatten(g)
+        if gdef != wdef or any(jnp.shape(a) != b.shape for a, b in zip(gleaves, wleaves)):
+            got = jax.tree.map(jnp.shape, g)
+            need = jax.tree.map(lambda x: x.shape, want)
+            raise ValueError(f"act: {where}the element for action {self.name!r} has shapes {got}, but at these "
+                             f"parameters its elements have shapes {need}; sample the element (or take it from "
+                             f"identity / canonical_element) at parameters of the same architecture")
+
     def act(self, g, params):
-        """``g . params``."""
+        """``g . params``.  ``ValueError`` when ``g`` is not an element of this group at these parameters' shapes."""
         flat, treedef = self._flat(params)
+        self._check_element(g, flat)
         return _tree.unflatten(_compiled(self, "_act", g, flat), treedef)
 
     def inverse(self, g):

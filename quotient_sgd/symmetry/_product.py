@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from ._base import Flat, Group, SymmetryError, _check_scale, _compiled, cg_vcoeffs, generic_vcoeffs
+from ._base import (Flat, Group, SymmetryError, _check_key, _check_scale, _compiled, cg_vcoeffs,
+                    generic_vcoeffs)
 from ._gl import GL, sylvester_vcoeffs
 from ._permutation import Permutation, unit_key, unit_order
 
@@ -193,6 +194,7 @@ class Product(Group):
     def sample_component(self, key, params, name: str, scale: float = 1.0) -> Word:
         """A random element of the component ``name`` alone, as an element of the product."""
         _check_scale(scale)
+        _check_key(key, "sample_component")
         i = [c.name for c in self.components].index(self.component(name).name)
         flat, _ = self._flat(params)
         return Word((i,), (self.components[i]._sample(key, flat, scale),))
@@ -200,7 +202,12 @@ class Product(Group):
     def _identity(self, flat):
         return Word((), ())
 
-    def _act(self, g: Word, flat):
+    def _check_element(self, g, flat, where: str = "") -> None:
+        self._check_word(g)
+        for pos, (i, e) in enumerate(zip(g.indices, g.elements)):
+            self.components[i]._check_element(e, flat, f"{where}position {pos} of the Word: ")
+
+    def _check_word(self, g) -> None:
         if not isinstance(g, Word):
             raise TypeError(f"Product {self.name!r}: an element must be a Word (from sample, sample_component, "
                             f"identity, canonical_element, compose or inverse of this group), got {type(g).__name__}")
@@ -209,15 +216,21 @@ class Product(Group):
             raise ValueError(f"Product {self.name!r}: the Word names components {list(g.indices)} with "
                              f"{len(g.elements)} elements; this group has components 0..{len(self.components) - 1} "
                              f"({[c.name for c in self.components]}), one element each")
+
+    def _act(self, g: Word, flat):
+        self._check_word(g)
         for i, e in zip(g.indices, g.elements):
             flat = self.components[i]._act(e, flat)
         return flat
 
     def _inverse(self, g: Word):
+        self._check_word(g)
         return Word(tuple(reversed(g.indices)),
                     tuple(self.components[i]._inverse(e) for i, e in zip(reversed(g.indices), reversed(g.elements))))
 
     def _compose(self, g: Word, h: Word):
+        self._check_word(g)
+        self._check_word(h)
         return Word(h.indices + g.indices, h.elements + g.elements)
 
     # --- Lie algebra (continuous components, in order) -------------------------------------------------------

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ._base import Group, SymmetryError
+from ._base import Group, SymmetryError, _check_key
 from ._product import Product
 
 #: A change above ``rtol`` is put down to rounding when the round trip ``g^-1 . (g . theta)`` (exactly ``theta``)
@@ -82,6 +82,7 @@ def verify(model, group: Group, x, key, *, num_samples: int = 4, scale: float = 
                          f"{num_samples!r}")
     if isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or not rtol >= 0:
         raise ValueError(f"verify: rtol must be a number >= 0, got {rtol!r}")
+    _check_key(key, "verify")
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     @jax.jit

@@ -102,7 +102,7 @@ def test_value_form_derivative_through_the_level(x64):
     def final(u):
         return solve_hj(u, g, nu=0.1, t1=0.2, dt=0.05, adjoint=dfx.ForwardMode()).us[-1]
 
-    u1, along_one = jax.jvp(final, (u0,), (jnp.ones_like(u0),))
+    along_one = jax.jvp(final, (u0,), (jnp.ones_like(u0),))[1]
     np.testing.assert_allclose(np.asarray(along_one), 1.0, rtol=0, atol=1e-12)
     along_bump = jax.jvp(final, (u0,), (bump,))[1]
     up, um = (jax.jvp(final, (u0 + e * bump,), (bump,))[0] for e in (1e-5, -1e-5))  # one compiled program
@@ -116,5 +116,24 @@ def test_find_shocks_refuses_a_threshold_that_is_not_a_number_at_least_0(thresho
     g = Grid(64, -1.0, 1.0)
     p = -jnp.tanh(g.x / 0.05)
     assert find_shocks(p, g, min_steepness=5.0).to_list()[0]["jump"] == pytest.approx(2.0, abs=1e-3)
-    with pytest.raises(ValueError, match=r"find_shocks: min_steepness=.* is not allowed; need a finite number >= 0"):
+    with pytest.raises(ValueError, match=r"min_steepness=.* is not allowed; need a finite number >= 0"):
         find_shocks(p, g, min_steepness=threshold)
+
+
+@pytest.mark.parametrize("solve", [solve_burgers, solve_hj])
+def test_smooth_limiter_commutes_with_the_amplitude_scaling(x64, solve):
+    # p -> A p, t -> t / A, nu -> A nu maps solutions onto solutions (u -> A u for the value form); the smooth
+    # limiter's regularisation e = dx^3 and speed bound sqrt(.. + dx^2) were absolute, so at A = 1e-4 (a flat
+    # loss slice) the field was left unlimited and overshot max |p0| by 10%. Now both scale with the data.
+    g = Grid(64, -1.0, 1.0)
+    x = g.x
+    y0 = -jnp.sin(jnp.pi * x) if solve is solve_burgers else jnp.cos(jnp.pi * x) / jnp.pi
+
+    def run(a):
+        return solve(a * y0, g, nu=a * 2e-3, t1=0.6 / a, dt=0.01 / a, scheme="fv-smooth").ys[-1] / a
+
+    ref = run(1.0)
+    for a in (1e-4, 1e2):
+        np.testing.assert_allclose(np.asarray(run(a)), np.asarray(ref), rtol=0, atol=1e-9)
+    if solve is solve_burgers:  # the maximum principle of the viscous flow, held by the limited scheme
+        assert float(jnp.max(jnp.abs(ref))) <= 1.0

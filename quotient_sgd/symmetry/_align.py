@@ -35,7 +35,10 @@ def _lsa(cost):
         _, col = linear_sum_assignment(np.asarray(c), maximize=True)
         return col.astype(np.int32)
 
-    return jax.pure_callback(host, jax.ShapeDtypeStruct(cost.shape[:1], jnp.int32), cost)
+    # The assignment is piecewise constant in the cost: no gradient flows through it (so jax.grad of a distance
+    # differentiates at the matched permutation), and a vmapped cost is solved matrix by matrix.
+    return jax.pure_callback(host, jax.ShapeDtypeStruct(cost.shape[:1], jnp.int32), jax.lax.stop_gradient(cost),
+                             vmap_method="sequential")
 
 
 def _match(perm: Permutation, target: Flat, cur: Flat):

@@ -1,0 +1,35 @@
+"""Probes of the phase-transition diagnostics on synthetic trajectories whose answer is known exactly."""
+
+import json
+
+import numpy as np
+
+from quotient_sgd.diagnostics import LiveDetector, detect
+
+
+def _dicts(events):
+    return sorted(json.dumps(e.to_dict(), sort_keys=True) for e in events)
+
+
+def test_live_events_cut_by_a_chunk_boundary_end_up_as_those_of_the_whole_run(tmp_path):
+    # a loss spike rising over three steps (onset 40, peak 42) and a sharpness crossing lr * lambda = 2 at step 60
+    # with its peak at step 70: a chunk boundary at 41 / 65 cuts both episodes before their peaks
+    n = 120
+    loss = np.linspace(1.0, 0.5, n)
+    loss[40:44] = [2.0, 2.5, 3.5, 1.2]
+    lam = np.r_[np.linspace(1.0, 2.5, 60), np.linspace(4.0, 5.0, 11), np.full(n - 71, 1.0)]
+    traj = {"loss": loss, "sharpness_quotient": lam}
+    opts = dict(lr=0.5, kinds=["loss_spike", "edge_of_stability"], eos_levels=(2.0,), horizon=n)
+    whole = detect(traj, **opts)
+    spike = [e for e in whole if e.kind == "loss_spike"]
+    assert [e.step for e in spike] == [40] and spike[0].details["peak_step"] == 42
+    np.testing.assert_allclose(spike[0].strength, 3.5 / loss[39])  # the peak over the minimum before it
+    assert {(e.step, e.details["peak_step"]) for e in whole if e.kind == "edge_of_stability"} == {(60, 70)}
+    path = tmp_path / "events.json"
+    live = LiveDetector(path=path, **opts)
+    new = []
+    for a, b in ((0, 41), (41, 65), (65, n)):
+        new += live.update({k: v[a:b] for k, v in traj.items()})
+    assert sorted(e.key() for e in new) == sorted(e.key() for e in whole)  # each reported once
+    assert _dicts(live.events) == _dicts(whole)
+    assert sorted(json.dumps(d, sort_keys=True) for d in json.loads(path.read_text())) == _dicts(whole)

@@ -33,3 +33,16 @@ def test_live_events_cut_by_a_chunk_boundary_end_up_as_those_of_the_whole_run(tm
     assert sorted(e.key() for e in new) == sorted(e.key() for e in whole)  # each reported once
     assert _dicts(live.events) == _dicts(whole)
     assert sorted(json.dumps(d, sort_keys=True) for d in json.loads(path.read_text())) == _dicts(whole)
+
+
+def test_a_planned_horizon_in_steps_keeps_a_subsampled_trajectorys_transition():
+    # the loss's log-rate changes from -1e-3 to -4e-3 at step 6000 of 10000; kept every 10 steps with the planned
+    # horizon in steps, the change is found as without the horizon (the blocks of horizon // 100 *records* left
+    # 10 blocks, too few to monitor: no event)
+    rng = np.random.default_rng(0)
+    t = np.arange(10_000)
+    loss = np.exp(np.cumsum(np.where(t < 6000, -1e-3, -4e-3) + 1e-3 * rng.standard_normal(t.size)))
+    full = detect({"loss": loss, "step": t}, kinds=["transition"], horizon=10_000)
+    kept = {"loss": loss[::10], "step": t[::10]}
+    for ev in (full, detect(kept, kinds=["transition"]), detect(kept, kinds=["transition"], horizon=10_000)):
+        assert len(ev) == 1 and 6000 <= ev[0].details["onset_step"] <= ev[0].step <= 6300, ev

@@ -602,8 +602,9 @@ def detect_transition(traj, *, steps, transition_keys: Sequence[str] | None = No
     """``transition``: change points in quotient observables by the self-starting CUSUM of :mod:`._cusum`.
 
     Each monitored key is transformed (``log_diff``, the per-step change of its logarithm, for positive series,
-    i.e. a change in its *rate*; ``diff`` otherwise, or as given), averaged over blocks of ``block`` steps
-    (default ``max(1, horizon // 100)`` with ``horizon``, else ``max(1, n // 100)``) and tested at level
+    i.e. a change in its *rate*; ``diff`` otherwise, or as given), averaged over blocks of ``block`` rows
+    (default ``max(1, horizon // 100)`` with ``horizon``, else ``max(1, n // 100)``; in a trajectory kept every
+    ``K`` steps, records: ``horizon`` steps are ``horizon / K`` records) and tested at level
     ``alpha / (number of monitored keys, quotient and raw variants together)``, so that
 
         P(any transition event on a stationary trajectory) <= alpha     (Bonferroni over keys)
@@ -618,8 +619,10 @@ def detect_transition(traj, *, steps, transition_keys: Sequence[str] | None = No
     """
     n = len(steps)
     # with a planned horizon the block length must not depend on how much of the run has arrived: a block that
-    # grew with the live trajectory re-detected the same change point once per block length (4 events for 1)
-    plan = max(int(horizon), n) if horizon else n
+    # grew with the live trajectory re-detected the same change point once per block length (4 events for 1).
+    # ``horizon`` counts steps, the blocks records: a trajectory kept every 10 steps with horizon=10000 had
+    # blocks of 100 records (1000 steps), 10 blocks in all, and no transition was ever monitored
+    plan = max(_records(int(horizon), steps), n) if horizon else n
     blk = int(block or max(1, plan // 100))
     out = []
     monitored = []

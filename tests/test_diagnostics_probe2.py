@@ -46,3 +46,22 @@ def test_a_planned_horizon_in_steps_keeps_a_subsampled_trajectorys_transition():
     kept = {"loss": loss[::10], "step": t[::10]}
     for ev in (full, detect(kept, kinds=["transition"]), detect(kept, kinds=["transition"], horizon=10_000)):
         assert len(ev) == 1 and 6000 <= ev[0].details["onset_step"] <= ev[0].step <= 6300, ev
+
+
+def test_catapult_decomposition_after_the_spike_uses_the_learning_rate_of_its_step():
+    # spike at step 50, the sharpness the step sees drops from 10 to 4 at step 53, under a decaying schedule:
+    # lr * lambda_step after the spike is lr[53] * 4 (it was taken with lr[50], the rate before the spike)
+    n = 100
+    loss = np.r_[np.linspace(1.0, 0.5, 50), [3.0, 4.0, 2.0], np.linspace(0.4, 0.1, n - 53)]
+    lam_q = np.r_[np.full(53, 5.0), np.full(n - 53, 2.0)]
+    traj = {"loss": loss, "sharpness_quotient": lam_q, "sharpness_horizontal": 2.0 * lam_q}
+    lr = np.linspace(0.3, 0.1, n)
+    (ev,) = [e for e in detect(traj, lr=lr, kinds=["catapult"]) if e.variant == "step"]
+    assert ev.step == 50 and ev.details["confirm_step"] == 53
+    before, after = ev.details["before"], ev.details["after"]
+    assert before["at_step"] == 50 and after["at_step"] == 53
+    np.testing.assert_allclose(before["lr_times_lambda_step"], lr[50] * 10.0, rtol=1e-12)
+    np.testing.assert_allclose(after["lr_times_lambda_step"], lr[53] * 4.0, rtol=1e-12)
+    for d in (before, after):  # the decomposition's identity
+        np.testing.assert_allclose(d["lr_times_lambda_step"], d["lr_times_lambda_canonical"] * d["gauge_factor"],
+                                   rtol=1e-12)

@@ -566,9 +566,9 @@ def detect_catapult(traj, *, steps, lr=None, spike_factor: float = 2.0, spike_wi
                 "sharpness_ratio": _f(sharp[ia] / sharp[ib]), "confirm_step": int(steps[ia]),
             }
             if variant == "step":
-                lri = None if lr is None else float(lr[ib])
-                details["before"] = _decomposition(traj, ib, lri, steps)
-                details["after"] = _decomposition(traj, ia, lri, steps)
+                # each with the learning rate of its own step (a schedule moves it between the two)
+                details["before"] = _decomposition(traj, ib, None if lr is None else float(lr[ib]), steps)
+                details["after"] = _decomposition(traj, ia, None if lr is None else float(lr[ia]), steps)
             out.append(Event(int(steps[onset]), "catapult", ratio(loss[peak], base), obs, variant,
                              is_invariant(obs), details))
     return out

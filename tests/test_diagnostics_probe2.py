@@ -65,3 +65,21 @@ def test_catapult_decomposition_after_the_spike_uses_the_learning_rate_of_its_st
     for d in (before, after):  # the decomposition's identity
         np.testing.assert_allclose(d["lr_times_lambda_step"], d["lr_times_lambda_canonical"] * d["gauge_factor"],
                                    rtol=1e-12)
+
+
+def test_one_non_finite_loss_does_not_poison_the_smoothed_loss_of_the_rest_of_the_run():
+    # with spike_smooth=5 a single inf / NaN loss at step 30 is a spike of the 5-step windows that hold it, ending
+    # at step 35; the spike at steps 120-122 is still found (the running sum carried inf - inf = NaN into every
+    # later row: one spike from 30 to the end)
+    from quotient_sgd.diagnostics._detect import _causal_mean
+
+    n = 200
+    for bad in (np.inf, np.nan):
+        loss = np.linspace(1.0, 0.5, n)
+        loss[30] = bad
+        loss[120:123] = 3.0
+        smooth = _causal_mean(loss, 5)
+        ref = np.array([np.mean(loss[max(0, i - 4): i + 1]) for i in range(n)])
+        np.testing.assert_allclose(smooth, ref, rtol=1e-12)  # NaN / inf in the same places (assert_allclose)
+        ev = detect({"loss": loss}, kinds=["loss_spike"], spike_smooth=5)
+        assert [(e.step, e.details["end_step"]) for e in ev] == [(30, 35), (121, 126)]

@@ -499,12 +499,29 @@ def _preconditioned_edge(traj, steps, lr, eos_levels, rearm, b1, weight_decay=0.
 
 
 def _causal_mean(x: np.ndarray, k: int) -> np.ndarray:
+    """The mean of the last ``k`` values at each row (fewer at the start).  A window that holds a non-finite
+    value has the mean IEEE arithmetic gives it (``+inf``, ``-inf`` or NaN) and the windows after it are finite
+    again: a running sum carried one ``inf`` or NaN into every later row (``inf - inf``), so that a single
+    non-finite loss made the rest of the run one loss spike that never ended."""
     if k <= 1:
         return x
-    c = np.cumsum(np.r_[0.0, x])
+    x = np.asarray(x, np.float64)
     idx = np.arange(1, len(x) + 1)
     lo = np.maximum(idx - k, 0)
-    return (c[idx] - c[lo]) / (idx - lo)
+
+    def window_sum(v):
+        c = np.cumsum(np.r_[0.0, v])
+        return c[idx] - c[lo]
+
+    fin = np.isfinite(x)
+    out = window_sum(np.where(fin, x, 0.0)) / (idx - lo)
+    if not fin.all():
+        pos, neg, nan = (window_sum((x == np.inf).astype(np.float64)), window_sum((x == -np.inf).astype(np.float64)),
+                         window_sum(np.isnan(x).astype(np.float64)))
+        out = np.where(pos > 0, np.inf, out)
+        out = np.where(neg > 0, np.where(pos > 0, np.nan, -np.inf), out)
+        out = np.where(nan > 0, np.nan, out)
+    return out
 
 
 def detect_loss_spike(traj, *, steps, spike_factor: float = 2.0, spike_window: int = 50, spike_smooth: int = 1,

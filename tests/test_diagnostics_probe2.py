@@ -83,3 +83,13 @@ def test_one_non_finite_loss_does_not_poison_the_smoothed_loss_of_the_rest_of_th
         np.testing.assert_allclose(smooth, ref, rtol=1e-12)  # NaN / inf in the same places (assert_allclose)
         ev = detect({"loss": loss}, kinds=["loss_spike"], spike_smooth=5)
         assert [(e.step, e.details["end_step"]) for e in ev] == [(30, 35), (121, 126)]
+
+
+def test_a_loss_or_read_key_that_is_not_real_numbers_is_refused_by_name():
+    import pytest
+
+    n = 20
+    for key, bad in (("loss", np.array(["a"] * n)), ("loss", np.ones(n) + 1j), ("fold_number", np.ones(n) + 1j)):
+        traj = {"loss": np.ones(n), key: bad}
+        with pytest.raises(ValueError, match=f"'{key}' key must hold real numbers.*{bad.dtype}"):
+            detect(traj, kinds=["fold", "loss_spike"])

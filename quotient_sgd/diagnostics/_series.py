@@ -102,12 +102,18 @@ def steps_of(traj: Mapping[str, np.ndarray], start_step: int = 0) -> np.ndarray:
 
 
 def scalar(traj: Mapping[str, np.ndarray], key: str) -> np.ndarray | None:
-    """The float64 series of a scalar-per-step key (None when absent or not scalar per step)."""
+    """The float64 series of a scalar-per-step key (None when absent or not scalar per step).
+
+    Raises:
+        ValueError: the key holds something other than real numbers (strings, complex values)."""
     if key not in traj:
         return None
     v = np.asarray(traj[key])
     if v.ndim != 1:
         return None
+    if v.dtype.kind not in "biuf":  # strings failed in a bare float conversion, complex lost its imaginary part
+        raise ValueError(f"detect: the trajectory's {key!r} key must hold real numbers, one per step; got dtype "
+                         f"{v.dtype}")
     return v.astype(np.float64)
 
 

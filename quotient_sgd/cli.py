@@ -227,6 +227,21 @@ def _path_to(root, node, prefix=()):
     return None
 
 
+def _config_first(argv: list[str]) -> list[str]:
+    """``argv`` with the ``--config=PATH`` (or ``--config PATH``) argument moved right after the program name.
+    ``ml_collections`` applies the ``--config.<key>`` overrides to the file given by ``--config`` and refuses an
+    override written before it ("Found --config.steps=20 in argv before a value for --config was specified"); the
+    order of the options means nothing to the command, so the file goes first and the overrides keep their order
+    (the last of a key given twice wins)."""
+    import re
+
+    for i, a in enumerate(argv[1:], start=1):
+        if re.match(r"^-{1,2}config(=|$)", a):
+            n = 2 if "=" not in a and i + 1 < len(argv) else 1
+            return [argv[0], *argv[i:i + n], *argv[1:i], *argv[i + n:]]
+    return list(argv)
+
+
 def _config_path(argv: list[str]) -> str | None:
     """The ``--config=PATH`` (or ``--config PATH``) argument, ``None`` when absent (the embedded default)."""
     for i, a in enumerate(argv):
@@ -368,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     load_error = _config_load_error(argv[1:])
     if load_error:
         return _fail(load_error)
+    argv = _config_first(argv)
     try:
         fv = _define_flags(argv)
         rest = fv(argv)

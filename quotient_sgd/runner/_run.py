@@ -80,6 +80,22 @@ def _progress(s: Settings, initial: int):
                 smoothing=0.3)
 
 
+def require_tensorboard(s: Settings) -> None:
+    """A :class:`~quotient_sgd.config.ConfigError` naming ``logging.tensorboard`` when it asks for TensorBoard
+    logging and ``tensorboardX`` cannot be imported: raised by :func:`run` and ``sweep`` before anything is built
+    or written (the writer is opened only once the model is built and the directory written)."""
+    if not s.logging.tensorboard:
+        return
+    try:
+        import tensorboardX  # noqa: F401
+    except ImportError as e:
+        from ..config import ConfigError
+
+        raise ConfigError(f"config.logging.tensorboard = True: needs tensorboardX, which cannot be imported ({e}); "
+                          "install it (pip install 'quotient_sgd[tensorboard]') or set "
+                          "logging.tensorboard=False") from None
+
+
 def _tensorboard(s: Settings, workdir: str, resumed_from: int = 0):
     """The TensorBoard writer of a run directory (``None`` unless ``logging.tensorboard``).  A run resumed from
     step ``c`` passes ``purge_step=c``: TensorBoard then hides the rows of steps ``>= c`` written before the
@@ -119,10 +135,12 @@ def run(settings: Settings, workdir: str, *, built: Built | None = None, max_chu
     call created is removed (the directory itself when this call created it), so the corrected command can run
     into the same ``workdir``.  A directory being resumed is never removed.  The call holds a lock on ``workdir``
     (:func:`~._rundir.lock_directory`): a second call on the same directory while one runs is refused
-    (:class:`RunDirError`) and changes nothing.
+    (:class:`RunDirError`) and changes nothing.  ``logging.tensorboard=True`` without ``tensorboardX`` is refused
+    first (:class:`~quotient_sgd.config.ConfigError`).
     """
     t0 = time.time()
     s = settings
+    require_tensorboard(s)
     check_workdir(workdir, s)  # raises before anything is written
     b = built if built is not None else build(s)
     created = not os.path.isdir(workdir)

@@ -51,7 +51,7 @@ from ._chunk import (
     to_host_finish,
     to_host_start,
 )
-from ._run import _tensorboard, chunk_bounds, first_divergence, scalar_rows, write_tensorboard
+from ._run import _tensorboard, chunk_bounds, first_divergence, require_tensorboard, scalar_rows, write_tensorboard
 from ._rundir import (
     Checkpoints,
     MetricsLog,
@@ -503,6 +503,7 @@ def sweep(settings: Settings, workdir: str, *, members_per_device: int | None = 
     process: what this call created is removed, the directory itself when this call created it), so the
     corrected command can run into the same ``workdir``.  A directory being resumed is never removed.
     """
+    require_tensorboard(settings)  # (every process: raised before anything is written)
     created = not os.path.isdir(workdir)
     progress = {"new": False, "chunks": 0}
     lock = None

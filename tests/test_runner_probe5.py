@@ -1,0 +1,57 @@
+"""The command line and the runner used in ways the other tests do not: option order, a missing extra, ..."""
+
+import os
+import sys
+
+import pytest
+
+from helpers import tiny_settings
+from quotient_sgd.cli import main
+from quotient_sgd.config import ConfigError, load_config, validate
+from quotient_sgd.runner import run, sweep
+from quotient_sgd.runner._rundir import write_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+
+
+def _run_dir_of_tiny(path):
+    """A directory holding ``configs/tiny.py`` as it is (200 steps, lr 0.05): a command whose config differs is
+    refused before anything is built, naming the differing keys, which shows what the command parsed."""
+    os.makedirs(path)
+    write_config(os.path.join(path, "config.json"), validate(load_config(TINY)))
+    return str(path)
+
+
+@pytest.mark.parametrize("config_args", [[f"--config={TINY}"], ["--config", TINY]])
+def test_overrides_written_before_the_config_file_apply_to_it(tmp_path, capsys, config_args):
+    """``--config.steps=3 --config=FILE`` is the same command as ``--config=FILE --config.steps=3`` (it was refused:
+    "Found --config.steps=3 in argv before a value for --config was specified"); a key given twice takes its last
+    value, as when the file comes first."""
+    wd = _run_dir_of_tiny(tmp_path / "d")
+    argv = ["quotient-sgd", "run", "--config.steps=3", "--config.optim.lr=0.5", *config_args,
+            "--config.optim.lr=0.01", f"--workdir={wd}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "before a value for --config" not in err
+    assert "steps: 200 (in the directory) != 3 (now)" in err, err
+    assert "optim.lr: 0.05 (in the directory) != 0.01 (now)" in err, err
+    assert os.listdir(wd) == ["config.json"]
+
+
+def test_tensorboard_without_tensorboardx_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    """``logging.tensorboard=True`` where tensorboardX is not installed: exit status 2 and a message naming the key
+    and what to do, no directory (it was a RuntimeError traceback after the model was built and the directory
+    written)."""
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # import tensorboardX -> ImportError
+    wd = str(tmp_path / "r")
+    assert main(["quotient-sgd", "run", f"--config={TINY}", "--config.logging.tensorboard=True",
+                 f"--workdir={wd}"]) == 2
+    err = capsys.readouterr().err
+    assert "config.logging.tensorboard = True" in err and "tensorboardX" in err and "Traceback" not in err, err
+    assert not os.path.exists(wd)
+    s = tiny_settings(**{"logging.tensorboard": True})
+    for call, name in ((run, "r2"), (sweep, "s")):
+        with pytest.raises(ConfigError, match="logging.tensorboard"):
+            call(s, str(tmp_path / name))
+        assert not os.path.exists(tmp_path / name)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 MALLOC_SETTINGS = {
@@ -145,14 +146,28 @@ def _env_int(name: str, what: str):
 
 def _overrides(argv: list[str]) -> list[tuple[str, str]]:
     """``(dotted key, value as typed)`` of the ``--config.<key>=<value>`` (or ``--config.<key> <value>``)
-    arguments."""
+    arguments, in every spelling ``ml_collections`` applies: one dash or two, and ``--noconfig.<key>`` (a bool set
+    to ``False``); a bool key written alone (``--config.optim.nesterov``) is ``True`` and takes no value from the
+    next argument."""
+    from .config import Settings
+
     out = []
     for i, a in enumerate(argv):
-        if a.startswith("--config."):
-            key, eq, value = a[len("--config."):].partition("=")
-            if not eq:
+        m = re.match(r"-{1,2}(no)?config\.(.*)", a)
+        if m is None:
+            continue
+        key, eq, value = m.group(2).partition("=")
+        if m.group(1):
+            value = "False"
+        elif not eq:
+            node = Settings()
+            for part in key.split("."):
+                node = getattr(node, part, None)
+            if isinstance(node, bool):
+                value = "True"
+            else:
                 value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else ""
-            out.append((key, value))
+        out.append((key, value))
     return out
 
 
@@ -233,8 +248,6 @@ def _config_first(argv: list[str]) -> list[str]:
     override written before it ("Found --config.steps=20 in argv before a value for --config was specified"); the
     order of the options means nothing to the command, so the file goes first and the overrides keep their order
     (the last of a key given twice wins)."""
-    import re
-
     for i, a in enumerate(argv[1:], start=1):
         if re.match(r"^-{1,2}config(=|$)", a):
             n = 2 if "=" not in a and i + 1 < len(argv) else 1
@@ -394,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     except (AttributeError, KeyError, ValueError, TypeError, OSError) as e:
         # ml_collections raises these for an override of a key the config does not have / of the wrong type
         msg = str(e.args[0] if e.args else e).strip("'\"").replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
-        overrides = [a for a in argv[1:] if a.startswith("--config.")]
+        overrides = [a for a in argv[1:] if re.match(r"-{1,2}(no)?config\.", a)]
         if isinstance(e, OSError):
             return _fail(f"cannot load the config file: {msg}")
         file_error = _config_file_error(argv[1:])

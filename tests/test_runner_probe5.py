@@ -55,3 +55,18 @@ def test_tensorboard_without_tensorboardx_is_refused_before_anything_is_written(
         with pytest.raises(ConfigError, match="logging.tensorboard"):
             call(s, str(tmp_path / name))
         assert not os.path.exists(tmp_path / name)
+
+
+def test_overrides_in_every_spelling_ml_collections_applies_are_checked(tmp_path, capsys):
+    """``-config.KEY=V`` (one dash) is applied by ml_collections like ``--config.KEY=V``: an override the run would not
+    read is refused the same way (it ran, ignoring it), and ``report`` refuses it as it refuses ``--config.KEY``."""
+    wd = str(tmp_path / "r")
+    for bad, said in ((["-config.model.channels=(3,)"], "config.model.channels = (3,): this override would have no "
+                                                         "effect"),
+                      (["-config.optim.b1=0.5"], "config.optim.b1 = 0.5: this override would have no effect")):
+        assert main(["quotient-sgd", f"--config={TINY}", *bad, "run", f"--workdir={wd}"]) == 2
+        err = capsys.readouterr().err
+        assert said in err, err
+        assert not os.path.exists(wd)
+    assert main(["quotient-sgd", "report", "-config.steps=3", str(tmp_path)]) == 2
+    assert "--config.steps: `report` takes only the run or sweep directory" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """The command line and the runner used in ways the other tests do not: option order, a missing extra, ..."""
 
+import json
 import os
 import sys
 
@@ -8,7 +9,7 @@ import pytest
 from helpers import tiny_settings
 from quotient_sgd.cli import main
 from quotient_sgd.config import ConfigError, load_config, validate
-from quotient_sgd.runner import run, sweep
+from quotient_sgd.runner import report, run, sweep
 from quotient_sgd.runner._rundir import write_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,3 +71,38 @@ def test_overrides_in_every_spelling_ml_collections_applies_are_checked(tmp_path
         assert not os.path.exists(wd)
     assert main(["quotient-sgd", "report", "-config.steps=3", str(tmp_path)]) == 2
     assert "--config.steps: `report` takes only the run or sweep directory" in capsys.readouterr().err
+
+
+def test_the_sweep_table_names_the_step_its_wall_time_starts_from(tmp_path):
+    """(Fast variant of the next test.)  ``report`` on a sweep whose ``sweep.json`` records ``resumed_from``."""
+    s = tiny_settings(20, **{"sweep.lr": (0.05,), "sweep.seed": (0,)})
+    wd = tmp_path / "sw"
+    os.makedirs(wd)
+    meta = {"config": s.to_dict(), "members": [{"seed": 0, "lr": 0.05}], "num_devices": 1, "num_processes": 1,
+            "members_per_device": 1, "schedule": [{"from_step": 0, "members_per_device": 1}], "decided": True,
+            "measured_cost": {}, "wall_s": 1.25, "resumed_from": 10}
+    with open(wd / "sweep.json", "w") as f:
+        json.dump(meta, f)
+    assert "- wall time: 1.2 s (of the command that resumed the sweep from step 10)" in report(str(wd)).splitlines()
+
+
+@pytest.mark.slow
+def test_a_resumed_sweep_says_its_wall_time_is_that_of_the_resuming_command(tmp_path):
+    """The wall time of a sweep is that of the command that finished it; after a resume the table said only
+    "wall time: X s", as if the whole sweep had taken X s.  It now names the step the command resumed from (as a
+    run's summary does), in ``sweep.json`` too, and keeps it when the finished sweep is run again or reported."""
+    import jax
+
+    s = tiny_settings(20, **{"sweep.lr": (0.05,), "sweep.seed": (0,)})
+    wd = str(tmp_path / "sw")
+    sweep(s, wd, members_per_device=1, devices=jax.devices()[:1], max_chunks=1)
+    out = sweep(s, wd, members_per_device=1, devices=jax.devices()[:1])
+    assert out.resumed_from == 10
+    with open(os.path.join(wd, "sweep.json")) as f:
+        assert json.load(f)["resumed_from"] == 10
+    line = f"- wall time: {out.wall_s:.1f} s (of the command that resumed the sweep from step 10)"
+    for again in (lambda: None, lambda: sweep(s, wd, members_per_device=1, devices=jax.devices()[:1]),
+                  lambda: report(wd)):
+        again()
+        with open(os.path.join(wd, "summary.md")) as f:
+            assert line in f.read().splitlines()

@@ -578,8 +578,10 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
     if multi:  # every process has checked the directory before anyone writes into it
         _agree(None, f"process {jax.process_index()}")
 
-    # the wall time of the call that finished the sweep (kept by a re-run that computes nothing, and by report)
+    # the wall time of the call that finished the sweep (kept by a re-run that computes nothing, and by report),
+    # and the step that call resumed from (its wall time does not include the calls before)
     recorded_wall = None if old is None else old.get("wall_s")
+    recorded_resume = None if old is None else old.get("resumed_from")
 
     def record():
         if leader:
@@ -589,6 +591,8 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
                     "decided": decided, "measured_cost": costs}
             if recorded_wall is not None:
                 meta["wall_s"] = recorded_wall
+                if recorded_resume:
+                    meta["resumed_from"] = recorded_resume
             write_json(os.path.join(workdir, "sweep.json"), meta)
 
     record()
@@ -854,7 +858,7 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
     res = SweepResult(workdir, n, members, dirs, diverged, layout.mpd, nd, wall, start, done, costs, schedule)
     if leader and finished:
         if progress["chunks"] or recorded_wall is None:
-            recorded_wall = wall
+            recorded_wall, recorded_resume = wall, start
             record()
         report_sweep(workdir, wall_s=recorded_wall, plots=plots)
     return res
@@ -919,7 +923,9 @@ def report_sweep(workdir: str, *, wall_s: float | None = None, plots: bool = Tru
              f"{meta['num_devices']} devices in {meta['num_processes']} process(es), "
              + _grouping_text(meta)]
     if wall_s is not None:
-        lines.append(f"- wall time: {wall_s:.1f} s")
+        resumed = meta.get("resumed_from")
+        lines.append(f"- wall time: {wall_s:.1f} s" + (f" (of the command that resumed the sweep from step {resumed})"
+                                                        if resumed else ""))
     # the losses are those of the member's last evaluation, at the step given (a diverged member's is the one
     # before its divergence: the chunk that diverged is not evaluated)
     lines += ["", "| " + " | ".join(["member", *axes, "eval step", "train loss", "test loss", "test acc", "status"])

@@ -397,6 +397,10 @@ def main(argv: list[str] | None = None) -> int:
     if load_error:
         return _fail(load_error)
     argv = _config_first(argv)
+    if _config_path(argv[1:]):  # (ml_collections imports the file again: the modules beside it stay importable)
+        from .config._validate import config_dir_on_path
+
+        config_dir_on_path(_config_path(argv[1:]))
     try:
         fv = _define_flags(argv)
         rest = fv(argv)

@@ -106,3 +106,27 @@ def test_a_resumed_sweep_says_its_wall_time_is_that_of_the_resuming_command(tmp_
         again()
         with open(os.path.join(wd, "summary.md")) as f:
             assert line in f.read().splitlines()
+
+
+def test_a_config_file_imports_the_modules_beside_it(tmp_path, capsys, monkeypatch):
+    """``configs/derived.py`` doing ``from probe5_base import get_config`` loads whatever the working directory (it
+    loaded only from its own directory, and there only when the command re-executed itself with ``python -m``)."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "probe5_base", raising=False)
+    cfgs = tmp_path / "cfgs"
+    cfgs.mkdir()
+    (cfgs / "probe5_base.py").write_text(
+        "from quotient_sgd.config import default_config\n\n\ndef get_config():\n    c = default_config()\n"
+        "    c.name = 'base'\n    c.data.name = 'teacher_student'\n    c.data.batch_size = 16\n    return c\n")
+    (cfgs / "derived.py").write_text(
+        "from probe5_base import get_config as base\n\n\ndef get_config():\n    c = base()\n    c.name = 'derived'\n"
+        "    c.steps = 7\n    return c\n")
+    assert load_config(str(cfgs / "derived.py")).steps == 7
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(cfgs)])
+    monkeypatch.delitem(sys.modules, "probe5_base")
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    # a workdir that is a file: refused once the config has loaded (nothing is built)
+    assert main(["quotient-sgd", "run", f"--config={cfgs / 'derived.py'}", "--config.steps=3", f"--workdir={afile}"]) == 2
+    err = capsys.readouterr().err
+    assert "exists and is not a directory" in err, err

@@ -562,8 +562,21 @@ def check_override_key(key: str, raw: Any) -> None:
                           f"section; set it as --config.{parts[0]}=VALUE")
 
 
+def config_dir_on_path(path: str) -> None:
+    """Put the directory of the config file ``path`` on ``sys.path`` (appended, once), so that the file can import
+    the modules beside it (``from base import get_config``) whatever the working directory and however the
+    command was started, as ``python path`` would let it; appended, it shadows no installed module."""
+    import sys
+
+    d = os.path.dirname(os.path.abspath(path))
+    if d not in sys.path:
+        sys.path.append(d)
+
+
 def config_module(path: str):
-    """The config file ``path`` imported as a module (its top level run)."""
+    """The config file ``path`` imported as a module (its top level run; the modules beside it importable,
+    :func:`config_dir_on_path`)."""
+    config_dir_on_path(path)
     # the source loader reads any file name (a config without the .py suffix: spec_from_file_location returns None)
     loader = importlib.machinery.SourceFileLoader(f"_qsgd_config_{abs(hash(path))}", path)
     spec = importlib.util.spec_from_loader(loader.name, loader)

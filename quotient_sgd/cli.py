@@ -396,6 +396,11 @@ def main(argv: list[str] | None = None) -> int:
     load_error = _config_load_error(argv[1:])
     if load_error:
         return _fail(load_error)
+    given = [a.partition("=")[2] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
+             for i, a in enumerate(argv) if i and re.match(r"^-{1,2}config(=|$)", a)]
+    if len(given) > 1:  # absl would load the last, the checks of the file read the first
+        return _fail(f"--config is given {len(given)} times ({', '.join(map(repr, given))}); give one config file, "
+                     f"and change its keys with --config.KEY=VALUE")
     argv = _config_first(argv)
     if _config_path(argv[1:]):  # (ml_collections imports the file again: the modules beside it stay importable)
         from .config._validate import config_dir_on_path

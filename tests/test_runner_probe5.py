@@ -130,3 +130,15 @@ def test_a_config_file_imports_the_modules_beside_it(tmp_path, capsys, monkeypat
     assert main(["quotient-sgd", "run", f"--config={cfgs / 'derived.py'}", "--config.steps=3", f"--workdir={afile}"]) == 2
     err = capsys.readouterr().err
     assert "exists and is not a directory" in err, err
+
+
+def test_config_given_twice_is_refused_naming_both_files(tmp_path, capsys):
+    """``--config=A --config B``: absl loaded B while the checks of the config file read A (a missing A was refused
+    although B exists; a valid A let an invalid B through).  Refused, naming both, nothing written."""
+    wd = str(tmp_path / "r")
+    digits = os.path.join(ROOT, "configs", "digits_cnn.py")
+    for second in ([f"--config={digits}"], ["--config", digits]):
+        assert main(["quotient-sgd", "run", f"--config={TINY}", *second, f"--workdir={wd}"]) == 2
+        err = capsys.readouterr().err
+        assert f"--config is given 2 times ({TINY!r}, {digits!r})" in err, err
+        assert not os.path.exists(wd)

@@ -144,13 +144,21 @@ def _env_int(name: str, what: str):
         raise _EnvError(f"environment variable {name}={v!r}: expected an integer ({what})") from None
 
 
+def _override_kind(key: str) -> type | None:
+    """The type of the schema's dotted ``key`` (``bool``, ``int``, ...), ``None`` for a key the schema lacks."""
+    from .config import Settings
+
+    node = Settings()
+    for part in key.split("."):
+        node = getattr(node, part, None)
+    return None if node is None else type(node)
+
+
 def _overrides(argv: list[str]) -> list[tuple[str, str]]:
     """``(dotted key, value as typed)`` of the ``--config.<key>=<value>`` (or ``--config.<key> <value>``)
     arguments, in every spelling ``ml_collections`` applies: one dash or two, and ``--noconfig.<key>`` (a bool set
     to ``False``); a bool key written alone (``--config.optim.nesterov``) is ``True`` and takes no value from the
     next argument."""
-    from .config import Settings
-
     out = []
     for i, a in enumerate(argv):
         m = re.match(r"-{1,2}(no)?config\.(.*)", a)
@@ -160,10 +168,7 @@ def _overrides(argv: list[str]) -> list[tuple[str, str]]:
         if m.group(1):
             value = "False"
         elif not eq:
-            node = Settings()
-            for part in key.split("."):
-                node = getattr(node, part, None)
-            if isinstance(node, bool):
+            if _override_kind(key) is bool:
                 value = "True"
             else:
                 value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else ""
@@ -401,6 +406,15 @@ def main(argv: list[str] | None = None) -> int:
     if len(given) > 1:  # absl would load the last, the checks of the file read the first
         return _fail(f"--config is given {len(given)} times ({', '.join(map(repr, given))}); give one config file, "
                      f"and change its keys with --config.KEY=VALUE")
+    for i, a in enumerate(argv[1:-1], start=1):
+        # absl takes the next argument as the value: `--workdir --config.steps=3` wrote into a directory named
+        # "--config.steps=3" and dropped the override, `--config.name --workdir=out` named the run "--workdir=out"
+        if re.fullmatch(r"-{1,2}workdir", a) and argv[i + 1].startswith("-"):
+            return _fail(f"--workdir needs a directory, got the option {argv[i + 1]!r}; write --workdir=DIR")
+        key = re.fullmatch(r"-{1,2}config\.([\w.]+)", a)
+        if key and argv[i + 1].startswith("--") and _override_kind(key.group(1)) not in (bool, None):
+            return _fail(f"--config.{key.group(1)} needs a value, got the option {argv[i + 1]!r}; write "
+                         f"--config.{key.group(1)}=VALUE")
     argv = _config_first(argv)
     if _config_path(argv[1:]):  # (ml_collections imports the file again: the modules beside it stay importable)
         from .config._validate import config_dir_on_path

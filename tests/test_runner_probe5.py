@@ -142,3 +142,17 @@ def test_config_given_twice_is_refused_naming_both_files(tmp_path, capsys):
         err = capsys.readouterr().err
         assert f"--config is given 2 times ({TINY!r}, {digits!r})" in err, err
         assert not os.path.exists(wd)
+
+
+def test_an_option_written_where_a_value_belongs_is_refused(tmp_path, capsys, monkeypatch):
+    """``--workdir --config.steps=3`` (the directory forgotten): absl took the option as the directory, so the run
+    wrote into a directory named "--config.steps=3" with the override dropped (``--config.name --workdir=out``
+    named the run "--workdir=out").  Refused, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    for argv, said in ((["--workdir", "--config.steps=3"], "--workdir needs a directory"),
+                       (["--workdir", "-config.steps=3"], "--workdir needs a directory"),
+                       (["--config.name", "--workdir=out"], "--config.name needs a value")):
+        assert main(["quotient-sgd", "run", f"--config={TINY}", *argv]) == 2
+        err = capsys.readouterr().err
+        assert f"{said}, got the option {argv[1]!r}" in err, err
+        assert os.listdir(tmp_path) == []

@@ -365,8 +365,10 @@ def _unused_override_error(argv: list[str], settings, cmd: str) -> str | None:
     for key, value in _overrides(argv):
         if key not in unused:
             continue
-        sect, _, field = key.partition(".")
-        if getattr(getattr(settings, sect), field) == getattr(getattr(default, sect), field):
+        now, dflt = settings, default
+        for part in key.split("."):  # (a top-level key such as `seed` too)
+            now, dflt = getattr(now, part), getattr(dflt, part)
+        if now == dflt:
             continue  # a reset to the default (momentum=0 for Adam, an emptied sweep axis on `run`) asks for nothing
         return f"config.{key} = {value}: this override would have no effect: {unused[key]}"
     return None

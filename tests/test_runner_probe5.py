@@ -156,3 +156,23 @@ def test_an_option_written_where_a_value_belongs_is_refused(tmp_path, capsys, mo
         err = capsys.readouterr().err
         assert f"{said}, got the option {argv[1]!r}" in err, err
         assert os.listdir(tmp_path) == []
+
+
+def test_sweep_refuses_an_override_of_a_setting_its_axes_replace(tmp_path, capsys):
+    """``quotient-sgd sweep --config=configs/tiny.py --config.optim.lr=0.01``: tiny sweeps ``lr`` over (0.02, 0.05),
+    so every member took its lr from the axis and the override was silently ignored (as ``seed`` with
+    ``sweep.seed``).  Refused like the other overrides that would have no effect, naming the axis; with the axis
+    emptied the override is read and passes."""
+    wd = str(tmp_path / "sw")
+    for over, axis in (("--config.optim.lr=0.01", "sweep.lr = (0.02, 0.05)"),
+                       ("--config.seed=5", "sweep.seed = (0, 1, 2, 3)")):
+        assert main(["quotient-sgd", "sweep", f"--config={TINY}", over, f"--workdir={wd}"]) == 2
+        err = capsys.readouterr().err
+        assert f"config.{over[len('--config.'):].replace('=', ' = ')}: this override would have no effect" in err, err
+        assert f"every member of the sweep takes it from {axis}" in err, err
+        assert not os.path.exists(wd)
+    afile = tmp_path / "afile"  # refused after the override checks, before anything is built
+    afile.write_text("")
+    assert main(["quotient-sgd", "sweep", f"--config={TINY}", "--config.optim.lr=0.01", "--config.sweep.lr=()",
+                 "--config.seed=5", "--config.sweep.seed=()", f"--workdir={afile}"]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err

@@ -19,6 +19,7 @@ from ._settings import (
     MODELS,
     OPTIMIZERS,
     SECTIONS,
+    SWEEP_AXES,
     SWEEP_MODES,
     SYMMETRY_MODES,
     DataSettings,
@@ -632,8 +633,8 @@ def unused_keys(s: Settings, command: str = "run") -> dict[str, str]:
     """``{dotted key: why}`` for the keys that ``quotient-sgd <command>`` (``"run"`` or ``"sweep"``) does not read
     with the settings ``s``: those of another model, data set or optimiser (``model.channels`` of an MLP), the
     Lanczos sizes without ``observables.hessian_every``, ``symmetry.gauge_fix_every`` outside ``gauge_fix`` mode,
-    ``symmetry.components`` with the symmetry off, ``checkpoint.keep`` without checkpoints, and under ``run`` the
-    ``sweep`` section.  A config file holds
+    ``symmetry.components`` with the symmetry off, ``checkpoint.keep`` without checkpoints, under ``run`` the
+    ``sweep`` section, and under ``sweep`` the settings its axes replace (``optim.lr`` with a ``sweep.lr``).  A config file holds
     every key (:func:`default_config`); a ``--config.<key>`` override of one of these would have no effect."""
     out: dict[str, str] = {}
     for sect, table in _READ_BY.items():
@@ -655,6 +656,11 @@ def unused_keys(s: Settings, command: str = "run") -> dict[str, str]:
     if not s.checkpoint.enabled:
         out["checkpoint.keep"] = ("not read with checkpoint.enabled=False (no checkpoint is written); set "
                                   "checkpoint.enabled=True too, or drop the override")
+    if command == "sweep":
+        for axis, values in s.sweep.axes().items():
+            out[SWEEP_AXES[axis]] = (f"every member of the sweep takes it from sweep.{axis} = {values}; override "
+                                     f"sweep.{axis} instead (e.g. --config.sweep.{axis}=\"({values[0]!r},)\"), or "
+                                     f"empty it (--config.sweep.{axis}=\"()\")")
     if command == "run":
         for f in dataclasses.fields(SECTIONS["sweep"]):
             out[f"sweep.{f.name}"] = ("the sweep section is read by `quotient-sgd sweep`; `run` trains one model "

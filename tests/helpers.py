@@ -14,9 +14,11 @@ import numpy as np
 
 
 def child_xla_flags() -> str:
-    """The XLA optimisation flag this process compiles with (tests/conftest.py), for a subprocess whose results
-    are compared bitwise with this process's: the same program compiled at another level rounds differently."""
-    return " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_backend_optimization_level" in f)
+    """The XLA compilation options this process compiles with (tests/conftest.py: optimisation level, fusion
+    emitters), for a subprocess whose results are compared bitwise with this process's: the same program compiled
+    with other options rounds differently."""
+    names = ("xla_backend_optimization_level", "xla_cpu_use_fusion_emitters")
+    return " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if any(n in f for n in names))
 
 
 def tree_allclose(a, b, *, rtol=1e-5, atol=1e-8) -> bool:

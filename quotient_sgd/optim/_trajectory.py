@@ -661,12 +661,17 @@ _NOT_SGD_STATES = tuple(getattr(optax, n) for n in (
     "ScaleByZoomLinesearchState") if getattr(optax, n, optax.EmptyState) is not optax.EmptyState)
 
 
+def _state_types(inner_state, types) -> list[str]:
+    """The sorted names of the optax states of the given ``types`` found anywhere in ``inner_state``."""
+    hit = lambda x: isinstance(x, types)  # noqa: E731
+    return sorted({type(x).__name__ for x in jax.tree.leaves(inner_state, is_leaf=hit) if hit(x)})
+
+
 def _check_sgd_like(inner_state) -> None:
     """``ValueError`` when ``spec`` is given for an optimiser whose state shows that it is not SGD (Adam, RMSProp,
     Adagrad, Lion, LAMB, a line search ...): the predicted drift would be that of an SGD step the optimiser
     does not take (measured ~100% off for adamw, rmsprop and adagrad), with nothing to say so."""
-    hit = lambda x: isinstance(x, _NOT_SGD_STATES)  # noqa: E731
-    found = sorted({type(x).__name__ for x in jax.tree.leaves(inner_state, is_leaf=hit) if hit(x)})
+    found = _state_types(inner_state, _NOT_SGD_STATES)
     if found:
         raise ValueError(
             f"quotient_trajectory: spec=SGDSpec(...) describes an SGD-family optimiser, but the optimiser's state "
@@ -692,8 +697,7 @@ def _check_schedule_counts(spec: SGDSpec, inner_state) -> None:
     scheduled = [f for f in fields if callable(getattr(spec, f)) and not isinstance(getattr(spec, f), str)]
     if not scheduled:
         return
-    hit = lambda x: isinstance(x, _SKIPPING_STATES)  # noqa: E731
-    skipping = sorted({type(x).__name__ for x in jax.tree.leaves(inner_state, is_leaf=hit) if hit(x)})
+    skipping = _state_types(inner_state, _SKIPPING_STATES)
     if skipping:
         raise ValueError(
             f"quotient_trajectory: spec has the schedule(s) {scheduled} (functions count -> value, evaluated at "

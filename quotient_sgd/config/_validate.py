@@ -297,6 +297,10 @@ def _check_symmetry(s: Settings) -> None:
     hint = ", ".join(f"{b!r} -> {c[0]!r}" for b, c in close.items() if c)
     _check(not bad, "observables.names", ob.names, f"unknown {bad}; allowed: {list(DEFAULT_OBSERVABLES)}"
            + (f" (did you mean {hint}?)" if hint else ""))
+    dup = sorted({n for n in ob.names if ob.names.count(n) > 1})
+    _check(not dup, "observables.names", ob.names,
+           f"repeats {dup}: each observable is recorded once; list each name once (allowed: a selection of "
+           f"{list(DEFAULT_OBSERVABLES)})")
     extra = [n for n in ob.names if n != "loss"]
     _check(not extra or bool(selected), "observables.names", ob.names,
            f"{extra} are recorded with the symmetry group, and this run has none ("

@@ -21,10 +21,13 @@ config: 5 s instead of 8-9 s).  A cached program is the compiled program itself:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import sys
+import threading
 
 MALLOC_SETTINGS = {
     "MALLOC_MMAP_THRESHOLD_": "33554432",
@@ -52,7 +55,8 @@ HELP = f"""quotient-sgd: config-driven training runs that record quotient (symme
 The keys of a config, with their defaults: python -c "import quotient_sgd.config as c; print(c.default_config())"
 (an override of a key the run would not read, e.g. model.channels of an MLP, is refused).
 Exit status: 0 done; 2 a bad config, option or directory (reported before anything is computed or written);
-130 interrupted: Ctrl-C waits for the checkpoint being written, and the same command resumes.
+130 interrupted: Ctrl-C waits for the checkpoint being written, and the same command resumes; 143 terminated:
+SIGTERM (sent by SLURM, timeout, Kubernetes before a kill) during run or sweep does the same.
 Environment: QSGD_NO_MALLOC_TUNING=1 keeps glibc's default malloc (see the module docstring of quotient_sgd.cli);
 QSGD_COMPILATION_CACHE=DIR (or "off") moves (or turns off) the compilation cache, ~/.cache/quotient_sgd/jax by
 default ($XDG_CACHE_HOME/quotient_sgd/jax); JAX_COMPILATION_CACHE_DIR, when set, is used as it is.
@@ -496,21 +500,22 @@ def main(argv: list[str] | None = None) -> int:
     workdir = fv.workdir or os.path.join("runs", settings.name if cmd == "run" else f"{settings.name}-sweep")
     _enable_compilation_cache()
     try:
-        if cmd == "run":
-            from .runner import run
+        with _sigterm_raises():
+            if cmd == "run":
+                from .runner import run
 
-            res = run(settings, workdir)
-            status = (f"diverged at step {res.diverged['step']} ({res.diverged['reason']})" if res.diverged
-                      else f"{res.steps_done} steps")
-            print(f"quotient-sgd: {status}; wrote {workdir} ({res.wall_s:.1f} s)")
+                res = run(settings, workdir)
+                status = (f"diverged at step {res.diverged['step']} ({res.diverged['reason']})" if res.diverged
+                          else f"{res.steps_done} steps")
+                print(f"quotient-sgd: {status}; wrote {workdir} ({res.wall_s:.1f} s)")
+                return 0
+            from .runner import sweep
+
+            _init_distributed(fv)
+            out = sweep(settings, workdir)
+            noun = "member" if out.num_members == 1 else "members"
+            print(f"quotient-sgd: sweep of {out.num_members} {noun}; wrote {workdir} ({out.wall_s:.1f} s)")
             return 0
-        from .runner import sweep
-
-        _init_distributed(fv)
-        out = sweep(settings, workdir)
-        noun = "member" if out.num_members == 1 else "members"
-        print(f"quotient-sgd: sweep of {out.num_members} {noun}; wrote {workdir} ({out.wall_s:.1f} s)")
-        return 0
     except (ConfigError, RunDirError) as e:
         return _fail(str(e))
     except json.JSONDecodeError:
@@ -519,21 +524,82 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return _fail(f"{'run' if cmd == 'run' else 'sweep'} directory {workdir!r}: {bad}; refusing to write into it. "
                      f"Choose another --workdir")
+    except _Terminated:
+        return _fail(_interrupted(workdir, "terminated (SIGTERM)"), code=128 + signal.SIGTERM)
     except KeyboardInterrupt:
         return _fail(_interrupted(workdir), code=130)
 
 
-def _interrupted(workdir: str) -> str:
-    """What an interrupted run or sweep kept (the runner has waited for the checkpoint being written)."""
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM received during ``run`` or ``sweep`` (:func:`_sigterm_raises`).  A ``KeyboardInterrupt``, so that
+    it ends the run as Ctrl-C does: checkpoint writes in flight finish (the runner holds both signals back around
+    them), the directory resumes as after Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """While the block runs, SIGTERM (what SLURM, ``timeout`` and Kubernetes send before a kill) raises
+    :class:`_Terminated` in the main thread instead of ending the process at once; the previous handler is
+    restored when the block ends.  Nothing is changed outside the main thread, nor where SIGTERM is ignored
+    (``SIG_IGN``) or its handler was installed outside Python."""
+    previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    if previous is None or previous == signal.SIG_IGN:
+        yield
+        return
+
+    def terminated(signum, frame):
+        raise _Terminated
+
+    signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _last_row_step(path: str) -> int | None:
+    """The step of the last complete row of the ``metrics.jsonl`` at ``path`` (its tail is read), ``None``
+    when it has none."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 65536))
+            tail = f.read()
+    except OSError:
+        return None
+    for line in reversed(tail.split(b"\n")):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def _interrupted(workdir: str, what: str = "interrupted") -> str:
+    """What an interrupted run or sweep kept (the runner has waited for the checkpoint being written), exactly:
+    the checkpoint the same command resumes from, and the metric rows written after it (the rows of a chunk are
+    written before its checkpoint, and a sweep writes a chunk's rows while the next one computes) that the resume
+    drops and computes again."""
     from .runner._rundir import checkpoint_steps
 
     steps = checkpoint_steps(workdir)
     if steps:
-        return (f"interrupted; {workdir} keeps its checkpoint of step {steps[-1]} and the metrics up to it: run the "
-                "same command to resume from there")
+        members = os.path.join(workdir, "members")
+        if os.path.isdir(members):
+            where, logs = "its members' metrics.jsonl", [os.path.join(members, m, "metrics.jsonl")
+                                                         for m in sorted(os.listdir(members))]
+        else:
+            where, logs = "its metrics.jsonl", [os.path.join(workdir, "metrics.jsonl")]
+        last = max((x for x in map(_last_row_step, logs) if x is not None), default=None)
+        past = (f"; {where} also hold{'' if where.startswith('its members') else 's'} rows of steps {steps[-1]} to "
+                f"{last}, computed after that checkpoint, which the resume drops and computes again"
+                if last is not None and last >= steps[-1] else "")
+        return (f"{what}; {workdir} keeps its checkpoint of step {steps[-1]} and the metrics up to it{past}: run "
+                "the same command to resume from step " + str(steps[-1]))
     if os.path.isdir(workdir):
-        return f"interrupted before the first checkpoint; the same command starts {workdir} again from step 0"
-    return "interrupted before anything was written"
+        return f"{what} before the first checkpoint; the same command starts {workdir} again from step 0"
+    return f"{what} before anything was written"
 
 
 _LAUNCH_FLAGS = ("coordinator_address", "num_processes", "process_id", "distributed")

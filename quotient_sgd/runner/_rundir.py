@@ -536,26 +536,35 @@ def checkpoint_steps(workdir: str) -> list[int]:
     return sorted(int(x) for x in os.listdir(d) if x.isdigit() and x not in bad)
 
 
+#: The signals :func:`sigint_deferred` holds back: Ctrl-C, and the SIGTERM that batch schedulers, ``timeout`` and
+#: container runtimes send before killing a process (a handler for it is Python's only where the caller installed
+#: one: the ``quotient-sgd`` command does, for ``run`` and ``sweep``).
+DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def sigint_deferred():
-    """Hold back Ctrl-C (SIGINT) until the block ends, then deliver it to the handler that was installed (Python's:
-    ``KeyboardInterrupt``).  Checkpoint writes run to completion, so an interrupt never leaves a half-finalised
-    checkpoint or orbax's error log behind.  A no-op outside the main thread or where SIGINT is ignored."""
+    """Hold back Ctrl-C (SIGINT) and SIGTERM until the block ends, then deliver the first one received to the
+    handler that was installed for it (Python's for SIGINT: ``KeyboardInterrupt``; the command's for SIGTERM).
+    Checkpoint writes run to completion, so an interrupt never leaves a half-finalised checkpoint or orbax's error
+    log behind.  A signal whose handler is not a Python callable (ignored, the default action, installed outside
+    Python: SIGTERM in a program that installed none) is left alone, and so is everything outside the main thread;
+    the handlers are restored when the block ends."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.getsignal(signal.SIGINT)
-    if not callable(previous):  # SIG_IGN / SIG_DFL / not installed from Python: leave it alone
-        yield
-        return
+    held = {sig: h for sig in DEFERRED_SIGNALS if callable(h := signal.getsignal(sig))}
     received: list = []
-    signal.signal(signal.SIGINT, lambda signum, frame: received.append((signum, frame)))
+    for sig in held:
+        signal.signal(sig, lambda signum, frame: received.append((signum, frame)))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
         if received:
-            previous(*received[0])
+            signum, frame = received[0]
+            held[signum](signum, frame)
 
 
 def _is_global(x) -> bool:

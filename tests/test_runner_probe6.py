@@ -76,7 +76,8 @@ def test_sigterm_mid_run_finishes_the_checkpoint_says_where_and_resumes_bitwise(
     steps = [r["step"] for r in ra]
     assert steps == sorted(set(steps)), "duplicated or unordered metric rows"
     assert ra == load_metric_rows(ref)
-    assert f"resumed from step {last}" in open(os.path.join(wd, "summary.md")).read()
+    with open(os.path.join(wd, "summary.md")) as f:
+        assert f"resumed from step {last}" in f.read()
 
 
 @pytest.mark.parametrize("cmd", ["run", "sweep"])
@@ -131,12 +132,11 @@ def test_sigterm_is_held_back_until_a_checkpoint_write_ends():
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         finished = []
-        with pytest.raises(Term):
-            with sigint_deferred():
-                assert signal.getsignal(signal.SIGTERM) is not handler
-                os.kill(os.getpid(), signal.SIGTERM)
-                time.sleep(0.05)
-                finished.append(True)
+        with pytest.raises(Term), sigint_deferred():
+            assert signal.getsignal(signal.SIGTERM) is not handler
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            finished.append(True)
         assert finished == [True]
         assert signal.getsignal(signal.SIGTERM) is handler
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -149,8 +149,7 @@ def test_sigterm_is_held_back_until_a_checkpoint_write_ends():
 def _rows(path, steps):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
-        for s in steps:
-            f.write(json.dumps({"step": s, "loss": 0.5}) + "\n")
+        f.writelines(json.dumps({"step": s, "loss": 0.5}) + "\n" for s in steps)
 
 
 @pytest.mark.parametrize("layout", ["run", "sweep"])

@@ -128,9 +128,10 @@ def shock_aware_lr(inner: optax.GradientTransformation, *, fold_target: Target =
         raise ValueError(f"shock_aware_lr: min_scale={min_scale} > max_scale={max_scale}")
 
     def init(params):
-        z = jnp.zeros((), jnp.float32)
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        return ShockAwareState(jnp.zeros((), jnp.int32), jnp.ones((), jnp.float32), z, z, z, zeros, zeros,
+        # a buffer per leaf: train donates the state, and one buffer donated twice is refused
+        z = lambda: jnp.zeros((), jnp.float32)  # noqa: E731
+        zeros = lambda: jax.tree.map(jnp.zeros_like, params)  # noqa: E731
+        return ShockAwareState(jnp.zeros((), jnp.int32), jnp.ones((), jnp.float32), z(), z(), z(), zeros(), zeros(),
                                inner.init(params))
 
     def update(grads, state, params=None):

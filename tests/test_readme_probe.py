@@ -22,13 +22,13 @@ def test_shock_aware_lr_trains_with_donated_state():
         xb, yb = batch
         return jnp.mean((xb @ p["w"] - yb) ** 2)
 
-    batch_fn = lambda step, key: (x, y)  # noqa: E731
+    batch_fn = lambda step, key: (x, y)
     tx = shock_aware_lr(optax.sgd(0.05, momentum=0.9), fold_target=1.8, policy="cap")  # adam: strict promotion
     params = {"w": jnp.zeros(3)}
     state = tx.init(params)
     leaves = [x for x in jax.tree.leaves(state) if isinstance(x, jax.Array)]
     assert len({id(x) for x in leaves}) == len(leaves)
-    kept_p, _, kept_t = train(loss_fn, params, tx, batch_fn, num_steps=5, donate=False)
-    p, _, t = train(loss_fn, {"w": jnp.zeros(3)}, tx, batch_fn, num_steps=5)
+    kept_p, _, _ = train(loss_fn, params, tx, batch_fn, num_steps=5, donate=False)
+    p, _, _ = train(loss_fn, {"w": jnp.zeros(3)}, tx, batch_fn, num_steps=5)
     np.testing.assert_array_equal(np.asarray(p["w"]), np.asarray(kept_p["w"]))
     assert float(loss_fn(p, (x, y))) < float(loss_fn({"w": jnp.zeros(3)}, (x, y)))

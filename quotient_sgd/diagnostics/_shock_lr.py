@@ -129,8 +129,8 @@ def shock_aware_lr(inner: optax.GradientTransformation, *, fold_target: Target =
 
     def init(params):
         # a buffer per leaf: train donates the state, and one buffer donated twice is refused
-        z = lambda: jnp.zeros((), jnp.float32)  # noqa: E731
-        zeros = lambda: jax.tree.map(jnp.zeros_like, params)  # noqa: E731
+        z = lambda: jnp.zeros((), jnp.float32)
+        zeros = lambda: jax.tree.map(jnp.zeros_like, params)
         return ShockAwareState(jnp.zeros((), jnp.int32), jnp.ones((), jnp.float32), z(), z(), z(), zeros(), zeros(),
                                inner.init(params))
 

@@ -157,7 +157,10 @@ def quotient_trajectory(
         observables: the per-step keys to record (default :data:`DEFAULT_OBSERVABLES`).
         every: refresh the per-step observables every ``every`` steps (the charge cross term and the
             previous-step buffer are updated every step regardless, so the identities stay exact).
-        spec: :class:`SGDSpec` describing ``tx`` for the charge-drift prediction.
+        spec: :class:`SGDSpec` describing ``tx`` for the charge-drift prediction; ``init`` refuses it when
+            ``tx``'s state shows it is not SGD (Adam, RMSProp, ...), unless ``tx`` is or contains
+            ``horizontal(...)`` / ``gauge_fix(...)``, and a schedule in it when ``tx`` can skip steps
+            (``optax.MultiSteps``, ``apply_if_finite``).
         seed: seeds the Lanczos starting vectors (folded with the step count).
         preconditioner: ``inner_state -> diag(P)`` (a pytree like the parameters, positive), pure and traceable;
             read only with ``"preconditioned"`` in ``hessian_at``, which needs it.

@@ -151,6 +151,23 @@ def _is_prng_key(key) -> bool:
     return jnp.issubdtype(dtype, jax.dtypes.prng_key) or (dtype == jnp.uint32 and jnp.ndim(key) == 1)
 
 
+def _distinct_buffers(trees):
+    """``trees`` with every array that occurs in them more than once (one ``jax.Array`` object in two places: an
+    optimiser ``init`` that stores one zero array in two fields, as ``optax.lbfgs`` does, or that stores the
+    parameters themselves) replaced by a copy after its first occurrence: XLA refuses to donate one buffer twice
+    ("Attempt to donate the same buffer twice")."""
+    seen: set[int] = set()
+
+    def one(x):
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+            if id(x) in seen:
+                return jnp.copy(x)
+            seen.add(id(x))
+        return x
+
+    return jax.tree.map(one, trees)
+
+
 def _check_opt_state(tx, params, opt_state, error: Exception) -> None:
     """After the loop failed: a ``ValueError`` naming ``opt_state`` when its structure is not that of
     ``tx.init(params)`` (the state of the unwrapped optimiser, or of another chain, failed inside the first update
@@ -277,6 +294,8 @@ def train(
             )
     if opt_state is None:
         opt_state = tx.init(params)
+    if donate:
+        params, opt_state, model_state = _distinct_buffers((params, opt_state, model_state))
     run = _run_donated if donate else _run_kept
     try:
         params, opt_state, model_state, traj = run(

@@ -127,7 +127,8 @@ def test_a_config_file_imports_the_modules_beside_it(tmp_path, capsys, monkeypat
     afile = tmp_path / "afile"
     afile.write_text("")
     # a workdir that is a file: refused once the config has loaded (nothing is built)
-    assert main(["quotient-sgd", "run", f"--config={cfgs / 'derived.py'}", "--config.steps=3", f"--workdir={afile}"]) == 2
+    assert main(["quotient-sgd", "run", f"--config={cfgs / 'derived.py'}", "--config.steps=3",
+                 f"--workdir={afile}"]) == 2
     err = capsys.readouterr().err
     assert "exists and is not a directory" in err, err
 

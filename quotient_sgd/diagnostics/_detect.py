@@ -310,7 +310,8 @@ def _decay_of_rows(lr, weight_decay, idx, steps, bound: float, need: str, why: s
 
 
 def _coupled_decay(lr, weight_decay, idx, steps, bound: float, bound_text: str, what: str) -> np.ndarray:
-    """SGD's coupled weight decay ``lr * weight_decay`` of each row, checked below ``bound`` (:func:`_decay_of_rows`)."""
+    """SGD's coupled weight decay ``lr * weight_decay`` of each row, checked below ``bound``
+    (:func:`_decay_of_rows`)."""
     return _decay_of_rows(lr, weight_decay, idx, steps, bound, f"{bound_text} = {bound!r} for {what}",
                           "SGD's coupled decay, optax.add_decayed_weights before the momentum, adds weight_decay to "
                           "every curvature: from there on the decay alone, at zero curvature of the loss, is past it")
@@ -628,7 +629,8 @@ def detect_transition(traj, *, steps, transition_keys: Sequence[str] | None = No
 
     with the per-key bound of :func:`~quotient_sgd.diagnostics.cusum_threshold` (independent Gaussian block
     values; a serially correlated or heavy-tailed rate exceeds it unless ``block`` is several correlation times,
-    measured rates in :mod:`._cusum`).  ``transition_keys``: the keys to monitor instead of :func:`default_transition_keys` (orbit
+    measured rates in :mod:`._cusum`).  ``transition_keys``: the keys to monitor instead of
+    :func:`default_transition_keys` (orbit
     invariants as variant ``quotient``, other keys as ``raw``; a key the trajectory lacks is skipped with a
     warning).  ``horizon``: planned trajectory length in steps for live use (fixes the block length and the
     threshold, so that chunks of any size give the events of the whole trajectory).  Event step:

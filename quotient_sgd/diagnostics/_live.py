@@ -151,7 +151,8 @@ class LiveDetector:
     already reported are not reported again, but their entries in ``events`` (and in ``path``) are brought up to
     date: an episode still running at the end of a chunk (a loss spike, a level crossing) is reported at its
     onset with its peak so far, and its ``strength`` (a spike's or catapult's peak ratio), ``peak``,
-    ``peak_step`` and ``end_step`` are those of the whole episode once later chunks have shown it.  An update costs time proportional to the steps so far (about 6 ms
+    ``peak_step`` and ``end_step`` are those of the whole episode once later chunks have shown it.  An update costs
+    time proportional to the steps so far (about 6 ms
     at 2000 steps on one CPU core), so that feeding single steps costs time quadratic in the run's length
     (14 s over 2000 steps): feed chunks of tens to thousands of steps.  Set ``horizon`` (planned number of
     steps) so that the change-point block length and threshold are those of the full run: the events are then

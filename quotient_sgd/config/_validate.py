@@ -639,8 +639,8 @@ def unused_keys(s: Settings, command: str = "run") -> dict[str, str]:
     Lanczos sizes without ``observables.hessian_every``, ``symmetry.gauge_fix_every`` outside ``gauge_fix`` mode,
     ``symmetry.components`` with the symmetry off, ``checkpoint.keep`` without checkpoints, under ``run`` the
     ``sweep`` section, and under ``sweep`` the settings its axes replace (``optim.lr`` with a ``sweep.lr``).  A
-    config file holds
-    every key (:func:`default_config`); a ``--config.<key>`` override of one of these would have no effect."""
+    config file holds every key (:func:`default_config`); a ``--config.<key>`` override of one of these would have
+    no effect."""
     out: dict[str, str] = {}
     for sect, table in _READ_BY.items():
         chosen = getattr(s, sect).name

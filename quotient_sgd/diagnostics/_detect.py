@@ -509,19 +509,13 @@ def _causal_mean(x: np.ndarray, k: int) -> np.ndarray:
     x = np.asarray(x, np.float64)
     idx = np.arange(1, len(x) + 1)
     lo = np.maximum(idx - k, 0)
-
-    def window_sum(v):
-        c = np.cumsum(np.r_[0.0, v])
-        return c[idx] - c[lo]
-
     fin = np.isfinite(x)
-    out = window_sum(np.where(fin, x, 0.0)) / (idx - lo)
-    if not fin.all():
-        pos, neg, nan = (window_sum((x == np.inf).astype(np.float64)), window_sum((x == -np.inf).astype(np.float64)),
-                         window_sum(np.isnan(x).astype(np.float64)))
-        out = np.where(pos > 0, np.inf, out)
-        out = np.where(neg > 0, np.where(pos > 0, np.nan, -np.inf), out)
-        out = np.where(nan > 0, np.nan, out)
+    c = np.cumsum(np.r_[0.0, np.where(fin, x, 0.0)])
+    out = (c[idx] - c[lo]) / (idx - lo)
+    bad = np.cumsum(np.r_[0, ~fin])
+    with np.errstate(invalid="ignore"):
+        for i in np.flatnonzero(bad[idx] > bad[lo]):  # the windows holding a non-finite value, directly
+            out[i] = np.mean(x[lo[i]:idx[i]])
     return out
 
 
@@ -630,11 +624,11 @@ def detect_transition(traj, *, steps, transition_keys: Sequence[str] | None = No
     with the per-key bound of :func:`~quotient_sgd.diagnostics.cusum_threshold` (independent Gaussian block
     values; a serially correlated or heavy-tailed rate exceeds it unless ``block`` is several correlation times,
     measured rates in :mod:`._cusum`).  ``transition_keys``: the keys to monitor instead of
-    :func:`default_transition_keys` (orbit
-    invariants as variant ``quotient``, other keys as ``raw``; a key the trajectory lacks is skipped with a
-    warning).  ``horizon``: planned trajectory length in steps for live use (fixes the block length and the
-    threshold, so that chunks of any size give the events of the whole trajectory).  Event step:
-    the alarm (causal detection time, end of the block); ``details.onset_step`` the estimated change point.
+    :func:`default_transition_keys` (orbit invariants as variant ``quotient``, other keys as ``raw``; a key the
+    trajectory lacks is skipped with a warning).  ``horizon``: planned trajectory length in steps for live use
+    (fixes the block length and the threshold, so that chunks of any size give the events of the whole
+    trajectory).  Event step: the alarm (causal detection time, end of the block); ``details.onset_step`` the
+    estimated change point.
     """
     n = len(steps)
     # with a planned horizon the block length must not depend on how much of the run has arrived: a block that

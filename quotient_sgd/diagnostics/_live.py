@@ -152,8 +152,8 @@ class LiveDetector:
     date: an episode still running at the end of a chunk (a loss spike, a level crossing) is reported at its
     onset with its peak so far, and its ``strength`` (a spike's or catapult's peak ratio), ``peak``,
     ``peak_step`` and ``end_step`` are those of the whole episode once later chunks have shown it.  An update costs
-    time proportional to the steps so far (about 6 ms
-    at 2000 steps on one CPU core), so that feeding single steps costs time quadratic in the run's length
+    time proportional to the steps so far (about 6 ms at 2000 steps on one CPU core), so that feeding single steps
+    costs time quadratic in the run's length
     (14 s over 2000 steps): feed chunks of tens to thousands of steps.  Set ``horizon`` (planned number of
     steps) so that the change-point block length and threshold are those of the full run: the events are then
     those of one :func:`detect` call (same ``horizon``) on the whole trajectory, whatever the chunk sizes.
@@ -185,7 +185,6 @@ class LiveDetector:
         self.start_step = start_step
         self.options = options
         self._chunks: list[dict[str, np.ndarray]] = []
-        self._seen: set = set()
         self.events: list[Event] = []
 
     def update(self, chunk) -> list[Event]:
@@ -200,17 +199,17 @@ class LiveDetector:
         if lr is not None and np.ndim(lr) == 1:
             lr = np.asarray(lr)[: len(traj["loss"])]
         new = []
-        at = {e.key(): i for i, e in enumerate(self.events)}
+        at = {e.key(): i for i, e in enumerate(self.events)}  # the events reported so far, by key
         for e in detect(traj, lr=lr, start_step=self.start_step, **self.options):
-            if e.key() in at:
+            if e.key() not in at:
+                at[e.key()] = len(self.events)
+                self.events.append(e)
+                new.append(e)
+            else:
                 # an episode that was still running at the end of an earlier chunk: its onset (the key) is
                 # causal, its peak, end and strength are not; kept as first reported, a loss spike cut by a chunk
                 # boundary kept the strength of its peak so far (2.20 where detect on the whole run gives 2.34)
                 self.events[at[e.key()]] = e
-            elif e.key() not in self._seen:
-                self._seen.add(e.key())
-                new.append(e)
-        self.events += new
         if self.path is not None:
             save_events(self.path, self.events)
         return new

@@ -63,8 +63,7 @@ def _check_positive(name: str, value) -> None:
     """A concrete number (Python, NumPy or JAX scalar) must be finite and > 0; schedules and traced values (a
     target swept under ``vmap`` or injected by ``optax.inject_hyperparams``) cannot be checked inside a traced
     step and are used as they come (a non-positive target pins the scale at ``min_scale``).  NumPy / JAX scalars
-    were let through: a
-    ``fold_target`` of ``np.float32(0)`` pinned every step at ``min_scale``."""
+    were let through: a ``fold_target`` of ``np.float32(0)`` pinned every step at ``min_scale``."""
     if callable(value) or isinstance(value, jax.core.Tracer):
         return
     try:

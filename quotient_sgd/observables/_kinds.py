@@ -38,8 +38,12 @@ def observable(kind: str, *keys: str) -> Callable[[F], F]:
 
 
 def kind_of(key: str) -> str:
-    """The kind (``"orbit_invariant"``, ``"reduced_dynamics"`` or ``"raw"``) of a trajectory key."""
+    """The kind (``"orbit_invariant"``, ``"reduced_dynamics"`` or ``"raw"``) of a trajectory key.
+
+    A ``"/"``-joined key of a flattened trajectory (``trajectory.npz``: ``"charges/rescale/layers.0"``) has the
+    kind of the observable it starts with.  Raises ``KeyError`` naming the key when no observable emits it.
+    """
     try:
-        return KINDS[key]
+        return KINDS[key.split("/")[0]]
     except KeyError:
         raise KeyError(f"no observable emits the trajectory key {key!r}; known keys: {sorted(KINDS)}") from None

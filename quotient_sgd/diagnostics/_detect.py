@@ -16,6 +16,7 @@ read raw norms / sharpness, for comparison only.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import warnings
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -177,6 +178,18 @@ def _check_decay(fn: str, decay, bound: float, what: str) -> float:
     return float(decay)
 
 
+def _check_momentum(fn: str, momentum, nesterov) -> float:
+    """``momentum`` (SGD's ``beta``) as a float in ``[0, 1)`` and ``nesterov`` a bool, else ValueError: at
+    ``beta = 1`` the momentum iteration is never stable (the product of its roots is ``beta``)."""
+    ok = isinstance(momentum, numbers.Real) and not isinstance(momentum, bool) and 0 <= momentum < 1
+    if not ok:
+        raise ValueError(f"{fn}: momentum={momentum!r} is not allowed; need a number in [0, 1) (SGD's momentum "
+                         f"beta; from 1 on the momentum iteration is unstable at every curvature)")
+    if not isinstance(nesterov, (bool, np.bool_)):
+        raise ValueError(f"{fn}: nesterov={nesterov!r} is not allowed; need True or False")
+    return float(momentum)
+
+
 def stability_edge(momentum: float = 0.0, nesterov: bool = False, *, decay: float = 0.0) -> float:
     """The value of ``eta * lambda`` at which SGD with momentum ``beta`` (optax's form: ``m+ = beta m + g``, step
     ``-eta m+``, or ``-eta (g + beta m+)`` with ``nesterov``) turns unstable on a quadratic of curvature
@@ -192,10 +205,11 @@ def stability_edge(momentum: float = 0.0, nesterov: bool = False, *, decay: floa
     nesterov) - decay``.
 
     Raises:
-        ValueError: ``decay`` not a number in ``[0, stability_edge(beta, nesterov))`` (from there on the decay
-            alone is unstable: even ``lambda = 0`` is at or past the edge).
+        ValueError: ``momentum`` not a number in ``[0, 1)``, ``nesterov`` not a bool, ``decay`` not a number in
+            ``[0, stability_edge(beta, nesterov))`` (from there on the decay alone is unstable: even ``lambda = 0``
+            is at or past the edge).
     """
-    b = float(momentum)
+    b = _check_momentum("stability_edge", momentum, nesterov)
     edge = 2 * (1 + b) / (1 + 2 * b) if nesterov else 2 * (1 + b)
     return edge - _check_decay("stability_edge", decay, edge, "the step map is unstable")
 
@@ -271,9 +285,10 @@ def fold_edge(momentum: float = 0.0, nesterov: bool = False, *, decay: float = 0
     decay``, ``lambda`` of the loss Hessian.
 
     Raises:
-        ValueError: ``decay`` not a number in ``[0, fold_edge(beta, nesterov))`` (from there on the decay alone
-            folds the step map: every mode, even ``lambda = 0``, overshoots)."""
-    b = float(momentum)
+        ValueError: ``momentum`` not a number in ``[0, 1)``, ``nesterov`` not a bool, ``decay`` not a number in
+            ``[0, fold_edge(beta, nesterov))`` (from there on the decay alone folds the step map: every mode, even
+            ``lambda = 0``, overshoots)."""
+    b = _check_momentum("fold_edge", momentum, nesterov)
     fold = 1.0 if nesterov else 1.0 + b
     return fold - _check_decay("fold_edge", decay, fold, "the step map overshoots (folds)")
 
@@ -287,7 +302,8 @@ def fold_levels_for(levels: Sequence[float], momentum: float = 0.0, nesterov: bo
     of :func:`detect_edge_of_stability`).  The identity without momentum and decay.
 
     Raises:
-        ValueError: ``decay`` not in ``[0, fold_edge(beta, nesterov))`` (no fold level: see :func:`fold_edge`).
+        ValueError: ``momentum`` not in ``[0, 1)``, ``nesterov`` not a bool, ``decay`` not in
+            ``[0, fold_edge(beta, nesterov))`` (no fold level: see :func:`fold_edge`).
     """
     f, e = fold_edge(momentum, nesterov, decay=decay), stability_edge(momentum, nesterov, decay=decay)
     out = []

@@ -58,3 +58,18 @@ def test_momentum_edges_keep_their_values_in_range():
         assert diagnostics.stability_edge(b, True) == pytest.approx(2 * (1 + b) / (1 + 2 * b))
         assert diagnostics.fold_edge(b) == pytest.approx(1 + b) and diagnostics.fold_edge(b, True) == 1.0
         assert diagnostics.fold_levels_for((1.0, 2.0), b) == pytest.approx([1 + b, 2 * (1 + b)])
+
+
+def test_divergence_needs_the_loss_high_for_twenty_consecutive_steps():
+    # README's detector table: non-finite loss, or loss > 100 x initial for 20 consecutive steps
+    import numpy as np
+
+    from quotient_sgd.diagnostics import detect
+
+    def events(n_high):
+        loss = np.r_[np.ones(30), np.full(n_high, 500.0), np.ones(30)]
+        return [(e.step, e.kind) for e in detect({"loss": loss}, kinds=["divergence"])]
+
+    assert events(19) == []
+    assert events(20) == [(30, "divergence")]
+    assert [e.step for e in detect({"loss": np.r_[np.ones(5), np.nan]}, kinds=["divergence"])] == [5]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any
 
@@ -25,13 +26,17 @@ class Solution(eqx.Module):
     """Saved states of a flow.  ``ts[-1] == t1``; ``ys[i]`` is the field at ``ts[i]``.
 
     ``BurgersSolution.ps`` / ``HJSolution.us`` name ``ys`` in THEORY's notation.  ``num_steps`` counts
-    accepted + rejected steps.
+    accepted + rejected steps.  ``spectral_tail`` (spectral scheme only, else ``None``): per saved field, the
+    resolution check :meth:`Spectral.spectral_tail` (largest Fourier amplitude of the gradient in the top band of
+    the kept modes relative to its largest one); above ``SPECTRAL_TAIL_WARN`` the grid under-resolves the flow
+    and the solution rings (Gibbs).
     """
 
     ts: Array
     ys: Array
     grid: AnyGrid
     num_steps: Array
+    spectral_tail: Array | None = None
 
 
 class BurgersSolution(Solution):
@@ -205,7 +210,7 @@ def _solve(form, name, y0, grid, *, nu, t1, ts, scheme, solver, rtol, atol, max_
     nu = jnp.asarray(nu, dtype)
     t1 = jnp.asarray(t1, dtype)
     if ts is not None:
-        if jnp.ndim(ts) > 1:
+        if np.ndim(ts) > 1:
             raise ValueError(f"{name}: ts must be a 1-D array of save times, got shape {jnp.shape(ts)}.")
         ts = jnp.atleast_1d(jnp.asarray(ts, dtype))  # compared with t1 in the solve's precision
         _check_save_times(name, ts, t1)
@@ -245,9 +250,46 @@ def _solve(form, name, y0, grid, *, nu, t1, ts, scheme, solver, rtol, atol, max_
             max_steps = min(known, max_steps)
             adjoint = dfx.RecursiveCheckpointAdjoint(checkpoints=max_steps)
     as_array = (lambda v: None if v is None else jnp.asarray(v, dtype))
-    return _integrate(form, name, grid, term, solver, y0, nu, t1, as_array(ts), as_array(dt), as_array(dt0),
-                      as_array(rtol), as_array(atol), max_steps, adjoint, progress,
-                      _max_steps_advice(scheme, solver))
+    sol = _integrate(form, name, grid, term, solver, y0, nu, t1, as_array(ts), as_array(dt), as_array(dt0),
+                     as_array(rtol), as_array(atol), max_steps, adjoint, progress,
+                     _max_steps_advice(scheme, solver))
+    if isinstance(scheme, Spectral):
+        sol = dataclasses.replace(sol, spectral_tail=jax.lax.stop_gradient(scheme.spectral_tail(grid, form, sol.ys)))
+        _warn_under_resolved(name, form, grid, sol, nu)
+    return sol
+
+
+#: :class:`Solution.spectral_tail` above which a spectral solve warns that the grid under-resolves the flow.
+SPECTRAL_TAIL_WARN = 1e-3
+
+
+def _warn_under_resolved(name, form, grid, sol, nu) -> None:
+    """``UserWarning`` when a known (not traced) spectral solution's tail exceeds :data:`SPECTRAL_TAIL_WARN`, with
+    the grid size that resolves it: the viscous length ``nu / max|p|`` must span about 1.5 grid spacings (on
+    THEORY's reference problem the tail is then below 1e-5), and at least twice the current size."""
+    tail = _concrete_value(sol.spectral_tail)
+    nu_ = _concrete_value(nu)
+    if tail is None or nu_ is None or not np.any(tail > SPECTRAL_TAIL_WARN):
+        return
+    i = int(np.argmax(tail))
+    y = jax.lax.stop_gradient(sol.ys[i])  # the primal value under jax.jvp (concrete outside jit)
+    ys = _concrete_value(Spectral().derivative(grid, y) if form == "hj" else y)
+    if ys is None:
+        return
+    grids = (grid,) if isinstance(grid, Grid) else grid.axes
+    pmax = float(np.max(np.abs(ys)))
+    if float(nu_) > 0:
+        need = [max(2 * g.n, int(np.ceil(1.5 * g.length * pmax / float(nu_)))) for g in grids]
+        advice = (f"use about n={need[0]}" if len(need) == 1 else f"use about {need[0]} x {need[1]} points") + \
+            " (the viscous length nu / max|p| should span ~1.5 grid spacings), a larger nu, or scheme='fv'"
+    else:
+        advice = "nu=0 has no viscous length to resolve: use scheme='fv'"
+    shape = "x".join(str(g.n) for g in grids)
+    warnings.warn(
+        f"{name}: the spectral solution is under-resolved on the {shape} grid: at t={float(sol.ts[i]):.4g} its "
+        f"Fourier amplitude in the top modes is {float(tail[i]):.2g} of its peak (above {SPECTRAL_TAIL_WARN:g}; "
+        f"a shock thinner than the grid rings, Gibbs); {advice}.  The check is in solution.spectral_tail.",
+        UserWarning, stacklevel=3)
 
 
 def _max_steps_advice(scheme, solver) -> str:

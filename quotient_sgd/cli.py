@@ -211,7 +211,8 @@ def _config_file_type_error(exc: BaseException) -> str | None:
                         path = _path_to(v, node)
             dotted = ".".join([*(path or []), str(key)])
             field = node._fields.get(key) if hasattr(node, "_fields") else None
-            expected = _KINDS.get(type(field).__name__, type(field).__name__) if field is not None else "?"
+            kind = "ConfigDict" if isinstance(field, ConfigDict) else type(field).__name__  # (a subclass too)
+            expected = _KINDS.get(kind, kind) if field is not None else "?"
             return (f"config.{dotted} = {value!r}{where}: expected {expected}, got {type(value).__name__}"
                     + ("" if path is not None else " (the key's section could not be determined)"))
         e = e.__context__ or e.__cause__

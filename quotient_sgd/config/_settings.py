@@ -168,7 +168,8 @@ SECTIONS = {
 
 def default_config():
     """An ``ml_collections.ConfigDict`` with every key of the schema at its default: start ``get_config()``
-    from it and change what the experiment needs."""
-    import ml_collections
+    from it and change what the experiment needs.  A bool assigned to a numeric key (``config.optim.lr = True``) is
+    refused with a ``TypeError`` (``ml_collections`` alone would store it as ``1.0``)."""
+    from ._configdict import strict_config_dict
 
-    return ml_collections.ConfigDict(dataclasses.asdict(Settings()))
+    return strict_config_dict(dataclasses.asdict(Settings()))

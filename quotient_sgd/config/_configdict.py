@@ -1,0 +1,49 @@
+"""The ``ConfigDict`` that :func:`~quotient_sgd.config.default_config` returns: ``ml_collections``' own, except
+that a bool assigned to a numeric key is refused.
+
+``ml_collections`` converts an ``int`` assigned to a ``float`` key to ``float``, and a ``bool`` is an ``int``:
+``config.optim.lr = True`` in a config file stored ``1.0``, which validation could no longer tell from a number.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+
+def _numeric_kind(field: Any) -> str | None:
+    """``"a float"`` / ``"an int"`` for a field holding a (non-bool) number, else ``None``."""
+    if isinstance(field, ml_collections.FieldReference):
+        kind = field.get_type()
+        return {float: "a float", int: "an int"}.get(kind)
+    if isinstance(field, (bool, np.bool_)):
+        return None
+    if isinstance(field, float):
+        return "a float"
+    if isinstance(field, int):
+        return "an int"
+    return None
+
+
+class StrictConfigDict(ml_collections.ConfigDict):
+    """A type-safe ``ConfigDict`` that refuses a ``bool`` (Python or NumPy) for a key holding a float or an int,
+    with a ``TypeError`` naming the key, the value and what is allowed (``ml_collections`` would store
+    ``True`` as ``1.0`` in a float key).  Everything else is ``ml_collections.ConfigDict``'s behaviour."""
+
+    def __setitem__(self, key, value):
+        if isinstance(value, (bool, np.bool_)) and isinstance(key, str) and key in self._fields:
+            kind = _numeric_kind(self._fields[key])
+            if kind is not None:
+                raise TypeError(f"Could not override field {key!r}: {value!r} is a bool, and {key!r} holds {kind}; "
+                                f"write a number (e.g. {1.0 if kind == 'a float' else 1}), not True/False")
+        super().__setitem__(key, value)
+
+
+def strict_config_dict(values: dict) -> StrictConfigDict:
+    """``values`` (a nested dict) as a :class:`StrictConfigDict` whose sections are :class:`StrictConfigDict`s."""
+    out = StrictConfigDict()
+    for k, v in values.items():
+        out[k] = strict_config_dict(v) if isinstance(v, dict) else v
+    return out

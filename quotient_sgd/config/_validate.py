@@ -283,6 +283,10 @@ def _check_symmetry(s: Settings) -> None:
                f"{c!r} is not a symmetry of this {s.model.name} (activation {s.model.activation!r}); it has the "
                f"kinds {kinds} and the components {names}; use 'all', a kind or a component name"
                + (f" (did you mean {close[0]!r}?)" if close else ""))
+    dup = sorted({c for c in sym.components if sym.components.count(c) > 1})
+    _check(not dup, "symmetry.components", sym.components,
+           f"repeats {dup}: each component is selected once; list each name once (allowed: 'all', the kinds "
+           f"{kinds} or the components {names} of this {s.model.name})")
     if not sym.enabled:
         _check(sym.mode == "observe", "symmetry.mode", sym.mode, "needs symmetry.enabled=True")
     elif not selected:  # a model without symmetries (an MLP with model.hidden=()): the run has no group

@@ -56,11 +56,34 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def absent_defaults(old: dict, new: dict) -> dict[str, Any]:
+    """``{dotted key: value}`` of the keys of the config ``new`` that the recorded config ``old`` lacks and that
+    hold the schema's default in ``new``: ``old`` was written by a version without these keys.  A key is added to
+    the schema with a default that keeps the behaviour of the versions before it, so the absent key reads as that
+    default and the run is the same one (:func:`config_diff` does not count it as a difference)."""
+    fo, fn, dflt = _flat(old), _flat(new), _flat(Settings().to_dict())
+    return {k: fn[k] for k in sorted(fn) if k not in fo and k in dflt and fn[k] == dflt[k]}
+
+
 def config_diff(a: dict, b: dict) -> dict[str, tuple]:
-    """``{dotted key: (value in a, value in b)}`` of the keys that differ (ignoring logging-only keys)."""
+    """``{dotted key: (value in a, value in b)}`` of the keys that differ (ignoring logging-only keys).  ``a`` is
+    the recorded config: a key it lacks that holds the schema's default in ``b`` is no difference
+    (:func:`absent_defaults`); one it lacks with another value in ``b``, or one ``b`` lacks, is (``"<absent>"``)."""
     fa, fb = _flat(a), _flat(b)
+    same = absent_defaults(a, b)
     return {k: (fa.get(k, "<absent>"), fb.get(k, "<absent>")) for k in sorted(set(fa) | set(fb))
-            if k not in _IGNORED_KEYS and fa.get(k, "<absent>") != fb.get(k, "<absent>")}
+            if k not in _IGNORED_KEYS and k not in same and fa.get(k, "<absent>") != fb.get(k, "<absent>")}
+
+
+def warn_absent_defaults(path: str, old: dict, new: dict) -> None:
+    """Warn (the command prints it) that the recorded config at ``path`` lacks keys that the resume reads as their
+    defaults (:func:`absent_defaults`); nothing when it lacks none."""
+    filled = absent_defaults(old, new)
+    if filled:
+        keys = ", ".join(f"{k} = {v!r}" for k, v in filled.items())
+        warnings.warn(f"{path} was written before the key(s) {list(filled)} existed; resuming with their defaults "
+                      f"({keys}), which keep the behaviour of the version that wrote it; the file now records them",
+                      stacklevel=2)
 
 
 def check_directory_path(workdir: str, what: str = "run directory") -> None:
@@ -116,6 +139,7 @@ def check_workdir(workdir: str, settings: Settings) -> bool:
             raise RunDirError(
                 f"run directory {workdir!r} holds a run of a different config ({len(diff)} differing keys: "
                 f"{lines}). Choose another --workdir, or delete the directory to start over.")
+        warn_absent_defaults(cfg_path, old, settings.to_dict())
         return True
     if os.path.isfile(os.path.join(workdir, "sweep.json")):
         raise RunDirError(f"run directory {workdir!r} holds a sweep (sweep.json), not a run; refusing to write "

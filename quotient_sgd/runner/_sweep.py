@@ -66,6 +66,7 @@ from ._rundir import (
     make_directory,
     remove_outputs,
     unlock_directory,
+    warn_absent_defaults,
     write_config,
     write_json,
 )
@@ -389,6 +390,7 @@ def _check_sweep_dir(workdir: str, s: Settings) -> dict | None:
             lines = "; ".join(f"{k}: {a!r} (in the directory) != {b!r} (now)" for k, (a, b) in diff.items())
             raise RunDirError(f"sweep directory {workdir!r} holds a sweep of a different config ({lines}). "
                               f"Choose another --workdir, or delete the directory.")
+        warn_absent_defaults(path, meta["config"], s.to_dict())
         return meta
     if os.path.isfile(os.path.join(workdir, "config.json")):
         raise RunDirError(f"sweep directory {workdir!r} holds a run (config.json), not a sweep; refusing to write "

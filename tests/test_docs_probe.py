@@ -73,3 +73,60 @@ def test_divergence_needs_the_loss_high_for_twenty_consecutive_steps():
     assert events(19) == []
     assert events(20) == [(30, "divergence")]
     assert [e.step for e in detect({"loss": np.r_[np.ones(5), np.nan]}, kinds=["divergence"])] == [5]
+
+
+def _one_unit(a, b):
+    """A 1-1-1 linear network with ``|w_in| = a``, ``|w_out| = b`` (float64), its graphdef and group."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from quotient_sgd import models
+
+    model = models.DeepLinear(1, (1,), 1, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    treedef = jax.tree.structure(params)
+    return graphdef, jax.tree.unflatten(treedef, [jnp.full((1, 1), a), jnp.full((1, 1), b)]), model.symmetries()
+
+
+def test_gauge_transport_of_one_unit_gives_the_charge_formula(x64):
+    # README (THEORY section 4): gauge_factor_charges = |J_k^T v_c|^2 / |v_c|^2, for one unit |w_in| = a,
+    # |w_out| = b exactly (a^2 + b^2) / (2 a b) = sqrt(Q^2 + m^2) / m, v_c the unit's direction at the balanced point
+    import jax
+    import jax.numpy as jnp
+
+    from quotient_sgd import diagnostics
+
+    a, b = 2.0, 0.5
+    _, params, group = _one_unit(a, b)
+    v_c = jax.tree.map(lambda x: jnp.full_like(x, 2 ** -0.5), params)
+    u = diagnostics.gauge_transport(group, params, v_c)
+    q, m = (a * a - b * b) / 2, a * b
+    assert sum(float(jnp.sum(x * x)) for x in jax.tree.leaves(u)) == pytest.approx((q * q + m * m) ** 0.5 / m,
+                                                                                   rel=1e-12)
+
+
+@pytest.mark.slow
+def test_gauge_factor_of_one_unit_at_a_critical_point_is_the_charge_formula(x64):
+    # README (THEORY section 4): lambda_step = lambda_canonical * gauge_factor, and for one unit |w_in| = a,
+    # |w_out| = b at a critical point gauge_factor = (a^2 + b^2) / (2 a b) = sqrt(Q^2 + m^2) / m exactly
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from quotient_sgd import diagnostics
+
+    a, b = 2.0, 0.5
+    graphdef, params, group = _one_unit(a, b)
+    x, y = jnp.ones((1, 1)), jnp.full((1, 1), a * b)
+
+    def loss_fn(p):
+        return 0.5 * jnp.sum((nnx.merge(graphdef, p)(x) - y) ** 2)
+
+    out = diagnostics.stability_decomposition(loss_fn, group, params, 0.1, key=jax.random.key(0),
+                                              num_matvecs=1, raw=False)
+    q, m = (a * a - b * b) / 2, a * b
+    assert float(out["sharpness_horizontal"]) == pytest.approx(a * a + b * b, rel=1e-12)
+    assert float(out["sharpness_quotient"]) == pytest.approx(2 * a * b, rel=1e-12)
+    assert float(out["gauge_factor"]) == pytest.approx((q * q + m * m) ** 0.5 / m, rel=1e-12)
+    assert float(out["gauge_factor_charges"]) == pytest.approx((a * a + b * b) / (2 * a * b), rel=1e-12)

@@ -189,3 +189,16 @@ def test_run_recorded_before_a_newer_key_resumes_bitwise(tmp_path):
     a, b = load_trajectory(ref), load_trajectory(wd)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     assert load_metric_rows(ref) == load_metric_rows(wd)
+
+
+def test_report_on_a_missing_path_or_a_file_says_so(tmp_path, capsys):
+    """`report` on a path that does not exist said it had no config.json; it says the path does not exist, and
+    that a file is a file; a directory without either record is still 'not a run directory'."""
+    (tmp_path / "f.txt").write_text("x")
+    (tmp_path / "d").mkdir()
+    for arg, needle in ((tmp_path / "nope", "does not exist"), (tmp_path / "f.txt", "is a file, not a run directory"),
+                        (tmp_path / "d", "is not a run directory (no config.json)")):
+        code = main(["quotient-sgd", "report", str(arg)])
+        err = capsys.readouterr().err
+        assert code == 2 and f"error: {str(arg)!r} {needle}" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["d", "f.txt"] and os.listdir(tmp_path / "d") == []

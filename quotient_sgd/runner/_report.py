@@ -395,6 +395,12 @@ def report(workdir: str) -> str:
         from ._sweep import report_sweep
 
         return report_sweep(workdir)
+    if not os.path.exists(workdir):
+        raise FileNotFoundError(f"{workdir!r} does not exist; give a run directory (with config.json) or a sweep "
+                                f"directory (with sweep.json)")
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"{workdir!r} is a file, not a run directory (with config.json) nor a sweep "
+                                f"directory (with sweep.json)")
     if not os.path.exists(os.path.join(workdir, "config.json")):
         raise FileNotFoundError(f"{workdir!r} is not a run directory (no config.json) nor a sweep (no sweep.json)")
     s, traj, metrics, events = load_run(workdir)

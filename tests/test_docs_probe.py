@@ -130,3 +130,21 @@ def test_gauge_factor_of_one_unit_at_a_critical_point_is_the_charge_formula(x64)
     assert float(out["sharpness_quotient"]) == pytest.approx(2 * a * b, rel=1e-12)
     assert float(out["gauge_factor"]) == pytest.approx((q * q + m * m) ** 0.5 / m, rel=1e-12)
     assert float(out["gauge_factor_charges"]) == pytest.approx((a * a + b * b) / (2 * a * b), rel=1e-12)
+
+
+def test_events_round_trip_through_strict_json(tmp_path):
+    # Event.to_dict: JSON-serialisable, non-finite floats as strings (strict JSON), read back by load_events
+    import json
+
+    import numpy as np
+
+    from quotient_sgd.diagnostics import Event, detect, load_events, save_events
+
+    events = detect({"loss": np.r_[np.ones(5), np.nan]}, kinds=["divergence"])
+    events.append(Event(3, "shock", float("-inf"), {"curvature": np.float32(-2.5)}, "step", False, {"n": np.int64(2)}))
+    path = tmp_path / "events.json"
+    save_events(path, events)
+    json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    back = load_events(path)
+    assert [e.to_dict() for e in back] == [e.to_dict() for e in events]
+    assert back[0].strength == np.inf and np.isnan(back[0].observables["loss"]) and back[1].strength == -np.inf

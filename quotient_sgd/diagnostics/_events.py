@@ -73,10 +73,15 @@ class Event:
     details: dict = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
+        """The event as a JSON-serialisable dict: NumPy scalars become Python numbers, non-finite floats the
+        strings ``"inf"`` / ``"-inf"`` / ``"nan"`` (strict JSON has no such numbers), anything else not JSON its
+        ``str``; :meth:`from_dict` reads it back."""
         return _clean(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, d: dict) -> "Event":
+        """The event of a dict written by :meth:`to_dict` (the strings ``"inf"`` / ``"-inf"`` / ``"nan"`` back to
+        floats); missing optional fields take their defaults."""
         d = _unclean(dict(d))
         return cls(
             step=int(d["step"]), kind=str(d["kind"]), strength=float(d["strength"]),

@@ -148,3 +148,20 @@ def test_events_round_trip_through_strict_json(tmp_path):
     back = load_events(path)
     assert [e.to_dict() for e in back] == [e.to_dict() for e in events]
     assert back[0].strength == np.inf and np.isnan(back[0].observables["loss"]) and back[1].strength == -np.inf
+
+
+def test_readme_lists_every_observable_with_its_kind():
+    # README's "Observables and their kind" bullet names every key of observables.KINDS under its kind
+    import pathlib
+    import re
+
+    import quotient_sgd.optim  # noqa: F401  (registers the trajectory's own keys)
+    from quotient_sgd.observables import KINDS
+
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    bullet = re.search(r"- Observables and their kind.*?(?=\n- )", text, re.S).group(0)
+    sections = {"orbit_invariant": bullet.split("orbit invariants")[1].split("reduced-dynamics")[0],
+                "reduced_dynamics": bullet.split("reduced-dynamics")[1].split("; raw")[0],
+                "raw": bullet.split("; raw")[1]}
+    listed = {k: set(re.findall(r"`([a-z_0-9]+)`", v)) for k, v in sections.items()}
+    assert {key: kind for kind, keys in listed.items() for key in keys} == KINDS

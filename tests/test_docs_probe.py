@@ -165,3 +165,26 @@ def test_readme_lists_every_observable_with_its_kind():
                 "raw": bullet.split("; raw")[1]}
     listed = {k: set(re.findall(r"`([a-z_0-9]+)`", v)) for k, v in sections.items()}
     assert {key: kind for kind, keys in listed.items() for key in keys} == KINDS
+
+
+def test_mlp_computes_its_docstring_formula():
+    # MLP's docstring: f(x) = sigma(... sigma(x W_1 + b_1) ...) W_L + b_L, Flax kernels (din, dout)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from quotient_sgd.models import MLP
+
+    model = MLP(2, (3, 4), 2, activation="tanh", rngs=nnx.Rngs(0))
+    layers = [(np.asarray(layer.kernel[...]), np.asarray(layer.bias[...])) for layer in model.layers]
+    layers = [(w, b + 0.1 * np.arange(b.size, dtype=b.dtype)) for w, b in layers]  # nonzero biases
+    for layer, (w, b) in zip(model.layers, layers):
+        layer.bias[...] = jnp.asarray(b)
+    x = jax.random.normal(jax.random.key(1), (5, 2))
+    h = np.asarray(x)
+    for w, b in layers[:-1]:
+        h = np.tanh(h @ w + b)
+    graphdef, state = nnx.split(model)
+    out = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)  # one compilation, not one per op
+    np.testing.assert_allclose(np.asarray(out), h @ layers[-1][0] + layers[-1][1], rtol=1e-5, atol=1e-6)

@@ -20,7 +20,7 @@ def _kernel(layer: nnx.Linear) -> jax.Array:
 
 
 class MLP(nnx.Module):
-    """``f(x) = W_L sigma(... sigma(x W_1 + b_1) ...) + b_L`` with ``Linear`` kernels ``(din, dout)``.
+    """``f(x) = sigma(... sigma(x W_1 + b_1) ...) W_L + b_L`` with ``Linear`` kernels ``(din, dout)``.
 
     Args:
         din: input dimension.

@@ -135,6 +135,9 @@ def _threshold_events(traj, key: str, values: np.ndarray, idx: np.ndarray, steps
                 obs[k] = _f(traj[k][i])
         details: dict[str, Any] = {"level": float(level[i]) if per_row else level, "peak": _f(values[ip]),
                                    "peak_step": int(steps[ip])}
+        if key.endswith("_hessian"):
+            # told apart from the per-step number's event at the same step and level (Event.key, live detection)
+            details["observable"] = key
         if variant == "step":
             details.update(_decomposition(traj, i, None if lr is None else float(lr[i]), steps))
         out.append(Event(int(steps[i]), kind, _f(values[i]), obs, variant, is_invariant(obs), details))
@@ -345,7 +348,13 @@ def detect_fold(traj, *, steps, lr=None, fold_levels: Sequence[float] = (1.0, 2.
                 momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0, adaptive: bool = False,
                 **_):
     """``fold``: the fold number ``eta max(0, kappa)`` of the step crossing 1 (the explicit step map folds) and
-    2 (unstable), THEORY section 4; variant ``step`` with the decomposition at the nearest Hessian refresh.
+    2 (unstable), THEORY section 4; variant ``step`` with the decomposition at the nearest Hessian refresh.  Like
+    :func:`detect_shock`, the Hessian's fold number ``fold_number_hessian = eta max(0, lambda_max)`` of the
+    horizontal Hessian at the current point (THEORY section 3's mirror of the shock number; recorded at each
+    refresh with ``hessian_every`` and ``"horizontal"`` in ``hessian_at``) is read too, at its refresh rows, with
+    the same levels; its events name ``fold_number_hessian`` in ``observables``.  (It is the quantity of
+    :func:`detect_edge_of_stability`'s ``step`` variant with the step's learning rate already applied, so it
+    gives fold events also when no ``lr`` is known.)
 
     With momentum (``momentum=beta``, ``nesterov``) the levels are those of the momentum iteration on the
     quadratic (:func:`fold_levels_for`): level 1 is :func:`fold_edge` (the iterate overshoots the minimum,
@@ -365,10 +374,20 @@ def detect_fold(traj, *, steps, lr=None, fold_levels: Sequence[float] = (1.0, 2.
         ValueError: ``weight_decay > 0`` without a learning rate, or ``lr * weight_decay >= fold_edge(beta,
             nesterov)`` at a step read (the decay alone folds the step map: no fold level).
     """
-    v = scalar(traj, "fold_number")
-    if v is None:
-        return []
-    idx = np.nonzero(~np.isnan(v))[0]
+    out = []
+    for key in ("fold_number", "fold_number_hessian"):
+        v = scalar(traj, key)
+        if v is None:
+            continue
+        idx = np.nonzero(fresh_mask(traj, key, steps) if key.endswith("hessian") else ~np.isnan(v))[0]
+        out += _fold_events(traj, key, v, idx, steps, lr, fold_levels, rearm, momentum, nesterov, weight_decay,
+                            adaptive)
+    return out
+
+
+def _fold_events(traj, key, v, idx, steps, lr, fold_levels, rearm, momentum, nesterov, weight_decay,
+                 adaptive) -> list[Event]:
+    """The ``fold`` events of one fold-number key (rows ``idx``) of :func:`detect_fold`."""
     wd = 0.0 if adaptive else float(weight_decay)
     if not wd:
         mapped = fold_levels_for(fold_levels, momentum, nesterov)
@@ -384,10 +403,10 @@ def detect_fold(traj, *, steps, lr=None, fold_levels: Sequence[float] = (1.0, 2.
         edges = _per_row(lambda d: stability_edge(momentum, nesterov, decay=d), decay, idx)
         levels = [(g, _per_row(lambda d, g=g: fold_levels_for((g,), momentum, nesterov, decay=d)[0], decay, idx))
                   for g in fold_levels]
+    extra = ("curvature",) if key == "fold_number" else ("sharpness_horizontal",)
     out = []
     for gd_level, level in levels:
-        for ev in _threshold_events(traj, "fold_number", v, idx, steps, "fold", level, "step", rearm, lr,
-                                    ("curvature",)):
+        for ev in _threshold_events(traj, key, v, idx, steps, "fold", level, "step", rearm, lr, extra):
             if wd:
                 i = int(np.nonzero(steps == ev.step)[0][0])
                 ev = dataclasses.replace(ev, details={**ev.details, "gd_level": float(gd_level),

@@ -11,6 +11,7 @@ from jax.flatten_util import ravel_pytree
 
 from ._base import (Flat, Group, SymmetryError, _check_key, _check_scale, _compiled, cg_vcoeffs,
                     generic_vcoeffs)
+from . import _reduced
 from ._gl import GL, sylvester_vcoeffs
 from ._permutation import Permutation, unit_key, unit_order
 
@@ -271,7 +272,13 @@ class Product(Group):
                 # point), so they are solved densely up to NONABELIAN_DENSE_MAX generators.
                 dense = k <= (NONABELIAN_DENSE_MAX if any(not getattr(c, "abelian", True) for c in comps)
                               else self.dense_max)
-                sol = generic_vcoeffs(comps, flat, v) if dense else cg_vcoeffs(comps, flat, v)
+                if dense:
+                    sol = generic_vcoeffs(comps, flat, v)
+                else:
+                    # a chain of plain rescales (and a logit translation): the Gram matrix from the squared
+                    # weights (_reduced)
+                    split = _reduced.split_cluster(comps, flat)
+                    sol = cg_vcoeffs(comps, flat, v) if split is None else _reduced.vcoeffs(comps, flat, v, split)
                 coeffs.update(zip(cl, sol))
         return tuple(coeffs[i] for i in idx)
 
@@ -415,6 +422,9 @@ class Product(Group):
         built only when differentiating; a generator with no gauge condition, a unit with a zero side, gets 0)."""
         comps = tuple(self.components[i] for i in cl)
         tol = 64 * jnp.finfo(jax.tree.leaves(flat)[0].dtype).eps
+        split = _reduced.split_cluster(comps, flat)
+        if split is not None:
+            return self._reduced_sweeps(cl, comps, flat, init, split, tol)
 
         def apply(xis):
             f = flat
@@ -452,6 +462,45 @@ class Product(Group):
         xi0 = tuple(c._identity(flat) for c in comps) if init is None else tuple(init)
         xis = jax.lax.custom_root(residual, jax.lax.stop_gradient(xi0), solve, tangent_solve)
         return Word(cl, tuple(xis))
+
+    def _reduced_sweeps(self, cl, comps, flat, init, split, tol) -> Word:
+        """:meth:`_sweeps` for a chain of plain rescales and logit translations (:func:`_reduced.split_cluster`):
+        the translations' canonical point is the class-centred one whatever the rescales do, so the rescales are
+        swept alone on the squared weights of the centred point (matrix-vector products with them instead of
+        acting on every parameter each sweep), and the translations follow in closed form.  The same fixed point
+        as the generic sweeps; derivatives by the implicit function theorem on the rescales' conditions."""
+        resc, trans, plan = split
+        stats = _reduced.squared_stats(plan, _reduced.centred(comps, trans, flat) if trans else flat)
+
+        def deltas(xr):
+            return tuple(_reduced.balance_delta(*_reduced.unit_norms_sq(plan, stats, xr, j)) for j in range(len(xr)))
+
+        def body(carry):
+            xr, it, _ = carry
+            xr = list(xr)
+            size = jnp.zeros((), tol.dtype)
+            for j in range(len(xr)):
+                d = _reduced.balance_delta(*_reduced.unit_norms_sq(plan, stats, xr, j))
+                xr[j] = xr[j] + d
+                size = jnp.maximum(size, jnp.max(jnp.abs(d), initial=0))
+            return tuple(xr), it + 1, size
+
+        def cond(carry):
+            _, it, size = carry
+            return (it < self.sweeps) & (size > tol)
+
+        def solve(_, x0):
+            return jax.lax.while_loop(cond, body, (x0, jnp.asarray(0), jnp.asarray(jnp.inf, tol.dtype)))[0]
+
+        def tangent_solve(lin, y):
+            yv, unravel = ravel_pytree(y)
+            jac = jax.jacfwd(lambda v: ravel_pytree(lin(unravel(v)))[0])(jnp.zeros_like(yv))
+            return unravel(jnp.linalg.lstsq(jac, yv)[0])
+
+        xr0 = tuple(comps[i]._identity(flat) if init is None else init[i] for i in resc)
+        xr = jax.lax.custom_root(deltas, jax.lax.stop_gradient(xr0), solve, tangent_solve)
+        elems = dict(zip(resc, xr)) | _reduced.translation_elements(comps, resc, trans, plan, flat, xr)
+        return Word(cl, tuple(elems[i] for i in range(len(comps))))
 
     def _cluster_canonical(self, cl, flat) -> Word:
         cont = tuple(i for i in cl if self.components[i].continuous)

@@ -202,3 +202,24 @@ def test_report_on_a_missing_path_or_a_file_says_so(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and f"error: {str(arg)!r} {needle}" in err, err
     assert sorted(os.listdir(tmp_path)) == ["d", "f.txt"] and os.listdir(tmp_path / "d") == []
+
+
+def test_run_killed_after_its_last_checkpoint_and_reported_records_its_wall_time(tmp_path):
+    """A run killed after the checkpoint of its last step but before run.json, then reported (summary.md drawn
+    without a wall time), then run again: the call that finishes it records its wall time and the step it
+    resumed from (they were None, read back from the report's summary.md)."""
+    from quotient_sgd.runner import report, run
+
+    s = tiny_settings(steps=6, **{"checkpoint.every": 3})
+    wd = str(tmp_path / "r")
+    run(s, wd)
+    for name in ("run.json", "summary.md", "events.json", "trajectory.npz"):  # what the kill left unwritten
+        os.remove(os.path.join(wd, name))
+    report(wd)
+    res = run(s, wd)
+    with open(os.path.join(wd, "run.json")) as f:
+        rec = json.load(f)
+    assert res.resumed_from == 6 and rec["resumed_from"] == 6, rec
+    assert isinstance(rec["wall_s"], float) and rec["wall_s"] >= 0, rec
+    with open(os.path.join(wd, "summary.md")) as f:
+        assert "- wall time: " in f.read()

@@ -241,7 +241,9 @@ def _run(s: Settings, workdir: str, b: Built, resume: bool, max_chunks: int | No
         from ._report import finalize
 
         wall_s, resumed_from = time.time() - t0, start
-        if not progress["chunks"] and previous is not None:  # a finished run run again: nothing was computed
+        # a finished run run again: nothing was computed, its record stands (a record without a wall time is
+        # the summary.md that `report` drew of a run killed after its last checkpoint: this call finishes it)
+        if not progress["chunks"] and previous is not None and previous.get("wall_s") is not None:
             wall_s, resumed_from = previous.get("wall_s"), previous.get("resumed_from")
         finalize(workdir, s, traj, diverged=diverged, wall_s=wall_s, resumed_from=resumed_from)
     return RunResult(workdir, int(len(traj.get("step", []))), diverged, traj, time.time() - t0, start)

@@ -126,8 +126,11 @@ def test_monte_carlo_standard_errors_count_antithetic_pairs_once():
     est = jax.jit(jax.vmap(lambda k: cole_hopf_monte_carlo(lambda p: 2 * jnp.sum(p**2), jnp.zeros(3), 0.5, 0.2,
                                                              key=k, num_samples=64)))(
         jax.random.split(jax.random.key(0), 400))
-    assert float(jnp.max(jnp.abs(est.grad))) < 1e-6 and float(jnp.max(est.grad_std)) < 1e-6
-    assert float(jnp.mean(est.value_std)) == pytest.approx(float(jnp.std(est.value)), rel=0.15)
+    # keys whose effective sample size is below MC_MIN_ESS (9 of 400 here) report inf: compare the others
+    ok = np.asarray(est.reliable)
+    assert ok.mean() > 0.95 and np.all(np.isinf(np.asarray(est.value_std)[~ok]))
+    assert float(jnp.max(jnp.abs(est.grad))) < 1e-6 and float(jnp.max(est.grad_std[ok])) < 1e-6
+    assert float(jnp.mean(est.value_std[ok])) == pytest.approx(float(jnp.std(est.value[ok])), rel=0.15)
     with pytest.raises(ValueError, match=r"num_samples=7 is not allowed; need an even number >= 4"):
         cole_hopf_monte_carlo(lambda p: jnp.sum(p**2), jnp.zeros(3), 0.5, 0.2, key=jax.random.key(0), num_samples=7)
 

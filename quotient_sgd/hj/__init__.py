@@ -8,6 +8,7 @@ exponential integrator for the stiff viscous term, differentiable Diffrax solves
 from ._cole_hopf import cole_hopf as cole_hopf
 from ._cole_hopf import cole_hopf_gradient as cole_hopf_gradient
 from ._cole_hopf import cole_hopf_monte_carlo as cole_hopf_monte_carlo
+from ._cole_hopf import MC_MIN_ESS as MC_MIN_ESS
 from ._cole_hopf import MonteCarloEstimate as MonteCarloEstimate
 from ._etd import CachedCoefficients as CachedCoefficients
 from ._etd import ETDRK4 as ETDRK4

@@ -179,8 +179,22 @@ def _check_positive(name: str, **values) -> None:
             raise ValueError(f"{name}: {arg}={value} is not finite; need a finite {arg} > 0.")
 
 
+def _check_scalars(name: str, **values) -> None:
+    """``ValueError`` naming the argument when ``t`` or ``nu`` is not a scalar (an array of them failed with an
+    unnamed broadcasting error)."""
+    for arg, value in values.items():
+        if jnp.ndim(value) != 0:
+            raise ValueError(f"{name}: {arg} must be a scalar, got shape {jnp.shape(value)}; for several values "
+                             f"jax.vmap over {arg}.")
+
+
 def _dispatch(loss, x, t, nu, ndim, num, lipschitz, name="cole_hopf"):
     _check_positive(name, t=t, nu=nu)
+    _check_scalars(name, t=t, nu=nu)
+    from ._solve import _concrete_non_finite
+
+    if _concrete_non_finite(x):
+        raise ValueError(f"{name}: x is not finite (a NaN or infinite evaluation point); need finite points.")
     if num is not None and (int(num) != num or num < 3):
         raise ValueError(f"{name}: num={num!r} is not allowed; need an integer >= 3 quadrature points per axis "
                          "(the spacing must resolve the weight's width, see the module docstring).")
@@ -284,6 +298,10 @@ class MonteCarloEstimate(eqx.Module):
         within ~10% at 1024): trust them from a few hundred samples on.
         ess: effective sample size ``1 / sum_i w_i^2`` of the normalised weights (small ess: nu too small
             or t too large for the sample count; the estimate is then biased toward min L).
+        reliable: ``ess >= MC_MIN_ESS`` (20).  Below it the estimate is biased beyond its delta-method error
+            (measured on L = 2 |x|^2 in 20 dimensions, t = 0.5, nu = 0.1, 64 samples: ess 1.1, bias 2.9 against the
+            exact u while the standard error read 0.17), so ``value_std`` and every entry of ``grad_std`` are
+            reported as ``inf`` (the error is not known): draw more samples, or use a larger nu or smaller t.
     """
 
     value: Array
@@ -291,6 +309,11 @@ class MonteCarloEstimate(eqx.Module):
     grad: object
     grad_std: object
     ess: Array
+    reliable: Array
+
+
+#: effective sample size below which :func:`cole_hopf_monte_carlo` reports its standard errors as ``inf``.
+MC_MIN_ESS = 20.0
 
 
 def cole_hopf_monte_carlo(loss_fn: Callable, params, t, nu, *, key, num_samples: int = 256) -> MonteCarloEstimate:
@@ -298,7 +321,9 @@ def cole_hopf_monte_carlo(loss_fn: Callable, params, t, nu, *, key, num_samples:
 
     ``u = -2 nu log E_z[exp(-L(params + z) / (2 nu))]`` with z ~ N(0, 2 nu t I) (THEORY section 3); samples
     are antithetic pairs (+z, -z).  The gradient uses the loss gradients at the samples (lower variance than
-    the score-function form E_w[-z] / t).  Differentiable, jit- and vmap-able.
+    the score-function form E_w[-z] / t).  Differentiable, jit- and vmap-able.  At an effective sample size
+    below ``MC_MIN_ESS`` (20) the standard errors are ``inf`` and ``reliable`` is ``False`` (see
+    :class:`MonteCarloEstimate`).
 
     Args:
         loss_fn: ``loss_fn(params) -> scalar``; params any pytree of float arrays, of one or mixed dtypes
@@ -309,11 +334,16 @@ def cole_hopf_monte_carlo(loss_fn: Callable, params, t, nu, *, key, num_samples:
         num_samples: an even number of samples (>= 4), drawn as ``num_samples / 2`` antithetic pairs.
     """
     _check_positive("cole_hopf_monte_carlo", t=t, nu=nu)
+    _check_scalars("cole_hopf_monte_carlo", t=t, nu=nu)
     if int(num_samples) != num_samples or num_samples < 4 or num_samples % 2:
         raise ValueError(f"cole_hopf_monte_carlo: num_samples={num_samples!r} is not allowed; need an even number "
                          ">= 4 (antithetic pairs, at least two for a standard error).")
     leaves, treedef = jax.tree.flatten(params)
     leaves = [jnp.asarray(leaf) for leaf in leaves]
+    for leaf in leaves:
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            raise ValueError(f"cole_hopf_monte_carlo: params has a leaf of dtype {leaf.dtype} (shape {leaf.shape}); "
+                             "need floating-point leaves (the samples params + z and the gradient are real).")
     # one working precision for the weights: the widest of the leaves, at least float32 (params may mix float32
     # and float64 leaves, or be bfloat16 / float16); samples and gradients come back in each leaf's dtype
     dtype = max([jnp.dtype(jnp.float32), *(leaf.dtype for leaf in leaves)], key=lambda d: jnp.finfo(d).bits)
@@ -351,6 +381,11 @@ def cole_hopf_monte_carlo(loss_fn: Callable, params, t, nu, *, key, num_samples:
 
     grad = jax.tree.map(wmean, grads)
     grad_std = jax.tree.map(pair_std, grads, grad)
+    ess = 1.0 / jnp.sum(w * w)
+    reliable = ess >= MC_MIN_ESS
+    # below MC_MIN_ESS the bias exceeds the delta-method error: the error is not known
+    value_std = jnp.where(reliable, value_std, jnp.inf)
+    grad_std = jax.tree.map(lambda s: jnp.where(reliable, s, jnp.inf), grad_std)
     grad, grad_std = (jax.tree.map(lambda g, leaf: g.astype(leaf.dtype), tree, params) for tree in (grad, grad_std))
-    return MonteCarloEstimate(value=value, value_std=value_std, grad=grad, grad_std=grad_std,
-                              ess=1.0 / jnp.sum(w * w))
+    return MonteCarloEstimate(value=value, value_std=value_std, grad=grad, grad_std=grad_std, ess=ess,
+                              reliable=reliable)

@@ -66,6 +66,10 @@ def shock_time(p0: Array, grid: AnyGrid) -> Array:
     want = grid.shape if grid.ndim == 1 else (2, *grid.shape)
     if p0.shape != tuple(want):
         raise ValueError(f"shock_time: p0 has shape {p0.shape}; on this grid it must be {tuple(want)}")
+    from ._solve import _concrete_non_finite
+
+    if _concrete_non_finite(p0):
+        raise ValueError("shock_time: p0 is not finite (a NaN or infinite entry); need a finite initial field.")
     if grid.ndim == 1:
         d = _diff(p0, grid, 0)
         i = jnp.argmin(d)

@@ -22,6 +22,7 @@ from ._solve import BurgersSolution as BurgersSolution
 from ._solve import HJSolution as HJSolution
 from ._solve import solve_burgers as solve_burgers
 from ._solve import solve_hj as solve_hj
+from ._solve import SPECTRAL_TAIL_WARN as SPECTRAL_TAIL_WARN
 from ._spectral import Spectral as Spectral
 from ._shocks import find_shocks as find_shocks
 from ._shocks import shock_time as shock_time

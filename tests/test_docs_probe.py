@@ -188,3 +188,26 @@ def test_mlp_computes_its_docstring_formula():
     graphdef, state = nnx.split(model)
     out = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)  # one compilation, not one per op
     np.testing.assert_allclose(np.asarray(out), h @ layers[-1][0] + layers[-1][1], rtol=1e-5, atol=1e-6)
+
+
+def test_a_spec_naming_no_injected_hyperparameter_is_refused_at_init():
+    # SGDSpec fields name injected hyperparameters; a wrong name raised only at the first update (inside train's
+    # trace), the misspelling found after the program was built: init refuses it now, naming what is injected
+    import jax.numpy as jnp
+    import optax
+
+    from quotient_sgd.optim import SGDSpec, quotient_trajectory
+    from quotient_sgd.symmetry import Scale
+
+    group = Scale(members=((("w",), None),), name="scale/w")
+    params = {"w": jnp.ones((3,))}
+    sgd = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9)
+    with pytest.raises(KeyError, match=r"learning_rate='lr'.*injected: \['learning_rate', 'momentum'"):
+        quotient_trajectory(sgd, group, spec=SGDSpec("lr"), observables=("loss",)).init(params)
+    with pytest.raises(KeyError, match=r"momentum='beta'"):
+        quotient_trajectory(sgd, group, spec=SGDSpec("learning_rate", momentum="beta"),
+                            observables=("loss",)).init(params)
+    with pytest.raises(KeyError, match=r"injected: \[\]"):
+        quotient_trajectory(optax.sgd(0.1), group, spec=SGDSpec("learning_rate"), observables=("loss",)).init(params)
+    quotient_trajectory(sgd, group, spec=SGDSpec("learning_rate", momentum="momentum"),
+                        observables=("loss",)).init(params)

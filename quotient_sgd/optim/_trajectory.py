@@ -159,8 +159,10 @@ def quotient_trajectory(
             previous-step buffer are updated every step regardless, so the identities stay exact).
         spec: :class:`SGDSpec` describing ``tx`` for the charge-drift prediction; ``init`` refuses it when
             ``tx``'s state shows it is not SGD (Adam, RMSProp, ...), unless ``tx`` is or contains
-            ``horizontal(...)`` / ``gauge_fix(...)``, and a schedule in it when ``tx`` can skip steps
-            (``optax.MultiSteps``, ``apply_if_finite``).
+            ``horizontal(...)`` / ``gauge_fix(...)``, a schedule in it when ``tx`` can skip steps
+            (``optax.MultiSteps``, ``apply_if_finite``) (``ValueError``), and a hyperparameter name that no
+            ``optax.inject_hyperparams`` in ``tx`` holds (``KeyError`` naming the field, the name and the injected
+            names).
         seed: seeds the Lanczos starting vectors (folded with the step count).
         preconditioner: ``inner_state -> diag(P)`` (a pytree like the parameters, positive), pure and traceable;
             read only with ``"preconditioned"`` in ``hessian_at``, which needs it.
@@ -293,6 +295,9 @@ def quotient_trajectory(
     @explained
     def init(params):
         inner_state = inner.init(params)
+        if spec is not None:
+            # a name that no inject_hyperparams holds (SGDSpec("lr") for learning_rate) raised at the first update
+            spec.resolve(inner_state, jnp.zeros((), jnp.int32))
         if spec is not None and not _contains(inner_state, GaugeFixState, HorizontalState):
             # (horizontal(...) predicts Q(Delta) without the spec; gauge_fix / an inner horizontal: not predicted)
             _check_sgd_like(inner_state)

@@ -385,7 +385,18 @@ def _fail(msg: str, code: int = 2) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command ``argv`` (default ``sys.argv``); returns its exit status (see ``--help``)."""
     argv = list(sys.argv if argv is None else argv)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before run or sweep started (importing, validating) or during report
+        if "report" in argv[1:]:
+            return _fail("interrupted; run the same report command again to redraw the plots and summary.md",
+                         code=130)
+        return _fail("interrupted before anything was written", code=130)
+
+
+def _main(argv: list[str]) -> int:
     if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
         print(HELP)
         return 0
@@ -537,25 +548,53 @@ class _Terminated(KeyboardInterrupt):
     them), the directory resumes as after Ctrl-C."""
 
 
+def _exception_would_be_dropped(frame) -> bool:
+    """Whether an exception raised in ``frame`` (where a signal interrupted the main thread) would be printed as
+    "Exception ignored in ..." and dropped, the run going on: a garbage-collector callback (``gc.callbacks``, which
+    JAX registers, runs at any allocation) or a ``__del__`` finaliser, or a frame called from one."""
+    import gc
+
+    codes = {getattr(cb, "__code__", None) for cb in gc.callbacks} - {None}
+    while frame is not None:
+        if frame.f_code in codes or frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
 @contextlib.contextmanager
 def _sigterm_raises():
     """While the block runs, SIGTERM (what SLURM, ``timeout`` and Kubernetes send before a kill) raises
-    :class:`_Terminated` in the main thread instead of ending the process at once; the previous handler is
-    restored when the block ends.  Nothing is changed outside the main thread, nor where SIGTERM is ignored
-    (``SIG_IGN``) or its handler was installed outside Python."""
-    previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
-    if previous is None or previous == signal.SIG_IGN:
+    :class:`_Terminated` in the main thread instead of ending the process at once, and Ctrl-C (SIGINT) raises
+    ``KeyboardInterrupt`` as Python's handler does; the previous handlers are restored when the block ends.
+
+    A signal that arrives while a garbage-collector callback or a ``__del__`` runs is delivered again 10 ms later
+    instead of raising there: Python drops an exception raised in those ("Exception ignored in ..."), and the
+    interrupted run went on to the end.  Nothing is changed outside the main thread, nor for a signal that is
+    ignored (``SIG_IGN``: SIGINT in a job started in the background) or whose handler was installed outside
+    Python, nor for SIGINT when a handler other than Python's own is installed."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    replace = [sig for sig, h in previous.items()
+               if (h is signal.default_int_handler if sig == signal.SIGINT else h not in (None, signal.SIG_IGN))]
 
-    def terminated(signum, frame):
-        raise _Terminated
+    def interrupted(signum, frame):
+        if _exception_would_be_dropped(sys._getframe(1)):
+            later = threading.Timer(0.01, os.kill, (os.getpid(), signum))
+            later.daemon = True
+            later.start()
+            return
+        raise _Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, terminated)
+    for sig in replace:
+        signal.signal(sig, interrupted)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig in replace:
+            signal.signal(sig, previous[sig])
 
 
 def _last_row_step(path: str) -> int | None:

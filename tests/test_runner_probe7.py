@@ -223,3 +223,56 @@ def test_run_killed_after_its_last_checkpoint_and_reported_records_its_wall_time
     assert isinstance(rec["wall_s"], float) and rec["wall_s"] >= 0, rec
     with open(os.path.join(wd, "summary.md")) as f:
         assert "- wall time: " in f.read()
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_an_interrupt_arriving_in_a_gc_callback_is_not_dropped(sig):
+    """Ctrl-C (or SIGTERM) landing while a garbage-collector callback runs (JAX registers one; collections run at
+    any allocation) raised there, where Python drops the exception ("Exception ignored in ...") and the run went
+    on to its end with exit status 0. The command's handlers deliver it again once the callback is over."""
+    import gc
+    import signal
+    import time
+
+    from quotient_sgd.cli import _sigterm_raises, _Terminated
+
+    signum = getattr(signal, sig)
+    fired = []
+
+    def callback(phase, info):
+        if phase == "start" and not fired:
+            fired.append(phase)
+            signal.raise_signal(signum)
+            for _ in range(1000):  # bytecodes: the Python-level handler runs here, inside the callback
+                pass
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    gc.callbacks.append(callback)
+    try:
+        with pytest.raises(KeyboardInterrupt) as info:
+            with _sigterm_raises():
+                gc.collect()
+                deadline = time.time() + 2.0
+                while time.time() < deadline:
+                    time.sleep(0.001)
+        assert fired and (type(info.value) is _Terminated) == (sig == "SIGTERM")
+        assert time.time() < deadline - 1.5  # delivered right after the callback, not at the end of the block
+    finally:
+        gc.callbacks.remove(callback)
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_before_the_run_starts_exits_130_without_a_traceback(monkeypatch, capsys, tmp_path):
+    """Ctrl-C while the command imports and validates (before `run` or `sweep` starts) printed a Python traceback
+    and ended with -SIGINT; it now exits with status 130 and says nothing was written."""
+    import quotient_sgd.config as config_pkg
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(config_pkg, "validate", interrupted)
+    monkeypatch.chdir(tmp_path)
+    code = main(["quotient-sgd", "run", f"--config={TINY}", f"--workdir={tmp_path / 'r'}"])
+    err = capsys.readouterr().err
+    assert code == 130 and "interrupted before anything was written" in err and "Traceback" not in err, err
+    assert os.listdir(tmp_path) == []

@@ -1,6 +1,8 @@
 """Config and run-directory details: a bool assigned to a numeric key of a config file is refused (ml_collections
 stored ``lr = True`` as 1.0); repeated ``symmetry.components`` are refused; a run or sweep directory whose recorded
-config predates a key of the schema resumes when the key holds its default, and is refused otherwise."""
+config predates a key of the schema resumes when the key holds its default, and is refused otherwise; `report` names
+a missing path; a run finished after a report of its killed directory records its wall time; an interrupt landing
+in a garbage-collector callback is delivered, and Ctrl-C at start-up exits 130."""
 
 import json
 import os
@@ -30,8 +32,8 @@ def _config_file(tmp_path, line: str) -> str:
 @pytest.mark.parametrize("line,needle", [
     ("config.optim.lr = True", "config.optim.lr = True (in {path}, line 8): expected a float, got bool"),
     ("config.init_gauge = False", "config.init_gauge = False (in {path}, line 8): expected a float, got bool"),
-    ("config.optim.momentum = np.bool_(False)", "config.optim.momentum = np.False_ (in {path}, line 8): expected a "
-                                                "float, got bool"),
+    ("config.optim.momentum = np.bool_(False)", ("config.optim.momentum = np.False_ (in {path}, line 8): expected a "
+                                                 "float, got bool")),
     ("config.steps = True", "config.steps = True (in {path}, line 8): expected an int, got bool"),
     ("config.steps = 3.5", "config.steps = 3.5 (in {path}, line 8): expected an int, got float"),
     ("config.data.noise = '0.1'", "config.data.noise = '0.1' (in {path}, line 8): expected a float, got str"),
@@ -249,12 +251,11 @@ def test_an_interrupt_arriving_in_a_gc_callback_is_not_dropped(sig):
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     gc.callbacks.append(callback)
     try:
-        with pytest.raises(KeyboardInterrupt) as info:
-            with _sigterm_raises():
-                gc.collect()
-                deadline = time.time() + 2.0
-                while time.time() < deadline:
-                    time.sleep(0.001)
+        with pytest.raises(KeyboardInterrupt) as info, _sigterm_raises():
+            gc.collect()
+            deadline = time.time() + 2.0
+            while time.time() < deadline:
+                time.sleep(0.001)
         assert fired and (type(info.value) is _Terminated) == (sig == "SIGTERM")
         assert time.time() < deadline - 1.5  # delivered right after the callback, not at the end of the block
     finally:

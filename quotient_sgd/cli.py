@@ -388,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command ``argv`` (default ``sys.argv``); returns its exit status (see ``--help``)."""
     argv = list(sys.argv if argv is None else argv)
     try:
-        return _main(argv)
+        with _sigterm_raises((signal.SIGINT,)):  # (a Ctrl-C in a gc callback while importing is delivered too)
+            return _main(argv)
     except KeyboardInterrupt:  # Ctrl-C before run or sweep started (importing, validating) or during report
         if "report" in argv[1:]:
             return _fail("interrupted; run the same report command again to redraw the plots and summary.md",
@@ -563,8 +564,8 @@ def _exception_would_be_dropped(frame) -> bool:
 
 
 @contextlib.contextmanager
-def _sigterm_raises():
-    """While the block runs, SIGTERM (what SLURM, ``timeout`` and Kubernetes send before a kill) raises
+def _sigterm_raises(signals: tuple = (signal.SIGTERM, signal.SIGINT)):
+    """While the block runs (for the ``signals`` given), SIGTERM (what SLURM, ``timeout`` and Kubernetes send before a kill) raises
     :class:`_Terminated` in the main thread instead of ending the process at once, and Ctrl-C (SIGINT) raises
     ``KeyboardInterrupt`` as Python's handler does; the previous handlers are restored when the block ends.
 
@@ -576,7 +577,7 @@ def _sigterm_raises():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.getsignal(sig) for sig in signals}
     replace = [sig for sig, h in previous.items()
                if (h is signal.default_int_handler if sig == signal.SIGINT else h not in (None, signal.SIG_IGN))]
 

@@ -277,3 +277,45 @@ def test_ctrl_c_before_the_run_starts_exits_130_without_a_traceback(monkeypatch,
     err = capsys.readouterr().err
     assert code == 130 and "interrupted before anything was written" in err and "Traceback" not in err, err
     assert os.listdir(tmp_path) == []
+
+
+def test_ctrl_c_in_a_gc_callback_while_the_command_starts_is_delivered(monkeypatch, capsys, tmp_path):
+    """The same before `run` starts (importing, validating: seconds on a loaded machine): a Ctrl-C that lands in a
+    gc callback then was dropped too, and the run went on; it now ends the command with status 130."""
+    import gc
+    import signal
+    import time
+
+    import quotient_sgd.config as config_pkg
+
+    validate = config_pkg.validate
+    fired = []
+
+    def callback(phase, info):
+        if phase == "start" and not fired:
+            fired.append(phase)
+            signal.raise_signal(signal.SIGINT)
+            for _ in range(1000):
+                pass
+
+    def slow_validate(cfg):
+        gc.callbacks.append(callback)
+        try:
+            gc.collect()
+            deadline = time.time() + 2.0
+            while time.time() < deadline:
+                time.sleep(0.001)
+        finally:
+            gc.callbacks.remove(callback)
+        return validate(cfg)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        monkeypatch.setattr(config_pkg, "validate", slow_validate)
+        monkeypatch.chdir(tmp_path)
+        code = main(["quotient-sgd", "run", f"--config={TINY}", f"--workdir={tmp_path / 'r'}"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    err = capsys.readouterr().err
+    assert fired and code == 130 and "interrupted before anything was written" in err, err
+    assert os.listdir(tmp_path) == []

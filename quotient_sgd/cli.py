@@ -565,9 +565,10 @@ def _exception_would_be_dropped(frame) -> bool:
 
 @contextlib.contextmanager
 def _sigterm_raises(signals: tuple = (signal.SIGTERM, signal.SIGINT)):
-    """While the block runs (for the ``signals`` given), SIGTERM (what SLURM, ``timeout`` and Kubernetes send before a kill) raises
-    :class:`_Terminated` in the main thread instead of ending the process at once, and Ctrl-C (SIGINT) raises
-    ``KeyboardInterrupt`` as Python's handler does; the previous handlers are restored when the block ends.
+    """While the block runs, for the ``signals`` given: SIGTERM (what SLURM, ``timeout`` and Kubernetes send before
+    a kill) raises :class:`_Terminated` in the main thread instead of ending the process at once, and Ctrl-C
+    (SIGINT) raises ``KeyboardInterrupt`` as Python's handler does; the previous handlers are restored when the
+    block ends.
 
     A signal that arrives while a garbage-collector callback or a ``__del__`` runs is delivered again 10 ms later
     instead of raising there: Python drops an exception raised in those ("Exception ignored in ..."), and the

@@ -101,7 +101,11 @@ def balance_delta(sin, sout):
 
 
 def gram_operator(plan: Plan, stats, n_comps: int):
-    """``(xis -> J^T J xis, diag(J^T J))`` for the joint tangent map of the cluster (tuples over components)."""
+    """``(xis -> J^T J xis, diag(J^T J))`` for the joint tangent map of the cluster (tuples over components).
+
+    The diagonal is returned without derivatives (``stop_gradient``): :func:`~._base.cg_vcoeffs` uses it only for
+    the Jacobi preconditioner and the right-hand side's scale, which steer the iterations but cancel from the
+    solution, and lineax refuses a tangent in a solver option (``jax.grad`` through ``vertical`` raised)."""
     axis_sums = []
     for (p, ms), S in zip(plan, stats):
         axis_sums.append(tuple(_contract(S, [None] * len(ms), k) for k in range(len(ms))))
@@ -124,7 +128,7 @@ def gram_operator(plan: Plan, stats, n_comps: int):
                 out[ci] = r if out[ci] is None else out[ci] + r
         return tuple(out)
 
-    return jtj, tuple(diag)
+    return jtj, tuple(jax.lax.stop_gradient(d) for d in diag)
 
 
 def split_cluster(comps, flat):

@@ -549,20 +549,6 @@ class _Terminated(KeyboardInterrupt):
     them), the directory resumes as after Ctrl-C."""
 
 
-def _exception_would_be_dropped(frame) -> bool:
-    """Whether an exception raised in ``frame`` (where a signal interrupted the main thread) would be printed as
-    "Exception ignored in ..." and dropped, the run going on: a garbage-collector callback (``gc.callbacks``, which
-    JAX registers, runs at any allocation) or a ``__del__`` finaliser, or a frame called from one."""
-    import gc
-
-    codes = {getattr(cb, "__code__", None) for cb in gc.callbacks} - {None}
-    while frame is not None:
-        if frame.f_code in codes or frame.f_code.co_name == "__del__":
-            return True
-        frame = frame.f_back
-    return False
-
-
 @contextlib.contextmanager
 def _sigterm_raises(signals: tuple = (signal.SIGTERM, signal.SIGINT)):
     """While the block runs, for the ``signals`` given: SIGTERM (what SLURM, ``timeout`` and Kubernetes send before
@@ -570,11 +556,12 @@ def _sigterm_raises(signals: tuple = (signal.SIGTERM, signal.SIGINT)):
     (SIGINT) raises ``KeyboardInterrupt`` as Python's handler does; the previous handlers are restored when the
     block ends.
 
-    A signal that arrives while a garbage-collector callback or a ``__del__`` runs is delivered again 10 ms later
-    instead of raising there: Python drops an exception raised in those ("Exception ignored in ..."), and the
-    interrupted run went on to the end.  Nothing is changed outside the main thread, nor for a signal that is
-    ignored (``SIG_IGN``: SIGINT in a job started in the background) or whose handler was installed outside
-    Python, nor for SIGINT when a handler other than Python's own is installed."""
+    A signal that arrives while a garbage-collector callback, a weakref callback or a ``__del__`` runs raises
+    there, where Python drops the exception ("Exception ignored in ...": ``sys.unraisablehook``) and the
+    interrupted run went on to the end; the block's ``sys.unraisablehook`` delivers such a dropped interrupt again
+    10 ms later (other unraisable exceptions go to the previous hook).  Nothing is changed outside the main
+    thread, nor for a signal that is ignored (``SIG_IGN``: SIGINT in a job started in the background) or whose
+    handler was installed outside Python, nor for SIGINT when a handler other than Python's own is installed."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -583,18 +570,26 @@ def _sigterm_raises(signals: tuple = (signal.SIGTERM, signal.SIGINT)):
                if (h is signal.default_int_handler if sig == signal.SIGINT else h not in (None, signal.SIG_IGN))]
 
     def interrupted(signum, frame):
-        if _exception_would_be_dropped(sys._getframe(1)):
-            later = threading.Timer(0.01, os.kill, (os.getpid(), signum))
-            later.daemon = True
-            later.start()
-            return
         raise _Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+    previous_hook = sys.unraisablehook
+
+    def dropped(unraisable):
+        exc = unraisable.exc_value
+        if not isinstance(exc, KeyboardInterrupt) or not replace:
+            return previous_hook(unraisable)
+        signum = signal.SIGTERM if isinstance(exc, _Terminated) else signal.SIGINT
+        later = threading.Timer(0.01, os.kill, (os.getpid(), signum))
+        later.daemon = True
+        later.start()
 
     for sig in replace:
         signal.signal(sig, interrupted)
+    sys.unraisablehook = dropped
     try:
         yield
     finally:
+        sys.unraisablehook = previous_hook
         for sig in replace:
             signal.signal(sig, previous[sig])
 

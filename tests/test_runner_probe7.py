@@ -319,3 +319,37 @@ def test_ctrl_c_in_a_gc_callback_while_the_command_starts_is_delivered(monkeypat
     err = capsys.readouterr().err
     assert fired and code == 130 and "interrupted before anything was written" in err, err
     assert os.listdir(tmp_path) == []
+
+
+def test_an_interrupt_arriving_in_a_weakref_callback_is_not_dropped():
+    """As in a gc callback, Python drops an exception raised in a weakref callback (a WeakKeyDictionary's entry
+    removal, run whenever a key dies): the command's handler delivers the Ctrl-C again afterwards."""
+    import signal
+    import time
+    import weakref
+
+    from quotient_sgd.cli import _sigterm_raises
+
+    class Key:
+        pass
+
+    fired = []
+
+    def callback(ref):
+        fired.append(ref)
+        signal.raise_signal(signal.SIGINT)
+        for _ in range(1000):
+            pass
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), _sigterm_raises():
+            key = Key()
+            ref = weakref.ref(key, callback)
+            del key  # the callback runs here
+            deadline = time.time() + 2.0
+            while time.time() < deadline:
+                time.sleep(0.001)
+        assert fired and fired[0] is ref and time.time() < deadline - 1.5
+    finally:
+        signal.signal(signal.SIGINT, previous)

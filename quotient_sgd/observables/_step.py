@@ -45,10 +45,8 @@ def canonical_gradient(group, params, grads, element=None):
     ``element`` is ``group.canonical_element(params)`` when already known.
     """
     k = group.canonical_element(params) if element is None else element
-    kinv = group.inverse(k)
-    _, vjp = jax.vjp(lambda phi: group.act(kinv, phi), params)
-    (gc,) = vjp(grads)
-    return gc
+    # J_h^T grads, each component's in closed form (a rescale's factors, a GL block's A^{-T}: Group._cotransport)
+    return group._cotransport_tree(k, grads)
 
 
 @observable(ORBIT_INVARIANT, "grad_norm_canonical")

@@ -166,6 +166,20 @@ class Group(eqx.Module):
     def _canonical_element(self, flat: Flat):
         raise NotImplementedError
 
+    def _cotransport(self, g, cot: Flat) -> Flat:
+        """A gradient at ``theta`` carried to ``g . theta``: ``J^T cot`` for the Jacobian ``J`` of
+        ``phi -> g^{-1} . phi`` (for a linear action ``rho(g)^{-T} cot``; an affine action's shift drops out).
+        Generic: one vector-Jacobian product of the inverse's action; components override it in closed form."""
+        _, vjp = jax.vjp(lambda phi: self._act(self._inverse(g), phi), cot)
+        return vjp(cot)[0]
+
+    def _cotransport_tree(self, g, grads):
+        """:meth:`_cotransport` on a pytree like the parameters (``grads``); not compiled on its own, for use
+        inside a traced function."""
+        flat, treedef = self._flat(grads)
+        self._check_element(g, flat)
+        return _tree.unflatten(self._cotransport(g, flat), treedef)
+
     def _invariants(self, flat: Flat):
         raise NotImplementedError
 
@@ -360,6 +374,10 @@ class LogFactorGroup(Group):
 
     def _inverse(self, g):
         return -g
+
+    def _cotransport(self, g, cot):
+        # a diagonal action by positive factors: rho(g)^{-T} = rho(g)^{-1} = rho(-g)
+        return self._act(-g, cot)
 
     def _compose(self, g, h):
         return g + h

@@ -143,6 +143,12 @@ class GL(Group):
     def _inverse(self, g):
         return jnp.linalg.inv(g)
 
+    def _cotransport(self, g, cot):
+        # rho(A): L -> L A, R -> R A^{-T}; so rho(A)^{-T}: L -> L A^{-T}, R -> R A (one inverse, no solve with it)
+        out = dict(cot)
+        out.update(self._unstack(cot, self._L(cot) @ _mT(jnp.linalg.inv(g)), self._R(cot) @ g))
+        return out
+
     def _compose(self, g, h):
         # g.(h.theta): L -> L A_h A_g
         return h @ g

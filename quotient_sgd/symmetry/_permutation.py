@@ -96,6 +96,10 @@ class Permutation(Group):
     def _inverse(self, g):
         return jnp.argsort(g).astype(jnp.int32)
 
+    def _cotransport(self, g, cot):
+        # a permutation is orthogonal: rho(g)^{-T} = rho(g)
+        return self._act(g, cot)
+
     def _compose(self, g, h):
         return jnp.take(h, g).astype(jnp.int32)
 

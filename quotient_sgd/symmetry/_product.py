@@ -224,6 +224,13 @@ class Product(Group):
             flat = self.components[i]._act(e, flat)
         return flat
 
+    def _cotransport(self, g: Word, cot):
+        # rho(k_n ... k_1)^{-T} = rho(k_n)^{-T} ... rho(k_1)^{-T}: the components' own, in the word's order
+        self._check_word(g)
+        for i, e in zip(g.indices, g.elements):
+            cot = self.components[i]._cotransport(e, cot)
+        return cot
+
     def _inverse(self, g: Word):
         self._check_word(g)
         return Word(tuple(reversed(g.indices)),

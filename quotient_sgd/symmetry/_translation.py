@@ -71,6 +71,10 @@ class Translation(Group):
     def _inverse(self, g):
         return jax.tree.map(jnp.negative, g)
 
+    def _cotransport(self, g, cot):
+        # a shift: its Jacobian is the identity
+        return dict(cot)
+
     def _compose(self, g, h):
         return jax.tree.map(jnp.add, g, h)
 

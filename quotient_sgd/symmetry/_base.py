@@ -17,7 +17,6 @@ from typing import Any, ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import lineax as lx
 from jax.flatten_util import ravel_pytree
 
 from .. import _tree
@@ -389,7 +388,7 @@ class LogFactorGroup(Group):
         return self._identity(flat)
 
 
-# ----- generic (lineax) vertical projection for one action or a cluster of overlapping actions ----------------
+# ----- generic vertical projection for one action or a cluster of overlapping actions -----------------------
 def _sum_tmaps(comps, flat: Flat, xis) -> Flat:
     out: Flat = {}
     for c, xi in zip(comps, xis):
@@ -484,8 +483,60 @@ def generic_vcoeffs(comps, flat: Flat, v: Flat, *, refine: int = REFINE_STEPS):
     return unravel(x)
 
 
+def _pcg(matvec, b, inv_diag, tol, max_steps: int, restart: int = 10, *, return_steps: bool = False):
+    """Jacobi-preconditioned conjugate gradients for ``A x = b``, ``A`` symmetric positive semi-definite and ``b``
+    in its range, from ``x = 0`` (so the minimum-norm solution).  Stops when ``|r_i| <= tol (1 + |b_i|)`` for every
+    entry, after ``max_steps``, or when a direction has no positive curvature (``p^T A p <= 0``, e.g. once the
+    residual is exactly zero: the 0 / 0 that would turn the iterate into NaN is never taken).  The residual is
+    recomputed as ``b - A x`` every ``restart`` steps, against the drift of the recursive update.
+    ``return_steps``: return ``(x, number of steps taken)``.
+
+    Written here rather than taken from lineax, whose ``CG`` was used before: the Gram matrices of overlapping
+    actions are singular (dead units, deep linear chains, near-degenerate generators), float32 rounding leaves
+    ``b`` a small component off their range, and its unguarded ``r^T z / p^T A p`` then turned the projection
+    into NaN (an MLP with a width-1 hidden layer: 4-10 of 10 unbalanced points); and it refused the tangent of a
+    preconditioner built from the parameters, so ``jax.grad`` through a projection raised.  Derivatives come
+    from ``jax.lax.custom_linear_solve`` (:func:`cg_vcoeffs`)."""
+    thresh = tol * (1 + jnp.abs(b))
+
+    def cond(carry):
+        _, r, _, _, it, ok = carry
+        return ok & (it < max_steps) & jnp.any(jnp.abs(r) > thresh)
+
+    def body(carry):
+        x, r, p, rz, it, _ = carry
+        Ap = matvec(p)
+        pAp = jnp.vdot(p, Ap)
+        ok = (pAp > 0) & jnp.isfinite(pAp)
+        alpha = jnp.where(ok, rz / jnp.where(ok, pAp, 1), 0)
+        x = x + alpha * p
+        r = jnp.where((it + 1) % restart == 0, b - matvec(x), r - alpha * Ap)
+        z = inv_diag * r
+        rz_new = jnp.vdot(r, z)
+        beta = jnp.where(rz > 0, rz_new / jnp.where(rz > 0, rz, 1), 0)
+        return x, r, z + beta * p, rz_new, it + 1, ok
+
+    z0 = inv_diag * b
+    init = (jnp.zeros_like(b), b, z0, jnp.vdot(b, z0), jnp.asarray(0), jnp.asarray(True))
+    out = jax.lax.while_loop(cond, body, init)
+    return (out[0], out[4]) if return_steps else out[0]
+
+
 def cg_vcoeffs(comps, flat: Flat, v: Flat, *, max_steps: int | None = None, gram=None):
-    """``(J^T J)^+ J^T v`` for the joint tangent map of ``comps`` by matrix-free conjugate gradients (lineax).
+    """See :func:`cg_system`; the solution."""
+    matvec, b, inv, tol, steps, finish = cg_system(comps, flat, v, max_steps=max_steps, gram=gram)
+
+    def solve(mv, rhs_vec):
+        return _pcg(mv, rhs_vec, inv, tol, steps)
+
+    # derivatives by the implicit function theorem (the Gram matrix is symmetric), not through the loop
+    return finish(jax.lax.custom_linear_solve(matvec, b, solve, symmetric=True))
+
+
+def cg_system(comps, flat: Flat, v: Flat, *, max_steps: int | None = None, gram=None):
+    """The system of :func:`cg_vcoeffs`, ``(J^T J)^+ J^T v`` for the joint tangent map of ``comps`` by matrix-free
+    conjugate gradients (:func:`_pcg`): ``(matvec, b, inverse diagonal, tol, max_steps, finish)`` on flat vectors,
+    ``finish`` taking the solution back to the coefficients' structure and scale.
 
     Each iteration costs one ``J`` and one ``J^T`` (``O(P)``), against ``k`` of them to materialise the Gram
     matrix: the method for large clusters (a deep MLP's chain of rescales has one generator per hidden unit).
@@ -512,25 +563,29 @@ def cg_vcoeffs(comps, flat: Flat, v: Flat, *, max_steps: int | None = None, gram
         diag = tuple(c._gram_diag(flat) for c in comps)
     else:
         jtj, diag = gram
-    # lineax's CG stops when |r_i| <= atol + rtol |b_i| for every entry i: a relative test per entry, which entries
-    # with b_i ~ 0 can never pass in float32 (measured: 3076 iterations, the cap, on a random vector for an MLP's
-    # rescale chain whose Jacobi-scaled Gram has condition number 6, converged after 10).  The right-hand side is
-    # scaled by its natural size |b_i| <= |t_i| |v| <= sqrt(max_i G_ii) |v| and atol = rtol, so the test is
-    # norm-wise and relative to the vector being projected: the vertical part is resolved to tol |v|.  (Scaling by
-    # max |b| instead amplifies rounding when v is horizontal, b ~ eps: on a rank-deficient Gram matrix, a deep
-    # linear chain's, CG then chased that noise along null directions and returned a vertical part 20x |v|.)
+    # The iterations stop when |r_i| <= tol (1 + |b_i|) for every entry i.  A purely relative test per entry can
+    # never pass for entries with b_i ~ 0 in float32 (measured with lineax's CG: 3076 iterations, the cap, on a
+    # random vector for an MLP's rescale chain whose Jacobi-scaled Gram has condition number 6, converged after
+    # 10).  The right-hand side is scaled by its natural size |b_i| <= |t_i| |v| <= sqrt(max_i G_ii) |v|, so the
+    # test is norm-wise and relative to the vector being projected: the vertical part is resolved to tol |v|.
+    # (Scaling by max |b| instead amplifies rounding when v is horizontal, b ~ eps: on a rank-deficient Gram
+    # matrix, a deep linear chain's, CG then chased that noise along null directions and returned a vertical part
+    # 20x |v|.)
     dmax = jnp.max(jnp.stack([jnp.max(d) for d in jax.tree.leaves(diag)]))
     vnorm = jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in full_v.values()))
     scale = jnp.sqrt(jnp.maximum(dmax, 0)) * vnorm
-    scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
-    rhs = jax.tree.map(lambda x: x / scale, rhs)
-    struct = jax.eval_shape(lambda: xi0)
-    op = lx.FunctionLinearOperator(jtj, struct, tags=lx.positive_semidefinite_tag)
-    # Jacobi preconditioner from each component's own Gram diagonal (exact inverse for a lone diagonal action)
-    inv = jax.tree.map(lambda d: jnp.where(d > 0, 1 / jnp.where(d > 0, d, 1), 1), diag)
-    pre = lx.FunctionLinearOperator(lambda r: jax.tree.map(jnp.multiply, inv, r), struct,
-                                    tags=lx.positive_semidefinite_tag)
+    scale = jax.lax.stop_gradient(jnp.where(scale > 0, scale, jnp.ones_like(scale)))  # cancels from the solution
+    b, unravel = ravel_pytree(jax.tree.map(lambda x: x / scale, rhs))
+    # Jacobi preconditioner from each component's own Gram diagonal (exact inverse for a lone diagonal action); it
+    # steers the iterations only, so it carries no derivative
+    inv = jax.lax.stop_gradient(ravel_pytree(jax.tree.map(
+        lambda d: jnp.where(d > 0, 1 / jnp.where(d > 0, d, 1), 1), diag))[0])
     tol = 1e-12 if dtype == jnp.float64 else 1e-6
-    solver = lx.CG(rtol=tol, atol=tol, max_steps=max_steps or max(4 * k, 50))
-    sol = lx.linear_solve(op, rhs, solver, options={"preconditioner": pre}, throw=False).value
-    return jax.tree.map(lambda x: x * scale, sol)
+
+    def matvec(x):
+        return ravel_pytree(jtj(unravel(x)))[0]
+
+    def finish(x):
+        return jax.tree.map(lambda y: y * scale, unravel(x))
+
+    return matvec, b, inv, tol, max_steps or max(4 * k, 50), finish

@@ -106,8 +106,9 @@ class Product(Group):
     - elements are :class:`Word` s, so non-commuting components compose correctly;
     - ``vertical`` / ``horizontal``: components are grouped into clusters of overlapping continuous actions.
       A cluster of one uses its closed form; a larger cluster (a chain of rescales) solves the joint normal
-      equations ``J^T J c = J^T v`` with a dense lineax solve, because the tangents of overlapping components
-      are not orthogonal;
+      equations ``J^T J c = J^T v`` (a dense solve up to ``dense_max`` generators, preconditioned CG above, on
+      the squared weights for a rescale chain), because the tangents of overlapping components are not
+      orthogonal;
     - ``canonicalize``: per cluster, continuous components first -- a single component by its closed form;
       several abelian minimum-norm components (rescale chains, with the logit translation) jointly, by Newton's
       method on the orbit norm ``f(xi) = |exp(xi) . theta|^2`` in Lie-algebra coordinates (convex for rescale:

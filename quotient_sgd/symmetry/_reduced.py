@@ -105,7 +105,7 @@ def gram_operator(plan: Plan, stats, n_comps: int):
 
     The diagonal is returned without derivatives (``stop_gradient``): :func:`~._base.cg_vcoeffs` uses it only for
     the Jacobi preconditioner and the right-hand side's scale, which steer the iterations but cancel from the
-    solution, and lineax refuses a tangent in a solver option (``jax.grad`` through ``vertical`` raised)."""
+    solution."""
     axis_sums = []
     for (p, ms), S in zip(plan, stats):
         axis_sums.append(tuple(_contract(S, [None] * len(ms), k) for k in range(len(ms))))

@@ -13,7 +13,7 @@ from ._product import Product
 
 def vertical_generic(group: Group, params, v):
     """``P_V v = J (J^T J)^+ J^T v`` with the Gram matrix of *all* continuous components of ``group`` solved
-    jointly by lineax, ignoring every closed form.  Slower than ``group.vertical``; the reference it must match.
+    jointly by a dense solve, ignoring every closed form.  Slower than ``group.vertical``; the reference it must match.
     """
     comps = group.components if isinstance(group, Product) else (group,)
     comps = tuple(c for c in comps if c.continuous)

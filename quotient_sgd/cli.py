@@ -559,7 +559,9 @@ def _sigterm_raises(signals: tuple = (signal.SIGTERM, signal.SIGINT)):
     A signal that arrives while a garbage-collector callback, a weakref callback or a ``__del__`` runs raises
     there, where Python drops the exception ("Exception ignored in ...": ``sys.unraisablehook``) and the
     interrupted run went on to the end; the block's ``sys.unraisablehook`` delivers such a dropped interrupt again
-    10 ms later (other unraisable exceptions go to the previous hook).  Nothing is changed outside the main
+    10 ms later (other unraisable exceptions go to the previous hook), and one still due when the block ends is
+    raised as the block ends (after the previous hook and handlers are restored), not sent to the code after the
+    block.  Nothing is changed outside the main
     thread, nor for a signal that is ignored (``SIG_IGN``: SIGINT in a job started in the background) or whose
     handler was installed outside Python, nor for SIGINT when a handler other than Python's own is installed."""
     if threading.current_thread() is not threading.main_thread():
@@ -573,13 +575,24 @@ def _sigterm_raises(signals: tuple = (signal.SIGTERM, signal.SIGINT)):
         raise _Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
     previous_hook = sys.unraisablehook
+    lock = threading.Lock()
+    due: list[int] = []  # the signals of dropped interrupts not delivered again yet
+    block_open = [True]
+
+    def deliver(signum):
+        with lock:  # (the block's end takes what is still due under the same lock)
+            if block_open[0]:
+                due.remove(signum)
+                os.kill(os.getpid(), signum)
 
     def dropped(unraisable):
         exc = unraisable.exc_value
         if not isinstance(exc, KeyboardInterrupt) or not replace:
             return previous_hook(unraisable)
         signum = signal.SIGTERM if isinstance(exc, _Terminated) else signal.SIGINT
-        later = threading.Timer(0.01, os.kill, (os.getpid(), signum))
+        with lock:
+            due.append(signum)
+        later = threading.Timer(0.01, deliver, (signum,))
         later.daemon = True
         later.start()
 
@@ -590,8 +603,13 @@ def _sigterm_raises(signals: tuple = (signal.SIGTERM, signal.SIGINT)):
         yield
     finally:
         sys.unraisablehook = previous_hook
+        with lock:
+            block_open[0] = False
+            still_due = list(due)
         for sig in replace:
             signal.signal(sig, previous[sig])
+    if still_due:  # (only when the block ended without an exception: one in flight goes on instead)
+        raise _Terminated if signal.SIGTERM in still_due else KeyboardInterrupt
 
 
 def _last_row_step(path: str) -> int | None:

@@ -1,0 +1,87 @@
+"""Review probes of the config, cli, hj, diagnostics, observables and optim changes: each test pins a defect that
+was found and fixed."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+
+import pytest
+
+
+class _RaisesInDel:
+    """An object whose finaliser raises ``exc``: Python drops it to ``sys.unraisablehook`` (as it drops a Ctrl-C
+    landing in a gc or weakref callback)."""
+
+    def __init__(self, exc):
+        self.exc = exc
+
+    def __del__(self):
+        raise self.exc
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_dropped_interrupt_still_due_when_the_block_ends_is_raised_in_the_block(sig):
+    """A dropped interrupt is delivered again 10 ms later; when the block ended within those 10 ms, the signal
+    reached the code after the block (under its restored handlers: a stray KeyboardInterrupt in the caller, or a
+    SIGTERM that ends the process). It is now raised as the block ends, and nothing reaches the code after it."""
+    from quotient_sgd.cli import _sigterm_raises, _Terminated
+
+    after = []
+
+    def record(signum, frame):
+        after.append(signum)
+
+    previous = {s: signal.signal(s, record) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # (the block takes over SIGINT only from Python's own)
+    hook = sys.unraisablehook
+    try:
+        exc = _Terminated() if sig == "SIGTERM" else KeyboardInterrupt()
+        with pytest.raises(KeyboardInterrupt) as info:
+            with _sigterm_raises():
+                obj = _RaisesInDel(exc)
+                del obj  # dropped: the hook schedules the delivery
+        assert (type(info.value) is _Terminated) == (sig == "SIGTERM")
+        assert sys.unraisablehook is hook
+        signal.signal(signal.SIGINT, record)
+        try:
+            deadline = time.time() + 0.1
+            while time.time() < deadline:
+                time.sleep(0.002)
+        except KeyboardInterrupt:
+            after.append("KeyboardInterrupt")
+        assert after == []
+    finally:
+        sys.unraisablehook = hook
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def test_a_dropped_interrupt_is_delivered_once_and_the_hook_is_restored_when_the_block_raises():
+    """While the block runs, a dropped Ctrl-C is delivered once (the handler raises in the block); the previous
+    ``sys.unraisablehook`` is back after the block, also when the block raised."""
+    from quotient_sgd.cli import _sigterm_raises
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    hook = sys.unraisablehook
+    caught = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with _sigterm_raises():
+                obj = _RaisesInDel(KeyboardInterrupt())
+                del obj
+                deadline = time.time() + 1.0
+                while time.time() < deadline:
+                    time.sleep(0.002)
+        assert sys.unraisablehook is hook and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        try:
+            deadline = time.time() + 0.1
+            while time.time() < deadline:
+                time.sleep(0.002)
+        except KeyboardInterrupt:
+            caught.append("again")
+        assert caught == []
+    finally:
+        sys.unraisablehook = hook
+        signal.signal(signal.SIGINT, previous)

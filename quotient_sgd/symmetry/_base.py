@@ -510,7 +510,8 @@ def _pcg(matvec, b, inv_diag, tol, max_steps: int, restart: int = 10, *, return_
         ok = (pAp > 0) & jnp.isfinite(pAp)
         alpha = jnp.where(ok, rz / jnp.where(ok, pAp, 1), 0)
         x = x + alpha * p
-        r = jnp.where((it + 1) % restart == 0, b - matvec(x), r - alpha * Ap)
+        # (lax.cond, not where: the exact residual costs another product with A, taken every restart steps only)
+        r = jax.lax.cond((it + 1) % restart == 0, lambda: b - matvec(x), lambda: r - alpha * Ap)
         z = inv_diag * r
         rz_new = jnp.vdot(r, z)
         beta = jnp.where(rz > 0, rz_new / jnp.where(rz > 0, rz, 1), 0)

@@ -111,3 +111,42 @@ def test_an_hj_field_relaxing_to_a_constant_is_not_reported_under_resolved():
     rough = jnp.stack([1.0 + jnp.sin(x) + 1e-2 * jnp.sin(10 * x)])
     tail = np.asarray(Spectral().spectral_tail(g, "hj", rough))
     assert tail[0] > SPECTRAL_TAIL_WARN, tail
+
+
+def test_hyperparameters_of_an_inject_hyperparams_nested_in_another_are_found_and_set():
+    """An ``inject_hyperparams`` nested in another's inner state (an injected clip around an injected SGD) was
+    invisible: ``quotient_trajectory``'s init refused ``SGDSpec("learning_rate", momentum="momentum")`` although
+    both are injected, and ``set_hyperparams`` could not set them."""
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from quotient_sgd.optim import SGDSpec, injected_hyperparams, quotient_trajectory, set_hyperparams
+    from quotient_sgd.symmetry import Scale
+
+    group = Scale(members=((("w",), None),), name="scale/w")
+    params = {"w": jnp.ones((3,))}
+    sgd = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9)
+    tx = optax.inject_hyperparams(lambda clip: optax.chain(optax.clip(clip), sgd))(clip=1.0)
+    state = tx.init(params)
+    assert sorted(injected_hyperparams(state)) == ["clip", "learning_rate", "momentum"]
+    changed = set_hyperparams(state, momentum=0.5, clip=2.0)
+    got = injected_hyperparams(changed)
+    np.testing.assert_allclose([float(got["momentum"]), float(got["clip"]), float(got["learning_rate"])],
+                               [0.5, 2.0, 0.1], rtol=1e-6)
+    quotient_trajectory(tx, group, spec=SGDSpec("learning_rate", momentum="momentum"),
+                        observables=("loss",)).init(params)
+    with pytest.raises(KeyError, match=r"momentum='beta'.*injected: \['clip', 'learning_rate', 'momentum'\]"):
+        quotient_trajectory(tx, group, spec=SGDSpec("learning_rate", momentum="beta"),
+                            observables=("loss",)).init(params)
+
+
+def test_kind_of_a_non_string_key_is_a_key_error_naming_it():
+    """``kind_of`` split the key on "/" before the look-up: a non-string key raised AttributeError ('int' object
+    has no attribute 'split') instead of the KeyError naming the key that an unknown key gets."""
+    from quotient_sgd.observables import kind_of
+
+    assert kind_of("charges/rescale/layers.0") == kind_of("charges")
+    for key in (3, None):
+        with pytest.raises(KeyError, match=f"trajectory key {key!r}"):
+            kind_of(key)

@@ -141,12 +141,17 @@ def _is_inject_state(x) -> bool:
 
 
 def _inject_states(opt_state) -> list:
-    is_inj = _is_inject_state
-    return [x for x in jax.tree.leaves(opt_state, is_leaf=is_inj) if is_inj(x)]
+    """The ``inject_hyperparams`` states in ``opt_state``, each followed by those nested in its ``inner_state``."""
+    out = []
+    for x in jax.tree.leaves(opt_state, is_leaf=_is_inject_state):
+        if _is_inject_state(x):
+            out += [x, *_inject_states(x.inner_state)]
+    return out
 
 
 def injected_hyperparams(opt_state) -> dict[str, jax.Array]:
-    """All hyperparameters injected by ``optax.inject_hyperparams`` anywhere in ``opt_state`` (outer first)."""
+    """All hyperparameters injected by ``optax.inject_hyperparams`` anywhere in ``opt_state``, also in one nested
+    in another's inner state (outer first: a name injected twice reads the outer value)."""
     out: dict[str, jax.Array] = {}
     for s in _inject_states(opt_state):
         for k, v in s.hyperparams.items():
@@ -224,7 +229,7 @@ def set_hyperparams(opt_state, **values):
                     )
                 hp[k] = new.astype(old.dtype)
                 found.add(k)
-        return x._replace(hyperparams=hp)
+        return x._replace(hyperparams=hp, inner_state=jax.tree.map(fix, x.inner_state, is_leaf=is_inj))
 
     out = jax.tree.map(fix, opt_state, is_leaf=is_inj)
     missing = set(values) - found

@@ -44,6 +44,6 @@ def kind_of(key: str) -> str:
     kind of the observable it starts with.  Raises ``KeyError`` naming the key when no observable emits it.
     """
     try:
-        return KINDS[key.split("/")[0]]
+        return KINDS[key.split("/")[0] if isinstance(key, str) else key]  # (a non-str key: the KeyError below)
     except KeyError:
         raise KeyError(f"no observable emits the trajectory key {key!r}; known keys: {sorted(KINDS)}") from None

@@ -150,3 +150,22 @@ def test_kind_of_a_non_string_key_is_a_key_error_naming_it():
     for key in (3, None):
         with pytest.raises(KeyError, match=f"trajectory key {key!r}"):
             kind_of(key)
+
+
+def test_a_config_section_replaced_by_an_ml_collections_configdict_is_accepted():
+    """``config.optim = ml_collections.ConfigDict({...})`` in a config file worked while ``default_config()``
+    returned ml_collections' ConfigDict; with its sections StrictConfigDicts, type safety refused the other class
+    ("Could not override field 'optim'"). The section's keys now become a StrictConfigDict section, which still
+    refuses a bool for a numeric key."""
+    import ml_collections
+
+    from quotient_sgd.config import default_config, validate
+
+    values = dict(default_config().optim.to_dict(), lr=0.3, momentum=0.5)
+    for section in (ml_collections.ConfigDict(values), ml_collections.FrozenConfigDict(values)):
+        config = default_config()
+        config.optim = section
+        settings = validate(config)
+        assert (settings.optim.lr, settings.optim.momentum) == (0.3, 0.5)
+        with pytest.raises(TypeError, match="'lr'.*is a bool"):
+            config.optim.lr = True

@@ -30,9 +30,16 @@ def _numeric_kind(field: Any) -> str | None:
 class StrictConfigDict(ml_collections.ConfigDict):
     """A type-safe ``ConfigDict`` that refuses a ``bool`` (Python or NumPy) for a key holding a float or an int,
     with a ``TypeError`` naming the key, the value and what is allowed (``ml_collections`` would store
-    ``True`` as ``1.0`` in a float key).  Everything else is ``ml_collections.ConfigDict``'s behaviour."""
+    ``True`` as ``1.0`` in a float key).  A section replaced by an ``ml_collections.ConfigDict`` (or a dict, or a
+    ``FrozenConfigDict``) becomes a ``StrictConfigDict`` holding its keys.  Everything else is
+    ``ml_collections.ConfigDict``'s behaviour."""
 
     def __setitem__(self, key, value):
+        if (isinstance(value, ml_collections.ConfigDict) and not isinstance(value, StrictConfigDict)
+                and isinstance(key, str) and isinstance(self._fields.get(key), StrictConfigDict)):
+            # a section given as ml_collections' own ConfigDict (or a FrozenConfigDict): its keys become a
+            # StrictConfigDict section, as those of a dict do (type safety refused the other class outright)
+            value = StrictConfigDict(value, type_safe=self.is_type_safe)
         if isinstance(value, (bool, np.bool_)) and isinstance(key, str) and key in self._fields:
             kind = _numeric_kind(self._fields[key])
             if kind is not None:

@@ -169,3 +169,22 @@ def test_a_config_section_replaced_by_an_ml_collections_configdict_is_accepted()
         assert (settings.optim.lr, settings.optim.momentum) == (0.3, 0.5)
         with pytest.raises(TypeError, match="'lr'.*is a bool"):
             config.optim.lr = True
+
+
+def test_the_edges_accept_a_momentum_given_as_a_0d_array():
+    """``stability_edge`` / ``fold_edge`` / ``fold_levels_for`` converted ``momentum`` with ``float()`` and so took
+    a 0-d NumPy or JAX array (the momentum read back from an optimiser state); the check that refuses momentum >= 1
+    refused every array. A 0-d real array is accepted with the value of the number; an array >= 1, a bool array
+    and a 1-d array are still refused."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from quotient_sgd.diagnostics import fold_edge, fold_levels_for, stability_edge
+
+    for beta in (np.asarray(0.5), jnp.asarray(0.5), np.float32(0.5)):
+        assert stability_edge(beta) == stability_edge(0.5)
+        assert fold_edge(beta, True) == fold_edge(0.5, True)
+        assert fold_levels_for((1.0, 2.0), beta) == fold_levels_for((1.0, 2.0), 0.5)
+    for bad in (jnp.asarray(1.0), np.asarray(True), np.asarray([0.5]), "0.5"):
+        with pytest.raises(ValueError, match=r"stability_edge: momentum=.*need a number in \[0, 1\)"):
+            stability_edge(bad)

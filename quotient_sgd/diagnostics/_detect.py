@@ -181,16 +181,35 @@ def _check_decay(fn: str, decay, bound: float, what: str) -> float:
     return float(decay)
 
 
+def _real_scalar(value) -> float | None:
+    """``value`` as a float when it is a real number: a Python or NumPy number, or a concrete 0-d NumPy / JAX
+    array of an integer or floating dtype (the momentum read from an optimiser state); else ``None`` (a bool, a
+    string, an array of another shape or dtype, a traced value)."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    try:
+        a = np.asarray(value)
+    except Exception:  # (a traced value, an object NumPy cannot read)
+        return None
+    if a.ndim == 0 and (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
+        return float(a)
+    return None
+
+
 def _check_momentum(fn: str, momentum, nesterov) -> float:
-    """``momentum`` (SGD's ``beta``) as a float in ``[0, 1)`` and ``nesterov`` a bool, else ValueError: at
-    ``beta = 1`` the momentum iteration is never stable (the product of its roots is ``beta``)."""
-    ok = isinstance(momentum, numbers.Real) and not isinstance(momentum, bool) and 0 <= momentum < 1
+    """``momentum`` (SGD's ``beta``: a number, or a 0-d array of one) as a float in ``[0, 1)`` and ``nesterov`` a
+    bool, else ValueError: at ``beta = 1`` the momentum iteration is never stable (the product of its roots is
+    ``beta``)."""
+    b = _real_scalar(momentum)
+    ok = b is not None and 0 <= b < 1
     if not ok:
         raise ValueError(f"{fn}: momentum={momentum!r} is not allowed; need a number in [0, 1) (SGD's momentum "
                          f"beta; from 1 on the momentum iteration is unstable at every curvature)")
     if not isinstance(nesterov, (bool, np.bool_)):
         raise ValueError(f"{fn}: nesterov={nesterov!r} is not allowed; need True or False")
-    return float(momentum)
+    return b
 
 
 def stability_edge(momentum: float = 0.0, nesterov: bool = False, *, decay: float = 0.0) -> float:

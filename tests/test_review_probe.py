@@ -45,17 +45,23 @@ def test_a_dropped_interrupt_still_due_when_the_block_ends_is_raised_in_the_bloc
         assert (type(info.value) is _Terminated) == (sig == "SIGTERM")
         assert sys.unraisablehook is hook
         signal.signal(signal.SIGINT, record)
-        try:
-            deadline = time.time() + 0.1
-            while time.time() < deadline:
-                time.sleep(0.002)
-        except KeyboardInterrupt:
-            after.append("KeyboardInterrupt")
+        after += _interrupts_within(0.1)
         assert after == []
     finally:
         sys.unraisablehook = hook
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def _interrupts_within(seconds):
+    """``["KeyboardInterrupt"]`` if one arrives while waiting ``seconds``, else ``[]``."""
+    try:
+        deadline = time.time() + seconds
+        while time.time() < deadline:
+            time.sleep(0.002)
+    except KeyboardInterrupt:
+        return ["KeyboardInterrupt"]
+    return []
 
 
 def test_a_dropped_interrupt_is_delivered_once_and_the_hook_is_restored_when_the_block_raises():
@@ -75,12 +81,7 @@ def test_a_dropped_interrupt_is_delivered_once_and_the_hook_is_restored_when_the
                 while time.time() < deadline:
                     time.sleep(0.002)
         assert sys.unraisablehook is hook and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-        try:
-            deadline = time.time() + 0.1
-            while time.time() < deadline:
-                time.sleep(0.002)
-        except KeyboardInterrupt:
-            caught.append("again")
+        caught += _interrupts_within(0.1)
         assert caught == []
     finally:
         sys.unraisablehook = hook

@@ -144,6 +144,18 @@ def _threshold_events(traj, key: str, values: np.ndarray, idx: np.ndarray, steps
     return out
 
 
+def _step_and_hessian_numbers(traj, name, steps):
+    """``(key, values, rows read)`` for the per-step number ``name`` (rows where it is recorded) and for
+    ``name + "_hessian"`` (the rows where the Hessian was refreshed), for those of the two the trajectory holds."""
+    out = []
+    for key in (name, name + "_hessian"):
+        v = scalar(traj, key)
+        if v is not None:
+            read = fresh_mask(traj, key, steps) if key.endswith("hessian") else ~np.isnan(v)
+            out.append((key, v, np.nonzero(read)[0]))
+    return out
+
+
 def detect_shock(traj, *, steps, lr=None, shock_level: float = 1.0, rearm: float = 0.9, slice_shocks=(), **_):
     """``shock``: the shock number ``eta max(0, -kappa)`` of the step (directional curvature along the step; in
     the trajectory of :func:`~quotient_sgd.optim.quotient_trajectory` row ``k`` holds the number of step
@@ -153,11 +165,7 @@ def detect_shock(traj, *, steps, lr=None, shock_level: float = 1.0, rearm: float
     shocks found by the HJ flow on a loss slice, ``[{"step", "shock_time", "strength", ...}]``, reported as
     variant ``"slice"`` events with ``strength = lr / shock_time`` (a step of size ``lr`` reaches the shock)."""
     out = []
-    for key in ("shock_number", "shock_number_hessian"):
-        v = scalar(traj, key)
-        if v is None:
-            continue
-        idx = np.nonzero(fresh_mask(traj, key, steps) if key.endswith("hessian") else ~np.isnan(v))[0]
+    for key, v, idx in _step_and_hessian_numbers(traj, "shock_number", steps):
         out += _threshold_events(traj, key, v, idx, steps, "shock", shock_level, "step", rearm, lr, ("curvature",))
     for sh in slice_shocks:
         t = float(sh["shock_time"])
@@ -394,11 +402,7 @@ def detect_fold(traj, *, steps, lr=None, fold_levels: Sequence[float] = (1.0, 2.
             nesterov)`` at a step read (the decay alone folds the step map: no fold level).
     """
     out = []
-    for key in ("fold_number", "fold_number_hessian"):
-        v = scalar(traj, key)
-        if v is None:
-            continue
-        idx = np.nonzero(fresh_mask(traj, key, steps) if key.endswith("hessian") else ~np.isnan(v))[0]
+    for key, v, idx in _step_and_hessian_numbers(traj, "fold_number", steps):
         out += _fold_events(traj, key, v, idx, steps, lr, fold_levels, rearm, momentum, nesterov, weight_decay,
                             adaptive)
     return out

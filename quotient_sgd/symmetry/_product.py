@@ -451,25 +451,31 @@ class Product(Group):
                     size = jnp.maximum(size, jnp.max(jnp.abs(x)))
             return tuple(xis), it + 1, size
 
-        def cond(carry):
-            _, it, size = carry
-            return (it < self.sweeps) & (size > tol)
-
         def residual(xis):
             f = apply(xis)
             return tuple(c._canonical_element(f) for c in comps)
 
-        def solve(_, xi0):
-            return jax.lax.while_loop(cond, body, (xi0, jnp.asarray(0), jnp.asarray(jnp.inf, tol.dtype)))[0]
+        xi0 = tuple(c._identity(flat) for c in comps) if init is None else tuple(init)
+        return Word(cl, tuple(self._sweep_fixed_point(residual, body, xi0, tol)))
+
+    def _sweep_fixed_point(self, residual, body, x0, tol):
+        """``body`` (one sweep: ``(x, it, size) -> (x', it + 1, largest change)``) repeated from ``x0`` inside a
+        ``lax.while_loop`` until the largest change is at most ``tol`` or after ``self.sweeps`` sweeps, wrapped in
+        ``jax.lax.custom_root`` with the gauge conditions ``residual`` (zero at the fixed point): derivatives by
+        the implicit function theorem, a dense least-squares solve with the linearised conditions."""
+        def cond(carry):
+            _, it, size = carry
+            return (it < self.sweeps) & (size > tol)
+
+        def solve(_, x):
+            return jax.lax.while_loop(cond, body, (x, jnp.asarray(0), jnp.asarray(jnp.inf, tol.dtype)))[0]
 
         def tangent_solve(lin, y):
             yv, unravel = ravel_pytree(y)
             jac = jax.jacfwd(lambda v: ravel_pytree(lin(unravel(v)))[0])(jnp.zeros_like(yv))
             return unravel(jnp.linalg.lstsq(jac, yv)[0])
 
-        xi0 = tuple(c._identity(flat) for c in comps) if init is None else tuple(init)
-        xis = jax.lax.custom_root(residual, jax.lax.stop_gradient(xi0), solve, tangent_solve)
-        return Word(cl, tuple(xis))
+        return jax.lax.custom_root(residual, jax.lax.stop_gradient(x0), solve, tangent_solve)
 
     def _reduced_sweeps(self, cl, comps, flat, init, split, tol) -> Word:
         """:meth:`_sweeps` for a chain of plain rescales and logit translations (:func:`_reduced.split_cluster`):
@@ -493,20 +499,8 @@ class Product(Group):
                 size = jnp.maximum(size, jnp.max(jnp.abs(d), initial=0))
             return tuple(xr), it + 1, size
 
-        def cond(carry):
-            _, it, size = carry
-            return (it < self.sweeps) & (size > tol)
-
-        def solve(_, x0):
-            return jax.lax.while_loop(cond, body, (x0, jnp.asarray(0), jnp.asarray(jnp.inf, tol.dtype)))[0]
-
-        def tangent_solve(lin, y):
-            yv, unravel = ravel_pytree(y)
-            jac = jax.jacfwd(lambda v: ravel_pytree(lin(unravel(v)))[0])(jnp.zeros_like(yv))
-            return unravel(jnp.linalg.lstsq(jac, yv)[0])
-
         xr0 = tuple(comps[i]._identity(flat) if init is None else init[i] for i in resc)
-        xr = jax.lax.custom_root(deltas, jax.lax.stop_gradient(xr0), solve, tangent_solve)
+        xr = self._sweep_fixed_point(deltas, body, xr0, tol)
         elems = dict(zip(resc, xr)) | _reduced.translation_elements(comps, resc, trans, plan, flat, xr)
         return Word(cl, tuple(elems[i] for i in range(len(comps))))
 

@@ -561,9 +561,9 @@ def _sigterm_raises(signals: tuple = (signal.SIGTERM, signal.SIGINT)):
     interrupted run went on to the end; the block's ``sys.unraisablehook`` delivers such a dropped interrupt again
     10 ms later (other unraisable exceptions go to the previous hook), and one still due when the block ends is
     raised as the block ends (after the previous hook and handlers are restored), not sent to the code after the
-    block.  Nothing is changed outside the main
-    thread, nor for a signal that is ignored (``SIG_IGN``: SIGINT in a job started in the background) or whose
-    handler was installed outside Python, nor for SIGINT when a handler other than Python's own is installed."""
+    block.  Nothing is changed outside the main thread, nor for a signal that is ignored (``SIG_IGN``: SIGINT in
+    a job started in the background) or whose handler was installed outside Python, nor for SIGINT when a handler
+    other than Python's own is installed."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -486,15 +486,18 @@ class Product(Group):
         resc, trans, plan = split
         stats = _reduced.squared_stats(plan, _reduced.centred(comps, trans, flat) if trans else flat)
 
+        def delta(xr, j):  # rescale j's balancing log-factor given the others
+            return _reduced.balance_delta(*_reduced.unit_norms_sq(plan, stats, xr, j))
+
         def deltas(xr):
-            return tuple(_reduced.balance_delta(*_reduced.unit_norms_sq(plan, stats, xr, j)) for j in range(len(xr)))
+            return tuple(delta(xr, j) for j in range(len(xr)))
 
         def body(carry):
             xr, it, _ = carry
             xr = list(xr)
             size = jnp.zeros((), tol.dtype)
             for j in range(len(xr)):
-                d = _reduced.balance_delta(*_reduced.unit_norms_sq(plan, stats, xr, j))
+                d = delta(xr, j)
                 xr[j] = xr[j] + d
                 size = jnp.maximum(size, jnp.max(jnp.abs(d), initial=0))
             return tuple(xr), it + 1, size

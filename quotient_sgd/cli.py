@@ -439,9 +439,12 @@ def _main(argv: list[str]) -> int:
         from .config._validate import config_dir_on_path
 
         config_dir_on_path(_config_path(argv[1:]))
+    from .config._configdict import refuse_bool_numbers
+
     try:
         fv = _define_flags(argv)
-        rest = fv(argv)
+        with refuse_bool_numbers():  # (ml_collections runs the config file here)
+            rest = fv(argv)
     except _EnvError as e:
         return _fail(str(e))
     except flags.Error as e:
@@ -494,7 +497,8 @@ def _main(argv: list[str]) -> int:
     from .runner import RunDirError
 
     try:
-        cfg = fv.config
+        with refuse_bool_numbers():
+            cfg = fv.config
         settings = validate(cfg)
     except OSError as e:
         return _fail(f"cannot load the config file: {e}")

@@ -7,7 +7,9 @@ that a bool assigned to a numeric key is refused.
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import threading
+from typing import Any, Iterator
 
 import ml_collections
 import numpy as np
@@ -54,3 +56,40 @@ def strict_config_dict(values: dict) -> StrictConfigDict:
     for k, v in values.items():
         out[k] = strict_config_dict(v) if isinstance(v, dict) else v
     return out
+
+
+_CAST_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def refuse_bool_numbers() -> Iterator[None]:
+    """While the block runs, every ``ml_collections.ConfigDict`` (the plain class too, type-safe or not) refuses a
+    ``bool`` (Python or NumPy) assigned to a key holding a float or an int, with a ``TypeError`` naming the key, the
+    value and what is allowed.
+
+    ``ml_collections`` converts the value at assignment (``_safe_cast``: an ``int`` assigned to a ``float`` key
+    becomes a ``float``, and ``True`` is an ``int``), so a config file building its config from
+    ``ml_collections.ConfigDict`` and writing ``config.optim.lr = True`` handed validation ``1.0``: the original
+    value is gone before validation reads it.  :func:`~quotient_sgd.config.load_config` and the CLI run the
+    config file inside this block.  Where ``ml_collections`` has no ``_safe_cast`` (another version), the block
+    changes nothing."""
+    from ml_collections.config_dict import config_dict as _cd
+
+    original = getattr(_cd, "_safe_cast", None)
+    if original is None:
+        yield
+        return
+
+    def safe_cast(value, field_type, type_safe=False):
+        if isinstance(value, (bool, np.bool_)) and field_type in (float, int):
+            kind = "a float" if field_type is float else "an int"
+            raise TypeError(f"{value!r} is a bool, and the key holds {kind}; write a number (e.g. "
+                            f"{1.0 if field_type is float else 1}), not True/False")
+        return original(value, field_type, type_safe)
+
+    with _CAST_LOCK:
+        _cd._safe_cast = safe_cast
+        try:
+            yield
+        finally:
+            _cd._safe_cast = original

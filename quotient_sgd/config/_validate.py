@@ -596,24 +596,29 @@ def config_module(path: str):
 
 def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None):
     """Import ``path`` (a ``configs/<name>.py`` with ``get_config()``), apply ``{"optim.lr": 0.05}``-style
-    overrides, and return the ConfigDict (validate it with :func:`validate`)."""
+    overrides, and return the ConfigDict (validate it with :func:`validate`).  A ``bool`` assigned to a numeric key
+    meanwhile raises a ``TypeError``, also in a plain ``ml_collections.ConfigDict``
+    (:func:`~quotient_sgd.config._configdict.refuse_bool_numbers`)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist")
-    mod = config_module(path)
-    if not hasattr(mod, "get_config"):
-        raise ConfigError(f"config file {path!r} defines no get_config()")
-    cfg = mod.get_config()
-    for key, value in (overrides or {}).items():
-        node = cfg
-        parts = key.split(".")
-        for p in parts[:-1]:
-            if p not in node:
-                raise ConfigError(f"config.{key}: unknown section {p!r}")
-            node = node[p]
-        if parts[-1] not in node:
-            raise ConfigError(f"config.{key}: unknown key; allowed keys: {sorted(node.keys())}")
-        node[parts[-1]] = value
+    from ._configdict import refuse_bool_numbers
+
+    with refuse_bool_numbers():  # (a plain ConfigDict would store `lr = True` as 1.0, unseen by validation)
+        mod = config_module(path)
+        if not hasattr(mod, "get_config"):
+            raise ConfigError(f"config file {path!r} defines no get_config()")
+        cfg = mod.get_config()
+        for key, value in (overrides or {}).items():
+            node = cfg
+            parts = key.split(".")
+            for p in parts[:-1]:
+                if p not in node:
+                    raise ConfigError(f"config.{key}: unknown section {p!r}")
+                node = node[p]
+            if parts[-1] not in node:
+                raise ConfigError(f"config.{key}: unknown key; allowed keys: {sorted(node.keys())}")
+            node[parts[-1]] = value
     return cfg
 
 

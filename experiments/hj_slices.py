@@ -8,7 +8,10 @@ HJ flow (:func:`quotient_sgd.hj.slice_flow`).  Compared: the inviscid shock time
 small slice: ``L''(0) = lambda_min``); and whether the flow run past the predicted time has formed a shock.  The
 slice shocks are turned into ``shock`` events (variant ``slice``) by :func:`quotient_sgd.diagnostics.detect`.
 
-    python experiments/hj_slices.py [scale=paper]
+    python experiments/hj_slices.py [scale=paper] [model='["hidden=[8]"]']
+
+``model`` holds ``key=value`` overrides of experiment 1's config (the MLP and its data); ``scale=test`` is a
+smoke-test size (a smaller MLP, one slice per checkpoint), not the experiment.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from quotient_sgd.optim import train  # noqa: E402
 
 
 def run(cfg):
-    ecfg = C.load_config("edge_of_stability", [])
+    ecfg = C.load_config("edge_of_stability", list(cfg.model))
     ecfg.seed = cfg.seed
     graphdef, params, _, group, batch = exp1.setup(ecfg)
     loss = functools.partial(C.mse, graphdef)

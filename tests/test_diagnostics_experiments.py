@@ -1,6 +1,7 @@
 """Experiments 1-3: the transition happens, asserted from loss / accuracy / sharpness, and the detector reports it
 within a stated window.  Experiments 1-2 run their fast ``scale=test`` configs, with the CPU defaults marked slow;
-grokking runs its CPU default (the test scale's detection was not reproducible across seeds)."""
+grokking runs its CPU default (the test scale's detection was not reproducible across seeds).  Experiment 5 (HJ
+slices) runs end to end at a smoke size: its output files and the identities between its columns."""
 
 import json
 import os
@@ -162,3 +163,44 @@ def test_grokking_cpu_transition_happens(grok_cpu):
 @pytest.mark.xdist_group("grok_cpu")  # one worker builds the module fixture once
 def test_grokking_cpu_detected(grok_cpu):
     _check_grok_detected(*grok_cpu)
+
+
+def test_hj_slices_smoke(tmp_path, monkeypatch):
+    """Experiment 5 (experiments/hj_slices.py) end to end at its smoke size (``scale=test``: a smaller MLP, one
+    slice per checkpoint): the documented files hold one row per (checkpoint, extent) with finite numbers, the
+    derived columns are what they are documented to be (t* Hessian = 1 / max(0, -lambda_min), the ratio, the
+    shock number lr |lambda_min|), and the ``shock[slice]`` events are exactly the slices whose flow formed a
+    shock."""
+    import hj_slices as E
+
+    monkeypatch.setenv("QSGD_EXPERIMENT_OUT", str(tmp_path))
+    E.main(["scale=test"])
+    cfg = C.load_config("hj_slices", ["scale=test"])
+    d = tmp_path / "hj_slices"
+    for f in ("trajectory.npz", "events.json", "result.json", "result.md", "hj_slices.png"):
+        assert (d / f).is_file() and (d / f).stat().st_size > 0, f
+    res = json.loads((d / "result.json").read_text())
+    rows, lr = res["table"], res["lr"]
+    assert np.isfinite(lr) and lr > 0
+    assert [(r["step"], r["extent"]) for r in rows] == [(s, e) for s in cfg.checkpoints for e in cfg.extents]
+    np.testing.assert_array_equal(np.load(d / "trajectory.npz")["step"], [r["step"] for r in rows])
+    for r in rows:
+        lmin = r["lambda_min (quotient)"]
+        for k in ("lambda_min (quotient)", "t* slice", "L''(0) on slice", "min L'' on slice", "flow t", "nu"):
+            assert np.isfinite(r[k]), (k, r)
+        t_hess = 1.0 / max(0.0, -lmin) if lmin < 0 else np.inf
+        np.testing.assert_allclose(r["t* Hessian"], t_hess, rtol=1e-6)
+        np.testing.assert_allclose(r["ratio slice/Hessian"], r["t* slice"] / r["t* Hessian"], rtol=1e-12)
+        np.testing.assert_allclose(r["shock number lr*|lambda_min|"], lr * max(0.0, -lmin), rtol=1e-6)
+        # the slice's inviscid shock time is -1 / min L'' (up to the two derivative stencils on the grid)
+        assert r["min L'' on slice"] < 0 and r["t* slice"] > 0
+        np.testing.assert_allclose(r["t* slice"], -1.0 / r["min L'' on slice"], rtol=0.25)
+    from quotient_sgd.diagnostics import load_events
+
+    ev = load_events(d / "events.json")
+    shocked = [r for r in rows if isinstance(r["shocks at t"], int) and r["shocks at t"] > 0]
+    # at initialisation the slice is concave enough that the flow, run to twice the predicted time, shocks
+    assert shocked and shocked[0]["step"] == 0
+    assert [(e.kind, e.variant, e.step) for e in ev] == [("shock", "slice", r["step"]) for r in shocked]
+    for e, r in zip(ev, shocked):
+        assert e.details["shock_time"] == r["t* slice"] and e.details["extent"] == r["extent"]

@@ -285,8 +285,11 @@ def _warn_under_resolved(name, form, grid, sol, nu) -> None:
     else:
         advice = "nu=0 has no viscous length to resolve: use scheme='fv'"
     shape = "x".join(str(g.n) for g in grids)
+    # the save time is traced under jax.grad / jax.jvp with respect to t1 (its primal value is concrete outside jit)
+    when = _concrete_value(jax.lax.stop_gradient(sol.ts[i]))
+    at = "" if when is None else f" at t={float(when):.4g}"
     warnings.warn(
-        f"{name}: the spectral solution is under-resolved on the {shape} grid: at t={float(sol.ts[i]):.4g} its "
+        f"{name}: the spectral solution is under-resolved on the {shape} grid:{at} its "
         f"Fourier amplitude in the top modes is {float(tail[i]):.2g} of its peak (above {SPECTRAL_TAIL_WARN:g}; "
         f"a shock thinner than the grid rings, Gibbs); {advice}.  The check is in solution.spectral_tail.",
         UserWarning, stacklevel=3)

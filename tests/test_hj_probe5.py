@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quotient_sgd.hj import Grid, solve_burgers
+from quotient_sgd.hj import find_shocks, Grid, shock_time, solve_burgers
 
 
 def _under_resolved_t1_derivative(mode):
@@ -38,3 +38,32 @@ def test_under_resolved_warning_under_jvp_with_respect_to_t1_alone(x64):
 @pytest.mark.slow
 def test_under_resolved_warning_under_grad_with_respect_to_t1_alone(x64):
     _under_resolved_t1_derivative("grad")
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_, jnp.bfloat16])
+def test_shock_time_and_find_shocks_read_integer_boolean_and_half_precision_fields(dtype):
+    # Integer and boolean fields failed under strict dtype promotion (TypePromotionError / "sub does not accept
+    # dtype bool") while the solvers accept them; they are read as the solvers read them.
+    g = Grid(64, 0.0, 64.0)
+    i = np.arange(64)
+    step = np.where((i >= 20) & (i < 40), 1, 0)  # a unit step up at 20 (expansion) and down at 40 (shock)
+    p = jnp.asarray(step.astype(bool) if dtype == jnp.bool_ else step, dtype)
+    ref = jnp.asarray(step, jnp.float32)
+    assert float(shock_time(p, g)) == float(shock_time(ref, g))
+    assert 0 < float(shock_time(p, g)) < np.inf
+    got, want = find_shocks(p, g).to_list(), find_shocks(ref, g).to_list()
+    assert got == want and len(got) == 1 and abs(got[0]["location"] - 39.5) < 0.5, got
+
+
+def test_shock_time_and_find_shocks_refuse_complex_fields_and_non_grids_by_name():
+    g = Grid(32, -1.0, 1.0)
+    p = jnp.sin(jnp.pi * g.x)
+    for f, arg in ((shock_time, "p0"), (find_shocks, "p")):
+        name = f.__name__
+        with pytest.raises(TypeError, match=f"{name}: {arg} has dtype complex64; the field must be real"):
+            f(p.astype(jnp.complex64), g)
+        with pytest.raises(ValueError, match=f"{name}: grid=32 is not allowed; need a Grid"):
+            f(p, 32)
+    g2 = Grid(16, -1.0, 1.0) * Grid(8, -1.0, 1.0)
+    with pytest.raises(ValueError, match=r"find_shocks: grid is 2-D \(16 x 8\); it takes a 1-D field on a 1-D Grid"):
+        find_shocks(jnp.zeros((16, 8)), g2)

@@ -16,7 +16,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._custom_types import Array
-from ._grid import AnyGrid, Grid
+from ._grid import AnyGrid, Grid, Grid2D
+
+
+def _real_field(name: str, arg: str, p, grid) -> Array:
+    """``p`` as a real floating array, after checking ``grid``: integer and boolean fields in the default float,
+    half-precision ones in float32 (as the solvers do); a complex field is refused by name."""
+    if not isinstance(grid, (Grid, Grid2D)):
+        raise ValueError(f"{name}: grid={grid!r} is not allowed; need a Grid (1-D)"
+                         + (" or Grid2D." if name == "shock_time" else "."))
+    p = jnp.asarray(p)
+    if jnp.issubdtype(p.dtype, jnp.complexfloating):
+        raise TypeError(f"{name}: {arg} has dtype {p.dtype}; the field must be real (float32 or float64).")
+    if not jnp.issubdtype(p.dtype, jnp.floating):
+        return p.astype(jnp.zeros((), float).dtype)
+    return p.astype(jnp.float32) if jnp.finfo(p.dtype).bits < 32 else p
 
 
 def _diff(p: Array, g: Grid, axis: int, *, end_order: int = 4) -> Array:
@@ -61,8 +75,10 @@ def shock_time(p0: Array, grid: AnyGrid) -> Array:
     1-D: the minimum of the fourth-order derivative is refined by a parabola through its three lowest samples.
     2-D (``p0`` of shape ``(2, nx, ny)``): the smallest eigenvalue of the symmetrised Jacobian of p0.
     For Hessian extremes known otherwise (e.g. Lanczos on a network loss) use :func:`shock_time_from_hessian`.
+    Integer and boolean fields are read in the default float, half-precision ones in float32 (as the solvers
+    do); a complex field or a ``grid`` that is not a :class:`Grid` / :class:`Grid2D` is refused by name.
     """
-    p0 = jnp.asarray(p0)
+    p0 = _real_field("shock_time", "p0", p0, grid)
     want = grid.shape if grid.ndim == 1 else (2, *grid.shape)
     if p0.shape != tuple(want):
         raise ValueError(f"shock_time: p0 has shape {p0.shape}; on this grid it must be {tuple(want)}")
@@ -149,17 +165,21 @@ def find_shocks(p: Array, grid: Grid, *, max_shocks: int = 8, min_steepness=None
     Expansion jumps (p increasing) are inadmissible and are not reported unless ``include_inadmissible``, in
     which case peaks of |dp/dx| are candidates and ``admissible`` tells them apart.
 
-    A field with a NaN or infinite entry is refused: a known (not traced) one with a ``ValueError`` naming the
+    Integer and boolean fields are read in the default float, half-precision ones in float32; a complex field, a
+    2-D grid or a ``grid`` that is not a :class:`Grid` is refused by name.  A field with a NaN or infinite entry
+    is refused: a known (not traced) one with a ``ValueError`` naming the
     first bad index, a traced one (under ``jit`` / ``vmap``) when the computation runs, through
     ``equinox.error_if`` (every comparison with NaN is False: it would otherwise report "no shocks").
 
     Returns:
         :class:`Shocks` with ``max_shocks`` slots.
     """
-    p = jnp.asarray(p)
-    if grid.ndim != 1 or p.shape != grid.shape:
-        raise ValueError(f"find_shocks takes a 1-D field of shape {grid.shape}, got {p.shape}; for 2-D fields "
-                         "take 1-D cuts.")
+    p = _real_field("find_shocks", "p", p, grid)
+    if grid.ndim != 1:
+        raise ValueError(f"find_shocks: grid is 2-D ({grid.shape[0]} x {grid.shape[1]}); it takes a 1-D field on a "
+                         "1-D Grid: for 2-D fields take 1-D cuts.")
+    if p.shape != grid.shape:
+        raise ValueError(f"find_shocks takes a 1-D field of shape {grid.shape}, got {p.shape}.")
     from ._solve import _concrete_non_finite, _concrete_value
 
     if _concrete_non_finite(p):  # every comparison with NaN is False: it would report "no shocks"

@@ -162,8 +162,10 @@ def detect_shock(traj, *, steps, lr=None, shock_level: float = 1.0, rearm: float
     ``k - 1``) or
     ``eta max(0, -lambda_min)`` of the horizontal Hessian (``shock_number_hessian``) reaching ``shock_level``:
     characteristics of the coarse-grained flow cross within one step (THEORY section 3).  ``slice_shocks``:
-    shocks found by the HJ flow on a loss slice, ``[{"step", "shock_time", "strength", ...}]``, reported as
-    variant ``"slice"`` events with ``strength = lr / shock_time`` (a step of size ``lr`` reaches the shock)."""
+    shocks found by the HJ flow on a loss slice, ``[{"step", "shock_time", "lr" (optional), ...}]`` (an integer
+    step, a shock time > 0), reported as variant ``"slice"`` events with ``strength = lr / shock_time`` (a step of
+    size ``lr`` reaches the shock; without the entry's ``lr``, the learning rate of its step), the other entries
+    in ``details``."""
     out = []
     for key, v, idx in _step_and_hessian_numbers(traj, "shock_number", steps):
         out += _threshold_events(traj, key, v, idx, steps, "shock", shock_level, "step", rearm, lr, ("curvature",))
@@ -172,7 +174,7 @@ def detect_shock(traj, *, steps, lr=None, shock_level: float = 1.0, rearm: float
         # without its own ``lr`` a slice shock is reached by the step size at its step (the last recorded step at
         # or before it; ``lr[0]`` was used whatever the schedule)
         at = max(0, int(np.searchsorted(steps, int(sh["step"]), side="right")) - 1)
-        eta = float(sh.get("lr", np.nan if lr is None else lr[at]))
+        eta = float(sh.get("lr", np.nan if lr is None or lr.size == 0 else lr[at]))  # (no rows: no step's lr)
         out.append(Event(int(sh["step"]), "shock", eta / t if t > 0 else float("inf"),
                          {"shock_time": t}, "slice", False, {k: v for k, v in sh.items() if k != "step"}))
     return out
@@ -743,6 +745,23 @@ def detect_transition(traj, *, steps, transition_keys: Sequence[str] | None = No
     return out
 
 
+def _check_hessian_step(hs, shape) -> None:
+    """``hessian_step`` holds one integer per row (the step of the Hessian refresh a row holds; ``-1`` or NaN:
+    none yet), else ValueError naming it: a ``(steps, k)`` array failed in a bare broadcast error, strings in a
+    bare float conversion, and ``2.5`` was truncated to 2."""
+    hs = np.asarray(hs)
+    if hs.shape != shape or hs.dtype.kind not in "iuf":
+        raise ValueError(f"detect: the trajectory's 'hessian_step' key must hold one integer per row of 'loss' "
+                         f"(shape {shape}; -1 or NaN before the first refresh); got shape {hs.shape}, dtype "
+                         f"{hs.dtype}")
+    with np.errstate(invalid="ignore"):
+        bad = np.nonzero(np.isfinite(hs) & (hs != np.round(hs)))[0] if hs.dtype.kind == "f" else np.array([], int)
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"detect: the trajectory's 'hessian_step' key must hold integer steps (-1 or NaN before "
+                         f"the first refresh); got hessian_step[{i}] = {hs[i]!r} ({bad.size} non-integer value(s))")
+
+
 _DETECTORS = {
     "divergence": detect_divergence, "shock": detect_shock, "fold": detect_fold,
     "edge_of_stability": detect_edge_of_stability, "loss_spike": detect_loss_spike,
@@ -813,6 +832,8 @@ def detect(trajectory, *, lr=None, kinds: Iterable[str] | None = None, start_ste
                          "last value held, or NaN between records (Hessian keys: with 'hessian_step' marking the "
                          "refreshes), as quotient_trajectory records them; of a swept trajectory pass one member, "
                          "every key")
+    if "hessian_step" in traj:
+        _check_hessian_step(traj["hessian_step"], shape)
     steps = steps_of(traj, start_step)
     lr_arr = learning_rate(traj, lr, len(steps))
     events: list[Event] = []

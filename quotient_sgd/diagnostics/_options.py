@@ -38,6 +38,20 @@ def _levels(v) -> bool:
     return len(v) > 0 and all(_real(x) and x > 0 for x in v)
 
 
+def _slice_shock(s) -> bool:
+    """One entry of ``slice_shocks``: a mapping with an integer ``step`` (``2.0`` counts; ``2.5`` was truncated to
+    2, a string failed in a bare ``int()``), a ``shock_time > 0`` (``inf``: a slice that never shocks, strength 0;
+    NaN or a negative time gave an event of strength NaN or ``inf``) and, if given, a finite ``lr >= 0``."""
+    if not isinstance(s, Mapping) or "step" not in s or "shock_time" not in s:
+        return False
+    st = s["step"]
+    step_ok = _int(st) or (_real(st) and float(st).is_integer())
+    lr_ok = "lr" not in s or (_real(s["lr"]) and s["lr"] >= 0)
+    t = s["shock_time"]
+    t_ok = isinstance(t, numbers.Real) and not isinstance(t, bool) and t > 0  # (> 0 is False for NaN; inf: none)
+    return step_ok and t_ok and lr_ok
+
+
 def _transform(v) -> bool:
     if isinstance(v, Mapping):
         return all(isinstance(k, str) and x in _TRANSFORMS for k, x in v.items())
@@ -76,8 +90,9 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "divergence_factor": (lambda v: _real(v) and v > 1, "a finite number > 1"),
     "divergence_patience": (lambda v: _int(v) and v >= 1, "an integer >= 1 (steps)"),
     "slice_shocks": (lambda v: not isinstance(v, (str, bytes, Mapping)) and hasattr(v, "__iter__")
-                     and all(isinstance(s, Mapping) and "step" in s and "shock_time" in s for s in v),
-                     "a sequence of mappings with 'step' and 'shock_time'"),
+                     and all(_slice_shock(s) for s in v),
+                     "a sequence of mappings with an integer 'step', a 'shock_time' > 0 (not NaN) and, if given, a "
+                     "finite 'lr' >= 0"),
 }
 
 OPTIONS = tuple(_CHECKS)

@@ -83,10 +83,12 @@ def steps_of(traj: Mapping[str, np.ndarray], start_step: int = 0) -> np.ndarray:
             raise ValueError(f"detect: the trajectory's 'step' key must hold integer step numbers; got dtype "
                              f"{raw.dtype}")
         with np.errstate(invalid="ignore"):
-            bad = np.nonzero(raw != np.round(raw))[0]  # NaN (a live chunk without steps), 2.5
+            # NaN (a live chunk without steps), 2.5, +-inf and values past int64 (cast to -2^63, whose difference
+            # with the previous step wrapped round to a positive number: read as increasing)
+            bad = np.nonzero((raw != np.round(raw)) | (np.abs(raw) >= 2.0 ** 62))[0]
         if bad.size:
-            raise ValueError(f"detect: the trajectory's 'step' key must hold integer step numbers; got step[{bad[0]}]"
-                             f" = {raw[bad[0]]} ({bad.size} non-integer value(s))")
+            raise ValueError(f"detect: the trajectory's 'step' key must hold integer step numbers (finite, of "
+                             f"magnitude < 2**62); got step[{bad[0]}] = {raw[bad[0]]} ({bad.size} such value(s))")
         steps = raw.astype(np.int64)
         back = np.nonzero(np.diff(steps) <= 0)[0]
         if back.size:
@@ -146,8 +148,14 @@ def refresh_step(traj: Mapping[str, np.ndarray], i: int, steps: np.ndarray) -> i
 
 
 def learning_rate(traj: Mapping[str, np.ndarray], lr, n: int) -> np.ndarray | None:
-    """Per-step learning rate from the ``lr`` argument (number or array) or the ``lr``/``learning_rate`` key
-    (one value per step, or a single value for the whole run)."""
+    """Per-step learning rate from the ``lr`` argument (number or array; finite, >= 0) or the ``lr`` /
+    ``learning_rate`` key (one value per step, or a single value for the whole run; real numbers >= 0, NaN where
+    a row has none, e.g. a live chunk recorded before the key was: those rows are read without a learning
+    rate).
+
+    Raises:
+        ValueError: a learning rate that is negative, infinite (or NaN, in the argument), or not real numbers,
+            or of another shape."""
     if lr is not None:
         try:
             arr = np.asarray(lr, dtype=np.float64)
@@ -161,7 +169,19 @@ def learning_rate(traj: Mapping[str, np.ndarray], lr, n: int) -> np.ndarray | No
         return np.broadcast_to(arr, (n,)).copy()
     for k in ("lr", "learning_rate"):
         if k in traj:
-            v = np.asarray(traj[k], dtype=np.float64)
+            v = np.asarray(traj[k])
+            if v.dtype.kind not in "iuf":  # strings failed in a bare float conversion
+                raise ValueError(f"detect: the trajectory's {k!r} key must hold real numbers (the learning rate "
+                                 f"of each step); got dtype {v.dtype}")
+            v = v.astype(np.float64)
+            with np.errstate(invalid="ignore"):
+                bad = np.flatnonzero(np.isinf(v) | (v < 0))  # (a 0-d value: the run's constant lr)
+            if bad.size:
+                # as for the lr argument: eta < 0 with a negative sharpness read as past the edge of stability
+                i = int(bad[0])
+                raise ValueError(f"detect: the trajectory's {k!r} key must hold learning rates >= 0 (finite, or NaN "
+                                 f"for a row without one); got {float(v.reshape(-1)[i])!r} at row {i} "
+                                 f"({bad.size} such value(s))")
             if v.size == 1:  # a run's constant learning rate stored once
                 return np.full(n, float(v.reshape(())))
             if v.shape != (n,):

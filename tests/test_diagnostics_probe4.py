@@ -1,0 +1,134 @@
+"""Detectors on malformed inputs met in use: non-finite step numbers, a learning-rate key that is negative,
+infinite or not numbers, a ``hessian_step`` key of another shape or dtype, ``slice_shocks`` entries that are not
+an integer step and a positive shock time; and a live detector fed random chunkings of a trajectory that has
+every kind of event."""
+
+import numpy as np
+import pytest
+
+from quotient_sgd.diagnostics import LiveDetector, detect
+
+
+def _spiky(n=61):
+    return np.r_[np.ones(n // 2), [3.0], np.ones(n - n // 2 - 1)]
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, 1e300])
+def test_a_non_finite_or_huge_step_number_is_refused_by_name(bad):
+    """``inf`` was cast to -2^63, whose difference with the previous step wraps round to a positive number, so
+    the steps passed as strictly increasing and the row was reported at step -9223372036854775808."""
+    loss = _spiky()
+    step = np.r_[np.arange(60.0), bad]
+    with pytest.raises(ValueError, match=r"'step' key must hold integer step numbers.*step\[60\] = "):
+        detect({"loss": loss, "step": step}, kinds=["loss_spike"])
+    # the same steps, finite, are read
+    assert [e.step for e in detect({"loss": loss, "step": np.arange(61.0)}, kinds=["loss_spike"])] == [30]
+
+
+def test_a_learning_rate_key_is_checked_like_the_lr_argument():
+    """A negative ``lr`` key with a negative sharpness read as past the edge of stability (the ``lr`` argument
+    refuses it); a string key failed in a bare float conversion.  NaN rows (a live chunk recorded before the key
+    was) are still read as rows without a learning rate."""
+    n = 50
+    neg = {"loss": np.ones(n), "sharpness_quotient": np.full(n, -25.0)}
+    with pytest.raises(ValueError, match="lr"):
+        detect(neg, lr=-0.1, kinds=["edge_of_stability"])
+    for key in ("lr", "learning_rate"):
+        for bad, match in ((np.full(n, -0.1), r"learning rates >= 0.*-0\.1 at row 0"),
+                           (np.r_[np.full(n - 1, 0.1), np.inf], f"row {n - 1}"),
+                           (np.array(["0.1"] * n), "real numbers.*<U3")):
+            with pytest.raises(ValueError, match=f"'{key}' key must hold"):
+                detect({**neg, key: bad}, kinds=["edge_of_stability"])
+            with pytest.raises(ValueError, match=match):
+                detect({**neg, key: bad}, kinds=["edge_of_stability"])
+    # NaN rows: no learning rate there, the rest read (the crossing of 25 * 0.1 = 2.5 at the first row with one)
+    lr = np.r_[np.full(20, np.nan), np.full(30, 0.1)]
+    ev = detect({"loss": np.ones(n), "sharpness_quotient": np.full(n, 25.0), "lr": lr}, kinds=["edge_of_stability"])
+    assert sorted((e.step, e.details["level"]) for e in ev) == [(20, 1.0), (20, 2.0)]
+
+
+@pytest.mark.parametrize("hs, match", [
+    (np.zeros((10, 2)), r"shape \(10, 2\)"),           # one column per Hessian: a bare broadcast error
+    (np.array(["0"] * 10), "dtype <U1"),                # strings: a bare float conversion error
+    (np.r_[0.0, 0.0, 2.5, np.full(7, 2.5)], r"hessian_step\[2\] = "),  # 2.5 was truncated to 2
+])
+def test_a_hessian_step_key_that_is_not_one_integer_per_row_is_refused_by_name(hs, match):
+    traj = {"loss": np.ones(10), "sharpness_quotient": np.full(10, 30.0)}
+    ok = detect({**traj, "hessian_step": np.r_[-1, np.zeros(4), np.full(5, 5)]}, lr=0.1, kinds=["edge_of_stability"])
+    assert [e.step for e in ok] == [1, 1]  # -1: no refresh yet; the refresh of step 0 first seen at row 1
+    with pytest.raises(ValueError, match="'hessian_step' key") as err:
+        detect({**traj, "hessian_step": hs}, lr=0.1, kinds=["edge_of_stability"])
+    assert err.match(match)
+    # NaN, a row without a refresh (live chunks), is still allowed
+    nan_hs = np.r_[np.nan, np.zeros(4), np.full(5, 5.0)]
+    assert [e.step for e in detect({**traj, "hessian_step": nan_hs}, lr=0.1, kinds=["edge_of_stability"])] == [1, 1]
+
+
+@pytest.mark.parametrize("entry", [
+    {"step": "3", "shock_time": 1.0},   # a bare int() error deep inside
+    {"step": 2.5, "shock_time": 1.0},   # truncated to step 2
+    {"step": 3, "shock_time": np.nan},  # an event of strength NaN
+    {"step": 3, "shock_time": -1.0},    # an event of strength inf
+    {"step": 3, "shock_time": 0.0},
+    {"step": 3, "shock_time": 1.0, "lr": -0.1},
+])
+def test_slice_shocks_need_an_integer_step_and_a_positive_shock_time(entry):
+    with pytest.raises(ValueError, match="slice_shocks=.*integer 'step'.*'shock_time' > 0"):
+        detect({"loss": np.ones(10)}, lr=0.1, kinds=["shock"], slice_shocks=[entry])
+    with pytest.raises(ValueError, match="slice_shocks"):
+        LiveDetector(kinds=["shock"], slice_shocks=[entry])
+    # what is allowed: 3.0 for step 3, an infinite shock time (strength 0), an own lr
+    ev = detect({"loss": np.ones(10)}, lr=0.1, kinds=["shock"],
+                slice_shocks=[{"step": 3.0, "shock_time": 0.5}, {"step": 4, "shock_time": np.inf},
+                              {"step": 5, "shock_time": 0.5, "lr": 0.2}])
+    assert [(e.step, e.strength) for e in ev] == [(3, 0.1 / 0.5), (4, 0.0), (5, 0.2 / 0.5)]
+
+
+def test_slice_shocks_on_an_empty_trajectory_have_no_learning_rate_of_their_step():
+    """With ``lr`` given and no rows, the learning rate of the shock's step was read from an empty array
+    (IndexError)."""
+    (e,) = detect({"loss": np.ones(0)}, lr=0.1, kinds=["shock"], slice_shocks=[{"step": 0, "shock_time": 1.0}])
+    assert e.step == 0 and np.isnan(e.strength)
+    (e,) = detect({"loss": np.ones(0)}, lr=0.1, kinds=["shock"],
+                  slice_shocks=[{"step": 0, "shock_time": 2.0, "lr": 0.5}])
+    assert e.strength == 0.25
+
+
+def _rich(seed, n=400, every=5):
+    """A trajectory with a catapult-like spike and sharpness drop, noisy fold / shock numbers, Hessian refreshes
+    every ``every`` steps, a rate change of the canonical gradient norm and (some seeds) non-finite losses."""
+    r = np.random.default_rng(seed)
+    t = int(r.integers(80, n - 120))
+    loss = np.exp(np.cumsum(-2e-3 + 0.02 * r.standard_normal(n)))
+    loss[t:t + 8] *= np.array([3, 10, 30, 10, 3, 2, 1.5, 1.2])
+    if seed % 2:
+        loss[n - 30] = np.inf
+    sh = np.where(np.arange(n) < t + 10, 25.0, 12.0) + r.standard_normal(n)
+    shq = np.where(np.arange(n) % every == 0, sh, np.nan)
+    gn = np.exp(np.cumsum(np.where(np.arange(n) < n // 2, 0.0, 0.01) + 0.003 * r.standard_normal(n)))
+    return {"loss": loss, "sharpness_quotient": shq, "sharpness_horizontal": 1.3 * shq, "sharpness_raw": 2 * shq,
+            "hessian_step": (np.arange(n) // every) * every, "fold_number": np.abs(2.5 * r.standard_normal(n)),
+            "shock_number": np.abs(0.8 * r.standard_normal(n)), "grad_norm_canonical": gn,
+            "lr": np.full(n, 0.1), "step": 7 + np.arange(n)}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_live_detector_on_random_chunkings_equals_one_detect_call_for_every_kind(seed):
+    tr = _rich(seed)
+    n = len(tr["loss"])
+    full = detect(tr, horizon=n, spike_smooth=3)
+    assert {e.kind for e in full} >= {"catapult", "edge_of_stability", "fold", "loss_spike", "shock", "transition"}
+    r = np.random.default_rng(100 + seed)
+    cuts = np.sort(r.choice(np.arange(1, n), size=int(r.integers(1, 25)), replace=False))
+    live = LiveDetector(horizon=n, spike_smooth=3)
+    for a, b in zip(np.r_[0, cuts], np.r_[cuts, n]):
+        live.update({k: v[a:b] for k, v in tr.items()})
+    got = sorted(live.events, key=lambda e: (e.step, e.kind, e.variant))
+    assert [e.to_dict() for e in got] == [e.to_dict() for e in full]
+
+
+def test_a_learning_rate_stored_once_is_checked_too():
+    traj = {"loss": np.ones(50), "sharpness_quotient": np.full(50, -25.0)}
+    with pytest.raises(ValueError, match=r"'lr' key must hold learning rates >= 0.*-0\.1 at row 0"):
+        detect({**traj, "lr": np.float64(-0.1)}, kinds=["edge_of_stability"])
+    assert detect({**traj, "lr": np.float64(0.1)}, kinds=["edge_of_stability"]) == []

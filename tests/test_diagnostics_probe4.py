@@ -132,3 +132,17 @@ def test_a_learning_rate_stored_once_is_checked_too():
     with pytest.raises(ValueError, match=r"'lr' key must hold learning rates >= 0.*-0\.1 at row 0"):
         detect({**traj, "lr": np.float64(-0.1)}, kinds=["edge_of_stability"])
     assert detect({**traj, "lr": np.float64(0.1)}, kinds=["edge_of_stability"]) == []
+
+
+@pytest.mark.parametrize("key", ["sharpness_quotient", "sharpness_horizontal", "fold_number", "shock_number_hessian",
+                                 "grad_norm_canonical"])
+def test_a_read_key_with_a_column_per_step_is_refused_not_skipped(key):
+    """``(steps, 1)`` (a column vector) was read as a missing key: crossings of every level gave no event."""
+    n = 20
+    traj = {"loss": np.ones(n), key: np.full(n, 50.0)}
+    if key != "grad_norm_canonical":  # (a transition needs more rows)
+        assert detect(traj, lr=0.1)  # one value per step: level crossings
+    with pytest.raises(ValueError, match=rf"'{key}'.*one value per step.*\(20, 1\)"):
+        detect({**traj, key: np.full((n, 1), 50.0)}, lr=0.1)
+    # the top-k keys are (steps, k) by design and still allowed
+    assert detect({**traj, "hessian_top_quotient": np.full((n, 3), 50.0)}, lr=0.1) == detect(traj, lr=0.1)

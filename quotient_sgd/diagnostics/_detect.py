@@ -745,6 +745,13 @@ def detect_transition(traj, *, steps, transition_keys: Sequence[str] | None = No
     return out
 
 
+#: Keys the detectors read as one value per step (besides ``loss``, ``step`` and ``lr``).
+_SCALAR_KEYS = tuple(dict.fromkeys(
+    [k for keys in SHARPNESS_KEYS.values() for k in keys if k.startswith("sharpness_")]
+    + ["fold_number", "shock_number", "fold_number_hessian", "shock_number_hessian", "curvature",
+       "gauge_factor_charges", "grad_norm", "grad_norm_canonical"]))
+
+
 def _check_hessian_step(hs, shape) -> None:
     """``hessian_step`` holds one integer per row (the step of the Hessian refresh a row holds; ``-1`` or NaN:
     none yet), else ValueError naming it: a ``(steps, k)`` array failed in a bare broadcast error, strings in a
@@ -832,6 +839,13 @@ def detect(trajectory, *, lr=None, kinds: Iterable[str] | None = None, start_ste
                          "last value held, or NaN between records (Hessian keys: with 'hessian_step' marking the "
                          "refreshes), as quotient_trajectory records them; of a swept trajectory pass one member, "
                          "every key")
+    # a read key with one column per step, (steps, 1) or (steps, k), was skipped like a missing one: its detector
+    # gave no events without a word (the hessian_top_* / hessian_bottom_* keys are (steps, k) by design)
+    wide = {k: np.shape(traj[k]) for k in _SCALAR_KEYS if k in traj and np.ndim(traj[k]) != 1}
+    if wide:
+        raise ValueError(f"detect: the trajectory's keys {sorted(wide)} must hold one value per step, shape "
+                         f"{shape}; got shapes {wide} (a column vector: take [:, 0]; the top eigenvalues of a "
+                         "Hessian: the first column, as quotient_trajectory's sharpness_* keys hold it)")
     if "hessian_step" in traj:
         _check_hessian_step(traj["hessian_step"], shape)
     steps = steps_of(traj, start_step)

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quotient_sgd.hj import find_shocks, Grid, shock_time, solve_burgers
+from quotient_sgd.hj import (cole_hopf, cole_hopf_gradient, cole_hopf_monte_carlo, find_shocks, Grid, shock_time,
+                             slice_flow, solve_burgers, solve_hj)
 
 
 def _under_resolved_t1_derivative(mode):
@@ -67,3 +68,30 @@ def test_shock_time_and_find_shocks_refuse_complex_fields_and_non_grids_by_name(
     g2 = Grid(16, -1.0, 1.0) * Grid(8, -1.0, 1.0)
     with pytest.raises(ValueError, match=r"find_shocks: grid is 2-D \(16 x 8\); it takes a 1-D field on a 1-D Grid"):
         find_shocks(jnp.zeros((16, 8)), g2)
+
+
+@pytest.mark.parametrize("value", ["0.1", None, 0.1 + 1j, True])
+def test_solves_and_cole_hopf_refuse_a_time_or_viscosity_that_is_not_a_real_number(value):
+    # A string "0.1" was read as 0.1 and a bool as 0 / 1 (both solved); None and complex numbers failed with
+    # unnamed errors ("None is not a valid value for jnp.array", "float() argument must be ...").
+    g = Grid(8, -1.0, 1.0)
+    calls = {
+        "solve_burgers: nu": lambda: solve_burgers(jnp.zeros(8), g, nu=value, t1=0.1),
+        "solve_hj: t1": lambda: solve_hj(jnp.zeros(8), g, nu=0.1, t1=value),
+        "solve_burgers: dt": lambda: solve_burgers(jnp.zeros(8), g, nu=0.1, t1=0.1, dt=value),
+        "cole_hopf: t": lambda: cole_hopf(jnp.cos, jnp.zeros(3), value, 0.1),
+        "cole_hopf_gradient: nu": lambda: cole_hopf_gradient(jnp.cos, jnp.zeros(3), 0.1, value),
+        "cole_hopf_monte_carlo: nu": lambda: cole_hopf_monte_carlo(jnp.cos, jnp.zeros(()), 0.1, value,
+                                                                     key=jax.random.key(0)),
+        "slice_flow: eta": lambda: slice_flow(lambda q: jnp.sum(q * q), jnp.zeros(2), jnp.asarray([1.0, 0.0]),
+                                              extent=1.0, n=8, eta=value, k=1, nu=0.1),
+    }
+    for what, call in calls.items():
+        if value is None and what.endswith("dt"):
+            continue  # dt=None means adaptive steps
+        with pytest.raises(TypeError, match=f"{what}={value!r} is not allowed; need a real number".replace(
+                "(", r"\(").replace(")", r"\)").replace("+", r"\+")):
+            call()
+    # real numbers of any kind still pass: a Python int, a NumPy float, a 0-d float32 array
+    for nu in (1, np.float64(0.1), jnp.asarray(0.1, jnp.float32)):
+        assert solve_burgers(jnp.zeros(8), g, nu=nu, t1=0.01, dt=0.01).ps.shape == (1, 8)

@@ -169,8 +169,9 @@ def _check_positive(name: str, **values) -> None:
     """``ValueError`` naming the argument when a known (not traced) ``t`` or ``nu`` is not a finite number > 0: the
     Cole-Hopf kernel needs both (``nu = 0`` is the inviscid limit, the Hopf-Lax formula; ``t = 0`` is the loss
     itself; a NaN or infinite one made every value NaN)."""
-    from ._solve import _concrete_negative, _concrete_non_finite
+    from ._solve import _check_real, _concrete_negative, _concrete_non_finite
 
+    _check_real(name, **values)
     for arg, value in values.items():
         bad = _concrete_negative(value, strict=True)
         if bad is not None:

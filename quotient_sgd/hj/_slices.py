@@ -181,8 +181,9 @@ def slice_flow(loss_fn: Callable, params, directions, *, extent: float, n: int, 
                 "; the flow's time t = eta * k holds in the slice coordinates only for orthonormal directions (a "
                 "direction of norm s divides the shock time by s^2).  Normalise them or pass orthonormalize=True.")
     dim = len(ds)
-    from ._solve import _concrete_value
+    from ._solve import _check_real, _concrete_value
 
+    _check_real("slice_flow", eta=eta, k=k, nu=nu)
     for arg, value in (("eta", eta), ("k", k), ("nu", nu)):
         a = _concrete_value(value)  # None when traced (checked by solve_hj as t1 = eta * k and nu)
         if a is not None and not (np.all(np.isfinite(a)) and np.all(a >= 0)):

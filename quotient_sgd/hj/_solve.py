@@ -117,6 +117,25 @@ def _concrete_value(value, dtype=float):
         return None
 
 
+def _check_real(name: str, **values) -> None:
+    """``TypeError`` naming the argument when a number (``nu``, ``t1``, ...) is not a real integer or float: a
+    string (``"0.1"`` was read as 0.1), ``None``, a bool or a complex number (each failed with an unnamed error, or
+    not at all).  ``None`` is skipped for the optional ``dt`` / ``dt0``; traced values are checked by dtype."""
+    for arg, value in values.items():
+        if value is None and arg in ("dt", "dt0"):
+            continue
+        dtype = None
+        if value is not None and not isinstance(value, (str, bytes)):
+            try:
+                dtype = jnp.result_type(value)
+            except TypeError:
+                dtype = None
+        if dtype is None or dtype == jnp.bool_ or not (jnp.issubdtype(dtype, jnp.floating)
+                                                       or jnp.issubdtype(dtype, jnp.integer)):
+            raise TypeError(f"{name}: {arg}={value!r} is not allowed; need a real number (an int or float, or a "
+                            "real array of one; not a string, bool or complex number).")
+
+
 def _concrete_negative(value, strict: bool):
     """``value`` when it is a known number below zero (or equal to zero with ``strict``), else ``None`` (also for
     traced values, which cannot be checked here)."""
@@ -181,6 +200,7 @@ def _solve(form, name, y0, grid, *, nu, t1, ts, scheme, solver, rtol, atol, max_
             f"{name}: BacksolveAdjoint is not supported: its backward-in-time solve of the viscous equation is "
             "anti-diffusive (ill-posed) and blows up. Use the default RecursiveCheckpointAdjoint()."
         )
+    _check_real(name, nu=nu, t1=t1, dt=dt, dt0=dt0)
     for arg, value, allowed in (("nu", nu, "nu >= 0 (the viscous equation runs forward in time; nu < 0 is "
                                  "anti-diffusive, ill-posed)"), ("t1", t1, "t1 >= 0"), ("dt", dt, "dt > 0"),
                                 ("dt0", dt0, "dt0 > 0")):

@@ -389,7 +389,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     try:
         with _sigterm_raises((signal.SIGINT,)):  # (a Ctrl-C in a gc callback while importing is delivered too)
-            return _main(argv)
+            try:
+                return _main(argv)
+            except Exception as e:  # an interrupt an extension module re-raised as another exception
+                interrupt = _interrupt_in(e)
+                if interrupt is None:
+                    raise
+                raise interrupt from None
     except KeyboardInterrupt:  # Ctrl-C before run or sweep started (importing, validating) or during report
         if "report" in argv[1:]:
             return _fail("interrupted; run the same report command again to redraw the plots and summary.md",
@@ -545,6 +551,22 @@ def _main(argv: list[str]) -> int:
         return _fail(_interrupted(workdir, "terminated (SIGTERM)"), code=128 + signal.SIGTERM)
     except KeyboardInterrupt:
         return _fail(_interrupted(workdir), code=130)
+    except Exception as e:  # e.g. ImportError("initialization failed") of a matplotlib module Ctrl-C interrupted
+        interrupt = _interrupt_in(e)
+        if interrupt is None:
+            raise
+        if isinstance(interrupt, _Terminated):
+            return _fail(_interrupted(workdir, "terminated (SIGTERM)"), code=128 + signal.SIGTERM)
+        return _fail(_interrupted(workdir), code=130)
+
+
+def _interrupt_in(exc: BaseException):
+    """The ``KeyboardInterrupt`` (Ctrl-C, or :class:`_Terminated`) that ``exc`` was raised from, else ``None``
+    (:func:`quotient_sgd._interrupt.interrupt_in`: pybind11 extension modules, those of matplotlib, turn an
+    interrupt during their first import into an ``ImportError``)."""
+    from ._interrupt import interrupt_in
+
+    return interrupt_in(exc)
 
 
 class _Terminated(KeyboardInterrupt):

@@ -66,3 +66,84 @@ def test_cli_plain_configdict_bool_lr_is_refused(tmp_path, monkeypatch, capsys):
     assert code == 2, err
     assert f"config.optim.lr = True (in {path}, line 8): expected a float, got bool" in err, err
     assert "Traceback" not in err and os.listdir(work) == []
+
+
+class _InterruptedInit:
+    """A meta-path finder whose module raises as a pybind11 extension does when Ctrl-C lands in its
+    initialisation: ``ImportError("initialization failed")`` raised from the ``KeyboardInterrupt``."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def find_spec(self, fullname, path=None, target=None):
+        import importlib.util
+
+        return importlib.util.spec_from_loader(fullname, self) if fullname == self.name else None
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise ImportError("initialization failed") from e
+
+
+def test_plt_raises_the_interrupt_not_the_import_error(monkeypatch):
+    """Ctrl-C during the first import of matplotlib (its pybind11 modules make of it an ImportError) reaches the
+    caller as the KeyboardInterrupt."""
+    import sys
+
+    from quotient_sgd.runner import _report
+
+    monkeypatch.delitem(sys.modules, "matplotlib.pyplot", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [_InterruptedInit("matplotlib.pyplot"), *sys.meta_path])
+    with pytest.raises(KeyboardInterrupt):
+        _report._plt()
+    monkeypatch.setattr(sys, "meta_path", [_InterruptedInit("matplotlib.pyplot.other"), *sys.meta_path[1:]])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # an ImportError of another cause stays one
+    with pytest.raises(ImportError):
+        _report._plt()
+
+
+def test_prefetch_thread_failure_prints_nothing(monkeypatch):
+    """The background import of pyplot failing (an interrupted import left matplotlib broken) printed an
+    ImportError traceback from its thread after the command's interrupt message."""
+    import sys
+    import threading
+
+    from quotient_sgd.runner import _report
+
+    seen = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: seen.append(args.exc_type))
+    monkeypatch.delitem(sys.modules, "matplotlib.pyplot", raising=False)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    before = set(threading.enumerate())
+    _report.prefetch_plotting()
+    for t in set(threading.enumerate()) - before:
+        t.join(10)
+    assert seen == []
+
+
+@pytest.mark.parametrize("cmd", ["run", "report"])
+def test_cli_interrupt_raised_as_import_error_exits_130(tmp_path, monkeypatch, capsys, cmd):
+    """The command reports an interrupt that a library re-raised as another exception (an ImportError from a
+    KeyboardInterrupt) as the interrupt: the clean message and status 130, no traceback."""
+    import quotient_sgd.runner as runner
+
+    def interrupted(*a, **k):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise ImportError("initialization failed") from e
+
+    monkeypatch.setattr(runner, cmd, interrupted)
+    monkeypatch.chdir(tmp_path)
+    work = tmp_path / "r"
+    argv = (["quotient-sgd", "run", "--config.steps=2", f"--workdir={work}"] if cmd == "run"
+            else ["quotient-sgd", "report", str(work)])
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 130, err
+    assert "interrupted" in err and "Traceback" not in err and "ImportError" not in err, err

@@ -10,6 +10,7 @@ import threading
 import numpy as np
 
 from .._durable import durable_write
+from .._interrupt import interrupt_in
 from ..config import Settings, validate
 from ._rundir import load_trajectory, read_metrics, write_json
 
@@ -22,19 +23,37 @@ _PLT_LOCK = threading.Lock()
 
 
 def _plt():
+    """matplotlib's pyplot, imported (once) with the Agg backend.  An interrupt during the import is raised as
+    the ``KeyboardInterrupt`` it is (:func:`interrupt_in`), not as the ``ImportError`` an extension module made
+    of it."""
     with _PLT_LOCK:  # one import at a time (prefetch_plotting's thread and the report)
-        import matplotlib
+        try:
+            import matplotlib
 
-        matplotlib.use("Agg", force=True)
-        import matplotlib.pyplot as plt
+            matplotlib.use("Agg", force=True)
+            import matplotlib.pyplot as plt
+        except Exception as e:
+            interrupt = interrupt_in(e)
+            if interrupt is None:
+                raise
+            raise interrupt from None
 
     return plt
 
 
+def _prefetch() -> None:
+    try:
+        _plt()
+    except BaseException:  # noqa: BLE001  (a prefetch: the plots import again in the caller's thread, and report
+        pass            # what fails there; from this thread a failure printed a traceback past the command's end)
+
+
 def prefetch_plotting() -> None:
     """Import matplotlib's pyplot (~0.9 s) on a background thread: started before a run's first compilation,
-    which releases the GIL, the import overlaps it and the report at the end finds the module loaded."""
-    threading.Thread(target=_plt, daemon=True, name="quotient_sgd-import-pyplot").start()
+    which releases the GIL, the import overlaps it and the report at the end finds the module loaded.  A failure
+    of that import is silent (nothing is printed from the thread): the plots import pyplot again in the calling
+    thread, which raises what fails."""
+    threading.Thread(target=_prefetch, daemon=True, name="quotient_sgd-import-pyplot").start()
 
 
 def _series(traj: dict, prefix: str) -> dict[str, np.ndarray]:

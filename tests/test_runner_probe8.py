@@ -147,3 +147,25 @@ def test_cli_interrupt_raised_as_import_error_exits_130(tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert code == 130, err
     assert "interrupted" in err and "Traceback" not in err and "ImportError" not in err, err
+
+
+def test_run_into_a_sweep_member_directory_is_refused(tmp_path):
+    """``quotient-sgd run --workdir=<sweep>/members/000`` with the member's resolved config resumed the member as a
+    run (adding checkpoints/, rewriting run.json, truncating and appending its metric rows), unlocked: the
+    sweep's lock is on the sweep directory.  It is refused, and nothing is written."""
+    import json
+
+    from quotient_sgd.runner import RunDirError
+    from quotient_sgd.runner._rundir import check_workdir
+    from tests.helpers import tiny_settings
+
+    s = tiny_settings(steps=4)
+    member = tmp_path / "sw" / "members" / "000"
+    member.mkdir(parents=True)
+    (member / "config.json").write_text(json.dumps(s.to_dict()))
+    assert check_workdir(str(member), s) is True  # a run directory holding this config: resumed ...
+    (tmp_path / "sw" / "sweep.json").write_text("{}")
+    before = sorted(os.listdir(member))
+    with pytest.raises(RunDirError, match=r"is a member directory of the sweep .*sw"):
+        check_workdir(str(member), s)  # ... not when it is a sweep's member
+    assert sorted(os.listdir(member)) == before

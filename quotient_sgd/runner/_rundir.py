@@ -125,9 +125,16 @@ def make_directory(workdir: str, what: str = "run directory") -> None:
 def check_workdir(workdir: str, settings: Settings) -> bool:
     """Decide, before anything is written, whether ``workdir`` is new (False) or this run's to resume (True).
 
-    Raises :class:`RunDirError` naming the directory and the differing keys when it holds another config, or
-    when it is a non-empty directory without a ``config.json``."""
+    Raises :class:`RunDirError` naming the directory and the differing keys when it holds another config, when it
+    is a non-empty directory without a ``config.json``, or when it is a sweep's member directory
+    (``<sweep>/members/<i>`` beside a ``sweep.json``: written by its sweep, whose lock is on the sweep directory,
+    so a run there could write into it while the sweep does)."""
     check_directory_path(workdir)
+    parent = os.path.dirname(os.path.abspath(workdir))
+    if os.path.basename(parent) == "members" and os.path.isfile(os.path.join(os.path.dirname(parent), "sweep.json")):
+        raise RunDirError(f"run directory {workdir!r} is a member directory of the sweep "
+                          f"{os.path.dirname(parent)!r} (it has a sweep.json): its sweep writes it; refusing to write "
+                          f"into it. Resume the sweep with 'quotient-sgd sweep', or choose another --workdir.")
     cfg_path = os.path.join(workdir, "config.json")
     if os.path.isfile(cfg_path):
         with open(cfg_path) as f:

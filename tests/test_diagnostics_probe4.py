@@ -146,3 +146,27 @@ def test_a_read_key_with_a_column_per_step_is_refused_not_skipped(key):
         detect({**traj, key: np.full((n, 1), 50.0)}, lr=0.1)
     # the top-k keys are (steps, k) by design and still allowed
     assert detect({**traj, "hessian_top_quotient": np.full((n, 3), 50.0)}, lr=0.1) == detect(traj, lr=0.1)
+
+
+def test_a_catapult_is_confirmed_by_a_fall_of_the_sharpness_also_when_it_is_negative():
+    """With a negative sharpness before the spike, ``drop_factor * before`` lies above it: a *rise* from -1 to
+    -0.9 confirmed a catapult (and a fall from -1 to -1.1 did not).  A fall by ``(1 - drop_factor) |before|`` is
+    required, which for a positive sharpness is the documented ``below drop_factor * before``."""
+    n = 300
+    loss = np.ones(n)
+    loss[100:105] = [3, 9, 27, 9, 3]
+
+    def cat(before, after):
+        sharp = np.r_[np.full(150, before), np.full(150, after)]
+        return [(e.step, e.details["confirm_step"]) for e in detect({"loss": loss, "sharpness_quotient": sharp},
+                                                                    kinds=["catapult"])]
+
+    assert cat(-1.0, -0.9) == [] and cat(-1.0, -1.1) == [] and cat(-1.0, 1.0) == []
+    assert cat(-1.0, -1.3) == [(100, 150)]
+    # positive sharpness: below drop_factor * before (0.8), the documented rule, at the boundary too
+    assert cat(20.0, 16.0) == [] and cat(20.0, 15.99) == [(100, 150)]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (the ratio after / before of a zero sharpness warned of a division)
+        assert cat(0.0, -0.5) == [(100, 150)] and cat(0.0, 0.0) == []

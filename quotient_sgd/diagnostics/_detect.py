@@ -603,7 +603,8 @@ def detect_catapult(traj, *, steps, lr=None, spike_factor: float = 2.0, spike_wi
                     drop_factor: float = 0.8, confirm_window: int = 100, spike_smooth: int = 1,
                     **_) -> list[Event]:
     """``catapult`` (Lewkowycz et al. 2020): a loss spike followed, within ``confirm_window`` steps of its end,
-    by the sharpness falling below ``drop_factor`` times its value before the spike.  One event per spike and
+    by the sharpness falling below ``drop_factor`` times its value before the spike (a negative value
+    ``before``, a top eigenvalue < 0, must fall by ``(1 - drop_factor) |before|``).  One event per spike and
     sharpness variant (``quotient``: canonical sharpness, orbit invariant; ``step``: what the step sees, with the
     decomposition before and after; ``raw``).  The event's step is the spike onset; ``details.confirm_step`` is
     when the sharpness drop confirmed it.  Windows count steps, as in :func:`detect_loss_spike`."""
@@ -627,7 +628,12 @@ def detect_catapult(traj, *, steps, lr=None, spike_factor: float = 2.0, spike_wi
                 continue
             ib = int(before[-1])
             after = fidx[(fidx > onset) & (steps[fidx] <= steps[end] + confirm_window)]
-            drop = after[sharp[after] < drop_factor * sharp[ib]]
+            # a fall by (1 - drop_factor) |before|: drop_factor * before for a positive sharpness; for a negative
+            # one (a top eigenvalue < 0) drop_factor * before lies *above* it, and a rise from -1 to -0.9 read as a
+            # drop confirming a catapult
+            b0 = sharp[ib]
+            fell = (sharp[after] < drop_factor * b0) if b0 > 0 else (sharp[after] - b0 < -(1.0 - drop_factor) * abs(b0))
+            drop = after[fell]
             if drop.size == 0:
                 continue
             ia = int(drop[0])
@@ -635,7 +641,7 @@ def detect_catapult(traj, *, steps, lr=None, spike_factor: float = 2.0, spike_wi
             details: dict[str, Any] = {
                 "loss_base": base, "loss_peak": _f(loss[peak]), "peak_step": int(steps[peak]),
                 "sharpness_before": _f(sharp[ib]), "sharpness_after": _f(sharp[ia]),
-                "sharpness_ratio": _f(sharp[ia] / sharp[ib]), "confirm_step": int(steps[ia]),
+                "sharpness_ratio": _f(_ratio_or_inf(sharp[ia], sharp[ib])), "confirm_step": int(steps[ia]),
             }
             if variant == "step":
                 # each with the learning rate of its own step (a schedule moves it between the two)
@@ -644,6 +650,12 @@ def detect_catapult(traj, *, steps, lr=None, spike_factor: float = 2.0, spike_wi
             out.append(Event(int(steps[onset]), "catapult", ratio(loss[peak], base), obs, variant,
                              is_invariant(obs), details))
     return out
+
+
+def _ratio_or_inf(a, b) -> float:
+    """``a / b`` without a division warning (``+-inf`` or NaN for ``b = 0``: a catapult from a zero sharpness)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(np.float64(a) / np.float64(b))
 
 
 def _transform(v: np.ndarray, how: str) -> np.ndarray:

@@ -170,3 +170,14 @@ def test_a_catapult_is_confirmed_by_a_fall_of_the_sharpness_also_when_it_is_nega
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # (the ratio after / before of a zero sharpness warned of a division)
         assert cat(0.0, -0.5) == [(100, 150)] and cat(0.0, 0.0) == []
+
+
+def test_a_live_chunk_without_a_loss_is_refused_by_name_and_not_kept():
+    """Such a chunk was appended with no loss rows, so the next call failed with 'every series needs one row per
+    row of loss' about the chunk's other keys, and every later chunk too."""
+    live = LiveDetector(kinds=["loss_spike"])
+    live.update({"loss": np.ones(30)})
+    with pytest.raises(KeyError, match=r"'loss' key.*\['sharpness_quotient'\]"):
+        live.update({"sharpness_quotient": np.ones(3)})
+    # the detector goes on as if the bad chunk had not been sent
+    assert [e.step for e in live.update({"loss": np.r_[3.0, np.ones(5)]})] == [30]

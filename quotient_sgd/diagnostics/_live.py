@@ -188,10 +188,19 @@ class LiveDetector:
         self.events: list[Event] = []
 
     def update(self, chunk) -> list[Event]:
-        """Add ``chunk`` (a trajectory of the next steps, leading axis = step; or one step as scalars, e.g.
-        ``{"loss": 0.3}``) and return the events it reveals."""
+        """Add ``chunk`` (a trajectory of the next steps, leading axis = step, with a ``loss`` key; or one step as
+        scalars, e.g. ``{"loss": 0.3}``) and return the events it reveals.
+
+        Raises:
+            KeyError: a chunk without ``loss`` (nothing is added: the detector goes on as before the call).
+            ValueError: as :func:`detect` on the trajectory so far."""
         chunk = flatten_trajectory(chunk)
-        if "loss" in chunk and chunk["loss"].ndim == 0:  # one step given as scalars: a chunk of one row
+        if "loss" not in chunk:
+            # the other keys of such a chunk were appended with no rows of 'loss' to go with them, and the error
+            # came from the next detect call, about a series longer than the loss
+            raise KeyError(f"LiveDetector.update: a chunk needs the 'loss' key (one value per step, the rows the "
+                           f"other keys are read on); got keys {sorted(chunk)}")
+        if chunk["loss"].ndim == 0:  # one step given as scalars: a chunk of one row
             chunk = {k: v[None] for k, v in chunk.items()}
         self._chunks.append(chunk)
         traj = _concatenate(self._chunks)

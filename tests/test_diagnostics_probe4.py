@@ -181,3 +181,22 @@ def test_a_live_chunk_without_a_loss_is_refused_by_name_and_not_kept():
         live.update({"sharpness_quotient": np.ones(3)})
     # the detector goes on as if the bad chunk had not been sent
     assert [e.step for e in live.update({"loss": np.r_[3.0, np.ones(5)]})] == [30]
+
+
+def test_cusum_refuses_a_series_that_is_not_1d_and_parameters_out_of_range():
+    """A (blocks, 2) array was flattened row by row (its two columns interleaved into one series); a negative
+    drift ``k`` alarms on stationary noise."""
+    from quotient_sgd.diagnostics import cusum, cusum_threshold
+
+    rng = np.random.default_rng(0)
+    two = np.stack([rng.standard_normal(200), 5.0 + rng.standard_normal(200)], axis=1)
+    assert cusum(two[:, 1]) == cusum(two[:, 1] - 5.0)  # each column is a series (location invariant)
+    with pytest.raises(ValueError, match=r"cusum: x must be a 1-D series.*\(200, 2\)"):
+        cusum(two)  # read as one series, every other value 5 higher
+    with pytest.raises(ValueError, match="cusum: x must be"):
+        cusum(np.array(["1.0"] * 20))
+    for bad, match in (({"k": -0.5}, "k=-0.5"), ({"min_ref": 1}, "min_ref=1"), ({"clip": 0.0}, "clip=0.0")):
+        with pytest.raises(ValueError, match=match):
+            cusum(two[:, 0], **bad)
+        with pytest.raises(ValueError, match=match):
+            cusum_threshold(50, 0.05, **bad)

@@ -33,6 +33,7 @@ loss ``exp(c cumsum(e))``, i.e. a loss whose log-rate ``e`` is stationary; 200 s
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import NamedTuple
 
 import numpy as np
@@ -78,6 +79,20 @@ def _max_statistic(x: np.ndarray, k: float, min_ref: int, clip: float) -> np.nda
     return best
 
 
+def _check_parameters(fn: str, k, min_ref, clip) -> None:
+    """``k`` finite ``>= 0``, ``min_ref`` an integer ``>= 2``, ``clip`` ``> 0`` (``inf``: no clipping), else
+    ValueError naming the argument."""
+    real = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)  # noqa: E731
+    if not (real(k) and np.isfinite(k) and k >= 0):
+        raise ValueError(f"{fn}: k={k!r} is not allowed; need a finite number >= 0 (the drift, in standard "
+                         "deviations)")
+    if not (isinstance(min_ref, numbers.Integral) and not isinstance(min_ref, bool) and min_ref >= 2):
+        raise ValueError(f"{fn}: min_ref={min_ref!r} is not allowed; need an integer >= 2 (values before "
+                         "monitoring starts: a variance needs two)")
+    if not (real(clip) and clip > 0):
+        raise ValueError(f"{fn}: clip={clip!r} is not allowed; need a number > 0")
+
+
 @functools.lru_cache(maxsize=256)
 def cusum_threshold(n_blocks: int, alpha: float = 0.05, k: float = 0.5, min_ref: int = 10, clip: float = 4.0,
                     num_sims: int = 4000, seed: int = 0) -> float:
@@ -88,6 +103,7 @@ def cusum_threshold(n_blocks: int, alpha: float = 0.05, k: float = 0.5, min_ref:
     """
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    _check_parameters("cusum_threshold", k, min_ref, clip)
     if n_blocks <= min_ref:
         return float("inf")  # nothing is monitored
     rng = np.random.default_rng(seed)
@@ -112,8 +128,18 @@ def cusum(x, *, alpha: float = 0.05, k: float = 0.5, min_ref: int = 10, clip: fl
 
     Returns:
         A list of :class:`Alarm`, in time order.
+
+    Raises:
+        ValueError: ``x`` not a 1-D series of real numbers (a ``(steps, k)`` array was flattened row by row, its
+            columns interleaved into one series), ``k`` not a finite number ``>= 0`` (a negative drift alarms on
+            any series), ``min_ref`` not an integer ``>= 2``, ``clip`` not a number ``> 0``.
     """
-    x = np.asarray(x, dtype=np.float64).reshape(-1)
+    x = np.asarray(x)
+    if x.ndim != 1 or x.dtype.kind not in "biuf":
+        raise ValueError(f"cusum: x must be a 1-D series of real numbers (one value per block); got shape {x.shape}, "
+                         f"dtype {x.dtype}")
+    _check_parameters("cusum", k, min_ref, clip)
+    x = x.astype(np.float64)
     idx = np.nonzero(np.isfinite(x))[0]
     xs = x[idx]
     h = threshold if threshold is not None else cusum_threshold(int(n_blocks or len(xs)), alpha, k, min_ref, clip)

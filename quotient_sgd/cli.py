@@ -454,7 +454,9 @@ def _main(argv: list[str]) -> int:
     except _EnvError as e:
         return _fail(str(e))
     except flags.Error as e:
-        return _fail(_config_file_type_error(e) or _flag_value_error(e) or str(e))
+        # (a file setting a key to None: ml_collections refuses an override of it, "Type NoneType ... is not
+        # supported for overriding"; the file's own error says which key holds what)
+        return _fail(_config_file_type_error(e) or _flag_value_error(e) or _config_file_error(argv[1:]) or str(e))
     except (AttributeError, KeyError, ValueError, TypeError, OSError) as e:
         # ml_collections raises these for an override of a key the config does not have / of the wrong type
         msg = str(e.args[0] if e.args else e).strip("'\"").replace("\\n", " ").replace("\n", " ").replace("\\'", "'")

@@ -169,3 +169,21 @@ def test_run_into_a_sweep_member_directory_is_refused(tmp_path):
     with pytest.raises(RunDirError, match=r"is a member directory of the sweep .*sw"):
         check_workdir(str(member), s)  # ... not when it is a sweep's member
     assert sorted(os.listdir(member)) == before
+
+
+def test_override_of_a_key_the_file_set_to_none_names_the_file_error(tmp_path, monkeypatch, capsys):
+    """A config file setting ``config.steps = None``, run with ``--config.steps=2``: ml_collections refuses to
+    override a None field ("Type <class 'NoneType'> of field config.steps is not supported for overriding"); the
+    command now says what is wrong in the file, and writes nothing."""
+    path = tmp_path / "cfg" / "none.py"
+    path.parent.mkdir()
+    path.write_text("from quotient_sgd.config import default_config\n\n\ndef get_config():\n"
+                    "    config = default_config()\n    config.steps = None\n    return config\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    code = main(["quotient-sgd", "run", f"--config={path}", "--config.steps=2", f"--workdir={work / 'r'}"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"config.steps = None: expected an int, got NoneType (in {path}, before any --config.* override)" in err
+    assert "not supported for overriding" not in err and os.listdir(work) == []

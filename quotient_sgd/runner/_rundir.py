@@ -183,7 +183,9 @@ def lock_directory(workdir: str, what: str = "run directory") -> int | None:
 
     A multi-host sweep takes it in process 0 only (its other processes go on only if process 0's checks and lock
     succeeded); whether it also keeps out a command started on another host is the shared file system's
-    (``flock`` on NFS is forwarded as a POSIX lock; some file systems lock per host only)."""
+    (``flock`` on NFS is forwarded as a POSIX lock; some file systems lock per host only).  The lock lives as long
+    as process 0: where process 0 ends first (killed, interrupted), the other processes may still write what they
+    had in flight (a chunk's rows, checkpoint shards) until they end, unlocked."""
     import fcntl
 
     fd = os.open(workdir, os.O_RDONLY)

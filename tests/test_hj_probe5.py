@@ -95,3 +95,27 @@ def test_solves_and_cole_hopf_refuse_a_time_or_viscosity_that_is_not_a_real_numb
     # real numbers of any kind still pass: a Python int, a NumPy float, a 0-d float32 array
     for nu in (1, np.float64(0.1), jnp.asarray(0.1, jnp.float32)):
         assert solve_burgers(jnp.zeros(8), g, nu=nu, t1=0.01, dt=0.01).ps.shape == (1, 8)
+
+
+def test_grid_refuses_a_periodic_flag_that_is_not_a_bool():
+    # Grid(..., periodic="no") was periodic (bool("no") is True) and periodic=0 / 1 chose by truth value
+    for flag in ("no", 0, None):
+        with pytest.raises(ValueError, match=f"Grid: periodic={flag!r} is not allowed; need True"):
+            Grid(16, -1.0, 1.0, periodic=flag)
+    assert not Grid(16, -1.0, 1.0, periodic=np.bool_(False)).periodic
+
+
+@pytest.mark.parametrize("ndim", [1, 2])
+def test_cole_hopf_refuses_a_loss_that_is_not_scalar_valued_by_name(ndim):
+    # A vector-valued loss failed inside the quadrature with an unnamed broadcasting error ("Operands could not be
+    # broadcast together", or "Incompatible shapes" under standard rank promotion); a loss returning None failed
+    # in jnp.array.
+    x = jnp.zeros(3) if ndim == 1 else jnp.zeros((2, 3))
+    at = "a scalar point" if ndim == 1 else r"a point of shape \(2,\)"
+    with pytest.raises(ValueError, match=rf"cole_hopf: loss returns shape \(2,\) and dtype float32 at {at}; it must "
+                                         "return a real scalar"):
+        cole_hopf(lambda y: jnp.stack([jnp.sum(y), jnp.sum(y)]), x, 0.1, 0.1, ndim=ndim)
+    with pytest.raises(ValueError, match="cole_hopf_gradient: loss returns None"):
+        cole_hopf_gradient(lambda y: None, x, 0.1, 0.1, ndim=ndim)
+    # a constant loss written as a Python number is a real scalar: u = L for any t (the weight integrates to 1)
+    np.testing.assert_allclose(np.asarray(cole_hopf(lambda y: 2.0, x, 0.1, 0.1, ndim=ndim)), 2.0, rtol=1e-5)

@@ -208,6 +208,15 @@ def _dispatch(loss, x, t, nu, ndim, num, lipschitz, name="cole_hopf"):
     if ndim == 2 and jnp.shape(x)[0] != 2:
         raise ValueError(f"{name}(ndim=2) wants points of shape (2, ...), got {jnp.shape(x)}.")
     num = (4001 if ndim == 1 else 201) if num is None else int(num)
+    point = jax.ShapeDtypeStruct(() if ndim == 1 else (2,), _float_points(x).dtype)
+    out = jax.eval_shape(loss, point)
+    if isinstance(out, (int, float)) and not isinstance(out, bool):  # a constant loss written as a Python number
+        out = jax.ShapeDtypeStruct((), jnp.result_type(out))
+    if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != () or not (
+            jnp.issubdtype(out.dtype, jnp.floating) or jnp.issubdtype(out.dtype, jnp.integer)):
+        got = f"shape {out.shape} and dtype {out.dtype}" if isinstance(out, jax.ShapeDtypeStruct) else repr(out)
+        at = "a scalar point" if ndim == 1 else "a point of shape (2,)"
+        raise ValueError(f"{name}: loss returns {got} at {at}; it must return a real scalar L(y).")
     u, p, diag, pts = _quadrature(loss, x, t, nu, num, lipschitz, ndim)
     truncated = diag[:, 0] < (_CHECK_GAP if lipschitz is not None else _GAP)
     coarse = diag[:, 1] < _MIN_ESS
@@ -258,7 +267,7 @@ def cole_hopf(loss: Callable, x, t, nu, *, ndim: int = 1, num: int | None = None
     """Coarse-grained loss u(x, t) (the viscous HJ solution with u(., 0) = loss) by quadrature.
 
     Args:
-        loss: ``L(y)``; scalar -> scalar in 1-D, ``(2,)`` -> scalar in 2-D.  Evaluated on all of R^d (pass a
+        loss: ``L(y)``; scalar -> scalar in 1-D, ``(2,)`` -> scalar in 2-D (another output is refused by name).  Evaluated on all of R^d (pass a
             periodic function for a periodic problem).
         x: evaluation points, any shape in 1-D; ``(2, ...)`` in 2-D (e.g. ``Grid2D.x``).  The quadrature runs in
             their dtype (integer points in the default float, bfloat16 / float16 ones in float32, the dtype of

@@ -45,6 +45,10 @@ class Grid(eqx.Module):
             raise ValueError(f"Grid needs an integer n >= 4 points, got n={n}.")
         if not (np.isfinite(float(lo)) and np.isfinite(float(hi)) and float(hi) > float(lo)):
             raise ValueError(f"Grid needs finite lo < hi, got lo={lo}, hi={hi}.")
+        if not isinstance(periodic, (bool, np.bool_)):
+            # bool("no") is True: a string or a number would have chosen the boundary by its truth value
+            raise ValueError(f"Grid: periodic={periodic!r} is not allowed; need True (periodic [lo, hi)) or False "
+                             "(bounded [lo, hi]).")
         self.n = int(n)
         self.lo = float(lo)
         self.hi = float(hi)

@@ -49,18 +49,57 @@ class Dataset(eqx.Module):
 
 
 def make_dataset(x_train, y_train, x_test, y_test, *, task: str, num_classes: int, name: str) -> Dataset:
-    """Build a :class:`Dataset` from host arrays, fixing dtypes (float32 inputs unless integer tokens)."""
+    """Build a :class:`Dataset` from host arrays, fixing dtypes (float32 inputs unless integer tokens).
+
+    Inputs are real arrays with one leading example axis, the same example shape in both splits; integer inputs
+    (tokens) become ``int32`` and must fit it, any other real or boolean input becomes ``float32``.
+    Classification targets are integer-valued class indices ``(n,)`` in ``[0, num_classes)`` (stored ``int32``);
+    regression targets are real ``(n, num_classes)`` arrays (stored ``float32``): the losses compare them with the
+    model's ``(n, num_classes)`` outputs, and a ``(n,)`` target would broadcast against an ``(n, 1)`` output to an
+    ``(n, n)`` difference.  Each split has as many targets as inputs.
+
+    Raises:
+        ValueError: naming the argument, the value (or its shape / dtype) and what is allowed.
+    """
     if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        raise ValueError(f"make_dataset: task must be one of {TASKS}, got {task!r}")
+    num_classes = _static_int("make_dataset", "num_classes", num_classes, 1)
 
-    def _x(a):
+    def _x(arg, a):
         a = np.asarray(a)
-        return jnp.asarray(a, jnp.int32 if np.issubdtype(a.dtype, np.integer) else jnp.float32)
+        if a.dtype.kind not in "biuf" or a.ndim < 1:
+            raise ValueError(f"make_dataset: {arg} must be a real or boolean array with a leading example axis, got "
+                             f"dtype {a.dtype} and shape {a.shape}")
+        if a.dtype.kind in "iu":
+            if a.size and (a.min() < np.iinfo(np.int32).min or a.max() > np.iinfo(np.int32).max):
+                raise ValueError(f"make_dataset: {arg} holds integer tokens outside the int32 range "
+                                 f"(min {a.min()}, max {a.max()}); need values in [-2^31, 2^31)")
+            return jnp.asarray(a, jnp.int32)
+        return jnp.asarray(a, jnp.float32)
 
-    def _y(a):
-        return jnp.asarray(a, jnp.int32 if task == "classification" else jnp.float32)
+    def _y(arg, a, n):
+        a = np.asarray(a)
+        if task == "classification":
+            ok = a.dtype.kind in "iuf" and a.shape == (n,)
+            if ok and a.size:
+                ok = bool(np.all(np.isfinite(a)) and np.all(a == np.round(a)) and a.min() >= 0
+                          and a.max() < num_classes)
+            if not ok:
+                raise ValueError(f"make_dataset: {arg} (dtype {a.dtype}, shape {a.shape}) is not allowed; need "
+                                 f"integer class indices in [0, num_classes) = [0, {num_classes}) of shape ({n},)")
+            return jnp.asarray(a, jnp.int32)
+        if a.dtype.kind not in "iuf" or a.shape != (n, num_classes):
+            raise ValueError(f"make_dataset: {arg} (dtype {a.dtype}, shape {a.shape}) is not allowed; need real "
+                             f"regression targets of shape (n, num_classes) = ({n}, {num_classes})"
+                             + (" (a 1-D target: y[:, None])" if a.shape == (n,) and num_classes == 1 else ""))
+        return jnp.asarray(a, jnp.float32)
 
-    return Dataset(_x(x_train), _y(y_train), _x(x_test), _y(y_test), task, int(num_classes), name)
+    xtr, xte = _x("x_train", x_train), _x("x_test", x_test)
+    if xtr.shape[1:] != xte.shape[1:]:
+        raise ValueError(f"make_dataset: x_train's examples have shape {xtr.shape[1:]} and x_test's {xte.shape[1:]}; "
+                         "need the same example shape in both splits")
+    ytr, yte = _y("y_train", y_train, xtr.shape[0]), _y("y_test", y_test, xte.shape[0])
+    return Dataset(xtr, ytr, xte, yte, task, num_classes, name)
 
 
 def _static_int(where: str, name: str, value, low: int, high: int | None = None, what: str | None = None) -> int:
@@ -95,7 +134,13 @@ def swap_or_not_bound(n: int, num_points: int, rounds: int) -> float:
     there: ``4 n^(3/2) / (rounds + 4) * ((num_points + n) / (2 n))^(rounds / 4 + 1)``, the bound of Hoang, Morris
     and Rogaway (CRYPTO 2012) for the swap-or-not shuffle with ideal round keys and round functions (stated
     there for adaptive forward and inverse queries; evaluating fixed points is the weaker, non-adaptive case,
-    whose advantage is the total-variation distance)."""
+    whose advantage is the total-variation distance).
+
+    ``n >= 1``, ``0 <= num_points <= n`` and ``rounds >= 0`` are integers; anything else is refused with a
+    ``ValueError``."""
+    n = _static_int("swap_or_not_bound", "n", n, 1)
+    num_points = _static_int("swap_or_not_bound", "num_points", num_points, 0, n)
+    rounds = _static_int("swap_or_not_bound", "rounds", rounds, 0)
     return 4.0 * n**1.5 / (rounds + 4) * ((num_points + n) / (2.0 * n)) ** (rounds / 4 + 1)
 
 
@@ -104,7 +149,8 @@ def swap_or_not_rounds(n: int) -> int:
     :func:`swap_or_not_bound` is at most :data:`SWAP_OR_NOT_TOLERANCE` for batches of up to a quarter of the
     data set (``ceil(n / 4)``).  The count depends on ``n`` only, so a smaller batch is a prefix of a larger one
     drawn with the same key (the bound for a larger batch is weaker: 3e-3 for half of the 1348 digits).  176
-    rounds for the 1348 digits, 224 for 60000 examples."""
+    rounds for the 1348 digits, 224 for 60000 examples; 0 for ``n <= 1``.  ``n`` is an integer ``>= 0``."""
+    n = _static_int("swap_or_not_rounds", "n", n, 0)
     if n < 2:
         return 0
     q = -(-n // 4)
@@ -134,10 +180,25 @@ def swap_or_not(key, n: int, x: jax.Array, rounds: int | None = None) -> jax.Arr
     and ``pi`` is a bijection whatever the keys.  ``K_r`` and ``salt_r`` are 32-bit draws from ``key``
     (``K_r = bits mod n``: off uniform by at most ``n / 2^32``); the round function is MurmurHash3's
     finaliser of ``x ^ salt_r``, a pseudo-random stand-in for the ideal round function of the bound
-    (:func:`swap_or_not_bound`).  ``rounds`` defaults to :func:`swap_or_not_rounds` ``(n)``."""
+    (:func:`swap_or_not_bound`).  ``rounds`` defaults to :func:`swap_or_not_rounds` ``(n)``.
+
+    ``x`` must have an integer dtype; a concrete ``x`` with an entry outside ``[0, n)`` is refused with a
+    ``ValueError`` (such a point is not in the permuted set: a negative one wraps around in ``uint32`` and the
+    result is no permutation); a traced ``x`` is not checked."""
     n = _static_int("swap_or_not", "n", n, 1, 2**31 - 1, "an integer in [1, 2^31)")
     rounds = swap_or_not_rounds(n) if rounds is None else _static_int("swap_or_not", "rounds", rounds, 0)
-    x = jnp.asarray(x).astype(jnp.uint32)
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise ValueError(f"swap_or_not: x must hold integers in [0, n) = [0, {n}), got dtype {x.dtype}")
+    if not isinstance(x, jax.core.Tracer) and x.size:
+        lo, hi = int(jnp.min(x)), int(jnp.max(x))
+        if lo < 0 or hi >= n:
+            raise ValueError(f"swap_or_not: x holds values in [{lo}, {hi}]; need integers in [0, n) = [0, {n})")
+    return _swap_or_not(key, n, x.astype(jnp.uint32), rounds)
+
+
+def _swap_or_not(key, n: int, x: jax.Array, rounds: int) -> jax.Array:
+    """:func:`swap_or_not` without the checks: ``x`` ``uint32`` in ``[0, n)``, ``n`` and ``rounds`` static."""
     if rounds == 0:
         return x.astype(jnp.int32)
     bits = jax.random.bits(key, (2, rounds), jnp.uint32)
@@ -181,7 +242,7 @@ def sample_indices(key, n: int, batch_size: int, sampler: str = "permutation") -
         # float32 uniforms whatever jax_enable_x64 says, so that a run draws the same batches with x64 on or off
         return jax.lax.top_k(jax.random.uniform(key, (n,), jnp.float32), batch_size)[1].astype(jnp.int32)
     if sampler == "swap_or_not":
-        return swap_or_not(key, n, jnp.arange(batch_size, dtype=jnp.uint32))
+        return _swap_or_not(key, n, jnp.arange(batch_size, dtype=jnp.uint32), swap_or_not_rounds(n))
 
 
 def batch_fn(dataset: Dataset, batch_size: int | None, *, max_batch_size: int | None = None,
@@ -235,7 +296,9 @@ def batch_fn(dataset: Dataset, batch_size: int | None, *, max_batch_size: int | 
         elif not jnp.issubdtype(jnp.result_type(batch_size), jnp.integer) or jnp.ndim(batch_size) != 0:
             raise ValueError(f"batch_fn: a traced batch_size must be an integer scalar, got {batch_size.aval}")
     if size > n:
-        raise ValueError(f"batch size {size} exceeds the {n} training examples of {dataset.name!r}")
+        arg, value = ("batch_size", batch_size) if max_batch_size is None else ("max_batch_size", max_batch_size)
+        raise ValueError(f"batch_fn: {arg}={value!r} is not allowed; it exceeds the {n} training examples of "
+                         f"{dataset.name!r}: need an integer in [1, {n}] (batch_size=None for the full batch)")
 
     def sample(step, key):
         del step

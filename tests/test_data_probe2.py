@@ -37,6 +37,8 @@ def test_batch_of_the_whole_data_set_is_a_permutation_under_jit_vmap_and_scan(sa
     for row in np.asarray(xs):
         np.testing.assert_array_equal(np.sort(row), np.sort(ids))  # every example exactly once
     assert len({tuple(r) for r in np.asarray(xs)}) == 4  # other steps (other keys), other orders
+    # the batch is a function of the key alone (documented: train folds the step into the key)
+    np.testing.assert_array_equal(np.asarray(fn(0, jax.random.key(2))["x"]), np.asarray(fn(7, jax.random.key(2))["x"]))
     # the full batch is the training set in order, whatever the step and key
     full = data.batch_fn(ds, None)(jnp.int32(3), jax.random.key(9))
     np.testing.assert_array_equal(np.asarray(full["x"]), np.asarray(ds.x_train))

@@ -249,7 +249,9 @@ def batch_fn(dataset: Dataset, batch_size: int | None, *, max_batch_size: int | 
              sampler: str = "permutation") -> Callable[[jax.Array, jax.Array], dict]:
     """A pure ``batch_fn(step, key) -> {"x", "y", "w"}`` for :func:`quotient_sgd.optim.train`.
 
-    The indices are sampled on device from ``key`` inside the scan (the data set is never copied once per step).
+    The indices are sampled on device from ``key`` inside the scan (the data set is never copied once per step);
+    ``step`` is not read: the batch is a function of ``key`` alone (the same key, the same batch), and
+    :func:`quotient_sgd.optim.train` passes ``fold_in(key, step)``, so each step draws its own batch.
     ``batch_size=None`` (full batch) returns the whole training set every step.  ``w`` is the per-example weight
     (ones, or a ``0/1`` mask): losses are ``sum(w * l) / sum(w)``.
 

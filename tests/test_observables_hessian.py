@@ -119,9 +119,13 @@ def test_lanczos_past_breakdown(x64, method, dtype):
     for vecs, vals in ((ex.top_vectors, ex.top), (ex.bottom_vectors, ex.bottom)):
         np.testing.assert_allclose(jnp.linalg.norm(vecs, axis=1), 1.0, atol=tol)
         np.testing.assert_allclose(vecs @ a.T, vals[:, None] * vecs, atol=tol)
-    ex = run(u[:, 0].astype(dtype))  # breakdown after the first step
-    np.testing.assert_allclose([ex.top[0], ex.bottom[0]], [2.0, 2.0], atol=tol)
+    ex = run(u[:, 0].astype(dtype))  # breakdown after the first step: restarted, the operator's extremes
+    np.testing.assert_allclose([ex.top[0], ex.bottom[0]], [2.0, -1.0], atol=tol)
     np.testing.assert_allclose(jnp.abs(ex.top_vectors[0] @ u[:, 0].astype(dtype)), 1.0, atol=tol)
+    stop = jax.jit(lambda v: qobs.lanczos_extremes(lambda w: a @ w, v, num_matvecs=20, k=2, method=method,
+                                                   restart=False))
+    ex = stop(u[:, 0].astype(dtype))  # restart=False: the extremes of the Krylov space built
+    np.testing.assert_allclose([ex.top[0], ex.bottom[0]], [2.0, 2.0], atol=tol)
 
 
 def test_trajectory_hessian_past_horizontal_dimension(x64):

@@ -40,7 +40,7 @@ def _breakdown_tol(dtype) -> float:
     return _BREAKDOWN.get(jnp.dtype(dtype).name, 2e-5)
 
 
-def _lanczos_step(matvec: Callable, j, qmat, q, q_prev, beta_prev, done, fill, scale):
+def _lanczos_step(matvec: Callable, j, qmat, q, q_prev, beta_prev, done, fill, scale, restart=None):
     """One Lanczos step: the three-term recurrence ``w = A q_j - alpha_j q_j - beta_{j-1} q_{j-1}``, then one
     classical Gram-Schmidt pass against the rows of ``qmat`` (rows past ``j`` are zero; a pass over the rows
     built so far only was measured slower on XLA:CPU: the slice is a copy).  The recurrence is the first
@@ -58,6 +58,14 @@ def _lanczos_step(matvec: Callable, j, qmat, q, q_prev, beta_prev, done, fill, s
     lies (almost) in the operator's null space (a Hessian's symmetry and dead directions), ``|A q_j|`` is itself
     rounding noise, the residual left after the space is exhausted is not small against it, and the recurrence
     went on normalising noise (a rank-139 operator on ``n = 192`` with ``n`` steps: Ritz values ``~1e17``).
+
+    ``restart``: ``j -> flat vector`` in the operator's domain (e.g. a projected Gaussian vector).  At a breakdown
+    the Krylov space of the start is invariant, but it holds one direction per distinct eigenvalue only: a
+    repeated eigenvalue (a null space, a degenerate top) appears once.  With ``restart`` the step then continues
+    from ``restart(j)`` orthogonalised against the basis (``beta_j = 0``: ``T`` becomes block diagonal, its
+    eigenvalues those of each invariant block), so that ``num_matvecs`` at or above the dimension gives the whole
+    spectrum with multiplicities; it stops when what is left of ``restart(j)`` is below ``sqrt`` of the breakdown
+    tolerance of its norm (the domain exhausted).
     Returns ``(qmat, alpha_j, beta_j, q_{j+1}, done_{j+1}, scale)``."""
     qmat = qmat.at[j].set(q)
     w = matvec(q)
@@ -70,6 +78,17 @@ def _lanczos_step(matvec: Callable, j, qmat, q, q_prev, beta_prev, done, fill, s
     stop = done | (beta <= _breakdown_tol(w.dtype) * scale)
     beta = jnp.where(stop, jnp.zeros_like(beta), beta)
     q_next = jnp.where(stop, jnp.zeros_like(w), w / jnp.where(stop, jnp.ones_like(beta), beta))
+    if restart is not None:
+        def fresh(_):
+            r0 = restart(j).astype(w.dtype)
+            r = r0 - qmat.T @ (qmat @ r0)
+            r = r - qmat.T @ (qmat @ r)  # twice is enough
+            nr, n0 = jnp.linalg.norm(r), jnp.linalg.norm(r0)
+            ok = nr > jnp.sqrt(_breakdown_tol(w.dtype)) * n0
+            return jnp.where(ok, r / jnp.where(ok, nr, jnp.ones_like(nr)), jnp.zeros_like(r)), ~ok
+
+        # a real branch: the restart vector (a projection for the horizontal Hessian) only at a breakdown
+        q_next, stop = jax.lax.cond(stop & ~done, fresh, lambda _: (q_next, stop), None)
     return qmat, alpha, beta, q_next, stop, scale
 
 
@@ -80,7 +99,7 @@ def _tridiagonal(alphas, betas):
     return t
 
 
-def _lanczos_loop(matvec: Callable, v0: jax.Array, num_matvecs: int):
+def _lanczos_loop(matvec: Callable, v0: jax.Array, num_matvecs: int, restart=None):
     """Lanczos with full reorthogonalisation (:func:`_lanczos_step`) in a ``fori_loop``: ``(T, Q, active)`` with
     ``T`` the ``K x K`` tridiagonal matrix, ``Q`` the ``K x n`` Krylov basis (rows; zero after a breakdown) and
     ``active`` the ``(K,)`` mask of the rows built before the breakdown.  The operator is traced once."""
@@ -90,7 +109,7 @@ def _lanczos_loop(matvec: Callable, v0: jax.Array, num_matvecs: int):
         qmat, q, q_prev, beta_prev, alphas, betas, done, active, scale = carry
         active = active.at[j].set(~done)
         qmat, alpha, beta, q_next, done, scale = _lanczos_step(matvec, j, qmat, q, q_prev, beta_prev, done,
-                                                               alphas[0], scale)
+                                                               alphas[0], scale, restart)
         return qmat, q_next, q, beta, alphas.at[j].set(alpha), betas.at[j].set(beta), done, active, scale
 
     init = (jnp.zeros((num_matvecs, n), dt), v0 / jnp.linalg.norm(v0), jnp.zeros((n,), dt), jnp.zeros((), dt),
@@ -100,7 +119,7 @@ def _lanczos_loop(matvec: Callable, v0: jax.Array, num_matvecs: int):
     return _tridiagonal(alphas, betas[:-1]), qmat, active
 
 
-def _lanczos_unrolled(matvec: Callable, v0: jax.Array, num_matvecs: int):
+def _lanczos_unrolled(matvec: Callable, v0: jax.Array, num_matvecs: int, restart=None):
     """The same as :func:`_lanczos_loop` as straight-line code (the operator is traced ``num_matvecs`` times)."""
     n = v0.shape[0]
     qmat = jnp.zeros((num_matvecs, n), v0.dtype)
@@ -111,7 +130,7 @@ def _lanczos_unrolled(matvec: Callable, v0: jax.Array, num_matvecs: int):
     for j in range(num_matvecs):
         active.append(~done)
         qmat, alpha, beta, q_next, done, scale = _lanczos_step(matvec, j, qmat, q, q_prev, beta, done,
-                                                               alphas[0] if alphas else 0.0, scale)
+                                                               alphas[0] if alphas else 0.0, scale, restart)
         q_prev, q = q, q_next
         alphas.append(alpha)
         betas.append(beta)
@@ -120,7 +139,7 @@ def _lanczos_unrolled(matvec: Callable, v0: jax.Array, num_matvecs: int):
 
 
 def lanczos_extremes(
-    matvec: Callable, v0, *, num_matvecs: int = 20, k: int = 1, method: str = "loop"
+    matvec: Callable, v0, *, num_matvecs: int = 20, k: int = 1, method: str = "loop", restart=True
 ) -> Extremes:
     """Top-``k`` and bottom-``k`` eigenpairs of a symmetric linear operator by ``num_matvecs`` Lanczos steps.
 
@@ -142,6 +161,15 @@ def lanczos_extremes(
             the space, e.g. a small model's horizontal space) and return the extremes of the space built;
             ``"matfree"`` does not (it raises for ``num_matvecs`` above the dimension and can return a spurious
             value at it): keep ``num_matvecs`` below the dimension with it.
+        restart: what ``"loop"`` / ``"unrolled"`` do at a breakdown.  The Krylov space of one start vector holds
+            one direction per distinct eigenvalue, so a repeated eigenvalue (a null space, a degenerate top pair)
+            is seen once however often it occurs, and top-``k`` / bottom-``k`` with ``k > 1`` would skip its
+            copies.  ``True`` (default): continue from a fresh Gaussian vector orthogonal to the basis built (the
+            operator's domain is the whole space), so ``num_matvecs`` at or above the dimension gives the
+            operator's extremes with their multiplicities; a function ``j -> pytree like v0`` gives that vector
+            instead (:func:`hessian_extremes`: a projected one, the domain being the horizontal space); ``False``:
+            stop there, the extremes of the Krylov space built.  Before a breakdown (``num_matvecs`` well below the
+            dimension), single-vector Lanczos still sees each eigenvalue once: a degenerate pair shows as one value.
 
     Returns:
         :class:`Extremes`.
@@ -156,7 +184,17 @@ def lanczos_extremes(
 
         flat, unravel = ravel_pytree(v0)
         lanczos = _lanczos_loop if method == "loop" else _lanczos_unrolled
-        t, qmat, active = lanczos(lambda f: ravel_pytree(matvec(unravel(f)))[0], flat, num_matvecs)
+        if restart is True:
+            base = jax.random.key(0)
+            fresh = lambda j: jax.random.normal(jax.random.fold_in(base, j), flat.shape, flat.dtype)  # noqa: E731
+        elif restart is False or restart is None:
+            fresh = None
+        elif callable(restart):
+            fresh = lambda j: ravel_pytree(restart(j))[0]  # noqa: E731
+        else:
+            raise TypeError(f"lanczos_extremes: restart must be True, False or a function j -> vector like v0, got "
+                            f"{restart!r}")
+        t, qmat, active = lanczos(lambda f: ravel_pytree(matvec(unravel(f)))[0], flat, num_matvecs, fresh)
         vals, s = jnp.linalg.eigh(t)
         # Ritz pairs of the Krylov space built before a breakdown: eigenvectors of T supported on its leading
         # block (the padding block adds copies of alpha_0, never more extreme, but they tie in degenerate cases)
@@ -189,19 +227,27 @@ def hessian_extremes(
     method: str = "loop",
 ) -> Extremes:
     """Extreme eigenpairs of ``P H P`` at ``params`` restricted to the range of ``P`` (:func:`lanczos_extremes`
-    with ``method``, started from a projected Gaussian vector)."""
+    with ``method``, started from a projected Gaussian vector, and restarted from another after a breakdown, so
+    that repeated eigenvalues keep their multiplicity once the Krylov space is exhausted)."""
     v0 = tree_random_normal(key, params)
     if project is not None:
         v0 = project(v0)
     v0 = tree_scale(1 / tree_norm(v0), v0)
+
+    def restart(j):  # after a breakdown: a fresh vector of the operator's domain (the horizontal space)
+        r = tree_random_normal(jax.random.fold_in(key, j + 1), params)
+        return r if project is None else project(r)
+
     if project is None:
-        return lanczos_extremes(hvp_operator(loss_fn, params), v0, num_matvecs=num_matvecs, k=k, method=method)
+        return lanczos_extremes(hvp_operator(loss_fn, params), v0, num_matvecs=num_matvecs, k=k, method=method,
+                                restart=restart)
     # Every Lanczos vector is a combination of v0 and earlier outputs of the operator, all horizontal, and on
     # horizontal vectors P H P = P H: one projection per product instead of two.  (Rounding leaves vertical
     # parts of order eps in the Lanczos vectors; the outer projection removes what H makes of them from the
     # output, so the Ritz values move by O(eps |H|).)
     _, lin = jax.linearize(jax.grad(loss_fn), params)
-    return lanczos_extremes(lambda v: project(lin(v)), v0, num_matvecs=num_matvecs, k=k, method=method)
+    return lanczos_extremes(lambda v: project(lin(v)), v0, num_matvecs=num_matvecs, k=k, method=method,
+                            restart=restart)
 
 
 def frozen_horizontal(group, params, *, max_elements: int = 2**24, max_build_flops: float = 2.0**30) -> Callable:
@@ -330,7 +376,8 @@ def sharpness_preconditioned(loss_fn, params, preconditioner, *, key, num_matvec
 
     v0 = tree_random_normal(key, params)
     v0 = tree_scale(1 / tree_norm(v0), v0)
-    return lanczos_extremes(matvec, v0, num_matvecs=num_matvecs, k=k, method=method)
+    return lanczos_extremes(matvec, v0, num_matvecs=num_matvecs, k=k, method=method,
+                            restart=lambda j: tree_random_normal(jax.random.fold_in(key, j + 1), params))
 
 
 def dense_hessian(loss_fn: Callable, params, project: Callable | None = None) -> jax.Array:

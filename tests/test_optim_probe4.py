@@ -1,0 +1,99 @@
+"""Lanczos extremes with repeated eigenvalues: after a breakdown the Krylov space of one start vector holds one
+direction per distinct eigenvalue, so top-k / bottom-k (k > 1) skipped the copies of a repeated one even with
+more Lanczos steps than the operator has dimensions; now Lanczos restarts from a fresh vector of the operator's
+domain and agrees with a dense eigendecomposition."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.flatten_util import ravel_pytree
+
+from quotient_sgd import models
+from quotient_sgd import observables as qobs
+
+
+@pytest.mark.parametrize("method", ["loop", "unrolled"])
+def test_lanczos_keeps_multiplicities_once_the_krylov_space_is_exhausted(x64, method):
+    """A 9 x 9 operator with eigenvalues 3, 3, 2, 1, 1, 0, 0, -1, -1 and 9 Lanczos steps: top-3 / bottom-3 are
+    the dense ones with their repeats (before: 3, 2, 1 and -1, 0, 1), with orthonormal Ritz vectors."""
+    d = jnp.array([3.0, 3.0, 2.0, 1.0, 1.0, 0.0, 0.0, -1.0, -1.0], jnp.float64)
+    q, _ = jnp.linalg.qr(jax.random.normal(jax.random.key(0), (9, 9), jnp.float64))
+    a = (q * d[None, :]) @ q.T
+    ex = jax.jit(lambda v: qobs.lanczos_extremes(lambda u: a @ u, v, num_matvecs=9, k=3, method=method))(
+        jnp.ones(9, jnp.float64))
+    np.testing.assert_allclose(ex.top, [3.0, 3.0, 2.0], atol=1e-10)
+    np.testing.assert_allclose(ex.bottom, [-1.0, -1.0, 0.0], atol=1e-10)
+    for vecs, vals in ((ex.top_vectors, ex.top), (ex.bottom_vectors, ex.bottom)):
+        np.testing.assert_allclose(vecs @ vecs.T, jnp.eye(3), atol=1e-9)
+        np.testing.assert_allclose(vecs @ a.T, vals[:, None] * vecs, atol=1e-9)
+
+
+def test_lanczos_restart_refuses_a_bad_argument():
+    with pytest.raises(TypeError, match="restart must be True, False or a function"):
+        qobs.lanczos_extremes(lambda u: u, jnp.ones(3), num_matvecs=3, restart="yes")
+
+
+def _linear_classifier():
+    """A linear softmax classifier (convex: P H P is positive semi-definite) whose first input feature is always
+    zero, as the border pixels of digits: its weights are null directions of the Hessian, a repeated zero
+    eigenvalue on the horizontal space (two of them: the third direction of that row is the translation)."""
+    model = models.MLP(4, (), 3, classifier=True, rngs=nnx.Rngs(0), param_dtype=jnp.float64)
+    graphdef, params = nnx.split(model, nnx.Param)
+    x = jax.random.normal(jax.random.key(1), (16, 4), jnp.float64).at[:, 0].set(0.0)
+    y = jax.random.randint(jax.random.key(2), (16,), 0, 3)
+
+    def loss(p):
+        return optax.softmax_cross_entropy_with_integer_labels(nnx.merge(graphdef, p).logits(x), y).mean()
+
+    return loss, params, model.symmetries()
+
+
+def _dense_horizontal(loss, group, params):
+    tang = jax.vmap(lambda t: ravel_pytree(t)[0])(group.tangents(params))
+    _, s, vt = jnp.linalg.svd(tang)
+    rank = int(jnp.sum(s > 1e-10 * s[0]))
+    hor = vt[rank:].T
+    return np.sort(np.asarray(jnp.linalg.eigvalsh(hor.T @ qobs.dense_hessian(loss, params) @ hor)))
+
+
+def _check_horizontal(method, quotient):
+    loss, params, group = _linear_classifier()
+    point = group.canonicalize(params) if quotient else params
+    dense = _dense_horizontal(loss, group, point)
+    assert dense.shape == (10,) and abs(dense[1]) < 1e-12 < dense[2]  # the repeated zero, then positive
+    scale = float(dense[-1])
+    fn = qobs.sharpness_quotient if quotient else qobs.sharpness_horizontal
+    ex = jax.jit(lambda p: fn(loss, group, p, key=jax.random.key(3), num_matvecs=15, k=3, method=method))(params)
+    np.testing.assert_allclose(ex.top, dense[::-1][:3], rtol=1e-8, atol=1e-10 * scale)
+    np.testing.assert_allclose(ex.bottom, dense[:3], rtol=1e-8, atol=1e-10 * scale)
+
+
+def test_horizontal_hessian_bottom_k_keeps_a_repeated_zero(x64):
+    """sharpness_horizontal with k = 3 and more Lanczos steps (15) than the horizontal space has dimensions (10)
+    equals the dense eigendecomposition of P H P on it, the repeated zero included (before: bottom 0, 0.058, 0.110
+    against the dense 0, 0, 0.058); the restart vectors stay horizontal (no spurious third zero from a vertical
+    direction)."""
+    _check_horizontal("loop", quotient=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, quotient", [("loop", True), ("unrolled", False), ("unrolled", True)])
+def test_horizontal_hessian_bottom_k_keeps_a_repeated_zero_variants(x64, method, quotient):
+    """The same at the canonical point (sharpness_quotient) and with the unrolled Lanczos."""
+    _check_horizontal(method, quotient)
+
+
+def test_raw_hessian_top_k_keeps_multiplicities(x64):
+    """sharpness_raw on the same model with as many Lanczos steps as parameters: top-4 / bottom-4 equal the dense
+    eigendecomposition of the raw Hessian, whose null space (the zero feature's weights, the translations) gives
+    a bottom-4 of zeros (before: one zero, then 0.058, 0.110, 0.150)."""
+    loss, params, _ = _linear_classifier()
+    dense = np.sort(np.asarray(jnp.linalg.eigvalsh(qobs.dense_hessian(loss, params))))
+    n = dense.shape[0]
+    ex = jax.jit(lambda p: qobs.sharpness_raw(loss, p, key=jax.random.key(4), num_matvecs=n, k=4))(params)
+    scale = float(dense[-1])
+    np.testing.assert_allclose(ex.bottom, dense[:4], atol=1e-10 * scale)
+    np.testing.assert_allclose(ex.top, dense[::-1][:4], rtol=1e-8)

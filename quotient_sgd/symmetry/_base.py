@@ -125,6 +125,9 @@ class Group(eqx.Module):
     abelian: ClassVar[bool] = True
     #: whether the Noether charges are linear (translation) rather than quadratic forms of the parameters.
     charge_linear: ClassVar[bool] = False
+    #: whether the action is a shift ``theta -> theta + t(g)`` (translation) rather than linear in the parameters;
+    #: block-coordinate canonicalisations apply shifts after the linear actions they share arrays with.
+    shift_action: ClassVar[bool] = False
 
     # ----- to implement -------------------------------------------------------------------------------------
     def paths(self) -> tuple[Path, ...]:
@@ -417,6 +420,62 @@ def inverse_where(x, keep):
     return jnp.where(keep, 1 / jnp.where(keep, x, jnp.ones_like(x)), jnp.zeros_like(x))
 
 
+def _pinv_from_eigh(A):
+    w, Q = jnp.linalg.eigh(A)
+    cut = jnp.finfo(A.dtype).eps * A.shape[0] * jnp.max(w, initial=0)
+    return (Q * inverse_where(w, w > cut)[None, :]) @ Q.T
+
+
+@jax.custom_jvp
+def psd_pinv(A: jax.Array) -> jax.Array:
+    """The pseudo-inverse of a symmetric positive semi-definite matrix ``A`` (``k x k``): eigenvalues below
+    ``eps k`` of the largest are dropped.
+
+    Differentiated by the constant-rank formula for the pseudo-inverse (Golub & Pereyra, 1973), for symmetric
+    ``A`` with ``P = A^+ A`` the projector onto the kept eigenvectors:
+    ``d(A^+) = -A^+ dA A^+ + (A^+)^2 dA (I - P) + (I - P) dA (A^+)^2``.  It involves ``A^+`` only, never the
+    eigenvectors, so it is finite where eigenvalues coincide (two identical units, a dead unit's zero rows):
+    differentiating through ``eigh`` divides by eigenvalue gaps and returned NaN there."""
+    return _pinv_from_eigh(A)
+
+
+@psd_pinv.defjvp
+def _psd_pinv_jvp(primals, tangents):
+    (A,), (dA,) = primals, tangents
+    Ap = _pinv_from_eigh(A)
+    dA = 0.5 * (dA + dA.T)  # the symmetric part (A is read as symmetric)
+    N = jnp.eye(A.shape[0], dtype=A.dtype) - Ap @ A
+    Ap2 = Ap @ Ap
+    return Ap, -Ap @ dA @ Ap + Ap2 @ dA @ N.T + N @ dA @ Ap2
+
+
+def _pinv_from_svd(M):
+    U, s, Vt = jnp.linalg.svd(M, full_matrices=False)
+    cut = jnp.finfo(M.dtype).eps * max(M.shape) * jnp.max(s, initial=0)
+    return (Vt.T * inverse_where(s, s > cut)[None, :]) @ U.T
+
+
+@jax.custom_jvp
+def pinv(M: jax.Array) -> jax.Array:
+    """The pseudo-inverse of a matrix ``M`` (``m x k``) by its SVD: singular values below ``eps max(m, k)`` of the
+    largest are dropped.  Differentiated by the constant-rank formula (Golub & Pereyra, 1973)
+    ``d(M^+) = -M^+ dM M^+ + M^+ M^+^T dM^T (I - M M^+) + (I - M^+ M) dM^T M^+^T M^+``, with no division by
+    singular-value gaps (differentiating through ``svd`` returned NaN where singular values coincide), evaluated
+    without forming ``m x m`` matrices."""
+    return _pinv_from_svd(M)
+
+
+@pinv.defjvp
+def _pinv_jvp(primals, tangents):
+    (M,), (dM,) = primals, tangents
+    Mp = _pinv_from_svd(M)
+    k = M.shape[1]
+    t1 = -Mp @ (dM @ Mp)
+    t2 = (Mp @ Mp.T) @ (dM.T - (dM.T @ M) @ Mp)
+    t3 = (jnp.eye(k, dtype=M.dtype) - Mp @ M) @ ((dM.T @ Mp.T) @ Mp)
+    return Mp, t1 + t2 + t3
+
+
 #: Steps of iterative refinement after a solve of the normal equations ``J^T J xi = J^T v`` (dense clusters and
 #: GL actions): the normal equations square the condition number of ``J``; each step forms the residual
 #: ``v - J xi`` in parameter space and solves again with the same factorisation.
@@ -445,6 +504,10 @@ def generic_vcoeffs(comps, flat: Flat, v: Flat, *, refine: int = REFINE_STEPS):
     SVD of ``J`` itself (materialised by forward-mode differentiation of ``xi -> J xi``, columns scaled to unit
     norm, singular values below ``eps max(shape)`` of the largest dropped) while ``J`` has at most
     :data:`JACOBIAN_MAX_ENTRIES` entries.
+
+    Both pseudo-inverses (:func:`psd_pinv`, :func:`pinv`) are differentiated by the constant-rank formula, not
+    through ``eigh`` / ``svd``, so ``jax.grad`` through the projection is finite where eigen- or singular values
+    coincide (symmetric points: identical units, dead units).
     """
     if any(not getattr(c, "abelian", True) for c in comps):
         xi0 = tuple(c._algebra_zeros(flat) for c in comps)
@@ -458,23 +521,18 @@ def generic_vcoeffs(comps, flat: Flat, v: Flat, *, refine: int = REFINE_STEPS):
             J = jax.jacfwd(jmap)(vec0)
             rhs = jnp.concatenate([jnp.reshape(v.get(p, jnp.zeros_like(flat[p])), (-1,)).astype(J.dtype)
                                    for p in paths])
-            cnorm = jnp.sqrt(jnp.sum(jnp.square(J), axis=0))
-            cs = inverse_where(cnorm, cnorm > 0)
-            U, s, Vt = jnp.linalg.svd(J * cs[None, :], full_matrices=False)
-            cut = jnp.finfo(J.dtype).eps * max(J.shape) * jnp.max(s, initial=0)
-            sinv = inverse_where(s, s > cut)
-            return unravel(cs * (Vt.T @ (sinv * (U.T @ rhs))))
+            csq = jnp.sum(jnp.square(J), axis=0)
+            cs = jnp.where(csq > 0, 1 / jnp.sqrt(jnp.where(csq > 0, csq, 1)), 0)  # (no sqrt'(0) = inf)
+            return unravel(cs * (pinv(J * cs[None, :]) @ rhs))
     G, unravel = gram_matrix(comps, flat)
     d = jnp.diagonal(G)
     ds = jnp.where(d > 0, 1 / jnp.sqrt(jnp.where(d > 0, d, 1)), 0)
-    w, Q = jnp.linalg.eigh(G * ds[:, None] * ds[None, :])
-    cut = jnp.finfo(G.dtype).eps * G.shape[0] * jnp.max(w, initial=0)
-    winv = inverse_where(w, w > cut)
+    Ginv = psd_pinv(G * ds[:, None] * ds[None, :])
 
     def solve(r: Flat):
         full = {p: r.get(p, jnp.zeros_like(x)) for p, x in flat.items()}
         rhs = ravel_pytree(tuple(c._tmap_T(flat, full) for c in comps))[0]
-        return ds * (Q @ (winv * (Q.T @ (ds * rhs))))
+        return ds * (Ginv @ (ds * rhs))
 
     x = solve(v)
     for _ in range(refine):

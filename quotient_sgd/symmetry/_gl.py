@@ -228,45 +228,89 @@ def sylvester_vcoeffs(gls, flat, v, *, refine: int = REFINE_STEPS) -> list[jax.A
     ``svd`` call: on CPU each small decomposition is dominated by per-call overhead.  Normal equations still
     amplify the rounding of the right-hand side, so ``refine`` steps of iterative refinement follow: the residual
     ``r = v - J X`` is formed in parameter space and ``X += solve(J^T r)`` in the same bases (a few small products;
-    the error contracts by ``~eps cond(J)`` per step)."""
-    facs, batches = [], []
-    for g in gls:
-        facs.append((g._L(flat), g._R(flat)))
-        batches.append(g._batch(flat))
-    solvers: list = [None] * len(gls)
+    the error contracts by ``~eps cond(J)`` per step; XLA merges the repeated SVD of the same factors).  Derivatives
+    follow the pseudo-inverse of the Sylvester operator (:func:`_sylvester_solve`), not the SVD."""
+    facs = [(g._L(flat), g._R(flat)) for g in gls]
     by_shape: dict[tuple, list[int]] = {}
     for i, (L, _) in enumerate(facs):
         by_shape.setdefault((L.shape[-1], L.dtype), []).append(i)
-    for (d, _), idx in by_shape.items():
-        rows = max([d] + [x.shape[-2] for i in idx for x in facs[i]])
-
-        def stack(x, rows=rows, d=d):  # (..., m, d) -> (n, rows, d), zero rows appended
-            x = x.reshape(-1, x.shape[-2], d)
-            return jnp.pad(x, ((0, 0), (0, rows - x.shape[1]), (0, 0)))
-
-        parts = [stack(x) for i in idx for x in facs[i]]
-        sizes = [x.shape[0] for x in parts[::2]]
-        _, s, Vt = jnp.linalg.svd(jnp.concatenate(parts, axis=0), full_matrices=False)
-        w, Q = jnp.square(s), _mT(Vt)  # Gram eigenvalues (n, d) and eigenvectors (columns)
-        start = 0
-        for i, n in zip(idx, sizes):
-            lam, mu = w[start:start + n], w[start + n:start + 2 * n]
-            U, V = Q[start:start + n], Q[start + n:start + 2 * n]
-            start += 2 * n
-            denom = lam[..., :, None] + mu[..., None, :]
-            cut = jnp.square(jnp.finfo(denom.dtype).eps * rows) * jnp.max(denom, axis=(-2, -1), keepdims=True)
-            inv = inverse_where(denom, denom > cut)
-
-            def solve(C, U=U, V=V, inv=inv, n=n, d=d, batch=batches[i]):
-                X = U @ ((_mT(U) @ C.reshape(n, d, d) @ V) * inv) @ _mT(V)
-                return X.reshape(batch + (d, d))
-
-            solvers[i] = solve
-    out = []
-    for g, solve in zip(gls, solvers):
-        X = solve(g._tmap_T(flat, v))
+    out: list = [None] * len(gls)
+    for idx in by_shape.values():
+        Ls, Rs = tuple(facs[i][0] for i in idx), tuple(facs[i][1] for i in idx)
+        Xs = _sylvester_solve(Ls, Rs, tuple(gls[i]._tmap_T(flat, v) for i in idx))
         for _ in range(refine):
-            r = {p: v[p] - x for p, x in g._tmap(flat, X).items()}
-            X = X + solve(g._tmap_T(flat, r))
-        out.append(X)
+            rhs = []
+            for i, X in zip(idx, Xs):
+                r = {p: v[p] - x for p, x in gls[i]._tmap(flat, X).items()}
+                rhs.append(gls[i]._tmap_T(flat, r))
+            Xs = tuple(X + dX for X, dX in zip(Xs, _sylvester_solve(Ls, Rs, tuple(rhs))))
+        for i, X in zip(idx, Xs):
+            out[i] = X
     return out
+
+
+def _sylvester_solvers(Ls, Rs):
+    """Per action (factors ``L``, ``R~`` of one inner width ``d``), the pseudo-inverse of the Sylvester operator
+    ``X -> (L^T L) X + X (R~^T R~)`` as a function of ``X`` (shape ``batch + (d, d)``), from one batched SVD of
+    every factor (see :func:`sylvester_vcoeffs`)."""
+    d = Ls[0].shape[-1]
+    rows = max([d] + [x.shape[-2] for x in Ls + Rs])
+
+    def stack(x):  # (..., m, d) -> (n, rows, d), zero rows appended
+        x = x.reshape(-1, x.shape[-2], d)
+        return jnp.pad(x, ((0, 0), (0, rows - x.shape[1]), (0, 0)))
+
+    parts = [stack(x) for L, R in zip(Ls, Rs) for x in (L, R)]
+    sizes = [x.shape[0] for x in parts[::2]]
+    _, s, Vt = jnp.linalg.svd(jnp.concatenate(parts, axis=0), full_matrices=False)
+    w, Q = jnp.square(s), _mT(Vt)  # Gram eigenvalues (n, d) and eigenvectors (columns)
+    solvers, start = [], 0
+    for L, n in zip(Ls, sizes):
+        lam, mu = w[start:start + n], w[start + n:start + 2 * n]
+        U, V = Q[start:start + n], Q[start + n:start + 2 * n]
+        start += 2 * n
+        denom = lam[..., :, None] + mu[..., None, :]
+        cut = jnp.square(jnp.finfo(denom.dtype).eps * rows) * jnp.max(denom, axis=(-2, -1), keepdims=True)
+        inv = inverse_where(denom, denom > cut)
+
+        def solve(C, U=U, V=V, inv=inv, n=n, batch=L.shape[:-2]):
+            X = U @ ((_mT(U) @ C.reshape(n, d, d) @ V) * inv) @ _mT(V)
+            return X.reshape(batch + (d, d))
+
+        solvers.append(solve)
+    return solvers
+
+
+@jax.custom_jvp
+def _sylvester_solve(Ls, Rs, Cs):
+    """``T_i^+ C_i`` for the Sylvester operators ``T_i X = (L_i^T L_i) X + X (R~_i^T R~_i)`` of several GL actions
+    of one inner width (:func:`_sylvester_solvers`).
+
+    Differentiated by the constant-rank formula for the pseudo-inverse of the (self-adjoint, positive
+    semi-definite) operator ``T``, ``d(T^+) = -T^+ dT T^+ + T^+ T^+ dT (I - T T^+) + (I - T^+ T) dT T^+ T^+`` with
+    ``dT X = d(L^T L) X + X d(R~^T R~)``: ``T^+`` only, never the singular vectors, so it is finite where singular
+    values coincide (a head whose factors have orthonormal columns, ``L^T L = I``); differentiating through the
+    ``svd`` divides by singular-value gaps and returned NaN there."""
+    return tuple(solve(C) for solve, C in zip(_sylvester_solvers(Ls, Rs), Cs))
+
+
+@_sylvester_solve.defjvp
+def _sylvester_solve_jvp(primals, tangents):
+    (Ls, Rs, Cs), (dLs, dRs, dCs) = primals, tangents
+    outs, douts = [], []
+    for S, L, R, C, dL, dR, dC in zip(_sylvester_solvers(Ls, Rs), Ls, Rs, Cs, dLs, dRs, dCs):
+        Gl, Gr = _mT(L) @ L, _mT(R) @ R
+        dGl, dGr = _mT(dL) @ L + _mT(L) @ dL, _mT(dR) @ R + _mT(R) @ dR
+
+        def T(X, Gl=Gl, Gr=Gr):
+            return Gl @ X + X @ Gr
+
+        def dT(X, dGl=dGl, dGr=dGr):
+            return dGl @ X + X @ dGr
+
+        X = S(C)
+        Y = dT(S(X))
+        dX = S(dC) - S(dT(X)) + S(S(dT(C - T(X)))) + Y - S(T(Y))
+        outs.append(X)
+        douts.append(dX)
+    return tuple(outs), tuple(douts)

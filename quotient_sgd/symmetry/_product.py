@@ -114,7 +114,8 @@ class Product(Group):
       method on the orbit norm ``f(xi) = |exp(xi) . theta|^2`` in Lie-algebra coordinates (convex for rescale:
       a sum of exponentials of linear functions; the Hessian is ``k x k`` with ``k`` the number of generators,
       pseudo-inverted, with a backtracking line search); otherwise by repeated sweeps of the
-      components' own canonicalisations; a minimal deep linear GL chain by the SVD of its end-to-end product
+      components' own canonicalisations (a logit translation swept, and applied, after the rescales and scales
+      of its cluster, whatever the listing order); a minimal deep linear GL chain by the SVD of its end-to-end product
       (balanced, diagonal inner factors).  Permutations in a cluster then sort units by keys evaluated at that
       continuous-canonical point (so the keys are orbit invariants), the sort is applied to the original
       parameters (entries move without arithmetic, so permutations canonicalise bit for bit), and the
@@ -427,7 +428,19 @@ class Product(Group):
         ``jax.lax.custom_root`` with the gauge conditions ``r(xi) = (canonical element of each component at
         xi . theta)``, zero at the fixed point, so derivatives of the canonical point follow from the implicit
         function theorem (a dense ``k x k`` least-squares solve with the linearised conditions, ``k`` generators,
-        built only when differentiating; a generator with no gauge condition, a unit with a zero side, gets 0)."""
+        built only when differentiating; a generator with no gauge condition, a unit with a zero side, gets 0).
+
+        Shift actions (a logit :class:`Translation`) are swept, and act in the returned word, after every other
+        component of the cluster, whatever the order the product lists them in.  A shift applied *before* a
+        rescale of the rows it shifts is scaled by that rescale, so its closed-form element (computed at the
+        point after the whole word) over- or under-corrects by the rows' factor: the centring error was multiplied
+        by ``1 - a`` each sweep, ``a`` the row factor, and grew without bound for ``a > 2`` (a product listing the
+        translation first, with a scale block in the cluster so that the squared-weight path does not apply).
+        Applied last, the shift's element centres the final point exactly and the sweeps are those of the
+        squared-weight path: the same fixed point for every listing order."""
+        order = sorted(range(len(cl)), key=lambda j: self.components[cl[j]].shift_action)
+        cl = tuple(cl[j] for j in order)
+        init = None if init is None else tuple(init[j] for j in order)
         comps = tuple(self.components[i] for i in cl)
         tol = 64 * jnp.finfo(jax.tree.leaves(flat)[0].dtype).eps
         split = _reduced.split_cluster(comps, flat)

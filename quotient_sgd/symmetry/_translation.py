@@ -27,6 +27,7 @@ class Translation(Group):
     bias: Path | None = eqx.field(static=True)
 
     charge_linear: ClassVar[bool] = True
+    shift_action: ClassVar[bool] = True
     canonical_kind: ClassVar[str] = "min_norm"
 
     def __init__(self, kernel, bias=None, name: str = "translation"):

@@ -119,3 +119,22 @@ def test_cole_hopf_refuses_a_loss_that_is_not_scalar_valued_by_name(ndim):
         cole_hopf_gradient(lambda y: None, x, 0.1, 0.1, ndim=ndim)
     # a constant loss written as a Python number is a real scalar: u = L for any t (the weight integrates to 1)
     np.testing.assert_allclose(np.asarray(cole_hopf(lambda y: 2.0, x, 0.1, 0.1, ndim=ndim)), 2.0, rtol=1e-5)
+
+
+def test_traced_out_of_range_viscosity_time_step_or_save_time_is_refused_by_name():
+    # Under jit (and vmap, grad) the Python range checks cannot see the values: a negative nu solved the anti-diffusive
+    # equation, a negative t1 integrated backwards and a dt <= 0 took a single step of size t1, each returning a
+    # field without a word; a save time beyond t1 failed in Diffrax's own message.
+    g = Grid(8, -1.0, 1.0)
+    p0 = -jnp.sin(jnp.pi * g.x)
+
+    @jax.jit
+    def solve(nu, t1, dt, ts):
+        return solve_burgers(p0, g, nu=nu, t1=t1, dt=dt, ts=ts).ps
+
+    assert np.all(np.isfinite(np.asarray(solve(0.1, 0.1, 0.05, jnp.asarray([0.05])))))
+    msg = "solve_burgers: a traced nu, t1, dt, dt0 or save time is out of range; need nu >= 0, t1 >= 0, dt > 0"
+    for nu, t1, dt, ts in ((-0.1, 0.1, 0.05, 0.05), (0.1, -0.1, 0.05, 0.0), (0.1, 0.1, -0.05, 0.05),
+                           (0.1, 0.1, 0.0, 0.05), (0.1, 0.1, 0.05, 0.2)):
+        with pytest.raises(Exception, match=msg):
+            solve(nu, t1, dt, jnp.asarray([ts])).block_until_ready()

@@ -335,6 +335,22 @@ def _integrate(form, name, grid, term, solver, y0, nu, t1, ts, dt, dt0, rtol, at
     are traced, so other values reuse it."""
     dtype = y0.dtype
     fixed = dt is not None
+    # traced values escape _solve's range checks (under jit / vmap / grad): a negative nu solved the anti-diffusive
+    # equation, a negative t1 integrated backwards and a dt <= 0 took one step of size t1, each without a word,
+    # and a save time beyond t1 stopped in Diffrax's own message; refuse them before the solve
+    out_of_range = (nu < 0) | (t1 < 0)
+    if fixed:
+        out_of_range = out_of_range | (dt <= 0)
+    if dt0 is not None:
+        out_of_range = out_of_range | (dt0 <= 0)
+    if ts is not None:
+        out_of_range = out_of_range | jnp.any(ts < 0) | jnp.any(ts > t1)
+    # (ts passes through the check too, so that it runs before Diffrax's own check of the save times)
+    y0, ts = eqx.error_if(
+        (y0, ts), out_of_range,
+        f"{name}: a traced nu, t1, dt, dt0 or save time is out of range; need nu >= 0, t1 >= 0, dt > 0, dt0 > 0 "
+        "and save times ts in [0, t1].",
+    )
     if fixed:
         # uniform steps h = t1 / ceil(t1 / dt) <= dt ending exactly at t1 (the step count is not differentiated)
         num = jax.lax.stop_gradient(jnp.maximum(jnp.ceil(t1 / dt - 1e-9), 1.0))
@@ -406,8 +422,10 @@ def solve_burgers(p0, grid: AnyGrid, *, nu, t1, ts=None, scheme="spectral", solv
             finite.  Integer and half-precision (float16, bfloat16) fields are solved in float32 / the default
             float.
         grid: :class:`Grid` or :class:`Grid2D`.
-        nu: viscosity (differentiable, vmappable).
-        t1: final time (differentiable).
+        nu: viscosity, a real number >= 0 (differentiable, vmappable).
+        t1: final time, a real number >= 0 (differentiable).  Known values of ``nu``, ``t1``, ``dt``, ``dt0`` and
+            ``ts`` out of range are refused with a ``ValueError`` naming them; traced ones (under ``jit``,
+            ``vmap``, ``grad``) through ``equinox.error_if`` when the computation runs.
         ts: optional intermediate save times: finite, non-decreasing, in ``[0, t1]``, at least one (``None``
             saves at t1 only); the solution saves at ``(*ts, t1)``.
         scheme: ``"spectral"`` (periodic, smooth/viscous), ``"fv"`` / ``"fv-smooth"`` or a scheme object.

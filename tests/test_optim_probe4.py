@@ -97,3 +97,25 @@ def test_raw_hessian_top_k_keeps_multiplicities(x64):
     scale = float(dense[-1])
     np.testing.assert_allclose(ex.bottom, dense[:4], atol=1e-10 * scale)
     np.testing.assert_allclose(ex.top, dense[::-1][:4], rtol=1e-8)
+
+
+def test_lanczos_restarts_stay_in_the_operators_domain(x64):
+    """P A P with P the projection off two directions, restarted past its 7-dimensional domain: with
+    ``domain=P`` the extremes are those of A restricted to the domain (dense reference), not the zeros of the
+    projected-out directions that a restart from the whole space finds."""
+    d = jnp.array([9.0, 8.0, 2.0, 2.0, 4.0, 5.0, 6.0, 7.0, 3.0], jnp.float64)
+    q, _ = jnp.linalg.qr(jax.random.normal(jax.random.key(5), (9, 9), jnp.float64))
+    a = (q * d[None, :]) @ q.T
+    out = jax.random.normal(jax.random.key(6), (9, 2), jnp.float64)
+    basis, _ = jnp.linalg.qr(out)
+    proj = lambda v: v - basis @ (basis.T @ v)  # noqa: E731
+    v0 = proj(jnp.ones(9, jnp.float64))
+    run = jax.jit(lambda v: (qobs.lanczos_extremes(lambda u: proj(a @ proj(u)), v, num_matvecs=12, k=2,
+                                                   domain=proj),
+                             qobs.lanczos_extremes(lambda u: proj(a @ proj(u)), v, num_matvecs=12, k=2)))
+    inside, whole = run(v0)
+    hor = jnp.linalg.qr(jnp.concatenate([basis, jnp.eye(9, dtype=jnp.float64)], axis=1))[0][:, 2:9]
+    dense = np.sort(np.asarray(jnp.linalg.eigvalsh(hor.T @ a @ hor)))
+    np.testing.assert_allclose(inside.bottom, dense[:2], rtol=1e-9)
+    np.testing.assert_allclose(inside.top, dense[::-1][:2], rtol=1e-9)
+    np.testing.assert_allclose(whole.bottom, [0.0, 0.0], atol=1e-9)  # the projected-out directions

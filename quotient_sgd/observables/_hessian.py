@@ -59,12 +59,14 @@ def _lanczos_step(matvec: Callable, j, qmat, q, q_prev, beta_prev, done, fill, s
     rounding noise, the residual left after the space is exhausted is not small against it, and the recurrence
     went on normalising noise (a rank-139 operator on ``n = 192`` with ``n`` steps: Ritz values ``~1e17``).
 
-    ``restart``: ``j -> flat vector`` in the operator's domain (e.g. a projected Gaussian vector).  At a breakdown
+    ``restart``: ``(draw, settle)``: ``draw(j)`` a flat vector of the operator's domain (e.g. a projected Gaussian
+    vector), ``settle`` the projection onto that domain (identity for the whole space).  At a breakdown
     the Krylov space of the start is invariant, but it holds one direction per distinct eigenvalue only: a
     repeated eigenvalue (a null space, a degenerate top) appears once.  With ``restart`` the step then continues
-    from ``restart(j)`` orthogonalised against the basis (``beta_j = 0``: ``T`` becomes block diagonal, its
+    from ``draw(j)`` orthogonalised against the basis, projected by ``settle`` and orthogonalised again
+    (``beta_j = 0``: ``T`` becomes block diagonal, its
     eigenvalues those of each invariant block), so that ``num_matvecs`` at or above the dimension gives the whole
-    spectrum with multiplicities; it stops when what is left of ``restart(j)`` is below ``sqrt`` of the breakdown
+    spectrum with multiplicities; it stops when what is left of ``draw(j)`` is below ``sqrt`` of the breakdown
     tolerance of its norm (the domain exhausted).
     Returns ``(qmat, alpha_j, beta_j, q_{j+1}, done_{j+1}, scale)``."""
     qmat = qmat.at[j].set(q)
@@ -79,9 +81,14 @@ def _lanczos_step(matvec: Callable, j, qmat, q, q_prev, beta_prev, done, fill, s
     beta = jnp.where(stop, jnp.zeros_like(beta), beta)
     q_next = jnp.where(stop, jnp.zeros_like(w), w / jnp.where(stop, jnp.ones_like(beta), beta))
     if restart is not None:
+        draw, settle = restart
+
         def fresh(_):
-            r0 = restart(j).astype(w.dtype)
+            r0 = draw(j).astype(w.dtype)
             r = r0 - qmat.T @ (qmat @ r0)
+            # back into the domain: in float32 the basis drifts off it (the horizontal space) by up to ~1e-3, and
+            # what that tilt leaves of an exhausted domain's vector is not a new direction of it
+            r = settle(r).astype(w.dtype)
             r = r - qmat.T @ (qmat @ r)  # twice is enough
             nr, n0 = jnp.linalg.norm(r), jnp.linalg.norm(r0)
             ok = nr > jnp.sqrt(_breakdown_tol(w.dtype)) * n0
@@ -139,7 +146,8 @@ def _lanczos_unrolled(matvec: Callable, v0: jax.Array, num_matvecs: int, restart
 
 
 def lanczos_extremes(
-    matvec: Callable, v0, *, num_matvecs: int = 20, k: int = 1, method: str = "loop", restart=True
+    matvec: Callable, v0, *, num_matvecs: int = 20, k: int = 1, method: str = "loop", restart=True,
+    domain: Callable | None = None,
 ) -> Extremes:
     """Top-``k`` and bottom-``k`` eigenpairs of a symmetric linear operator by ``num_matvecs`` Lanczos steps.
 
@@ -170,6 +178,9 @@ def lanczos_extremes(
             instead (:func:`hessian_extremes`: a projected one, the domain being the horizontal space); ``False``:
             stop there, the extremes of the Krylov space built.  Before a breakdown (``num_matvecs`` well below the
             dimension), single-vector Lanczos still sees each eigenvalue once: a degenerate pair shows as one value.
+        domain: the orthogonal projection onto the operator's domain when that is a subspace (``v -> P v`` for
+            ``P H P``: the horizontal space), pytree to pytree; restart vectors are projected by it (Gaussian ones
+            with ``restart=True``), also after their orthogonalisation against the basis.  ``None``: the whole space.
 
     Returns:
         :class:`Extremes`.
@@ -184,16 +195,20 @@ def lanczos_extremes(
 
         flat, unravel = ravel_pytree(v0)
         lanczos = _lanczos_loop if method == "loop" else _lanczos_unrolled
+        settle = (lambda f: f) if domain is None else (lambda f: ravel_pytree(domain(unravel(f)))[0])
         if restart is True:
             base = jax.random.key(0)
-            fresh = lambda j: jax.random.normal(jax.random.fold_in(base, j), flat.shape, flat.dtype)  # noqa: E731
+            fresh = (lambda j: settle(jax.random.normal(jax.random.fold_in(base, j), flat.shape, flat.dtype)),
+                     settle)
         elif restart is False or restart is None:
             fresh = None
         elif callable(restart):
-            fresh = lambda j: ravel_pytree(restart(j))[0]  # noqa: E731
+            fresh = (lambda j: settle(ravel_pytree(restart(j))[0]), settle)
         else:
             raise TypeError(f"lanczos_extremes: restart must be True, False or a function j -> vector like v0, got "
                             f"{restart!r}")
+        if domain is not None and not callable(domain):
+            raise TypeError(f"lanczos_extremes: domain must be None or a projection v -> P v, got {domain!r}")
         t, qmat, active = lanczos(lambda f: ravel_pytree(matvec(unravel(f)))[0], flat, num_matvecs, fresh)
         vals, s = jnp.linalg.eigh(t)
         # Ritz pairs of the Krylov space built before a breakdown: eigenvectors of T supported on its leading
@@ -234,9 +249,8 @@ def hessian_extremes(
         v0 = project(v0)
     v0 = tree_scale(1 / tree_norm(v0), v0)
 
-    def restart(j):  # after a breakdown: a fresh vector of the operator's domain (the horizontal space)
-        r = tree_random_normal(jax.random.fold_in(key, j + 1), params)
-        return r if project is None else project(r)
+    def restart(j):  # after a breakdown: a fresh vector (lanczos_extremes projects it onto the domain)
+        return tree_random_normal(jax.random.fold_in(key, j + 1), params)
 
     if project is None:
         return lanczos_extremes(hvp_operator(loss_fn, params), v0, num_matvecs=num_matvecs, k=k, method=method,
@@ -247,7 +261,7 @@ def hessian_extremes(
     # output, so the Ritz values move by O(eps |H|).)
     _, lin = jax.linearize(jax.grad(loss_fn), params)
     return lanczos_extremes(lambda v: project(lin(v)), v0, num_matvecs=num_matvecs, k=k, method=method,
-                            restart=restart)
+                            restart=restart, domain=project)
 
 
 def frozen_horizontal(group, params, *, max_elements: int = 2**24, max_build_flops: float = 2.0**30) -> Callable:

@@ -187,3 +187,16 @@ def test_override_of_a_key_the_file_set_to_none_names_the_file_error(tmp_path, m
     assert code == 2, err
     assert f"config.steps = None: expected an int, got NoneType (in {path}, before any --config.* override)" in err
     assert "not supported for overriding" not in err and os.listdir(work) == []
+
+
+_EXPERIMENT_CONFIGS = ("catapult", "edge_of_stability", "hj_slices", "normalised_cnn", "shock_lr")
+
+
+@pytest.mark.parametrize("name", _EXPERIMENT_CONFIGS)
+def test_every_experiment_config_is_named_as_not_a_run_config(name):
+    """Each experiment config of configs/ given to `run` / `sweep` says that it is not a run config and where it
+    runs (README).  configs/hj_slices.py, whose ``model`` key is a tuple of overrides (not a run section), got
+    "config.checkpoints: unknown key (did you mean 'checkpoint'?)" instead."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", f"{name}.py")
+    with pytest.raises(ConfigError, match=r"it is not a run config .*python experiments/<name>\.py"):
+        validate(load_config(path))

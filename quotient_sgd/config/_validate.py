@@ -502,7 +502,8 @@ def validate(cfg: Mapping[str, Any] | Any) -> Settings:
         if k not in top:
             close = difflib.get_close_matches(k, list(top), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            if not set(values) & set(SECTIONS):
+            # (a run section is a mapping: configs/hj_slices.py has a tuple `model` of experiment overrides)
+            if not any(isinstance(values.get(sect), Mapping) for sect in SECTIONS):
                 hint += (f"; this config has none of the run sections {sorted(SECTIONS)}: it is not a run config "
                          "(the experiment configs in configs/ run with `python experiments/<name>.py`)")
             raise ConfigError(f"config.{k}: unknown key{hint}; allowed top-level keys: {sorted(top)}")

@@ -119,3 +119,34 @@ def test_lanczos_restarts_stay_in_the_operators_domain(x64):
     np.testing.assert_allclose(inside.bottom, dense[:2], rtol=1e-9)
     np.testing.assert_allclose(inside.top, dense[::-1][:2], rtol=1e-9)
     np.testing.assert_allclose(whole.bottom, [0.0, 0.0], atol=1e-9)  # the projected-out directions
+
+
+def _has_cond(jaxpr) -> bool:
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "cond":
+            return True
+        for v in eqn.params.values():
+            for j in (v if isinstance(v, (tuple, list)) else (v,)):
+                inner = getattr(j, "jaxpr", None)
+                if inner is not None and _has_cond(getattr(inner, "jaxpr", inner)):
+                    return True
+    return False
+
+
+def test_top_1_needs_no_restart(x64):
+    """With k = 1 the Gaussian-started runs carry no restart branch (it only adds multiplicities, which top-1 /
+    bottom-1 do not read, and would cost the training program compile time), and the extremes past a breakdown
+    are still the dense ones: the largest and the smallest eigenvalue of P H P on the horizontal space (0)."""
+    loss, params, group = _linear_classifier()
+    dense = _dense_horizontal(loss, group, params)
+
+    def run(k):
+        return lambda p: qobs.sharpness_horizontal(loss, group, p, key=jax.random.key(3), num_matvecs=15, k=k)
+
+    assert not _has_cond(jax.make_jaxpr(run(1))(params).jaxpr)
+    assert _has_cond(jax.make_jaxpr(run(2))(params).jaxpr)
+    ex = jax.jit(run(1))(params)
+    np.testing.assert_allclose(ex.top, dense[-1:], rtol=1e-8)
+    np.testing.assert_allclose(ex.bottom, dense[:1], atol=1e-10 * float(dense[-1]))
+    raw = jax.make_jaxpr(lambda p: qobs.sharpness_raw(loss, p, key=jax.random.key(4), num_matvecs=5, k=1))(params)
+    assert not _has_cond(raw.jaxpr)

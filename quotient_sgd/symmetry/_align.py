@@ -32,7 +32,12 @@ def _lsa(cost):
     def host(c):
         from scipy.optimize import linear_sum_assignment  # imported on first use: scipy.optimize takes ~0.5 s
 
-        _, col = linear_sum_assignment(np.asarray(c), maximize=True)
+        c = np.asarray(c)
+        if not np.all(np.isfinite(c)):
+            # NaN / inf parameters (a diverged run, under jit where align cannot check them): scipy would raise
+            # inside the callback (an opaque XLA runtime error); keep the units in place so the NaNs reach the output
+            return np.arange(c.shape[0], dtype=np.int32)
+        _, col = linear_sum_assignment(c, maximize=True)
         return col.astype(np.int32)
 
     # The assignment is piecewise constant in the cost: no gradient flows through it (so jax.grad of a distance
@@ -107,6 +112,18 @@ def _check_same_layout(name: str, fa, fb) -> None:
                              f"{fb[path].shape} in params_b; they must come from the same architecture")
 
 
+def _check_finite(name: str, fa: Flat, fb: Flat) -> None:
+    """``ValueError`` naming the first parameter of ``params_a`` / ``params_b`` that holds a NaN or an infinity
+    (checked only for concrete arrays: under ``jax.jit`` such parameters give NaN results instead)."""
+    for arg, flat in (("params_a", fa), ("params_b", fb)):
+        for path, x in flat.items():
+            if isinstance(x, jax.core.Tracer):
+                return
+            if not bool(jnp.all(jnp.isfinite(x))):
+                raise ValueError(f"{name}: {arg} has non-finite values (NaN or inf) in parameter {path!r}; "
+                                 f"the orbits of finite parameters only can be aligned")
+
+
 def align(group: Group, params_a, params_b, *, rounds: int = 3, iters: int = 8):
     """Bring ``params_b`` to a point of its orbit close to ``params_a``.
 
@@ -120,11 +137,14 @@ def align(group: Group, params_a, params_b, *, rounds: int = 3, iters: int = 8):
     Raises:
         SymmetryError: the group has no canonical section at these parameters (e.g. a deep linear chain that is
             not minimal: see its ``canonicalize``).
+        ValueError: ``params_a`` or ``params_b`` holds a NaN or an infinity (under ``jax.jit``, where this cannot
+            be checked, the result has NaNs instead).
     """
     _check_counts("align", rounds=rounds, iters=iters)
     fa, treedef = group._flat(params_a)
     fb, _ = group._flat(params_b)
     _check_same_layout("align", fa, fb)
+    _check_finite("align", fa, fb)
     with _canonicalising("align"):
         out = _align_flat(group, _tree.widen(fa), _tree.widen(fb), rounds, iters)  # bfloat16 / float16: in float32
     return _tree.unflatten({p: x.astype(fb[p].dtype) for p, x in out.items()}, treedef)
@@ -161,7 +181,8 @@ def quotient_distance(group: Group, params_a, params_b, *, rounds: int = 3, iter
     how far these two networks are from each other's orbits.  ``canonical=True`` compares the canonical
     representatives ``c(a)``, ``c(b)`` instead (the same formula, never larger than ``|c(a) - c(b)|``): a
     function of the two orbits alone, unchanged when either argument is moved along its orbit.  ``rounds`` /
-    ``iters``: as for :func:`align`, whose canonicalisation limits (``SymmetryError``) apply.
+    ``iters``: as for :func:`align`, whose canonicalisation limits (``SymmetryError``) apply, and its
+    ``ValueError`` for parameters holding a NaN or an infinity (NaN under ``jax.jit``).
     """
     _check_counts("quotient_distance", rounds=rounds, iters=iters)
     if not isinstance(canonical, (bool, np.bool_)):
@@ -169,6 +190,7 @@ def quotient_distance(group: Group, params_a, params_b, *, rounds: int = 3, iter
     fa, _ = group._flat(params_a)
     fb, _ = group._flat(params_b)
     _check_same_layout("quotient_distance", fa, fb)
+    _check_finite("quotient_distance", fa, fb)
     fa, fb = _tree.widen(fa), _tree.widen(fb)  # bfloat16 / float16: computed in float32
     with _canonicalising("quotient_distance"):
         if canonical:

@@ -10,11 +10,11 @@ from quotient_sgd import models
 from quotient_sgd.symmetry import align, quotient_distance
 
 
-def _mlp_with_nan(seed=0):
+def _mlp_with_nan(seed=0, value=jnp.nan):
     model = models.MLP(3, (3, 4), 2, activation="relu", classifier=True, rngs=nnx.Rngs(seed))
     params = nnx.split(model, nnx.Param)[1]
     bad = jax.tree.map(lambda x: x, params)
-    bad["layers"][1]["kernel"][...] = bad["layers"][1]["kernel"][...].at[0, 0].set(jnp.nan)
+    bad["layers"][1]["kernel"][...] = bad["layers"][1]["kernel"][...].at[0, 0].set(value)
     return model.symmetries(), params, bad
 
 
@@ -25,6 +25,12 @@ def test_nan_parameters_are_refused_naming_the_argument_and_the_parameter(fn, wh
     args = (bad, good) if which == "params_a" else (good, bad)
     with pytest.raises(ValueError, match=rf"{fn.__name__}: {which} has non-finite values .*'layers', 1, 'kernel'"):
         fn(group, *args)
+
+
+def test_infinite_parameters_are_refused_too():
+    group, good, bad = _mlp_with_nan(value=-jnp.inf)
+    with pytest.raises(ValueError, match=r"quotient_distance: params_b has non-finite values"):
+        quotient_distance(group, good, bad)
 
 
 def test_nan_parameters_under_jit_give_nan_instead_of_a_runtime_error():

@@ -115,10 +115,12 @@ def _check_same_layout(name: str, fa, fb) -> None:
 def _check_finite(name: str, fa: Flat, fb: Flat) -> None:
     """``ValueError`` naming the first parameter of ``params_a`` / ``params_b`` that holds a NaN or an infinity
     (checked only for concrete arrays: under ``jax.jit`` such parameters give NaN results instead)."""
+    leaves = [*fa.values(), *fb.values()]
+    if any(isinstance(x, jax.core.Tracer) for x in leaves) or bool(
+            jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))):  # one host transfer when all is well
+        return
     for arg, flat in (("params_a", fa), ("params_b", fb)):
         for path, x in flat.items():
-            if isinstance(x, jax.core.Tracer):
-                return
             if not bool(jnp.all(jnp.isfinite(x))):
                 raise ValueError(f"{name}: {arg} has non-finite values (NaN or inf) in parameter {path!r}; "
                                  f"the orbits of finite parameters only can be aligned")

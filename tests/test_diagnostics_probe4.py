@@ -200,3 +200,22 @@ def test_cusum_refuses_a_series_that_is_not_1d_and_parameters_out_of_range():
             cusum(two[:, 0], **bad)
         with pytest.raises(ValueError, match=match):
             cusum_threshold(50, 0.05, **bad)
+
+
+@pytest.mark.parametrize("where, variant", [("horizontal", "step"), ("quotient", "quotient"), ("raw", "raw")])
+def test_hessian_top_k_alone_is_read_as_the_sharpness(where, variant):
+    """A trajectory holding only ``hessian_top_<where>`` of shape (steps, k) (top eigenvalues, descending) gave no
+    sharpness-based event: the alias needed a 1-D key.  Its first column is now the sharpness: the same events as
+    with ``sharpness_<where>`` equal to that column, and the second column plays no part."""
+    rng = np.random.default_rng(0)
+    n = 80
+    top = np.r_[np.linspace(5.0, 25.0, n)]
+    wide = np.stack([top, top * rng.uniform(0.2, 0.9, n)], axis=1)
+    loss = np.r_[np.linspace(1.0, 0.5, 40), [1.6, 2.4], np.linspace(0.4, 0.1, n - 42)]
+    sharp = np.r_[wide[:43, 0], wide[43:, 0] * 0.5]  # a fall after the spike: a catapult
+    wide[:, 0] = sharp
+    kinds = ["edge_of_stability", "catapult"]
+    alone = detect({"loss": loss, f"hessian_top_{where}": wide}, lr=0.1, kinds=kinds)
+    named = detect({"loss": loss, f"sharpness_{where}": wide[:, 0]}, lr=0.1, kinds=kinds)
+    assert [e.to_dict() for e in alone] == [e.to_dict() for e in named]
+    assert {e.kind for e in alone} == set(kinds) and all(e.variant == variant for e in alone)

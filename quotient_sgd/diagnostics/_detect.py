@@ -858,6 +858,11 @@ def detect(trajectory, *, lr=None, kinds: Iterable[str] | None = None, start_ste
         raise ValueError(f"detect: the trajectory's keys {sorted(wide)} must hold one value per step, shape "
                          f"{shape}; got shapes {wide} (a column vector: take [:, 0]; the top eigenvalues of a "
                          "Hessian: the first column, as quotient_trajectory's sharpness_* keys hold it)")
+    # a trajectory holding the Hessian's top-k alone ((steps, k) hessian_top_<where>: kept without the sharpness_*
+    # keys, or built by hand) had no sharpness: its first column is the sharpness the detectors read
+    for name, top in SHARPNESS_KEYS.values():
+        if name not in traj and top in traj and np.ndim(traj[top]) == 2 and np.shape(traj[top])[1] >= 1:
+            traj[name] = np.asarray(traj[top])[:, 0]
     if "hessian_step" in traj:
         _check_hessian_step(traj["hessian_step"], shape)
     steps = steps_of(traj, start_step)

@@ -6,6 +6,8 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
 
 def check_sizes(model: str, **sizes) -> None:
@@ -56,3 +58,40 @@ def check_input(model: str, x, kernel: jax.Array) -> jax.Array:
         raise ValueError(f"{model}: x must have din={kernel.shape[0]} features on its last axis, "
                          f"(..., {kernel.shape[0]}), got shape {x.shape}")
     return x
+
+
+def check_flag(model: str, name: str, value) -> bool:
+    """A bool (or NumPy bool), returned as ``bool``: ``bool("False")`` is ``True``, so a string or a number is
+    refused rather than read by its truth value."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{model}: {name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def check_param_dtype(model: str, value) -> jnp.dtype:
+    """A real floating dtype (``jnp.float32``, ``jnp.float64``, ``jnp.bfloat16``, ``"float16"`` ...), returned as
+    a ``jnp.dtype``; integer, boolean and complex dtypes cannot be trained by gradient descent (an integer one
+    failed inside the first layer with a dtype-promotion error)."""
+    try:
+        dtype = jnp.dtype(value)
+    except (TypeError, ValueError):
+        dtype = None
+    if value is None or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"{model}: param_dtype must be a real floating dtype (e.g. jnp.float32, jnp.float64, "
+                         f"jnp.bfloat16), got {repr(value) if value is None or dtype is None else dtype.name}")
+    return dtype
+
+
+def check_rngs(model: str, rngs) -> None:
+    """An ``nnx.Rngs`` (the models draw their initial parameters from ``rngs.params()``)."""
+    if not isinstance(rngs, nnx.Rngs):
+        raise ValueError(f"{model}: rngs must be an nnx.Rngs (e.g. nnx.Rngs(0)), got {type(rngs).__name__} "
+                         f"{rngs!r}")
+
+
+def check_features(model: str, z, num_features: int) -> None:
+    """``ValueError`` naming the layer unless ``z`` has ``num_features`` entries on its last axis (the parameters'
+    broadcast would fail with JAX's error, naming neither)."""
+    if jnp.ndim(z) < 1 or jnp.shape(z)[-1] != num_features:
+        raise ValueError(f"{model}: the input must have num_features={num_features} features on its last axis, "
+                         f"(..., {num_features}), got shape {jnp.shape(z)}")

@@ -12,7 +12,8 @@ from flax import nnx
 from .. import _tree
 from ..symmetry import Permutation, Product, Rescale, Scale, Translation
 from ._activations import check_activation, get_activation, is_homogeneous
-from ._checks import check_classes, check_eps, check_sizes, check_widths
+from ._checks import (check_classes, check_eps, check_flag, check_param_dtype, check_rngs, check_sizes,
+                      check_widths)
 from ._init import lecun_normal
 from ._norm import NORM_EPS, BatchNorm, LayerNorm
 
@@ -103,6 +104,7 @@ class CNN(nnx.Module):
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}")
         check_sizes("CNN", in_channels=in_channels, dout=dout, kernel_size=kernel_size)
+        classifier = check_flag("CNN", "classifier", classifier)
         check_classes("CNN", "dout", dout, classifier)
         channels = check_widths("CNN", "channels", channels, allow_empty=False)
         seq = ((strides,) * len(channels) if isinstance(strides, numbers.Integral)
@@ -113,11 +115,13 @@ class CNN(nnx.Module):
                              f"({len(channels)}), got {strides!r}")
         strides = tuple(int(s) for s in seq)
         norm_eps = check_eps("CNN", "norm_eps", norm_eps)
+        param_dtype = check_param_dtype("CNN", param_dtype)
+        check_rngs("CNN", rngs)
         self.activation = check_activation(activation)
         self.conv_impl = conv_impl
         self.strides = strides
         self.norm = norm
-        self.classifier = bool(classifier)
+        self.classifier = classifier
         sizes = (in_channels, *channels)
         self.convs = nnx.List(
             [

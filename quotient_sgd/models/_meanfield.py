@@ -16,7 +16,7 @@ from flax import nnx
 
 from ..symmetry import Permutation, Product, Rescale
 from ._activations import check_activation, get_activation, is_homogeneous
-from ._checks import check_input, check_sizes
+from ._checks import check_input, check_param_dtype, check_rngs, check_sizes
 from ._init import normal
 
 
@@ -38,6 +38,8 @@ class MeanField(nnx.Module):
                  rngs: nnx.Rngs):
         self.activation = check_activation(activation)
         check_sizes("MeanField", din=din, width=width, dout=dout)
+        param_dtype = check_param_dtype("MeanField", param_dtype)
+        check_rngs("MeanField", rngs)
         self.width = width
         self.w_in = nnx.Param(normal(1.0)(rngs.params(), (width, din), param_dtype) / math.sqrt(din))
         self.b = nnx.Param(jnp.zeros((width,), param_dtype))

@@ -11,7 +11,8 @@ from flax import nnx
 
 from ..symmetry import GL, Permutation, Product, Rescale, Translation
 from ._activations import check_activation, get_activation, is_homogeneous
-from ._checks import check_classes, check_input, check_sizes, check_widths
+from ._checks import (check_classes, check_flag, check_input, check_param_dtype, check_rngs, check_sizes,
+                      check_widths)
 from ._init import lecun_normal
 
 
@@ -56,9 +57,12 @@ class MLP(nnx.Module):
     ):
         self.activation = check_activation(activation)
         check_sizes("MLP", din=din, dout=dout)
+        classifier = check_flag("MLP", "classifier", classifier)
         check_classes("MLP", "dout", dout, classifier)
         hidden = check_widths("MLP", "hidden", hidden)
-        self.classifier = bool(classifier)
+        param_dtype = check_param_dtype("MLP", param_dtype)
+        check_rngs("MLP", rngs)
+        self.classifier = classifier
         sizes = (din, *tuple(hidden), dout)
         self.layers = nnx.List(
             [nnx.Linear(a, b, kernel_init=lecun_normal(), param_dtype=param_dtype, rngs=rngs)
@@ -129,6 +133,8 @@ class DeepLinear(nnx.Module):
     def __init__(self, din: int, widths: Sequence[int], dout: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
         check_sizes("DeepLinear", din=din, dout=dout)
         sizes = (din, *check_widths("DeepLinear", "widths", widths), dout)
+        param_dtype = check_param_dtype("DeepLinear", param_dtype)
+        check_rngs("DeepLinear", rngs)
         self.layers = nnx.List(
             [
                 nnx.Linear(a, b, use_bias=False, kernel_init=lecun_normal(), param_dtype=param_dtype, rngs=rngs)

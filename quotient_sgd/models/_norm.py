@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ._checks import check_eps, check_features, check_flag, check_param_dtype, check_sizes
+
 NORM_EPS = 1e-12
 """Default epsilon inside the variance of :class:`LayerNorm` / :class:`BatchNorm` (see the module docstring)."""
 
@@ -44,12 +46,15 @@ class LayerNorm(nnx.Module):
     """
 
     def __init__(self, num_features: int, *, eps: float = NORM_EPS, param_dtype=jnp.float32):
+        check_sizes("LayerNorm", num_features=num_features)
         self.num_features = num_features
-        self.eps = eps
+        self.eps = check_eps("LayerNorm", "eps", eps)
+        param_dtype = check_param_dtype("LayerNorm", param_dtype)
         self.scale = nnx.Param(jnp.ones((num_features,), param_dtype))
         self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
 
     def __call__(self, z: jax.Array) -> jax.Array:
+        check_features("LayerNorm", z, self.num_features)
         y, _, _ = _normalise(z, (z.ndim - 1,), self.eps)
         return y * _along_last(self.scale[...], z.ndim) + _along_last(self.bias[...], z.ndim)
 
@@ -78,16 +83,25 @@ class BatchNorm(nnx.Module):
         use_running_average: bool = False,
         param_dtype=jnp.float32,
     ):
+        check_sizes("BatchNorm", num_features=num_features)
+        try:
+            ok = not isinstance(momentum, bool) and 0 <= float(momentum) <= 1
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"BatchNorm: momentum must be a number in [0, 1], got {momentum!r}")
         self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
-        self.use_running_average = use_running_average
+        self.eps = check_eps("BatchNorm", "eps", eps)
+        self.momentum = float(momentum)
+        self.use_running_average = check_flag("BatchNorm", "use_running_average", use_running_average)
+        param_dtype = check_param_dtype("BatchNorm", param_dtype)
         self.scale = nnx.Param(jnp.ones((num_features,), param_dtype))
         self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
         self.mean = nnx.BatchStat(jnp.zeros((num_features,), param_dtype))
         self.var = nnx.BatchStat(jnp.ones((num_features,), param_dtype))
 
     def __call__(self, z: jax.Array) -> jax.Array:
+        check_features("BatchNorm", z, self.num_features)
         nd = z.ndim
         if self.use_running_average:
             mean = _along_last(self.mean[...], nd).astype(z.dtype)
@@ -96,6 +110,8 @@ class BatchNorm(nnx.Module):
         else:
             y, mean, var = _normalise(z, tuple(range(nd - 1)), self.eps)
             m = jnp.asarray(self.momentum, self.mean[...].dtype)
-            self.mean[...] = m * self.mean[...] + (1 - m) * jnp.reshape(mean, (-1,)).astype(m.dtype)
-            self.var[...] = m * self.var[...] + (1 - m) * jnp.reshape(var, (-1,)).astype(m.dtype)
+            new_mean = m * self.mean[...] + (1 - m) * jnp.reshape(mean, (-1,)).astype(m.dtype)
+            new_var = m * self.var[...] + (1 - m) * jnp.reshape(var, (-1,)).astype(m.dtype)
+            self.mean[...] = new_mean
+            self.var[...] = new_var
         return y * _along_last(self.scale[...], nd) + _along_last(self.bias[...], nd)

@@ -11,7 +11,7 @@ from flax import nnx
 
 from ..symmetry import GL, Permutation, Product, Rescale, Translation
 from ._activations import check_activation, get_activation, is_homogeneous
-from ._checks import check_classes, check_eps, check_sizes
+from ._checks import check_classes, check_eps, check_flag, check_param_dtype, check_rngs, check_sizes
 from ._init import embed_init, lecun_normal, normal
 from ._norm import NORM_EPS, LayerNorm
 
@@ -19,6 +19,12 @@ from ._norm import NORM_EPS, LayerNorm
 def _bias_heads(b: jax.Array) -> jax.Array:
     """``(H, d)`` head biases -> ``(1, H, 1, d)``, to add to ``(B, H, T, d)`` (explicit rank promotion)."""
     return b[None, :, None, :]
+
+
+def _check_heads(model: str, d_model: int, num_heads: int) -> None:
+    if d_model % num_heads:
+        raise ValueError(f"{model}: d_model ({d_model}) must be divisible by num_heads ({num_heads}): "
+                         f"d_head = d_model / num_heads must be an integer")
 
 
 class CausalSelfAttention(nnx.Module):
@@ -33,8 +39,10 @@ class CausalSelfAttention(nnx.Module):
     """
 
     def __init__(self, d_model: int, num_heads: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        if d_model % num_heads:
-            raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
+        check_sizes("CausalSelfAttention", d_model=d_model, num_heads=num_heads)
+        _check_heads("CausalSelfAttention", d_model, num_heads)
+        param_dtype = check_param_dtype("CausalSelfAttention", param_dtype)
+        check_rngs("CausalSelfAttention", rngs)
         H, D, d = num_heads, d_model, d_model // num_heads
         self.num_heads, self.d_head = H, d
         init = normal(stddev=1.0 / math.sqrt(D))
@@ -128,9 +136,13 @@ class Transformer(nnx.Module):
         self.activation = check_activation(activation)
         check_sizes("Transformer", vocab_size=vocab_size, d_model=d_model, num_heads=num_heads, num_layers=num_layers,
                     max_len=max_len, mlp_ratio=mlp_ratio)
+        _check_heads("Transformer", d_model, num_heads)
+        classifier = check_flag("Transformer", "classifier", classifier)
         check_classes("Transformer", "vocab_size", vocab_size, classifier)
         norm_eps = check_eps("Transformer", "norm_eps", norm_eps)
-        self.classifier = bool(classifier)
+        param_dtype = check_param_dtype("Transformer", param_dtype)
+        check_rngs("Transformer", rngs)
+        self.classifier = classifier
         self.max_len = max_len
         self.tok_embed = nnx.Embed(vocab_size, d_model, embedding_init=embed_init(), param_dtype=param_dtype, rngs=rngs)
         self.pos_embed = nnx.Embed(max_len, d_model, embedding_init=embed_init(), param_dtype=param_dtype, rngs=rngs)
@@ -155,6 +167,9 @@ class Transformer(nnx.Module):
         if tokens.ndim != 2:  # one sequence, or several batch axes: run it as a (batch, T) batch
             lead, T = tokens.shape[:-1], tokens.shape[-1]
             return self.logits(tokens.reshape(-1, T)).reshape(*lead, T, -1)
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):  # flax's Embed refused it naming neither model nor argument
+            raise ValueError(f"Transformer: tokens must be integer token ids (e.g. int32 or int64), got dtype "
+                             f"{tokens.dtype}")
         T = tokens.shape[-1]
         if T > self.max_len:
             raise ValueError(f"sequence length {T} exceeds max_len={self.max_len}")

@@ -1,0 +1,97 @@
+"""Constructor arguments and input checks of quotient_sgd.models."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from quotient_sgd.models import CNN, MLP, BatchNorm, CausalSelfAttention, DeepLinear, LayerNorm, MeanField, Transformer
+
+_MAKERS = {
+    "MLP": lambda **kw: MLP(2, (3,), 2, **kw),
+    "DeepLinear": lambda **kw: DeepLinear(2, (3,), 2, **kw),
+    "MeanField": lambda **kw: MeanField(2, 3, 2, **kw),
+    "CNN": lambda **kw: CNN(1, (2,), 2, **kw),
+    "Transformer": lambda **kw: Transformer(5, 4, 2, 1, 4, **kw),
+}
+
+
+@pytest.mark.parametrize("name", ["MLP", "CNN", "Transformer"])
+@pytest.mark.parametrize("bad", ["False", 0, 1, None])
+def test_classifier_must_be_a_bool(name, bad):
+    """``classifier="False"`` was read as ``bool("False") = True``: a log-softmax head and a translation symmetry
+    the caller had turned off."""
+    with pytest.raises(ValueError, match=rf"{name}: classifier must be True or False, got {bad!r}"):
+        _MAKERS[name](classifier=bad, rngs=nnx.Rngs(0))
+    assert _MAKERS[name](classifier=np.bool_(False), rngs=nnx.Rngs(0)).classifier is False
+
+
+@pytest.mark.parametrize("name", sorted(_MAKERS))
+@pytest.mark.parametrize("bad,shown", [(jnp.int32, "int32"), ("float33", "'float33'"), (jnp.bool_, "bool"),
+                                       (jnp.complex64, "complex64"), (None, "None")])
+def test_param_dtype_must_be_real_floating(name, bad, shown):
+    """An integer ``param_dtype`` failed in the first call with a dtype-promotion error naming neither the model
+    nor the argument; an unknown name with NumPy's error."""
+    with pytest.raises(ValueError, match=rf"{name}: param_dtype must be a real floating dtype .*got {shown}$"):
+        _MAKERS[name](param_dtype=bad, rngs=nnx.Rngs(0))
+
+
+def test_bfloat16_params_give_bfloat16_outputs():
+    x = jnp.ones((2, 2), jnp.float32)
+    assert MLP(2, (3,), 2, classifier=True, param_dtype="bfloat16", rngs=nnx.Rngs(0))(x).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("name", sorted(_MAKERS))
+@pytest.mark.parametrize("bad", [None, 0])
+def test_rngs_must_be_nnx_rngs(name, bad):
+    with pytest.raises(ValueError, match=rf"{name}: rngs must be an nnx.Rngs .*got {type(bad).__name__} {bad!r}"):
+        _MAKERS[name](rngs=bad)
+
+
+@pytest.mark.parametrize("d_model,num_heads,needle", [
+    (4, 0, "CausalSelfAttention: num_heads must be an integer >= 1, got 0"),  # was ZeroDivisionError
+    (-4, 2, "CausalSelfAttention: d_model must be an integer >= 1, got -4"),  # was math domain error
+    (10, 4, r"CausalSelfAttention: d_model \(10\) must be divisible by num_heads \(4\)"),
+])
+def test_attention_sizes_are_checked(d_model, num_heads, needle):
+    with pytest.raises(ValueError, match=needle):
+        CausalSelfAttention(d_model, num_heads, rngs=nnx.Rngs(0))
+
+
+def test_transformer_heads_must_divide_d_model():
+    with pytest.raises(ValueError, match=r"Transformer: d_model \(10\) must be divisible by num_heads \(4\)"):
+        Transformer(5, 10, 4, 1, 4, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("make,needle", [
+    (lambda: LayerNorm(0), "LayerNorm: num_features must be an integer >= 1, got 0"),
+    (lambda: LayerNorm(3, eps=-1.0), "LayerNorm: eps must be a finite number >= 0, got -1.0"),
+    (lambda: BatchNorm(3, eps=float("nan")), "BatchNorm: eps must be a finite number >= 0, got nan"),
+    (lambda: BatchNorm(-1), "BatchNorm: num_features must be an integer >= 1, got -1"),
+    (lambda: BatchNorm(3, momentum=2.0), r"BatchNorm: momentum must be a number in \[0, 1\], got 2.0"),
+    (lambda: BatchNorm(3, momentum="a"), r"BatchNorm: momentum must be a number in \[0, 1\], got 'a'"),
+    (lambda: BatchNorm(3, use_running_average="no"), "BatchNorm: use_running_average must be True or False"),
+    (lambda: LayerNorm(3, param_dtype=jnp.int32), "LayerNorm: param_dtype must be a real floating dtype"),
+])
+def test_norm_layer_arguments_are_checked(make, needle):
+    with pytest.raises(ValueError, match=needle):
+        make()
+
+
+@pytest.mark.parametrize("layer", [LayerNorm(3), BatchNorm(3), BatchNorm(3, use_running_average=True)])
+def test_norm_layers_check_the_feature_axis(layer):
+    """A last axis of the wrong size failed with JAX's broadcasting error, naming neither layer nor size."""
+    name = type(layer).__name__
+    with pytest.raises(ValueError, match=rf"{name}: the input must have num_features=3 .*got shape \(2, 4\)"):
+        layer(jnp.ones((2, 4), jnp.float32))
+    assert layer(jnp.ones((2, 3), jnp.float32)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bool_])
+def test_transformer_refuses_non_integer_tokens(dtype):
+    model = Transformer(5, 4, 2, 1, 4, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=rf"Transformer: tokens must be integer token ids .*got dtype "
+                                         rf"{jnp.dtype(dtype).name}"):
+        model(jnp.zeros((2, 3), dtype))
+

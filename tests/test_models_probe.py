@@ -1,4 +1,4 @@
-"""Constructor arguments and input checks of quotient_sgd.models."""
+"""Constructor arguments, input checks and BatchNorm state under jax.grad of quotient_sgd.models."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +7,8 @@ import pytest
 from flax import nnx
 
 from quotient_sgd.models import CNN, MLP, BatchNorm, CausalSelfAttention, DeepLinear, LayerNorm, MeanField, Transformer
+
+from helpers import assert_tree_allclose
 
 _MAKERS = {
     "MLP": lambda **kw: MLP(2, (3,), 2, **kw),
@@ -95,3 +97,28 @@ def test_transformer_refuses_non_integer_tokens(dtype):
                                          rf"{jnp.dtype(dtype).name}"):
         model(jnp.zeros((2, 3), dtype))
 
+
+def test_batchnorm_statistics_thread_through_grad():
+    """``jax.grad`` of a loss that merges a BatchNorm CNN from state split outside it (the plain NNX pattern)
+    failed with NNX's TraceContextError: the layer mutated the running statistics' Variables, created at the
+    outer trace.  Now the merged model takes new Variables: the gradient and the returned statistics equal those
+    of the same loss traced under jit first (where the state is a traced argument), and the state passed in is
+    unchanged."""
+    model = CNN(1, (3,), 2, norm="batch", rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    x = jax.random.normal(jax.random.key(0), (4, 5, 5, 1)) * 2.0 + 1.0
+    before = jax.tree.map(np.asarray, rest)
+
+    def loss(p, r):
+        m = nnx.merge(graphdef, p, r)
+        y = m(x)
+        return jnp.sum(jnp.sin(y)), nnx.split(m, nnx.Param, ...)[2]
+
+    grads, new_rest = jax.jit(lambda p: jax.grad(lambda q: loss(q, rest), has_aux=True)(p))(params)
+    ref_grads, ref_rest = jax.grad(jax.jit(loss), has_aux=True)(params, rest)
+    assert_tree_allclose(grads, ref_grads, rtol=1e-6, atol=1e-7)
+    assert_tree_allclose(new_rest, ref_rest, rtol=1e-6, atol=1e-7)
+    conv_out = np.asarray(model.convs[0](x))
+    np.testing.assert_allclose(new_rest["norms"][0]["mean"][...], 0.1 * conv_out.mean(axis=(0, 1, 2)),
+                               rtol=1e-5, atol=1e-7)
+    assert_tree_allclose(rest, before, rtol=0, atol=0)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import errors, nnx
 
 from ._checks import check_eps, check_features, check_flag, check_param_dtype, check_sizes
 
@@ -72,6 +72,11 @@ class BatchNorm(nnx.Module):
     separately (the per-channel scale symmetry).  In evaluation mode it is not, unless the running statistics
     are transformed alongside (they are state, not parameters): symmetries are declared for the training-mode
     function.
+
+    The running statistics thread through ``nnx.split`` / ``nnx.merge`` also under ``jax.grad`` of a function that
+    merges the model from state split outside it: the merged model takes new ``BatchStat`` Variables (NNX forbids
+    mutating those of an outer trace) and ``nnx.split`` of it returns the updated statistics; the state passed in
+    is left as it was.
     """
 
     def __init__(
@@ -112,6 +117,14 @@ class BatchNorm(nnx.Module):
             m = jnp.asarray(self.momentum, self.mean[...].dtype)
             new_mean = m * self.mean[...] + (1 - m) * jnp.reshape(mean, (-1,)).astype(m.dtype)
             new_var = m * self.var[...] + (1 - m) * jnp.reshape(var, (-1,)).astype(m.dtype)
-            self.mean[...] = new_mean
-            self.var[...] = new_var
+            try:
+                self.mean[...] = new_mean
+                self.var[...] = new_var
+            except errors.TraceContextError:
+                # The statistics' Variables come from an outer trace: a model merged inside jax.grad from state
+                # split outside it (``jax.grad(lambda p: loss(nnx.merge(graphdef, p, rest)(x)))``).  NNX forbids
+                # mutating them there; this module belongs to the current trace, so it takes new Variables (the
+                # caller's state is left as it was; ``nnx.split`` of this module returns the updated statistics).
+                self.mean = nnx.BatchStat(new_mean)
+                self.var = nnx.BatchStat(new_var)
         return y * _along_last(self.scale[...], nd) + _along_last(self.bias[...], nd)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 
 import ml_collections
-import numpy as np
 import pytest
 
 from quotient_sgd.cli import main

@@ -267,8 +267,8 @@ def cole_hopf(loss: Callable, x, t, nu, *, ndim: int = 1, num: int | None = None
     """Coarse-grained loss u(x, t) (the viscous HJ solution with u(., 0) = loss) by quadrature.
 
     Args:
-        loss: ``L(y)``; scalar -> scalar in 1-D, ``(2,)`` -> scalar in 2-D (another output is refused by name).  Evaluated on all of R^d (pass a
-            periodic function for a periodic problem).
+        loss: ``L(y)``; scalar -> scalar in 1-D, ``(2,)`` -> scalar in 2-D (another output is refused by
+            name).  Evaluated on all of R^d (pass a periodic function for a periodic problem).
         x: evaluation points, any shape in 1-D; ``(2, ...)`` in 2-D (e.g. ``Grid2D.x``).  The quadrature runs in
             their dtype (integer points in the default float, bfloat16 / float16 ones in float32, the dtype of
             the result and of the points the loss is called at); the loss's values are cast to it.

@@ -122,3 +122,34 @@ def test_batchnorm_statistics_thread_through_grad():
     np.testing.assert_allclose(new_rest["norms"][0]["mean"][...], 0.1 * conv_out.mean(axis=(0, 1, 2)),
                                rtol=1e-5, atol=1e-7)
     assert_tree_allclose(rest, before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layer", [LayerNorm(4, param_dtype=jnp.float16), BatchNorm(4, param_dtype=jnp.float16),
+                                   BatchNorm(4, use_running_average=True, param_dtype=jnp.float16)])
+def test_float16_norm_of_a_constant_input_is_zero(layer):
+    """``NORM_EPS = 1e-12`` rounds to 0 in float16, so a constant input gave ``0 * rsqrt(0) = NaN`` (the module's
+    guard against 0 / 0 was lost); the normalisation is now computed in float32 there: the output is ``bias`` = 0,
+    in float16 (with a finite gradient through the batch statistics), and a non-constant input is still
+    normalised (mean 0, variance 1)."""
+    if isinstance(layer, BatchNorm) and layer.use_running_average:
+        layer.var[...] = jnp.zeros((4,), jnp.float16)  # the running variance of a channel that was constant
+        layer.mean[...] = jnp.ones((4,), jnp.float16)
+    z = jnp.ones((3, 4), jnp.float16)
+    y = layer(z)
+    assert y.dtype == jnp.float16
+    np.testing.assert_array_equal(np.asarray(y, np.float32), 0.0)
+    if not (isinstance(layer, BatchNorm) and layer.use_running_average):  # (there dy/dz = 1 / sqrt(eps) = 1e6)
+        graphdef, state = nnx.split(layer)
+        grad = jax.grad(lambda u: jnp.sum(jnp.sin(nnx.merge(graphdef, state)(u).astype(jnp.float32))))(z)
+        assert grad.dtype == jnp.float16 and np.all(np.isfinite(np.asarray(grad, np.float32)))
+        x = jax.random.normal(jax.random.key(0), (8, 4), jnp.float16) * jnp.float16(3) + jnp.float16(1)
+        y = np.asarray(layer(x), np.float32)
+        axis = -1 if isinstance(layer, LayerNorm) else 0
+        np.testing.assert_allclose(y.mean(axis), 0.0, atol=5e-3)
+        np.testing.assert_allclose(y.var(axis), 1.0, atol=5e-3)
+
+
+def test_float16_cnn_with_layer_norm_is_finite_on_a_blank_image():
+    model = CNN(1, (3,), 2, norm="layer", param_dtype=jnp.float16, rngs=nnx.Rngs(0))
+    out = model(jnp.zeros((2, 4, 4, 1), jnp.float32))
+    assert out.dtype == jnp.float16 and np.all(np.isfinite(np.asarray(out, np.float32)))

@@ -5,7 +5,9 @@ A normalisation ``n(z) = (z - mean z) / sqrt(var z + eps)`` is invariant under `
 float32 tolerance for factors ``c`` in ``e^-2 .. e^2``; so these layers default to ``eps = NORM_EPS = 1e-12``
 *inside* the variance: a guard against ``0 / 0`` for a constant input (which then maps to ``0``), negligible
 against any realistic variance.  The variance is computed in two passes, ``mean((z - mean z)^2)``, which is
-itself scale-equivariant and free of the cancellation of ``mean(z^2) - mean(z)^2``.
+itself scale-equivariant and free of the cancellation of ``mean(z^2) - mean(z)^2``.  Where ``eps`` is below the
+smallest normal number of the input's dtype (float16), the normalisation is computed in float32, so the guard
+still holds.
 
 Layouts: features on the last axis.  ``LayerNorm`` normalises over the last axis (per position: over the
 channels of a conv map, over ``d_model`` of a token); ``BatchNorm`` normalises every channel over all other
@@ -30,11 +32,23 @@ def _along_last(v: jax.Array, ndim: int) -> jax.Array:
     return jnp.reshape(v, (1,) * (ndim - 1) + (v.shape[0],))
 
 
+def _compute_dtype(dtype, eps: float):
+    """The dtype a normalisation of ``dtype`` values is computed in: ``dtype`` itself, or float32 where a positive
+    ``eps`` is below ``dtype``'s smallest normal number (float16: ``NORM_EPS = 1e-12`` rounds to 0 there, and a
+    constant input gave ``0 * rsqrt(0) = NaN`` instead of 0)."""
+    if 0 < eps < float(jnp.finfo(dtype).tiny):
+        return jnp.dtype(jnp.float32)
+    return jnp.dtype(dtype)
+
+
 def _normalise(z: jax.Array, axes: tuple[int, ...], eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
-    mean = jnp.mean(z, axis=axes, keepdims=True)
-    zc = z - mean
+    """``((z - mean) / sqrt(var + eps), mean, var)`` over ``axes``; the first in ``z``'s dtype, the statistics in
+    the dtype they were computed in (:func:`_compute_dtype`)."""
+    zz = z.astype(_compute_dtype(z.dtype, eps))
+    mean = jnp.mean(zz, axis=axes, keepdims=True)
+    zc = zz - mean
     var = jnp.mean(jnp.square(zc), axis=axes, keepdims=True)
-    return zc * jax.lax.rsqrt(var + jnp.asarray(eps, z.dtype)), mean, var
+    return (zc * jax.lax.rsqrt(var + jnp.asarray(eps, zz.dtype))).astype(z.dtype), mean, var
 
 
 class LayerNorm(nnx.Module):
@@ -109,9 +123,10 @@ class BatchNorm(nnx.Module):
         check_features("BatchNorm", z, self.num_features)
         nd = z.ndim
         if self.use_running_average:
-            mean = _along_last(self.mean[...], nd).astype(z.dtype)
-            var = _along_last(self.var[...], nd).astype(z.dtype)
-            y = (z - mean) * jax.lax.rsqrt(var + jnp.asarray(self.eps, z.dtype))
+            cd = _compute_dtype(z.dtype, self.eps)
+            mean = _along_last(self.mean[...], nd).astype(cd)
+            var = _along_last(self.var[...], nd).astype(cd)
+            y = ((z.astype(cd) - mean) * jax.lax.rsqrt(var + jnp.asarray(self.eps, cd))).astype(z.dtype)
         else:
             y, mean, var = _normalise(z, tuple(range(nd - 1)), self.eps)
             m = jnp.asarray(self.momentum, self.mean[...].dtype)

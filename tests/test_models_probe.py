@@ -153,3 +153,11 @@ def test_float16_cnn_with_layer_norm_is_finite_on_a_blank_image():
     model = CNN(1, (3,), 2, norm="layer", param_dtype=jnp.float16, rngs=nnx.Rngs(0))
     out = model(jnp.zeros((2, 4, 4, 1), jnp.float32))
     assert out.dtype == jnp.float16 and np.all(np.isfinite(np.asarray(out, np.float32)))
+
+
+def test_transformer_too_long_sequence_names_the_model():
+    model = Transformer(5, 4, 2, 1, 4, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"Transformer: tokens have sequence length 5, which exceeds max_len=4 .*"
+                                         r"at most max_len tokens"):
+        jax.jit(model)(jnp.zeros((2, 5), jnp.int32))
+    assert model(jnp.zeros((2, 4), jnp.int32)).shape == (2, 4, 5)  # max_len itself is allowed

@@ -172,7 +172,8 @@ class Transformer(nnx.Module):
                              f"{tokens.dtype}")
         T = tokens.shape[-1]
         if T > self.max_len:
-            raise ValueError(f"sequence length {T} exceeds max_len={self.max_len}")
+            raise ValueError(f"Transformer: tokens have sequence length {T}, which exceeds max_len={self.max_len} "
+                             f"(the positional embedding's rows); sequences may have at most max_len tokens")
         V = self.tok_embed.num_embeddings
         if not isinstance(tokens, jax.core.Tracer) and tokens.size and jnp.issubdtype(tokens.dtype, jnp.integer):
             # the embedding lookup fills a token >= V with NaN (every later position too, through attention) and

@@ -5,10 +5,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
-from quotient_sgd.models import CNN, MLP, BatchNorm, CausalSelfAttention, DeepLinear, LayerNorm, MeanField, Transformer
-
 from helpers import assert_tree_allclose
+
+from quotient_sgd.models import (
+    CNN,
+    MLP,
+    BatchNorm,
+    CausalSelfAttention,
+    DeepLinear,
+    LayerNorm,
+    MeanField,
+    Transformer,
+)
 
 _MAKERS = {
     "MLP": lambda **kw: MLP(2, (3,), 2, **kw),

@@ -12,8 +12,15 @@ from flax import nnx
 from .. import _tree
 from ..symmetry import Permutation, Product, Rescale, Scale, Translation
 from ._activations import check_activation, get_activation, is_homogeneous
-from ._checks import (check_classes, check_eps, check_flag, check_param_dtype, check_rngs, check_sizes,
-                      check_widths)
+from ._checks import (
+    check_classes,
+    check_eps,
+    check_flag,
+    check_param_dtype,
+    check_rngs,
+    check_sizes,
+    check_widths,
+)
 from ._init import lecun_normal
 from ._norm import NORM_EPS, BatchNorm, LayerNorm
 

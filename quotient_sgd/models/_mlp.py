@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from typing import Sequence
 
 import jax
@@ -11,8 +10,15 @@ from flax import nnx
 
 from ..symmetry import GL, Permutation, Product, Rescale, Translation
 from ._activations import check_activation, get_activation, is_homogeneous
-from ._checks import (check_classes, check_flag, check_input, check_param_dtype, check_rngs, check_sizes,
-                      check_widths)
+from ._checks import (
+    check_classes,
+    check_flag,
+    check_input,
+    check_param_dtype,
+    check_rngs,
+    check_sizes,
+    check_widths,
+)
 from ._init import lecun_normal
 
 

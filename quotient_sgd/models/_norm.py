@@ -21,7 +21,13 @@ import jax
 import jax.numpy as jnp
 from flax import errors, nnx
 
-from ._checks import check_eps, check_features, check_flag, check_param_dtype, check_sizes
+from ._checks import (
+    check_eps,
+    check_features,
+    check_flag,
+    check_param_dtype,
+    check_sizes,
+)
 
 NORM_EPS = 1e-12
 """Default epsilon inside the variance of :class:`LayerNorm` / :class:`BatchNorm` (see the module docstring)."""

@@ -11,7 +11,14 @@ from flax import nnx
 
 from ..symmetry import GL, Permutation, Product, Rescale, Translation
 from ._activations import check_activation, get_activation, is_homogeneous
-from ._checks import check_classes, check_eps, check_flag, check_param_dtype, check_rngs, check_sizes
+from ._checks import (
+    check_classes,
+    check_eps,
+    check_flag,
+    check_param_dtype,
+    check_rngs,
+    check_sizes,
+)
 from ._init import embed_init, lecun_normal, normal
 from ._norm import NORM_EPS, LayerNorm
 

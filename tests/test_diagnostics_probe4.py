@@ -144,8 +144,11 @@ def test_a_read_key_with_a_column_per_step_is_refused_not_skipped(key):
         assert detect(traj, lr=0.1)  # one value per step: level crossings
     with pytest.raises(ValueError, match=rf"'{key}'.*one value per step.*\(20, 1\)"):
         detect({**traj, key: np.full((n, 1), 50.0)}, lr=0.1)
-    # the top-k keys are (steps, k) by design and still allowed
-    assert detect({**traj, "hessian_top_quotient": np.full((n, 3), 50.0)}, lr=0.1) == detect(traj, lr=0.1)
+    # the top-k keys are (steps, k) by design and still allowed; the first column stands in for a missing
+    # sharpness_quotient
+    wide = np.full((n, 3), 50.0)
+    expect = traj if "sharpness_quotient" in traj else {**traj, "sharpness_quotient": wide[:, 0]}
+    assert detect({**traj, "hessian_top_quotient": wide}, lr=0.1) == detect(expect, lr=0.1)
 
 
 def test_a_catapult_is_confirmed_by_a_fall_of_the_sharpness_also_when_it_is_negative():

@@ -51,12 +51,23 @@ class ShockAwareState(NamedTuple):
     inner_state: Any
 
 
-def _dot(a, b):
-    return sum(jnp.sum(x * y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+def _dot(a, b, dtype):
+    """Euclidean inner product of two trees, each leaf's product accumulated in ``dtype`` (a tree mixing float
+    dtypes, e.g. bfloat16 and float32 leaves, has no implicit promotion under strict dtype promotion)."""
+    return sum((jnp.sum(x.astype(dtype) * y.astype(dtype)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))),
+               jnp.zeros((), dtype))
 
 
-def _value(t: Target, count):
-    return jnp.asarray(t(count) if callable(t) else t, jnp.float32)
+def _stat_dtype(params):
+    """The dtype of the wrapper's scalars (scale, curvature, fold / shock numbers): the widest floating dtype of
+    the parameters, at least float32 (float64 parameters get a float64 scale, not one rounded to float32)."""
+    dts = [jnp.dtype(getattr(x, "dtype", None) or jnp.asarray(x).dtype) for x in jax.tree.leaves(params)]
+    dts = [d for d in dts if jnp.issubdtype(d, jnp.floating)]
+    return max(dts + [jnp.dtype(jnp.float32)], key=lambda d: d.itemsize)
+
+
+def _value(t: Target, count, dtype):
+    return jnp.asarray(t(count) if callable(t) else t, dtype)
 
 
 def _check_positive(name: str, value) -> None:
@@ -96,7 +107,8 @@ def shock_aware_lr(inner: optax.GradientTransformation, *, fold_target: Target =
     ``state.curvature`` (a :class:`ShockAwareState`; wrapped by :func:`~quotient_sgd.optim.quotient_trajectory`
     it is ``state.inner_state``, and ``optax.tree.get(state, "fold_number")`` then finds two values: the
     trajectory's observable ``eta kappa`` of the step it records, and this transform's, measured with the step
-    length actually taken).
+    length actually taken).  These scalars, and the arithmetic of the rule, are in the widest floating dtype of
+    the parameters, at least float32 (float64 parameters give a float64 scale).
 
     Example:
         >>> import jax.numpy as jnp, optax
@@ -129,29 +141,31 @@ def shock_aware_lr(inner: optax.GradientTransformation, *, fold_target: Target =
 
     def init(params):
         # a buffer per leaf: train donates the state, and one buffer donated twice is refused
-        z = lambda: jnp.zeros((), jnp.float32)
+        dt = _stat_dtype(params)
+        z = lambda: jnp.zeros((), dt)
         zeros = lambda: jax.tree.map(jnp.zeros_like, params)
-        return ShockAwareState(jnp.zeros((), jnp.int32), jnp.ones((), jnp.float32), z(), z(), z(), zeros(), zeros(),
+        return ShockAwareState(jnp.zeros((), jnp.int32), jnp.ones((), dt), z(), z(), z(), zeros(), zeros(),
                                inner.init(params))
 
     def update(grads, state, params=None):
         u, inner_state = inner.update(grads, state.inner_state, params)
-        dd = _dot(state.prev_updates, state.prev_updates)
+        dt = state.scale.dtype  # set by init from the parameters (_stat_dtype)
+        dd = _dot(state.prev_updates, state.prev_updates, dt)
         have = (state.count > 0) & (dd > 0)
         diff = jax.tree.map(lambda a, b: a - b, grads, state.prev_grads)
-        k_new = jnp.where(have, _dot(diff, state.prev_updates) / jnp.where(have, dd, 1.0), 0.0)
-        k_new = k_new.astype(jnp.float32)
-        ema = jnp.asarray(curvature_decay, jnp.float32)
+        k_new = jnp.where(have, _dot(diff, state.prev_updates, dt) / jnp.where(have, dd, 1.0), 0.0)
+        k_new = k_new.astype(dt)
+        ema = jnp.asarray(curvature_decay, dt)
         kappa = jnp.where(state.count > 1, ema * state.curvature + (1 - ema) * k_new, k_new)
-        gg = _dot(grads, grads)
-        h = jnp.where(gg > 0, jnp.sqrt(_dot(u, u) / jnp.where(gg > 0, gg, 1.0)), 0.0).astype(jnp.float32)
+        gg = _dot(grads, grads, dt)
+        h = jnp.where(gg > 0, jnp.sqrt(_dot(u, u, dt) / jnp.where(gg > 0, gg, 1.0)), 0.0).astype(dt)
         fold = h * jnp.maximum(kappa, 0.0)
         shock = h * jnp.maximum(-kappa, 0.0)
-        ft, st = _value(fold_target, state.count), _value(shock_target, state.count)
-        tiny = jnp.asarray(1e-30, jnp.float32)
+        ft, st = _value(fold_target, state.count, dt), _value(shock_target, state.count, dt)
+        tiny = jnp.asarray(1e-30, dt)
         s_fold = ft / jnp.maximum(fold, tiny)
         s_shock = st / jnp.maximum(shock, tiny)
-        lo, hi = jnp.asarray(min_scale, jnp.float32), jnp.asarray(max_scale, jnp.float32)
+        lo, hi = jnp.asarray(min_scale, dt), jnp.asarray(max_scale, dt)
         if policy == "cap":
             s = jnp.minimum(jnp.minimum(1.0, s_fold), s_shock)
             s = jnp.clip(s, lo, jnp.minimum(hi, 1.0))
@@ -159,7 +173,7 @@ def shock_aware_lr(inner: optax.GradientTransformation, *, fold_target: Target =
             s = jnp.where(fold > 0, s_fold, hi)
             s = jnp.minimum(s, s_shock)
             s = jnp.clip(s, lo, hi)
-        s = jnp.where(have, s, jnp.asarray(init_scale, jnp.float32))
+        s = jnp.where(have, s, jnp.asarray(init_scale, dt))
         updates = jax.tree.map(lambda x: (s.astype(x.dtype) * x), u)
         new = ShockAwareState(state.count + 1, s, kappa, s * fold, s * shock, grads, updates, inner_state)
         return updates, new

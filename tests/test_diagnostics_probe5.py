@@ -70,3 +70,28 @@ def test_mixed_dtype_parameter_tree_under_strict_promotion():
         assert u["b"].dtype == jnp.bfloat16
         params = optax.apply_updates(params, u)
     np.testing.assert_allclose(float(state.fold_number), _hand(0.5, 1.0, "cap", 1.0, 1.0, 2)[1, 1], rtol=1e-6)
+
+
+def test_bad_inner_policy_and_init_scale_are_refused_naming_the_argument():
+    """``inner`` that is not an optimiser (``optax.sgd`` itself, a float) was accepted and failed at init with an
+    AttributeError; an ``init_scale`` outside the scale bounds was used as the first step (5x the inner step under
+    "cap", which never lengthens a step); a policy error did not name the function."""
+    with pytest.raises(TypeError, match=r"inner=.*GradientTransformation"):
+        shock_aware_lr(optax.sgd)
+    with pytest.raises(TypeError, match=r"inner=0\.1 .*got a float"):
+        shock_aware_lr(0.1)
+    with pytest.raises(ValueError, match=r"shock_aware_lr: policy='Cap' is not allowed; need 'cap' or 'track'"):
+        shock_aware_lr(optax.sgd(0.1), policy="Cap")
+    with pytest.raises(ValueError, match=r"policy=\['cap'\]"):
+        shock_aware_lr(optax.sgd(0.1), policy=["cap"])
+    for kw, allowed in [(dict(init_scale=5.0), r"\[0\.001, 1\.0\]"),
+                        (dict(init_scale=2.0, max_scale=3.0), r"\[0\.001, 1\.0\]"),
+                        (dict(init_scale=5.0, max_scale=4.0, policy="track"), r"\[0\.001, 4\.0\]"),
+                        (dict(init_scale=0.01, min_scale=0.1), r"\[0\.1, 1\.0\]")]:
+        with pytest.raises(ValueError, match=rf"init_scale={kw['init_scale']} is not allowed.*{allowed}"):
+            shock_aware_lr(optax.sgd(0.1), **kw)
+    # in range: accepted, and the first step is scaled by exactly init_scale
+    tx = shock_aware_lr(optax.sgd(0.5), init_scale=3.0, max_scale=4.0, policy="track")
+    p = jnp.ones(2)
+    u, _ = tx.update(p, tx.init(p), p)
+    np.testing.assert_allclose(np.asarray(u), -1.5 * np.ones(2), rtol=1e-6)

@@ -99,7 +99,8 @@ def shock_aware_lr(inner: optax.GradientTransformation, *, fold_target: Target =
         fold_target: target / cap for the fold number ``h max(0, kappa)`` (number or schedule).
         shock_target: cap for the shock number ``h max(0, -kappa)``.
         policy: ``"cap"`` or ``"track"`` (module docstring).
-        init_scale: scale of the first step (no curvature measured yet).
+        init_scale: scale of the first step (no curvature measured yet), in ``[min_scale, max_scale]`` (and
+            at most 1 with ``"cap"``).
         min_scale, max_scale: bounds of the scale (``"cap"`` also never exceeds 1).
         curvature_decay: EMA factor for kappa.
 
@@ -121,8 +122,11 @@ def shock_aware_lr(inner: optax.GradientTransformation, *, fold_target: Target =
         >>> round(float(state.fold_number), 3), round(float(state.scale), 3)
         (1.0, 0.333)
     """
-    if policy not in ("cap", "track"):
-        raise ValueError(f"policy must be 'cap' or 'track', got {policy!r}")
+    if not (callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None))):
+        raise TypeError(f"shock_aware_lr: inner={inner!r} is not allowed; need an Optax GradientTransformation "
+                        f"(e.g. optax.sgd(0.1)), got a {type(inner).__name__}")
+    if not isinstance(policy, str) or policy not in ("cap", "track"):
+        raise ValueError(f"shock_aware_lr: policy={policy!r} is not allowed; need 'cap' or 'track'")
     # under ``optax.inject_hyperparams`` inside jit / scan the numeric arguments arrive as tracers: they are
     # checked when concrete (a Python comparison of a tracer raised TracerBoolConversionError)
     if not isinstance(curvature_decay, jax.core.Tracer):
@@ -138,6 +142,14 @@ def shock_aware_lr(inner: optax.GradientTransformation, *, fold_target: Target =
         _check_positive(name, value)
     if not any(isinstance(v, jax.core.Tracer) for v in (min_scale, max_scale)) and min_scale > max_scale:
         raise ValueError(f"shock_aware_lr: min_scale={min_scale} > max_scale={max_scale}")
+    # the first step's scale obeys the same bounds as every other step: [min_scale, max_scale], and "cap" never
+    # lengthens the inner optimiser's step (an init_scale of 5 under "cap" took a 5x first step)
+    if not any(isinstance(v, jax.core.Tracer) for v in (init_scale, min_scale, max_scale)):
+        top = min(float(max_scale), 1.0) if policy == "cap" else float(max_scale)
+        if not float(min_scale) <= float(init_scale) <= top:
+            raise ValueError(f"shock_aware_lr: init_scale={init_scale!r} is not allowed; need a number in "
+                             f"[min_scale, {'min(max_scale, 1)' if policy == 'cap' else 'max_scale'}] = "
+                             f"[{float(min_scale)}, {top}] (policy={policy!r})")
 
     def init(params):
         # a buffer per leaf: train donates the state, and one buffer donated twice is refused

@@ -8,12 +8,14 @@ import optax
 import pytest
 
 from quotient_sgd.diagnostics import shock_aware_lr
+from quotient_sgd.optim import train
 
 _H = np.array([1.0, 6.0])  # quadratic loss 0.5 sum(H w^2): gradient H w
 
 
 def _hand(lr, fold_target, policy, init_scale, max_scale, steps, min_scale=1e-3, shock_target=1.0):
-    """The module docstring's rule for plain gradient descent, in NumPy float64: (scale, fold number) per step."""
+    """The module docstring's rule for plain gradient descent, in NumPy float64: (scale, fold number, loss before
+    the step) per step."""
     p, pg, pu, out = np.ones(2), None, None, []
     for _ in range(steps):
         g = _H * p
@@ -30,7 +32,7 @@ def _hand(lr, fold_target, policy, init_scale, max_scale, steps, min_scale=1e-3,
             else:
                 s = np.clip(min(s_fold if f > 0 else max_scale, s_shock), min_scale, max_scale)
             fold = s * f
-        out.append((s, fold))
+        out.append((s, fold, 0.5 * np.sum(_H * p**2)))
         pg, pu, p = g, s * u, p + s * u
     return np.asarray(out)
 
@@ -52,8 +54,25 @@ def test_float64_scale_and_fold_number_equal_the_documented_rule(x64, policy, lr
         p = p + u
         got.append((float(state.scale), float(state.fold_number)))
     assert state.scale.dtype == state.fold_number.dtype == state.curvature.dtype == jnp.float64
-    np.testing.assert_allclose(np.asarray(got), _hand(lr, fold_target, policy, init_scale, max_scale, 6),
+    np.testing.assert_allclose(np.asarray(got), _hand(lr, fold_target, policy, init_scale, max_scale, 6)[:, :2],
                                rtol=1e-13, atol=1e-15)
+
+
+def test_float64_train_vmapped_over_learning_rates_equals_the_documented_rule(x64):
+    """Inside ``train`` (``lax.scan``, float64 state in the carry) and ``vmap`` over learning rates, each run's
+    losses and final fold number equal the NumPy rule for its own learning rate."""
+    def run(lr):
+        tx = shock_aware_lr(optax.sgd(lr), fold_target=1.5, policy="track", max_scale=4.0, init_scale=0.5)
+        p0 = {"w": jnp.ones(2, jnp.float64)}
+        loss = lambda p, h: 0.5 * jnp.sum(h * p["w"] ** 2)
+        _, st, tr = train(loss, p0, tx, lambda step, key: jnp.asarray(_H), num_steps=8, donate=False)
+        return tr["loss"], st.fold_number
+    lrs = (0.05, 0.3, 0.9)
+    losses, folds = jax.jit(jax.vmap(run))(jnp.asarray(lrs, jnp.float64))
+    for i, lr in enumerate(lrs):
+        want = _hand(lr, 1.5, "track", 0.5, 4.0, 8)
+        np.testing.assert_allclose(np.asarray(losses[i]), want[:, 2], rtol=1e-12)
+        np.testing.assert_allclose(float(folds[i]), want[-1, 1], rtol=1e-12)
 
 
 def test_mixed_dtype_parameter_tree_under_strict_promotion():

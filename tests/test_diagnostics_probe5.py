@@ -103,10 +103,10 @@ def test_bad_inner_policy_and_init_scale_are_refused_naming_the_argument():
         shock_aware_lr(optax.sgd(0.1), policy="Cap")
     with pytest.raises(ValueError, match=r"policy=\['cap'\]"):
         shock_aware_lr(optax.sgd(0.1), policy=["cap"])
-    for kw, allowed in [(dict(init_scale=5.0), r"\[0\.001, 1\.0\]"),
-                        (dict(init_scale=2.0, max_scale=3.0), r"\[0\.001, 1\.0\]"),
-                        (dict(init_scale=5.0, max_scale=4.0, policy="track"), r"\[0\.001, 4\.0\]"),
-                        (dict(init_scale=0.01, min_scale=0.1), r"\[0\.1, 1\.0\]")]:
+    for kw, allowed in [({"init_scale": 5.0}, r"\[0\.001, 1\.0\]"),
+                        ({"init_scale": 2.0, "max_scale": 3.0}, r"\[0\.001, 1\.0\]"),
+                        ({"init_scale": 5.0, "max_scale": 4.0, "policy": "track"}, r"\[0\.001, 4\.0\]"),
+                        ({"init_scale": 0.01, "min_scale": 0.1}, r"\[0\.1, 1\.0\]")]:
         with pytest.raises(ValueError, match=rf"init_scale={kw['init_scale']} is not allowed.*{allowed}"):
             shock_aware_lr(optax.sgd(0.1), **kw)
     # in range: accepted, and the first step is scaled by exactly init_scale

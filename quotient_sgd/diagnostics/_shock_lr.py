@@ -18,7 +18,8 @@ at 1, THEORY section 3).
   ``fold_target < 2`` this prevents edge-of-stability spikes and catapults; with ``fold_target`` in (1, 2) the
   iteration stays stable but oscillates (folds) along the sharpest direction.
 - ``policy="track"``: ``s = fold_target / F`` (clipped to ``[min_scale, max_scale]``): hold the fold number at the
-  target, lengthening the step in flat regions.  A ``fold_target`` schedule above 2 for a few steps *deliberately
+  target, lengthening the step in flat regions up to ``max_scale`` times the inner step (pass ``max_scale > 1``:
+  at the default 1 it only shortens).  A ``fold_target`` schedule above 2 for a few steps *deliberately
   crosses* the stability edge (e.g. to trigger a catapult into a flatter region) and then returns below it.
 
 ``fold_target`` / ``shock_target`` may be numbers or schedules ``count -> value``.  On the first step no curvature

@@ -678,8 +678,14 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
         if start:
             layout = _Layout(_layout_at(schedule, start), nd, n, padded is not None)
             states = _unpack(packed, make_states(layout, member_state))
-    if not start and old is not None and old.get("wall_s") is not None:
-        start, states = s.steps, []  # a finished sweep (its wall time is recorded), without checkpoints to say so
+    if old is not None and old.get("wall_s") is not None and start < s.steps:
+        # a finished sweep (its wall time is recorded) computes nothing: it ended at its last checkpoint only when
+        # every member had diverged by then; without checkpoints (checkpoints off), or with an older one (finished
+        # with checkpoints off after an interruption), it ended at its last step
+        divs = [_read_json(os.path.join(workdir, "members", f"{i:03d}", "diverged.json")) for i in range(n)]
+        if not (start and all(d is not None and d["step"] < start for d in divs)):
+            start, states = s.steps, []
+            layout = _Layout(_layout_at(schedule, start), nd, n, padded is not None)
     if not start:
         states = make_states(layout, member_state)
     host_states.clear()

@@ -1,0 +1,70 @@
+"""Sweeps across devices: a finished sweep run again computes nothing, whatever checkpoints its directory holds."""
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from helpers import load_trajectory
+from quotient_sgd.config import load_config, validate
+from quotient_sgd.runner import sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+
+
+def _settings(**over):
+    c = load_config(TINY)
+    c.steps = 30
+    c.logging.plots = False
+    c.checkpoint.keep = 5
+    for k, v in over.items():
+        c.update_from_flattened_dict({k: v})
+    return validate(c)
+
+
+def _files(d):
+    """Every file under ``d`` with its bytes, but for the checkpoints and the configs (which record the new
+    ``checkpoint.enabled``)."""
+    out = {}
+    for root, _, names in os.walk(d):
+        if os.path.join(d, "checkpoints") in root:
+            continue
+        for f in names:
+            if f in ("config.json", "sweep.json"):
+                continue
+            with open(os.path.join(root, f), "rb") as fh:
+                out[os.path.relpath(os.path.join(root, f), d)] = fh.read()
+    return out
+
+
+def test_finished_sweep_with_an_older_checkpoint_computes_nothing(tmp_path):
+    """A sweep interrupted after its checkpoint of step 10, then finished with ``checkpoint.enabled=False`` (which
+    restarts it from step 0 and leaves the old checkpoint), then run again with checkpoints on: it resumed from
+    the stale checkpoint of step 10 and computed steps 10-30 again, rewriting the members' directories and the
+    recorded wall time of a sweep that had finished.  Now it computes nothing and changes no file, as it does
+    for a finished sweep with its last checkpoint or none (and as ``run`` does)."""
+    s = _settings(**{"sweep.lr": (0.05, 500.0), "sweep.seed": (0,)})
+    on = s
+    off = _settings(**{"sweep.lr": (0.05, 500.0), "sweep.seed": (0,), "checkpoint.enabled": False})
+    wd = str(tmp_path / "sw")
+    dev = jax.devices()[:2]
+    sweep(on, wd, devices=dev, max_chunks=1)  # "interrupted" after the checkpoint of step 10
+    done = sweep(off, wd, devices=dev)  # finishes, from step 0 (checkpoints off)
+    assert (done.resumed_from, done.steps_done) == (0, 30)
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["10"]
+    meta = json.load(open(os.path.join(wd, "sweep.json")))
+    before = _files(wd)
+    again = sweep(on, wd, devices=dev)
+    assert again.resumed_from == 30, "a finished sweep resumed from an older checkpoint"
+    assert again.diverged.keys() == done.diverged.keys() == {1}
+    assert json.load(open(os.path.join(wd, "sweep.json")))["wall_s"] == meta["wall_s"]
+    assert _files(wd) == before
+    # and what it holds is the uninterrupted sweep
+    ref = sweep(on, str(tmp_path / "ref"), devices=dev)
+    for a, b in zip(again.member_dirs, ref.member_dirs):
+        ta, tb = load_trajectory(a), load_trajectory(b)
+        assert sorted(ta) == sorted(tb)
+        for k in ta:
+            np.testing.assert_array_equal(ta[k], tb[k], err_msg=k)

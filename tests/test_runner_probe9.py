@@ -5,8 +5,8 @@ import os
 
 import jax
 import numpy as np
-
 from helpers import load_trajectory
+
 from quotient_sgd.config import load_config, validate
 from quotient_sgd.runner import sweep
 
@@ -22,6 +22,11 @@ def _settings(**over):
     for k, v in over.items():
         c.update_from_flattened_dict({k: v})
     return validate(c)
+
+
+def _wall(wd):
+    with open(os.path.join(wd, "sweep.json")) as f:
+        return json.load(f)["wall_s"]
 
 
 def _files(d):
@@ -54,12 +59,12 @@ def test_finished_sweep_with_an_older_checkpoint_computes_nothing(tmp_path):
     done = sweep(off, wd, devices=dev)  # finishes, from step 0 (checkpoints off)
     assert (done.resumed_from, done.steps_done) == (0, 30)
     assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["10"]
-    meta = json.load(open(os.path.join(wd, "sweep.json")))
+    wall = _wall(wd)
     before = _files(wd)
     again = sweep(on, wd, devices=dev)
     assert again.resumed_from == 30, "a finished sweep resumed from an older checkpoint"
     assert again.diverged.keys() == done.diverged.keys() == {1}
-    assert json.load(open(os.path.join(wd, "sweep.json")))["wall_s"] == meta["wall_s"]
+    assert _wall(wd) == wall
     assert _files(wd) == before
     # and what it holds is the uninterrupted sweep
     ref = sweep(on, str(tmp_path / "ref"), devices=dev)

@@ -550,16 +550,18 @@ def _main(argv: list[str]) -> int:
         return _fail(f"{'run' if cmd == 'run' else 'sweep'} directory {workdir!r}: {bad}; refusing to write into it. "
                      f"Choose another --workdir")
     except _Terminated:
-        return _fail(_interrupted(workdir, "terminated (SIGTERM)"), code=128 + signal.SIGTERM)
+        return _fail(_interrupted(workdir, "terminated (SIGTERM)", checkpoints=settings.checkpoint.enabled),
+                     code=128 + signal.SIGTERM)
     except KeyboardInterrupt:
-        return _fail(_interrupted(workdir), code=130)
+        return _fail(_interrupted(workdir, checkpoints=settings.checkpoint.enabled), code=130)
     except Exception as e:  # e.g. ImportError("initialization failed") of a matplotlib module Ctrl-C interrupted
         interrupt = _interrupt_in(e)
         if interrupt is None:
             raise
         if isinstance(interrupt, _Terminated):
-            return _fail(_interrupted(workdir, "terminated (SIGTERM)"), code=128 + signal.SIGTERM)
-        return _fail(_interrupted(workdir), code=130)
+            return _fail(_interrupted(workdir, "terminated (SIGTERM)", checkpoints=settings.checkpoint.enabled),
+                         code=128 + signal.SIGTERM)
+        return _fail(_interrupted(workdir, checkpoints=settings.checkpoint.enabled), code=130)
 
 
 def _interrupt_in(exc: BaseException):
@@ -659,14 +661,20 @@ def _last_row_step(path: str) -> int | None:
     return None
 
 
-def _interrupted(workdir: str, what: str = "interrupted") -> str:
+def _interrupted(workdir: str, what: str = "interrupted", *, checkpoints: bool = True) -> str:
     """What an interrupted run or sweep kept (the runner has waited for the checkpoint being written), exactly:
     the checkpoint the same command resumes from, and the metric rows written after it (the rows of a chunk are
     written before its checkpoint, and a sweep writes a chunk's rows while the next one computes) that the resume
-    drops and computes again."""
+    drops and computes again.  ``checkpoints``: the command's ``checkpoint.enabled``; without checkpoints the same
+    command starts again from step 0, whatever checkpoints an earlier command left in the directory."""
     from .runner._rundir import checkpoint_steps
 
     steps = checkpoint_steps(workdir)
+    if not checkpoints and os.path.isdir(workdir):
+        older = (f" (a command with checkpoint.enabled=True resumes from its checkpoint of step {steps[-1]})"
+                 if steps else "")
+        return (f"{what}; checkpoints are off (checkpoint.enabled=False): the same command starts {workdir} again "
+                f"from step 0{older}")
     if steps:
         members = os.path.join(workdir, "members")
         if os.path.isdir(members):

@@ -5,6 +5,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 from helpers import load_trajectory
 
 from quotient_sgd.config import load_config, validate
@@ -73,3 +74,28 @@ def test_finished_sweep_with_an_older_checkpoint_computes_nothing(tmp_path):
         assert sorted(ta) == sorted(tb)
         for k in ta:
             np.testing.assert_array_equal(ta[k], tb[k], err_msg=k)
+
+
+@pytest.mark.parametrize("layout", ["run", "sweep"])
+def test_interrupt_message_with_checkpoints_off_says_step_0(tmp_path, layout):
+    """A command with ``checkpoint.enabled=False`` interrupted in a directory holding an earlier command's
+    checkpoint of step 40 said "run the same command to resume from step 40"; the same command starts again from
+    step 0 (it reads no checkpoint).  Now the message says so, naming the checkpoint a command with checkpoints
+    on resumes from; with checkpoints on it still names that step."""
+    from quotient_sgd.cli import _interrupted
+
+    wd = str(tmp_path / layout)
+    os.makedirs(os.path.join(wd, "checkpoints", "40"))
+    log = os.path.join(wd, "metrics.jsonl") if layout == "run" else os.path.join(wd, "members", "000", "metrics.jsonl")
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    with open(log, "w") as f:
+        f.writelines(json.dumps({"step": s, "loss": 0.5}) + "\n" for s in range(0, 240, 5))
+    off = _interrupted(wd, checkpoints=False)
+    assert f"starts {wd} again from step 0" in off and "resume from step 40" not in off, off
+    assert "checkpoint.enabled=True resumes from its checkpoint of step 40" in off, off
+    on = _interrupted(wd, "terminated (SIGTERM)")
+    assert on.startswith("terminated (SIGTERM); ") and on.endswith("resume from step 40"), on
+    # without any checkpoint: step 0 either way
+    os.rmdir(os.path.join(wd, "checkpoints", "40"))
+    assert "again from step 0" in _interrupted(wd, checkpoints=False)
+    assert "again from step 0" in _interrupted(wd)

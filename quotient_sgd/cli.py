@@ -29,6 +29,8 @@ import signal
 import sys
 import threading
 
+from ._interrupt import interrupt_in
+
 MALLOC_SETTINGS = {
     "MALLOC_MMAP_THRESHOLD_": "33554432",
     "MALLOC_TRIM_THRESHOLD_": "4294967296",
@@ -392,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 return _main(argv)
             except Exception as e:  # an interrupt an extension module re-raised as another exception
-                interrupt = _interrupt_in(e)
+                interrupt = interrupt_in(e)
                 if interrupt is None:
                     raise
                 raise interrupt from None
@@ -549,28 +551,22 @@ def _main(argv: list[str]) -> int:
             raise
         return _fail(f"{'run' if cmd == 'run' else 'sweep'} directory {workdir!r}: {bad}; refusing to write into it. "
                      f"Choose another --workdir")
-    except _Terminated:
-        return _fail(_interrupted(workdir, "terminated (SIGTERM)", checkpoints=settings.checkpoint.enabled),
-                     code=128 + signal.SIGTERM)
-    except KeyboardInterrupt:
-        return _fail(_interrupted(workdir, checkpoints=settings.checkpoint.enabled), code=130)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (_Terminated)
+        return _report_interrupt(e, workdir, settings)
     except Exception as e:  # e.g. ImportError("initialization failed") of a matplotlib module Ctrl-C interrupted
-        interrupt = _interrupt_in(e)
+        interrupt = interrupt_in(e)
         if interrupt is None:
             raise
-        if isinstance(interrupt, _Terminated):
-            return _fail(_interrupted(workdir, "terminated (SIGTERM)", checkpoints=settings.checkpoint.enabled),
-                         code=128 + signal.SIGTERM)
-        return _fail(_interrupted(workdir, checkpoints=settings.checkpoint.enabled), code=130)
+        return _report_interrupt(interrupt, workdir, settings)
 
 
-def _interrupt_in(exc: BaseException):
-    """The ``KeyboardInterrupt`` (Ctrl-C, or :class:`_Terminated`) that ``exc`` was raised from, else ``None``
-    (:func:`quotient_sgd._interrupt.interrupt_in`: pybind11 extension modules, those of matplotlib, turn an
-    interrupt during their first import into an ``ImportError``)."""
-    from ._interrupt import interrupt_in
-
-    return interrupt_in(exc)
+def _report_interrupt(interrupt: KeyboardInterrupt, workdir: str, settings) -> int:
+    """Exit status and message of a run or sweep ended by ``interrupt``: 143 for SIGTERM (:class:`_Terminated`),
+    130 for Ctrl-C, naming what the same command resumes from (:func:`_interrupted`)."""
+    checkpoints = settings.checkpoint.enabled
+    if isinstance(interrupt, _Terminated):
+        return _fail(_interrupted(workdir, "terminated (SIGTERM)", checkpoints=checkpoints), code=128 + signal.SIGTERM)
+    return _fail(_interrupted(workdir, checkpoints=checkpoints), code=130)
 
 
 class _Terminated(KeyboardInterrupt):

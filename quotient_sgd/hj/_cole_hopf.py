@@ -39,19 +39,11 @@ import numpy as np
 from jax.scipy.special import logsumexp
 
 from ._custom_types import Array
+from ._grid import widen_real
 
 
 def _window(t, nu, lipschitz):
     return lipschitz * t + jnp.sqrt((lipschitz * t) ** 2 + 160.0 * nu * t)
-
-
-def _float_points(x):
-    """``x`` as a float array: integer points in the default float, half-precision ones (bfloat16, float16) in
-    float32 (the quadrature's log-sum-exp and node spacing need it; the solvers do the same)."""
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        return x.astype(jnp.zeros((), float).dtype)
-    return x.astype(jnp.float32) if jnp.finfo(x.dtype).bits < 32 else x
 
 
 _GAP = 40.0  # the automatic window ends where the log-weight is this far below its peak (e^-40)
@@ -141,7 +133,7 @@ def _search(loss, pts, t, nu, lips, gaps, num, ndim):
 def _quadrature(loss, x, t, nu, num, lipschitz, ndim):
     """u, p and the diagnostics (edge gap, effective sample size, Lipschitz bound of the window) at each point,
     and the points as rows."""
-    x = _float_points(x)
+    x = widen_real(x)
     dtype = x.dtype
     t, nu = jnp.asarray(t, dtype), jnp.asarray(nu, dtype)
     pts = x.reshape(-1) if ndim == 1 else jnp.moveaxis(x, 0, -1).reshape(-1, 2)
@@ -208,7 +200,7 @@ def _dispatch(loss, x, t, nu, ndim, num, lipschitz, name="cole_hopf"):
     if ndim == 2 and jnp.shape(x)[0] != 2:
         raise ValueError(f"{name}(ndim=2) wants points of shape (2, ...), got {jnp.shape(x)}.")
     num = (4001 if ndim == 1 else 201) if num is None else int(num)
-    point = jax.ShapeDtypeStruct(() if ndim == 1 else (2,), _float_points(x).dtype)
+    point = jax.ShapeDtypeStruct(() if ndim == 1 else (2,), widen_real(x).dtype)
     out = jax.eval_shape(loss, point)
     if isinstance(out, (int, float)) and not isinstance(out, bool):  # a constant loss written as a Python number
         out = jax.ShapeDtypeStruct((), jnp.result_type(out))

@@ -25,6 +25,24 @@ def _float_dtype():
     return jnp.zeros((), dtype=float).dtype  # float32, or float64 under jax_enable_x64
 
 
+def widen_real(x) -> Array:
+    """``x`` as a float array in the precision the engine computes in: integer and boolean values in the default
+    float, half precision (bfloat16, float16) in float32 (the FFTs, the quadrature's log-sum-exp and Diffrax's
+    step-size controllers need >= 32 bits); float32 / float64 as they are."""
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        return x.astype(_float_dtype())
+    return x.astype(jnp.float32) if jnp.finfo(x.dtype).bits < 32 else x
+
+
+def real_field(name: str, arg: str, x) -> Array:
+    """A field ``x`` given to ``name`` as argument ``arg``: refused by name when complex, else :func:`widen_real`."""
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        raise TypeError(f"{name}: {arg} has dtype {x.dtype}; the field must be real (float32 or float64).")
+    return widen_real(x)
+
+
 class Grid(eqx.Module):
     """A 1-D uniform grid.
 

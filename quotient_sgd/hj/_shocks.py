@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._custom_types import Array
-from ._grid import AnyGrid, Grid, Grid2D
+from ._grid import AnyGrid, Grid, Grid2D, real_field
 
 
 def _real_field(name: str, arg: str, p, grid) -> Array:
@@ -25,12 +25,7 @@ def _real_field(name: str, arg: str, p, grid) -> Array:
     if not isinstance(grid, (Grid, Grid2D)):
         raise ValueError(f"{name}: grid={grid!r} is not allowed; need a Grid (1-D)"
                          + (" or Grid2D." if name == "shock_time" else "."))
-    p = jnp.asarray(p)
-    if jnp.issubdtype(p.dtype, jnp.complexfloating):
-        raise TypeError(f"{name}: {arg} has dtype {p.dtype}; the field must be real (float32 or float64).")
-    if not jnp.issubdtype(p.dtype, jnp.floating):
-        return p.astype(jnp.zeros((), float).dtype)
-    return p.astype(jnp.float32) if jnp.finfo(p.dtype).bits < 32 else p
+    return real_field(name, arg, p)
 
 
 def _diff(p: Array, g: Grid, axis: int, *, end_order: int = 4) -> Array:

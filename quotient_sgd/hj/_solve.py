@@ -16,7 +16,7 @@ import optimistix as optx
 from ._custom_types import Array
 from ._etd import CachedCoefficients, ETDRK4, etdrk4_coefficients, SemilinearTerm
 from ._finite_volume import FiniteVolume
-from ._grid import AnyGrid, Grid, Grid2D
+from ._grid import AnyGrid, Grid, Grid2D, real_field
 from ._spectral import Spectral
 
 _SOLVERS = ("auto", "etd", "tsit5", "kencarp")
@@ -179,14 +179,8 @@ def _solve(form, name, y0, grid, *, nu, t1, ts, scheme, solver, rtol, atol, max_
         raise ValueError(f"{name}: grid={grid!r} is not allowed; need a Grid (1-D) or Grid2D (e.g. Grid(n, lo, hi) "
                          "* Grid(m, lo, hi)).")
     field = "p0" if form == "burgers" else "u0"
-    y0 = jnp.asarray(y0)
-    if jnp.issubdtype(y0.dtype, jnp.complexfloating):
-        raise TypeError(f"{name}: {field} has dtype {y0.dtype}; the field must be real (float32 or float64).")
-    if not jnp.issubdtype(y0.dtype, jnp.floating):
-        y0 = y0.astype(float)
-    elif jnp.finfo(y0.dtype).bits < 32:
-        # half precision (e.g. a bfloat16 network's loss slice): the FFTs and Diffrax's controllers need >= 32 bits
-        y0 = y0.astype(jnp.float32)
+    # (half precision, e.g. a bfloat16 network's loss slice: the FFTs and Diffrax's controllers need >= 32 bits)
+    y0 = real_field(name, field, y0)
     dtype = y0.dtype
     want = grid.shape if (form == "hj" or grid.ndim == 1) else (2, *grid.shape)
     if y0.shape != want:

@@ -182,7 +182,7 @@ class Transformer(nnx.Module):
             raise ValueError(f"Transformer: tokens have sequence length {T}, which exceeds max_len={self.max_len} "
                              f"(the positional embedding's rows); sequences may have at most max_len tokens")
         V = self.tok_embed.num_embeddings
-        if not isinstance(tokens, jax.core.Tracer) and tokens.size and jnp.issubdtype(tokens.dtype, jnp.integer):
+        if not isinstance(tokens, jax.core.Tracer) and tokens.size:
             # the embedding lookup fills a token >= V with NaN (every later position too, through attention) and
             # wraps a negative one to the end of the vocabulary, silently; traced tokens cannot be checked here
             t = np.asarray(tokens)  # numpy: under an outer jit that closes over the tokens, jnp.min would be traced

@@ -541,7 +541,8 @@ def _main(argv: list[str]) -> int:
             _init_distributed(fv)
             out = sweep(settings, workdir)
             noun = "member" if out.num_members == 1 else "members"
-            print(f"quotient-sgd: sweep of {out.num_members} {noun}; wrote {workdir} ({out.wall_s:.1f} s)")
+            did = "wrote" if out.wrote else "finished before, kept as it was:"
+            print(f"quotient-sgd: sweep of {out.num_members} {noun}; {did} {workdir} ({out.wall_s:.1f} s)")
             return 0
     except (ConfigError, RunDirError) as e:
         return _fail(str(e))

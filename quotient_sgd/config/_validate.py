@@ -10,6 +10,7 @@ import importlib.util
 import math
 import numbers
 import os
+import re
 from typing import Any, Mapping
 
 import numpy as np
@@ -60,7 +61,8 @@ def _is_bool(value: Any) -> bool:
 
 def _typed(key: str, value: Any, default: Any) -> Any:
     """``value`` coerced to the Python type of ``default`` (int -> float allowed; NumPy scalars such as the
-    elements of ``tuple(np.arange(4))`` count as the numbers they hold), or a ConfigError."""
+    elements of ``tuple(np.arange(4))`` count as the numbers they hold), or a ConfigError.  A bool is never a
+    number and a number never a bool."""
     if isinstance(default, bool):
         if _is_bool(value):
             return bool(value)
@@ -542,10 +544,22 @@ def _kind(default: Any) -> str:
     return {int: "an int", float: "a float", str: "a string", tuple: "a tuple"}.get(type(default), "a value")
 
 
+#: A number as written on the command line (absl reads ``1`` / ``0`` given to a bool flag as ``True`` / ``False``).
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _check_override_bool(key: str, raw: Any, default: Any) -> None:
+    """:class:`ConfigError` for a number given to a bool key (``--config.symmetry.enabled=1``): absl would read it
+    as ``True``, and validation would no longer see the number, which a bool key never takes."""
+    if isinstance(default, bool) and isinstance(raw, str) and _NUMBER.fullmatch(raw.strip()):
+        raise _err(key, raw, f"expected a bool (True/False), got a number; write --config.{key}=True or "
+                             f"--config.{key}=False")
+
+
 def check_override_key(key: str, raw: Any) -> None:
     """:class:`ConfigError` when the dotted ``key`` of a ``--config.<key>=<raw>`` override is not a key of the
-    schema: the message names the key, the value and the keys allowed at that level (as :func:`validate` does
-    for a config file)."""
+    schema, or is a bool key given a number (``--config.logging.plots=0``): the message names the key, the value
+    and what is allowed at that level (as :func:`validate` does for a config file)."""
     parts = key.split(".")
     top = {f.name: f for f in dataclasses.fields(Settings)}
 
@@ -566,10 +580,12 @@ def check_override_key(key: str, raw: Any) -> None:
             leaf = f"config.{parts[0]}.{parts[1]}"
             raise ConfigError(f"config.{key} = {raw}: {leaf} is {_kind(fields[parts[1]].default)}, not a section; "
                               f"set it as --{leaf}=VALUE")
+        _check_override_bool(key, raw, fields[parts[1]].default)
         return
     if len(parts) > 1:
         raise ConfigError(f"config.{key} = {raw}: config.{parts[0]} is {_kind(top[parts[0]].default)}, not a "
                           f"section; set it as --config.{parts[0]}=VALUE")
+    _check_override_bool(key, raw, top[parts[0]].default)
 
 
 def config_dir_on_path(path: str) -> None:

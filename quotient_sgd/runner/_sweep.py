@@ -28,6 +28,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from typing import Any
 
@@ -86,6 +87,8 @@ class SweepResult:
     steps_done: int = 0
     measured_cost: dict = dataclasses.field(default_factory=dict)
     schedule: list = dataclasses.field(default_factory=list)
+    #: False when the call found the sweep finished on other devices and wrote nothing
+    wrote: bool = True
 
 
 def sweep_members(s: Settings) -> list[dict[str, Any]]:
@@ -448,6 +451,42 @@ def _finish_member(d: str, ms: Settings, diverged: dict | None, plots: bool, chu
 
 
 # ---- the sweep ------------------------------------------------------------------------------------------------
+def _notice(text: str) -> None:
+    """Tell the user ``text`` on stderr (process 0 of a multi-host sweep only), as the command's own lines read
+    (``quotient-sgd: ...``); the sweep's progress bar, when shown, is on stderr too."""
+    if jax.process_index() == 0:
+        print(f"quotient-sgd: {text}", file=sys.stderr, flush=True)
+
+
+def _lowered_text(lowered: dict) -> str:
+    """Why the members per device asked for (``lowered``, as ``sweep.json`` records it) were lowered."""
+    n, nd = lowered["members"], lowered["devices"]
+    return (f"{lowered['source']} = {lowered['requested']} asks for more members per device than a device gets: "
+            f"{n} member(s) over {nd} device(s) put at most {lowered['used']} on a device, so "
+            f"{lowered['used']} per device is used")
+
+
+def _finished_result(workdir: str, s: Settings, old: dict, members: list[dict], nd: int, t0: float) -> SweepResult:
+    """The result of a finished sweep found by a call whose devices differ from those that computed it
+    (``old``: its ``sweep.json``): nothing is left to compute, and nothing is written; the result is read from the
+    records.  It ends where a call on the sweep's own devices ends: at the last step, or, when every member had
+    diverged by then, at its last checkpoint."""
+    n = len(members)
+    dirs = [os.path.join(workdir, "members", f"{i:03d}") for i in range(n)]
+    divs = [_read_json(os.path.join(d, "diverged.json")) for d in dirs]
+    ckpts = checkpoint_steps(workdir) if s.checkpoint.enabled else []
+    end = ckpts[-1] if ckpts else 0
+    if not (end and all(d is not None and d["step"] < end for d in divs)):
+        end = s.steps
+    _notice(f"sweep directory {workdir!r} holds a finished sweep, computed with {old['num_devices']} device(s) in "
+            f"{old['num_processes']} process(es); nothing is left to compute with the {nd} device(s) in "
+            f"{jax.process_count()} process(es) of this call, so its results are kept as they are (nothing was "
+            f"written; `quotient-sgd report {workdir}` redraws its table and plots)")
+    return SweepResult(workdir, n, members, dirs, {i: d for i, d in enumerate(divs) if d is not None},
+                       old["members_per_device"], old["num_devices"], time.time() - t0, end, end,
+                       old.get("measured_cost", {}), old["schedule"], wrote=False)
+
+
 def _layout_at(schedule: list[dict], step: int) -> int:
     """Members per device of the chunk that ends at ``step`` (the layout of the checkpoint of ``step``)."""
     mpd = schedule[0]["members_per_device"]
@@ -495,9 +534,15 @@ def sweep(settings: Settings, workdir: str, *, members_per_device: int | None = 
     Members run one per device through the program of a single run for the first chunk; then
     :func:`choose_members_per_device` decides from what that chunk cost whether the rest runs batched.
 
+    A finished sweep run again computes nothing.  Run on other devices (another count, or another number of
+    processes) than those that computed it, it writes nothing and says so on stderr; an unfinished sweep is
+    refused there (:class:`RunDirError`), since its checkpoints hold the members in the layout of its devices.
+
     Args:
         members_per_device: fix the number of members vmapped per device (``sweep.members_per_device``
-            otherwise; 0 = decide from the measured cost).
+            otherwise; 0 = decide from the measured cost).  More than the members a device gets
+            (``ceil(members / devices)``) is lowered to that, said on stderr and recorded in ``sweep.json``
+            (``members_per_device_lowered``) and ``summary.md``.
         devices: devices of the mesh (default: ``jax.devices()``, every device of every process).
         max_chunks: stop after that many chunks (tests).
 
@@ -550,9 +595,14 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
         _agree(e, f"process {jax.process_index()}")
         raise
     progress["new"] = old is None
-    b = build(s)
     devices = list(jax.devices() if devices is None else devices)
     nd = len(devices)
+    if (old is not None and old.get("wall_s") is not None
+            and (old["num_devices"], old["num_processes"]) != (nd, jax.process_count())):
+        # finished (the call that finished it recorded its wall time): nothing is left to compute, so the layout
+        # its checkpoints hold is never read; every process reads the same sweep.json and returns here
+        return _finished_result(workdir, s, old, members, nd, t0)
+    b = build(s)
     mesh = Mesh(np.array(devices), ("sweep",))
     mem, rep = NamedSharding(mesh, P("sweep")), NamedSharding(mesh, P())
     per_dev_max = math.ceil(n / nd)
@@ -565,7 +615,7 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
     # the recorded grouping holds wherever checkpoints exist (also when this call writes none: they stay
     # consistent with sweep.json, and the steps recomputed from 0 are those of the recorded sweep)
     if old is not None and checkpoint_steps(workdir):
-        if (old["num_devices"], old["num_processes"]) != (nd, jax.process_count()):
+        if (old["num_devices"], old["num_processes"]) != (nd, jax.process_count()):  # (unfinished: see above)
             e = RunDirError(
                 f"sweep directory {workdir!r} was checkpointed with {old['num_devices']} device(s) in "
                 f"{old['num_processes']} process(es), now {nd} in {jax.process_count()}: its checkpoints hold the "
@@ -573,10 +623,17 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
             _agree(e, f"process {jax.process_index()}")
             raise e
         schedule, decided, costs = old["schedule"], old["decided"], old.get("measured_cost", {})
+        lowered = old.get("members_per_device_lowered")
     else:
         fixed = members_per_device or s.sweep.members_per_device
         schedule = [{"from_step": 0, "members_per_device": max(1, min(fixed or 1, per_dev_max))}]
         decided, costs = bool(fixed) or per_dev_max == 1, {}
+        lowered = None
+        if fixed and fixed > per_dev_max:  # (more would only pad every group with copies of members)
+            lowered = {"requested": fixed, "used": per_dev_max, "members": n, "devices": nd,
+                       "source": "the members_per_device argument" if members_per_device
+                       else "sweep.members_per_device"}
+            _notice(f"{_lowered_text(lowered)} (recorded in {os.path.join(workdir, 'sweep.json')})")
     if multi:  # every process has checked the directory before anyone writes into it
         _agree(None, f"process {jax.process_index()}")
 
@@ -591,6 +648,8 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
             meta = {"config": s.to_dict(), "members": members, "num_devices": nd, "num_processes": jax.process_count(),
                     "members_per_device": schedule[-1]["members_per_device"], "schedule": schedule,
                     "decided": decided, "measured_cost": costs}
+            if lowered is not None:
+                meta["members_per_device_lowered"] = lowered
             if recorded_wall is not None:
                 meta["wall_s"] = recorded_wall
                 if recorded_resume:
@@ -930,6 +989,8 @@ def report_sweep(workdir: str, *, wall_s: float | None = None, plots: bool = Tru
              f"- {len(members)} members ({meta['config']['sweep']['mode']} over {axes or 'nothing'}), "
              f"{meta['num_devices']} devices in {meta['num_processes']} process(es), "
              + _grouping_text(meta)]
+    if meta.get("members_per_device_lowered"):
+        lines.append(f"- members per device lowered: {_lowered_text(meta['members_per_device_lowered'])}")
     if wall_s is not None:
         resumed = meta.get("resumed_from")
         lines.append(f"- wall time: {wall_s:.1f} s" + (f" (of the command that resumed the sweep from step {resumed})"

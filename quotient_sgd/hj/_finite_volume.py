@@ -4,7 +4,7 @@ Gradient form (Burgers): conservative MUSCL scheme.  Cell values are reconstruct
 slope, ``w_L = w_j + sigma_j / 2``, ``w_R = w_{j+1} - sigma_{j+1} / 2``, and joined by the local Lax-Friedrichs
 (Rusanov) flux ``F = (f(w_L) + f(w_R)) / 2 - alpha (w_R - w_L) / 2``, ``alpha = max(|w_L|, |w_R|)`` for
 f = w^2 / 2.  In 2-D the flux along axis a is grad-free form ``(|p|^2/2) e_a`` (exact for gradient fields,
-see ``_spectral``), with alpha = max |p_a|.
+see ``_spectral``; :func:`solve_burgers` refuses a rotational initial field, see ``_curl``), with alpha = max |p_a|.
 Value form (Hamilton-Jacobi): the same reconstruction applied to the one-sided slopes ``(u_{i+1} - u_i)/dx``
 gives left/right derivatives p-, p+ at each node, joined by the Lax-Friedrichs numerical Hamiltonian of
 Osher & Shu (SIAM J. Numer. Anal. 28, 1991): ``H(p-, p+) = H((p- + p+)/2) - alpha (p+ - p-)/2``.

@@ -68,7 +68,12 @@ def shock_time(p0: Array, grid: AnyGrid) -> Array:
     """Inviscid shock time ``t* = -1 / min p0'`` of initial data on a grid (``inf`` if p0 is nowhere decreasing).
 
     1-D: the minimum of the fourth-order derivative is refined by a parabola through its three lowest samples.
-    2-D (``p0`` of shape ``(2, nx, ny)``): the smallest eigenvalue of the symmetrised Jacobian of p0.
+    2-D (``p0`` of shape ``(2, nx, ny)``): the smallest eigenvalue of the symmetrised Jacobian of p0, which is
+    the Hessian of the loss for a gradient field ``p0 = grad L`` (THEORY section 3).  A known (not traced) p0 whose
+    curl ``|curl p0| / max|grad p0|`` (the same fourth-order differences) exceeds rounding plus their truncation
+    error on the field at some node is refused with a ``ValueError`` naming p0 (``quotient_sgd/hj/_curl.py``); a
+    traced one (under ``jit``, e.g. inside :func:`slice_flow`, whose p0 is built by these differences) is not
+    checked.
     For Hessian extremes known otherwise (e.g. Lanczos on a network loss) use :func:`shock_time_from_hessian`.
     Integer and boolean fields are read in the default float, half-precision ones in float32 (as the solvers
     do); a complex field or a ``grid`` that is not a :class:`Grid` / :class:`Grid2D` is refused by name.
@@ -81,6 +86,14 @@ def shock_time(p0: Array, grid: AnyGrid) -> Array:
 
     if _concrete_non_finite(p0):
         raise ValueError("shock_time: p0 is not finite (a NaN or infinite entry); need a finite initial field.")
+    if grid.ndim == 2:
+        from ._curl import check_gradient_field
+
+        p0 = check_gradient_field(
+            "shock_time", "p0", p0, grid, spectral=False, traced=False,
+            advice="The shock time reads the Hessian of the loss as the Jacobian of p0 = grad L (THEORY section 3); "
+                   "a rotational field has none.  Pass p0 = grad L, or the Hessian's smallest eigenvalue to "
+                   "shock_time_from_hessian.")
     if grid.ndim == 1:
         d = _diff(p0, grid, 0)
         i = jnp.argmin(d)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optimistix as optx
 
+from ._curl import check_gradient_field
 from ._custom_types import Array
 from ._etd import CachedCoefficients, ETDRK4, etdrk4_coefficients, SemilinearTerm
 from ._finite_volume import FiniteVolume
@@ -172,6 +173,15 @@ def _check_save_times(name, ts, t1) -> None:
         raise ValueError(f"{name}: ts={shown} is not allowed; need non-decreasing save times in {rng}.")
 
 
+_NOT_GRADIENT = (
+    "In 2-D the solver integrates Burgers in the gradient form p_t = -grad(|p|^2 / 2) + nu Lap p, which is Burgers "
+    "only for p = grad u (THEORY section 3): a rotational field would be solved in another equation.  Pass the "
+    "value field to solve_hj(u0, grid, ...) (p = grad u solves Burgers), or p0 = grad u itself: exact (e.g. "
+    "jax.grad of u at the nodes) or built by the solver's own derivatives (Spectral().derivative(grid, u) on a "
+    "periodic grid); second-order differences (jnp.gradient) leave a curl of their O(dx^2) error, above the "
+    "tolerance.")
+
+
 def _solve(form, name, y0, grid, *, nu, t1, ts, scheme, solver, rtol, atol, max_steps, dt0, adaptive,
            adjoint, progress, dt=None):
     scheme = as_scheme(scheme)
@@ -205,6 +215,8 @@ def _solve(form, name, y0, grid, *, nu, t1, ts, scheme, solver, rtol, atol, max_
         if _concrete_non_finite(value):
             what = f"{arg} is not finite (a NaN or infinite entry)" if arg == field else f"{arg}={value} is not finite"
             raise ValueError(f"{name}: {what}; it must be finite.")
+    if form == "burgers" and grid.ndim == 2:
+        y0 = check_gradient_field(name, field, y0, grid, spectral=isinstance(scheme, Spectral), advice=_NOT_GRADIENT)
     if isinstance(max_steps, bool) or not (isinstance(max_steps, (int, np.integer)) and max_steps >= 1):
         raise ValueError(f"{name}: max_steps={max_steps!r} is not allowed; need an integer >= 1.")
     if dt is None and adaptive:
@@ -412,9 +424,17 @@ def solve_burgers(p0, grid: AnyGrid, *, nu, t1, ts=None, scheme="spectral", solv
     """Solve the viscous Burgers equation ``p_t + (p . grad) p = nu Lap p`` from ``p0`` (THEORY section 3).
 
     Args:
-        p0: initial gradient field, shape ``(n,)`` (1-D) or ``(2, nx, ny)`` (2-D, a gradient field); real and
-            finite.  Integer and half-precision (float16, bfloat16) fields are solved in float32 / the default
-            float.
+        p0: initial gradient field, shape ``(n,)`` (1-D) or ``(2, nx, ny)`` (2-D); real and finite.  Integer and
+            half-precision (float16, bfloat16) fields are solved in float32 / the default float.  In 2-D it must
+            be a gradient ``p0 = grad u``: the solver integrates the gradient form ``grad(|p|^2 / 2)``, which is
+            Burgers only for curl-free fields.  Its curl relative to its largest gradient, ``|curl p0| /
+            max|grad p0|``, must be within rounding plus the derivatives' truncation error on the field at every
+            node (fourth-order differences, and spectral derivatives with the spectral scheme; see
+            ``quotient_sgd/hj/_curl.py``), else a ``ValueError`` names p0 with the measured curl and tolerance; a
+            traced p0 (under ``jit`` / ``vmap``) is checked through ``equinox.error_if`` when the computation runs.
+            The check measures the value only: derivatives with respect to p0 are unchanged, in any direction;
+            finite differences in p0 must perturb it along gradients too.  (To solve from a value field, use
+            :func:`solve_hj`.)
         grid: :class:`Grid` or :class:`Grid2D`.
         nu: viscosity, a real number >= 0 (differentiable, vmappable).
         t1: final time, a real number >= 0 (differentiable).  Known values of ``nu``, ``t1``, ``dt``, ``dt0`` and

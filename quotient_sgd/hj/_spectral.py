@@ -5,7 +5,8 @@ Value form (viscous Hamilton-Jacobi):          u_t = -|grad u|^2 / 2  + nu Lap u
 
 In 2-D the Burgers nonlinearity is written as grad(|p|^2/2), which equals (p . grad) p exactly when p is a
 gradient field (the only case THEORY section 3 needs: p = grad u stays curl-free); this conservative form is
-the one that captures shocks correctly.  The mean of u is *not* held fixed: the k = 0 mode of the HJ
+the one that captures shocks correctly.  :func:`solve_burgers` refuses a 2-D initial field whose curl exceeds
+rounding (``_curl``).  The mean of u is *not* held fixed: the k = 0 mode of the HJ
 nonlinearity, -mean(|grad u|^2)/2, lowers the level of the value function as it should (Cole-Hopf).
 
 Dealiasing (Orszag's 2/3 rule): the quadratic products are formed from the modes |m| < n/3 of each axis, and

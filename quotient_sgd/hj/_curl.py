@@ -240,6 +240,8 @@ def check_gradient_field(name: str, arg: str, p: Array, grid: Grid2D, *, spectra
     # a known field is measured now, also while an outer jit traces the solve around it (a constant there), so that
     # it gets the full message; under jax.grad / jax.jvp outside jit its primal is known
     primal = jax.lax.stop_gradient(p) if isinstance(p, jax.core.Tracer) else p
+    if isinstance(primal, jax.core.Tracer) and not traced:
+        return p  # (unchecked: nothing measured into the traced program only to be dropped)
     if isinstance(primal, jax.core.Tracer):
         measures = measure_curl(primal, grid, spectral)
     else:
@@ -249,8 +251,6 @@ def check_gradient_field(name: str, arg: str, p: Array, grid: Grid2D, *, spectra
     ratios = None if any(r is None for r in ratios) else np.asarray(ratios)
     hows = ("spectral derivatives", "fourth-order differences") if spectral else ("fourth-order differences",)
     if ratios is None:
-        if not traced:
-            return p
         return eqx.error_if(
             p, jnp.any(jnp.stack([m.ratio > 1 for m in measures])),
             f"{name}: {arg} is not a gradient field: its curl ({' and '.join(hows)}) exceeds the rounding and "

@@ -466,6 +466,16 @@ def _lowered_text(lowered: dict) -> str:
             f"{lowered['used']} per device is used")
 
 
+def _finished_end(workdir: str, n: int, last_checkpoint: int, steps: int) -> tuple[int, list]:
+    """Where a finished sweep ended, and its members' ``diverged.json`` records (``None``: did not diverge): at
+    ``last_checkpoint`` when every member had diverged before it (the sweep stops once no member is live), else at
+    its last step (also without a checkpoint, ``last_checkpoint = 0``)."""
+    divs = [_read_json(os.path.join(workdir, "members", f"{i:03d}", "diverged.json")) for i in range(n)]
+    if last_checkpoint and all(d is not None and d["step"] < last_checkpoint for d in divs):
+        return last_checkpoint, divs
+    return steps, divs
+
+
 def _finished_result(workdir: str, s: Settings, old: dict, members: list[dict], nd: int, t0: float) -> SweepResult:
     """The result of a finished sweep found by a call whose devices differ from those that computed it
     (``old``: its ``sweep.json``): nothing is left to compute, and nothing is written; the result is read from the
@@ -473,11 +483,8 @@ def _finished_result(workdir: str, s: Settings, old: dict, members: list[dict], 
     diverged by then, at its last checkpoint."""
     n = len(members)
     dirs = [os.path.join(workdir, "members", f"{i:03d}") for i in range(n)]
-    divs = [_read_json(os.path.join(d, "diverged.json")) for d in dirs]
     ckpts = checkpoint_steps(workdir) if s.checkpoint.enabled else []
-    end = ckpts[-1] if ckpts else 0
-    if not (end and all(d is not None and d["step"] < end for d in divs)):
-        end = s.steps
+    end, divs = _finished_end(workdir, n, ckpts[-1] if ckpts else 0, s.steps)
     _notice(f"sweep directory {workdir!r} holds a finished sweep, computed with {old['num_devices']} device(s) in "
             f"{old['num_processes']} process(es); nothing is left to compute with the {nd} device(s) in "
             f"{jax.process_count()} process(es) of this call, so its results are kept as they are (nothing was "
@@ -741,8 +748,7 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
         # a finished sweep (its wall time is recorded) computes nothing: it ended at its last checkpoint only when
         # every member had diverged by then; without checkpoints (checkpoints off), or with an older one (finished
         # with checkpoints off after an interruption), it ended at its last step
-        divs = [_read_json(os.path.join(workdir, "members", f"{i:03d}", "diverged.json")) for i in range(n)]
-        if not (start and all(d is not None and d["step"] < start for d in divs)):
+        if _finished_end(workdir, n, start, s.steps)[0] != start:
             start, states = s.steps, []
             layout = _Layout(_layout_at(schedule, start), nd, n, padded is not None)
     if not start:

@@ -27,6 +27,12 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 import pytest  # noqa: E402
+from xdist_crashes import (  # noqa: E402,F401  (a crashed xdist worker: rerun its test once, never hang)
+    pytest_handlecrashitem,
+    pytest_report_teststatus,
+    pytest_terminal_summary,
+    pytest_xdist_make_scheduler,
+)
 
 
 @pytest.fixture

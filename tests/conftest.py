@@ -26,6 +26,8 @@ jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+import gc  # noqa: E402
+
 import pytest  # noqa: E402
 from xdist_crashes import (  # noqa: E402,F401  (a crashed xdist worker: rerun its test once, never hang)
     pytest_handlecrashitem,
@@ -33,6 +35,22 @@ from xdist_crashes import (  # noqa: E402,F401  (a crashed xdist worker: rerun i
     pytest_terminal_summary,
     pytest_xdist_make_scheduler,
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drop JAX's compiled programs after each test module.
+
+    Every program XLA:CPU compiles is loaded into its own few memory mappings (code, constants, data), and JAX's
+    caches keep the program, and so its mappings, for the life of the process.  One xdist worker compiles more than
+    ten thousand programs over the suite; with ~3 mappings each it reached Linux's limit of 65530 mappings a process
+    (``vm.max_map_count``) near the end of the run, where the next ``mmap`` fails and XLA's compiler segfaulted.
+    Clearing the caches at the end of each module frees the programs and their mappings (a module's own tests still
+    share what they compiled).
+    """
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture

@@ -57,7 +57,16 @@ if LoadGroupScheduling is not None:
             return crashitem
 
         def _reschedule(self, node):
-            if node.shutting_down:
+            try:
+                self._feed(node)
+            except OSError:
+                # the worker has died too (two crashes at once) and its channel is closed: its own crash report comes
+                # next, and remove_node puts back what it had, including what was just sent
+                pass
+
+        def _feed(self, node):
+            if node.shutting_down or node not in self.registered_collections:
+                # a replacement worker still collecting is fed by schedule() once its collection arrives
                 return
             if not self.workqueue:
                 node.shutdown()

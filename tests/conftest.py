@@ -41,10 +41,11 @@ from xdist_crashes import (  # noqa: E402,F401  (a crashed xdist worker: rerun i
 def _free_compiled_programs():
     """Drop JAX's compiled programs after each test module.
 
-    Every program XLA:CPU compiles is loaded into its own few memory mappings (code, constants, data), and JAX's
-    caches keep the program, and so its mappings, for the life of the process.  One xdist worker compiles more than
-    ten thousand programs over the suite; with ~3 mappings each it reached Linux's limit of 65530 mappings a process
-    (``vm.max_map_count``) near the end of the run, where the next ``mmap`` fails and XLA's compiler segfaulted.
+    Every program XLA:CPU compiles is loaded into its own memory mappings (code, constants, data: ~6 for a small
+    jitted function), and JAX's caches keep the program, and so its mappings, for the life of the process.  One
+    xdist worker compiles thousands of programs over the suite; it reached 63.5k mappings near the end of the run,
+    against Linux's limit of 65530 a process (``vm.max_map_count``), where an ``mmap`` fails and XLA's compiler
+    segfaulted.
     Clearing the caches at the end of each module frees the programs and their mappings (a module's own tests still
     share what they compiled).
     """

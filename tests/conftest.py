@@ -37,21 +37,35 @@ from xdist_crashes import (  # noqa: E402,F401  (a crashed xdist worker: rerun i
 )
 
 
+def _memory_mappings() -> tuple[int, int] | None:
+    """``(mappings this process holds, the most it may hold)`` on Linux, else None."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            held = sum(1 for _ in f)
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read())
+    except (OSError, ValueError):
+        return None
+    return held, limit
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _free_compiled_programs():
-    """Drop JAX's compiled programs after each test module.
+    """Drop JAX's compiled programs after a test module once the process holds half the memory mappings it may.
 
     Every program XLA:CPU compiles is loaded into its own memory mappings (code, constants, data: ~6 for a small
     jitted function), and JAX's caches keep the program, and so its mappings, for the life of the process.  One
     xdist worker compiles thousands of programs over the suite; it reached 63.5k mappings near the end of the run,
-    against Linux's limit of 65530 a process (``vm.max_map_count``), where an ``mmap`` fails and XLA's compiler
-    segfaulted.
-    Clearing the caches at the end of each module frees the programs and their mappings (a module's own tests still
-    share what they compiled).
+    against Linux's limit of 65530 a process (``vm.max_map_count``), where an ``mmap`` fails ("LLVM compilation
+    error: Cannot allocate memory") and XLA's compiler segfaults.  ``jax.clear_caches()`` frees the programs and
+    their mappings.  Clearing after every module kept a worker under ~8k mappings but cost the suite ~20% of its
+    time in recompilation, so it is done only past half the limit (a worker or two times a run).
     """
     yield
-    jax.clear_caches()
-    gc.collect()
+    mappings = _memory_mappings()
+    if mappings is not None and mappings[0] > mappings[1] // 2:
+        jax.clear_caches()
+        gc.collect()
 
 
 @pytest.fixture

@@ -9,11 +9,13 @@ run one at a time).  pytest-xdist's group scheduler handles a worker that dies m
   test before it runs the first (an xdist worker needs to know the next test, or that there is none, to tear down
   fixtures), the controller waits for a result, and the run hangs until CI's time limit.
 
-XLA:CPU has been seen to segfault inside its compiler, at random, in roughly one full run of this suite in four.
-``CrashSafeLoadGroup`` keeps the group scheduling and fixes both: a worker is always given at least two tests or told
-there are no more, and a test whose worker crashed is run once more on a fresh worker.  The first crash is reported
-as ``rerun`` (listed at the end of the run, not a failure); a test that crashes its worker twice fails, and is not
-run a third time.  An ordinary failure is never rerun.
+A crash should cost one test, not the run: XLA:CPU's compiler segfaulted in workers that had run out of memory
+mappings (see ``_free_compiled_programs`` in conftest.py, which now prevents it), and a library can always crash.
+``CrashSafeLoadGroup`` keeps the group scheduling and fixes both faults: a worker is always given at least two tests
+or told there are no more, and a test whose worker crashed is run once more on a fresh worker.  The first crash is
+reported as ``rerun`` (listed at the end of the run, not a failure); a test that crashes its worker twice fails, and
+is not run a third time.  An ordinary failure is never rerun.  It also copes with two workers crashing at once (no
+work is sent to a dead worker, none to a replacement still collecting its tests).
 """
 
 import collections
@@ -87,6 +89,7 @@ else:  # pragma: no cover
 
 @pytest.hookimpl(optionalhook=True, tryfirst=True)
 def pytest_xdist_make_scheduler(config, log):
+    """``CrashSafeLoadGroup`` in place of pytest-xdist's own scheduler for ``--dist loadgroup``."""
     if CrashSafeLoadGroup is not None and config.getvalue("dist") == "loadgroup":
         return CrashSafeLoadGroup(config, log)
     return None
@@ -102,12 +105,14 @@ def pytest_handlecrashitem(crashitem, report, sched):
 
 
 def pytest_report_teststatus(report, config):
+    """A crashed-and-rerun test shows as ``R`` / ``RERUN`` and is counted as ``rerun``, not as a failure."""
     if report.outcome == "rerun":
         return "rerun", "R", "RERUN"
     return None
 
 
 def pytest_terminal_summary(terminalreporter):
+    """List the tests whose worker crashed and that were run again."""
     reruns = terminalreporter.stats.get("rerun", [])
     if reruns:
         terminalreporter.write_sep("=", "worker crashes, each test run again once on a new worker")

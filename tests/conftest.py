@@ -58,9 +58,9 @@ def _free_compiled_programs():
     xdist worker compiles thousands of programs over the suite; it reached 63.5k mappings near the end of the run,
     against Linux's limit of 65530 a process (``vm.max_map_count``), where an ``mmap`` fails ("LLVM compilation
     error: Cannot allocate memory") and XLA's compiler segfaults.  ``jax.clear_caches()`` frees the programs and
-    their mappings.  Clearing after every module kept a worker under ~8k mappings but made the suite ~8% slower
-    (recompiling what modules share: 10.7 min against 9.9 on an idle machine), so it is done only past half the
-    limit (once or twice a worker, a run).
+    their mappings.  Clearing after every module kept a worker under ~8k mappings but recompiles what modules share
+    (the suite took 10.7 min on an idle machine, against 8.7-10.0 this way), so it is done only past half the limit
+    (once or twice a worker, a run).
     """
     yield
     mappings = _memory_mappings()

@@ -70,18 +70,14 @@ if LoadGroupScheduling is not None:
             if node.shutting_down or node not in self.registered_collections:
                 # a replacement worker still collecting is fed by schedule() once its collection arrives
                 return
-            if not self.workqueue:
-                node.shutdown()
+            if self.workqueue and self._pending_of(self.assigned_work[node]) > 2:
                 return
-            if self._pending_of(self.assigned_work[node]) > 2:
-                return
-            self._assign_work_unit(node)
             # a worker holds back its last test until it hears of the next one or of the end: never leave it with one
-            while self._pending_of(self.assigned_work[node]) < 2:
-                if not self.workqueue:
-                    node.shutdown()
-                    return
+            while self.workqueue:
                 self._assign_work_unit(node)
+                if self._pending_of(self.assigned_work[node]) >= 2:
+                    return
+            node.shutdown()
 
 else:  # pragma: no cover
     CrashSafeLoadGroup = None

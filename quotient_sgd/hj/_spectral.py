@@ -131,8 +131,9 @@ class Spectral(eqx.Module):
     def spectral_tail(self, grid: AnyGrid, form: str, ys: Array) -> Array:
         """Resolution check of saved fields ``ys`` (leading axis = save time): per field, the largest Fourier
         amplitude of the gradient (``p`` itself for ``form="burgers"``, ``grad u`` for ``"hj"``) in the top band
-        of the kept modes (``|m| >= 0.8`` of the dealiasing cut on some axis), relative to its largest amplitude
-        over all kept modes.
+        of the kept modes (``|m| >= 0.8`` of the dealiasing cut on some axis, and the highest kept mode when that
+        band is empty: at the default 2/3 on n <= 9 and n = 12 points), relative to its largest amplitude over all
+        kept modes.
 
         A resolved solution's spectrum decays exponentially, so the ratio is tiny (below 1e-5 on THEORY's
         reference problem once the viscous length ``nu / max|p|`` spans 1.5 grid spacings); an under-resolved
@@ -145,7 +146,9 @@ class Spectral(eqx.Module):
         band = np.zeros(mask.shape, bool)
         for i, g in enumerate(grids):
             m = np.abs(g.index_frequencies(real=(i == len(grids) - 1)))
-            top = m >= 0.8 * self.dealias * g.n / 2
+            kept = m[2 * m < self.dealias * g.n - 1e-9]  # as in _mask_np
+            # at least the highest kept mode: on small grids (n <= 9, n = 12 at 2/3) 0.8 of the cut lies above it
+            top = m >= min(0.8 * self.dealias * g.n / 2, kept.max())
             band |= top if grid.ndim == 1 else (top[:, None] if i == 0 else top[None, :])
         band &= mask
         yhat = jnp.fft.rfftn(ys, axes=_axes(grid))

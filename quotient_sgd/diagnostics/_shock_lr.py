@@ -71,20 +71,21 @@ def _value(t: Target, count, dtype):
     return jnp.asarray(t(count) if callable(t) else t, dtype)
 
 
-def _check_positive(name: str, value) -> None:
-    """A concrete number (Python, NumPy or JAX scalar) must be finite and > 0; schedules and traced values (a
-    target swept under ``vmap`` or injected by ``optax.inject_hyperparams``) cannot be checked inside a traced
-    step and are used as they come (a non-positive target pins the scale at ``min_scale``).  NumPy / JAX scalars
-    were let through: a ``fold_target`` of ``np.float32(0)`` pinned every step at ``min_scale``."""
-    if callable(value) or isinstance(value, jax.core.Tracer):
+def _check_positive(name: str, value, schedule: bool = True) -> None:
+    """A concrete number (Python, NumPy or JAX scalar) must be finite and > 0; schedules (where ``schedule``: the
+    targets) and traced values (a target swept under ``vmap`` or injected by ``optax.inject_hyperparams``) cannot
+    be checked inside a traced step and are used as they come (a non-positive target pins the scale at
+    ``min_scale``).  NumPy / JAX scalars were let through: a ``fold_target`` of ``np.float32(0)`` pinned every step
+    at ``min_scale``.  The scales take no schedule: one failed in an unnamed ``float()`` or ``>`` TypeError."""
+    if (schedule and callable(value)) or isinstance(value, jax.core.Tracer):
         return
     try:
-        x = np.asarray(value)
+        x = None if callable(value) else np.asarray(value)
     except Exception:  # noqa: BLE001 - not array-like: reported below
         x = None
     if x is None or x.ndim != 0 or x.dtype.kind not in "iuf":
-        raise ValueError(f"shock_aware_lr: {name}={value!r} is not allowed; need a finite number > 0 or a "
-                         "schedule count -> value")
+        also = " or a schedule count -> value" if schedule else " (a number: the scales take no schedule)"
+        raise ValueError(f"shock_aware_lr: {name}={value!r} is not allowed; need a finite number > 0{also}")
     if not 0 < float(x) < float("inf"):
         raise ValueError(f"shock_aware_lr: {name}={value!r} is not allowed; need a finite number > 0")
 
@@ -140,7 +141,7 @@ def shock_aware_lr(inner: optax.GradientTransformation, *, fold_target: Target =
             raise ValueError(f"shock_aware_lr: curvature_decay must be a number in [0, 1), got {curvature_decay!r}")
     for name, value in (("fold_target", fold_target), ("shock_target", shock_target), ("init_scale", init_scale),
                         ("min_scale", min_scale), ("max_scale", max_scale)):
-        _check_positive(name, value)
+        _check_positive(name, value, schedule=name.endswith("_target"))
     if not any(isinstance(v, jax.core.Tracer) for v in (min_scale, max_scale)) and min_scale > max_scale:
         raise ValueError(f"shock_aware_lr: min_scale={min_scale} > max_scale={max_scale}")
     # the first step's scale obeys the same bounds as every other step: [min_scale, max_scale], and "cap" never

@@ -2,6 +2,7 @@
 
 import warnings
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -23,3 +24,15 @@ def test_spectral_tail_sees_an_under_resolved_solve_on_a_small_grid(x64, n):
     assert float(jnp.max(jnp.abs(sol.ps[-1] - exact))) > 0.1  # under-resolved indeed
     assert float(sol.spectral_tail[0]) > SPECTRAL_TAIL_WARN
     assert any(f"under-resolved on the {n} grid" in str(c.message) for c in caught)
+
+
+def test_traced_save_times_out_of_order_are_refused_by_name():
+    # Known save times out of order are refused by name; traced ones (under jit) stopped in Diffrax's own
+    # "saveat.ts must be increasing or decreasing", naming neither the solver nor ts.
+    g = Grid(8, -1.0, 1.0)
+    run = jax.jit(lambda ts: solve_burgers(0.3 * jnp.sin(jnp.pi * g.x), g, nu=0.1, t1=0.2, ts=ts, dt=0.05).ps)
+    ok = np.asarray(run(jnp.array([0.05, 0.05, 0.1])))  # repeated save times are in order
+    assert ok.shape == (4, 8) and np.all(np.isfinite(ok)) and np.array_equal(ok[0], ok[1])
+    with pytest.raises(Exception, match=r"solve_burgers: a traced nu, t1, dt, dt0 or save time is out of range; .*"
+                                        r"non-decreasing save times ts in \[0, t1\]"):
+        jax.block_until_ready(run(jnp.array([0.1, 0.05, 0.15])))

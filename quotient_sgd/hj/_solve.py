@@ -343,19 +343,20 @@ def _integrate(form, name, grid, term, solver, y0, nu, t1, ts, dt, dt0, rtol, at
     fixed = dt is not None
     # traced values escape _solve's range checks (under jit / vmap / grad): a negative nu solved the anti-diffusive
     # equation, a negative t1 integrated backwards and a dt <= 0 took one step of size t1, each without a word,
-    # and a save time beyond t1 stopped in Diffrax's own message; refuse them before the solve
+    # and a save time beyond t1 or before an earlier one stopped in Diffrax's own message; refuse them before the
+    # solve
     out_of_range = (nu < 0) | (t1 < 0)
     if fixed:
         out_of_range = out_of_range | (dt <= 0)
     if dt0 is not None:
         out_of_range = out_of_range | (dt0 <= 0)
     if ts is not None:
-        out_of_range = out_of_range | jnp.any(ts < 0) | jnp.any(ts > t1)
+        out_of_range = out_of_range | jnp.any(ts < 0) | jnp.any(ts > t1) | jnp.any(jnp.diff(ts) < 0)
     # (ts passes through the check too, so that it runs before Diffrax's own check of the save times)
     y0, ts = eqx.error_if(
         (y0, ts), out_of_range,
         f"{name}: a traced nu, t1, dt, dt0 or save time is out of range; need nu >= 0, t1 >= 0, dt > 0, dt0 > 0 "
-        "and save times ts in [0, t1].",
+        "and non-decreasing save times ts in [0, t1].",
     )
     if fixed:
         # uniform steps h = t1 / ceil(t1 / dt) <= dt ending exactly at t1 (the step count is not differentiated)

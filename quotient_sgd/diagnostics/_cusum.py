@@ -10,8 +10,9 @@ an observable's increments, see :func:`~quotient_sgd.diagnostics.detect_transiti
 monitored once ``n >= min_ref``; an alarm is raised when ``max(S+, S-) > h`` and the test restarts after it.
 
 **Stated false-alarm rate.** ``h`` is the ``1 - alpha`` quantile of ``max_t max(S+_t, S-_t)`` over a sequence of
-``n_blocks`` independent Gaussian values, estimated by simulating the identical procedure ``num_sims`` times.
-The procedure is location-scale invariant, so for any stationary series of independent Gaussian block values,
+``n_blocks`` independent Gaussian values, estimated by simulating the identical procedure ``num_sims`` times (at
+least ``20 / alpha``).  The procedure is location-scale invariant, so for any stationary series of independent
+Gaussian block values,
 
     P(at least one alarm on a stationary trajectory of n_blocks values) <= alpha   (+ Monte-Carlo error)
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quotient_sgd.hj import cole_hopf_gradient, Grid, SPECTRAL_TAIL_WARN, solve_burgers
+from quotient_sgd.hj import cole_hopf, cole_hopf_gradient, Grid, SPECTRAL_TAIL_WARN, solve_burgers
 
 
 @pytest.mark.parametrize("n", [8, 12])
@@ -36,3 +36,28 @@ def test_traced_save_times_out_of_order_are_refused_by_name():
     with pytest.raises(Exception, match=r"solve_burgers: a traced nu, t1, dt, dt0 or save time is out of range; .*"
                                         r"non-decreasing save times ts in \[0, t1\]"):
         jax.block_until_ready(run(jnp.array([0.1, 0.05, 0.15])))
+
+
+def test_tolerances_save_times_and_flags_that_are_not_what_they_name_are_refused_by_name():
+    # rtol="1e-6" and ts="0.1" were read as numbers, rtol=True as a tolerance of 1 and ts=[True] as the time 1.0,
+    # a complex rtol or ts failed in a bare "float() argument must be ..."; adaptive="no" and progress="no" chose
+    # by their truth value (adaptive stepping, a progress meter); cole_hopf's lipschitz="2" failed in "data type ''
+    # not understood".  Each is refused by name before anything is compiled.
+    g = Grid(8, -1.0, 1.0)
+    p0 = 0.3 * jnp.sin(jnp.pi * g.x)
+    real = "is not allowed; need a real number"
+    for kw, error, match in [
+        (dict(rtol="1e-6"), TypeError, f"rtol='1e-6' {real}"),
+        (dict(rtol=True), TypeError, f"rtol=True {real}"),
+        (dict(atol=1e-8 + 0j), TypeError, rf"atol=\(1e-08\+0j\) {real}"),
+        (dict(ts="0.1"), TypeError, "ts='0.1' is not allowed; need real save times"),
+        (dict(ts=[True]), TypeError, r"ts=\[True\] is not allowed; need real save times"),
+        (dict(ts=[0.05 + 0j]), TypeError, r"ts=\[\(0.05\+0j\)\] is not allowed"),
+        (dict(adaptive="no", dt0=0.01), ValueError, "adaptive='no' is not allowed; need True or False"),
+        (dict(progress=1), ValueError, "progress=1 is not allowed; need True or False"),
+    ]:
+        with pytest.raises(error, match=f"solve_burgers: {match}"):
+            solve_burgers(p0, g, nu=0.1, t1=0.1, **kw)
+    for lip in ("2", True):
+        with pytest.raises(ValueError, match=f"cole_hopf: lipschitz={lip!r} is not allowed; need a finite number"):
+            cole_hopf(jnp.cos, jnp.zeros(2), 0.1, 0.1, lipschitz=lip)

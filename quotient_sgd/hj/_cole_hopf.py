@@ -192,11 +192,12 @@ def _dispatch(loss, x, t, nu, ndim, num, lipschitz, name="cole_hopf"):
         raise ValueError(f"{name}: num={num!r} is not allowed; need an integer >= 3 quadrature points per axis "
                          "(the spacing must resolve the weight's width, see the module docstring).")
     lip = None if lipschitz is None else _concrete(lipschitz)
-    if lip is not None and not (lip.ndim == 0 and np.isfinite(float(lip)) and float(lip) >= 0):
+    if lip is not None and not (lip.ndim == 0 and lip.dtype.kind in "iuf" and np.isfinite(float(lip))
+                                and float(lip) >= 0):
         raise ValueError(f"{name}: lipschitz={lipschitz!r} is not allowed; need a finite number >= 0 (a bound "
                          "on |grad L|) or None (the window is found from the loss).")
     if ndim not in (1, 2):
-        raise ValueError(f"{name}: the quadrature is for ndim 1 or 2 (got {ndim}); use cole_hopf_monte_carlo.")
+        raise ValueError(f"{name}: the quadrature is for ndim 1 or 2 (got {ndim!r}); use cole_hopf_monte_carlo.")
     if ndim == 2 and jnp.shape(x)[0] != 2:
         raise ValueError(f"{name}(ndim=2) wants points of shape (2, ...), got {jnp.shape(x)}.")
     num = (4001 if ndim == 1 else 201) if num is None else int(num)

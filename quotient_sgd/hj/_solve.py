@@ -219,7 +219,11 @@ def _solve(form, name, y0, grid, *, nu, t1, ts, scheme, solver, rtol, atol, max_
         y0 = check_gradient_field(name, field, y0, grid, spectral=isinstance(scheme, Spectral), advice=_NOT_GRADIENT)
     if isinstance(max_steps, bool) or not (isinstance(max_steps, (int, np.integer)) and max_steps >= 1):
         raise ValueError(f"{name}: max_steps={max_steps!r} is not allowed; need an integer >= 1.")
+    for arg, value in (("adaptive", adaptive), ("progress", progress)):
+        if not isinstance(value, (bool, np.bool_)):  # a string or number chose by its truth value ("no" is True)
+            raise ValueError(f"{name}: {arg}={value!r} is not allowed; need True or False.")
     if dt is None and adaptive:
+        _check_real(name, rtol=rtol, atol=atol)  # a string was read as a number, True as a tolerance of 1
         tols = {}
         for arg, value in (("rtol", rtol), ("atol", atol)):
             a = _concrete_value(value)
@@ -238,6 +242,11 @@ def _solve(form, name, y0, grid, *, nu, t1, ts, scheme, solver, rtol, atol, max_
     if ts is not None:
         if np.ndim(ts) > 1:
             raise ValueError(f"{name}: ts must be a 1-D array of save times, got shape {jnp.shape(ts)}.")
+        known = _concrete_value(ts, None)
+        if (known.dtype if known is not None else jnp.result_type(ts)).kind not in "iuf":
+            # a string was read as a number, [True] as the time 1.0, a complex time failed in a bare float()
+            raise TypeError(f"{name}: ts={ts!r} is not allowed; need real save times (a number or a 1-D array of "
+                            "them; not strings, bools or complex numbers).")
         ts = jnp.atleast_1d(jnp.asarray(ts, dtype))  # compared with t1 in the solve's precision
         _check_save_times(name, ts, t1)
     if solver not in _SOLVERS and not isinstance(solver, dfx.AbstractSolver):

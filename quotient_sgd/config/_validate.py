@@ -322,6 +322,12 @@ def _check_symmetry(s: Settings) -> None:
     _check(ob.noise_every == 0 or ob.per_example_grads, "observables.noise_every", ob.noise_every,
            "the gradient-noise temperature needs per-example gradients: set observables.per_example_grads=True "
            "or observables.noise_every=0")
+    batch = s.data.batch_size or train_size(s.data)
+    _check(ob.noise_every == 0 or batch >= 2, "observables.noise_every", ob.noise_every,
+           f"the gradient-noise temperature is a sample variance over the examples of a batch, and this run's "
+           f"batches hold {batch} (data.batch_size = {s.data.batch_size}"
+           + (f", full batch of {batch} training examples" if not s.data.batch_size else "")
+           + "): it would be NaN at every step; use batches of at least 2 examples, or observables.noise_every=0")
     _check(not (ob.per_example_grads and _batch_norm(s)), "observables.per_example_grads", ob.per_example_grads,
            "per-example gradients are not defined with model.norm='batch': every example's loss depends on the "
            "whole batch through the batch statistics; use model.norm='layer' or 'none', or per_example_grads=False")
@@ -461,6 +467,10 @@ def _check_sweep(s: Settings) -> None:
            "a batch-size sweep runs every member on the largest batch with a 0/1 mask, and the masked examples "
            "would enter the batch statistics of model.norm='batch'; sweep the other axes and run one sweep per "
            "batch size (or use model.norm='layer')")
+    _check(not sw.batch_size or s.observables.noise_every == 0, "sweep.batch_size", sw.batch_size,
+           f"a batch-size sweep runs every member on the largest batch with a 0/1 mask, and the gradient-noise "
+           f"temperature (observables.noise_every = {s.observables.noise_every}) would be measured over the whole "
+           f"padded batch, not the member's; run one sweep per batch size, or set observables.noise_every=0")
     _check_members(sw, "seed", lambda v: INT32_MIN <= v <= INT32_MAX,
                    f"every value must be an int32, in [{INT32_MIN}, {INT32_MAX}]")
     _check_members(sw, "weight_decay", lambda v: v >= 0 and math.isfinite(v),

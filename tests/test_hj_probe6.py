@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quotient_sgd.hj import cole_hopf, cole_hopf_gradient, Grid, SPECTRAL_TAIL_WARN, solve_burgers
+from quotient_sgd.hj import (cole_hopf, cole_hopf_gradient, find_shocks, Grid, slice_flow, SPECTRAL_TAIL_WARN,
+                             solve_burgers)
 
 
 @pytest.mark.parametrize("n", [8, 12])
@@ -61,3 +62,26 @@ def test_tolerances_save_times_and_flags_that_are_not_what_they_name_are_refused
     for lip in ("2", True):
         with pytest.raises(ValueError, match=f"cole_hopf: lipschitz={lip!r} is not allowed; need a finite number"):
             cole_hopf(jnp.cos, jnp.zeros(2), 0.1, 0.1, lipschitz=lip)
+
+
+def test_find_shocks_and_slice_flow_refuse_flags_and_numbers_of_another_kind_by_name():
+    # find_shocks: include_inadmissible="no" failed in "unsupported operand type(s) for |", min_steepness="1" in
+    # "'>' not supported", and True was read as 1 for max_shocks, window and min_steepness.  slice_flow:
+    # orthonormalize="no" orthonormalised (its truth value), extent="1.0" failed in a bare isfinite error, and
+    # extent=True / margin=True were read as 1.
+    g = Grid(16, -1.0, 1.0)
+    p = jnp.where(g.x < 0, 1.0, -1.0)
+    for kw, match in [(dict(include_inadmissible="no"), "include_inadmissible='no' is not allowed; need True or False"),
+                      (dict(min_steepness="1"), "min_steepness='1' is not allowed; need a finite number >= 0"),
+                      (dict(min_steepness=True), "min_steepness=True is not allowed"),
+                      (dict(max_shocks=True), "max_shocks=True is not allowed; need an integer >= 1"),
+                      (dict(window=True), "window=True is not allowed; need an integer >= 1")]:
+        with pytest.raises(ValueError, match=f"find_shocks: {match}"):
+            find_shocks(p, g, **kw)
+    base = dict(extent=1.0, n=8, eta=0.1, k=1, nu=0.1)
+    for kw, match in [(dict(orthonormalize="no"), "orthonormalize='no' is not allowed; need True or False"),
+                      (dict(extent="1.0"), "extent='1.0', margin=0.5 are not allowed"),
+                      (dict(extent=True), "extent=True, margin=0.5 are not allowed"),
+                      (dict(margin=True), "extent=1.0, margin=True are not allowed")]:
+        with pytest.raises(ValueError, match=f"slice_flow: {match}"):
+            slice_flow(lambda q: jnp.sum(q * q), jnp.zeros(2), jnp.asarray([1.0, 0.0]), **{**base, **kw})

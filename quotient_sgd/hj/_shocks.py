@@ -194,13 +194,18 @@ def find_shocks(p: Array, grid: Grid, *, max_shocks: int = 8, min_steepness=None
         bad = np.flatnonzero(~np.isfinite(np.asarray(p)))
         raise ValueError(f"find_shocks: p is not finite ({bad.size} NaN or infinite entries, the first at index "
                          f"{int(bad[0])}); a field from a diverged solve has no fronts to locate.")
-    if not (int(max_shocks) == max_shocks and max_shocks >= 1):
+    if isinstance(max_shocks, (bool, np.bool_)) or not (int(max_shocks) == max_shocks and max_shocks >= 1):
         raise ValueError(f"find_shocks: max_shocks={max_shocks!r} is not allowed; need an integer >= 1.")
-    if window is not None and not (int(window) == window and window >= 1):
+    if window is not None and (isinstance(window, (bool, np.bool_)) or not (int(window) == window and window >= 1)):
         raise ValueError(f"find_shocks: window={window!r} is not allowed; need an integer >= 1 cells (or None).")
+    if not isinstance(include_inadmissible, (bool, np.bool_)):  # a string failed in a bare "unsupported operand"
+        raise ValueError(f"find_shocks: include_inadmissible={include_inadmissible!r} is not allowed; need True or "
+                         "False.")
     if min_steepness is not None:
-        m = _concrete_value(min_steepness)  # None when traced (under jit / vmap): used as it is
-        if m is not None and not (m.ndim == 0 and np.isfinite(m) and m >= 0):
+        # None when traced (under jit / vmap): used as it is; a string ("1") failed in a bare comparison error and
+        # a bool was read as 0 / 1
+        m = _concrete_value(min_steepness, None)
+        if m is not None and not (m.ndim == 0 and m.dtype.kind in "iuf" and np.isfinite(m) and m >= 0):
             # a NaN threshold made every comparison False: "no shocks" for any field
             raise ValueError(f"find_shocks: min_steepness={min_steepness!r} is not allowed; need a finite number "
                              ">= 0 (a threshold on -dp/dx) or None (the default threshold).")

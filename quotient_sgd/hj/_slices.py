@@ -166,6 +166,8 @@ def slice_flow(loss_fn: Callable, params, directions, *, extent: float, n: int, 
         orthonormalize: orthonormalise the directions first (Gram-Schmidt, in the given order) instead of refusing
             directions that are not orthonormal.
     """
+    if not isinstance(orthonormalize, (bool, np.bool_)):  # "no" is True: it orthonormalised
+        raise ValueError(f"slice_flow: orthonormalize={orthonormalize!r} is not allowed; need True or False.")
     ds = _match_directions(params, directions)
     if orthonormalize:
         ds = _orthonormalize(ds)
@@ -191,7 +193,8 @@ def slice_flow(loss_fn: Callable, params, directions, *, extent: float, n: int, 
                              "for t = eta * k >= 0 at viscosity nu >= 0).")
     if not (int(n) == n and n >= 4):
         raise ValueError(f"slice_flow: n={n!r} is not allowed; need an integer >= 4 points along each direction.")
-    if not (np.isfinite(extent) and extent > 0) or not (np.isfinite(margin) and margin >= 0):
+    if not (_real(extent) and np.isfinite(extent) and extent > 0) or not (_real(margin) and np.isfinite(margin)
+                                                                             and margin >= 0):
         raise ValueError(f"slice_flow: extent={extent!r}, margin={margin!r} are not allowed; need a finite "
                          "extent > 0 and margin >= 0 (plain numbers: they fix the grid, so they cannot be traced).")
     n = int(n)
@@ -213,6 +216,18 @@ def slice_flow(loss_fn: Callable, params, directions, *, extent: float, n: int, 
     except TypeError:  # an unhashable loss_fn or scheme (or traced tolerances, under an outer jit): op by op
         return _flow(*args)
     return _flow_jit(*args)
+
+
+def _real(value) -> bool:
+    """``value`` is a known real number (a Python, NumPy or 0-d JAX one; not a bool, a string or a traced value):
+    a string failed in a bare ``isfinite`` error and ``True`` was read as 1."""
+    if isinstance(value, (bool, np.bool_, str, bytes)):
+        return False
+    try:
+        a = np.asarray(value)
+    except Exception:  # noqa: BLE001 - traced, or not array-like
+        return False
+    return a.ndim == 0 and a.dtype.kind in "iuf"
 
 
 def _plain(value):

@@ -659,14 +659,22 @@ def _unknown_observables(unknown) -> str:
     return "\n".join(lines)
 
 
-#: States of optax transforms that rescale the step per coordinate or by a searched step size (adaptive methods,
-#: sign methods, line searches): the SGD identity of an :class:`SGDSpec` does not hold.  (A trust ratio, LARS, has
-#: an empty state: not recognised here.)
-_NOT_SGD_STATES = tuple(getattr(optax, n) for n in (
-    "ScaleByAdamState", "ScaleByAdaDeltaState", "ScaleByAdanState", "ScaleByAmsgradState", "ScaleByBeliefState",
-    "ScaleByLionState", "ScaleByNovogradState", "ScaleByRStdDevState", "ScaleByRmsState", "ScaleByRpropState",
-    "ScaleByRssState", "ScaleBySM3State", "ScaleByLBFGSState", "ScaleByBacktrackingLinesearchState",
-    "ScaleByZoomLinesearchState") if getattr(optax, n, optax.EmptyState) is not optax.EmptyState)
+#: States of optax transforms that rescale the step per coordinate or by a searched or learnt step size (adaptive
+#: methods, sign methods, line searches, optax.contrib's learning-rate-free and Polyak methods), add noise to it, or
+#: mix in gradients of other points (optimistic gradient descent): the SGD identity of an :class:`SGDSpec` does not
+#: hold.  (A trust ratio, LARS, and a Polyak step size, ``optax.polyak_sgd``, have empty states: not recognised.)
+_NOT_SGD_STATES = tuple(t for t in (
+    *(getattr(optax, n, None) for n in (
+        "ScaleByAdamState", "ScaleByAdaDeltaState", "ScaleByAdanState", "ScaleByAmsgradState", "ScaleByBeliefState",
+        "ScaleByLionState", "ScaleByNovogradState", "ScaleByRStdDevState", "ScaleByRmsState", "ScaleByRpropState",
+        "ScaleByRssState", "ScaleBySM3State", "ScaleByLBFGSState", "ScaleByBacktrackingLinesearchState",
+        "ScaleByZoomLinesearchState", "FactoredState", "AddNoiseState")),
+    *(getattr(optax.contrib, n, None) for n in (
+        "COCOBState", "DAdaptAdamWState", "DifferentiallyPrivateAggregateState", "DoGState", "DoWGState",
+        "GaLoreState", "MadgradState", "MechanicState", "MomoAdamState", "MomoState", "ProdigyState",
+        "ScaleByAdemamixState", "ScaleBySimplifiedAdEMAMixState", "ScheduleFreeState", "SophiaState")),
+    type(optax.scale_by_optimistic_gradient().init({})),  # not exported by optax
+) if t is not None and t is not optax.EmptyState)
 
 
 def _state_types(inner_state, types) -> list[str]:
@@ -677,15 +685,18 @@ def _state_types(inner_state, types) -> list[str]:
 
 def _check_sgd_like(inner_state) -> None:
     """``ValueError`` when ``spec`` is given for an optimiser whose state shows that it is not SGD (Adam, RMSProp,
-    Adagrad, Lion, LAMB, a line search ...): the predicted drift would be that of an SGD step the optimiser
-    does not take (measured ~100% off for adamw, rmsprop and adagrad), with nothing to say so."""
+    Adagrad, Lion, LAMB, Adafactor, a line search, noisy SGD, optax.contrib's Prodigy, DoG, Sophia ...): the predicted
+    drift would be that of an SGD step the optimiser does not take (measured ~100% off for adamw, rmsprop, adagrad,
+    adafactor, noisy_sgd, optimistic_gradient_descent, prodigy, sophia; 55-92% for schedule_free_sgd, mechanize,
+    momo; 3% for dog within 6 steps), with nothing to say so."""
     found = _state_types(inner_state, _NOT_SGD_STATES)
     if found:
         raise ValueError(
             f"quotient_trajectory: spec=SGDSpec(...) describes an SGD-family optimiser, but the optimiser's state "
-            f"holds {found} (a per-coordinate or searched rescaling of the step), for which the SGD charge "
-            f"identity does not hold; pass spec=None (charge_drift is observed, charge_drift_predicted NaN), or wrap "
-            f"the optimiser in quotient_sgd.optim.horizontal(...), whose drift is predicted for any optimiser")
+            f"holds {found} (a per-coordinate, searched or learnt rescaling of the step, noise, or gradients of other "
+            f"points), for which the SGD charge identity does not hold; pass spec=None (charge_drift is observed, "
+            f"charge_drift_predicted NaN), or wrap the optimiser in quotient_sgd.optim.horizontal(...), whose drift is "
+            f"predicted for any optimiser")
 
 
 #: States of optax wrappers whose skipped steps leave the wrapped optimiser's state, and so its step count, as it

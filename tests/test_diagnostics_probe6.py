@@ -4,7 +4,7 @@ import numpy as np
 import optax
 import pytest
 
-from quotient_sgd.diagnostics import cusum_threshold, shock_aware_lr
+from quotient_sgd.diagnostics import cusum_threshold, detect, LiveDetector, shock_aware_lr
 from quotient_sgd.diagnostics._cusum import _max_statistic
 
 
@@ -35,3 +35,23 @@ def test_cusum_threshold_holds_an_alpha_below_one_over_the_simulation_count():
     # the first num_sims series are those of one draw: a threshold that needs no more keeps its value
     first = _max_statistic(np.random.default_rng(0).standard_normal((4000, n)), 0.5, 10, 4.0)
     assert cusum_threshold(n, 0.05) == float(np.quantile(first, 0.95))
+
+
+def test_live_detector_refuses_a_bad_chunk_and_goes_on_as_before_it():
+    # A chunk with a leading member axis (a vmapped run) was kept: its 'loss' of another per-step shape was dropped
+    # from the joined trajectory, the error said "a trajectory needs at least the 'loss' key", and so did every
+    # later update.  A chunk detect refuses (repeated steps) was kept too, failing every later update.  Both are
+    # refused by name and not kept.
+    chunks = [{"loss": np.linspace(1.0, 0.5, 30), "step": np.arange(30)},
+              {"loss": np.r_[0.5, 3.0, np.linspace(0.5, 0.4, 20)], "step": np.arange(30, 52)}]
+    live = LiveDetector(kinds=["loss_spike", "divergence"])
+    assert live.update(chunks[0]) == []
+    with pytest.raises(ValueError, match=r"LiveDetector.update: a chunk's 'loss' must hold one value per step, "
+                                         r"shape \(steps,\); got shape \(2, 5\)"):
+        live.update({"loss": np.ones((2, 5))})
+    with pytest.raises(ValueError, match="'step' key must be strictly increasing"):
+        live.update({"loss": np.ones(3), "step": np.arange(28, 31)})
+    new = live.update(chunks[1])
+    whole = detect({k: np.concatenate([c[k] for c in chunks]) for k in ("loss", "step")},
+                   kinds=["loss_spike", "divergence"])
+    assert new == whole == live.events and [(e.step, e.kind) for e in whole] == [(31, "loss_spike")]

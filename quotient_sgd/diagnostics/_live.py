@@ -192,8 +192,10 @@ class LiveDetector:
         scalars, e.g. ``{"loss": 0.3}``) and return the events it reveals.
 
         Raises:
-            KeyError: a chunk without ``loss`` (nothing is added: the detector goes on as before the call).
-            ValueError: as :func:`detect` on the trajectory so far."""
+            KeyError: a chunk without ``loss``.
+            ValueError: a chunk whose ``loss`` is not one value per step (a vmapped chunk), or as :func:`detect`
+                on the trajectory so far.  In each case nothing is added: the detector goes on as before the
+                call."""
         chunk = flatten_trajectory(chunk)
         if "loss" not in chunk:
             # the other keys of such a chunk were appended with no rows of 'loss' to go with them, and the error
@@ -202,14 +204,27 @@ class LiveDetector:
                            f"other keys are read on); got keys {sorted(chunk)}")
         if chunk["loss"].ndim == 0:  # one step given as scalars: a chunk of one row
             chunk = {k: v[None] for k, v in chunk.items()}
+        if chunk["loss"].ndim != 1:
+            # its 'loss' was dropped from the joined trajectory (a per-step shape that changes between chunks), and
+            # every later update failed in "a trajectory needs at least the 'loss' key"
+            raise ValueError(f"LiveDetector.update: a chunk's 'loss' must hold one value per step, shape (steps,); "
+                             f"got shape {chunk['loss'].shape}. A vmapped or swept chunk has a leading member axis: "
+                             "feed one member per detector, e.g. jax.tree.map(lambda x: x[i], chunk)")
         self._chunks.append(chunk)
-        traj = _concatenate(self._chunks)
-        lr = self.lr
-        if lr is not None and np.ndim(lr) == 1:
-            lr = np.asarray(lr)[: len(traj["loss"])]
+        try:
+            traj = _concatenate(self._chunks)
+            lr = self.lr
+            if lr is not None and np.ndim(lr) == 1:
+                lr = np.asarray(lr)[: len(traj["loss"])]
+            found = detect(traj, lr=lr, start_step=self.start_step, **self.options)
+        except Exception:
+            # a chunk the trajectory so far cannot take (repeated steps, a series of another length) is not kept:
+            # kept, it failed every later update as well
+            self._chunks.pop()
+            raise
         new = []
         at = {e.key(): i for i, e in enumerate(self.events)}  # the events reported so far, by key
-        for e in detect(traj, lr=lr, start_step=self.start_step, **self.options):
+        for e in found:
             if e.key() not in at:
                 at[e.key()] = len(self.events)
                 self.events.append(e)

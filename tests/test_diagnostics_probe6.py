@@ -55,3 +55,24 @@ def test_live_detector_refuses_a_bad_chunk_and_goes_on_as_before_it():
     whole = detect({k: np.concatenate([c[k] for c in chunks]) for k in ("loss", "step")},
                    kinds=["loss_spike", "divergence"])
     assert new == whole == live.events and [(e.step, e.kind) for e in whole] == [(31, "loss_spike")]
+
+
+@pytest.mark.parametrize("options", [dict(weight_decay=0.1), dict(weight_decay=0.1, momentum=0.9),
+                                     dict(weight_decay=0.1, adaptive=True)])
+def test_rows_without_a_learning_rate_are_read_without_one_under_weight_decay(options):
+    # The trajectory's 'lr' key may be NaN on rows that have none (a live chunk recorded before the key was); with
+    # weight_decay the per-row edges and fold levels were computed at decay = NaN too, and stability_edge /
+    # fold_edge refused the whole trajectory ("decay=nan is not allowed").  Those rows have no level now; the rows
+    # with a learning rate give the events they give when every row has one.
+    n = 60
+    traj = {"loss": np.ones(n), "sharpness_quotient": np.r_[np.full(45, 5.0), np.full(15, 25.0)],
+            "fold_number": np.r_[np.full(45, 0.5), np.full(15, 2.5)],
+            "sharpness_preconditioned": np.r_[np.full(45, 5.0), np.full(15, 500.0)]}
+    kinds = ["edge_of_stability", "fold"]
+    got = detect({**traj, "lr": np.r_[np.full(35, np.nan), np.full(25, 0.1)]}, kinds=kinds, **options)
+    want = detect({**traj, "lr": np.full(n, 0.1)}, kinds=kinds, **options)
+    assert got == want and {e.step for e in got} == {45}
+    eos = [e.details["level"] for e in got if e.kind == "edge_of_stability" and e.variant == "quotient"]
+    if not options.get("adaptive"):  # level 1 at half the edge, stability_edge(beta) - lr * weight_decay
+        edge = 2 * (1 + options.get("momentum", 0.0)) - 0.1 * 0.1
+        assert eos[0] == pytest.approx(edge / 2, rel=1e-12)

@@ -366,10 +366,12 @@ def _coupled_decay(lr, weight_decay, idx, steps, bound: float, bound_text: str, 
 
 
 def _per_row(fn, decay: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """``fn(d)`` for the decay ``d`` of each row of ``idx`` (once per distinct value), NaN elsewhere."""
+    """``fn(d)`` for the decay ``d`` of each row of ``idx`` (once per distinct value), NaN elsewhere and at rows
+    without a learning rate (NaN in the trajectory's ``lr`` key: ``fn(nan)`` refused the whole trajectory)."""
     out = np.full(len(decay), np.nan)
-    uniq, inverse = np.unique(decay[idx], return_inverse=True)
-    out[idx] = np.array([fn(float(d)) for d in uniq], np.float64)[inverse]
+    rows = idx[np.isfinite(decay[idx])]
+    uniq, inverse = np.unique(decay[rows], return_inverse=True)
+    out[rows] = np.array([fn(float(d)) for d in uniq], np.float64)[inverse]
     return out
 
 

@@ -3,8 +3,9 @@ and inverses, bad arguments."""
 
 import jax
 import jax.numpy as jnp
+import pytest
 
-from quotient_sgd.symmetry import Product
+from quotient_sgd.symmetry import GL, Permutation, Product, Rescale, Scale, SymmetryError, Translation
 
 from helpers import tree_rel_err
 from symmetry_cases import mlp_group, mlp_params
@@ -24,3 +25,37 @@ def test_newton_canonicalize_with_a_logit_translation_reaches_the_canonical_poin
         moved = sweeps.act(sweeps.sample(jax.random.key(seed), p, scale=3.0), p)
         assert tree_rel_err(newton(moved), ref(moved)) < 1e-10, seed
         assert tree_rel_err(newton(moved), ref(p)) < 1e-10, seed
+
+
+def test_a_top_level_path_given_as_a_string_names_that_parameter():
+    """A declaration naming a top-level parameter by its key alone (``("w_in", 0)``, the natural spelling for a
+    flat dict of parameters) was split into characters (``tuple("w_in")``): refused with "no path ('w', '_', 'i',
+    'n')", while one-letter names happened to work.  A string is one key."""
+    p = {"w_in": jnp.arange(1.0, 7.0).reshape(3, 2), "b": jnp.ones((3,)), "w_out": jnp.arange(1.0, 7.0).reshape(2, 3)}
+    key = {"w_in": ("w_in",), "b": ("b",), "w_out": ("w_out",)}
+    same = [
+        (Rescale(incoming=(("w_in", 0), ("b", 0)), outgoing=(("w_out", 1),)),
+         Rescale(incoming=((key["w_in"], 0), (key["b"], 0)), outgoing=((key["w_out"], 1),))),
+        (Scale(members=(("w_in", None),)), Scale(members=((key["w_in"], None),))),
+        (Permutation(members=(("w_in", 0), ("b", 0))), Permutation(members=((key["w_in"], 0), (key["b"], 0)))),
+        (Translation(kernel="w_in"), Translation(kernel=key["w_in"])),
+        (GL(left=("w_in", None), right=("w_out", None)), GL(left=(key["w_in"], None), right=(key["w_out"], None))),
+    ]
+    for by_str, by_tuple in same:
+        assert by_str.paths() == by_tuple.paths()
+        assert float(tree_rel_err(by_str.canonicalize(p), by_tuple.canonicalize(p))) == 0.0
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda: Rescale(incoming=((("w",), 1.5),), outgoing=((("v",), 0),)), r"\(path, integer axis\).*1\.5"),
+    (lambda: Permutation(members=((("w",), "0"),)), r"\(path, integer axis\).*'0'"),
+    (lambda: Scale(members=((("w",), True),)), r"\(path, integer axis or None\).*True"),
+    (lambda: GL(left="w", right=(("v",), None)), r"left and right must be \(W_path, bias_path_or_None\)"),
+    (lambda: GL(left=(("w",), None, None), right=(("v",), None)), r"left and right must be"),
+    (lambda: Translation(kernel=None), r"kernel and bias must be parameter paths.*kernel=None"),
+])
+def test_declarations_refuse_an_axis_that_is_not_an_integer_and_malformed_paths(make, needle):
+    """A unit axis of 1.5 was truncated to 1 (``int(1.5)``), ``"0"`` and ``True`` read as integers; a GL factor
+    given as a bare string was read character by character; a missing translation kernel raised a bare TypeError."""
+    with pytest.raises(SymmetryError, match=needle):
+        make()

@@ -12,6 +12,7 @@ and the Euclidean vertical projection is ``P_V u = J (J^T J)^+ J^T u``.
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Any, ClassVar
 
 import equinox as eqx
@@ -53,6 +54,23 @@ def _compiled(group: "Group", method: str, *args):
 
 class SymmetryError(ValueError):
     """A declared group action is not a symmetry of the model (or is malformed)."""
+
+
+def as_path(path) -> Path:
+    """A parameter path as a declaration gives it: a sequence of keys (``("layers", 0, "kernel")``), or one key
+    naming a top-level parameter (``"w_in"`` is ``("w_in",)``; ``tuple("w_in")`` would be its characters).
+    ``TypeError`` for anything else."""
+    if isinstance(path, (str, int)):
+        return (path,)
+    return tuple(path)
+
+
+def as_axis(axis) -> int:
+    """A unit axis as a declaration gives it: an integer (``TypeError`` for a float, a string or a bool, which
+    ``int`` would have truncated or read: ``int(1.5) == 1``)."""
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an integer, got {axis!r}")
+    return int(axis)
 
 
 def _tiny(x: jax.Array) -> jax.Array:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 
 from .._tree import Path
-from ._base import REFINE_STEPS, Group, SymmetryError, inverse_where
+from ._base import REFINE_STEPS, Group, SymmetryError, as_path, inverse_where
 
 
 def _mT(x):
@@ -58,8 +58,10 @@ class GL(Group):
         self.name = name
         self.kind = kind
         try:
-            self.left = (tuple(left[0]), None if left[1] is None else tuple(left[1]))
-            self.right = (tuple(right[0]), None if right[1] is None else tuple(right[1]))
+            if isinstance(left, str) or isinstance(right, str) or len(left) != 2 or len(right) != 2:
+                raise TypeError
+            self.left = (as_path(left[0]), None if left[1] is None else as_path(left[1]))
+            self.right = (as_path(right[0]), None if right[1] is None else as_path(right[1]))
         except (TypeError, IndexError):
             raise SymmetryError(f"GL {name!r}: left and right must be (W_path, bias_path_or_None), got "
                                 f"left={left!r}, right={right!r}") from None

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._tree import Path
-from ._base import Group, SymmetryError, unit_dot, unit_sqnorm
+from ._base import Group, SymmetryError, as_axis, as_path, unit_dot, unit_sqnorm
 
 
 def unit_key(arrays) -> jax.Array:
@@ -61,9 +61,10 @@ class Permutation(Group):
         for m in members:
             try:
                 path, axis = m
-                ms.append((tuple(path), int(axis)))
+                ms.append((as_path(path), as_axis(axis)))
             except (TypeError, ValueError):
-                raise SymmetryError(f"Permutation {name!r}: members must be (path, axis), got {m!r}") from None
+                raise SymmetryError(f"Permutation {name!r}: members must be (path, integer axis), got "
+                                    f"{m!r}") from None
         if not ms:
             raise SymmetryError(f"Permutation {name!r} needs at least one member")
         self.members = tuple(ms)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from .._tree import Path
-from ._base import LogFactorGroup, SymmetryError, along, unit_dot, unit_sqnorm
+from ._base import LogFactorGroup, SymmetryError, along, as_axis, as_path, unit_dot, unit_sqnorm
 
 
 def _norm_members(members, what: str, name: str) -> tuple[tuple[Path, int], ...]:
@@ -17,10 +17,10 @@ def _norm_members(members, what: str, name: str) -> tuple[tuple[Path, int], ...]
     for m in members:
         try:
             path, axis = m
-            path = tuple(path)
-            axis = int(axis)
+            path = as_path(path)
+            axis = as_axis(axis)
         except (TypeError, ValueError):
-            raise SymmetryError(f"{name!r}: each {what} member must be (path, axis), got {m!r}") from None
+            raise SymmetryError(f"{name!r}: each {what} member must be (path, integer axis), got {m!r}") from None
         out.append((path, axis))
     return tuple(out)
 

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from .._tree import Path
-from ._base import LogFactorGroup, SymmetryError, along, unit_dot, unit_sqnorm
+from ._base import LogFactorGroup, SymmetryError, along, as_axis, as_path, unit_dot, unit_sqnorm
 
 
 class Scale(LogFactorGroup):
@@ -30,9 +30,10 @@ class Scale(LogFactorGroup):
         for m in members:
             try:
                 path, axis = m
+                ms.append((as_path(path), None if axis is None else as_axis(axis)))
             except (TypeError, ValueError):
-                raise SymmetryError(f"Scale {name!r}: members must be (path, axis_or_None), got {m!r}") from None
-            ms.append((tuple(path), None if axis is None else int(axis)))
+                raise SymmetryError(f"Scale {name!r}: members must be (path, integer axis or None), got "
+                                    f"{m!r}") from None
         if not ms:
             raise SymmetryError(f"Scale {name!r} needs at least one member")
         kinds = {a is None for _, a in ms}

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from .._tree import Path
-from ._base import Group, SymmetryError
+from ._base import Group, SymmetryError, as_path
 
 
 class Translation(Group):
@@ -32,8 +32,12 @@ class Translation(Group):
 
     def __init__(self, kernel, bias=None, name: str = "translation"):
         self.name = name
-        self.kernel = tuple(kernel)
-        self.bias = None if bias is None else tuple(bias)
+        try:
+            self.kernel = as_path(kernel)
+            self.bias = None if bias is None else as_path(bias)
+        except TypeError:
+            raise SymmetryError(f"Translation {name!r}: kernel and bias must be parameter paths (bias may be None), "
+                                f"got kernel={kernel!r}, bias={bias!r}") from None
 
     def paths(self):
         return (self.kernel,) + ((self.bias,) if self.bias is not None else ())

@@ -1,4 +1,4 @@
-"""HJ / Burgers engine: small grids, odd sizes and published / exact reference problems (THEORY section 3)."""
+"""HJ / Burgers engine: small grids, traced and mistyped arguments (THEORY section 3)."""
 
 import warnings
 
@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quotient_sgd.hj import (cole_hopf, cole_hopf_gradient, find_shocks, Grid, slice_flow, SPECTRAL_TAIL_WARN,
-                             solve_burgers)
+from quotient_sgd.hj import (cole_hopf, cole_hopf_gradient, cole_hopf_monte_carlo, find_shocks, Grid, slice_flow,
+                             solve_burgers, SPECTRAL_TAIL_WARN)
 
 
 @pytest.mark.parametrize("n", [8, 12])
@@ -85,3 +85,19 @@ def test_find_shocks_and_slice_flow_refuse_flags_and_numbers_of_another_kind_by_
                       (dict(margin=True), "extent=1.0, margin=True are not allowed")]:
         with pytest.raises(ValueError, match=f"slice_flow: {match}"):
             slice_flow(lambda q: jnp.sum(q * q), jnp.zeros(2), jnp.asarray([1.0, 0.0]), **{**base, **kw})
+
+
+@pytest.mark.parametrize("bad", [-0.1, 0.0, float("nan")])
+def test_monte_carlo_refuses_a_traced_time_or_viscosity_out_of_range(bad):
+    # Known values are refused by name; traced ones (under vmap / jit) gave a NaN estimate without a word, where the
+    # quadrature (cole_hopf) raises.
+    def value(t, nu):
+        return cole_hopf_monte_carlo(lambda q: jnp.sum(q * q), jnp.ones(3), t, nu, key=jax.random.key(0)).value
+
+    ok = np.asarray(jax.vmap(lambda nu: value(0.1, nu))(jnp.array([0.1, 0.2])))
+    assert np.all(np.isfinite(ok))
+    msg = "cole_hopf_monte_carlo: t and nu must be finite numbers > 0"
+    with pytest.raises(Exception, match=msg):
+        jax.block_until_ready(jax.vmap(lambda nu: value(0.1, nu))(jnp.array([0.1, bad])))
+    with pytest.raises(Exception, match=msg):
+        jax.block_until_ready(jax.jit(lambda t: value(t, 0.1))(bad))

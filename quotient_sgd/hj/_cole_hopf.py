@@ -351,6 +351,11 @@ def cole_hopf_monte_carlo(loss_fn: Callable, params, t, nu, *, key, num_samples:
     # and float64 leaves, or be bfloat16 / float16); samples and gradients come back in each leaf's dtype
     dtype = max([jnp.dtype(jnp.float32), *(leaf.dtype for leaf in leaves)], key=lambda d: jnp.finfo(d).bits)
     t, nu = jnp.asarray(t, dtype), jnp.asarray(nu, dtype)
+    # traced t and nu escape _check_positive (under jit / vmap / grad): a negative, zero or NaN one gave NaN
+    # estimates without a word (the quadrature refuses them the same way)
+    tn = jnp.stack([t, nu])
+    t, nu = eqx.error_if((t, nu), ~jnp.all(jnp.isfinite(tn) & (tn > 0)),
+                         "cole_hopf_monte_carlo: t and nu must be finite numbers > 0 (a traced value is not).")
     half = int(num_samples) // 2
     keys = jax.random.split(key, len(leaves))
     zs = [(jax.random.normal(k, (half, *leaf.shape), dtype) * jnp.sqrt(2 * nu * t)).astype(leaf.dtype)

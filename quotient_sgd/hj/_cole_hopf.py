@@ -324,8 +324,9 @@ def cole_hopf_monte_carlo(loss_fn: Callable, params, t, nu, *, key, num_samples:
 
     ``u = -2 nu log E_z[exp(-L(params + z) / (2 nu))]`` with z ~ N(0, 2 nu t I) (THEORY section 3); samples
     are antithetic pairs (+z, -z).  The gradient uses the loss gradients at the samples (lower variance than
-    the score-function form E_w[-z] / t).  Differentiable, jit- and vmap-able.  At an effective sample size
-    below ``MC_MIN_ESS`` (20) the standard errors are ``inf`` and ``reliable`` is ``False`` (see
+    the score-function form E_w[-z] / t).  Differentiable, jit- and vmap-able (a traced ``t`` or ``nu`` that is
+    not a finite number > 0 raises through ``equinox.error_if``, a known one a ``ValueError``).  At an effective
+    sample size below ``MC_MIN_ESS`` (20) the standard errors are ``inf`` and ``reliable`` is ``False`` (see
     :class:`MonteCarloEstimate`).
 
     Args:

@@ -1,12 +1,15 @@
 """quotient_sgd.optim on further optimisers and inputs: SGD specs for optimisers whose state shows that they are
-not SGD (Adafactor, noisy SGD, optimistic gradient descent, optax.contrib's adaptive methods)."""
+not SGD (Adafactor, noisy SGD, optimistic gradient descent, optax.contrib's adaptive methods); gauge_fix with
+optax.masked / multi_transform states."""
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 import optax.contrib
 import pytest
 
-from quotient_sgd.optim import SGDSpec, quotient_trajectory
+from quotient_sgd.optim import SGDSpec, gauge_fix, quotient_trajectory, train
 from test_optim_trajectory import init_mlp, mlp_group
 
 CHARGES = ("charge_drift", "charge_drift_predicted")
@@ -34,3 +37,41 @@ def test_an_sgd_spec_for_other_non_sgd_optimisers_is_refused(name):
     tx = quotient_trajectory(NOT_SGD[name](), mlp_group(), spec=SGDSpec(0.1), observables=CHARGES)
     with pytest.raises(ValueError, match=r"SGDSpec.*holds \['\w+State'.*spec=None"):
         tx.init(params)
+
+
+KERNELS = lambda p: jax.tree.map(lambda a: a.ndim > 1, p)  # noqa: E731
+LABELS = lambda p: jax.tree.map(lambda a: "kernel" if a.ndim > 1 else "bias", p)  # noqa: E731
+
+
+@pytest.mark.parametrize("name", ["masked", "multi_transform"])
+def test_gauge_fix_permutes_masked_optimiser_states_with_the_units(x64, name):
+    """gauge_fix permutes the optimiser state with the units that the canonical sort reorders, but only subtrees
+    with the parameters' exact structure: the momentum of optax.masked / optax.multi_transform holds
+    optax.MaskedNode for the parameters it does not cover, so it stayed with the old unit order and every reorder
+    handed a unit another unit's velocity (10 steps: the run's outputs 6.9 / 3.0 apart from the same run on the group
+    without permutations).  Now permuted leaf by leaf, MaskedNodes kept: the two runs agree to rounding."""
+    from flax import nnx
+
+    from quotient_sgd import models
+    from quotient_sgd.symmetry import Product
+
+    model = models.MLP(4, (8,), 3, classifier=True, param_dtype=jnp.float64, rngs=nnx.Rngs(1))
+    gd, params, rest = nnx.split(model, nnx.Param, ...)
+    full = model.symmetries()
+    noperm = Product([c for c in full.components if c.continuous])
+    key = jax.random.key(3)
+    x = jax.random.normal(key, (10, 16, 4), jnp.float64)
+    y = jax.random.randint(jax.random.fold_in(key, 1), (10, 16), 0, 3)
+    probe = jax.random.normal(jax.random.key(9), (32, 4), jnp.float64)
+
+    def lwo(p, batch):
+        m = nnx.merge(gd, p, rest)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(m(batch[0]), batch[1])), m(probe)
+
+    if name == "masked":
+        tx = optax.masked(optax.sgd(0.3, momentum=0.9), KERNELS)
+    else:
+        tx = optax.multi_transform({"kernel": optax.sgd(0.3, momentum=0.9), "bias": optax.sgd(0.1, momentum=0.5)},
+                                   LABELS)
+    a, b = (train(lwo, params, gauge_fix(tx, g), (x, y), has_aux=True, donate=False)[2]["aux"] for g in (full, noperm))
+    np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-8)

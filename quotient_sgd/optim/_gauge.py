@@ -70,12 +70,13 @@ def gauge_fix(tx: optax.GradientTransformation, group, every: int = 1) -> optax.
     the step from ``c(theta)``, without the re-gauging jump).
 
     The optimiser's state follows the units: the unit permutations of the canonical element (the discrete part,
-    isometries) are applied to every parameter-shaped leaf of ``tx``'s state (momentum, Adam's moments), so a unit
-    keeps its own velocity when the canonical sort reorders units between steps.  Hence SGD / momentum / Adam +
-    ``gauge_fix`` compute the same function at every step whether or not the group includes the permutations
-    (tested).  The continuous part of the element is not transported: it moves the parameters by ``O(step)``
-    between consecutive canonical points, and the state of an arbitrary optimiser has no known transformation
-    law under it (a momentum transforms like a gradient, Adam's second moment does not).
+    isometries) are applied to every parameter-shaped leaf of ``tx``'s state (momentum, Adam's moments; also where
+    ``optax.masked`` / ``optax.multi_transform`` hold ``optax.MaskedNode`` for the parameters they leave to
+    others), so a unit keeps its own velocity when the canonical sort reorders units between steps.  Hence SGD /
+    momentum / Adam + ``gauge_fix`` compute the same function at every step whether or not the group includes the
+    permutations (tested).  The continuous part of the element is not transported: it moves the parameters by
+    ``O(step)`` between consecutive canonical points, and the state of an arbitrary optimiser has no known
+    transformation law under it (a momentum transforms like a gradient, Adam's second moment does not).
 
     Non-parameter state that the group also acts on (a BatchNorm model's running statistics follow its
     channels) never reaches the optimiser: the state records the element ``k`` it applied (``element``,
@@ -148,17 +149,41 @@ def _unit_permutations(group, k):
 
 
 def _permute_state(group, k, state, params):
-    """``state`` with the unit permutations of ``k`` applied to every subtree shaped like ``params``."""
+    """``state`` with the unit permutations of ``k`` applied to every subtree shaped like ``params``, also one where
+    ``optax.MaskedNode`` stands for the parameters a transform does not cover (``optax.masked``,
+    ``optax.multi_transform``: its momentum or moments of the others)."""
     perm = _unit_permutations(group, k)
     if perm is None:
         return state
     struct = jax.tree.structure(params)
     shapes = [jnp.shape(x) for x in jax.tree.leaves(params)]
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
 
-    def like(x):
+    def full(x):
         return jax.tree.structure(x) == struct and [jnp.shape(y) for y in jax.tree.leaves(x)] == shapes
 
-    return jax.tree.map(lambda x: group.act(perm, x) if like(x) else x, state, is_leaf=like)
+    def partial(x):
+        # x has params' structure down to its MaskedNodes (each in place of a parameter or a subtree of them)
+        if not any(masked(y) for y in jax.tree.leaves(x, is_leaf=masked)):
+            return False
+        try:
+            ok = jax.tree.map(lambda y, p: masked(y) or (jax.tree_util.treedef_is_leaf(jax.tree.structure(p))
+                                                           and jnp.shape(y) == jnp.shape(p)), x, params, is_leaf=masked)
+        except (ValueError, TypeError):
+            return False
+        return all(jax.tree.leaves(ok)) and not all(masked(y) for y in jax.tree.leaves(x, is_leaf=masked))
+
+    def act(x):
+        if full(x):
+            return group.act(perm, x)
+        # a permutation acts leaf by leaf: zeros in the masked places, then the MaskedNodes back
+        filled = jax.tree.map(lambda y, p: jax.tree.map(jnp.zeros_like, p) if masked(y) else y, x, params,
+                              is_leaf=masked)
+        moved = group.act(perm, jax.tree.unflatten(struct, jax.tree.leaves(filled)))
+        return jax.tree.map(lambda y, m: y if masked(y) else m, x, moved, is_leaf=masked)
+
+    like = lambda x: full(x) or partial(x)  # noqa: E731
+    return jax.tree.map(lambda x: act(x) if like(x) else x, state, is_leaf=like)
 
 
 def _gauge_fix_states(opt_state) -> list[GaugeFixState]:

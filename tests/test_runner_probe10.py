@@ -34,3 +34,28 @@ def test_noise_temperature_that_cannot_be_measured_is_refused(over, key, value, 
     assert "observables.noise_every=0" in msg, msg
     _tiny(**NOISE, **over | fixed)  # (batches of two examples, no batch-size sweep: measured)
     _tiny(**over | {"observables.noise_every": 0})  # (the same batches without the temperature pass)
+
+
+def test_resume_is_not_refused_for_keys_the_command_does_not_read(tmp_path):
+    """A run (or sweep) directory resumes after the config file changed only keys the command does not read (the
+    ``sweep`` section for `run`, ``model.channels`` of an MLP, the ``optim.lr`` a ``sweep.lr`` replaces): the
+    CLI refuses an override of those keys as having no effect, and resuming was refused as "a different config".
+    A key the command reads still refuses it, naming that key only."""
+    from quotient_sgd.runner import RunDirError
+    from quotient_sgd.runner._rundir import check_workdir, write_config, write_json
+    from quotient_sgd.runner._sweep import _check_sweep_dir
+
+    s = _tiny()
+    run_dir, sweep_dir = tmp_path / "run", tmp_path / "sweep"
+    run_dir.mkdir()
+    sweep_dir.mkdir()
+    write_config(str(run_dir / "config.json"), s)
+    write_json(str(sweep_dir / "sweep.json"), {"config": s.to_dict()})
+    unread = {"sweep.lr": (0.5,), "sweep.members_per_device": 2, "model.channels": (3,), "optim.b1": 0.5}
+    assert check_workdir(str(run_dir), _tiny(**unread)) is True
+    assert _check_sweep_dir(str(sweep_dir), _tiny(**{"optim.lr": 0.3, "seed": 7, "model.channels": (3,)}))
+    for d, check, key, value in ((run_dir, check_workdir, "optim.lr", 0.3),
+                                 (sweep_dir, _check_sweep_dir, "sweep.lr", (0.7,))):
+        with pytest.raises(RunDirError) as e:
+            check(str(d), _tiny(**unread | {key: value}))
+        assert f"{key}: " in str(e.value) and "model.channels" not in str(e.value), str(e.value)

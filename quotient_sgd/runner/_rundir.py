@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from .._durable import durable_write, fsync_directory
-from ..config import Settings
+from ..config import Settings, unused_keys
 
 #: config keys that may differ between a run and its resumption: they change neither the trajectory nor the
 #: metric rows (the progress bar, the TensorBoard copy of the rows, whether plots are drawn, how many checkpoints
@@ -65,14 +65,17 @@ def absent_defaults(old: dict, new: dict) -> dict[str, Any]:
     return {k: fn[k] for k in sorted(fn) if k not in fo and k in dflt and fn[k] == dflt[k]}
 
 
-def config_diff(a: dict, b: dict) -> dict[str, tuple]:
-    """``{dotted key: (value in a, value in b)}`` of the keys that differ (ignoring logging-only keys).  ``a`` is
-    the recorded config: a key it lacks that holds the schema's default in ``b`` is no difference
-    (:func:`absent_defaults`); one it lacks with another value in ``b``, or one ``b`` lacks, is (``"<absent>"``)."""
+def config_diff(a: dict, b: dict, unread=()) -> dict[str, tuple]:
+    """``{dotted key: (value in a, value in b)}`` of the keys that differ (ignoring logging-only keys, and the keys
+    ``unread`` that the command does not read with ``b`` and ``a`` records: :func:`~quotient_sgd.config.unused_keys`,
+    e.g. ``model.channels`` of an MLP or the ``sweep`` section of a run).  ``a`` is the recorded config: a key it
+    lacks that holds the schema's default in ``b`` is no difference (:func:`absent_defaults`); one it lacks with
+    another value in ``b``, or one ``b`` lacks, is (``"<absent>"``)."""
     fa, fb = _flat(a), _flat(b)
     same = absent_defaults(a, b)
     return {k: (fa.get(k, "<absent>"), fb.get(k, "<absent>")) for k in sorted(set(fa) | set(fb))
-            if k not in _IGNORED_KEYS and k not in same and fa.get(k, "<absent>") != fb.get(k, "<absent>")}
+            if k not in _IGNORED_KEYS and not (k in unread and k in fa) and k not in same
+            and fa.get(k, "<absent>") != fb.get(k, "<absent>")}
 
 
 def warn_absent_defaults(path: str, old: dict, new: dict) -> None:
@@ -139,7 +142,7 @@ def check_workdir(workdir: str, settings: Settings) -> bool:
     if os.path.isfile(cfg_path):
         with open(cfg_path) as f:
             old = json.load(f)
-        diff = config_diff(old, settings.to_dict())
+        diff = config_diff(old, settings.to_dict(), unused_keys(settings, "run"))
         if diff:
             lines = "; ".join(f"{k}: {a!r} (in the directory) != {b!r} (now)" for k, a, b in
                               ((k, *v) for k, v in diff.items()))

@@ -39,7 +39,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from .._durable import durable_write
-from ..config import SWEEP_AXES, Settings, SweepSettings
+from ..config import SWEEP_AXES, Settings, SweepSettings, unused_keys
 from ..optim import flatten_trajectory, member_axes
 from ._batches import batch_fn
 from ._build import Built, batch_key, build, init_model, make_inner_optimizer
@@ -388,7 +388,7 @@ def _check_sweep_dir(workdir: str, s: Settings) -> dict | None:
     if os.path.isfile(path):
         with open(path) as f:
             meta = json.load(f)
-        diff = config_diff(meta["config"], s.to_dict())
+        diff = config_diff(meta["config"], s.to_dict(), unused_keys(s, "sweep"))
         if diff:
             lines = "; ".join(f"{k}: {a!r} (in the directory) != {b!r} (now)" for k, (a, b) in diff.items())
             raise RunDirError(f"sweep directory {workdir!r} holds a sweep of a different config ({lines}). "

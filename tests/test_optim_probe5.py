@@ -75,3 +75,14 @@ def test_gauge_fix_permutes_masked_optimiser_states_with_the_units(x64, name):
                                    LABELS)
     a, b = (train(lwo, params, gauge_fix(tx, g), (x, y), has_aux=True, donate=False)[2]["aux"] for g in (full, noperm))
     np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-8)
+
+
+def test_matfree_lanczos_steps_above_the_parameter_count_is_refused_at_init():
+    """lanczos_method='matfree' with more Lanczos steps than parameters failed at the first Hessian evaluation
+    inside the training loop with matfree's own message about 'num_matvecs', an argument the caller never passed.
+    Now init refuses it naming lanczos_steps, the parameter count and the method that allows it."""
+    params = init_mlp(jax.random.key(0), sizes=(2, 2, 2))  # 12 parameters
+    kw = dict(observables=("loss",), hessian_every=1, lanczos_method="matfree")
+    with pytest.raises(ValueError, match=r"lanczos_steps=20 exceeds the 12 parameters.*'loop'"):
+        quotient_trajectory(optax.sgd(0.1), mlp_group(n_layers=2), **kw).init(params)
+    quotient_trajectory(optax.sgd(0.1), mlp_group(n_layers=2), lanczos_steps=12, **kw).init(params)

@@ -302,6 +302,12 @@ def quotient_trajectory(
             # (horizontal(...) predicts Q(Delta) without the spec; gauge_fix / an inner horizontal: not predicted)
             _check_sgd_like(inner_state)
             _check_schedule_counts(spec, inner_state)
+        size = sum(jnp.size(x) for x in jax.tree.leaves(params))
+        if hessian_every is not None and lanczos_method == "matfree" and lanczos_steps > size:
+            # matfree's tridiagonalisation refuses it at the first evaluation, naming its own num_matvecs
+            raise ValueError(f"quotient_trajectory: lanczos_steps={lanczos_steps} exceeds the {size} parameters, "
+                             f"the most that lanczos_method='matfree' allows (it does not detect an exhausted Krylov "
+                             f"space); lower lanczos_steps, or use lanczos_method='loop' (the default), which does")
         params = widen(params)  # observables of bfloat16 / float16 parameters are computed in float32
         dt = jax.tree.leaves(params)[0].dtype
         zero = jnp.zeros((), dt)

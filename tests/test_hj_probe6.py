@@ -101,3 +101,15 @@ def test_monte_carlo_refuses_a_traced_time_or_viscosity_out_of_range(bad):
         jax.block_until_ready(jax.vmap(lambda nu: value(0.1, nu))(jnp.array([0.1, bad])))
     with pytest.raises(Exception, match=msg):
         jax.block_until_ready(jax.jit(lambda t: value(t, 0.1))(bad))
+
+
+def test_find_shocks_refuses_a_traced_threshold_out_of_range():
+    # A known min_steepness out of range is refused by name; a traced NaN (or negative) one reported "no shocks"
+    # (every comparison with NaN is False) without a word.
+    g = Grid(16, -1.0, 1.0)
+    p = jnp.where(g.x < 0, 1.0, -1.0)
+    count = jax.jit(lambda m: find_shocks(p, g, min_steepness=m).count)
+    assert int(count(1.0)) == 1
+    for bad in (float("nan"), -1.0):
+        with pytest.raises(Exception, match="find_shocks: a traced min_steepness is not a finite number >= 0"):
+            jax.block_until_ready(count(bad))

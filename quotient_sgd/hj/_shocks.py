@@ -154,7 +154,8 @@ def find_shocks(p: Array, grid: Grid, *, max_shocks: int = 8, min_steepness=None
     """Find the shocks of a 1-D gradient field ``p`` on ``grid`` (THEORY section 3).
 
     A shock is a local maximum of the compression ``-dp/dx`` (within +-3 cells) above ``min_steepness`` (a
-    finite number >= 0, or ``None`` for the default below).
+    finite number >= 0, or ``None`` for the default below; a traced one out of range raises through
+    ``equinox.error_if`` when the computation runs).
     Default: 10 x the mean slope ``(max p - min p) / length``; on grids of fewer than 30 cells, where even a
     front one cell wide falls below that (its steepness is ~0.6 x cells x the mean slope), a peak also counts
     when it exceeds both ``cells / 3`` x the mean slope (a front narrower than ~3 cells) and 3 x the median cell
@@ -220,6 +221,10 @@ def _find(p, grid, max_shocks, min_steepness, window, include_inadmissible) -> S
     n, dx = grid.n, grid.dx
     p = eqx.error_if(p, ~jnp.all(jnp.isfinite(p)), "find_shocks: p is not finite (NaN or infinite entries); a "
                      "field from a diverged solve has no fronts to locate.")
+    if min_steepness is not None:  # a traced one (known ones are checked by find_shocks): NaN reported no shocks
+        m = jnp.asarray(min_steepness)
+        p = eqx.error_if(p, ~(jnp.isfinite(m) & (m >= 0)), "find_shocks: a traced min_steepness is not a finite "
+                         "number >= 0.")
     dp = _diff(p, grid, 0, end_order=2)  # the five-point end stencils ring beside a front at an end
     s = jnp.abs(dp) if include_inadmissible else -dp
     idx = np.arange(n)

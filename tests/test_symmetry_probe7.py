@@ -59,3 +59,23 @@ def test_declarations_refuse_an_axis_that_is_not_an_integer_and_malformed_paths(
     given as a bare string was read character by character; a missing translation kernel raised a bare TypeError."""
     with pytest.raises(SymmetryError, match=needle):
         make()
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(sweeps=0), r"sweeps must be an integer >= 1, got 0"),
+    (dict(sweeps=2.5), r"sweeps must be an integer >= 1, got 2\.5"),
+    (dict(newton_iters=0), r"newton_iters must be an integer >= 1"),
+    (dict(dense_max=-1), r"dense_max must be an integer >= 0"),
+    (dict(newton="no"), r"newton must be True or False, got 'no'"),
+])
+def test_product_refuses_solver_settings_that_are_not_counts(kwargs, needle):
+    """``sweeps=0`` returned the parameters unmoved as the canonical point, ``sweeps=2.5`` compared the loop
+    counter with a float, and ``newton="no"`` (truthy) switched Newton's method on."""
+    comps = mlp_group((2, 3, 3, 2), permutation=False).components
+    with pytest.raises(SymmetryError, match=needle):
+        Product(comps, **kwargs)
+
+
+def test_product_refuses_a_single_group_for_its_components():
+    with pytest.raises(SymmetryError, match=r"components must be a sequence of groups.*got Rescale"):
+        Product(Rescale(incoming=((("w",), 1),), outgoing=((("v",), 0),)))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from ._base import (Flat, Group, SymmetryError, _check_key, _check_scale, _compiled, cg_vcoeffs,
@@ -138,6 +140,16 @@ class Product(Group):
 
     def __init__(self, components, name: str = "product", *, newton_iters: int = 40, sweeps: int = 500,
                  newton: bool = False, dense_max: int = 64):
+        if isinstance(components, Group) or not hasattr(components, "__iter__"):
+            raise SymmetryError(f"Product {name!r}: components must be a sequence of groups, e.g. [Rescale(...), "
+                                f"Permutation(...)], got {components!r}")
+        if not isinstance(newton, (bool, np.bool_)):
+            raise SymmetryError(f"Product {name!r}: newton must be True or False, got {newton!r}")
+        for arg, value, least in (("newton_iters", newton_iters, 1), ("sweeps", sweeps, 1),
+                                  ("dense_max", dense_max, 0)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+                # sweeps=0 returned the parameters unmoved as the "canonical" point
+                raise SymmetryError(f"Product {name!r}: {arg} must be an integer >= {least}, got {value!r}")
         comps = []
         for c in components:
             if not isinstance(c, Group):
@@ -150,10 +162,10 @@ class Product(Group):
             raise SymmetryError(f"Product {name!r}: component names must be unique, repeated: {sorted(dup)}")
         self.components = tuple(comps)
         self.name = name
-        self.newton_iters = newton_iters
-        self.sweeps = sweeps
-        self.newton = newton
-        self.dense_max = dense_max
+        self.newton_iters = int(newton_iters)
+        self.sweeps = int(sweeps)
+        self.newton = bool(newton)
+        self.dense_max = int(dense_max)
 
     # --- structure ----------------------------------------------------------------------------------------
     @property

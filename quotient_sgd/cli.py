@@ -381,6 +381,10 @@ def _unused_override_error(argv: list[str], settings, cmd: str) -> str | None:
     return None
 
 
+#: What a bool value written as a separate argument looks like (absl reads 1/0 given to a bool as True/False).
+_BOOL_WORDS = ("true", "false", "1", "0")
+
+
 def _fail(msg: str, code: int = 2) -> int:
     print(f"quotient-sgd: error: {msg}", file=sys.stderr)
     return code
@@ -442,6 +446,12 @@ def _main(argv: list[str]) -> int:
         if key and argv[i + 1].startswith("--") and _override_kind(key.group(1)) not in (bool, None):
             return _fail(f"--config.{key.group(1)} needs a value, got the option {argv[i + 1]!r}; write "
                          f"--config.{key.group(1)}=VALUE")
+        if key and _override_kind(key.group(1)) is bool and argv[i + 1].strip().lower() in _BOOL_WORDS:
+            # absl's bool flag takes no separate value: the key became True and the value an argument of its own
+            # ("unexpected arguments ['False']", or "unknown subcommand 'False'" before the subcommand)
+            return _fail(f"config.{key.group(1)} = {argv[i + 1]!r}: a bool (True/False) key takes its value after "
+                         f"'=': write --config.{key.group(1)}={argv[i + 1].strip().lower() in ('true', '1')} (--config."
+                         f"{key.group(1)} alone means True)")
     argv = _config_first(argv)
     if _config_path(argv[1:]):  # (ml_collections imports the file again: the modules beside it stay importable)
         from .config._validate import config_dir_on_path

@@ -59,3 +59,21 @@ def test_resume_is_not_refused_for_keys_the_command_does_not_read(tmp_path):
         with pytest.raises(RunDirError) as e:
             check(str(d), _tiny(**unread | {key: value}))
         assert f"{key}: " in str(e.value) and "model.channels" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("args", [
+    ["run", "--config=CFG", "--config.logging.plots", "False"],
+    ["--config.symmetry.enabled", "0", "sweep", "--config=CFG"],
+])
+def test_a_bool_override_given_its_value_as_the_next_argument_is_named(tmp_path, monkeypatch, capsys, args):
+    """``--config.logging.plots False`` (the space-separated form every other key takes) left absl's bool flag
+    True and the value an argument of its own: "unexpected arguments ['False']", or "unknown subcommand '0'"
+    before the subcommand, naming neither the key nor the fix.  It is refused naming both; nothing is written."""
+    from quotient_sgd.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    key, value = next((a[len("--config."):], args[i + 1]) for i, a in enumerate(args) if a.startswith("--config."))
+    assert main(["quotient-sgd", *(a.replace("CFG", TINY) for a in args)]) == 2
+    err = capsys.readouterr().err
+    assert f"config.{key} = {value!r}: a bool" in err and f"--config.{key}={value == 'True'}" in err, err
+    assert os.listdir(tmp_path) == []

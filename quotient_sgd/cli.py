@@ -437,6 +437,9 @@ def _main(argv: list[str]) -> int:
     if len(given) > 1:  # absl would load the last, the checks of the file read the first
         return _fail(f"--config is given {len(given)} times ({', '.join(map(repr, given))}); give one config file, "
                      f"and change its keys with --config.KEY=VALUE")
+    if len(argv) > 1 and re.fullmatch(r"-{1,2}config", argv[-1]):  # (ml_collections: "an earlier failure to load")
+        return _fail("--config needs a file path, and none follows it; write --config=configs/<name>.py, or leave "
+                     "the flag out for the default")
     for i, a in enumerate(argv[1:-1], start=1):
         # absl takes the next argument as the value: `--workdir --config.steps=3` wrote into a directory named
         # "--config.steps=3" and dropped the override, `--config.name --workdir=out` named the run "--workdir=out"

@@ -77,3 +77,15 @@ def test_a_bool_override_given_its_value_as_the_next_argument_is_named(tmp_path,
     err = capsys.readouterr().err
     assert f"config.{key} = {value!r}: a bool" in err and f"--config.{key}={value == 'True'}" in err, err
     assert os.listdir(tmp_path) == []
+
+
+def test_config_flag_without_a_path_is_named(tmp_path, monkeypatch, capsys):
+    """``quotient-sgd run --config`` (the path forgotten) said "cannot load the config file: Configuration is not
+    available because of an earlier failure to load: Failed loading config file config_config"."""
+    from quotient_sgd.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["quotient-sgd", "run", "--config.steps=3", "--config"]) == 2
+    err = capsys.readouterr().err
+    assert "--config needs a file path" in err and "config_config" not in err, err
+    assert os.listdir(tmp_path) == []

@@ -369,7 +369,7 @@ def _unused_override_error(argv: list[str], settings, cmd: str) -> str | None:
 
     unused = unused_keys(settings, cmd)
     default = Settings()
-    for key, value in _overrides(argv):
+    for key, value in dict(_overrides(argv)).items():  # (a key given twice: the last value is the one in effect)
         if key not in unused:
             continue
         now, dflt = settings, default

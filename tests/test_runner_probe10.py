@@ -89,3 +89,15 @@ def test_config_flag_without_a_path_is_named(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "--config needs a file path" in err and "config_config" not in err, err
     assert os.listdir(tmp_path) == []
+
+
+def test_an_unread_key_given_twice_is_named_with_the_value_in_effect(tmp_path, monkeypatch, capsys):
+    """``--config.data.n_train=5 --config.data.n_train=7`` on the digits: the refusal named the first value (5),
+    not the 7 that the config holds (the last of a key given twice wins)."""
+    from quotient_sgd.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["quotient-sgd", "run", "--config.data.n_train=5", "--config.data.n_train=7"]) == 2
+    err = capsys.readouterr().err
+    assert "config.data.n_train = 7: this override would have no effect" in err, err
+    assert os.listdir(tmp_path) == []

@@ -69,7 +69,8 @@ def shock_time(p0: Array, grid: AnyGrid) -> Array:
 
     1-D: the minimum of the fourth-order derivative is refined by a parabola through its three lowest samples.
     2-D (``p0`` of shape ``(2, nx, ny)``): the smallest eigenvalue of the symmetrised Jacobian of p0, which is
-    the Hessian of the loss for a gradient field ``p0 = grad L`` (THEORY section 3).  A known (not traced) p0 whose
+    the Hessian of the loss for a gradient field ``p0 = grad L`` (THEORY section 3), its minimum refined by the
+    quadratic through the nine nodes around the lowest one.  A known (not traced) p0 whose
     curl ``|curl p0| / max|grad p0|`` (the same fourth-order differences) exceeds rounding plus their truncation
     error on the field at some node is refused with a ``ValueError`` naming p0 (``quotient_sgd/hj/_curl.py``); a
     traced one (under ``jit``, e.g. inside :func:`slice_flow`, whose p0 is built by these differences) is not
@@ -113,7 +114,45 @@ def shock_time(p0: Array, grid: AnyGrid) -> Array:
     a, b = _diff(p0[0], gx, 0), _diff(p0[1], gy, 1)
     c = 0.5 * (_diff(p0[0], gy, 1) + _diff(p0[1], gx, 0))
     lam = 0.5 * (a + b) - jnp.sqrt(0.25 * (a - b) ** 2 + c * c)
-    return shock_time_from_hessian(jnp.min(lam))
+    return shock_time_from_hessian(_refined_min_2d(lam, grid))
+
+
+def _refined_min_2d(lam: Array, grid: Grid2D) -> Array:
+    """The minimum of ``lam`` refined by the quadratic through the nine samples around its smallest one (the 2-D
+    counterpart of the 1-D parabola: the node's value alone was off by O(dx^2) for a minimum between nodes, 4.5e-3
+    relative on 32 x 34 nodes against 8e-5 in 1-D).  Along a bounded axis whose end holds the smallest sample the
+    quadratic is not continued past the end; the refinement is used only where the quadratic has a minimum within a
+    cell of that sample, and never raises it."""
+    k = jnp.argmin(lam)
+    i, j = k // lam.shape[1], k % lam.shape[1]
+    inner, idx = [], []
+    for g, m in ((grid.gx, i), (grid.gy, j)):
+        inside = jnp.asarray(True) if g.periodic else (m > 0) & (m < g.n - 1)
+        inner.append(inside)
+        idx.append(((m - 1) % g.n, (m + 1) % g.n) if g.periodic else (jnp.clip(m - 1, 0, g.n - 1),
+                                                                       jnp.clip(m + 1, 0, g.n - 1)))
+    (im, ip), (jm, jp) = idx
+    l0 = lam[i, j]
+    zero = jnp.zeros_like(l0)
+    gxv = jnp.where(inner[0], 0.5 * (lam[ip, j] - lam[im, j]), zero)
+    gyv = jnp.where(inner[1], 0.5 * (lam[i, jp] - lam[i, jm]), zero)
+    cxx = jnp.where(inner[0], lam[ip, j] - 2 * l0 + lam[im, j], jnp.ones_like(l0))
+    cyy = jnp.where(inner[1], lam[i, jp] - 2 * l0 + lam[i, jm], jnp.ones_like(l0))
+    cxy = jnp.where(inner[0] & inner[1], 0.25 * (lam[ip, jp] - lam[ip, jm] - lam[im, jp] + lam[im, jm]), zero)
+    det = cxx * cyy - cxy * cxy
+    ok = (cxx > 0) & (cyy > 0) & (det > 0)
+    safe = jnp.where(ok, det, jnp.ones_like(det))
+    ox = -(cyy * gxv - cxy * gyv) / safe  # the quadratic's minimum, in cells from the smallest sample
+    oy = -(cxx * gyv - cxy * gxv) / safe
+    ok = ok & (jnp.abs(ox) <= 1) & (jnp.abs(oy) <= 1)
+    out = jnp.minimum(jnp.where(ok, l0 + 0.5 * (gxv * ox + gyv * oy), l0), l0)
+    # a valley flat along one axis (lam independent of y where the x-curvature dominates) has no 2-D minimum: the
+    # parabola along each axis alone (on the 2-D quadratic's domain these lie at or above its minimum)
+    for gv, cv in ((gxv, cxx), (gyv, cyy)):
+        pos = cv > 0
+        o = -gv / jnp.where(pos, cv, jnp.ones_like(cv))
+        out = jnp.minimum(out, jnp.where(pos & (jnp.abs(o) <= 1), l0 + 0.5 * gv * o, l0))
+    return out
 
 
 class Shocks(eqx.Module):

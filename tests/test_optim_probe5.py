@@ -86,3 +86,21 @@ def test_matfree_lanczos_steps_above_the_parameter_count_is_refused_at_init():
     with pytest.raises(ValueError, match=r"lanczos_steps=20 exceeds the 12 parameters.*'loop'"):
         quotient_trajectory(optax.sgd(0.1), mlp_group(n_layers=2), **kw).init(params)
     quotient_trajectory(optax.sgd(0.1), mlp_group(n_layers=2), lanczos_steps=12, **kw).init(params)
+
+
+def test_set_hyperparams_refuses_a_vector_for_a_scalar_hyperparameter():
+    """set_hyperparams(state, learning_rate=lrs) without vmap stored the vector as the learning rate, and train ran
+    with it broadcast against the parameters (a 3-2-2 MLP trained with per-column learning rates 0.1 / 0.5, no
+    error).  Now a ValueError naming the hyperparameter, both shapes and vmap; vmapped, each member gets its
+    scalar."""
+    from quotient_sgd.optim import set_hyperparams
+
+    params = init_mlp(jax.random.key(0), sizes=(3, 2, 2))
+    state = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1).init(params)
+    lrs = jnp.array([0.1, 0.5])
+    with pytest.raises(ValueError, match=r"learning_rate is stored with shape \(\), got .* shape \(2,\).*jax\.vmap"):
+        set_hyperparams(state, learning_rate=lrs)
+    swept = jax.vmap(lambda lr: set_hyperparams(state, learning_rate=lr))(lrs)
+    np.testing.assert_array_equal(swept.hyperparams["learning_rate"], lrs)
+    # a state built by vmap takes one value per member
+    np.testing.assert_array_equal(set_hyperparams(swept, learning_rate=2 * lrs).hyperparams["learning_rate"], 2 * lrs)

@@ -201,8 +201,9 @@ def member_axes(opt_state):
 def set_hyperparams(opt_state, **values):
     """A copy of ``opt_state`` with the named ``optax.inject_hyperparams`` values replaced (in every injected
     state that has them), cast to the dtype stored there; a float for a hyperparameter that was injected as an
-    integer (``momentum=0``) is a ``ValueError`` rather than a silent truncation.  Use it to build a vmapped sweep
-    without recompiling::
+    integer (``momentum=0``) is a ``ValueError`` rather than a silent truncation, and so is a value of another shape
+    (a vector of learning rates for the scalar one: vmap over them).  Use it to build a vmapped sweep without
+    recompiling::
 
         tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
         states = jax.vmap(lambda lr: set_hyperparams(tx.init(params), learning_rate=lr))(lrs)
@@ -222,6 +223,13 @@ def set_hyperparams(opt_state, **values):
         for k, v in values.items():
             if k in hp:
                 old, new = jnp.asarray(hp[k]), jnp.asarray(v)
+                if new.shape != old.shape:
+                    # a vector of values for a scalar hyperparameter broadcast against the parameters in the update:
+                    # per-column learning rates, or an unrelated shape error, instead of a sweep
+                    raise ValueError(
+                        f"set_hyperparams: {k} is stored with shape {old.shape}, got a value of shape {new.shape}; "
+                        f"one state holds one value: to sweep several, map over them, "
+                        f"jax.vmap(lambda v: set_hyperparams(state, {k}=v))(values)")
                 if jnp.issubdtype(old.dtype, jnp.integer) and not jnp.issubdtype(new.dtype, jnp.integer):
                     raise ValueError(
                         f"set_hyperparams: {k} was injected as an integer ({old.dtype}: a Python int such as "

@@ -104,3 +104,14 @@ def test_set_hyperparams_refuses_a_vector_for_a_scalar_hyperparameter():
     np.testing.assert_array_equal(swept.hyperparams["learning_rate"], lrs)
     # a state built by vmap takes one value per member
     np.testing.assert_array_equal(set_hyperparams(swept, learning_rate=2 * lrs).hyperparams["learning_rate"], 2 * lrs)
+
+
+@pytest.mark.parametrize("field", ["learning_rate", "weight_decay", "momentum", "coupled_weight_decay"])
+def test_sgd_spec_refuses_a_vector_hyperparameter(field):
+    """SGDSpec(learning_rate=jnp.array([0.1, 0.5])) was accepted; the prediction broadcast it against the charges
+    and failed inside the first traced step with lax.scan's carry-type mismatch (or, where the shapes broadcast,
+    predicted per-unit drifts of two optimisers at once).  Now a ValueError naming the field and the shape."""
+    kw = {"learning_rate": 0.1, field: jnp.array([0.1, 0.5])}
+    with pytest.raises(ValueError, match=rf"SGDSpec: {field} must be a scalar, got an array of shape \(2,\)"):
+        SGDSpec(**kw)
+    SGDSpec(**{"learning_rate": 0.1, field: jnp.asarray(0.1)})

@@ -117,6 +117,12 @@ class SGDSpec:
                                                        or callable(v)):
                 raise TypeError(f"SGDSpec: {f}={v!r} is not allowed; need a finite number >= 0, the name of an "
                                 f"injected hyperparameter, or a schedule count -> value")
+            if isinstance(v, (jax.Array, np.ndarray)) and jnp.ndim(v) != 0:
+                # one spec describes one optimiser: a vector broadcast against the charges (a wrong prediction, or
+                # an unrelated shape error inside the first traced step)
+                raise ValueError(f"SGDSpec: {f} must be a scalar, got an array of shape {jnp.shape(v)}; to sweep "
+                                 f"it, inject it (optax.inject_hyperparams), name it here and vmap over "
+                                 f"set_hyperparams")
             if isinstance(v, numbers.Real) and not (0 <= v < float("inf")):
                 raise ValueError(f"SGDSpec: {f}={v!r} is not allowed; need a finite number >= 0 (or the name of an "
                                  f"injected hyperparameter, or a schedule)")

@@ -16,7 +16,7 @@ from flax import nnx
 
 from ..symmetry import Permutation, Product, Rescale
 from ._activations import check_activation, get_activation, is_homogeneous
-from ._checks import check_input, check_param_dtype, check_rngs, check_sizes
+from ._checks import check_flag, check_input, check_param_dtype, check_rngs, check_sizes
 from ._init import normal
 
 
@@ -75,6 +75,7 @@ def particles(params, *, balanced: bool = False) -> jax.Array:
             zero half are left as they are).  Only meaningful for a positively homogeneous activation; then
             functions of the balanced particles are invariant under rescale as well as permutation.
     """
+    balanced = check_flag("particles", "balanced", balanced)
     if isinstance(params, nnx.Module):
         params = nnx.state(params, nnx.Param)
     w_in, b, w_out = (jnp.asarray(params[k][...]) for k in ("w_in", "b", "w_out"))
@@ -108,7 +109,23 @@ def mmd(p: jax.Array, q: jax.Array, *, bandwidth: float = 1.0, squared: bool = F
 
     Returns ``MMD`` (``sqrt`` of ``max(MMD^2, 0)``), or ``MMD^2`` with ``squared=True`` (smooth everywhere; use
     it to differentiate).
+
+    Raises ``ValueError`` naming the argument for particle sets that are not matrices with the same number of
+    columns, a known ``bandwidth`` that is not a finite number > 0 (0 gave NaN: ``0 / 0`` on the diagonal), and a
+    ``squared`` that is not a bool.
     """
+    squared = check_flag("mmd", "squared", squared)
+    if jnp.ndim(p) != 2 or jnp.ndim(q) != 2 or jnp.shape(p)[1] != jnp.shape(q)[1]:
+        raise ValueError(f"mmd: p and q must be particle sets (n, k) and (m, k) with the same k, got shapes "
+                         f"{jnp.shape(p)} and {jnp.shape(q)}")
+    if not isinstance(bandwidth, jax.core.Tracer):
+        try:
+            value = float(bandwidth)
+        except (TypeError, ValueError):
+            value = float("nan")
+        if isinstance(bandwidth, bool) or not 0 < value < float("inf"):
+            raise ValueError(f"mmd: bandwidth must be a finite number > 0 (the Gaussian kernel's length scale), got "
+                             f"{bandwidth!r}")
     h2 = 2 * jnp.square(jnp.asarray(bandwidth, p.dtype))
 
     def kmean(a, c):

@@ -101,3 +101,18 @@ def test_an_unread_key_given_twice_is_named_with_the_value_in_effect(tmp_path, m
     err = capsys.readouterr().err
     assert "config.data.n_train = 7: this override would have no effect" in err, err
     assert os.listdir(tmp_path) == []
+
+
+def test_more_hessian_extremes_than_the_horizontal_space_has_are_refused():
+    """A deep linear 2-1-1 stack has 3 parameters and one GL direction: its horizontal space has 2 dimensions.
+    ``observables.hessian_k = 3`` ran, and the third "eigenvalue" at each end was a spurious Lanczos value
+    (top 1.111, 0.545, then 0.994 again and again).  Refused, naming the dimension; ``hessian_k`` up to it passes."""
+    over = {"model.name": "deep_linear", "model.hidden": (1,), "data.din": 2, "observables.hessian_every": 5,
+            "observables.names": ("loss", "charges")}
+    with pytest.raises(ConfigError) as e:
+        _tiny(**over | {"observables.hessian_k": 3})
+    msg = str(e.value)
+    assert msg.startswith("config.observables.hessian_k = 3:") and "2-dimensional horizontal space" in msg, msg
+    assert "observables.hessian_k <= 2" in msg, msg
+    _tiny(**over | {"observables.hessian_k": 2})
+    _tiny(**over | {"observables.hessian_k": 3, "observables.hessian_every": 0})

@@ -45,3 +45,25 @@ def selected_components(s: Settings) -> list[tuple[str, bool]]:
     want = s.symmetry.components
     return [(name, cont) for name, cont in _components(s.model, s.data)
             if "all" in want or name in want or name.split("/")[0] in want]
+
+
+@functools.lru_cache(maxsize=64)
+def _dimensions(model_settings, data_settings, symmetry_settings) -> tuple[int, int]:
+    import jax
+    from flax import nnx
+
+    from ..runner._build import make_model, select_group
+
+    s = Settings(model=model_settings, data=data_settings, symmetry=symmetry_settings)
+    model = nnx.eval_shape(lambda: make_model(s, nnx.Rngs(0)))
+    _, params, _ = nnx.split(model, nnx.Param, ...)
+    group = select_group(s, model.symmetries())
+    tangents = jax.tree.leaves(jax.eval_shape(group.tangents, params)) if group is not None else []
+    return sum(x.size for x in jax.tree.leaves(params)), (tangents[0].shape[0] if tangents else 0)
+
+
+def parameter_dimensions(s: Settings) -> tuple[int, int]:
+    """``(parameters, generators)``: the configured model's number of parameters and of the generators of the
+    continuous symmetries ``symmetry.components`` selects (the vertical directions; the horizontal space has
+    ``parameters - generators`` dimensions at a generic point), found abstractly (``nnx.eval_shape``)."""
+    return _dimensions(s.model, s.data, s.symmetry)

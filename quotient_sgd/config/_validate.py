@@ -319,6 +319,15 @@ def _check_symmetry(s: Settings) -> None:
     _check(ob.hessian_every == 0 or ob.hessian_k <= ob.lanczos_steps, "observables.hessian_k", ob.hessian_k,
            f"Lanczos finds at most as many extreme eigenvalues as it takes steps: must be <= "
            f"observables.lanczos_steps = {ob.lanczos_steps} (or raise lanczos_steps)")
+    if ob.hessian_every and ob.hessian_k > 1 and selected:  # (one extreme always exists)
+        from ._build_check import parameter_dimensions
+
+        n_params, n_gen = parameter_dimensions(s)
+        dim = max(n_params - n_gen, 1)
+        _check(ob.hessian_k <= dim, "observables.hessian_k", ob.hessian_k,
+               f"the quotient Hessian acts on the {dim}-dimensional horizontal space of this {s.model.name} "
+               f"({n_params} parameters less {n_gen} symmetry directions), which has at most {dim} eigenvalues at "
+               f"each end (more are spurious Lanczos values); use observables.hessian_k <= {dim}")
     _check(ob.noise_every == 0 or ob.per_example_grads, "observables.noise_every", ob.noise_every,
            "the gradient-noise temperature needs per-example gradients: set observables.per_example_grads=True "
            "or observables.noise_every=0")

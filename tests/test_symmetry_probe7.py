@@ -79,3 +79,56 @@ def test_product_refuses_solver_settings_that_are_not_counts(kwargs, needle):
 def test_product_refuses_a_single_group_for_its_components():
     with pytest.raises(SymmetryError, match=r"components must be a sequence of groups.*got Rescale"):
         Product(Rescale(incoming=((("w",), 1),), outgoing=((("v",), 0),)))
+
+
+def _fd_check(fn, p, direction, eps=1e-6):
+    """``(grad of <fn(p), w> along direction, central difference of it)`` for a fixed random ``w``."""
+    w = jax.tree.map(lambda x: jax.random.normal(jax.random.key(5), x.shape, x.dtype), jax.eval_shape(fn, p))
+
+    def f(q):
+        return sum(jnp.sum(a * b) for a, b in zip(jax.tree.leaves(fn(q)), jax.tree.leaves(w)))
+
+    g = jax.jit(jax.grad(f))(p)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(g))
+    ends = [f(jax.tree.map(lambda x, d: x + s * eps * d, p, direction)) for s in (1, -1)]
+    fd = (ends[0] - ends[1]) / (2 * eps)
+    return float(sum(jnp.sum(a * b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(direction)))), float(fd)
+
+
+def _direction(p, frozen):
+    return {k: jax.tree.map(lambda x: jnp.zeros_like(x) if k in frozen else
+                            jax.random.normal(jax.random.key(len(k)), x.shape, x.dtype), v) for k, v in p.items()}
+
+
+def test_grad_through_canonicalize_of_a_zero_output_head_and_a_rank_deficient_chain_is_finite(x64):
+    """A head with W_O = 0 (zero-initialised output projections) has no balanced point and keeps the identity, and
+    so does a deep linear chain with a zero layer: the values were finite, but jax.grad of the canonicalisation
+    was NaN for every parameter of the action (0 times the infinite derivative of the discarded balancing).  Now
+    finite, and equal to the central difference along directions that keep the factor zero."""
+    from symmetry_cases import attention_group, attention_params, deep_linear_group, deep_linear_params
+
+    vo = attention_group().component("vo")
+    p = attention_params(jax.random.key(0), d_model=4, heads=2, d_head=2, dtype=jnp.float64)
+    p = {k: v for k, v in p.items() if k in ("v", "o")}
+    p["o"]["kernel"] = jnp.zeros_like(p["o"]["kernel"])
+    got, fd = _fd_check(vo.canonicalize, p, _direction(p, frozen=("o",)))
+    assert abs(got - fd) < 1e-7 * (1 + abs(fd))
+
+    chain = deep_linear_group((3, 2, 2, 3))
+    q = deep_linear_params(jax.random.key(1), (3, 2, 2, 3), dtype=jnp.float64)
+    q["layers"][2]["kernel"] = jnp.zeros_like(q["layers"][2]["kernel"])
+    d = {"layers": {i: {"kernel": jnp.zeros_like(x["kernel"]) if i == 2 else
+                        jax.random.normal(jax.random.key(i), x["kernel"].shape, x["kernel"].dtype)}
+                    for i, x in q["layers"].items()}}
+    got, fd = _fd_check(chain.canonicalize, q, d)
+    assert abs(got - fd) < 1e-7 * (1 + abs(fd))
+
+
+def test_grad_of_rescale_invariants_at_a_unit_with_a_zero_side_is_finite(x64):
+    """``m_j = |in_j| |out_j|`` through ``sqrt(|in|^2 |out|^2)``: a zero output layer made jax.grad of the
+    invariants NaN.  Along the incoming side the invariant is constant there (derivative 0, exact)."""
+    p = {"w_in": jax.random.normal(jax.random.key(0), (3, 4), jnp.float64), "w_out": jnp.zeros((4, 2), jnp.float64)}
+    p["w_out"] = p["w_out"].at[0].set(1.0)  # unit 0 alive, units 1-3 with a zero outgoing side
+    group = Rescale(incoming=(("w_in", 1),), outgoing=(("w_out", 0),))
+    got, fd = _fd_check(group.invariants, p, _direction(p, frozen=("w_out",)))
+    assert abs(got - fd) < 1e-7 * (1 + abs(fd))

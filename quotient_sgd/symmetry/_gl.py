@@ -179,24 +179,34 @@ class GL(Group):
                 f"canonicalize: GL {self.name!r} acts on an inner dimension d={d} wider than its factors' other "
                 f"sides ({m} and {k} rows); a canonical section is implemented for d <= min of them (then the "
                 f"product L R^T determines the orbit). Use the invariants (the product) instead.")
-        Q1, R1 = jnp.linalg.qr(L)
-        Q2, R2 = jnp.linalg.qr(R)
-        u, s, vt = jnp.linalg.svd(R1 @ _mT(R2))
-        U = Q1 @ u
-        idx = jnp.argmax(jnp.abs(U), axis=-2)
-        sign = jnp.sign(jnp.take_along_axis(U, idx[..., None, :], axis=-2))[..., 0, :]
-        sign = jnp.where(sign == 0, 1, sign).astype(L.dtype)
-        # L' = Q1 u diag(sqrt s) diag(sign) = L A  with  A = R1^{-1} u diag(sqrt(s) sign)
-        target = u * (jnp.sqrt(s) * sign)[..., None, :]
-        A = jnp.linalg.solve(R1, target)
+
+        def balance(L, R):
+            Q1, R1 = jnp.linalg.qr(L)
+            Q2, R2 = jnp.linalg.qr(R)
+            u, s, vt = jnp.linalg.svd(R1 @ _mT(R2))
+            U = Q1 @ u
+            idx = jnp.argmax(jnp.abs(U), axis=-2)
+            sign = jnp.sign(jnp.take_along_axis(U, idx[..., None, :], axis=-2))[..., 0, :]
+            sign = jnp.where(sign == 0, 1, sign).astype(L.dtype)
+            # L' = Q1 u diag(sqrt s) diag(sign) = L A  with  A = R1^{-1} u diag(sqrt(s) sign)
+            target = u * (jnp.sqrt(s) * sign)[..., None, :]
+            return jnp.linalg.solve(R1, target)
+
         # A head whose M has rank < d (a zero or rank-deficient factor, e.g. a zero-initialised W_O) has no balanced
         # point on its orbit (the minimum norm is approached only in the orbit's closure): A is then singular or
         # not finite, and g . theta would be NaN.  Such a head keeps the identity (finite, same function, but not
         # constant on its orbit).
-        moved = jnp.concatenate([L @ A, _mT(jnp.linalg.solve(A, _mT(R)))], axis=-2)
-        usable = jnp.all(jnp.isfinite(moved), axis=(-2, -1))
-        eye = jnp.broadcast_to(jnp.eye(A.shape[-1], dtype=A.dtype), A.shape)
-        return jnp.where(usable[..., None, None], A, eye)
+        A = jax.lax.stop_gradient(balance(L, R))
+        moved = jax.lax.stop_gradient(jnp.concatenate([L @ A, _mT(jnp.linalg.solve(A, _mT(R)))], axis=-2))
+        usable = jnp.all(jnp.isfinite(moved), axis=(-2, -1))[..., None, None]
+        # The identity's branch carries no derivative, but differentiating the discarded balancing of such a head
+        # (a zero singular value under sqrt, a singular solve) gave 0 times infinity: jax.grad of a
+        # canonicalisation was NaN for every parameter of the action.  The balancing is evaluated again, for the
+        # derivatives, with such heads' factors replaced by well-conditioned ones (distinct singular values).
+        safe_l = jnp.eye(m, d, dtype=L.dtype) * jnp.arange(1, d + 1, dtype=L.dtype)[None, :]
+        safe_r = jnp.eye(k, d, dtype=R.dtype) * (d + 1)
+        A = balance(jnp.where(usable, L, safe_l), jnp.where(usable, R, safe_r))
+        return jnp.where(usable, A, jnp.broadcast_to(jnp.eye(d, dtype=A.dtype), A.shape))
 
     def _invariants(self, flat):
         return self._L(flat) @ _mT(self._R(flat))

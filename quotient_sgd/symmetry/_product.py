@@ -434,24 +434,35 @@ class Product(Group):
                 "min(input, output)), where the end-to-end product determines the orbit. Use the invariants "
                 "(the end-to-end product) instead."
             )
-        P = [mats[0]]
-        for m in mats[1:]:
-            P.append(P[-1] @ m)
-        U, S, _ = jnp.linalg.svd(P[-1], full_matrices=False)
-        U, S = U[:, :n], S[:n]
-        idx = jnp.argmax(jnp.abs(U), axis=0)
-        sign = jnp.sign(U[idx, jnp.arange(n)])
-        U = U * jnp.where(sign == 0, 1, sign).astype(U.dtype)[None, :]
-        elems = []
-        for l in range(1, L):
-            target = U * (S ** (l / L))[None, :]
-            elems.append(jnp.linalg.lstsq(P[l - 1], target)[0])
-        by_name = {c.name: e for c, e in zip(chain, elems)}
-        word = Word(cl, tuple(by_name[self.components[i].name] for i in cl))
-        # M of rank < n (a rank-deficient factor): no balanced point lies on the orbit and the elements above are
-        # singular (the representative would be NaN); the chain then keeps the identity (same function).
-        moved = self._act(word, flat)
+
+        def word_at(mats):
+            P = [mats[0]]
+            for m in mats[1:]:
+                P.append(P[-1] @ m)
+            U, S, _ = jnp.linalg.svd(P[-1], full_matrices=False)
+            U, S = U[:, :n], S[:n]
+            idx = jnp.argmax(jnp.abs(U), axis=0)
+            sign = jnp.sign(U[idx, jnp.arange(n)])
+            U = U * jnp.where(sign == 0, 1, sign).astype(U.dtype)[None, :]
+            elems = []
+            for l in range(1, L):
+                target = U * (S ** (l / L))[None, :]
+                elems.append(jnp.linalg.lstsq(P[l - 1], target)[0])
+            by_name = {c.name: e for c, e in zip(chain, elems)}
+            return Word(cl, tuple(by_name[self.components[i].name] for i in cl))
+
+        # M of rank < n (a rank-deficient factor): no balanced point lies on the orbit and the elements are singular
+        # (the representative would be NaN); the chain then keeps the identity (same function).
+        fixed = jax.lax.stop_gradient(flat)
+        moved = self._act(jax.lax.stop_gradient(word_at([fixed[p] for p in order])), fixed)
         usable = jnp.all(jnp.stack([jnp.all(jnp.isfinite(moved[p])) for p in order]))
+        # The identity carries no derivative, but differentiating the discarded elements (zero singular values under
+        # a fractional power, a rank-deficient least-squares solve) gave 0 times infinity: jax.grad of the
+        # canonicalisation was NaN.  For the derivatives the elements are computed again, with such a chain's
+        # matrices replaced by a well-conditioned chain (end-to-end singular values 1..n).
+        safe = [jnp.eye(*m.shape, dtype=m.dtype) * (jnp.arange(1, n + 1, dtype=m.dtype)[None, :] if l == 0 else 1)
+                for l, m in enumerate(mats)]
+        word = word_at([jnp.where(usable, m, sm) for m, sm in zip(mats, safe)])
         return Word(cl, tuple(jnp.where(usable, e, jnp.eye(e.shape[-1], dtype=e.dtype)) for e in word.elements))
 
     def _sweeps(self, cl, flat, init=None) -> Word:

@@ -135,7 +135,12 @@ class Rescale(LogFactorGroup):
 
     def _invariants(self, flat):
         sin, sout = self._in_out_sq(flat)
-        return jnp.sqrt(sin * sout)
+        # sqrt'(0) is infinite: a unit with a zero side (a zero-initialised output layer) made jax.grad of the
+        # invariants NaN.  There m_j = |in_j| |out_j| is constant along the other side (derivative 0, exact) and a
+        # cone along the zero side, whose smallest subgradient, 0, is taken.
+        prod = sin * sout
+        pos = prod > 0
+        return jnp.where(pos, jnp.sqrt(jnp.where(pos, prod, 1)), 0)
 
     def _perm_axis(self, perm, flat):
         # the invariants are per unit; a permutation of exactly these units (every member on its unit axis)

@@ -250,10 +250,11 @@ class Group(eqx.Module):
         return flat, treedef
 
     def sample(self, key, params, scale: float = 1.0):
-        """A random group element.  Positive factors have log-factors ~ U(-2 scale, 2 scale); GL elements are
-        ``U diag(exp(linspace(-1.5 scale, 1.5 scale))) V^T`` with Haar-random ``U, V`` (condition number
-        ``exp(3 scale)``); permutations are uniform.  ``scale``: a finite number >= 0 (0: the identity of the
-        continuous part)."""
+        """A random group element.  Positive factors have log-factors ~ U(-2 scale, 2 scale); translation shifts
+        ~ N(0, (2 scale)^2); GL elements are ``U diag(exp(linspace(-1.5 scale, 1.5 scale))) V^T`` with Haar-random
+        ``U, V`` (condition number ``exp(3 scale)``); permutations are uniform.  ``scale``: a finite number >= 0.
+        At 0 factors and shifts are the identity, but GL elements are Haar-random orthogonal matrices ``U V^T``
+        (condition number 1), not the identity."""
         _check_scale(scale)
         _check_key(key)
         flat, _ = self._flat(params)

@@ -115,3 +115,31 @@ def test_sgd_spec_refuses_a_vector_hyperparameter(field):
     with pytest.raises(ValueError, match=rf"SGDSpec: {field} must be a scalar, got an array of shape \(2,\)"):
         SGDSpec(**kw)
     SGDSpec(**{"learning_rate": 0.1, field: jnp.asarray(0.1)})
+
+
+def test_adam_preconditioner_reads_injected_decay_rates(x64):
+    """adam_preconditioner used its own b1, b2, eps (the optax defaults) even where optax.inject_hyperparams held
+    the optimiser's: with b1 = 0.8, b2 = 0.9, eps = 1e-3 injected, its P was not what the step divided by (the
+    update up to 8.5x off -eta mu / P), and a sweep over b2 by set_hyperparams got one P for all members.  Now the
+    injected values are read from the state: the update is exactly -eta mu / P for each member (Adam's step written
+    with P, the identity adam_preconditioner states)."""
+    from quotient_sgd.optim import adam_preconditioner, set_hyperparams
+    from quotient_sgd.optim._adam import find_adam_state
+
+    params = init_mlp(jax.random.key(0), sizes=(3, 2, 2), dtype=jnp.float64)
+    tx = optax.inject_hyperparams(optax.adam)(learning_rate=0.02, b1=0.8, b2=0.9, eps=1e-3)
+    precond = adam_preconditioner()
+    grads = [jax.tree.map(lambda a, i=i: jnp.cos(a + i), params) for i in range(3)]
+
+    @jax.vmap
+    def gap(b2):
+        state = set_hyperparams(tx.init(params), b2=b2)
+        for g in grads:
+            u, state = tx.update(g, state, params)
+        mu, p = find_adam_state(state).mu, precond(state)
+        want = jax.tree.map(lambda m, q: -0.02 * m / q, mu, p)
+        return jnp.max(jnp.stack([jnp.max(jnp.abs(a - b) / jnp.abs(b))
+                                  for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(want))]))
+
+    with jax.numpy_dtype_promotion("standard"):  # optax.adam's bias correction mixes int32 and float
+        assert float(jnp.max(gap(jnp.array([0.9, 0.999, 0.5])))) < 1e-12

@@ -69,11 +69,16 @@ def adam_preconditioner(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     step: ``eta m_hat / (sqrt(v_hat + eps_root) + eps)``.
 
     ``b1, b2, eps, eps_root`` must be those of the optimiser (``optax.adam`` / ``adamw`` defaults here): the
-    state does not hold them.  Nesterov Adam (``nesterov=True``, ``optax.nadam``; another ``m_hat``) and AdamW's
-    decoupled weight decay (``eta wd theta`` beside the preconditioned step) have the same ``P``: they move the
-    edge, not the preconditioner (:func:`quotient_sgd.diagnostics.adam_edge` ``(b1, decay=eta * wd,
+    state does not hold them, except those injected by an ``optax.inject_hyperparams`` around the Adam
+    (``inject_hyperparams(optax.adam)(learning_rate=1e-3, b2=0.99)``), which are read from it and take precedence,
+    so that a sweep over them (:func:`~quotient_sgd.optim.set_hyperparams`) gets each member's own ``P``.
+    Nesterov Adam (``nesterov=True``, ``optax.nadam``; another ``m_hat``) and AdamW's decoupled weight decay
+    (``eta wd theta`` beside the preconditioned step) have the same ``P``: they move the edge, not the
+    preconditioner (:func:`quotient_sgd.diagnostics.adam_edge` ``(b1, decay=eta * wd,
     nesterov=...)``).  Parameters that the Adam state does not cover (a partial ``optax.masked``) make it raise:
-    their step has no such ``P``.
+    their step has no such ``P``.  ``optax.adamax``, ``optax.yogi`` and ``optax.radam`` keep an
+    ``optax.ScaleByAdamState`` too but divide by another ``P`` (an infinity norm, no bias correction, a
+    rectification), which their state does not tell apart: pass a ``preconditioner`` of your own for them.
 
     Raises:
         ValueError / TypeError: a decay rate outside ``[0, 1)``, ``eps`` or ``eps_root`` negative or not finite;
@@ -84,8 +89,12 @@ def adam_preconditioner(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     eps = _check_number("eps", eps, rate=False)
     eps_root = _check_number("eps_root", eps_root, rate=False)
 
+    given = {"b1": b1, "b2": b2, "eps": eps, "eps_root": eps_root}
+
     def preconditioner(inner_state):
         st = find_adam_state(inner_state)
+        hp = _injected_around(inner_state, st)
+        c1, c2, e, e_root = (hp.get(k, v) for k, v in given.items())
         if any(isinstance(x, optax.MaskedNode) for x in
                jax.tree.leaves(st.nu, is_leaf=lambda x: isinstance(x, optax.MaskedNode))):
             raise ValueError("adam_preconditioner: the Adam state covers only part of the parameters (optax.masked "
@@ -96,10 +105,23 @@ def adam_preconditioner(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
         def one(nu):  # in the dtype of nu, at least float32 (widen)
             dt = nu.dtype
             t = jnp.asarray(st.count).astype(dt)
-            c1 = 1 - jnp.power(jnp.asarray(b1, dt), t)
-            c2 = 1 - jnp.power(jnp.asarray(b2, dt), t)
-            return c1 * (jnp.sqrt(nu / c2 + eps_root) + eps)
+            bc1 = 1 - jnp.power(jnp.asarray(c1, dt), t)
+            bc2 = 1 - jnp.power(jnp.asarray(c2, dt), t)
+            return bc1 * (jnp.sqrt(nu / bc2 + jnp.asarray(e_root, dt)) + jnp.asarray(e, dt))
 
         return jax.tree.map(one, widen(st.nu))
 
     return preconditioner
+
+
+def _injected_around(inner_state, adam_state) -> dict:
+    """The values of ``b1``, ``b2``, ``eps``, ``eps_root`` that an ``optax.inject_hyperparams`` around
+    ``adam_state`` holds (the innermost one that has each), i.e. those the Adam step used."""
+    from ._spec import _inject_states
+
+    is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731
+    out = {}
+    for s in _inject_states(inner_state):
+        if any(x is adam_state for x in jax.tree.leaves(s.inner_state, is_leaf=is_adam)):
+            out.update({k: v for k, v in s.hyperparams.items() if k in ("b1", "b2", "eps", "eps_root")})
+    return out

@@ -268,11 +268,13 @@ def _config_first(argv: list[str]) -> list[str]:
 
 
 def _config_path(argv: list[str]) -> str | None:
-    """The ``--config=PATH`` (or ``--config PATH``) argument, ``None`` when absent (the embedded default)."""
+    """The ``--config=PATH`` (or ``--config PATH``; one dash or two, as absl reads them) argument, ``None`` when
+    absent (the embedded default)."""
     for i, a in enumerate(argv):
-        if a.startswith("--config="):
-            return a[len("--config="):]
-        if a == "--config" and i + 1 < len(argv):
+        m = re.match(r"-{1,2}config(=|$)", a)
+        if m and m.group(1):
+            return a[m.end():]
+        if m and i + 1 < len(argv):
             return argv[i + 1]
     return None
 

@@ -116,3 +116,19 @@ def test_more_hessian_extremes_than_the_horizontal_space_has_are_refused():
     assert "observables.hessian_k <= 2" in msg, msg
     _tiny(**over | {"observables.hessian_k": 2})
     _tiny(**over | {"observables.hessian_k": 3, "observables.hessian_every": 0})
+
+
+def test_a_config_file_given_with_one_dash_is_checked_as_with_two(tmp_path, monkeypatch, capsys):
+    """absl reads ``-config=PATH`` as ``--config=PATH``, and so did the command's reordering, but not its checks
+    of the file: a missing file was "Configuration is not available because of an earlier failure to load ...
+    config_config", a file raising in get_config() "Error whilst parsing config file:" and ml_collections' text."""
+    from quotient_sgd.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.py").write_text("def get_config():\n    raise ValueError('no such experiment')\n")
+    for args, needle in ((["-config=missing.py"], "config file 'missing.py' does not exist"),
+                         (["-config", "bad.py"], "'bad.py', line 2: ValueError: no such experiment")):
+        assert main(["quotient-sgd", "run", *args, "--config.steps=3"]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "config_config" not in err and "Error whilst" not in err, err
+    assert sorted(os.listdir(tmp_path)) == ["bad.py"]

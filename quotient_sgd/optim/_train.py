@@ -233,7 +233,8 @@ def train(
             others through the normalisation), so per-example gradients have no meaning there; a model whose
             state does not couple examples can close over it.
         donate: donate ``params`` / ``opt_state`` / ``model_state`` buffers to the loop (the arrays passed in are
-            consumed; pass ``donate=False`` to keep using them).  Ignored under ``vmap`` / an outer ``jit``.
+            consumed; pass ``donate=False`` to keep using them).  Ignored under ``vmap`` / an outer ``jit`` (there
+            the arrays the mapped function closes over are kept too).
         unroll: ``lax.scan`` unroll factor.
         act_on_model_state: ``(element, model_state) -> model_state``, the group's action on the model's
             non-parameter state; needed with ``model_state`` when ``tx`` contains :func:`gauge_fix`, whose
@@ -294,6 +295,10 @@ def train(
             )
     if opt_state is None:
         opt_state = tx.init(params)
+    # under vmap / jit (an argument or the default key is traced) nothing is donated: arrays that the mapped
+    # function closes over (params shared by every seed of a vmap over keys) are concrete there, and were deleted
+    donate = donate and not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(
+        (params, opt_state, model_state, stacked, key, start_step)))
     if donate:
         params, opt_state, model_state = _distinct_buffers((params, opt_state, model_state))
     run = _run_donated if donate else _run_kept

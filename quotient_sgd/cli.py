@@ -58,7 +58,8 @@ The keys of a config, with their defaults: python -c "import quotient_sgd.config
 (an override of a key the run would not read, e.g. model.channels of an MLP, is refused).
 Exit status: 0 done; 2 a bad config, option or directory (reported before anything is computed or written);
 130 interrupted: Ctrl-C waits for the checkpoint being written, and the same command resumes; 143 terminated:
-SIGTERM (sent by SLURM, timeout, Kubernetes before a kill) during run or sweep does the same.
+SIGTERM (sent by SLURM, timeout, Kubernetes before a kill) during run or sweep does the same; 141: the reader
+of the output went away (a pipe into head), quietly.
 Environment: QSGD_NO_MALLOC_TUNING=1 keeps glibc's default malloc (see the module docstring of quotient_sgd.cli);
 QSGD_COMPILATION_CACHE=DIR (or "off") moves (or turns off) the compilation cache, ~/.cache/quotient_sgd/jax by
 default ($XDG_CACHE_HOME/quotient_sgd/jax); JAX_COMPILATION_CACHE_DIR, when set, is used as it is.
@@ -409,6 +410,12 @@ def main(argv: list[str] | None = None) -> int:
             return _fail("interrupted; run the same report command again to redraw the plots and summary.md",
                          code=130)
         return _fail("interrupted before anything was written", code=130)
+    except BrokenPipeError:  # the reader of stdout went away (`quotient-sgd report DIR | head`): no traceback
+        try:  # (what is still buffered for stdout would raise again when the interpreter flushes it at exit)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 128 + signal.SIGPIPE
 
 
 def _main(argv: list[str]) -> int:

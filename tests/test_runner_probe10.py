@@ -132,3 +132,22 @@ def test_a_config_file_given_with_one_dash_is_checked_as_with_two(tmp_path, monk
         err = capsys.readouterr().err
         assert needle in err and "config_config" not in err and "Error whilst" not in err, err
     assert sorted(os.listdir(tmp_path)) == ["bad.py"]
+
+
+@pytest.mark.parametrize("arg", ["--help", "--version"])
+def test_output_into_a_closed_pipe_ends_without_a_traceback(arg):
+    """``quotient-sgd report DIR | head -1`` (or ``--help | head``): the reader gone, printing raised
+    ``BrokenPipeError`` and the command ended with its traceback (status 1); now quietly, status 128 + SIGPIPE as
+    a shell reports a command the pipe ended."""
+    import signal
+    import subprocess
+    import sys
+
+    r, w = os.pipe()
+    os.close(r)  # (no reader: the command's first write to stdout fails)
+    try:
+        p = subprocess.run([sys.executable, "-m", "quotient_sgd.cli", arg], stdout=w, stderr=subprocess.PIPE,
+                           env=dict(os.environ, QSGD_NO_MALLOC_TUNING="1"), timeout=120)
+    finally:
+        os.close(w)
+    assert p.returncode == 128 + signal.SIGPIPE and b"Traceback" not in p.stderr, p.stderr.decode()

@@ -35,3 +35,20 @@ def test_mmd_checks_the_particle_sets_and_the_flag_but_still_traces():
     traced = jax.jit(lambda b: mmd(p, q, bandwidth=b))(0.5)
     assert float(jnp.abs(traced - mmd(p, q, bandwidth=0.5))) < 1e-6
     assert bool(jnp.isfinite(jax.grad(lambda b: mmd(p, q, bandwidth=b, squared=True))(1.0)))
+
+
+def test_verify_of_an_evaluation_mode_batchnorm_cnn_says_why_it_fails():
+    """A batch-norm CNN in evaluation mode normalises with running statistics, which no parameter action moves:
+    verify failed its (training-mode) scale symmetry telling the user to remove it from the model's symmetries.
+    It now says that the model is in evaluation mode and what to do; in training mode it passes."""
+    from quotient_sgd.models import CNN
+    from quotient_sgd.symmetry import SymmetryError, verify
+
+    model = CNN(1, (2,), 2, norm="batch", rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (3, 4, 4, 1))
+    model(x)  # running statistics away from their initial values
+    assert verify(model, model.symmetries(), x, jax.random.key(1), num_samples=1) < 1e-4
+    model.eval()
+    with pytest.raises(SymmetryError, match=r"norms\.0 normalises with running statistics \(evaluation mode\).*"
+                                             r"model\.train\(\).*act_on_batch_stats"):
+        verify(model, model.symmetries(), x, jax.random.key(1), num_samples=1)

@@ -48,6 +48,19 @@ def _requirement(action: Group) -> str:
     return "its action changes the network function"
 
 
+def _running_statistics_note(model) -> str:
+    """For a model with a normalisation in evaluation mode (``use_running_average=True``, ``model.eval()``): a
+    sentence saying why a scale or permutation of its units changes the outputs; ``""`` otherwise."""
+    modes = [path for path, node in nnx.iter_graph(model) if getattr(node, "use_running_average", False) is True]
+    if not modes:
+        return ""
+    where = ".".join(map(str, modes[0])) or type(model).__name__
+    return (f" Note: {where} normalises with running statistics (evaluation mode), which are state, not parameters: "
+            f"a group element does not move them, so scale and permutation symmetries hold for the training-mode "
+            f"function only. Verify the model in training mode (model.train()), or transform the statistics with "
+            f"the parameters (CNN.act_on_batch_stats).")
+
+
 def verify(model, group: Group, x, key, *, num_samples: int = 4, scale: float = 1.0, rtol: float = 1e-4) -> float:
     """Check numerically that every component of ``group`` leaves ``model``'s outputs on ``x`` unchanged.
 
@@ -74,7 +87,8 @@ def verify(model, group: Group, x, key, *, num_samples: int = 4, scale: float = 
 
     Raises:
         SymmetryError: naming the component and the parameter paths it acts on, when the change exceeds ``rtol``
-        and is not explained by rounding.
+        and is not explained by rounding; for a model whose normalisation runs in evaluation mode (running
+        statistics, ``model.eval()``), saying so: its scale and permutation symmetries hold in training mode.
         ValueError: a bad argument, or an inconclusive comparison (above).
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
@@ -136,6 +150,7 @@ def verify(model, group: Group, x, key, *, num_samples: int = 4, scale: float = 
                     f"declared action {c.name!r} ({type(c).__name__} on parameters {list(c.paths())}) is not a "
                     f"symmetry of {type(model).__name__}: a random element changed the outputs by {err:.3g} "
                     f"(relative) > rtol={rtol} {why}. Remove it from the model's symmetries(): {_requirement(c)}."
+                    f"{_running_statistics_note(model)}"
                 )
     if isinstance(group, Product):
         for kk in jax.random.split(keys[-1], num_samples):

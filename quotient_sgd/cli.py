@@ -347,6 +347,12 @@ def _config_load_error(argv: list[str]) -> str | None:
     if not (hasattr(cfg, "to_dict") or isinstance(cfg, dict)):
         return (f"cannot load the config file {path!r}: get_config() returned {cfg!r} ({type(cfg).__name__}), "
                 f"not a ConfigDict; return the config (start from quotient_sgd.config.default_config())")
+    from ml_collections import FrozenConfigDict
+
+    if isinstance(cfg, FrozenConfigDict):  # (ml_collections: "FrozenConfigDict is immutable. Cannot call lock()")
+        return (f"cannot load the config file {path!r}: get_config() returned a FrozenConfigDict, and the command "
+                f"locks the config and applies the --config.KEY=VALUE overrides to it, which a frozen config "
+                f"refuses; return a ConfigDict (ml_collections.ConfigDict(frozen) thaws it)")
     return None
 
 

@@ -151,3 +151,18 @@ def test_output_into_a_closed_pipe_ends_without_a_traceback(arg):
     finally:
         os.close(w)
     assert p.returncode == 128 + signal.SIGPIPE and b"Traceback" not in p.stderr, p.stderr.decode()
+
+
+def test_a_config_file_returning_a_frozen_config_is_named(tmp_path, monkeypatch, capsys):
+    """A get_config() returning a FrozenConfigDict was refused as "bad config override among
+    ['--config.steps=3']: FrozenConfigDict is immutable. Cannot call lock()", blaming the override."""
+    from quotient_sgd.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "frozen.py").write_text(
+        "import ml_collections\nfrom quotient_sgd.config import default_config\n\n\n"
+        "def get_config():\n    return ml_collections.FrozenConfigDict(default_config())\n")
+    assert main(["quotient-sgd", "run", "--config=frozen.py", "--config.steps=3"]) == 2
+    err = capsys.readouterr().err
+    assert "get_config() returned a FrozenConfigDict" in err and "bad config override" not in err, err
+    assert sorted(os.listdir(tmp_path)) == ["frozen.py"]

@@ -427,7 +427,7 @@ def quotient_trajectory(
         def step_lr():
             # this step's learning rate: the spec's, else the step's own effective_lr["global"] (never the recorded
             # one, which is absent when not asked for and stale between records when every > 1); computed once per
-            # step when the curvature needs it, else inside the branches that use it
+            # step when the curvature needs it and it is at hand, else inside the branches that use it
             if lr_now is not None:
                 return lr_now
             if hp is not None:
@@ -435,7 +435,10 @@ def quotient_trajectory(
             if eff is not None:
                 return eff["global"]
             sp, sg, su = step_frame()
-            e = obs.effective_lr(group, sp, sg, su, obs.canonical_gradient(group, params, grads))
+            # at the continuous canonical point warm-started from the carried element, as in step_observables (a
+            # cold start of an iterative canonicalisation costs many times a warm one)
+            el = group.continuous_canonical_element(params, init=carry.get("canon"))
+            e = obs.effective_lr(group, sp, sg, su, obs.canonical_gradient(group, params, grads, el))
             return e["global"]
 
         def record_prediction(pred):
@@ -447,7 +450,7 @@ def quotient_trajectory(
                     lambda a, b: jnp.where(rec, a, b), pred, observ["charge_drift_predicted"])
 
         lr_now = None
-        if need_lr:
+        if need_lr and (every == 1 or hp is not None):  # (every > 1 without spec: see prev_lr below)
             lr_now = step_lr()
         if "charge_drift_predicted" in want and isinstance(inner_state, HorizontalState):
             # tx = horizontal(...): Delta is orthogonal to the orbit, and the change of a charge, quadratic or
@@ -488,7 +491,15 @@ def quotient_trajectory(
             new_carry["prev_update"] = su
             new_carry["prev_gd"] = gd
             new_carry["prev_dd"] = dd
-            new_carry["prev_lr"] = carry["prev_lr"] if lr_now is None else jnp.asarray(lr_now, dt)
+            if lr_now is not None:
+                new_carry["prev_lr"] = jnp.asarray(lr_now, dt)
+            elif need_lr:
+                # every > 1 without spec: this step's learning rate costs a canonicalisation, and only the shock /
+                # fold numbers of the next step read it, which are recorded when (count + 1) % every == 0
+                new_carry["prev_lr"] = jax.lax.cond((count + 1) % every == 0, lambda _: jnp.asarray(step_lr(), dt),
+                                                    lambda _: carry["prev_lr"], None)
+            else:
+                new_carry["prev_lr"] = carry["prev_lr"]
         eigvecs = state.eigenvectors
         if hessian_every is not None:
             loss_fn = extra_args.get("loss_fn")

@@ -5,6 +5,7 @@ import optax
 import pytest
 
 from quotient_sgd.diagnostics import cusum_threshold, detect, LiveDetector, shock_aware_lr
+from quotient_sgd.diagnostics import _cusum
 from quotient_sgd.diagnostics._cusum import _max_statistic
 
 
@@ -76,3 +77,15 @@ def test_rows_without_a_learning_rate_are_read_without_one_under_weight_decay(op
     if not options.get("adaptive"):  # level 1 at half the edge, stability_edge(beta) - lr * weight_decay
         edge = 2 * (1 + options.get("momentum", 0.0)) - 0.1 * 0.1
         assert eos[0] == pytest.approx(edge / 2, rel=1e-12)
+
+
+def test_cusum_threshold_below_what_its_simulations_resolve_is_extrapolated_conservatively(monkeypatch):
+    # Simulating 20 / alpha series has a cap (2^25 values; lowered here to keep the test fast): below it the
+    # threshold extrapolates an exponential tail, which must keep the false-alarm rate at or below alpha, and
+    # an alpha of 1e-9 must not try to simulate 2e10 series.
+    monkeypatch.setattr(_cusum, "_MAX_VALUES", 2**18)  # 13107 series of 20 blocks: alpha >= 1.5e-3 resolved
+    n = 20
+    stats = _max_statistic(np.random.default_rng(12345).standard_normal((200000, n)), 0.5, 10, 4.0)
+    hs = [cusum_threshold(n, alpha, seed=7) for alpha in (1e-3, 1e-4, 1e-9)]  # (seed 7: not another test's cache)
+    assert hs[0] < hs[1] < hs[2] < np.inf
+    assert float(np.mean(stats > hs[1])) <= 1e-4  # measured 5.5e-5

@@ -65,7 +65,11 @@ class SGDSpec:
     prediction uses the actual update.  Clipping per coordinate or per leaf (``optax.clip``,
     ``optax.clip_by_block_rms``) does not keep that orthogonality: the charges then drift by a term the identity
     does not contain (the prediction can be off by more than 100%), and such an optimiser has no spec.  The
-    learning rate and the weight decay must be the ones applied.  Every field is a :data:`Hyper`; ``nesterov`` is
+    learning rate and the weight decay must be the ones applied: ``optax.contrib.reduce_on_plateau`` chained after
+    the optimiser (as optax's examples place it) rescales the step, i.e. the learning rate, at each reduction,
+    which the spec does not see (the prediction 140% off after the first one, not refused: its state does not show
+    where it sits); chained before, it rescales the gradient alone, which the heavy-ball identity without coupled
+    decay tolerates exactly.  Every field is a :data:`Hyper`; ``nesterov`` is
     static.  A spec for an optimiser whose state shows that it is not SGD (an Adam, RMSProp, Adagrad, Lion, LAMB,
     Adafactor, line-search, gradient-noise or optimistic-gradient state anywhere in it, or one of optax.contrib's
     adaptive optimisers: Prodigy, D-Adaptation, DoG, Mechanic, COCOB, Momo, schedule-free, Sophia ...) is refused by

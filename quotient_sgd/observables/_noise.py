@@ -26,6 +26,11 @@ def gradient_noise(example_loss_fn: Callable, group, params, *, lr) -> Noise:
     ``T = eta sigma^2 / (2 B)`` (Chaudhari & Soatto 2018, isotropic average) and the default viscosity
     ``nu = T / 2``.  This mapping is a modelling choice (THEORY section 3); cost: ``B`` per-example gradients.
     With ``B = 1`` the sample variance is undefined: all three are NaN.
+
+    Limitation: ``d_h`` counts the generators, which is the orbit's dimension only where they are independent.  A
+    deep linear chain wider than its ends is not (``DeepLinear(3, (4, 5), 2)``: 41 GL generators, orbit dimension
+    36 of 42 parameters), and there ``d_h`` is too small (1 instead of 6: ``sigma^2``, ``T`` and ``nu``
+    six times too large); the rank of the tangents would cost ``count^2 P`` a call.
     """
     shape = jax.eval_shape(example_loss_fn, params).shape
     if len(shape) != 1:

@@ -7,7 +7,7 @@ import pytest
 
 from quotient_sgd.symmetry import GL, Permutation, Product, Rescale, Scale, SymmetryError, Translation
 
-from helpers import tree_norm, tree_rel_err
+from helpers import tree_rel_err
 from symmetry_cases import mlp_group, mlp_params
 
 
@@ -133,26 +133,3 @@ def test_grad_of_rescale_invariants_at_a_unit_with_a_zero_side_is_finite(x64):
     got, fd = _fd_check(group.invariants, p, _direction(p, frozen=("w_out",)))
     assert abs(got - fd) < 1e-7 * (1 + abs(fd))
 
-
-def test_float32_dense_projection_of_a_rescale_chain_far_from_balance():
-    """An MLP classifier's rescale chain and translation (a dense cluster) in float32, at points moved by elements
-    of scale 3 (factors up to e^6): the Jacobi-scaled Gram matrix has an eigenvalue below the float32 cut, the
-    normal equations dropped that direction and the vertical projection was 6-10% of |v| off the float64 one at
-    the same point (refinement or not).  Float32 clusters are now solved by the SVD of the tangent matrix."""
-    from flax import nnx
-
-    from quotient_sgd.models import MLP
-
-    model = MLP(6, (8, 8), 4, classifier=True, rngs=nnx.Rngs(0))
-    p = nnx.split(model, nnx.Param)[1]
-    group = model.symmetries()
-    vertical = jax.jit(group.vertical)
-    for seed in (0,):  # 10% off before
-        moved = group.act(group.sample(jax.random.key(seed), p, scale=3.0), p)
-        v = jax.tree.map(lambda a: jax.random.normal(jax.random.key(3), a.shape, a.dtype), moved)
-        got = vertical(moved, v)
-        with jax.enable_x64(True):
-            up = (lambda t: jax.tree.map(lambda a: a.astype(jnp.float64), t))
-            ref = vertical(up(moved), up(v))
-            err = float(tree_norm(jax.tree.map(jnp.subtract, up(got), ref)) / tree_norm(up(v)))
-        assert err < 1e-3, (seed, err)

@@ -522,20 +522,14 @@ def generic_vcoeffs(comps, flat: Flat, v: Flat, *, refine: int = REFINE_STEPS):
     9% of ``|v|`` was lost, refinement or not): they solve the least-squares problem ``min |J xi - v|`` by the
     SVD of ``J`` itself (materialised by forward-mode differentiation of ``xi -> J xi``, columns scaled to unit
     norm, singular values below ``eps max(shape)`` of the largest dropped) while ``J`` has at most
-    :data:`JACOBIAN_MAX_ENTRIES` entries.  So do all clusters in float32 (and narrower floats, computed in
-    float32): one rescale factor further from balance (``e^+-6``, elements of scale 3) the Jacobi-scaled Gram
-    matrix of an MLP's or CNN's rescale chain has eigenvalues below the float32 cut (``5e-7`` against ``1e-5``),
-    the pseudo-inverse dropped those directions and no refinement brought them back: 1-10% of ``|v|`` off, against
-    ``1e-4`` by the SVD of ``J`` (whose singular values, the square roots, float32 resolves).  In float64 the Gram
-    matrix resolves such directions and the cheaper normal equations are kept.
+    :data:`JACOBIAN_MAX_ENTRIES` entries.
 
     Both pseudo-inverses (:func:`psd_pinv`, :func:`pinv`) are differentiated by the constant-rank formula, not
     through ``eigh`` / ``svd``, so ``jax.grad`` through the projection is finite where eigen- or singular values
     coincide (symmetric points: identical units, dead units).
     """
-    xi0 = tuple(c._algebra_zeros(flat) for c in comps)
-    narrow = jnp.finfo(jax.tree.leaves(xi0)[0].dtype).bits < 64
-    if narrow or any(not getattr(c, "abelian", True) for c in comps):
+    if any(not getattr(c, "abelian", True) for c in comps):
+        xi0 = tuple(c._algebra_zeros(flat) for c in comps)
         vec0, unravel = ravel_pytree(xi0)
         paths = list(dict.fromkeys(p for c in comps for p in c.paths()))
         if sum(flat[p].size for p in paths) * vec0.shape[0] <= JACOBIAN_MAX_ENTRIES:

@@ -196,17 +196,33 @@ class GL(Group):
         # point on its orbit (the minimum norm is approached only in the orbit's closure): A is then singular or
         # not finite, and g . theta would be NaN.  Such a head keeps the identity (finite, same function, but not
         # constant on its orbit).
-        A = jax.lax.stop_gradient(balance(L, R))
-        moved = jax.lax.stop_gradient(jnp.concatenate([L @ A, _mT(jnp.linalg.solve(A, _mT(R)))], axis=-2))
-        usable = jnp.all(jnp.isfinite(moved), axis=(-2, -1))[..., None, None]
-        # The identity's branch carries no derivative, but differentiating the discarded balancing of such a head
-        # (a zero singular value under sqrt, a singular solve) gave 0 times infinity: jax.grad of a
-        # canonicalisation was NaN for every parameter of the action.  The balancing is evaluated again, for the
-        # derivatives, with such heads' factors replaced by well-conditioned ones (distinct singular values).
-        safe_l = jnp.eye(m, d, dtype=L.dtype) * jnp.arange(1, d + 1, dtype=L.dtype)[None, :]
-        safe_r = jnp.eye(k, d, dtype=R.dtype) * (d + 1)
-        A = balance(jnp.where(usable, L, safe_l), jnp.where(usable, R, safe_r))
-        return jnp.where(usable, A, jnp.broadcast_to(jnp.eye(d, dtype=A.dtype), A.shape))
+        def usable_at(L, R, A):
+            moved = jnp.concatenate([L @ A, _mT(jnp.linalg.solve(A, _mT(R)))], axis=-2)
+            return jnp.all(jnp.isfinite(moved), axis=(-2, -1))[..., None, None]
+
+        def identity_like(A):
+            return jnp.broadcast_to(jnp.eye(d, dtype=A.dtype), A.shape)
+
+        @jax.custom_jvp
+        def element(L, R):
+            A = balance(L, R)
+            return jnp.where(usable_at(L, R, A), A, identity_like(A))
+
+        @element.defjvp
+        def element_jvp(primals, tangents):
+            # The identity's branch carries no derivative, but differentiating the discarded balancing of such a
+            # head (a zero singular value under sqrt, a singular solve) gave 0 times infinity: jax.grad of a
+            # canonicalisation was NaN for every parameter of the action.  Differentiated, the balancing is
+            # evaluated again with such heads' factors replaced by well-conditioned ones (distinct singular
+            # values); undifferentiated (training's observables) it runs once.
+            L, R = primals
+            usable = usable_at(L, R, balance(L, R))
+            safe_l = jnp.eye(m, d, dtype=L.dtype) * jnp.arange(1, d + 1, dtype=L.dtype)[None, :]
+            safe_r = jnp.eye(k, d, dtype=R.dtype) * (d + 1)
+            A, dA = jax.jvp(balance, (jnp.where(usable, L, safe_l), jnp.where(usable, R, safe_r)), tangents)
+            return jnp.where(usable, A, identity_like(A)), jnp.where(usable, dA, jnp.zeros_like(dA))
+
+        return element(L, R)
 
     def _invariants(self, flat):
         return self._L(flat) @ _mT(self._R(flat))

@@ -166,3 +166,26 @@ def test_a_config_file_returning_a_frozen_config_is_named(tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert "get_config() returned a FrozenConfigDict" in err and "bad config override" not in err, err
     assert sorted(os.listdir(tmp_path)) == ["frozen.py"]
+
+
+def test_importing_the_package_leaves_jax_distributed_initialize_possible():
+    """``jax.distributed.initialize`` must come before anything starts JAX's backend, so importing quotient_sgd
+    (every subpackage, the CLI included) computes nothing: an optax state built at import time to read its type
+    started the backend, and every multi-host sweep failed in ``initialize``."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    code = ("import quotient_sgd, quotient_sgd.cli, quotient_sgd.config, quotient_sgd.data, quotient_sgd.diagnostics, "
+            "quotient_sgd.hj, quotient_sgd.models, quotient_sgd.observables, quotient_sgd.optim, quotient_sgd.runner, "
+            "quotient_sgd.symmetry\n"
+            "import jax\n"
+            f"jax.distributed.initialize(coordinator_address='127.0.0.1:{port}', num_processes=1, process_id=0)\n"
+            "print('processes', jax.process_count())\n"
+            "jax.distributed.shutdown()\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 0 and "processes 1" in out.stdout, out.stderr[-2000:]

@@ -690,7 +690,9 @@ _NOT_SGD_STATES = tuple(t for t in (
         "COCOBState", "DAdaptAdamWState", "DifferentiallyPrivateAggregateState", "DoGState", "DoWGState",
         "GaLoreState", "MadgradState", "MechanicState", "MomoAdamState", "MomoState", "ProdigyState",
         "ScaleByAdemamixState", "ScaleBySimplifiedAdEMAMixState", "ScheduleFreeState", "SophiaState")),
-    type(optax.scale_by_optimistic_gradient().init({})),  # not exported by optax
+    # not exported by optax; its type read abstractly (an init here would start JAX's backend on import, and
+    # jax.distributed.initialize must come before that)
+    type(jax.eval_shape(optax.scale_by_optimistic_gradient().init, {})),
 ) if t is not None and t is not optax.EmptyState)
 
 

@@ -189,3 +189,18 @@ def test_importing_the_package_leaves_jax_distributed_initialize_possible():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert out.returncode == 0 and "processes 1" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("flags", [["--workdir=a", "--workdir=b"], ["--workdir=a", "--workdir", "b"],
+                                   ["--process_id=0", "--process_id=1"]])
+def test_a_command_line_flag_given_twice_is_refused(flags, tmp_path, monkeypatch, capsys):
+    """absl keeps the last of a flag given twice without a word (``--workdir=a ... --workdir=b`` wrote into b); like
+    ``--config``, the command's own flags are refused when given twice, naming every value, and nothing is written."""
+    from quotient_sgd.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["quotient-sgd", "run", f"--config={TINY}", "--config.steps=3", *flags]) == 2
+    err = capsys.readouterr().err
+    name = flags[0].partition("=")[0]
+    assert f"{name} is given 2 times" in err, err
+    assert os.listdir(tmp_path) == []

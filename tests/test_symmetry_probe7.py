@@ -133,3 +133,25 @@ def test_grad_of_rescale_invariants_at_a_unit_with_a_zero_side_is_finite(x64):
     got, fd = _fd_check(group.invariants, p, _direction(p, frozen=("w_out",)))
     assert abs(got - fd) < 1e-7 * (1 + abs(fd))
 
+
+
+def test_act_refuses_a_permutation_element_that_repeats_a_unit():
+    """An element whose permutation repeats a unit (``[0, 0, 1, 2]``: two copies of unit 0, unit 3 dropped) was
+    applied without a word, changing the network's function; a concrete one is refused naming the action, and a
+    valid element (and any element under jit, whose values are unknown) acts as before."""
+    from flax import nnx
+
+    from quotient_sgd import models
+
+    model = models.MLP(3, (4,), 2, rngs=nnx.Rngs(0))
+    _, p = nnx.split(model, nnx.Param)
+    G = model.symmetries()
+    g = G.sample(jax.random.key(0), p)
+    i = g.indices.index([type(c).__name__ for c in G.components].index("Permutation"))
+    elements = list(g.elements)
+    elements[i] = jnp.array([0, 0, 1, 2], jnp.int32)
+    bad = type(g)(indices=g.indices, elements=tuple(elements))
+    with pytest.raises(ValueError, match=r"is not a permutation of 0\.\.3"):
+        G.act(bad, p)
+    G.act(g, p)  # valid: no error
+    jax.jit(G.act)(bad, p)  # traced: values not checked

@@ -276,6 +276,12 @@ class Group(eqx.Module):
             raise ValueError(f"act: {where}the element for action {self.name!r} has shapes {got}, but at these "
                              f"parameters its elements have shapes {need}; sample the element (or take it from "
                              f"identity / canonical_element) at parameters of the same architecture")
+        if not any(isinstance(a, jax.core.Tracer) for a in gleaves):  # (traced: values unknown, shapes checked)
+            self._check_element_values(g, where)
+
+    def _check_element_values(self, g, where: str = "") -> None:
+        """``ValueError`` when the values of a concrete element ``g`` are not an element of this action (a
+        permutation that repeats a unit); shapes are checked already.  Nothing to check by default."""
 
     def act(self, g, params):
         """``g . params``.  ``ValueError`` when ``g`` is not an element of this group at these parameters' shapes."""

@@ -88,6 +88,14 @@ class Permutation(Group):
     def _identity(self, flat):
         return jnp.arange(self._n(flat), dtype=jnp.int32)
 
+    def _check_element_values(self, g, where: str = "") -> None:
+        g = np.asarray(g)
+        if not np.all(np.sort(g, axis=-1) == np.arange(g.shape[-1])):
+            shown = np.array2string(g, threshold=20)
+            raise ValueError(f"act: {where}the element for permutation {self.name!r} is not a permutation of "
+                             f"0..{g.shape[-1] - 1} (it repeats or skips units: {shown}); sample the element, or "
+                             f"compose / invert elements of this group")
+
     def _act(self, g, flat):
         out = dict(flat)
         for p, a in self.members:

@@ -508,9 +508,10 @@ class Product(Group):
             size = jnp.zeros((), tol.dtype)
             for j, c in enumerate(comps):
                 d = c._canonical_element(apply(tuple(xis)))
-                xis[j] = jax.tree.map(jnp.add, xis[j], d)
+                # (cast back: parameters of mixed widths, float32 kernels with float64 biases, promote the step)
+                xis[j] = jax.tree.map(lambda x, y: (x + y).astype(x.dtype), xis[j], d)
                 for x in jax.tree.leaves(d):
-                    size = jnp.maximum(size, jnp.max(jnp.abs(x)))
+                    size = jnp.maximum(size, jnp.max(jnp.abs(x)).astype(size.dtype))
             return tuple(xis), it + 1, size
 
         def residual(xis):
@@ -560,8 +561,8 @@ class Product(Group):
             size = jnp.zeros((), tol.dtype)
             for j in range(len(xr)):
                 d = delta(xr, j)
-                xr[j] = xr[j] + d
-                size = jnp.maximum(size, jnp.max(jnp.abs(d), initial=0))
+                xr[j] = (xr[j] + d).astype(xr[j].dtype)  # (mixed widths: as in _sweeps)
+                size = jnp.maximum(size, jnp.max(jnp.abs(d), initial=0).astype(size.dtype))
             return tuple(xr), it + 1, size
 
         xr0 = tuple(comps[i]._identity(flat) if init is None else init[i] for i in resc)

@@ -447,17 +447,14 @@ def _main(argv: list[str]) -> int:
     load_error = _config_load_error(argv[1:])
     if load_error:
         return _fail(load_error)
-    given = [a.partition("=")[2] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
-             for i, a in enumerate(argv) if i and re.match(r"^-{1,2}config(=|$)", a)]
-    if len(given) > 1:  # absl would load the last, the checks of the file read the first
-        return _fail(f"--config is given {len(given)} times ({', '.join(map(repr, given))}); give one config file, "
-                     f"and change its keys with --config.KEY=VALUE")
-    for name in ("workdir", "coordinator_address", "num_processes", "process_id"):
-        # absl keeps the last of a flag given twice, silently: a run would write where the first did not say
-        seen = [a.partition("=")[2] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
-                for i, a in enumerate(argv) if i and re.match(rf"^-{{1,2}}{name}(=|$)", a)]
-        if len(seen) > 1:
-            return _fail(f"--{name} is given {len(seen)} times ({', '.join(map(repr, seen))}); give it once")
+    for name in ("config", "workdir", "coordinator_address", "num_processes", "process_id"):
+        # absl keeps the last of a flag given twice, silently (for --config, the checks of the file read the first)
+        given = [a.partition("=")[2] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
+                 for i, a in enumerate(argv) if i and re.match(rf"^-{{1,2}}{name}(=|$)", a)]
+        if len(given) > 1:
+            return _fail(f"--{name} is given {len(given)} times ({', '.join(map(repr, given))}); "
+                         + ("give one config file, and change its keys with --config.KEY=VALUE" if name == "config"
+                            else "give it once"))
     if len(argv) > 1 and re.fullmatch(r"-{1,2}config", argv[-1]):  # (ml_collections: "an earlier failure to load")
         return _fail("--config needs a file path, and none follows it; write --config=configs/<name>.py, or leave "
                      "the flag out for the default")

@@ -144,3 +144,33 @@ def tiny_settings(steps: int = 20, **over):
     for k, v in over.items():
         c.update_from_flattened_dict({k: v})
     return validate(c)
+
+
+def permutation_gauge_case(steps: int):
+    """A float64 4-8-3 MLP classifier and SGD data for ``steps`` steps, for gauge_fix runs on its full group and on
+    the group without its permutations.  Returns ``(full, noperm, outputs)``: ``outputs(tx, group)`` trains
+    ``gauge_fix(tx, group)`` and returns the network's outputs on a fixed probe batch at every step."""
+    import optax
+    from flax import nnx
+
+    from quotient_sgd import models
+    from quotient_sgd.optim import gauge_fix, train
+    from quotient_sgd.symmetry import Product
+
+    model = models.MLP(4, (8,), 3, classifier=True, param_dtype=jnp.float64, rngs=nnx.Rngs(1))
+    gd, params, rest = nnx.split(model, nnx.Param, ...)
+    full = model.symmetries()
+    noperm = Product([c for c in full.components if c.continuous])
+    key = jax.random.key(3)
+    x = jax.random.normal(key, (steps, 16, 4), jnp.float64)
+    y = jax.random.randint(jax.random.fold_in(key, 1), (steps, 16), 0, 3)
+    probe = jax.random.normal(jax.random.key(9), (32, 4), jnp.float64)
+
+    def lwo(p, batch):
+        m = nnx.merge(gd, p, rest)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(m(batch[0]), batch[1])), m(probe)
+
+    def outputs(tx, group):
+        return train(lwo, params, gauge_fix(tx, group), (x, y), has_aux=True, donate=False)[2]["aux"]
+
+    return full, noperm, outputs

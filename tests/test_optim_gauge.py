@@ -9,6 +9,8 @@ from jax.flatten_util import ravel_pytree
 from quotient_sgd.optim import gauge_fix, horizontal, quotient_trajectory, train
 from quotient_sgd.symmetry import Product, Rescale, Translation
 
+from helpers import permutation_gauge_case
+
 
 def _init(key, sizes=(3, 6, 5, 3)):
     ks = jax.random.split(key, len(sizes))
@@ -97,27 +99,10 @@ def test_gauge_fix_state_follows_unit_permutations(x64, monkeypatch):
     """The canonical sort reorders hidden units between steps; with momentum or Adam, gauge_fix permutes the
     optimiser state with them, so the run computes the same function (float64, every step) as gauge_fix on the
     group without the permutations.  Without the state permutation the two runs part (checked)."""
-    from flax import nnx
-
-    from quotient_sgd import models
     from quotient_sgd.optim import _gauge
 
-    model = models.MLP(4, (8,), 3, classifier=True, param_dtype=jnp.float64, rngs=nnx.Rngs(1))
-    gd, params, rest = nnx.split(model, nnx.Param, ...)
-    full = model.symmetries()
-    noperm = Product([c for c in full.components if c.continuous])
+    full, noperm, outputs = permutation_gauge_case(30)
     assert len(noperm.components) < len(full.components)
-    key = jax.random.key(3)
-    x = jax.random.normal(key, (30, 16, 4), jnp.float64)
-    y = jax.random.randint(jax.random.fold_in(key, 1), (30, 16), 0, 3)
-    probe = jax.random.normal(jax.random.key(9), (32, 4), jnp.float64)
-
-    def lwo(p, batch):
-        m = nnx.merge(gd, p, rest)
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(m(batch[0]), batch[1])), m(probe)
-
-    def outputs(tx, group):
-        return train(lwo, params, gauge_fix(tx, group), (x, y), has_aux=True, donate=False)[2]["aux"]
 
     for tx in (optax.sgd(0.3, momentum=0.9), optax.adam(0.05)):
         with jax.numpy_dtype_promotion("standard"):  # optax.adam's bias correction mixes int32 and float

@@ -9,8 +9,9 @@ import optax
 import optax.contrib
 import pytest
 
-from quotient_sgd.optim import SGDSpec, gauge_fix, quotient_trajectory, train
+from quotient_sgd.optim import SGDSpec, quotient_trajectory, train
 from test_optim_trajectory import data, init_mlp, mlp_group, xent
+from helpers import permutation_gauge_case
 
 CHARGES = ("charge_drift", "charge_drift_predicted")
 
@@ -50,31 +51,13 @@ def test_gauge_fix_permutes_masked_optimiser_states_with_the_units(x64, name):
     optax.MaskedNode for the parameters it does not cover, so it stayed with the old unit order and every reorder
     handed a unit another unit's velocity (10 steps: the run's outputs 6.9 / 3.0 apart from the same run on the group
     without permutations).  Now permuted leaf by leaf, MaskedNodes kept: the two runs agree to rounding."""
-    from flax import nnx
-
-    from quotient_sgd import models
-    from quotient_sgd.symmetry import Product
-
-    model = models.MLP(4, (8,), 3, classifier=True, param_dtype=jnp.float64, rngs=nnx.Rngs(1))
-    gd, params, rest = nnx.split(model, nnx.Param, ...)
-    full = model.symmetries()
-    noperm = Product([c for c in full.components if c.continuous])
-    key = jax.random.key(3)
-    x = jax.random.normal(key, (10, 16, 4), jnp.float64)
-    y = jax.random.randint(jax.random.fold_in(key, 1), (10, 16), 0, 3)
-    probe = jax.random.normal(jax.random.key(9), (32, 4), jnp.float64)
-
-    def lwo(p, batch):
-        m = nnx.merge(gd, p, rest)
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(m(batch[0]), batch[1])), m(probe)
-
+    full, noperm, outputs = permutation_gauge_case(10)
     if name == "masked":
         tx = optax.masked(optax.sgd(0.3, momentum=0.9), KERNELS)
     else:
         tx = optax.multi_transform({"kernel": optax.sgd(0.3, momentum=0.9), "bias": optax.sgd(0.1, momentum=0.5)},
                                    LABELS)
-    a, b = (train(lwo, params, gauge_fix(tx, g), (x, y), has_aux=True, donate=False)[2]["aux"] for g in (full, noperm))
-    np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(outputs(tx, full), outputs(tx, noperm), rtol=1e-8, atol=1e-8)
 
 
 def test_matfree_lanczos_steps_above_the_parameter_count_is_refused_at_init():

@@ -204,6 +204,12 @@ class LiveDetector:
                            f"other keys are read on); got keys {sorted(chunk)}")
         if chunk["loss"].ndim == 0:  # one step given as scalars: a chunk of one row
             chunk = {k: v[None] for k, v in chunk.items()}
+        rows = chunk["loss"].shape[:1]
+        for k in ("lr", "learning_rate"):
+            # a constant learning rate given once (as detect takes it) holds for each row of the chunk: kept 0-d,
+            # the join failed in NumPy's bare "zero-dimensional arrays cannot be concatenated"
+            if k in chunk and chunk[k].ndim == 0:
+                chunk[k] = np.broadcast_to(chunk[k], rows)
         if chunk["loss"].ndim != 1:
             # its 'loss' was dropped from the joined trajectory (a per-step shape that changes between chunks), and
             # every later update failed in "a trajectory needs at least the 'loss' key"

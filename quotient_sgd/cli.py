@@ -569,7 +569,9 @@ def _main(argv: list[str]) -> int:
                 return 0
             from .runner import sweep
 
-            _init_distributed(fv)
+            bad_start = _init_distributed(fv)
+            if bad_start:
+                return _fail(bad_start)
             out = sweep(settings, workdir)
             noun = "member" if out.num_members == 1 else "members"
             did = "wrote" if out.wrote else "finished before, kept as it was:"
@@ -736,14 +738,21 @@ def _launch_error(fv, cmd: str) -> str | None:
         given = [f"--{n}" for n in _LAUNCH_FLAGS if fv[n].present]
         return (f"{', '.join(given)}: a run is one process; the multi-host options are for `quotient-sgd sweep`"
                 if given else None)
+    # (ranges first, whichever way the processes are found: a count of 0 or -3 passed silently without a
+    # coordinator, and --distributed handed an id outside the count to jax.distributed.initialize)
+    if fv.num_processes is not None and fv.num_processes < 1:
+        return f"--num_processes (or QSGD_NUM_PROCESSES) = {fv.num_processes}: must be >= 1"
+    if fv.process_id is not None and not (0 <= fv.process_id < (fv.num_processes or fv.process_id + 1)):
+        return (f"--process_id (or QSGD_PROCESS_ID) = {fv.process_id}: must be in [0, {fv.num_processes - 1}] "
+                f"(--num_processes = {fv.num_processes})" if fv.num_processes is not None else
+                f"--process_id (or QSGD_PROCESS_ID) = {fv.process_id}: must be >= 0")
     if fv.coordinator_address:
+        host, _, port = fv.coordinator_address.rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            return (f"--coordinator_address (or QSGD_COORDINATOR_ADDRESS) = {fv.coordinator_address!r}: expected "
+                    f"HOST:PORT, a host name or address and a port in [1, 65535] (e.g. 10.0.0.1:8476)")
         if fv.num_processes is None or fv.process_id is None:
             return "--coordinator_address needs --num_processes and --process_id"
-        if fv.num_processes < 1:
-            return f"--num_processes (or QSGD_NUM_PROCESSES) = {fv.num_processes}: must be >= 1"
-        if not 0 <= fv.process_id < fv.num_processes:
-            return (f"--process_id (or QSGD_PROCESS_ID) = {fv.process_id}: must be in [0, {fv.num_processes - 1}] "
-                    f"(--num_processes = {fv.num_processes})")
     elif not fv.distributed and ((fv.num_processes or 1) > 1 or (fv.process_id or 0) != 0):
         return (f"--num_processes = {fv.num_processes}, --process_id = {fv.process_id} (flags or QSGD_NUM_PROCESSES, "
                 f"QSGD_PROCESS_ID) without a coordinator: each process would run the whole sweep on its own into the "
@@ -752,15 +761,63 @@ def _launch_error(fv, cmd: str) -> str | None:
     return None
 
 
-def _init_distributed(fv) -> None:
-    """``jax.distributed.initialize`` as the (checked, :func:`_launch_error`) options of a sweep ask."""
+def _port_taken(port: int) -> str | None:
+    """Why ``port`` cannot be listened on here (``EADDRINUSE``'s text), ``None`` when it can: bound as JAX's
+    coordinator binds it (every address, IPv6 and IPv4; ``SO_REUSEADDR``, so a port whose last connections are in
+    ``TIME_WAIT`` counts as free, as it does for the coordinator)."""
+    import errno
+    import socket
+
+    for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:  # (no IPv6 on this machine)
+            continue
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            return None
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return e.strerror or "address already in use"
+        finally:
+            sock.close()
+    return None
+
+
+def _init_distributed(fv) -> str | None:
+    """``jax.distributed.initialize`` as the (checked, :func:`_launch_error`) options of a sweep ask; what stops
+    it, said plainly (``None`` when it succeeds or is not asked for).  Nothing is written before: JAX's own
+    error escaped as a traceback (``--distributed`` where its auto-detection finds no cluster: "coordinator_address
+    should be defined"; a coordinator port already taken: "Failed to start RPC server")."""
     import jax
 
-    if fv.coordinator_address:
-        jax.distributed.initialize(coordinator_address=fv.coordinator_address, num_processes=fv.num_processes,
-                                   process_id=fv.process_id)
-    elif fv.distributed:  # a process count or id given with it completes what the auto-detection finds
-        jax.distributed.initialize(num_processes=fv.num_processes, process_id=fv.process_id)
+    if fv.coordinator_address and fv.process_id == 0:
+        taken = _port_taken(int(fv.coordinator_address.rpartition(":")[2]))
+        if taken:  # (JAX's own "Failed to start RPC server" there, or a segmentation fault in its gRPC service)
+            return (f"cannot start the multi-host sweep: process 0 starts the coordinator on the port of "
+                    f"--coordinator_address={fv.coordinator_address}, and this machine's port "
+                    f"{fv.coordinator_address.rpartition(':')[2]} is taken ({taken}): another program, or a launch "
+                    f"still running, listens on it. Choose another port (the same for every process)")
+    try:
+        if fv.coordinator_address:
+            jax.distributed.initialize(coordinator_address=fv.coordinator_address, num_processes=fv.num_processes,
+                                       process_id=fv.process_id)
+        elif fv.distributed:  # a process count or id given with it completes what the auto-detection finds
+            jax.distributed.initialize(num_processes=fv.num_processes, process_id=fv.process_id)
+    except Exception as e:  # noqa: BLE001  (whatever JAX raises: nothing was started or written)
+        if interrupt_in(e) is not None:
+            raise
+        text = f"{type(e).__name__}: {str(e).strip()}"
+        if fv.coordinator_address:
+            return (f"cannot start the multi-host sweep: jax.distributed.initialize(coordinator_address="
+                    f"{fv.coordinator_address!r}, num_processes={fv.num_processes}, process_id={fv.process_id}) "
+                    f"failed ({text}); check that the address is this job's coordinator (process 0 listens on its "
+                    f"port, which must be free) and reachable from every process")
+        return (f"--distributed: jax.distributed.initialize() failed ({text}); JAX's cluster auto-detection (TPU "
+                f"pods, SLURM, ...) found no cluster it can start from here. Give --coordinator_address=HOST:PORT "
+                f"--num_processes=N --process_id=I instead, or leave --distributed out for one process")
+    return None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,90 @@
+"""The sweep command's multi-host options (flags and environment), ..."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+
+
+def _child_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("QSGD_", "XLA_FLAGS", "JAX_"))}
+    env.update(PYTHONPATH=ROOT, QSGD_NO_MALLOC_TUNING="1", QSGD_COMPILATION_CACHE="off", JAX_PLATFORMS="cpu")
+    return env
+
+
+def _unreached(monkeypatch):
+    """Reaching jax.distributed.initialize or the sweep fails the test (the options are refused before)."""
+    import jax
+
+    import quotient_sgd.runner as runner_pkg
+
+    def reached(*a, **k):
+        raise AssertionError("the command went on past its option checks")
+
+    monkeypatch.setattr(runner_pkg, "sweep", reached)
+    monkeypatch.setattr(jax.distributed, "initialize", reached)
+
+
+@pytest.mark.parametrize("args, env, needle", [
+    (["--num_processes=0"], {}, "--num_processes (or QSGD_NUM_PROCESSES) = 0: must be >= 1"),
+    ([], {"QSGD_NUM_PROCESSES": "-3"}, "--num_processes (or QSGD_NUM_PROCESSES) = -3: must be >= 1"),
+    (["--distributed", "--process_id=-1"], {}, "--process_id (or QSGD_PROCESS_ID) = -1: must be >= 0"),
+    (["--distributed", "--num_processes=2", "--process_id=5"], {},
+     "--process_id (or QSGD_PROCESS_ID) = 5: must be in [0, 1] (--num_processes = 2)"),
+    (["--distributed", "--num_processes=0"], {}, "--num_processes (or QSGD_NUM_PROCESSES) = 0: must be >= 1"),
+    (["--coordinator_address=nohost", "--num_processes=1", "--process_id=0"], {},
+     "--coordinator_address (or QSGD_COORDINATOR_ADDRESS) = 'nohost': expected HOST:PORT"),
+    (["--num_processes=1", "--process_id=0"], {"QSGD_COORDINATOR_ADDRESS": "127.0.0.1:port"},
+     "= '127.0.0.1:port': expected HOST:PORT, a host name or address and a port in [1, 65535]"),
+    (["--coordinator_address=127.0.0.1:70000", "--num_processes=1", "--process_id=0"], {},
+     "= '127.0.0.1:70000': expected HOST:PORT"),
+])
+def test_multi_host_counts_ids_and_addresses_out_of_range_are_refused(tmp_path, monkeypatch, capsys, args, env,
+                                                                      needle):
+    """A process count below 1 (flag or QSGD_NUM_PROCESSES) without a coordinator passed silently: the sweep ran
+    as one process (``--num_processes=-3``: exit 0).  With ``--distributed`` a negative id, or one outside the
+    count, went to jax.distributed.initialize, and a coordinator address without a port failed there with an
+    ``IndexError`` traceback (``'nohost'``) or a "Failed to start RPC server" (``'127.0.0.1:port'``).  Each is
+    refused naming the option, the value and what is allowed, before anything starts or is written."""
+    from quotient_sgd.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for k in ("QSGD_COORDINATOR_ADDRESS", "QSGD_NUM_PROCESSES", "QSGD_PROCESS_ID"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    _unreached(monkeypatch)
+    code = main(["quotient-sgd", "sweep", f"--config={TINY}", "--config.steps=2", *args, "--workdir=w"])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and "Traceback" not in err, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_coordinator_that_cannot_start_is_named_without_a_traceback(tmp_path):
+    """``--distributed`` where JAX's cluster auto-detection finds no cluster ended in JAX's traceback
+    ("ValueError: coordinator_address should be defined", exit 1), and a coordinator port another program listens
+    on in JAX's "Failed to start RPC server" traceback or a segmentation fault of its gRPC service (exit 139).
+    Both are named (the option, the address, what to do), exit status 2, nothing written."""
+    script = (
+        "import socket, sys\n"
+        "from quotient_sgd.cli import main\n"
+        "busy = socket.socket(); busy.bind(('127.0.0.1', 0)); busy.listen(1); port = busy.getsockname()[1]\n"
+        f"common = ['quotient-sgd', 'sweep', '--config={TINY}', '--config.steps=2', '--workdir=w']\n"
+        "codes = [main(common + ['--distributed']),\n"
+        "         main(common + [f'--coordinator_address=127.0.0.1:{port}', '--num_processes=1', '--process_id=0'])]\n"
+        "print('CODES', codes, port, flush=True)\n")
+    env = _child_env()
+    env = {k: v for k, v in env.items() if not k.startswith(("SLURM_", "OMPI_", "PMI_", "TPU_"))}
+    p = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0 and "CODES [2, 2]" in p.stdout, (p.returncode, p.stdout, p.stderr[-3000:])
+    port = p.stdout.split()[-1]
+    assert "--distributed: jax.distributed.initialize() failed (ValueError: coordinator_address should be " \
+           "defined.)" in p.stderr, p.stderr
+    assert f"--coordinator_address=127.0.0.1:{port}, and this machine's port {port} is taken" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr, p.stderr
+    assert os.listdir(tmp_path) == []

@@ -30,3 +30,38 @@ def test_live_chunks_with_a_learning_rate_given_once_give_the_offline_events():
         live.update({"loss": loss[a:b], "lr": lr, "sharpness_raw": sharp[a:b]})
     lrs = np.r_[np.full(100, 0.1), np.full(n - 100, 0.05)]
     assert _events(live.events) == _events(detect({"loss": loss, "lr": lrs, "sharpness_raw": sharp}, horizon=n))
+
+
+def _rate_change(seed, n=2000, change=1200):
+    """A positive series whose log-rate falls from -1e-3 to -4e-3 per step at ``change`` (noise 0.01 per step)."""
+    rng = np.random.default_rng(seed)
+    rate = np.where(np.arange(n) < change, -1e-3, -4e-3)
+    return np.exp(np.cumsum(rate + 0.01 * rng.standard_normal(n)))
+
+
+def test_a_key_recorded_every_k_steps_with_nan_between_records_is_monitored_for_transitions():
+    # detect reads a series recorded every K steps as holding its value or as NaN in between. The transition
+    # detector differenced the NaN-interleaved form as it came: every difference was NaN, every block skipped, and
+    # the key was never monitored (no event for a rate change the held form detects). NaN rows between records
+    # now hold the last recorded value: both forms give the same events.
+    n, k = 2000, 10
+    loss = np.exp(-np.arange(n) / 5000.0) * (1 + 1e-3 * np.random.default_rng(99).standard_normal(n))
+    for seed in (0, 1):
+        g = _rate_change(seed, n)
+        held = g[(np.arange(n) // k) * k]
+        sparse = np.where(np.arange(n) % k == 0, g, np.nan)
+        ev_held = detect({"loss": loss, "grad_norm_canonical": held}, kinds=["transition"], horizon=n)
+        ev_sparse = detect({"loss": loss, "grad_norm_canonical": sparse}, kinds=["transition"], horizon=n)
+        assert _events(ev_sparse) == _events(ev_held)
+        found = [e for e in ev_sparse if e.details["observable"] == "grad_norm_canonical"]
+        assert len(found) == 1 and found[0].step > 1200 and found[0].details["direction"] == -1
+        # NaN before the first record and after the last stay NaN (nothing recorded there yet)
+        late = sparse.copy()
+        late[:300] = np.nan
+        late[-35:] = np.nan
+        from quotient_sgd.diagnostics._detect import _hold_between_records
+
+        filled = _hold_between_records(late)
+        last = int(np.flatnonzero(~np.isnan(late))[-1])
+        assert np.all(np.isnan(filled[:300])) and np.all(np.isnan(filled[last + 1:]))
+        np.testing.assert_array_equal(filled[300:last + 1], held[300:last + 1])

@@ -671,6 +671,20 @@ def _transform(v: np.ndarray, how: str) -> np.ndarray:
     raise ValueError(f"unknown transform {how!r}; use 'log_diff', 'diff' or 'level'")
 
 
+def _hold_between_records(v: np.ndarray) -> np.ndarray:
+    """``v`` with each NaN row between two recorded (non-NaN) rows holding the last recorded value: a series
+    recorded every ``K`` steps given as NaN in between reads as the same series held between records (as
+    :func:`~quotient_sgd.optim.quotient_trajectory` keeps it).  Every difference of a NaN-interleaved series was NaN,
+    every block was skipped and the key was never monitored.  NaN rows before the first record and after the last
+    stay NaN (nothing is known there yet: a live chunk ending between records)."""
+    rec = ~np.isnan(v)
+    if rec.all() or not rec.any():
+        return v
+    last = np.maximum.accumulate(np.where(rec, np.arange(len(v)), -1))
+    inner = ~rec & (last >= 0) & (np.arange(len(v)) < np.flatnonzero(rec)[-1])
+    return np.where(inner, v[np.maximum(last, 0)], v)
+
+
 def default_transition_keys(traj, variant: str = "quotient") -> list[str]:
     """Scalar keys monitored by default: orbit-invariant training-side observables (``loss``,
     ``grad_norm_canonical``, ``invariant_norms/*``) for ``quotient``; ``grad_norm`` for ``raw``.  Held-out metrics
@@ -702,7 +716,9 @@ def detect_transition(traj, *, steps, transition_keys: Sequence[str] | None = No
     trajectory lacks is skipped with a warning).  ``horizon``: planned trajectory length in steps for live use
     (fixes the block length and the threshold, so that chunks of any size give the events of the whole
     trajectory).  Event step: the alarm (causal detection time, end of the block); ``details.onset_step`` the
-    estimated change point.
+    estimated change point.  A key recorded every ``K`` steps may hold its value or be NaN between records: NaN
+    rows between two records hold the last recorded value (the two forms give the same events); non-finite
+    values otherwise (an infinite loss) skip the blocks that hold them.
     """
     n = len(steps)
     # with a planned horizon the block length must not depend on how much of the run has arrived: a block that
@@ -732,7 +748,7 @@ def detect_transition(traj, *, steps, transition_keys: Sequence[str] | None = No
     # run (split per variant, a trajectory with quotient and raw keys had twice the stated false-alarm rate)
     a = alpha / max(1, len(monitored))
     for variant, key in monitored:
-        v = scalar(traj, key)
+        v = _hold_between_records(scalar(traj, key))
         how = transform.get(key, "auto") if isinstance(transform, Mapping) else transform
         if how == "auto":
             fin = v[np.isfinite(v)]

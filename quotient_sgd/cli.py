@@ -386,8 +386,30 @@ def _unused_override_error(argv: list[str], settings, cmd: str) -> str | None:
             now, dflt = getattr(now, part), getattr(dflt, part)
         if now == dflt:
             continue  # a reset to the default (momentum=0 for Adam, an emptied sweep axis on `run`) asks for nothing
+        if _validation_needs(argv, settings, key):
+            continue  # (the file's value of the key does not validate: the override is how the config becomes valid)
         return f"config.{key} = {value}: this override would have no effect: {unused[key]}"
     return None
+
+
+def _validation_needs(argv: list[str], settings, key: str) -> bool:
+    """Whether the config does not validate with the config file's own value of ``key`` in place of the
+    override's (the other overrides kept): validation checks every key whatever the command, so a key the command
+    does not read can still have to change (``data.batch_size`` above a training set that ``--config.data.n_train``
+    shrank, on a sweep whose ``sweep.batch_size`` replaces it), and refusing its override as without effect left no
+    command line that runs."""
+    from .config import ConfigError, load_config, quickstart_path, validate
+
+    try:
+        node = load_config(_config_path(argv) or quickstart_path())
+        for part in key.split("."):
+            node = node[part]
+        validate(settings.replace(**{key: node}).to_dict())
+    except ConfigError:
+        return True
+    except Exception:  # noqa: BLE001  (the file loaded and validated before: nothing else to tell)
+        return False
+    return False
 
 
 #: What a bool value written as a separate argument looks like (absl reads 1/0 given to a bool as True/False).

@@ -88,3 +88,32 @@ def test_a_coordinator_that_cannot_start_is_named_without_a_traceback(tmp_path):
     assert f"--coordinator_address=127.0.0.1:{port}, and this machine's port {port} is taken" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr, p.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_an_override_that_validation_needs_is_not_refused_as_without_effect(tmp_path, monkeypatch, capsys):
+    """Validation checks every key whatever the command: ``data.batch_size = 16`` of configs/tiny.py above a
+    training set shrunk to 10 examples is refused also on a sweep whose ``sweep.batch_size`` replaces it, and the
+    override that fixes it (``--config.data.batch_size=8``) was refused as "would have no effect": no command line
+    ran the sweep.  The override passes when the file's own value does not validate; one that is not needed is
+    still refused."""
+    from types import SimpleNamespace
+
+    import quotient_sgd.runner as runner_pkg
+    from quotient_sgd.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    got = []
+
+    def fake_sweep(settings, workdir, **kw):
+        got.append(settings)
+        return SimpleNamespace(num_members=2, wrote=True, wall_s=0.0)
+
+    monkeypatch.setattr(runner_pkg, "sweep", fake_sweep)
+    common = ["quotient-sgd", "sweep", f"--config={TINY}", "--config.sweep.batch_size=(4,8)", "--workdir=w"]
+    assert main(common + ["--config.data.n_train=10"]) == 2
+    assert "config.data.batch_size = 16: larger than the training set (10 examples" in capsys.readouterr().err
+    assert main(common + ["--config.data.n_train=10", "--config.data.batch_size=8"]) == 0, capsys.readouterr().err
+    assert got and got[0].data.n_train == 10 and got[0].data.batch_size == 8 and got[0].sweep.batch_size == (4, 8)
+    assert main(common + ["--config.data.batch_size=8"]) == 2  # (16 fits the file's 128 examples: not needed)
+    assert "config.data.batch_size = 8: this override would have no effect" in capsys.readouterr().err
+    assert len(got) == 1 and os.listdir(tmp_path) == []

@@ -150,7 +150,11 @@ def effective_lr(group, params, grads, updates, grads_canonical) -> dict[str, ja
       ``eta_j = -<Delta_j, g_j> (a^2 + b^2) / |g_j|^2`` (sums over the unit's incoming and outgoing slices).
       For an SGD step this is exactly ``eta (a^2 + b^2) = 2 eta sqrt(Q_j^2 + m_j^2)``: the rate at which the
       unit's function component ``m_j = a b`` (orbit part) moves, amplified by its charge
-      ``Q_j = (a^2 - b^2) / 2`` (charge part).
+      ``Q_j = (a^2 - b^2) / 2`` (charge part).  ``m_j = a b`` is the orbit invariant (``group.invariants``) of a
+      unit whose weights no other rescale touches (one hidden layer).  In a chain of rescales (a deeper MLP)
+      the next layer's factors also scale ``b`` (and the previous layer's ``a``): ``a b`` then moves along the
+      orbit, a function of (orbit, charges) like ``Q_j``, and ``group.invariants`` (taken at the balanced point
+      of the whole chain) is not it.
     - per scale component, per normalised unit: ``-<Delta, g> / (|w|^2 |g|^2)``; ``eta / |w|^2 = eta / (2 Q)``
       for SGD, the effective angular learning rate of a scale-invariant block.
     """

@@ -7,6 +7,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from .. import observables as obs
@@ -182,6 +183,10 @@ def quotient_trajectory(
         raise ValueError(_unknown_observables(unknown))
     if lanczos_method not in ("loop", "unrolled", "matfree"):
         raise ValueError(f"lanczos_method must be 'loop', 'unrolled' or 'matfree', got {lanczos_method!r}")
+    if not isinstance(hessian_at, (tuple, list)) or not all(isinstance(w, str) for w in hessian_at):
+        # (None, a set, a nested list failed in set() with a bare "unhashable type" / "not iterable" TypeError)
+        raise ValueError(f"hessian_at must be a sequence of names from {_HESSIAN_AT_ALL}, e.g. ('horizontal',), "
+                         f"got {hessian_at!r}")
     bad_at = set(hessian_at) - set(_HESSIAN_AT_ALL)
     if bad_at:
         raise ValueError(f"hessian_at: unknown {sorted(bad_at)}; choose from {_HESSIAN_AT_ALL}")
@@ -193,6 +198,12 @@ def quotient_trajectory(
     if spec is not None and not isinstance(spec, SGDSpec):
         raise TypeError(f"quotient_trajectory: spec must be None or a quotient_sgd.optim.SGDSpec (e.g. "
                         f"SGDSpec(0.1, momentum=0.9)), got {spec!r}")
+    # checked whether or not hessian_every is set: an invalid value was accepted silently without it, and then
+    # refused, or (keep_eigenvectors="no", truthy) taken at its truth value, once hessian_every was added
+    check_period("quotient_trajectory", "hessian_k", hessian_k)
+    check_period("quotient_trajectory", "lanczos_steps", lanczos_steps)
+    if not isinstance(keep_eigenvectors, (bool, np.bool_)):
+        raise TypeError(f"quotient_trajectory: keep_eigenvectors must be True or False, got {keep_eigenvectors!r}")
     if hessian_every is not None:
         if not hessian_at:
             raise ValueError(f"hessian_at must name at least one of {_HESSIAN_AT_ALL} when hessian_every is set")
@@ -200,8 +211,6 @@ def quotient_trajectory(
             raise ValueError("quotient_trajectory: hessian_at names 'preconditioned', which needs preconditioner= "
                              "(a function inner_state -> diag(P) like the parameters; for Adam / AdamW "
                              "quotient_sgd.optim.adam_preconditioner(b1, b2, eps))")
-        check_period("quotient_trajectory", "hessian_k", hessian_k)
-        check_period("quotient_trajectory", "lanczos_steps", lanczos_steps)
         if not 1 <= hessian_k <= lanczos_steps:
             raise ValueError(f"need 1 <= hessian_k <= lanczos_steps, got hessian_k={hessian_k}, "
                              f"lanczos_steps={lanczos_steps}")
@@ -378,6 +387,8 @@ def quotient_trajectory(
         dt = jax.tree.leaves(params)[0].dtype
         hp = None if spec is None else {k: jnp.asarray(v, dt) for k, v in spec.resolve(inner_state, count).items()}
         value = extra_args.get("value")
+        if "loss" in want:
+            _check_value(value)
         carry = state.carry
 
         observ = dict(state.observables)
@@ -508,6 +519,7 @@ def quotient_trajectory(
                     "quotient_trajectory(hessian_every=...) needs the extra argument loss_fn=(params -> loss on "
                     "the step's batch); quotient_sgd.optim.train passes it, a hand-written loop must too."
                 )
+            _check_loss_fn(loss_fn, params)
             observ, eigvecs = jax.lax.cond(
                 count % hessian_every == 0,
                 # eta only enters the horizontal shock / fold numbers
@@ -609,6 +621,36 @@ def quotient_trajectory(
     # init traces the observables once for their shapes and may run iterative canonicalisations: jitted, so that
     # repeated inits (new runs, resumed chunks) neither retrace nor dispatch op by op
     return optax.GradientTransformationExtraArgs(jax.jit(init), update)
+
+
+def _check_value(value) -> None:
+    """``ValueError`` unless the extra argument ``value`` is ``None`` or a scalar: it is recorded as the ``loss``
+    observable, whose shape is fixed at ``init``.  A per-example vector or a ``(loss, aux)`` pair was recorded as
+    it came (``loss`` of shape ``(B,)`` or ``(2,)``), changing the state's structure after the first update: inside a
+    ``lax.scan`` an unrelated carry-type error, in a Python loop a wrong ``loss`` with nothing to say so."""
+    if value is None:
+        return
+    if isinstance(value, (tuple, list, dict)) or jnp.shape(value) != ():
+        what = (f"a {type(value).__name__} of {len(value)}" if isinstance(value, (tuple, list, dict))
+                else f"shape {jnp.shape(value)}")
+        raise ValueError(f"quotient_trajectory: the extra argument value= must be the scalar loss at params (recorded "
+                         f"as the 'loss' observable), got {what}; pass the mean loss, and for a loss function with "
+                         f"auxiliary outputs its loss alone (value=loss, not value=(loss, aux))")
+
+
+def _check_loss_fn(loss_fn, params) -> None:
+    """``TypeError`` / ``ValueError`` naming the extra argument ``loss_fn`` unless it is a function ``params ->
+    scalar loss`` (its Hessian is what Lanczos reads; a ``(loss, aux)`` pair or per-example losses failed inside the
+    Hessian-vector product with JAX's "Gradient only defined for scalar-output functions")."""
+    if not callable(loss_fn):
+        raise TypeError(f"quotient_trajectory(hessian_every=...): the extra argument loss_fn must be a function "
+                        f"params -> scalar loss on the step's batch, got {loss_fn!r}")
+    out = jax.eval_shape(loss_fn, params)
+    if not hasattr(out, "shape") or out.shape != ():
+        what = f"shape {out.shape}" if hasattr(out, "shape") else f"a {type(out).__name__}"
+        raise ValueError(f"quotient_trajectory(hessian_every=...): the extra argument loss_fn must return the scalar "
+                         f"loss on the step's batch, got {what} (a loss function with auxiliary outputs: pass "
+                         f"lambda p: loss_fn(p)[0]; per-example losses: their mean)")
 
 
 def _canonical_users(keys, spec, hessian_every, hessian_at, noise_every) -> list[str]:

@@ -117,3 +117,22 @@ def test_an_override_that_validation_needs_is_not_refused_as_without_effect(tmp_
     assert main(common + ["--config.data.batch_size=8"]) == 2  # (16 fits the file's 128 examples: not needed)
     assert "config.data.batch_size = 8: this override would have no effect" in capsys.readouterr().err
     assert len(got) == 1 and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("arg, needle", [
+    ("--config.model=mlp", "config.model = mlp: config.model is a section, not a key; set one of its keys, e.g. "
+                           "--config.model.name=mlp (keys of config.model: ['activation', "),
+    ("--config.sweep=()", "config.sweep = (): config.sweep is a section, not a key; set one of its keys, e.g. "
+                          "--config.sweep.mode=VALUE"),
+])
+def test_a_value_given_to_a_whole_section_is_named(tmp_path, monkeypatch, capsys, arg, needle):
+    """``--config.model=mlp`` (meaning ``model.name``) failed in ml_collections' parser: "Failed to parse 'mlp' as a
+    ConfigDict: ValueError('malformed node or string on line 1: <ast.Name object at 0x...>')".  It is named as a
+    section with its keys, before anything is written."""
+    from quotient_sgd.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["quotient-sgd", "run", f"--config={TINY}", arg, "--workdir=w"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "ast.Name" not in err and "Failed to parse" not in err, err
+    assert os.listdir(tmp_path) == []

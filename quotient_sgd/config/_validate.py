@@ -590,9 +590,16 @@ def check_override_key(key: str, raw: Any) -> None:
     if parts[0] not in top:
         raise unknown(parts[0], list(top), "top-level keys")
     if parts[0] in SECTIONS:
-        if len(parts) == 1:
-            return
         fields = {f.name: f for f in dataclasses.fields(SECTIONS[parts[0]])}
+        if len(parts) == 1:
+            if isinstance(raw, str) and not raw.strip().startswith("{"):  # (a dict literal replaces the section)
+                # (ml_collections: "Failed to parse 'mlp' as a ConfigDict: ValueError('malformed node or string on
+                # line 1: <ast.Name object at 0x...>')")
+                example = (f"--config.{key}.name={raw}" if "name" in fields and raw.strip()
+                           else f"--config.{key}.{next(iter(fields))}=VALUE")
+                raise ConfigError(f"config.{key} = {raw}: config.{key} is a section, not a key; set one of its keys, "
+                                  f"e.g. {example} (keys of config.{key}: {sorted(fields)})")
+            return
         if parts[1] not in fields:
             raise unknown(parts[1], list(fields), f"keys of config.{parts[0]}")
         if len(parts) > 2:

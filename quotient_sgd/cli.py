@@ -243,6 +243,34 @@ def _flag_value_error(exc: BaseException) -> str | None:
     return f"config.{key} = {value!r}: expected {kind}" + ("" if isinstance(node, bool) else f" ({detail})")
 
 
+def _config_key_hint(exc: BaseException) -> str:
+    """For absl's "Unknown command line flag 'steps'" where the flag is a config key written without ``config.``
+    (``--steps=3``, ``--lr=0.1``, ``--optim.lr=0.1``): the ``--config.KEY`` spelling of the keys it names (a
+    top-level key, a dotted key, or the keys of the sections, ``sweep`` aside, with that name); else ``""``."""
+    import dataclasses
+
+    from .config import Settings
+    from .config._settings import SECTIONS
+
+    m = re.fullmatch(r"Unknown command line flag '(?:no)?([\w.]+)'.*", str(exc), re.S)
+    if m is None:
+        return ""
+    name = m.group(1)
+    top = {f.name for f in dataclasses.fields(Settings)}
+    if name in top:
+        keys = [name]
+    elif name.count(".") == 1 and name.split(".")[0] in SECTIONS and name.split(".")[1] in {
+            f.name for f in dataclasses.fields(SECTIONS[name.split(".")[0]])}:
+        keys = [name]
+    else:
+        keys = [f"{sect}.{name}" for sect, cls in SECTIONS.items() if sect != "sweep"
+                and name in {f.name for f in dataclasses.fields(cls)}]
+    if not keys:
+        return ""
+    return (f"; config keys are set as --config.KEY=VALUE: did you mean "
+            f"{' or '.join(f'--config.{k}' for k in keys)}?")
+
+
 def _path_to(root, node, prefix=()):
     """The keys leading from the ``ConfigDict`` ``root`` to ``node`` (identity), or ``None``."""
     if root is node:
@@ -511,7 +539,8 @@ def _main(argv: list[str]) -> int:
     except flags.Error as e:
         # (a file setting a key to None: ml_collections refuses an override of it, "Type NoneType ... is not
         # supported for overriding"; the file's own error says which key holds what)
-        return _fail(_config_file_type_error(e) or _flag_value_error(e) or _config_file_error(argv[1:]) or str(e))
+        return _fail(_config_file_type_error(e) or _flag_value_error(e) or _config_file_error(argv[1:])
+                     or str(e) + _config_key_hint(e))
     except (AttributeError, KeyError, ValueError, TypeError, OSError) as e:
         # ml_collections raises these for an override of a key the config does not have / of the wrong type
         msg = str(e.args[0] if e.args else e).strip("'\"").replace("\\n", " ").replace("\n", " ").replace("\\'", "'")

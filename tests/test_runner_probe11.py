@@ -136,3 +136,24 @@ def test_a_value_given_to_a_whole_section_is_named(tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err
     assert needle in err and "ast.Name" not in err and "Failed to parse" not in err, err
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("arg, hint", [
+    ("--steps=3", "did you mean --config.steps?"),
+    ("--lr=0.1", "did you mean --config.optim.lr?"),
+    ("--optim.lr=0.1", "did you mean --config.optim.lr?"),
+    ("--every=5", "did you mean --config.observables.every or --config.logging.every or --config.checkpoint.every?"),
+])
+def test_a_config_key_given_as_a_flag_of_its_own_is_pointed_to_its_config_spelling(tmp_path, monkeypatch, capsys,
+                                                                                    arg, hint):
+    """``--steps=3`` or ``--lr=0.1`` got absl's bare "Unknown command line flag 'steps'"; the message now says how
+    config keys are set and which key(s) the name is.  A name that is no key gets no hint."""
+    from quotient_sgd.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["quotient-sgd", "run", f"--config={TINY}", arg]) == 2
+    err = capsys.readouterr().err
+    assert "Unknown command line flag" in err and "config keys are set as --config.KEY=VALUE: " + hint in err, err
+    assert main(["quotient-sgd", "run", f"--config={TINY}", "--stepz=3"]) == 2
+    assert "--config.KEY" not in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []

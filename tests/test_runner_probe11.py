@@ -157,3 +157,18 @@ def test_a_config_key_given_as_a_flag_of_its_own_is_pointed_to_its_config_spelli
     assert main(["quotient-sgd", "run", f"--config={TINY}", "--stepz=3"]) == 2
     assert "--config.KEY" not in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("command", ["run", "sweep"])
+def test_an_unvalidated_config_given_to_run_or_sweep_is_named_and_writes_nothing(tmp_path, command):
+    """``quotient_sgd.runner.sweep(config)`` with the ``ConfigDict`` itself (not ``validate(config)``) failed in a
+    bare ``AttributeError: 'axes'`` and left the sweep directory it had created behind (empty); ``run`` named
+    ``build``'s argument.  Both name their own argument and what to pass, before the directory is made."""
+    from quotient_sgd import runner
+    from quotient_sgd.config import load_config
+
+    workdir = tmp_path / "out"
+    with pytest.raises(TypeError, match=rf"^{command}: settings must be a quotient_sgd.config.Settings \(a "
+                                        r"validated config\), got StrictConfigDict; pass quotient_sgd.config.validate"):
+        getattr(runner, command)(load_config(TINY), str(workdir))
+    assert not workdir.exists()

@@ -221,10 +221,16 @@ def build(s: Settings) -> Built:
     """Build the model structure, group, data, loss and optimiser of a validated config (cached: runs whose
     :func:`program_settings` agree get the same object).  ``s``: a :class:`~quotient_sgd.config.Settings`, what
     ``quotient_sgd.config.validate(config)`` returns for a ``ConfigDict``; anything else raises ``TypeError``."""
-    if not isinstance(s, Settings):
-        raise TypeError(f"build: s must be a quotient_sgd.config.Settings (a validated config), got "
-                        f"{type(s).__name__}; pass quotient_sgd.config.validate(config)")
+    require_settings(s, "build", "s")
     return _build(program_settings(s))
+
+
+def require_settings(s, where: str, arg: str) -> None:
+    """``TypeError`` naming ``where`` and its argument ``arg`` unless ``s`` is a validated
+    :class:`~quotient_sgd.config.Settings` (a ``ConfigDict`` is validated first: ``quotient_sgd.config.validate``)."""
+    if not isinstance(s, Settings):
+        raise TypeError(f"{where}: {arg} must be a quotient_sgd.config.Settings (a validated config), got "
+                        f"{type(s).__name__}; pass quotient_sgd.config.validate(config)")
 
 
 @functools.lru_cache(maxsize=16)

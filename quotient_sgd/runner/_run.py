@@ -13,7 +13,7 @@ import numpy as np
 
 from ..config import Settings
 from ..optim import flatten_trajectory
-from ._build import Built, build
+from ._build import Built, build, require_settings
 from ._chunk import hyper_of, init_program, single_programs, to_host
 from ._rundir import (
     Checkpoints,
@@ -140,6 +140,7 @@ def run(settings: Settings, workdir: str, *, built: Built | None = None, max_chu
     """
     t0 = time.time()
     s = settings
+    require_settings(s, "run", "settings")  # (before the directory is looked at)
     require_tensorboard(s)
     check_workdir(workdir, s)  # raises before anything is written
     b = built if built is not None else build(s)

@@ -42,7 +42,7 @@ from .._durable import durable_write
 from ..config import SWEEP_AXES, Settings, SweepSettings, unused_keys
 from ..optim import flatten_trajectory, member_axes
 from ._batches import batch_fn
-from ._build import Built, batch_key, build, init_model, make_inner_optimizer
+from ._build import Built, batch_key, build, init_model, make_inner_optimizer, require_settings
 from ._chunk import (
     chunk_step,
     hyper as _hyper,
@@ -557,14 +557,16 @@ def sweep(settings: Settings, workdir: str, *, members_per_device: int | None = 
     process: what this call created is removed, the directory itself when this call created it), so the
     corrected command can run into the same ``workdir``.  A directory being resumed is never removed.
     """
-    require_tensorboard(settings)  # (every process: raised before anything is written)
+    require_settings(settings, "sweep", "settings")  # (every process: raised before anything is written)
+    require_tensorboard(settings)
     created = not os.path.isdir(workdir)
     progress = {"new": False, "chunks": 0}
     lock = None
     error = None
     if jax.process_index() == 0:  # (the processes of a multi-host sweep share the directory: one holds the lock)
         try:
-            _check_sweep_dir(workdir, settings)  # raises before anything is written
+            # (raises before anything is written; a new sweep failing before its first chunk is removed)
+            progress["new"] = _check_sweep_dir(workdir, settings) is None
             make_directory(workdir, "sweep directory")
             lock = lock_directory(workdir, "sweep directory")  # (refused: the directory is another call's)
         except Exception as e:  # noqa: BLE001  (raised below, in every process)

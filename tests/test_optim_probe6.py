@@ -274,3 +274,33 @@ def test_hessian_arguments_name_themselves(kwargs, error, match):
     None or of lists failed in set() with a bare "not iterable" / "unhashable type"."""
     with pytest.raises(error, match=match):
         quotient_trajectory(optax.sgd(0.1), mlp_group(), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(loss_fn=3.0), r"train: loss_fn must be a function \(params, batch\) -> loss"),
+    (dict(tx=optax.sgd), r"train: tx must be an optax.GradientTransformation"),
+    (dict(donate="no"), r"train: donate must be True or False, got 'no'"),
+    (dict(has_aux="no"), r"train: has_aux must be True or False, got 'no'"),
+    (dict(example_loss_fn=3.0), r"train: example_loss_fn must be None or a function, got 3.0"),
+    (dict(act_on_model_state=3), r"train: act_on_model_state must be None or a function, got 3"),
+])
+def test_train_arguments_of_the_wrong_kind_name_themselves(kwargs, match):
+    """train read donate / has_aux by their truth value (donate="no" donated, i.e. deleted, the caller's parameters;
+    has_aux="no" asked loss_fn for (loss, aux)), and a loss_fn / example_loss_fn that is not callable or a tx that is
+    not a transformation failed inside the traced loop with a bare "'float' object is not callable" /
+    AttributeError.  Now TypeErrors naming the argument, before anything runs; the parameters are kept."""
+    params = init_mlp(jax.random.key(0))
+    args = dict(loss_fn=xent, tx=optax.sgd(0.1))
+    args.update({k: v for k, v in kwargs.items() if k in args})
+    rest = {k: v for k, v in kwargs.items() if k not in args}
+    with pytest.raises(TypeError, match=match):
+        train(args["loss_fn"], params, args["tx"], data(2), **rest)
+    assert not any(x.is_deleted() for x in jax.tree.leaves(params))
+
+
+def test_a_noise_example_loss_fn_that_is_not_callable_is_named():
+    params = init_mlp(jax.random.key(0))
+    x, y = data(1)
+    tx = quotient_trajectory(optax.sgd(0.1), mlp_group(), observables=("loss",), noise_every=1)
+    with pytest.raises(TypeError, match=r"extra argument example_loss_fn must be a function params -> \(B,\)"):
+        jax.jit(lambda p: tx.update(jax.grad(xent)(p, (x[0], y[0])), tx.init(p), p, example_loss_fn=3.0))(params)

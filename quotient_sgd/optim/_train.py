@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from ._gauge import gauge_fix_elements
@@ -185,6 +186,26 @@ def _check_opt_state(tx, params, opt_state, error: Exception) -> None:
         ) from error
 
 
+def _check_arguments(loss_fn, tx, has_aux, donate, example_loss_fn, act_on_model_state) -> None:
+    """``TypeError`` naming the argument of :func:`train` that has the wrong kind: a ``loss_fn`` or
+    ``example_loss_fn`` that is not callable failed inside the traced loop with a bare "'float' object is not
+    callable", a ``tx`` without ``init`` / ``update`` with an ``AttributeError``; ``has_aux`` / ``donate`` were read by
+    their truth value, so ``donate="no"`` consumed the arrays passed in and ``has_aux="no"`` expected ``(loss, aux)``;
+    an ``act_on_model_state`` that is not callable was accepted until a ``gauge_fix`` called it."""
+    if not callable(loss_fn):
+        raise TypeError(f"train: loss_fn must be a function (params, batch) -> loss (or (params, model_state, batch) "
+                        f"-> (loss, (aux, new_model_state)) with model_state), got {loss_fn!r}")
+    if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
+        raise TypeError(f"train: tx must be an optax.GradientTransformation (e.g. quotient_trajectory(optax.sgd(0.1), "
+                        f"group)), got {tx!r}")
+    for name, flag in (("has_aux", has_aux), ("donate", donate)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise TypeError(f"train: {name} must be True or False, got {flag!r}")
+    for name, fn in (("example_loss_fn", example_loss_fn), ("act_on_model_state", act_on_model_state)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"train: {name} must be None or a function, got {fn!r}")
+
+
 def train(
     loss_fn: Callable,
     params,
@@ -248,6 +269,7 @@ def train(
     Runs unchanged under ``jax.vmap`` (over ``params`` / ``key`` for seeds, over ``opt_state`` for injected
     hyperparameters).
     """
+    _check_arguments(loss_fn, tx, has_aux, donate, example_loss_fn, act_on_model_state)
     if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral)
                                   or num_steps < 0):
         raise ValueError(f"train: num_steps must be None (the data's leading axis) or an integer >= 0, got "

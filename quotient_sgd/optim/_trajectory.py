@@ -535,6 +535,9 @@ def quotient_trajectory(
                     "quotient_trajectory(noise_every=...) needs the extra argument example_loss_fn=(params -> (B,) "
                     "per-example losses); pass example_loss_fn to quotient_sgd.optim.train."
                 )
+            if not callable(efn):
+                raise TypeError(f"quotient_trajectory(noise_every=...): the extra argument example_loss_fn must be a "
+                                f"function params -> (B,) per-example losses, got {efn!r}")
 
             def noise(_):
                 n = obs.gradient_noise(efn, group, step_point(), lr=step_lr())

@@ -172,3 +172,18 @@ def test_an_unvalidated_config_given_to_run_or_sweep_is_named_and_writes_nothing
                                         r"validated config\), got StrictConfigDict; pass quotient_sgd.config.validate"):
         getattr(runner, command)(load_config(TINY), str(workdir))
     assert not workdir.exists()
+
+
+@pytest.mark.parametrize("value", [-2, 2.5, "2", True])
+def test_sweep_members_per_device_argument_out_of_range_is_refused(tmp_path, value):
+    """``sweep(..., members_per_device=-2)`` ran with one member per device as a fixed choice (the cost measurement
+    skipped), 2.5 ran as 2, ``"2"`` failed in a bare ``TypeError`` ('<' between int and str), ``True`` ran as 1;
+    ``sweep.members_per_device`` in a config is validated, the argument was not.  Refused naming it, nothing
+    written."""
+    from quotient_sgd import runner
+    from quotient_sgd.config import load_config, validate
+
+    s = validate(load_config(TINY, {"steps": 2, "sweep.seed": (0,), "logging.plots": False}))
+    with pytest.raises(ValueError, match=rf"^sweep: members_per_device={value!r} is not allowed; need an integer"):
+        runner.sweep(s, str(tmp_path / "out"), members_per_device=value)
+    assert not (tmp_path / "out").exists()

@@ -558,6 +558,13 @@ def sweep(settings: Settings, workdir: str, *, members_per_device: int | None = 
     corrected command can run into the same ``workdir``.  A directory being resumed is never removed.
     """
     require_settings(settings, "sweep", "settings")  # (every process: raised before anything is written)
+    if members_per_device is not None and (isinstance(members_per_device, (bool, np.bool_))
+                                           or not isinstance(members_per_device, (int, np.integer))
+                                           or members_per_device < 0):
+        # (-2 fixed one member per device and skipped the cost measurement, 2.5 was used as 2, "2" failed in '<')
+        raise ValueError(f"sweep: members_per_device={members_per_device!r} is not allowed; need an integer >= 1 "
+                         f"(members vmapped per device), 0 or None (sweep.members_per_device, 0 there: chosen from "
+                         f"the measured cost)")
     require_tensorboard(settings)
     created = not os.path.isdir(workdir)
     progress = {"new": False, "chunks": 0}

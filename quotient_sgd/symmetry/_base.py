@@ -523,8 +523,10 @@ def generic_vcoeffs(comps, flat: Flat, v: Flat, *, refine: int = REFINE_STEPS):
     ``|v|`` off; ``refine`` steps of iterative refinement (residual ``v - J xi`` in parameter space, solved again
     with the same eigenbasis) bring it to the float32 rounding of the projection (``3e-7`` of ``|v|`` there).
     Not always: a direction whose scaled eigenvalue falls below the cut is dropped, and refinement cannot bring it
-    back.  For an overlapping float32 chain (two hidden layers, stacked CNN channels) that happens from elements of
-    scale 2 on (2 of 16 samples 3-12% of ``|v|`` off; at scale 3 most samples; README, "Accuracy notes").
+    back.  For an overlapping float32 rescale chain (two hidden layers, stacked CNN channels) that happened from
+    elements of scale 2 on (2 of 16 samples 3-12% of ``|v|`` off; at scale 3 most samples), so those chains are
+    solved by :func:`~._reduced.direct_vcoeffs` (an M-matrix factorisation without cancellation) instead; this
+    function serves the clusters without that form.
 
     Clusters with a non-abelian action (a deep linear GL chain) couple their generators so strongly that
     legitimate directions fall below the Gram matrix's rounding (after an element of condition number ``e^3``,

@@ -110,7 +110,9 @@ class Product(Group):
       A cluster of one uses its closed form; a larger cluster (a chain of rescales) solves the joint normal
       equations ``J^T J c = J^T v`` (a dense solve up to ``dense_max`` generators, preconditioned CG above, on
       the squared weights for a rescale chain), because the tangents of overlapping components are not
-      orthogonal;
+      orthogonal.  A chain of rescales (with a logit translation) up to ``dense_max`` units factorises its Gram
+      matrix as a diagonally dominant M-matrix, without cancellation (``_reduced.direct_vcoeffs``), so float32
+      stays accurate far from balance;
     - ``canonicalize``: per cluster, continuous components first -- a single component by its closed form;
       with ``newton=True``, several abelian minimum-norm components (rescale chains, with the logit translation
       eliminated in closed form) jointly, by Newton's method on the orbit norm ``f(xi) = |exp(xi) . theta|^2`` in
@@ -294,12 +296,15 @@ class Product(Group):
                 # point), so they are solved densely up to NONABELIAN_DENSE_MAX generators.
                 dense = k <= (NONABELIAN_DENSE_MAX if any(not getattr(c, "abelian", True) for c in comps)
                               else self.dense_max)
-                if dense:
+                # a chain of plain rescales (and a logit translation): the Gram matrix from the squared weights
+                # (_reduced); up to dense_max units factorised exactly as an M-matrix, above by CG
+                split = _reduced.split_cluster(comps, flat)
+                signs = None if split is None or not dense else _reduced.m_signs(split[2], len(split[0]))
+                if signs is not None:
+                    sol = _reduced.direct_vcoeffs(comps, flat, v, split, signs)
+                elif dense:
                     sol = generic_vcoeffs(comps, flat, v)
                 else:
-                    # a chain of plain rescales (and a logit translation): the Gram matrix from the squared
-                    # weights (_reduced)
-                    split = _reduced.split_cluster(comps, flat)
                     sol = cg_vcoeffs(comps, flat, v) if split is None else _reduced.vcoeffs(comps, flat, v, split)
                 coeffs.update(zip(cl, sol))
         return tuple(coeffs[i] for i in idx)

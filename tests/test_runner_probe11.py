@@ -187,3 +187,17 @@ def test_sweep_members_per_device_argument_out_of_range_is_refused(tmp_path, val
     with pytest.raises(ValueError, match=rf"^sweep: members_per_device={value!r} is not allowed; need an integer"):
         runner.sweep(s, str(tmp_path / "out"), members_per_device=value)
     assert not (tmp_path / "out").exists()
+
+
+def test_run_builds_what_its_settings_describe(tmp_path):
+    """``run(settings, workdir, built=...)`` trained the model of whatever ``Built`` it was handed (a 8-wide MLP for
+    settings that record a 16-wide one: ``config.json`` and the trajectory disagreed, silently); ``build`` is
+    cached on the settings, so the argument saved nothing.  ``run`` takes no ``built``: it builds its settings."""
+    from quotient_sgd import runner
+    from quotient_sgd.config import load_config, validate
+
+    s = validate(load_config(TINY, {"steps": 2, "logging.plots": False}))
+    other = runner.build(validate(load_config(TINY, {"steps": 2, "model.hidden": (8,)})))
+    with pytest.raises(TypeError, match="built"):
+        runner.run(s, str(tmp_path / "out"), built=other)
+    assert not (tmp_path / "out").exists()

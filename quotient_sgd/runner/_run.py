@@ -123,7 +123,7 @@ def write_tensorboard(tb, rows: list[dict]) -> None:
     tb.flush()
 
 
-def run(settings: Settings, workdir: str, *, built: Built | None = None, max_chunks: int | None = None) -> RunResult:
+def run(settings: Settings, workdir: str, *, max_chunks: int | None = None) -> RunResult:
     """Train the validated ``settings`` into ``workdir`` (created, or resumed when it holds this config).
 
     Writes ``config.json``, ``metrics.jsonl`` (rows as chunks finish), ``checkpoints/`` (after every chunk of
@@ -143,7 +143,7 @@ def run(settings: Settings, workdir: str, *, built: Built | None = None, max_chu
     require_settings(s, "run", "settings")  # (before the directory is looked at)
     require_tensorboard(s)
     check_workdir(workdir, s)  # raises before anything is written
-    b = built if built is not None else build(s)
+    b = build(s)  # (cached: runs that differ only in program inputs share one Built)
     created = not os.path.isdir(workdir)
     make_directory(workdir)
     lock = lock_directory(workdir)

@@ -121,12 +121,19 @@ class CachedCoefficients(eqx.Module):
     and checkpointed at every step.  ``recheck`` (set when save times split some steps) makes every step
     compare its size with ``h`` and rebuild the coefficients when they differ; otherwise all steps have size
     ``h`` up to rounding of the accumulated time.
+
+    ``dcoeffs`` (with ``recheck``): the derivatives of ``coeffs`` with respect to the step size at ``h``.  A step
+    whose size equals ``h`` in value need not move with ``h`` under differentiation: one that ends on a save time
+    lying on the lattice ``k h`` (the save time is fixed, the lattice moves with ``t1``).  The cached coefficients
+    of such a step carry the tangent ``dcoeffs * d(size - h)``, so that their derivative is that of the step's own
+    size (the value is unchanged).
     """
 
     nu: Array
     h: Array
     coeffs: tuple[Array, ...]
     recheck: bool = eqx.field(static=True, default=False)
+    dcoeffs: tuple[Array, ...] | None = None
 
 
 def viscosity(args) -> Array:
@@ -175,7 +182,18 @@ class ETDRK4(dfx.AbstractAdaptiveSolver):
         elif args.recheck:
             # a step split by a save time has another size: rebuild its coefficients
             tol = 256 * jnp.finfo(h.dtype).eps * (jnp.abs(t0) + jnp.abs(t1))
-            coeffs = jax.lax.cond(jnp.abs(h - args.h) <= tol, lambda: args.coeffs,
+
+            def cached():
+                if args.dcoeffs is None:
+                    return args.coeffs
+                # value: the cached coefficients exactly (x - stop_gradient(x) is 0); derivative: that of this step's
+                # own size.  A step onto a save time on the lattice has the size h in value, but the save time is
+                # fixed while h = t1 / ceil(t1 / dt) moves with t1: read as size h, d y(ts) / d t1 came out 0.91
+                # where it is 0 (the solution at a fixed time does not depend on t1)
+                dh = (h - args.h) - jax.lax.stop_gradient(h - args.h)
+                return tuple(c + dc * dh.astype(c.dtype) for c, dc in zip(args.coeffs, args.dcoeffs))
+
+            coeffs = jax.lax.cond(jnp.abs(h - args.h) <= tol, cached,
                                   lambda: etdrk4_coefficients(terms.linear(args), h, cdt))
         else:
             coeffs = args.coeffs

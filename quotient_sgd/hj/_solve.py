@@ -384,7 +384,13 @@ def _integrate(form, name, grid, term, solver, y0, nu, t1, ts, dt, dt0, rtol, at
     args = nu
     if fixed and isinstance(solver, ETDRK4):
         cdt = jax.eval_shape(term.forward, y0).dtype
-        args = CachedCoefficients(nu, dt0, etdrk4_coefficients(term.linear(nu), dt0, cdt), recheck=ts is not None)
+        lin = term.linear(nu)
+        if ts is None:
+            args = CachedCoefficients(nu, dt0, etdrk4_coefficients(lin, dt0, cdt))
+        else:
+            # save times split steps: the coefficients' derivatives in the step size too (see CachedCoefficients)
+            coeffs, dcoeffs = jax.jvp(lambda h: etdrk4_coefficients(lin, h, cdt), (dt0,), (jnp.ones_like(dt0),))
+            args = CachedCoefficients(nu, dt0, coeffs, recheck=True, dcoeffs=jax.lax.stop_gradient(dcoeffs))
     saveat = dfx.SaveAt(t1=True) if ts is None else dfx.SaveAt(ts=ts, t1=True)
     # The value form is invariant under u -> u + c (both schemes see only differences and derivatives of u), but
     # the step-size controller's tolerance atol + rtol |u| is not: a loss level of 1000 over O(1) variations let

@@ -201,3 +201,20 @@ def test_run_builds_what_its_settings_describe(tmp_path):
     with pytest.raises(TypeError, match="built"):
         runner.run(s, str(tmp_path / "out"), built=other)
     assert not (tmp_path / "out").exists()
+
+
+def test_sweep_devices_argument_that_is_no_device_list_is_refused(tmp_path):
+    """``sweep(..., devices=[])`` failed in a ``ZeroDivisionError``, a device listed twice in XLA's "Number of
+    processed shards does not match the number of addressable devices", ``devices="cpu"`` in an ``AttributeError``.
+    Refused naming the argument, nothing written."""
+    import jax
+
+    from quotient_sgd import runner
+    from quotient_sgd.config import load_config, validate
+
+    s = validate(load_config(TINY, {"steps": 2, "sweep.seed": (0,), "logging.plots": False}))
+    for bad in ([], [jax.devices()[0]] * 2, "cpu"):
+        with pytest.raises(ValueError, match=r"^sweep: devices=.* is not allowed; need a non-empty list of distinct "
+                                             r"jax.Device objects"):
+            runner.sweep(s, str(tmp_path / "out"), devices=bad)
+        assert not (tmp_path / "out").exists()

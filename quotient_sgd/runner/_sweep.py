@@ -565,6 +565,15 @@ def sweep(settings: Settings, workdir: str, *, members_per_device: int | None = 
         raise ValueError(f"sweep: members_per_device={members_per_device!r} is not allowed; need an integer >= 1 "
                          f"(members vmapped per device), 0 or None (sweep.members_per_device, 0 there: chosen from "
                          f"the measured cost)")
+    if devices is not None:
+        given = list(devices) if not isinstance(devices, (str, bytes)) and hasattr(devices, "__iter__") else None
+        if (not given or not all(isinstance(d, jax.Device) for d in given)
+                or len({(d.platform, d.id) for d in given}) != len(given)):
+            # ([] failed in a ZeroDivisionError, a device listed twice in XLA's "Number of processed shards does
+            # not match the number of addressable devices", "cpu" in an AttributeError)
+            raise ValueError(f"sweep: devices={devices!r} is not allowed; need a non-empty list of distinct "
+                             f"jax.Device objects (e.g. jax.devices()[:4]), or None for every device")
+        devices = given  # (an iterator is read once)
     require_tensorboard(settings)
     created = not os.path.isdir(workdir)
     progress = {"new": False, "chunks": 0}

@@ -304,3 +304,18 @@ def test_a_noise_example_loss_fn_that_is_not_callable_is_named():
     tx = quotient_trajectory(optax.sgd(0.1), mlp_group(), observables=("loss",), noise_every=1)
     with pytest.raises(TypeError, match=r"extra argument example_loss_fn must be a function params -> \(B,\)"):
         jax.jit(lambda p: tx.update(jax.grad(xent)(p, (x[0], y[0])), tx.init(p), p, example_loss_fn=3.0))(params)
+
+
+@pytest.mark.parametrize("method", ["loop", "unrolled"])
+def test_lanczos_past_the_dimension_gives_nan_not_padding(x64, method):
+    """k above the dimension of the operator's domain: the extremes past it were copies of the first Lanczos
+    coefficient (top-7 of diag(0..4): [4, 3, 2, 1, 0, 2, 2], not descending; bottom-k likewise), returned as
+    eigenvalues.  Now NaN with zero vectors; the others are the eigenvalues, unchanged."""
+    m = jnp.diag(jnp.arange(5.0, dtype=jnp.float64))
+    ex = jax.jit(lambda v: qobs.lanczos_extremes(lambda u: m @ u, v, num_matvecs=8, k=7, method=method))(
+        jnp.ones(5, jnp.float64))
+    np.testing.assert_allclose(ex.top[:5], [4, 3, 2, 1, 0], atol=1e-10)
+    np.testing.assert_allclose(ex.bottom[:5], [0, 1, 2, 3, 4], atol=1e-10)
+    assert bool(jnp.all(jnp.isnan(ex.top[5:]))) and bool(jnp.all(jnp.isnan(ex.bottom[5:])))
+    assert float(jnp.max(jnp.abs(ex.top_vectors[5:]))) == 0.0
+    np.testing.assert_allclose(jnp.abs(ex.top_vectors[0]), [0, 0, 0, 0, 1], atol=1e-8)

@@ -165,7 +165,10 @@ def lanczos_extremes(
         matvec: ``v -> A v`` on pytrees like ``v0`` (symmetric).
         v0: starting vector (any nonzero pytree; its span must contain the wanted eigenvectors' directions).
         num_matvecs: Krylov depth (at most the operator's rank on the span of ``v0``).
-        k: how many extremes to return at each end (``2 k <= num_matvecs`` for disjoint ends).
+        k: how many extremes to return at each end (``2 k <= num_matvecs`` for disjoint ends).  With ``"loop"`` /
+            ``"unrolled"``, the entries past the dimension of the space the iteration can build (``k`` above the
+            dimension of the operator's domain, e.g. of a small model's horizontal space) are NaN, with zero
+            vectors: there are no further eigenvalues.
         method: ``"loop"`` (default): full reorthogonalisation in a ``lax.fori_loop``, the operator traced and
             compiled once (what :func:`quotient_sgd.optim.quotient_trajectory` uses).  ``"unrolled"``: the same
             arithmetic as straight-line code; the operator is traced ``num_matvecs`` times, so compile time grows
@@ -251,8 +254,15 @@ def lanczos_extremes(
         order_top = jnp.argsort(jnp.where(built, -vals, jnp.inf))[:k]
         order_bottom = jnp.argsort(jnp.where(built, vals, jnp.inf))[:k]
         ritz = s.T @ qmat
-        top, bottom = vals[order_top], vals[order_bottom]
-        return Extremes(top, bottom, jax.vmap(unravel)(ritz[order_top]), jax.vmap(unravel)(ritz[order_bottom]))
+        # k above the dimension of the space built (the operator's domain exhausted: k > rank of a small model's
+        # horizontal space) has no further Ritz pairs; the padding's copies of alpha_0 were returned in their place
+        # (top-7 of diag(0..4): [4, 3, 2, 1, 0, 2, 2], no longer descending): NaN values, zero vectors
+        valid = jnp.arange(k) < jnp.sum(active)
+        top = jnp.where(valid, vals[order_top], jnp.nan)
+        bottom = jnp.where(valid, vals[order_bottom], jnp.nan)
+        ritz_top = jnp.where(valid[:, None], ritz[order_top], 0)
+        ritz_bottom = jnp.where(valid[:, None], ritz[order_bottom], 0)
+        return Extremes(top, bottom, jax.vmap(unravel)(ritz_top), jax.vmap(unravel)(ritz_bottom))
     else:
         raise ValueError(f"method must be 'loop', 'unrolled' or 'matfree', got {method!r}")
     top = vals[::-1][:k]

@@ -126,7 +126,8 @@ def quotient_trajectory(
     With ``hessian_every=K``, every ``K`` steps (starting at step 0): for each ``where`` in ``hessian_at``
     (``"quotient"``: horizontal Hessian at the canonical representative, orbit invariant; ``"horizontal"``: at
     the current point, what the step sees; ``"raw"``: unprojected), ``sharpness_<where>`` (top eigenvalue),
-    ``lambda_min_<where>`` (bottom), ``hessian_top_<where>`` / ``hessian_bottom_<where>`` (``hessian_k`` each),
+    ``lambda_min_<where>`` (bottom), ``hessian_top_<where>`` / ``hessian_bottom_<where>`` (``hessian_k`` each;
+    NaN past the dimension of the space, e.g. of a small model's horizontal space),
     plus ``shock_number_hessian = eta max(0, -lambda_min_horizontal)``, ``fold_number_hessian =
     eta max(0, lambda_max_horizontal)`` and ``hessian_step``; values persist between evaluations.  ``"preconditioned"``
     (not a default; needs ``preconditioner``): the extremes of ``P^-1 H``, the raw Hessian ``H`` at the current

@@ -69,11 +69,14 @@ default ($XDG_CACHE_HOME/quotient_sgd/jax); JAX_COMPILATION_CACHE_DIR, when set,
 def compilation_cache_dir() -> str | None:
     """The directory of JAX's persistent compilation cache for ``run`` and ``sweep``: ``$QSGD_COMPILATION_CACHE``
     (``off``, ``none``, ``0`` or empty: no cache), else ``$XDG_CACHE_HOME/quotient_sgd/jax`` (``XDG_CACHE_HOME``
-    defaults to ``~/.cache``)."""
+    defaults to ``~/.cache``, also when it is not an absolute path, as the XDG base directory specification
+    asks)."""
     path = os.environ.get("QSGD_COMPILATION_CACHE")
     if path is not None:
         return None if path.strip().lower() in ("", "off", "none", "0", "false") else os.path.expanduser(path)
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    root = os.environ.get("XDG_CACHE_HOME") or ""
+    if not os.path.isabs(root):  # (the XDG spec: a relative path is invalid and ignored; it put the cache in the
+        root = os.path.join(os.path.expanduser("~"), ".cache")  # working directory of each command)
     return os.path.join(root, "quotient_sgd", "jax")
 
 

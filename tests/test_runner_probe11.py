@@ -218,3 +218,18 @@ def test_sweep_devices_argument_that_is_no_device_list_is_refused(tmp_path):
                                              r"jax.Device objects"):
             runner.sweep(s, str(tmp_path / "out"), devices=bad)
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("xdg", ["cache", "./cache", ""])
+def test_compilation_cache_ignores_a_relative_xdg_cache_home(monkeypatch, xdg):
+    """A relative ``XDG_CACHE_HOME`` (which the XDG base directory specification says to ignore) put the
+    compilation cache under each command's working directory (``cache/quotient_sgd/jax`` beside the runs); it
+    falls back to ``~/.cache`` as an unset one does.  An absolute one is used."""
+    from quotient_sgd.cli import compilation_cache_dir
+
+    monkeypatch.delenv("QSGD_COMPILATION_CACHE", raising=False)
+    monkeypatch.setenv("HOME", "/home/someone")
+    monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+    assert compilation_cache_dir() == os.path.join("/home/someone", ".cache", "quotient_sgd", "jax")
+    monkeypatch.setenv("XDG_CACHE_HOME", "/var/cache/me")
+    assert compilation_cache_dir() == os.path.join("/var/cache/me", "quotient_sgd", "jax")

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quotient_sgd.hj import Grid, solve_burgers, solve_hj, Spectral
+from quotient_sgd.hj import Grid, shock_time, solve_burgers, solve_hj, Spectral
 
 
 @pytest.mark.parametrize("solve, periodic", [(solve_burgers, True), (solve_hj, False)])
@@ -51,3 +51,25 @@ def test_fixed_step_derivative_in_t1_of_a_save_time_on_the_step_lattice(x64):
     rate = float(jnp.sum(w * Spectral().rhs(g, "burgers", end, nu)))
     assert np.all(np.abs(np.asarray(d[:-1])) < 1e-6 * abs(rate)), d
     assert abs(float(d[-1]) - rate) < 1e-6 * abs(rate)
+
+
+def test_bounded_2d_grid_carries_a_non_separable_quadratic_exactly(x64):
+    # L = x^T A x / 2 with a cross term and a concave direction, on a bounded 2-D grid of unequal axes: Cole-Hopf
+    # gives u = x^T M x / 2 + nu log det(I + t A), p = M x, M = A (I + t A)^-1 (for t < t* = 1 / |lambda_min(A)|).
+    # The ghost cells continue u quadratically, so the finite-volume solve holds it to the solver's tolerance, the
+    # level of u included, and the inviscid shock time is that of the Hessian.
+    a = np.array([[1.2, 0.5], [0.5, -0.6]])
+    nu, t1 = 0.05, 0.4
+    m = a @ np.linalg.inv(np.eye(2) + t1 * a)
+    g = Grid(13, -1.0, 1.5, periodic=False) * Grid(11, -2.0, 1.0, periodic=False)
+    x = g.x
+    u0 = 0.5 * jnp.einsum("i...,ij,j...->...", x, a, x)
+    p0 = jnp.einsum("ij,j...->i...", a, x)
+    u_exact = 0.5 * jnp.einsum("i...,ij,j...->...", x, m, x) + nu * np.log(np.linalg.det(np.eye(2) + t1 * a))
+    p_exact = jnp.einsum("ij,j...->i...", m, x)
+    u = solve_hj(u0, g, nu=nu, t1=t1, scheme="fv-smooth").us[-1]
+    assert float(jnp.max(jnp.abs(u - u_exact))) < 1e-5
+    # central differences are exact on quadratics (interior nodes)
+    grad_u = jnp.stack([jnp.gradient(u, g.dx[0], axis=0), jnp.gradient(u, g.dx[1], axis=1)])[:, 1:-1, 1:-1]
+    assert float(jnp.max(jnp.abs(grad_u - p_exact[:, 1:-1, 1:-1]))) < 1e-4
+    assert float(shock_time(p0, g)) == pytest.approx(-1.0 / np.linalg.eigvalsh(a)[0], rel=1e-9)

@@ -65,3 +65,55 @@ def test_a_key_recorded_every_k_steps_with_nan_between_records_is_monitored_for_
         last = int(np.flatnonzero(~np.isnan(late))[-1])
         assert np.all(np.isnan(filled[:300])) and np.all(np.isnan(filled[last + 1:]))
         np.testing.assert_array_equal(filled[300:last + 1], held[300:last + 1])
+
+
+def _shock_aware_by_hand(h, p, lr, momentum, fold_target, shock_target, policy, init_scale, min_scale, max_scale,
+                         decay, steps):
+    """The rule of quotient_sgd/diagnostics/_shock_lr.py's docstring, in NumPy, on L = p^T h p / 2 with SGD."""
+    prev_g, prev_u, curv, m, out = np.zeros_like(p), np.zeros_like(p), 0.0, np.zeros_like(p), []
+    for count in range(steps):
+        g = h @ p
+        m = momentum * m + g
+        u = -lr * m  # the inner (unscaled) update; its momentum trace is the inner optimiser's
+        have = count > 0 and prev_u @ prev_u > 0
+        k_new = (g - prev_g) @ prev_u / (prev_u @ prev_u) if have else 0.0
+        kappa = decay * curv + (1 - decay) * k_new if count > 1 else k_new
+        eff = np.sqrt((u @ u) / (g @ g))
+        fold, shock = eff * max(kappa, 0.0), eff * max(-kappa, 0.0)
+        s_fold, s_shock = fold_target / max(fold, 1e-30), shock_target / max(shock, 1e-30)
+        if policy == "cap":
+            s = float(np.clip(min(1.0, s_fold, s_shock), min_scale, min(max_scale, 1.0)))
+        else:
+            s = float(np.clip(min(s_fold if fold > 0 else max_scale, s_shock), min_scale, max_scale))
+        s = s if have else init_scale
+        out.append((s, s * fold, s * shock, kappa))
+        prev_g, prev_u, curv = g, s * u, kappa
+        p = p + s * u
+    return np.array(out)
+
+
+def test_shock_aware_lr_equals_its_documented_rule_with_smoothing_a_concave_direction_and_momentum(x64):
+    # the curvature EMA (curvature_decay), the shock cap on a quadratic with a concave direction, and momentum
+    # (the effective rate |u| / |g| of the inner update), against the rule written out in NumPy
+    import jax.numpy as jnp
+    import optax
+
+    from quotient_sgd.diagnostics import shock_aware_lr
+
+    h = np.diag([3.0, -1.5, 0.5])
+    p0 = np.array([1.0, 0.3, -0.7])
+    for policy, lr, mom, ft, st, init, hi, decay in (("cap", 0.9, 0.0, 1.5, 0.4, 1.0, 1.0, 0.5),
+                                                     ("track", 0.2, 0.0, 1.2, 0.3, 0.5, 3.0, 0.7),
+                                                     ("cap", 0.5, 0.9, 1.0, 0.5, 1.0, 1.0, 0.3)):
+        tx = shock_aware_lr(optax.sgd(lr, momentum=mom or None), fold_target=ft, shock_target=st, policy=policy,
+                            init_scale=init, max_scale=hi, curvature_decay=decay)
+        p = jnp.asarray(p0)
+        state = tx.init(p)
+        got = []
+        for _ in range(8):
+            u, state = tx.update(jnp.asarray(h) @ p, state, p)
+            p = p + u
+            got.append([float(v) for v in (state.scale, state.fold_number, state.shock_number, state.curvature)])
+        want = _shock_aware_by_hand(h, p0, lr, mom, ft, st, policy, init, 1e-3, hi, decay, 8)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-14)
+        assert np.any(want[1:, 2] > 0) and np.all(want[:, 2] <= st * (1 + 1e-12))  # the shock cap was active, held

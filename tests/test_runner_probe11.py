@@ -233,3 +233,31 @@ def test_compilation_cache_ignores_a_relative_xdg_cache_home(monkeypatch, xdg):
     assert compilation_cache_dir() == os.path.join("/home/someone", ".cache", "quotient_sgd", "jax")
     monkeypatch.setenv("XDG_CACHE_HOME", "/var/cache/me")
     assert compilation_cache_dir() == os.path.join("/var/cache/me", "quotient_sgd", "jax")
+
+
+def test_a_batch_size_sweep_of_a_full_batch_config_says_how_to_run_it(tmp_path, monkeypatch, capsys):
+    """``quotient-sgd sweep --config=configs/grokking.py --config.sweep.batch_size="(32,64)"`` (a full-batch
+    config; here configs/tiny.py with data.batch_size = 0) was refused ("cannot sweep the batch size of a full-batch run") without saying what to do, and the
+    override that does it, ``--config.data.batch_size=32``, was refused as "would have no effect".  The message
+    names the override, and the override runs the sweep."""
+    from types import SimpleNamespace
+
+    import quotient_sgd.runner as runner_pkg
+    from quotient_sgd.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    got = []
+    monkeypatch.setattr(runner_pkg, "sweep", lambda s, w, **k: got.append(s) or SimpleNamespace(
+        num_members=1, wrote=True, wall_s=0.0))
+    (tmp_path / "full.py").write_text("from quotient_sgd.config import load_config\n\n\ndef get_config():\n"
+                                      f"    c = load_config({TINY!r})\n    c.data.batch_size = 0\n    return c\n")
+    common = ["quotient-sgd", "sweep", "--config=full.py", "--config.sweep.batch_size=(8,32)",
+              "--config.sweep.seed=(0,)", "--workdir=w"]
+    assert main(common) == 2
+    err = capsys.readouterr().err
+    assert "config.sweep.batch_size = (8, 32): cannot sweep the batch size of a full-batch run (data.batch_size=0);" \
+           " set data.batch_size to a batch size (e.g. --config.data.batch_size=32: the sweep's values replace it)" \
+           in err, err
+    assert main(common + ["--config.data.batch_size=32"]) == 0, capsys.readouterr().err
+    assert got and got[0].data.batch_size == 32 and got[0].sweep.batch_size == (8, 32)
+    assert os.listdir(tmp_path) == ["full.py"]

@@ -471,7 +471,9 @@ def _check_sweep(s: Settings) -> None:
     _check_members(sw, "batch_size", lambda v: 1 <= v <= n,
                    f"every value must be in [1, {n}] (the training set of {s.data.name!r})")
     _check(not sw.batch_size or s.data.batch_size > 0, "sweep.batch_size", sw.batch_size,
-           "cannot sweep the batch size of a full-batch run (data.batch_size=0)")
+           f"cannot sweep the batch size of a full-batch run (data.batch_size=0); set data.batch_size to a batch "
+           f"size (e.g. --config.data.batch_size={max(sw.batch_size or (1,))}: the sweep's values replace it), or "
+           f"empty sweep.batch_size")
     _check(not sw.batch_size or not _batch_norm(s), "sweep.batch_size", sw.batch_size,
            "a batch-size sweep runs every member on the largest batch with a 0/1 mask, and the masked examples "
            "would enter the batch statistics of model.norm='batch'; sweep the other axes and run one sweep per "

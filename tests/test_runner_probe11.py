@@ -237,9 +237,9 @@ def test_compilation_cache_ignores_a_relative_xdg_cache_home(monkeypatch, xdg):
 
 def test_a_batch_size_sweep_of_a_full_batch_config_says_how_to_run_it(tmp_path, monkeypatch, capsys):
     """``quotient-sgd sweep --config=configs/grokking.py --config.sweep.batch_size="(32,64)"`` (a full-batch
-    config; here configs/tiny.py with data.batch_size = 0) was refused ("cannot sweep the batch size of a full-batch run") without saying what to do, and the
-    override that does it, ``--config.data.batch_size=32``, was refused as "would have no effect".  The message
-    names the override, and the override runs the sweep."""
+    config; here configs/tiny.py with data.batch_size = 0) was refused ("cannot sweep the batch size of a
+    full-batch run") without saying what to do, and the override that does it, ``--config.data.batch_size=32``,
+    was refused as "would have no effect".  The message names the override, and the override runs the sweep."""
     from types import SimpleNamespace
 
     import quotient_sgd.runner as runner_pkg
@@ -261,3 +261,24 @@ def test_a_batch_size_sweep_of_a_full_batch_config_says_how_to_run_it(tmp_path, 
     assert main(common + ["--config.data.batch_size=32"]) == 0, capsys.readouterr().err
     assert got and got[0].data.batch_size == 32 and got[0].sweep.batch_size == (8, 32)
     assert os.listdir(tmp_path) == ["full.py"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"optim.lr": "0.1"}, "config.optim.lr = '0.1': expected a float (as its value 0.05), got str"),
+    ({"steps": 10.5}, "config.steps = 10.5: expected an int (as its value 200), got float"),
+    ({"model.hidden": 32}, "config.model.hidden = 32: expected a tuple (as its value (16,)), got int"),
+    ({"optim.lr.x": 1}, "config.optim.lr.x = 1: config.optim.lr is a float, not a section; set it as config.optim.lr"),
+    ({"model": "mlp"}, "config.model = 'mlp': config.model is a section, not a value; override its keys"),
+])
+def test_load_config_overrides_of_the_wrong_kind_name_the_dotted_key(override, message):
+    """``load_config(path, {"optim.lr": "0.1"})`` raised ml_collections' ``TypeError`` naming the last part only
+    ("Could not override field 'lr' (reference). 0.1 is of original type <class 'str'> ..."), and
+    ``{"optim.lr.x": 1}`` a bare "argument of type 'float' is not iterable".  Each is a ``ConfigError`` naming the
+    dotted key, the value and what the key takes; overrides of the right kind still load."""
+    from quotient_sgd.config import ConfigError, load_config, validate
+
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, override)
+    assert str(e.value).startswith(message), str(e.value)
+    s = validate(load_config(TINY, {"optim.lr": 0.2, "steps": 10, "model.hidden": [8], "model": {"name": "mlp"}}))
+    assert (s.optim.lr, s.steps, s.model.name) == (0.2, 10, "mlp")

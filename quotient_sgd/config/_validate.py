@@ -643,7 +643,9 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
     """Import ``path`` (a ``configs/<name>.py`` with ``get_config()``), apply ``{"optim.lr": 0.05}``-style
     overrides, and return the ConfigDict (validate it with :func:`validate`).  A ``bool`` assigned to a numeric key
     meanwhile raises a ``TypeError``, also in a plain ``ml_collections.ConfigDict``
-    (:func:`~quotient_sgd.config._configdict.refuse_bool_numbers`)."""
+    (:func:`~quotient_sgd.config._configdict.refuse_bool_numbers`); an override of an unknown key, of the wrong
+    type, below a key that is no section, or of a whole section with a value raises :class:`ConfigError` naming the
+    dotted key, the value and what it takes."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist")
@@ -657,13 +659,31 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         for key, value in (overrides or {}).items():
             node = cfg
             parts = key.split(".")
-            for p in parts[:-1]:
+            for depth, p in enumerate(parts[:-1]):
+                if not hasattr(node, "keys"):  # ({"optim.lr.x": 1} failed in "argument of type 'float' is not
+                    above = ".".join(parts[:depth])  # iterable")
+                    raise ConfigError(f"config.{key} = {value!r}: config.{above} is {_kind(node)}, not a section; "
+                                      f"set it as config.{above}")
                 if p not in node:
                     raise ConfigError(f"config.{key}: unknown section {p!r}")
                 node = node[p]
+            if not hasattr(node, "keys"):
+                above = ".".join(parts[:-1])
+                raise ConfigError(f"config.{key} = {value!r}: config.{above} is {_kind(node)}, not a section; set it "
+                                  f"as config.{above}")
             if parts[-1] not in node:
                 raise ConfigError(f"config.{key}: unknown key; allowed keys: {sorted(node.keys())}")
-            node[parts[-1]] = value
+            try:
+                node[parts[-1]] = value
+            except TypeError:  # (ml_collections named the last part only: "Could not override field 'lr' ...")
+                current = node[parts[-1]]
+                if hasattr(current, "keys"):
+                    raise ConfigError(f"config.{key} = {value!r}: config.{key} is a section, not a value; override "
+                                      f"its keys (e.g. {{'{key}.{sorted(current.keys())[0]}': ...}}; keys of "
+                                      f"config.{key}: {sorted(current.keys())})") from None
+                raise ConfigError(f"config.{key} = {value!r}: expected {_kind(current)}"
+                                  + (f" (as its value {current!r})" if current is not None else "")
+                                  + f", got {type(value).__name__}") from None
     return cfg
 
 

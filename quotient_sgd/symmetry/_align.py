@@ -57,21 +57,50 @@ def _match(perm: Permutation, target: Flat, cur: Flat):
     return _lsa(cost)
 
 
+#: A Gauss-Newton step of :func:`_gauss_newton` with a Lie-algebra coordinate larger than this (a log-factor: a
+#: factor above ``e^8``) carries no derivative through its coefficients.
+GN_SMOOTH_MAX = 8.0
+
+
 def _gauss_newton(group: Group, target: Flat, cur: Flat, iters: int) -> Flat:
     """Fit the continuous gauge: ``cur <- exp(t xi) . cur`` with ``xi = (J^T J)^+ J^T (target - cur)``, the step
-    ``t`` in (1, 1/2, 1/4, 0) that lands nearest ``target`` (``t = 0`` keeps ``cur``: never farther)."""
+    ``t`` in (1, 1/2, 1/4, 0) that lands nearest ``target`` (``t = 0`` keeps ``cur``: never farther).
+
+    Differentiated through the steps (the derivative of the computed point), with two exceptions that gave
+    ``jax.grad`` of :func:`quotient_distance` NaN (0 times infinity).  Only the chosen step is applied after the
+    choice, so a candidate that overflowed is never differentiated.  A step with a coordinate above
+    :data:`GN_SMOOTH_MAX` (outside shifts) carries no derivative through its coefficients, only through the point
+    it moves (the envelope theorem's derivative, exact at the fitted point): where the nearest point lies in the
+    orbit's closure only (a per-channel scale whose weights point away from the target's is nearest it as its
+    factor goes to 0) the log-factor grew to -2e21 in 8 steps, ``exp`` flushed the channel to exactly 0 while the
+    derivative of the coefficient ``<w, t> / |w|^2`` overflowed."""
     if not group.continuous or iters == 0:
         return cur
     ts = jnp.asarray((1.0, 0.5, 0.25, 0.0))
+    comps = [group.components[i] for i in group._cont()] if isinstance(group, Product) else [group]
+
+    def step(xi, t):
+        return group._exp(jax.tree.map(lambda x: (t * x).astype(x.dtype), xi))
+
+    def largest(xi):
+        xis = tuple(xi) if isinstance(group, Product) else (xi,)
+        sizes = [jnp.max(jnp.abs(y), initial=0) for c, x in zip(comps, xis) if not c.shift_action
+                 for y in jax.tree.leaves(x)]
+        return jnp.max(jnp.stack(sizes)) if sizes else jnp.zeros(())
+
+    def coeffs(cur):
+        return group._vcoeffs(cur, {p: target[p] - cur[p] for p in cur})
 
     def body(_, cur):
-        diff = {p: target[p] - cur[p] for p in cur}
-        xi = group._vcoeffs(cur, diff)
-        cands = jax.vmap(lambda t: group._act(group._exp(jax.tree.map(lambda x: (t * x).astype(x.dtype), xi)),
-                                              cur))(ts.astype(jnp.result_type(*jax.tree.leaves(xi))))
-        d = jax.vmap(lambda c: _sqdist(target, c))(cands)
-        best = jnp.argmin(jnp.where(jnp.isnan(d), jnp.inf, d))
-        return jax.tree.map(lambda x: x[best], cands)
+        fixed = jax.lax.stop_gradient(cur)
+        xi = jax.lax.stop_gradient(coeffs(fixed))
+        smooth = largest(xi) <= GN_SMOOTH_MAX
+        # (a select, not a product, on the way back: the unused derivative of a large step is dropped, NaN or not)
+        xi = coeffs({p: jnp.where(smooth, cur[p], fixed[p]) for p in cur})
+        ts_ = ts.astype(jnp.result_type(*jax.tree.leaves(xi)))
+        d = jax.vmap(lambda t: _sqdist(target, group._act(step(xi, t), fixed)))(ts_)
+        best = jax.lax.stop_gradient(jnp.argmin(jnp.where(jnp.isnan(d), jnp.inf, d)))
+        return group._act(step(xi, ts_[best]), cur)
 
     return jax.lax.fori_loop(0, iters, body, cur)
 

@@ -846,13 +846,15 @@ def _init_distributed(fv) -> str | None:
     should be defined"; a coordinator port already taken: "Failed to start RPC server")."""
     import jax
 
-    if fv.coordinator_address and fv.process_id == 0:
-        taken = _port_taken(int(fv.coordinator_address.rpartition(":")[2]))
+    # (JAX binds the coordinator on JAX_COORDINATOR_BIND_ADDRESS when set: that port is checked, or none)
+    port = os.environ.get("JAX_COORDINATOR_BIND_ADDRESS", fv.coordinator_address or "").rpartition(":")[2]
+    if fv.coordinator_address and fv.process_id == 0 and port.isdigit():
+        taken = _port_taken(int(port))
         if taken:  # (JAX's own "Failed to start RPC server" there, or a segmentation fault in its gRPC service)
             return (f"cannot start the multi-host sweep: process 0 starts the coordinator on the port of "
-                    f"--coordinator_address={fv.coordinator_address}, and this machine's port "
-                    f"{fv.coordinator_address.rpartition(':')[2]} is taken ({taken}): another program, or a launch "
-                    f"still running, listens on it. Choose another port (the same for every process)")
+                    f"--coordinator_address={fv.coordinator_address}, and this machine's port {port} is taken "
+                    f"({taken}): another program, or a launch still running, listens on it. Choose another port "
+                    f"(the same for every process)")
     try:
         if fv.coordinator_address:
             jax.distributed.initialize(coordinator_address=fv.coordinator_address, num_processes=fv.num_processes,

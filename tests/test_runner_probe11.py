@@ -78,7 +78,7 @@ def test_a_coordinator_that_cannot_start_is_named_without_a_traceback(tmp_path):
         "         main(common + [f'--coordinator_address=127.0.0.1:{port}', '--num_processes=1', '--process_id=0'])]\n"
         "print('CODES', codes, port, flush=True)\n")
     env = _child_env()
-    env = {k: v for k, v in env.items() if not k.startswith(("SLURM_", "OMPI_", "PMI_", "TPU_"))}
+    env = {k: v for k, v in env.items() if not k.startswith(("SLURM_", "OMPI_", "PMI_", "TPU_", "KUBERNETES_"))}
     p = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 0 and "CODES [2, 2]" in p.stdout, (p.returncode, p.stdout, p.stderr[-3000:])
@@ -282,3 +282,84 @@ def test_load_config_overrides_of_the_wrong_kind_name_the_dotted_key(override, m
     assert str(e.value).startswith(message), str(e.value)
     s = validate(load_config(TINY, {"optim.lr": 0.2, "steps": 10, "model.hidden": [8], "model": {"name": "mlp"}}))
     assert (s.optim.lr, s.steps, s.model.name) == (0.2, 10, "mlp")
+
+
+#: The configs in configs/ that are run configs (README: the others run with `python experiments/<name>.py`).
+RUN_CONFIGS = ("digits_bn_cnn", "digits_cnn", "grokking", "quickstart", "tiny")
+
+
+def test_the_run_configs_and_their_sweep_members_validate_and_build():
+    """Every config file in configs/ that validates is one of the run configs the README names (the others are
+    experiment configs), each builds (model, group, data, optimiser; nothing compiled), and each member of its
+    sweep is itself a valid run config (what ``members/<i>/config.json`` records)."""
+    import glob
+
+    from quotient_sgd.config import ConfigError, load_config, validate
+    from quotient_sgd.runner import build, sweep_members
+    from quotient_sgd.runner._sweep import member_settings
+
+    runs = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))):
+        try:
+            s = validate(load_config(path))
+        except ConfigError:
+            continue
+        runs.append(os.path.basename(path)[:-3])
+        assert build(s).settings.model == s.model
+        members = sweep_members(s)
+        assert len(members) > 1, path  # (each ships a sweep)
+        for i, m in enumerate(members):
+            ms = member_settings(s, i, m)
+            assert validate(ms.to_dict()) == ms and ms.name == f"{s.name}-{i:03d}" and not ms.sweep.axes()
+    assert tuple(runs) == RUN_CONFIGS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in RUN_CONFIGS if n not in ("quickstart", "tiny")])
+def test_every_run_config_runs_a_few_steps_and_reports(tmp_path, name):
+    """The slow variant: each run config the other tests do not run (quickstart and tiny are) runs 2 steps with its
+    own model, data, optimiser and observables (Hessian extremes included) through the command, writes every file
+    of the run directory, and ``report`` redraws it."""
+    env = _child_env()
+    wd = tmp_path / "run"
+    cmd = [sys.executable, "-m", "quotient_sgd.cli", "run", f"--config={os.path.join(ROOT, 'configs', name + '.py')}",
+           "--config.steps=2", f"--workdir={wd}"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for f in ("config.json", "trajectory.npz", "metrics.jsonl", "events.json", "run.json", "summary.md"):
+        assert (wd / f).is_file(), f
+    plots = sorted(os.listdir(wd / "plots"))
+    assert len(plots) == 6 and all((wd / "plots" / f).stat().st_size > 1000 for f in plots), plots
+    p = subprocess.run([sys.executable, "-m", "quotient_sgd.cli", "report", str(wd)], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0 and "- steps: 2 of 2" in p.stdout, (p.stdout, p.stderr[-2000:])
+
+
+def test_the_port_checked_is_the_one_the_coordinator_binds(monkeypatch):
+    """Process 0 checks the port JAX's coordinator will bind: that of ``--coordinator_address``, or of
+    ``JAX_COORDINATOR_BIND_ADDRESS`` when set (JAX binds there instead); other processes check nothing."""
+    import socket
+    from types import SimpleNamespace
+
+    import jax
+
+    from quotient_sgd.cli import _init_distributed
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.delenv("JAX_COORDINATOR_BIND_ADDRESS", raising=False)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        fv = SimpleNamespace(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=0, distributed=False)
+        assert f"port {port} is taken" in _init_distributed(fv) and not calls
+        assert _init_distributed(SimpleNamespace(**{**vars(fv), "process_id": 1})) is None and len(calls) == 1
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            other = free.getsockname()[1]
+        monkeypatch.setenv("JAX_COORDINATOR_BIND_ADDRESS", f"[::]:{other}")
+        assert _init_distributed(fv) is None and len(calls) == 2
+        monkeypatch.setenv("JAX_COORDINATOR_BIND_ADDRESS", f"[::]:{port}")
+        monkeypatch.setattr(fv, "coordinator_address", f"127.0.0.1:{other}")
+        assert f"port {port} is taken" in _init_distributed(fv) and len(calls) == 2

@@ -5,8 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from quotient_sgd.symmetry import Scale, align, quotient_distance
+from quotient_sgd.models import MLP
+from quotient_sgd.symmetry import Scale, Word, align, quotient_distance, verify
+
+from helpers import tree_rel_err
+from symmetry_cases import mlp_group, mlp_params
 
 
 @pytest.mark.parametrize("dtype, tilt", [("float64", 0.0085), ("float64", 0.009), ("float32", 0.006)])
@@ -33,3 +38,49 @@ def test_quotient_distance_gradient_where_the_nearest_point_is_in_the_orbit_clos
                           (lambda p: quotient_distance(group, a, {"w": p}), b["w"], grads[1])):
             fd = (fn(at + h * u) - fn(at - h * u)) / (2 * h)
             assert abs(float(jnp.sum(g * u)) - float(fd)) <= 1e-6 * abs(float(fd))
+
+
+def _mlp_case():
+    widths = (3, 4, 4, 2)
+    return mlp_group(widths), mlp_params(jax.random.key(0), widths)
+
+
+def test_continuous_canonical_element_starts_from_the_identity_word_and_names_a_bad_init():
+    """``init`` naming no component (the identity ``Word((), ())``, the natural "no warm start") failed with a bare
+    ``KeyError: 0`` from inside the compiled sweeps, a Word of other widths with a while_loop's carry mismatch, and
+    a non-Word with an AttributeError of a tracer (``unordered_invariants``' ``element`` too).  Components the word
+    does not name now start at the identity (the same canonical element), and a bad ``init`` / ``element`` is named
+    with the element's shapes."""
+    group, p = _mlp_case()
+    moved = group.act(group.sample(jax.random.key(1), p), p)
+    ref = group.act(group.continuous_canonical_element(moved), moved)
+    got = group.act(group.continuous_canonical_element(moved, init=Word((), ())), moved)
+    assert tree_rel_err(got, ref) < 1e-5
+    narrow = mlp_params(jax.random.key(0), (3, 2, 2, 2))
+    other = group.continuous_canonical_element(narrow)
+    for call, needle in (
+            (lambda: group.continuous_canonical_element(p, init=other), r"continuous_canonical_element: init .*\(2,\)"),
+            (lambda: group.continuous_canonical_element(p, init=5), r"continuous_canonical_element: init .*Word"),
+            (lambda: group.unordered_invariants(p, element=5), r"unordered_invariants: element .*Word")):
+        with pytest.raises((TypeError, ValueError), match=needle):
+            call()
+
+
+def test_bad_elements_scales_and_verify_arguments_are_named():
+    """A float index array for a permutation passed the element checks and failed inside ``jnp.take`` ("indices
+    must have an integer type"); ``scale="1"`` read as 1.0 by the check and failed in the compiled program's
+    argument conversion; ``verify`` of something that is not a group or not a model failed with an AttributeError
+    / "'State' object is not callable".  Each is named now."""
+    group, p = _mlp_case()
+    perm = [i for i, c in enumerate(group.components) if not c.continuous][0]
+    floats = Word((perm,), (jnp.arange(4.0),))
+    with pytest.raises(ValueError, match=r"permutation 'perm/0' has dtype float32, not an integer"):
+        group.act(floats, p)
+    with pytest.raises(ValueError, match=r"scale='1' is not allowed"):
+        group.sample(jax.random.key(0), p, "1")
+    model = MLP(3, (4,), 2, rngs=nnx.Rngs(0))
+    x, key = jnp.ones((2, 3)), jax.random.key(0)
+    with pytest.raises(TypeError, match=r"verify: group must be a symmetry group.*str"):
+        verify(model, "rescale", x, key)
+    with pytest.raises(TypeError, match=r"verify: model must be the Flax NNX model.*State"):
+        verify(nnx.split(model, nnx.Param, ...)[1], model.symmetries(), x, key)

@@ -105,8 +105,8 @@ def _check_scale(scale) -> None:
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
         return
     except (TypeError, ValueError):
-        value = float("nan")  # not a number (a string, a sequence): reported below
-    if isinstance(scale, bool) or not (value >= 0 and value != float("inf")):
+        value = float("nan")  # not a number (a sequence): reported below; a string that reads as one ("1") too
+    if isinstance(scale, (bool, str, bytes)) or not (value >= 0 and value != float("inf")):
         raise ValueError(f"sample: scale={scale!r} is not allowed; need a finite number >= 0 (the spread of the "
                          f"log-factors, 2 x scale).")
 

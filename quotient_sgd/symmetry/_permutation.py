@@ -88,6 +88,15 @@ class Permutation(Group):
     def _identity(self, flat):
         return jnp.arange(self._n(flat), dtype=jnp.int32)
 
+    def _check_element(self, g, flat, where: str = "") -> None:
+        # a float index array passed the shape and value checks and failed inside jnp.take ("indices must have an
+        # integer type", naming neither the action nor the argument); the dtype is known under a trace too
+        dtype = getattr(g, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+            raise ValueError(f"act: {where}the element for permutation {self.name!r} has dtype {dtype}, not an "
+                             f"integer index array; sample the element, or compose / invert elements of this group")
+        super()._check_element(g, flat, where)
+
     def _check_element_values(self, g, where: str = "") -> None:
         g = np.asarray(g)
         if not np.all(np.sort(g, axis=-1) == np.arange(g.shape[-1])):

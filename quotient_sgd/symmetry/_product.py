@@ -604,10 +604,27 @@ class Product(Group):
         Iterative cluster canonicalisations (block-coordinate sweeps) start from it; the fixed point is unique,
         so the result does not depend on ``init`` beyond the solver tolerance, only the number of sweeps does."""
         flat, _ = self._flat(params)
+        self._check_given(init, flat, "continuous_canonical_element", "init")
         return _compiled(self, "_continuous_canonical_flat", flat, init)
 
+    def _check_given(self, word, flat, method: str, arg: str) -> None:
+        """The error of :meth:`act` for ``word`` (not a Word of this group at these shapes), naming ``method`` and
+        its argument ``arg`` (it surfaced inside the compiled program as an AttributeError of a tracer, a bare
+        ``KeyError: 0`` or a while_loop's carry mismatch); ``None`` passes."""
+        if word is None:
+            return
+        try:
+            self._check_element(word, flat)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{method}: {arg} must be an element of this group at these parameters' shapes (a "
+                            f"previous result of continuous_canonical_element): {err}") from None
+
     def _continuous_canonical_flat(self, flat, init):
-        start = None if init is None else dict(zip(init.indices, init.elements))
+        if init is None:
+            start = None
+        else:  # components the word does not name (the identity Word((), ())) start at the identity
+            start = {i: self.components[i]._identity(flat) for i in self._cont()}
+            start.update(zip(init.indices, init.elements))
         return self._continuous_canonical(self._cont(), flat, start)
 
     def unordered_invariants(self, params, element: Word | None = None):
@@ -617,6 +634,7 @@ class Product(Group):
         canonical point instead (``element``: :meth:`continuous_canonical_element` when already known), which
         skips the permutation sort and the second continuous canonicalisation."""
         flat, _ = self._flat(params)
+        self._check_given(element, flat, "unordered_invariants", "element")
         return _compiled(self, "_unordered_invariants_flat", flat, element)
 
     def _unordered_invariants_flat(self, flat, element):

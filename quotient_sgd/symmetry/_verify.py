@@ -90,6 +90,7 @@ def verify(model, group: Group, x, key, *, num_samples: int = 4, scale: float = 
         and is not explained by rounding; for a model whose normalisation runs in evaluation mode (running
         statistics, ``model.eval()``), saying so: its scale and permutation symmetries hold in training mode.
         ValueError: a bad argument, or an inconclusive comparison (above).
+        TypeError: a ``model``, ``group`` or ``key`` of the wrong kind.
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
         raise ValueError(f"verify: num_samples must be an integer >= 1 (random elements per component), got "
@@ -97,6 +98,12 @@ def verify(model, group: Group, x, key, *, num_samples: int = 4, scale: float = 
     if isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or not rtol >= 0:
         raise ValueError(f"verify: rtol must be a number >= 0, got {rtol!r}")
     _check_key(key, "verify")
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"verify: model must be the Flax NNX model (its parameters are split from it), got "
+                        f"{type(model).__name__}")
+    if not isinstance(group, Group):
+        raise TypeError(f"verify: group must be a symmetry group (e.g. model.symmetries()), got "
+                        f"{type(group).__name__}")
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     @jax.jit

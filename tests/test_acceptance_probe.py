@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
@@ -218,3 +219,30 @@ def test_train_vmapped_over_8_learning_rates_and_decays_equals_8_runs_on_meanfie
             np.testing.assert_allclose(a[i], b, rtol=1e-10, atol=1e-14)
     assert _rel_per_step(tv["charge_drift"], tv["charge_drift_predicted"]) < 1e-8
     assert len({float(v) for v in tv["loss"][:, -1]}) == 8
+
+
+# ----- a spec for Muon or SAM is refused --------------------------------------------------------------------
+def test_an_sgd_spec_for_muon_or_sam_is_refused():
+    """optax.contrib's Muon (an orthogonalised step) and SAM (gradients taken at an adversarial point) do not take
+    the SGD step an SGDSpec describes (measured: the predicted drift ~100% off for scale_by_muon, 240% for sam),
+    and their states show it: init refuses the spec, naming the state; without a spec they run, and
+    horizontal(...) around them is still accepted with one."""
+    import optax.contrib
+
+    params = {"l0": {"kernel": jnp.ones((3, 6))}, "l1": {"kernel": jnp.ones((6, 2))}}
+    from quotient_sgd.optim import horizontal
+    from quotient_sgd.symmetry import Product, Rescale
+
+    group = Product((Rescale(incoming=((("l0", "kernel"), 1),), outgoing=((("l1", "kernel"), 0),), name="r0"),))
+    dims = jax.tree.map(lambda _: optax.contrib.MuonDimensionNumbers(), params)
+    cases = {
+        "MuonState": optax.chain(optax.contrib.scale_by_muon(beta=0.9, weight_dimension_numbers=dims),
+                                 optax.scale(-0.05)),
+        "SAMState": optax.contrib.sam(optax.sgd(0.1), optax.sgd(0.05), sync_period=2),
+    }
+    for state, inner in cases.items():
+        tx = quotient_trajectory(inner, group, spec=SGDSpec(0.05, momentum=0.9), observables=CHEAP)
+        with pytest.raises(ValueError, match=rf"SGDSpec.*holds \['{state}'\].*spec=None"):
+            tx.init(params)
+        quotient_trajectory(inner, group, observables=CHEAP).init(params)
+        quotient_trajectory(horizontal(inner, group), group, spec=SGDSpec(0.05), observables=CHEAP).init(params)

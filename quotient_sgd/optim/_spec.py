@@ -77,8 +77,9 @@ class SGDSpec:
     decay tolerates exactly.  Every field is a :data:`Hyper`; ``nesterov`` is
     static.  A spec for an optimiser whose state shows that it is not SGD (an Adam, RMSProp, Adagrad, Lion, LAMB,
     Adafactor, line-search, gradient-noise or optimistic-gradient state anywhere in it, or one of optax.contrib's
-    adaptive optimisers: Prodigy, D-Adaptation, DoG, Mechanic, COCOB, Momo, schedule-free, Sophia ...) is refused by
-    ``quotient_trajectory`` at ``init``: give those no spec, or wrap them in :func:`~quotient_sgd.optim.horizontal`.
+    adaptive optimisers: Prodigy, D-Adaptation, DoG, Mechanic, COCOB, Momo, schedule-free, Sophia, Muon, SAM ...) is
+    refused by ``quotient_trajectory`` at ``init``: give those no spec, or wrap them in
+    :func:`~quotient_sgd.optim.horizontal`.
 
     A step that the optimiser skips, leaving parameters and momentum as they are (``optax.apply_if_finite`` on a
     non-finite gradient, ``optax.MultiSteps`` while it accumulates; the spec then describes the wrapped SGD), is

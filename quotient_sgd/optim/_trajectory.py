@@ -723,9 +723,10 @@ def _unknown_observables(unknown) -> str:
 
 
 #: States of optax transforms that rescale the step per coordinate or by a searched or learnt step size (adaptive
-#: methods, sign methods, line searches, optax.contrib's learning-rate-free and Polyak methods), add noise to it, or
-#: mix in gradients of other points (optimistic gradient descent): the SGD identity of an :class:`SGDSpec` does not
-#: hold.  (A trust ratio, LARS, and a Polyak step size, ``optax.polyak_sgd``, have empty states: not recognised.)
+#: methods, sign methods, line searches, optax.contrib's learning-rate-free and Polyak methods), orthogonalise it
+#: (Muon), add noise to it, or mix in gradients of other points (optimistic gradient descent, SAM): the SGD identity
+#: of an :class:`SGDSpec` does not hold.  (A trust ratio, LARS, and a Polyak step size, ``optax.polyak_sgd``, have
+#: empty states: not recognised.)
 _NOT_SGD_STATES = tuple(t for t in (
     *(getattr(optax, n, None) for n in (
         "ScaleByAdamState", "ScaleByAdaDeltaState", "ScaleByAdanState", "ScaleByAmsgradState", "ScaleByBeliefState",
@@ -734,8 +735,8 @@ _NOT_SGD_STATES = tuple(t for t in (
         "ScaleByZoomLinesearchState", "FactoredState", "AddNoiseState")),
     *(getattr(optax.contrib, n, None) for n in (
         "COCOBState", "DAdaptAdamWState", "DifferentiallyPrivateAggregateState", "DoGState", "DoWGState",
-        "GaLoreState", "MadgradState", "MechanicState", "MomoAdamState", "MomoState", "ProdigyState",
-        "ScaleByAdemamixState", "ScaleBySimplifiedAdEMAMixState", "ScheduleFreeState", "SophiaState")),
+        "GaLoreState", "MadgradState", "MechanicState", "MomoAdamState", "MomoState", "MuonState", "ProdigyState",
+        "SAMState", "ScaleByAdemamixState", "ScaleBySimplifiedAdEMAMixState", "ScheduleFreeState", "SophiaState")),
     # not exported by optax; its type read abstractly (an init here would start JAX's backend on import, and
     # jax.distributed.initialize must come before that)
     type(jax.eval_shape(optax.scale_by_optimistic_gradient().init, {})),
@@ -750,18 +751,19 @@ def _state_types(inner_state, types) -> list[str]:
 
 def _check_sgd_like(inner_state) -> None:
     """``ValueError`` when ``spec`` is given for an optimiser whose state shows that it is not SGD (Adam, RMSProp,
-    Adagrad, Lion, LAMB, Adafactor, a line search, noisy SGD, optax.contrib's Prodigy, DoG, Sophia ...): the predicted
-    drift would be that of an SGD step the optimiser does not take (measured ~100% off for adamw, rmsprop, adagrad,
-    adafactor, noisy_sgd, optimistic_gradient_descent, prodigy, sophia; 55-92% for schedule_free_sgd, mechanize,
+    Adagrad, Lion, LAMB, Adafactor, a line search, noisy SGD, optax.contrib's Prodigy, DoG, Sophia, Muon, SAM ...): the
+    predicted drift would be that of an SGD step the optimiser does not take (measured ~100% off for adamw, rmsprop,
+    adagrad, adafactor, noisy_sgd, optimistic_gradient_descent, prodigy, sophia, scale_by_muon (its orthogonalised
+    step); 240% for sam (gradients at the adversarial point); 55-92% for schedule_free_sgd, mechanize,
     momo; 3% for dog within 6 steps), with nothing to say so."""
     found = _state_types(inner_state, _NOT_SGD_STATES)
     if found:
         raise ValueError(
             f"quotient_trajectory: spec=SGDSpec(...) describes an SGD-family optimiser, but the optimiser's state "
-            f"holds {found} (a per-coordinate, searched or learnt rescaling of the step, noise, or gradients of other "
-            f"points), for which the SGD charge identity does not hold; pass spec=None (charge_drift is observed, "
-            f"charge_drift_predicted NaN), or wrap the optimiser in quotient_sgd.optim.horizontal(...), whose drift is "
-            f"predicted for any optimiser")
+            f"holds {found} (a per-coordinate, searched or learnt rescaling of the step, an orthogonalised step, "
+            f"noise, or gradients of other points), for which the SGD charge identity does not hold; pass spec=None "
+            f"(charge_drift is observed, charge_drift_predicted NaN), or wrap the optimiser in "
+            f"quotient_sgd.optim.horizontal(...), whose drift is predicted for any optimiser")
 
 
 #: States of optax wrappers whose skipped steps leave the wrapped optimiser's state, and so its step count, as it

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from quotient_sgd.models import MLP
+from quotient_sgd.models import MLP, MeanField, particles
 from quotient_sgd.symmetry import Scale, Word, align, quotient_distance, verify
 
 from helpers import tree_rel_err
@@ -84,3 +84,25 @@ def test_bad_elements_scales_and_verify_arguments_are_named():
         verify(model, "rescale", x, key)
     with pytest.raises(TypeError, match=r"verify: model must be the Flax NNX model.*State"):
         verify(nnx.split(model, nnx.Param, ...)[1], model.symmetries(), x, key)
+
+
+def test_grad_of_balanced_particles_with_a_zero_half_is_finite(x64):
+    """``particles(params, balanced=True)`` keeps a particle with a zero half as it is, but computed the balancing
+    factor from the norms, whose derivative at 0 is infinite: ``jax.grad`` of the balanced particles was NaN in
+    every entry of that particle (a zero-initialised or dead output weight).  Now finite, and equal to a central
+    difference along the other particles."""
+    model = MeanField(3, 5, 2, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+    p = nnx.split(model, nnx.Param, ...)[1].to_pure_dict()
+    p["w_out"] = p["w_out"].at[0].set(0.0)
+    w = jax.random.normal(jax.random.key(1), (5, 3 + 1 + 2), jnp.float64)
+
+    def f(q):
+        return jnp.sum(w * particles(q, balanced=True))
+
+    grad = jax.grad(f)(p)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grad))
+    u = jax.tree.map(lambda x: jax.random.normal(jax.random.key(2), x.shape, x.dtype).at[0].set(0.0), p)
+    h = 1e-6
+    fd = (f(jax.tree.map(lambda x, y: x + h * y, p, u)) - f(jax.tree.map(lambda x, y: x - h * y, p, u))) / (2 * h)
+    dot = sum(jnp.sum(g * y) for g, y in zip(jax.tree.leaves(grad), jax.tree.leaves(u)))
+    assert abs(float(dot) - float(fd)) <= 1e-7 * abs(float(fd))

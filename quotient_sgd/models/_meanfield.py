@@ -81,10 +81,12 @@ def particles(params, *, balanced: bool = False) -> jax.Array:
     w_in, b, w_out = (jnp.asarray(params[k][...]) for k in ("w_in", "b", "w_out"))
     pin = jnp.concatenate([w_in, b[:, None]], axis=1)
     if balanced:
-        nin = jnp.linalg.norm(pin, axis=1)
-        nout = jnp.linalg.norm(w_out, axis=1)
-        ok = (nin > 0) & (nout > 0)
-        a = jnp.where(ok, jnp.sqrt(jnp.where(ok, nout, 1) / jnp.where(ok, nin, 1)), 1)[:, None]
+        # from the squared norms, a = (|out|^2 / |in|^2)^(1/4): the norms' sqrt'(0) is infinite, and a particle with
+        # a zero half (kept as it is, a = 1) made jax.grad of the balanced particles NaN
+        sin = jnp.sum(jnp.square(pin), axis=1)
+        sout = jnp.sum(jnp.square(w_out), axis=1)
+        ok = (sin > 0) & (sout > 0)
+        a = jnp.where(ok, jnp.sqrt(jnp.sqrt(jnp.where(ok, sout, 1) / jnp.where(ok, sin, 1))), 1)[:, None]
         pin, w_out = pin * a, w_out / a
     return jnp.concatenate([pin, w_out], axis=1)
 

@@ -246,3 +246,48 @@ def test_an_sgd_spec_for_muon_or_sam_is_refused():
             tx.init(params)
         quotient_trajectory(inner, group, observables=CHEAP).init(params)
         quotient_trajectory(horizontal(inner, group), group, spec=SGDSpec(0.05), observables=CHEAP).init(params)
+
+
+# ----- the charge identity through diagnostics.shock_aware_lr ------------------------------------------------
+def _two_layer():
+    """A bias-free ReLU net 3-6-2 with one rescale per hidden unit, float64, and 30 regression batches."""
+    from quotient_sgd.symmetry import Product, Rescale
+
+    k = jax.random.split(jax.random.key(0), 2)
+    params = {"l0": {"kernel": jax.random.normal(k[0], (3, 6), jnp.float64) / 2},
+              "l1": {"kernel": jax.random.normal(k[1], (6, 2), jnp.float64) / 2}}
+    group = Product((Rescale(incoming=((("l0", "kernel"), 1),), outgoing=((("l1", "kernel"), 0),), name="r0"),))
+    x = jax.random.normal(jax.random.key(1), (30, 8, 3), jnp.float64)
+    return params, group, (x, jnp.sin(x[..., :2]))
+
+
+def _two_layer_loss(p, batch):
+    x, y = batch
+    return jnp.mean((jax.nn.relu(x @ p["l0"]["kernel"]) @ p["l1"]["kernel"] - y) ** 2)
+
+
+@pytest.mark.parametrize("policy", ["cap", "track"])
+def test_charge_identity_through_shock_aware_lr(x64, policy):
+    """shock_aware_lr(sgd) scales the whole update by its s_k: the step is SGD's with learning rate eta s_k, and
+    the prediction from SGDSpec(eta, ...) of the wrapped optimiser equals the observed drift at every step (1e-8;
+    it took the spec's eta as it is and was 47-76% off here), with heavy-ball momentum and decoupled decay, and
+    with Nesterov momentum and coupled decay.  A shock_aware_lr on only some parameters is refused with a spec."""
+    from quotient_sgd.diagnostics import shock_aware_lr
+
+    params, group, data = _two_layer()
+    chains = {
+        "heavy_ball_decoupled": (optax.chain(optax.trace(0.9), optax.add_decayed_weights(0.01), optax.scale(-0.5)),
+                                 SGDSpec(0.5, weight_decay=0.01, momentum=0.9)),
+        "nesterov_coupled": (optax.chain(optax.add_decayed_weights(0.01), optax.sgd(0.5, momentum=0.9, nesterov=True)),
+                             SGDSpec(0.5, coupled_weight_decay=0.01, momentum=0.9, nesterov=True)),
+    }
+    for name, (inner, spec) in chains.items():
+        wrapped = shock_aware_lr(inner, fold_target=0.5, policy=policy, max_scale=2.0 if policy == "track" else 1.0)
+        tx = quotient_trajectory(wrapped, group, spec=spec, observables=CHEAP)
+        _, state, traj = train(_two_layer_loss, params, tx, data, donate=False)
+        assert abs(float(state.inner_state.scale) - 1) > 0.1, name  # the control really rescaled the steps
+        assert _rel_per_step(traj["charge_drift"], traj["charge_drift_predicted"]) < 1e-8, name
+    part = optax.chain(optax.masked(shock_aware_lr(optax.sgd(0.1)), {"l0": True, "l1": False}),
+                       optax.masked(optax.sgd(0.1), {"l0": False, "l1": True}))
+    with pytest.raises(ValueError, match=r"shock_aware_lr that scales the updates of only some parameters"):
+        quotient_trajectory(part, group, spec=SGDSpec(0.1), observables=CHEAP).init(params)

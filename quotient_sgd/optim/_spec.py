@@ -81,6 +81,12 @@ class SGDSpec:
     refused by ``quotient_trajectory`` at ``init``: give those no spec, or wrap them in
     :func:`~quotient_sgd.optim.horizontal`.
 
+    :func:`quotient_sgd.diagnostics.shock_aware_lr` around the optimiser (``shock_aware_lr(optax.sgd(eta, ...))``:
+    the spec describes the wrapped SGD) multiplies the whole update by the scale ``s`` it applies at each step, so the
+    step is that of the learning rate ``eta * s``: the prediction (and the shock / fold numbers, the temperature)
+    use it, read from the state (exact; a spec taken as it is was 19-89% off).  A ``shock_aware_lr`` that scales
+    only some parameters (inside ``optax.masked`` / ``multi_transform``) is refused with a spec.
+
     A step that the optimiser skips, leaving parameters and momentum as they are (``optax.apply_if_finite`` on a
     non-finite gradient, ``optax.MultiSteps`` while it accumulates; the spec then describes the wrapped SGD), is
     recognised by its update of exact zeros at a nonzero learning rate: its predicted drift is zero and the

@@ -103,7 +103,8 @@ def quotient_trajectory(
     ``invariant_norms`` / ``angular_update`` / ``effective_lr`` are dicts keyed by component name
     (``effective_lr`` also has ``"global"``); ``curvature``, ``shock_number`` and ``fold_number`` recorded at
     step ``k`` describe the previous step ``k - 1`` (they need ``g_k``; zero at the first step); the shock /
-    fold numbers use the spec's learning rate, else the step's ``effective_lr["global"]``.
+    fold numbers use the spec's learning rate (times the scale of a :func:`~quotient_sgd.diagnostics.shock_aware_lr`
+    around the optimiser, :class:`SGDSpec`), else the step's ``effective_lr["global"]``.
     ``charge_drift`` is ``Q(theta_{k+1}) - Q(theta_k)`` with ``theta_{k+1} = optax.apply_updates(theta_k,
     Delta_k)`` as the parameters store it: for bfloat16 / float16 parameters it includes the rounding of the step
     to their dtype (which the float32 observables would otherwise not see), so the recorded ``charges`` of
@@ -312,6 +313,7 @@ def quotient_trajectory(
             # (horizontal(...) predicts Q(Delta) without the spec; gauge_fix / an inner horizontal: not predicted)
             _check_sgd_like(inner_state)
             _check_schedule_counts(spec, inner_state)
+            _check_shock_aware_covers(inner_state, params)
         size = sum(jnp.size(x) for x in jax.tree.leaves(params))
         if hessian_every is not None and lanczos_method == "matfree" and lanczos_steps > size:
             # matfree's tridiagonalisation refuses it at the first evaluation, naming its own num_matvecs
@@ -387,6 +389,11 @@ def quotient_trajectory(
         count = state.count
         dt = jax.tree.leaves(params)[0].dtype
         hp = None if spec is None else {k: jnp.asarray(v, dt) for k, v in spec.resolve(inner_state, count).items()}
+        if hp is not None:
+            # diagnostics.shock_aware_lr around the SGD multiplies its whole update by the scale s it applied at this
+            # step: the step taken is that of learning rate eta * s (the momentum, fed by the raw gradients, is not
+            # scaled), which the identity, the shock / fold numbers and the temperature then use
+            hp["learning_rate"] = hp["learning_rate"] * _applied_scale(inner_state, dt)
         value = extra_args.get("value")
         if "loss" in want:
             _check_value(value)
@@ -792,6 +799,39 @@ def _check_schedule_counts(spec: SGDSpec, inner_state) -> None:
             f"after the first skipped step.  Inject the schedule instead and name it in the spec: "
             f"optax.inject_hyperparams(optax.sgd)(learning_rate=schedule, ...) with SGDSpec('learning_rate', ...) "
             f"(the state then stores the value each step used), or pass spec=None (drift observed, not predicted)")
+
+
+def _shock_aware_states(inner_state) -> list:
+    """The :class:`quotient_sgd.diagnostics.ShockAwareState` s anywhere in ``inner_state``."""
+    from ..diagnostics._shock_lr import ShockAwareState
+
+    hit = lambda x: isinstance(x, ShockAwareState)  # noqa: E731
+    return [x for x in jax.tree.leaves(inner_state, is_leaf=hit) if hit(x)]
+
+
+def _applied_scale(inner_state, dtype) -> jax.Array:
+    """The product of the scales that the :func:`~quotient_sgd.diagnostics.shock_aware_lr` transforms in
+    ``inner_state`` applied to the update at the step just taken (1 without them)."""
+    out = jnp.ones((), dtype)
+    for st in _shock_aware_states(inner_state):
+        out = out * jnp.asarray(st.scale).astype(dtype)
+    return out
+
+
+def _check_shock_aware_covers(inner_state, params) -> None:
+    """``ValueError`` when a :func:`~quotient_sgd.diagnostics.shock_aware_lr` in the optimiser scales the update of
+    only some parameters (inside ``optax.masked`` / ``optax.multi_transform``): its scale is then no learning rate
+    of the whole step, which an :class:`SGDSpec` describes."""
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+    want = jax.tree.structure(params)
+    for st in _shock_aware_states(inner_state):
+        if jax.tree.structure(st.prev_grads) != want or any(
+                masked(x) for x in jax.tree.leaves(st.prev_grads, is_leaf=masked)):
+            raise ValueError(
+                "quotient_trajectory: spec=SGDSpec(...) with a diagnostics.shock_aware_lr that scales the updates "
+                "of only some parameters (inside optax.masked / optax.multi_transform): its scale is not a learning "
+                "rate of the whole step, so the charge identity does not describe it; put shock_aware_lr around the "
+                "whole optimiser, or pass spec=None (charge_drift observed, charge_drift_predicted NaN)")
 
 
 def _momentum_trace(inner_state, params):

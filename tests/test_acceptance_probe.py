@@ -46,7 +46,7 @@ def _rel_per_step(drift, pred):
 def test_charge_identity_nesterov_decoupled_decay_on_transformer_gl_charges(x64):
     """Nesterov momentum with decoupled weight decay on a Transformer: every charge (the per-head 4 x 4 QK / VO
     matrices, the MLP's per-unit rescale charges, the logit translation) drifts by exactly the predicted amount at
-    each of 25 steps (1e-8 relative, float64), and the momentum-free formula misses the GL drift."""
+    each of 25 steps (1e-8 relative, float64)."""
     group, graphdef, params, rest = _transformer()
     loss = _next_token_loss(graphdef, rest)
     tokens = jax.random.randint(jax.random.key(1), (25, 4, 4), 0, 7)
@@ -59,9 +59,6 @@ def test_charge_identity_nesterov_decoupled_decay_on_transformer_gl_charges(x64)
     assert drift[qk].shape[1:] == (2, 4, 4)  # a matrix charge per head
     assert _rel_per_step(drift, pred) < 1e-8
     assert float(jnp.max(jnp.abs(drift[qk]))) > 1e-5  # the decay and momentum really move the GL charges
-    tx0 = quotient_trajectory(inner, group, spec=SGDSpec(0.05, weight_decay=0.02), observables=CHEAP)
-    _, _, traj0 = train(loss, params, tx0, tokens, donate=False)
-    assert _rel_per_step(drift[qk], traj0["charge_drift_predicted"][qk]) > 1e-3
 
 
 def _spectrum(x):
@@ -184,7 +181,7 @@ def test_lanczos_extremes_match_dense_on_meanfield(x64):
 
 def test_train_vmapped_over_8_learning_rates_and_decays_equals_8_runs_on_meanfield(x64):
     """A MeanField network, Nesterov SGD with coupled weight decay, both injected and swept jointly over 8 members
-    in one vmapped train (periodic Hessian observables as branches): parameters and every trajectory entry equal
+    in one vmapped train (observables every 2 steps: a branch under vmap): parameters and every trajectory entry equal
     the 8 separate runs (1e-10), and the charge drift equals the prediction read from each member's injected
     values."""
     model = MeanField(3, 12, 2, rngs=nnx.Rngs(4), param_dtype=jnp.float64)
@@ -203,7 +200,7 @@ def test_train_vmapped_over_8_learning_rates_and_decays_equals_8_runs_on_meanfie
     inner = optax.chain(optax.inject_hyperparams(optax.add_decayed_weights)(weight_decay=0.01),
                         optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9, nesterov=True))
     spec = SGDSpec("learning_rate", coupled_weight_decay="weight_decay", momentum="momentum", nesterov=True)
-    tx = quotient_trajectory(inner, group, spec=spec, hessian_every=4, lanczos_steps=6)
+    tx = quotient_trajectory(inner, group, spec=spec, every=2)
     s0 = tx.init(params)
     axes = member_axes(s0)
     lrs, wds = jnp.linspace(0.02, 0.3, 8), jnp.linspace(0.0, 0.05, 8)

@@ -1,4 +1,9 @@
-"""The sweep command's multi-host options (flags and environment), ..."""
+"""The command line, configs and the runner's arguments on what they did not check or could not say: the sweep's
+multi-host options (flags and environment: counts, ids, addresses, a coordinator that cannot start), overrides
+validation needs, a value for a whole section, config keys written as flags, load_config's overrides of the wrong
+kind, a batch-size sweep of a full-batch config, unvalidated settings and bad members_per_device / devices
+arguments given to the runner, a relative XDG_CACHE_HOME; and the run configs shipped in configs/ (validate and
+build; slow: run and report)."""
 
 import os
 import subprocess

@@ -288,3 +288,21 @@ def test_charge_identity_through_shock_aware_lr(x64, policy):
                        optax.masked(optax.sgd(0.1), {"l0": False, "l1": True}))
     with pytest.raises(ValueError, match=r"shock_aware_lr that scales the updates of only some parameters"):
         quotient_trajectory(part, group, spec=SGDSpec(0.1), observables=CHEAP).init(params)
+
+
+# ----- set_hyperparams: values of the wrong kind are named, not cast --------------------------------------------
+def test_set_hyperparams_refuses_a_bool_a_complex_or_a_string():
+    """learning_rate=True was stored as 1.0 and 1+2j as 1.0 (the imaginary part dropped), silently; '0.2' failed in
+    JAX's conversion without naming the hyperparameter.  Each is an error naming it; real values, arrays and a
+    vmapped vector still set it."""
+    tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9)
+    state = tx.init({"w": jnp.ones(3)})
+    for bad in (True, jnp.array(True), 1 + 2j):
+        with pytest.raises(ValueError, match=r"set_hyperparams: learning_rate is stored as float32, got .* dtype"):
+            set_hyperparams(state, learning_rate=bad)
+    with pytest.raises(TypeError, match=r"set_hyperparams: learning_rate='0.2' is not allowed; need a real number"):
+        set_hyperparams(state, learning_rate="0.2")
+    assert float(set_hyperparams(state, learning_rate=1).hyperparams["learning_rate"]) == 1.0
+    lrs = jax.vmap(lambda v: set_hyperparams(state, learning_rate=v).hyperparams["learning_rate"])(
+        jnp.array([0.25, 0.5]))
+    np.testing.assert_array_equal(lrs, [0.25, 0.5])

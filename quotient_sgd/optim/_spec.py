@@ -220,6 +220,16 @@ def member_axes(opt_state):
     return jax.tree.map(axis, opt_state)
 
 
+def _numeric_value(name: str, value) -> jax.Array:
+    """``value`` as an array, or a ``TypeError`` naming the hyperparameter (a string failed inside JAX's
+    conversion with "is not a valid JAX array type", naming neither)."""
+    try:
+        return jnp.asarray(value)
+    except TypeError:
+        raise TypeError(f"set_hyperparams: {name}={value!r} is not allowed; need a real number (or an array of them "
+                        f"under vmap)") from None
+
+
 def set_hyperparams(opt_state, **values):
     """A copy of ``opt_state`` with the named ``optax.inject_hyperparams`` values replaced (in every injected
     state that has them), cast to the dtype stored there; a float for a hyperparameter that was injected as an
@@ -244,7 +254,14 @@ def set_hyperparams(opt_state, **values):
         hp = dict(x.hyperparams)
         for k, v in values.items():
             if k in hp:
-                old, new = jnp.asarray(hp[k]), jnp.asarray(v)
+                old, new = jnp.asarray(hp[k]), _numeric_value(k, v)
+                if (new.dtype == jnp.bool_) != (old.dtype == jnp.bool_) or (
+                        jnp.issubdtype(new.dtype, jnp.complexfloating)
+                        and not jnp.issubdtype(old.dtype, jnp.complexfloating)):
+                    # a bool was stored as 1.0 / 0.0 (learning_rate=True trained at 1.0), a complex value lost its
+                    # imaginary part, both silently
+                    raise ValueError(f"set_hyperparams: {k} is stored as {old.dtype}, got {v!r} of dtype "
+                                     f"{new.dtype}; pass a real number (or an array of them under vmap)")
                 if new.shape != old.shape:
                     # a vector of values for a scalar hyperparameter broadcast against the parameters in the update:
                     # per-column learning rates, or an unrelated shape error, instead of a sweep

@@ -306,3 +306,12 @@ def test_set_hyperparams_refuses_a_bool_a_complex_or_a_string():
     lrs = jax.vmap(lambda v: set_hyperparams(state, learning_rate=v).hyperparams["learning_rate"])(
         jnp.array([0.25, 0.5]))
     np.testing.assert_array_equal(lrs, [0.25, 0.5])
+
+
+def test_quotient_trajectory_names_a_seed_out_of_range():
+    """seed=2**63 raised jax.random.key's bare OverflowError ("Python int too large to convert to C long")."""
+    from quotient_sgd.symmetry import Product
+
+    with pytest.raises(ValueError, match=r"seed=9223372036854775808 is not allowed; need an integer in \[-2\*\*63"):
+        quotient_trajectory(optax.sgd(0.1), Product(()), seed=2**63)
+    quotient_trajectory(optax.sgd(0.1), Product(()), seed=2**63 - 1)

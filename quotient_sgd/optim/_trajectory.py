@@ -226,6 +226,9 @@ def quotient_trajectory(
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"quotient_trajectory: seed must be an integer (it seeds the Lanczos starting vectors), got "
                         f"{seed!r}")
+    if not -2**63 <= seed < 2**63:  # jax.random.key raised a bare "Python int too large to convert to C long"
+        raise ValueError(f"quotient_trajectory: seed={seed!r} is not allowed; need an integer in [-2**63, 2**63) (it "
+                         f"seeds the Lanczos starting vectors)")
     check_wrapped("quotient_trajectory", tx, group)
     inner = optax.with_extra_args_support(tx)
     want = set(keys)

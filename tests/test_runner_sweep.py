@@ -60,6 +60,8 @@ def test_sharded_sweep_equals_one_device_and_single_runs(tmp_path):
         for f in ("config.json", "trajectory.npz", "metrics.jsonl", "events.json", "summary.md"):
             assert os.path.exists(os.path.join(d, f)), (d, f)
     assert "| 007 |" in open(tmp_path / "d8" / "summary.md").read()
+    assert "8 devices in 1 process," in open(tmp_path / "d8" / "summary.md").read()
+    assert "1 device in 1 process," in open(tmp_path / "d1" / "summary.md").read()
 
 
 def test_diverging_member_recorded_others_finish(tmp_path):

@@ -785,7 +785,7 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
     from tqdm import tqdm
 
     bar = tqdm(total=s.steps * n, initial=start * n, unit="member-step", desc=f"{s.name} sweep ({n} members, "
-               f"{nd} devices)", disable=not (s.logging.progress and leader), dynamic_ncols=True)
+               f"{nd} device{'s' if nd != 1 else ''})", disable=not (s.logging.progress and leader), dynamic_ncols=True)
     writers: dict[int, Any] = {}  # TensorBoard writers of the members held here (logging.tensorboard)
 
     def tensorboard(i: int):
@@ -1011,7 +1011,8 @@ def report_sweep(workdir: str, *, wall_s: float | None = None, plots: bool = Tru
     axes = list(members[0]) if members and members[0] else []
     lines = [f"# Sweep `{meta['config']['name']}`", "",
              f"- {len(members)} members ({meta['config']['sweep']['mode']} over {axes or 'nothing'}), "
-             f"{meta['num_devices']} devices in {meta['num_processes']} process(es), "
+             f"{meta['num_devices']} device{'s' if meta['num_devices'] != 1 else ''} in {meta['num_processes']} "
+             f"process{'es' if meta['num_processes'] != 1 else ''}, "
              + _grouping_text(meta)]
     if meta.get("members_per_device_lowered"):
         lines.append(f"- members per device lowered: {_lowered_text(meta['members_per_device_lowered'])}")

@@ -315,3 +315,14 @@ def test_quotient_trajectory_names_a_seed_out_of_range():
     with pytest.raises(ValueError, match=r"seed=9223372036854775808 is not allowed; need an integer in \[-2\*\*63"):
         quotient_trajectory(optax.sgd(0.1), Product(()), seed=2**63)
     quotient_trajectory(optax.sgd(0.1), Product(()), seed=2**63 - 1)
+
+
+def test_sgd_spec_holds_a_concrete_array_to_the_rules_of_a_number():
+    """SGDSpec(-0.1) was refused but SGDSpec(jnp.array(-0.1)) accepted, and so were NaN, infinite, complex, string
+    and bool arrays; each is refused naming the field, a valid 0-d array (and a traced value) still passes."""
+    for bad in (jnp.array(-0.1), np.array(np.nan), jnp.array(jnp.inf), jnp.array(1 + 1j), np.array("a"),
+                jnp.array(True)):
+        with pytest.raises(ValueError, match=r"SGDSpec: momentum=.* is not allowed; need a finite number >= 0"):
+            SGDSpec(0.1, momentum=bad)
+    assert float(SGDSpec(jnp.array(0.1), momentum=np.array(0.9)).momentum) == pytest.approx(0.9)
+    assert float(jax.jit(lambda lr: SGDSpec(lr).learning_rate)(0.25)) == 0.25

@@ -139,6 +139,14 @@ class SGDSpec:
                 raise ValueError(f"SGDSpec: {f} must be a scalar, got an array of shape {jnp.shape(v)}; to sweep "
                                  f"it, inject it (optax.inject_hyperparams), name it here and vmap over "
                                  f"set_hyperparams")
+            if isinstance(v, (jax.Array, np.ndarray)) and not isinstance(v, jax.core.Tracer):
+                # a concrete array is held to what the number it holds would be: np.array(nan), jnp.array(-0.1),
+                # a complex, string or bool array were accepted (refused as Python values)
+                dtype = np.asarray(v).dtype
+                if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)) or not (
+                        0 <= float(v) < float("inf")):
+                    raise ValueError(f"SGDSpec: {f}={v!r} is not allowed; need a finite number >= 0 (or the name of "
+                                     f"an injected hyperparameter, or a schedule)")
             if isinstance(v, numbers.Real) and not (0 <= v < float("inf")):
                 raise ValueError(f"SGDSpec: {f}={v!r} is not allowed; need a finite number >= 0 (or the name of an "
                                  f"injected hyperparameter, or a schedule)")

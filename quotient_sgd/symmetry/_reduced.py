@@ -217,6 +217,13 @@ def vcoeffs(comps, flat, v, split):
     fc = centred(comps, trans, flat) if trans else flat
     rcomps = tuple(comps[i] for i in resc)
     xr = cg_vcoeffs(rcomps, fc, v, gram=gram_operator(plan, squared_stats(plan, fc), len(rcomps)))
+    return _with_translations(comps, flat, v, split, xr)
+
+
+def _with_translations(comps, flat, v, split, xr):
+    """The cluster's coefficients from the rescales' ``xr`` (solved at the :func:`centred` point): each translation
+    takes the row means of ``v`` less the rows' share of the rescale tangents (:func:`vcoeffs`)."""
+    resc, trans, plan = split
     out = dict(zip(resc, xr))
     for i in trans:
         t = comps[i]
@@ -407,12 +414,4 @@ def direct_vcoeffs(comps, flat, v, split, signs, *, refine: int = REFINE_STEPS):
         x, r, rn = (jnp.where(better, x_new, x), jax.tree.map(lambda a, b: jnp.where(better, a, b), r_new, r),
                     jnp.where(better, rn_new, rn))
     xr = unvec(x)
-    out = dict(zip(resc, xr))
-    for i in trans:
-        t = comps[i]
-        g = t._vcoeffs(flat, {p: v.get(p, jnp.zeros_like(flat[p])) for p in t.paths()})
-        f = row_factor(plan, xr, t.kernel)
-        if f is not None:
-            g = dict(g, a=g["a"] - f * jnp.mean(flat[t.kernel], axis=1))
-        out[i] = g
-    return tuple(out[i] for i in range(len(comps)))
+    return _with_translations(comps, flat, v, split, xr)

@@ -52,6 +52,18 @@ def tree_rel_err(a, b) -> float:
     return float(tree_norm(diff) / jnp.maximum(tree_norm(b), 1e-30))
 
 
+def charge_identity_error(drift, pred) -> float:
+    """The worst ``|drift - pred|`` over steps and entries of two trajectories of charges (``charge_drift``,
+    ``charge_drift_predicted``: pytrees of arrays stacked over steps), relative to the step's largest ``|drift|`` in
+    that leaf, floored at 1e-6 (a conserved component: both are rounding)."""
+    worst = 0.0
+    for a, b in zip(jax.tree.leaves(drift), jax.tree.leaves(pred)):
+        a, b = np.asarray(a), np.asarray(b)
+        scale = np.max(np.abs(a).reshape(a.shape[0], -1), axis=1).reshape((-1,) + (1,) * (a.ndim - 1))
+        worst = max(worst, float(np.max(np.abs(a - b) / np.maximum(scale, 1e-6))))
+    return worst
+
+
 def max_rel_change(y, y0) -> float:
     """max |y - y0| / max |y0| over arrays."""
     y, y0 = np.asarray(y), np.asarray(y0)

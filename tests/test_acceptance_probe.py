@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import charge_identity_error
 from jax.flatten_util import ravel_pytree
 
 from quotient_sgd import observables as qobs
@@ -33,16 +34,6 @@ def _next_token_loss(graphdef, rest):
     return loss
 
 
-def _rel_per_step(drift, pred):
-    """max over steps and entries of |drift - pred| / (the step's largest |drift|, floored at 1e-6)."""
-    worst = 0.0
-    for a, b in zip(jax.tree.leaves(drift), jax.tree.leaves(pred)):
-        a, b = np.asarray(a), np.asarray(b)
-        scale = np.max(np.abs(a).reshape(a.shape[0], -1), axis=1).reshape((-1,) + (1,) * (a.ndim - 1))
-        worst = max(worst, float(np.max(np.abs(a - b) / np.maximum(scale, 1e-6))))
-    return worst
-
-
 def test_charge_identity_nesterov_decoupled_decay_on_transformer_gl_charges(x64):
     """Nesterov momentum with decoupled weight decay on a Transformer: every charge (the per-head 4 x 4 QK / VO
     matrices, the MLP's per-unit rescale charges, the logit translation) drifts by exactly the predicted amount at
@@ -57,7 +48,7 @@ def test_charge_identity_nesterov_decoupled_decay_on_transformer_gl_charges(x64)
     drift, pred = traj["charge_drift"], traj["charge_drift_predicted"]
     qk = [k for k in drift if k.startswith("qk/")][0]
     assert drift[qk].shape[1:] == (2, 4, 4)  # a matrix charge per head
-    assert _rel_per_step(drift, pred) < 1e-8
+    assert charge_identity_error(drift, pred) < 1e-8
     assert float(jnp.max(jnp.abs(drift[qk]))) > 1e-5  # the decay and momentum really move the GL charges
 
 
@@ -214,7 +205,7 @@ def test_train_vmapped_over_8_learning_rates_and_decays_equals_8_runs_on_meanfie
         pi, _, ti = one(si)
         for a, b in zip(jax.tree.leaves((pv, tv)), jax.tree.leaves((pi, ti))):
             np.testing.assert_allclose(a[i], b, rtol=1e-10, atol=1e-14)
-    assert _rel_per_step(tv["charge_drift"], tv["charge_drift_predicted"]) < 1e-8
+    assert charge_identity_error(tv["charge_drift"], tv["charge_drift_predicted"]) < 1e-8
     assert len({float(v) for v in tv["loss"][:, -1]}) == 8
 
 
@@ -283,7 +274,7 @@ def test_charge_identity_through_shock_aware_lr(x64, policy):
         tx = quotient_trajectory(wrapped, group, spec=spec, observables=CHEAP)
         _, state, traj = train(_two_layer_loss, params, tx, data, donate=False)
         assert abs(float(state.inner_state.scale) - 1) > 0.1, name  # the control really rescaled the steps
-        assert _rel_per_step(traj["charge_drift"], traj["charge_drift_predicted"]) < 1e-8, name
+        assert charge_identity_error(traj["charge_drift"], traj["charge_drift_predicted"]) < 1e-8, name
     part = optax.chain(optax.masked(shock_aware_lr(optax.sgd(0.1)), {"l0": True, "l1": False}),
                        optax.masked(optax.sgd(0.1), {"l0": False, "l1": True}))
     with pytest.raises(ValueError, match=r"shock_aware_lr that scales the updates of only some parameters"):

@@ -12,7 +12,7 @@ from flax import nnx
 from quotient_sgd import models
 from quotient_sgd.symmetry import Product, Rescale
 from quotient_sgd.symmetry import _reduced
-from tests.helpers import tree_dot, tree_norm
+from helpers import tree_dot, tree_norm
 
 
 def _model(kind):

@@ -64,6 +64,19 @@ def charge_identity_error(drift, pred) -> float:
     return worst
 
 
+def first_step_observables(tx, loss):
+    """A jitted ``params -> observables`` of one update of the wrapper ``tx`` (a ``quotient_trajectory``) from its
+    initial state, with the gradient and value of ``loss(params)``."""
+    from quotient_sgd.optim import observables_of
+
+    @jax.jit
+    def observed(p):
+        _, s = tx.update(jax.grad(loss)(p), tx.init(p), p, value=loss(p))
+        return observables_of(s)
+
+    return observed
+
+
 def max_rel_change(y, y0) -> float:
     """max |y - y0| / max |y0| over arrays."""
     y, y0 = np.asarray(y), np.asarray(y0)

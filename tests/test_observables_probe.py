@@ -198,8 +198,9 @@ def _check_transformer_orbit_invariants(layers, scale, min_ratio):
     the raw gradient norm changes by more than ``min_ratio``."""
     from flax import nnx
 
+    from helpers import first_step_observables
+
     from quotient_sgd.models import Transformer
-    from quotient_sgd.optim import observables_of
 
     model = Transformer(11, 8, 2, layers, 5, rngs=nnx.Rngs(0), mlp_ratio=2, param_dtype=jnp.float64)
     group = model.symmetries()
@@ -213,10 +214,7 @@ def _check_transformer_orbit_invariants(layers, scale, min_ratio):
     tx = quotient_trajectory(optax.chain(optax.add_decayed_weights(0.01), optax.sgd(0.05)), group,
                              observables=("loss", "grad_norm", "grad_norm_canonical", "invariant_norms"))
 
-    @jax.jit
-    def step(p):
-        _, s = tx.update(jax.grad(loss)(p), tx.init(p), p, value=loss(p))
-        return observables_of(s)
+    step = first_step_observables(tx, loss)
 
     o0 = step(params)
     invariant = [k for k in o0 if qobs.kind_of(k) == qobs.ORBIT_INVARIANT]

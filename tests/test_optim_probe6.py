@@ -11,7 +11,7 @@ from jax.flatten_util import ravel_pytree
 from quotient_sgd import observables as qobs
 from quotient_sgd.optim import SGDSpec, eigenvectors_of, observables_of, quotient_trajectory, train
 
-from helpers import charge_identity_error
+from helpers import charge_identity_error, first_step_observables
 from test_optim_trajectory import CHEAP, data, init_mlp, mlp_group, mse, xent
 
 
@@ -167,10 +167,7 @@ def test_kinds_honest_on_a_layernorm_cnn(x64):
     tx = quotient_trajectory(optax.chain(optax.add_decayed_weights(0.01), optax.sgd(0.05, momentum=0.9)), group,
                              spec=SGDSpec(0.05, coupled_weight_decay=0.01, momentum=0.9))
 
-    @jax.jit
-    def observed(p):
-        _, s = tx.update(jax.grad(loss)(p), tx.init(p), p, value=loss(p))
-        return observables_of(s)
+    observed = first_step_observables(tx, loss)
 
     o0 = observed(params)
     invariant = [k for k in o0 if qobs.kind_of(k) == qobs.ORBIT_INVARIANT]

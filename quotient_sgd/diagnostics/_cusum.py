@@ -94,6 +94,16 @@ def _check_parameters(fn: str, k, min_ref, clip) -> None:
         raise ValueError(f"{fn}: clip={clip!r} is not allowed; need a number > 0")
 
 
+def _check_count(fn: str, name: str, value, low: int, what: str) -> int:
+    """``value`` as an int when it is a whole number ``>= low`` (``100.0`` counts), else ValueError naming it: a bool,
+    a string or a fraction (``10.5`` was truncated to 10) is not a count."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value) \
+        and float(value).is_integer() and value >= low
+    if not ok:
+        raise ValueError(f"{fn}: {name}={value!r} is not allowed; need an integer >= {low} ({what})")
+    return int(value)
+
+
 #: simulated series exceeding the threshold, at least: below ``alpha = _MIN_EXCEEDANCES / num_sims`` the number of
 #: simulations grows as ``_MIN_EXCEEDANCES / alpha``, up to ``_MAX_VALUES`` simulated values in all
 _MIN_EXCEEDANCES = 20
@@ -118,14 +128,23 @@ def cusum_threshold(n_blocks: int, alpha: float = 0.05, k: float = 0.5, min_ref:
     conservative, the clipped statistic's tail being lighter (measured on 60 blocks: 14.9 for alpha = 1e-5 against
     14.6 from 2 million simulations).  The series are simulated in chunks of at
     most ``2^22`` values (32 MB; 20000 blocks drew 640 MB at once).  Cached per argument tuple.
+
+    Raises:
+        ValueError: ``n_blocks`` not an integer ``>= 0`` (``10.5`` was simulated as 10 blocks, none monitored, and
+            gave the threshold 0), ``alpha`` not in ``(0, 1)``, ``num_sims`` not an integer ``>= 1``, or ``k``,
+            ``min_ref``, ``clip`` as in :func:`cusum`.
     """
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if not (isinstance(alpha, numbers.Real) and not isinstance(alpha, bool) and 0 < alpha < 1):
+        raise ValueError(f"cusum_threshold: alpha={alpha!r} is not allowed; need a number in (0, 1) (the "
+                         "false-alarm probability)")
     _check_parameters("cusum_threshold", k, min_ref, clip)
-    if n_blocks <= min_ref:
+    # a fractional n_blocks (10.5) passed the range test and was simulated as int(10.5) = 10 blocks, none of them
+    # monitored: the threshold came out 0, which alarms on every value
+    n = _check_count("cusum_threshold", "n_blocks", n_blocks, 0, "the number of block values calibrated for")
+    num_sims = _check_count("cusum_threshold", "num_sims", num_sims, 1, "simulated series")
+    if n <= min_ref:
         return float("inf")  # nothing is monitored
-    n = int(n_blocks)
-    sims = max(int(num_sims), min(int(np.ceil(_MIN_EXCEEDANCES / alpha)), _MAX_VALUES // n))
+    sims = max(num_sims, min(int(np.ceil(_MIN_EXCEEDANCES / alpha)), _MAX_VALUES // n))
     rows = max(500, _CHUNK_VALUES // n)  # (fewer rows a chunk: the loop over the n blocks dominates)
     rng = np.random.default_rng(seed)
     stats = np.concatenate([_max_statistic(rng.standard_normal((min(rows, sims - i), n)), k, min_ref, clip)
@@ -149,9 +168,11 @@ def cusum(x, *, alpha: float = 0.05, k: float = 0.5, min_ref: int = 10, clip: fl
         min_ref: values collected after a (re)start before monitoring begins.
         clip: standardised values are clipped to ``[-clip, clip]`` (robustness to outliers; part of the
             calibrated procedure).
-        n_blocks: horizon the threshold is calibrated for (default ``len(x)``; give the planned length for live
-            use so that the threshold does not change as chunks arrive).
-        threshold: override ``h`` (then ``alpha`` is not used).
+        n_blocks: horizon the threshold is calibrated for, an integer >= 1 (default ``len(x)``; give the planned
+            length for live use so that the threshold does not change as chunks arrive).  A horizon shorter than
+            the series' finite values is raised to their number (as :func:`detect_transition` does with its
+            ``horizon``): the false-alarm bound is over the whole series monitored.
+        threshold: override ``h``, a number > 0 (``inf``: never alarm); then ``alpha`` is not used.
 
     Returns:
         A list of :class:`Alarm`, in time order.
@@ -159,17 +180,26 @@ def cusum(x, *, alpha: float = 0.05, k: float = 0.5, min_ref: int = 10, clip: fl
     Raises:
         ValueError: ``x`` not a 1-D series of real numbers (a ``(steps, k)`` array was flattened row by row, its
             columns interleaved into one series), ``k`` not a finite number ``>= 0`` (a negative drift alarms on
-            any series), ``min_ref`` not an integer ``>= 2``, ``clip`` not a number ``> 0``.
+            any series), ``min_ref`` not an integer ``>= 2``, ``clip`` not a number ``> 0``, ``n_blocks`` not an
+            integer ``>= 1`` or ``None``, ``threshold`` not a number ``> 0`` or ``None`` (a NaN threshold never
+            alarmed, one ``<= 0`` alarmed on every value, a horizon below ``min_ref`` such as ``n_blocks=5`` gave
+            an infinite threshold for a series of any length: each without a word).
     """
     x = np.asarray(x)
     if x.ndim != 1 or x.dtype.kind not in "biuf":
         raise ValueError(f"cusum: x must be a 1-D series of real numbers (one value per block); got shape {x.shape}, "
                          f"dtype {x.dtype}")
     _check_parameters("cusum", k, min_ref, clip)
+    if n_blocks is not None:
+        n_blocks = _check_count("cusum", "n_blocks", n_blocks, 1, "the planned number of values, or None")
+    if threshold is not None and not (isinstance(threshold, numbers.Real) and not isinstance(threshold, bool)
+                                      and threshold > 0):  # (NaN > 0 is False)
+        raise ValueError(f"cusum: threshold={threshold!r} is not allowed; need a number > 0 (inf: never alarm) or "
+                         "None (calibrated from alpha)")
     x = x.astype(np.float64)
     idx = np.nonzero(np.isfinite(x))[0]
     xs = x[idx]
-    h = threshold if threshold is not None else cusum_threshold(int(n_blocks or len(xs)), alpha, k, min_ref, clip)
+    h = threshold if threshold is not None else cusum_threshold(max(n_blocks or 0, len(xs)), alpha, k, min_ref, clip)
     alarms: list[Alarm] = []
     n = 0
     s1 = s2 = sp = sm = 0.0

@@ -1,9 +1,11 @@
 """HJ engine and diagnostics: arguments read as something else, and synthetic cases with known answers."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from quotient_sgd.diagnostics import cusum, cusum_threshold
+from quotient_sgd.hj import shock_time_from_hessian
 
 
 def _shifted_series(seed=0, n=100, shift=3.0):
@@ -33,3 +35,19 @@ def test_cusum_horizon_and_threshold_are_checked_and_a_short_horizon_covers_the_
         with pytest.raises(ValueError, match=f"cusum_threshold: {name}="):
             cusum_threshold(*args)
     assert cusum_threshold(5) == float("inf")  # fewer blocks than min_ref: nothing is monitored
+
+
+def test_shock_time_from_hessian_reads_integer_and_half_precision_values_and_refuses_complex_ones():
+    # Under strict dtype promotion an integer eigenvalue array failed in a bare TypePromotionError (1.0 / int32), a
+    # complex value came out as inf + 0j, and bfloat16 computed 1 / 3 in bfloat16 (2e-3 off); shock_time reads
+    # such fields in the default float / float32.
+    got = shock_time_from_hessian(jnp.array([-2, 0, 3], jnp.int32))
+    assert jnp.issubdtype(got.dtype, jnp.floating)
+    np.testing.assert_array_equal(np.asarray(got), [0.5, np.inf, np.inf])
+    assert float(shock_time_from_hessian(np.int32(-4))) == 0.25
+    third = shock_time_from_hessian(jnp.asarray(-3.0, jnp.bfloat16))
+    assert third.dtype == jnp.float32 and abs(float(third) - 1 / 3) < 1e-6
+    assert np.isnan(float(shock_time_from_hessian(np.nan)))
+    for bad in (1 + 2j, jnp.array([-1 + 0j]), "1", None):
+        with pytest.raises(TypeError, match="shock_time_from_hessian: lambda_min="):
+            shock_time_from_hessian(bad)

@@ -56,8 +56,22 @@ def _diff(p: Array, g: Grid, axis: int, *, end_order: int = 4) -> Array:
 
 
 def shock_time_from_hessian(lambda_min) -> Array:
-    """t* = 1 / max(0, -lambda_min) (inf when the loss is locally convex, NaN for NaN); THEORY section 3."""
-    lam = jnp.asarray(lambda_min)
+    """t* = 1 / max(0, -lambda_min) (inf when the loss is locally convex, NaN for NaN); THEORY section 3.
+
+    ``lambda_min``: a number or an array of them (elementwise).  Integer and boolean values are read in the default
+    float, half-precision ones in float32 (as :func:`shock_time` reads fields); a complex value (a Hessian's
+    eigenvalues are real) or one that is not a number is refused with a ``TypeError`` naming ``lambda_min``."""
+    try:
+        lam = jnp.asarray(lambda_min)
+    except (TypeError, ValueError):  # a string, None: JAX's own message named no argument
+        lam = None
+    if lam is None or jnp.issubdtype(lam.dtype, jnp.complexfloating) or not (
+            jnp.issubdtype(lam.dtype, jnp.number) or lam.dtype == jnp.bool_):
+        raise TypeError(f"shock_time_from_hessian: lambda_min={lambda_min!r} is not allowed; need a real number or "
+                        "an array of them (the Hessian's smallest eigenvalue).")
+    # an integer array failed under strict dtype promotion (1.0 / int32), a complex one came out as inf + 0j, and
+    # bfloat16 computed 1 / x in bfloat16 (1 / 3 off by 2e-3)
+    lam = real_field("shock_time_from_hessian", "lambda_min", lam)
     neg = jnp.maximum(-lam, jnp.zeros_like(lam))
     t = jnp.where(neg > 0, 1.0 / jnp.where(neg > 0, neg, jnp.ones_like(neg)), jnp.inf)
     # NaN in (e.g. a diverged field), NaN out: not inf, which would read as "no compression"

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quotient_sgd.diagnostics import cusum, cusum_threshold
+from quotient_sgd.diagnostics import cusum, cusum_threshold, fold_edge, fold_levels_for, stability_edge
 from quotient_sgd.hj import shock_time_from_hessian
 
 
@@ -51,3 +51,13 @@ def test_shock_time_from_hessian_reads_integer_and_half_precision_values_and_ref
     for bad in (1 + 2j, jnp.array([-1 + 0j]), "1", None):
         with pytest.raises(TypeError, match="shock_time_from_hessian: lambda_min="):
             shock_time_from_hessian(bad)
+
+
+def test_fold_levels_for_refuses_levels_that_are_not_positive_numbers():
+    # detect's fold_levels option is checked, the public mapping was not: "12" was read as its characters (the
+    # levels 1 and 2), NaN and negative levels were mapped as they came, a single number failed in a bare TypeError
+    assert fold_levels_for((1.0, 2.0), 0.9) == [fold_edge(0.9), stability_edge(0.9)]
+    assert fold_levels_for([np.float64(0.5)]) == [0.5]
+    for bad in ("12", [np.nan], [-1.0], [], 2.0, [True]):
+        with pytest.raises(ValueError, match="fold_levels_for: levels="):
+            fold_levels_for(bad)

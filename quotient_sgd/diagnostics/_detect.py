@@ -24,7 +24,7 @@ import numpy as np
 
 from ._cusum import cusum, cusum_threshold
 from ._events import Event
-from ._options import check_kinds, check_options
+from ._options import _levels, check_kinds, check_options
 from ._series import (
     SHARPNESS_KEYS,
     above,
@@ -334,9 +334,14 @@ def fold_levels_for(levels: Sequence[float], momentum: float = 0.0, nesterov: bo
     of :func:`detect_edge_of_stability`).  The identity without momentum and decay.
 
     Raises:
-        ValueError: ``momentum`` not in ``[0, 1)``, ``nesterov`` not a bool, ``decay`` not in
+        ValueError: ``levels`` not a non-empty sequence of finite numbers ``> 0`` (as ``detect``'s ``fold_levels``
+            option: a string ``"12"`` was read as its characters, the levels 1 and 2, and NaN or negative levels
+            were mapped as they came), ``momentum`` not in ``[0, 1)``, ``nesterov`` not a bool, ``decay`` not in
             ``[0, fold_edge(beta, nesterov))`` (no fold level: see :func:`fold_edge`).
     """
+    if not _levels(levels):
+        raise ValueError(f"fold_levels_for: levels={levels!r} is not allowed; need a non-empty sequence of finite "
+                         "numbers > 0 on gradient descent's scale, e.g. (1.0, 2.0)")
     f, e = fold_edge(momentum, nesterov, decay=decay), stability_edge(momentum, nesterov, decay=decay)
     out = []
     for x in levels:

@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quotient_sgd.diagnostics import cusum, cusum_threshold, fold_edge, fold_levels_for, stability_edge
+from quotient_sgd.diagnostics import (cusum, cusum_threshold, detect, fold_edge, fold_levels_for, LiveDetector,
+                                      stability_edge)
 from quotient_sgd.hj import shock_time_from_hessian
 
 
@@ -61,3 +62,25 @@ def test_fold_levels_for_refuses_levels_that_are_not_positive_numbers():
     for bad in ("12", [np.nan], [-1.0], [], 2.0, [True]):
         with pytest.raises(ValueError, match="fold_levels_for: levels="):
             fold_levels_for(bad)
+
+
+def test_live_chunks_holding_a_run_constant_give_the_events_of_detect():
+    # detect takes a trajectory with a 0-d entry (a run constant such as the seed: not a series, not read); a live
+    # chunk holding one failed in NumPy's bare "zero-dimensional arrays cannot be concatenated", the first chunk
+    # included. Now the constant stays one value and the events are those of one detect call.
+    n = 100
+    loss = np.r_[np.linspace(1.0, 0.5, 50), [2.0, 3.0], np.linspace(0.4, 0.1, n - 52)]
+    sharp = np.linspace(5.0, 25.0, n)  # eta * lambda crosses 1 at row 25 and 2 at row 75
+    offline = detect({"loss": loss, "sharpness_quotient": sharp, "seed": 3}, lr=0.1, horizon=n)
+    assert {(e.step, e.kind) for e in offline} >= {(25, "edge_of_stability"), (75, "edge_of_stability"),
+                                                   (50, "loss_spike")}
+    for cuts in (((0, 30), (30, 60), (60, n)), ((0, 1), (1, 60), (60, n))):
+        live = LiveDetector(lr=0.1, horizon=n)
+        for i, (a, b) in enumerate(cuts):
+            chunk = {"loss": loss[a:b], "sharpness_quotient": sharp[a:b]}
+            if b - a == 1:
+                chunk = {k: v[0] for k, v in chunk.items()}  # one step as scalars
+            if i < 2:
+                chunk["seed"] = 3  # (not in the last chunk)
+            live.update(chunk)
+        assert [e.to_dict() for e in live.events] == [e.to_dict() for e in offline]

@@ -248,10 +248,22 @@ class LiveDetector:
 def _concatenate(chunks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """The chunks' series end to end.  A key missing from some chunks (recorded from a later chunk on, e.g. an
     observable switched on mid-run) is NaN there (``hessian_step``: -1, no refresh yet) rather than dropped for
-    the whole run; a key whose per-step shape changes between chunks is dropped."""
+    the whole run; a key whose per-step shape changes between chunks is dropped.  A 0-d value (a run constant
+    such as a seed, which :func:`detect` does not read as a series) stays one value, the latest, when every chunk
+    holds it so; where other chunks hold it per step, it holds for each row of its chunk."""
     out = {}
     for k in dict.fromkeys(k for c in chunks for k in c):
         have = [np.asarray(c[k]) for c in chunks if k in c]
+        # NumPy refused to join 0-d values ("zero-dimensional arrays cannot be concatenated"): a chunk that detect
+        # takes as it is (a 0-d key is not a series) failed in LiveDetector.update, first chunk included
+        if all(a.ndim == 0 for a in have):
+            out[k] = have[-1]
+            continue
+        def get(c, k=k):
+            a = np.asarray(c[k])
+            return np.broadcast_to(a, np.shape(c["loss"])[:1]) if a.ndim == 0 else a
+
+        have = [get(c) for c in chunks if k in c]
         trail = {a.shape[1:] for a in have}
         if len(trail) != 1:
             continue
@@ -263,8 +275,8 @@ def _concatenate(chunks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         for c in chunks:
             n = len(np.asarray(c["loss"])) if "loss" in c else 0
             if k == "hessian_step":
-                parts.append(np.asarray(c[k], np.int64) if k in c else np.full((n,) + shape, -1, np.int64))
+                parts.append(get(c).astype(np.int64) if k in c else np.full((n,) + shape, -1, np.int64))
             else:
-                parts.append(np.asarray(c[k], np.float64) if k in c else np.full((n,) + shape, np.nan))
+                parts.append(get(c).astype(np.float64) if k in c else np.full((n,) + shape, np.nan))
         out[k] = np.concatenate(parts, axis=0)
     return out

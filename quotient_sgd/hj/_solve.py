@@ -481,8 +481,8 @@ def solve_burgers(p0, grid: AnyGrid, *, nu, t1, ts=None, scheme="spectral", solv
         :class:`BurgersSolution` with ``.ts`` and ``.ps`` (last entry at ``t1``).
 
     Example:
-        >>> g = Grid(256, -1.0, 1.0)
-        >>> sol = solve_burgers(-jnp.sin(jnp.pi * g.x), g, nu=0.01 / jnp.pi, t1=0.5)
+        >>> g = Grid(256, -1.0, 1.0)       # resolves the reference problem until its shock forms (t = 1 / pi)
+        >>> sol = solve_burgers(-jnp.sin(jnp.pi * g.x), g, nu=0.01 / jnp.pi, t1=0.3)
         >>> sol.ps.shape
         (1, 256)
     """

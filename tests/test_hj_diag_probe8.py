@@ -84,3 +84,17 @@ def test_live_chunks_holding_a_run_constant_give_the_events_of_detect():
                 chunk["seed"] = 3  # (not in the last chunk)
             live.update(chunk)
         assert [e.to_dict() for e in live.events] == [e.to_dict() for e in offline]
+
+
+def test_a_transition_key_given_twice_is_monitored_once():
+    # ["loss", "loss"] monitored the loss twice: its change point was reported twice and the Bonferroni split counted
+    # it twice (alpha / 3 beside the raw grad_norm instead of alpha / 2): the same key list without repeats now
+    rng = np.random.default_rng(0)
+    t = np.arange(1000)
+    loss = np.exp(np.where(t < 600, -0.001 * t, -0.6 - 0.004 * (t - 600)) + 0.01 * rng.standard_normal(t.size))
+    traj = {"loss": loss, "grad_norm": 1.0 + 0.1 * rng.standard_normal(t.size)}
+    once = detect(traj, kinds=["transition"], transition_keys=["loss"])
+    assert len(once) == 1 and 600 <= once[0].step <= 700 and once[0].details["alpha"] == 0.05 / 2
+    for keys in (["loss", "loss"], ("loss", "grad_norm", "loss")):
+        got = detect(traj, kinds=["transition"], transition_keys=keys)
+        assert [e.to_dict() for e in got] == [e.to_dict() for e in once]

@@ -735,6 +735,9 @@ def detect_transition(traj, *, steps, transition_keys: Sequence[str] | None = No
     out = []
     monitored = []
     if transition_keys is not None:
+        # a key given twice was monitored twice: every change point of it reported twice, and the Bonferroni split
+        # counted it twice (each key's level alpha / 3 for ["loss", "loss"] beside one raw key instead of alpha / 2)
+        transition_keys = list(dict.fromkeys(transition_keys))
         # requested keys are monitored whatever their kind, in the variant their kind gives (a non-invariant key
         # such as ``grad_norm`` was silently dropped from both variants); absent ones are reported
         absent = [kk for kk in transition_keys if scalar(traj, kk) is None]

@@ -98,3 +98,20 @@ def test_a_transition_key_given_twice_is_monitored_once():
     for keys in (["loss", "loss"], ("loss", "grad_norm", "loss")):
         got = detect(traj, kinds=["transition"], transition_keys=keys)
         assert [e.to_dict() for e in got] == [e.to_dict() for e in once]
+
+
+def test_a_level_or_variant_given_twice_reports_its_events_once():
+    # eos_levels=(2, 2.0), fold_levels=(1.0, 1.0, 2.0) and variants=("quotient", "quotient") reported every crossing
+    # (change point) twice
+    n = 1000
+    rng = np.random.default_rng(1)
+    t = np.arange(n)
+    loss = np.exp(np.where(t < 600, -0.001 * t, -0.6 - 0.004 * (t - 600)) + 0.01 * rng.standard_normal(n))
+    traj = {"loss": loss, "sharpness_quotient": np.linspace(5.0, 25.0, n), "fold_number": np.linspace(0.0, 3.0, n)}
+    for kind, given, single in (("edge_of_stability", {"eos_levels": (2, 2.0)}, {"eos_levels": (2.0,)}),
+                                ("fold", {"fold_levels": (1.0, 1, 2.0), "momentum": 0.5},
+                                 {"fold_levels": (1.0, 2.0), "momentum": 0.5}),
+                                ("transition", {"variants": ("quotient", "quotient")}, {"variants": ("quotient",)})):
+        got = detect(traj, lr=0.1, kinds=[kind], **given)
+        want = detect(traj, lr=0.1, kinds=[kind], **single)
+        assert want and [e.to_dict() for e in got] == [e.to_dict() for e in want], kind

@@ -350,6 +350,12 @@ def fold_levels_for(levels: Sequence[float], momentum: float = 0.0, nesterov: bo
     return out
 
 
+def _distinct_levels(levels) -> list[float]:
+    """``levels`` as floats without repeats, in their order: a level given twice (``(2.0, 2.0)``, ``(2, 2.0)``)
+    reported each of its crossings twice."""
+    return list(dict.fromkeys(float(x) for x in levels))
+
+
 def _decay_of_rows(lr, weight_decay, idx, steps, bound: float, need: str, why: str) -> np.ndarray:
     """The decay ``lr * weight_decay`` of each row (the learning rate of the row: a level moves with a schedule),
     checked below ``bound`` at the rows ``idx`` that are read; the error says ``need < {need}`` and ``why``."""
@@ -411,6 +417,7 @@ def detect_fold(traj, *, steps, lr=None, fold_levels: Sequence[float] = (1.0, 2.
             nesterov)`` at a step read (the decay alone folds the step map: no fold level).
     """
     out = []
+    fold_levels = _distinct_levels(fold_levels)
     for key, v, idx in _step_and_hessian_numbers(traj, "fold_number", steps):
         out += _fold_events(traj, key, v, idx, steps, lr, fold_levels, rearm, momentum, nesterov, weight_decay,
                             adaptive)
@@ -501,6 +508,7 @@ def detect_edge_of_stability(traj, *, steps, lr=None, eos_levels: Sequence[float
     """
     if lr is None:
         return []
+    eos_levels = _distinct_levels(eos_levels)
     if adaptive:
         return _preconditioned_edge(traj, steps, lr, eos_levels, rearm, b1, weight_decay, nesterov)
     edge = stability_edge(momentum, nesterov)
@@ -734,6 +742,7 @@ def detect_transition(traj, *, steps, transition_keys: Sequence[str] | None = No
     blk = int(block or max(1, plan // 100))
     out = []
     monitored = []
+    variants = tuple(dict.fromkeys(variants))  # a variant given twice monitored its keys twice (as a key, below)
     if transition_keys is not None:
         # a key given twice was monitored twice: every change point of it reported twice, and the Bonferroni split
         # counted it twice (each key's level alpha / 3 for ["loss", "loss"] beside one raw key instead of alpha / 2)

@@ -1,12 +1,13 @@
 """HJ engine and diagnostics: arguments read as something else, and synthetic cases with known answers."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from quotient_sgd.diagnostics import (cusum, cusum_threshold, detect, fold_edge, fold_levels_for, LiveDetector,
                                       stability_edge)
-from quotient_sgd.hj import shock_time_from_hessian
+from quotient_sgd.hj import cole_hopf_monte_carlo, shock_time_from_hessian
 
 
 def _shifted_series(seed=0, n=100, shift=3.0):
@@ -115,3 +116,17 @@ def test_a_level_or_variant_given_twice_reports_its_events_once():
         got = detect(traj, lr=0.1, kinds=[kind], **given)
         want = detect(traj, lr=0.1, kinds=[kind], **single)
         assert want and [e.to_dict() for e in got] == [e.to_dict() for e in want], kind
+
+
+def test_monte_carlo_names_params_without_arrays_and_a_loss_that_is_not_scalar():
+    # an empty params pytree failed in vmap's bare "must be passed at least one argument containing an array", a
+    # vector-valued loss in jax.grad's "Gradient only defined for scalar-output functions"
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="cole_hopf_monte_carlo: params=.* no array leaves"):
+        cole_hopf_monte_carlo(lambda p: 1.0, {}, 0.1, 0.1, key=key)
+    with pytest.raises(ValueError, match=r"cole_hopf_monte_carlo: loss_fn returns shape \(2,\)"):
+        cole_hopf_monte_carlo(lambda p: jnp.sum(p, axis=0), jnp.ones((3, 2)), 0.1, 0.1, key=key)
+    est = cole_hopf_monte_carlo(lambda p: jnp.sum(p["w"] ** 2), {"w": jnp.ones(3)}, 0.1, 0.1, key=key, num_samples=64)
+    # L = |w|^2 is exact for the Gaussian: u = |w|^2 / (1 + 2 t) + nu d log(1 + 2 t) (THEORY section 3)
+    exact = 3.0 / 1.2 + 0.1 * 3 * np.log(1.2)
+    assert abs(float(est.value) - exact) < 5 * float(est.value_std) + 1e-3

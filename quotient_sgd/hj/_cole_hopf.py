@@ -344,10 +344,19 @@ def cole_hopf_monte_carlo(loss_fn: Callable, params, t, nu, *, key, num_samples:
                          ">= 4 (antithetic pairs, at least two for a standard error).")
     leaves, treedef = jax.tree.flatten(params)
     leaves = [jnp.asarray(leaf) for leaf in leaves]
+    if not leaves:  # failed in vmap's bare "must be passed at least one argument containing an array"
+        raise ValueError(f"cole_hopf_monte_carlo: params={params!r} has no array leaves; need a pytree of float "
+                         "arrays (the point the loss is coarse-grained at).")
     for leaf in leaves:
         if not jnp.issubdtype(leaf.dtype, jnp.floating):
             raise ValueError(f"cole_hopf_monte_carlo: params has a leaf of dtype {leaf.dtype} (shape {leaf.shape}); "
                              "need floating-point leaves (the samples params + z and the gradient are real).")
+    out = jax.eval_shape(loss_fn, jax.tree.unflatten(treedef, leaves))
+    if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != () or not (
+            jnp.issubdtype(out.dtype, jnp.floating) or jnp.issubdtype(out.dtype, jnp.integer)):
+        # a vector-valued loss failed in jax.grad's bare "Gradient only defined for scalar-output functions"
+        got = f"shape {out.shape} and dtype {out.dtype}" if isinstance(out, jax.ShapeDtypeStruct) else repr(out)
+        raise ValueError(f"cole_hopf_monte_carlo: loss_fn returns {got}; it must return a real scalar L(params).")
     # one working precision for the weights: the widest of the leaves, at least float32 (params may mix float32
     # and float64 leaves, or be bfloat16 / float16); samples and gradients come back in each leaf's dtype
     dtype = max([jnp.dtype(jnp.float32), *(leaf.dtype for leaf in leaves)], key=lambda d: jnp.finfo(d).bits)

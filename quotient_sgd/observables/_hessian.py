@@ -10,10 +10,12 @@ has on the vertical space do not pollute the bottom of the spectrum.  The Hessia
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from matfree import decomp, eig
 
 from ._kinds import ORBIT_INVARIANT, RAW, REDUCED_DYNAMICS, observable
@@ -38,6 +40,19 @@ _BREAKDOWN = {"float32": 2e-5, "float64": 1e-10}
 
 def _breakdown_tol(dtype) -> float:
     return _BREAKDOWN.get(jnp.dtype(dtype).name, 2e-5)
+
+
+def _sqrt0(x):
+    """``sqrt(x)`` for ``x >= 0`` whose derivative at ``x = 0`` is zero instead of NaN (the double ``where``)."""
+    pos = x > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, jnp.ones_like(x))), jnp.zeros_like(x))
+
+
+def _norm0(w):
+    """``|w|`` (the value ``jnp.linalg.norm`` gives) with a zero derivative at ``w = 0``, where ``jnp.linalg.norm``'s
+    is NaN: after a breakdown the Lanczos vectors and residuals are exactly zero, and ``jax.grad`` of an extreme
+    eigenvalue (a sharpness penalty) with ``num_matvecs`` above the dimension was NaN in every entry."""
+    return _sqrt0(jnp.sum(w * w))
 
 
 def _lanczos_step(matvec: Callable, j, qmat, q, q_prev, beta_prev, done, fill, scale, restart=None, residual=None):
@@ -77,15 +92,15 @@ def _lanczos_step(matvec: Callable, j, qmat, q, q_prev, beta_prev, done, fill, s
     if residual is None:
         w = matvec(q)
         a = jnp.dot(q, w)
-        scale = jnp.maximum(scale, jnp.linalg.norm(w))
+        scale = jnp.maximum(scale, _norm0(w))
         w = w - a * q - beta_prev * q_prev
     else:
         a, w = residual(q, q_prev, beta_prev)
         # |P A q_j| = |w + alpha_j q_j + beta_{j-1} q_{j-1}|, three orthogonal terms (no pass over the vectors)
-        scale = jnp.maximum(scale, jnp.sqrt(jnp.vdot(w, w) + a * a + beta_prev * beta_prev))
+        scale = jnp.maximum(scale, _sqrt0(jnp.vdot(w, w) + a * a + beta_prev * beta_prev))
     alpha = jnp.where(done, fill, a)
     w = w - qmat.T @ (qmat @ w)
-    beta = jnp.linalg.norm(w)
+    beta = _norm0(w)
     stop = done | (beta <= _breakdown_tol(w.dtype) * scale)
     beta = jnp.where(stop, jnp.zeros_like(beta), beta)
     q_next = jnp.where(stop, jnp.zeros_like(w), w / jnp.where(stop, jnp.ones_like(beta), beta))
@@ -99,7 +114,7 @@ def _lanczos_step(matvec: Callable, j, qmat, q, q_prev, beta_prev, done, fill, s
             # what that tilt leaves of an exhausted domain's vector is not a new direction of it
             r = settle(r).astype(w.dtype)
             r = r - qmat.T @ (qmat @ r)  # twice is enough
-            nr, n0 = jnp.linalg.norm(r), jnp.linalg.norm(r0)
+            nr, n0 = _norm0(r), _norm0(r0)
             ok = nr > jnp.sqrt(_breakdown_tol(w.dtype)) * n0
             return jnp.where(ok, r / jnp.where(ok, nr, jnp.ones_like(nr)), jnp.zeros_like(r)), ~ok
 
@@ -207,8 +222,22 @@ def lanczos_extremes(
     Returns:
         :class:`Extremes`.
     """
+    for name, value in (("num_matvecs", num_matvecs), ("k", k)):
+        # a float or a bool passed the range check below and failed inside the iteration ("Shapes must be 1D
+        # sequences of concrete values of integer type", "'float' object cannot be interpreted as an integer",
+        # "iota does not accept dtype bool"), naming neither
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"lanczos_extremes: {name} must be an integer, got {value!r}")
     if not 1 <= k <= num_matvecs:
-        raise ValueError(f"need 1 <= k <= num_matvecs, got k={k}, num_matvecs={num_matvecs}")
+        raise ValueError(f"lanczos_extremes: need 1 <= k <= num_matvecs, got k={k}, num_matvecs={num_matvecs}")
+    leaves = jax.tree.leaves(v0)
+    if not leaves:
+        raise ValueError("lanczos_extremes: v0 has no arrays; pass a nonzero starting vector like the operator's "
+                         "argument")
+    if not any(isinstance(x, jax.core.Tracer) for x in leaves) and not any(np.any(np.asarray(x) != 0) for x in leaves):
+        # its normalisation divided by zero: every eigenvalue and vector came out NaN, silently
+        raise ValueError("lanczos_extremes: v0 is zero; the Krylov space of a zero vector is empty (start from a "
+                         "nonzero vector, e.g. a Gaussian one)")
     if domain is not None and not callable(domain):
         raise TypeError(f"lanczos_extremes: domain must be None or a projection v -> P v, got {domain!r}")
     if project_residuals and domain is None:

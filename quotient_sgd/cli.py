@@ -569,14 +569,16 @@ def _main(argv: list[str]) -> int:
                          f"directory's own config.json, and these options are for run and sweep{where}")
         if len(rest) != 3:
             return _fail("usage: quotient-sgd report RUN_DIR")
-        from .runner import report
+        from .runner import RunDirError, report
 
         try:
             text = report(rest[2])
-        except FileNotFoundError as e:
+        except (FileNotFoundError, RunDirError) as e:  # (RunDirError: a record that is no record of a run or sweep)
             return _fail(str(e))
         except ConfigError as e:  # a config.json this version's schema does not accept (an older version's)
-            return _fail(f"cannot report {rest[2]!r}: its config.json is not a valid config: {e}")
+            record = ("sweep.json's config" if os.path.isfile(os.path.join(rest[2], "sweep.json"))
+                      else "config.json")
+            return _fail(f"cannot report {rest[2]!r}: its {record} is not a valid config: {e}")
         except json.JSONDecodeError:
             bad = _bad_json(rest[2])
             if bad is None:

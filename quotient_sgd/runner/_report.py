@@ -12,7 +12,7 @@ import numpy as np
 from .._durable import durable_write
 from .._interrupt import interrupt_in
 from ..config import Settings, validate
-from ._rundir import load_trajectory, read_metrics, write_json
+from ._rundir import load_trajectory, read_metrics, read_record_json, write_json
 
 PLOTS = ("loss", "observables", "charges", "shock_fold", "hessian", "events")
 #: What a finished run recorded about itself (wall time, resume step, divergence): ``report`` keeps it.
@@ -305,8 +305,7 @@ def read_record(workdir: str) -> dict | None:
     before that file existed, the lines of its ``summary.md``), or ``None``."""
     path = os.path.join(workdir, RECORD)
     if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
+        return read_record_json(path, "run directory")
     path = os.path.join(workdir, "summary.md")
     if not os.path.exists(path):
         return None
@@ -397,8 +396,7 @@ def load_run(workdir: str) -> tuple[Settings, dict, list[dict], list[dict]]:
     """``(settings, trajectory, metric rows, events)`` of a run directory; the trajectory is
     :func:`~._rundir.load_trajectory`'s (its ``source`` says whether it came from ``trajectory.npz`` or from the
     parts of an unfinished run), the events ``events.json``'s (none when it is missing)."""
-    with open(os.path.join(workdir, "config.json")) as f:
-        s = validate(json.load(f))
+    s = validate(read_record_json(os.path.join(workdir, "config.json"), "run directory"))
     traj = load_trajectory(workdir)
     events = []
     if os.path.exists(os.path.join(workdir, "events.json")):

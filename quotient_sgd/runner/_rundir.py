@@ -89,6 +89,49 @@ def warn_absent_defaults(path: str, old: dict, new: dict) -> None:
                       stacklevel=2)
 
 
+#: The keys (and their JSON types) that the readers of a sweep's ``sweep.json`` take from it: ``sweep`` (resuming)
+#: its config; ``report`` the members and the devices too.
+SWEEP_RECORD_KEYS = {"config": dict}
+SWEEP_REPORT_KEYS = {"config": dict, "members": list, "num_devices": int, "num_processes": int}
+
+
+def read_record_json(path: str, what: str = "directory", keys: dict | None = None) -> dict:
+    """The JSON object in ``path``, a record of a run or sweep directory (``config.json``, ``sweep.json``,
+    ``run.json``), checked for the shape its readers use: a JSON object, with the ``keys`` given (``{key: type}``;
+    ``sweep.json``: :data:`SWEEP_RECORD_KEYS` unless given, its ``members`` a list of objects), a ``config.json``
+    with at least one run section.  A file that parses but holds something else (a list, ``null``, another
+    program's ``config.json``, a hand-edited copy) raises :class:`RunDirError` naming the file, what it holds and
+    what it should (it failed in the readers with a bare ``AttributeError`` / ``KeyError`` / ``TypeError``);
+    ``what`` says whose record it is.  A file that does not parse raises ``json.JSONDecodeError`` (the command
+    names it)."""
+    from ..config._settings import SECTIONS
+
+    with open(path) as f:
+        obj = json.load(f)
+    name = os.path.basename(path)
+
+    def bad(holds: str) -> RunDirError:
+        return RunDirError(f"{what} {os.path.dirname(path)!r}: its {name} {holds}; not a record quotient_sgd wrote "
+                           f"(another program's file, or an edited copy). Choose another directory, or remove it")
+
+    if not isinstance(obj, dict):
+        raise bad(f"holds a JSON {'null' if obj is None else type(obj).__name__} ({json.dumps(obj)[:60]}), where a "
+                  f"JSON object is written")
+    need = {dict: "an object", list: "a list", int: "an integer"}
+    keys = (SWEEP_RECORD_KEYS if name == "sweep.json" else {}) if keys is None else keys
+    for key, typ in keys.items():
+        if key not in obj:
+            raise bad(f"has no key {key!r} (written with {need[typ]}; the keys read: {sorted(keys)})")
+        if not isinstance(obj[key], typ) or (typ is int and isinstance(obj[key], bool)):
+            raise bad(f"has {key!r} = {json.dumps(obj[key])[:60]}, where {need[typ]} is written")
+    if isinstance(obj.get("members"), list) and not all(isinstance(m, dict) for m in obj["members"]):
+        raise bad(f"has 'members' = {json.dumps(obj['members'])[:60]}, where a list of objects (each member's values) "
+                  f"is written")
+    if name == "config.json" and not any(isinstance(obj.get(sect), dict) for sect in SECTIONS):
+        raise bad(f"has none of the run sections {sorted(SECTIONS)} (its keys: {sorted(obj)[:8]})")
+    return obj
+
+
 def check_directory_path(workdir: str, what: str = "run directory") -> None:
     """:class:`RunDirError` when ``workdir`` cannot be a directory: it, or the nearest of its parents that
     exists, is not a directory, or is one this process may not write into (nothing is written)."""
@@ -140,8 +183,7 @@ def check_workdir(workdir: str, settings: Settings) -> bool:
                           f"into it. Resume the sweep with 'quotient-sgd sweep', or choose another --workdir.")
     cfg_path = os.path.join(workdir, "config.json")
     if os.path.isfile(cfg_path):
-        with open(cfg_path) as f:
-            old = json.load(f)
+        old = read_record_json(cfg_path, "run directory")
         diff = config_diff(old, settings.to_dict(), unused_keys(settings, "run"))
         if diff:
             lines = "; ".join(f"{k}: {a!r} (in the directory) != {b!r} (now)" for k, a, b in
@@ -149,6 +191,8 @@ def check_workdir(workdir: str, settings: Settings) -> bool:
             raise RunDirError(
                 f"run directory {workdir!r} holds a run of a different config ({len(diff)} differing keys: "
                 f"{lines}). Choose another --workdir, or delete the directory to start over.")
+        if os.path.isfile(os.path.join(workdir, "run.json")):  # (read on resume: refused before anything is done)
+            read_record_json(os.path.join(workdir, "run.json"), "run directory")
         warn_absent_defaults(cfg_path, old, settings.to_dict())
         return True
     if os.path.isfile(os.path.join(workdir, "sweep.json")):

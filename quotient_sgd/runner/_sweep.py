@@ -39,7 +39,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from .._durable import durable_write
-from ..config import SWEEP_AXES, Settings, SweepSettings, unused_keys
+from ..config import SWEEP_AXES, Settings, SweepSettings, unused_keys, validate
 from ..optim import flatten_trajectory, member_axes
 from ._batches import batch_fn
 from ._build import Built, batch_key, build, init_model, make_inner_optimizer, require_settings
@@ -54,6 +54,7 @@ from ._chunk import (
 )
 from ._run import _tensorboard, chunk_bounds, first_divergence, require_tensorboard, scalar_rows, write_tensorboard
 from ._rundir import (
+    SWEEP_REPORT_KEYS,
     Checkpoints,
     MetricsLog,
     RunDirError,
@@ -65,6 +66,7 @@ from ._rundir import (
     foreign_entries,
     lock_directory,
     make_directory,
+    read_record_json,
     remove_outputs,
     unlock_directory,
     warn_absent_defaults,
@@ -386,8 +388,7 @@ def _check_sweep_dir(workdir: str, s: Settings) -> dict | None:
     check_directory_path(workdir, "sweep directory")
     path = os.path.join(workdir, "sweep.json")
     if os.path.isfile(path):
-        with open(path) as f:
-            meta = json.load(f)
+        meta = read_record_json(path, "sweep directory")
         diff = config_diff(meta["config"], s.to_dict(), unused_keys(s, "sweep"))
         if diff:
             lines = "; ".join(f"{k}: {a!r} (in the directory) != {b!r} (now)" for k, (a, b) in diff.items())
@@ -983,12 +984,12 @@ def report_sweep(workdir: str, *, wall_s: float | None = None, plots: bool = Tru
     """The sweep table (``summary.md``) and comparison plots (``plots/loss.png``, ``plots/final.png``)."""
     from ._report import _plt, load_run, run_divergence
 
-    with open(os.path.join(workdir, "sweep.json")) as f:
-        meta = json.load(f)
+    meta = read_record_json(os.path.join(workdir, "sweep.json"), "sweep directory", SWEEP_REPORT_KEYS)
     if wall_s is None:
         wall_s = meta.get("wall_s")
     members = meta["members"]
-    total = meta["config"]["steps"]
+    cfg = validate(meta["config"])  # (the keys an older version did not write read as their defaults)
+    total = cfg.steps
     rows = []
     curves = []
     for i, m in enumerate(members):
@@ -1009,8 +1010,8 @@ def report_sweep(workdir: str, *, wall_s: float | None = None, plots: bool = Tru
         rows.append((i, m, ev[-1] if ev else None, traj, status, div))
         curves.append((i, m, traj))
     axes = list(members[0]) if members and members[0] else []
-    lines = [f"# Sweep `{meta['config']['name']}`", "",
-             f"- {len(members)} members ({meta['config']['sweep']['mode']} over {axes or 'nothing'}), "
+    lines = [f"# Sweep `{cfg.name}`", "",
+             f"- {len(members)} members ({cfg.sweep.mode} over {axes or 'nothing'}), "
              f"{meta['num_devices']} device{'s' if meta['num_devices'] != 1 else ''} in {meta['num_processes']} "
              f"process{'es' if meta['num_processes'] != 1 else ''}, "
              + _grouping_text(meta)]

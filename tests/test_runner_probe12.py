@@ -1,0 +1,56 @@
+"""Run and sweep directories whose records parse as JSON but are not what quotient_sgd writes (a list, ``null``,
+another program's ``config.json``, a ``sweep.json`` without its keys): `run`, `sweep` and `report` name the file
+and stop, writing nothing."""
+
+import json
+import os
+
+import pytest
+
+from quotient_sgd.cli import main
+from quotient_sgd.config import load_config, validate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+
+
+def _tiny_config_json() -> str:
+    """The config.json of `quotient-sgd run --config=configs/tiny.py --config.steps=10`."""
+    return json.dumps(validate(load_config(TINY, {"steps": 10})).to_dict())
+
+
+@pytest.mark.parametrize("cmd, files, needle", [
+    # config.json holding valid JSON that is no object: run failed in "'list' object has no attribute 'items'"
+    ("run", {"config.json": "[]"}, "its config.json holds a JSON list ([]), where a JSON object is written"),
+    ("run", {"config.json": "null"}, "its config.json holds a JSON null (null)"),
+    # another program's config.json (a model directory): said "holds a run of a different config (16 differing
+    # keys ...)"; report drew the default config's summary of an empty `{}`
+    ("run", {"config.json": '{"architectures": ["Bert"], "hidden_size": 768}'},
+     "its config.json has none of the run sections"),
+    ("report", {"config.json": "{}"}, "its config.json has none of the run sections"),
+    # sweep.json without its keys or of another shape: KeyError 'config' / 'members', TypeError, AttributeError
+    ("sweep", {"sweep.json": "{}"}, "its sweep.json has no key 'config'"),
+    ("sweep", {"sweep.json": "[]"}, "its sweep.json holds a JSON list ([])"),
+    ("report", {"sweep.json": "null"}, "its sweep.json holds a JSON null (null)"),
+    ("report", {"sweep.json": '{"config": {}}'}, "its sweep.json has no key 'members'"),
+    ("report", {"sweep.json": '{"config": {}, "members": [1], "num_devices": 1, "num_processes": 1}'},
+     "its sweep.json has 'members' = [1], where a list of objects"),
+    # run.json of another shape: report and run failed in "'list' object has no attribute 'get'"
+    ("report", {"config.json": None, "run.json": "[1]"}, "its run.json holds a JSON list ([1])"),
+    ("run", {"config.json": None, "run.json": "[1]"}, "its run.json holds a JSON list ([1])"),
+])
+def test_a_record_that_parses_but_is_no_record_is_named_and_nothing_is_written(tmp_path, monkeypatch, capsys, cmd,
+                                                                                files, needle):
+    monkeypatch.chdir(tmp_path)
+    d = tmp_path / "d"
+    d.mkdir()
+    for name, text in files.items():
+        (d / name).write_text(_tiny_config_json() if text is None else text)
+    before = {n: (d / n).read_text() for n in os.listdir(d)}
+    args = [str(d)] if cmd == "report" else [f"--config={TINY}", "--config.steps=10", f"--workdir={d}"]
+    code = main(["quotient-sgd", cmd, *args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert needle in err and "Traceback" not in err, err
+    assert "not a record quotient_sgd wrote" in err and str(d) in err, err
+    assert os.listdir(tmp_path) == ["d"] and {n: (d / n).read_text() for n in os.listdir(d)} == before

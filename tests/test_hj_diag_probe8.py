@@ -7,7 +7,7 @@ import pytest
 
 from quotient_sgd.diagnostics import (cusum, cusum_threshold, detect, fold_edge, fold_levels_for, LiveDetector,
                                       stability_edge)
-from quotient_sgd.hj import cole_hopf_monte_carlo, shock_time_from_hessian
+from quotient_sgd.hj import cole_hopf_monte_carlo, find_shocks, Grid, shock_time_from_hessian
 
 
 def _shifted_series(seed=0, n=100, shift=3.0):
@@ -130,3 +130,17 @@ def test_monte_carlo_names_params_without_arrays_and_a_loss_that_is_not_scalar()
     # L = |w|^2 is exact for the Gaussian: u = |w|^2 / (1 + 2 t) + nu d log(1 + 2 t) (THEORY section 3)
     exact = 3.0 / 1.2 + 0.1 * 3 * np.log(1.2)
     assert abs(float(est.value) - exact) < 5 * float(est.value_std) + 1e-3
+
+
+def test_shocks_of_a_vmapped_find_shocks_are_counted_and_listed_per_member():
+    # find_shocks is built to vmap, but Shocks.count summed valid over every axis (3 for three members with one
+    # front each) and to_list indexed the batched arrays with flat indices (whole rows: a bare TypeError)
+    g = Grid(64, -1.0, 1.0)
+    fields = jnp.stack([-a * jnp.tanh(a * (g.x - 0.3 * a) / 0.02) for a in (0.5, 1.0, 2.0)])
+    batched = jax.vmap(lambda p: find_shocks(p, g))(fields)
+    one = [find_shocks(p, g) for p in fields]
+    np.testing.assert_array_equal(np.asarray(batched.count), [int(s.count) for s in one])
+    assert np.asarray(batched.count).tolist() == [1, 1, 1] and one[0].count.shape == ()
+    listed = batched.to_list()
+    assert listed == [s.to_list() for s in one]
+    np.testing.assert_allclose([m[0]["location"] for m in listed], [0.15, 0.3, 0.6], atol=0.02)

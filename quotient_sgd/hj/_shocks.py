@@ -189,17 +189,24 @@ class Shocks(eqx.Module):
     admissible: Array
     valid: Array
 
-    def to_list(self) -> list[dict]:
-        """Host-side list of dicts, one per valid shock."""
+    def to_list(self) -> list:
+        """Host-side list of dicts, one per valid shock; for a batch (``jax.vmap`` of :func:`find_shocks`, leading
+        axes before the slots), one such list per member, nested as the batch axes (flat indices into the
+        batched arrays picked whole rows: a bare ``TypeError``)."""
         arrs = {k: np.asarray(getattr(self, k)) for k in
                 ("location", "left", "right", "jump", "steepness", "speed", "admissible")}
         valid = np.asarray(self.valid)
+        if valid.ndim > 1:
+            return [Shocks(**{k: a[b] for k, a in arrs.items()}, valid=valid[b]).to_list()
+                    for b in range(valid.shape[0])]
         return [{k: (bool(v[i]) if k == "admissible" else float(v[i])) for k, v in arrs.items()}
                 for i in np.flatnonzero(valid)]
 
     @property
     def count(self) -> Array:
-        return jnp.sum(self.valid)
+        """The number of valid shocks (per member of a batch: the sum over the slots only; over every axis, a
+        vmapped result counted the shocks of all members together)."""
+        return jnp.sum(self.valid, axis=-1)
 
 
 def find_shocks(p: Array, grid: Grid, *, max_shocks: int = 8, min_steepness=None, window: int | None = None,

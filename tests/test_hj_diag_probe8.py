@@ -144,3 +144,23 @@ def test_shocks_of_a_vmapped_find_shocks_are_counted_and_listed_per_member():
     listed = batched.to_list()
     assert listed == [s.to_list() for s in one]
     np.testing.assert_allclose([m[0]["location"] for m in listed], [0.15, 0.3, 0.6], atol=0.02)
+
+
+def test_live_chunks_with_and_without_step_numbers_are_numbered_as_detect_numbers_them():
+    # a first chunk without a 'step' key (rows start_step, start_step + 1, ...) and later ones with it: the joined
+    # 'step' key was NaN on the first chunk's rows and every update was refused with "step[0] = nan", a value no
+    # chunk held. Rows without steps are now numbered as detect numbers a trajectory without the key.
+    n = 120
+    loss = np.r_[np.linspace(1.0, 0.5, 80), [2.0, 3.0], np.linspace(0.4, 0.1, n - 82)]
+    sharp = np.linspace(5.0, 25.0, n)
+    for start in (0, 1000):
+        offline = detect({"loss": loss, "sharpness_raw": sharp, "step": start + np.arange(n)}, lr=0.1, horizon=n)
+        assert {e.kind for e in offline} >= {"loss_spike", "edge_of_stability"}
+        live = LiveDetector(lr=0.1, horizon=n, start_step=start)
+        live.update({"loss": loss[:50], "sharpness_raw": sharp[:50]})
+        live.update({"loss": loss[50:], "sharpness_raw": sharp[50:], "step": start + np.arange(50, n)})
+        assert [e.to_dict() for e in live.events] == [e.to_dict() for e in offline]
+    live = LiveDetector(start_step=100)
+    live.update({"loss": np.ones(5)})  # steps 100 .. 104
+    with pytest.raises(ValueError, match="strictly increasing"):
+        live.update({"loss": np.ones(5), "step": np.arange(103, 108)})  # they overlap: still refused

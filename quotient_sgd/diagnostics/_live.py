@@ -218,7 +218,7 @@ class LiveDetector:
                              "feed one member per detector, e.g. jax.tree.map(lambda x: x[i], chunk)")
         self._chunks.append(chunk)
         try:
-            traj = _concatenate(self._chunks)
+            traj = _concatenate(self._chunks, self.start_step)
             lr = self.lr
             if lr is not None and np.ndim(lr) == 1:
                 lr = np.asarray(lr)[: len(traj["loss"])]
@@ -245,10 +245,12 @@ class LiveDetector:
         return new
 
 
-def _concatenate(chunks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def _concatenate(chunks: list[dict[str, np.ndarray]], start_step: int = 0) -> dict[str, np.ndarray]:
     """The chunks' series end to end.  A key missing from some chunks (recorded from a later chunk on, e.g. an
     observable switched on mid-run) is NaN there (``hessian_step``: -1, no refresh yet) rather than dropped for
-    the whole run; a key whose per-step shape changes between chunks is dropped.  A 0-d value (a run constant
+    the whole run; ``step`` missing from some chunks numbers their rows as :func:`detect` numbers a trajectory
+    without it, ``start_step`` + the row's index (NaN there was refused as "step[0] = nan", a value no chunk
+    held); a key whose per-step shape changes between chunks is dropped.  A 0-d value (a run constant
     such as a seed, which :func:`detect` does not read as a series) stays one value, the latest, when every chunk
     holds it so; where other chunks hold it per step, it holds for each row of its chunk."""
     out = {}
@@ -272,9 +274,13 @@ def _concatenate(chunks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
             continue
         (shape,) = trail
         parts = []
+        row = 0
         for c in chunks:
             n = len(np.asarray(c["loss"])) if "loss" in c else 0
-            if k == "hessian_step":
+            row += n
+            if k == "step" and shape == ():
+                parts.append(get(c) if k in c else start_step + np.arange(row - n, row, dtype=np.int64))
+            elif k == "hessian_step":
                 parts.append(get(c).astype(np.int64) if k in c else np.full((n,) + shape, -1, np.int64))
             else:
                 parts.append(get(c).astype(np.float64) if k in c else np.full((n,) + shape, np.nan))

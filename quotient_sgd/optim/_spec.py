@@ -198,10 +198,34 @@ def resolve_hyper(value: Hyper, opt_state, count, field: str = "value"):
                 f"SGDSpec.{field}={value!r}: no injected hyperparameter of that name in the optimiser state; "
                 f"injected: {sorted(hp)}. Wrap the optimiser with optax.inject_hyperparams or pass a number."
             )
-        return jnp.asarray(hp[value])
+        return _real_scalar(hp[value], field, f"the injected hyperparameter {value!r} holds")
     if callable(value):
-        return jnp.asarray(value(count))
+        try:
+            out = value(count)
+        except TypeError as e:
+            raise TypeError(f"SGDSpec.{field}={value!r}: a schedule is called with one argument, the step count "
+                            f"(an int32 scalar), and failed: {e}") from e
+        return _real_scalar(out, field, f"the schedule {value!r} returned")
     return jnp.asarray(value)
+
+
+def _real_scalar(out, field: str, what: str) -> jax.Array:
+    """``out`` as an array, or an error naming the spec's field unless it is a real (integer or floating) scalar:
+    a schedule returning a vector failed inside the prediction ("div got incompatible shapes for broadcasting:
+    (6,), (2,)"), a string or None in JAX's conversion, naming neither; a complex value lost its imaginary part and
+    a bool was taken as 0 / 1, silently (the fields' own values are refused so, SGDSpec)."""
+    try:
+        arr = jnp.asarray(out)
+    except (TypeError, ValueError):
+        arr = None
+    if arr is None or arr.dtype == jnp.bool_ or not (
+            jnp.issubdtype(arr.dtype, jnp.integer) or jnp.issubdtype(arr.dtype, jnp.floating)):
+        raise TypeError(f"SGDSpec.{field}: {what} {out!r}; need a real number")
+    if arr.shape != ():
+        raise ValueError(f"SGDSpec.{field}: {what} an array of shape {arr.shape}; need a scalar (one spec describes "
+                         f"one optimiser: to sweep a hyperparameter, inject it, name it here and vmap over "
+                         f"set_hyperparams)")
+    return arr
 
 
 def member_axes(opt_state):

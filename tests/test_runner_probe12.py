@@ -5,6 +5,7 @@ and stop, writing nothing."""
 import json
 import os
 
+import numpy as np
 import pytest
 
 from quotient_sgd.cli import main
@@ -54,3 +55,31 @@ def test_a_record_that_parses_but_is_no_record_is_named_and_nothing_is_written(t
     assert needle in err and "Traceback" not in err, err
     assert "not a record quotient_sgd wrote" in err and str(d) in err, err
     assert os.listdir(tmp_path) == ["d"] and {n: (d / n).read_text() for n in os.listdir(d)} == before
+
+
+@pytest.mark.parametrize("events", ["null", '[1, {"note": "mine"}]'])
+def test_report_detects_again_over_an_events_json_that_holds_no_events(tmp_path, monkeypatch, events):
+    """``report`` (and ``detect_run``'s divergence) read ``events.json`` as a list of event objects: one that parses
+    but holds something else failed in ``'NoneType' object is not iterable`` / ``'int' object has no attribute
+    'get'``.  It is now ignored with a warning naming it, and the events are detected again, the divergence the
+    run recorded (run.json) included."""
+    import quotient_sgd.runner._report as report_module
+    from quotient_sgd.runner import report
+
+    monkeypatch.setattr(report_module, "make_plots", lambda *a, **k: [])  # (what is read, not what is drawn)
+    d = tmp_path / "r"
+    d.mkdir()
+    (d / "config.json").write_text(_tiny_config_json())
+    loss = np.r_[np.linspace(1.0, 0.5, 9), np.nan].astype(np.float32)
+    np.savez(d / "trajectory.npz", step=np.arange(10), loss=loss)
+    (d / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "loss": float(loss[i])}) + "\n"
+                                             for i in range(0, 9, 5)))
+    div = {"step": 9, "reason": "non-finite loss (nan)"}
+    (d / "run.json").write_text(json.dumps({"wall_s": 1.0, "resumed_from": 0, "diverged": div}))
+    (d / "events.json").write_text(events)
+    with pytest.warns(RuntimeWarning, match="events.json holds .*not a list of events"):
+        text = report(str(d))
+    assert "diverged at step 9" in text
+    got = json.loads((d / "events.json").read_text())
+    assert isinstance(got, list) and all(isinstance(e, dict) for e in got)
+    assert [(e["step"], e["details"]["reason"]) for e in got if e["kind"] == "divergence"] == [(9, div["reason"])]

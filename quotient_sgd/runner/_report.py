@@ -344,11 +344,7 @@ def recorded_divergence(workdir: str, events: list[dict] | None = None) -> dict 
     if div is not None:
         return div
     if events is None:
-        path = os.path.join(workdir, "events.json")
-        events = []
-        if os.path.exists(path):
-            with open(path) as f:
-                events = json.load(f)
+        events = read_events(workdir) or []
     div = next(({"step": e["step"], "reason": e["details"].get("reason", "")} for e in events
                 if e.get("kind") == "divergence" and e.get("details", {}).get("ended_run")
                 and not e["details"].get("inferred")), None)
@@ -398,11 +394,27 @@ def load_run(workdir: str) -> tuple[Settings, dict, list[dict], list[dict]]:
     parts of an unfinished run), the events ``events.json``'s (none when it is missing)."""
     s = validate(read_record_json(os.path.join(workdir, "config.json"), "run directory"))
     traj = load_trajectory(workdir)
-    events = []
-    if os.path.exists(os.path.join(workdir, "events.json")):
-        with open(os.path.join(workdir, "events.json")) as f:
-            events = json.load(f)
-    return s, traj, read_metrics(os.path.join(workdir, "metrics.jsonl")), events
+    return s, traj, read_metrics(os.path.join(workdir, "metrics.jsonl")), read_events(workdir) or []
+
+
+def read_events(workdir: str) -> list[dict] | None:
+    """The events of ``events.json`` in ``workdir``; ``None`` when there is none, or when it parses but is not a
+    list of events (objects with ``step`` and ``kind``, as the runner writes them: a hand-edited or foreign file),
+    which is said in a ``RuntimeWarning`` naming the file (``report`` then detects the events again and rewrites
+    it; it failed in ``'NoneType' object is not iterable`` or ``'int' object has no attribute 'get'``)."""
+    path = os.path.join(workdir, "events.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        events = json.load(f)
+    if isinstance(events, list) and all(isinstance(e, dict) and "step" in e and "kind" in e for e in events):
+        return events
+    import warnings
+
+    warnings.warn(f"{path} holds {json.dumps(events)[:60]}, not a list of events (objects with 'step' and 'kind', "
+                  f"as the runner writes them); ignoring it: the events are detected again", RuntimeWarning,
+                  stacklevel=2)
+    return None
 
 
 def report(workdir: str) -> str:

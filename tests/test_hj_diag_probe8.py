@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quotient_sgd.diagnostics import (cusum, cusum_threshold, detect, fold_edge, fold_levels_for, LiveDetector,
-                                      stability_edge)
+from quotient_sgd.diagnostics import (cusum, cusum_threshold, detect, detect_run, fold_edge, fold_levels_for,
+                                      LiveDetector, stability_edge)
 from quotient_sgd.hj import cole_hopf_monte_carlo, find_shocks, Grid, shock_time_from_hessian
 
 
@@ -160,3 +160,11 @@ def test_live_chunks_with_and_without_step_numbers_are_numbered_as_detect_number
     live.update({"loss": np.ones(5)})  # steps 100 .. 104
     with pytest.raises(ValueError, match="strictly increasing"):
         live.update({"loss": np.ones(5), "step": np.arange(103, 108)})  # they overlap: still refused
+
+
+def test_detect_run_refuses_a_write_flag_that_is_not_a_bool(tmp_path):
+    # write="no" is truthy: events.json was rewritten although the caller asked for no writing
+    for bad in ("no", "False", None, 0.0):
+        with pytest.raises(ValueError, match=f"detect_run: write={bad!r} is not allowed"):
+            detect_run(tmp_path, write=bad)
+    assert list(tmp_path.iterdir()) == []

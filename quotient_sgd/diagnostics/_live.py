@@ -81,11 +81,16 @@ def detect_run(run_dir: str | os.PathLike, *, lr=None, write: bool = True, **opt
     (``members/<i>``).
 
     Raises:
+        ValueError: ``write`` not a bool (``"no"`` is truthy: the file was written), or as :func:`detect`.
         FileNotFoundError: ``run_dir`` is a sweep directory (the message names its members' run directories),
             not a run directory, or a run without any recorded step yet.
     """
     import warnings
 
+    if not isinstance(write, (bool, np.bool_)):
+        # write="no" (or "False") is truthy: the run's events.json was rewritten although the caller said not to
+        raise ValueError(f"detect_run: write={write!r} is not allowed; need True (write run_dir/events.json) or "
+                         "False")
     from ..runner._report import run_divergence
     from ..runner._rundir import load_trajectory
 

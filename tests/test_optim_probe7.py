@@ -1,5 +1,5 @@
 """quotient_sgd.optim / observables on further inputs: derivatives of Lanczos extremes past the dimension, bad
-arguments of lanczos_extremes, SGDSpec schedules."""
+arguments of lanczos_extremes, SGDSpec schedules, train's key / start_step / model_state."""
 
 import jax
 import jax.numpy as jnp
@@ -116,3 +116,88 @@ def test_a_spec_schedule_still_predicts_the_drift(x64):
     np.testing.assert_allclose(pred, d, rtol=1e-8, atol=1e-14)
     assert float(jnp.min(jnp.abs(d))) > 0
 
+
+# ----- train: one key, the int32 range of the steps, the model state's carry ---------------------------------------
+def _batch_fn(step, key):
+    x = jax.random.normal(key, (8, 3))
+    return x, jnp.sin(x[:, :2])
+
+
+@pytest.mark.parametrize("key, match", [
+    (jax.random.split(jax.random.key(0), 2), r"train: key must be one PRNG key .* got a key array of shape \(2,\); "
+                                             r"to run several seeds, jax.vmap train over the keys"),
+    (jnp.zeros(5, jnp.uint32), r"train: key must be one PRNG key .* got raw uint32 key data of shape \(5,\) "
+                               r"\(one key's is \(2,\)\)"),
+])
+def test_train_names_a_key_that_is_not_one_key(key, match):
+    """A batch of keys (meant for seeds) failed inside the scan with fold_in's "accepts a single key", and raw key
+    data of another length with "JAX encountered invalid PRNG key data", naming neither train nor key."""
+    import optax
+
+    from quotient_sgd.optim import train
+
+    _, params, _, loss = _rescale_net()
+    with pytest.raises(ValueError, match=match):
+        train(loss, params, optax.sgd(0.1), _batch_fn, num_steps=2, key=key, donate=False)
+
+
+@pytest.mark.parametrize("start_step, num_steps", [(2**31, 2), (2**31 - 1, 2), (-1, 2)])
+def test_train_names_a_start_step_outside_the_int32_steps(start_step, num_steps):
+    """The steps are int32: start_step=2**31 raised a bare OverflowError ("Python integer 2147483648 out of bounds
+    for int32"), and 2**31 - 1 with two steps wrapped the second one to -2**31 silently (batch_fn got step
+    -2147483648); a negative start_step gave batch_fn negative steps.  Now a ValueError naming both arguments;
+    the last representable run still runs."""
+    import optax
+
+    from quotient_sgd.optim import train
+
+    _, params, _, loss = _rescale_net()
+    with pytest.raises(ValueError, match=rf"start_step must be >= 0 with start_step \+ num_steps <= 2\*\*31 .* got "
+                                         rf"start_step={start_step}, num_steps={num_steps}"):
+        train(loss, params, optax.sgd(0.1), _batch_fn, num_steps=num_steps, start_step=start_step, donate=False)
+    if start_step > 0:
+        ok = train(loss, params, optax.sgd(0.1), _batch_fn, num_steps=num_steps, start_step=2**31 - num_steps,
+                   donate=False)[2]
+        assert bool(jnp.all(jnp.isfinite(ok["loss"])))
+
+
+def test_train_names_a_new_model_state_of_another_structure_or_dtype():
+    """loss_fn returning nnx.state(model) (parameters included) in place of the batch statistics, or statistics cast
+    to another dtype, failed in lax.scan naming only "carry[2]"; now a ValueError naming new_model_state, the
+    leaf and both types.  The right convention still runs."""
+    import optax
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(3, 2, rngs=rngs)
+            self.mean = nnx.BatchStat(jnp.zeros((2,)))
+
+        def __call__(self, x):
+            z = self.lin(x)
+            self.mean.value = 0.9 * self.mean.value + 0.1 * jnp.mean(z, axis=0)
+            return z - jnp.mean(z, axis=0)[None, :]
+
+    from quotient_sgd.optim import train
+
+    graphdef, params, stats = nnx.split(Net(nnx.Rngs(0)), nnx.Param, nnx.BatchStat)
+
+    def make(new_state):
+        def loss_fn(p, ms, batch):
+            m = nnx.merge(graphdef, p, ms)
+            out = m(batch[0])
+            return jnp.mean(jnp.square(out - batch[1])), (None, new_state(m))
+        return loss_fn
+
+    whole = make(nnx.state)
+    cast = make(lambda m: jax.tree.map(lambda a: a.astype(jnp.bfloat16), nnx.split(m, nnx.Param, nnx.BatchStat)[2]))
+    right = make(lambda m: nnx.split(m, nnx.Param, nnx.BatchStat)[2])
+    kw = dict(num_steps=2, model_state=stats, donate=False)
+    with pytest.raises(ValueError, match=r"new_model_state returned by loss_fn must have the structure of "
+                                         r"model_state"):
+        train(whole, params, optax.sgd(0.1), _batch_fn, **kw)
+    with pytest.raises(ValueError, match=r"new_model_state\['mean'\].value is bfloat16\[2\] but model_state holds "
+                                         r"float32\[2\]"):
+        train(cast, params, optax.sgd(0.1), _batch_fn, **kw)
+    ms = train(right, params, optax.sgd(0.1), _batch_fn, **kw)[2]
+    assert float(jnp.max(jnp.abs(ms["mean"].value))) > 0

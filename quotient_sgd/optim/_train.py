@@ -29,6 +29,7 @@ def _objective(loss_fn, has_aux, params, model_state, batch):
                 f"(loss, (aux, new_model_state)) (aux may be None), got {_describe(out)}"
             )
         loss, (aux, new_ms) = out
+        _check_new_model_state(model_state, new_ms)
         return _scalar_loss(loss), (aux, new_ms)
     out = loss_fn(params, batch)
     if has_aux:
@@ -42,6 +43,26 @@ def _objective(loss_fn, has_aux, params, model_state, batch):
                              f"loss_fn that returns (loss, aux)")
         loss, aux = out, None
     return _scalar_loss(loss), (aux, None)
+
+
+def _check_new_model_state(model_state, new_ms) -> None:
+    """``ValueError`` unless ``new_ms`` has the structure, shapes and dtypes of ``model_state``: it is the scan's
+    carry, and JAX's error named only "carry[2]" (e.g. ``nnx.state(model)`` returned, with the parameters, in place
+    of the batch statistics alone, or statistics cast to another dtype)."""
+    want, got = jax.tree.structure(model_state), jax.tree.structure(new_ms)
+    if want != got:
+        raise ValueError(
+            f"train(model_state=...): the new_model_state returned by loss_fn must have the structure of model_state "
+            f"(the non-Param state alone, e.g. nnx.split(model, nnx.Param, nnx.BatchStat)[2]):\n  model_state     "
+            f"{want}\n  new_model_state {got}")
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(model_state), jax.tree.leaves(new_ms)):
+        if not (hasattr(a, "dtype") and hasattr(b, "dtype")):
+            continue  # a Python number: its dtype is whatever the carry makes of it
+        if jnp.shape(a) != jnp.shape(b) or a.dtype != b.dtype:
+            raise ValueError(
+                f"train(model_state=...): new_model_state{jax.tree_util.keystr(path)} is "
+                f"{jnp.result_type(b)}{list(jnp.shape(b))} but model_state holds {jnp.result_type(a)}"
+                f"{list(jnp.shape(a))} there; return the new state with the shapes and dtypes of the old")
 
 
 def _is_pair(x) -> bool:
@@ -150,6 +171,21 @@ def _is_prng_key(key) -> bool:
     if dtype is None:
         return False
     return jnp.issubdtype(dtype, jax.dtypes.prng_key) or (dtype == jnp.uint32 and jnp.ndim(key) == 1)
+
+
+def _check_one_key(key) -> None:
+    """``ValueError`` unless ``key`` is one key: a typed key of shape ``()`` or the raw data of one (``uint32`` of the
+    default implementation's key shape, ``(2,)`` for threefry).  A batch of keys (``jax.random.split(key, 2)``, meant
+    for seeds) failed inside the scan in ``fold_in``, and raw data of another length with "invalid PRNG key data",
+    naming neither ``train`` nor ``key``."""
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        ok, what = jnp.shape(key) == (), f"a key array of shape {jnp.shape(key)}"
+    else:
+        want = jax.random.key_data(jax.random.key(0)).shape
+        ok, what = jnp.shape(key) == want, f"raw uint32 key data of shape {jnp.shape(key)} (one key's is {want})"
+    if not ok:
+        raise ValueError(f"train: key must be one PRNG key (jax.random.key(0): batch_fn receives fold_in(key, step)), "
+                         f"got {what}; to run several seeds, jax.vmap train over the keys")
 
 
 def _distinct_buffers(trees):
@@ -307,6 +343,13 @@ def train(
     elif not _is_prng_key(key):
         raise TypeError(f"train: key must be a PRNG key, e.g. jax.random.key(0) (batch_fn receives fold_in(key, "
                         f"step)), got {key!r}")
+    else:
+        _check_one_key(key)
+    if not isinstance(start_step, jax.core.Tracer) and not 0 <= int(start_step) <= 2**31 - int(num_steps):
+        # the steps are int32: start_step=2**31 raised a bare OverflowError, and 2**31 - 1 with two steps wrapped
+        # the second step to -2**31, silently (batch_fn got it)
+        raise ValueError(f"train: start_step must be >= 0 with start_step + num_steps <= 2**31 (the steps are "
+                         f"int32), got start_step={start_step!r}, num_steps={num_steps}")
     for name, tree in (("params", params), ("opt_state", opt_state), ("model_state", model_state)):
         if any(isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.is_deleted()
                for x in jax.tree.leaves(tree)):

@@ -350,6 +350,12 @@ def _config_load_error(argv: list[str]) -> str | None:
     if path.startswith("--"):
         return f"--config needs a file path, got the option {path!r}; write --config=configs/<name>.py"
     if not os.path.exists(path):
+        head, colon, arg = path.rpartition(":")
+        if colon and os.path.isfile(head):  # (it said the file did not exist)
+            return (f"--config={path}: the file {head!r} exists, and the ':{arg}' after it (ml_collections' "
+                    f"FILE:ARGUMENT form, get_config({arg!r})) is not read: the command calls get_config() with no "
+                    f"argument; write --config={head} and change its keys with --config.KEY=VALUE (or give a file "
+                    f"whose get_config() takes no argument)")
         return f"config file {path!r} does not exist"
     if os.path.isdir(path):
         return f"config file {path!r} is a directory; give a file defining get_config(), e.g. configs/tiny.py"

@@ -83,3 +83,18 @@ def test_report_detects_again_over_an_events_json_that_holds_no_events(tmp_path,
     got = json.loads((d / "events.json").read_text())
     assert isinstance(got, list) and all(isinstance(e, dict) for e in got)
     assert [(e["step"], e["details"]["reason"]) for e in got if e["kind"] == "divergence"] == [(9, div["reason"])]
+
+
+@pytest.mark.parametrize("suffix", [":cpu", ":"])
+def test_a_config_file_with_an_argument_is_refused_saying_the_file_exists(tmp_path, monkeypatch, capsys, suffix):
+    """``--config=configs/grokking.py:cpu`` (ml_collections' FILE:ARGUMENT form, which calls ``get_config("cpu")``)
+    was refused with "config file 'configs/grokking.py:cpu' does not exist", of a file that exists.  The command
+    calls ``get_config()`` with no argument: the message says so and names the file; nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    grokking = os.path.join(ROOT, "configs", "grokking.py")
+    code = main(["quotient-sgd", "run", f"--config={grokking}{suffix}", "--config.steps=2"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "does not exist" not in err and f"the file {grokking!r} exists" in err, err
+    assert "get_config() with no argument" in err and f"--config={grokking} " in err, err
+    assert os.listdir(tmp_path) == []

@@ -168,3 +168,22 @@ def test_detect_run_refuses_a_write_flag_that_is_not_a_bool(tmp_path):
         with pytest.raises(ValueError, match=f"detect_run: write={bad!r} is not allowed"):
             detect_run(tmp_path, write=bad)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_learning_rate_that_is_a_string_or_a_bool_is_refused_and_a_live_one_is_checked_when_made():
+    # detect read lr="0.1" as 0.1 and lr=True as 1 (edge-of-stability events at eta = 1); LiveDetector took a
+    # negative, NaN or string lr and failed (or misread it) at the first chunk, while its other options fail when it
+    # is made
+    traj = {"loss": np.ones(20), "sharpness_quotient": np.full(20, 2.5)}
+    assert len(detect(traj, lr=1.0, kinds=["edge_of_stability"])) == 2
+    for bad in ("0.1", True, np.array([True] * 20)):
+        with pytest.raises(ValueError, match="(?s)detect: lr=.* is not allowed"):
+            detect(traj, lr=bad, kinds=["edge_of_stability"])
+    for bad, match in (("0.1", "lr='0.1' is not allowed"), (True, "lr=True is not allowed"),
+                       (-0.1, "lr must be finite and >= 0"), (np.nan, "lr must be finite and >= 0"),
+                       (np.ones((2, 2)), r"lr of shape \(2, 2\)")):
+        with pytest.raises(ValueError, match="LiveDetector: " + match):
+            LiveDetector(lr=bad)
+    live = LiveDetector(lr=np.full(20, 1.0), kinds=["edge_of_stability"])
+    assert [e.to_dict() for e in live.update(traj)] == \
+        [e.to_dict() for e in detect(traj, lr=1.0, kinds=["edge_of_stability"])]

@@ -11,7 +11,7 @@ import numpy as np
 from ._detect import ALL_KINDS, detect
 from ._events import Event, save_events
 from ._options import check_kinds, check_options
-from ._series import flatten_trajectory
+from ._series import check_lr, flatten_trajectory
 
 
 def _lr_from_config(cfg: Mapping[str, Any]):
@@ -183,6 +183,8 @@ class LiveDetector:
         check_options({k: v for k, v in options.items() if k != "kinds"}, "LiveDetector")
         if isinstance(start_step, bool) or not isinstance(start_step, (int, np.integer)):
             raise ValueError(f"LiveDetector: start_step={start_step!r} is not allowed; need an integer")
+        if lr is not None:  # (a negative or NaN lr failed at the first chunk; its length is checked per chunk)
+            check_lr(lr, "LiveDetector")
         if path is not None:  # a path in a directory not made yet (runs/my_run/events.json) failed at the first chunk
             os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
         self.lr = lr

@@ -147,6 +147,25 @@ def refresh_step(traj: Mapping[str, np.ndarray], i: int, steps: np.ndarray) -> i
     return int(traj["hessian_step"][i]) if "hessian_step" in traj else int(steps[i])
 
 
+def check_lr(lr, where: str = "detect") -> np.ndarray:
+    """The learning-rate argument as a float64 array of at most one axis, finite and ``>= 0``, else ValueError
+    naming it: not real numbers (a string, a bool: ``"0.1"`` was read as 0.1 and ``True`` as 1), more than one
+    axis, NaN, infinite or negative."""
+    try:
+        raw = np.asarray(lr)
+    except Exception:  # noqa: BLE001 - not array-like: reported below
+        raw = None
+    if raw is None or raw.dtype.kind not in "iuf":
+        raise ValueError(f"{where}: lr={lr!r} is not allowed; need a number or one value per step (real numbers, "
+                         "finite and >= 0; not a string or a bool)")
+    arr = raw.astype(np.float64)
+    if arr.ndim > 1:
+        raise ValueError(f"{where}: lr of shape {arr.shape} is not allowed; need a number or one value per step")
+    if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+        raise ValueError(f"{where}: lr must be finite and >= 0, got {lr!r}")
+    return arr
+
+
 def learning_rate(traj: Mapping[str, np.ndarray], lr, n: int) -> np.ndarray | None:
     """Per-step learning rate from the ``lr`` argument (number or array; finite, >= 0) or the ``lr`` /
     ``learning_rate`` key (one value per step, or a single value for the whole run; real numbers >= 0, NaN where
@@ -154,18 +173,13 @@ def learning_rate(traj: Mapping[str, np.ndarray], lr, n: int) -> np.ndarray | No
     rate).
 
     Raises:
-        ValueError: a learning rate that is negative, infinite (or NaN, in the argument), or not real numbers,
-            or of another shape."""
+        ValueError: a learning rate that is negative, infinite (or NaN, in the argument), or not real numbers
+            (a string or a bool: ``lr="0.1"`` was read as 0.1 and ``lr=True`` as 1), or of another shape."""
     if lr is not None:
-        try:
-            arr = np.asarray(lr, dtype=np.float64)
-        except (TypeError, ValueError):
-            arr = None
-        if arr is None or arr.ndim > 1 or (arr.ndim == 1 and arr.shape[0] != n):
-            what = f"lr of shape {arr.shape}" if arr is not None else f"lr={lr!r}"
-            raise ValueError(f"detect: {what} is not allowed; need a number or one value per step (shape ({n},))")
-        if not np.all(np.isfinite(arr)) or np.any(arr < 0):
-            raise ValueError(f"detect: lr must be finite and >= 0, got {lr!r}")
+        arr = check_lr(lr)
+        if arr.ndim == 1 and arr.shape[0] != n:
+            raise ValueError(f"detect: lr of shape {arr.shape} is not allowed; need a number or one value per step "
+                             f"(shape ({n},))")
         return np.broadcast_to(arr, (n,)).copy()
     for k in ("lr", "learning_rate"):
         if k in traj:

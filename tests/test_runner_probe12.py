@@ -4,6 +4,7 @@ and stop, writing nothing."""
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -98,3 +99,17 @@ def test_a_config_file_with_an_argument_is_refused_saying_the_file_exists(tmp_pa
     assert "does not exist" not in err and f"the file {grokking!r} exists" in err, err
     assert "get_config() with no argument" in err and f"--config={grokking} " in err, err
     assert os.listdir(tmp_path) == []
+
+
+def test_settings_replace_refuses_what_is_no_value_of_the_schema():
+    """``Settings.replace(**{"optim.lr.x": 0.5})`` set ``optim.lr`` (the third part was dropped) and
+    ``replace(optim=0.5)`` replaced the whole section by a float, silently; both name the key now, as an unknown
+    key does.  The values of the schema are still replaced."""
+    from quotient_sgd.config import Settings
+
+    s = Settings()
+    for key in ("optim.lr.x", "optim", "steps.x", "optim.lrr", "stepz"):
+        with pytest.raises(KeyError, match=rf"Settings\.replace: '{re.escape(key)}' is not a value of the schema"):
+            s.replace(**{key: 0.5})
+    r = s.replace(**{"optim.lr": 0.5, "seed": 3, "sweep.lr": (0.1,)})
+    assert (r.optim.lr, r.seed, r.sweep.lr, s.optim.lr) == (0.5, 3, (0.1,), Settings().optim.lr)

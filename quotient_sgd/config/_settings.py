@@ -147,7 +147,21 @@ class Settings:
         return conv(dataclasses.asdict(self))
 
     def replace(self, **dotted) -> "Settings":
-        """A copy with ``"optim.lr"``-style keys replaced (no re-validation)."""
+        """A copy with ``"optim.lr"``-style keys replaced (no re-validation).  A key that is not one of the
+        schema's values (``"optim.lr.x"``, which set ``optim.lr``; a whole section such as ``optim``, which was
+        replaced by the value; ``"optim.lrr"``; ``"steps.x"``) raises a ``KeyError`` naming it and what is
+        allowed."""
+        top = {f.name for f in dataclasses.fields(self)}
+        for key in dotted:
+            parts = key.split(".")
+            sect = SECTIONS.get(parts[0])
+            fields = {f.name for f in dataclasses.fields(sect)} if sect is not None else set()
+            ok = (len(parts) == 1 and parts[0] in top and sect is None) or (len(parts) == 2 and parts[1] in fields)
+            if not ok:
+                where = (f"keys of the section {parts[0]!r}: {sorted(fields)}" if sect is not None else
+                         f"top-level keys {sorted(top - set(SECTIONS))} or section.key with a section of "
+                         f"{sorted(SECTIONS)}")
+                raise KeyError(f"Settings.replace: {key!r} is not a value of the schema; allowed: {where}")
         out = self
         for key, value in dotted.items():
             parts = key.split(".")

@@ -17,8 +17,9 @@ def _shifted_series(seed=0, n=100, shift=3.0):
 
 def test_cusum_horizon_and_threshold_are_checked_and_a_short_horizon_covers_the_series():
     # A horizon below min_ref (n_blocks=5, or a fraction such as 2.5 truncated to 2) gave an infinite threshold for
-    # a series of 100 values: no alarm on a 3-sigma shift, without a word; a NaN threshold never alarmed and one
-    # <= 0 alarmed on every value; cusum_threshold(10.5) simulated 10 blocks, none monitored, and returned 0.
+    # a series of 100 values: no alarm on a 3-sigma shift, without a word; a NaN threshold never alarmed and a
+    # negative one alarmed on every value; cusum_threshold(10.5) simulated 10 blocks, none monitored, and returned 0
+    # (a threshold 0 is what the calibration gives at a large alpha: it alarms when the statistic leaves zero).
     x = _shifted_series()
     default = cusum(x)
     assert default and default[0].direction == 1
@@ -29,7 +30,7 @@ def test_cusum_horizon_and_threshold_are_checked_and_a_short_horizon_covers_the_
     for bad in (2.5, -5, 0, True, "100"):
         with pytest.raises(ValueError, match=f"cusum: n_blocks={bad!r} is not allowed"):
             cusum(x, n_blocks=bad)
-    for bad in (np.nan, 0.0, -1.0, "3"):
+    for bad in (np.nan, -1.0, "3"):
         with pytest.raises(ValueError, match=f"cusum: threshold={bad!r} is not allowed"):
             cusum(x, threshold=bad)
     for args, name in (((10.5,), "n_blocks"), ((-3,), "n_blocks"), (("100",), "n_blocks"),
@@ -37,6 +38,9 @@ def test_cusum_horizon_and_threshold_are_checked_and_a_short_horizon_covers_the_
         with pytest.raises(ValueError, match=f"cusum_threshold: {name}="):
             cusum_threshold(*args)
     assert cusum_threshold(5) == float("inf")  # fewer blocks than min_ref: nothing is monitored
+    # one value monitored at alpha = 0.9: the calibrated threshold is 0, and detect takes it
+    assert cusum_threshold(11, 0.9) == 0.0 and len(cusum(x, threshold=0.0)) > len(default)
+    detect({"loss": np.exp(_shifted_series(n=12))}, kinds=["transition"], alpha=0.9)
 
 
 def test_shock_time_from_hessian_reads_integer_and_half_precision_values_and_refuses_complex_ones():

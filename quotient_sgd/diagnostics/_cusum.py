@@ -172,7 +172,8 @@ def cusum(x, *, alpha: float = 0.05, k: float = 0.5, min_ref: int = 10, clip: fl
             length for live use so that the threshold does not change as chunks arrive).  A horizon shorter than
             the series' finite values is raised to their number (as :func:`detect_transition` does with its
             ``horizon``): the false-alarm bound is over the whole series monitored.
-        threshold: override ``h``, a number > 0 (``inf``: never alarm); then ``alpha`` is not used.
+        threshold: override ``h``, a number >= 0 (``inf``: never alarm; 0, the calibrated value at a large
+            ``alpha``, alarms whenever the statistic leaves zero); then ``alpha`` is not used.
 
     Returns:
         A list of :class:`Alarm`, in time order.
@@ -181,9 +182,9 @@ def cusum(x, *, alpha: float = 0.05, k: float = 0.5, min_ref: int = 10, clip: fl
         ValueError: ``x`` not a 1-D series of real numbers (a ``(steps, k)`` array was flattened row by row, its
             columns interleaved into one series), ``k`` not a finite number ``>= 0`` (a negative drift alarms on
             any series), ``min_ref`` not an integer ``>= 2``, ``clip`` not a number ``> 0``, ``n_blocks`` not an
-            integer ``>= 1`` or ``None``, ``threshold`` not a number ``> 0`` or ``None`` (a NaN threshold never
-            alarmed, one ``<= 0`` alarmed on every value, a horizon below ``min_ref`` such as ``n_blocks=5`` gave
-            an infinite threshold for a series of any length: each without a word).
+            integer ``>= 1`` or ``None``, ``threshold`` not a number ``>= 0`` or ``None`` (a NaN threshold never
+            alarmed, a negative one alarmed on every value, a horizon below ``min_ref`` such as ``n_blocks=5``
+            gave an infinite threshold for a series of any length: each without a word).
     """
     x = np.asarray(x)
     if x.ndim != 1 or x.dtype.kind not in "biuf":
@@ -193,8 +194,8 @@ def cusum(x, *, alpha: float = 0.05, k: float = 0.5, min_ref: int = 10, clip: fl
     if n_blocks is not None:
         n_blocks = _check_count("cusum", "n_blocks", n_blocks, 1, "the planned number of values, or None")
     if threshold is not None and not (isinstance(threshold, numbers.Real) and not isinstance(threshold, bool)
-                                      and threshold > 0):  # (NaN > 0 is False)
-        raise ValueError(f"cusum: threshold={threshold!r} is not allowed; need a number > 0 (inf: never alarm) or "
+                                      and threshold >= 0):  # (NaN >= 0 is False)
+        raise ValueError(f"cusum: threshold={threshold!r} is not allowed; need a number >= 0 (inf: never alarm) or "
                          "None (calibrated from alpha)")
     x = x.astype(np.float64)
     idx = np.nonzero(np.isfinite(x))[0]

@@ -113,3 +113,26 @@ def test_settings_replace_refuses_what_is_no_value_of_the_schema():
             s.replace(**{key: 0.5})
     r = s.replace(**{"optim.lr": 0.5, "seed": 3, "sweep.lr": (0.1,)})
     assert (r.optim.lr, r.seed, r.sweep.lr, s.optim.lr) == (0.5, 3, (0.1,), Settings().optim.lr)
+
+
+@pytest.mark.parametrize("link_to", ["member", "members"])
+def test_run_into_a_sweep_member_reached_through_a_link_is_refused(tmp_path, link_to):
+    """`run` refuses a sweep's member directory as its workdir (the sweep writes it, under the sweep directory's
+    lock); a symbolic link to the member directory (``latest -> sw/members/000``), or to the ``members`` folder,
+    got past the check and the run resumed the member as a run of its own."""
+    from quotient_sgd.runner import RunDirError, run
+
+    s = validate(load_config(TINY, {"steps": 10}))
+    sw = tmp_path / "sw"
+    (sw / "members" / "000").mkdir(parents=True)
+    (sw / "sweep.json").write_text("{}")
+    (sw / "members" / "000" / "config.json").write_text(json.dumps(s.to_dict()))
+    if link_to == "member":
+        os.symlink(sw / "members" / "000", tmp_path / "latest")
+        workdir = tmp_path / "latest"
+    else:
+        os.symlink(sw / "members", tmp_path / "m")
+        workdir = tmp_path / "m" / "000"
+    with pytest.raises(RunDirError, match="is a member directory of the sweep"):
+        run(s, str(workdir))
+    assert os.listdir(sw / "members" / "000") == ["config.json"]

@@ -174,9 +174,9 @@ def check_workdir(workdir: str, settings: Settings) -> bool:
     Raises :class:`RunDirError` naming the directory and the differing keys when it holds another config, when it
     is a non-empty directory without a ``config.json``, or when it is a sweep's member directory
     (``<sweep>/members/<i>`` beside a ``sweep.json``: written by its sweep, whose lock is on the sweep directory,
-    so a run there could write into it while the sweep does)."""
+    so a run there could write into it while the sweep does), also when reached through a symbolic link."""
     check_directory_path(workdir)
-    parent = os.path.dirname(os.path.abspath(workdir))
+    parent = os.path.dirname(os.path.realpath(workdir))  # (a link to a member directory, or to its members/)
     if os.path.basename(parent) == "members" and os.path.isfile(os.path.join(os.path.dirname(parent), "sweep.json")):
         raise RunDirError(f"run directory {workdir!r} is a member directory of the sweep "
                           f"{os.path.dirname(parent)!r} (it has a sweep.json): its sweep writes it; refusing to write "

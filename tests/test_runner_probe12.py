@@ -136,3 +136,25 @@ def test_run_into_a_sweep_member_reached_through_a_link_is_refused(tmp_path, lin
     with pytest.raises(RunDirError, match="is a member directory of the sweep"):
         run(s, str(workdir))
     assert os.listdir(sw / "members" / "000") == ["config.json"]
+
+
+def test_tensorboard_turned_on_at_a_resume_holds_every_row_of_the_metrics(tmp_path):
+    """``logging.tensorboard`` may change between a run and its resumption; a run resumed at step 10 with it
+    turned on wrote the rows from step 10 only (TensorBoard showed steps [10, 15, 19], metrics.jsonl has [0, 5, 9,
+    10, 15, 19]).  Now TensorBoard shows every row of metrics.jsonl once, with its value, as after a run that had it
+    on throughout; and so after a further resume (rows already in TensorBoard are not doubled)."""
+    from helpers import load_metric_rows, read_tensorboard, tiny_settings
+    from quotient_sgd.runner import run
+
+    wd = str(tmp_path / "r")
+    run(tiny_settings(30, **{"checkpoint.every": 10}), wd, max_chunks=1)  # TensorBoard off, stopped at 10
+    with_tb = tiny_settings(30, **{"checkpoint.every": 10, "logging.tensorboard": True})
+    run(with_tb, wd, max_chunks=1)  # resumed at 10 with TensorBoard on, stopped at 20
+    run(with_tb, wd)  # resumed at 20
+    rows = load_metric_rows(wd)
+    tb = read_tensorboard(wd)
+    assert [r["step"] for r in rows] == [0, 5, 9, 10, 15, 19, 20, 25, 29]
+    for key in ("loss", "grad_norm", "test_loss"):
+        want = [(r["step"], r[key]) for r in rows if key in r]
+        assert [s for s, _ in tb[key]] == [s for s, _ in want], key
+        np.testing.assert_allclose([v for _, v in tb[key]], [v for _, v in want], rtol=1e-6, err_msg=key)

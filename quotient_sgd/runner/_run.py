@@ -98,9 +98,12 @@ def require_tensorboard(s: Settings) -> None:
 
 def _tensorboard(s: Settings, workdir: str, resumed_from: int = 0):
     """The TensorBoard writer of a run directory (``None`` unless ``logging.tensorboard``).  A run resumed from
-    step ``c`` passes ``purge_step=c``: TensorBoard then hides the rows of steps ``>= c`` written before the
-    interruption (they are written again).  Each writer gets its own file (the name's suffix: two writers
-    started within the same second would otherwise share, and truncate, one file)."""
+    step ``c > 0`` writes, first, the rows of ``metrics.jsonl`` before ``c`` (already truncated there), under
+    ``purge_step=0``: TensorBoard then hides every value written before (those of steps ``>= c`` are written again,
+    and those before ``c`` were written by an earlier command only if it had ``logging.tensorboard`` on, which a
+    resume may change), so it shows the rows of ``metrics.jsonl``, each once (rows of steps before the command
+    that turned it on were missing).  Each writer gets its own file (the name's suffix: two writers started within
+    the same second would otherwise share, and truncate, one file)."""
     if not s.logging.tensorboard:
         return None
     try:
@@ -108,8 +111,14 @@ def _tensorboard(s: Settings, workdir: str, resumed_from: int = 0):
     except ImportError as e:  # pragma: no cover
         raise RuntimeError("logging.tensorboard=True needs tensorboardX: "
                            "pip install 'quotient_sgd[tensorboard]'") from e
-    return SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resumed_from or None,
-                         filename_suffix=f".{time.time_ns()}")
+    tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=0 if resumed_from else None,
+                       filename_suffix=f".{time.time_ns()}")
+    if resumed_from:
+        from ._rundir import read_metrics
+
+        write_tensorboard(tb, [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))
+                               if r["step"] < resumed_from])
+    return tb
 
 
 def write_tensorboard(tb, rows: list[dict]) -> None:

@@ -8,11 +8,12 @@ import jax
 import jax.numpy as jnp
 
 from .. import _tree
+from .._reduce import sum_all, sum_except
 
 
 def tree_dot(a, b) -> jax.Array:
     """``<a, b>`` summed over all leaves."""
-    leaves = [jnp.sum(x * y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+    leaves = [sum_all(x * y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
     return sum(leaves[1:], leaves[0])
 
 
@@ -94,10 +95,9 @@ def unit_sum(tree, members, fn) -> jax.Array:
         xs = [f[tuple(path)] for f in flat]
         v = fn(*xs)
         if axis is None:
-            s = jnp.reshape(jnp.sum(v), (1,))
+            s = jnp.reshape(sum_all(v), (1,))
         else:
-            ax = axis % v.ndim
-            s = jnp.sum(v, axis=tuple(i for i in range(v.ndim) if i != ax))
+            s = sum_except(v, axis)
         total = s if total is None else total + s
     return total
 

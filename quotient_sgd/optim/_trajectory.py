@@ -11,6 +11,7 @@ import numpy as np
 import optax
 
 from .. import observables as obs
+from .._reduce import sum_all
 from .._tree import widen
 from ..observables._util import charges_dict, tree_dot, tree_sqnorm
 from ._gauge import GaugeFixState, HorizontalState, _like
@@ -501,8 +502,10 @@ def quotient_trajectory(
             # momentum is unchanged, so theta^T A m is too and the charges do not move; the recursion would read
             # the zero update as a zero momentum (c -> beta c, a drift of -eta beta c).  At a zero learning rate the
             # momentum does move, and the recursion has it right.
+            # (sum |u| == 0 exactly when every entry is 0, NaN included as not 0; a sum by GEMV, where the
+            # elementwise test reduced by jnp.all cost 28 us a step on the benchmark MLP)
             skipped = jnp.logical_and(
-                hp["learning_rate"] != 0, jnp.all(jnp.stack([jnp.all(u == 0) for u in jax.tree.leaves(new_updates)])))
+                hp["learning_rate"] != 0, sum(sum_all(jnp.abs(u)) for u in jax.tree.leaves(new_updates)) == 0)
             pred = jax.tree.map(lambda x: jnp.where(skipped, jnp.zeros_like(x), x), pred)
             cross = jax.tree.map(lambda new, old: jnp.where(skipped, old, new), cross, carry["cross"])
             new_carry["cross"] = cross

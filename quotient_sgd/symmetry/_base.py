@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from .. import _tree
+from .._reduce import sum_except
 from .._tree import Path
 
 Flat = dict[Path, jax.Array]
@@ -79,15 +80,11 @@ def _tiny(x: jax.Array) -> jax.Array:
 
 def unit_sqnorm(x: jax.Array, axis: int) -> jax.Array:
     """Sum of squares over every axis but ``axis`` (the unit axis); shape ``(n,)``."""
-    axis = axis % x.ndim
-    other = tuple(i for i in range(x.ndim) if i != axis)
-    return jnp.sum(jnp.square(x), axis=other)
+    return sum_except(jnp.square(x), axis)
 
 
 def unit_dot(x: jax.Array, y: jax.Array, axis: int) -> jax.Array:
-    axis = axis % x.ndim
-    other = tuple(i for i in range(x.ndim) if i != axis)
-    return jnp.sum(x * y, axis=other)
+    return sum_except(x * y, axis)
 
 
 def along(v: jax.Array, x: jax.Array, axis: int) -> jax.Array:
@@ -202,6 +199,10 @@ class Group(eqx.Module):
 
     def _invariants(self, flat: Flat):
         raise NotImplementedError
+
+    def _unordered_invariants(self, flat: Flat):
+        """:meth:`_invariants` up to the order of permuted units (the same here; a permutation skips its sort)."""
+        return self._invariants(flat)
 
     def _charges(self, flat: Flat):
         return {}

@@ -131,6 +131,10 @@ class Permutation(Group):
     def _invariants(self, flat):
         return jnp.sort(self.sort_key(flat))
 
+    def _unordered_invariants(self, flat):
+        # the sort keys in the units' order: their norm, sum, ... are those of the sorted keys (no sort kernel)
+        return self.sort_key(flat)
+
     def _charges(self, flat):
         return {}
 

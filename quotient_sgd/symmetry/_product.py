@@ -646,16 +646,17 @@ class Product(Group):
                 at.append(self._act(k, flat))
             return at[0]
 
-        return self._cluster_invariants(flat, point)
+        return self._cluster_invariants(flat, point, unordered=True)
 
     # --- invariants and charges -----------------------------------------------------------------------------
     def _invariants(self, flat):
         return self._cluster_invariants(flat, lambda cl: self._act(self._cluster_canonical(cl, flat), flat))
 
-    def _cluster_invariants(self, flat, point):
+    def _cluster_invariants(self, flat, point, unordered: bool = False):
         """Per component invariants, cluster by cluster: a lone component's own; a GL chain's end-to-end product;
         a permutation-sorted cluster's (:meth:`_sorted_invariants`); any other cluster's components' own
-        invariants at ``point(cluster)``, a point of its orbit fixed by its canonicalisation."""
+        invariants at ``point(cluster)``, a point of its orbit fixed by its canonicalisation.  ``unordered``: a
+        permutation's invariants at that point in the units' order, unsorted (:meth:`unordered_invariants`)."""
         out = {}
         for cl in self.clusters():
             chain = _gl_chain(tuple(self.components[i] for i in cl)) if len(cl) > 1 else None
@@ -669,7 +670,8 @@ class Product(Group):
                 continue
             src = flat if len(cl) == 1 else point(cl)
             for i in cl:
-                out[self.components[i].name] = self.components[i]._invariants(src)
+                c = self.components[i]
+                out[c.name] = c._unordered_invariants(src) if unordered else c._invariants(src)
         return {c.name: out[c.name] for c in self.components}
 
     def _sorted_invariants(self, cl, flat):

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._reduce import sum_except
 from ._base import REFINE_STEPS, _sum_tmaps, cg_vcoeffs, inverse_where
 from ._rescale import Rescale
 from ._translation import Translation
@@ -133,7 +134,7 @@ def gram_operator(plan: Plan, stats, n_comps: int):
                 t = term if t is None else t + term
             st = S * t
             for k, (ci, _, sk) in enumerate(ms):
-                r = sk * jnp.sum(st, axis=tuple(a for a in range(S.ndim) if a != k))
+                r = sk * sum_except(st, k)
                 out[ci] = r if out[ci] is None else out[ci] + r
         return tuple(out)
 

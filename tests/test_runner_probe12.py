@@ -1,6 +1,8 @@
-"""Run and sweep directories whose records parse as JSON but are not what quotient_sgd writes (a list, ``null``,
-another program's ``config.json``, a ``sweep.json`` without its keys): `run`, `sweep` and `report` name the file
-and stop, writing nothing."""
+"""Run and sweep directories, the command line and the settings on what they misread or could not say: records
+that parse as JSON but are not what quotient_sgd writes (a list, ``null``, another program's ``config.json``, a
+``sweep.json`` without its keys, an ``events.json`` holding no events), ``--config=FILE:ARGUMENT``,
+``Settings.replace`` of a key that is no value of the schema, a sweep member directory reached through a symbolic
+link, and TensorBoard turned on when a run resumes."""
 
 import json
 import os

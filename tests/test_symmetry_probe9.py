@@ -3,10 +3,11 @@ laws, canonical points and projections on model families beyond the shipped case
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
-from quotient_sgd.models import CNN, MLP
+from quotient_sgd.models import CNN, MLP, DeepLinear, MeanField
 from quotient_sgd.symmetry import SymmetryError, verify
 
 
@@ -36,3 +37,25 @@ def test_verify_of_a_bfloat16_layernorm_cnn_names_the_scale_that_its_epsilon_bre
         verify(broken, broken.symmetries(), x, jax.random.key(1))
     exact = CNN(2, (4, 4), 3, norm="layer", param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     assert verify(exact, exact.symmetries(), x, jax.random.key(1), rtol=0.0) < 0.05
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: MLP(3, (4,), 2, rngs=nnx.Rngs(0)), (2, 3)),
+    (lambda: DeepLinear(3, (4,), 2, rngs=nnx.Rngs(0)), (2, 3)),
+    (lambda: MeanField(3, 4, 2, rngs=nnx.Rngs(0)), (2, 3)),
+    (lambda: CNN(1, (2,), 2, rngs=nnx.Rngs(0)), (1, 4, 4, 1)),
+])
+def test_models_refuse_complex_inputs_instead_of_dropping_the_imaginary_part(make, shape):
+    """A complex ``x`` was cast to the parameters' dtype with its imaginary part dropped (a ComplexWarning at
+    most): ``MeanField(3, 4, 2)(1j * ones)`` returned zeros, ``MLP(...)((1 + 1j) * ones)`` the outputs of
+    ``ones``.  A string failed in NumPy's conversion naming neither the model nor ``x``.  Both are named now; real
+    inputs (float, integer, bool, nested lists) are cast as before."""
+    model = make()
+    name = type(model).__name__
+    with pytest.raises(ValueError, match=f"{name}: x must hold real numbers.*complex64.*x.imag"):
+        model(1j * jnp.ones(shape, jnp.complex64))
+    with pytest.raises(ValueError, match=f"{name}: x must hold real numbers"):
+        model(np.full(shape, "a"))
+    ones = model(jnp.ones(shape, jnp.float32))
+    assert bool(jnp.all(model(jnp.ones(shape, jnp.int32)) == ones))
+    assert bool(jnp.all(model(jnp.ones(shape, bool).tolist()) == ones))

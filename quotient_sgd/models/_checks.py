@@ -49,11 +49,28 @@ def check_eps(model: str, name: str, value) -> float:
     return out
 
 
+def as_real_input(model: str, x, dtype) -> jax.Array:
+    """``x`` cast to the parameters' real floating ``dtype``; ``ValueError`` naming the model for inputs that are
+    not real numbers: a complex ``x`` was cast with its imaginary part dropped (only a ``ComplexWarning``; a purely
+    imaginary input became zeros), a string failed in NumPy's conversion naming neither the model nor ``x``."""
+    kind = getattr(x, "dtype", None)
+    if kind is None:
+        try:
+            kind = np.asarray(x).dtype
+        except (TypeError, ValueError):
+            kind = np.dtype(object)
+    if not any(jnp.issubdtype(kind, k) for k in (jnp.floating, jnp.integer, jnp.bool_)):
+        hint = ("; pass its real and imaginary parts as features (x.real, x.imag)"
+                if jnp.issubdtype(kind, jnp.complexfloating) else "")
+        raise ValueError(f"{model}: x must hold real numbers (a float, integer or bool array), got dtype {kind}{hint}")
+    return jnp.asarray(x, dtype)
+
+
 def check_input(model: str, x, kernel: jax.Array) -> jax.Array:
     """``x`` cast to the dtype of the first layer's ``kernel`` ``(din, ...)``; ``ValueError`` naming the model
     unless its last axis has ``din`` features (JAX's own error, from inside the first matrix product, named
-    neither)."""
-    x = jnp.asarray(x, kernel.dtype)
+    neither), or when ``x`` does not hold real numbers (:func:`as_real_input`)."""
+    x = as_real_input(model, x, kernel.dtype)
     if x.ndim < 1 or x.shape[-1] != kernel.shape[0]:
         raise ValueError(f"{model}: x must have din={kernel.shape[0]} features on its last axis, "
                          f"(..., {kernel.shape[0]}), got shape {x.shape}")

@@ -13,6 +13,7 @@ from .. import _tree
 from ..symmetry import Permutation, Product, Rescale, Scale, Translation
 from ._activations import check_activation, get_activation, is_homogeneous
 from ._checks import (
+    as_real_input,
     check_classes,
     check_eps,
     check_flag,
@@ -146,7 +147,7 @@ class CNN(nnx.Module):
     def logits(self, x: jax.Array) -> jax.Array:
         """The head output ``z`` (before any ``log_softmax``), shape ``(N, dout)``; ``x`` is ``(N, H, W, C)``."""
         act = get_activation(self.activation)
-        h = jnp.asarray(x, self.head.kernel[...].dtype)
+        h = as_real_input("CNN", x, self.head.kernel[...].dtype)
         c_in = self.convs[0].kernel[...].shape[2]
         if h.ndim != 4 or h.shape[-1] != c_in:
             # the patch contraction (an einsum) would broadcast a single input channel over all c_in silently

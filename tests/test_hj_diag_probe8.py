@@ -191,3 +191,22 @@ def test_a_learning_rate_that_is_a_string_or_a_bool_is_refused_and_a_live_one_is
     live = LiveDetector(lr=np.full(20, 1.0), kinds=["edge_of_stability"])
     assert [e.to_dict() for e in live.update(traj)] == \
         [e.to_dict() for e in detect(traj, lr=1.0, kinds=["edge_of_stability"])]
+
+
+def test_options_given_as_one_pass_iterables_are_read_as_the_same_lists():
+    # the option check consumed a generator (transition_keys, variants, eos_levels, fold_levels, slice_shocks; a
+    # LiveDetector's kinds), and the detector then read an empty sequence: no events, without a word
+    rng = np.random.default_rng(0)
+    t = np.arange(1000)
+    loss = np.exp(np.where(t < 600, -0.001 * t, -0.6 - 0.004 * (t - 600)) + 0.01 * rng.standard_normal(t.size))
+    traj = {"loss": loss, "sharpness_quotient": np.linspace(5.0, 25.0, t.size),
+            "fold_number": np.linspace(0.0, 3.0, t.size)}
+    cases = (("transition", "transition_keys", ["loss"]), ("transition", "variants", ["quotient"]),
+             ("edge_of_stability", "eos_levels", [2.0]), ("fold", "fold_levels", [1.0]),
+             ("shock", "slice_shocks", [{"step": 5, "shock_time": 1.0, "lr": 0.1}]))
+    for kind, name, value in cases:
+        want = detect(traj, lr=0.1, kinds=[kind], **{name: value})
+        assert want, name
+        assert detect(traj, lr=0.1, kinds=[kind], **{name: iter(value)}) == want, name
+        live = LiveDetector(lr=0.1, horizon=t.size, kinds=(k for k in [kind]), **{name: iter(value)})
+        assert live.update(traj) == detect(traj, lr=0.1, horizon=t.size, kinds=[kind], **{name: value}), name

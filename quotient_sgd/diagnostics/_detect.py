@@ -862,7 +862,7 @@ def detect(trajectory, *, lr=None, kinds: Iterable[str] | None = None, start_ste
         [(50, 'loss_spike')]
     """
     kinds = ALL_KINDS if kinds is None else check_kinds(kinds, ALL_KINDS)
-    check_options(options)
+    options = check_options(options)  # (one-pass iterables as tuples: checked, a generator was consumed)
     traj = flatten_trajectory(trajectory)
     if "loss" not in traj:
         raise KeyError(f"a trajectory needs at least the 'loss' key; got keys {sorted(traj)}")

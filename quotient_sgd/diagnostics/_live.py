@@ -178,9 +178,11 @@ class LiveDetector:
 
     def __init__(self, *, lr=None, path: str | os.PathLike | None = None, start_step: int = 0, **options):
         # a misspelt option or kind fails here, not at the first chunk (hours into a run)
-        if options.get("kinds") is not None:
-            check_kinds(options["kinds"], ALL_KINDS)
-        check_options({k: v for k, v in options.items() if k != "kinds"}, "LiveDetector")
+        # kept as checked: a generator of kinds or keys, consumed by the check, left every update with none
+        kinds = None if options.get("kinds") is None else check_kinds(options["kinds"], ALL_KINDS)
+        options = check_options({k: v for k, v in options.items() if k != "kinds"}, "LiveDetector")
+        if kinds is not None:
+            options["kinds"] = kinds
         if isinstance(start_step, bool) or not isinstance(start_step, (int, np.integer)):
             raise ValueError(f"LiveDetector: start_step={start_step!r} is not allowed; need an integer")
         if lr is not None:  # (a negative or NaN lr failed at the first chunk; its length is checked per chunk)

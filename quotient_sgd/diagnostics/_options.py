@@ -98,15 +98,27 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
 OPTIONS = tuple(_CHECKS)
 
 
-def check_options(options: Mapping[str, Any], where: str = "detect") -> None:
-    """Raise ``TypeError`` for an option no detector takes and ``ValueError`` for a value outside its range."""
+def _materialise(value):
+    """A one-pass iterable (a generator, ``map``, ``iter(...)``) as a tuple: checked, it was consumed, and the
+    detector then read an empty sequence (no monitored keys, no levels: no events, without a word).  Strings,
+    mappings and re-iterable values (lists, tuples, arrays) are kept as they are."""
+    if isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__iter__"):
+        return value
+    return tuple(value) if iter(value) is value else value
+
+
+def check_options(options: Mapping[str, Any], where: str = "detect") -> dict[str, Any]:
+    """Raise ``TypeError`` for an option no detector takes and ``ValueError`` for a value outside its range; return
+    the options with one-pass iterables as tuples (see :func:`_materialise`), to be used instead of the given ones."""
     unknown = sorted(set(options) - set(_CHECKS))
     if unknown:
         raise TypeError(f"{where}: unknown option(s) {unknown}; the detectors' options are {sorted(_CHECKS)}")
+    options = {name: _materialise(value) for name, value in options.items()}
     for name, value in options.items():
         ok, allowed = _CHECKS[name]
         if not ok(value):
             raise ValueError(f"{where}: {name}={value!r} is not allowed; need {allowed}")
+    return options
 
 
 def check_kinds(kinds, all_kinds) -> tuple[str, ...]:

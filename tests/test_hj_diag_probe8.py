@@ -64,6 +64,7 @@ def test_fold_levels_for_refuses_levels_that_are_not_positive_numbers():
     # levels 1 and 2), NaN and negative levels were mapped as they came, a single number failed in a bare TypeError
     assert fold_levels_for((1.0, 2.0), 0.9) == [fold_edge(0.9), stability_edge(0.9)]
     assert fold_levels_for([np.float64(0.5)]) == [0.5]
+    assert fold_levels_for(x for x in (1.0, 2.0)) == [1.0, 2.0]  # (a generator: consumed by the check, it gave [])
     for bad in ("12", [np.nan], [-1.0], [], 2.0, [True]):
         with pytest.raises(ValueError, match="fold_levels_for: levels="):
             fold_levels_for(bad)

@@ -339,6 +339,8 @@ def fold_levels_for(levels: Sequence[float], momentum: float = 0.0, nesterov: bo
             were mapped as they came), ``momentum`` not in ``[0, 1)``, ``nesterov`` not a bool, ``decay`` not in
             ``[0, fold_edge(beta, nesterov))`` (no fold level: see :func:`fold_edge`).
     """
+    if not isinstance(levels, (str, bytes)) and hasattr(levels, "__iter__") and iter(levels) is levels:
+        levels = tuple(levels)  # a generator: checked, it was consumed and mapped to []
     if not _levels(levels):
         raise ValueError(f"fold_levels_for: levels={levels!r} is not allowed; need a non-empty sequence of finite "
                          "numbers > 0 on gradient descent's scale, e.g. (1.0, 2.0)")

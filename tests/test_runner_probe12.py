@@ -160,3 +160,24 @@ def test_tensorboard_turned_on_at_a_resume_holds_every_row_of_the_metrics(tmp_pa
         want = [(r["step"], r[key]) for r in rows if key in r]
         assert [s for s, _ in tb[key]] == [s for s, _ in want], key
         np.testing.assert_allclose([v for _, v in tb[key]], [v for _, v in want], rtol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize("over, key", [
+    ({"data.name": "sparse_parity", "data.n_bits": 2**31 - 1}, "data.n_bits"),
+    ({"data.name": "teacher_student", "data.din": 10**9}, "data.din"),
+    ({"data.name": "teacher_student", "data.teacher_hidden": 2 * 10**9}, "data.teacher_hidden"),
+    ({"data.name": "teacher_student", "data.n_train": 2 * 10**9, "data.batch_size": 0}, "data.n_train"),
+])
+def test_a_data_set_too_large_names_the_key_that_makes_it_so(over, key):
+    """768 examples of 2^31 - 1 sparse-parity bits (18 TiB) were refused as "config.data.n_train = 512: ... use a
+    smaller data.n_train", after 30 s computing 2**n_bits; 768 teacher-student examples of 10^9 inputs the same.
+    The key named is the one that makes the data set large (the example count where that is it)."""
+    from quotient_sgd.config import ConfigError, default_config
+
+    c = default_config()
+    for k, v in over.items():
+        c.update_from_flattened_dict({k: v})
+    with pytest.raises(ConfigError) as e:
+        validate(c)
+    msg = str(e.value)
+    assert msg.startswith(f"config.{key} = {over[key]}:") and f"use a smaller {key}" in msg, msg

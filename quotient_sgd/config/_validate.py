@@ -167,7 +167,9 @@ def _check_data(d: DataSettings) -> None:
         for k in ("n_train", "n_test", "n_bits"):
             _check(getattr(d, k) >= 1, f"data.{k}", getattr(d, k), "must be >= 1")
         _check(1 <= d.k <= d.n_bits, "data.k", d.k, f"must satisfy 1 <= k <= data.n_bits = {d.n_bits}")
-        if 2**d.n_bits <= d.n_train:  # the training draws may cover every input (cheap to check: few bits)
+        # the training draws may cover every input (cheap to check: few bits; n_train <= 2^31 - 1, so n_bits <= 30
+        # here, and 2**n_bits of a large n_bits is not computed: 2**(2^31 - 1) took 30 s)
+        if d.n_bits <= 30 and 2**d.n_bits <= d.n_train:
             from ..data import sparse_parity
 
             try:
@@ -208,12 +210,16 @@ def data_bytes(d: DataSettings, model_name: str) -> tuple[int, str]:
     """About the peak host memory that building the data set ``d`` (for ``model_name``) takes, in bytes, and the
     key that sets its size (arithmetic only: no data is built).  Counts the float64 draws and the float32 copies
     :mod:`quotient_sgd.data` makes; the one-hot encoding of ``modular_arithmetic`` grows as ``p^3``."""
+    count = "data.n_train" if d.n_train >= d.n_test else "data.n_test"
+    n = d.n_train + d.n_test
     if d.name == "teacher_student":
-        n = d.n_train + d.n_test
-        return n * (12 * (d.din + d.dout) + 8 * d.teacher_hidden), (
-            "data.n_train" if d.n_train >= d.n_test else "data.n_test")
+        # (the key named is the larger of the example count and the widest per-example size: 768 examples of
+        # data.din = 10^9 inputs were "use a smaller data.n_train")
+        width = max(("data.din", d.din), ("data.dout", d.dout), ("data.teacher_hidden", d.teacher_hidden),
+                    key=lambda kv: kv[1])
+        return n * (12 * (d.din + d.dout) + 8 * d.teacher_hidden), (width[0] if width[1] > n else count)
     if d.name == "sparse_parity":
-        return 12 * (d.n_train + d.n_test) * d.n_bits, "data.n_train" if d.n_train >= d.n_test else "data.n_test"
+        return 12 * n * d.n_bits, ("data.n_bits" if d.n_bits > n else count)
     if d.name == "modular_arithmetic":
         pairs = d.p * d.p
         return (pairs * 24 * d.p if model_name != "transformer" else pairs * 64), "data.p"
@@ -233,8 +239,10 @@ def _check_data_size(d: DataSettings, model_name: str, memory: int | None = None
                f"than this machine's {memory / 2**30:.3g} GiB of memory; use a smaller {key}"
                + (" (the one-hot inputs of an MLP grow as p^3; a transformer takes p^2 tokens)"
                   if d.name == "modular_arithmetic" and model_name != "transformer" else ""))
-    _check(n_examples <= INT32_MAX, key, value, f"makes {n_examples} examples (train and test); at most "
-           f"{INT32_MAX} are indexable (int32)")
+    if n_examples > INT32_MAX:  # (the key of the example count, not of a width)
+        key = "data.p" if d.name == "modular_arithmetic" else "data.n_train" if d.n_train >= d.n_test else "data.n_test"
+        _check(False, key, getattr(d, key.split(".")[1]), f"makes {n_examples} examples (train and test); at most "
+               f"{INT32_MAX} are indexable (int32)")
 
 
 def _check_model(m: ModelSettings, d: DataSettings) -> None:

@@ -181,3 +181,29 @@ def test_a_data_set_too_large_names_the_key_that_makes_it_so(over, key):
         validate(c)
     msg = str(e.value)
     assert msg.startswith(f"config.{key} = {over[key]}:") and f"use a smaller {key}" in msg, msg
+
+
+@pytest.mark.parametrize("over, key", [
+    ({"model.hidden": (100000, 100000)}, "model.hidden"),
+    ({"model.name": "meanfield", "model.width": 10**9}, "model.width"),
+    ({"model.name": "cnn", "model.channels": (100000, 100000)}, "model.channels"),
+    ({"model.name": "transformer", "data.name": "modular_arithmetic", "data.batch_size": 0, "model.d_model": 100000,
+      "model.num_heads": 1, "optim.name": "adamw"}, "model.d_model"),
+])
+def test_a_model_too_large_for_memory_is_refused_before_anything_is_built(over, key):
+    """``model.hidden = (100000, 100000)`` on the digits (10^10 parameters: 112 GiB for the parameters, their
+    gradient and SGD's momentum in float32) validated, and the run went on to initialise it.  Like a data set
+    larger than memory, it is refused naming the key that sets the model's size; the configs the tests run
+    still validate."""
+    from quotient_sgd.config import ConfigError, default_config
+    from quotient_sgd.config._validate import physical_memory
+
+    c = default_config()
+    for k, v in over.items():
+        c.update_from_flattened_dict({k: v})
+    with pytest.raises(ConfigError) as e:
+        validate(c)
+    msg = str(e.value)
+    assert msg.startswith(f"config.{key} = ") and f"use a smaller {key}" in msg, msg
+    assert f"{physical_memory() / 2**30:.3g} GiB of memory" in msg, msg
+    validate(load_config(TINY))

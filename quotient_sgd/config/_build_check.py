@@ -48,6 +48,20 @@ def selected_components(s: Settings) -> list[tuple[str, bool]]:
 
 
 @functools.lru_cache(maxsize=64)
+def num_params(model_settings, data_settings) -> int:
+    """The number of parameters of the configured model (built abstractly: ``nnx.eval_shape``)."""
+    import jax
+    from flax import nnx
+
+    from ..runner._build import make_model
+
+    s = Settings(model=model_settings, data=data_settings)
+    model = nnx.eval_shape(lambda: make_model(s, nnx.Rngs(0)))
+    _, params, _ = nnx.split(model, nnx.Param, ...)
+    return sum(x.size for x in jax.tree.leaves(params))
+
+
+@functools.lru_cache(maxsize=64)
 def _dimensions(model_settings, data_settings, symmetry_settings) -> tuple[int, int]:
     import jax
     from flax import nnx

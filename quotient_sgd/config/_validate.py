@@ -245,6 +245,31 @@ def _check_data_size(d: DataSettings, model_name: str, memory: int | None = None
                f"{INT32_MAX} are indexable (int32)")
 
 
+#: The key that sets the width of each model (the one a model too large for memory is named by).
+_SIZE_KEY = {"mlp": "hidden", "deep_linear": "hidden", "meanfield": "width", "cnn": "channels",
+             "transformer": "d_model"}
+
+
+def _check_model_size(s: Settings, memory: int | None = None) -> None:
+    """A model whose training state cannot fit in this machine's memory is refused before anything is built: its
+    parameters, their gradient and the optimiser's state (SGD's momentum trace, Adam's two moments) in float32,
+    a lower bound of what a step holds (``model.hidden = (100000, 100000)``, 10^10 parameters, 149 GiB, was
+    accepted, and the run went on to initialise it)."""
+    from ._build_check import num_params
+
+    memory = physical_memory() if memory is None else memory
+    if memory is None:
+        return
+    n = num_params(s.model, s.data)
+    copies = 2 + (2 if s.optim.name in ("adam", "adamw") else 1)
+    nbytes = 4 * n * copies
+    key = _SIZE_KEY.get(s.model.name, "hidden")
+    _check(nbytes <= memory, f"model.{key}", getattr(s.model, key),
+           f"gives this {s.model.name} {n} parameters, whose training state (parameters, gradient and the "
+           f"{s.optim.name} state: {copies} float32 copies) takes at least {nbytes / 2**30:.3g} GiB, more than this "
+           f"machine's {memory / 2**30:.3g} GiB of memory; use a smaller model.{key}")
+
+
 def _check_model(m: ModelSettings, d: DataSettings) -> None:
     from ..models import ACTIVATIONS
 
@@ -556,6 +581,7 @@ def validate(cfg: Mapping[str, Any] | Any) -> Settings:
     _check_model(s.model, s.data)
     _check_data_size(s.data, s.model.name)
     _check_optim(s)
+    _check_model_size(s)
     _check_symmetry(s)
     _check_sweep(s)
     return s

@@ -207,3 +207,25 @@ def test_a_model_too_large_for_memory_is_refused_before_anything_is_built(over, 
     assert msg.startswith(f"config.{key} = ") and f"use a smaller {key}" in msg, msg
     assert f"{physical_memory() / 2**30:.3g} GiB of memory" in msg, msg
     validate(load_config(TINY))
+
+
+@pytest.mark.parametrize("over", [{"model.hidden": (100000, 100000)},
+                                  {"data.name": "modular_arithmetic", "data.p": 20000, "data.batch_size": 0}])
+def test_a_run_recorded_on_a_larger_machine_is_reported_here(tmp_path, monkeypatch, over):
+    """``report`` re-validates the recorded config.json, and validation refuses a data set (or model) too large for
+    this machine's memory: a run made on a larger machine could not be reported on this one ("its config.json is
+    not a valid config: ... more than this machine's 23.5 GiB of memory").  A recorded config is read without the
+    checks of this machine's memory (``from_dict``); a config to run is still checked (``validate``)."""
+    import quotient_sgd.runner._report as report_module
+    from quotient_sgd.config import ConfigError, Settings, from_dict
+    from quotient_sgd.runner import report
+
+    monkeypatch.setattr(report_module, "make_plots", lambda *a, **k: [])
+    s = Settings().replace(**{"name": "big", **over})
+    with pytest.raises(ConfigError, match="of memory"):
+        validate(s.to_dict())
+    assert from_dict(s.to_dict()) == s
+    d = tmp_path / "big"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(s.to_dict()))
+    assert report(str(d)).startswith("# Run `big`")

@@ -233,7 +233,7 @@ def _check_data_size(d: DataSettings, model_name: str, memory: int | None = None
     nbytes, key = data_bytes(d, model_name)
     value = getattr(d, key.split(".")[1])
     memory = physical_memory() if memory is None else memory
-    if memory is not None:
+    if memory is not None and memory >= 0:  # (-1: not checked, a recorded config)
         _check(nbytes <= memory, key, value,
                f"makes a data set of {n_examples} examples that takes about {nbytes / 2**30:.3g} GiB to build, more "
                f"than this machine's {memory / 2**30:.3g} GiB of memory; use a smaller {key}"
@@ -544,9 +544,11 @@ def _check_int32(s: Settings) -> None:
                                            f"programs)")
 
 
-def validate(cfg: Mapping[str, Any] | Any) -> Settings:
+def validate(cfg: Mapping[str, Any] | Any, *, check_memory: bool = True) -> Settings:
     """``ConfigDict`` (or nested dict) -> :class:`Settings`, or :class:`ConfigError` naming the key, the value
-    and what is allowed.  Pure: nothing is computed on device and nothing is written."""
+    and what is allowed.  Pure: nothing is computed on device and nothing is written.  ``check_memory=False``
+    leaves out the checks against this machine's memory (a data set or a model too large for it): a recorded
+    config is read with it (:func:`from_dict`), so that a run made on a larger machine can be reported here."""
     if not (isinstance(cfg, Mapping) or hasattr(cfg, "to_dict")):
         raise ConfigError(f"config = {cfg!r}: expected a ConfigDict or a dict of the run sections "
                           f"{sorted(SECTIONS)}, got {type(cfg).__name__} (get_config() returns the ConfigDict of "
@@ -579,17 +581,19 @@ def validate(cfg: Mapping[str, Any] | Any) -> Settings:
     _check(s.logging.every >= 1, "logging.every", s.logging.every, "must be >= 1")
     _check_data(s.data)
     _check_model(s.model, s.data)
-    _check_data_size(s.data, s.model.name)
+    _check_data_size(s.data, s.model.name, None if check_memory else -1)
     _check_optim(s)
-    _check_model_size(s)
+    if check_memory:
+        _check_model_size(s)
     _check_symmetry(s)
     _check_sweep(s)
     return s
 
 
 def from_dict(d: Mapping[str, Any]) -> Settings:
-    """Re-validate a resolved ``config.json``."""
-    return validate(d)
+    """Re-validate a resolved ``config.json`` (a recorded config: what this machine's memory allows is not
+    checked, see :func:`validate`'s ``check_memory``)."""
+    return validate(d, check_memory=False)
 
 
 def _kind(default: Any) -> str:

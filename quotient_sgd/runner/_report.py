@@ -11,7 +11,7 @@ import numpy as np
 
 from .._durable import durable_write
 from .._interrupt import interrupt_in
-from ..config import Settings, validate
+from ..config import Settings, from_dict
 from ._rundir import load_trajectory, read_metrics, read_record_json, write_json
 
 PLOTS = ("loss", "observables", "charges", "shock_fold", "hessian", "events")
@@ -392,7 +392,7 @@ def load_run(workdir: str) -> tuple[Settings, dict, list[dict], list[dict]]:
     """``(settings, trajectory, metric rows, events)`` of a run directory; the trajectory is
     :func:`~._rundir.load_trajectory`'s (its ``source`` says whether it came from ``trajectory.npz`` or from the
     parts of an unfinished run), the events ``events.json``'s (none when it is missing)."""
-    s = validate(read_record_json(os.path.join(workdir, "config.json"), "run directory"))
+    s = from_dict(read_record_json(os.path.join(workdir, "config.json"), "run directory"))
     traj = load_trajectory(workdir)
     return s, traj, read_metrics(os.path.join(workdir, "metrics.jsonl")), read_events(workdir) or []
 

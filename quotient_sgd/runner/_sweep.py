@@ -39,7 +39,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from .._durable import durable_write
-from ..config import SWEEP_AXES, Settings, SweepSettings, unused_keys, validate
+from ..config import SWEEP_AXES, Settings, SweepSettings, from_dict, unused_keys
 from ..optim import flatten_trajectory, member_axes
 from ._batches import batch_fn
 from ._build import Built, batch_key, build, init_model, make_inner_optimizer, require_settings
@@ -988,7 +988,7 @@ def report_sweep(workdir: str, *, wall_s: float | None = None, plots: bool = Tru
     if wall_s is None:
         wall_s = meta.get("wall_s")
     members = meta["members"]
-    cfg = validate(meta["config"])  # (the keys an older version did not write read as their defaults)
+    cfg = from_dict(meta["config"])  # (the keys an older version did not write read as their defaults)
     total = cfg.steps
     rows = []
     curves = []

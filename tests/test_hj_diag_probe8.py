@@ -211,3 +211,16 @@ def test_options_given_as_one_pass_iterables_are_read_as_the_same_lists():
         assert detect(traj, lr=0.1, kinds=[kind], **{name: iter(value)}) == want, name
         live = LiveDetector(lr=0.1, horizon=t.size, kinds=(k for k in [kind]), **{name: iter(value)})
         assert live.update(traj) == detect(traj, lr=0.1, horizon=t.size, kinds=[kind], **{name: value}), name
+
+
+def test_a_live_chunk_with_a_series_of_another_length_is_refused_in_its_own_numbers():
+    # the error named the joined trajectory's shapes ("'step' key has shape (10,); it must number the rows of 'loss',
+    # shape (13,)" for a chunk of 3 rows with an empty 'step'), numbers no chunk held
+    live = LiveDetector()
+    live.update({"loss": np.ones(10)})
+    for chunk, shapes in (({"loss": np.ones(3), "step": np.array([])}, r"\{'step': \(0,\)\}"),
+                          ({"loss": np.ones(5), "sharpness_raw": np.ones(4)}, r"\{'sharpness_raw': \(4,\)\}")):
+        with pytest.raises(ValueError, match=r"LiveDetector.update: .*its 'loss' \(" + str(len(chunk["loss"]))
+                           + r", leading axis\); got shapes " + shapes):
+            live.update(chunk)
+    assert live.update({"loss": np.r_[np.ones(3), 5.0]})[0].kind == "loss_spike"  # the refused chunks left no rows

@@ -225,6 +225,14 @@ class LiveDetector:
             raise ValueError(f"LiveDetector.update: a chunk's 'loss' must hold one value per step, shape (steps,); "
                              f"got shape {chunk['loss'].shape}. A vmapped or swept chunk has a leading member axis: "
                              "feed one member per detector, e.g. jax.tree.map(lambda x: x[i], chunk)")
+        # a series of another length than the chunk's loss was reported by detect in the joined trajectory's
+        # numbers ("'step' key has shape (10,); it must number the rows of 'loss', shape (13,)" for a chunk of 3
+        # rows with an empty 'step'), which no chunk held
+        other = {k: v.shape for k, v in chunk.items()
+                 if v.ndim >= 1 and v.shape[0] != rows[0] and k not in ("lr", "learning_rate")}
+        if other:
+            raise ValueError(f"LiveDetector.update: every series of a chunk needs one row per row of its 'loss' "
+                             f"({rows[0]}, leading axis); got shapes {other}")
         self._chunks.append(chunk)
         try:
             traj = _concatenate(self._chunks, self.start_step)

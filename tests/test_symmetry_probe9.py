@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from quotient_sgd.models import CNN, MLP, DeepLinear, MeanField
-from quotient_sgd.symmetry import SymmetryError, verify
+from quotient_sgd.symmetry import Product, Rescale, SymmetryError, verify
 
 
 def test_verify_reports_a_false_rescale_of_a_bfloat16_model():
@@ -59,3 +59,37 @@ def test_models_refuse_complex_inputs_instead_of_dropping_the_imaginary_part(mak
     ones = model(jnp.ones(shape, jnp.float32))
     assert bool(jnp.all(model(jnp.ones(shape, jnp.int32)) == ones))
     assert bool(jnp.all(model(jnp.ones(shape, bool).tolist()) == ones))
+
+
+class _WithAux(nnx.Module):
+    """An MLP returning ``(outputs, {"norm": |outputs|})`` or its argmax predictions: a tuple / an int output."""
+
+    def __init__(self, activation, argmax=False):
+        self.mlp = MLP(3, (6,), 4, activation=activation, rngs=nnx.Rngs(0))
+        self.argmax = argmax
+
+    def __call__(self, x):
+        y = self.mlp(x)
+        return jnp.argmax(y, axis=-1) if self.argmax else (y, {"norm": jnp.sum(jnp.square(y))})
+
+    def symmetries(self):
+        group = MLP(3, (6,), 4, rngs=nnx.Rngs(0)).symmetries()  # relu's: rescale and permutation of the units
+        return Product([Rescale(incoming=tuple((("mlp",) + p, a) for p, a in c.incoming),
+                                outgoing=tuple((("mlp",) + p, a) for p, a in c.outgoing), name=c.name)
+                        for c in group.components if isinstance(c, Rescale)])
+
+
+def test_verify_compares_a_pytree_of_outputs_and_names_integer_outputs():
+    """A model returning a tuple (outputs and an auxiliary dict) failed in ``jnp.abs`` with "absolute requires
+    ndarray or scalar arguments, got <class 'tuple'>", and one returning integer predictions with "data type int32
+    not inexact".  Every output array is compared now (each relative to its own largest entry): the relu model's
+    rescale passes, the tanh model's fails naming it; integer outputs are refused naming the dtype."""
+    x = jax.random.normal(jax.random.key(0), (8, 3))
+    relu = _WithAux("relu")
+    assert verify(relu, relu.symmetries(), x, jax.random.key(1)) < 1e-5
+    tanh = _WithAux("tanh")
+    with pytest.raises(SymmetryError, match="'rescale/layers.0'"):
+        verify(tanh, tanh.symmetries(), x, jax.random.key(1))
+    predictions = _WithAux("relu", argmax=True)
+    with pytest.raises(ValueError, match="floating-point.*int32"):
+        verify(predictions, predictions.symmetries(), x, jax.random.key(1))

@@ -80,9 +80,10 @@ def verify(model, group: Group, x, key, *, num_samples: int = 4, scale: float = 
 
     For each component, ``num_samples`` random elements (``group.sample(..., scale)``) are applied to the
     parameters from ``nnx.split(model, nnx.Param, ...)``, and the relative output change
-    ``max |f(x; g.theta) - f(x; theta)| / max |f(x; theta)|`` is measured; then the same for elements of the
-    whole group.  THEORY section 1: a symmetry is a claim about the architecture, so a declared action that
-    changes the function is an error.
+    ``max |f(x; g.theta) - f(x; theta)| / max |f(x; theta)|`` is measured (for a model returning a pytree of
+    arrays, the largest over its arrays, each relative to its own largest entry; the outputs must be floating
+    point); then the same for elements of the whole group.  THEORY section 1: a symmetry is a claim about the
+    architecture, so a declared action that changes the function is an error.
 
     A change above ``rtol`` is put down to floating-point rounding, and not reported, when applying the element
     and then its inverse (``g^-1 . (g . theta)``, exactly ``theta``) changes the outputs by at least a tenth as
@@ -131,20 +132,36 @@ def verify(model, group: Group, x, key, *, num_samples: int = 4, scale: float = 
     def f(p):
         return _f(p, rest)
 
-    y0 = f(params)
-    ref = jnp.maximum(jnp.max(jnp.abs(y0)), jnp.finfo(y0.dtype).tiny)
+    # the outputs may be a pytree of arrays (logits and auxiliary outputs): each array is compared relative to its
+    # own largest entry (a tuple failed in jnp.abs, "absolute requires ndarray or scalar arguments")
+    y0 = jax.tree_util.tree_leaves_with_path(f(params))
+    if not y0:
+        raise ValueError(f"verify: {type(model).__name__} returned no arrays on x; verify compares its outputs")
+    for path, y in y0:
+        if not jnp.issubdtype(y.dtype, jnp.floating):
+            where = f" at {jax.tree_util.keystr(path)}" if path else ""
+            raise ValueError(f"verify: the outputs of {type(model).__name__} must be floating-point arrays (the change "
+                             f"is measured relative to them), got dtype {y.dtype}{where} (e.g. an argmax); verify a "
+                             f"model returning the logits or probabilities instead")
+    y0 = [y for _, y in y0]
+    refs = [jnp.maximum(jnp.max(jnp.abs(y), initial=0), jnp.finfo(y.dtype).tiny) for y in y0]
+    out_dtype = max((y.dtype for y in y0), key=lambda d: float(jnp.finfo(d).eps))  # the least precise output
     # what reordering the sums can change (see ROUNDING_EPS, OUTPUT_EPS)
-    accumulated = y0.dtype if jnp.finfo(y0.dtype).bits >= 32 else jnp.float32
-    reorder = max(ROUNDING_EPS * float(jnp.finfo(accumulated).eps), OUTPUT_EPS * float(jnp.finfo(y0.dtype).eps))
+    accumulated = out_dtype if jnp.finfo(out_dtype).bits >= 32 else jnp.float32
+    reorder = max(ROUNDING_EPS * float(jnp.finfo(accumulated).eps), OUTPUT_EPS * float(jnp.finfo(out_dtype).eps))
     comps = group.components if isinstance(group, Product) else (group,)
 
+    def relative(p) -> float:
+        """The largest change of an output array relative to its largest entry, at parameters ``p``."""
+        return max(float(jnp.max(jnp.abs(y - y_0), initial=0) / r)
+                   for y, y_0, r in zip(jax.tree.leaves(f(p)), y0, refs))
+
     def change(action, g) -> float:
-        return float(jnp.max(jnp.abs(f(action.act(g, params)) - y0)) / ref)
+        return relative(action.act(g, params))
 
     def rounding(action, g) -> float:
         # g^-1 . (g . theta) is theta exactly: what it changes is the rounding of applying an element this large
-        there_and_back = action.act(action.inverse(g), action.act(g, params))
-        return float(jnp.max(jnp.abs(f(there_and_back) - y0)) / ref)
+        return relative(action.act(action.inverse(g), action.act(g, params)))
 
     def fails(action, g, err) -> str | None:
         """``None`` when ``err`` is within ``rtol`` or explained by rounding, else the rounding comparison.
@@ -159,7 +176,7 @@ def verify(model, group: Group, x, key, *, num_samples: int = 4, scale: float = 
         # The element overflowed (non-finite outputs), or its rounding alone changes the outputs by as much as they
         # are large, so that it would excuse any change: neither "symmetry" nor "not a symmetry" can be read off.
         raise ValueError(
-            f"verify: inconclusive for {action.name!r} at scale={scale} in {y0.dtype}: a random element changed the "
+            f"verify: inconclusive for {action.name!r} at scale={scale} in {out_dtype}: a random element changed the "
             f"outputs by {err:.3g} (relative) and the exact round trip g^-1 . (g . theta) by {rt:.3g}: rounding or "
             f"overflow of elements this large swamps the comparison. Use a smaller scale or float64 parameters.")
 

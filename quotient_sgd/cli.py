@@ -164,6 +164,14 @@ def _override_kind(key: str) -> type | None:
     return None if node is None else type(node)
 
 
+def _expand_home(arg: str) -> str:
+    """``--workdir=~/runs/x`` (or ``--config=~/x.py``) with the ``~`` expanded (``os.path.expanduser``): the shell
+    expands a ``~`` only at the start of a word, so absl received it as it is, and the run went into a directory
+    named ``~`` under the working directory (the config file "did not exist")."""
+    m = re.match(r"^(-{1,2}(?:config|workdir)=)(~.*)$", arg)
+    return m.group(1) + os.path.expanduser(m.group(2)) if m else arg
+
+
 def _overrides(argv: list[str]) -> list[tuple[str, str]]:
     """``(dotted key, value as typed)`` of the ``--config.<key>=<value>`` (or ``--config.<key> <value>``)
     arguments, in every spelling ``ml_collections`` applies: one dash or two, and ``--noconfig.<key>`` (a bool set
@@ -494,6 +502,7 @@ def _main(argv: list[str]) -> int:
         return 0
     if argv is sys.argv or argv == sys.argv:
         _maybe_reexec(argv)
+    argv = [_expand_home(a) for a in argv]
     from absl import flags
 
     from .config import ConfigError, check_override_key

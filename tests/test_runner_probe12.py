@@ -229,3 +229,26 @@ def test_a_run_recorded_on_a_larger_machine_is_reported_here(tmp_path, monkeypat
     d.mkdir()
     (d / "config.json").write_text(json.dumps(s.to_dict()))
     assert report(str(d)).startswith("# Run `big`")
+
+
+def test_a_home_directory_in_workdir_and_config_is_expanded(tmp_path, monkeypatch):
+    """``--workdir=~/runs/x`` reaches the command with its ``~`` (the shell expands one only at the start of a
+    word): the run went into ``./~/runs/x``, a directory named ``~`` under the working directory, and
+    ``--config=~/tiny.py`` "did not exist".  Both are the home directory's now."""
+    import shutil
+
+    import quotient_sgd.runner as runner_pkg
+
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    shutil.copy(TINY, home / "tiny.py")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    seen = []
+    monkeypatch.setattr(runner_pkg, "run", lambda settings, workdir: seen.append((settings, workdir)) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # (the run itself is not what is tested)
+        main(["quotient-sgd", "run", "--config=~/tiny.py", "--config.steps=3", "--workdir=~/runs/x"])
+    (settings, workdir), = seen
+    assert workdir == str(home / "runs" / "x") and settings.steps == 3 and settings.name == "tiny"
+    assert os.listdir(cwd) == []

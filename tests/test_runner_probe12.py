@@ -189,6 +189,9 @@ def test_a_data_set_too_large_names_the_key_that_makes_it_so(over, key):
     ({"model.name": "cnn", "model.channels": (100000, 100000)}, "model.channels"),
     ({"model.name": "transformer", "data.name": "modular_arithmetic", "data.batch_size": 0, "model.d_model": 100000,
       "model.num_heads": 1, "optim.name": "adamw"}, "model.d_model"),
+    ({"model.name": "transformer", "data.name": "modular_arithmetic", "data.batch_size": 0, "model.mlp_ratio": 10**8},
+     "model.mlp_ratio"),
+    ({"model.name": "cnn", "model.kernel_size": 20000}, "model.kernel_size"),
 ])
 def test_a_model_too_large_for_memory_is_refused_before_anything_is_built(over, key):
     """``model.hidden = (100000, 100000)`` on the digits (10^10 parameters: 112 GiB for the parameters, their

@@ -245,9 +245,21 @@ def _check_data_size(d: DataSettings, model_name: str, memory: int | None = None
                f"{INT32_MAX} are indexable (int32)")
 
 
-#: The key that sets the width of each model (the one a model too large for memory is named by).
-_SIZE_KEY = {"mlp": "hidden", "deep_linear": "hidden", "meanfield": "width", "cnn": "channels",
-             "transformer": "d_model"}
+#: The keys that set the size of each model; a model too large for memory is named by the one furthest above its
+#: default (a Transformer of mlp_ratio = 10^8 by model.mlp_ratio, not by its d_model).
+_SIZE_KEYS = {"mlp": ("hidden",), "deep_linear": ("hidden",), "meanfield": ("width",),
+              "cnn": ("channels", "kernel_size"), "transformer": ("d_model", "mlp_ratio", "num_layers")}
+
+
+def _size_key(m: ModelSettings) -> str:
+    """The key of :data:`_SIZE_KEYS` of model ``m`` whose value is the largest multiple of its default."""
+    default = ModelSettings()
+
+    def ratio(k):
+        big = lambda v: max(v, default=1) if isinstance(v, tuple) else v  # noqa: E731
+        return big(getattr(m, k)) / max(big(getattr(default, k)), 1)
+
+    return max(_SIZE_KEYS.get(m.name, ("hidden",)), key=ratio)
 
 
 def _check_model_size(s: Settings, memory: int | None = None) -> None:
@@ -263,7 +275,7 @@ def _check_model_size(s: Settings, memory: int | None = None) -> None:
     n = num_params(s.model, s.data)
     copies = 2 + (2 if s.optim.name in ("adam", "adamw") else 1)
     nbytes = 4 * n * copies
-    key = _SIZE_KEY.get(s.model.name, "hidden")
+    key = _size_key(s.model)
     _check(nbytes <= memory, f"model.{key}", getattr(s.model, key),
            f"gives this {s.model.name} {n} parameters, whose training state (parameters, gradient and the "
            f"{s.optim.name} state: {copies} float32 copies) takes at least {nbytes / 2**30:.3g} GiB, more than this "

@@ -93,3 +93,15 @@ def test_verify_compares_a_pytree_of_outputs_and_names_integer_outputs():
     predictions = _WithAux("relu", argmax=True)
     with pytest.raises(ValueError, match="floating-point.*int32"):
         verify(predictions, predictions.symmetries(), x, jax.random.key(1))
+
+
+def test_verify_names_outputs_that_are_not_finite_before_any_element_is_applied():
+    """A NaN in ``x`` or in a parameter made every comparison NaN, and verify answered "inconclusive ... rounding or
+    overflow of elements this large swamps the comparison. Use a smaller scale or float64 parameters", advice that
+    cannot help.  It now says the outputs at the model's own parameters are not finite, and where."""
+    model = MLP(3, (4,), 2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="not finite at its own parameters .x holds NaN"):
+        verify(model, model.symmetries(), jnp.ones((4, 3)).at[0, 0].set(jnp.nan), jax.random.key(0))
+    model.layers[0].kernel[...] = model.layers[0].kernel[...].at[0, 0].set(jnp.inf)
+    with pytest.raises(ValueError, match=r"not finite .*\('layers', 0, 'kernel'\)"):
+        verify(model, model.symmetries(), jnp.ones((4, 3)), jax.random.key(0))

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .. import _tree
 from ._base import Group, SymmetryError, _check_key
 from ._product import Product
 
@@ -106,7 +107,8 @@ def verify(model, group: Group, x, key, *, num_samples: int = 4, scale: float = 
         SymmetryError: naming the component and the parameter paths it acts on, when the change exceeds ``rtol``
         and is not explained by rounding; for a model whose normalisation runs in evaluation mode (running
         statistics, ``model.eval()``), saying so: its scale and permutation symmetries hold in training mode.
-        ValueError: a bad argument, or an inconclusive comparison (above).
+        ValueError: a bad argument (outputs that are not floating point, or not finite at the model's own
+        parameters: NaN or inf in ``x`` or in a parameter), or an inconclusive comparison (above).
         TypeError: a ``model``, ``group`` or ``key`` of the wrong kind.
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
@@ -144,6 +146,12 @@ def verify(model, group: Group, x, key, *, num_samples: int = 4, scale: float = 
                              f"is measured relative to them), got dtype {y.dtype}{where} (e.g. an argmax); verify a "
                              f"model returning the logits or probabilities instead")
     y0 = [y for _, y in y0]
+    if not all(bool(jnp.all(jnp.isfinite(y))) for y in y0):
+        # (every comparison is then NaN, which was reported as "inconclusive ... use a smaller scale")
+        bad = [p for p, v in _tree.flatten(params)[0].items() if not bool(jnp.all(jnp.isfinite(v)))]
+        where = f"the parameters hold NaN or inf at {bad[0]!r}" if bad else "x holds NaN or inf, or the model overflows"
+        raise ValueError(f"verify: the outputs of {type(model).__name__} on x are not finite at its own parameters "
+                         f"({where}); there is nothing to compare a moved copy with")
     refs = [jnp.maximum(jnp.max(jnp.abs(y), initial=0), jnp.finfo(y.dtype).tiny) for y in y0]
     out_dtype = max((y.dtype for y in y0), key=lambda d: float(jnp.finfo(d).eps))  # the least precise output
     # what reordering the sums can change (see ROUNDING_EPS, OUTPUT_EPS)

@@ -220,3 +220,22 @@ def test_float32_lanczos_resolves_a_bulk_far_below_the_top():
         assert e.bottom.dtype == jnp.float32
         np.testing.assert_allclose(float(e.top[0]), 1e3, rtol=1e-5)
         np.testing.assert_allclose(float(e.bottom[0]), ev.min(), rtol=1e-2)
+
+
+@pytest.mark.parametrize("key, match", [
+    (0, r"hessian_extremes: key must be one PRNG key, e.g. jax.random.key\(0\) .* got 0"),
+    (jax.random.split(jax.random.key(0), 2), r"hessian_extremes: key must be one PRNG key.* got an array of shape "
+                                             r"\(2,\)"),
+])
+def test_hessian_observables_name_a_key_that_is_not_one_key(key, match):
+    """sharpness_raw / _horizontal / _quotient (through hessian_extremes) and sharpness_preconditioned with an
+    integer seed failed with "JAX encountered invalid PRNG key data", with a batch of keys with split's "accepts a
+    single key", naming neither the function nor key."""
+    from quotient_sgd import observables as qobs
+
+    params = {"w": jnp.ones(3)}
+    loss = lambda p: jnp.sum(p["w"] ** 4)  # noqa: E731
+    with pytest.raises(TypeError, match=match):
+        qobs.sharpness_raw(loss, params, key=key, num_matvecs=3)
+    with pytest.raises(TypeError, match=match.replace("hessian_extremes", "sharpness_preconditioned")):
+        qobs.sharpness_preconditioned(loss, params, {"w": jnp.ones(3)}, key=key, num_matvecs=3)

@@ -315,6 +315,21 @@ def _restart_for(k: int, fresh: Callable):
     return fresh if k > 1 else False
 
 
+def _check_key(owner: str, key) -> None:
+    """``TypeError`` unless ``key`` is one PRNG key (typed, shape ``()``, or the raw ``uint32`` data of one): an
+    integer seed failed in the Gaussian start with "JAX encountered invalid PRNG key data", a batch of keys with
+    split's "accepts a single key", naming neither the function nor ``key``."""
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+        ok = jnp.shape(key) == ()
+    else:
+        ok = dtype == jnp.uint32 and jnp.shape(key) == jax.random.key_data(jax.random.key(0)).shape
+    if not ok:
+        what = f"an array of shape {jnp.shape(key)} and dtype {dtype}" if dtype is not None else repr(key)
+        raise TypeError(f"{owner}: key must be one PRNG key, e.g. jax.random.key(0) (it draws the Lanczos start "
+                        f"vector), got {what}")
+
+
 def hvp_operator(loss_fn: Callable, params, project: Callable | None = None) -> Callable:
     """``v -> P H P v`` with ``H`` the Hessian of ``loss_fn`` at ``params`` (``P`` = identity when ``project`` is
     None).  The gradient is linearised once (``jax.linearize``), so every application costs one tangent pass."""
@@ -331,6 +346,7 @@ def hessian_extremes(
     """Extreme eigenpairs of ``P H P`` at ``params`` restricted to the range of ``P`` (:func:`lanczos_extremes`
     with ``method``, started from a projected Gaussian vector; for ``k > 1`` restarted from another after a
     breakdown, so that repeated eigenvalues keep their multiplicity once the Krylov space is exhausted)."""
+    _check_key("hessian_extremes", key)
     v0 = tree_random_normal(key, params)
     if project is not None:
         v0 = project(v0)
@@ -471,6 +487,7 @@ def sharpness_preconditioned(loss_fn, params, preconditioner, *, key, num_matvec
             operator, and the result, non-finite).
         key, num_matvecs, k, method: as in :func:`hessian_extremes`.
     """
+    _check_key("sharpness_preconditioned", key)
     s = jax.tree.map(lambda p, x: jax.lax.rsqrt(jnp.asarray(p, x.dtype)), preconditioner, params)
     _, lin = jax.linearize(jax.grad(loss_fn), params)
 

@@ -280,9 +280,11 @@ def train(
             ``batch_fn(step, key) -> batch`` evaluated inside the scan (``step`` is the global step
             ``start_step + i``, ``key = fold_in(key, step)``), so full-batch runs never copy the data per step.
         num_steps: the number of steps (default: the leading axis of ``data``; required with a ``batch_fn``).
-        key: PRNG key for ``batch_fn`` (default ``jax.random.key(0)``).
+        key: one PRNG key for ``batch_fn`` (default ``jax.random.key(0)``); for several seeds, ``jax.vmap`` train
+            over a batch of keys.
         opt_state: resume from this optimiser state (default ``tx.init(params)``).
-        start_step: the global index of the first step: a run in chunks (carrying ``params``, ``opt_state``,
+        start_step: the global index of the first step (an integer >= 0; the steps are int32, so
+            ``start_step + num_steps <= 2**31``): a run in chunks (carrying ``params``, ``opt_state``,
             ``model_state`` and advancing ``start_step``) equals the unchunked run.
         example_loss_fn: ``(params, batch) -> (B,)`` per-example losses, passed on to the optimiser (the noise
             temperature of :func:`quotient_trajectory` with ``noise_every``).  It gets no ``model_state``: with

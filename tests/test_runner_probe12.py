@@ -162,6 +162,18 @@ def test_tensorboard_turned_on_at_a_resume_holds_every_row_of_the_metrics(tmp_pa
         np.testing.assert_allclose([v for _, v in tb[key]], [v for _, v in want], rtol=1e-6, err_msg=key)
 
 
+def _refusal(over) -> str:
+    """The message of the ConfigError that validating the default config with the overrides ``over`` raises."""
+    from quotient_sgd.config import ConfigError, default_config
+
+    c = default_config()
+    for k, v in over.items():
+        c.update_from_flattened_dict({k: v})
+    with pytest.raises(ConfigError) as e:
+        validate(c)
+    return str(e.value)
+
+
 @pytest.mark.parametrize("over, key", [
     ({"data.name": "sparse_parity", "data.n_bits": 2**31 - 1}, "data.n_bits"),
     ({"data.name": "teacher_student", "data.din": 10**9}, "data.din"),
@@ -172,14 +184,7 @@ def test_a_data_set_too_large_names_the_key_that_makes_it_so(over, key):
     """768 examples of 2^31 - 1 sparse-parity bits (18 TiB) were refused as "config.data.n_train = 512: ... use a
     smaller data.n_train", after 30 s computing 2**n_bits; 768 teacher-student examples of 10^9 inputs the same.
     The key named is the one that makes the data set large (the example count where that is it)."""
-    from quotient_sgd.config import ConfigError, default_config
-
-    c = default_config()
-    for k, v in over.items():
-        c.update_from_flattened_dict({k: v})
-    with pytest.raises(ConfigError) as e:
-        validate(c)
-    msg = str(e.value)
+    msg = _refusal(over)
     assert msg.startswith(f"config.{key} = {over[key]}:") and f"use a smaller {key}" in msg, msg
 
 
@@ -198,15 +203,9 @@ def test_a_model_too_large_for_memory_is_refused_before_anything_is_built(over, 
     gradient and SGD's momentum in float32) validated, and the run went on to initialise it.  Like a data set
     larger than memory, it is refused naming the key that sets the model's size; the configs the tests run
     still validate."""
-    from quotient_sgd.config import ConfigError, default_config
     from quotient_sgd.config._validate import physical_memory
 
-    c = default_config()
-    for k, v in over.items():
-        c.update_from_flattened_dict({k: v})
-    with pytest.raises(ConfigError) as e:
-        validate(c)
-    msg = str(e.value)
+    msg = _refusal(over)
     assert msg.startswith(f"config.{key} = ") and f"use a smaller {key}" in msg, msg
     assert f"{physical_memory() / 2**30:.3g} GiB of memory" in msg, msg
     validate(load_config(TINY))

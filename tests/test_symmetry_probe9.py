@@ -105,3 +105,19 @@ def test_verify_names_outputs_that_are_not_finite_before_any_element_is_applied(
     model.layers[0].kernel[...] = model.layers[0].kernel[...].at[0, 0].set(jnp.inf)
     with pytest.raises(ValueError, match=r"not finite .*\('layers', 0, 'kernel'\)"):
         verify(model, model.symmetries(), jnp.ones((4, 3)), jax.random.key(0))
+
+
+def test_verify_reads_rtol_as_scale_is_read_and_names_itself_for_a_bad_scale():
+    """``rtol=jnp.asarray(1e-4)`` (a 0-d array, as ``scale`` takes it) was refused as "rtol must be a number", and a
+    negative ``scale`` was refused by the sampler as "sample: scale=-1.0 ..."; the two now behave as documented for
+    ``verify``: the array is the number it holds, the bad scale is named by ``verify``."""
+    x = jax.random.normal(jax.random.key(0), (8, 3))
+    model = MLP(3, (5,), 2, rngs=nnx.Rngs(0))
+    group = model.symmetries()
+    for rtol in (jnp.asarray(1e-4), np.float32(1e-4), np.asarray(1e-4)):
+        assert verify(model, group, x, jax.random.key(1), rtol=rtol) >= 0.0
+    for bad in (jnp.asarray([1e-4, 1e-3]), jnp.asarray(True), "1e-4", -1.0):
+        with pytest.raises(ValueError, match="verify: rtol must be a number >= 0"):
+            verify(model, group, x, jax.random.key(1), rtol=bad)
+    with pytest.raises(ValueError, match=r"verify: scale=-1\.0 is not allowed"):
+        verify(model, group, x, jax.random.key(1), scale=-1.0)

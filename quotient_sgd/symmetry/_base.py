@@ -95,8 +95,9 @@ def along(v: jax.Array, x: jax.Array, axis: int) -> jax.Array:
     return jnp.reshape(v.astype(x.dtype), shape)
 
 
-def _check_scale(scale) -> None:
-    """``ValueError`` for a known ``scale`` that is negative or not finite (traced values pass)."""
+def _check_scale(scale, method: str = "sample") -> None:
+    """``ValueError`` for a known ``scale`` that is negative or not finite (traced values pass); the message names
+    ``method``."""
     try:
         value = float(scale)
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
@@ -104,7 +105,7 @@ def _check_scale(scale) -> None:
     except (TypeError, ValueError):
         value = float("nan")  # not a number (a sequence): reported below; a string that reads as one ("1") too
     if isinstance(scale, (bool, str, bytes)) or not (value >= 0 and value != float("inf")):
-        raise ValueError(f"sample: scale={scale!r} is not allowed; need a finite number >= 0 (the spread of the "
+        raise ValueError(f"{method}: scale={scale!r} is not allowed; need a finite number >= 0 (the spread of the "
                          f"log-factors, 2 x scale).")
 
 

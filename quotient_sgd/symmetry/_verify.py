@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .. import _tree
-from ._base import Group, SymmetryError, _check_key
+from ._base import Group, SymmetryError, _check_key, _check_scale
 from ._product import Product
 
 #: A change above ``rtol`` is put down to rounding when the round trip ``g^-1 . (g . theta)`` (exactly ``theta``)
@@ -76,6 +76,20 @@ def _running_statistics_note(model) -> str:
             f"the parameters (CNN.act_on_batch_stats).")
 
 
+def _real_number(value) -> float | None:
+    """``value`` as a float when it is a real number (a Python or NumPy scalar, or a concrete 0-d real array), else
+    ``None`` (a bool, a string, an array of several values, a complex or traced value)."""
+    if isinstance(value, (bool, str, bytes)) or getattr(value, "dtype", None) == bool:
+        return None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    dtype = getattr(value, "dtype", None)
+    if (dtype is not None and jnp.ndim(value) == 0 and not isinstance(value, jax.core.Tracer)
+            and (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer))):
+        return float(value)
+    return None
+
+
 def verify(model, group: Group, x, key, *, num_samples: int = 4, scale: float = 1.0, rtol: float = 1e-4) -> float:
     """Check numerically that every component of ``group`` leaves ``model``'s outputs on ``x`` unchanged.
 
@@ -114,8 +128,10 @@ def verify(model, group: Group, x, key, *, num_samples: int = 4, scale: float = 
     if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
         raise ValueError(f"verify: num_samples must be an integer >= 1 (random elements per component), got "
                          f"{num_samples!r}")
-    if isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or not rtol >= 0:
+    if _real_number(rtol) is None or not _real_number(rtol) >= 0:
         raise ValueError(f"verify: rtol must be a number >= 0, got {rtol!r}")
+    rtol = _real_number(rtol)  # (a 0-d NumPy / JAX array as scale accepts it, read as a float)
+    _check_scale(scale, "verify")  # (a negative scale was refused by the sampler, as "sample: scale=...")
     _check_key(key, "verify")
     if not isinstance(model, nnx.Module):
         raise TypeError(f"verify: model must be the Flax NNX model (its parameters are split from it), got "

@@ -8,12 +8,12 @@ import jax
 import jax.numpy as jnp
 
 from .. import _tree
-from .._reduce import sum_all, sum_except
+from .._reduce import sum_all, sum_except, vdot
 
 
 def tree_dot(a, b) -> jax.Array:
     """``<a, b>`` summed over all leaves."""
-    leaves = [sum_all(x * y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+    leaves = [vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
     return sum(leaves[1:], leaves[0])
 
 

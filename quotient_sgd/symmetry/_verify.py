@@ -128,9 +128,10 @@ def verify(model, group: Group, x, key, *, num_samples: int = 4, scale: float = 
     if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
         raise ValueError(f"verify: num_samples must be an integer >= 1 (random elements per component), got "
                          f"{num_samples!r}")
-    if _real_number(rtol) is None or not _real_number(rtol) >= 0:
+    value = _real_number(rtol)  # (a 0-d NumPy / JAX array as scale accepts it, read as a float)
+    if value is None or not value >= 0:
         raise ValueError(f"verify: rtol must be a number >= 0, got {rtol!r}")
-    rtol = _real_number(rtol)  # (a 0-d NumPy / JAX array as scale accepts it, read as a float)
+    rtol = value
     _check_scale(scale, "verify")  # (a negative scale was refused by the sampler, as "sample: scale=...")
     _check_key(key, "verify")
     if not isinstance(model, nnx.Module):

@@ -19,7 +19,7 @@ import numpy as np
 from matfree import decomp, eig
 
 from ._kinds import ORBIT_INVARIANT, RAW, REDUCED_DYNAMICS, observable
-from ._util import tree_norm, tree_random_normal, tree_scale
+from ._util import tree_dot, tree_norm, tree_random_normal, tree_scale
 
 
 class Extremes(NamedTuple):
@@ -48,16 +48,73 @@ def _breakdown_tol(dtype) -> float:
 
 
 def _sqrt0(x):
-    """``sqrt(x)`` for ``x >= 0`` whose derivative at ``x = 0`` is zero instead of NaN (the double ``where``)."""
+    """``sqrt(x)`` for ``x >= 0`` whose derivative at ``x = 0`` is zero instead of NaN (the double ``where``).
+
+    Norms of Lanczos vectors are ``_sqrt0(<w, w>)``: after a breakdown the vectors and residuals are exactly zero,
+    where the derivative of ``jnp.linalg.norm`` is NaN, and ``jax.grad`` of an extreme eigenvalue (a sharpness
+    penalty) with ``num_matvecs`` above the dimension was NaN in every entry."""
     pos = x > 0
     return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, jnp.ones_like(x))), jnp.zeros_like(x))
 
 
-def _norm0(w):
-    """``|w|`` (the value ``jnp.linalg.norm`` gives) with a zero derivative at ``w = 0``, where ``jnp.linalg.norm``'s
-    is NaN: after a breakdown the Lanczos vectors and residuals are exactly zero, and ``jax.grad`` of an extreme
-    eigenvalue (a sharpness penalty) with ``num_matvecs`` above the dimension was NaN in every entry."""
-    return _sqrt0(jnp.sum(w * w))
+# The Lanczos vectors are pytrees (the parameters' leaves, in their shapes or ravelled one by one), the basis ``Q``
+# one ``(K, leaf size)`` matrix per leaf: no ravel of the whole vector around the operator, which on XLA:CPU is a
+# concatenation kernel per ravel (three or four per step; the benchmark MLP's 20-step P H P Lanczos took 43.4 ms
+# with them, 36.3-37.6 ms without).
+
+
+def _vdot(a, b):
+    """``<a, b>`` over every leaf (GEMV sums, :mod:`quotient_sgd._reduce`)."""
+    return tree_dot(a, b)
+
+
+def _lincomb(a, x, b=None, y=None, c=None, z=None):
+    """``a x + b y + c z`` leaf by leaf (scalars ``a, b, c``; the terms given)."""
+    def one(*leaves):
+        out = a * leaves[0]
+        if b is not None:
+            out = out + b * leaves[1]
+        if c is not None:
+            out = out + c * leaves[2]
+        return out
+    trees = [t for t, w in ((x, a), (y, b), (z, c)) if w is not None]
+    return jax.tree.map(one, *trees)
+
+
+def _basis_zeros(num_rows, v):
+    """An empty basis for vectors like ``v``: one ``(K, leaf size)`` matrix per leaf."""
+    return jax.tree.map(lambda x: jnp.zeros((num_rows, x.size), x.dtype), v)
+
+
+def _basis_set(qmat, j, q):
+    """``Q`` with row ``j`` set to ``q``: a dynamic-update-slice of each leaf's matrix, in place in a loop.  (With
+    the basis in the leaves' shapes, ``(K,) + shape``, XLA:CPU fused the row update into the reshape that each
+    GEMV needs and copied the whole basis, three 20 x 256 x 256 copies per step on the benchmark MLP; and
+    ``m.at[j].set`` is a scatter.)"""
+    return jax.tree.map(lambda m, x: jax.lax.dynamic_update_index_in_dim(m, jnp.reshape(x, (-1,)), j, 0), qmat, q)
+
+
+def _basis_coefficients(qmat, w):
+    """``Q w``, shape ``(K,)``: one GEMV per leaf."""
+    parts = [m @ jnp.reshape(x, (-1,)) for m, x in zip(jax.tree.leaves(qmat), jax.tree.leaves(w))]
+    return sum(parts[1:], parts[0])
+
+
+def _basis_combination(qmat, c, like):
+    """``Q^T c``, a vector shaped like ``like``."""
+    return jax.tree.map(lambda m, x: jnp.reshape(c @ m, x.shape), qmat, like)
+
+
+def _orthogonalise(qmat, w):
+    """``w - Q^T (Q w)``: one classical Gram-Schmidt pass against the rows of ``Q``.  (The rows past the step
+    are zero and could be skipped: a basis in two or four blocks, each filled by its own loop and passing over
+    the blocks built so far only, was not faster on the benchmark MLP: a GEMV of 10 rows of 65k took 71 us
+    against 107 us for 20.)"""
+    return jax.tree.map(jnp.subtract, w, _basis_combination(qmat, _basis_coefficients(qmat, w), w))
+
+
+def _where(pred, a, b):
+    return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
 
 
 def _lanczos_step(matvec: Callable, j, qmat, q, q_prev, beta_prev, done, fill, scale, restart=None, residual=None):
@@ -66,7 +123,8 @@ def _lanczos_step(matvec: Callable, j, qmat, q, q_prev, beta_prev, done, fill, s
     built so far only was measured slower on XLA:CPU: the slice is a copy).  The recurrence is the first
     orthogonalisation, so the full pass acts on a residual already orthogonal to the basis up to rounding
     ("twice is enough"): the basis stays orthogonal to working precision at half the memory traffic of two full
-    passes (a 20-step raw-Hessian Lanczos on an 85k-parameter MLP: 25.5 -> 19.8 ms on one core).
+    passes (a 20-step raw-Hessian Lanczos on an 85k-parameter MLP: 25.5 -> 19.8 ms on one core).  Vectors are
+    pytrees (one array or the parameters' leaves), ``qmat`` the basis, one ``(K, leaf size)`` matrix per leaf.
 
     After a breakdown (``done``) the step is inert: ``q`` is zero, ``beta = 0`` and ``alpha = fill``.  With ``fill``
     the first diagonal entry ``alpha_0`` (a Rayleigh quotient of the leading block, so inside its spectrum), the
@@ -79,7 +137,7 @@ def _lanczos_step(matvec: Callable, j, qmat, q, q_prev, beta_prev, done, fill, s
     rounding noise, the residual left after the space is exhausted is not small against it, and the recurrence
     went on normalising noise (a rank-139 operator on ``n = 192`` with ``n`` steps: Ritz values ``~1e17``).
 
-    ``restart``: ``(draw, settle)``: ``draw(j)`` a flat vector of the operator's domain (e.g. a projected Gaussian
+    ``restart``: ``(draw, settle)``: ``draw(j)`` a vector of the operator's domain (e.g. a projected Gaussian
     vector), ``settle`` the projection onto that domain (identity for the whole space).  At a breakdown
     the Krylov space of the start is invariant, but it holds one direction per distinct eigenvalue only: a
     repeated eigenvalue (a null space, a degenerate top) appears once.  With ``restart`` the step then continues
@@ -93,35 +151,38 @@ def _lanczos_step(matvec: Callable, j, qmat, q, q_prev, beta_prev, done, fill, s
     Projecting the product alone, as ``P A`` does, leaves in the residual the rounding of ``q_j`` and ``q_{j-1}``
     off the domain, which the division by ``beta_j`` amplifies by ``alpha_j / beta_j`` at every step.
     Returns ``(qmat, alpha_j, beta_j, q_{j+1}, done_{j+1}, scale)``."""
-    qmat = qmat.at[j].set(q)
+    # a dynamic-update-slice, in place in the loop (``m.at[j].set`` is a scatter, which XLA:CPU expanded into
+    # copies of the basis at every step: 3 of the 256 x 256 leaf's 20 x 256 x 256 block)
+    qmat = _basis_set(qmat, j, q)
     if residual is None:
         w = matvec(q)
-        a = jnp.dot(q, w)
-        scale = jnp.maximum(scale, _norm0(w))
-        w = w - a * q - beta_prev * q_prev
+        a = _vdot(q, w)
+        scale = jnp.maximum(scale, _sqrt0(_vdot(w, w)))
+        w = _lincomb(1, w, -a, q, -beta_prev, q_prev)
     else:
         a, w = residual(q, q_prev, beta_prev)
         # |P A q_j| = |w + alpha_j q_j + beta_{j-1} q_{j-1}|, three orthogonal terms (no pass over the vectors)
-        scale = jnp.maximum(scale, _sqrt0(jnp.vdot(w, w) + a * a + beta_prev * beta_prev))
+        scale = jnp.maximum(scale, _sqrt0(_vdot(w, w) + a * a + beta_prev * beta_prev))
     alpha = jnp.where(done, fill, a)
-    w = w - qmat.T @ (qmat @ w)
-    beta = _norm0(w)
-    stop = done | (beta <= _breakdown_tol(w.dtype) * scale)
+    w = _orthogonalise(qmat, w)
+    beta = _sqrt0(_vdot(w, w))
+    dtype = jax.tree.leaves(w)[0].dtype
+    stop = done | (beta <= _breakdown_tol(dtype) * scale)
     beta = jnp.where(stop, jnp.zeros_like(beta), beta)
-    q_next = jnp.where(stop, jnp.zeros_like(w), w / jnp.where(stop, jnp.ones_like(beta), beta))
+    inv = jnp.where(stop, jnp.zeros_like(beta), 1 / jnp.where(stop, jnp.ones_like(beta), beta))
+    q_next = _lincomb(inv, w)
     if restart is not None:
         draw, settle = restart
 
         def fresh(_):
-            r0 = draw(j).astype(w.dtype)
-            r = r0 - qmat.T @ (qmat @ r0)
+            r0 = draw(j)
+            r = _orthogonalise(qmat, r0)
             # back into the domain: in float32 the basis drifts off it (the horizontal space) by up to ~1e-3, and
             # what that tilt leaves of an exhausted domain's vector is not a new direction of it
-            r = settle(r).astype(w.dtype)
-            r = r - qmat.T @ (qmat @ r)  # twice is enough
-            nr, n0 = _norm0(r), _norm0(r0)
-            ok = nr > jnp.sqrt(_breakdown_tol(w.dtype)) * n0
-            return jnp.where(ok, r / jnp.where(ok, nr, jnp.ones_like(nr)), jnp.zeros_like(r)), ~ok
+            r = _orthogonalise(qmat, settle(r))  # twice is enough
+            nr, n0 = _sqrt0(_vdot(r, r)), _sqrt0(_vdot(r0, r0))
+            ok = nr > jnp.sqrt(_breakdown_tol(dtype)) * n0
+            return _lincomb(jnp.where(ok, 1 / jnp.where(ok, nr, jnp.ones_like(nr)), jnp.zeros_like(nr)), r), ~ok
 
         # a real branch: the restart vector (a projection for the horizontal Hessian) only at a breakdown
         q_next, stop = jax.lax.cond(stop & ~done, fresh, lambda _: (q_next, stop), None)
@@ -135,11 +196,21 @@ def _tridiagonal(alphas, betas):
     return t
 
 
-def _lanczos_loop(matvec: Callable, v0: jax.Array, num_matvecs: int, restart=None, residual=None):
+def _scalar_dtype(v0):
+    return jax.tree.leaves(v0)[0].dtype
+
+
+def _normalised(v0):
+    n = _sqrt0(_vdot(v0, v0))
+    return _lincomb(1 / n, v0)
+
+
+def _lanczos_loop(matvec: Callable, v0, num_matvecs: int, restart=None, residual=None):
     """Lanczos with full reorthogonalisation (:func:`_lanczos_step`) in a ``fori_loop``: ``(T, Q, active)`` with
-    ``T`` the ``K x K`` tridiagonal matrix, ``Q`` the ``K x n`` Krylov basis (rows; zero after a breakdown) and
-    ``active`` the ``(K,)`` mask of the rows built before the breakdown.  The operator is traced once."""
-    n, dt = v0.shape[0], v0.dtype
+    ``T`` the ``K x K`` tridiagonal matrix, ``Q`` the Krylov basis (one ``(K, leaf size)`` matrix per leaf of
+    ``v0``, rows zero after a breakdown) and ``active`` the ``(K,)`` mask of the rows built before the
+    breakdown.  ``v0``: one array or a pytree of arrays of one dtype.  The operator is traced once."""
+    dt = _scalar_dtype(v0)
 
     def body(j, carry):
         qmat, q, q_prev, beta_prev, alphas, betas, done, active, scale = carry
@@ -148,30 +219,31 @@ def _lanczos_loop(matvec: Callable, v0: jax.Array, num_matvecs: int, restart=Non
                                                                alphas[0], scale, restart, residual)
         return qmat, q_next, q, beta, alphas.at[j].set(alpha), betas.at[j].set(beta), done, active, scale
 
-    init = (jnp.zeros((num_matvecs, n), dt), v0 / jnp.linalg.norm(v0), jnp.zeros((n,), dt), jnp.zeros((), dt),
+    init = (_basis_zeros(num_matvecs, v0), _normalised(v0),
+            jax.tree.map(jnp.zeros_like, v0), jnp.zeros((), dt),
             jnp.zeros(num_matvecs, dt), jnp.zeros(num_matvecs, dt), jnp.zeros((), bool),
             jnp.zeros(num_matvecs, bool), jnp.zeros((), dt))
     qmat, _, _, _, alphas, betas, _, active, _ = jax.lax.fori_loop(0, num_matvecs, body, init)
     return _tridiagonal(alphas, betas[:-1]), qmat, active
 
 
-def _lanczos_unrolled(matvec: Callable, v0: jax.Array, num_matvecs: int, restart=None, residual=None):
+def _lanczos_unrolled(matvec: Callable, v0, num_matvecs: int, restart=None, residual=None):
     """The same as :func:`_lanczos_loop` as straight-line code (the operator is traced ``num_matvecs`` times)."""
-    n = v0.shape[0]
-    qmat = jnp.zeros((num_matvecs, n), v0.dtype)
-    q = v0 / jnp.linalg.norm(v0)
-    q_prev, beta = jnp.zeros_like(q), jnp.zeros((), v0.dtype)
-    done, scale = jnp.zeros((), bool), jnp.zeros((), v0.dtype)
+    dt = _scalar_dtype(v0)
+    qmat = _basis_zeros(num_matvecs, v0)
+    q = _normalised(v0)
+    q_prev, beta = jax.tree.map(jnp.zeros_like, v0), jnp.zeros((), dt)
+    done, scale = jnp.zeros((), bool), jnp.zeros((), dt)
     alphas, betas, active = [], [], []
     for j in range(num_matvecs):
         active.append(~done)
         qmat, alpha, beta, q_next, done, scale = _lanczos_step(matvec, j, qmat, q, q_prev, beta, done,
-                                                               alphas[0] if alphas else 0.0, scale, restart,
-                                                               residual)
+                                                               alphas[0] if alphas else jnp.zeros((), dt), scale,
+                                                               restart, residual)
         q_prev, q = q, q_next
         alphas.append(alpha)
         betas.append(beta)
-    betas = jnp.stack(betas[:-1]) if num_matvecs > 1 else jnp.zeros(0, v0.dtype)
+    betas = jnp.stack(betas[:-1]) if num_matvecs > 1 else jnp.zeros(0, dt)
     return _tridiagonal(jnp.stack(alphas), betas), qmat, jnp.stack(active)
 
 
@@ -255,48 +327,73 @@ def lanczos_extremes(
         tridiag = decomp.tridiag_sym(num_matvecs, reortho="full", materialize=True, custom_vjp=False)
         vals, vecs = eig.eigh_partial(tridiag)(matvec, v0)
     elif method in ("loop", "unrolled"):
-        from jax.flatten_util import ravel_pytree
-
-        flat, unravel = ravel_pytree(v0)
+        v0 = jax.tree.map(jnp.asarray, v0)
         lanczos = _lanczos_loop if method == "loop" else _lanczos_unrolled
-        settle = (lambda f: f) if domain is None else (lambda f: ravel_pytree(domain(unravel(f)))[0])
+        # The iteration runs in one dtype, the leaves' common one (as one ravelled vector would); the operator and
+        # the projection see the leaves' own dtypes.  Without a projection the vectors are the leaves ravelled one
+        # by one (a free reshape), with one the leaves in their own shapes: measured on the benchmark MLP (85k
+        # parameters, 20 steps, two threads), 29.6-30.4 against 32.5-34.3 ms for the raw Hessian, but 45.6-46.6
+        # against 36.3-37.6 ms for P H P, whose per-unit projection fused with the reshapes into slow loops.
+        # (One ravelled vector, as before, cost a concatenation per ravel: 37.7 and 43.4 ms.)
+        own, treedef = jax.tree.flatten(v0)
+        dt = jnp.result_type(*own)
+        if domain is None:
+            def to_iter(v):
+                return [jnp.reshape(jnp.asarray(x, dt), (-1,)) for x in jax.tree.leaves(v)]
+
+            def to_own(f):
+                return jax.tree.unflatten(treedef, [jnp.reshape(x, like.shape).astype(like.dtype)
+                                                    for x, like in zip(f, own)])
+        else:
+            def to_iter(v):
+                return jax.tree.map(lambda x: jnp.asarray(x, dt), v)
+
+            def to_own(f):
+                return jax.tree.map(lambda x, like: jnp.asarray(x, like.dtype), f, v0)
+
+        settle = (lambda v: v) if domain is None else (lambda v: to_iter(domain(to_own(v))))
         if restart is True:
             base = jax.random.key(0)
-            fresh = (lambda j: settle(jax.random.normal(jax.random.fold_in(base, j), flat.shape, flat.dtype)),
-                     settle)
+            like = to_iter(v0)
+            fresh = (lambda j: settle(tree_random_normal(jax.random.fold_in(base, j), like)), settle)
         elif restart is False or restart is None:
             fresh = None
         elif callable(restart):
-            fresh = (lambda j: settle(ravel_pytree(restart(j))[0]), settle)
+            fresh = (lambda j: settle(to_iter(restart(j))), settle)
         else:
             raise TypeError(f"lanczos_extremes: restart must be True, False or a function j -> vector like v0, got "
                             f"{restart!r}")
+        product = lambda v: to_iter(matvec(to_own(v)))  # noqa: E731
         residual = None
         if project_residuals:
             def residual(q, q_prev, beta_prev):
                 # the unprojected product's residual, projected by settle: one projection per step, as with P H
                 # (20 steps on the benchmark MLP, 85k parameters, one core: ~11% longer than with P H)
-                w = ravel_pytree(matvec(unravel(q)))[0].astype(q.dtype)
-                a = jnp.dot(q, w)
-                return a, settle(w - a * q - beta_prev * q_prev).astype(q.dtype)
+                w = product(q)
+                a = _vdot(q, w)
+                return a, settle(_lincomb(1, w, -a, q, -beta_prev, q_prev))
 
-        t, qmat, active = lanczos(lambda f: ravel_pytree(matvec(unravel(f)))[0], flat, num_matvecs, fresh, residual)
+        t, qmat, active = lanczos(product, to_iter(v0), num_matvecs, fresh, residual)
         vals, s = jnp.linalg.eigh(t)
         # Ritz pairs of the Krylov space built before a breakdown: eigenvectors of T supported on its leading
         # block (the padding block adds copies of alpha_0, never more extreme, but they tie in degenerate cases)
         built = jnp.sum(jnp.where(active[:, None], s * s, 0), axis=0) > 0.5
         order_top = jnp.argsort(jnp.where(built, -vals, jnp.inf))[:k]
         order_bottom = jnp.argsort(jnp.where(built, vals, jnp.inf))[:k]
-        ritz = s.T @ qmat
         # k above the dimension of the space built (the operator's domain exhausted: k > rank of a small model's
         # horizontal space) has no further Ritz pairs; the padding's copies of alpha_0 were returned in their place
         # (top-7 of diag(0..4): [4, 3, 2, 1, 0, 2, 2], no longer descending): NaN values, zero vectors
         valid = jnp.arange(k) < jnp.sum(active)
         top = jnp.where(valid, vals[order_top], jnp.nan)
         bottom = jnp.where(valid, vals[order_bottom], jnp.nan)
-        ritz_top = jnp.where(valid[:, None], ritz[order_top], 0)
-        ritz_bottom = jnp.where(valid[:, None], ritz[order_bottom], 0)
-        return Extremes(top, bottom, jax.vmap(unravel)(ritz_top), jax.vmap(unravel)(ritz_bottom))
+
+        def ritz(order):
+            # rows of S^T Q for the chosen columns of S, in each leaf's own dtype
+            c = jnp.where(valid[None, :], s[:, order], 0)
+            return jax.tree.unflatten(treedef, [jnp.reshape(c.T @ m, (k,) + like.shape).astype(like.dtype)
+                                                for m, like in zip(jax.tree.leaves(qmat), own)])
+
+        return Extremes(top, bottom, ritz(order_top), ritz(order_bottom))
     else:
         raise ValueError(f"method must be 'loop', 'unrolled' or 'matfree', got {method!r}")
     top = vals[::-1][:k]

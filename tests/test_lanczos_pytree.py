@@ -1,0 +1,69 @@
+"""Lanczos on pytree vectors: the iteration keeps the leaves (a matrix, a vector, a scalar) and a basis matrix per
+leaf instead of one ravelled vector, with and without a projection onto a domain; the extremes and Ritz vectors
+must be those of the ravelled operator."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from quotient_sgd import observables as qobs
+
+
+def _problem(seed, n_mat=(3, 4), n_vec=5):
+    like = {"w": jnp.zeros(n_mat, jnp.float32), "b": jnp.zeros((n_vec,), jnp.float32),
+            "s": jnp.zeros((), jnp.float32)}
+    flat, unravel = ravel_pytree(like)
+    n = flat.shape[0]
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    q, _ = jnp.linalg.qr(jax.random.normal(k1, (n, n), jnp.float32))
+    ev = jnp.linspace(-3.0, 7.0, n).astype(jnp.float32) * jnp.exp(jax.random.normal(k2, (n,), jnp.float32) * 0.1)
+    a = (q * ev[None, :]) @ q.T
+    a = (a + a.T) / 2
+    # a domain: the complement of two random directions
+    d, _ = jnp.linalg.qr(jax.random.normal(k3, (n, 2), jnp.float32))
+    proj = jnp.eye(n, dtype=jnp.float32) - d @ d.T
+
+    def matvec(v):
+        return unravel(a @ ravel_pytree(v)[0])
+
+    def domain(v):
+        return unravel(proj @ ravel_pytree(v)[0])
+
+    v0 = unravel(jax.random.normal(jax.random.key(seed + 100), (n,), jnp.float32))
+    return a, proj, matvec, domain, v0, unravel
+
+
+@pytest.mark.parametrize("method", ["loop", "unrolled"])
+@pytest.mark.parametrize("with_domain", [False, True])
+@pytest.mark.parametrize("seed", [3])
+def test_pytree_lanczos_matches_the_ravelled_operator(method, with_domain, seed):
+    a, proj, matvec, domain, v0, unravel = _problem(seed)
+    n = a.shape[0]
+    k = 2
+    if with_domain:
+        v0 = domain(v0)
+        kw = dict(domain=domain, project_residuals=True)
+        op = np.asarray(proj, np.float64) @ np.asarray(a, np.float64) @ np.asarray(proj, np.float64)
+        basis = np.linalg.svd(np.asarray(proj, np.float64))[0][:, : n - 2]
+        dense = np.linalg.eigvalsh(basis.T @ op @ basis)
+    else:
+        kw = {}
+        op = np.asarray(a, np.float64)
+        dense = np.linalg.eigvalsh(op)
+    out = jax.jit(lambda v: qobs.lanczos_extremes(matvec, v, num_matvecs=n, k=k, method=method, restart=True,
+                                                  **kw))(v0)
+    np.testing.assert_allclose(np.asarray(out.top), dense[::-1][:k], rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(np.asarray(out.bottom), dense[:k], rtol=2e-4, atol=2e-4)
+    for vals, vecs in ((out.top, out.top_vectors), (out.bottom, out.bottom_vectors)):
+        # the Ritz vectors keep each leaf's shape and dtype, with a leading axis k
+        for leaf, like in zip(jax.tree.leaves(vecs), jax.tree.leaves(v0)):
+            assert leaf.shape == (k,) + like.shape and leaf.dtype == like.dtype
+        u = np.asarray(jax.vmap(lambda t: ravel_pytree(t)[0])(vecs), np.float64)
+        np.testing.assert_allclose(np.linalg.norm(u, axis=1), 1.0, rtol=1e-4)
+        resid = u @ op.T - np.asarray(vals, np.float64)[:, None] * u
+        assert float(np.max(np.linalg.norm(resid, axis=1))) < 1e-3 * float(np.max(np.abs(dense)))
+        if with_domain:
+            # eigenvectors of the domain: unchanged by the projection
+            np.testing.assert_allclose(u @ np.asarray(proj, np.float64).T, u, atol=1e-4)

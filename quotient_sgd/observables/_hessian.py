@@ -266,7 +266,8 @@ def lanczos_extremes(
             arithmetic as straight-line code; the operator is traced ``num_matvecs`` times, so compile time grows
             with it, for no faster run on XLA:CPU: 20 steps of ``sharpness_horizontal`` compiled in 3.1 / 4.0 /
             9.9 s with ``"loop"`` against 6.9 / 5.8 / 22.8 s unrolled for the benchmark MLP / CNN / Transformer
-            (``benchmarks/trajectory.py``), and ran in 39 / 98 / 249 ms against 41 / 95 / 257 ms.  (Run times on
+            (``benchmarks/trajectory.py``), and ran in 39 / 98 / 249 ms against 41 / 95 / 257 ms (measured when the
+            iteration ran on one ravelled vector).  (Run times on
             XLA:CPU with 2 threads are bimodal for both: 18-26 ms in one mode, 80-140 ms in another where both
             cores spin, for an 85k-parameter MLP.)  ``"matfree"``: ``matfree.decomp.tridiag_sym(num_matvecs,
             reortho="full")`` with ``matfree.eig.eigh_partial`` (a loop; 24 ms there).  ``"loop"`` and

@@ -101,6 +101,15 @@ def particle_moments(p: jax.Array) -> dict[str, jax.Array]:
     return {"mean": jnp.sum(p, axis=0) / n, "second_moment": (p.T @ p) / n}
 
 
+def _particle_set(name: str, x) -> jax.Array:
+    """``x`` as an array of real numbers (``TypeError`` naming ``name`` otherwise)."""
+    x = x if isinstance(x, jax.Array) else jnp.asarray(x)  # (a Tracer is a jax.Array)
+    if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == bool):
+        raise TypeError(f"mmd: {name} has dtype {x.dtype}; particle sets must be real numbers (floating or "
+                        f"integer)")
+    return x
+
+
 def mmd(p: jax.Array, q: jax.Array, *, bandwidth: float = 1.0, squared: bool = False) -> jax.Array:
     """Maximum mean discrepancy between the empirical measures of particle sets ``p`` ``(n, k)``, ``q`` ``(m, k)``.
 
@@ -112,11 +121,23 @@ def mmd(p: jax.Array, q: jax.Array, *, bandwidth: float = 1.0, squared: bool = F
     Returns ``MMD`` (``sqrt`` of ``max(MMD^2, 0)``), or ``MMD^2`` with ``squared=True`` (smooth everywhere; use
     it to differentiate).
 
+    ``p`` and ``q`` may differ in dtype (a float32 and a float64 set, array-likes, integers): both are computed in
+    their common floating dtype (``jnp.promote_types``; integers read as the default float, bfloat16 / float16 in
+    float32, whose rounding would swamp the cancelling sum), which is the dtype of the result.
+
     Raises ``ValueError`` naming the argument for particle sets that are not matrices with the same number of
     columns, a known ``bandwidth`` that is not a finite number > 0 (0 gave NaN: ``0 / 0`` on the diagonal), and a
-    ``squared`` that is not a bool.
+    ``squared`` that is not a bool; ``TypeError`` naming it for a complex (or non-numeric) particle set.
     """
     squared = check_flag("mmd", "squared", squared)
+    p, q = _particle_set("p", p), _particle_set("q", q)
+    with jax.numpy_dtype_promotion("standard"):  # (strict promotion has no common type of two float widths)
+        dtype = jnp.promote_types(p.dtype, q.dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):  # integers / bools
+        dtype = jnp.dtype(jnp.asarray(0.0).dtype)
+    if jnp.finfo(dtype).bits < 32:
+        dtype = jnp.dtype(jnp.float32)
+    p, q = p.astype(dtype), q.astype(dtype)
     if jnp.ndim(p) != 2 or jnp.ndim(q) != 2 or jnp.shape(p)[1] != jnp.shape(q)[1]:
         raise ValueError(f"mmd: p and q must be particle sets (n, k) and (m, k) with the same k, got shapes "
                          f"{jnp.shape(p)} and {jnp.shape(q)}")

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from quotient_sgd.diagnostics import LiveDetector, detect
+from quotient_sgd.diagnostics import LiveDetector, detect, load_events
 
 
 def _early(seed, noise, onset, fall=0.0, n=200, every=1):
@@ -73,3 +73,22 @@ def test_a_live_detector_confirms_an_early_noisy_catapult_as_one_call_does():
             for a in range(0, 120, size):
                 live.update({k: v[a:a + size] for k, v in traj.items()})
             assert [e.to_dict() for e in live.events] == [e.to_dict() for e in full]
+
+
+def test_live_events_and_their_file_are_in_detects_order_whatever_was_confirmed_first(tmp_path):
+    # two spikes, the sharpness falls after both: each catapult is confirmed after the next spike's loss_spike was
+    # reported, and the live list (and events.json) held [spike 50, spike 60, catapult 50, catapult 60]
+    n = 200
+    loss = np.ones(n)
+    loss[50:53] = loss[60:63] = [3, 9, 3]
+    traj = {"loss": loss, "sharpness_quotient": np.r_[np.full(80, 20.0), np.full(n - 80, 10.0)]}
+    full = detect(traj, lr=0.1, kinds=["catapult", "loss_spike"])
+    assert [(e.step, e.kind) for e in full] == [(50, "catapult"), (50, "loss_spike"), (60, "catapult"),
+                                                 (60, "loss_spike")]
+    path = tmp_path / "events.json"
+    live = LiveDetector(lr=0.1, kinds=["catapult", "loss_spike"], path=path)
+    for a in range(0, n, 10):
+        new = live.update({k: v[a:a + 10] for k, v in traj.items()})
+        assert new == sorted(new, key=lambda e: (e.step, e.kind, e.variant))
+    assert [e.to_dict() for e in live.events] == [e.to_dict() for e in full]
+    assert [e.to_dict() for e in load_events(path)] == [e.to_dict() for e in full]

@@ -153,19 +153,19 @@ class LiveDetector:
     """Incremental detection: feed trajectory chunks as the runner produces them, get the new events.
 
     The chunks are concatenated on the host and :func:`detect` is re-run on the whole trajectory so far; events
-    already reported are not reported again, but their entries in ``events`` (and in ``path``) are brought up to
-    date: an episode still running at the end of a chunk (a loss spike, a level crossing) is reported at its
-    onset with its peak so far, and its ``strength`` (a spike's or catapult's peak ratio), ``peak``,
-    ``peak_step`` and ``end_step`` are those of the whole episode once later chunks have shown it.  An update costs
-    time proportional to the steps so far (about 6 ms at 2000 steps on one CPU core), so that feeding single steps
-    costs time quadratic in the run's length
-    (14 s over 2000 steps): feed chunks of tens to thousands of steps.  Set ``horizon`` (planned number of
-    steps) so that the change-point block length and threshold are those of the full run: the events are then
-    those of one :func:`detect` call (same ``horizon``) on the whole trajectory, whatever the chunk sizes.
-    Without ``horizon`` both grow with the trajectory so far, and ``transition`` events depend on the chunking
-    (the same change point may be reported again at another block length).  With ``path`` the
-    cumulative event list is written to ``path`` (an ``events.json``) after every chunk; its directory is created
-    when the detector is made, if it does not exist (so an unwritable location fails there, not at a chunk).
+    already reported are not reported again (``events`` holds them all, sorted as :func:`detect` sorts them), but
+    their entries in ``events`` (and in ``path``) are brought up to date: an episode still running at the end of a
+    chunk (a loss spike, a level crossing) is reported at its onset with its peak so far, and its ``strength`` (a
+    spike's or catapult's peak ratio), ``peak``, ``peak_step`` and ``end_step`` are those of the whole episode once
+    later chunks have shown it.  An update costs time proportional to the steps so far (about 6 ms at 2000 steps on
+    one CPU core), so that feeding single steps costs time quadratic in the run's length (14 s over 2000 steps):
+    feed chunks of tens to thousands of steps.  Set ``horizon`` (planned number of steps) so that the change-point
+    block length and threshold are those of the full run: the events are then those of one :func:`detect` call (same
+    ``horizon``) on the whole trajectory, whatever the chunk sizes.  Without ``horizon`` both grow with the
+    trajectory so far, and ``transition`` events depend on the chunking (the same change point may be reported again
+    at another block length).  With ``path`` the cumulative event list is written to ``path`` (an ``events.json``)
+    after every chunk; its directory is created when the detector is made, if it does not exist (so an unwritable
+    location fails there, not at a chunk).
 
     Example:
         >>> import numpy as np
@@ -257,6 +257,11 @@ class LiveDetector:
                 # causal, its peak, end and strength are not; kept as first reported, a loss spike cut by a chunk
                 # boundary kept the strength of its peak so far (2.20 where detect on the whole run gives 2.34)
                 self.events[at[e.key()]] = e
+        # in detect's order (by step, then kind and variant): kept in the order found, an event confirmed later
+        # than a later step's (a catapult confirmed after the next spike's loss_spike) stood after it, so that the
+        # list and the file depended on the chunking
+        self.events.sort(key=lambda e: (e.step, e.kind, e.variant))
+        new.sort(key=lambda e: (e.step, e.kind, e.variant))
         if self.path is not None:
             save_events(self.path, self.events)
         return new

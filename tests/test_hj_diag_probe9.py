@@ -1,9 +1,13 @@
 """HJ engine and diagnostics: early catapults, and further cases with known answers."""
 
+import json
+
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quotient_sgd.diagnostics import LiveDetector, detect, load_events
+from quotient_sgd.diagnostics import Event, LiveDetector, detect, load_events
+from quotient_sgd.hj import Grid, shock_time
 
 
 def _early(seed, noise, onset, fall=0.0, n=200, every=1):
@@ -92,3 +96,24 @@ def test_live_events_and_their_file_are_in_detects_order_whatever_was_confirmed_
         assert new == sorted(new, key=lambda e: (e.step, e.kind, e.variant))
     assert [e.to_dict() for e in live.events] == [e.to_dict() for e in full]
     assert [e.to_dict() for e in load_events(path)] == [e.to_dict() for e in full]
+
+
+def test_a_slice_shock_time_as_the_hj_engine_returns_it_is_read_as_its_number():
+    # shock_time (and SliceFlow.shock_time) return a 0-d JAX array: slice_shocks refused it as "need ... a
+    # 'shock_time' > 0", and a 0-d step or lr alike
+    g = Grid(64, -1.0, 1.0)
+    t = shock_time(-jnp.sin(jnp.pi * g.x), g)
+    assert np.ndim(t) == 0 and float(t) > 0
+    loss = {"loss": np.ones(5)}
+    for sh in ({"step": 3, "shock_time": t, "lr": jnp.asarray(0.2)},
+               {"step": np.asarray(3), "shock_time": np.asarray(float(t)), "lr": 0.2}):
+        (e,) = detect(loss, kinds=["shock"], slice_shocks=[sh])
+        assert (e.step, e.variant) == (3, "slice")
+        np.testing.assert_allclose(e.strength, 0.2 / float(t), rtol=1e-6)
+        assert isinstance(e.details["shock_time"], float) and isinstance(e.details["lr"], float)
+        assert Event.from_dict(json.loads(json.dumps(e.to_dict()))) == e
+    # arrays of another shape or dtype are still refused, naming the option
+    for bad in ({"step": 3, "shock_time": jnp.asarray([0.3])}, {"step": 3, "shock_time": np.asarray(True)},
+                {"step": jnp.asarray(3.5), "shock_time": 0.3}, {"step": 3, "shock_time": jnp.asarray(-0.3)}):
+        with pytest.raises(ValueError, match="slice_shocks="):
+            detect(loss, kinds=["shock"], slice_shocks=[bad])

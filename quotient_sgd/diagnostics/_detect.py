@@ -24,7 +24,7 @@ import numpy as np
 
 from ._cusum import cusum, cusum_threshold
 from ._events import Event
-from ._options import _levels, check_kinds, check_options
+from ._options import _levels, check_kinds, check_options, number
 from ._series import (
     SHARPNESS_KEYS,
     above,
@@ -161,22 +161,24 @@ def detect_shock(traj, *, steps, lr=None, shock_level: float = 1.0, rearm: float
     the trajectory of :func:`~quotient_sgd.optim.quotient_trajectory` row ``k`` holds the number of step
     ``k - 1``) or
     ``eta max(0, -lambda_min)`` of the horizontal Hessian (``shock_number_hessian``) reaching ``shock_level``:
-    characteristics of the coarse-grained flow cross within one step (THEORY section 3).  ``slice_shocks``:
-    shocks found by the HJ flow on a loss slice, ``[{"step", "shock_time", "lr" (optional), ...}]`` (an integer
-    step, a shock time > 0), reported as variant ``"slice"`` events with ``strength = lr / shock_time`` (a step of
-    size ``lr`` reaches the shock; without the entry's ``lr``, the learning rate of its step), the other entries
-    in ``details``."""
+    characteristics of the coarse-grained flow cross within one step (THEORY section 3).  ``slice_shocks``: shocks
+    found by the HJ flow on a loss slice, ``[{"step", "shock_time", "lr" (optional), ...}]`` (an integer step, a
+    shock time > 0; numbers or 0-d arrays, e.g. ``SliceFlow.shock_time``), reported as variant ``"slice"`` events
+    with ``strength = lr / shock_time`` (a step of size ``lr`` reaches the shock; without the entry's ``lr``, the
+    learning rate of its step), the other entries in ``details``."""
     out = []
     for key, v, idx in _step_and_hessian_numbers(traj, "shock_number", steps):
         out += _threshold_events(traj, key, v, idx, steps, "shock", shock_level, "step", rearm, lr, ("curvature",))
     for sh in slice_shocks:
-        t = float(sh["shock_time"])
+        # (numbers or 0-d arrays of them, as check_options let through: shock_time's own 0-d JAX array)
+        t, step = number(sh["shock_time"]), int(number(sh["step"]))
         # without its own ``lr`` a slice shock is reached by the step size at its step (the last recorded step at
         # or before it; ``lr[0]`` was used whatever the schedule)
-        at = max(0, int(np.searchsorted(steps, int(sh["step"]), side="right")) - 1)
-        eta = float(sh.get("lr", np.nan if lr is None or lr.size == 0 else lr[at]))  # (no rows: no step's lr)
-        out.append(Event(int(sh["step"]), "shock", eta / t if t > 0 else float("inf"),
-                         {"shock_time": t}, "slice", False, {k: v for k, v in sh.items() if k != "step"}))
+        at = max(0, int(np.searchsorted(steps, step, side="right")) - 1)
+        eta = number(sh["lr"]) if "lr" in sh else (np.nan if lr is None or lr.size == 0 else float(lr[at]))
+        details = {k: (number(v) if k in ("shock_time", "lr") else v) for k, v in sh.items() if k != "step"}
+        out.append(Event(step, "shock", eta / t if t > 0 else float("inf"),
+                         {"shock_time": t}, "slice", False, details))
     return out
 
 

@@ -38,17 +38,36 @@ def _levels(v) -> bool:
     return len(v) > 0 and all(_real(x) and x > 0 for x in v)
 
 
+def number(v) -> float | None:
+    """``v`` as a float when it is a real number: a Python or NumPy number, or a 0-d NumPy / JAX array of an integer
+    or floating dtype (what :func:`~quotient_sgd.hj.shock_time` and ``SliceFlow.shock_time`` return); else
+    ``None`` (a bool, a string, an array of another shape or dtype)."""
+    if isinstance(v, (bool, np.bool_)):
+        return None
+    if isinstance(v, numbers.Real):
+        return float(v)
+    if hasattr(v, "__array__") and getattr(v, "ndim", None) == 0:
+        try:
+            a = np.asarray(v)
+        except Exception:  # (a traced value)
+            return None
+        if a.dtype.kind in "iuf":
+            return float(a)
+    return None
+
+
 def _slice_shock(s) -> bool:
     """One entry of ``slice_shocks``: a mapping with an integer ``step`` (``2.0`` counts; ``2.5`` was truncated to
     2, a string failed in a bare ``int()``), a ``shock_time > 0`` (``inf``: a slice that never shocks, strength 0;
-    NaN or a negative time gave an event of strength NaN or ``inf``) and, if given, a finite ``lr >= 0``."""
+    NaN or a negative time gave an event of strength NaN or ``inf``) and, if given, a finite ``lr >= 0``; each a
+    number or a 0-d array of one (the 0-d JAX array ``shock_time`` returns was refused)."""
     if not isinstance(s, Mapping) or "step" not in s or "shock_time" not in s:
         return False
-    st = s["step"]
-    step_ok = _int(st) or (_real(st) and float(st).is_integer())
-    lr_ok = "lr" not in s or (_real(s["lr"]) and s["lr"] >= 0)
-    t = s["shock_time"]
-    t_ok = isinstance(t, numbers.Real) and not isinstance(t, bool) and t > 0  # (> 0 is False for NaN; inf: none)
+    st, t = number(s["step"]), number(s["shock_time"])
+    lr = number(s["lr"]) if "lr" in s else 0.0
+    step_ok = st is not None and np.isfinite(st) and st.is_integer()
+    lr_ok = lr is not None and np.isfinite(lr) and lr >= 0
+    t_ok = t is not None and t > 0  # (> 0 is False for NaN; inf: a slice that never shocks)
     return step_ok and t_ok and lr_ok
 
 
@@ -92,7 +111,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "slice_shocks": (lambda v: not isinstance(v, (str, bytes, Mapping)) and hasattr(v, "__iter__")
                      and all(_slice_shock(s) for s in v),
                      "a sequence of mappings with an integer 'step', a 'shock_time' > 0 (not NaN) and, if given, a "
-                     "finite 'lr' >= 0"),
+                     "finite 'lr' >= 0 (numbers, or 0-d arrays of them)"),
 }
 
 OPTIONS = tuple(_CHECKS)

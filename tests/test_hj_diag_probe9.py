@@ -117,3 +117,26 @@ def test_a_slice_shock_time_as_the_hj_engine_returns_it_is_read_as_its_number():
                 {"step": jnp.asarray(3.5), "shock_time": 0.3}, {"step": 3, "shock_time": jnp.asarray(-0.3)}):
         with pytest.raises(ValueError, match="slice_shocks="):
             detect(loss, kinds=["shock"], slice_shocks=[bad])
+
+
+def test_options_given_as_0d_arrays_are_read_as_their_numbers():
+    # momentum read from an optimiser state is a 0-d array: every option given so failed in a bare
+    # "TypeError: iteration over a 0-d array" (stability_edge itself takes one)
+    traj = {"loss": np.ones(10), "sharpness_quotient": np.linspace(10.0, 50.0, 10)}
+
+    def eos(**kw):
+        return [(e.step, e.details.get("level")) for e in detect(traj, lr=0.1, kinds=["edge_of_stability"], **kw)]
+
+    assert eos(momentum=np.asarray(0.9)) == eos(momentum=0.9) == [(3, 1.9), (7, 3.8)]
+    assert eos(momentum=jnp.asarray(0.5, jnp.float32), nesterov=np.asarray(True)) == eos(momentum=0.5, nesterov=True)
+    assert eos(weight_decay=np.asarray(0.01), eos_levels=(2.0,)) == eos(weight_decay=0.01, eos_levels=(2.0,))
+    assert eos(rearm=jnp.asarray(0.5)) == eos(rearm=0.5)
+    assert detect(_early(0, 0.0, 2, 0.5), lr=0.1, spike_window=np.asarray(20), drop_factor=jnp.asarray(0.8)) == \
+        detect(_early(0, 0.0, 2, 0.5), lr=0.1, spike_window=20, drop_factor=0.8)
+    live = LiveDetector(lr=0.1, kinds=["edge_of_stability"], momentum=np.asarray(0.9))
+    assert [(e.step, e.details["level"]) for e in live.update(traj)] == [(3, 1.9), (7, 3.8)]
+    # out of range, of another dtype or not an integer where one is needed: refused, naming the option
+    for kw in ({"momentum": np.asarray(1.5)}, {"momentum": np.asarray("a")}, {"spike_window": np.asarray(2.5)},
+               {"eos_levels": np.asarray(2.0)}):
+        with pytest.raises(ValueError, match=f"{next(iter(kw))}="):
+            detect(traj, lr=0.1, **kw)

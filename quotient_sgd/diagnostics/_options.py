@@ -119,9 +119,19 @@ OPTIONS = tuple(_CHECKS)
 
 def _materialise(value):
     """A one-pass iterable (a generator, ``map``, ``iter(...)``) as a tuple: checked, it was consumed, and the
-    detector then read an empty sequence (no monitored keys, no levels: no events, without a word).  Strings,
-    mappings and re-iterable values (lists, tuples, arrays) are kept as they are."""
-    if isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__iter__"):
+    detector then read an empty sequence (no monitored keys, no levels: no events, without a word).  A 0-d NumPy /
+    JAX array of a real or boolean dtype (``momentum`` read from an optimiser state) as the Python number or bool
+    it holds: it failed in a bare ``TypeError: iteration over a 0-d array``.  Strings, mappings and re-iterable
+    values (lists, tuples, arrays) are kept as they are."""
+    if isinstance(value, (str, bytes, Mapping)):
+        return value
+    if hasattr(value, "__array__") and getattr(value, "ndim", None) == 0 and not isinstance(value, np.generic):
+        try:
+            a = np.asarray(value)
+        except Exception:  # (a traced value: refused by its check as what it is)
+            return value
+        return a.item() if a.dtype.kind in "biuf" else value
+    if not hasattr(value, "__iter__"):
         return value
     return tuple(value) if iter(value) is value else value
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quotient_sgd.diagnostics import Event, LiveDetector, detect, load_events
+from quotient_sgd.diagnostics import cusum, Event, LiveDetector, detect, load_events
 from quotient_sgd.hj import Grid, shock_time
 
 
@@ -140,3 +140,26 @@ def test_options_given_as_0d_arrays_are_read_as_their_numbers():
                {"eos_levels": np.asarray(2.0)}):
         with pytest.raises(ValueError, match=f"{next(iter(kw))}="):
             detect(traj, lr=0.1, **kw)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float8_e4m3fn])
+def test_a_trajectory_recorded_in_bfloat16_is_read_as_its_values(dtype):
+    # JAX's extra float dtypes have NumPy kind "V": a bfloat16 loss was refused as "must hold real numbers", as
+    # were a bfloat16 learning rate, hessian_step and a series given to cusum
+    n = 200
+    t = np.arange(n)
+    loss = np.ones(n)
+    loss[50:53] = [3, 9, 3]
+    traj = {"loss": loss, "sharpness_quotient": np.r_[np.full(80, 24.0), np.full(n - 80, 12.0)],
+            "hessian_step": t, "lr": np.full(n, 0.125)}
+    low = {k: np.asarray(jnp.asarray(v, dtype)) for k, v in traj.items()}
+    assert low["loss"].dtype.kind == "V"
+    up = {k: v.astype(np.float64) for k, v in low.items()}
+    got = detect(low)
+    assert [e.to_dict() for e in got] == [e.to_dict() for e in detect(up)]
+    assert {(e.step, e.kind) for e in got} >= {(50, "catapult"), (50, "loss_spike"), (0, "edge_of_stability")}
+    x = np.r_[np.zeros(60), np.full(60, 4.0)]
+    assert cusum(np.asarray(jnp.asarray(x, jnp.bfloat16))) == cusum(x)
+    assert detect({"loss": np.ones(4), "step": np.asarray(jnp.arange(4, dtype=jnp.int4))}) == []
+    with pytest.raises(ValueError, match="'loss' key must hold real numbers"):
+        detect({"loss": np.asarray(["1", "2"])})

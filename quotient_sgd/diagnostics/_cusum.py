@@ -39,6 +39,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ._series import real_kind
+
 
 class Alarm(NamedTuple):
     """An alarm of :func:`cusum`: indices into the monitored series."""
@@ -187,7 +189,7 @@ def cusum(x, *, alpha: float = 0.05, k: float = 0.5, min_ref: int = 10, clip: fl
             gave an infinite threshold for a series of any length: each without a word).
     """
     x = np.asarray(x)
-    if x.ndim != 1 or x.dtype.kind not in "biuf":
+    if x.ndim != 1 or real_kind(x.dtype) not in "biuf":
         raise ValueError(f"cusum: x must be a 1-D series of real numbers (one value per block); got shape {x.shape}, "
                          f"dtype {x.dtype}")
     _check_parameters("cusum", k, min_ref, clip)

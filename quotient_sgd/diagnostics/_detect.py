@@ -36,6 +36,7 @@ from ._series import (
     kind_of,
     learning_rate,
     ratio,
+    real_kind,
     refresh_step,
     scalar,
     spikes,
@@ -948,12 +949,12 @@ def _check_hessian_step(hs, shape) -> None:
     none yet), else ValueError naming it: a ``(steps, k)`` array failed in a bare broadcast error, strings in a
     bare float conversion, and ``2.5`` was truncated to 2."""
     hs = np.asarray(hs)
-    if hs.shape != shape or hs.dtype.kind not in "iuf":
+    if hs.shape != shape or real_kind(hs.dtype) not in "iuf":
         raise ValueError(f"detect: the trajectory's 'hessian_step' key must hold one integer per row of 'loss' "
                          f"(shape {shape}; -1 or NaN before the first refresh); got shape {hs.shape}, dtype "
                          f"{hs.dtype}")
     with np.errstate(invalid="ignore"):
-        bad = np.nonzero(np.isfinite(hs) & (hs != np.round(hs)))[0] if hs.dtype.kind == "f" else np.array([], int)
+        bad = np.nonzero(np.isfinite(hs) & (hs != np.round(hs)))[0] if real_kind(hs.dtype) == "f" else np.array([], int)
     if bad.size:
         i = int(bad[0])
         raise ValueError(f"detect: the trajectory's 'hessian_step' key must hold integer steps (-1 or NaN before "

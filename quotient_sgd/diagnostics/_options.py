@@ -12,6 +12,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from ._series import real_kind
+
 _TRANSFORMS = ("auto", "log_diff", "diff", "level")
 _TRANSITION_VARIANTS = ("quotient", "raw")
 
@@ -51,7 +53,7 @@ def number(v) -> float | None:
             a = np.asarray(v)
         except Exception:  # (a traced value)
             return None
-        if a.dtype.kind in "iuf":
+        if real_kind(a.dtype) in "iuf":
             return float(a)
     return None
 
@@ -130,7 +132,8 @@ def _materialise(value):
             a = np.asarray(value)
         except Exception:  # (a traced value: refused by its check as what it is)
             return value
-        return a.item() if a.dtype.kind in "biuf" else value
+        kind = real_kind(a.dtype)
+        return bool(a) if kind == "b" else int(a) if kind in "iu" else float(a) if kind == "f" else value
     if not hasattr(value, "__iter__"):
         return value
     return tuple(value) if iter(value) is value else value

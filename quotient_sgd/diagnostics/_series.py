@@ -41,6 +41,26 @@ def is_invariant(keys) -> bool:
     return all(kind_of(k) in ("orbit_invariant", "external") for k in keys)
 
 
+def real_kind(dtype) -> str:
+    """``dtype.kind``, with JAX's extra real dtypes (``ml_dtypes``: ``bfloat16``, the ``float8_*`` types, ``int4``
+    / ``uint4``), whose NumPy kind is ``"V"``, read as the floating (``"f"``) or integer (``"i"``, ``"u"``) kind
+    they are: a bfloat16 loss was refused as "must hold real numbers"."""
+    dtype = np.dtype(dtype)
+    if dtype.kind != "V":
+        return dtype.kind
+    import ml_dtypes
+
+    try:
+        ml_dtypes.finfo(dtype)
+        return "f"
+    except (ValueError, TypeError):
+        pass
+    try:
+        return "i" if ml_dtypes.iinfo(dtype).min < 0 else "u"
+    except (ValueError, TypeError):
+        return dtype.kind
+
+
 def flatten_trajectory(trajectory: Mapping[str, Any] | Any) -> dict[str, np.ndarray]:
     """``{"a": {"b": x}} -> {"a/b": np.asarray(x)}``; a ``np.load``-ed npz is accepted as is."""
     out: dict[str, np.ndarray] = {}
@@ -79,7 +99,7 @@ def steps_of(traj: Mapping[str, np.ndarray], start_step: int = 0) -> np.ndarray:
     """
     if "step" in traj:
         raw = np.asarray(traj["step"]).reshape(-1)
-        if raw.dtype.kind not in "iuf":
+        if real_kind(raw.dtype) not in "iuf":
             raise ValueError(f"detect: the trajectory's 'step' key must hold integer step numbers; got dtype "
                              f"{raw.dtype}")
         with np.errstate(invalid="ignore"):
@@ -113,7 +133,7 @@ def scalar(traj: Mapping[str, np.ndarray], key: str) -> np.ndarray | None:
     v = np.asarray(traj[key])
     if v.ndim != 1:
         return None
-    if v.dtype.kind not in "biuf":  # strings failed in a bare float conversion, complex lost its imaginary part
+    if real_kind(v.dtype) not in "biuf":  # strings failed in a bare float conversion, complex lost its imaginary part
         raise ValueError(f"detect: the trajectory's {key!r} key must hold real numbers, one per step; got dtype "
                          f"{v.dtype}")
     return v.astype(np.float64)
@@ -155,7 +175,7 @@ def check_lr(lr, where: str = "detect") -> np.ndarray:
         raw = np.asarray(lr)
     except Exception:  # noqa: BLE001 - not array-like: reported below
         raw = None
-    if raw is None or raw.dtype.kind not in "iuf":
+    if raw is None or real_kind(raw.dtype) not in "iuf":
         raise ValueError(f"{where}: lr={lr!r} is not allowed; need a number or one value per step (real numbers, "
                          "finite and >= 0; not a string or a bool)")
     arr = raw.astype(np.float64)
@@ -184,7 +204,7 @@ def learning_rate(traj: Mapping[str, np.ndarray], lr, n: int) -> np.ndarray | No
     for k in ("lr", "learning_rate"):
         if k in traj:
             v = np.asarray(traj[k])
-            if v.dtype.kind not in "iuf":  # strings failed in a bare float conversion
+            if real_kind(v.dtype) not in "iuf":  # strings failed in a bare float conversion
                 raise ValueError(f"detect: the trajectory's {k!r} key must hold real numbers (the learning rate "
                                  f"of each step); got dtype {v.dtype}")
             v = v.astype(np.float64)

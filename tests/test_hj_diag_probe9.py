@@ -163,3 +163,21 @@ def test_a_trajectory_recorded_in_bfloat16_is_read_as_its_values(dtype):
     assert detect({"loss": np.ones(4), "step": np.asarray(jnp.arange(4, dtype=jnp.int4))}) == []
     with pytest.raises(ValueError, match="'loss' key must hold real numbers"):
         detect({"loss": np.asarray(["1", "2"])})
+
+
+def test_shock_aware_lr_takes_its_numbers_in_bfloat16():
+    # a bfloat16 target (a run in bfloat16) was refused as "need a finite number > 0"
+    import optax
+
+    from quotient_sgd.diagnostics import shock_aware_lr
+
+    params = {"w": jnp.ones(3)}
+    grads = {"w": jnp.full(3, 0.5)}
+    outs = []
+    for target, decay in ((1.5, 0.5), (jnp.asarray(1.5, jnp.bfloat16), jnp.asarray(0.5, jnp.bfloat16))):
+        opt = shock_aware_lr(optax.sgd(0.1), fold_target=target, curvature_decay=decay)
+        outs.append(opt.update(grads, opt.init(params), params)[0]["w"])
+    np.testing.assert_array_equal(outs[0], outs[1])
+    for bad in (jnp.asarray(-1.0, jnp.bfloat16), jnp.asarray(np.nan, jnp.bfloat16)):
+        with pytest.raises(ValueError, match="fold_target="):
+            shock_aware_lr(optax.sgd(0.1), fold_target=bad)

@@ -38,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ._series import real_kind
+
 Target = Union[float, Callable[[jax.Array], jax.Array]]
 
 
@@ -83,7 +85,7 @@ def _check_positive(name: str, value, schedule: bool = True) -> None:
         x = None if callable(value) else np.asarray(value)
     except Exception:  # noqa: BLE001 - not array-like: reported below
         x = None
-    if x is None or x.ndim != 0 or x.dtype.kind not in "iuf":
+    if x is None or x.ndim != 0 or real_kind(x.dtype) not in "iuf":  # (a bfloat16 value was refused)
         also = " or a schedule count -> value" if schedule else " (a number: the scales take no schedule)"
         raise ValueError(f"shock_aware_lr: {name}={value!r} is not allowed; need a finite number > 0{also}")
     if not 0 < float(x) < float("inf"):
@@ -134,7 +136,7 @@ def shock_aware_lr(inner: optax.GradientTransformation, *, fold_target: Target =
     if not isinstance(curvature_decay, jax.core.Tracer):
         try:
             d = np.asarray(curvature_decay)
-            ok = d.ndim == 0 and d.dtype.kind in "iuf" and 0.0 <= float(d) < 1.0
+            ok = d.ndim == 0 and real_kind(d.dtype) in "iuf" and 0.0 <= float(d) < 1.0
         except Exception:  # noqa: BLE001 - not array-like: reported below
             ok = False
         if not ok:

@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -181,3 +182,22 @@ def test_shock_aware_lr_takes_its_numbers_in_bfloat16():
     for bad in (jnp.asarray(-1.0, jnp.bfloat16), jnp.asarray(np.nan, jnp.bfloat16)):
         with pytest.raises(ValueError, match="fold_target="):
             shock_aware_lr(optax.sgd(0.1), fold_target=bad)
+
+
+@pytest.mark.parametrize("factor", [2.0, 0.3, -1.7])
+def test_slice_flow_refuses_dependent_directions_whose_difference_is_rounding(factor):
+    # (d, c d) with a random d: Gram-Schmidt left a residue of rounding (~1e-7 of the norm in float32), which
+    # normalised was taken as the second direction (Gram matrix off-diagonal up to 0.93 after "orthonormalising")
+    from quotient_sgd.hj import slice_flow
+    from quotient_sgd.hj._slices import _gram, _orthonormalize
+
+    d = {"w": jax.random.normal(jax.random.key(0), (50,))}
+    params = {"w": jnp.ones(50)}
+    with pytest.raises(ValueError, match="direction 1 is linearly dependent"):
+        slice_flow(lambda p: 0.5 * jnp.sum(p["w"] ** 2), params, (d, jax.tree.map(lambda x: factor * x, d)),
+                   extent=1.0, n=8, eta=0.1, k=1, nu=0.01, orthonormalize=True)
+    # independent directions, however close (an angle of 1e-3), are still orthonormalised
+    e = {"w": jax.random.normal(jax.random.key(1), (50,))}
+    near = jax.tree.map(lambda x, y: factor * x + 1e-3 * y, d, e)
+    gram = np.asarray(_gram(_orthonormalize((d, near))))
+    np.testing.assert_allclose(gram, np.eye(2), atol=1e-3)

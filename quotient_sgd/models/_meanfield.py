@@ -74,11 +74,15 @@ def particles(params, *, balanced: bool = False) -> jax.Array:
             ``|(w_in,j, b_j)| = |w_out,j|`` (the canonical representative of THEORY section 1; particles with a
             zero half are left as they are).  Only meaningful for a positively homogeneous activation; then
             functions of the balanced particles are invariant under rescale as well as permutation.
+
+    Leaves of different dtypes (a float64 bias with float32 weights) are joined in their common floating dtype.
     """
     balanced = check_flag("particles", "balanced", balanced)
     if isinstance(params, nnx.Module):
         params = nnx.state(params, nnx.Param)
     w_in, b, w_out = (jnp.asarray(params[k][...]) for k in ("w_in", "b", "w_out"))
+    dtype = _common_float(w_in, b, w_out)  # (a float64 bias with float32 weights failed under strict promotion)
+    w_in, b, w_out = w_in.astype(dtype), b.astype(dtype), w_out.astype(dtype)
     pin = jnp.concatenate([w_in, b[:, None]], axis=1)
     if balanced:
         # from the squared norms, a = (|out|^2 / |in|^2)^(1/4): the norms' sqrt'(0) is infinite, and a particle with
@@ -96,18 +100,34 @@ def particle_moments(p: jax.Array) -> dict[str, jax.Array]:
 
     Returns ``{"mean": (k,), "second_moment": (k, k)}`` with ``mean = (1/n) sum_j p_j`` and
     ``second_moment = (1/n) sum_j p_j p_j^T``; both are invariant under permutations of the rows of ``p``.
+    Integer particles are read as the default float.
     """
+    p = _particle_set("particle_moments", "p", p)
+    p = p.astype(_common_float(p))
     n = jnp.asarray(p.shape[0], p.dtype)
     return {"mean": jnp.sum(p, axis=0) / n, "second_moment": (p.T @ p) / n}
 
 
-def _particle_set(name: str, x) -> jax.Array:
-    """``x`` as an array of real numbers (``TypeError`` naming ``name`` otherwise)."""
+def _particle_set(fn: str, name: str, x) -> jax.Array:
+    """``x`` as an array of real numbers (``TypeError`` naming ``fn`` and ``name`` otherwise)."""
     x = x if isinstance(x, jax.Array) else jnp.asarray(x)  # (a Tracer is a jax.Array)
     if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == bool):
-        raise TypeError(f"mmd: {name} has dtype {x.dtype}; particle sets must be real numbers (floating or "
+        raise TypeError(f"{fn}: {name} has dtype {x.dtype}; particle sets must be real numbers (floating or "
                         f"integer)")
     return x
+
+
+def _common_float(*arrays, low: bool = True):
+    """The common floating dtype of ``arrays`` (``jnp.promote_types``, which strict promotion refuses between two
+    float widths); integers / bools read as the default float; bfloat16 / float16 kept when ``low``, else
+    float32."""
+    with jax.numpy_dtype_promotion("standard"):
+        dtype = jnp.dtype(jnp.result_type(*(x.dtype for x in arrays)))
+    if not jnp.issubdtype(dtype, jnp.floating):  # integers / bools
+        dtype = jnp.dtype(jnp.asarray(0.0).dtype)
+    if not low and jnp.finfo(dtype).bits < 32:
+        dtype = jnp.dtype(jnp.float32)
+    return dtype
 
 
 def mmd(p: jax.Array, q: jax.Array, *, bandwidth: float = 1.0, squared: bool = False) -> jax.Array:
@@ -130,13 +150,8 @@ def mmd(p: jax.Array, q: jax.Array, *, bandwidth: float = 1.0, squared: bool = F
     ``squared`` that is not a bool; ``TypeError`` naming it for a complex (or non-numeric) particle set.
     """
     squared = check_flag("mmd", "squared", squared)
-    p, q = _particle_set("p", p), _particle_set("q", q)
-    with jax.numpy_dtype_promotion("standard"):  # (strict promotion has no common type of two float widths)
-        dtype = jnp.promote_types(p.dtype, q.dtype)
-    if not jnp.issubdtype(dtype, jnp.floating):  # integers / bools
-        dtype = jnp.dtype(jnp.asarray(0.0).dtype)
-    if jnp.finfo(dtype).bits < 32:
-        dtype = jnp.dtype(jnp.float32)
+    p, q = _particle_set("mmd", "p", p), _particle_set("mmd", "q", q)
+    dtype = _common_float(p, q, low=False)
     p, q = p.astype(dtype), q.astype(dtype)
     if jnp.ndim(p) != 2 or jnp.ndim(q) != 2 or jnp.shape(p)[1] != jnp.shape(q)[1]:
         raise ValueError(f"mmd: p and q must be particle sets (n, k) and (m, k) with the same k, got shapes "

@@ -46,6 +46,11 @@ from ._step import update_split_norms as update_split_norms
 # function alone.
 KINDS["loss"] = ORBIT_INVARIANT
 KINDS["hessian_step"] = RAW  # bookkeeping: the step at which the Hessian observables were last refreshed
+# Keys of a trajectory that no observable computes: ``train(..., has_aux=True)``'s ``aux`` (whatever loss_fn returns
+# beside the loss: nothing says it is a function of the network function, so it is never trusted as one) and
+# the step index a run directory's trajectory.npz holds (bookkeeping, as hessian_step)
+KINDS["aux"] = RAW
+KINDS["step"] = RAW
 KINDS["hessian_top_quotient"] = ORBIT_INVARIANT
 KINDS["hessian_bottom_quotient"] = ORBIT_INVARIANT
 KINDS["hessian_top_horizontal"] = REDUCED_DYNAMICS

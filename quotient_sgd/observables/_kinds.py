@@ -41,7 +41,10 @@ def kind_of(key: str) -> str:
     """The kind (``"orbit_invariant"``, ``"reduced_dynamics"`` or ``"raw"``) of a trajectory key.
 
     A ``"/"``-joined key of a flattened trajectory (``trajectory.npz``: ``"charges/rescale/layers.0"``) has the
-    kind of the observable it starts with.  Raises ``KeyError`` naming the key when no observable emits it.
+    kind of the observable it starts with.  Every key a trajectory of :func:`quotient_sgd.optim.train` or a run
+    directory can hold has a kind: ``"aux"`` (and ``"aux/..."``, what ``loss_fn`` returns beside the loss with
+    ``has_aux=True``) and ``"step"`` (a run's step index) are ``"raw"``.  Raises ``KeyError`` naming the key when
+    no observable emits it.
     """
     try:
         return KINDS[key.split("/")[0] if isinstance(key, str) else key]  # (a non-str key: the KeyError below)

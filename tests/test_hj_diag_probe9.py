@@ -201,3 +201,19 @@ def test_slice_flow_refuses_dependent_directions_whose_difference_is_rounding(fa
     near = jax.tree.map(lambda x, y: factor * x + 1e-3 * y, d, e)
     gram = np.asarray(_gram(_orthonormalize((d, near))))
     np.testing.assert_allclose(gram, np.eye(2), atol=1e-3)
+
+
+def test_a_later_spike_measures_the_noise_before_it_even_with_overflowed_records_there():
+    # a spike with 50 records before it in its noise window, half of them overflowed (inf: records, not finite):
+    # its noise is that of the records before it (1 %), not that of the run's first 32 records (20 %)
+    n = 400
+    t = np.arange(n)
+    rng = np.random.default_rng(0)
+    loss = np.ones(n)
+    loss[300:305] = [3, 9, 27, 9, 3]
+    noise = np.where(t < 100, 0.2, 0.01)
+    sharp = np.where(t < 304, 20.0, 14.0) * (1 + noise * rng.standard_normal(n))
+    sharp[252:300:2] = np.inf
+    (e,) = _catapults({"loss": loss, "sharpness_quotient": sharp})
+    assert e.step == 300 and 304 <= e.details["confirm_step"] <= 306
+    assert e.details["sharpness_noise"] < 1.0  # 1 % of 20 is 0.2; the first records' 20 % read ~4

@@ -757,7 +757,7 @@ def detect_catapult(traj, *, steps, lr=None, spike_factor: float = 2.0, spike_wi
             region = sharp[fidx[max(0, nb - n_noise):nb]]
             fin = region[np.isfinite(region)]
             level = float(np.median(fin)) if fin.size else float(sharp[ib])
-            if fin.size >= _CATAPULT_NOISE_RECORDS:
+            if nb >= _CATAPULT_NOISE_RECORDS:
                 noise = _record_noise(region)
             else:
                 # too few records before an early spike to measure the noise on: measured on the first 32 records

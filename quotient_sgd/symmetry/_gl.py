@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from typing import ClassVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
+import numpy as np
 
 from .._tree import Path
 from ._base import REFINE_STEPS, Group, SymmetryError, as_path, inverse_where
@@ -20,6 +22,114 @@ def _mT(x):
 def _random_orthogonal(key, batch, d, dtype):
     q, r = jnp.linalg.qr(jax.random.normal(key, batch + (d, d), dtype))
     return q * jnp.sign(jnp.diagonal(r, axis1=-2, axis2=-1))[..., None, :]
+
+
+def _reference(m: int, d: int, dtype) -> jax.Array:
+    """A fixed generic ``(m, d)`` matrix (the same for every call of these sizes): the reference against which
+    :func:`spectral_gauge` orients a subspace's basis."""
+    return jnp.asarray(np.random.default_rng(m * 7919 + d).standard_normal((m, d)), dtype)
+
+
+def _same_cluster(s: jax.Array) -> jax.Array:
+    """``(..., d, d)``: whether singular values ``i`` and ``j`` (descending, ``(..., d)``) are in one cluster of
+    equal values (no adjacent gap between them above ``sqrt(eps)`` of the largest)."""
+    tol = jnp.sqrt(jnp.finfo(s.dtype).eps) * s[..., :1]
+    breaks = (s[..., :-1] - s[..., 1:]) > tol
+    ids = jnp.concatenate([jnp.zeros(s.shape[:-1] + (1,), jnp.int32), jnp.cumsum(breaks, axis=-1, dtype=jnp.int32)],
+                          axis=-1)
+    return ids[..., :, None] == ids[..., None, :]
+
+
+def gauged_powers(M: jax.Array, n: int, powers: tuple[float, ...], Q1: jax.Array | None = None):
+    """``U S^a Q`` for each ``a`` in ``powers``, from the thin SVD ``M = U S V^T`` (``M`` ``(..., r, c)``; its ``n``
+    largest singular triplets) and the gauge ``Q`` of :func:`spectral_gauge` taken at ``Q1 U`` (``Q1``: orthonormal
+    columns, when ``M`` is a factor's coordinates; ``U`` itself when ``None``).
+
+    Differentiated in closed form, not through ``svd``: the SVD's derivative divides by ``s_i - s_j``, and where
+    singular values repeat its singular vectors turn by arbitrary (rounding-sized gaps: ``1e15``) rotations inside
+    the cluster, which the gauge cancels only analytically (jax.grad of a canonical point was garbage or NaN there).
+    Here pairs in one cluster take no rotation, and the cluster's block of ``S^a`` moves by ``a s^(a-1)`` times the
+    symmetric part of ``U^T dM V`` (the derivative of the cluster's spectral function); pairs in different clusters
+    follow the SVD's formula.  Exact where the cluster's values are equal, and at distinct values (clusters of one)."""
+    return _gauged_powers(n, tuple(powers), Q1 is not None, M, Q1 if Q1 is not None else jnp.zeros((), M.dtype))
+
+
+def _gp_primal(n, powers, with_q1, M, Q1):
+    U, s, Vt = jnp.linalg.svd(M, full_matrices=False)
+    U, s, V = U[..., :, :n], s[..., :n], _mT(Vt)[..., :, :n]
+    G = Q1 @ U if with_q1 else U
+    Q = spectral_gauge(G, s)
+    return tuple((U * (s ** a)[..., None, :]) @ Q for a in powers), (U, s, V, Q, G)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
+def _gauged_powers(n, powers, with_q1, M, Q1):
+    return _gp_primal(n, powers, with_q1, M, Q1)[0]
+
+
+@_gauged_powers.defjvp
+def _gauged_powers_jvp(n, powers, with_q1, primals, tangents):
+    M, Q1 = primals
+    dM, dQ1 = tangents
+    outs, (U, s, V, Q, G) = _gp_primal(n, powers, with_q1, M, Q1)
+    Uf, sf, Vtf = jnp.linalg.svd(M, full_matrices=False)  # (the same decomposition; XLA merges the two)
+    Vf = _mT(Vtf)
+    Z = _mT(Uf) @ dM @ Vf  # (..., k, k)
+    k = sf.shape[-1]
+    near = jnp.zeros(sf.shape + (k,), bool).at[..., :n, :n].set(_same_cluster(s))
+    near = near | jnp.broadcast_to(jnp.eye(k, dtype=bool), near.shape)
+    si, sj = sf[..., :, None], sf[..., None, :]
+    num = Z * sj + _mT(Z) * si
+    den = (sj - si) * (sj + si)
+    keep = ~near & (den != 0)
+    K = jnp.where(keep, num / jnp.where(keep, den, 1), jnp.zeros((), M.dtype))[..., :, :n]
+    dU = Uf @ K
+    if M.shape[-2] > k:  # the part of dM V outside the range of U
+        dMV = dM @ V
+        dU = dU + (dMV - Uf @ (_mT(Uf) @ dMV)) / s[..., None, :]
+    Zn = Z[..., :n, :n]
+    sym = 0.5 * (Zn + _mT(Zn))
+    same = _same_cluster(s)
+    mid = 0.5 * (s[..., :, None] + s[..., None, :])
+    dG = (dQ1 @ U + Q1 @ dU) if with_q1 else dU
+    dQ = jax.jvp(lambda g: spectral_gauge(g, s), (G,), (dG,))[1]
+    douts = []
+    for a, out in zip(powers, outs):
+        D = jnp.where(same, sym * a * mid ** (a - 1), jnp.zeros((), M.dtype))
+        Sa = (s ** a)[..., None, :]
+        douts.append(((dU * Sa) + U @ D) @ Q + (U * Sa) @ dQ)
+    return outs, tuple(douts)
+
+
+def spectral_gauge(U: jax.Array, s: jax.Array) -> jax.Array:
+    """The orthogonal matrix ``Q`` (``(..., d, d)``) that fixes the remaining freedom of a thin SVD's left singular
+    vectors ``U`` (``(..., m, d)``, orthonormal columns, singular values ``s`` ``(..., d)`` in descending order):
+    ``U Q`` is the same for every SVD of the same matrix.
+
+    ``Q`` is block-diagonal over clusters of equal singular values (adjacent values closer than ``sqrt(eps)`` of
+    the largest; rounding separates equal values by ``~eps cond``).  A lone singular value's vector is determined
+    up to sign: its ``Q`` entry is the sign that makes the vector's largest-magnitude entry positive.  A cluster of
+    ``k`` equal values determines only its subspace (any ``U_B O``, ``O`` in ``O(k)``, is an SVD): ``Q_B`` is the
+    orthogonal factor of the QR decomposition (positive ``R`` diagonal) of ``U_B^T E_B``, ``E`` a fixed generic
+    matrix (:func:`_reference`), so ``U_B Q_B = U_B U_B^T E_B R^{-1}`` depends on the subspace alone."""
+    m, d = U.shape[-2], U.shape[-1]
+    same = _same_cluster(s)
+    lone = jnp.sum(same, axis=-1) == 1
+    idx = jnp.argmax(jnp.abs(U), axis=-2)
+    sign = jnp.sign(jnp.take_along_axis(U, idx[..., None, :], axis=-2))[..., 0, :]
+    sign = jnp.where(sign == 0, 1, sign).astype(U.dtype)
+    eye = jnp.broadcast_to(jnp.eye(d, dtype=bool), same.shape)
+    signs = jnp.where(eye, jnp.broadcast_to(sign[..., None, :], same.shape), jnp.zeros((), U.dtype))
+
+    def clustered():
+        Y = jnp.where(same, _mT(U) @ _reference(m, d, U.dtype), jnp.zeros((), U.dtype))
+        Y = jnp.where(lone[..., :, None] & eye, signs, Y)
+        Q, R = jnp.linalg.qr(Y)
+        rs = jnp.sign(jnp.diagonal(R, axis1=-2, axis2=-1))
+        return Q * jnp.where(rs == 0, 1, rs).astype(U.dtype)[..., None, :]
+
+    # (distinct values, the usual case: the signs alone, without the QR)
+    return jax.lax.cond(jnp.all(lone), lambda: signs, clustered)
 
 
 class GL(Group):
@@ -41,8 +151,10 @@ class GL(Group):
     solved in the eigenbases of the two Gram matrices (from the SVDs of the factors: :func:`sylvester_vcoeffs`).
     Charge: ``L^T L - R~^T R~`` (a ``d x d`` matrix per head).  Invariant: ``M``.
     Canonical representative: with ``M = U S V^T`` (thin SVD, ``d`` columns), ``L = U S^{1/2}``,
-    ``R~ = V S^{1/2}``, signs fixed so that the largest-magnitude entry of each column of ``U`` is positive:
-    the balanced (minimum-norm) point of the orbit, made unique.  A head whose ``M`` has rank ``< d`` (a zero
+    ``R~ = V S^{1/2}``, signs fixed so that the largest-magnitude entry of each column of ``U`` is positive, and
+    where singular values repeat (an orthonormal or identity-initialised head), whose singular vectors an SVD
+    returns in any basis of their subspace, that basis fixed by :func:`spectral_gauge`: the balanced
+    (minimum-norm) point of the orbit, made unique.  A head whose ``M`` has rank ``< d`` (a zero
     or rank-deficient factor) has no such point on its orbit; canonicalisation leaves it as it is.
     """
 
@@ -183,13 +295,10 @@ class GL(Group):
         def balance(L, R):
             Q1, R1 = jnp.linalg.qr(L)
             Q2, R2 = jnp.linalg.qr(R)
-            u, s, vt = jnp.linalg.svd(R1 @ _mT(R2))
-            U = Q1 @ u
-            idx = jnp.argmax(jnp.abs(U), axis=-2)
-            sign = jnp.sign(jnp.take_along_axis(U, idx[..., None, :], axis=-2))[..., 0, :]
-            sign = jnp.where(sign == 0, 1, sign).astype(L.dtype)
-            # L' = Q1 u diag(sqrt s) diag(sign) = L A  with  A = R1^{-1} u diag(sqrt(s) sign)
-            target = u * (jnp.sqrt(s) * sign)[..., None, :]
+            # with R1 R2^T = u S v^T: L' = Q1 u diag(sqrt s) Q = L A  with  A = R1^{-1} u diag(sqrt s) Q, balanced for
+            # any orthogonal Q (L'^T L' = R'^T R' = Q^T S Q); Q fixes the signs, and the basis where singular values
+            # repeat
+            (target,) = gauged_powers(R1 @ _mT(R2), d, (0.5,), Q1)
             return jnp.linalg.solve(R1, target)
 
         # A head whose M has rank < d (a zero or rank-deficient factor, e.g. a zero-initialised W_O) has no balanced

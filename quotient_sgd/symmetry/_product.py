@@ -7,6 +7,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.scipy.linalg
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
@@ -14,7 +15,7 @@ from jax.flatten_util import ravel_pytree
 from ._base import (Flat, Group, SymmetryError, _check_key, _check_scale, _compiled, cg_vcoeffs,
                     generic_vcoeffs)
 from . import _reduced
-from ._gl import GL, sylvester_vcoeffs
+from ._gl import GL, gauged_powers, sylvester_vcoeffs
 from ._permutation import Permutation, unit_key, unit_order
 
 
@@ -422,10 +423,12 @@ class Product(Group):
         """Canonical representative of a minimal deep linear chain ``M = W_1 W_2 ... W_L`` (every inner width
         ``n`` equal, ``n <= min(d_in, d_out)``, ``M`` of rank ``n``): the orbit is then determined by ``M``.  With
         the thin SVD ``M = U S V^T`` (``n`` columns; signs fixed so that the largest-magnitude entry of each
-        column of ``U`` is positive) the representative is ``W_1 = U S^{1/L}``, ``W_l = S^{1/L}`` (diagonal),
-        ``W_L = S^{1/L} V^T``: balanced (``W_l^T W_l = W_{l+1} W_{l+1}^T``, the minimum-norm point of the orbit),
-        with the remaining orthogonal freedom fixed by the diagonal inner factors.  The element of bond ``l`` is
-        ``A_l = P_l^+ U S^{l/L}`` with ``P_l = W_1 ... W_l`` (the partial product moves as ``P_l -> P_l A_l``).
+        column of ``U`` is positive, and where singular values repeat the basis of their subspace by
+        :func:`~._gl.spectral_gauge`, so that the point is the same for every SVD of ``M``) the representative is
+        ``W_1 = U S^{1/L}``, ``W_l = S^{1/L}`` (diagonal), ``W_L = S^{1/L} V^T``: balanced (``W_l^T W_l = W_{l+1}
+        W_{l+1}^T``, the minimum-norm point of the orbit), with the remaining orthogonal freedom fixed by the
+        diagonal inner factors.  The element of bond ``l`` is ``A_l = P_l^+ U S^{l/L} Q`` with ``P_l = W_1 ...
+        W_l`` (the partial product moves as ``P_l -> P_l A_l``) and ``Q`` the gauge's orthogonal matrix.
         A chain whose ``M`` has rank ``< n`` has no balanced point on its orbit and is left as it is."""
         order, chain = _gl_chain_order(tuple(self.components[i] for i in cl))
         mats = [flat[p] for p in order]
@@ -444,15 +447,14 @@ class Product(Group):
             P = [mats[0]]
             for m in mats[1:]:
                 P.append(P[-1] @ m)
-            U, S, _ = jnp.linalg.svd(P[-1], full_matrices=False)
-            U, S = U[:, :n], S[:n]
-            idx = jnp.argmax(jnp.abs(U), axis=0)
-            sign = jnp.sign(U[idx, jnp.arange(n)])
-            U = U * jnp.where(sign == 0, 1, sign).astype(U.dtype)[None, :]
+            # U S^{l/L} Q: the gauge Q fixes the signs, and the basis where singular values repeat
+            targets = gauged_powers(P[-1], n, tuple(l / L for l in range(1, L)))
             elems = []
-            for l in range(1, L):
-                target = U * (S ** (l / L))[None, :]
-                elems.append(jnp.linalg.lstsq(P[l - 1], target)[0])
+            for l, target in zip(range(1, L), targets):
+                # P_l^+ target by QR (P_l has full column rank n where the chain is usable): lstsq's SVD made
+                # jax.grad garbage (NaN) where P_l's singular values repeat (an orthonormal first factor)
+                q, r = jnp.linalg.qr(P[l - 1])
+                elems.append(jax.scipy.linalg.solve_triangular(r, q.T @ target, lower=False))
             by_name = {c.name: e for c, e in zip(chain, elems)}
             return Word(cl, tuple(by_name[self.components[i].name] for i in cl))
 

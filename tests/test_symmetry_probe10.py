@@ -143,6 +143,43 @@ def test_grad_of_canonical_points_where_singular_values_repeat_is_the_finite_dif
     assert abs(ana - fd) <= 1e-5 * (1 + abs(fd)), (ana, fd)
 
 
+def test_vertical_and_horizontal_take_a_vector_of_another_dtype(x64):
+    """A float64 vector (a gradient computed in float64) on float32 parameters, or the reverse, failed under strict
+    promotion with JAX's bare ``TypePromotionError``, and so did an integer vector.  ``v`` is now projected in the
+    parameters' dtypes and returned in its own floating dtype (integer leaves: the parameters'); a complex ``v`` is
+    refused naming the argument and the leaf."""
+    from flax import nnx
+
+    from quotient_sgd.models import MLP
+
+    model = MLP(3, (4,), 2, rngs=nnx.Rngs(0))
+    group = model.symmetries()
+    _, p32, _ = nnx.split(model, nnx.Param, ...)
+    rng = np.random.default_rng(0)
+    v32 = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), p32)
+    want = group.horizontal(p32, v32)
+    got = group.horizontal(p32, jax.tree.map(lambda x: x.astype(jnp.float64), v32))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert a.dtype == jnp.float64
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    # the reverse: float64 parameters, float32 vector, projected in float64 (horizontal: orthogonal to the tangents)
+    p64 = jax.tree.map(lambda x: x.astype(jnp.float64), p32)
+    h = group.horizontal(p64, v32)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(h))
+    tangents = group.tangents(p64)
+    dots = sum(jnp.sum(t * x.astype(jnp.float64)[None], axis=tuple(range(1, t.ndim)))
+               for t, x in zip(jax.tree.leaves(tangents), jax.tree.leaves(h)))
+    assert float(jnp.max(jnp.abs(dots))) < 1e-6
+    vi = jax.tree.map(lambda x: jnp.ones(x.shape, jnp.int32), p32)
+    vert = group.vertical(p32, vi)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(vert))
+    ones = jax.tree.map(lambda x: jnp.ones(x.shape, jnp.float32), p32)
+    for a, b in zip(jax.tree.leaves(vert), jax.tree.leaves(group.vertical(p32, ones))):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(TypeError, match=r"horizontal: v has dtype complex64 at \('layers', 0, 'bias'\)"):
+        group.horizontal(p32, jax.tree.map(lambda x: x.astype(jnp.complex64), v32))
+
+
 def test_particles_and_moments_of_mixed_or_integer_dtypes(x64):
     """``particles`` of float32 weights with a float64 bias, and ``particle_moments`` of integer particles, failed
     under strict promotion (``TypePromotionError`` in the concatenation / the division by n); they are computed in

@@ -332,7 +332,8 @@ class Group(eqx.Module):
         return _compiled(self, "_charges", flat)
 
     def _flat_like(self, flat: Flat, v, method: str) -> Flat:
-        """``v`` flattened, with a ``ValueError`` naming the first leaf whose path or shape differs from ``params``."""
+        """``v`` flattened, with a ``ValueError`` naming the first leaf whose path or shape differs from ``params``
+        and a ``TypeError`` naming a leaf that is not real numbers."""
         vflat, _ = _tree.flatten(v)
         for p, x in flat.items():
             if p not in vflat:
@@ -341,23 +342,38 @@ class Group(eqx.Module):
             if jnp.shape(vflat[p]) != x.shape:
                 raise ValueError(f"{method}: v has shape {jnp.shape(vflat[p])} at {p!r} where params has {x.shape}; "
                                  f"it must be a pytree like params")
+            dtype = jnp.result_type(vflat[p])
+            if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer) or dtype == bool):
+                raise TypeError(f"{method}: v has dtype {dtype} at {p!r}; it must hold real numbers (a complex "
+                                f"vector has no Euclidean projection here)")
         if len(vflat) != len(flat):
             extra = [p for p in vflat if p not in flat]
             raise ValueError(f"{method}: v has leaves that params lacks: {extra}; it must be a pytree like params")
         return vflat
 
-    def vertical(self, params, v):
-        """Euclidean projection of ``v`` (a pytree like ``params``) onto the orbit tangent space at ``params``."""
+    def _project(self, params, v, method: str):
+        """``vertical`` / ``horizontal``.  ``v`` is computed in the parameters' dtypes (a float64 gradient of float32
+        parameters, or the reverse, failed under strict promotion with JAX's bare ``TypePromotionError``) and
+        returned in its own floating dtypes (integer leaves: the parameters')."""
         flat, treedef = self._flat(params)
-        vflat = self._flat_like(flat, v, "vertical")
-        out = _compiled(self, "_vertical_flat", flat, vflat)
+        vflat = self._flat_like(flat, v, method)
+        given = {p: jnp.result_type(x) for p, x in vflat.items()}
+        vflat = {p: jnp.asarray(x).astype(flat[p].dtype) if given[p] != flat[p].dtype else x
+                 for p, x in vflat.items()}
+        out = _compiled(self, "_vertical_flat" if method == "vertical" else "_horizontal_flat", flat, vflat)
+        out = {p: x.astype(given[p]) if jnp.issubdtype(given[p], jnp.floating) else x for p, x in out.items()}
         return _tree.unflatten(out, treedef)
 
+    def vertical(self, params, v):
+        """Euclidean projection of ``v`` (a pytree like ``params``) onto the orbit tangent space at ``params``.
+        ``v`` may have other real dtypes than ``params``: it is projected in the parameters' dtypes and returned in
+        its own (integer leaves in the parameters')."""
+        return self._project(params, v, "vertical")
+
     def horizontal(self, params, v):
-        """``v - vertical(params, v)``: the component of ``v`` orthogonal to the orbit."""
-        flat, treedef = self._flat(params)
-        vflat = self._flat_like(flat, v, "horizontal")
-        return _tree.unflatten(_compiled(self, "_horizontal_flat", flat, vflat), treedef)
+        """``v - vertical(params, v)``: the component of ``v`` orthogonal to the orbit (dtypes as for
+        :meth:`vertical`)."""
+        return self._project(params, v, "horizontal")
 
     def tangents(self, params):
         """The orbit tangent vectors ``J e_i`` for a basis ``e_i`` of the Lie algebra, stacked on a leading axis

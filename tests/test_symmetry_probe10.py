@@ -200,3 +200,24 @@ def test_particles_and_moments_of_mixed_or_integer_dtypes(x64):
     for k in want:
         assert mom[k].dtype == jnp.float64
         np.testing.assert_array_equal(mom[k], want[k])
+
+
+def test_act_reads_an_element_of_another_float_width_in_the_parameters_dtypes(x64):
+    """An element sampled at float64 parameters applied to float32 ones (or the reverse) failed under strict
+    promotion with JAX's bare ``TypePromotionError`` for a GL action (attention heads) and a logit translation,
+    while a rescale's or a scale's element was read in the parameters' dtype; every action now reads it so: the
+    result has the parameters' dtypes and equals acting with the element cast to them."""
+    from symmetry_cases import attention_group, attention_params, mlp_group, mlp_params
+
+    cases = [(attention_group(), attention_params(jax.random.key(0), 4, 2, 2, jnp.float64)),
+             (mlp_group((3, 4, 2)), mlp_params(jax.random.key(1), (3, 4, 2), jnp.float64))]
+    for group, p64 in cases:
+        p32 = jax.tree.map(lambda x: x.astype(jnp.float32), p64)
+        for p_from, p_to in ((p64, p32), (p32, p64)):
+            g = group.sample(jax.random.key(2), p_from)
+            got = group.act(g, p_to)
+            g_cast = jax.tree.map(lambda e, t: e.astype(t.dtype), g, group.sample(jax.random.key(2), p_to))
+            want = group.act(g_cast, p_to)
+            for a, b, x in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(p_to)):
+                assert a.dtype == x.dtype
+                np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)

@@ -251,6 +251,7 @@ class GL(Group):
     def _act(self, g, flat):
         out = dict(flat)
         L, R = self._L(flat), self._R(flat)
+        g = g.astype(L.dtype)  # (an element of another float width: sampled at float64 parameters)
         out.update(self._unstack(flat, L @ g, _mT(jnp.linalg.solve(g, _mT(R)))))
         return out
 
@@ -260,6 +261,7 @@ class GL(Group):
     def _cotransport(self, g, cot):
         # rho(A): L -> L A, R -> R A^{-T}; so rho(A)^{-T}: L -> L A^{-T}, R -> R A (one inverse, no solve with it)
         out = dict(cot)
+        g = g.astype(self._L(cot).dtype)
         out.update(self._unstack(cot, self._L(cot) @ _mT(jnp.linalg.inv(g)), self._R(cot) @ g))
         return out
 

@@ -68,9 +68,10 @@ class Translation(Group):
 
     def _act(self, g, flat):
         out = dict(flat)
-        out[self.kernel] = flat[self.kernel] + g["a"][:, None]
+        # (an element of another float width, sampled at float64 parameters, is read in the parameters' dtypes)
+        out[self.kernel] = flat[self.kernel] + g["a"][:, None].astype(flat[self.kernel].dtype)
         if self.bias is not None:
-            out[self.bias] = flat[self.bias] + g["c"]
+            out[self.bias] = flat[self.bias] + g["c"].astype(flat[self.bias].dtype)
         return out
 
     def _inverse(self, g):

@@ -209,8 +209,9 @@ def test_act_reads_an_element_of_another_float_width_in_the_parameters_dtypes(x6
     result has the parameters' dtypes and equals acting with the element cast to them."""
     from symmetry_cases import attention_group, attention_params, mlp_group, mlp_params
 
-    cases = [(attention_group(), attention_params(jax.random.key(0), 4, 2, 2, jnp.float64)),
-             (mlp_group((3, 4, 2)), mlp_params(jax.random.key(1), (3, 4, 2), jnp.float64))]
+    cases = [(attention_group().component("qk"), attention_params(jax.random.key(0), 4, 2, 2, jnp.float64)),
+             (mlp_group((3, 4, 2), rescale=False, permutation=False),
+              mlp_params(jax.random.key(1), (3, 4, 2), jnp.float64))]
     for group, p64 in cases:
         p32 = jax.tree.map(lambda x: x.astype(jnp.float32), p64)
         for p_from, p_to in ((p64, p32), (p32, p64)):

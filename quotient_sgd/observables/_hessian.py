@@ -200,6 +200,23 @@ def _scalar_dtype(v0):
     return jax.tree.leaves(v0)[0].dtype
 
 
+def _cast(v, like):
+    """``v`` with its leaves in ``like``'s leaves' dtypes (``like`` a pytree), or all in the dtype ``like``."""
+    if isinstance(like, (np.dtype, type)):
+        return jax.tree.map(lambda x: jnp.asarray(x).astype(like), v)
+    return jax.tree.map(lambda x, y: jnp.asarray(x).astype(y.dtype), v, like)
+
+
+def _iteration_dtype(leaves):
+    """The dtype the Lanczos iteration runs in: the leaves' common one by JAX's standard promotion, whatever
+    ``jax_numpy_dtype_promotion`` is (under ``"strict"``, leaves of several dtypes, float32 with bfloat16 or float64
+    with float32, failed with a bare ``TypePromotionError``), and at least float32: ``eigh`` of the tridiagonal
+    matrix has no bfloat16 / float16 kernel on XLA:CPU ("Unsupported dtype bfloat16"), and those dtypes' 8 / 11
+    bits cannot keep a basis orthogonal.  The operator still sees each leaf in its own dtype."""
+    with jax.numpy_dtype_promotion("standard"):
+        return jnp.result_type(jnp.float32, *leaves)
+
+
 def _normalised(v0):
     n = _sqrt0(_vdot(v0, v0))
     return _lincomb(1 / n, v0)
@@ -326,7 +343,19 @@ def lanczos_extremes(
         matvec = lambda v: domain(product(v))  # noqa: E731
     if method == "matfree":
         tridiag = decomp.tridiag_sym(num_matvecs, reortho="full", materialize=True, custom_vjp=False)
-        vals, vecs = eig.eigh_partial(tridiag)(matvec, v0)
+        v0 = jax.tree.map(jnp.asarray, v0)
+        own = jax.tree.leaves(v0)
+        dt = _iteration_dtype(own)
+        if any(x.dtype != dt for x in own):
+            # matfree ravels the vectors (one dtype) and runs eigh in their dtype: run it in the iteration dtype,
+            # the operator on the leaves' own dtypes, the vectors returned in them
+            op = matvec
+            like = v0
+            matvec = lambda v: _cast(op(_cast(v, like)), dt)  # noqa: E731
+            vals, vecs = eig.eigh_partial(tridiag)(matvec, _cast(v0, dt))
+            vecs = jax.tree.map(lambda x, y: x.astype(y.dtype), vecs, like)
+        else:
+            vals, vecs = eig.eigh_partial(tridiag)(matvec, v0)
     elif method in ("loop", "unrolled"):
         v0 = jax.tree.map(jnp.asarray, v0)
         lanczos = _lanczos_loop if method == "loop" else _lanczos_unrolled
@@ -337,7 +366,7 @@ def lanczos_extremes(
         # against 36.3-37.6 ms for P H P, whose per-unit projection fused with the reshapes into slow loops.
         # (One ravelled vector, as before, cost a concatenation per ravel: 37.7 and 43.4 ms.)
         own, treedef = jax.tree.flatten(v0)
-        dt = jnp.result_type(*own)
+        dt = _iteration_dtype(own)
         if domain is None:
             def to_iter(v):
                 return [jnp.reshape(jnp.asarray(x, dt), (-1,)) for x in jax.tree.leaves(v)]

@@ -12,8 +12,14 @@ from .._reduce import sum_all, sum_except, vdot
 
 
 def tree_dot(a, b) -> jax.Array:
-    """``<a, b>`` summed over all leaves."""
+    """``<a, b>`` summed over all leaves (leaves of several dtypes: in their common one by JAX's standard promotion,
+    whatever ``jax_numpy_dtype_promotion`` is; under ``"strict"`` the sum of a float32 and a bfloat16 or float64
+    leaf's terms failed with a bare ``TypePromotionError``)."""
     leaves = [vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+    if len({x.dtype for x in leaves}) > 1:
+        with jax.numpy_dtype_promotion("standard"):
+            dt = jnp.result_type(*leaves)
+        leaves = [x.astype(dt) for x in leaves]
     return sum(leaves[1:], leaves[0])
 
 

@@ -112,3 +112,20 @@ def test_lanczos_extremes_of_float64_and_float32_leaves(x64):
         assert ex.top.dtype == jnp.float64, method
         np.testing.assert_allclose([ex.top[0], ex.bottom[0]], [dense[-1], dense[0]], atol=1e-5, err_msg=method)
         assert ex.top_vectors["a"].dtype == jnp.float32 and ex.top_vectors["b"].dtype == jnp.float64
+
+
+def test_hessian_extremes_of_parameters_with_python_numbers_and_empty_leaves():
+    """A Python float among the parameters (jax.grad takes it) failed in the start vector's draw with
+    "'float' object has no attribute 'dtype'"; it is a 0-d parameter now, beside an empty leaf, and the extremes
+    keep their multiplicities (3 twice)."""
+    def loss(p):
+        return 1.5 * p["a"] ** 2 + 0.5 * jnp.sum(jnp.arange(1.0, 4.0).at[1].set(3.0) * p["b"] ** 2) + jnp.sum(p["e"])
+
+    params = {"a": 1.0, "b": jnp.ones(3), "e": jnp.ones((0,))}
+    ex = qobs.sharpness_raw(loss, params, key=jax.random.key(0), num_matvecs=6, k=2)
+    np.testing.assert_allclose(ex.top, [3.0, 3.0], rtol=1e-5)
+    np.testing.assert_allclose(ex.bottom, [1.0, 3.0], rtol=1e-5)
+    assert {n: v.shape for n, v in ex.top_vectors.items()} == {"a": (2,), "b": (2, 3), "e": (2, 0)}
+    pre = qobs.sharpness_preconditioned(loss, params, jax.tree.map(lambda x: jnp.full(jnp.shape(x), 2.0), params),
+                                        key=jax.random.key(0), num_matvecs=4)
+    np.testing.assert_allclose([pre.top[0], pre.bottom[0]], [1.5, 0.5], rtol=1e-5)

@@ -474,6 +474,9 @@ def hessian_extremes(
     with ``method``, started from a projected Gaussian vector; for ``k > 1`` restarted from another after a
     breakdown, so that repeated eigenvalues keep their multiplicity once the Krylov space is exhausted)."""
     _check_key("hessian_extremes", key)
+    # a Python number among the parameters (which jax.grad takes) failed in the start vector's draw with
+    # "'float' object has no attribute 'dtype'"
+    params = jax.tree.map(jnp.asarray, params)
     v0 = tree_random_normal(key, params)
     if project is not None:
         v0 = project(v0)
@@ -615,6 +618,7 @@ def sharpness_preconditioned(loss_fn, params, preconditioner, *, key, num_matvec
         key, num_matvecs, k, method: as in :func:`hessian_extremes`.
     """
     _check_key("sharpness_preconditioned", key)
+    params = jax.tree.map(jnp.asarray, params)  # (Python numbers: as in hessian_extremes)
     s = jax.tree.map(lambda p, x: jax.lax.rsqrt(jnp.asarray(p, x.dtype)), preconditioner, params)
     _, lin = jax.linearize(jax.grad(loss_fn), params)
 

@@ -280,6 +280,65 @@ def _check_model_size(s: Settings, memory: int | None = None) -> None:
            f"gives this {s.model.name} {n} parameters, whose training state (parameters, gradient and the "
            f"{s.optim.name} state: {copies} float32 copies) takes at least {nbytes / 2**30:.3g} GiB, more than this "
            f"machine's {memory / 2**30:.3g} GiB of memory; use a smaller model.{key}")
+    width = _activation_width(s)
+    n_eval = max(split_sizes(s.data))
+    activations = 4 * n_eval * width
+    if nbytes + activations > memory:
+        # the evaluation at every chunk's end runs the whole training (and test) split through the model at once
+        d = s.data
+        count = ("data.p" if d.name == "modular_arithmetic" else None if d.name == "digits"
+                 else "data.n_train" if d.n_train >= d.n_test else "data.n_test")
+        akey = count if count is not None and n_eval > width else f"model.{key}"
+        _check(False, akey, getattr(s.model if akey.startswith("model.") else d, akey.split(".")[1]),
+               f"the evaluation at the end of every chunk runs the {n_eval} examples of a split through this "
+               f"{s.model.name} at once, and its widest layer alone holds {width} float32 numbers an example: at "
+               f"least {activations / 2**30:.3g} GiB (with the training state {(nbytes + activations) / 2**30:.3g} "
+               f"GiB), more than this machine's {memory / 2**30:.3g} GiB of memory; use "
+               + (f"a smaller {count} or " if count is not None else "") + f"a smaller model.{key}")
+    ob = s.observables
+    if ob.hessian_every > 0:
+        # the Lanczos iteration keeps its lanczos_steps basis vectors (each as large as the parameters) and
+        # diagonalises the lanczos_steps x lanczos_steps tridiagonal matrix as a dense one, with its eigenvectors
+        # (jnp.linalg.eigh: the matrix and the vectors, at least; XLA:CPU took 24 bytes an entry): lanczos_steps =
+        # 100000 on the 161-parameter tiny config validated and failed in the first chunk, "Out of memory
+        # allocating 240001506024 bytes"
+        m = ob.lanczos_steps
+        lanczos = 4 * m * n + 8 * m * m
+        _check(nbytes + lanczos <= memory, "observables.lanczos_steps", m,
+               f"the Lanczos iteration of the Hessian extremes (observables.hessian_every = {ob.hessian_every}) keeps "
+               f"{m} vectors of this {s.model.name}'s {n} parameters and diagonalises a {m} x {m} matrix: at least "
+               f"{lanczos / 2**30:.3g} GiB (with the training state {(nbytes + lanczos) / 2**30:.3g} GiB), more than "
+               f"this machine's {memory / 2**30:.3g} GiB of memory; use fewer observables.lanczos_steps (a Krylov "
+               f"space has at most as many dimensions as the parameters: {n} here)")
+    if s.observables.noise_every > 0:
+        # the noise temperature takes the gradient of every example of the batch at once (jax.jacrev of the
+        # per-example losses): one float32 copy of the parameters per example, beside the training state
+        batch = s.data.batch_size or train_size(s.data)  # (a batch-size sweep is refused with the noise)
+        per_example = 4 * n * batch
+        _check(nbytes + per_example <= memory, "observables.per_example_grads", s.observables.per_example_grads,
+               f"the gradient-noise temperature (observables.noise_every = {s.observables.noise_every}) takes the "
+               f"gradients of the {batch} examples of a batch at once, {batch} float32 copies of this "
+               f"{s.model.name}'s {n} parameters ({per_example / 2**30:.3g} GiB; with the training state at least "
+               f"{(nbytes + per_example) / 2**30:.3g} GiB), more than this machine's {memory / 2**30:.3g} GiB of "
+               f"memory; use a smaller data.batch_size, a smaller model.{key}, or observables.noise_every=0")
+
+
+def _activation_width(s: Settings) -> int:
+    """The float32 numbers an example puts in the configured model's widest layer output (a lower bound of what a
+    forward pass holds per example): an MLP's widest hidden layer, a CNN's widest feature map (8 x 8 pixels, SAME
+    padding, stride 1), a Transformer's widest of its MLP and attention per token position."""
+    from ._build_check import input_spec
+
+    m = s.model
+    shape, dout, _ = input_spec(s)
+    if m.name in ("mlp", "deep_linear"):
+        return max((*m.hidden, dout))
+    if m.name == "meanfield":
+        return max(m.width, dout)
+    if m.name == "cnn":
+        return max(64 * max(m.channels, default=1), dout)
+    seq = shape[0]
+    return seq * max(m.d_model * m.mlp_ratio, m.num_heads * seq, dout)
 
 
 def _check_model(m: ModelSettings, d: DataSettings) -> None:
@@ -493,6 +552,60 @@ def _check_members(sw, axis: str, ok, allowed: str) -> None:
         _check(ok(v), f"sweep.{axis}", values, f"{allowed}; sweep.{axis}[{i}] = {v!r} is not")
 
 
+def _f32(v: float) -> float:
+    """``v`` as the float32 the compiled programs compute with (``inf`` beyond its range, 0 below it)."""
+    with np.errstate(over="ignore", under="ignore"):
+        return float(np.float32(v))
+
+
+def _as_run(v):
+    """A sweep value as the member runs with it: floats (learning rates, decays, momenta, gauges) are float32
+    inputs of the compiled programs, so ``0.1`` and ``0.1 + 1e-12`` are one member."""
+    return _f32(v) if isinstance(v, float) else v
+
+
+#: The float settings the programs take as float32: ``True`` where the value must stay > 0 there.
+_FLOAT32_KEYS = {"optim.lr": True, "optim.eps": True, "optim.weight_decay": False, "optim.clip_norm": False,
+                 "init_gauge": False, "sweep.lr": True, "sweep.weight_decay": False, "sweep.init_gauge": False}
+
+
+def _check_float32(s: Settings) -> None:
+    """Every float setting that the programs take as float32 stays what validation allowed there: finite, and
+    > 0 where it must be (``optim.lr = 1e39`` validated as a finite number > 0 and ran with an infinite learning
+    rate; ``1e-50`` ran with 0)."""
+    tiny, big = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
+    for key, positive in _FLOAT32_KEYS.items():
+        obj = s
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        for i, v in enumerate(obj if isinstance(obj, tuple) else (obj,)):
+            x = _f32(v)
+            if math.isfinite(x) and (not positive or x >= tiny):
+                continue
+            where = f"; {key}[{i}] = {v!r} is not" if isinstance(obj, tuple) else ""
+            raise _err(key, obj, f"the programs compute in float32, where {v!r} is {x!r}: use "
+                                 + (f"values in [{tiny:.3g}, {big:.3g}]" if positive else f"values <= {big:.3g}")
+                                 + where)
+
+
+def _repeats(values: list, convert) -> tuple[list, str]:
+    """``(the values that occur more than once, a note)``, values compared as the members run with them
+    (``convert``: one function per element of the tuples of ``values``, or a 1-tuple for plain values); counted in
+    one pass (``list.count`` per value was quadratic: 20000 seeds took 12 s, 20000 zipped pairs 40 s).  The note
+    says when distinct values collide only as run."""
+    import collections
+
+    key = ((lambda v: tuple(f(x) for f, x in zip(convert, v))) if values and isinstance(values[0], tuple)
+           else convert[0])
+    groups: dict = collections.defaultdict(list)
+    for v in values:
+        groups[key(v)].append(v)
+    dup = sorted({v for g in groups.values() if len(g) > 1 for v in g})
+    rounded = any(len(set(g)) > 1 for g in groups.values())
+    return dup, (" (distinct values that are the same float32 number, the value a member runs with)" if rounded
+                 else "")
+
+
 def _check_sweep(s: Settings) -> None:
     sw = s.sweep
     _check_choice("sweep.mode", sw.mode, SWEEP_MODES)
@@ -503,14 +616,14 @@ def _check_sweep(s: Settings) -> None:
         lens = {a: len(v) for a, v in axes.items()}
         _check(len(set(lens.values())) == 1, "sweep.mode", sw.mode, f"zip needs equally long lists, got {lens}")
     for a, vals in axes.items():
-        dup = sorted({v for v in vals if vals.count(v) > 1})
+        dup, rounded = _repeats(vals, (_as_run,))
         _check(sw.mode != "product" or not dup, f"sweep.{a}", vals,
-               f"repeats {dup}: the product would run identical members; list each value once")
+               f"repeats {dup}{rounded}: the product would run identical members; list each value once")
     if sw.mode == "zip" and axes:
-        rows = list(zip(*axes.values()))
-        dup = sorted({r for r in rows if rows.count(r) > 1})
+        dup, rounded = _repeats(list(zip(*axes.values())), [_as_run] * len(axes))
         _check(not dup, "sweep.mode", sw.mode,
-               f"zip pairs {list(axes)} repeat the member(s) {dup}: identical members; make every member distinct")
+               f"zip pairs {list(axes)} repeat the member(s) {dup}{rounded}: identical members; make every member "
+               f"distinct")
     n = train_size(s.data)
     _check_members(sw, "lr", lambda v: v > 0 and math.isfinite(v), "every value must be a finite number > 0")
     _check_members(sw, "batch_size", lambda v: 1 <= v <= n,
@@ -559,8 +672,10 @@ def _check_int32(s: Settings) -> None:
 def validate(cfg: Mapping[str, Any] | Any, *, check_memory: bool = True) -> Settings:
     """``ConfigDict`` (or nested dict) -> :class:`Settings`, or :class:`ConfigError` naming the key, the value
     and what is allowed.  Pure: nothing is computed on device and nothing is written.  ``check_memory=False``
-    leaves out the checks against this machine's memory (a data set or a model too large for it): a recorded
-    config is read with it (:func:`from_dict`), so that a run made on a larger machine can be reported here."""
+    leaves out the checks against this machine's memory (a data set, a model, its per-example gradients, Lanczos
+    vectors or evaluation too large for it) and of float settings against float32's range: a recorded config is
+    read with it (:func:`from_dict`), so that a run made on a larger machine (or by a version that let such a value
+    pass) can be reported here."""
     if not (isinstance(cfg, Mapping) or hasattr(cfg, "to_dict")):
         raise ConfigError(f"config = {cfg!r}: expected a ConfigDict or a dict of the run sections "
                           f"{sorted(SECTIONS)}, got {type(cfg).__name__} (get_config() returns the ConfigDict of "
@@ -599,6 +714,8 @@ def validate(cfg: Mapping[str, Any] | Any, *, check_memory: bool = True) -> Sett
         _check_model_size(s)
     _check_symmetry(s)
     _check_sweep(s)
+    if check_memory:  # (a recorded config ran with what it held: it is reported as it is)
+        _check_float32(s)
     return s
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import math
+import operator
 import os
 import sys
 import time
@@ -15,6 +17,7 @@ from ..config import Settings
 from ..optim import flatten_trajectory
 from ._build import Built, build, require_settings
 from ._chunk import hyper_of, init_program, single_programs, to_host
+from ._memory import check_run_memory
 from ._rundir import (
     Checkpoints,
     MetricsLog,
@@ -39,14 +42,49 @@ class RunResult:
     resumed_from: int
 
 
-def chunk_bounds(start: int, total: int, every: int) -> list[tuple[int, int]]:
-    """Chunks ``[a, b)`` aligned to multiples of ``every`` (the same boundaries whatever the resume point)."""
-    out, a = [], start
-    while a < total:
-        b = min((a // every + 1) * every, total)
-        out.append((a, b))
-        a = b
-    return out
+class ChunkBounds(collections.abc.Sequence):
+    """The chunks ``[a, b)`` from ``start`` to ``total``, aligned to multiples of ``every`` (the same boundaries
+    whatever the resume point), computed on demand: a schedule of ``2^31`` one-step chunks takes no memory (a
+    list of them was built before the first step, 2^31 tuples).  Slicing keeps it lazy (``chunks[:k]``)."""
+
+    def __init__(self, start: int, total: int, every: int):
+        self.start, self.total, self.every = int(start), int(total), int(every)
+        self._first = min((self.start // self.every + 1) * self.every, self.total)
+        self._n = 0 if self.start >= self.total else 1 + -(-(self.total - self._first) // self.every)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            lo, hi, stride = i.indices(self._n)
+            if stride != 1:
+                return [self[k] for k in range(lo, hi, stride)]
+            if hi <= lo:
+                return ChunkBounds(self.start, self.start, self.every)
+            return ChunkBounds(self[lo][0], self[hi - 1][1], self.every)
+        k = operator.index(i)
+        k = k + self._n if k < 0 else k
+        if not 0 <= k < self._n:
+            raise IndexError(f"chunk {i} of {self._n}")
+        if k == 0:
+            return self.start, self._first
+        a = self._first + (k - 1) * self.every
+        return a, min(a + self.every, self.total)
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, ChunkBounds):
+            return len(self) == len(other) and (not len(self) or (self[0], self[-1]) == (other[0], other[-1]))
+        return isinstance(other, (list, tuple)) and len(other) == len(self) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"ChunkBounds(start={self.start}, total={self.total}, every={self.every}: {len(self)} chunks)"
+
+
+def chunk_bounds(start: int, total: int, every: int) -> ChunkBounds:
+    """Chunks ``[a, b)`` aligned to multiples of ``every`` (the same boundaries whatever the resume point), as a
+    lazy sequence (:class:`ChunkBounds`)."""
+    return ChunkBounds(start, total, every)
 
 
 def scalar_rows(traj: dict[str, np.ndarray], start: int, every: int, last: int) -> list[dict]:
@@ -153,6 +191,7 @@ def run(settings: Settings, workdir: str, *, max_chunks: int | None = None) -> R
     require_tensorboard(s)
     check_workdir(workdir, s)  # raises before anything is written
     b = build(s)  # (cached: runs that differ only in program inputs share one Built)
+    check_run_memory(b, s)  # (its trajectory and, on an accelerator, a chunk: before anything is computed)
     created = not os.path.isdir(workdir)
     make_directory(workdir)
     lock = lock_directory(workdir)

@@ -309,6 +309,56 @@ def _clean(v):
     return v if math.isfinite(v) else str(v)
 
 
+def _parse_row(line: str) -> dict | None:
+    """The metric row a line of ``metrics.jsonl`` holds (its values as numbers: the non-finite ones are written as
+    the strings ``"nan"``, ``"inf"``), or ``None`` when it holds none: not JSON (a torn line), or JSON that is no
+    row quotient_sgd writes (not an object, no integer ``step``, a value that is no number)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    step = row.get("step") if isinstance(row, dict) else None
+    if isinstance(step, float) and step.is_integer():  # (a step written as 5.0: the row of step 5)
+        row["step"] = step = int(step)
+    if not isinstance(step, int) or isinstance(step, bool):
+        return None
+    try:
+        return {k: (float(v) if isinstance(v, str) else v) for k, v in row.items()}
+    except ValueError:
+        return None
+
+
+def _scan_metrics(path: str, warn: bool, stacklevel: int = 3) -> list[tuple[str, dict]]:
+    """``[(line, row)]`` of the rows of ``metrics.jsonl`` at ``path``, in file order.  Blank lines (whitespace
+    only: a hand edit, an editor's trailing newline) are skipped; they held no row, and the rows after them are
+    read.  A last line that is no row is the torn line of a run killed while appending its rows: left out (with a
+    ``RuntimeWarning`` when ``warn``).  A line before the last that is no row (a hand edit; a kill leaves a torn
+    line only at the end, and a resume drops it before appending) is left out with a ``RuntimeWarning`` naming it,
+    and the rows after it are read: every valid row is kept."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        lines = f.readlines()
+    filled = [n for n, line in enumerate(lines) if line.strip()]
+    out = []
+    for n in filled:
+        row = _parse_row(lines[n])
+        if row is not None:
+            out.append((lines[n], row))
+            continue
+        text = lines[n].strip()[:60]
+        if n == filled[-1]:
+            if warn:
+                warnings.warn(f"{path}: line {n + 1} is not a complete JSON row ({text!r}: a run killed while "
+                              f"appending its rows); ignoring it, {len(out)} row(s) read", RuntimeWarning,
+                              stacklevel=stacklevel)
+        else:
+            warnings.warn(f"{path}: line {n + 1} is not a metric row ({text!r}: a JSON object with an integer "
+                          f"'step' and numbers); ignoring it and keeping the rows after it", RuntimeWarning,
+                          stacklevel=stacklevel)
+    return out
+
+
 class MetricsLog:
     """``metrics.jsonl``: one JSON object per logged step (``{"step": k, "loss": ..., ...}``)."""
 
@@ -316,18 +366,13 @@ class MetricsLog:
         self.path = path
 
     def truncate(self, step: int) -> None:
-        """Keep the rows with ``step < step`` (and drop a torn last line), atomically."""
+        """Keep the rows with ``step < step``, atomically.  Blank lines and a torn last line are dropped, and
+        the rows after a blank line are kept (:func:`_scan_metrics`: a blank line inside the file ended the rows
+        kept, and a resumed run lost every row after it)."""
         if not os.path.exists(self.path):
             return
-        keep = []
-        with open(self.path) as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    break
-                if row.get("step", -1) < step:
-                    keep.append(line if line.endswith("\n") else line + "\n")
+        keep = [line if line.endswith("\n") else line + "\n"
+                for line, row in _scan_metrics(self.path, warn=False) if row["step"] < step]
         with durable_write(self.path) as f:
             f.writelines(keep)
 
@@ -344,27 +389,12 @@ class MetricsLog:
 
 
 def read_metrics(path: str) -> list[dict]:
-    """The rows of ``metrics.jsonl``.  A line that is not JSON (the torn last line of a run killed while
-    appending its rows) ends the rows read, as :meth:`MetricsLog.truncate` drops it and what follows on resume:
-    a killed run can be reported.  A ``RuntimeWarning`` names the file, the line and how many lines are
-    ignored."""
-    rows = []
-    if os.path.exists(path):
-        with open(path) as f:
-            lines = f.readlines()
-        for n, line in enumerate(lines):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    rest = len(lines) - n
-                    warnings.warn(f"{path}: line {n + 1} is not a complete JSON row ({line.strip()[:60]!r}: a run "
-                                  f"killed while appending its rows); ignoring it"
-                                  + (f" and the {rest - 1} line(s) after it" if rest > 1 else "")
-                                  + f", {len(rows)} row(s) read", RuntimeWarning, stacklevel=2)
-                    break
-                rows.append({k: (float(v) if isinstance(v, str) else v) for k, v in row.items()})
-    return rows
+    """The rows of ``metrics.jsonl``, as :meth:`MetricsLog.truncate` keeps them on resume: blank lines are
+    skipped (the rows after them are read), a last line that is not JSON (the torn last line of a run killed while
+    appending its rows) is left out with a ``RuntimeWarning`` naming the file, the line and how many rows were
+    read, so a killed run can be reported; a line before the last that holds no row is left out with a
+    ``RuntimeWarning`` too."""
+    return [row for _, row in _scan_metrics(path, warn=True)]
 
 
 # ---- trajectory parts ------------------------------------------------------------------------------------------

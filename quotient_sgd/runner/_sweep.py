@@ -39,19 +39,19 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from .._durable import durable_write
-from ..config import SWEEP_AXES, Settings, SweepSettings, from_dict, unused_keys
+from ..config import SWEEP_AXES, ConfigError, Settings, SweepSettings, from_dict, unused_keys
 from ..optim import flatten_trajectory, member_axes
 from ._batches import batch_fn
 from ._build import Built, batch_key, build, init_model, make_inner_optimizer, require_settings
 from ._chunk import (
     chunk_step,
-    hyper as _hyper,
     init_program,
-    init_state,
     single_programs,
     to_host_finish,
     to_host_start,
 )
+from ._memory import state_shapes as _state_shapes
+from ._memory import sweep_members_cap
 from ._run import _tensorboard, chunk_bounds, first_divergence, require_tensorboard, scalar_rows, write_tensorboard
 from ._rundir import (
     SWEEP_REPORT_KEYS,
@@ -103,6 +103,15 @@ def sweep_members(s: Settings) -> list[dict[str, Any]]:
     return [dict(zip(names, c)) for c in combos]
 
 
+def num_members(s: Settings) -> int:
+    """How many members :func:`sweep_members` lists, by arithmetic (the product of the axes' lengths, or their
+    common length under ``zip``; 1 without axes)."""
+    lens = [len(v) for v in s.sweep.axes().values()]
+    if not lens:
+        return 1
+    return math.prod(lens) if s.sweep.mode == "product" else min(lens)
+
+
 def member_settings(s: Settings, i: int, member: dict) -> Settings:
     """The plain run a member is: the sweep's settings with the member's values, and no sweep."""
     m = s.replace(**{SWEEP_AXES[a]: v for a, v in member.items()})
@@ -110,11 +119,6 @@ def member_settings(s: Settings, i: int, member: dict) -> Settings:
 
 
 # ---- programs ------------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=16)
-def _state_shapes(b: Built):
-    return jax.eval_shape(lambda: init_state(b, jnp.int32(0), jnp.float32(0), _hyper(b, 0.1, 0.0, 0.0)))
 
 
 def _state_axes(b: Built):
@@ -297,6 +301,15 @@ def plain_step_flops(b: Built, padded_batch: int | None = None) -> float:
 
 
 _SAVED_EVENT = "/jax/compilation_cache/compile_time_saved_sec"
+
+
+def _temporary_bytes(compiled) -> int | None:
+    """The bytes of temporaries XLA allocates for one call of ``compiled`` (per device), ``None`` where the backend
+    does not say."""
+    try:
+        return int(compiled.memory_analysis().temp_size_in_bytes)
+    except Exception:  # noqa: BLE001  (no memory analysis on this backend)
+        return None
 
 
 def compile_seconds(lowered) -> tuple[Any, float]:
@@ -613,8 +626,7 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
            plots: bool | None, max_chunks: int | None) -> SweepResult:
     t0 = time.time()
     s = settings
-    members = sweep_members(s)
-    n = len(members)
+    n = num_members(s)  # (the members themselves once the memory check has passed: a product may be huge)
     try:
         old = _check_sweep_dir(workdir, s)  # raises before anything is written
     except Exception as e:  # noqa: BLE001  (every process raises, see _agree)
@@ -627,7 +639,7 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
             and (old["num_devices"], old["num_processes"]) != (nd, jax.process_count())):
         # finished (the call that finished it recorded its wall time): nothing is left to compute, so the layout
         # its checkpoints hold is never read; every process reads the same sweep.json and returns here
-        return _finished_result(workdir, s, old, members, nd, t0)
+        return _finished_result(workdir, s, old, sweep_members(s), nd, t0)
     b = build(s)
     mesh = Mesh(np.array(devices), ("sweep",))
     mem, rep = NamedSharding(mesh, P("sweep")), NamedSharding(mesh, P())
@@ -650,18 +662,36 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
             raise e
         schedule, decided, costs = old["schedule"], old["decided"], old.get("measured_cost", {})
         lowered = old.get("members_per_device_lowered")
+        recorded = max(e["members_per_device"] for e in schedule)  # (the layouts its checkpoints hold)
+        requested, source = (recorded if decided else per_dev_max), ""
     else:
         fixed = members_per_device or s.sweep.members_per_device
+        source = "the members_per_device argument" if members_per_device else "sweep.members_per_device"
         schedule = [{"from_step": 0, "members_per_device": max(1, min(fixed or 1, per_dev_max))}]
         decided, costs = bool(fixed) or per_dev_max == 1, {}
         lowered = None
         if fixed and fixed > per_dev_max:  # (more would only pad every group with copies of members)
-            lowered = {"requested": fixed, "used": per_dev_max, "members": n, "devices": nd,
-                       "source": "the members_per_device argument" if members_per_device
-                       else "sweep.members_per_device"}
-            _notice(f"{_lowered_text(lowered)} (recorded in {os.path.join(workdir, 'sweep.json')})")
-    if multi:  # every process has checked the directory before anyone writes into it
-        _agree(None, f"process {jax.process_index()}")
+            lowered = {"requested": fixed, "used": per_dev_max, "members": n, "devices": nd, "source": source}
+        recorded = None
+        requested, source = (schedule[0]["members_per_device"], source) if fixed else (per_dev_max, "")
+    # what the members hold against this machine's memory, before anything is computed or written: a grouping
+    # fixed beyond it is refused, an automatic one is chosen among those that fit
+    regauge = any(g > 0 for g in (s.sweep.init_gauge or (s.init_gauge,)))  # (some member re-gauges)
+    try:
+        error, memory_cap = None, sweep_members_cap(b, s, n, devices, requested, source=source, regauge=regauge)
+        if recorded is not None and memory_cap < recorded:
+            raise ConfigError(f"sweep directory {workdir!r} was checkpointed with {recorded} members per device "
+                              f"(its checkpoints hold them so), and at most {memory_cap} fit this machine's memory; "
+                              f"resume it on a machine with more memory, or choose another --workdir")
+    except ConfigError as e:
+        error = e
+    if multi:  # every process has checked the directory (and its memory) before anyone writes into it
+        _agree(error, f"process {jax.process_index()}")
+    elif error is not None:
+        raise error
+    if recorded is None and lowered is not None:
+        _notice(f"{_lowered_text(lowered)} (recorded in {os.path.join(workdir, 'sweep.json')})")
+    members = sweep_members(s)
 
     # the wall time of the call that finished the sweep (kept by a re-run that computes nothing, and by report),
     # and the step that call resumed from (its wall time does not include the calls before)
@@ -687,7 +717,7 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
         from ._report import prefetch_plotting
 
         prefetch_plotting()
-    init1 = init_program(b, any(m.get("init_gauge", s.init_gauge) > 0 for m in members))
+    init1 = init_program(b, regauge)
     host_states: dict[int, Any] = {}
 
     def member_state(i):
@@ -909,12 +939,21 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
                 jax.block_until_ready(outs)
                 chunk_s = time.perf_counter() - t_chunk
 
-                def decide(chunk_s=chunk_s, c=c):
+                def decide(chunk_s=chunk_s, a=a, c=c, layout=layout):
                     nonlocal decided, costs
+                    cap = memory_cap
+                    if cap > 1:  # what a member's step holds, as compiled: the members that may run at once
+                        try:
+                            cap = sweep_members_cap(b, s, n, devices, cap, regauge=regauge,
+                                                    work=_temporary_bytes(compiled[(layout.mpd, c - a)]))
+                        except ConfigError:  # (one member per device ran: it stays so)
+                            cap = 1
                     m, costs = choose_members_per_device(
                         chunk_s=chunk_s, compile_s=lambda mpd: batched_compile_s(c - a, mpd),
                         remaining_chunks=len(all_chunks) - 1, steps_per_chunk=c - a, groups=len(layout.groups),
-                        flops=flops_future.result(), flop_rate=machine_flop_rate(), max_per_device=per_dev_max)
+                        flops=flops_future.result(), flop_rate=machine_flop_rate(), max_per_device=cap)
+                    if cap < per_dev_max:
+                        costs["memory_members_per_device"] = cap
                     if multi:  # timings differ between processes: the leader's choice holds for all
                         m = int(multihost_utils.broadcast_one_to_all(np.int32(m)))
                     if m != layout.mpd:
@@ -973,6 +1012,8 @@ def _grouping_text(meta: dict) -> str:
     text = ", then ".join(f"{e['members_per_device']} member(s) per device from step {e['from_step']}"
                           for e in sched)
     cost = meta.get("measured_cost")
+    if cost and cost.get("memory_members_per_device"):
+        text += f" (memory allows at most {cost['memory_members_per_device']} member(s) per device)"
     if cost and "predicted_rest_s" in cost:
         pred = ", ".join(f"{k}: {_fmt_s(v)}" for k, v in cost["predicted_rest_s"].items())
         text += (f" (first chunk: a member's step {_fmt_s(cost['step_s'])}, {cost['unamortised_fraction']:.0%} of it "

@@ -199,3 +199,23 @@ def permutation_gauge_case(steps: int):
         return train(lwo, params, gauge_fix(tx, group), (x, y), has_aux=True, donate=False)[2]["aux"]
 
     return full, noperm, outputs
+
+
+def rescale_net():
+    """A 3-6-2 ReLU net with one rescale per hidden unit (float32), its loss and a stack of four batches (leading
+    axis: steps)."""
+    from quotient_sgd.symmetry import Product, Rescale
+
+    group = Product((Rescale(incoming=((("l0", "kernel"), 1), (("l0", "bias"), 0)), outgoing=((("l1", "kernel"), 0),),
+                             name="r0"),))
+    k0, k1 = jax.random.split(jax.random.key(0))
+    params = {"l0": {"kernel": jax.random.normal(k0, (3, 6)), "bias": jnp.zeros((6,))},
+              "l1": {"kernel": jax.random.normal(k1, (6, 2)), "bias": jnp.zeros((2,))}}
+    x = jax.random.normal(jax.random.key(1), (4, 16, 3))
+    data = (x, jnp.sin(x[..., :2]))
+
+    def loss(p, batch):
+        h = jax.nn.relu(batch[0] @ p["l0"]["kernel"] + p["l0"]["bias"][None, :])
+        return jnp.mean(jnp.square(h @ p["l1"]["kernel"] + p["l1"]["bias"][None, :] - batch[1]))
+
+    return group, params, data, loss

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import rescale_net as _rescale_net
 
 from quotient_sgd.observables import lanczos_extremes
 
@@ -54,25 +55,6 @@ def test_lanczos_extremes_names_a_bad_argument(kwargs, error, match):
 
 
 # ----- SGDSpec: schedules (and injected values) that are not a real scalar --------------------------------------
-def _rescale_net():
-    """A 3-6-2 ReLU net with one rescale per hidden unit (float32), its loss and a batch."""
-    from quotient_sgd.symmetry import Product, Rescale
-
-    group = Product((Rescale(incoming=((("l0", "kernel"), 1), (("l0", "bias"), 0)), outgoing=((("l1", "kernel"), 0),),
-                             name="r0"),))
-    k0, k1 = jax.random.split(jax.random.key(0))
-    params = {"l0": {"kernel": jax.random.normal(k0, (3, 6)), "bias": jnp.zeros((6,))},
-              "l1": {"kernel": jax.random.normal(k1, (6, 2)), "bias": jnp.zeros((2,))}}
-    x = jax.random.normal(jax.random.key(1), (4, 16, 3))
-    data = (x, jnp.sin(x[..., :2]))
-
-    def loss(p, batch):
-        h = jax.nn.relu(batch[0] @ p["l0"]["kernel"] + p["l0"]["bias"][None, :])
-        return jnp.mean(jnp.square(h @ p["l1"]["kernel"] + p["l1"]["bias"][None, :] - batch[1]))
-
-    return group, params, data, loss
-
-
 @pytest.mark.parametrize("schedule, error, match", [
     (lambda c: jnp.array([0.1, 0.2]), ValueError, r"SGDSpec.learning_rate: the schedule .* returned an array of shape "
                                                   r"\(2,\); need a scalar"),

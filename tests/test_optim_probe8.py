@@ -6,28 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import rescale_net as _rescale_net
 
 from quotient_sgd import observables as qobs
 from quotient_sgd.optim import flatten_trajectory, quotient_trajectory, train
-
-
-def _rescale_net():
-    """A 3-6-2 ReLU net with one rescale per hidden unit (float32), its loss and four batches."""
-    from quotient_sgd.symmetry import Product, Rescale
-
-    group = Product((Rescale(incoming=((("l0", "kernel"), 1), (("l0", "bias"), 0)), outgoing=((("l1", "kernel"), 0),),
-                             name="r0"),))
-    k0, k1 = jax.random.split(jax.random.key(0))
-    params = {"l0": {"kernel": jax.random.normal(k0, (3, 6)), "bias": jnp.zeros((6,))},
-              "l1": {"kernel": jax.random.normal(k1, (6, 2)), "bias": jnp.zeros((2,))}}
-    x = jax.random.normal(jax.random.key(1), (4, 16, 3))
-    data = (x, jnp.sin(x[..., :2]))
-
-    def loss(p, batch):
-        h = jax.nn.relu(batch[0] @ p["l0"]["kernel"] + p["l0"]["bias"][None, :])
-        return jnp.mean(jnp.square(h @ p["l1"]["kernel"] + p["l1"]["bias"][None, :] - batch[1]))
-
-    return group, params, data, loss
 
 
 # ----- every key of a trajectory has a kind ------------------------------------------------------------------------

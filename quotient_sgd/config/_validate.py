@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib.machinery
 import importlib.util
 import math
@@ -552,6 +553,11 @@ def _check_members(sw, axis: str, ok, allowed: str) -> None:
         _check(ok(v), f"sweep.{axis}", values, f"{allowed}; sweep.{axis}[{i}] = {v!r} is not")
 
 
+def setting(s: Settings, key: str):
+    """The value of the dotted ``key`` (``"optim.lr"``, ``"steps"``) in ``s``."""
+    return functools.reduce(getattr, key.split("."), s)
+
+
 def _f32(v: float) -> float:
     """``v`` as the float32 the compiled programs compute with (``inf`` beyond its range, 0 below it)."""
     with np.errstate(over="ignore", under="ignore"):
@@ -575,9 +581,7 @@ def _check_float32(s: Settings) -> None:
     rate; ``1e-50`` ran with 0)."""
     tiny, big = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
     for key, positive in _FLOAT32_KEYS.items():
-        obj = s
-        for part in key.split("."):
-            obj = getattr(obj, part)
+        obj = setting(s, key)
         for i, v in enumerate(obj if isinstance(obj, tuple) else (obj,)):
             x = _f32(v)
             if math.isfinite(x) and (not positive or x >= tiny):

@@ -63,11 +63,6 @@ def _sqrt0(x):
 # with them, 36.3-37.6 ms without).
 
 
-def _vdot(a, b):
-    """``<a, b>`` over every leaf (GEMV sums, :mod:`quotient_sgd._reduce`)."""
-    return tree_dot(a, b)
-
-
 def _lincomb(a, x, b=None, y=None, c=None, z=None):
     """``a x + b y + c z`` leaf by leaf (scalars ``a, b, c``; the terms given)."""
     def one(*leaves):
@@ -113,10 +108,6 @@ def _orthogonalise(qmat, w):
     return jax.tree.map(jnp.subtract, w, _basis_combination(qmat, _basis_coefficients(qmat, w), w))
 
 
-def _where(pred, a, b):
-    return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
-
-
 def _lanczos_step(matvec: Callable, j, qmat, q, q_prev, beta_prev, done, fill, scale, restart=None, residual=None):
     """One Lanczos step: the three-term recurrence ``w = A q_j - alpha_j q_j - beta_{j-1} q_{j-1}``, then one
     classical Gram-Schmidt pass against the rows of ``qmat`` (rows past ``j`` are zero; a pass over the rows
@@ -156,16 +147,16 @@ def _lanczos_step(matvec: Callable, j, qmat, q, q_prev, beta_prev, done, fill, s
     qmat = _basis_set(qmat, j, q)
     if residual is None:
         w = matvec(q)
-        a = _vdot(q, w)
-        scale = jnp.maximum(scale, _sqrt0(_vdot(w, w)))
+        a = tree_dot(q, w)
+        scale = jnp.maximum(scale, _sqrt0(tree_dot(w, w)))
         w = _lincomb(1, w, -a, q, -beta_prev, q_prev)
     else:
         a, w = residual(q, q_prev, beta_prev)
         # |P A q_j| = |w + alpha_j q_j + beta_{j-1} q_{j-1}|, three orthogonal terms (no pass over the vectors)
-        scale = jnp.maximum(scale, _sqrt0(_vdot(w, w) + a * a + beta_prev * beta_prev))
+        scale = jnp.maximum(scale, _sqrt0(tree_dot(w, w) + a * a + beta_prev * beta_prev))
     alpha = jnp.where(done, fill, a)
     w = _orthogonalise(qmat, w)
-    beta = _sqrt0(_vdot(w, w))
+    beta = _sqrt0(tree_dot(w, w))
     dtype = jax.tree.leaves(w)[0].dtype
     stop = done | (beta <= _breakdown_tol(dtype) * scale)
     beta = jnp.where(stop, jnp.zeros_like(beta), beta)
@@ -180,7 +171,7 @@ def _lanczos_step(matvec: Callable, j, qmat, q, q_prev, beta_prev, done, fill, s
             # back into the domain: in float32 the basis drifts off it (the horizontal space) by up to ~1e-3, and
             # what that tilt leaves of an exhausted domain's vector is not a new direction of it
             r = _orthogonalise(qmat, settle(r))  # twice is enough
-            nr, n0 = _sqrt0(_vdot(r, r)), _sqrt0(_vdot(r0, r0))
+            nr, n0 = _sqrt0(tree_dot(r, r)), _sqrt0(tree_dot(r0, r0))
             ok = nr > jnp.sqrt(_breakdown_tol(dtype)) * n0
             return _lincomb(jnp.where(ok, 1 / jnp.where(ok, nr, jnp.ones_like(nr)), jnp.zeros_like(nr)), r), ~ok
 
@@ -218,7 +209,7 @@ def _iteration_dtype(leaves):
 
 
 def _normalised(v0):
-    n = _sqrt0(_vdot(v0, v0))
+    n = _sqrt0(tree_dot(v0, v0))
     return _lincomb(1 / n, v0)
 
 
@@ -353,7 +344,7 @@ def lanczos_extremes(
             like = v0
             matvec = lambda v: _cast(op(_cast(v, like)), dt)  # noqa: E731
             vals, vecs = eig.eigh_partial(tridiag)(matvec, _cast(v0, dt))
-            vecs = jax.tree.map(lambda x, y: x.astype(y.dtype), vecs, like)
+            vecs = _cast(vecs, like)
         else:
             vals, vecs = eig.eigh_partial(tridiag)(matvec, v0)
     elif method in ("loop", "unrolled"):
@@ -376,10 +367,10 @@ def lanczos_extremes(
                                                     for x, like in zip(f, own)])
         else:
             def to_iter(v):
-                return jax.tree.map(lambda x: jnp.asarray(x, dt), v)
+                return _cast(v, dt)
 
             def to_own(f):
-                return jax.tree.map(lambda x, like: jnp.asarray(x, like.dtype), f, v0)
+                return _cast(f, v0)
 
         settle = (lambda v: v) if domain is None else (lambda v: to_iter(domain(to_own(v))))
         if restart is True:
@@ -400,7 +391,7 @@ def lanczos_extremes(
                 # the unprojected product's residual, projected by settle: one projection per step, as with P H
                 # (20 steps on the benchmark MLP, 85k parameters, one core: ~11% longer than with P H)
                 w = product(q)
-                a = _vdot(q, w)
+                a = tree_dot(q, w)
                 return a, settle(_lincomb(1, w, -a, q, -beta_prev, q_prev))
 
         t, qmat, active = lanczos(product, to_iter(v0), num_matvecs, fresh, residual)

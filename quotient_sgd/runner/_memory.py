@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from ..config import ConfigError, Settings
-from ..config._validate import _size_key, physical_memory, train_size
+from ..config._validate import _size_key, physical_memory, setting, train_size
 from ._build import Built
 from ._chunk import init_program
 
@@ -108,13 +108,6 @@ def _refuse(key: str, value, text: str) -> ConfigError:
     return ConfigError(f"config.{key} = {value!r}: {text}")
 
 
-def _value(s: Settings, key: str):
-    obj = s
-    for part in key.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _term_text(term: str, b: Built, s: Settings, fp: tuple, n: int = 1) -> tuple[str, object, str, str]:
     """``(key, value, what it holds, advice)`` of a term of :func:`run_memory_need` / :func:`sweep_memory_need`
     (``fp``: the :func:`footprint`)."""
@@ -135,7 +128,7 @@ def _term_text(term: str, b: Built, s: Settings, fp: tuple, n: int = 1) -> tuple
                 (f"a chunk of {chunk_steps} steps records {_gib(chunk_steps * step)} of trajectory on the device, "
                  f"beside the training state ({_gib(state)})"), "use a smaller checkpoint.every (steps per chunk)")
     key, advice = _what_work(s, b)
-    return (key, _value(s, key), "a step holds the gradient" + (" and the per-example gradients"
+    return (key, setting(s, key), "a step holds the gradient" + (" and the per-example gradients"
                                                                   if s.observables.noise_every > 0 else "")
             + f" ({_gib(work)} a member)", advice)
 

@@ -55,11 +55,11 @@ def gauged_powers(M: jax.Array, n: int, powers: tuple[float, ...], Q1: jax.Array
 
 
 def _gp_primal(n, powers, with_q1, M, Q1):
-    U, s, Vt = jnp.linalg.svd(M, full_matrices=False)
-    U, s, V = U[..., :, :n], s[..., :n], _mT(Vt)[..., :, :n]
+    Uf, sf, Vtf = jnp.linalg.svd(M, full_matrices=False)
+    U, s, V = Uf[..., :, :n], sf[..., :n], _mT(Vtf)[..., :, :n]
     G = Q1 @ U if with_q1 else U
     Q = spectral_gauge(G, s)
-    return tuple((U * (s ** a)[..., None, :]) @ Q for a in powers), (U, s, V, Q, G)
+    return tuple((U * (s ** a)[..., None, :]) @ Q for a in powers), (U, s, V, Q, G, Uf, sf, _mT(Vtf))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
@@ -71,9 +71,7 @@ def _gauged_powers(n, powers, with_q1, M, Q1):
 def _gauged_powers_jvp(n, powers, with_q1, primals, tangents):
     M, Q1 = primals
     dM, dQ1 = tangents
-    outs, (U, s, V, Q, G) = _gp_primal(n, powers, with_q1, M, Q1)
-    Uf, sf, Vtf = jnp.linalg.svd(M, full_matrices=False)  # (the same decomposition; XLA merges the two)
-    Vf = _mT(Vtf)
+    outs, (U, s, V, Q, G, Uf, sf, Vf) = _gp_primal(n, powers, with_q1, M, Q1)  # (one SVD: the full factors too)
     Z = _mT(Uf) @ dM @ Vf  # (..., k, k)
     k = sf.shape[-1]
     near = jnp.zeros(sf.shape + (k,), bool).at[..., :n, :n].set(_same_cluster(s))

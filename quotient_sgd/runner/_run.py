@@ -24,6 +24,7 @@ from ._rundir import (
     TrajectoryParts,
     check_workdir,
     discard_new_run,
+    finished_trajectory,
     lock_directory,
     make_directory,
     remove_outputs,
@@ -240,8 +241,8 @@ def _run(s: Settings, workdir: str, b: Built, resume: bool, max_chunks: int | No
             metrics.truncate(start)
         todo = [] if ended else chunk_bounds(start, s.steps, every)
         # plots/ goes when it would describe a shorter trajectory than the one this call ends with, or is
-        # rewritten; a finished run run again without plots keeps those it has
-        remove_outputs(workdir, plots=bool(todo) or s.logging.plots)
+        # rewritten; a finished run run again without plots keeps those it has, and keeps its trajectory.npz
+        remove_outputs(workdir, plots=bool(todo) or s.logging.plots, trajectory=bool(todo))
         tb = _tensorboard(s, workdir, start) if todo else None
         bar = _progress(s, start)
         done = s.steps if ended and diverged is None else start
@@ -284,9 +285,9 @@ def _run(s: Settings, workdir: str, b: Built, resume: bool, max_chunks: int | No
         if ckpt is not None:
             ckpt.close()
     finished = diverged is not None or done >= s.steps
-    traj = parts.load()
+    # (a call that computed nothing finishes with the trajectory.npz it found, not one the parts make again)
+    traj = finished_trajectory(workdir) if finished else parts.load()
     if finished:
-        traj = parts.assemble(os.path.join(workdir, "trajectory.npz"))
         from ._report import finalize
 
         wall_s, resumed_from = time.time() - t0, start

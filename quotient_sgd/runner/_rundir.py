@@ -452,6 +452,21 @@ class TrajectoryParts:
         return traj
 
 
+def finished_trajectory(workdir: str, chunks: list[dict] | None = None) -> dict[str, np.ndarray]:
+    """The trajectory a finished (or diverged) run ends with, written to ``trajectory.npz``: the file itself when
+    it is there and loads (kept by :func:`remove_outputs` for a run that computed nothing more: a finished run run
+    again), else assembled from the parts (``chunks``: the same parts still in memory, see
+    :meth:`TrajectoryParts.assemble`)."""
+    path = os.path.join(workdir, "trajectory.npz")
+    if os.path.isfile(path):
+        try:
+            return _read_npz(path)
+        except Exception as e:  # noqa: BLE001  (a file a crash of the machine left incomplete: any read error)
+            warnings.warn(f"{path} does not load ({type(e).__name__}: {e}); assembling it again from the trajectory "
+                          f"parts", RuntimeWarning, stacklevel=2)
+    return TrajectoryParts(workdir).assemble(path, chunks)
+
+
 def _read_npz(path: str) -> dict[str, np.ndarray]:
     """The arrays of an ``npz`` file (the file is closed also when it does not load)."""
     with open(path, "rb") as f, np.load(f) as z:
@@ -691,13 +706,17 @@ def _abstract(x):
     return np.zeros(np.shape(x), np.dtype(x.dtype))
 
 
-def remove_outputs(workdir: str, plots: bool = True) -> None:
+def remove_outputs(workdir: str, plots: bool = True, trajectory: bool = True) -> None:
     """Remove the derived outputs (they are rewritten at the end of a run).  ``events.json`` is one of them: the
     one that ``report`` wrote for an interrupted run holds the events of its shorter trajectory, and a later
     ``report`` re-detects them only when the file is missing.  ``plots=False`` keeps ``plots/``: the caller
     passes it when the run computes nothing more (its plots describe its whole trajectory) and will not write
-    plots itself (``logging.plots=False``), so the plots of an earlier call are not lost."""
-    for name in ("trajectory.npz", "events.json", "summary.md", "run.json"):
+    plots itself (``logging.plots=False``), so the plots of an earlier call are not lost.  ``trajectory=False``
+    keeps ``trajectory.npz``: the caller passes it when the run computes nothing more, and then finishes with the
+    file as it is (:func:`finished_trajectory`), not one assembled again from ``trajectory_parts/`` (which a user
+    may have removed to reclaim the space: the finished run run again replaced its trajectory by an empty one)."""
+    names = ("trajectory.npz",) if trajectory else ()
+    for name in (*names, "events.json", "summary.md", "run.json"):
         p = os.path.join(workdir, name)
         if os.path.exists(p):
             os.remove(p)

@@ -63,6 +63,7 @@ from ._rundir import (
     checkpoint_steps,
     config_diff,
     discard_new_run,
+    finished_trajectory,
     foreign_entries,
     lock_directory,
     make_directory,
@@ -431,7 +432,8 @@ def _open_member_dir(d: str, ms: Settings, start: int, plots: bool = True) -> di
         div = None
     TrajectoryParts(d).truncate(start)
     MetricsLog(os.path.join(d, "metrics.jsonl")).truncate(start)
-    remove_outputs(d, plots=plots or not (div is not None or start >= ms.steps))
+    ended = div is not None or start >= ms.steps  # (computes nothing more: its plots and trajectory.npz stay)
+    remove_outputs(d, plots=plots or not ended, trajectory=not ended)
     write_config(cfg, ms)
     return div
 
@@ -459,7 +461,7 @@ def _trajectory_bytes(b: Built, s: Settings, n: int) -> int:
 def _finish_member(d: str, ms: Settings, diverged: dict | None, plots: bool, chunks: list | None = None) -> None:
     from ._report import finalize
 
-    traj = TrajectoryParts(d).assemble(os.path.join(d, "trajectory.npz"), chunks)
+    traj = finished_trajectory(d, chunks)  # (the trajectory.npz of a member that computed nothing more is kept)
     finalize(d, dataclasses.replace(ms, logging=dataclasses.replace(ms.logging, plots=plots)), traj,
              diverged=diverged, wall_s=None, resumed_from=None)
 

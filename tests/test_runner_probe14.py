@@ -1,14 +1,20 @@
 """Runs, sweeps and the CLI on what a finished run directory may lose or be given: the ``trajectory_parts/`` of a
-finished run or sweep member removed (it duplicates ``trajectory.npz``) before the same command is run again."""
+finished run or sweep member removed (it duplicates ``trajectory.npz``) before the same command is run again;
+overrides of observable settings that nothing in the run reads."""
 
 import os
 import shutil
 
 import jax
 import numpy as np
+import pytest
 
 from helpers import load_trajectory, tiny_settings
+from quotient_sgd.config import load_config, unused_keys, validate
 from quotient_sgd.runner import report, run, sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.py")
 
 
 def _same(a: dict, b: dict) -> None:
@@ -46,3 +52,28 @@ def test_a_finished_run_run_again_keeps_its_trajectory_without_its_parts(tmp_pat
         table = f.read()
     assert table.count("| ok |") == 2 and "unfinished" not in table, table
 
+
+# ---- defect 2: overrides of observables the run does not compute were taken silently ---------------------------
+@pytest.mark.parametrize("args, key, reader", [
+    (["--config.observables.per_example_grads=True"], "observables.per_example_grads", "observables.noise_every"),
+    (["--config.symmetry.enabled=False", "--config.observables.names=()", "--config.observables.every=5"],
+     "observables.every", "symmetry.enabled=False"),
+    (["--config.model.hidden=()", "--config.observables.names=()", "--config.observables.every=5"],
+     "observables.every", "no symmetry component"),
+])
+def test_an_override_of_an_observable_setting_nothing_reads_is_refused(tmp_path, capsys, args, key, reader):
+    """``observables.per_example_grads`` is read only by the gradient-noise temperature, and ``observables.every``
+    only by the quotient observables of a symmetry group: an override of either in a run without them ran, and did
+    nothing (no per-example gradient was taken, every step recorded the loss alone).  As for the other keys a run
+    does not read, it is refused before anything is written, naming the key and the setting that would read it; the
+    same override beside the setting that reads it passes the check."""
+    from quotient_sgd.cli import main
+
+    wd = str(tmp_path / "out")
+    assert main(["quotient-sgd", "run", f"--config={TINY}", f"--workdir={wd}", *args]) == 2
+    err = capsys.readouterr().err
+    assert f"config.{key} = " in err and "would have no effect" in err and reader in err, err
+    assert not os.path.exists(wd)
+    s = validate(load_config(TINY, {"observables.per_example_grads": True, "observables.noise_every": 5}))
+    assert "observables.per_example_grads" not in unused_keys(s, "run")
+    assert "observables.every" not in unused_keys(validate(load_config(TINY)), "run")

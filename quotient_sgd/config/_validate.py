@@ -881,8 +881,10 @@ _READ_BY = {
 def unused_keys(s: Settings, command: str = "run") -> dict[str, str]:
     """``{dotted key: why}`` for the keys that ``quotient-sgd <command>`` (``"run"`` or ``"sweep"``) does not read
     with the settings ``s``: those of another model, data set or optimiser (``model.channels`` of an MLP), the
-    Lanczos sizes without ``observables.hessian_every``, ``symmetry.gauge_fix_every`` outside ``gauge_fix`` mode,
-    ``symmetry.components`` with the symmetry off, ``checkpoint.keep`` without checkpoints, under ``run`` the
+    Lanczos sizes without ``observables.hessian_every``, ``observables.per_example_grads`` without
+    ``observables.noise_every``, ``observables.every`` without a symmetry group, ``symmetry.gauge_fix_every``
+    outside ``gauge_fix`` mode, ``symmetry.components`` with the symmetry off, ``checkpoint.keep`` without
+    checkpoints, under ``run`` the
     ``sweep`` section, and under ``sweep`` the settings its axes replace (``optim.lr`` with a ``sweep.lr``).  A
     config file holds every key (:func:`default_config`); a ``--config.<key>`` override of one of these would have
     no effect."""
@@ -897,6 +899,22 @@ def unused_keys(s: Settings, command: str = "run") -> dict[str, str]:
         for key in ("hessian_k", "lanczos_steps"):
             out[f"observables.{key}"] = ("read only with observables.hessian_every > 0, and this config has 0 "
                                          "(off); set observables.hessian_every too, or drop the override")
+    if s.observables.noise_every == 0:
+        out["observables.per_example_grads"] = ("read only with observables.noise_every > 0 (the gradient-noise "
+                                                "temperature, the only user of per-example gradients), and this "
+                                                "config has 0 (off); set observables.noise_every too, or drop the "
+                                                "override")
+    from ._build_check import selected_components
+
+    if not selected_components(s):  # (no group: the optimiser records the loss only, no quotient observable)
+        why = ("symmetry.enabled=False" if not s.symmetry.enabled else
+               f"this {s.model.name} has no symmetry component that symmetry.components = {s.symmetry.components} "
+               f"selects")
+        out["observables.every"] = (f"read only with a symmetry group, and this run has none ({why}): it records "
+                                    f"the loss at every step and no quotient observable to refresh; "
+                                    + ("set symmetry.enabled=True too" if not s.symmetry.enabled else
+                                       "select a component the model has")
+                                    + ", or drop the override")
     if s.symmetry.mode != "gauge_fix":
         out["symmetry.gauge_fix_every"] = (f"read only with symmetry.mode='gauge_fix', and this config has "
                                            f"{s.symmetry.mode!r}; set symmetry.mode too, or drop the override")

@@ -79,7 +79,10 @@ def linf(out, ref):
 STEPS = (50, 100, 200, 400, 800, 1600)
 
 
-def main():
+def main(argv=None):
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     rows = []
     try:
         import exponax  # noqa: F401

@@ -157,11 +157,23 @@ def child(name: str, steps: int = 100, reps: int = 3) -> dict:
     return out
 
 
-def main():
-    if len(sys.argv) > 2 and sys.argv[1] == "--child":
-        print("RESULT " + json.dumps(child(sys.argv[2])), flush=True)
+def main(argv=None):
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("models", nargs="*", metavar="MODEL",
+                    help=f"models to measure, any of {', '.join(MODELS)} (default: all)")
+    ap.add_argument("--child", choices=MODELS, help="measure one model in this process and print its RESULT line "
+                    "(used internally: each measurement runs in a fresh subprocess)")
+    args = ap.parse_args(argv)
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown:
+        ap.error(f"MODEL: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(MODELS)}")
+    if args.child:
+        print("RESULT " + json.dumps(child(args.child)), flush=True)
         return
-    models = sys.argv[1:] or list(MODELS)
+    models = args.models or list(MODELS)
     rows = []
     for setting, extra in (("default malloc", {}), ("tuned malloc", MALLOC_TUNED)):
         env = {k: v for k, v in os.environ.items() if k not in MALLOC_TUNED}

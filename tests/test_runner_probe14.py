@@ -77,3 +77,40 @@ def test_an_override_of_an_observable_setting_nothing_reads_is_refused(tmp_path,
     s = validate(load_config(TINY, {"observables.per_example_grads": True, "observables.noise_every": 5}))
     assert "observables.per_example_grads" not in unused_keys(s, "run")
     assert "observables.every" not in unused_keys(validate(load_config(TINY)), "run")
+
+
+# ---- defect 3: NumPy scalars assigned to a config's number and bool keys were refused ---------------------------
+def test_numpy_scalars_set_in_a_config_or_given_as_overrides_are_the_values_they_hold(tmp_path):
+    """``validate`` reads a NumPy scalar as the value it holds, but the ``ConfigDict`` before it refused one:
+    ``load_config(path, {"data.batch_size": np.int64(32)})`` (a value of ``np.arange``) raised "expected an int
+    (as its value 16), got int64", ``np.float32`` learning rates "expected a float", and ``np.bool_(False)`` for
+    ``logging.plots`` "expected a bool (as its value True), got bool"; so did a config file writing them, on
+    ``default_config()`` or on a plain ``ml_collections.ConfigDict``.  Now they are the Python values they hold
+    (``config.json`` stays plain JSON); a bool for a number, a number for a bool, and a float for an int are still
+    refused."""
+    import json
+
+    from quotient_sgd.config import ConfigError, default_config
+
+    over = {"data.batch_size": np.arange(40)[32], "optim.lr": np.float32(0.25), "optim.momentum": np.float64(0.5),
+            "logging.plots": np.bool_(False), "steps": np.int32(30), "init_gauge": np.int16(1)}
+    s = validate(load_config(TINY, over))
+    got = (s.data.batch_size, s.optim.lr, s.optim.momentum, s.logging.plots, s.steps, s.init_gauge)
+    assert got == (32, float(np.float32(0.25)), 0.5, False, 30, 1.0), got
+    assert [type(v) for v in got] == [int, float, float, bool, int, float]
+    json.dumps(s.to_dict())
+    for bad in ({"optim.lr": np.bool_(True)}, {"logging.plots": np.int64(0)}, {"steps": np.float64(30.0)}):
+        with pytest.raises(ConfigError, match=rf"config\.{next(iter(bad))} = "):
+            load_config(TINY, bad)
+    cfg = tmp_path / "np_config.py"
+    cfg.write_text("import numpy as np\nimport ml_collections\nfrom quotient_sgd.config import default_config\n\n\n"
+                   "def get_config():\n    c = default_config()\n    c.steps = np.int64(12)\n"
+                   "    c.optim.lr = np.float32(0.5)\n    c.logging.plots = np.bool_(False)\n"
+                   "    d = ml_collections.ConfigDict(c.to_dict())\n    d.data.seed = np.uint8(3)\n    return d\n")
+    s = validate(load_config(str(cfg)))
+    assert (s.steps, s.optim.lr, s.logging.plots, s.data.seed) == (12, 0.5, False, 3)
+    c = default_config()
+    c.seed = np.int64(-4)
+    with pytest.raises(TypeError, match="bool"):
+        c.optim.lr = np.bool_(True)
+    assert c.seed == -4 and type(c.seed) is int

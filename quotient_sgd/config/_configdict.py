@@ -29,12 +29,24 @@ def _numeric_kind(field: Any) -> str | None:
     return None
 
 
+def _plain_scalar(value: Any, field_type: Any) -> Any:
+    """A NumPy scalar (``np.int64(16)``, ``np.float32(0.1)``, ``np.bool_(False)``) assigned to a key holding a
+    Python ``int``, ``float`` or ``bool``, as the Python value it holds (``value.item()``); anything else as it is.
+    ``ml_collections`` checks the value's type: ``np.int64(16)`` from ``np.arange`` was refused for
+    ``data.batch_size`` ("expected an int, got int64"), ``np.bool_(False)`` for ``logging.plots`` ("expected a
+    bool, got bool"), where validation reads the value a NumPy scalar holds."""
+    if isinstance(value, np.generic) and field_type in (int, float, bool):
+        return value.item()
+    return value
+
+
 class StrictConfigDict(ml_collections.ConfigDict):
     """A type-safe ``ConfigDict`` that refuses a ``bool`` (Python or NumPy) for a key holding a float or an int,
     with a ``TypeError`` naming the key, the value and what is allowed (``ml_collections`` would store
-    ``True`` as ``1.0`` in a float key).  A section replaced by an ``ml_collections.ConfigDict`` (or a dict, or a
-    ``FrozenConfigDict``) becomes a ``StrictConfigDict`` holding its keys.  Everything else is
-    ``ml_collections.ConfigDict``'s behaviour."""
+    ``True`` as ``1.0`` in a float key), and reads a NumPy scalar assigned to a number or bool key as the Python
+    value it holds (:func:`_plain_scalar`; a NumPy float for an ``int`` key is still refused, as a Python float
+    is).  A section replaced by an ``ml_collections.ConfigDict`` (or a dict, or a ``FrozenConfigDict``) becomes a
+    ``StrictConfigDict`` holding its keys.  Everything else is ``ml_collections.ConfigDict``'s behaviour."""
 
     def __setitem__(self, key, value):
         if (isinstance(value, ml_collections.ConfigDict) and not isinstance(value, StrictConfigDict)
@@ -47,6 +59,9 @@ class StrictConfigDict(ml_collections.ConfigDict):
             if kind is not None:
                 raise TypeError(f"Could not override field {key!r}: {value!r} is a bool, and {key!r} holds {kind}; "
                                 f"write a number (e.g. {1.0 if kind == 'a float' else 1}), not True/False")
+        if isinstance(key, str) and key in self._fields and not isinstance(self._fields[key],
+                                                                          ml_collections.FieldReference):
+            value = _plain_scalar(value, type(self._fields[key]))
         super().__setitem__(key, value)
 
 
@@ -65,7 +80,8 @@ _CAST_LOCK = threading.RLock()
 def refuse_bool_numbers() -> Iterator[None]:
     """While the block runs, every ``ml_collections.ConfigDict`` (the plain class too, type-safe or not) refuses a
     ``bool`` (Python or NumPy) assigned to a key holding a float or an int, with a ``TypeError`` naming the key, the
-    value and what is allowed.
+    value and what is allowed, and a NumPy scalar assigned to a number or bool key is read as the Python value it
+    holds (:func:`_plain_scalar`).
 
     ``ml_collections`` converts the value at assignment (``_safe_cast``: an ``int`` assigned to a ``float`` key
     becomes a ``float``, and ``True`` is an ``int``), so a config file building its config from
@@ -85,7 +101,7 @@ def refuse_bool_numbers() -> Iterator[None]:
             kind = "a float" if field_type is float else "an int"
             raise TypeError(f"{value!r} is a bool, and the key holds {kind}; write a number (e.g. "
                             f"{1.0 if field_type is float else 1}), not True/False")
-        return original(value, field_type, type_safe)
+        return original(_plain_scalar(value, field_type), field_type, type_safe)
 
     with _CAST_LOCK:
         _cd._safe_cast = safe_cast

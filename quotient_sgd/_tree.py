@@ -69,3 +69,19 @@ def widen(tree):
         return x
 
     return jax.tree.map(up, tree)
+
+
+def float_dtype(tree):
+    """The dtype that sums over all of ``tree``'s leaves come out in: the common dtype of its floating leaves by
+    JAX's standard promotion (float64 for float32 leaves beside float64 ones, whatever
+    ``jax_numpy_dtype_promotion`` is), else the first leaf's dtype.  Scalars recorded over a whole pytree (its
+    norms, inner products) are held in it: the first leaf's dtype alone was float32 for a float32 block ahead of
+    float64 ones, while those sums were float64."""
+    import jax.numpy as jnp
+
+    leaves = jax.tree.leaves(tree)
+    floats = [x for x in leaves if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    if not floats:
+        return jnp.result_type(leaves[0])
+    with jax.numpy_dtype_promotion("standard"):  # (a Python float among them is weakly typed: it defers)
+        return jnp.result_type(*floats)

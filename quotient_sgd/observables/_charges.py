@@ -61,6 +61,7 @@ import jax
 import jax.numpy as jnp
 
 from ._kinds import REDUCED_DYNAMICS, observable
+from .._tree import float_dtype
 from ._util import charge_linear, charges_dict
 
 
@@ -104,7 +105,9 @@ def predict_charge_drift(
     Returns:
         ``(predicted drift {component: array}, next cross {component: array})``.
     """
-    dt = jax.tree.leaves(params)[0].dtype
+    # the hyperparameters in the parameters' common dtype, cast to each leaf's / charge's dtype where they meet it
+    # (float32 blocks beside float64 ones: the first leaf's dtype rounded a float64 block's learning rate to float32)
+    dt = float_dtype(params)
     eta = jnp.asarray(lr, dt)
     beta = jnp.asarray(momentum, dt)
     lam_d = jnp.asarray(weight_decay, dt)
@@ -113,12 +116,13 @@ def predict_charge_drift(
     safe_eta = jnp.where(eta != 0, eta, jnp.ones_like(eta))
     masked = decay_mask is not None
     w = masked_leaves(decay_mask, params) if masked else params  # the decayed part M theta
-    d = jax.tree.map(lambda u, x: -u / safe_eta - lam_d * x, updates, w)
+    d = jax.tree.map(lambda u, x: -u / _as(safe_eta, u) - _as(lam_d, x) * x, updates, w)
     if nesterov and velocity is not None:
         m = velocity
     elif nesterov:
         safe_beta = jnp.where(beta != 0, beta, jnp.ones_like(beta))
-        m = jax.tree.map(lambda dd, g, x: jnp.where(beta != 0, (dd - g - lam_c * x) / safe_beta, dd), d, grads, w)
+        m = jax.tree.map(lambda dd, g, x: jnp.where(beta != 0, (dd - g - _as(lam_c, x) * x) / _as(safe_beta, dd), dd),
+                         d, grads, w)
     else:
         m = d
     add = lambda x, y: jax.tree.map(lambda a_, b_: a_ + b_, x, y)  # noqa: E731
@@ -130,14 +134,20 @@ def predict_charge_drift(
     if masked:  # the bilinear terms of the masked recursion (module docstring); without a mask B(theta, w) = 2 Q
         qw = charges_dict(group, w)
         b_tw = jax.tree.map(_polar, q, qw, charges_dict(group, add(params, w)))
-        q_step = charges_dict(group, jax.tree.map(lambda dd, x: dd + lam_d * x, d, w))
+        q_step = charges_dict(group, jax.tree.map(lambda dd, x: dd + _as(lam_d, x) * x, d, w))
         b_wm = jax.tree.map(_polar, qw, qm, charges_dict(group, add(w, m)))
     lin = charge_linear(group)
+    scalars = (eta, beta, lam_d, lam_c, a)
+
+    def hyper(ref):  # (eta, beta, lam_d, lam_c, a) in the dtype of the charge they meet
+        return tuple(_as(x, ref) for x in scalars)
+
     pred, new_cross = {}, {}
     for k in q:
         if lin.get(k, False) and masked:  # qw[k] = S(w), linear
 
             def one_lin_masked(c, sw):
+                eta, beta, lam_d, lam_c, a = hyper(c)
                 p = beta * c + lam_c * sw
                 r = lam_c * sw + beta * p if nesterov else p
                 return -eta * lam_d * sw - eta * r, p
@@ -146,6 +156,7 @@ def predict_charge_drift(
         elif lin.get(k, False):
 
             def one_lin(qk, c):
+                eta, beta, lam_d, lam_c, a = hyper(qk)
                 p = beta * c + lam_c * qk
                 r = lam_c * qk + beta * p if nesterov else p
                 return (a - 1) * qk - eta * r, p
@@ -154,6 +165,7 @@ def predict_charge_drift(
         elif masked:
 
             def one_quad_masked(c, btw, qs, bwm, bdm):
+                eta, beta, lam_d, lam_c, a = hyper(c)
                 p = beta * c + lam_c * btw
                 r = lam_c * btw + beta * p if nesterov else p
                 return eta * eta * qs - eta * lam_d * btw - eta * r, p - eta * lam_d * bwm - eta * bdm
@@ -162,6 +174,7 @@ def predict_charge_drift(
         else:
 
             def one_quad(qk, c, qdk, bdm):
+                eta, beta, lam_d, lam_c, a = hyper(qk)
                 p = beta * c + 2 * lam_c * qk
                 r = 2 * lam_c * qk + beta * p if nesterov else p
                 return (a * a - 1) * qk - a * eta * r + eta * eta * qdk, a * p - eta * bdm
@@ -171,6 +184,11 @@ def predict_charge_drift(
         pred[k] = jax.tree.map(lambda t: t[0], out, is_leaf=is_pair)
         new_cross[k] = jax.tree.map(lambda t: t[1], out, is_leaf=is_pair)
     return pred, new_cross
+
+
+def _as(x, ref):
+    """The scalar ``x`` in the dtype of the array ``ref``."""
+    return jnp.asarray(x).astype(jnp.result_type(ref))
 
 
 def masked_leaves(mask, params):

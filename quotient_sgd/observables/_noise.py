@@ -42,10 +42,13 @@ def gradient_noise(example_loss_fn: Callable, group, params, *, lr) -> Noise:
     per_ex = jax.jacrev(example_loss_fn)(params)
     b = jax.tree.leaves(per_ex)[0].shape[0]
     hor = jax.vmap(lambda g: group.horizontal(params, g))(per_ex)
-    flat = jax.vmap(lambda t: ravel_pytree(t)[0])(hor)
+    # leaves of several dtypes (float32 blocks beside float64 ones) are joined in their common one, whatever
+    # jax_numpy_dtype_promotion is (under "strict" ravel_pytree failed with a bare TypePromotionError)
+    with jax.numpy_dtype_promotion("standard"):
+        flat = jax.vmap(lambda t: ravel_pytree(t)[0])(hor)
+        n_vert = jax.tree.leaves(jax.eval_shape(group.tangents, params))
     centred = flat - jnp.mean(flat, axis=0, keepdims=True)
     n_params = flat.shape[1]
-    n_vert = jax.tree.leaves(jax.eval_shape(group.tangents, params))
     n_vert = n_vert[0].shape[0] if n_vert else 0
     d_h = max(n_params - n_vert, 1)
     sigma2 = jnp.sum(jnp.square(centred)) / jnp.asarray((max(b - 1, 1)) * d_h, flat.dtype)

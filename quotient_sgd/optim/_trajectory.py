@@ -12,7 +12,7 @@ import optax
 
 from .. import observables as obs
 from .._reduce import sum_all
-from .._tree import widen
+from .._tree import float_dtype, widen
 from ..observables._util import charges_dict, tree_dot, tree_sqnorm
 from ._gauge import GaugeFixState, HorizontalState, _like
 from ._spec import SGDSpec, check_period, check_wrapped
@@ -251,7 +251,7 @@ def quotient_trajectory(
         ``(params, grads, updates)``."""
         sp, sg, su = (params, grads, updates) if frame is None else frame
         out: dict[str, Any] = {}
-        dt = jax.tree.leaves(params)[0].dtype
+        dt = float_dtype(params)
         if "loss" in want:
             out["loss"] = jnp.asarray(jnp.nan if value is None else value, dt)
         if "grad_norm" in want:
@@ -325,7 +325,7 @@ def quotient_trajectory(
                              f"the most that lanczos_method='matfree' allows (it does not detect an exhausted Krylov "
                              f"space); lower lanczos_steps, or use lanczos_method='loop' (the default), which does")
         params = widen(params)  # observables of bfloat16 / float16 parameters are computed in float32
-        dt = jax.tree.leaves(params)[0].dtype
+        dt = float_dtype(params)
         zero = jnp.zeros((), dt)
 
         def shape_fn(p):
@@ -366,7 +366,7 @@ def quotient_trajectory(
         return QuotientTrajectoryState(inner_state, jnp.zeros((), jnp.int32), observ, _carry0(params), eigvecs)
 
     def _carry0(params):
-        dt = jax.tree.leaves(params)[0].dtype
+        dt = float_dtype(params)
         carry: dict[str, Any] = {}
         if need_curv:
             carry["prev_update"] = jax.tree.map(jnp.zeros_like, params)
@@ -391,7 +391,7 @@ def quotient_trajectory(
         next_params = _as_stored(params, returned)
         params, grads, new_updates = widen(params), widen(grads), widen(new_updates)  # as in init
         count = state.count
-        dt = jax.tree.leaves(params)[0].dtype
+        dt = float_dtype(params)
         hp = None if spec is None else {k: jnp.asarray(v, dt) for k, v in spec.resolve(inner_state, count).items()}
         if hp is not None:
             # diagnostics.shock_aware_lr around the SGD multiplies its whole update by the scale s it applied at this
@@ -505,7 +505,8 @@ def quotient_trajectory(
             # (sum |u| == 0 exactly when every entry is 0, NaN included as not 0; a sum by GEMV, where the
             # elementwise test reduced by jnp.all cost 28 us a step on the benchmark MLP)
             skipped = jnp.logical_and(
-                hp["learning_rate"] != 0, sum(sum_all(jnp.abs(u)) for u in jax.tree.leaves(new_updates)) == 0)
+                hp["learning_rate"] != 0,
+                sum(sum_all(jnp.abs(u)).astype(dt) for u in jax.tree.leaves(new_updates)) == 0)
             pred = jax.tree.map(lambda x: jnp.where(skipped, jnp.zeros_like(x), x), pred)
             cross = jax.tree.map(lambda new, old: jnp.where(skipped, old, new), cross, carry["cross"])
             new_carry["cross"] = cross
@@ -556,7 +557,8 @@ def quotient_trajectory(
             def noise(_):
                 n = obs.gradient_noise(efn, group, step_point(), lr=step_lr())
                 o = dict(observ)
-                o.update(noise_sigma2=n.sigma2, temperature=n.temperature, viscosity=n.viscosity)
+                o.update({k: jnp.asarray(v).astype(observ[k].dtype) for k, v in
+                          (("noise_sigma2", n.sigma2), ("temperature", n.temperature), ("viscosity", n.viscosity))})
                 return o
 
             observ = jax.lax.cond(count % noise_every == 0, noise, lambda _: observ, None)
@@ -617,7 +619,7 @@ def quotient_trajectory(
     def _hessian(loss_fn, params, observ, eigvecs, count, lr, inner_state):
         observ = dict(observ)
         eigvecs = dict(eigvecs)
-        dt = jax.tree.leaves(params)[0].dtype
+        dt = float_dtype(params)
         key = jax.random.fold_in(base_key, count)
         exs = _all_extremes(loss_fn, params, key, inner_state)
         for w, ex in zip(hessian_at, exs):

@@ -1,0 +1,62 @@
+"""quotient_sgd.optim / observables on further inputs: parameters whose blocks have different float widths."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from quotient_sgd.optim import SGDSpec, quotient_trajectory, train
+from quotient_sgd.symmetry import Product, Scale
+
+from helpers import charge_identity_error
+
+
+# ----- a float32 block ahead of a float64 block ------------------------------------------------------------------
+def _two_width_case():
+    """Two scale-invariant blocks, ``a`` float32 (the first leaf) and ``b`` float64, each its own component, and a
+    float64 loss: ``tanh(x a / |a|) b / |b|`` against targets."""
+    group = Product((Scale(members=((("a",), None),), name="sa"), Scale(members=((("b",), None),), name="sb")))
+
+    def net(p, x):
+        h = jnp.tanh(x @ (p["a"] / jnp.linalg.norm(p["a"]))).astype(jnp.float64)
+        return h @ (p["b"] / jnp.linalg.norm(p["b"]))
+
+    def loss(p, batch):
+        x, y = batch
+        return jnp.mean(jnp.square(net(p, x) - y))
+
+    def example_loss(p, batch):
+        x, y = batch
+        return jnp.mean(jnp.square(net(p, x) - y), axis=1)
+
+    params = {"a": jax.random.normal(jax.random.key(0), (3, 4), jnp.float32),
+              "b": jax.random.normal(jax.random.key(1), (4, 2), jnp.float64)}
+    x = jax.random.normal(jax.random.key(2), (12, 8, 3), jnp.float32)
+    y = jax.random.normal(jax.random.key(3), (12, 8, 2), jnp.float64)
+    return group, params, (x, y), loss, example_loss
+
+
+def test_blocks_of_two_float_widths_are_observed(x64):
+    """A float32 block ahead of a float64 one: the trajectory's scalars were held in the first leaf's dtype
+    (float32) while the sums over both blocks came out float64, so train failed with "scan body function carry
+    input and carry output must have equal types" (carry['prev_gd'], ['prev_dd']), the noise observables with
+    "cond branches must have equal output types", and under strict promotion the charge prediction and the
+    noise's ravel with a bare TypePromotionError; the prediction also rounded the float64 block's learning rate to
+    float32.  Now every step runs, each charge is predicted in its own dtype (float64 block to 1e-8), and the
+    scalars over the whole tree are float64."""
+    group, params, data, loss, example_loss = _two_width_case()
+    tx = quotient_trajectory(
+        optax.chain(optax.trace(0.9, nesterov=True), optax.add_decayed_weights(0.05), optax.scale(-0.1)), group,
+        spec=SGDSpec(0.1, weight_decay=0.05, momentum=0.9, nesterov=True), noise_every=3,
+        observables=("grad_norm", "curvature", "update_vertical_norm", "charges", "charge_drift",
+                     "charge_drift_predicted"))
+    _, _, traj = train(loss, params, tx, data, donate=False, example_loss_fn=example_loss)
+    for k in ("grad_norm", "curvature", "update_vertical_norm", "temperature"):
+        assert traj[k].dtype == jnp.float64, k
+        assert bool(jnp.all(jnp.isfinite(traj[k]))), k
+    assert traj["charges"]["sa"].dtype == jnp.float32 and traj["charges"]["sb"].dtype == jnp.float64
+    drift, pred = traj["charge_drift"], traj["charge_drift_predicted"]
+    assert charge_identity_error(drift["sb"], pred["sb"]) < 1e-8
+    assert charge_identity_error(drift["sa"], pred["sa"]) < 1e-3  # float32: the rounding of the charges
+    assert float(jnp.min(jnp.abs(drift["sb"]))) > 1e-4  # the decay moves both charges
+    np.testing.assert_array_less(0.0, np.asarray(traj["noise_sigma2"]))

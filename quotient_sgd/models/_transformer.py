@@ -12,6 +12,7 @@ from flax import nnx
 from ..symmetry import GL, Permutation, Product, Rescale, Translation
 from ._activations import check_activation, get_activation, is_homogeneous
 from ._checks import (
+    as_real_input,
     check_classes,
     check_eps,
     check_flag,
@@ -43,6 +44,9 @@ class CausalSelfAttention(nnx.Module):
     summed and ``b_o`` added.  The scores depend on ``(W_Q^h, b_Q^h)`` and ``(W_K^h, b_K^h)`` only through the
     bilinear form ``[W_Q; b_Q][W_K; b_K]^T``, the output on ``(W_V, b_V)`` and ``W_O`` only through
     ``[W_V; b_V] W_O`` (attention rows sum to one): the QK and VO ``GL(d)`` symmetries.
+
+    Input ``x``: ``(..., T, d_model)`` real numbers, cast to the parameters' dtype: a batch ``(B, T, D)``, one
+    sequence ``(T, D)`` or several batch axes; the output has ``x``'s shape.
     """
 
     def __init__(self, d_model: int, num_heads: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
@@ -64,6 +68,16 @@ class CausalSelfAttention(nnx.Module):
         self.b_o = nnx.Param(jnp.zeros((D,), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        # the einsums below read (B, T, D) in the parameters' dtype: another shape failed in an einsum, another dtype
+        # under strict promotion, naming neither the layer nor x
+        x = as_real_input("CausalSelfAttention", x, self.w_q[...].dtype)
+        D = self.w_q[...].shape[1]
+        if x.ndim < 2 or x.shape[-1] != D:
+            raise ValueError(f"CausalSelfAttention: x must be (..., T, d_model={D}): a batch (B, T, {D}) or one "
+                             f"sequence (T, {D}); got shape {x.shape}")
+        if x.ndim != 3:
+            lead = x.shape[:-2]
+            return self(x.reshape(math.prod(lead), *x.shape[-2:])).reshape(x.shape)
         T = x.shape[1]
         q = jnp.einsum("btD,hDd->bhtd", x, self.w_q[...]) + _bias_heads(self.b_q[...])
         k = jnp.einsum("btD,hDd->bhtd", x, self.w_k[...]) + _bias_heads(self.b_k[...])
@@ -167,13 +181,24 @@ class Transformer(nnx.Module):
         """The raw unembedding output ``(..., T, vocab_size)`` for int tokens ``(..., T)``, ``T <= max_len``: one
         sequence ``(T,)`` gives ``(T, vocab_size)``, a batch ``(B, T)`` gives ``(B, T, vocab_size)``, more leading
         axes are batch axes too.  Concrete tokens outside ``[0, vocab_size)`` raise ``ValueError``; traced ones (under
-        ``jit``) cannot be checked: the lookup then gives NaN (``>= vocab_size``) or wraps (negative)."""
+        ``jit``) cannot be checked: the lookup then gives NaN (``>= vocab_size``) or wraps (negative).  Host tokens
+        (NumPy arrays, lists) are checked before JAX converts them, which (without ``jax_enable_x64``) wraps int64 /
+        uint64 values into 32 bits."""
+        if not isinstance(tokens, jax.Array):
+            host = np.asarray(tokens)
+            if host.dtype.kind in "iu" and host.size:  # 2**32 + 3 became token 3 in jnp.asarray, silently
+                self._check_token_range(int(host.min()), int(host.max()))
+            elif host.dtype.kind == "O":  # e.g. Python integers beyond 64 bits
+                raise ValueError(f"Transformer: tokens must be integer token ids in [0, vocab_size="
+                                 f"{self.tok_embed.num_embeddings}), got {tokens!r}")
         tokens = jnp.asarray(tokens)
         if tokens.ndim == 0:
             raise ValueError("Transformer: tokens must have a sequence axis, shape (T,) or (batch, T); got a scalar")
         if tokens.ndim != 2:  # one sequence, or several batch axes: run it as a (batch, T) batch
             lead, T = tokens.shape[:-1], tokens.shape[-1]
-            return self.logits(tokens.reshape(-1, T)).reshape(*lead, T, -1)
+            # sizes, not -1: a reshape of an empty sequence to (-1, 0) failed with a bare ZeroDivisionError
+            z = self.logits(tokens.reshape(math.prod(lead), T))
+            return z.reshape(*lead, T, z.shape[-1])
         if not jnp.issubdtype(tokens.dtype, jnp.integer):  # flax's Embed refused it naming neither model nor argument
             raise ValueError(f"Transformer: tokens must be integer token ids (e.g. int32 or int64), got dtype "
                              f"{tokens.dtype}")
@@ -181,19 +206,21 @@ class Transformer(nnx.Module):
         if T > self.max_len:
             raise ValueError(f"Transformer: tokens have sequence length {T}, which exceeds max_len={self.max_len} "
                              f"(the positional embedding's rows); sequences may have at most max_len tokens")
-        V = self.tok_embed.num_embeddings
         if not isinstance(tokens, jax.core.Tracer) and tokens.size:
             # the embedding lookup fills a token >= V with NaN (every later position too, through attention) and
             # wraps a negative one to the end of the vocabulary, silently; traced tokens cannot be checked here
             t = np.asarray(tokens)  # numpy: under an outer jit that closes over the tokens, jnp.min would be traced
-            lo, hi = int(t.min()), int(t.max())
-            if lo < 0 or hi >= V:
-                raise ValueError(f"Transformer: tokens must be integers in [0, vocab_size={V}), got values from {lo} "
-                                 f"to {hi}")
+            self._check_token_range(int(t.min()), int(t.max()))
         x = self.tok_embed(tokens) + self.pos_embed.embedding[...][None, :T, :]
         for block in self.blocks:
             x = block(x)
         return self.unembed(self.ln_f(x))
+
+    def _check_token_range(self, lo: int, hi: int) -> None:
+        V = self.tok_embed.num_embeddings
+        if lo < 0 or hi >= V:
+            raise ValueError(f"Transformer: tokens must be integers in [0, vocab_size={V}), got values from {lo} "
+                             f"to {hi}")
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         z = self.logits(tokens)

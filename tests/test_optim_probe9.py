@@ -60,3 +60,38 @@ def test_blocks_of_two_float_widths_are_observed(x64):
     assert charge_identity_error(drift["sa"], pred["sa"]) < 1e-3  # float32: the rounding of the charges
     assert float(jnp.min(jnp.abs(drift["sb"]))) > 1e-4  # the decay moves both charges
     np.testing.assert_array_less(0.0, np.asarray(traj["noise_sigma2"]))
+
+
+# ----- the sums of the observables at full precision ------------------------------------------------------------
+def _dot_precisions(fn, *args):
+    """The ``precision`` of every ``dot_general`` in the jaxpr of ``fn(*args)`` (nested jaxprs included)."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                found.append(eqn.params.get("precision"))
+            for sub in jax.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def test_sums_as_products_ask_for_full_precision():
+    """sum_all / sum_except / vdot (tree_dot's, the per-unit sums') are products with a vector of ones, asked at
+    JAX's default precision: on recent NVIDIA GPUs (TF32) and TPUs (bfloat16) that rounds float32 operands to 10 or 7
+    bits of mantissa before summing (a relative error up to 2^-11 / 2^-8 a term, where jnp.sum is exact to float32),
+    which the charges, their drift and Lanczos' inner products cannot take.  Every such product now asks for
+    Precision.HIGHEST, whatever jax_default_matmul_precision is (XLA:CPU computes it the same either way)."""
+    from quotient_sgd._reduce import sum_all, sum_except, vdot
+    from quotient_sgd.observables._util import tree_dot
+
+    x = jnp.ones((3, 20, 40), jnp.float32)
+    fns = [sum_all, lambda a: vdot(a, a), lambda a: tree_dot({"u": a, "v": a[0]}, {"u": a, "v": a[0]})]
+    fns += [lambda a, i=i: sum_except(a, i) for i in range(3)]
+    highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+    with jax.default_matmul_precision("bfloat16"):
+        for fn in fns:
+            found = _dot_precisions(fn, x)
+            assert found and all(p == highest for p in found), found

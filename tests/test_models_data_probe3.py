@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from quotient_sgd.models import CausalSelfAttention, Transformer
+from quotient_sgd.models import CNN, BatchNorm, CausalSelfAttention, LayerNorm, Transformer
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +65,59 @@ def test_attention_layer_checks_and_casts_its_input():
             attn(bad)
     with pytest.raises(ValueError, match="CausalSelfAttention: x must hold real numbers"):
         attn(jnp.ones((1, 3, 4), jnp.complex64))
+
+
+@pytest.mark.parametrize("make", [lambda: LayerNorm(3), lambda: BatchNorm(3),
+                                  lambda: BatchNorm(3, use_running_average=True)])
+def test_norm_layers_read_inputs_in_their_parameters_dtype(make):
+    """``LayerNorm`` / ``BatchNorm`` (exported) failed on a float16 input to float32 parameters with a bare
+    TypePromotionError under strict promotion, and on an integer input with 'data type int32 not inexact' from
+    ``jnp.finfo``; they cast inputs to the parameters' dtype, as the models do (the same outputs as a float32
+    input)."""
+    z = jnp.asarray([[1.0, 2.0, 4.0], [3.0, -1.0, 0.0]], jnp.float32)
+    ref = make()(z)
+    for other in (z.astype(jnp.float16), z.astype(jnp.int32), np.asarray(z, np.float64)):
+        out = make()(other)
+        assert out.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+    with pytest.raises(ValueError, match=r"(LayerNorm|BatchNorm): x must hold real numbers"):
+        make()(z.astype(jnp.complex64))
+
+
+def test_an_empty_batch_leaves_batchnorm_running_statistics_as_they_were():
+    """The batch statistics of an empty batch are 0 / 0: the training-mode update wrote NaN into the running mean
+    and variance (flax's own BatchNorm does too), so every evaluation-mode output after it was NaN.  An empty batch
+    now returns an empty output and keeps them, eagerly and with the statistics threaded through jit as state."""
+    layer = BatchNorm(2)
+    z = jnp.asarray([[1.0, 2.0], [3.0, -5.0], [2.0, 0.5]])
+    layer(z)
+    before = {k: np.asarray(getattr(layer, k)[...]) for k in ("mean", "var")}
+    assert not np.allclose(before["mean"], 0.0)  # a real update first: the statistics kept are the trained ones
+    for empty in (jnp.zeros((0, 2)), jnp.zeros((2, 0, 2))):  # no element over the reduced axes
+        assert layer(empty).shape == empty.shape
+        for k, v in before.items():
+            np.testing.assert_array_equal(np.asarray(getattr(layer, k)[...]), v)
+    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+
+    @jax.jit
+    def statistics_after(p, r, u):
+        m = nnx.merge(graphdef, p, r)
+        m(u)
+        return nnx.split(m, nnx.Param, ...)[2]
+
+    new_rest = statistics_after(params, rest, jnp.zeros((0, 2)))
+    np.testing.assert_array_equal(np.asarray(new_rest["mean"][...]), before["mean"])
+    layer.eval()
+    assert np.all(np.isfinite(np.asarray(layer(z))))
+
+
+def test_cnn_refuses_images_without_pixels():
+    """An image of height or width 0 gave NaN outputs (the global average of no pixel), silently; it is refused
+    naming x; a 1x1 image is still read."""
+    model = CNN(1, (2,), 4, strides=2, rngs=nnx.Rngs(0))
+    for shape in ((2, 0, 5, 1), (2, 5, 0, 1)):
+        with pytest.raises(ValueError, match=r"CNN: x must be images of at least one pixel.*got shape"):
+            model(jnp.ones(shape))
+    for shape in ((1, 1, 1, 1),):
+        out = model(jnp.ones(shape))
+        assert out.shape == (shape[0], 4) and np.all(np.isfinite(np.asarray(out)))

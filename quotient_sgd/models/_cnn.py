@@ -152,6 +152,10 @@ class CNN(nnx.Module):
         if h.ndim != 4 or h.shape[-1] != c_in:
             # the patch contraction (an einsum) would broadcast a single input channel over all c_in silently
             raise ValueError(f"CNN: x must be (N, H, W, in_channels={c_in}) (NHWC), got shape {h.shape}")
+        if not h.shape[1] or not h.shape[2]:
+            # the global average pool of an empty image is 0 / 0: every output was NaN, silently
+            raise ValueError(f"CNN: x must be images of at least one pixel, (N, H, W, {c_in}) with H, W >= 1, got "
+                             f"shape {h.shape}")
         impl = self.conv_impl
         if impl == "auto":
             impl = "patches" if jax.default_backend() == "cpu" else "xla"

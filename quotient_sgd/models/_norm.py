@@ -9,6 +9,9 @@ itself scale-equivariant and free of the cancellation of ``mean(z^2) - mean(z)^2
 smallest normal number of the input's dtype (float16), the normalisation is computed in float32, so the guard
 still holds.
 
+Inputs are cast to the parameters' dtype, as the models cast theirs (a float16 input to a float32 layer failed
+under strict dtype promotion, an integer one in ``jnp.finfo``).
+
 Layouts: features on the last axis.  ``LayerNorm`` normalises over the last axis (per position: over the
 channels of a conv map, over ``d_model`` of a token); ``BatchNorm`` normalises every channel over all other
 axes (batch and space) in training mode, and keeps running statistics as non-``Param`` NNX state
@@ -17,11 +20,14 @@ axes (batch and space) in training mode, and keeps running statistics as non-``P
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import errors, nnx
 
 from ._checks import (
+    as_real_input,
     check_eps,
     check_features,
     check_flag,
@@ -74,6 +80,7 @@ class LayerNorm(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
 
     def __call__(self, z: jax.Array) -> jax.Array:
+        z = as_real_input("LayerNorm", z, self.scale[...].dtype)
         check_features("LayerNorm", z, self.num_features)
         y, _, _ = _normalise(z, (z.ndim - 1,), self.eps)
         return y * _along_last(self.scale[...], z.ndim) + _along_last(self.bias[...], z.ndim)
@@ -83,7 +90,8 @@ class BatchNorm(nnx.Module):
     """Per-channel batch normalisation over all axes but the last.
 
     Training mode (``use_running_average=False``, the default; ``model.train()``): normalise with the batch
-    statistics and update the running ones, ``r <- momentum r + (1 - momentum) batch`` (biased batch variance).
+    statistics and update the running ones, ``r <- momentum r + (1 - momentum) batch`` (biased batch variance);
+    an empty input (no element to average over) returns an empty output and leaves them as they are.
     Evaluation mode (``model.eval()``): normalise with the running statistics.
     Params ``scale``, ``bias`` as in :class:`LayerNorm`; state ``mean``, ``var`` are ``nnx.BatchStat`` (not
     ``nnx.Param``), so ``nnx.split(model, nnx.Param, ...)`` puts them in the non-parameter state.
@@ -126,6 +134,7 @@ class BatchNorm(nnx.Module):
         self.var = nnx.BatchStat(jnp.ones((num_features,), param_dtype))
 
     def __call__(self, z: jax.Array) -> jax.Array:
+        z = as_real_input("BatchNorm", z, self.scale[...].dtype)
         check_features("BatchNorm", z, self.num_features)
         nd = z.ndim
         if self.use_running_average:
@@ -135,6 +144,10 @@ class BatchNorm(nnx.Module):
             y = ((z.astype(cd) - mean) * jax.lax.rsqrt(var + jnp.asarray(self.eps, cd))).astype(z.dtype)
         else:
             y, mean, var = _normalise(z, tuple(range(nd - 1)), self.eps)
+            if not math.prod(z.shape[:-1]):
+                # an empty batch has no statistics: its mean and variance are 0 / 0 = NaN, which the update wrote
+                # into the running ones (and every evaluation-mode output after it was NaN); they are kept
+                return y * _along_last(self.scale[...], nd) + _along_last(self.bias[...], nd)
             m = jnp.asarray(self.momentum, self.mean[...].dtype)
             new_mean = m * self.mean[...] + (1 - m) * jnp.reshape(mean, (-1,)).astype(m.dtype)
             new_var = m * self.var[...] + (1 - m) * jnp.reshape(var, (-1,)).astype(m.dtype)

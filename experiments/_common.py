@@ -59,33 +59,84 @@ def config_module(name: str):
     return mod
 
 
+#: The sizes every experiment config's ``get_config(scale)`` knows (``scale=...`` on the command line).
+SCALES = ("cpu", "test", "paper")
+
+
 def load_config(name: str, argv=None):
     """``configs/<name>.py``'s ``get_config(scale)`` with ``key=value`` overrides applied (typed as the
-    default)."""
+    default).  A ``scale`` other than :data:`SCALES`, a key the config does not have (or one below a key that is
+    no section) and a value that is not of the default's type stop the script (``SystemExit``) with a message
+    naming the key, the value and what is allowed: ``scale=papr`` ran the CPU default while recording
+    ``scale = 'papr'``, and ``foo.bar=1`` / ``seed.x=1`` / ``checkpoints=5`` failed in a bare ``KeyError`` /
+    ``TypeError``."""
+    import difflib
+
     module = config_module(name)
     ov = parse_overrides(argv)
-    cfg = module.get_config(ov.pop("scale", "cpu"))
+    scale = ov.pop("scale", "cpu")
+    if scale not in SCALES:
+        close = difflib.get_close_matches(scale, SCALES, n=1)
+        raise SystemExit(f"{name}: scale={scale!r}: allowed {list(SCALES)} (cpu: the default, test: the tests' fast "
+                         f"version, paper: the paper's sizes)" + (f"; did you mean {close[0]!r}?" if close else ""))
+    cfg = module.get_config(scale)
     for k, v in ov.items():
         cur = cfg
         parts = k.split(".")
-        for p in parts[:-1]:
-            cur = cur[p]
-        if parts[-1] not in cur:
-            raise SystemExit(f"{name}: unknown config key {k!r}; keys here: {sorted(cur.keys())}")
+        for depth, p in enumerate(parts):
+            if not hasattr(cur, "keys"):
+                above = ".".join(parts[:depth])
+                raise SystemExit(f"{name}: config key {k!r}: {above!r} is {type(cur).__name__} {cur!r}, not a "
+                                 f"section; set it as {above}=VALUE")
+            if p not in cur:
+                where = ".".join(parts[:depth])
+                close = difflib.get_close_matches(p, list(cur.keys()), n=1)
+                raise SystemExit(f"{name}: unknown config key {k!r}"
+                                 + (f" (did you mean {'.'.join([*parts[:depth], close[0]])!r}?)" if close else "")
+                                 + f"; keys {'of ' + repr(where) if where else 'here'}: {sorted(cur.keys())}")
+            if depth < len(parts) - 1:
+                cur = cur[p]
+        if hasattr(cur[parts[-1]], "keys"):
+            raise SystemExit(f"{name}: config key {k!r} is a section (keys {sorted(cur[parts[-1]].keys())}), not a "
+                             f"value; set one of its keys, e.g. {k}.{sorted(cur[parts[-1]].keys())[0]}=VALUE")
         cur[parts[-1]] = _typed(k, v, cur[parts[-1]])
     return cfg
 
 
+def _element(key: str, value, like):
+    """An element ``value`` of a JSON list given for ``key``, as the type of ``like`` (an element of the
+    default): an int stays an int, a float takes an int, a string a string."""
+    if isinstance(like, bool) or isinstance(value, bool):
+        ok = isinstance(value, bool) and isinstance(like, bool)
+    elif isinstance(like, int):
+        ok = isinstance(value, int)
+    elif isinstance(like, float):
+        ok = isinstance(value, (int, float))
+    else:
+        ok = isinstance(value, type(like))
+    if not ok:
+        kind = {"int": "an int", "float": "a number", "str": "a string", "bool": "a bool"}.get(type(like).__name__,
+                                                                                              type(like).__name__)
+        raise ValueError(f"element {value!r} is not {kind}, as the default's elements are")
+    return float(value) if isinstance(like, float) and not isinstance(like, bool) else value
+
+
 def _typed(key: str, value: str, old):
     """``value`` (a command-line string) as the type of the default ``old``: ``true`` / ``false`` for booleans
-    (``bool("False")`` is ``True``), JSON lists for tuples and lists."""
+    (``bool("False")`` is ``True``), JSON lists for tuples and lists (their elements of the type of the default's
+    elements, when it has any)."""
     try:
         if isinstance(old, bool):
             if value.lower() not in ("true", "false", "1", "0"):
                 raise ValueError("expected true or false")
             return value.lower() in ("true", "1")
         if isinstance(old, (tuple, list)):
-            return type(old)(json.loads(value))
+            items = json.loads(value)
+            if not isinstance(items, list):
+                raise ValueError(f"a JSON list is needed, e.g. {key}={json.dumps(list(old) or [1])}")
+            if old:
+                items = [_element(key, x, old[0]) for x in items]
+            return type(old)(items)
         return type(old)(value)
     except ValueError as e:
         raise SystemExit(f"{key}={value!r}: expected {type(old).__name__} like the default {old!r} ({e})") from None

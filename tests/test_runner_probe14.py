@@ -114,3 +114,35 @@ def test_numpy_scalars_set_in_a_config_or_given_as_overrides_are_the_values_they
     with pytest.raises(TypeError, match="bool"):
         c.optim.lr = np.bool_(True)
     assert c.seed == -4 and type(c.seed) is int
+
+
+# ---- defect 4: the experiment scripts' key=value overrides ------------------------------------------------------
+@pytest.mark.parametrize("name, argv, needles", [
+    ("catapult", ["scale=papr"], ["scale='papr'", "['cpu', 'test', 'paper']", "did you mean 'paper'"]),
+    ("catapult", ["foo.bar=1"], ["unknown config key 'foo.bar'", "eta_lambda0"]),
+    ("catapult", ["seed.x=1"], ["'seed.x'", "'seed' is int 0, not a section"]),
+    ("shock_lr", ["problem.widht=64"], ["unknown config key 'problem.widht'", "did you mean 'problem.width'"]),
+    ("shock_lr", ["problem=3"], ["'problem' is a section", "problem.drop_factor=VALUE"]),
+    ("hj_slices", ["checkpoints=5"], ["checkpoints='5'", "a JSON list is needed", "checkpoints=[0, 25, 100, 300]"]),
+    ("hj_slices", ["checkpoints=[0, 1.5]"], ["checkpoints='[0, 1.5]'", "element 1.5 is not an int"]),
+    ("hj_slices", ['extents=["a"]'], ["element 'a' is not a number"]),
+])
+def test_experiment_overrides_that_are_no_values_of_the_config_are_named(name, argv, needles):
+    """``python experiments/<name>.py key=value``: ``scale=papr`` ran the CPU default while recording ``scale =
+    'papr'``; an unknown section (``foo.bar=1``) or a key below a number (``seed.x=1``) failed in a bare
+    ``KeyError`` / ``TypeError``, as did a number for a tuple (``checkpoints=5``); list elements of another type
+    than the default's (``checkpoints=[0, 1.5]``: GD steps) were taken.  Each now stops the script with a message
+    naming the key, the value and what is allowed; overrides that fit still apply, nested ones included."""
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import _common as C
+
+    with pytest.raises(SystemExit) as exc:
+        C.load_config(name, argv)
+    msg = str(exc.value)
+    assert all(n in msg for n in needles), msg
+    cfg = C.load_config("hj_slices", ["scale=test", "extents=[1, 0.5]", 'model=["hidden=[8]"]'])
+    assert (cfg.scale, cfg.extents, cfg.model) == ("test", (1.0, 0.5), ("hidden=[8]",))
+    assert type(cfg.extents[0]) is float
+    assert C.load_config("shock_lr", ["problem.width=64"]).problem.width == 64

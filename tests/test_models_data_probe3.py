@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from quotient_sgd import data
 from quotient_sgd.models import CNN, BatchNorm, CausalSelfAttention, LayerNorm, Transformer
 
 
@@ -121,3 +122,29 @@ def test_cnn_refuses_images_without_pixels():
     for shape in ((1, 1, 1, 1),):
         out = model(jnp.ones(shape))
         assert out.shape == (shape[0], 4) and np.all(np.isfinite(np.asarray(out)))
+
+
+def _arrays(ds):
+    return [np.asarray(getattr(ds, f)) for f in ("x_train", "y_train", "x_test", "y_test")]
+
+
+@pytest.mark.parametrize("make,kw", [
+    (data.modular_arithmetic, dict(p=jnp.int32(7))),
+    (data.sparse_parity, dict(n_bits=jnp.int32(6), k=np.array(2), n_train=jnp.uint8(20), n_test=jnp.int32(5))),
+    (data.teacher_student, dict(n_train=jnp.int32(6), n_test=np.array(3), din=jnp.int32(2), dout=jnp.int16(2),
+                                teacher_hidden=jnp.int32(3))),
+])
+def test_task_sizes_take_concrete_integer_arrays_as_the_seed_does(make, kw):
+    """The seed takes a concrete JAX integer; the sizes refused one with a self-contradicting message
+    ('p=Array(7, dtype=int32) is not allowed; need an integer >= 2').  They take it now, with the same data as
+    the Python integer; floats, bools and arrays of more than one number are still refused."""
+    ref = make(seed=1, **{k: int(v) for k, v in kw.items()})
+    got = make(seed=jnp.int32(1), **kw)
+    for a, b in zip(_arrays(got), _arrays(ref)):
+        np.testing.assert_array_equal(a, b)
+    assert type(got.num_classes) is int and got.num_classes == ref.num_classes
+    name = make.__name__
+    arg = next(iter(kw))
+    for bad in (jnp.float32(7), jnp.bool_(True), np.array([7])):
+        with pytest.raises(ValueError, match=rf"{name}: {arg}=.* is not allowed; need an integer"):
+            make(**{**kw, arg: bad})

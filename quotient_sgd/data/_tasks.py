@@ -30,7 +30,20 @@ def _check(task: str, **checks) -> None:
 
 
 def _int_at_least(value, low: int) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= low
+    """An integer ``>= low``: a Python or NumPy integer, or a concrete 0-d integer array (NumPy or JAX), as the
+    ``seed`` (:func:`_seed`) takes; not a ``bool``, a float or a traced value.  (A JAX integer was refused as
+    ``p=Array(5, dtype=int32) is not allowed; need an integer >= 2``.)"""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if not isinstance(value, (int, np.integer)):
+        try:
+            a = np.asarray(value)
+        except Exception:  # e.g. a traced JAX value
+            return False
+        if a.ndim != 0 or a.dtype.kind not in "iu":
+            return False
+        value = a.item()
+    return value >= low
 
 
 def _real(value) -> bool:
@@ -116,6 +129,7 @@ def sparse_parity(*, seed: int = 0, n_bits: int = 20, k: int = 3, n_train: int =
         ValueError: an argument out of range, or ``n_test > 0`` when the training inputs are all ``2^n_bits``
             inputs (none is left to hold out)."""
     _check("sparse_parity", n_bits=(n_bits, _int_at_least(n_bits, 1), "an integer >= 1"))
+    n_bits = int(n_bits)
     _check("sparse_parity", k=(k, _int_at_least(k, 1) and k <= n_bits, f"an integer in [1, n_bits] = [1, {n_bits}]"),
            n_train=(n_train, _int_at_least(n_train, 1), "an integer >= 1"),
            n_test=(n_test, _int_at_least(n_test, 0), "an integer >= 0"))

@@ -41,6 +41,12 @@ class Rescale(LogFactorGroup):
     element keeps a finite factor there, so in an overlapping chain (an MLP's consecutive layers) the canonical
     point and the invariants of the neighbouring layer are not orbit-constant at such a point.
 
+    A parameter may be both incoming and outgoing (a recurrent matrix ``h_{t+1} = relu(h_t W + x U)``, whose units
+    rescale as ``W -> diag(1/a) W diag(a)``, ``U -> U diag(a)``, ``V -> diag(1/a) V``).  Its entries then move by
+    ``a_j / a_i``, so one unit's factor changes the other units' norms: the vertical projection is the generic
+    solve, and the canonical element is the minimum-norm point of the orbit found by Newton's method
+    (:func:`balance_newton`, matrix balancing), with the invariants ``m_j`` evaluated there.
+
     Args:
         incoming: ``((path, axis), ...)``: arrays multiplied by ``a`` along their unit ``axis``.
         outgoing: ``((path, axis), ...)``: arrays divided by ``a`` along their unit ``axis``.
@@ -78,6 +84,12 @@ class Rescale(LogFactorGroup):
 
     def _dtype(self, flat):
         return flat[self.incoming[0][0]].dtype
+
+    def _self_overlapping(self) -> bool:
+        """Whether a parameter is a member twice (incoming and outgoing: a recurrent matrix), so that units'
+        factors meet in its entries and the per-unit closed forms do not apply."""
+        ps = [p for p, _ in self.incoming + self.outgoing]
+        return len(set(ps)) != len(ps)
 
     def _in_out_sq(self, flat):
         sin = sum(unit_sqnorm(flat[p], a) for p, a in self.incoming)
@@ -120,20 +132,27 @@ class Rescale(LogFactorGroup):
         return sin + sout
 
     def _vcoeffs(self, flat, v):
-        if set(p for p, _ in self.incoming) & set(p for p, _ in self.outgoing):
+        if self._self_overlapping():
             return super()._vcoeffs(flat, v)  # self-overlapping declaration: no diagonal Gram matrix
         sin, sout = self._in_out_sq(flat)
         gram = sin + sout
         c = self._tmap_T(flat, v)
         return jnp.where(gram > 0, c / jnp.where(gram > 0, gram, 1), 0)
 
-    def _canonical_element(self, flat):
+    def _closed_form_element(self, flat):
         sin, sout = self._in_out_sq(flat)
         ok = (sin > 0) & (sout > 0)
         # a_j = (|out_j| / |in_j|)^(1/2)  =>  log a_j = (log|out|^2 - log|in|^2) / 4
         return jnp.where(ok, 0.25 * (jnp.log(jnp.where(ok, sout, 1)) - jnp.log(jnp.where(ok, sin, 1))), 0)
 
+    def _canonical_element(self, flat):
+        if self._self_overlapping():
+            return balance_newton(self, flat)
+        return self._closed_form_element(flat)
+
     def _invariants(self, flat):
+        if self._self_overlapping():  # (the per-unit norms move with the other units' factors: read at the
+            flat = self._act(self._canonical_element(flat), flat)  # canonical point)
         sin, sout = self._in_out_sq(flat)
         # sqrt'(0) is infinite: a unit with a zero side (a zero-initialised output layer) made jax.grad of the
         # invariants NaN.  There m_j = |in_j| |out_j| is constant along the other side (derivative 0, exact) and a
@@ -149,3 +168,77 @@ class Rescale(LogFactorGroup):
     def _charges(self, flat):
         sin, sout = self._in_out_sq(flat)
         return 0.5 * (sin - sout)
+
+
+#: Most Newton steps of :func:`balance_newton`.
+BALANCE_ITERS = 50
+
+
+def _sides(rescale: Rescale, flat):
+    """Per unit, the squared weights its factor multiplies (``pos``) and divides (``neg``), entries that it both
+    multiplies and divides (the diagonal of a recurrent matrix) in neither."""
+    n = rescale._n(flat)
+    paths = tuple(dict.fromkeys(rescale.paths()))
+    ones = {p: jnp.ones_like(flat[p]) for p in paths}
+
+    def one(e):
+        coef = rescale._tmap(ones, e)  # each entry's exponent of a_j
+        pos = sum(jnp.sum(jnp.where(coef[p] > 0, jnp.square(flat[p]), 0)) for p in paths)
+        neg = sum(jnp.sum(jnp.where(coef[p] < 0, jnp.square(flat[p]), 0)) for p in paths)
+        return pos, neg
+
+    return jax.lax.map(one, jnp.eye(n, dtype=rescale._dtype(flat)))
+
+
+def balance_newton(rescale: Rescale, flat):
+    """The canonical element (log-factors) of a self-overlapping :class:`Rescale`: the minimum of the orbit's squared
+    norm ``f(xi) = |exp(xi) . theta|^2``, a sum of exponentials of linear functions of ``xi`` (convex), by Newton's
+    method (Jacobi-scaled pseudo-inverse of the Hessian, backtracking line search, at most :data:`BALANCE_ITERS`
+    steps), started from the per-unit closed form.  At the minimum every unit is balanced, ``|in_j| = |out_j|``,
+    which for a recurrent matrix is matrix balancing (Osborne, 1960).
+
+    A unit whose factor only multiplies or only divides nonzero weights (no balanced point: see the class
+    docstring) keeps the factor 1.  Derivatives by the implicit function theorem at the minimum
+    (``jax.lax.custom_root``), not through the iterations."""
+    paths = tuple(dict.fromkeys(rescale.paths()))
+    pos, neg = _sides(rescale, jax.lax.stop_gradient(flat))
+    free = (pos > 0) & (neg > 0)
+    pair = free[:, None] & free[None, :]
+
+    def sqnorm(xi):
+        f = rescale._act(jnp.where(free, xi, 0), flat)
+        return sum(jnp.sum(jnp.square(f[p])) for p in paths)
+
+    def residual(xi):  # zero at the minimum (free units) and at 0 (the others)
+        return jnp.where(free, jax.grad(sqnorm)(xi), xi)
+
+    x0 = rescale._closed_form_element(flat)
+    ts = jnp.asarray([1.0, 0.5, 0.25, 0.125, 1 / 16, 1 / 64, 0.0], x0.dtype)
+    tol = 64 * jnp.finfo(x0.dtype).eps
+
+    def body(carry):
+        xi, it, _ = carry
+        grad = jnp.where(free, jax.grad(sqnorm)(xi), 0)
+        hess = jnp.where(pair, jax.hessian(sqnorm)(xi), 0)
+        dg = jnp.sqrt(jnp.maximum(jnp.diagonal(hess), jnp.finfo(hess.dtype).tiny))
+        w, U = jnp.linalg.eigh(hess / dg[:, None] / dg[None, :])
+        winv = jnp.where(w > jnp.finfo(w.dtype).eps * w.shape[0] * jnp.max(w), 1 / jnp.where(w > 0, w, 1), 0)
+        step = jnp.where(free, -(U @ (winv * (U.T @ (grad / dg)))) / dg, 0)
+        norms = jax.vmap(lambda t: sqnorm(xi + t * step))(ts)
+        # near the minimum the decrease is below the resolution of the norm: take the full step there
+        t = jnp.where(jnp.max(jnp.abs(step), initial=0) < 0.25, ts[0],
+                      ts[jnp.argmin(jnp.where(jnp.isnan(norms), jnp.inf, norms))])
+        return xi + t * step, it + 1, jnp.max(jnp.abs(t * step), initial=0)
+
+    def cond(carry):
+        _, it, size = carry
+        return (it < BALANCE_ITERS) & (size > tol)
+
+    def solve(_, x):
+        return jax.lax.while_loop(cond, body, (x, jnp.asarray(0), jnp.asarray(jnp.inf, x.dtype)))[0]
+
+    def tangent_solve(lin, y):
+        return jnp.linalg.lstsq(jax.jacfwd(lin)(jnp.zeros_like(y)), y)[0]
+
+    xi = jax.lax.custom_root(residual, jax.lax.stop_gradient(jnp.where(free, x0, 0)), solve, tangent_solve)
+    return jnp.where(free, xi, 0)

@@ -1,0 +1,78 @@
+"""Probe of the symmetry groups: self-overlapping rescales (a recurrent matrix), and further group identities."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from quotient_sgd.symmetry import Permutation, Product, Rescale
+
+
+def _rel(a, b):
+    err = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return err / max(float(jnp.max(jnp.abs(y))) for y in jax.tree.leaves(b))
+
+
+def _rnn(dtype, seed=1, n=5, din=3, dout=2):
+    rng = np.random.default_rng(seed)
+    return {"U": jnp.asarray(rng.normal(size=(din, n)), dtype), "W": jnp.asarray(rng.normal(size=(n, n)) / 2, dtype),
+            "b": jnp.asarray(rng.normal(size=(n,)), dtype), "V": jnp.asarray(rng.normal(size=(n, dout)), dtype)}
+
+
+def _rnn_apply(p, xs):
+    h = jnp.zeros((xs.shape[1], p["W"].shape[0]), p["W"].dtype)
+    for x in xs:
+        h = jax.nn.relu(h @ p["W"] + x @ p["U"] + p["b"][None, :])
+    return h @ p["V"]
+
+
+#: the hidden units of a ReLU recurrent network: W -> diag(1/a) W diag(a), (U, b) -> (U, b) diag(a), V -> diag(1/a) V
+RNN_RESCALE = Rescale(incoming=(("U", 1), ("W", 1), ("b", 0)), outgoing=(("W", 0), ("V", 0)), name="rescale/rnn")
+RNN_PERM = Permutation(members=(("U", 1), ("W", 0), ("W", 1), ("b", 0), ("V", 0)), name="perm/rnn")
+
+
+def test_self_overlapping_rescale_canonicalizes_to_the_balanced_point_of_the_orbit(x64):
+    """A rescale whose recurrent matrix is both incoming and outgoing (entries move by a_j / a_i): the canonical
+    element was the per-unit closed form, which ignores that one unit's factor changes the others' norms, so
+    canonicalize(g . p) differed from canonicalize(p) by 0.38 (relative, float64), canonicalize was not idempotent
+    (0.06), and the invariants |in_j| |out_j| changed by 2.7 under a random element.  Now: the minimum-norm
+    (balanced) point of the orbit, for the lone rescale and in a product with the units' permutation, in float64
+    and float32."""
+    xs = jnp.asarray(np.random.default_rng(0).normal(size=(4, 6, 3)))
+    for dtype, tol, groups in ((jnp.float64, 1e-12, (RNN_RESCALE, Product([RNN_RESCALE, RNN_PERM]))),
+                               (jnp.float32, 2e-6, (RNN_RESCALE,))):
+        p = _rnn(dtype)
+        for G in groups:
+            gp = G.act(G.sample(jax.random.key(0), p, scale=1.5), p)
+            assert _rel(_rnn_apply(gp, xs.astype(dtype)), _rnn_apply(p, xs.astype(dtype))) < 50 * tol
+            c = G.canonicalize(p)
+            assert _rel(G.canonicalize(gp), c) < tol
+            assert _rel(G.canonicalize(c), c) < tol
+            assert _rel(G.invariants(gp), G.invariants(p)) < tol
+            assert _rel(_rnn_apply(c, xs.astype(dtype)), _rnn_apply(p, xs.astype(dtype))) < 50 * tol
+        # balanced: every unit's charge 1/2 (|in_j|^2 - |out_j|^2) vanishes at the canonical point
+        charges = RNN_RESCALE.charges(RNN_RESCALE.canonicalize(p))
+        assert float(jnp.max(jnp.abs(charges))) < tol * float(sum(jnp.sum(jnp.square(x)) for x in p.values()))
+
+
+def test_self_overlapping_rescale_canonical_point_is_the_minimum_norm_point_and_differentiable(x64):
+    """The canonical point of the recurrent rescale is no longer than any other point of the orbit, and jax.grad
+    through canonicalize / invariants (implicit differentiation at the minimum) is the central difference."""
+    p = _rnn(jnp.float64, seed=3)
+    c = RNN_RESCALE.canonicalize(p)
+    norm = float(sum(jnp.sum(jnp.square(x)) for x in c.values()))
+    for seed in range(4):
+        moved = RNN_RESCALE.act(RNN_RESCALE.sample(jax.random.key(seed), c, scale=0.05), c)
+        assert norm <= float(sum(jnp.sum(jnp.square(x)) for x in moved.values())) * (1 + 1e-12)
+    vec, unravel = ravel_pytree(p)
+    rng = np.random.default_rng(4)
+    d = jnp.asarray(rng.normal(size=vec.shape))
+    for fn in (RNN_RESCALE.canonicalize, RNN_RESCALE.invariants):
+        w = jnp.asarray(rng.normal(size=ravel_pytree(fn(p))[0].shape))
+
+        def f(v, fn=fn, w=w):
+            return jnp.sum(ravel_pytree(fn(unravel(v)))[0] * w)
+
+        h = 1e-5
+        fd = (f(vec + h * d) - f(vec - h * d)) / (2 * h)
+        np.testing.assert_allclose(jnp.dot(jax.grad(f)(vec), d), fd, rtol=1e-7)

@@ -146,3 +146,23 @@ def test_experiment_overrides_that_are_no_values_of_the_config_are_named(name, a
     assert (cfg.scale, cfg.extents, cfg.model) == ("test", (1.0, 0.5), ("hidden=[8]",))
     assert type(cfg.extents[0]) is float
     assert C.load_config("shock_lr", ["problem.width=64"]).problem.width == 64
+
+
+# ---- defect 5: a workdir that is no path ---------------------------------------------------------------------
+def test_a_workdir_that_is_no_path_is_named(tmp_path, monkeypatch):
+    """``run(settings, None)`` (or ``sweep``, ``report``, ``load_trajectory`` given ``None``) failed in a bare
+    "stat: path should be string, bytes, os.PathLike or integer, not NoneType" or "expected str, bytes or
+    os.PathLike object", and an integer was looked up as a file descriptor; each is now a ``TypeError`` naming the
+    function, its argument and the value, before anything is written."""
+    from quotient_sgd.runner import load_trajectory
+
+    monkeypatch.chdir(tmp_path)
+    s = tiny_settings(10)
+    calls = [("run", lambda w: run(s, w), "workdir"), ("sweep", lambda w: sweep(s, w), "workdir"),
+             ("report", report, "workdir"), ("load_trajectory", load_trajectory, "run_dir")]
+    for name, call, arg in calls:
+        for bad in (None, 3, 2.5):
+            with pytest.raises(TypeError, match=rf"^{name}: {arg}={bad!r} is not a directory path; need a str or "
+                                                rf"os\.PathLike"):
+                call(bad)
+    assert os.listdir(tmp_path) == []

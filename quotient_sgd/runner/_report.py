@@ -12,7 +12,7 @@ import numpy as np
 from .._durable import durable_write
 from .._interrupt import interrupt_in
 from ..config import Settings, from_dict
-from ._rundir import load_trajectory, read_metrics, read_record_json, write_json
+from ._rundir import directory_path, load_trajectory, read_metrics, read_record_json, write_json
 
 PLOTS = ("loss", "observables", "charges", "shock_fold", "hessian", "events")
 #: What a finished run recorded about itself (wall time, resume step, divergence): ``report`` keeps it.
@@ -420,6 +420,7 @@ def read_events(workdir: str) -> list[dict] | None:
 def report(workdir: str) -> str:
     """Regenerate ``plots/*.png`` and ``summary.md`` of a run directory (of a sweep directory: the sweep table
     and comparison plots; run ``report`` on ``members/<i>`` for a member); returns the summary text."""
+    workdir = directory_path(workdir, "report")
     if os.path.exists(os.path.join(workdir, "sweep.json")):
         from ._sweep import report_sweep
 

@@ -23,6 +23,7 @@ from ._rundir import (
     MetricsLog,
     TrajectoryParts,
     check_workdir,
+    directory_path,
     discard_new_run,
     finished_trajectory,
     lock_directory,
@@ -189,6 +190,7 @@ def run(settings: Settings, workdir: str, *, max_chunks: int | None = None) -> R
     t0 = time.time()
     s = settings
     require_settings(s, "run", "settings")  # (before the directory is looked at)
+    workdir = directory_path(workdir, "run")
     require_tensorboard(s)
     check_workdir(workdir, s)  # raises before anything is written
     b = build(s)  # (cached: runs that differ only in program inputs share one Built)

@@ -132,6 +132,19 @@ def read_record_json(path: str, what: str = "directory", keys: dict | None = Non
     return obj
 
 
+def directory_path(workdir, where: str, arg: str = "workdir") -> str:
+    """``workdir`` as a ``str`` path (``str``, ``bytes`` or ``os.PathLike``), or a ``TypeError`` naming ``where``,
+    its argument ``arg``, the value and what is allowed: ``run(settings, None)`` failed in a bare "stat: path should
+    be string, bytes, os.PathLike or integer, not NoneType", and an integer was taken for a file descriptor."""
+    if isinstance(workdir, (str, bytes, os.PathLike)):
+        path = os.fspath(workdir)
+        if isinstance(path, (str, bytes)):
+            return os.fsdecode(path)
+    default = "; the command's default is runs/<config name>" if where in ("run", "sweep") else ""
+    raise TypeError(f"{where}: {arg}={workdir!r} is not a directory path; need a str or os.PathLike (e.g. "
+                    f"'runs/NAME'{default}), got {type(workdir).__name__}")
+
+
 def check_directory_path(workdir: str, what: str = "run directory") -> None:
     """:class:`RunDirError` when ``workdir`` cannot be a directory: it, or the nearest of its parents that
     exists, is not a directory, or is one this process may not write into (nothing is written)."""
@@ -503,7 +516,7 @@ def load_trajectory(run_dir: str | os.PathLike) -> dict[str, np.ndarray]:
         FileNotFoundError: ``run_dir`` does not exist, is a sweep directory (the message names its members'
             run directories), or holds no run (no ``config.json`` and no trajectory).
     """
-    run_dir = os.fspath(run_dir)
+    run_dir = directory_path(run_dir, "load_trajectory", "run_dir")
     path = os.path.join(run_dir, "trajectory.npz")
     out = LoadedTrajectory()
     unreadable = ""

@@ -62,6 +62,7 @@ from ._rundir import (
     check_directory_path,
     checkpoint_steps,
     config_diff,
+    directory_path,
     discard_new_run,
     finished_trajectory,
     foreign_entries,
@@ -574,6 +575,7 @@ def sweep(settings: Settings, workdir: str, *, members_per_device: int | None = 
     corrected command can run into the same ``workdir``.  A directory being resumed is never removed.
     """
     require_settings(settings, "sweep", "settings")  # (every process: raised before anything is written)
+    workdir = directory_path(workdir, "sweep")
     if members_per_device is not None and (isinstance(members_per_device, (bool, np.bool_))
                                            or not isinstance(members_per_device, (int, np.integer))
                                            or members_per_device < 0):

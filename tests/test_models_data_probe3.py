@@ -148,3 +148,41 @@ def test_task_sizes_take_concrete_integer_arrays_as_the_seed_does(make, kw):
     for bad in (jnp.float32(7), jnp.bool_(True), np.array([7])):
         with pytest.raises(ValueError, match=rf"{name}: {arg}=.* is not allowed; need an integer"):
             make(**{**kw, arg: bad})
+
+
+def test_models_that_would_ignore_their_input_are_refused():
+    """A LayerNorm over one feature outputs its bias alone: a Transformer with d_model=1 gave the same logits for
+    every token sequence (difference 0.0), and a CNN with norm='layer' and a one-channel layer gave outputs (and
+    parameter gradients) that did not depend on x; both are refused at construction, naming the argument.  The
+    same widths without a LayerNorm are fine."""
+    with pytest.raises(ValueError, match=r"Transformer: d_model must be >= 2, got 1: .*not depend on the tokens"):
+        Transformer(5, 1, 1, 1, 4, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"CNN: norm='layer' needs at least 2 channels in every conv layer, got "
+                                         r"channels=\(3, 1\)"):
+        CNN(1, (3, 1), 2, norm="layer", rngs=nnx.Rngs(0))
+    for norm in (None, "batch"):
+        assert len(CNN(1, (1,), 2, norm=norm, rngs=nnx.Rngs(0)).convs) == 1
+    assert Transformer(5, 2, 2, 1, 4, rngs=nnx.Rngs(0)).blocks[0].attn.d_head == 1
+
+
+@pytest.mark.parametrize("make", [lambda: LayerNorm(3, eps=0.0), lambda: BatchNorm(3, eps=0)])
+def test_zero_eps_normalises_a_constant_input_to_zero(make):
+    """``eps = 0`` is allowed (exact scale invariance), but a constant input gave ``0 * rsqrt(0) = NaN`` where the
+    default eps maps it to 0 (so did a channel of zero running variance in evaluation mode); it maps to 0 now, with
+    a finite gradient, and other inputs are normalised exactly as before (scale-invariant)."""
+    layer = make()
+    const = jnp.full((2, 3), 1.5)
+    np.testing.assert_array_equal(np.asarray(layer(const)), 0.0)
+    graphdef, state = nnx.split(make())
+    grad = jax.grad(lambda u: jnp.sum(jnp.sin(nnx.merge(graphdef, state)(u))))(const)
+    assert np.all(np.isfinite(np.asarray(grad)))
+    z = jnp.asarray([[1.0, 2.0, 4.0], [3.0, -1.0, 0.0]])
+    y = np.asarray(make()(z))
+    np.testing.assert_allclose(y, np.asarray(make()(z * 9.0)), rtol=1e-6, atol=1e-6)
+    axis = -1 if isinstance(layer, LayerNorm) else 0
+    np.testing.assert_allclose(y.var(axis), 1.0, rtol=1e-6)
+    if isinstance(layer, BatchNorm):
+        layer.eval()
+        layer.var[...] = jnp.zeros((3,))  # the running variance of a channel that was constant in training
+        layer.mean[...] = jnp.full((3,), 1.5)
+        np.testing.assert_array_equal(np.asarray(layer(const)), 0.0)

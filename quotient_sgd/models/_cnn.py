@@ -68,7 +68,8 @@ class CNN(nnx.Module):
             convolution inside a training loop is many times slower, XLA's elsewhere).  Same parameters and
             the same function either way (to float rounding).
         strides: one stride for every layer, or one per layer.
-        norm: ``None``; ``"layer"`` (:class:`LayerNorm` over the channels at each position); or ``"batch"``
+        norm: ``None``; ``"layer"`` (:class:`LayerNorm` over the channels at each position, so every layer needs
+            at least 2 channels); or ``"batch"``
             (:class:`BatchNorm` per channel over batch and space, with running statistics as ``nnx.BatchStat``
             state, ``model.train()`` / ``model.eval()``).  With ``"batch"`` the convs have no bias (the batch
             mean would cancel it).
@@ -115,6 +116,10 @@ class CNN(nnx.Module):
         classifier = check_flag("CNN", "classifier", classifier)
         check_classes("CNN", "dout", dout, classifier)
         channels = check_widths("CNN", "channels", channels, allow_empty=False)
+        if norm == "layer" and min(channels) < 2:
+            raise ValueError(f"CNN: norm='layer' needs at least 2 channels in every conv layer, got channels="
+                             f"{channels}: a LayerNorm over one channel outputs its bias alone, so the output would "
+                             f"not depend on x (use norm='batch' or None, or wider layers)")
         seq = ((strides,) * len(channels) if isinstance(strides, numbers.Integral)
                else tuple(strides) if hasattr(strides, "__iter__") and not isinstance(strides, str) else ())
         if len(seq) != len(channels) or not all(

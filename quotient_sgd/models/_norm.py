@@ -7,7 +7,7 @@ float32 tolerance for factors ``c`` in ``e^-2 .. e^2``; so these layers default 
 against any realistic variance.  The variance is computed in two passes, ``mean((z - mean z)^2)``, which is
 itself scale-equivariant and free of the cancellation of ``mean(z^2) - mean(z)^2``.  Where ``eps`` is below the
 smallest normal number of the input's dtype (float16), the normalisation is computed in float32, so the guard
-still holds.
+still holds.  With ``eps = 0`` (allowed: exact scale invariance) a zero variance normalises to ``0`` as well.
 
 Inputs are cast to the parameters' dtype, as the models cast theirs (a float16 input to a float32 layer failed
 under strict dtype promotion, an integer one in ``jnp.finfo``).
@@ -53,6 +53,15 @@ def _compute_dtype(dtype, eps: float):
     return jnp.dtype(dtype)
 
 
+def _inv_std(var: jax.Array, eps: float) -> jax.Array:
+    """``1 / sqrt(var + eps)``, and ``0`` where ``var + eps = 0`` (``eps = 0`` and a constant input): there the
+    centred value is ``0`` too, and ``0 * rsqrt(0)`` was NaN; the constant input maps to ``0``, as with ``eps > 0``.
+    The inner ``where`` keeps the derivative finite."""
+    v = var + jnp.asarray(eps, var.dtype)
+    ok = v > 0
+    return jnp.where(ok, jax.lax.rsqrt(jnp.where(ok, v, jnp.ones_like(v))), jnp.zeros_like(v))
+
+
 def _normalise(z: jax.Array, axes: tuple[int, ...], eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``((z - mean) / sqrt(var + eps), mean, var)`` over ``axes``; the first in ``z``'s dtype, the statistics in
     the dtype they were computed in (:func:`_compute_dtype`)."""
@@ -60,7 +69,7 @@ def _normalise(z: jax.Array, axes: tuple[int, ...], eps: float) -> tuple[jax.Arr
     mean = jnp.mean(zz, axis=axes, keepdims=True)
     zc = zz - mean
     var = jnp.mean(jnp.square(zc), axis=axes, keepdims=True)
-    return (zc * jax.lax.rsqrt(var + jnp.asarray(eps, zz.dtype))).astype(z.dtype), mean, var
+    return (zc * _inv_std(var, eps)).astype(z.dtype), mean, var
 
 
 class LayerNorm(nnx.Module):
@@ -141,7 +150,7 @@ class BatchNorm(nnx.Module):
             cd = _compute_dtype(z.dtype, self.eps)
             mean = _along_last(self.mean[...], nd).astype(cd)
             var = _along_last(self.var[...], nd).astype(cd)
-            y = ((z.astype(cd) - mean) * jax.lax.rsqrt(var + jnp.asarray(self.eps, cd))).astype(z.dtype)
+            y = ((z.astype(cd) - mean) * _inv_std(var, self.eps)).astype(z.dtype)
         else:
             y, mean, var = _normalise(z, tuple(range(nd - 1)), self.eps)
             if not math.prod(z.shape[:-1]):

@@ -115,7 +115,8 @@ class Transformer(nnx.Module):
     the unembedding ``Linear(d_model, vocab_size)`` with bias.
 
     Args:
-        vocab_size, d_model, num_heads, num_layers, max_len: sizes (``d_head = d_model / num_heads``).
+        vocab_size, d_model, num_heads, num_layers, max_len: sizes (``d_head = d_model / num_heads``;
+            ``d_model >= 2``: a LayerNorm over one feature is constant).
         rngs: ``nnx.Rngs``.
         mlp_ratio: hidden width of the MLP blocks in units of ``d_model``.
         activation: MLP activation (``"relu"`` default; see :class:`~quotient_sgd.models.MLP`).
@@ -158,6 +159,10 @@ class Transformer(nnx.Module):
         check_sizes("Transformer", vocab_size=vocab_size, d_model=d_model, num_heads=num_heads, num_layers=num_layers,
                     max_len=max_len, mlp_ratio=mlp_ratio)
         _check_heads("Transformer", d_model, num_heads)
+        if d_model < 2:  # every read of the residual stream goes through a LayerNorm over its d_model features
+            raise ValueError(f"Transformer: d_model must be >= 2, got {d_model}: a LayerNorm over one feature outputs "
+                             f"its bias alone, and every read of the residual stream (attention, MLP, unembedding) "
+                             f"goes through one, so the logits would not depend on the tokens")
         classifier = check_flag("Transformer", "classifier", classifier)
         check_classes("Transformer", "vocab_size", vocab_size, classifier)
         norm_eps = check_eps("Transformer", "norm_eps", norm_eps)

@@ -186,3 +186,22 @@ def test_zero_eps_normalises_a_constant_input_to_zero(make):
         layer.var[...] = jnp.zeros((3,))  # the running variance of a channel that was constant in training
         layer.mean[...] = jnp.full((3,), 1.5)
         np.testing.assert_array_equal(np.asarray(layer(const)), 0.0)
+
+
+@pytest.mark.parametrize("arg,bad,shown", [("x_train", np.nan, "nan"), ("x_test", -np.inf, "-inf"),
+                                           ("x_train", 1e39, r"1e\+39"), ("y_train", np.inf, "inf"),
+                                           ("y_test", np.nan, "nan")])
+def test_make_dataset_refuses_inputs_and_regression_targets_that_are_not_finite(arg, bad, shown):
+    """Classification targets had to be finite, but a NaN or infinite input or regression target was accepted
+    silently (and 1e39 became inf in the float32 cast, with only a RuntimeWarning): every loss it entered was NaN or
+    inf, reported by a run as a divergence at its first step.  They are refused naming the argument and the
+    entry."""
+    arrays = dict(x_train=np.zeros((4, 2)), y_train=np.zeros((4, 1)), x_test=np.zeros((2, 2)), y_test=np.zeros((2, 1)))
+    arrays[arg][1, 0] = bad
+    what = "inputs" if arg.startswith("x") else "regression targets"
+    with pytest.raises(ValueError, match=rf"make_dataset: {arg} holds 1 value\(s\) that are not finite in float32 "
+                                         rf"\(the first, {shown}, at index \(1, 0\)\); need finite {what}"):
+        data.make_dataset(**arrays, task="regression", num_classes=1, name="probe")
+    arrays[arg][1, 0] = 3e38  # large but within float32: kept
+    ds = data.make_dataset(**arrays, task="regression", num_classes=1, name="probe")
+    assert np.isfinite(np.asarray(getattr(ds, arg))).all() and float(getattr(ds, arg)[1, 0]) == np.float32(3e38)

@@ -52,7 +52,8 @@ def make_dataset(x_train, y_train, x_test, y_test, *, task: str, num_classes: in
     """Build a :class:`Dataset` from host arrays, fixing dtypes (float32 inputs unless integer tokens).
 
     Inputs are real arrays with one leading example axis, the same example shape in both splits; integer inputs
-    (tokens) become ``int32`` and must fit it, any other real or boolean input becomes ``float32``.
+    (tokens) become ``int32`` and must fit it, any other real or boolean input becomes ``float32`` and must be finite
+    there (no NaN or inf, magnitudes within float32's range), as must regression targets.
     Classification targets are integer-valued class indices ``(n,)`` in ``[0, num_classes)`` (stored ``int32``);
     regression targets are real ``(n, num_classes)`` arrays (stored ``float32``): the losses compare them with the
     model's ``(n, num_classes)`` outputs, and a ``(n,)`` target would broadcast against an ``(n, 1)`` output to an
@@ -75,6 +76,7 @@ def make_dataset(x_train, y_train, x_test, y_test, *, task: str, num_classes: in
                 raise ValueError(f"make_dataset: {arg} holds integer tokens outside the int32 range "
                                  f"(min {a.min()}, max {a.max()}); need values in [-2^31, 2^31)")
             return jnp.asarray(a, jnp.int32)
+        _finite_float32(arg, a, "inputs")
         return jnp.asarray(a, jnp.float32)
 
     def _y(arg, a, n):
@@ -92,6 +94,7 @@ def make_dataset(x_train, y_train, x_test, y_test, *, task: str, num_classes: in
             raise ValueError(f"make_dataset: {arg} (dtype {a.dtype}, shape {a.shape}) is not allowed; need real "
                              f"regression targets of shape (n, num_classes) = ({n}, {num_classes})"
                              + (" (a 1-D target: y[:, None])" if a.shape == (n,) and num_classes == 1 else ""))
+        _finite_float32(arg, a, "regression targets")
         return jnp.asarray(a, jnp.float32)
 
     xtr, xte = _x("x_train", x_train), _x("x_test", x_test)
@@ -100,6 +103,20 @@ def make_dataset(x_train, y_train, x_test, y_test, *, task: str, num_classes: in
                          "need the same example shape in both splits")
     ytr, yte = _y("y_train", y_train, xtr.shape[0]), _y("y_test", y_test, xte.shape[0])
     return Dataset(xtr, ytr, xte, yte, task, num_classes, name)
+
+
+def _finite_float32(arg: str, a: np.ndarray, what: str) -> None:
+    """``ValueError`` naming ``arg`` unless the real array ``a`` is finite in float32, the dtype it is stored in: a NaN
+    or infinite input or regression target (or one beyond float32's range, 1e39, which the cast made inf with only
+    a RuntimeWarning) was accepted silently, and every loss it entered was NaN or inf."""
+    if a.dtype.kind != "f" or not a.size:
+        return
+    big = float(np.finfo(np.float32).max)
+    bad = ~np.isfinite(a) | (np.abs(a) > big)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"make_dataset: {arg} holds {int(bad.sum())} value(s) that are not finite in float32 (the "
+                         f"first, {float(a[where])!r}, at index {where}); need finite {what} of magnitude <= {big:.4g}")
 
 
 def _static_int(where: str, name: str, value, low: int, high: int | None = None, what: str | None = None) -> int:

@@ -205,3 +205,15 @@ def test_make_dataset_refuses_inputs_and_regression_targets_that_are_not_finite(
     arrays[arg][1, 0] = 3e38  # large but within float32: kept
     ds = data.make_dataset(**arrays, task="regression", num_classes=1, name="probe")
     assert np.isfinite(np.asarray(getattr(ds, arg))).all() and float(getattr(ds, arg)[1, 0]) == np.float32(3e38)
+
+
+@pytest.mark.parametrize("enable_x64", [False, True])
+def test_teacher_student_noise_given_as_a_jax_scalar_is_read_on_the_host(enable_x64):
+    """A JAX ``noise`` made the targets a JAX computation: under x64 with strict promotion it failed with a bare
+    TypePromotionError against the float64 NumPy draws, without x64 the targets were summed in float32 on device
+    (not the host arrays the generator promises).  The data equal those of the same Python float."""
+    with jax.enable_x64(enable_x64):
+        got = data.teacher_student(seed=2, n_train=40, n_test=8, noise=jnp.float32(0.3))
+        ref = data.teacher_student(seed=2, n_train=40, n_test=8, noise=float(np.float32(0.3)))
+    for a, b in zip(_arrays(got), _arrays(ref)):
+        np.testing.assert_array_equal(a, b)

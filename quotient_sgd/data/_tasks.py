@@ -72,6 +72,9 @@ def teacher_student(*, seed: int = 0, n_train: int = 512, n_test: int = 256, din
            noise=(noise, _real(noise) and bool(np.isfinite(noise) and noise >= 0), "a finite number >= 0"))
     # Python ints: NumPy fixed-width integers would wrap around in n_train + n_test
     n_train, n_test, din, dout, teacher_hidden = map(int, (n_train, n_test, din, dout, teacher_hidden))
+    # a Python float: a JAX scalar made the targets a JAX computation (float32 on device without x64, a bare
+    # TypePromotionError against the NumPy float64 draws under x64 and strict promotion)
+    noise = float(noise)
     rng = np.random.default_rng([_seed("teacher_student", seed), 1])
     w1 = rng.normal(size=(din, teacher_hidden)) / np.sqrt(din)
     w2 = rng.normal(size=(teacher_hidden, dout))

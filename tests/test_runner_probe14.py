@@ -166,3 +166,26 @@ def test_a_workdir_that_is_no_path_is_named(tmp_path, monkeypatch):
                                                 rf"os\.PathLike"):
                 call(bad)
     assert os.listdir(tmp_path) == []
+
+
+# ---- defect 6: a finished run without its trajectory.npz was reported as unfinished -----------------------------
+def test_a_finished_run_read_from_its_parts_is_not_called_unfinished(tmp_path):
+    """``load_trajectory`` (and the summary ``report`` draws from it) of a finished run whose ``trajectory.npz``
+    was removed read the parts and said "no trajectory.npz: an unfinished or killed run" beside "final (step 9)",
+    and without checkpoints "1 part(s) from step 0 on are after step 0 (no checkpoint): a resume recomputes them",
+    where running it again computes nothing.  Now it says the run finished; an unfinished run keeps its wording."""
+    from quotient_sgd.runner import load_trajectory as read
+
+    wd = str(tmp_path / "run")
+    s = tiny_settings(10, **{"checkpoint.enabled": False})
+    run(s, wd)
+    want = load_trajectory(wd)
+    os.remove(os.path.join(wd, "trajectory.npz"))
+    got = read(wd)
+    _same(dict(got), want)
+    assert "removed after the run finished" in got.source and "unfinished" not in got.source, got.source
+    assert "recomputes" not in got.source, got.source
+    text = report(wd)
+    assert "final (step 9)" in text and "unfinished" not in text and "recomputes" not in text, text
+    os.remove(os.path.join(wd, "run.json"))  # (as a run killed before recording that it finished)
+    assert "an unfinished or killed run" in read(wd).source

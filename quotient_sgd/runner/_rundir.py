@@ -572,10 +572,15 @@ def load_trajectory(run_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     past = [a for a in starts[: len(chunks)] if a >= max(ckpts, default=0)]
     whose = "the sweep's newest checkpoint" if member else "the newest checkpoint"
     where = (f"{whose} (step {ckpts[-1]})" if ckpts else "step 0 (no checkpoint)")
+    # a finished run (it wrote run.json) whose trajectory.npz is gone: not an unfinished one, and run again it
+    # computes nothing (its summary said "an unfinished or killed run ... a resume recomputes them" beside "final")
+    finished = os.path.isfile(os.path.join(run_dir, "run.json"))
+    missing = ("no trajectory.npz, removed after the run finished (run.json)" if finished
+               else "no trajectory.npz: an unfinished or killed run")
     out.source = (f"trajectory_parts/ ({len(chunks)} part(s), steps {starts[0]} to {end - 1}; "
-                  + (unreadable or "no trajectory.npz: an unfinished or killed run")
+                  + (unreadable or missing)
                   + (f"; {len(past)} part(s) from step {past[0]} on are after {where}: a resume recomputes them"
-                     if past else "") + ")")
+                     if past and not finished else "") + ")")
     return out
 
 

@@ -217,3 +217,18 @@ def test_teacher_student_noise_given_as_a_jax_scalar_is_read_on_the_host(enable_
         ref = data.teacher_student(seed=2, n_train=40, n_test=8, noise=float(np.float32(0.3)))
     for a, b in zip(_arrays(got), _arrays(ref)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_split_fractions_given_as_jax_scalars_count_in_double_precision():
+    """``round(train_fraction * p^2)`` (and the digits' ``round(test_fraction * n)``) was computed in float32 for a
+    JAX float32 fraction: 0.27777779 * 9 = 2.50000011 rounds to 3 pairs, but 2.5 in float32 rounded to 2.  The
+    counts are those of the number the scalar holds, and so are the splits."""
+    t = jnp.float32(0.2777778)
+    ds = data.modular_arithmetic(p=3, train_fraction=t)
+    assert ds.num_train == round(float(t) * 9) == 3
+    for a, b in zip(_arrays(ds), _arrays(data.modular_arithmetic(p=3, train_fraction=float(t)))):
+        np.testing.assert_array_equal(a, b)
+    n = 1797
+    u = next(u for u in (np.float32((k + 0.5) / n) for k in range(1, n - 1))
+             if round(float(u) * n) != int(round(np.float32(u) * np.float32(n))))  # float32 rounding changed it
+    assert data.digits(test_fraction=jnp.float32(u)).num_test == round(float(u) * n)

@@ -105,6 +105,7 @@ def modular_arithmetic(*, seed: int = 0, p: int = 23, train_fraction: float = 0.
                            and 1 <= round(train_fraction * p * p) < p * p,
                            f"0 < train_fraction < 1 leaving at least one pair on each side of the split "
                            f"(p^2 = {p * p} pairs)"))
+    train_fraction = float(train_fraction)  # a JAX float32 scalar took the product below in float32
     a, b = np.meshgrid(np.arange(p), np.arange(p), indexing="ij")
     a, b = a.ravel(), b.ravel()
     y = (a + b) % p
@@ -196,6 +197,7 @@ def digits(*, seed: int = 0, test_fraction: float = 0.25, layout: str = "flat") 
     seed = _seed("digits", seed)
     _check("digits", test_fraction=(test_fraction, _real(test_fraction) and 0 < test_fraction < 1,
                                     "0 < test_fraction < 1"))
+    test_fraction = float(test_fraction)  # a JAX float32 scalar took the product below in float32
     images, target = _digits_arrays()
     n = len(images)
     n_test = int(round(test_fraction * n))

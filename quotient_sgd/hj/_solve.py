@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from typing import Any
 
@@ -173,6 +174,66 @@ def _check_save_times(name, ts, t1) -> None:
         raise ValueError(f"{name}: ts={shown} is not allowed; need non-decreasing save times in {rng}.")
 
 
+def _real_axis_stability(solver) -> float | None:
+    """``x*`` such that an explicit Runge-Kutta ``solver``'s stability function ``R`` has ``|R(x)| <= 1`` on
+    ``[-x*, 0]`` (3.51 for Tsit5, 3.31 for Dopri5, 2 for Euler and Heun), or ``None`` for any other solver (ETDRK4
+    treats the viscous term exactly, KenCarp implicitly: no such limit).  For a tableau ``(A, b)``,
+    ``R(z) = 1 + z b^T (I - z A)^-1 1 = 1 + sum_j z^(j+1) b^T A^j 1`` (``A`` strictly lower triangular)."""
+    if isinstance(solver, dfx.Euler):
+        return 2.0
+    tableau = getattr(solver, "tableau", None)
+    if not isinstance(solver, dfx.AbstractERK) or tableau is None:
+        return None
+    rows = [np.asarray(r, np.float64) for r in tableau.a_lower]
+    s = len(rows) + 1
+    a = np.zeros((s, s))
+    for i, r in enumerate(rows):
+        a[i + 1, :r.size] = r
+    b = np.asarray(tableau.b_sol, np.float64)
+    return _stability_bound(tuple(float(c) for c in _stability_coefficients(a, b)))
+
+
+def _stability_coefficients(a, b):
+    coeffs, v = [1.0], np.ones(a.shape[0])
+    for _ in range(a.shape[0]):
+        coeffs.append(float(b @ v))
+        v = a @ v
+    return coeffs
+
+
+@functools.lru_cache(maxsize=16)
+def _stability_bound(coeffs: tuple[float, ...]) -> float:
+    x = -np.linspace(0.0, 64.0, 640001)
+    r = np.polyval(np.asarray(coeffs[::-1]), x)
+    out = np.flatnonzero(np.abs(r) > 1.0 + 1e-12)
+    return float(-x[out[0] - 1]) if out.size else 64.0
+
+
+def _viscous_rate(scheme, grid) -> float | None:
+    """The largest ``|eigenvalue|`` of the scheme's discrete Laplacian on ``grid`` (per unit viscosity): the
+    spectral symbol's ``max |k|^2``, the three-point stencil's ``4 sin^2(pi m / n) / dx^2`` (``4 / dx^2`` on a
+    bounded axis: an upper bound), summed over the axes; ``None`` for another scheme object."""
+    grids = (grid,) if isinstance(grid, Grid) else grid.axes
+    if isinstance(scheme, Spectral):
+        return float(sum((2 * np.pi / g.length * np.max(np.abs(g.index_frequencies()))) ** 2 for g in grids))
+    if isinstance(scheme, FiniteVolume):
+        total = 0.0
+        for g in grids:
+            top = np.max(np.sin(np.pi * np.arange(g.n) / g.n) ** 2) if g.periodic else 1.0
+            total += 4.0 * float(top) / g.dx**2
+        return total
+    return None
+
+
+def _explicit_limit(scheme, grid, solver) -> tuple[float, float] | None:
+    """``(limit, bound)``: an explicit solver's fixed step ``h`` must keep ``h nu <= limit = bound / rate``
+    (:func:`_real_axis_stability`, :func:`_viscous_rate`), or its top viscous mode grows by ``|R(-h nu rate)| > 1``
+    a step; ``None`` where there is no such limit."""
+    bound = _real_axis_stability(solver)
+    rate = None if bound is None else _viscous_rate(scheme, grid)
+    return None if not rate else (bound / rate, bound)
+
+
 _NOT_GRADIENT = (
     "In 2-D the solver integrates Burgers in the gradient form p_t = -grad(|p|^2 / 2) + nu Lap p, which is Burgers "
     "only for p = grad u (THEORY section 3): a rotational field would be solved in another equation.  Pass the "
@@ -275,6 +336,22 @@ def _solve(form, name, y0, grid, *, nu, t1, ts, scheme, solver, rtol, atol, max_
         # field is near 0) at ~1e-6, so atol sits above the dtype's rounding.
         chord_atol = max(1e-6, 1e3 * float(jnp.finfo(dtype).eps))
         solver = dfx.KenCarp4(root_finder=dfx.VeryChord(rtol=1e-3, atol=chord_atol, norm=optx.max_norm))
+    limit = _explicit_limit(scheme, grid, solver) if fixed else None
+    if limit is not None:
+        # an explicit solver's fixed step beyond its stability interval for the stiff viscous term: the top modes
+        # grow by |R(-h nu rate)| > 1 a step (Tsit5 on 32 spectral points, nu = 0.1, dt = 0.1 returned a field of
+        # 1e231 against an O(1) solution, with only a warning that asked for 1e230 grid points)
+        h_, nu_, t1_ = _concrete_value(dt), _concrete_value(nu), _concrete_value(t1)
+        if h_ is not None and nu_ is not None and t1_ is not None and float(t1_) > 0:
+            h_ = float(t1_) / max(np.ceil(float(t1_) / float(h_) - 1e-9), 1.0)
+            if h_ * float(nu_) > limit[0] * (1 + 1e-9):
+                raise ValueError(
+                    f"{name}: dt={float(_concrete_value(dt)):.6g} is not allowed with the explicit solver "
+                    f"{type(solver).__name__} at nu={float(nu_):.6g}: its steps h = t1 / ceil(t1 / dt) = {h_:.6g} "
+                    f"are beyond its stability interval for the viscous term (h nu max|eig(Lap)| = "
+                    f"{h_ * float(nu_) / limit[0] * limit[1]:.4g} > {limit[1]:.4g}), where the finest modes grow "
+                    f"every step; need dt <= {limit[0] / float(nu_):.6g}, or solver='etd' (spectral) / "
+                    "'kencarp' (implicit viscosity), or adaptive stepping.")
     if fixed and type(adjoint) is dfx.RecursiveCheckpointAdjoint and adjoint.checkpoints is None:
         try:  # concrete t1 and dt: the step count is known, so checkpoint every step (no recomputation)
             known = int(np.ceil(float(t1) / float(dt) - 1e-9)) + (0 if ts is None else int(np.size(ts))) + 1
@@ -287,7 +364,8 @@ def _solve(form, name, y0, grid, *, nu, t1, ts, scheme, solver, rtol, atol, max_
     as_array = (lambda v: None if v is None else jnp.asarray(v, dtype))
     sol = _integrate(form, name, grid, term, solver, y0, nu, t1, as_array(ts), as_array(dt), as_array(dt0),
                      as_array(rtol), as_array(atol), max_steps, adjoint, progress,
-                     _max_steps_advice(scheme, solver))
+                     _max_steps_advice(scheme, solver), None if limit is None else limit[0],
+                     _blowup_advice(scheme, solver, fixed))
     if isinstance(scheme, Spectral):
         sol = dataclasses.replace(sol, spectral_tail=jax.lax.stop_gradient(scheme.spectral_tail(grid, form, sol.ys)))
         _warn_under_resolved(name, form, grid, sol, nu)
@@ -342,9 +420,24 @@ def _max_steps_advice(scheme, solver) -> str:
             "by the viscous term, dt <= dx^2 / (2 nu), so it needs about t1 * 2 nu / dx^2 steps.")
 
 
+def _blowup_advice(scheme, solver, fixed: bool) -> str:
+    """Why a solve's field is not finite and what to do, for this scheme and stepping (a static part of the error's
+    message).  A finite-volume solve was told "use scheme='fv'" (the spectral scheme's advice)."""
+    if isinstance(scheme, Spectral):
+        return ("The grid under-resolves the flow (spectral schemes need the shock width ~4 nu / jump to span a few "
+                "points): use scheme='fv', more grid points or a larger nu.")
+    if fixed and _real_axis_stability(solver) is not None:
+        return ("The explicit fixed steps are unstable: besides the viscous term (checked before the solve) the "
+                "Lax-Friedrichs flux diffuses at a rate ~ max|p| dx, so a step needs about h (4 nu / dx^2 + 2 max|p| "
+                "/ dx) <= 3.5 (Tsit5; per axis summed; the smooth limiter's flux up to sqrt(2) max|p|): use a "
+                "smaller dt, adaptive stepping (dt=None) or solver='kencarp'.")
+    return ("The finite-volume solve blew up: use a smaller dt or adaptive stepping (dt=None) with tighter rtol / "
+            "atol.")
+
+
 @eqx.filter_jit
 def _integrate(form, name, grid, term, solver, y0, nu, t1, ts, dt, dt0, rtol, atol, max_steps, adjoint,
-               progress, advice: str):
+               progress, advice: str, limit: float | None = None, blowup: str = ""):
     """The numerical part of a solve, jitted as a whole (Python-level checks stay in :func:`_solve`): one
     compilation per grid / scheme / solver / stepping mode / save structure; nu, t1, ts, dt and the tolerances
     are traced, so other values reuse it."""
@@ -371,6 +464,12 @@ def _integrate(form, name, grid, term, solver, y0, nu, t1, ts, dt, dt0, rtol, at
         # uniform steps h = t1 / ceil(t1 / dt) <= dt ending exactly at t1 (the step count is not differentiated)
         num = jax.lax.stop_gradient(jnp.maximum(jnp.ceil(t1 / dt - 1e-9), 1.0))
         dt0 = t1 / num
+        if limit is not None:  # (a traced nu, t1 or dt: the check of _solve, when the computation runs)
+            y0 = eqx.error_if(
+                y0, jax.lax.stop_gradient(dt0 * nu) > limit * (1 + 1e-6),
+                f"{name}: a traced dt is beyond the explicit solver's stability interval for the viscous term; "
+                f"need h * nu <= {limit:.6g} for the steps h = t1 / ceil(t1 / dt), or solver='etd' (spectral) / "
+                "'kencarp' (implicit viscosity), or adaptive stepping.")
         if ts is None:
             controller = dfx.ConstantStepSize()
         else:
@@ -427,8 +526,7 @@ def _integrate(form, name, grid, term, solver, y0, nu, t1, ts, dt, dt0, rtol, at
     )
     ys = eqx.error_if(
         ys, ~jnp.all(jnp.isfinite(ys)),
-        f"{name}: the solution is not finite. The grid under-resolves the flow (spectral schemes need the "
-        "shock width ~4 nu / jump to span a few points): use scheme='fv', more grid points or a larger nu.",
+        f"{name}: the solution is not finite. {blowup}",
     )
     cls = BurgersSolution if form == "burgers" else HJSolution
     return cls(ts=sol.ts, ys=ys, grid=grid, num_steps=sol.stats["num_steps"])
@@ -467,7 +565,15 @@ def solve_burgers(p0, grid: AnyGrid, *, nu, t1, ts=None, scheme="spectral", solv
             split step at each save time in ``ts`` that falls between them).  With ETDRK4 the phi-function
             coefficients are then built once per solve instead of once per step; this is the fast path when
             the step that reaches a target error is known (benchmarks/hj.py), and the one that
-            differentiates exactly the map finite differences see.
+            differentiates exactly the map finite differences see.  With an explicit solver (``"tsit5"``, or a
+            diffrax explicit Runge-Kutta solver or ``Euler``) a step beyond its stability interval for the viscous
+            term, ``h nu max|eig(Lap)| > x*`` (``x* = 3.51`` for Tsit5; ``max|eig(Lap)|`` is ``max|k|^2`` for the
+            spectral scheme, ``4 / dx^2`` per axis for finite volumes), is refused with a ``ValueError`` naming
+            ``dt`` and the largest stable one (a traced one through ``equinox.error_if``): the finest modes
+            would grow every step (Tsit5 on 32 spectral points at nu = 0.1 with dt = 0.1 returned a field of
+            1e231).  The nonlinear term tightens the limit (on finite volumes the flux's numerical diffusion adds
+            about ``2 max|p| / dx`` per axis to ``nu max|eig(Lap)|``), so the check is necessary, not sufficient;
+            a fixed-step solve that blows up all the same raises the not-finite error, saying so.
         max_steps: step budget, an integer >= 1 (finite, as reverse-mode autodiff needs); exceeding it raises an
             error.
         dt0, adaptive: initial step of adaptive stepping; ``adaptive=False`` with ``dt0`` means ``dt=dt0``.

@@ -1,0 +1,64 @@
+"""HJ engine and diagnostics: explicit fixed steps against the viscous stability interval, and further cases."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from quotient_sgd.hj import Grid, solve_burgers, solve_hj
+
+
+def _largest_stable_dt(message: str) -> float:
+    return float(re.search(r"need dt <= ([0-9.e+-]+)", message).group(1))
+
+
+def test_an_explicit_fixed_step_beyond_the_viscous_stability_interval_is_refused(x64):
+    # Tsit5 with fixed steps on 16 spectral points at nu = 0.1: h nu max|k|^2 = 0.1 x 0.1 x (8 pi)^2 = 6.3 lies
+    # beyond Tsit5's stability interval [-3.51, 0] on the negative real axis; the solve returned a field of 1e31
+    # (the exact one stays within max|p0| = 0.5) with only a warning asking for ~1e31 grid points
+    g = Grid(16, -1.0, 1.0)
+    p0 = 0.5 * jnp.sin(jnp.pi * g.x)
+    kw = dict(nu=0.1, t1=0.4, solver="tsit5")
+    with pytest.raises(ValueError, match=r"solve_burgers: dt=0\.1 is not allowed with the explicit solver Tsit5 "
+                                         r"at nu=0\.1: .* beyond its stability interval .* need dt <= ") as info:
+        solve_burgers(p0, g, dt=0.1, **kw)
+    limit = _largest_stable_dt(str(info.value))
+    # the stated limit is the viscous one, x* / (nu max|k|^2) with x* in [3.5, 3.52] for Tsit5
+    kmax2 = (np.pi * 8) ** 2
+    assert 3.5 <= limit * 0.1 * kmax2 <= 3.52
+    # the largest stable step is accepted, and agrees with ETDRK4 (whose step is not limited by the viscosity)
+    p = solve_burgers(p0, g, dt=limit, **kw).ps[-1]
+    ref = solve_burgers(p0, g, nu=0.1, t1=0.4, dt=0.1, solver="etd").ps[-1]
+    assert float(jnp.max(jnp.abs(p))) <= 0.5
+    np.testing.assert_allclose(np.asarray(p), np.asarray(ref), atol=1e-5)
+    # the value form and finite volumes (4 / dx^2 per axis, on a bounded grid too) are checked alike
+    with pytest.raises(ValueError, match=r"solve_hj: dt=0\.1 is not allowed with the explicit solver Tsit5"):
+        solve_hj(0.1 * jnp.cos(jnp.pi * g.x), g, nu=0.1, t1=0.4, dt=0.1, solver="tsit5")
+    gb = Grid(17, -1.0, 1.0, periodic=False)
+    with pytest.raises(ValueError, match=r"need dt <= ") as info:
+        solve_hj(0.1 * jnp.cos(jnp.pi * gb.x), gb, nu=0.1, t1=0.4, dt=0.2, scheme="fv")
+    assert 3.5 <= _largest_stable_dt(str(info.value)) * 0.1 * 4 / gb.dx**2 <= 3.52
+    # a traced step (under jit) is refused when the computation runs
+    with pytest.raises(Exception, match="beyond the explicit solver's stability interval"):
+        jax.jit(lambda dt: solve_burgers(p0, g, dt=dt, **kw).ps)(0.1).block_until_ready()
+    # no viscosity, no viscous limit
+    assert bool(jnp.all(jnp.isfinite(solve_burgers(0.1 * p0, g, nu=0.0, t1=0.1, dt=0.05, solver="tsit5").ps)))
+
+
+def test_a_finite_volume_blow_up_is_not_told_to_use_finite_volumes(x64):
+    # explicit fixed steps at 0.98 of the viscous limit: stable for the viscous term alone, but the Lax-Friedrichs
+    # flux's numerical diffusion (~ 2 max|p| / dx) pushes the top mode out of Tsit5's interval and the field
+    # overflows; the error said "The grid under-resolves the flow (spectral schemes need ...): use scheme='fv'"
+    g = Grid(32, -1.0, 1.0)
+    nu = 0.05
+    dt = 0.98 * 3.5068 / (4 * nu / g.dx**2)
+    p0 = -jnp.sin(jnp.pi * g.x)
+    with pytest.raises(Exception, match=r"solve_burgers: the solution is not finite\. The explicit fixed steps are "
+                                        r"unstable: .*2 max\|p\| / dx") as info:
+        solve_burgers(p0, g, nu=nu, t1=1.0, dt=dt, scheme="fv", solver="tsit5").ps.block_until_ready()
+    assert "use scheme='fv'" not in str(info.value)
+    # the stated bound holds: below it (0.9 of h (4 nu / dx^2 + 2 max|p| / dx) <= 3.5) the same solve is finite
+    ok = 0.9 * 3.5068 / (4 * nu / g.dx**2 + 2 / g.dx)
+    assert bool(jnp.all(jnp.isfinite(solve_burgers(p0, g, nu=nu, t1=1.0, dt=ok, scheme="fv", solver="tsit5").ps)))

@@ -62,3 +62,21 @@ def test_a_finite_volume_blow_up_is_not_told_to_use_finite_volumes(x64):
     # the stated bound holds: below it (0.9 of h (4 nu / dx^2 + 2 max|p| / dx) <= 3.5) the same solve is finite
     ok = 0.9 * 3.5068 / (4 * nu / g.dx**2 + 2 / g.dx)
     assert bool(jnp.all(jnp.isfinite(solve_burgers(p0, g, nu=nu, t1=1.0, dt=ok, scheme="fv", solver="tsit5").ps)))
+
+
+@pytest.mark.parametrize("lo,hi", [("-1", "1"), (False, True), (b"0", b"1"), (1j, 2.0), (None, 1.0)])
+def test_grid_ends_that_are_not_real_numbers_are_refused_by_name(lo, hi):
+    # strings, bytes and bools were read as the numbers float() makes of them (Grid(16, False, True) was [0, 1));
+    # a complex or None end failed in a bare float() TypeError
+    with pytest.raises(ValueError, match=r"Grid needs finite lo < hi \(real numbers\), got lo=.*, hi=.*\."):
+        Grid(16, lo, hi)
+
+
+@pytest.mark.parametrize("n", ["16", None, 16.5, True])
+def test_a_grid_size_that_is_not_an_integer_is_refused_showing_what_it_is(n):
+    # n="16" was reported as "got n=16" (an integer, as if it were allowed), n=None in a bare int() TypeError
+    with pytest.raises(ValueError, match=re.escape(f"Grid needs an integer n >= 4 points, got n={n!r}.")):
+        Grid(n, -1.0, 1.0)
+    # what a number is, is still read: NumPy and 0-d JAX integers, a whole float
+    assert Grid(np.int64(16), np.float32(-1.0), jnp.asarray(1.0)).shape == (16,)
+    assert Grid(16.0, -1, 1).n == 16

@@ -43,6 +43,20 @@ def real_field(name: str, arg: str, x) -> Array:
     return widen_real(x)
 
 
+def _real_number(value) -> float | None:
+    """``value`` as a float when it is a real number (a Python or NumPy int or float, or a concrete 0-d array of
+    one); ``None`` for anything else: a bool, a string, bytes, a complex number, ``None``, another shape."""
+    if isinstance(value, (bool, np.bool_, str, bytes)) or value is None:
+        return None
+    try:
+        a = np.asarray(value)
+    except Exception:  # noqa: BLE001 - traced, or not array-like
+        return None
+    if a.ndim != 0 or a.dtype.kind not in "iuf":
+        return None
+    return float(a)
+
+
 class Grid(eqx.Module):
     """A 1-D uniform grid.
 
@@ -59,10 +73,15 @@ class Grid(eqx.Module):
     periodic: bool = eqx.field(static=True, default=True)
 
     def __init__(self, n: int, lo: float, hi: float, *, periodic: bool = True):
-        if int(n) != n or int(n) < 4:
-            raise ValueError(f"Grid needs an integer n >= 4 points, got n={n}.")
-        if not (np.isfinite(float(lo)) and np.isfinite(float(hi)) and float(hi) > float(lo)):
-            raise ValueError(f"Grid needs finite lo < hi, got lo={lo}, hi={hi}.")
+        # a string ("-1"), bytes or a bool (False, True: the grid [0, 1)) was read as the number float() makes of
+        # it; a complex or None end failed in a bare float() TypeError, and n="16" was reported as "got n=16"
+        count = _real_number(n)
+        if count is None or not float(count).is_integer() or count < 4:
+            raise ValueError(f"Grid needs an integer n >= 4 points, got n={n!r}.")
+        ends = (_real_number(lo), _real_number(hi))
+        if any(e is None for e in ends) or not (np.isfinite(ends[0]) and np.isfinite(ends[1]) and ends[1] > ends[0]):
+            raise ValueError(f"Grid needs finite lo < hi (real numbers), got lo={lo!r}, hi={hi!r}.")
+        lo, hi = ends
         if not isinstance(periodic, (bool, np.bool_)):
             # bool("no") is True: a string or a number would have chosen the boundary by its truth value
             raise ValueError(f"Grid: periodic={periodic!r} is not allowed; need True (periodic [lo, hi)) or False "

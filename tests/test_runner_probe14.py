@@ -189,3 +189,37 @@ def test_a_finished_run_read_from_its_parts_is_not_called_unfinished(tmp_path):
     assert "final (step 9)" in text and "unfinished" not in text and "recomputes" not in text, text
     os.remove(os.path.join(wd, "run.json"))  # (as a run killed before recording that it finished)
     assert "an unfinished or killed run" in read(wd).source
+
+
+# ---- defect 7: plots a report drew while the run computed outlived it ------------------------------------------
+def test_plots_a_report_drew_while_the_run_computed_do_not_outlive_it(tmp_path, monkeypatch):
+    """``quotient-sgd report`` on a run (or sweep) still training draws ``plots/`` of the steps done so far; with
+    ``logging.plots=False`` the finished run kept them: ``plots/loss.png`` of 10 steps beside a ``summary.md`` of
+    20.  A call that computed steps now removes such plots when it does not draw its own (a call that computes
+    nothing keeps the plots it finds, as before)."""
+    from quotient_sgd.runner import _rundir
+
+    reports: list[str] = []
+    append = _rundir.MetricsLog.append
+
+    def append_then_report(self, rows):  # (a user's report after the first chunk's rows, while the run goes on)
+        append(self, rows)
+        if not reports:
+            for d in watched:
+                reports.append(report(d))
+
+    monkeypatch.setattr(_rundir.MetricsLog, "append", append_then_report)
+    wd = str(tmp_path / "run")
+    watched = [wd]
+    run(tiny_settings(20), wd)
+    assert "10 of 20 steps recorded" in reports[0]
+    assert not os.path.exists(os.path.join(wd, "plots")), os.listdir(os.path.join(wd, "plots"))
+
+    reports.clear()
+    sw = str(tmp_path / "sw")
+    watched = [os.path.join(sw, "members", "000"), sw]
+    res = sweep(tiny_settings(20, **{"sweep.seed": (0, 1), "sweep.lr": (0.05,)}), sw, devices=jax.devices()[:1],
+                members_per_device=1)
+    assert len(reports) == 2 and "unfinished (10 of 20 steps)" in reports[1], reports
+    for d in (sw, *res.member_dirs):
+        assert not os.path.exists(os.path.join(d, "plots")), d

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import threading
 
 import numpy as np
@@ -320,15 +321,20 @@ def read_record(workdir: str) -> dict | None:
 
 
 def finalize(workdir: str, s: Settings, traj: dict, *, diverged: dict | None, wall_s: float | None,
-             resumed_from: int | None) -> list[dict]:
+             resumed_from: int | None, computed: bool = True) -> list[dict]:
     """events.json, plots, summary.md and run.json (the wall time, resume step and divergence, which ``report``
-    keeps) of a finished (or diverged) run."""
+    keeps) of a finished (or diverged) run.  ``computed``: whether the call computed steps; without
+    ``logging.plots`` its ``plots/`` then goes (the call removed the plots it found when it started, so these are a
+    ``report`` drawn while it computed: they describe fewer steps than the summary; a call that computed nothing
+    keeps the plots it found)."""
     write_json(os.path.join(workdir, RECORD), {"wall_s": wall_s, "resumed_from": resumed_from, "diverged": diverged})
     metrics = read_metrics(os.path.join(workdir, "metrics.jsonl"))
     events, err = detect_events(s, traj, diverged)
     write_json(os.path.join(workdir, "events.json"), events)
     if s.logging.plots:
         make_plots(workdir, traj, metrics, events)
+    elif computed:
+        shutil.rmtree(os.path.join(workdir, "plots"), ignore_errors=True)
     write_summary(workdir, s, traj, metrics, events, diverged=diverged, wall_s=wall_s, resumed_from=resumed_from,
                   detect_error=err)
     return events

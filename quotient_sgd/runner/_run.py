@@ -297,5 +297,6 @@ def _run(s: Settings, workdir: str, b: Built, resume: bool, max_chunks: int | No
         # the summary.md that `report` drew of a run killed after its last checkpoint: this call finishes it)
         if not progress["chunks"] and previous is not None and previous.get("wall_s") is not None:
             wall_s, resumed_from = previous.get("wall_s"), previous.get("resumed_from")
-        finalize(workdir, s, traj, diverged=diverged, wall_s=wall_s, resumed_from=resumed_from)
+        finalize(workdir, s, traj, diverged=diverged, wall_s=wall_s, resumed_from=resumed_from,
+                 computed=bool(progress["chunks"]))
     return RunResult(workdir, int(len(traj.get("step", []))), diverged, traj, time.time() - t0, start)

@@ -459,12 +459,13 @@ def _trajectory_bytes(b: Built, s: Settings, n: int) -> int:
     return n * s.steps * per_step
 
 
-def _finish_member(d: str, ms: Settings, diverged: dict | None, plots: bool, chunks: list | None = None) -> None:
+def _finish_member(d: str, ms: Settings, diverged: dict | None, plots: bool, chunks: list | None = None,
+                   computed: bool = True) -> None:
     from ._report import finalize
 
     traj = finished_trajectory(d, chunks)  # (the trajectory.npz of a member that computed nothing more is kept)
     finalize(d, dataclasses.replace(ms, logging=dataclasses.replace(ms.logging, plots=plots)), traj,
-             diverged=diverged, wall_s=None, resumed_from=None)
+             diverged=diverged, wall_s=None, resumed_from=None, computed=computed)
 
 
 # ---- the sweep ------------------------------------------------------------------------------------------------
@@ -816,6 +817,7 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
                                   plots if plots is not None else s.logging.plots)
             if dv is not None:
                 diverged[idx[j]] = dv
+    ended_before = set(diverged) if start < s.steps else set(range(n))  # (members this call computes nothing of)
 
     from tqdm import tqdm
 
@@ -986,7 +988,8 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
             for j in own[g]:
                 i = idx[j]
                 _finish_member(dirs[i], member_settings(s, i, members[i]), diverged.get(i), plots,
-                               None if kept is None else kept.get(i, []))
+                               None if kept is None else kept.get(i, []),
+                               computed=bool(progress["chunks"]) and i not in ended_before)
     if multi:
         multihost_utils.sync_global_devices("quotient_sgd_sweep_done")
     wall = time.time() - t0
@@ -995,6 +998,8 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
         if progress["chunks"] or recorded_wall is None:
             recorded_wall, recorded_resume = wall, start
             record()
+        if not plots and progress["chunks"]:  # (a `report` drawn while this call computed: fewer steps than the table)
+            shutil.rmtree(os.path.join(workdir, "plots"), ignore_errors=True)
         report_sweep(workdir, wall_s=recorded_wall, plots=plots)
     return res
 

@@ -232,3 +232,16 @@ def test_split_fractions_given_as_jax_scalars_count_in_double_precision():
     u = next(u for u in (np.float32((k + 0.5) / n) for k in range(1, n - 1))
              if round(float(u) * n) != int(round(np.float32(u) * np.float32(n))))  # float32 rounding changed it
     assert data.digits(test_fraction=jnp.float32(u)).num_test == round(float(u) * n)
+
+
+def test_make_dataset_refuses_an_empty_training_split():
+    """An empty training split was accepted: the full batch's loss was 0 / 0 (weights summing to 0) and batch_fn
+    refused every batch size asking for 'an integer in [1, 0]'.  It is refused; an empty test split is still
+    taken (the generators make one with n_test=0)."""
+    with pytest.raises(ValueError, match=r"make_dataset: x_train holds no example \(shape \(0, 2\)\); need at least "
+                                         r"one training example"):
+        data.make_dataset(np.zeros((0, 2)), np.zeros((0,), int), np.zeros((2, 2)), np.array([0, 1]),
+                          task="classification", num_classes=2, name="probe")
+    ds = data.make_dataset(np.zeros((2, 2)), np.array([0, 1]), np.zeros((0, 2)), np.zeros((0,), int),
+                           task="classification", num_classes=2, name="probe")
+    assert (ds.num_train, ds.num_test) == (2, 0)

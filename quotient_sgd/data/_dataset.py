@@ -57,7 +57,7 @@ def make_dataset(x_train, y_train, x_test, y_test, *, task: str, num_classes: in
     Classification targets are integer-valued class indices ``(n,)`` in ``[0, num_classes)`` (stored ``int32``);
     regression targets are real ``(n, num_classes)`` arrays (stored ``float32``): the losses compare them with the
     model's ``(n, num_classes)`` outputs, and a ``(n,)`` target would broadcast against an ``(n, 1)`` output to an
-    ``(n, n)`` difference.  Each split has as many targets as inputs.
+    ``(n, n)`` difference.  Each split has as many targets as inputs; the training split at least one example.
 
     Raises:
         ValueError: naming the argument, the value (or its shape / dtype) and what is allowed.
@@ -98,6 +98,9 @@ def make_dataset(x_train, y_train, x_test, y_test, *, task: str, num_classes: in
         return jnp.asarray(a, jnp.float32)
 
     xtr, xte = _x("x_train", x_train), _x("x_test", x_test)
+    if not xtr.shape[0]:  # every loss over it is 0 / 0, and batch_fn asked for a batch size "in [1, 0]"
+        raise ValueError(f"make_dataset: x_train holds no example (shape {xtr.shape}); need at least one training "
+                         "example (the test split may be empty)")
     if xtr.shape[1:] != xte.shape[1:]:
         raise ValueError(f"make_dataset: x_train's examples have shape {xtr.shape[1:]} and x_test's {xte.shape[1:]}; "
                          "need the same example shape in both splits")

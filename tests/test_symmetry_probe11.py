@@ -98,3 +98,26 @@ def test_verify_fails_a_broken_permutation_of_two_units_for_every_key():
                 verify(model, group, x, jax.random.key(seed), num_samples=1)
     # the declared permutation (biases included) still passes
     assert verify(model, model.symmetries(), x, jax.random.key(0), num_samples=1) < 1e-5
+
+
+def test_vertical_generic_reads_v_as_vertical_does(x64):
+    """vertical_generic, the reference the closed forms must match, took v as it came: a float64 vector for
+    float32 parameters (or integers) failed with JAX's bare TypePromotionError under strict promotion, and a v
+    missing a leaf with a bare KeyError, where group.vertical projects the first and names the second.  Now it
+    reads v as vertical does and agrees with it."""
+    from quotient_sgd.symmetry import vertical_generic
+
+    rng = np.random.default_rng(0)
+    p = {"w1": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "b1": jnp.asarray(rng.normal(size=(4,)), jnp.float32),
+         "w2": jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)}
+    G = Product([Rescale(incoming=(("w1", 1), ("b1", 0)), outgoing=(("w2", 0),), name="r"),
+                 Permutation(members=(("w1", 1), ("b1", 0), ("w2", 0)), name="perm")])
+    v64 = {k: jnp.asarray(rng.normal(size=x.shape)) for k, x in p.items()}
+    got, want = vertical_generic(G, p, v64), G.vertical(p, v64)
+    assert all(x.dtype == jnp.float64 for x in jax.tree.leaves(got))
+    assert _rel(got, want) < 1e-5
+    vint = {k: jnp.ones(x.shape, jnp.int32) for k, x in p.items()}
+    assert _rel(vertical_generic(G, p, vint), G.vertical(p, vint)) < 1e-5
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(vertical_generic(G, p, vint)))
+    with pytest.raises(ValueError, match=r"vertical_generic: v has no leaf at \('w2',\)"):
+        vertical_generic(G, p, {"w1": v64["w1"], "b1": v64["b1"]})

@@ -356,13 +356,18 @@ class Group(eqx.Module):
         parameters, or the reverse, failed under strict promotion with JAX's bare ``TypePromotionError``) and
         returned in its own floating dtypes (integer leaves: the parameters')."""
         flat, treedef = self._flat(params)
+        vflat, given = self._vector_in_params_dtypes(flat, v, method)
+        out = _compiled(self, "_vertical_flat" if method == "vertical" else "_horizontal_flat", flat, vflat)
+        return _tree.unflatten(vector_in_given_dtypes(out, given), treedef)
+
+    def _vector_in_params_dtypes(self, flat: Flat, v, method: str):
+        """``(v flattened and cast to the parameters' dtypes, v's own dtypes)`` after the checks of
+        :meth:`_flat_like`; :func:`vector_in_given_dtypes` casts a result back."""
         vflat = self._flat_like(flat, v, method)
         given = {p: jnp.result_type(x) for p, x in vflat.items()}
         vflat = {p: jnp.asarray(x).astype(flat[p].dtype) if given[p] != flat[p].dtype else x
                  for p, x in vflat.items()}
-        out = _compiled(self, "_vertical_flat" if method == "vertical" else "_horizontal_flat", flat, vflat)
-        out = {p: x.astype(given[p]) if jnp.issubdtype(given[p], jnp.floating) else x for p, x in out.items()}
-        return _tree.unflatten(out, treedef)
+        return vflat, given
 
     def vertical(self, params, v):
         """Euclidean projection of ``v`` (a pytree like ``params``) onto the orbit tangent space at ``params``.
@@ -411,6 +416,12 @@ class Group(eqx.Module):
             return {p: d.get(p, jnp.zeros_like(x)) for p, x in flat.items()}
 
         return jax.vmap(one)(basis)
+
+
+def vector_in_given_dtypes(out: Flat, given) -> Flat:
+    """A projection ``out`` of a vector whose leaves had the dtypes ``given``, returned in them (floating leaves;
+    integer ones stay in the parameters' dtypes)."""
+    return {p: x.astype(given[p]) if jnp.issubdtype(given[p], jnp.floating) else x for p, x in out.items()}
 
 
 class LogFactorGroup(Group):

@@ -7,19 +7,25 @@ import functools
 import jax
 
 from .. import _tree
-from ._base import Group, generic_vcoeffs
+from ._base import Group, generic_vcoeffs, vector_in_given_dtypes
 from ._product import Product
 
 
 def vertical_generic(group: Group, params, v):
     """``P_V v = J (J^T J)^+ J^T v`` with the Gram matrix of *all* continuous components of ``group`` solved
     jointly by a dense solve, ignoring every closed form.  Slower than ``group.vertical``; the reference it must match.
+    ``v`` is read as ``group.vertical`` reads it: a pytree like ``params`` (``ValueError`` naming a missing or
+    misshapen leaf), of any real dtypes (projected in the parameters' dtypes, returned in its own; bfloat16 /
+    float16 computed in float32).
     """
     comps = group.components if isinstance(group, Product) else (group,)
     comps = tuple(c for c in comps if c.continuous)
     flat, treedef = group._flat(params)
-    vflat, _ = _tree.flatten(v)
-    return _tree.unflatten(_vertical_generic_flat(comps, flat, vflat), treedef)
+    vflat, given = group._vector_in_params_dtypes(flat, v, "vertical_generic")
+    like = {p: x.dtype for p, x in vflat.items()}
+    out = _vertical_generic_flat(comps, *_tree.widen((flat, vflat)))
+    out = {p: x.astype(like[p]) for p, x in out.items()}
+    return _tree.unflatten(vector_in_given_dtypes(out, given), treedef)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))

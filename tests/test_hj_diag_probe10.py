@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quotient_sgd.hj import Grid, solve_burgers, solve_hj
+from quotient_sgd.hj import find_shocks, Grid, slice_flow, solve_burgers, solve_hj
 
 
 def _largest_stable_dt(message: str) -> float:
@@ -80,3 +80,17 @@ def test_a_grid_size_that_is_not_an_integer_is_refused_showing_what_it_is(n):
     # what a number is, is still read: NumPy and 0-d JAX integers, a whole float
     assert Grid(np.int64(16), np.float32(-1.0), jnp.asarray(1.0)).shape == (16,)
     assert Grid(16.0, -1, 1).n == 16
+
+
+def test_counts_given_as_none_or_complex_numbers_are_refused_by_name():
+    # each failed in a bare "int() argument must be ..." TypeError naming neither the function nor the argument
+    g = Grid(16, -1.0, 1.0)
+    p = -jnp.sin(jnp.pi * g.x)
+    for kw, match in ((dict(max_shocks=None), "max_shocks=None"), (dict(max_shocks=1j), "max_shocks=1j"),
+                      (dict(window=1j), "window=1j")):
+        with pytest.raises(ValueError, match=re.escape(f"find_shocks: {match} is not allowed; need an integer >= 1")):
+            find_shocks(p, g, **kw)
+    assert find_shocks(p, g, max_shocks=2.0, window=3.0).valid.shape == (2,)
+    with pytest.raises(ValueError, match=re.escape("slice_flow: n=None is not allowed; need an integer >= 4")):
+        slice_flow(lambda w: jnp.sum(w**2), jnp.zeros(2), jnp.array([1.0, 0.0]), extent=1.0, n=None, eta=0.1, k=1,
+                   nu=0.05)

@@ -57,6 +57,13 @@ def _real_number(value) -> float | None:
     return float(a)
 
 
+def is_count(value, low: int) -> bool:
+    """``value`` is a whole real number ``>= low`` (``16.0`` counts; a bool, a string, ``None``, a complex number or a
+    fraction does not)."""
+    x = _real_number(value)
+    return x is not None and float(x).is_integer() and x >= low
+
+
 class Grid(eqx.Module):
     """A 1-D uniform grid.
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._custom_types import Array
-from ._grid import AnyGrid, Grid, Grid2D, real_field
+from ._grid import AnyGrid, Grid, Grid2D, is_count, real_field
 
 
 def _real_field(name: str, arg: str, p, grid) -> Array:
@@ -255,9 +255,9 @@ def find_shocks(p: Array, grid: Grid, *, max_shocks: int = 8, min_steepness=None
         bad = np.flatnonzero(~np.isfinite(np.asarray(p)))
         raise ValueError(f"find_shocks: p is not finite ({bad.size} NaN or infinite entries, the first at index "
                          f"{int(bad[0])}); a field from a diverged solve has no fronts to locate.")
-    if isinstance(max_shocks, (bool, np.bool_)) or not (int(max_shocks) == max_shocks and max_shocks >= 1):
+    if not is_count(max_shocks, 1):  # (None or a complex number failed in a bare int() TypeError)
         raise ValueError(f"find_shocks: max_shocks={max_shocks!r} is not allowed; need an integer >= 1.")
-    if window is not None and (isinstance(window, (bool, np.bool_)) or not (int(window) == window and window >= 1)):
+    if window is not None and not is_count(window, 1):
         raise ValueError(f"find_shocks: window={window!r} is not allowed; need an integer >= 1 cells (or None).")
     if not isinstance(include_inadmissible, (bool, np.bool_)):  # a string failed in a bare "unsupported operand"
         raise ValueError(f"find_shocks: include_inadmissible={include_inadmissible!r} is not allowed; need True or "

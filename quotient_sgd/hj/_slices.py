@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._custom_types import Array
-from ._grid import AnyGrid, Grid, Grid2D
+from ._grid import AnyGrid, Grid, Grid2D, is_count
 from ._shocks import _diff, find_shocks, shock_time, Shocks
 from ._solve import solve_hj
 
@@ -199,7 +199,7 @@ def slice_flow(loss_fn: Callable, params, directions, *, extent: float, n: int, 
         if a is not None and not (np.all(np.isfinite(a)) and np.all(a >= 0)):
             raise ValueError(f"slice_flow: {arg}={value!r} is not allowed; need a finite number >= 0 (the flow runs "
                              "for t = eta * k >= 0 at viscosity nu >= 0).")
-    if not (int(n) == n and n >= 4):
+    if not is_count(n, 4):  # (None failed in a bare int() TypeError)
         raise ValueError(f"slice_flow: n={n!r} is not allowed; need an integer >= 4 points along each direction.")
     if not (_real(extent) and np.isfinite(extent) and extent > 0) or not (_real(margin) and np.isfinite(margin)
                                                                              and margin >= 0):

@@ -402,15 +402,23 @@ def _config_load_error(argv: list[str]) -> str | None:
 
 
 def _bad_json(workdir: str) -> str | None:
-    """The first of the JSON records of a run or sweep directory that does not parse, with the parser's message."""
-    for name in ("sweep.json", "config.json", "run.json", "events.json"):
-        path = os.path.join(workdir, name)
-        if os.path.isfile(path):
-            try:
-                with open(path) as f:
-                    json.load(f)
-            except ValueError as e:
-                return f"{path} is not valid JSON ({e})"
+    """The first of the JSON records of a run or sweep directory that does not parse, with the parser's message;
+    for a sweep, its members' records too (``members/<i>/``: a member's torn ``events.json`` escaped ``report`` and
+    ``sweep`` as a bare ``JSONDecodeError`` traceback)."""
+    names = ("sweep.json", "config.json", "run.json", "events.json", "diverged.json")
+    dirs = [workdir]
+    members = os.path.join(workdir, "members")
+    if os.path.isfile(os.path.join(workdir, "sweep.json")) and os.path.isdir(members):
+        dirs += [os.path.join(members, m) for m in sorted(os.listdir(members))]
+    for d in dirs:
+        for name in names:
+            path = os.path.join(d, name)
+            if os.path.isfile(path):
+                try:
+                    with open(path) as f:
+                        json.load(f)
+                except ValueError as e:
+                    return f"{path} is not valid JSON ({e})"
     return None
 
 

@@ -223,3 +223,36 @@ def test_plots_a_report_drew_while_the_run_computed_do_not_outlive_it(tmp_path, 
     assert len(reports) == 2 and "unfinished (10 of 20 steps)" in reports[1], reports
     for d in (sw, *res.member_dirs):
         assert not os.path.exists(os.path.join(d, "plots")), d
+
+
+# ---- defect 8: a sweep member's record that does not parse --------------------------------------------------------
+@pytest.mark.parametrize("name", ["events.json", "run.json", "config.json"])
+def test_a_sweep_members_record_that_does_not_parse_is_named(tmp_path, capsys, name):
+    """``quotient-sgd report SWEEP`` (and ``sweep``) name a run directory's record that does not parse, but a
+    member's (``members/001/events.json`` cut short) escaped as a bare ``JSONDecodeError`` traceback; the command
+    now names the member's file and exits with status 2, writing nothing."""
+    import json
+
+    from quotient_sgd.cli import main
+    from quotient_sgd.config import Settings
+    from quotient_sgd.runner._sweep import member_settings
+
+    s = Settings().replace(**{"sweep.seed": (0, 1)})
+    sw = tmp_path / "sw"
+    members = [{"seed": 0}, {"seed": 1}]
+    for i, m in enumerate(members):
+        d = sw / "members" / f"{i:03d}"
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps(member_settings(s, i, m).to_dict()))
+        (d / "run.json").write_text(json.dumps({"wall_s": None, "resumed_from": None, "diverged": None}))
+        (d / "events.json").write_text("[]")
+    (sw / "sweep.json").write_text(json.dumps({
+        "config": s.to_dict(), "members": members, "num_devices": 1, "num_processes": 1, "members_per_device": 1,
+        "schedule": [{"from_step": 0, "members_per_device": 1}], "decided": True, "measured_cost": {}}))
+    bad = sw / "members" / "001" / name
+    bad.write_text(bad.read_text()[:-1])
+    before = sorted(str(p) for p in sw.rglob("*"))
+    assert main(["quotient-sgd", "report", str(sw)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad} is not valid JSON" in err and "Traceback" not in err, err
+    assert sorted(str(p) for p in sw.rglob("*")) == before

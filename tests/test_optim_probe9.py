@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from quotient_sgd.optim import SGDSpec, quotient_trajectory, train
 from quotient_sgd.symmetry import Product, Scale
@@ -95,3 +96,32 @@ def test_sums_as_products_ask_for_full_precision():
         for fn in fns:
             found = _dot_precisions(fn, x)
             assert found and all(p == highest for p in found), found
+
+
+# ----- set_hyperparams on a scheduled hyperparameter --------------------------------------------------------------
+def test_set_hyperparams_refuses_a_hyperparameter_injected_as_a_schedule(x64):
+    """optax.inject_hyperparams recomputes a hyperparameter given as a schedule at every update, over the value
+    stored: set_hyperparams(state, learning_rate=lr) on one was a silent no-op, and a vmapped sweep over 0.01 and 0.3
+    trained every member with the schedule (identical losses).  Now a ValueError naming it; the way it points to
+    (the schedule's parameter injected as a number) sweeps."""
+    from quotient_sgd.optim import set_hyperparams
+
+    params = {"w": jnp.ones((3,), jnp.float64)}
+    data = jnp.ones((4, 3), jnp.float64)
+
+    def loss(p, x):
+        return jnp.sum(jnp.square(p["w"] * x - 2.0))
+
+    scheduled = optax.inject_hyperparams(optax.sgd)(learning_rate=optax.exponential_decay(0.1, 2, 0.5), momentum=0.9)
+    with pytest.raises(ValueError, match=r"set_hyperparams: \['learning_rate'\] injected as a schedule"):
+        set_hyperparams(scheduled.init(params), learning_rate=0.3)
+    set_hyperparams(scheduled.init(params), momentum=0.5)  # a number beside it is still set
+
+    def sgd_with_peak(peak):
+        return optax.sgd(optax.exponential_decay(peak, 2, 0.5), momentum=0.9)
+
+    tx = optax.inject_hyperparams(sgd_with_peak)(peak=0.1)
+    states = jax.vmap(lambda v: set_hyperparams(tx.init(params), peak=v))(jnp.array([0.01, 0.03]))
+    with jax.numpy_dtype_promotion("standard"):  # optax's schedules mix int32 counts and floats
+        _, _, traj = jax.vmap(lambda s: train(loss, params, tx, data, opt_state=s, donate=False))(states)
+    assert float(jnp.abs(traj["loss"][0, -1] - traj["loss"][1, -1])) > 1e-3

@@ -274,18 +274,23 @@ def set_hyperparams(opt_state, **values):
 
     (with ``out_axes=member_axes(tx.init(params))`` when ``tx`` records periodic observables:
     :func:`member_axes`).  A hyperparameter injected as a schedule (``learning_rate=optax.cosine_decay_schedule(...)``)
-    is recomputed from the schedule at every step, so setting it here changes nothing: sweep a schedule's
-    parameters by injecting them as numbers and building the schedule inside the optimiser.
+    is recomputed from the schedule at every step, so a value set here would change nothing (every member of a sweep
+    ran the schedule): that is a ``ValueError`` naming it.  Sweep a schedule's parameters by injecting them as
+    numbers and building the schedule inside the optimiser.
     """
     is_inj = _is_inject_state
     found = set()
+    scheduled = set()
 
     def fix(x):
         if not is_inj(x):
             return x
         hp = dict(x.hyperparams)
         for k, v in values.items():
-            if k in hp:
+            if k in hp and k in (getattr(x, "hyperparams_states", None) or {}):
+                # optax.inject_hyperparams recomputes it from its schedule at every update, over what is stored
+                scheduled.add(k)
+            elif k in hp:
                 old, new = jnp.asarray(hp[k]), _numeric_value(k, v)
                 if (new.dtype == jnp.bool_) != (old.dtype == jnp.bool_) or (
                         jnp.issubdtype(new.dtype, jnp.complexfloating)
@@ -312,6 +317,13 @@ def set_hyperparams(opt_state, **values):
         return x._replace(hyperparams=hp, inner_state=jax.tree.map(fix, x.inner_state, is_leaf=is_inj))
 
     out = jax.tree.map(fix, opt_state, is_leaf=is_inj)
+    if scheduled:
+        raise ValueError(
+            f"set_hyperparams: {sorted(scheduled)} injected as a schedule (optax.inject_hyperparams recomputes it "
+            f"from the schedule at every step), so the value set would change nothing; inject the schedule's "
+            f"parameters as numbers and build the schedule inside the optimiser, e.g. optax.inject_hyperparams("
+            f"lambda peak: optax.sgd(optax.cosine_decay_schedule(peak, 1000)))(peak=0.1) with set_hyperparams(state, "
+            f"peak=...)")
     missing = set(values) - found
     if missing:
         raise KeyError(

@@ -121,3 +121,21 @@ def test_vertical_generic_reads_v_as_vertical_does(x64):
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(vertical_generic(G, p, vint)))
     with pytest.raises(ValueError, match=r"vertical_generic: v has no leaf at \('w2',\)"):
         vertical_generic(G, p, {"w1": v64["w1"], "b1": v64["b1"]})
+
+
+def test_compose_takes_elements_sampled_at_parameters_of_two_float_widths(x64):
+    """act reads an element of another float width (sampled at float64 parameters, applied to float32 ones), but
+    compose failed on two such elements with JAX's bare TypePromotionError (GL, rescale, translation); the
+    composition is now taken in their common dtype and acts as the two elements one after the other."""
+    from quotient_sgd.symmetry import GL, Translation
+
+    rng = np.random.default_rng(0)
+    p64 = {"q": jnp.asarray(rng.normal(size=(2, 5, 3))), "k": jnp.asarray(rng.normal(size=(2, 5, 3))),
+           "w": jnp.asarray(rng.normal(size=(4, 3)))}
+    p32 = jax.tree.map(lambda x: x.astype(jnp.float32), p64)
+    for G in (GL(left=("q", None), right=("k", None), kind="qk", name="gl"),
+              Rescale(incoming=(("q", 2),), outgoing=(("k", 2),), name="r"), Translation(kernel="w", name="t")):
+        g, h = G.sample(jax.random.key(0), p64), G.sample(jax.random.key(1), p32)
+        gh = G.compose(g, h)
+        assert all(x.dtype == jnp.float64 for x in jax.tree.leaves(gh))
+        assert _rel(G.act(gh, p64), G.act(g, G.act(h, p64))) < 1e-6  # (h's float32 rounding)

@@ -53,6 +53,20 @@ def _compiled(group: "Group", method: str, *args):
     return out
 
 
+def common_float(*elements):
+    """``elements`` (pytrees of arrays) with their floating leaves cast to their common dtype (standard promotion:
+    float64 for a float32 element beside a float64 one), for the arithmetic of a group law: elements sampled at
+    parameters of two float widths failed to compose under strict promotion with JAX's bare
+    ``TypePromotionError``.  The same elements when there is nothing to cast."""
+    leaves = [x for x in jax.tree.leaves(elements) if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+    dtypes = {jnp.result_type(x) for x in leaves}
+    if len(dtypes) <= 1:
+        return elements
+    dt = _tree.float_dtype(leaves)
+    return jax.tree.map(lambda x: jnp.asarray(x).astype(dt) if jnp.issubdtype(jnp.result_type(x), jnp.floating)
+                        else x, elements)
+
+
 class SymmetryError(ValueError):
     """A declared group action is not a symmetry of the model (or is malformed)."""
 
@@ -436,6 +450,7 @@ class LogFactorGroup(Group):
         return self._act(-g, cot)
 
     def _compose(self, g, h):
+        g, h = common_float(g, h)
         return g + h
 
     def _exp(self, xi):

@@ -12,7 +12,7 @@ import jax.scipy.linalg as jsl
 import numpy as np
 
 from .._tree import Path
-from ._base import REFINE_STEPS, Group, SymmetryError, as_path, inverse_where
+from ._base import REFINE_STEPS, Group, SymmetryError, as_path, common_float, inverse_where
 
 
 def _mT(x):
@@ -264,7 +264,8 @@ class GL(Group):
         return out
 
     def _compose(self, g, h):
-        # g.(h.theta): L -> L A_h A_g
+        # g.(h.theta): L -> L A_h A_g (elements of two float widths: in their common dtype)
+        g, h = common_float(g, h)
         return h @ g
 
     def _exp(self, xi):

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from .._tree import Path
-from ._base import Group, SymmetryError, as_path
+from ._base import Group, SymmetryError, as_path, common_float
 
 
 class Translation(Group):
@@ -82,7 +82,7 @@ class Translation(Group):
         return dict(cot)
 
     def _compose(self, g, h):
-        return jax.tree.map(jnp.add, g, h)
+        return jax.tree.map(jnp.add, *common_float(g, h))  # (elements of two float widths: their common dtype)
 
     def _exp(self, xi):
         return {"a": xi["a"], "c": xi["c"] if "c" in xi else jnp.zeros((), xi["a"].dtype)}

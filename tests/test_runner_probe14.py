@@ -226,19 +226,14 @@ def test_plots_a_report_drew_while_the_run_computed_do_not_outlive_it(tmp_path, 
 
 
 # ---- defect 8: a sweep member's record that does not parse --------------------------------------------------------
-@pytest.mark.parametrize("name", ["events.json", "run.json", "config.json"])
-def test_a_sweep_members_record_that_does_not_parse_is_named(tmp_path, capsys, name):
-    """``quotient-sgd report SWEEP`` (and ``sweep``) name a run directory's record that does not parse, but a
-    member's (``members/001/events.json`` cut short) escaped as a bare ``JSONDecodeError`` traceback; the command
-    now names the member's file and exits with status 2, writing nothing."""
+def _sweep_records(sw) -> None:
+    """The records of a finished two-member sweep directory (no trajectory: nothing is computed)."""
     import json
 
-    from quotient_sgd.cli import main
     from quotient_sgd.config import Settings
     from quotient_sgd.runner._sweep import member_settings
 
     s = Settings().replace(**{"sweep.seed": (0, 1)})
-    sw = tmp_path / "sw"
     members = [{"seed": 0}, {"seed": 1}]
     for i, m in enumerate(members):
         d = sw / "members" / f"{i:03d}"
@@ -249,6 +244,17 @@ def test_a_sweep_members_record_that_does_not_parse_is_named(tmp_path, capsys, n
     (sw / "sweep.json").write_text(json.dumps({
         "config": s.to_dict(), "members": members, "num_devices": 1, "num_processes": 1, "members_per_device": 1,
         "schedule": [{"from_step": 0, "members_per_device": 1}], "decided": True, "measured_cost": {}}))
+
+
+@pytest.mark.parametrize("name", ["events.json", "run.json", "config.json"])
+def test_a_sweep_members_record_that_does_not_parse_is_named(tmp_path, capsys, name):
+    """``quotient-sgd report SWEEP`` (and ``sweep``) name a run directory's record that does not parse, but a
+    member's (``members/001/events.json`` cut short) escaped as a bare ``JSONDecodeError`` traceback; the command
+    now names the member's file and exits with status 2, writing nothing."""
+    from quotient_sgd.cli import main
+
+    sw = tmp_path / "sw"
+    _sweep_records(sw)
     bad = sw / "members" / "001" / name
     bad.write_text(bad.read_text()[:-1])
     before = sorted(str(p) for p in sw.rglob("*"))
@@ -256,3 +262,24 @@ def test_a_sweep_members_record_that_does_not_parse_is_named(tmp_path, capsys, n
     err = capsys.readouterr().err
     assert f"{bad} is not valid JSON" in err and "Traceback" not in err, err
     assert sorted(str(p) for p in sw.rglob("*")) == before
+
+
+# ---- defect 9: a sweep member's config that is no valid config was blamed on sweep.json ----------------------------
+def test_a_sweep_members_invalid_config_is_named_as_the_members(tmp_path, capsys):
+    """``quotient-sgd report SWEEP`` whose member's ``config.json`` holds a value validation refuses (``optim.lr =
+    -1``) said "its sweep.json's config is not a valid config", sending the user to a file that is valid; it now
+    names the member's ``config.json``."""
+    import json
+
+    from quotient_sgd.cli import main
+
+    sw = tmp_path / "sw"
+    _sweep_records(sw)
+    path = sw / "members" / "001" / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg["optim"]["lr"] = -1.0
+    path.write_text(json.dumps(cfg))
+    assert main(["quotient-sgd", "report", str(sw)]) == 2
+    err = capsys.readouterr().err
+    assert f"the config.json of its member {str(sw / 'members' / '001')!r} is not a valid config" in err, err
+    assert "config.optim.lr = -1.0" in err and "sweep.json" not in err, err

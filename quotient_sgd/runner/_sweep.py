@@ -1047,7 +1047,11 @@ def report_sweep(workdir: str, *, wall_s: float | None = None, plots: bool = Tru
         if not os.path.exists(os.path.join(d, "config.json")):
             rows.append((i, m, None, None, "missing", None))
             continue
-        _, traj, metrics, events = load_run(d)
+        try:
+            _, traj, metrics, events = load_run(d)
+        except ConfigError as e:  # (the command said "its sweep.json's config is not a valid config")
+            raise RunDirError(f"cannot report {workdir!r}: the config.json of its member {d!r} is not a valid "
+                              f"config: {e}") from None
         ev = [r for r in metrics if "test_loss" in r]
         div = run_divergence(d, traj, events)
         done = len(traj.get("step", ()))

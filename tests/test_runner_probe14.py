@@ -283,3 +283,22 @@ def test_a_sweep_members_invalid_config_is_named_as_the_members(tmp_path, capsys
     err = capsys.readouterr().err
     assert f"the config.json of its member {str(sw / 'members' / '001')!r} is not a valid config" in err, err
     assert "config.optim.lr = -1.0" in err and "sweep.json" not in err, err
+
+
+# ---- defect 10: a sweep member's diverged.json that is no record ---------------------------------------------------
+@pytest.mark.parametrize("text, needle", [("[1]", "holds a JSON list"), ('{"x": 1}', "has no key 'step'"),
+                                         ('{"step": "3", "reason": "r"}', 'has \'step\' = "3"'),
+                                         ('{"step": 3}', "has no key 'reason'")])
+def test_a_sweep_members_diverged_json_that_is_no_record_is_named(tmp_path, capsys, text, needle):
+    """A member's ``diverged.json`` that parses but is no divergence record (a hand edit: a list, an object without
+    an integer ``step`` or a string ``reason``) failed ``report`` (and ``sweep``, ``detect_run``) in a bare
+    ``TypeError`` / ``KeyError`` traceback, where the other records are named; it is named now, status 2."""
+    from quotient_sgd.cli import main
+
+    sw = tmp_path / "sw"
+    _sweep_records(sw)
+    (sw / "members" / "001" / "run.json").unlink()  # (an unfinished member: its diverged.json is read)
+    (sw / "members" / "001" / "diverged.json").write_text(text)
+    assert main(["quotient-sgd", "report", str(sw)]) == 2
+    err = capsys.readouterr().err
+    assert "its diverged.json" in err and needle in err and "Traceback" not in err, err

@@ -13,7 +13,7 @@ import numpy as np
 from .._durable import durable_write
 from .._interrupt import interrupt_in
 from ..config import Settings, from_dict
-from ._rundir import directory_path, load_trajectory, read_metrics, read_record_json, write_json
+from ._rundir import directory_path, load_trajectory, read_divergence, read_metrics, read_record_json, write_json
 
 PLOTS = ("loss", "observables", "charges", "shock_fold", "hessian", "events")
 #: What a finished run recorded about itself (wall time, resume step, divergence): ``report`` keeps it.
@@ -354,9 +354,8 @@ def recorded_divergence(workdir: str, events: list[dict] | None = None) -> dict 
     div = next(({"step": e["step"], "reason": e["details"].get("reason", "")} for e in events
                 if e.get("kind") == "divergence" and e.get("details", {}).get("ended_run")
                 and not e["details"].get("inferred")), None)
-    if div is None and os.path.exists(os.path.join(workdir, "diverged.json")):
-        with open(os.path.join(workdir, "diverged.json")) as f:
-            div = json.load(f)
+    if div is None:
+        div = read_divergence(workdir)
     return div
 
 

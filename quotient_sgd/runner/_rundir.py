@@ -117,7 +117,7 @@ def read_record_json(path: str, what: str = "directory", keys: dict | None = Non
     if not isinstance(obj, dict):
         raise bad(f"holds a JSON {'null' if obj is None else type(obj).__name__} ({json.dumps(obj)[:60]}), where a "
                   f"JSON object is written")
-    need = {dict: "an object", list: "a list", int: "an integer"}
+    need = {dict: "an object", list: "a list", int: "an integer", str: "a string"}
     keys = (SWEEP_RECORD_KEYS if name == "sweep.json" else {}) if keys is None else keys
     for key, typ in keys.items():
         if key not in obj:
@@ -143,6 +143,17 @@ def directory_path(workdir, where: str, arg: str = "workdir") -> str:
     default = "; the command's default is runs/<config name>" if where in ("run", "sweep") else ""
     raise TypeError(f"{where}: {arg}={workdir!r} is not a directory path; need a str or os.PathLike (e.g. "
                     f"'runs/NAME'{default}), got {type(workdir).__name__}")
+
+
+def read_divergence(run_dir: str, what: str = "run directory") -> dict | None:
+    """The ``{"step", "reason"}`` a sweep member's ``diverged.json`` records, ``None`` when there is none; a file
+    that parses but holds something else (a list, an object without an integer ``step`` or a string ``reason``: a
+    hand edit) raises :class:`RunDirError` naming it, as :func:`read_record_json` does for the other records (it
+    failed in a bare ``TypeError`` / ``KeyError``)."""
+    path = os.path.join(run_dir, "diverged.json")
+    if not os.path.isfile(path):
+        return None
+    return read_record_json(path, what, {"step": int, "reason": str})
 
 
 def check_directory_path(workdir: str, what: str = "run directory") -> None:

@@ -24,7 +24,6 @@ import concurrent.futures
 import dataclasses
 import functools
 import itertools
-import json
 import math
 import os
 import shutil
@@ -68,6 +67,7 @@ from ._rundir import (
     foreign_entries,
     lock_directory,
     make_directory,
+    read_divergence,
     read_record_json,
     remove_outputs,
     unlock_directory,
@@ -427,7 +427,7 @@ def _open_member_dir(d: str, ms: Settings, start: int, plots: bool = True) -> di
     os.makedirs(d, exist_ok=True)
     cfg = os.path.join(d, "config.json")
     div_path = os.path.join(d, "diverged.json")
-    div = _read_json(div_path)
+    div = read_divergence(d, "sweep member directory")
     if div is not None and div["step"] >= start:
         os.remove(div_path)
         div = None
@@ -488,7 +488,7 @@ def _finished_end(workdir: str, n: int, last_checkpoint: int, steps: int) -> tup
     """Where a finished sweep ended, and its members' ``diverged.json`` records (``None``: did not diverge): at
     ``last_checkpoint`` when every member had diverged before it (the sweep stops once no member is live), else at
     its last step (also without a checkpoint, ``last_checkpoint = 0``)."""
-    divs = [_read_json(os.path.join(workdir, "members", f"{i:03d}", "diverged.json")) for i in range(n)]
+    divs = [read_divergence(os.path.join(workdir, "members", f"{i:03d}"), "sweep member directory") for i in range(n)]
     if last_checkpoint and all(d is not None and d["step"] < last_checkpoint for d in divs):
         return last_checkpoint, divs
     return steps, divs
@@ -1002,14 +1002,6 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
             shutil.rmtree(os.path.join(workdir, "plots"), ignore_errors=True)
         report_sweep(workdir, wall_s=recorded_wall, plots=plots)
     return res
-
-
-def _read_json(path: str):
-    """The JSON object in ``path``, ``None`` when there is no such file."""
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 def _fmt_s(t: float) -> str:

@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from .._tree import widen
@@ -72,10 +73,11 @@ def gauge_fix(tx: optax.GradientTransformation, group, every: int = 1) -> optax.
     The optimiser's state follows the units: the unit permutations of the canonical element (the discrete part,
     isometries) are applied to every parameter-shaped leaf of ``tx``'s state (momentum, Adam's moments; also where
     ``optax.masked`` / ``optax.multi_transform`` hold ``optax.MaskedNode`` for the parameters they leave to
-    others), so a unit keeps its own velocity when the canonical sort reorders units between steps.  Hence SGD /
-    momentum / Adam + ``gauge_fix`` compute the same function at every step whether or not the group includes the
-    permutations (tested).  The continuous part of the element is not transported: it moves the parameters by
-    ``O(step)`` between consecutive canonical points, and the state of an arbitrary optimiser has no known
+    others) and to Adafactor's factored second moments (``optax.FactoredState``: their row and column statistics),
+    so a unit keeps its own velocity when the canonical sort reorders units between steps.  Hence SGD /
+    momentum / Adam / Adafactor + ``gauge_fix`` compute the same function at every step whether or not the group
+    includes the permutations (tested).  The continuous part of the element is not transported: it moves the
+    parameters by ``O(step)`` between consecutive canonical points, and the state of an arbitrary optimiser has no known
     transformation law under it (a momentum transforms like a gradient, Adam's second moment does not).
 
     Non-parameter state that the group also acts on (a BatchNorm model's running statistics follow its
@@ -183,7 +185,40 @@ def _permute_state(group, k, state, params):
         return jax.tree.map(lambda y, m: y if masked(y) else m, x, moved, is_leaf=masked)
 
     like = lambda x: full(x) or partial(x)  # noqa: E731
-    return jax.tree.map(lambda x: act(x) if like(x) else x, state, is_leaf=like)
+    factored = lambda x: isinstance(x, optax.FactoredState)  # noqa: E731
+    return jax.tree.map(lambda x: _permute_factored(group, perm, x, params) if factored(x) else
+                        act(x) if like(x) else x, state, is_leaf=lambda x: factored(x) or like(x))
+
+
+def _permute_factored(group, perm, st, params):
+    """Adafactor's ``optax.FactoredState`` with the unit permutations ``perm`` applied: a factored leaf keeps its
+    second moment as a row statistic (axis ``d0`` of the parameter averaged out) and a column statistic (``d1``
+    averaged out), the two largest axes (optax's rule); each is broadcast back along its missing axis, moved as the
+    parameter, and read off along it (a permutation acts axis by axis, so it stays constant there); an unfactored
+    leaf's ``v`` is moved as the parameter.  A state that is not laid out so (``optax.masked``) is left as it is."""
+    leaves, treedef = jax.tree.flatten(params)
+    try:
+        rows, cols, vs = (treedef.flatten_up_to(t) for t in (st.v_row, st.v_col, st.v))
+    except (ValueError, TypeError):
+        return st
+    shapes = [tuple(jnp.shape(p)) for p in leaves]
+    dims = [tuple(int(d) for d in np.argsort(sh)[-2:]) if len(sh) >= 2 and tuple(jnp.shape(v)) != sh else None
+            for sh, v in zip(shapes, vs)]
+
+    def moved(parts):
+        return jax.tree.leaves(group.act(perm, jax.tree.unflatten(treedef, parts)))
+
+    def spread(x, axis, sh):
+        return jnp.broadcast_to(jnp.expand_dims(x, axis), sh)
+
+    rows_full = moved([spread(r, d[1], sh) if d else jnp.zeros(sh, r.dtype) for r, d, sh in zip(rows, dims, shapes)])
+    cols_full = moved([spread(c, d[0], sh) if d else jnp.zeros(sh, c.dtype) for c, d, sh in zip(cols, dims, shapes)])
+    v_full = moved([jnp.zeros(sh, v.dtype) if d else v for v, d, sh in zip(vs, dims, shapes)])
+    rows = [jnp.take(m, 0, axis=d[1]) if d else r for m, r, d in zip(rows_full, rows, dims)]
+    cols = [jnp.take(m, 0, axis=d[0]) if d else c for m, c, d in zip(cols_full, cols, dims)]
+    vs = [v if d else m for m, v, d in zip(v_full, vs, dims)]
+    return st._replace(v_row=jax.tree.unflatten(treedef, rows), v_col=jax.tree.unflatten(treedef, cols),
+                       v=jax.tree.unflatten(treedef, vs))
 
 
 def _gauge_fix_states(opt_state) -> list[GaugeFixState]:

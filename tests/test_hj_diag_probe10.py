@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quotient_sgd.hj import find_shocks, Grid, slice_flow, solve_burgers, solve_hj
+from quotient_sgd.hj import find_shocks, Grid, shock_time, slice_flow, solve_burgers, solve_hj
 
 
 def _largest_stable_dt(message: str) -> float:
@@ -94,3 +94,24 @@ def test_counts_given_as_none_or_complex_numbers_are_refused_by_name():
     with pytest.raises(ValueError, match=re.escape("slice_flow: n=None is not allowed; need an integer >= 4")):
         slice_flow(lambda w: jnp.sum(w**2), jnp.zeros(2), jnp.array([1.0, 0.0]), extent=1.0, n=None, eta=0.1, k=1,
                    nu=0.05)
+
+
+@pytest.mark.parametrize("n", [64, 100, 256])
+def test_shock_time_of_a_kinked_or_expanding_field_reads_the_slopes_of_the_samples(x64, n):
+    # THEORY section 3: t* = -1 / min p0'.  p0 = clip(-x, -a, a) (a loss -x^2/2 joined to linear pieces: p0' = -1
+    # between two kinks) has t* = 1 exactly; the fourth-order differences undershoot beside a kink and the parabola
+    # through the edge of the flat minimum (-1, -1, 0) dips to -1.125: t* came out 0.888-0.975 (n = 64 .. 1000,
+    # not converging).  An expansion step (p0 increasing everywhere, a rarefaction: no shock) was read as the
+    # compression -jump / (12 dx) beside it: t* = 0.38 at n = 64, 0.096 at n = 256 (-> 0 with dx)
+    g = Grid(n, -1.0, 1.0, periodic=False)
+    x = np.asarray(g.x)
+    for a in (0.3, 0.31, 0.333):
+        assert float(shock_time(jnp.asarray(np.clip(-x, -a, a)), g)) == pytest.approx(1.0, rel=1e-9)
+    assert float(shock_time(jnp.asarray(0.3 * np.tanh((x - 0.1234) / 1e-3)), g)) > 1e3
+    # on a periodic grid the wrap of clip(-x, -a, a) is an expansion (from -a at x -> 1 to a at x = -1) too
+    gp = Grid(n, -1.0, 1.0)
+    xp = np.asarray(gp.x)
+    assert float(shock_time(jnp.asarray(np.clip(-xp, -0.3, 0.3)), gp)) == pytest.approx(1.0, rel=1e-9)
+    # a compressive step is still an (almost) instantaneous shock, and a smooth minimum keeps its fourth-order value
+    assert float(shock_time(jnp.asarray(-0.3 * np.tanh((x - 0.1234) / 1e-3)), g)) < 2 * g.dx / 0.6
+    assert float(shock_time(jnp.asarray(-np.sin(np.pi * xp)), gp)) == pytest.approx(1 / np.pi, rel=1e-5)

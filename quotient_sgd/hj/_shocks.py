@@ -55,6 +55,40 @@ def _diff(p: Array, g: Grid, axis: int, *, end_order: int = 4) -> Array:
     return jnp.moveaxis(jnp.concatenate([first[None], near0[None], inner, near1[None], last[None]]), 0, axis)
 
 
+def _slope_floor(p: Array, g: Grid) -> Array:
+    """Per node of a 1-D field, the lowest derivative its samples allow there: the smallest slope ``s_j = (p_{j+1} -
+    p_j) / dx`` of the four cells the central stencil spans (``i - 2 .. i + 1``), less the smallest magnitude of the
+    second differences ``s_{j+1} - 2 s_j + s_{j-1}`` at cells ``i - 2 .. i + 1`` (those a grid holds; ``-inf`` at
+    the two nodes next to each end of a bounded grid, whose one-sided stencils are not bounded).
+
+    For a smooth field the bound lies below the derivative: at a minimum of ``p' = m + c (x - x_i)^2 / 2`` the cell
+    slopes are at least ``m + c dx^2 / 6`` and the second differences ``c dx^2``, so the bound is ``m - 5 c dx^2 /
+    6``, and off a minimum the smaller slope lies below ``p'`` already: the fourth-order estimate is left as it is.
+    Beside a kink or a jump some cell on the smooth side has a zero second difference, and the bound is the
+    smallest cell slope: the stencil's ringing below it (an expansion step J read as the compression -J / (12 dx), a
+    kink from slope -1 to 0 as -1.125 with the parabola) is not a slope of the samples."""
+    n, dx = g.n, g.dx
+    if g.periodic:
+        s = (jnp.roll(p, -1) - p) / dx  # s[j]: the cell between nodes j and j + 1
+
+        def sh(a, k):  # sh(a, k)[i] = a[i + k]
+            return jnp.roll(a, -k)
+
+        d2 = jnp.abs(sh(s, 1) - 2 * s + sh(s, -1))
+        lowest = jnp.minimum(jnp.minimum(sh(s, -2), sh(s, -1)), jnp.minimum(s, sh(s, 1)))
+        return lowest - jnp.minimum(jnp.minimum(sh(d2, -2), sh(d2, -1)), jnp.minimum(d2, sh(d2, 1)))
+    s = (p[1:] - p[:-1]) / dx  # cells 0 .. n - 2
+    inf = jnp.full((1,), jnp.inf, p.dtype)
+    d2 = jnp.concatenate([inf, jnp.abs(s[2:] - 2 * s[1:-1] + s[:-2]), inf])  # per cell; none at the two end cells
+    m = n - 4  # nodes 2 .. n - 3 (cells i - 2 .. i + 1)
+
+    def low(a):
+        return jnp.minimum(jnp.minimum(a[0:m], a[1:m + 1]), jnp.minimum(a[2:m + 2], a[3:m + 3]))
+
+    edge = jnp.full((2,), -jnp.inf, p.dtype)
+    return jnp.concatenate([edge, low(s) - low(d2), edge])
+
+
 def shock_time_from_hessian(lambda_min) -> Array:
     """t* = 1 / max(0, -lambda_min) (inf when the loss is locally convex, NaN for NaN); THEORY section 3.
 
@@ -81,7 +115,11 @@ def shock_time_from_hessian(lambda_min) -> Array:
 def shock_time(p0: Array, grid: AnyGrid) -> Array:
     """Inviscid shock time ``t* = -1 / min p0'`` of initial data on a grid (``inf`` if p0 is nowhere decreasing).
 
-    1-D: the minimum of the fourth-order derivative is refined by a parabola through its three lowest samples.
+    1-D: the minimum of the fourth-order derivative is refined by a parabola through its three lowest samples;
+    each node's estimate and the refined minimum are kept at or above the lowest slope the samples allow there (the
+    smallest cell slope of the stencil less its smallest second difference, which leaves smooth fields as they
+    are): beside a kink or a step of p0 the stencil's ringing is not read as compression (an expansion step, no
+    shock at all, gave t* = 12 dx / jump; a kink from slope -1 to 0 gave t* = 0.89-0.98 for 1).
     2-D (``p0`` of shape ``(2, nx, ny)``): the smallest eigenvalue of the symmetrised Jacobian of p0, which is
     the Hessian of the loss for a gradient field ``p0 = grad L`` (THEORY section 3), its minimum refined by the
     quadratic through the nine nodes around the lowest one.  A known (not traced) p0 whose
@@ -110,10 +148,16 @@ def shock_time(p0: Array, grid: AnyGrid) -> Array:
                    "a rotational field has none.  Pass p0 = grad L, or the Hessian's smallest eigenvalue to "
                    "shock_time_from_hessian.")
     if grid.ndim == 1:
-        d = _diff(p0, grid, 0)
+        # the fourth-order differences ring beside a kink or a jump of p0 (one lobe of -jump / 12 dx beside an
+        # expansion step, an undershoot below the smaller slope at a kink), and so does the parabola through a
+        # flat minimum's edge: each node's estimate, and the refined minimum, are kept at or above what the samples
+        # allow (_slope_floor)
+        floor = _slope_floor(p0, grid)
+        d = jnp.maximum(_diff(p0, grid, 0), floor)
         i = jnp.argmin(d)
         n = grid.n
         if grid.periodic:
+            j = i
             dm, d0, dp = d[(i - 1) % n], d[i], d[(i + 1) % n]
         else:
             j = jnp.clip(i, 1, n - 2)
@@ -121,6 +165,7 @@ def shock_time(p0: Array, grid: AnyGrid) -> Array:
         curv = dm - 2 * d0 + dp
         ok = curv > 0
         refined = d0 - jnp.where(ok, (dp - dm) ** 2 / (8 * jnp.where(ok, curv, jnp.ones_like(curv))), 0)
+        refined = jnp.maximum(refined, floor[j])
         # at an end of a bounded grid the minimum is the end sample itself (no parabola through it)
         lam = jnp.where((i > 0) & (i < n - 1) | grid.periodic, jnp.minimum(refined, d0), d[i])
         return shock_time_from_hessian(lam)

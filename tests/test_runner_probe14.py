@@ -302,3 +302,32 @@ def test_a_sweep_members_diverged_json_that_is_no_record_is_named(tmp_path, caps
     assert main(["quotient-sgd", "report", str(sw)]) == 2
     err = capsys.readouterr().err
     assert "its diverged.json" in err and needle in err and "Traceback" not in err, err
+
+
+# ---- defect 11: a run.json whose values are no record ----------------------------------------------------------
+@pytest.mark.parametrize("record, key", [({"wall_s": "x", "resumed_from": None, "diverged": None}, "wall_s"),
+                                         ({"wall_s": 1.0, "resumed_from": None, "diverged": [1]}, "diverged"),
+                                         ({"wall_s": 1.0, "resumed_from": True, "diverged": None}, "resumed_from"),
+                                         ({"wall_s": None, "resumed_from": 0, "diverged": {"step": 3}}, "diverged")])
+def test_a_run_json_whose_values_are_no_record_is_named(tmp_path, capsys, record, key):
+    """A ``run.json`` that is a JSON object but whose values are not what the runner writes (a hand edit:
+    ``"wall_s": "x"``, ``"diverged": [1]``) passed the record check and failed ``report`` in the summary ("Unknown
+    format code 'f' for object of type 'str'") or in a bare ``TypeError`` / ``KeyError``; the command names the
+    file, the key and the value now (status 2), as for a record that is no object; valid values still report."""
+    import json
+
+    from quotient_sgd.cli import main
+
+    sw = tmp_path / "sw"
+    _sweep_records(sw)
+    member = sw / "members" / "000"
+    (member / "run.json").write_text(json.dumps(record))
+    assert main(["quotient-sgd", "report", str(member)]) == 2
+    err = capsys.readouterr().err
+    assert f"its run.json has {key!r} = " in err and "Traceback" not in err, err
+    if record["wall_s"] != "x":
+        return
+    (member / "run.json").write_text(json.dumps({"wall_s": 2.5, "resumed_from": 10, "diverged": None}))
+    assert main(["quotient-sgd", "report", str(member)]) == 0
+    out = capsys.readouterr().out
+    assert "- wall time: 2.5 s" in out and "resumed from step 10" in out, out

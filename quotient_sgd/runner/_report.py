@@ -13,7 +13,15 @@ import numpy as np
 from .._durable import durable_write
 from .._interrupt import interrupt_in
 from ..config import Settings, from_dict
-from ._rundir import directory_path, load_trajectory, read_divergence, read_metrics, read_record_json, write_json
+from ._rundir import (
+    directory_path,
+    load_trajectory,
+    read_divergence,
+    read_metrics,
+    read_record_json,
+    read_run_record,
+    write_json,
+)
 
 PLOTS = ("loss", "observables", "charges", "shock_fold", "hessian", "events")
 #: What a finished run recorded about itself (wall time, resume step, divergence): ``report`` keeps it.
@@ -306,7 +314,7 @@ def read_record(workdir: str) -> dict | None:
     before that file existed, the lines of its ``summary.md``), or ``None``."""
     path = os.path.join(workdir, RECORD)
     if os.path.exists(path):
-        return read_record_json(path, "run directory")
+        return read_run_record(path, "run directory")
     path = os.path.join(workdir, "summary.md")
     if not os.path.exists(path):
         return None

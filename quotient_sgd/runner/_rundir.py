@@ -145,6 +145,33 @@ def directory_path(workdir, where: str, arg: str = "workdir") -> str:
                     f"'runs/NAME'{default}), got {type(workdir).__name__}")
 
 
+def read_run_record(path: str, what: str = "run directory") -> dict:
+    """The ``run.json`` at ``path`` (:func:`read_record_json`), its values checked for what its readers take:
+    ``wall_s`` a number or ``null``, ``resumed_from`` an integer or ``null``, ``diverged`` ``null`` or an object
+    with an integer ``step`` and a string ``reason``.  Another value (a hand edit) raises :class:`RunDirError`
+    naming the file, the key and the value (``"wall_s": "x"`` failed in the summary's "Unknown format code 'f'",
+    ``"diverged": [1]`` in a bare ``TypeError``)."""
+    obj = read_record_json(path, what)
+
+    def bad(key: str, need: str) -> RunDirError:
+        return RunDirError(f"{what} {os.path.dirname(path)!r}: its run.json has {key!r} = "
+                           f"{json.dumps(obj.get(key))[:60]}, where {need} is written; not a record quotient_sgd "
+                           f"wrote (another program's file, or an edited copy). Choose another directory, or remove "
+                           f"it")
+
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    if obj.get("wall_s") is not None and not number(obj["wall_s"]):
+        raise bad("wall_s", "a number of seconds or null")
+    if obj.get("resumed_from") is not None and (not isinstance(obj["resumed_from"], int)
+                                                or isinstance(obj["resumed_from"], bool)):
+        raise bad("resumed_from", "a step (an integer) or null")
+    div = obj.get("diverged")
+    if div is not None and not (isinstance(div, dict) and isinstance(div.get("step"), int)
+                                and not isinstance(div.get("step"), bool) and isinstance(div.get("reason"), str)):
+        raise bad("diverged", "null or an object with an integer 'step' and a string 'reason'")
+    return obj
+
+
 def read_divergence(run_dir: str, what: str = "run directory") -> dict | None:
     """The ``{"step", "reason"}`` a sweep member's ``diverged.json`` records, ``None`` when there is none; a file
     that parses but holds something else (a list, an object without an integer ``step`` or a string ``reason``: a
@@ -216,7 +243,7 @@ def check_workdir(workdir: str, settings: Settings) -> bool:
                 f"run directory {workdir!r} holds a run of a different config ({len(diff)} differing keys: "
                 f"{lines}). Choose another --workdir, or delete the directory to start over.")
         if os.path.isfile(os.path.join(workdir, "run.json")):  # (read on resume: refused before anything is done)
-            read_record_json(os.path.join(workdir, "run.json"), "run directory")
+            read_run_record(os.path.join(workdir, "run.json"), "run directory")
         warn_absent_defaults(cfg_path, old, settings.to_dict())
         return True
     if os.path.isfile(os.path.join(workdir, "sweep.json")):

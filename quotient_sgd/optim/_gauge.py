@@ -73,12 +73,13 @@ def gauge_fix(tx: optax.GradientTransformation, group, every: int = 1) -> optax.
     The optimiser's state follows the units: the unit permutations of the canonical element (the discrete part,
     isometries) are applied to every parameter-shaped leaf of ``tx``'s state (momentum, Adam's moments; also where
     ``optax.masked`` / ``optax.multi_transform`` hold ``optax.MaskedNode`` for the parameters they leave to
-    others) and to Adafactor's factored second moments (``optax.FactoredState``: their row and column statistics),
-    so a unit keeps its own velocity when the canonical sort reorders units between steps.  Hence SGD /
-    momentum / Adam / Adafactor + ``gauge_fix`` compute the same function at every step whether or not the group
-    includes the permutations (tested).  The continuous part of the element is not transported: it moves the
-    parameters by ``O(step)`` between consecutive canonical points, and the state of an arbitrary optimiser has no known
-    transformation law under it (a momentum transforms like a gradient, Adam's second moment does not).
+    others), to Adafactor's factored second moments (``optax.FactoredState``: their row and column statistics)
+    and to SM3's per-axis accumulators, so a unit keeps its own velocity when the canonical sort reorders units
+    between steps.  Hence SGD / momentum / Adam / Adafactor / SM3 + ``gauge_fix`` compute the same function at
+    every step whether or not the group includes the permutations (tested).  The continuous part of the element is
+    not transported: it moves the parameters by ``O(step)`` between consecutive canonical points, and the state of
+    an arbitrary optimiser has no known transformation law under it (a momentum transforms like a gradient, Adam's
+    second moment does not).
 
     Non-parameter state that the group also acts on (a BatchNorm model's running statistics follow its
     channels) never reaches the optimiser: the state records the element ``k`` it applied (``element``,
@@ -186,8 +187,48 @@ def _permute_state(group, k, state, params):
 
     like = lambda x: full(x) or partial(x)  # noqa: E731
     factored = lambda x: isinstance(x, optax.FactoredState)  # noqa: E731
-    return jax.tree.map(lambda x: _permute_factored(group, perm, x, params) if factored(x) else
-                        act(x) if like(x) else x, state, is_leaf=lambda x: factored(x) or like(x))
+    sm3 = lambda x: isinstance(x, optax.ScaleBySM3State)  # noqa: E731
+
+    def one(x):
+        if factored(x):
+            return _permute_factored(group, perm, x, params)
+        if sm3(x):
+            return _permute_sm3(group, perm, x, params)
+        return act(x) if like(x) else x
+
+    return jax.tree.map(one, state, is_leaf=lambda x: factored(x) or sm3(x) or like(x))
+
+
+def _permute_sm3(group, perm, st, params):
+    """SM3's ``optax.ScaleBySM3State`` with the unit permutations ``perm`` applied: ``nu`` is shaped like the
+    parameters; ``mu`` holds, per parameter, one accumulator per axis (a vector along it), each broadcast to the
+    parameter's shape, moved as the parameter and read off along that axis."""
+    leaves, treedef = jax.tree.flatten(params)
+    try:
+        mus = treedef.flatten_up_to(st.mu)
+        nus = treedef.flatten_up_to(st.nu)
+    except (ValueError, TypeError):
+        return st
+    shapes = [tuple(jnp.shape(p)) for p in leaves]
+    if any(not isinstance(m, (list, tuple)) or len(m) != len(sh) for m, sh in zip(mus, shapes)):
+        return st
+
+    def moved(parts):
+        return jax.tree.leaves(group.act(perm, jax.tree.unflatten(treedef, parts)))
+
+    def along(x, i, sh):  # the vector x along axis i, broadcast to sh
+        return jnp.broadcast_to(jnp.reshape(x, [1] * i + [sh[i]] + [1] * (len(sh) - i - 1)), sh)
+
+    new_mus = [list(m) for m in mus]
+    for i in range(max((len(sh) for sh in shapes), default=0)):
+        has = [len(sh) > i for sh in shapes]
+        full = moved([along(m[i], i, sh) if h else jnp.zeros(sh, n.dtype)
+                      for m, sh, h, n in zip(mus, shapes, has, nus)])
+        for j, (f, sh, h) in enumerate(zip(full, shapes, has)):
+            if h:
+                new_mus[j][i] = f[tuple(slice(None) if a == i else 0 for a in range(len(sh)))]
+    new_mus = [type(m)(nm) for m, nm in zip(mus, new_mus)]
+    return st._replace(mu=jax.tree.unflatten(treedef, new_mus), nu=jax.tree.unflatten(treedef, moved(nus)))
 
 
 def _permute_factored(group, perm, st, params):

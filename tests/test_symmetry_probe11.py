@@ -139,3 +139,12 @@ def test_compose_takes_elements_sampled_at_parameters_of_two_float_widths(x64):
         gh = G.compose(g, h)
         assert all(x.dtype == jnp.float64 for x in jax.tree.leaves(gh))
         assert _rel(G.act(gh, p64), G.act(g, G.act(h, p64))) < 1e-6  # (h's float32 rounding)
+
+
+def test_sample_component_names_itself_for_a_bad_scale():
+    """sample_component checked its key under its own name but its scale under sample's ("sample: scale=-1.0 is not
+    allowed"), naming a method the caller did not call."""
+    p = {"w": jnp.ones((2, 3)), "v": jnp.ones((3, 2))}
+    G = Product([Rescale(incoming=(("w", 1),), outgoing=(("v", 0),), name="r")])
+    with pytest.raises(ValueError, match=r"^sample_component: scale=-1.0 is not allowed"):
+        G.sample_component(jax.random.key(0), p, "r", scale=-1.0)

@@ -212,7 +212,7 @@ class Product(Group):
 
     def sample_component(self, key, params, name: str, scale: float = 1.0) -> Word:
         """A random element of the component ``name`` alone, as an element of the product."""
-        _check_scale(scale)
+        _check_scale(scale, "sample_component")
         _check_key(key, "sample_component")
         i = [c.name for c in self.components].index(self.component(name).name)
         flat, _ = self._flat(params)

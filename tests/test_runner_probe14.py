@@ -331,3 +331,29 @@ def test_a_run_json_whose_values_are_no_record_is_named(tmp_path, capsys, record
     assert main(["quotient-sgd", "report", str(member)]) == 0
     out = capsys.readouterr().out
     assert "- wall time: 2.5 s" in out and "resumed from step 10" in out, out
+
+
+# ---- defect 12: events whose step is no step -----------------------------------------------------------------------
+@pytest.mark.parametrize("events", [[{"step": "x", "kind": "loss_spike"}], [{"step": None, "kind": "fold"}],
+                                    [{"step": 3, "kind": 5}], [{"step": 3, "kind": "divergence", "details": 5}]])
+def test_events_json_whose_events_are_no_events_is_detected_again(tmp_path, events):
+    """``events.json`` is read when it is a list of objects with ``step`` and ``kind``, else detected again with a
+    warning; but an event at step ``"x"`` was then drawn as a category of the step axis and listed in the summary
+    (``| x | loss_spike |``), one at step ``null`` failed in a bare ``TypeError`` (comparing it with the axis), and
+    ``details`` that are no object in an ``AttributeError``.  Such a file is now one that holds no events."""
+    import json
+
+    from quotient_sgd.runner._report import read_events
+
+    sw = tmp_path / "sw"
+    _sweep_records(sw)
+    member = sw / "members" / "000"
+    (member / "events.json").write_text(json.dumps(events))
+    with pytest.warns(RuntimeWarning, match="not a list of events"):
+        assert read_events(str(member)) is None
+    if events[0]["kind"] == "fold":
+        with pytest.warns(RuntimeWarning, match="not a list of events"):
+            text = report(str(member))
+        assert "## Detected events\n\nNone." in text, text
+    (member / "events.json").write_text(json.dumps([{"step": 3, "kind": "fold", "details": {}}]))
+    assert read_events(str(member)) == [{"step": 3, "kind": "fold", "details": {}}]

@@ -412,21 +412,28 @@ def load_run(workdir: str) -> tuple[Settings, dict, list[dict], list[dict]]:
 
 def read_events(workdir: str) -> list[dict] | None:
     """The events of ``events.json`` in ``workdir``; ``None`` when there is none, or when it parses but is not a
-    list of events (objects with ``step`` and ``kind``, as the runner writes them: a hand-edited or foreign file),
-    which is said in a ``RuntimeWarning`` naming the file (``report`` then detects the events again and rewrites
-    it; it failed in ``'NoneType' object is not iterable`` or ``'int' object has no attribute 'get'``)."""
+    list of events (objects with an integer ``step``, a string ``kind`` and, when present, an object of
+    ``details``, as the runner writes them: a hand-edited or foreign file), which is said in a ``RuntimeWarning``
+    naming the file (``report`` then detects the events again and rewrites it; it failed in ``'NoneType' object is
+    not iterable`` or ``'int' object has no attribute 'get'``, and an event at step ``"x"`` was drawn as a category
+    of the plots' step axis, one at step ``null`` failed in a bare ``TypeError``)."""
     path = os.path.join(workdir, "events.json")
     if not os.path.exists(path):
         return None
     with open(path) as f:
         events = json.load(f)
-    if isinstance(events, list) and all(isinstance(e, dict) and "step" in e and "kind" in e for e in events):
+
+    def event(e) -> bool:
+        return (isinstance(e, dict) and isinstance(e.get("step"), int) and not isinstance(e["step"], bool)
+                and isinstance(e.get("kind"), str) and isinstance(e.get("details", {}), dict))
+
+    if isinstance(events, list) and all(map(event, events)):
         return events
     import warnings
 
-    warnings.warn(f"{path} holds {json.dumps(events)[:60]}, not a list of events (objects with 'step' and 'kind', "
-                  f"as the runner writes them); ignoring it: the events are detected again", RuntimeWarning,
-                  stacklevel=2)
+    warnings.warn(f"{path} holds {json.dumps(events)[:60]}, not a list of events (objects with an integer 'step' "
+                  f"and a string 'kind', as the runner writes them); ignoring it: the events are detected again",
+                  RuntimeWarning, stacklevel=2)
     return None
 
 

@@ -83,6 +83,9 @@ def load_config(name: str, argv=None):
     for k, v in ov.items():
         cur = cfg
         parts = k.split(".")
+        if parts[-1] == "scale":  # (a nested problem's scale records the sizes get_config(scale) chose for it)
+            raise SystemExit(f"{name}: {k}={v!r}: the scale of a nested config is the script's: it is set with "
+                             f"scale=... ({list(SCALES)}), which sizes every part; {k} alone would only relabel it")
         for depth, p in enumerate(parts):
             if not hasattr(cur, "keys"):
                 above = ".".join(parts[:depth])

@@ -123,6 +123,7 @@ def test_numpy_scalars_set_in_a_config_or_given_as_overrides_are_the_values_they
     ("catapult", ["seed.x=1"], ["'seed.x'", "'seed' is int 0, not a section"]),
     ("shock_lr", ["problem.widht=64"], ["unknown config key 'problem.widht'", "did you mean 'problem.width'"]),
     ("shock_lr", ["problem=3"], ["'problem' is a section", "problem.drop_factor=VALUE"]),
+    ("shock_lr", ["problem.scale=paper"], ["problem.scale='paper'", "set with scale=..."]),
     ("hj_slices", ["checkpoints=5"], ["checkpoints='5'", "a JSON list is needed", "checkpoints=[0, 25, 100, 300]"]),
     ("hj_slices", ["checkpoints=[0, 1.5]"], ["checkpoints='[0, 1.5]'", "element 1.5 is not an int"]),
     ("hj_slices", ['extents=["a"]'], ["element 'a' is not a number"]),
@@ -131,7 +132,8 @@ def test_experiment_overrides_that_are_no_values_of_the_config_are_named(name, a
     """``python experiments/<name>.py key=value``: ``scale=papr`` ran the CPU default while recording ``scale =
     'papr'``; an unknown section (``foo.bar=1``) or a key below a number (``seed.x=1``) failed in a bare
     ``KeyError`` / ``TypeError``, as did a number for a tuple (``checkpoints=5``); list elements of another type
-    than the default's (``checkpoints=[0, 1.5]``: GD steps) were taken.  Each now stops the script with a message
+    than the default's (``checkpoints=[0, 1.5]``: GD steps) were taken, and ``problem.scale=paper`` relabelled the
+    nested problem of ``shock_lr`` without changing its sizes.  Each now stops the script with a message
     naming the key, the value and what is allowed; overrides that fit still apply, nested ones included."""
     import sys
 

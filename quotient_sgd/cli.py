@@ -607,6 +607,10 @@ def _main(argv: list[str]) -> int:
             if bad is None:
                 raise
             return _fail(f"cannot report {rest[2]!r}: {bad}")
+        except OSError as e:  # (a directory it may read but not write: another user's runs, a read-only mount)
+            where = f" ({e.filename})" if e.filename else ""
+            return _fail(f"cannot report {rest[2]!r}: {e.strerror or e}{where}; report writes summary.md, "
+                         f"events.json and plots/ into the directory: copy it somewhere writable and report the copy")
         print(text)
         return 0
     if cmd not in ("run", "sweep"):

@@ -359,3 +359,28 @@ def test_events_json_whose_events_are_no_events_is_detected_again(tmp_path, even
         assert "## Detected events\n\nNone." in text, text
     (member / "events.json").write_text(json.dumps([{"step": 3, "kind": "fold", "details": {}}]))
     assert read_events(str(member)) == [{"step": 3, "kind": "fold", "details": {}}]
+
+
+# ---- defect 13: report into a directory it cannot write -------------------------------------------------------------
+def test_report_of_a_directory_it_cannot_write_is_named(tmp_path, capsys, monkeypatch):
+    """``quotient-sgd report`` on a run directory it may read but not write (another user's runs, a read-only
+    mount: ``EACCES`` / ``EROFS`` when it writes ``summary.md`` or ``plots/``) ended in a bare ``PermissionError``
+    / ``OSError`` traceback; it is now an error naming the directory, the reason and the file, status 2."""
+    import errno
+
+    from quotient_sgd.cli import main
+    from quotient_sgd.runner import _report
+
+    sw = tmp_path / "sw"
+    _sweep_records(sw)
+    member = str(sw / "members" / "000")
+
+    def refuse(path, *a, **k):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+
+    monkeypatch.setattr(_report, "durable_write", refuse)
+    monkeypatch.setattr(_report, "make_plots", lambda *a, **k: [])
+    assert main(["quotient-sgd", "report", member]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot report {member!r}: {os.strerror(errno.EROFS)} ({os.path.join(member, 'summary.md')})" in err, err
+    assert "Traceback" not in err

@@ -148,3 +148,23 @@ def test_sample_component_names_itself_for_a_bad_scale():
     G = Product([Rescale(incoming=(("w", 1),), outgoing=(("v", 0),), name="r")])
     with pytest.raises(ValueError, match=r"^sample_component: scale=-1.0 is not allowed"):
         G.sample_component(jax.random.key(0), p, "r", scale=-1.0)
+
+
+def test_invariants_of_a_cluster_without_canonical_section_name_themselves_and_do_not_advise_themselves():
+    """A GL chain overlapping a logit translation has no canonical section, and its invariants (read at the canonical
+    point) are not available either: invariants raised 'canonicalize: ... Use the invariants instead', naming a
+    method the caller did not call and advising the one that had just failed.  Now each method names itself and
+    says what works; canonicalize still refuses."""
+    from quotient_sgd.symmetry import GL, SymmetryError, Translation
+
+    rng = np.random.default_rng(0)
+    p = {"a": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32), "b": jnp.asarray(rng.normal(size=(2, 4)), jnp.float32),
+         "c": jnp.asarray(rng.normal(size=(4,)), jnp.float32)}
+    G = Product([GL(left=("a", None), right=("b", None), kind="vo", name="gl"),
+                 Translation(kernel="b", bias="c", name="t")])
+    for method in ("invariants", "unordered_invariants", "canonicalize"):
+        with pytest.raises(SymmetryError, match=rf"^{method}: components \['gl', 't'\] overlap") as err:
+            getattr(G, method)(p)
+        assert "Use the invariants" not in str(err.value)
+    v = jax.tree.map(jnp.ones_like, p)  # what the message says works, works
+    assert _rel(G.vertical(p, G.vertical(p, v)), G.vertical(p, v)) < 1e-4

@@ -11,6 +11,7 @@ and the Euclidean vertical projection is ``P_V u = J (J^T J)^+ J^T u``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import numbers
 from typing import Any, ClassVar
@@ -69,6 +70,20 @@ def common_float(*elements):
 
 class SymmetryError(ValueError):
     """A declared group action is not a symmetry of the model (or is malformed)."""
+
+
+@contextlib.contextmanager
+def reading_invariants(method: str):
+    """Re-raise a ``SymmetryError`` from canonicalising a cluster whose invariants are read at its canonical point
+    (one with no canonical section) naming ``method``, which the caller called: it was reported as coming from
+    ``canonicalize`` (and advised using the invariants)."""
+    try:
+        yield
+    except SymmetryError as err:
+        msg = str(err)
+        if not msg.startswith("canonicalize: "):
+            raise
+        raise SymmetryError(f"{method}: {msg[len('canonicalize: '):]}") from None
 
 
 def as_path(path) -> Path:
@@ -337,7 +352,8 @@ class Group(eqx.Module):
     def invariants(self, params):
         """Orbit-invariant features (THEORY section 1): equal on ``params`` and ``g . params`` for every g."""
         flat, _ = self._flat(params)
-        return _compiled(self, "_invariants", flat)
+        with reading_invariants("invariants"):
+            return _compiled(self, "_invariants", flat)
 
     def charges(self, params):
         """Noether charges (THEORY section 2): quadratic forms ``Q(theta) = 1/2 theta^T A theta`` (linear forms

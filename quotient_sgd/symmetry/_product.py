@@ -13,7 +13,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from ._base import (Flat, Group, SymmetryError, _check_key, _check_scale, _compiled, cg_vcoeffs,
-                    generic_vcoeffs)
+                    generic_vcoeffs, reading_invariants)
 from . import _reduced
 from ._gl import GL, gauged_powers, sylvester_vcoeffs
 from ._permutation import Permutation, unit_key, unit_order
@@ -414,8 +414,9 @@ class Product(Group):
         if any(getattr(c, "abelian", True) is False for c in comps):
             raise SymmetryError(
                 f"canonicalize: components {[c.name for c in comps]} overlap and include a non-abelian action "
-                f"other than a deep linear GL chain; no canonical section is implemented for that case. Use the "
-                f"invariants instead."
+                f"other than a deep linear GL chain; no canonical section is implemented for that case (nor "
+                f"invariants, which such a cluster reads at its canonical point); act, vertical / horizontal, tangents "
+                f"and charges work."
             )
         return self._sweeps(cl, flat, None if init is None else tuple(init[i] for i in cl))
 
@@ -637,7 +638,8 @@ class Product(Group):
         skips the permutation sort and the second continuous canonicalisation."""
         flat, _ = self._flat(params)
         self._check_given(element, flat, "unordered_invariants", "element")
-        return _compiled(self, "_unordered_invariants_flat", flat, element)
+        with reading_invariants("unordered_invariants"):
+            return _compiled(self, "_unordered_invariants_flat", flat, element)
 
     def _unordered_invariants_flat(self, flat, element):
         at: list = []

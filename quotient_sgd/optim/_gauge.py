@@ -189,14 +189,23 @@ def _permute_state(group, k, state, params):
     factored = lambda x: isinstance(x, optax.FactoredState)  # noqa: E731
     sm3 = lambda x: isinstance(x, optax.ScaleBySM3State)  # noqa: E731
 
+    def stacked(x):
+        # parameter-shaped vectors stacked along a leading axis (optax.lbfgs's memory of the last steps)
+        if jax.tree.structure(x) != struct or not shapes:
+            return False
+        got = [jnp.shape(y) for y in jax.tree.leaves(x)]
+        return all(len(g) == len(s) + 1 and g[1:] == s and g[0] == got[0][0] for g, s in zip(got, shapes))
+
     def one(x):
         if factored(x):
             return _permute_factored(group, perm, x, params)
         if sm3(x):
             return _permute_sm3(group, perm, x, params)
+        if stacked(x):
+            return jax.vmap(lambda y: group.act(perm, y))(x)
         return act(x) if like(x) else x
 
-    return jax.tree.map(one, state, is_leaf=lambda x: factored(x) or sm3(x) or like(x))
+    return jax.tree.map(one, state, is_leaf=lambda x: factored(x) or sm3(x) or stacked(x) or like(x))
 
 
 def _permute_sm3(group, perm, st, params):

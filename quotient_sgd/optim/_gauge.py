@@ -73,10 +73,11 @@ def gauge_fix(tx: optax.GradientTransformation, group, every: int = 1) -> optax.
     The optimiser's state follows the units: the unit permutations of the canonical element (the discrete part,
     isometries) are applied to every parameter-shaped leaf of ``tx``'s state (momentum, Adam's moments; also where
     ``optax.masked`` / ``optax.multi_transform`` hold ``optax.MaskedNode`` for the parameters they leave to
-    others), to Adafactor's factored second moments (``optax.FactoredState``: their row and column statistics)
-    and to SM3's per-axis accumulators, so a unit keeps its own velocity when the canonical sort reorders units
-    between steps.  Hence SGD / momentum / Adam / Adafactor / SM3 + ``gauge_fix`` compute the same function at
-    every step whether or not the group includes the permutations (tested).  The continuous part of the element is
+    others), to parameter-shaped vectors stacked along a leading axis (``optax.lbfgs``'s memory), to Adafactor's
+    factored second moments (``optax.FactoredState``: their row and column statistics) and to SM3's per-axis
+    accumulators, so a unit keeps its own velocity when the canonical sort reorders units between steps.  Hence
+    SGD / momentum / Adam / Adafactor / SM3 / L-BFGS + ``gauge_fix`` compute the same function at every step
+    whether or not the group includes the permutations (tested).  The continuous part of the element is
     not transported: it moves the parameters by ``O(step)`` between consecutive canonical points, and the state of
     an arbitrary optimiser has no known transformation law under it (a momentum transforms like a gradient, Adam's
     second moment does not).

@@ -740,8 +740,8 @@ def _unknown_observables(unknown) -> str:
 #: States of optax transforms that rescale the step per coordinate or by a searched or learnt step size (adaptive
 #: methods, sign methods, line searches, optax.contrib's learning-rate-free and Polyak methods), orthogonalise it
 #: (Muon), add noise to it, or mix in gradients of other points (optimistic gradient descent, SAM): the SGD identity
-#: of an :class:`SGDSpec` does not hold.  (A trust ratio, LARS, and a Polyak step size, ``optax.polyak_sgd``, have
-#: empty states: not recognised.)
+#: of an :class:`SGDSpec` does not hold.  (A trust ratio, LARS, fromage, a Polyak step size, ``optax.polyak_sgd``, and
+#: sign descent, ``optax.sign_sgd`` / ``optax.signum``, have empty, trace or EMA states: not recognised.)
 _NOT_SGD_STATES = tuple(t for t in (
     *(getattr(optax, n, None) for n in (
         "ScaleByAdamState", "ScaleByAdaDeltaState", "ScaleByAdanState", "ScaleByAmsgradState", "ScaleByBeliefState",

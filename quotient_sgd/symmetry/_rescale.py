@@ -216,10 +216,15 @@ def balance_newton(rescale: Rescale, flat):
     ts = jnp.asarray([1.0, 0.5, 0.25, 0.125, 1 / 16, 1 / 64, 0.0], x0.dtype)
     tol = 64 * jnp.finfo(x0.dtype).eps
 
+    eye = jnp.eye(x0.shape[0], dtype=x0.dtype)
+
     def body(carry):
         xi, it, _ = carry
-        grad = jnp.where(free, jax.grad(sqnorm)(xi), 0)
-        hess = jnp.where(pair, jax.hessian(sqnorm)(xi), 0)
+        # at the moved point m = exp(xi) . theta the norm's gradient is 2 J^T m and its Hessian 4 J^T J (J: the
+        # tangent map at m; every entry moves by the exponential of a linear function of xi)
+        m = rescale._act(jnp.where(free, xi, 0), flat)
+        grad = jnp.where(free, 2 * rescale._tmap_T(m, m), 0)
+        hess = jnp.where(pair, 4 * jax.vmap(lambda e: rescale._tmap_T(m, rescale._tmap(m, e)))(eye), 0)
         dg = jnp.sqrt(jnp.maximum(jnp.diagonal(hess), jnp.finfo(hess.dtype).tiny))
         w, U = jnp.linalg.eigh(hess / dg[:, None] / dg[None, :])
         winv = jnp.where(w > jnp.finfo(w.dtype).eps * w.shape[0] * jnp.max(w), 1 / jnp.where(w > 0, w, 1), 0)

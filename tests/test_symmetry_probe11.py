@@ -10,8 +10,9 @@ from quotient_sgd.symmetry import Permutation, Product, Rescale
 
 
 def _rel(a, b):
-    err = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-    return err / max(float(jnp.max(jnp.abs(y))) for y in jax.tree.leaves(b))
+    a, b = (jax.tree.map(lambda x: np.asarray(x, np.float64), t) for t in (a, b))
+    err = max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return err / max(float(np.max(np.abs(y))) for y in jax.tree.leaves(b))
 
 
 def _rnn(dtype, seed=1, n=5, din=3, dout=2):
@@ -169,3 +170,33 @@ def test_invariants_of_a_cluster_without_canonical_section_name_themselves_and_d
         assert "Use the invariants" not in str(err.value)
     v = jax.tree.map(jnp.ones_like, p)  # what the message says works, works
     assert _rel(G.vertical(p, G.vertical(p, v)), G.vertical(p, v)) < 1e-4
+
+
+def test_parameters_of_two_float_widths_under_strict_promotion(x64):
+    """float32 kernels beside float64 biases: under strict dtype promotion canonicalize, vertical, invariants and
+    charges of a rescale (and sample / act of a GL whose factor stacks W with its bias), vertical_generic and
+    quotient_distance all failed with JAX's bare TypePromotionError.  They are computed in the parameters' common
+    dtype now, agree with the same parameters in float64, and return what is like the parameters in their dtypes."""
+    from quotient_sgd.symmetry import GL, quotient_distance, vertical_generic
+
+    rng = np.random.default_rng(0)
+    p = {"k": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "b": jnp.asarray(rng.normal(size=(4,))),
+         "V": jnp.asarray(rng.normal(size=(4, 2)), jnp.float32), "bv": jnp.asarray(rng.normal(size=(2,)))}
+    p64 = jax.tree.map(lambda x: x.astype(jnp.float64), p)
+    dtypes = jax.tree.map(lambda x: x.dtype, p)
+    R = Rescale(incoming=(("k", 1), ("b", 0)), outgoing=(("V", 0),), name="r")
+    G = Product([R, Permutation(members=(("k", 1), ("b", 0), ("V", 0)), name="perm")])
+    with jax.numpy_dtype_promotion("strict"):
+        g = G.sample(jax.random.key(0), p)
+        q = G.act(g, p)
+        assert jax.tree.map(lambda x: x.dtype, q) == dtypes
+        for fn in (G.canonicalize, lambda x: G.vertical(x, p64), lambda x: vertical_generic(G, x, p64)):
+            out = fn(q)
+            assert _rel(out, fn(jax.tree.map(lambda x: x.astype(jnp.float64), q))) < 1e-6
+        assert jax.tree.map(lambda x: x.dtype, G.canonicalize(q)) == dtypes
+        assert _rel(G.invariants(q), G.invariants(p64)) < 1e-5
+        assert _rel(G.charges(q), G.charges(jax.tree.map(lambda x: x.astype(jnp.float64), q))) < 1e-6
+        assert float(quotient_distance(G, p, q)) < 1e-5
+        gl = GL(left=("k", "b"), right=("V", None), kind="vo", name="gl")  # stacks [k; b]
+        q2 = gl.act(gl.sample(jax.random.key(1), p), p)
+        assert _rel(gl.invariants(q2), gl.invariants(p64)) < 1e-5

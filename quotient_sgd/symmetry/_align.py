@@ -128,6 +128,21 @@ def _align_flat(group: Group, fa: Flat, fb: Flat, rounds: int, iters: int) -> Fl
     return _closest(fa, [fb, plain, cand])
 
 
+def _common_dtype(fa: Flat, fb: Flat) -> tuple[Flat, Flat]:
+    """Both flat views with their floating leaves in the common dtype of all of them (standard promotion) when they
+    hold several float widths (a float64 bias beside float32 kernels, or one network in float32 and the other in
+    float64): under strict dtype promotion they failed with JAX's bare ``TypePromotionError``."""
+    floats = [x for f in (fa, fb) for x in f.values() if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+    if len({jnp.result_type(x) for x in floats}) <= 1:
+        return fa, fb
+    dt = _tree.float_dtype(floats)
+
+    def cast(f):
+        return {p: x.astype(dt) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x for p, x in f.items()}
+
+    return cast(fa), cast(fb)
+
+
 def _check_same_layout(name: str, fa, fb) -> None:
     """``ValueError`` naming the first parameter whose path or shape differs between the two networks: orbits of
     one group are compared only between parameter trees of one architecture."""
@@ -177,7 +192,8 @@ def align(group: Group, params_a, params_b, *, rounds: int = 3, iters: int = 8):
     _check_same_layout("align", fa, fb)
     _check_finite("align", fa, fb)
     with _canonicalising("align"):
-        out = _align_flat(group, _tree.widen(fa), _tree.widen(fb), rounds, iters)  # bfloat16 / float16: in float32
+        # bfloat16 / float16: in float32; several float widths: in their common dtype
+        out = _align_flat(group, *_common_dtype(_tree.widen(fa), _tree.widen(fb)), rounds, iters)
     return _tree.unflatten({p: x.astype(fb[p].dtype) for p, x in out.items()}, treedef)
 
 
@@ -222,7 +238,7 @@ def quotient_distance(group: Group, params_a, params_b, *, rounds: int = 3, iter
     fb, _ = group._flat(params_b)
     _check_same_layout("quotient_distance", fa, fb)
     _check_finite("quotient_distance", fa, fb)
-    fa, fb = _tree.widen(fa), _tree.widen(fb)  # bfloat16 / float16: computed in float32
+    fa, fb = _common_dtype(_tree.widen(fa), _tree.widen(fb))  # bfloat16 / float16: in float32; mixed: common
     with _canonicalising("quotient_distance"):
         if canonical:
             fa, fb = group._canonicalize_flat(fa), group._canonicalize_flat(fb)

@@ -33,6 +33,29 @@ Member = tuple[Path, Any]
 _LIKE_ARG = {"_act": 1, "_canonicalize_flat": 0, "_vertical_flat": 1, "_horizontal_flat": 1, "_tangents_flat": 0}
 
 
+#: Flat methods whose parameters are not their first argument: the position of the parameters.
+_PARAMS_ARG = {"_act": 1, "_sample": 1}
+
+
+def unify_floats(args: tuple, at: int = 0) -> tuple:
+    """``args`` with the floating leaves of the parameters ``args[at]`` (a flat view), and of every other flat view
+    of the same paths (a vector to project), cast to the parameters' common dtype (standard promotion: float64 for
+    float32 kernels beside float64 biases) when they have several; the same ``args`` otherwise.  Under strict dtype
+    promotion such parameters failed in every method that combines leaves (a GL's stacked ``[W; b]``, a rescale's
+    unit norms, a scale's block norm) with JAX's bare ``TypePromotionError``."""
+    flat = args[at]
+    floats = [x for x in flat.values() if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+    if len({jnp.result_type(x) for x in floats}) <= 1:
+        return args
+    dt = _tree.float_dtype(floats)
+
+    def cast(d):
+        return {p: x.astype(dt) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x for p, x in d.items()}
+
+    return tuple(cast(a) if i == at or (isinstance(a, dict) and a.keys() == flat.keys()) else a
+                 for i, a in enumerate(args))
+
+
 @functools.partial(jax.jit, static_argnums=(1,))
 def _compiled(group: "Group", method: str, *args):
     """``group.<method>(*args)`` as one compiled program, cached per group, method and argument shapes.
@@ -46,8 +69,9 @@ def _compiled(group: "Group", method: str, *args):
     Low-precision floats (bfloat16, float16) are computed in float32 (:func:`quotient_sgd._tree.widen`: XLA:CPU
     has no such QR / SVD / eigh kernels); what is like the parameters (``act``, ``canonicalize``, ``vertical``,
     ``horizontal``, ``tangents``) is returned in their dtypes, group elements, invariants and charges in
-    float32."""
-    out = getattr(group, method)(*_tree.widen(args))
+    float32.  Parameters of several float widths (float32 kernels with float64 biases) are computed in their common
+    dtype (:func:`unify_floats`), and what is like them returned in their own."""
+    out = getattr(group, method)(*unify_floats(_tree.widen(args), _PARAMS_ARG.get(method, 0)))
     if method in _LIKE_ARG:
         like = args[_LIKE_ARG[method]]
         out = {p: x.astype(like[p].dtype) if p in like else x for p, x in out.items()}

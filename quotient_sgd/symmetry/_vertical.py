@@ -7,7 +7,7 @@ import functools
 import jax
 
 from .. import _tree
-from ._base import Group, generic_vcoeffs, vector_in_given_dtypes
+from ._base import Group, generic_vcoeffs, unify_floats, vector_in_given_dtypes
 from ._product import Product
 
 
@@ -23,7 +23,7 @@ def vertical_generic(group: Group, params, v):
     flat, treedef = group._flat(params)
     vflat, given = group._vector_in_params_dtypes(flat, v, "vertical_generic")
     like = {p: x.dtype for p, x in vflat.items()}
-    out = _vertical_generic_flat(comps, *_tree.widen((flat, vflat)))
+    out = _vertical_generic_flat(comps, *unify_floats(_tree.widen((flat, vflat))))
     out = {p: x.astype(like[p]) for p, x in out.items()}
     return _tree.unflatten(vector_in_given_dtypes(out, given), treedef)
 

@@ -21,14 +21,29 @@ def input_spec(s: Settings) -> tuple[tuple[int, ...], int, bool]:
     return ((8, 8, 1) if s.model.name == "cnn" else (64,)), 10, False
 
 
-@functools.lru_cache(maxsize=64)
-def _components(model_settings, data_settings) -> tuple[tuple[str, bool], ...]:
+def abstract_model(s: Settings):
+    """The configured model built abstractly (``nnx.eval_shape``: shapes only, nothing computed).  A model
+    constructor that refuses the settings (a ``ValueError`` that validation's own checks did not anticipate) is a
+    :class:`~quotient_sgd.config.ConfigError` naming ``model.name`` and the model's reason, not a bare
+    ``ValueError`` of the model."""
     from flax import nnx
 
     from ..runner._build import make_model
+    from ._validate import ConfigError
 
+    try:
+        return nnx.eval_shape(lambda: make_model(s, nnx.Rngs(0)))
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"config.model.name = {s.model.name!r}: the model refuses these settings of config.model "
+                          f"and config.data: {e}") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _components(model_settings, data_settings) -> tuple[tuple[str, bool], ...]:
     s = Settings(model=model_settings, data=data_settings)
-    model = nnx.eval_shape(lambda: make_model(s, nnx.Rngs(0)))
+    model = abstract_model(s)
     return tuple((c.name, bool(c.continuous)) for c in model.symmetries().components)
 
 
@@ -53,10 +68,8 @@ def num_params(model_settings, data_settings) -> int:
     import jax
     from flax import nnx
 
-    from ..runner._build import make_model
-
     s = Settings(model=model_settings, data=data_settings)
-    model = nnx.eval_shape(lambda: make_model(s, nnx.Rngs(0)))
+    model = abstract_model(s)
     _, params, _ = nnx.split(model, nnx.Param, ...)
     return sum(x.size for x in jax.tree.leaves(params))
 
@@ -66,10 +79,10 @@ def _dimensions(model_settings, data_settings, symmetry_settings) -> tuple[int, 
     import jax
     from flax import nnx
 
-    from ..runner._build import make_model, select_group
+    from ..runner._build import select_group
 
     s = Settings(model=model_settings, data=data_settings, symmetry=symmetry_settings)
-    model = nnx.eval_shape(lambda: make_model(s, nnx.Rngs(0)))
+    model = abstract_model(s)
     _, params, _ = nnx.split(model, nnx.Param, ...)
     group = select_group(s, model.symmetries())
     tangents = jax.tree.leaves(jax.eval_shape(group.tangents, params)) if group is not None else []

@@ -61,7 +61,8 @@ def _is_bool(value: Any) -> bool:
 
 
 def _typed(key: str, value: Any, default: Any) -> Any:
-    """``value`` coerced to the Python type of ``default`` (int -> float allowed; NumPy scalars such as the
+    """``value`` coerced to the Python type of ``default`` (int -> float allowed, float -> int not, even for a
+    whole number: ``1.0`` for an int key is refused as ``--config.seed=1.0`` is; NumPy scalars such as the
     elements of ``tuple(np.arange(4))`` count as the numbers they hold), or a ConfigError.  A bool is never a
     number and a number never a bool."""
     if isinstance(default, bool):
@@ -71,9 +72,11 @@ def _typed(key: str, value: Any, default: Any) -> Any:
     if isinstance(default, int):
         if isinstance(value, numbers.Integral) and not _is_bool(value):
             return int(value)
-        if isinstance(value, numbers.Real) and not _is_bool(value) and float(value).is_integer():
-            return int(value)
-        raise _err(key, value, f"expected an int, got {type(value).__name__}")
+        # (a float is refused even when it holds a whole number, as --config.seed=1.0 and a ConfigDict's int key
+        # are: --config.sweep.seed="(1.0,)" was read as (1,))
+        raise _err(key, value, f"expected an int, got {type(value).__name__}"
+                   + (f" (write {int(value)} without a decimal point)" if isinstance(value, numbers.Real)
+                      and not _is_bool(value) and math.isfinite(value) and float(value).is_integer() else ""))
     if isinstance(default, float):
         if isinstance(value, numbers.Real) and not _is_bool(value):
             return float(value)
@@ -355,11 +358,19 @@ def _check_model(m: ModelSettings, d: DataSettings) -> None:
                "at least one conv layer, widths >= 1")
         _check(m.kernel_size >= 1, "model.kernel_size", m.kernel_size, "must be >= 1")
         _check_choice("model.norm", m.norm, ("none", "layer", "batch"))
+        _check(m.norm != "layer" or min(m.channels) >= 2, "model.channels", m.channels,
+               "model.norm='layer' needs at least 2 channels in every conv layer (a LayerNorm over one channel "
+               "outputs its bias alone, so the output would not depend on the input); use widths >= 2, or "
+               "model.norm='batch' or 'none'")
     if m.name == "transformer":
         _check(d.name == "modular_arithmetic", "model.name", m.name,
                f"a Transformer reads token sequences: data.name='modular_arithmetic', got {d.name!r}")
         for k in ("d_model", "num_heads", "num_layers", "mlp_ratio"):
             _check(getattr(m, k) >= 1, f"model.{k}", getattr(m, k), "must be >= 1")
+        _check(m.d_model >= 2, "model.d_model", m.d_model,
+               "must be >= 2: every read of the residual stream goes through a LayerNorm over its d_model "
+               "features, and over one feature it outputs its bias alone (the logits would not depend on the "
+               "tokens)")
         _check(m.d_model % m.num_heads == 0, "model.num_heads", m.num_heads,
                f"must divide model.d_model = {m.d_model}")
     if m.name == "meanfield":

@@ -170,7 +170,9 @@ def shock_time(p0: Array, grid: AnyGrid) -> Array:
         lam = jnp.where((i > 0) & (i < n - 1) | grid.periodic, jnp.minimum(refined, d0), d[i])
         return shock_time_from_hessian(lam)
     gx, gy = grid.axes
-    a, b = _diff(p0[0], gx, 0), _diff(p0[1], gy, 1)
+    # the diagonal derivatives kept at or above the slopes the samples allow along their axis, as in 1-D
+    a = jnp.maximum(_diff(p0[0], gx, 0), jax.vmap(lambda col: _slope_floor(col, gx), in_axes=1, out_axes=1)(p0[0]))
+    b = jnp.maximum(_diff(p0[1], gy, 1), jax.vmap(lambda row: _slope_floor(row, gy))(p0[1]))
     c = 0.5 * (_diff(p0[0], gy, 1) + _diff(p0[1], gx, 0))
     lam = 0.5 * (a + b) - jnp.sqrt(0.25 * (a - b) ** 2 + c * c)
     return shock_time_from_hessian(_refined_min_2d(lam, grid))

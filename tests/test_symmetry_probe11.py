@@ -174,9 +174,11 @@ def test_invariants_of_a_cluster_without_canonical_section_name_themselves_and_d
 
 def test_parameters_of_two_float_widths_under_strict_promotion(x64):
     """float32 kernels beside float64 biases: under strict dtype promotion canonicalize, vertical, invariants and
-    charges of a rescale (and sample / act of a GL whose factor stacks W with its bias), vertical_generic and
-    quotient_distance all failed with JAX's bare TypePromotionError.  They are computed in the parameters' common
-    dtype now, agree with the same parameters in float64, and return what is like the parameters in their dtypes."""
+    charges of a rescale (and act of a GL whose factor stacks W with its bias, and the gradient carried to its
+    canonical point), vertical_generic and quotient_distance all failed with JAX's bare TypePromotionError.  They
+    are computed in the parameters' common dtype now, agree with the same parameters in float64, and return what is
+    like the parameters in their dtypes."""
+    from quotient_sgd.observables import grad_norm_canonical
     from quotient_sgd.symmetry import GL, quotient_distance, vertical_generic
 
     rng = np.random.default_rng(0)
@@ -198,5 +200,10 @@ def test_parameters_of_two_float_widths_under_strict_promotion(x64):
         assert _rel(G.charges(q), G.charges(jax.tree.map(lambda x: x.astype(jnp.float64), q))) < 1e-6
         assert float(quotient_distance(G, p, q)) < 1e-5
         gl = GL(left=("k", "b"), right=("V", None), kind="vo", name="gl")  # stacks [k; b]
-        q2 = gl.act(gl.sample(jax.random.key(1), p), p)
-        assert _rel(gl.invariants(q2), gl.invariants(p64)) < 1e-5
+        p2 = {"k": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32), "b": jnp.asarray(rng.normal(size=(3,))),
+              "V": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)}
+        p2_64 = jax.tree.map(lambda x: x.astype(jnp.float64), p2)
+        q2 = gl.act(gl.sample(jax.random.key(1), p2), p2)
+        assert _rel(gl.invariants(q2), gl.invariants(p2_64)) < 1e-5
+        # the gradient carried to the canonical point (the observables' closed-form cotransport) too
+        assert abs(float(grad_norm_canonical(gl, p2, p2)) / float(grad_norm_canonical(gl, p2_64, p2_64)) - 1) < 1e-5

@@ -249,7 +249,8 @@ class Group(eqx.Module):
         inside a traced function."""
         flat, treedef = self._flat(grads)
         self._check_element(g, flat)
-        return _tree.unflatten(self._cotransport(g, flat), treedef)
+        out = self._cotransport(g, unify_floats((flat,))[0])  # (several float widths: in their common dtype)
+        return _tree.unflatten({p: x.astype(flat[p].dtype) for p, x in out.items()}, treedef)
 
     def _invariants(self, flat: Flat):
         raise NotImplementedError

@@ -121,10 +121,9 @@ def test_shock_time_of_a_2d_expansion_step_is_no_shock(x64):
     # p0 = grad(U(x) + y^2 / 4) with U' a steep increasing step: nowhere compressive (lambda_min of the Hessian
     # >= 0), but the fourth-order difference's lobe beside the step read as -jump / (12 dx): t* = 0.84 on 48 x 50
     # nodes, 0.40 on 100 x 102 (-> 0 with dx)
-    for n in (48, 100):
-        g = Grid(n, -1.0, 1.0, periodic=False) * Grid(n + 2, -1.0, 1.0, periodic=False)
-        x, y = np.asarray(g.x)
-        assert float(shock_time(jnp.asarray(np.stack([0.3 * np.tanh((x - 0.1234) / 1e-3), 0.5 * y])), g)) > 1e3
-        # its compressive mirror is still an (almost) instantaneous shock
-        assert float(shock_time(jnp.asarray(np.stack([-0.3 * np.tanh((x - 0.1234) / 1e-3), 0.5 * y])), g)) < \
-            2 * g.gx.dx / 0.6
+    g = Grid(48, -1.0, 1.0, periodic=False) * Grid(50, -1.0, 1.0, periodic=False)
+    x, y = np.asarray(g.x)
+    assert float(shock_time(jnp.asarray(np.stack([0.3 * np.tanh((x - 0.1234) / 1e-3), 0.5 * y])), g)) > 1e3
+    # its compressive mirror is still an (almost) instantaneous shock
+    assert float(shock_time(jnp.asarray(np.stack([-0.3 * np.tanh((x - 0.1234) / 1e-3), 0.5 * y])), g)) < \
+        2 * g.gx.dx / 0.6

@@ -122,7 +122,8 @@ def shock_time(p0: Array, grid: AnyGrid) -> Array:
     shock at all, gave t* = 12 dx / jump; a kink from slope -1 to 0 gave t* = 0.89-0.98 for 1).
     2-D (``p0`` of shape ``(2, nx, ny)``): the smallest eigenvalue of the symmetrised Jacobian of p0, which is
     the Hessian of the loss for a gradient field ``p0 = grad L`` (THEORY section 3), its minimum refined by the
-    quadratic through the nine nodes around the lowest one.  A known (not traced) p0 whose
+    quadratic through the nine nodes around the lowest one; the diagonal derivatives are kept at or above the slopes
+    the samples allow along their axis, as in 1-D (an expansion step is no shock).  A known (not traced) p0 whose
     curl ``|curl p0| / max|grad p0|`` (the same fourth-order differences) exceeds rounding plus their truncation
     error on the field at some node is refused with a ``ValueError`` naming p0 (``quotient_sgd/hj/_curl.py``); a
     traced one (under ``jit``, e.g. inside :func:`slice_flow`, whose p0 is built by these differences) is not

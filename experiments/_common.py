@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -63,17 +64,26 @@ def config_module(name: str):
 SCALES = ("cpu", "test", "paper")
 
 
-def load_config(name: str, argv=None):
+def load_config(name: str, argv=None, *, results: bool = False):
     """``configs/<name>.py``'s ``get_config(scale)`` with ``key=value`` overrides applied (typed as the
     default).  A ``scale`` other than :data:`SCALES`, a key the config does not have (or one below a key that is
-    no section) and a value that is not of the default's type stop the script (``SystemExit``) with a message
-    naming the key, the value and what is allowed: ``scale=papr`` ran the CPU default while recording
-    ``scale = 'papr'``, and ``foo.bar=1`` / ``seed.x=1`` / ``checkpoints=5`` failed in a bare ``KeyError`` /
-    ``TypeError``."""
+    no section), a value that is not of the default's type and a value out of its range (:func:`check_values`)
+    stop the script (``SystemExit``) with a message naming the key, the value and what is allowed: ``scale=papr``
+    ran the CPU default while recording ``scale = 'papr'``, and ``foo.bar=1`` / ``seed.x=1`` / ``checkpoints=5``
+    failed in a bare ``KeyError`` / ``TypeError``.
+
+    ``results=True`` (a script's ``main``): the config is the one whose results :func:`save` writes to
+    :func:`out_dir`, and ``overwrite=true`` is read from ``argv`` too; the results directory is checked now, before
+    anything is computed (:func:`check_results`): results of another config there are not overwritten silently."""
     import difflib
 
     module = config_module(name)
     ov = parse_overrides(argv)
+    given = dict(ov)
+    overwrite = False
+    if results and "overwrite" in ov:
+        overwrite = _typed("overwrite", ov.pop("overwrite"), False)
+        given.pop("overwrite")
     scale = ov.pop("scale", "cpu")
     if scale not in SCALES:
         close = difflib.get_close_matches(scale, SCALES, n=1)
@@ -103,7 +113,158 @@ def load_config(name: str, argv=None):
             raise SystemExit(f"{name}: config key {k!r} is a section (keys {sorted(cur[parts[-1]].keys())}), not a "
                              f"value; set one of its keys, e.g. {k}.{sorted(cur[parts[-1]].keys())[0]}=VALUE")
         cur[parts[-1]] = _typed(k, v, cur[parts[-1]])
+    check_values(name, cfg)
+    if results:
+        _LOADED[name] = {"config": _plain(cfg), "overrides": given, "overwrite": overwrite}
+        check_results(name)
     return cfg
+
+
+#: ``name -> {"config", "overrides", "overwrite"}`` of the config a script's ``main`` loaded with ``results=True``
+#: (what :func:`save` records in ``result.json`` and checks the results directory against).
+_LOADED: dict[str, dict] = {}
+
+
+def _plain(cfg) -> dict:
+    """The resolved config as plain JSON values (tuples as lists), as ``result.json`` records it."""
+    return json.loads(json.dumps(cfg.to_dict()))
+
+
+def _flat_keys(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat_keys(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_results(name: str) -> None:
+    """``SystemExit`` when :func:`out_dir`'s ``<name>/result.json`` holds the results of another config than the
+    one loaded for ``name`` (:func:`load_config` with ``results=True``; the differing keys named, old -> new), or
+    of an unrecorded one (written before configs were recorded), unless ``overwrite=true`` was given: a run with
+    ``seed=3`` replaced the seed-0 results without a word.  The same config run again replaces its results."""
+    loaded = _LOADED.get(name)
+    if loaded is None or loaded["overwrite"]:
+        return
+    base = os.environ.get("QSGD_EXPERIMENT_OUT", os.path.join(os.path.dirname(__file__), "results"))
+    path = os.path.join(base, name, "result.json")
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        old = None
+    old_cfg = old.get("config") if isinstance(old, dict) else None
+    if old_cfg == loaded["config"]:
+        return
+    how = ("; pass overwrite=true to replace them, or write elsewhere with QSGD_EXPERIMENT_OUT=DIR (results go to "
+           f"DIR/{name}/)")
+    if not isinstance(old_cfg, dict):
+        raise SystemExit(f"{name}: {path} holds results that record no config (written before result.json recorded "
+                         f"it, or not by this script){how}")
+    a, b = _flat_keys(old_cfg), _flat_keys(loaded["config"])
+    diff = {k: (a.get(k, "(absent)"), b.get(k, "(absent)")) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    shown = ", ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in list(diff.items())[:8])
+    raise SystemExit(f"{name}: {path} holds the results of another config ({shown}"
+                     + (f", and {len(diff) - 8} more" if len(diff) > 8 else "") + f"){how}")
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _ints(v, lo: int, distinct: bool = False, increasing: bool = False) -> bool:
+    """A non-empty sequence of integers >= ``lo`` (distinct, or strictly increasing, when asked)."""
+    return (isinstance(v, (tuple, list)) and len(v) > 0 and all(_int(x) and x >= lo for x in v)
+            and (not distinct or len(set(v)) == len(v))
+            and (not increasing or all(a < b for a, b in zip(v, v[1:]))))
+
+
+_SEED_MAX = 2**31 - 1
+_POSITIVE_INT = (lambda v: _int(v) and v >= 1, "an integer >= 1")
+_POSITIVE = (lambda v: _real(v) and v > 0, "a finite number > 0")
+_NONNEGATIVE = (lambda v: _real(v) and v >= 0, "a finite number >= 0")
+_FRACTION = (lambda v: _real(v) and 0 < v < 1, "a number in (0, 1)")
+_DECAY = (lambda v: _real(v) and 0 <= v < 1, "a number in [0, 1)")
+#: Digits images in the training split of ``quotient_sgd.data.digits`` (its default test_fraction 0.25).
+_DIGITS_TRAIN = 1797 - round(0.25 * 1797)
+
+#: What each key of the experiment configs allows, by its last dotted part (``problem.width`` is a ``width``):
+#: ``(predicate, allowed in words)``.  Checked on the resolved config (defaults and ``key=value`` overrides):
+#: ``width=-3``, ``num_steps=0`` or ``norm=foo`` were accepted and failed later in a model, a data set or an
+#: empty table, or (``checkpoints=[100, 25]``) took a slice at another step than the one it was labelled with.
+VALUE_RULES: dict[str, tuple] = {
+    "seed": (lambda v: _int(v) and 0 <= v <= _SEED_MAX, f"an integer in [0, {_SEED_MAX}]"),
+    "seeds": (lambda v: _ints(v, 0, distinct=True) and max(v) <= _SEED_MAX,
+              f"a non-empty list of distinct integers in [0, {_SEED_MAX}], e.g. [0, 1, 2]"),
+    **{k: _POSITIVE_INT for k in ("num_examples", "input_dim", "teacher_hidden", "width", "num_steps",
+                                  "hessian_every", "lanczos", "eval_every", "max_steps", "num_heads", "num_layers",
+                                  "spike_smooth")},
+    "n": (lambda v: _int(v) and v >= 4, "an integer >= 4 (grid points on a slice)"),
+    "d_model": (lambda v: _int(v) and v >= 2, "an integer >= 2 (a LayerNorm over one feature is constant)"),
+    "p": (lambda v: _int(v) and v >= 2, "an integer >= 2 (the modulus)"),
+    "batch_size": (lambda v: _int(v) and 1 <= v <= _DIGITS_TRAIN,
+                   f"an integer in [1, {_DIGITS_TRAIN}] (the digits training split)"),
+    "hidden": (lambda v: _ints(v, 1), "a non-empty list of widths >= 1, e.g. [32, 32]"),
+    "channels": (lambda v: _ints(v, 1), "a non-empty list of channel counts >= 1, e.g. [8, 16]"),
+    "checkpoints": (lambda v: _ints(v, 0, increasing=True),
+                    "a non-empty list of GD steps >= 0 in increasing order, e.g. [0, 25, 100]"),
+    "extents": (lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and all(_real(x) and x > 0 for x in v),
+                "a non-empty list of finite half-widths > 0, e.g. [0.02, 0.1]"),
+    **{k: _POSITIVE for k in ("teacher_gain", "eta_lambda0", "lr", "nu_rel", "flow_time_factor", "fold_target",
+                              "track_target", "init_scale")},
+    **{k: _NONNEGATIVE for k in ("twin_scale", "weight_decay")},
+    "max_scale": (lambda v: _real(v) and v >= 1, "a finite number >= 1"),
+    "spike_factor": (lambda v: _real(v) and v > 1, "a finite number > 1"),
+    "drop_factor": _FRACTION,
+    "train_fraction": _FRACTION,
+    "alpha": _FRACTION,
+    "tail_fraction": (lambda v: _real(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "b1": _DECAY,
+    "b2": _DECAY,
+    "norm": (lambda v: v == "layer", "'layer' (the experiment follows LayerNorm's scale-invariant conv blocks; "
+                                     "'batch' keeps running statistics it does not thread)"),
+}
+
+
+def _leaves(cfg, prefix: str = ""):
+    for k in cfg.keys():
+        v = cfg[k]
+        if hasattr(v, "keys"):
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def check_values(name: str, cfg) -> None:
+    """Every value of the experiment config ``cfg`` in its range (:data:`VALUE_RULES`), or ``SystemExit`` naming
+    the experiment, the dotted key, the value and what is allowed; then the rules between keys (a head count that
+    divides ``d_model``, ``channels`` of at least 2 under LayerNorm)."""
+    def refuse(key, value, allowed):
+        raise SystemExit(f"{name}: {key}={value!r}: allowed {allowed}")
+
+    leaves = dict(_leaves(cfg))
+    for key, value in leaves.items():
+        rule = VALUE_RULES.get(key.rsplit(".", 1)[-1])
+        if rule is not None and not rule[0](value):
+            refuse(key, list(value) if isinstance(value, tuple) else value, rule[1])
+    for prefix in {k.rpartition(".")[0] for k in leaves}:
+        p = f"{prefix}." if prefix else ""
+        heads, d = leaves.get(f"{p}num_heads"), leaves.get(f"{p}d_model")
+        if heads is not None and d is not None and d % heads:
+            refuse(f"{p}num_heads", heads, f"a divisor of {p}d_model = {d} (each head gets d_model / num_heads "
+                                           f"features)")
+        ch = leaves.get(f"{p}channels")
+        if ch is not None and leaves.get(f"{p}norm") == "layer" and min(ch) < 2:
+            refuse(f"{p}channels", list(ch), "widths >= 2 with norm='layer' (a LayerNorm over one channel outputs "
+                                             "its bias alone)")
 
 
 def _element(key: str, value, like):
@@ -312,11 +473,21 @@ def sampled(traj, key):
 
 # --- output --------------------------------------------------------------------------------------------------
 def save(name: str, traj: dict, events: list[Event], table: list[dict], extra: dict | None = None) -> str:
+    """Write the results of experiment ``name`` to :func:`out_dir`: ``trajectory.npz``, ``events.json``,
+    ``result.json`` (the table, ``extra``, and the resolved ``config`` and the command line's ``overrides`` that
+    produced them, when the script loaded its config with ``load_config(..., results=True)``) and ``result.md``.
+    Results of another config found there are not overwritten without ``overwrite=true``
+    (:func:`check_results`, checked again here)."""
+    check_results(name)
     d = out_dir(name)
+    loaded = _LOADED.get(name)
+    record = {"table": table, **(extra or {})}
+    if loaded is not None:
+        record.update(config=loaded["config"], overrides=loaded["overrides"])
     np.savez_compressed(os.path.join(d, "trajectory.npz"), **traj)
     save_events(os.path.join(d, "events.json"), events)
     with open(os.path.join(d, "result.json"), "w") as f:
-        json.dump({"table": table, **(extra or {})}, f, indent=1, default=float)
+        json.dump(record, f, indent=1, default=float)
     with open(os.path.join(d, "result.md"), "w") as f:
         f.write(markdown_table(table))
     return d

@@ -110,7 +110,7 @@ def figure(outs, path):
 
 
 def main(argv=None):
-    cfg = C.load_config("catapult", argv)
+    cfg = C.load_config("catapult", argv, results=True)
     outs = {f"eta*lambda0={e}": run(cfg, e) for e in (1.5, cfg.eta_lambda0)}
     rows = []
     for name, out in outs.items():

@@ -119,7 +119,7 @@ def figure(out, path):
 
 
 def main(argv=None):
-    cfg = C.load_config("edge_of_stability", argv)
+    cfg = C.load_config("edge_of_stability", argv, results=True)
     out = run(cfg)
     rows = summarise(out)
     d = C.save("edge_of_stability", out["runs"]["balanced"]["traj"], out["runs"]["balanced"]["events"] +

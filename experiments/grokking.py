@@ -132,7 +132,7 @@ def figure(out, path):
 
 
 def main(argv=None):
-    cfg = C.load_config("grokking", argv)
+    cfg = C.load_config("grokking", argv, results=True)
     out = run(cfg)
     gt = ground_truth(out["sub"])
     rows = placement(out["events"], gt, window=5 * cfg.eval_every)

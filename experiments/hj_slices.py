@@ -118,7 +118,7 @@ def figure(out, path):
 
 
 def main(argv=None):
-    cfg = C.load_config("hj_slices", argv)
+    cfg = C.load_config("hj_slices", argv, results=True)
     out = run(cfg)
     d = C.save("hj_slices", {"step": np.asarray([r["step"] for r in out["rows"]])}, out["events"], out["rows"],
                {"lr": out["lr"]})

@@ -117,7 +117,7 @@ def figure(cfg, out, path):
 
 
 def main(argv=None):
-    cfg = C.load_config("normalised_cnn", argv)
+    cfg = C.load_config("normalised_cnn", argv, results=True)
     out = run(cfg)
     rows = summarise(cfg, out)
     d = C.save("normalised_cnn", out["traj"], out["events"], rows,

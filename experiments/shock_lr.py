@@ -79,7 +79,7 @@ def figure(rows, path):
 
 
 def main(argv=None):
-    cfg = C.load_config("shock_lr", argv)
+    cfg = C.load_config("shock_lr", argv, results=True)
     rows = run(cfg)
     table = [{k: v for k, v in r.items() if k != "loss"} for r in rows]
     d = C.save("shock_lr", {"loss_" + r["schedule"].replace(" ", "_") + f"_{r['seed']}": r["loss"] for r in rows},

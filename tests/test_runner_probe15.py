@@ -2,6 +2,7 @@
 given floats in tuples, experiment results that did not record their config and were overwritten, experiment
 values that were not range-checked, and metric rows lost before the newest checkpoint."""
 
+import json
 import os
 import re
 
@@ -72,3 +73,81 @@ def test_a_float_sweep_seed_on_the_command_line_is_refused(tmp_path, capsys):
     assert main(["quotient-sgd", "sweep", f"--config={TINY}", "--config.sweep.seed=(1.0,)", f"--workdir={wd}"]) == 2
     assert "config.sweep.seed[0] = 1.0: expected an int" in capsys.readouterr().err
     assert not wd.exists()
+
+
+# ---- defect 3: experiment values were not range-checked --------------------------------------------------------
+def _experiments():
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import _common as C
+
+    return C
+
+
+@pytest.mark.parametrize("name, argv, needles", [
+    ("catapult", ["width=-3"], ["width=-3", "an integer >= 1"]),
+    ("catapult", ["num_steps=0"], ["num_steps=0", "an integer >= 1"]),
+    ("normalised_cnn", ["norm=foo"], ["norm='foo'", "'layer'"]),
+    ("normalised_cnn", ["channels=[8, 1]"], ["channels=[8, 1]", ">= 2 with norm='layer'"]),
+    ("grokking", ["num_heads=3"], ["num_heads=3", "divisor of d_model = 64"]),
+    ("grokking", ["train_fraction=1.5"], ["train_fraction=1.5", "(0, 1)"]),
+    ("hj_slices", ["checkpoints=[100, 25]"], ["checkpoints=[100, 25]", "increasing order"]),
+    ("hj_slices", ['model=["hidden=[0]"]'], ["hidden=[0]", "widths >= 1"]),
+    ("shock_lr", ["problem.width=0"], ["problem.width=0", "an integer >= 1"]),
+    ("shock_lr", ["seeds=[]"], ["seeds=[]", "non-empty list of distinct integers"]),
+    ("catapult", ["spike_factor=0.5"], ["spike_factor=0.5", "> 1"]),
+])
+def test_experiment_values_out_of_range_are_refused_when_the_overrides_are_applied(name, argv, needles):
+    """``python experiments/<name>.py width=-3`` (or ``num_steps=0``, ``norm=foo``, a head count that does not
+    divide ``d_model``) was accepted and failed later in a model or a data set, or ran (``checkpoints=[100, 25]``
+    took the slice labelled 25 at step 100); each stops the script naming the key, the value and what is allowed,
+    while the defaults of every scale load."""
+    C = _experiments()
+    with pytest.raises(SystemExit) as exc:
+        cfg = C.load_config(name, argv)
+        if name == "hj_slices":  # (the trained MLP's overrides are read as experiment 1's config)
+            C.load_config("edge_of_stability", list(cfg.model))
+    msg = str(exc.value)
+    assert all(n in msg for n in needles), msg
+    for scale in C.SCALES:
+        C.load_config(name, [f"scale={scale}"])
+
+
+# ---- defect 2: experiment results recorded no config and were overwritten silently ----------------------------
+def test_experiment_results_record_their_config_and_another_config_does_not_overwrite_them(tmp_path, monkeypatch):
+    """``results/<name>/result.json`` did not say which config and overrides produced it, and a run with
+    ``seed=3`` replaced the seed-0 results without a word.  ``result.json`` records the resolved config and the
+    overrides; a run of another config is stopped when it loads its config (before any compute) and at ``save``,
+    unless ``overwrite=true``; the same config run again replaces its results."""
+    C = _experiments()
+    monkeypatch.setenv("QSGD_EXPERIMENT_OUT", str(tmp_path))
+    monkeypatch.setattr(C, "_LOADED", {})
+    d = tmp_path / "catapult"
+
+    def run(argv, loss):
+        cfg = C.load_config("catapult", argv, results=True)
+        C.save("catapult", {"loss": np.asarray([loss])}, [], [{"final loss": loss}])
+        return cfg
+
+    cfg = run(["scale=test", "eta_lambda0=2.5"], 1.0)
+    res = json.loads((d / "result.json").read_text())
+    assert res["overrides"] == {"scale": "test", "eta_lambda0": "2.5"}
+    assert res["config"] == json.loads(json.dumps(cfg.to_dict()))
+    assert res["config"]["eta_lambda0"] == 2.5 and res["config"]["width"] == 256  # (the test scale's width)
+    with pytest.raises(SystemExit, match=r"another config \(seed: 0 -> 3\).*overwrite=true"):
+        C.load_config("catapult", ["scale=test", "eta_lambda0=2.5", "seed=3"], results=True)
+    with pytest.raises(SystemExit, match="another config"):  # (save checks again)
+        C.save("catapult", {"loss": np.asarray([9.0])}, [], [{"final loss": 9.0}])
+    assert json.loads((d / "result.json").read_text())["table"] == [{"final loss": 1.0}]
+    run(["eta_lambda0=2.5", "scale=test"], 2.0)  # the same config: its results are replaced
+    assert json.loads((d / "result.json").read_text())["table"] == [{"final loss": 2.0}]
+    run(["scale=test", "seed=3", "overwrite=true"], 3.0)
+    res = json.loads((d / "result.json").read_text())
+    assert (res["table"], res["config"]["seed"], res["overrides"]) == ([{"final loss": 3.0}], 3,
+                                                                        {"scale": "test", "seed": "3"})
+    (d / "result.json").write_text(json.dumps({"table": []}))  # (results of a version that recorded no config)
+    with pytest.raises(SystemExit, match="record no config"):
+        C.load_config("catapult", ["scale=test", "seed=3"], results=True)
+    with pytest.raises(SystemExit, match="overwrite='maybe'"):
+        C.load_config("catapult", ["overwrite=maybe"], results=True)

@@ -514,6 +514,10 @@ def frozen_horizontal(group, params, *, max_elements: int = 2**24, max_build_flo
     benchmark CNN's 35 against 51-54 ms; the basis earns its keep in straight-line code, where each of the
     ``num_matvecs`` applications is traced anew (the quickstart MLP's two "unrolled" runs compiled in 4.5 s with
     it, 10.7 s without).
+
+    Differentiable in ``params`` where the orbit's dimension is locally constant (``jax.grad`` of a sharpness
+    computed with it, a sharpness penalty): the derivative is that of the orthogonal projector onto the tangents'
+    span, taken from the tangents (the basis' eigh / SVD are not differentiated: their eigenvalues repeat).
     """
     from jax.flatten_util import ravel_pytree
 
@@ -528,8 +532,11 @@ def frozen_horizontal(group, params, *, max_elements: int = 2**24, max_build_flo
     if k * flat0.shape[0] > max_elements or 8.0 * k * k * flat0.shape[0] > max_build_flops:
         return lambda v: group.horizontal(params, v)
     tm = jax.vmap(lambda t: ravel_pytree(t)[0])(group.tangents(params))
-    norms = jnp.sqrt(jnp.sum(jnp.square(tm), axis=1, keepdims=True))
-    basis = tm / jnp.where(norms > 0, norms, jnp.ones_like(norms))
+    # the basis is built from the tangents' values only: its eigh / SVD have no usable derivative (the second Gram
+    # pass decomposes a matrix ~ I, whose equal eigenvalues made jax.grad through the projection NaN);
+    # _horizontal_flat differentiates the projection itself, from the tangents
+    norms = jnp.sqrt(jnp.sum(jnp.square(jax.lax.stop_gradient(tm)), axis=1, keepdims=True))
+    basis = jax.lax.stop_gradient(tm) / jnp.where(norms > 0, norms, jnp.ones_like(norms))
     eps = jnp.finfo(basis.dtype).eps
     continuous = [c for c in getattr(group, "components", (group,)) if getattr(c, "continuous", True)]
     if all(getattr(c, "abelian", True) for c in continuous):
@@ -544,10 +551,34 @@ def frozen_horizontal(group, params, *, max_elements: int = 2**24, max_build_flo
         basis = vt * keep.astype(vt.dtype)[:, None]
 
     def project(v):
-        f = ravel_pytree(v)[0]
-        return unravel(f - basis.T @ (basis @ f))
+        return unravel(_horizontal_flat(tm, basis, ravel_pytree(v)[0]))
 
     return project
+
+
+@jax.custom_jvp
+def _horizontal_flat(tm, basis, f):
+    """``f - B^T B f``: the horizontal part of the ravelled vector ``f``, ``B`` (``k x P``) an orthonormal basis of
+    the span of the tangents ``tm`` (``k x P``; its rows, and zero rows for dependent or null generators), built from
+    the tangents' values (:func:`frozen_horizontal`)."""
+    return f - basis.T @ (basis @ f)
+
+
+@_horizontal_flat.defjvp
+def _horizontal_flat_jvp(primals, tangents):
+    """The derivative of ``P_H f = f - P_V f`` in the tangents and in ``f``: with ``T = C B`` (``C = T B^T``) and
+    ``D = C^+``, ``T^+ = B^T D``, and the derivative of the orthogonal projector onto the span of ``T``'s rows is
+    ``dP_V = P_H dT^T D^T B + B^T D dT P_H`` (its rank held fixed).  ``B``'s own tangent is not used: ``B`` is a
+    function of ``T`` through decompositions (eigh of ``~ I``, an SVD) whose derivatives are not defined where
+    eigenvalues repeat."""
+    tm, basis, f = primals
+    dtm, _, df = tangents
+    h = _horizontal_flat(tm, basis, f)
+    d = jnp.linalg.pinv(tm @ basis.T)  # (k, k), zero on the basis' null rows
+    a = dtm.T @ (d.T @ (basis @ f))
+    a = a - basis.T @ (basis @ a)
+    b = basis.T @ (d @ (dtm @ h))
+    return h, df - basis.T @ (basis @ df) - a - b
 
 
 def projection_for(group, params, method: str) -> Callable:

@@ -151,3 +151,49 @@ def test_experiment_results_record_their_config_and_another_config_does_not_over
         C.load_config("catapult", ["scale=test", "seed=3"], results=True)
     with pytest.raises(SystemExit, match="overwrite='maybe'"):
         C.load_config("catapult", ["overwrite=maybe"], results=True)
+
+
+# ---- defect 4: metric rows lost before the newest checkpoint ---------------------------------------------------
+def _rows(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_resume_writes_again_metric_rows_lost_before_the_newest_checkpoint(tmp_path):
+    """A ``metrics.jsonl`` row before the newest checkpoint cut or deleted (step 19 with checkpoint 20: a hand
+    edit, a faulty file system) was dropped by a resume without a word.  A lost chunk-end row (it holds the
+    chunk's evaluation) is computed again from a kept checkpoint of its chunk's start; other lost rows are
+    rewritten from the trajectory parts; the rows then equal an uninterrupted run's, each once, with a warning
+    naming the steps.  Where no checkpoint of the chunk's start is kept, the chunk end keeps its per-step values and
+    the warning says its evaluation is lost."""
+    from quotient_sgd.runner import run
+
+    s = validate(load_config(TINY, {"steps": 30, "logging.plots": False}))
+    run(s, str(tmp_path / "ref"))
+    ref = _rows(tmp_path / "ref" / "metrics.jsonl")
+    ref_traj = np.load(tmp_path / "ref" / "trajectory.npz")
+
+    wd = tmp_path / "cut"
+    run(s, str(wd), max_chunks=2)
+    m = wd / "metrics.jsonl"
+    m.write_bytes(m.read_bytes()[:-7])  # (the row of step 19, the second chunk's end, cut)
+    with pytest.warns(RuntimeWarning, match=r"lacks the rows of steps \[19\] before the checkpoint of step 20.*"
+                                            r"resuming from step 10"):
+        run(s, str(wd))
+    assert _rows(m) == ref
+    traj = np.load(wd / "trajectory.npz")
+    assert all(np.array_equal(traj[k], ref_traj[k], equal_nan=True) for k in ref_traj.files)
+
+    s1 = validate(load_config(TINY, {"steps": 30, "logging.plots": False, "checkpoint.keep": 1}))
+    wd = tmp_path / "keep1"
+    run(s1, str(wd), max_chunks=2)
+    m = wd / "metrics.jsonl"
+    m.write_text("".join(line for line in m.read_text().splitlines(True) if json.loads(line)["step"] not in (5, 19)))
+    with pytest.warns(RuntimeWarning, match=r"steps \[5, 19\].*rewrote the rows of steps \[5, 19\] from the "
+                                            r"trajectory parts, without the evaluation \(test_loss, ...\) of steps "
+                                            r"\[19\]"):
+        run(s1, str(wd))
+    rows = _rows(m)
+    assert [r["step"] for r in rows] == [r["step"] for r in ref]
+    for r, e in zip(rows, ref):
+        assert r == (e if r["step"] != 19 else {k: v for k, v in e.items() if not k.startswith(("test_", "train_"))})
+    assert "test_loss" in ref[[e["step"] for e in ref].index(19)]

@@ -23,6 +23,7 @@ from ._rundir import (
     MetricsLog,
     TrajectoryParts,
     check_workdir,
+    checkpoint_steps,
     directory_path,
     discard_new_run,
     finished_trajectory,
@@ -99,6 +100,78 @@ def scalar_rows(traj: dict[str, np.ndarray], start: int, every: int, last: int) 
         if step % every == 0 or step == last:
             rows.append({"step": step, **{k: v[i] for k, v in flat.items()}})
     return rows
+
+
+def expected_rows(start: int, every: int, log_every: int) -> tuple[list[int], set[int]]:
+    """``(steps, chunk ends)``: the steps before ``start`` that a run writes a ``metrics.jsonl`` row for (the
+    multiples of ``logging.every`` and the last step of every chunk, :func:`scalar_rows`), and the chunk ends among
+    them (their rows also hold the chunk's evaluation, ``test_loss`` ..., which the trajectory parts do not)."""
+    ends = {c - 1 for _, c in chunk_bounds(0, start, every)}
+    return sorted(set(range(0, start, log_every)) | ends), ends
+
+
+def mend_metrics(s: Settings, metrics: MetricsLog, parts: TrajectoryParts, ckpt, start: int, state, fresh):
+    """``(start, state)`` to resume from, after writing again the rows of ``metrics.jsonl`` before ``start`` that
+    the file lacks (a row cut or deleted before the newest checkpoint: a hand edit, a faulty file system; a resume
+    dropped it without a word).  A lacking chunk-end row (its evaluation is in no other file) is computed again:
+    the run resumes from the start of its chunk when a checkpoint of that step is kept (or it is step 0 and the
+    run is no longer than the kept checkpoints span), recomputing the same rows bit for bit.  The other lacking
+    rows are rewritten from the trajectory parts, which hold every per-step value of a row exactly; a chunk end
+    that can be neither keeps its per-step values and loses its evaluation.  Each case is named in a
+    ``RuntimeWarning``; no row is written twice."""
+    import warnings
+
+    every = s.checkpoint.every
+    wanted, ends = expected_rows(start, every, s.logging.every)
+    have = metrics.steps()
+    missing = [k for k in wanted if k not in have]
+    if not missing:
+        return start, state
+    where = f"{metrics.path} lacks the rows of steps {_steps_text(missing)} before the checkpoint of step {start}"
+    lost_eval = [k for k in missing if k in ends]
+    if lost_eval and ckpt is not None:
+        a0 = lost_eval[0] // every * every  # (the start of its chunk: chunks are aligned to multiples of every)
+        kept = set(checkpoint_steps(os.path.dirname(metrics.path)))
+        if a0 in kept or (a0 == 0 and start <= s.checkpoint.keep * every):
+            state = ckpt.restore(a0, state) if a0 else fresh()
+            for k in sorted(kept):
+                if k > a0:
+                    ckpt.manager.delete(k)
+            parts.truncate(a0)
+            metrics.truncate(a0)
+            warnings.warn(f"{where} (a hand edit or a faulty file system); resuming from step {a0} to compute "
+                          f"them again", RuntimeWarning, stacklevel=3)
+            missing = [k for k in missing if k < a0]
+            start = a0
+            lost_eval = [k for k in lost_eval if k < a0]
+            if not missing:
+                return start, state
+            where = f"{metrics.path} lacks the rows of steps {_steps_text(missing)} before step {start}"
+    rows, gone = [], []
+    for k in missing:
+        part = parts.part_holding(k)
+        if part is None:
+            gone.append(k)
+            continue
+        i = int(np.flatnonzero(np.asarray(part["step"]) == k)[0])
+        rows.append({"step": k, **{n: v[i] for n, v in part.items() if v.ndim == 1 and n != "step"}})
+    if rows:
+        metrics.insert(rows)
+    eval_lost = [r["step"] for r in rows if r["step"] in ends]
+    msg = f"{where} (a hand edit or a faulty file system)"
+    if rows:
+        msg += f"; rewrote the rows of steps {_steps_text([r['step'] for r in rows])} from the trajectory parts"
+    if eval_lost:
+        msg += (f", without the evaluation (test_loss, ...) of steps {_steps_text(eval_lost)}: it is held in no "
+                f"other file, and no checkpoint of the start of its chunk is kept")
+    if gone:
+        msg += f"; no trajectory part holds steps {_steps_text(gone)}: their rows are lost"
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    return start, state
+
+
+def _steps_text(steps: list[int]) -> str:
+    return str(steps) if len(steps) <= 10 else f"{str(steps[:10])[:-1]}, ... ({len(steps)} steps)]"
 
 
 def first_divergence(loss: np.ndarray, params_finite: bool, start: int) -> dict | None:
@@ -241,6 +314,9 @@ def _run(s: Settings, workdir: str, b: Built, resume: bool, max_chunks: int | No
         if not ended:
             parts.truncate(start)
             metrics.truncate(start)
+            if start > 0:
+                start, state = mend_metrics(s, metrics, parts, ckpt, start, state,
+                                            lambda: init(jnp.int32(s.seed), jnp.float32(s.init_gauge), *hyper_of(s)))
         todo = [] if ended else chunk_bounds(start, s.steps, every)
         # plots/ goes when it would describe a shorter trajectory than the one this call ends with, or is
         # rewritten; a finished run run again without plots keeps those it has, and keeps its trajectory.npz

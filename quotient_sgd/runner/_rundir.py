@@ -427,6 +427,19 @@ class MetricsLog:
         with durable_write(self.path) as f:
             f.writelines(keep)
 
+    def steps(self) -> set[int]:
+        """The steps of the rows the file holds."""
+        return {row["step"] for _, row in _scan_metrics(self.path, warn=False)}
+
+    def insert(self, rows: list[dict]) -> None:
+        """Add ``rows`` (of steps the file lacks) among the rows it holds, in step order, atomically."""
+        kept = [(row["step"], line if line.endswith("\n") else line + "\n")
+                for line, row in _scan_metrics(self.path, warn=False)]
+        new = [(int(r["step"]), json.dumps({k: (_clean(v) if k != "step" else int(v)) for k, v in r.items()}) + "\n")
+               for r in rows]
+        with durable_write(self.path) as f:
+            f.writelines(line for _, line in sorted(kept + new, key=lambda t: t[0]))
+
     def append(self, rows: list[dict]) -> None:
         """Append ``rows``, ``fsync``-ed (and the directory, when this creates the file)."""
         new = not os.path.exists(self.path)
@@ -490,6 +503,17 @@ class TrajectoryParts:
             fsync_directory(os.path.dirname(self.dir))
         with durable_write(os.path.join(self.dir, f"part_{start:09d}.npz"), "wb", _TMP_SUFFIX) as f:
             np.savez(f, **arrays)
+
+    def part_holding(self, step: int) -> dict[str, np.ndarray] | None:
+        """The part whose steps include ``step`` (``None`` when no part on disk holds it)."""
+        starts = [a for a in self._starts() if a <= step]
+        if not starts:
+            return None
+        try:
+            part = _read_npz(os.path.join(self.dir, f"part_{starts[-1]:09d}.npz"))
+        except Exception:  # noqa: BLE001  (a part that does not load holds nothing usable)
+            return None
+        return part if step in set(np.asarray(part.get("step", [])).tolist()) else None
 
     def load(self) -> dict[str, np.ndarray]:
         return _concatenate([_read_npz(os.path.join(self.dir, f"part_{a:09d}.npz")) for a in self._starts()])

@@ -197,3 +197,22 @@ def test_resume_writes_again_metric_rows_lost_before_the_newest_checkpoint(tmp_p
     for r, e in zip(rows, ref):
         assert r == (e if r["step"] != 19 else {k: v for k, v in e.items() if not k.startswith(("test_", "train_"))})
     assert "test_loss" in ref[[e["step"] for e in ref].index(19)]
+
+
+def test_sweep_resume_rewrites_a_members_lost_metric_rows_from_its_trajectory_parts(tmp_path):
+    """The same for a sweep member: a row of ``members/001/metrics.jsonl`` before the sweep's checkpoint deleted
+    was dropped by the resume without a word; it is rewritten from the member's trajectory parts, equal to the
+    row that was lost, once, with a warning naming the member's file and the step."""
+    from quotient_sgd.runner import sweep
+
+    s = validate(load_config(TINY, {"steps": 30, "logging.plots": False, "sweep.seed": (0, 1), "sweep.lr": ()}))
+    wd = tmp_path / "sw"
+    sweep(s, str(wd), max_chunks=2)
+    m = wd / "members" / "001" / "metrics.jsonl"
+    before = _rows(m)
+    m.write_text("".join(line for line in m.read_text().splitlines(True) if json.loads(line)["step"] != 15))
+    with pytest.warns(RuntimeWarning, match=r"001/metrics\.jsonl lacks the rows of steps \[15\].*rewrote"):
+        sweep(s, str(wd))
+    after = _rows(m)
+    assert [r["step"] for r in after] == [0, 5, 9, 10, 15, 19, 20, 25, 29]
+    assert after[:len(before)] == before

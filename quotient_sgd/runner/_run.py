@@ -115,7 +115,8 @@ def mend_metrics(s: Settings, metrics: MetricsLog, parts: TrajectoryParts, ckpt,
     the file lacks (a row cut or deleted before the newest checkpoint: a hand edit, a faulty file system; a resume
     dropped it without a word).  A lacking chunk-end row (its evaluation is in no other file) is computed again:
     the run resumes from the start of its chunk when a checkpoint of that step is kept (or it is step 0 and the
-    run is no longer than the kept checkpoints span), recomputing the same rows bit for bit.  The other lacking
+    run is no longer than the kept checkpoints span), recomputing the same rows bit for bit (not with
+    ``ckpt=None``: a sweep member's directory, whose checkpoint holds every member).  The other lacking
     rows are rewritten from the trajectory parts, which hold every per-step value of a row exactly; a chunk end
     that can be neither keeps its per-step values and loses its evaluation.  Each case is named in a
     ``RuntimeWarning``; no row is written twice."""

@@ -51,7 +51,15 @@ from ._chunk import (
 )
 from ._memory import state_shapes as _state_shapes
 from ._memory import sweep_members_cap
-from ._run import _tensorboard, chunk_bounds, first_divergence, require_tensorboard, scalar_rows, write_tensorboard
+from ._run import (
+    _tensorboard,
+    chunk_bounds,
+    first_divergence,
+    mend_metrics,
+    require_tensorboard,
+    scalar_rows,
+    write_tensorboard,
+)
 from ._rundir import (
     SWEEP_REPORT_KEYS,
     Checkpoints,
@@ -431,8 +439,11 @@ def _open_member_dir(d: str, ms: Settings, start: int, plots: bool = True) -> di
     if div is not None and div["step"] >= start:
         os.remove(div_path)
         div = None
-    TrajectoryParts(d).truncate(start)
-    MetricsLog(os.path.join(d, "metrics.jsonl")).truncate(start)
+    parts, metrics = TrajectoryParts(d), MetricsLog(os.path.join(d, "metrics.jsonl"))
+    parts.truncate(start)
+    metrics.truncate(start)
+    if div is None and start > 0:  # (rows lost before the checkpoint: rewritten from the parts, with a warning)
+        mend_metrics(ms, metrics, parts, None, start, None, None)
     ended = div is not None or start >= ms.steps  # (computes nothing more: its plots and trajectory.npz stay)
     remove_outputs(d, plots=plots or not ended, trajectory=not ended)
     write_config(cfg, ms)

@@ -14,11 +14,34 @@ from .._tree import Path
 from ._base import Group, SymmetryError, as_axis, as_path, unit_dot, unit_sqnorm
 
 
+def _items(arrays):
+    """``(array, unit_axis, across)`` for each of ``[(array, unit_axis), ...]`` or ``[(array, unit_axis, across),
+    ...]``; ``across``: the permutation also reorders another axis of that array (a recurrent matrix, permuted
+    along its rows and its columns), so that a unit's slice comes in a different order from another starting
+    order, and its statistics are taken over the slice's sorted entries."""
+    return [(item[0], item[1], bool(item[2]) if len(item) > 2 else False) for item in arrays]
+
+
+def _sorted_slices(x: jax.Array, a: int) -> jax.Array:
+    """``(n, m)``: each unit's slice of ``x`` along axis ``a``, flattened and sorted (the same values, in the same
+    order, whatever order the slice's entries came in)."""
+    return jnp.sort(jnp.reshape(jnp.moveaxis(x, a, 0), (x.shape[a], -1)), axis=1)
+
+
 def unit_key(arrays) -> jax.Array:
     """Per-unit sort key of ``[(array, unit_axis), ...]``: ``sum |slice|^2 + 1e-3 * tanh(sum of slice entries)``
-    (the second term separates units of equal norm)."""
-    sq = sum(unit_sqnorm(x, a) for x, a in arrays)
-    s = sum(unit_dot(x, jnp.ones_like(x), a) for x, a in arrays)
+    (the second term separates units of equal norm).  An array given as ``(array, unit_axis, True)`` (permuted
+    along another axis too) is summed over its slices' sorted entries, so that its sums have the same bits from
+    any starting order."""
+    sq = s = 0
+    for x, a, across in _items(arrays):
+        if across:
+            sl = _sorted_slices(x, a)
+            sq = sq + jnp.sum(jnp.sort(jnp.square(sl), axis=1), axis=1)
+            s = s + jnp.sum(sl, axis=1)
+        else:
+            sq = sq + unit_sqnorm(x, a)
+            s = s + unit_dot(x, jnp.ones_like(x), a)
     return sq + 1e-3 * jnp.tanh(s) * jnp.maximum(jnp.mean(sq), jnp.finfo(sq.dtype).tiny)
 
 
@@ -27,10 +50,17 @@ def unit_order(arrays, key: jax.Array | None = None) -> jax.Array:
     fixed projection of each unit's slices (``sum_i r_i slice_i``, ``r_i = cos(0.7548776662466927 (i + 1))``):
     units of equal norm and sum whose entries differ (one's weights a reordering of the other's) then sort the
     same way from any starting order.  Only identical units still tie, and exchanging them changes nothing.
-    ``key``: the units' :func:`unit_key` when the caller has it already."""
+    An array permuted along another axis too (``(array, unit_axis, True)``) is projected in its slices' sorted
+    order: its position-wise projection moved with that other axis, and tied units sorted differently from
+    different starting orders.  ``key``: the units' :func:`unit_key` when the caller has it already."""
     tie = 0.0
-    for x, a in arrays:
+    for x, a, across in _items(arrays):
         a = a % x.ndim
+        if across:
+            sl = _sorted_slices(x, a)
+            r = np.cos(0.7548776662466927 * np.arange(1, sl.shape[1] + 1))
+            tie = tie + sl @ jnp.asarray(r, x.dtype)
+            continue
         shape = tuple(1 if i == a else n for i, n in enumerate(x.shape))
         # a constant of the program (computed here, not by the compiled code at every call)
         r = np.cos(0.7548776662466927 * np.arange(1, math.prod(shape) + 1)).reshape(shape)
@@ -123,10 +153,16 @@ class Permutation(Group):
 
     def sort_key(self, flat):
         """Per-unit sort key: ``sum_members |slice|^2 + 1e-3 * tanh(sum of slice entries)``."""
-        return unit_key([(flat[p], a) for p, a in self.members])
+        return unit_key(self._arrays(flat))
 
     def _canonical_element(self, flat):
-        return unit_order([(flat[p], a) for p, a in self.members]).astype(jnp.int32)
+        return unit_order(self._arrays(flat)).astype(jnp.int32)
+
+    def _arrays(self, flat):
+        """``[(array, unit_axis, across)]`` for :func:`unit_key` / :func:`unit_order`; ``across`` for an array that
+        is a member along several axes (a recurrent matrix)."""
+        paths = [p for p, _ in self.members]
+        return [(flat[p], a, paths.count(p) > 1) for p, a in self.members]
 
     def _invariants(self, flat):
         return jnp.sort(self.sort_key(flat))

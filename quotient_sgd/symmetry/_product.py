@@ -713,7 +713,8 @@ class Product(Group):
             touching = [c for c in cont if overlap(c, p)]
             covered = {q for c in touching for q in c.paths()}
             feats = [(inv[c.name], axes[(c.name, p.name)]) for c in touching]
-            feats += [(flat[q], a) for q, a in p.members if q not in covered]
+            paths = [q for q, _ in p.members]
+            feats += [(flat[q], a, paths.count(q) > 1) for q, a in p.members if q not in covered]
             key = unit_key(feats)
             order = unit_order(feats, key)
             out[p.name] = key[order]

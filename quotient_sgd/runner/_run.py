@@ -133,8 +133,14 @@ def mend_metrics(s: Settings, metrics: MetricsLog, parts: TrajectoryParts, ckpt,
     if lost_eval and ckpt is not None:
         a0 = lost_eval[0] // every * every  # (the start of its chunk: chunks are aligned to multiples of every)
         kept = set(checkpoint_steps(os.path.dirname(metrics.path)))
+        restored = None
         if a0 in kept or (a0 == 0 and start <= s.checkpoint.keep * every):
-            state = ckpt.restore(a0, state) if a0 else fresh()
+            try:
+                restored = ckpt.restore(a0, state) if a0 else fresh()
+            except Exception:  # noqa: BLE001  (a checkpoint that does not restore: the rows come from the parts)
+                restored = None
+        if restored is not None:
+            state = restored
             for k in sorted(kept):
                 if k > a0:
                     ckpt.manager.delete(k)

@@ -536,7 +536,10 @@ def frozen_horizontal(group, params, *, max_elements: int = 2**24, max_build_flo
     # pass decomposes a matrix ~ I, whose equal eigenvalues made jax.grad through the projection NaN);
     # _horizontal_flat differentiates the projection itself, from the tangents
     norms = jnp.sqrt(jnp.sum(jnp.square(jax.lax.stop_gradient(tm)), axis=1, keepdims=True))
-    basis = jax.lax.stop_gradient(tm) / jnp.where(norms > 0, norms, jnp.ones_like(norms))
+    # unit rows (their span and its derivative are the tangents'): the pseudo-inverse in _horizontal_flat's
+    # derivative then sees the conditioning of the span, not the spread of the tangents' norms
+    tm = tm / jnp.where(norms > 0, norms, jnp.ones_like(norms))
+    basis = jax.lax.stop_gradient(tm)
     eps = jnp.finfo(basis.dtype).eps
     continuous = [c for c in getattr(group, "components", (group,)) if getattr(c, "continuous", True)]
     if all(getattr(c, "abelian", True) for c in continuous):
@@ -574,7 +577,10 @@ def _horizontal_flat_jvp(primals, tangents):
     tm, basis, f = primals
     dtm, _, df = tangents
     h = _horizontal_flat(tm, basis, f)
-    d = jnp.linalg.pinv(tm @ basis.T)  # (k, k), zero on the basis' null rows
+    # (k, k): B's null rows (dropped directions) are exact zeros, so are their columns here; the kept directions'
+    # singular values are at least ~sqrt(eps k) (abelian) or eps max(k, P) (GL) of the largest, above this cut
+    c = tm @ basis.T
+    d = jnp.linalg.pinv(c, rtol=jnp.finfo(c.dtype).eps)
     a = dtm.T @ (d.T @ (basis @ f))
     a = a - basis.T @ (basis @ a)
     b = basis.T @ (d @ (dtm @ h))

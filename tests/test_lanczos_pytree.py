@@ -67,3 +67,44 @@ def test_pytree_lanczos_matches_the_ravelled_operator(method, with_domain, seed)
         if with_domain:
             # eigenvectors of the domain: unchanged by the projection
             np.testing.assert_allclose(u @ np.asarray(proj, np.float64).T, u, atol=1e-4)
+
+
+def _dot_precisions(fn, *args):
+    """The ``precision`` of every ``dot_general`` in the jaxpr of ``fn(*args)`` (nested jaxprs included)."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                found.append(eqn.params.get("precision"))
+            for sub in jax.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def test_lanczos_and_frozen_projection_products_ask_for_full_precision():
+    """The Krylov basis' products (``Q w``, ``Q^T c``, the Ritz vectors) and the frozen horizontal projection's
+    (its Gram matrix, ``B^T B f``, its derivative) were asked at JAX's default matmul precision: on recent NVIDIA GPUs
+    (TF32) and TPUs (bfloat16) float32 operands are rounded to 10 / 7 bits, which would keep the basis orthogonal to
+    ~1e-3 only.  Every product of the iteration and of the projection asks for Precision.HIGHEST now, whatever
+    jax_default_matmul_precision is (the operator here has no product of its own)."""
+    from quotient_sgd.symmetry import Product, Rescale
+
+    highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+    params = {"a": jax.random.normal(jax.random.key(0), (3, 4)), "b": jax.random.normal(jax.random.key(1), (4, 2))}
+    group = Product((Rescale(incoming=((("a",), 1),), outgoing=((("b",), 0),), name="r"),))
+    scale = jax.tree.map(lambda x: 1.0 + jnp.arange(x.size, dtype=x.dtype).reshape(x.shape), params)
+
+    def top(p):
+        project = qobs.frozen_horizontal(group, p)
+        matvec = lambda v: project(jax.tree.map(jnp.multiply, scale, project(v)))  # noqa: E731
+        e = qobs.lanczos_extremes(matvec, project(jax.tree.map(jnp.ones_like, p)), num_matvecs=6, k=2,
+                                  domain=project)
+        return e.top, e.top_vectors
+
+    with jax.default_matmul_precision("bfloat16"):
+        for fn in (top, lambda p: jax.jvp(top, (p,), (p,))):
+            found = _dot_precisions(fn, params)
+            assert found and all(p == highest for p in found), found

@@ -76,6 +76,14 @@ def _lincomb(a, x, b=None, y=None, c=None, z=None):
     return jax.tree.map(one, *trees)
 
 
+def _mm(a, b):
+    """``a @ b`` at full precision whatever ``jax_default_matmul_precision`` is: at JAX's default, float32 operands
+    of a matrix product are rounded to TF32 on recent NVIDIA GPUs and to bfloat16 on TPUs (10 / 7 bits), which would
+    leave the Krylov basis and the projection's basis orthogonal to ~1e-3 only.  XLA:CPU computes the same either
+    way, bitwise."""
+    return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+
+
 def _basis_zeros(num_rows, v):
     """An empty basis for vectors like ``v``: one ``(K, leaf size)`` matrix per leaf."""
     return jax.tree.map(lambda x: jnp.zeros((num_rows, x.size), x.dtype), v)
@@ -91,13 +99,13 @@ def _basis_set(qmat, j, q):
 
 def _basis_coefficients(qmat, w):
     """``Q w``, shape ``(K,)``: one GEMV per leaf."""
-    parts = [m @ jnp.reshape(x, (-1,)) for m, x in zip(jax.tree.leaves(qmat), jax.tree.leaves(w))]
+    parts = [_mm(m, jnp.reshape(x, (-1,))) for m, x in zip(jax.tree.leaves(qmat), jax.tree.leaves(w))]
     return sum(parts[1:], parts[0])
 
 
 def _basis_combination(qmat, c, like):
     """``Q^T c``, a vector shaped like ``like``."""
-    return jax.tree.map(lambda m, x: jnp.reshape(c @ m, x.shape), qmat, like)
+    return jax.tree.map(lambda m, x: jnp.reshape(_mm(c, m), x.shape), qmat, like)
 
 
 def _orthogonalise(qmat, w):
@@ -411,7 +419,7 @@ def lanczos_extremes(
         def ritz(order):
             # rows of S^T Q for the chosen columns of S, in each leaf's own dtype
             c = jnp.where(valid[None, :], s[:, order], 0)
-            return jax.tree.unflatten(treedef, [jnp.reshape(c.T @ m, (k,) + like.shape).astype(like.dtype)
+            return jax.tree.unflatten(treedef, [jnp.reshape(_mm(c.T, m), (k,) + like.shape).astype(like.dtype)
                                                 for m, like in zip(jax.tree.leaves(qmat), own)])
 
         return Extremes(top, bottom, ritz(order_top), ritz(order_bottom))
@@ -544,10 +552,10 @@ def frozen_horizontal(group, params, *, max_elements: int = 2**24, max_build_flo
     continuous = [c for c in getattr(group, "components", (group,)) if getattr(c, "continuous", True)]
     if all(getattr(c, "abelian", True) for c in continuous):
         for _ in range(2):
-            w, u = jnp.linalg.eigh(basis @ basis.T)
+            w, u = jnp.linalg.eigh(_mm(basis, basis.T))
             keep = w > jnp.max(w) * jnp.asarray(eps * k, w.dtype)
             winv = inverse_where(w, keep)
-            basis = (u * jnp.sqrt(winv)[None, :]).T @ basis  # rows: orthonormal (zero rows: null directions)
+            basis = _mm((u * jnp.sqrt(winv)[None, :]).T, basis)  # rows: orthonormal (zero rows: null directions)
     else:
         _, sv, vt = jnp.linalg.svd(basis, full_matrices=False)
         keep = sv > jnp.max(sv, initial=0) * jnp.asarray(eps * max(basis.shape), sv.dtype)
@@ -564,7 +572,7 @@ def _horizontal_flat(tm, basis, f):
     """``f - B^T B f``: the horizontal part of the ravelled vector ``f``, ``B`` (``k x P``) an orthonormal basis of
     the span of the tangents ``tm`` (``k x P``; its rows, and zero rows for dependent or null generators), built from
     the tangents' values (:func:`frozen_horizontal`)."""
-    return f - basis.T @ (basis @ f)
+    return f - _mm(basis.T, _mm(basis, f))
 
 
 @_horizontal_flat.defjvp
@@ -579,12 +587,12 @@ def _horizontal_flat_jvp(primals, tangents):
     h = _horizontal_flat(tm, basis, f)
     # (k, k): B's null rows (dropped directions) are exact zeros, so are their columns here; the kept directions'
     # singular values are at least ~sqrt(eps k) (abelian) or eps max(k, P) (GL) of the largest, above this cut
-    c = tm @ basis.T
+    c = _mm(tm, basis.T)
     d = jnp.linalg.pinv(c, rtol=jnp.finfo(c.dtype).eps)
-    a = dtm.T @ (d.T @ (basis @ f))
-    a = a - basis.T @ (basis @ a)
-    b = basis.T @ (d @ (dtm @ h))
-    return h, df - basis.T @ (basis @ df) - a - b
+    a = _mm(dtm.T, _mm(d.T, _mm(basis, f)))
+    a = a - _mm(basis.T, _mm(basis, a))
+    b = _mm(basis.T, _mm(d, _mm(dtm, h)))
+    return h, df - _mm(basis.T, _mm(basis, df)) - a - b
 
 
 def projection_for(group, params, method: str) -> Callable:

@@ -3,6 +3,7 @@ leaf instead of one ravelled vector, with and without a projection onto a domain
 must be those of the ravelled operator."""
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -77,7 +78,7 @@ def _dot_precisions(fn, *args):
         for eqn in jaxpr.eqns:
             if eqn.primitive.name == "dot_general":
                 found.append(eqn.params.get("precision"))
-            for sub in jax.core.jaxprs_in_params(eqn.params):
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
                 walk(sub)
 
     walk(jax.make_jaxpr(fn)(*args).jaxpr)

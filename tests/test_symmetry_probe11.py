@@ -228,3 +228,41 @@ def test_permutation_of_a_recurrent_matrix_sorts_tied_units_the_same_way_from_ev
         cq = P.canonicalize(q)
         assert all(bool(jnp.all(cq[k] == c[k])) for k in p), order
         assert bool(jnp.all(P.invariants(q) == P.invariants(p))), order
+
+
+def test_group_computations_ask_for_full_precision_products():
+    """The groups' matrix products (the M-matrix solve of a rescale chain, the attention heads' Sylvester solves and
+    canonical elements, the gradient carried to the canonical point) were traced at JAX's default matmul
+    precision: on recent NVIDIA GPUs (TF32) and TPUs (bfloat16) float32 operands are rounded to 10 / 7 bits, far
+    below the accuracy the projections are built for.  Every product of these computations asks for
+    Precision.HIGHEST now, whatever jax_default_matmul_precision is."""
+    import jax.extend.core
+    from flax import nnx
+
+    from quotient_sgd.models import MLP, Transformer
+    from quotient_sgd.observables import canonical_gradient
+
+    def precisions(fn, *args):
+        found = []
+
+        def walk(jaxpr):
+            for eqn in jaxpr.eqns:
+                if eqn.primitive.name == "dot_general":
+                    found.append(eqn.params.get("precision"))
+                for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                    walk(sub)
+
+        walk(jax.make_jaxpr(fn)(*args).jaxpr)
+        return found
+
+    highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+    models = (MLP(4, (6, 5), 3, rngs=nnx.Rngs(0)),
+              Transformer(vocab_size=7, d_model=8, num_heads=2, num_layers=1, max_len=4, rngs=nnx.Rngs(0)))
+    for model in models:
+        group, params = model.symmetries(), nnx.state(model, nnx.Param)
+        fns = (lambda p: group.vertical(p, p), group.canonicalize, group.invariants, group.canonical_element,
+               lambda p: canonical_gradient(group, p, p))
+        with jax.default_matmul_precision("bfloat16"):
+            for fn in fns:
+                found = precisions(fn, params)
+                assert found and all(p == highest for p in found), (type(model).__name__, found)

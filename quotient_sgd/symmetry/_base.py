@@ -70,8 +70,14 @@ def _compiled(group: "Group", method: str, *args):
     has no such QR / SVD / eigh kernels); what is like the parameters (``act``, ``canonicalize``, ``vertical``,
     ``horizontal``, ``tangents``) is returned in their dtypes, group elements, invariants and charges in
     float32.  Parameters of several float widths (float32 kernels with float64 biases) are computed in their common
-    dtype (:func:`unify_floats`), and what is like them returned in their own."""
-    out = getattr(group, method)(*unify_floats(_tree.widen(args), _PARAMS_ARG.get(method, 0)))
+    dtype (:func:`unify_floats`), and what is like them returned in their own.
+
+    Every matrix product of the computation is at full precision (``jax.default_matmul_precision("highest")``),
+    whatever the caller's setting: at JAX's default, float32 operands are rounded to TF32 on recent NVIDIA GPUs and
+    to bfloat16 on TPUs (10 / 7 bits), far below the accuracy the projections and canonical points are built for
+    (README, Accuracy notes).  XLA:CPU computes the same either way."""
+    with jax.default_matmul_precision("highest"):
+        out = getattr(group, method)(*unify_floats(_tree.widen(args), _PARAMS_ARG.get(method, 0)))
     if method in _LIKE_ARG:
         like = args[_LIKE_ARG[method]]
         out = {p: x.astype(like[p].dtype) if p in like else x for p, x in out.items()}
@@ -249,7 +255,8 @@ class Group(eqx.Module):
         inside a traced function."""
         flat, treedef = self._flat(grads)
         self._check_element(g, flat)
-        out = self._cotransport(g, unify_floats((flat,))[0])  # (several float widths: in their common dtype)
+        with jax.default_matmul_precision("highest"):  # as in _compiled
+            out = self._cotransport(g, unify_floats((flat,))[0])  # (several float widths: in their common dtype)
         return _tree.unflatten({p: x.astype(flat[p].dtype) for p, x in out.items()}, treedef)
 
     def _invariants(self, flat: Flat):

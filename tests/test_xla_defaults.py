@@ -11,6 +11,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 CHILD = textwrap.dedent(
     """
     import jax, jax.numpy as jnp, numpy as np
@@ -32,12 +34,15 @@ CHILD = textwrap.dedent(
         return Product(comps)
 
     worst = 0.0
-    for sizes, translation, batch in (((3, 5, 4, 3), False, 4), ((3, 5, 4, 3), True, 4), ((4, 6, 5, 2), False, 8)):
+    # (the slow variant, tests/test_xla_defaults.py -m slow, adds a logit translation, canonicalize and 8 members)
+    cases = (((3, 5, 4, 3), False, 4),) + ((((3, 5, 4, 3), True, 4), ((4, 6, 5, 2), False, 8)) if SLOW else ())
+    for sizes, translation, batch in cases:
         G = group(len(sizes) - 1, translation)
         ps = jax.vmap(lambda k: init(k, sizes))(jax.random.split(jax.random.key(0), batch))
         us = jax.vmap(lambda k: init(k, sizes))(jax.random.split(jax.random.key(1), batch))
-        for f in (lambda p, u: ravel_pytree(G.vertical(p, u))[0],
-                  lambda p, u: ravel_pytree(G.canonicalize(p))[0]):
+        fs = (lambda p, u: ravel_pytree(G.vertical(p, u))[0],) + ((lambda p, u: ravel_pytree(G.canonicalize(p))[0],)
+                                                                 if SLOW else ())
+        for f in fs:
             a = np.asarray(jax.jit(jax.vmap(f))(ps, us))
             one = jax.jit(f)
             b = np.stack([np.asarray(one(jax.tree.map(lambda x: x[i], ps), jax.tree.map(lambda x: x[i], us)))
@@ -48,11 +53,21 @@ CHILD = textwrap.dedent(
 )
 
 
-def test_vmapped_rescale_chain_projection_equals_its_members_under_xla_default_flags():
+def _check(slow):
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # XLA's defaults (quotient_sgd adds only its scheduler setting)
     env["JAX_PLATFORMS"] = "cpu"
-    out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", f"SLOW = {slow}\n" + CHILD], env=env, capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     worst = float([ln for ln in out.stdout.splitlines() if ln.startswith("WORST")][0].split()[1])
     assert worst < 1e-10, f"a batched member differs from the same member alone by {worst:.3g} (relative)"
+
+
+def test_vmapped_rescale_chain_projection_equals_its_members_under_xla_default_flags():
+    _check(False)
+
+
+@pytest.mark.slow
+def test_vmapped_rescale_chain_projection_equals_its_members_under_xla_default_flags_slow():
+    _check(True)

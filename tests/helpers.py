@@ -9,6 +9,7 @@ import subprocess
 import time
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 
@@ -219,3 +220,19 @@ def rescale_net():
         return jnp.mean(jnp.square(h @ p["l1"]["kernel"] + p["l1"]["bias"][None, :] - batch[1]))
 
     return group, params, data, loss
+
+
+def dot_precisions(fn, *args) -> list:
+    """The ``precision`` of every ``dot_general`` in the jaxpr of ``fn(*args)``, nested jaxprs included (what a
+    program asks of an accelerator's matrix units)."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                found.append(eqn.params.get("precision"))
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found

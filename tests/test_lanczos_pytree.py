@@ -3,12 +3,12 @@ leaf instead of one ravelled vector, with and without a projection onto a domain
 must be those of the ravelled operator."""
 
 import jax
-import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+from helpers import dot_precisions
 from quotient_sgd import observables as qobs
 
 
@@ -70,21 +70,6 @@ def test_pytree_lanczos_matches_the_ravelled_operator(method, with_domain, seed)
             np.testing.assert_allclose(u @ np.asarray(proj, np.float64).T, u, atol=1e-4)
 
 
-def _dot_precisions(fn, *args):
-    """The ``precision`` of every ``dot_general`` in the jaxpr of ``fn(*args)`` (nested jaxprs included)."""
-    found = []
-
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "dot_general":
-                found.append(eqn.params.get("precision"))
-            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-                walk(sub)
-
-    walk(jax.make_jaxpr(fn)(*args).jaxpr)
-    return found
-
-
 def test_lanczos_and_frozen_projection_products_ask_for_full_precision():
     """The Krylov basis' products (``Q w``, ``Q^T c``, the Ritz vectors) and the frozen horizontal projection's
     (its Gram matrix, ``B^T B f``, its derivative) were asked at JAX's default matmul precision: on recent NVIDIA GPUs
@@ -107,5 +92,5 @@ def test_lanczos_and_frozen_projection_products_ask_for_full_precision():
 
     with jax.default_matmul_precision("bfloat16"):
         for fn in (top, lambda p: jax.jvp(top, (p,), (p,))):
-            found = _dot_precisions(fn, params)
+            found = dot_precisions(fn, params)
             assert found and all(p == highest for p in found), found

@@ -9,7 +9,7 @@ import pytest
 from quotient_sgd.optim import SGDSpec, quotient_trajectory, train
 from quotient_sgd.symmetry import Product, Scale
 
-from helpers import charge_identity_error
+from helpers import charge_identity_error, dot_precisions
 
 
 # ----- a float32 block ahead of a float64 block ------------------------------------------------------------------
@@ -66,21 +66,6 @@ def test_blocks_of_two_float_widths_are_observed(x64):
 
 
 # ----- the sums of the observables at full precision ------------------------------------------------------------
-def _dot_precisions(fn, *args):
-    """The ``precision`` of every ``dot_general`` in the jaxpr of ``fn(*args)`` (nested jaxprs included)."""
-    found = []
-
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "dot_general":
-                found.append(eqn.params.get("precision"))
-            for sub in jax.core.jaxprs_in_params(eqn.params):
-                walk(sub)
-
-    walk(jax.make_jaxpr(fn)(*args).jaxpr)
-    return found
-
-
 def test_sums_as_products_ask_for_full_precision():
     """sum_all / sum_except / vdot (tree_dot's, the per-unit sums') are products with a vector of ones, asked at
     JAX's default precision: on recent NVIDIA GPUs (TF32) and TPUs (bfloat16) that rounds float32 operands to 10 or 7
@@ -96,7 +81,7 @@ def test_sums_as_products_ask_for_full_precision():
     highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
     with jax.default_matmul_precision("bfloat16"):
         for fn in fns:
-            found = _dot_precisions(fn, x)
+            found = dot_precisions(fn, x)
             assert found and all(p == highest for p in found), found
 
 

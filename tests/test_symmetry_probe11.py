@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+from helpers import dot_precisions
 from quotient_sgd.symmetry import Permutation, Product, Rescale
 
 
@@ -236,24 +237,10 @@ def test_group_computations_ask_for_full_precision_products():
     precision: on recent NVIDIA GPUs (TF32) and TPUs (bfloat16) float32 operands are rounded to 10 / 7 bits, far
     below the accuracy the projections are built for.  Every product of these computations asks for
     Precision.HIGHEST now, whatever jax_default_matmul_precision is."""
-    import jax.extend.core
     from flax import nnx
 
     from quotient_sgd.models import MLP, Transformer
     from quotient_sgd.observables import canonical_gradient
-
-    def precisions(fn, *args):
-        found = []
-
-        def walk(jaxpr):
-            for eqn in jaxpr.eqns:
-                if eqn.primitive.name == "dot_general":
-                    found.append(eqn.params.get("precision"))
-                for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-                    walk(sub)
-
-        walk(jax.make_jaxpr(fn)(*args).jaxpr)
-        return found
 
     highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
     models = (MLP(4, (6, 5), 3, rngs=nnx.Rngs(0)),
@@ -264,5 +251,5 @@ def test_group_computations_ask_for_full_precision_products():
                lambda p: canonical_gradient(group, p, p))
         with jax.default_matmul_precision("bfloat16"):
             for fn in fns:
-                found = precisions(fn, params)
+                found = dot_precisions(fn, params)
                 assert found and all(p == highest for p in found), (type(model).__name__, found)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 _SMALL = 256
 
 
-def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
+def matmul_highest(a: jax.Array, b: jax.Array) -> jax.Array:
     """``a @ b`` at full precision: a float32 product at JAX's default precision may round its operands to TF32
     (recent NVIDIA GPUs) or bfloat16 (TPU), 10 or 7 bits of mantissa, which a sum must not do (a ``jnp.sum`` does
     not); XLA:CPU computes it the same either way."""
@@ -29,7 +29,7 @@ def sum_all(x: jax.Array) -> jax.Array:
     if x.ndim < 2 or x.size <= _SMALL:
         return jnp.sum(x)
     m = jnp.reshape(x, (x.shape[0], -1))
-    return jnp.sum(_dot(m, jnp.ones((m.shape[1],), m.dtype)))
+    return jnp.sum(matmul_highest(m, jnp.ones((m.shape[1],), m.dtype)))
 
 
 def sum_except(x: jax.Array, axis: int) -> jax.Array:
@@ -41,14 +41,14 @@ def sum_except(x: jax.Array, axis: int) -> jax.Array:
         return jnp.sum(x, axis=tuple(i for i in range(x.ndim) if i != axis))
     if axis == x.ndim - 1:
         m = jnp.reshape(x, (-1, x.shape[-1]))
-        return _dot(jnp.ones((m.shape[0],), m.dtype), m)
+        return matmul_highest(jnp.ones((m.shape[0],), m.dtype), m)
     if axis == 0:
         m = jnp.reshape(x, (x.shape[0], -1))
-        return _dot(m, jnp.ones((m.shape[1],), m.dtype))
+        return matmul_highest(m, jnp.ones((m.shape[1],), m.dtype))
     # a middle axis: sum the leading axes by a GEMV, then the trailing ones
     lead = jnp.reshape(x, (-1,) + x.shape[axis:])
     m = jnp.reshape(lead, (lead.shape[0], -1))
-    rest = _dot(jnp.ones((m.shape[0],), m.dtype), m)
+    rest = matmul_highest(jnp.ones((m.shape[0],), m.dtype), m)
     return sum_except(jnp.reshape(rest, x.shape[axis:]), 0)
 
 

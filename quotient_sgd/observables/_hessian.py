@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from matfree import decomp, eig
 
+from .._reduce import matmul_highest as _mm  # full precision on accelerators (TF32 / bfloat16 otherwise)
 from ._kinds import ORBIT_INVARIANT, RAW, REDUCED_DYNAMICS, observable
 from ._util import tree_dot, tree_norm, tree_random_normal, tree_scale
 
@@ -74,14 +75,6 @@ def _lincomb(a, x, b=None, y=None, c=None, z=None):
         return out
     trees = [t for t, w in ((x, a), (y, b), (z, c)) if w is not None]
     return jax.tree.map(one, *trees)
-
-
-def _mm(a, b):
-    """``a @ b`` at full precision whatever ``jax_default_matmul_precision`` is: at JAX's default, float32 operands
-    of a matrix product are rounded to TF32 on recent NVIDIA GPUs and to bfloat16 on TPUs (10 / 7 bits), which would
-    leave the Krylov basis and the projection's basis orthogonal to ~1e-3 only.  XLA:CPU computes the same either
-    way, bitwise."""
-    return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
 
 
 def _basis_zeros(num_rows, v):

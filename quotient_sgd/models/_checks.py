@@ -10,11 +10,31 @@ import numpy as np
 from flax import nnx
 
 
-def check_sizes(model: str, **sizes) -> None:
-    """Every value an integer >= 1 (``din=4, width=0`` -> ``MeanField: width must be an integer >= 1, got 0``)."""
-    for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"{model}: {name} must be an integer >= 1, got {value!r}")
+def as_size(model: str, name: str, value, low: int = 1) -> int:
+    """``value`` as a Python ``int >= low``: a Python or NumPy integer, or a concrete 0-d integer array (NumPy or
+    JAX, e.g. ``jnp.int32(16)``); a ``ValueError`` naming the model and the argument for a ``bool``, a float, a
+    string, an array with axes, a traced value, or an integer below ``low``.  (A JAX integer was refused as
+    ``MLP: din must be an integer >= 1, got Array(16, dtype=int32)`` while a NumPy one was accepted.)"""
+    need = f"{model}: {name} must be an integer >= {low}"
+    if isinstance(value, jax.core.Tracer):
+        raise ValueError(f"{need} known when the model is built, got a traced value {value!r}; pass a Python "
+                         f"integer (sizes fix the parameters' shapes)")
+    ok = not isinstance(value, (bool, np.bool_))
+    if ok and not isinstance(value, numbers.Integral):
+        try:
+            kind = np.asarray(value).dtype
+        except Exception:  # an object NumPy cannot read as an array
+            kind = np.dtype(object)
+        ok = kind.kind in "iu" and np.ndim(value) == 0
+    if not ok or int(value) < low:
+        raise ValueError(f"{need}, got {value!r}")
+    return int(value)
+
+
+def check_sizes(model: str, **sizes) -> tuple[int, ...]:
+    """Every value an integer >= 1 (``din=4, width=0`` -> ``MeanField: width must be an integer >= 1, got 0``),
+    returned as Python ``int`` s in the order given (:func:`as_size`: NumPy and concrete JAX integers accepted)."""
+    return tuple(as_size(model, name, value) for name, value in sizes.items())
 
 
 def check_widths(model: str, name: str, widths, *, allow_empty: bool = True) -> tuple[int, ...]:
@@ -22,12 +42,18 @@ def check_widths(model: str, name: str, widths, *, allow_empty: bool = True) -> 
     example = "(64, 64) or (32,)"
     if isinstance(widths, (numbers.Integral, str)) or not hasattr(widths, "__iter__"):
         raise ValueError(f"{model}: {name} must be a sequence of widths >= 1, e.g. {example}, got {widths!r}")
-    out = tuple(widths)
-    if (not out and not allow_empty) or not all(
-            isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= 1 for w in out):
+    try:
+        out = tuple(widths)
+    except TypeError:  # a 0-d array has __iter__ but cannot be iterated
+        out = None
+    try:
+        sizes = None if out is None else tuple(as_size(model, name, w) for w in out)
+    except ValueError:
+        sizes = None
+    if sizes is None or (not sizes and not allow_empty):
         raise ValueError(f"{model}: {name} must be a {'non-empty ' if not allow_empty else ''}sequence of widths "
                          f">= 1, e.g. {example}, got {widths!r}")
-    return tuple(int(w) for w in out)
+    return sizes
 
 
 def check_classes(model: str, name: str, n: int, classifier) -> None:

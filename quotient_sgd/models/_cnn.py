@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from .. import _tree
@@ -14,6 +14,7 @@ from ..symmetry import Permutation, Product, Rescale, Scale, Translation
 from ._activations import check_activation, get_activation, is_homogeneous
 from ._checks import (
     as_real_input,
+    as_size,
     check_classes,
     check_eps,
     check_flag,
@@ -112,7 +113,7 @@ class CNN(nnx.Module):
             raise ValueError(f"conv_impl must be one of {list(CONV_IMPLS)}, got {conv_impl!r}")
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}")
-        check_sizes("CNN", in_channels=in_channels, dout=dout, kernel_size=kernel_size)
+        in_channels, dout, kernel_size = check_sizes("CNN", in_channels=in_channels, dout=dout, kernel_size=kernel_size)
         classifier = check_flag("CNN", "classifier", classifier)
         check_classes("CNN", "dout", dout, classifier)
         channels = check_widths("CNN", "channels", channels, allow_empty=False)
@@ -120,13 +121,15 @@ class CNN(nnx.Module):
             raise ValueError(f"CNN: norm='layer' needs at least 2 channels in every conv layer, got channels="
                              f"{channels}: a LayerNorm over one channel outputs its bias alone, so the output would "
                              f"not depend on x (use norm='batch' or None, or wider layers)")
-        seq = ((strides,) * len(channels) if isinstance(strides, numbers.Integral)
-               else tuple(strides) if hasattr(strides, "__iter__") and not isinstance(strides, str) else ())
-        if len(seq) != len(channels) or not all(
-                isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1 for s in seq):
+        try:  # one stride (also a 0-d NumPy / JAX integer, which has __iter__ but no items) or one per layer
+            seq = (strides,) * len(channels) if np.ndim(strides) == 0 else tuple(strides)
+            seq = tuple(as_size("CNN", "strides", s) for s in seq) if len(seq) == len(channels) else None
+        except (TypeError, ValueError):
+            seq = None
+        if seq is None:
             raise ValueError(f"CNN: strides must be an integer >= 1 or one such integer per conv layer "
                              f"({len(channels)}), got {strides!r}")
-        strides = tuple(int(s) for s in seq)
+        strides = seq
         norm_eps = check_eps("CNN", "norm_eps", norm_eps)
         param_dtype = check_param_dtype("CNN", param_dtype)
         check_rngs("CNN", rngs)

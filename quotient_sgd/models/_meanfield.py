@@ -37,7 +37,7 @@ class MeanField(nnx.Module):
     def __init__(self, din: int, width: int, dout: int, *, activation: str = "relu", param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
         self.activation = check_activation(activation)
-        check_sizes("MeanField", din=din, width=width, dout=dout)
+        din, width, dout = check_sizes("MeanField", din=din, width=width, dout=dout)
         param_dtype = check_param_dtype("MeanField", param_dtype)
         check_rngs("MeanField", rngs)
         self.width = width

@@ -62,7 +62,7 @@ class MLP(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.activation = check_activation(activation)
-        check_sizes("MLP", din=din, dout=dout)
+        din, dout = check_sizes("MLP", din=din, dout=dout)
         classifier = check_flag("MLP", "classifier", classifier)
         check_classes("MLP", "dout", dout, classifier)
         hidden = check_widths("MLP", "hidden", hidden)
@@ -137,7 +137,7 @@ class DeepLinear(nnx.Module):
     """
 
     def __init__(self, din: int, widths: Sequence[int], dout: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        check_sizes("DeepLinear", din=din, dout=dout)
+        din, dout = check_sizes("DeepLinear", din=din, dout=dout)
         sizes = (din, *check_widths("DeepLinear", "widths", widths), dout)
         param_dtype = check_param_dtype("DeepLinear", param_dtype)
         check_rngs("DeepLinear", rngs)

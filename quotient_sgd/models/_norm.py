@@ -81,7 +81,7 @@ class LayerNorm(nnx.Module):
     """
 
     def __init__(self, num_features: int, *, eps: float = NORM_EPS, param_dtype=jnp.float32):
-        check_sizes("LayerNorm", num_features=num_features)
+        (num_features,) = check_sizes("LayerNorm", num_features=num_features)
         self.num_features = num_features
         self.eps = check_eps("LayerNorm", "eps", eps)
         param_dtype = check_param_dtype("LayerNorm", param_dtype)
@@ -125,7 +125,7 @@ class BatchNorm(nnx.Module):
         use_running_average: bool = False,
         param_dtype=jnp.float32,
     ):
-        check_sizes("BatchNorm", num_features=num_features)
+        (num_features,) = check_sizes("BatchNorm", num_features=num_features)
         try:
             ok = not isinstance(momentum, bool) and 0 <= float(momentum) <= 1
         except (TypeError, ValueError):

@@ -50,7 +50,7 @@ class CausalSelfAttention(nnx.Module):
     """
 
     def __init__(self, d_model: int, num_heads: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        check_sizes("CausalSelfAttention", d_model=d_model, num_heads=num_heads)
+        d_model, num_heads = check_sizes("CausalSelfAttention", d_model=d_model, num_heads=num_heads)
         _check_heads("CausalSelfAttention", d_model, num_heads)
         param_dtype = check_param_dtype("CausalSelfAttention", param_dtype)
         check_rngs("CausalSelfAttention", rngs)
@@ -156,8 +156,9 @@ class Transformer(nnx.Module):
         param_dtype=jnp.float32,
     ):
         self.activation = check_activation(activation)
-        check_sizes("Transformer", vocab_size=vocab_size, d_model=d_model, num_heads=num_heads, num_layers=num_layers,
-                    max_len=max_len, mlp_ratio=mlp_ratio)
+        vocab_size, d_model, num_heads, num_layers, max_len, mlp_ratio = check_sizes(
+            "Transformer", vocab_size=vocab_size, d_model=d_model, num_heads=num_heads, num_layers=num_layers,
+            max_len=max_len, mlp_ratio=mlp_ratio)
         _check_heads("Transformer", d_model, num_heads)
         if d_model < 2:  # every read of the residual stream goes through a LayerNorm over its d_model features
             raise ValueError(f"Transformer: d_model must be >= 2, got {d_model}: a LayerNorm over one feature outputs "

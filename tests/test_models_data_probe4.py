@@ -1,0 +1,71 @@
+"""Models and data: integral sizes of every kind, and edge cases of the models, tasks and detectors."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from quotient_sgd.models import CNN, MLP, BatchNorm, CausalSelfAttention, DeepLinear, LayerNorm, MeanField, Transformer
+
+
+def _params(model):
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+
+
+# (constructor, its size arguments as Python ints): each is rebuilt with the sizes as JAX / NumPy 0-d integers
+_BUILDERS = [
+    (lambda din, h, dout: MLP(din, (h,), dout, rngs=nnx.Rngs(0)), (3, 4, 2)),
+    (lambda din, h, dout: DeepLinear(din, (h, h), dout, rngs=nnx.Rngs(0)), (3, 4, 2)),
+    (lambda din, w, dout: MeanField(din, w, dout, rngs=nnx.Rngs(0)), (3, 5, 2)),
+    (lambda c, ch, dout, k, s: CNN(c, (ch, ch), dout, kernel_size=k, strides=s, norm="batch", rngs=nnx.Rngs(0)),
+     (1, 2, 3, 3, 2)),
+    (lambda v, d, h, nl, ml, r: Transformer(v, d, h, nl, ml, mlp_ratio=r, rngs=nnx.Rngs(0)), (5, 4, 2, 1, 3, 2)),
+    (lambda d, h: CausalSelfAttention(d, h, rngs=nnx.Rngs(0)), (4, 2)),
+    (lambda n: LayerNorm(n), (3,)),
+    (lambda n: BatchNorm(n), (3,)),
+]
+
+
+@pytest.mark.parametrize("convert", [jnp.int32, jnp.uint8, np.array, jnp.asarray],
+                         ids=["jnp.int32", "jnp.uint8", "np.array", "jnp.asarray"])
+@pytest.mark.parametrize("build,sizes", _BUILDERS, ids=lambda v: getattr(v, "__name__", None))
+def test_model_sizes_take_any_integral_scalar(build, sizes, convert):
+    """Every model refused a JAX integer size (``MLP: din must be an integer >= 1, got Array(3, dtype=int32)``) and
+    a NumPy 0-d integer array, while it took a NumPy integer scalar.  Built from any integral scalar it has exactly
+    the parameters it has from the Python integers, and the sizes it keeps (``MeanField.width``,
+    ``Transformer.max_len``, ``CNN.strides``) are Python integers."""
+    ref = build(*sizes)
+    got = build(*(convert(s) for s in sizes))
+    a, b = _params(got), _params(ref)
+    assert len(a) == len(b) and all(x.shape == y.shape and np.array_equal(x, y) for x, y in zip(a, b))
+    for attr in ("width", "max_len", "num_features", "num_heads", "d_head"):
+        if hasattr(ref, attr):
+            assert type(getattr(got, attr)) is int and getattr(got, attr) == getattr(ref, attr)
+    if isinstance(got, CNN):
+        assert got.strides == ref.strides and all(type(s) is int for s in got.strides)
+
+
+@pytest.mark.parametrize("bad", [jnp.int32(0), np.array(-2), jnp.float32(3.0), 3.0, True, np.bool_(True),
+                                 jnp.bool_(True), jnp.array([3]), "3", None])
+def test_model_sizes_refuse_what_is_not_a_positive_integral_scalar(bad):
+    """Zero, negative, non-integral, boolean, non-scalar and non-numeric sizes are refused with a ``ValueError``
+    naming the model and the argument, whatever array type carries them."""
+    with pytest.raises(ValueError, match=r"MLP: din must be an integer >= 1, got "):
+        MLP(bad, (4,), 2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"MLP: hidden must be a sequence of widths >= 1"):
+        MLP(3, (4, bad), 2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"Transformer: max_len must be an integer >= 1, got "):
+        Transformer(5, 4, 2, 1, bad, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"CNN: strides must be an integer >= 1"):
+        CNN(1, (2, 2), 2, strides=bad, rngs=nnx.Rngs(0))
+
+
+def test_model_sizes_refuse_traced_values():
+    """A size fixes the parameters' shapes, so a traced one (under ``jit``) is refused naming the argument rather
+    than failing inside flax."""
+    with pytest.raises(ValueError, match=r"LayerNorm: num_features must be an integer >= 1 known when the model is "
+                                         r"built, got a traced value"):
+        jax.jit(lambda n: LayerNorm(n).scale[...])(3)

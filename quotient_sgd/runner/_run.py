@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import functools
 import math
 import operator
 import os
@@ -110,16 +111,21 @@ def expected_rows(start: int, every: int, log_every: int) -> tuple[list[int], se
     return sorted(set(range(0, start, log_every)) | ends), ends
 
 
-def mend_metrics(s: Settings, metrics: MetricsLog, parts: TrajectoryParts, ckpt, start: int, state, fresh):
+def mend_metrics(s: Settings, metrics: MetricsLog, parts: TrajectoryParts, ckpt, start: int, state, fresh,
+                 evaluate_at=None):
     """``(start, state)`` to resume from, after writing again the rows of ``metrics.jsonl`` before ``start`` that
     the file lacks (a row cut or deleted before the newest checkpoint: a hand edit, a faulty file system; a resume
     dropped it without a word).  A lacking chunk-end row (its evaluation is in no other file) is computed again:
     the run resumes from the start of its chunk when a checkpoint of that step is kept (or it is step 0 and the
     run is no longer than the kept checkpoints span), recomputing the same rows bit for bit (not with
     ``ckpt=None``: a sweep member's directory, whose checkpoint holds every member).  The other lacking
-    rows are rewritten from the trajectory parts, which hold every per-step value of a row exactly; a chunk end
-    that can be neither keeps its per-step values and loses its evaluation.  Each case is named in a
-    ``RuntimeWarning``; no row is written twice."""
+    rows are rewritten from the trajectory parts, which hold every per-step value of a row exactly.  The evaluation
+    of a chunk end rewritten so is a pure function of the state the chunk ended at; ``evaluate_at(ends)``
+    (:func:`chunk_end_evaluations`: from the checkpoint of that step when it is kept, else replayed from an earlier
+    one or from the initial state, bit for bit) computes it again, ``{chunk end: (evaluation, how)}``.  A chunk end
+    whose evaluation cannot be computed (no ``evaluate_at``: a sweep member; a checkpoint that does not restore)
+    keeps its per-step values and loses its evaluation.  Each case is named in a ``RuntimeWarning``; no row is
+    written twice."""
     import warnings
 
     every = s.checkpoint.every
@@ -162,19 +168,64 @@ def mend_metrics(s: Settings, metrics: MetricsLog, parts: TrajectoryParts, ckpt,
             continue
         i = int(np.flatnonzero(np.asarray(part["step"]) == k)[0])
         rows.append({"step": k, **{n: v[i] for n, v in part.items() if v.ndim == 1 and n != "step"}})
+    evals, eval_error = {}, ""
+    eval_ends = [r["step"] + 1 for r in rows if r["step"] in ends]
+    if eval_ends and evaluate_at is not None:
+        try:
+            evals = evaluate_at(eval_ends)
+        except Exception as e:  # noqa: BLE001  (a checkpoint that does not restore: the evaluation stays lost)
+            eval_error = f" (computing it again failed: {type(e).__name__}: {e})"
+    for r in rows:
+        if r["step"] + 1 in evals and r["step"] in ends:
+            r.update(evals[r["step"] + 1][0])
     if rows:
         metrics.insert(rows)
-    eval_lost = [r["step"] for r in rows if r["step"] in ends]
+    eval_done = [r["step"] for r in rows if r["step"] in ends and r["step"] + 1 in evals]
+    eval_lost = [r["step"] for r in rows if r["step"] in ends and r["step"] + 1 not in evals]
     msg = f"{where} (a hand edit or a faulty file system)"
     if rows:
         msg += f"; rewrote the rows of steps {_steps_text([r['step'] for r in rows])} from the trajectory parts"
+    if eval_done:
+        how = "; ".join(f"step {k}: {evals[k + 1][1]}" for k in eval_done[:10])
+        msg += (f", with the evaluation (test_loss, ...) of steps {_steps_text(eval_done)} computed again from the "
+                f"state its chunk ended at ({how})")
     if eval_lost:
         msg += (f", without the evaluation (test_loss, ...) of steps {_steps_text(eval_lost)}: it is held in no "
-                f"other file, and no checkpoint of the start of its chunk is kept")
+                f"other file, and it could not be computed again{eval_error}")
     if gone:
         msg += f"; no trajectory part holds steps {_steps_text(gone)}: their rows are lost"
     warnings.warn(msg, RuntimeWarning, stacklevel=3)
     return start, state
+
+
+def chunk_end_evaluations(b: Built, s: Settings, ckpt: Checkpoints, template, fresh, ends: list[int]) -> dict:
+    """``{c: (evaluation, how)}``: the evaluation (``test_loss``, ...; :func:`~._chunk.evaluation`) of the state
+    at each chunk end ``c`` in ``ends`` (steps before the newest checkpoint), as the chunk ending at ``c`` computed
+    it, bit for bit, and ``how`` it was obtained.  The state at ``c`` is the checkpoint of ``c`` when one is kept;
+    otherwise it is replayed (the same chunk programs, on the same chunk boundaries: a deterministic computation)
+    from the newest kept checkpoint before ``c``, or from the initial state ``fresh()``.  Consecutive ends share one
+    replay.  ``template``: a state of the run's structure (for :meth:`Checkpoints.restore`)."""
+    from ._chunk import eval_program
+
+    kept = set(ckpt.manager.all_steps())
+    evaluate, seed, every = eval_program(b), jnp.int32(s.seed), s.checkpoint.every
+    out: dict[int, tuple[dict, str]] = {}
+    at, state, origin = None, None, None  # (the replay's position, its state, where it started)
+    for c in sorted(set(ends)):
+        if c in kept:
+            st, how = ckpt.restore(c, template), f"the checkpoint of step {c}"
+        else:
+            k = max((x for x in kept if x < c), default=0)
+            if at is None or not k <= at <= c:
+                at, state, origin = k, (ckpt.restore(k, template) if k else fresh()), k
+            for a, cc in chunk_bounds(at, c, every):
+                state = single_programs(b, cc - a)(state, seed, None, b.dataset, jnp.int32(a))[0]
+            at, st = c, state
+            how = (f"steps {origin} to {c} replayed from "
+                   + (f"the checkpoint of step {origin}" if origin else "the initial state"))
+        ev = to_host(evaluate(st, b.dataset))
+        out[c] = ({k: v for k, v in ev.items() if k != "params_finite"}, how)
+    return out
 
 
 def _steps_text(steps: list[int]) -> str:
@@ -322,8 +373,9 @@ def _run(s: Settings, workdir: str, b: Built, resume: bool, max_chunks: int | No
             parts.truncate(start)
             metrics.truncate(start)
             if start > 0:
-                start, state = mend_metrics(s, metrics, parts, ckpt, start, state,
-                                            lambda: init(jnp.int32(s.seed), jnp.float32(s.init_gauge), *hyper_of(s)))
+                fresh = lambda: init(jnp.int32(s.seed), jnp.float32(s.init_gauge), *hyper_of(s))  # noqa: E731
+                start, state = mend_metrics(s, metrics, parts, ckpt, start, state, fresh, evaluate_at=functools.partial(
+                    chunk_end_evaluations, b, s, ckpt, state, fresh))
         todo = [] if ended else chunk_bounds(start, s.steps, every)
         # plots/ goes when it would describe a shorter trajectory than the one this call ends with, or is
         # rewritten; a finished run run again without plots keeps those it has, and keeps its trajectory.npz

@@ -1,0 +1,65 @@
+"""Probe 16: runs, resume and run directories: the evaluation of a lost chunk-end metrics row computed again
+from the state its chunk ended at."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+
+import numpy as np
+import pytest
+
+from helpers import checkpoint_steps, child_xla_flags, kill_after_checkpoint, load_metric_rows, load_trajectory
+from quotient_sgd.config import load_config, validate
+from quotient_sgd.runner import run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+
+
+def _tiny(**over):
+    base = {"steps": 200, "logging.plots": False, "checkpoint.every": 10, "observables.names": ("loss", "grad_norm")}
+    return {**base, **over}
+
+
+# ---- defect 1: a lost chunk-end row lost its evaluation where the chunk's start had no kept checkpoint ---------
+def test_lost_chunk_end_rows_get_their_evaluation_back_after_a_sigkill(tmp_path):
+    """A run with ``checkpoint.keep = 1`` killed (SIGKILL) after its checkpoint of step ``L``, whose
+    ``metrics.jsonl`` then lacks rows before ``L`` (a hand edit, a faulty file system): the chunk ends ``19`` and
+    ``L - 1`` and the logged step ``5``.  The resume rewrote the chunk ends from the trajectory parts without their
+    evaluation (``test_loss``, ``train_loss``), saying it was held in no other file; it is a pure function of the
+    state the chunk ended at: the kept checkpoint of ``L`` for ``L - 1``, and a deterministic replay from the
+    initial state to step 20 for 19.  Every row then equals an uninterrupted run's, bit for bit, each once."""
+    over = _tiny(**{"checkpoint.keep": 1})
+    wd, ref = str(tmp_path / "killed"), str(tmp_path / "ref")
+    env = dict(os.environ, XLA_FLAGS=child_xla_flags())  # (compiled as this process compiles: compared bitwise)
+    cmd = [sys.executable, "-m", "quotient_sgd.cli", "run", f"--config={TINY}", f"--workdir={wd}",
+           *(f"--config.{k}={v}" for k, v in over.items())]
+    assert kill_after_checkpoint(cmd, env, wd, 30, timeout=300) == -signal.SIGKILL, "finished before the kill"
+    last = checkpoint_steps(wd)[-1]
+    assert 30 <= last < 200
+    for k in checkpoint_steps(wd)[:-1]:  # (keep = 1: what orbax deletes once the newest is finalised, if the kill
+        shutil.rmtree(os.path.join(wd, "checkpoints", str(k)))  # came before it did)
+    m = os.path.join(wd, "metrics.jsonl")
+    with open(m) as f:
+        lines = f.readlines()
+    lost = (5, 19, last - 1)
+    with open(m, "w") as f:
+        f.writelines(line for line in lines if json.loads(line)["step"] not in lost)
+
+    s = validate(load_config(TINY, over))
+    with pytest.warns(RuntimeWarning, match=r"lacks the rows of steps \[5, 19, %d\]" % (last - 1)) as caught:
+        run(s, wd)
+    run(s, ref)
+    rows, want = load_metric_rows(wd), load_metric_rows(ref)
+    assert [r["step"] for r in rows] == [r["step"] for r in want]
+    for r, w in zip(rows, want):
+        assert r == w, r["step"]
+    assert all("test_loss" in want[[w["step"] for w in want].index(k)] for k in (19, last - 1))
+    said = " ".join(str(w.message) for w in caught)
+    assert re.search(r"with the evaluation \(test_loss, ...\) of steps \[19, %d\] computed again" % (last - 1), said)
+    assert "replayed from the initial state" in said and f"the checkpoint of step {last}" in said
+    a, b = load_trajectory(wd), load_trajectory(ref)
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k], equal_nan=True) for k in a)

@@ -8,7 +8,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from quotient_sgd.models import CNN, MLP, BatchNorm, CausalSelfAttention, DeepLinear, LayerNorm, MeanField, Transformer
+from quotient_sgd.models import (
+    CNN,
+    MLP,
+    BatchNorm,
+    CausalSelfAttention,
+    DeepLinear,
+    LayerNorm,
+    MeanField,
+    Transformer,
+    mmd,
+    particle_moments,
+    particles,
+)
 
 
 def _params(model):
@@ -69,3 +81,28 @@ def test_model_sizes_refuse_traced_values():
     with pytest.raises(ValueError, match=r"LayerNorm: num_features must be an integer >= 1 known when the model is "
                                          r"built, got a traced value"):
         jax.jit(lambda n: LayerNorm(n).scale[...])(3)
+
+
+def test_particle_sets_of_the_wrong_shape_are_refused_naming_the_argument():
+    """``particle_moments`` of a 1-D ``p`` returned scalar moments (shape ``()``, where ``(k,)`` and ``(k, k)`` are
+    promised), of a 3-D one a bare matmul error, of an empty set a NaN mean; ``mmd`` against an empty set was NaN;
+    ``particles`` of another model's parameters raised a bare ``KeyError: 'w_in'``.  Each is refused by a
+    ``ValueError`` naming the function and the argument; a proper particle set still gives the exact moments."""
+    for p in (jnp.arange(3.0), jnp.ones((2, 3, 3)), jnp.ones((0, 3)), jnp.float32(2.0)):
+        with pytest.raises(ValueError, match=r"particle_moments: p must be a particle set \(n, k\) with n >= 1"):
+            particle_moments(p)
+    with pytest.raises(ValueError, match=r"mmd: p and q must hold at least one particle each"):
+        mmd(jnp.ones((0, 2)), jnp.ones((3, 2)))
+    with pytest.raises(ValueError, match=r"mmd: p and q must hold at least one particle each"):
+        mmd(jnp.ones((3, 2)), jnp.ones((0, 2)))
+    mlp = MLP(2, (3,), 1, rngs=nnx.Rngs(0))
+    for bad in (mlp, nnx.state(mlp, nnx.Param), {"w_in": jnp.ones((3, 2)), "b": jnp.ones(4), "w_out": jnp.ones((3, 1))},
+                {"w_in": jnp.ones((3, 2)), "b": jnp.ones(3), "w_out": jnp.ones(3)}):
+        with pytest.raises(ValueError, match=r"particles: params must be a MeanField model or its parameters"):
+            particles(bad)
+    p = np.arange(6.0).reshape(3, 2)
+    mom = particle_moments(jnp.asarray(p))
+    np.testing.assert_allclose(mom["mean"], p.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(mom["second_moment"], p.T @ p / 3, rtol=1e-6)
+    mf = MeanField(2, 4, 1, rngs=nnx.Rngs(0))
+    assert particles(mf).shape == (4, 4) and float(mmd(particles(mf), particles(mf))) == 0.0

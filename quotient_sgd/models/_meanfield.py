@@ -76,11 +76,21 @@ def particles(params, *, balanced: bool = False) -> jax.Array:
             functions of the balanced particles are invariant under rescale as well as permutation.
 
     Leaves of different dtypes (a float64 bias with float32 weights) are joined in their common floating dtype.
+    ``ValueError`` naming ``params`` when they are not a mean-field network's (another model's parameters, or arrays
+    of other shapes).
     """
     balanced = check_flag("particles", "balanced", balanced)
     if isinstance(params, nnx.Module):
         params = nnx.state(params, nnx.Param)
-    w_in, b, w_out = (jnp.asarray(params[k][...]) for k in ("w_in", "b", "w_out"))
+    try:
+        w_in, b, w_out = (jnp.asarray(params[k][...]) for k in ("w_in", "b", "w_out"))
+    except (KeyError, TypeError, IndexError):  # (a bare KeyError 'w_in' for the parameters of another model)
+        w_in = None
+    if w_in is None or w_in.ndim != 2 or b.shape != w_in.shape[:1] or w_out.ndim != 2 or w_out.shape[0] != b.shape[0]:
+        got = (f"w_in {w_in.shape}, b {b.shape}, w_out {w_out.shape}" if w_in is not None
+               else f"an object of type {type(params).__name__} without them")
+        raise ValueError(f"particles: params must be a MeanField model or its parameters, w_in (width, din), b "
+                         f"(width,) and w_out (width, dout); got {got}")
     dtype = _common_float(w_in, b, w_out)  # (a float64 bias with float32 weights failed under strict promotion)
     w_in, b, w_out = w_in.astype(dtype), b.astype(dtype), w_out.astype(dtype)
     pin = jnp.concatenate([w_in, b[:, None]], axis=1)
@@ -100,9 +110,13 @@ def particle_moments(p: jax.Array) -> dict[str, jax.Array]:
 
     Returns ``{"mean": (k,), "second_moment": (k, k)}`` with ``mean = (1/n) sum_j p_j`` and
     ``second_moment = (1/n) sum_j p_j p_j^T``; both are invariant under permutations of the rows of ``p``.
-    Integer particles are read as the default float.
+    Integer particles are read as the default float.  ``ValueError`` unless ``p`` is ``(n, k)`` with ``n >= 1``.
     """
     p = _particle_set("particle_moments", "p", p)
+    if p.ndim != 2 or not p.shape[0]:
+        # a 1-D p gave scalar moments, a 3-D one a bare matmul error, an empty one a NaN mean
+        raise ValueError(f"particle_moments: p must be a particle set (n, k) with n >= 1 particles, got shape "
+                         f"{p.shape}")
     p = p.astype(_common_float(p))
     n = jnp.asarray(p.shape[0], p.dtype)
     return {"mean": jnp.sum(p, axis=0) / n, "second_moment": (p.T @ p) / n}
@@ -156,6 +170,9 @@ def mmd(p: jax.Array, q: jax.Array, *, bandwidth: float = 1.0, squared: bool = F
     if jnp.ndim(p) != 2 or jnp.ndim(q) != 2 or jnp.shape(p)[1] != jnp.shape(q)[1]:
         raise ValueError(f"mmd: p and q must be particle sets (n, k) and (m, k) with the same k, got shapes "
                          f"{jnp.shape(p)} and {jnp.shape(q)}")
+    if not p.shape[0] or not q.shape[0]:  # the mean over no particle is 0 / 0: the MMD was NaN
+        raise ValueError(f"mmd: p and q must hold at least one particle each (an empty set has no empirical "
+                         f"measure), got shapes {p.shape} and {q.shape}")
     if not isinstance(bandwidth, jax.core.Tracer):
         try:
             value = float(bandwidth)

@@ -63,3 +63,32 @@ def test_lost_chunk_end_rows_get_their_evaluation_back_after_a_sigkill(tmp_path)
     assert "replayed from the initial state" in said and f"the checkpoint of step {last}" in said
     a, b = load_trajectory(wd), load_trajectory(ref)
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k], equal_nan=True) for k in a)
+
+
+# ---- defect 2: a resume restored a checkpoint newer than the trajectory parts ---------------------------------
+def test_resume_after_a_command_without_checkpoints_keeps_every_step(tmp_path):
+    """A run stopped after its checkpoint of step 30 (rows and parts of steps 0-29, checkpoints 20 and 30), then a
+    command with ``checkpoint.enabled=False`` (which starts again from step 0, dropping the parts and rows, and
+    keeps the checkpoints) stopped after one chunk, then the run resumed with checkpoints on: it restored the
+    stale checkpoint of step 30 and finished with a trajectory of 20 of its 40 steps (steps 10-29 in no file) and
+    without their metric rows, blaming "a hand edit or a faulty file system".  It resumes from the step its parts
+    reach (here 0) and ends with the trajectory and rows of an uninterrupted run, bit for bit."""
+    from helpers import tiny_settings
+
+    on, off = tiny_settings(40), tiny_settings(40, **{"checkpoint.enabled": False})
+    ref = run(on, str(tmp_path / "ref"))
+    wd = str(tmp_path / "r")
+    run(on, wd, max_chunks=3)
+    run(off, wd, max_chunks=1)
+    assert checkpoint_steps(wd) == [20, 30]
+    with pytest.warns(RuntimeWarning) as caught:
+        done = run(on, wd)
+    traj = load_trajectory(wd)
+    assert traj["step"].tolist() == list(range(40))
+    assert done.resumed_from == 0
+    assert any(re.search(r"no part of the chunk from step 10 on, before the checkpoint of step 30.*resuming from "
+                         r"step 0", str(w.message)) for w in caught)
+    assert sorted(traj) == sorted(ref.trajectory)
+    for k in traj:
+        np.testing.assert_array_equal(traj[k], ref.trajectory[k], err_msg=k)
+    assert load_metric_rows(wd) == load_metric_rows(str(tmp_path / "ref"))

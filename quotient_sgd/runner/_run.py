@@ -198,6 +198,39 @@ def mend_metrics(s: Settings, metrics: MetricsLog, parts: TrajectoryParts, ckpt,
     return start, state
 
 
+def rewind_to_parts(s: Settings, metrics: MetricsLog, parts: TrajectoryParts, ckpt: Checkpoints, start: int, state,
+                    fresh) -> tuple[int, object]:
+    """``(start, state)`` to resume from when the trajectory parts do not reach the checkpoint of ``start``: a
+    chunk before it has no ``trajectory_parts/part_<a>.npz``.  A command with ``checkpoint.enabled=False`` starts
+    again from step 0 and drops the parts and rows of the directory, but keeps the checkpoints an earlier command
+    wrote; interrupted, and resumed with checkpoints on, the run restored that newer checkpoint, so the steps
+    between the parts and it were in no file (their rows "lost", a trajectory with a gap of 20 of its 40 steps).
+    It resumes instead from the newest kept checkpoint at or before the first chunk without a part (step 0, the
+    initial state ``fresh()``, when there is none), after deleting the newer checkpoints and the parts and rows
+    from that step on: the same steps are computed again (deterministic), with a ``RuntimeWarning`` naming them.
+    Unchanged when every chunk before ``start`` has its part."""
+    import warnings
+
+    have = set(parts._starts())
+    lacking = [a for a, _ in chunk_bounds(0, start, s.checkpoint.every) if a not in have]
+    if not lacking:
+        return start, state
+    kept = sorted(ckpt.manager.all_steps())
+    base = max((k for k in kept if k <= lacking[0]), default=0)
+    state = ckpt.restore(base, state) if base else fresh()
+    for k in kept:
+        if k > base:
+            ckpt.manager.delete(k)
+    parts.truncate(base)
+    metrics.truncate(base)
+    warnings.warn(f"{parts.dir} has no part of the chunk from step {lacking[0]} on, before the checkpoint of step "
+                  f"{start} (a command with checkpoint.enabled=False started the run again from step 0 and was "
+                  f"stopped, or the part was removed); resuming from "
+                  + (f"the checkpoint of step {base}" if base else "step 0")
+                  + f" instead, to compute steps {base} to {start - 1} again", RuntimeWarning, stacklevel=3)
+    return base, state
+
+
 def chunk_end_evaluations(b: Built, s: Settings, ckpt: Checkpoints, template, fresh, ends: list[int]) -> dict:
     """``{c: (evaluation, how)}``: the evaluation (``test_loss``, ...; :func:`~._chunk.evaluation`) of the state
     at each chunk end ``c`` in ``ends`` (steps before the newest checkpoint), as the chunk ending at ``c`` computed
@@ -372,8 +405,10 @@ def _run(s: Settings, workdir: str, b: Built, resume: bool, max_chunks: int | No
         if not ended:
             parts.truncate(start)
             metrics.truncate(start)
+            fresh = lambda: init(jnp.int32(s.seed), jnp.float32(s.init_gauge), *hyper_of(s))  # noqa: E731
             if start > 0:
-                fresh = lambda: init(jnp.int32(s.seed), jnp.float32(s.init_gauge), *hyper_of(s))  # noqa: E731
+                start, state = rewind_to_parts(s, metrics, parts, ckpt, start, state, fresh)
+            if start > 0:
                 start, state = mend_metrics(s, metrics, parts, ckpt, start, state, fresh, evaluate_at=functools.partial(
                     chunk_end_evaluations, b, s, ckpt, state, fresh))
         todo = [] if ended else chunk_bounds(start, s.steps, every)

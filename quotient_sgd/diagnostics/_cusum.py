@@ -39,7 +39,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._series import real_kind
+from ._series import plain_scalar, real_kind
 
 
 class Alarm(NamedTuple):
@@ -116,7 +116,6 @@ _CHUNK_VALUES = 2**22
 _TAIL = 1000
 
 
-@functools.lru_cache(maxsize=256)
 def cusum_threshold(n_blocks: int, alpha: float = 0.05, k: float = 0.5, min_ref: int = 10, clip: float = 4.0,
                     num_sims: int = 4000, seed: int = 0) -> float:
     """The threshold ``h`` giving a false-alarm probability ``alpha`` over ``n_blocks`` stationary values.
@@ -129,13 +128,17 @@ def cusum_threshold(n_blocks: int, alpha: float = 0.05, k: float = 0.5, min_ref:
     ``h`` extrapolates an exponential fitted to the top 1000 simulated values, ``P(max > h) ~ exp(-theta h)``:
     conservative, the clipped statistic's tail being lighter (measured on 60 blocks: 14.9 for alpha = 1e-5 against
     14.6 from 2 million simulations).  The series are simulated in chunks of at
-    most ``2^22`` values (32 MB; 20000 blocks drew 640 MB at once).  Cached per argument tuple.
+    most ``2^22`` values (32 MB; 20000 blocks drew 640 MB at once).  Cached per argument tuple.  Every argument
+    may be a Python or NumPy number or a 0-d NumPy / JAX array of one (a JAX scalar failed in the cache with a bare
+    ``TypeError: unhashable type``).
 
     Raises:
         ValueError: ``n_blocks`` not an integer ``>= 0`` (``10.5`` was simulated as 10 blocks, none monitored, and
             gave the threshold 0), ``alpha`` not in ``(0, 1)``, ``num_sims`` not an integer ``>= 1``, or ``k``,
             ``min_ref``, ``clip`` as in :func:`cusum`.
     """
+    n_blocks, alpha, k, min_ref, clip, num_sims, seed = map(plain_scalar, (n_blocks, alpha, k, min_ref, clip,
+                                                                          num_sims, seed))
     if not (isinstance(alpha, numbers.Real) and not isinstance(alpha, bool) and 0 < alpha < 1):
         raise ValueError(f"cusum_threshold: alpha={alpha!r} is not allowed; need a number in (0, 1) (the "
                          "false-alarm probability)")
@@ -144,6 +147,17 @@ def cusum_threshold(n_blocks: int, alpha: float = 0.05, k: float = 0.5, min_ref:
     # monitored: the threshold came out 0, which alarms on every value
     n = _check_count("cusum_threshold", "n_blocks", n_blocks, 0, "the number of block values calibrated for")
     num_sims = _check_count("cusum_threshold", "num_sims", num_sims, 1, "simulated series")
+    try:
+        hash(seed)
+    except TypeError:
+        raise ValueError(f"cusum_threshold: seed={seed!r} is not allowed; need an integer >= 0 (the simulations' "
+                         "seed)") from None
+    return _threshold(n, float(alpha), float(k), int(min_ref), float(clip), num_sims, seed)
+
+
+@functools.lru_cache(maxsize=256)
+def _threshold(n: int, alpha: float, k: float, min_ref: int, clip: float, num_sims: int, seed) -> float:
+    """:func:`cusum_threshold` of checked arguments (cached)."""
     if n <= min_ref:
         return float("inf")  # nothing is monitored
     sims = max(num_sims, min(int(np.ceil(_MIN_EXCEEDANCES / alpha)), _MAX_VALUES // n))
@@ -189,10 +203,14 @@ def cusum(x, *, alpha: float = 0.05, k: float = 0.5, min_ref: int = 10, clip: fl
             gave an infinite threshold for a series of any length: each without a word).
     """
     x = np.asarray(x)
+    alpha, k, min_ref, clip, n_blocks, threshold = map(plain_scalar, (alpha, k, min_ref, clip, n_blocks, threshold))
     if x.ndim != 1 or real_kind(x.dtype) not in "biuf":
         raise ValueError(f"cusum: x must be a 1-D series of real numbers (one value per block); got shape {x.shape}, "
                          f"dtype {x.dtype}")
     _check_parameters("cusum", k, min_ref, clip)
+    if threshold is None and not (isinstance(alpha, numbers.Real) and not isinstance(alpha, bool) and 0 < alpha < 1):
+        raise ValueError(f"cusum: alpha={alpha!r} is not allowed; need a number in (0, 1) (the false-alarm "
+                         "probability)")
     if n_blocks is not None:
         n_blocks = _check_count("cusum", "n_blocks", n_blocks, 1, "the planned number of values, or None")
     if threshold is not None and not (isinstance(threshold, numbers.Real) and not isinstance(threshold, bool)

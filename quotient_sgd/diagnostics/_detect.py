@@ -184,14 +184,15 @@ def detect_shock(traj, *, steps, lr=None, shock_level: float = 1.0, rearm: float
 
 
 def _check_decay(fn: str, decay, bound: float, what: str) -> float:
-    """``decay`` (``eta * weight_decay`` of SGD's coupled decay) as a float in ``[0, bound)``, else ValueError."""
-    ok = (isinstance(decay, (int, float, np.integer, np.floating)) and not isinstance(decay, bool)
-          and 0 <= decay < bound)
+    """``decay`` (``eta * weight_decay`` of SGD's coupled decay; a number or a 0-d array of one) as a float in
+    ``[0, bound)``, else ValueError."""
+    d = _real_scalar(decay)
+    ok = d is not None and 0 <= d < bound
     if not ok:
         raise ValueError(f"{fn}: decay={decay!r} is not allowed; need a number in [0, {bound!r}) (SGD's coupled "
                          f"weight decay times the learning rate, eta * weight_decay; from {bound!r} on the decay "
                          f"alone, on a mode of zero curvature, {what})")
-    return float(decay)
+    return d
 
 
 def _real_scalar(value) -> float | None:
@@ -206,7 +207,7 @@ def _real_scalar(value) -> float | None:
         a = np.asarray(value)
     except Exception:  # (a traced value, an object NumPy cannot read)
         return None
-    if a.ndim == 0 and (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
+    if a.ndim == 0 and real_kind(a.dtype) in "iuf":  # (bfloat16 too, whose NumPy kind is "V")
         return float(a)
     return None
 
@@ -283,16 +284,14 @@ def adam_edge(b1: float = 0.9, *, decay: float = 0.0, nesterov: bool = False) ->
             the decay alone, ``theta -> (1 - decay) theta``, is unstable: no ``a >= 0`` is stable), ``nesterov`` not
             a bool.
     """
-    ok = isinstance(b1, (int, float, np.integer, np.floating)) and not isinstance(b1, bool) and 0 <= b1 < 1
-    if not ok:
+    b, d = _real_scalar(b1), _real_scalar(decay)  # (a 0-d array, e.g. b1 read from an optimiser state, counts)
+    if b is None or not 0 <= b < 1:
         raise ValueError(f"adam_edge: b1={b1!r} is not allowed; need a number in [0, 1) (Adam's first-moment decay)")
-    ok = isinstance(decay, (int, float, np.integer, np.floating)) and not isinstance(decay, bool) and 0 <= decay < 2
-    if not ok:
+    if d is None or not 0 <= d < 2:
         raise ValueError(f"adam_edge: decay={decay!r} is not allowed; need a number in [0, 2) (AdamW's decoupled "
                          f"weight decay times the learning rate, eta * weight_decay)")
     if not isinstance(nesterov, (bool, np.bool_)):
         raise ValueError(f"adam_edge: nesterov={nesterov!r} is not allowed; need True or False (Nesterov Adam)")
-    b, d = float(b1), float(decay)
     edge = (2 - d) * (1 + b) / (1 - b)
     return edge / (1 + 2 * b) if nesterov else edge
 

@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from ._series import real_kind
+from ._series import plain_scalar, real_kind
 
 _TRANSFORMS = ("auto", "log_diff", "diff", "level")
 _TRANSITION_VARIANTS = ("quotient", "raw")
@@ -34,9 +34,11 @@ def _names(v, allowed=None) -> bool:
 
 
 def _levels(v) -> bool:
-    if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
+    """A non-empty sequence of finite numbers > 0: Python, NumPy or 0-d JAX numbers (a JAX array of levels,
+    ``jnp.array([1.0, 2.0])``, was refused where the NumPy array was taken)."""
+    if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__") or getattr(v, "ndim", 1) != 1:
         return False
-    v = list(v)
+    v = [plain_scalar(x) for x in v]
     return len(v) > 0 and all(_real(x) and x > 0 for x in v)
 
 
@@ -127,13 +129,8 @@ def _materialise(value):
     values (lists, tuples, arrays) are kept as they are."""
     if isinstance(value, (str, bytes, Mapping)):
         return value
-    if hasattr(value, "__array__") and getattr(value, "ndim", None) == 0 and not isinstance(value, np.generic):
-        try:
-            a = np.asarray(value)
-        except Exception:  # (a traced value: refused by its check as what it is)
-            return value
-        kind = real_kind(a.dtype)
-        return bool(a) if kind == "b" else int(a) if kind in "iu" else float(a) if kind == "f" else value
+    if hasattr(value, "__array__") and getattr(value, "ndim", None) == 0:
+        return plain_scalar(value)
     if not hasattr(value, "__iter__"):
         return value
     return tuple(value) if iter(value) is value else value

@@ -61,6 +61,23 @@ def real_kind(dtype) -> str:
         return dtype.kind
 
 
+def plain_scalar(value):
+    """A 0-d NumPy or JAX array of a real or boolean dtype (``jnp.int32(5)``, ``np.array(0.9)``, a hyperparameter
+    read from an optimiser state) as the Python ``int``, ``float`` or ``bool`` it holds; anything else (Python and
+    NumPy scalars, sequences, traced values) as it is.  The argument checks then treat it as that number: a JAX
+    scalar was refused where the same NumPy number was accepted, or failed in a bare ``TypeError: unhashable type``
+    (:func:`~quotient_sgd.diagnostics.cusum_threshold`'s cache)."""
+    if isinstance(value, (np.generic, str, bytes)) or not hasattr(value, "__array__") \
+            or getattr(value, "ndim", None) != 0:
+        return value
+    try:
+        a = np.asarray(value)
+    except Exception:  # noqa: BLE001 - a traced value: refused by its check as what it is
+        return value
+    kind = real_kind(a.dtype)
+    return bool(a) if kind == "b" else int(a) if kind in "iu" else float(a) if kind == "f" else value
+
+
 def flatten_trajectory(trajectory: Mapping[str, Any] | Any) -> dict[str, np.ndarray]:
     """``{"a": {"b": x}} -> {"a/b": np.asarray(x)}``; a ``np.load``-ed npz is accepted as is."""
     out: dict[str, np.ndarray] = {}
@@ -95,7 +112,8 @@ def steps_of(traj: Mapping[str, np.ndarray], start_step: int = 0) -> np.ndarray:
     Raises:
         ValueError: ``step`` values that are not finite integers or not strictly increasing (repeated or unsorted
             steps, e.g. chunks concatenated in the wrong order or twice: every detector reads the rows as
-            consecutive in time), or a ``start_step`` that is not an integer.
+            consecutive in time), or a ``start_step`` that is not an integer (a Python or NumPy integer, or a 0-d
+            integer array).
     """
     if "step" in traj:
         raw = np.asarray(traj["step"]).reshape(-1)
@@ -118,6 +136,7 @@ def steps_of(traj: Mapping[str, np.ndarray], start_step: int = 0) -> np.ndarray:
                              f"({back.size} such place(s)). Repeated or unsorted steps come from chunks concatenated "
                              "twice or out of order: sort the rows by step and drop the repeats")
         return steps
+    start_step = plain_scalar(start_step)
     if isinstance(start_step, bool) or not isinstance(start_step, (int, np.integer)):
         raise ValueError(f"detect: start_step={start_step!r} is not allowed; need an integer (the first row's step)")
     return int(start_step) + np.arange(num_steps(traj), dtype=np.int64)

@@ -106,3 +106,21 @@ def test_particle_sets_of_the_wrong_shape_are_refused_naming_the_argument():
     np.testing.assert_allclose(mom["second_moment"], p.T @ p / 3, rtol=1e-6)
     mf = MeanField(2, 4, 1, rngs=nnx.Rngs(0))
     assert particles(mf).shape == (4, 4) and float(mmd(particles(mf), particles(mf))) == 0.0
+
+
+def test_flags_take_zero_dimensional_boolean_arrays():
+    """``classifier=jnp.bool_(True)`` (or a NumPy 0-d boolean array) was refused as ``must be True or False``, as
+    the integer sizes were; it is read as the bool it holds, and builds the model the Python bool builds.  Integers,
+    strings, arrays with an axis and traced values are still refused."""
+    x = jnp.ones((2, 3))
+    ref = MLP(3, (4,), 2, classifier=True, rngs=nnx.Rngs(0))
+    for flag in (jnp.bool_(True), np.array(True), jnp.asarray(True)):
+        got = MLP(3, (4,), 2, classifier=flag, rngs=nnx.Rngs(0))
+        assert got.classifier is True
+        np.testing.assert_array_equal(np.asarray(got(x)), np.asarray(ref(x)))
+    assert BatchNorm(2, use_running_average=jnp.bool_(False)).use_running_average is False
+    for bad in (jnp.int32(1), jnp.array([True]), "True", 1):
+        with pytest.raises(ValueError, match=r"MLP: classifier must be True or False"):
+            MLP(3, (4,), 2, classifier=bad, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"MLP: classifier must be True or False"):
+        jax.jit(lambda c: MLP(3, (4,), 2, classifier=c, rngs=nnx.Rngs(0)).classifier)(True)

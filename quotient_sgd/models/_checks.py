@@ -104,8 +104,12 @@ def check_input(model: str, x, kernel: jax.Array) -> jax.Array:
 
 
 def check_flag(model: str, name: str, value) -> bool:
-    """A bool (or NumPy bool), returned as ``bool``: ``bool("False")`` is ``True``, so a string or a number is
-    refused rather than read by its truth value."""
+    """A bool (or NumPy bool, or a concrete 0-d boolean NumPy / JAX array such as ``jnp.bool_(True)``), returned as
+    ``bool``: ``bool("False")`` is ``True``, so a string or a number is refused rather than read by its truth
+    value."""
+    if (not isinstance(value, (bool, np.bool_, jax.core.Tracer)) and hasattr(value, "__array__")
+            and getattr(value, "ndim", None) == 0 and getattr(value, "dtype", None) == np.bool_):
+        value = bool(value)
     if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{model}: {name} must be True or False, got {value!r}")
     return bool(value)

@@ -100,6 +100,28 @@ def _gl_chain(comps):
 NONABELIAN_DENSE_MAX = 1024
 
 
+#: The solver settings of :class:`Product` and their defaults (the merge rule for nested products reads them).
+_DEFAULT_SETTINGS = {"newton": False, "newton_iters": 40, "sweeps": 500, "dense_max": 64}
+
+
+def _merge_settings(name: str, settings: dict, source: dict, inner: "Product") -> None:
+    """Merge the solver settings of the nested product ``inner`` into ``settings`` (see :class:`Product`, nested
+    products): a setting at its default takes the other's value; two values that both differ from the default and
+    from each other raise ``SymmetryError`` naming the setting, both values and where each came from."""
+    for key, default in _DEFAULT_SETTINGS.items():
+        value = getattr(inner, key)
+        if value == default:
+            continue
+        if settings[key] == default:
+            settings[key], source[key] = value, f"the nested product {inner.name!r}"
+        elif settings[key] != value:
+            raise SymmetryError(
+                f"Product {name!r}: {key}={value!r} in the nested product {inner.name!r} conflicts with "
+                f"{key}={settings[key]!r} in {source[key]}; a product has one set of solver settings (newton, "
+                f"newton_iters, sweeps, dense_max) for all its components, nested products' included: give the "
+                f"value once, to the outer Product, or the same value to both")
+
+
 class Product(Group):
     """The product of component actions (a model's full symmetry group).
 
@@ -133,6 +155,20 @@ class Product(Group):
       reports its components' invariants at the cluster's canonical point.  Either way they are invariant
       under the whole group.
     - lone GL actions share one batched SVD for their Sylvester solves.
+
+    Solver settings: ``newton`` (Newton's method for abelian minimum-norm clusters), ``newton_iters`` (its
+    iteration cap), ``sweeps`` (the block-coordinate sweeps' cap) and ``dense_max`` (the largest abelian cluster
+    solved densely in ``vertical`` / ``horizontal``) hold for every cluster of the product.
+
+    Nested products: a :class:`Product` among the components is flattened into its components (clusters are formed
+    over all of them, so one cluster may join components of several nested products).  Its solver settings are
+    merged into this product's, setting by setting: a value equal to the default (``newton=False``,
+    ``newton_iters=40``, ``sweeps=500``, ``dense_max=64``) takes the other's value, so
+    ``Product([inner], newton=True)`` and ``Product([Product(comps, newton=True)])`` both use Newton's method, and
+    nesting a product alone changes none of its results; two values that differ from the default and from each
+    other (``sweeps=5`` inside, ``sweeps=50`` outside, or in two nested products) raise ``SymmetryError`` naming
+    the setting.  The merged values are this product's attributes.  (They were the outer product's alone: a nested
+    product's settings were silently dropped.)
     """
 
     components: tuple[Group, ...]
@@ -153,11 +189,16 @@ class Product(Group):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
                 # sweeps=0 returned the parameters unmoved as the "canonical" point
                 raise SymmetryError(f"Product {name!r}: {arg} must be an integer >= {least}, got {value!r}")
+        settings = {"newton": bool(newton), "newton_iters": int(newton_iters), "sweeps": int(sweeps),
+                    "dense_max": int(dense_max)}
+        source = {k: "this product" for k, v in settings.items() if v != _DEFAULT_SETTINGS[k]}
         comps = []
         for c in components:
             if not isinstance(c, Group):
                 raise SymmetryError(f"Product {name!r}: components must be groups (Rescale, Scale, GL, ...), got "
                                     f"{c!r}")
+            if isinstance(c, Product):
+                _merge_settings(name, settings, source, c)
             comps.extend(c.components if isinstance(c, Product) else [c])
         names = [c.name for c in comps]
         dup = {n for n in names if names.count(n) > 1}
@@ -165,10 +206,10 @@ class Product(Group):
             raise SymmetryError(f"Product {name!r}: component names must be unique, repeated: {sorted(dup)}")
         self.components = tuple(comps)
         self.name = name
-        self.newton_iters = int(newton_iters)
-        self.sweeps = int(sweeps)
-        self.newton = bool(newton)
-        self.dense_max = int(dense_max)
+        self.newton_iters = settings["newton_iters"]
+        self.sweeps = settings["sweeps"]
+        self.newton = settings["newton"]
+        self.dense_max = settings["dense_max"]
 
     # --- structure ----------------------------------------------------------------------------------------
     @property

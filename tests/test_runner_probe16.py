@@ -92,3 +92,28 @@ def test_resume_after_a_command_without_checkpoints_keeps_every_step(tmp_path):
     for k in traj:
         np.testing.assert_array_equal(traj[k], ref.trajectory[k], err_msg=k)
     assert load_metric_rows(wd) == load_metric_rows(str(tmp_path / "ref"))
+
+
+def test_sweep_resume_after_a_command_without_checkpoints_keeps_every_step(tmp_path):
+    """The same for a sweep (one member diverges at step ~1, the other lives): its members' trajectories lacked
+    steps 10-29 after the resume from the stale checkpoint of step 30.  It resumes from step 0 and ends as the
+    uninterrupted sweep, bit for bit, the diverged member's record included."""
+    import jax
+
+    from helpers import assert_sweeps_bitwise, tiny_settings
+    from quotient_sgd.runner import sweep
+
+    kw = {"sweep.lr": (0.05, 500.0), "sweep.seed": (0,)}
+    on, off = tiny_settings(40, **kw), tiny_settings(40, **kw, **{"checkpoint.enabled": False})
+    dev = jax.devices()[:1]
+    sweep(on, str(tmp_path / "ref"), devices=dev)
+    wd = str(tmp_path / "sw")
+    sweep(on, wd, devices=dev, max_chunks=3)
+    sweep(off, wd, devices=dev, max_chunks=1)
+    assert checkpoint_steps(wd) == [20, 30]
+    with pytest.warns(RuntimeWarning) as caught:
+        done = sweep(on, wd, devices=dev)
+    assert load_trajectory(done.member_dirs[0])["step"].tolist() == list(range(40))
+    assert done.resumed_from == 0 and set(done.diverged) == {1}
+    assert_sweeps_bitwise(wd, str(tmp_path / "ref"), 2)
+    assert any("no trajectory part of the chunk from step 10 on" in str(w.message) for w in caught)

@@ -523,6 +523,48 @@ def _finished_result(workdir: str, s: Settings, old: dict, members: list[dict], 
                        old.get("measured_cost", {}), old["schedule"], wrote=False)
 
 
+def _rewind_to_parts(workdir: str, ckpt: Checkpoints, n: int, every: int) -> None:
+    """Delete the checkpoints newer than the members' trajectory parts reach, so that the sweep resumes from the
+    newest kept checkpoint at or before the first chunk some member has no ``part_<a>.npz`` of (a member that
+    diverged needs the chunks up to its divergence only), or from step 0.  A command with
+    ``checkpoint.enabled=False`` starts a sweep again from step 0, dropping its members' parts and rows, and keeps
+    the checkpoints an earlier command wrote; interrupted, then resumed with checkpoints on, the sweep restored
+    that newer checkpoint, and its members' trajectories lacked the steps between (20 of 40 steps: rows "lost").
+    Every process of a multi-host sweep reads the same files and reaches the same decision: they all read before
+    any of them deletes (a barrier between; orbax's ``delete`` is itself a collective that every process must
+    call for the same steps).  A ``RuntimeWarning`` names the step it resumes from."""
+    import warnings
+
+    kept = sorted(ckpt.manager.all_steps())
+    first = None
+    for i in range(n if kept else 0):
+        d = os.path.join(workdir, "members", f"{i:03d}")
+        div = read_divergence(d, "sweep member directory")
+        have = set(TrajectoryParts(d)._starts())
+        for a, _ in chunk_bounds(0, kept[-1], every):
+            if div is not None and a > div["step"]:
+                break
+            if a not in have:
+                first = a if first is None else min(first, a)
+                break
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("quotient_sgd_sweep_rewind_to_parts")
+    if first is None:
+        return
+    base = max((k for k in kept if k <= first), default=0)
+    for k in kept:
+        if k > base:
+            ckpt.manager.delete(k)
+    if jax.process_index() == 0:
+        warnings.warn(f"sweep directory {workdir!r}: a member has no trajectory part of the chunk from step {first} "
+                      f"on, before the checkpoint of step {kept[-1]} (a command with checkpoint.enabled=False started "
+                      f"the sweep again from step 0 and was stopped, or the part was removed); resuming from "
+                      + (f"the checkpoint of step {base}" if base else "step 0")
+                      + f" instead, to compute steps {base} to {kept[-1] - 1} again", RuntimeWarning, stacklevel=4)
+
+
 def _layout_at(schedule: list[dict], step: int) -> int:
     """Members per device of the chunk that ends at ``step`` (the layout of the checkpoint of ``step``)."""
     mpd = schedule[0]["members_per_device"]
@@ -801,6 +843,8 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
     layout = _Layout(schedule[0]["members_per_device"], nd, n, padded is not None)
     ckpt = Checkpoints(workdir, s.checkpoint.keep) if s.checkpoint.enabled else None
     progress["checkpoints"] = ckpt
+    if ckpt is not None and (old is None or old.get("wall_s") is None):  # (a finished sweep computes nothing)
+        _rewind_to_parts(workdir, ckpt, n, every)
     start = 0
     if ckpt is not None:
         start, packed = ckpt.restore_latest(

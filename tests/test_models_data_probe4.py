@@ -43,7 +43,8 @@ _BUILDERS = [
 
 @pytest.mark.parametrize("convert", [jnp.int32, jnp.uint8, np.array, jnp.asarray],
                          ids=["jnp.int32", "jnp.uint8", "np.array", "jnp.asarray"])
-@pytest.mark.parametrize("build,sizes", _BUILDERS, ids=lambda v: getattr(v, "__name__", None))
+@pytest.mark.parametrize("build,sizes", _BUILDERS, ids=["MLP", "DeepLinear", "MeanField", "CNN", "Transformer",
+                                                         "CausalSelfAttention", "LayerNorm", "BatchNorm"])
 def test_model_sizes_take_any_integral_scalar(build, sizes, convert):
     """Every model refused a JAX integer size (``MLP: din must be an integer >= 1, got Array(3, dtype=int32)``) and
     a NumPy 0-d integer array, while it took a NumPy integer scalar.  Built from any integral scalar it has exactly

@@ -680,10 +680,11 @@ def _main(argv: list[str]) -> int:
 def _report_interrupt(interrupt: KeyboardInterrupt, workdir: str, settings) -> int:
     """Exit status and message of a run or sweep ended by ``interrupt``: 143 for SIGTERM (:class:`_Terminated`),
     130 for Ctrl-C, naming what the same command resumes from (:func:`_interrupted`)."""
-    checkpoints = settings.checkpoint.enabled
+    checkpoints, every = settings.checkpoint.enabled, settings.checkpoint.every
     if isinstance(interrupt, _Terminated):
-        return _fail(_interrupted(workdir, "terminated (SIGTERM)", checkpoints=checkpoints), code=128 + signal.SIGTERM)
-    return _fail(_interrupted(workdir, checkpoints=checkpoints), code=130)
+        return _fail(_interrupted(workdir, "terminated (SIGTERM)", checkpoints=checkpoints, every=every),
+                     code=128 + signal.SIGTERM)
+    return _fail(_interrupted(workdir, checkpoints=checkpoints, every=every), code=130)
 
 
 class _Terminated(KeyboardInterrupt):
@@ -774,18 +775,32 @@ def _last_row_step(path: str) -> int | None:
     return None
 
 
-def _interrupted(workdir: str, what: str = "interrupted", *, checkpoints: bool = True) -> str:
+def _interrupted(workdir: str, what: str = "interrupted", *, checkpoints: bool = True,
+                 every: int | None = None) -> str:
     """What an interrupted run or sweep kept (the runner has waited for the checkpoint being written), exactly:
     the checkpoint the same command resumes from, and the metric rows written after it (the rows of a chunk are
     written before its checkpoint, and a sweep writes a chunk's rows while the next one computes) that the resume
     drops and computes again.  ``checkpoints``: the command's ``checkpoint.enabled``; without checkpoints the same
-    command starts again from step 0, whatever checkpoints an earlier command left in the directory."""
+    command starts again from step 0, whatever checkpoints an earlier command left in the directory.  ``every``:
+    the command's ``checkpoint.every``; given, the step a command with checkpoints on resumes from is the newest
+    of those checkpoints that the trajectory parts reach (:func:`~quotient_sgd.runner._run.rewind_to_parts`: the
+    command without checkpoints dropped the parts from step 0 on)."""
     from .runner._rundir import checkpoint_steps
 
     steps = checkpoint_steps(workdir)
     if not checkpoints and os.path.isdir(workdir):
-        older = (f" (a command with checkpoint.enabled=True resumes from its checkpoint of step {steps[-1]})"
-                 if steps else "")
+        resumes = f"its checkpoint of step {steps[-1]}" if steps else ""
+        if steps and every is not None:
+            from .runner._run import first_missing_part, resume_point
+
+            members = os.path.join(workdir, "members")
+            dirs = ([os.path.join(members, m) for m in sorted(os.listdir(members))
+                     if os.path.isdir(os.path.join(members, m))] if os.path.isdir(members) else [workdir])
+            missing = [a for a in (first_missing_part(d, steps[-1], every) for d in dirs) if a is not None]
+            if missing:
+                base = resume_point(steps, min(missing))
+                resumes = f"its checkpoint of step {base}" if base else "step 0"
+        older = f" (a command with checkpoint.enabled=True resumes from {resumes})" if steps else ""
         return (f"{what}; checkpoints are off (checkpoint.enabled=False): the same command starts {workdir} again "
                 f"from step 0{older}")
     if steps:

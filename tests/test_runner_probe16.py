@@ -72,7 +72,9 @@ def test_resume_after_a_command_without_checkpoints_keeps_every_step(tmp_path):
     keeps the checkpoints) stopped after one chunk, then the run resumed with checkpoints on: it restored the
     stale checkpoint of step 30 and finished with a trajectory of 20 of its 40 steps (steps 10-29 in no file) and
     without their metric rows, blaming "a hand edit or a faulty file system".  It resumes from the step its parts
-    reach (here 0) and ends with the trajectory and rows of an uninterrupted run, bit for bit."""
+    reach (here 0) and ends with the trajectory and rows of an uninterrupted run, bit for bit; the message of the
+    interrupted command without checkpoints named the stale checkpoint as the one a command with them resumes
+    from, and names step 0."""
     from helpers import tiny_settings
 
     on, off = tiny_settings(40), tiny_settings(40, **{"checkpoint.enabled": False})
@@ -81,6 +83,11 @@ def test_resume_after_a_command_without_checkpoints_keeps_every_step(tmp_path):
     run(on, wd, max_chunks=3)
     run(off, wd, max_chunks=1)
     assert checkpoint_steps(wd) == [20, 30]
+    # what the interrupted command without checkpoints says a command with them resumes from
+    from quotient_sgd.cli import _interrupted
+
+    said = _interrupted(wd, checkpoints=False, every=on.checkpoint.every)
+    assert "checkpoint.enabled=True resumes from step 0" in said and "step 30" not in said, said
     with pytest.warns(RuntimeWarning) as caught:
         done = run(on, wd)
     traj = load_trajectory(wd)

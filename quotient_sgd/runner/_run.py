@@ -198,6 +198,28 @@ def mend_metrics(s: Settings, metrics: MetricsLog, parts: TrajectoryParts, ckpt,
     return start, state
 
 
+def first_missing_part(run_dir: str, end: int, every: int) -> int | None:
+    """The first chunk ``[a, b)`` before step ``end`` (chunks of ``every`` steps) whose trajectory part
+    ``run_dir/trajectory_parts/part_<a>.npz`` is missing, ``None`` when there is none; a sweep member that diverged
+    (its ``diverged.json``) needs the chunks up to its divergence only."""
+    from ._rundir import read_divergence
+
+    div = read_divergence(run_dir, "run directory")
+    have = set(TrajectoryParts(run_dir)._starts())
+    for a, _ in chunk_bounds(0, end, every):
+        if div is not None and a > div["step"]:
+            return None
+        if a not in have:
+            return a
+    return None
+
+
+def resume_point(kept: list[int], first_missing: int) -> int:
+    """The step a resume restarts from when the trajectory parts lack the chunk starting at ``first_missing``: the
+    newest of the ``kept`` checkpoints at or before it, else step 0."""
+    return max((k for k in kept if k <= first_missing), default=0)
+
+
 def rewind_to_parts(s: Settings, metrics: MetricsLog, parts: TrajectoryParts, ckpt: Checkpoints, start: int, state,
                     fresh) -> tuple[int, object]:
     """``(start, state)`` to resume from when the trajectory parts do not reach the checkpoint of ``start``: a
@@ -211,19 +233,18 @@ def rewind_to_parts(s: Settings, metrics: MetricsLog, parts: TrajectoryParts, ck
     Unchanged when every chunk before ``start`` has its part."""
     import warnings
 
-    have = set(parts._starts())
-    lacking = [a for a, _ in chunk_bounds(0, start, s.checkpoint.every) if a not in have]
-    if not lacking:
+    first = first_missing_part(os.path.dirname(parts.dir), start, s.checkpoint.every)
+    if first is None:
         return start, state
     kept = sorted(ckpt.manager.all_steps())
-    base = max((k for k in kept if k <= lacking[0]), default=0)
+    base = resume_point(kept, first)
     state = ckpt.restore(base, state) if base else fresh()
     for k in kept:
         if k > base:
             ckpt.manager.delete(k)
     parts.truncate(base)
     metrics.truncate(base)
-    warnings.warn(f"{parts.dir} has no part of the chunk from step {lacking[0]} on, before the checkpoint of step "
+    warnings.warn(f"{parts.dir} has no part of the chunk from step {first} on, before the checkpoint of step "
                   f"{start} (a command with checkpoint.enabled=False started the run again from step 0 and was "
                   f"stopped, or the part was removed); resuming from "
                   + (f"the checkpoint of step {base}" if base else "step 0")

@@ -55,8 +55,10 @@ from ._run import (
     _tensorboard,
     chunk_bounds,
     first_divergence,
+    first_missing_part,
     mend_metrics,
     require_tensorboard,
+    resume_point,
     scalar_rows,
     write_tensorboard,
 )
@@ -536,24 +538,16 @@ def _rewind_to_parts(workdir: str, ckpt: Checkpoints, n: int, every: int) -> Non
     import warnings
 
     kept = sorted(ckpt.manager.all_steps())
-    first = None
-    for i in range(n if kept else 0):
-        d = os.path.join(workdir, "members", f"{i:03d}")
-        div = read_divergence(d, "sweep member directory")
-        have = set(TrajectoryParts(d)._starts())
-        for a, _ in chunk_bounds(0, kept[-1], every):
-            if div is not None and a > div["step"]:
-                break
-            if a not in have:
-                first = a if first is None else min(first, a)
-                break
+    missing = [first_missing_part(os.path.join(workdir, "members", f"{i:03d}"), kept[-1], every)
+               for i in range(n if kept else 0)]
+    first = min((a for a in missing if a is not None), default=None)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("quotient_sgd_sweep_rewind_to_parts")
     if first is None:
         return
-    base = max((k for k in kept if k <= first), default=0)
+    base = resume_point(kept, first)
     for k in kept:
         if k > base:
             ckpt.manager.delete(k)

@@ -6,7 +6,6 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from .. import _tree
@@ -121,8 +120,11 @@ class CNN(nnx.Module):
             raise ValueError(f"CNN: norm='layer' needs at least 2 channels in every conv layer, got channels="
                              f"{channels}: a LayerNorm over one channel outputs its bias alone, so the output would "
                              f"not depend on x (use norm='batch' or None, or wider layers)")
-        try:  # one stride (also a 0-d NumPy / JAX integer, which has __iter__ but no items) or one per layer
-            seq = (strides,) * len(channels) if np.ndim(strides) == 0 else tuple(strides)
+        # one stride (also a 0-d NumPy / JAX integer, which has __iter__ but no items) or one per layer
+        one = (not hasattr(strides, "__iter__") or isinstance(strides, (str, bytes))
+               or getattr(strides, "ndim", None) == 0)
+        try:
+            seq = (strides,) * len(channels) if one else tuple(strides)
             seq = tuple(as_size("CNN", "strides", s) for s in seq) if len(seq) == len(channels) else None
         except (TypeError, ValueError):
             seq = None

@@ -6,14 +6,19 @@ import sys
 
 import pytest
 
+from helpers import child_xla_flags
+
 RUN_FILES = ("config.json", "trajectory.npz", "metrics.jsonl", "events.json", "summary.md")
 PLOTS = ("loss", "observables", "charges", "shock_fold", "hessian", "events")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _quotient_sgd(args, cwd):
+def _quotient_sgd(args, cwd, xla_flags=None):
+    """The command in a subprocess, compiling with XLA's default options, or with ``xla_flags`` when given."""
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
+    if xla_flags is not None:
+        env["XLA_FLAGS"] = xla_flags
     return subprocess.run([sys.executable, "-m", "quotient_sgd.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
 
@@ -29,30 +34,36 @@ def _check_run_dir(d):
         assert head == PNG_MAGIC and os.path.getsize(path) > 2000, p
 
 
-def _run_and_report(tmp_path, extra):
-    res = _quotient_sgd(["run", *extra], cwd=tmp_path)  # from a directory with no configs/: the embedded default
+def _run_and_report(tmp_path, extra, capsys, xla_flags=None):
+    """`run` in a subprocess from a directory with no configs/ (the embedded default), then `report` of its
+    directory through the command's ``main`` in this process."""
+    from quotient_sgd.cli import main
+
+    res = _quotient_sgd(["run", *extra], cwd=tmp_path, xla_flags=xla_flags)
     assert res.returncode == 0, res.stderr[-3000:]
     d = tmp_path / "runs" / "quickstart"
     _check_run_dir(d)
     os.remove(d / "plots" / "loss.png")
     os.remove(d / "summary.md")
-    rep = _quotient_sgd(["report", str(d)], cwd=tmp_path)
-    assert rep.returncode == 0, rep.stderr[-3000:]
+    capsys.readouterr()
+    assert main(["quotient-sgd", "report", str(d)]) == 0, capsys.readouterr().err[-3000:]
     _check_run_dir(d)
-    assert "# Run `quickstart`" in rep.stdout
+    assert "# Run `quickstart`" in capsys.readouterr().out
 
 
-def test_default_run_short(tmp_path):
+def test_default_run_short(tmp_path, capsys):
     """The default config, shortened to 30 steps without the Hessian (compiles in a fraction of the time; the
-    Hessian plot is then a labelled placeholder) to keep the suite fast."""
+    Hessian plot is then a labelled placeholder) and compiled with the suite's XLA options (tests/conftest.py:
+    ~5x faster to compile than XLA's defaults, which test_compilation_cache_reused_and_results_unchanged and the
+    slow variant run the command with) to keep the suite fast."""
     _run_and_report(tmp_path, ["--config.steps=30", "--config.checkpoint.every=10",
-                               "--config.observables.hessian_every=0"])
+                               "--config.observables.hessian_every=0"], capsys, xla_flags=child_xla_flags())
 
 
 @pytest.mark.slow
-def test_default_run_full(tmp_path):
+def test_default_run_full(tmp_path, capsys):
     """`quotient-sgd run` with no arguments at all."""
-    _run_and_report(tmp_path, [])
+    _run_and_report(tmp_path, [], capsys)
 
 
 def test_help_and_unknown_subcommand(tmp_path):

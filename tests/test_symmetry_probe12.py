@@ -79,3 +79,34 @@ def test_cg_vertical_float32_far_from_balance(x64, seed):
     assert np.max(cos) <= 1e-5
     again = _flat64(group.vertical(q32, group.vertical(q32, v32)))
     assert np.linalg.norm(again - got) <= 1e-4 * np.linalg.norm(got)
+
+
+# ----- deep linear chains: the canonical point in float32 far from balance; the limits -------------------------------
+def _chain_mats(q, n_layers):
+    return [np.asarray(q["layers"][i]["kernel"], np.float64) for i in range(n_layers)]
+
+
+@pytest.mark.parametrize("widths,seed", [((8, 4, 4, 4, 8), 0), ((5, 3, 3, 4), 1)])
+def test_gl_chain_canonical_point_float32_far_from_balance(x64, widths, seed):
+    """A minimal deep linear chain moved by an element of scale 3 (condition number 8e3), in float32: the canonical
+    point was computed by acting with the chain's elements, whose products multiplied the rounding by about
+    cond^2: not balanced (``|W_l^T W_l - W_{l+1} W_{l+1}^T| / |M|`` 250 and 450 here) and up to 730% off the
+    float64 canonical point of the same float32 parameters.  Now balanced to float32 rounding, and as close to the
+    float64 point as the chain's function survives the float32 element (the end-to-end product of the point against
+    the parameters')."""
+    from symmetry_cases import deep_linear_group, deep_linear_params
+
+    group = deep_linear_group(widths)
+    n_layers = len(widths) - 1
+    p = deep_linear_params(jax.random.key(seed), widths, jnp.float64)
+    q32 = jax.tree.map(lambda x: x.astype(jnp.float32), group.act(group.sample(jax.random.key(50 + seed), p, 3.0), p))
+    c32 = group.canonicalize(q32)
+    c64 = group.canonicalize(jax.tree.map(lambda x: x.astype(jnp.float64), q32))
+    m = np.linalg.multi_dot(_chain_mats(q32, n_layers))
+    mats = _chain_mats(c32, n_layers)
+    balance = max(np.linalg.norm(a.T @ a - b @ b.T) for a, b in zip(mats[:-1], mats[1:]))
+    assert balance <= 1e-5 * np.linalg.norm(m)
+    func = np.linalg.norm(np.linalg.multi_dot(mats) - m) / np.linalg.norm(m)
+    err = np.linalg.norm(_flat64(c32) - _flat64(c64)) / np.linalg.norm(_flat64(c64))
+    assert err <= 2 * func + 1e-5, (err, func)
+    assert err <= 0.1

@@ -22,11 +22,15 @@ at 1, THEORY section 3).
   at the default 1 it only shortens).  A ``fold_target`` schedule above 2 for a few steps *deliberately
   crosses* the stability edge (e.g. to trigger a catapult into a flatter region) and then returns below it.
 
-``fold_target`` / ``shock_target`` may be numbers or schedules ``count -> value``.  On the first step no curvature
-is known yet and ``s = init_scale``.  ``curvature_decay`` in [0, 1) smooths kappa by an exponential moving average
-(useful with mini-batch gradient noise, which enters kappa through the two different batches); 0 uses the latest
-estimate.  The state has a fixed structure (safe inside ``lax.scan``, vmap and ``inject_hyperparams`` of the
-inner optimiser or of this wrapper: ``optax.inject_hyperparams(shock_aware_lr)(inner, fold_target=1.8)``).
+``fold_target`` / ``shock_target`` may be numbers or schedules ``count -> value``.  Until a curvature has been
+measured (the first step, and the steps after it while every update was exactly zero, e.g. a warm-up from a
+learning rate of 0) ``s = init_scale``.  A step that follows an exactly zero update measures nothing (the
+parameters did not move, ``Delta_{k-1} = 0``): it keeps the curvature known from the earlier steps, and its scale
+follows that curvature as on any other step; the moving average skips it.  ``curvature_decay`` in [0, 1) smooths
+kappa by an exponential moving average over the measurements (useful with mini-batch gradient noise, which enters
+kappa through the two different batches), started at the first measurement; 0 uses the latest estimate.  The
+state has a fixed structure (safe inside ``lax.scan``, vmap and ``inject_hyperparams`` of the inner optimiser or
+of this wrapper: ``optax.inject_hyperparams(shock_aware_lr)(inner, fold_target=1.8)``).
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class ShockAwareState(NamedTuple):
     prev_grads: Any
     prev_updates: Any
     inner_state: Any
+    measurements: jax.Array  # curvatures measured so far (0: none known yet, the scale is init_scale)
 
 
 def _dot(a, b, dtype):
@@ -161,18 +166,25 @@ def shock_aware_lr(inner: optax.GradientTransformation, *, fold_target: Target =
         z = lambda: jnp.zeros((), dt)
         zeros = lambda: jax.tree.map(jnp.zeros_like, params)
         return ShockAwareState(jnp.zeros((), jnp.int32), jnp.ones((), dt), z(), z(), z(), zeros(), zeros(),
-                               inner.init(params))
+                               inner.init(params), jnp.zeros((), jnp.int32))
 
     def update(grads, state, params=None):
         u, inner_state = inner.update(grads, state.inner_state, params)
         dt = state.scale.dtype  # set by init from the parameters (_stat_dtype)
         dd = _dot(state.prev_updates, state.prev_updates, dt)
-        have = (state.count > 0) & (dd > 0)
+        have = (state.count > 0) & (dd > 0)  # a new measurement: the last update moved the parameters
         diff = jax.tree.map(lambda a, b: a - b, grads, state.prev_grads)
         k_new = jnp.where(have, _dot(diff, state.prev_updates, dt) / jnp.where(have, dd, 1.0), 0.0)
         k_new = k_new.astype(dt)
         ema = jnp.asarray(curvature_decay, dt)
-        kappa = jnp.where(state.count > 1, ema * state.curvature + (1 - ema) * k_new, k_new)
+        # the moving average starts at the first measurement and skips a step without one: after an exactly zero
+        # update the curvature known from the earlier steps is kept and still sets the scale (the step after a
+        # zero update took init_scale and averaged a curvature of 0 in, and a warm-up from lr 0 started the
+        # average from 0: the next steps went through uncapped)
+        known = state.measurements > 0
+        kappa = jnp.where(have, jnp.where(known, ema * state.curvature + (1 - ema) * k_new, k_new),
+                          state.curvature)
+        known = known | have
         gg = _dot(grads, grads, dt)
         h = jnp.where(gg > 0, jnp.sqrt(_dot(u, u, dt) / jnp.where(gg > 0, gg, 1.0)), 0.0).astype(dt)
         fold = h * jnp.maximum(kappa, 0.0)
@@ -189,9 +201,10 @@ def shock_aware_lr(inner: optax.GradientTransformation, *, fold_target: Target =
             s = jnp.where(fold > 0, s_fold, hi)
             s = jnp.minimum(s, s_shock)
             s = jnp.clip(s, lo, hi)
-        s = jnp.where(have, s, jnp.asarray(init_scale, dt))
+        s = jnp.where(known, s, jnp.asarray(init_scale, dt))
         updates = jax.tree.map(lambda x: (s.astype(x.dtype) * x), u)
-        new = ShockAwareState(state.count + 1, s, kappa, s * fold, s * shock, grads, updates, inner_state)
+        new = ShockAwareState(state.count + 1, s, kappa, s * fold, s * shock, grads, updates, inner_state,
+                              state.measurements + have.astype(jnp.int32))
         return updates, new
 
     return optax.GradientTransformation(init, update)

@@ -71,8 +71,10 @@ def test_sweep_table_of_a_sweep_without_axes_is_well_formed(tmp_path):
                                               "num_processes": 1, "members_per_device": 1}))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        table = _table(report(str(d)))
+        summary = report(str(d))
+        table = _table(summary)
     assert not [w for w in caught if "legend" in str(w.message)]  # no curve to label yet: no empty legend
+    assert "- 1 member (" in summary  # (not "1 members")
     assert len(table) == 3 and table[0].startswith("| member | eval step | train loss |"), table
     assert len({line.count("|") for line in table}) == 1, table
 

@@ -1106,7 +1106,7 @@ def report_sweep(workdir: str, *, wall_s: float | None = None, plots: bool = Tru
         curves.append((i, m, traj))
     axes = list(members[0]) if members and members[0] else []
     lines = [f"# Sweep `{cfg.name}`", "",
-             f"- {len(members)} members ({cfg.sweep.mode} over {axes or 'nothing'}), "
+             f"- {len(members)} member{'s' if len(members) != 1 else ''} ({cfg.sweep.mode} over {axes or 'nothing'}), "
              f"{meta['num_devices']} device{'s' if meta['num_devices'] != 1 else ''} in {meta['num_processes']} "
              f"process{'es' if meta['num_processes'] != 1 else ''}, "
              + _grouping_text(meta)]

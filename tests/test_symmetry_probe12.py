@@ -110,3 +110,22 @@ def test_gl_chain_canonical_point_float32_far_from_balance(x64, widths, seed):
     err = np.linalg.norm(_flat64(c32) - _flat64(c64)) / np.linalg.norm(_flat64(c64))
     assert err <= 2 * func + 1e-5, (err, func)
     assert err <= 0.1
+
+
+# ----- a logit translation far from balance: the canonical rows centred in float32 ------------------------------------
+def test_translation_canonical_rows_centred_float32_far_from_balance(x64):
+    """A 16-32-32-6 ReLU classifier (two rescales and the logit translation) moved by an element of scale 3: the
+    canonical element's shifts are large against the centred rows they leave, and their float32 rounding left the
+    point 1.3e-4 off the float64 canonical point of the same float32 parameters (row means ~1e-4 where the rows are
+    centred), so canonicalize was not idempotent to better than 1.3e-4.  Both are now at the float32 rounding."""
+    widths = (16, 32, 32, 6)
+    group = mlp_group(widths, permutation=False)
+    p = mlp_params(jax.random.key(1), widths, jnp.float64)
+    q32 = jax.tree.map(lambda x: x.astype(jnp.float32), group.act(group.sample(jax.random.key(101), p, 3.0), p))
+    c32 = group.canonicalize(q32)
+    c64 = _flat64(group.canonicalize(jax.tree.map(lambda x: x.astype(jnp.float64), q32)))
+    size = np.linalg.norm(c64)
+    assert np.linalg.norm(_flat64(c32) - c64) <= 1e-5 * size
+    assert np.linalg.norm(_flat64(group.canonicalize(c32)) - _flat64(c32)) <= 1e-5 * size
+    last = np.asarray(c32["layers"][2]["kernel"], np.float64)
+    assert np.max(np.abs(last.mean(axis=1))) <= 1e-6 * np.max(np.abs(last))

@@ -669,17 +669,59 @@ class Product(Group):
         (``cond(A) = 8e3``) came out 5% to 700% off the float64 canonical point of the same float32 parameters,
         where the float32 product ``M`` itself is 1-3% off (the rounding of the parameters already moves ``M`` that
         much).  A chain whose ``M`` has rank below its width keeps its parameters (see :meth:`_gl_chain_canonical`).
-        Measured after this (float32, element scale 3, 6-6-6-6, 8-4-4-4-8, 5-3-3-4 chains): balanced to ``1e-6`` of
-        ``|M|`` (``W_l^T W_l = W_{l+1} W_{l+1}^T``; it was ``1e-2`` to ``2e2``), and within 0.1-5% of the float64
-        canonical point of the same float32 parameters, as close as the chain's function survives the float32
-        element (the product ``M`` of the point against that of the parameters: the same 0.1-5%).  The first
-        of these limits is float32's, not the method's: float64 gives ``1e-10``."""
-        out = self._act(self._canonical_element(flat), flat)
+
+        Measured after this for GL chains (float32, element scale 3, 6-6-6-6, 8-4-4-4-8, 5-3-3-4 chains):
+        balanced to ``1e-6`` of ``|M|`` (``W_l^T W_l = W_{l+1} W_{l+1}^T``; it was ``1e-2`` to ``2e2``), and within
+        0.1-5% of the float64 canonical point of the same float32 parameters, as close as the chain's function
+        survives the float32 element (the product ``M`` of the point against that of the parameters: the same
+        0.1-5%).  The first of these limits is float32's, not the method's: float64 gives ``1e-10``.
+
+        Shift actions (a logit :class:`Translation`): their kernel rows by :meth:`_centred_rows`."""
+        word = self._canonical_element(flat)
+        out = self._act(word, flat)
         for cl in self.clusters():
             found = _gl_chain_order(tuple(self.components[i] for i in cl)) if len(cl) > 1 else None
             if found is not None:
                 out.update(self._gl_chain_point(cl, found[0], flat, out))
+        for c in self.components:
+            if c.shift_action:
+                out = self._centred_rows(c, word, flat, out)
         return out
+
+    def _centred_rows(self, t, word: Word, flat, out):
+        """``out`` (the canonical point) with the rows of the shift action ``t``'s kernel computed as the other
+        components' elements applied to the centred rows of the parameters, ``s (W - mean W)``, rather than as the
+        word gives them, ``s W + a``; then centred once more.  Both are the canonical rows (the word's shifts act
+        last and centre them), but far from balance ``s W`` and ``a`` are large against their sum (an MLP
+        classifier at element scale 3: shifts up to 6e3 after the rescales, canonical rows of size 0.6), and their
+        float32 rounding left the point 1e-4 to 3e-4 off the float64 canonical point of the same float32 parameters
+        (fused multiply-adds, where the compiler forms them, hid part of it).  Centring first subtracts numbers of
+        one size (exact but for the mean's own rounding, the same for the whole row, which the last centring
+        removes).  Used when every other component acting on the kernel scales or permutes its rows (a
+        :class:`Rescale` or :class:`Permutation` on axis 0, a :class:`Scale` of the whole array or of its rows),
+        which commute with centring; otherwise only the last centring."""
+        from ._rescale import Rescale
+        from ._scale import Scale
+
+        def rowwise(c):
+            if isinstance(c, Rescale):
+                members = c.incoming + c.outgoing
+            elif isinstance(c, (Scale, Permutation)):
+                members = c.members
+            else:
+                return t.kernel not in c.paths()
+            nd = flat[t.kernel].ndim
+            return all(ax is None and isinstance(c, Scale) or ax is not None and ax % nd == 0
+                       for q, ax in members if q == t.kernel)
+
+        others = [(i, e) for i, e in zip(word.indices, word.elements) if not self.components[i].shift_action]
+        if all(rowwise(self.components[i]) for i, _ in others):
+            start = dict(flat)
+            start[t.kernel] = flat[t.kernel] - jnp.mean(flat[t.kernel], axis=1, keepdims=True)
+            moved = self._act(Word(tuple(i for i, _ in others), tuple(e for _, e in others)), start)
+            out = dict(out)
+            out[t.kernel] = moved[t.kernel]
+        return t._act(t._canonical_element(out), out)
 
     def _gl_chain_point(self, cl, order, flat, acted):
         """The canonical matrices of a minimal GL chain (paths ``order``) from the SVD of the end-to-end product of

@@ -33,19 +33,37 @@ class Extremes(NamedTuple):
     bottom_vectors: Any
 
 
-#: A Lanczos step breaks down when the reorthogonalised residual is below this fraction of ``|A q|``: the Krylov
-#: space is then invariant to working precision (exhausted, or ``v0`` lies in an invariant subspace), and what is
-#: left of the residual is rounding noise, not a new direction.  The comparison is with the largest ``|A q|`` seen,
-#: so a spectrum whose bulk is small against its top (a Hessian's outliers ~1e3 above a bulk of ~1e-2) leaves
-#: residuals of ``~ bulk / top`` that are new directions, not noise: float32 at 2e-5 (168 eps) stopped there, and
-#: with a top of 1e3 over a bulk in [-1e-2, 1e-2] (n = 200, 40 steps) gave a bottom eigenvalue of -0.0056 for a
-#: dense -0.0099 (44% off, restarts or not); 2e-6 (17 eps) gives the float64 iteration's (-0.0099), and still stops
-#: in exhausted spaces (low-rank operators, small horizontal spaces: tests/test_lanczos_float32.py).
-_BREAKDOWN = {"float32": 2e-6, "float64": 1e-10}
+#: A Lanczos step breaks down when the reorthogonalised residual is rounding noise: below ``_BREAKDOWN_EPS`` units
+#: of the iteration dtype's ``eps`` times ``|A q|`` (the largest seen, a lower bound on ``|A|``).  The Krylov space is
+#: then invariant to working precision (exhausted, or ``v0`` lies in an invariant subspace), and what is left of the
+#: residual is the rounding of the product and of the Gram-Schmidt pass, not a new direction: measured (the residual
+#: after the space is exhausted, in units of ``eps |A|``) 0.8-10 in float64 and 0.9-26 in float32 for rank-3
+#: operators on n = 10-300 (the float32 ones stored in float32, whose rounding of the entries is itself a
+#: perturbation of ~``eps |A|``), ~1e-7 once the whole space is spanned.  A residual above it is a new direction,
+#: however small against the top: a spectrum whose bulk is small against its outliers (a Hessian's bulk at 1e-2 of a
+#: top of 1e3, or at 1e-10 - 1e-11 of it in float64) leaves residuals of ``~ bulk / top``.  A fixed fraction stopped
+#: there: float64 at 1e-10 (4.5e5 eps) took such a bulk's residuals for a breakdown and gave bottom eigenvalues 38-50%
+#: (1e-10 bulk) and 130-340% (a bulk in [1e-11, 1e-10]) off the dense ones (n = 200, 40 steps, restarts or not);
+#: float32 at 2e-5 (168 eps) did the same to a bulk at 1e-5 of the top (a bottom 44% off).  What the rounding of the
+#: products seeds into such small residuals is a real direction of the operator: with ``restart=False`` a top
+#: eigenvalue 2 of multiplicity two, beside a float64 bulk at 1e-10, was found twice (to 2e-15), as a restart would.
+_BREAKDOWN_EPS = 16.0
+
+#: Restart vectors (:func:`_lanczos_step`): what is left of a fresh vector after its orthogonalisation against the
+#: basis is a new direction when above this fraction of its norm (a Gaussian vector keeps ``~ sqrt(m / n)`` of it
+#: with ``m`` of ``n`` dimensions left; an exhausted domain leaves the rounding and, in float32, the basis' tilt off
+#: the domain, up to ~1e-3 before the second pass).  (The square roots of the fixed breakdown fractions this test
+#: used before; other dtypes, never the iteration's, as float32.)
+_RESTART = {"float32": 1.4e-3, "float64": 1e-5}
 
 
 def _breakdown_tol(dtype) -> float:
-    return _BREAKDOWN.get(jnp.dtype(dtype).name, 2e-5)
+    """The breakdown threshold of a residual, relative to ``|A q|``: ``_BREAKDOWN_EPS`` units of ``dtype``'s eps."""
+    return _BREAKDOWN_EPS * float(jnp.finfo(dtype).eps)
+
+
+def _restart_tol(dtype) -> float:
+    return _RESTART.get(jnp.dtype(dtype).name, _RESTART["float32"])
 
 
 def _sqrt0(x):
@@ -136,8 +154,8 @@ def _lanczos_step(matvec: Callable, j, qmat, q, q_prev, beta_prev, done, fill, s
     from ``draw(j)`` orthogonalised against the basis, projected by ``settle`` and orthogonalised again
     (``beta_j = 0``: ``T`` becomes block diagonal, its
     eigenvalues those of each invariant block), so that ``num_matvecs`` at or above the dimension gives the whole
-    spectrum with multiplicities; it stops when what is left of ``draw(j)`` is below ``sqrt`` of the breakdown
-    tolerance of its norm (the domain exhausted).
+    spectrum with multiplicities; it stops when what is left of ``draw(j)`` is below ``_restart_tol`` of its norm
+    (the domain exhausted).
     ``residual``: ``(q_j, q_{j-1}, beta_{j-1}) -> (alpha_j, P (A q_j - alpha_j q_j - beta_{j-1} q_{j-1}))`` with
     ``P`` the orthogonal projection onto the operator's domain, in place of ``matvec`` (which is then not called).
     Projecting the product alone, as ``P A`` does, leaves in the residual the rounding of ``q_j`` and ``q_{j-1}``
@@ -173,7 +191,7 @@ def _lanczos_step(matvec: Callable, j, qmat, q, q_prev, beta_prev, done, fill, s
             # what that tilt leaves of an exhausted domain's vector is not a new direction of it
             r = _orthogonalise(qmat, settle(r))  # twice is enough
             nr, n0 = _sqrt0(tree_dot(r, r)), _sqrt0(tree_dot(r0, r0))
-            ok = nr > jnp.sqrt(_breakdown_tol(dtype)) * n0
+            ok = nr > _restart_tol(dtype) * n0
             return _lincomb(jnp.where(ok, 1 / jnp.where(ok, nr, jnp.ones_like(nr)), jnp.zeros_like(nr)), r), ~ok
 
         # a real branch: the restart vector (a projection for the horizontal Hessian) only at a breakdown

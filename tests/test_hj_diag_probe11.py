@@ -2,9 +2,10 @@
 
 import equinox as eqx
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from quotient_sgd.hj import Grid, shock_time
+from quotient_sgd.hj import cole_hopf_gradient, find_shocks, Grid, shock_time
 
 
 def _band(x, centre, half):
@@ -29,3 +30,38 @@ def test_2d_shock_time_of_a_flat_bottomed_minimum_is_the_1d_one(x64, periodic):
             for k in (1.0, 0.5, 0.0):
                 p0 = jnp.stack([_band(x, cx, 0.3), k * _band(y, cy, 0.3)])
                 assert float(st(p0, g)) == pytest.approx(1.0, rel=1e-9), (n, cx, cy, k)
+
+
+def test_find_shocks_reports_a_one_cell_shock_on_a_steep_ramp(x64):
+    # L(y) = a y^2 / 2 - J |y| / 2 (p0 = a y - J sign(y) / 2, moved by the Galilean shift V): the exact Cole-Hopf
+    # solution has one shock at x = V t, of inviscid jump J / (1 + a t), on an expanding ramp of slope
+    # a / (1 + a t).  At nu = 1e-3 and 4e-3 the front is 0.04-0.3 cells wide on 32-48 points; its steepness (~0.6
+    # jump / dx) stayed below 10 x the mean slope, which the ramp's rise dominates, and no shock was reported
+    a, jump, v, t = 4.0, 2.0, 0.3, 0.1
+    exact_jump, slope = jump / (1 + a * t), a / (1 + a * t)
+    find = eqx.filter_jit(find_shocks)
+    for n in (32, 48):
+        g = Grid(n, -1.0, 1.0, periodic=False)
+        for nu in (1e-3, 4e-3):
+            p = v + cole_hopf_gradient(lambda y: a * y * y / 2 - jump * jnp.abs(y) / 2, g.x - v * t, t, nu)
+            found = find(p, g).to_list()
+            assert len(found) == 1, (n, nu, found)
+            assert abs(found[0]["location"] - v * t) < 0.5 * g.dx, (n, nu, found)
+            # the samples beside the front lie up to about a cell from it on the ramp on either side
+            assert exact_jump - 3 * slope * g.dx < found[0]["jump"] < exact_jump * (1 + 1e-6), (n, nu, found)
+
+
+@pytest.mark.parametrize("periodic, n, c", [(True, 128, 0.9), (False, 256, -0.93)])
+def test_find_shocks_does_not_read_the_ringing_beside_an_expansion_step_as_a_shock(x64, periodic, n, c):
+    # an upward step (an expansion, no shock) on a sine: the fourth-order stencil rings beside it with a lobe of
+    # -jump / (12 dx), which with the sine's own compression passed the default threshold: a "shock" of jump 0.05
+    # -0.1 next to the step.  On the periodic grid the only compressive front is the downward step at c - 1
+    g = Grid(n, -1.0, 1.0, periodic=periodic)
+    x = np.asarray(g.x)
+    p = np.sin(np.pi * x) + 2.0 * (x > c)
+    if periodic:
+        p = p - 2.0 * (x > c - 1.0)
+    found = find_shocks(jnp.asarray(p), g).to_list()
+    assert len(found) == (1 if periodic else 0), found
+    if periodic:
+        assert abs(found[0]["location"] - (c - 1.0)) < g.dx and found[0]["jump"] > 1.8, found

@@ -297,10 +297,21 @@ def find_shocks(p: Array, grid: Grid, *, max_shocks: int = 8, min_steepness=None
     A shock is a local maximum of the compression ``-dp/dx`` (within +-3 cells) above ``min_steepness`` (a
     finite number >= 0, or ``None`` for the default below; a traced one out of range raises through
     ``equinox.error_if`` when the computation runs).
-    Default: 10 x the mean slope ``(max p - min p) / length``; on grids of fewer than 30 cells, where even a
-    front one cell wide falls below that (its steepness is ~0.6 x cells x the mean slope), a peak also counts
-    when it exceeds both ``cells / 3`` x the mean slope (a front narrower than ~3 cells) and 3 x the median cell
-    slope ``|p[i+1] - p[i]| / dx`` (flat on both sides: a smooth field such as a sine or a ramp stays below 2).
+    Default: 10 x the mean slope ``(max p - min p) / length`` (a front of the field's whole spread narrower than a
+    tenth of the length), or a front narrower than the grid resolves: a front one cell wide has the stencil's
+    steepness ~0.6 jump / dx whatever its true width, below 10 x the mean slope on fewer than ~17 cells or when
+    its jump is a small part of the spread (a shock on a steep ramp or on a large smooth wave; a one-cell shock
+    of a third of the spread went unreported on 40 cells).  Such a peak counts when the drop ``|p[i-2] - p[i+2]|``
+    over the four cells around it is below 3 cells' worth of its steepness (narrower than ~3 cells; a one-cell
+    step has 1.7), at least a tenth of the spread, and the steepness exceeds 3 x the median cell slope
+    ``|p[i+1] - p[i]| / dx`` (flat on both sides: a smooth field such as a sine, even at 8 points a wavelength, or
+    a ramp stays below 2); not at the ends of a bounded grid.  On fewer than 30 cells (where the four cells may
+    wrap round a periodic grid) a peak steeper than ``cells / 3`` x the mean slope and 3 x the median cell slope
+    counts too.  The criteria are free of the units of x and p.  The steepness is read within the slopes the
+    samples allow (as in :func:`shock_time`): the stencil's ringing beside a step is not a front.  Measured on
+    Taylor fronts ``-tanh`` of jump 2 with 0.05-3 cells' width: still missed on a background whose own slope
+    exceeds about a seventh of the front's jump per cell (a ramp of rise 4 on 12-24 points, a sine of amplitude
+    1-2 on 12-40 periodic points).
 
     Its left/right states are the extreme values of p within a window on each side.  By default
     (``window=None``) each side's window follows the front: 4.5 times the distance (sub-cell, by linear
@@ -367,6 +378,10 @@ def _find(p, grid, max_shocks, min_steepness, window, include_inadmissible) -> S
         p = eqx.error_if(p, ~(jnp.isfinite(m) & (m >= 0)), "find_shocks: a traced min_steepness is not a finite "
                          "number >= 0.")
     dp = _diff(p, grid, 0, end_order=2)  # the five-point end stencils ring beside a front at an end
+    # within the slopes the samples allow (as shock_time): the stencil's ringing beside a step, a lobe of
+    # -jump / (12 dx) beside an expansion step, is not read as a front (on 128 points a sine beside the periodic
+    # wrap of a tanh was reported as a second shock of jump 0.1 next to the real one of 1.85)
+    dp = jnp.clip(dp, _slope_floor(p, grid), -_slope_floor(-p, grid))
     s = jnp.abs(dp) if include_inadmissible else -dp
     idx = np.arange(n)
 
@@ -375,19 +390,27 @@ def _find(p, grid, max_shocks, min_steepness, window, include_inadmissible) -> S
         return j
 
     if min_steepness is None:
-        mean_slope = (jnp.max(p) - jnp.min(p)) / grid.length
-        peak = s > 10.0 * mean_slope
+        spread = jnp.max(p) - jnp.min(p)
+        peak = s > 10.0 * spread / grid.length
+        # a front narrower than the grid shows (a steep viscous shock at small nu on a coarse grid) has the
+        # stencil's steepness ~0.6 jump / dx whatever its true width, under 10 x the mean slope when the jump is a
+        # small part of the spread (a shock on a steep ramp or on a large smooth wave) or the grid has fewer than
+        # ~17 cells: it also counts when the drop over the four cells around it is within 3 cells' worth of its
+        # steepness (narrower than ~3 cells; a one-cell step has 1.7), at least a tenth of the spread, and steeper
+        # than 3 x the median cell slope |dp| / dx (flat on both sides: a smooth field, a sine even at 8 points a
+        # wavelength, stays below 2)
+        dcell = (p[nb(1)] - p) if grid.periodic else (p[1:] - p[:-1])
+        median_slope = jnp.median(jnp.abs(dcell)) / dx
+        drop = jnp.abs(p[nb(-2)] - p[nb(2)])
+        narrow = (drop < 3.0 * s * dx) & (drop >= 0.1 * spread) & (s > 3.0 * median_slope)
         cells = round(grid.length / dx)
         if cells < 30:
-            # a front one cell wide has s ~ 0.6 n x the mean slope, under 10 x below ~17 points; here a peak also
-            # counts when the front is narrower than ~3 cells (s > cells / 3 x the mean slope) and flat on both
-            # sides: steeper than 3 x the median cell slope |dp| / dx (a smooth field, e.g. a sine, stays below 2)
-            dcell = (p[nb(1)] - p) if grid.periodic else (p[1:] - p[:-1])
-            median_slope = jnp.median(jnp.abs(dcell)) / dx
-            small = (s > cells / 3.0 * mean_slope) & (s > 3.0 * median_slope)
-            if not grid.periodic:  # a front has two sides: not at the ends of a bounded grid
-                small = small & jnp.asarray((idx > 0) & (idx < n - 1))
-            peak = peak | small
+            # on a few cells the drop over four of them may wrap onto the other side of a periodic grid (5 cells):
+            # there a peak also counts when steeper than a third of the spread per cell (cells / 3 x the mean slope)
+            narrow = narrow | ((s > cells / 3.0 * spread / grid.length) & (s > 3.0 * median_slope))
+        if not grid.periodic:  # a front has two sides: not at the ends of a bounded grid
+            narrow = narrow & jnp.asarray((idx > 0) & (idx < n - 1))
+        peak = peak | narrow
     else:
         peak = s > min_steepness
     for k in (1, 2, 3):

@@ -876,6 +876,13 @@ def detect_transition(traj, *, steps, transition_keys: Sequence[str] | None = No
     estimated change point.  A key recorded every ``K`` steps may hold its value or be NaN between records: NaN
     rows between two records hold the last recorded value (the two forms give the same events); non-finite
     values otherwise (an infinite loss) skip the blocks that hold them.
+
+    Full-batch (deterministic) runs are outside the stated rate: their loss's log-rate has no noise and drifts
+    smoothly as the modes of the loss decay, and the self-started test reads each drift as a change.  Measured on
+    quiet full-batch GD runs (a 4-16-16-1 ReLU MLP on teacher-student regression, ``lr * lambda_max`` 0.35-1.25,
+    the loss falling monotonically, 100 steps, default options): 3-5 ``loss`` alarms in each of 6 runs, one every
+    16-20 steps; 1-2 in 40 steps.  There a ``transition`` event marks a change of the loss's rate, not a phase
+    transition; on a convex least-squares run at ``lr * lambda = 0.5`` there were none.
     """
     n = len(steps)
     # with a planned horizon the block length must not depend on how much of the run has arrived: a block that

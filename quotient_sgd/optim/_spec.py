@@ -74,11 +74,14 @@ class SGDSpec:
     the optimiser (as optax's examples place it) rescales the step, i.e. the learning rate, at each reduction,
     which the spec does not see (the prediction 140% off after the first one, not refused: its state does not show
     where it sits); chained before, it rescales the gradient alone, which the heavy-ball identity without coupled
-    decay tolerates exactly.  Every field is a :data:`Hyper`; ``nesterov`` is
-    static.  A spec for an optimiser whose state shows that it is not SGD (an Adam, RMSProp, Adagrad, Lion, LAMB,
-    Adafactor, line-search, gradient-noise or optimistic-gradient state anywhere in it, or one of optax.contrib's
-    adaptive optimisers: Prodigy, D-Adaptation, DoG, Mechanic, COCOB, Momo, schedule-free, Sophia, Muon, SAM ...) is
-    refused by ``quotient_trajectory`` at ``init``: give those no spec, or wrap them in
+    decay tolerates exactly.  One spec describes one SGD acting on every parameter: an ``optax.multi_transform`` or
+    ``optax.masked`` that gives groups of parameters different learning rates or momenta (kernels at 0.1, biases at
+    0.3; momentum 0.9 on the biases alone) has no spec, and is not refused (the states do not hold the learning
+    rates): measured, ``SGDSpec(0.1)`` predicted those drifts 156% and 170% off.  Every field is a :data:`Hyper`;
+    ``nesterov`` is static.  A spec for an optimiser whose state shows that it is not SGD (an Adam, RMSProp,
+    Adagrad, Lion, LAMB, Adafactor, line-search, gradient-noise or optimistic-gradient state anywhere in it, or one
+    of optax.contrib's adaptive optimisers: Prodigy, D-Adaptation, DoG, Mechanic, COCOB, Momo, schedule-free,
+    Sophia, Muon, SAM ...) is refused by ``quotient_trajectory`` at ``init``: give those no spec, or wrap them in
     :func:`~quotient_sgd.optim.horizontal`.  Optimisers whose state does not show it are not recognised, and a spec
     for them predicts the drift of an SGD step they do not take (measured 100-115% off): sign descent
     (``optax.sign_sgd``: an empty state; ``optax.signum``: an EMA), ``optax.fromage``, ``optax.lars`` (a trust ratio

@@ -124,3 +124,19 @@ def test_sweep_resume_after_a_command_without_checkpoints_keeps_every_step(tmp_p
     assert done.resumed_from == 0 and set(done.diverged) == {1}
     assert_sweeps_bitwise(wd, str(tmp_path / "ref"), 2)
     assert any("no trajectory part of the chunk from step 10 on" in str(w.message) for w in caught)
+
+
+def test_selected_components_keep_the_model_groups_solver_settings():
+    """The run's group (``symmetry.components`` selected from the model's Product) and its gauge group keep the
+    model Product's solver settings (they were built with the defaults whatever the model's Product held)."""
+    import flax.nnx as nnx
+
+    from quotient_sgd.runner._build import make_model, select_group, solver_settings
+    from quotient_sgd.symmetry import Product
+
+    s = validate(load_config(TINY, {}))
+    full = make_model(s, nnx.Rngs(0)).symmetries()
+    custom = Product(list(full.components), name=full.name, newton=True, newton_iters=7, sweeps=11, dense_max=5)
+    picked = select_group(s, custom)
+    assert solver_settings(picked) == {"newton": True, "newton_iters": 7, "sweeps": 11, "dense_max": 5}
+    assert solver_settings(select_group(s, full)) == solver_settings(full)

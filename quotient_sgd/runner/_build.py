@@ -149,7 +149,12 @@ def select_group(s: Settings, full):
     want = s.symmetry.components
     comps = [c for c in full.components
              if "all" in want or c.name in want or c.name.split("/")[0] in want]
-    return Product(comps, name=full.name) if comps else None
+    return Product(comps, name=full.name, **solver_settings(full)) if comps else None
+
+
+def solver_settings(group) -> dict:
+    """The solver settings of the Product ``group`` (kept by the Products built from its components)."""
+    return {k: getattr(group, k) for k in ("newton", "newton_iters", "sweeps", "dense_max")}
 
 
 def make_optimizer(s: Settings, group) -> optax.GradientTransformation:
@@ -244,7 +249,7 @@ def _build(s: Settings) -> Built:
     gauge = None
     if group is not None:
         cont = [c for c in group.components if c.continuous]
-        gauge = Product(cont, name="gauge") if cont else None
+        gauge = Product(cont, name="gauge", **solver_settings(group)) if cont else None
     ds = make_dataset(s)
     kw = dict(graphdef=graphdef, task=ds.task, last_token=s.model.name == "transformer")
     need_ex = s.observables.per_example_grads

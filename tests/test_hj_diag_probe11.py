@@ -1,11 +1,12 @@
 """HJ engine: shock times of flat-bottomed minima in 2-D, shock detection on coarse grids, end-time derivatives."""
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quotient_sgd.hj import cole_hopf_gradient, find_shocks, Grid, shock_time
+from quotient_sgd.hj import cole_hopf_gradient, find_shocks, Grid, shock_time, solve_burgers
 
 
 def _band(x, centre, half):
@@ -65,3 +66,29 @@ def test_find_shocks_does_not_read_the_ringing_beside_an_expansion_step_as_a_sho
     assert len(found) == (1 if periodic else 0), found
     if periodic:
         assert abs(found[0]["location"] - (c - 1.0)) < g.dx and found[0]["jump"] > 1.8, found
+
+
+@pytest.mark.parametrize("scheme, solver", [("fv", "tsit5"), ("spectral", "etd")])
+def test_the_end_time_derivative_at_t1_0_is_the_right_hand_side(x64, scheme, solver):
+    # d p(t1) / d t1 at t1 = 0 is p_t = -p p_x + nu p_xx of p0 (exact for p0 = -sin(pi x)); no step is taken there
+    # and jax.grad gave 0.  Elsewhere the derivative is unchanged (float64 central differences)
+    g = Grid(64, -1.0, 1.0)
+    x, nu = g.x, 0.05
+    p0 = -jnp.sin(jnp.pi * x)
+    exact = -np.pi * jnp.sin(np.pi * x) * jnp.cos(np.pi * x) + nu * np.pi**2 * jnp.sin(np.pi * x)
+
+    def end(t1):
+        return solve_burgers(p0, g, nu=nu, t1=t1, scheme=scheme, solver=solver, rtol=1e-10, atol=1e-12).ps[-1]
+
+    start = jax.jacrev(end)(0.0)
+    if scheme == "spectral":
+        np.testing.assert_allclose(np.asarray(start), np.asarray(exact), atol=1e-9)
+    # the discrete flow's one-sided difference (finite volumes differ from the exact p_t by the scheme's error,
+    # 0.08 where minmod clips the extrema)
+    h = 1e-6
+    np.testing.assert_allclose(np.asarray(start), np.asarray((end(h) - end(0.0)) / h), atol=1e-4)
+    assert float(jnp.max(jnp.abs(start - exact))) < 0.1
+    np.testing.assert_array_equal(np.asarray(end(0.0)), np.asarray(p0))
+    h = 1e-4
+    central = (end(0.2 + h) - end(0.2 - h)) / (2 * h)
+    np.testing.assert_allclose(np.asarray(jax.jacrev(end)(0.2)), np.asarray(central), atol=1e-6)

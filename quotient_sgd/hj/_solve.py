@@ -506,6 +506,12 @@ def _integrate(form, name, grid, term, solver, y0, nu, t1, ts, dt, dt0, rtol, at
             progress_meter=dfx.TqdmProgressMeter() if progress else dfx.NoProgressMeter(),
         )
     ys = sol.ys + level
+    # at t1 = 0 no step is taken and the solve does not depend on t1: jax.grad gave 0 there, not the (right)
+    # derivative of the flow, its right-hand side at y0 (0.66 at a node of -sin(pi x), nu = 0.05).  The term added
+    # is zero in value and carries that derivative
+    scheme = term.scheme if isinstance(term, SemilinearTerm) else term.terms[0].vector_field.scheme
+    start = jnp.where(t1 == 0, t1 - jax.lax.stop_gradient(t1), jnp.zeros_like(t1))
+    ys = ys.at[-1].add(start * scheme.rhs(grid, form, y0, nu))
     # traced values escape _solve's checks: a NaN t1 ends the solve at once (returning y0), a NaN nu, y0 or save
     # time runs into max_steps (adaptive) or fills the field with NaN (fixed steps); name the cause instead
     bad = ~jnp.isfinite(t1) | ~jnp.isfinite(nu) | ~jnp.all(jnp.isfinite(y0))

@@ -56,10 +56,13 @@ def tree_rel_err(a, b) -> float:
 def charge_identity_error(drift, pred) -> float:
     """The worst ``|drift - pred|`` over steps and entries of two trajectories of charges (``charge_drift``,
     ``charge_drift_predicted``: pytrees of arrays stacked over steps), relative to the step's largest ``|drift|`` in
-    that leaf, floored at 1e-6 (a conserved component: both are rounding)."""
+    that leaf, floored at 1e-6 (a conserved component: both are rounding); ``inf`` where either holds a NaN or an
+    infinity (a diverged run: ``max(0.0, nan)`` would have read 0)."""
     worst = 0.0
     for a, b in zip(jax.tree.leaves(drift), jax.tree.leaves(pred)):
         a, b = np.asarray(a), np.asarray(b)
+        if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+            return float("inf")
         scale = np.max(np.abs(a).reshape(a.shape[0], -1), axis=1).reshape((-1,) + (1,) * (a.ndim - 1))
         worst = max(worst, float(np.max(np.abs(a - b) / np.maximum(scale, 1e-6))))
     return worst

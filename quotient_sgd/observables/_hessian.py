@@ -62,6 +62,21 @@ def _breakdown_tol(dtype) -> float:
     return _BREAKDOWN_EPS * float(jnp.finfo(dtype).eps)
 
 
+#: The breakdown threshold of an operator restricted to a domain (``lanczos_extremes(..., domain=P)``: ``P A P``,
+#: the horizontal Hessian), relative to ``|P A q|``: the projection is exact only to its own solver's tolerance (the
+#: conjugate-gradient split of a large rescale chain stops at 1e-12 in float64) and its rounding, so once the domain
+#: is exhausted the residual is that error, not ``A``'s rounding.  At ``_BREAKDOWN_EPS`` eps (3.6e-15 in float64)
+#: the iteration went on normalising it: a repeated zero of a horizontal Hessian came out as -1e-6 with a positive
+#: eigenvalue lost, and a restart left the domain (tests/test_optim_probe4.py).  A bulk of a restricted operator
+#: below this fraction of its top is therefore still taken for a breakdown (the operator on the whole space
+#: resolves it).
+_PROJECTED_BREAKDOWN = {"float32": 2e-6, "float64": 1e-10}
+
+
+def _projected_breakdown_tol(dtype) -> float:
+    return _PROJECTED_BREAKDOWN.get(jnp.dtype(dtype).name, 2e-5)
+
+
 def _restart_tol(dtype) -> float:
     return _RESTART.get(jnp.dtype(dtype).name, _RESTART["float32"])
 
@@ -127,7 +142,8 @@ def _orthogonalise(qmat, w):
     return jax.tree.map(jnp.subtract, w, _basis_combination(qmat, _basis_coefficients(qmat, w), w))
 
 
-def _lanczos_step(matvec: Callable, j, qmat, q, q_prev, beta_prev, done, fill, scale, restart=None, residual=None):
+def _lanczos_step(matvec: Callable, j, qmat, q, q_prev, beta_prev, done, fill, scale, restart=None, residual=None,
+                  restricted: bool = False):
     """One Lanczos step: the three-term recurrence ``w = A q_j - alpha_j q_j - beta_{j-1} q_{j-1}``, then one
     classical Gram-Schmidt pass against the rows of ``qmat`` (rows past ``j`` are zero; a pass over the rows
     built so far only was measured slower on XLA:CPU: the slice is a copy).  The recurrence is the first
@@ -160,6 +176,8 @@ def _lanczos_step(matvec: Callable, j, qmat, q, q_prev, beta_prev, done, fill, s
     ``P`` the orthogonal projection onto the operator's domain, in place of ``matvec`` (which is then not called).
     Projecting the product alone, as ``P A`` does, leaves in the residual the rounding of ``q_j`` and ``q_{j-1}``
     off the domain, which the division by ``beta_j`` amplifies by ``alpha_j / beta_j`` at every step.
+    ``restricted``: the operator acts on a domain given by a projection (the breakdown threshold is then
+    ``_PROJECTED_BREAKDOWN``, else ``_BREAKDOWN_EPS`` eps).
     Returns ``(qmat, alpha_j, beta_j, q_{j+1}, done_{j+1}, scale)``."""
     # a dynamic-update-slice, in place in the loop (``m.at[j].set`` is a scatter, which XLA:CPU expanded into
     # copies of the basis at every step: 3 of the 256 x 256 leaf's 20 x 256 x 256 block)
@@ -177,7 +195,8 @@ def _lanczos_step(matvec: Callable, j, qmat, q, q_prev, beta_prev, done, fill, s
     w = _orthogonalise(qmat, w)
     beta = _sqrt0(tree_dot(w, w))
     dtype = jax.tree.leaves(w)[0].dtype
-    stop = done | (beta <= _breakdown_tol(dtype) * scale)
+    tol = _projected_breakdown_tol(dtype) if restricted else _breakdown_tol(dtype)
+    stop = done | (beta <= tol * scale)
     beta = jnp.where(stop, jnp.zeros_like(beta), beta)
     inv = jnp.where(stop, jnp.zeros_like(beta), 1 / jnp.where(stop, jnp.ones_like(beta), beta))
     q_next = _lincomb(inv, w)
@@ -232,7 +251,7 @@ def _normalised(v0):
     return _lincomb(1 / n, v0)
 
 
-def _lanczos_loop(matvec: Callable, v0, num_matvecs: int, restart=None, residual=None):
+def _lanczos_loop(matvec: Callable, v0, num_matvecs: int, restart=None, residual=None, restricted: bool = False):
     """Lanczos with full reorthogonalisation (:func:`_lanczos_step`) in a ``fori_loop``: ``(T, Q, active)`` with
     ``T`` the ``K x K`` tridiagonal matrix, ``Q`` the Krylov basis (one ``(K, leaf size)`` matrix per leaf of
     ``v0``, rows zero after a breakdown) and ``active`` the ``(K,)`` mask of the rows built before the
@@ -243,7 +262,7 @@ def _lanczos_loop(matvec: Callable, v0, num_matvecs: int, restart=None, residual
         qmat, q, q_prev, beta_prev, alphas, betas, done, active, scale = carry
         active = active.at[j].set(~done)
         qmat, alpha, beta, q_next, done, scale = _lanczos_step(matvec, j, qmat, q, q_prev, beta_prev, done,
-                                                               alphas[0], scale, restart, residual)
+                                                               alphas[0], scale, restart, residual, restricted)
         return qmat, q_next, q, beta, alphas.at[j].set(alpha), betas.at[j].set(beta), done, active, scale
 
     init = (_basis_zeros(num_matvecs, v0), _normalised(v0),
@@ -254,7 +273,8 @@ def _lanczos_loop(matvec: Callable, v0, num_matvecs: int, restart=None, residual
     return _tridiagonal(alphas, betas[:-1]), qmat, active
 
 
-def _lanczos_unrolled(matvec: Callable, v0, num_matvecs: int, restart=None, residual=None):
+def _lanczos_unrolled(matvec: Callable, v0, num_matvecs: int, restart=None, residual=None,
+                      restricted: bool = False):
     """The same as :func:`_lanczos_loop` as straight-line code (the operator is traced ``num_matvecs`` times)."""
     dt = _scalar_dtype(v0)
     qmat = _basis_zeros(num_matvecs, v0)
@@ -266,7 +286,7 @@ def _lanczos_unrolled(matvec: Callable, v0, num_matvecs: int, restart=None, resi
         active.append(~done)
         qmat, alpha, beta, q_next, done, scale = _lanczos_step(matvec, j, qmat, q, q_prev, beta, done,
                                                                alphas[0] if alphas else jnp.zeros((), dt), scale,
-                                                               restart, residual)
+                                                               restart, residual, restricted)
         q_prev, q = q, q_next
         alphas.append(alpha)
         betas.append(beta)
@@ -413,7 +433,7 @@ def lanczos_extremes(
                 a = tree_dot(q, w)
                 return a, settle(_lincomb(1, w, -a, q, -beta_prev, q_prev))
 
-        t, qmat, active = lanczos(product, to_iter(v0), num_matvecs, fresh, residual)
+        t, qmat, active = lanczos(product, to_iter(v0), num_matvecs, fresh, residual, domain is not None)
         vals, s = jnp.linalg.eigh(t)
         # Ritz pairs of the Krylov space built before a breakdown: eigenvectors of T supported on its leading
         # block (the padding block adds copies of alpha_0, never more extreme, but they tie in degenerate cases)

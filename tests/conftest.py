@@ -37,19 +37,6 @@ from xdist_crashes import (  # noqa: E402,F401  (a crashed xdist worker: rerun i
 )
 
 
-@pytest.hookimpl(tryfirst=True)  # (before pytest-xdist reads the groups into the test ids)
-def pytest_collection_modifyitems(config, items):
-    """Under ``--dist loadgroup`` (pyproject.toml) a test in no named ``xdist_group`` joins its module's group, so a
-    module's tests run on one worker, one after the other.  The suite is compile-bound, and the tests of a module
-    share compiled programs (the same model, loss or step at the same shapes) and module fixtures; scheduled test by
-    test, the two workers took turns through a module and each compiled its programs.  Measured with ``-n 2`` (CPU
-    seconds of the tests, children included): test_symmetry_core, test_optim_trajectory and test_models_basic
-    122 -> 106; the eleven test_symmetry_probe* and seven test_diagnostics_probe* files 105 -> 96."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0].rsplit("/", 1)[-1]))
-
-
 def _memory_mappings() -> tuple[int, int] | None:
     """``(mappings this process holds, the most it may hold)`` on Linux, else None."""
     try:

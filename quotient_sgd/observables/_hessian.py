@@ -10,6 +10,7 @@ has on the vertical space do not pollute the bottom of the spectrum.  The Hessia
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Callable, NamedTuple
 
@@ -49,13 +50,6 @@ class Extremes(NamedTuple):
 #: eigenvalue 2 of multiplicity two, beside a float64 bulk at 1e-10, was found twice (to 2e-15), as a restart would.
 _BREAKDOWN_EPS = 16.0
 
-#: Restart vectors (:func:`_lanczos_step`): what is left of a fresh vector after its orthogonalisation against the
-#: basis is a new direction when above this fraction of its norm (a Gaussian vector keeps ``~ sqrt(m / n)`` of it
-#: with ``m`` of ``n`` dimensions left; an exhausted domain leaves the rounding and, in float32, the basis' tilt off
-#: the domain, up to ~1e-3 before the second pass).  (The square roots of the fixed breakdown fractions this test
-#: used before; other dtypes, never the iteration's, as float32.)
-_RESTART = {"float32": 1.4e-3, "float64": 1e-5}
-
 
 def _breakdown_tol(dtype) -> float:
     """The breakdown threshold of a residual, relative to ``|A q|``: ``_BREAKDOWN_EPS`` units of ``dtype``'s eps."""
@@ -78,7 +72,12 @@ def _projected_breakdown_tol(dtype) -> float:
 
 
 def _restart_tol(dtype) -> float:
-    return _RESTART.get(jnp.dtype(dtype).name, _RESTART["float32"])
+    """Restart vectors (:func:`_lanczos_step`): what is left of a fresh vector after its orthogonalisation against
+    the basis is a new direction when above this fraction of its norm, the square root of the restricted breakdown
+    threshold (1.4e-3 / 1e-5 in float32 / float64; a Gaussian vector keeps ``~ sqrt(m / n)`` of it with ``m`` of
+    ``n`` dimensions left; an exhausted domain leaves the rounding and, in float32, the basis' tilt off the domain,
+    up to ~1e-3 before the second pass)."""
+    return math.sqrt(_projected_breakdown_tol(dtype))
 
 
 def _sqrt0(x):

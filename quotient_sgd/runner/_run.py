@@ -122,9 +122,10 @@ def mend_metrics(s: Settings, metrics: MetricsLog, parts: TrajectoryParts, ckpt,
     rows are rewritten from the trajectory parts, which hold every per-step value of a row exactly.  The evaluation
     of a chunk end rewritten so is a pure function of the state the chunk ended at; ``evaluate_at(ends)``
     (:func:`chunk_end_evaluations`: from the checkpoint of that step when it is kept, else replayed from an earlier
-    one or from the initial state, bit for bit) computes it again, ``{chunk end: (evaluation, how)}``.  A chunk end
-    whose evaluation cannot be computed (no ``evaluate_at``: a sweep member; a checkpoint that does not restore)
-    keeps its per-step values and loses its evaluation.  Each case is named in a ``RuntimeWarning``; no row is
+    one or from the initial state, bit for bit; a sweep member's, in the grouping of the chunk that computed it)
+    computes it again, ``{chunk end: (evaluation, how)}``.  A chunk end whose evaluation cannot be computed (no
+    ``evaluate_at``: a member of a sweep across processes; a checkpoint that does not restore) keeps its per-step
+    values and loses its evaluation.  Each case is named in a ``RuntimeWarning``; no row is
     written twice."""
     import warnings
 

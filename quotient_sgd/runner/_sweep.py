@@ -44,8 +44,11 @@ from ._batches import batch_fn
 from ._build import Built, batch_key, build, init_model, make_inner_optimizer, require_settings
 from ._chunk import (
     chunk_step,
+    eval_program,
+    evaluation,
     init_program,
     single_programs,
+    to_host,
     to_host_finish,
     to_host_start,
 )
@@ -155,6 +158,20 @@ def sweep_programs(b: Built, num_steps: int, padded_batch: int | None, mesh: Mes
                  out_axes=(axes, 0, 0)),
         in_shardings=(shard, mem, mem if padded_batch is not None else None, rep, rep),
         out_shardings=(shard, mem, mem))
+
+
+@functools.lru_cache(maxsize=32)
+def sweep_eval_program(b: Built, mesh: Mesh):
+    """The jitted, vmapped ``evaluate(state, dataset)`` of a group of members (:func:`~._chunk.evaluation` of each
+    member's state) with the member axis sharded over ``mesh`` as :func:`sweep_programs` shards it: the evaluation
+    a grouped chunk ends with, computed again from the group's state at that step (a member's ``metrics.jsonl``
+    row lost before the newest checkpoint).  The same traced computation on the same rows as the chunk's, equal to
+    it bit for bit (``tests/test_runner_probe17.py``)."""
+    mem, rep = NamedSharding(mesh, P("sweep")), NamedSharding(mesh, P())
+    axes = _state_axes(b)
+    shard = jax.tree.map(lambda a: rep if a is None else mem, axes, is_leaf=lambda a: a is None)
+    return jax.jit(jax.vmap(lambda state, dataset: evaluation(b, state[0], state[2], dataset), in_axes=(axes, None)),
+                   in_shardings=(shard, rep), out_shardings=mem)
 
 
 def _group_state(b: Built, member_state, idx: list[int], mesh: Mesh):
@@ -430,10 +447,11 @@ def _check_sweep_dir(workdir: str, s: Settings) -> dict | None:
     return None
 
 
-def _open_member_dir(d: str, ms: Settings, start: int, plots: bool = True) -> dict | None:
+def _open_member_dir(d: str, ms: Settings, start: int, plots: bool = True, evaluate_at=None) -> dict | None:
     """Create (or reopen at checkpoint ``start``) a member's run directory; returns its divergence when it
     diverged before ``start``.  ``plots``: the sweep writes the members' plots; otherwise the plots of a member
-    that computes nothing more (finished, or diverged before ``start``) are kept."""
+    that computes nothing more (finished, or diverged before ``start``) are kept.  ``evaluate_at(ends)``: the
+    member's evaluations at those chunk ends, for the rows lost before ``start`` (:func:`~._run.mend_metrics`)."""
     os.makedirs(d, exist_ok=True)
     cfg = os.path.join(d, "config.json")
     div_path = os.path.join(d, "diverged.json")
@@ -445,7 +463,7 @@ def _open_member_dir(d: str, ms: Settings, start: int, plots: bool = True) -> di
     parts.truncate(start)
     metrics.truncate(start)
     if div is None and start > 0:  # (rows lost before the checkpoint: rewritten from the parts, with a warning)
-        mend_metrics(ms, metrics, parts, None, start, None, None)
+        mend_metrics(ms, metrics, parts, None, start, None, None, evaluate_at=evaluate_at)
     ended = div is not None or start >= ms.steps  # (computes nothing more: its plots and trajectory.npz stay)
     remove_outputs(d, plots=plots or not ended, trajectory=not ended)
     write_config(cfg, ms)
@@ -856,17 +874,72 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
             layout = _Layout(_layout_at(schedule, start), nd, n, padded is not None)
     if not start:
         states = make_states(layout, member_state)
-    host_states.clear()
     ins, own = inputs(layout), owned(layout)
     dirs = [os.path.join(workdir, "members", f"{i:03d}") for i in range(n)]
+    evaluations: dict[int, tuple[dict[int, dict], str]] = {}  # chunk end -> ({member: evaluation}, how)
+
+    def evaluations_at(c: int) -> tuple[dict[int, dict], str]:
+        """Every member's evaluation at chunk end ``c`` (before ``start``, or ``start`` itself), as the grouped
+        chunk ending at ``c`` computed it: the groups' states at ``c`` (the restored checkpoint of ``start``, the
+        checkpoint of ``c`` when it is kept, else replayed with the sweep's own chunk programs and layouts from
+        the newest kept checkpoint before ``c`` or from the initial states), evaluated in the layout of that chunk
+        by the same traced computation (:func:`sweep_eval_program`, or :func:`~._chunk.eval_program` for one
+        unbatched member)."""
+        if c in evaluations:
+            return evaluations[c]
+        lay_c = _Layout(_layout_at(schedule, c), nd, n, padded is not None)
+        kept = set(ckpt.manager.all_steps()) if ckpt is not None else set()
+        if c == start and states:
+            st, how = states, f"the checkpoint of step {c}"
+        elif c in kept:
+            tmpl = make_states(lay_c, member_state)
+            st, how = _unpack(ckpt.restore(c, _pack(tmpl)), tmpl), f"the checkpoint of step {c}"
+        else:
+            k = max((x for x in kept if x < c), default=0)
+            lay = _Layout(_layout_at(schedule, k) if k else schedule[0]["members_per_device"], nd, n,
+                          padded is not None)
+            tmpl = make_states(lay, member_state)
+            st = _unpack(ckpt.restore(k, _pack(tmpl)), tmpl) if k else tmpl
+            for a, cc in chunk_bounds(k, c, every):
+                mpd = _layout_at(schedule, cc)
+                if mpd != lay.mpd:  # (regrouped as the sweep regrouped)
+                    new = _Layout(mpd, nd, n, padded is not None)
+                    held = _member_states(b, lay, st, mesh)
+                    st, lay = make_states(new, lambda i: held[i] if i in held else held[i % nd]), new
+                lay_ins = inputs(lay)
+                f = program(lay, cc - a, st[0], lay_ins[0])
+                first = _global(np.asarray(a, np.int32), rep) if lay.batched else jnp.int32(a)
+                data = dataset_global if lay.batched else b.dataset
+                st = [f(st[g], lay_ins[g][0], lay_ins[g][1], data, first)[0] for g in range(len(lay.groups))]
+            how = f"steps {k} to {c} replayed from " + (f"the checkpoint of step {k}" if k else "the initial state")
+        out: dict[int, dict] = {}
+        for g, idx in enumerate(lay_c.groups):
+            if lay_c.batched:
+                ev = _host_rows_finish(_host_rows_start(sweep_eval_program(b, mesh)(st[g], dataset_global), True))
+            else:
+                ev = {k: np.asarray(v)[None] for k, v in to_host(eval_program(b)(st[g], b.dataset)).items()}
+            for j, i in enumerate(idx):
+                if i < n:
+                    out[i] = {k: v[j] for k, v in ev.items() if k != "params_finite"}
+        evaluations[c] = (out, how)
+        return evaluations[c]
+
+    def evaluate_member(i: int, ends: list[int]) -> dict:
+        return {c: (evaluations_at(c)[0][i], evaluations_at(c)[1]) for c in ends}
+
     diverged: dict[int, dict] = {}
     for g, idx in enumerate(layout.groups):
         for j in own[g]:
+            # (across processes a group's programs span processes, and each process mends its own members only:
+            # there the evaluation of a lost row stays lost, with the warning)
             dv = _open_member_dir(dirs[idx[j]], member_settings(s, idx[j], members[idx[j]]), start,
-                                  plots if plots is not None else s.logging.plots)
+                                  plots if plots is not None else s.logging.plots,
+                                  evaluate_at=None if multi else functools.partial(evaluate_member, idx[j]))
             if dv is not None:
                 diverged[idx[j]] = dv
     ended_before = set(diverged) if start < s.steps else set(range(n))  # (members this call computes nothing of)
+    host_states.clear()
+    evaluations.clear()
 
     from tqdm import tqdm
 

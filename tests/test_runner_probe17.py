@@ -6,6 +6,7 @@ import os
 import warnings
 
 import jax
+import pytest
 
 from helpers import assert_sweeps_bitwise, checkpoint_steps, load_metric_rows, tiny_settings
 from quotient_sgd.runner import sweep
@@ -57,3 +58,51 @@ def test_sweep_member_lost_chunk_end_rows_get_their_evaluation_back(tmp_path, mo
     assert "steps 0 to 10 replayed from the initial state" in text and "steps 0 to 20 replayed" in text, text
     assert "step 29: the checkpoint of step 30" in text and "step 39: the checkpoint of step 40" in text, text
     assert_sweeps_bitwise(wd, ref, 3)
+
+
+# ---- seeds and learning rates given as JAX numbers and arrays -------------------------------------------------
+def test_jax_and_numpy_arrays_are_accepted_as_the_numbers_they_hold(tmp_path):
+    """A config file computing its values with JAX or NumPy: ``optim.lr = jnp.float32(0.1)``, ``seed =
+    jnp.int32(3)``, ``logging.plots = jnp.bool_(False)``, ``sweep.lr = tuple(jnp.logspace(-3, -1, 3))``,
+    ``sweep.seed = jnp.arange(3)``, ``sweep.momentum = np.linspace(0, 0.9, 2)``.  NumPy scalars were accepted
+    as the numbers they hold, JAX's 0-d arrays refused ("cannot be casted to type <class 'float'>", "expected a
+    float, got ArrayImpl") and so were 1-D arrays for a tuple key.  They validate to the Python values they hold
+    (the settings are written to config.json), from a file starting from ``default_config()`` and from one
+    building a plain ``ml_collections.ConfigDict``; a JAX bool for a number key is still refused, as a Python bool
+    is."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from quotient_sgd.config import default_config, load_config, validate
+
+    body = """
+def get_config():
+    c = {start}
+    c.optim.lr = jnp.float32(0.1)
+    c.seed = jnp.int32(3)
+    c.logging.plots = jnp.bool_(False)
+    c.sweep.lr = tuple(jnp.logspace(-3, -1, 3))
+    c.sweep.seed = jnp.arange(3)
+    c.sweep.momentum = np.linspace(0.0, 0.9, 2)
+    c.model.hidden = jnp.array([16, 8])
+    return c
+"""
+    head = "import jax.numpy as jnp\nimport numpy as np\nimport ml_collections\n"
+    head += "from quotient_sgd.config import default_config\n"
+    want = {("optim", "lr"): float(np.float32(0.1)), ("seed",): 3, ("logging", "plots"): False,
+            ("sweep", "lr"): [float(x) for x in np.asarray(jnp.logspace(-3, -1, 3))], ("sweep", "seed"): [0, 1, 2],
+            ("sweep", "momentum"): [0.0, 0.9], ("model", "hidden"): [16, 8]}
+    for name, start in (("strict", "default_config()"),
+                        ("plain", "ml_collections.ConfigDict(default_config().to_dict())")):
+        path = tmp_path / f"{name}.py"
+        path.write_text(head + body.format(start=start))
+        d = validate(load_config(str(path))).to_dict()
+        for key, w in want.items():
+            got = d[key[0]][key[1]] if len(key) == 2 else d[key[0]]
+            assert got == w, (name, key, got)
+            for x, y in zip(got if isinstance(w, list) else [got], w if isinstance(w, list) else [w]):
+                assert type(x) is type(y), (name, key, got)
+        json.dumps(d)  # (config.json)
+    c = default_config()
+    with pytest.raises(TypeError, match="is a bool"):
+        c.optim.lr = jnp.bool_(True)

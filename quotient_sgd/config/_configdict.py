@@ -29,14 +29,35 @@ def _numeric_kind(field: Any) -> str | None:
     return None
 
 
-def _plain_scalar(value: Any, field_type: Any) -> Any:
-    """A NumPy scalar (``np.int64(16)``, ``np.float32(0.1)``, ``np.bool_(False)``) assigned to a key holding a
-    Python ``int``, ``float`` or ``bool``, as the Python value it holds (``value.item()``); anything else as it is.
-    ``ml_collections`` checks the value's type: ``np.int64(16)`` from ``np.arange`` was refused for
-    ``data.batch_size`` ("expected an int, got int64"), ``np.bool_(False)`` for ``logging.plots`` ("expected a
-    bool, got bool"), where validation reads the value a NumPy scalar holds."""
-    if isinstance(value, np.generic) and field_type in (int, float, bool):
+def array_value(value: Any) -> Any:
+    """A NumPy scalar or a 0-d array (NumPy or JAX: ``np.int64(16)``, ``jnp.float32(0.1)``, ``jnp.bool_(False)``)
+    as the Python value it holds (``value.item()``), a 1-D array (``np.logspace(-3, -1, 4)``,
+    ``jnp.arange(4)``) as the tuple of those; anything else as it is.  Recognised by its ``shape``, ``dtype`` and
+    ``item`` (JAX is not imported for this)."""
+    if isinstance(value, np.generic):
         return value.item()
+    shape = getattr(value, "shape", None)
+    if (isinstance(shape, tuple) and hasattr(value, "dtype") and hasattr(value, "item")
+            and not isinstance(value, (str, bytes))):
+        if shape == ():
+            return value.item()
+        if len(shape) == 1 and hasattr(value, "tolist"):
+            return tuple(value.tolist())
+    return value
+
+
+def _plain_scalar(value: Any, field_type: Any) -> Any:
+    """A NumPy scalar or 0-d array, NumPy's or JAX's (``np.int64(16)``, ``np.float32(0.1)``, ``jnp.float32(0.1)``,
+    ``np.bool_(False)``) assigned to a key holding a Python ``int``, ``float`` or ``bool``, as the Python value it
+    holds (``value.item()``), and a 1-D array assigned to a key holding a tuple as the tuple of its values
+    (:func:`array_value`); anything else as it is.  ``ml_collections`` checks the value's type: ``np.int64(16)``
+    from ``np.arange`` was refused for ``data.batch_size`` ("expected an int, got int64"), ``np.bool_(False)`` for
+    ``logging.plots`` ("expected a bool, got bool"), ``jnp.float32(0.1)`` for ``optim.lr`` and
+    ``np.logspace(-3, -1, 4)`` for ``sweep.lr``, where validation reads the values they hold."""
+    if field_type in (int, float, bool, tuple):
+        out = array_value(value)
+        if field_type is tuple or not isinstance(out, tuple):
+            return out
     return value
 
 
@@ -54,14 +75,15 @@ class StrictConfigDict(ml_collections.ConfigDict):
             # a section given as ml_collections' own ConfigDict (or a FrozenConfigDict): its keys become a
             # StrictConfigDict section, as those of a dict do (type safety refused the other class outright)
             value = StrictConfigDict(value, type_safe=self.is_type_safe)
+        if isinstance(key, str) and key in self._fields and not isinstance(self._fields[key],
+                                                                          ml_collections.FieldReference):
+            # (first: a JAX bool becomes a bool, refused below for a number key)
+            value = _plain_scalar(value, type(self._fields[key]))
         if isinstance(value, (bool, np.bool_)) and isinstance(key, str) and key in self._fields:
             kind = _numeric_kind(self._fields[key])
             if kind is not None:
                 raise TypeError(f"Could not override field {key!r}: {value!r} is a bool, and {key!r} holds {kind}; "
                                 f"write a number (e.g. {1.0 if kind == 'a float' else 1}), not True/False")
-        if isinstance(key, str) and key in self._fields and not isinstance(self._fields[key],
-                                                                          ml_collections.FieldReference):
-            value = _plain_scalar(value, type(self._fields[key]))
         super().__setitem__(key, value)
 
 
@@ -97,11 +119,12 @@ def refuse_bool_numbers() -> Iterator[None]:
         return
 
     def safe_cast(value, field_type, type_safe=False):
+        value = _plain_scalar(value, field_type)
         if isinstance(value, (bool, np.bool_)) and field_type in (float, int):
             kind = "a float" if field_type is float else "an int"
             raise TypeError(f"{value!r} is a bool, and the key holds {kind}; write a number (e.g. "
                             f"{1.0 if field_type is float else 1}), not True/False")
-        return original(_plain_scalar(value, field_type), field_type, type_safe)
+        return original(value, field_type, type_safe)
 
     with _CAST_LOCK:
         _cd._safe_cast = safe_cast

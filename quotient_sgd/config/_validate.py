@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ._configdict import array_value
 from ._settings import (
     DATASETS,
     MODELS,
@@ -64,7 +65,9 @@ def _typed(key: str, value: Any, default: Any) -> Any:
     """``value`` coerced to the Python type of ``default`` (int -> float allowed, float -> int not, even for a
     whole number: ``1.0`` for an int key is refused as ``--config.seed=1.0`` is; NumPy scalars such as the
     elements of ``tuple(np.arange(4))`` count as the numbers they hold), or a ConfigError.  A bool is never a
-    number and a number never a bool."""
+    number and a number never a bool.  A 0-d array (NumPy's or JAX's: ``jnp.float32(0.1)``) counts as the value
+    it holds, a 1-D array (``np.logspace(-3, -1, 4)``) as the tuple of its values (:func:`array_value`)."""
+    value = array_value(value)
     if isinstance(default, bool):
         if _is_bool(value):
             return bool(value)

@@ -6,6 +6,7 @@ import os
 import warnings
 
 import jax
+import numpy as np
 import pytest
 
 from helpers import assert_sweeps_bitwise, checkpoint_steps, load_metric_rows, tiny_settings
@@ -106,3 +107,54 @@ def get_config():
     c = default_config()
     with pytest.raises(TypeError, match="is a bool"):
         c.optim.lr = jnp.bool_(True)
+
+
+# ---- a trajectory part that does not load --------------------------------------------------------------------
+def _tear(path: str, how: str) -> None:
+    if how == "truncated":  # (renamed into place before its data reached the disk)
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    else:  # (its blocks never written)
+        with open(path, "wb") as f:
+            f.write(b"\0" * 64)
+
+
+@pytest.mark.parametrize("how", ["truncated", "zeroed"])
+def test_resume_recomputes_a_trajectory_part_that_does_not_load(tmp_path, how):
+    """A run stopped after its checkpoint of step 30 whose trajectory part of steps 10-19 does not load (torn by
+    a crash of the machine on a file system that does not honour ``fsync``): the resume computed steps 30-39,
+    then failed assembling ``trajectory.npz`` ("File is not a zip file", "pickled (object) data"), and so did
+    every later command (the run, finished at its checkpoint, only assembles).  The part counts as missing: the
+    run resumes from the checkpoint of step 10, with a warning, and ends as an uninterrupted run, bit for bit."""
+    from helpers import load_trajectory
+    from quotient_sgd.runner import run
+
+    s = tiny_settings(40, **{"checkpoint.keep": 3})
+    ref, wd = run(s, str(tmp_path / "ref")), str(tmp_path / "r")
+    run(s, wd, max_chunks=3)
+    _tear(os.path.join(wd, "trajectory_parts", f"part_{10:09d}.npz"), how)
+    with pytest.warns(RuntimeWarning, match=r"no part of the chunk from step 10 on.*does not load.*checkpoint of "
+                                            r"step 10"):
+        done = run(s, wd)
+    assert done.resumed_from == 10
+    traj = load_trajectory(wd)
+    assert sorted(traj) == sorted(ref.trajectory)
+    for k in traj:
+        np.testing.assert_array_equal(traj[k], ref.trajectory[k], err_msg=k)
+    assert load_metric_rows(wd) == load_metric_rows(str(tmp_path / "ref"))
+
+
+def test_sweep_resume_recomputes_a_member_part_that_does_not_load(tmp_path):
+    """The same for a member of a sweep: the sweep resumes from the checkpoint at or before the torn part and ends
+    as the uninterrupted sweep, bit for bit."""
+    kw = {"sweep.lr": (0.05, 0.02), "sweep.seed": (0,)}
+    s = tiny_settings(40, **kw)
+    dev = jax.devices()[:1]
+    ref, wd = str(tmp_path / "ref"), str(tmp_path / "sw")
+    sweep(s, ref, devices=dev)
+    sweep(s, wd, devices=dev, max_chunks=3)
+    _tear(os.path.join(wd, "members", "001", "trajectory_parts", f"part_{20:09d}.npz"), "truncated")
+    with pytest.warns(RuntimeWarning, match=r"no trajectory part of the chunk from step 20 on.*does not load"):
+        done = sweep(s, wd, devices=dev)
+    assert done.resumed_from == 20
+    assert_sweeps_bitwise(wd, ref, 2)

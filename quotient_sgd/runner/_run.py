@@ -201,16 +201,19 @@ def mend_metrics(s: Settings, metrics: MetricsLog, parts: TrajectoryParts, ckpt,
 
 def first_missing_part(run_dir: str, end: int, every: int) -> int | None:
     """The first chunk ``[a, b)`` before step ``end`` (chunks of ``every`` steps) whose trajectory part
-    ``run_dir/trajectory_parts/part_<a>.npz`` is missing, ``None`` when there is none; a sweep member that diverged
-    (its ``diverged.json``) needs the chunks up to its divergence only."""
+    ``run_dir/trajectory_parts/part_<a>.npz`` is missing or does not load (:meth:`TrajectoryParts.readable`: a
+    part a crash of the machine left torn failed the resume when it assembled ``trajectory.npz``, after computing
+    the rest, and every command after it), ``None`` when there is none; a sweep member that diverged (its
+    ``diverged.json``) needs the chunks up to its divergence only."""
     from ._rundir import read_divergence
 
     div = read_divergence(run_dir, "run directory")
-    have = set(TrajectoryParts(run_dir)._starts())
+    parts = TrajectoryParts(run_dir)
+    have = set(parts._starts())
     for a, _ in chunk_bounds(0, end, every):
         if div is not None and a > div["step"]:
             return None
-        if a not in have:
+        if a not in have or not parts.readable(a):
             return a
     return None
 
@@ -247,7 +250,7 @@ def rewind_to_parts(s: Settings, metrics: MetricsLog, parts: TrajectoryParts, ck
     metrics.truncate(base)
     warnings.warn(f"{parts.dir} has no part of the chunk from step {first} on, before the checkpoint of step "
                   f"{start} (a command with checkpoint.enabled=False started the run again from step 0 and was "
-                  f"stopped, or the part was removed); resuming from "
+                  f"stopped, or the part was removed, or it does not load); resuming from "
                   + (f"the checkpoint of step {base}" if base else "step 0")
                   + f" instead, to compute steps {base} to {start - 1} again", RuntimeWarning, stacklevel=3)
     return base, state

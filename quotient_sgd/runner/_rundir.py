@@ -504,6 +504,19 @@ class TrajectoryParts:
         with durable_write(os.path.join(self.dir, f"part_{start:09d}.npz"), "wb", _TMP_SUFFIX) as f:
             np.savez(f, **arrays)
 
+    def readable(self, start: int) -> bool:
+        """Whether ``part_<start>.npz`` is there and loads: a complete zip archive whose members pass their CRC
+        check and which holds ``step``.  A part renamed into place before its data reached the disk (a crash of
+        the machine on a file system that does not honour ``fsync``), truncated or overwritten does not: a resume
+        computes its chunk again instead of failing when it assembles ``trajectory.npz``."""
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(os.path.join(self.dir, f"part_{start:09d}.npz")) as z:
+                return "step.npy" in z.namelist() and z.testzip() is None
+        except (OSError, zipfile.BadZipFile, EOFError, ValueError, RuntimeError):
+            return False
+
     def part_holding(self, step: int) -> dict[str, np.ndarray] | None:
         """The part whose steps include ``step`` (``None`` when no part on disk holds it)."""
         starts = [a for a in self._starts() if a <= step]

@@ -572,7 +572,8 @@ def _rewind_to_parts(workdir: str, ckpt: Checkpoints, n: int, every: int) -> Non
     if jax.process_index() == 0:
         warnings.warn(f"sweep directory {workdir!r}: a member has no trajectory part of the chunk from step {first} "
                       f"on, before the checkpoint of step {kept[-1]} (a command with checkpoint.enabled=False started "
-                      f"the sweep again from step 0 and was stopped, or the part was removed); resuming from "
+                      f"the sweep again from step 0 and was stopped, or the part was removed, or it does not load); "
+                      f"resuming from "
                       + (f"the checkpoint of step {base}" if base else "step 0")
                       + f" instead, to compute steps {base} to {kept[-1] - 1} again", RuntimeWarning, stacklevel=4)
 

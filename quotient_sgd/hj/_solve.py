@@ -439,8 +439,11 @@ def _blowup_advice(scheme, solver, fixed: bool) -> str:
 def _integrate(form, name, grid, term, solver, y0, nu, t1, ts, dt, dt0, rtol, atol, max_steps, adjoint,
                progress, advice: str, limit: float | None = None, blowup: str = ""):
     """The numerical part of a solve, jitted as a whole (Python-level checks stay in :func:`_solve`): one
-    compilation per grid / scheme / solver / stepping mode / save structure; nu, t1, ts, dt and the tolerances
-    are traced, so other values reuse it."""
+    compilation per grid / scheme / solver / stepping mode / save structure / step budget; nu, t1, ts, dt and the
+    tolerances are traced, so other values reuse it.  With fixed steps and known (not traced) t1 and dt,
+    :func:`_solve` sets the step budget and the checkpoints to the step count ``ceil(t1 / dt)`` (static), so each
+    step count compiles once (a few seconds each, measured on 64 points); under ``jax.jit`` with dt or t1 traced
+    they share one compilation."""
     dtype = y0.dtype
     fixed = dt is not None
     # traced values escape _solve's range checks (under jit / vmap / grad): a negative nu solved the anti-diffusive
@@ -571,15 +574,18 @@ def solve_burgers(p0, grid: AnyGrid, *, nu, t1, ts=None, scheme="spectral", solv
             split step at each save time in ``ts`` that falls between them).  With ETDRK4 the phi-function
             coefficients are then built once per solve instead of once per step; this is the fast path when
             the step that reaches a target error is known (benchmarks/hj.py), and the one that
-            differentiates exactly the map finite differences see.  With an explicit solver (``"tsit5"``, or a
-            diffrax explicit Runge-Kutta solver or ``Euler``) a step beyond its stability interval for the viscous
+            differentiates exactly the map finite differences see.  With known (not traced) ``t1`` and ``dt`` the step
+            count sets the solve's step budget and checkpoints (no recomputation in reverse mode, while they fit in 512
+            MiB), so each step count compiles once; to sweep ``dt`` with one compilation, pass it traced
+            (``jax.jit(lambda dt: solve_burgers(..., dt=dt, max_steps=...))``).  With an explicit solver (``"tsit5"``,
+            or a diffrax explicit Runge-Kutta solver or ``Euler``) a step beyond its stability interval for the viscous
             term, ``h nu max|eig(Lap)| > x*`` (``x* = 3.51`` for Tsit5; ``max|eig(Lap)|`` is ``max|k|^2`` for the
-            spectral scheme, ``4 / dx^2`` per axis for finite volumes), is refused with a ``ValueError`` naming
-            ``dt`` and the largest stable one (a traced one through ``equinox.error_if``): the finest modes
-            would grow every step (Tsit5 on 32 spectral points at nu = 0.1 with dt = 0.1 returned a field of
-            1e231).  The nonlinear term tightens the limit (on finite volumes the flux's numerical diffusion adds
-            about ``2 max|p| / dx`` per axis to ``nu max|eig(Lap)|``), so the check is necessary, not sufficient;
-            a fixed-step solve that blows up all the same raises the not-finite error, saying so.
+            spectral scheme, ``4 / dx^2`` per axis for finite volumes), is refused with a ``ValueError`` naming ``dt``
+            and the largest stable one (a traced one through ``equinox.error_if``): the finest modes would grow every
+            step (Tsit5 on 32 spectral points at nu = 0.1 with dt = 0.1 returned a field of 1e231).  The nonlinear term
+            tightens the limit (on finite volumes the flux's numerical diffusion adds about ``2 max|p| / dx`` per axis
+            to ``nu max|eig(Lap)|``), so the check is necessary, not sufficient; a fixed-step solve that blows up all
+            the same raises the not-finite error, saying so.
         max_steps: step budget, an integer >= 1 (finite, as reverse-mode autodiff needs); exceeding it raises an
             error.
         dt0, adaptive: initial step of adaptive stepping; ``adaptive=False`` with ``dt0`` means ``dt=dt0``.

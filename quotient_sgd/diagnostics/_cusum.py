@@ -52,12 +52,13 @@ class Alarm(NamedTuple):
 
 
 def _standardise(x: np.ndarray, n: np.ndarray, s1: np.ndarray, s2: np.ndarray, clip: float,
-                 offset=0.0) -> np.ndarray:
+                 offset=0.0, floor=0.0) -> np.ndarray:
     """``x``, ``s1``, ``s2``: the value and the running sums of values minus ``offset`` (a value of the series near
-    its mean), so that ``s2 / n - mean^2`` does not cancel catastrophically for a series with a large level."""
+    its mean), so that ``s2 / n - mean^2`` does not cancel catastrophically for a series with a large level.  The
+    standard deviation is at least ``floor`` (see :func:`cusum`'s ``trend_floor``)."""
     mean = s1 / np.maximum(n, 1)
     var = np.maximum(s2 / np.maximum(n, 1) - mean * mean, 0.0) * n / np.maximum(n - 1, 1)
-    std = np.sqrt(var)
+    std = np.maximum(np.sqrt(var), floor)
     tiny = 1e-12 * (np.abs(mean + offset) + 1e-30)
     z = (x - mean) / np.maximum(std, tiny) * np.sqrt(n / (n + 1.0))
     return np.clip(z, -clip, clip)
@@ -174,7 +175,8 @@ def _threshold(n: int, alpha: float, k: float, min_ref: int, clip: float, num_si
 
 
 def cusum(x, *, alpha: float = 0.05, k: float = 0.5, min_ref: int = 10, clip: float = 4.0,
-          n_blocks: int | None = None, threshold: float | None = None) -> list[Alarm]:
+          n_blocks: int | None = None, threshold: float | None = None,
+          trend_floor: float = 0.0) -> list[Alarm]:
     """Run the self-starting CUSUM on the 1-D series ``x`` (non-finite values are skipped).
 
     Args:
@@ -190,6 +192,18 @@ def cusum(x, *, alpha: float = 0.05, k: float = 0.5, min_ref: int = 10, clip: fl
             ``horizon``): the false-alarm bound is over the whole series monitored.
         threshold: override ``h``, a number >= 0 (``inf``: never alarm; 0, the calibrated value at a large
             ``alpha``, alarms whenever the statistic leaves zero); then ``alpha`` is not used.
+        trend_floor: a finite number >= 0 (default 0: the noise estimate alone): the values are standardised
+            with a standard deviation of at least ``trend_floor`` times the drift a straight line fitted to the
+            values since the (re)start predicts for the new value, ``|b| (n + 1) / 2`` (``b`` the least-squares
+            slope per value, ``n`` the values), less twice the slope's standard error under the noise estimated
+            from successive differences (``sum (x_s - x_{s-1})^2 / (2 (n - 1))``, blind to a smooth trend).  On a
+            noiseless series that drifts smoothly the spread is the drift's own, and each new value lies "many
+            standard deviations" from the mean of the earlier ones, an alarm every 10-20 values; with the floor a
+            value that continues the trend gives ``|z| ~ 1 / trend_floor`` (below ``k`` from ``trend_floor > 1 /
+            k``) while a break of the trend (a rate that jumps or stops) stands out against the trend's own
+            scale, not against the series' magnitude.  On a series without a significant trend the floor is 0 and
+            the test the calibrated one; elsewhere it only shrinks the standardised values, with the threshold
+            calibrated without it.
 
     Returns:
         A list of :class:`Alarm`, in time order.
@@ -200,7 +214,8 @@ def cusum(x, *, alpha: float = 0.05, k: float = 0.5, min_ref: int = 10, clip: fl
             any series), ``min_ref`` not an integer ``>= 2``, ``clip`` not a number ``> 0``, ``n_blocks`` not an
             integer ``>= 1`` or ``None``, ``threshold`` not a number ``>= 0`` or ``None`` (a NaN threshold never
             alarmed, a negative one alarmed on every value, a horizon below ``min_ref`` such as ``n_blocks=5``
-            gave an infinite threshold for a series of any length: each without a word).
+            gave an infinite threshold for a series of any length: each without a word), ``trend_floor`` not a
+            finite number ``>= 0``.
     """
     x = np.asarray(x)
     alpha, k, min_ref, clip, n_blocks, threshold = map(plain_scalar, (alpha, k, min_ref, clip, n_blocks, threshold))
@@ -217,6 +232,12 @@ def cusum(x, *, alpha: float = 0.05, k: float = 0.5, min_ref: int = 10, clip: fl
                                       and threshold >= 0):  # (NaN >= 0 is False)
         raise ValueError(f"cusum: threshold={threshold!r} is not allowed; need a number >= 0 (inf: never alarm) or "
                          "None (calibrated from alpha)")
+    trend_floor = plain_scalar(trend_floor)
+    if not (isinstance(trend_floor, numbers.Real) and not isinstance(trend_floor, bool)
+            and np.isfinite(trend_floor) and trend_floor >= 0):
+        raise ValueError(f"cusum: trend_floor={trend_floor!r} is not allowed; need a finite number >= 0 (the noise "
+                         "floor as a multiple of the drift of the values' trend; 0: none)")
+    trend_floor = float(trend_floor)
     x = x.astype(np.float64)
     idx = np.nonzero(np.isfinite(x))[0]
     xs = x[idx]
@@ -224,6 +245,7 @@ def cusum(x, *, alpha: float = 0.05, k: float = 0.5, min_ref: int = 10, clip: fl
     alarms: list[Alarm] = []
     n = 0
     s1 = s2 = sp = sm = 0.0
+    sxy = sd2 = prev = 0.0  # sum of index * value, sum of squared successive differences, the last value
     zero_p = zero_m = 0
     # sums of the values minus the first one since the (re)start: the one-pass variance of the raw values
     # cancels catastrophically when the level is large against the spread (a level 1e8 with unit noise gave
@@ -233,8 +255,9 @@ def cusum(x, *, alpha: float = 0.05, k: float = 0.5, min_ref: int = 10, clip: fl
         if n == 0:
             shift = float(v)
         if n >= min_ref:
+            floor = trend_floor * _trend_drift(n, s1, sxy, sd2) if trend_floor > 0 else 0.0
             z = float(_standardise(np.asarray(v - shift), np.asarray(float(n)), np.asarray(s1), np.asarray(s2),
-                                   clip, shift))
+                                   clip, shift, floor))
             sp = max(0.0, sp + z - k)
             sm = max(0.0, sm - z - k)
             if sp == 0.0:
@@ -246,12 +269,28 @@ def cusum(x, *, alpha: float = 0.05, k: float = 0.5, min_ref: int = 10, clip: fl
                 onset = zero_p if up else zero_m
                 alarms.append(Alarm(int(idx[t]), int(idx[min(onset, t)]), float(max(sp, sm)), 1 if up else -1))
                 n = 0
-                s1 = s2 = sp = sm = 0.0
+                s1 = s2 = sp = sm = sxy = sd2 = 0.0
                 zero_p = zero_m = t + 1
                 continue
         else:
             zero_p = zero_m = t + 1
+        y = v - shift
+        if n > 0:
+            sd2 += (y - prev) * (y - prev)
+        sxy += n * y
+        prev = y
         n += 1
-        s1 += v - shift
-        s2 += (v - shift) * (v - shift)
+        s1 += y
+        s2 += y * y
     return alarms
+
+
+def _trend_drift(n: int, s1: float, sxy: float, sd2: float) -> float:
+    """The drift from their mean that the least-squares line through ``n`` values (indices ``0..n-1``; sums
+    ``s1`` of the values, ``sxy`` of index times value, ``sd2`` of squared successive differences) predicts for
+    the next value, ``|b| (n + 1) / 2``, with ``|b|`` less twice its standard error under the difference-based
+    noise estimate (0 when the slope is not significant)."""
+    sxx = n * (n * n - 1) / 12.0
+    b = (sxy - 0.5 * (n - 1) * s1) / sxx
+    noise = np.sqrt(sd2 / (2.0 * (n - 1)))
+    return max(0.0, abs(b) - 2.0 * noise / np.sqrt(sxx)) * (n + 1) / 2.0

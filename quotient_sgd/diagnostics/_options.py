@@ -87,6 +87,8 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "block": (lambda v: v is None or (_int(v) and v >= 1), "None or an integer >= 1"),
     "horizon": (lambda v: v is None or (_int(v) and v >= 1), "None or an integer >= 1 (planned steps)"),
     "k": (lambda v: _real(v) and v >= 0, "a finite number >= 0"),
+    "trend_floor": (lambda v: _real(v) and v >= 0,
+                    "a finite number >= 0 (the noise floor in units of the monitored values' trend; 0: none)"),
     "min_ref": (lambda v: _int(v) and v >= 2, "an integer >= 2"),
     "transition_keys": (lambda v: v is None or _names(v),
                         "None or a sequence of trajectory keys, e.g. ('loss',) (not a single string)"),

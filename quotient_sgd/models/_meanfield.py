@@ -55,7 +55,9 @@ class MeanField(nnx.Module):
         """``"permutation/particles"``: ``S_n`` on axis 0 of ``w_in``, ``b``, ``w_out`` (the sum over particles is
         order-free), and, for relu / leaky_relu / identity, ``"rescale/particles"``: ``(w_in,j, b_j) -> a_j (w_in,j,
         b_j)``, ``w_out,j -> w_out,j / a_j`` (positive homogeneity).  The two overlap; :class:`Product` composes
-        them as words."""
+        them as words.  Not declared (so not in the vertical space, canonical points or invariants): for tanh (odd)
+        the sign flip ``theta_j -> -theta_j`` of each particle, and for the identity activation the ``GL(width)``
+        acting on the particle axis (``f`` depends on ``w_in^T w_out`` and ``b^T w_out`` only)."""
         units = ((("w_in",), 0), (("b",), 0), (("w_out",), 0))
         comps = []
         if is_homogeneous(self.activation):

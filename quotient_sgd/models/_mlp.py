@@ -103,7 +103,10 @@ class MLP(nnx.Module):
         ``log_softmax`` unchanged.
 
         Rescale and permutation of one layer overlap (act on the same arrays); :class:`Product` composes them as
-        words.  For the identity activation the full ``GL(n)`` is a symmetry too; see :class:`DeepLinear`.
+        words.  The declared group is a subgroup of the model's symmetries, not all of them: for the identity
+        activation the full ``GL(n)`` is a symmetry too (see :class:`DeepLinear`), and for tanh (an odd function) the
+        sign flips ``w_in,j, b_j, w_out,j -> -w_in,j, -b_j, -w_out,j`` of each hidden unit are (discrete; not
+        declared, so two networks that differ by them have different canonical points and invariants).
         """
         comps = []
         hom = is_homogeneous(self.activation)

@@ -116,7 +116,8 @@ class Transformer(nnx.Module):
 
     Args:
         vocab_size, d_model, num_heads, num_layers, max_len: sizes (``d_head = d_model / num_heads``;
-            ``d_model >= 2``: a LayerNorm over one feature is constant).
+            ``d_model >= 3``: a LayerNorm over one feature is constant, over two it outputs
+            ``+-(scale_0, -scale_1) + bias``, a function of one sign, so nothing before it would get a gradient).
         rngs: ``nnx.Rngs``.
         mlp_ratio: hidden width of the MLP blocks in units of ``d_model``.
         activation: MLP activation (``"relu"`` default; see :class:`~quotient_sgd.models.MLP`).
@@ -164,6 +165,16 @@ class Transformer(nnx.Module):
             raise ValueError(f"Transformer: d_model must be >= 2, got {d_model}: a LayerNorm over one feature outputs "
                              f"its bias alone, and every read of the residual stream (attention, MLP, unembedding) "
                              f"goes through one, so the logits would not depend on the tokens")
+        if d_model == 2:
+            # a LayerNorm over two features centres them to (d / 2, -d / 2), d = x_0 - x_1, and normalises that to
+            # (sign d, -sign d): the stream is read through one sign per position.  Measured (float64, 12 sequences
+            # of 6 tokens): the loss gradient with respect to the embeddings and the attention weights was 1e-11
+            # (d_model = 3: 0.1-0.2); every parameter before the final LayerNorm is stuck, and each of them is a
+            # flat direction of the loss that no declared symmetry accounts for
+            raise ValueError("Transformer: d_model must be >= 3, got 2: a LayerNorm over two features outputs "
+                             "+-(scale_0, -scale_1) + bias, a function of the sign of x_0 - x_1 alone, so the logits "
+                             "are piecewise constant in every parameter before the final LayerNorm (their gradients "
+                             "are zero) and every read of the residual stream goes through one")
         classifier = check_flag("Transformer", "classifier", classifier)
         check_classes("Transformer", "vocab_size", vocab_size, classifier)
         norm_eps = check_eps("Transformer", "norm_eps", norm_eps)
@@ -249,10 +260,29 @@ class Transformer(nnx.Module):
 
         and ``"translation/unembed"`` when ``classifier=True``.
 
-        Further true symmetries not declared here (they would couple every block into one overlap cluster):
-        scaling the whole residual stream (embeddings, ``w_o``, ``b_o``, ``fc_out``) by one factor, exact for
-        ``norm_eps -> 0`` because every read of the stream goes through a LayerNorm; per-coordinate rescales
-        between a LayerNorm's ``(scale, bias)`` and the rows of the matrices reading it.
+        The declared group is a subgroup of the model's symmetries, not all of them: the directions below leave the
+        function unchanged too but are not in :meth:`~quotient_sgd.symmetry.Product.vertical` (they count as
+        horizontal), and canonicalisation / invariants do not identify points that differ along them.  Exact:
+
+        - the key bias ``b_k`` does not enter the function at all (``q_t . b_k^h`` is the same for every key
+          position ``s`` and cancels in the softmax): every direction of ``b_k`` is a symmetry;
+        - ``b_v^h -> b_v^h + delta_h``, ``b_o -> b_o - sum_h delta_h W_O^h`` (attention rows sum to one, so the
+          value bias reaches the output as ``b_v^h W_O^h``, beside ``b_o``);
+        - ``tok_embed -> tok_embed + c``, ``pos_embed -> pos_embed - c`` on every row (one vector ``c``);
+        - a LayerNorm's bias ``beta`` against the biases of what reads it: ``ln1.bias -> + delta``,
+          ``b_q^h, b_k^h, b_v^h -> - delta W_Q^h, - delta W_K^h, - delta W_V^h``; ``ln2.bias`` against
+          ``fc_in.bias``; ``ln_f.bias`` against ``unembed.bias``;
+        - every read of the residual stream goes through a LayerNorm, which removes the stream's mean over
+          features: adding ``c 1`` (``1`` the all-ones feature vector) to any row of ``tok_embed`` or ``pos_embed``,
+          to ``b_o`` or ``fc_out.bias``, or ``u 1^T`` to ``w_o^h`` or ``fc_out.kernel``;
+        - the normalised vector ``n`` of a LayerNorm is orthogonal to ``1``: a matrix ``W`` reading it (``w_q^h``,
+          ``w_k^h``, ``w_v^h``, ``fc_in.kernel``, ``unembed.kernel``) may gain ``(1 / scale) u^T`` (the entrywise
+          reciprocal of the norm's ``scale``) when its bias gains ``-(sum_i bias_i / scale_i) u``;
+        - per-coordinate rescales between a LayerNorm's ``(scale, bias)`` and the rows of the matrices reading it.
+
+        Exact for ``norm_eps -> 0`` only: scaling the whole residual stream (embeddings, ``w_o``, ``b_o``,
+        ``fc_out``) by one factor.  Declaring these would couple every block into one overlap cluster, and the
+        group components have no form for most of them.
         """
         comps = []
         hom = is_homogeneous(self.activation)

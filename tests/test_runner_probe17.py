@@ -158,3 +158,60 @@ def test_sweep_resume_recomputes_a_member_part_that_does_not_load(tmp_path):
         done = sweep(s, wd, devices=dev)
     assert done.resumed_from == 20
     assert_sweeps_bitwise(wd, ref, 2)
+
+
+# ---- a report drawn while the run finishes ----------------------------------------------------------------------
+def test_report_of_a_run_finishing_meanwhile_leaves_the_finished_outputs(tmp_path, monkeypatch):
+    """``quotient-sgd report`` on a run still computing reads its unfinished trajectory (20 of 40 steps), then
+    draws and writes.  Where the run finished in between (here: while the report draws its plots), the report
+    wrote after the run's own outputs: the finished directory was left with ``summary.md`` saying ``steps: 20 of
+    40``, the plots of 20 steps (the run has ``logging.plots=False``) and the events of the shorter trajectory.
+    The run's finishing now waits for the report, and its outputs are those of an uninterrupted run."""
+    import fcntl
+    import threading
+
+    from quotient_sgd.runner import _report, report, run
+
+    s = tiny_settings(40)
+    wd, ref = str(tmp_path / "r"), str(tmp_path / "ref")
+    run(s, ref)
+    run(s, wd, max_chunks=2)
+    waiting, finished, errors, threads = threading.Event(), threading.Event(), [], []
+    real_flock, real_plots = fcntl.flock, _report.make_plots
+
+    def flock(fd, op):  # (a blocking lock the run's thread waits for: the report holds it)
+        if op == fcntl.LOCK_EX and threading.current_thread() is not threading.main_thread():
+            try:
+                return real_flock(fd, op | fcntl.LOCK_NB)
+            except BlockingIOError:
+                waiting.set()
+        return real_flock(fd, op)
+
+    def finish():
+        try:
+            run(s, wd)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+        finished.set()
+
+    def make_plots(*args, **kw):
+        if threading.current_thread() is threading.main_thread() and not threads:
+            threads.append(threading.Thread(target=finish))
+            threads[0].start()
+            for _ in range(6000):  # (the run ends, or waits for this report)
+                if finished.wait(0.01) or waiting.is_set():
+                    break
+        return real_plots(*args, **kw)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    monkeypatch.setattr(_report, "make_plots", make_plots)
+    text = report(wd)
+    threads[0].join()
+    assert not errors, errors
+    assert "20 of 40" in text  # (the report drew the unfinished run)
+    with open(os.path.join(wd, "summary.md")) as f:
+        summary = f.read()
+    assert "40 of 40" in summary and "20 of 40" not in summary, summary
+    assert not os.path.exists(os.path.join(wd, "plots"))  # (logging.plots=False: a finished run keeps none)
+    with open(os.path.join(wd, "events.json")) as f, open(os.path.join(ref, "events.json")) as g:
+        assert json.load(f) == json.load(g)

@@ -335,16 +335,20 @@ def finalize(workdir: str, s: Settings, traj: dict, *, diverged: dict | None, wa
     ``logging.plots`` its ``plots/`` then goes (the call removed the plots it found when it started, so these are a
     ``report`` drawn while it computed: they describe fewer steps than the summary; a call that computed nothing
     keeps the plots it found)."""
-    write_json(os.path.join(workdir, RECORD), {"wall_s": wall_s, "resumed_from": resumed_from, "diverged": diverged})
-    metrics = read_metrics(os.path.join(workdir, "metrics.jsonl"))
-    events, err = detect_events(s, traj, diverged)
-    write_json(os.path.join(workdir, "events.json"), events)
-    if s.logging.plots:
-        make_plots(workdir, traj, metrics, events)
-    elif computed:
-        shutil.rmtree(os.path.join(workdir, "plots"), ignore_errors=True)
-    write_summary(workdir, s, traj, metrics, events, diverged=diverged, wall_s=wall_s, resumed_from=resumed_from,
-                  detect_error=err)
+    from ._rundir import outputs_lock
+
+    with outputs_lock(workdir):  # (a `report` drawing the unfinished run meanwhile writes before, never after)
+        write_json(os.path.join(workdir, RECORD), {"wall_s": wall_s, "resumed_from": resumed_from,
+                                                   "diverged": diverged})
+        metrics = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+        events, err = detect_events(s, traj, diverged)
+        write_json(os.path.join(workdir, "events.json"), events)
+        if s.logging.plots:
+            make_plots(workdir, traj, metrics, events)
+        elif computed:
+            shutil.rmtree(os.path.join(workdir, "plots"), ignore_errors=True)
+        write_summary(workdir, s, traj, metrics, events, diverged=diverged, wall_s=wall_s,
+                      resumed_from=resumed_from, detect_error=err)
     return events
 
 
@@ -453,13 +457,16 @@ def report(workdir: str) -> str:
                                 f"directory (with sweep.json)")
     if not os.path.exists(os.path.join(workdir, "config.json")):
         raise FileNotFoundError(f"{workdir!r} is not a run directory (no config.json) nor a sweep (no sweep.json)")
-    s, traj, metrics, events = load_run(workdir)
-    record = read_record(workdir) or {}
-    diverged = run_divergence(workdir, traj, events)
-    if not events and traj:
-        events, _ = detect_events(s, traj, diverged)
-        write_json(os.path.join(workdir, "events.json"), events)
-    make_plots(workdir, traj, metrics, events)
-    return write_summary(workdir, s, traj, metrics, events, diverged=diverged, wall_s=record.get("wall_s"),
-                         resumed_from=record.get("resumed_from"), detect_error=None,
-                         source=getattr(traj, "source", None))
+    from ._rundir import outputs_lock
+
+    with outputs_lock(workdir):  # (the run finishing meanwhile writes its outputs after this report's, not before)
+        s, traj, metrics, events = load_run(workdir)
+        record = read_record(workdir) or {}
+        diverged = run_divergence(workdir, traj, events)
+        if not events and traj:
+            events, _ = detect_events(s, traj, diverged)
+            write_json(os.path.join(workdir, "events.json"), events)
+        make_plots(workdir, traj, metrics, events)
+        return write_summary(workdir, s, traj, metrics, events, diverged=diverged, wall_s=record.get("wall_s"),
+                             resumed_from=record.get("resumed_from"), detect_error=None,
+                             source=getattr(traj, "source", None))

@@ -308,6 +308,35 @@ def lock_directory(workdir: str, what: str = "run directory") -> int | None:
     return fd
 
 
+@contextlib.contextmanager
+def outputs_lock(workdir: str):
+    """Hold an exclusive ``flock`` on ``workdir``'s ``trajectory_parts/`` (a run directory) or ``members/`` (a
+    sweep directory) while the block draws and writes the directory's outputs (``events.json``, ``plots/``,
+    ``summary.md``): a ``report`` of a run or sweep still computing, and the run's (or sweep's) own ``finalize``
+    take it, so the one that starts second waits for the first and reads what it wrote.  Without it a report
+    that read the unfinished trajectory and wrote after the run had finished left the finished directory with
+    the summary and plots of fewer steps (``- steps: 20 of 40``).  The directory lock
+    (:func:`lock_directory`) cannot serve: the run holds it all along.  Those subdirectories exist from the first
+    chunk on and are never replaced, so every process locks the same inode; without one (nothing computed yet)
+    or where the file system has no ``flock`` the block runs unlocked."""
+    import fcntl
+
+    path = next((os.path.join(workdir, d) for d in ("trajectory_parts", "members")
+                 if os.path.isdir(os.path.join(workdir, d))), None)
+    fd = None
+    if path is not None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
 def unlock_directory(fd: int | None) -> None:
     """Release a lock of :func:`lock_directory`."""
     if fd is not None:

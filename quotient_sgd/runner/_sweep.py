@@ -80,6 +80,7 @@ from ._rundir import (
     foreign_entries,
     lock_directory,
     make_directory,
+    outputs_lock,
     read_divergence,
     read_record_json,
     remove_outputs,
@@ -1121,9 +1122,10 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
         if progress["chunks"] or recorded_wall is None:
             recorded_wall, recorded_resume = wall, start
             record()
-        if not plots and progress["chunks"]:  # (a `report` drawn while this call computed: fewer steps than the table)
-            shutil.rmtree(os.path.join(workdir, "plots"), ignore_errors=True)
-        report_sweep(workdir, wall_s=recorded_wall, plots=plots)
+        with outputs_lock(workdir):
+            if not plots and progress["chunks"]:  # (a `report` drawn while this call computed: fewer steps)
+                shutil.rmtree(os.path.join(workdir, "plots"), ignore_errors=True)
+            _report_sweep(workdir, wall_s=recorded_wall, plots=plots)
     return res
 
 
@@ -1146,7 +1148,14 @@ def _grouping_text(meta: dict) -> str:
 
 
 def report_sweep(workdir: str, *, wall_s: float | None = None, plots: bool = True) -> str:
-    """The sweep table (``summary.md``) and comparison plots (``plots/loss.png``, ``plots/final.png``)."""
+    """The sweep table (``summary.md``) and comparison plots (``plots/loss.png``, ``plots/final.png``), drawn and
+    written under :func:`~._rundir.outputs_lock` (a ``report`` of the sweep while it computes, and the sweep's
+    own table once it has finished, are written one after the other, the later one from what the earlier wrote)."""
+    with outputs_lock(workdir):
+        return _report_sweep(workdir, wall_s=wall_s, plots=plots)
+
+
+def _report_sweep(workdir: str, *, wall_s: float | None, plots: bool) -> str:
     from ._report import _plt, load_run, run_divergence
 
     meta = read_record_json(os.path.join(workdir, "sweep.json"), "sweep directory", SWEEP_REPORT_KEYS)

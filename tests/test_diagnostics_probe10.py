@@ -1,5 +1,5 @@
 """The change-point detector on full-batch runs: a noiseless loss whose rate drifts smoothly is not a sequence of
-transitions, while abrupt changes in noisy runs are found as before (``trend_floor``)."""
+transitions, while abrupt changes in noisy runs are found as before (``trend_floor``, ``rate_floor``)."""
 
 import functools
 
@@ -78,6 +78,19 @@ def test_no_transition_on_smooth_noiseless_decays(n):
         assert ev == [], (name, [(e.step, e.details["onset_step"]) for e in ev])
 
 
+@pytest.mark.parametrize("n", [100, 2000])
+def test_a_rate_that_starts_to_drift_by_a_few_percent_is_not_a_transition(n):
+    """A noiseless exponential decay whose rate then drifts by 2-4 % (a logistic of width n / 20): where the drift
+    starts the trend of the constant stretch is not significant and the spread is rounding, so that the trend floor
+    alone raises an alarm; a change of the rate within ``k * rate_floor`` (5 %) of the rate is none."""
+    t = np.arange(n, dtype=np.float64)
+    for f in (0.96, 0.98, 1.02, 1.04):
+        loss = np.exp(-np.cumsum(5e-3 * (1 + (f - 1) / (1 + np.exp(-(t - 0.5 * n) / (n / 20))))))
+        assert detect({"loss": loss}, kinds=["transition"], horizon=n) == [], f
+        # the floors are what keeps it quiet
+        assert detect({"loss": loss}, kinds=["transition"], horizon=n, rate_floor=0, trend_floor=0), f
+
+
 def _abrupt(kind, seed, n=1000, at=600):
     rng = np.random.default_rng(seed)
     t = np.arange(n)
@@ -100,8 +113,10 @@ def test_abrupt_changes_with_noise_are_detected_at_the_same_step(kind):
         after = [e for e in ev if e.step >= 600]
         assert after and after[0].step <= 660, (seed, [e.step for e in ev])
         assert abs(after[0].details["onset_step"] - 600) <= 60
-        bare = detect({"loss": loss}, kinds=["transition"], horizon=len(loss), trend_floor=0)
-        assert [e.step for e in bare] == [e.step for e in ev]
+        no_trend = detect({"loss": loss}, kinds=["transition"], horizon=len(loss), trend_floor=0)
+        assert [e.step for e in no_trend] == [e.step for e in ev]
+        bare = detect({"loss": loss}, kinds=["transition"], horizon=len(loss), trend_floor=0, rate_floor=0)
+        assert abs(min(e.step for e in bare if e.step >= 600) - after[0].step) <= ev[0].details["block"]
 
 
 def test_cusum_trend_floor_on_a_ramp_and_a_break_of_it():
@@ -123,12 +138,15 @@ def test_cusum_trend_floor_on_a_ramp_and_a_break_of_it():
             assert floored == plain
 
 
+@pytest.mark.parametrize("name", ["trend_floor", "relative_floor", "rate_floor"])
 @pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), "3", True])
-def test_trend_floor_out_of_range_is_refused(bad):
-    with pytest.raises(ValueError, match="trend_floor="):
-        cusum(np.ones(20), trend_floor=bad)
-    with pytest.raises(ValueError, match="trend_floor="):
-        detect({"loss": np.ones(20)}, kinds=["transition"], trend_floor=bad)
+def test_a_floor_out_of_range_is_refused(name, bad):
+    if name != "rate_floor":
+        with pytest.raises(ValueError, match=f"{name}="):
+            cusum(np.ones(20), **{name: bad})
+    if name != "relative_floor":
+        with pytest.raises(ValueError, match=f"{name}="):
+            detect({"loss": np.ones(20)}, kinds=["transition"], **{name: bad})
 
 
 def test_live_detection_with_the_trend_floor_equals_one_detect_call(quiet_runs):

@@ -176,7 +176,7 @@ def _threshold(n: int, alpha: float, k: float, min_ref: int, clip: float, num_si
 
 def cusum(x, *, alpha: float = 0.05, k: float = 0.5, min_ref: int = 10, clip: float = 4.0,
           n_blocks: int | None = None, threshold: float | None = None,
-          trend_floor: float = 0.0) -> list[Alarm]:
+          trend_floor: float = 0.0, relative_floor: float = 0.0) -> list[Alarm]:
     """Run the self-starting CUSUM on the 1-D series ``x`` (non-finite values are skipped).
 
     Args:
@@ -204,6 +204,12 @@ def cusum(x, *, alpha: float = 0.05, k: float = 0.5, min_ref: int = 10, clip: fl
             scale, not against the series' magnitude.  On a series without a significant trend the floor is 0 and
             the test the calibrated one; elsewhere it only shrinks the standardised values, with the threshold
             calibrated without it.
+        relative_floor: a finite number >= 0 (default 0): the standard deviation is also at least
+            ``relative_floor * |mean_{<t}|``, the running mean's magnitude.  For a series whose origin means
+            something, a *rate* (0: nothing changes), a deviation within ``k * relative_floor`` of the rate itself
+            is not a change, whatever the noise (a noiseless rate that starts to drift after a constant stretch:
+            there the trend is not yet significant and the spread is rounding).  Not for a series measured from an
+            arbitrary origin (a level): the test would no longer be location invariant.
 
     Returns:
         A list of :class:`Alarm`, in time order.
@@ -214,8 +220,8 @@ def cusum(x, *, alpha: float = 0.05, k: float = 0.5, min_ref: int = 10, clip: fl
             any series), ``min_ref`` not an integer ``>= 2``, ``clip`` not a number ``> 0``, ``n_blocks`` not an
             integer ``>= 1`` or ``None``, ``threshold`` not a number ``>= 0`` or ``None`` (a NaN threshold never
             alarmed, a negative one alarmed on every value, a horizon below ``min_ref`` such as ``n_blocks=5``
-            gave an infinite threshold for a series of any length: each without a word), ``trend_floor`` not a
-            finite number ``>= 0``.
+            gave an infinite threshold for a series of any length: each without a word), ``trend_floor`` or
+            ``relative_floor`` not a finite number ``>= 0``.
     """
     x = np.asarray(x)
     alpha, k, min_ref, clip, n_blocks, threshold = map(plain_scalar, (alpha, k, min_ref, clip, n_blocks, threshold))
@@ -232,12 +238,8 @@ def cusum(x, *, alpha: float = 0.05, k: float = 0.5, min_ref: int = 10, clip: fl
                                       and threshold >= 0):  # (NaN >= 0 is False)
         raise ValueError(f"cusum: threshold={threshold!r} is not allowed; need a number >= 0 (inf: never alarm) or "
                          "None (calibrated from alpha)")
-    trend_floor = plain_scalar(trend_floor)
-    if not (isinstance(trend_floor, numbers.Real) and not isinstance(trend_floor, bool)
-            and np.isfinite(trend_floor) and trend_floor >= 0):
-        raise ValueError(f"cusum: trend_floor={trend_floor!r} is not allowed; need a finite number >= 0 (the noise "
-                         "floor as a multiple of the drift of the values' trend; 0: none)")
-    trend_floor = float(trend_floor)
+    trend_floor = _check_floor("trend_floor", trend_floor, "the drift of the values' trend")
+    relative_floor = _check_floor("relative_floor", relative_floor, "the running mean's magnitude")
     x = x.astype(np.float64)
     idx = np.nonzero(np.isfinite(x))[0]
     xs = x[idx]
@@ -256,6 +258,7 @@ def cusum(x, *, alpha: float = 0.05, k: float = 0.5, min_ref: int = 10, clip: fl
             shift = float(v)
         if n >= min_ref:
             floor = trend_floor * _trend_drift(n, s1, sxy, sd2) if trend_floor > 0 else 0.0
+            floor = max(floor, relative_floor * abs(s1 / n + shift))
             z = float(_standardise(np.asarray(v - shift), np.asarray(float(n)), np.asarray(s1), np.asarray(s2),
                                    clip, shift, floor))
             sp = max(0.0, sp + z - k)
@@ -283,6 +286,16 @@ def cusum(x, *, alpha: float = 0.05, k: float = 0.5, min_ref: int = 10, clip: fl
         s1 += y
         s2 += y * y
     return alarms
+
+
+def _check_floor(name: str, value, what: str) -> float:
+    """``value`` (a number or a 0-d array of one) as a float when it is finite and ``>= 0``, else ValueError naming
+    ``name``."""
+    v = plain_scalar(value)
+    if not (isinstance(v, numbers.Real) and not isinstance(v, bool) and np.isfinite(v) and v >= 0):
+        raise ValueError(f"cusum: {name}={value!r} is not allowed; need a finite number >= 0 (the noise floor as a "
+                         f"multiple of {what}; 0: none)")
+    return float(v)
 
 
 def _trend_drift(n: int, s1: float, sxy: float, sd2: float) -> float:

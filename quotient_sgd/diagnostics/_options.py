@@ -89,6 +89,8 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "k": (lambda v: _real(v) and v >= 0, "a finite number >= 0"),
     "trend_floor": (lambda v: _real(v) and v >= 0,
                     "a finite number >= 0 (the noise floor in units of the monitored values' trend; 0: none)"),
+    "rate_floor": (lambda v: _real(v) and v >= 0,
+                   "a finite number >= 0 (a rate's noise floor in units of its running mean's magnitude; 0: none)"),
     "min_ref": (lambda v: _int(v) and v >= 2, "an integer >= 2"),
     "transition_keys": (lambda v: v is None or _names(v),
                         "None or a sequence of trajectory keys, e.g. ('loss',) (not a single string)"),

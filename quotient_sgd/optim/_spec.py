@@ -64,24 +64,36 @@ class SGDSpec:
     (``optax.clip_by_global_norm``): the clipped gradient stays orthogonal to the symmetry generators, and the
     prediction uses the actual update.  The clip must come before the weight decay (``optax.chain(
     optax.clip_by_global_norm(c), optax.add_decayed_weights(lam), optax.sgd(eta, momentum=beta))``, exact): placed
-    after it, as in ``optax.chain(optax.add_decayed_weights(lam), optax.clip_by_global_norm(c), optax.sgd(eta))``, it
-    rescales the decayed gradient ``g + lam theta``, so whenever it is active the decay applied is ``s lam`` with
+    after it, as in ``optax.chain(optax.add_decayed_weights(lam), optax.clip_by_global_norm(c), optax.sgd(eta))``,
+    it rescales the decayed gradient ``g + lam theta``, so whenever it is active the decay applied is ``s lam`` with
     that step's clip factor ``s``, not ``lam`` (measured: the prediction off by up to 28 times the drift); such a
-    chain has no spec, and its state does not show the order.  Clipping per coordinate or per leaf (``optax.clip``,
-    ``optax.clip_by_block_rms``) does not keep that orthogonality: the charges then drift by a term the identity
-    does not contain (the prediction can be off by more than 100%), and such an optimiser has no spec.  The
-    learning rate and the weight decay must be the ones applied: ``optax.contrib.reduce_on_plateau`` chained after
-    the optimiser (as optax's examples place it) rescales the step, i.e. the learning rate, at each reduction,
-    which the spec does not see (the prediction 140% off after the first one, not refused: its state does not show
-    where it sits); chained before, it rescales the gradient alone, which the heavy-ball identity without coupled
-    decay tolerates exactly.  One spec describes one SGD acting on every parameter: an ``optax.multi_transform`` or
-    ``optax.masked`` that gives groups of parameters different learning rates or momenta (kernels at 0.1, biases at
-    0.3; momentum 0.9 on the biases alone) has no spec, and is not refused (the states do not hold the learning
-    rates): measured, ``SGDSpec(0.1)`` predicted those drifts 156% and 170% off.  Every field is a :data:`Hyper`;
-    ``nesterov`` is static.  A spec for an optimiser whose state shows that it is not SGD (an Adam, RMSProp,
-    Adagrad, Lion, LAMB, Adafactor, line-search, gradient-noise or optimistic-gradient state anywhere in it, or one
-    of optax.contrib's adaptive optimisers: Prodigy, D-Adaptation, DoG, Mechanic, COCOB, Momo, schedule-free,
-    Sophia, Muon, SAM ...) is refused by ``quotient_trajectory`` at ``init``: give those no spec, or wrap them in
+    chain has no spec, and its state does not show the order.  A clip after the momentum (``optax.chain(
+    optax.trace(beta), optax.clip_by_global_norm(c), optax.scale(-eta))``) rescales the momentum's step, not the
+    gradient, which no spec describes either (the prediction was 49% off, 80 times with Nesterov); there the
+    optimiser's own momentum shows it: with momentum (``beta != 0``) and one ``optax.trace`` state shaped like the
+    parameters, every step's update is compared with the spec's ``-eta (d + weight_decay * w)``, ``d`` the momentum
+    held (heavy ball) or ``(1 + beta) m_{k+1} - beta m_k`` (Nesterov), to the square root of the machine epsilon,
+    and from the first step where they differ (the clip acting; or a spec whose learning rate, decoupled decay or
+    Nesterov momentum is not the optimiser's) ``charge_drift_predicted`` is NaN: its cross term is lost for the
+    later steps too.  (A heavy-ball spec with the wrong momentum is not told apart so: its step is the momentum
+    held.  A heavy-ball spec whose constant learning rate is off by a constant factor, without decays, predicted the
+    drift exactly, the identity being invariant under it; it is NaN now, as the spec is not the optimiser's.)
+    Clipping per coordinate or per leaf (``optax.clip``, ``optax.clip_by_block_rms``) does not keep that
+    orthogonality: the charges then drift by a term the identity does not contain (the prediction can be off by more
+    than 100%), and such an optimiser has no spec.  The learning rate and the weight decay must be the ones applied:
+    ``optax.contrib.reduce_on_plateau`` chained after the optimiser (as optax's examples place it) rescales the
+    step, i.e. the learning rate, at each reduction, which the spec does not see (the prediction 140% off after the
+    first one, not refused: its state does not show where it sits; with momentum the update then differs from the
+    momentum held, and the prediction is NaN from the first reduction, as for a clip after the momentum above);
+    chained before, it rescales the gradient alone, which the heavy-ball identity without coupled decay tolerates
+    exactly.  One spec describes one SGD acting on every parameter: an ``optax.multi_transform`` or ``optax.masked``
+    that gives groups of parameters different learning rates or momenta (kernels at 0.1, biases at 0.3; momentum 0.9
+    on the biases alone) has no spec, and is not refused (the states do not hold the learning rates): measured,
+    ``SGDSpec(0.1)`` predicted those drifts 156% and 170% off.  Every field is a :data:`Hyper`; ``nesterov`` is
+    static.  A spec for an optimiser whose state shows that it is not SGD (an Adam, RMSProp, Adagrad, Lion, LAMB,
+    Adafactor, line-search, gradient-noise or optimistic-gradient state anywhere in it, or one of optax.contrib's
+    adaptive optimisers: Prodigy, D-Adaptation, DoG, Mechanic, COCOB, Momo, schedule-free, Sophia, Muon, SAM ...) is
+    refused by ``quotient_trajectory`` at ``init``: give those no spec, or wrap them in
     :func:`~quotient_sgd.optim.horizontal`.  Optimisers whose state does not show it are not recognised, and a spec
     for them predicts the drift of an SGD step they do not take (measured 100-115% off): sign descent
     (``optax.sign_sgd``: an empty state; ``optax.signum``: an EMA), ``optax.fromage``, ``optax.lars`` (a trust ratio

@@ -13,7 +13,6 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from jax.flatten_util import ravel_pytree
 
 from quotient_sgd import models
 from quotient_sgd import observables as qobs
@@ -32,14 +31,20 @@ def _classifier(din, dout, seed):
     return loss, params, model.symmetries()
 
 
+def _rows(tree):
+    """A pytree of stacked vectors (leading axis) as the rows of one float64 matrix, in ``ravel_pytree`` order."""
+    return np.concatenate([np.asarray(a, np.float64).reshape(a.shape[0], -1) for a in jax.tree.leaves(tree)], axis=1)
+
+
 def _dense_horizontal(loss, group, point):
-    """Eigenvalues of the horizontal Hessian at ``point`` (ascending) in float64, and the horizontal basis."""
+    """Eigenvalues of the horizontal Hessian at ``point`` (ascending) in float64, and the horizontal basis.  The
+    tangents and the Hessian come from one compiled program (op by op, each case compiled dozens of small ones)."""
     p64 = jax.tree.map(lambda a: a.astype(jnp.float64), point)
-    tang = np.asarray(jax.vmap(lambda t: ravel_pytree(t)[0])(group.tangents(p64)))
-    _, s, vt = np.linalg.svd(tang)
+    tangents, h = jax.jit(lambda p: (group.tangents(p), qobs.dense_hessian(loss, p)))(p64)
+    _, s, vt = np.linalg.svd(_rows(tangents))
     rank = int(np.sum(s > 1e-6 * s[0]))
     hor = vt[rank:].T
-    h = np.asarray(qobs.dense_hessian(loss, p64))
+    h = np.asarray(h)
     assert h.dtype == np.float64
     return np.linalg.eigvalsh(hor.T @ h @ hor), vt[:rank].T
 
@@ -49,22 +54,23 @@ def _dense_horizontal(loss, group, point):
 def test_float32_lanczos_past_the_horizontal_dimension_matches_dense(x64, din, dout, seed, where):
     loss, params, group = _classifier(din, dout, seed)
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(params))
-    point = group.canonicalize(params) if where == "quotient" else params
+    point = jax.jit(group.canonicalize)(params) if where == "quotient" else params
     dense, vertical = _dense_horizontal(loss, group, point)
     d = dense.shape[0]
     assert d == din * dout + dout - (din + 1)  # the translations of the logits are the only continuous symmetry
     fn = qobs.sharpness_quotient if where == "quotient" else qobs.sharpness_horizontal
-    for num_matvecs, k in ((d + 2, 1), (2 * d, 2)):
-        ex = jax.jit(lambda p, n=num_matvecs, k=k: fn(loss, group, p, key=jax.random.key(3), num_matvecs=n, k=k))(
-            params)
+    settings = ((d + 2, 1), (2 * d, 2))
+    # both settings in one program (one compilation a case)
+    results = jax.jit(lambda p: [fn(loss, group, p, key=jax.random.key(3), num_matvecs=n, k=k)
+                                 for n, k in settings])(params)
+    for (num_matvecs, k), ex in zip(settings, results):
         assert ex.top.dtype == jnp.float32
         scale = dense[-1]
         np.testing.assert_allclose(ex.bottom, dense[:k], atol=1e-5 * scale)
         np.testing.assert_allclose(ex.top, dense[::-1][:k], atol=1e-5 * scale)
         # the Ritz vectors are horizontal (the spurious zero's was vertical)
         for vecs in (ex.bottom_vectors, ex.top_vectors):
-            flat = np.asarray(jax.vmap(lambda t: ravel_pytree(t)[0])(vecs), np.float64)
-            assert np.max(np.abs(flat @ vertical)) < 1e-4
+            assert np.max(np.abs(_rows(vecs) @ vertical)) < 1e-4
 
 
 def test_project_residuals_is_the_projected_operator(x64):
@@ -78,9 +84,11 @@ def test_project_residuals_is_the_projected_operator(x64):
     hor = jnp.linalg.qr(jnp.concatenate([basis, jnp.eye(9, dtype=jnp.float64)], axis=1))[0][:, 2:9]
     dense = np.sort(np.asarray(jnp.linalg.eigvalsh(hor.T @ a @ hor)))
     v0 = proj(jnp.ones(9, jnp.float64))
-    for method, n in (("loop", 7), ("unrolled", 7), ("matfree", 7)):
-        ex = qobs.lanczos_extremes(lambda u: a @ u, v0, num_matvecs=n, k=1, method=method, domain=proj,
-                                   project_residuals=True)
+    # the three methods in one compiled program (op by op, the unrolled iteration compiled each of its steps)
+    exs = jax.jit(lambda v: [qobs.lanczos_extremes(lambda u: a @ u, v, num_matvecs=7, k=1, method=method,
+                                                   domain=proj, project_residuals=True)
+                             for method in ("loop", "unrolled", "matfree")])(v0)
+    for ex in exs:
         np.testing.assert_allclose([ex.bottom[0], ex.top[0]], [dense[0], dense[-1]], rtol=1e-6)
     with pytest.raises(ValueError, match="project_residuals=True needs domain="):
         qobs.lanczos_extremes(lambda u: a @ u, v0, num_matvecs=4, project_residuals=True)

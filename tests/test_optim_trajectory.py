@@ -139,8 +139,9 @@ def test_charge_identity_float64(x64, name):
 
 @pytest.mark.parametrize("name", ["heavy_ball_wd_no_bias", "nesterov_wd_first_layer"])
 def test_masked_decay_needs_the_masked_recursion(x64, name):
-    """The same optimiser described without its mask mispredicts the drift: the mask is what makes the prediction
-    exact, and the translation charge (biases undecayed) is predicted too."""
+    """The same optimiser described without its mask is not the optimiser the spec describes: its prediction is NaN
+    (observed, not predicted); the mask is what makes the prediction exact, and the translation charge (biases
+    undecayed) is predicted too."""
     inner, spec = MASKED[name]
     unmasked = SGDSpec(spec.learning_rate, weight_decay=spec.weight_decay, momentum=spec.momentum,
                        nesterov=spec.nesterov, coupled_weight_decay=spec.coupled_weight_decay)
@@ -152,7 +153,8 @@ def test_masked_decay_needs_the_masked_recursion(x64, name):
     drift = trajs[0]["charge_drift"]
     for leaf_d, leaf_p in zip(jax.tree.leaves(drift), jax.tree.leaves(trajs[0]["charge_drift_predicted"])):
         assert float(jnp.max(jnp.abs(leaf_d - leaf_p))) < 1e-8 * max(float(jnp.max(jnp.abs(leaf_d))), 1e-6)
-    assert _max_rel(drift["r0"], trajs[1]["charge_drift_predicted"]["r0"]) > 1e-3
+    # described without its mask, the update is not the spec's -eta (m + lam theta): reported, not predicted
+    assert all(bool(np.all(np.isnan(np.asarray(x)))) for x in jax.tree.leaves(trajs[1]["charge_drift_predicted"]))
 
 
 @pytest.mark.parametrize("mask", [{"l0": 1.0}, "kernels", {"l0": True}], ids=["float", "string", "structure"])

@@ -29,21 +29,41 @@ import numpy as np
 from .._reduce import sum_except
 from ._base import REFINE_STEPS, _sum_tmaps, cg_vcoeffs, inverse_where
 from ._rescale import Rescale
+from ._scale import Scale
 from ._translation import Translation
 
 #: ``((path, ((component index, axis, sign), ...)), ...)``: per array, the components acting on it.
 Plan = tuple
 
 
-def rescale_plan(comps, flat) -> Plan | None:
+def _is_unit_scale(c) -> bool:
+    """A per-channel :class:`Scale`: for the tangent map, a rescale whose units have incoming members only."""
+    return type(c) is Scale and c.per_channel
+
+
+def _sides(c):
+    """``(incoming, outgoing)`` members of a rescale, or of a per-channel scale read as one (no outgoing side)."""
+    return (c.members, ()) if _is_unit_scale(c) else (c.incoming, c.outgoing)
+
+
+def unit_count(c, flat) -> int:
+    """The number of units (log-factors) of a rescale or a per-channel scale."""
+    return c._shape(flat)[0] if _is_unit_scale(c) else c._n(flat)
+
+
+def rescale_plan(comps, flat, *, scales: bool = False) -> Plan | None:
     """The arrays of a cluster of plain :class:`Rescale` components and who acts on which axis; ``None`` when the
     reduced form does not apply (another kind of component, or two actions on one axis of an array, or one
-    component on two axes of one array), and the generic code runs instead."""
-    if not comps or any(type(c) is not Rescale for c in comps):
+    component on two axes of one array), and the generic code runs instead.
+
+    ``scales``: per-channel :class:`Scale` components count as rescales with incoming members only (their orbit
+    tangents and Gram matrix have that form; their canonical points do not, so only the vertical projection may
+    read such a plan)."""
+    if not comps or any(type(c) is not Rescale and not (scales and _is_unit_scale(c)) for c in comps):
         return None
     members: dict = {}
     for ci, c in enumerate(comps):
-        for sign, group in ((1, c.incoming), (-1, c.outgoing)):
+        for sign, group in zip((1, -1), _sides(c)):
             for p, a in group:
                 members.setdefault(p, []).append((ci, a % flat[p].ndim, sign))
     for ms in members.values():
@@ -141,7 +161,7 @@ def gram_operator(plan: Plan, stats, n_comps: int):
     return jtj, tuple(jax.lax.stop_gradient(d) for d in diag)
 
 
-def split_cluster(comps, flat):
+def split_cluster(comps, flat, *, scales: bool = False):
     """``(rescale indices, translation indices, plan over the rescales)`` for a cluster of plain :class:`Rescale`
     components and softmax :class:`Translation` s (an MLP classifier's hidden chain and its logit shift), or
     ``None`` (the generic code runs).
@@ -150,11 +170,11 @@ def split_cluster(comps, flat):
     0) but not on the classes nor on the translation's bias.  Row scalings then commute with row centring, so the
     cluster splits exactly: the translation's canonical point is the class-centred kernel and bias whatever the
     rescales do, and the rescales balance the centred kernel (:func:`centred`)."""
-    resc = tuple(i for i, c in enumerate(comps) if type(c) is Rescale)
+    resc = tuple(i for i, c in enumerate(comps) if type(c) is Rescale or (scales and _is_unit_scale(c)))
     trans = tuple(i for i, c in enumerate(comps) if type(c) is Translation)
     if not resc or len(resc) + len(trans) != len(comps):
         return None
-    plan = rescale_plan(tuple(comps[i] for i in resc), flat)
+    plan = rescale_plan(tuple(comps[i] for i in resc), flat, scales=scales)
     if plan is None:
         return None
     members = dict(plan)
@@ -394,7 +414,7 @@ def direct_vcoeffs(comps, flat, v, split, signs, *, refine: int = REFINE_STEPS):
     resc, trans, plan = split
     fc = centred(comps, trans, flat) if trans else flat
     rcomps = tuple(comps[i] for i in resc)
-    sizes = [c._n(fc) for c in rcomps]
+    sizes = [unit_count(c, fc) for c in rcomps]
     stats = squared_stats(plan, fc)
     msolve = m_solver(plan, stats, sizes, signs)
     dtype = stats[0].dtype

@@ -12,7 +12,8 @@ from helpers import dot_precisions
 from quotient_sgd import observables as qobs
 
 
-def _problem(seed, n_mat=(3, 4), n_vec=5):
+def _problem(seed, n_mat=(2, 3), n_vec=4):
+    # 11 dimensions (the checks run as many steps, and the unrolled iteration compiles one copy of its step each)
     like = {"w": jnp.zeros(n_mat, jnp.float32), "b": jnp.zeros((n_vec,), jnp.float32),
             "s": jnp.zeros((), jnp.float32)}
     flat, unravel = ravel_pytree(like)

@@ -19,18 +19,23 @@ TINY = os.path.join(ROOT, "configs", "tiny.py")
 @pytest.mark.parametrize("changes, key, value", [
     ({"model.name": "transformer", "data.name": "modular_arithmetic", "model.d_model": 1, "model.num_heads": 1},
      "model.d_model", "1"),
+    ({"model.name": "transformer", "data.name": "modular_arithmetic", "model.d_model": 2, "model.num_heads": 1},
+     "model.d_model", "2"),
     ({"model.name": "cnn", "data.name": "digits", "model.norm": "layer", "model.channels": (4, 1)},
      "model.channels", "(4, 1)"),
+    ({"model.name": "cnn", "data.name": "digits", "model.norm": "layer", "model.channels": (2, 4)},
+     "model.channels", "(2, 4)"),
 ])
 def test_settings_a_model_refuses_are_config_errors(changes, key, value):
     """A Transformer with ``model.d_model = 1`` and a CNN with ``model.norm = 'layer'`` over a one-channel layer
-    were refused during ``validate`` by the model's constructor, in a ``ValueError`` ("Transformer: d_model must
+    (and, since a LayerNorm over two features passes only a sign, ``d_model = 2`` and two-channel layers) were
+    refused during ``validate`` by the model's constructor, in a ``ValueError`` ("Transformer: d_model must
     be >= 2") that named no config key; they are ConfigErrors naming the key, the value and what is allowed."""
     cfg = default_config()
     for k, v in changes.items():
         sect, name = k.split(".")
         cfg[sect][name] = v
-    with pytest.raises(ConfigError, match=rf"config\.{re.escape(key)} = {re.escape(value)}(?s:.*)(>= 2|at least 2)"):
+    with pytest.raises(ConfigError, match=rf"config\.{re.escape(key)} = {re.escape(value)}(?s:.*)(>= 3|at least 3)"):
         validate(cfg)
 
 

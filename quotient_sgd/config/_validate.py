@@ -361,19 +361,21 @@ def _check_model(m: ModelSettings, d: DataSettings) -> None:
                "at least one conv layer, widths >= 1")
         _check(m.kernel_size >= 1, "model.kernel_size", m.kernel_size, "must be >= 1")
         _check_choice("model.norm", m.norm, ("none", "layer", "batch"))
-        _check(m.norm != "layer" or min(m.channels) >= 2, "model.channels", m.channels,
-               "model.norm='layer' needs at least 2 channels in every conv layer (a LayerNorm over one channel "
-               "outputs its bias alone, so the output would not depend on the input); use widths >= 2, or "
-               "model.norm='batch' or 'none'")
+        _check(m.norm != "layer" or min(m.channels) >= 3, "model.channels", m.channels,
+               "model.norm='layer' needs at least 3 channels in every conv layer (a LayerNorm over one channel "
+               "outputs its bias alone, so the output would not depend on the input; over two it outputs "
+               "+-(scale_0, -scale_1) + bias, a function of one sign, so the layers before it get no gradient); "
+               "use widths >= 3, or model.norm='batch' or 'none'")
     if m.name == "transformer":
         _check(d.name == "modular_arithmetic", "model.name", m.name,
                f"a Transformer reads token sequences: data.name='modular_arithmetic', got {d.name!r}")
         for k in ("d_model", "num_heads", "num_layers", "mlp_ratio"):
             _check(getattr(m, k) >= 1, f"model.{k}", getattr(m, k), "must be >= 1")
-        _check(m.d_model >= 2, "model.d_model", m.d_model,
-               "must be >= 2: every read of the residual stream goes through a LayerNorm over its d_model "
-               "features, and over one feature it outputs its bias alone (the logits would not depend on the "
-               "tokens)")
+        _check(m.d_model >= 3, "model.d_model", m.d_model,
+               "must be >= 3: every read of the residual stream goes through a LayerNorm over its d_model "
+               "features; over one feature it outputs its bias alone (the logits would not depend on the "
+               "tokens), over two +-(scale_0, -scale_1) + bias, a function of one sign, so the parameters "
+               "before it get no gradient")
         _check(m.d_model % m.num_heads == 0, "model.num_heads", m.num_heads,
                f"must divide model.d_model = {m.d_model}")
     if m.name == "meanfield":

@@ -192,25 +192,25 @@ def _lanczos_step(matvec: Callable, j, qmat, q, q_prev, beta_prev, done, fill, s
     passes (a 20-step raw-Hessian Lanczos on an 85k-parameter MLP: 25.5 -> 19.8 ms on one core).  Vectors are
     pytrees (one array or the parameters' leaves), ``qmat`` the basis, one ``(K, leaf size)`` matrix per leaf.
 
-    ``omega``: ``(alphas, betas, omega_{j-1}, omega_j, again)``, Simon's partial reorthogonalisation.  The pass
-    runs only when the estimated loss of orthogonality of the next vector (:func:`_omega_next`, with the rounding
-    of a step taken as ``eps`` times ``scale``) exceeds ``sqrt(eps / K)`` (:func:`_semiorthogonality`), and then
-    also at the next step (``again``: ``q_j`` is only semi-orthogonal, and the recurrence would hand its loss on to
-    ``q_{j+2}``); the estimates of an orthogonalised vector are reset to ``eps``.  The plain recurrence loses
-    orthogonality only once a Ritz value has converged: on the benchmark MLP's ``P H P`` (20 steps, float32) its
-    basis was orthogonal to 1e-6 for 12 steps, to 2e-5 at 14, lost at 16-19 (0.5); the partial scheme ran 4 of the 20
-    passes there (steps 14-15, 18-19), keeping ``|Q Q^T - I|`` at 2e-6, and the Ritz values of full
-    reorthogonalisation to 1e-6 relative; the 20-step Lanczos took 36-41 against 43-53 ms (raw ``H``) and 43-52
-    against 52-62 ms (``P H P``) of one core's time, compiled and run in the same process (33-37 / 43 ms with no
-    pass at all; the compile time unchanged, 7.5-8.4 against 8.3-8.7 s).  The estimates bound the true inner
-    products (measured 5-7x below the level on spectra whose top converges within 10 steps, float32 and float64).
-    A breakdown (``beta_j`` below the breakdown threshold) always runs the pass first: the local estimate ``eps
-    scale / beta_j`` exceeds the level once ``beta_j < sqrt(eps K) scale``, above either threshold.  A pass that
-    shrinks the residual below ``1 / sqrt(2)`` of its norm (a near-breakdown) is repeated: against a semi-orthogonal
-    basis one pass leaves ``~|Q Q^T - I|`` of what it removes, and the raw Hessian of a rank-deficient 15-parameter
-    classifier with 15 steps (``beta_8 = 1.5e-13 |A|``) lost the basis' orthogonality entirely and read a fourfold
-    zero eigenvalue as three zeros and 4e-6 (tests/test_optim_probe4.py).
-    Returns ``omega`` updated as a seventh element, ``(omega_j, omega_{j+1}, again)``.
+    ``omega``: ``(alphas, betas, omega_{j-1}, omega_j, again)``, Simon's partial reorthogonalisation.  The pass runs
+    only when the estimated loss of orthogonality of the next vector (:func:`_omega_next`, with the rounding of a
+    step taken as ``eps`` times ``scale`` or the measured ``|<q_{j-1}, w>|``, the larger) exceeds ``sqrt(eps / K)``
+    (:func:`_semiorthogonality`), and then also at the next step (``again``: ``q_j`` is only semi-orthogonal, and
+    the recurrence would hand its loss on to ``q_{j+2}``); the estimates of an orthogonalised vector are reset to
+    ``eps``.  The plain recurrence loses orthogonality only once a Ritz value has converged: on the benchmark MLP's
+    ``P H P`` (20 steps, float32) its basis was orthogonal to 1e-6 for 12 steps, to 2e-5 at 14, lost at 16-19 (0.5);
+    the partial scheme ran 4 of the 20 passes there (steps 14-15, 18-19), keeping ``|Q Q^T - I|`` at 2e-6, and the
+    Ritz values of full reorthogonalisation to 1e-6 relative; the 20-step Lanczos took 36-41 against 43-53 ms (raw
+    ``H``) and 43-52 against 52-62 ms (``P H P``) of one core's time, compiled and run in the same process (33-37 /
+    43 ms with no pass at all; the compile time unchanged, 7.5-8.4 against 8.3-8.7 s).  The estimates bound the true
+    inner products (measured 5-7x below the level on spectra whose top converges within 10 steps, float32 and
+    float64). A breakdown (``beta_j`` below the breakdown threshold) always runs the pass first: the local estimate
+    ``eps scale / beta_j`` exceeds the level once ``beta_j < sqrt(eps K) scale``, above either threshold.  A pass
+    that shrinks the residual below ``1 / sqrt(2)`` of its norm (a near-breakdown) is repeated: against a
+    semi-orthogonal basis one pass leaves ``~|Q Q^T - I|`` of what it removes, and the raw Hessian of a
+    rank-deficient 15-parameter classifier with 15 steps (``beta_8 = 1.5e-13 |A|``) lost the basis' orthogonality
+    entirely and read a fourfold zero eigenvalue as three zeros and 4e-6 (tests/test_optim_probe4.py). Returns
+    ``omega`` updated as a seventh element, ``(omega_j, omega_{j+1}, again)``.
 
     After a breakdown (``done``) the step is inert: ``q`` is zero, ``beta = 0`` and ``alpha = fill``.  With ``fill``
     the first diagonal entry ``alpha_0`` (a Rayleigh quotient of the leading block, so inside its spectrum), the

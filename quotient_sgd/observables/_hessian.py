@@ -199,7 +199,7 @@ def _lanczos_step(matvec: Callable, j, qmat, q, q_prev, beta_prev, done, fill, s
     the recurrence would hand its loss on to ``q_{j+2}``); the estimates of an orthogonalised vector are reset to
     ``eps``.  The plain recurrence loses orthogonality only once a Ritz value has converged: on the benchmark MLP's
     ``P H P`` (20 steps, float32) its basis was orthogonal to 1e-6 for 12 steps, to 2e-5 at 14, lost at 16-19 (0.5);
-    the partial scheme ran 4 of the 20 passes there (steps 14-15, 18-19), keeping ``|Q Q^T - I|`` at 2e-6, and the
+    the partial scheme ran 4 of the 20 passes there (for rows 13-14, 18-19), keeping ``|Q Q^T - I|`` at 3e-6, and the
     Ritz values of full reorthogonalisation to 1e-6 relative; the 20-step Lanczos took 36-41 against 43-53 ms (raw
     ``H``) and 43-52 against 52-62 ms (``P H P``) of one core's time, compiled and run in the same process (33-37 /
     43 ms with no pass at all; the compile time unchanged, 7.5-8.4 against 8.3-8.7 s).  The estimates bound the true

@@ -12,7 +12,8 @@ import optax
 import pytest
 
 from helpers import tiny_settings
-from quotient_sgd.diagnostics import ALL_KINDS, LiveDetector, detect, detect_run, fold_edge, fold_levels_for, stability_edge
+from quotient_sgd.diagnostics import (ALL_KINDS, LiveDetector, detect, detect_run, fold_edge, fold_levels_for,
+                                      stability_edge)
 from quotient_sgd.diagnostics._live import _options_from_config
 
 # ---- the thresholds against optax ------------------------------------------------------------------------------
@@ -262,6 +263,7 @@ def test_runner_keeps_the_other_detectors_events_when_one_refuses_the_config():
     traj = _rising(1.0, 0.5)  # eta * sharpness reaches 1, past the decayed edge 1.357 - 1.2
     traj.pop("lr")
     traj["fold_number"] = np.linspace(0.0, 0.5, 60)
+    traj["loss"][40:] = 3.0  # the loss jumps (a spike of the 20-step smoothed loss): another detector's event
     events, err = detect_events(s, traj, None)
     assert err is not None and err.startswith("fold: ValueError") and "weight_decay" in err
     kinds = {e["kind"] for e in events}

@@ -1,4 +1,4 @@
-"""Lanczos with partial reorthogonalisation (``lanczos_extremes(..., reortho="partial")``, the default of the
+"""Lanczos with partial reorthogonalisation (``lanczos_extremes(..., reortho="partial")``, an option of the
 looped and unrolled iterations) on operators where the plain three-term recurrence loses orthogonality: well
 separated extremes (and a close pair, 9 / 8.99) that converge within a few steps beside a bulk in [-1, 1].  The
 extremes and Ritz vectors are checked against a dense eigendecomposition in float32 and float64, on the whole space
@@ -64,7 +64,8 @@ def _plain_orthogonality(a, p, v0, steps: int) -> float:
 def _run(dtype, restricted: bool, method: str = "loop", steps: int = STEPS):
     a, p, u, ev = _operator(dtype, restricted)
     kw = {} if p is None else {"domain": lambda v: p @ v, "project_residuals": True}
-    f = jax.jit(lambda v: lanczos_extremes(lambda x: a @ x, v, num_matvecs=steps, k=K, method=method, **kw))
+    f = jax.jit(lambda v: lanczos_extremes(lambda x: a @ x, v, num_matvecs=steps, k=K, method=method,
+                                          reortho="partial", **kw))
     v0 = _start(dtype)
     return f(v0 if p is None else p @ v0), a, p, u, ev  # (the start in the domain, as hessian_extremes draws it)
 
@@ -144,7 +145,8 @@ def test_unrolled_matches_loop():
     a, _, _, ev = _operator(jnp.float32, False)
     v0 = _start(jnp.float32)
     assert _plain_orthogonality(a, None, v0, 16) > _semiorthogonality(jnp.float32, 16)
-    out = [jax.jit(lambda v, f=f: f(lambda x: a @ x, v, 16))(v0) for f in (_lanczos_loop, _lanczos_unrolled)]
+    out = [jax.jit(lambda v, f=f: f(lambda x: a @ x, v, 16, reortho="partial"))(v0)
+           for f in (_lanczos_loop, _lanczos_unrolled)]
     (t_loop, q_loop, _), (t_unr, q_unr, _) = out
     np.testing.assert_allclose(np.asarray(t_unr), np.asarray(t_loop), rtol=0, atol=1e-5 * float(np.max(np.abs(ev))))
     np.testing.assert_allclose(np.asarray(q_unr @ q_unr.T), np.eye(16), rtol=0,
@@ -156,8 +158,9 @@ def test_vmap_matches_single_runs_and_is_deterministic():
     result, and a second call the same bits."""
     a, _, _, ev = _operator(jnp.float32, False)
     starts = jnp.stack([_start(jnp.float32, seed) for seed in (1, 2, 3)])
-    f = jax.jit(lambda v: lanczos_extremes(lambda x: a @ x, v, num_matvecs=STEPS, k=2))
-    batched = jax.jit(jax.vmap(lambda v: lanczos_extremes(lambda x: a @ x, v, num_matvecs=STEPS, k=2)))(starts)
+    f = jax.jit(lambda v: lanczos_extremes(lambda x: a @ x, v, num_matvecs=STEPS, k=2, reortho="partial"))
+    batched = jax.jit(jax.vmap(lambda v: lanczos_extremes(lambda x: a @ x, v, num_matvecs=STEPS, k=2,
+                                                          reortho="partial")))(starts)
     tol = 50 * float(jnp.finfo(jnp.float32).eps) * float(np.max(np.abs(ev)))
     for i in range(starts.shape[0]):
         single = f(starts[i])

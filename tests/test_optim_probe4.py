@@ -146,7 +146,7 @@ def _cond_draws(jaxpr) -> bool:
 
 def test_top_1_needs_no_restart(x64):
     """With k = 1 the Gaussian-started runs carry no restart branch (it only adds multiplicities, which top-1 /
-    bottom-1 do not read, and would cost the training program compile time: no branch draws a fresh vector; the
+    bottom-1 do not read, and would cost the training program compile time: no branch draws a fresh vector; a
     partial reorthogonalisation's conditional pass is a cond too), and the extremes past a breakdown
     are still the dense ones: the largest and the smallest eigenvalue of P H P on the horizontal space (0)."""
     loss, params, group = _linear_classifier()

@@ -6,15 +6,19 @@ import os
 # workers would share one directory); tests/test_cli_run.py turns it on in its own directory
 os.environ["QSGD_COMPILATION_CACHE"] = "off"
 
-# The suite is compile-bound (most tests trace and compile small programs once), so it compiles with two XLA:CPU
-# options that trade run time for compile time: the backend (LLVM) optimisation level 0, and XLA:CPU's elemental
-# fusion emitters instead of its MLIR fusion emitters.  Measured here on the same tests, the first cut the suite's
-# wall time by ~25% and the second halved what remained (e.g. three optimiser / Hessian / HJ-gradient test files:
-# 145 s -> 74 s on one core).  The CLI subprocesses the tests start drop XLA_FLAGS, so they compile with XLA's
-# defaults, except where their results are compared bitwise with this process (tests.helpers.child_xla_flags).
-# An option already in XLA_FLAGS is kept: XLA_FLAGS="--xla_backend_optimization_level=3
-# --xla_cpu_use_fusion_emitters=true" runs the suite with XLA's defaults.
-TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+# The suite is compile-bound (most tests trace and compile small programs once), so it compiles with three XLA:CPU
+# options that trade run time for compile time: the backend (LLVM) optimisation level 0, XLA:CPU's elemental
+# fusion emitters instead of its MLIR fusion emitters, and code generation in one piece (no split of each module
+# for parallel compilation threads, which two xdist workers on two cores only contend for).  Measured here on the
+# same tests, the first cut the suite's wall time by ~25%, the second halved what remained (e.g. three optimiser /
+# Hessian / HJ-gradient test files: 145 s -> 74 s on one core), the third took 5-13% of the CPU time of
+# compile-heavy files (the whole suite 11.8 -> 10.7 min).  The CLI subprocesses the tests start drop XLA_FLAGS, so
+# they compile with XLA's defaults, except where their results are compared bitwise with this process
+# (tests.helpers.child_xla_flags).  An option already in XLA_FLAGS is kept:
+# XLA_FLAGS="--xla_backend_optimization_level=3 --xla_cpu_use_fusion_emitters=true
+# --xla_cpu_parallel_codegen_split_count=32" runs the suite with XLA's defaults.
+TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false",
+                  "--xla_cpu_parallel_codegen_split_count=1")
 for _flag in TEST_XLA_FLAGS:
     if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()

@@ -16,9 +16,9 @@ import numpy as np
 
 def child_xla_flags() -> str:
     """The XLA compilation options this process compiles with (tests/conftest.py: optimisation level, fusion
-    emitters), for a subprocess whose results are compared bitwise with this process's: the same program compiled
-    with other options rounds differently."""
-    names = ("xla_backend_optimization_level", "xla_cpu_use_fusion_emitters")
+    emitters, code generation split), for a subprocess whose results are compared bitwise with this process's: the
+    same program compiled with other options rounds differently."""
+    names = ("xla_backend_optimization_level", "xla_cpu_use_fusion_emitters", "xla_cpu_parallel_codegen_split_count")
     return " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if any(n in f for n in names))
 
 

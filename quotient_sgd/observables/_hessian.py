@@ -380,7 +380,8 @@ def _lanczos_loop(matvec: Callable, v0, num_matvecs: int, restart=None, residual
     init = (_basis_zeros(num_matvecs, v0), _normalised(v0),
             jax.tree.map(jnp.zeros_like, v0), jnp.zeros((), dt),
             jnp.zeros(num_matvecs, dt), jnp.zeros(num_matvecs, dt), jnp.zeros((), bool),
-            jnp.zeros(num_matvecs, bool), jnp.zeros((), dt), _omega_init(num_matvecs, dt))
+            jnp.zeros(num_matvecs, bool), jnp.zeros((), dt),
+            _omega_init(num_matvecs, dt) if partial else ())  # (full passes carry no estimates)
     qmat, _, _, _, alphas, betas, _, active, _, _ = jax.lax.fori_loop(0, num_matvecs, body, init)
     return _tridiagonal(alphas, betas[:-1]), qmat, active
 

@@ -927,7 +927,7 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
         return evaluations[c]
 
     def evaluate_member(i: int, ends: list[int]) -> dict:
-        return {c: (evaluations_at(c)[0][i], evaluations_at(c)[1]) for c in ends}
+        return {c: (out[i], how) for c in ends for out, how in (evaluations_at(c),)}
 
     diverged: dict[int, dict] = {}
     for g, idx in enumerate(layout.groups):

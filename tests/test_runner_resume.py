@@ -16,7 +16,9 @@ from quotient_sgd.runner import RunDirError, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
-ARGS = [f"--config={TINY}", "--config.steps=400", "--config.checkpoint.every=10", "--config.logging.plots=False"]
+#: 120 steps: killed after its checkpoint of step >= 30, the run has 90 steps (9 checkpoints) left to resume
+STEPS = 120
+ARGS = [f"--config={TINY}", f"--config.steps={STEPS}", "--config.checkpoint.every=10", "--config.logging.plots=False"]
 
 
 def _cmd(workdir):
@@ -45,7 +47,7 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
     assert code == -signal.SIGKILL, "the run finished before it could be killed"
     assert not os.path.exists(os.path.join(killed, "summary.md"))
     last_ckpt = checkpoint_steps(killed)[-1]
-    assert 30 <= last_ckpt < 400
+    assert 30 <= last_ckpt < STEPS
     # the killed run's trajectory so far: its parts (those after the last checkpoint too), joined in step order
     from quotient_sgd.runner import load_trajectory as run_trajectory
 
@@ -55,7 +57,7 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
     # restart with the same command; an uninterrupted run for reference
     _ok(subprocess.run(cmd, env=env, capture_output=True, text=True))
     c = load_config(TINY)
-    c.update_from_flattened_dict({"steps": 400, "checkpoint.every": 10, "logging.plots": False})  # ARGS' overrides
+    c.update_from_flattened_dict({"steps": STEPS, "checkpoint.every": 10, "logging.plots": False})  # ARGS' overrides
     run(validate(c), ref)
 
     a, b = load_trajectory(killed), load_trajectory(ref)
@@ -68,7 +70,7 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
     steps = [r["step"] for r in ra]
     assert steps == sorted(set(steps)), "duplicated or unordered metric rows"
     assert ra == rb, "lost or changed metric rows"
-    assert f"resumed from step {last_ckpt}" in open(os.path.join(killed, "summary.md")).read() or last_ckpt == 400
+    assert f"resumed from step {last_ckpt}" in open(os.path.join(killed, "summary.md")).read() or last_ckpt == STEPS
 
 
 def test_in_process_resume_and_config_guard(tmp_path):

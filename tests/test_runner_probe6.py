@@ -16,7 +16,9 @@ from helpers import checkpoint_steps, child_xla_flags, load_metric_rows, load_tr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
-ARGS = [f"--config={TINY}", "--config.steps=400", "--config.checkpoint.every=10", "--config.logging.plots=False",
+#: 120 steps: signalled after its checkpoint of step >= 30, the run has 90 steps (9 checkpoints) left to resume
+STEPS = 120
+ARGS = [f"--config={TINY}", f"--config.steps={STEPS}", "--config.checkpoint.every=10", "--config.logging.plots=False",
         "--config.observables.names=('loss','grad_norm','charges')"]
 
 
@@ -48,7 +50,7 @@ def test_sigterm_mid_run_finishes_the_checkpoint_says_where_and_resumes_bitwise(
     code, err = _signal_after_checkpoint(cmd, env, wd, 30, signal.SIGTERM, timeout=120)
     assert code == 128 + signal.SIGTERM, (code, err[-3000:])
     last = checkpoint_steps(wd)[-1]
-    assert 30 <= last < 400
+    assert 30 <= last < STEPS
     assert "terminated (SIGTERM)" in err and f"checkpoint of step {last}" in err, err
     assert f"resume from step {last}" in err and "Traceback" not in err, err
     ckpt_dir = os.path.join(wd, "checkpoints")
@@ -62,10 +64,10 @@ def test_sigterm_mid_run_finishes_the_checkpoint_says_where_and_resumes_bitwise(
     # the resume: the call the same command makes (in this process, compiled as the child was: child_xla_flags),
     # which refuses a directory of another config; then an uninterrupted run for reference
     c = load_config(TINY)
-    c.update_from_flattened_dict({"steps": 400, "checkpoint.every": 10, "logging.plots": False,
+    c.update_from_flattened_dict({"steps": STEPS, "checkpoint.every": 10, "logging.plots": False,
                                   "observables.names": ("loss", "grad_norm", "charges")})
     resumed = run(validate(c), wd)
-    assert resumed.steps_done == 400 and resumed.resumed_from == last
+    assert resumed.steps_done == STEPS and resumed.resumed_from == last
     ref = str(tmp_path / "ref")
     run(validate(c), ref)
     a, b = load_trajectory(wd), load_trajectory(ref)

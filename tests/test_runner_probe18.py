@@ -1,0 +1,55 @@
+"""Runs and sweeps as a researcher meets them: TensorBoard over the event files of an earlier command that computed
+from step 0 again."""
+
+import jax
+import numpy as np
+import pytest
+
+from helpers import load_metric_rows, read_tensorboard, tiny_settings
+from quotient_sgd.runner import run, sweep
+
+
+def _tensorboard_points(run_dir) -> tuple[dict, dict]:
+    """``(shown, rows)``: the ``(step, value)`` points TensorBoard shows per tag, and those ``metrics.jsonl``
+    holds (finite values, as float32: TensorBoard's scalars are float32)."""
+    rows: dict[str, list] = {}
+    for r in load_metric_rows(run_dir):
+        for k, v in r.items():
+            if k != "step" and np.isfinite(float(v)):
+                rows.setdefault(k, []).append((r["step"], float(np.float32(v))))
+    shown = {k: sorted(v) for k, v in read_tensorboard(run_dir).items()}
+    return shown, {k: sorted(v) for k, v in rows.items()}
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_tensorboard_of_a_run_computed_again_from_step_0_shows_every_row_once(tmp_path, enabled):
+    """A run whose first command stopped before a checkpoint it could resume from (``checkpoint.enabled=False``,
+    or killed before its first checkpoint: here its checkpoints are removed) computes again from step 0; the event
+    files of the first command stayed, and TensorBoard showed their rows beside the new ones (12 points of the 9
+    rows of ``loss``)."""
+    import shutil
+
+    s = tiny_settings(30, **{"checkpoint.every": 10, "logging.tensorboard": True, "checkpoint.enabled": enabled})
+    d = tmp_path / "r"
+    run(s, str(d), max_chunks=1)
+    if enabled:
+        shutil.rmtree(d / "checkpoints")
+    res = run(s, str(d))
+    assert res.resumed_from == 0 and len(res.trajectory["loss"]) == 30
+    shown, rows = _tensorboard_points(d)
+    assert len(rows["loss"]) == 9
+    assert shown == rows
+
+
+def test_tensorboard_of_a_sweep_computed_again_from_step_0_shows_every_row_once(tmp_path):
+    """The same for a sweep's members: a sweep with ``checkpoint.enabled=False`` stopped after two chunks, then run
+    again from step 0 (15 points of the 9 rows of ``loss`` before)."""
+    s = tiny_settings(30, **{"checkpoint.every": 10, "logging.tensorboard": True, "checkpoint.enabled": False,
+                             "sweep.lr": (0.02, 0.05), "sweep.seed": (0,)})
+    d = tmp_path / "sw"
+    sweep(s, str(d), max_chunks=2, devices=jax.devices()[:2])
+    res = sweep(s, str(d), devices=jax.devices()[:2])
+    for m in res.member_dirs:
+        shown, rows = _tensorboard_points(m)
+        assert len(rows["loss"]) == 9
+        assert shown == rows

@@ -254,8 +254,11 @@ def crossings(values: np.ndarray, level, rearm: float = 0.9) -> list[tuple[int, 
     start = peak = -1
     last = -1
     per_value = np.ndim(level) > 0
+    # Python floats: the loop over NumPy scalars cost 4.5 us a value (2.7 s on 100000 steps hovering at an edge)
+    values = np.asarray(values, np.float64).tolist()
+    level = np.asarray(level, np.float64).tolist() if per_value else level
     for i, v in enumerate(values):
-        if np.isnan(v):
+        if v != v:  # NaN
             continue
         last = i
         lv = level[i] if per_value else level

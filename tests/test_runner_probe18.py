@@ -1,12 +1,18 @@
 """Runs and sweeps as a researcher meets them: TensorBoard over the event files of an earlier command that computed
-from step 0 again."""
+from step 0 again; an unknown config key spelt in other capitals is pointed to its spelling."""
+
+import os
 
 import jax
 import numpy as np
 import pytest
 
 from helpers import load_metric_rows, read_tensorboard, tiny_settings
+from quotient_sgd.cli import main
+from quotient_sgd.config import ConfigError, default_config, validate
 from quotient_sgd.runner import run, sweep
+
+TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
 
 
 def _tensorboard_points(run_dir) -> tuple[dict, dict]:
@@ -53,3 +59,28 @@ def test_tensorboard_of_a_sweep_computed_again_from_step_0_shows_every_row_once(
         shown, rows = _tensorboard_points(m)
         assert len(rows["loss"]) == 9
         assert shown == rows
+
+
+@pytest.mark.parametrize("arg, key, meant", [("--config.optim.LR=0.1", "optim.LR", "lr"),
+                                             ("--config.STEPS=3", "STEPS", "steps")])
+def test_an_unknown_key_in_other_capitals_is_pointed_to_its_spelling(tmp_path, capsys, arg, key, meant):
+    """``--config.optim.LR=0.1`` was refused with the allowed keys and no suggestion (difflib finds no close match
+    for a key spelt in capitals, while a misspelt choice such as ``optim.name='SGD'`` got one); nothing is
+    written."""
+    wd = tmp_path / "r"
+    assert main(["quotient-sgd", "run", f"--config={TINY}", arg, f"--workdir={wd}"]) == 2
+    err = capsys.readouterr().err
+    assert f"config.{key}" in err and f"did you mean {meant!r}?" in err and "Traceback" not in err, err
+    assert not wd.exists()
+
+
+def test_an_unknown_key_in_other_capitals_set_in_a_config_is_pointed_to_its_spelling():
+    """The same for a key set in a config file's ``get_config()`` (validated as a whole)."""
+    c = default_config()
+    c.optim.LR = 0.1
+    with pytest.raises(ConfigError, match="did you mean 'lr'"):
+        validate(c)
+    c = default_config()
+    c.Seed = 1
+    with pytest.raises(ConfigError, match="did you mean 'seed'"):
+        validate(c)

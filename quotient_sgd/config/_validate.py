@@ -108,6 +108,15 @@ def _typed(key: str, value: Any, default: Any) -> Any:
     raise TypeError(f"schema field {key} has an unsupported default {default!r}")
 
 
+def _close_key(key: str, allowed) -> list[str]:
+    """The key of ``allowed`` that an unknown ``key`` most likely meant: the one differing only in case
+    (``optim.LR`` -> ``lr``: ``difflib`` finds no match for a two-letter key spelt in capitals), else the closest
+    spelling (``difflib``), else none."""
+    allowed = list(allowed)
+    return [a for a in allowed if a.lower() == str(key).lower()][:1] or difflib.get_close_matches(str(key), allowed,
+                                                                                                  n=1)
+
+
 def _section(name: str, cls, values: Mapping[str, Any]):
     if not isinstance(values, Mapping):
         keys = [f.name for f in dataclasses.fields(cls)]
@@ -116,7 +125,7 @@ def _section(name: str, cls, values: Mapping[str, Any]):
     kwargs = {}
     for k, v in values.items():
         if k not in fields:
-            close = difflib.get_close_matches(k, list(fields), n=1)
+            close = _close_key(k, fields)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"config.{name}.{k}: unknown key{hint}; allowed keys of config.{name}: "
                               f"{sorted(fields)}")
@@ -705,7 +714,7 @@ def validate(cfg: Mapping[str, Any] | Any, *, check_memory: bool = True) -> Sett
     kwargs: dict[str, Any] = {}
     for k, v in values.items():
         if k not in top:
-            close = difflib.get_close_matches(k, list(top), n=1)
+            close = _close_key(k, top)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             # (a run section is a mapping: configs/hj_slices.py has a tuple `model` of experiment overrides)
             if not any(isinstance(values.get(sect), Mapping) for sect in SECTIONS):
@@ -772,7 +781,7 @@ def check_override_key(key: str, raw: Any) -> None:
     top = {f.name: f for f in dataclasses.fields(Settings)}
 
     def unknown(k: str, allowed: list[str], level: str) -> ConfigError:
-        close = difflib.get_close_matches(k, allowed, n=1)
+        close = _close_key(k, allowed)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         return ConfigError(f"config.{key} = {raw}: unknown key{hint}; allowed {level}: {sorted(allowed)}")
 

@@ -40,3 +40,43 @@ def test_events_of_a_run_hovering_at_the_edge_cost_one_pass_over_the_refreshes(m
             assert e.details["lambda_step"] == 21.0 and e.details["lambda_canonical"] == 21.0
         passes[oscillating] = len(calls)
     assert passes[400] == passes[20], passes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# records at irregular steps: every step for the first 100 steps, then every 100 steps (a common recording plan);
+# the windows count steps, as they do for records every K steps
+
+_IRREGULAR = np.r_[np.arange(100), np.arange(100, 5001, 100)]
+
+
+def test_a_sustained_divergence_recorded_sparsely_after_a_dense_start_is_reported():
+    """The loss 1000 x its initial value for the last 1000 steps (11 records) is a divergence at its first step, as
+    on the same run recorded every step; it was none (a patience of 20 steps read as 20 records, the median
+    spacing being 1).  10 high steps inside the dense part stay below the patience in both recordings."""
+    for steps in (_IRREGULAR, np.arange(5001)):
+        loss = np.exp(-steps / 2000.0)
+        high = np.where(steps >= 4000, 1000.0, loss)
+        ev = detect({"loss": high, "step": steps}, kinds=["divergence"])
+        assert [(e.step, e.kind) for e in ev] == [(4000, "divergence")], len(steps)
+        brief = np.where((steps >= 50) & (steps < 60), 1000.0, loss)
+        assert detect({"loss": brief, "step": steps}, kinds=["divergence"]) == []
+
+
+def _slow_rise(t):
+    """Falls to 0.1 by step 1000, then rises by a factor e every 3640 steps (1.4 % in 50 steps)."""
+    t = np.asarray(t, np.float64)
+    return np.where(t < 1000, 1.0 - 0.9 * t / 1000, 0.1 * np.exp((t - 1000) / 3640))
+
+
+def test_a_slow_rise_recorded_sparsely_is_no_loss_spike_and_a_spike_keeps_its_size():
+    """The loss rises by 1.4 % per 50 steps: no spike, recorded every step or irregularly (the base was the minimum
+    over 50 *records*, 4900 steps of the sparse part, and the rise read as a 3x spike at step 3600).  A record 3x
+    the one before it is a spike of strength 3 (the loss rising 1.4 % per 50 steps in between: within 3.1), not 5.2
+    (against the minimum 4900 steps back)."""
+    for steps in (_IRREGULAR, np.arange(5001)):
+        assert detect({"loss": _slow_rise(steps), "step": steps}, kinds=["loss_spike", "catapult"]) == []
+    loss = _slow_rise(_IRREGULAR)
+    loss[_IRREGULAR == 3000] *= 3
+    ev = detect({"loss": loss, "step": _IRREGULAR}, kinds=["loss_spike"])
+    assert [e.step for e in ev] == [3000]
+    np.testing.assert_allclose(ev[0].strength, 3 * _slow_rise(3000) / _slow_rise(2900), rtol=1e-12)

@@ -41,6 +41,7 @@ from ._series import (
     scalar,
     spikes,
     steps_of,
+    window_starts,
 )
 
 ALL_KINDS = ("divergence", "shock", "fold", "edge_of_stability", "loss_spike", "catapult", "transition")
@@ -118,7 +119,9 @@ def detect_divergence(traj, *, steps, divergence_factor: float = 100.0, divergen
     """First step where the loss is non-finite, or where it has exceeded ``divergence_factor`` times the initial
     loss for ``divergence_patience`` consecutive steps (a catapult's transient spike is not a divergence; the
     event's step is the first of those steps).  A negative initial loss ``l0`` must be exceeded by
-    ``(divergence_factor - 1) |l0|`` (``factor * l0`` lies below it: a constant negative loss diverged at step 0)."""
+    ``(divergence_factor - 1) |l0|`` (``factor * l0`` lies below it: a constant negative loss diverged at step 0).
+    Records kept every few steps, evenly or not, count the steps they cover (up to the next record; the last one
+    the spacing before it): ``m`` high records kept every ``K`` steps are ``m K`` steps."""
     loss = scalar(traj, "loss")
     if loss is None or loss.size == 0:
         return []
@@ -126,14 +129,21 @@ def detect_divergence(traj, *, steps, divergence_factor: float = 100.0, divergen
     nonfinite = ~np.isfinite(loss)
     with np.errstate(invalid="ignore"):
         high = np.where(nonfinite | (l0 == 0), False, above(loss, l0, divergence_factor))
-    patience = _records(divergence_patience, steps)
-    c = np.r_[0, np.cumsum(high)]
-    sustained = np.nonzero(c[patience:] - c[:-patience] == patience)[0]  # first rows of `patience` high in a row
+    # the steps a run of high records spans, each record covering the steps up to the next one's (the last one
+    # the spacing before it): for records every K steps, m records span m K steps.  With a patience of the median
+    # spacing's records, a run recorded every step for 100 steps, then every 100, that stayed 1000 x its initial
+    # loss for its last 1000 steps (11 records) was no divergence: 20 records were asked for
+    steps = np.asarray(steps, np.int64)
+    n = len(loss)
+    last_gap = int(steps[-1] - steps[-2]) if n > 1 else 1
+    cover_end = np.r_[steps[1:], steps[-1] + last_gap]
+    run_start = np.maximum.accumulate(np.where(high & ~np.r_[False, high[:-1]], np.arange(n), 0))
+    sustained = np.nonzero(high & (cover_end - steps[run_start] >= int(divergence_patience)))[0]
     cands = []
     if nonfinite.any():
         cands.append(int(np.argmax(nonfinite)))
     if sustained.size:
-        cands.append(int(sustained[0]))
+        cands.append(int(run_start[sustained[0]]))  # the first of those steps
     if not cands:
         return []
     i = min(cands)
@@ -626,13 +636,16 @@ def detect_loss_spike(traj, *, steps, spike_factor: float = 2.0, spike_window: i
     ``strength`` = peak / base (``1 + (peak - base) / |base|`` in general).  With mini-batch losses set
     ``spike_smooth`` (a causal running mean over that many steps is tested instead): the raw mini-batch loss
     fluctuates by more than a factor 2 once it is small, which the detector would report as spikes.  Windows
-    count steps (a trajectory kept every ``K`` steps: ``K`` steps per record)."""
+    count steps (a trajectory kept every ``K`` steps: ``K`` steps per record; records at irregular steps: the base
+    is the minimum over the records covering the previous ``spike_window`` steps, a record covering the steps up to
+    the next one's)."""
     loss = scalar(traj, "loss")
     if loss is None:
         return []
     loss = _causal_mean(loss, _records(spike_smooth, steps))
     out = []
-    for onset, end, peak, base in spikes(loss, spike_factor, _records(spike_window, steps)):
+    for onset, end, peak, base in spikes(loss, spike_factor, _records(spike_window, steps),
+                                         window_starts(steps, spike_window)):
         out.append(Event(int(steps[onset]), "loss_spike", ratio(loss[peak], base), {"loss": _f(loss[onset])},
                          "quotient", True, {"base": base, "peak_step": int(steps[peak]), "end_step": int(steps[end]),
                                             "factor": spike_factor}))
@@ -765,7 +778,7 @@ def detect_catapult(traj, *, steps, lr=None, spike_factor: float = 2.0, spike_wi
         return []
     out = []
     loss = _causal_mean(loss, _records(spike_smooth, steps))
-    sp = spikes(loss, spike_factor, _records(spike_window, steps))
+    sp = spikes(loss, spike_factor, _records(spike_window, steps), window_starts(steps, spike_window))
     for variant in ("quotient", "step", "raw"):
         key = first_key(traj, SHARPNESS_KEYS[variant])
         if key is None:

@@ -291,15 +291,17 @@ def ratio(value, base) -> float:
         return float(1.0 + (value - base) / np.abs(base)) if base != 0 else (float("inf") if value > 0 else 1.0)
 
 
-def spikes(loss: np.ndarray, factor: float = 2.0, window: int = 50) -> list[tuple[int, int, int, float]]:
+def spikes(loss: np.ndarray, factor: float = 2.0, window: int = 50,
+           starts: np.ndarray | None = None) -> list[tuple[int, int, int, float]]:
     """Loss spikes: ``(onset, end, peak, base)``, onset where ``loss > factor * base`` with ``base`` the minimum
     of the previous ``window`` losses (:func:`above`, which also holds for a negative base); the spike ends when
     the loss falls back below that level.  A
     non-finite loss is a spike that never ends (see ``divergence``).  A spike also ends ``window`` steps after its
-    peak."""
+    peak.  ``starts``: the first row of each row's trailing window (:func:`window_starts`, records at irregular
+    steps), instead of the previous ``window`` rows, for the base."""
     out = []
     n = len(loss)
-    base_of = trailing_min(loss, window)
+    base_of = trailing_min(loss, window) if starts is None else trailing_min_from(loss, starts)
     with np.errstate(invalid="ignore"):
         onset = np.isfinite(base_of) & (~np.isfinite(loss) | above(loss, base_of, factor))
     cand = np.nonzero(onset)[0]
@@ -340,3 +342,38 @@ def trailing_min(x: np.ndarray, window: int) -> np.ndarray:
         m = minimum_filter1d(x, size=w, mode="constant", cval=np.inf, origin=(w - 1) // 2)
         out[1:] = m[:-1]
     return out
+
+
+def window_starts(steps: np.ndarray, window: int) -> np.ndarray | None:
+    """For records at irregular steps, the first row of the ``window`` steps before each row: the first row ``j``
+    whose record covers a step in ``[steps[i] - window, steps[i])``, a record covering the steps up to the next
+    one's (for evenly spaced steps every ``K``, exactly the previous ``ceil(window / K)`` rows).  ``None`` for evenly
+    spaced steps (the windows are then a fixed number of records).  A window of the median spacing's records read
+    a run recorded every step for 100 steps, then every 100, with a 50-step window of 50 records: 5000 steps of
+    its sparse part."""
+    steps = np.asarray(steps, np.int64)
+    d = np.diff(steps)
+    if d.size == 0 or np.all(d == d[0]):
+        return None
+    # j covers [steps[j], steps[j + 1]): it meets the window when steps[j + 1] > steps[i] - window
+    return np.searchsorted(steps[1:], steps - int(window), side="right")
+
+
+def trailing_min_from(x: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """``out[i]`` = the minimum of the finite values among ``x[starts[i] : i]`` (``+inf`` where there is none),
+    ``starts`` non-decreasing (:func:`window_starts`), in O(n) (a monotone queue)."""
+    from collections import deque
+
+    vals = np.where(np.isfinite(x), np.asarray(x, np.float64), np.inf).tolist()
+    starts = np.asarray(starts, np.int64).tolist()
+    out = [float("inf")] * len(vals)
+    q: deque[int] = deque()  # rows before i, their values increasing
+    for i, lo in enumerate(starts):
+        while q and q[0] < lo:
+            q.popleft()
+        if q:
+            out[i] = vals[q[0]]
+        while q and vals[q[-1]] >= vals[i]:
+            q.pop()
+        q.append(i)
+    return np.asarray(out, np.float64)

@@ -110,11 +110,26 @@ def test_models_projection_closed_forms_agree_with_generic(name, x64):
     assert_tree_allclose(G.horizontal(p, H), H, rtol=1e-8, atol=1e-10)
 
 
-@settings(max_examples=6, deadline=None)
-@given(hidden=st.lists(st.integers(2, 5), min_size=1, max_size=3),
-       activation=st.sampled_from(["relu", "leaky_relu", "identity"]),
-       seed=st.integers(0, 1000))
+_NNX_MLP_CASES = dict(hidden=st.lists(st.integers(2, 5), min_size=1, max_size=3),
+                      activation=st.sampled_from(["relu", "leaky_relu", "identity"]),
+                      seed=st.integers(0, 1000))
+
+
+# every drawn width list is a new set of shapes to compile: 3 draws in the fast suite, 12 in the slow one
+@settings(max_examples=3, deadline=None)
+@given(**_NNX_MLP_CASES)
 def test_property_nnx_mlp(hidden, activation, seed):
+    _check_nnx_mlp(hidden, activation, seed)
+
+
+@pytest.mark.slow
+@settings(max_examples=12, deadline=None)
+@given(**_NNX_MLP_CASES)
+def test_property_nnx_mlp_more_examples(hidden, activation, seed):
+    _check_nnx_mlp(hidden, activation, seed)
+
+
+def _check_nnx_mlp(hidden, activation, seed):
     model = MLP(3, tuple(hidden), 2, activation=activation, classifier=True, rngs=nnx.Rngs(seed))
     G = model.symmetries()
     graphdef, p, rest = nnx.split(model, nnx.Param, ...)

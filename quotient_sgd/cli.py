@@ -579,7 +579,13 @@ def _main(argv: list[str]) -> int:
         if not overrides:
             return _fail(f"cannot load the config file {_config_path(argv[1:])!r}: {msg}")
         return _fail(f"bad config override among {overrides}: {msg}")
-    cmd = rest[1] if len(rest) > 1 else "run"
+    if len(rest) < 2:
+        # (`quotient-sgd` alone trained the default config into runs/quickstart of the current directory, and
+        # `quotient-sgd --config=X.py` ran it: a command typed to see the usage started 600 steps of training)
+        given = " with " + " ".join(argv[1:]) if len(argv) > 1 else ""
+        return _fail(f"no subcommand{given}; say what to do: run, sweep or report (quotient-sgd --help lists the "
+                     f"options)\n{USAGE}")
+    cmd = rest[1]
     if cmd == "help":
         print(HELP)
         return 0

@@ -1,5 +1,6 @@
 """Runs and sweeps as a researcher meets them: TensorBoard over the event files of an earlier command that computed
-from step 0 again; an unknown config key spelt in other capitals is pointed to its spelling."""
+from step 0 again; an unknown config key spelt in other capitals is pointed to its spelling; the command without a
+subcommand."""
 
 import os
 
@@ -84,3 +85,15 @@ def test_an_unknown_key_in_other_capitals_set_in_a_config_is_pointed_to_its_spel
     c.Seed = 1
     with pytest.raises(ConfigError, match="did you mean 'seed'"):
         validate(c)
+
+
+@pytest.mark.parametrize("args", [[], [f"--config={TINY}", "--config.steps=5"]])
+def test_the_command_without_a_subcommand_says_so_and_writes_nothing(tmp_path, monkeypatch, capsys, args):
+    """``quotient-sgd`` alone (typed to see what it does) trained the default config for 600 steps into
+    ``runs/quickstart`` of the current directory, and ``quotient-sgd --config=X.py`` ran X: nothing in the usage or
+    the README says the subcommand may be left out.  Now: exit status 2, the usage, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["quotient-sgd", *args]) == 2
+    err = capsys.readouterr().err
+    assert "no subcommand" in err and "quotient-sgd run" in err and "Traceback" not in err, err
+    assert os.listdir(tmp_path) == []

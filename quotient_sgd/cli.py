@@ -371,6 +371,15 @@ def _config_load_error(argv: list[str]) -> str | None:
         cfg = load_config(path)
     except ConfigError:
         return None
+    except SystemExit as e:
+        # (sys.exit() in the file or its get_config(), or an argparse parser there reading the command's own
+        # arguments, ended the command: with status 0 and nothing done for sys.exit(0), without naming the file)
+        real = os.path.realpath(path)
+        lines = [fr.lineno for fr in traceback.extract_tb(e.__traceback__) if os.path.realpath(fr.filename) == real]
+        where = f", line {lines[-1]}" if lines else ""
+        return (f"cannot load the config file {path!r}{where}: it ended the program (SystemExit({e.code!r})) "
+                f"instead of returning a config; get_config() returns the config, and the command's own arguments "
+                f"(--config.KEY=VALUE) change its keys")
     except Exception as e:  # noqa: BLE001 - anything the file raises is reported, with where it was raised
         typed = _config_file_type_error(e)
         if typed:  # a value of the wrong type assigned to a key: named with its dotted key

@@ -1,6 +1,6 @@
 """Runs and sweeps as a researcher meets them: TensorBoard over the event files of an earlier command that computed
 from step 0 again; an unknown config key spelt in other capitals is pointed to its spelling; the command without a
-subcommand."""
+subcommand; a config file that ends the program."""
 
 import os
 
@@ -97,3 +97,20 @@ def test_the_command_without_a_subcommand_says_so_and_writes_nothing(tmp_path, m
     err = capsys.readouterr().err
     assert "no subcommand" in err and "quotient-sgd run" in err and "Traceback" not in err, err
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("body, status", [
+    ("import sys\n\n\ndef get_config():\n    sys.exit(0)\n", "SystemExit(0)"),
+    ("import argparse\n\n\ndef get_config():\n    argparse.ArgumentParser().parse_args()\n", "SystemExit(2)"),
+])
+def test_a_config_file_that_ends_the_program_is_named(tmp_path, capsys, body, status):
+    """A config file whose ``get_config()`` calls ``sys.exit(0)`` ended the command with status 0, nothing done
+    and nothing said; one that parses the command line with argparse (a script turned into a config) ended it
+    with argparse's own usage, naming neither the file nor the line.  Now: exit status 2 naming both."""
+    cfg = tmp_path / "exits.py"
+    cfg.write_text(body)
+    wd = tmp_path / "r"
+    assert main(["quotient-sgd", "run", f"--config={cfg}", f"--workdir={wd}"]) == 2
+    err = capsys.readouterr().err
+    assert f"config file {str(cfg)!r}, line 5" in err and status in err and "Traceback" not in err, err
+    assert not wd.exists()

@@ -31,7 +31,7 @@ from ._solve import solve_hj
 def _directions(directions) -> tuple:
     if isinstance(directions, (tuple, list)):
         if len(directions) not in (1, 2):
-            raise ValueError(f"a slice takes 1 or 2 directions, got {len(directions)}.")
+            raise ValueError(f"directions: a slice takes 1 or 2 directions, got {len(directions)}.")
         return tuple(directions)
     return (directions,)
 
@@ -85,7 +85,10 @@ def _orthonormalize(ds) -> tuple:
     """Gram-Schmidt: the first direction normalised, the second made orthogonal to it and normalised.  A direction
     whose part orthogonal to the ones before is at most ``sqrt(eps)`` of its norm (``eps`` of the accumulation
     dtype) is refused as linearly dependent: that part is rounding error, and normalised it was a direction of
-    noise, not orthogonal to the first ((d, 2 d) in float32 gave a Gram matrix off-diagonal of -0.76)."""
+    noise, not orthogonal to the first ((d, 2 d) in float32 gave a Gram matrix off-diagonal of -0.76).  Traced
+    directions (under ``jax.jit`` / ``vmap``) are checked the same way through ``equinox.error_if`` when the
+    computation runs: unchecked, (d, d / 3) in float64 flowed on a pair with Gram off-diagonal -0.45 without a word,
+    and a zero direction was reported as a non-finite initial field of ``solve_hj``."""
     out = []
     for i, d in enumerate(ds):
         n0 = jnp.sqrt(_gram((d,))[0, 0])
@@ -93,7 +96,14 @@ def _orthonormalize(ds) -> tuple:
             c = _gram((d, e))[0, 1]
             d = jax.tree.map(lambda x, y: x - c.astype(x.dtype) * y, d, e)
         n = jnp.sqrt(_gram((d,))[0, 0])
-        if not isinstance(n, jax.core.Tracer) and not float(n) > float(jnp.sqrt(jnp.finfo(n.dtype).eps)) * float(n0):
+        if isinstance(n, jax.core.Tracer) or isinstance(n0, jax.core.Tracer):
+            root_eps = jnp.sqrt(jnp.finfo(n.dtype).eps)
+            d = eqx.error_if(
+                d, ~(n > root_eps * n0),
+                f"slice_flow(orthonormalize=True): direction {i} is zero or linearly dependent on the one(s) before "
+                "it (its part orthogonal to them is within rounding, sqrt(eps), of its norm); pass independent "
+                "directions.")
+        elif not float(n) > float(jnp.sqrt(jnp.finfo(n.dtype).eps)) * float(n0):
             what = "zero" if not float(n0) > 0 else (
                 f"linearly dependent on the one before it: its part orthogonal to it is {float(n) / float(n0):.3g} "
                 f"of its norm, within rounding (sqrt(eps) = {float(jnp.sqrt(jnp.finfo(n.dtype).eps)):.3g})")
@@ -103,16 +113,53 @@ def _orthonormalize(ds) -> tuple:
     return tuple(out)
 
 
+def _check_slice(name: str, loss_fn, params) -> None:
+    """``ValueError`` naming the argument when ``params`` has no leaves or a leaf that is not floating point (the
+    directions were cast to its dtype: an integer leaf truncated the coefficients a to 0 and the slice came out
+    flat), or when ``loss_fn(params)`` is not a real scalar (a loss of shape (1,) gave a slice of shape (n, 1) and
+    ``slice_flow`` a ``solve_hj`` error about an ``u0`` it was never given)."""
+    leaves = [jnp.asarray(x) for x in jax.tree.leaves(params)]
+    if not leaves:
+        raise ValueError(f"{name}: params={params!r} has no array leaves; need a pytree of float arrays (the centre "
+                         "of the slice).")
+    for leaf in leaves:
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            raise ValueError(f"{name}: params has a leaf of dtype {leaf.dtype} (shape {leaf.shape}); need floating-"
+                             "point leaves (the slice moves every parameter by a . direction, in its dtype).")
+    out = jax.eval_shape(loss_fn, params)
+    if isinstance(out, (int, float)) and not isinstance(out, bool):  # a constant loss written as a Python number
+        out = jax.ShapeDtypeStruct((), jnp.result_type(out))
+    if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != () or not (
+            jnp.issubdtype(out.dtype, jnp.floating) or jnp.issubdtype(out.dtype, jnp.integer)):
+        got = f"shape {out.shape} and dtype {out.dtype}" if isinstance(out, jax.ShapeDtypeStruct) else repr(out)
+        raise ValueError(f"{name}: loss_fn returns {got}; it must return a real scalar L(params).")
+
+
+def _check_grid(name: str, grid) -> None:
+    if not isinstance(grid, (Grid, Grid2D)):
+        got = f"{type(grid).__name__} of shape {np.shape(grid)}" if hasattr(grid, "shape") else repr(grid)
+        raise ValueError(f"{name}: grid={got} is not allowed; need a Grid (one direction) or Grid2D (two), e.g. "
+                         "Grid(n, -extent, extent, periodic=False).")
+
+
 def loss_slice(loss_fn: Callable, params, directions, grid: AnyGrid) -> Array:
     """Sample ``loss_fn(params + a . directions)`` on ``grid`` (a ``Grid`` for one direction, ``Grid2D`` for two).
 
     ``directions``: a pytree like ``params``, a tuple of one or two, or a pytree with a leading axis of 1 or 2
     (Ritz vectors as ``eigenvectors_of(state)`` keeps them); used as given (not normalised): ``a`` is the
-    coefficient of each direction.
+    coefficient of each direction.  ``params`` must have floating-point leaves and ``loss_fn(params)`` must be a
+    real scalar, and ``grid`` a :class:`Grid` / :class:`Grid2D`; otherwise a ``ValueError`` names the argument.
     """
+    _check_grid("loss_slice", grid)
+    _check_slice("loss_slice", loss_fn, params)
     ds = _match_directions(params, directions)
     if len(ds) != grid.ndim:
-        raise ValueError(f"{len(ds)} direction(s) need a {len(ds)}-D grid, got a {grid.ndim}-D one.")
+        raise ValueError(f"loss_slice: {len(ds)} direction(s) need a {len(ds)}-D grid, got a {grid.ndim}-D one.")
+    return _sample(loss_fn, params, ds, grid)
+
+
+def _sample(loss_fn: Callable, params, ds: tuple, grid: AnyGrid) -> Array:
+    """:func:`loss_slice` after its checks, with the directions matched to ``params``."""
 
     def at(coef):
         shifted = params
@@ -135,7 +182,8 @@ class SliceFlow(eqx.Module):
         t, nu: the coarse-graining time eta * k and viscosity used.
         shock_time: inviscid shock time of the slice's initial gradient field.
         shocks: :class:`Shocks` of p at t (1-D slices; None in 2-D).
-        reach, boundary_ok: distance information travels from the boundary, and whether it stays in the margin.
+        reach, boundary_ok: distance information travels from the boundary, and whether it stays in the margin
+            (always at ``reach = 0``: at t = 0 the slice is the loss itself, whatever the margin).
     """
 
     grid: AnyGrid
@@ -166,16 +214,23 @@ def slice_flow(loss_fn: Callable, params, directions, *, extent: float, n: int, 
             eta / s^2 would, and the shock time seen in ``a`` is divided by s^2.  Concrete directions that
             are not orthonormal (to 1e-3) are refused; under ``jax.jit`` the check runs inside (``eqx.error_if``).
         extent: the slice covers ``a in [-extent, extent]`` along each direction, with ``n`` points.
-        eta, k, nu: step size, number of steps, viscosity (differentiable in eta and nu).
+        eta, k, nu: step size, number of steps, viscosity (differentiable in eta and nu): scalars, finite and
+            >= 0; known values out of range are refused with a ``ValueError`` naming them, traced ones (under
+            ``jax.jit`` / ``vmap`` / ``grad``) through ``equinox.error_if`` when the computation runs.
         margin: extra sampled region on each side, as a fraction of ``extent``.
         scheme, solver, rtol, atol, max_steps, dt: as :func:`solve_hj` (bounded grid: finite volumes only;
             ``dt`` selects fixed steps, whose derivatives in eta and nu are those of the map finite differences
             see as long as ``ceil(eta k / dt)`` does not change).
         orthonormalize: orthonormalise the directions first (Gram-Schmidt, in the given order) instead of refusing
-            directions that are not orthonormal.
+            directions that are not orthonormal; a zero direction, or one dependent on the one before it to within
+            rounding, is refused (traced ones through ``equinox.error_if``).
+
+    ``loss_fn`` must be finite on the sampled slice, margin included: a NaN or infinite value there is refused
+    naming ``loss_fn`` (and, for known values, the first such point).
     """
     if not isinstance(orthonormalize, (bool, np.bool_)):  # "no" is True: it orthonormalised
         raise ValueError(f"slice_flow: orthonormalize={orthonormalize!r} is not allowed; need True or False.")
+    _check_slice("slice_flow", loss_fn, params)
     ds = _match_directions(params, directions)
     if orthonormalize:
         ds = _orthonormalize(ds)
@@ -195,7 +250,11 @@ def slice_flow(loss_fn: Callable, params, directions, *, extent: float, n: int, 
 
     _check_real("slice_flow", eta=eta, k=k, nu=nu)
     for arg, value in (("eta", eta), ("k", k), ("nu", nu)):
-        a = _concrete_value(value)  # None when traced (checked by solve_hj as t1 = eta * k and nu)
+        if jnp.ndim(value) != 0:  # (an array of etas was reported as solve_hj's t1)
+            raise ValueError(f"slice_flow: {arg} must be a scalar, got shape {jnp.shape(value)}; for several values "
+                             f"jax.vmap slice_flow over {arg}.")
+    for arg, value in (("eta", eta), ("k", k), ("nu", nu)):
+        a = _concrete_value(value)  # None when traced (checked in _flow)
         if a is not None and not (np.all(np.isfinite(a)) and np.all(a >= 0)):
             raise ValueError(f"slice_flow: {arg}={value!r} is not allowed; need a finite number >= 0 (the flow runs "
                              "for t = eta * k >= 0 at viscosity nu >= 0).")
@@ -253,7 +312,25 @@ def _flow(loss_fn, params, ds, eta, k, nu, ext, crop, pad, dx, dim, scheme, solv
     """:func:`slice_flow` after its argument checks: the coarse-grained slice on the padded grid ``ext``, cropped
     to ``crop``."""
     n = crop.shape[0]
-    l_ext = loss_slice(loss_fn, params, ds, ext)
+    # traced eta, k, nu escape slice_flow's range checks (under jax.jit / vmap / grad): a negative eta and k gave a
+    # positive t = eta * k and flowed without a word, a negative eta alone was reported as solve_hj's t1
+    eta, k, nu = eqx.error_if(
+        (eta, k, nu), ~(jnp.isfinite(eta) & jnp.isfinite(k) & jnp.isfinite(nu) & (eta >= 0) & (k >= 0) & (nu >= 0)),
+        "slice_flow: a traced eta, k or nu is out of range; need finite eta >= 0, k >= 0 and nu >= 0 (the flow "
+        "runs for t = eta * k >= 0 at viscosity nu >= 0).")
+    l_ext = _sample(loss_fn, params, ds, ext)
+    # a loss that is NaN or infinite somewhere on the sampled slice was reported as solve_hj's "initial field"
+    sampled = (f"a in [{ext.lo:.6g}, {ext.hi:.6g}]" if dim == 1 else
+               f"a in [{ext.gx.lo:.6g}, {ext.gx.hi:.6g}]^2") + " (the slice and its margin)"
+    finite = jnp.all(jnp.isfinite(l_ext))
+    if isinstance(finite, jax.core.Tracer):
+        l_ext = eqx.error_if(l_ext, ~finite, f"slice_flow: loss_fn is not finite (NaN or infinite) at some point of "
+                             f"{sampled}; make it finite there, or take a smaller extent or margin.")
+    elif not bool(finite):
+        bad = np.flatnonzero(~np.isfinite(np.asarray(l_ext)).reshape(-1))[0]
+        at = np.asarray(jnp.moveaxis(ext.x, 0, -1).reshape(-1, 2) if dim == 2 else ext.x)[bad]
+        raise ValueError(f"slice_flow: loss_fn is {np.asarray(l_ext).reshape(-1)[bad]} at a = {np.round(at, 6)} of "
+                         f"{sampled}; make it finite there, or take a smaller extent or margin.")
     dtype = l_ext.dtype
     t = jnp.asarray(eta, dtype) * jnp.asarray(k, dtype)
     nu = jnp.asarray(nu, dtype)
@@ -274,7 +351,7 @@ def _flow(loss_fn, params, ds, eta, k, nu, ext, crop, pad, dx, dim, scheme, solv
     reach = t * jnp.max(jnp.abs(p0_ext)) + 6 * jnp.sqrt(nu * t)
     shocks = find_shocks(p, crop, max_shocks=max_shocks) if dim == 1 else None
     return SliceFlow(grid=crop, loss=loss, u=u, p=p, t=t, nu=nu, shock_time=shock_time(p0, crop),
-                     shocks=shocks, reach=reach, boundary_ok=reach < pad * dx)
+                     shocks=shocks, reach=reach, boundary_ok=(reach < pad * dx) | (reach == 0))
 
 
 _flow_jit = eqx.filter_jit(_flow)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from quotient_sgd.hj import Grid, loss_slice, slice_flow
+from quotient_sgd.hj import cole_hopf, cole_hopf_gradient, Grid, loss_slice, slice_flow
 from quotient_sgd.models import MLP
 
 # NumPy constants: read in float64 inside the x64 tests
@@ -167,3 +167,10 @@ def test_model_slice_is_a_quotient_object(x64):
         assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(params))) \
             > 0.1
         np.testing.assert_allclose(np.asarray(loss_slice(loss, moved, pushed, grid)), here, rtol=1e-12, atol=1e-14)
+
+
+def test_cole_hopf_refuses_complex_points_by_name():
+    # a complex point was cast to its real part: cole_hopf at 0.3 + 0.5j returned u(0.3) with only a casting warning
+    for f in (cole_hopf, cole_hopf_gradient):
+        with pytest.raises(TypeError, match=f"{f.__name__}: x has dtype complex"):
+            f(lambda y: jnp.cos(jnp.pi * y) / jnp.pi, jnp.array([0.3 + 0.5j]), 0.1, 0.1)

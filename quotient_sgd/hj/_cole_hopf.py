@@ -39,7 +39,7 @@ import numpy as np
 from jax.scipy.special import logsumexp
 
 from ._custom_types import Array
-from ._grid import widen_real
+from ._grid import real_field, widen_real
 
 
 def _window(t, nu, lipschitz):
@@ -186,6 +186,8 @@ def _dispatch(loss, x, t, nu, ndim, num, lipschitz, name="cole_hopf"):
     _check_scalars(name, t=t, nu=nu)
     from ._solve import _concrete_non_finite
 
+    # complex points were cast to their real part (the imaginary part dropped, with only JAX's casting warning)
+    x = real_field(name, "x", x)
     if _concrete_non_finite(x):
         raise ValueError(f"{name}: x is not finite (a NaN or infinite evaluation point); need finite points.")
     if num is not None and (int(num) != num or num < 3):
@@ -264,7 +266,8 @@ def cole_hopf(loss: Callable, x, t, nu, *, ndim: int = 1, num: int | None = None
             name).  Evaluated on all of R^d (pass a periodic function for a periodic problem).
         x: evaluation points, any shape in 1-D; ``(2, ...)`` in 2-D (e.g. ``Grid2D.x``).  The quadrature runs in
             their dtype (integer points in the default float, bfloat16 / float16 ones in float32, the dtype of
-            the result and of the points the loss is called at); the loss's values are cast to it.
+            the result and of the points the loss is called at); the loss's values are cast to it.  Complex points
+            are refused with a ``TypeError`` naming ``x``.
         t, nu: coarse-graining time and viscosity (finite, t > 0, nu > 0; otherwise ``ValueError`` naming it).
         ndim: 1 or 2.
         num: quadrature points per axis (default 4001 in 1-D, 201 in 2-D).

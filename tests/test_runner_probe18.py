@@ -1,6 +1,7 @@
 """Runs and sweeps as a researcher meets them: TensorBoard over the event files of an earlier command that computed
 from step 0 again; an unknown config key spelt in other capitals is pointed to its spelling; the command without a
-subcommand; a config file that ends the program."""
+subcommand; a config file that ends the program;
+--workdir given as a file with a trailing slash, or as a link to nothing."""
 
 import os
 
@@ -114,3 +115,23 @@ def test_a_config_file_that_ends_the_program_is_named(tmp_path, capsys, body, st
     err = capsys.readouterr().err
     assert f"config file {str(cfg)!r}, line 5" in err and status in err and "Traceback" not in err, err
     assert not wd.exists()
+
+
+@pytest.mark.parametrize("cmd", ["run", "sweep", "report"])
+@pytest.mark.parametrize("target, needle", [("file/", "is a file|exists and is not a directory"),
+                                            ("dangling", "is a symbolic link to")])
+def test_a_workdir_that_is_a_file_with_a_slash_or_a_link_to_nothing_is_named(tmp_path, monkeypatch, capsys, cmd,
+                                                                              target, needle):
+    """``--workdir=out.txt/`` (a file, with the slash a shell's completion adds) and a symbolic link to a directory
+    that does not exist were refused as "cannot be created: File exists" (``report``: "does not exist"); now
+    the message says what the path is.  Exit status 2, nothing written."""
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").write_text("x")
+    os.symlink(tmp_path / "gone" / "dir", tmp_path / "dangling")
+    args = [target] if cmd == "report" else [f"--config={TINY}", f"--workdir={target}"]
+    assert main(["quotient-sgd", cmd, *args]) == 2
+    err = capsys.readouterr().err
+    assert re.search(needle, err) and "File exists" not in err and f"{target!r} does not exist" not in err, err
+    assert sorted(os.listdir(tmp_path)) == ["dangling", "file"]

@@ -449,10 +449,14 @@ def report(workdir: str) -> str:
         from ._sweep import report_sweep
 
         return report_sweep(workdir)
-    if not os.path.exists(workdir):
+    bare = workdir.rstrip(os.sep) or workdir  # (a file given as "out.txt/" does not "exist": it is a file)
+    if os.path.islink(bare) and not os.path.exists(bare):
+        raise FileNotFoundError(f"{workdir!r} is a symbolic link to {os.readlink(bare)!r}, which does not exist; "
+                                f"give a run directory (with config.json) or a sweep directory (with sweep.json)")
+    if not os.path.lexists(bare):
         raise FileNotFoundError(f"{workdir!r} does not exist; give a run directory (with config.json) or a sweep "
                                 f"directory (with sweep.json)")
-    if not os.path.isdir(workdir):
+    if not os.path.isdir(bare):
         raise FileNotFoundError(f"{workdir!r} is a file, not a run directory (with config.json) nor a sweep "
                                 f"directory (with sweep.json)")
     if not os.path.exists(os.path.join(workdir, "config.json")):

@@ -186,7 +186,12 @@ def read_divergence(run_dir: str, what: str = "run directory") -> dict | None:
 def check_directory_path(workdir: str, what: str = "run directory") -> None:
     """:class:`RunDirError` when ``workdir`` cannot be a directory: it, or the nearest of its parents that
     exists, is not a directory, or is one this process may not write into (nothing is written)."""
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
+    # (a file given with a trailing slash, "out.txt/", and a link to nothing were "cannot be created: File exists")
+    bare = workdir.rstrip(os.sep) or workdir
+    if os.path.islink(bare) and not os.path.exists(bare):
+        raise RunDirError(f"{what} {workdir!r} is a symbolic link to {os.readlink(bare)!r}, which does not exist. "
+                          f"Create the directory it points to, or choose another --workdir.")
+    if os.path.lexists(bare) and not os.path.isdir(bare):
         raise RunDirError(f"{what} {workdir!r} exists and is not a directory. Choose another --workdir.")
     if os.path.isdir(workdir):
         if not os.access(workdir, os.W_OK | os.X_OK):

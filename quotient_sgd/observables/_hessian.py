@@ -773,7 +773,9 @@ def projection_for(group, params, method: str) -> Callable:
 def sharpness_quotient(loss_fn, group, params, *, key, num_matvecs: int = 20, k: int = 1,
                        method: str = "loop") -> Extremes:
     """Extremes of the horizontal Hessian at the canonical representative ``c(theta)``: the function's own
-    curvature, equal on every point of the orbit (THEORY section 4, kind 1)."""
+    curvature, equal on every point of the orbit (THEORY section 4, kind 1) where the orbit has a canonical
+    representative (not at a rescale unit with exactly one zero side, a GL head or chain with a rank-deficient
+    factor: see :func:`grad_norm_canonical`)."""
     pc = group.canonicalize(params)
     return hessian_extremes(loss_fn, pc, projection_for(group, pc, method), key=key, num_matvecs=num_matvecs, k=k,
                             method=method)

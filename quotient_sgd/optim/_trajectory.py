@@ -148,7 +148,8 @@ def quotient_trajectory(
     default ``"loop"`` compiles the Hessian-vector product once; the evaluations at several points are one
     ``lax.map``, so the product and the projection are compiled once for all of them; vmapped for models of up to
     ~87k parameters, where a product costs its kernel launches more than its arithmetic).  With ``noise_every=K``:
-    ``noise_sigma2``, ``temperature``, ``viscosity``.  Their ``eta`` is the spec's learning rate, else the
+    ``noise_sigma2``, ``temperature``, ``viscosity`` (:func:`quotient_sgd.observables.gradient_noise`; NaN for a batch
+    of one example, which has no sample variance).  Their ``eta`` is the spec's learning rate, else the
     evaluation step's own ``effective_lr["global"]`` (computed there whether or not ``effective_lr`` is recorded,
     and whatever ``every`` is).
 

@@ -1,7 +1,8 @@
 """Runs and sweeps as a researcher meets them: TensorBoard over the event files of an earlier command that computed
 from step 0 again; an unknown config key spelt in other capitals is pointed to its spelling; the command without a
 subcommand; a config file that ends the program;
---workdir given as a file with a trailing slash, or as a link to nothing."""
+--workdir given as a file with a trailing slash, or as a link to nothing; the sweep's
+loss plot beside a diverged member."""
 
 import os
 
@@ -135,3 +136,36 @@ def test_a_workdir_that_is_a_file_with_a_slash_or_a_link_to_nothing_is_named(tmp
     err = capsys.readouterr().err
     assert re.search(needle, err) and "File exists" not in err and f"{target!r} does not exist" not in err, err
     assert sorted(os.listdir(tmp_path)) == ["dangling", "file"]
+
+
+def test_the_sweep_loss_plot_keeps_the_scale_of_the_members_that_did_not_diverge(tmp_path, monkeypatch):
+    """A diverging member's losses before its first non-finite one (~1e15 here, ~1e20 at lr=0.9) set the log axis of
+    ``plots/loss.png``: the other member's curve was drawn into 1 of its 18 decades (3 of 24 at lr=0.9).  Now the
+    axis keeps that curve whole and gives it at least a third of its decades, and the diverged member's label says
+    where it diverged."""
+    import matplotlib.figure
+
+    from quotient_sgd.runner import report
+
+    s = tiny_settings(20, **{"checkpoint.every": 10, "sweep.lr": (0.05, 2.0), "sweep.seed": (0,)})
+    res = sweep(s, str(tmp_path / "sw"), devices=jax.devices()[:2])
+    assert list(res.diverged) == [1]
+    drawn = {}
+    save = matplotlib.figure.Figure.savefig
+
+    def record(fig, path, *a, **kw):
+        ax = fig.axes[0]
+        drawn[os.path.basename(path)] = (ax.get_ylim(), [(ln.get_label(), np.asarray(ln.get_ydata(), float))
+                                                         for ln in ax.lines])
+        return save(fig, path, *a, **kw)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    report(str(tmp_path / "sw"))
+    (lo, hi), lines = drawn["loss.png"]
+    ok = [y for label, y in lines if "lr=0.05" in label]
+    assert len(ok) == 1
+    y = ok[0][np.isfinite(ok[0])]
+    assert lo <= y.min() and y.max() <= hi
+    assert np.log10(y.max() / y.min()) >= np.log10(hi / lo) / 3, (lo, hi, y.min(), y.max())
+    diverged = [label for label, _ in lines if "lr=2.0" in label]
+    assert diverged[0].endswith(f"(diverged at step {res.diverged[1]['step']})")

@@ -1147,6 +1147,25 @@ def _grouping_text(meta: dict) -> str:
     return text
 
 
+def _loss_axis_top(curves: list[tuple[dict, dict | None]]) -> float | None:
+    """The top of the sweep's loss plot (log scale) when a member diverged: ten times the largest loss of the
+    members that did not diverge and of the diverged members' first steps, so that a divergence (losses up to
+    ~1e38 before the first non-finite one) leaves the scale of the other members' curves; ``None`` (the
+    automatic range) when no member diverged or no finite loss is recorded.  A diverging member's curve then
+    leaves the plot at its top; its label says where it diverged.  (A member diverging at lr=0.9 drew the tiny
+    sweep's other members into 3 of the 24 decades of the axis.)"""
+    if not any(div for _, div in curves):
+        return None
+    highs = []
+    for traj, div in curves:
+        loss = np.asarray(traj.get("loss", ()), np.float64)
+        loss = loss[:1] if div else loss
+        loss = loss[np.isfinite(loss) & (loss > 0)]
+        if loss.size:
+            highs.append(float(loss.max()))
+    return 10.0 * max(highs) if highs else None
+
+
 def report_sweep(workdir: str, *, wall_s: float | None = None, plots: bool = True) -> str:
     """The sweep table (``summary.md``) and comparison plots (``plots/loss.png``, ``plots/final.png``), drawn and
     written under :func:`~._rundir.outputs_lock` (a ``report`` of the sweep while it computes, and the sweep's
@@ -1186,7 +1205,7 @@ def _report_sweep(workdir: str, *, wall_s: float | None, plots: bool) -> str:
         else:
             status = "ok" if done >= total else f"unfinished ({done} of {total} steps)"
         rows.append((i, m, ev[-1] if ev else None, traj, status, div))
-        curves.append((i, m, traj))
+        curves.append((i, m, traj, div))
     axes = list(members[0]) if members and members[0] else []
     lines = [f"# Sweep `{cfg.name}`", "",
              f"- {len(members)} member{'s' if len(members) != 1 else ''} ({cfg.sweep.mode} over {axes or 'nothing'}), "
@@ -1215,11 +1234,15 @@ def _report_sweep(workdir: str, *, wall_s: float | None, plots: bool) -> str:
         plt = _plt()
         os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for i, m, traj in curves:
+        for i, m, traj, div in curves:
             if "loss" in traj and len(traj["loss"]):
                 label = f"{i:03d} " + ", ".join(f"{k}={v}" for k, v in m.items())
-                ax.plot(traj["step"], traj["loss"], lw=0.8, label=label)
+                ax.plot(traj["step"], traj["loss"], lw=0.8,
+                        label=label + (f" (diverged at step {div['step']})" if div else ""))
         ax.set_yscale("log")
+        top = _loss_axis_top([(traj, div) for _, _, traj, div in curves])
+        if top is not None:
+            ax.set_ylim(top=top)
         ax.set_xlabel("step")
         ax.set_title("training loss per member", fontsize=9)
         if ax.lines and len(curves) <= 16:  # (no curve yet: a sweep reported before its first chunk)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from quotient_sgd.hj import cole_hopf, cole_hopf_gradient, Grid, loss_slice, slice_flow
+from quotient_sgd.hj import cole_hopf, cole_hopf_gradient, Grid, loss_slice, slice_flow, solve_hj
 from quotient_sgd.models import MLP
 
 # NumPy constants: read in float64 inside the x64 tests
@@ -174,3 +174,20 @@ def test_cole_hopf_refuses_complex_points_by_name():
     for f in (cole_hopf, cole_hopf_gradient):
         with pytest.raises(TypeError, match=f"{f.__name__}: x has dtype complex"):
             f(lambda y: jnp.cos(jnp.pi * y) / jnp.pi, jnp.array([0.3 + 0.5j]), 0.1, 0.1)
+
+
+def test_value_form_refuses_data_that_is_not_periodic_on_a_periodic_grid(x64):
+    # the loss u0 = x sampled on a periodic grid: finite volumes flowed the sawtooth, 1.08 away from x - t / 2
+    g = Grid(16, -1.0, 1.0)
+    for scheme in ("fv", "spectral"):
+        with pytest.raises(ValueError, match=r"solve_hj: u0 is not periodic on this periodic grid: .* = 1.875, is 15 "):
+            solve_hj(g.x, g, nu=0.1, t1=0.05, scheme=scheme)
+    g2 = Grid(8, -1.0, 1.0) * Grid(6, -1.0, 1.0, periodic=False)  # along the periodic axis only
+    with pytest.raises(ValueError, match="u0 is not periodic on this periodic grid along axis 0"):
+        solve_hj(g2.x[0] + g2.x[1], g2, nu=0.1, t1=0.05, scheme="fv")
+    # periodic data passes (to the next check, the step budget's, which it is given out of range so that nothing
+    # compiles): a sampled periodic loss, one whose steepest step straddles the seam, a constant
+    x = g.x
+    for u0 in (jnp.cos(jnp.pi * x), jnp.tanh(8 * jnp.sin(jnp.pi * (x + 1 / 32))), jnp.full(16, 3.0)):
+        with pytest.raises(ValueError, match="solve_hj: max_steps=0 is not allowed"):
+            solve_hj(u0, g, nu=0.5, t1=0.01, scheme="fv", max_steps=0)

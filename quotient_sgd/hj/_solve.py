@@ -154,6 +154,39 @@ def _concrete_non_finite(value):
     return a is not None and a.dtype.kind in "fc" and not bool(np.all(np.isfinite(a)))
 
 
+#: a known value field on a periodic axis whose step across the seam exceeds this many times its largest step between
+#: neighbours inside the grid is refused as not periodic (see :func:`_check_periodic_values`)
+_SEAM_RATIO = 4.0
+
+
+def _check_periodic_values(name, u0, grid) -> None:
+    """``ValueError`` naming ``u0`` when a known (not traced) value field is not periodic along a periodic axis of
+    ``grid``: its step across the seam, ``|u0[0] - u0[-1]|``, exceeds :data:`_SEAM_RATIO` times its largest step
+    between neighbours inside (plus rounding).  A loss is continuous, and on a periodic grid its samples continue
+    across the seam as between any two neighbours; a jump there is data of a bounded domain (the loss ``u0 = x`` on
+    16 periodic points: the finite-volume solve returned the flow of the sawtooth, 1.08 away from ``x - t / 2``,
+    without a word).  Gradient fields are not checked: a Burgers field with a jump is a Riemann problem."""
+    a = _concrete_value(u0, None)
+    if a is None or a.size == 0:
+        return
+    grids = (grid,) if isinstance(grid, Grid) else grid.axes
+    rounding = 64 * float(np.finfo(a.dtype).eps) * float(np.max(np.abs(a)))
+    for axis, g in enumerate(grids):
+        if not g.periodic:
+            continue
+        inner = float(np.max(np.abs(np.diff(a, axis=axis))))
+        seams = np.abs(np.take(a, 0, axis=axis) - np.take(a, -1, axis=axis))
+        seam = float(np.max(seams))
+        if seam > _SEAM_RATIO * inner + rounding:
+            where = "" if grid.ndim == 1 else f" along axis {axis}"
+            raise ValueError(
+                f"{name}: u0 is not periodic on this periodic grid{where}: its step across the seam, |u0[0] - "
+                f"u0[-1]| = {seam:.4g}, is {seam / inner if inner > 0 else float('inf'):.3g} times its largest step "
+                f"between neighbours inside ({inner:.4g}; at most {_SEAM_RATIO:g} allowed).  A periodic grid "
+                f"[lo, hi) continues u0 from x = hi - dx to x = lo; for a loss on a bounded domain use "
+                f"Grid(n, lo, hi, periodic=False) with scheme='fv' (or sample a periodic loss).")
+
+
 def _check_save_times(name, ts, t1) -> None:
     """``ValueError`` when known (not traced) save times are empty, not finite, or not non-decreasing within
     ``[0, t1]`` (the range only when ``t1`` is known too)."""
@@ -276,6 +309,8 @@ def _solve(form, name, y0, grid, *, nu, t1, ts, scheme, solver, rtol, atol, max_
         if _concrete_non_finite(value):
             what = f"{arg} is not finite (a NaN or infinite entry)" if arg == field else f"{arg}={value} is not finite"
             raise ValueError(f"{name}: {what}; it must be finite.")
+    if form == "hj":
+        _check_periodic_values(name, y0, grid)
     if form == "burgers" and grid.ndim == 2:
         y0 = check_gradient_field(name, field, y0, grid, spectral=isinstance(scheme, Spectral), advice=_NOT_GRADIENT)
     if isinstance(max_steps, bool) or not (isinstance(max_steps, (int, np.integer)) and max_steps >= 1):
@@ -618,7 +653,10 @@ def solve_hj(u0, grid: AnyGrid, *, nu, t1, ts=None, scheme="spectral", solver="a
     the Cole-Hopf transform (:func:`cole_hopf`), the coarse-grained loss of THEORY section 3; its mean is not
     held fixed.  The equation is invariant under ``u -> u + c``; the solve integrates the deviation from the mean
     of ``u0`` and adds the mean back, so that ``rtol`` / ``atol`` bound the error relative to the variation of
-    the loss, not to its level.  Returns :class:`HJSolution` with ``.ts`` and ``.us``.
+    the loss, not to its level.  On a periodic grid a known ``u0`` must continue across the seam as between its
+    neighbours (a loss is continuous): a step ``|u0[0] - u0[-1]|`` above 4 times its largest step inside is refused
+    with a ``ValueError`` naming ``u0`` (data of a bounded domain: use ``Grid(..., periodic=False)`` with
+    ``scheme="fv"``).  Returns :class:`HJSolution` with ``.ts`` and ``.us``.
     """
     return _solve("hj", "solve_hj", u0, grid, nu=nu, t1=t1, ts=ts, scheme=scheme, solver=solver, rtol=rtol,
                   atol=atol, max_steps=max_steps, dt0=dt0, adaptive=adaptive, adjoint=adjoint, progress=progress,

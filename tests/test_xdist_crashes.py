@@ -69,9 +69,12 @@ def test_a_crashed_worker_reruns_its_test_once_and_the_run_ends(tmp_path):
     (tmp_path / "conftest.py").write_text(textwrap.dedent(CONFTEST))
     (tmp_path / "test_suite.py").write_text(textwrap.dedent(SUITE))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "XLA_"))}
+    # only the plugin the scheduling needs (xdist): the other installed plugins (jaxtyping's imports JAX) cost ~1.5
+    # CPU s in every worker the run starts, a replacement for each crash included
+    env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-n", "2", "--dist", "loadgroup", "-p", "no:cacheprovider",
-         "--rootdir", str(tmp_path), str(tmp_path / "test_suite.py")],
+        [sys.executable, "-m", "pytest", "-q", "-p", "xdist", "-n", "2", "--dist", "loadgroup",
+         "-p", "no:cacheprovider", "--rootdir", str(tmp_path), str(tmp_path / "test_suite.py")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
     )
     out = result.stdout

@@ -11,7 +11,7 @@ from scipy.optimize import minimize
 
 from quotient_sgd.symmetry import align, quotient_distance
 from tests.helpers import tree_norm
-from tests.symmetry_cases import mlp_group, mlp_params
+from tests.symmetry_cases import attention_group, attention_params, mlp_group, mlp_params
 
 
 def _arrays(p):
@@ -80,5 +80,22 @@ def test_align_recovers_the_element_at_a_unit_with_zero_incoming_weights_beside_
     b = group.act(group.sample(jax.random.key(10), a, 1.5), a)
     scale = float(tree_norm(a))
     assert _dist(a, b) > scale
+    assert float(quotient_distance(group, a, b)) < 1e-12 * scale
+    assert _dist(align(group, a, b), a) < 1e-12 * scale
+
+
+def test_align_recovers_a_head_with_zero_output_weights_moved_by_an_element_of_negative_determinant(x64):
+    # A head with W_O = 0 has no balanced point (canonicalisation leaves it as it is), so only the Gauss-Newton fit
+    # can bring W_V back, and its steps exp(t xi) have positive determinant: for an element of negative
+    # determinant the fit never got there (align 0.31 |a| off a, quotient_distance 0.16 |a| for b = g . a).
+    group = attention_group()
+    a = attention_params(jax.random.key(0), dtype=jnp.float64)
+    a["o"]["kernel"] = a["o"]["kernel"].at[1].set(0.0)
+    g = group.sample(jax.random.key(3), a, 0.5)
+    vo = [e for i, e in zip(g.indices, g.elements) if group.components[i].name == "vo"][0]
+    assert np.any(np.linalg.det(np.asarray(vo)) < 0)
+    b = group.act(g, a)
+    scale = float(tree_norm(a))
+    assert _dist(a, b) > 0.5 * scale
     assert float(quotient_distance(group, a, b)) < 1e-12 * scale
     assert _dist(align(group, a, b), a) < 1e-12 * scale

@@ -11,7 +11,7 @@ from scipy.optimize import minimize
 
 from quotient_sgd.symmetry import align, quotient_distance
 from tests.helpers import tree_norm
-from tests.symmetry_cases import attention_group, attention_params, mlp_group, mlp_params
+from tests.symmetry_cases import attention_group, attention_params, mlp_group, mlp_params, normed_group, normed_params
 
 
 def _arrays(p):
@@ -99,3 +99,20 @@ def test_align_recovers_a_head_with_zero_output_weights_moved_by_an_element_of_n
     assert _dist(a, b) > 0.5 * scale
     assert float(quotient_distance(group, a, b)) < 1e-12 * scale
     assert _dist(align(group, a, b), a) < 1e-12 * scale
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_align_recovers_a_unit_with_zero_incoming_side_far_from_its_canonical_factor(x64, per_channel):
+    # A unit with zero (gamma, beta) has no balanced point; moved by a factor e^s, its outgoing row is divided by
+    # it.  Fitting s at a's gauge, the linearised log-factor is about e^s - 1 (400 for s = 6) and every step of
+    # the line search down to 1/4 overshot: align stayed 8.8e-2 |a| off a for b = g . a (scale 3: factors up to
+    # e^6).
+    group = normed_group(per_channel)
+    a = normed_params(jax.random.key(0), dtype=jnp.float64)
+    a["gamma"] = a["gamma"].at[2].set(0.0)
+    a["beta"] = a["beta"].at[2].set(0.0)
+    b = group.act(group.sample(jax.random.key(4), a, 3.0), a)
+    scale = float(tree_norm(a))
+    assert _dist(a, b) > scale
+    assert _dist(align(group, a, b), a) < 1e-12 * scale
+    assert float(quotient_distance(group, a, b)) < 1e-12 * scale

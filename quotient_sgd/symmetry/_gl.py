@@ -154,6 +154,14 @@ class GL(Group):
     returns in any basis of their subspace, that basis fixed by :func:`spectral_gauge`: the balanced
     (minimum-norm) point of the orbit, made unique.  A head whose ``M`` has rank ``< d`` (a zero
     or rank-deficient factor) has no such point on its orbit; canonicalisation leaves it as it is.
+
+    Accuracy far from balance: the canonical point is a function of ``M``, and ``M = L R~^T`` formed from factors
+    moved by an element of condition number ``kappa`` carries a relative error of about ``eps kappa``, which the
+    canonical point inherits.  Measured on 2 heads of ``d = 3`` (8 -> 8 attention), float32 against float64 at the
+    same float32 point, 3 random elements each: ``kappa = e^9`` (8e3) 1.7e-4 to 3.4e-4 of the canonical point's
+    norm, ``e^12`` (1.6e5) 3e-3 to 6e-3, ``e^13.8`` (1e6) 2e-2 to 2.6e-2 (``eps kappa``: 5e-4, 1e-2, 6e-2); in
+    float64 the canonical points of ``a`` and ``g . a`` agree to 5e-13 at ``e^9`` and 1.6e-10 at ``e^15``.  Past
+    ``kappa ~ 1 / eps`` nothing of the orbit is left: canonicalise such points in float64.
     """
 
     left: tuple[Path, Path | None] = eqx.field(static=True)

@@ -130,7 +130,10 @@ def angular_update(group, params, updates) -> dict[str, jax.Array]:
 def directional_curvature(grad_prev, grad_next, step) -> jax.Array:
     """``kappa_k = <g_{k+1} - g_k, theta_{k+1} - theta_k> / |theta_{k+1} - theta_k|^2`` (THEORY section 4):
     the curvature of the loss along the step actually taken (0 for a zero step).  With mini-batches the two
-    gradients come from different batches, so kappa carries gradient noise."""
+    gradients come from different batches when ``grad_next`` is the next step's gradient, so kappa carries gradient
+    noise (for plain SGD ``eta kappa = 1 - <g_{k+1}, g_k> / |g_k|^2``, near 1 where the noise dominates); with
+    ``grad_next = grad L_B(theta_{k+1})`` on the step's own batch ``B`` it is the exact secant curvature of the
+    batch loss along the step (``quotient_trajectory(..., curvature_batch="same")``)."""
     num = tree_dot(grad_next, step) - tree_dot(grad_prev, step)
     return _safe_div(num, tree_sqnorm(step))
 

@@ -38,6 +38,8 @@ DEFAULT_OBSERVABLES: tuple[str, ...] = (
 _HESSIAN_AT = ("quotient", "horizontal", "raw")
 #: Every point ``hessian_at`` may name: the default ones and ``"preconditioned"`` (needs ``preconditioner=``).
 _HESSIAN_AT_ALL = _HESSIAN_AT + ("preconditioned",)
+#: The batches the directional curvature's gradient at ``theta_{k+1}`` may come from (``curvature_batch``).
+_CURVATURE_BATCHES = ("next", "same")
 #: Parameters times points up to which the Hessian's Lanczos runs at several points are vmapped, not mapped.
 _SIDE_BY_SIDE_MAX = 2**18
 
@@ -84,6 +86,7 @@ def quotient_trajectory(
     noise_every: int | None = None,
     seed: int = 0,
     preconditioner: Callable[[Any], Any] | None = None,
+    curvature_batch: str = "next",
 ) -> optax.GradientTransformationExtraArgs:
     """Wrap ``tx`` so that every update also records quotient observables (THEORY sections 1-4).
 
@@ -95,7 +98,8 @@ def quotient_trajectory(
     Extra arguments of ``update`` (``optax`` extra args; :func:`~quotient_sgd.optim.train` passes them all):
 
     - ``value``: the loss at ``theta_k`` (the ``loss`` observable; NaN without it);
-    - ``loss_fn``: ``params -> loss`` on the step's batch; needed when ``hessian_every`` is set;
+    - ``loss_fn``: ``params -> loss`` on the step's batch; needed when ``hessian_every`` is set or
+      ``curvature_batch="same"``;
     - ``example_loss_fn``: ``params -> (B,)`` per-example losses; needed when ``noise_every`` is set.
 
     Observables (keys of :func:`observables_of`, kinds in :data:`quotient_sgd.observables.KINDS`):
@@ -174,6 +178,16 @@ def quotient_trajectory(
         seed: seeds the Lanczos starting vectors (folded with the step count).
         preconditioner: ``inner_state -> diag(P)`` (a pytree like the parameters, positive), pure and traceable;
             read only with ``"preconditioned"`` in ``hessian_at``, which needs it.
+        curvature_batch: the batch of the gradient ``g_{k+1}`` at ``theta_{k+1}`` in the directional curvature
+            ``kappa_k`` (and so in ``shock_number`` / ``fold_number``).  ``"next"`` (default): the next step's
+            gradient, on the next batch; on mini-batches ``kappa_k`` then holds the difference of two batches'
+            gradients, and for plain SGD ``eta kappa_k = 1 - <g_{k+1}, g_k> / |g_k|^2`` sits near 1 wherever the
+            batch noise dominates, whatever the Hessian.  ``"same"``: ``grad L_B(theta_{k+1})`` on step ``k``'s own
+            batch ``B`` (one extra gradient of the extra argument ``loss_fn``, only at the steps whose curvature is
+            recorded, i.e. those before a step with ``count % every == 0``): ``kappa_k`` is then the exact secant
+            curvature ``<g_B(theta_{k+1}) - g_B(theta_k), Delta_k> / |Delta_k|^2`` of the step's batch loss along
+            the step (the Rayleigh quotient of the batch Hessian averaged over the step), free of batch noise.  In
+            both it is recorded at step ``k + 1``; for full-batch training the two agree up to rounding.
 
     Example::
 
@@ -228,6 +242,9 @@ def quotient_trajectory(
         raise ValueError("quotient_trajectory: preconditioner= is read only with hessian_every set and "
                          f"'preconditioned' in hessian_at (got hessian_every={hessian_every!r}, "
                          f"hessian_at={tuple(hessian_at)!r}); add them, or drop preconditioner")
+    if not isinstance(curvature_batch, str) or curvature_batch not in _CURVATURE_BATCHES:
+        raise ValueError(f"quotient_trajectory: curvature_batch must be one of {_CURVATURE_BATCHES} (the batch of the "
+                         f"gradient at theta_(k+1) in the directional curvature), got {curvature_batch!r}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"quotient_trajectory: seed must be an integer (it seeds the Lanczos starting vectors), got "
                         f"{seed!r}")
@@ -238,6 +255,9 @@ def quotient_trajectory(
     inner = optax.with_extra_args_support(tx)
     want = set(keys)
     need_curv = bool(want & {"curvature", "shock_number", "fold_number"})
+    # curvature_batch="same": the secant's numerator <g_B(theta_{k+1}) - g_k, Delta_k> on step k's batch is carried
+    # (one extra gradient of loss_fn); "next": the step Delta_k and <g_k, Delta_k>, completed by the next gradient
+    same_batch = need_curv and curvature_batch == "same"
     # the shock / fold numbers need the step's learning rate (without a spec: effective_lr's, at the canonical point)
     need_lr = bool(want & {"shock_number", "fold_number"})
     need_cross = "charge_drift_predicted" in want and spec is not None
@@ -297,7 +317,8 @@ def quotient_trajectory(
             # (obs.directional_curvature with the previous step's scalars carried instead of g_{k-1})
             dd = carry["prev_dd"]
             ok = dd > 0
-            num = tree_dot(grads, carry["prev_update"]) - carry["prev_gd"]
+            # curvature_batch="same": the numerator was completed at the previous step, on its own batch
+            num = carry["prev_num"] if same_batch else tree_dot(grads, carry["prev_update"]) - carry["prev_gd"]
             kappa = jnp.where(ok, num / jnp.where(ok, dd, jnp.ones_like(dd)), jnp.zeros_like(dd))
             if "curvature" in want:
                 out["curvature"] = kappa
@@ -372,7 +393,11 @@ def quotient_trajectory(
     def _carry0(params):
         dt = float_dtype(params)
         carry: dict[str, Any] = {}
-        if need_curv:
+        if same_batch:
+            carry["prev_num"] = jnp.zeros((), dt)
+            carry["prev_dd"] = jnp.zeros((), dt)
+            carry["prev_lr"] = jnp.zeros((), dt)
+        elif need_curv:
             carry["prev_update"] = jax.tree.map(jnp.zeros_like, params)
             carry["prev_gd"] = jnp.zeros((), dt)
             carry["prev_dd"] = jnp.zeros((), dt)
@@ -525,12 +550,35 @@ def quotient_trajectory(
                 cross = jax.tree.map(lambda x: jnp.where(off, jnp.full_like(x, jnp.nan), x), cross)
             new_carry["cross"] = cross
             record_prediction(pred)
-        if need_curv:
+        if same_batch:
+            _, sg, su = step_frame()
+            loss_fn = extra_args.get("loss_fn")
+            if loss_fn is None:
+                raise ValueError(
+                    "quotient_trajectory(curvature_batch='same') needs the extra argument loss_fn=(params -> loss on "
+                    "the step's batch): the curvature's gradient at theta_(k+1) is taken on step k's batch; "
+                    "quotient_sgd.optim.train passes it, a hand-written loop must too (or use curvature_batch='next')")
+            _check_loss_fn(loss_fn, params, "curvature_batch='same'")
+
+            def secant(_):
+                # <g_B(theta_{k+1}) - g_B(theta_k), Delta_k> at theta_{k+1} as stored (where the next step's gradient
+                # is taken; under gauge_fix c(theta) + Delta as stored), the difference formed before the product
+                g1 = _like(widen(jax.grad(loss_fn)(next_params)), sg)
+                return jnp.asarray(tree_dot(jax.tree.map(lambda a, b: a - b, g1, sg), su), dt)
+
+            if every == 1:
+                new_carry["prev_num"] = secant(None)
+            else:  # read only at the next step, recorded when (count + 1) % every == 0
+                new_carry["prev_num"] = jax.lax.cond((count + 1) % every == 0, secant,
+                                                     lambda _: carry["prev_num"], None)
+            new_carry["prev_dd"] = jnp.asarray(tree_sqnorm(su), dt)
+        elif need_curv:
             _, sg, su = step_frame()
             gd, dd = _curv_terms(sg, su)
             new_carry["prev_update"] = su
             new_carry["prev_gd"] = gd
             new_carry["prev_dd"] = dd
+        if need_curv:
             if lr_now is not None:
                 new_carry["prev_lr"] = jnp.asarray(lr_now, dt)
             elif need_lr:
@@ -681,17 +729,17 @@ def _check_value(value) -> None:
                          f"auxiliary outputs its loss alone (value=loss, not value=(loss, aux))")
 
 
-def _check_loss_fn(loss_fn, params) -> None:
+def _check_loss_fn(loss_fn, params, who: str = "hessian_every=...") -> None:
     """``TypeError`` / ``ValueError`` naming the extra argument ``loss_fn`` unless it is a function ``params ->
     scalar loss`` (its Hessian is what Lanczos reads; a ``(loss, aux)`` pair or per-example losses failed inside the
     Hessian-vector product with JAX's "Gradient only defined for scalar-output functions")."""
     if not callable(loss_fn):
-        raise TypeError(f"quotient_trajectory(hessian_every=...): the extra argument loss_fn must be a function "
+        raise TypeError(f"quotient_trajectory({who}): the extra argument loss_fn must be a function "
                         f"params -> scalar loss on the step's batch, got {loss_fn!r}")
     out = jax.eval_shape(loss_fn, params)
     if not hasattr(out, "shape") or out.shape != ():
         what = f"shape {out.shape}" if hasattr(out, "shape") else f"a {type(out).__name__}"
-        raise ValueError(f"quotient_trajectory(hessian_every=...): the extra argument loss_fn must return the scalar "
+        raise ValueError(f"quotient_trajectory({who}): the extra argument loss_fn must return the scalar "
                          f"loss on the step's batch, got {what} (a loss function with auxiliary outputs: pass "
                          f"lambda p: loss_fn(p)[0]; per-example losses: their mean)")
 

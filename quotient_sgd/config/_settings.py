@@ -9,6 +9,7 @@ MODELS = ("mlp", "cnn", "transformer", "meanfield", "deep_linear")
 DATASETS = ("teacher_student", "modular_arithmetic", "sparse_parity", "digits")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SYMMETRY_MODES = ("observe", "horizontal", "gauge_fix")
+CURVATURE_BATCHES = ("next", "same")   # observables.curvature_batch (quotient_trajectory's curvature_batch)
 SWEEP_MODES = ("product", "zip")
 #: The axes a sweep may vary (``sweep.<axis>`` lists) and the setting each one replaces.
 SWEEP_AXES = {
@@ -86,6 +87,8 @@ class ObservableSettings:
     lanczos_steps: int = 20
     noise_every: int = 0           # gradient-noise temperature; needs per_example_grads
     per_example_grads: bool = False
+    curvature_batch: str = "next"  # batch of g_(k+1) in curvature / shock_number / fold_number: "next" (the next
+    #                                step's) | "same" (the step's own: one extra gradient per recorded step, no noise)
 
 
 @dataclasses.dataclass(frozen=True)

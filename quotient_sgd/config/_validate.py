@@ -18,6 +18,7 @@ import numpy as np
 
 from ._configdict import array_value
 from ._settings import (
+    CURVATURE_BATCHES,
     DATASETS,
     MODELS,
     OPTIMIZERS,
@@ -442,6 +443,7 @@ def _check_symmetry(s: Settings) -> None:
            f"{extra} are recorded with the symmetry group, and this run has none ("
            + ("symmetry.enabled=False" if not sym.enabled else f"this {s.model.name} declares no symmetry")
            + "): it records the loss only; use observables.names=() or ('loss',)")
+    _check_choice("observables.curvature_batch", ob.curvature_batch, CURVATURE_BATCHES)
     for k in ("every", "hessian_k", "lanczos_steps"):
         _check(getattr(ob, k) >= 1, f"observables.{k}", getattr(ob, k), "must be >= 1")
     for k in ("hessian_every", "noise_every"):
@@ -907,7 +909,8 @@ def unused_keys(s: Settings, command: str = "run") -> dict[str, str]:
     """``{dotted key: why}`` for the keys that ``quotient-sgd <command>`` (``"run"`` or ``"sweep"``) does not read
     with the settings ``s``: those of another model, data set or optimiser (``model.channels`` of an MLP), the
     Lanczos sizes without ``observables.hessian_every``, ``observables.per_example_grads`` without
-    ``observables.noise_every``, ``observables.every`` without a symmetry group, ``symmetry.gauge_fix_every``
+    ``observables.noise_every``, ``observables.every`` without a symmetry group, ``observables.curvature_batch``
+    without a curvature, shock or fold number recorded, ``symmetry.gauge_fix_every``
     outside ``gauge_fix`` mode, ``symmetry.components`` with the symmetry off, ``checkpoint.keep`` without
     checkpoints, under ``run`` the
     ``sweep`` section, and under ``sweep`` the settings its axes replace (``optim.lr`` with a ``sweep.lr``).  A
@@ -940,6 +943,15 @@ def unused_keys(s: Settings, command: str = "run") -> dict[str, str]:
                                     + ("set symmetry.enabled=True too" if not s.symmetry.enabled else
                                        "select a component the model has")
                                     + ", or drop the override")
+    from ..optim import DEFAULT_OBSERVABLES
+
+    curv = [n for n in ("curvature", "shock_number", "fold_number")
+            if n in (tuple(s.observables.names) or DEFAULT_OBSERVABLES)]
+    if not curv or not selected_components(s):
+        out["observables.curvature_batch"] = (
+            "read only when the run records curvature, shock_number or fold_number (with a symmetry group), and this "
+            + (f"config's observables.names = {tuple(s.observables.names)} holds none of them; add one"
+               if not curv else "run has no symmetry group; enable one") + ", or drop the override")
     if s.symmetry.mode != "gauge_fix":
         out["symmetry.gauge_fix_every"] = (f"read only with symmetry.mode='gauge_fix', and this config has "
                                            f"{s.symmetry.mode!r}; set symmetry.mode too, or drop the override")

@@ -184,7 +184,7 @@ def make_optimizer(s: Settings, group) -> optax.GradientTransformation:
     return optim.quotient_trajectory(
         tx, group, observables=tuple(ob.names) or None, every=ob.every,
         hessian_every=ob.hessian_every or None, spec=spec, hessian_k=ob.hessian_k, lanczos_steps=ob.lanczos_steps,
-        noise_every=ob.noise_every or None, seed=0, **extra)
+        noise_every=ob.noise_every or None, seed=0, curvature_batch=ob.curvature_batch, **extra)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _tree
-from ._base import Flat, Group, SymmetryError
+from ._base import Flat, Group, SymmetryError, _compiled
 from ._permutation import Permutation
 from ._gl import GL
 from ._product import Product, Word
@@ -142,11 +142,42 @@ def _unshifted(group: Group, flat: Flat) -> Flat:
     return flat
 
 
+def _stack(flats: list[Flat]) -> Flat:
+    return {p: jnp.stack([f[p] for f in flats]) for p in flats[0]}
+
+
+def _row(stacked, i: int):
+    return jax.tree.map(lambda x: x[i], stacked)
+
+
+def _fits(group: Group, fa: Flat, ca: Flat, fb: Flat, cb: Flat, kinv, iters: int) -> Flat:
+    """The four Gauss-Newton fits of :func:`_align_flat`, stacked: ``fb`` fitted at ``fa``; ``kinv . cb`` fitted at
+    ``fa``; ``cb`` fitted at ``ca``; that fit mapped through ``kinv`` and fitted at ``fa``.  One ``lax.scan`` over
+    the (target, start) pairs, so the Gauss-Newton loop (the whole group's action and Jacobian) is compiled once,
+    not once per fit (four copies made the first alignment of a small Transformer compile for ~50 s)."""
+    targets = _stack([fa, fa, ca, fa])
+    raws = _stack([fb, cb, cb, cb])  # (the last start is the previous fit, not read from here)
+    back = jnp.asarray([False, True, False, True])
+    chain = jnp.asarray([False, False, False, True])
+
+    def body(prev, x):
+        target, raw, b, c = x
+        src = {p: jnp.where(c, prev[p], raw[p]) for p in raw}
+        # (a cond, not a select: the map-back of a start not taken carries no derivative, NaN or not)
+        start = jax.lax.cond(b, lambda s: group._act(kinv, s), lambda s: s, src)
+        out = _gauss_newton(group, target, start, iters)
+        return out, out
+
+    _, outs = jax.lax.scan(body, {p: jnp.zeros_like(x) for p, x in fb.items()}, (targets, raws, back, chain))
+    return outs
+
+
 @functools.partial(jax.jit, static_argnums=(3, 4))
 def _align_flat(group: Group, fa: Flat, fb: Flat, rounds: int, iters: int) -> Flat:
     """One compiled program per group, parameter layout and ``(rounds, iters)``: the Gauss-Newton iterations are a
     ``fori_loop`` and the Hungarian matching a host callback, so repeated alignments (along a trajectory) reuse
-    it.
+    it.  Each piece is compiled once: the two canonical elements are one ``lax.map``, the matching rounds and the
+    descent rounds loops, the first four Gauss-Newton fits one ``lax.scan`` (:func:`_fits`).
 
     Candidates, the nearest to ``fa`` returned: ``fb``; ``fb`` fitted by Gauss-Newton; the canonical points
     matched, mapped back through ``fa``'s canonical element and fitted; the same with the continuous gauge first
@@ -157,20 +188,24 @@ def _align_flat(group: Group, fa: Flat, fb: Flat, rounds: int, iters: int) -> Fl
     ``fa`` (each permutation matched at the fitted point, then the continuous gauge refitted): the permutation
     matched between canonical points is not the one nearest ``fa``'s gauge, and the distance was up to 42% above
     the exact minimum over the group (a 3-3-2 classifier, brute force over the 6 permutations)."""
-    ka = group._canonical_element(fa)
+    ks = jax.lax.map(group._canonical_element, _stack([fa, fb]))
+    ka = _row(ks, 0)
     ca = group._act(ka, fa)
-    cb = group._act(group._canonical_element(fb), fb)
+    cb = group._act(_row(ks, 1), fb)
     perms = _perm_components(group)
-    for _ in range(rounds if perms else 0):
-        for i, c in perms:
-            sigma = _match(c, ca, cb)
-            cb = c._act(sigma, cb)
-    cands = [fb, _gauss_newton(group, fa, fb, iters),
-             _gauss_newton(group, fa, group._act(group._inverse(ka), cb), iters)]
+    if perms and rounds:
+        def matching(_, cb):
+            for i, c in perms:
+                cb = c._act(_match(c, ca, cb), cb)
+            return cb
+
+        cb = jax.lax.fori_loop(0, rounds, matching, cb)
+    kinv = group._inverse(ka)
     if not group.continuous or iters == 0:
-        return _closest(fa, cands)
-    cands.append(_gauss_newton(group, fa, group._act(group._inverse(ka), _gauss_newton(group, ca, cb, iters)),
-                               iters))
+        return _closest(fa, [fb, _gauss_newton(group, fa, fb, iters),
+                             _gauss_newton(group, fa, group._act(kinv, cb), iters)])
+    fits = _fits(group, fa, ca, fb, cb, kinv, iters)
+    cands = [fb, _row(fits, 0), _row(fits, 1), _row(fits, 3)]
     if perms and rounds:
         ta = _unshifted(group, fa)
 
@@ -307,8 +342,8 @@ def quotient_distance(group: Group, params_a, params_b, *, rounds: int = 3, iter
     _check_finite("quotient_distance", fa, fb)
     fa, fb = _common_dtype(_tree.widen(fa), _tree.widen(fb))  # bfloat16 / float16: in float32; mixed: common
     with _canonicalising("quotient_distance"):
-        if canonical:
-            fa, fb = group._canonicalize_flat(fa), group._canonicalize_flat(fb)
+        if canonical:  # (compiled, as group.canonicalize: op by op it dispatched for ~40 s on a small Transformer)
+            fa, fb = _compiled(group, "_canonicalize_flat", fa), _compiled(group, "_canonicalize_flat", fb)
         ab = _align_flat(group, fa, fb, rounds, iters)
         ba = _align_flat(group, fb, fa, rounds, iters)
     return jnp.sqrt(jnp.minimum(_sqdist(fa, ab), _sqdist(fb, ba)))

@@ -103,7 +103,10 @@ def test_the_command_without_a_subcommand_says_so_and_writes_nothing(tmp_path, m
 
 @pytest.mark.parametrize("body, status", [
     ("import sys\n\n\ndef get_config():\n    sys.exit(0)\n", "SystemExit(0)"),
-    ("import argparse\n\n\ndef get_config():\n    argparse.ArgumentParser().parse_args()\n", "SystemExit(2)"),
+    # a script turned into a config: its parser requires an option the command line does not hold (whatever the
+    # process's own arguments are: the test runner's, or its worker's)
+    ("import argparse\n\n\ndef get_config():\n    p = argparse.ArgumentParser(); "
+     "p.add_argument('--data', required=True); p.parse_args()\n", "SystemExit(2)"),
 ])
 def test_a_config_file_that_ends_the_program_is_named(tmp_path, capsys, body, status):
     """A config file whose ``get_config()`` calls ``sys.exit(0)`` ended the command with status 0, nothing done

@@ -172,6 +172,28 @@ def _check_positive(name: str, **values) -> None:
             raise ValueError(f"{name}: {arg}={value} is not finite; need a finite {arg} > 0.")
 
 
+def _check_loss_and_params(name: str, loss_fn, params, *, centre: str, why_float: str,
+                           number_ok: bool = False) -> None:
+    """``ValueError`` naming the argument unless ``params`` is a pytree with floating-point array leaves and
+    ``loss_fn(params)`` a real scalar (``number_ok``: a Python number counts as one).  ``centre`` says what
+    ``params`` is, ``why_float`` why its leaves must be floating point (both go into the messages)."""
+    leaves, treedef = jax.tree.flatten(params)
+    leaves = [jnp.asarray(leaf) for leaf in leaves]
+    if not leaves:
+        raise ValueError(f"{name}: params={params!r} has no array leaves; need a pytree of float arrays ({centre}).")
+    for leaf in leaves:
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            raise ValueError(f"{name}: params has a leaf of dtype {leaf.dtype} (shape {leaf.shape}); need "
+                             f"floating-point leaves ({why_float}).")
+    out = jax.eval_shape(loss_fn, jax.tree.unflatten(treedef, leaves))
+    if number_ok and isinstance(out, (int, float)) and not isinstance(out, bool):
+        out = jax.ShapeDtypeStruct((), jnp.result_type(out))
+    if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != () or not (
+            jnp.issubdtype(out.dtype, jnp.floating) or jnp.issubdtype(out.dtype, jnp.integer)):
+        got = f"shape {out.shape} and dtype {out.dtype}" if isinstance(out, jax.ShapeDtypeStruct) else repr(out)
+        raise ValueError(f"{name}: loss_fn returns {got}; it must return a real scalar L(params).")
+
+
 def _check_scalars(name: str, **values) -> None:
     """``ValueError`` naming the argument when ``t`` or ``nu`` is not a scalar (an array of them failed with an
     unnamed broadcasting error)."""
@@ -345,21 +367,12 @@ def cole_hopf_monte_carlo(loss_fn: Callable, params, t, nu, *, key, num_samples:
     if int(num_samples) != num_samples or num_samples < 4 or num_samples % 2:
         raise ValueError(f"cole_hopf_monte_carlo: num_samples={num_samples!r} is not allowed; need an even number "
                          ">= 4 (antithetic pairs, at least two for a standard error).")
+    # no leaves failed in vmap's bare "must be passed at least one argument containing an array", a vector-valued
+    # loss in jax.grad's bare "Gradient only defined for scalar-output functions"
+    _check_loss_and_params("cole_hopf_monte_carlo", loss_fn, params, centre="the point the loss is coarse-grained "
+                           "at", why_float="the samples params + z and the gradient are real")
     leaves, treedef = jax.tree.flatten(params)
     leaves = [jnp.asarray(leaf) for leaf in leaves]
-    if not leaves:  # failed in vmap's bare "must be passed at least one argument containing an array"
-        raise ValueError(f"cole_hopf_monte_carlo: params={params!r} has no array leaves; need a pytree of float "
-                         "arrays (the point the loss is coarse-grained at).")
-    for leaf in leaves:
-        if not jnp.issubdtype(leaf.dtype, jnp.floating):
-            raise ValueError(f"cole_hopf_monte_carlo: params has a leaf of dtype {leaf.dtype} (shape {leaf.shape}); "
-                             "need floating-point leaves (the samples params + z and the gradient are real).")
-    out = jax.eval_shape(loss_fn, jax.tree.unflatten(treedef, leaves))
-    if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != () or not (
-            jnp.issubdtype(out.dtype, jnp.floating) or jnp.issubdtype(out.dtype, jnp.integer)):
-        # a vector-valued loss failed in jax.grad's bare "Gradient only defined for scalar-output functions"
-        got = f"shape {out.shape} and dtype {out.dtype}" if isinstance(out, jax.ShapeDtypeStruct) else repr(out)
-        raise ValueError(f"cole_hopf_monte_carlo: loss_fn returns {got}; it must return a real scalar L(params).")
     # one working precision for the weights: the widest of the leaves, at least float32 (params may mix float32
     # and float64 leaves, or be bfloat16 / float16); samples and gradients come back in each leaf's dtype
     dtype = max([jnp.dtype(jnp.float32), *(leaf.dtype for leaf in leaves)], key=lambda d: jnp.finfo(d).bits)

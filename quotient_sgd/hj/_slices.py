@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._custom_types import Array
+from ._cole_hopf import _check_loss_and_params
 from ._grid import AnyGrid, Grid, Grid2D, is_count
 from ._shocks import _diff, find_shocks, shock_time, Shocks
 from ._solve import solve_hj
@@ -118,21 +119,8 @@ def _check_slice(name: str, loss_fn, params) -> None:
     directions were cast to its dtype: an integer leaf truncated the coefficients a to 0 and the slice came out
     flat), or when ``loss_fn(params)`` is not a real scalar (a loss of shape (1,) gave a slice of shape (n, 1) and
     ``slice_flow`` a ``solve_hj`` error about an ``u0`` it was never given)."""
-    leaves = [jnp.asarray(x) for x in jax.tree.leaves(params)]
-    if not leaves:
-        raise ValueError(f"{name}: params={params!r} has no array leaves; need a pytree of float arrays (the centre "
-                         "of the slice).")
-    for leaf in leaves:
-        if not jnp.issubdtype(leaf.dtype, jnp.floating):
-            raise ValueError(f"{name}: params has a leaf of dtype {leaf.dtype} (shape {leaf.shape}); need floating-"
-                             "point leaves (the slice moves every parameter by a . direction, in its dtype).")
-    out = jax.eval_shape(loss_fn, params)
-    if isinstance(out, (int, float)) and not isinstance(out, bool):  # a constant loss written as a Python number
-        out = jax.ShapeDtypeStruct((), jnp.result_type(out))
-    if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != () or not (
-            jnp.issubdtype(out.dtype, jnp.floating) or jnp.issubdtype(out.dtype, jnp.integer)):
-        got = f"shape {out.shape} and dtype {out.dtype}" if isinstance(out, jax.ShapeDtypeStruct) else repr(out)
-        raise ValueError(f"{name}: loss_fn returns {got}; it must return a real scalar L(params).")
+    _check_loss_and_params(name, loss_fn, params, centre="the centre of the slice", number_ok=True,
+                           why_float="the slice moves every parameter by a . direction, in its dtype")
 
 
 def _check_grid(name: str, grid) -> None:

@@ -51,14 +51,19 @@ def _f(x) -> float:
     return float(np.asarray(x))
 
 
+def _sharpness_keys(traj) -> tuple[str | None, str | None, str | None]:
+    """The trajectory's step, quotient and raw sharpness keys (``None`` where absent); the first present one
+    anchors the stability decomposition."""
+    return tuple(first_key(traj, SHARPNESS_KEYS[v]) for v in ("step", "quotient", "raw"))
+
+
 def _decomposition_rows(traj, steps) -> np.ndarray | None:
     """The rows holding a fresh Hessian refresh of the decomposition's anchor key (the step sharpness, else the
     quotient, else the raw one), in order; ``None`` without any sharpness key.  Computed once per detector call and
     passed to :func:`_decomposition` for each event: computed per event, a long run with many events took time
     quadratic in its length (100000 steps hovering at the edge of stability: 8.5 s for ``edge_of_stability``, 56 s
     at 200000 steps)."""
-    anchor = (first_key(traj, SHARPNESS_KEYS["step"]) or first_key(traj, SHARPNESS_KEYS["quotient"])
-              or first_key(traj, SHARPNESS_KEYS["raw"]))
+    anchor = next((k for k in _sharpness_keys(traj) if k is not None), None)
     if anchor is None:
         return None
     return np.nonzero(fresh_mask(traj, anchor, np.asarray(steps)))[0]
@@ -74,9 +79,7 @@ def _decomposition(traj, i: int, lr_i: float | None, steps=None, rows: np.ndarra
     """The stability decomposition at the last Hessian refresh at or before index ``i`` (``at_step``).  ``rows``:
     :func:`_decomposition_rows` of the trajectory, when already computed."""
     out: dict[str, float] = {}
-    ks = first_key(traj, SHARPNESS_KEYS["step"])
-    kq = first_key(traj, SHARPNESS_KEYS["quotient"])
-    kr = first_key(traj, SHARPNESS_KEYS["raw"])
+    ks, kq, kr = _sharpness_keys(traj)
     anchor = ks or kq or kr
     if anchor is None:
         return out

@@ -41,7 +41,13 @@ CASES = (
        ("transformer-gelu", lambda: Transformer(7, 8, 2, 1, 5, rngs=nnx.Rngs(0), mlp_ratio=2, activation="gelu"),
         _tok())]
 )
-CASES = [pytest.param(*c, id=c[0]) for c in CASES]
+# Redundant in the fast suite (the larger set runs in the slow one): MLP identity / tanh (the homogeneous and the
+# non-homogeneous MLP paths are relu, leaky_relu and gelu), the CNN without normalisation under gelu (its components
+# are a subset of the relu one's, and the gelu branch of the CNN is cnn-layer-gelu), and the batch-norm CNNs of the
+# same shapes as test_batchnorm_cnn_symmetries_threaded, which checks each of their components to the same rtol
+# (verify of a batch-norm CNN stays fast in cnn-batch-28).
+SLOW_CASES = {"mlp-identity-cls", "mlp-tanh-cls", "cnn-None-gelu", "cnn-batch-relu", "cnn-batch-gelu"}
+CASES = [pytest.param(*c, id=c[0], marks=[pytest.mark.slow] if c[0] in SLOW_CASES else []) for c in CASES]
 
 
 @pytest.mark.parametrize("name,make,x", CASES)
@@ -162,13 +168,20 @@ def test_batchnorm_cnn_symmetries_threaded(activation):
     assert err <= 1e-5
 
 
-def test_verify_tells_rounding_from_a_false_action_at_large_elements():
+@pytest.mark.parametrize("size", [
+    "small",  # the shapes of the transformer cases above (their compiled operations are reused)
+    pytest.param("large", marks=pytest.mark.slow),
+])
+def test_verify_tells_rounding_from_a_false_action_at_large_elements(size):
     """float32, elements of scale 3 (GL matrices of condition ~1e3): the Transformer's true symmetries change
     the outputs beyond rtol=1e-5 by rounding alone, as much as the exact round trip g^-1.(g.theta) does, so
     verify passes them; an action that is not a symmetry still fails at the same scale, with the rounding
     comparison in the message."""
-    model = Transformer(16, 32, 2, 1, 8, rngs=nnx.Rngs(0))
-    tokens = jax.random.randint(jax.random.key(0), (4, 8), 0, 16)
+    if size == "small":
+        model, tokens = Transformer(7, 8, 2, 1, 5, rngs=nnx.Rngs(0), mlp_ratio=2), _tok()
+    else:
+        model = Transformer(16, 32, 2, 1, 8, rngs=nnx.Rngs(0))
+        tokens = jax.random.randint(jax.random.key(0), (4, 8), 0, 16)
     worst = verify(model, model.symmetries(), tokens, jax.random.key(1), scale=3.0, rtol=1e-5, num_samples=2)
     assert worst > 1e-5  # the case this is about: rounding above rtol
     for activation in ("gelu", "tanh"):

@@ -49,8 +49,18 @@ def _dense_horizontal(loss, group, point):
     return np.linalg.eigvalsh(hor.T @ h @ hor), vt[:rank].T
 
 
-@pytest.mark.parametrize("din, dout, seed", [(4, 3, 0), (6, 4, 1), (3, 5, 2), (5, 5, 4)])
-@pytest.mark.parametrize("where", ["horizontal", "quotient"])
+# fast: each point (horizontal, quotient) on a classifier with more inputs than classes and one with no more (fewer,
+# equal); the other four pairings slow
+@pytest.mark.parametrize("where, din, dout, seed", [
+    ("horizontal", 4, 3, 0),
+    ("horizontal", 3, 5, 2),
+    ("quotient", 6, 4, 1),
+    ("quotient", 5, 5, 4),
+    pytest.param("horizontal", 6, 4, 1, marks=pytest.mark.slow),
+    pytest.param("horizontal", 5, 5, 4, marks=pytest.mark.slow),
+    pytest.param("quotient", 4, 3, 0, marks=pytest.mark.slow),
+    pytest.param("quotient", 3, 5, 2, marks=pytest.mark.slow),
+])
 def test_float32_lanczos_past_the_horizontal_dimension_matches_dense(x64, din, dout, seed, where):
     loss, params, group = _classifier(din, dout, seed)
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(params))
@@ -76,14 +86,15 @@ def test_float32_lanczos_past_the_horizontal_dimension_matches_dense(x64, din, d
 def test_project_residuals_is_the_projected_operator(x64):
     """``project_residuals`` with the unprojected ``A``: the extremes of ``P A P`` on the domain, as with the
     projected operator; it needs ``domain``; ``"matfree"`` projects the products instead."""
-    d = jnp.array([9.0, 8.0, 2.0, 2.5, 4.0, 5.0, 6.0, 7.0, 3.0], jnp.float64)
-    q, _ = jnp.linalg.qr(jax.random.normal(jax.random.key(5), (9, 9), jnp.float64))
+    # the operator and the dense reference in numpy (eager jnp compiled each op)
+    d = np.array([9.0, 8.0, 2.0, 2.5, 4.0, 5.0, 6.0, 7.0, 3.0])
+    q, _ = np.linalg.qr(np.asarray(jax.random.normal(jax.random.key(5), (9, 9), jnp.float64)))
     a = (q * d[None, :]) @ q.T
-    basis, _ = jnp.linalg.qr(jax.random.normal(jax.random.key(6), (9, 2), jnp.float64))
+    basis, _ = np.linalg.qr(np.asarray(jax.random.normal(jax.random.key(6), (9, 2), jnp.float64)))
     proj = lambda v: v - basis @ (basis.T @ v)  # noqa: E731
-    hor = jnp.linalg.qr(jnp.concatenate([basis, jnp.eye(9, dtype=jnp.float64)], axis=1))[0][:, 2:9]
-    dense = np.sort(np.asarray(jnp.linalg.eigvalsh(hor.T @ a @ hor)))
-    v0 = proj(jnp.ones(9, jnp.float64))
+    hor = np.linalg.qr(np.concatenate([basis, np.eye(9)], axis=1))[0][:, 2:9]
+    dense = np.sort(np.linalg.eigvalsh(hor.T @ a @ hor))
+    v0 = proj(np.ones(9))
     # the three methods in one compiled program (op by op, the unrolled iteration compiled each of its steps)
     exs = jax.jit(lambda v: [qobs.lanczos_extremes(lambda u: a @ u, v, num_matvecs=7, k=1, method=method,
                                                    domain=proj, project_residuals=True)

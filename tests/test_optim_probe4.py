@@ -19,15 +19,17 @@ from quotient_sgd import observables as qobs
 def test_lanczos_keeps_multiplicities_once_the_krylov_space_is_exhausted(x64, method):
     """A 9 x 9 operator with eigenvalues 3, 3, 2, 1, 1, 0, 0, -1, -1 and 9 Lanczos steps: top-3 / bottom-3 are
     the dense ones with their repeats (before: 3, 2, 1 and -1, 0, 1), with orthonormal Ritz vectors."""
-    d = jnp.array([3.0, 3.0, 2.0, 1.0, 1.0, 0.0, 0.0, -1.0, -1.0], jnp.float64)
-    q, _ = jnp.linalg.qr(jax.random.normal(jax.random.key(0), (9, 9), jnp.float64))
+    # the operator and the checks in numpy (eager jnp compiled each op)
+    d = np.array([3.0, 3.0, 2.0, 1.0, 1.0, 0.0, 0.0, -1.0, -1.0])
+    q, _ = np.linalg.qr(np.asarray(jax.random.normal(jax.random.key(0), (9, 9), jnp.float64)))
     a = (q * d[None, :]) @ q.T
     ex = jax.jit(lambda v: qobs.lanczos_extremes(lambda u: a @ u, v, num_matvecs=9, k=3, method=method))(
         jnp.ones(9, jnp.float64))
     np.testing.assert_allclose(ex.top, [3.0, 3.0, 2.0], atol=1e-10)
     np.testing.assert_allclose(ex.bottom, [-1.0, -1.0, 0.0], atol=1e-10)
     for vecs, vals in ((ex.top_vectors, ex.top), (ex.bottom_vectors, ex.bottom)):
-        np.testing.assert_allclose(vecs @ vecs.T, jnp.eye(3), atol=1e-9)
+        vecs, vals = np.asarray(vecs), np.asarray(vals)
+        np.testing.assert_allclose(vecs @ vecs.T, np.eye(3), atol=1e-9)
         np.testing.assert_allclose(vecs @ a.T, vals[:, None] * vecs, atol=1e-9)
 
 
@@ -52,16 +54,19 @@ def _linear_classifier():
 
 
 def _dense_horizontal(loss, group, params):
-    tang = jax.vmap(lambda t: ravel_pytree(t)[0])(group.tangents(params))
-    _, s, vt = jnp.linalg.svd(tang)
-    rank = int(jnp.sum(s > 1e-10 * s[0]))
+    """The eigenvalues of P H P on the horizontal space at ``params``, ascending: the tangents and the Hessian from
+    one compiled program (op by op, each compiled dozens of small ones), the rest in numpy."""
+    tang, h = jax.jit(lambda p: (jax.vmap(lambda t: ravel_pytree(t)[0])(group.tangents(p)),
+                                 qobs.dense_hessian(loss, p)))(params)
+    _, s, vt = np.linalg.svd(np.asarray(tang))
+    rank = int(np.sum(s > 1e-10 * s[0]))
     hor = vt[rank:].T
-    return np.sort(np.asarray(jnp.linalg.eigvalsh(hor.T @ qobs.dense_hessian(loss, params) @ hor)))
+    return np.sort(np.linalg.eigvalsh(hor.T @ np.asarray(h) @ hor))
 
 
 def _check_horizontal(method, quotient):
     loss, params, group = _linear_classifier()
-    point = group.canonicalize(params) if quotient else params
+    point = jax.jit(group.canonicalize)(params) if quotient else params
     dense = _dense_horizontal(loss, group, point)
     assert dense.shape == (10,) and abs(dense[1]) < 1e-12 < dense[2]  # the repeated zero, then positive
     scale = float(dense[-1])
@@ -91,7 +96,7 @@ def test_raw_hessian_top_k_keeps_multiplicities(x64):
     eigendecomposition of the raw Hessian, whose null space (the zero feature's weights, the translations) gives
     a bottom-4 of zeros (before: one zero, then 0.058, 0.110, 0.150)."""
     loss, params, _ = _linear_classifier()
-    dense = np.sort(np.asarray(jnp.linalg.eigvalsh(qobs.dense_hessian(loss, params))))
+    dense = np.sort(np.linalg.eigvalsh(np.asarray(jax.jit(lambda p: qobs.dense_hessian(loss, p))(params))))
     n = dense.shape[0]
     ex = jax.jit(lambda p: qobs.sharpness_raw(loss, p, key=jax.random.key(4), num_matvecs=n, k=4))(params)
     scale = float(dense[-1])
@@ -103,19 +108,20 @@ def test_lanczos_restarts_stay_in_the_operators_domain(x64):
     """P A P with P the projection off two directions, restarted past its 7-dimensional domain: with
     ``domain=P`` the extremes are those of A restricted to the domain (dense reference), not the zeros of the
     projected-out directions that a restart from the whole space finds."""
-    d = jnp.array([9.0, 8.0, 2.0, 2.0, 4.0, 5.0, 6.0, 7.0, 3.0], jnp.float64)
-    q, _ = jnp.linalg.qr(jax.random.normal(jax.random.key(5), (9, 9), jnp.float64))
+    # the operator and the dense reference in numpy (eager jnp compiled each op)
+    d = np.array([9.0, 8.0, 2.0, 2.0, 4.0, 5.0, 6.0, 7.0, 3.0])
+    q, _ = np.linalg.qr(np.asarray(jax.random.normal(jax.random.key(5), (9, 9), jnp.float64)))
     a = (q * d[None, :]) @ q.T
-    out = jax.random.normal(jax.random.key(6), (9, 2), jnp.float64)
-    basis, _ = jnp.linalg.qr(out)
+    out = np.asarray(jax.random.normal(jax.random.key(6), (9, 2), jnp.float64))
+    basis, _ = np.linalg.qr(out)
     proj = lambda v: v - basis @ (basis.T @ v)  # noqa: E731
-    v0 = proj(jnp.ones(9, jnp.float64))
+    v0 = proj(np.ones(9))
     run = jax.jit(lambda v: (qobs.lanczos_extremes(lambda u: proj(a @ proj(u)), v, num_matvecs=12, k=2,
                                                    domain=proj),
                              qobs.lanczos_extremes(lambda u: proj(a @ proj(u)), v, num_matvecs=12, k=2)))
     inside, whole = run(v0)
-    hor = jnp.linalg.qr(jnp.concatenate([basis, jnp.eye(9, dtype=jnp.float64)], axis=1))[0][:, 2:9]
-    dense = np.sort(np.asarray(jnp.linalg.eigvalsh(hor.T @ a @ hor)))
+    hor = np.linalg.qr(np.concatenate([basis, np.eye(9)], axis=1))[0][:, 2:9]
+    dense = np.sort(np.linalg.eigvalsh(hor.T @ a @ hor))
     np.testing.assert_allclose(inside.bottom, dense[:2], rtol=1e-9)
     np.testing.assert_allclose(inside.top, dense[::-1][:2], rtol=1e-9)
     np.testing.assert_allclose(whole.bottom, [0.0, 0.0], atol=1e-9)  # the projected-out directions

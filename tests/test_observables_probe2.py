@@ -61,10 +61,16 @@ def _stacked(tree):
     return np.asarray(jax.vmap(lambda t: ravel_pytree(t)[0])(tree))
 
 
-def _horizontal_basis(group, params):
+def _tangent_rows(group):
+    """The orbit tangents at a point as the rows of a ``(k, P)`` matrix, one compiled program (op by op, each
+    point compiled dozens of small ones)."""
+    return jax.jit(lambda p: jax.vmap(lambda t: ravel_pytree(t)[0])(group.tangents(p)))
+
+
+def _horizontal_basis(tangent_rows, params):
     """``(B, T)``: an orthonormal basis (columns) of the orthogonal complement of the orbit tangents at ``params``,
     and the tangents (rows), from a float64 SVD; the rank of the tangents is read from their singular values."""
-    tangents = _stacked(group.tangents(params))
+    tangents = np.asarray(tangent_rows(params))
     _, s, vt = np.linalg.svd(tangents, full_matrices=True)
     rank = int(np.sum(s > s[0] * 1e-12))
     return vt[rank:].T, tangents
@@ -93,8 +99,11 @@ def test_orbit_invariants_far_from_the_identity(x64, name):
     assert {"loss", "grad_norm_canonical", "invariant_norms"} <= set(invariant)
     assert name != "deep_linear" or {"sharpness_quotient", "hessian_bottom_quotient"} <= set(invariant)
     ratio = 1.0
+    # the draw, the action and the model's outputs each one compiled program (op by op, each compiled its ops)
+    move = jax.jit(lambda k: group.act(group.sample(k, params, scale=3.0), params))
+    outputs = jax.jit(outputs)
     for i in range(2):
-        moved = group.act(group.sample(jax.random.key(10 + i), params, scale=3.0), params)
+        moved = move(jax.random.key(10 + i))
         # (the BatchNorm's eps makes its scale symmetry exact to ~1e-10 only)
         np.testing.assert_allclose(outputs(moved), outputs(params), atol=1e-8)
         o1 = observed(moved)
@@ -111,14 +120,15 @@ def test_hessian_top_and_bottom_k_of_a_gl_chain_against_dense(x64):
     of B^T H B (B an orthonormal basis of the horizontal space at the evaluation point); the Ritz vectors
     are unit, horizontal and eigenvectors of the dense operator.  (The raw Hessian's against dense: other tests.)"""
     group, params, loss, _, _ = _model("deep_linear")
-    point = group.act(group.sample(jax.random.key(3), params, scale=1.5), params)
+    point = jax.jit(lambda p: group.act(group.sample(jax.random.key(3), p, scale=1.5), p))(params)
     n = _flat(point).size
     cases = {"horizontal": (qobs.sharpness_horizontal, point), "quotient": (qobs.sharpness_quotient,
-                                                                           group.canonicalize(point))}
+                                                                           jax.jit(group.canonicalize)(point))}
+    dense_hessian, tangent_rows = jax.jit(lambda p: qobs.dense_hessian(loss, p)), _tangent_rows(group)
     for where, (fn, at) in cases.items():
         ex = jax.jit(lambda p, fn=fn: fn(loss, group, p, key=jax.random.key(1), num_matvecs=n, k=3))(point)
-        h = np.asarray(jax.jit(lambda p: qobs.dense_hessian(loss, p))(at))
-        basis, tangents = _horizontal_basis(group, at)
+        h = np.asarray(dense_hessian(at))
+        basis, tangents = _horizontal_basis(tangent_rows, at)
         assert basis.shape[1] == n - tangents.shape[0]  # the chain is minimal: its generators are independent
         dense = np.linalg.eigvalsh(basis.T @ h @ basis)
         scale = np.max(np.abs(dense))
@@ -143,11 +153,13 @@ def test_gradient_noise_of_a_transformer_against_the_dense_covariance(x64):
     noise = jax.jit(lambda p: qobs.gradient_noise(example_losses, group, p, lr=lr))
     per_example_grads = jax.jit(lambda p: jax.vmap(lambda t: ravel_pytree(t)[0])(jax.jacrev(example_losses)(p)))
     values = {}
+    tangent_rows = _tangent_rows(group)
     for scale in (None, 0.0, 2.0):
-        p = params if scale is None else group.act(group.sample(jax.random.key(4), params, scale=scale), params)
+        p = params if scale is None else jax.jit(
+            lambda q, s=scale: group.act(group.sample(jax.random.key(4), q, scale=s), q))(params)
         got = noise(p)
         per_example = np.asarray(per_example_grads(p))
-        basis, _ = _horizontal_basis(group, p)
+        basis, _ = _horizontal_basis(tangent_rows, p)
         projected = per_example @ basis
         sigma2 = np.trace(np.cov(projected.T)) / basis.shape[1]
         np.testing.assert_allclose(got.sigma2, sigma2, rtol=1e-10)
@@ -181,8 +193,9 @@ def test_ritz_vectors_are_carried_by_an_orthogonal_gl_element(x64):
         _, s = tx.update(jax.grad(loss)(p), tx.init(p), p, value=loss(p), loss_fn=loss)
         return observables_of(s), eigenvectors_of(s)
 
-    g = group.sample(jax.random.key(5), params, scale=0.0)
-    moved = group.act(g, params)
+    g = jax.jit(lambda p: group.sample(jax.random.key(5), p, scale=0.0))(params)
+    act = jax.jit(group.act)  # (op by op, each action compiled its ops)
+    moved = act(g, params)
     o0, v0 = evaluate(params)
     o1, v1 = evaluate(moved)
     assert o0["hessian_top_horizontal"][0] > o0["hessian_top_horizontal"][1] + 1e-3  # simple eigenvalues
@@ -192,5 +205,5 @@ def test_ritz_vectors_are_carried_by_an_orthogonal_gl_element(x64):
             for i in range(2):
                 v = jax.tree.map(lambda x, i=i: x[i], v0[f"{end}_{where}"])
                 w = _flat(jax.tree.map(lambda x, i=i: x[i], v1[f"{end}_{where}"]))
-                carried = _flat(group.act(g, v)) if where == "horizontal" else _flat(v)  # the action is linear
+                carried = _flat(act(g, v)) if where == "horizontal" else _flat(v)  # the action is linear
                 assert abs(abs(carried @ w) - 1) < 1e-9, (where, end, i, carried @ w)

@@ -20,10 +20,12 @@ CHILD = textwrap.dedent(
     from jax.flatten_util import ravel_pytree
     from quotient_sgd.symmetry import Product, Rescale, Translation
 
-    def init(key, sizes):
-        ks = jax.random.split(key, len(sizes))
-        return {f"l{i}": {"kernel": jax.random.normal(ks[i], (a, b)) / np.sqrt(a),
-                          "bias": 0.1 * jax.random.normal(jax.random.fold_in(ks[i], 1), (b,))}
+    def init(seed, sizes, batch):
+        # the members' parameters drawn on the host (drawn by JAX, op by op under these flags, they took half the
+        # run's time); with the scatter-add M-matrix the vertical projection of this data was 12% off for a member
+        r = np.random.default_rng(seed)
+        return {f"l{i}": {"kernel": r.standard_normal((batch, a, b)) / np.sqrt(a),
+                          "bias": 0.1 * r.standard_normal((batch, b))}
                 for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))}
 
     def group(n, translation):
@@ -38,8 +40,7 @@ CHILD = textwrap.dedent(
     cases = (((3, 5, 4, 3), False, 4),) + ((((3, 5, 4, 3), True, 4), ((4, 6, 5, 2), False, 8)) if SLOW else ())
     for sizes, translation, batch in cases:
         G = group(len(sizes) - 1, translation)
-        ps = jax.vmap(lambda k: init(k, sizes))(jax.random.split(jax.random.key(0), batch))
-        us = jax.vmap(lambda k: init(k, sizes))(jax.random.split(jax.random.key(1), batch))
+        ps, us = init(0, sizes, batch), init(1, sizes, batch)
         fs = (lambda p, u: ravel_pytree(G.vertical(p, u))[0],) + ((lambda p, u: ravel_pytree(G.canonicalize(p))[0],)
                                                                  if SLOW else ())
         for f in fs:

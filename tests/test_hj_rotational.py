@@ -106,8 +106,14 @@ def refuse():
                                            r"max\|grad p0\| = .* exceeds the tolerance there")
 
 
-@pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("kind", sorted(KINDS))
+# every kind at the odd / unequal and the largest size; the smallest grid with the spectral and the bounded check
+# (the two families of stencils and edges); the smallest size of the other two kinds in the slow suite
+_SMOOTH_CASES = [pytest.param(kind, size, marks=[pytest.mark.slow] if size == SIZES[0] and kind in
+                              ("fv-periodic", "fv-mixed") else [], id=f"{kind}-size{SIZES.index(size)}")
+                 for kind in sorted(KINDS) for size in SIZES]
+
+
+@pytest.mark.parametrize("kind, size", _SMOOTH_CASES)
 def test_gradients_of_random_smooth_fields_are_accepted(dtype, kind, size):
     """Exact gradients of random smooth u pass with a margin (below a quarter of the tolerance; measured <= 0.07
     here), and so do gradients built by the derivatives the check uses, from u and from u offset by 100 (rounding of
@@ -151,7 +157,7 @@ def test_spectral_curl_of_a_spectral_gradient_is_at_rounding_in_float64(x64):
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_pure_rotations_are_refused_naming_p0(dtype, kind):
     make, scheme = KINDS[kind]
-    grid = make(40, 32)
+    grid = make(*SIZES[1])  # a size of the accepted smooth fields above: the check compiled once for both
     x, y = grid.x
     ly = grid.gy.length
     rotations = {
@@ -164,7 +170,7 @@ def test_pure_rotations_are_refused_naming_p0(dtype, kind):
         with refuse() as info:
             solve_burgers(p0, grid, nu=0.1, t1=0.01, scheme=scheme)
         msg = str(info.value)
-        assert jnp.dtype(dtype).name in msg and "40 x 32 grid" in msg and "solve_hj" in msg, (name, msg)
+        assert jnp.dtype(dtype).name in msg and "33 x 40 grid" in msg and "solve_hj" in msg, (name, msg)
         assert "(rounding " in msg and " + truncation " in msg, msg
 
 
@@ -180,10 +186,14 @@ def test_non_periodic_rotation_on_a_periodic_grid_is_refused_by_the_differences(
         solve_burgers(p0, grid, nu=0.1, t1=0.01)
 
 
-@pytest.mark.parametrize("kind", sorted(KINDS))
+# the spectral and the bounded check in both precisions, the periodic and the mixed differences in one each (the
+# other in the slow suite)
+@pytest.mark.parametrize("dtype, kind", [
+    pytest.param(d, k, marks=[pytest.mark.slow] if (d, k) in (("float64", "fv-periodic"), ("float32", "fv-mixed"))
+                 else [], id=f"{d}-{k}") for d in ("float32", "float64") for k in sorted(KINDS)], indirect=["dtype"])
 def test_a_small_rotational_part_above_the_tolerance_is_refused_and_one_within_rounding_is_accepted(dtype, kind):
     make, scheme = KINDS[kind]
-    grid = make(64, 64)
+    grid = make(*SIZES[2])  # a size of the tests above: the measures compiled once for them all
     _, p = smooth_u(1, grid)
     r = vortex(grid)
     measures = measure_curl(p, grid, scheme == "spectral")

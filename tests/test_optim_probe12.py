@@ -106,14 +106,18 @@ def test_same_batch_fold_number_follows_the_batch_hessian_not_the_noise(x64):
            for cb in ("next", "same")}
     # the Rayleigh quotient <Delta, H_B(theta_k) Delta> / |Delta|^2 of step k's batch, step k = -lr g_B(theta_k)
     tx = optax.sgd(lr)
-    p, st, rq = params, tx.init(params), []
-    for k in range(steps):
-        batch = (x[k], y[k])
+
+    @jax.jit  # (op by op, each step compiled its gradient, its Hessian-vector product and its dots)
+    def reference_step(p, st, batch):
         g = jax.grad(xent)(p, batch)
         d, st = tx.update(g, st, p)
         hd = jax.jvp(lambda q: jax.grad(xent)(q, batch), (p,), (d,))[1]
-        rq.append(float(tree_dot(d, hd) / tree_dot(d, d)))
-        p = optax.apply_updates(p, d)
+        return optax.apply_updates(p, d), st, tree_dot(d, hd) / tree_dot(d, d)
+
+    p, st, rq = params, tx.init(params), []
+    for k in range(steps):
+        p, st, r = reference_step(p, st, (x[k], y[k]))
+        rq.append(float(r))
     np.testing.assert_allclose(out["same"][0]["l0"]["kernel"], p["l0"]["kernel"], rtol=1e-6, atol=1e-9)  # one run
     fold_same = np.asarray(out["same"][2]["fold_number"][1:])
     fold_next = np.asarray(out["next"][2]["fold_number"][1:])
@@ -134,14 +138,18 @@ def test_default_is_next_bitwise_and_is_the_next_batch_secant(x64):
                 batches, donate=False)
     for a, b in zip(jax.tree.leaves(base[2]), jax.tree.leaves(nxt[2])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    p, want = params, []
-    for k in range(5):
-        g0 = jax.grad(xent)(p, (batches[0][k], batches[1][k]))
+    @jax.jit  # (op by op, each step compiled its gradients and dots)
+    def secant(p, batch, next_batch):
+        g0 = jax.grad(xent)(p, batch)
         d = jax.tree.map(lambda a: -0.1 * a, g0)
         p1 = optax.apply_updates(p, d)
-        g1 = jax.grad(xent)(p1, (batches[0][k + 1], batches[1][k + 1]))
-        want.append(float(tree_dot(jax.tree.map(lambda a, b: a - b, g1, g0), d) / tree_dot(d, d)))
-        p = p1
+        g1 = jax.grad(xent)(p1, next_batch)
+        return p1, tree_dot(jax.tree.map(lambda a, b: a - b, g1, g0), d) / tree_dot(d, d)
+
+    p, want = params, []
+    for k in range(5):
+        p, kappa = secant(p, (batches[0][k], batches[1][k]), (batches[0][k + 1], batches[1][k + 1]))
+        want.append(float(kappa))
     np.testing.assert_allclose(base[2]["curvature"][1:], want, rtol=1e-8, atol=1e-12)
 
 
@@ -151,10 +159,12 @@ def test_every_k_vmap_and_float32(x64):
     batches = data(8, dtype=jnp.float64)
     p0 = init_mlp(jax.random.key(0), dtype=jnp.float64)
 
+    # one transformation per period, so that runs of the same shapes reuse train's compiled program
+    txs = {every: quotient_trajectory(optax.sgd(0.1, momentum=0.5), mlp_group(), spec=SGDSpec(0.1, momentum=0.5),
+                                      observables=CURV, every=every, curvature_batch="same") for every in (1, 3)}
+
     def run(p, every=1, b=batches):
-        tx = quotient_trajectory(optax.sgd(0.1, momentum=0.5), mlp_group(), spec=SGDSpec(0.1, momentum=0.5),
-                                 observables=CURV, every=every, curvature_batch="same")
-        return train(xent, p, tx, b, donate=False)[2]["curvature"]
+        return train(xent, p, txs[every], b, donate=False)[2]["curvature"]
 
     one = np.asarray(run(p0))
     three = np.asarray(run(p0, every=3))

@@ -19,13 +19,16 @@ def _problem(seed, n_mat=(2, 3), n_vec=4):
     flat, unravel = ravel_pytree(like)
     n = flat.shape[0]
     k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
-    q, _ = jnp.linalg.qr(jax.random.normal(k1, (n, n), jnp.float32))
-    ev = jnp.linspace(-3.0, 7.0, n).astype(jnp.float32) * jnp.exp(jax.random.normal(k2, (n,), jnp.float32) * 0.1)
+    # the operator and the domain built in numpy, in float32 (eager jnp compiled each op)
+    q, _ = np.linalg.qr(np.asarray(jax.random.normal(k1, (n, n), jnp.float32)))
+    ev = np.linspace(-3.0, 7.0, n).astype(np.float32) * np.exp(
+        np.asarray(jax.random.normal(k2, (n,), jnp.float32)) * np.float32(0.1))
     a = (q * ev[None, :]) @ q.T
     a = (a + a.T) / 2
     # a domain: the complement of two random directions
-    d, _ = jnp.linalg.qr(jax.random.normal(k3, (n, 2), jnp.float32))
-    proj = jnp.eye(n, dtype=jnp.float32) - d @ d.T
+    d, _ = np.linalg.qr(np.asarray(jax.random.normal(k3, (n, 2), jnp.float32)))
+    proj = np.eye(n, dtype=np.float32) - d @ d.T
+    assert a.dtype == proj.dtype == np.float32
 
     def matvec(v):
         return unravel(a @ ravel_pytree(v)[0])

@@ -37,9 +37,10 @@ def test_a_global_norm_clip_after_the_momentum_is_reported_not_predicted(x64, ne
     params = init_mlp(jax.random.key(0), dtype=jnp.float64)
     batches = data(steps, dtype=jnp.float64)
     trace = optax.trace(BETA, nesterov=nesterov)
-    g0 = jax.grad(xent)(params, jax.tree.map(lambda x: x[0], batches))
-    d0, _ = trace.update(g0, trace.init(params), params)
-    clip = 1.2 * float(optax.global_norm(d0))  # idle at the first step, acting once the momentum builds up
+    # the first momentum step's norm, one compiled program (op by op, each op compiled)
+    first_norm = jax.jit(lambda p, b: optax.global_norm(trace.update(jax.grad(xent)(p, b), trace.init(p), p)[0]))
+    clip = 1.2 * float(first_norm(params, jax.tree.map(lambda x: x[0], batches)))  # idle at the first step, acting
+    # once the momentum builds up
     # the norm of the momentum's step d_k along the clipped run (a trace fed the same gradients as the chain's)
     inner = optax.chain(trace, optax.clip_by_global_norm(clip), optax.scale(-ETA))
 

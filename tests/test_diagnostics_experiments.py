@@ -62,7 +62,10 @@ def _check_eos(cfg, out, rows, seed_zero=True):
 
 
 def test_edge_of_stability_fast():
-    _check_eos(*_eos("test"))
+    # the first 115 steps of the test-scale runs (150): on seed 0 the balanced run's loss first increases at step
+    # 105 and the re-gauged twin's at 13, the detector's crossings are at 59 and 6, and every claim is checked on
+    # the steps after them; the run time is the training with a Hessian every step (~8 s of 11 for 150 steps)
+    _check_eos(*_eos("test", "num_steps=115"))
 
 
 @pytest.mark.slow

@@ -12,7 +12,8 @@ CASES = {
     "sine": (lambda x: -jnp.sin(jnp.pi * x), lambda x: -np.pi * np.cos(np.pi * x)),
     "two_modes": (lambda x: -jnp.sin(jnp.pi * x) + 0.5 * jnp.sin(2 * jnp.pi * x),
                   lambda x: -np.pi * np.cos(np.pi * x) + np.pi * np.cos(2 * np.pi * x)),
-    "shifted_amp": (lambda x: 0.3 - 2.0 * jnp.sin(jnp.pi * (x - 0.2)), lambda x: -2 * np.pi * np.cos(np.pi * (x - 0.2))),
+    "shifted_amp": (lambda x: 0.3 - 2.0 * jnp.sin(jnp.pi * (x - 0.2)),
+                    lambda x: -2 * np.pi * np.cos(np.pi * (x - 0.2))),
     "bump": (lambda x: jnp.exp(-20 * x**2), lambda x: -40 * x * np.exp(-20 * x**2)),
 }
 
@@ -145,13 +146,15 @@ def test_grid_refuses_fractional_n_and_infinite_ends(args):
         Grid(*args)
 
 
+# 5-7 points (both parities, and the first size with the one-cell fronts) in the fast suite, 8 and 9 in the slow one
+@pytest.mark.parametrize("ns", [(5, 6, 7), pytest.param((8, 9), marks=pytest.mark.slow)], ids=["5-7", "8-9"])
 @pytest.mark.parametrize("periodic", [True, False])
-def test_find_shocks_default_threshold_on_small_grids(periodic):
+def test_find_shocks_default_threshold_on_small_grids(periodic, ns):
     """On 5-9 points the default threshold (10 x the mean slope) was above the steepness of any front (a step has
     ~0.6 n x the mean slope), so clear shocks went unreported. Steps and fronts about one cell wide are found now;
     smooth fields (sines, a ramp, a parabola, exponentials) still report none."""
     find = eqx.filter_jit(find_shocks)  # one compilation per grid
-    for n in range(5, 10):
+    for n in ns:
         g = Grid(n, -1.0, 1.0, periodic=periodic)
         x = np.asarray(g.x)
         for x0 in (-0.37, 0.0, 0.1, 0.2):

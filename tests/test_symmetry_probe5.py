@@ -2,6 +2,8 @@
 translation listed before the rescale that scales its rows, and derivatives of the dense vertical projection at
 points where Gram eigenvalues or singular values coincide (identical units, dead units, orthonormal factors)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,6 +50,12 @@ def _gauge_errors(comps, point):
             float(jnp.max(jnp.abs(jnp.mean(flat[t.kernel], axis=1)))), float(jnp.abs(jnp.mean(flat[t.bias]))))
 
 
+@jax.jit  # one program per listing order, shared by the seeds (the group's fields are static: part of the key)
+def _canonicalize_twice(group, x):
+    c = group.canonicalize(x)
+    return c, group.canonicalize(c)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_sweeps_with_the_translation_listed_first_reach_the_same_canonical_point(x64, seed):
     comps = _components()
@@ -61,16 +69,18 @@ def test_sweeps_with_the_translation_listed_first_reach_the_same_canonical_point
     moved = groups[0].act(groups[0].sample(jax.random.key(seed + 10), params, scale=2.0), params)
     ref = groups[0].canonicalize(params)
     for g in groups:
-        can, again = jax.jit(lambda x: (lambda c: (c, g.canonicalize(c)))(g.canonicalize(x)))(moved)
+        can, again = _canonicalize_twice(g, moved)
         assert _maxdiff(can, ref) < 1e-12  # the same representative for every listing order, constant on the orbit
         assert _maxdiff(again, can) < 1e-12  # a fixed point
         assert max(_gauge_errors(comps, can)) < 1e-12  # balanced, unit norm, centred
 
 
 # ----- derivatives of the dense projection at degenerate points ------------------------------------------------
-def _fd_check(f, point, seed, eps=1e-6, rtol=1e-6):
-    grad = jax.jit(jax.grad(f))(point)
-    f = jax.jit(f)
+def _fd_check(f_and_grad, point, seed, eps=1e-6, rtol=1e-6):
+    """``f_and_grad = (f, grad f)``: the gradient at ``point`` against the central difference of f along a random
+    direction."""
+    f, grad_f = f_and_grad
+    grad = grad_f(point)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(grad))
     d = _rand_like(point, seed)
     fd = (f(jax.tree.map(lambda x, y: x + eps * y, point, d)) - f(jax.tree.map(lambda x, y: x - eps * y, point, d)))
@@ -79,11 +89,19 @@ def _fd_check(f, point, seed, eps=1e-6, rtol=1e-6):
     np.testing.assert_allclose(an, fd, rtol=rtol, atol=1e-8)
 
 
+def _projection_sum(group, v, p):
+    h = group.horizontal(p, v)
+    return sum(jnp.sum(jnp.sin(x)) for x in jax.tree.leaves(h))
+
+
+# f(p) = sum sin(horizontal(p, v)) and its gradient in p: one program each per group and shapes (the group's fields
+# are static, part of the cache key), shared by the tests on the same network
+_projection_value = jax.jit(_projection_sum)
+_projection_grad = jax.jit(jax.grad(_projection_sum, argnums=2))
+
+
 def _projection_functional(group, v):
-    def f(p):
-        h = group.horizontal(p, v)
-        return sum(jnp.sum(jnp.sin(x)) for x in jax.tree.leaves(h))
-    return f
+    return functools.partial(_projection_value, group, v), functools.partial(_projection_grad, group, v)
 
 
 def _mlp(widths, seed):
@@ -114,7 +132,7 @@ def test_grad_of_the_dense_projection_at_dead_units_is_finite(x64):
     zero = jnp.array([0.0, 0.0, 1.0, 1.0])  # units 0 and 1 of the first hidden layer dead
     dead = _set_units(params, 0, lambda x, a: x * zero.reshape([-1 if i == a else 1 for i in range(x.ndim)]))
     f = _projection_functional(group, _rand_like(params, 4))
-    grad = jax.jit(jax.grad(f))(dead)
+    grad = f[1](dead)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(grad))
     # (the projection jumps at a dead unit; near it, the derivative is the finite difference)
     _fd_check(f, jax.tree.map(lambda x, y: x + 1e-2 * y, dead, _rand_like(params, 5)), 6)

@@ -129,10 +129,11 @@ def test_basis_stays_semi_orthogonal(dtype, restricted):
 
     t, basis, active = run("partial")
     assert bool(jnp.all(active))
-    gram = np.asarray(basis @ basis.T, np.float64)
+    basis = np.asarray(basis, np.float64)  # (the checks in numpy: eager jnp compiled each op)
+    gram = basis @ basis.T
     assert np.max(np.abs(gram - np.eye(STEPS))) < _semiorthogonality(dtype, STEPS)
     t_full, _, _ = run("full")
-    ritz, ritz_full = (np.sort(np.asarray(jnp.linalg.eigvalsh(x), np.float64)) for x in (t, t_full))
+    ritz, ritz_full = (np.sort(np.linalg.eigvalsh(np.asarray(x, np.float64))) for x in (t, t_full))
     eps = float(jnp.finfo(dtype).eps)
     norm_a = float(np.max(np.abs(ev)))
     for sl in (slice(0, K), slice(-K, None)):
@@ -149,7 +150,8 @@ def test_unrolled_matches_loop():
            for f in (_lanczos_loop, _lanczos_unrolled)]
     (t_loop, q_loop, _), (t_unr, q_unr, _) = out
     np.testing.assert_allclose(np.asarray(t_unr), np.asarray(t_loop), rtol=0, atol=1e-5 * float(np.max(np.abs(ev))))
-    np.testing.assert_allclose(np.asarray(q_unr @ q_unr.T), np.eye(16), rtol=0,
+    q_unr = np.asarray(q_unr, np.float64)  # (in numpy: eager jnp compiled each op)
+    np.testing.assert_allclose(q_unr @ q_unr.T, np.eye(16), rtol=0,
                                atol=_semiorthogonality(jnp.float32, 16))
 
 

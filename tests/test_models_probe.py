@@ -148,7 +148,7 @@ def test_float16_norm_of_a_constant_input_is_zero(layer):
     np.testing.assert_array_equal(np.asarray(y, np.float32), 0.0)
     if not (isinstance(layer, BatchNorm) and layer.use_running_average):  # (there dy/dz = 1 / sqrt(eps) = 1e6)
         graphdef, state = nnx.split(layer)
-        grad = jax.grad(lambda u: jnp.sum(jnp.sin(nnx.merge(graphdef, state)(u).astype(jnp.float32))))(z)
+        grad = jax.jit(jax.grad(lambda u: jnp.sum(jnp.sin(nnx.merge(graphdef, state)(u).astype(jnp.float32)))))(z)
         assert grad.dtype == jnp.float16 and np.all(np.isfinite(np.asarray(grad, np.float32)))
         x = jax.random.normal(jax.random.key(0), (8, 4), jnp.float16) * jnp.float16(3) + jnp.float16(1)
         y = np.asarray(layer(x), np.float32)
@@ -159,7 +159,7 @@ def test_float16_norm_of_a_constant_input_is_zero(layer):
 
 def test_float16_cnn_with_layer_norm_is_finite_on_a_blank_image():
     model = CNN(1, (3,), 2, norm="layer", param_dtype=jnp.float16, rngs=nnx.Rngs(0))
-    out = model(jnp.zeros((2, 4, 4, 1), jnp.float32))
+    out = jax.jit(model)(jnp.zeros((2, 4, 4, 1), jnp.float32))  # (one program, not one per operation)
     assert out.dtype == jnp.float16 and np.all(np.isfinite(np.asarray(out, np.float32)))
 
 
@@ -168,4 +168,4 @@ def test_transformer_too_long_sequence_names_the_model():
     with pytest.raises(ValueError, match=r"Transformer: tokens have sequence length 5, which exceeds max_len=4 .*"
                                          r"at most max_len tokens"):
         jax.jit(model)(jnp.zeros((2, 5), jnp.int32))
-    assert model(jnp.zeros((2, 4), jnp.int32)).shape == (2, 4, 5)  # max_len itself is allowed
+    assert jax.jit(model)(jnp.zeros((2, 4), jnp.int32)).shape == (2, 4, 5)  # max_len itself is allowed

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,7 +37,7 @@ def _transformer():
 MODELS = {"mlp": _mlp, "cnn": _cnn, "transformer": _transformer}
 
 
-def _setup(name):
+def _build(name):
     model, x, y = MODELS[name]()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
@@ -46,7 +48,13 @@ def _setup(name):
         logp = nnx.merge(graphdef, p, rest)(xb)
         return -jnp.mean(jnp.take_along_axis(logp, yb[..., None], axis=-1))
 
-    return model.symmetries(), params, jax.jit(apply), loss
+    # eager grad dispatched op by op: ~3.5 s a call on the transformer; jitted, one compile per batch shape
+    return model.symmetries(), params, jax.jit(apply), jax.jit(jax.grad(loss))
+
+
+# one model, jitted forward and jitted gradient per kind, shared by the float32 tests (none mutates them; the float64
+# test builds its own, so that no input drawn under float64 reaches the others)
+_setup = functools.cache(_build)
 
 
 def _push(G, params, c=4.0):
@@ -65,8 +73,7 @@ def _push(G, params, c=4.0):
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_models_outputs_invariants_and_canonical_quantities(name):
-    G, p, apply, loss = _setup(name)
-    grad = jax.jit(jax.grad(loss))  # eager grad dispatched op by op: ~3.5 s a call on the transformer
+    G, p, apply, grad = _setup(name)
     y0, c = apply(p), G.canonicalize(p)
     inv = G.invariants(p)
     gnorm_c = tree_norm(grad(c))
@@ -85,23 +92,23 @@ def test_models_outputs_invariants_and_canonical_quantities(name):
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_models_gradient_horizontal(name):
-    G, p, apply, loss = _setup(name)
+    G, p, apply, grad = _setup(name)
     model, x, y = MODELS[name]()
     T = G.tangents(p)
     k = jax.tree.leaves(T)[0].shape[0]
     tl = jax.tree.leaves(T)
     tnorm = jnp.sqrt(sum(jnp.sum(jnp.square(t).reshape(k, -1), axis=1) for t in tl))
-    grad = jax.jit(jax.grad(loss))  # one compile per batch shape (eager grad: ~3.5 s a call on the transformer)
     grads = [grad(p)] + [grad(p, x[i:i + 1], y[i:i + 1]) for i in range(2)]
     for gr in grads:
         dots = sum(jnp.sum((t * g[None]).reshape(k, -1), axis=1) for t, g in zip(tl, jax.tree.leaves(gr)))
-        assert bool(jnp.all(jnp.abs(dots) <= 1e-6 * tree_norm(gr) * tnorm + 1e-7 * tnorm)), (name, jnp.max(jnp.abs(dots)))
+        assert bool(jnp.all(jnp.abs(dots) <= 1e-6 * tree_norm(gr) * tnorm + 1e-7 * tnorm)), \
+            (name, jnp.max(jnp.abs(dots)))
 
 
 @pytest.mark.parametrize("name", ["mlp", "transformer"])
 def test_models_projection_closed_forms_agree_with_generic(name, x64):
     from quotient_sgd.symmetry import vertical_generic
-    G, p, _, _ = _setup(name)
+    G, p, _, _ = _build(name)
     p = jax.tree.map(lambda a: a.astype(jnp.float64), p)
     v = jax.tree.map(lambda a: jax.random.normal(jax.random.key(3), a.shape, a.dtype), p)
     V = G.vertical(p, v)
@@ -115,8 +122,8 @@ _NNX_MLP_CASES = dict(hidden=st.lists(st.integers(2, 5), min_size=1, max_size=3)
                       seed=st.integers(0, 1000))
 
 
-# every drawn width list is a new set of shapes to compile: 3 draws in the fast suite, 12 in the slow one
-@settings(max_examples=3, deadline=None)
+# every drawn width list is a new set of shapes to compile: 2 draws in the fast suite, 12 in the slow one
+@settings(max_examples=2, deadline=None)
 @given(**_NNX_MLP_CASES)
 def test_property_nnx_mlp(hidden, activation, seed):
     _check_nnx_mlp(hidden, activation, seed)

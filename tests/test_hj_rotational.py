@@ -36,6 +36,14 @@ def dtype(request):
     return jnp.dtype(request.param)
 
 
+def dtype_cases(name, values, slow):
+    """``(dtype, name)`` parameters over both precisions and ``values``, the pairs in ``slow`` marked slow (the fast
+    ones keep every precision and every value); ``dtype`` is the fixture above, parametrised indirectly."""
+    cases = [pytest.param(d, v, marks=[pytest.mark.slow] if (d, v) in slow else [], id=f"{d}-{v}")
+             for d in ("float32", "float64") for v in values]
+    return pytest.mark.parametrize(f"dtype, {name}", cases, indirect=["dtype"])
+
+
 def nodes(grid):
     """The grid's nodes in float64 NumPy (fields are computed there and rounded once to the working dtype)."""
     x, y = (g.lo + g.dx * np.arange(g.n) for g in grid.axes)
@@ -130,7 +138,8 @@ def test_gradients_of_random_smooth_fields_are_accepted(dtype, kind, size):
                 assert worst_ratio(built(grid, u + level, True), grid, scheme) < 0.25, (seed, level)
 
 
-@pytest.mark.parametrize("kind", ["spectral", "fv-bounded"])
+# the spectral check in float64 (where rounding is smallest) and the differences in float32
+@dtype_cases("kind", ["spectral", "fv-bounded"], slow={("float32", "spectral"), ("float64", "fv-bounded")})
 def test_a_gradient_built_by_the_checks_own_derivatives_is_curl_free_to_rounding(dtype, kind):
     """The consistent discrete curl: spectral derivatives of a spectral gradient, differences of a difference
     gradient, commute; the curl is within the rounding allowance alone (measured <= 0.09 of it here, <= 0.16 on
@@ -154,7 +163,8 @@ def test_spectral_curl_of_a_spectral_gradient_is_at_rounding_in_float64(x64):
     assert float(m.tolerance) < 1e-11  # a rotational part above ~1e-11 of the gradient is refused
 
 
-@pytest.mark.parametrize("kind", sorted(KINDS))
+# every kind in float32, the spectral and the bounded check in float64 too
+@dtype_cases("kind", sorted(KINDS), slow={("float64", "fv-periodic"), ("float64", "fv-mixed")})
 def test_pure_rotations_are_refused_naming_p0(dtype, kind):
     make, scheme = KINDS[kind]
     grid = make(*SIZES[1])  # a size of the accepted smooth fields above: the check compiled once for both
@@ -188,9 +198,7 @@ def test_non_periodic_rotation_on_a_periodic_grid_is_refused_by_the_differences(
 
 # the spectral and the bounded check in both precisions, the periodic and the mixed differences in one each (the
 # other in the slow suite)
-@pytest.mark.parametrize("dtype, kind", [
-    pytest.param(d, k, marks=[pytest.mark.slow] if (d, k) in (("float64", "fv-periodic"), ("float32", "fv-mixed"))
-                 else [], id=f"{d}-{k}") for d in ("float32", "float64") for k in sorted(KINDS)], indirect=["dtype"])
+@dtype_cases("kind", sorted(KINDS), slow={("float64", "fv-periodic"), ("float32", "fv-mixed")})
 def test_a_small_rotational_part_above_the_tolerance_is_refused_and_one_within_rounding_is_accepted(dtype, kind):
     make, scheme = KINDS[kind]
     grid = make(*SIZES[2])  # a size of the tests above: the measures compiled once for them all
@@ -225,7 +233,8 @@ def test_float64_gradient_rounded_to_float32_is_accepted(x64):
         assert worst_ratio(p32, grid, "fv") < 0.25
 
 
-@pytest.mark.parametrize("periodic", [True, False])
+# the periodic (spectral) check in float32, the bounded one in float64; the other two pairs in the slow suite
+@dtype_cases("periodic", [True, False], slow={("float32", False), ("float64", True)})
 def test_piecewise_smooth_gradients_are_accepted(dtype, periodic):
     """Gradients of losses with kinks along a curve: p jumps (u = |s|) or one of its derivatives does
     (u = max(s, 0)^m): the differences' error there is covered (measured <= 0.31 of the tolerance here, <= 0.39 on

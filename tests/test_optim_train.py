@@ -147,12 +147,17 @@ def test_nnx_model_state_threaded():
     # reference: a plain Python loop
     pr, sr, msr = params, tx.init(params), bstats
     key = jax.random.key(0)
-    for i in range(6):
-        batch = batch_fn(jnp.int32(i), jax.random.fold_in(key, i))
+
+    @jax.jit  # (op by op, the first step compiled each op of the model, its gradient and the update)
+    def reference_step(pr, sr, msr, i):
+        batch = batch_fn(i, jax.random.fold_in(key, i))
         fresh = lambda p, ms, b: loss_fn(p, jax.tree.map(lambda a: a, ms), b)  # noqa: E731  (see train)
         (l, (_, msr2)), g = jax.value_and_grad(fresh, has_aux=True)(pr, msr, batch)
         u, sr = tx.update(g, sr, pr)
-        pr, msr = optax.apply_updates(pr, u), msr2
+        return optax.apply_updates(pr, u), sr, msr2, l
+
+    for i in range(6):
+        pr, sr, msr, l = reference_step(pr, sr, msr, jnp.int32(i))
         np.testing.assert_allclose(traj["loss"][i], l, rtol=1e-5)
     np.testing.assert_allclose(ms["mean"].value, msr["mean"].value, rtol=1e-5, atol=1e-7)
     assert float(jnp.max(jnp.abs(ms["mean"].value))) > 0

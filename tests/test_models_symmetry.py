@@ -42,11 +42,13 @@ CASES = (
         _tok())]
 )
 # Redundant in the fast suite (the larger set runs in the slow one): MLP identity / tanh (the homogeneous and the
-# non-homogeneous MLP paths are relu, leaky_relu and gelu), the CNN without normalisation under gelu (its components
-# are a subset of the relu one's, and the gelu branch of the CNN is cnn-layer-gelu), and the batch-norm CNNs of the
-# same shapes as test_batchnorm_cnn_symmetries_threaded, which checks each of their components to the same rtol
-# (verify of a batch-norm CNN stays fast in cnn-batch-28).
-SLOW_CASES = {"mlp-identity-cls", "mlp-tanh-cls", "cnn-None-gelu", "cnn-batch-relu", "cnn-batch-gelu"}
+# non-homogeneous MLP paths are relu, leaky_relu and gelu), the CNN without normalisation and the Transformer under
+# gelu (their components are a subset of the relu ones', the gelu branch of the CNN is cnn-layer-gelu, and the
+# Transformer's gelu branch, no MLP rescale, is checked in test_cnn_and_transformer_components), and the batch-norm
+# CNNs of the same shapes as test_batchnorm_cnn_symmetries_threaded, which checks each of their components to the
+# same rtol (verify of a batch-norm CNN stays fast in cnn-batch-28).
+SLOW_CASES = {"mlp-identity-cls", "mlp-tanh-cls", "cnn-None-gelu", "transformer-gelu", "cnn-batch-relu",
+              "cnn-batch-gelu"}
 CASES = [pytest.param(*c, id=c[0], marks=[pytest.mark.slow] if c[0] in SLOW_CASES else []) for c in CASES]
 
 

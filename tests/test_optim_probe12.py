@@ -43,10 +43,15 @@ def _loop(tx, params, batches):
     return thetas, updates, np.asarray(kappas)
 
 
-def _secant(theta, delta, batch):
+@jax.jit  # (op by op, the gradients and dots compiled each of their ops)
+def _secant_jit(theta, delta, batch):
     g = jax.grad(xent)
     g0, g1 = g(theta, batch), g(optax.apply_updates(theta, delta), batch)
-    return float(tree_dot(jax.tree.map(lambda a, b: a - b, g1, g0), delta) / tree_dot(delta, delta))
+    return tree_dot(jax.tree.map(lambda a, b: a - b, g1, g0), delta) / tree_dot(delta, delta)
+
+
+def _secant(theta, delta, batch):
+    return float(_secant_jit(theta, delta, batch))
 
 
 @pytest.mark.parametrize("name", list(OPTIMISERS))

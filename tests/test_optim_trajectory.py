@@ -120,10 +120,9 @@ def _max_rel(a, b):
 
 
 # slow here, asserted fast elsewhere: two masked decays (their identity to 1e-8 in float64:
-# test_masked_decay_needs_the_masked_recursion) and heavy ball with decay (its identity to 1e-8 in float64 at the
-# recorded steps: test_every_records_on_schedule; in float32: test_charge_identity_float32); the momentum recursion
-# is shown needed fast on the other momentum chains
-ASSERTED_ELSEWHERE = ("heavy_ball_wd_no_bias", "nesterov_wd_first_layer", "heavy_ball_wd")
+# test_masked_decay_needs_the_masked_recursion); heavy ball and Nesterov with decay (the momentum cases)
+# stay fast
+ASSERTED_ELSEWHERE = ("heavy_ball_wd_no_bias", "nesterov_wd_first_layer")
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ASSERTED_ELSEWHERE else n

@@ -53,6 +53,15 @@ def tree_rel_err(a, b) -> float:
     return float(tree_norm(diff) / jnp.maximum(tree_norm(b), 1e-30))
 
 
+def horizontal_basis(tangents, rtol: float = 1e-10) -> tuple[np.ndarray, int]:
+    """``(B, rank)``: the columns of ``B`` an orthonormal basis of the orthogonal complement of the rows of
+    ``tangents`` (the orbit tangents, ravelled: a ``(k, P)`` matrix), from an SVD in NumPy (eager ``jnp`` would
+    compile each of its operations); ``rank`` counts the singular values above ``rtol`` times the largest."""
+    _, s, vt = np.linalg.svd(np.asarray(tangents))
+    rank = int(np.sum(s > rtol * s[0]))
+    return vt[rank:].T, rank
+
+
 def charge_identity_error(drift, pred) -> float:
     """The worst ``|drift - pred|`` over steps and entries of two trajectories of charges (``charge_drift``,
     ``charge_drift_predicted``: pytrees of arrays stacked over steps), relative to the step's largest ``|drift|`` in

@@ -12,6 +12,8 @@ import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
+from helpers import horizontal_basis
+
 from quotient_sgd import models
 from quotient_sgd import observables as qobs
 from quotient_sgd.optim import SGDSpec, eigenvectors_of, observables_of, quotient_trajectory
@@ -71,9 +73,7 @@ def _horizontal_basis(tangent_rows, params):
     """``(B, T)``: an orthonormal basis (columns) of the orthogonal complement of the orbit tangents at ``params``,
     and the tangents (rows), from a float64 SVD; the rank of the tangents is read from their singular values."""
     tangents = np.asarray(tangent_rows(params))
-    _, s, vt = np.linalg.svd(tangents, full_matrices=True)
-    rank = int(np.sum(s > s[0] * 1e-12))
-    return vt[rank:].T, tangents
+    return horizontal_basis(tangents, rtol=1e-12)[0], tangents
 
 
 @pytest.mark.parametrize("name", ["deep_linear", "batchnorm_cnn"])

@@ -11,6 +11,8 @@ import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
+from helpers import horizontal_basis
+
 from quotient_sgd import models
 from quotient_sgd import observables as qobs
 
@@ -58,9 +60,7 @@ def _dense_horizontal(loss, group, params):
     one compiled program (op by op, each compiled dozens of small ones), the rest in numpy."""
     tang, h = jax.jit(lambda p: (jax.vmap(lambda t: ravel_pytree(t)[0])(group.tangents(p)),
                                  qobs.dense_hessian(loss, p)))(params)
-    _, s, vt = np.linalg.svd(np.asarray(tang))
-    rank = int(np.sum(s > 1e-10 * s[0]))
-    hor = vt[rank:].T
+    hor, _ = horizontal_basis(tang)
     return np.sort(np.linalg.eigvalsh(hor.T @ np.asarray(h) @ hor))
 
 

@@ -11,7 +11,7 @@ from jax.flatten_util import ravel_pytree
 from quotient_sgd import observables as qobs
 from quotient_sgd.optim import SGDSpec, eigenvectors_of, observables_of, quotient_trajectory, train
 
-from helpers import charge_identity_error, first_step_observables
+from helpers import charge_identity_error, first_step_observables, horizontal_basis
 from test_optim_trajectory import CHEAP, data, init_mlp, mlp_group, mse, xent
 
 
@@ -76,12 +76,6 @@ def test_charge_identity_on_further_sgd_chains(x64, name):
 
 
 # ----- Lanczos extremes at every evaluation step --------------------------------------------------------------
-def _horizontal_basis(tangents):
-    """An orthonormal basis (columns) of the orthogonal complement of the tangents' rows, by an SVD in NumPy."""
-    _, s, vt = np.linalg.svd(np.asarray(tangents))
-    return vt[int(np.sum(s > 1e-10 * s[0])):].T
-
-
 def test_lanczos_top_and_bottom_k_at_every_evaluation_step(x64):
     """hessian_every=3 over 7 steps (not a multiple of 3; the last step is an evaluation), top-3 and bottom-3 of
     P H P at the current and at the canonical point: at steps 0, 3 and 6 they equal the dense eigenvalues of the
@@ -109,7 +103,7 @@ def test_lanczos_top_and_bottom_k_at_every_evaluation_step(x64):
     def dense(p, batch):
         out = {}
         for where, (h, tangents) in hessians(p, batch).items():
-            h, hor = np.asarray(h), _horizontal_basis(tangents)
+            h, hor = np.asarray(h), horizontal_basis(tangents)[0]
             out[where] = (np.linalg.eigvalsh(hor.T @ h @ hor), hor.T @ h @ hor, hor)
         return out
 

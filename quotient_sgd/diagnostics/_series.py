@@ -291,14 +291,18 @@ def ratio(value, base) -> float:
         return float(1.0 + (value - base) / np.abs(base)) if base != 0 else (float("inf") if value > 0 else 1.0)
 
 
-def spikes(loss: np.ndarray, factor: float = 2.0, window: int = 50,
-           starts: np.ndarray | None = None) -> list[tuple[int, int, int, float]]:
+def spikes(loss: np.ndarray, factor: float = 2.0, window: int = 50, starts: np.ndarray | None = None,
+           steps: np.ndarray | None = None, step_window: int | None = None) -> list[tuple[int, int, int, float]]:
     """Loss spikes: ``(onset, end, peak, base)``, onset where ``loss > factor * base`` with ``base`` the minimum
     of the previous ``window`` losses (:func:`above`, which also holds for a negative base); the spike ends when
     the loss falls back below that level.  A
     non-finite loss is a spike that never ends (see ``divergence``).  A spike also ends ``window`` steps after its
     peak.  ``starts``: the first row of each row's trailing window (:func:`window_starts`, records at irregular
-    steps), instead of the previous ``window`` rows, for the base."""
+    steps), instead of the previous ``window`` rows, for the base; ``steps`` and ``step_window`` (records at
+    irregular steps): the spike ends ``step_window`` steps after its peak, ``steps[j] - steps[peak] >
+    step_window``, instead of ``window`` rows after it (rows of the median spacing: a run recorded every step
+    for 1000 steps, then every 10, ended a spike of its dense part 5 steps after its peak with a 50-step window,
+    and one seen live before the sparse rows outnumbered the dense ones 50 steps after it)."""
     out = []
     n = len(loss)
     base_of = trailing_min(loss, window) if starts is None else trailing_min_from(loss, starts)
@@ -306,6 +310,7 @@ def spikes(loss: np.ndarray, factor: float = 2.0, window: int = 50,
         onset = np.isfinite(base_of) & (~np.isfinite(loss) | above(loss, base_of, factor))
     cand = np.nonzero(onset)[0]
     cand = cand[cand >= 1]
+    by_step = None if steps is None or step_window is None else np.asarray(steps, np.int64).tolist()
     # only the candidate onsets are visited (a Python step per record made a live detector fed one step at a time
     # quadratic in the run's length: 20 ms per update at 2000 steps)
     i = 1
@@ -319,7 +324,8 @@ def spikes(loss: np.ndarray, factor: float = 2.0, window: int = 50,
         # the episode ends when the loss is back below factor * base, or ``window`` steps after its peak
         # (a loss that settles at a new, higher level starts a new baseline instead of merging every later
         # spike into this one)
-        while j < n and (not np.isfinite(loss[j]) or above(loss[j], base, factor)) and j - peak <= window:
+        while j < n and (not np.isfinite(loss[j]) or above(loss[j], base, factor)) and (
+                j - peak <= window if by_step is None else by_step[j] - by_step[peak] <= step_window):
             if not np.isfinite(loss[j]) or (np.isfinite(loss[peak]) and loss[j] > loss[peak]):
                 peak = j
             j += 1

@@ -1,0 +1,33 @@
+"""Diagnostics on cases beyond the tested ones: records at irregular steps read live and offline, and the
+detectors' documented rules checked literally on hand-built trajectories."""
+
+import numpy as np
+
+from quotient_sgd.diagnostics import LiveDetector, detect
+
+
+def _dense_then_sparse(seed: int = 1):
+    """A mini-batch loss (exponential noise, no spike) recorded every step for 300 steps, then every 10 up to step
+    4000: the median spacing is 10."""
+    steps = np.r_[np.arange(300), np.arange(300, 4001, 10)]
+    loss = 0.1 * np.random.default_rng(seed).exponential(size=len(steps))
+    return {"loss": loss, "step": steps}
+
+
+def test_spike_windows_of_irregular_records_count_steps_live_and_offline():
+    """Records every step, then every 10 steps: the loss's causal mean (``spike_smooth``) and a spike's end
+    (``spike_window`` steps after its peak) counted records of the median spacing (10): in the dense part a
+    20-step mean was a 2-step one and a spike ended 5 steps after its peak, and a live detector (median spacing 1
+    until the sparse records outnumbered the dense ones) found other spikes than detect on the whole run.  Now
+    both count steps: the dense part's events are those of the dense part read alone, and live chunks of any size
+    give detect's events."""
+    traj = _dense_then_sparse()
+    opts = dict(kinds=["loss_spike"], spike_smooth=20)
+    whole = detect(traj, **opts)
+    dense = detect({"loss": traj["loss"][:300]}, **opts)
+    assert [e.step for e in whole if e.step < 300] == [e.step for e in dense]
+    for size in (37, 250):
+        live = LiveDetector(**opts)
+        for a in range(0, len(traj["loss"]), size):
+            live.update({k: v[a:a + size] for k, v in traj.items()})
+        assert [(e.step, e.strength) for e in live.events] == [(e.step, e.strength) for e in whole]

@@ -597,26 +597,36 @@ def _as_run(v):
     return _f32(v) if isinstance(v, float) else v
 
 
-#: The float settings the programs take as float32: ``True`` where the value must stay > 0 there.
-_FLOAT32_KEYS = {"optim.lr": True, "optim.eps": True, "optim.weight_decay": False, "optim.clip_norm": False,
-                 "init_gauge": False, "sweep.lr": True, "sweep.weight_decay": False, "sweep.init_gauge": False}
+#: The float settings the programs take as float32, and what each must stay there: ``"positive"`` (> 0),
+#: ``"off_or_positive"`` (0, its "off", or > 0: a clipping norm of ``1e-50`` is 0 in float32 and clipped every update
+#: to nothing), ``"finite"``, or ``"below_one"`` (a decay in [0, 1): ``optim.b2 = 0.99999999`` is 1.0 in float32,
+#: where Adam's bias correction ``1 - b2^t`` is 0 and every update was 0, the run silently not training; ``b1``
+#: made the updates infinite, ``momentum`` a trace that never decays).
+_FLOAT32_KEYS = {"optim.lr": "positive", "optim.eps": "positive", "optim.weight_decay": "finite",
+                 "optim.clip_norm": "off_or_positive", "optim.momentum": "below_one", "optim.b1": "below_one",
+                 "optim.b2": "below_one", "init_gauge": "finite", "sweep.lr": "positive",
+                 "sweep.weight_decay": "finite", "sweep.init_gauge": "finite", "sweep.momentum": "below_one"}
 
 
 def _check_float32(s: Settings) -> None:
-    """Every float setting that the programs take as float32 stays what validation allowed there: finite, and
-    > 0 where it must be (``optim.lr = 1e39`` validated as a finite number > 0 and ran with an infinite learning
-    rate; ``1e-50`` ran with 0)."""
+    """Every float setting that the programs take as float32 stays what validation allowed there: finite, > 0
+    where it must be (``optim.lr = 1e39`` validated as a finite number > 0 and ran with an infinite learning
+    rate; ``1e-50`` ran with 0), and below 1 for a decay (:data:`_FLOAT32_KEYS`)."""
     tiny, big = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
-    for key, positive in _FLOAT32_KEYS.items():
+    below_one = float(np.nextafter(np.float32(1), np.float32(0)))
+    for key, need in _FLOAT32_KEYS.items():
         obj = setting(s, key)
         for i, v in enumerate(obj if isinstance(obj, tuple) else (obj,)):
             x = _f32(v)
-            if math.isfinite(x) and (not positive or x >= tiny):
+            if math.isfinite(x) and {"positive": x >= tiny, "off_or_positive": v == 0 or x >= tiny,
+                                     "finite": True, "below_one": x < 1}[need]:
                 continue
             where = f"; {key}[{i}] = {v!r} is not" if isinstance(obj, tuple) else ""
-            raise _err(key, obj, f"the programs compute in float32, where {v!r} is {x!r}: use "
-                                 + (f"values in [{tiny:.3g}, {big:.3g}]" if positive else f"values <= {big:.3g}")
-                                 + where)
+            allowed = {"positive": f"values in [{tiny:.3g}, {big:.3g}]",
+                       "off_or_positive": f"0 (off) or values in [{tiny:.3g}, {big:.3g}]",
+                       "finite": f"values <= {big:.3g}",
+                       "below_one": f"values in [0, {below_one!r}] (the largest float32 below 1)"}[need]
+            raise _err(key, obj, f"the programs compute in float32, where {v!r} is {x!r}: use {allowed}{where}")
 
 
 def _repeats(values: list, convert) -> tuple[list, str]:

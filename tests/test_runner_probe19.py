@@ -1,0 +1,38 @@
+"""Configs, data, runs and sweeps on cases the other tests do not try: decays that float32 rounds to 1 (an Adam run
+that validated and never moved its parameters), ..."""
+
+import os
+
+import numpy as np
+import pytest
+
+from quotient_sgd.config import ConfigError, load_config, validate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+
+
+def _tiny(**over):
+    return validate(load_config(TINY, {"logging.plots": False, **over}))
+
+
+# ---- defect 1: a decay that float32 rounds to 1 ------------------------------------------------------------------
+@pytest.mark.parametrize("over, key", [
+    ({"optim.name": "adam", "optim.momentum": 0.0, "optim.b2": 0.99999999}, "optim.b2"),
+    ({"optim.name": "adamw", "optim.momentum": 0.0, "optim.b1": 0.999999999}, "optim.b1"),
+    ({"optim.momentum": 0.99999999}, "optim.momentum"),
+    ({"sweep.momentum": (0.5, 0.99999999)}, "sweep.momentum"),
+    ({"optim.clip_norm": 1e-50}, "optim.clip_norm"),
+])
+def test_a_decay_that_float32_rounds_to_one_is_refused(over, key):
+    """``optim.b2 = 0.99999999`` validated as "in [0, 1)", but the programs take it as float32, where it is 1.0:
+    Adam's bias correction ``1 - b2^t`` is 0 and every update of the run was 0 (the loss of the tiny config only
+    moved with the batches; optax's update of a gradient (1, 2, -3) was exactly (0, 0, 0)).  ``b1`` so rounded made
+    the updates infinite, ``momentum`` a trace that never decays, and a ``clip_norm`` of 1e-50 (0 in float32)
+    clipped every update to nothing.  Each is refused naming the key; the largest float32 below 1 passes."""
+    with pytest.raises(ConfigError, match=rf"config\.{key} = .*the programs compute in float32, where"):
+        _tiny(**over)
+    below = float(np.nextafter(np.float32(1), np.float32(0)))
+    s = _tiny(**{"optim.name": "adam", "optim.momentum": 0.0, "optim.b1": below, "optim.b2": below})
+    assert np.float32(s.optim.b2) < 1
+    _tiny(**{"optim.momentum": below, "optim.clip_norm": 1e-30})

@@ -31,3 +31,19 @@ def test_spike_windows_of_irregular_records_count_steps_live_and_offline():
         for a in range(0, len(traj["loss"]), size):
             live.update({k: v[a:a + size] for k, v in traj.items()})
         assert [(e.step, e.strength) for e in live.events] == [(e.step, e.strength) for e in whole]
+
+
+def test_a_constant_rate_recorded_every_step_then_every_ten_steps_is_no_transition():
+    """``log_diff`` / ``diff`` were differences per record: a loss ``exp(-1e-3 step)`` recorded every step for 300
+    steps, then every 10, had a log-rate ten times larger from the first sparse record on, reported as a
+    transition at step 420 (onset 300), noiseless or not.  The differences are now per step: no transition, and a
+    real four-fold change of the rate at step 2000 is still found after it."""
+    steps = np.r_[np.arange(300), np.arange(300, 4001, 10)]
+    noise = 0.002 * np.random.default_rng(0).normal(size=len(steps))
+    for loss in (np.exp(-1e-3 * steps), np.exp(-1e-3 * steps + noise)):
+        assert detect({"loss": loss, "step": steps}, kinds=["transition"]) == []
+    for transform in ("log_diff", "diff"):
+        assert detect({"loss": np.exp(-1e-3 * steps), "step": steps}, kinds=["transition"], transform=transform) == []
+    log_loss = -np.cumsum(np.where(steps < 2000, 1e-3, 4e-3) * np.r_[1, np.diff(steps)]) + noise
+    found = detect({"loss": np.exp(log_loss), "step": steps}, kinds=["transition"])
+    assert found and all(e.step >= 2000 for e in found)

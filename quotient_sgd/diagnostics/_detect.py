@@ -961,7 +961,9 @@ def detect_transition(traj, *, steps, transition_keys: Sequence[str] | None = No
     """``transition``: change points in quotient observables by the self-starting CUSUM of :mod:`._cusum`.
 
     Each monitored key is transformed (``log_diff``, the per-step change of its logarithm, for positive series,
-    i.e. a change in its *rate*; ``diff`` otherwise, or as given), averaged over blocks of ``block`` rows
+    i.e. a change in its *rate*; ``diff`` otherwise, or as given; both divided by the steps between the rows, so
+    that records at irregular steps, e.g. every step and then every 10, read one rate as one rate), averaged over
+    blocks of ``block`` rows
     (default ``max(1, horizon // 100)`` with ``horizon``, else ``max(1, n // 100)``; in a trajectory kept every
     ``K`` steps, records: ``horizon`` steps are ``horizon / K`` records) and tested at level
     ``alpha / (number of monitored keys, quotient and raw variants together)``, so that
@@ -974,10 +976,13 @@ def detect_transition(traj, *, steps, transition_keys: Sequence[str] | None = No
     :func:`default_transition_keys` (orbit invariants as variant ``quotient``, other keys as ``raw``; a key the
     trajectory lacks is skipped with a warning).  ``horizon``: planned trajectory length in steps for live use
     (fixes the block length and the threshold, so that chunks of any size give the events of the whole
-    trajectory).  Event step: the alarm (causal detection time, end of the block); ``details.onset_step`` the
-    estimated change point.  A key recorded every ``K`` steps may hold its value or be NaN between records: NaN
-    rows between two records hold the last recorded value (the two forms give the same events); non-finite
-    values otherwise (an infinite loss) skip the blocks that hold them.
+    trajectory; for records evenly spaced, every ``K`` steps: ``horizon / K`` planned records.  Records at
+    irregular steps are counted with the median spacing of the records so far, which a live detector sees change,
+    e.g. every step, then every 10: the block length then depends on how much has arrived, and live events may
+    differ from those of the whole run).  Event step: the alarm (causal detection time, end of the block);
+    ``details.onset_step`` the estimated change point.  A key recorded every ``K`` steps may hold its value or be
+    NaN between records: NaN rows between two records hold the last recorded value (the two forms give the same
+    events); non-finite values otherwise (an infinite loss) skip the blocks that hold them.
 
     ``trend_floor`` (default :data:`TREND_FLOOR` = 3) and ``rate_floor`` (default :data:`RATE_FLOOR` = 0.1; both 0:
     the noise estimate alone, as before they existed): the block values are standardised with a standard deviation
@@ -1039,6 +1044,10 @@ def detect_transition(traj, *, steps, transition_keys: Sequence[str] | None = No
             fin = v[np.isfinite(v)]
             how = "log_diff" if fin.size and np.all(fin > 0) else "diff"
         x = _transform(v, how)
+        if how in ("log_diff", "diff"):
+            # the change per *step*: read per record, a run recorded every step, then every 10 steps, had a rate
+            # ten times larger from the first sparse record on, a transition on a loss decaying at one rate
+            x = x / np.diff(np.asarray(steps, np.float64))
         off = len(v) - len(x)  # x[j] describes the change into step j + off
         nb = len(x) // blk
         if nb <= min_ref:

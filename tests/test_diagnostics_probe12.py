@@ -47,3 +47,18 @@ def test_a_constant_rate_recorded_every_step_then_every_ten_steps_is_no_transiti
     log_loss = -np.cumsum(np.where(steps < 2000, 1e-3, 4e-3) * np.r_[1, np.diff(steps)]) + noise
     found = detect({"loss": np.exp(log_loss), "step": steps}, kinds=["transition"])
     assert found and all(e.step >= 2000 for e in found)
+
+
+def test_shock_aware_lr_refuses_a_min_scale_above_one_under_cap_by_its_name():
+    """``policy="cap"`` with ``min_scale=2`` (and ``init_scale=2``) was refused as ``init_scale=2.0`` outside the
+    empty interval ``[2.0, 1.0]``, naming the argument that was right; the error now names ``min_scale``, and
+    ``policy="track"`` still takes it."""
+    import optax
+    import pytest
+
+    from quotient_sgd.diagnostics import shock_aware_lr
+
+    with pytest.raises(ValueError, match=r"min_scale=2\.0 is not allowed with policy='cap'"):
+        shock_aware_lr(optax.sgd(0.1), min_scale=2.0, max_scale=3.0, init_scale=2.0)
+    shock_aware_lr(optax.sgd(0.1), policy="track", min_scale=2.0, max_scale=3.0, init_scale=2.0)
+    shock_aware_lr(optax.sgd(0.1), min_scale=1.0, init_scale=1.0)

@@ -151,6 +151,12 @@ def shock_aware_lr(inner: optax.GradientTransformation, *, fold_target: Target =
         _check_positive(name, value, schedule=name.endswith("_target"))
     if not any(isinstance(v, jax.core.Tracer) for v in (min_scale, max_scale)) and min_scale > max_scale:
         raise ValueError(f"shock_aware_lr: min_scale={min_scale} > max_scale={max_scale}")
+    # "cap" never lengthens the inner optimiser's step: a min_scale above 1 has no scale to give (the clip to
+    # [min_scale, min(max_scale, 1)] gave 1), and was reported as an init_scale outside the empty [2.0, 1.0]
+    if policy == "cap" and not isinstance(min_scale, jax.core.Tracer) and float(min_scale) > 1:
+        raise ValueError(f"shock_aware_lr: min_scale={min_scale!r} is not allowed with policy='cap'; need a number in "
+                         f"(0, 1] (the cap only shortens the inner optimiser's step; policy='track' lengthens it up "
+                         f"to max_scale)")
     # the first step's scale obeys the same bounds as every other step: [min_scale, max_scale], and "cap" never
     # lengthens the inner optimiser's step (an init_scale of 5 under "cap" took a 5x first step)
     if not any(isinstance(v, jax.core.Tracer) for v in (init_scale, min_scale, max_scale)):

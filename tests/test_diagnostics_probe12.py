@@ -62,3 +62,25 @@ def test_shock_aware_lr_refuses_a_min_scale_above_one_under_cap_by_its_name():
         shock_aware_lr(optax.sgd(0.1), min_scale=2.0, max_scale=3.0, init_scale=2.0)
     shock_aware_lr(optax.sgd(0.1), policy="track", min_scale=2.0, max_scale=3.0, init_scale=2.0)
     shock_aware_lr(optax.sgd(0.1), min_scale=1.0, init_scale=1.0)
+
+
+def test_a_divergence_seen_live_at_a_chunk_end_is_that_of_the_whole_run():
+    """Records every 10 steps up to step 190, then every step; the loss 1000 x its initial value at steps 180 and
+    190 only.  A record covered the steps up to the next one (the last one the spacing before it): a live chunk
+    ending at step 190 counted 180..199, 20 steps, a divergence, while the whole run counted 180..190, 11 steps,
+    none.  A record now covers the steps since the previous one (known at the record): 20 steps both ways, and a
+    run of ``m`` high records every ``K`` steps is still ``m K`` steps."""
+    steps = np.r_[np.arange(0, 191, 10), np.arange(191, 400)]
+    loss = np.where((steps == 180) | (steps == 190), 1000.0, 1.0)
+    whole = detect({"loss": loss, "step": steps}, kinds=["divergence"])
+    for cut in (19, 20, 25):
+        live = LiveDetector(kinds=["divergence"])
+        live.update({"loss": loss[:cut], "step": steps[:cut]})
+        live.update({"loss": loss[cut:], "step": steps[cut:]})
+        assert live.events == whole
+    assert [e.step for e in whole] == [180]
+    assert detect({"loss": loss, "step": steps}, kinds=["divergence"], divergence_patience=21) == []
+    t = np.arange(0, 400, 10)  # every 10 steps: 2 high records are 20 steps
+    high = np.where((t == 180) | (t == 190), 1000.0, 1.0)
+    assert [e.step for e in detect({"loss": high, "step": t}, kinds=["divergence"])] == [180]
+    assert detect({"loss": high, "step": t}, kinds=["divergence"], divergence_patience=21) == []

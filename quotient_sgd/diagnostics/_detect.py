@@ -123,8 +123,12 @@ def detect_divergence(traj, *, steps, divergence_factor: float = 100.0, divergen
     loss for ``divergence_patience`` consecutive steps (a catapult's transient spike is not a divergence; the
     event's step is the first of those steps).  A negative initial loss ``l0`` must be exceeded by
     ``(divergence_factor - 1) |l0|`` (``factor * l0`` lies below it: a constant negative loss diverged at step 0).
-    Records kept every few steps, evenly or not, count the steps they cover (up to the next record; the last one
-    the spacing before it): ``m`` high records kept every ``K`` steps are ``m K`` steps."""
+    Records kept every few steps, evenly or not, count the steps they cover, back to the previous record (the
+    steps since it, what is known at the record: live chunks give the events of the whole run): ``m`` high records
+    kept every ``K`` steps are ``m K`` steps.  (Counted up to the *next* record, with the spacing before it for the
+    last one, a live chunk that ended at a high record every 10 steps, followed by records every step, counted it
+    10 steps where the whole run counts 1: records at steps 180 and 190 high, 191 not, a divergence live that the
+    whole run did not have.)"""
     loss = scalar(traj, "loss")
     if loss is None or loss.size == 0:
         return []
@@ -132,16 +136,16 @@ def detect_divergence(traj, *, steps, divergence_factor: float = 100.0, divergen
     nonfinite = ~np.isfinite(loss)
     with np.errstate(invalid="ignore"):
         high = np.where(nonfinite | (l0 == 0), False, above(loss, l0, divergence_factor))
-    # the steps a run of high records spans, each record covering the steps up to the next one's (the last one
-    # the spacing before it): for records every K steps, m records span m K steps.  With a patience of the median
-    # spacing's records, a run recorded every step for 100 steps, then every 100, that stayed 1000 x its initial
-    # loss for its last 1000 steps (11 records) was no divergence: 20 records were asked for
+    # the steps a run of high records spans, each record covering the steps since the previous one's: for records
+    # every K steps, m records span m K steps.  With a patience of the median spacing's records, a run recorded
+    # every step for 100 steps, then every 100, that stayed 1000 x its initial loss for its last 1000 steps (11
+    # records) was no divergence: 20 records were asked for.  (Row 0 holds l0, never high: a run starts at row 1
+    # or later, after a previous record.)
     steps = np.asarray(steps, np.int64)
     n = len(loss)
-    last_gap = int(steps[-1] - steps[-2]) if n > 1 else 1
-    cover_end = np.r_[steps[1:], steps[-1] + last_gap]
+    cover_start = np.r_[steps[0] - 1, steps[:-1]]  # (exclusive)
     run_start = np.maximum.accumulate(np.where(high & ~np.r_[False, high[:-1]], np.arange(n), 0))
-    sustained = np.nonzero(high & (cover_end - steps[run_start] >= int(divergence_patience)))[0]
+    sustained = np.nonzero(high & (steps - cover_start[run_start] >= int(divergence_patience)))[0]
     cands = []
     if nonfinite.any():
         cands.append(int(np.argmax(nonfinite)))

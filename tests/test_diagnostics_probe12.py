@@ -84,3 +84,16 @@ def test_a_divergence_seen_live_at_a_chunk_end_is_that_of_the_whole_run():
     high = np.where((t == 180) | (t == 190), 1000.0, 1.0)
     assert [e.step for e in detect({"loss": high, "step": t}, kinds=["divergence"])] == [180]
     assert detect({"loss": high, "step": t}, kinds=["divergence"], divergence_patience=21) == []
+
+
+def test_fold_levels_of_an_adaptive_run_ignore_sgd_momentum():
+    """``adaptive=True`` keeps gradient descent's fold levels (detect_fold's docstring; ``momentum`` is SGD's and
+    not read for an Adam run), but ``momentum=0.9`` moved them to 1.9 / 3.8 (and with ``nesterov``, Nesterov Adam
+    there, to 1 / 1.357): a fold number of 1.2 and 2.5 gave one event instead of three."""
+    traj = {"loss": np.ones(6), "fold_number": np.array([0.5, 1.2, 0.5, 2.5, 0.5, 0.5])}
+    gd = [(e.step, e.details["level"]) for e in detect(traj, lr=0.1, kinds=["fold"])]
+    assert gd == [(1, 1.0), (3, 1.0), (3, 2.0)]
+    for opts in (dict(momentum=0.9), dict(momentum=0.9, nesterov=True), dict(momentum=0.5, weight_decay=0.1)):
+        ev = detect(traj, lr=0.1, kinds=["fold"], adaptive=True, **opts)
+        assert [(e.step, e.details["level"]) for e in ev] == gd, opts
+    assert [e.details["level"] for e in detect(traj, lr=0.1, kinds=["fold"], momentum=0.9)] == [1.9]

@@ -452,7 +452,8 @@ def detect_fold(traj, *, steps, lr=None, fold_levels: Sequence[float] = (1.0, 2.
     ``decay = lr * weight_decay`` (``fold_levels_for(..., decay=decay)``), ``lr`` the learning rate of the row
     (a schedule moves the levels; the fold number of row ``k`` was taken with step ``k - 1``'s learning rate, one
     step's change of ``lr * weight_decay`` apart), and ``details`` also give ``decay``.  Not read with
-    ``adaptive=True`` (AdamW's decay is decoupled; an adaptive run keeps gradient descent's levels).
+    ``adaptive=True`` (AdamW's decay is decoupled; an adaptive run keeps gradient descent's levels, whatever
+    ``momentum`` and ``nesterov``, which then means Nesterov Adam).
 
     Raises:
         ValueError: ``weight_decay > 0`` without a learning rate, or ``lr * weight_decay >= fold_edge(beta,
@@ -470,6 +471,10 @@ def _fold_events(traj, key, v, idx, steps, lr, fold_levels, rearm, momentum, nes
                  adaptive) -> list[Event]:
     """The ``fold`` events of one fold-number key (rows ``idx``) of :func:`detect_fold`."""
     wd = 0.0 if adaptive else float(weight_decay)
+    if adaptive:
+        # an adaptive run keeps gradient descent's levels: SGD's momentum (and nesterov, which with adaptive=True
+        # means Nesterov Adam) moved them, to 1.9 / 3.8 for momentum=0.9, as if the run were heavy ball
+        momentum, nesterov = 0.0, False
     if not wd:
         mapped = fold_levels_for(fold_levels, momentum, nesterov)
         levels = [(g, m) for g, m in zip(fold_levels, mapped)]

@@ -36,3 +36,35 @@ def test_a_decay_that_float32_rounds_to_one_is_refused(over, key):
     s = _tiny(**{"optim.name": "adam", "optim.momentum": 0.0, "optim.b1": below, "optim.b2": below})
     assert np.float32(s.optim.b2) < 1
     _tiny(**{"optim.momentum": below, "optim.clip_norm": 1e-30})
+
+
+# ---- defect 2: the runner's building blocks given what is no validated config ---------------------------------
+def test_the_runners_building_blocks_refuse_what_is_no_validated_config():
+    """``quotient_sgd.runner.make_dataset(config)`` with the ``ConfigDict`` itself (not ``validate(config)``) read
+    it without validation: a ``data.name`` that is no data set (``'mnist'``) silently gave the digits, and
+    ``make_optimizer`` ran any unknown ``optim.name`` as Adam (also for ``Settings`` changed by ``replace``, which
+    does not validate); ``sweep_members(config)`` failed in a bare ``AttributeError: 'axes'`` and
+    ``init_params(settings, ...)`` in ``AttributeError: 'settings'``.  Each now names the function and what it
+    takes."""
+    from flax import nnx
+
+    from quotient_sgd import runner
+
+    cfg = load_config(TINY)
+    cfg.data.name = "mnist"
+    calls = {"make_dataset": lambda: runner.make_dataset(cfg),
+             "make_model": lambda: runner.make_model(cfg, nnx.Rngs(0)),
+             "make_optimizer": lambda: runner.make_optimizer(cfg, None),
+             "sweep_members": lambda: runner.sweep_members(cfg), "init_params": lambda: runner.init_params(cfg, 0, 0.0)}
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match=rf"^{name}: (s must be a quotient_sgd.config.Settings|b must be the "
+                                            r"Built)"):
+            call()
+    s = _tiny()
+    with pytest.raises(TypeError, match="pass build"):
+        runner.init_params(s, 0, 0.0)
+    with pytest.raises(ValueError, match=r"config.data.name = 'mnist': unknown data set; allowed: \['teacher_student'"):
+        runner.make_dataset(s.replace(**{"data.name": "mnist"}))
+    with pytest.raises(ValueError, match=r"config.optim.name = 'rmsprop': unknown optimiser"):
+        runner.make_optimizer(s.replace(**{"optim.name": "rmsprop"}), None)
+    assert runner.make_dataset(s).name == "teacher_student" and len(runner.sweep_members(s)) == 8

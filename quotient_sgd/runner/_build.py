@@ -17,8 +17,11 @@ from ..config import Settings
 
 
 def make_model(s: Settings, rngs: nnx.Rngs) -> nnx.Module:
-    """The configured model (``model.name``), sized from the configured data."""
+    """The configured model (``model.name``), sized from the configured data.  ``s``: a validated
+    :class:`~quotient_sgd.config.Settings` (anything else raises ``TypeError``)."""
     from .. import models
+
+    require_settings(s, "make_model", "s")
     from ..config._build_check import input_spec
 
     m = s.model
@@ -42,7 +45,12 @@ def make_model(s: Settings, rngs: nnx.Rngs) -> nnx.Module:
 
 
 def make_dataset(s: Settings) -> qdata.Dataset:
-    """The configured data set (deterministic in ``data.seed``)."""
+    """The configured data set (deterministic in ``data.seed``).  ``s``: a validated
+    :class:`~quotient_sgd.config.Settings` (anything else raises ``TypeError``: a ``ConfigDict`` was read without
+    validation, and one whose ``data.name`` was no data set, e.g. ``'mnist'``, silently gave the digits); a
+    ``data.name`` that is none of :data:`quotient_sgd.config.DATASETS` (settings changed by ``Settings.replace``,
+    which does not validate) raises ``ValueError``."""
+    require_settings(s, "make_dataset", "s")
     d = s.data
     if d.name == "teacher_student":
         return qdata.teacher_student(seed=d.seed, n_train=d.n_train, n_test=d.n_test, din=d.din, dout=d.dout,
@@ -52,7 +60,10 @@ def make_dataset(s: Settings) -> qdata.Dataset:
         return qdata.modular_arithmetic(seed=d.seed, p=d.p, train_fraction=d.train_fraction, encoding=enc)
     if d.name == "sparse_parity":
         return qdata.sparse_parity(seed=d.seed, n_bits=d.n_bits, k=d.k, n_train=d.n_train, n_test=d.n_test)
-    return qdata.digits(seed=d.seed, test_fraction=d.test_fraction, layout="image" if s.model.name == "cnn" else "flat")
+    if d.name == "digits":
+        return qdata.digits(seed=d.seed, test_fraction=d.test_fraction,
+                            layout="image" if s.model.name == "cnn" else "flat")
+    raise ValueError(f"config.data.name = {d.name!r}: unknown data set; allowed: {list(qdata.GENERATORS)}")
 
 
 # ---- losses: module-level functions, bound with functools.partial (hashable, so train() caches them) --------
@@ -129,8 +140,11 @@ def _adam(learning_rate, weight_decay, b1=0.9, b2=0.999, eps=1e-8, clip_norm=0.0
 
 def make_inner_optimizer(s: Settings) -> optax.GradientTransformation:
     """The optimiser with ``learning_rate``, ``weight_decay`` (and ``momentum`` for SGD) injected
-    (``optax.inject_hyperparams``): a sweep sets them per member in the state, without recompiling."""
+    (``optax.inject_hyperparams``): a sweep sets them per member in the state, without recompiling.  An
+    ``optim.name`` other than ``sgd``, ``adam`` or ``adamw`` raises ``ValueError`` (it was run as Adam)."""
     o = s.optim
+    if o.name not in ("sgd", "adam", "adamw"):
+        raise ValueError(f"config.optim.name = {o.name!r}: unknown optimiser; allowed: ['sgd', 'adam', 'adamw']")
     if o.name == "sgd":
         return optax.inject_hyperparams(_sgd, static_args=("nesterov", "clip_norm"))(
             learning_rate=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov,
@@ -161,9 +175,11 @@ def make_optimizer(s: Settings, group) -> optax.GradientTransformation:
     """``quotient_trajectory( [horizontal | gauge_fix]( inject_hyperparams(optimiser) ), group)``; with Adam /
     AdamW and ``observables.hessian_every > 0`` the Hessian extremes include ``"preconditioned"``
     (``sharpness_preconditioned``: ``P^-1 H`` with Adam's ``P`` from the config's ``b1, b2, eps``,
-    :func:`quotient_sgd.optim.adam_preconditioner`)."""
+    :func:`quotient_sgd.optim.adam_preconditioner`).  ``s``: a validated :class:`~quotient_sgd.config.Settings`
+    (anything else raises ``TypeError``)."""
     from .. import optim
 
+    require_settings(s, "make_optimizer", "s")
     tx = make_inner_optimizer(s)
     if group is None:
         return tx
@@ -269,7 +285,10 @@ def _build(s: Settings) -> Built:
 def init_params(b: Built, seed, init_gauge):
     """Initial parameters for ``seed`` (traceable: usable under ``vmap`` over seeds), moved by a random element
     of the continuous symmetries of scale ``init_gauge`` when ``init_gauge > 0`` (same function, different
-    parameterisation)."""
+    parameterisation).  ``b``: what :func:`build` returns (anything else raises ``TypeError``)."""
+    if not isinstance(b, Built):
+        raise TypeError(f"init_params: b must be the Built of quotient_sgd.runner.build(settings), got "
+                        f"{type(b).__name__}" + ("; pass build(settings)" if isinstance(b, Settings) else ""))
     return init_model(b, seed, init_gauge)[0]
 
 

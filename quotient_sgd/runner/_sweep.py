@@ -110,7 +110,10 @@ class SweepResult:
 
 
 def sweep_members(s: Settings) -> list[dict[str, Any]]:
-    """The members of ``s.sweep``: ``[{axis: value}, ...]`` (product or zip of the non-empty axes)."""
+    """The members of ``s.sweep``: ``[{axis: value}, ...]`` (product or zip of the non-empty axes).  ``s``: a
+    :class:`~quotient_sgd.config.Settings` (``quotient_sgd.config.validate(config)``); anything else raises
+    ``TypeError`` (a ``ConfigDict`` failed in a bare ``AttributeError: 'axes'``)."""
+    require_settings(s, "sweep_members", "s")
     axes = s.sweep.axes()
     if not axes:
         return [{}]

@@ -68,3 +68,26 @@ def test_the_runners_building_blocks_refuse_what_is_no_validated_config():
     with pytest.raises(ValueError, match=r"config.optim.name = 'rmsprop': unknown optimiser"):
         runner.make_optimizer(s.replace(**{"optim.name": "rmsprop"}), None)
     assert runner.make_dataset(s).name == "teacher_student" and len(runner.sweep_members(s)) == 8
+
+
+# ---- defect 3: a teacher-student noise whose targets overflow float32 ------------------------------------------
+def test_a_noise_whose_targets_overflow_float32_is_named(tmp_path, capsys):
+    """``--config.data.noise=3e38`` on the tiny config validated ("a finite number >= 0") and ended the command in
+    a traceback of ``make_dataset``: "y_train holds 99 value(s) that are not finite in float32", naming no key;
+    ``teacher_student(noise=3e38)`` named ``y_train``, not its argument.  Now the generator names ``noise``, the
+    command stops with a message naming ``data.name`` and the generator's reason, writing nothing, and a noise
+    that is infinite in float32 (1e39) is refused by validation naming ``data.noise``."""
+    from quotient_sgd import cli
+    from quotient_sgd.data import teacher_student
+
+    with pytest.raises(ValueError, match=r"^teacher_student: noise=3e\+38 is not allowed; need a noise whose targets"):
+        teacher_student(noise=3e38)
+    with pytest.raises(ConfigError, match=r"config\.data\.noise = 1e\+39: the programs compute in float32"):
+        _tiny(**{"data.noise": 1e39})
+    work = tmp_path / "run"
+    code = cli.main(["quotient-sgd", "run", f"--config={TINY}", "--config.steps=2", "--config.data.noise=3e38",
+                     f"--workdir={work}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "config.data.name = 'teacher_student'" in err and "noise=3e+38 is not allowed" in err, err
+    assert "Traceback" not in err and not work.exists()
+    assert teacher_student(noise=1e30).num_train == 512

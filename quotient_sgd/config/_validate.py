@@ -605,7 +605,8 @@ def _as_run(v):
 _FLOAT32_KEYS = {"optim.lr": "positive", "optim.eps": "positive", "optim.weight_decay": "finite",
                  "optim.clip_norm": "off_or_positive", "optim.momentum": "below_one", "optim.b1": "below_one",
                  "optim.b2": "below_one", "init_gauge": "finite", "sweep.lr": "positive",
-                 "sweep.weight_decay": "finite", "sweep.init_gauge": "finite", "sweep.momentum": "below_one"}
+                 "sweep.weight_decay": "finite", "sweep.init_gauge": "finite", "sweep.momentum": "below_one",
+                 "data.noise": "finite"}
 
 
 def _check_float32(s: Settings) -> None:

@@ -80,6 +80,12 @@ def teacher_student(*, seed: int = 0, n_train: int = 512, n_test: int = 256, din
     w2 = rng.normal(size=(teacher_hidden, dout))
     x = rng.normal(size=(n_train + n_test, din))
     y = np.tanh(x @ w1) @ w2 / np.sqrt(teacher_hidden) + noise * rng.normal(size=(n_train + n_test, dout))
+    big = float(np.finfo(np.float32).max)
+    # (a noise of 1e38 or more made targets beyond float32's range, refused by make_dataset as "y_train holds 99
+    # value(s) that are not finite in float32", naming no argument of this function)
+    _check("teacher_student", noise=(noise, bool(np.all(np.abs(y) <= big)),
+                                     f"a noise whose targets y = teacher + noise * N(0, 1) stay finite in float32 "
+                                     f"(|y| <= {big:.4g}; the largest |y| here is {float(np.max(np.abs(y))):.4g})"))
     return make_dataset(x[:n_train], y[:n_train], x[n_train:], y[n_train:], task="regression", num_classes=dout,
                         name="teacher_student")
 

@@ -13,7 +13,7 @@ import optax
 from flax import nnx
 
 from .. import data as qdata
-from ..config import Settings
+from ..config import ConfigError, Settings
 
 
 def make_model(s: Settings, rngs: nnx.Rngs) -> nnx.Module:
@@ -49,8 +49,20 @@ def make_dataset(s: Settings) -> qdata.Dataset:
     :class:`~quotient_sgd.config.Settings` (anything else raises ``TypeError``: a ``ConfigDict`` was read without
     validation, and one whose ``data.name`` was no data set, e.g. ``'mnist'``, silently gave the digits); a
     ``data.name`` that is none of :data:`quotient_sgd.config.DATASETS` (settings changed by ``Settings.replace``,
-    which does not validate) raises ``ValueError``."""
+    which does not validate) raises a :class:`~quotient_sgd.config.ConfigError` (a ``ValueError``), and so does a
+    generator refusing the settings (``data.noise = 1e38``, whose targets overflow float32, ended the command in a
+    traceback naming ``y_train``): naming ``data.name`` and the generator's reason."""
     require_settings(s, "make_dataset", "s")
+    try:
+        return _make_dataset(s)
+    except ConfigError:
+        raise
+    except ValueError as e:  # (a traceback ending in the generator's ValueError)
+        raise ConfigError(f"config.data.name = {s.data.name!r}: the data set cannot be built from these settings of "
+                          f"config.data: {e}") from None
+
+
+def _make_dataset(s: Settings) -> qdata.Dataset:
     d = s.data
     if d.name == "teacher_student":
         return qdata.teacher_student(seed=d.seed, n_train=d.n_train, n_test=d.n_test, din=d.din, dout=d.dout,
@@ -63,7 +75,7 @@ def make_dataset(s: Settings) -> qdata.Dataset:
     if d.name == "digits":
         return qdata.digits(seed=d.seed, test_fraction=d.test_fraction,
                             layout="image" if s.model.name == "cnn" else "flat")
-    raise ValueError(f"config.data.name = {d.name!r}: unknown data set; allowed: {list(qdata.GENERATORS)}")
+    raise ConfigError(f"config.data.name = {d.name!r}: unknown data set; allowed: {list(qdata.GENERATORS)}")
 
 
 # ---- losses: module-level functions, bound with functools.partial (hashable, so train() caches them) --------

@@ -97,3 +97,37 @@ def test_fold_levels_of_an_adaptive_run_ignore_sgd_momentum():
         ev = detect(traj, lr=0.1, kinds=["fold"], adaptive=True, **opts)
         assert [(e.step, e.details["level"]) for e in ev] == gd, opts
     assert [e.details["level"] for e in detect(traj, lr=0.1, kinds=["fold"], momentum=0.9)] == [1.9]
+
+
+def test_shock_aware_lr_survives_a_non_finite_gradient_the_inner_optimiser_skips():
+    """``shock_aware_lr(optax.apply_if_finite(optax.sgd(0.5)))`` on ``0.5 (3 p0^2 + p1^2)``, an infinite gradient
+    at step 3: the curvature along the last step came out ``-inf``, the scale NaN, and NaN times the inner
+    optimiser's zero update made the parameters NaN at that very step (the curvature then stayed NaN: ``0 * NaN``
+    in the moving average).  A non-finite gradient now measures nothing: the skipped step leaves the parameters
+    as they were, the curvature known before (2.8) is kept and sets the next step's scale, ``1 / (0.5 * 2.8)``,
+    as on any step after a zero update."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from quotient_sgd.diagnostics import shock_aware_lr
+
+    h = jnp.array([3.0, 1.0])
+    for decay in (0.0, 0.5):
+        tx = shock_aware_lr(optax.apply_if_finite(optax.sgd(0.5), max_consecutive_errors=10), fold_target=1.0,
+                            curvature_decay=decay)
+        update = jax.jit(tx.update)
+        p, state = jnp.ones(2), tx.init(jnp.ones(2))
+        ps, states = [], []
+        for k in range(7):
+            g = h * p if k != 3 else (h * p).at[0].set(jnp.inf)
+            u, state = update(g, state, p)
+            p = p + u
+            ps.append(np.asarray(p))
+            states.append(state)
+        assert np.all(np.isfinite(np.stack(ps))), decay
+        np.testing.assert_array_equal(ps[3], ps[2])
+        for k in (3, 4):
+            assert float(states[k].curvature) == float(states[2].curvature)
+        np.testing.assert_allclose(float(states[4].scale), 1.0 / (0.5 * float(states[2].curvature)), rtol=1e-6)
+        assert np.all(np.isfinite([float(s.curvature) for s in states] + [float(s.scale) for s in states]))

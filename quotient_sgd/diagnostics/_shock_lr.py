@@ -178,10 +178,15 @@ def shock_aware_lr(inner: optax.GradientTransformation, *, fold_target: Target =
         u, inner_state = inner.update(grads, state.inner_state, params)
         dt = state.scale.dtype  # set by init from the parameters (_stat_dtype)
         dd = _dot(state.prev_updates, state.prev_updates, dt)
-        have = (state.count > 0) & (dd > 0)  # a new measurement: the last update moved the parameters
+        moved = (state.count > 0) & (dd > 0)  # the last update moved the parameters
         diff = jax.tree.map(lambda a, b: a - b, grads, state.prev_grads)
-        k_new = jnp.where(have, _dot(diff, state.prev_updates, dt) / jnp.where(have, dd, 1.0), 0.0)
-        k_new = k_new.astype(dt)
+        k_raw = (_dot(diff, state.prev_updates, dt) / jnp.where(moved, dd, 1.0)).astype(dt)
+        # a new measurement: the parameters moved and the gradients on both sides of the move are finite.  A
+        # non-finite gradient (an overflow the inner optimiser skips, e.g. optax.apply_if_finite, or a NaN batch)
+        # gave kappa = -inf or NaN, a NaN scale times the inner optimiser's zero update, NaN parameters at that
+        # step, and the curvature, kept or averaged (0 * NaN), stayed NaN for the rest of the run
+        have = moved & jnp.isfinite(k_raw)
+        k_new = jnp.where(have, k_raw, 0.0).astype(dt)
         ema = jnp.asarray(curvature_decay, dt)
         # the moving average starts at the first measurement and skips a step without one: after an exactly zero
         # update the curvature known from the earlier steps is kept and still sets the scale (the step after a
@@ -193,6 +198,7 @@ def shock_aware_lr(inner: optax.GradientTransformation, *, fold_target: Target =
         known = known | have
         gg = _dot(grads, grads, dt)
         h = jnp.where(gg > 0, jnp.sqrt(_dot(u, u, dt) / jnp.where(gg > 0, gg, 1.0)), 0.0).astype(dt)
+        h = jnp.where(jnp.isfinite(h), h, 0.0)  # (a non-finite gradient or update: no length to measure)
         fold = h * jnp.maximum(kappa, 0.0)
         shock = h * jnp.maximum(-kappa, 0.0)
         ft, st = _value(fold_target, state.count, dt), _value(shock_target, state.count, dt)

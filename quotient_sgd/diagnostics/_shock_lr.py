@@ -26,7 +26,9 @@ at 1, THEORY section 3).
 measured (the first step, and the steps after it while every update was exactly zero, e.g. a warm-up from a
 learning rate of 0) ``s = init_scale``.  A step that follows an exactly zero update measures nothing (the
 parameters did not move, ``Delta_{k-1} = 0``): it keeps the curvature known from the earlier steps, and its scale
-follows that curvature as on any other step; the moving average skips it.  ``curvature_decay`` in [0, 1) smooths
+follows that curvature as on any other step; the moving average skips it.  So does a step whose gradient, or
+the one before it, is not finite (an overflow the inner optimiser skips, e.g. ``optax.apply_if_finite``): it
+measures nothing, and a zero update of the inner optimiser stays zero.  ``curvature_decay`` in [0, 1) smooths
 kappa by an exponential moving average over the measurements (useful with mini-batch gradient noise, which enters
 kappa through the two different batches), started at the first measurement; 0 uses the latest estimate.  The
 state has a fixed structure (safe inside ``lax.scan``, vmap and ``inject_hyperparams`` of the inner optimiser or

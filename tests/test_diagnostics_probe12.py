@@ -131,3 +131,27 @@ def test_shock_aware_lr_survives_a_non_finite_gradient_the_inner_optimiser_skips
             assert float(states[k].curvature) == float(states[2].curvature)
         np.testing.assert_allclose(float(states[4].scale), 1.0 / (0.5 * float(states[2].curvature)), rtol=1e-6)
         assert np.all(np.isfinite([float(s.curvature) for s in states] + [float(s.scale) for s in states]))
+
+
+def test_spikes_of_evenly_spaced_records_are_unchanged_by_a_later_irregular_record():
+    """Records every ``K`` steps are read with windows of ``ceil(window / K)`` records; one record more at an
+    irregular step switches the reading to windows of steps, which must give the same spikes on the rows before
+    it (a live detector reads the first form until such a record arrives).  The end of a spike, ``window`` steps
+    after its peak, came ``floor(window / K)`` records after it in steps (a loss at a new level from step 300,
+    records every 3 steps, 50-step window: end step 354 read evenly, 351 with one more record at step 2000), and
+    a mean over one record rounded in the running sums.  Random ``K``, windows, smoothing and losses."""
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        k, n = int(rng.integers(1, 8)), int(rng.integers(20, 120))
+        steps = np.arange(n) * k
+        loss = np.exp(rng.normal(size=n) * rng.choice([0.1, 0.5, 1.0]))
+        opts = dict(kinds=["loss_spike"], spike_window=int(rng.integers(1, 40)), spike_smooth=int(rng.integers(1, 10)))
+        even = detect({"loss": loss, "step": steps}, **opts)
+        more = detect({"loss": np.r_[loss, 1.0], "step": np.r_[steps, steps[-1] + 10**6]}, **opts)
+        assert ([e for e in even if e.details["end_step"] != steps[-1]]
+                == [e for e in more if e.details["end_step"] < steps[-1]]), (k, n, opts)
+    steps = np.arange(0, 600, 3)
+    loss = np.where(steps >= 300, 3.0, 1.0)
+    for s, v in ((steps, loss), (np.r_[steps, 2000], np.r_[loss, 3.0])):
+        (ev,) = detect({"loss": v, "step": s}, kinds=["loss_spike"])
+        assert (ev.step, ev.details["end_step"]) == (300, 354)

@@ -648,6 +648,8 @@ def _causal_mean(x: np.ndarray, k: int, starts: np.ndarray | None = None) -> np.
     fin = np.isfinite(x)
     c = np.cumsum(np.r_[0.0, np.where(fin, x, 0.0)])
     out = (c[idx] - c[lo]) / (idx - lo)
+    one = idx - lo == 1
+    out[one] = x[one]  # a window of one row is the row itself (the difference of two running sums rounds)
     bad = np.cumsum(np.r_[0, ~fin])
     with np.errstate(invalid="ignore"):
         for i in np.flatnonzero(bad[idx] > bad[lo]):  # the windows holding a non-finite value, directly

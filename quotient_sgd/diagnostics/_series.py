@@ -299,10 +299,12 @@ def spikes(loss: np.ndarray, factor: float = 2.0, window: int = 50, starts: np.n
     non-finite loss is a spike that never ends (see ``divergence``).  A spike also ends ``window`` steps after its
     peak.  ``starts``: the first row of each row's trailing window (:func:`window_starts`, records at irregular
     steps), instead of the previous ``window`` rows, for the base; ``steps`` and ``step_window`` (records at
-    irregular steps): the spike ends ``step_window`` steps after its peak, ``steps[j] - steps[peak] >
-    step_window``, instead of ``window`` rows after it (rows of the median spacing: a run recorded every step
-    for 1000 steps, then every 10, ended a spike of its dense part 5 steps after its peak with a 50-step window,
-    and one seen live before the sparse rows outnumbered the dense ones 50 steps after it)."""
+    irregular steps): the spike ends ``step_window`` steps after its peak, at the first row ``j`` whose previous
+    record, covering the steps up to row ``j``'s, starts ``step_window`` or more steps after the peak
+    (``steps[j - 1] - steps[peak] >= step_window``: for records every ``K`` steps ``ceil(step_window / K)`` rows
+    after it, as ``window``), instead of ``window`` rows after it (rows of the median spacing: a run recorded
+    every step for 1000 steps, then every 10, ended a spike of its dense part 5 steps after its peak with a
+    50-step window, and one seen live before the sparse rows outnumbered the dense ones 50 steps after it)."""
     out = []
     n = len(loss)
     base_of = trailing_min(loss, window) if starts is None else trailing_min_from(loss, starts)
@@ -325,7 +327,7 @@ def spikes(loss: np.ndarray, factor: float = 2.0, window: int = 50, starts: np.n
         # (a loss that settles at a new, higher level starts a new baseline instead of merging every later
         # spike into this one)
         while j < n and (not np.isfinite(loss[j]) or above(loss[j], base, factor)) and (
-                j - peak <= window if by_step is None else by_step[j] - by_step[peak] <= step_window):
+                j - peak <= window if by_step is None else by_step[j - 1] - by_step[peak] < step_window):
             if not np.isfinite(loss[j]) or (np.isfinite(loss[peak]) and loss[j] > loss[peak]):
                 peak = j
             j += 1

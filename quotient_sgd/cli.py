@@ -194,6 +194,23 @@ def _overrides(argv: list[str]) -> list[tuple[str, str]]:
     return out
 
 
+def _repeated_tuple_override(argv: list[str]) -> str | None:
+    """The message for a tuple key given more than once (``--config.model.hidden=(8,) --config.model.hidden=(4,)``),
+    or ``None``.  ``ml_collections`` joins the values of a repeated tuple flag (the model got ``hidden = (8, 4)``,
+    two layers, where a key given twice otherwise takes its last value): neither reading is safe to guess, so the
+    command asks for the whole tuple once."""
+    given: dict[str, list[str]] = {}
+    for key, value in _overrides(argv):
+        if _override_kind(key) is tuple:
+            given.setdefault(key, []).append(value)
+    for key, values in given.items():
+        if len(values) > 1:
+            return (f"config.{key} is given {len(values)} times ({', '.join(map(repr, values))}); ml_collections "
+                    f"would join the values of a repeated tuple key into one tuple, not keep the last: give the whole "
+                    f"tuple once: --config.{key}=\"{values[-1]}\" for the last value, or one tuple holding them all")
+    return None
+
+
 _KINDS = {"bool": "a bool (True/False)", "int": "an int", "float": "a float", "str": "a string",
           "tuple": "a tuple/list", "ConfigDict": "a section (ConfigDict)"}
 
@@ -529,6 +546,9 @@ def _main(argv: list[str]) -> int:
             check_override_key(key, value)
     except ConfigError as e:
         return _fail(str(e))
+    repeated = _repeated_tuple_override(argv[1:])
+    if repeated:
+        return _fail(repeated)
     load_error = _config_load_error(argv[1:])
     if load_error:
         return _fail(load_error)

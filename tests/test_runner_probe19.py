@@ -91,3 +91,23 @@ def test_a_noise_whose_targets_overflow_float32_is_named(tmp_path, capsys):
     assert code == 2 and "config.data.name = 'teacher_student'" in err and "noise=3e+38 is not allowed" in err, err
     assert "Traceback" not in err and not work.exists()
     assert teacher_student(noise=1e30).num_train == 512
+
+
+# ---- defect 4: a tuple key given twice on the command line -----------------------------------------------------
+@pytest.mark.parametrize("args, key", [
+    (["--config.model.hidden=(8,)", "--config.model.hidden=(4,)"], "model.hidden"),
+    (["--config.sweep.lr=0.1", "-config.sweep.lr", "0.3"], "sweep.lr"),
+])
+def test_a_tuple_key_given_twice_is_refused(tmp_path, capsys, args, key):
+    """The README says a key given twice takes its last value, but ``ml_collections`` joins the values of a
+    repeated tuple flag: ``--config.model.hidden=(8,) --config.model.hidden=(4,)`` trained a 8-4 two-layer MLP
+    (``config.json``: ``hidden = [8, 4]``), ``--config.sweep.lr=(0.1,) --config.sweep.lr=(0.3,0.5)`` swept
+    (0.1, 0.3, 0.5).  Neither reading is safe to guess: the command refuses, naming the key and the values,
+    writing nothing."""
+    from quotient_sgd import cli
+
+    work = tmp_path / "run"
+    code = cli.main(["quotient-sgd", "run", f"--config={TINY}", "--config.steps=2", *args, f"--workdir={work}"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"config.{key} is given 2 times" in err and "would join the values" in err, err
+    assert not work.exists()

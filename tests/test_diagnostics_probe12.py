@@ -155,3 +155,35 @@ def test_spikes_of_evenly_spaced_records_are_unchanged_by_a_later_irregular_reco
     for s, v in ((steps, loss), (np.r_[steps, 2000], np.r_[loss, 3.0])):
         (ev,) = detect({"loss": v, "step": s}, kinds=["loss_spike"])
         assert (ev.step, ev.details["end_step"]) == (300, 354)
+
+
+def test_shock_aware_lr_passes_the_updates_extra_arguments_to_its_inner_optimiser():
+    """``shock_aware_lr(optax.chain(optax.sgd(0.5), optax.contrib.reduce_on_plateau(...)))``: the update refused
+    ``value=`` ("unexpected keyword argument 'value'"), and inside ``train`` (which passes ``value`` and others,
+    dropped for a transformation without extra arguments) the inner plateau failed with "missing 1 required
+    keyword-only argument: 'value'".  They now reach the inner optimiser: ``train`` gives the plain loop's
+    parameters, whose plateau halved the step."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from quotient_sgd.diagnostics import shock_aware_lr
+    from quotient_sgd.optim import train
+
+    h = jnp.array([3.0, 1.0])
+
+    def loss(p, batch):
+        return 0.5 * jnp.sum(h * p * p)
+
+    inner = optax.chain(optax.sgd(0.5), optax.contrib.reduce_on_plateau(factor=0.5, patience=0,
+                                                                       accumulation_size=1))
+    tx = shock_aware_lr(inner, fold_target=1.0)
+    p, state = jnp.ones(2), tx.init(jnp.ones(2))
+    update = jax.jit(tx.update)
+    with jax.numpy_dtype_promotion("standard"):  # (optax's reduce_on_plateau is not strict-clean)
+        for _ in range(4):
+            u, state = update(h * p, state, p, value=loss(p, None))
+            p = p + u
+        trained = train(loss, jnp.ones(2), tx, jnp.zeros((4, 1)), donate=False)[0]
+    np.testing.assert_allclose(np.asarray(trained), np.asarray(p), rtol=1e-6)
+    assert float(state.inner_state[1].scale) < 1.0  # (the plateau read the values passed on)

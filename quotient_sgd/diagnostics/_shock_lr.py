@@ -106,7 +106,9 @@ def shock_aware_lr(inner: optax.GradientTransformation, *, fold_target: Target =
     """Wrap ``inner`` (any Optax optimiser producing the final update) with shock-aware step control.
 
     Args:
-        inner: the optimiser whose updates are scaled (e.g. ``optax.sgd(0.1)``, ``optax.adamw(...)``).
+        inner: the optimiser whose updates are scaled (e.g. ``optax.sgd(0.1)``, ``optax.adamw(...)``); the
+            update's extra keyword arguments (``value=`` of ``optax.contrib.reduce_on_plateau``, those
+            :func:`~quotient_sgd.optim.train` passes) are passed on to it.
         fold_target: target / cap for the fold number ``h max(0, kappa)`` (number or schedule).
         shock_target: cap for the shock number ``h max(0, -kappa)``.
         policy: ``"cap"`` or ``"track"`` (module docstring).
@@ -176,8 +178,14 @@ def shock_aware_lr(inner: optax.GradientTransformation, *, fold_target: Target =
         return ShockAwareState(jnp.zeros((), jnp.int32), jnp.ones((), dt), z(), z(), z(), zeros(), zeros(),
                                inner.init(params), jnp.zeros((), jnp.int32))
 
-    def update(grads, state, params=None):
-        u, inner_state = inner.update(grads, state.inner_state, params)
+    # the extra arguments of the update (``value=`` of optax.contrib.reduce_on_plateau, ``value_fn`` / ``grad`` of
+    # optax.lbfgs's line search, as quotient_sgd.optim.train passes them) go on to the inner optimiser: refused
+    # ("unexpected keyword argument 'value'"), and dropped by optax.with_extra_args_support in train, an inner
+    # chain holding reduce_on_plateau failed with "missing 1 required keyword-only argument: 'value'"
+    inner = optax.with_extra_args_support(inner)
+
+    def update(grads, state, params=None, **extra_args):
+        u, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
         dt = state.scale.dtype  # set by init from the parameters (_stat_dtype)
         dd = _dot(state.prev_updates, state.prev_updates, dt)
         moved = (state.count > 0) & (dd > 0)  # the last update moved the parameters
@@ -221,4 +229,4 @@ def shock_aware_lr(inner: optax.GradientTransformation, *, fold_target: Target =
                               state.measurements + have.astype(jnp.int32))
         return updates, new
 
-    return optax.GradientTransformation(init, update)
+    return optax.GradientTransformationExtraArgs(init, update)

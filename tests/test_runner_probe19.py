@@ -111,3 +111,21 @@ def test_a_tuple_key_given_twice_is_refused(tmp_path, capsys, args, key):
     err = capsys.readouterr().err
     assert code == 2 and f"config.{key} is given 2 times" in err and "would join the values" in err, err
     assert not work.exists()
+
+
+# ---- defect 5: load_trajectory given a file -----------------------------------------------------------------------
+def test_load_trajectory_of_a_file_says_it_is_a_file(tmp_path):
+    """``load_trajectory('runs/x/trajectory.npz')`` (the file for its directory, as ``np.load`` takes it) said
+    "run_dir='runs/x/trajectory.npz' does not exist", and so did ``detect_run``; the file exists.  Now both say it
+    is a file and name the directory holding it."""
+    from quotient_sgd.diagnostics import detect_run
+    from quotient_sgd.runner import load_trajectory
+
+    f = tmp_path / "trajectory.npz"
+    np.savez(f, step=np.arange(3), loss=np.ones(3))
+    for call, name in ((load_trajectory, "load_trajectory"), (detect_run, "detect_run")):
+        with pytest.raises(FileNotFoundError, match=rf"^{name}: run_dir=.* is a file, not a run directory; pass the "
+                                                    rf"run directory \(the one holding it is '{tmp_path}'\)"):
+            call(str(f))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_trajectory(str(tmp_path / "missing"))

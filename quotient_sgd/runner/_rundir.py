@@ -622,8 +622,9 @@ def load_trajectory(run_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     their steps and how many of them lie after the newest checkpoint).
 
     Raises:
-        FileNotFoundError: ``run_dir`` does not exist, is a sweep directory (the message names its members'
-            run directories), or holds no run (no ``config.json`` and no trajectory).
+        FileNotFoundError: ``run_dir`` does not exist, is a file (its ``trajectory.npz``, say), is a sweep
+            directory (the message names its members' run directories), or holds no run (no ``config.json`` and
+            no trajectory).
     """
     run_dir = directory_path(run_dir, "load_trajectory", "run_dir")
     path = os.path.join(run_dir, "trajectory.npz")
@@ -639,6 +640,10 @@ def load_trajectory(run_dir: str | os.PathLike) -> dict[str, np.ndarray]:
             unreadable = f"trajectory.npz does not load ({type(e).__name__}: {e})"
             warnings.warn(f"load_trajectory: {path} does not load ({type(e).__name__}: {e}); reading the "
                           f"trajectory parts it was assembled from instead", RuntimeWarning, stacklevel=2)
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        # (its trajectory.npz given for the directory was said "not to exist")
+        raise FileNotFoundError(f"load_trajectory: run_dir={run_dir!r} is a file, not a run directory; pass the run "
+                                f"directory (the one holding it is {os.path.dirname(os.path.abspath(run_dir))!r})")
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"load_trajectory: run_dir={run_dir!r} does not exist")
     if os.path.isfile(os.path.join(run_dir, "sweep.json")):

@@ -187,3 +187,17 @@ def test_shock_aware_lr_passes_the_updates_extra_arguments_to_its_inner_optimise
         trained = train(loss, jnp.ones(2), tx, jnp.zeros((4, 1)), donate=False)[0]
     np.testing.assert_allclose(np.asarray(trained), np.asarray(p), rtol=1e-6)
     assert float(state.inner_state[1].scale) < 1.0  # (the plateau read the values passed on)
+
+
+def test_live_detection_keeps_two_slice_shocks_at_one_step():
+    """Two slice shocks at step 5 (a 1-D and a 2-D slice) share their ``Event.key()``: ``detect`` reports both,
+    a ``LiveDetector`` kept one, the second replacing the first in every update.  Now the n-th event of a key is
+    matched to the n-th reported: live chunks give detect's two events."""
+    shocks = [{"step": 5, "shock_time": 0.5, "slice": "1d"}, {"step": 5, "shock_time": 2.0, "slice": "2d"}]
+    traj = {"loss": np.ones(10)}
+    whole = detect(traj, lr=0.1, kinds=["shock"], slice_shocks=shocks)
+    assert [e.details["slice"] for e in whole] == ["1d", "2d"]
+    live = LiveDetector(lr=0.1, kinds=["shock"], slice_shocks=shocks)
+    for a in range(0, 10, 3):
+        live.update({"loss": traj["loss"][a:a + 3]})
+    assert live.events == whole

@@ -248,17 +248,25 @@ class LiveDetector:
             self._chunks.pop()
             raise
         new = []
-        at = {e.key(): i for i, e in enumerate(self.events)}  # the events reported so far, by key
+        # the events reported so far, by key; events that share a key (two slice shocks at one step: the key has no
+        # room for what tells them apart) in the order detect gives them, the n-th found matched to the n-th
+        # reported (keyed one to one, the second of two slice shocks at a step replaced the first)
+        at: dict[tuple, list[int]] = {}
+        for i, e in enumerate(self.events):
+            at.setdefault(e.key(), []).append(i)
+        seen: dict[tuple, int] = {}
         for e in found:
-            if e.key() not in at:
-                at[e.key()] = len(self.events)
+            k = e.key()
+            n = seen[k] = seen.get(k, -1) + 1
+            if n >= len(at.get(k, ())):
+                at.setdefault(k, []).append(len(self.events))
                 self.events.append(e)
                 new.append(e)
             else:
                 # an episode that was still running at the end of an earlier chunk: its onset (the key) is
                 # causal, its peak, end and strength are not; kept as first reported, a loss spike cut by a chunk
                 # boundary kept the strength of its peak so far (2.20 where detect on the whole run gives 2.34)
-                self.events[at[e.key()]] = e
+                self.events[at[k][n]] = e
         # in detect's order (by step, then kind and variant): kept in the order found, an event confirmed later
         # than a later step's (a catapult confirmed after the next spike's loss_spike) stood after it, so that the
         # list and the file depended on the chunking

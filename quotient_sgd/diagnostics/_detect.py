@@ -697,7 +697,9 @@ def detect_loss_spike(traj, *, steps, spike_factor: float = 2.0, spike_window: i
     fluctuates by more than a factor 2 once it is small, which the detector would report as spikes.  Windows
     count steps (a trajectory kept every ``K`` steps: ``K`` steps per record; records at irregular steps: the base
     is the minimum over the records covering the previous ``spike_window`` steps, a record covering the steps up to
-    the next one's)."""
+    the next one's, the running mean is over the records of the last ``spike_smooth`` steps, and a spike ends once
+    the record before a row starts ``spike_window`` or more steps after its peak; the same records as for evenly
+    spaced ones, whose windows are ``ceil(window / K)`` records, and chunk by chunk as on the whole run)."""
     loss = scalar(traj, "loss")
     if loss is None:
         return []

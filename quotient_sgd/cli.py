@@ -401,6 +401,9 @@ def _config_load_error(argv: list[str]) -> str | None:
         typed = _config_file_type_error(e)
         if typed:  # a value of the wrong type assigned to a key: named with its dotted key
             return typed
+        recorded = _json_record(path)
+        if recorded:  # (a run's config.json given to --config: "line 44: NameError: name 'false' is not defined")
+            return recorded
         real = os.path.realpath(path)
         lines = [fr.lineno for fr in traceback.extract_tb(e.__traceback__) if os.path.realpath(fr.filename) == real]
         if isinstance(e, SyntaxError) and e.lineno is not None:
@@ -425,6 +428,22 @@ def _config_load_error(argv: list[str]) -> str | None:
                 f"locks the config and applies the --config.KEY=VALUE overrides to it, which a frozen config "
                 f"refuses; return a ConfigDict (ml_collections.ConfigDict(frozen) thaws it)")
     return None
+
+
+def _json_record(path: str) -> str | None:
+    """The message for a ``--config`` file that is a JSON object (a run directory's ``config.json``, a sweep's
+    ``sweep.json``) rather than a Python config file, or ``None`` when it is not JSON."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(obj, dict):
+        return None
+    return (f"config file {path!r} holds JSON (a run directory's config.json, or a sweep's sweep.json?), not a "
+            f"Python config file: --config takes a file defining get_config() (e.g. configs/tiny.py) and changes "
+            f"its keys with --config.KEY=VALUE; a recorded config is read back by quotient_sgd.config.from_dict "
+            f"(and redrawn by `quotient-sgd report DIR`)")
 
 
 def _bad_json(workdir: str) -> str | None:

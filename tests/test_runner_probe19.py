@@ -129,3 +129,21 @@ def test_load_trajectory_of_a_file_says_it_is_a_file(tmp_path):
             call(str(f))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_trajectory(str(tmp_path / "missing"))
+
+
+# ---- defect 6: a recorded config.json given to --config -----------------------------------------------------------
+def test_a_recorded_config_json_given_as_the_config_file_is_named(tmp_path, capsys):
+    """``quotient-sgd run --config=runs/x/config.json`` (a run's recorded config, to run it again) was imported as
+    Python and refused as "cannot load the config file ..., line 8: NameError: name 'false' is not defined".  Now
+    the message says the file is JSON, what ``--config`` takes and what reads a recorded config; nothing written."""
+    import json
+
+    from quotient_sgd import cli
+
+    record = tmp_path / "config.json"
+    record.write_text(json.dumps(_tiny(steps=2).to_dict(), indent=1))
+    work = tmp_path / "run"
+    code = cli.main(["quotient-sgd", "run", f"--config={record}", f"--workdir={work}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "holds JSON (a run directory's config.json" in err and "NameError" not in err, err
+    assert "quotient_sgd.config.from_dict" in err and not work.exists()

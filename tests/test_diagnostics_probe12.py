@@ -201,3 +201,33 @@ def test_live_detection_keeps_two_slice_shocks_at_one_step():
     for a in range(0, 10, 3):
         live.update({"loss": traj["loss"][a:a + 3]})
     assert live.events == whole
+
+
+def test_stability_decomposition_refuses_bad_arguments_by_name():
+    """``num_matvecs=0`` was refused by the Lanczos routine as ``k=1 > num_matvecs`` and ``2.5`` with a TypeError,
+    neither naming ``stability_decomposition``; ``raw="no"`` (truthy) computed the raw sharpness; ``lr="0.1"``
+    failed in a bare JAX TypeError and ``lr=-1`` / NaN gave a negative / NaN ``lr_times_lambda_step``.  Each is now
+    a ValueError naming the argument, checked before anything is traced; ``lr`` traced under ``vmap`` still
+    passes."""
+    import jax
+    import jax.numpy as jnp
+    import pytest
+
+    from quotient_sgd.diagnostics import stability_decomposition
+    from quotient_sgd.symmetry import Rescale
+
+    group = Rescale(incoming=((("w1",), 1),), outgoing=((("w2",), 0),), name="unit")
+    params = {"w1": jnp.full((1, 1), 4.0), "w2": jnp.full((1, 1), 0.5)}
+
+    def loss(p):
+        return 0.5 * jnp.square(p["w1"][0, 0] * p["w2"][0, 0] - 2.0)
+
+    key = jax.random.key(0)
+    for bad, name in ((dict(num_matvecs=0), "num_matvecs=0"), (dict(num_matvecs=2.5), "num_matvecs=2.5"),
+                      (dict(num_matvecs=True), "num_matvecs=True"), (dict(raw="no"), "raw='no'"),
+                      (dict(lr="0.1"), "lr='0.1'"), (dict(lr=-1.0), "lr=-1.0"), (dict(lr=float("nan")), "lr=nan")):
+        with pytest.raises(ValueError, match=f"stability_decomposition: {name} is not allowed"):
+            stability_decomposition(loss, group, params, bad.pop("lr", 0.1), key=key, **bad)
+    lrs = jnp.array([0.1, 0.2])
+    out = jax.vmap(lambda lr: stability_decomposition(loss, group, params, lr, key=key, num_matvecs=1, raw=False))(lrs)
+    np.testing.assert_allclose(out["lr_times_lambda_step"], lrs * out["sharpness_horizontal"], rtol=1e-6)

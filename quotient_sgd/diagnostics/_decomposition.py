@@ -20,12 +20,15 @@ sqrt(Q^2 + m^2)`` over the balanced one ``2 eta m``.
 
 from __future__ import annotations
 
+import numbers
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ..observables import sharpness_horizontal, sharpness_quotient, sharpness_raw
+from ._series import real_kind
 
 
 def _sq(t) -> jax.Array:
@@ -52,12 +55,41 @@ def stability_decomposition(loss_fn: Callable, group, params, lr=None, *, key, n
 
     Called outside ``jit`` it runs as one compiled program (cached per ``loss_fn``, ``group``, ``num_matvecs``,
     ``raw`` and the shapes; op by op it took ~3x longer); an unhashable ``loss_fn`` or ``group`` runs op by op.
+
+    Raises:
+        ValueError: ``num_matvecs`` not an integer ``>= 1`` (0 or -1 was refused by the Lanczos routine as
+            ``k=1 > num_matvecs``, 2.5 or True with a TypeError, none naming this function), ``raw`` not a bool
+            (``raw="no"`` is truthy: the raw sharpness was computed), or a concrete ``lr`` that is not a finite
+            number ``>= 0`` (``"0.1"`` failed in a bare JAX TypeError; ``-1`` and NaN gave a negative or NaN
+            ``lr_times_lambda_step``); a traced ``lr`` (under ``jit`` / ``vmap``) is used as it comes.
     """
+    _check_arguments(lr, num_matvecs, raw)
     try:
         hash((loss_fn, group))
     except TypeError:
         return _decomposition(loss_fn, group, params, lr, key, num_matvecs, raw)
     return _decomposition_jit(loss_fn, group, params, lr, key, num_matvecs, raw)
+
+
+def _check_arguments(lr, num_matvecs, raw) -> None:
+    """:func:`stability_decomposition`'s argument checks (see its Raises)."""
+    if isinstance(num_matvecs, (bool, np.bool_)) or not isinstance(num_matvecs, numbers.Integral) \
+            or num_matvecs < 1:
+        raise ValueError(f"stability_decomposition: num_matvecs={num_matvecs!r} is not allowed; need an integer >= 1 "
+                         "(Hessian-vector products of each Lanczos run)")
+    if not isinstance(raw, (bool, np.bool_)):
+        raise ValueError(f"stability_decomposition: raw={raw!r} is not allowed; need True or False (also compute the "
+                         "raw sharpness)")
+    if lr is None or isinstance(lr, jax.core.Tracer):
+        return
+    try:
+        a = np.asarray(lr)
+    except Exception:  # noqa: BLE001 - not array-like: reported below
+        a = None
+    ok = a is not None and a.ndim == 0 and real_kind(a.dtype) in "iuf" and bool(np.isfinite(a)) and float(a) >= 0
+    if not ok:
+        raise ValueError(f"stability_decomposition: lr={lr!r} is not allowed; need None or a finite number >= 0 (the "
+                         "learning rate of lr_times_lambda_step)")
 
 
 def _decomposition(loss_fn, group, params, lr, key, num_matvecs, raw):

@@ -129,7 +129,8 @@ def cusum_threshold(n_blocks: int, alpha: float = 0.05, k: float = 0.5, min_ref:
     ``h`` extrapolates an exponential fitted to the top 1000 simulated values, ``P(max > h) ~ exp(-theta h)``:
     conservative, the clipped statistic's tail being lighter (measured on 60 blocks: 14.9 for alpha = 1e-5 against
     14.6 from 2 million simulations).  The series are simulated in chunks of at
-    most ``2^22`` values (32 MB; 20000 blocks drew 640 MB at once).  Cached per argument tuple.  Every argument
+    most ``max(2^22, 500 n_blocks)`` values (at least 500 series a chunk, the loop over the blocks dominating: 32 MB
+    up to 8388 blocks, 80 MB for 20000 blocks, which drew 640 MB at once).  Cached per argument tuple.  Every argument
     may be a Python or NumPy number or a 0-d NumPy / JAX array of one (a JAX scalar failed in the cache with a bare
     ``TypeError: unhashable type``).
 

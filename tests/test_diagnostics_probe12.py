@@ -231,3 +231,23 @@ def test_stability_decomposition_refuses_bad_arguments_by_name():
     lrs = jnp.array([0.1, 0.2])
     out = jax.vmap(lambda lr: stability_decomposition(loss, group, params, lr, key=key, num_matvecs=1, raw=False))(lrs)
     np.testing.assert_allclose(out["lr_times_lambda_step"], lrs * out["sharpness_horizontal"], rtol=1e-6)
+
+
+def test_a_requested_transition_key_outside_the_variants_given_is_reported():
+    """``transition_keys=["grad_norm"]`` (raw) with ``variants=("quotient",)``, or ``["loss"]`` with
+    ``variants=("raw",)``: the key asked for was not monitored, without a word (a rate change of the gradient norm
+    at step 600 gave no event and no warning).  A warning now names it; with both variants it is monitored."""
+    import warnings
+
+    import pytest
+
+    t = np.arange(1000)
+    grad = np.where(t < 600, np.exp(-t / 500), np.exp(-600 / 500 - (t - 600) / 50))
+    traj = {"loss": np.exp(-t / 500), "grad_norm": grad}
+    for keys, variants in ((["grad_norm"], ("quotient",)), (["loss"], ("raw",))):
+        with pytest.warns(UserWarning, match=rf"transition_keys \['{keys[0]}'\].*not monitored"):
+            detect(traj, kinds=["transition"], transition_keys=keys, variants=variants)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (ev,) = detect(traj, kinds=["transition"], transition_keys=["grad_norm"])
+    assert ev.details["observable"] == "grad_norm" and 600 <= ev.step <= 700

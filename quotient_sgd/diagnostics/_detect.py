@@ -1047,6 +1047,14 @@ def detect_transition(traj, *, steps, transition_keys: Sequence[str] | None = No
             keys += [kk for kk in transition_keys if not is_invariant([kk])]
         keys = [kk for kk in keys if scalar(traj, kk) is not None and (variant == "raw") != is_invariant([kk])]
         monitored += [(variant, kk) for kk in keys]
+    if transition_keys is not None:
+        # a requested key whose variant is not among ``variants`` (``grad_norm``, raw, with variants=("quotient",))
+        # was not monitored, without a word
+        left = [kk for kk in transition_keys if scalar(traj, kk) is not None and kk not in {m for _, m in monitored}]
+        if left:
+            warnings.warn(f"detect_transition: transition_keys {left} are monitored in the variant their kind gives "
+                          f"({[('quotient' if is_invariant([kk]) else 'raw') for kk in left]}), which is not in "
+                          f"variants={variants}; not monitored", stacklevel=2)
     # Bonferroni over every monitored key of every variant: the stated bound is on any transition event of the
     # run (split per variant, a trajectory with quotient and raw keys had twice the stated false-alarm rate)
     a = alpha / max(1, len(monitored))

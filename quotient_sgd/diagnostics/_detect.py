@@ -987,15 +987,15 @@ def detect_transition(traj, *, steps, transition_keys: Sequence[str] | None = No
     values; a serially correlated or heavy-tailed rate exceeds it unless ``block`` is several correlation times,
     measured rates in :mod:`._cusum`).  ``transition_keys``: the keys to monitor instead of
     :func:`default_transition_keys` (orbit invariants as variant ``quotient``, other keys as ``raw``; a key the
-    trajectory lacks is skipped with a warning).  ``horizon``: planned trajectory length in steps for live use
-    (fixes the block length and the threshold, so that chunks of any size give the events of the whole
-    trajectory; for records evenly spaced, every ``K`` steps: ``horizon / K`` planned records.  Records at
-    irregular steps are counted with the median spacing of the records so far, which a live detector sees change,
-    e.g. every step, then every 10: the block length then depends on how much has arrived, and live events may
+    trajectory lacks is skipped with a warning, as is one whose variant is not in ``variants``).  ``horizon``: planned
+    trajectory length in steps for live use (fixes the block length and the threshold, so that chunks of any size give
+    the events of the whole trajectory; for records evenly spaced, every ``K`` steps: ``horizon / K`` planned records.
+    Records at irregular steps are counted with the median spacing of the records so far, which a live detector sees
+    change, e.g. every step, then every 10: the block length then depends on how much has arrived, and live events may
     differ from those of the whole run).  Event step: the alarm (causal detection time, end of the block);
-    ``details.onset_step`` the estimated change point.  A key recorded every ``K`` steps may hold its value or be
-    NaN between records: NaN rows between two records hold the last recorded value (the two forms give the same
-    events); non-finite values otherwise (an infinite loss) skip the blocks that hold them.
+    ``details.onset_step`` the estimated change point.  A key recorded every ``K`` steps may hold its value or be NaN
+    between records: NaN rows between two records hold the last recorded value (the two forms give the same events);
+    non-finite values otherwise (an infinite loss) skip the blocks that hold them.
 
     ``trend_floor`` (default :data:`TREND_FLOOR` = 3) and ``rate_floor`` (default :data:`RATE_FLOOR` = 0.1; both 0:
     the noise estimate alone, as before they existed): the block values are standardised with a standard deviation

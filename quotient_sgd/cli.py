@@ -430,6 +430,29 @@ def _config_load_error(argv: list[str]) -> str | None:
     return None
 
 
+def _override_missing_in_file(argv: list[str]) -> str | None:
+    """The message for the first ``--config.<key>`` override whose key the loaded config lacks although the schema
+    has it (a config file that replaced a section by a dict of its own: ``ml_collections`` raised a bare
+    ``KeyError('momentum')``), else ``None``."""
+    from .config import load_config, quickstart_path
+    from .config._validate import missing_key_text
+
+    try:
+        cfg = load_config(_config_path(argv) or quickstart_path())
+    except Exception:  # noqa: BLE001  (a file that does not load is named by the caller)
+        return None
+    for key, _ in _overrides(argv):
+        parts = key.split(".")
+        if hasattr(cfg, "keys") and parts[0] not in cfg:
+            return missing_key_text(parts[0], cfg)
+        node = cfg
+        for part in parts[:-1]:
+            node = node[part] if hasattr(node, "keys") and part in node else None
+        if hasattr(node, "keys") and parts[-1] not in node:
+            return missing_key_text(key, node)
+    return None
+
+
 def _json_record(path: str) -> str | None:
     """The message for a ``--config`` file that is a JSON object (a run directory's ``config.json``, a sweep's
     ``sweep.json``) rather than a Python config file, or ``None`` when it is not JSON."""
@@ -626,7 +649,7 @@ def _main(argv: list[str]) -> int:
             return _fail(file_error)
         if not overrides:
             return _fail(f"cannot load the config file {_config_path(argv[1:])!r}: {msg}")
-        return _fail(f"bad config override among {overrides}: {msg}")
+        return _fail(_override_missing_in_file(argv[1:]) or f"bad config override among {overrides}: {msg}")
     if len(rest) < 2:
         # (`quotient-sgd` alone trained the default config into runs/quickstart of the current directory, and
         # `quotient-sgd --config=X.py` ran it: a command typed to see the usage started 600 steps of training)

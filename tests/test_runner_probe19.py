@@ -2,6 +2,7 @@
 that validated and never moved its parameters), ..."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -147,3 +148,42 @@ def test_a_recorded_config_json_given_as_the_config_file_is_named(tmp_path, caps
     err = capsys.readouterr().err
     assert code == 2 and "holds JSON (a run directory's config.json" in err and "NameError" not in err, err
     assert "quotient_sgd.config.from_dict" in err and not work.exists()
+
+
+# ---- defect 7: an override of a key the config file's own section lacks -----------------------------------------
+_PARTIAL = '''import sys
+sys.path.insert(0, {configs!r})
+from tiny import get_config as base
+
+
+def get_config():
+    c = base()
+    c.optim = {{"name": "sgd", "lr": 0.05}}
+    del c["seed"]
+    return c
+'''
+
+
+@pytest.mark.parametrize("arg, needle", [
+    ("--config.optim.momentum=0.5", "config.optim.momentum: the config's section config.optim has no key 'momentum' "
+                                    "(its keys: ['lr', 'name']), though the schema has one (default 0.0)"),
+    ("--config.seed=3", "config.seed: the config has no key 'seed'"),
+])
+def test_an_override_of_a_key_the_config_file_dropped_is_named(tmp_path, capsys, arg, needle):
+    """A config file replacing a section by a dict of its own (``config.optim = {"name": "sgd", "lr": 0.05}``) and
+    the override ``--config.optim.momentum=0.5`` (a key of the schema) were refused as "bad config override among
+    ['--config.steps=2', '--config.optim.momentum=0.5']: momentum" (``ml_collections``' bare ``KeyError``), and
+    ``load_config(path, {"optim.momentum": 0.5})`` called it an unknown key.  Now both say that the file's section
+    lacks the schema's key and how to keep it; nothing written."""
+    from quotient_sgd import cli
+
+    path = tmp_path / "partial.py"
+    path.write_text(_PARTIAL.format(configs=os.path.dirname(TINY)))
+    work = tmp_path / "run"
+    code = cli.main(["quotient-sgd", "run", f"--config={path}", "--config.steps=2", arg, f"--workdir={work}"])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err, err
+    assert not work.exists()
+    key, value = arg.removeprefix("--config.").split("=")
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config(str(path), {key: float(value)})

@@ -874,6 +874,8 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
                     raise ConfigError(f"config.{key} = {value!r}: config.{above} is {_kind(node)}, not a section; "
                                       f"set it as config.{above}")
                 if p not in node:
+                    if depth == 0:
+                        raise ConfigError(missing_key_text(p, node))
                     raise ConfigError(f"config.{key}: unknown section {p!r}")
                 node = node[p]
             if not hasattr(node, "keys"):
@@ -881,7 +883,7 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
                 raise ConfigError(f"config.{key} = {value!r}: config.{above} is {_kind(node)}, not a section; set it "
                                   f"as config.{above}")
             if parts[-1] not in node:
-                raise ConfigError(f"config.{key}: unknown key; allowed keys: {sorted(node.keys())}")
+                raise ConfigError(missing_key_text(key, node))
             try:
                 node[parts[-1]] = value
             except TypeError:  # (ml_collections named the last part only: "Could not override field 'lr' ...")
@@ -894,6 +896,30 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
                                   + (f" (as its value {current!r})" if current is not None else "")
                                   + f", got {type(value).__name__}") from None
     return cfg
+
+
+def missing_key_text(key: str, node) -> str:
+    """The message for an override of the dotted ``key`` whose last part the config's section ``node`` lacks: an
+    unknown key, or (a key of the schema) one the config file dropped by replacing the section with a dict or
+    ``ConfigDict`` of its own (``config.optim = {"name": "sgd", "lr": 0.05}``: ``--config.optim.momentum=0.5``
+    was refused as "bad config override among [...]: momentum", as an unknown key by :func:`load_config`)."""
+    parts = key.split(".")
+    have = sorted(node.keys())
+    if len(parts) == 1:  # a top-level key or a whole section the config lacks
+        if parts[0] in SECTIONS or parts[0] in {f.name for f in dataclasses.fields(Settings)}:
+            what = "section" if parts[0] in SECTIONS else "key"
+            return (f"config.{key}: the config has no {what} {parts[0]!r} (its keys: {have}), though the schema has "
+                    f"one: the config file does not start from quotient_sgd.config.default_config(), which holds "
+                    f"every key; start from it, or set config.{key} in the file")
+        return f"config.{key}: unknown key; allowed keys: {have}"
+    sect = SECTIONS.get(parts[0]) if len(parts) == 2 else None
+    fields = {f.name: f.default for f in dataclasses.fields(sect)} if sect is not None else {}
+    if parts[-1] in fields:
+        return (f"config.{key}: the config's section config.{parts[0]} has no key {parts[-1]!r} (its keys: {have}), "
+                f"though the schema has one (default {fields[parts[-1]]!r}): the config file replaced the section "
+                f"by one without it; keep default_config()'s section and set its keys (config.{parts[0]}.name = "
+                f"..., or config.{parts[0]}.update(...)), or set {key} in the file")
+    return f"config.{key}: unknown key; allowed keys: {have}"
 
 
 def quickstart_path() -> str:

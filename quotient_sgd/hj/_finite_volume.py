@@ -15,11 +15,13 @@ Limiters (``limiter=``): ``"minmod"`` (most robust), ``"van_leer"``, ``"mc"`` (s
 ``"smooth"``: van Albada's limiter in the form ``sigma = (a (b^2 + e) + b (a^2 + e)) / (a^2 + b^2 + 2 e)`` with
 ``e = r^3 S^2``, plus a smooth wave-speed bound ``alpha = sqrt(w_L^2 + w_R^2 + r^2 S^2)``, at least
 ``max(|w_L|, |w_R|)``; ``S^2`` is the mean squared deviation of the limited field from its mean (the slopes p in
-the value form) and ``r = dx / (length / 2)`` the cell size relative to the half-length of the axis (``r = dx``
-on THEORY's ``[-1, 1]``).  Both regularisations scale with the data and with the grid, so the scheme commutes
-like the other limiters with the amplitude scaling ``p -> A p, t -> t / A, nu -> A nu`` (a small-amplitude field,
-a flat loss slice, is limited as an O(1) one is) and with a change of the unit of x, ``x -> c x, t -> c t,
-nu -> c nu`` (``u -> c u`` in the value form): a slice of extent 1000 is limited as one of extent 1 is.
+the value form; in 2-D that of each component of p from its own mean, summed, so that a field constant along
+one axis flows as its 1-D section does) and ``r = dx / (length / 2)`` the cell size relative to the half-length
+of the axis (``r = dx`` on THEORY's ``[-1, 1]``).  Both regularisations scale with the data and with the grid,
+so the scheme commutes like the other limiters with the amplitude scaling ``p -> A p, t -> t / A, nu -> A nu`` (a
+small-amplitude field, a flat loss slice, is limited as an O(1) one is) and with a change of the unit of x,
+``x -> c x, t -> c t, nu -> c nu`` (``u -> c u`` in the value form): a slice of extent 1000 is limited as one of
+extent 1 is.
 
 Where FV gradients can be trusted.  ``minmod``/``van_leer``/``mc`` and the ``max`` in alpha are only piecewise
 smooth: at every cell where the limiter switches branch the discrete step has a kink, and reverse-mode
@@ -72,8 +74,16 @@ def _pad(w: Array, axis: int, periodic: bool, value_form: bool) -> Array:
     return jnp.concatenate([*left, w, *right], axis=axis)
 
 
-def _spread(w: Array) -> Array:
-    """Mean squared deviation of a field from its mean: the data scale of the smooth limiter's regularisation."""
+def _spread(w: Array, *, components: bool = False) -> Array:
+    """Mean squared deviation of a field from its mean: the data scale of the smooth limiter's regularisation.
+
+    ``components``: ``w`` is a gradient field ``(d, *grid)``; the squared deviation of each component from its own
+    mean, summed over the components.  (The spread of all entries together took the mean across components: a 2-D
+    field constant along y, ``p = (f(x), 0)``, had another scale than the 1-D ``f`` and flowed 4.8e-4 away from the
+    1-D solve of ``f``; a constant field ``(c, -c)`` had a spread of ``c^2``.)"""
+    if components:
+        dev = w - jnp.mean(w, axis=tuple(range(1, w.ndim)), keepdims=True)
+        return jnp.sum(jnp.mean(dev * dev, axis=tuple(range(1, w.ndim))))
     dev = w - jnp.mean(w)
     return jnp.mean(dev * dev)
 
@@ -161,7 +171,7 @@ class FiniteVolume(eqx.Module):
         for a, g in enumerate(grids):
             axis, n, dx = a + 1, g.n, g.dx
             P = _pad(p, axis, g.periodic, value_form=False)
-            s2, r = _spread(p), _relative_cell(g)
+            s2, r = _spread(p, components=True), _relative_cell(g)
             pl, pr = self._faces(P, axis, n, r, s2)
             el = 0.5 * jnp.sum(pl * pl, axis=0, keepdims=True)
             er = 0.5 * jnp.sum(pr * pr, axis=0, keepdims=True)

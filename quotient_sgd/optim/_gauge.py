@@ -94,7 +94,7 @@ def gauge_fix(tx: optax.GradientTransformation, group, every: int = 1) -> optax.
         group: the symmetry group; its action must be linear or affine in the parameters.
         every: canonicalise every ``every`` steps (steps in between run ``tx`` unchanged).
     """
-    check_period("gauge_fix", "every", every)
+    every = check_period("gauge_fix", "every", every)
     check_wrapped("gauge_fix", tx, group)
     inner = optax.with_extra_args_support(tx)
 

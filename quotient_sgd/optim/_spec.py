@@ -29,17 +29,20 @@ def check_wrapped(name: str, tx, group) -> None:
                         f"{group!r}")
 
 
-def check_period(owner: str, name: str, value, *, optional: bool = False) -> None:
-    """``ValueError`` naming the argument unless ``value`` is an integer ``>= 1`` (``None`` too when ``optional``):
-    a float, a bool or a string period would otherwise be accepted (``True`` as ``1``) or fail inside the first
-    traced step with an unrelated promotion error."""
+def check_period(owner: str, name: str, value, *, optional: bool = False) -> int | None:
+    """``value`` as a Python ``int`` (``None`` kept when ``optional``); ``ValueError`` naming the argument unless it is
+    an integer ``>= 1``: a float, a bool or a string period would otherwise be accepted (``True`` as ``1``) or fail
+    inside the first traced step with an unrelated promotion error.  A NumPy integer (``np.int64(10)``, e.g. read
+    from an array of settings) is returned as the ``int`` it holds: kept as it was, ``count % every`` of the int32
+    step counter with it failed under x64 with strict dtype promotion (``TypePromotionError: int32, int64``)."""
     import numbers
 
     if optional and value is None:
-        return
+        return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         allowed = "None (off) or an integer >= 1" if optional else "an integer >= 1"
         raise ValueError(f"{owner}: {name} must be {allowed}, got {value!r}")
+    return int(value)
 
 
 @dataclasses.dataclass(frozen=True)

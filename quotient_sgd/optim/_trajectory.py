@@ -198,7 +198,11 @@ def quotient_trajectory(
     if isinstance(observables, str) or isinstance(hessian_at, str):
         which, value = ("observables", observables) if isinstance(observables, str) else ("hessian_at", hessian_at)
         raise ValueError(f"{which} must be a sequence of names, e.g. ({value!r},), not the string {value!r}")
-    keys = tuple(DEFAULT_OBSERVABLES if observables is None else observables)
+    try:
+        keys = tuple(DEFAULT_OBSERVABLES if observables is None else observables)
+    except TypeError:  # (a number failed with a bare "'int' object is not iterable")
+        raise ValueError(f"quotient_trajectory: observables must be a sequence of names from {DEFAULT_OBSERVABLES}, "
+                         f"e.g. ('loss',), or None (all of them), got {observables!r}") from None
     unknown = [k for k in keys if k not in DEFAULT_OBSERVABLES]
     if unknown:
         raise ValueError(_unknown_observables(unknown))
@@ -213,16 +217,16 @@ def quotient_trajectory(
         raise ValueError(f"hessian_at: unknown {sorted(bad_at)}; choose from {_HESSIAN_AT_ALL}")
     if len(set(hessian_at)) != len(tuple(hessian_at)):  # each would run its own Lanczos into the same keys
         raise ValueError(f"hessian_at: names a point more than once: {tuple(hessian_at)}")
-    check_period("quotient_trajectory", "every", every)
-    check_period("quotient_trajectory", "hessian_every", hessian_every, optional=True)
-    check_period("quotient_trajectory", "noise_every", noise_every, optional=True)
+    every = check_period("quotient_trajectory", "every", every)
+    hessian_every = check_period("quotient_trajectory", "hessian_every", hessian_every, optional=True)
+    noise_every = check_period("quotient_trajectory", "noise_every", noise_every, optional=True)
     if spec is not None and not isinstance(spec, SGDSpec):
         raise TypeError(f"quotient_trajectory: spec must be None or a quotient_sgd.optim.SGDSpec (e.g. "
                         f"SGDSpec(0.1, momentum=0.9)), got {spec!r}")
     # checked whether or not hessian_every is set: an invalid value was accepted silently without it, and then
     # refused, or (keep_eigenvectors="no", truthy) taken at its truth value, once hessian_every was added
-    check_period("quotient_trajectory", "hessian_k", hessian_k)
-    check_period("quotient_trajectory", "lanczos_steps", lanczos_steps)
+    hessian_k = check_period("quotient_trajectory", "hessian_k", hessian_k)
+    lanczos_steps = check_period("quotient_trajectory", "lanczos_steps", lanczos_steps)
     if not isinstance(keep_eigenvectors, (bool, np.bool_)):
         raise TypeError(f"quotient_trajectory: keep_eigenvectors must be True or False, got {keep_eigenvectors!r}")
     if hessian_every is not None:

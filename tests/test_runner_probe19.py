@@ -187,3 +187,21 @@ def test_an_override_of_a_key_the_config_file_dropped_is_named(tmp_path, capsys,
     key, value = arg.removeprefix("--config.").split("=")
     with pytest.raises(ConfigError, match=re.escape(needle)):
         load_config(str(path), {key: float(value)})
+
+
+# ---- defect 8: the horizontal mode with no continuous symmetry selected ---------------------------------------------
+@pytest.mark.parametrize("over", [
+    {"model.activation": "tanh"},                      # a tanh MLP has its hidden permutations only
+    {"symmetry.components": ("permutation",)},
+])
+def test_the_horizontal_mode_without_a_continuous_symmetry_is_refused(over):
+    """``symmetry.mode='horizontal'`` on a tanh (or GELU) MLP, or with ``symmetry.components = ('permutation',)``,
+    validated and ran: the projection off the orbits of no continuous symmetry is the identity, and the run was the
+    ``observe`` run bit for bit (4 steps of the tiny config: every loss equal), recorded as 'horizontal'.  Now
+    refused naming the mode and the selected components, as ``init_gauge`` is without a continuous component;
+    ``gauge_fix`` (a canonical ordering of the permutations) stays allowed."""
+    with pytest.raises(ConfigError, match=r"config\.symmetry\.mode = 'horizontal': projects the updates off the "
+                                          r"orbits of the continuous symmetries, .* have none"):
+        _tiny(**over, **{"symmetry.mode": "horizontal"})
+    assert _tiny(**over, **{"symmetry.mode": "gauge_fix"}).symmetry.mode == "gauge_fix"
+    assert _tiny(**{"symmetry.mode": "horizontal"}).symmetry.mode == "horizontal"

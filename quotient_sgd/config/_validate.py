@@ -422,6 +422,15 @@ def _check_symmetry(s: Settings) -> None:
            f"{kinds} or the components {names} of this {s.model.name})")
     if not sym.enabled:
         _check(sym.mode == "observe", "symmetry.mode", sym.mode, "needs symmetry.enabled=True")
+    elif selected and sym.mode == "horizontal" and not any(cont for _, cont in selected):
+        # (a tanh or GELU MLP has permutations only: the run was the 'observe' run, bit for bit, recorded as
+        # 'horizontal')
+        _check(False, "symmetry.mode", sym.mode,
+               f"projects the updates off the orbits of the continuous symmetries, and the selected "
+               f"symmetry.components = {sym.components} of this {s.model.name} (activation {s.model.activation!r}) "
+               f"have none (selected: {[n for n, _ in selected]}; the model's components: {names}): the projection "
+               f"is the identity and the run would be the 'observe' run; use symmetry.mode='observe', or select a "
+               f"continuous component (rescale, scale, translation, gl)")
     elif not selected:  # a model without symmetries (an MLP with model.hidden=()): the run has no group
         why = (f"this {s.model.name} declares no symmetry (its components: {names}), so the run has no group")
         _check(sym.mode == "observe", "symmetry.mode", sym.mode,

@@ -205,3 +205,19 @@ def test_the_horizontal_mode_without_a_continuous_symmetry_is_refused(over):
         _tiny(**over, **{"symmetry.mode": "horizontal"})
     assert _tiny(**over, **{"symmetry.mode": "gauge_fix"}).symmetry.mode == "gauge_fix"
     assert _tiny(**{"symmetry.mode": "horizontal"}).symmetry.mode == "horizontal"
+
+
+# ---- defect 9: unquoted names separated by commas -------------------------------------------------------------------
+@pytest.mark.parametrize("key, value, tup", [
+    ("observables.names", "loss,grad_norm", "('loss', 'grad_norm')"),
+    ("symmetry.components", "rescale,permutation", "('rescale', 'permutation')"),
+])
+def test_unquoted_names_joined_by_commas_are_pointed_to_the_tuple(key, value, tup):
+    """``--config.observables.names=loss,grad_norm`` (as ``--config.sweep.lr=0.1,0.3`` gives two numbers) is the one
+    name ``'loss,grad_norm'`` (ml_collections splits no unquoted names), refused with the suggestion "did you mean
+    'loss,grad_norm' -> 'grad_norm'?", which drops the loss.  Now the message says the value is one name holding
+    commas and writes the tuple meant."""
+    with pytest.raises(ConfigError) as e:
+        _tiny(**{key: (value,)})
+    assert f"is one name holding commas: quote each name of the tuple, e.g. --config.{key}=\"{tup}\"" in str(e.value)
+    assert "did you mean" not in str(e.value)

@@ -392,6 +392,17 @@ def _check_model(m: ModelSettings, d: DataSettings) -> None:
         _check(m.width >= 1, "model.width", m.width, "must be >= 1")
 
 
+def _comma_hint(key: str, value: str) -> str:
+    """For a name of a tuple-of-strings key holding commas (``--config.observables.names=loss,grad_norm`` is the
+    one name ``'loss,grad_norm'``: unlike numbers, unquoted names are not split): how to write the tuple, else
+    ``""`` (the hint was "did you mean 'loss,grad_norm' -> 'grad_norm'?")."""
+    parts = [p.strip().strip("'\"") for p in str(value).strip("()[] ").split(",") if p.strip()]
+    if "," not in str(value) or len(parts) < 2:
+        return ""
+    return (f" ({value!r} is one name holding commas: quote each name of the tuple, e.g. "
+            f"--config.{key}=\"{tuple(parts)!r}\")")
+
+
 def _batch_norm(s: Settings) -> bool:
     return s.model.name == "cnn" and s.model.norm == "batch"
 
@@ -415,7 +426,7 @@ def _check_symmetry(s: Settings) -> None:
         _check(ok, "symmetry.components", sym.components,
                f"{c!r} is not a symmetry of this {s.model.name} (activation {s.model.activation!r}); it has the "
                f"kinds {kinds} and the components {names}; use 'all', a kind or a component name"
-               + (f" (did you mean {close[0]!r}?)" if close else ""))
+               + (_comma_hint("symmetry.components", c) or (f" (did you mean {close[0]!r}?)" if close else "")))
     dup = sorted({c for c in sym.components if sym.components.count(c) > 1})
     _check(not dup, "symmetry.components", sym.components,
            f"repeats {dup}: each component is selected once; list each name once (allowed: 'all', the kinds "
@@ -441,8 +452,9 @@ def _check_symmetry(s: Settings) -> None:
     bad = [n for n in ob.names if n not in DEFAULT_OBSERVABLES]
     close = {b: difflib.get_close_matches(b, list(DEFAULT_OBSERVABLES), n=1) for b in bad}
     hint = ", ".join(f"{b!r} -> {c[0]!r}" for b, c in close.items() if c)
+    comma = next((h for h in (_comma_hint("observables.names", b) for b in bad) if h), "")
     _check(not bad, "observables.names", ob.names, f"unknown {bad}; allowed: {list(DEFAULT_OBSERVABLES)}"
-           + (f" (did you mean {hint}?)" if hint else ""))
+           + (comma or (f" (did you mean {hint}?)" if hint else "")))
     dup = sorted({n for n in ob.names if ob.names.count(n) > 1})
     _check(not dup, "observables.names", ob.names,
            f"repeats {dup}: each observable is recorded once; list each name once (allowed: a selection of "

@@ -221,3 +221,24 @@ def test_unquoted_names_joined_by_commas_are_pointed_to_the_tuple(key, value, tu
         _tiny(**{key: (value,)})
     assert f"is one name holding commas: quote each name of the tuple, e.g. --config.{key}=\"{tup}\"" in str(e.value)
     assert "did you mean" not in str(e.value)
+
+
+# ---- defect 10: Nesterov without momentum ---------------------------------------------------------------------------
+def test_nesterov_without_momentum_is_an_override_without_effect(tmp_path, capsys):
+    """``--config.optim.nesterov=True`` with ``optim.momentum = 0`` ran, and its trajectory, events and observables
+    were those of the run without it bit for bit (3 steps of the tiny config: every key's difference 0.0): the
+    look-ahead along a trace that decays at once is the gradient.  Like the other overrides nothing reads, it is
+    refused, saying what reads it; with momentum (or a sweep over momenta not all 0) it is read."""
+    from quotient_sgd import cli
+    from quotient_sgd.config import unused_keys
+
+    work = tmp_path / "run"
+    code = cli.main(["quotient-sgd", "run", f"--config={TINY}", "--config.steps=2", "--config.optim.momentum=0",
+                     "--config.optim.nesterov=True", f"--workdir={work}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "config.optim.nesterov = True: this override would have no effect" in err, err
+    assert "optim.momentum = 0.0" in err and not work.exists()
+    s = _tiny(**{"optim.momentum": 0.0, "sweep.momentum": (0.0, 0.5)})
+    assert "optim.nesterov" in unused_keys(s, "run") and "optim.nesterov" not in unused_keys(s, "sweep")
+    assert "sweep.momentum = (0.0,)" in unused_keys(s.replace(**{"sweep.momentum": (0.0,)}), "sweep")["optim.nesterov"]
+    assert "optim.nesterov" not in unused_keys(_tiny(), "run")

@@ -966,14 +966,13 @@ _READ_BY = {
 def unused_keys(s: Settings, command: str = "run") -> dict[str, str]:
     """``{dotted key: why}`` for the keys that ``quotient-sgd <command>`` (``"run"`` or ``"sweep"``) does not read
     with the settings ``s``: those of another model, data set or optimiser (``model.channels`` of an MLP), the
-    Lanczos sizes without ``observables.hessian_every``, ``observables.per_example_grads`` without
-    ``observables.noise_every``, ``observables.every`` without a symmetry group, ``observables.curvature_batch``
-    without a curvature, shock or fold number recorded, ``symmetry.gauge_fix_every``
-    outside ``gauge_fix`` mode, ``symmetry.components`` with the symmetry off, ``checkpoint.keep`` without
-    checkpoints, under ``run`` the
-    ``sweep`` section, and under ``sweep`` the settings its axes replace (``optim.lr`` with a ``sweep.lr``).  A
-    config file holds every key (:func:`default_config`); a ``--config.<key>`` override of one of these would have
-    no effect."""
+    Lanczos sizes without ``observables.hessian_every``, ``optim.nesterov`` of SGD without momentum,
+    ``observables.per_example_grads`` without ``observables.noise_every``, ``observables.every`` without a symmetry
+    group, ``observables.curvature_batch`` without a curvature, shock or fold number recorded,
+    ``symmetry.gauge_fix_every`` outside ``gauge_fix`` mode, ``symmetry.components`` with the symmetry off,
+    ``checkpoint.keep`` without checkpoints, under ``run`` the ``sweep`` section, and under ``sweep`` the settings
+    its axes replace (``optim.lr`` with a ``sweep.lr``). A config file holds every key (:func:`default_config`); a
+    ``--config.<key>`` override of one of these would have no effect."""
     out: dict[str, str] = {}
     for sect, table in _READ_BY.items():
         chosen = getattr(s, sect).name
@@ -981,6 +980,14 @@ def unused_keys(s: Settings, command: str = "run") -> dict[str, str]:
             if chosen not in readers:
                 out[f"{sect}.{key}"] = (f"only {sect}.name in {list(readers)} reads it, and this config has "
                                         f"{sect}.name = {chosen!r} (set {sect}.name too, or drop the override)")
+    momenta = (s.sweep.momentum or (s.optim.momentum,)) if command == "sweep" else (s.optim.momentum,)
+    if s.optim.name == "sgd" and not any(momenta):
+        # (Nesterov's look-ahead of a trace that decays at once: the update is the gradient, the run bit for bit
+        # the run without it, events and observables too)
+        key = "sweep.momentum" if command == "sweep" and s.sweep.momentum else "optim.momentum"
+        out["optim.nesterov"] = (f"read only with momentum > 0 (Nesterov's look-ahead along the momentum trace), and "
+                                 f"this config has {key} = {setting(s, key)}: the update is the gradient either way; "
+                                 f"set {key} > 0 too, or drop the override")
     if s.observables.hessian_every == 0:
         for key in ("hessian_k", "lanczos_steps"):
             out[f"observables.{key}"] = ("read only with observables.hessian_every > 0, and this config has 0 "

@@ -1,5 +1,9 @@
 """Configs, data, runs and sweeps on cases the other tests do not try: decays that float32 rounds to 1 (an Adam run
-that validated and never moved its parameters), ..."""
+that validated and never moved its parameters), the runner's building blocks given an unvalidated config, a
+teacher-student noise whose targets overflow float32, a tuple key given twice on the command line (ml_collections
+joined the values), load_trajectory given a file, a recorded config.json given to --config, an override of a key the
+config file's section dropped, the horizontal mode without a continuous symmetry and Nesterov without momentum (both
+the plain run bit for bit), and unquoted names joined by commas."""
 
 import os
 import re

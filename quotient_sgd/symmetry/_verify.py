@@ -141,7 +141,8 @@ def verify(model, group: Group, x, key, *, num_samples: int = 4, scale: float = 
         and is not explained by rounding; for a model whose normalisation runs in evaluation mode (running
         statistics, ``model.eval()``), saying so: its scale and permutation symmetries hold in training mode.
         ValueError: a bad argument (outputs that are not floating point, or not finite at the model's own
-        parameters: NaN or inf in ``x`` or in a parameter), or an inconclusive comparison (above).
+        parameters: NaN or inf in ``x`` or in a parameter; empty outputs, an ``x`` of no examples; ``scale=0``,
+        whose rescale, scale and translation elements are the identity), or an inconclusive comparison (above).
         TypeError: a ``model``, ``group`` or ``key`` of the wrong kind.
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
@@ -152,6 +153,11 @@ def verify(model, group: Group, x, key, *, num_samples: int = 4, scale: float = 
         raise ValueError(f"verify: rtol must be a number >= 0, got {rtol!r}")
     rtol = value
     _check_scale(scale, "verify")  # (a negative scale was refused by the sampler, as "sample: scale=...")
+    if _real_number(scale) == 0:
+        # at scale 0 every log-factor and shift is 0: rescale, scale and translation elements are the identity, so a
+        # declared action of theirs that is not a symmetry passed (a rescale forced onto a tanh MLP: 0.0 returned)
+        raise ValueError("verify: scale must be > 0, got 0: at scale 0 the rescale, scale and translation elements "
+                         "are the identity and move nothing, so nothing would be checked (use e.g. scale=1.0)")
     _check_key(key, "verify")
     if not isinstance(model, nnx.Module):
         raise TypeError(f"verify: model must be the Flax NNX model (its parameters are split from it), got "
@@ -181,6 +187,10 @@ def verify(model, group: Group, x, key, *, num_samples: int = 4, scale: float = 
             raise ValueError(f"verify: the outputs of {type(model).__name__} must be floating-point arrays (the change "
                              f"is measured relative to them), got dtype {y.dtype}{where} (e.g. an argmax); verify a "
                              f"model returning the logits or probabilities instead")
+    if not any(y.size for _, y in y0):
+        # (an empty batch: every relative change was 0 and any declared action, a symmetry or not, passed)
+        raise ValueError(f"verify: the outputs of {type(model).__name__} on x are empty (shapes "
+                         f"{[tuple(y.shape) for _, y in y0]}); x must hold at least one example to compare outputs on")
     y0 = [y for _, y in y0]
     if not all(bool(jnp.all(jnp.isfinite(y))) for y in y0):
         # (every comparison is then NaN, which was reported as "inconclusive ... use a smaller scale")

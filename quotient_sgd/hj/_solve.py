@@ -132,6 +132,17 @@ class _LinearChord(dfx.VeryChord):
         return linsolve_fail | done, optx.RESULTS.where(linsolve_fail, state.result, result)
 
 
+def _step_count(t1, dt, xp=jnp):
+    """The number of fixed steps ``ceil(t1 / dt)`` (at least 1), in the dtype of ``t1`` and ``dt`` (``xp``: ``jnp``
+    inside the solve, ``np`` for the same count from known values before it).  The ratio of two rounded decimals
+    lands on either side of a whole number: it is taken down to it when within 8 ulp of the ratio (1e-9 at
+    least).  A slack of 1e-9 alone was below float32's resolution: t1 = 0.09, dt = 0.01 in float32 gave the ratio
+    9.000001 and 10 steps of 0.009, where float64 took the 9 steps of 0.01 the arguments ask for."""
+    r = t1 / dt
+    slack = xp.maximum(1e-9, 8 * xp.finfo(r.dtype).eps * r)
+    return xp.maximum(xp.ceil(r - slack), 1.0)
+
+
 def _concrete_value(value, dtype=float):
     """``value`` as a NumPy array (of ``dtype``; ``None`` keeps its own), or ``None`` when it is traced (e.g. under
     ``vmap`` or ``grad``: it cannot be checked here)."""
@@ -397,7 +408,8 @@ def _solve(form, name, y0, grid, *, nu, t1, ts, scheme, solver, rtol, atol, max_
         # 1e231 against an O(1) solution, with only a warning that asked for 1e230 grid points)
         h_, nu_, t1_ = _concrete_value(dt), _concrete_value(nu), _concrete_value(t1)
         if h_ is not None and nu_ is not None and t1_ is not None and float(t1_) > 0:
-            h_ = float(t1_) / max(np.ceil(float(t1_) / float(h_) - 1e-9), 1.0)
+            # in the solve's dtype, as _integrate counts them
+            h_ = float(t1_) / float(_step_count(np.asarray(t1_, dtype), np.asarray(h_, dtype), np))
             if h_ * float(nu_) > limit[0] * (1 + 1e-9):
                 raise ValueError(
                     f"{name}: dt={float(_concrete_value(dt)):.6g} is not allowed with the explicit solver "
@@ -408,8 +420,9 @@ def _solve(form, name, y0, grid, *, nu, t1, ts, scheme, solver, rtol, atol, max_
                     "'kencarp' (implicit viscosity), or adaptive stepping.")
     if fixed and type(adjoint) is dfx.RecursiveCheckpointAdjoint and adjoint.checkpoints is None:
         try:  # concrete t1 and dt: the step count is known, so checkpoint every step (no recomputation)
-            known = int(np.ceil(float(t1) / float(dt) - 1e-9)) + (0 if ts is None else int(np.size(ts))) + 1
-        except (jax.errors.ConcretizationTypeError, TypeError):
+            steps = _step_count(np.asarray(t1, dtype), np.asarray(dt, dtype), np)  # as _integrate counts them
+            known = int(steps) + (0 if ts is None else int(np.size(ts))) + 1
+        except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError, TypeError):
             known = None
         saves = 1 if ts is None else 1 + int(np.size(ts))
         if known is not None and known * y0.nbytes * (4 + saves) <= 2**29:
@@ -519,7 +532,7 @@ def _integrate(form, name, grid, term, solver, y0, nu, t1, ts, dt, dt0, rtol, at
     )
     if fixed:
         # uniform steps h = t1 / ceil(t1 / dt) <= dt ending exactly at t1 (the step count is not differentiated)
-        num = jax.lax.stop_gradient(jnp.maximum(jnp.ceil(t1 / dt - 1e-9), 1.0))
+        num = jax.lax.stop_gradient(_step_count(t1, dt))
         dt0 = t1 / num
         if limit is not None:  # (a traced nu, t1 or dt: the check of _solve, when the computation runs)
             y0 = eqx.error_if(

@@ -44,3 +44,33 @@ def test_observables_that_is_not_a_sequence_is_named(value):
     allowed names; now a ValueError naming both."""
     with pytest.raises(ValueError, match=r"observables must be a sequence of names from \('loss', .*got " + str(value)):
         quotient_trajectory(optax.sgd(0.1), mlp_group(), observables=value)
+
+
+def test_observables_of_parameters_held_in_a_tuple(x64):
+    """Parameters that are a tuple ``(W1, b1, W2, b2)`` (paths ``(0,)``, ``(1,)``, ...): the per-unit sums of
+    effective_lr and angular_update took the tuple for a tuple of separate trees and failed with ``KeyError: (0,)``
+    (so did quotient_trajectory's default observables).  They now equal those of the same parameters in a dict."""
+    from quotient_sgd import observables as qobs
+    from quotient_sgd.symmetry import Product, Rescale, Scale
+
+    ks = jax.random.split(jax.random.key(0), 5)
+    leaves = [jax.random.normal(k, s, jnp.float64) for k, s in zip(ks, [(3, 5), (5,), (5, 2), (2,)])]
+    names = ("a", "b", "c", "d")
+
+    def group(path):
+        return Product((Rescale(incoming=((path(0), 1), (path(1), 0)), outgoing=((path(2), 0),), name="r"),
+                        Scale(members=((path(3), None),), name="s")))
+
+    grads = [jnp.cos(x) for x in leaves]
+    updates = [-0.1 * g + 0.01 * x for g, x in zip(grads, leaves)]
+
+    @jax.jit
+    def observed(params, grads, updates):
+        g = group((lambda i: (i,)) if isinstance(params, tuple) else (lambda i: (names[i],)))
+        return (qobs.effective_lr(g, params, grads, updates, grads), qobs.angular_update(g, params, updates))
+
+    as_tuple = observed(*(tuple(t) for t in (leaves, grads, updates)))
+    as_dict = observed(*(dict(zip(names, t)) for t in (leaves, grads, updates)))
+    for a, b in zip(jax.tree.leaves(as_tuple), jax.tree.leaves(as_dict)):
+        np.testing.assert_allclose(a, b, rtol=1e-14)
+    assert set(as_tuple[0]) == {"global", "r", "s"} and set(as_tuple[1]) == {"s"}

@@ -115,9 +115,9 @@ def angular_update(group, params, updates) -> dict[str, jax.Array]:
         ms = scale_members(c)
         if ms is None:
             continue
-        ww = unit_sum(params, ms, jnp.square)
+        ww = unit_sum((params,), ms, jnp.square)
         wd = unit_sum((params, updates), ms, lambda w, d: w * d)
-        dd = unit_sum(updates, ms, jnp.square)
+        dd = unit_sum((updates,), ms, jnp.square)
         nw = jnp.sqrt(ww)
         along = _safe_div(wd, nw)  # component of Delta along w
         perp = jnp.sqrt(jnp.maximum(dd - along * along, 0))
@@ -175,15 +175,15 @@ def effective_lr(group, params, grads, updates, grads_canonical) -> dict[str, ja
         if rm is not None:
             ins, outs = rm
             members = ins + outs
-            w2 = unit_sum(params, members, jnp.square)
+            w2 = unit_sum((params,), members, jnp.square)
             dg = unit_sum((updates, grads), members, lambda d, g: d * g)
-            gg = unit_sum(grads, members, jnp.square)
+            gg = unit_sum((grads,), members, jnp.square)
             out[c.name] = _safe_div(-dg * w2, gg)
             continue
         sm = scale_members(c)
         if sm is not None:
-            w2 = unit_sum(params, sm, jnp.square)
+            w2 = unit_sum((params,), sm, jnp.square)
             dg = unit_sum((updates, grads), sm, lambda d, g: d * g)
-            gg = unit_sum(grads, sm, jnp.square)
+            gg = unit_sum((grads,), sm, jnp.square)
             out[c.name] = _safe_div(-dg, w2 * gg)
     return out

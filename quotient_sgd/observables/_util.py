@@ -92,10 +92,13 @@ def charges_dict(group, params) -> dict[str, jax.Array]:
     return per_component(group, group.charges(params))
 
 
-def unit_sum(tree, members, fn) -> jax.Array:
+def unit_sum(trees, members, fn) -> jax.Array:
     """Per-unit sum over ``members = ((path, axis_or_None), ...)`` of ``fn(leaf...)`` reduced over all other
-    axes; ``axis=None`` means one unit for the whole block (shape ``(1,)``)."""
-    flat = [_tree.flatten(t)[0] for t in tree] if isinstance(tree, tuple) else [_tree.flatten(tree)[0]]
+    axes; ``axis=None`` means one unit for the whole block (shape ``(1,)``).  ``trees``: a tuple of parameter-like
+    trees, ``fn`` taking one leaf of each (``(params,)`` for one); a tree that is not a tuple is taken as the one
+    tree.  (Parameters that are themselves a tuple, ``(W1, b1, W2, b2)`` with paths ``(0,)``, ``(1,)``, ..., go in
+    a tuple of one: taken as they came, their leaves were read as separate trees, a ``KeyError: (0,)``.)"""
+    flat = [_tree.flatten(t)[0] for t in trees] if isinstance(trees, tuple) else [_tree.flatten(trees)[0]]
     total = None
     for path, axis in members:
         xs = [f[tuple(path)] for f in flat]

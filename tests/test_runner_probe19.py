@@ -246,3 +246,28 @@ def test_nesterov_without_momentum_is_an_override_without_effect(tmp_path, capsy
     assert "optim.nesterov" in unused_keys(s, "run") and "optim.nesterov" not in unused_keys(s, "sweep")
     assert "sweep.momentum = (0.0,)" in unused_keys(s.replace(**{"sweep.momentum": (0.0,)}), "sweep")["optim.nesterov"]
     assert "optim.nesterov" not in unused_keys(_tiny(), "run")
+
+
+# ---- defect 11: observables.every with the loss alone ---------------------------------------------------------------
+def test_observables_every_with_the_loss_alone_is_an_override_without_effect(tmp_path, capsys):
+    """With ``observables.names = ('loss',)`` the loss is recorded at every step whatever ``observables.every`` is
+    (8 steps of the tiny config with every=1 and every=3, the Hessian extremes and the noise temperature on: every
+    trajectory entry equal), yet ``--config.observables.every=5`` was taken, unlike the other keys nothing reads.
+    Now refused before anything is written, naming the key and what reads it; the default given explicitly, and
+    ``every`` beside an observable it refreshes, pass."""
+    from quotient_sgd import cli
+    from quotient_sgd.config import unused_keys
+
+    work = tmp_path / "run"
+    loss_only = "--config.observables.names=('loss',)"
+    code = cli.main(["quotient-sgd", "run", f"--config={TINY}", "--config.steps=2", loss_only,
+                     "--config.observables.every=5", f"--workdir={work}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "config.observables.every = 5: this override would have no effect" in err, err
+    assert "observables.names = ('loss',) records the loss alone" in err and not work.exists()
+    s = _tiny(**{"observables.names": ("loss",)})
+    argv = ["quotient-sgd", "run", f"--config={TINY}", loss_only, "--config.observables.every=1"]
+    assert cli._unused_override_error(argv, s, "run") is None  # (the default asks for nothing)
+    assert "observables.every" not in unused_keys(_tiny(**{"observables.names": ("loss", "grad_norm")}), "run")
+    assert "observables.every" not in unused_keys(_tiny(**{"observables.names": ()}), "run")  # (the defaults)
+

@@ -968,11 +968,11 @@ def unused_keys(s: Settings, command: str = "run") -> dict[str, str]:
     with the settings ``s``: those of another model, data set or optimiser (``model.channels`` of an MLP), the
     Lanczos sizes without ``observables.hessian_every``, ``optim.nesterov`` of SGD without momentum,
     ``observables.per_example_grads`` without ``observables.noise_every``, ``observables.every`` without a symmetry
-    group, ``observables.curvature_batch`` without a curvature, shock or fold number recorded,
-    ``symmetry.gauge_fix_every`` outside ``gauge_fix`` mode, ``symmetry.components`` with the symmetry off,
-    ``checkpoint.keep`` without checkpoints, under ``run`` the ``sweep`` section, and under ``sweep`` the settings
-    its axes replace (``optim.lr`` with a ``sweep.lr``). A config file holds every key (:func:`default_config`); a
-    ``--config.<key>`` override of one of these would have no effect."""
+    group or with ``observables.names = ('loss',)``, ``observables.curvature_batch`` without a curvature, shock or
+    fold number recorded, ``symmetry.gauge_fix_every`` outside ``gauge_fix`` mode, ``symmetry.components`` with the
+    symmetry off, ``checkpoint.keep`` without checkpoints, under ``run`` the ``sweep`` section, and under ``sweep``
+    the settings its axes replace (``optim.lr`` with a ``sweep.lr``). A config file holds every key
+    (:func:`default_config`); a ``--config.<key>`` override of one of these would have no effect."""
     out: dict[str, str] = {}
     for sect, table in _READ_BY.items():
         chosen = getattr(s, sect).name
@@ -1008,6 +1008,14 @@ def unused_keys(s: Settings, command: str = "run") -> dict[str, str]:
                                     + ("set symmetry.enabled=True too" if not s.symmetry.enabled else
                                        "select a component the model has")
                                     + ", or drop the override")
+    elif tuple(s.observables.names) == ("loss",):
+        # (the loss is recorded at every step whatever observables.every is: the trajectories of every=1 and every=3
+        # with the Hessian extremes and the noise temperature on were equal bit for bit)
+        out["observables.every"] = ("read only by the per-step quotient observables, and this config's "
+                                    "observables.names = ('loss',) records the loss alone, at every step whatever "
+                                    "observables.every is (the Hessian extremes and the noise temperature have their "
+                                    "own periods, observables.hessian_every and noise_every); add an observable to "
+                                    "observables.names (or set it to () for the defaults), or drop the override")
     from ..optim import DEFAULT_OBSERVABLES
 
     curv = [n for n in ("curvature", "shock_number", "fold_number")

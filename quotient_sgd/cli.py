@@ -724,7 +724,7 @@ def _main(argv: list[str]) -> int:
 
                 res = run(settings, workdir)
                 status = (f"diverged at step {res.diverged['step']} ({res.diverged['reason']})" if res.diverged
-                          else f"{res.steps_done} steps")
+                          else f"{res.steps_done} step{'s' if res.steps_done != 1 else ''}")
                 print(f"quotient-sgd: {status}; wrote {workdir} ({res.wall_s:.1f} s)")
                 return 0
             from .runner import sweep

@@ -271,3 +271,25 @@ def test_observables_every_with_the_loss_alone_is_an_override_without_effect(tmp
     assert "observables.every" not in unused_keys(_tiny(**{"observables.names": ("loss", "grad_norm")}), "run")
     assert "observables.every" not in unused_keys(_tiny(**{"observables.names": ()}), "run")  # (the defaults)
 
+
+# ---- defect 12: "1 steps" and "symmetry: all" in the summary of a one-step run of a model without symmetry -------
+def test_a_one_step_run_of_a_model_without_symmetry_is_summarised_as_such(tmp_path, capsys):
+    """A one-step run printed "quotient-sgd: 1 steps; wrote ..." and an MLP without hidden layers (no symmetry, the
+    run has no group) was summarised as "symmetry: all (mode observe)".  Now "1 step" and "symmetry: none (this mlp
+    declares no symmetry, ...)"; a model with a symmetry keeps its components and mode."""
+    from quotient_sgd import cli
+
+    work = tmp_path / "run"
+    code = cli.main(["quotient-sgd", "run", f"--config={TINY}", "--config.steps=1", "--config.model.hidden=()",
+                     "--config.observables.names=()", "--config.sweep.lr=()", "--config.sweep.seed=()",
+                     f"--workdir={work}"])
+    out = capsys.readouterr().out
+    assert code == 0 and "quotient-sgd: 1 step; wrote" in out, out
+    text = (work / "summary.md").read_text()
+    assert "- steps: 1 of 1\n" in text and "- symmetry: none (this mlp declares no symmetry" in text, text
+    assert "all (mode" not in text
+    from quotient_sgd.runner._report import _symmetry_text, last_evaluation_text
+
+    assert _symmetry_text(_tiny()) == "all (mode observe)"
+    assert _symmetry_text(_tiny(**{"symmetry.enabled": False, "observables.names": ("loss",)})) == "off (mode observe)"
+    assert last_evaluation_text({"step": 0}, 0, 1, None) == "last evaluation (step 0; 0 of 1 step recorded)"

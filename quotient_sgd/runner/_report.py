@@ -241,7 +241,7 @@ def last_evaluation_text(last: dict, n: int, total: int, diverged: dict | None) 
     if diverged is not None:
         return f"last evaluation (step {step}, before the divergence at step {diverged['step']})"
     if step < n - 1 or n < total:
-        return f"last evaluation (step {step}; {n} of {total} steps recorded)"
+        return f"last evaluation (step {step}; {n} of {total} step{'s' if total != 1 else ''} recorded)"
     return f"final (step {step})"
 
 
@@ -253,6 +253,19 @@ def _optimiser_text(o) -> str:
     keys = ["lr"] + [k for k, readers in _READ_BY["optim"].items() if o.name in readers]
     text = " ".join([o.name] + [f"{k}={getattr(o, k)}" for k in keys])
     return text + (f" clip_norm={o.clip_norm}" if o.clip_norm else "")
+
+
+def _symmetry_text(s: Settings) -> str:
+    """The summary's symmetry: ``off``, ``none (...)`` for a model that declares no symmetry (an MLP with
+    ``model.hidden=()``: ``symmetry.components = ('all',)`` selects nothing, and the run has no group; it read
+    "all (mode observe)"), else the selected components and the mode."""
+    from ..config._build_check import selected_components
+
+    if not s.symmetry.enabled:
+        return f"off (mode {s.symmetry.mode})"
+    if not selected_components(s):
+        return f"none (this {s.model.name} declares no symmetry, so the run has no group)"
+    return f"{', '.join(s.symmetry.components)} (mode {s.symmetry.mode})"
 
 
 def write_summary(workdir: str, s: Settings, traj: dict, metrics: list[dict], events: list[dict], *,
@@ -268,8 +281,7 @@ def write_summary(workdir: str, s: Settings, traj: dict, metrics: list[dict], ev
     lines += [f"- model: {s.model.name} ({s.model.activation}), data: {s.data.name}, optimiser: "
               f"{_optimiser_text(s.optim)}, batch size {s.data.batch_size or 'full'}",
               f"- steps: {n} of {s.steps}" + (f", resumed from step {resumed_from}" if resumed_from else ""),
-              f"- symmetry: {'off' if not s.symmetry.enabled else ', '.join(s.symmetry.components)} "
-              f"(mode {s.symmetry.mode}), init_gauge={s.init_gauge}, seed={s.seed}"]
+              f"- symmetry: {_symmetry_text(s)}, init_gauge={s.init_gauge}, seed={s.seed}"]
     if source and source != "trajectory.npz":
         lines.append(f"- trajectory read from {source}")
     if wall_s is not None:

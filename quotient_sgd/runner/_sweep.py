@@ -1206,7 +1206,7 @@ def _report_sweep(workdir: str, *, wall_s: float | None, plots: bool) -> str:
             status = f"diverged at step {div['step']}" + (" (inferred from its trajectory)" if div.get("inferred")
                                                           else "")
         else:
-            status = "ok" if done >= total else f"unfinished ({done} of {total} steps)"
+            status = "ok" if done >= total else f"unfinished ({done} of {total} step{'s' if total != 1 else ''})"
         rows.append((i, m, ev[-1] if ev else None, traj, status, div))
         curves.append((i, m, traj, div))
     axes = list(members[0]) if members and members[0] else []

@@ -293,3 +293,24 @@ def test_a_one_step_run_of_a_model_without_symmetry_is_summarised_as_such(tmp_pa
     assert _symmetry_text(_tiny()) == "all (mode observe)"
     assert _symmetry_text(_tiny(**{"symmetry.enabled": False, "observables.names": ("loss",)})) == "off (mode observe)"
     assert last_evaluation_text({"step": 0}, 0, 1, None) == "last evaluation (step 0; 0 of 1 step recorded)"
+
+
+# ---- defect 13: the gradient-noise temperature of a full-batch run --------------------------------------------------
+@pytest.mark.parametrize("over, what", [
+    ({"data.batch_size": 0}, "data.batch_size = 0 (0: full batch, all 128 training examples)"),
+    ({"data.batch_size": 128}, "data.batch_size = 128 (the whole training set, all 128 training examples)"),
+])
+def test_the_noise_temperature_of_a_full_batch_run_is_refused(over, what):
+    """``T = eta sigma^2 / (2B)`` is the temperature of SGD's mini-batch noise (THEORY section 3); a full-batch run
+    (``data.batch_size = 0`` or the whole training set: the runner's batches hold distinct examples) takes plain
+    gradient-descent steps without gradient noise, yet ``observables.noise_every`` was taken there and recorded a
+    nonzero temperature and viscosity (the per-example spread divided by 2N).  Now refused naming both keys; a
+    mini-batch passes, and a recorded config is still read (a run made before the check can be reported)."""
+    noise = {"observables.noise_every": 1, "observables.per_example_grads": True}
+    with pytest.raises(ConfigError) as e:
+        _tiny(**noise, **over)
+    msg = str(e.value)
+    assert msg.startswith("config.observables.noise_every = 1: the gradient-noise temperature") and what in msg, msg
+    assert "data.batch_size in [2, 127]" in msg and "observables.noise_every=0" in msg, msg
+    assert _tiny(**noise, **{"data.batch_size": 127}).observables.noise_every == 1
+    validate(load_config(TINY, {**noise, **over}), check_memory=False)

@@ -714,6 +714,27 @@ def _check_sweep(s: Settings) -> None:
     _check(not sw.init_gauge or s.symmetry.enabled, "sweep.init_gauge", sw.init_gauge, "needs symmetry.enabled")
 
 
+def _check_noise_full_batch(s: Settings) -> None:
+    """The gradient-noise temperature ``T = eta sigma^2 / (2B)`` is that of SGD's mini-batch noise (THEORY section
+    3: SGD with batch size ``B`` behaves like Langevin dynamics at temperature ``T``).  A full-batch run (``data.
+    batch_size = 0``, or the whole training set: the runner draws distinct examples, so every step's batch holds
+    them all) takes plain gradient-descent steps, which have no gradient noise; the formula still gave a nonzero
+    ``T`` (and viscosity ``T / 2``) from the spread of the per-example gradients.  Left out for a recorded config
+    (:func:`from_dict`), so that a run made before this check can still be reported."""
+    ob, d = s.observables, s.data
+    n = train_size(d)
+    if ob.noise_every == 0 or (d.batch_size and d.batch_size < n):
+        return
+    what = ("0: full batch" if not d.batch_size else "the whole training set") + f", all {n} training examples"
+    use = (f"use a mini-batch (data.batch_size in [2, {n - 1}])" if n >= 3 else
+           "use a training set of at least 3 examples and a data.batch_size of at least 2 below its size")
+    _check(False, "observables.noise_every", ob.noise_every,
+           f"the gradient-noise temperature T = eta sigma^2 / (2B) is the temperature of SGD's mini-batch noise, and "
+           f"this run's data.batch_size = {d.batch_size} ({what}) takes plain gradient-descent steps, which have no "
+           f"gradient noise: T (and the viscosity T / 2) would be nonzero where the dynamics has none; {use}, or set "
+           f"observables.noise_every=0")
+
+
 def _check_int32(s: Settings) -> None:
     """Every integer setting (and every element of an integer tuple) at most ``INT32_MAX``: step counts, periods,
     sizes and seeds are int32 in the compiled programs, and a larger value failed there with an OverflowError
@@ -736,9 +757,10 @@ def validate(cfg: Mapping[str, Any] | Any, *, check_memory: bool = True) -> Sett
     """``ConfigDict`` (or nested dict) -> :class:`Settings`, or :class:`ConfigError` naming the key, the value
     and what is allowed.  Pure: nothing is computed on device and nothing is written.  ``check_memory=False``
     leaves out the checks against this machine's memory (a data set, a model, its per-example gradients, Lanczos
-    vectors or evaluation too large for it) and of float settings against float32's range: a recorded config is
-    read with it (:func:`from_dict`), so that a run made on a larger machine (or by a version that let such a value
-    pass) can be reported here."""
+    vectors or evaluation too large for it), of float settings against float32's range and of the noise
+    temperature of a full-batch run (:func:`_check_noise_full_batch`): a recorded config is read with it
+    (:func:`from_dict`), so that a run made on a larger machine (or by a version that let such a value pass) can be
+    reported here."""
     if not (isinstance(cfg, Mapping) or hasattr(cfg, "to_dict")):
         raise ConfigError(f"config = {cfg!r}: expected a ConfigDict or a dict of the run sections "
                           f"{sorted(SECTIONS)}, got {type(cfg).__name__} (get_config() returns the ConfigDict of "
@@ -779,6 +801,7 @@ def validate(cfg: Mapping[str, Any] | Any, *, check_memory: bool = True) -> Sett
     _check_sweep(s)
     if check_memory:  # (a recorded config ran with what it held: it is reported as it is)
         _check_float32(s)
+        _check_noise_full_batch(s)
     return s
 
 

@@ -3,8 +3,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from quotient_sgd.hj import cole_hopf_gradient, FiniteVolume, Grid, solve_burgers
+from quotient_sgd.hj import cole_hopf_gradient, FiniteVolume, Grid, solve_burgers, solve_hj
+from quotient_sgd.hj._solve import _check_tolerance_floor
 
 
 def _loss(y):
@@ -52,3 +54,28 @@ def test_fixed_step_count_in_float32_is_the_one_the_arguments_ask_for():
     g = Grid(16, -1.0, 1.0)
     sol = solve_burgers(-jnp.sin(jnp.pi * g.x), g, nu=0.1, t1=0.09, dt=0.01)
     assert sol.ps.dtype == jnp.float32 and int(sol.num_steps) == 9
+
+
+def test_adaptive_tolerance_below_the_field_dtype_resolution_is_refused_before_compute():
+    """An adaptive float32 solve asked for rtol=1e-10, atol=1e-12 (float64's usual tolerances) ran into
+    max_steps=16384 with the spectral scheme (256 points, -sin(pi x), nu = 0.01 / pi, t1 = 0.3): the controller's
+    error estimate carries rounding of order eps * max|p|, and below it the steps shrink with the tolerance
+    instead of its fifth root (a tolerance of 1e-8 max|p| took 160-380 steps, 1e-9 680-1800, 3e-10 1100-5400).
+    Known tolerances with rtol + atol / max|field| < eps / 16 are now refused, naming them, the dtype, the
+    smallest allowed value and float64; float64 keeps its tolerances, and rtol=1e-10 with the default atol
+    (1e-8 on a field of scale 1) still runs in float32."""
+    g = Grid(16, -1.0, 1.0)
+    p0 = -jnp.sin(jnp.pi * g.x)
+    for scheme in ("spectral", "fv"):
+        with pytest.raises(ValueError, match=r"rtol=1e-10 and atol=1e-12 .*float32.*>= 7.45e-09.*jax_enable_x64"):
+            solve_burgers(p0, g, nu=0.05, t1=0.2, scheme=scheme, rtol=1e-10, atol=1e-12)
+    # the value form: relative to the deviation from the mean (scale 10 here: the default atol is 1e-9 of it)
+    with pytest.raises(ValueError, match=r"solve_hj: rtol=1e-10 and atol=1e-08 .*max\|u0 - mean\(u0\)\| = 10"):
+        solve_hj(10 * jnp.cos(jnp.pi * g.x) + 100, g, nu=0.05, t1=0.2, scheme="fv", rtol=1e-10)
+    g2 = Grid(8, -1.0, 1.0) * Grid(8, -1.0, 1.0)
+    with pytest.raises(ValueError, match="atol=1e-09"):
+        solve_hj(jnp.cos(jnp.pi * g2.x[0]), g2, nu=0.05, t1=0.2, rtol=0.0, atol=1e-9)
+    # allowed: the loosest point tolerance at the field's scale is resolved, in float32 and float64
+    _check_tolerance_floor("solve_burgers", "burgers", "p0", p0, np.float32(1e-10), np.float32(1e-8))
+    _check_tolerance_floor("solve_burgers", "burgers", "p0", np.asarray(p0, np.float64), 1e-12, 1e-14)
+    _check_tolerance_floor("solve_hj", "hj", "u0", jnp.zeros(16), 0.0, 1e-20)  # a constant field: no scale

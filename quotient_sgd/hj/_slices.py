@@ -206,7 +206,8 @@ def slice_flow(loss_fn: Callable, params, directions, *, extent: float, n: int, 
             >= 0; known values out of range are refused with a ``ValueError`` naming them, traced ones (under
             ``jax.jit`` / ``vmap`` / ``grad``) through ``equinox.error_if`` when the computation runs.
         margin: extra sampled region on each side, as a fraction of ``extent``.
-        scheme, solver, rtol, atol, max_steps, dt: as :func:`solve_hj` (bounded grid: finite volumes only;
+        scheme, solver, rtol, atol, max_steps, dt: as :func:`solve_hj` (bounded grid: finite volumes only; known
+            tolerances below the sampled loss's resolution, ``rtol + atol / S < eps / 16``, are refused there;
             ``dt`` selects fixed steps, whose derivatives in eta and nu are those of the map finite differences
             see as long as ``ceil(eta k / dt)`` does not change).
         orthonormalize: orthonormalise the directions first (Gram-Schmidt, in the given order) instead of refusing

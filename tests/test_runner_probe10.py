@@ -19,7 +19,7 @@ def _tiny(**overrides):
 
 @pytest.mark.parametrize("over, key, value, fixed", [
     ({"data.batch_size": 1}, "observables.noise_every", "1", {"data.batch_size": 2}),
-    ({"data.batch_size": 0, "data.n_train": 1}, "observables.noise_every", "1", {"data.n_train": 2}),
+    ({"data.batch_size": 0, "data.n_train": 1}, "observables.noise_every", "1", {"data.n_train": 3, "data.batch_size": 2}),
     ({"sweep.batch_size": (4, 16)}, "sweep.batch_size", "(4, 16)", {"sweep.batch_size": ()}),
 ])
 def test_noise_temperature_that_cannot_be_measured_is_refused(over, key, value, fixed):

@@ -176,7 +176,8 @@ def test_sgd_edge_with_weight_decay_follows_a_learning_rate_schedule():
 def test_fold_levels_with_weight_decay():
     """A fold number ending between the decayed and the plain fold of heavy ball (``beta = 0.5``, ``eta wd =
     0.2``): level 1 only with ``weight_decay``, at the first step at or above ``fold_edge(0.5) - 0.2``, with
-    ``decay``, ``fold_edge`` and ``edge`` in the details; ``adaptive=True`` (AdamW, decoupled) ignores it."""
+    ``decay``, ``fold_edge`` and ``edge`` in the details; ``adaptive=True`` (AdamW, decoupled) ignores it, and an
+    adaptive run keeps gradient descent's levels whatever ``momentum`` (SGD's) is given: level 1 at 1."""
     beta, lr, wd = 0.5, 0.1, 2.0
     lower, plain = fold_edge(beta, decay=0.2), fold_edge(beta)
     traj = _rising(0.5 * (lower + plain), lr, key="fold_number")
@@ -187,7 +188,10 @@ def test_fold_levels_with_weight_decay():
     assert (d["level"], d["fold_edge"], d["edge"]) == (lower, lower, stability_edge(beta, decay=0.2))
     assert d["decay"] == pytest.approx(0.2)
     assert detect(traj, kinds=["fold"], momentum=beta) == []
-    assert detect(traj, kinds=["fold"], momentum=beta, weight_decay=wd, adaptive=True) == []
+    adaptive = detect(traj, kinds=["fold"], momentum=beta, weight_decay=wd, adaptive=True)
+    assert adaptive == detect(traj, kinds=["fold"], adaptive=True)
+    assert [(e.step, e.details["level"]) for e in adaptive] == [
+        (_first_at_or_above(traj["fold_number"], traj["step"], 1.0), 1.0)]
     # without momentum too: gradient descent's fold 1 moves to 1 - eta wd
     traj = _rising(0.9, lr, key="fold_number")
     (e,) = detect(traj, kinds=["fold"], weight_decay=wd)

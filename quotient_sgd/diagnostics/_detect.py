@@ -32,6 +32,7 @@ from ._series import (
     first_key,
     flatten_trajectory,
     fresh_mask,
+    irregular_steps,
     is_invariant,
     kind_of,
     learning_rate,
@@ -665,11 +666,8 @@ def _smooth_starts(steps, smooth: int) -> np.ndarray | None:
     for 1000 steps, then every 10, over 2 records (2 steps) in its dense part with ``spike_smooth=20``, and a live
     detector, whose median spacing was 1 until the sparse records outnumbered the dense ones, over 20: 348
     mini-batch loss spikes on the whole run, 360 live."""
-    steps = np.asarray(steps, np.int64)
-    d = np.diff(steps)
-    if d.size == 0 or np.all(d == d[0]):
-        return None
-    return np.searchsorted(steps, steps - int(smooth) + 1, side="left")
+    steps = irregular_steps(steps)
+    return None if steps is None else np.searchsorted(steps, steps - int(smooth) + 1, side="left")
 
 
 def _smoothed_loss(loss: np.ndarray, steps, spike_smooth: int) -> np.ndarray:

@@ -352,6 +352,14 @@ def trailing_min(x: np.ndarray, window: int) -> np.ndarray:
     return out
 
 
+def irregular_steps(steps) -> np.ndarray | None:
+    """``steps`` as int64 when the records are at irregular steps, ``None`` when they are evenly spaced (or fewer
+    than two): the windows counted in steps then are a fixed number of records."""
+    steps = np.asarray(steps, np.int64)
+    d = np.diff(steps)
+    return None if d.size == 0 or np.all(d == d[0]) else steps
+
+
 def window_starts(steps: np.ndarray, window: int) -> np.ndarray | None:
     """For records at irregular steps, the first row of the ``window`` steps before each row: the first row ``j``
     whose record covers a step in ``[steps[i] - window, steps[i])``, a record covering the steps up to the next
@@ -359,9 +367,8 @@ def window_starts(steps: np.ndarray, window: int) -> np.ndarray | None:
     spaced steps (the windows are then a fixed number of records).  A window of the median spacing's records read
     a run recorded every step for 100 steps, then every 100, with a 50-step window of 50 records: 5000 steps of
     its sparse part."""
-    steps = np.asarray(steps, np.int64)
-    d = np.diff(steps)
-    if d.size == 0 or np.all(d == d[0]):
+    steps = irregular_steps(steps)
+    if steps is None:
         return None
     # j covers [steps[j], steps[j + 1]): it meets the window when steps[j + 1] > steps[i] - window
     return np.searchsorted(steps[1:], steps - int(window), side="right")

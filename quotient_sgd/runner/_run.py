@@ -31,6 +31,7 @@ from ._rundir import (
     lock_directory,
     make_directory,
     remove_outputs,
+    sigint_deferred,
     unlock_directory,
     write_config,
 )
@@ -481,12 +482,16 @@ def _run(s: Settings, workdir: str, b: Built, resume: bool, max_chunks: int | No
                                 test=f"{float(ev['test_loss']):.4g}", refresh=False)
                 bar.update(c - a)
     finally:
-        if bar is not None:
-            bar.close()
-        if tb is not None:
-            tb.close()
-        if ckpt is not None:
-            ckpt.close()
+        # (an interrupt while the bar or the writer closes is held back: the checkpoint being written is finalised)
+        with sigint_deferred():
+            try:
+                if bar is not None:
+                    bar.close()
+                if tb is not None:
+                    tb.close()
+            finally:
+                if ckpt is not None:
+                    ckpt.close()
     finished = diverged is not None or done >= s.steps
     # (a call that computed nothing finishes with the trajectory.npz it found, not one the parts make again)
     traj = finished_trajectory(workdir) if finished else parts.load()

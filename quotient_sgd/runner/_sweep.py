@@ -84,6 +84,7 @@ from ._rundir import (
     read_divergence,
     read_record_json,
     remove_outputs,
+    sigint_deferred,
     unlock_directory,
     warn_absent_defaults,
     write_config,
@@ -1102,12 +1103,16 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
             write_chunk(pending)
             done = pending[1]
     finally:
-        bar.close()
-        for tb in writers.values():
-            if tb is not None:
-                tb.close()
-        if ckpt is not None:
-            ckpt.close()
+        # (an interrupt while the bar or the writers close is held back: the checkpoint being written is finalised)
+        with sigint_deferred():
+            try:
+                bar.close()
+                for tb in writers.values():
+                    if tb is not None:
+                        tb.close()
+            finally:
+                if ckpt is not None:
+                    ckpt.close()
     finished = done >= s.steps or len(diverged) == n
     plots = plots if plots is not None else s.logging.plots
     if finished:

@@ -1,0 +1,49 @@
+"""Configs, data, runs and sweeps on cases the other tests do not try: an interrupt while a run or sweep closes its
+TensorBoard writers and progress bar (the checkpoint being written was abandoned)."""
+
+import os
+import signal
+
+import jax
+import pytest
+from helpers import tiny_settings
+
+from quotient_sgd.runner import run, sweep
+from quotient_sgd.runner._rundir import Checkpoints, checkpoint_steps
+
+
+# ---- defect 1: an interrupt while the writers close abandoned the checkpoint being written -----------------------
+@pytest.mark.parametrize("command", ["run", "sweep"])
+def test_an_interrupt_while_the_writers_close_still_finishes_the_checkpoint(tmp_path, monkeypatch, command):
+    """The last chunk's checkpoint is written asynchronously and finalised by ``Checkpoints.close`` in the run's
+    (and sweep's) ``finally``, after the progress bar and the TensorBoard writers close.  A Ctrl-C (or SIGTERM)
+    landing while those closed raised there, and the checkpoint manager was never closed: the save in flight was
+    abandoned (``checkpoints/20.orbax-checkpoint-tmp`` left behind, the command resuming from step 10 instead of 20)
+    and, at the interpreter's exit, orbax's background thread ended in "RuntimeError: cannot schedule new futures
+    after interpreter shutdown" tracebacks.  The interrupt is now held back until every writer, the checkpoint
+    manager included, is closed; then it is raised."""
+    from tensorboardX import SummaryWriter
+
+    closed = []
+    close_writer, close_checkpoints = SummaryWriter.close, Checkpoints.close
+
+    def interrupted_close(self):
+        os.kill(os.getpid(), signal.SIGINT)  # (Python's handler: KeyboardInterrupt at the next instruction)
+        close_writer(self)
+
+    def recorded_close(self):
+        close_checkpoints(self)
+        closed.append(self.dir)
+
+    monkeypatch.setattr(SummaryWriter, "close", interrupted_close)
+    monkeypatch.setattr(Checkpoints, "close", recorded_close)
+    wd = str(tmp_path / "w")
+    s = tiny_settings(20, **{"logging.tensorboard": True, "sweep.seed": (0,), "sweep.lr": (0.02, 0.05)})
+    with pytest.raises(KeyboardInterrupt):
+        if command == "run":
+            run(s, wd)
+        else:
+            sweep(s, wd, members_per_device=1, devices=jax.devices()[:1])
+    assert closed == [os.path.join(wd, "checkpoints")]
+    assert checkpoint_steps(wd) == [10, 20]
+    assert not [x for x in os.listdir(os.path.join(wd, "checkpoints")) if "tmp" in x]

@@ -344,6 +344,32 @@ _NOT_GRADIENT = (
     "tolerance.")
 
 
+def _check_solver_object(name, solver, scheme, fixed: bool) -> None:
+    """``ValueError`` naming ``solver`` when a solver object cannot integrate this solve: :class:`ETDRK4` with a
+    scheme other than the spectral one (it failed in a bare ``AttributeError``: 'FiniteVolume' object has no attribute
+    'forward'), a diffrax solver for another term structure than one ODE term (``diffrax.KenCarp4()``,
+    ``SemiImplicitEuler()``, SDE solvers: Diffrax's ``TermAndSolverIncompatible``, naming no argument), or one
+    without an error estimate (``diffrax.Euler()``) with adaptive stepping (Diffrax's bare ``RuntimeError``)."""
+    what = f"{type(solver).__name__}()"
+    if isinstance(solver, ETDRK4):
+        if not isinstance(scheme, Spectral):
+            raise ValueError(f"{name}: solver={what} needs the spectral scheme (diagonal viscous term); use "
+                             "solver='tsit5' or 'kencarp' with finite volumes.")
+        return
+    if getattr(solver, "term_structure", None) is not dfx.AbstractTerm:
+        raise ValueError(
+            f"{name}: solver={what} is not allowed: it integrates terms of the structure "
+            f"{getattr(solver, 'term_structure', None)}, where a diffrax solver passed here integrates the whole "
+            "right-hand side as one ODE term (term_structure diffrax.AbstractTerm, e.g. diffrax.Tsit5(), Dopri5(), "
+            "Kvaerno5(), ImplicitEuler()); for the IMEX split (explicit advection, implicit viscosity) pass "
+            "solver='kencarp'.")
+    if not fixed and not isinstance(solver, dfx.AbstractAdaptiveSolver):
+        raise ValueError(
+            f"{name}: solver={what} is not allowed with adaptive stepping (the default): it gives no error estimate "
+            "for the step-size controller; pass a fixed step dt=... (or adaptive=False with dt0), or an adaptive "
+            "solver (e.g. diffrax.Tsit5(), or diffrax.HalfSolver around this one).")
+
+
 def _solve(form, name, y0, grid, *, nu, t1, ts, scheme, solver, rtol, atol, max_steps, dt0, adaptive,
            adjoint, progress, dt=None):
     scheme = as_scheme(scheme)
@@ -421,6 +447,8 @@ def _solve(form, name, y0, grid, *, nu, t1, ts, scheme, solver, rtol, atol, max_
             raise ValueError(f"{name}: adaptive=False needs a fixed step dt (or dt0).")
         dt = dt0 if dt is None else dt
     fixed = dt is not None
+    if isinstance(solver, dfx.AbstractSolver):
+        _check_solver_object(name, solver, scheme, fixed)
     if solver == "auto":
         solver = "etd" if isinstance(scheme, Spectral) else "tsit5"
     term = SemilinearTerm(scheme, grid, form)
@@ -670,7 +698,11 @@ def solve_burgers(p0, grid: AnyGrid, *, nu, t1, ts=None, scheme="spectral", solv
             saves at t1 only); the solution saves at ``(*ts, t1)``.
         scheme: ``"spectral"`` (periodic, smooth/viscous), ``"fv"`` / ``"fv-smooth"`` or a scheme object.
         solver: ``"auto"`` (ETDRK4 for spectral, Tsit5 for FV), ``"etd"``, ``"tsit5"``, ``"kencarp"``
-            (IMEX: explicit advection, implicit viscosity), or a diffrax solver for the full right-hand side.
+            (IMEX: explicit advection, implicit viscosity), or a diffrax solver for the full right-hand side as one
+            ODE term (``term_structure`` ``diffrax.AbstractTerm``; with adaptive stepping one with an error estimate,
+            a ``diffrax.AbstractAdaptiveSolver``), or an :class:`ETDRK4` with the spectral scheme; other solver
+            objects (``diffrax.KenCarp4()``: pass ``"kencarp"``; ``diffrax.Euler()`` adaptively) are refused
+            with a ``ValueError`` naming ``solver``.
         rtol, atol: tolerances of the PID step-size controller (adaptive stepping, the default): finite, >= 0,
             not both 0, and not below the field dtype's resolution: known tolerances with ``rtol + atol / S <
             eps / 16`` (``S = max|p0|``, for :func:`solve_hj` ``max|u0 - mean(u0)|``; ``eps`` of the field's

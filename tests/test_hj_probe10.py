@@ -1,0 +1,30 @@
+"""The HJ / Burgers engine on cases beyond its other tests: solver objects that cannot integrate the solve."""
+
+import diffrax as dfx
+import jax.numpy as jnp
+import pytest
+
+from quotient_sgd.hj import ETDRK4, Grid, solve_burgers, solve_hj
+
+
+def test_solver_objects_that_cannot_integrate_the_solve_are_refused_by_name():
+    """A solver object was handed to Diffrax as it was: ``ETDRK4()`` with finite volumes failed in a bare
+    ``AttributeError`` ('FiniteVolume' object has no attribute 'forward'; the string ``'etd'`` was refused by name),
+    ``diffrax.Euler()`` with the default adaptive stepping in Diffrax's bare ``RuntimeError`` ("Cannot use adaptive
+    step sizes with a solver that does not provide error estimates"), and ``diffrax.KenCarp4()`` or
+    ``SemiImplicitEuler()``, which integrate other term structures than one ODE term, in Diffrax's
+    ``TermAndSolverIncompatible``; none named the argument.  Each is now a ``ValueError`` naming ``solver`` before
+    any compilation, and the solvers that fit still run."""
+    g = Grid(8, -1.0, 1.0)
+    p0 = -jnp.sin(jnp.pi * g.x)
+    refused = ((dict(scheme="fv", solver=ETDRK4()), r"solver=ETDRK4\(\) needs the spectral scheme"),
+               (dict(solver=dfx.Euler()), r"solver=Euler\(\) is not allowed with adaptive stepping"),
+               (dict(solver=dfx.KenCarp4()), r"solver=KenCarp4\(\) is not allowed: .*solver='kencarp'"),
+               (dict(solver=dfx.SemiImplicitEuler(), dt=0.01), r"solver=SemiImplicitEuler\(\) is not allowed"))
+    for kw, match in refused:
+        for solve in (solve_burgers, solve_hj):
+            with pytest.raises(ValueError, match=match):
+                solve(p0 if solve is solve_burgers else jnp.cos(jnp.pi * g.x), g, nu=0.1, t1=0.1, **kw)
+    # fixed steps with Euler, and ETDRK4 with the spectral scheme, are what they are for
+    sol = solve_burgers(p0, g, nu=0.1, t1=0.1, solver=dfx.Euler(), dt=0.01)
+    assert int(sol.num_steps) == 10 and bool(jnp.all(jnp.isfinite(sol.ps)))

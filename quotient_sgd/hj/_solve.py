@@ -392,6 +392,17 @@ def _solve(form, name, y0, grid, *, nu, t1, ts, scheme, solver, rtol, atol, max_
             f"{name}: BacksolveAdjoint is not supported: its backward-in-time solve of the viscous equation is "
             "anti-diffusive (ill-posed) and blows up. Use the default RecursiveCheckpointAdjoint()."
         )
+    if isinstance(adjoint, dfx.ImplicitAdjoint):
+        # it differentiates a steady state (the implicit function theorem at f(y(t1)) = 0): jax.grad of sum(u(t1)^2)
+        # in nu came out 8.6e16 against -10.97 (16 spectral points, t1 = 0.1), without a word
+        raise ValueError(
+            f"{name}: adjoint=ImplicitAdjoint() is not allowed: it differentiates a steady state (the right-hand side "
+            "zero at t1), and the flow at t1 is not one, so its derivatives are wrong.  Use the default "
+            "RecursiveCheckpointAdjoint() (reverse mode), DirectAdjoint() or ForwardMode() (forward mode).")
+    if not isinstance(adjoint, dfx.AbstractAdjoint):  # None or a string failed in a bare AttributeError ('loop')
+        raise ValueError(
+            f"{name}: adjoint={adjoint!r} is not allowed; need a diffrax adjoint object: RecursiveCheckpointAdjoint() "
+            "(the default, reverse mode), DirectAdjoint() or ForwardMode() (forward mode).")
     _check_real(name, nu=nu, t1=t1, dt=dt, dt0=dt0)
     for arg, value, allowed in (("nu", nu, "nu >= 0 (the viscous equation runs forward in time; nu < 0 is "
                                  "anti-diffusive, ill-posed)"), ("t1", t1, "t1 >= 0"), ("dt", dt, "dt > 0"),
@@ -733,7 +744,9 @@ def solve_burgers(p0, grid: AnyGrid, *, nu, t1, ts=None, scheme="spectral", solv
         adjoint: a diffrax adjoint; RecursiveCheckpointAdjoint by default (reverse mode: ``jax.grad`` /
             ``jax.vjp``).  For forward mode (``jax.jvp``, ``jax.jacfwd``) pass ``diffrax.ForwardMode()``: the
             default's custom VJP refuses ``jvp``.  BacksolveAdjoint is refused: it integrates the viscous equation
-            backwards in time, which is anti-diffusive and blows up.
+            backwards in time, which is anti-diffusive and blows up; so is ImplicitAdjoint, which differentiates
+            a steady state (the flow at t1 is none: jax.grad in nu came out 8.6e16 for -10.97), and a value that
+            is not a diffrax adjoint (``None``, a string), each with a ``ValueError`` naming ``adjoint``.
         progress: show a tqdm progress meter.
 
     Returns:

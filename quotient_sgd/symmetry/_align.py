@@ -18,7 +18,17 @@ from ._product import Product, Word
 
 
 def _sqdist(a: Flat, b: Flat):
-    return sum(jnp.sum(jnp.square(a[p] - b[p])) for p in a)
+    """``|a - b|^2`` over every leaf, integer leaves (a step counter beside the parameters) in the parameters' float
+    dtype: squared in their own integer dtype, a difference of 100000 overflowed int32 (the distance came out
+    37551)."""
+    dt = _tree.float_dtype(list(a.values()))
+
+    def diff(x, y):
+        if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+            x, y = jnp.asarray(x).astype(dt), jnp.asarray(y).astype(dt)
+        return x - y
+
+    return sum(jnp.sum(jnp.square(diff(a[p], b[p]))) for p in a)
 
 
 def _closest(target: Flat, cands: list[Flat]) -> Flat:
@@ -233,9 +243,38 @@ def _common_dtype(fa: Flat, fb: Flat) -> tuple[Flat, Flat]:
     return cast(fa), cast(fb)
 
 
+def _leaf_dtype(x):
+    """The dtype of a leaf (a NumPy dtype for a Python scalar or sequence; ``None`` for what NumPy cannot read)."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        try:
+            dtype = np.asarray(x).dtype
+        except (TypeError, ValueError):
+            return None
+    return dtype
+
+
+def _check_real(name: str, fa: Flat, fb: Flat) -> None:
+    """``TypeError`` naming the argument and the path of the first leaf that does not hold real numbers (float or
+    integer): a Euclidean distance is taken over every leaf, and a PRNG key (an ``nnx.Rngs`` or ``Dropout`` state
+    in ``nnx.split(model)``), a boolean mask or a complex array failed inside the alignment with JAX's bare
+    ``sub does not accept dtype key<fry>`` / ``lt does not accept dtype complex64``."""
+    for arg, flat in (("params_a", fa), ("params_b", fb)):
+        for path, x in flat.items():
+            dtype = _leaf_dtype(x)
+            ok = dtype is not None and (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer))
+            if not ok:
+                raise TypeError(f"{name}: {arg} has a leaf of dtype {dtype} at {path!r}; the distance is taken over "
+                                f"every leaf, which must hold real numbers (float or integer arrays): pass the "
+                                f"parameters alone, e.g. nnx.split(model, nnx.Param, ...)[1], not the model's whole "
+                                f"state with its PRNG keys")
+
+
 def _check_same_layout(name: str, fa, fb) -> None:
     """``ValueError`` naming the first parameter whose path or shape differs between the two networks: orbits of
-    one group are compared only between parameter trees of one architecture."""
+    one group are compared only between parameter trees of one architecture; ``TypeError`` for a leaf that does not
+    hold real numbers (:func:`_check_real`)."""
+    _check_real(name, fa, fb)
     if set(fa) != set(fb):
         diff = sorted(set(fa) ^ set(fb), key=str)[0]
         raise ValueError(f"{name}: params_a and params_b have different parameters (e.g. {diff!r} is in only one); "

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from .. import _tree
 from ._base import (Flat, Group, SymmetryError, _check_key, _check_scale, _compiled, cg_vcoeffs,
                     generic_vcoeffs, reading_invariants)
 from . import _reduced
@@ -573,7 +574,10 @@ class Product(Group):
         cl = tuple(cl[j] for j in order)
         init = None if init is None else tuple(init[j] for j in order)
         comps = tuple(self.components[i] for i in cl)
-        tol = 64 * jnp.finfo(jax.tree.leaves(flat)[0].dtype).eps
+        # (the dtype of the cluster's own parameters: the first leaf of the whole tree may be one no component acts
+        # on, an integer step counter that sorts first in nnx.split(model)'s state, whose finfo raised a bare
+        # "data type int32 not inexact")
+        tol = 64 * jnp.finfo(_tree.float_dtype([flat[p] for c in comps for p in c.paths()])).eps
         split = _reduced.split_cluster(comps, flat)
         if split is not None:
             return self._reduced_sweeps(cl, comps, flat, init, split, tol)

@@ -1,0 +1,66 @@
+"""Regression tests for defects found by exercising the symmetry groups and models beyond the other tests."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from quotient_sgd.models import MLP
+from quotient_sgd.symmetry import align, quotient_distance
+
+
+class _Counted(nnx.Module):
+    """An MLP's layers beside an integer step counter, whose path ``("count",)`` sorts before ``("layers", ...)``:
+    the first leaf of ``nnx.split(model)``'s state is the counter."""
+
+    def __init__(self, rngs):
+        self.count = nnx.Variable(jnp.int32(3))
+        self.layers = MLP(3, (4, 5), 2, rngs=rngs).layers
+
+
+def test_canonicalize_of_a_state_whose_first_leaf_is_an_integer_counter():
+    """The sweeps of a rescale chain took their stopping tolerance from the dtype of the first leaf of the whole
+    tree, ``finfo(int32)``: canonicalize / invariants / canonical_element of such a state (an integer variable no
+    component acts on, listed first) failed with NumPy's bare ``data type int32 not inexact``.  The tolerance now
+    comes from the cluster's own parameters; the counter is passed through."""
+    model = _Counted(nnx.Rngs(0))
+    group = MLP(3, (4, 5), 2, rngs=nnx.Rngs(0)).symmetries()
+    state = nnx.split(model)[1]
+    params = nnx.split(model, nnx.Param, ...)[1]
+    c_state, c_params = group.canonicalize(state), group.canonicalize(params)
+    assert int(c_state["count"][...]) == 3
+    for p in ((0, "kernel"), (0, "bias"), (1, "kernel"), (1, "bias"), (2, "kernel")):
+        a, b = c_state["layers"][p[0]][p[1]][...], c_params["layers"][p[0]][p[1]][...]
+        assert jnp.array_equal(a, b), p
+    inv_s, inv_p = group.invariants(state), group.invariants(params)
+    assert jax.tree.all(jax.tree.map(jnp.array_equal, inv_s, inv_p))
+
+
+def _mlp_params(seed):
+    model = MLP(3, (4,), 2, classifier=True, rngs=nnx.Rngs(seed))
+    return model.symmetries(), nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
+
+
+@pytest.mark.parametrize("fn", [align, quotient_distance])
+@pytest.mark.parametrize("leaf, shown", [(jax.random.key(0), "key<fry>"), (jnp.ones(2, bool), "bool"),
+                                         (jnp.ones(2, jnp.complex64), "complex64")])
+def test_align_and_distance_name_a_leaf_that_is_not_real_numbers(fn, leaf, shown):
+    """A PRNG key beside the parameters (the state of an ``nnx.Rngs`` or ``Dropout`` in ``nnx.split(model)``), a
+    boolean mask or a complex array failed inside the alignment with JAX's bare ``sub does not accept dtype
+    key<fry>`` / ``lt does not accept dtype complex64``, naming neither the argument nor the leaf."""
+    group, params = _mlp_params(0)
+    bad = dict(params, rng=leaf)
+    with pytest.raises(TypeError, match=rf"{fn.__name__}: params_a has a leaf of dtype {shown} at \('rng',\).*"
+                                        r"nnx\.Param"):
+        fn(group, bad, bad)
+
+
+def test_quotient_distance_counts_an_integer_leaf_without_overflow():
+    """An integer leaf beside the parameters (a step counter) was squared in its own dtype: two networks that
+    differ only by a counter of 0 and 100000 were 37551 apart (int32 overflow; under strict promotion the int32
+    sum beside the float32 ones raised a bare ``TypePromotionError``).  The distance is now 100000."""
+    group, params = _mlp_params(0)
+    a, b = dict(params, count=jnp.int32(0)), dict(params, count=jnp.int32(100000))
+    assert float(quotient_distance(group, a, b)) == pytest.approx(100000.0, rel=1e-6)

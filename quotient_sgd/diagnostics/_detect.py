@@ -993,7 +993,10 @@ def detect_transition(traj, *, steps, transition_keys: Sequence[str] | None = No
     differ from those of the whole run).  Event step: the alarm (causal detection time, end of the block);
     ``details.onset_step`` the estimated change point.  A key recorded every ``K`` steps may hold its value or be NaN
     between records: NaN rows between two records hold the last recorded value (the two forms give the same events);
-    non-finite values otherwise (an infinite loss) skip the blocks that hold them.
+    non-finite values otherwise (an infinite loss) skip the blocks that hold them.  ``transform="auto"`` (the
+    default) reads a key by ``log_diff`` when none of its values is negative and some is positive, its exact
+    zeros then skipped like non-finite values (a loss that reaches 0.0 keeps the events of the steps before
+    it), else by ``diff``.
 
     ``trend_floor`` (default :data:`TREND_FLOOR` = 3) and ``rate_floor`` (default :data:`RATE_FLOOR` = 0.1; both 0:
     the noise estimate alone, as before they existed): the block values are standardised with a standard deviation
@@ -1061,7 +1064,12 @@ def detect_transition(traj, *, steps, transition_keys: Sequence[str] | None = No
         how = transform.get(key, "auto") if isinstance(transform, Mapping) else transform
         if how == "auto":
             fin = v[np.isfinite(v)]
-            how = "log_diff" if fin.size and np.all(fin > 0) else "diff"
+            # a series with no negative value is read by its log-rate, its exact zeros (a float32 cross-entropy
+            # that saturates to 0.0, a zero-initialised head's norm at step 0) non-finite there, skipping the blocks
+            # that hold them: one zero anywhere turned the whole run to raw differences, so that its last step
+            # moved or removed the change points of every earlier step, and a live detector, which had read the
+            # chunks before it by their log-rate, kept events the whole run does not have
+            how = "log_diff" if fin.size and np.all(fin >= 0) and np.any(fin > 0) else "diff"
         x = _transform(v, how)
         if how in ("log_diff", "diff"):
             # the change per *step*: read per record, a run recorded every step, then every 10 steps, had a rate

@@ -1,0 +1,41 @@
+"""Transition detection on a loss that reaches exactly 0.0 (a float32 cross-entropy that saturates)."""
+
+import numpy as np
+
+from quotient_sgd.diagnostics import LiveDetector, detect
+
+
+def _loss_whose_rate_jumps(n=1000, seed=0):
+    """A noisy loss whose decay rate jumps ten-fold at step 400 (one change point, found at step 410)."""
+    rng = np.random.default_rng(seed)
+    r = np.where(np.arange(n) < 400, 0.002, 0.02)
+    return np.exp(-np.cumsum(r * (1 + 0.5 * rng.standard_normal(n))))
+
+
+def test_a_loss_that_reaches_exactly_zero_keeps_the_change_points_before_it():
+    """The default transform was ``log_diff`` only when every value was > 0: one exact 0.0 at the last step turned
+    the whole run to raw differences, moving the change point at step 400 from step 410 (onset 391) to 420 (onset
+    401), and a live detector, which had read the chunks before the zero by their log-rate, reported both (410 and
+    420) where one detect call on the run reports one.  Now a series without negative values is read by its
+    log-rate with its zeros skipped like non-finite values: the same events with and without the zero, live and
+    offline."""
+    loss = _loss_whose_rate_jumps()
+    zero = loss.copy()
+    zero[-1] = 0.0
+    ref = detect({"loss": loss}, kinds=["transition"], horizon=len(loss))
+    assert [e.step for e in ref] and all(e.details["transform"] == "log_diff" for e in ref)
+    got = detect({"loss": zero}, kinds=["transition"], horizon=len(loss))
+    assert [e.to_dict() for e in got] == [e.to_dict() for e in ref]
+    live = LiveDetector(kinds=["transition"], horizon=len(loss))
+    for i in range(0, len(zero), 100):
+        live.update({"loss": zero[i:i + 100]})
+    assert [e.to_dict() for e in live.events] == [e.to_dict() for e in got]
+
+
+def test_a_series_with_negative_values_or_only_zeros_is_still_read_by_its_differences():
+    """The log-rate needs positive values: a loss that goes negative (a negative log-likelihood) and a series of
+    zeros keep ``diff``."""
+    loss = _loss_whose_rate_jumps() - 0.5
+    ev = detect({"loss": loss}, kinds=["transition"], transition_keys=["loss"])
+    assert ev and all(e.details["transform"] == "diff" for e in ev)
+    assert detect({"loss": np.zeros(300)}, kinds=["transition"]) == []

@@ -11,7 +11,7 @@ import optax
 
 from .._tree import widen
 from ..observables import canonical_gradient
-from ._spec import check_period, check_wrapped
+from ._spec import accepted_extra_args, check_period, check_wrapped
 
 
 class HorizontalState(NamedTuple):
@@ -41,7 +41,8 @@ def horizontal(tx: optax.GradientTransformation, group) -> optax.GradientTransfo
     def update(updates, state, params=None, **extra_args):
         if params is None:
             raise ValueError("horizontal(tx, group) needs params: tx.update(grads, state, params)")
-        u, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+        extra = accepted_extra_args(inner.update, extra_args)
+        u, inner_state = inner.update(updates, state.inner_state, params, **extra)
         # low-precision parameters are projected in float32 (widen) and the update keeps its dtype
         return _like(group.horizontal(widen(params), widen(u)), u), HorizontalState(inner_state)
 
@@ -120,12 +121,12 @@ def gauge_fix(tx: optax.GradientTransformation, group, every: int = 1) -> optax.
                 g = extra["grad"]
                 extra["grad"] = _like(gc if g is updates else canonical_gradient(group, pw, widen(g), element=k), g)
             u, s = inner.update(_like(gc, updates), _permute_state(group, k, state.inner_state, params),
-                                _like(pc, params), **extra)
+                                _like(pc, params), **accepted_extra_args(inner.update, extra))
             step = jax.tree.map(lambda a, b, c: (a + b) - c, pc, widen(u), pw)
             return _like(step, u), s, k, jnp.ones((), jnp.bool_)
 
         def plain(_):
-            u, s = inner.update(updates, state.inner_state, params, **extra_args)
+            u, s = inner.update(updates, state.inner_state, params, **accepted_extra_args(inner.update, extra_args))
             return u, s, state.element, jnp.zeros((), jnp.bool_)
 
         if every == 1:

@@ -29,6 +29,26 @@ def check_wrapped(name: str, tx, group) -> None:
                         f"{group!r}")
 
 
+def accepted_extra_args(update: Callable, extra_args: dict) -> dict:
+    """The entries of ``extra_args`` that ``update`` (an optax ``update(updates, state, params, **extra_args)``)
+    accepts: all of them when it takes ``**kwargs``, else those it names as keyword arguments.  optax's convention is
+    that an extra-args-aware transformation takes and ignores the extra arguments it does not use, but some do not
+    (``optax.contrib.sam``'s update names ``grad_fn`` alone): handed the ones :func:`~quotient_sgd.optim.train` and
+    the wrappers pass (``value``, ``loss_fn`` ...), they failed with a bare "got an unexpected keyword argument
+    'value'".  An update whose signature cannot be read gets them all."""
+    import inspect
+
+    try:
+        params = inspect.signature(update).parameters.values()
+    except (TypeError, ValueError):
+        return dict(extra_args)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return dict(extra_args)
+    named = {p.name for p in params if p.kind in (inspect.Parameter.KEYWORD_ONLY,
+                                                   inspect.Parameter.POSITIONAL_OR_KEYWORD)}
+    return {k: v for k, v in extra_args.items() if k in named}
+
+
 def check_period(owner: str, name: str, value, *, optional: bool = False) -> int | None:
     """``value`` as a Python ``int`` (``None`` kept when ``optional``); ``ValueError`` naming the argument unless it is
     an integer ``>= 1``: a float, a bool or a string period would otherwise be accepted (``True`` as ``1``) or fail

@@ -12,6 +12,7 @@ import numpy as np
 import optax
 
 from ._gauge import gauge_fix_elements
+from ._spec import accepted_extra_args
 from ._trajectory import _find
 
 
@@ -133,7 +134,8 @@ def _run(params, opt_state, model_state, data, key, start_step, *, loss_fn, tx, 
         extra = {"value": loss, "grad": grads, "value_fn": value_fn, "obj_fn": batch_loss, "loss_fn": batch_loss}
         if example_loss_fn is not None:
             extra["example_loss_fn"] = lambda p: example_loss_fn(p, batch)
-        updates, opt_state = tx.update(grads, opt_state, params, **extra)
+        # only the extra arguments tx.update accepts (optax.contrib.sam's names grad_fn alone)
+        updates, opt_state = tx.update(grads, opt_state, params, **accepted_extra_args(tx.update, extra))
         params = optax.apply_updates(params, updates)
         if model_state is not None:
             new_ms = _follow_gauge_fix(opt_state, new_ms, act_on_model_state)

@@ -16,7 +16,7 @@ from .._tree import float_dtype, widen
 from ..observables._charges import masked_leaves
 from ..observables._util import charges_dict, tree_dot, tree_sqnorm
 from ._gauge import GaugeFixState, HorizontalState, _like
-from ._spec import SGDSpec, check_period, check_wrapped
+from ._spec import SGDSpec, accepted_extra_args, check_period, check_wrapped
 
 #: The per-step observables recorded by default (all cheap: closed-form projections, no extra gradients).
 DEFAULT_OBSERVABLES: tuple[str, ...] = (
@@ -419,7 +419,8 @@ def quotient_trajectory(
         if params is None:
             raise ValueError("quotient_trajectory needs params: call tx.update(grads, state, params, value=loss)")
         grads = updates
-        new_updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
+        new_updates, inner_state = inner.update(grads, state.inner_state, params,
+                                                **accepted_extra_args(inner.update, extra_args))
         returned = new_updates
         next_params = _as_stored(params, returned)
         params, grads, new_updates = widen(params), widen(grads), widen(new_updates)  # as in init

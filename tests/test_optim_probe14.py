@@ -1,0 +1,57 @@
+"""quotient_sgd.optim on further optimisers and inputs: transformations whose update names its extra arguments."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import optax.contrib
+
+from quotient_sgd.optim import gauge_fix, horizontal, quotient_trajectory, train
+
+from test_optim_trajectory import data, init_mlp, mlp_group, xent
+
+
+def _value_scaled_sgd(lr):
+    """A hand-written extra-args transformation whose update names the one extra argument it reads (``value``,
+    the loss) and takes no ``**kwargs``: the step ``-lr * loss * g``."""
+
+    def update(updates, state, params=None, *, value):
+        del params
+        return jax.tree.map(lambda g: -lr * value * g, updates), state
+
+    return optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update)
+
+
+def _hand_loop(tx, params, batches, pass_value):
+    def step(carry, batch):
+        params, state = carry
+        loss, g = jax.value_and_grad(xent)(params, batch)
+        updates, state = tx.update(g, state, params, **({"value": loss} if pass_value else {}))
+        return (optax.apply_updates(params, updates), state), None
+
+    return jax.jit(lambda p: jax.lax.scan(step, (p, tx.init(p)), batches)[0][0])(params)
+
+
+def test_train_and_wrappers_pass_an_update_only_the_extra_arguments_it_names(x64):
+    """``optax.contrib.sam``'s update names ``grad_fn`` alone (no ``**kwargs``): ``train`` and the wrappers
+    (``quotient_trajectory``, ``horizontal``, ``gauge_fix``) handed it every extra argument they pass and failed with a
+    bare "transparent_update_fn() got an unexpected keyword argument 'value'", although SAM without a spec is
+    documented to run.  So did a hand-written transformation naming ``value`` alone.  Each now gets the extra
+    arguments it names: the runs equal a hand-written loop."""
+    params = init_mlp(jax.random.key(0), dtype=jnp.float64)
+    group = mlp_group()
+    batches = data(4, dtype=jnp.float64)
+    sam = optax.contrib.sam(optax.sgd(0.1), optax.sgd(0.05), sync_period=2)
+    with jax.numpy_dtype_promotion("standard"):  # sam multiplies a bool by the parameters: not strict-clean
+        want = _hand_loop(sam, params, batches, pass_value=False)
+        got, _, _ = train(xent, params, sam, batches, donate=False)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)
+        # each wrapper's own call of the update it wraps
+        tx = quotient_trajectory(gauge_fix(horizontal(sam, group), group), group, observables=("loss", "grad_norm"))
+        _, _, traj = train(xent, params, tx, batches, donate=False)
+        assert np.all(np.isfinite(np.asarray(traj["grad_norm"])))
+    named = _value_scaled_sgd(0.1)
+    got, _, _ = train(xent, params, named, batches, donate=False)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(_hand_loop(named, params, batches, pass_value=True))):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)

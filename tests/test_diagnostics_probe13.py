@@ -39,3 +39,30 @@ def test_a_series_with_negative_values_or_only_zeros_is_still_read_by_its_differ
     ev = detect({"loss": loss}, kinds=["transition"], transition_keys=["loss"])
     assert ev and all(e.details["transform"] == "diff" for e in ev)
     assert detect({"loss": np.zeros(300)}, kinds=["transition"]) == []
+
+
+def test_a_live_detector_pickled_mid_run_goes_on_as_one_detect_call_on_the_whole_run(tmp_path):
+    """A run resumed in another process continues its live detection from the pickled detector: no event lost or
+    reported twice, and its events file is that of the whole run."""
+    import pickle
+
+    from quotient_sgd.diagnostics import load_events
+
+    rng = np.random.default_rng(0)
+    n = 600
+    loss = _loss_whose_rate_jumps(n)
+    loss[100:105] *= 5
+    sharp = 2.0 + 0.02 * rng.standard_normal(n)
+    sharp[104:] *= 0.5
+    traj = {"loss": loss, "sharpness_quotient": sharp, "fold_number": 1.5 + 0.6 * np.sin(np.arange(n) / 7)}
+    path = tmp_path / "events.json"
+    live = LiveDetector(lr=1.0, horizon=n, path=path)
+    for i in range(0, 250, 50):
+        live.update({k: v[i:i + 50] for k, v in traj.items()})
+    live = pickle.loads(pickle.dumps(live))
+    for i in range(250, n, 50):
+        live.update({k: v[i:i + 50] for k, v in traj.items()})
+    ref = [e.to_dict() for e in detect(traj, lr=1.0, horizon=n)]
+    assert {e["kind"] for e in ref} >= {"catapult", "loss_spike", "fold", "edge_of_stability"}
+    assert [e.to_dict() for e in live.events] == ref
+    assert [e.to_dict() for e in load_events(path)] == ref

@@ -1,10 +1,13 @@
-"""The HJ / Burgers engine on cases beyond its other tests: solver objects that cannot integrate the solve."""
+"""The HJ / Burgers engine on cases beyond its other tests: solver and adjoint objects that cannot serve the solve,
+the end-time derivative at t1 = 0 with save times."""
 
 import diffrax as dfx
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from quotient_sgd.hj import ETDRK4, Grid, solve_burgers, solve_hj
+from quotient_sgd.hj import ETDRK4, FiniteVolume, Grid, solve_burgers, solve_hj
 
 
 def test_solver_objects_that_cannot_integrate_the_solve_are_refused_by_name():
@@ -44,3 +47,22 @@ def test_an_adjoint_that_does_not_differentiate_the_flow_is_refused_by_name():
         for solve in (solve_burgers, solve_hj):
             with pytest.raises(ValueError, match=match):
                 solve(u0, g, nu=0.1, t1=0.1, dt=0.05, adjoint=adjoint)
+
+
+def test_the_end_time_derivative_at_t1_0_with_fixed_steps_and_save_times_is_finite():
+    """With fixed steps and save times the step controller places its next step on the lattice ``k h`` with
+    ``h = t1 / ceil(t1 / dt)``, computed as ``t / h``: at ``t1 = 0`` that was 0 / 0, and its NaN made ``jax.grad``
+    in t1 NaN (the field itself was right: no step is taken), where without save times it is the right-hand side at
+    ``y0`` (-19.74 for ``sum(u(t1))`` from ``cos(pi x)`` on 8 spectral points, nu = 0.1; ETDRK4, KenCarp and
+    finite volumes alike).  It is now that derivative with save times too; the saved fields are ``u0``."""
+    g = Grid(8, -1.0, 1.0)
+    u0 = jnp.cos(jnp.pi * g.x)
+
+    def total(t1):
+        sol = solve_hj(u0, g, nu=0.1, t1=t1, ts=jnp.asarray([0.0]), dt=0.05, scheme="fv")
+        return jnp.sum(sol.us[-1]), sol.us
+
+    d, us = jax.grad(total, has_aux=True)(0.0)
+    np.testing.assert_array_equal(np.asarray(us), np.asarray(jnp.stack([u0, u0])))
+    rhs = float(jnp.sum(FiniteVolume().rhs(g, "hj", u0, 0.1)))  # the discrete u_t = -u_x^2 / 2 + nu u_xx
+    assert abs(float(d) - rhs) < 1e-5 * abs(rhs), (float(d), rhs)

@@ -98,6 +98,9 @@ class _LatticeWithStops(dfx.AbstractStepSizeController):
 
     def _next(self, t):
         h, tol = self.h, 1e-3  # tol: a fraction of a step, far above the rounding of t / h in float32 or 64
+        # h = 0 at t1 = 0 (every stop is 0 then, and no step is taken): t / h was 0 / 0, whose NaN made jax.grad in
+        # t1 NaN with save times (the derivative there is the right-hand side at y0)
+        h = jnp.where(h > 0, h, jnp.ones_like(h))
         lattice = (jnp.floor(t / h + tol) + 1) * h
         later = self.stops > t + tol * h
         stop = jnp.min(jnp.where(later, self.stops, self.stops[-1]))

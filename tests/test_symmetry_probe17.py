@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
-from quotient_sgd.models import MLP
+from quotient_sgd.models import MLP, Transformer
 from quotient_sgd.symmetry import align, quotient_distance
 
 
@@ -64,3 +65,32 @@ def test_quotient_distance_counts_an_integer_leaf_without_overflow():
     group, params = _mlp_params(0)
     a, b = dict(params, count=jnp.int32(0)), dict(params, count=jnp.int32(100000))
     assert float(quotient_distance(group, a, b)) == pytest.approx(100000.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("make", [np.float64, lambda v: jnp.asarray(v, jnp.float64), lambda v: np.int64(round(v))])
+def test_sample_reads_a_numpy_or_jax_scale_of_another_dtype(x64, make):
+    """``scale`` is "a finite number >= 0", but a NumPy / JAX float64 or integer scale beside float32 parameters
+    failed under strict dtype promotion with JAX's bare ``TypePromotionError`` (so did ``verify``, which passes it
+    on); a traced float64 scale under ``jit`` too.  The elements are those of the Python float, in float32."""
+    group, params = _mlp_params(0)
+    key, scale = jax.random.key(1), make(2.0)
+    want = group.sample(key, params, scale=float(scale))
+    for got in (group.sample(key, params, scale=scale),
+                jax.jit(lambda s: group.sample(key, params, scale=s))(jnp.asarray(scale, jnp.float64))):
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            assert a.dtype == b.dtype and jnp.allclose(a, b, rtol=1e-6, atol=0)
+
+
+def test_sample_component_of_bfloat16_attention_heads():
+    """``sample_component`` called the component's sampler directly, not through the compiled program that computes
+    low-precision parameters in float32: for a bfloat16 Transformer's GL heads it failed with ``NotImplementedError:
+    Unsupported dtype bfloat16`` (XLA:CPU has no bfloat16 QR) where ``sample`` returned a float32 element."""
+    model = Transformer(8, 6, 2, 1, 4, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    group = model.symmetries()
+    g = group.sample_component(jax.random.key(0), params, "qk/blocks.0", scale=1.0)
+    assert g.elements[0].dtype == jnp.float32 and g.elements[0].shape == (2, 3, 3)
+    tokens = jnp.arange(4)[None, :]
+    y0 = model(tokens).astype(jnp.float32)
+    y1 = nnx.merge(graphdef, group.act(g, params), rest)(tokens).astype(jnp.float32)
+    assert float(jnp.max(jnp.abs(y1 - y0))) < 0.1  # (bfloat16 rounding of the moved heads)

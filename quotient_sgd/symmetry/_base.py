@@ -168,6 +168,17 @@ def _check_scale(scale, method: str = "sample") -> None:
                          f"log-factors, 2 x scale).")
 
 
+def sample_scale(scale, flat: Flat, paths) -> float | jax.Array:
+    """``scale`` as the samplers read it: a Python float when it is known (weakly typed, so the elements come out in
+    the parameters' dtype whatever ``scale``'s own: a NumPy / JAX float64 or integer scale beside float32 parameters
+    failed under strict dtype promotion with JAX's bare ``TypePromotionError``), a traced one cast to the common
+    float dtype of the parameters at ``paths`` (low-precision ones read as float32, as the samplers compute)."""
+    try:
+        return float(scale)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return jnp.asarray(scale).astype(_tree.float_dtype(_tree.widen([flat[p] for p in paths])))
+
+
 def _check_key(key, method: str = "sample") -> None:
     """``TypeError`` naming ``key`` when it is not one PRNG key: a typed key of shape ``()`` (``jax.random.key``)
     or a legacy ``uint32`` key of shape ``(2,)`` (``jax.random.PRNGKey``); batches of keys are for ``jax.vmap``."""
@@ -321,7 +332,7 @@ class Group(eqx.Module):
         _check_scale(scale)
         _check_key(key)
         flat, _ = self._flat(params)
-        return _compiled(self, "_sample", key, flat, scale)
+        return _compiled(self, "_sample", key, flat, sample_scale(scale, flat, self.paths()))
 
     def identity(self, params):
         flat, _ = self._flat(params)

@@ -14,7 +14,7 @@ from jax.flatten_util import ravel_pytree
 
 from .. import _tree
 from ._base import (Flat, Group, SymmetryError, _check_key, _check_scale, _compiled, cg_vcoeffs,
-                    generic_vcoeffs, reading_invariants)
+                    generic_vcoeffs, reading_invariants, sample_scale)
 from . import _reduced
 from ._gl import GL, gauged_powers, sylvester_vcoeffs
 from ._permutation import Permutation, unit_key, unit_order
@@ -259,7 +259,10 @@ class Product(Group):
         _check_key(key, "sample_component")
         i = [c.name for c in self.components].index(self.component(name).name)
         flat, _ = self._flat(params)
-        return Word((i,), (self.components[i]._sample(key, flat, scale),))
+        comp = self.components[i]
+        # (compiled as sample is: bfloat16 / float16 parameters in float32, whose GL QR XLA:CPU lacks; it failed
+        # with "Unsupported dtype bfloat16" where sample returned a float32 element)
+        return Word((i,), (_compiled(comp, "_sample", key, flat, sample_scale(scale, flat, comp.paths())),))
 
     def _identity(self, flat):
         return Word((), ())

@@ -66,3 +66,46 @@ def test_a_live_detector_pickled_mid_run_goes_on_as_one_detect_call_on_the_whole
     assert {e["kind"] for e in ref} >= {"catapult", "loss_spike", "fold", "edge_of_stability"}
     assert [e.to_dict() for e in live.events] == ref
     assert [e.to_dict() for e in load_events(path)] == ref
+
+
+def _unit_mlp(dtype):
+    from flax import nnx
+
+    from quotient_sgd import models
+
+    model = models.MLP(3, (4,), 1, param_dtype=dtype, rngs=nnx.Rngs(0))
+    return nnx.split(model, nnx.Param)[1], model.symmetries()
+
+
+def test_gauge_transport_names_a_vector_not_shaped_like_the_parameters():
+    """A ``v_canonical`` of another structure or leaf shape failed in JAX's bare "unexpected tree structure" /
+    "unexpected JAX type" of the VJP; now a ValueError names ``v_canonical`` (and the leaf)."""
+    import jax
+    import jax.numpy as jnp
+    import pytest
+
+    from quotient_sgd.diagnostics import gauge_transport
+
+    params, group = _unit_mlp(jnp.float32)
+    with pytest.raises(ValueError, match="v_canonical.*tree structure of params"):
+        gauge_transport(group, params, jnp.ones(3))
+    with pytest.raises(ValueError, match=r"v_canonical.*\['layers'\]\[0\]\['bias'\].*shape \(4, 1\)"):
+        gauge_transport(group, params, jax.tree.map(lambda x: jnp.ones(x.shape + (1,)), params))
+
+
+def test_gauge_transport_of_a_float32_vector_on_bfloat16_parameters_is_computed_in_float32():
+    """A float32 vector (what float32 Lanczos gives on low-precision parameters) on bfloat16 parameters failed in
+    the VJP's bare "expected bfloat16"; now the transport runs in float32, as the other observables of such
+    parameters, and equals the one on the parameters cast to float32."""
+    import jax
+    import jax.numpy as jnp
+
+    from quotient_sgd.diagnostics import gauge_transport
+
+    params, group = _unit_mlp(jnp.bfloat16)
+    v = jax.tree.map(lambda x: jnp.linspace(-1.0, 1.0, x.size, dtype=jnp.float32).reshape(x.shape), params)
+    got = gauge_transport(group, params, v)
+    ref = gauge_transport(group, jax.tree.map(lambda x: x.astype(jnp.float32), params), v)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+        assert a.dtype == jnp.float32
+        assert jnp.allclose(a, b, rtol=1e-6, atol=1e-6)

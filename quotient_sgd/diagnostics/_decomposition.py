@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._tree import widen
 from ..observables import sharpness_horizontal, sharpness_quotient, sharpness_raw
 from ._series import real_kind
 
@@ -37,11 +38,41 @@ def _sq(t) -> jax.Array:
 
 def gauge_transport(group, params, v_canonical):
     """``J_k^T v`` with ``k`` the canonical element at ``params``: a horizontal vector at the canonical point
-    transported to ``params`` (the covariant transport of gradients / Hessian eigenvectors)."""
+    transported to ``params`` (the covariant transport of gradients / Hessian eigenvectors).
+
+    Raises:
+        ValueError: ``v_canonical`` not a tree of the structure of ``params`` with a leaf of each parameter's shape
+            (the message names the first leaf that differs; a vector of another shape failed in JAX's bare
+            "unexpected tree structure" or "unexpected JAX type" of the VJP).
+
+    Computed in the parameters' floating dtypes, at least float32 (bfloat16 / float16 parameters are widened, as
+    for the other observables): ``v_canonical`` is cast to them (a float32 vector on bfloat16 parameters failed in
+    the VJP's bare "expected bfloat16"), and the result is in them."""
+    params = widen(params)
+    v_canonical = _like_params("gauge_transport", params, v_canonical)
     k = group.canonical_element(params)
     _, vjp = jax.vjp(lambda th: group.act(k, th), params)
     (u,) = vjp(v_canonical)
     return u
+
+
+def _like_params(fn: str, params, v):
+    """``v`` as a tree of the structure, leaf shapes and dtypes of ``params``, else ValueError naming it."""
+    p_paths, p_def = jax.tree_util.tree_flatten_with_path(params)
+    v_leaves, v_def = jax.tree.flatten(v)
+    if v_def != p_def:
+        raise ValueError(f"{fn}: v_canonical is not allowed: it must have the tree structure of params (a "
+                         f"{type(params).__name__} of {p_def.num_leaves} arrays); got a {type(v).__name__} of "
+                         f"{v_def.num_leaves} of another structure")
+    out = []
+    for (path, x), y in zip(p_paths, v_leaves):
+        y = jnp.asarray(y)
+        if y.shape != jnp.shape(x) or not jnp.issubdtype(y.dtype, jnp.floating):
+            raise ValueError(f"{fn}: v_canonical is not allowed: its leaf {jax.tree_util.keystr(path)} has shape "
+                             f"{y.shape} and dtype {y.dtype}; need the parameter's shape {jnp.shape(x)} (floating "
+                             f"point)")
+        out.append(y.astype(jnp.result_type(x)))
+    return jax.tree.unflatten(p_def, out)
 
 
 def stability_decomposition(loss_fn: Callable, group, params, lr=None, *, key, num_matvecs: int = 20,

@@ -109,3 +109,20 @@ def test_gauge_transport_of_a_float32_vector_on_bfloat16_parameters_is_computed_
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
         assert a.dtype == jnp.float32
         assert jnp.allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_default_transition_keys_reads_a_nested_trajectory_and_refuses_an_unknown_variant():
+    """``default_transition_keys`` answered any variant but ``"raw"`` (``"bogus"``, ``"raws"``) with the quotient
+    keys, and left out the ``invariant_norms`` of a nested trajectory as ``train`` returns it (``detect`` monitors
+    them); now the variant is checked by name and the trajectory flattened."""
+    import pytest
+
+    from quotient_sgd.diagnostics import default_transition_keys
+
+    traj = {"loss": np.ones(5), "grad_norm": np.ones(5), "grad_norm_canonical": np.ones(5),
+            "invariant_norms": {"rescale/layers.0": np.ones(5)}}
+    assert default_transition_keys(traj) == ["loss", "grad_norm_canonical", "invariant_norms/rescale/layers.0"]
+    assert default_transition_keys(traj, "raw") == ["grad_norm"]
+    for bad in ("raws", "step", None):
+        with pytest.raises(ValueError, match="variant.*'quotient' or 'raw'"):
+            default_transition_keys(traj, bad)

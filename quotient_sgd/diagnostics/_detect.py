@@ -951,7 +951,17 @@ def _hold_between_records(v: np.ndarray) -> np.ndarray:
 def default_transition_keys(traj, variant: str = "quotient") -> list[str]:
     """Scalar keys monitored by default: orbit-invariant training-side observables (``loss``,
     ``grad_norm_canonical``, ``invariant_norms/*``) for ``quotient``; ``grad_norm`` for ``raw``.  Held-out metrics
-    (``test_*``) are never defaults: they are what the detector is validated against."""
+    (``test_*``) are never defaults: they are what the detector is validated against.  ``traj`` may be nested, as
+    :func:`~quotient_sgd.optim.train` returns it (its ``invariant_norms`` dict gives ``invariant_norms/<name>``, as
+    :func:`detect` reads it; they were left out).
+
+    Raises:
+        ValueError: ``variant`` not ``"quotient"`` or ``"raw"`` (any other name, a misspelt ``"raw"`` included, was
+            answered with the quotient keys)."""
+    if not isinstance(variant, str) or variant not in ("quotient", "raw"):
+        raise ValueError(f"default_transition_keys: variant={variant!r} is not allowed; need 'quotient' or 'raw' "
+                         "(the variants of the transition detector)")
+    traj = flatten_trajectory(traj)
     if variant == "raw":
         return [k for k in ("grad_norm",) if k in traj]
     keys = [k for k in ("loss", "grad_norm_canonical") if scalar(traj, k) is not None]

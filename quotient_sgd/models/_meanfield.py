@@ -161,6 +161,14 @@ def mmd(p: jax.Array, q: jax.Array, *, bandwidth: float = 1.0, squared: bool = F
     their common floating dtype (``jnp.promote_types``; integers read as the default float, bfloat16 / float16 in
     float32, whose rounding would swamp the cancelling sum), which is the dtype of the result.
 
+    Resolution: the three kernel means are of order 1 and cancel, so ``MMD^2`` carries an absolute rounding error
+    of a few ``eps`` of that dtype, and an ``MMD`` below about ``sqrt(eps)`` is not resolved ("> 0 for different
+    measures" holds in exact arithmetic only).  Measured in float32 (bandwidth 1, ``p`` standard normal ``(10, 3)``
+    and ``(100, 8)``, ``q = p`` plus noise of size ``d``): at ``d = 1e-2`` 5e-4 / 6e-5 relative error, at
+    ``d = 1e-3`` (MMD 5e-4 / 3e-4) 30% / 2%, at ``d = 1e-4`` exactly 0 for an MMD of 5e-5 / 3e-5.  Compare nearby
+    particle sets in float64 (the same sets against an 80-bit computation: 2e-10 relative at ``d = 1e-3``, 7e-8
+    at ``d = 1e-4``).
+
     Raises ``ValueError`` naming the argument for particle sets that are not matrices with the same number of
     columns, a known ``bandwidth`` that is not a finite number > 0 (0 gave NaN: ``0 / 0`` on the diagonal), and a
     ``squared`` that is not a bool; ``TypeError`` naming it for a complex (or non-numeric) particle set.

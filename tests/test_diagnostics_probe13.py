@@ -126,3 +126,24 @@ def test_default_transition_keys_reads_a_nested_trajectory_and_refuses_an_unknow
     for bad in ("raws", "step", None):
         with pytest.raises(ValueError, match="variant.*'quotient' or 'raw'"):
             default_transition_keys(traj, bad)
+
+
+def test_the_per_kind_detectors_take_a_learning_rate_given_once_as_detect_does():
+    """``detect_edge_of_stability``, ``detect_fold`` (with weight decay) and ``detect_shock`` (slice shocks), public
+    as ``detect``'s per-kind detectors, failed with a bare TypeError / IndexError / AttributeError for ``lr=0.1``
+    (they indexed it per row); now a number is broadcast and checked as ``detect`` does, with the same events."""
+    import pytest
+
+    from quotient_sgd import diagnostics as D
+
+    n = 50
+    traj = {"loss": np.exp(-np.arange(n) / 10.0), "sharpness_quotient": np.linspace(1, 30, n),
+            "fold_number": np.linspace(0, 3, n)}
+    steps = np.arange(n)
+    one = np.full(n, 0.1)
+    for fn, kw in ((D.detect_edge_of_stability, {}), (D.detect_fold, {"weight_decay": 0.1}),
+                   (D.detect_shock, {"slice_shocks": [{"step": 3, "shock_time": 0.5}]})):
+        got = [e.to_dict() for e in fn(traj, steps=steps, lr=0.1, **kw)]
+        assert got and got == [e.to_dict() for e in fn(traj, steps=steps, lr=one, **kw)]
+    with pytest.raises(ValueError, match="lr='0.1' is not allowed"):
+        D.detect_edge_of_stability(traj, steps=steps, lr="0.1")

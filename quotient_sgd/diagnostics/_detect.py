@@ -118,6 +118,17 @@ def _records(window: int, steps) -> int:
     return max(1, int(np.ceil(window / stride))) if stride > 1 else max(1, int(window))
 
 
+def _lr_of_rows(lr, steps) -> np.ndarray | None:
+    """``lr`` as :func:`detect` passes it to the per-kind detectors, one float per row (or ``None``): a number, a
+    0-d array or one value per row given to a ``detect_*`` function directly is checked and broadcast as
+    :func:`detect` does (``detect_edge_of_stability(traj, steps=..., lr=0.1)`` failed in a bare "'float' object is
+    not subscriptable", ``detect_shock``'s slice shocks in "'float' object has no attribute 'size'")."""
+    n = len(steps)
+    if lr is None or (isinstance(lr, np.ndarray) and lr.dtype == np.float64 and lr.shape == (n,)):
+        return lr  # (detect's own: NaN marks a row without one, which check_lr would refuse)
+    return learning_rate({}, lr, n)
+
+
 def detect_divergence(traj, *, steps, divergence_factor: float = 100.0, divergence_patience: int = 20,
                       **_) -> list[Event]:
     """First step where the loss is non-finite, or where it has exceeded ``divergence_factor`` times the initial
@@ -206,6 +217,7 @@ def detect_shock(traj, *, steps, lr=None, shock_level: float = 1.0, rearm: float
     shock time > 0; numbers or 0-d arrays, e.g. ``SliceFlow.shock_time``), reported as variant ``"slice"`` events
     with ``strength = lr / shock_time`` (a step of size ``lr`` reaches the shock; without the entry's ``lr``, the
     learning rate of its step), the other entries in ``details``."""
+    lr = _lr_of_rows(lr, steps)
     out = []
     for key, v, idx in _step_and_hessian_numbers(traj, "shock_number", steps):
         out += _threshold_events(traj, key, v, idx, steps, "shock", shock_level, "step", rearm, lr, ("curvature",))
@@ -460,6 +472,7 @@ def detect_fold(traj, *, steps, lr=None, fold_levels: Sequence[float] = (1.0, 2.
         ValueError: ``weight_decay > 0`` without a learning rate, or ``lr * weight_decay >= fold_edge(beta,
             nesterov)`` at a step read (the decay alone folds the step map: no fold level).
     """
+    lr = _lr_of_rows(lr, steps)
     out = []
     fold_levels = _distinct_levels(fold_levels)
     for key, v, idx in _step_and_hessian_numbers(traj, "fold_number", steps):
@@ -567,6 +580,7 @@ def detect_edge_of_stability(traj, *, steps, lr=None, eos_levels: Sequence[float
             there: :func:`adam_edge` has no edge); an SGD run (``adaptive=False``) with ``lr * weight_decay >=
             stability_edge(beta, nesterov)`` at a step read (SGD's coupled decay alone is unstable there).
     """
+    lr = _lr_of_rows(lr, steps)
     if lr is None:
         return []
     eos_levels = _distinct_levels(eos_levels)
@@ -831,6 +845,7 @@ def detect_catapult(traj, *, steps, lr=None, spike_factor: float = 2.0, spike_wi
     (A 30 % fall seen through 2-7 noisy records before it is at the edge of what 4 standard errors allow.)  Every
     10 steps, spike at step 5 / 35 (1 / 4 records before): false catapults 36 / 28 of 100 at 10 % noise and 73 /
     74 at 20 % before, 0 now; a 50 % fall is found 96 / 100 at 10 % noise, 47 / 91 at 20 %."""
+    lr = _lr_of_rows(lr, steps)
     loss = scalar(traj, "loss")
     if loss is None:
         return []

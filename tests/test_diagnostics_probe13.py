@@ -147,3 +147,25 @@ def test_the_per_kind_detectors_take_a_learning_rate_given_once_as_detect_does()
         assert got and got == [e.to_dict() for e in fn(traj, steps=steps, lr=one, **kw)]
     with pytest.raises(ValueError, match="lr='0.1' is not allowed"):
         D.detect_edge_of_stability(traj, steps=steps, lr="0.1")
+
+
+def test_stability_decomposition_names_a_loss_that_is_not_one_number():
+    """A per-example loss or a ``(loss, aux)`` pair failed in JAX's bare "Gradient only defined for scalar-output
+    functions"; now a ValueError names ``loss_fn`` and what it returns."""
+    import jax
+    import jax.numpy as jnp
+    import pytest
+    from flax import nnx
+
+    from quotient_sgd import models
+    from quotient_sgd.diagnostics import stability_decomposition
+
+    model = models.MLP(3, (2,), 1, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    x = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+    per_example = lambda p: jnp.sum(nnx.merge(graphdef, p)(x) ** 2, axis=1)  # noqa: E731
+    with pytest.raises(ValueError, match=r"loss_fn must return.*float32\[4\]"):
+        stability_decomposition(per_example, model.symmetries(), params, key=jax.random.key(0), num_matvecs=2)
+    with pytest.raises(ValueError, match="loss_fn must return"):
+        stability_decomposition(lambda p: (jnp.mean(per_example(p)), 0.0), model.symmetries(), params,
+                                key=jax.random.key(0), num_matvecs=2)

@@ -88,8 +88,10 @@ def stability_decomposition(loss_fn: Callable, group, params, lr=None, *, key, n
     ``raw`` and the shapes; op by op it took ~3x longer); an unhashable ``loss_fn`` or ``group`` runs op by op.
 
     Raises:
-        ValueError: ``num_matvecs`` not an integer ``>= 1`` (0 or -1 was refused by the Lanczos routine as
-            ``k=1 > num_matvecs``, 2.5 or True with a TypeError, none naming this function), ``raw`` not a bool
+        ValueError: ``loss_fn`` not returning one real number at ``params`` (a per-example loss, a ``(loss, aux)``
+            pair: JAX's bare "Gradient only defined for scalar-output functions"), ``num_matvecs`` not an integer
+            ``>= 1`` (0 or -1 was refused by the Lanczos routine as ``k=1 > num_matvecs``, 2.5 or True with a
+            TypeError, none naming this function), ``raw`` not a bool
             (``raw="no"`` is truthy: the raw sharpness was computed), or a concrete ``lr`` that is not a finite
             number ``>= 0`` (``"0.1"`` failed in a bare JAX TypeError; ``-1`` and NaN gave a negative or NaN
             ``lr_times_lambda_step``); a traced ``lr`` (under ``jit`` / ``vmap``) is used as it comes.
@@ -124,6 +126,14 @@ def _check_arguments(lr, num_matvecs, raw) -> None:
 
 
 def _decomposition(loss_fn, group, params, lr, key, num_matvecs, raw):
+    # (at trace time: once per compilation) a loss of another shape, or a (loss, aux) pair, failed in JAX's bare
+    # "Gradient only defined for scalar-output functions" of the Hessian-vector product
+    out = jax.eval_shape(loss_fn, params)
+    if not (hasattr(out, "shape") and out.shape == () and jnp.issubdtype(out.dtype, jnp.floating)):
+        shown = jax.tree.map(lambda a: f"{a.dtype}{list(a.shape)}", out)
+        raise ValueError(f"stability_decomposition: loss_fn must return the loss at params, one real number (shape "
+                         f"()); it returns {shown} (a per-example loss: take its mean; a (loss, aux) pair: return the "
+                         f"loss alone)")
     eq = sharpness_quotient(loss_fn, group, params, key=key, num_matvecs=num_matvecs)
     es = sharpness_horizontal(loss_fn, group, params, key=key, num_matvecs=num_matvecs)
     lam_c, lam_s = eq.top[0], es.top[0]

@@ -1,13 +1,16 @@
 """Configs, data, runs and sweeps on cases the other tests do not try: an interrupt while a run or sweep closes its
-TensorBoard writers and progress bar (the checkpoint being written was abandoned)."""
+TensorBoard writers and progress bar (the checkpoint being written was abandoned), and two config files in one
+process each importing a module of the same name beside it (the second got the first's)."""
 
 import os
 import signal
+import sys
 
 import jax
 import pytest
 from helpers import tiny_settings
 
+from quotient_sgd.config import load_config
 from quotient_sgd.runner import run, sweep
 from quotient_sgd.runner._rundir import Checkpoints, checkpoint_steps
 
@@ -47,3 +50,33 @@ def test_an_interrupt_while_the_writers_close_still_finishes_the_checkpoint(tmp_
     assert closed == [os.path.join(wd, "checkpoints")]
     assert checkpoint_steps(wd) == [10, 20]
     assert not [x for x in os.listdir(os.path.join(wd, "checkpoints")) if "tmp" in x]
+
+
+# ---- defect 2: a module beside a config file was the one beside the config file loaded before ------------------
+def test_each_config_file_imports_the_modules_beside_it(tmp_path, monkeypatch):
+    """``load_config("A/exp.py")`` then ``load_config("B/exp.py")``, each doing ``from probe20_common import base``
+    of its own ``probe20_common.py`` (and ``import probe20_pkg``, a package beside it): B's config was A's (name
+    "from_A"), silently: the module cached by the first load, and A's directory first on ``sys.path``.  Each load
+    now reads the modules beside its own file, also when A is loaded again."""
+    from quotient_sgd.config import _validate
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(_validate, "_CONFIG_DIRS", [])
+    monkeypatch.setattr(_validate, "_BESIDE_CONFIGS", {})
+    for name in ("probe20_common", "probe20_pkg"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    for d in ("A", "B"):
+        (tmp_path / d / "probe20_pkg").mkdir(parents=True)
+        (tmp_path / d / "probe20_pkg" / "__init__.py").write_text(f"SUFFIX = '_pkg{d}'\n")
+        (tmp_path / d / "probe20_common.py").write_text(
+            "from quotient_sgd.config import default_config\n"
+            f"def base():\n    c = default_config()\n    c.name = 'from_{d}'\n    return c\n")
+        (tmp_path / d / "exp.py").write_text(
+            "import probe20_pkg\nfrom probe20_common import base\n"
+            "def get_config():\n    c = base()\n    c.name += probe20_pkg.SUFFIX\n    return c\n")
+    try:
+        names = [load_config(str(tmp_path / d / "exp.py")).name for d in ("A", "B", "A")]
+    finally:
+        for name in ("probe20_common", "probe20_pkg"):
+            sys.modules.pop(name, None)
+    assert names == ["from_A_pkgA", "from_B_pkgB", "from_A_pkgA"]

@@ -3,6 +3,7 @@ the offending value and what is allowed.  Nothing is computed or written before 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import functools
@@ -869,26 +870,78 @@ def check_override_key(key: str, raw: Any) -> None:
     _check_override_bool(key, raw, top[parts[0]].default)
 
 
+#: The directories of the config files loaded in this process (:func:`config_dir_on_path`), oldest first.
+_CONFIG_DIRS: list[str] = []
+#: The modules that loading a config file imported from beside it (``{module name: its directory}``).
+_BESIDE_CONFIGS: dict[str, str] = {}
+
+
 def config_dir_on_path(path: str) -> None:
     """Put the directory of the config file ``path`` on ``sys.path`` (appended, once), so that the file can import
     the modules beside it (``from base import get_config``) whatever the working directory and however the
-    command was started, as ``python path`` would let it; appended, it shadows no installed module."""
+    command was started, as ``python path`` would let it; appended, it shadows no installed module.  Among the
+    directories of the config files loaded before, it is moved first: a module beside ``path`` is found there,
+    not beside another config file of the same process (see :func:`_modules_beside`)."""
     import sys
 
     d = os.path.dirname(os.path.abspath(path))
+    if d not in _CONFIG_DIRS:
+        _CONFIG_DIRS.append(d)
     if d not in sys.path:
         sys.path.append(d)
+    others = [i for i, entry in enumerate(sys.path) if entry in _CONFIG_DIRS and entry != d]
+    if others and sys.path.index(d) > others[0]:
+        sys.path.remove(d)
+        sys.path.insert(others[0], d)
+
+
+@contextlib.contextmanager
+def _modules_beside(path: str):
+    """While the block loads the config file ``path``: its directory is searched first among those of the config
+    files loaded before (:func:`config_dir_on_path`), and the modules an earlier load imported from beside a config
+    file are imported again (they leave ``sys.modules``), so that ``from common import base`` in ``B/exp.py``
+    reads ``B/common.py``.  (``load_config("B/exp.py")`` after ``load_config("A/exp.py")``, each importing its own
+    ``common.py``, returned A's config: the module cached by the first load, found first on the path.)  The
+    modules the block imports from directly beside a config file are recorded for the next load."""
+    import sys
+
+    config_dir_on_path(path)
+    for name, d in list(_BESIDE_CONFIGS.items()):
+        if _beside(sys.modules.get(name)) == d:
+            for sub in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+                del sys.modules[sub]
+        del _BESIDE_CONFIGS[name]
+    before = set(sys.modules)
+    try:
+        yield
+    finally:
+        for name in set(sys.modules) - before:
+            d = _beside(sys.modules.get(name))
+            if d in _CONFIG_DIRS and "." not in name:
+                _BESIDE_CONFIGS[name] = d
+
+
+def _beside(module) -> str | None:
+    """The directory holding the module ``module`` (``DIR/name.py``) or its package (``DIR/name/__init__.py``)."""
+    file = getattr(module, "__file__", None)
+    if not isinstance(file, str):
+        return None
+    file = os.path.abspath(file)
+    if os.path.basename(file).startswith("__init__."):
+        file = os.path.dirname(file)
+    return os.path.dirname(file)
 
 
 def config_module(path: str):
     """The config file ``path`` imported as a module (its top level run; the modules beside it importable,
-    :func:`config_dir_on_path`)."""
-    config_dir_on_path(path)
-    # the source loader reads any file name (a config without the .py suffix: spec_from_file_location returns None)
-    loader = importlib.machinery.SourceFileLoader(f"_qsgd_config_{abs(hash(path))}", path)
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    :func:`config_dir_on_path`, and read from beside it, :func:`_modules_beside`)."""
+    with _modules_beside(path):
+        # the source loader reads any file name (a config without the .py suffix: spec_from_file_location returns
+        # None)
+        loader = importlib.machinery.SourceFileLoader(f"_qsgd_config_{abs(hash(path))}", path)
+        spec = importlib.util.spec_from_loader(loader.name, loader)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)  # type: ignore[union-attr]
     return mod
 
 
@@ -904,7 +957,7 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         raise ConfigError(f"config file {path!r} does not exist")
     from ._configdict import refuse_bool_numbers
 
-    with refuse_bool_numbers():  # (a plain ConfigDict would store `lr = True` as 1.0, unseen by validation)
+    with refuse_bool_numbers(), _modules_beside(path):  # (a plain ConfigDict would store `lr = True` as 1.0)
         mod = config_module(path)
         if not hasattr(mod, "get_config"):
             raise ConfigError(f"config file {path!r} defines no get_config()")

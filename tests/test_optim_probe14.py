@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import optax.contrib
+import pytest
 
 from quotient_sgd.optim import gauge_fix, horizontal, quotient_trajectory, train
 
@@ -55,3 +56,30 @@ def test_train_and_wrappers_pass_an_update_only_the_extra_arguments_it_names(x64
     got, _, _ = train(xent, params, named, batches, donate=False)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(_hand_loop(named, params, batches, pass_value=True))):
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("value, error, match", [
+    ("a", TypeError, r"lr='a' is not allowed; need a finite real number >= 0"),
+    (None, TypeError, r"lr=None is not allowed"),
+    (True, TypeError, r"lr=True is not allowed"),
+    (1 + 2j, TypeError, r"lr=\(1\+2j\) is not allowed"),
+    (np.ones(2), ValueError, r"lr must be a scalar, got an array of shape \(2,\)"),
+    (-0.1, ValueError, r"lr=-0.1 is not allowed"),
+    (float("nan"), ValueError, r"lr=nan is not allowed"),
+])
+def test_observables_name_a_learning_rate_that_is_not_one_rate(value, error, match):
+    """gradient_noise(lr=...) and predict_charge_drift(lr=...) took what they were given: a string or None failed in
+    JAX's conversion naming neither ("could not convert string to float: 'a'"), a vector gave a vector of temperatures
+    (and an unrelated "div got incompatible shapes" in the prediction), and True, -0.1 or NaN gave a temperature of
+    that rate, silently.  Each is now refused naming the function, the argument and what is allowed; the check reads
+    only the argument, before any compute."""
+    from quotient_sgd import observables as qobs
+
+    params = init_mlp(jax.random.key(0))
+    group = mlp_group()
+    with pytest.raises(error, match=r"gradient_noise: " + match):
+        qobs.gradient_noise(lambda p: jnp.zeros(3), group, params, lr=value)
+    with pytest.raises(error, match=r"predict_charge_drift: " + match):
+        qobs.predict_charge_drift(group, params, params, params, {}, lr=value)
+    with pytest.raises(error, match=r"predict_charge_drift: " + match.replace("lr", "momentum", 1)):
+        qobs.predict_charge_drift(group, params, params, params, {}, lr=0.1, momentum=value)

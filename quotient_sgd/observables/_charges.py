@@ -62,7 +62,7 @@ import jax.numpy as jnp
 
 from ._kinds import REDUCED_DYNAMICS, observable
 from .._tree import float_dtype
-from ._util import charge_linear, charges_dict
+from ._util import charge_linear, charges_dict, check_hyper
 
 
 def _polar(q_x, q_y, q_xy):
@@ -104,7 +104,14 @@ def predict_charge_drift(
 
     Returns:
         ``(predicted drift {component: array}, next cross {component: array})``.
+
+    Raises:
+        TypeError / ValueError: a hyperparameter that is not one real number, or (when concrete) negative or not
+            finite.
     """
+    for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay),
+                        ("coupled_weight_decay", coupled_weight_decay)):
+        check_hyper("predict_charge_drift", name, value)
     # the hyperparameters in the parameters' common dtype, cast to each leaf's / charge's dtype where they meet it
     # (float32 blocks beside float64 ones: the first leaf's dtype rounded a float64 block's learning rate to float32)
     dt = float_dtype(params)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from ._kinds import REDUCED_DYNAMICS, observable
+from ._util import check_hyper
 
 
 class Noise(NamedTuple):
@@ -31,7 +32,11 @@ def gradient_noise(example_loss_fn: Callable, group, params, *, lr) -> Noise:
     deep linear chain wider than its ends is not (``DeepLinear(3, (4, 5), 2)``: 41 GL generators, orbit dimension
     36 of 42 parameters), and there ``d_h`` is too small (1 instead of 6: ``sigma^2``, ``T`` and ``nu``
     six times too large); the rank of the tangents would cost ``count^2 P`` a call.
+
+    Raises:
+        TypeError / ValueError: ``lr`` not one real number, or (when concrete) negative or not finite.
     """
+    check_hyper("gradient_noise", "lr", lr)
     shape = jax.eval_shape(example_loss_fn, params).shape
     if len(shape) != 1:
         # a scalar (the mean loss) would make jacrev's output the gradient itself, whose first leaf's leading axis

@@ -23,6 +23,31 @@ def tree_dot(a, b) -> jax.Array:
     return sum(leaves[1:], leaves[0])
 
 
+def check_hyper(owner: str, name: str, value) -> None:
+    """``TypeError`` / ``ValueError`` naming ``owner``'s argument ``name`` unless ``value`` is one real number (a
+    Python or NumPy number, or a scalar integer / float array, possibly traced), and, when a Python or NumPy value,
+    finite and ``>= 0`` (a learning rate, momentum or weight decay, as :class:`~quotient_sgd.optim.SGDSpec` holds
+    them; a JAX array's value is not read, so that a call behaves alike eagerly and under ``jit``).  A string or
+    ``None`` failed in JAX's conversion naming neither ("could not convert string to float"), a vector was broadcast
+    into a vector of temperatures or an unrelated shape error, and a bool, a negative or NaN rate were taken as they
+    came, silently."""
+    import numbers
+
+    import numpy as np
+
+    allowed = "a finite real number >= 0 (a scalar)"
+    dtype = getattr(value, "dtype", None)
+    if isinstance(value, (bool, np.bool_)) or not (
+            isinstance(value, numbers.Real) or (dtype is not None and (
+                jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)))):
+        raise TypeError(f"{owner}: {name}={value!r} is not allowed; need {allowed}")
+    if jnp.shape(value) != ():
+        raise ValueError(f"{owner}: {name} must be a scalar, got an array of shape {jnp.shape(value)} (for several "
+                         f"values, jax.vmap over them)")
+    if isinstance(value, (numbers.Real, np.ndarray, np.generic)) and not 0 <= float(value) < float("inf"):
+        raise ValueError(f"{owner}: {name}={value!r} is not allowed; need {allowed}")
+
+
 def tree_sqnorm(a) -> jax.Array:
     return tree_dot(a, a)
 

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from quotient_sgd.models import MLP, Transformer
-from quotient_sgd.symmetry import align, quotient_distance
+from quotient_sgd.symmetry import Product, SymmetryError, align, quotient_distance, verify
 
 
 class _Counted(nnx.Module):
@@ -94,3 +94,26 @@ def test_sample_component_of_bfloat16_attention_heads():
     y0 = model(tokens).astype(jnp.float32)
     y1 = nnx.merge(graphdef, group.act(g, params), rest)(tokens).astype(jnp.float32)
     assert float(jnp.max(jnp.abs(y1 - y0))) < 0.1  # (bfloat16 rounding of the moved heads)
+
+
+def test_counts_and_flags_take_zero_dimensional_jax_and_numpy_values():
+    """The models take ``jnp.int32(3)`` / ``jnp.bool_(True)`` for their sizes and flags, but the groups refused them
+    with a self-contradicting message: ``Product(sweeps=jnp.int32(5))`` as ``sweeps must be an integer >= 1, got
+    Array(5, dtype=int32)``, likewise ``newton=jnp.bool_(True)``, ``verify``'s ``num_samples`` and ``align`` /
+    ``quotient_distance``'s ``rounds``, ``iters`` and ``canonical``.  They are now read as Python values (static
+    settings); floats, bools as counts and arrays with axes are still refused."""
+    group, _ = _mlp_params(0)
+    product = Product(group.components, newton=jnp.bool_(True), sweeps=jnp.int32(5), newton_iters=np.int64(3),
+                      dense_max=jnp.int32(0))
+    assert (product.newton, product.sweeps, product.newton_iters, product.dense_max) == (True, 5, 3, 0)
+    assert all(type(v) is int for v in (product.sweeps, product.newton_iters, product.dense_max))
+    for bad in (dict(sweeps=jnp.float32(5)), dict(sweeps=jnp.asarray([5])), dict(newton=1), dict(sweeps=True)):
+        with pytest.raises(SymmetryError, match=f"{next(iter(bad))} must be"):
+            Product(group.components, **bad)
+    a, b = {"w": jnp.ones(3)}, {"w": jnp.zeros(3)}
+    d = quotient_distance(Product([]), a, b, rounds=jnp.int32(1), iters=np.int64(2), canonical=jnp.bool_(True))
+    assert float(d) == pytest.approx(3 ** 0.5)
+    with pytest.raises(ValueError, match="rounds must be an integer >= 0"):
+        align(Product([]), a, b, rounds=jnp.float32(1))
+    model = MLP(2, (2,), 2, rngs=nnx.Rngs(0))
+    assert verify(model, model.symmetries(), jnp.ones((2, 2)), jax.random.key(0), num_samples=jnp.int32(1)) < 1e-5

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import numbers
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .. import _tree
-from ._base import Flat, Group, SymmetryError, _compiled
+from ._base import Flat, Group, SymmetryError, _compiled, as_count, as_flag
 from ._permutation import Permutation
 from ._gl import GL
 from ._product import Product, Word
@@ -326,7 +325,7 @@ def align(group: Group, params_a, params_b, *, rounds: int = 3, iters: int = 8):
         ValueError: ``params_a`` or ``params_b`` holds a NaN or an infinity (under ``jax.jit``, where this cannot
             be checked, the result has NaNs instead).
     """
-    _check_counts("align", rounds=rounds, iters=iters)
+    rounds, iters = _check_counts("align", rounds=rounds, iters=iters)
     fa, treedef = group._flat(params_a)
     fb, _ = group._flat(params_b)
     _check_same_layout("align", fa, fb)
@@ -350,10 +349,16 @@ def _canonicalising(fn: str):
                             f"points), which this group cannot do here.  The group says: {err}") from err
 
 
-def _check_counts(fn: str, **counts) -> None:
+def _check_counts(fn: str, **counts) -> tuple[int, ...]:
+    """The counts as Python ints (they are static arguments of the compiled alignment), in the order given:
+    integers >= 0, NumPy and concrete 0-d JAX integers included (:func:`as_count`)."""
+    out = []
     for name, n in counts.items():
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+        value = as_count(n)
+        if value is None or value < 0:
             raise ValueError(f"{fn}: {name} must be an integer >= 0, got {n!r}")
+        out.append(value)
+    return tuple(out)
 
 
 def quotient_distance(group: Group, params_a, params_b, *, rounds: int = 3, iters: int = 8,
@@ -372,9 +377,11 @@ def quotient_distance(group: Group, params_a, params_b, *, rounds: int = 3, iter
     (a local minimum over each orbit: measured, never more than 2.2% above the exact minimum), and its
     ``ValueError`` for parameters holding a NaN or an infinity (NaN under ``jax.jit``).
     """
-    _check_counts("quotient_distance", rounds=rounds, iters=iters)
-    if not isinstance(canonical, (bool, np.bool_)):
+    rounds, iters = _check_counts("quotient_distance", rounds=rounds, iters=iters)
+    flag = as_flag(canonical)  # (a 0-d boolean array, jnp.bool_(True), as the models' flags take it)
+    if flag is None:
         raise ValueError(f"quotient_distance: canonical={canonical!r} is not allowed; need True or False")
+    canonical = flag
     fa, _ = group._flat(params_a)
     fb, _ = group._flat(params_b)
     _check_same_layout("quotient_distance", fa, fb)

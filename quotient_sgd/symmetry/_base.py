@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from .. import _tree
@@ -131,6 +132,32 @@ def as_axis(axis) -> int:
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
         raise TypeError(f"axis must be an integer, got {axis!r}")
     return int(axis)
+
+
+def as_count(value) -> int | None:
+    """``value`` as a Python ``int`` when it is an integer known now: a Python or NumPy integer, or a concrete 0-d
+    integer array (NumPy or JAX, e.g. ``jnp.int32(3)``, as the models' sizes take it); ``None`` for anything else (a
+    bool, a float, a traced value, an array with axes), for the caller's error.  (A JAX integer was refused as
+    ``num_samples must be an integer >= 1, got Array(2, dtype=int32)``.)"""
+    if isinstance(value, (bool, np.bool_, jax.core.Tracer)):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None and getattr(value, "ndim", None) == 0 and jnp.issubdtype(dtype, jnp.integer):
+        return int(value)
+    return None
+
+
+def as_flag(value) -> bool | None:
+    """``value`` as a Python ``bool`` when it is a bool known now: ``True`` / ``False``, a NumPy bool, or a concrete
+    0-d boolean array (``jnp.bool_(True)``); ``None`` for anything else (a number, a string, a traced value)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if (not isinstance(value, jax.core.Tracer) and getattr(value, "ndim", None) == 0
+            and getattr(value, "dtype", None) == np.bool_):
+        return bool(value)
+    return None
 
 
 def _tiny(x: jax.Array) -> jax.Array:

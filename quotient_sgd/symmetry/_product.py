@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import equinox as eqx
 import jax
 import jax.scipy.linalg
 import jax.numpy as jnp
-import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from .. import _tree
 from ._base import (Flat, Group, SymmetryError, _check_key, _check_scale, _compiled, cg_vcoeffs,
-                    generic_vcoeffs, reading_invariants, sample_scale)
+                    generic_vcoeffs, reading_invariants, sample_scale, as_count, as_flag)
 from . import _reduced
 from ._gl import GL, gauged_powers, sylvester_vcoeffs
 from ._permutation import Permutation, unit_key, unit_order
@@ -184,15 +182,15 @@ class Product(Group):
         if isinstance(components, Group) or not hasattr(components, "__iter__"):
             raise SymmetryError(f"Product {name!r}: components must be a sequence of groups, e.g. [Rescale(...), "
                                 f"Permutation(...)], got {components!r}")
-        if not isinstance(newton, (bool, np.bool_)):
+        settings = {"newton": as_flag(newton)}  # (NumPy and concrete 0-d JAX bools / integers taken as Python's)
+        if settings["newton"] is None:
             raise SymmetryError(f"Product {name!r}: newton must be True or False, got {newton!r}")
         for arg, value, least in (("newton_iters", newton_iters, 1), ("sweeps", sweeps, 1),
                                   ("dense_max", dense_max, 0)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+            settings[arg] = as_count(value)
+            if settings[arg] is None or settings[arg] < least:
                 # sweeps=0 returned the parameters unmoved as the "canonical" point
                 raise SymmetryError(f"Product {name!r}: {arg} must be an integer >= {least}, got {value!r}")
-        settings = {"newton": bool(newton), "newton_iters": int(newton_iters), "sweeps": int(sweeps),
-                    "dense_max": int(dense_max)}
         source = {k: "this product" for k, v in settings.items() if v != _DEFAULT_SETTINGS[k]}
         comps = []
         for c in components:

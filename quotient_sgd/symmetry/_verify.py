@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from .. import _tree
-from ._base import Group, SymmetryError, _check_key, _check_scale
+from ._base import Group, SymmetryError, _check_key, _check_scale, as_count
 from ._permutation import Permutation
 from ._product import Product, Word
 
@@ -145,9 +145,11 @@ def verify(model, group: Group, x, key, *, num_samples: int = 4, scale: float = 
         whose rescale, scale and translation elements are the identity), or an inconclusive comparison (above).
         TypeError: a ``model``, ``group`` or ``key`` of the wrong kind.
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
+    count = as_count(num_samples)  # (NumPy and concrete 0-d JAX integers too)
+    if count is None or count < 1:
         raise ValueError(f"verify: num_samples must be an integer >= 1 (random elements per component), got "
                          f"{num_samples!r}")
+    num_samples = count
     value = _real_number(rtol)  # (a 0-d NumPy / JAX array as scale accepts it, read as a float)
     if value is None or not value >= 0:
         raise ValueError(f"verify: rtol must be a number >= 0, got {rtol!r}")

@@ -169,3 +169,25 @@ def test_stability_decomposition_names_a_loss_that_is_not_one_number():
     with pytest.raises(ValueError, match="loss_fn must return"):
         stability_decomposition(lambda p: (jnp.mean(per_example(p)), 0.0), model.symmetries(), params,
                                 key=jax.random.key(0), num_matvecs=2)
+
+
+def test_the_per_kind_detectors_check_their_options_by_name_as_detect_does():
+    """Called directly, a per-kind detector took a misspelt option (``fold_level=``) into ``**_`` without a word
+    and used one out of range as it came (``spike_factor=0.5``, ``rearm=5``); ``detect`` refused both.  Now the
+    per-kind detectors check them the same way, and read a nested trajectory and a list of steps."""
+    import pytest
+
+    from quotient_sgd import diagnostics as D
+
+    n = 50
+    traj = {"loss": np.exp(-np.arange(n) / 10.0), "fold_number": np.linspace(0, 3, n)}
+    steps = np.arange(n)
+    with pytest.raises(TypeError, match=r"detect_fold: unknown option\(s\) \['fold_level'\]"):
+        D.detect_fold(traj, steps=steps, fold_level=(1.5,))
+    with pytest.raises(ValueError, match="detect_loss_spike: spike_factor=0.5 is not allowed"):
+        D.detect_loss_spike(traj, steps=steps, spike_factor=0.5)
+    with pytest.raises(ValueError, match="detect_fold: rearm=5 is not allowed"):
+        D.detect_fold(traj, steps=steps, rearm=5)
+    got = D.detect_fold({"loss": traj["loss"], "fold_number": traj["fold_number"]}, steps=list(steps),
+                        fold_levels=[1.5])
+    assert [e.to_dict() for e in got] == [e.to_dict() for e in D.detect(traj, kinds=["fold"], fold_levels=[1.5])]

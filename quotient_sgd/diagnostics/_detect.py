@@ -16,6 +16,7 @@ read raw norms / sharpness, for comparison only.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 import warnings
 from typing import Any, Iterable, Mapping, Sequence
@@ -1237,3 +1238,27 @@ def detect(trajectory, *, lr=None, kinds: Iterable[str] | None = None, start_ste
     for kd in kinds:
         events += _DETECTORS[kd](traj, steps=steps, lr=lr_arr, **options)
     return sorted(events, key=lambda e: (e.step, e.kind, e.variant))
+
+
+def _checked(fn):
+    """The public ``detect_*`` of the per-kind detector ``fn``: its options checked by name as :func:`detect`
+    checks them (called directly, a misspelt option, ``fold_level=``, went into ``**_`` without a word, and one out
+    of range, ``spike_factor=0.5`` or ``rearm=5``, was used as it came), a nested trajectory flattened and ``steps``
+    read as integers; :func:`detect` calls ``fn`` itself, with what it has checked."""
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    def public(traj, *, steps, lr=None, **options):
+        options = check_options(options, name)
+        return fn(flatten_trajectory(traj), steps=np.asarray(steps, np.int64), lr=lr, **options)
+
+    return public
+
+
+detect_divergence = _checked(detect_divergence)
+detect_shock = _checked(detect_shock)
+detect_fold = _checked(detect_fold)
+detect_edge_of_stability = _checked(detect_edge_of_stability)
+detect_loss_spike = _checked(detect_loss_spike)
+detect_catapult = _checked(detect_catapult)
+detect_transition = _checked(detect_transition)

@@ -172,7 +172,8 @@ def quotient_trajectory(
         spec: :class:`SGDSpec` describing ``tx`` for the charge-drift prediction; ``init`` refuses it when
             ``tx``'s state shows it is not SGD (Adam, RMSProp, ...), unless ``tx`` is or contains
             ``horizontal(...)`` / ``gauge_fix(...)``, a schedule in it when ``tx`` can skip steps
-            (``optax.MultiSteps``, ``apply_if_finite``) (``ValueError``), and a hyperparameter name that no
+            (``optax.MultiSteps``, ``apply_if_finite``), momentum or a weight decay beside ``optax.apply_every``
+            (``ValueError``), and a hyperparameter name that no
             ``optax.inject_hyperparams`` in ``tx`` holds (``KeyError`` naming the field, the name and the injected
             names).
         seed: seeds the Lanczos starting vectors (folded with the step count).

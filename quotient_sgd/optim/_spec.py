@@ -135,10 +135,11 @@ class SGDSpec:
     ``MultiSteps``' accumulator, float32 by default).  Such an optimiser's schedules run on its own count of the
     steps it applied, not on the wrapper's count of all steps, so a field given as a schedule is refused there
     (``quotient_trajectory`` raises at ``init``): inject the schedule and name it instead,
-    ``optax.inject_hyperparams(optax.sgd)(learning_rate=schedule)`` with ``SGDSpec("learning_rate")``.  ``optax.apply_every(k)``
-    sums ``k`` steps of what comes before it: with plain SGD the prediction is exact (the parameters do not move
-    while it accumulates), but a spec with momentum or a weight decay is refused at ``init`` (a momentum fed by its
-    sums of earlier gradients, or a sum of ``k`` decayed steps, was predicted 17-64% off, silently).
+    ``optax.inject_hyperparams(optax.sgd)(learning_rate=schedule)`` with ``SGDSpec("learning_rate")``.
+    ``optax.apply_every(k)`` sums ``k`` steps of what comes before it: with plain SGD the prediction is exact (the
+    parameters do not move while it accumulates), but a spec with momentum or a weight decay is refused at ``init``
+    (a momentum fed by its sums of earlier gradients, or a sum of ``k`` decayed steps, was predicted 17-64% off,
+    silently).
 
     The weight decays act on every parameter unless ``decay_mask`` restricts them, as optax's ``mask``: a pytree
     of booleans with the structure of the parameters (or a prefix of it), or a function ``params -> such a

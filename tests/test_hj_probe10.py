@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quotient_sgd.hj import ETDRK4, FiniteVolume, Grid, solve_burgers, solve_hj
+from quotient_sgd.hj import ETDRK4, find_shocks, FiniteVolume, Grid, solve_burgers, solve_hj
 
 
 def test_solver_objects_that_cannot_integrate_the_solve_are_refused_by_name():
@@ -66,3 +66,24 @@ def test_the_end_time_derivative_at_t1_0_with_fixed_steps_and_save_times_is_fini
     np.testing.assert_array_equal(np.asarray(us), np.asarray(jnp.stack([u0, u0])))
     rhs = float(jnp.sum(FiniteVolume().rhs(g, "hj", u0, 0.1)))  # the discrete u_t = -u_x^2 / 2 + nu u_xx
     assert abs(float(d) - rhs) < 1e-5 * abs(rhs), (float(d), rhs)
+
+
+def test_find_shocks_on_a_bounded_grid_reports_no_front_at_an_end_and_mirrors_a_mirrored_field():
+    """On a bounded grid the peak test compared an end node with its clipped neighbours: a peak at the left end
+    passed (``s >= s``), one at the right end never did (``s > s``), and the parabola through the clipped samples
+    put the left one half a cell outside the grid: ``-tanh((x + 1) / 0.2)`` on 16 points of [-1, 1] gave a front
+    at x = -1.067 with half its jump (-0.999 of -2), its mirror image ``-p(-x)`` none.  A front has two sides:
+    no end node of a bounded grid is one, and a field and its mirror image give mirrored fronts."""
+    g = Grid(16, -1.0, 1.0, periodic=False)
+    x = g.x
+    for w in (0.2, 0.05):
+        p = -jnp.tanh((x + 1) / w)
+        for q in (p, -p[::-1]):
+            for kw in ({}, dict(min_steepness=1.0), dict(include_inadmissible=True)):
+                assert find_shocks(q, g, **kw).to_list() == [], (w, kw)
+    # a front two nodes from the end is one, at the mirrored place in the mirrored field
+    p = -jnp.tanh((x - float(x[2])) / 0.1)
+    one, two = find_shocks(p, g).to_list(), find_shocks(-p[::-1], g).to_list()
+    assert len(one) == len(two) == 1
+    assert abs(one[0]["location"] - float(x[2])) < 0.2 * g.dx and abs(one[0]["location"] + two[0]["location"]) < 1e-5
+    assert abs(one[0]["jump"] - two[0]["jump"]) < 1e-5

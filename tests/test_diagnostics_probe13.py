@@ -191,3 +191,14 @@ def test_the_per_kind_detectors_check_their_options_by_name_as_detect_does():
     got = D.detect_fold({"loss": traj["loss"], "fold_number": traj["fold_number"]}, steps=list(steps),
                         fold_levels=[1.5])
     assert [e.to_dict() for e in got] == [e.to_dict() for e in D.detect(traj, kinds=["fold"], fold_levels=[1.5])]
+
+
+def test_a_live_detector_refuses_a_path_that_is_a_directory_when_it_is_made(tmp_path):
+    """``LiveDetector(path=<a directory>)`` was made and failed at the first chunk in IsADirectoryError, after that
+    chunk's events were kept; now it is refused when made, naming ``path`` and an events file in it."""
+    import pytest
+
+    with pytest.raises(ValueError, match="path=.* is a directory; need the path of the events file"):
+        LiveDetector(path=tmp_path)
+    live = LiveDetector(path=tmp_path / "events.json")
+    assert [e.kind for e in live.update({"loss": np.array([1.0, 5.0])})] == ["loss_spike"]

@@ -169,9 +169,10 @@ class LiveDetector:
     change point may be reported twice, at two alarm steps (measured: a loss whose rate rises by 25% at step 300,
     ``grad_norm_canonical`` from step 500 on, chunks of 100 steps: in 23 of 40 seeds the live events differ from
     those of one call on the whole run, e.g. steps 340 and 350 for its 350).  Give every chunk the same keys, NaN
-    where a key is not recorded yet: the events are then those of the whole run (40 of 40).  With ``path`` the cumulative event list is written
-    to ``path`` (an ``events.json``) after every chunk; its directory is created when the detector is made, if it
-    does not exist (so an unwritable location fails there, not at a chunk).  A detector pickled after a chunk and
+    where a key is not recorded yet: the events are then those of the whole run (40 of 40).  With ``path`` the
+    cumulative event list is written to ``path`` (an ``events.json``) after every chunk; its directory is created
+    when the detector is made, if it does not exist (so an unwritable location, or a ``path`` that is a directory,
+    fails there, not at a chunk).  A detector pickled after a chunk and
     loaded in another process (a run resumed there) goes on as if it had not stopped: its chunks and events are in
     the pickle.  A new detector knows nothing of the steps before it: writing to the same ``path`` it replaces the
     events found before (feed it the run's trajectory so far, e.g. ``quotient_sgd.runner.load_trajectory``, as its
@@ -200,6 +201,10 @@ class LiveDetector:
         if lr is not None:  # (a negative or NaN lr failed at the first chunk; its length is checked per chunk)
             check_lr(lr, "LiveDetector")
         if path is not None:  # a path in a directory not made yet (runs/my_run/events.json) failed at the first chunk
+            if os.path.isdir(os.fspath(path)):
+                # (made, it failed at the first chunk in IsADirectoryError, after that chunk's events were kept)
+                raise ValueError(f"LiveDetector: path={os.fspath(path)!r} is a directory; need the path of the events "
+                                 f"file, e.g. {os.path.join(os.fspath(path), 'events.json')!r}")
             os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
         self.lr = lr
         self.path = path

@@ -110,3 +110,15 @@ def test_a_spec_with_momentum_or_decay_and_apply_every_is_refused(x64):
     observed, predicted = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(traj[k])]) for k in observables)
     assert np.max(np.abs(observed)) > 1e-3
     np.testing.assert_allclose(predicted, observed, rtol=0, atol=1e-12)
+
+
+def test_a_batch_fn_that_does_not_take_step_and_key_is_named():
+    """train(data=batch_fn) calls batch_fn(step, key); a batch_fn of the step alone failed inside the traced loop with
+    a bare "<lambda>() takes 1 positional argument but 2 were given", naming neither train nor the convention.  Now
+    a TypeError before any compute names data=batch_fn and the call."""
+    params = init_mlp(jax.random.key(0))
+    x, y = data(1)
+    with pytest.raises(TypeError, match=r"train: data=batch_fn is called as batch_fn\(step, key\)"):
+        train(xent, params, optax.sgd(0.1), lambda step: (x[0], y[0]), num_steps=2, donate=False)
+    with pytest.raises(TypeError, match=r"batch_fn\(step, key\)"):
+        train(xent, params, optax.sgd(0.1), lambda step, key, batch: (x[0], y[0]), num_steps=2, donate=False)

@@ -167,6 +167,25 @@ def _follow_gauge_fix(opt_state, model_state, act: Callable | None):
     return model_state
 
 
+def _check_batch_fn(batch_fn) -> None:
+    """``TypeError`` naming ``data`` when the ``batch_fn`` given there cannot be called as ``batch_fn(step, key)``
+    (e.g. ``lambda step: ...``): it failed inside the traced loop with a bare "<lambda>() takes 1 positional argument
+    but 2 were given", naming neither ``train`` nor the convention.  A function whose signature cannot be read is
+    taken as it is."""
+    import inspect
+
+    try:
+        sig = inspect.signature(batch_fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        sig.bind(0, None)
+    except TypeError as e:
+        raise TypeError(f"train: data=batch_fn is called as batch_fn(step, key) (step: the global step, an int32 "
+                        f"scalar; key: fold_in(key, step), which a batch_fn that needs no randomness ignores), but "
+                        f"{batch_fn!r} cannot be: {e}") from None
+
+
 def _is_prng_key(key) -> bool:
     """A typed key (``jax.random.key``) or a raw ``uint32`` key (``jax.random.PRNGKey``)."""
     dtype = getattr(key, "dtype", None)
@@ -323,6 +342,7 @@ def train(
         batch_fn, stacked = data, None
         if num_steps is None:
             raise ValueError("train(data=batch_fn, ...) needs num_steps")
+        _check_batch_fn(batch_fn)
     else:
         batch_fn, stacked = None, data
         leaves = jax.tree.leaves(data)

@@ -202,3 +202,26 @@ def test_a_live_detector_refuses_a_path_that_is_a_directory_when_it_is_made(tmp_
         LiveDetector(path=tmp_path)
     live = LiveDetector(path=tmp_path / "events.json")
     assert [e.kind for e in live.update({"loss": np.array([1.0, 5.0])})] == ["loss_spike"]
+
+
+def test_shock_aware_lr_refuses_a_target_schedule_whose_value_is_not_one_number():
+    """A ``fold_target`` schedule returning shape (1,) turned the scale, and every scalar parameter it multiplied,
+    into shape (1,) without a word; one returning shape (2,) failed in a bare broadcasting TypeError.  Now the
+    value's shape is checked (known when traced) and a ValueError names the target; a scalar schedule runs."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    import pytest
+
+    from quotient_sgd.diagnostics import shock_aware_lr
+
+    params = {"a": jnp.ones(()), "b": jnp.ones(3)}
+    grads = jax.tree.map(lambda x: 4.0 * x, params)
+    for name in ("fold_target", "shock_target"):
+        for shape in ((1,), (2,)):
+            tx = shock_aware_lr(optax.sgd(0.5), **{name: lambda c, shape=shape: jnp.full(shape, 1.8)})
+            with pytest.raises(ValueError, match=f"{name}=.*value has shape \\({shape[0]},\\)"):
+                tx.update(grads, tx.init(params), params)
+    tx = shock_aware_lr(optax.sgd(0.5), fold_target=optax.linear_schedule(1.0, 2.0, 10))
+    updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+    assert jax.tree.map(jnp.shape, updates) == jax.tree.map(jnp.shape, params) and state.scale.shape == ()

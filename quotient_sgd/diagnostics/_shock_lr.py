@@ -76,8 +76,18 @@ def _stat_dtype(params):
     return max(dts + [jnp.dtype(jnp.float32)], key=lambda d: d.itemsize)
 
 
-def _value(t: Target, count, dtype):
-    return jnp.asarray(t(count) if callable(t) else t, dtype)
+def _value(name: str, t: Target, count, dtype):
+    """The target ``t`` (a number or a schedule ``count -> value``) at ``count``, a scalar of ``dtype``.
+
+    Raises:
+        ValueError: a schedule whose value is not one number (its shape is known when traced): one of shape (1,)
+            turned the scale, and every scalar parameter it multiplied, into shape (1,) (a shape change that
+            ``lax.scan`` refuses), one of shape (2,) failed in a bare broadcasting TypeError."""
+    v = jnp.asarray(t(count) if callable(t) else t)
+    if v.shape != ():
+        raise ValueError(f"shock_aware_lr: {name}={t!r} is not allowed: its value has shape "
+                         f"{v.shape}; need a schedule count -> one number (shape ())")
+    return v.astype(dtype)
 
 
 def _check_positive(name: str, value, schedule: bool = True) -> None:
@@ -211,7 +221,8 @@ def shock_aware_lr(inner: optax.GradientTransformation, *, fold_target: Target =
         h = jnp.where(jnp.isfinite(h), h, 0.0)  # (a non-finite gradient or update: no length to measure)
         fold = h * jnp.maximum(kappa, 0.0)
         shock = h * jnp.maximum(-kappa, 0.0)
-        ft, st = _value(fold_target, state.count, dt), _value(shock_target, state.count, dt)
+        ft = _value("fold_target", fold_target, state.count, dt)
+        st = _value("shock_target", shock_target, state.count, dt)
         tiny = jnp.asarray(1e-30, dt)
         s_fold = ft / jnp.maximum(fold, tiny)
         s_shock = st / jnp.maximum(shock, tiny)

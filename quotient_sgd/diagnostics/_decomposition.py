@@ -13,7 +13,8 @@ of stability), ``H(theta) ~ lambda_c w w^T`` with ``w = J_k^T v_c`` horizontal a
 
     gauge_factor_charges = |J_k^T v_c|^2.
 
-For one rescale unit with ``|w_in| = a``, ``|w_out| = b`` at a critical point this is exact:
+For one rescale unit without biases (a 1-1-1 deep linear chain) with ``|w_in| = a``, ``|w_out| = b`` at a critical
+point this is exact:
 ``(a^2 + b^2) / (2 a b) = sqrt(Q^2 + m^2) / m`` -- the effective learning rate ``eta (a^2 + b^2) = 2 eta
 sqrt(Q^2 + m^2)`` over the balanced one ``2 eta m``.
 """

@@ -225,3 +225,32 @@ def test_shock_aware_lr_refuses_a_target_schedule_whose_value_is_not_one_number(
     tx = shock_aware_lr(optax.sgd(0.5), fold_target=optax.linear_schedule(1.0, 2.0, 10))
     updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
     assert jax.tree.map(jnp.shape, updates) == jax.tree.map(jnp.shape, params) and state.scale.shape == ()
+
+
+def test_shock_aware_lr_passes_an_inner_update_only_the_extra_arguments_it_names():
+    """``shock_aware_lr`` handed its inner optimiser every extra argument ``train`` passes: around
+    ``optax.contrib.sam`` (whose update names ``grad_fn`` alone) it failed at the first step with "unexpected
+    keyword argument 'value'".  The inner update now gets the extra arguments it names: ``train`` equals a
+    hand-written loop that passes ``grad_fn`` alone."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from quotient_sgd.diagnostics import shock_aware_lr
+    from quotient_sgd.optim import train
+
+    def loss(p, b):
+        return jnp.sum((p["w"] * b - 1.0) ** 2)
+
+    params = {"w": jnp.array([0.5, -1.0, 2.0])}
+    batches = jnp.stack([jnp.array([1.0, 2.0, 0.5]) * (1 + 0.1 * k) for k in range(4)])
+    tx = shock_aware_lr(optax.contrib.sam(optax.sgd(0.05), optax.sgd(0.02), sync_period=2))
+    with jax.numpy_dtype_promotion("standard"):  # sam multiplies a bool by the parameters
+        got, _, _ = train(loss, params, tx, batches, donate=False)
+        p, state = params, tx.init(params)
+        for b in batches:
+            g = jax.grad(loss)(p, b)
+            u, state = tx.update(g, state, p, grad_fn=lambda q, _, b=b: jax.grad(loss)(q, b))
+            p = optax.apply_updates(p, u)
+    np.testing.assert_allclose(got["w"], p["w"], rtol=1e-6)
+    assert not np.allclose(got["w"], params["w"])

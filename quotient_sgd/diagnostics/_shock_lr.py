@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ..optim._spec import accepted_extra_args
 from ._series import real_kind
 
 Target = Union[float, Callable[[jax.Array], jax.Array]]
@@ -195,7 +196,8 @@ def shock_aware_lr(inner: optax.GradientTransformation, *, fold_target: Target =
     inner = optax.with_extra_args_support(inner)
 
     def update(grads, state, params=None, **extra_args):
-        u, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
+        u, inner_state = inner.update(grads, state.inner_state, params,
+                                      **accepted_extra_args(inner.update, extra_args))
         dt = state.scale.dtype  # set by init from the parameters (_stat_dtype)
         dd = _dot(state.prev_updates, state.prev_updates, dt)
         moved = (state.count > 0) & (dd > 0)  # the last update moved the parameters

@@ -87,3 +87,18 @@ def test_find_shocks_on_a_bounded_grid_reports_no_front_at_an_end_and_mirrors_a_
     assert len(one) == len(two) == 1
     assert abs(one[0]["location"] - float(x[2])) < 0.2 * g.dx and abs(one[0]["location"] + two[0]["location"]) < 1e-5
     assert abs(one[0]["jump"] - two[0]["jump"]) < 1e-5
+
+
+def test_a_finite_volume_blow_up_on_a_bounded_grid_names_the_compression_at_the_ends():
+    """On a bounded grid the ends continue the field's trend, so ``p0 = -x`` (the loss ``-x^2 / 2``) flows as ``p =
+    -x / (1 - t)`` and blows up at t = 1 whatever the steps.  Run to t1 = 1.5 the solve was told that its explicit
+    fixed steps were unstable (use a smaller dt), or with adaptive steps to raise max_steps: neither helps.  The
+    message now names the blow-up of a field compressing at an end, and what to do (a shorter t1, or a domain
+    ending where the loss is convex); periodic grids are not told about ends."""
+    from quotient_sgd.hj._solve import _bounded_advice
+
+    g = Grid(8, -1.0, 1.0, periodic=False)
+    with pytest.raises(Exception, match=r"not finite\..*blows up at t = 1 / c whatever the steps"):
+        solve_burgers(-g.x, g, nu=0.1, t1=1.5, scheme="fv", dt=0.01).ps.block_until_ready()
+    assert _bounded_advice(FiniteVolume(), Grid(8, -1.0, 1.0)) == ""
+    assert "blows up" in _bounded_advice(FiniteVolume(), Grid(8, -1.0, 1.0) * Grid(8, -1.0, 1.0, periodic=False))

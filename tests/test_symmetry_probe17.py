@@ -85,12 +85,12 @@ def test_sample_component_of_bfloat16_attention_heads():
     """``sample_component`` called the component's sampler directly, not through the compiled program that computes
     low-precision parameters in float32: for a bfloat16 Transformer's GL heads it failed with ``NotImplementedError:
     Unsupported dtype bfloat16`` (XLA:CPU has no bfloat16 QR) where ``sample`` returned a float32 element."""
-    model = Transformer(8, 6, 2, 1, 4, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    model = Transformer(5, 3, 1, 1, 3, mlp_ratio=1, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     group = model.symmetries()
     g = group.sample_component(jax.random.key(0), params, "qk/blocks.0", scale=1.0)
-    assert g.elements[0].dtype == jnp.float32 and g.elements[0].shape == (2, 3, 3)
-    tokens = jnp.arange(4)[None, :]
+    assert g.elements[0].dtype == jnp.float32 and g.elements[0].shape == (1, 3, 3)
+    tokens = jnp.arange(3)[None, :]
     y0 = model(tokens).astype(jnp.float32)
     y1 = nnx.merge(graphdef, group.act(g, params), rest)(tokens).astype(jnp.float32)
     assert float(jnp.max(jnp.abs(y1 - y0))) < 0.1  # (bfloat16 rounding of the moved heads)
@@ -117,3 +117,18 @@ def test_counts_and_flags_take_zero_dimensional_jax_and_numpy_values():
         align(Product([]), a, b, rounds=jnp.float32(1))
     model = MLP(2, (2,), 2, rngs=nnx.Rngs(0))
     assert verify(model, model.symmetries(), jnp.ones((2, 2)), jax.random.key(0), num_samples=jnp.int32(1)) < 1e-5
+
+
+def test_quotient_distance_does_not_depend_on_the_order_a_product_lists_its_permutations(x64):
+    """Weight matching and the coordinate descent matched the permutations in the order the product listed them,
+    and that order picked the local minimum: for a 2-3-3-2 MLP the model's group gave 2.5856 and the same
+    components listed in reverse 2.7528 (6.5% farther).  The permutations are now matched in the order of their
+    parameters in the tree, whatever the listing order."""
+    def make(seed):
+        return MLP(2, (3, 3), 2, param_dtype=jnp.float64, rngs=nnx.Rngs(seed))
+
+    group = make(0).symmetries()
+    a, b = (nnx.split(make(s), nnx.Param)[1] for s in (0, 1))
+    d_model = float(quotient_distance(group, a, b))
+    d_reversed = float(quotient_distance(Product(group.components[::-1]), a, b))
+    assert d_reversed == pytest.approx(d_model, rel=1e-9)

@@ -132,3 +132,25 @@ def test_quotient_distance_does_not_depend_on_the_order_a_product_lists_its_perm
     d_model = float(quotient_distance(group, a, b))
     d_reversed = float(quotient_distance(Product(group.components[::-1]), a, b))
     assert d_reversed == pytest.approx(d_model, rel=1e-9)
+
+
+def test_gl_samples_of_width_one_spread_over_the_documented_interval():
+    """``GL.sample`` places the log singular values at ``linspace(-1.5 scale, 1.5 scale, d)``: for ``d = 1`` (a
+    deep linear chain through one unit, a head with ``d_head = 1``) that is the single point ``-1.5 scale``, so
+    every element was ``+-exp(-1.5 scale)`` whatever the key, never above 1 in magnitude.  A width-one element is now
+    a random sign times ``exp(u)``, ``u ~ U(-1.5 scale, 1.5 scale)``: magnitudes on both sides of 1, within the
+    interval, deterministic per key, equal under jit; the action stays in the group (the function unchanged)."""
+    from quotient_sgd.models import DeepLinear
+
+    model = DeepLinear(2, (1,), 1, rngs=nnx.Rngs(0))
+    group = model.symmetries()
+    _, params = nnx.split(model, nnx.Param)
+    keys = jax.random.split(jax.random.key(0), 32)
+    logs = np.array([np.log(np.abs(np.ravel(jax.tree.leaves(group.sample(k, params, scale=2.0))))) for k in keys])
+    assert logs.min() < -0.5 and logs.max() > 0.5 and np.all(np.abs(logs) <= 3.0 + 1e-6)
+    g = group.sample(keys[0], params, scale=2.0)
+    jitted = jax.jit(lambda k: group.sample(k, params, 2.0))(keys[0])
+    assert jax.tree.leaves(g)[0].item() == jax.tree.leaves(jitted)[0].item()
+    x = jnp.array([[0.3, -1.2], [2.0, 0.5]])
+    moved = nnx.merge(nnx.graphdef(model), group.act(g, params))
+    np.testing.assert_allclose(moved(x), model(x), rtol=1e-5, atol=1e-6)

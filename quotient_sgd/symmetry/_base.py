@@ -353,7 +353,8 @@ class Group(eqx.Module):
     def sample(self, key, params, scale: float = 1.0):
         """A random group element.  Positive factors have log-factors ~ U(-2 scale, 2 scale); translation shifts
         ~ N(0, (2 scale)^2); GL elements are ``U diag(exp(linspace(-1.5 scale, 1.5 scale))) V^T`` with Haar-random
-        ``U, V`` (condition number ``exp(3 scale)``); permutations are uniform.  ``scale``: a finite number >= 0.
+        ``U, V`` (condition number ``exp(3 scale)``, ``|det| = 1``), or for ``d = 1`` a random sign times ``exp(u)``,
+        ``u ~ U(-1.5 scale, 1.5 scale)``; permutations are uniform.  ``scale``: a finite number >= 0.
         At 0 factors and shifts are the identity, but GL elements are Haar-random orthogonal matrices ``U V^T``
         (condition number 1), not the identity."""
         _check_scale(scale)

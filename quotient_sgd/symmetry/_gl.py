@@ -246,8 +246,11 @@ class GL(Group):
     def _sample(self, key, flat, scale):
         batch, d, dt = self._batch(flat), self._d(flat), flat[self.left[0]].dtype
         k1, k2 = jax.random.split(key)
-        s = jnp.exp(jnp.linspace(-1.5 * scale, 1.5 * scale, d, dtype=dt))
         U, V = _random_orthogonal(k1, batch, d, dt), _random_orthogonal(k2, batch, d, dt)
+        if d == 1:  # linspace would give the one point -1.5 scale: a random log-factor over the same interval
+            log_s = jax.random.uniform(jax.random.fold_in(key, 2), batch + (1, 1), dt, -1.5, 1.5) * scale
+            return U * jnp.exp(log_s) * V
+        s = jnp.exp(jnp.linspace(-1.5 * scale, 1.5 * scale, d, dtype=dt))
         return (U * jnp.reshape(s, (1,) * len(batch) + (1, d))) @ _mT(V)
 
     def _identity(self, flat):

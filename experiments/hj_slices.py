@@ -34,9 +34,41 @@ from quotient_sgd.diagnostics import detect  # noqa: E402
 from quotient_sgd.optim import train  # noqa: E402
 
 
-def run(cfg):
-    ecfg = C.load_config("edge_of_stability", list(cfg.model))
+#: Keys of experiment 1's config that the slices do not read, with the key of this experiment that sets what
+#: they would: ``model=["seed=3"]`` ran seed 0 (``seed`` of this config replaced it) and ``num_steps``,
+#: ``hessian_every``, ``twin_scale`` changed nothing, while ``result.json`` recorded them as given.
+UNREAD_MODEL_KEYS = {
+    "seed": "seed=... of this experiment (it seeds the MLP, its data and the slices)",
+    "num_steps": "checkpoints=[...] (the GD steps trained to)",
+    "hessian_every": "nothing here (the Hessian is taken at each checkpoint)",
+    "twin_scale": "nothing here (experiment 5 has no re-gauged twin)",
+}
+
+
+def model_config(cfg):
+    """Experiment 1's config with the ``key=value`` overrides of ``cfg.model`` applied and ``seed`` set to
+    ``cfg.seed``.  An override that is not ``key=value``, a key experiment 1 does not have, a value out of its range
+    and a key the slices do not read (:data:`UNREAD_MODEL_KEYS`) stop the script (``SystemExit``) naming
+    ``model``, the override and what is allowed, before anything is computed."""
+    def refuse(what):
+        raise SystemExit(f"hj_slices: model={list(cfg.model)!r}: {what}")
+
+    for item in cfg.model:
+        if "=" not in item:
+            refuse(f"{item!r} is not a key=value override of configs/edge_of_stability.py (e.g. 'hidden=[8]')")
+        key = item.split("=", 1)[0].lstrip("-").replace("config.", "")
+        if key in UNREAD_MODEL_KEYS:
+            refuse(f"{item!r}: experiment 5 does not read experiment 1's {key}; set {UNREAD_MODEL_KEYS[key]}")
+    try:
+        ecfg = C.load_config("edge_of_stability", list(cfg.model))
+    except SystemExit as err:
+        refuse(str(err.code))
     ecfg.seed = cfg.seed
+    return ecfg
+
+
+def run(cfg):
+    ecfg = model_config(cfg)
     graphdef, params, _, group, batch = exp1.setup(ecfg)
     loss = functools.partial(C.mse, graphdef)
     full = functools.partial(C._bind_batch, loss, batch)
@@ -119,6 +151,7 @@ def figure(out, path):
 
 def main(argv=None):
     cfg = C.load_config("hj_slices", argv, results=True)
+    model_config(cfg)  # its overrides checked before anything is computed
     out = run(cfg)
     d = C.save("hj_slices", {"step": np.asarray([r["step"] for r in out["rows"]])}, out["events"], out["rows"],
                {"lr": out["lr"]})

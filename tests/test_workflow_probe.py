@@ -1,0 +1,47 @@
+"""Research workflows across the package: the experiment scripts' command lines and the pieces a researcher
+composes without the CLI."""
+
+import os
+import sys
+
+import pytest
+
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments")
+sys.path.insert(0, EXPERIMENTS)
+
+
+def _never_run(*args, **kwargs):
+    raise AssertionError("the experiment computed with overrides it should have refused")
+
+
+@pytest.mark.parametrize("override, named", [
+    ('model=["seed=3"]', "seed"),
+    ('model=["num_steps=5"]', "checkpoints"),
+    ('model=["hidden"]', "key=value"),
+    ('model=["hiden=[8]"]', "hidden"),
+])
+def test_hj_slices_refuses_model_overrides_it_does_not_read(tmp_path, monkeypatch, override, named):
+    """Experiment 5's ``model`` overrides of experiment 1's config: ``model=["seed=3"]`` ran seed 0 (the script
+    set the MLP's seed from its own ``seed``) and ``num_steps`` / ``hessian_every`` / ``twin_scale`` changed
+    nothing, while ``result.json`` recorded them as given; a malformed or unknown override stopped the script only
+    after the results directory was claimed, naming experiment 1 and not ``model``.  Each stops ``main`` before
+    anything is computed, naming ``model`` and what to set instead."""
+    import hj_slices as E
+
+    monkeypatch.setenv("QSGD_EXPERIMENT_OUT", str(tmp_path))
+    monkeypatch.setattr(E, "run", _never_run)
+    with pytest.raises(SystemExit) as err:
+        E.main(["scale=test", override])
+    msg = str(err.value.code)
+    assert msg.startswith("hj_slices: model=") and named in msg, msg
+    assert not os.path.exists(tmp_path / "hj_slices" / "result.json")
+
+
+def test_hj_slices_model_config_keeps_what_it_reads():
+    """The overrides the slices read reach experiment 1's config; the seed is the experiment's own."""
+    import _common as C
+    import hj_slices as E
+
+    cfg = C.load_config("hj_slices", ["scale=test", "seed=4", 'model=["hidden=[6, 5]", "eta_lambda0=1.1"]'])
+    ecfg = E.model_config(cfg)
+    assert tuple(ecfg.hidden) == (6, 5) and ecfg.eta_lambda0 == 1.1 and ecfg.seed == 4

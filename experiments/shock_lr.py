@@ -63,6 +63,30 @@ def run_one(cfg, seed):
     return rows
 
 
+#: Keys of the catapult problem (``problem.*``) that this experiment does not read, with its own key that sets what
+#: they would: ``problem.eta_lambda0=2`` kept the base lr at 3 / lambda0 and ``problem.seed=1``,
+#: ``problem.num_steps``, ``problem.spike_factor`` changed nothing, while ``result.json`` recorded them as given.
+UNREAD_PROBLEM_KEYS = {
+    "seed": "seeds=[...]",
+    "eta_lambda0": "eta_lambda0=... (the base lr of every schedule)",
+    "num_steps": "num_steps=...",
+    "spike_factor": "spike_factor=...",
+    "hessian_every": "nothing here (no Hessian is recorded)",
+    "drop_factor": "nothing here (no catapult detector runs)",
+}
+
+
+def check_overrides(overrides) -> None:
+    """``SystemExit`` naming the key and the one to set instead when the command line's ``overrides``
+    (``{key: value}``, :func:`_common.parse_overrides`) set a ``problem.*`` key this experiment does not read
+    (:data:`UNREAD_PROBLEM_KEYS`)."""
+    for k, v in overrides.items():
+        parts = k.split(".")
+        if len(parts) == 2 and parts[0] == "problem" and parts[1] in UNREAD_PROBLEM_KEYS:
+            raise SystemExit(f"shock_lr: problem.{parts[1]}={v!r}: experiment 6 does not read the catapult "
+                             f"problem's {parts[1]}; set {UNREAD_PROBLEM_KEYS[parts[1]]}")
+
+
 def run(cfg):
     return [r for s in cfg.seeds for r in run_one(cfg, s)]
 
@@ -80,6 +104,7 @@ def figure(rows, path):
 
 def main(argv=None):
     cfg = C.load_config("shock_lr", argv, results=True)
+    check_overrides(C._LOADED["shock_lr"]["overrides"])
     rows = run(cfg)
     table = [{k: v for k, v in r.items() if k != "loss"} for r in rows]
     d = C.save("shock_lr", {"loss_" + r["schedule"].replace(" ", "_") + f"_{r['seed']}": r["loss"] for r in rows},

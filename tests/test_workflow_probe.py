@@ -45,3 +45,25 @@ def test_hj_slices_model_config_keeps_what_it_reads():
     cfg = C.load_config("hj_slices", ["scale=test", "seed=4", 'model=["hidden=[6, 5]", "eta_lambda0=1.1"]'])
     ecfg = E.model_config(cfg)
     assert tuple(ecfg.hidden) == (6, 5) and ecfg.eta_lambda0 == 1.1 and ecfg.seed == 4
+
+
+@pytest.mark.parametrize("override, instead", [
+    ("problem.eta_lambda0=2.0", "eta_lambda0="),
+    ("problem.seed=1", "seeds="),
+    ("problem.num_steps=40", "num_steps="),
+])
+def test_shock_lr_refuses_problem_keys_it_does_not_read(tmp_path, monkeypatch, override, instead):
+    """Experiment 6 reads the catapult problem's model and data, not its learning rate, seed, step count or
+    detector settings: ``problem.eta_lambda0=2.0`` kept the base lr at 3 / lambda0 (and ``problem.seed=1`` ran
+    seed 0) while ``result.json`` recorded the override.  Each is refused before anything is computed, naming the
+    key of this experiment that sets it; ``problem.width`` (read) still passes the check."""
+    import shock_lr as E
+
+    monkeypatch.setenv("QSGD_EXPERIMENT_OUT", str(tmp_path))
+    monkeypatch.setattr(E, "run", _never_run)
+    with pytest.raises(SystemExit) as err:
+        E.main(["scale=test", override])
+    msg = str(err.value.code)
+    assert msg.startswith(f"shock_lr: {override.split('=')[0]}=") and instead in msg, msg
+    with pytest.raises(AssertionError, match="computed"):
+        E.main(["scale=test", "problem.width=16", "overwrite=true"])

@@ -81,14 +81,26 @@ def _placeholder(ax, text: str) -> None:
     ax.set_yticks([])
 
 
+def marked(v) -> dict:
+    """Keyword arguments of ``ax.plot`` that mark the finite entries of ``v`` with no finite neighbour: a line
+    draws nothing through such a point, so a one-step run, a Hessian measured once (``observables.hessian_every``
+    at least the run's steps) or a value between non-finite ones left an empty plot under its legend.  ``{}`` when
+    every finite entry has a finite neighbour (the line shows them all)."""
+    f = np.isfinite(np.asarray(v, np.float64))
+    alone = f & ~np.r_[False, f[:-1]] & ~np.r_[f[1:], False]
+    return {"marker": "o", "ms": 3, "markevery": alone} if alone.any() else {}
+
+
 def _plot_lines(ax, steps, series: dict, title: str, logy: bool = False, empty: str = "not recorded"):
     drawn = False
     for k, v in series.items():
         if np.isfinite(v).any():
-            ax.plot(steps[: len(v)], v, label=k, lw=1)
+            ax.plot(steps[: len(v)], v, label=k, lw=1, **marked(v))
             drawn = True
     if not drawn:
-        _placeholder(ax, f"{title}: {empty}")
+        # a series recorded with no finite value (a run diverged at step 0) is not one that was never recorded
+        held = [f"{k} ({len(v)} step{'s' if len(v) != 1 else ''})" for k, v in series.items() if len(v)]
+        _placeholder(ax, f"{title}: " + (f"no finite value recorded in {', '.join(held)}" if held else empty))
         return
     if logy and all((v[np.isfinite(v)] > 0).all() for v in series.values()):
         ax.set_yscale("log")
@@ -175,8 +187,8 @@ def make_plots(workdir: str, traj: dict, metrics: list[dict], events: list[dict]
         if pk:
             ax2 = ax.twinx()
             for j, k in enumerate(pk):
-                ax2.plot(steps[fresh], np.asarray(traj[k], np.float64)[fresh], ls=":", lw=1, color=f"C{len(hk) + j}",
-                         label=k)
+                v = np.asarray(traj[k], np.float64)[fresh]
+                ax2.plot(steps[fresh], v, ls=":", lw=1, color=f"C{len(hk) + j}", label=k, **marked(v))
             ax2.legend(fontsize=6, loc="lower right")
     else:
         _placeholder(ax, "Hessian extremes not recorded\n(set observables.hessian_every > 0)")

@@ -1183,7 +1183,7 @@ def report_sweep(workdir: str, *, wall_s: float | None = None, plots: bool = Tru
 
 
 def _report_sweep(workdir: str, *, wall_s: float | None, plots: bool) -> str:
-    from ._report import _plt, load_run, run_divergence
+    from ._report import _plt, load_run, marked, run_divergence
 
     meta = read_record_json(os.path.join(workdir, "sweep.json"), "sweep directory", SWEEP_REPORT_KEYS)
     if wall_s is None:
@@ -1245,7 +1245,7 @@ def _report_sweep(workdir: str, *, wall_s: float | None, plots: bool) -> str:
         for i, m, traj, div in curves:
             if "loss" in traj and len(traj["loss"]):
                 label = f"{i:03d} " + ", ".join(f"{k}={v}" for k, v in m.items())
-                ax.plot(traj["step"], traj["loss"], lw=0.8,
+                ax.plot(traj["step"], traj["loss"], lw=0.8, **marked(traj["loss"]),
                         label=label + (f" (diverged at step {div['step']})" if div else ""))
         ax.set_yscale("log")
         top = _loss_axis_top([(traj, div) for _, _, traj, div in curves])

@@ -1,0 +1,59 @@
+"""Cases of the run directory's plots and summary beyond the other runner tests: what is drawn for short,
+sparse and non-finite series."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+
+from quotient_sgd.runner import _report
+
+
+def _drawn_figures(monkeypatch) -> list:
+    """The figures ``make_plots`` draws, kept open (pyplot's ``close`` recorded instead of called)."""
+    plt = _report._plt()
+    figs = []
+    monkeypatch.setattr(_report, "_plt", lambda: types.SimpleNamespace(subplots=plt.subplots, close=figs.append))
+    return figs
+
+
+def _invisible_points(line) -> int:
+    """How many finite points of a ``Line2D`` draw nothing: no finite neighbour to join and no marker there."""
+    y = np.asarray(line.get_ydata(), np.float64)
+    f = np.isfinite(y)
+    alone = f & ~np.r_[False, f[:-1]] & ~np.r_[f[1:], False]
+    if line.get_marker() not in (None, "None", "", " "):
+        every = line.get_markevery()
+        alone &= ~(np.asarray(every, bool) if every is not None else np.ones_like(f))
+    return int(alone.sum())
+
+
+def test_a_point_with_no_finite_neighbour_is_drawn(tmp_path, monkeypatch):
+    """A line draws nothing through a lone point: a one-step run's loss, a Hessian measured once
+    (``observables.hessian_every`` beyond the run's steps: 12 steps, every 50), a value between non-finite ones.
+    ``hessian.png`` of such a run was an empty frame under a legend of six series, ``loss.png`` of a one-step run
+    showed the evaluations and no training loss.  Such points are now marked; every finite point is visible."""
+    figs = _drawn_figures(monkeypatch)
+    n = 12
+    traj = {"step": np.arange(n), "loss": np.r_[0.3, np.nan, 0.2, np.full(n - 3, 0.1)],
+            "hessian_step": np.zeros(n, np.int32), "sharpness_raw": np.full(n, 4.5),
+            "sharpness_preconditioned": np.full(n, 20.0), "grad_norm": np.full(n, 0.5)}
+    _report.make_plots(str(tmp_path), traj, [], [])
+    one = {"step": np.arange(1), "loss": np.r_[0.25], "grad_norm": np.r_[0.5]}
+    _report.make_plots(str(tmp_path), one, [{"step": 0, "test_loss": 0.3, "train_loss": 0.2}], [])
+    lines = [ln for fig in figs for ax in fig.axes for ln in ax.lines if np.isfinite(ln.get_ydata()).any()]
+    assert len(figs) == 2 * len(_report.PLOTS) and len(lines) >= 10
+    assert [ln.get_label() for ln in lines if _invisible_points(ln)] == []
+
+
+def test_a_series_with_no_finite_value_is_not_called_unrecorded(tmp_path, monkeypatch):
+    """A run diverged at step 0 (``init_gauge=200``: the first loss is nan) recorded its loss; ``loss.png`` and
+    ``events.png`` said "loss: not recorded" / "detected events: not recorded".  They now say the loss holds no
+    finite value and how many steps it has; a series never recorded is still "not recorded"."""
+    figs = _drawn_figures(monkeypatch)
+    _report.make_plots(str(tmp_path), {"step": np.arange(1), "loss": np.r_[np.nan]}, [], [])
+    said = " | ".join(t.get_text() for fig in figs for ax in fig.axes for t in ax.texts)
+    assert "loss: no finite value recorded in train loss (batch) (1 step)" in said, said
+    assert "detected events: no finite value recorded in loss (1 step)" in said, said
+    assert "gradient norm: raw vs canonical (quotient): not recorded" in said, said

@@ -6,16 +6,21 @@ from __future__ import annotations
 import types
 
 import numpy as np
+import pytest
 
 from quotient_sgd.runner import _report
 
 
-def _drawn_figures(monkeypatch) -> list:
-    """The figures ``make_plots`` draws, kept open (pyplot's ``close`` recorded instead of called)."""
+@pytest.fixture
+def figs(monkeypatch):
+    """The figures ``make_plots`` draws, kept open while the test reads them (pyplot's ``close`` recorded
+    instead of called), closed after it."""
     plt = _report._plt()
-    figs = []
-    monkeypatch.setattr(_report, "_plt", lambda: types.SimpleNamespace(subplots=plt.subplots, close=figs.append))
-    return figs
+    drawn = []
+    monkeypatch.setattr(_report, "_plt", lambda: types.SimpleNamespace(subplots=plt.subplots, close=drawn.append))
+    yield drawn
+    for fig in drawn:
+        plt.close(fig)
 
 
 def _invisible_points(line) -> int:
@@ -29,12 +34,11 @@ def _invisible_points(line) -> int:
     return int(alone.sum())
 
 
-def test_a_point_with_no_finite_neighbour_is_drawn(tmp_path, monkeypatch):
+def test_a_point_with_no_finite_neighbour_is_drawn(tmp_path, figs):
     """A line draws nothing through a lone point: a one-step run's loss, a Hessian measured once
     (``observables.hessian_every`` beyond the run's steps: 12 steps, every 50), a value between non-finite ones.
     ``hessian.png`` of such a run was an empty frame under a legend of six series, ``loss.png`` of a one-step run
     showed the evaluations and no training loss.  Such points are now marked; every finite point is visible."""
-    figs = _drawn_figures(monkeypatch)
     n = 12
     traj = {"step": np.arange(n), "loss": np.r_[0.3, np.nan, 0.2, np.full(n - 3, 0.1)],
             "hessian_step": np.zeros(n, np.int32), "sharpness_raw": np.full(n, 4.5),
@@ -47,13 +51,26 @@ def test_a_point_with_no_finite_neighbour_is_drawn(tmp_path, monkeypatch):
     assert [ln.get_label() for ln in lines if _invisible_points(ln)] == []
 
 
-def test_a_series_with_no_finite_value_is_not_called_unrecorded(tmp_path, monkeypatch):
+def test_a_series_with_no_finite_value_is_not_called_unrecorded(tmp_path, figs):
     """A run diverged at step 0 (``init_gauge=200``: the first loss is nan) recorded its loss; ``loss.png`` and
     ``events.png`` said "loss: not recorded" / "detected events: not recorded".  They now say the loss holds no
     finite value and how many steps it has; a series never recorded is still "not recorded"."""
-    figs = _drawn_figures(monkeypatch)
     _report.make_plots(str(tmp_path), {"step": np.arange(1), "loss": np.r_[np.nan]}, [], [])
     said = " | ".join(t.get_text() for fig in figs for ax in fig.axes for t in ax.texts)
     assert "loss: no finite value recorded in train loss (batch) (1 step)" in said, said
     assert "detected events: no finite value recorded in loss (1 step)" in said, said
     assert "gradient norm: raw vs canonical (quotient): not recorded" in said, said
+
+
+def test_the_loss_plot_legend_names_the_accuracy_curve(tmp_path, figs):
+    """``loss.png`` of a classification run draws the test accuracy (dotted, right axis) and its legend, that of
+    the loss axis alone, had no entry for it.  One legend now names every curve of both axes."""
+    traj = {"step": np.arange(4), "loss": np.r_[2.3, 2.0, 1.8, 1.5]}
+    rows = [{"step": s, "train_loss": 2.0 - s / 10, "test_loss": 2.1 - s / 10, "test_accuracy": 0.3 + s / 10}
+            for s in (1, 3)]
+    _report.make_plots(str(tmp_path), traj, rows, [])
+    fig = figs[_report.PLOTS.index("loss")]
+    curves = {ln.get_label() for ax in fig.axes for ln in ax.lines}
+    named = {t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()}
+    assert curves == {"train loss (batch)", "test loss", "train loss (full)", "test accuracy"}
+    assert named == curves, named

@@ -138,10 +138,15 @@ def make_plots(workdir: str, traj: dict, metrics: list[dict], events: list[dict]
         ax.plot([r["step"] for r in ev], [r["train_loss"] for r in ev], "s--", ms=3, label="train loss (full)")
         if "test_accuracy" in ev[0]:
             ax2 = ax.twinx()
-            ax2.plot([r["step"] for r in ev], [r["test_accuracy"] for r in ev], "g:", label="test accuracy")
+            ax2.plot([r["step"] for r in ev], [r["test_accuracy"] for r in ev], "g:", label="test accuracy",
+                     **marked([r["test_accuracy"] for r in ev]))
             ax2.set_ylabel("accuracy")
             ax2.set_ylim(0, 1)
-        ax.legend(fontsize=6)
+            # one legend for both axes, on the twin (drawn above the loss axis): the accuracy curve had no entry
+            (h, lab), (h2, lab2) = ax.get_legend_handles_labels(), ax2.get_legend_handles_labels()
+            ax2.legend(h + h2, lab + lab2, fontsize=6)
+        else:
+            ax.legend(fontsize=6)
     save(fig, "loss")
 
     # quotient vs raw observables

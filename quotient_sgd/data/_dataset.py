@@ -53,7 +53,8 @@ def make_dataset(x_train, y_train, x_test, y_test, *, task: str, num_classes: in
 
     Inputs are real arrays with one leading example axis, the same example shape in both splits; integer inputs
     (tokens) become ``int32`` and must fit it, any other real or boolean input becomes ``float32`` and must be finite
-    there (no NaN or inf, magnitudes within float32's range), as must regression targets.
+    there (no NaN or inf, magnitudes within float32's range), as must regression targets.  JAX's extra real dtypes
+    (``bfloat16``, ``float8_*``, ``int4`` ...) are read as the floats / integers they hold.
     Classification targets are integer-valued class indices ``(n,)`` in ``[0, num_classes)`` (stored ``int32``);
     regression targets are real ``(n, num_classes)`` arrays (stored ``float32``): the losses compare them with the
     model's ``(n, num_classes)`` outputs, and a ``(n,)`` target would broadcast against an ``(n, 1)`` output to an
@@ -67,7 +68,7 @@ def make_dataset(x_train, y_train, x_test, y_test, *, task: str, num_classes: in
     num_classes = _static_int("make_dataset", "num_classes", num_classes, 1)
 
     def _x(arg, a):
-        a = np.asarray(a)
+        a = _host(a)
         if a.dtype.kind not in "biuf" or a.ndim < 1:
             raise ValueError(f"make_dataset: {arg} must be a real or boolean array with a leading example axis, got "
                              f"dtype {a.dtype} and shape {a.shape}")
@@ -80,7 +81,7 @@ def make_dataset(x_train, y_train, x_test, y_test, *, task: str, num_classes: in
         return jnp.asarray(a, jnp.float32)
 
     def _y(arg, a, n):
-        a = np.asarray(a)
+        a = _host(a)
         if task == "classification":
             ok = a.dtype.kind in "iuf" and a.shape == (n,)
             if ok and a.size:
@@ -108,6 +109,19 @@ def make_dataset(x_train, y_train, x_test, y_test, *, task: str, num_classes: in
     return Dataset(xtr, ytr, xte, yte, task, num_classes, name)
 
 
+def _host(a) -> np.ndarray:
+    """``a`` as a NumPy array, JAX's extra real dtypes (``ml_dtypes``: ``bfloat16``, ``float8_*``, ``int4`` ...,
+    whose NumPy ``kind`` is ``"V"``) read exactly as ``float32`` / ``int32``: a bfloat16 input or target was refused
+    as ``x_train must be a real or boolean array ..., got dtype bfloat16``."""
+    a = np.asarray(a)
+    if a.dtype.kind == "V":
+        if jnp.issubdtype(a.dtype, jnp.floating):
+            return a.astype(np.float32)
+        if jnp.issubdtype(a.dtype, jnp.integer):
+            return a.astype(np.int32)
+    return a
+
+
 def _finite_float32(arg: str, a: np.ndarray, what: str) -> None:
     """``ValueError`` naming ``arg`` unless the real array ``a`` is finite in float32, the dtype it is stored in: a NaN
     or infinite input or regression target (or one beyond float32's range, 1e39, which the cast made inf with only
@@ -115,7 +129,9 @@ def _finite_float32(arg: str, a: np.ndarray, what: str) -> None:
     if a.dtype.kind != "f" or not a.size:
         return
     big = float(np.finfo(np.float32).max)
-    bad = ~np.isfinite(a) | (np.abs(a) > big)
+    bad = ~np.isfinite(a)
+    if a.dtype.itemsize > 4:  # (float16 cannot exceed float32's range, and comparing it with big overflowed)
+        bad |= np.abs(a) > big
     if bad.any():
         where = tuple(int(i) for i in np.argwhere(bad)[0])
         raise ValueError(f"make_dataset: {arg} holds {int(bad.sum())} value(s) that are not finite in float32 (the "

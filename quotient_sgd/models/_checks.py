@@ -115,17 +115,24 @@ def check_flag(model: str, name: str, value) -> bool:
     return bool(value)
 
 
+#: The parameter dtypes the models take (by name): JAX's other real floating dtypes (the 8-bit ``float8_*`` and the
+#: 4-bit ``float4_e2m1fn`` of ``ml_dtypes``) cannot hold a trainable model: the initial draws of a float8_e4m3fn
+#: model were NaN (every output NaN, silently), float8_e8m0fnu has no zero and no sign, and float4 failed inside
+#: ``jax.random`` naming neither the model nor the argument.
+PARAM_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
 def check_param_dtype(model: str, value) -> jnp.dtype:
-    """A real floating dtype (``jnp.float32``, ``jnp.float64``, ``jnp.bfloat16``, ``"float16"`` ...), returned as
-    a ``jnp.dtype``; integer, boolean and complex dtypes cannot be trained by gradient descent (an integer one
-    failed inside the first layer with a dtype-promotion error)."""
+    """One of :data:`PARAM_DTYPES` (``jnp.float32``, ``jnp.float64``, ``jnp.bfloat16``, ``"float16"`` ...),
+    returned as a ``jnp.dtype``; integer, boolean and complex dtypes cannot be trained by gradient descent (an
+    integer one failed inside the first layer with a dtype-promotion error), nor can 8- or 4-bit floats."""
     try:
         dtype = jnp.dtype(value)
     except (TypeError, ValueError):
         dtype = None
-    if value is None or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"{model}: param_dtype must be a real floating dtype (e.g. jnp.float32, jnp.float64, "
-                         f"jnp.bfloat16), got {repr(value) if value is None or dtype is None else dtype.name}")
+    if value is None or dtype is None or dtype.name not in PARAM_DTYPES:
+        raise ValueError(f"{model}: param_dtype must be a real floating dtype (one of {', '.join(PARAM_DTYPES)}; e.g. "
+                         f"jnp.float32), got {repr(value) if value is None or dtype is None else dtype.name}")
     return dtype
 
 

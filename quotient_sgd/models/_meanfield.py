@@ -26,7 +26,8 @@ class MeanField(nnx.Module):
     Args:
         din, width, dout: input dimension, number of particles ``n``, output dimension.
         activation: as for :class:`~quotient_sgd.models.MLP` (default ``"relu"``).
-        param_dtype: parameter dtype (inputs are cast to it).
+        param_dtype: parameter dtype (inputs are cast to it; with bfloat16 / float16 the mean over the particles
+            is summed and divided in float32 and the output rounded once to the dtype).
         rngs: ``nnx.Rngs``.  Particles are i.i.d.: ``w_in ~ N(0, 1/din)``, ``b = 0``, ``w_out ~ N(0, 1)``, so
             ``mu_n`` approximates a fixed measure as ``width -> infinity`` and ``f`` stays O(1).
 
@@ -49,7 +50,13 @@ class MeanField(nnx.Module):
         x = check_input("MeanField", x, self.w_in[...].T)
         bias = jnp.reshape(self.b[...], (1,) * (x.ndim - 1) + (-1,))
         h = get_activation(self.activation)(x @ self.w_in[...].T + bias)
-        return (h @ self.w_out[...]) / jnp.asarray(self.width, x.dtype)
+        # the mean over particles is summed and divided in float32 at least, then rounded once to the parameters'
+        # dtype: in float16 the width itself overflowed beyond 65504 (MeanField(4, 100000, 2, param_dtype="float16")
+        # gave outputs of exactly 0, a division by inf) and so could the sum of width terms; in bfloat16 a width
+        # of 257 was read as 256.  float32 / float64 results are unchanged.
+        acc = jnp.dtype(jnp.float32) if jnp.finfo(h.dtype).bits < 32 else h.dtype
+        s = jnp.matmul(h, self.w_out[...], preferred_element_type=acc)
+        return (s / jnp.asarray(self.width, acc)).astype(h.dtype)
 
     def symmetries(self) -> Product:
         """``"permutation/particles"``: ``S_n`` on axis 0 of ``w_in``, ``b``, ``w_out`` (the sum over particles is

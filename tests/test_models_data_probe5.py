@@ -1,0 +1,63 @@
+"""Models and data, fifth probe: low-precision mean-field widths, parameter dtypes below 16 bits, and data held in
+JAX's extra real dtypes."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from quotient_sgd import data
+from quotient_sgd.models import CNN, MLP, LayerNorm, MeanField, Transformer
+
+
+def test_float16_mean_field_wider_than_float16_range_averages_its_particles():
+    """The mean over particles divided by the width cast to the parameters' dtype: in float16 a width above 65504
+    was inf, and ``MeanField(3, 70000, 2, param_dtype="float16")`` gave outputs of exactly 0 for every input.  The
+    output is now the mean of the float16 model's terms (computed here in float64) to float16 rounding."""
+    m = MeanField(3, 70000, 2, param_dtype="float16", rngs=nnx.Rngs(0))
+    x = np.array([[0.5, -1.0, 2.0], [1.0, 0.25, -0.5]])
+    w_in, b, w_out = (np.asarray(v[...], np.float64) for v in (m.w_in, m.b, m.w_out))
+    h = np.asarray(jnp.asarray(np.maximum(np.asarray(jnp.asarray(x, jnp.float16), np.float64) @ w_in.T + b, 0),
+                               jnp.float16), np.float64)
+    ref = h @ w_out / 70000
+    out = m(x)
+    assert out.dtype == jnp.float16
+    scale = np.abs(h) @ np.abs(w_out) / 70000  # the size of the terms that cancel in the mean
+    np.testing.assert_array_less(np.abs(np.asarray(out, np.float64) - ref), 2e-3 * scale)
+    assert np.all(np.abs(ref) > 1e-3 * scale)  # (not a mean that is 0 anyway)
+
+
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu", "float4_e2m1fn"])
+def test_parameter_dtypes_below_16_bits_are_refused_naming_the_argument(dtype):
+    """JAX counts the ``ml_dtypes`` float8 / float4 types as real floating dtypes, and they were accepted: a
+    float8_e4m3fn MLP (and CNN, Transformer) gave NaN outputs from its first call, silently; float8_e8m0fnu (no zero,
+    no sign) NaN in every model; float4 failed inside ``jax.random`` with a bare ``TypeError``."""
+    for make in (lambda: MLP(3, (4,), 2, param_dtype=dtype, rngs=nnx.Rngs(0)),
+                 lambda: CNN(1, (3,), 2, param_dtype=dtype, rngs=nnx.Rngs(0)),
+                 lambda: Transformer(5, 6, 2, 1, 4, param_dtype=dtype, rngs=nnx.Rngs(0)),
+                 lambda: LayerNorm(3, param_dtype=dtype)):
+        with pytest.raises(ValueError, match=r"param_dtype must be a real floating dtype \(one of float16, bfloat16, "
+                                             rf"float32, float64; .*got {dtype}$"):
+            make()
+    assert MLP(3, (4,), 2, param_dtype="float16", rngs=nnx.Rngs(0))(np.ones((1, 3))).dtype == jnp.float16
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float8_e4m3fn])
+def test_make_dataset_reads_jax_extra_real_dtypes(dtype):
+    """A bfloat16 (or float8) input or target is a real array, but NumPy gives it ``kind "V"`` and it was refused
+    as ``x_train must be a real or boolean array ..., got dtype bfloat16``.  It is now read as the float32 values it
+    holds (exactly); a NaN in it is still refused."""
+    x = np.array([[0.5, -1.25], [2.0, 0.125], [3.0, -0.5]])
+    ds = data.make_dataset(jnp.asarray(x, dtype), jnp.asarray([0, 1, 1], dtype), jnp.asarray(x[:1], dtype),
+                           jnp.asarray([1], dtype), task="classification", num_classes=2, name="t")
+    assert ds.x_train.dtype == jnp.float32 and ds.y_train.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(ds.x_train), x)
+    np.testing.assert_array_equal(np.asarray(ds.y_train), [0, 1, 1])
+    reg = data.make_dataset(x, jnp.asarray(x, dtype), x[:1], jnp.asarray(x[:1], dtype), task="regression",
+                            num_classes=2, name="t")
+    np.testing.assert_array_equal(np.asarray(reg.y_train), x)
+    with pytest.raises(ValueError, match=r"x_train holds 1 value\(s\) that are not finite"):
+        data.make_dataset(jnp.asarray(np.where(x == 3.0, np.nan, x), dtype), [0, 1, 1], x[:1], [1],
+                          task="classification", num_classes=2, name="t")

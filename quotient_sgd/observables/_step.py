@@ -25,8 +25,11 @@ from ._util import (
 
 
 def _safe_div(a, b):
-    ok = b > 0
-    return jnp.where(ok, a / jnp.where(ok, b, jnp.ones_like(b)), jnp.zeros_like(a))
+    """``a / b``, and 0 where ``b == 0`` (a zero step, a zero gradient); NaN where ``a`` or ``b`` is NaN.  (The test
+    was ``b > 0``, false for a NaN ``b`` too: a diverged step, NaN parameters and gradients, read as a curvature and
+    effective learning rates of exactly 0, and so shock / fold numbers of 0, where every other observable was NaN.)"""
+    zero = b == 0
+    return jnp.where(zero, jnp.zeros_like(a), a / jnp.where(zero, jnp.ones_like(b), b))
 
 
 @observable(RAW, "grad_norm")
@@ -129,11 +132,11 @@ def angular_update(group, params, updates) -> dict[str, jax.Array]:
 @observable(REDUCED_DYNAMICS, "curvature")
 def directional_curvature(grad_prev, grad_next, step) -> jax.Array:
     """``kappa_k = <g_{k+1} - g_k, theta_{k+1} - theta_k> / |theta_{k+1} - theta_k|^2`` (THEORY section 4):
-    the curvature of the loss along the step actually taken (0 for a zero step).  With mini-batches the two
-    gradients come from different batches when ``grad_next`` is the next step's gradient, so kappa carries gradient
-    noise (for plain SGD ``eta kappa = 1 - <g_{k+1}, g_k> / |g_k|^2``, near 1 where the noise dominates); with
-    ``grad_next = grad L_B(theta_{k+1})`` on the step's own batch ``B`` it is the exact secant curvature of the
-    batch loss along the step (``quotient_trajectory(..., curvature_batch="same")``)."""
+    the curvature of the loss along the step actually taken (0 for a zero step, NaN for a non-finite one).  With
+    mini-batches the two gradients come from different batches when ``grad_next`` is the next step's gradient, so
+    kappa carries gradient noise (for plain SGD ``eta kappa = 1 - <g_{k+1}, g_k> / |g_k|^2``, near 1 where the
+    noise dominates); with ``grad_next = grad L_B(theta_{k+1})`` on the step's own batch ``B`` it is the exact
+    secant curvature of the batch loss along the step (``quotient_trajectory(..., curvature_batch="same")``)."""
     num = tree_dot(grad_next, step) - tree_dot(grad_prev, step)
     return _safe_div(num, tree_sqnorm(step))
 
@@ -168,8 +171,19 @@ def effective_lr(group, params, grads, updates, grads_canonical) -> dict[str, ja
       of the whole chain) is not it.
     - per scale component, per normalised unit: ``-<Delta, g> / (|w|^2 |g|^2)``; ``eta / |w|^2 = eta / (2 Q)``
       for SGD, the effective angular learning rate of a scale-invariant block.
+
+    Every entry is 0 for an update of exact zeros (a step at ``lr = 0``, one that ``optax.apply_if_finite`` skipped
+    on a non-finite gradient) and for a unit of zero gradient, and NaN where the step or gradient is not finite
+    (a diverged run).
     """
-    out = {"global": _safe_div(-tree_dot(grads, updates), tree_sqnorm(grads_canonical))}
+    # a step that did not move (an update of exact zeros: lr = 0, a step that optax.apply_if_finite skipped on a
+    # non-finite gradient) has rate 0 whatever the gradient; a non-finite step or gradient otherwise gives NaN
+    moved = tree_sqnorm(updates) != 0
+
+    def rate(a, b):
+        return jnp.where(moved, _safe_div(a, b), jnp.zeros_like(a))
+
+    out = {"global": rate(-tree_dot(grads, updates), tree_sqnorm(grads_canonical))}
     for c in components(group):
         rm = rescale_members(c)
         if rm is not None:
@@ -178,12 +192,12 @@ def effective_lr(group, params, grads, updates, grads_canonical) -> dict[str, ja
             w2 = unit_sum((params,), members, jnp.square)
             dg = unit_sum((updates, grads), members, lambda d, g: d * g)
             gg = unit_sum((grads,), members, jnp.square)
-            out[c.name] = _safe_div(-dg * w2, gg)
+            out[c.name] = rate(-dg * w2, gg)
             continue
         sm = scale_members(c)
         if sm is not None:
             w2 = unit_sum((params,), sm, jnp.square)
             dg = unit_sum((updates, grads), sm, lambda d, g: d * g)
             gg = unit_sum((grads,), sm, jnp.square)
-            out[c.name] = _safe_div(-dg, w2 * gg)
+            out[c.name] = rate(-dg, w2 * gg)
     return out

@@ -321,7 +321,7 @@ def quotient_trajectory(
             # kappa_{k-1} = (<g_k, Delta_{k-1}> - <g_{k-1}, Delta_{k-1}>) / |Delta_{k-1}|^2
             # (obs.directional_curvature with the previous step's scalars carried instead of g_{k-1})
             dd = carry["prev_dd"]
-            ok = dd > 0
+            ok = dd != 0  # (0 for a zero step; NaN after a non-finite one, as obs.directional_curvature)
             # curvature_batch="same": the numerator was completed at the previous step, on its own batch
             num = carry["prev_num"] if same_batch else tree_dot(grads, carry["prev_update"]) - carry["prev_gd"]
             kappa = jnp.where(ok, num / jnp.where(ok, dd, jnp.ones_like(dd)), jnp.zeros_like(dd))

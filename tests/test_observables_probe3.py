@@ -1,0 +1,58 @@
+"""Observables against independent float64 references on the cases the other tests leave out: steps that are not
+finite (a diverged run) or exactly zero (a skipped step)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from quotient_sgd import models
+from quotient_sgd import observables as qobs
+from quotient_sgd.optim import SGDSpec, observables_of, quotient_trajectory
+
+
+def _mlp():
+    """``(group, params, loss)`` of a 2-3-1 float32 MLP on a fixed batch of 8."""
+    model = models.MLP(2, (3,), 1, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (8, 2))
+    y = jnp.sin(x[:, :1])
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss(p):
+        return jnp.mean(jnp.square(nnx.merge(graphdef, p)(x) - y))
+
+    return model.symmetries(), params, loss
+
+
+def test_a_non_finite_step_gives_nan_curvature_and_effective_lr_not_zero():
+    """The curvature and the effective learning rates divided by ``|Delta|^2`` / ``|g|^2`` only where that was
+    ``> 0``, which a NaN is not: after a diverged step (an infinite gradient entry, then NaN parameters) the recorded
+    ``effective_lr`` (global and every unit) and the curvature along the NaN step were exactly 0, and so the shock
+    and fold numbers, while ``grad_norm`` and every other observable were NaN.  A zero step (``optax.apply_if_finite``
+    skipping the non-finite gradient) still gives 0, as documented."""
+    group, params, loss = _mlp()
+    nan = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), params)
+    assert np.isnan(float(qobs.directional_curvature(params, params, nan)))
+    eff = qobs.effective_lr(group, nan, nan, nan, nan)
+    assert all(np.all(np.isnan(np.asarray(v))) for v in jax.tree.leaves(eff))
+    zero = jax.tree.map(jnp.zeros_like, params)
+    assert float(qobs.directional_curvature(params, params, zero)) == 0.0
+    skipped = qobs.effective_lr(group, params, nan, zero, nan)  # a skipped step: zero update, NaN gradient
+    assert all(np.all(np.asarray(v) == 0) for v in jax.tree.leaves(skipped))
+
+    qt = quotient_trajectory(optax.sgd(0.1), group, spec=SGDSpec(0.1),
+                             observables=("grad_norm", "curvature", "fold_number", "effective_lr"))
+    update = jax.jit(lambda g, s, p: qt.update(g, s, p))
+    state, p = qt.init(params), params
+    for k in range(4):
+        g = jax.grad(loss)(p)
+        if k == 1:  # one infinite gradient entry: NaN parameters from step 2 on
+            g = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.inf), g)
+        u, state = update(g, state, p)
+        p = optax.apply_updates(p, u)
+        o = jax.device_get(observables_of(state))
+        if k >= 2:  # step 3's curvature describes the NaN step 2
+            assert np.isnan(o["grad_norm"])
+            assert all(np.all(np.isnan(np.asarray(v))) for v in jax.tree.leaves(o["effective_lr"])), (k, o)
+            assert np.isnan(o["curvature"]) and np.isnan(o["fold_number"]), (k, o)

@@ -67,3 +67,17 @@ def test_shock_lr_refuses_problem_keys_it_does_not_read(tmp_path, monkeypatch, o
     assert msg.startswith(f"shock_lr: {override.split('=')[0]}=") and instead in msg, msg
     with pytest.raises(AssertionError, match="computed"):
         E.main(["scale=test", "problem.width=16", "overwrite=true"])
+
+
+def test_hj_slices_refuses_a_grid_without_interior_points(tmp_path, monkeypatch):
+    """``n=4`` was allowed ("an integer >= 4"), trained the MLP, ran the flow and then failed in NumPy ("zero-size
+    array to reduction operation minimum") reading min L'' at the points two or more away from the slice's ends,
+    of which 4 points have none.  Refused before anything is computed, naming ``n``; ``n=5`` passes the check."""
+    import _common as C
+    import hj_slices as E
+
+    monkeypatch.setenv("QSGD_EXPERIMENT_OUT", str(tmp_path))
+    monkeypatch.setattr(E, "run", _never_run)
+    with pytest.raises(SystemExit, match=r"hj_slices: n=4: allowed an integer >= 5"):
+        E.main(["scale=test", "n=4"])
+    assert C.load_config("hj_slices", ["scale=test", "n=5"]).n == 5

@@ -61,3 +61,30 @@ def test_make_dataset_reads_jax_extra_real_dtypes(dtype):
     with pytest.raises(ValueError, match=r"x_train holds 1 value\(s\) that are not finite"):
         data.make_dataset(jnp.asarray(np.where(x == 3.0, np.nan, x), dtype), [0, 1, 1], x[:1], [1],
                           task="classification", num_classes=2, name="t")
+
+
+def test_generators_take_seeds_beyond_64_bits():
+    """NumPy seeds its generators from integers of any size, but a seed of 2^64 or more was refused with the
+    self-contradicting ``seed=18446744073709551616 is not allowed; need an integer >= 0`` (NumPy made the Python
+    integer an object array).  Such seeds now give their own data, deterministically."""
+    a, b = (data.teacher_student(seed=s, n_train=3, n_test=1, din=2) for s in (2**64, 2**100))
+    again = data.teacher_student(seed=2**100, n_train=3, n_test=1, din=2)
+    np.testing.assert_array_equal(np.asarray(b.x_train), np.asarray(again.x_train))
+    assert not np.array_equal(np.asarray(a.x_train), np.asarray(b.x_train))
+    with pytest.raises(ValueError, match=r"seed=-1 is not allowed; need an integer >= 0"):
+        data.teacher_student(seed=-1)
+
+
+@pytest.mark.parametrize("sampler", ["swap_or_not", "top_k"])
+def test_sample_indices_refuses_more_examples_than_int32_indices_reach(sampler):
+    """The indices are int32: for ``n = 2^32 - 5`` the swap-or-not sampler overflowed its uint32 arithmetic and
+    returned 50027 negative indices among 100000, for ``n >= 2^32`` it failed with a bare ``OverflowError``, and
+    ``top_k`` with ``lax.top_k``'s own error.  ``n`` is now refused naming the argument and the range."""
+    import jax
+
+    for n in (2**31, 2**32 - 5, 2**40):
+        with pytest.raises(ValueError, match=rf"sample_indices: n={n} is not allowed; need an integer in \[0, 2\^31\)"):
+            data.sample_indices(jax.random.key(0), n, 4, sampler)
+    if sampler == "swap_or_not":  # (O(batch) work: the largest n is still drawn from)
+        out = np.asarray(data.sample_indices(jax.random.key(0), 2**31 - 1, 3, sampler))
+        assert len(set(out.tolist())) == 3 and out.min() >= 0

@@ -146,8 +146,10 @@ def _static_int(where: str, name: str, value, low: int, high: int | None = None,
     need = what or f"an integer {'in ' if high is not None else ''}{bound}"
     if isinstance(value, jax.core.Tracer):
         raise ValueError(f"{where}: {name} must be a static (Python) integer, got a traced value; need {need}")
-    ok = not isinstance(value, (bool, np.bool_)) and np.issubdtype(np.asarray(value).dtype, np.integer) \
-        and np.ndim(value) == 0
+    # a Python int of any size (np.asarray makes one beyond 64 bits an object array: a seed of 2^64 was refused as
+    # "need an integer >= 0")
+    ok = not isinstance(value, (bool, np.bool_)) and (
+        isinstance(value, int) or (np.issubdtype(np.asarray(value).dtype, np.integer) and np.ndim(value) == 0))
     if ok:
         value = int(value)
         ok = value >= low and (high is None or value <= high)
@@ -263,11 +265,13 @@ def sample_indices(key, n: int, batch_size: int, sampler: str = "permutation") -
     towards the lower index), which is what lets a sweep over batch sizes run as one padded, masked program
     (:func:`batch_fn` with ``max_batch_size``).
 
-    ``n`` and ``batch_size`` are static integers with ``0 <= batch_size <= n`` (a larger batch cannot be distinct);
-    anything else is refused with a ``ValueError``."""
+    ``n`` and ``batch_size`` are static integers with ``0 <= batch_size <= n < 2^31`` (a larger batch cannot be
+    distinct; the indices are ``int32``); anything else is refused with a ``ValueError``."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    n = _static_int("sample_indices", "n", n, 0)
+    # int32 indices: for n >= 2^31 "swap_or_not" overflowed its uint32 arithmetic (no permutation, indices wrapped
+    # negative) or failed in a bare OverflowError, "top_k" in lax.top_k's own error
+    n = _static_int("sample_indices", "n", n, 0, 2**31 - 1, "an integer in [0, 2^31) (the indices are int32)")
     batch_size = _static_int("sample_indices", "batch_size", batch_size, 0, n,
                              f"an integer in [0, n] = [0, {n}] (distinct indices of the {n} examples)")
     if sampler == "swap_or_not" and n == 0:

@@ -74,3 +74,17 @@ def test_the_loss_plot_legend_names_the_accuracy_curve(tmp_path, figs):
     named = {t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()}
     assert curves == {"train loss (batch)", "test loss", "train loss (full)", "test accuracy"}
     assert named == curves, named
+
+
+def test_log_axis_tick_labels_stay_inside_the_figure(tmp_path, figs):
+    """A log axis spanning less than a decade (a one-step run: losses 0.22-0.25) labels its minor ticks
+    "2.55x10^-1"; the fixed left margin of 0.75 in cut them to ".55x10^-1", misreading every value.  The margin
+    now fits the measured labels."""
+    traj = {"step": np.arange(1), "loss": np.r_[0.2447]}
+    _report.make_plots(str(tmp_path), traj, [{"step": 0, "test_loss": 0.2536, "train_loss": 0.2211}], [])
+    fig = figs[_report.PLOTS.index("loss")]
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log"
+    box = ax.yaxis.get_tightbbox(fig.canvas.get_renderer())
+    labels = [t.get_text() for t in ax.get_yticklabels(minor=True) if t.get_text()]
+    assert labels and box.x0 >= 0, (box.x0, labels)

@@ -123,7 +123,12 @@ def make_plots(workdir: str, traj: dict, metrics: list[dict], events: list[dict]
         # label, was a third of a report's time (0.3 of 0.85 s; a sweep pays it per member)
         w, h = fig.get_size_inches()
         right = 0.7 if len(fig.axes) > 1 and name == "loss" else 0.2  # the loss plot's twin accuracy axis
-        fig.subplots_adjust(left=0.75 / w, right=1 - right / w, bottom=0.55 / h, top=1 - 0.35 / h, wspace=0.3)
+        # a log axis's tick labels are measured (its y axis alone, 0.01-0.1 s): one spanning less than a decade
+        # labels its minor ticks "2.55x10^-1", which the fixed 0.75 in cut to ".55x10^-1"
+        box = (fig.axes[0].yaxis.get_tightbbox(fig.canvas.get_renderer())
+               if fig.axes[0].get_yscale() == "log" else None)
+        left = max(0.75, box.width / fig.dpi + 0.1) if box is not None else 0.75
+        fig.subplots_adjust(left=left / w, right=1 - right / w, bottom=0.55 / h, top=1 - 0.35 / h, wspace=0.3)
         fig.savefig(p, dpi=90)
         plt.close(fig)
         paths.append(p)

@@ -3,6 +3,7 @@ JAX's extra real dtypes."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -80,11 +81,21 @@ def test_sample_indices_refuses_more_examples_than_int32_indices_reach(sampler):
     """The indices are int32: for ``n = 2^32 - 5`` the swap-or-not sampler overflowed its uint32 arithmetic and
     returned 50027 negative indices among 100000, for ``n >= 2^32`` it failed with a bare ``OverflowError``, and
     ``top_k`` with ``lax.top_k``'s own error.  ``n`` is now refused naming the argument and the range."""
-    import jax
-
     for n in (2**31, 2**32 - 5, 2**40):
         with pytest.raises(ValueError, match=rf"sample_indices: n={n} is not allowed; need an integer in \[0, 2\^31\)"):
             data.sample_indices(jax.random.key(0), n, 4, sampler)
     if sampler == "swap_or_not":  # (O(batch) work: the largest n is still drawn from)
         out = np.asarray(data.sample_indices(jax.random.key(0), 2**31 - 1, 3, sampler))
         assert len(set(out.tolist())) == 3 and out.min() >= 0
+
+
+def test_rngs_without_a_parameter_stream_are_refused_naming_the_argument():
+    """``nnx.Rngs(dropout=0)`` is an ``nnx.Rngs`` but has neither a ``params`` nor a ``default`` stream: every model
+    failed inside its first layer with flax's ``AttributeError: No RngStream named 'params' found in Rngs``."""
+    for make in (lambda r: MLP(3, (4,), 2, rngs=r), lambda r: MeanField(3, 4, 2, rngs=r),
+                 lambda r: Transformer(5, 6, 2, 1, 4, rngs=r)):
+        with pytest.raises(ValueError, match=r": rngs must have a 'params' or a 'default' stream"):
+            make(nnx.Rngs(dropout=0))
+        a, b = make(nnx.Rngs(params=3)), make(nnx.Rngs(3))  # (a params stream alone, or the default)
+        for u, v in zip(jax.tree.leaves(nnx.state(a, nnx.Param)), jax.tree.leaves(nnx.state(b, nnx.Param))):
+            assert u.shape == v.shape

@@ -137,10 +137,15 @@ def check_param_dtype(model: str, value) -> jnp.dtype:
 
 
 def check_rngs(model: str, rngs) -> None:
-    """An ``nnx.Rngs`` (the models draw their initial parameters from ``rngs.params()``)."""
+    """An ``nnx.Rngs`` with a ``params`` or a ``default`` stream (the models draw their initial parameters from
+    ``rngs.params()``, which falls back to ``default``): ``nnx.Rngs(dropout=0)`` failed inside the first layer with
+    flax's ``AttributeError: No RngStream named 'params' found in Rngs``, naming neither the model nor the argument."""
     if not isinstance(rngs, nnx.Rngs):
         raise ValueError(f"{model}: rngs must be an nnx.Rngs (e.g. nnx.Rngs(0)), got {type(rngs).__name__} "
                          f"{rngs!r}")
+    if "params" not in rngs and "default" not in rngs:
+        raise ValueError(f"{model}: rngs must have a 'params' or a 'default' stream to draw the initial parameters "
+                         f"from (e.g. nnx.Rngs(0) or nnx.Rngs(params=0)), got an nnx.Rngs without either")
 
 
 def check_features(model: str, z, num_features: int) -> None:

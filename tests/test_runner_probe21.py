@@ -88,3 +88,19 @@ def test_log_axis_tick_labels_stay_inside_the_figure(tmp_path, figs):
     box = ax.yaxis.get_tightbbox(fig.canvas.get_renderer())
     labels = [t.get_text() for t in ax.get_yticklabels(minor=True) if t.get_text()]
     assert labels and box.x0 >= 0, (box.x0, labels)
+
+
+def test_events_crossing_two_levels_at_one_step_are_two_rows_of_the_summary(tmp_path):
+    """A momentum run (lr 30, momentum 0.9) folds past ``fold_edge`` 1.9 and the edge 3.8 at step 1: two events
+    of one kind, variant and strength, differing in ``details["level"]``.  ``summary.md`` listed them as two
+    identical rows ``| 1 | fold | step | 190.57... |``.  The level is now a column of the table."""
+    from quotient_sgd.config import default_config, from_dict
+
+    s = from_dict(default_config().to_dict())
+    events = [{"step": 1, "kind": "fold", "strength": 190.57, "variant": "step", "details": {"level": lv}}
+              for lv in (1.9, 3.8)] + [{"step": 3, "kind": "divergence", "strength": "inf", "details": {}}]
+    text = _report.write_summary(str(tmp_path), s, {"step": np.arange(4), "loss": np.ones(4)}, [], events,
+                                 diverged=None, wall_s=None, resumed_from=None, detect_error=None)
+    rows = [ln for ln in text.splitlines() if ln.startswith("| 1 |") or ln.startswith("| 3 |")]
+    assert len(rows) == 3 and len(set(rows)) == 3, rows
+    assert "| 1.9 |" in rows[0] and "| 3.8 |" in rows[1] and rows[2] == "| 3 | divergence |  |  | inf |", rows

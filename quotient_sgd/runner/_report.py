@@ -321,11 +321,15 @@ def write_summary(workdir: str, s: Settings, traj: dict, metrics: list[dict], ev
     if detect_error:
         lines.append(f"Detection failed: {detect_error}")
     if events:
-        lines += ["| step | kind | variant | strength |", "|---:|---|---|---:|"]
+        # the level a crossing event crossed (a fold of a momentum run crosses fold_edge and the edge at one step,
+        # with one strength: without it the two rows read as one event listed twice)
+        lines += ["| step | kind | variant | level | strength |", "|---:|---|---|---:|---:|"]
         for e in events[:40]:
-            lines.append(f"| {e['step']} | {e['kind']} | {e.get('variant', '')} | {e.get('strength', '')} |")
+            level = (e.get("details") or {}).get("level")
+            level = f"{level:g}" if isinstance(level, (int, float)) and not isinstance(level, bool) else ""
+            lines.append(f"| {e['step']} | {e['kind']} | {e.get('variant', '')} | {level} | {e.get('strength', '')} |")
         if len(events) > 40:
-            lines.append(f"| ... | {len(events) - 40} more in events.json | | |")
+            lines.append(f"| ... | {len(events) - 40} more in events.json | | | |")
     else:
         lines.append("None.")
     lines += ["", "## Files", "", ", ".join(_files(workdir)), ""]

@@ -81,3 +81,40 @@ def test_hj_slices_refuses_a_grid_without_interior_points(tmp_path, monkeypatch)
     with pytest.raises(SystemExit, match=r"hj_slices: n=4: allowed an integer >= 5"):
         E.main(["scale=test", "n=4"])
     assert C.load_config("hj_slices", ["scale=test", "n=5"]).n == 5
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--only", "foo"], "--only: invalid choice"),
+    (["--steps", "0"], "--steps: '0': allowed an integer >= 1"),
+    (["--only", "mlp784", "--cli"], "--cli times the quickstart"),
+])
+def test_sweep_benchmark_refuses_options_it_would_not_measure(capsys, argv, named):
+    """``benchmarks/sweep.py --only foo`` measured nothing and exited with status 0; ``--steps 0`` ended in the
+    config validation's traceback naming ``config.steps``; ``--cli --only mlp784`` skipped the command-line timing
+    without a word.  Each exits with status 2 before anything is measured, naming the option."""
+    import importlib.util
+
+    path = os.path.join(EXPERIMENTS, "..", "benchmarks", "sweep.py")
+    spec = importlib.util.spec_from_file_location("qsgd_benchmarks_sweep", path)
+    B = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(B)
+    with pytest.raises(SystemExit) as err:
+        B.main(argv)
+    assert err.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_edge_of_stability_events_name_their_run(tmp_path):
+    """Experiment 1 wrote the balanced run's and the re-gauged twin's events into one ``events.json`` without
+    saying which is which: the twin's edge at step 6 read as an event of the balanced run (``trajectory.npz``),
+    which re-detected from that trajectory has none there.  Each event now names its run in ``details["run"]``,
+    and the label survives the round trip through ``events.json``."""
+    import edge_of_stability as E
+    from quotient_sgd.diagnostics import Event, load_events, save_events
+
+    ev = lambda step: Event(step, "edge_of_stability", 2.0, {"lr": 0.1}, "step", False, {"level": 2.0})  # noqa: E731
+    out = {"runs": {"balanced": {"events": [ev(60)]}, "regauged": {"events": [ev(6), ev(84)]}}}
+    save_events(tmp_path / "events.json", E.labelled_events(out))
+    back = load_events(tmp_path / "events.json")
+    assert [(e.step, e.details["run"], e.details["level"]) for e in back] == [
+        (60, "balanced", 2.0), (6, "regauged", 2.0), (84, "regauged", 2.0)]
+    assert "run" not in out["runs"]["balanced"]["events"][0].details  # the live events are left as they are

@@ -11,6 +11,7 @@ curvature from the start, reaches the edge at a different canonical (function) s
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -118,12 +119,20 @@ def figure(out, path):
     C.save_figure(fig, path)
 
 
+def labelled_events(out) -> list:
+    """Both runs' events, each with ``details["run"]`` naming its run (``"balanced"``: ``trajectory.npz``,
+    ``"regauged"``: ``trajectory_regauged.npz``).  ``events.json`` held the two lists joined without it, so the
+    twin's edge at step 6 read as one more edge of the balanced run, whose trajectory alone gives it no such event."""
+    return [dataclasses.replace(e, details={**e.details, "run": name})
+            for name in ("balanced", "regauged") for e in out["runs"][name]["events"]]
+
+
 def main(argv=None):
     cfg = C.load_config("edge_of_stability", argv, results=True)
     out = run(cfg)
     rows = summarise(out)
-    d = C.save("edge_of_stability", out["runs"]["balanced"]["traj"], out["runs"]["balanced"]["events"] +
-               out["runs"]["regauged"]["events"], rows, {"lr": out["lr"], "lambda0": out["lambda0"]})
+    d = C.save("edge_of_stability", out["runs"]["balanced"]["traj"], labelled_events(out), rows,
+               {"lr": out["lr"], "lambda0": out["lambda0"]})
     np.savez_compressed(os.path.join(d, "trajectory_regauged.npz"), **out["runs"]["regauged"]["traj"])
     figure(out, os.path.join(d, "edge_of_stability.png"))
     print(C.markdown_table(rows))

@@ -161,7 +161,8 @@ def make_plots(workdir: str, traj: dict, metrics: list[dict], events: list[dict]
     _plot_lines(axs[1], steps, {k: np.asarray(traj[k], np.float64) for k in
                                 ("update_horizontal_norm", "update_vertical_norm") if k in traj},
                 "update: horizontal vs vertical", logy=True)
-    _plot_lines(axs[2], steps, _series(traj, "effective_lr"), "effective learning rate on the quotient")
+    _plot_lines(axs[2], steps, _series(traj, "effective_lr"),
+                "effective learning rate on the quotient\n(norm over a component's entries)")
     save(fig, "observables")
 
     # charges and their drift (observed vs predicted)

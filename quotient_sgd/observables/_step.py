@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from ._kinds import ORBIT_INVARIANT, RAW, REDUCED_DYNAMICS, observable
 from ._util import (
     charges_dict,
+    check_like,
     components,
     per_component,
     rescale_members,
@@ -137,6 +138,7 @@ def directional_curvature(grad_prev, grad_next, step) -> jax.Array:
     kappa carries gradient noise (for plain SGD ``eta kappa = 1 - <g_{k+1}, g_k> / |g_k|^2``, near 1 where the
     noise dominates); with ``grad_next = grad L_B(theta_{k+1})`` on the step's own batch ``B`` it is the exact
     secant curvature of the batch loss along the step (``quotient_trajectory(..., curvature_batch="same")``)."""
+    check_like("directional_curvature", "grad_prev", grad_prev, grad_next=grad_next, step=step)
     num = tree_dot(grad_next, step) - tree_dot(grad_prev, step)
     return _safe_div(num, tree_sqnorm(step))
 
@@ -178,6 +180,7 @@ def effective_lr(group, params, grads, updates, grads_canonical) -> dict[str, ja
     """
     # a step that did not move (an update of exact zeros: lr = 0, a step that optax.apply_if_finite skipped on a
     # non-finite gradient) has rate 0 whatever the gradient; a non-finite step or gradient otherwise gives NaN
+    check_like("effective_lr", "params", params, grads=grads, updates=updates, grads_canonical=grads_canonical)
     moved = tree_sqnorm(updates) != 0
 
     def rate(a, b):

@@ -48,6 +48,21 @@ def check_hyper(owner: str, name: str, value) -> None:
         raise ValueError(f"{owner}: {name}={value!r} is not allowed; need {allowed}")
 
 
+def check_like(owner: str, ref_name: str, ref, **trees) -> None:
+    """``ValueError`` naming the argument unless each of ``trees`` has the leaves of ``ref`` (as many, of the same
+    shapes, in the same order; the pytree node types may differ, a ``dict`` for an ``nnx.State``).  The sums over
+    leaves zip them: a tree missing a leaf was summed over the leaves the two shared, and a leaf of shape ``(1, n)``
+    against one of ``(n,)`` broadcast, silently (a curvature of 2.300 for 2.317 with the last leaf of the step
+    left out)."""
+    want = [jnp.shape(x) for x in jax.tree.leaves(ref)]
+    for name, tree in trees.items():
+        got = [jnp.shape(x) for x in jax.tree.leaves(tree)]
+        if got != want:
+            raise ValueError(f"{owner}: {name} must be a pytree like {ref_name} (the same leaves, of the same shapes, "
+                             f"in the same order): {ref_name} has {len(want)} leaves of shapes {want}, {name} has "
+                             f"{len(got)} of shapes {got}")
+
+
 def tree_sqnorm(a) -> jax.Array:
     return tree_dot(a, a)
 

@@ -99,3 +99,27 @@ def test_rngs_without_a_parameter_stream_are_refused_naming_the_argument():
         a, b = make(nnx.Rngs(params=3)), make(nnx.Rngs(3))  # (a params stream alone, or the default)
         for u, v in zip(jax.tree.leaves(nnx.state(a, nnx.Param)), jax.tree.leaves(nnx.state(b, nnx.Param))):
             assert u.shape == v.shape
+
+
+def test_bfloat16_batchnorm_running_mean_follows_the_batch_mean():
+    """The running statistics were held in the parameters' dtype: in bfloat16 the average ``0.9 r + 0.1 b`` stops
+    moving once ``0.1 |b - r|`` is below half the spacing of ``r`` (0.016 near 5.3), and stalled about one standard
+    deviation of the input below the batch mean (400 batches of mean 5.3, deviation 0.2: -1.03 sd; 1.37 / 0.05:
+    -0.37 sd), so the evaluation-mode outputs were shifted by as much.  They are now held in float32 (as flax's
+    BatchNorm holds them) and follow the float64 recursion over the same batch."""
+    from quotient_sgd.models import BatchNorm
+
+    z = np.random.default_rng(0).normal(5.3, 0.2, size=(64, 1)).astype(np.float32)
+    b = float(np.mean(np.asarray(jnp.asarray(z, jnp.bfloat16), np.float64)))  # the batch mean of the bf16 input
+    bn = BatchNorm(1, param_dtype=jnp.bfloat16)
+    step = jax.jit(lambda stats: nnx.split((lambda m: (m(z), m)[1])(nnx.merge(gd, stats)))[1])
+    gd, stats = nnx.split(bn)
+    r = 0.0
+    for _ in range(60):
+        stats = step(stats)
+        r = 0.9 * r + 0.1 * b
+    bn = nnx.merge(gd, stats)
+    assert abs(float(bn.mean[...][0]) - r) < 1e-3 * 0.2  # (was 5.094 against 5.29)
+    assert bn.mean[...].dtype == jnp.float32 and bn.scale[...].dtype == jnp.bfloat16
+    bn.use_running_average = True
+    assert bn(z).dtype == jnp.bfloat16

@@ -63,10 +63,11 @@ def run(cfg, eta_lambda0=None):
 
 def ground_truth(traj, lr, spike_factor=2.0):
     """The catapult read from loss and sharpness directly: peak of the loss over its initial value, the step of
-    the peak, and the horizontal sharpness at the end relative to 2 / lr."""
+    the peak, and the horizontal sharpness at the first and the last refresh relative to 2 / lr (NaN at the end of
+    a run that diverged: the last finite refresh, the one at step 0, was reported as the end before)."""
     loss = traj["loss"]
     peak = int(np.nanargmax(loss))
-    s, lam = C.sampled(traj, "sharpness_horizontal")
+    lam = traj["sharpness_horizontal"][traj["hessian_step"] == traj["step"]]
     return {"loss_peak_ratio": float(loss[peak] / loss[0]), "peak_step": peak,
             "lr*lambda_step start": float(lr * lam[0]), "lr*lambda_step end": float(lr * lam[-1]),
             "spiked": bool(loss[peak] > spike_factor * loss[0]), "final loss": float(loss[-1])}
@@ -75,9 +76,13 @@ def ground_truth(traj, lr, spike_factor=2.0):
 def summarise(out):
     gt = ground_truth(out["traj"], out["lr"])
     row = {"eta*lambda0": out["lr"] * out["lambda0"], **gt}
+    div = C.first(out["events"], "divergence")
+    row["diverged at"] = div.step if div else "no"
+    # a run that diverges has no catapult to find: it was reported as the detectors' miss
+    absent = ("none (diverged)" if div else "missed") if gt["spiked"] else "none (none expected)"
     for v in ("quotient", "step", "raw"):
         e = C.first(out["events"], "catapult", v)
-        row[f"catapult[{v}] step"] = e.step if e else ("missed" if gt["spiked"] else "none (none expected)")
+        row[f"catapult[{v}] step"] = e.step if e else absent
         if e:
             row[f"catapult[{v}] confirm"] = e.details["confirm_step"]
             row[f"catapult[{v}] sharpness ratio"] = e.details["sharpness_ratio"]

@@ -118,3 +118,26 @@ def test_edge_of_stability_events_name_their_run(tmp_path):
     assert [(e.step, e.details["run"], e.details["level"]) for e in back] == [
         (60, "balanced", 2.0), (6, "regauged", 2.0), (84, "regauged", 2.0)]
     assert "run" not in out["runs"]["balanced"]["events"][0].details  # the live events are left as they are
+
+
+def test_catapult_table_of_a_diverged_run():
+    """Experiment 2 at ``eta_lambda0=8`` diverges (loss inf at step 8, NaN after): its table gave
+    ``lr*lambda_step end`` = 8.0, the value at step 0 (the last finite refresh), and "missed" for every catapult
+    variant, as if the detectors had failed, while ``events.json`` held the divergence.  The end value is now the
+    last refresh's (NaN), the divergence step is a column, and the catapult is "none (diverged)"."""
+    import numpy as np
+
+    import catapult as E
+    from quotient_sgd.diagnostics import Event
+
+    steps = np.arange(12)
+    loss = np.array([0.5, 1.0, 20.0, 700.0, 4e4, 3e10, 1e28, np.inf] + [np.nan] * 4)
+    refresh = np.where(steps % 4 == 0, steps, -1)
+    lam = np.where(steps == 0, 40.0, np.nan)
+    traj = {"step": steps, "loss": loss, "hessian_step": refresh, "sharpness_horizontal": lam}
+    gt = E.ground_truth(traj, 0.2)
+    assert gt["lr*lambda_step start"] == 8.0 and np.isnan(gt["lr*lambda_step end"]) and gt["spiked"]
+    div = Event(7, "divergence", np.inf, {"loss": np.inf}, "quotient", True, {})
+    [row] = E.summarise({"traj": traj, "lr": 0.2, "lambda0": 40.0, "events": [div], "wall": 0.0})
+    assert row["diverged at"] == 7
+    assert all(row[f"catapult[{v}] step"] == "none (diverged)" for v in ("quotient", "step", "raw")), row

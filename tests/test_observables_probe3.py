@@ -76,3 +76,19 @@ def test_observables_of_trees_that_are_not_alike_are_refused_by_name():
         qobs.directional_curvature(leaves(g0), [x.reshape(1, -1) for x in leaves(g1)], leaves(step))
     with pytest.raises(ValueError, match="effective_lr: grads_canonical must be a pytree like params"):
         qobs.effective_lr(group, params, g0, step, leaves(g0)[1:])
+
+
+@pytest.mark.parametrize("fn", [qobs.shock_number, qobs.fold_number])
+def test_shock_and_fold_numbers_name_a_learning_rate_that_is_not_one(fn):
+    """``shock_number`` / ``fold_number`` took ``lr`` as it came: a string failed in JAX's arithmetic with a bare
+    "Only integer scalar arrays can be converted to a scalar index", a negative rate gave a negative shock number
+    (``shock_number(-1.0, -1.0) = -1``) and a list of rates a vector, silently."""
+    name = fn.__name__
+    with pytest.raises(TypeError, match=f"{name}: lr='a' is not allowed"):
+        fn("a", -1.0)
+    with pytest.raises(ValueError, match=f"{name}: lr=-1.0 is not allowed"):
+        fn(-1.0, -1.0)
+    with pytest.raises(TypeError, match=f"{name}: lr=\\[0.1, 0.2\\]"):
+        fn([0.1, 0.2], -1.0)
+    assert float(fn(0.5, -2.0 if name == "shock_number" else 2.0)) == 1.0
+    assert float(jax.jit(fn)(jnp.float32(0.5), jnp.float32(-3.0 if name == "shock_number" else 3.0))) == 1.5

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from ._kinds import ORBIT_INVARIANT, RAW, REDUCED_DYNAMICS, observable
 from ._util import (
     charges_dict,
+    check_hyper,
     check_like,
     components,
     per_component,
@@ -146,13 +147,17 @@ def directional_curvature(grad_prev, grad_next, step) -> jax.Array:
 @observable(REDUCED_DYNAMICS, "shock_number")
 def shock_number(lr, curvature) -> jax.Array:
     """``eta max(0, -kappa)``: characteristics of the coarse-grained flow cross within one step when it reaches
-    1 (THEORY section 3-4)."""
+    1 (THEORY section 3-4).  ``lr``: one real number ``>= 0`` (a Python or NumPy one checked: a string failed in
+    JAX's arithmetic naming nothing, a negative rate gave a negative shock number, silently)."""
+    check_hyper("shock_number", "lr", lr)
     return lr * jnp.maximum(-curvature, 0)
 
 
 @observable(REDUCED_DYNAMICS, "fold_number")
 def fold_number(lr, curvature) -> jax.Array:
-    """``eta max(0, kappa)``: the explicit step map folds at 1 and is unstable at 2 (edge of stability)."""
+    """``eta max(0, kappa)``: the explicit step map folds at 1 and is unstable at 2 (edge of stability).  ``lr``: as
+    for :func:`shock_number`."""
+    check_hyper("fold_number", "lr", lr)
     return lr * jnp.maximum(curvature, 0)
 
 

@@ -83,8 +83,15 @@ def run(cfg):
     step, opt_state = 0, None
     for ck in cfg.checkpoints:
         if ck > step:
-            params, opt_state, _ = train(loss, params, tx, data, num_steps=ck - step, opt_state=opt_state,
-                                         start_step=step, donate=False)
+            params, opt_state, traj = train(loss, params, tx, data, num_steps=ck - step, opt_state=opt_state,
+                                            start_step=step, donate=False)
+            bad = np.nonzero(~np.isfinite(np.asarray(traj["loss"])))[0]
+            if bad.size or not all(bool(np.all(np.isfinite(x))) for x in jax.tree.leaves(params)):
+                # (the slice through non-finite parameters failed in hj.shock_time's traceback)
+                at = f"at step {step + int(bad[0])}" if bad.size else f"by step {ck}"
+                raise SystemExit(f"hj_slices: GD at lr = {ecfg.eta_lambda0} / lambda_step(theta_0) = {lr:.4g} "
+                                 f"diverged {at} (non-finite loss or parameters), before checkpoint {ck}: no slice "
+                                 f"through it; lower eta_lambda0 in model=[...] or end checkpoints=[...] before it")
             step = ck
         ex = lam(params)
         lmin = float(ex.bottom[0])

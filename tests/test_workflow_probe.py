@@ -141,3 +141,18 @@ def test_catapult_table_of_a_diverged_run():
     [row] = E.summarise({"traj": traj, "lr": 0.2, "lambda0": 40.0, "events": [div], "wall": 0.0})
     assert row["diverged at"] == 7
     assert all(row[f"catapult[{v}] step"] == "none (diverged)" for v in ("quotient", "step", "raw")), row
+
+
+def test_hj_slices_stops_at_a_diverged_checkpoint():
+    """Experiment 5 with ``model=["eta_lambda0=9", ...]``: GD diverged (non-finite loss from step 5) and the slice
+    through the NaN parameters failed in ``hj.shock_time``'s traceback ("p0 is not finite"), after the slices
+    before it were computed.  The script now stops where the training diverged, naming the step, the learning
+    rate and what to change."""
+    import _common as C
+    import hj_slices as E
+
+    cfg = C.load_config("hj_slices", ["scale=test", "checkpoints=[20]",
+                                      'model=["hidden=[4]", "num_examples=8", "lanczos=4", "eta_lambda0=9"]'])
+    with pytest.raises(SystemExit, match=r"hj_slices: GD at lr = 9.0 / lambda_step\(theta_0\) = .* diverged at step "
+                                         r"\d+ .*before checkpoint 20.*lower eta_lambda0"):
+        E.run(cfg)

@@ -140,8 +140,8 @@ def test_float16_norm_of_a_constant_input_is_zero(layer):
     in float16 (with a finite gradient through the batch statistics), and a non-constant input is still
     normalised (mean 0, variance 1)."""
     if isinstance(layer, BatchNorm) and layer.use_running_average:
-        layer.var[...] = jnp.zeros((4,), jnp.float16)  # the running variance of a channel that was constant
-        layer.mean[...] = jnp.ones((4,), jnp.float16)
+        layer.var[...] = jnp.zeros((4,), layer.var[...].dtype)  # the running variance of a channel that was constant
+        layer.mean[...] = jnp.ones((4,), layer.mean[...].dtype)
     z = jnp.ones((3, 4), jnp.float16)
     y = layer(z)
     assert y.dtype == jnp.float16

@@ -64,11 +64,13 @@ def summarise(out):
     rows = []
     for name, r in out["runs"].items():
         tr, ev = r["traj"], r["events"]
-        s, lam_s = C.sampled(tr, "sharpness_horizontal")
-        _, lam_c = C.sampled(tr, "sharpness_quotient")
-        _, lam_r = C.sampled(tr, "sharpness_raw")
-        _, gf = C.sampled(tr, "gauge_factor")
-        _, gfc = C.sampled(tr, "gauge_factor_charges")
+        # every key at the same refreshes (C.sampled drops each key's own non-finite records, which misaligned the
+        # keys against the steps of sharpness_horizontal wherever one key alone was NaN, e.g. a NaN gauge factor)
+        refresh = tr["hessian_step"] == tr["step"]
+        s = tr["step"][refresh]
+        lam_s, lam_c, lam_r, gf, gfc = (tr[k][refresh] for k in (
+            "sharpness_horizontal", "sharpness_quotient", "sharpness_raw", "gauge_factor", "gauge_factor_charges"))
+        div = C.first(ev, "divergence")
         e2 = C.first(ev, "edge_of_stability", "step", level=2.0)
         e2q = C.first(ev, "edge_of_stability", "quotient", level=2.0)
         e2r = C.first(ev, "edge_of_stability", "raw", level=2.0)
@@ -90,7 +92,7 @@ def summarise(out):
             "gauge_charges at edge": float(gfc[s == e2.step][0]) if e2 else float("nan"),
             "mean gauge on edge": float(np.mean(gf[hover])) if hover.any() else float("nan"),
             "mean gauge_charges on edge": float(np.mean(gfc[hover])) if hover.any() else float("nan"),
-            "final loss": float(loss[-1]), "wall_s": r["wall"],
+            "final loss": float(loss[-1]), "diverged at": div.step if div else "no", "wall_s": r["wall"],
         })
     return rows
 

@@ -156,3 +156,28 @@ def test_hj_slices_stops_at_a_diverged_checkpoint():
     with pytest.raises(SystemExit, match=r"hj_slices: GD at lr = 9.0 / lambda_step\(theta_0\) = .* diverged at step "
                                          r"\d+ .*before checkpoint 20.*lower eta_lambda0"):
         E.run(cfg)
+
+
+def test_edge_of_stability_table_reads_every_key_at_the_same_refresh():
+    """Experiment 1's table took each Hessian key's finite records separately and indexed them with the steps of
+    ``sharpness_horizontal``: one NaN gauge factor (its refresh's sharpness finite) shifted the gauge columns
+    against the steps (the "gauge at edge" of another refresh) or failed on mismatched boolean indices.  Every key
+    is now read at the same refreshes, and a diverged run names its divergence step."""
+    import numpy as np
+
+    import edge_of_stability as E
+    from quotient_sgd.diagnostics import Event
+
+    steps = np.arange(8)
+    refresh = np.where(steps % 2 == 0, steps, -1)
+    lam = np.array([10.0, 10.0, 14.0, 14.0, 20.0, 20.0, 21.0, 21.0])
+    gauge = np.array([1.1, 1.1, np.nan, np.nan, 1.3, 1.3, 1.4, 1.4])
+    traj = {"step": steps, "hessian_step": refresh, "loss": np.linspace(1.0, 0.5, 8), "sharpness_horizontal": lam,
+            "sharpness_quotient": lam / 1.2, "sharpness_raw": lam, "gauge_factor": gauge,
+            "gauge_factor_charges": gauge}
+    edge = Event(4, "edge_of_stability", 2.0, {"lr": 0.1}, "step", False, {"level": 2.0})
+    div = Event(6, "divergence", 1e3, {"loss": 1e3}, "quotient", True, {})
+    out = {"lr": 0.1, "runs": {"balanced": {"traj": traj, "events": [edge, div], "wall": 0.0}}}
+    [row] = E.summarise(out)
+    assert row["gauge at edge"] == 1.3 and row["gauge_charges at edge"] == 1.3, row
+    assert row["lambda_canonical at edge"] == 20.0 / 1.2 and row["diverged at"] == 6

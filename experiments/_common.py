@@ -211,7 +211,10 @@ VALUE_RULES: dict[str, tuple] = {
     # points two or more away from its ends, where np.gradient's stencils are centred)
     "n": (lambda v: _int(v) and v >= 5, "an integer >= 5 (grid points on a slice; min L'' is read at the points "
                                         "two or more away from its ends)"),
-    "d_model": (lambda v: _int(v) and v >= 2, "an integer >= 2 (a LayerNorm over one feature is constant)"),
+    # (d_model = 2 passed here and failed in the Transformer's traceback: a LayerNorm over two features reads its
+    # input through one sign, so nothing before it gets a gradient)
+    "d_model": (lambda v: _int(v) and v >= 3, "an integer >= 3 (a LayerNorm over two features reads its input "
+                                              "through one sign: nothing before it gets a gradient)"),
     "p": (lambda v: _int(v) and v >= 2, "an integer >= 2 (the modulus)"),
     "batch_size": (lambda v: _int(v) and 1 <= v <= _DIGITS_TRAIN,
                    f"an integer in [1, {_DIGITS_TRAIN}] (the digits training split)"),
@@ -249,7 +252,7 @@ def _leaves(cfg, prefix: str = ""):
 def check_values(name: str, cfg) -> None:
     """Every value of the experiment config ``cfg`` in its range (:data:`VALUE_RULES`), or ``SystemExit`` naming
     the experiment, the dotted key, the value and what is allowed; then the rules between keys (a head count that
-    divides ``d_model``, ``channels`` of at least 2 under LayerNorm)."""
+    divides ``d_model``, ``channels`` of at least 3 under LayerNorm)."""
     def refuse(key, value, allowed):
         raise SystemExit(f"{name}: {key}={value!r}: allowed {allowed}")
 
@@ -265,9 +268,10 @@ def check_values(name: str, cfg) -> None:
             refuse(f"{p}num_heads", heads, f"a divisor of {p}d_model = {d} (each head gets d_model / num_heads "
                                            f"features)")
         ch = leaves.get(f"{p}channels")
-        if ch is not None and leaves.get(f"{p}norm") == "layer" and min(ch) < 2:
-            refuse(f"{p}channels", list(ch), "widths >= 2 with norm='layer' (a LayerNorm over one channel outputs "
-                                             "its bias alone)")
+        if ch is not None and leaves.get(f"{p}norm") == "layer" and min(ch) < 3:
+            # (two channels ran, with the model's warning, a network whose convolutions get no gradient)
+            refuse(f"{p}channels", list(ch), "widths >= 3 with norm='layer' (a LayerNorm over two channels reads its "
+                                             "input through one sign: nothing before it gets a gradient)")
 
 
 def _element(key: str, value, like):

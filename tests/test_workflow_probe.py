@@ -181,3 +181,29 @@ def test_edge_of_stability_table_reads_every_key_at_the_same_refresh():
     [row] = E.summarise(out)
     assert row["gauge at edge"] == 1.3 and row["gauge_charges at edge"] == 1.3, row
     assert row["lambda_canonical at edge"] == 20.0 / 1.2 and row["diverged at"] == 6
+
+
+def test_grokking_refuses_a_transformer_of_two_features(tmp_path, monkeypatch):
+    """``d_model=2 num_heads=1`` passed the experiment's check ("an integer >= 2") and ended in the Transformer's
+    ``ValueError`` traceback (``d_model must be >= 3``, as README states for a config).  Refused now with the
+    key, the value and what is allowed; ``d_model=3`` passes."""
+    import _common as C
+    import grokking as E
+
+    monkeypatch.setenv("QSGD_EXPERIMENT_OUT", str(tmp_path))
+    monkeypatch.setattr(E, "run", _never_run)
+    with pytest.raises(SystemExit, match=r"grokking: d_model=2: allowed an integer >= 3"):
+        E.main(["scale=test", "d_model=2", "num_heads=1"])
+    assert C.load_config("grokking", ["scale=test", "d_model=3", "num_heads=1"]).d_model == 3
+
+
+def test_normalised_cnn_refuses_two_channels_under_layer_norm(tmp_path, monkeypatch):
+    """``channels=[2, 16]`` passed the experiment's check (widths >= 2 under LayerNorm) and ran, with the model's
+    warning, a network whose first convolution gets no gradient (README: a CNN with ``norm='layer'`` needs 3
+    channels per layer).  Refused now, naming ``channels``."""
+    import normalised_cnn as E
+
+    monkeypatch.setenv("QSGD_EXPERIMENT_OUT", str(tmp_path))
+    monkeypatch.setattr(E, "run", _never_run)
+    with pytest.raises(SystemExit, match=r"normalised_cnn: channels=\[2, 16\]: allowed widths >= 3"):
+        E.main(["scale=test", "channels=[2, 16]"])

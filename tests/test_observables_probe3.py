@@ -62,7 +62,10 @@ def test_a_non_finite_step_gives_nan_curvature_and_effective_lr_not_zero():
 def test_observables_of_trees_that_are_not_alike_are_refused_by_name():
     """``directional_curvature`` and ``effective_lr`` sum products over the zipped leaves of their arguments: a step
     missing its last leaf gave a curvature over the leaves the trees shared (on a 2-3-1 MLP 1.032 for the true 1.058),
-    silently; now a ``ValueError`` names the argument and both leaf lists."""
+    silently; now a ``ValueError`` names the argument and the paths that differ.  So for the functions that look
+    leaves up by path (``angular_update``, ``charge_drift``, ``effective_lr``, ``grad_norm_canonical``): a list of
+    the leaves failed with a bare ``KeyError`` or a ``SymmetryError`` about units, a bias of shape ``(n, 1)``
+    broadcast against the ``(n,)`` one."""
     group, params, loss = _mlp()
     g0 = jax.grad(loss)(params)
     step = jax.tree.map(lambda x: -0.5 * x, g0)
@@ -76,6 +79,16 @@ def test_observables_of_trees_that_are_not_alike_are_refused_by_name():
         qobs.directional_curvature(leaves(g0), [x.reshape(1, -1) for x in leaves(g1)], leaves(step))
     with pytest.raises(ValueError, match="effective_lr: grads_canonical must be a pytree like params"):
         qobs.effective_lr(group, params, g0, step, leaves(g0)[1:])
+    # the functions that look leaves up by their paths (a list of the leaves: a bare KeyError; a bias step of shape
+    # (n, 1) against the (n,) bias: an outer product summed, silently)
+    column = jax.tree.map(lambda x: x[:, None] if x.ndim == 1 else x, step)
+    for name, call in [("angular_update", lambda t: qobs.angular_update(group, params, t)),
+                       ("charge_drift", lambda t: qobs.charge_drift(group, params, t)),
+                       ("effective_lr", lambda t: qobs.effective_lr(group, params, g0, t, g0)),
+                       ("canonical_gradient", lambda t: qobs.grad_norm_canonical(group, params, t))]:
+        for bad in (leaves(step), column):
+            with pytest.raises(ValueError, match=f"{name}: (updates|grads) must be a pytree like params"):
+                call(bad)
 
 
 @pytest.mark.parametrize("fn", [qobs.shock_number, qobs.fold_number])

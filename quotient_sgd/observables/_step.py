@@ -49,6 +49,7 @@ def canonical_gradient(group, params, grads, element=None):
     ``phi -> h . phi``: one vector-Jacobian product of the action, no second pass through the network.
     ``element`` is ``group.canonical_element(params)`` when already known.
     """
+    check_like("canonical_gradient", "params", params, grads=grads)
     k = group.canonical_element(params) if element is None else element
     # J_h^T grads, each component's in closed form (a rescale's factors, a GL block's A^{-T}: Group._cotransport)
     return group._cotransport_tree(k, grads)
@@ -88,6 +89,7 @@ def charges(group, params) -> dict[str, jax.Array]:
 @observable(REDUCED_DYNAMICS, "charge_drift")
 def charge_drift(group, params, updates) -> dict[str, jax.Array]:
     """Observed change of every charge over the step: ``Q(theta + Delta) - Q(theta)``."""
+    check_like("charge_drift", "params", params, updates=updates)
     q0 = charges_dict(group, params)
     q1 = charges_dict(group, jax.tree.map(lambda p, u: p + u, params, updates))
     return jax.tree.map(lambda a, b: a - b, q1, q0)
@@ -115,6 +117,7 @@ def angular_update(group, params, updates) -> dict[str, jax.Array]:
     ``sqrt(2 eta lambda (1 - beta) / (1 + beta))`` when it is decoupled (``optax.chain(optax.trace(beta),
     optax.add_decayed_weights(lambda), optax.scale(-eta))``), to first order in ``eta lambda``.  The equilibrium
     holds for the mean square of the angle: the mean angle over steps is smaller when the angle fluctuates."""
+    check_like("angular_update", "params", params, updates=updates)
     out = {}
     for c in components(group):
         ms = scale_members(c)

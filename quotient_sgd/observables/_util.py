@@ -49,18 +49,24 @@ def check_hyper(owner: str, name: str, value) -> None:
 
 
 def check_like(owner: str, ref_name: str, ref, **trees) -> None:
-    """``ValueError`` naming the argument unless each of ``trees`` has the leaves of ``ref`` (as many, of the same
-    shapes, in the same order; the pytree node types may differ, a ``dict`` for an ``nnx.State``).  The sums over
-    leaves zip them: a tree missing a leaf was summed over the leaves the two shared, and a leaf of shape ``(1, n)``
-    against one of ``(n,)`` broadcast, silently (a curvature of 2.300 for 2.317 with the last leaf of the step
-    left out)."""
-    want = [jnp.shape(x) for x in jax.tree.leaves(ref)]
+    """``ValueError`` naming the argument unless each of ``trees`` has the leaves of ``ref``: at the same paths
+    (the pytree node types may differ, a ``dict`` for an ``nnx.State``), of the same shapes.  The sums over leaves
+    zip them and the per-unit sums look leaves up by path: a tree missing a leaf was summed over the leaves the two
+    shared, and a leaf of shape ``(1, n)`` against one of ``(n,)`` broadcast, silently (a curvature of 1.032 for
+    1.058 with the last leaf of the step left out); a list of the leaves failed with a bare ``KeyError``."""
+    want = {k: jnp.shape(x) for k, x in _tree.flatten(ref)[0].items()}
     for name, tree in trees.items():
-        got = [jnp.shape(x) for x in jax.tree.leaves(tree)]
-        if got != want:
-            raise ValueError(f"{owner}: {name} must be a pytree like {ref_name} (the same leaves, of the same shapes, "
-                             f"in the same order): {ref_name} has {len(want)} leaves of shapes {want}, {name} has "
-                             f"{len(got)} of shapes {got}")
+        got = {k: jnp.shape(x) for k, x in _tree.flatten(tree)[0].items()}
+        if got == want:
+            continue
+        missing = [k for k in want if k not in got]
+        extra = [k for k in got if k not in want]
+        shapes = [f"{k}: {got[k]} for {want[k]}" for k in want if k in got and got[k] != want[k]]
+        what = "; ".join(x for x in (f"no leaf at {missing}" if missing else "",
+                                     f"leaves {ref_name} does not have at {extra}" if extra else "",
+                                     f"other shapes at {shapes}" if shapes else "") if x)
+        raise ValueError(f"{owner}: {name} must be a pytree like {ref_name} (a leaf of the same shape at each of its "
+                         f"paths); {name} has {what}")
 
 
 def tree_sqnorm(a) -> jax.Array:

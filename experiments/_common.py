@@ -252,7 +252,7 @@ def _leaves(cfg, prefix: str = ""):
 def check_values(name: str, cfg) -> None:
     """Every value of the experiment config ``cfg`` in its range (:data:`VALUE_RULES`), or ``SystemExit`` naming
     the experiment, the dotted key, the value and what is allowed; then the rules between keys (a head count that
-    divides ``d_model``, ``channels`` of at least 3 under LayerNorm)."""
+    divides ``d_model``, ``channels`` of at least 2 under LayerNorm)."""
     def refuse(key, value, allowed):
         raise SystemExit(f"{name}: {key}={value!r}: allowed {allowed}")
 
@@ -268,10 +268,9 @@ def check_values(name: str, cfg) -> None:
             refuse(f"{p}num_heads", heads, f"a divisor of {p}d_model = {d} (each head gets d_model / num_heads "
                                            f"features)")
         ch = leaves.get(f"{p}channels")
-        if ch is not None and leaves.get(f"{p}norm") == "layer" and min(ch) < 3:
-            # (two channels ran, with the model's warning, a network whose convolutions get no gradient)
-            refuse(f"{p}channels", list(ch), "widths >= 3 with norm='layer' (a LayerNorm over two channels reads its "
-                                             "input through one sign: nothing before it gets a gradient)")
+        if ch is not None and leaves.get(f"{p}norm") == "layer" and min(ch) < 2:
+            refuse(f"{p}channels", list(ch), "widths >= 2 with norm='layer' (a LayerNorm over one channel outputs "
+                                             "its bias alone)")
 
 
 def _element(key: str, value, like):

@@ -196,14 +196,3 @@ def test_grokking_refuses_a_transformer_of_two_features(tmp_path, monkeypatch):
         E.main(["scale=test", "d_model=2", "num_heads=1"])
     assert C.load_config("grokking", ["scale=test", "d_model=3", "num_heads=1"]).d_model == 3
 
-
-def test_normalised_cnn_refuses_two_channels_under_layer_norm(tmp_path, monkeypatch):
-    """``channels=[2, 16]`` passed the experiment's check (widths >= 2 under LayerNorm) and ran, with the model's
-    warning, a network whose first convolution gets no gradient (README: a CNN with ``norm='layer'`` needs 3
-    channels per layer).  Refused now, naming ``channels``."""
-    import normalised_cnn as E
-
-    monkeypatch.setenv("QSGD_EXPERIMENT_OUT", str(tmp_path))
-    monkeypatch.setattr(E, "run", _never_run)
-    with pytest.raises(SystemExit, match=r"normalised_cnn: channels=\[2, 16\]: allowed widths >= 3"):
-        E.main(["scale=test", "channels=[2, 16]"])

@@ -195,4 +195,3 @@ def test_grokking_refuses_a_transformer_of_two_features(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"grokking: d_model=2: allowed an integer >= 3"):
         E.main(["scale=test", "d_model=2", "num_heads=1"])
     assert C.load_config("grokking", ["scale=test", "d_model=3", "num_heads=1"]).d_model == 3
-

@@ -268,9 +268,10 @@ def check_values(name: str, cfg) -> None:
             refuse(f"{p}num_heads", heads, f"a divisor of {p}d_model = {d} (each head gets d_model / num_heads "
                                            f"features)")
         ch = leaves.get(f"{p}channels")
-        if ch is not None and leaves.get(f"{p}norm") == "layer" and min(ch) < 2:
-            refuse(f"{p}channels", list(ch), "widths >= 2 with norm='layer' (a LayerNorm over one channel outputs "
-                                             "its bias alone)")
+        if ch is not None and leaves.get(f"{p}norm") == "layer" and min(ch) < 3:
+            refuse(f"{p}channels", list(ch), "widths >= 3 with norm='layer' (a LayerNorm over one channel outputs "
+                                             "its bias alone; over two it reads its input through one sign, so "
+                                             "nothing before it gets a gradient)")
 
 
 def _element(key: str, value, like):

@@ -105,3 +105,17 @@ def test_shock_and_fold_numbers_name_a_learning_rate_that_is_not_one(fn):
         fn([0.1, 0.2], -1.0)
     assert float(fn(0.5, -2.0 if name == "shock_number" else 2.0)) == 1.0
     assert float(jax.jit(fn)(jnp.float32(0.5), jnp.float32(-3.0 if name == "shock_number" else 3.0))) == 1.5
+
+
+def test_group_observables_name_a_group_argument_that_is_not_a_group():
+    """The step observables take ``(group, params, ...)`` and the Hessian ones ``(loss_fn, group, params)``: a loss
+    function passed first (``grad_norm_canonical(loss_fn, group, params)``) failed in a bare "'function' object has
+    no attribute 'canonical_element'".  Each now raises a ``TypeError`` naming the observable and ``group``."""
+    params = {"w": jnp.ones(3)}
+    with pytest.raises(TypeError, match=r"grad_norm_canonical\(group, params, \.\.\.\): group must be a symmetry "
+                                        r"group \(model.symmetries\(\)\), got function \(a function"):
+        qobs.grad_norm_canonical(lambda p, b: 0.0, params, params)
+    for call in (lambda: qobs.charges("mlp", params), lambda: qobs.invariant_norms(None, params),
+                 lambda: qobs.update_split_norms(params, params, params)):
+        with pytest.raises(TypeError, match="group must be a symmetry group"):
+            call()

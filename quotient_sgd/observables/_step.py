@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from ._kinds import ORBIT_INVARIANT, RAW, REDUCED_DYNAMICS, observable
 from ._util import (
     charges_dict,
+    check_group,
     check_hyper,
     check_like,
     components,
@@ -49,6 +50,7 @@ def canonical_gradient(group, params, grads, element=None):
     ``phi -> h . phi``: one vector-Jacobian product of the action, no second pass through the network.
     ``element`` is ``group.canonical_element(params)`` when already known.
     """
+    check_group("canonical_gradient", group)
     check_like("canonical_gradient", "params", params, grads=grads)
     k = group.canonical_element(params) if element is None else element
     # J_h^T grads, each component's in closed form (a rescale's factors, a GL block's A^{-T}: Group._cotransport)
@@ -67,6 +69,7 @@ def grad_norm_canonical(group, params, grads, element=None) -> jax.Array:
     a finite factor there, and the value depends on the point of the orbit.  Measured on a 3-5-4-3 ReLU classifier
     with a zero output kernel: 0.32, 0.24 and 0.42 at three points of one orbit (0.24 is the limit as the output
     kernel goes to zero); :func:`sharpness_quotient` likewise 0.70, 0.33 and 1.41."""
+    check_group("grad_norm_canonical", group)
     return tree_norm(canonical_gradient(group, params, grads, element))
 
 
@@ -74,6 +77,7 @@ def grad_norm_canonical(group, params, grads, element=None) -> jax.Array:
 def update_split_norms(group, params, updates) -> tuple[jax.Array, jax.Array]:
     """``(|Delta_h|, |Delta_v|)``: norms of the horizontal and vertical (gauge-drift) parts of the update at
     ``theta`` (THEORY section 1).  Nonzero vertical part for weight decay, momentum and Adam."""
+    check_group("update_split_norms", group)
     v = group.vertical(params, updates)
     return tree_norm(jax.tree.map(lambda u, w: u - w, updates, v)), tree_norm(v)
 
@@ -83,12 +87,14 @@ def charges(group, params) -> dict[str, jax.Array]:
     """Noether charges per component (THEORY section 2): ``{component name: array}``.  Equivariant rather than
     invariant under the charge-preserving elements: a permutation permutes a rescale component's per-unit
     charges, an orthogonal GL element conjugates a matrix charge (their sorted values / spectra are invariant)."""
+    check_group("charges", group)
     return charges_dict(group, params)
 
 
 @observable(REDUCED_DYNAMICS, "charge_drift")
 def charge_drift(group, params, updates) -> dict[str, jax.Array]:
     """Observed change of every charge over the step: ``Q(theta + Delta) - Q(theta)``."""
+    check_group("charge_drift", group)
     check_like("charge_drift", "params", params, updates=updates)
     q0 = charges_dict(group, params)
     q1 = charges_dict(group, jax.tree.map(lambda p, u: p + u, params, updates))
@@ -102,6 +108,7 @@ def invariant_norms(group, params, element=None) -> dict[str, jax.Array]:
 
     Computed from ``group.unordered_invariants`` (the same arrays up to the order of permuted units, so the
     same norms, without sorting); ``element``: ``group.continuous_canonical_element(params)`` when known."""
+    check_group("invariant_norms", group)
     inv = per_component(group, group.unordered_invariants(params, element))
     return {k: tree_norm(v) if jax.tree.leaves(v) else jnp.zeros(()) for k, v in inv.items()}
 
@@ -117,6 +124,7 @@ def angular_update(group, params, updates) -> dict[str, jax.Array]:
     ``sqrt(2 eta lambda (1 - beta) / (1 + beta))`` when it is decoupled (``optax.chain(optax.trace(beta),
     optax.add_decayed_weights(lambda), optax.scale(-eta))``), to first order in ``eta lambda``.  The equilibrium
     holds for the mean square of the angle: the mean angle over steps is smaller when the angle fluctuates."""
+    check_group("angular_update", group)
     check_like("angular_update", "params", params, updates=updates)
     out = {}
     for c in components(group):
@@ -186,6 +194,7 @@ def effective_lr(group, params, grads, updates, grads_canonical) -> dict[str, ja
     on a non-finite gradient) and for a unit of zero gradient, and NaN where the step or gradient is not finite
     (a diverged run).
     """
+    check_group("effective_lr", group)
     # a step that did not move (an update of exact zeros: lr = 0, a step that optax.apply_if_finite skipped on a
     # non-finite gradient) has rate 0 whatever the gradient; a non-finite step or gradient otherwise gives NaN
     check_like("effective_lr", "params", params, grads=grads, updates=updates, grads_canonical=grads_canonical)

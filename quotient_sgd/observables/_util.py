@@ -48,6 +48,16 @@ def check_hyper(owner: str, name: str, value) -> None:
         raise ValueError(f"{owner}: {name}={value!r} is not allowed; need {allowed}")
 
 
+def check_group(owner: str, group) -> None:
+    """``TypeError`` naming ``owner`` unless ``group`` is a symmetry group (``model.symmetries()``).  The
+    observables take ``(group, params, ...)`` where the Hessian ones take ``(loss_fn, group, params)``: a loss
+    function passed first failed in a bare "'function' object has no attribute 'canonical_element'"."""
+    if not all(callable(getattr(group, a, None)) for a in ("canonical_element", "vertical", "invariants")):
+        raise TypeError(f"{owner}(group, params, ...): group must be a symmetry group (model.symmetries()), got "
+                        f"{type(group).__name__}" + (" (a function: the Hessian observables take loss_fn first, "
+                                                     "these take the group first)" if callable(group) else ""))
+
+
 def check_like(owner: str, ref_name: str, ref, **trees) -> None:
     """``ValueError`` naming the argument unless each of ``trees`` has the leaves of ``ref``: at the same paths
     (the pytree node types may differ, a ``dict`` for an ``nnx.State``), of the same shapes.  The sums over leaves

@@ -123,3 +123,20 @@ def test_bfloat16_batchnorm_running_mean_follows_the_batch_mean():
     assert bn.mean[...].dtype == jnp.float32 and bn.scale[...].dtype == jnp.bfloat16
     bn.use_running_average = True
     assert bn(z).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(momentum="0.5"), r"BatchNorm: momentum must be a number in \[0, 1\], got '0.5'"),
+    (dict(eps="1e-5"), r"BatchNorm: eps must be a finite number >= 0, got '1e-5'"),
+])
+def test_norm_options_given_as_text_are_refused(kwargs, match):
+    """``BatchNorm(momentum="0.5")`` and ``eps="1e-5"`` were read through ``float`` as the numbers the text spells,
+    where every other non-number is refused (a config typo passed on as a string would train silently).  Text is now
+    refused, naming the option; the numbers themselves are still taken."""
+    from quotient_sgd.models import BatchNorm
+
+    with pytest.raises(ValueError, match=match):
+        BatchNorm(4, **kwargs)
+    with pytest.raises(ValueError, match=r"LayerNorm: eps must be a finite number >= 0, got '1e-5'"):
+        LayerNorm(4, eps="1e-5")
+    assert BatchNorm(4, momentum=0.5, eps=1e-5).momentum == 0.5

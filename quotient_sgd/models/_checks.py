@@ -65,12 +65,13 @@ def check_classes(model: str, name: str, n: int, classifier) -> None:
 
 
 def check_eps(model: str, name: str, value) -> float:
-    """A finite number >= 0 (a normalisation epsilon: a negative one makes a constant input NaN)."""
+    """A finite number >= 0 (a normalisation epsilon: a negative one makes a constant input NaN); text such as
+    ``"1e-5"``, which ``float`` would read, is refused as the other non-numbers are."""
     try:
         out = float(value)
     except (TypeError, ValueError):
         out = float("nan")
-    if isinstance(value, bool) or not 0 <= out < float("inf"):
+    if isinstance(value, (bool, str, bytes)) or not 0 <= out < float("inf"):
         raise ValueError(f"{model}: {name} must be a finite number >= 0, got {value!r}")
     return out
 

@@ -133,7 +133,7 @@ class BatchNorm(nnx.Module):
     ):
         (num_features,) = check_sizes("BatchNorm", num_features=num_features)
         try:
-            ok = not isinstance(momentum, bool) and 0 <= float(momentum) <= 1
+            ok = not isinstance(momentum, (bool, str, bytes)) and 0 <= float(momentum) <= 1  # (float('0.5') reads text)
         except (TypeError, ValueError):
             ok = False
         if not ok:

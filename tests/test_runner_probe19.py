@@ -156,7 +156,7 @@ def test_a_recorded_config_json_given_as_the_config_file_is_named(tmp_path, caps
 
 # ---- defect 7: an override of a key the config file's own section lacks -----------------------------------------
 _PARTIAL = '''import sys
-sys.path.insert(0, {configs!r})
+sys.path.append({configs!r})  # (appended: at the front it would shadow other modules for the rest of the process)
 from tiny import get_config as base
 
 

@@ -10,6 +10,17 @@ EXPERIMENTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "ex
 sys.path.insert(0, EXPERIMENTS)
 
 
+def _script(name):
+    """``experiments/<name>.py`` loaded by path under its own module name: ``import <name>`` could find the config
+    file of the same name in configs/ when a test before put that directory first on ``sys.path``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_experiment_script_{name}", os.path.join(EXPERIMENTS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _never_run(*args, **kwargs):
     raise AssertionError("the experiment computed with overrides it should have refused")
 
@@ -26,7 +37,7 @@ def test_hj_slices_refuses_model_overrides_it_does_not_read(tmp_path, monkeypatc
     nothing, while ``result.json`` recorded them as given; a malformed or unknown override stopped the script only
     after the results directory was claimed, naming experiment 1 and not ``model``.  Each stops ``main`` before
     anything is computed, naming ``model`` and what to set instead."""
-    import hj_slices as E
+    E = _script("hj_slices")
 
     monkeypatch.setenv("QSGD_EXPERIMENT_OUT", str(tmp_path))
     monkeypatch.setattr(E, "run", _never_run)
@@ -40,7 +51,7 @@ def test_hj_slices_refuses_model_overrides_it_does_not_read(tmp_path, monkeypatc
 def test_hj_slices_model_config_keeps_what_it_reads():
     """The overrides the slices read reach experiment 1's config; the seed is the experiment's own."""
     import _common as C
-    import hj_slices as E
+    E = _script("hj_slices")
 
     cfg = C.load_config("hj_slices", ["scale=test", "seed=4", 'model=["hidden=[6, 5]", "eta_lambda0=1.1"]'])
     ecfg = E.model_config(cfg)
@@ -57,7 +68,7 @@ def test_shock_lr_refuses_problem_keys_it_does_not_read(tmp_path, monkeypatch, o
     detector settings: ``problem.eta_lambda0=2.0`` kept the base lr at 3 / lambda0 (and ``problem.seed=1`` ran
     seed 0) while ``result.json`` recorded the override.  Each is refused before anything is computed, naming the
     key of this experiment that sets it; ``problem.width`` (read) still passes the check."""
-    import shock_lr as E
+    E = _script("shock_lr")
 
     monkeypatch.setenv("QSGD_EXPERIMENT_OUT", str(tmp_path))
     monkeypatch.setattr(E, "run", _never_run)
@@ -74,7 +85,7 @@ def test_hj_slices_refuses_a_grid_without_interior_points(tmp_path, monkeypatch)
     array to reduction operation minimum") reading min L'' at the points two or more away from the slice's ends,
     of which 4 points have none.  Refused before anything is computed, naming ``n``; ``n=5`` passes the check."""
     import _common as C
-    import hj_slices as E
+    E = _script("hj_slices")
 
     monkeypatch.setenv("QSGD_EXPERIMENT_OUT", str(tmp_path))
     monkeypatch.setattr(E, "run", _never_run)
@@ -108,7 +119,7 @@ def test_edge_of_stability_events_name_their_run(tmp_path):
     saying which is which: the twin's edge at step 6 read as an event of the balanced run (``trajectory.npz``),
     which re-detected from that trajectory has none there.  Each event now names its run in ``details["run"]``,
     and the label survives the round trip through ``events.json``."""
-    import edge_of_stability as E
+    E = _script("edge_of_stability")
     from quotient_sgd.diagnostics import Event, load_events, save_events
 
     ev = lambda step: Event(step, "edge_of_stability", 2.0, {"lr": 0.1}, "step", False, {"level": 2.0})  # noqa: E731
@@ -127,7 +138,7 @@ def test_catapult_table_of_a_diverged_run():
     last refresh's (NaN), the divergence step is a column, and the catapult is "none (diverged)"."""
     import numpy as np
 
-    import catapult as E
+    E = _script("catapult")
     from quotient_sgd.diagnostics import Event
 
     steps = np.arange(12)
@@ -149,7 +160,7 @@ def test_hj_slices_stops_at_a_diverged_checkpoint():
     before it were computed.  The script now stops where the training diverged, naming the step, the learning
     rate and what to change."""
     import _common as C
-    import hj_slices as E
+    E = _script("hj_slices")
 
     cfg = C.load_config("hj_slices", ["scale=test", "checkpoints=[20]",
                                       'model=["hidden=[4]", "num_examples=8", "lanczos=4", "eta_lambda0=9"]'])
@@ -165,7 +176,7 @@ def test_edge_of_stability_table_reads_every_key_at_the_same_refresh():
     is now read at the same refreshes, and a diverged run names its divergence step."""
     import numpy as np
 
-    import edge_of_stability as E
+    E = _script("edge_of_stability")
     from quotient_sgd.diagnostics import Event
 
     steps = np.arange(8)
@@ -188,7 +199,7 @@ def test_grokking_refuses_a_transformer_of_two_features(tmp_path, monkeypatch):
     ``ValueError`` traceback (``d_model must be >= 3``, as README states for a config).  Refused now with the
     key, the value and what is allowed; ``d_model=3`` passes."""
     import _common as C
-    import grokking as E
+    E = _script("grokking")
 
     monkeypatch.setenv("QSGD_EXPERIMENT_OUT", str(tmp_path))
     monkeypatch.setattr(E, "run", _never_run)

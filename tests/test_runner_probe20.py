@@ -62,6 +62,7 @@ def test_each_config_file_imports_the_modules_beside_it(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.setattr(_validate, "_CONFIG_DIRS", [])
+    monkeypatch.setattr(_validate, "_APPENDED_DIRS", [])
     monkeypatch.setattr(_validate, "_BESIDE_CONFIGS", {})
     for name in ("probe20_common", "probe20_pkg"):
         monkeypatch.delitem(sys.modules, name, raising=False)
@@ -80,3 +81,27 @@ def test_each_config_file_imports_the_modules_beside_it(tmp_path, monkeypatch):
         for name in ("probe20_common", "probe20_pkg"):
             sys.modules.pop(name, None)
     assert names == ["from_A_pkgA", "from_B_pkgB", "from_A_pkgA"]
+
+
+def test_a_config_directory_is_never_moved_before_the_installed_packages(tmp_path, monkeypatch):
+    """Loading a config file moved its directory first among the directories of the config files loaded before,
+    wherever they were on ``sys.path``: after a config file in a directory at the front of ``sys.path`` (a script's
+    own), the next config file's directory went to the front too, before the installed packages and the standard
+    library, where a module beside it (``json.py``) shadowed them.  Only the directories appended for config files
+    are reordered; one that was on ``sys.path`` already keeps its place."""
+    from quotient_sgd.config import _validate
+
+    front, other = tmp_path / "front", tmp_path / "other"
+    for d in (front, other):
+        d.mkdir()
+        (d / "exp.py").write_text("from quotient_sgd.config import default_config\n"
+                                  "def get_config():\n    return default_config()\n")
+    monkeypatch.setattr(sys, "path", [str(front)] + list(sys.path))
+    monkeypatch.setattr(_validate, "_CONFIG_DIRS", [])
+    monkeypatch.setattr(_validate, "_APPENDED_DIRS", [], raising=False)
+    monkeypatch.setattr(_validate, "_BESIDE_CONFIGS", {})
+    installed = [i for i, e in enumerate(sys.path) if e.endswith("site-packages")]
+    load_config(str(front / "exp.py"))
+    load_config(str(other / "exp.py"))
+    assert sys.path[0] == str(front) and sys.path.count(str(other)) == 1
+    assert sys.path.index(str(other)) > max(installed + [1])

@@ -872,6 +872,8 @@ def check_override_key(key: str, raw: Any) -> None:
 
 #: The directories of the config files loaded in this process (:func:`config_dir_on_path`), oldest first.
 _CONFIG_DIRS: list[str] = []
+#: Those of them that :func:`config_dir_on_path` appended to ``sys.path`` (the others were on it already).
+_APPENDED_DIRS: list[str] = []
 #: The modules that loading a config file imported from beside it (``{module name: its directory}``).
 _BESIDE_CONFIGS: dict[str, str] = {}
 
@@ -880,8 +882,10 @@ def config_dir_on_path(path: str) -> None:
     """Put the directory of the config file ``path`` on ``sys.path`` (appended, once), so that the file can import
     the modules beside it (``from base import get_config``) whatever the working directory and however the
     command was started, as ``python path`` would let it; appended, it shadows no installed module.  Among the
-    directories of the config files loaded before, it is moved first: a module beside ``path`` is found there,
-    not beside another config file of the same process (see :func:`_modules_beside`)."""
+    directories appended for the config files loaded before, it is moved first: a module beside ``path`` is found
+    there, not beside another config file of the same process (see :func:`_modules_beside`).  A directory that was on
+    ``sys.path`` already keeps its place, and none is moved before one that was (a config directory at the front,
+    e.g. a script's own, would otherwise have carried the next one before the installed packages)."""
     import sys
 
     d = os.path.dirname(os.path.abspath(path))
@@ -889,7 +893,10 @@ def config_dir_on_path(path: str) -> None:
         _CONFIG_DIRS.append(d)
     if d not in sys.path:
         sys.path.append(d)
-    others = [i for i, entry in enumerate(sys.path) if entry in _CONFIG_DIRS and entry != d]
+        _APPENDED_DIRS.append(d)
+    if d not in _APPENDED_DIRS:
+        return
+    others = [i for i, entry in enumerate(sys.path) if entry in _APPENDED_DIRS and entry != d]
     if others and sys.path.index(d) > others[0]:
         sys.path.remove(d)
         sys.path.insert(others[0], d)

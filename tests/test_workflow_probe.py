@@ -25,6 +25,17 @@ def _never_run(*args, **kwargs):
     raise AssertionError("the experiment computed with overrides it should have refused")
 
 
+def _refusal(name, argv, tmp_path, monkeypatch):
+    """``(script, message)``: ``experiments/<name>.py``'s ``main(argv)`` stopped before computing anything (its
+    ``run`` refuses to be called), with outputs under ``tmp_path``."""
+    E = _script(name)
+    monkeypatch.setenv("QSGD_EXPERIMENT_OUT", str(tmp_path))
+    monkeypatch.setattr(E, "run", _never_run)
+    with pytest.raises(SystemExit) as err:
+        E.main(argv)
+    return E, str(err.value.code)
+
+
 @pytest.mark.parametrize("override, named", [
     ('model=["seed=3"]', "seed"),
     ('model=["num_steps=5"]', "checkpoints"),
@@ -37,13 +48,7 @@ def test_hj_slices_refuses_model_overrides_it_does_not_read(tmp_path, monkeypatc
     nothing, while ``result.json`` recorded them as given; a malformed or unknown override stopped the script only
     after the results directory was claimed, naming experiment 1 and not ``model``.  Each stops ``main`` before
     anything is computed, naming ``model`` and what to set instead."""
-    E = _script("hj_slices")
-
-    monkeypatch.setenv("QSGD_EXPERIMENT_OUT", str(tmp_path))
-    monkeypatch.setattr(E, "run", _never_run)
-    with pytest.raises(SystemExit) as err:
-        E.main(["scale=test", override])
-    msg = str(err.value.code)
+    _, msg = _refusal("hj_slices", ["scale=test", override], tmp_path, monkeypatch)
     assert msg.startswith("hj_slices: model=") and named in msg, msg
     assert not os.path.exists(tmp_path / "hj_slices" / "result.json")
 
@@ -68,13 +73,7 @@ def test_shock_lr_refuses_problem_keys_it_does_not_read(tmp_path, monkeypatch, o
     detector settings: ``problem.eta_lambda0=2.0`` kept the base lr at 3 / lambda0 (and ``problem.seed=1`` ran
     seed 0) while ``result.json`` recorded the override.  Each is refused before anything is computed, naming the
     key of this experiment that sets it; ``problem.width`` (read) still passes the check."""
-    E = _script("shock_lr")
-
-    monkeypatch.setenv("QSGD_EXPERIMENT_OUT", str(tmp_path))
-    monkeypatch.setattr(E, "run", _never_run)
-    with pytest.raises(SystemExit) as err:
-        E.main(["scale=test", override])
-    msg = str(err.value.code)
+    E, msg = _refusal("shock_lr", ["scale=test", override], tmp_path, monkeypatch)
     assert msg.startswith(f"shock_lr: {override.split('=')[0]}=") and instead in msg, msg
     with pytest.raises(AssertionError, match="computed"):
         E.main(["scale=test", "problem.width=16", "overwrite=true"])

@@ -227,7 +227,8 @@ def physical_memory() -> int | None:
 def data_bytes(d: DataSettings, model_name: str) -> tuple[int, str]:
     """About the peak host memory that building the data set ``d`` (for ``model_name``) takes, in bytes, and the
     key that sets its size (arithmetic only: no data is built).  Counts the float64 draws and the float32 copies
-    :mod:`quotient_sgd.data` makes; the one-hot encoding of ``modular_arithmetic`` grows as ``p^3``."""
+    :mod:`quotient_sgd.data` makes (as ``quotient_sgd.data``'s own check, ``peak_bytes``, counts them); the one-hot
+    encoding of ``modular_arithmetic`` grows as ``p^3``."""
     count = "data.n_train" if d.n_train >= d.n_test else "data.n_test"
     n = d.n_train + d.n_test
     if d.name == "teacher_student":
@@ -235,9 +236,12 @@ def data_bytes(d: DataSettings, model_name: str) -> tuple[int, str]:
         # data.din = 10^9 inputs were "use a smaller data.n_train")
         width = max(("data.din", d.din), ("data.dout", d.dout), ("data.teacher_hidden", d.teacher_hidden),
                     key=lambda kv: kv[1])
-        return n * (12 * (d.din + d.dout) + 8 * d.teacher_hidden), (width[0] if width[1] > n else count)
+        # (and the teacher's weights, din x teacher_hidden and teacher_hidden x dout: data.din = data.teacher_hidden
+        # = 10^5 with 2 examples validated, and the data set asked for 75 GiB)
+        nbytes = n * (12 * (d.din + d.dout) + 8 * d.teacher_hidden) + 8 * d.teacher_hidden * (d.din + d.dout)
+        return nbytes, (width[0] if width[1] > n else count)
     if d.name == "sparse_parity":
-        return 12 * n * d.n_bits, ("data.n_bits" if d.n_bits > n else count)
+        return 20 * n * d.n_bits, ("data.n_bits" if d.n_bits > n else count)
     if d.name == "modular_arithmetic":
         pairs = d.p * d.p
         return (pairs * 24 * d.p if model_name != "transformer" else pairs * 64), "data.p"

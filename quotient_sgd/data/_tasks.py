@@ -55,6 +55,74 @@ def _real(value) -> bool:
     return a.ndim == 0 and a.dtype.kind in "iuf"
 
 
+#: The most examples (train and test together) a data set may hold: batches index them with int32.
+MAX_EXAMPLES = 2**31 - 1
+
+
+def _physical_memory() -> int | None:
+    """This machine's physical memory in bytes (``None`` where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def peak_bytes(task: str, **sizes: int) -> int:
+    """About the peak host memory, in bytes, that building the data set ``task`` with the (integer) ``sizes`` takes:
+    the float64 draws and the float32 copies of this module (arithmetic only: nothing is built).
+    ``teacher_student``: ``n_train, n_test, din, dout, teacher_hidden``; ``sparse_parity``: ``n_train, n_test,
+    n_bits``; ``modular_arithmetic``: ``p`` and ``encoding`` (one-hot inputs grow as ``p^3``, tokens as ``p^2``)."""
+    if task == "teacher_student":
+        n, h, width = sizes["n_train"] + sizes["n_test"], sizes["teacher_hidden"], sizes["din"] + sizes["dout"]
+        return n * (12 * width + 8 * h) + 8 * h * width  # (the teacher's weights din x h and h x dout too)
+    if task == "sparse_parity":
+        return 20 * (sizes["n_train"] + sizes["n_test"]) * sizes["n_bits"]  # (int64 draws, float64 and float32)
+    if task == "modular_arithmetic":
+        pairs = sizes["p"] ** 2
+        return pairs * 24 * sizes["p"] if sizes.get("encoding", "onehot") == "onehot" else pairs * 64
+    raise ValueError(f"peak_bytes: unknown task {task!r}")
+
+
+def _check_size(task: str, sizes: dict, names: dict[str, int], n_examples, memory: int | None = None) -> None:
+    """Refuse, before anything is allocated, a data set with more than :data:`MAX_EXAMPLES` examples or larger
+    than this machine's memory (``peak_bytes``): a ``ValueError`` naming the argument among ``names`` (name ->
+    default) to reduce, the one furthest above its default of those that alone can bring the data set within the
+    limits, and the largest value of it that fits, the others as given.  (``teacher_student(n_train=10**12)`` failed in a
+    bare ``MemoryError: Unable to allocate 58.2 TiB``, ``modular_arithmetic(p=10**30)`` in NumPy's bare
+    "Maximum allowed size exceeded".)"""
+
+    def largest(name, fits):  # the largest value of `name` in [1, sizes[name]] for which `fits`, else 0
+        lo, hi = 0, sizes[name]
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if fits({**sizes, name: mid}):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def refuse(fits, why):
+        best = {k: largest(k, fits) for k in names if sizes[k] >= 1}
+        name = max(best, key=lambda k: (best[k] >= 1, sizes[k] / names[k]))
+        others = ", ".join(f"{k}={v!r}" for k, v in sizes.items() if k != name)
+        allowed = (f"an integer <= {best[name]} (with {others})" if best[name] >= 1 else
+                   f"smaller values of {', '.join(names)}: no {name} fits with {others}")
+        raise ValueError(f"{task}: {name}={sizes[name]!r} is not allowed; {why}; need {allowed}")
+
+    memory = _physical_memory() if memory is None else memory
+    fits = lambda s: n_examples(s) <= MAX_EXAMPLES and (memory is None or peak_bytes(task, **s) <= memory)  # noqa: E731
+    if fits(sizes):
+        return
+    why = []
+    if n_examples(sizes) > MAX_EXAMPLES:
+        why.append(f"it makes {n_examples(sizes)} examples (train and test), more than the {MAX_EXAMPLES} an int32 "
+                   f"index reaches")
+    if memory is not None and peak_bytes(task, **sizes) > memory:
+        why.append(f"the data set takes about {peak_bytes(task, **sizes) / 2**30:.4g} GiB to build, more than this "
+                   f"machine's {memory / 2**30:.4g} GiB of memory")
+    refuse(fits, "; ".join(why))
+
+
 def _seed(task: str, seed) -> int:
     """``seed`` as a Python ``int`` (a Python or NumPy integer, or a concrete integer JAX scalar, ``>= 0``)."""
     return _static_int(task, "seed", seed, 0, None, "an integer >= 0")
@@ -75,7 +143,11 @@ def teacher_student(*, seed: int = 0, n_train: int = 512, n_test: int = 256, din
     # a Python float: a JAX scalar made the targets a JAX computation (float32 on device without x64, a bare
     # TypePromotionError against the NumPy float64 draws under x64 and strict promotion)
     noise = float(noise)
-    rng = np.random.default_rng([_seed("teacher_student", seed), 1])
+    seed = _seed("teacher_student", seed)
+    _check_size("teacher_student", dict(n_train=n_train, n_test=n_test, din=din, dout=dout,
+                                        teacher_hidden=teacher_hidden),
+                dict(n_train=512, n_test=256, din=8, dout=1, teacher_hidden=16), lambda s: s["n_train"] + s["n_test"])
+    rng = np.random.default_rng([seed, 1])
     w1 = rng.normal(size=(din, teacher_hidden)) / np.sqrt(din)
     w2 = rng.normal(size=(teacher_hidden, dout))
     x = rng.normal(size=(n_train + n_test, din))
@@ -106,6 +178,7 @@ def modular_arithmetic(*, seed: int = 0, p: int = 23, train_fraction: float = 0.
     seed = _seed("modular_arithmetic", seed)
     _check("modular_arithmetic", p=(p, _int_at_least(p, 2), "an integer >= 2"))
     p = int(p)  # a NumPy fixed-width integer would wrap around in p * p
+    _check_size("modular_arithmetic", dict(p=p, encoding=encoding), dict(p=23), lambda s: s["p"] ** 2)
     _check("modular_arithmetic",
            train_fraction=(train_fraction, _real(train_fraction) and 0 < train_fraction < 1
                            and 1 <= round(train_fraction * p * p) < p * p,
@@ -144,7 +217,10 @@ def sparse_parity(*, seed: int = 0, n_bits: int = 20, k: int = 3, n_train: int =
            n_train=(n_train, _int_at_least(n_train, 1), "an integer >= 1"),
            n_test=(n_test, _int_at_least(n_test, 0), "an integer >= 0"))
     n_bits, k, n_train, n_test = map(int, (n_bits, k, n_train, n_test))  # no wrap-around in n_train + n_test
-    rng = np.random.default_rng([_seed("sparse_parity", seed), 3])
+    seed = _seed("sparse_parity", seed)
+    _check_size("sparse_parity", dict(n_train=n_train, n_test=n_test, n_bits=n_bits),
+                dict(n_train=1024, n_test=512, n_bits=20), lambda s: s["n_train"] + s["n_test"])
+    rng = np.random.default_rng([seed, 3])
     bits = rng.choice(n_bits, size=k, replace=False)
     x = rng.choice(np.array([-1.0, 1.0]), size=(n_train + n_test, n_bits))
     if n_test:

@@ -225,7 +225,13 @@ VALUE_RULES: dict[str, tuple] = {
     "extents": (lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and all(_real(x) and x > 0 for x in v),
                 "a non-empty list of finite half-widths > 0, e.g. [0.02, 0.1]"),
     **{k: _POSITIVE for k in ("teacher_gain", "eta_lambda0", "lr", "nu_rel", "flow_time_factor", "fold_target",
-                              "track_target", "init_scale")},
+                              "track_target")},
+    # (experiment 6 gives the same init_scale to both policies: 2 passed here, trained the constant and cosine
+    # runs, then failed in shock_aware_lr's own ValueError, "cap" never lengthening the inner step; below its
+    # default min_scale, 0.001, likewise)
+    "init_scale": (lambda v: _real(v) and 1e-3 <= v <= 1,
+                   "a number in [0.001, 1] (the first step's scale: shock_aware_lr's min_scale is 0.001, and "
+                   "policy 'cap' never lengthens the inner optimiser's step)"),
     **{k: _NONNEGATIVE for k in ("twin_scale", "weight_decay")},
     "max_scale": (lambda v: _real(v) and v >= 1, "a finite number >= 1"),
     "spike_factor": (lambda v: _real(v) and v > 1, "a finite number > 1"),

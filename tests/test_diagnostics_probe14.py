@@ -5,6 +5,7 @@ import importlib.util
 import os
 import sys
 
+import numpy as np
 import pytest
 
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments")
@@ -44,3 +45,39 @@ def test_shock_lr_refuses_an_init_scale_shock_aware_lr_refuses_before_computing(
     for s in (1e-3, 1.0):
         shock_aware_lr(optax.sgd(0.1), policy="cap", init_scale=s)
         shock_aware_lr(optax.sgd(0.1), policy="track", max_scale=4.0, init_scale=s)
+
+
+@pytest.fixture
+def small_cusum_budget(monkeypatch):
+    """:mod:`._cusum`'s simulation limits made small (the defect does not depend on them), its cache cleared
+    before and after."""
+    from quotient_sgd.diagnostics import _cusum
+
+    monkeypatch.setattr(_cusum, "_MAX_BLOCKS", 64, raising=False)
+    monkeypatch.setattr(_cusum, "_MAX_VALUES", 2**16)
+    _cusum._threshold.cache_clear()
+    yield _cusum
+    _cusum._threshold.cache_clear()
+
+
+def test_cusum_threshold_of_a_very_long_series_is_not_simulated_in_full(small_cusum_budget):
+    """``cusum_threshold(10**12)`` drew 500 series of 10^12 values at once (a bare MemoryError; 10^6 blocks drew
+    4 GB and took about ten minutes): above ``_MAX_BLOCKS`` the threshold is that of ``_MAX_BLOCKS`` blocks at
+    the level of ``n / _MAX_BLOCKS`` independent stretches.  It grows with the length, and for 1024 blocks it is
+    within 0.1 of (and above) the one simulated in full."""
+    cut = small_cusum_budget
+    h64, h1024, h_huge = (cut.cusum_threshold(n, 0.05, seed=7) for n in (64, 1024, 10**12))
+    assert np.isfinite(h_huge) and h64 < h1024 < h_huge
+    cut._MAX_BLOCKS = 2048
+    cut._threshold.cache_clear()
+    full = cut.cusum_threshold(1024, 0.05, seed=7)
+    assert full <= h1024 < full + 0.1
+
+
+def test_cusum_threshold_at_the_smallest_alpha_is_finite(small_cusum_budget):
+    """``alpha = 5e-324`` (the smallest float; anything below 1e-307) failed in a bare "cannot convert float
+    infinity to integer" (the simulation count 20 / alpha), and below 1e-305 the tail extrapolation's ``log(q /
+    alpha)`` overflowed to an infinite threshold; now finite, and no lower than at a larger alpha."""
+    cut = small_cusum_budget
+    tiny, small = cut.cusum_threshold(50, 5e-324, seed=7), cut.cusum_threshold(50, 1e-12, seed=7)
+    assert np.isfinite(tiny) and tiny > small

@@ -115,6 +115,9 @@ _MAX_VALUES = 2**25
 _CHUNK_VALUES = 2**22
 #: simulated series in the tail an exponential is fitted to, below the smallest alpha the simulations resolve
 _TAIL = 1000
+#: the longest series simulated; the threshold of a longer one is that of this many blocks at the level that
+#: makes ``n_blocks / _MAX_BLOCKS`` independent stretches of it miss with probability ``1 - alpha``
+_MAX_BLOCKS = 2**14
 
 
 def cusum_threshold(n_blocks: int, alpha: float = 0.05, k: float = 0.5, min_ref: int = 10, clip: float = 4.0,
@@ -132,7 +135,14 @@ def cusum_threshold(n_blocks: int, alpha: float = 0.05, k: float = 0.5, min_ref:
     most ``max(2^22, 500 n_blocks)`` values (at least 500 series a chunk, the loop over the blocks dominating: 32 MB
     up to 8388 blocks, 80 MB for 20000 blocks, which drew 640 MB at once).  Cached per argument tuple.  Every argument
     may be a Python or NumPy number or a 0-d NumPy / JAX array of one (a JAX scalar failed in the cache with a bare
-    ``TypeError: unhashable type``).
+    ``TypeError: unhashable type``).  A series longer than ``2^14`` blocks is not simulated in full (500 series of
+    ``10^6`` blocks drew 4 GB at once and took about ten minutes, ``10^7`` failed in a bare ``MemoryError``): its
+    threshold is that of ``N = 2^14`` blocks at the level ``1 - (1 - alpha)^(N / n_blocks)``, i.e. as if the series
+    were ``n_blocks / N`` independent stretches of ``N`` blocks (the self-starting test's start-up, where its
+    estimates are poorest, counted in each: conservative in that respect; the statistic carried over a stretch's
+    start is not).  Measured: 12.80 against 12.89 simulated in full for ``2^16`` blocks at ``alpha = 0.05`` (an
+    achieved rate of about 0.054, 1.3 Monte-Carlo standard errors of the quantile), 11.44 / 13.15 from ``4000``
+    blocks against 11.45 / 13.13 in full for 16000 blocks at ``alpha = 0.05`` / ``0.01``.
 
     Raises:
         ValueError: ``n_blocks`` not an integer ``>= 0`` (``10.5`` was simulated as 10 blocks, none monitored, and
@@ -162,7 +172,13 @@ def _threshold(n: int, alpha: float, k: float, min_ref: int, clip: float, num_si
     """:func:`cusum_threshold` of checked arguments (cached)."""
     if n <= min_ref:
         return float("inf")  # nothing is monitored
-    sims = max(num_sims, min(int(np.ceil(_MIN_EXCEEDANCES / alpha)), _MAX_VALUES // n))
+    if n > _MAX_BLOCKS:
+        # simulated in full, a long series drew 500 series of n values at once (4 GB for 10^6 blocks, a bare
+        # MemoryError from 10^7 on) and took minutes to hours: P(no alarm in n) ~ P(no alarm in N)^(n / N)
+        return _threshold(_MAX_BLOCKS, float(-np.expm1(np.log1p(-alpha) * _MAX_BLOCKS / n)), k, min_ref, clip,
+                          num_sims, seed)
+    # (in floats: 20 / alpha overflowed int() for an alpha below 1e-307)
+    sims = max(num_sims, int(min(np.ceil(_MIN_EXCEEDANCES / alpha), _MAX_VALUES // n)))
     rows = max(500, _CHUNK_VALUES // n)  # (fewer rows a chunk: the loop over the n blocks dominates)
     rng = np.random.default_rng(seed)
     stats = np.concatenate([_max_statistic(rng.standard_normal((min(rows, sims - i), n)), k, min_ref, clip)
@@ -172,7 +188,8 @@ def _threshold(n: int, alpha: float, k: float, min_ref: int, clip: float, num_si
     q = min(_TAIL, sims) / sims
     u = float(np.quantile(stats, 1.0 - q))
     excess = float(np.mean(stats[stats > u] - u)) if np.any(stats > u) else 0.0
-    return u + float(np.log(q / alpha)) * excess  # excess = 1 / theta, the exponential's maximum likelihood
+    # (log q - log alpha: q / alpha overflowed to inf for an alpha below 1e-305, and so did the threshold)
+    return u + float(np.log(q) - np.log(alpha)) * excess  # excess = 1 / theta, the exponential's maximum likelihood
 
 
 def cusum(x, *, alpha: float = 0.05, k: float = 0.5, min_ref: int = 10, clip: float = 4.0,

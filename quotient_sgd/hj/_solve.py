@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 
 import diffrax as dfx
 import equinox as eqx
@@ -133,6 +133,36 @@ class _LinearChord(dfx.VeryChord):
         result = optx.RESULTS.where(bad, optx.RESULTS.nonlinear_divergence, optx.RESULTS.successful)
         linsolve_fail = state.result != optx.RESULTS.successful
         return linsolve_fail | done, optx.RESULTS.where(linsolve_fail, state.result, result)
+
+
+class _SameDtypeInterpolation(dfx.KenCarp4.interpolation_cls):
+    """KenCarp4's dense output in the dtype of the state.  Diffrax's polynomial coefficients are float64 NumPy
+    arrays, so under ``jax_enable_x64`` a float32 state interpolated to a save time came out float64 and Diffrax
+    failed writing it into the float32 buffer of saved states ("When doing `buffer.at[i].set(value)`, then `value`
+    must have a dtype that can be promoted ..."), or failed in ``jnp.polyval`` under strict dtype promotion: every
+    float32 solve with ``ts`` and ``solver="kencarp"``.  The same polynomial, its coefficients cast to the state's
+    dtype."""
+
+    def evaluate(self, t0, t1=None, left=True):
+        del left
+        if t1 is not None:
+            return self.evaluate(t1) - self.evaluate(t0)
+        same = self.t0 == self.t1  # (diffrax's linear_rescale: a zero-length step gives s = 0)
+        s = jnp.where(same, jnp.zeros_like(t0), t0 - self.t0) / jnp.where(same, jnp.ones_like(t0), self.t1 - self.t0)
+
+        def one(y0, ke, ki):
+            c = jnp.asarray(self.coeffs, y0.dtype)
+            sy = s.astype(y0.dtype)
+            w = sy * jax.vmap(lambda row: jnp.polyval(row, sy))(c)
+            return y0 + jnp.tensordot(w, (ke + ki).astype(y0.dtype), axes=1)
+
+        return jax.tree.map(one, self.y0, *self.k)
+
+
+class _KenCarp4(dfx.KenCarp4):
+    """:class:`diffrax.KenCarp4` whose dense output keeps the state's dtype (:class:`_SameDtypeInterpolation`)."""
+
+    interpolation_cls: ClassVar = _SameDtypeInterpolation
 
 
 def _step_count(t1, dt, xp=jnp):
@@ -478,7 +508,7 @@ def _solve(form, name, y0, grid, *, nu, t1, ts, scheme, solver, rtol, atol, max_
         term = dfx.MultiTerm(dfx.ODETerm(_Explicit(scheme, grid, form)), dfx.ODETerm(_Implicit(scheme, grid, form)))
         # The implicit part is linear, so one chord iteration is exact (see _LinearChord)
         chord_atol = max(1e-6, 1e3 * float(jnp.finfo(dtype).eps))
-        solver = dfx.KenCarp4(root_finder=_LinearChord(rtol=1e-3, atol=chord_atol, norm=optx.max_norm))
+        solver = _KenCarp4(root_finder=_LinearChord(rtol=1e-3, atol=chord_atol, norm=optx.max_norm))
     limit = _explicit_limit(scheme, grid, solver) if fixed else None
     if limit is not None:
         # an explicit solver's fixed step beyond its stability interval for the stiff viscous term: the top modes

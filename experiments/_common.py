@@ -78,6 +78,10 @@ def load_config(name: str, argv=None, *, results: bool = False):
     import difflib
 
     module = config_module(name)
+    if results and any(a in HELP_FLAGS for a in (sys.argv[1:] if argv is None else argv)):
+        # (``--help`` stopped the script with "arguments are key=value overrides ..., got '--help'", exit status 1)
+        print(usage(name))
+        raise SystemExit(0)
     ov = parse_overrides(argv)
     given = dict(ov)
     overwrite = False
@@ -118,6 +122,33 @@ def load_config(name: str, argv=None, *, results: bool = False):
         _LOADED[name] = {"config": _plain(cfg), "overrides": given, "overwrite": overwrite}
         check_results(name)
     return cfg
+
+
+#: Command-line arguments that ask a script for its usage (:func:`usage`) instead of running it.
+HELP_FLAGS = ("-h", "--help", "help")
+
+
+def usage(name: str) -> str:
+    """What ``python experiments/<name>.py --help`` prints: the script's docstring, then every config key with its
+    CPU default and what it allows (:data:`VALUE_RULES`), the scales and ``overwrite=true``."""
+    import ast
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, f"{name}.py")) as f:
+        doc = ast.get_docstring(ast.parse(f.read())) or ""
+    lines = [doc, "", f"usage: python experiments/{name}.py [key=value ...]", "",
+             "  scale=cpu | test | paper   the sizes (default cpu)",
+             "  overwrite=true             replace results of another config in the output directory", "",
+             "config keys (CPU default; allowed):"]
+    for key, value in _leaves(config_module(name).get_config("cpu")):
+        if key.rsplit(".", 1)[-1] == "scale":
+            continue
+        rule = VALUE_RULES.get(key.rsplit(".", 1)[-1])
+        shown = json.dumps(list(value)) if isinstance(value, tuple) else repr(value)
+        lines.append(f"  {key}={shown}" + (f"   ({rule[1]})" if rule else ""))
+    lines += ["", "outputs: $QSGD_EXPERIMENT_OUT/" + name + "/ (default experiments/results/" + name + "/), see "
+              "experiments/README.md"]
+    return "\n".join(lines)
 
 
 #: ``name -> {"config", "overrides", "overwrite"}`` of the config a script's ``main`` loaded with ``results=True``

@@ -81,3 +81,23 @@ def test_cusum_threshold_at_the_smallest_alpha_is_finite(small_cusum_budget):
     cut = small_cusum_budget
     tiny, small = cut.cusum_threshold(50, 5e-324, seed=7), cut.cusum_threshold(50, 1e-12, seed=7)
     assert np.isfinite(tiny) and tiny > small
+
+
+@pytest.mark.parametrize("name", ["catapult", "edge_of_stability", "grokking", "hj_slices", "normalised_cnn",
+                                  "shock_lr"])
+def test_experiment_scripts_answer_help_with_their_keys(name, tmp_path, monkeypatch, capsys):
+    """``python experiments/<name>.py --help`` stopped with "arguments are key=value overrides ..., got '--help'"
+    (exit status 1): it now prints the script's docstring and every config key with its default and what it
+    allows, and exits 0 without computing or writing anything."""
+    import _common as C
+
+    E = _script(name)
+    monkeypatch.setenv("QSGD_EXPERIMENT_OUT", str(tmp_path))
+    monkeypatch.setattr(E, "run", _never_run)
+    with pytest.raises(SystemExit) as err:
+        E.main(["scale=test", "--help"])
+    assert err.value.code == 0
+    out = capsys.readouterr().out
+    for key, _ in C._leaves(C.config_module(name).get_config("cpu")):
+        assert f"  {key}=" in out or key.endswith("scale"), key
+    assert "seed" in out and os.listdir(tmp_path) == []

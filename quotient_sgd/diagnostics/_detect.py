@@ -135,7 +135,8 @@ def detect_divergence(traj, *, steps, divergence_factor: float = 100.0, divergen
     """First step where the loss is non-finite, or where it has exceeded ``divergence_factor`` times the initial
     loss for ``divergence_patience`` consecutive steps (a catapult's transient spike is not a divergence; the
     event's step is the first of those steps).  A negative initial loss ``l0`` must be exceeded by
-    ``(divergence_factor - 1) |l0|`` (``factor * l0`` lies below it: a constant negative loss diverged at step 0).
+    ``(divergence_factor - 1) |l0|`` (``factor * l0`` lies below it: a constant negative loss diverged at step 0);
+    an initial loss of exactly 0 is no scale: only a non-finite loss is a divergence then.
     Records kept every few steps, evenly or not, count the steps they cover, back to the previous record (the
     steps since it, what is known at the record: live chunks give the events of the whole run): ``m`` high records
     kept every ``K`` steps are ``m K`` steps.  (Counted up to the *next* record, with the spacing before it for the
@@ -1162,7 +1163,9 @@ def detect(trajectory, *, lr=None, kinds: Iterable[str] | None = None, start_ste
             output of :func:`quotient_sgd.optim.train`, or a loaded ``trajectory.npz``.  A ``step`` key, when
             present, gives the step numbers (strictly increasing integers); otherwise ``start_step + arange(n)``
             (live chunks: pass the chunk's first step, or use :class:`LiveDetector`).  Every series has one row
-            per step; one recorded every ``K`` steps holds its value or is NaN in between.
+            per step; one recorded every ``K`` steps holds its value or is NaN in between, except ``loss``: a
+            non-finite loss is a ``divergence`` (a loss kept every ``K`` steps is given on rows of those steps,
+            with a ``step`` key, not NaN in between).
         lr: learning rate (number or per-step array), needed by ``edge_of_stability``; defaults to the
             trajectory's ``lr`` / ``learning_rate`` key.
         kinds: detectors to run (default: all of :data:`ALL_KINDS`).

@@ -101,3 +101,18 @@ def test_experiment_scripts_answer_help_with_their_keys(name, tmp_path, monkeypa
     for key, _ in C._leaves(C.config_module(name).get_config("cpu")):
         assert f"  {key}=" in out or key.endswith("scale"), key
     assert "seed" in out and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, "a", True, None])
+def test_cusum_threshold_refuses_a_seed_that_is_not_a_count_by_name(seed):
+    """``cusum_threshold(seed=-1)`` / ``1.5`` / ``"a"`` failed in NumPy's bare "expected non-negative integer" /
+    "SeedSequence expects int", ``True`` ran as seed 1 and ``None`` drew a fresh random seed whose threshold the
+    cache then kept as if fixed: each is now refused naming ``seed``; NumPy and 0-d JAX integers still count."""
+    import jax.numpy as jnp
+
+    from quotient_sgd.diagnostics import cusum_threshold
+
+    with pytest.raises(ValueError, match=r"cusum_threshold: seed=.* is not allowed; need an integer >= 0"):
+        cusum_threshold(30, seed=seed)
+    h = cusum_threshold(30, seed=3)
+    assert cusum_threshold(30, seed=np.int64(3)) == cusum_threshold(30, seed=jnp.int32(3)) == h

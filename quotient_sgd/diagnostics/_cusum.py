@@ -146,7 +146,8 @@ def cusum_threshold(n_blocks: int, alpha: float = 0.05, k: float = 0.5, min_ref:
 
     Raises:
         ValueError: ``n_blocks`` not an integer ``>= 0`` (``10.5`` was simulated as 10 blocks, none monitored, and
-            gave the threshold 0), ``alpha`` not in ``(0, 1)``, ``num_sims`` not an integer ``>= 1``, or ``k``,
+            gave the threshold 0), ``alpha`` not in ``(0, 1)``, ``num_sims`` or ``seed`` not an integer ``>= 1`` /
+            ``>= 0``, or ``k``,
             ``min_ref``, ``clip`` as in :func:`cusum`.
     """
     n_blocks, alpha, k, min_ref, clip, num_sims, seed = map(plain_scalar, (n_blocks, alpha, k, min_ref, clip,
@@ -159,11 +160,12 @@ def cusum_threshold(n_blocks: int, alpha: float = 0.05, k: float = 0.5, min_ref:
     # monitored: the threshold came out 0, which alarms on every value
     n = _check_count("cusum_threshold", "n_blocks", n_blocks, 0, "the number of block values calibrated for")
     num_sims = _check_count("cusum_threshold", "num_sims", num_sims, 1, "simulated series")
-    try:
-        hash(seed)
-    except TypeError:
+    # (a list failed in the cache's bare "unhashable type"; -1, 1.5 or "a" in NumPy's bare "expected non-negative
+    # integer" / "SeedSequence expects int"; True was seed 1 and None a fresh random seed, cached as if fixed)
+    if not (isinstance(seed, numbers.Integral) and not isinstance(seed, (bool, np.bool_)) and seed >= 0):
         raise ValueError(f"cusum_threshold: seed={seed!r} is not allowed; need an integer >= 0 (the simulations' "
-                         "seed)") from None
+                         "seed)")
+    seed = int(seed)
     return _threshold(n, float(alpha), float(k), int(min_ref), float(clip), num_sims, seed)
 
 

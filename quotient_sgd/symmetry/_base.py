@@ -352,9 +352,11 @@ class Group(eqx.Module):
 
     def sample(self, key, params, scale: float = 1.0):
         """A random group element.  Positive factors have log-factors ~ U(-2 scale, 2 scale); translation shifts
-        ~ N(0, (2 scale)^2); GL elements are ``U diag(exp(linspace(-1.5 scale, 1.5 scale))) V^T`` with Haar-random
-        ``U, V`` (condition number ``exp(3 scale)``, ``|det| = 1``), or for ``d = 1`` a random sign times ``exp(u)``,
-        ``u ~ U(-1.5 scale, 1.5 scale)``; permutations are uniform.  ``scale``: a finite number >= 0.
+        ~ N(0, (2 scale)^2); GL elements are ``U diag(s) V^T`` with Haar-random ``U, V`` and
+        ``log s = c + 1.5 scale (-1, 1, t_3, ..., t_d)``, ``c ~ U(-1.5 scale, 1.5 scale)`` and ``t_i ~ U(-1, 1)``
+        per head (condition number exactly ``exp(3 scale)``, singular values in ``[exp(-3 scale), exp(3 scale)]``,
+        ``|det|`` random: ``log |det|`` between ``-3 d scale`` and ``3 d scale``), for ``d = 1`` a random sign times
+        ``exp(c)``; permutations are uniform.  ``scale``: a finite number >= 0.
         At 0 factors and shifts are the identity, but GL elements are Haar-random orthogonal matrices ``U V^T``
         (condition number 1), not the identity."""
         _check_scale(scale)

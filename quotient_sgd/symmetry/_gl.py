@@ -244,14 +244,19 @@ class GL(Group):
 
     # group structure: matrices A with L -> L A, R -> R A^{-T}
     def _sample(self, key, flat, scale):
+        # U diag(s) V^T with Haar-random U, V.  log s spans an interval of width exactly 3 scale (condition number
+        # exp(3 scale)) placed at a random offset c ~ U(-1.5 scale, 1.5 scale) per head, the other d - 2 values
+        # uniform inside it: log |det| = sum log s differs from key to key.  (linspace(-1.5 scale, 1.5 scale) alone
+        # gave the same singular values for every key, whose product is 1: no sampled element dilated.)
         batch, d, dt = self._batch(flat), self._d(flat), flat[self.left[0]].dtype
         k1, k2 = jax.random.split(key)
         U, V = _random_orthogonal(k1, batch, d, dt), _random_orthogonal(k2, batch, d, dt)
-        if d == 1:  # linspace would give the one point -1.5 scale: a random log-factor over the same interval
-            log_s = jax.random.uniform(jax.random.fold_in(key, 2), batch + (1, 1), dt, -1.5, 1.5) * scale
-            return U * jnp.exp(log_s) * V
-        s = jnp.exp(jnp.linspace(-1.5 * scale, 1.5 * scale, d, dtype=dt))
-        return (U * jnp.reshape(s, (1,) * len(batch) + (1, d))) @ _mT(V)
+        log_s = jax.random.uniform(jax.random.fold_in(key, 2), batch + (1,), dt, -1.5, 1.5) * scale
+        if d > 1:
+            inner = jax.random.uniform(jax.random.fold_in(key, 3), batch + (d - 2,), dt, -1.0, 1.0)
+            ends = jnp.broadcast_to(jnp.asarray([-1.0, 1.0], dt), batch + (2,))
+            log_s = log_s + 1.5 * scale * jnp.concatenate([ends, inner], axis=-1)
+        return (U * jnp.exp(log_s)[..., None, :]) @ _mT(V)
 
     def _identity(self, flat):
         return jnp.broadcast_to(jnp.eye(self._d(flat), dtype=flat[self.left[0]].dtype),

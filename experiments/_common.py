@@ -32,9 +32,20 @@ HESSIAN_KEYS = ("sharpness_horizontal", "sharpness_quotient", "sharpness_raw", "
 
 
 def out_dir(name: str) -> str:
-    d = os.environ.get("QSGD_EXPERIMENT_OUT", os.path.join(os.path.dirname(__file__), "results"))
-    d = os.path.join(d, name)
-    os.makedirs(d, exist_ok=True)
+    """The results directory of experiment ``name`` (``$QSGD_EXPERIMENT_OUT/<name>``, default
+    ``experiments/results/<name>``), made if needed; ``SystemExit`` naming it when it cannot be made or written
+    (a script's ``main`` checks this before computing: a ``QSGD_EXPERIMENT_OUT`` that is a file ran the whole
+    experiment, then failed in a bare ``NotADirectoryError``)."""
+    base = os.environ.get("QSGD_EXPERIMENT_OUT", os.path.join(os.path.dirname(__file__), "results"))
+    d = os.path.join(base, name)
+    try:
+        os.makedirs(d, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"{name}: cannot make the results directory {d!r} (QSGD_EXPERIMENT_OUT={base!r}): "
+                         f"{e.strerror or e}; set QSGD_EXPERIMENT_OUT to a writable directory") from None
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise SystemExit(f"{name}: the results directory {d!r} (QSGD_EXPERIMENT_OUT={base!r}) is not writable; set "
+                         "QSGD_EXPERIMENT_OUT to a writable directory")
     return d
 
 
@@ -120,6 +131,7 @@ def load_config(name: str, argv=None, *, results: bool = False):
     check_values(name, cfg)
     if results:
         _LOADED[name] = {"config": _plain(cfg), "overrides": given, "overwrite": overwrite}
+        out_dir(name)  # (made, or refused by name, before anything is computed)
         check_results(name)
     return cfg
 

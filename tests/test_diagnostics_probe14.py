@@ -116,3 +116,20 @@ def test_cusum_threshold_refuses_a_seed_that_is_not_a_count_by_name(seed):
         cusum_threshold(30, seed=seed)
     h = cusum_threshold(30, seed=3)
     assert cusum_threshold(30, seed=np.int64(3)) == cusum_threshold(30, seed=jnp.int32(3)) == h
+
+
+@pytest.mark.parametrize("name", ["catapult", "edge_of_stability", "grokking", "hj_slices", "normalised_cnn",
+                                  "shock_lr"])
+def test_an_output_location_that_cannot_be_written_is_refused_before_computing(name, tmp_path, monkeypatch):
+    """``QSGD_EXPERIMENT_OUT`` naming a file ran the whole experiment, then failed writing its results in a bare
+    ``NotADirectoryError``: the results directory is now made (or refused, naming it and the variable) before
+    anything is computed."""
+    E = _script(name)
+    blocker = tmp_path / "not_a_directory"
+    blocker.write_text("")
+    monkeypatch.setenv("QSGD_EXPERIMENT_OUT", str(blocker))
+    monkeypatch.setattr(E, "run", _never_run)
+    with pytest.raises(SystemExit) as err:
+        E.main(["scale=test"])
+    msg = str(err.value.code)
+    assert "QSGD_EXPERIMENT_OUT" in msg and str(blocker) in msg

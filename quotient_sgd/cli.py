@@ -37,6 +37,8 @@ MALLOC_SETTINGS = {
     "MALLOC_TOP_PAD_": "268435456",
 }
 _REEXEC_MARK = "QSGD_MALLOC_TUNED"
+#: Set in the environment of the re-executed process when the re-exec blocked SIGINT (:func:`_maybe_reexec`).
+_UNBLOCK_MARK = "QSGD_UNBLOCK_SIGINT"
 
 USAGE = __doc__.split("\n\n")[1]
 
@@ -100,7 +102,13 @@ def _enable_compilation_cache() -> None:
 
 
 def _maybe_reexec(argv: list[str]) -> None:
-    """Re-execute this process once with the allocator settings (see the module docstring)."""
+    """Re-execute this process once with the allocator settings (see the module docstring).
+
+    SIGINT is blocked across the ``execve`` (a blocked signal stays pending through it) and unblocked by the new
+    process's :func:`main` once its handler is in place (:func:`_unblock_after_reexec`): a Ctrl-C while the new
+    interpreter started, ran ``site`` or imported this module ended the command with Python's own exit (killed
+    by SIGINT, status -2, or status 1 and a traceback) instead of status 130.  One that arrived before the block
+    is raised here, before the ``execve``."""
     if os.environ.get("QSGD_NO_MALLOC_TUNING") == "1" or os.environ.get(_REEXEC_MARK) == "1":
         return
     if all(k in os.environ for k in MALLOC_SETTINGS):
@@ -111,7 +119,24 @@ def _maybe_reexec(argv: list[str]) -> None:
     env[_REEXEC_MARK] = "1"
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "quotient_sgd.cli", *argv[1:]], env)
+    mask = getattr(signal, "pthread_sigmask", None)
+    # (pthread_sigmask runs the Python handlers of the signals that arrived before it returns: a Ctrl-C just
+    # before the block raises here)
+    before = mask(signal.SIG_BLOCK, {signal.SIGINT}) if mask is not None else None
+    if before is not None and signal.SIGINT not in before:
+        env[_UNBLOCK_MARK] = "1"
+    try:
+        os.execve(sys.executable, [sys.executable, "-m", "quotient_sgd.cli", *argv[1:]], env)
+    finally:  # (only when the execve failed)
+        if before is not None:
+            mask(signal.SIG_SETMASK, before)
+
+
+def _unblock_after_reexec() -> None:
+    """Unblock the SIGINT that :func:`_maybe_reexec` blocked before it re-executed this process (a Ctrl-C pending
+    since then is delivered now, to the handler of :func:`main`)."""
+    if os.environ.pop(_UNBLOCK_MARK, None) == "1" and hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _define_flags(argv: list[str]):
@@ -548,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _sigterm_raises((signal.SIGINT,)):  # (a Ctrl-C in a gc callback while importing is delivered too)
             try:
+                _unblock_after_reexec()
                 return _main(argv)
             except Exception as e:  # an interrupt an extension module re-raised as another exception
                 interrupt = interrupt_in(e)
@@ -782,9 +808,13 @@ def _sigterm_raises(signals: tuple = (signal.SIGTERM, signal.SIGINT)):
     interrupted run went on to the end; the block's ``sys.unraisablehook`` delivers such a dropped interrupt again
     10 ms later (other unraisable exceptions go to the previous hook), and one still due when the block ends is
     raised as the block ends (after the previous hook and handlers are restored), not sent to the code after the
-    block.  Nothing is changed outside the main thread, nor for a signal that is ignored (``SIG_IGN``: SIGINT in
-    a job started in the background) or whose handler was installed outside Python, nor for SIGINT when a handler
-    other than Python's own is installed."""
+    block.  A signal that arrives where raising could end the process otherwise (:func:`_unsafe_to_raise`: while
+    an extension module initialises, or code built from a string runs) is delivered again in the same way, 10 ms
+    later, until it arrives elsewhere: a Ctrl-C ~0.3-0.7 s into ``quotient-sgd run`` ended it with status -6, -11
+    (jaxlib's modules initialising) or -2 (a ``namedtuple`` or dataclass being built) instead of 130.  Nothing is
+    changed outside the main thread, nor for a signal that is ignored (``SIG_IGN``: SIGINT in a job started in the
+    background) or whose handler was installed outside Python, nor for SIGINT when a handler other than Python's
+    own is installed."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -793,11 +823,18 @@ def _sigterm_raises(signals: tuple = (signal.SIGTERM, signal.SIGINT)):
                if (h is signal.default_int_handler if sig == signal.SIGINT else h not in (None, signal.SIG_IGN))]
 
     def interrupted(signum, frame):
+        if _unsafe_to_raise(frame, outside):
+            return again(signum, 0.01)
         raise _Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
+    outside, f = [], sys._getframe()
+    while f is not None:  # (the frames this block runs from: `python -c` runs them from code built from a string)
+        outside.append(f)
+        f = f.f_back
+    outside = tuple(outside)
     previous_hook = sys.unraisablehook
     lock = threading.Lock()
-    due: list[int] = []  # the signals of dropped interrupts not delivered again yet
+    due: list[int] = []  # the signals of dropped (or deferred) interrupts not delivered again yet
     block_open = [True]
 
     def deliver(signum):
@@ -806,16 +843,21 @@ def _sigterm_raises(signals: tuple = (signal.SIGTERM, signal.SIGINT)):
                 due.remove(signum)
                 os.kill(os.getpid(), signum)
 
+    def again(signum, delay):
+        """Deliver ``signum`` again ``delay`` seconds from now (once: a second Ctrl-C meanwhile adds nothing)."""
+        with lock:
+            if signum in due:
+                return
+            due.append(signum)
+        later = threading.Timer(delay, deliver, (signum,))
+        later.daemon = True
+        later.start()
+
     def dropped(unraisable):
         exc = unraisable.exc_value
         if not isinstance(exc, KeyboardInterrupt) or not replace:
             return previous_hook(unraisable)
-        signum = signal.SIGTERM if isinstance(exc, _Terminated) else signal.SIGINT
-        with lock:
-            due.append(signum)
-        later = threading.Timer(0.01, deliver, (signum,))
-        later.daemon = True
-        later.start()
+        again(signal.SIGTERM if isinstance(exc, _Terminated) else signal.SIGINT, 0.01)
 
     for sig in replace:
         signal.signal(sig, interrupted)
@@ -831,6 +873,31 @@ def _sigterm_raises(signals: tuple = (signal.SIGTERM, signal.SIGINT)):
             signal.signal(sig, previous[sig])
     if still_due:  # (only when the block ended without an exception: one in flight goes on instead)
         raise _Terminated if signal.SIGTERM in still_due else KeyboardInterrupt
+
+
+def _unsafe_to_raise(frame, outside: tuple = ()) -> bool:
+    """Whether an exception raised at ``frame`` (the main thread's, given to a signal handler) could end the process
+    in another way than the command's own: ``frame`` runs inside (the frames ``outside``, and those below them, are
+    not looked at: the frames the handler was installed from)
+
+    - the initialisation of an extension module (a frame of ``importlib``'s ``create_module`` or ``exec_module``
+      of an ``ExtensionFileLoader`` below it): Python code that the module's C or C++ init calls raising there may
+      end the process (nanobind: ``std::terminate``, status -6, or a segmentation fault, -11);
+    - code that ``exec`` or ``eval`` runs from a string (a frame of file ``<string>`` below it: dataclasses,
+      ``namedtuple`` and ``typing`` build code so while modules are imported): CPython 3.11 then records a
+      ``KeyboardInterrupt`` as unhandled even when it is caught, and ``python -m`` (which the command re-executes
+      itself as) ended with status -2, killed by SIGINT, after printing the command's own message and returning 130."""
+    import importlib.machinery
+
+    while frame is not None and not any(frame is f for f in outside):
+        code = frame.f_code
+        if code.co_filename == "<string>":
+            return True
+        if (code.co_name in ("create_module", "exec_module") and "importlib" in code.co_filename
+                and isinstance(frame.f_locals.get("self"), importlib.machinery.ExtensionFileLoader)):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _last_row_step(path: str) -> int | None:

@@ -53,3 +53,80 @@ def test_config_counts_the_teacher_weights(monkeypatch):
         validate(c)
     c.data.din = 10   # (2 MiB of teacher weights: accepted)
     validate(c)
+
+
+# ---- defect 2: a Ctrl-C in the first second of `quotient-sgd run` ended it with status -2, -6, -11 or 1 -------
+def _python(args, tmp_path, **env_extra):
+    """Run ``python args`` with ``tmp_path`` first on PYTHONPATH and the allocator re-exec enabled; (status,
+    stderr)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("QSGD_NO_MALLOC_TUNING", "QSGD_MALLOC_TUNED", "QSGD_UNBLOCK_SIGINT", *MALLOC_KEYS)}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update(env_extra)
+    p = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=120,
+                       cwd=str(tmp_path))
+    return p.returncode, p.stderr
+
+
+MALLOC_KEYS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+
+
+def test_ctrl_c_inside_code_built_from_a_string_exits_130_under_python_m(tmp_path):
+    """A Ctrl-C handled while ``exec`` ran code built from a string (dataclasses, ``namedtuple`` and ``typing``
+    build code so while jax and flax are imported) made CPython 3.11 record the ``KeyboardInterrupt`` as unhandled
+    although the command caught it: ``python -m quotient_sgd.cli`` (what ``quotient-sgd`` re-executes itself as)
+    printed "interrupted before anything was written" and then ended killed by SIGINT, status -2.  The interrupt
+    is now delivered again once that code is left."""
+    (tmp_path / "probe22_exec.py").write_text(
+        "import os, signal, sys, time\n"
+        "from quotient_sgd.cli import _sigterm_raises\n"
+        "try:\n"
+        "    with _sigterm_raises((signal.SIGINT,)):\n"
+        "        exec('import os, signal\\nos.kill(os.getpid(), signal.SIGINT)\\nfor i in range(1000): pass')\n"
+        "        print('after exec', file=sys.stderr)\n"
+        "        time.sleep(5)\n"
+        "except KeyboardInterrupt:\n"
+        "    sys.exit(130)\n")
+    code, err = _python(["-m", "probe22_exec"], tmp_path)
+    assert code == 130 and "after exec" in err, (code, err)
+
+
+def test_ctrl_c_while_the_reexecuted_interpreter_starts_exits_130(tmp_path):
+    """The command re-executes itself (allocator settings); a Ctrl-C while the new interpreter started (here: in
+    its ``sitecustomize``, as ``site`` runs) ended it in Python's own traceback, status 1 (or killed by SIGINT,
+    -2, before Python's handler was installed), instead of the command's status 130.  SIGINT is now blocked
+    across the ``execve`` and delivered once the command's handler is in place."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, signal\n"
+        "if os.environ.get('QSGD_MALLOC_TUNED') == '1':\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n")
+    code, err = _python(["-c", "import sys; from quotient_sgd.cli import main; sys.exit(main())", "report",
+                         str(tmp_path / "no_such_run")], tmp_path)
+    assert code == 130 and "interrupted" in err and "Traceback" not in err, (code, err)
+
+
+def test_a_signal_inside_an_extension_module_init_is_deferred():
+    """A Ctrl-C while jaxlib's extension modules initialised (nanobind calls Python code there) raised inside them
+    and ended the process in ``std::terminate`` (status -6) or a segmentation fault (-11); the handler now
+    recognises such a frame (and one of code built from a string) and delivers the signal again later."""
+    import importlib.machinery
+    import sys
+
+    from quotient_sgd.cli import _unsafe_to_raise
+
+    ns: dict = {"sys": sys}
+    exec(compile("def create_module(self, spec):\n    return sys._getframe()\n",
+                 "<frozen importlib._bootstrap_external>", "exec"), ns)
+    ext = importlib.machinery.ExtensionFileLoader("probe22_ext", "/nonexistent/probe22_ext.so")
+    src = importlib.machinery.SourceFileLoader("probe22_src", "/nonexistent/probe22_src.py")
+    assert _unsafe_to_raise(ns["create_module"](ext, None))
+    assert not _unsafe_to_raise(ns["create_module"](src, None))
+    assert not _unsafe_to_raise(sys._getframe())
+    assert _unsafe_to_raise(eval("sys._getframe()", {"sys": sys}))
+    # code built from a string that the command itself runs from (`python -c`) is outside: no deferral
+    inner, outer = eval("(here(), sys._getframe())", {"sys": sys, "here": lambda: sys._getframe()})
+    assert _unsafe_to_raise(inner) and not _unsafe_to_raise(inner, (outer,))

@@ -133,3 +133,20 @@ def test_an_output_location_that_cannot_be_written_is_refused_before_computing(n
         E.main(["scale=test"])
     msg = str(err.value.code)
     assert "QSGD_EXPERIMENT_OUT" in msg and str(blocker) in msg
+
+
+def test_a_live_detector_names_a_path_whose_directory_cannot_be_made(tmp_path):
+    """``LiveDetector(path="runs/a/events.json")`` with ``runs/a`` a file failed in a bare ``FileExistsError:
+    [Errno 17] File exists: 'runs/a'``, naming neither the argument nor the path given: it is now a ValueError
+    naming ``path``, raised when the detector is made (nothing written)."""
+    from quotient_sgd.diagnostics import LiveDetector
+
+    blocker = tmp_path / "a"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match=r"LiveDetector: path=.*events\.json.* is not allowed: its directory"):
+        LiveDetector(path=blocker / "events.json")
+    with pytest.raises(ValueError, match=r"LiveDetector: path="):
+        LiveDetector(path=blocker / "deeper" / "events.json")
+    live = LiveDetector(path=tmp_path / "new" / "events.json", kinds=["divergence"])
+    assert live.update({"loss": np.array([1.0, np.inf])})[0].kind == "divergence"
+    assert (tmp_path / "new" / "events.json").is_file()

@@ -205,7 +205,18 @@ class LiveDetector:
                 # (made, it failed at the first chunk in IsADirectoryError, after that chunk's events were kept)
                 raise ValueError(f"LiveDetector: path={os.fspath(path)!r} is a directory; need the path of the events "
                                  f"file, e.g. {os.path.join(os.fspath(path), 'events.json')!r}")
-            os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
+            where = os.path.dirname(os.path.abspath(os.fspath(path)))
+            try:
+                os.makedirs(where, exist_ok=True)
+            except OSError as e:
+                # (a bare "FileExistsError: [Errno 17] File exists: 'runs/a'" for runs/a/events.json under a file
+                # runs/a, naming neither the argument nor the path given)
+                raise ValueError(f"LiveDetector: path={os.fspath(path)!r} is not allowed: its directory {where!r} "
+                                 f"cannot be made ({e.strerror or e}); need the path of an events file in a "
+                                 "directory that exists or can be made") from None
+            if not os.access(where, os.W_OK | os.X_OK):
+                raise ValueError(f"LiveDetector: path={os.fspath(path)!r} is not allowed: its directory {where!r} "
+                                 "is not writable")
         self.lr = lr
         self.path = path
         self.start_step = start_step

@@ -150,3 +150,42 @@ def test_a_live_detector_names_a_path_whose_directory_cannot_be_made(tmp_path):
     live = LiveDetector(path=tmp_path / "new" / "events.json", kinds=["divergence"])
     assert live.update({"loss": np.array([1.0, np.inf])})[0].kind == "divergence"
     assert (tmp_path / "new" / "events.json").is_file()
+
+
+def test_save_events_names_a_path_that_is_a_directory_or_in_none_and_leaves_nothing_beside_it(tmp_path):
+    """``save_events(a_directory, ...)`` wrote ``a_directory.tmp`` beside it and failed renaming it ("Is a
+    directory: 'd.tmp' -> 'd'"); a path in a directory that does not exist failed naming the temporary
+    ``events.json.tmp``.  Both now fail first, naming ``path``, and write nothing."""
+    from quotient_sgd.diagnostics import Event, load_events, save_events
+
+    d = tmp_path / "d"
+    d.mkdir()
+    with pytest.raises(IsADirectoryError, match=r"save_events: path=.* is a directory"):
+        save_events(d, [])
+    with pytest.raises(FileNotFoundError, match=r"save_events: path=.*events\.json.* its directory .* does not"):
+        save_events(tmp_path / "missing" / "events.json", [])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"] and list(d.iterdir()) == []
+    e = Event(3, "divergence", float("inf"), {"loss": float("nan")}, details={"level": float("-inf")})
+    save_events(d / "events.json", [e])
+    (back,) = load_events(d / "events.json")
+    assert back.step == 3 and back.strength == float("inf") and back.details["level"] == float("-inf")
+
+
+@pytest.mark.parametrize("content, match", [
+    ([{"kind": "fold"}], r"entry 0: Event\.from_dict: need a mapping with 'step', 'kind' and 'strength'"),
+    ({"step": 1}, r"holds a dict; need a list of events"),
+    ([{"step": 2.5, "kind": "fold", "strength": 1.0}], r"entry 0: Event\.from_dict: step=2\.5 is not allowed"),
+    ([{"step": 2, "kind": "fold", "strength": "big"}], r"entry 0: Event\.from_dict: strength='big' is not allowed"),
+])
+def test_load_events_names_the_file_and_entry_that_is_not_an_event(content, match, tmp_path):
+    """An ``events.json`` that is not a list of events failed in a bare ``KeyError: 'step'`` (or "dictionary update
+    sequence element #0 has length 1"), a step 2.5 was read as 2 and a strength "big" failed in float(): each is now
+    a ValueError naming the file, the entry and what is expected."""
+    import json
+
+    from quotient_sgd.diagnostics import load_events
+
+    path = tmp_path / "events.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=r"load_events: .*events\.json.*" + match):
+        load_events(path)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from .._durable import durable_write
 
@@ -82,9 +83,22 @@ class Event:
     def from_dict(cls, d: dict) -> "Event":
         """The event of a dict written by :meth:`to_dict` (the strings ``"inf"`` / ``"-inf"`` / ``"nan"`` back to
         floats); missing optional fields take their defaults."""
+        missing = [k for k in ("step", "kind", "strength") if not isinstance(d, Mapping) or k not in d]
+        if missing:
+            # (a bare KeyError 'step', or "dictionary update sequence element #0 has length 1" for a non-mapping)
+            raise ValueError(f"Event.from_dict: need a mapping with 'step', 'kind' and 'strength' (as Event.to_dict "
+                             f"writes it); got {_short(d)} without {missing}")
         d = _unclean(dict(d))
+        step, strength = d["step"], d["strength"]
+        if isinstance(step, bool) or not isinstance(step, numbers.Real) or not float(step).is_integer():
+            # (2.7 was read as step 2)
+            raise ValueError(f"Event.from_dict: step={step!r} is not allowed; need an integer step")
+        if isinstance(strength, bool) or not isinstance(strength, (numbers.Real, str)) or (
+                isinstance(strength, str) and strength not in ("inf", "-inf", "nan")):
+            raise ValueError(f"Event.from_dict: strength={strength!r} is not allowed; need a number (or 'inf', '-inf', "
+                             "'nan')")
         return cls(
-            step=int(d["step"]), kind=str(d["kind"]), strength=float(d["strength"]),
+            step=int(step), kind=str(d["kind"]), strength=float(strength),
             observables=dict(d.get("observables", {})), variant=str(d.get("variant", "quotient")),
             invariant=bool(d.get("invariant", False)), details=dict(d.get("details", {})),
         )
@@ -98,14 +112,49 @@ def events_to_json(events: Iterable[Event]) -> str:
     return json.dumps([e.to_dict() for e in events], indent=1)
 
 
+def _short(x: Any) -> str:
+    r = repr(x)
+    return r if len(r) <= 120 else r[:117] + "..."
+
+
 def save_events(path: str | os.PathLike, events: Iterable[Event]) -> None:
     """Write ``events`` to ``path`` (``events.json``), atomically and durably (written to a temporary file,
-    ``fsync``-ed, renamed: :func:`quotient_sgd._durable.durable_write`)."""
-    with durable_write(os.fspath(path)) as f:
+    ``fsync``-ed, renamed: :func:`quotient_sgd._durable.durable_write`).
+
+    Raises:
+        IsADirectoryError: ``path`` is a directory (the events were written to ``path + ".tmp"``, left beside
+            it, and the rename failed naming that file).
+        FileNotFoundError: ``path``'s directory does not exist (the error named the temporary ``.tmp`` file)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"save_events: path={path!r} is a directory; need the path of the events file, e.g. "
+                                f"{os.path.join(path, 'events.json')!r}")
+    where = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(where):
+        raise FileNotFoundError(f"save_events: path={path!r} is not allowed: its directory {where!r} does not exist "
+                                "(or is not a directory)")
+    with durable_write(path) as f:
         f.write(events_to_json(events))
 
 
 def load_events(path: str | os.PathLike) -> list[Event]:
-    """The events of an ``events.json`` (as written by a run, a sweep member or :func:`save_events`)."""
+    """The events of an ``events.json`` (as written by a run, a sweep member or :func:`save_events`).
+
+    Raises:
+        ValueError: the file is not JSON, or not a list of events as :meth:`Event.to_dict` writes them (the message
+            names the file and the entry; a bare ``KeyError: 'step'`` before)."""
     with open(path) as f:
-        return [Event.from_dict(d) for d in json.load(f)]
+        try:
+            data = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"load_events: {os.fspath(path)!r} is not JSON ({e})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"load_events: {os.fspath(path)!r} holds a {type(data).__name__}; need a list of events (as "
+                         "save_events writes them)")
+    out = []
+    for i, d in enumerate(data):
+        try:
+            out.append(Event.from_dict(d))
+        except ValueError as e:
+            raise ValueError(f"load_events: {os.fspath(path)!r}, entry {i}: {e}") from None
+    return out

@@ -189,3 +189,24 @@ def test_load_events_names_the_file_and_entry_that_is_not_an_event(content, matc
     path.write_text(json.dumps(content))
     with pytest.raises(ValueError, match=r"load_events: .*events\.json.*" + match):
         load_events(path)
+
+
+def test_stability_decomposition_names_a_key_that_is_not_a_prng_key():
+    """``stability_decomposition(..., key="a")`` failed in jit's bare "Error interpreting argument to <function
+    _decomposition ...> as an abstract array"; a key that is not an array is now a TypeError naming
+    ``stability_decomposition`` and ``key`` (checked before anything is traced)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from quotient_sgd import models
+    from quotient_sgd.diagnostics import stability_decomposition
+
+    model = models.MLP(2, (3,), 1, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss(p):
+        return jnp.mean(nnx.merge(graphdef, p)(jnp.ones((4, 2))) ** 2)
+
+    for key in ("a", None, 0):
+        with pytest.raises(TypeError, match=r"stability_decomposition: key=.* is not allowed; need one PRNG key"):
+            stability_decomposition(loss, model.symmetries(), params, key=key)

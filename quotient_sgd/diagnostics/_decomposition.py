@@ -96,8 +96,14 @@ def stability_decomposition(loss_fn: Callable, group, params, lr=None, *, key, n
             (``raw="no"`` is truthy: the raw sharpness was computed), or a concrete ``lr`` that is not a finite
             number ``>= 0`` (``"0.1"`` failed in a bare JAX TypeError; ``-1`` and NaN gave a negative or NaN
             ``lr_times_lambda_step``); a traced ``lr`` (under ``jit`` / ``vmap``) is used as it comes.
+        TypeError: ``key`` not an array (a PRNG key: ``jax.random.key(0)`` or ``jax.random.PRNGKey(0)``).
     """
     _check_arguments(lr, num_matvecs, raw)
+    if not (hasattr(key, "dtype") and hasattr(key, "shape")):
+        # (a string failed in jit's bare "Error interpreting argument to <function _decomposition ...> as an
+        # abstract array ... passed to the function at path key"; None and numbers in the Lanczos routine's words)
+        raise TypeError(f"stability_decomposition: key={key!r} is not allowed; need one PRNG key, e.g. "
+                        "jax.random.key(0) (it draws the Lanczos start vectors)")
     try:
         hash((loss_fn, group))
     except TypeError:

@@ -210,3 +210,19 @@ def test_stability_decomposition_names_a_key_that_is_not_a_prng_key():
     for key in ("a", None, 0):
         with pytest.raises(TypeError, match=r"stability_decomposition: key=.* is not allowed; need one PRNG key"):
             stability_decomposition(loss, model.symmetries(), params, key=key)
+
+
+def test_a_loss_array_given_as_the_trajectory_is_refused_naming_what_is_needed():
+    """``detect(loss)`` (the loss array itself) was reported as "a trajectory needs at least the 'loss' key; got
+    keys ['']"; every entry point now says the trajectory must be a mapping, e.g. ``{'loss': loss}``."""
+    from quotient_sgd.diagnostics import LiveDetector, default_transition_keys, detect, detect_loss_spike
+
+    loss = np.linspace(1.0, 0.1, 20)
+    calls = {"detect": lambda: detect(loss), "LiveDetector.update": lambda: LiveDetector().update(loss),
+             "default_transition_keys": lambda: default_transition_keys(loss),
+             "detect_loss_spike": lambda: detect_loss_spike(list(loss), steps=np.arange(20))}
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match=rf"{name}: the trajectory must be a mapping of per-step series, e\.g\. "
+                                            r"\{'loss': loss\}"):
+            call()
+    assert detect({"loss": loss}) == []

@@ -978,7 +978,7 @@ def default_transition_keys(traj, variant: str = "quotient") -> list[str]:
     if not isinstance(variant, str) or variant not in ("quotient", "raw"):
         raise ValueError(f"default_transition_keys: variant={variant!r} is not allowed; need 'quotient' or 'raw' "
                          "(the variants of the transition detector)")
-    traj = flatten_trajectory(traj)
+    traj = flatten_trajectory(traj, "default_transition_keys")
     if variant == "raw":
         return [k for k in ("grad_norm",) if k in traj]
     keys = [k for k in ("loss", "grad_norm_canonical") if scalar(traj, k) is not None]
@@ -1253,7 +1253,7 @@ def _checked(fn):
     @functools.wraps(fn)
     def public(traj, *, steps, lr=None, **options):
         options = check_options(options, name)
-        return fn(flatten_trajectory(traj), steps=np.asarray(steps, np.int64), lr=lr, **options)
+        return fn(flatten_trajectory(traj, name), steps=np.asarray(steps, np.int64), lr=lr, **options)
 
     return public
 

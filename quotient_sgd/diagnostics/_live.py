@@ -233,7 +233,7 @@ class LiveDetector:
             ValueError: a chunk whose ``loss`` is not one value per step (a vmapped chunk), or as :func:`detect`
                 on the trajectory so far.  In each case nothing is added: the detector goes on as before the
                 call."""
-        chunk = flatten_trajectory(chunk)
+        chunk = flatten_trajectory(chunk, "LiveDetector.update")
         if "loss" not in chunk:
             # the other keys of such a chunk were appended with no rows of 'loss' to go with them, and the error
             # came from the next detect call, about a series longer than the loss

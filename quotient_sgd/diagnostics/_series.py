@@ -78,8 +78,17 @@ def plain_scalar(value):
     return bool(a) if kind == "b" else int(a) if kind in "iu" else float(a) if kind == "f" else value
 
 
-def flatten_trajectory(trajectory: Mapping[str, Any] | Any) -> dict[str, np.ndarray]:
-    """``{"a": {"b": x}} -> {"a/b": np.asarray(x)}``; a ``np.load``-ed npz is accepted as is."""
+def flatten_trajectory(trajectory: Mapping[str, Any] | Any, where: str = "detect") -> dict[str, np.ndarray]:
+    """``{"a": {"b": x}} -> {"a/b": np.asarray(x)}``; a ``np.load``-ed npz is accepted as is.
+
+    Raises:
+        TypeError: ``trajectory`` not a mapping (an npz, a NamedTuple): the loss array itself, ``detect(loss)``,
+            was reported as a trajectory without a 'loss' key, "got keys ['']" (``where`` names the caller)."""
+    if not (isinstance(trajectory, Mapping) or hasattr(trajectory, "files")
+            or (isinstance(trajectory, tuple) and hasattr(trajectory, "_fields"))):
+        raise TypeError(f"{where}: the trajectory must be a mapping of per-step series, e.g. {{'loss': loss}} (what "
+                        f"quotient_sgd.optim.train returns, or a loaded trajectory.npz); got a "
+                        f"{type(trajectory).__name__}")
     out: dict[str, np.ndarray] = {}
 
     def rec(prefix, v):

@@ -130,3 +130,36 @@ def test_a_signal_inside_an_extension_module_init_is_deferred():
     # code built from a string that the command itself runs from (`python -c`) is outside: no deferral
     inner, outer = eval("(here(), sys._getframe())", {"sys": sys, "here": lambda: sys._getframe()})
     assert _unsafe_to_raise(inner) and not _unsafe_to_raise(inner, (outer,))
+
+
+# ---- defect 3: a sparse-parity data set too large for memory was refused as "every input is a training input" ----
+def test_sparse_parity_too_large_is_refused_for_its_size_not_as_covering_every_input(monkeypatch):
+    """``data.n_bits = 14, data.n_train = 2^14`` on a machine too small for the data set: validation built it to
+    see whether the draws cover all 2^14 inputs, the data set refused its size, and that refusal was read as
+    "the 16384 training inputs are all 2^n_bits inputs, so none is left to hold out" (16384 draws with
+    replacement cover ~63% of them).  It is now refused for its size, naming data.n_train."""
+    monkeypatch.setattr(v, "physical_memory", lambda: 2**20)
+    monkeypatch.setattr(_tasks, "_physical_memory", lambda: 2**20)
+    c = default_config()
+    c.data.name, c.data.n_bits, c.data.n_train, c.data.n_test, c.data.batch_size = "sparse_parity", 14, 2**14, 16, 8
+    c.model.name = "mlp"
+    with pytest.raises(ConfigError, match=r"config\.data\.n_train = 16384: makes a data set of 16400 examples"):
+        validate(c)
+
+
+def test_config_and_data_count_the_same_bytes():
+    """Validation's estimate of a data set's memory is the data generators' own (``peak_bytes``), so a config
+    that validates builds its data set on the same machine, and one the generators refuse is refused first."""
+    import itertools
+
+    from quotient_sgd.config import DataSettings
+
+    for n_train, n_test, din, h in itertools.product([1, 10**6], [0, 10**5], [1, 1000], [1, 10**4]):
+        d = DataSettings(name="teacher_student", n_train=n_train, n_test=n_test, din=din, dout=3, teacher_hidden=h)
+        assert v.data_bytes(d, "mlp")[0] == _tasks.peak_bytes(
+            "teacher_student", n_train=n_train, n_test=n_test, din=din, dout=3, teacher_hidden=h)
+    for p, (model, enc) in itertools.product([2, 1000], [("mlp", "onehot"), ("transformer", "tokens")]):
+        assert v.data_bytes(DataSettings(name="modular_arithmetic", p=p), model)[0] == _tasks.peak_bytes(
+            "modular_arithmetic", p=p, encoding=enc)
+    d = DataSettings(name="sparse_parity", n_bits=5000, n_train=7, n_test=3)
+    assert v.data_bytes(d, "mlp")[0] == _tasks.peak_bytes("sparse_parity", n_train=7, n_test=3, n_bits=5000)

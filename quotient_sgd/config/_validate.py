@@ -187,7 +187,10 @@ def _check_data(d: DataSettings) -> None:
         _check(1 <= d.k <= d.n_bits, "data.k", d.k, f"must satisfy 1 <= k <= data.n_bits = {d.n_bits}")
         # the training draws may cover every input (cheap to check: few bits; n_train <= 2^31 - 1, so n_bits <= 30
         # here, and 2**n_bits of a large n_bits is not computed: 2**(2^31 - 1) took 30 s)
-        if d.n_bits <= 30 and 2**d.n_bits <= d.n_train:
+        # (only where the data set fits this machine's memory: the data set's own size check refused it, and that
+        # was read as "the training inputs are all 2^n_bits inputs"; one too large is refused by the size check)
+        memory = physical_memory()
+        if d.n_bits <= 30 and 2**d.n_bits <= d.n_train and (memory is None or data_bytes(d, "mlp")[0] <= memory):
             from ..data import sparse_parity
 
             try:

@@ -87,9 +87,9 @@ def _check_size(task: str, sizes: dict, names: dict[str, int], n_examples, memor
     """Refuse, before anything is allocated, a data set with more than :data:`MAX_EXAMPLES` examples or larger
     than this machine's memory (``peak_bytes``): a ``ValueError`` naming the argument among ``names`` (name ->
     default) to reduce, the one furthest above its default of those that alone can bring the data set within the
-    limits, and the largest value of it that fits, the others as given.  (``teacher_student(n_train=10**12)`` failed in a
-    bare ``MemoryError: Unable to allocate 58.2 TiB``, ``modular_arithmetic(p=10**30)`` in NumPy's bare
-    "Maximum allowed size exceeded".)"""
+    limits, and the largest value of it that fits, the others as given.  (``teacher_student(n_train=10**12)``
+    failed in a bare ``MemoryError: Unable to allocate 58.2 TiB``, ``modular_arithmetic(p=10**30)`` in NumPy's
+    bare "Maximum allowed size exceeded".)"""
 
     def largest(name, fits):  # the largest value of `name` in [1, sizes[name]] for which `fits`, else 0
         lo, hi = 0, sizes[name]

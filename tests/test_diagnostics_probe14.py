@@ -226,3 +226,32 @@ def test_a_loss_array_given_as_the_trajectory_is_refused_naming_what_is_needed()
                                             r"\{'loss': loss\}"):
             call()
     assert detect({"loss": loss}) == []
+
+
+def test_the_decomposition_names_a_group_that_is_not_one_and_swapped_arguments():
+    """``gauge_transport("x", ...)`` or with a loss function as the group failed in a bare "'str' object has no
+    attribute 'canonical_element'", and ``stability_decomposition(group, loss_fn, params)`` (swapped) in JAX's
+    "Expected a callable value, got Product(...)": each is now a TypeError naming the function and the argument."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from quotient_sgd import models
+    from quotient_sgd.diagnostics import gauge_transport, stability_decomposition
+
+    model = models.MLP(2, (3,), 1, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    group = model.symmetries()
+
+    def loss(p):
+        return jnp.mean(nnx.merge(graphdef, p)(jnp.ones((4, 2))) ** 2)
+
+    for bad in ("x", loss):
+        with pytest.raises(TypeError, match=r"gauge_transport\(group, params, v_canonical\): group must be a "
+                                            r"symmetry group"):
+            gauge_transport(bad, params, params)
+    with pytest.raises(TypeError, match=r"stability_decomposition\(loss_fn, group, params, \.\.\.\): loss_fn must "
+                                        r"be a function .* \(a symmetry group: the loss function comes first\)"):
+        stability_decomposition(group, loss, params, key=jax.random.key(0))
+    with pytest.raises(TypeError, match=r"stability_decomposition\(loss_fn, group, params, \.\.\.\): group must be"):
+        stability_decomposition(loss, "x", params, key=jax.random.key(0))

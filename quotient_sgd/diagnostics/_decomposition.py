@@ -37,6 +37,19 @@ def _sq(t) -> jax.Array:
     return sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(t))
 
 
+def _is_group(group) -> bool:
+    return all(callable(getattr(group, a, None)) for a in ("canonical_element", "canonicalize", "act", "tangents"))
+
+
+def _check_group(fn: str, signature: str, group) -> None:
+    """``TypeError`` naming ``fn`` unless ``group`` is a symmetry group (``model.symmetries()``): anything else failed
+    in a bare "'str' object has no attribute 'canonical_element'" (or, a group and a loss function swapped, in
+    JAX's "Expected a callable value, got Product(...)")."""
+    if not _is_group(group):
+        raise TypeError(f"{fn}{signature}: group must be a symmetry group (model.symmetries()), got a "
+                        f"{type(group).__name__}")
+
+
 def gauge_transport(group, params, v_canonical):
     """``J_k^T v`` with ``k`` the canonical element at ``params``: a horizontal vector at the canonical point
     transported to ``params`` (the covariant transport of gradients / Hessian eigenvectors).
@@ -48,7 +61,11 @@ def gauge_transport(group, params, v_canonical):
 
     Computed in the parameters' floating dtypes, at least float32 (bfloat16 / float16 parameters are widened, as
     for the other observables): ``v_canonical`` is cast to them (a float32 vector on bfloat16 parameters failed in
-    the VJP's bare "expected bfloat16"), and the result is in them."""
+    the VJP's bare "expected bfloat16"), and the result is in them.
+
+    Raises (also): TypeError: ``group`` not a symmetry group (``model.symmetries()``; a string or a loss function
+    failed in a bare "object has no attribute 'canonical_element'")."""
+    _check_group("gauge_transport", "(group, params, v_canonical)", group)
     params = widen(params)
     v_canonical = _like_params("gauge_transport", params, v_canonical)
     k = group.canonical_element(params)
@@ -96,8 +113,15 @@ def stability_decomposition(loss_fn: Callable, group, params, lr=None, *, key, n
             (``raw="no"`` is truthy: the raw sharpness was computed), or a concrete ``lr`` that is not a finite
             number ``>= 0`` (``"0.1"`` failed in a bare JAX TypeError; ``-1`` and NaN gave a negative or NaN
             ``lr_times_lambda_step``); a traced ``lr`` (under ``jit`` / ``vmap``) is used as it comes.
-        TypeError: ``key`` not an array (a PRNG key: ``jax.random.key(0)`` or ``jax.random.PRNGKey(0)``).
+        TypeError: ``key`` not an array (a PRNG key: ``jax.random.key(0)`` or ``jax.random.PRNGKey(0)``),
+            ``loss_fn`` not a function or ``group`` not a symmetry group (the two swapped failed in JAX's bare
+            "Expected a callable value, got Product(...)").
     """
+    if _is_group(loss_fn) or not callable(loss_fn):
+        raise TypeError(f"stability_decomposition(loss_fn, group, params, ...): loss_fn must be a function params -> "
+                        f"loss, got a {type(loss_fn).__name__}" + (" (a symmetry group: the loss function comes "
+                                                                    "first)" if _is_group(loss_fn) else ""))
+    _check_group("stability_decomposition", "(loss_fn, group, params, ...)", group)
     _check_arguments(lr, num_matvecs, raw)
     if not (hasattr(key, "dtype") and hasattr(key, "shape")):
         # (a string failed in jit's bare "Error interpreting argument to <function _decomposition ...> as an

@@ -1010,11 +1010,13 @@ def detect_transition(traj, *, steps, transition_keys: Sequence[str] | None = No
 
     with the per-key bound of :func:`~quotient_sgd.diagnostics.cusum_threshold` (independent Gaussian block
     values; a serially correlated or heavy-tailed rate exceeds it unless ``block`` is several correlation times,
-    measured rates in :mod:`._cusum`).  ``transition_keys``: the keys to monitor instead of
+    measured rates in :mod:`._cusum`).  ``transition_keys``: the keys to monitor instead of the quotient
     :func:`default_transition_keys` (orbit invariants as variant ``quotient``, other keys as ``raw``; a key the
-    trajectory lacks is skipped with a warning, as is one whose variant is not in ``variants``).  ``horizon``: planned
-    trajectory length in steps for live use (fixes the block length and the threshold, so that chunks of any size give
-    the events of the whole trajectory; for records evenly spaced, every ``K`` steps: ``horizon / K`` planned records.
+    trajectory lacks is skipped with a warning, as is one whose variant is not in ``variants``); the raw variant's
+    default, ``grad_norm``, is monitored beside them (and shares ``alpha``) unless ``variants=("quotient",)``.
+    ``horizon``: planned trajectory length in steps for live use (fixes the block length and the threshold, so that
+    chunks of any size give the events of the whole trajectory; for records evenly spaced, every ``K`` steps:
+    ``horizon / K`` planned records.
     Records at irregular steps are counted with the median spacing of the records so far, which a live detector sees
     change, e.g. every step, then every 10: the block length then depends on how much has arrived, and live events may
     differ from those of the whole run).  Event step: the alarm (causal detection time, end of the block);

@@ -1,12 +1,12 @@
 """The HJ / Burgers engine on cases beyond its other tests: float32 fields under float64 mode with the IMEX solver and
-save times."""
+save times; step budgets and shock counts given as NumPy integers."""
 
 import diffrax as dfx
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quotient_sgd.hj import Grid, solve_burgers
+from quotient_sgd.hj import Grid, slice_flow, solve_burgers
 from quotient_sgd.hj._solve import _KenCarp4
 
 
@@ -57,3 +57,25 @@ def test_kencarp_keeps_a_float32_field_float32_at_save_times_under_x64(x64):
     sol = solve_burgers(p0.astype(jnp.float32), g, nu=0.05, t1=0.3, ts=ts, scheme="fv", solver="kencarp")
     assert sol.ps.dtype == jnp.float32 and sol.ps.shape == (3, 16)
     np.testing.assert_allclose(np.asarray(sol.ps), np.asarray(ref), atol=2e-5)
+
+
+def test_numpy_integer_step_budgets_and_shock_counts_are_read_as_counts():
+    """``max_steps`` given as a NumPy integer (``np.int64(100)``, as a config or an array computation hands it) passed
+    the check "an integer >= 1" and was then traced by the compiled solve, which failed inside ``diffeqsolve`` in a
+    bare ``TracerBoolConversionError``; ``slice_flow`` traced ``max_steps`` and ``max_shocks`` given so before its
+    checks, and refused them as "max_steps=JitTracer(int32[]) is not allowed".  Both are read as the Python ints they
+    are, and give the results of the int ones."""
+    g = Grid(8, -1.0, 1.0)
+    p0 = jnp.sin(jnp.pi * g.x)
+    a = solve_burgers(p0, g, nu=0.1, t1=0.1, scheme="fv", max_steps=np.int64(100)).ps  # (adaptive: a fixed dt sets
+    b = solve_burgers(p0, g, nu=0.1, t1=0.1, scheme="fv", max_steps=100).ps  # the budget from its step count)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    def loss(q):
+        return jnp.sum(jnp.cos(3 * q))
+
+    kw = dict(extent=1.0, n=9, eta=0.1, k=2, nu=0.05, dt=0.1)
+    ref = slice_flow(loss, jnp.zeros(2), jnp.array([1.0, 0.0]), max_steps=1000, max_shocks=4, **kw)
+    got = slice_flow(loss, jnp.zeros(2), jnp.array([1.0, 0.0]), max_steps=np.int64(1000), max_shocks=np.int32(4), **kw)
+    np.testing.assert_array_equal(np.asarray(got.u), np.asarray(ref.u))
+    assert got.shocks.location.shape == ref.shocks.location.shape == (4,)

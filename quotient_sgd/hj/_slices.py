@@ -265,6 +265,10 @@ def slice_flow(loss_fn: Callable, params, directions, *, extent: float, n: int, 
     # hundred small ops: ~6.5 s a call against ~2.6 s); eta, k, nu stay inputs (one program for every value)
     # known tolerances and step sizes as plain numbers: fixed in the program, and checked by solve_hj as it traces
     rtol, atol, dt = (_plain(v) for v in (rtol, atol, dt))
+    # counts as Python ints: they size the program (step budget, shock slots), so they must not be traced; a NumPy
+    # integer (np.int64(1000)) is an array to the compiled program, which traced it, and solve_hj / find_shocks
+    # refused "max_steps=JitTracer(int32[])"
+    max_steps, max_shocks = _count(max_steps), _count(max_shocks)
     args = (loss_fn, params, tuple(ds), jnp.asarray(eta), jnp.asarray(k), jnp.asarray(nu), ext, crop, pad, dx, dim,
             scheme, solver, rtol, atol, max_steps, max_shocks, dt)
     try:  # what keys the compiled program's cache (the grids and counts are hashable by construction)
@@ -284,6 +288,18 @@ def _real(value) -> bool:
     except Exception:  # noqa: BLE001 - traced, or not array-like
         return False
     return a.ndim == 0 and a.dtype.kind in "iuf"
+
+
+def _count(value):
+    """A known integer scalar (a NumPy integer, a 0-d integer array) as a Python int; anything else as it is (checked
+    by the function it is handed to, with the value as given)."""
+    if isinstance(value, (bool, np.bool_, int)):
+        return value
+    try:
+        a = np.asarray(value)
+    except Exception:  # noqa: BLE001 - traced, or not array-like
+        return value
+    return int(a) if a.ndim == 0 and a.dtype.kind in "iu" else value
 
 
 def _plain(value):

@@ -453,6 +453,9 @@ def _solve(form, name, y0, grid, *, nu, t1, ts, scheme, solver, rtol, atol, max_
         y0 = check_gradient_field(name, field, y0, grid, spectral=isinstance(scheme, Spectral), advice=_NOT_GRADIENT)
     if isinstance(max_steps, bool) or not (isinstance(max_steps, (int, np.integer)) and max_steps >= 1):
         raise ValueError(f"{name}: max_steps={max_steps!r} is not allowed; need an integer >= 1.")
+    # a Python int: the step budget is static (it sizes Diffrax's loop and buffers); a NumPy integer is an array to
+    # the compiled solve, which traced it and failed inside diffeqsolve in a bare TracerBoolConversionError
+    max_steps = int(max_steps)
     for arg, value in (("adaptive", adaptive), ("progress", progress)):
         if not isinstance(value, (bool, np.bool_)):  # a string or number chose by its truth value ("no" is True)
             raise ValueError(f"{name}: {arg}={value!r} is not allowed; need True or False.")

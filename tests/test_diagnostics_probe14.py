@@ -255,3 +255,25 @@ def test_the_decomposition_names_a_group_that_is_not_one_and_swapped_arguments()
         stability_decomposition(group, loss, params, key=jax.random.key(0))
     with pytest.raises(TypeError, match=r"stability_decomposition\(loss_fn, group, params, \.\.\.\): group must be"):
         stability_decomposition(loss, "x", params, key=jax.random.key(0))
+
+
+def test_steps_past_float64s_integers_are_refused_by_name():
+    """``detect(..., start_step=2**63)`` failed in a bare OverflowError ("Python int too large to convert to C
+    long"), and a ``step`` key or ``start_step`` near 2**62 (accepted) lost its step differences in float64, where
+    the transition detector divides rates by them: 2**62 + 1 - 2**62 was 0, every block NaN with a RuntimeWarning,
+    nothing monitored.  Steps of magnitude 2**53 or more are now refused naming ``start_step`` / ``step``."""
+    import warnings
+
+    from quotient_sgd.diagnostics import LiveDetector, detect
+
+    loss = np.linspace(1.0, 0.5, 30)
+    for s in (2**62, 2**63, -(2**63) - 1, 2**53 - 29):
+        with pytest.raises(ValueError, match=r"detect: start_step=.* is not allowed; need an integer .* < 2\*\*53"):
+            detect({"loss": loss}, start_step=s)
+    with pytest.raises(ValueError, match=r"'step' key must hold integer step numbers \(finite, of magnitude < 2\*\*53"):
+        detect({"loss": loss, "step": 2**62 + np.arange(30)})
+    with pytest.raises(ValueError, match=r"LiveDetector: start_step=.* < 2\*\*53"):
+        LiveDetector(start_step=2**64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert detect({"loss": loss}, start_step=2**53 - 30) == []

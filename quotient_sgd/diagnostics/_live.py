@@ -11,7 +11,7 @@ import numpy as np
 from ._detect import ALL_KINDS, detect
 from ._events import Event, save_events
 from ._options import check_kinds, check_options
-from ._series import check_lr, flatten_trajectory, plain_scalar
+from ._series import _MAX_STEP, check_lr, flatten_trajectory, plain_scalar
 
 
 def _lr_from_config(cfg: Mapping[str, Any]):
@@ -195,8 +195,10 @@ class LiveDetector:
         if kinds is not None:
             options["kinds"] = kinds
         start_step = plain_scalar(start_step)  # (a 0-d integer array, e.g. a JAX step counter, counts)
-        if isinstance(start_step, bool) or not isinstance(start_step, (int, np.integer)):
-            raise ValueError(f"LiveDetector: start_step={start_step!r} is not allowed; need an integer")
+        if isinstance(start_step, bool) or not isinstance(start_step, (int, np.integer)) \
+                or not -_MAX_STEP < int(start_step) < _MAX_STEP:
+            raise ValueError(f"LiveDetector: start_step={start_step!r} is not allowed; need an integer of magnitude "
+                             "< 2**53")
         start_step = int(start_step)
         if lr is not None:  # (a negative or NaN lr failed at the first chunk; its length is checked per chunk)
             check_lr(lr, "LiveDetector")

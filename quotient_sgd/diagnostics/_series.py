@@ -115,6 +115,10 @@ def num_steps(traj: Mapping[str, np.ndarray]) -> int:
     return lens.pop()
 
 
+#: Step numbers are integers of magnitude below this: exact in float64, where the rates divide by step differences.
+_MAX_STEP = 2**53
+
+
 def steps_of(traj: Mapping[str, np.ndarray], start_step: int = 0) -> np.ndarray:
     """The step numbers of the rows: the ``step`` key, else ``start_step + arange(rows)``.
 
@@ -122,7 +126,8 @@ def steps_of(traj: Mapping[str, np.ndarray], start_step: int = 0) -> np.ndarray:
         ValueError: ``step`` values that are not finite integers or not strictly increasing (repeated or unsorted
             steps, e.g. chunks concatenated in the wrong order or twice: every detector reads the rows as
             consecutive in time), or a ``start_step`` that is not an integer (a Python or NumPy integer, or a 0-d
-            integer array).
+            integer array); steps of magnitude ``2**53`` or more (not exact in float64, where the rates divide by
+            the steps between records).
     """
     if "step" in traj:
         raw = np.asarray(traj["step"]).reshape(-1)
@@ -131,11 +136,13 @@ def steps_of(traj: Mapping[str, np.ndarray], start_step: int = 0) -> np.ndarray:
                              f"{raw.dtype}")
         with np.errstate(invalid="ignore"):
             # NaN (a live chunk without steps), 2.5, +-inf and values past int64 (cast to -2^63, whose difference
-            # with the previous step wrapped round to a positive number: read as increasing)
-            bad = np.nonzero((raw != np.round(raw)) | (np.abs(raw) >= 2.0 ** 62))[0]
+            # with the previous step wrapped round to a positive number: read as increasing); from 2^53 on, steps
+            # are not exact in float64, where the rates are divided by the steps between records (2^62 + 1 - 2^62
+            # was 0: every transition block NaN, none monitored, and a RuntimeWarning)
+            bad = np.nonzero((raw != np.round(raw)) | (np.abs(raw) >= _MAX_STEP))[0]
         if bad.size:
             raise ValueError(f"detect: the trajectory's 'step' key must hold integer step numbers (finite, of "
-                             f"magnitude < 2**62); got step[{bad[0]}] = {raw[bad[0]]} ({bad.size} such value(s))")
+                             f"magnitude < 2**53); got step[{bad[0]}] = {raw[bad[0]]} ({bad.size} such value(s))")
         steps = raw.astype(np.int64)
         back = np.nonzero(np.diff(steps) <= 0)[0]
         if back.size:
@@ -146,9 +153,14 @@ def steps_of(traj: Mapping[str, np.ndarray], start_step: int = 0) -> np.ndarray:
                              "twice or out of order: sort the rows by step and drop the repeats")
         return steps
     start_step = plain_scalar(start_step)
-    if isinstance(start_step, bool) or not isinstance(start_step, (int, np.integer)):
-        raise ValueError(f"detect: start_step={start_step!r} is not allowed; need an integer (the first row's step)")
-    return int(start_step) + np.arange(num_steps(traj), dtype=np.int64)
+    n = num_steps(traj)
+    # (2**63 failed in a bare OverflowError "Python int too large to convert to C long"; from 2**53 on the steps are
+    # not exact in float64, as for the 'step' key)
+    if isinstance(start_step, bool) or not isinstance(start_step, (int, np.integer)) \
+            or not -_MAX_STEP < int(start_step) <= _MAX_STEP - max(n, 1):
+        raise ValueError(f"detect: start_step={start_step!r} is not allowed; need an integer (the first row's step), "
+                         f"the steps of the rows of magnitude < 2**53")
+    return int(start_step) + np.arange(n, dtype=np.int64)
 
 
 def scalar(traj: Mapping[str, np.ndarray], key: str) -> np.ndarray | None:

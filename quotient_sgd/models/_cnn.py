@@ -219,6 +219,13 @@ class CNN(nnx.Module):
           mode only if the running statistics are permuted alongside).
 
         and ``"translation/head"`` when ``classifier=True``.
+
+        The declared group is a subgroup of the model's symmetries, not all of them; not declared (so not in the
+        vertical space, canonical points or invariants): for ``activation="tanh"`` (odd) the sign flip of a
+        channel (its conv kernel slice and bias, or with a norm the norm's ``scale`` and ``bias`` entry, negated
+        with ``next``'s input slice; discrete), and for ``activation="identity"`` with ``norm=None`` the whole
+        ``GL(c_{l+1})`` of a layer's channels (conv kernel and bias times ``A`` on the output-channel axis,
+        ``next`` times ``A^{-1}`` on its input-channel axis: convolution and pooling are linear in the channels).
         """
         comps = []
         hom = is_homogeneous(self.activation)

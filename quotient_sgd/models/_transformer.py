@@ -278,7 +278,11 @@ class Transformer(nnx.Module):
         - the normalised vector ``n`` of a LayerNorm is orthogonal to ``1``: a matrix ``W`` reading it (``w_q^h``,
           ``w_k^h``, ``w_v^h``, ``fc_in.kernel``, ``unembed.kernel``) may gain ``(1 / scale) u^T`` (the entrywise
           reciprocal of the norm's ``scale``) when its bias gains ``-(sum_i bias_i / scale_i) u``;
-        - per-coordinate rescales between a LayerNorm's ``(scale, bias)`` and the rows of the matrices reading it.
+        - per-coordinate rescales between a LayerNorm's ``(scale, bias)`` and the rows of the matrices reading it;
+        - with ``activation="identity"``, the whole ``GL`` of each MLP's hidden units (``fc_in`` kernel and bias
+          times ``A``, ``fc_out`` kernel times ``A^{-1}`` from the left; the rescale and permutation declared are
+          its diagonal and permutation matrices), and with ``"tanh"`` (odd) the sign flip of a hidden unit
+          (its ``fc_in`` column and bias entry and its ``fc_out`` row negated; discrete).
 
         Exact for ``norm_eps -> 0`` only: scaling the whole residual stream (embeddings, ``w_o``, ``b_o``,
         ``fc_out``) by one factor.  Declaring these would couple every block into one overlap cluster, and the

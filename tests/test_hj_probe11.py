@@ -1,12 +1,13 @@
 """The HJ / Burgers engine on cases beyond its other tests: float32 fields under float64 mode with the IMEX solver and
-save times; step budgets and shock counts given as NumPy integers."""
+save times; step budgets and shock counts given as NumPy integers; Cole-Hopf counts and keys of another kind."""
 
 import diffrax as dfx
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quotient_sgd.hj import Grid, slice_flow, solve_burgers
+from quotient_sgd.hj import cole_hopf, cole_hopf_monte_carlo, Grid, slice_flow, solve_burgers
 from quotient_sgd.hj._solve import _KenCarp4
 
 
@@ -79,3 +80,28 @@ def test_numpy_integer_step_budgets_and_shock_counts_are_read_as_counts():
     got = slice_flow(loss, jnp.zeros(2), jnp.array([1.0, 0.0]), max_steps=np.int64(1000), max_shocks=np.int32(4), **kw)
     np.testing.assert_array_equal(np.asarray(got.u), np.asarray(ref.u))
     assert got.shocks.location.shape == ref.shocks.location.shape == (4,)
+
+
+def test_cole_hopf_counts_and_keys_of_another_kind_are_refused_by_name():
+    """``cole_hopf_monte_carlo(..., num_samples=None)`` (or a complex count) failed in a bare ``int()`` ``TypeError``
+    and ``key=0`` (an int seed) in JAX's bare "invalid PRNG key data"; ``cole_hopf(..., ndim=True)`` ran the 1-D
+    quadrature (``True == 1``).  Each is now a ``ValueError`` naming the argument; keys of both kinds (typed and raw)
+    still run (a typed key here, under ``jax.vmap``)."""
+    def loss(q):
+        return jnp.sum(q * q)
+
+    kw = dict(t=0.1, nu=0.1)
+    for bad, match in ((dict(num_samples=None), "num_samples=None is not allowed"),
+                       (dict(num_samples=8 + 0j), "num_samples=.* is not allowed"),
+                       (dict(num_samples=True), "num_samples=True is not allowed"),
+                       (dict(key=0), "key=0 is not allowed; need a JAX PRNG key"),
+                       (dict(key=jnp.zeros(2, jnp.int32)), "key=.* is not allowed; need a JAX PRNG key")):
+        args = dict(key=jax.random.PRNGKey(0), num_samples=8) | bad
+        with pytest.raises(ValueError, match=match):
+            cole_hopf_monte_carlo(loss, jnp.ones(3), **kw, **args)
+    for bad, match in ((dict(ndim=True), r"ndim 1 or 2 \(got True\)"), (dict(num=5 + 0j), r"num=.* is not allowed")):
+        with pytest.raises(ValueError, match=match):
+            cole_hopf(lambda y: y * y, jnp.linspace(-1.0, 1.0, 5), 0.1, 0.1, **bad)
+    typed = jax.vmap(lambda k: cole_hopf_monte_carlo(loss, jnp.ones(3), **kw, key=k, num_samples=8).value)(
+        jax.random.split(jax.random.key(0), 2))
+    assert typed.shape == (2,) and bool(jnp.all(jnp.isfinite(typed)))

@@ -39,7 +39,7 @@ import numpy as np
 from jax.scipy.special import logsumexp
 
 from ._custom_types import Array
-from ._grid import real_field, widen_real
+from ._grid import is_count, real_field, widen_real
 
 
 def _window(t, nu, lipschitz):
@@ -212,7 +212,7 @@ def _dispatch(loss, x, t, nu, ndim, num, lipschitz, name="cole_hopf"):
     x = real_field(name, "x", x)
     if _concrete_non_finite(x):
         raise ValueError(f"{name}: x is not finite (a NaN or infinite evaluation point); need finite points.")
-    if num is not None and (int(num) != num or num < 3):
+    if num is not None and not is_count(num, 3):  # (a complex or a list failed in a bare int() TypeError)
         raise ValueError(f"{name}: num={num!r} is not allowed; need an integer >= 3 quadrature points per axis "
                          "(the spacing must resolve the weight's width, see the module docstring).")
     lip = None if lipschitz is None else _concrete(lipschitz)
@@ -220,7 +220,7 @@ def _dispatch(loss, x, t, nu, ndim, num, lipschitz, name="cole_hopf"):
                                 and float(lip) >= 0):
         raise ValueError(f"{name}: lipschitz={lipschitz!r} is not allowed; need a finite number >= 0 (a bound "
                          "on |grad L|) or None (the window is found from the loss).")
-    if ndim not in (1, 2):
+    if isinstance(ndim, (bool, np.bool_)) or ndim not in (1, 2):  # (True == 1: it ran the 1-D quadrature)
         raise ValueError(f"{name}: the quadrature is for ndim 1 or 2 (got {ndim!r}); use cole_hopf_monte_carlo.")
     if ndim == 2 and jnp.shape(x)[0] != 2:
         raise ValueError(f"{name}(ndim=2) wants points of shape (2, ...), got {jnp.shape(x)}.")
@@ -344,6 +344,17 @@ class MonteCarloEstimate(eqx.Module):
 MC_MIN_ESS = 20.0
 
 
+def _is_key(key) -> bool:
+    """``key`` is one JAX PRNG key: a typed key (``jax.random.key``) of shape ``()``, or a legacy raw key
+    (``jax.random.PRNGKey``), a uint32 array of shape ``(2,)`` (threefry) or ``(4,)`` (rbg)."""
+    dtype, shape = getattr(key, "dtype", None), getattr(key, "shape", None)
+    if dtype is None or shape is None:
+        return False
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return tuple(shape) == ()
+    return dtype == jnp.uint32 and tuple(shape) in ((2,), (4,))
+
+
 def cole_hopf_monte_carlo(loss_fn: Callable, params, t, nu, *, key, num_samples: int = 256) -> MonteCarloEstimate:
     """Monte Carlo estimate of the coarse-grained loss u(params, t) and its gradient in high dimension.
 
@@ -364,9 +375,13 @@ def cole_hopf_monte_carlo(loss_fn: Callable, params, t, nu, *, key, num_samples:
     """
     _check_positive("cole_hopf_monte_carlo", t=t, nu=nu)
     _check_scalars("cole_hopf_monte_carlo", t=t, nu=nu)
-    if int(num_samples) != num_samples or num_samples < 4 or num_samples % 2:
+    # (None or a complex count failed in a bare int() TypeError; True was read as 1)
+    if not is_count(num_samples, 4) or int(num_samples) % 2:
         raise ValueError(f"cole_hopf_monte_carlo: num_samples={num_samples!r} is not allowed; need an even number "
                          ">= 4 (antithetic pairs, at least two for a standard error).")
+    if not _is_key(key):  # an int seed (key=0) failed in JAX's bare "invalid PRNG key data"
+        raise ValueError(f"cole_hopf_monte_carlo: key={key!r} is not allowed; need a JAX PRNG key, e.g. "
+                         "jax.random.key(0) or jax.random.PRNGKey(0).")
     # no leaves failed in vmap's bare "must be passed at least one argument containing an array", a vector-valued
     # loss in jax.grad's bare "Gradient only defined for scalar-output functions"
     _check_loss_and_params("cole_hopf_monte_carlo", loss_fn, params, centre="the point the loss is coarse-grained "

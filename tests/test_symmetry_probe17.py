@@ -135,7 +135,7 @@ def test_quotient_distance_does_not_depend_on_the_order_a_product_lists_its_perm
 
 
 def test_gl_samples_of_width_one_spread_over_the_documented_interval():
-    """``GL.sample`` places the log singular values at ``linspace(-1.5 scale, 1.5 scale, d)``: for ``d = 1`` (a
+    """``GL.sample`` placed the log singular values at ``linspace(-1.5 scale, 1.5 scale, d)``: for ``d = 1`` (a
     deep linear chain through one unit, a head with ``d_head = 1``) that is the single point ``-1.5 scale``, so
     every element was ``+-exp(-1.5 scale)`` whatever the key, never above 1 in magnitude.  A width-one element is now
     a random sign times ``exp(u)``, ``u ~ U(-1.5 scale, 1.5 scale)``: magnitudes on both sides of 1, within the

@@ -1,5 +1,6 @@
 """The HJ / Burgers engine on cases beyond its other tests: float32 fields under float64 mode with the IMEX solver and
-save times; step budgets and shock counts given as NumPy integers; Cole-Hopf counts and keys of another kind."""
+save times; step budgets and shock counts given as NumPy integers; Cole-Hopf counts and keys of another kind;
+reverse mode through the forward-mode adjoint."""
 
 import diffrax as dfx
 import jax
@@ -7,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quotient_sgd.hj import cole_hopf, cole_hopf_monte_carlo, Grid, slice_flow, solve_burgers
+from quotient_sgd.hj import cole_hopf, cole_hopf_monte_carlo, Grid, slice_flow, solve_burgers, solve_hj
 from quotient_sgd.hj._solve import _KenCarp4
 
 
@@ -105,3 +106,20 @@ def test_cole_hopf_counts_and_keys_of_another_kind_are_refused_by_name():
     typed = jax.vmap(lambda k: cole_hopf_monte_carlo(loss, jnp.ones(3), **kw, key=k, num_samples=8).value)(
         jax.random.split(jax.random.key(0), 2))
     assert typed.shape == (2,) and bool(jnp.all(jnp.isfinite(typed)))
+
+
+def test_reverse_mode_through_the_forward_mode_adjoint_is_refused_by_name():
+    """``jax.grad`` (or ``jax.vjp``) through a solve with ``adjoint=diffrax.ForwardMode()`` failed in JAX's bare
+    "Reverse-mode differentiation does not work for lax.while_loop or lax.fori_loop with dynamic start/stop values",
+    naming neither the solve nor the adjoint.  It is now a ``ValueError`` naming ``adjoint`` and what to use.  (Forward
+    mode through it, jvp / jacfwd / nested jacfwd / vmap / jit, was checked against the default adjoint's reverse mode
+    and finite differences to 1e-14; the refusal is the identity in value.)"""
+    g = Grid(8, -1.0, 1.0)
+    u0 = jnp.cos(jnp.pi * g.x)
+
+    def f(nu):
+        return jnp.sum(solve_hj(u0, g, nu=nu, t1=0.2, scheme="fv", dt=0.05, adjoint=dfx.ForwardMode()).us[-1] ** 2)
+
+    with pytest.raises(ValueError, match=r"solve_hj: adjoint=diffrax.ForwardMode\(\) differentiates in forward mode "
+                                         r"only .*RecursiveCheckpointAdjoint"):
+        jax.grad(f)(0.1)

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optimistix as optx
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 
 from ._curl import check_gradient_field
 from ._custom_types import Array
@@ -62,6 +64,31 @@ def as_scheme(scheme: str | eqx.Module) -> eqx.Module:
     if scheme not in table:
         raise ValueError(f"scheme={scheme!r} is not one of {sorted(table)} or a Spectral/FiniteVolume object.")
     return table[scheme]
+
+
+def _refuse_reverse_mode(cotangent, operand, *, message):
+    raise ValueError(message)
+
+
+# The identity, linear, whose transpose (what reverse-mode differentiation runs) raises a named error: Diffrax's
+# ForwardMode adjoint integrates tangents inside its while loop, and jax.grad / jax.vjp through it failed in JAX's
+# bare "Reverse-mode differentiation does not work for lax.while_loop or lax.fori_loop with dynamic start/stop
+# values", naming neither the solver nor the adjoint.  Forward mode (jvp, jacfwd, nested) and vmap pass through it.
+_forward_only_p = Primitive("quotient_sgd_hj_forward_mode_only")
+_forward_only_p.def_impl(lambda x, *, message: x)
+_forward_only_p.def_abstract_eval(lambda x, *, message: x)
+mlir.register_lowering(_forward_only_p, lambda ctx, x, *, message: [x])
+ad.deflinear2(_forward_only_p, _refuse_reverse_mode)
+batching.primitive_batchers[_forward_only_p] = (
+    lambda args, dims, *, message: (_forward_only_p.bind(*args, message=message), dims[0]))
+
+
+def _forward_only(x, name: str):
+    """``x`` itself, refusing reverse-mode differentiation with a ``ValueError`` naming ``adjoint``."""
+    return _forward_only_p.bind(x, message=(
+        f"{name}: adjoint=diffrax.ForwardMode() differentiates in forward mode only (jax.jvp, jax.jacfwd); reverse "
+        "mode (jax.grad, jax.vjp) cannot go back through its loop.  For jax.grad use the default "
+        "adjoint=diffrax.RecursiveCheckpointAdjoint() (or DirectAdjoint()), or take jax.jacfwd with ForwardMode()."))
 
 
 class _Explicit(eqx.Module):
@@ -732,8 +759,11 @@ def _integrate(form, name, grid, term, solver, y0, nu, t1, ts, dt, dt0, rtol, at
         ys, ~jnp.all(jnp.isfinite(ys)),
         f"{name}: the solution is not finite. {blowup}",
     )
+    ts_out = sol.ts
+    if isinstance(adjoint, dfx.ForwardMode):
+        ys, ts_out = (_forward_only(a, name) for a in (ys, ts_out))
     cls = BurgersSolution if form == "burgers" else HJSolution
-    return cls(ts=sol.ts, ys=ys, grid=grid, num_steps=sol.stats["num_steps"])
+    return cls(ts=ts_out, ys=ys, grid=grid, num_steps=sol.stats["num_steps"])
 
 
 def solve_burgers(p0, grid: AnyGrid, *, nu, t1, ts=None, scheme="spectral", solver="auto", rtol=1e-6,
@@ -796,10 +826,12 @@ def solve_burgers(p0, grid: AnyGrid, *, nu, t1, ts=None, scheme="spectral", solv
         dt0, adaptive: initial step of adaptive stepping; ``adaptive=False`` with ``dt0`` means ``dt=dt0``.
         adjoint: a diffrax adjoint; RecursiveCheckpointAdjoint by default (reverse mode: ``jax.grad`` /
             ``jax.vjp``).  For forward mode (``jax.jvp``, ``jax.jacfwd``) pass ``diffrax.ForwardMode()``: the
-            default's custom VJP refuses ``jvp``.  BacksolveAdjoint is refused: it integrates the viscous equation
-            backwards in time, which is anti-diffusive and blows up; so is ImplicitAdjoint, which differentiates
-            a steady state (the flow at t1 is none: jax.grad in nu came out 8.6e16 for -10.97), and a value that
-            is not a diffrax adjoint (``None``, a string), each with a ``ValueError`` naming ``adjoint``.
+            default's custom VJP refuses ``jvp``; reverse mode through ``ForwardMode()`` raises a ``ValueError``
+            naming ``adjoint`` (``DirectAdjoint()`` serves both, at more memory).  BacksolveAdjoint is refused: it
+            integrates the viscous equation backwards in time, which is anti-diffusive and blows up; so is
+            ImplicitAdjoint, which differentiates a steady state (the flow at t1 is none: jax.grad in nu came out
+            8.6e16 for -10.97), and a value that is not a diffrax adjoint (``None``, a string), each with a
+            ``ValueError`` naming ``adjoint``.
         progress: show a tqdm progress meter.
 
     Returns:

@@ -54,7 +54,9 @@ def model_config(cfg):
         raise SystemExit(f"hj_slices: model={list(cfg.model)!r}: {what}")
 
     for item in cfg.model:
-        if "=" not in item:
+        # (a number, model=[1] at the CPU scale, whose default () gives no element type, failed in a bare
+        # "TypeError: argument of type 'int' is not iterable")
+        if not isinstance(item, str) or "=" not in item:
             refuse(f"{item!r} is not a key=value override of configs/edge_of_stability.py (e.g. 'hidden=[8]')")
         key = item.split("=", 1)[0].lstrip("-").replace("config.", "")
         if key in UNREAD_MODEL_KEYS:

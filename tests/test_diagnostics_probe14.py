@@ -277,3 +277,16 @@ def test_steps_past_float64s_integers_are_refused_by_name():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert detect({"loss": loss}, start_step=2**53 - 30) == []
+
+
+@pytest.mark.parametrize("model", ["[1]", '[["hidden=[8]"]]', "[null]"])
+def test_hj_slices_refuses_a_model_override_that_is_not_text_by_name(model, tmp_path, monkeypatch):
+    """``experiments/hj_slices.py model=[1]`` at the CPU scale (whose default ``model=()`` gives no element type to
+    check against) failed in a bare "TypeError: argument of type 'int' is not iterable": each entry that is not a
+    ``key=value`` string is now refused naming ``model``, before anything is computed."""
+    E = _script("hj_slices")
+    monkeypatch.setenv("QSGD_EXPERIMENT_OUT", str(tmp_path))
+    monkeypatch.setattr(E, "run", _never_run)
+    with pytest.raises(SystemExit) as err:
+        E.main([f"model={model}"])
+    assert "hj_slices: model=" in str(err.value.code) and "is not a key=value override" in str(err.value.code)

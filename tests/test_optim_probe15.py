@@ -1,10 +1,13 @@
-"""The Optax wrapper on cases beyond its other tests: an optimiser whose momentum is kept in a narrower dtype."""
+"""The Optax wrapper and the observables on cases beyond their other tests: an optimiser whose momentum is kept in a
+narrower dtype, a preconditioner that is not like the parameters."""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
+from quotient_sgd.observables import sharpness_preconditioned
 from quotient_sgd.optim import SGDSpec, quotient_trajectory
 
 from test_optim_trajectory import CHEAP, init_mlp, mlp_group
@@ -43,3 +46,26 @@ def test_a_float32_momentum_of_float64_parameters_is_refused(x64):
         tx.init(init_mlp(jax.random.key(0), dtype=jnp.float64))
     own = quotient_trajectory(_heavy_ball(None), mlp_group(), spec=spec, observables=CHEAP)
     own.init(init_mlp(jax.random.key(0), dtype=jnp.bfloat16))
+
+
+def test_a_preconditioner_not_like_the_parameters_is_named():
+    """sharpness_preconditioned took the preconditioner leaf by leaf as it came: a (2,) entry for a (2, 2) leaf was
+    broadcast over its rows (a preconditioner the caller did not give, silently), and a scalar, a missing leaf or a
+    shape that did not broadcast failed with a bare AttributeError / pytree structure / broadcasting error.  Each is
+    now a ValueError naming preconditioner; one like the parameters gives the dense extremes of P^-1/2 H P^-1/2."""
+    params = {"a": jnp.array([1.0, -0.5, 2.0]), "b": jnp.array([[1.0, 0.5], [-1.0, 2.0]])}
+
+    def loss(p):
+        return jnp.sum(p["a"] ** 2) + jnp.sum(p["b"] ** 3)
+
+    key = jax.random.key(0)
+    bad = [2.0, {"a": jnp.ones(3)}, {"a": jnp.ones(4), "b": jnp.ones((2, 2))},
+           {"a": jnp.ones(3), "b": jnp.array([1.0, 4.0])}]
+    for pre in bad:
+        with pytest.raises(ValueError, match="sharpness_preconditioned: preconditioner must be a pytree like params"):
+            sharpness_preconditioned(loss, params, pre, key=key, num_matvecs=7)
+    pre = {"a": jnp.array([1.0, 2.0, 4.0]), "b": jnp.array([[1.0, 2.0], [4.0, 8.0]])}
+    ex = sharpness_preconditioned(loss, params, pre, key=key, num_matvecs=7)
+    # the Hessian is diagonal: 2 on a, 6 b on b; P^-1 H has those over P
+    dense = np.concatenate([2 / np.asarray(pre["a"]), 6 * np.ravel(params["b"]) / np.ravel(pre["b"])])
+    np.testing.assert_allclose([ex.top[0], ex.bottom[0]], [dense.max(), dense.min()], rtol=1e-5)

@@ -21,7 +21,7 @@ from matfree import decomp, eig
 
 from .._reduce import matmul_highest as _mm  # full precision on accelerators (TF32 / bfloat16 otherwise)
 from ._kinds import ORBIT_INVARIANT, RAW, REDUCED_DYNAMICS, observable
-from ._util import tree_dot, tree_norm, tree_random_normal, tree_scale
+from ._util import check_like, tree_dot, tree_norm, tree_random_normal, tree_scale
 
 
 class Extremes(NamedTuple):
@@ -817,11 +817,15 @@ def sharpness_preconditioned(loss_fn, params, preconditioner, *, key, num_matvec
         loss_fn: ``params -> loss``.
         params: the evaluation point.
         preconditioner: ``diag(P)``, a pytree like ``params`` with positive entries (an entry ``<= 0`` makes the
-            operator, and the result, non-finite).
+            operator, and the result, non-finite).  A leaf missing or of another shape is a ``ValueError`` naming
+            ``preconditioner`` (a ``(2,)`` entry for a ``(2, 2)`` kernel broadcast over its rows, silently; a scalar,
+            a missing leaf or a shape that did not broadcast failed with a bare ``AttributeError`` / pytree structure
+            / broadcasting error).
         key, num_matvecs, k, method: as in :func:`hessian_extremes`.
     """
     _check_key("sharpness_preconditioned", key)
     params = jax.tree.map(jnp.asarray, params)  # (Python numbers: as in hessian_extremes)
+    check_like("sharpness_preconditioned", "params", params, preconditioner=preconditioner)
     s = jax.tree.map(lambda p, x: jax.lax.rsqrt(jnp.asarray(p, x.dtype)), preconditioner, params)
     _, lin = jax.linearize(jax.grad(loss_fn), params)
 

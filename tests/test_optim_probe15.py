@@ -1,5 +1,5 @@
 """The Optax wrapper and the observables on cases beyond their other tests: an optimiser whose momentum is kept in a
-narrower dtype, a preconditioner that is not like the parameters."""
+narrower dtype, a preconditioner that is not like the parameters, arguments of the wrong kind."""
 
 import jax
 import jax.numpy as jnp
@@ -7,10 +7,17 @@ import numpy as np
 import optax
 import pytest
 
-from quotient_sgd.observables import sharpness_preconditioned
+from quotient_sgd.observables import (
+    gradient_noise,
+    hessian_extremes,
+    hvp_operator,
+    sharpness_horizontal,
+    sharpness_preconditioned,
+    sharpness_quotient,
+)
 from quotient_sgd.optim import SGDSpec, quotient_trajectory
 
-from test_optim_trajectory import CHEAP, init_mlp, mlp_group
+from test_optim_trajectory import CHEAP, apply_mlp, init_mlp, mlp_group
 
 
 def _heavy_ball(accumulator_dtype, nesterov=False):
@@ -69,3 +76,32 @@ def test_a_preconditioner_not_like_the_parameters_is_named():
     # the Hessian is diagonal: 2 on a, 6 b on b; P^-1 H has those over P
     dense = np.concatenate([2 / np.asarray(pre["a"]), 6 * np.ravel(params["b"]) / np.ravel(pre["b"])])
     np.testing.assert_allclose([ex.top[0], ex.bottom[0]], [dense.max(), dense.min()], rtol=1e-5)
+
+
+def test_hessian_and_noise_observables_name_a_group_or_function_of_the_wrong_kind():
+    """The Hessian observables take (loss_fn, group, params) and the step observables (group, params, ...): the two
+    swapped, or a number for the loss function or the projection, failed with a bare "'function' object has no
+    attribute 'horizontal'" / "Expected a callable value, got 3.0" / "'int' object is not callable".  Each is now a
+    TypeError naming the observable and the argument."""
+    group = mlp_group()
+    params = init_mlp(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (4, 3))
+
+    def loss(p):
+        return jnp.mean(jnp.square(apply_mlp(p, x)))
+
+    key = jax.random.key(0)
+    cases = [
+        (lambda: sharpness_horizontal(loss, loss, params, key=key),
+         r"sharpness_horizontal\(loss_fn, group, .*got function"),
+        (lambda: sharpness_quotient(group, loss, params, key=key), r"sharpness_quotient.*look swapped"),
+        (lambda: hessian_extremes(3.0, params, key=key), r"hessian_extremes\(loss_fn, params, \.\.\.\): loss_fn must"),
+        (lambda: hessian_extremes(loss, params, 3, key=key), "hessian_extremes: project must be None or a projection"),
+        (lambda: hvp_operator(loss, params, "horizontal"), "hvp_operator: project must be None"),
+        (lambda: sharpness_preconditioned(None, params, params, key=key), "sharpness_preconditioned.*loss_fn must"),
+        (lambda: gradient_noise(loss, loss, params, lr=0.1), r"gradient_noise\(example_loss_fn, group, .*got function"),
+        (lambda: gradient_noise(3, group, params, lr=0.1), r"example_loss_fn must be a function params -> \(B,\)"),
+    ]
+    for call, match in cases:
+        with pytest.raises(TypeError, match=match):
+            call()

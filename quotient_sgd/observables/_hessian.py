@@ -606,6 +606,27 @@ def _restart_for(k: int, fresh: Callable):
     return fresh if k > 1 else False
 
 
+def _is_group(x) -> bool:
+    return all(callable(getattr(x, a, None)) for a in ("canonical_element", "horizontal", "tangents"))
+
+
+def check_hessian_args(owner: str, loss_fn, group=None, *, with_group: bool = False, project=None,
+                       fn: str = "loss_fn", returns: str = "scalar loss") -> None:
+    """``TypeError`` naming ``owner``'s argument unless ``loss_fn`` is a function, ``group`` (``with_group``) a symmetry
+    group and ``project`` ``None`` or a function: the Hessian observables take ``(loss_fn, group, params)``, the step
+    observables ``(group, params, ...)``, and a group and a loss function swapped, or a number for either, failed
+    with a bare "'function' object has no attribute 'horizontal'" or "Expected a callable value, got 3.0"."""
+    args = f"({fn}, group, params, ...)" if with_group else f"({fn}, params, ...)"
+    if with_group and not _is_group(group):
+        swapped = f" (the arguments look swapped: {fn} comes first, then the group)" if _is_group(loss_fn) else ""
+        raise TypeError(f"{owner}{args}: group must be a symmetry group (model.symmetries()), got "
+                        f"{type(group).__name__}{swapped}")
+    if not callable(loss_fn):
+        raise TypeError(f"{owner}{args}: {fn} must be a function params -> {returns}, got {loss_fn!r}")
+    if project is not None and not callable(project):
+        raise TypeError(f"{owner}: project must be None or a projection v -> P v, got {project!r}")
+
+
 def _check_key(owner: str, key) -> None:
     """``TypeError`` unless ``key`` is one PRNG key (typed, shape ``()``, or the raw ``uint32`` data of one): an
     integer seed failed in the Gaussian start with "JAX encountered invalid PRNG key data", a batch of keys with
@@ -624,6 +645,7 @@ def _check_key(owner: str, key) -> None:
 def hvp_operator(loss_fn: Callable, params, project: Callable | None = None) -> Callable:
     """``v -> P H P v`` with ``H`` the Hessian of ``loss_fn`` at ``params`` (``P`` = identity when ``project`` is
     None).  The gradient is linearised once (``jax.linearize``), so every application costs one tangent pass."""
+    check_hessian_args("hvp_operator", loss_fn, project=project)
     _, lin = jax.linearize(jax.grad(loss_fn), params)
     if project is None:
         return lin
@@ -637,6 +659,7 @@ def hessian_extremes(
     """Extreme eigenpairs of ``P H P`` at ``params`` restricted to the range of ``P`` (:func:`lanczos_extremes`
     with ``method``, started from a projected Gaussian vector; for ``k > 1`` restarted from another after a
     breakdown, so that repeated eigenvalues keep their multiplicity once the Krylov space is exhausted)."""
+    check_hessian_args("hessian_extremes", loss_fn, project=project)
     _check_key("hessian_extremes", key)
     # a Python number among the parameters (which jax.grad takes) failed in the start vector's draw with
     # "'float' object has no attribute 'dtype'"
@@ -776,6 +799,7 @@ def sharpness_quotient(loss_fn, group, params, *, key, num_matvecs: int = 20, k:
     curvature, equal on every point of the orbit (THEORY section 4, kind 1) where the orbit has a canonical
     representative (not at a rescale unit with exactly one zero side, a GL head or chain with a rank-deficient
     factor: see :func:`grad_norm_canonical`)."""
+    check_hessian_args("sharpness_quotient", loss_fn, group, with_group=True)
     pc = group.canonicalize(params)
     return hessian_extremes(loss_fn, pc, projection_for(group, pc, method), key=key, num_matvecs=num_matvecs, k=k,
                             method=method)
@@ -786,6 +810,7 @@ def sharpness_horizontal(loss_fn, group, params, *, key, num_matvecs: int = 20, 
                          method: str = "loop") -> Extremes:
     """Extremes of the horizontal Hessian ``P H P`` at the current point: the curvature the next step sees
     (stability, THEORY section 4, kind 2)."""
+    check_hessian_args("sharpness_horizontal", loss_fn, group, with_group=True)
     return hessian_extremes(
         loss_fn, params, projection_for(group, params, method), key=key, num_matvecs=num_matvecs, k=k,
         method=method
@@ -823,6 +848,7 @@ def sharpness_preconditioned(loss_fn, params, preconditioner, *, key, num_matvec
             / broadcasting error).
         key, num_matvecs, k, method: as in :func:`hessian_extremes`.
     """
+    check_hessian_args("sharpness_preconditioned", loss_fn)
     _check_key("sharpness_preconditioned", key)
     params = jax.tree.map(jnp.asarray, params)  # (Python numbers: as in hessian_extremes)
     check_like("sharpness_preconditioned", "params", params, preconditioner=preconditioner)

@@ -36,6 +36,10 @@ def gradient_noise(example_loss_fn: Callable, group, params, *, lr) -> Noise:
     Raises:
         TypeError / ValueError: ``lr`` not one real number, or (when concrete) negative or not finite.
     """
+    from ._hessian import check_hessian_args
+
+    check_hessian_args("gradient_noise", example_loss_fn, group, with_group=True, fn="example_loss_fn",
+                       returns="(B,) per-example losses")
     check_hyper("gradient_noise", "lr", lr)
     shape = jax.eval_shape(example_loss_fn, params).shape
     if len(shape) != 1:

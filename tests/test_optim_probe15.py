@@ -8,9 +8,14 @@ import optax
 import pytest
 
 from quotient_sgd.observables import (
+    charges,
+    frozen_horizontal,
     gradient_noise,
     hessian_extremes,
     hvp_operator,
+    lanczos_extremes,
+    predict_charge_drift,
+    projection_for,
     sharpness_horizontal,
     sharpness_preconditioned,
     sharpness_quotient,
@@ -72,7 +77,7 @@ def test_a_preconditioner_not_like_the_parameters_is_named():
         with pytest.raises(ValueError, match="sharpness_preconditioned: preconditioner must be a pytree like params"):
             sharpness_preconditioned(loss, params, pre, key=key, num_matvecs=7)
     pre = {"a": jnp.array([1.0, 2.0, 4.0]), "b": jnp.array([[1.0, 2.0], [4.0, 8.0]])}
-    ex = sharpness_preconditioned(loss, params, pre, key=key, num_matvecs=7)
+    ex = jax.jit(lambda q: sharpness_preconditioned(loss, params, q, key=key, num_matvecs=7))(pre)  # (one program)
     # the Hessian is diagonal: 2 on a, 6 b on b; P^-1 H has those over P
     dense = np.concatenate([2 / np.asarray(pre["a"]), 6 * np.ravel(params["b"]) / np.ravel(pre["b"])])
     np.testing.assert_allclose([ex.top[0], ex.bottom[0]], [dense.max(), dense.min()], rtol=1e-5)
@@ -105,3 +110,22 @@ def test_hessian_and_noise_observables_name_a_group_or_function_of_the_wrong_kin
     for call, match in cases:
         with pytest.raises(TypeError, match=match):
             call()
+
+
+def test_lanczos_projection_and_charge_prediction_name_a_bad_argument():
+    """lanczos_extremes with a matvec that is not a function ("'int' object is not callable" from inside the
+    iteration), frozen_horizontal given a loss function as group ("no attribute 'tangents'"), projection_for with an
+    unknown method (taken for "loop", silently) and predict_charge_drift with a cross term of other components (a
+    bare KeyError of a component's name) now name the argument."""
+    group = mlp_group()
+    params = init_mlp(jax.random.key(0))
+    with pytest.raises(TypeError, match="lanczos_extremes: matvec must be a function"):
+        lanczos_extremes(3, params)
+    with pytest.raises(TypeError, match=r"frozen_horizontal\(group, params\): group must be a symmetry group"):
+        frozen_horizontal(lambda p: 0.0, params)
+    with pytest.raises(ValueError, match="projection_for: method must be 'loop', 'unrolled' or 'matfree', got 'lop'"):
+        projection_for(group, params, "lop")
+    with pytest.raises(ValueError, match="predict_charge_drift: cross must hold one c_k per charge"):
+        predict_charge_drift(group, params, params, params, {}, lr=0.1)
+    cross = jax.tree.map(jnp.zeros_like, charges(group, params))
+    predict_charge_drift(group, params, params, params, cross, lr=0.1)  # the zeros of the first step are fine

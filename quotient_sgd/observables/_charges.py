@@ -112,6 +112,12 @@ def predict_charge_drift(
     for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay),
                         ("coupled_weight_decay", coupled_weight_decay)):
         check_hyper("predict_charge_drift", name, value)
+    want = jax.tree.structure(jax.eval_shape(lambda p: charges_dict(group, p), params))
+    if jax.tree.structure(cross) != want:
+        # a cross term of other components (or {} for "none yet") failed with a bare KeyError of a component's name
+        raise ValueError(f"predict_charge_drift: cross must hold one c_k per charge, like charges(group, params) "
+                         f"(zeros at the first step: jax.tree.map(jnp.zeros_like, charges(group, params))):\n  "
+                         f"expected {want}\n  got      {jax.tree.structure(cross)}")
     # the hyperparameters in the parameters' common dtype, cast to each leaf's / charge's dtype where they meet it
     # (float32 blocks beside float64 ones: the first leaf's dtype rounded a float64 block's learning rate to float32)
     dt = float_dtype(params)

@@ -479,6 +479,8 @@ def lanczos_extremes(
     Returns:
         :class:`Extremes`.
     """
+    if not callable(matvec):  # (it failed inside the iteration with a bare "'int' object is not callable")
+        raise TypeError(f"lanczos_extremes: matvec must be a function v -> A v, got {matvec!r}")
     for name, value in (("num_matvecs", num_matvecs), ("k", k)):
         # a float or a bool passed the range check below and failed inside the iteration ("Shapes must be 1D
         # sequences of concrete values of integer type", "'float' object cannot be interpreted as an integer",
@@ -719,6 +721,9 @@ def frozen_horizontal(group, params, *, max_elements: int = 2**24, max_build_flo
 
     from ..symmetry._base import inverse_where
 
+    if not _is_group(group):  # (a bare "'function' object has no attribute 'tangents'")
+        raise TypeError(f"frozen_horizontal(group, params): group must be a symmetry group (model.symmetries()), got "
+                        f"{type(group).__name__}")
     flat0, unravel = ravel_pytree(params)
     shapes = jax.eval_shape(group.tangents, params)
     leaves = jax.tree.leaves(shapes)
@@ -787,6 +792,11 @@ def projection_for(group, params, method: str) -> Callable:
     """The horizontal projection at ``params`` for a Lanczos run by ``method`` (:func:`lanczos_extremes`):
     ``group.horizontal`` applied afresh when the operator is traced once (``"loop"``, ``"matfree"``), the
     :func:`frozen_horizontal` basis (within its build budget) in straight-line code (``"unrolled"``)."""
+    if method not in ("loop", "unrolled", "matfree"):  # (any other name was taken for "loop", silently)
+        raise ValueError(f"projection_for: method must be 'loop', 'unrolled' or 'matfree', got {method!r}")
+    if not _is_group(group):
+        raise TypeError(f"projection_for(group, params, method): group must be a symmetry group (model.symmetries()), "
+                        f"got {type(group).__name__}")
     if method == "unrolled":
         return frozen_horizontal(group, params)
     return lambda v: group.horizontal(params, v)

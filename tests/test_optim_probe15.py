@@ -20,7 +20,7 @@ from quotient_sgd.observables import (
     sharpness_preconditioned,
     sharpness_quotient,
 )
-from quotient_sgd.optim import SGDSpec, quotient_trajectory
+from quotient_sgd.optim import SGDSpec, flatten_trajectory, quotient_trajectory
 
 from test_optim_trajectory import CHEAP, apply_mlp, init_mlp, mlp_group
 
@@ -129,3 +129,12 @@ def test_lanczos_projection_and_charge_prediction_name_a_bad_argument():
         predict_charge_drift(group, params, params, params, {}, lr=0.1)
     cross = jax.tree.map(jnp.zeros_like, charges(group, params))
     predict_charge_drift(group, params, params, params, cross, lr=0.1)  # the zeros of the first step are fine
+
+
+def test_flatten_trajectory_names_a_bad_separator():
+    """flatten_trajectory(..., sep=1) failed with a bare "'int' object has no attribute 'join'"; an empty separator
+    ran the keys together ("chargesr0"); both are now a TypeError naming sep."""
+    for sep in (1, "", None):
+        with pytest.raises(TypeError, match="flatten_trajectory: sep must be a non-empty string"):
+            flatten_trajectory({"charges": {"r0": jnp.zeros(2)}}, sep=sep)
+    assert list(flatten_trajectory({"charges": {"r0": jnp.zeros(2)}}, sep=".")) == ["charges.r0"]

@@ -1116,7 +1116,9 @@ def flatten_trajectory(trajectory: dict, sep: str = "/") -> dict[str, Any]:
 
     Every pytree node is flattened, not only dicts: an ``aux`` that ``loss_fn`` returned as a tuple, list or
     ``NamedTuple`` gives ``"aux/0"``, ``"aux/1"`` (or the field names); ``None`` entries are left out.  Dicts keep
-    their order."""
+    their order.  ``sep``: a non-empty string (``sep=1`` failed with a bare "'int' object has no attribute 'join'")."""
+    if not isinstance(sep, str) or not sep:
+        raise TypeError(f"flatten_trajectory: sep must be a non-empty string such as '/', got {sep!r}")
     out: dict[str, Any] = {}
 
     def rec(prefix, v):

@@ -123,3 +123,19 @@ def test_reverse_mode_through_the_forward_mode_adjoint_is_refused_by_name():
     with pytest.raises(ValueError, match=r"solve_hj: adjoint=diffrax.ForwardMode\(\) differentiates in forward mode "
                                          r"only .*RecursiveCheckpointAdjoint"):
         jax.grad(f)(0.1)
+
+
+@pytest.mark.parametrize("solver", [dfx.Kvaerno5(), dfx.ImplicitEuler()])
+def test_implicit_solver_objects_with_fixed_steps_are_refused_by_name(solver):
+    """``solver=diffrax.Kvaerno5()`` (or ``ImplicitEuler()``, which the solver-object refusal names as allowed) with
+    a fixed step ``dt`` failed in Diffrax's bare "A fixed step size controller is being used alongside an implicit
+    solver, but the tolerances for the implicit solver have not been specified": an implicit solver's root finder
+    takes its tolerances from the adaptive controller.  Refused now, before any solve, naming ``solver`` and what
+    works (adaptive steps, ``solver='kencarp'``, a root finder given its own tolerances); adaptive steps still run
+    (the refusal is only for fixed steps)."""
+    grid = Grid(16, -1.0, 1.0)
+    p0 = jnp.sin(jnp.pi * jnp.linspace(-1.0, 1.0, 16, endpoint=False))
+    with pytest.raises(ValueError, match=r"solver=.*not allowed with fixed steps.*kencarp"):
+        solve_burgers(p0, grid, nu=0.05, t1=0.1, scheme="fv", solver=solver, dt=0.01)
+    with pytest.raises(ValueError, match=r"solver=.*not allowed with fixed steps"):
+        solve_hj(p0, grid, nu=0.05, t1=0.1, scheme="fv", solver=solver, dt0=0.01, adaptive=False)

@@ -404,12 +404,18 @@ _NOT_GRADIENT = (
     "tolerance.")
 
 
+#: Diffrax's marker for a root-finder tolerance taken from the step-size controller (its implicit solvers' default).
+_STEPSIZE_TOL = getattr(getattr(dfx.ImplicitEuler(), "root_finder", None), "rtol", object())
+
+
 def _check_solver_object(name, solver, scheme, fixed: bool) -> None:
     """``ValueError`` naming ``solver`` when a solver object cannot integrate this solve: :class:`ETDRK4` with a
     scheme other than the spectral one (it failed in a bare ``AttributeError``: 'FiniteVolume' object has no attribute
     'forward'), a diffrax solver for another term structure than one ODE term (``diffrax.KenCarp4()``,
     ``SemiImplicitEuler()``, SDE solvers: Diffrax's ``TermAndSolverIncompatible``, naming no argument), or one
-    without an error estimate (``diffrax.Euler()``) with adaptive stepping (Diffrax's bare ``RuntimeError``)."""
+    without an error estimate (``diffrax.Euler()``) with adaptive stepping (Diffrax's bare ``RuntimeError``), or an
+    implicit one (``diffrax.Kvaerno5()``, ``ImplicitEuler()``) with fixed steps and a root finder without its own
+    tolerances (Diffrax's bare ``ValueError`` about unspecified tolerances)."""
     what = f"{type(solver).__name__}()"
     if isinstance(solver, ETDRK4):
         if not isinstance(scheme, Spectral):
@@ -423,6 +429,17 @@ def _check_solver_object(name, solver, scheme, fixed: bool) -> None:
             "right-hand side as one ODE term (term_structure diffrax.AbstractTerm, e.g. diffrax.Tsit5(), Dopri5(), "
             "Kvaerno5(), ImplicitEuler()); for the IMEX split (explicit advection, implicit viscosity) pass "
             "solver='kencarp'.")
+    root_finder = getattr(solver, "root_finder", None)
+    if fixed and isinstance(solver, dfx.AbstractImplicitSolver) and any(
+            getattr(root_finder, a, None) is _STEPSIZE_TOL for a in ("rtol", "atol", "norm")):
+        # (Diffrax's bare 'A fixed step size controller is being used alongside an implicit solver' otherwise; with
+        # the tolerances given, its default root finder still diverged here for Kvaerno3/5 on 16 points)
+        raise ValueError(
+            f"{name}: solver={what} is not allowed with fixed steps: an implicit diffrax solver takes its root "
+            "finder's tolerances from the adaptive step-size controller, and fixed steps give it none; use adaptive "
+            "stepping (the default: no dt), solver='kencarp' (IMEX, fixed steps allowed), an explicit solver, or "
+            "give the root finder its own rtol, atol and norm (e.g. root_finder=optimistix.Chord(rtol=1e-6, "
+            "atol=1e-8, norm=optimistix.rms_norm)).")
     if not fixed and not isinstance(solver, dfx.AbstractAdaptiveSolver):
         raise ValueError(
             f"{name}: solver={what} is not allowed with adaptive stepping (the default): it gives no error estimate "

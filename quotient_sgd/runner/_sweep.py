@@ -150,33 +150,87 @@ def _state_axes(b: Built):
     return member_axes(_state_shapes(b))
 
 
+def _per_device(body, batched_args: tuple, out_axes):
+    """The computation of a device's members: ``body(*args, single=True)``, one member's unbatched computation
+    (``body`` then puts the member axis back on what it returns), when the device holds one member, else
+    ``jax.vmap(body(..., single=False))`` over them.  ``batched_args``: per argument, its vmap axes (``None``: shared
+    by every member); ``out_axes``: those of the outputs.
+
+    A vmapped program over one member is not the unbatched program: XLA (at its default optimisation level)
+    compiles its size-1 member axis into other kernels (a sum written as a GEMV, :mod:`quotient_sgd._reduce`, among
+    them), so the observables of a member run one per device over several devices (the first chunk of every sweep
+    on more than one device) differed from those of its own ``run`` by float32 rounding (the tiny config's
+    ``grad_norm`` by 1.2e-7, its curvature by 1.2e-5 relative; parameters and losses equal), while a member in a
+    group of two or more on a device, or alone on one device, equalled its run bit for bit.  Computed this way, a
+    member's per-step trajectory is its run's bit for bit on CPU whatever the grouping and the device count
+    (``tests/test_runner_probe23.py``)."""
+    def one(a, ax):  # (the only member of argument ``a``, of vmap axes ``ax``)
+        if ax is None:
+            return a
+        return jax.tree.map(lambda k, v: v if k is None else v[0], ax, a, is_leaf=lambda k: k is None)
+
+    def count(args) -> int:  # (the members this device holds: the length of the first batched leaf)
+        return next(n for a, ax in zip(args, batched_args) if ax is not None
+                    for n in jax.tree.leaves(jax.tree.map(lambda k, v: None if k is None else v.shape[0], ax, a,
+                                                          is_leaf=lambda k: k is None)))
+
+    def local(*args):
+        if count(args) == 1:
+            return body(*(one(a, ax) for a, ax in zip(args, batched_args)), single=True)
+        return jax.vmap(functools.partial(body, single=False), in_axes=batched_args, out_axes=out_axes)(*args)
+
+    return local
+
+
+def _specs(axes):
+    """The ``shard_map`` specs of a tree with vmap axes ``axes``: the member axis sharded, shared leaves whole."""
+    return jax.tree.map(lambda a: P() if a is None else P("sweep"), axes, is_leaf=lambda a: a is None)
+
+
 @functools.lru_cache(maxsize=32)
 def sweep_programs(b: Built, num_steps: int, padded_batch: int | None, mesh: Mesh):
-    """The jitted, vmapped ``chunk(state, seed, batch_size, dataset, start)`` with the member axis sharded over
-    ``mesh``."""
+    """The jitted ``chunk(state, seed, batch_size, dataset, start)`` of a group of members (:func:`~._chunk.
+    chunk_step` of each) with the member axis sharded over ``mesh``: on each device the unbatched program of a
+    single run for one member, ``jax.vmap`` of it for several (:func:`_per_device`)."""
     mem, rep = NamedSharding(mesh, P("sweep")), NamedSharding(mesh, P())
     axes = _state_axes(b)
     shard = jax.tree.map(lambda a: rep if a is None else mem, axes, is_leaf=lambda a: a is None)
     bs_axis = 0 if padded_batch is not None else None
-    return jax.jit(
-        jax.vmap(functools.partial(chunk_step, b, num_steps, padded_batch), in_axes=(axes, 0, bs_axis, None, None),
-                 out_axes=(axes, 0, 0)),
-        in_shardings=(shard, mem, mem if padded_batch is not None else None, rep, rep),
-        out_shardings=(shard, mem, mem))
+
+    def body(state, seed, batch_size, dataset, start, *, single):
+        state, traj, ev = chunk_step(b, num_steps, padded_batch, state, seed, batch_size, dataset, start)
+        if single:  # (the member axis back on every leaf but the shared counters)
+            state = jax.tree.map(lambda v, k: v if k is None else v[None], state, axes, is_leaf=lambda v: v is None)
+            traj, ev = jax.tree.map(lambda v: v[None], traj), jax.tree.map(lambda v: v[None], ev)
+        return state, traj, ev
+
+    local = _per_device(body, (axes, 0, bs_axis, None, None), (axes, 0, 0))
+    spec = _specs(axes)
+    program = jax.shard_map(local, mesh=mesh, in_specs=(spec, P("sweep"), P("sweep") if bs_axis is not None else None,
+                                                        P(), P()),
+                            out_specs=(spec, P("sweep"), P("sweep")), check_vma=False)
+    return jax.jit(program, in_shardings=(shard, mem, mem if padded_batch is not None else None, rep, rep),
+                   out_shardings=(shard, mem, mem))
 
 
 @functools.lru_cache(maxsize=32)
 def sweep_eval_program(b: Built, mesh: Mesh):
-    """The jitted, vmapped ``evaluate(state, dataset)`` of a group of members (:func:`~._chunk.evaluation` of each
-    member's state) with the member axis sharded over ``mesh`` as :func:`sweep_programs` shards it: the evaluation
-    a grouped chunk ends with, computed again from the group's state at that step (a member's ``metrics.jsonl``
-    row lost before the newest checkpoint).  The same traced computation on the same rows as the chunk's, equal to
-    it bit for bit (``tests/test_runner_probe17.py``)."""
+    """The jitted ``evaluate(state, dataset)`` of a group of members (:func:`~._chunk.evaluation` of each member's
+    state) with the member axis sharded over ``mesh`` as :func:`sweep_programs` shards it, computed per device as
+    it computes it: the evaluation a grouped chunk ends with, computed again from the group's state at that step (a
+    member's ``metrics.jsonl`` row lost before the newest checkpoint).  The same traced computation on the same
+    rows as the chunk's, equal to it bit for bit (``tests/test_runner_probe17.py``)."""
     mem, rep = NamedSharding(mesh, P("sweep")), NamedSharding(mesh, P())
     axes = _state_axes(b)
     shard = jax.tree.map(lambda a: rep if a is None else mem, axes, is_leaf=lambda a: a is None)
-    return jax.jit(jax.vmap(lambda state, dataset: evaluation(b, state[0], state[2], dataset), in_axes=(axes, None)),
-                   in_shardings=(shard, rep), out_shardings=mem)
+
+    def body(state, dataset, *, single):
+        ev = evaluation(b, state[0], state[2], dataset)
+        return jax.tree.map(lambda v: v[None], ev) if single else ev
+
+    local = _per_device(body, (axes, None), 0)
+    program = jax.shard_map(local, mesh=mesh, in_specs=(_specs(axes), P()), out_specs=P("sweep"), check_vma=False)
+    return jax.jit(program, in_shardings=(shard, rep), out_shardings=mem)
 
 
 def _group_state(b: Built, member_state, idx: list[int], mesh: Mesh):

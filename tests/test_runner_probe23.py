@@ -1,6 +1,7 @@
 """Sweeps against their members' own runs, on cases the other sweep tests do not cover."""
 
 import collections
+import re
 import os
 import subprocess
 import sys
@@ -97,3 +98,22 @@ def test_a_lone_member_on_a_device_is_traced_as_its_own_run():
     reshaping = {"shard_map", "pjit", "squeeze", "broadcast_in_dim", "reshape", "expand_dims"}
     diff = {k: (got[k], own[k]) for k in set(got) | set(own) if k not in reshaping and got[k] != own[k]}
     assert not diff, diff
+
+
+@pytest.mark.parametrize("call, kw, needle", [
+    ("sweep", {"plots": "no"}, "sweep: plots='no' is not allowed"),
+    ("sweep", {"max_chunks": -1}, "sweep: max_chunks=-1 is not allowed"),
+    ("sweep", {"max_chunks": 2.5}, "sweep: max_chunks=2.5 is not allowed"),
+    ("run", {"max_chunks": -1}, "run: max_chunks=-1 is not allowed"),
+])
+def test_bad_plots_and_max_chunks_are_named(tmp_path, call, kw, needle):
+    """``sweep(..., plots="no")`` drew every plot (a truthy string), and ``max_chunks=-1`` computed nothing (2.5
+    stopped after three chunks), without a word.  Each is now a ``ValueError`` naming the argument; nothing is
+    written."""
+    from quotient_sgd.runner import run, sweep
+
+    c = load_config(TINY)
+    c.steps = 2
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        (sweep if call == "sweep" else run)(validate(c), str(tmp_path / "wd"), **kw)
+    assert not (tmp_path / "wd").exists()

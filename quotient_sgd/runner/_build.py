@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -256,6 +257,15 @@ def build(s: Settings) -> Built:
     ``quotient_sgd.config.validate(config)`` returns for a ``ConfigDict``; anything else raises ``TypeError``."""
     require_settings(s, "build", "s")
     return _build(program_settings(s))
+
+
+def require_max_chunks(max_chunks, where: str) -> None:
+    """``ValueError`` naming ``max_chunks`` unless it is ``None`` or an integer >= 0 (-1 and 2.5 computed nothing,
+    or stopped after three chunks, without a word)."""
+    if max_chunks is not None and (isinstance(max_chunks, (bool, np.bool_))
+                                   or not isinstance(max_chunks, (int, np.integer)) or max_chunks < 0):
+        raise ValueError(f"{where}: max_chunks={max_chunks!r} is not allowed; need an integer >= 0 (stop after that "
+                         f"many chunks) or None (every chunk)")
 
 
 def require_settings(s, where: str, arg: str) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..config import Settings
 from ..optim import flatten_trajectory
-from ._build import Built, build, require_settings
+from ._build import Built, build, require_max_chunks, require_settings
 from ._chunk import hyper_of, init_program, single_programs, to_host
 from ._memory import check_run_memory
 from ._rundir import (
@@ -386,6 +386,7 @@ def run(settings: Settings, workdir: str, *, max_chunks: int | None = None) -> R
     t0 = time.time()
     s = settings
     require_settings(s, "run", "settings")  # (before the directory is looked at)
+    require_max_chunks(max_chunks, "run")
     workdir = directory_path(workdir, "run")
     require_tensorboard(s)
     check_workdir(workdir, s)  # raises before anything is written

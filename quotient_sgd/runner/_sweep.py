@@ -41,7 +41,8 @@ from .._durable import durable_write
 from ..config import SWEEP_AXES, ConfigError, Settings, SweepSettings, from_dict, unused_keys
 from ..optim import flatten_trajectory, member_axes
 from ._batches import batch_fn
-from ._build import Built, batch_key, build, init_model, make_inner_optimizer, require_settings
+from ._build import (Built, batch_key, build, init_model, make_inner_optimizer, require_max_chunks,
+                     require_settings)
 from ._chunk import (
     chunk_step,
     eval_program,
@@ -694,7 +695,11 @@ def sweep(settings: Settings, workdir: str, *, members_per_device: int | None = 
             (``ceil(members / devices)``) is lowered to that, said on stderr and recorded in ``sweep.json``
             (``members_per_device_lowered``) and ``summary.md``.
         devices: devices of the mesh (default: ``jax.devices()``, every device of every process).
-        max_chunks: stop after that many chunks (tests).
+        plots: draw the comparison plots and the members' plots (``True`` / ``False``; ``None``: ``logging.plots``).
+        max_chunks: stop after that many chunks (tests; an integer >= 0).
+
+    A bad ``members_per_device``, ``devices``, ``plots`` or ``max_chunks`` raises ``ValueError`` naming it, before
+    anything is written.
 
     A new sweep that fails with an exception before its first chunk is written leaves nothing behind (in one
     process: what this call created is removed, the directory itself when this call created it), so the
@@ -709,6 +714,9 @@ def sweep(settings: Settings, workdir: str, *, members_per_device: int | None = 
         raise ValueError(f"sweep: members_per_device={members_per_device!r} is not allowed; need an integer >= 1 "
                          f"(members vmapped per device), 0 or None (sweep.members_per_device, 0 there: chosen from "
                          f"the measured cost)")
+    require_max_chunks(max_chunks, "sweep")
+    if plots is not None and not isinstance(plots, (bool, np.bool_)):  # ("no" drew the plots)
+        raise ValueError(f"sweep: plots={plots!r} is not allowed; need True, False or None (logging.plots)")
     if devices is not None:
         given = list(devices) if not isinstance(devices, (str, bytes)) and hasattr(devices, "__iter__") else None
         if (not given or not all(isinstance(d, jax.Device) for d in given)

@@ -110,7 +110,11 @@ def quotient_trajectory(
     (``effective_lr`` also has ``"global"``); ``curvature``, ``shock_number`` and ``fold_number`` recorded at
     step ``k`` describe the previous step ``k - 1`` (they need ``g_k``; zero at the first step); the shock /
     fold numbers use the spec's learning rate (times the scale of a :func:`~quotient_sgd.diagnostics.shock_aware_lr`
-    around the optimiser, :class:`SGDSpec`), else the step's ``effective_lr["global"]``.
+    around the optimiser, :class:`SGDSpec`), else the step's own rate ``-<g_k, Delta_k> / |g_k|^2`` at the point
+    the step is taken from (``eta`` exactly for SGD; for another optimiser the rate of the plain gradient step
+    with the same first-order loss decrease), in the frame in which ``kappa`` is measured.  Not
+    ``effective_lr["global"]``, whose ``|g_c|^2`` is the canonical gradient's: with it an unbalanced network's
+    numbers were multiplied by ``|g|^2 / |g_c|^2`` a second time (a fold number of 9.56 for ``eta kappa = 0.34``).
     ``charge_drift`` is ``Q(theta_{k+1}) - Q(theta_k)`` with ``theta_{k+1} = optax.apply_updates(theta_k,
     Delta_k)`` as the parameters store it: for bfloat16 / float16 parameters it includes the rounding of the step
     to their dtype (which the float32 observables would otherwise not see), so the recorded ``charges`` of
@@ -154,8 +158,8 @@ def quotient_trajectory(
     ~87k parameters, where a product costs its kernel launches more than its arithmetic).  With ``noise_every=K``:
     ``noise_sigma2``, ``temperature``, ``viscosity`` (:func:`quotient_sgd.observables.gradient_noise`; NaN for a batch
     of one example, which has no sample variance).  Their ``eta`` is the spec's learning rate, else the
-    evaluation step's own ``effective_lr["global"]`` (computed there whether or not ``effective_lr`` is recorded,
-    and whatever ``every`` is).
+    evaluation step's own rate ``-<g_k, Delta_k> / |g_k|^2`` (as for the shock / fold numbers; computed there
+    whatever ``every`` is).
 
     Cost: ``grad_norm_canonical``, ``effective_lr`` (its ``"global"`` entry), ``invariant_norms`` and the update
     split call ``group.canonical_element`` / ``group.invariants`` / ``group.vertical``; for groups whose
@@ -263,13 +267,12 @@ def quotient_trajectory(
     # curvature_batch="same": the secant's numerator <g_B(theta_{k+1}) - g_k, Delta_k> on step k's batch is carried
     # (one extra gradient of loss_fn); "next": the step Delta_k and <g_k, Delta_k>, completed by the next gradient
     same_batch = need_curv and curvature_batch == "same"
-    # the shock / fold numbers need the step's learning rate (without a spec: effective_lr's, at the canonical point)
+    # the shock / fold numbers need the step's learning rate (without a spec: the step's own, _step_rate)
     need_lr = bool(want & {"shock_number", "fold_number"})
     need_cross = "charge_drift_predicted" in want and spec is not None
-    need_canon = bool(want & {"grad_norm_canonical", "effective_lr", "invariant_norms"}) or (
-        need_lr and spec is None)
+    need_canon = bool(want & {"grad_norm_canonical", "effective_lr", "invariant_norms"})
     base_key = jax.random.key(seed)
-    explained = _explain_canonical(_canonical_users(keys, spec, hessian_every, hessian_at, noise_every))
+    explained = _explain_canonical(_canonical_users(keys, hessian_every, hessian_at))
 
     # -- the per-step observables ---------------------------------------------------------------------------
     def step_observables(params, grads, updates, value, lr_spec, carry, next_params, frame=None):
@@ -290,7 +293,7 @@ def quotient_trajectory(
             # the continuous canonical point (norms there equal those at the canonical representative: the
             # two differ by a permutation of units), warm-started from the previous step's element
             elem = group.continuous_canonical_element(params, init=carry.get("canon"))
-        if want & {"grad_norm_canonical", "effective_lr"} or (need_lr and lr_spec is None):
+        if want & {"grad_norm_canonical", "effective_lr"}:
             gc = obs.canonical_gradient(group, params, grads, elem)
             if "grad_norm_canonical" in want:
                 out["grad_norm_canonical"] = jnp.sqrt(tree_sqnorm(gc))
@@ -313,7 +316,7 @@ def quotient_trajectory(
         if "angular_update" in want:
             out["angular_update"] = obs.angular_update(group, sp, su)
         eff = None
-        if "effective_lr" in want or (need_lr and lr_spec is None):
+        if "effective_lr" in want:
             eff = obs.effective_lr(group, sp, sg, su, gc)
             if "effective_lr" in want:
                 out["effective_lr"] = eff
@@ -470,7 +473,7 @@ def quotient_trajectory(
             return step_observables(params, grads, new_updates, value, hp, carry, next_params, f)
 
         if every == 1:
-            fresh, q, eff, elem = observe()
+            fresh, q, _, elem = observe()
         else:
             fresh, elem = jax.lax.cond(
                 count % every == 0,
@@ -478,28 +481,22 @@ def quotient_trajectory(
                 lambda _: ({k: observ[k] for k in step_keys}, carry.get("canon")),
                 None,
             )
-            q = eff = None
+            q = None
         observ.update(fresh)
         new_carry: dict[str, Any] = {}
         if need_canon:
             new_carry["canon"] = elem
 
         def step_lr():
-            # this step's learning rate: the spec's, else the step's own effective_lr["global"] (never the recorded
-            # one, which is absent when not asked for and stale between records when every > 1); computed once per
-            # step when the curvature needs it and it is at hand, else inside the branches that use it
+            # this step's learning rate: the spec's, else the step's own -<g, Delta> / |g|^2 in the frame of the
+            # step taken (_step_rate); computed once per step when the curvature needs it, else inside the branches
+            # that use it
             if lr_now is not None:
                 return lr_now
             if hp is not None:
                 return hp["learning_rate"]
-            if eff is not None:
-                return eff["global"]
-            sp, sg, su = step_frame()
-            # at the continuous canonical point warm-started from the carried element, as in step_observables (a
-            # cold start of an iterative canonicalisation costs many times a warm one)
-            el = group.continuous_canonical_element(params, init=carry.get("canon"))
-            e = obs.effective_lr(group, sp, sg, su, obs.canonical_gradient(group, params, grads, el))
-            return e["global"]
+            _, sg, su = step_frame()
+            return _step_rate(sg, su)
 
         def record_prediction(pred):
             if every == 1:
@@ -712,6 +709,20 @@ def quotient_trajectory(
     return optax.GradientTransformationExtraArgs(jax.jit(init), update)
 
 
+def _step_rate(grads, updates) -> jax.Array:
+    """``-<g, Delta> / |g|^2``: the learning rate of the plain gradient step ``-h g`` with the same first-order loss
+    decrease as the step ``Delta`` taken with the gradient ``g`` (``eta`` for SGD, up to rounding), in the frame of
+    the point the step is taken from, where the directional curvature ``kappa``, the horizontal Hessian and the
+    gradient noise are measured: the ``eta`` of THEORY's ``eta kappa`` and ``T = eta sigma^2 / (2 B)`` when no
+    :class:`SGDSpec` gives it.  0 for an update of exact zeros or a zero gradient (a step that did not move), NaN
+    for a non-finite step or gradient (as :func:`quotient_sgd.observables.effective_lr`)."""
+    gg, gd = tree_sqnorm(grads), tree_dot(grads, updates)
+    moved = tree_sqnorm(updates) != 0
+    flat = gg == 0
+    rate = jnp.where(flat, jnp.zeros_like(gd), -gd / jnp.where(flat, jnp.ones_like(gg), gg))
+    return jnp.where(moved, rate, jnp.zeros_like(rate))
+
+
 def _check_value(value) -> None:
     """``ValueError`` unless the extra argument ``value`` is ``None`` or a scalar (``TypeError`` unless a real one,
     not a bool, string or complex number): it is recorded as the ``loss``
@@ -752,17 +763,11 @@ def _check_loss_fn(loss_fn, params, who: str = "hessian_every=...") -> None:
                          f"lambda p: loss_fn(p)[0]; per-example losses: their mean)")
 
 
-def _canonical_users(keys, spec, hessian_every, hessian_at, noise_every) -> list[str]:
+def _canonical_users(keys, hessian_every, hessian_at) -> list[str]:
     """What a :func:`quotient_trajectory` so configured evaluates at the canonical representative."""
     users = [k for k in keys if k in ("grad_norm_canonical", "effective_lr", "invariant_norms")]
-    if spec is None:  # the learning rate is then the step's effective_lr["global"]
-        users += [f"{k} (its learning rate without spec=)" for k in keys if k in ("shock_number", "fold_number")]
     if hessian_every is not None and "quotient" in hessian_at:
         users.append("hessian_at 'quotient'")
-    if hessian_every is not None and "horizontal" in hessian_at and spec is None:
-        users.append("hessian_at 'horizontal' (the learning rate of its shock / fold numbers without spec=)")
-    if noise_every is not None and spec is None:
-        users.append("noise_every (the learning rate of the temperature without spec=)")
     return users
 
 
@@ -784,7 +789,7 @@ def _explain_canonical(users):
                 raise SymmetryError(
                     f"quotient_trajectory: the canonical representative of the parameters' orbit, which this group "
                     f"does not have here, is needed by: {'; '.join(users)}.  Leave them out (observables=, "
-                    f"hessian_at=) or pass spec=SGDSpec(...) for the learning rate.  The group says: {e}") from e
+                    f"hessian_at=).  The group says: {e}") from e
         return wrapped
 
     return deco

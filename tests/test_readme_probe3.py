@@ -1,9 +1,10 @@
-"""Names, files, defaults and constants that README.md states, checked against the code (nothing is compiled)."""
+"""Names, files, defaults, constants and formulas that README.md states, checked against the code."""
 
 import inspect
 import pathlib
 import re
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -152,3 +153,31 @@ def test_the_help_names_every_option_the_readme_names():
         assert option in README and option in cli.HELP, option
     for sub in ("run", "sweep", "report"):
         assert f"quotient-sgd {sub}" in cli.HELP and f"## `quotient-sgd {sub}`" in README
+
+
+def test_the_grokking_lead_before_the_floors_is_the_one_experiments_readme_measured():
+    """README gave the lead of the grokking change points before the ``transition`` detector's floors as 2250-2750
+    steps; experiments/README.md measured 2250-2500 (seed 0: 3450 - 950, seed 1: 3100 - 850)."""
+    experiments = (ROOT / "experiments" / "README.md").read_text().replace("\n", " ")
+    assert "come 2250-2500 steps" in experiments
+    assert "(2250-2500 before the `transition` detector's trend and rate floors)" in README.replace("\n", " ")
+
+
+def test_the_vo_charge_row_includes_the_value_bias(x64):
+    """README's charge table gave the VO charge as W_V^T W_V - W_O W_O^T, but the charges of a Transformer with value
+    biases are [W_V; b_V]^T [W_V; b_V] - W_O W_O^T (0.01 away from the formula without the bias row at parameters
+    shifted by 0.1); the table names the bias row, and the charges are that formula, per head, to rounding."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from quotient_sgd import models
+
+    assert "[W_V; b_V]ᵀ[W_V; b_V] − W_O W_Oᵀ" in README
+    model = models.Transformer(8, 4, 2, 1, 4, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+    _, params = nnx.split(model, nnx.Param)
+    params = jax.tree.map(lambda x: x + 0.1, params)
+    q = model.symmetries().charges(params)["vo/blocks.0"]
+    a = nnx.to_pure_dict(params)["blocks"][0]["attn"]
+    L = jnp.concatenate([a["w_v"], a["b_v"][:, None, :]], axis=1)  # (heads, d_model + 1, d_head)
+    want = jnp.einsum("hia,hib->hab", L, L) - jnp.einsum("hai,hbi->hab", a["w_o"], a["w_o"])
+    np.testing.assert_allclose(q, want, rtol=0, atol=1e-12)

@@ -98,12 +98,20 @@ class SGDSpec:
     held (heavy ball) or ``(1 + beta) m_{k+1} - beta m_k`` (Nesterov), to the square root of the machine epsilon,
     and from the first step where they differ (the clip acting; or a spec whose learning rate, decoupled decay or
     Nesterov momentum is not the optimiser's) ``charge_drift_predicted`` is NaN: its cross term is lost for the
-    later steps too.  (A heavy-ball spec with the wrong momentum is not told apart so: its step is the momentum
-    held.  A heavy-ball spec whose constant learning rate is off by a constant factor, without decays, predicted the
-    drift exactly, the identity being invariant under it; it is NaN now, as the spec is not the optimiser's.)
-    Clipping per coordinate or per leaf (``optax.clip``, ``optax.clip_by_block_rms``) does not keep that
-    orthogonality: the charges then drift by a term the identity does not contain (the prediction can be off by more
-    than 100%), and such an optimiser has no spec.  The learning rate and the weight decay must be the ones applied:
+    later steps too.  So it is from the first step where the momentum's increment ``m_{k+1} - beta m_k -
+    coupled_weight_decay * w`` has a nonzero charge linear term ``<grad Q(theta_k), .>`` (a Jacobian-vector product
+    of the charges, to the square root of the machine epsilon): a transform before the momentum that changes the
+    gradient other than by one global factor (``optax.centralize``, a per-leaf scaling, a per-coordinate clip: the
+    prediction was 197% off with ``optax.centralize``), or a heavy-ball spec whose momentum or coupled decay is not
+    the optimiser's (told apart from the second step; its update alone is the momentum held).  An optimiser holding
+    several momentum traces shaped like the parameters (``optax.chain(optax.trace(0.9), optax.trace(0.5), ...)``,
+    23% off) is refused at ``init`` with a spec.  (A heavy-ball spec whose constant learning rate is off by a
+    constant factor, without decays, predicted the drift exactly, the identity being invariant under it; it is NaN
+    now, as the spec is not the optimiser's.)  Clipping per coordinate or per leaf (``optax.clip``,
+    ``optax.clip_by_block_rms``) does not keep that orthogonality: the charges then drift by a term the identity does
+    not contain (the prediction can be off by more than 100%), and such an optimiser has no spec (with momentum the
+    prediction is NaN from the first step the clip acts, as above; without momentum nothing shows it).
+    The learning rate and the weight decay must be the ones applied:
     ``optax.contrib.reduce_on_plateau`` chained after the optimiser (as optax's examples place it) rescales the
     step, i.e. the learning rate, at each reduction, which the spec does not see (the prediction 140% off after the
     first one, not refused: its state does not show where it sits; with momentum the update then differs from the

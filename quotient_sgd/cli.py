@@ -1,7 +1,7 @@
 """The ``quotient-sgd`` command: ``run``, ``sweep`` and ``report``.
 
     quotient-sgd run   [--config=configs/X.py] [--config.optim.lr=0.05 ...] [--workdir=runs/NAME]
-    quotient-sgd sweep --config=configs/X.py [--config.sweep.lr="(0.03,0.1)"] [--workdir=runs/NAME-sweep]
+    quotient-sgd sweep [--config=configs/X.py] [--config.sweep.lr="(0.03,0.1)"] [--workdir=runs/NAME-sweep]
                        [--coordinator_address=HOST:PORT --num_processes=N --process_id=I | --distributed]
     quotient-sgd report runs/NAME
 

@@ -248,3 +248,23 @@ def dot_precisions(fn, *args) -> list:
 
     walk(jax.make_jaxpr(fn)(*args).jaxpr)
     return found
+
+
+#: The experiment scripts' directory (``experiments/``; the test modules that load them put it on ``sys.path``).
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments")
+
+
+def experiment_script(name: str):
+    """``experiments/<name>.py`` loaded by path under its own module name: ``import <name>`` could find the config
+    file of the same name in configs/ when a test before put that directory first on ``sys.path``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_experiment_script_{name}", os.path.join(EXPERIMENTS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def never_run(*args, **kwargs):
+    """A stand-in for an experiment's ``run`` in tests of overrides it must refuse before computing."""
+    raise AssertionError("the experiment computed with overrides it should have refused")

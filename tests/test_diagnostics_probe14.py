@@ -1,28 +1,15 @@
 """The diagnostics and the experiment scripts on cases beyond their tests: overrides the scripts refused only
 after computing, :func:`~quotient_sgd.diagnostics.cusum_threshold` at the boundaries of its arguments."""
 
-import importlib.util
 import os
 import sys
 
 import numpy as np
 import pytest
 
-EXPERIMENTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments")
+from helpers import EXPERIMENTS, experiment_script, never_run
+
 sys.path.insert(0, EXPERIMENTS)
-
-
-def _script(name):
-    """``experiments/<name>.py`` loaded by path under its own module name (``import <name>`` could find the config
-    of the same name in configs/)."""
-    spec = importlib.util.spec_from_file_location(f"_probe14_script_{name}", os.path.join(EXPERIMENTS, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _never_run(*args, **kwargs):
-    raise AssertionError("the experiment computed with overrides it should have refused")
 
 
 @pytest.mark.parametrize("value", ["2", "0.0001"])
@@ -30,9 +17,9 @@ def test_shock_lr_refuses_an_init_scale_shock_aware_lr_refuses_before_computing(
     """``experiments/shock_lr.py init_scale=2`` passed the config check (any number > 0), trained the constant
     and cosine runs, then stopped in ``shock_aware_lr``'s own ValueError traceback ("cap" never lengthens the
     inner step; below ``min_scale = 0.001`` likewise): the config now refuses it by name before anything runs."""
-    E = _script("shock_lr")
+    E = experiment_script("shock_lr")
     monkeypatch.setenv("QSGD_EXPERIMENT_OUT", str(tmp_path))
-    monkeypatch.setattr(E, "run", _never_run)
+    monkeypatch.setattr(E, "run", never_run)
     with pytest.raises(SystemExit) as err:
         E.main(["scale=test", f"init_scale={value}"])
     msg = str(err.value.code)
@@ -91,9 +78,9 @@ def test_experiment_scripts_answer_help_with_their_keys(name, tmp_path, monkeypa
     allows, and exits 0 without computing or writing anything."""
     import _common as C
 
-    E = _script(name)
+    E = experiment_script(name)
     monkeypatch.setenv("QSGD_EXPERIMENT_OUT", str(tmp_path))
-    monkeypatch.setattr(E, "run", _never_run)
+    monkeypatch.setattr(E, "run", never_run)
     with pytest.raises(SystemExit) as err:
         E.main(["scale=test", "--help"])
     assert err.value.code == 0
@@ -124,11 +111,11 @@ def test_an_output_location_that_cannot_be_written_is_refused_before_computing(n
     """``QSGD_EXPERIMENT_OUT`` naming a file ran the whole experiment, then failed writing its results in a bare
     ``NotADirectoryError``: the results directory is now made (or refused, naming it and the variable) before
     anything is computed."""
-    E = _script(name)
+    E = experiment_script(name)
     blocker = tmp_path / "not_a_directory"
     blocker.write_text("")
     monkeypatch.setenv("QSGD_EXPERIMENT_OUT", str(blocker))
-    monkeypatch.setattr(E, "run", _never_run)
+    monkeypatch.setattr(E, "run", never_run)
     with pytest.raises(SystemExit) as err:
         E.main(["scale=test"])
     msg = str(err.value.code)
@@ -284,9 +271,9 @@ def test_hj_slices_refuses_a_model_override_that_is_not_text_by_name(model, tmp_
     """``experiments/hj_slices.py model=[1]`` at the CPU scale (whose default ``model=()`` gives no element type to
     check against) failed in a bare "TypeError: argument of type 'int' is not iterable": each entry that is not a
     ``key=value`` string is now refused naming ``model``, before anything is computed."""
-    E = _script("hj_slices")
+    E = experiment_script("hj_slices")
     monkeypatch.setenv("QSGD_EXPERIMENT_OUT", str(tmp_path))
-    monkeypatch.setattr(E, "run", _never_run)
+    monkeypatch.setattr(E, "run", never_run)
     with pytest.raises(SystemExit) as err:
         E.main([f"model={model}"])
     assert "hj_slices: model=" in str(err.value.code) and "is not a key=value override" in str(err.value.code)

@@ -6,31 +6,17 @@ import sys
 
 import pytest
 
-EXPERIMENTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments")
+from helpers import EXPERIMENTS, experiment_script, never_run
+
 sys.path.insert(0, EXPERIMENTS)
-
-
-def _script(name):
-    """``experiments/<name>.py`` loaded by path under its own module name: ``import <name>`` could find the config
-    file of the same name in configs/ when a test before put that directory first on ``sys.path``."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"_experiment_script_{name}", os.path.join(EXPERIMENTS, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _never_run(*args, **kwargs):
-    raise AssertionError("the experiment computed with overrides it should have refused")
 
 
 def _refusal(name, argv, tmp_path, monkeypatch):
     """``(script, message)``: ``experiments/<name>.py``'s ``main(argv)`` stopped before computing anything (its
     ``run`` refuses to be called), with outputs under ``tmp_path``."""
-    E = _script(name)
+    E = experiment_script(name)
     monkeypatch.setenv("QSGD_EXPERIMENT_OUT", str(tmp_path))
-    monkeypatch.setattr(E, "run", _never_run)
+    monkeypatch.setattr(E, "run", never_run)
     with pytest.raises(SystemExit) as err:
         E.main(argv)
     return E, str(err.value.code)
@@ -56,7 +42,7 @@ def test_hj_slices_refuses_model_overrides_it_does_not_read(tmp_path, monkeypatc
 def test_hj_slices_model_config_keeps_what_it_reads():
     """The overrides the slices read reach experiment 1's config; the seed is the experiment's own."""
     import _common as C
-    E = _script("hj_slices")
+    E = experiment_script("hj_slices")
 
     cfg = C.load_config("hj_slices", ["scale=test", "seed=4", 'model=["hidden=[6, 5]", "eta_lambda0=1.1"]'])
     ecfg = E.model_config(cfg)
@@ -84,10 +70,10 @@ def test_hj_slices_refuses_a_grid_without_interior_points(tmp_path, monkeypatch)
     array to reduction operation minimum") reading min L'' at the points two or more away from the slice's ends,
     of which 4 points have none.  Refused before anything is computed, naming ``n``; ``n=5`` passes the check."""
     import _common as C
-    E = _script("hj_slices")
+    E = experiment_script("hj_slices")
 
     monkeypatch.setenv("QSGD_EXPERIMENT_OUT", str(tmp_path))
-    monkeypatch.setattr(E, "run", _never_run)
+    monkeypatch.setattr(E, "run", never_run)
     with pytest.raises(SystemExit, match=r"hj_slices: n=4: allowed an integer >= 5"):
         E.main(["scale=test", "n=4"])
     assert C.load_config("hj_slices", ["scale=test", "n=5"]).n == 5
@@ -118,7 +104,7 @@ def test_edge_of_stability_events_name_their_run(tmp_path):
     saying which is which: the twin's edge at step 6 read as an event of the balanced run (``trajectory.npz``),
     which re-detected from that trajectory has none there.  Each event now names its run in ``details["run"]``,
     and the label survives the round trip through ``events.json``."""
-    E = _script("edge_of_stability")
+    E = experiment_script("edge_of_stability")
     from quotient_sgd.diagnostics import Event, load_events, save_events
 
     ev = lambda step: Event(step, "edge_of_stability", 2.0, {"lr": 0.1}, "step", False, {"level": 2.0})  # noqa: E731
@@ -137,7 +123,7 @@ def test_catapult_table_of_a_diverged_run():
     last refresh's (NaN), the divergence step is a column, and the catapult is "none (diverged)"."""
     import numpy as np
 
-    E = _script("catapult")
+    E = experiment_script("catapult")
     from quotient_sgd.diagnostics import Event
 
     steps = np.arange(12)
@@ -159,7 +145,7 @@ def test_hj_slices_stops_at_a_diverged_checkpoint():
     before it were computed.  The script now stops where the training diverged, naming the step, the learning
     rate and what to change."""
     import _common as C
-    E = _script("hj_slices")
+    E = experiment_script("hj_slices")
 
     cfg = C.load_config("hj_slices", ["scale=test", "checkpoints=[20]",
                                       'model=["hidden=[4]", "num_examples=8", "lanczos=4", "eta_lambda0=9"]'])
@@ -175,7 +161,7 @@ def test_edge_of_stability_table_reads_every_key_at_the_same_refresh():
     is now read at the same refreshes, and a diverged run names its divergence step."""
     import numpy as np
 
-    E = _script("edge_of_stability")
+    E = experiment_script("edge_of_stability")
     from quotient_sgd.diagnostics import Event
 
     steps = np.arange(8)
@@ -198,10 +184,10 @@ def test_grokking_refuses_a_transformer_of_two_features(tmp_path, monkeypatch):
     ``ValueError`` traceback (``d_model must be >= 3``, as README states for a config).  Refused now with the
     key, the value and what is allowed; ``d_model=3`` passes."""
     import _common as C
-    E = _script("grokking")
+    E = experiment_script("grokking")
 
     monkeypatch.setenv("QSGD_EXPERIMENT_OUT", str(tmp_path))
-    monkeypatch.setattr(E, "run", _never_run)
+    monkeypatch.setattr(E, "run", never_run)
     with pytest.raises(SystemExit, match=r"grokking: d_model=2: allowed an integer >= 3"):
         E.main(["scale=test", "d_model=2", "num_heads=1"])
     assert C.load_config("grokking", ["scale=test", "d_model=3", "num_heads=1"]).d_model == 3

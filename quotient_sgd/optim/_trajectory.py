@@ -14,7 +14,7 @@ from .. import observables as obs
 from .._reduce import sum_all
 from .._tree import float_dtype, widen
 from ..observables._charges import masked_leaves
-from ..observables._util import charges_dict, tree_dot, tree_sqnorm
+from ..observables._util import charge_linear, charges_dict, tree_dot, tree_sqnorm
 from ._gauge import GaugeFixState, HorizontalState, _like
 from ._spec import SGDSpec, accepted_extra_args, check_period, check_wrapped
 
@@ -883,12 +883,11 @@ def _check_momentum_dtype(spec: SGDSpec, inner_state, params) -> None:
     the number 0 (the stored momentum, the gradient alone, is then never read back)."""
     if isinstance(spec.momentum, (numbers.Real, np.ndarray, np.generic)) and float(spec.momentum) == 0:
         return
-    is_trace = lambda x: isinstance(x, optax.TraceState)  # noqa: E731
     floats = [jnp.result_type(x) for x in jax.tree.leaves(params) if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
     if not floats:
         return
     bits = min(jnp.finfo(d).bits for d in floats)
-    for st in (x for x in jax.tree.leaves(inner_state, is_leaf=is_trace) if is_trace(x)):
+    for st in _trace_states(inner_state):
         narrow = sorted({jnp.dtype(jnp.result_type(x)).name for x in jax.tree.leaves(st.trace)
                          if jnp.issubdtype(jnp.result_type(x), jnp.floating) and jnp.finfo(jnp.result_type(x)).bits
                          < bits})
@@ -992,11 +991,23 @@ def _momentum_trace(inner_state, params):
     """The momentum ``m_{k+1}`` of the wrapped optimiser (the ``trace`` of its one ``optax.TraceState`` shaped like
     ``params``), else ``None``.  Nesterov's update mixes the accumulated gradient into the step, so the charge
     prediction needs the momentum itself when the accumulated gradient is not the raw one (clipping)."""
-    is_trace = lambda x: isinstance(x, optax.TraceState)  # noqa: E731
-    found = [x.trace for x in jax.tree.leaves(inner_state, is_leaf=is_trace) if is_trace(x)]
+    found = [x.trace for x in _trace_states(inner_state)]
     if len(found) == 1 and jax.tree.structure(found[0]) == jax.tree.structure(params):
         return found[0]
     return None
+
+
+def _trace_states(inner_state) -> list:
+    """The ``optax.TraceState`` nodes (momenta) of an optimiser state, in tree order."""
+    is_trace = lambda x: isinstance(x, optax.TraceState)  # noqa: E731
+    return [x for x in jax.tree.leaves(inner_state, is_leaf=is_trace) if is_trace(x)]
+
+
+def _sqrt_eps(*trees) -> float:
+    """The square root of the machine epsilon of the narrowest float dtype among the leaves of ``trees`` (0 when
+    none is a float): the tolerance of the per-step checks of an update against its spec."""
+    floats = [jnp.result_type(x) for x in jax.tree.leaves(trees) if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+    return max(float(np.sqrt(jnp.finfo(d).eps)) for d in floats) if floats else 0.0
 
 
 def _check_one_momentum(inner_state, params) -> None:
@@ -1007,10 +1018,8 @@ def _check_one_momentum(inner_state, params) -> None:
     prediction of ``SGDSpec(eta, momentum=0.9)`` came out 23% off the observed drift there (float64 MLP, 20 steps),
     silently.  Traces over some of the parameters only (inside ``optax.masked`` / ``multi_transform``) are not
     counted."""
-    is_trace = lambda x: isinstance(x, optax.TraceState)  # noqa: E731
     want = jax.tree.structure(params)
-    found = [x for x in jax.tree.leaves(inner_state, is_leaf=is_trace)
-             if is_trace(x) and jax.tree.structure(x.trace) == want]
+    found = [x for x in _trace_states(inner_state) if jax.tree.structure(x.trace) == want]
     if len(found) > 1:
         raise ValueError(
             f"quotient_trajectory: spec=SGDSpec(...) with an optimiser that holds {len(found)} momentum traces "
@@ -1035,15 +1044,11 @@ def _off_spec_increment(group, params, velocity, prev_velocity, hp, spec: SGDSpe
     machine epsilon of the narrowest of the momentum's and the parameters' dtypes.  Not checked at
     ``momentum == 0`` (the momentum then holds the step's gradient with a decay the spec may name coupled or
     decoupled)."""
-    from ..observables._util import charge_linear
-
     if prev_velocity is None:
         return jnp.zeros((), jnp.bool_)
     dt = float_dtype(params)
     beta, lam_c = (jnp.asarray(hp[k], dt) for k in ("momentum", "coupled_weight_decay"))
-    floats = [x for x in jax.tree.leaves((velocity, prev_velocity, params))
-              if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
-    tol = max(float(np.sqrt(jnp.finfo(jnp.result_type(x)).eps)) for x in floats) if floats else 0.0
+    tol = _sqrt_eps(velocity, prev_velocity, params)
     mask = spec.mask_for(params)
     w = params if mask is None else masked_leaves(mask, params)
     m1, m0 = widen(velocity), widen(prev_velocity)
@@ -1082,9 +1087,7 @@ def _off_spec_momentum(updates, velocity, prev_velocity, params, hp, spec: SGDSp
         return jnp.zeros((), jnp.bool_)
     dt = float_dtype(params)
     eta, beta, lam_d = (jnp.asarray(hp[k], dt) for k in ("learning_rate", "momentum", "weight_decay"))
-    floats = [x for x in jax.tree.leaves((updates, velocity, prev_velocity))
-              if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
-    tol = max(float(np.sqrt(jnp.finfo(jnp.result_type(x)).eps)) for x in floats) if floats else 0.0
+    tol = _sqrt_eps(updates, velocity, prev_velocity)
     mask = spec.mask_for(params)
     w = params if mask is None else masked_leaves(mask, params)
     m1 = widen(velocity)

@@ -433,6 +433,32 @@ def _coupled_decay(lr, weight_decay, idx, steps, bound: float, bound_text: str, 
                           "every curvature: from there on the decay alone, at zero curvature of the loss, is past it")
 
 
+def _lr_of_described_steps(lr: np.ndarray, steps: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The learning rate of the step each row's per-step ``curvature`` / ``shock_number`` / ``fold_number``
+    ``values`` describe: recorded at step ``k`` it is step ``k - 1``'s (``quotient_trajectory`` takes it with that
+    step's own learning rate), and a value held over the rows after its record (``every=K``: the same number
+    repeated until the next refresh) is still the step before its record's.  The learning rate of that step is
+    the ``lr`` of its row when the trajectory has one (records every step, held or not: exact), else interpolated
+    linearly between the rows around it (records every ``K`` steps, a ``step`` key: exact for a schedule linear
+    between two records, e.g. a constant or a linear warm-up; a schedule that jumps between two records is read
+    between its values), the first row's before the first row.  NaN where the row itself has no learning rate
+    (NaN in the trajectory's ``lr`` key)."""
+    lr = np.asarray(lr, np.float64)
+    steps = np.asarray(steps, np.int64)
+    values = np.asarray(values, np.float64)
+    n = len(lr)
+    # a row repeating the previous row's value exactly holds it (a recomputed number equal to the last to every bit
+    # is no coincidence that matters: a fold number of 0 crosses no level)
+    held = np.r_[False, values[1:] == values[:-1]] if n else np.zeros(0, bool)
+    first = np.maximum.accumulate(np.where(held, 0, np.arange(n)))  # the row of the record each row holds
+    described = steps[first] - 1
+    ok = np.isfinite(lr)
+    out = np.full(n, np.nan)
+    if ok.any():
+        out = np.interp(described.astype(np.float64), steps[ok].astype(np.float64), lr[ok])
+    return np.where(ok, out, np.nan)
+
+
 def _per_row(fn, decay: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """``fn(d)`` for the decay ``d`` of each row of ``idx`` (once per distinct value), NaN elsewhere and at rows
     without a learning rate (NaN in the trajectory's ``lr`` key: ``fn(nan)`` refused the whole trajectory)."""
@@ -464,9 +490,12 @@ def detect_fold(traj, *, steps, lr=None, fold_levels: Sequence[float] = (1.0, 2.
     ``weight_decay``: SGD's coupled weight decay (``optax.add_decayed_weights(weight_decay)`` before
     ``optax.sgd``: ``weight_decay * theta`` added to the gradient, not a term of the loss whose curvature
     ``kappa`` is), which adds ``weight_decay`` to the curvature the step sees: both levels move down by
-    ``decay = lr * weight_decay`` (``fold_levels_for(..., decay=decay)``), ``lr`` the learning rate of the row
-    (a schedule moves the levels; the fold number of row ``k`` was taken with step ``k - 1``'s learning rate, one
-    step's change of ``lr * weight_decay`` apart), and ``details`` also give ``decay``.  Not read with
+    ``decay = lr * weight_decay`` (``fold_levels_for(..., decay=decay)``), ``lr`` the learning rate of the step
+    the number describes (a schedule moves the levels): for ``fold_number`` recorded at step ``k`` (and held
+    after it with ``every=K``), step ``k - 1``'s, the ``lr`` of that step's row (rows every ``K`` steps with a
+    ``step`` key: interpolated linearly between the two rows around it; row ``k``'s own placed the levels one
+    step's change of ``lr * weight_decay`` off), for ``fold_number_hessian`` the row's own; ``details`` also give
+    ``decay``.  Not read with
     ``adaptive=True`` (AdamW's decay is decoupled; an adaptive run keeps gradient descent's levels, whatever
     ``momentum`` and ``nesterov``, which then means Nesterov Adam).
 
@@ -498,7 +527,13 @@ def _fold_events(traj, key, v, idx, steps, lr, fold_levels, rearm, momentum, nes
         if lr is None:
             raise ValueError(f"detect: weight_decay={weight_decay!r} of an SGD run needs the learning rate (lr=, or "
                              f"the trajectory's 'lr' key) to place the fold levels (they move by lr * weight_decay)")
-        decay = _coupled_decay(lr, wd, idx, steps, fold_edge(momentum, nesterov),
+        # the per-step fold number of row k is step k - 1's (taken with its learning rate; held over the rows
+        # after it with every=K): its levels move with that step's decay (row k's own learning rate placed them
+        # one step's change of lr * weight_decay off: a warm-up from 0.3 to 0.8 with weight_decay=1 read 0.36 at
+        # step 3 as a fold, level 1 - 0.8, where step 2 folds from 1 - 0.3 on); the Hessian's,
+        # fold_number_hessian, is of the row's own step
+        eta = _lr_of_described_steps(lr, steps, v) if key == "fold_number" else lr
+        decay = _coupled_decay(eta, wd, idx, steps, fold_edge(momentum, nesterov),
                                f"fold_edge(momentum={float(momentum)!r}, nesterov={bool(nesterov)!r})",
                                "a fold level")
         folds = _per_row(lambda d: fold_edge(momentum, nesterov, decay=d), decay, idx)

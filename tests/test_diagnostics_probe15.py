@@ -1,0 +1,44 @@
+"""The diagnostics and the experiment scripts on cases beyond their tests: fold levels under a learning-rate
+schedule with coupled weight decay, strict JSON from the experiment scripts."""
+
+import numpy as np
+
+from quotient_sgd.diagnostics import detect
+
+
+def _fold_trajectory(lr, h, steps):
+    """What ``quotient_trajectory`` records on the quadratic ``h/2 |theta|^2`` (curvature ``h`` along every step)
+    with SGD's coupled weight decay and a spec: row ``k`` holds step ``k - 1``'s fold number ``lr(k - 1) * h``
+    (0 at step 0)."""
+    steps = np.asarray(steps)
+    fold = np.where(steps == 0, 0.0, np.array([lr(s - 1) for s in steps]) * h)
+    return {"loss": np.linspace(1.0, 0.5, len(steps)), "step": steps, "fold_number": fold,
+            "lr": np.array([lr(s) for s in steps])}
+
+
+def test_fold_levels_with_coupled_decay_use_the_learning_rate_of_the_step_the_fold_number_describes():
+    """``detect_fold`` with ``weight_decay`` placed row ``k``'s levels with row ``k``'s learning rate, although
+    the fold number recorded there is step ``k - 1``'s: under a warm-up from 0.3 to 0.8 at step 3
+    (``weight_decay=1``, curvature 1.2) it read step 2's 0.36 (``eta (h + wd) = 0.66``: no fold) as a fold at
+    step 3 against ``1 - 0.8``, and the true fold of step 3 (1.76) was swallowed by that episode.  Measured on
+    ``train`` with ``add_decayed_weights`` before ``sgd`` and an ``SGDSpec`` (the same numbers).  Now the levels
+    of the per-step number use step ``k - 1``'s rate: one event, at row 4, level ``1 - 0.8``; with records every
+    2 steps and a linear warm-up the rate of step ``k - 1`` is interpolated between the records (exact), and a
+    number held over the rows after its record (``train`` with ``every=2``) keeps the rate of the step it
+    describes (the held row was read with the next step's rate: an event at step 11 for step 9's 0.99)."""
+    h, wd = 1.2, 1.0
+    jump = _fold_trajectory(lambda s: 0.3 if s < 3 else 0.8, h, np.arange(8))
+    (ev,) = detect(jump, kinds=["fold"], weight_decay=wd, fold_levels=(1.0,))
+    assert ev.step == 4 and np.isclose(ev.strength, 0.8 * h) and np.isclose(ev.details["level"], 1 - 0.8)
+    assert np.isclose(ev.details["decay"], 0.8 * wd)
+    # every event is a step whose eta (h + wd) >= 1, found at the next record; a linear warm-up every 2 steps
+    ramp = lambda s: min(0.05 * s, 0.6)  # noqa: E731
+    sparse = _fold_trajectory(ramp, h, np.arange(0, 40, 2))
+    (ev,) = detect(sparse, kinds=["fold"], weight_decay=wd, fold_levels=(1.0,))
+    first = next(s for s in range(1, 40, 2) if ramp(s) * (h + wd) >= 1)  # the first odd step that folds
+    assert ev.step == first + 1 and np.isclose(ev.details["level"], 1 - ramp(first) * wd)
+    # train(every=2) keeps a row per step, each number held over the row after its record
+    held = _fold_trajectory(ramp, h, np.arange(40))
+    held["fold_number"] = held["fold_number"][np.arange(40) // 2 * 2]
+    (ev,) = detect(held, kinds=["fold"], weight_decay=wd, fold_levels=(1.0,))
+    assert ev.step == first + 1 and np.isclose(ev.details["level"], 1 - ramp(first) * wd)

@@ -36,11 +36,26 @@ def widen_real(x) -> Array:
 
 
 def real_field(name: str, arg: str, x) -> Array:
-    """A field ``x`` given to ``name`` as argument ``arg``: refused by name when complex, else :func:`widen_real`."""
-    x = jnp.asarray(x)
+    """A field ``x`` given to ``name`` as argument ``arg``: refused by name (``TypeError``) when complex or not numbers
+    at all (a string, ``None``: JAX's own "not a valid JAX array type" / "None is not a valid value for jnp.array"
+    named neither the function nor the argument), else :func:`widen_real`."""
+    given = x
+    try:
+        x = jnp.asarray(x)
+    except (TypeError, ValueError):
+        x = None
+    if x is None or not (jnp.issubdtype(x.dtype, jnp.number) or x.dtype == jnp.bool_):
+        raise TypeError(f"{name}: {arg}={_short(given)} is not allowed; need a real array of numbers (float32 or "
+                        "float64; integer and boolean ones are read in the default float).")
     if jnp.issubdtype(x.dtype, jnp.complexfloating):
         raise TypeError(f"{name}: {arg} has dtype {x.dtype}; the field must be real (float32 or float64).")
     return widen_real(x)
+
+
+def _short(value) -> str:
+    """``repr(value)``, cut to 60 characters (an error message names a bad argument without printing a whole array)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _real_number(value) -> float | None:

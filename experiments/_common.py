@@ -168,9 +168,57 @@ def usage(name: str) -> str:
 _LOADED: dict[str, dict] = {}
 
 
+#: How ``result.json`` writes the floats strict JSON has no number for (as ``events.json`` does).
+_NON_FINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+
+
+def strict_json(x):
+    """``x`` as strict JSON values, what :func:`save` writes: NaN / +-inf as the strings ``"nan"`` / ``"inf"`` /
+    ``"-inf"`` (as ``events.json`` writes them; :func:`load_result` reads them back), NumPy and 0-d JAX numbers as
+    the Python ``int`` / ``float`` / ``bool`` they hold, arrays as (nested) lists, tuples as lists, mapping keys as
+    strings.  ``result.json`` held bare ``NaN`` / ``Infinity`` (an edge never reached, a slice of no shock), which
+    strict readers (``jq``, JavaScript's ``JSON.parse``) refuse; an array in it failed half-written (``default=float``
+    of a 1-d array), and a NumPy integer was written as a float.
+
+    Raises:
+        TypeError: a value that is none of these (named, with its type)."""
+    if isinstance(x, dict):
+        return {str(k): strict_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [strict_json(v) for v in x]
+    if isinstance(x, (np.ndarray, jax.Array)) and np.ndim(x) > 0:
+        return strict_json(np.asarray(x).tolist())
+    if hasattr(x, "item") and np.ndim(x) == 0 and not isinstance(x, (str, bytes)):
+        x = x.item()
+    if x is None or isinstance(x, (bool, str, int)):
+        return x
+    if isinstance(x, float):
+        return x if math.isfinite(x) else ("nan" if x != x else "inf" if x > 0 else "-inf")
+    raise TypeError(f"result.json: {x!r} (a {type(x).__name__}) is not a JSON value; need numbers, strings, bools, "
+                    "None, lists, arrays or dicts of them")
+
+
+def from_strict_json(x):
+    """The inverse of :func:`strict_json`'s non-finite floats: the strings ``"nan"`` / ``"inf"`` / ``"-inf"`` back
+    to floats, in nested lists and dicts."""
+    if isinstance(x, dict):
+        return {k: from_strict_json(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [from_strict_json(v) for v in x]
+    return _NON_FINITE[x] if isinstance(x, str) and x in _NON_FINITE else x
+
+
+def load_result(path: str) -> dict:
+    """The ``result.json`` at ``path`` as :func:`save` recorded it, the strings ``"nan"`` / ``"inf"`` / ``"-inf"``
+    read back as floats (:func:`from_strict_json`)."""
+    with open(path) as f:
+        return from_strict_json(json.load(f))
+
+
 def _plain(cfg) -> dict:
-    """The resolved config as plain JSON values (tuples as lists), as ``result.json`` records it."""
-    return json.loads(json.dumps(cfg.to_dict()))
+    """The resolved config as strict JSON values (tuples as lists, non-finite floats as strings), as
+    ``result.json`` records it."""
+    return strict_json(cfg.to_dict())
 
 
 def _flat_keys(d: dict, prefix: str = "") -> dict:
@@ -201,6 +249,12 @@ def check_results(name: str) -> None:
     except (OSError, ValueError):
         old = None
     old_cfg = old.get("config") if isinstance(old, dict) else None
+    if isinstance(old_cfg, dict):
+        # compared in strict_json's form (a result.json written before it held bare NaN / Infinity)
+        try:
+            old_cfg = strict_json(old_cfg)
+        except TypeError:
+            old_cfg = None
     if old_cfg == loaded["config"]:
         return
     how = ("; pass overwrite=true to replace them, or write elsewhere with QSGD_EXPERIMENT_OUT=DIR (results go to "
@@ -531,7 +585,9 @@ def sampled(traj, key):
 def save(name: str, traj: dict, events: list[Event], table: list[dict], extra: dict | None = None) -> str:
     """Write the results of experiment ``name`` to :func:`out_dir`: ``trajectory.npz``, ``events.json``,
     ``result.json`` (the table, ``extra``, and the resolved ``config`` and the command line's ``overrides`` that
-    produced them, when the script loaded its config with ``load_config(..., results=True)``) and ``result.md``.
+    produced them, when the script loaded its config with ``load_config(..., results=True)``; strict JSON,
+    :func:`strict_json`: NaN / +-inf as ``"nan"`` / ``"inf"`` / ``"-inf"``, read back by :func:`load_result`) and
+    ``result.md``.
     Results of another config found there are not overwritten without ``overwrite=true``
     (:func:`check_results`, checked again here)."""
     check_results(name)
@@ -542,8 +598,11 @@ def save(name: str, traj: dict, events: list[Event], table: list[dict], extra: d
         record.update(config=loaded["config"], overrides=loaded["overrides"])
     np.savez_compressed(os.path.join(d, "trajectory.npz"), **traj)
     save_events(os.path.join(d, "events.json"), events)
+    # strict JSON (no bare NaN / Infinity), made in full before the file is opened: a value that is not JSON left
+    # a half-written result.json, which the next run then read as results recording no config
+    text = json.dumps(strict_json(record), indent=1, allow_nan=False)
     with open(os.path.join(d, "result.json"), "w") as f:
-        json.dump(record, f, indent=1, default=float)
+        f.write(text)
     with open(os.path.join(d, "result.md"), "w") as f:
         f.write(markdown_table(table))
     return d

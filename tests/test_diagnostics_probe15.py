@@ -1,7 +1,12 @@
 """The diagnostics and the experiment scripts on cases beyond their tests: fold levels under a learning-rate
 schedule with coupled weight decay, strict JSON from the experiment scripts."""
 
+import json
+
 import numpy as np
+import pytest
+
+from helpers import experiment_script
 
 from quotient_sgd.diagnostics import detect
 
@@ -42,3 +47,27 @@ def test_fold_levels_with_coupled_decay_use_the_learning_rate_of_the_step_the_fo
     held["fold_number"] = held["fold_number"][np.arange(40) // 2 * 2]
     (ev,) = detect(held, kinds=["fold"], weight_decay=wd, fold_levels=(1.0,))
     assert ev.step == first + 1 and np.isclose(ev.details["level"], 1 - ramp(first) * wd)
+
+
+def test_experiment_results_are_strict_json_and_read_back(tmp_path, monkeypatch):
+    """``result.json`` was written with ``json.dump(..., default=float)``: a table holding NaN / inf (an edge never
+    reached, a Hessian shock time of a convex slice) came out as bare ``NaN`` / ``Infinity``, which strict JSON
+    readers (``jq``, ``JSON.parse``) refuse; a NumPy integer was written as a float (``3.0``), and an array left the
+    file half-written (``TypeError: only 0-dimensional arrays``), read by the next run as results recording no
+    config.  Now every value is strict JSON (non-finite floats as ``"nan"`` / ``"inf"`` / ``"-inf"``, as
+    ``events.json`` writes them), :func:`load_result` reads them back, and a value that is not JSON is refused
+    before the file is touched."""
+    C = experiment_script("_common")
+    monkeypatch.setenv("QSGD_EXPERIMENT_OUT", str(tmp_path))
+    table = [{"t*": float("inf"), "gauge": np.float32("nan"), "edge": -np.inf, "events": np.int64(3), "ok": True}]
+    d = C.save("x", {"loss": np.ones(3)}, [], table, {"lr": np.float32(0.5), "curve": np.array([1.0, np.nan])})
+    text = (tmp_path / "x" / "result.json").read_text()
+    raw = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    assert raw["table"][0] == {"t*": "inf", "gauge": "nan", "edge": "-inf", "events": 3, "ok": True}
+    back = C.load_result(f"{d}/result.json")
+    row = back["table"][0]
+    assert row["t*"] == np.inf and np.isnan(row["gauge"]) and row["edge"] == -np.inf and row["events"] == 3
+    assert back["lr"] == 0.5 and back["curve"][0] == 1.0 and np.isnan(back["curve"][1])
+    with pytest.raises(TypeError, match="object"):
+        C.save("x", {"loss": np.ones(3)}, [], [{"bad": object()}])
+    assert (tmp_path / "x" / "result.json").read_text() == text  # (untouched)

@@ -163,8 +163,13 @@ def _per_device(body, batched_args: tuple, out_axes):
     on more than one device) differed from those of its own ``run`` by float32 rounding (the tiny config's
     ``grad_norm`` by 1.2e-7, its curvature by 1.2e-5 relative; parameters and losses equal), while a member in a
     group of two or more on a device, or alone on one device, equalled its run bit for bit.  Computed this way, a
-    member's per-step trajectory is its run's bit for bit on CPU whatever the grouping and the device count
-    (``tests/test_runner_probe23.py``)."""
+    member run alone on a device is its run bit for bit on CPU whatever the device count
+    (``tests/test_runner_probe23.py``); a member vmapped with others is its run bit for bit where XLA compiles the
+    model's batched gradient into the same arithmetic as the unbatched one (the tiny MLP), not in general: the
+    grokking Transformer (``configs/grokking.py``, ``data.p = 7``, ``model.d_model = 8``) vmapped over two members
+    has gradients differing from the unbatched ones by up to 1.5e-8 at initialisation (loss equal), and six
+    members on one device ended 20 steps with losses 2.4e-7 from their runs' (the Hessian extremes 1e-6
+    relative)."""
     def one(a, ax):  # (the only member of argument ``a``, of vmap axes ``ax``)
         if ax is None:
             return a

@@ -187,7 +187,7 @@ def make_plots(workdir: str, traj: dict, metrics: list[dict], events: list[dict]
 
     # Hessian extremes (sampled where fresh)
     fig, ax = plt.subplots(figsize=(6, 4))
-    hk = [k for k in traj if k.startswith("sharpness_") or k.startswith("lambda_min_")]
+    hk = _hessian_keys(traj)
     pk = sorted(k for k in hk if k.endswith("_preconditioned"))  # Adam's P^-1 H: its own scale, right axis
     hk = [k for k in hk if k not in pk]
     if hk and "hessian_step" in traj:
@@ -268,6 +268,62 @@ def last_evaluation_text(last: dict, n: int, total: int, diverged: dict | None) 
     return f"final (step {step})"
 
 
+def _hessian_keys(traj: dict) -> list[str]:
+    """The trajectory's Hessian extremes (``sharpness_*``, ``lambda_min_*``), as ``plots/hessian.png`` draws them."""
+    return sorted(k for k in traj if k.startswith("sharpness_") or k.startswith("lambda_min_"))
+
+
+def unrecorded(s: Settings, traj: dict, metrics: list[dict], diverged: dict | None) -> list[tuple[str, str]]:
+    """``[(what, why)]``: the series the plots draw (and the evaluation the summary reports) that the run holds no
+    finite value of, with the reason where the config or the run's end gives it: a run that diverged before its
+    first chunk end has no evaluation, ``observables.hessian_every = 0`` no Hessian extremes, a series recorded
+    only while the loss was non-finite no finite value.  The plots show these panels as placeholders; the
+    summary names them (it said nothing of them: a diverged run's summary read as if the run had never been
+    evaluated by mistake)."""
+    out: list[tuple[str, str]] = []
+    n = len(traj.get("loss", []))
+    if not any("test_loss" in r for r in metrics):
+        if diverged is not None:
+            why = (f"the run diverged at step {diverged['step']}, before its first evaluation (at the end of its "
+                   f"first chunk of checkpoint.every = {s.checkpoint.every} steps)")
+        elif n < s.steps:
+            why = f"no chunk of checkpoint.every = {s.checkpoint.every} steps has finished ({n} of {s.steps} recorded)"
+        else:
+            why = "metrics.jsonl holds no evaluation row"
+        out.append(("evaluation (train / test loss, accuracy)", why))
+    if n == 0:
+        return out + [("per-step observables", "no step recorded")]
+
+    def finite(v) -> bool:
+        return bool(np.isfinite(np.asarray(v, np.float64)).any())
+
+    hk = _hessian_keys(traj)
+    if not hk:
+        why = ("observables.hessian_every = 0" if s.observables.hessian_every == 0 else "not in the trajectory")
+        out.append(("Hessian extremes (plots/hessian.png)", why))
+    elif not any(finite(traj[k]) for k in hk):
+        out.append(("Hessian extremes (plots/hessian.png)", "no finite value"))
+    panels = (
+        ("training loss (plots/loss.png)", {"loss": traj["loss"]} if "loss" in traj else {}),
+        ("gradient norms (plots/observables.png)",
+         {k: traj[k] for k in ("grad_norm", "grad_norm_canonical") if k in traj}),
+        ("horizontal / vertical update norms (plots/observables.png)",
+         {k: traj[k] for k in ("update_horizontal_norm", "update_vertical_norm") if k in traj}),
+        ("effective learning rate (plots/observables.png)", _series(traj, "effective_lr")),
+        ("Noether charges (plots/charges.png)", _series(traj, "charges")),
+        ("charge drift (plots/charges.png)", _series(traj, "charge_drift")),
+        ("shock and fold numbers (plots/shock_fold.png)",
+         {k: traj[k] for k in ("shock_number", "fold_number", "shock_number_hessian", "fold_number_hessian")
+          if k in traj}),
+    )
+    for what, series in panels:
+        if not series:
+            out.append((what, "not in the trajectory"))
+        elif not any(finite(v) for v in series.values()):
+            out.append((what, f"no finite value in {n} recorded step{'s' if n != 1 else ''}"))
+    return out
+
+
 def _optimiser_text(o) -> str:
     """``name lr=... key=...`` with the keys this optimiser reads (Adam's summary has no momentum), plus the global
     gradient clipping when it is on."""
@@ -318,6 +374,9 @@ def write_summary(workdir: str, s: Settings, traj: dict, metrics: list[dict], ev
         res = ", ".join(f"{k}={last[k]:.4g}" for k in ("train_loss", "test_loss", "train_accuracy", "test_accuracy")
                         if k in last)
         lines.append(f"- {last_evaluation_text(last, n, s.steps, diverged)}: {res}")
+    missing = unrecorded(s, traj, metrics, diverged)
+    if missing:
+        lines += ["", "## Not recorded", ""] + [f"- {what}: {why}" for what, why in missing]
     lines += ["", "## Detected events", ""]
     if detect_error:
         lines.append(f"Detection failed: {detect_error}")

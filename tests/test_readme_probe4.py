@@ -142,3 +142,38 @@ def test_the_research_code_block_is_twenty_lines():
     text = (ROOT / "README.md").read_text()
     block = re.search(r"## Research code without the CLI \((\d+) lines\)\s+```python\n(.*?)```", text, re.S)
     assert block and int(block.group(1)) == len(block.group(2).splitlines())
+
+
+def test_the_compilation_cache_directory_is_the_stated_one(monkeypatch):
+    # README, Compilation cache: ~/.cache/quotient_sgd/jax ($XDG_CACHE_HOME/quotient_sgd/jax for an absolute
+    # XDG_CACHE_HOME); QSGD_COMPILATION_CACHE=DIR moves it, =off turns it off
+    from quotient_sgd import cli
+
+    for name in ("QSGD_COMPILATION_CACHE", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    assert cli.compilation_cache_dir() == os.path.join(os.path.expanduser("~"), ".cache", "quotient_sgd", "jax")
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
+    assert cli.compilation_cache_dir() == os.path.join(os.path.expanduser("~"), ".cache", "quotient_sgd", "jax")
+    monkeypatch.setenv("XDG_CACHE_HOME", "/xdg")
+    assert cli.compilation_cache_dir() == os.path.join("/xdg", "quotient_sgd", "jax")
+    monkeypatch.setenv("QSGD_COMPILATION_CACHE", "/elsewhere")
+    assert cli.compilation_cache_dir() == "/elsewhere"
+    monkeypatch.setenv("QSGD_COMPILATION_CACHE", "off")
+    assert cli.compilation_cache_dir() is None
+    assert "`~/.cache/quotient_sgd/jax` (`$XDG_CACHE_HOME/quotient_sgd/jax` for an absolute `XDG_CACHE_HOME`" in README
+
+
+def test_the_install_extras_and_the_command_are_declared():
+    # README: `".[cuda]"` / `".[tpu]"` (JAX's own extras), `".[tensorboard]"` (TensorBoard event files),
+    # `".[bench]"` (exponax for benchmarks/hj.py), `".[test]"`; the `quotient-sgd` command
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    for name in ("cuda", "tpu", "tensorboard", "bench", "test"):
+        assert f'".[{name}]"' in README, name
+    assert any(d.startswith("jax[cuda") for d in extras["cuda"]) and any(d.startswith("jax[tpu") for d in extras["tpu"])
+    assert any(d.startswith("tensorboardX") for d in extras["tensorboard"])
+    assert any(d.startswith("exponax") for d in extras["bench"])
+    assert {"pytest", "pytest-xdist"} <= {re.split(r"[<>=\[]", d)[0] for d in extras["test"]}
+    assert project["scripts"]["quotient-sgd"] == "quotient_sgd.cli:main"

@@ -177,3 +177,18 @@ def test_the_install_extras_and_the_command_are_declared():
     assert any(d.startswith("exponax") for d in extras["bench"])
     assert {"pytest", "pytest-xdist"} <= {re.split(r"[<>=\[]", d)[0] for d in extras["test"]}
     assert project["scripts"]["quotient-sgd"] == "quotient_sgd.cli:main"
+
+
+def test_the_hj_thresholds_are_the_stated_numbers():
+    # README, HJ: Monte Carlo "`inf` and `reliable=False` below an effective sample size of 20"; a fixed Tsit5 step
+    # refused beyond "`dt nu max|eig(Lap)| > 3.51`"; "rtol + atol / S < eps / 16"; a value field "not periodic on a
+    # periodic grid (a step across the seam above 4 x its largest step inside)"
+    import diffrax
+
+    from quotient_sgd.hj import _cole_hopf, _solve
+
+    assert "below an effective sample size of 20" in README and _cole_hopf.MC_MIN_ESS == 20
+    assert "`dt nu max|eig(Lap)| > 3.51`" in README
+    assert round(_solve._real_axis_stability(diffrax.Tsit5()), 2) == 3.51
+    assert "`rtol + atol / S < eps / 16`" in README and _solve.TOLERANCE_FLOOR_EPS == 1 / 16
+    assert "above 4 x its largest step inside" in README and _solve._SEAM_RATIO == 4

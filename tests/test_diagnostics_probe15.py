@@ -71,3 +71,37 @@ def test_experiment_results_are_strict_json_and_read_back(tmp_path, monkeypatch)
     with pytest.raises(TypeError, match="object"):
         C.save("x", {"loss": np.ones(3)}, [], [{"bad": object()}])
     assert (tmp_path / "x" / "result.json").read_text() == text  # (untouched)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("every", [1, 2])
+def test_fold_levels_with_coupled_decay_on_a_trained_quadratic(every):
+    """The convention the fold levels read, on ``train`` itself: SGD with coupled decay (``add_decayed_weights``
+    before ``sgd``, an ``SGDSpec``) and a linear warm-up on ``h/2 |theta|^2``, the fold number recorded every
+    ``every`` steps and held between.  The one level-1 event is at the record after the first recorded step
+    whose ``eta (h + wd)`` reaches 1."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from quotient_sgd.optim import SGDSpec, quotient_trajectory, train
+    from quotient_sgd.symmetry import Rescale
+
+    h, wd, n = 1.2, 1.0, 24
+    sched = optax.linear_schedule(0.0, 0.6, 12)
+    group = Rescale(incoming=((("w1",), 1),), outgoing=((("w2",), 0),), name="unit")
+    params = {"w1": jnp.ones((1, 1)), "w2": jnp.ones((1, 1)), "v": jnp.ones(3)}
+
+    def loss_fn(p, batch):
+        return 0.5 * h * sum(jnp.sum(x ** 2) for x in jax.tree.leaves(p))
+
+    inner = optax.inject_hyperparams(
+        lambda learning_rate: optax.chain(optax.add_decayed_weights(wd), optax.sgd(learning_rate)))(
+        learning_rate=sched)
+    tx = quotient_trajectory(inner, group, observables=("loss", "fold_number"), every=every,
+                             spec=SGDSpec("learning_rate", coupled_weight_decay=wd))
+    _, _, traj = train(loss_fn, params, tx, lambda step, key: {}, num_steps=n, key=jax.random.key(0))
+    lr = np.array([float(sched(k)) for k in range(n)])
+    (ev,) = detect(jax.tree.map(np.asarray, traj), lr=lr, kinds=["fold"], fold_levels=(1.0,), weight_decay=wd)
+    first = next(k for k in range(every - 1, n, every) if lr[k] * (h + wd) >= 1 - 1e-6)
+    assert ev.step == first + 1 and np.isclose(ev.details["level"], 1 - lr[first] * wd, rtol=1e-5)

@@ -109,13 +109,23 @@ class SGDSpec:
     constant factor, without decays, predicted the drift exactly, the identity being invariant under it; it is NaN
     now, as the spec is not the optimiser's.)  Clipping per coordinate or per leaf (``optax.clip``,
     ``optax.clip_by_block_rms``) does not keep that orthogonality: the charges then drift by a term the identity does
-    not contain (the prediction can be off by more than 100%), and such an optimiser has no spec (with momentum the
-    prediction is NaN from the first step the clip acts, as above; without momentum nothing shows it).
+    not contain (the prediction can be off by more than 100%), and such an optimiser has no spec (the prediction is
+    NaN from the first step the clip acts, as above and below).  Without momentum (a spec of momentum 0) the step
+    ``Delta`` itself is checked: the identity holds exactly iff ``Delta + eta (weight_decay + coupled_weight_decay)
+    w`` has no charge linear term (one Jacobian-vector product of the charges, to the square root of the machine
+    epsilon), and from the first step where it has one ``charge_drift_predicted`` is NaN: an optimiser with momentum
+    described by a spec without it (``optax.sgd(eta, momentum=0.9)`` with ``SGDSpec(eta)`` was predicted up to 95%
+    of a step's drift off, silently), a per-coordinate or per-leaf scaling (a clip, ``optax.centralize``, sign
+    descent), a decay other than the spec's.  A global-norm clip, ``optax.MultiSteps`` / ``optax.apply_every`` (sums
+    of gradients taken at the same point), a Polyak step size and, without decays, a learning rate off by a constant
+    factor are SGD steps the identity describes exactly (it does not depend on the factor then), and stay finite.
     The learning rate and the weight decay must be the ones applied:
     ``optax.contrib.reduce_on_plateau`` chained after the optimiser (as optax's examples place it) rescales the
     step, i.e. the learning rate, at each reduction, which the spec does not see (the prediction 140% off after the
     first one, not refused: its state does not show where it sits; with momentum the update then differs from the
-    momentum held, and the prediction is NaN from the first reduction, as for a clip after the momentum above);
+    momentum held, and the prediction is NaN from the first reduction, as for a clip after the momentum above, and so
+    it is without momentum when the spec has a weight decay; without momentum and decays the identity does not depend
+    on the learning rate, and stays exact);
     chained before, it rescales the gradient alone, which the heavy-ball identity without coupled decay tolerates
     exactly.  One spec describes one SGD acting on every parameter: an ``optax.multi_transform`` or ``optax.masked``
     that gives groups of parameters different learning rates or momenta (kernels at 0.1, biases at 0.3; momentum 0.9
@@ -125,10 +135,13 @@ class SGDSpec:
     Adafactor, line-search, gradient-noise or optimistic-gradient state anywhere in it, or one of optax.contrib's
     adaptive optimisers: Prodigy, D-Adaptation, DoG, Mechanic, COCOB, Momo, schedule-free, Sophia, Muon, SAM ...) is
     refused by ``quotient_trajectory`` at ``init``: give those no spec, or wrap them in
-    :func:`~quotient_sgd.optim.horizontal`.  Optimisers whose state does not show it are not recognised, and a spec
-    for them predicts the drift of an SGD step they do not take (measured 100-115% off): sign descent
-    (``optax.sign_sgd``: an empty state; ``optax.signum``: an EMA), ``optax.fromage``, ``optax.lars`` (a trust ratio
-    beside a plain momentum) and ``optax.polyak_sgd``; give them no spec either.
+    :func:`~quotient_sgd.optim.horizontal`.  Optimisers whose state does not show it are not recognised at ``init``;
+    the per-step checks above make the prediction NaN for sign descent (``optax.sign_sgd``, ``optax.signum``) and
+    ``optax.fromage`` with a spec of momentum 0 and for ``optax.lars`` (a trust ratio before a plain momentum), all
+    from the first step (float64 MLP), while ``optax.polyak_sgd`` (a plain gradient step of a varying size) is
+    predicted exactly; ``optax.signum`` with a spec with momentum (its EMA is not an ``optax.trace``: nothing to
+    check the step against) predicts the drift of an SGD step it does not take (measured 100% off): give it no
+    spec.
 
     :func:`quotient_sgd.diagnostics.shock_aware_lr` around the optimiser (``shock_aware_lr(optax.sgd(eta, ...))``:
     the spec describes the wrapped SGD) multiplies the whole update by the scale ``s`` it applies at each step, so the

@@ -124,9 +124,10 @@ def quotient_trajectory(
     representative move the charges by what the identity does not contain) or a :func:`~quotient_sgd.optim.
     horizontal` inside a chain, it is NaN: the drift is observed, not predicted; so it is from the first step whose
     update or momentum increment is not the one the spec describes, as the optimiser's own momentum (one
-    ``optax.trace`` state) shows, e.g. a global-norm clip after the momentum acting, ``optax.centralize`` before it
-    (:class:`SGDSpec`; several traces are refused with a spec).  When ``tx`` is itself
-    ``horizontal(...)`` the update is orthogonal to the orbit, and the drift is ``Q(Delta)`` exactly, for any
+    ``optax.trace`` state) shows, e.g. a global-norm clip after the momentum acting, ``optax.centralize`` before it,
+    or, with a spec of momentum 0, whose ``Delta + eta lambda w`` moves the charges to first order (an optimiser with
+    momentum, a per-coordinate scaling) (:class:`SGDSpec`; several traces are refused with a spec).  When ``tx`` is
+    itself ``horizontal(...)`` the update is orthogonal to the orbit, and the drift is ``Q(Delta)`` exactly, for any
     optimiser inside (Adam included) and with or without ``spec`` (float32: up to the projection's rounding,
     ``<grad Q(theta), Delta>`` is not exactly zero).  When ``tx`` is itself ``gauge_fix(...)``, its update
     ``c(theta) + Delta - theta`` also holds the re-gauging jump to the canonical representative (a reordering of
@@ -546,15 +547,22 @@ def quotient_trajectory(
                 sum(sum_all(jnp.abs(u)).astype(dt) for u in jax.tree.leaves(new_updates)) == 0)
             pred = jax.tree.map(lambda x: jnp.where(skipped, jnp.zeros_like(x), x), pred)
             cross = jax.tree.map(lambda new, old: jnp.where(skipped, old, new), cross, carry["cross"])
+            # An update that is not -eta (d + lambda_d w) with d the momentum the optimiser holds (a global-norm
+            # clip or another rescaling after optax.trace, a spec whose learning rate, momentum or decays are not
+            # the optimiser's), or, at momentum 0, one whose g' = -Delta / eta - lambda w moves the charges to first
+            # order (an optimiser with momentum, a per-coordinate scaling): the identity does not describe it, and
+            # its cross term is lost for every later step too (NaN, also through beta c_k at beta = 0).  Observed,
+            # not predicted: NaN from here on.
+            off = None
             if velocity is not None:
-                # An update that is not -eta (d + lambda_d w) with d the momentum the optimiser holds (a global-norm
-                # clip or another rescaling after optax.trace, a spec whose learning rate, momentum or decays are
-                # not the optimiser's): the identity does not describe it, and its cross term is lost for every
-                # later step too.  Observed, not predicted: NaN from here on.
                 prev_velocity = _momentum_trace(state.inner_state, params)
-                off = jnp.logical_and(jnp.logical_not(skipped), jnp.logical_or(
-                    _off_spec_momentum(returned, velocity, prev_velocity, params, hp, spec),
-                    _off_spec_increment(group, params, velocity, prev_velocity, hp, spec)))
+                off = jnp.logical_or(_off_spec_momentum(returned, velocity, prev_velocity, params, hp, spec),
+                                     _off_spec_increment(group, params, velocity, prev_velocity, hp, spec))
+            if not _nonzero_number(spec.momentum):
+                plain = _off_spec_plain(group, params, returned, hp, spec)
+                off = plain if off is None else jnp.logical_or(off, plain)
+            if off is not None:
+                off = jnp.logical_and(jnp.logical_not(skipped), off)
                 pred = jax.tree.map(lambda x: jnp.where(off, jnp.full_like(x, jnp.nan), x), pred)
                 cross = jax.tree.map(lambda x: jnp.where(off, jnp.full_like(x, jnp.nan), x), cross)
             new_carry["cross"] = cross
@@ -1043,7 +1051,7 @@ def _off_spec_increment(group, params, velocity, prev_velocity, hp, spec: SGDSpe
     parameters), ``s = |m_{k+1}| + beta |m_k| + lambda_c |w|`` the size of the terms, to the square root of the
     machine epsilon of the narrowest of the momentum's and the parameters' dtypes.  Not checked at
     ``momentum == 0`` (the momentum then holds the step's gradient with a decay the spec may name coupled or
-    decoupled)."""
+    decoupled; :func:`_off_spec_plain` checks the step there)."""
     if prev_velocity is None:
         return jnp.zeros((), jnp.bool_)
     dt = float_dtype(params)
@@ -1060,17 +1068,65 @@ def _off_spec_increment(group, params, velocity, prev_velocity, hp, spec: SGDSpe
         return jnp.sqrt(jnp.asarray(tree_sqnorm(t), dt))
 
     inc = jax.tree.map(lambda a, b, x: a - leaf(beta, a) * b - leaf(lam_c, x) * x, m1, m0, w)
-    inc = jax.tree.map(lambda e, p: e.astype(jnp.result_type(p)), inc, params)
-    _, lin_term = jax.jvp(lambda p: charges_dict(group, p), (params,), (inc,))
     size = norm(m1) + beta * norm(m0) + lam_c * norm(w)
+    return jnp.logical_and(beta != 0, _moves_charges(group, params, inc, size, tol))
+
+
+def _moves_charges(group, params, direction, size, tol) -> jax.Array:
+    """Whether ``direction`` (a pytree like ``params``, of norm at most ``size``) has a nonzero charge linear term
+    ``<grad Q(theta), direction>`` at ``params``: the Jacobian-vector product of the charges, compared with
+    ``2 |theta| size`` (quadratic charges, Cauchy-Schwarz) or ``sqrt(n) size`` (linear ones, ``n`` parameters) times
+    ``tol``."""
+    dt = float_dtype(params)
+    direction = jax.tree.map(lambda e, p: jnp.asarray(e).astype(jnp.result_type(p)), direction, params)
+    _, lin_term = jax.jvp(lambda p: charges_dict(group, p), (params,), (direction,))
     n = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+    theta = jnp.sqrt(jnp.asarray(tree_sqnorm(params), dt))
     linear = charge_linear(group)
     off = jnp.zeros((), jnp.bool_)
     for k, t in lin_term.items():
-        bound = tol * size * (np.sqrt(n) if linear.get(k, False) else 2 * norm(params))
+        bound = tol * size * (np.sqrt(n) if linear.get(k, False) else 2 * theta)
         for x in jax.tree.leaves(t):
             off = jnp.logical_or(off, jnp.max(jnp.abs(jnp.asarray(x, dt))) > bound)
-    return jnp.logical_and(beta != 0, off)
+    return off
+
+
+def _off_spec_plain(group, params, updates, hp, spec: SGDSpec) -> jax.Array:
+    """Whether the update of a step is not one that a spec without momentum describes exactly.  At ``momentum ==
+    0`` the spec's step is ``Delta = -eta (g' + (lambda_c + lambda_d) w)`` (coupled and decoupled decay coincide),
+    and its identity holds exactly iff ``g' = -Delta / eta - (lambda_c + lambda_d) w`` leaves the charges unchanged
+    to first order: the drift is ``B(theta, Delta) + Q(Delta)`` and the identity's ``Q(Delta) - eta (lambda_c +
+    lambda_d) B(theta, w)`` (the difference is ``B(theta, Delta + eta (lambda_c + lambda_d) w)``; linear charges
+    likewise).  The gradient, a global-norm clip of it, ``optax.MultiSteps``' or ``optax.apply_every``'s sum of
+    gradients taken at ``theta_k``, a learning rate off by a factor without decays (the identity is invariant under
+    it) pass; an optimiser with momentum (``optax.sgd(eta, momentum=0.9)`` described by ``SGDSpec(eta)``: ``g'``
+    holds ``beta m_k``, predicted up to 95% of a step's drift off, float64 MLP), a per-coordinate or per-leaf
+    scaling (sign descent, ``optax.centralize``, ``optax.clip``, Adam), added noise, or a decay other than the spec's
+    do not.  Measured in the update's own terms, ``Delta + eta (lambda_c + lambda_d) w`` (no division by ``eta``),
+    with one Jacobian-vector product of the charges (:func:`_moves_charges`), to the square root of the machine
+    epsilon of the narrowest of the update's and the parameters' dtypes; not checked at ``momentum != 0``
+    (:func:`_off_spec_momentum`, :func:`_off_spec_increment` read the optimiser's momentum there)."""
+    dt = float_dtype(params)
+    eta, beta, lam_d, lam_c = (jnp.asarray(hp[k], dt) for k in ("learning_rate", "momentum", "weight_decay",
+                                                                 "coupled_weight_decay"))
+    tol = _sqrt_eps(updates, params)
+    mask = spec.mask_for(params)
+    w = params if mask is None else masked_leaves(mask, params)
+    u = widen(updates)
+    lam = lam_c + lam_d
+
+    def norm(t):
+        return jnp.sqrt(jnp.asarray(tree_sqnorm(t), dt))
+
+    v = jax.tree.map(lambda uu, ww: uu + jnp.asarray(eta * lam).astype(jnp.result_type(uu)) * ww, u, w)
+    size = norm(u) + jnp.abs(eta) * lam * norm(w)
+    return jnp.logical_and(beta == 0, _moves_charges(group, params, v, size, tol))
+
+
+def _nonzero_number(value) -> bool:
+    """Whether a spec field is a concrete nonzero number (static): its checks at ``momentum == 0`` can be left out
+    of the compiled step."""
+    return isinstance(value, (numbers.Real, np.ndarray, np.generic)) and float(value) != 0
 
 
 def _off_spec_momentum(updates, velocity, prev_velocity, params, hp, spec: SGDSpec) -> jax.Array:
@@ -1082,7 +1138,8 @@ def _off_spec_momentum(updates, velocity, prev_velocity, params, hp, spec: SGDSp
     by the clip's factor, which no spec holds: its identity came out 49% (heavy ball) and 80 times (Nesterov) off the
     observed drift (float64 MLP).  Measured in the update's own terms (no division by ``eta``), to the square root of
     the machine epsilon of the narrowest of the update's and momentum's dtypes, relative to the size of the terms;
-    not checked at ``momentum == 0`` (coupled and decoupled decay then coincide, and a spec may name either)."""
+    not checked at ``momentum == 0`` (coupled and decoupled decay then coincide, and a spec may name either;
+    :func:`_off_spec_plain` checks the step there)."""
     if spec.nesterov and prev_velocity is None:
         return jnp.zeros((), jnp.bool_)
     dt = float_dtype(params)

@@ -1,0 +1,55 @@
+"""quotient_trajectory on cases beyond the charge-identity tests: a spec without momentum for an optimiser that is not
+the plain SGD step it describes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from helpers import charge_identity_error
+
+from quotient_sgd.optim import SGDSpec, quotient_trajectory, train
+
+from test_optim_trajectory import CHEAP, data, init_mlp, mlp_group, xent
+
+ETA = 0.05
+
+OFF_SPEC = {
+    # the optimiser's momentum feeds beta m_k into the step (finite and up to 95% of a step's drift off before);
+    # the first step, from a zero momentum, is the spec's
+    "momentum_0.9": (lambda: optax.sgd(ETA, momentum=0.9), 1),
+    # a per-leaf scaling without momentum (the biases' gradients doubled): 118% of a step's drift off before
+    "per_leaf_scale": (lambda: optax.chain(
+        optax.masked(optax.scale(2.0), lambda p: jax.tree.map(lambda x: x.ndim == 1, p)), optax.sgd(ETA)), 0),
+}
+
+
+@pytest.mark.parametrize("name", list(OFF_SPEC))
+def test_spec_without_momentum_for_another_step_is_reported_not_predicted(x64, name):
+    """SGDSpec(eta) (momentum 0) for an optimiser whose step is not -eta (g' + lambda w) with g' orthogonal to the
+    symmetry generators: the per-step checks of the update against the spec were skipped at momentum 0 (coupled and
+    decoupled decay coincide there), and charge_drift_predicted was finite and wrong (optax.sgd(eta, momentum=0.9):
+    95% of a step's drift off, float64 MLP, 20 steps).  Now the linear term <grad Q(theta), Delta + eta lambda w> is
+    checked at momentum 0 too (its vanishing is exactly what the identity needs), and the prediction is NaN from the
+    first step where it is not zero; the observed drift stays finite."""
+    make, first = OFF_SPEC[name]
+    params = init_mlp(jax.random.key(0), dtype=jnp.float64)
+    tx = quotient_trajectory(make(), mlp_group(), spec=SGDSpec(ETA), observables=CHEAP)
+    _, _, traj = train(xent, params, tx, data(6, dtype=jnp.float64), donate=False)
+    for leaf in jax.tree.leaves(traj["charge_drift_predicted"]):
+        leaf = np.asarray(leaf)
+        assert np.all(np.isnan(leaf[first:])), (name, leaf)
+        assert np.all(np.isfinite(leaf[:first])), (name, leaf)
+    for leaf in jax.tree.leaves(traj["charge_drift"]):
+        assert np.all(np.isfinite(np.asarray(leaf))), (name, leaf)
+
+
+def test_spec_without_momentum_stays_exact_for_a_global_clip_and_decay(x64):
+    """The check at momentum 0 passes what the identity describes exactly: a global-norm clip (one factor on the
+    whole gradient) before a decoupled decay, in float64 to 1e-8 at every step."""
+    params = init_mlp(jax.random.key(0), dtype=jnp.float64)
+    inner = optax.chain(optax.clip_by_global_norm(0.05), optax.add_decayed_weights(0.01), optax.sgd(0.1))
+    tx = quotient_trajectory(inner, mlp_group(), spec=SGDSpec(0.1, weight_decay=0.01), observables=CHEAP)
+    _, _, traj = train(xent, params, tx, data(6, dtype=jnp.float64), donate=False)
+    assert charge_identity_error(traj["charge_drift"], traj["charge_drift_predicted"]) < 1e-8

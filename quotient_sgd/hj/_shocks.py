@@ -321,7 +321,10 @@ def find_shocks(p: Array, grid: Grid, *, max_shocks: int = 8, min_steepness=None
     0.88 tanh lengths) that is 3.97 tanh lengths, where the profile is within 7e-4 A of its states, however many
     cells the front spans.  A given ``window`` (cells) is used on both sides as it is (it must exceed the front's
     width).  A peak whose jump is below a quarter of its steepness times the cell size (a one-cell step has 1.7)
-    is the derivative stencil's ringing beside a step, not a front, and is not reported.
+    is the derivative stencil's ringing beside a step, not a front, and is not reported; nor is one whose jump is
+    within the field's rounding, at most ``64 eps max|p|`` (``eps`` of p's dtype): the criteria above are free of
+    the units of p, so rounding on a flat field read as fronts (``1.5`` everywhere but one node one ulp higher gave
+    a shock of jump 2.2e-16, ``1.5`` plus noise of 1e-15 filled all eight slots).
 
     On a bounded grid no peak at an end node is a front, whatever the threshold (its other side is not sampled),
     so every reported location lies within ``[lo, hi]`` and a field and its mirror image ``-p(-x)`` give mirrored
@@ -486,6 +489,9 @@ def _find(p, grid, max_shocks, min_steepness, window, include_inadmissible) -> S
     # a front drops by at least what its steepness gives over a fraction of a cell (a one-cell step: 1.7 x); a peak
     # with (almost) no jump is the fourth-order stencil's ringing beside a step, not a front
     real = jnp.abs(left - right) > 0.25 * jnp.abs(dp[i]) * dx
+    # the criteria are free of the units of p: rounding on a flat field (1.5 with one node an ulp higher) looked
+    # like a front of jump 2.2e-16; a jump within the field's rounding is none
+    real = real & (jnp.abs(left - right) > 64 * jnp.finfo(p.dtype).eps * jnp.max(jnp.abs(p)))
     valid = valid & real & (admissible | include_inadmissible)
     return Shocks(location=loc, left=left, right=right, jump=left - right, steepness=jnp.abs(dp[i]),
                   speed=0.5 * (left + right), admissible=admissible, valid=valid)

@@ -1,10 +1,15 @@
-"""Run directories' outputs on cases the other runner tests do not cover: the summary of a run whose plots have
-panels without data."""
+"""Runs and run directories on cases the other runner tests do not cover: the summary of a run whose plots have
+panels without data, and re-gauging scales that do not keep the function in float32."""
+
+import os
 
 import numpy as np
+import pytest
 
 from quotient_sgd.config import default_config, from_dict
 from quotient_sgd.runner import _report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _settings(**observables):
@@ -49,3 +54,37 @@ def test_summary_of_a_run_that_recorded_every_series_has_no_missing_section(tmp_
     text = _report.write_summary(str(tmp_path), s, traj, [{"step": 3, "train_loss": 1.0, "test_loss": 1.0}], [],
                                  diverged=None, wall_s=None, resumed_from=None, detect_error=None)
     assert "## Not recorded" not in text, text
+
+
+def _tiny(**keys):
+    from quotient_sgd.config import load_config, validate
+
+    c = load_config(os.path.join(ROOT, "configs", "tiny.py"))
+    c.steps, c.checkpoint.every, c.logging.plots = 2, 2, False
+    c.observables.names = ("loss",)
+    for k, v in keys.items():
+        node = c
+        for part in k.split(".")[:-1]:
+            node = node[part]
+        node[k.split(".")[-1]] = v
+    return validate(c)
+
+
+def test_an_init_gauge_that_does_not_keep_the_function_is_refused_before_anything_is_written(tmp_path):
+    """``init_gauge`` promises the same function in another parameterisation, but the random element multiplies
+    parameters by factors like ``exp(init_gauge * z)``: at ``init_gauge = 60`` the tiny MLP's outputs are NaN
+    (the run "diverged at step 0"), and at 10 the digits CNN's outputs changed by 40 times their size while the
+    run trained on without a word.  ``run`` and ``sweep`` now refuse a scale whose re-gauged outputs move by more
+    than ``GAUGE_TOLERANCE``, naming the key, before anything is written; a scale that keeps it runs."""
+    from quotient_sgd.config import ConfigError
+    from quotient_sgd.runner import build, run, sweep
+    from quotient_sgd.runner._build import check_init_gauge
+
+    with pytest.raises(ConfigError, match=r"^config\.init_gauge = 60\.0: re-gauging .* does not keep the function"):
+        run(_tiny(init_gauge=60.0), str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")
+    s = _tiny(**{"sweep.init_gauge": (1.0, 60.0), "sweep.lr": (0.05,), "sweep.seed": (0,)})
+    with pytest.raises(ConfigError, match=r"^config\.sweep\.init_gauge = 60\.0: re-gauging"):
+        sweep(s, str(tmp_path / "sweep"))
+    assert not os.path.exists(tmp_path / "sweep")
+    check_init_gauge(build(s), [("init_gauge", 1.0, [0, 1, 2]), ("init_gauge", 0.0, [0])])  # (kept: no error)

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..config import Settings
 from ..optim import flatten_trajectory
-from ._build import Built, build, require_max_chunks, require_settings
+from ._build import Built, build, check_init_gauge, require_max_chunks, require_settings
 from ._chunk import hyper_of, init_program, single_programs, to_host
 from ._memory import check_run_memory
 from ._rundir import (
@@ -392,6 +392,7 @@ def run(settings: Settings, workdir: str, *, max_chunks: int | None = None) -> R
     check_workdir(workdir, s)  # raises before anything is written
     b = build(s)  # (cached: runs that differ only in program inputs share one Built)
     check_run_memory(b, s)  # (its trajectory and, on an accelerator, a chunk: before anything is computed)
+    check_init_gauge(b, [("init_gauge", s.init_gauge, [s.seed])])  # (the same function, re-gauged)
     created = not os.path.isdir(workdir)
     make_directory(workdir)
     lock = lock_directory(workdir)

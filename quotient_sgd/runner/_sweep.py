@@ -41,7 +41,7 @@ from .._durable import durable_write
 from ..config import SWEEP_AXES, ConfigError, Settings, SweepSettings, from_dict, unused_keys
 from ..optim import flatten_trajectory, member_axes
 from ._batches import batch_fn
-from ._build import (Built, batch_key, build, init_model, make_inner_optimizer, require_max_chunks,
+from ._build import (Built, batch_key, build, check_init_gauge, init_model, make_inner_optimizer, require_max_chunks,
                      require_settings)
 from ._chunk import (
     chunk_step,
@@ -186,6 +186,21 @@ def _per_device(body, batched_args: tuple, out_axes):
         return jax.vmap(functools.partial(body, single=False), in_axes=batched_args, out_axes=out_axes)(*args)
 
     return local
+
+
+def _gauges(s: Settings) -> list[tuple[str, float, list[int]]]:
+    """``(key, init_gauge, seeds)`` of the members' re-gauging (:func:`~._build.check_init_gauge`): each value of
+    ``sweep.init_gauge`` (else ``init_gauge``) with the seeds of its members, eight at most (the members are not
+    listed: a product may be huge)."""
+    seeds = list(s.sweep.seed) or [s.seed]
+    if not s.sweep.init_gauge:
+        return [("init_gauge", s.init_gauge, seeds[:8])]
+    if s.sweep.mode == "zip" and s.sweep.seed:
+        by: dict[float, list[int]] = {}
+        for seed, g in zip(s.sweep.seed, s.sweep.init_gauge):
+            by.setdefault(g, []).append(seed)
+        return [("sweep.init_gauge", g, v[:8]) for g, v in by.items()]
+    return [("sweep.init_gauge", g, seeds[:8]) for g in s.sweep.init_gauge]
 
 
 def _specs(axes):
@@ -822,6 +837,7 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
     regauge = any(g > 0 for g in (s.sweep.init_gauge or (s.init_gauge,)))  # (some member re-gauges)
     try:
         error, memory_cap = None, sweep_members_cap(b, s, n, devices, requested, source=source, regauge=regauge)
+        check_init_gauge(b, _gauges(s))  # (each member's re-gauged function is its own)
         if recorded is not None and memory_cap < recorded:
             raise ConfigError(f"sweep directory {workdir!r} was checkpointed with {recorded} members per device "
                               f"(its checkpoints hold them so), and at most {memory_cap} fit this machine's memory; "

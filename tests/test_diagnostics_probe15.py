@@ -105,3 +105,39 @@ def test_fold_levels_with_coupled_decay_on_a_trained_quadratic(every):
     (ev,) = detect(jax.tree.map(np.asarray, traj), lr=lr, kinds=["fold"], fold_levels=(1.0,), weight_decay=wd)
     first = next(k for k in range(every - 1, n, every) if lr[k] * (h + wd) >= 1 - 1e-6)
     assert ev.step == first + 1 and np.isclose(ev.details["level"], 1 - lr[first] * wd, rtol=1e-5)
+
+
+def test_shock_aware_lr_is_differentiable_in_float32():
+    """``jax.grad`` of a float32 run through ``shock_aware_lr`` (with respect to ``fold_target`` or the learning
+    rate) was NaN from the third step on: the unselected shock scale ``target / max(0, 1e-30)`` has the derivative
+    ``target / 1e-60``, which overflows in float32 (``0 * inf``; float64 was fine), and ``sqrt(0)`` of a zero update
+    (a warm-up from a learning rate of 0) the same.  Now both are taken where they are finite: the gradient is
+    finite and agrees with central differences."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from quotient_sgd.diagnostics import shock_aware_lr
+
+    curv = jnp.array([3.0, 1.0])
+
+    def run(ft, lr, policy):
+        tx = shock_aware_lr(optax.sgd(lr), fold_target=ft, policy=policy, max_scale=2.0 if policy == "track" else 1.0)
+        p = jnp.array([1.0, 1.0])
+        s = tx.init(p)
+        for _ in range(4):
+            u, s = tx.update(curv * p, s, p)
+            p = p + u
+        return 0.5 * jnp.sum(curv * p ** 2)
+
+    value = jax.jit(run, static_argnums=2)
+    g = jax.jit(jax.grad(run, argnums=(0, 1)), static_argnums=2)(1.0, 0.9, "cap")
+    eps = 1e-3
+    fd = [(value(1.0 + eps, 0.9, "cap") - value(1.0 - eps, 0.9, "cap")) / (2 * eps),
+          (value(1.0, 0.9 + eps, "cap") - value(1.0, 0.9 - eps, "cap")) / (2 * eps)]
+    for i in (0, 1):
+        assert np.isfinite(float(g[i])) and np.isclose(float(g[i]), float(fd[i]), rtol=0.05), (i, g, fd)
+    # a warm-up from a learning rate of 0: the first update is zero
+    warm = optax.linear_schedule(0.0, 0.9, 2)
+    dg = jax.jit(jax.grad(lambda ft: run(ft, warm, "cap")))(1.0)
+    assert np.isfinite(float(dg))

@@ -91,6 +91,15 @@ def _value(name: str, t: Target, count, dtype):
     return v.astype(dtype)
 
 
+def _limit(target, number):
+    """``target / number``, the scale that brings ``number`` to ``target``; ``inf`` (no limit) where ``number`` is
+    not above the fourth root of the smallest normal number of its dtype (``1.1e-10`` in float32, where
+    ``target / number`` is far past any scale's bounds): there the derivative ``target / number^2`` would
+    overflow, and ``jax.grad`` through an unselected scale was NaN (``0 * inf``)."""
+    big = number > jnp.asarray(jnp.finfo(number.dtype).tiny, number.dtype) ** 0.25
+    return jnp.where(big, target / jnp.where(big, number, 1.0), jnp.inf)
+
+
 def _check_positive(name: str, value, schedule: bool = True) -> None:
     """A concrete number (Python, NumPy or JAX scalar) must be finite and > 0; schedules (where ``schedule``: the
     targets) and traced values (a target swept under ``vmap`` or injected by ``optax.inject_hyperparams``) cannot
@@ -218,16 +227,20 @@ def shock_aware_lr(inner: optax.GradientTransformation, *, fold_target: Target =
         kappa = jnp.where(have, jnp.where(known, ema * state.curvature + (1 - ema) * k_new, k_new),
                           state.curvature)
         known = known | have
-        gg = _dot(grads, grads, dt)
-        h = jnp.where(gg > 0, jnp.sqrt(_dot(u, u, dt) / jnp.where(gg > 0, gg, 1.0)), 0.0).astype(dt)
+        gg, uu = _dot(grads, grads, dt), _dot(u, u, dt)
+        # (the square root and the quotients below are taken where they are finite, and so are their derivatives:
+        # sqrt(0) of a zero update, and target / max(number, 1e-30) of a zero fold or shock number, whose
+        # derivative target / 1e-60 overflows in float32, gave jax.grad of a run through this transform NaN
+        # (0 * inf), though no scale the step took depended on them)
+        pos = (gg > 0) & (uu > 0)
+        h = jnp.where(pos, jnp.sqrt(jnp.where(pos, uu, 1.0) / jnp.where(pos, gg, 1.0)), 0.0).astype(dt)
         h = jnp.where(jnp.isfinite(h), h, 0.0)  # (a non-finite gradient or update: no length to measure)
         fold = h * jnp.maximum(kappa, 0.0)
         shock = h * jnp.maximum(-kappa, 0.0)
         ft = _value("fold_target", fold_target, state.count, dt)
         st = _value("shock_target", shock_target, state.count, dt)
-        tiny = jnp.asarray(1e-30, dt)
-        s_fold = ft / jnp.maximum(fold, tiny)
-        s_shock = st / jnp.maximum(shock, tiny)
+        s_fold = _limit(ft, fold)
+        s_shock = _limit(st, shock)
         lo, hi = jnp.asarray(min_scale, dt), jnp.asarray(max_scale, dt)
         if policy == "cap":
             s = jnp.minimum(jnp.minimum(1.0, s_fold), s_shock)

@@ -62,3 +62,16 @@ def test_slice_flow_reads_no_front_in_the_solves_error():
     wells = slice_flow(_wells, jnp.array([0.0, 0.0, 0.0, 1.0], jnp.float32), e0, **kw)
     (shock,) = wells.shocks.to_list()
     assert abs(shock["location"]) < 0.01 and shock["jump"] > 0.5
+
+
+def test_fourier_modes_of_a_bounded_grid_are_refused():
+    """``Grid(..., periodic=False).wavenumbers()`` returned ``2 pi m / length`` as if the grid were periodic: its n
+    samples span ``(n - 1) dx = length``, so these were not the wavenumbers of the samples' FFT (off by the factor
+    ``n / (n - 1)``: FFT bin 1 of 8 bounded samples of [-1, 1] has the period 8 dx = 16 / 7, wavenumber 7 pi / 8,
+    which the method gave as pi), and ``index_frequencies`` likewise.  Both now
+    raise a ``ValueError`` saying the grid is bounded; a periodic grid's are unchanged."""
+    for method in ("wavenumbers", "index_frequencies"):
+        with pytest.raises(ValueError, match=f"Grid.{method}: the grid is bounded"):
+            getattr(Grid(8, -1.0, 1.0, periodic=False), method)()
+    np.testing.assert_allclose(np.asarray(Grid(8, -1.0, 1.0).wavenumbers(real=True)), np.pi * np.arange(5))
+    np.testing.assert_array_equal(Grid(8, -1.0, 1.0).index_frequencies(), [0, 1, 2, 3, -4, -3, -2, -1])

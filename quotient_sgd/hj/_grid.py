@@ -132,13 +132,24 @@ class Grid(eqx.Module):
         dtype = _float_dtype()
         return jnp.asarray(self.lo + self.dx * np.arange(self.n), dtype=dtype)
 
+    def _need_periodic(self, what: str) -> None:
+        # on a bounded grid the n samples span (n - 1) dx = length, not one period n dx: k = 2 pi m / length were
+        # not the wavenumbers of the samples' FFT (off by the factor n / (n - 1)), and no Fourier series holds there
+        if not self.periodic:
+            raise ValueError(f"Grid.{what}: the grid is bounded (periodic=False); Fourier modes need a periodic grid, "
+                             "Grid(n, lo, hi) (the spectral scheme runs only there).")
+
     def wavenumbers(self, *, real: bool = False) -> Array:
-        """Angular wavenumbers ``k`` of ``fft`` (or ``rfft`` if ``real``) on this (periodic) grid."""
+        """Angular wavenumbers ``k`` of ``fft`` (or ``rfft`` if ``real``) on this periodic grid (a bounded grid is
+        refused with a ``ValueError``)."""
+        self._need_periodic("wavenumbers")
         freq = np.fft.rfftfreq(self.n) if real else np.fft.fftfreq(self.n)
         return jnp.asarray(2 * np.pi / self.length * self.n * freq, dtype=_float_dtype())
 
     def index_frequencies(self, *, real: bool = False) -> np.ndarray:
-        """Integer mode numbers m (``k = 2 pi m / length``)."""
+        """Integer mode numbers m (``k = 2 pi m / length``) on this periodic grid (a bounded grid is refused with a
+        ``ValueError``)."""
+        self._need_periodic("index_frequencies")
         return np.rint(self.n * (np.fft.rfftfreq(self.n) if real else np.fft.fftfreq(self.n)))
 
     def __mul__(self, other: "Grid") -> "Grid2D":

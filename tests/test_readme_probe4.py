@@ -192,3 +192,13 @@ def test_the_hj_thresholds_are_the_stated_numbers():
     assert round(_solve._real_axis_stability(diffrax.Tsit5()), 2) == 3.51
     assert "`rtol + atol / S < eps / 16`" in README and _solve.TOLERANCE_FLOOR_EPS == 1 / 16
     assert "above 4 x its largest step inside" in README and _solve._SEAM_RATIO == 4
+
+
+def test_the_detector_constants_are_the_stated_numbers():
+    # README, detector table: catapult's noise "measured on the series' first 32 records, and a series of fewer
+    # than 8 records confirms none"; Adam's edge "read once Adam's bias correction has settled (b1^(k+1) <= 0.05"
+    from quotient_sgd.diagnostics import _detect
+
+    assert "on the series' first 32 records, and a series of fewer than 8 records confirms none" in README
+    assert (_detect._CATAPULT_NOISE_RECORDS, _detect._CATAPULT_NOISE_MIN) == (32, 8)
+    assert "`b1^(k+1) <= 0.05`" in README and _detect._ADAM_SETTLED == 0.05

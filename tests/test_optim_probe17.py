@@ -18,10 +18,13 @@ ETA = 0.05
 OFF_SPEC = {
     # the optimiser's momentum feeds beta m_k into the step (finite and up to 95% of a step's drift off before);
     # the first step, from a zero momentum, is the spec's
-    "momentum_0.9": (lambda: optax.sgd(ETA, momentum=0.9), 1),
+    "momentum_0.9": (lambda: optax.sgd(ETA, momentum=0.9), SGDSpec(ETA), 1),
     # a per-leaf scaling without momentum (the biases' gradients doubled): 118% of a step's drift off before
     "per_leaf_scale": (lambda: optax.chain(
-        optax.masked(optax.scale(2.0), lambda p: jax.tree.map(lambda x: x.ndim == 1, p)), optax.sgd(ETA)), 0),
+        optax.masked(optax.scale(2.0), lambda p: jax.tree.map(lambda x: x.ndim == 1, p)), optax.sgd(ETA)),
+        SGDSpec(ETA), 0),
+    # a spec of learning rate 0 for a step that moves: its identity predicted a drift of 0 for Q(Delta)
+    "spec_lr_0": (lambda: optax.sgd(ETA), SGDSpec(0.0), 0),
 }
 
 
@@ -30,12 +33,13 @@ def test_spec_without_momentum_for_another_step_is_reported_not_predicted(x64, n
     """SGDSpec(eta) (momentum 0) for an optimiser whose step is not -eta (g' + lambda w) with g' orthogonal to the
     symmetry generators: the per-step checks of the update against the spec were skipped at momentum 0 (coupled and
     decoupled decay coincide there), and charge_drift_predicted was finite and wrong (optax.sgd(eta, momentum=0.9):
-    95% of a step's drift off, float64 MLP, 20 steps).  Now the linear term <grad Q(theta), Delta + eta lambda w> is
-    checked at momentum 0 too (its vanishing is exactly what the identity needs), and the prediction is NaN from the
-    first step where it is not zero; the observed drift stays finite."""
-    make, first = OFF_SPEC[name]
+    95% of a step's drift off, float64 MLP, 20 steps; SGDSpec(0.0) for optax.sgd(eta): a drift of 0 predicted for
+    Q(Delta)).  Now the linear term <grad Q(theta), Delta + eta lambda w> is checked at momentum 0 too (its vanishing
+    is exactly what the identity needs at eta != 0; at eta = 0 the step must be zero), and the prediction is NaN from
+    the first step where it fails; the observed drift stays finite."""
+    make, spec, first = OFF_SPEC[name]
     params = init_mlp(jax.random.key(0), dtype=jnp.float64)
-    tx = quotient_trajectory(make(), mlp_group(), spec=SGDSpec(ETA), observables=CHEAP)
+    tx = quotient_trajectory(make(), mlp_group(), spec=spec, observables=CHEAP)
     _, _, traj = train(xent, params, tx, data(6, dtype=jnp.float64), donate=False)
     for leaf in jax.tree.leaves(traj["charge_drift_predicted"]):
         leaf = np.asarray(leaf)

@@ -1101,11 +1101,12 @@ def _off_spec_plain(group, params, updates, hp, spec: SGDSpec) -> jax.Array:
     gradients taken at ``theta_k``, a learning rate off by a factor without decays (the identity is invariant under
     it) pass; an optimiser with momentum (``optax.sgd(eta, momentum=0.9)`` described by ``SGDSpec(eta)``: ``g'``
     holds ``beta m_k``, predicted up to 95% of a step's drift off, float64 MLP), a per-coordinate or per-leaf
-    scaling (sign descent, ``optax.centralize``, ``optax.clip``, Adam), added noise, or a decay other than the spec's
-    do not.  Measured in the update's own terms, ``Delta + eta (lambda_c + lambda_d) w`` (no division by ``eta``),
-    with one Jacobian-vector product of the charges (:func:`_moves_charges`), to the square root of the machine
-    epsilon of the narrowest of the update's and the parameters' dtypes; not checked at ``momentum != 0``
-    (:func:`_off_spec_momentum`, :func:`_off_spec_increment` read the optimiser's momentum there)."""
+    scaling (sign descent, ``optax.centralize``, ``optax.clip``, Adam), added noise, a decay other than the spec's,
+    or a step at all where the spec's learning rate is 0 do not.  Measured in the update's own terms, ``Delta + eta
+    (lambda_c + lambda_d) w`` (no division by ``eta``), with one Jacobian-vector product of the charges
+    (:func:`_moves_charges`), to the square root of the machine epsilon of the narrowest of the update's and the
+    parameters' dtypes; not checked at ``momentum != 0`` (:func:`_off_spec_momentum`, :func:`_off_spec_increment`
+    read the optimiser's momentum there)."""
     dt = float_dtype(params)
     eta, beta, lam_d, lam_c = (jnp.asarray(hp[k], dt) for k in ("learning_rate", "momentum", "weight_decay",
                                                                  "coupled_weight_decay"))
@@ -1120,7 +1121,10 @@ def _off_spec_plain(group, params, updates, hp, spec: SGDSpec) -> jax.Array:
 
     v = jax.tree.map(lambda uu, ww: uu + jnp.asarray(eta * lam).astype(jnp.result_type(uu)) * ww, u, w)
     size = norm(u) + jnp.abs(eta) * lam * norm(w)
-    return jnp.logical_and(beta == 0, _moves_charges(group, params, v, size, tol))
+    # at eta = 0 the spec's step is zero, and its identity predicts no drift whatever the update: the invariance
+    # under the learning rate above needs eta != 0 (SGDSpec(0.0) for optax.sgd(0.1) predicted 0 for a drift Q(Delta))
+    moved_at_zero = jnp.logical_and(eta == 0, norm(u) != 0)
+    return jnp.logical_and(beta == 0, jnp.logical_or(moved_at_zero, _moves_charges(group, params, v, size, tol)))
 
 
 def _nonzero_number(value) -> bool:

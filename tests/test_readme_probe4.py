@@ -202,3 +202,17 @@ def test_the_detector_constants_are_the_stated_numbers():
     assert "on the series' first 32 records, and a series of fewer than 8 records confirms none" in README
     assert (_detect._CATAPULT_NOISE_RECORDS, _detect._CATAPULT_NOISE_MIN) == (32, 8)
     assert "`b1^(k+1) <= 0.05`" in README and _detect._ADAM_SETTLED == 0.05
+
+
+def test_train_hands_each_update_the_extra_arguments_it_names():
+    # README: train hands the update `value`, `grad`, `value_fn`, `obj_fn` and `loss_fn`, "each to an update that
+    # takes `**kwargs` or names it: `optax.contrib.sam`, whose update names `grad_fn` alone, gets none"
+    import optax
+
+    from quotient_sgd.optim._train import accepted_extra_args
+
+    extra = {"value": 1.0, "grad": 2.0, "value_fn": abs, "obj_fn": abs, "loss_fn": abs}
+    assert "`value`, `grad`, `value_fn`, `obj_fn` and `loss_fn`" in README
+    assert accepted_extra_args(optax.contrib.sam(optax.sgd(0.1), optax.sgd(0.1)).update, extra) == {}
+    assert accepted_extra_args(lambda u, s, p=None, **kw: (u, s), extra) == extra
+    assert accepted_extra_args(lambda u, s, p=None, *, value=None: (u, s), extra) == {"value": 1.0}

@@ -72,6 +72,7 @@ from ._rundir import (
     MetricsLog,
     RunDirError,
     TrajectoryParts,
+    _flat,
     check_directory_path,
     checkpoint_steps,
     config_diff,
@@ -695,6 +696,42 @@ def _agree(error: BaseException | None, who: str) -> None:
         raise RunDirError("; ".join(failed))
 
 
+def _same_call_everywhere(call: dict) -> None:
+    """The processes of a multi-host sweep were started with the same call: ``call`` (the settings, the workdir
+    and the arguments, JSON-ready) is compared across processes, and every process raises :class:`ConfigError`
+    naming the keys in which some process differs from process 0.  (Processes given different overrides ran one
+    sweep whose members on process 1's devices trained with process 1's settings, ``optim.momentum`` 0.5, while
+    ``sweep.json`` and the table recorded process 0's 0.9; different ``--workdir`` values split one sweep over two
+    directories.)  Two collectives when they agree (a digest), one more when they do not; nothing in one process."""
+    if jax.process_count() == 1:
+        return
+    import hashlib
+    import json
+
+    from jax.experimental import multihost_utils
+
+    text = json.dumps(call, sort_keys=True, default=repr).encode()
+    head = np.zeros(40, np.uint8)
+    head[:8] = np.frombuffer(np.int64(len(text)).tobytes(), np.uint8)
+    head[8:] = np.frombuffer(hashlib.sha256(text).digest(), np.uint8)
+    heads = np.asarray(multihost_utils.process_allgather(head))
+    if (heads == heads[0]).all():
+        return
+    size = int(max(np.frombuffer(h[:8].tobytes(), np.int64)[0] for h in heads))
+    buf = np.zeros(size, np.uint8)
+    buf[:len(text)] = np.frombuffer(text, np.uint8)
+    every = np.asarray(multihost_utils.process_allgather(buf))
+    calls = [_flat(json.loads(bytes(row).rstrip(b"\0").decode())) for row in every]
+    diffs = []
+    for i, c in enumerate(calls[1:], 1):
+        keys = [k for k in sorted(set(calls[0]) | set(c)) if calls[0].get(k, "<absent>") != c.get(k, "<absent>")]
+        diffs += [f"process {i}: {k} = {c.get(k, '<absent>')!r} (process 0: {calls[0].get(k, '<absent>')!r})"
+                  for k in keys]
+    raise ConfigError(f"the processes of this multi-host sweep were started with different settings ("
+                      f"{'; '.join(diffs[:8])}{'; ...' if len(diffs) > 8 else ''}); nothing was written. Start the "
+                      f"same command, config, overrides and --workdir, on every process")
+
+
 def sweep(settings: Settings, workdir: str, *, members_per_device: int | None = None, devices=None,
           plots: bool | None = None, max_chunks: int | None = None) -> SweepResult:
     """Run the sweep of ``settings`` into ``workdir``: ``sweep.json``, ``members/<i>/`` (one run directory per
@@ -747,6 +784,9 @@ def sweep(settings: Settings, workdir: str, *, members_per_device: int | None = 
                              f"jax.Device objects (e.g. jax.devices()[:4]), or None for every device")
         devices = given  # (an iterator is read once)
     require_tensorboard(settings)
+    _same_call_everywhere({"config": settings.to_dict(), "workdir": workdir, "members_per_device": members_per_device,
+                           "plots": plots, "max_chunks": max_chunks,
+                           "devices": None if devices is None else [[d.platform, d.id] for d in devices]})
     created = not os.path.isdir(workdir)
     progress = {"new": False, "chunks": 0}
     lock = None

@@ -16,7 +16,8 @@ already present in the environment are kept; ``QSGD_NO_MALLOC_TUNING=1`` disable
 Compilation cache: ``run`` and ``sweep`` keep JAX's persistent compilation cache (:func:`compilation_cache_dir`),
 so a command that compiles the programs of an earlier one (the same config with another seed or learning rate:
 both are program inputs) loads them from disk instead of compiling again (``quotient-sgd run`` on the default
-config: 5 s instead of 8-9 s).  A cached program is the compiled program itself: results are unchanged.
+config: 4-5.2 s instead of 7-9 s, README's Measured status).  A cached program is the compiled program itself:
+results are unchanged.
 """
 
 from __future__ import annotations

@@ -183,7 +183,7 @@ def test_hj_slices_smoke(tmp_path, monkeypatch):
     d = tmp_path / "hj_slices"
     for f in ("trajectory.npz", "events.json", "result.json", "result.md", "hj_slices.png"):
         assert (d / f).is_file() and (d / f).stat().st_size > 0, f
-    res = json.loads((d / "result.json").read_text())
+    res = C.load_result(d / "result.json")
     rows, lr = res["table"], res["lr"]
     assert np.isfinite(lr) and lr > 0
     assert [(r["step"], r["extent"]) for r in rows] == [(s, e) for s in cfg.checkpoints for e in cfg.extents]

@@ -216,3 +216,17 @@ def test_train_hands_each_update_the_extra_arguments_it_names():
     assert accepted_extra_args(optax.contrib.sam(optax.sgd(0.1), optax.sgd(0.1)).update, extra) == {}
     assert accepted_extra_args(lambda u, s, p=None, **kw: (u, s), extra) == extra
     assert accepted_extra_args(lambda u, s, p=None, *, value=None: (u, s), extra) == {"value": 1.0}
+
+
+def test_horizontal_mode_needs_a_continuous_component():
+    """README's example of a model with no continuous component for ``symmetry.mode='horizontal'`` is a tanh MLP
+    regressor: a tanh classifier keeps its logit translation, which is accepted."""
+    from quotient_sgd import config
+    assert "(e.g. a tanh MLP regressor; a tanh classifier keeps its logit translation)" in README
+    c = config.default_config()
+    c.model.activation = "tanh"
+    c.symmetry.mode = "horizontal"
+    config.validate(c, check_memory=False)
+    c.data.name = "teacher_student"
+    with pytest.raises(config.ConfigError, match="symmetry.mode"):
+        config.validate(c, check_memory=False)

@@ -1,8 +1,9 @@
 """Phase-transition diagnostics on quotient trajectories (THEORY sections 3-4).
 
 - :func:`detect` (and the per-kind ``detect_*``): ``trajectory -> list[Event]``, kinds ``shock``, ``fold``,
-  ``edge_of_stability``, ``catapult``, ``loss_spike``, ``transition`` (calibrated CUSUM), ``divergence``, each in
-  ``quotient`` (orbit-invariant), ``step`` (what the step sees, with its decomposition) and ``raw`` variants;
+  ``edge_of_stability``, ``catapult``, ``loss_spike``, ``transition`` (calibrated CUSUM), ``divergence``, in
+  the variants ``quotient`` (orbit-invariant), ``step`` (what the step sees, with its decomposition), ``raw``,
+  ``slice`` and ``preconditioned`` (README's detector table lists which kind has which);
 - :func:`detect_run` on a run directory (writes ``events.json``), :class:`LiveDetector` on chunks;
 - :func:`stability_decomposition`: ``lr * lambda_step = lr * lambda_canonical * gauge_factor`` and the charge
   prediction of the gauge factor;

@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -42,6 +43,7 @@ def _two_processes(monkeypatch, calls):
         return out
 
     monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "devices", lambda *a: [SimpleNamespace(process_index=p) for p in (0, 0, 1, 1)])
     monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
     raised = [None, None]
 
@@ -118,3 +120,18 @@ def test_two_process_launch_with_different_overrides_writes_nothing(tmp_path):
         assert p.returncode == 2 and "Traceback" not in out, out[-3000:]
         assert "config.optim.momentum = 0.5 (process 0: 0.9)" in out, out[-3000:]
     assert not os.path.exists(tmp_path / "sw")
+
+
+def test_processes_with_different_device_counts_are_refused_in_every_process(monkeypatch):
+    """Two processes with 1 and 3 CPU devices failed in a traceback in both (JAX's allgather lays the devices out
+    as processes x local devices: "cannot reshape array of size 4 into shape (2,1)"); each process now refuses it
+    from the device list they all see, naming every process's count, before any collective."""
+    import jax
+
+    from quotient_sgd.runner import _sweep
+
+    fake = [SimpleNamespace(process_index=p) for p in (0, 1, 1, 1)]
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "devices", lambda *a: fake)
+    with pytest.raises(ConfigError, match=r"different numbers of devices \(process 0: 1, process 1: 3\)"):
+        _sweep._same_call_everywhere(_call(_settings()))

@@ -702,9 +702,21 @@ def _same_call_everywhere(call: dict) -> None:
     naming the keys in which some process differs from process 0.  (Processes given different overrides ran one
     sweep whose members on process 1's devices trained with process 1's settings, ``optim.momentum`` 0.5, while
     ``sweep.json`` and the table recorded process 0's 0.9; different ``--workdir`` values split one sweep over two
-    directories.)  Two collectives when they agree (a digest), one more when they do not; nothing in one process."""
+    directories.)  Processes with different numbers of devices are refused first, alike in every process.  Two
+    collectives when they agree (a digest), one more when they do not; nothing in one process."""
     if jax.process_count() == 1:
         return
+    # (JAX's collectives between processes lay jax.devices() out as processes x local devices: with 1 and 3 CPU
+    # devices the first one failed in "cannot reshape array of size 4 into shape (2,1)", a traceback in both.
+    # Every process sees the same device list, so each refuses it alike without a collective)
+    counts = [0] * jax.process_count()
+    for d in jax.devices():
+        counts[d.process_index] += 1
+    if len(set(counts)) > 1:
+        raise ConfigError(f"the processes of this multi-host sweep have different numbers of devices ("
+                          f"{', '.join(f'process {i}: {c}' for i, c in enumerate(counts))}); every process needs "
+                          f"the same number (the same accelerators on every host; JAX_NUM_CPU_DEVICES for CPU "
+                          f"devices); nothing was written")
     import hashlib
     import json
 

@@ -420,6 +420,17 @@ def align(group: Group, params_a, params_b, *, rounds: int = 3, iters: int = 8, 
     the Gauss-Newton steps alone (exp and, reaching elements of negative determinant, linear steps): exact for a
     zero factor (a zero-initialised ``W_O``), but for a rank-deficient nonzero factor it can stop at a local minimum
     (measured: a ``W_Q`` head of rank 2 of 3 moved by random elements, 3 of 4 left 0.19 ``|a|`` off ``a``).
+    Each head of a GL component that no other continuous component moves (a Transformer's ``qk`` / ``vo``) is
+    fitted from its start and from its start reflected, the nearer kept: the fit stays in the sign of the
+    determinant it starts in.  On CNNs and Transformers (float64 unless said): ``b = g . a`` recovered to 2e-15
+    (``|a|`` 3-9, element scales 0.3 and 1; a (3, 3)-channel CNN classifier with ``norm`` None, ``"layer"``,
+    ``"batch"``, a 1-layer 2-head Transformer), in float32 to 2e-7-4e-6 at scales 0.3-2 (the Transformer at scale
+    2: 2-3e-5, 3e-6 of ``|a|``).  Unrelated points against a brute force over every permutation with the
+    continuous part fitted by BFGS: a one-layer CNN classifier (3 channels, kernel 2) reached the minimum in 11 of
+    12 pairs (one 16% above) with ``restarts=0`` and 12 of 12 with 4; 1-layer Transformers (2 heads of size 2, 4
+    MLP units, 48 permutation pairs, the brute force's GL started at 7 random elements), 4 pairs: before the
+    two-sign fit 1.1-3.7% above the brute force's best (``restarts=8`` changing it by at most 1.3 points); with it
+    3 of 4 at or below it (up to 1.1% below), one 2.8% above (1.8% with ``restarts=8``).
 
     Raises:
         SymmetryError: the group has no canonical section at these parameters (e.g. a deep linear chain that is

@@ -57,3 +57,16 @@ def test_spec_without_momentum_stays_exact_for_a_global_clip_and_decay(x64):
     tx = quotient_trajectory(inner, mlp_group(), spec=SGDSpec(0.1, weight_decay=0.01), observables=CHEAP)
     _, _, traj = train(xent, params, tx, data(6, dtype=jnp.float64), donate=False)
     assert charge_identity_error(traj["charge_drift"], traj["charge_drift_predicted"]) < 1e-8
+
+
+@pytest.mark.parametrize("bad", ["other_tree", "other_shapes"])
+def test_update_names_gradients_not_like_params(bad):
+    """quotient_trajectory's update with gradients that are not leaf for leaf like params (another model's, or
+    leaves of another shape) failed inside the step with JAX's bare "pytree structure error: different numbers of
+    pytree children" / "Incompatible shapes for broadcasting: shapes=[(3, 5), (3, 5, 1)]", naming neither argument;
+    now a ValueError naming updates and params."""
+    params = init_mlp(jax.random.key(0))
+    grads = {"a": jnp.ones(3)} if bad == "other_tree" else jax.tree.map(lambda x: jnp.ones(x.shape + (1,)), params)
+    tx = quotient_trajectory(optax.sgd(ETA), mlp_group(), observables=CHEAP)
+    with pytest.raises(ValueError, match="updates must be a pytree like params"):
+        tx.update(grads, tx.init(params), params)

@@ -14,7 +14,7 @@ from .. import observables as obs
 from .._reduce import sum_all
 from .._tree import float_dtype, widen
 from ..observables._charges import masked_leaves
-from ..observables._util import charge_linear, charges_dict, tree_dot, tree_sqnorm
+from ..observables._util import charge_linear, charges_dict, check_like, tree_dot, tree_sqnorm
 from ._gauge import GaugeFixState, HorizontalState, _like
 from ._spec import SGDSpec, accepted_extra_args, check_period, check_wrapped
 
@@ -427,6 +427,9 @@ def quotient_trajectory(
     def update(updates, state, params=None, **extra_args):
         if params is None:
             raise ValueError("quotient_trajectory needs params: call tx.update(grads, state, params, value=loss)")
+        # the raw gradients, leaf for leaf like params: another tree (the gradients of another model, a sub-tree)
+        # failed inside the step with JAX's bare "pytree structure error" naming neither argument
+        check_like("quotient_trajectory", "params", params, updates=updates)
         grads = updates
         new_updates, inner_state = inner.update(grads, state.inner_state, params,
                                                 **accepted_extra_args(inner.update, extra_args))

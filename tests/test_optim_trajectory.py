@@ -143,7 +143,9 @@ def test_charge_identity_float64(x64, name):
         tx0 = quotient_trajectory(inner, mlp_group(), spec=SGDSpec(spec.learning_rate, weight_decay=0.01),
                                   observables=CHEAP)
         _, _, traj0 = train(xent, params, tx0, data(100, dtype=jnp.float64), donate=False)
-        assert _max_rel(drift["r0"], traj0["charge_drift_predicted"]["r0"]) > 1e-3
+        # a spec without momentum does not describe the step: reported, not predicted (from the second step, the
+        # first whose momentum holds an earlier gradient)
+        assert np.all(np.isnan(np.asarray(traj0["charge_drift_predicted"]["r0"])[1:]))
 
 
 @pytest.mark.parametrize("name", ["heavy_ball_wd_no_bias", "nesterov_wd_first_layer"])

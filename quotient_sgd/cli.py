@@ -1028,6 +1028,31 @@ def _port_taken(port: int) -> str | None:
     return None
 
 
+#: Seconds a process other than 0 waits for the coordinator's port to accept a connection: JAX's own
+#: ``initialization_timeout``, after which its client ends the process with SIGABRT and a C++ stack trace.
+_COORDINATOR_WAIT_S = 300.0
+
+
+def _coordinator_unreachable(address: str, wait_s: float) -> str | None:
+    """Why nothing accepts a TCP connection at ``address`` (``HOST:PORT``) within ``wait_s`` seconds (tried every
+    half second: process 0 may start later), ``None`` as soon as something does."""
+    import socket
+    import time
+
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)),
+                                          timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
+                return None
+        except OSError as e:
+            why = f"{type(e).__name__}: {e.strerror or e}"
+        if time.monotonic() >= deadline:
+            return why
+        time.sleep(0.5)
+
+
 def _init_distributed(fv) -> str | None:
     """``jax.distributed.initialize`` as the (checked, :func:`_launch_error`) options of a sweep ask; what stops
     it, said plainly (``None`` when it succeeds or is not asked for).  Nothing is written before: JAX's own
@@ -1044,6 +1069,15 @@ def _init_distributed(fv) -> str | None:
                     f"--coordinator_address={fv.coordinator_address}, and this machine's port {port} is taken "
                     f"({taken}): another program, or a launch still running, listens on it. Choose another port "
                     f"(the same for every process)")
+    if fv.coordinator_address and fv.process_id != 0:
+        # (JAX's client aborted the process, status -6 and a C++ stack trace, after 300 s without a coordinator:
+        # process 0 never started, or an address no process 0 listens on)
+        why = _coordinator_unreachable(fv.coordinator_address, _COORDINATOR_WAIT_S)
+        if why:
+            return (f"cannot start the multi-host sweep: process {fv.process_id} found no coordinator at "
+                    f"--coordinator_address={fv.coordinator_address} within {_COORDINATOR_WAIT_S:g} s ({why}); "
+                    f"start process 0 (--process_id=0) with the same address, on the machine HOST names, and "
+                    f"check that its port is reachable from this one")
     try:
         if fv.coordinator_address:
             jax.distributed.initialize(coordinator_address=fv.coordinator_address, num_processes=fv.num_processes,

@@ -135,3 +135,27 @@ def test_processes_with_different_device_counts_are_refused_in_every_process(mon
     monkeypatch.setattr(jax, "devices", lambda *a: fake)
     with pytest.raises(ConfigError, match=r"different numbers of devices \(process 0: 1, process 1: 3\)"):
         _sweep._same_call_everywhere(_call(_settings()))
+
+
+def test_a_coordinator_nobody_listens_on_is_named_within_the_wait(monkeypatch):
+    """Processes 1 and 1 of two (no process 0 started; or an address no coordinator listens on) waited 300 s in
+    jax.distributed.initialize, whose client then ended both with SIGABRT (status -6) and a C++ stack trace.  A
+    process other than 0 now waits for the coordinator's port itself (as long as JAX would) and, when nothing
+    accepts a connection there, names the address and what to check, without calling JAX."""
+    import jax
+
+    from quotient_sgd import cli
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(cli, "_COORDINATOR_WAIT_S", 1.0)
+    with socket.socket() as sk:  # (a port nothing listens on)
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+        fv = SimpleNamespace(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=1,
+                             distributed=False)
+        msg = cli._init_distributed(fv)
+        assert not calls and msg is not None, msg
+        assert f"process 1 found no coordinator at --coordinator_address=127.0.0.1:{port} within 1 s" in msg, msg
+        sk.listen(1)
+        assert cli._init_distributed(fv) is None and len(calls) == 1

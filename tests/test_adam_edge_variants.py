@@ -48,7 +48,9 @@ def _radius(m):
 
 
 @pytest.mark.parametrize("nesterov", [False, True])
-@pytest.mark.parametrize("b1", [0.0, 0.5, 0.9, 0.99])
+# (b1 = 0, 0.5 and 0.99 in the slow suite)
+@pytest.mark.parametrize("b1", [pytest.param(0.0, marks=pytest.mark.slow), pytest.param(0.5, marks=pytest.mark.slow),
+                                0.9, pytest.param(0.99, marks=pytest.mark.slow)])
 def test_adam_edge_is_where_optax_adamw_with_frozen_nu_turns_unstable(adam_x64, b1, nesterov):
     """For a non-diagonal ``H`` and a random ``nu``, ``eta lambda_max(P^-1 H)`` just below
     ``adam_edge(b1, decay=eta wd, nesterov)`` gives a spectral radius < 1 of the optax step's linear map, just

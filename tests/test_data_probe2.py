@@ -22,7 +22,9 @@ def test_batch_larger_than_the_data_set_names_the_argument(kw, arg, value):
         data.batch_fn(ds, kw.pop("batch_size"), **kw)
 
 
-@pytest.mark.parametrize("sampler", data.SAMPLERS)
+# (the permutation sampler in the slow suite)
+@pytest.mark.parametrize("sampler", [pytest.param(s, marks=pytest.mark.slow) if s == "permutation" else s
+                                     for s in data.SAMPLERS])
 def test_batch_of_the_whole_data_set_is_a_permutation_under_jit_vmap_and_scan(sampler):
     ds = data.teacher_student(n_train=12, n_test=2, din=2)
     ids = np.asarray(ds.x_train[:, 0])  # distinct Gaussian draws: an example's identity

@@ -11,7 +11,10 @@ import pytest
 from quotient_sgd import data as qdata
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 7, 10, 257, 1348])
+# (2, 7, 10 and 257 in the slow suite)
+@pytest.mark.parametrize("n", [1, pytest.param(2, marks=pytest.mark.slow), 3, pytest.param(7, marks=pytest.mark.slow),
+                               pytest.param(10, marks=pytest.mark.slow), pytest.param(257, marks=pytest.mark.slow),
+                               1348])
 def test_swap_or_not_is_a_permutation(n):
     keys = jax.random.split(jax.random.key(n), 5)
     images = np.asarray(jax.vmap(lambda k: qdata.swap_or_not(k, n, jnp.arange(n)))(keys))

@@ -69,7 +69,8 @@ def test_find_shocks_does_not_read_the_ringing_beside_an_expansion_step_as_a_sho
         assert abs(found[0]["location"] - (c - 1.0)) < g.dx and found[0]["jump"] > 1.8, found
 
 
-@pytest.mark.parametrize("scheme, solver", [("fv", "tsit5"), ("spectral", "etd")])
+# (finite volumes with Tsit5 in the slow suite: the same property, the costlier compilation)
+@pytest.mark.parametrize("scheme, solver", [pytest.param("fv", "tsit5", marks=pytest.mark.slow), ("spectral", "etd")])
 def test_the_end_time_derivative_at_t1_0_is_the_right_hand_side(x64, scheme, solver):
     # d p(t1) / d t1 at t1 = 0 is p_t = -p p_x + nu p_xx of p0 (exact for p0 = -sin(pi x)); no step is taken there
     # and jax.grad gave 0.  Elsewhere the derivative is unchanged (float64 central differences)

@@ -247,7 +247,8 @@ def test_piecewise_smooth_gradients_are_accepted(dtype, periodic):
                 assert worst_ratio(p, grid, "spectral" if periodic else "fv") < 0.5, (n, centre, m)
 
 
-@pytest.mark.parametrize("kind", ["spectral", "fv-mixed"])
+# (the spectral solve in the slow suite: test_differentiation_through_a_checked_solve[spectral] runs one)
+@pytest.mark.parametrize("kind", [pytest.param("spectral", marks=pytest.mark.slow), "fv-mixed"])
 def test_solvers_accept_gradients(x64, kind):
     """The check passes the fields the solver is for, and the 2-D solve runs (its agreement with Cole-Hopf is
     tested in test_hj_cole_hopf_slices)."""
@@ -278,7 +279,8 @@ def test_traced_fields_are_checked_when_the_computation_runs():
         jax.block_until_ready(batched(jnp.asarray([0.0, 0.1])))
 
 
-@pytest.mark.parametrize("scheme", ["spectral", "fv-smooth"])
+# (finite volumes in the slow suite: test_solvers_accept_gradients differentiates nothing but solves them)
+@pytest.mark.parametrize("scheme", ["spectral", pytest.param("fv-smooth", marks=pytest.mark.slow)])
 def test_differentiation_through_a_checked_solve(x64, scheme):
     """jax.grad with respect to p0 and nu goes through the check (it measures the primal only) and agrees with
     central differences; finite differences in p0 must perturb along a gradient: a rotational step of 1e-5 is

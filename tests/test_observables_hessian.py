@@ -202,8 +202,12 @@ def test_lanczos_basis_stays_orthogonal_in_float32(method):
     assert float(ritz[-2]) < float(ritz[-1]) * (1 - 1e-3)
 
 
-@pytest.mark.parametrize("budget", ["default", "fallback"])
-@pytest.mark.parametrize("name", ["mlp", "deep_linear", "attention"])
+# (the fallback budget on the MLP and attention in the slow suite; every model with the default, and the deep linear
+# chain with the fallback, here)
+@pytest.mark.parametrize("name, budget", [("mlp", "default"), ("deep_linear", "default"), ("attention", "default"),
+                                          ("deep_linear", "fallback"),
+                                          pytest.param("mlp", "fallback", marks=pytest.mark.slow),
+                                          pytest.param("attention", "fallback", marks=pytest.mark.slow)])
 def test_frozen_projection_float32_at_unbalanced_point(name, budget):
     """The frozen horizontal projection of the Lanczos operators, built in float32 at a point moved by a sampled
     element (rescale factors up to e^4, GL condition numbers up to e^6), agrees with the float64 projection:

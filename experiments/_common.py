@@ -338,9 +338,9 @@ VALUE_RULES: dict[str, tuple] = {
     "tail_fraction": (lambda v: _real(v) and 0 < v <= 1, "a number in (0, 1]"),
     "b1": _DECAY,
     "b2": _DECAY,
-    # (experiment 5's ``model``: its overrides of experiment 1's config, each checked there by hj_slices.model_config;
-    # --help showed ``model=[]`` with nothing allowed)
-    "model": (lambda v: isinstance(v, (tuple, list)) and all(isinstance(x, str) and "=" in x for x in v),
+    # (experiment 5's ``model``: its overrides of experiment 1's config, each entry checked by
+    # hj_slices.model_config, which names the entry; --help showed ``model=[]`` with nothing allowed)
+    "model": (lambda v: isinstance(v, (tuple, list)),
               "a list of key=value overrides of experiment 1's config (configs/edge_of_stability.py), e.g. "
               "'[\"hidden=[8]\"]'; not seed, num_steps, hessian_every, twin_scale"),
     "norm": (lambda v: v == "layer", "'layer' (the experiment follows LayerNorm's scale-invariant conv blocks; "

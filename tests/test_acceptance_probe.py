@@ -61,6 +61,8 @@ def _spectrum(x):
     return np.sort(x.reshape(x.shape[0], -1), axis=1)
 
 
+# (test_optim_trajectory.py::test_kinds_honest, an MLP, and test_optim_probe6.py, a LayerNorm CNN, check it fast)
+@pytest.mark.slow
 def test_kinds_honest_on_transformer_under_orthogonal_gl_and_head_permutations(x64):
     """Orbit invariants of the first step are unchanged on g.params for a random g of scale 1.5 (GL condition number
     e^4.5) while the raw gradient norm changes >= 2x; every reduced-dynamics observable of two SGD steps with
@@ -102,6 +104,7 @@ def test_kinds_honest_on_transformer_under_orthogonal_gl_and_head_permutations(x
                                            err_msg=f"{name}: {k}")
 
 
+@pytest.mark.slow  # (test_optim_gauge.py::test_gauge_fix_equivariance checks the property fast)
 def test_gauge_fix_equivariance_on_cnn_with_nesterov(x64):
     """SGD with Nesterov momentum + gauge_fix on a ReLU CNN (channel rescale, channel permutation, logit
     translation) from params and from g.params computes the same function at every step (float64, 1e-9); without
@@ -130,6 +133,7 @@ def test_gauge_fix_equivariance_on_cnn_with_nesterov(x64):
             assert float(np.min(err[1:])) > 1e-2, err
 
 
+@pytest.mark.slow  # (test_observables_hessian.py::test_projected_hessian_lanczos_vs_dense checks the property fast)
 def test_lanczos_extremes_match_dense_on_meanfield(x64):
     """Top-2 / bottom-2 eigenvalues of P H P on a MeanField network's horizontal space (30 parameters, 6 rescale
     generators), at an unbalanced point and at its canonical representative, from Lanczos equal the dense
@@ -168,6 +172,7 @@ def test_lanczos_extremes_match_dense_on_meanfield(x64):
     assert abs(tops[0] / tops[1] - 1) > 0.1  # the unbalanced point sees another sharpness than the canonical one
 
 
+@pytest.mark.slow  # (test_optim_train.py::test_vmap_over_learning_rates_equals_separate_runs checks the property fast)
 def test_train_vmapped_over_8_learning_rates_and_decays_equals_8_runs_on_meanfield(x64):
     """A MeanField network, Nesterov SGD with coupled weight decay, both injected and swept jointly over 8 members
     in one vmapped train (observables every 2 steps: a branch under vmap): parameters and every trajectory entry equal

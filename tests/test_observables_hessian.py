@@ -37,7 +37,8 @@ def _group():
     return Product(comps + [Translation(kernel=("l2", "kernel"), bias=("l2", "bias"), name="t")])
 
 
-@pytest.mark.parametrize("method", ["loop", "unrolled", "matfree"])
+# (the unrolled method, not the default, in the slow suite: its compilation is 8x the loop's)
+@pytest.mark.parametrize("method", ["loop", pytest.param("unrolled", marks=pytest.mark.slow), "matfree"])
 def test_lanczos_extremes_dense_matrix(x64, method):
     # as many steps as dimensions: the extremes are exact (12, not 40: the unrolled iteration compiles one copy of
     # its step per matvec, 10 s at 40, 6 s at 24; the reference is numpy's, compiling nothing)
@@ -175,7 +176,8 @@ def test_trajectory_hessian_past_horizontal_dimension(x64):
     np.testing.assert_allclose([o["sharpness_raw"], o["lambda_min_raw"]], [ev_r[-1], ev_r[0]], atol=1e-6 * scale)
 
 
-@pytest.mark.parametrize("method", ["loop", "unrolled"])
+# (the unrolled method, not the default, in the slow suite)
+@pytest.mark.parametrize("method", ["loop", pytest.param("unrolled", marks=pytest.mark.slow)])
 def test_lanczos_basis_stays_orthogonal_in_float32(method):
     """Recurrence + one Gram-Schmidt pass per step keeps the Krylov basis orthogonal to working precision in
     float32 on a spectrum spread over four decades (60 steps on n = 300, where converged Ritz values make plain

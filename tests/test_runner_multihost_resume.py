@@ -103,6 +103,9 @@ def _results(procs):
     return results
 
 
+# (slow: test_runner_sweep.py::test_two_process_distributed_sweep_equals_single_process runs two processes and
+# test_runner_sweep_resume.py resumes sweeps in the fast suite)
+@pytest.mark.slow
 @pytest.mark.xdist_group("multiprocess")  # never beside another multi-process test: their spinning
 # collectives, oversubscribed on 2 cores, made each one 5-15x slower
 def test_two_process_sweep_regroups_and_resumes_bitwise(tmp_path, monkeypatch):

@@ -55,7 +55,10 @@ def test_cotransport_closed_forms_equal_the_generic_vjp(name):
             assert _rel(closed, generic) < 1e-12, c.name
 
 
-@pytest.mark.parametrize("name", ["mlp", "transformer", pytest.param("cnn", marks=pytest.mark.slow)])
+# (the Transformer and the CNN in the slow suite; test_cotransport_closed_forms_equal_the_generic_vjp checks the
+# Transformer's cotransport here)
+@pytest.mark.parametrize("name", ["mlp", pytest.param("transformer", marks=pytest.mark.slow),
+                                  pytest.param("cnn", marks=pytest.mark.slow)])
 def test_canonical_gradient_is_the_gradient_at_the_moved_point(name):
     with jax.enable_x64(True):
         group, params, loss = _model(name)

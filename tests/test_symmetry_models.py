@@ -149,6 +149,8 @@ def _check_nnx_mlp(hidden, activation, seed):
                  / tree_norm(G.canonicalize(p))) < 1e-3
 
 
+# (slow: test_models_outputs_invariants_and_canonical_quantities[transformer] checks the Transformer's invariants here)
+@pytest.mark.slow
 def test_transformer_invariants_without_canonicalisation():
     """The attention cluster (QK, VO, head permutation) and the MLP cluster (rescale, unit permutation) report their
     invariants without canonicalising: sorted by invariant keys.  They are exactly unchanged by permutations, equal

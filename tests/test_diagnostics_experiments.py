@@ -149,24 +149,16 @@ def _check_grok_detected(events, gt):
     assert any(gt["memorised"] <= e.step <= gt["grok_end"] for e in ev), ([(e.step, e.details) for e in ev], gt)
 
 
-@pytest.fixture(scope="module")
-def grok_cpu():
-    # the CPU default (5000 steps, ~40 s), not ``scale=test``: at the test scale one seed of seven (seed 5, before
+def test_grokking_cpu_transition_happens_and_is_detected():
+    # the CPU default (5000 steps, ~40-60 s), not ``scale=test``: at the test scale one seed of seven (seed 5, before
     # its jump) raises a transition event when run as a one-device script, and a CUSUM on the test loss itself
     # finds none of the jumps (experiments/README.md, "Across seeds"); seed 0's event
     # under the tests' 8 CPU devices came from their float rounding.  The CPU default's change points after
-    # memorisation come on seeds 0 and 1 alike.
-    return _grok("cpu")
-
-
-@pytest.mark.xdist_group("grok_cpu")  # one worker builds the module fixture once
-def test_grokking_cpu_transition_happens(grok_cpu):
-    _check_grok_transition(grok_cpu[1])
-
-
-@pytest.mark.xdist_group("grok_cpu")  # one worker builds the module fixture once
-def test_grokking_cpu_detected(grok_cpu):
-    _check_grok_detected(*grok_cpu)
+    # memorisation come on seeds 0 and 1 alike.  One test for both properties: as two tests sharing a module
+    # fixture, the run was built twice in the suite (once per test, ~60 s each).
+    events, gt = _grok("cpu")
+    _check_grok_transition(gt)
+    _check_grok_detected(events, gt)
 
 
 def test_hj_slices_smoke(tmp_path, monkeypatch):

@@ -132,7 +132,9 @@ def _mse(graphdef, params, batch):
     return 0.5 * jnp.mean(jnp.sum(jnp.square(nnx.merge(graphdef, params)(x) - y), axis=-1))
 
 
-@pytest.fixture(scope="module")
+# session scope: built once on the worker the xdist group sends both tests to, whatever runs between them (as a
+# module fixture it was built twice in the suite, ~3.7 s each)
+@pytest.fixture(scope="session")
 def regauged_pair():
     key = jax.random.key(0)
     x = jax.random.normal(key, (32, 4))

@@ -55,7 +55,8 @@ def make_dataset(x_train, y_train, x_test, y_test, *, task: str, num_classes: in
     (tokens) become ``int32`` and must fit it, any other real or boolean input becomes ``float32`` and must be finite
     there (no NaN or inf, magnitudes within float32's range), as must regression targets.  JAX's extra real dtypes
     (``bfloat16``, ``float8_*``, ``int4`` ...) are read as the floats / integers they hold.
-    Classification targets are integer-valued class indices ``(n,)`` in ``[0, num_classes)`` (stored ``int32``);
+    Classification targets are integer-valued class indices ``(n,)`` in ``[0, num_classes)`` (stored ``int32``, so a
+    classification ``num_classes`` is at most ``2^31 - 1``);
     regression targets are real ``(n, num_classes)`` arrays (stored ``float32``): the losses compare them with the
     model's ``(n, num_classes)`` outputs, and a ``(n,)`` target would broadcast against an ``(n, 1)`` output to an
     ``(n, n)`` difference.  Each split has as many targets as inputs; the training split at least one example.
@@ -65,7 +66,11 @@ def make_dataset(x_train, y_train, x_test, y_test, *, task: str, num_classes: in
     """
     if task not in TASKS:
         raise ValueError(f"make_dataset: task must be one of {TASKS}, got {task!r}")
-    num_classes = _static_int("make_dataset", "num_classes", num_classes, 1)
+    # (classification targets are stored int32: with num_classes = 2^32 a class index 2^31 was accepted and stored
+    # as -2^31, silently, and cross-entropy read a label outside [0, num_classes))
+    num_classes = (_static_int("make_dataset", "num_classes", num_classes, 1, 2**31 - 1,
+                               "an integer in [1, 2^31 - 1] (the class indices are stored int32)")
+                   if task == "classification" else _static_int("make_dataset", "num_classes", num_classes, 1))
 
     def _x(arg, a):
         a = _host(a)

@@ -11,7 +11,8 @@ def test_classification_num_classes_beyond_int32_is_refused_not_wrapped():
     ``-2^31`` in the int32 targets, silently.  A classification ``num_classes`` above ``2^31 - 1`` is refused,
     naming the argument; the largest one keeps its largest index exactly, and regression is unaffected."""
     x = np.zeros((2, 1))
-    with pytest.raises(ValueError, match=r"num_classes=4294967296 is not allowed; need an integer in \[1, 2\^31 - 1\]"):
+    with pytest.raises(ValueError, match=r"num_classes=4294967296 is not allowed; need an integer in "
+                                         r"\[1, 2\^31 - 1\] for classification"):
         make_dataset(x, np.array([2**31, 5]), x[:1], np.array([1]), task="classification", num_classes=2**32,
                      name="t")
     top = 2**31 - 1

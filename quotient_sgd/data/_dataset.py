@@ -68,9 +68,10 @@ def make_dataset(x_train, y_train, x_test, y_test, *, task: str, num_classes: in
         raise ValueError(f"make_dataset: task must be one of {TASKS}, got {task!r}")
     # (classification targets are stored int32: with num_classes = 2^32 a class index 2^31 was accepted and stored
     # as -2^31, silently, and cross-entropy read a label outside [0, num_classes))
-    num_classes = (_static_int("make_dataset", "num_classes", num_classes, 1, 2**31 - 1,
-                               "an integer in [1, 2^31 - 1] (the class indices are stored int32)")
-                   if task == "classification" else _static_int("make_dataset", "num_classes", num_classes, 1))
+    num_classes = _static_int("make_dataset", "num_classes", num_classes, 1)
+    if task == "classification":
+        _static_int("make_dataset", "num_classes", num_classes, 1, 2**31 - 1,
+                    "an integer in [1, 2^31 - 1] for classification (the class indices are stored int32)")
 
     def _x(arg, a):
         a = _host(a)

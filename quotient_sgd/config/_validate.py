@@ -120,6 +120,10 @@ def _close_key(key: str, allowed) -> list[str]:
 
 
 def _section(name: str, cls, values: Mapping[str, Any]):
+    # a section given as a ConfigDict (or FrozenConfigDict) inside a plain dict, e.g. validate(dict(config, steps=5)):
+    # no Mapping, it was refused as "config.optim = lr: 0.2 ...: expected a section (ConfigDict)"
+    if not isinstance(values, Mapping) and callable(getattr(values, "to_dict", None)):
+        values = values.to_dict()
     if not isinstance(values, Mapping):
         keys = [f.name for f in dataclasses.fields(cls)]
         raise _err(name, values, f"expected a section (ConfigDict) with keys {keys}")
@@ -781,7 +785,8 @@ def validate(cfg: Mapping[str, Any] | Any, *, check_memory: bool = True) -> Sett
             close = _close_key(k, top)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             # (a run section is a mapping: configs/hj_slices.py has a tuple `model` of experiment overrides)
-            if not any(isinstance(values.get(sect), Mapping) for sect in SECTIONS):
+            if not any(isinstance(values.get(sect), Mapping) or callable(getattr(values.get(sect), "to_dict", None))
+                       for sect in SECTIONS):
                 hint += (f"; this config has none of the run sections {sorted(SECTIONS)}: it is not a run config "
                          "(the experiment configs in configs/ run with `python experiments/<name>.py`)")
             raise ConfigError(f"config.{k}: unknown key{hint}; allowed top-level keys: {sorted(top)}")

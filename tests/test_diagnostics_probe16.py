@@ -1,0 +1,40 @@
+"""Experiment scripts' tables read with the settings their detectors were given."""
+
+import sys
+
+import numpy as np
+
+from helpers import EXPERIMENTS, experiment_script
+
+sys.path.insert(0, EXPERIMENTS)
+
+
+def test_catapult_table_reads_the_loss_spike_with_the_runs_own_spike_factor(monkeypatch):
+    """Experiment 2 with ``spike_factor=3``: its detectors look for a loss of 3 x its recent minimum, but the table's
+    ground truth read a spike at the default factor 2, so a run whose loss peaked at 2.5 x its initial value (no
+    spike at the factor asked for) was tabulated as a catapult every variant had "missed".  The table now reads the
+    ground truth with the run's own factor: the same run has "none (none expected)", and at the default factor the
+    same loss is a spike that no catapult followed."""
+    import _common as C
+
+    E = experiment_script("catapult")
+    n = 40
+    steps = np.arange(n)
+    loss = np.linspace(1.0, 0.5, n)
+    loss[10:13] = [2.5, 2.0, 1.2]  # 2.5 x the initial loss: a spike at factor 2, none at factor 3
+    refresh = np.where(steps % 4 == 0, steps, -1)
+    lam = np.where(refresh >= 0, 30.0, np.nan)  # a flat sharpness: no catapult whatever the factor
+    traj = {"step": steps, "hessian_step": refresh, "loss": loss, "sharpness_horizontal": lam,
+            "sharpness_quotient": lam, "sharpness_raw": lam}
+    monkeypatch.setattr(E, "setup", lambda cfg: (None, None, None, None, None, 30.0))
+    monkeypatch.setattr(C, "record", lambda *a, **k: (None, {kk: v.copy() for kk, v in traj.items()}, 0.0))
+
+    for factor, spiked in ((3.0, False), (2.0, True)):
+        cfg = C.load_config("catapult", ["scale=test", f"spike_factor={factor}", f"seed={int(factor)}"])
+        out = E.run(cfg)
+        [row] = E.summarise(out)
+        n_spikes = sum(e.kind == "loss_spike" for e in out["events"])
+        assert n_spikes == int(spiked) and row["n loss spikes"] == n_spikes, (factor, row)
+        assert row["spiked"] is spiked and row["loss_peak_ratio"] == 2.5, (factor, row)
+        want = "missed" if spiked else "none (none expected)"
+        assert all(row[f"catapult[{v}] step"] == want for v in ("quotient", "step", "raw")), (factor, row)

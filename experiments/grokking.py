@@ -70,7 +70,8 @@ def ground_truth(sub):
     with test accuracy >= 0.9 x its maximum; ``grok_start`` = the last step before it with test accuracy at least
     0.25 below the value at ``grok_end`` (where the final rise starts); ``grok_mid`` = first step half-way
     between the two accuracies.  ``grokked``: the maximum exceeds 0.8 and the rise happens >= 500 steps after
-    memorisation."""
+    memorisation.  A run whose test accuracy never comes within 0.9 x its maximum after memorisation (it peaked
+    before) has no jump: ``grok_*`` stay -1 and ``grokked`` False."""
     s, tr, te = sub["step"], sub["train_accuracy"], sub["test_accuracy"]
     # running median over 5 evaluations: late loss spikes (slingshots) briefly collapse the test accuracy
     pad = np.pad(te, 2, mode="edge")
@@ -79,9 +80,12 @@ def ground_truth(sub):
     hi = float(np.max(te))
     out = {"memorised": mem, "max_test_acc": hi, "final_test_acc": float(te[-1]),
            "grok_start": -1, "grok_mid": -1, "grok_end": -1, "grokked": False}
-    if mem < 0:
+    after = np.nonzero((te >= 0.9 * hi) & (s >= mem))[0]
+    if mem < 0 or after.size == 0:
+        # (no jump after memorisation: the test accuracy peaked before it and stayed below 0.9 x that peak since,
+        # which failed in a bare IndexError after the whole run had trained)
         return out
-    ie = int(np.nonzero((te >= 0.9 * hi) & (s >= mem))[0][0])
+    ie = int(after[0])
     below = np.nonzero((te <= te[ie] - 0.25) & (np.arange(len(s)) < ie))[0]
     i0 = int(below[-1]) if below.size else 0
     mid = 0.5 * (te[i0] + te[ie])

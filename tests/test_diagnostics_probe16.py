@@ -38,3 +38,24 @@ def test_catapult_table_reads_the_loss_spike_with_the_runs_own_spike_factor(monk
         assert row["spiked"] is spiked and row["loss_peak_ratio"] == 2.5, (factor, row)
         want = "missed" if spiked else "none (none expected)"
         assert all(row[f"catapult[{v}] step"] == want for v in ("quotient", "step", "raw")), (factor, row)
+
+
+def test_grokking_ground_truth_of_a_run_whose_test_accuracy_peaked_before_memorisation():
+    """Experiment 3's ground truth looked for the test-accuracy jump at the first step after memorisation within 0.9
+    x the test accuracy's maximum; a run whose test accuracy peaked before memorisation and fell after it (it
+    overfits, as short runs do) has no such step, and the script failed in a bare ``IndexError`` after training.
+    Such a run has no jump: ``grokked`` False and the ``grok_*`` steps -1; a run that does jump is read as
+    before."""
+    G = experiment_script("grokking")
+    s = np.arange(0, 2000, 50)
+    train = np.minimum(1.0, np.linspace(0.2, 1.6, s.size))  # memorised (>= 0.99) from step 1100 on
+    overfit = np.r_[np.linspace(0.05, 0.4, 20), np.linspace(0.35, 0.1, 20)]
+    gt = G.ground_truth({"step": s, "train_accuracy": train, "test_accuracy": overfit})
+    assert gt["memorised"] == int(s[np.argmax(train >= 0.99)]) and not gt["grokked"], gt
+    assert (gt["grok_start"], gt["grok_mid"], gt["grok_end"]) == (-1, -1, -1), gt
+    assert abs(gt["max_test_acc"] - 0.4) < 0.05, gt
+    # a jump long after memorisation (steps 1700-1850) is still found
+    grok = np.where(s < 1700, 0.1, np.where(s < 1850, 0.1 + 0.85 * (s - 1650) / 200, 0.97))
+    gt = G.ground_truth({"step": s, "train_accuracy": np.minimum(1.0, np.linspace(0.2, 4.0, s.size)),
+                         "test_accuracy": grok})
+    assert gt["grokked"] and 1650 <= gt["grok_start"] < gt["grok_mid"] <= gt["grok_end"] <= 1900, gt

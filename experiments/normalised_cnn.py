@@ -63,9 +63,14 @@ def run(cfg):
 
 def running_rms(ang, window: int = 50):
     """The RMS of the per-step angle over a sliding ``window`` of steps (``len(ang) - window + 1`` values; entry
-    ``i`` ends at step ``i + window - 1``).  The equilibrium holds for the mean square of the angle, ``eta^2 |g|^2
-    / |w|^2 ~ 2 eta lambda``: the mean angle is smaller by the spread of the per-step angle (Jensen)."""
+    ``i`` ends at step ``i + window - 1``; none for a series shorter than ``window``).  The equilibrium holds for
+    the mean square of the angle, ``eta^2 |g|^2 / |w|^2 ~ 2 eta lambda``: the mean angle is smaller by the spread of
+    the per-step angle (Jensen)."""
     ang = np.asarray(ang, np.float64)
+    if len(ang) < window:
+        # (np.convolve's "valid" mode swaps its arguments when the series is the shorter one: 30 steps of a constant
+        # angle gave 21 values of sqrt(30 / 50) times it, and the table a step "within 10%" past the run's end)
+        return np.zeros(0)
     return np.sqrt(np.convolve(np.square(ang), np.ones(window) / window, mode="valid"))
 
 

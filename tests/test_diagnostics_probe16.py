@@ -59,3 +59,25 @@ def test_grokking_ground_truth_of_a_run_whose_test_accuracy_peaked_before_memori
     gt = G.ground_truth({"step": s, "train_accuracy": np.minimum(1.0, np.linspace(0.2, 4.0, s.size)),
                          "test_accuracy": grok})
     assert gt["grokked"] and 1650 <= gt["grok_start"] < gt["grok_mid"] <= gt["grok_end"] <= 1900, gt
+
+
+def test_normalised_cnn_running_rms_of_a_run_shorter_than_its_window():
+    """Experiment 4's running RMS of the angular update over 50 steps, on a run of fewer steps (``num_steps=30``,
+    allowed): ``np.convolve(..., mode="valid")`` swapped its arguments and gave 21 values of ``sqrt(30 / 50)`` times
+    a constant angle, so the table reported the equilibrium "reached" at step 49 of a 30-step run whose angle was
+    1.29 x the prediction.  A series shorter than the window has no running RMS (the equilibrium is "not
+    reached"); a longer one is the RMS of each window of 50 steps, as before."""
+    import types
+
+    E = experiment_script("normalised_cnn")
+    cfg = types.SimpleNamespace(lr=0.1, weight_decay=0.01, tail_fraction=0.25)
+    pred = np.sqrt(2 * cfg.lr * cfg.weight_decay)
+    ang = np.full(30, pred * np.sqrt(50 / 30))
+    assert E.running_rms(ang).size == 0
+    (row,) = E.summarise(cfg, {"traj": {"loss": np.ones(30), "angular_update/scale/convs.0": ang}})
+    assert row["steps to within 10%"] == "not reached", row
+    assert abs(row["ratio"] - np.sqrt(50 / 30)) < 1e-12, row
+    rng = np.random.default_rng(0)
+    ang = pred * (1 + 0.3 * rng.standard_normal(120))
+    brute = np.sqrt([np.mean(ang[i:i + 50] ** 2) for i in range(120 - 49)])
+    assert np.allclose(E.running_rms(ang), brute, rtol=1e-12, atol=0)

@@ -237,7 +237,9 @@ def _lanczos_step(matvec: Callable, j, qmat, q, q_prev, beta_prev, done, fill, s
     Projecting the product alone, as ``P A`` does, leaves in the residual the rounding of ``q_j`` and ``q_{j-1}``
     off the domain, which the division by ``beta_j`` amplifies by ``alpha_j / beta_j`` at every step.
     ``restricted``: the operator acts on a domain given by a projection (the breakdown threshold is then
-    ``_PROJECTED_BREAKDOWN``, else ``_BREAKDOWN_EPS`` eps).
+    ``_PROJECTED_BREAKDOWN``, else ``_BREAKDOWN_EPS`` eps); a Python bool, or a traced boolean scalar when one
+    traced iteration serves operators of both kinds (the points of ``quotient_trajectory``'s Hessian, the raw one
+    beside the projected ones).
     Returns ``(qmat, alpha_j, beta_j, q_{j+1}, done_{j+1}, scale)``."""
     # a dynamic-update-slice, in place in the loop (``m.at[j].set`` is a scatter, which XLA:CPU expanded into
     # copies of the basis at every step: 3 of the 256 x 256 leaf's 20 x 256 x 256 block)
@@ -284,7 +286,10 @@ def _lanczos_step(matvec: Callable, j, qmat, q, q_prev, beta_prev, done, fill, s
         w, beta = jax.lax.cond(reorth, full, lambda w: (w, beta), w)
         omega_next = jnp.where(reorth, _omega_reset(j, omega_next, eps), omega_next)
         again = reorth & ~again
-    tol = _projected_breakdown_tol(dtype) if restricted else _breakdown_tol(dtype)
+    if isinstance(restricted, (bool, np.bool_)):
+        tol = _projected_breakdown_tol(dtype) if restricted else _breakdown_tol(dtype)
+    else:  # a traced flag: one iteration serving operators with and without a domain (lax.map over points)
+        tol = jnp.where(restricted, _projected_breakdown_tol(dtype), _breakdown_tol(dtype)).astype(dtype)
     stop = done | (beta <= tol * scale)
     beta = jnp.where(stop, jnp.zeros_like(beta), beta)
     inv = jnp.where(stop, jnp.zeros_like(beta), 1 / jnp.where(stop, jnp.ones_like(beta), beta))
@@ -479,6 +484,18 @@ def lanczos_extremes(
     Returns:
         :class:`Extremes`.
     """
+    return _lanczos_extremes(matvec, v0, num_matvecs=num_matvecs, k=k, method=method, restart=restart,
+                             domain=domain, project_residuals=project_residuals, reortho=reortho)
+
+
+def _lanczos_extremes(matvec: Callable, v0, *, num_matvecs: int, k: int, method: str, restart, domain,
+                      project_residuals: bool, reortho: str, restricted=None) -> Extremes:
+    """:func:`lanczos_extremes`, with the breakdown threshold's kind given: ``restricted`` ``None`` (that of an
+    operator restricted to ``domain`` when one is given, else that of the whole space), or a boolean, possibly a
+    traced scalar: ``quotient_trajectory`` runs the raw Hessian in one ``lax.map`` with the projected ones, under
+    an identity ``domain`` chosen by a branch, and there the raw one must keep the whole space's threshold (with
+    the restricted one, 1e-10 of the top in float64, a bulk below it was taken for a breakdown: a bottom eigenvalue
+    1e-9 came out as 1.05e-8 beside a top of 1e3, where the raw Hessian alone resolves it)."""
     if not callable(matvec):  # (it failed inside the iteration with a bare "'int' object is not callable")
         raise TypeError(f"lanczos_extremes: matvec must be a function v -> A v, got {matvec!r}")
     for name, value in (("num_matvecs", num_matvecs), ("k", k)):
@@ -569,7 +586,9 @@ def lanczos_extremes(
                 a = tree_dot(q, w)
                 return a, settle(_lincomb(1, w, -a, q, -beta_prev, q_prev))
 
-        t, qmat, active = lanczos(product, to_iter(v0), num_matvecs, fresh, residual, domain is not None, reortho)
+        if restricted is None:
+            restricted = domain is not None
+        t, qmat, active = lanczos(product, to_iter(v0), num_matvecs, fresh, residual, restricted, reortho)
         vals, s = jnp.linalg.eigh(t)
         # Ritz pairs of the Krylov space built before a breakdown: eigenvectors of T supported on its leading
         # block (the padding block adds copies of alpha_0, never more extreme, but they tie in degenerate cases)
@@ -661,6 +680,13 @@ def hessian_extremes(
     """Extreme eigenpairs of ``P H P`` at ``params`` restricted to the range of ``P`` (:func:`lanczos_extremes`
     with ``method``, started from a projected Gaussian vector; for ``k > 1`` restarted from another after a
     breakdown, so that repeated eigenvalues keep their multiplicity once the Krylov space is exhausted)."""
+    return _hessian_extremes(loss_fn, params, project, key=key, num_matvecs=num_matvecs, k=k, method=method)
+
+
+def _hessian_extremes(loss_fn: Callable, params, project: Callable | None = None, *, key, num_matvecs: int = 20,
+                      k: int = 1, method: str = "loop", restricted=None) -> Extremes:
+    """:func:`hessian_extremes`, with the kind of breakdown threshold given (``restricted``, possibly a traced
+    boolean: :func:`_lanczos_extremes`); ``None``: restricted exactly when ``project`` is given."""
     check_hessian_args("hessian_extremes", loss_fn, project=project)
     _check_key("hessian_extremes", key)
     # a Python number among the parameters (which jax.grad takes) failed in the start vector's draw with
@@ -684,8 +710,9 @@ def hessian_extremes(
     # H q_j - alpha_j q_j - beta_{j-1} q_{j-1} (project_residuals), which also removes the rounding of q_j, q_{j-1}
     # off the horizontal space that the recurrence would otherwise amplify step after step.
     _, lin = jax.linearize(jax.grad(loss_fn), params)
-    return lanczos_extremes(lin, v0, num_matvecs=num_matvecs, k=k, method=method, restart=restart, domain=project,
-                            project_residuals=True)
+    return _lanczos_extremes(lin, v0, num_matvecs=num_matvecs, k=k, method=method, restart=restart, domain=project,
+                             project_residuals=True, reortho="full",
+                             restricted=True if restricted is None else restricted)
 
 
 def frozen_horizontal(group, params, *, max_elements: int = 2**24, max_build_flops: float = 2.0**30) -> Callable:

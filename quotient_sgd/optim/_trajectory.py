@@ -14,6 +14,7 @@ from .. import observables as obs
 from .._reduce import sum_all
 from .._tree import float_dtype, widen
 from ..observables._charges import masked_leaves
+from ..observables._hessian import _hessian_extremes
 from ..observables._util import charge_linear, charges_dict, check_like, tree_dot, tree_sqnorm
 from ._gauge import GaugeFixState, HorizontalState, _like
 from ._spec import SGDSpec, accepted_extra_args, check_period, check_wrapped
@@ -688,7 +689,10 @@ def quotient_trajectory(
             def project(v):  # a real branch: the raw point skips the projection's solves
                 return jax.lax.cond(proj, horizontal, lambda u: u, v)
 
-            return obs.hessian_extremes(loss_fn, point, project, key=k, **kw)
+            # the raw point keeps the whole space's breakdown threshold (with the projected points' one, a bulk of
+            # eigenvalues below 1e-10 of the top in float64 was taken for a breakdown: bottom eigenvalues 10 times
+            # those of the raw Hessian alone, whenever another point was evaluated beside it)
+            return _hessian_extremes(loss_fn, point, project, key=k, restricted=proj, **kw)
 
         # small models: the points' Lanczos runs side by side (vmapped), a third fewer kernel launches per product,
         # which is what a small model's product costs on CPU (measured on the quickstart's 64-32-10 MLP: 3.0 ms ->

@@ -20,3 +20,13 @@ def test_classification_num_classes_beyond_int32_is_refused_not_wrapped():
     assert np.asarray(d.y_train).tolist() == [top - 1, 0]
     r = make_dataset(x, np.zeros((2, 3)), x[:1], np.zeros((1, 3)), task="regression", num_classes=3, name="t")
     assert r.num_classes == 3
+
+
+@pytest.mark.parametrize("arg", ["x_train", "y_train", "x_test"])
+def test_ragged_nested_lists_are_refused_naming_the_argument(arg):
+    """Nested lists of unequal lengths failed in NumPy's bare "setting an array element with a sequence ...
+    inhomogeneous shape", naming no argument; now the message names it and what is allowed."""
+    kw = dict(x_train=np.zeros((2, 2)), y_train=np.array([0, 1]), x_test=np.zeros((1, 2)), y_test=np.array([1]))
+    kw[arg] = [[0.0, 1.0], [2.0]] if arg.startswith("x") else [0, [1]]
+    with pytest.raises(ValueError, match=rf"make_dataset: {arg} is not allowed: it is no array of one shape"):
+        make_dataset(**kw, task="classification", num_classes=2, name="t")

@@ -74,7 +74,7 @@ def make_dataset(x_train, y_train, x_test, y_test, *, task: str, num_classes: in
                     "an integer in [1, 2^31 - 1] for classification (the class indices are stored int32)")
 
     def _x(arg, a):
-        a = _host(a)
+        a = _host(a, arg)
         if a.dtype.kind not in "biuf" or a.ndim < 1:
             raise ValueError(f"make_dataset: {arg} must be a real or boolean array with a leading example axis, got "
                              f"dtype {a.dtype} and shape {a.shape}")
@@ -87,7 +87,7 @@ def make_dataset(x_train, y_train, x_test, y_test, *, task: str, num_classes: in
         return jnp.asarray(a, jnp.float32)
 
     def _y(arg, a, n):
-        a = _host(a)
+        a = _host(a, arg)
         if task == "classification":
             ok = a.dtype.kind in "iuf" and a.shape == (n,)
             if ok and a.size:
@@ -115,11 +115,16 @@ def make_dataset(x_train, y_train, x_test, y_test, *, task: str, num_classes: in
     return Dataset(xtr, ytr, xte, yte, task, num_classes, name)
 
 
-def _host(a) -> np.ndarray:
+def _host(a, arg: str) -> np.ndarray:
     """``a`` as a NumPy array, JAX's extra real dtypes (``ml_dtypes``: ``bfloat16``, ``float8_*``, ``int4`` ...,
     whose NumPy ``kind`` is ``"V"``) read exactly as ``float32`` / ``int32``: a bfloat16 input or target was refused
-    as ``x_train must be a real or boolean array ..., got dtype bfloat16``."""
-    a = np.asarray(a)
+    as ``x_train must be a real or boolean array ..., got dtype bfloat16``.  Nested lists of unequal lengths are
+    refused naming ``arg`` (NumPy's bare "setting an array element with a sequence ... inhomogeneous shape")."""
+    try:
+        a = np.asarray(a)
+    except ValueError as e:
+        raise ValueError(f"make_dataset: {arg} is not allowed: it is no array of one shape ({e}); need a real "
+                         f"array with a leading example axis, every example of the same shape") from None
     if a.dtype.kind == "V":
         if jnp.issubdtype(a.dtype, jnp.floating):
             return a.astype(np.float32)

@@ -132,10 +132,10 @@ class Product(Group):
       A cluster of one uses its closed form; a larger cluster (a chain of rescales) solves the joint normal
       equations ``J^T J c = J^T v`` (a dense solve up to ``dense_max`` generators, preconditioned CG above, on
       the squared weights for a rescale chain), because the tangents of overlapping components are not
-      orthogonal.  A chain of rescales (with a logit translation; per-channel scales, a BatchNorm CNN's, read as
-      rescales without outgoing members) up to ``dense_max`` units factorises its Gram matrix as a diagonally
-      dominant M-matrix, without cancellation (``_reduced.direct_vcoeffs``), so float32 stays accurate far from
-      balance;
+      orthogonal.  A chain of rescales (with a logit translation; scales, per channel as a BatchNorm CNN's or of a
+      whole block as a LayerNorm CNN's, read as rescales without outgoing members) up to ``dense_max`` units
+      factorises its Gram matrix as a diagonally dominant M-matrix, without cancellation
+      (``_reduced.direct_vcoeffs``), so float32 stays accurate far from balance;
     - ``canonicalize``: per cluster, continuous components first -- a single component by its closed form;
       with ``newton=True``, several abelian minimum-norm components (rescale chains, with the logit translation
       eliminated in closed form) jointly, by Newton's method on the orbit norm ``f(xi) = |exp(xi) . theta|^2`` in
@@ -351,7 +351,11 @@ class Product(Group):
                 # lost the direction the two leave on the norm's (scale, bias) alone: the rescale's share of the
                 # next kernel is the sum of that kernel's channel-scale tangents, so the direction is their
                 # difference, small against the kernel far from balance (float32, a (1, 2)-channel BatchNorm CNN
-                # at an element of scale 2: the projection 24% of |v| off, float64 6e-13)
+                # at an element of scale 2: the projection 24% of |v| off, float64 6e-13).  A scale of a whole block
+                # (a LayerNorm CNN's conv kernel and bias) is one such unit: chained with the rescale between the
+                # previous norm's (scale, bias) and that kernel's input channels, the eigendecomposition left the
+                # float32 projection 13% of |v| off at an element of scale 3 (a (3, 3)-channel CNN; 3 of 16 samples
+                # above 1e-3 on a (4, 8) one), the factorisation 6e-6 / 2e-5
                 wide = None if split is not None or not dense else _reduced.split_cluster(comps, flat, scales=True)
                 wide_signs = None if wide is None else _reduced.m_signs(wide[2], len(wide[0]))
                 if signs is not None:

@@ -37,18 +37,21 @@ Plan = tuple
 
 
 def _is_unit_scale(c) -> bool:
-    """A per-channel :class:`Scale`: for the tangent map, a rescale whose units have incoming members only."""
-    return type(c) is Scale and c.per_channel
+    """A :class:`Scale`: for the tangent map, a rescale whose units have incoming members only; a per-channel scale
+    has one unit per channel, a scale of a whole block (members with axis ``None``, the weights feeding a
+    LayerNorm) one unit whose factor multiplies every entry (in a plan, its members have axis ``None``: a unit
+    axis of length 1)."""
+    return type(c) is Scale
 
 
 def _sides(c):
-    """``(incoming, outgoing)`` members of a rescale, or of a per-channel scale read as one (no outgoing side)."""
+    """``(incoming, outgoing)`` members of a rescale, or of a scale read as one (no outgoing side)."""
     return (c.members, ()) if _is_unit_scale(c) else (c.incoming, c.outgoing)
 
 
 def unit_count(c, flat) -> int:
-    """The number of units (log-factors) of a rescale or a per-channel scale."""
-    return c._shape(flat)[0] if _is_unit_scale(c) else c._n(flat)
+    """The number of units (log-factors) of a rescale or a scale (1 for a scale of a whole block)."""
+    return int(np.prod(c._shape(flat), dtype=int)) if _is_unit_scale(c) else c._n(flat)
 
 
 def rescale_plan(comps, flat, *, scales: bool = False) -> Plan | None:
@@ -56,16 +59,16 @@ def rescale_plan(comps, flat, *, scales: bool = False) -> Plan | None:
     reduced form does not apply (another kind of component, or two actions on one axis of an array, or one
     component on two axes of one array), and the generic code runs instead.
 
-    ``scales``: per-channel :class:`Scale` components count as rescales with incoming members only (their orbit
-    tangents and Gram matrix have that form; their canonical points do not, so only the vertical projection may
-    read such a plan)."""
+    ``scales``: :class:`Scale` components count as rescales with incoming members only (their orbit tangents and
+    Gram matrix have that form; their canonical points do not, so only the vertical projection may read such a
+    plan); a scale of a whole block acts on its members along no axis (``None`` in the plan: one unit)."""
     if not comps or any(type(c) is not Rescale and not (scales and _is_unit_scale(c)) for c in comps):
         return None
     members: dict = {}
     for ci, c in enumerate(comps):
         for sign, group in zip((1, -1), _sides(c)):
             for p, a in group:
-                members.setdefault(p, []).append((ci, a % flat[p].ndim, sign))
+                members.setdefault(p, []).append((ci, None if a is None else a % flat[p].ndim, sign))
     for ms in members.values():
         if len({a for _, a, _ in ms}) != len(ms) or len({ci for ci, _, _ in ms}) != len(ms):
             return None
@@ -74,13 +77,18 @@ def rescale_plan(comps, flat, *, scales: bool = False) -> Plan | None:
 
 def squared_stats(plan: Plan, flat) -> tuple[jax.Array, ...]:
     """Per array of the plan, ``W**2`` summed over the axes no component acts on, its remaining axes in the
-    order of the plan's members."""
+    order of the plan's members (an axis of length 1 for a member acting along no axis: a scale of a whole
+    block)."""
     out = []
     for p, ms in plan:
         x = flat[p]
         letters = string.ascii_letters[: x.ndim]
-        keep = "".join(letters[a] for _, a, _ in ms)
-        out.append(jnp.einsum(f"{letters}->{keep}", jnp.square(x)))
+        keep = "".join(letters[a] for _, a, _ in ms if a is not None)
+        S = jnp.einsum(f"{letters}->{keep}", jnp.square(x))
+        for k, (_, a, _) in enumerate(ms):
+            if a is None:
+                S = jnp.expand_dims(S, k)
+        out.append(S)
     return tuple(out)
 
 
@@ -421,12 +429,14 @@ def direct_vcoeffs(comps, flat, v, split, signs, *, refine: int = REFINE_STEPS):
     paths = list(dict.fromkeys(p for c in rcomps for p in c.paths()))
     offs = _offsets(sizes)
 
+    shapes = [jnp.shape(c._algebra_zeros(fc)) for c in rcomps]  # (a scale of a whole block: one factor, ())
+
     def unvec(x):
-        return tuple(x[offs[i]:offs[i + 1]] for i in range(len(rcomps)))
+        return tuple(jnp.reshape(x[offs[i]:offs[i + 1]], shapes[i]) for i in range(len(rcomps)))
 
     def solve(r):
         full = {p: r.get(p, jnp.zeros_like(fc[p])).astype(dtype) for p in paths}
-        return msolve(jnp.concatenate([c._tmap_T(fc, full) for c in rcomps]))
+        return msolve(jnp.concatenate([jnp.reshape(c._tmap_T(fc, full), (-1,)) for c in rcomps]))
 
     def residual(x):
         Jx = _sum_tmaps(rcomps, fc, unvec(x))

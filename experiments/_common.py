@@ -494,7 +494,11 @@ def record(loss_fn: Callable, params, tx, group, batch, num_steps: int, *, lr=No
         if observables == "curvature":
             if opt_state is None:
                 zeros = jax.tree.map(jnp.zeros_like, params)
-                opt_state, ccarry = tx.init(params), (zeros, zeros, jnp.zeros((), jnp.float32))
+                # the step length h in the parameters' precision, as the loop computes it (a float32 zero was a
+                # scan carry of another type than the float64 h of float64 parameters: under JAX_ENABLE_X64 the
+                # full-batch experiments failed in a bare "carry input and carry output must have equal types")
+                h0 = jnp.zeros((), jnp.result_type(*jax.tree.leaves(params)))
+                opt_state, ccarry = tx.init(params), (zeros, zeros, h0)
             params, opt_state, ccarry, traj = _curvature_chunk(params, opt_state, ccarry, batch, loss_fn=loss_fn,
                                                                tx=tx, num_steps=n)
         else:

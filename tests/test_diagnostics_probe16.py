@@ -81,3 +81,35 @@ def test_normalised_cnn_running_rms_of_a_run_shorter_than_its_window():
     ang = pred * (1 + 0.3 * rng.standard_normal(120))
     brute = np.sqrt([np.mean(ang[i:i + 50] ** 2) for i in range(120 - 49)])
     assert np.allclose(E.running_rms(ang), brute, rtol=1e-12, atol=0)
+
+
+def _quadratic_loss(params, batch):
+    return 0.5 * (batch[0] * params["w"][0] ** 2 + batch[1] * params["w"][1] ** 2)
+
+
+def test_full_batch_recorder_runs_on_float64_parameters_and_measures_the_exact_curvature(x64):
+    """The plain full-batch loop of experiments 1 and 2 (``record(..., observables="curvature")``) carried the step
+    length of the last step as a float32 zero: on float64 parameters (``JAX_ENABLE_X64=1``) its scan failed in a
+    bare "carry input and carry output must have equal types".  It now carries it in the parameters' precision;
+    on a quadratic the directional curvature along each step and the fold number of row ``k`` (step ``k - 1``'s)
+    are the closed forms ``Delta^T H Delta / |Delta|^2`` and ``lr max(0, kappa)``, across chunk boundaries."""
+    import jax.numpy as jnp
+    import optax
+
+    import _common as C
+
+    h = np.array([2.0, 5.0])
+    w0 = np.array([1.0, -0.5])
+    lr = 0.3
+    params = {"w": jnp.asarray(w0, jnp.float64)}
+    _, traj, _ = C.record(_quadratic_loss, params, optax.sgd(lr), None, jnp.asarray(h), 5, hessian_every=2,
+                          observables="curvature", decomposition=False)
+    assert traj["curvature"].dtype == np.float64
+    w, kappa = w0.copy(), [0.0]
+    for _ in range(4):  # row k + 1 holds step k's curvature
+        step = -lr * h * w
+        kappa.append(float(step @ (h * step) / (step @ step)))
+        w = w + step
+    np.testing.assert_allclose(traj["curvature"], kappa, rtol=1e-13, atol=0)
+    np.testing.assert_allclose(traj["fold_number"], lr * np.maximum(kappa, 0.0), rtol=1e-13, atol=0)
+    np.testing.assert_array_equal(traj["shock_number"], np.zeros(5))

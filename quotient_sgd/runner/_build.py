@@ -314,14 +314,15 @@ def init_params(b: Built, seed, init_gauge):
     return init_model(b, seed, init_gauge)[0]
 
 
-def _check_seed(seed, where: str) -> None:
-    """``ValueError`` naming ``where``'s ``seed`` unless it is an integer in ``[-2^31, 2^31 - 1]`` (a Python or
-    NumPy integer, or a 0-d integer array; a traced value is not checked): the seeds of the programs are int32, and
-    ``jax.random.key`` without x64 keeps the low 32 bits of a larger one, so ``seed = 2^32`` gave the
-    parameters of seed 0, silently (a float seed failed in JAX's "PRNG key seed must be an integer; got
-    JitTracer")."""
+def _int32_seed(seed, where: str):
+    """``seed`` as the int32 the runner's programs take (a traced value as it is), or a ``ValueError`` naming
+    ``where``'s ``seed`` unless it is an integer in ``[-2^31, 2^31 - 1]`` (a Python or NumPy integer, or a 0-d
+    integer array): without x64 ``jax.random.key`` keeps the low 32 bits of a larger one, so ``seed = 2^32`` gave
+    the parameters of seed 0, silently (a float seed failed in JAX's "PRNG key seed must be an integer; got
+    JitTracer"); with x64 a Python ``-1`` was an int64 key, other parameters than the run of ``seed = -1``
+    (whose programs take ``jnp.int32(seed)``) starts from."""
     if isinstance(seed, jax.core.Tracer):
-        return
+        return seed
     a = np.asarray(seed) if not isinstance(seed, int) else None
     ok = (not isinstance(seed, (bool, np.bool_)) and
           (isinstance(seed, int) or (a.ndim == 0 and a.dtype.kind in "iu")))
@@ -330,14 +331,14 @@ def _check_seed(seed, where: str) -> None:
     if not ok:
         raise ValueError(f"{where}: seed={seed!r} is not allowed; need an integer in [-2^31, 2^31 - 1] (the seeds "
                          f"of the compiled programs are int32, as config.seed)")
+    return np.int32(int(seed))
 
 
 def init_model(b: Built, seed, init_gauge):
     """``(params, model_state)`` for ``seed``: :func:`init_params` and the model's initial non-parameter state
     (``None`` for a model without one), both moved by :func:`regauge` when ``init_gauge > 0`` (``None``: the
     re-gauging is left out of the traced program)."""
-    _check_seed(seed, "init_params")
-    key = jax.random.key(seed)
+    key = jax.random.key(_int32_seed(seed, "init_params"))
     model = make_model(b.settings, nnx.Rngs(params=jax.random.fold_in(key, 0)))
     _, params, rest = nnx.split(model, nnx.Param, ...)
     model_state = rest if b.stateful else None

@@ -4,7 +4,7 @@ import sys
 
 import numpy as np
 
-from helpers import EXPERIMENTS, experiment_script
+from helpers import EXPERIMENTS, experiment_script, never_run
 
 sys.path.insert(0, EXPERIMENTS)
 
@@ -113,3 +113,32 @@ def test_full_batch_recorder_runs_on_float64_parameters_and_measures_the_exact_c
     np.testing.assert_allclose(traj["curvature"], kappa, rtol=1e-13, atol=0)
     np.testing.assert_allclose(traj["fold_number"], lr * np.maximum(kappa, 0.0), rtol=1e-13, atol=0)
     np.testing.assert_array_equal(traj["shock_number"], np.zeros(5))
+
+
+def _cubic_loss(params, batch):
+    a = params["w"][0]
+    return -(a**3) + batch * a**2
+
+
+def test_hj_slices_shock_time_of_a_slice_whose_sharpest_concavity_is_at_its_end(x64, monkeypatch):
+    """Experiment 5's inviscid slice shock time ``t* slice`` read the slope of the sampled loss from
+    ``np.gradient``, whose end values are first-order (off by ``L'' dx / 2``), through ``shock_time``'s one-sided end
+    stencils: on ``L = -a^3 + 0.75 a^2`` (``L'' = 1.5 - 6 a``, most concave at the slice's right end) with 41
+    points it gave 0.789 for ``1 / 1.5 = 0.667`` on ``[-0.5, 0.5]``, and 11.4 on ``[-0.1, 0.1]``, where ``L'' > 0``
+    and no shock forms (``inf``).  The slope is now the loss's derivative along the slice by autodiff."""
+    import types
+
+    import jax.numpy as jnp
+
+    E = experiment_script("hj_slices")
+    monkeypatch.setattr(E.hj, "slice_flow", never_run)  # (the flow's row entries are not checked here)
+    cfg = types.SimpleNamespace(n=41, flow_time_factor=2.0, nu_rel=1e-2, max_steps=100)
+    pc = {"w": jnp.zeros(2, jnp.float32)}
+    d = {"w": jnp.asarray([1.0, 0.0], jnp.float32)}
+    for extent, want in ((0.5, 1 / 1.5), (0.1, np.inf)):
+        row = E._one_slice(cfg, _cubic_loss, jnp.asarray(0.75, jnp.float32), pc, d, extent, 0, -1.0, 1.0, 0.1, [])
+        assert row["shocks at t"].startswith("flow failed"), row
+        if np.isfinite(want):
+            assert abs(row["t* slice"] / want - 1) < 1e-10, (extent, row)
+        else:
+            assert row["t* slice"] > 1e12, (extent, row)  # L'' >= 0: at most rounding of L'' = 0 at the end

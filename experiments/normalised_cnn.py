@@ -121,8 +121,18 @@ def figure(cfg, out, path):
     C.save_figure(fig, path)
 
 
+def check_config(cfg) -> None:
+    """``SystemExit`` naming ``weight_decay`` when it is 0: the experiment compares the angular update with its
+    equilibrium ``sqrt(2 lr weight_decay)``, which is 0 without decay (the run trained, then its table failed in a
+    bare ``ZeroDivisionError``; the rules of ``_common`` allow 0 for the other experiments' ``weight_decay``)."""
+    if not cfg.weight_decay > 0:
+        raise SystemExit(f"normalised_cnn: weight_decay={cfg.weight_decay!r}: allowed a finite number > 0 (the "
+                         "equilibrium angular update sqrt(2 lr weight_decay) it is compared with needs decay)")
+
+
 def main(argv=None):
     cfg = C.load_config("normalised_cnn", argv, results=True)
+    check_config(cfg)  # before anything is computed
     out = run(cfg)
     rows = summarise(cfg, out)
     d = C.save("normalised_cnn", out["traj"], out["events"], rows,

@@ -142,3 +142,19 @@ def test_hj_slices_shock_time_of_a_slice_whose_sharpest_concavity_is_at_its_end(
             assert abs(row["t* slice"] / want - 1) < 1e-10, (extent, row)
         else:
             assert row["t* slice"] > 1e12, (extent, row)  # L'' >= 0: at most rounding of L'' = 0 at the end
+
+
+def test_normalised_cnn_refuses_a_weight_decay_of_zero_before_computing(tmp_path, monkeypatch):
+    """Experiment 4 with ``weight_decay=0`` (allowed by the rules shared with the other experiments) trained the CNN
+    and then failed in a bare ``ZeroDivisionError`` in its table: the equilibrium ``sqrt(2 lr weight_decay)`` it
+    compares with is 0.  It is now refused before anything is computed, naming the key; a positive decay runs."""
+    import pytest
+
+    E = experiment_script("normalised_cnn")
+    monkeypatch.setenv("QSGD_EXPERIMENT_OUT", str(tmp_path))
+    monkeypatch.setattr(E, "run", never_run)
+    with pytest.raises(SystemExit) as err:
+        E.main(["weight_decay=0"])
+    assert "weight_decay=0.0" in str(err.value.code) and "> 0" in str(err.value.code)
+    with pytest.raises(AssertionError, match="computed"):  # a positive decay reaches the computation
+        E.main(["weight_decay=0.001", "overwrite=true"])

@@ -59,10 +59,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ._kinds import REDUCED_DYNAMICS, observable
 from .._tree import float_dtype
-from ._util import charge_linear, charges_dict, check_hyper
+from ._util import charge_linear, charges_dict, check_hyper, check_like
 
 
 def _polar(q_x, q_y, q_xy):
@@ -99,20 +100,42 @@ def predict_charge_drift(
             Without it, it is recovered from the update as ``(d - g - coupled_weight_decay theta) / momentum``, which
             assumes the momentum accumulated ``grads`` themselves (not, e.g., clipped gradients).
         decay_mask: ``None`` (both decays act on every parameter), or a pytree of booleans with the structure of
-            ``params`` (or a prefix of it), ``True`` where the decays act (optax's ``mask``): the masked recursion
-            of the module docstring.
+            ``params`` (or a prefix of it), ``True`` where the decays act (optax's ``mask``), or a function
+            ``params -> such a pytree`` (as :class:`~quotient_sgd.optim.SGDSpec` and optax take it): the masked
+            recursion of the module docstring.
 
     Returns:
         ``(predicted drift {component: array}, next cross {component: array})``.
 
     Raises:
         TypeError / ValueError: a hyperparameter that is not one real number, or (when concrete) negative or not
-            finite.
+            finite; ``nesterov`` not a bool; ``grads``, ``updates`` or ``velocity`` not like ``params``;
+            ``charges_now`` or ``cross`` not one entry per charge; ``decay_mask`` not booleans.
     """
+    # (nesterov="no", truthy, ran the Nesterov recursion; a mask of numbers decayed every leaf whose entry was not 0;
+    # grads missing leaves was accepted; updates, velocity, charges_now or a function mask of another kind failed
+    # with a bare pytree structure error, KeyError or "not a valid JAX array type", naming none of them)
+    if not isinstance(nesterov, (bool, np.bool_)):
+        raise TypeError(f"predict_charge_drift: nesterov must be True or False (it selects the recursion), got "
+                        f"{nesterov!r}")
+    check_like("predict_charge_drift", "params", params, grads=grads, updates=updates,
+               **({} if velocity is None else {"velocity": velocity}))
+    if decay_mask is not None and callable(decay_mask):
+        decay_mask = decay_mask(params)
+    if decay_mask is not None:
+        leaves = jax.tree.leaves(decay_mask)
+        if not leaves or any(not (isinstance(x, (bool, np.bool_)) or getattr(x, "dtype", None) == jnp.bool_)
+                             for x in leaves):
+            raise TypeError(f"predict_charge_drift: decay_mask must be None, a pytree of booleans (True where the "
+                            f"decays act) with the structure of params or a prefix of it, or a function params -> "
+                            f"such a pytree, got {decay_mask!r}")
     for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay),
                         ("coupled_weight_decay", coupled_weight_decay)):
         check_hyper("predict_charge_drift", name, value)
     want = jax.tree.structure(jax.eval_shape(lambda p: charges_dict(group, p), params))
+    if charges_now is not None and jax.tree.structure(charges_now) != want:
+        raise ValueError(f"predict_charge_drift: charges_now must be charges(group, params) (one entry per charge), "
+                         f"or None:\n  expected {want}\n  got      {jax.tree.structure(charges_now)}")
     if jax.tree.structure(cross) != want:
         # a cross term of other components (or {} for "none yet") failed with a bare KeyError of a component's name
         raise ValueError(f"predict_charge_drift: cross must hold one c_k per charge, like charges(group, params) "

@@ -56,3 +56,17 @@ def test_predict_charge_drift_names_arguments_of_the_wrong_kind():
             qobs.predict_charge_drift(group, params, args["grads"], args["updates"], cross, lr=0.1, **extra)
     with pytest.raises(ValueError, match="charges_now"):
         qobs.predict_charge_drift(group, params, grads, grads, cross, lr=0.1, charges_now={"r0": jnp.zeros(5)})
+
+
+def test_hessian_k_and_projection_budget_of_the_wrong_kind_are_named():
+    """sharpness_*(k="2") failed with a bare "'>' not supported between 'str' and 'int'" (the restart's k > 1, before
+    lanczos_extremes' own check), frozen_horizontal(max_elements="x") likewise in its budget comparison."""
+    group, params, _, _ = _setup()
+    with pytest.raises(TypeError, match="k must be an integer, got '2'"):
+        qobs.sharpness_raw(lambda p: jnp.sum(p["l0"]["kernel"] ** 2), params,
+                           key=jax.random.key(0), k="2")
+    for bad in ("x", -1):
+        with pytest.raises(ValueError, match="frozen_horizontal: max_elements"):
+            qobs.frozen_horizontal(group, params, max_elements=bad)
+    with pytest.raises(ValueError, match="frozen_horizontal: max_build_flops"):
+        qobs.frozen_horizontal(group, params, max_build_flops=None)

@@ -498,14 +498,7 @@ def _lanczos_extremes(matvec: Callable, v0, *, num_matvecs: int, k: int, method:
     1e-9 came out as 1.05e-8 beside a top of 1e3, where the raw Hessian alone resolves it)."""
     if not callable(matvec):  # (it failed inside the iteration with a bare "'int' object is not callable")
         raise TypeError(f"lanczos_extremes: matvec must be a function v -> A v, got {matvec!r}")
-    for name, value in (("num_matvecs", num_matvecs), ("k", k)):
-        # a float or a bool passed the range check below and failed inside the iteration ("Shapes must be 1D
-        # sequences of concrete values of integer type", "'float' object cannot be interpreted as an integer",
-        # "iota does not accept dtype bool"), naming neither
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"lanczos_extremes: {name} must be an integer, got {value!r}")
-    if not 1 <= k <= num_matvecs:
-        raise ValueError(f"lanczos_extremes: need 1 <= k <= num_matvecs, got k={k}, num_matvecs={num_matvecs}")
+    _check_counts(num_matvecs, k)
     leaves = jax.tree.leaves(v0)
     if not leaves:
         raise ValueError("lanczos_extremes: v0 has no arrays; pass a nonzero starting vector like the operator's "
@@ -618,13 +611,28 @@ def _lanczos_extremes(matvec: Callable, v0, *, num_matvecs: int, k: int, method:
     return Extremes(top, bottom, top_vectors, bottom_vectors)
 
 
+def _check_counts(num_matvecs, k) -> None:
+    """``TypeError`` / ``ValueError`` naming ``num_matvecs`` or ``k`` unless both are integers with ``1 <= k <=
+    num_matvecs`` (checked before anything is computed: the Hessian observables drew their start vector first)."""
+    for name, value in (("num_matvecs", num_matvecs), ("k", k)):
+        # a float or a bool passed the range check below and failed inside the iteration ("Shapes must be 1D
+        # sequences of concrete values of integer type", "'float' object cannot be interpreted as an integer",
+        # "iota does not accept dtype bool"), naming neither
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"lanczos_extremes: {name} must be an integer, got {value!r}")
+    if not 1 <= k <= num_matvecs:
+        raise ValueError(f"lanczos_extremes: need 1 <= k <= num_matvecs, got k={k}, num_matvecs={num_matvecs}")
+
+
 def _restart_for(k: int, fresh: Callable):
     """The ``restart`` of a Lanczos run from a Gaussian start: ``fresh`` for ``k > 1``, none for ``k = 1``.  The
     extreme eigenvalues themselves lie in the Krylov space of any start with a component along their eigenspaces
     (a Gaussian start, with probability 1); a restart only adds multiplicities, which top-1 / bottom-1 do not
     read, and its branch (a projection, for ``P H P``) costs compile time: the quickstart run's training program
     compiled in 8.8 s with it against 7.8 s without, on one core."""
-    return fresh if k > 1 else False
+    # (a k that is not an integer is refused by lanczos_extremes, naming it; compared here first, a string or None
+    # failed with a bare "'>' not supported between instances of 'str' and 'int'")
+    return fresh if isinstance(k, numbers.Integral) and not isinstance(k, bool) and k > 1 else False
 
 
 def _is_group(x) -> bool:
@@ -689,6 +697,7 @@ def _hessian_extremes(loss_fn: Callable, params, project: Callable | None = None
     boolean: :func:`_lanczos_extremes`); ``None``: restricted exactly when ``project`` is given."""
     check_hessian_args("hessian_extremes", loss_fn, project=project)
     _check_key("hessian_extremes", key)
+    _check_counts(num_matvecs, k)
     # a Python number among the parameters (which jax.grad takes) failed in the start vector's draw with
     # "'float' object has no attribute 'dtype'"
     params = jax.tree.map(jnp.asarray, params)
@@ -751,6 +760,11 @@ def frozen_horizontal(group, params, *, max_elements: int = 2**24, max_build_flo
     if not _is_group(group):  # (a bare "'function' object has no attribute 'tangents'")
         raise TypeError(f"frozen_horizontal(group, params): group must be a symmetry group (model.symmetries()), got "
                         f"{type(group).__name__}")
+    for name, value in (("max_elements", max_elements), ("max_build_flops", max_build_flops)):
+        # (a string failed in the budget comparison with a bare "'>' not supported between 'int' and 'str'")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
+            raise ValueError(f"frozen_horizontal: {name} must be a number >= 0 (the budget above which "
+                             f"group.horizontal is applied afresh instead), got {value!r}")
     flat0, unravel = ravel_pytree(params)
     shapes = jax.eval_shape(group.tangents, params)
     leaves = jax.tree.leaves(shapes)
@@ -887,6 +901,7 @@ def sharpness_preconditioned(loss_fn, params, preconditioner, *, key, num_matvec
     """
     check_hessian_args("sharpness_preconditioned", loss_fn)
     _check_key("sharpness_preconditioned", key)
+    _check_counts(num_matvecs, k)
     params = jax.tree.map(jnp.asarray, params)  # (Python numbers: as in hessian_extremes)
     check_like("sharpness_preconditioned", "params", params, preconditioner=preconditioner)
     s = jax.tree.map(lambda p, x: jax.lax.rsqrt(jnp.asarray(p, x.dtype)), preconditioner, params)

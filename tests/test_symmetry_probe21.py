@@ -40,3 +40,31 @@ def test_layernorm_cnn_float32_projection_far_from_balance(x64):
     exact = J @ coef
     got = _vec(G.vertical(q32, v32))
     assert np.linalg.norm(got - exact) <= 1e-4 * np.linalg.norm(v), np.linalg.norm(got - exact) / np.linalg.norm(v)
+
+
+def test_permutation_refuses_an_array_axis_listed_twice(x64):
+    """A permutation listing the same axis of an array twice (a tied weight listed once per role, or axis 1 and -1 of
+    a matrix) reordered it twice: the action of sigma was sigma o sigma, the group law failed (2.45 on a 5 x 3
+    matrix) and a transposition moved nothing.  Refused naming the member; a recurrent matrix (two different axes)
+    is still a member along both, and its action obeys the group law."""
+    import pytest
+
+    from quotient_sgd.symmetry import Permutation, SymmetryError
+
+    rng = np.random.default_rng(0)
+    p = {"W": jnp.asarray(rng.standard_normal((5, 5))), "U": jnp.asarray(rng.standard_normal((3, 5)))}
+    twice = (((("W",), 0), (("W",), 0)), ((("U",), 1), (("W",), 1), (("U",), -1)), ((("W",), 0), (("W",), -2)))
+    for members in twice:
+        dup = Permutation(members, name="dup")
+        with pytest.raises(SymmetryError, match=r"dup.*listed twice"):
+            dup.sample(jax.random.key(0), p)
+        with pytest.raises(SymmetryError, match=r"dup.*listed twice"):
+            dup.act(jnp.arange(5, dtype=jnp.int32), p)
+    rec = Permutation(((("W",), 0), (("W",), 1), (("U",), 1)), name="recurrent")
+    g, h = rec.sample(jax.random.key(1), p), rec.sample(jax.random.key(2), p)
+    lhs, rhs = rec.act(g, rec.act(h, p)), rec.act(rec.compose(g, h), p)
+    for k in p:  # exactly: entries move without arithmetic
+        np.testing.assert_array_equal(lhs[k], rhs[k])
+        np.testing.assert_array_equal(rec.act(rec.inverse(g), rec.act(g, p))[k], p[k])
+    # sigma . W reorders rows and columns: entry (i, j) of the moved matrix is W[g[i], g[j]]
+    np.testing.assert_array_equal(rec.act(g, p)["W"], np.asarray(p["W"])[np.ix_(np.asarray(g), np.asarray(g))])

@@ -105,6 +105,20 @@ class Permutation(Group):
     def _check(self, flat):
         super()._check(flat)
         self._check_axes(flat, self.members)
+        # The same axis of an array listed twice (e.g. a tied weight listed once per role, or axis 1 and -1 of a
+        # matrix) was reordered twice by act: the action of sigma was that of sigma o sigma, which is not a group
+        # action (act(g, act(h, .)) != act(compose(g, h), .)), and a transposition moved nothing.  A recurrent
+        # matrix is listed on two different axes, which stays allowed.
+        seen: dict = {}
+        for p, a in self.members:
+            axis = a % flat[p].ndim
+            if (p, axis) in seen:
+                raise SymmetryError(
+                    f"Permutation {self.name!r}: member {p!r} is listed twice on axis {axis} (as axis {seen[p, axis]} "
+                    f"and axis {a}); each array axis indexed by the units must be listed once (listed twice it would "
+                    f"be reordered twice, by the square of the element); an array indexed by the units along two "
+                    f"axes (a recurrent matrix) is listed once per axis")
+            seen[p, axis] = a
         if len({flat[p].shape[a] for p, a in self.members}) != 1:
             raise SymmetryError(f"Permutation {self.name!r}: members disagree on the number of units")
 

@@ -68,3 +68,18 @@ def test_permutation_refuses_an_array_axis_listed_twice(x64):
         np.testing.assert_array_equal(rec.act(rec.inverse(g), rec.act(g, p))[k], p[k])
     # sigma . W reorders rows and columns: entry (i, j) of the moved matrix is W[g[i], g[j]]
     np.testing.assert_array_equal(rec.act(g, p)["W"], np.asarray(p["W"])[np.ix_(np.asarray(g), np.asarray(g))])
+
+
+def test_gl_refuses_a_parameter_named_on_both_sides():
+    """A GL whose two factors name one parameter (left = right = (W, None)) acted as W -> W A^-T alone (act wrote the
+    array twice, the second write discarding the first), not as the declared pair of actions: refused naming the
+    path; distinct factors are accepted."""
+    import pytest
+
+    from quotient_sgd.symmetry import GL, SymmetryError
+
+    for left, right, kind in (((("W",), None), (("W",), None), "qk"), ((("W",), ("b",)), (("V",), ("b",)), "qk"),
+                              ((("W",), None), (("V",), ("V",)), "qk"), ((("W",), ("W",)), (("V",), None), "vo")):
+        with pytest.raises(SymmetryError, match=r"'g'.*named more than once"):
+            GL(left, right, kind=kind, name="g")
+    GL((("W",), ("b",)), (("V",), ("c",)), kind="qk", name="g")

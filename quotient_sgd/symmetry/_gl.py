@@ -185,6 +185,13 @@ class GL(Group):
                                 f"left={left!r}, right={right!r}") from None
         if kind == "vo" and self.right[1] is not None:
             raise SymmetryError(f"GL {name!r}: kind 'vo' does not act on the right bias; pass (W_path, None)")
+        # a path on both sides (or twice on one) was written twice by act, the second write discarding the first:
+        # W -> W A^-T alone for left = right = (W, None), not the declared action
+        named = [p for p in self.left + self.right if p is not None]
+        shared = sorted({p for p in named if named.count(p) > 1}, key=str)
+        if shared:
+            raise SymmetryError(f"GL {name!r}: parameter path {shared[0]!r} is named more than once in left={left!r}, "
+                                f"right={right!r}; the two factors (and their biases) must be different parameters")
 
     def paths(self):
         return tuple(p for p in self.left + self.right if p is not None)

@@ -8,6 +8,8 @@ that a bool assigned to a numeric key is refused.
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import threading
 from typing import Any, Iterator
 
@@ -46,6 +48,30 @@ def array_value(value: Any) -> Any:
     return value
 
 
+def int_text(value: int) -> str:
+    """``repr(value)`` of an integer, or ``"an integer of about N digits"`` for one too long for Python to print
+    (more than ``sys.get_int_max_str_digits()`` digits, 4300 by default: its ``repr`` raises ``ValueError``)."""
+    try:
+        return repr(value)
+    except ValueError:
+        return f"an integer of about {int(abs(value).bit_length() * math.log10(2)) + 1} digits"
+
+
+def float_overflow(value: Any) -> str | None:
+    """Why the number ``value`` cannot be a float key's value when ``float(value)`` overflows (an integer beyond
+    about 1.8e308, e.g. ``10**400``: ``ml_collections`` and validation failed in a bare ``OverflowError: int too
+    large to convert to float``, naming no key), else ``None``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        return None
+    try:
+        float(value)
+    except OverflowError:
+        shown = int_text(value) if isinstance(value, numbers.Integral) else type(value).__name__
+        return (f"{shown[:40] + '...' if len(shown) > 40 else shown} is beyond the range of a float (|x| <= "
+                f"1.8e308; the programs compute in float32, |x| <= 3.4e38)")
+    return None
+
+
 def _plain_scalar(value: Any, field_type: Any) -> Any:
     """A NumPy scalar or 0-d array, NumPy's or JAX's (``np.int64(16)``, ``np.float32(0.1)``, ``jnp.float32(0.1)``,
     ``np.bool_(False)``) assigned to a key holding a Python ``int``, ``float`` or ``bool``, as the Python value it
@@ -79,6 +105,11 @@ class StrictConfigDict(ml_collections.ConfigDict):
                                                                           ml_collections.FieldReference):
             # (first: a JAX bool becomes a bool, refused below for a number key)
             value = _plain_scalar(value, type(self._fields[key]))
+        if isinstance(key, str) and key in self._fields and _numeric_kind(self._fields[key]) == "a float":
+            too_large = float_overflow(value)
+            if too_large is not None:
+                raise TypeError(f"Could not override field {key!r}: {too_large}; write a number within float32's "
+                                f"range")
         if isinstance(value, (bool, np.bool_)) and isinstance(key, str) and key in self._fields:
             kind = _numeric_kind(self._fields[key])
             if kind is not None:
@@ -120,6 +151,9 @@ def refuse_bool_numbers() -> Iterator[None]:
 
     def safe_cast(value, field_type, type_safe=False):
         value = _plain_scalar(value, field_type)
+        too_large = float_overflow(value) if field_type is float else None
+        if too_large is not None:  # (ml_collections names the key: "Could not override field 'lr' ...")
+            raise TypeError(f"{too_large}; write a number within float32's range")
         if isinstance(value, (bool, np.bool_)) and field_type in (float, int):
             kind = "a float" if field_type is float else "an int"
             raise TypeError(f"{value!r} is a bool, and the key holds {kind}; write a number (e.g. "

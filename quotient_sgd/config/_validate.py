@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ._configdict import array_value
+from ._configdict import array_value, float_overflow, int_text
 from ._settings import (
     CURVATURE_BATCHES,
     DATASETS,
@@ -76,7 +76,12 @@ def _typed(key: str, value: Any, default: Any) -> Any:
         raise _err(key, value, f"expected a bool (True/False), got {type(value).__name__}")
     if isinstance(default, int):
         if isinstance(value, numbers.Integral) and not _is_bool(value):
-            return int(value)
+            value = int(value)
+            if int_text(value).startswith("an integer"):  # (too long to print: every message naming it failed in
+                # a bare "ValueError: Exceeds the limit (4300 digits) for integer string conversion")
+                raise ConfigError(f"config.{key} = {int_text(value)}: need an int in the int32 range "
+                                  f"[{INT32_MIN}, {INT32_MAX}] (integer settings are int32 in the compiled programs)")
+            return value
         # (a float is refused even when it holds a whole number, as --config.seed=1.0 and a ConfigDict's int key
         # are: --config.sweep.seed="(1.0,)" was read as (1,))
         raise _err(key, value, f"expected an int, got {type(value).__name__}"
@@ -84,6 +89,9 @@ def _typed(key: str, value: Any, default: Any) -> Any:
                       and not _is_bool(value) and math.isfinite(value) and float(value).is_integer() else ""))
     if isinstance(default, float):
         if isinstance(value, numbers.Real) and not _is_bool(value):
+            too_large = float_overflow(value)  # (10**400: a bare "OverflowError: int too large to convert to float")
+            if too_large is not None:
+                raise ConfigError(f"config.{key}: {too_large}; use a number within float32's range")
             return float(value)
         raise _err(key, value, f"expected a float, got {type(value).__name__}")
     if isinstance(default, str):

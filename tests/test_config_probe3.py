@@ -1,0 +1,48 @@
+"""Config values beyond what Python can convert or print are refused naming the key."""
+
+import pytest
+
+from quotient_sgd.config import ConfigError, default_config, load_config, validate
+
+HUGE = 10**5000  # more digits than Python prints (sys.get_int_max_str_digits() is 4300 by default)
+
+
+@pytest.mark.parametrize("cfg, key", [
+    ({"steps": HUGE}, "config.steps"),
+    ({"seed": -HUGE}, "config.seed"),
+    ({"sweep": {"seed": (0, HUGE)}}, "config.sweep.seed[1]"),
+    ({"model": {"hidden": (HUGE,)}}, "config.model.hidden[0]"),
+    ({"data": {"name": "sparse_parity", "n_bits": HUGE}}, "config.data.n_bits"),
+])
+def test_unprintable_integer_is_refused_naming_the_key(cfg, key):
+    # (every message naming such a value failed in a bare "ValueError: Exceeds the limit (4300 digits) for
+    # integer string conversion")
+    with pytest.raises(ConfigError, match=r"int32 range") as e:
+        validate(cfg)
+    assert str(e.value).startswith(key + " = an integer of about 5001 digits")
+
+
+@pytest.mark.parametrize("cfg, key", [
+    ({"optim": {"lr": 10**400}}, "config.optim.lr"),
+    ({"sweep": {"lr": (0.1, 10**400)}}, r"config.sweep.lr\[1\]"),
+    ({"data": {"name": "teacher_student", "noise": HUGE}}, "config.data.noise"),
+])
+def test_integer_beyond_float_range_is_refused_naming_the_key(cfg, key):
+    # (a bare "OverflowError: int too large to convert to float")
+    with pytest.raises(ConfigError, match=key + r": .*beyond the range of a float"):
+        validate(cfg)
+
+
+def test_config_dict_refuses_integer_beyond_float_range(tmp_path):
+    c = default_config()
+    with pytest.raises(TypeError, match=r"'lr'.*beyond the range of a float"):
+        c.optim.lr = 10**400
+    c.optim.lr = 10**30  # (a float key still takes an integer within range, as a float)
+    assert c.optim.lr == 1e30 and isinstance(c.optim.lr, float)
+    # a config file built on ml_collections' own ConfigDict, loaded by load_config
+    path = tmp_path / "big.py"
+    path.write_text("import ml_collections\nfrom quotient_sgd.config import default_config\n\n\ndef get_config():\n"
+                    "    c = ml_collections.ConfigDict(default_config().to_dict())\n"
+                    "    c.optim.lr = 10**400\n    return c\n")
+    with pytest.raises(TypeError, match=r"'lr'.*beyond the range of a float"):
+        load_config(str(path))

@@ -273,6 +273,14 @@ class CNN(nnx.Module):
         for path, x in leaves.items():
             if len(path) == 3 and path[0] == "norms" and path[2] in ("mean", "var"):
                 flat.setdefault(int(path[1]), {})[path[2]] = x
+        missing = [("norms", l, k) for l in range(len(self.convs)) for k in ("mean", "var") if k not in flat.get(l, {})]
+        if missing:
+            # (the parameters, nnx.split(model, nnx.Param, ...)[1], passed for the state: returned unchanged, so the
+            # statistics of the moved parameters were silently those of the old ones)
+            raise ValueError(f"act_on_batch_stats: state has no running statistic at {missing[0]!r} (paths "
+                             f"{[tuple(p) for p in leaves][:6]}); pass the model's non-parameter state, "
+                             f"nnx.split(model, nnx.Param, ...)[2], which holds ('norms', l, 'mean' | 'var') for "
+                             f"every conv layer l")
         for i, e in zip(g.indices, g.elements):
             comp = group.components[i]
             kind = comp.name.split("/")[0]

@@ -6,7 +6,8 @@ scale invariant, a ``Scale`` symmetry) trained on scikit-learn's digits by mini-
 ``lambda``.  The raw weight norm of a scale-invariant block drifts and then settles where ``2 lambda |w|^2 ~
 eta |g|^2``; the quotient observable that matters, the RMS angular update per step, settles at
 ``sqrt(2 eta lambda)``.  Reported: the measured equilibrium against the prediction, the time to reach it, the
-norm (charge ``|w|^2 / 2``) trajectory, and the events the detectors raise on the run.
+norm (charge ``|w|^2 / 2``) trajectory, and the events the detectors raise on the run.  ``weight_decay`` must be
+> 0 here (the equilibrium it is compared with is 0 without decay), although the rule listed below allows 0.
 
     python experiments/normalised_cnn.py [scale=paper]
 """

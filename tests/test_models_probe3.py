@@ -34,3 +34,16 @@ def test_act_on_batch_stats_refuses_a_state_without_the_running_statistics():
         elif name == "permutation/convs.0":
             mean = mean[np.asarray(e)]
     np.testing.assert_allclose(np.asarray(moved["norms"][0]["mean"][...]), mean, rtol=1e-6)
+
+
+def test_act_on_batch_stats_names_a_group_or_element_of_the_wrong_kind():
+    """A component passed for the group, or a component's element for the Word, failed with a bare AttributeError
+    ('Scale' object has no attribute 'components'; no attribute 'indices'): TypeError naming the argument."""
+    model = CNN(1, (3,), 2, norm="batch", kernel_size=2, rngs=nnx.Rngs(0))
+    _, params, state = nnx.split(model, nnx.Param, ...)
+    group = model.symmetries()
+    scale = group.component("scale/convs.0")
+    with pytest.raises(TypeError, match=r"act_on_batch_stats: group must be a Product.*got Scale"):
+        model.act_on_batch_stats(scale, scale.sample(jax.random.key(0), params), state)
+    with pytest.raises(TypeError, match=r"must be a Word"):
+        model.act_on_batch_stats(group, scale.sample(jax.random.key(0), params), state)

@@ -268,6 +268,11 @@ class CNN(nnx.Module):
         elements include the permutations: ``functools.partial(model.act_on_batch_stats, group)``."""
         if self.norm != "batch":
             return state
+        if not isinstance(group, Product):
+            # (a component passed for the group failed with a bare AttributeError: no attribute 'components')
+            raise TypeError(f"act_on_batch_stats: group must be a Product of components of model.symmetries() (the "
+                            f"group g was taken from), got {type(group).__name__}")
+        group._check_word(g)  # (TypeError naming the Word for an element of a component: a bare AttributeError)
         leaves, treedef = _tree.flatten(state)
         flat: dict[int, dict] = {}  # layer -> {"mean": ..., "var": ...}
         for path, x in leaves.items():

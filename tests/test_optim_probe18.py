@@ -7,7 +7,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from quotient_sgd.optim import quotient_trajectory, train
-from test_optim_trajectory import init_mlp, mlp_group
+from test_optim_trajectory import data, init_mlp, mlp_group, xent
 
 
 def test_raw_hessian_beside_other_points_resolves_a_small_bulk(x64):
@@ -31,3 +31,24 @@ def test_raw_hessian_beside_other_points_resolves_a_small_bulk(x64):
     _, _, traj = train(loss, params, tx, jnp.zeros((1, 1)), donate=False)
     np.testing.assert_allclose(float(traj["sharpness_raw"][0]), eigs.max(), rtol=1e-10)
     np.testing.assert_allclose(float(traj["lambda_min_raw"][0]), eigs.min(), rtol=1e-3)
+
+
+def _loss_and_state(params, state, batch):
+    return xent(params, batch), (None, state)
+
+
+def test_model_state_follows_only_the_regaugings_that_ran_inside_multisteps():
+    """gauge_fix inside optax.MultiSteps(k=3) re-gauges the parameters at the applied steps only (2 of 6); its state,
+    kept as it was while MultiSteps accumulates, still held the last step's element and applied flag, so train moved
+    the model state by it again at every accumulating step (4 moves in 6 steps).  Counted with an action that adds 1
+    to the model state; each step in the plain gauge_fix for comparison."""
+    from quotient_sgd.optim import gauge_fix
+
+    params = init_mlp(jax.random.key(0))
+    count = lambda element, s: s + 1  # noqa: E731
+    for tx, moves in ((optax.MultiSteps(gauge_fix(optax.sgd(0.1), mlp_group()), 3), 2),
+                      (gauge_fix(optax.sgd(0.1), mlp_group()), 6)):
+        with jax.numpy_dtype_promotion("standard"):  # (MultiSteps' mean of the accumulated gradients)
+            _, _, state, _ = train(_loss_and_state, params, tx, data(6), model_state=jnp.zeros((), jnp.int32),
+                                   act_on_model_state=count, donate=False)
+        assert int(state) == moves

@@ -284,9 +284,24 @@ def _gauge_fix_states(opt_state) -> list[GaugeFixState]:
     return found
 
 
-def gauge_fix_elements(opt_state):
+def gauge_fix_elements(opt_state, prev_opt_state=None):
     """``[(element, applied), ...]`` of every :func:`gauge_fix` in ``opt_state`` after an update, outermost
     first: the canonical element each applied to the parameters at that step (``applied`` a boolean scalar; the
     element is a placeholder when False).  Non-parameter state the group acts on follows the parameters by
-    these elements, in this order (what :func:`train` does with ``act_on_model_state``)."""
-    return [(g.element, g.applied) for g in _gauge_fix_states(opt_state)]
+    these elements, in this order (what :func:`train` does with ``act_on_model_state``).
+
+    ``prev_opt_state``: the state before that update.  A :func:`gauge_fix` inside a wrapper that can leave its state
+    as it was (``optax.MultiSteps`` while it accumulates, ``optax.apply_if_finite`` on a skipped step) did not run
+    at such a step, but its state still holds the last step's element and flag; given the previous state, ``applied``
+    is also False where its step count did not advance.  Without it such a step read as re-gauged again: under
+    ``optax.MultiSteps(gauge_fix(...), 3)`` a model state followed 4 re-gaugings in 6 steps where the parameters
+    had 2."""
+    now = _gauge_fix_states(opt_state)
+    out = [(g.element, g.applied) for g in now]
+    if prev_opt_state is None:
+        return out
+    before = _gauge_fix_states(prev_opt_state)
+    if len(before) != len(now):
+        raise ValueError(f"gauge_fix_elements: prev_opt_state holds {len(before)} gauge_fix states and opt_state "
+                         f"{len(now)}; pass the state before the update that produced opt_state")
+    return [(e, jnp.logical_and(a, g.count != b.count)) for (e, a), g, b in zip(out, now, before)]

@@ -135,10 +135,11 @@ def _run(params, opt_state, model_state, data, key, start_step, *, loss_fn, tx, 
         if example_loss_fn is not None:
             extra["example_loss_fn"] = lambda p: example_loss_fn(p, batch)
         # only the extra arguments tx.update accepts (optax.contrib.sam's names grad_fn alone)
+        prev_state = opt_state
         updates, opt_state = tx.update(grads, opt_state, params, **accepted_extra_args(tx.update, extra))
         params = optax.apply_updates(params, updates)
         if model_state is not None:
-            new_ms = _follow_gauge_fix(opt_state, new_ms, act_on_model_state)
+            new_ms = _follow_gauge_fix(opt_state, new_ms, act_on_model_state, prev_state)
         out: dict[str, Any] = {}
         if has_q:
             out.update(_find(opt_state)[0].observables)
@@ -153,10 +154,12 @@ def _run(params, opt_state, model_state, data, key, start_step, *, loss_fn, tx, 
     return params, opt_state, model_state, traj
 
 
-def _follow_gauge_fix(opt_state, model_state, act: Callable | None):
+def _follow_gauge_fix(opt_state, model_state, act: Callable | None, prev_state=None):
     """``model_state`` moved by the canonical elements the ``gauge_fix`` transforms in ``opt_state`` applied to
-    the parameters at this step (in their order; none: unchanged)."""
-    for element, applied in gauge_fix_elements(opt_state):
+    the parameters at this step (in their order; none: unchanged).  ``prev_state``: the optimiser state before the
+    step, so that a ``gauge_fix`` that did not run at it (inside ``optax.MultiSteps`` while it accumulates), whose
+    state still holds the last step's element, does not move the model state again."""
+    for element, applied in gauge_fix_elements(opt_state, prev_state):
         if act is None:
             raise ValueError(
                 "train: tx contains gauge_fix, which moves the parameters to their canonical representative, and "

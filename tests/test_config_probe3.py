@@ -46,3 +46,12 @@ def test_config_dict_refuses_integer_beyond_float_range(tmp_path):
                     "    c.optim.lr = 10**400\n    return c\n")
     with pytest.raises(TypeError, match=r"'lr'.*beyond the range of a float"):
         load_config(str(path))
+
+
+def test_load_config_override_beyond_float_range_is_refused_naming_the_key():
+    # (a ConfigError was meant, but its message's repr of 10**5000 failed in a bare ValueError)
+    from quotient_sgd.config import quickstart_path
+
+    for value in (10**400, HUGE):
+        with pytest.raises(ConfigError, match=r"^config\.optim\.lr: .*beyond the range of a float"):
+            load_config(quickstart_path(), {"optim.lr": value})

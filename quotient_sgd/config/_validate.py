@@ -1012,6 +1012,9 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
                 node[parts[-1]] = value
             except TypeError:  # (ml_collections named the last part only: "Could not override field 'lr' ...")
                 current = node[parts[-1]]
+                too_large = float_overflow(value) if isinstance(current, float) else None
+                if too_large is not None:  # (10**5000: its repr below failed in a bare ValueError)
+                    raise ConfigError(f"config.{key}: {too_large}; use a number within float32's range") from None
                 if hasattr(current, "keys"):
                     raise ConfigError(f"config.{key} = {value!r}: config.{key} is a section, not a value; override "
                                       f"its keys (e.g. {{'{key}.{sorted(current.keys())[0]}': ...}}; keys of "

@@ -83,3 +83,41 @@ def test_gl_refuses_a_parameter_named_on_both_sides():
         with pytest.raises(SymmetryError, match=r"'g'.*named more than once"):
             GL(left, right, kind=kind, name="g")
     GL((("W",), ("b",)), (("V",), ("c",)), kind="qk", name="g")
+
+
+def test_rescale_tangents_are_the_derivative_of_act_where_an_array_is_incoming_twice(x64):
+    """A rescale whose incoming side names one array twice (on one axis: factor a^2; on both axes of a square
+    matrix: a_i a_j) had tangents built from the last listing alone (0.70 off the derivative of act), so vertical
+    did not keep the orbit's own tangents (0.58 off).  Now the tangents are the Jacobian of act (forward-mode
+    autodiff), vertical keeps them, and the canonical point is constant on the orbit."""
+    from quotient_sgd.symmetry import Rescale
+
+    rng = np.random.default_rng(0)
+    p = {"A": jnp.asarray(rng.standard_normal((4, 4))), "C": jnp.asarray(rng.standard_normal((4, 5)))}
+    for incoming in (((("A",), 1), (("A",), 1)), ((("A",), 0), (("A",), 1))):
+        R = Rescale(incoming, ((("C",), 0),), name="twice")
+        T = R.tangents(p)
+        J = jax.jacfwd(lambda x, R=R: R.act(x, p))(jnp.zeros((4,), jnp.float64))
+        for k in p:
+            np.testing.assert_allclose(T[k], jnp.moveaxis(J[k], -1, 0), atol=1e-12)
+        t = jax.tree.map(lambda a: a[2], T)
+        v = R.vertical(p, t)
+        for k in p:
+            np.testing.assert_allclose(v[k], t[k], atol=1e-12)
+        q = R.act(R.sample(jax.random.key(1), p), p)
+        c, cq = R.canonicalize(p), R.canonicalize(q)
+        for k in p:
+            np.testing.assert_allclose(cq[k], c[k], atol=1e-10)
+
+
+def test_scale_refuses_an_array_listed_twice():
+    """A scale listing one array twice multiplied it by c^2 while its closed forms read it once: a block listed twice
+    canonicalised to a point whose own canonical point was the start again (1.19 off).  Refused naming the member."""
+    import pytest
+
+    from quotient_sgd.symmetry import Scale, SymmetryError
+
+    p = {"A": jnp.ones((3, 4)), "b": jnp.ones((4,))}
+    for members in (((("A",), None), (("b",), None), (("A",), None)), ((("A",), 1), (("A",), -1))):
+        with pytest.raises(SymmetryError, match=r"'twice'.*\('A',\) is listed 2 times"):
+            Scale(members, name="twice").canonicalize(p)

@@ -117,7 +117,11 @@ class Rescale(LogFactorGroup):
     def _tmap(self, flat, xi):
         out = {}
         for p, ax in self.incoming:
-            out[p] = flat[p] * along(xi, flat[p], ax)
+            # (accumulated: an array incoming along two axes, or listed twice, moves by the sum of its members'
+            # log-factors; written once per member, the last member's term alone was the tangent, 0.70 off the
+            # derivative of act for a kernel listed twice, and vertical missed the orbit's own tangents)
+            d = flat[p] * along(xi, flat[p], ax)
+            out[p] = out[p] + d if p in out else d
         for p, ax in self.outgoing:
             d = -flat[p] * along(xi, flat[p], ax)
             out[p] = out[p] + d if p in out else d

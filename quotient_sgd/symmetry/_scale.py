@@ -51,6 +51,14 @@ class Scale(LogFactorGroup):
     def _check(self, flat):
         super()._check(flat)
         self._check_axes(flat, self.members)
+        paths = [p for p, _ in self.members]
+        twice = [p for p in dict.fromkeys(paths) if paths.count(p) > 1]
+        if twice:
+            # act multiplied such an array once per listing (c^2, or c_i c_j along two axes) while the tangent, the
+            # norms and the canonical element read it once or per listing inconsistently: a block listed twice
+            # canonicalised to a point whose canonical point was the starting point again (1.19 off idempotence)
+            raise SymmetryError(f"Scale {self.name!r}: member {twice[0]!r} is listed {paths.count(twice[0])} times; "
+                                f"each array the factor multiplies must be listed once")
         if self.per_channel:
             sizes = {flat[p].shape[a] for p, a in self.members}
             if len(sizes) != 1:

@@ -853,6 +853,7 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
     b = build(s)
     mesh = Mesh(np.array(devices), ("sweep",))
     mem, rep = NamedSharding(mesh, P("sweep")), NamedSharding(mesh, P())
+    one = devices[0]  # (the device of the unbatched program: a mesh of one device)
     per_dev_max = math.ceil(n / nd)
     leader = jax.process_index() == 0
     multi = jax.process_count() > 1
@@ -944,7 +945,7 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
     def make_states(layout: _Layout, state_of) -> list:
         if layout.batched:
             return [_group_state(b, state_of, idx, mesh) for idx in layout.groups]
-        return [jax.device_put(state_of(idx[0])) for idx in layout.groups]
+        return [jax.device_put(state_of(idx[0]), one) for idx in layout.groups]
 
     def value_of(i, axis, default):
         return members[min(i, n - 1)].get(axis, default)
@@ -955,7 +956,7 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
         for idx in layout.groups:
             def arr(axis, default, dt):
                 x = np.array([value_of(i, axis, default) for i in idx], dt)
-                return _global(x, mem) if layout.batched else jnp.asarray(x[0])
+                return _global(x, mem) if layout.batched else jax.device_put(x[0], one)
 
             out.append((arr("seed", s.seed, np.int32),
                         arr("batch_size", s.data.batch_size, np.int32) if padded is not None else None))
@@ -971,6 +972,9 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
     pool.shutdown(wait=False)
 
     dataset_global = jax.tree.map(lambda x: _global(np.asarray(x), rep), b.dataset)
+    # the unbatched program (one member on the mesh's one device) runs on that device: its inputs are placed there
+    # (they went to the default device, so sweep(devices=[jax.devices()[1]]) computed on device 0)
+    dataset_one = jax.device_put(b.dataset, one) if nd == 1 else b.dataset
     compiled: dict[tuple[int, int], Any] = {}
 
     def program(layout: _Layout, num_steps: int, state, ins):
@@ -981,7 +985,7 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
                 lowered = f.lower(state, ins[0], ins[1], dataset_global, _global(np.int32(0), rep))
             else:
                 f = single_programs(b, num_steps)
-                lowered = f.lower(state, ins[0], None, b.dataset, jnp.int32(0))
+                lowered = f.lower(state, ins[0], None, dataset_one, jax.device_put(np.int32(0), one))
             compiled[key], seconds = compile_seconds(lowered)
             # the first compilation in this process is the real cost (later ones come from JAX's caches)
             _COMPILE_S.setdefault((b, mesh, padded, num_steps, layout.mpd), seconds)
@@ -1049,8 +1053,8 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
                     st, lay = make_states(new, lambda i: held[i] if i in held else held[i % nd]), new
                 lay_ins = inputs(lay)
                 f = program(lay, cc - a, st[0], lay_ins[0])
-                first = _global(np.asarray(a, np.int32), rep) if lay.batched else jnp.int32(a)
-                data = dataset_global if lay.batched else b.dataset
+                first = _global(np.asarray(a, np.int32), rep) if lay.batched else jax.device_put(np.int32(a), one)
+                data = dataset_global if lay.batched else dataset_one
                 st = [f(st[g], lay_ins[g][0], lay_ins[g][1], data, first)[0] for g in range(len(lay.groups))]
             how = f"steps {k} to {c} replayed from " + (f"the checkpoint of step {k}" if k else "the initial state")
         out: dict[int, dict] = {}
@@ -1058,7 +1062,7 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
             if lay_c.batched:
                 ev = _host_rows_finish(_host_rows_start(sweep_eval_program(b, mesh)(st[g], dataset_global), True))
             else:
-                ev = {k: np.asarray(v)[None] for k, v in to_host(eval_program(b)(st[g], b.dataset)).items()}
+                ev = {k: np.asarray(v)[None] for k, v in to_host(eval_program(b)(st[g], dataset_one)).items()}
             for j, i in enumerate(idx):
                 if i < n:
                     out[i] = {k: v[j] for k, v in ev.items() if k != "params_finite"}
@@ -1186,8 +1190,9 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
                 states = make_states(new, lambda i: held[i] if i in held else held[i % nd])
                 layout, ins, own = new, inputs(new), owned(new)
             # dispatch every group's chunk (asynchronous), then write the previous chunk while it computes
-            start_arr = _global(np.asarray(a, np.int32), rep) if layout.batched else jnp.int32(a)
-            data = dataset_global if layout.batched else b.dataset
+            start_arr = (_global(np.asarray(a, np.int32), rep) if layout.batched
+                         else jax.device_put(np.int32(a), one))
+            data = dataset_global if layout.batched else dataset_one
             run_chunk = program(layout, c - a, states[0], ins[0])
             t_chunk = time.perf_counter()
             outs = []

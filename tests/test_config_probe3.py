@@ -55,3 +55,20 @@ def test_load_config_override_beyond_float_range_is_refused_naming_the_key():
     for value in (10**400, HUGE):
         with pytest.raises(ConfigError, match=r"^config\.optim\.lr: .*beyond the range of a float"):
             load_config(quickstart_path(), {"optim.lr": value})
+
+
+def test_modular_arithmetic_float32_fraction_checked_as_the_split_is_made():
+    # np.float32(0.9999946) at p = 303: the check's product in float32 left a test pair (91808 training pairs), the
+    # split's in float64 none (round(0.9999945759773254 * 303**2) = 91809 = p^2): an empty test split, silently
+    import jax.numpy as jnp
+    import numpy as np
+
+    from quotient_sgd.data import modular_arithmetic
+
+    p, frac = 303, np.float32(0.9999946)
+    assert round(float(frac) * p * p) == p * p  # (no pair held out by the split as made)
+    for value in (frac, jnp.float32(frac), float(frac)):
+        with pytest.raises(ValueError, match=r"train_fraction=.*leaving at least one pair on each side"):
+            modular_arithmetic(p=p, train_fraction=value, encoding="tokens")
+    d = modular_arithmetic(p=5, train_fraction=np.float32(0.4))  # (a float32 fraction is still taken)
+    assert (d.num_train, d.num_test) == (round(0.4 * 25), 25 - round(0.4 * 25))

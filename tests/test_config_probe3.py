@@ -1,10 +1,21 @@
 """Config values beyond what Python can convert or print are refused naming the key."""
 
+import sys
+
 import pytest
 
 from quotient_sgd.config import ConfigError, default_config, load_config, validate
 
 HUGE = 10**5000  # more digits than Python prints (sys.get_int_max_str_digits() is 4300 by default)
+
+
+@pytest.fixture(autouse=True)
+def _default_int_digits_limit():
+    """Python's default limit on the digits of an integer it prints (PYTHONINTMAXSTRDIGITS may change it)."""
+    before = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(4300)
+    yield
+    sys.set_int_max_str_digits(before)
 
 
 @pytest.mark.parametrize("cfg, key", [

@@ -72,8 +72,8 @@ def _tiny(**keys):
 
 def test_an_init_gauge_that_does_not_keep_the_function_is_refused_before_anything_is_written(tmp_path):
     """``init_gauge`` promises the same function in another parameterisation, but the random element multiplies
-    parameters by factors like ``exp(init_gauge * z)``: at ``init_gauge = 60`` the tiny MLP's outputs are NaN
-    (the run "diverged at step 0"), and at 10 the digits CNN's outputs changed by 40 times their size while the
+    parameters by factors ``exp(u)``, ``|u|`` up to ``2 init_gauge``: at ``init_gauge = 60`` the tiny MLP's outputs
+    are NaN (the run "diverged at step 0"), and at 10 the digits CNN's outputs changed by 40 times their size while the
     run trained on without a word.  ``run`` and ``sweep`` now refuse a scale whose re-gauged outputs move by more
     than ``GAUGE_TOLERANCE``, naming the key, before anything is written; a scale that keeps it runs."""
     from quotient_sgd.config import ConfigError

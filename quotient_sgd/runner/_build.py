@@ -402,10 +402,11 @@ def _gauge_change(b: Built):
 def check_init_gauge(b: Built, gauges: list[tuple[str, float, list[int]]]) -> None:
     """:class:`~quotient_sgd.config.ConfigError` naming the key when re-gauging by a random element of its scale
     does not keep the function in float32: ``gauges`` lists ``(key, scale, seeds)`` (``init_gauge``, or a value of
-    ``sweep.init_gauge`` with the seeds of its members).  The element multiplies parameters by factors like
-    ``exp(scale * z)``, ``z`` standard normal, chained over a model's layers: at ``init_gauge = 10`` the digits
-    CNN's outputs changed by 40 times their size and the Transformer's became NaN, and the run trained another
-    function (or diverged at step 0) where "the same function, another parameterisation" was promised.  A
+    ``sweep.init_gauge`` with the seeds of its members).  The element (``group.sample(key, params, scale)``)
+    multiplies parameters by factors ``exp(u)`` (rescales and scales: ``u`` uniform in ``(-2 scale, 2 scale)``; a
+    GL head's singular values within ``exp(+-1.5 scale)``), chained over a model's layers: at ``init_gauge = 10``
+    the digits CNN's outputs changed by 40 times their size and the Transformer's became NaN, and the run trained
+    another function (or diverged at step 0) where "the same function, another parameterisation" was promised.  A
     change above :data:`GAUGE_TOLERANCE` of the outputs' largest value (or a non-finite one) is refused before
     anything is written.  Scales of 0 cost nothing; the others one small compiled program."""
     todo = [(key, g, seeds) for key, g, seeds in gauges if g > 0]
@@ -422,7 +423,7 @@ def check_init_gauge(b: Built, gauges: list[tuple[str, float, list[int]]]) -> No
                     f"config.{key} = {g}: re-gauging by a random element of this scale does not keep the function "
                     f"of this {b.settings.model.name} in float32: for seed {seed} its outputs on the first {n} "
                     f"training examples moved by {rel:.3g} of their largest value (more than {GAUGE_TOLERANCE:g}; "
-                    f"the factors exp({g} z) overflow or round away the products of the layers); use a smaller "
+                    f"factors up to exp(+-{2 * g:g}) overflow or round away the products of the layers); use a smaller "
                     f"{key} (float32 rounding alone moves them by ~1e-6 at 1)")
 
 

@@ -385,7 +385,19 @@ class Group(eqx.Module):
 
     def _check_element_values(self, g, where: str = "") -> None:
         """``ValueError`` when the values of a concrete element ``g`` are not an element of this action (a
-        permutation that repeats a unit); shapes are checked already.  Nothing to check by default."""
+        permutation that repeats a unit, a singular GL matrix); shapes are checked already.  By default: an
+        infinite entry (an infinite log-factor multiplied a unit by inf or 0, an infinite shift made a logit
+        infinite, silently).  NaN entries pass (a NaN element of NaN parameters, a diverged run, keeps the NaNs
+        reaching the output)."""
+        for x in jax.tree.leaves(g):
+            # (numpy: a concrete element closed over by a jitted function would be staged by jnp, and bool() of it
+            # raised a ConcretizationTypeError)
+            dtype = jnp.result_type(x)
+            if not jnp.issubdtype(dtype, jnp.floating):
+                continue
+            if np.any(np.isinf(np.asarray(x).astype(np.float64))):
+                raise ValueError(f"act: {where}the element for action {self.name!r} has infinite entries; a group "
+                                 f"element's entries (log-factors, shifts, matrix entries) must be finite")
 
     def act(self, g, params):
         """``g . params``.  ``ValueError`` when ``g`` is not an element of this group at these parameters' shapes."""

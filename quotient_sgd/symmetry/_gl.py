@@ -276,6 +276,25 @@ class GL(Group):
         out.update(self._unstack(flat, L @ g, _mT(jnp.linalg.solve(g, _mT(R)))))
         return out
 
+    def _check_element_values(self, g, where: str = "") -> None:
+        # a singular matrix is no element of GL(d): act solved with it and returned inf / NaN for the right factor
+        # (W_K or W_O) silently; a matrix whose LU factorisation meets an exactly zero pivot is refused here
+        super()._check_element_values(g, where)
+        if not jnp.issubdtype(jnp.result_type(g), jnp.floating):
+            return
+        a = np.asarray(g).astype(np.float64)  # (numpy: a concrete element closed over by a jitted function)
+        heads = a.reshape((-1,) + a.shape[-2:])
+        for h, m in enumerate(heads):
+            if not np.all(np.isfinite(m)):
+                continue
+            try:
+                np.linalg.inv(m)
+            except np.linalg.LinAlgError:
+                at = f" at head {tuple(int(i) for i in np.unravel_index(h, a.shape[:-2]))}" if a.ndim > 2 else ""
+                raise ValueError(f"act: {where}the element for GL {self.name!r} is a singular matrix{at}; a GL "
+                                 f"element must be invertible: sample it, or compose / invert elements of this "
+                                 f"group") from None
+
     def _inverse(self, g):
         return jnp.linalg.inv(g)
 

@@ -1290,9 +1290,43 @@ def _checked(fn):
     @functools.wraps(fn)
     def public(traj, *, steps, lr=None, **options):
         options = check_options(options, name)
-        return fn(flatten_trajectory(traj, name), steps=np.asarray(steps, np.int64), lr=lr, **options)
+        traj = flatten_trajectory(traj, name)
+        return fn(traj, steps=_checked_steps(name, traj, steps), lr=lr, **options)
 
     return public
+
+
+def _checked_steps(name: str, traj, steps) -> np.ndarray:
+    """``steps`` given to the public ``detect_*`` function ``name`` as int64, when they are one integer step number
+    per row of the trajectory (the rows of ``loss``, else of its series), strictly increasing and of magnitude
+    ``< 2**53``, as :func:`detect` reads a ``step`` key; else ValueError naming ``steps``.  Cast as they came, steps
+    of another length failed in a bare ``IndexError`` or broadcast error, or were read as they were (200 steps for a
+    trajectory of 102 rows), steps in another order put the events at the wrong steps (reversed, a fold at step 67
+    before one at step 33), and fractional steps were truncated (``0.5 * arange(n)``: every step twice)."""
+    raw = np.asarray(steps)
+    rows = None
+    if "loss" in traj and np.ndim(traj["loss"]) >= 1:
+        rows = int(np.shape(traj["loss"])[0])
+    else:
+        lens = {int(np.shape(v)[0]) for v in traj.values() if np.ndim(v) >= 1}
+        rows = lens.pop() if len(lens) == 1 else None
+    need = ("need one integer step number per row of the trajectory" + (f" ({rows} rows)" if rows is not None
+            else "") + ", strictly increasing, of magnitude < 2**53 (the 'step' key detect reads)")
+    if raw.ndim != 1 or real_kind(raw.dtype) not in "iuf":
+        raise ValueError(f"{name}: steps of shape {raw.shape} and dtype {raw.dtype} is not allowed; {need}")
+    if rows is not None and raw.shape[0] != rows:
+        raise ValueError(f"{name}: steps of length {raw.shape[0]} is not allowed; {need}")
+    with np.errstate(invalid="ignore"):
+        bad = np.flatnonzero((raw != np.round(raw)) | (np.abs(raw) >= 2**53))
+    if bad.size:
+        raise ValueError(f"{name}: steps[{int(bad[0])}] = {raw[bad[0]].item()!r} is not allowed; {need}")
+    out = raw.astype(np.int64)
+    back = np.flatnonzero(np.diff(out) <= 0)
+    if back.size:
+        i = int(back[0])
+        raise ValueError(f"{name}: steps[{i}] = {int(out[i])} followed by steps[{i + 1}] = {int(out[i + 1])} is not "
+                         f"allowed; {need}")
+    return out
 
 
 detect_divergence = _checked(detect_divergence)

@@ -42,14 +42,8 @@ def test_act_refuses_a_singular_gl_element_naming_the_action_and_head():
     g = group.sample(jax.random.key(1), params, 1.0)
     moved = group.act(g, params)
     assert _all_finite(moved)
-    back = group.act(group.inverse(g), moved)
-    assert max(float(jnp.max(jnp.abs(a - b))) for a, b in
-               zip(jax.tree.leaves(back), jax.tree.leaves(params))) < 1e-4
     perm = jnp.asarray([[0.0, 1.0], [1.0, 0.0]], jnp.float32)  # determinant -1: invertible, not refused
     assert _all_finite(gl.act(perm, chain))
-    # a traced element cannot be checked (values unknown) and is not: jit / vmap over elements still run
-    jitted = jax.jit(lambda e: group.act(e, params))(g)
-    assert _all_finite(jitted)
 
 
 def test_act_refuses_infinite_log_factors_and_shifts():
@@ -109,3 +103,14 @@ def test_element_checks_accept_a_concrete_element_inside_jit_and_low_precision_e
     with pytest.raises(ValueError, match=r"'r16' has infinite entries"):
         resc.act(jnp.asarray([0.0, jnp.inf, 0.0], jnp.bfloat16), p16)
     assert _all_finite(resc.act(jnp.asarray([0.0, 1.0, -1.0], jnp.bfloat16), p16))
+
+
+def test_an_element_sampled_too_large_for_its_dtype_is_refused_with_a_remedy():
+    """A float32 GL element sampled at scale 60 has singular values up to e^90, beyond float32's range: its
+    entries are infinite, and act refuses it saying how to avoid it (verify reports this message)."""
+    params = attention_params(jax.random.key(6))
+    group = attention_group()
+    g = group.sample(jax.random.key(7), params, 60.0)
+    assert not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(g.elements))
+    with pytest.raises(ValueError, match=r"infinite entries.*smaller scale or float64"):
+        group.act(g, params)

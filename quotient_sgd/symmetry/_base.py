@@ -397,7 +397,9 @@ class Group(eqx.Module):
                 continue
             if np.any(np.isinf(np.asarray(x).astype(np.float64))):
                 raise ValueError(f"act: {where}the element for action {self.name!r} has infinite entries; a group "
-                                 f"element's entries (log-factors, shifts, matrix entries) must be finite")
+                                 f"element's entries (log-factors, shifts, matrix entries) must be finite (one "
+                                 f"sampled at a scale too large for its dtype overflows: use a smaller scale or "
+                                 f"float64 parameters)")
 
     def act(self, g, params):
         """``g . params``.  ``ValueError`` when ``g`` is not an element of this group at these parameters' shapes."""

@@ -1265,24 +1265,34 @@ def flatten_trajectory(trajectory: dict, sep: str = "/") -> dict[str, Any]:
 
     Every pytree node is flattened, not only dicts: an ``aux`` that ``loss_fn`` returned as a tuple, list or
     ``NamedTuple`` gives ``"aux/0"``, ``"aux/1"`` (or the field names); ``None`` entries are left out.  Dicts keep
-    their order.  ``sep``: a non-empty string (``sep=1`` failed with a bare "'int' object has no attribute 'join'")."""
+    their order.  ``sep``: a non-empty string (``sep=1`` failed with a bare "'int' object has no attribute 'join'").
+    Two entries that flatten to one name (a key ``"a/b"`` beside ``{"a": {"b": ...}}``) are refused naming both
+    paths (the first was dropped silently); pass another ``sep``."""
     if not isinstance(sep, str) or not sep:
         raise TypeError(f"flatten_trajectory: sep must be a non-empty string such as '/', got {sep!r}")
     out: dict[str, Any] = {}
+    origin: dict[str, tuple] = {}
 
-    def rec(prefix, v):
+    def put(name, path, x):
+        if name in out:
+            raise ValueError(f"flatten_trajectory: the entries at {list(origin[name])} and {list(path)} both flatten "
+                             f"to the name {name!r} with sep={sep!r}; pass a separator none of the keys contains")
+        out[name], origin[name] = x, path
+
+    def rec(prefix, keys, v):
         if isinstance(v, dict):
             for k, x in v.items():
-                rec(f"{prefix}{sep}{k}" if prefix else str(k), x)
+                rec(f"{prefix}{sep}{k}" if prefix else str(k), keys + (k,), x)
             return
         for path, x in jax.tree_util.tree_flatten_with_path(v, is_leaf=lambda y: isinstance(y, dict))[0]:
-            name = sep.join([prefix] * bool(prefix) + [_key_name(p) for p in path])
+            parts = [_key_name(p) for p in path]
+            name = sep.join([prefix] * bool(prefix) + parts)
             if isinstance(x, dict):
-                rec(name, x)
+                rec(name, keys + tuple(parts), x)
             else:
-                out[name] = x
+                put(name, keys + tuple(parts), x)
 
-    rec("", trajectory)
+    rec("", (), trajectory)
     return out
 
 

@@ -25,11 +25,31 @@ def _lr_from_config(cfg: Mapping[str, Any]):
     return None
 
 
+def _whole_training_set(data: Mapping[str, Any]) -> bool:
+    """Whether the ``data`` section's ``batch_size`` is the whole training set (the runner draws distinct examples,
+    so every batch holds them all: gradient descent, as ``batch_size = 0``).  False where the section does not
+    describe a data set the config module knows."""
+    import dataclasses
+
+    from ..config._settings import DataSettings
+    from ..config._validate import DATASETS, train_size
+
+    names = {f.name for f in dataclasses.fields(DataSettings)}
+    if data.get("name") not in DATASETS:
+        return False
+    try:
+        d = DataSettings(**{k: v for k, v in data.items() if k in names})
+        return data["batch_size"] >= train_size(d)
+    except (TypeError, ValueError, ArithmeticError):
+        return False
+
+
 def _options_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The detector settings of a run with config ``cfg`` (``config.json``, ``Settings.to_dict()``): what
     ``quotient-sgd run`` detects its own ``events.json`` with (``quotient_sgd.runner._report.detect_events``) and
-    :func:`detect_run` re-detects with.  ``horizon`` = the planned steps; a mini-batch loss (``data.batch_size >
-    0``) judged for spikes on a 20-step causal mean (full batch: the raw loss); SGD's momentum, which moves the
+    :func:`detect_run` re-detects with.  ``horizon`` = the planned steps; a mini-batch loss (``data.batch_size``
+    above 0 and below the training set's size) judged for spikes on a 20-step causal mean (full batch, or a batch
+    of the whole training set: the raw loss); SGD's momentum, which moves the
     edge of stability to ``eta lambda = 2 (1 + beta)`` (Nesterov: ``/ (1 + 2 beta)``) and the fold to
     :func:`~quotient_sgd.diagnostics.fold_edge`, and SGD's (coupled) ``weight_decay`` when it is not 0, which
     lowers both by ``lr * weight_decay``; ``adaptive`` and ``b1`` for Adam / AdamW, whose edge of stability
@@ -41,7 +61,7 @@ def _options_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
         out["horizon"] = cfg["steps"]
     data = cfg.get("data")
     if isinstance(data, Mapping) and isinstance(data.get("batch_size"), int):
-        out["spike_smooth"] = 1 if data["batch_size"] == 0 else 20
+        out["spike_smooth"] = 1 if data["batch_size"] == 0 or _whole_training_set(data) else 20
     optim = cfg.get("optim")
     if isinstance(optim, Mapping) and optim.get("name") == "sgd":
         beta = optim.get("momentum", 0.0)

@@ -208,6 +208,51 @@ def check_directory_path(workdir: str, what: str = "run directory") -> None:
                           f"denied). Choose another --workdir.")
 
 
+#: The subdirectories of a run (or sweep) directory that its runner writes, prunes and deletes: ``plots/`` is
+#: removed and drawn again, ``checkpoints/`` holds orbax's step directories (one that does not restore is deleted),
+#: ``trajectory_parts/`` is truncated on resume, ``members/`` holds a sweep's member runs.
+_MANAGED_SUBDIRS = ("plots", "checkpoints", "trajectory_parts", "tensorboard", "members")
+
+
+def _holds_record(directory: str) -> str | None:
+    """``"sweep"`` when ``directory`` holds a ``sweep.json`` (as :func:`check_workdir` tells a sweep's member
+    directory), ``"run"`` when it holds a run's ``config.json`` (a JSON object with ``steps`` and ``model``: a
+    ``config.json`` of another program does not count), else ``None``."""
+    if os.path.isfile(os.path.join(directory, "sweep.json")):
+        return "sweep"
+    path = os.path.join(directory, "config.json")
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                obj = json.load(f)
+        except (OSError, ValueError):
+            return None
+        if isinstance(obj, dict) and "steps" in obj and "model" in obj:
+            return "run"
+    return None
+
+
+def check_not_inside_outputs(workdir: str, what: str = "run directory") -> None:
+    """:class:`RunDirError` when ``workdir`` lies inside one of the subdirectories that a run or sweep directory's
+    runner manages (:data:`_MANAGED_SUBDIRS`: ``<run>/plots/x``, ``<run>/checkpoints/x``, ``<sweep>/members/0/x``,
+    ...), also when reached through a symbolic link.  A run written there was deleted without a word by the next
+    command on the enclosing directory (running a finished run again removes and redraws its ``plots/``; a resume
+    prunes ``checkpoints/`` and ``trajectory_parts/``)."""
+    child = os.path.realpath(workdir)
+    parent = os.path.dirname(child)
+    while parent != child:
+        name = os.path.basename(child)
+        if name in _MANAGED_SUBDIRS:
+            kind = _holds_record(parent)
+            if kind is not None:
+                raise RunDirError(
+                    f"{what} {workdir!r} is in {os.path.join(parent, name)!r}, the {name}/ directory of the "
+                    f"{kind} {parent!r}, which that {kind}'s commands write and delete (the next command on it would "
+                    f"remove what is written there); refusing to write into it. Choose a --workdir outside that "
+                    f"{kind} directory.")
+        child, parent = parent, os.path.dirname(parent)
+
+
 def make_directory(workdir: str, what: str = "run directory") -> None:
     """``os.makedirs(workdir, exist_ok=True)``, its failure (a read-only file system, a name too long, ...) as a
     :class:`RunDirError` naming the directory and the reason; the parents it created before failing are removed."""
@@ -237,6 +282,7 @@ def check_workdir(workdir: str, settings: Settings) -> bool:
         raise RunDirError(f"run directory {workdir!r} is a member directory of the sweep "
                           f"{os.path.dirname(parent)!r} (it has a sweep.json): its sweep writes it; refusing to write "
                           f"into it. Resume the sweep with 'quotient-sgd sweep', or choose another --workdir.")
+    check_not_inside_outputs(workdir)
     cfg_path = os.path.join(workdir, "config.json")
     if os.path.isfile(cfg_path):
         old = read_record_json(cfg_path, "run directory")

@@ -74,6 +74,7 @@ from ._rundir import (
     TrajectoryParts,
     _flat,
     check_directory_path,
+    check_not_inside_outputs,
     checkpoint_steps,
     config_diff,
     directory_path,
@@ -509,6 +510,7 @@ def _check_sweep_dir(workdir: str, s: Settings) -> dict | None:
     """The ``sweep.json`` of this sweep when ``workdir`` holds it (a sweep to resume), ``None`` for a new or
     empty directory; :class:`RunDirError` for a directory of anything else (nothing is written)."""
     check_directory_path(workdir, "sweep directory")
+    check_not_inside_outputs(workdir, "sweep directory")
     path = os.path.join(workdir, "sweep.json")
     if os.path.isfile(path):
         meta = read_record_json(path, "sweep directory")

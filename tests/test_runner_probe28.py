@@ -55,3 +55,55 @@ def test_workdir_inside_a_runs_managed_directories_is_refused(tmp_path):
     # the command says it, with status 2
     assert main(["quotient-sgd", "run", f"--workdir={os.path.join(r1, 'plots', 'x')}", "--config.steps=2"]) == 2
     assert not os.path.exists(os.path.join(r1, "plots", "x"))
+
+
+def test_plot_tick_labels_lie_inside_the_figure(tmp_path, monkeypatch):
+    # the Hessian plot of an Adam run draws P^-1 H on a twin axis at the right, with 0.2 in of margin: its labels
+    # "2000", "1500" were cut to "20", "15"; a linear left axis of small negative values (a lambda_min, a charge)
+    # had its labels "-0.000275" cut to "000275" by the fixed 0.75 in
+    import numpy as np
+
+    from quotient_sgd.runner import _report
+
+    plt = _report._plt()
+    figures = []
+
+    class Keep:  # pyplot, with the figures kept open for measuring once they are saved
+        def __getattr__(self, name):
+            return getattr(plt, name)
+
+        def close(self, fig):
+            figures.append(fig)
+
+    monkeypatch.setattr(_report, "_plt", lambda: Keep())
+    n = 12
+    steps = np.arange(n)
+    wiggle = np.sin(steps)
+    traj = {"step": steps, "loss": np.exp(-steps / 5.0), "grad_norm": 1.0 + 0.1 * wiggle,
+            "charges/0": -2.6e-4 + 1e-5 * wiggle, "charge_drift/0": 1e-4 * wiggle,
+            "shock_number": -2.6e-4 + 1e-5 * wiggle, "hessian_step": steps,
+            "sharpness_raw": -2.6e-4 + 1e-5 * wiggle, "lambda_min_raw": -3e-4 + 1e-5 * wiggle,
+            "sharpness_preconditioned": 2000.0 + 300.0 * wiggle, "lambda_min_preconditioned": -400.0 + 0 * wiggle}
+    metrics = [{"step": 5, "train_loss": 0.3, "test_loss": 0.4, "test_accuracy": 0.5},
+               {"step": 11, "train_loss": 0.1, "test_loss": 0.2, "test_accuracy": 0.75}]
+    _report.make_plots(str(tmp_path), traj, metrics, [])
+    assert len(figures) == len(_report.PLOTS)
+    cut = []
+    try:
+        for name, fig in zip(_report.PLOTS, figures):
+            renderer = fig.canvas.get_renderer()
+            for ax in fig.axes:
+                for axis, lim in ((ax.yaxis, ax.get_ylim()), (ax.xaxis, ax.get_xlim())):
+                    lo, hi = min(lim), max(lim)
+                    for tick in axis.get_major_ticks():
+                        if not lo - 1e-9 * (hi - lo) <= tick.get_loc() <= hi + 1e-9 * (hi - lo):
+                            continue  # (a tick outside the view is not drawn)
+                        for label in (tick.label1, tick.label2):
+                            if label.get_visible() and label.get_text():
+                                box = label.get_window_extent(renderer)
+                                if box.x0 < 0 or box.x1 > fig.bbox.width:
+                                    cut.append((name, label.get_text(), round(box.x0), round(box.x1)))
+    finally:
+        for fig in figures:
+            plt.close(fig)
+    assert not cut, cut

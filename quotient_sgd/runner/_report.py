@@ -122,11 +122,17 @@ def make_plots(workdir: str, traj: dict, metrics: list[dict], events: list[dict]
         # fixed margins in inches (labels and titles have fixed sizes): tight_layout, which measures every tick
         # label, was a third of a report's time (0.3 of 0.85 s; a sweep pays it per member)
         w, h = fig.get_size_inches()
-        right = 0.7 if len(fig.axes) > 1 and name == "loss" else 0.2  # the loss plot's twin accuracy axis
-        # a log axis's tick labels are measured (its y axis alone, 0.01-0.1 s): one spanning less than a decade
-        # labels its minor ticks "2.55x10^-1", which the fixed 0.75 in cut to ".55x10^-1"
-        box = (fig.axes[0].yaxis.get_tightbbox(fig.canvas.get_renderer())
-               if fig.axes[0].get_yscale() == "log" else None)
+        right = 0.2
+        if len(fig.axes) > 1 and name in ("loss", "hessian"):
+            # a twin axis on the right (the loss plot's accuracy, the Hessian plot's P^-1 H) is measured too: the
+            # fixed 0.7 in was the loss plot's alone, and the Hessian plot's 0.2 in cut Adam's preconditioned
+            # sharpness labels "2000", "1500" to "20", "15"
+            twin = fig.axes[1].yaxis.get_tightbbox(fig.canvas.get_renderer())
+            right = max(0.7, twin.width / fig.dpi + 0.1) if twin is not None else 0.7
+        # the left axis's tick labels are measured (its y axis alone, 0.01-0.1 s): a log axis spanning less than a
+        # decade labels its minor ticks "2.55x10^-1", which the fixed 0.75 in cut to ".55x10^-1", and a linear one
+        # of small or large negative values "-0.000275" (a charge drift, a lambda_min) to "000275"
+        box = fig.axes[0].yaxis.get_tightbbox(fig.canvas.get_renderer())
         left = max(0.75, box.width / fig.dpi + 0.1) if box is not None else 0.75
         fig.subplots_adjust(left=left / w, right=1 - right / w, bottom=0.55 / h, top=1 - 0.35 / h, wspace=0.3)
         fig.savefig(p, dpi=90)

@@ -631,6 +631,11 @@ def save(name: str, traj: dict, events: list[Event], table: list[dict], extra: d
 
 
 def markdown_table(rows: list[dict]) -> str:
+    """``rows`` as a Markdown table (``result.md``): one column per key of any row, in order of appearance, floats
+    to 4 significant digits, a ``|`` inside a key or value escaped as ``\\|``.  Unescaped, the column names
+    ``|w|^2 start`` (experiment 4) and ``shock number lr*|lambda_min|`` (experiment 5) split into three cells
+    each: the header had more cells than the delimiter row, so the file was no table, and read cell by cell the
+    numbers stood under other columns' names."""
     if not rows:
         return "(empty)\n"
     cols = list(rows[0])
@@ -642,8 +647,11 @@ def markdown_table(rows: list[dict]) -> str:
             return f"{v:.4g}"
         return str(v)
 
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    def cell(v):
+        return fmt(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(c) for c in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 

@@ -1,6 +1,7 @@
 """Experiment scripts: the wall times their tables report, and their inputs at the edges of the allowed ranges."""
 
 import functools
+import re
 import sys
 import types
 
@@ -56,3 +57,31 @@ def test_recorded_wall_time_holds_no_compilation(observables, monkeypatch):
         want.append(float(value))
         p = jax.tree.map(lambda a, b: a - lr * b, p, g)
     np.testing.assert_allclose(traj["loss"], want, rtol=1e-5)
+
+
+def _cells(line):
+    """The cells of a Markdown table row as GitHub reads them: split at each ``|`` not escaped as ``\\|``."""
+    inner = line.strip()[1:-1]
+    return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", inner)]
+
+
+def test_result_md_keeps_every_number_under_its_own_column():
+    """``result.md`` wrote the column names ``|w|^2 start`` / ``|w|^2 end`` (experiment 4) and ``shock number
+    lr*|lambda_min|`` (experiment 5) as they are: each ``|`` split a name into more cells, so the header row had
+    more cells than the delimiter row (no table at all) and, read cell by cell, the numbers stood under other
+    columns' names.  Every row now has one cell per column, each holding its own column's value."""
+    import _common as C
+
+    rows = [{"block": "conv0", "|w|^2 start": 11.0, "|w|^2 end": 18.5, "note": "a|b"},
+            {"block": "conv1", "|w|^2 start": 16.25, "shock number lr*|lambda_min|": 0.5}]
+    lines = C.markdown_table(rows).strip().split("\n")
+    header, delim, body = _cells(lines[0]), _cells(lines[1]), [_cells(line) for line in lines[2:]]
+    cols = ["block", "|w|^2 start", "|w|^2 end", "note", "shock number lr*|lambda_min|"]
+    assert header == cols, header
+    assert len(delim) == len(cols) and all(set(c) == {"-"} for c in delim), lines[1]
+    assert len(body) == len(rows)
+    for row, cells in zip(rows, body):
+        assert len(cells) == len(cols), cells
+        for col, text in zip(cols, cells):
+            v = row.get(col, "")
+            assert (float(text) == v) if isinstance(v, float) else (text == v), (col, text, v)

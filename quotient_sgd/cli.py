@@ -126,8 +126,15 @@ def _maybe_reexec(argv: list[str]) -> None:
     before = mask(signal.SIG_BLOCK, {signal.SIGINT}) if mask is not None else None
     if before is not None and signal.SIGINT not in before:
         env[_UNBLOCK_MARK] = "1"
+    # the new process imports this package from where this one did: `-m quotient_sgd.cli` put the working
+    # directory first on sys.path, so a `quotient_sgd` package there (a checkout of another version, a folder of
+    # that name) ran in place of the installed one that the `quotient-sgd` command had started
+    boot = ("import sys\n"
+            "if sys.path[:1] == ['']:\n    del sys.path[0]\n"
+            + (f"sys.path.insert(0, {sys.path[0]!r})\n" if sys.path else "")
+            + "from quotient_sgd.cli import main\nsys.exit(main())\n")
     try:
-        os.execve(sys.executable, [sys.executable, "-m", "quotient_sgd.cli", *argv[1:]], env)
+        os.execve(sys.executable, [sys.executable, "-c", boot, *argv[1:]], env)
     finally:  # (only when the execve failed)
         if before is not None:
             mask(signal.SIG_SETMASK, before)
@@ -886,8 +893,9 @@ def _unsafe_to_raise(frame, outside: tuple = ()) -> bool:
       end the process (nanobind: ``std::terminate``, status -6, or a segmentation fault, -11);
     - code that ``exec`` or ``eval`` runs from a string (a frame of file ``<string>`` below it: dataclasses,
       ``namedtuple`` and ``typing`` build code so while modules are imported): CPython 3.11 then records a
-      ``KeyboardInterrupt`` as unhandled even when it is caught, and ``python -m`` (which the command re-executes
-      itself as) ended with status -2, killed by SIGINT, after printing the command's own message and returning 130."""
+      ``KeyboardInterrupt`` as unhandled even when it is caught, and ``python -m quotient_sgd.cli`` (which the
+      command re-executed itself as) ended with status -2, killed by SIGINT, after printing the command's own
+      message and returning 130."""
     import importlib.machinery
 
     while frame is not None and not any(frame is f for f in outside):

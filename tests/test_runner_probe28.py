@@ -107,3 +107,29 @@ def test_plot_tick_labels_lie_inside_the_figure(tmp_path, monkeypatch):
         for fig in figures:
             plt.close(fig)
     assert not cut, cut
+
+
+def test_allocator_reexec_imports_the_package_this_process_runs(tmp_path, monkeypatch):
+    # the command re-executes itself once for the allocator settings; it did so as `python -m quotient_sgd.cli`,
+    # which puts the working directory first on sys.path: started from a directory holding a `quotient_sgd`
+    # package (a checkout of another version), the re-executed process ran that one, not the installed command
+    import subprocess
+    import sys
+
+    from quotient_sgd import cli
+
+    for name in ("QSGD_NO_MALLOC_TUNING", cli._REEXEC_MARK, *cli.MALLOC_SETTINGS):
+        monkeypatch.delenv(name, raising=False)
+    calls = []
+    monkeypatch.setattr(cli.os, "execve", lambda exe, args, env: calls.append((exe, args, env)))
+    cli._maybe_reexec(["quotient-sgd", "frobnicate"])
+    assert len(calls) == 1
+    exe, args, env = calls[0]
+    assert all(env[k] == v for k, v in cli.MALLOC_SETTINGS.items()) and env[cli._REEXEC_MARK] == "1"
+    shadow = tmp_path / "quotient_sgd"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise SystemExit('the quotient_sgd of the working directory ran')\n")
+    (shadow / "cli.py").write_text("")
+    env = {**env, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # (this process's own import path)
+    res = subprocess.run(args, executable=exe, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "unknown subcommand 'frobnicate'" in res.stderr, (res.returncode, res.stderr)

@@ -40,7 +40,26 @@ def setup(cfg):
     graphdef, params, group = C.split_model(
         MLP(cfg.input_dim, tuple(cfg.hidden), 1, activation="relu", rngs=nnx.Rngs(cfg.seed + 2)))
     twin = group.act(group.sample(kg, params, scale=cfg.twin_scale), params)
+    check_twin(cfg, graphdef, params, twin, x)
     return graphdef, params, twin, group, (x, y)
+
+
+def check_twin(cfg, graphdef, params, twin, x) -> None:
+    """``SystemExit`` naming ``twin_scale`` when the re-gauged twin is not the initial function in the parameters'
+    precision: its rescale factors ``exp(+-2 twin_scale)`` overflowed (``twin_scale=40``: every float32 twin
+    parameter inf or NaN), and the twin's NaN loss was tabulated as a run that "diverged at" step 0."""
+    leaves = jax.tree.leaves(twin)
+    f0, f1 = (np.asarray(nnx.merge(graphdef, p)(x), np.float64) for p in (params, twin))
+    finite = all(bool(np.all(np.isfinite(np.asarray(v)))) for v in leaves) and bool(np.all(np.isfinite(f1)))
+    dev = float(np.max(np.abs(f1 - f0))) if finite else float("inf")
+    scale = float(np.max(np.abs(f0))) if f0.size else 0.0
+    if not dev <= 1e-3 * max(1.0, scale):
+        what = ("has parameters that are not finite" if not finite
+                else f"differs from the initial function by {dev:.3g} (outputs up to {scale:.3g})")
+        raise SystemExit(f"edge_of_stability: twin_scale={cfg.twin_scale!r}: the re-gauged twin {what}: its rescale "
+                         f"factors exp(+-2 twin_scale) leave the parameters' precision "
+                         f"({np.dtype(leaves[0].dtype).name}); allowed: a twin_scale whose twin is the same function, "
+                         f"e.g. <= 10 (the default 0.3)")
 
 
 def run(cfg):

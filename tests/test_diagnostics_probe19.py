@@ -85,3 +85,27 @@ def test_result_md_keeps_every_number_under_its_own_column():
         for col, text in zip(cols, cells):
             v = row.get(col, "")
             assert (float(text) == v) if isinstance(v, float) else (text == v), (col, text, v)
+
+
+def test_edge_of_stability_refuses_a_twin_that_is_not_the_initial_function(tmp_path, monkeypatch):
+    """``twin_scale=40`` (allowed: any finite number >= 0) drew rescale factors up to ``exp(80)``: every float32
+    parameter of the re-gauged twin was inf or NaN, and the table reported the twin as a run that "diverged at" step
+    0.  The script now stops before training, naming ``twin_scale``; a twin within the precision is the initial
+    function (its outputs on the data agree with the balanced network's), and is kept."""
+    import _common as C
+    from helpers import experiment_script, never_run
+
+    E = experiment_script("edge_of_stability")
+    small = ["scale=test", "hidden=[4, 4]", "num_examples=8", "input_dim=3"]
+    graphdef, params, twin, _, (x, _) = E.setup(C.load_config("edge_of_stability", [*small, "twin_scale=2"]))
+    f0, f1 = nnx.merge(graphdef, params)(x), nnx.merge(graphdef, twin)(x)
+    moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(twin)))
+    assert moved > 1.0 and float(jnp.max(jnp.abs(f1 - f0))) < 1e-4 * (1 + float(jnp.max(jnp.abs(f0))))
+
+    monkeypatch.setenv("QSGD_EXPERIMENT_OUT", str(tmp_path))
+    monkeypatch.setattr(C, "record", never_run)
+    with pytest.raises(SystemExit) as err:
+        E.main([*small, "twin_scale=40"])
+    msg = str(err.value.code)
+    assert msg.startswith("edge_of_stability: twin_scale=40.0") and "not finite" in msg, msg
+    assert not (tmp_path / "edge_of_stability" / "result.json").exists()

@@ -152,15 +152,26 @@ def usage(name: str) -> str:
              "  scale=cpu | test | paper   the sizes (default cpu)",
              "  overwrite=true             replace results of another config in the output directory", "",
              "config keys (CPU default; allowed):"]
+    unread = UNREAD_KEYS.get(name, {})
     for key, value in _leaves(config_module(name).get_config("cpu")):
         if key.rsplit(".", 1)[-1] == "scale":
             continue
         rule = VALUE_RULES.get(key.rsplit(".", 1)[-1])
         shown = json.dumps(list(value)) if isinstance(value, tuple) else repr(value)
-        lines.append(f"  {key}={shown}" + (f"   ({rule[1]})" if rule else ""))
+        if key in unread:
+            lines.append(f"  {key}={shown}   (not read by this experiment, refused; instead: {unread[key]})")
+        else:
+            lines.append(f"  {key}={shown}" + (f"   ({rule[1]})" if rule else ""))
     lines += ["", "outputs: $QSGD_EXPERIMENT_OUT/" + name + "/ (default experiments/results/" + name + "/), see "
               "experiments/README.md"]
     return "\n".join(lines)
+
+
+#: ``name -> {dotted key: what to set instead}``: keys of experiment ``name``'s config that it does not read and
+#: refuses (registered by the script; experiment 6's ``problem.seed`` and the like).  :func:`usage` shows them as
+#: such: ``--help`` listed ``problem.seed=0 (an integer in [0, 2147483647])`` among the keys to set, and setting it
+#: stopped the script.
+UNREAD_KEYS: dict[str, dict[str, str]] = {}
 
 
 #: ``name -> {"config", "overrides", "overwrite"}`` of the config a script's ``main`` loaded with ``results=True``

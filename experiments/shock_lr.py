@@ -74,6 +74,7 @@ UNREAD_PROBLEM_KEYS = {
     "hessian_every": "nothing here (no Hessian is recorded)",
     "drop_factor": "nothing here (no catapult detector runs)",
 }
+C.UNREAD_KEYS["shock_lr"] = {f"problem.{k}": v for k, v in UNREAD_PROBLEM_KEYS.items()}  # (shown by --help)
 
 
 def check_overrides(overrides) -> None:

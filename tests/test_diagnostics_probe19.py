@@ -109,3 +109,25 @@ def test_edge_of_stability_refuses_a_twin_that_is_not_the_initial_function(tmp_p
     msg = str(err.value.code)
     assert msg.startswith("edge_of_stability: twin_scale=40.0") and "not finite" in msg, msg
     assert not (tmp_path / "edge_of_stability" / "result.json").exists()
+
+
+def test_shock_lr_help_shows_the_problem_keys_it_refuses_as_such(capsys):
+    """``experiments/shock_lr.py --help`` listed ``problem.seed=0 (an integer in [0, 2147483647])``,
+    ``problem.eta_lambda0``, ``problem.num_steps`` ... among the keys to set, with their ranges, while setting any of
+    them stops the script (the experiment reads its own ``seeds``, ``eta_lambda0``, ``num_steps``).  Every key the
+    script refuses is shown as refused, naming what to set instead; the keys it reads keep their ranges."""
+    import _common as C
+    from helpers import experiment_script
+
+    E = experiment_script("shock_lr")
+    with pytest.raises(SystemExit) as err:
+        E.main(["--help"])
+    assert err.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    for key, instead in E.UNREAD_PROBLEM_KEYS.items():
+        line = next(ln for ln in lines if ln.startswith(f"  problem.{key}="))
+        assert "refused" in line and instead in line and C.VALUE_RULES[key][1] not in line, line
+        with pytest.raises(SystemExit, match=f"problem.{key}="):
+            E.check_overrides({f"problem.{key}": "1"})
+    line = next(ln for ln in lines if ln.startswith("  problem.width="))
+    assert "refused" not in line and C.VALUE_RULES["width"][1] in line, line

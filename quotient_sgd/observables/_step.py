@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from ._kinds import ORBIT_INVARIANT, RAW, REDUCED_DYNAMICS, observable
 from ._util import (
+    charge_change,
     charges_dict,
     check_group,
     check_hyper,
@@ -93,12 +94,11 @@ def charges(group, params) -> dict[str, jax.Array]:
 
 @observable(REDUCED_DYNAMICS, "charge_drift")
 def charge_drift(group, params, updates) -> dict[str, jax.Array]:
-    """Observed change of every charge over the step: ``Q(theta + Delta) - Q(theta)``."""
+    """Observed change of every charge over the step: ``Q(theta + Delta) - Q(theta)``, with ``theta + Delta`` in the
+    parameters' dtype (as stored), computed from the step without cancellation (:func:`._util.charge_change`)."""
     check_group("charge_drift", group)
     check_like("charge_drift", "params", params, updates=updates)
-    q0 = charges_dict(group, params)
-    q1 = charges_dict(group, jax.tree.map(lambda p, u: p + u, params, updates))
-    return jax.tree.map(lambda a, b: a - b, q1, q0)
+    return charge_change(group, params, jax.tree.map(lambda p, u: p + u, params, updates))
 
 
 @observable(ORBIT_INVARIANT, "invariant_norms")

@@ -15,7 +15,7 @@ from .._reduce import sum_all
 from .._tree import float_dtype, widen
 from ..observables._charges import masked_leaves
 from ..observables._hessian import _hessian_extremes
-from ..observables._util import charge_linear, charges_dict, check_like, tree_dot, tree_sqnorm
+from ..observables._util import charge_change, charge_linear, charges_dict, check_like, tree_dot, tree_sqnorm
 from ._gauge import GaugeFixState, HorizontalState, _like
 from ._spec import SGDSpec, accepted_extra_args, check_period, check_wrapped
 
@@ -311,9 +311,10 @@ def quotient_trajectory(
             out["charges"] = q
         if "charge_drift" in want:
             # at theta_{k+1} as stored: for bfloat16 / float16 parameters the rounding of the step to their dtype
-            # moves the charges too (often by more than the step itself), and is part of the observed drift
-            q1 = charges_dict(group, next_params)
-            out["charge_drift"] = jax.tree.map(lambda a, b: a - b, q1, q)
+            # moves the charges too (often by more than the step itself), and is part of the observed drift; from
+            # the stored step next_params - params (exact), not as a difference of the charges, which cancelled (a
+            # float32 drift below eps Q came out as rounding)
+            out["charge_drift"] = charge_change(group, params, next_params)
         if "invariant_norms" in want:
             out["invariant_norms"] = obs.invariant_norms(group, params, elem)
         if "angular_update" in want:

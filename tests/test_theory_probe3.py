@@ -57,3 +57,26 @@ def test_float32_charge_drift_is_the_exact_change_of_the_stored_charges():
         # of the step itself
         np.testing.assert_allclose(np.asarray(t["kernel"], np.float64), s1 - s0, rtol=0, atol=1e-9)
         np.testing.assert_allclose(float(t["bias"]), sb1 - sb0, rtol=0, atol=1e-9)
+
+
+def test_float32_predicted_drift_of_a_small_decoupled_decay():
+    """THEORY section 2: ``Q+ = (1 - eta lam)^2 Q + eta^2 Q(g)`` and ``S+ = (1 - eta lam) S`` exactly.  The prediction
+    formed ``(1 - eta lam)^2 - 1`` and ``(1 - eta lam) - 1`` from ``a = 1 - eta lam`` rounded to float32, whose error
+    (up to eps / 2) is a few percent of ``eta lam = 1e-6``: the predicted drift was 1.3% off the exact change of the
+    charges over the same float32 step (computed here in float64 from ``theta`` and ``Delta``)."""
+    group, params, loss = _mlp_step(None)
+    lr, lam = 1e-3, 1e-3
+    grads = jax.grad(loss)(params)
+    updates = jax.tree.map(lambda g, t: -lr * (g + lam * t), grads, params)
+    cross = jax.tree.map(jnp.zeros_like, qobs.charges(group, params))
+    pred, _ = qobs.predict_charge_drift(group, params, grads, updates, cross, lr=lr, weight_decay=lam)
+    wide = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    moved = jax.tree.map(lambda a, b: np.asarray(a, np.float64) + np.asarray(b, np.float64), params, updates)
+    (q0, s0, sb0), (q1, s1, sb1) = _exact_charges(wide), _exact_charges(moved)
+    np.testing.assert_allclose(np.asarray(pred["rescale/layers.0"], np.float64), q1 - q0, rtol=0,
+                               atol=1e-4 * np.max(np.abs(q1 - q0)))
+    t = pred["translation/layers.1"]
+    np.testing.assert_allclose(np.asarray(t["kernel"], np.float64), s1 - s0, rtol=0,
+                               atol=1e-4 * np.max(np.abs(s1 - s0)))
+    # (the zero-initialised output bias: S_b = 0, and S(Delta) = -eta S(g) is float32's rounding of a zero sum)
+    np.testing.assert_allclose(float(t["bias"]), sb1 - sb0, rtol=0, atol=1e-9)

@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .. import _tree
 from .._reduce import sum_all, sum_except, vdot
@@ -160,7 +161,10 @@ def charge_change(group, params, new_params) -> dict[str, Any]:
     ``eta = 0.001``; now 1e-5).  ``delta`` is formed as stored: ``new_params - params`` of two floats of one dtype
     within a factor 2 of each other is exact."""
     delta = jax.tree.map(lambda a, b: a - b, new_params, params)
-    _, first = jax.jvp(lambda p: charges_dict(group, p), (params,), (delta,))
+    # (a leaf that is not floating point, which no action moves, takes the float0 tangent jvp requires)
+    tangent = jax.tree.map(lambda d: d if jnp.issubdtype(jnp.result_type(d), jnp.inexact)
+                           else np.zeros(jnp.shape(d), jax.dtypes.float0), delta)
+    _, first = jax.jvp(lambda p: charges_dict(group, p), (params,), (tangent,))
     second = charges_dict(group, delta)
     linear = charge_linear(group)
     return {k: v if linear.get(k, False) else jax.tree.map(jnp.add, first[k], v) for k, v in second.items()}

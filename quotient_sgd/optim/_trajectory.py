@@ -119,7 +119,9 @@ def quotient_trajectory(
     ``charge_drift`` is ``Q(theta_{k+1}) - Q(theta_k)`` with ``theta_{k+1} = optax.apply_updates(theta_k,
     Delta_k)`` as the parameters store it: for bfloat16 / float16 parameters it includes the rounding of the step
     to their dtype (which the float32 observables would otherwise not see), so the recorded ``charges`` of
-    consecutive steps differ by exactly it.  ``charge_drift_predicted`` is the exact SGD identity
+    consecutive steps differ by it, up to their own rounding (``eps Q``: the drift is computed from the stored step,
+    ``<grad Q(theta_k), delta> + Q(delta)``, without the cancellation of that difference, which in float32 buried an
+    SGD step's ``eta^2 Q(g)`` at small learning rates).  ``charge_drift_predicted`` is the exact SGD identity
     (:func:`quotient_sgd.observables.predict_charge_drift`) and needs ``spec``; without one (Adam, other
     optimisers), and when ``tx`` contains :func:`~quotient_sgd.optim.gauge_fix` (its jumps to the canonical
     representative move the charges by what the identity does not contain) or a :func:`~quotient_sgd.optim.

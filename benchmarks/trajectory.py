@@ -170,11 +170,15 @@ def main(argv=None):
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
         ap.error(f"MODEL: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(MODELS)}")
+    if args.child and args.models:
+        ap.error(f"--child measures one model, the one it names ({args.child}); MODEL arguments "
+                 f"({', '.join(args.models)}) would be ignored: drop them, or drop --child to measure them in "
+                 f"subprocesses")
     if args.child:
         print("RESULT " + json.dumps(child(args.child)), flush=True)
         return
     models = args.models or list(MODELS)
-    rows = []
+    rows, failed = [], []
     for setting, extra in (("default malloc", {}), ("tuned malloc", MALLOC_TUNED)):
         env = {k: v for k, v in os.environ.items() if k not in MALLOC_TUNED}
         env.update(extra)
@@ -184,6 +188,7 @@ def main(argv=None):
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode != 0 or not line:
                 print(f"{setting} {m}: FAILED\n{proc.stderr[-2000:]}")
+                failed.append(f"{m} ({setting})")
                 continue
             r = json.loads(line[0][7:])
             r["setting"] = setting
@@ -198,6 +203,8 @@ def main(argv=None):
                 flush=True,
             )
     print("targets: step ratio <= 1.10 (stretch 1.05); Lanczos20 / gradient <= 45")
+    if failed:  # (exit status 1: a measurement that failed is not a result; it had exited 0)
+        raise SystemExit(f"trajectory.py: {len(failed)} measurement(s) failed: {', '.join(failed)}")
     return rows
 
 

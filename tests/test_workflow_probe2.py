@@ -131,3 +131,16 @@ def test_hj_benchmark_matches_each_error_with_the_fastest_run_of_both_codes():
         for r, c in pairs:
             reach = [q for q in cand if q[0] <= r[0]]
             assert c == (min(reach, key=lambda q: q[1]) if reach else None)
+
+
+def test_trajectory_benchmark_refuses_models_beside_child_and_fails_when_a_measurement_fails(monkeypatch, capsys):
+    """``--child mlp cnn`` measured the MLP alone without a word; a child process that failed printed FAILED and
+    the script exited with status 0, as if it had measured."""
+    T = _benchmark("trajectory")
+    with pytest.raises(SystemExit) as e:
+        T.main(["--child", "mlp", "cnn"])
+    assert e.value.code == 2 and "--child" in capsys.readouterr().err
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "Traceback: boom"))
+    with pytest.raises(SystemExit) as e:
+        T.main(["cnn"])
+    assert e.value.code not in (0, None) and "cnn" in str(e.value.code)

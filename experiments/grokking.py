@@ -53,12 +53,15 @@ def run(cfg):
     tx = optax.adamw(cfg.lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
     _, traj, wall = C.record(loss, params, tx, group, train_b, cfg.num_steps, hessian_every=cfg.eval_every,
                              observables=["loss", "grad_norm"], decomposition=False, evals=evals, seed=cfg.seed)
+    # the evaluations' raw gradient norm is the recorder's per-step one at the evaluated steps: the change points
+    # read the evaluations' copy, the trajectory keeps the per-step one (renamed over it, "q/grad_norm" replaced the
+    # per-step gradient norm in trajectory.npz by NaN at every step but the evaluated ones)
+    q_grad = traj.pop("q/grad_norm")
     for k in list(traj):
         if k.startswith("q/"):
             traj[k[2:]] = traj.pop(k)
-    sub = C.subsample(traj, [k for k in traj if k not in ("hessian_step",)])
-    sub.pop("grad_norm", None)  # the per-step raw key would shadow the sampled one
-    sub["grad_norm"] = C.subsample(traj, ["grad_norm"])["grad_norm"]
+    sub = C.subsample(traj, [k for k in traj if k not in ("hessian_step", "grad_norm")])
+    sub["grad_norm"] = q_grad[traj["hessian_step"] == traj["step"]]
     events = detect(sub, kinds=["transition"], block=1, alpha=cfg.alpha)
     events += detect({"loss": traj["loss"]}, kinds=["loss_spike", "divergence"])  # on the per-step loss
     return dict(traj=traj, sub=sub, events=events, wall=wall)

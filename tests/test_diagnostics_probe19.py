@@ -131,3 +131,33 @@ def test_shock_lr_help_shows_the_problem_keys_it_refuses_as_such(capsys):
             E.check_overrides({f"problem.{key}": "1"})
     line = next(ln for ln in lines if ln.startswith("  problem.width="))
     assert "refused" not in line and C.VALUE_RULES["width"][1] in line, line
+
+
+def test_grokking_trajectory_keeps_the_per_step_gradient_norm(monkeypatch):
+    """Experiment 3 renamed its evaluations' ``q/grad_norm`` to ``grad_norm`` over the recorder's per-step raw
+    gradient norm: ``trajectory.npz`` held it at the evaluated steps alone (3 finite values of 60 with
+    ``eval_every=20``), NaN at every other step it had been measured at.  The trajectory keeps the per-step norm;
+    the change points still read the evaluations' copy, at the evaluated steps (the recorder's output stands in
+    here: what is checked is what the script makes of it)."""
+    import _common as C
+    from helpers import experiment_script
+
+    G = experiment_script("grokking")
+    n, every = 12, 5
+    steps = np.arange(n)
+    refresh = steps % every == 0
+    per_step = 1.0 + 0.1 * steps  # the recorder's per-step raw gradient norm
+    sampled = np.where(refresh, 2.0 + steps, np.nan)  # the evaluations' copy (distinct values, to tell them apart)
+    traj = {"loss": np.linspace(2.0, 1.0, n), "grad_norm": per_step, "step": steps,
+            "hessian_step": np.where(refresh, steps, -1), "q/grad_norm": sampled,
+            "q/grad_norm_canonical": np.where(refresh, 0.5, np.nan), "test_accuracy": np.where(refresh, 0.5, np.nan)}
+    monkeypatch.setattr(C, "record", lambda *a, **k: (None, {kk: v.copy() for kk, v in traj.items()}, 0.0))
+    monkeypatch.setattr(G, "detect", lambda *a, **k: [])  # (the change points are not what is checked here)
+    cfg = C.load_config("grokking", ["scale=test", f"num_steps={n}", f"eval_every={every}", "d_model=4",
+                                     "num_heads=1", "p=3"])
+    out = G.run(cfg)
+    np.testing.assert_array_equal(out["traj"]["grad_norm"], per_step)
+    assert "q/grad_norm" not in out["traj"] and "grad_norm_canonical" in out["traj"], sorted(out["traj"])
+    np.testing.assert_array_equal(out["sub"]["step"], steps[refresh])
+    np.testing.assert_array_equal(out["sub"]["grad_norm"], sampled[refresh])
+    np.testing.assert_array_equal(out["sub"]["grad_norm_canonical"], [0.5] * 3)

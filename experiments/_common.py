@@ -353,7 +353,7 @@ VALUE_RULES: dict[str, tuple] = {
     # hj_slices.model_config, which names the entry; --help showed ``model=[]`` with nothing allowed)
     "model": (lambda v: isinstance(v, (tuple, list)),
               "a list of key=value overrides of experiment 1's config (configs/edge_of_stability.py), e.g. "
-              "'[\"hidden=[8]\"]'; not seed, num_steps, hessian_every, twin_scale"),
+              "'[\"hidden=[8]\"]'; not scale, seed, num_steps, hessian_every, twin_scale"),
     "norm": (lambda v: v == "layer", "'layer' (the experiment follows LayerNorm's scale-invariant conv blocks; "
                                      "'batch' keeps running statistics it does not thread)"),
 }

@@ -42,12 +42,15 @@ UNREAD_MODEL_KEYS = {
     "num_steps": "checkpoints=[...] (the GD steps trained to)",
     "hessian_every": "nothing here (the Hessian is taken at each checkpoint)",
     "twin_scale": "nothing here (experiment 5 has no re-gauged twin)",
+    "scale": "scale=... of this experiment (it sizes the MLP too)",
 }
 
 
 def model_config(cfg):
-    """Experiment 1's config with the ``key=value`` overrides of ``cfg.model`` applied and ``seed`` set to
-    ``cfg.seed``.  An override that is not ``key=value``, a key experiment 1 does not have, a value out of its range
+    """Experiment 1's config at this experiment's scale (``cfg.scale``) with the ``key=value`` overrides of
+    ``cfg.model`` applied and ``seed`` set to ``cfg.seed``.  (``scale=paper`` sliced the CPU-sized MLP, 8-32-32-1 on
+    128 examples, experiment 1's paper sizes being reachable only through ``model=["scale=paper"]``.)  An override
+    that is not ``key=value``, a key experiment 1 does not have, a value out of its range
     and a key the slices do not read (:data:`UNREAD_MODEL_KEYS`) stop the script (``SystemExit``) naming
     ``model``, the override and what is allowed, before anything is computed."""
     def refuse(what):
@@ -62,7 +65,7 @@ def model_config(cfg):
         if key in UNREAD_MODEL_KEYS:
             refuse(f"{item!r}: experiment 5 does not read experiment 1's {key}; set {UNREAD_MODEL_KEYS[key]}")
     try:
-        ecfg = C.load_config("edge_of_stability", list(cfg.model))
+        ecfg = C.load_config("edge_of_stability", [f"scale={cfg.scale}", *cfg.model])
     except SystemExit as err:
         refuse(str(err.code))
     ecfg.seed = cfg.seed

@@ -161,3 +161,31 @@ def test_grokking_trajectory_keeps_the_per_step_gradient_norm(monkeypatch):
     np.testing.assert_array_equal(out["sub"]["step"], steps[refresh])
     np.testing.assert_array_equal(out["sub"]["grad_norm"], sampled[refresh])
     np.testing.assert_array_equal(out["sub"]["grad_norm_canonical"], [0.5] * 3)
+
+
+def test_hj_slices_scale_sizes_the_sliced_mlp(tmp_path, monkeypatch):
+    """Experiment 5 built experiment 1's config at the CPU scale whatever its own: ``scale=paper`` (checkpoints up to
+    experiment 1's paper step count, 5000) sliced the CPU-sized MLP (8-32-32-1 on 128 examples), and experiment 1's
+    paper sizes were reachable only through ``model=["scale=paper"]``, against the rule that a nested config's scale
+    is the script's.  The MLP now follows ``scale`` (its ``model`` overrides still applied on top), and a scale in
+    ``model`` is refused by name before anything is computed."""
+    import _common as C
+    from helpers import experiment_script, never_run
+
+    H = experiment_script("hj_slices")
+    exp1 = C.config_module("edge_of_stability")
+    for scale in C.SCALES:
+        want = exp1.get_config(scale)
+        cfg = C.load_config("hj_slices", [f"scale={scale}", 'model=["lanczos=7"]', "seed=4"])
+        got = H.model_config(cfg)
+        for key in ("hidden", "num_examples", "input_dim", "teacher_hidden", "eta_lambda0"):
+            assert got[key] == want[key], (scale, key, got[key], want[key])
+        assert (got.lanczos, got.seed) == (7, 4), (scale, got.lanczos, got.seed)
+
+    monkeypatch.setenv("QSGD_EXPERIMENT_OUT", str(tmp_path))
+    monkeypatch.setattr(H, "run", never_run)
+    with pytest.raises(SystemExit) as err:
+        H.main(["scale=test", 'model=["scale=paper"]'])
+    msg = str(err.value.code)
+    assert msg.startswith("hj_slices: model=") and "scale=... of this experiment" in msg, msg
+    assert not (tmp_path / "hj_slices" / "result.json").exists()

@@ -16,8 +16,8 @@ def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
     c.max_steps = 20000
     c.flow_time_factor = 2.0  # flow to t = factor x t*_hessian, after the predicted shock time
     c.lanczos = 30
-    # key=value overrides of configs/edge_of_stability.py for the trained MLP and its data (none: experiment 1's
-    # CPU default), e.g. ("hidden=[8]", "num_examples=32")
+    # key=value overrides of configs/edge_of_stability.py for the trained MLP and its data, applied to experiment 1's
+    # config at this scale (none: its sizes at this scale), e.g. ("hidden=[8]", "num_examples=32")
     c.model = ()
     if scale == "paper":
         c.checkpoints = (0, 100, 500, 2000, 5000)

@@ -584,11 +584,15 @@ def decomposition_fn(loss_fn, batch, group, lanczos: int = 20, raw: bool = True)
         @jax.jit
         def f(p, k, lr):
             d = stability_decomposition(hloss, group, p, key=k, num_matvecs=lanczos, raw=raw)
-            d["lr_times_lambda_step"] = lr * d["sharpness_horizontal"]
+            lam = d["sharpness_horizontal"]
+            d["lr_times_lambda_step"] = lr.astype(lam.dtype) * lam
             return d
 
         def call(p, k, lr=None):
-            d = f(p, k, jnp.asarray(jnp.nan if lr is None else lr, jnp.float32))
+            # the learning rate in the parameters' precision: a float32 lr made float64 runs' lr_times_lambda_step
+            # off by 1.5e-8 relative (lr = 0.1), and failed under strict dtype promotion
+            dt = jnp.result_type(*jax.tree.leaves(p))
+            d = f(p, k, jnp.asarray(jnp.nan if lr is None else lr, dt))
             if lr is None:
                 d = {kk: v for kk, v in d.items() if kk != "lr_times_lambda_step"}
             return d

@@ -31,12 +31,18 @@ HESSIAN_KEYS = ("sharpness_horizontal", "sharpness_quotient", "sharpness_raw", "
                 "lambda_min_quotient", "gauge_factor", "gauge_factor_charges", "lr_times_lambda_step")
 
 
+def _results_base() -> str:
+    """``$QSGD_EXPERIMENT_OUT``, or ``experiments/results`` when it is unset or empty."""
+    return os.environ.get("QSGD_EXPERIMENT_OUT") or os.path.join(os.path.dirname(__file__), "results")
+
+
 def out_dir(name: str) -> str:
     """The results directory of experiment ``name`` (``$QSGD_EXPERIMENT_OUT/<name>``, default
     ``experiments/results/<name>``), made if needed; ``SystemExit`` naming it when it cannot be made or written
     (a script's ``main`` checks this before computing: a ``QSGD_EXPERIMENT_OUT`` that is a file ran the whole
-    experiment, then failed in a bare ``NotADirectoryError``)."""
-    base = os.environ.get("QSGD_EXPERIMENT_OUT", os.path.join(os.path.dirname(__file__), "results"))
+    experiment, then failed in a bare ``NotADirectoryError``).  An empty ``QSGD_EXPERIMENT_OUT`` is the default (it
+    wrote to ``./<name>/`` of whatever directory the script ran in)."""
+    base = _results_base()
     d = os.path.join(base, name)
     try:
         os.makedirs(d, exist_ok=True)
@@ -250,7 +256,7 @@ def check_results(name: str) -> None:
     loaded = _LOADED.get(name)
     if loaded is None or loaded["overwrite"]:
         return
-    base = os.environ.get("QSGD_EXPERIMENT_OUT", os.path.join(os.path.dirname(__file__), "results"))
+    base = _results_base()
     path = os.path.join(base, name, "result.json")
     if not os.path.isfile(path):
         return

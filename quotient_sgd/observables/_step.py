@@ -177,6 +177,7 @@ def shock_number(lr, curvature) -> jax.Array:
     1 (THEORY section 3-4).  ``lr``: one real number ``>= 0`` (a Python or NumPy one checked: a string failed in
     JAX's arithmetic naming nothing, a negative rate gave a negative shock number, silently)."""
     check_hyper("shock_number", "lr", lr)
+    _check_curvature("shock_number", curvature)
     return lr * jnp.maximum(-curvature, 0)
 
 
@@ -185,7 +186,19 @@ def fold_number(lr, curvature) -> jax.Array:
     """``eta max(0, kappa)``: the explicit step map folds at 1 and is unstable at 2 (edge of stability).  ``lr``: as
     for :func:`shock_number`."""
     check_hyper("fold_number", "lr", lr)
+    _check_curvature("fold_number", curvature)
     return lr * jnp.maximum(curvature, 0)
+
+
+def _check_curvature(fn: str, curvature) -> None:
+    """``TypeError`` naming ``curvature`` when it is no real number or array (a string failed in a bare "bad operand
+    type for unary -: 'str'", ``None`` and booleans likewise or silently)."""
+    if curvature is None or isinstance(curvature, (str, bytes, bool)) or not (
+            hasattr(curvature, "dtype") or isinstance(curvature, (int, float))) or not (
+            jnp.issubdtype(jnp.result_type(curvature), jnp.floating)
+            or jnp.issubdtype(jnp.result_type(curvature), jnp.integer)):
+        raise TypeError(f"{fn}: curvature must be a real number or an array of real numbers (the directional "
+                        f"curvature kappa), got {curvature!r}")
 
 
 @observable(REDUCED_DYNAMICS, "effective_lr")

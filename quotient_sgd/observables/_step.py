@@ -193,10 +193,14 @@ def fold_number(lr, curvature) -> jax.Array:
 def _check_curvature(fn: str, curvature) -> None:
     """``TypeError`` naming ``curvature`` when it is no real number or array (a string failed in a bare "bad operand
     type for unary -: 'str'", ``None`` and booleans likewise or silently)."""
-    if curvature is None or isinstance(curvature, (str, bytes, bool)) or not (
-            hasattr(curvature, "dtype") or isinstance(curvature, (int, float))) or not (
-            jnp.issubdtype(jnp.result_type(curvature), jnp.floating)
-            or jnp.issubdtype(jnp.result_type(curvature), jnp.integer)):
+    if isinstance(curvature, bool):
+        real = False
+    elif isinstance(curvature, (int, float)):
+        real = True
+    else:
+        dtype = getattr(curvature, "dtype", None)
+        real = dtype is not None and (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer))
+    if not real:
         raise TypeError(f"{fn}: curvature must be a real number or an array of real numbers (the directional "
                         f"curvature kappa), got {curvature!r}")
 

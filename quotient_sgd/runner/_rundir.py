@@ -216,19 +216,17 @@ _MANAGED_SUBDIRS = ("plots", "checkpoints", "trajectory_parts", "tensorboard", "
 
 def _holds_record(directory: str) -> str | None:
     """``"sweep"`` when ``directory`` holds a ``sweep.json`` (as :func:`check_workdir` tells a sweep's member
-    directory), ``"run"`` when it holds a run's ``config.json`` (a JSON object with ``steps`` and ``model``: a
+    directory), ``"run"`` when it holds a run's ``config.json`` (as :func:`read_record_json` reads one: a
     ``config.json`` of another program does not count), else ``None``."""
     if os.path.isfile(os.path.join(directory, "sweep.json")):
         return "sweep"
     path = os.path.join(directory, "config.json")
     if os.path.isfile(path):
         try:
-            with open(path) as f:
-                obj = json.load(f)
-        except (OSError, ValueError):
+            read_record_json(path)
+        except (OSError, ValueError, RunDirError):
             return None
-        if isinstance(obj, dict) and "steps" in obj and "model" in obj:
-            return "run"
+        return "run"
     return None
 
 

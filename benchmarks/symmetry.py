@@ -1,7 +1,8 @@
 """Cost of the quotient geometry relative to training: (horizontal projection + invariants) / (one gradient).
 
 Measured for the Transformer (issue A's target: <= 0.2), and for the MLP and CNN for reference, in one process:
-both sides jitted, warmed up, timed as the median of repeated calls.
+both sides jitted, warmed up, timed as the median of repeated calls made in turn (gradient, projection,
+invariants in every repetition).
 
     python benchmarks/symmetry.py [--quick]
 """
@@ -19,14 +20,18 @@ from flax import nnx
 from quotient_sgd.models import CNN, MLP, Transformer
 
 
-def _time(f, *args, reps=20):
-    jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
+def _time_alternately(calls, reps=20):
+    """Median seconds of each ``(f, args)`` in ``calls``, called in turn within every repetition, so that load on
+    the machine hits all sides alike (timing one side after the other lets a change of load bias the ratio)."""
+    for f, args in calls:
         jax.block_until_ready(f(*args))
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    ts = [[] for _ in calls]
+    for _ in range(reps):
+        for t, (f, args) in zip(ts, calls):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            t.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in ts]
 
 
 def measure(name, model, x, y, reps):
@@ -44,8 +49,9 @@ def measure(name, model, x, y, reps):
     horizontal = jax.jit(G.horizontal)
     invariants = jax.jit(G.invariants)
 
-    t_grad = _time(grad, params, reps=reps)
-    t_q = _time(horizontal, params, g, reps=reps) + _time(invariants, params, reps=reps)
+    t_grad, t_h, t_i = _time_alternately([(grad, (params,)), (horizontal, (params, g)), (invariants, (params,))],
+                                         reps=reps)
+    t_q = t_h + t_i
     print(f"{name:12s} gradient {t_grad * 1e3:8.2f} ms   horizontal+invariants {t_q * 1e3:8.2f} ms   "
           f"ratio {t_q / t_grad:6.3f}")
     return t_q / t_grad

@@ -253,13 +253,13 @@ def data_bytes(d: DataSettings, model_name: str) -> tuple[int, str]:
                     key=lambda kv: kv[1])
         # (and the teacher's weights, din x teacher_hidden and teacher_hidden x dout: data.din = data.teacher_hidden
         # = 10^5 with 2 examples validated, and the data set asked for 75 GiB)
-        nbytes = n * (12 * (d.din + d.dout) + 8 * d.teacher_hidden) + 8 * d.teacher_hidden * (d.din + d.dout)
+        nbytes = n * (16 * d.din + 20 * d.dout + 16 * d.teacher_hidden) + 8 * d.teacher_hidden * (d.din + d.dout)
         return nbytes, (width[0] if width[1] > n else count)
     if d.name == "sparse_parity":
         return 20 * n * d.n_bits, ("data.n_bits" if d.n_bits > n else count)
     if d.name == "modular_arithmetic":
         pairs = d.p * d.p
-        return (pairs * 24 * d.p if model_name != "transformer" else pairs * 64), "data.p"
+        return (pairs * 24 * d.p if model_name != "transformer" else pairs * 80), "data.p"
     return 16 * DIGITS_SIZE * 65, "data.test_fraction"
 
 

@@ -6,6 +6,7 @@ import tracemalloc
 
 import pytest
 
+from quotient_sgd import data
 from quotient_sgd.config import DataSettings
 from quotient_sgd.config import _validate as v
 from quotient_sgd.data import _tasks
@@ -54,3 +55,32 @@ def test_data_set_memory_estimate_bounds_the_measured_peak(task, sizes):
         assert v.data_bytes(d, "mlp")[0] == est
     else:
         assert v.data_bytes(DataSettings(name=task, p=sizes["p"]), "transformer")[0] == est
+
+
+def _offered_fractions(message: str) -> tuple[float, float]:
+    import re
+
+    m = re.search(r"use a fraction in \[([^,\]]+), ([^\]]+)\]", message)
+    assert m, message
+    return float(m.group(1)), float(m.group(2))
+
+
+@pytest.mark.parametrize("p, bad", [(113, 0.00003), (55, 1e-5), (2, 0.1)])
+def test_train_fraction_refusal_offers_fractions_that_validate(p, bad):
+    """A ``data.train_fraction`` leaving a side of the split empty is refused with the range to use; both ends of
+    that range, as written, must split ``p^2`` pairs with one at least on each side (checked by the generator
+    itself).  At ``data.p = 113`` the message offered ``[0.000117, 1]``: 1 is refused."""
+    from quotient_sgd.config import ConfigError, default_config, validate
+
+    c = default_config()
+    c.model.name, c.model.hidden = "mlp", (4,)
+    c.data.name, c.data.p, c.data.batch_size = "modular_arithmetic", p, 0
+    c.data.train_fraction = bad
+    with pytest.raises(ConfigError, match=r"config\.data\.train_fraction = ") as e:
+        validate(c)
+    for f in _offered_fractions(str(e.value)):
+        ds = data.modular_arithmetic(p=p, train_fraction=f)
+        assert ds.num_train >= 1 and ds.num_test >= 1, (p, f)
+        c.data.train_fraction = f
+        validate(c)
+

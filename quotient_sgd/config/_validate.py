@@ -180,6 +180,20 @@ def split_sizes(d: DataSettings) -> tuple[int, int]:
     return DIGITS_SIZE - n_test, n_test
 
 
+def _fraction_range(total: int) -> str:
+    """``"[lo, hi]"``: fractions ``f`` of ``total`` examples that leave at least one on each side of a split of
+    ``round(f * total)`` (Python's ``round``, as :mod:`quotient_sgd.data` splits), each written with the fewest
+    significant digits (at least 3) at which the written number itself splits so.  (At three digits the upper end
+    was written ``1`` from ``data.p = 55`` on, ``[0.000117, 1]`` for ``data.p = 113``: a fraction refused.)"""
+    def ok(f: float) -> bool:
+        return 0 < f < 1 and 1 <= round(f * total) <= total - 1
+
+    def text(x: float) -> str:
+        return next((t for t in (f"{x:.{k}g}" for k in range(3, 18)) if ok(float(t))), repr(x))
+
+    return f"[{text(1.5 / total)}, {text(1 - 1.5 / total)}]"
+
+
 def train_size(d: DataSettings) -> int:
     """The number of training examples ``d`` describes (:func:`split_sizes`)."""
     return split_sizes(d)[0]
@@ -218,14 +232,14 @@ def _check_data(d: DataSettings) -> None:
         (n, n_te), total = split_sizes(d), d.p * d.p
         _check(n >= 1 and n_te >= 1, "data.train_fraction", d.train_fraction,
                f"splits the {total} pairs of data.p = {d.p} into {n} training and {n_te} test pairs; both "
-               f"splits need at least one example: use a fraction in [{1.5 / total:.3g}, {1 - 1.5 / total:.3g}]"
+               f"splits need at least one example: use a fraction in {_fraction_range(total)}"
                + (" (or a larger data.p)" if total < 16 else ""))
     if d.name == "digits":
         _check(0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction, "must be in (0, 1)")
         n_tr, n_te = split_sizes(d)
         _check(n_tr >= 1 and n_te >= 1, "data.test_fraction", d.test_fraction,
                f"splits the {DIGITS_SIZE} images into {n_tr} training and {n_te} test images; both splits need "
-               f"at least one example: use a fraction in [{1.5 / DIGITS_SIZE:.3g}, {1 - 1.5 / DIGITS_SIZE:.3g}]")
+               f"at least one example: use a fraction in {_fraction_range(DIGITS_SIZE)}")
     n = train_size(d)
     _check(d.batch_size <= n, "data.batch_size", d.batch_size,
            f"larger than the training set ({n} examples of {d.name!r}); use <= {n}, or 0 for full batch")

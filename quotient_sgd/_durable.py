@@ -34,9 +34,11 @@ def durable_write(path: str, mode: str = "w", suffix: str = ".tmp") -> Iterator[
     """Write ``path`` atomically and durably: yields the file ``path + suffix`` open in ``mode`` (``"w"`` or
     ``"wb"``); when the block ends without an exception the file is flushed, ``fsync``-ed and closed, renamed to
     ``path`` (``os.replace``), and the directory holding it is ``fsync``-ed (:func:`fsync_directory`).  When the
-    block raises, ``path`` is left as it was (the temporary file stays, as a kill would leave it)."""
+    block raises, ``path`` is left as it was (the temporary file stays, as a kill would leave it).  Text is written
+    as UTF-8 whatever the locale says (under an ASCII locale, ``LC_ALL=C`` with ``PYTHONUTF8=0``, the summary.md of
+    a run named ``网络`` failed in a ``UnicodeEncodeError`` after the run had computed)."""
     tmp = path + suffix
-    with open(tmp, mode) as f:
+    with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
         yield f
         f.flush()
         os.fsync(f.fileno())

@@ -575,6 +575,14 @@ def _fail(msg: str, code: int = 2) -> int:
     return code
 
 
+def _echo(text: str) -> None:
+    """Print ``text`` on stdout, a character its encoding lacks as a backslash escape (the summary of a run named
+    ``网络`` under an ASCII locale, ``LC_ALL=C`` with ``PYTHONUTF8=0``, ended ``report`` in a
+    ``UnicodeEncodeError`` traceback after it had written the summary)."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    print(text.encode(encoding, "backslashreplace").decode(encoding, "replace"))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command ``argv`` (default ``sys.argv``); returns its exit status (see ``--help``)."""
     argv = list(sys.argv if argv is None else argv)
@@ -722,7 +730,7 @@ def _main(argv: list[str]) -> int:
             where = f" ({e.filename})" if e.filename else ""
             return _fail(f"cannot report {rest[2]!r}: {e.strerror or e}{where}; report writes summary.md, "
                          f"events.json and plots/ into the directory: copy it somewhere writable and report the copy")
-        print(text)
+        _echo(text)
         return 0
     if cmd not in ("run", "sweep"):
         return _fail(f"unknown subcommand {cmd!r}; use run, sweep or report\n{USAGE}")

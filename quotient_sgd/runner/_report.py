@@ -422,7 +422,7 @@ def read_record(workdir: str) -> dict | None:
     path = os.path.join(workdir, "summary.md")
     if not os.path.exists(path):
         return None
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:  # (as durable_write writes it)
         text = f.read()
     wall = re.search(r"^- wall time: ([0-9.eE+-]+) s$", text, re.M)
     resumed = re.search(r"^- steps: .*, resumed from step (\d+)$", text, re.M)

@@ -139,9 +139,12 @@ def angular_update(group, params, updates) -> dict[str, jax.Array]:
         # sqrt(|Delta|^2 - along^2), which cancels: a step mostly along w, a weight decay beside a small gradient,
         # had its angle's error at sqrt(eps) |Delta| / |w|, an angle of 2.7e-5 for an exact 1.1e-6 in float32)
         coef = _safe_div(wd, ww)
+        # (in the unit's common dtype, that of coef: a float32 kernel beside a float64 bias failed under strict
+        # dtype promotion with a bare TypePromotionError)
         perp = jnp.sqrt(sum(
             unit_sum((params, updates), ((path, axis),),
-                     lambda w, d, axis=axis: jnp.square(d - _along_axis(coef, axis, w.ndim) * w))
+                     lambda w, d, axis=axis: jnp.square(d.astype(coef.dtype)
+                                                        - _along_axis(coef, axis, w.ndim) * w.astype(coef.dtype)))
             for path, axis in ms))
         ang = jnp.arctan2(perp, nw + along)
         out[c.name] = jnp.sqrt(jnp.mean(jnp.square(ang)))

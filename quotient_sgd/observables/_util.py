@@ -177,15 +177,21 @@ def unit_sum(trees, members, fn) -> jax.Array:
     tree.  (Parameters that are themselves a tuple, ``(W1, b1, W2, b2)`` with paths ``(0,)``, ``(1,)``, ..., go in
     a tuple of one: taken as they came, their leaves were read as separate trees, a ``KeyError: (0,)``.)"""
     flat = [_tree.flatten(t)[0] for t in trees] if isinstance(trees, tuple) else [_tree.flatten(trees)[0]]
-    total = None
+    parts = []
     for path, axis in members:
         xs = [f[tuple(path)] for f in flat]
         v = fn(*xs)
-        if axis is None:
-            s = jnp.reshape(sum_all(v), (1,))
-        else:
-            s = sum_except(v, axis)
-        total = s if total is None else total + s
+        parts.append(jnp.reshape(sum_all(v), (1,)) if axis is None else sum_except(v, axis))
+    # a unit whose members have several dtypes (a float32 kernel beside a float64 bias) is summed in their common
+    # one, whatever jax_numpy_dtype_promotion is: under "strict" the sum failed with a bare TypePromotionError
+    # (effective_lr, angular_update and quotient_trajectory's defaults, where tree_dot already took such trees)
+    if len({x.dtype for x in parts}) > 1:
+        with jax.numpy_dtype_promotion("standard"):
+            dt = jnp.result_type(*parts)
+        parts = [x.astype(dt) for x in parts]
+    total = parts[0]
+    for x in parts[1:]:
+        total = total + x
     return total
 
 

@@ -1,0 +1,74 @@
+"""Per-unit observables of parameters whose leaves have several dtypes (float32 kernels beside float64 biases)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from quotient_sgd import _tree, models, observables as obs, optim
+
+
+def _mixed(params):
+    """Kernels kept in float32, biases (and LayerNorm vectors) in float64."""
+    return jax.tree.map(lambda x: x.astype(jnp.float64) if x.ndim == 1 else x, params)
+
+
+def _units(x, axis):
+    """A leaf as rows of one unit each (units along ``axis``; ``None``: the whole block is one unit)."""
+    x = np.asarray(x, np.float64)
+    return x.reshape(1, -1) if axis is None else np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
+
+
+def test_angular_update_of_a_unit_with_float32_and_float64_members_matches_the_angles(x64):
+    # a LayerNorm CNN's scale component holds a float32 conv kernel and a float64 bias: the per-unit sums of the two
+    # failed under strict dtype promotion with a bare TypePromotionError
+    model = models.CNN(2, (3, 3), 3, norm="layer", classifier=True, rngs=nnx.Rngs(0))
+    params = _mixed(nnx.split(model, nnx.Param)[1])
+    group = model.symmetries()
+    rng = np.random.default_rng(0)
+    step = jax.tree.map(lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype), params)
+    got = obs.angular_update(group, params, step)
+    flat_p, flat_u = _tree.flatten(params)[0], _tree.flatten(step)[0]
+    checked = 0
+    for comp in group.components:
+        if type(comp).__name__ != "Scale":
+            continue
+        w = np.concatenate([_units(flat_p[tuple(p)], a) for p, a in comp.members], axis=1)
+        d = np.concatenate([_units(flat_u[tuple(p)], a) for p, a in comp.members], axis=1)
+        cos = np.sum(w * (w + d), 1) / (np.linalg.norm(w, axis=1) * np.linalg.norm(w + d, axis=1))
+        want = np.sqrt(np.mean(np.arccos(np.clip(cos, -1, 1)) ** 2))
+        np.testing.assert_allclose(float(got[comp.name]), want, rtol=1e-6)
+        checked += 1
+    assert checked == 2
+
+
+def test_trajectory_effective_lr_of_mixed_dtype_parameters_is_eta_times_the_unit_norm(x64):
+    # SGD's per-unit rate is exactly eta (|w_in|^2 + |w_out|^2) (bias included); with float64 biases beside float32
+    # kernels the default observables failed at init with a bare TypePromotionError
+    model = models.MLP(3, (4,), 2, classifier=True, rngs=nnx.Rngs(0))
+    graphdef, p32 = nnx.split(model, nnx.Param)
+    params = _mixed(p32)
+    group = model.symmetries()
+    x = jax.random.normal(jax.random.key(1), (8, 3))
+    y = jax.random.randint(jax.random.key(2), (8,), 0, 2)
+
+    def loss_fn(p, batch):
+        p = jax.tree.map(lambda a: a.astype(jnp.float32), p)
+        logits = nnx.merge(graphdef, p)(batch[0])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
+
+    eta = 0.1
+    tx = optim.quotient_trajectory(optax.sgd(eta), group, every=2)
+    state = tx.init(params)
+    g = jax.grad(loss_fn)(params, (x, y))
+    updates, state = tx.update(g, state, params, value=loss_fn(params, (x, y)))
+    got = optim.observables_of(state)["effective_lr"]["rescale/layers.0"]
+    w_in = np.concatenate([np.asarray(params["layers"][0]["kernel"], np.float64).T,
+                           np.asarray(params["layers"][0]["bias"], np.float64)[:, None]], axis=1)
+    w_out = np.asarray(params["layers"][1]["kernel"], np.float64)
+    want = eta * (np.sum(w_in**2, 1) + np.sum(w_out**2, 1))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
+    assert np.asarray(got).dtype == np.float64
+    recorded = {k: v for k, v in optim.observables_of(state).items() if k != "charge_drift_predicted"}  # (no spec)
+    assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(recorded))

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def test_text_files_and_report_output_under_an_ascii_locale(tmp_path):
     """Under an ASCII locale (``LC_ALL=C`` with ``PYTHONUTF8=0``: Python then opens text files and stdout as
@@ -28,3 +30,62 @@ def test_text_files_and_report_output_under_an_ascii_locale(tmp_path):
     assert r.returncode == 0, r.stderr.decode(errors="replace")
     assert path.read_bytes() == "# Run `网络`\n".encode("utf-8")
     assert r.stdout == b"# Run `\\u7f51\\u7edc`\n"
+
+
+# ---- a sweep's data set is copied to every device ----------------------------------------------------------------
+def _settings(path, **over):
+    from quotient_sgd.config import load_config, validate
+
+    c = load_config(path)
+    c.logging.plots = False
+    for k, v in over.items():
+        c.update_from_flattened_dict({k: v})
+    return validate(c)
+
+
+def _held_bytes(dataset) -> int:
+    import jax
+
+    return sum(x.nbytes for x in jax.tree.leaves(dataset))
+
+
+def test_dataset_bytes_is_what_the_programs_hold():
+    """The arithmetic of ``dataset_bytes`` against the arrays a run builds (regression, images, tokens, bits)."""
+    from quotient_sgd.config import Settings
+    from quotient_sgd.runner._build import make_dataset
+    from quotient_sgd.runner._memory import dataset_bytes
+
+    for over in ({"data.name": "teacher_student", "data.dout": 3, "data.n_train": 30, "data.n_test": 9},
+                 {"data.name": "digits", "model.name": "cnn"}, {"data.name": "digits", "model.name": "mlp"},
+                 {"data.name": "modular_arithmetic", "data.p": 5, "model.name": "transformer"},
+                 {"data.name": "modular_arithmetic", "data.p": 5, "model.name": "mlp"},
+                 {"data.name": "sparse_parity", "data.n_bits": 6, "data.k": 2, "data.n_train": 20, "data.n_test": 7}):
+        s = Settings().replace(**over)
+        assert dataset_bytes(s) == _held_bytes(make_dataset(s)), over
+
+
+def test_a_sweep_whose_data_copies_do_not_fit_is_refused(tmp_path, monkeypatch):
+    """A sweep places a copy of the data set on every device (replicated over the mesh) besides the run's own; on
+    CPU devices each copy is this machine's memory (a 200 MB array replicated on 8 CPU devices grew the process by
+    1.5 GB).  The memory check counted the members' states, trajectories and gradients and not the data: a sweep on
+    8 devices of a data set of 1/9 of the memory was accepted and ran out of memory.  Refused now, naming the key
+    that sizes the data set, before anything is written."""
+    import jax
+
+    import quotient_sgd.runner._memory as memory
+    from quotient_sgd.config import ConfigError
+    from quotient_sgd.runner import sweep
+    from quotient_sgd.runner._build import make_dataset
+
+    tiny = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
+    s = _settings(tiny, **{"steps": 2, "checkpoint.every": 2, "data.n_train": 60000, "sweep.seed": (0,),
+                           "sweep.lr": (0.01, 0.02)})
+    devices = jax.devices()
+    copies = (len(devices) + 1) * _held_bytes(make_dataset(s))
+    monkeypatch.setattr(memory, "physical_memory", lambda: copies - 1)
+    wd = str(tmp_path / "sw")
+    with pytest.raises(ConfigError) as e:
+        sweep(s, wd, devices=devices)
+    msg = str(e.value)
+    assert msg.startswith("config.data.n_train = 60000: the data set (") and "copy on every device" in msg, msg
+    assert not os.path.exists(wd)

@@ -14,8 +14,8 @@ refused:
   on the host when it is assembled into ``trajectory.npz``;
 - a sweep holds every member's state on the devices (groups are padded to ``members per device * devices``
   members) and, for the checkpoint, a copy on the host; every member's chunk of trajectory; the gradients of the
-  members that run at once (``members per device`` on each device); and one member's whole trajectory while it is
-  assembled.
+  members that run at once (``members per device`` on each device); one member's whole trajectory while it is
+  assembled; and the data set, which every device holds a copy of (:func:`dataset_bytes`).
 
 CPU devices share the host's memory: everything counts against it.  An accelerator's memory is its allocator's
 limit (``memory_stats()["bytes_limit"]``), per device.
@@ -73,6 +73,19 @@ def per_example_batch(s: Settings) -> int:
     return s.data.batch_size or train_size(s.data)
 
 
+def dataset_bytes(s: Settings) -> int:
+    """The bytes of the configured data set as the programs hold it (float32 inputs or int32 tokens, float32
+    regression targets or int32 labels, train and test), by arithmetic.  A sweep places a copy of it on every
+    device (replicated over the mesh), besides the run's own copy on the default device: on CPU devices, which
+    share this machine's memory, ``devices + 1`` copies."""
+    from ..config._build_check import input_spec
+    from ..config._validate import split_sizes
+
+    shape, dout, _ = input_spec(s)
+    per_example = 4 * math.prod(shape) + (4 * dout if s.data.name == "teacher_student" else 4)
+    return sum(split_sizes(s.data)) * per_example
+
+
 def _gib(n: float) -> str:
     return f"{n / 2**30:.3g} GiB"
 
@@ -127,6 +140,14 @@ def _term_text(term: str, b: Built, s: Settings, fp: tuple, n: int = 1) -> tuple
         return ("checkpoint.every", s.checkpoint.every,
                 (f"a chunk of {chunk_steps} steps records {_gib(chunk_steps * step)} of trajectory on the device, "
                  f"beside the training state ({_gib(state)})"), "use a smaller checkpoint.every (steps per chunk)")
+    if term == "data":
+        from ..config._validate import data_bytes
+
+        key = data_bytes(s.data, s.model.name)[1]
+        return (key, setting(s, key), (f"the data set ({_gib(dataset_bytes(s))} as the programs hold it) has a copy "
+                                       f"on every device of the sweep (CPU devices share this machine's memory), "
+                                       f"besides the run's own"),
+                f"use a smaller {key}, or fewer devices (sweep(devices=...); JAX_NUM_CPU_DEVICES on CPU)")
     key, advice = _what_work(s, b)
     return (key, setting(s, key), "a step holds the gradient" + (" and the per-example gradients"
                                                                   if s.observables.noise_every > 0 else "")
@@ -183,11 +204,12 @@ def sweep_memory_need(fp: tuple, s: Settings, n: int, nd: int, mpd: int, acceler
     size = mpd * nd
     padded = math.ceil(n / size) * size  # (the last group is padded with copies of members)
     held, held_padded = math.ceil(n * local / nd), padded * local // nd
+    data = dataset_bytes(s)  # (replicated over the mesh: a copy on every device; CPU devices are the host's)
     if accelerator:
         return ({"members": held * member, "trajectory": s.steps * step},
-                {"members": padded // nd * member, "step": mpd * work})
-    return ({"members": (held_padded + held) * member, "step": mpd * local * work, "trajectory": s.steps * step},
-            {})
+                {"members": padded // nd * member, "step": mpd * work, "data": data})
+    return ({"members": (held_padded + held) * member, "step": mpd * local * work, "trajectory": s.steps * step,
+             "data": (local + 1) * data}, {})
 
 
 def sweep_members_cap(b: Built, s: Settings, n: int, devices, requested: int, *, source: str = "",
@@ -197,7 +219,8 @@ def sweep_members_cap(b: Built, s: Settings, n: int, devices, requested: int, *,
 
     Raises :class:`~quotient_sgd.config.ConfigError` naming the key when even one member per device does not fit
     (too many members: the longest sweep axis is named; too long a trajectory: ``steps``; a step too large to run
-    on every device at once: the per-example gradients or the model's size), and when ``source`` (the key or
+    on every device at once: the per-example gradients or the model's size; a data set whose copy on every device
+    does not fit: the key that sizes it, e.g. ``data.n_train``), and when ``source`` (the key or
     argument that fixed ``requested``) asks for more members per device than fit (the message gives the most that
     do).  ``source=""``: ``requested`` bounds an automatic choice, and is lowered to what fits.  ``regauge``: whether
     the sweep's initialisation re-gauges (:func:`~._chunk.init_program`; its trace is then reused).  ``work``: the

@@ -68,8 +68,8 @@ def test_a_sweep_whose_data_copies_do_not_fit_is_refused(tmp_path, monkeypatch):
     """A sweep places a copy of the data set on every device (replicated over the mesh) besides the run's own; on
     CPU devices each copy is this machine's memory (a 200 MB array replicated on 8 CPU devices grew the process by
     1.5 GB).  The memory check counted the members' states, trajectories and gradients and not the data: a sweep on
-    8 devices of a data set of 1/9 of the memory was accepted and ran out of memory.  Refused now, naming the key
-    that sizes the data set, before anything is written."""
+    8 devices whose 9 copies of the data exceed the memory was accepted.  Refused now, naming the key that sizes
+    the data set, before anything is written."""
     import jax
 
     import quotient_sgd.runner._memory as memory

@@ -195,7 +195,8 @@ def test_an_accelerator_chunk_too_large_for_its_memory_names_checkpoint_every(mo
     s = _tiny(steps=10000, **{"checkpoint.every": 5000})
     b = build(s)
     state, step, work = memory.footprint(b)
-    monkeypatch.setattr(memory, "device_memory", lambda d: state + work + 100 * step)
+    # (the device holds the data set too: quotient_sgd.runner._memory.dataset_bytes)
+    monkeypatch.setattr(memory, "device_memory", lambda d: state + work + 100 * step + memory.dataset_bytes(s))
     with pytest.raises(ConfigError, match=r"^config\.checkpoint\.every = 5000: a chunk of 5000 steps records"):
         memory.check_run_memory(b, s)
     memory.check_run_memory(b, s.replace(**{"checkpoint.every": 100}))  # (fits)

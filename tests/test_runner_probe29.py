@@ -89,3 +89,26 @@ def test_a_sweep_whose_data_copies_do_not_fit_is_refused(tmp_path, monkeypatch):
     msg = str(e.value)
     assert msg.startswith("config.data.n_train = 60000: the data set (") and "copy on every device" in msg, msg
     assert not os.path.exists(wd)
+
+
+def test_a_run_whose_data_does_not_fit_its_accelerator_is_refused(monkeypatch):
+    """On an accelerator a run's data set lives in the device's memory beside its state, a chunk of trajectory and
+    a step; the check counted those alone, and a run whose data set did not fit beside them was accepted (to fail
+    in XLA's out-of-memory error).  Refused naming the key that sizes the data set; device memory for exactly the
+    four amounts (the data set's measured from the arrays built) lets it through."""
+    import quotient_sgd.runner._memory as memory
+    from quotient_sgd.config import ConfigError
+    from quotient_sgd.runner._build import build
+
+    tiny = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
+    s = _settings(tiny, **{"steps": 10, "checkpoint.every": 10, "data.n_train": 20000})
+    b = build(s)
+    state, step, work = memory.footprint(b)
+    data = _held_bytes(b.dataset)
+    need = state + 10 * step + work + data
+    monkeypatch.setattr(memory, "device_memory", lambda d: need - 1)
+    with pytest.raises(ConfigError, match=r"^config\.data\.n_train = 20000: the data set takes .* on the run's "
+                                          r"device.*use a smaller data\.n_train"):
+        memory.check_run_memory(b, s)
+    monkeypatch.setattr(memory, "device_memory", lambda d: need)
+    memory.check_run_memory(b, s)

@@ -121,7 +121,8 @@ def _refuse(key: str, value, text: str) -> ConfigError:
     return ConfigError(f"config.{key} = {value!r}: {text}")
 
 
-def _term_text(term: str, b: Built, s: Settings, fp: tuple, n: int = 1) -> tuple[str, object, str, str]:
+def _term_text(term: str, b: Built, s: Settings, fp: tuple, n: int = 1, sweep: bool = False,
+               ) -> tuple[str, object, str, str]:
     """``(key, value, what it holds, advice)`` of a term of :func:`run_memory_need` / :func:`sweep_memory_need`
     (``fp``: the :func:`footprint`)."""
     state, step, work = fp
@@ -144,6 +145,9 @@ def _term_text(term: str, b: Built, s: Settings, fp: tuple, n: int = 1) -> tuple
         from ..config._validate import data_bytes
 
         key = data_bytes(s.data, s.model.name)[1]
+        if not sweep:
+            return (key, setting(s, key), f"the data set takes {_gib(dataset_bytes(s))} on the run's device",
+                    f"use a smaller {key}")
         return (key, setting(s, key), (f"the data set ({_gib(dataset_bytes(s))} as the programs hold it) has a copy "
                                        f"on every device of the sweep (CPU devices share this machine's memory), "
                                        f"besides the run's own"),
@@ -159,16 +163,18 @@ def run_memory_need(fp: tuple, s: Settings, accelerator: bool) -> tuple[dict, di
     on its device)`` (a CPU device's terms are the host's)."""
     state, step, work = fp
     chunk = min(s.checkpoint.every, s.steps) * step
+    data = dataset_bytes(s)  # (the data set on the run's device)
     if accelerator:
-        return {"trajectory": s.steps * step}, {"chunk": state + chunk, "step": work}
-    return {"trajectory": s.steps * step + state, "step": work}, {}
+        return {"trajectory": s.steps * step}, {"chunk": state + chunk, "step": work, "data": data}
+    return {"trajectory": s.steps * step + state, "step": work, "data": data}, {}
 
 
 def check_run_memory(b: Built, s: Settings, device=None, memory: int | None = None) -> None:
     """:class:`~quotient_sgd.config.ConfigError` naming the key when a run of ``s`` (built as ``b``) cannot hold
     what it computes: its whole trajectory (``steps``) on the host, or, on an accelerator ``device``, its state, a
-    chunk of trajectory (``checkpoint.every`` steps) and a step in the device's memory.  ``memory``: the host's
-    (default: this machine's physical memory).  Nothing is computed."""
+    chunk of trajectory (``checkpoint.every`` steps), a step and the data set in the device's memory (on a CPU
+    device, the data set in the host's).  ``memory``: the host's (default: this machine's physical memory).
+    Nothing is computed."""
     device = jax.devices()[0] if device is None else device
     host_mem = physical_memory() if memory is None else memory
     acc = device_memory(device)
@@ -248,7 +254,7 @@ def sweep_members_cap(b: Built, s: Settings, n: int, devices, requested: int, *,
     bad = over(1)
     if bad is not None:
         term, need, have, where = bad
-        key, value, text, advice = _term_text(term, b, s, fp, n)
+        key, value, text, advice = _term_text(term, b, s, fp, n, sweep=True)
         raise _refuse(key, value, f"{text}: with one member per device on {nd} device(s) the sweep needs at least "
                                   f"{_gib(need)}, more than {where} ({_gib(have)}); {advice}")
     lo, hi = 1, max(1, requested)  # (the need grows with the members per device: the largest that fits)

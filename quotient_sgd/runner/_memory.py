@@ -9,9 +9,9 @@ observables' carries and the Lanczos vectors), and, for a sweep, how many member
 Each amount is a lower bound of what the run allocates (XLA's temporaries come on top), so nothing that runs is
 refused:
 
-- a run holds its state and one step's gradient (and per-example gradients, for the noise temperature) on its
-  device, a chunk's trajectory (``checkpoint.every`` steps) on the device and the host, and its whole trajectory
-  on the host when it is assembled into ``trajectory.npz``;
+- a run holds its state, its data set and one step's gradient (and per-example gradients, for the noise
+  temperature) on its device, a chunk's trajectory (``checkpoint.every`` steps) on the device and the host, and its
+  whole trajectory on the host when it is assembled into ``trajectory.npz``;
 - a sweep holds every member's state on the devices (groups are padded to ``members per device * devices``
   members) and, for the checkpoint, a copy on the host; every member's chunk of trajectory; the gradients of the
   members that run at once (``members per device`` on each device); one member's whole trajectory while it is

@@ -61,8 +61,13 @@ def test_trajectory_effective_lr_of_mixed_dtype_parameters_is_eta_times_the_unit
     eta = 0.1
     tx = optim.quotient_trajectory(optax.sgd(eta), group, every=2)
     state = tx.init(params)
-    g = jax.grad(loss_fn)(params, (x, y))
-    updates, state = tx.update(g, state, params, value=loss_fn(params, (x, y)))
+
+    @jax.jit
+    def step(p, st):
+        value, g = jax.value_and_grad(loss_fn)(p, (x, y))
+        return tx.update(g, st, p, value=value)[1]
+
+    state = step(params, state)
     got = optim.observables_of(state)["effective_lr"]["rescale/layers.0"]
     w_in = np.concatenate([np.asarray(params["layers"][0]["kernel"], np.float64).T,
                            np.asarray(params["layers"][0]["bias"], np.float64)[:, None]], axis=1)
@@ -72,3 +77,30 @@ def test_trajectory_effective_lr_of_mixed_dtype_parameters_is_eta_times_the_unit
     assert np.asarray(got).dtype == np.float64
     recorded = {k: v for k, v in optim.observables_of(state).items() if k != "charge_drift_predicted"}  # (no spec)
     assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(recorded))
+
+
+def test_frozen_projection_and_dense_hessian_of_mixed_dtype_parameters(x64):
+    # ravelling float32 kernels beside float64 biases failed under strict dtype promotion with a bare
+    # TypePromotionError (frozen_horizontal, hence lanczos_method="unrolled", and dense_hessian)
+    model = models.MLP(3, (4,), 2, classifier=True, rngs=nnx.Rngs(0))
+    graphdef, p32 = nnx.split(model, nnx.Param)
+    params = _mixed(p32)
+    wide = jax.tree.map(lambda a: a.astype(jnp.float64), p32)
+    group = model.symmetries()
+    x = jax.random.normal(jax.random.key(1), (8, 3), jnp.float64)
+    y = jax.random.randint(jax.random.key(2), (8,), 0, 2)
+
+    def loss(p):  # one function of the parameters' values, whatever their dtypes
+        p = jax.tree.map(lambda a: a.astype(jnp.float64), p)
+        return optax.softmax_cross_entropy_with_integer_labels(nnx.merge(graphdef, p)(x), y).mean()
+
+    rng = np.random.default_rng(1)
+    v = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape), a.dtype), params)
+    frozen, direct = jax.jit(lambda p, u: (obs.frozen_horizontal(group, p)(u), group.horizontal(p, u)))(params, v)
+    for a, b, ref in zip(jax.tree.leaves(frozen), jax.tree.leaves(direct), jax.tree.leaves(params)):
+        assert a.dtype == ref.dtype
+        np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-5, atol=1e-6)
+    dense = jax.jit(lambda p: obs.dense_hessian(loss, p))  # (op by op it took seconds)
+    mixed = dense(params)
+    assert mixed.dtype == jnp.float64
+    np.testing.assert_allclose(np.asarray(mixed), np.asarray(dense(wide)), rtol=1e-5, atol=1e-6)

@@ -753,8 +753,6 @@ def frozen_horizontal(group, params, *, max_elements: int = 2**24, max_build_flo
     computed with it, a sharpness penalty): the derivative is that of the orthogonal projector onto the tangents'
     span, taken from the tangents (the basis' eigh / SVD are not differentiated: their eigenvalues repeat).
     """
-    from jax.flatten_util import ravel_pytree
-
     from ..symmetry._base import inverse_where
 
     if not _is_group(group):  # (a bare "'function' object has no attribute 'tangents'")
@@ -765,7 +763,7 @@ def frozen_horizontal(group, params, *, max_elements: int = 2**24, max_build_flo
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
             raise ValueError(f"frozen_horizontal: {name} must be a number >= 0 (the budget above which "
                              f"group.horizontal is applied afresh instead), got {value!r}")
-    flat0, unravel = ravel_pytree(params)
+    flat0, unravel = _ravel(params)
     shapes = jax.eval_shape(group.tangents, params)
     leaves = jax.tree.leaves(shapes)
     k = leaves[0].shape[0] if leaves else 0
@@ -773,7 +771,7 @@ def frozen_horizontal(group, params, *, max_elements: int = 2**24, max_build_flo
         return lambda v: v
     if k * flat0.shape[0] > max_elements or 8.0 * k * k * flat0.shape[0] > max_build_flops:
         return lambda v: group.horizontal(params, v)
-    tm = jax.vmap(lambda t: ravel_pytree(t)[0])(group.tangents(params))
+    tm = jax.vmap(lambda t: _ravel(t)[0])(group.tangents(params))
     # the basis is built from the tangents' values only: its eigh / SVD have no usable derivative (the second Gram
     # pass decomposes a matrix ~ I, whose equal eigenvalues made jax.grad through the projection NaN);
     # _horizontal_flat differentiates the projection itself, from the tangents
@@ -796,9 +794,20 @@ def frozen_horizontal(group, params, *, max_elements: int = 2**24, max_build_flo
         basis = vt * keep.astype(vt.dtype)[:, None]
 
     def project(v):
-        return unravel(_horizontal_flat(tm, basis, ravel_pytree(v)[0]))
+        return unravel(_horizontal_flat(tm, basis, _ravel(v)[0]))
 
     return project
+
+
+def _ravel(tree):
+    """``jax.flatten_util.ravel_pytree(tree)``, leaves of several dtypes (float32 kernels beside float64 biases) joined
+    in their common one whatever ``jax_numpy_dtype_promotion`` is: under ``"strict"`` the concatenation failed with a
+    bare ``TypePromotionError`` (:func:`frozen_horizontal`, so ``lanczos_method="unrolled"``, and
+    :func:`dense_hessian`; :func:`gradient_noise` already ravelled so).  The inverse casts each leaf back."""
+    from jax.flatten_util import ravel_pytree
+
+    with jax.numpy_dtype_promotion("standard"):
+        return ravel_pytree(tree)
 
 
 @jax.custom_jvp
@@ -918,13 +927,12 @@ def sharpness_preconditioned(loss_fn, params, preconditioner, *, key, num_matvec
 
 
 def dense_hessian(loss_fn: Callable, params, project: Callable | None = None) -> jax.Array:
-    """The dense ``P H P`` in raveled coordinates (``jax.flatten_util.ravel_pytree`` order); small models only."""
-    from jax.flatten_util import ravel_pytree
-
-    flat, unravel = ravel_pytree(params)
+    """The dense ``P H P`` in raveled coordinates (``jax.flatten_util.ravel_pytree`` order); small models only.
+    Parameters whose leaves have several dtypes are ravelled in their common one (:func:`_ravel`)."""
+    flat, unravel = _ravel(params)
     op = hvp_operator(loss_fn, params, project)
 
     def col(e):
-        return ravel_pytree(op(unravel(e)))[0]
+        return _ravel(op(unravel(e)))[0]
 
     return jax.vmap(col)(jnp.eye(flat.shape[0], dtype=flat.dtype))

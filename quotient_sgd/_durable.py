@@ -36,9 +36,11 @@ def durable_write(path: str, mode: str = "w", suffix: str = ".tmp") -> Iterator[
     ``path`` (``os.replace``), and the directory holding it is ``fsync``-ed (:func:`fsync_directory`).  When the
     block raises, ``path`` is left as it was (the temporary file stays, as a kill would leave it).  Text is written
     as UTF-8 whatever the locale says (under an ASCII locale, ``LC_ALL=C`` with ``PYTHONUTF8=0``, the summary.md of
-    a run named ``网络`` failed in a ``UnicodeEncodeError`` after the run had computed)."""
+    a run named ``网络`` failed in a ``UnicodeEncodeError`` after the run had computed), and a command-line argument
+    that Python decoded with ``surrogateescape`` (non-ASCII bytes under such a locale: ``--config.name=网络``) as
+    the bytes it was typed as."""
     tmp = path + suffix
-    with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+    with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8", "errors": "surrogateescape"})) as f:
         yield f
         f.flush()
         os.fsync(f.fileno())

@@ -14,8 +14,10 @@ def test_text_files_and_report_output_under_an_ascii_locale(tmp_path):
     ASCII), a run named ``网络`` (in its config file) computed its steps and then failed writing ``summary.md`` in a
     ``UnicodeEncodeError`` traceback, and ``quotient-sgd report`` of it failed printing the summary.  The run
     directory's text files are UTF-8 whatever the locale, and ``report`` prints a character stdout cannot encode as
-    a backslash escape.  (The two functions every such write goes through, in a fresh interpreter: the locale is
-    read at start-up.)"""
+    a backslash escape.  A command-line argument Python decoded with ``surrogateescape`` (``--config.name=网络``
+    under that locale: it failed the same way, in "surrogates not allowed") is written as the bytes it was typed
+    as.  (The two functions every such write goes through, in a fresh interpreter: the locale is read at
+    start-up.)"""
     path = tmp_path / "summary.md"
     code = ("import sys\n"
             "from quotient_sgd._durable import durable_write\n"
@@ -23,13 +25,18 @@ def test_text_files_and_report_output_under_an_ascii_locale(tmp_path):
             "assert sys.stdout.encoding.lower().replace('-', '') in ('ascii', 'ansi_x3.41968'), sys.stdout.encoding\n"
             f"with durable_write({str(path)!r}) as f:\n"
             "    f.write('# Run `\\u7f51\\u7edc`\\n')\n"
-            "_echo('# Run `\\u7f51\\u7edc`')\n")
+            f"with durable_write({str(path) + '2'!r}) as f:\n"  # (an argument decoded with surrogateescape)
+            "    f.write(sys.argv[1])\n"
+            "_echo('# Run `\\u7f51\\u7edc`')\n"
+            "_echo(sys.argv[1])\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("LC_")}
     env.update(PYTHONUTF8="0", PYTHONCOERCECLOCALE="0", LC_ALL="C", LANG="C", PYTHONIOENCODING="")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code, "网络".encode("utf-8")], env=env, capture_output=True,
+                       timeout=120)
     assert r.returncode == 0, r.stderr.decode(errors="replace")
     assert path.read_bytes() == "# Run `网络`\n".encode("utf-8")
-    assert r.stdout == b"# Run `\\u7f51\\u7edc`\n"
+    assert (tmp_path / "summary.md2").read_bytes() == "网络".encode("utf-8")
+    assert r.stdout.splitlines()[0] == b"# Run `\\u7f51\\u7edc`", r.stdout
 
 
 # ---- a sweep's data set is copied to every device ----------------------------------------------------------------

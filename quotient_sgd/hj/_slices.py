@@ -123,6 +123,13 @@ def _check_slice(name: str, loss_fn, params) -> None:
                            why_float="the slice moves every parameter by a . direction, in its dtype")
 
 
+def _leaves_as_arrays(params):
+    """``params`` with every leaf a JAX array (a Python float leaf, e.g. ``params=0.3`` or ``[0.3, -1.2]``, in the
+    default float, as :func:`_check_slice` reads it): the slice moved each leaf as ``p + c.astype(p.dtype)``, and a
+    float leaf failed there in a bare ``AttributeError: 'float' object has no attribute 'dtype'``."""
+    return jax.tree.map(jnp.asarray, params)
+
+
 def _check_grid(name: str, grid) -> None:
     if not isinstance(grid, (Grid, Grid2D)):
         got = f"{type(grid).__name__} of shape {np.shape(grid)}" if hasattr(grid, "shape") else repr(grid)
@@ -140,6 +147,7 @@ def loss_slice(loss_fn: Callable, params, directions, grid: AnyGrid) -> Array:
     """
     _check_grid("loss_slice", grid)
     _check_slice("loss_slice", loss_fn, params)
+    params = _leaves_as_arrays(params)
     ds = _match_directions(params, directions)
     if len(ds) != grid.ndim:
         raise ValueError(f"loss_slice: {len(ds)} direction(s) need a {len(ds)}-D grid, got a {grid.ndim}-D one.")
@@ -225,6 +233,7 @@ def slice_flow(loss_fn: Callable, params, directions, *, extent: float, n: int, 
     if not isinstance(orthonormalize, (bool, np.bool_)):  # "no" is True: it orthonormalised
         raise ValueError(f"slice_flow: orthonormalize={orthonormalize!r} is not allowed; need True or False.")
     _check_slice("slice_flow", loss_fn, params)
+    params = _leaves_as_arrays(params)
     ds = _match_directions(params, directions)
     if orthonormalize:
         ds = _orthonormalize(ds)

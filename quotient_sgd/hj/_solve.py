@@ -515,8 +515,10 @@ def _solve(form, name, y0, grid, *, nu, t1, ts, scheme, solver, rtol, atol, max_
         if all(a is not None for a in tols.values()) and tols["rtol"] == 0 and tols["atol"] == 0:
             raise ValueError(f"{name}: rtol=0 and atol=0 is not allowed; at least one tolerance must be > 0.")
         _check_tolerance_floor(name, form, field, y0, tols["rtol"], tols["atol"])
-    for arg, value in (("nu", nu), ("t1", t1)):
-        if jnp.ndim(value) != 0:
+    # (a step of shape (1,), np.array([0.01]), failed inside diffeqsolve in Diffrax's bare "body_fun must have the
+    # same input and output structure")
+    for arg, value in (("nu", nu), ("t1", t1), ("dt", dt), ("dt0", dt0)):
+        if value is not None and jnp.ndim(value) != 0:
             raise ValueError(f"{name}: {arg} must be a scalar, got shape {jnp.shape(value)}; for several values "
                              f"jax.vmap the solve over {arg}.")
     nu = jnp.asarray(nu, dtype)

@@ -1,0 +1,41 @@
+"""The HJ / Burgers engine on cases beyond its other tests: scalar arguments given as one-element arrays, and loss
+slices through parameters given as plain Python numbers."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from quotient_sgd.hj import Grid, loss_slice, solve_burgers, solve_hj
+
+
+def test_a_step_given_as_a_one_element_array_is_refused_by_name():
+    """``dt`` (or ``dt0``) of shape ``(1,)``, ``np.array([0.01])``, passed every check of the solve and failed inside
+    ``diffeqsolve`` in Diffrax's bare "`body_fun` must have the same input and output structure" (the step's shape
+    reached the loop's time); ``nu`` and ``t1`` of that shape were already refused by name.  A 0-d array is a scalar
+    and is read as one."""
+    g = Grid(8, -1.0, 1.0)
+    p0 = -jnp.sin(jnp.pi * g.x)
+    for kw in (dict(dt=np.array([0.01])), dict(dt0=np.array([0.01])), dict(dt=jnp.array([0.01, 0.02]))):
+        arg = next(iter(kw))
+        with pytest.raises(ValueError, match=f"{arg} must be a scalar, got shape"):
+            solve_burgers(p0, g, nu=0.1, t1=0.05, **kw)
+        with pytest.raises(ValueError, match=f"{arg} must be a scalar"):
+            solve_hj(jnp.cos(jnp.pi * g.x), g, nu=0.1, t1=0.05, **kw)
+
+
+def test_loss_slice_through_parameters_given_as_python_numbers():
+    """``params`` may be any pytree of floats, and a Python float is one (``cole_hopf_monte_carlo`` takes it):
+    ``loss_slice`` / ``slice_flow`` accepted ``params=0.3`` (or ``[0.3, -1.2]``, a dict with a float leaf) and
+    then failed in a bare ``AttributeError: 'float' object has no attribute 'dtype'`` moving the leaf along the
+    direction.  (A list of directions is a list of slice directions: one like a list of parameters is passed in a
+    tuple.)  The slice is ``loss_fn(params + a d)``, checked against the loss at those points."""
+    g = Grid(8, -1.0, 1.0, periodic=False)
+    a = np.asarray(g.x, np.float64)
+    got = np.asarray(loss_slice(lambda p: jnp.cos(p), 0.3, 1.0, g))
+    np.testing.assert_allclose(got, np.cos(0.3 + a), rtol=1e-6, atol=1e-6)
+    got = np.asarray(loss_slice(lambda p: p[0] ** 2 + 2 * p[1], [0.3, -1.2], ([0.6, 0.8],), g))
+    np.testing.assert_allclose(got, (0.3 + 0.6 * a) ** 2 + 2 * (-1.2 + 0.8 * a), rtol=1e-6, atol=1e-6)
+    params = {"w": jnp.array([0.5, -0.25]), "b": 2.0}
+    got = np.asarray(loss_slice(lambda p: jnp.sum(p["w"]) * p["b"], params,
+                                {"w": jnp.array([1.0, 0.0]), "b": 0.5}, g))
+    np.testing.assert_allclose(got, (0.25 + a) * (2.0 + 0.5 * a), rtol=1e-6, atol=1e-6)

@@ -1,11 +1,13 @@
 """The HJ / Burgers engine on cases beyond its other tests: scalar arguments given as one-element arrays, and loss
-slices through parameters given as plain Python numbers."""
+slices through parameters given as plain Python numbers, losses that are not functions."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quotient_sgd.hj import Grid, loss_slice, solve_burgers, solve_hj
+from quotient_sgd.hj import (Grid, cole_hopf, cole_hopf_gradient, cole_hopf_monte_carlo, loss_slice, slice_flow,
+                             solve_burgers, solve_hj)
 
 
 def test_a_step_given_as_a_one_element_array_is_refused_by_name():
@@ -39,3 +41,20 @@ def test_loss_slice_through_parameters_given_as_python_numbers():
     got = np.asarray(loss_slice(lambda p: jnp.sum(p["w"]) * p["b"], params,
                                 {"w": jnp.array([1.0, 0.0]), "b": 0.5}, g))
     np.testing.assert_allclose(got, (0.25 + a) * (2.0 + 0.5 * a), rtol=1e-6, atol=1e-6)
+
+
+def test_a_loss_that_is_not_a_function_is_refused_by_name():
+    """A loss that is not callable (a number, ``None``) failed in JAX's bare "Expected a callable value, got 3.0",
+    naming neither the function nor the argument; the quadrature, the Monte Carlo estimator and the slices now
+    refuse it with a ``TypeError`` naming ``loss`` / ``loss_fn``."""
+    x = jnp.linspace(-1.0, 1.0, 5)
+    with pytest.raises(TypeError, match="cole_hopf: loss=3.0 is not allowed"):
+        cole_hopf(3.0, x, 0.1, 0.1)
+    with pytest.raises(TypeError, match="cole_hopf_gradient: loss=None is not allowed"):
+        cole_hopf_gradient(None, x, 0.1, 0.1)
+    with pytest.raises(TypeError, match="cole_hopf_monte_carlo: loss_fn=3.0 is not allowed"):
+        cole_hopf_monte_carlo(3.0, x, 0.1, 0.1, key=jax.random.key(0))
+    with pytest.raises(TypeError, match="loss_slice: loss_fn=None is not allowed"):
+        loss_slice(None, x, x, Grid(8, -1.0, 1.0, periodic=False))
+    with pytest.raises(TypeError, match="slice_flow: loss_fn=2.0 is not allowed"):
+        slice_flow(2.0, x, x / jnp.linalg.norm(x), extent=1.0, n=8, eta=0.1, k=1, nu=0.01)

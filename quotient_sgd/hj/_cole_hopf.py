@@ -177,6 +177,8 @@ def _check_loss_and_params(name: str, loss_fn, params, *, centre: str, why_float
     """``ValueError`` naming the argument unless ``params`` is a pytree with floating-point array leaves and
     ``loss_fn(params)`` a real scalar (``number_ok``: a Python number counts as one).  ``centre`` says what
     ``params`` is, ``why_float`` why its leaves must be floating point (both go into the messages)."""
+    if not callable(loss_fn):  # (JAX's bare "Expected a callable value, got 3.0" named neither function nor argument)
+        raise TypeError(f"{name}: loss_fn={loss_fn!r} is not allowed; need a function loss_fn(params) -> real scalar.")
     leaves, treedef = jax.tree.flatten(params)
     leaves = [jnp.asarray(leaf) for leaf in leaves]
     if not leaves:
@@ -204,6 +206,9 @@ def _check_scalars(name: str, **values) -> None:
 
 
 def _dispatch(loss, x, t, nu, ndim, num, lipschitz, name="cole_hopf"):
+    if not callable(loss):  # (JAX's bare "Expected a callable value, got 3.0" named neither function nor argument)
+        raise TypeError(f"{name}: loss={loss!r} is not allowed; need a function L(y) -> real scalar (y a scalar in "
+                        "1-D, a point of shape (2,) in 2-D).")
     _check_positive(name, t=t, nu=nu)
     _check_scalars(name, t=t, nu=nu)
     from ._solve import _concrete_non_finite

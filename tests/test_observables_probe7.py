@@ -104,3 +104,47 @@ def test_frozen_projection_and_dense_hessian_of_mixed_dtype_parameters(x64):
     mixed = dense(params)
     assert mixed.dtype == jnp.float64
     np.testing.assert_allclose(np.asarray(mixed), np.asarray(dense(wide)), rtol=1e-5, atol=1e-6)
+
+
+def test_low_precision_arguments_of_the_step_observables_are_summed_in_float32(x64):
+    # float16 sums overflowed (|g|^2 > 65504: grad_norm inf, effective_lr 0) and a bfloat16 curvature came from the
+    # difference of two rounded inner products; the observables now widen their arguments as quotient_trajectory does
+    model = models.MLP(3, (4,), 2, classifier=True, rngs=nnx.Rngs(0), param_dtype=jnp.float16)
+    params = nnx.split(model, nnx.Param)[1]
+    group = model.symmetries()
+    rng = np.random.default_rng(2)
+    grads = jax.tree.map(lambda a: jnp.asarray(80 * rng.standard_normal(a.shape), jnp.float16), params)
+    step = jax.tree.map(lambda g: (-0.01 * g).astype(jnp.float16), grads)
+    # bfloat16: kappa from gradients 1% apart
+    g_prev = jax.tree.map(lambda a: a.astype(jnp.bfloat16), grads)
+    g_next = jax.tree.map(lambda a: (a.astype(jnp.float32) * 1.01 + 0.3).astype(jnp.bfloat16), grads)
+    s = jax.tree.map(lambda a: a.astype(jnp.bfloat16), step)
+
+    @jax.jit
+    def observe(params, grads, step, g_prev, g_next, s):
+        # (grads_canonical = grads: the rate is then -<g, Delta> / |g|^2, whose |g|^2 overflowed)
+        return (obs.grad_norm(grads), obs.effective_lr(group, params, grads, step, grads)["global"],
+                obs.update_split_norms(group, params, step), obs.directional_curvature(g_prev, g_next, s))
+
+    norm, rate, (h, v), kappa = observe(params, grads, step, g_prev, g_next, s)
+    # the references: the same values in float64 (exactly), summed by NumPy
+    f64 = lambda t: np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(t)])  # noqa: E731
+    g, d, gp, gn, sd = (f64(t) for t in (grads, step, g_prev, g_next, s))
+    assert g @ g > 65504  # beyond float16
+    np.testing.assert_allclose(float(norm), np.sqrt(g @ g), rtol=1e-6)
+    np.testing.assert_allclose(float(rate), -(g @ d) / (g @ g), rtol=1e-5)
+    np.testing.assert_allclose(float(h) ** 2 + float(v) ** 2, d @ d, rtol=1e-5)
+    np.testing.assert_allclose(float(kappa), (gn - gp) @ sd / (sd @ sd), rtol=1e-4)
+    # the noise of per-example gradients a_i (losses <a_i, theta>) against the same values in float64
+    a = jax.tree.map(lambda x: jnp.asarray(80 * rng.standard_normal((3,) + x.shape), jnp.float16), params)
+
+    def noise(p, a):
+        losses = lambda q: sum(jnp.sum(ai * qi[None], axis=tuple(range(1, ai.ndim)))  # noqa: E731
+                               for ai, qi in zip(jax.tree.leaves(a), jax.tree.leaves(q)))
+        return obs.gradient_noise(losses, group, p, lr=0.1).sigma2
+
+    wide = lambda t: jax.tree.map(lambda x: x.astype(jnp.float64), t)  # noqa: E731
+    noise = jax.jit(noise)  # (op by op it took seconds)
+    low, ref = noise(params, a), noise(wide(params), wide(a))
+    assert low.dtype == jnp.float32
+    np.testing.assert_allclose(float(low), float(ref), rtol=1e-4)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from .._tree import widen
 from ._kinds import REDUCED_DYNAMICS, observable
 from ._util import check_hyper
 
@@ -48,9 +49,12 @@ def gradient_noise(example_loss_fn: Callable, group, params, *, lr) -> Noise:
         raise ValueError(f"gradient_noise: example_loss_fn must return the per-example losses, shape (B,), got shape "
                          f"{shape} (for quotient_sgd.optim.train: example_loss_fn=(params, batch) -> (B,), not the "
                          f"mean loss)")
-    per_ex = jax.jacrev(example_loss_fn)(params)
+    # the per-example gradients of low-precision (bfloat16 / float16) parameters are projected and summed in float32
+    # (widen), as quotient_trajectory's: in float16 their squared deviations overflowed, in bfloat16 the sums rounded
+    per_ex = widen(jax.jacrev(example_loss_fn)(params))
     b = jax.tree.leaves(per_ex)[0].shape[0]
-    hor = jax.vmap(lambda g: group.horizontal(params, g))(per_ex)
+    wide = widen(params)
+    hor = jax.vmap(lambda g: group.horizontal(wide, g))(per_ex)
     # leaves of several dtypes (float32 blocks beside float64 ones) are joined in their common one, whatever
     # jax_numpy_dtype_promotion is (under "strict" ravel_pytree failed with a bare TypePromotionError)
     with jax.numpy_dtype_promotion("standard"):

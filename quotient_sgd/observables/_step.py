@@ -2,7 +2,10 @@
 
 Every function is pure and declares its kind (:mod:`._kinds`).  Arguments follow one convention: ``params`` is
 the current point ``theta_k``, ``grads`` the gradient ``g_k = grad L(theta_k)`` of the step's batch, ``updates``
-the optimiser's final update ``Delta_k`` (so ``theta_{k+1} = theta_k + Delta_k``).
+the optimiser's final update ``Delta_k`` (so ``theta_{k+1} = theta_k + Delta_k``).  Low-precision (bfloat16 /
+float16) arguments are widened to float32 first, as :func:`quotient_sgd.optim.quotient_trajectory` does: sums over
+the parameters in their own dtype overflowed (a float16 gradient of norm 266 read as ``inf``: its square exceeds
+65504) or cancelled (a curvature from the difference of two bfloat16 inner products).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from .._tree import widen
 from ._kinds import ORBIT_INVARIANT, RAW, REDUCED_DYNAMICS, observable
 from ._util import (
     charge_change,
@@ -40,7 +44,7 @@ def _safe_div(a, b):
 def grad_norm(grads) -> jax.Array:
     """``|g|``, the Euclidean gradient norm at the current point.  Raw: ``grad L(g.theta) = g^{-T} grad L(theta)``
     changes it along the orbit (THEORY section 1)."""
-    return tree_norm(grads)
+    return tree_norm(widen(grads))
 
 
 def canonical_gradient(group, params, grads, element=None):
@@ -71,7 +75,7 @@ def grad_norm_canonical(group, params, grads, element=None) -> jax.Array:
     with a zero output kernel: 0.32, 0.24 and 0.42 at three points of one orbit (0.24 is the limit as the output
     kernel goes to zero); :func:`sharpness_quotient` likewise 0.70, 0.33 and 1.41."""
     check_group("grad_norm_canonical", group)
-    return tree_norm(canonical_gradient(group, params, grads, element))
+    return tree_norm(canonical_gradient(group, widen(params), widen(grads), element))
 
 
 @observable(REDUCED_DYNAMICS, "update_horizontal_norm", "update_vertical_norm")
@@ -79,6 +83,7 @@ def update_split_norms(group, params, updates) -> tuple[jax.Array, jax.Array]:
     """``(|Delta_h|, |Delta_v|)``: norms of the horizontal and vertical (gauge-drift) parts of the update at
     ``theta`` (THEORY section 1).  Nonzero vertical part for weight decay, momentum and Adam."""
     check_group("update_split_norms", group)
+    params, updates = widen(params), widen(updates)
     v = group.vertical(params, updates)
     return tree_norm(jax.tree.map(lambda u, w: u - w, updates, v)), tree_norm(v)
 
@@ -126,6 +131,7 @@ def angular_update(group, params, updates) -> dict[str, jax.Array]:
     holds for the mean square of the angle: the mean angle over steps is smaller when the angle fluctuates."""
     check_group("angular_update", group)
     check_like("angular_update", "params", params, updates=updates)
+    params, updates = widen(params), widen(updates)
     out = {}
     for c in components(group):
         ms = scale_members(c)
@@ -170,6 +176,7 @@ def directional_curvature(grad_prev, grad_next, step) -> jax.Array:
     noise dominates); with ``grad_next = grad L_B(theta_{k+1})`` on the step's own batch ``B`` it is the exact
     secant curvature of the batch loss along the step (``quotient_trajectory(..., curvature_batch="same")``)."""
     check_like("directional_curvature", "grad_prev", grad_prev, grad_next=grad_next, step=step)
+    grad_prev, grad_next, step = widen(grad_prev), widen(grad_next), widen(step)
     num = tree_dot(grad_next, step) - tree_dot(grad_prev, step)
     return _safe_div(num, tree_sqnorm(step))
 
@@ -234,6 +241,7 @@ def effective_lr(group, params, grads, updates, grads_canonical) -> dict[str, ja
     # a step that did not move (an update of exact zeros: lr = 0, a step that optax.apply_if_finite skipped on a
     # non-finite gradient) has rate 0 whatever the gradient; a non-finite step or gradient otherwise gives NaN
     check_like("effective_lr", "params", params, grads=grads, updates=updates, grads_canonical=grads_canonical)
+    params, grads, updates, grads_canonical = widen(params), widen(grads), widen(updates), widen(grads_canonical)
     moved = tree_sqnorm(updates) != 0
 
     def rate(a, b):

@@ -58,3 +58,24 @@ def test_a_loss_that_is_not_a_function_is_refused_by_name():
         loss_slice(None, x, x, Grid(8, -1.0, 1.0, periodic=False))
     with pytest.raises(TypeError, match="slice_flow: loss_fn=2.0 is not allowed"):
         slice_flow(2.0, x, x / jnp.linalg.norm(x), extent=1.0, n=8, eta=0.1, k=1, nu=0.01)
+
+
+def test_cole_hopf_2d_refuses_a_weight_that_no_node_resolves_across_its_narrow_axis(x64):
+    """The 2-D quadrature checked the spacing by the total effective sample size ``1 / sum w_i^2``, which for a
+    weight narrow along y and wide along x is the product of the two axes' and passed with one node across the narrow
+    width: ``L = c y^2 / 2 + cos(pi x) / pi`` at t = 0.5, nu = 0.01 (separable, so u is the 1-D Cole-Hopf value of the
+    cosine plus the exact quadratic part ``c y^2 / (2 (1 + c t)) + nu log(1 + c t)``) came out 5.4e-3 off at c = 1000
+    with the default num, without a word.  Now each axis's effective sample size must reach 3 (as the 1-D one
+    does): refused naming num, and at a num that resolves it the value is the exact one."""
+    t, nu, c = 0.5, 0.01, 1000.0
+
+    def loss(y):
+        return 0.5 * c * y[1] ** 2 + jnp.cos(jnp.pi * y[0]) / jnp.pi
+
+    pts = jnp.array([[0.3, -0.2], [0.013, 0.2]])
+    with pytest.raises(ValueError, match="num=201 is too coarse"):
+        cole_hopf(loss, pts, t, nu, ndim=2)
+    u = np.asarray(cole_hopf(loss, pts, t, nu, ndim=2, num=801))
+    exact = (np.asarray(cole_hopf(lambda y: jnp.cos(jnp.pi * y) / jnp.pi, pts[0], t, nu))
+             + c * np.asarray(pts[1]) ** 2 / (2 * (1 + c * t)) + nu * np.log1p(c * t))
+    np.testing.assert_allclose(u, exact, atol=1e-9)

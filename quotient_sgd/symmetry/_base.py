@@ -290,11 +290,15 @@ class Group(eqx.Module):
 
     def _cotransport_tree(self, g, grads):
         """:meth:`_cotransport` on a pytree like the parameters (``grads``); not compiled on its own, for use
-        inside a traced function."""
+        inside a traced function.  Returned in ``grads``' dtypes; low-precision floats (bfloat16, float16), in the
+        gradient or the element, are computed in float32 as :func:`_compiled` computes them (a GL head's inverse
+        in bfloat16 failed with XLA:CPU's bare ``NotImplementedError: Unsupported dtype bfloat16``, so
+        ``canonical_gradient`` of every bfloat16 / float16 Transformer or deep linear network raised)."""
         flat, treedef = self._flat(grads)
         self._check_element(g, flat)
         with jax.default_matmul_precision("highest"):  # as in _compiled
-            out = self._cotransport(g, unify_floats((flat,))[0])  # (several float widths: in their common dtype)
+            # (several float widths: in their common dtype)
+            out = self._cotransport(_tree.widen(g), unify_floats((_tree.widen(flat),))[0])
         return _tree.unflatten({p: x.astype(flat[p].dtype) for p, x in out.items()}, treedef)
 
     def _invariants(self, flat: Flat):

@@ -11,7 +11,7 @@ import optax
 
 from .._tree import widen
 from ..observables import canonical_gradient
-from ._spec import accepted_extra_args, check_period, check_wrapped
+from ._spec import accepted_extra_args, check_period, check_wrapped, with_extra_args
 
 
 class HorizontalState(NamedTuple):
@@ -33,7 +33,7 @@ def horizontal(tx: optax.GradientTransformation, group) -> optax.GradientTransfo
         tx = horizontal(optax.adamw(1e-3, weight_decay=0.1), group)
     """
     check_wrapped("horizontal", tx, group)
-    inner = optax.with_extra_args_support(tx)
+    inner = with_extra_args(tx)
 
     def init(params):
         return HorizontalState(inner.init(params))
@@ -97,7 +97,7 @@ def gauge_fix(tx: optax.GradientTransformation, group, every: int = 1) -> optax.
     """
     every = check_period("gauge_fix", "every", every)
     check_wrapped("gauge_fix", tx, group)
-    inner = optax.with_extra_args_support(tx)
+    inner = with_extra_args(tx)
 
     def init(params):
         # a placeholder of the canonical element's structure (never applied: applied is False until a fix)

@@ -9,6 +9,7 @@ from typing import Any, Callable, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 #: A hyperparameter value: a number / array, the name of an ``optax.inject_hyperparams`` hyperparameter
 #: (read from the optimiser state at every step, so it can be vmapped or changed without recompiling), or a
@@ -47,6 +48,23 @@ def accepted_extra_args(update: Callable, extra_args: dict) -> dict:
     named = {p.name for p in params if p.kind in (inspect.Parameter.KEYWORD_ONLY,
                                                    inspect.Parameter.POSITIONAL_OR_KEYWORD)}
     return {k: v for k, v in extra_args.items() if k in named}
+
+
+def with_extra_args(tx) -> optax.GradientTransformationExtraArgs:
+    """``tx`` as an extra-args-aware transformation that hands its ``update`` the extra arguments it accepts
+    (:func:`accepted_extra_args`).  ``optax.with_extra_args_support`` drops every extra argument of a transformation
+    not typed ``GradientTransformationExtraArgs``, also where its ``update`` takes ``**extra_args`` and forwards them:
+    ``optax.MultiSteps`` (the object, or its ``gradient_transformation()``), a hand-written
+    ``optax.GradientTransformation``.  Around ``optax.lbfgs`` that failed with a bare "missing 3 required keyword-only
+    arguments: 'value', 'grad', and 'value_fn'", around a :func:`quotient_trajectory` with ``hessian_every`` with its
+    "needs the extra argument loss_fn", though :func:`train` passed them."""
+    if isinstance(tx, optax.GradientTransformationExtraArgs):
+        return tx
+
+    def update(updates, state, params=None, **extra_args):
+        return tx.update(updates, state, params, **accepted_extra_args(tx.update, extra_args))
+
+    return optax.GradientTransformationExtraArgs(tx.init, update)
 
 
 def check_period(owner: str, name: str, value, *, optional: bool = False) -> int | None:

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 
 from ._gauge import gauge_fix_elements
-from ._spec import accepted_extra_args
+from ._spec import accepted_extra_args, with_extra_args
 from ._trajectory import _find
 
 
@@ -105,7 +105,7 @@ def _run_kept(params, opt_state, model_state, data, key, start_step, **static):
 
 def _run(params, opt_state, model_state, data, key, start_step, *, loss_fn, tx, batch_fn, num_steps, has_aux,
          example_loss_fn, unroll, act_on_model_state):
-    tx = optax.with_extra_args_support(tx)
+    tx = with_extra_args(tx)
     steps = start_step + jnp.arange(num_steps, dtype=jnp.int32)
     has_q = bool(_find(opt_state))
 

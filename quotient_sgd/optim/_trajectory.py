@@ -17,7 +17,7 @@ from ..observables._charges import masked_leaves
 from ..observables._hessian import _hessian_extremes
 from ..observables._util import charge_change, charge_linear, charges_dict, check_like, tree_dot, tree_sqnorm
 from ._gauge import GaugeFixState, HorizontalState, _like
-from ._spec import SGDSpec, accepted_extra_args, check_period, check_wrapped
+from ._spec import SGDSpec, accepted_extra_args, check_period, check_wrapped, with_extra_args
 
 #: The per-step observables recorded by default (all cheap: closed-form projections, no extra gradients).
 DEFAULT_OBSERVABLES: tuple[str, ...] = (
@@ -266,7 +266,7 @@ def quotient_trajectory(
         raise ValueError(f"quotient_trajectory: seed={seed!r} is not allowed; need an integer in [-2**63, 2**63) (it "
                          f"seeds the Lanczos starting vectors)")
     check_wrapped("quotient_trajectory", tx, group)
-    inner = optax.with_extra_args_support(tx)
+    inner = with_extra_args(tx)
     want = set(keys)
     need_curv = bool(want & {"curvature", "shock_number", "fold_number"})
     # curvature_batch="same": the secant's numerator <g_B(theta_{k+1}) - g_k, Delta_k> on step k's batch is carried

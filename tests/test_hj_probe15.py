@@ -95,8 +95,8 @@ def test_smooth_limiter_value_form_does_not_depend_on_where_a_periodic_grid_star
     rhs = np.asarray(fv.rhs(g, "hj", u, 0.05))
     for k in (1, 5, 9):
         np.testing.assert_allclose(np.asarray(fv.rhs(g, "hj", jnp.roll(u, k), 0.05)), np.roll(rhs, k), atol=1e-12)
-    # the mirror image: node i -> -x_i, the nodes of [-hi + dx, -lo + dx)
-    gm = Grid(17, -1.1 + g.dx, 0.3 + g.dx)
+    # the mirror image: node i of [-hi, -lo) is -x_j, j = -i mod n (-lo and -hi are one point of the periodic grid)
+    gm = Grid(17, -1.1, 0.3)
     idx = (-np.arange(17)) % 17
     np.testing.assert_allclose(np.asarray(fv.rhs(gm, "hj", u[idx], 0.05)), rhs[idx], atol=1e-12)
     g2 = Grid(9, 0.0, 1.0) * Grid(7, -1.0, 2.0)

@@ -29,6 +29,7 @@ from ._options import _levels, check_kinds, check_options, number
 from ._series import (
     SHARPNESS_KEYS,
     above,
+    check_lr,
     crossings,
     first_key,
     flatten_trajectory,
@@ -1291,9 +1292,27 @@ def _checked(fn):
     def public(traj, *, steps, lr=None, **options):
         options = check_options(options, name)
         traj = flatten_trajectory(traj, name)
-        return fn(traj, steps=_checked_steps(name, traj, steps), lr=lr, **options)
+        steps = _checked_steps(name, traj, steps)
+        return fn(traj, steps=steps, lr=_checked_lr(name, lr, len(steps)), **options)
 
     return public
+
+
+def _checked_lr(name: str, lr, n: int) -> np.ndarray | None:
+    """``lr`` given to the public ``detect_*`` function ``name`` as one float64 per row (``None`` stays ``None``),
+    when it is a number or one value per row, finite and ``>= 0``, as :func:`detect` takes its ``lr``; else
+    ValueError naming ``name`` and ``lr``.  A float64 array of one value per row went to the detector unchecked
+    (it is how :func:`detect` hands over the learning rates it has checked): ``lr = -0.1`` on a sharpness of -30
+    gave four ``edge_of_stability`` events of strength 3.0, ``lr = inf`` none on a negative sharpness and
+    strength ``inf`` on any positive one, where the same values as float32, or given to :func:`detect`, are
+    refused."""
+    if lr is None:
+        return None
+    arr = check_lr(lr, name)
+    if arr.ndim == 1 and arr.shape[0] != n:
+        raise ValueError(f"{name}: lr of shape {arr.shape} is not allowed; need a number or one value per row of the "
+                         f"trajectory (shape ({n},))")
+    return np.broadcast_to(arr, (n,)).astype(np.float64)
 
 
 def _checked_steps(name: str, traj, steps) -> np.ndarray:

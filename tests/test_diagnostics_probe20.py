@@ -1,0 +1,33 @@
+"""Diagnostics: inputs and results the earlier tests do not reach (learning rates given to the per-kind detectors, ...)."""
+
+import numpy as np
+import pytest
+
+from quotient_sgd import diagnostics as D
+
+
+@pytest.mark.parametrize("bad", [-0.1, np.inf, np.nan])
+def test_public_detectors_check_a_float64_learning_rate_per_row_as_detect_does(bad):
+    """A float64 array of one learning rate per row went to the per-kind detector unchecked (the form in which
+    ``detect`` hands over what it has checked): ``detect_edge_of_stability(lr=np.full(n, -0.1))`` on a sharpness
+    of -30 gave four events of strength 3.0 = (-0.1) * (-30), where ``detect`` and the same values in float32 are
+    refused.  Every public detector that reads ``lr`` now refuses it by its own name, and a valid float64 array
+    gives the events of the number it repeats."""
+    n = 12
+    traj = {"loss": np.linspace(1.0, 0.5, n), "sharpness_quotient": np.full(n, -30.0),
+            "sharpness_horizontal": np.full(n, -30.0), "fold_number": np.linspace(0.0, 2.5, n)}
+    steps = np.arange(n)
+    lr64 = np.full(n, bad, np.float64)
+    with pytest.raises(ValueError, match="lr"):
+        D.detect(traj, lr=lr64)
+    for fn, kw in ((D.detect_edge_of_stability, {}), (D.detect_fold, {"weight_decay": 0.1}),
+                   (D.detect_shock, {"slice_shocks": [{"step": 3, "shock_time": 0.5}]}), (D.detect_catapult, {})):
+        for lr in (lr64, lr64.astype(np.float32)):
+            with pytest.raises(ValueError, match=f"{fn.__name__}: lr"):
+                fn(traj, steps=steps, lr=lr, **kw)
+    # a valid float64 array is taken as it is: the events of the number it repeats, the sharpness read positive
+    pos = {**traj, "sharpness_quotient": np.full(n, 30.0), "sharpness_horizontal": np.full(n, 30.0)}
+    got = D.detect_edge_of_stability(pos, steps=steps, lr=np.full(n, 0.1))
+    assert got and [e.to_dict() for e in got] == [e.to_dict() for e in D.detect_edge_of_stability(pos, steps=steps,
+                                                                                                   lr=0.1)]
+    assert all(e.strength == pytest.approx(3.0) for e in got)

@@ -1,4 +1,4 @@
-"""Diagnostics: inputs and results the earlier tests do not reach (learning rates given to the per-kind detectors, ...)."""
+"""Diagnostics: inputs the earlier tests do not reach (learning rates given to the per-kind detectors, ...)."""
 
 import numpy as np
 import pytest

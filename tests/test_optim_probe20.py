@@ -51,3 +51,11 @@ def test_lbfgs_inside_multisteps_object_trains():
     loss = np.asarray(traj["loss"])
     np.testing.assert_allclose(loss[0], float(_loss(_PARAMS, (_X[0], _Y[0]))), rtol=1e-6)
     assert np.all(np.diff(loss) < 0), loss  # the zoom line search's steps decrease the loss
+
+
+def test_extra_arguments_reach_an_untyped_update_inside_shock_aware_lr():
+    # shock_aware_lr wrapped its inner optimiser with optax.with_extra_args_support, which dropped them (NaN here)
+    from quotient_sgd.diagnostics import shock_aware_lr
+
+    _, state, traj = optim.train(_loss, _PARAMS, shock_aware_lr(_recording_sgd(0.1)), (_X, _Y), donate=False)
+    np.testing.assert_allclose(float(state.inner_state), float(traj["loss"][-1]), rtol=1e-6)

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ..optim._spec import accepted_extra_args
+from ..optim._spec import accepted_extra_args, with_extra_args
 from ._series import real_kind
 
 Target = Union[float, Callable[[jax.Array], jax.Array]]
@@ -201,8 +201,10 @@ def shock_aware_lr(inner: optax.GradientTransformation, *, fold_target: Target =
     # the extra arguments of the update (``value=`` of optax.contrib.reduce_on_plateau, ``value_fn`` / ``grad`` of
     # optax.lbfgs's line search, as quotient_sgd.optim.train passes them) go on to the inner optimiser: refused
     # ("unexpected keyword argument 'value'"), and dropped by optax.with_extra_args_support in train, an inner
-    # chain holding reduce_on_plateau failed with "missing 1 required keyword-only argument: 'value'"
-    inner = optax.with_extra_args_support(inner)
+    # chain holding reduce_on_plateau failed with "missing 1 required keyword-only argument: 'value'".  Not through
+    # optax.with_extra_args_support, which drops them for an inner transformation not typed extra-args aware
+    # (optax.MultiSteps, a hand-written GradientTransformation taking **extra_args): with_extra_args hands them on
+    inner = with_extra_args(inner)
 
     def update(grads, state, params=None, **extra_args):
         u, inner_state = inner.update(grads, state.inner_state, params,

@@ -31,3 +31,21 @@ def test_public_detectors_check_a_float64_learning_rate_per_row_as_detect_does(b
     assert got and [e.to_dict() for e in got] == [e.to_dict() for e in D.detect_edge_of_stability(pos, steps=steps,
                                                                                                    lr=0.1)]
     assert all(e.strength == pytest.approx(3.0) for e in got)
+
+
+def test_save_events_refuses_what_is_not_events_and_leaves_no_file(tmp_path):
+    """``save_events(path, [e.to_dict()])`` (the dicts an events.json holds) and ``save_events(path, e)`` (one
+    event) failed in a bare ``'dict' object has no attribute 'to_dict'`` / ``'Event' object is not iterable``
+    after opening ``path + ".tmp"``, which stayed beside it.  Both are refused naming ``events`` before anything
+    is written; an existing file is left as it was, and a generator of events is written whole."""
+    e = D.Event(3, "fold", 1.5, {"fold_number": 1.5}, "step", False, {"level": 1.0})
+    path = tmp_path / "events.json"
+    D.save_events(path, [e])
+    before = path.read_bytes()
+    for bad, what in (([e.to_dict()], r"events\[0\] is a dict"), (e, "got a Event"), ([e, None], r"events\[1\]")):
+        with pytest.raises(TypeError, match="save_events: .*" + what):
+            D.save_events(path, bad)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["events.json"]
+        assert path.read_bytes() == before
+    D.save_events(path, (x for x in [e, e]))
+    assert D.load_events(path) == [e, e]

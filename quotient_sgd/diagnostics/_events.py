@@ -124,7 +124,19 @@ def save_events(path: str | os.PathLike, events: Iterable[Event]) -> None:
     Raises:
         IsADirectoryError: ``path`` is a directory (the events were written to ``path + ".tmp"``, left beside
             it, and the rename failed naming that file).
-        FileNotFoundError: ``path``'s directory does not exist (the error named the temporary ``.tmp`` file)."""
+        FileNotFoundError: ``path``'s directory does not exist (the error named the temporary ``.tmp`` file).
+        TypeError: ``events`` not an iterable of :class:`Event` (one event, or the dicts ``Event.to_dict``
+            writes, failed in a bare ``'Event' object is not iterable`` / ``'dict' object has no attribute
+            'to_dict'``, leaving ``path + ".tmp"`` behind); nothing is written then."""
+    if isinstance(events, (Event, str, bytes, Mapping)) or not hasattr(events, "__iter__"):
+        raise TypeError(f"save_events: events must be an iterable of Event (e.g. the list detect returns); got a "
+                        f"{type(events).__name__}")
+    events = list(events)
+    bad = [i for i, e in enumerate(events) if not isinstance(e, Event)]
+    if bad:
+        raise TypeError(f"save_events: events[{bad[0]}] is a {type(events[bad[0]]).__name__}, not an Event "
+                        f"({len(bad)} such entries; a dict as Event.to_dict writes it is read by Event.from_dict)")
+    text = events_to_json(events)
     path = os.fspath(path)
     if os.path.isdir(path):
         raise IsADirectoryError(f"save_events: path={path!r} is a directory; need the path of the events file, e.g. "
@@ -134,7 +146,7 @@ def save_events(path: str | os.PathLike, events: Iterable[Event]) -> None:
         raise FileNotFoundError(f"save_events: path={path!r} is not allowed: its directory {where!r} does not exist "
                                 "(or is not a directory)")
     with durable_write(path) as f:
-        f.write(events_to_json(events))
+        f.write(text)
 
 
 def load_events(path: str | os.PathLike) -> list[Event]:

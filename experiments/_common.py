@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from quotient_sgd._durable import durable_write
 from quotient_sgd.diagnostics import Event, save_events, stability_decomposition
 from quotient_sgd.optim import quotient_trajectory, train
 from quotient_sgd.optim import flatten_trajectory as _flat
@@ -336,8 +337,10 @@ VALUE_RULES: dict[str, tuple] = {
     "channels": (lambda v: _ints(v, 1), "a non-empty list of channel counts >= 1, e.g. [8, 16]"),
     "checkpoints": (lambda v: _ints(v, 0, increasing=True),
                     "a non-empty list of GD steps >= 0 in increasing order, e.g. [0, 25, 100]"),
-    "extents": (lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and all(_real(x) and x > 0 for x in v),
-                "a non-empty list of finite half-widths > 0, e.g. [0.02, 0.1]"),
+    # (distinct: a half-width given twice sliced, flowed and tabulated the same slices twice, and each slice shock
+    # was an event twice in events.json)
+    "extents": (lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and all(_real(x) and x > 0 for x in v)
+                and len(set(v)) == len(v), "a non-empty list of distinct finite half-widths > 0, e.g. [0.02, 0.1]"),
     **{k: _POSITIVE for k in ("teacher_gain", "eta_lambda0", "lr", "nu_rel", "flow_time_factor", "fold_target",
                               "track_target")},
     # (experiment 6 gives the same init_scale to both policies: 2 passed here, trained the constant and cosine
@@ -625,29 +628,45 @@ def sampled(traj, key):
 
 
 # --- output --------------------------------------------------------------------------------------------------
-def save(name: str, traj: dict, events: list[Event], table: list[dict], extra: dict | None = None) -> str:
+def save(name: str, traj: dict, events: list[Event], table: list[dict], extra: dict | None = None,
+         files: dict[str, Callable[[str], None]] | None = None) -> str:
     """Write the results of experiment ``name`` to :func:`out_dir`: ``trajectory.npz``, ``events.json``,
     ``result.json`` (the table, ``extra``, and the resolved ``config`` and the command line's ``overrides`` that
     produced them, when the script loaded its config with ``load_config(..., results=True)``; strict JSON,
     :func:`strict_json`: NaN / +-inf as ``"nan"`` / ``"inf"`` / ``"-inf"``, read back by :func:`load_result`) and
-    ``result.md``.
+    ``result.md``; ``files`` (``{file name: write(path)}``): the script's other outputs (the figure, experiment 1's
+    ``trajectory_regauged.npz``).
     Results of another config found there are not overwritten without ``overwrite=true``
-    (:func:`check_results`, checked again here)."""
+    (:func:`check_results`, checked again here).
+
+    ``result.json`` names the config of every file beside it: the old one is removed before the first file is
+    written and the new one is written last (atomically), so that a run stopped while saving (a
+    ``KeyboardInterrupt``, a figure that fails) leaves no ``result.json`` rather than one of another run.  Written
+    first, ``result.json`` of the old config stayed beside the new ``trajectory.npz`` when ``events.json`` failed,
+    and the new ``result.json`` beside the old figure (and experiment 1's old ``trajectory_regauged.npz``) when the
+    figure failed."""
     check_results(name)
     d = out_dir(name)
     loaded = _LOADED.get(name)
     record = {"table": table, **(extra or {})}
     if loaded is not None:
         record.update(config=loaded["config"], overrides=loaded["overrides"])
-    np.savez_compressed(os.path.join(d, "trajectory.npz"), **traj)
-    save_events(os.path.join(d, "events.json"), events)
-    # strict JSON (no bare NaN / Infinity), made in full before the file is opened: a value that is not JSON left
+    # strict JSON (no bare NaN / Infinity), made in full before any file is touched: a value that is not JSON left
     # a half-written result.json, which the next run then read as results recording no config
     text = json.dumps(strict_json(record), indent=1, allow_nan=False)
-    with open(os.path.join(d, "result.json"), "w") as f:
+    md = markdown_table(table)
+    result = os.path.join(d, "result.json")
+    if os.path.isfile(result):
+        os.remove(result)
+    with durable_write(os.path.join(d, "trajectory.npz"), "wb") as f:
+        np.savez_compressed(f, **traj)
+    save_events(os.path.join(d, "events.json"), events)
+    for fname, write in (files or {}).items():
+        write(os.path.join(d, fname))
+    with durable_write(os.path.join(d, "result.md")) as f:
+        f.write(md)
+    with durable_write(result) as f:
         f.write(text)
-    with open(os.path.join(d, "result.md"), "w") as f:
-        f.write(markdown_table(table))
     return d
 
 

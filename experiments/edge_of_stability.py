@@ -153,9 +153,9 @@ def main(argv=None):
     out = run(cfg)
     rows = summarise(out)
     d = C.save("edge_of_stability", out["runs"]["balanced"]["traj"], labelled_events(out), rows,
-               {"lr": out["lr"], "lambda0": out["lambda0"]})
-    np.savez_compressed(os.path.join(d, "trajectory_regauged.npz"), **out["runs"]["regauged"]["traj"])
-    figure(out, os.path.join(d, "edge_of_stability.png"))
+               {"lr": out["lr"], "lambda0": out["lambda0"]},
+               files={"trajectory_regauged.npz": lambda p: np.savez_compressed(p, **out["runs"]["regauged"]["traj"]),
+                      "edge_of_stability.png": lambda p: figure(out, p)})
     print(C.markdown_table(rows))
     print("written to", d)
 

@@ -143,8 +143,8 @@ def main(argv=None):
     out = run(cfg)
     gt = ground_truth(out["sub"])
     rows = placement(out["events"], gt, window=5 * cfg.eval_every)
-    d = C.save("grokking", out["traj"], out["events"], rows, {"ground_truth": gt, "wall_s": out["wall"]})
-    figure(out, os.path.join(d, "grokking.png"))
+    d = C.save("grokking", out["traj"], out["events"], rows, {"ground_truth": gt, "wall_s": out["wall"]},
+               files={"grokking.png": lambda p: figure(out, p)})
     print(gt)
     print(C.markdown_table(rows))
     print("written to", d)

@@ -124,6 +124,12 @@ def _one_slice(cfg, loss, batch, pc, d, extent, ck, lmin, t_hess, lr, slice_shoc
     # for a slice whose L'' >= 0 everywhere (the same loss on [-0.1, 0.1])
     p0 = jax.vmap(jax.grad(lambda s: full(jax.tree.map(lambda c, v: c + s * v, pc, d))))(grid.x)
     l2 = np.gradient(np.asarray(p0), a)
+    # L''(0): the centred difference of the slope about a = 0.  An odd n has a grid point at 0 (np.gradient's
+    # value there); an even n has none: a[n // 2] = dx / 2, and np.gradient's value there, centred at dx / 2, was
+    # reported as L''(0) (0.90 for L'' = 1.5 - 6 a at n = 6 on [-0.5, 0.5]; 1.42 at n = 40): the two points
+    # beside 0, at -dx / 2 and dx / 2, give it centred
+    m = len(a) // 2
+    l2_0 = float(l2[m]) if len(a) % 2 else float((p0[m] - p0[m - 1]) / (a[m] - a[m - 1]))
     t_slice = float(hj.shock_time(p0, grid))
     # the viscous flow past the predicted time; nu scaled to the slice so that the viscous length sqrt(nu t) is
     # nu_rel^(1/2) x extent
@@ -141,7 +147,7 @@ def _one_slice(cfg, loss, batch, pc, d, extent, ck, lmin, t_hess, lr, slice_shoc
     row = {
         "step": ck, "extent": extent, "lambda_min (quotient)": lmin, "t* Hessian": t_hess,
         "t* slice": t_slice, "ratio slice/Hessian": t_slice / t_hess,
-        "L''(0) on slice": float(l2[len(a) // 2]), "min L'' on slice": float(np.min(l2[2:-2])),
+        "L''(0) on slice": l2_0, "min L'' on slice": float(np.min(l2[2:-2])),
         "flow t": t1, "nu": nu, **flow, "shock number lr*|lambda_min|": lr * max(0.0, -lmin),
     }
     if shocks:
@@ -169,8 +175,7 @@ def main(argv=None):
     model_config(cfg)  # its overrides checked before anything is computed
     out = run(cfg)
     d = C.save("hj_slices", {"step": np.asarray([r["step"] for r in out["rows"]])}, out["events"], out["rows"],
-               {"lr": out["lr"]})
-    figure(out, os.path.join(d, "hj_slices.png"))
+               {"lr": out["lr"]}, files={"hj_slices.png": lambda p: figure(out, p)})
     print(C.markdown_table(out["rows"]))
     print("written to", d)
 

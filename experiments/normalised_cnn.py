@@ -143,8 +143,8 @@ def main(argv=None):
     rows = summarise(cfg, out)
     d = C.save("normalised_cnn", out["traj"], out["events"], rows,
                {"test_acc": out["test_acc"], "wall_s": out["wall"],
-                "events": [(e.step, e.kind, e.variant, e.details.get("observable")) for e in out["events"]]})
-    figure(cfg, out, os.path.join(d, "normalised_cnn.png"))
+                "events": [(e.step, e.kind, e.variant, e.details.get("observable")) for e in out["events"]]},
+               files={"normalised_cnn.png": lambda p: figure(cfg, out, p)})
     print(C.markdown_table(rows))
     print("test acc", out["test_acc"], "events", [(e.step, e.kind, e.details.get("observable")) for e in out["events"]])
     print("written to", d)

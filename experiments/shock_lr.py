@@ -109,8 +109,7 @@ def main(argv=None):
     rows = run(cfg)
     table = [{k: v for k, v in r.items() if k != "loss"} for r in rows]
     d = C.save("shock_lr", {"loss_" + r["schedule"].replace(" ", "_") + f"_{r['seed']}": r["loss"] for r in rows},
-               [], table)
-    figure(rows, os.path.join(d, "shock_lr.png"))
+               [], table, files={"shock_lr.png": lambda p: figure(rows, p)})
     print(C.markdown_table(table))
     print("written to", d)
 

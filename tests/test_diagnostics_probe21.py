@@ -1,0 +1,132 @@
+"""Experiment scripts: the slice's L''(0) on a grid without a point at 0, the catapult control run once, extents
+given twice, and result.json written last (a run stopped while saving leaves none of another run)."""
+
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from helpers import EXPERIMENTS, experiment_script, never_run
+
+sys.path.insert(0, EXPERIMENTS)
+
+
+def _cubic_loss(params, batch):
+    a = params["w"][0]
+    return -(a**3) + batch * a**2
+
+
+def test_hj_slices_second_derivative_at_zero_on_a_grid_of_even_size(x64, monkeypatch):
+    """Experiment 5's ``L''(0) on slice`` was np.gradient's value at the grid point ``n // 2``, which is the slice's
+    centre a = 0 only for an odd ``n``: for an even ``n`` (allowed: ``n >= 5``) it is ``dx / 2``, and on
+    ``L = -a^3 + 0.75 a^2`` (``L''(a) = 1.5 - 6 a``) on ``[-0.5, 0.5]`` the table gave 0.90 at ``n = 6`` and 1.42 at
+    ``n = 40`` for ``L''(0) = 1.5``.  The centred difference of the slope about 0 is exact for a quadratic slope."""
+    import jax.numpy as jnp
+
+    E = experiment_script("hj_slices")
+    monkeypatch.setattr(E.hj, "slice_flow", never_run)  # (the flow's row entries are not checked here)
+    pc = {"w": jnp.zeros(2, jnp.float32)}
+    d = {"w": jnp.asarray([1.0, 0.0], jnp.float32)}
+    c = 0.75
+    for n in (6, 40):
+        cfg = types.SimpleNamespace(n=n, flow_time_factor=2.0, nu_rel=1e-2, max_steps=100)
+        row = E._one_slice(cfg, _cubic_loss, jnp.asarray(c, jnp.float32), pc, d, 0.5, 0, -1.0, 1.0, 0.1, [])
+        assert abs(row["L''(0) on slice"] - 2 * c) < 1e-9, (n, row)
+        # min L'' = 1.5 - 6 a over the points two or more from the ends: at a = 0.5 - 2 dx (exact there too)
+        dx = 1.0 / (n - 1)
+        assert abs(row["min L'' on slice"] - (2 * c - 6 * (0.5 - 2 * dx))) < 1e-9, (n, row)
+
+
+def _fake_catapult(monkeypatch, C, E):
+    """The catapult script with its model, training and figure replaced by a fixed trajectory (a catapult: a loss
+    spike, then the sharpness falls); returns the list of the learning rates ``record`` was called with."""
+    n = 40
+    steps = np.arange(n)
+    loss = np.linspace(1.0, 0.5, n)
+    loss[10:13] = [5.0, 3.0, 1.2]
+    refresh = np.where(steps % 4 == 0, steps, -1)
+    lam = np.where(refresh >= 0, np.where(steps < 12, 30.0, 10.0), np.nan)
+    traj = {"step": steps, "hessian_step": refresh, "loss": loss, "sharpness_horizontal": lam,
+            "sharpness_quotient": lam, "sharpness_raw": lam}
+    calls = []
+
+    def record(*a, lr, **k):
+        calls.append(lr)
+        return None, {kk: v.copy() for kk, v in traj.items()}, 0.0
+
+    monkeypatch.setattr(E, "setup", lambda cfg: (None, None, None, None, None, 30.0))
+    monkeypatch.setattr(C, "record", record)
+    return calls
+
+
+def test_catapult_runs_its_control_setting_once_when_it_is_the_setting_asked_for(tmp_path, monkeypatch):
+    """``catapult.py eta_lambda0=1.5`` (the control's own setting) trained the control twice, the second run
+    replacing the first in the table: each distinct setting is now trained once, one row each."""
+    import _common as C
+
+    E = experiment_script("catapult")
+    monkeypatch.setenv("QSGD_EXPERIMENT_OUT", str(tmp_path))
+    monkeypatch.setattr(C, "_LOADED", {})
+    monkeypatch.setattr(E, "figure", lambda outs, path: open(path, "w").close())
+    calls = _fake_catapult(monkeypatch, C, E)
+    for eta, settings in ((1.5, [1.5]), (3.0, [1.5, 3.0])):
+        calls.clear()
+        E.main(["scale=test", f"eta_lambda0={eta}", "overwrite=true"])
+        np.testing.assert_allclose(calls, [s / 30.0 for s in settings], rtol=1e-12)
+        table = C.load_result(str(tmp_path / "catapult" / "result.json"))["table"]
+        assert [r["setting"] for r in table] == [f"eta*lambda0={s}" for s in settings], table
+
+
+def test_hj_slices_refuses_a_half_width_given_twice(tmp_path, monkeypatch):
+    """``extents=[0.1, 0.1]`` sliced and flowed the same slices twice, tabulated them twice and wrote each slice
+    shock twice to events.json; it is refused by name before anything is computed, as a seed given twice is."""
+    E = experiment_script("hj_slices")
+    monkeypatch.setenv("QSGD_EXPERIMENT_OUT", str(tmp_path))
+    monkeypatch.setattr(E, "run", never_run)
+    with pytest.raises(SystemExit, match=r"extents=\[0\.1, 0\.1\]: allowed a non-empty list of distinct"):
+        E.main(["scale=test", "extents=[0.1, 0.1]"])
+    assert not (tmp_path / "hj_slices" / "result.json").exists()
+
+
+def test_a_run_stopped_while_saving_leaves_no_result_json_of_another_run(tmp_path, monkeypatch):
+    """``result.json`` names the config of the files beside it.  It was written after ``trajectory.npz`` and
+    ``events.json`` and before the figure: a run of seed 2 over seed 1's results (``overwrite=true``) stopped while
+    writing its events left seed 1's ``result.json`` beside seed 2's ``trajectory.npz``, and one stopped in its
+    figure left seed 2's ``result.json`` beside seed 1's figure.  Now the old ``result.json`` goes first and the new
+    one comes last: a stopped save leaves none, and the next run (no ``overwrite`` needed) writes a complete set."""
+    import _common as C
+
+    E = experiment_script("catapult")
+    monkeypatch.setenv("QSGD_EXPERIMENT_OUT", str(tmp_path))
+    monkeypatch.setattr(C, "_LOADED", {})
+    _fake_catapult(monkeypatch, C, E)
+    d = tmp_path / "catapult"
+
+    def figure(outs, path):
+        with open(path, "w") as f:
+            f.write(json.dumps(C._LOADED["catapult"]["config"]["seed"]))
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(E, "figure", figure)
+    E.main(["scale=test", "seed=1"])
+    assert C.load_result(str(d / "result.json"))["config"]["seed"] == 1
+    saved_events = C.save_events
+    for where in ("events", "figure"):
+        with monkeypatch.context() as m:
+            if where == "events":
+                m.setattr(C, "save_events", interrupt)
+            else:
+                m.setattr(E, "figure", interrupt)
+            with pytest.raises(KeyboardInterrupt):
+                E.main(["scale=test", "seed=2", "overwrite=true"])
+        assert C.save_events is saved_events
+        # no result.json: none of seed 1 beside seed 2's trajectory, none of seed 2 beside seed 1's figure
+        assert not (d / "result.json").exists(), (where, C.load_result(str(d / "result.json"))["config"]["seed"])
+    E.main(["scale=test", "seed=2"])  # (nothing left to protect: no overwrite=true needed)
+    res = C.load_result(str(d / "result.json"))
+    assert res["config"]["seed"] == 2 and json.loads((d / "catapult.png").read_text()) == 2
+    np.testing.assert_array_equal(np.load(d / "trajectory.npz")["loss"][10:13], [5.0, 3.0, 1.2])

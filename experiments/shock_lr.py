@@ -7,6 +7,7 @@ base lr = 3 / lambda0).  Reported: final loss, number of loss spikes (``loss_spi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -57,9 +58,11 @@ def run_one(cfg, seed):
         _, _, traj = train(loss, params, tx, data, num_steps=cfg.num_steps, donate=False)
         l = np.asarray(jax.block_until_ready(traj["loss"]))
         wall = time.perf_counter() - t0
-        spikes = [e for e in detect({"loss": l}, kinds=["loss_spike"], spike_factor=cfg.spike_factor)]
+        # each event names its run (details "schedule", "seed"), as experiment 1's name theirs
+        spikes = [dataclasses.replace(e, details={**e.details, "schedule": name, "seed": seed})
+                  for e in detect({"loss": l}, kinds=["loss_spike"], spike_factor=cfg.spike_factor)]
         rows.append({"seed": seed, "schedule": name, "final loss": float(l[-1]), "max loss / initial": float(
-            np.nanmax(l) / l[0]), "loss spikes": len(spikes), "wall_s": wall, "loss": l})
+            np.nanmax(l) / l[0]), "loss spikes": len(spikes), "wall_s": wall, "loss": l, "events": spikes})
     return rows
 
 
@@ -107,9 +110,10 @@ def main(argv=None):
     cfg = C.load_config("shock_lr", argv, results=True)
     check_overrides(C._LOADED["shock_lr"]["overrides"])
     rows = run(cfg)
-    table = [{k: v for k, v in r.items() if k != "loss"} for r in rows]
+    table = [{k: v for k, v in r.items() if k not in ("loss", "events")} for r in rows]
+    # events.json holds the loss spikes the table counts (it was written empty)
     d = C.save("shock_lr", {"loss_" + r["schedule"].replace(" ", "_") + f"_{r['seed']}": r["loss"] for r in rows},
-               [], table, files={"shock_lr.png": lambda p: figure(rows, p)})
+               [e for r in rows for e in r["events"]], table, files={"shock_lr.png": lambda p: figure(rows, p)})
     print(C.markdown_table(table))
     print("written to", d)
 

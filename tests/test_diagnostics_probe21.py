@@ -130,3 +130,41 @@ def test_a_run_stopped_while_saving_leaves_no_result_json_of_another_run(tmp_pat
     res = C.load_result(str(d / "result.json"))
     assert res["config"]["seed"] == 2 and json.loads((d / "catapult.png").read_text()) == 2
     np.testing.assert_array_equal(np.load(d / "trajectory.npz")["loss"][10:13], [5.0, 3.0, 1.2])
+
+
+def test_shock_lr_events_json_holds_the_loss_spikes_its_table_counts(tmp_path, monkeypatch):
+    """Experiment 6 wrote an empty events.json while its table counted each run's ``loss_spike`` events (one per
+    seed for the constant and cosine schedules).  events.json now holds them, each naming its run (``details``
+    ``schedule`` and ``seed``), one event for each the table counts, at the step of the loss's spike."""
+    import jax.numpy as jnp
+
+    import _common as C
+    from quotient_sgd.diagnostics import load_events
+
+    E = experiment_script("shock_lr")
+    monkeypatch.setenv("QSGD_EXPERIMENT_OUT", str(tmp_path))
+    monkeypatch.setattr(C, "_LOADED", {})
+    monkeypatch.setattr(E.exp2, "setup", lambda pc: (None, None, None, None, None, 30.0))
+    monkeypatch.setattr(E, "figure", lambda rows, path: open(path, "w").close())
+    spike_at = {"constant": [12], "cosine": [12, 30], "shock-aware cap": [], "shock-aware track": [25]}
+
+    def train(loss, params, tx, data, *, num_steps, **k):
+        # which schedule: the order optimisers() builds them in, two calls (compile, timed) each
+        name = list(spike_at)[(len(calls) // 2) % len(spike_at)]
+        calls.append(name)
+        loss = np.linspace(1.0, 0.2, num_steps)
+        for s in spike_at[name]:
+            loss[s] = 3.0  # 3 x the minimum of the 50 steps before
+        return None, None, {"loss": jnp.asarray(loss, jnp.float32)}
+
+    calls = []
+    monkeypatch.setattr(E, "train", train)
+    E.main(["scale=test", "seeds=[4, 7]", "num_steps=40"])
+    d = tmp_path / "shock_lr"
+    table = C.load_result(str(d / "result.json"))["table"]
+    events = load_events(str(d / "events.json"))
+    assert len(table) == 8 and all(e.kind == "loss_spike" for e in events)
+    for r in table:
+        mine = [e.step for e in events if e.details["schedule"] == r["schedule"] and e.details["seed"] == r["seed"]]
+        assert mine == spike_at[r["schedule"]] and r["loss spikes"] == len(mine), (r, mine)
+    assert len(events) == sum(r["loss spikes"] for r in table) == 2 * 4

@@ -30,6 +30,7 @@ from flax import nnx  # noqa: E402
 import _common as C  # noqa: E402
 from quotient_sgd.data import batch_fn, digits  # noqa: E402
 from quotient_sgd.diagnostics import detect  # noqa: E402
+from quotient_sgd import observables as obs  # noqa: E402
 from quotient_sgd.models import CNN  # noqa: E402
 from quotient_sgd.optim import SGDSpec, quotient_trajectory, train  # noqa: E402
 from quotient_sgd.optim import flatten_trajectory as _flat  # noqa: E402
@@ -60,11 +61,14 @@ def run(cfg):
     jax.block_until_ready(traj)
     wall = time.perf_counter() - t0
     traj = {k: np.asarray(v) for k, v in _flat(traj).items()}
+    # the charges after the last step: row k of the trajectory holds those before step k, so its last row is the
+    # norm one step before the end (|w|^2 "end" of a 1-step run was its start)
+    final_charges = {k: np.asarray(v) for k, v in _flat(obs.charges(group, params)).items()}
     logp = nnx.merge(graphdef, params)(ds.x_test)
     test_acc = float(jnp.mean((jnp.argmax(logp, -1) == ds.y_test).astype(jnp.float32)))
     events = detect(traj, kinds=["transition", "loss_spike", "divergence"], block=max(1, cfg.num_steps // 100),
                     spike_smooth=cfg.spike_smooth)
-    return dict(traj=traj, events=events, wall=wall, test_acc=test_acc)
+    return dict(traj=traj, events=events, wall=wall, test_acc=test_acc, final_charges=final_charges)
 
 
 def running_rms(ang, window: int = 50):
@@ -94,13 +98,14 @@ def summarise(cfg, out):
         sm = running_rms(ang)
         reach = np.nonzero(np.abs(sm / pred - 1) < 0.1)[0]
         q = tr.get(f"charges/{name}")
+        end = out.get("final_charges", {}).get(name, q[-1] if q is not None else None)
         rms = float(np.sqrt(np.mean(np.square(ang[tail]))))
         rows.append({
             "block": name, "predicted sqrt(2 eta lambda)": pred, "measured RMS angle (tail)": rms,
             "ratio": rms / pred, "mean angle (tail)": float(np.mean(ang[tail])),
             "steps to within 10%": int(reach[0]) + 49 if reach.size else "not reached",
             "|w|^2 start": float(2 * np.sum(q[0])) if q is not None else None,
-            "|w|^2 end": float(2 * np.sum(q[-1])) if q is not None else None,
+            "|w|^2 end": float(2 * np.sum(end)) if end is not None else None,
         })
     return rows
 

@@ -49,3 +49,22 @@ def test_save_events_refuses_what_is_not_events_and_leaves_no_file(tmp_path):
         assert path.read_bytes() == before
     D.save_events(path, (x for x in [e, e]))
     assert D.load_events(path) == [e, e]
+
+
+def test_load_events_refuses_fields_not_as_to_dict_writes_them(tmp_path):
+    """``Event.from_dict`` read ``"invariant": "false"`` as ``True`` (the truth of a non-empty string), and
+    ``"details": null`` or a list of observables failed in a bare ``TypeError`` that ``load_events`` did not name
+    (neither the file nor the entry).  Each field not of the type ``to_dict`` writes is now a ValueError naming the
+    file, the entry and the field; what ``to_dict`` writes still reads back to the same event."""
+    import json
+
+    base = {"step": 4, "kind": "fold", "strength": "inf"}
+    path = tmp_path / "events.json"
+    for field, value in (("invariant", "false"), ("details", None), ("observables", [1, 2]), ("kind", 3),
+                         ("variant", 1)):
+        path.write_text(json.dumps([base, {**base, field: value}]))
+        with pytest.raises(ValueError, match=f"entry 1: Event.from_dict: {field}="):
+            D.load_events(path)
+    e = D.Event(4, "fold", float("inf"), {"fold_number": 2.5}, "step", False, {"level": 2.0, "observable": "x"})
+    path.write_text(json.dumps([e.to_dict()]))
+    assert D.load_events(path) == [e] and D.load_events(path)[0].invariant is False

@@ -9,6 +9,8 @@ import numbers
 import os
 from typing import Any, Iterable, Mapping
 
+import numpy as np
+
 from .._durable import durable_write
 
 #: Variants of a detector: which version of the observable it reads (THEORY section 4).
@@ -97,9 +99,19 @@ class Event:
                 isinstance(strength, str) and strength not in ("inf", "-inf", "nan")):
             raise ValueError(f"Event.from_dict: strength={strength!r} is not allowed; need a number (or 'inf', '-inf', "
                              "'nan')")
+        # the other fields as to_dict writes them: read as they came, "invariant": "false" was True (bool of a
+        # non-empty string), and "details": null or a list failed in a bare TypeError that load_events did not name
+        for name, ok, need in (("kind", isinstance(d["kind"], str), "a string"),
+                               ("variant", isinstance(d.get("variant", ""), str), "a string"),
+                               ("invariant", isinstance(d.get("invariant", False), (bool, np.bool_)), "true or false"),
+                               ("observables", isinstance(d.get("observables", {}), Mapping), "a mapping"),
+                               ("details", isinstance(d.get("details", {}), Mapping), "a mapping")):
+            if not ok:
+                raise ValueError(f"Event.from_dict: {name}={_short(d[name])} is not allowed; need {need} (as "
+                                 "Event.to_dict writes it)")
         return cls(
-            step=int(step), kind=str(d["kind"]), strength=float(strength),
-            observables=dict(d.get("observables", {})), variant=str(d.get("variant", "quotient")),
+            step=int(step), kind=d["kind"], strength=float(strength),
+            observables=dict(d.get("observables", {})), variant=d.get("variant", "quotient"),
             invariant=bool(d.get("invariant", False)), details=dict(d.get("details", {})),
         )
 

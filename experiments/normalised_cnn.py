@@ -15,6 +15,7 @@ norm (charge ``|w|^2 / 2``) trajectory, and the events the detectors raise on th
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 import time
@@ -88,7 +89,10 @@ def summarise(cfg, out):
     tr = out["traj"]
     pred = float(np.sqrt(2 * cfg.lr * cfg.weight_decay))
     n = len(tr["loss"])
-    tail = slice(int(n * (1 - cfg.tail_fraction)), n)
+    # the last ceil(tail_fraction n) steps (at least one), the product rounded to 9 decimals first: int(n (1 - f))
+    # floored a rounding error, 10 x (1 - 0.9) = 0.99999... -> 0, so tail_fraction=0.9 read 10 of 10 steps (91 of
+    # 100), and a tail under one step (f = 1e-17) was empty: a NaN RMS
+    tail = slice(n - max(1, math.ceil(round(cfg.tail_fraction * n, 9))), n)
     rows = []
     for k in sorted(tr):
         if not k.startswith("angular_update/"):

@@ -208,3 +208,20 @@ def test_normalised_cnn_end_norm_is_the_norm_after_the_last_step(monkeypatch):
     assert [r["block"] for r in rows] == ["scale/convs.0", "scale/convs.1"]
     for r in rows:
         np.testing.assert_allclose(r["|w|^2 end"], 4 * r["|w|^2 start"], rtol=1e-6)
+
+
+def test_normalised_cnn_tail_holds_the_fraction_of_the_steps_asked_for():
+    """Experiment 4's tail was ``int(n (1 - tail_fraction))`` on: ``10 x (1 - 0.9)`` is 0.99999... in floating point,
+    so ``tail_fraction=0.9`` measured 10 of 10 steps (91 of 100), and a tail under one step was empty (a NaN RMS).
+    Now the last ``ceil(tail_fraction n)`` steps, at least one; the RMS is checked against the steps counted by
+    hand."""
+    import _common as C
+
+    N = experiment_script("normalised_cnn")
+    for n, f, k in ((10, 0.9, 9), (100, 0.9, 90), (10, 0.25, 3), (40, 1e-17, 1), (40, 1.0, 40)):
+        cfg = C.load_config("normalised_cnn", ["scale=test", f"tail_fraction={f!r}"])
+        ang = np.arange(1.0, n + 1.0)  # distinct angles: the RMS tells how many of the last steps were read
+        (row,) = N.summarise(cfg, {"traj": {"loss": np.ones(n), "angular_update/scale/convs.0": ang}})
+        want = np.sqrt(np.mean(np.square(ang[n - k:])))
+        assert abs(row["measured RMS angle (tail)"] - want) <= 1e-12 * want, (n, f, k, row)
+        assert abs(row["mean angle (tail)"] - np.mean(ang[n - k:])) <= 1e-12 * want, (n, f, k, row)

@@ -228,7 +228,11 @@ class Transformer(nnx.Module):
             # wraps a negative one to the end of the vocabulary, silently; traced tokens cannot be checked here
             t = np.asarray(tokens)  # numpy: under an outer jit that closes over the tokens, jnp.min would be traced
             self._check_token_range(int(t.min()), int(t.max()))
-        x = self.tok_embed(tokens) + self.pos_embed.embedding[...][None, :T, :]
+        # the token lookup in the table's own dtype, as the positional rows are read: nnx.Embed computes in the dtype
+        # it was built with, so the model called with parameters of another dtype (the float32 parameters at which
+        # quotient_trajectory evaluates the loss of a bfloat16 model) added bfloat16 tokens to float32 positions,
+        # a bare TypePromotionError under strict promotion
+        x = jnp.take(self.tok_embed.embedding[...], tokens, axis=0) + self.pos_embed.embedding[...][None, :T, :]
         for block in self.blocks:
             x = block(x)
         return self.unembed(self.ln_f(x))

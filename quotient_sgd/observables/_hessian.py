@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from matfree import decomp, eig
 
+from .._tree import widen
 from .._reduce import matmul_highest as _mm  # full precision on accelerators (TF32 / bfloat16 otherwise)
 from ._kinds import ORBIT_INVARIANT, RAW, REDUCED_DYNAMICS, observable
 from ._util import check_like, tree_dot, tree_norm, tree_random_normal, tree_scale
@@ -771,7 +772,9 @@ def frozen_horizontal(group, params, *, max_elements: int = 2**24, max_build_flo
         return lambda v: v
     if k * flat0.shape[0] > max_elements or 8.0 * k * k * flat0.shape[0] > max_build_flops:
         return lambda v: group.horizontal(params, v)
-    tm = jax.vmap(lambda t: _ravel(t)[0])(group.tangents(params))
+    # the basis in float32 at least (tangents of the widened parameters): bfloat16 / float16 parameters failed in
+    # eigh / SVD with XLA:CPU's bare "Unsupported dtype bfloat16", as group.horizontal computes them in float32
+    tm = jax.vmap(lambda t: _ravel(t)[0])(group.tangents(widen(params)))
     # the basis is built from the tangents' values only: its eigh / SVD have no usable derivative (the second Gram
     # pass decomposes a matrix ~ I, whose equal eigenvalues made jax.grad through the projection NaN);
     # _horizontal_flat differentiates the projection itself, from the tangents
@@ -794,7 +797,11 @@ def frozen_horizontal(group, params, *, max_elements: int = 2**24, max_build_flo
         basis = vt * keep.astype(vt.dtype)[:, None]
 
     def project(v):
-        return unravel(_horizontal_flat(tm, basis, _ravel(v)[0]))
+        # v in float32 at least, returned in its own dtypes (a float32 vector at bfloat16 parameters is not rounded
+        # to them), as group.horizontal returns it
+        f, unravel_v = _ravel(widen(v))
+        out = unravel_v(_horizontal_flat(tm, basis, f.astype(tm.dtype)))
+        return jax.tree.map(lambda o, x: o.astype(jnp.result_type(x)), out, v)
 
     return project
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -1095,7 +1096,9 @@ def _moves_charges(group, params, direction, size, tol) -> jax.Array:
     linear = charge_linear(group)
     off = jnp.zeros((), jnp.bool_)
     for k, t in lin_term.items():
-        bound = tol * size * (np.sqrt(n) if linear.get(k, False) else 2 * theta)
+        # (a Python float: a NumPy float64 scalar made the bound float64 beside float32 parameters under x64, which
+        # strict promotion refused with a bare TypePromotionError)
+        bound = tol * size * (math.sqrt(n) if linear.get(k, False) else 2 * theta)
         for x in jax.tree.leaves(t):
             off = jnp.logical_or(off, jnp.max(jnp.abs(jnp.asarray(x, dt))) > bound)
     return off

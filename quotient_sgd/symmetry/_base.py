@@ -473,20 +473,26 @@ class Group(eqx.Module):
         return vflat
 
     def _project(self, params, v, method: str):
-        """``vertical`` / ``horizontal``.  ``v`` is computed in the parameters' dtypes (a float64 gradient of float32
-        parameters, or the reverse, failed under strict promotion with JAX's bare ``TypePromotionError``) and
-        returned in its own floating dtypes (integer leaves: the parameters')."""
+        """``vertical`` / ``horizontal``.  ``v`` is computed in the parameters' dtypes, bfloat16 / float16 in float32 (a
+        float64 gradient of float32 parameters, or the reverse, failed under strict promotion with JAX's bare
+        ``TypePromotionError``) and returned in its own floating dtypes (integer leaves: the parameters')."""
         flat, treedef = self._flat(params)
         vflat, given = self._vector_in_params_dtypes(flat, v, method)
         out = _compiled(self, "_vertical_flat" if method == "vertical" else "_horizontal_flat", flat, vflat)
         return _tree.unflatten(vector_in_given_dtypes(out, given), treedef)
 
     def _vector_in_params_dtypes(self, flat: Flat, v, method: str):
-        """``(v flattened and cast to the parameters' dtypes, v's own dtypes)`` after the checks of
-        :meth:`_flat_like`; :func:`vector_in_given_dtypes` casts a result back."""
+        """``(v flattened and cast to the dtypes the parameters are computed in, the dtypes to return it in)`` after
+        the checks of :meth:`_flat_like`; :func:`vector_in_given_dtypes` casts a result back.  The parameters are
+        computed in their own dtypes, bfloat16 / float16 in float32 (:func:`_compiled`), and so is ``v``: a float32
+        vector at bfloat16 parameters was rounded to bfloat16 first, so its float32 projection was 2e-3 of ``|v|``
+        off (``horizontal(v) + vertical(v)`` 2e-3 from ``v``).  Floating leaves are returned in their own dtypes,
+        integer ones in the parameters'."""
         vflat = self._flat_like(flat, v, method)
-        given = {p: jnp.result_type(x) for p, x in vflat.items()}
-        vflat = {p: jnp.asarray(x).astype(flat[p].dtype) if given[p] != flat[p].dtype else x
+        given = {p: jnp.result_type(x) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else flat[p].dtype
+                 for p, x in vflat.items()}
+        work = {p: _computed_dtype(flat[p].dtype) for p in flat}
+        vflat = {p: jnp.asarray(x).astype(work[p]) if jnp.result_type(x) != work[p] else x
                  for p, x in vflat.items()}
         return vflat, given
 
@@ -537,6 +543,15 @@ class Group(eqx.Module):
             return {p: d.get(p, jnp.zeros_like(x)) for p, x in flat.items()}
 
         return jax.vmap(one)(basis)
+
+
+def _computed_dtype(dtype):
+    """The dtype a leaf of ``dtype`` is computed in (:func:`quotient_sgd._tree.widen`): float32 for bfloat16 /
+    float16, ``dtype`` itself otherwise."""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+        return jnp.dtype(jnp.float32)
+    return dtype
 
 
 def vector_in_given_dtypes(out: Flat, given) -> Flat:

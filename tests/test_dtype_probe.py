@@ -1,0 +1,122 @@
+"""Low-precision and mixed-precision parameters across the symmetry groups, the observables and the optimiser.
+
+bfloat16 / float16 parameters are computed in float32 (README: the observables, projections and
+canonicalisations); each test compares with the same computation done in float64 from the same (rounded) numbers.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from quotient_sgd.models import MLP, Transformer
+from quotient_sgd.observables import frozen_horizontal
+from quotient_sgd.optim import SGDSpec, quotient_trajectory, train
+from tests.helpers import horizontal_basis
+
+
+def _mlp(dtype, classifier=False):
+    model = MLP(3, (4,), 3, classifier=classifier, param_dtype=dtype, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    return model, graphdef, params
+
+
+def _random_like(key, params, dtype):
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape, dtype) for k, x in zip(keys, leaves)])
+
+
+def _ravel64(tree):
+    return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
+
+
+def _exact_horizontal(params, v):
+    """The horizontal part of ``v`` in float64 (NumPy) for the 3-4-3 MLP's rescale group (its continuous part): unit
+    ``j``'s orbit tangent is ``(W1[:, j], b1[j], -W2[j, :])``, zero elsewhere."""
+    w1, b1, w2 = (np.asarray(params["layers"][0]["kernel"][...], np.float64),
+                  np.asarray(params["layers"][0]["bias"][...], np.float64),
+                  np.asarray(params["layers"][1]["kernel"][...], np.float64))
+    rows = []
+    for j in range(w1.shape[1]):
+        t = {"layers": {0: {"bias": np.zeros_like(b1), "kernel": np.zeros_like(w1)},
+                        1: {"bias": np.zeros(w2.shape[1]), "kernel": np.zeros_like(w2)}}}
+        t["layers"][0]["kernel"][:, j] = w1[:, j]
+        t["layers"][0]["bias"][j] = b1[j]
+        t["layers"][1]["kernel"][j, :] = -w2[j, :]
+        rows.append(_ravel64(t))
+    basis, _ = horizontal_basis(np.stack(rows))
+    return basis @ (basis.T @ _ravel64(v))
+
+
+def test_horizontal_of_a_float32_vector_at_bfloat16_parameters_is_not_rounded_to_bfloat16():
+    """group.vertical / horizontal cast v to the parameters' dtypes before the projection (computed in float32): a
+    float32 vector at bfloat16 parameters was rounded to bfloat16 first, and its float32 projection came out 2.3e-3
+    of |v| off the exact one (a 3-4-3 MLP); now at float32's rounding.  frozen_horizontal (the basis in straight-line
+    Lanczos, lanczos_method="unrolled") failed on bfloat16 parameters with XLA:CPU's bare 'Unsupported dtype
+    bfloat16' in eigh; it now builds its basis in float32 and returns v in its own dtypes, as group.horizontal."""
+    model, _, params = _mlp(jnp.bfloat16)
+    group = model.symmetries()
+    v = _random_like(jax.random.key(5), params, jnp.float32)
+    exact = _exact_horizontal(params, v)
+    scale = np.linalg.norm(_ravel64(v))
+    h = group.horizontal(params, v)
+    vert = group.vertical(params, v)
+    assert {x.dtype for x in jax.tree.leaves(h)} == {jnp.dtype(jnp.float32)}
+    np.testing.assert_allclose(_ravel64(h), exact, atol=1e-6 * scale)
+    np.testing.assert_allclose(_ravel64(h) + _ravel64(vert), _ravel64(v), atol=1e-6 * scale)
+    frozen = frozen_horizontal(group, params)
+    hf = frozen(v)
+    assert {x.dtype for x in jax.tree.leaves(hf)} == {jnp.dtype(jnp.float32)}
+    np.testing.assert_allclose(_ravel64(hf), exact, atol=1e-6 * scale)
+    # a vector in the parameters' own dtype comes back in it, the projection of its (exact) values
+    vb = jax.tree.map(lambda x: x.astype(jnp.bfloat16), v)
+    hb = frozen(vb)
+    assert {x.dtype for x in jax.tree.leaves(hb)} == {jnp.dtype(jnp.bfloat16)}
+    np.testing.assert_allclose(_ravel64(hb), _exact_horizontal(params, vb), atol=1e-2 * scale)
+
+
+def test_charge_drift_spec_on_a_float32_classifier_under_x64(x64):
+    """quotient_trajectory(spec=SGDSpec(...)) checks each step against the spec with a bound that, for a linear
+    (translation) charge, was scaled by NumPy's float64 sqrt(n): beside float32 parameters under x64 the bound was
+    float64, and strict promotion failed with a bare TypePromotionError at the first step (any float32 or bfloat16
+    classifier).  The identity charge_drift_predicted == charge_drift (SGD, exact) holds now."""
+    model, graphdef, params = _mlp(jnp.float32, classifier=True)
+    x = jax.random.normal(jax.random.key(1), (6, 3), jnp.float32)
+    y = jnp.arange(6) % 3
+
+    def loss(p, batch):
+        logits = nnx.merge(graphdef, p)(x)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+
+    tx = quotient_trajectory(optax.sgd(0.1), model.symmetries(), spec=SGDSpec(0.1),
+                             observables=["charge_drift", "charge_drift_predicted"])
+    out = train(loss, params, tx, jnp.zeros((3, 1), jnp.float32), donate=False)
+    traj = out[-1]
+    # float32: the identity to its rounding (the translation charges' drift is rounding alone, ~1e-8); a step taken
+    # for off-spec would read NaN
+    for a, b in zip(jax.tree.leaves(traj["charge_drift"]), jax.tree.leaves(traj["charge_drift_predicted"])):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.all(np.isfinite(b))
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-3 * np.max(np.abs(a)) + 1e-6)
+
+
+def test_a_bfloat16_transformer_at_float32_parameters():
+    """quotient_trajectory evaluates the loss at the float32 widening of bfloat16 parameters (its Hessian and
+    secant observables).  The Transformer's token lookup computed in the dtype its nnx.Embed was built with, so at
+    float32 parameters it added bfloat16 token rows to float32 positional rows: strict promotion failed with a bare
+    TypePromotionError (hessian_every= on any bfloat16 Transformer).  Now the function of the float32 parameters is
+    the float32-built model's, exactly."""
+    graphdef16, params16 = nnx.split(Transformer(7, 4, 2, 1, 5, mlp_ratio=2, param_dtype=jnp.bfloat16,
+                                                 rngs=nnx.Rngs(0)), nnx.Param)
+    # (the float32 model's structure alone: nothing drawn)
+    graphdef32, _ = nnx.split(nnx.eval_shape(lambda: Transformer(7, 4, 2, 1, 5, mlp_ratio=2, param_dtype=jnp.float32,
+                                                                 rngs=nnx.Rngs(0))), nnx.Param)
+    wide = jax.tree.map(lambda a: a.astype(jnp.float32), params16)
+    tokens = jnp.arange(10).reshape(2, 5) % 7
+    out = nnx.merge(graphdef16, wide)(tokens)
+    assert out.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(nnx.merge(graphdef32, wide)(tokens)))
+    # and in its own dtype, the bfloat16 model is unchanged: bfloat16 logits
+    assert nnx.merge(graphdef16, params16)(tokens).dtype == jnp.bfloat16

@@ -144,7 +144,7 @@ def detect_run(run_dir: str | os.PathLike, *, lr=None, write: bool = True, **opt
         rows = np.asarray(traj["step"]) if "step" in traj else np.arange(n)
         keep = rows < ended.step
         before = {k: np.asarray(v)[keep] if np.ndim(v) >= 1 and len(v) == n else v for k, v in traj.items()}
-        events = detect(before, lr=lr, **options) if keep.sum() > 1 else []
+        events = detect(before, lr=lr, **options) if keep.sum() > 0 else []  # (one row too, as the runner)
         events = sorted(events + [ended], key=lambda e: (e.step, e.kind, e.variant))
     if write:
         save_events(os.path.join(run_dir, "events.json"), events)

@@ -236,7 +236,9 @@ def detect_events(s: Settings, traj: dict, diverged: dict | None) -> tuple[list[
     if diverged is not None and "loss" in finite:
         n = diverged["step"] - int(traj["step"][0]) if len(traj.get("step", [])) else 0
         finite = {k: v[:n] for k, v in finite.items()}
-    if len(finite.get("loss", [])) > 1:
+    # (a run of one recorded step too: detect_run reads it so, and its events, e.g. a step-0 edge of stability, were
+    # missing from the events.json the run wrote)
+    if len(finite.get("loss", [])) > 0:
         from ..diagnostics import ALL_KINDS, detect
         from ..diagnostics._live import _options_from_config
 

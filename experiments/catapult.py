@@ -10,6 +10,7 @@ detectors: ``catapult`` (loss spike then sharpness drop; quotient, step and raw 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -126,8 +127,15 @@ def main(argv=None):
     for name, out in outs.items():
         rows += [{"setting": name, **r} for r in summarise(out)]
     main_out = outs[f"eta*lambda0={cfg.eta_lambda0}"]
-    d = C.save("catapult", main_out["traj"], main_out["events"], rows, {"lr": main_out["lr"]},
-               files={"catapult.png": lambda p: figure(outs, p)})
+    # the events of both settings, each naming its setting (details "setting"), and the control's trajectory beside
+    # the main one: events.json held the main setting's alone, while the table counts the control's too
+    events = [dataclasses.replace(e, details={**e.details, "setting": name}) for name, out in outs.items()
+              for e in out["events"]]
+    files = {"catapult.png": lambda p: figure(outs, p)}
+    if cfg.eta_lambda0 != 1.5:
+        files["trajectory_control.npz"] = lambda p: np.savez_compressed(p, **outs["eta*lambda0=1.5"]["traj"])
+    d = C.save("catapult", main_out["traj"], events, rows, {"lr": main_out["lr"]},
+               files=files)
     print(C.markdown_table(rows))
     print("written to", d)
 

@@ -225,3 +225,31 @@ def test_normalised_cnn_tail_holds_the_fraction_of_the_steps_asked_for():
         want = np.sqrt(np.mean(np.square(ang[n - k:])))
         assert abs(row["measured RMS angle (tail)"] - want) <= 1e-12 * want, (n, f, k, row)
         assert abs(row["mean angle (tail)"] - np.mean(ang[n - k:])) <= 1e-12 * want, (n, f, k, row)
+
+
+def test_catapult_events_json_holds_both_settings_events(tmp_path, monkeypatch):
+    """Experiment 2's table has a row per setting (the control at 1.5 / lambda0 and the one asked for), each
+    counting its events, but events.json held the main setting's alone: the control's loss spikes and catapults
+    the table counts were nowhere.  Now every event names its setting (``details["setting"]``), the counts per
+    setting are the table's, and the control's trajectory is written beside the main one."""
+    import _common as C
+    from quotient_sgd.diagnostics import load_events
+
+    E = experiment_script("catapult")
+    monkeypatch.setenv("QSGD_EXPERIMENT_OUT", str(tmp_path))
+    monkeypatch.setattr(C, "_LOADED", {})
+    monkeypatch.setattr(E, "figure", lambda outs, path: open(path, "w").close())
+    _fake_catapult(monkeypatch, C, E)
+    E.main(["scale=test", "eta_lambda0=2.5"])
+    d = tmp_path / "catapult"
+    table = C.load_result(str(d / "result.json"))["table"]
+    events = load_events(str(d / "events.json"))
+    assert [r["setting"] for r in table] == ["eta*lambda0=1.5", "eta*lambda0=2.5"]
+    for r in table:
+        mine = [e for e in events if e.details["setting"] == r["setting"]]
+        assert sum(e.kind == "loss_spike" for e in mine) == r["n loss spikes"] >= 1, (r, mine)
+        quotient = [e for e in mine if e.kind == "catapult" and e.variant == "quotient"]
+        assert quotient and quotient[0].step == r["catapult[quotient] step"], (r, quotient)
+    # the control's trajectory (the same fixed one here) beside the main one
+    for f in ("trajectory.npz", "trajectory_control.npz"):
+        np.testing.assert_array_equal(np.load(d / f)["loss"][10:13], [5.0, 3.0, 1.2])

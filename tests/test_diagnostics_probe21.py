@@ -253,3 +253,24 @@ def test_catapult_events_json_holds_both_settings_events(tmp_path, monkeypatch):
     # the control's trajectory (the same fixed one here) beside the main one
     for f in ("trajectory.npz", "trajectory_control.npz"):
         np.testing.assert_array_equal(np.load(d / f)["loss"][10:13], [5.0, 3.0, 1.2])
+
+
+@pytest.mark.parametrize("scale", ["cpu", "test", "paper"])
+def test_edge_of_stability_samples_both_phases_of_the_period_two_oscillation(scale):
+    """Past the edge of stability ``lr * lambda_step`` alternates from step to step.  Experiment 1's paper config
+    sampled the Hessian every 20 steps: every refresh on one phase, so a run whose high phase falls on odd steps
+    (2.4 on odd steps, 1.7 on even ones from step 300 on) had no level-2 edge at all.  Each scale's interval now
+    sees both phases: the edge is found at the first refresh on the high phase."""
+    import _common as C
+    from quotient_sgd.diagnostics import detect
+
+    cfg = C.load_config("edge_of_stability", [f"scale={scale}"])
+    n, k, lr = 1000, cfg.hessian_every, 0.1
+    steps = np.arange(n)
+    q = np.where(steps < 300, 1.5, np.where(steps % 2, 2.4, 1.7))
+    refresh = np.where(steps % k == 0, steps, -1)
+    lam = np.where(refresh >= 0, q / lr, np.nan)
+    traj = {"step": steps, "hessian_step": refresh, "loss": np.linspace(1.0, 0.5, n), "sharpness_horizontal": lam}
+    e = C.first(detect(traj, lr=lr, kinds=["edge_of_stability"]), "edge_of_stability", "step", level=2.0)
+    high = [s for s in range(300, n) if s % k == 0 and s % 2 == 1]  # refreshes on the high phase
+    assert high and e is not None and e.step == high[0], (scale, k, e)

@@ -95,13 +95,16 @@ def run(cfg):
     return [r for s in cfg.seeds for r in run_one(cfg, s)]
 
 
-def figure(rows, path):
+def figure(rows, path, eta_lambda0: float = 3.0):
+    """The first seed's loss curves, titled with the base lr ``eta_lambda0 / lambda0`` the runs used (the title
+    said 3 / lambda0 whatever ``eta_lambda0`` was) and the seed shown."""
     plt = C.plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
         if r["seed"] == rows[0]["seed"]:
             ax.semilogy(r["loss"], label=r["schedule"])
-    ax.set(xlabel="step", ylabel="loss", title="catapult setting, base lr = 3 / lambda0")
+    ax.set(xlabel="step", ylabel="loss",
+           title=f"catapult setting, base lr = {eta_lambda0:g} / lambda0 (seed {rows[0]['seed']})")
     ax.legend()
     C.save_figure(fig, path)
 
@@ -113,7 +116,8 @@ def main(argv=None):
     table = [{k: v for k, v in r.items() if k not in ("loss", "events")} for r in rows]
     # events.json holds the loss spikes the table counts (it was written empty)
     d = C.save("shock_lr", {"loss_" + r["schedule"].replace(" ", "_") + f"_{r['seed']}": r["loss"] for r in rows},
-               [e for r in rows for e in r["events"]], table, files={"shock_lr.png": lambda p: figure(rows, p)})
+               [e for r in rows for e in r["events"]], table,
+               files={"shock_lr.png": lambda p: figure(rows, p, cfg.eta_lambda0)})
     print(C.markdown_table(table))
     print("written to", d)
 

@@ -135,7 +135,8 @@ def test_a_run_stopped_while_saving_leaves_no_result_json_of_another_run(tmp_pat
 def test_shock_lr_events_json_holds_the_loss_spikes_its_table_counts(tmp_path, monkeypatch):
     """Experiment 6 wrote an empty events.json while its table counted each run's ``loss_spike`` events (one per
     seed for the constant and cosine schedules).  events.json now holds them, each naming its run (``details``
-    ``schedule`` and ``seed``), one event for each the table counts, at the step of the loss's spike."""
+    ``schedule`` and ``seed``), one event for each the table counts, at the step of the loss's spike; the figure's
+    title names the base lr that was used."""
     import jax.numpy as jnp
 
     import _common as C
@@ -145,7 +146,13 @@ def test_shock_lr_events_json_holds_the_loss_spikes_its_table_counts(tmp_path, m
     monkeypatch.setenv("QSGD_EXPERIMENT_OUT", str(tmp_path))
     monkeypatch.setattr(C, "_LOADED", {})
     monkeypatch.setattr(E.exp2, "setup", lambda pc: (None, None, None, None, None, 30.0))
-    monkeypatch.setattr(E, "figure", lambda rows, path: open(path, "w").close())
+    titles = []
+
+    def save_figure(fig, path):
+        titles.append(fig.axes[0].get_title())
+        C.plt().close(fig)
+
+    monkeypatch.setattr(C, "save_figure", save_figure)
     spike_at = {"constant": [12], "cosine": [12, 30], "shock-aware cap": [], "shock-aware track": [25]}
 
     def train(loss, params, tx, data, *, num_steps, **k):
@@ -159,7 +166,9 @@ def test_shock_lr_events_json_holds_the_loss_spikes_its_table_counts(tmp_path, m
 
     calls = []
     monkeypatch.setattr(E, "train", train)
-    E.main(["scale=test", "seeds=[4, 7]", "num_steps=40"])
+    E.main(["scale=test", "seeds=[4, 7]", "num_steps=40", "eta_lambda0=2.5"])
+    # (the figure's title named the base lr 3 / lambda0 whatever eta_lambda0 was)
+    assert titles == ["catapult setting, base lr = 2.5 / lambda0 (seed 4)"], titles
     d = tmp_path / "shock_lr"
     table = C.load_result(str(d / "result.json"))["table"]
     events = load_events(str(d / "events.json"))

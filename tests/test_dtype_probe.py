@@ -11,7 +11,7 @@ import optax
 from flax import nnx
 
 from quotient_sgd.models import MLP, Transformer
-from quotient_sgd.observables import frozen_horizontal
+from quotient_sgd.observables import charges, frozen_horizontal, predict_charge_drift
 from quotient_sgd.optim import SGDSpec, quotient_trajectory, train
 from tests.helpers import horizontal_basis
 
@@ -120,3 +120,24 @@ def test_a_bfloat16_transformer_at_float32_parameters():
     np.testing.assert_array_equal(np.asarray(out), np.asarray(nnx.merge(graphdef32, wide)(tokens)))
     # and in its own dtype, the bfloat16 model is unchanged: bfloat16 logits
     assert nnx.merge(graphdef16, params16)(tokens).dtype == jnp.bfloat16
+
+
+def test_predicted_charge_drift_of_low_precision_arguments():
+    """predict_charge_drift computed in the arguments' dtype when called on bfloat16 / float16 parameters (the
+    trajectory widens them first): the learning rate was rounded to it (0.01 -> 0.01001 in bfloat16) and so was
+    -Delta / eta, 3.5e-3 of the drift off; a float16 step at lr = 1e-6 was predicted NaN.  For SGD without momentum or
+    decay, from zero cross terms, the prediction is Q(Delta) exactly (THEORY section 2: eta^2 Q(g)); now to float32's
+    rounding of it.  Q(Delta) per rescaled unit: (|Delta w_in|^2 + Delta b^2 - |Delta w_out|^2) / 2, in float64."""
+    for dtype, lr, size in ((jnp.bfloat16, 0.01, 0.3), (jnp.float16, 1e-6, 1000.0)):
+        model, _, params = _mlp(dtype)
+        group = model.symmetries()
+        grads = jax.tree.map(lambda x: x.astype(dtype), _random_like(jax.random.key(9), params, jnp.float32))
+        grads = jax.tree.map(lambda x: (size * x.astype(jnp.float32)).astype(dtype), grads)
+        updates = jax.tree.map(lambda x: (-lr * x.astype(jnp.float32)).astype(dtype), grads)
+        cross = jax.tree.map(jnp.zeros_like, charges(group, params))
+        pred, _ = predict_charge_drift(group, params, grads, updates, cross, lr=lr)
+        d = jax.tree.map(lambda x: np.asarray(x, np.float64), updates)
+        exact = 0.5 * (np.sum(d["layers"][0]["kernel"] ** 2, axis=0) + d["layers"][0]["bias"] ** 2
+                       - np.sum(d["layers"][1]["kernel"] ** 2, axis=1))
+        got = np.asarray(pred["rescale/layers.0"], np.float64)
+        np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-5 * np.max(np.abs(exact)), err_msg=str(dtype))

@@ -62,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._kinds import REDUCED_DYNAMICS, observable
-from .._tree import float_dtype
+from .._tree import float_dtype, widen
 from ._util import charge_linear, charges_dict, check_hyper, check_like
 
 
@@ -141,6 +141,12 @@ def predict_charge_drift(
         raise ValueError(f"predict_charge_drift: cross must hold one c_k per charge, like charges(group, params) "
                          f"(zeros at the first step: jax.tree.map(jnp.zeros_like, charges(group, params))):\n  "
                          f"expected {want}\n  got      {jax.tree.structure(cross)}")
+    # bfloat16 / float16 arguments are computed in float32, as the step observables are (quotient_trajectory widens
+    # them before calling this): in their own dtype the learning rate was rounded to it (0.01 -> 0.01001 in
+    # bfloat16, the prediction 3.5e-3 off the float64 one from the same numbers) and so was -Delta / eta
+    params, grads, updates, cross = widen((params, grads, updates, cross))
+    velocity = None if velocity is None else widen(velocity)
+    charges_now = None if charges_now is None else widen(charges_now)
     # the hyperparameters in the parameters' common dtype, cast to each leaf's / charge's dtype where they meet it
     # (float32 blocks beside float64 ones: the first leaf's dtype rounded a float64 block's learning rate to float32)
     dt = float_dtype(params)

@@ -131,9 +131,10 @@ def main(argv=None):
     # the main one: events.json held the main setting's alone, while the table counts the control's too
     events = [dataclasses.replace(e, details={**e.details, "setting": name}) for name, out in outs.items()
               for e in out["events"]]
-    files = {"catapult.png": lambda p: figure(outs, p)}
-    if cfg.eta_lambda0 != 1.5:
-        files["trajectory_control.npz"] = lambda p: np.savez_compressed(p, **outs["eta*lambda0=1.5"]["traj"])
+    # (written also when the setting asked for is the control's own: a trajectory_control.npz of an earlier run of
+    # another setting would otherwise stay beside these results)
+    files = {"catapult.png": lambda p: figure(outs, p),
+             "trajectory_control.npz": lambda p: np.savez_compressed(p, **outs["eta*lambda0=1.5"]["traj"])}
     d = C.save("catapult", main_out["traj"], events, rows, {"lr": main_out["lr"]},
                files=files)
     print(C.markdown_table(rows))

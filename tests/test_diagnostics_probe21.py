@@ -75,6 +75,7 @@ def test_catapult_runs_its_control_setting_once_when_it_is_the_setting_asked_for
         calls.clear()
         E.main(["scale=test", f"eta_lambda0={eta}", "overwrite=true"])
         np.testing.assert_allclose(calls, [s / 30.0 for s in settings], rtol=1e-12)
+        assert (tmp_path / "catapult" / "trajectory_control.npz").is_file()
         table = C.load_result(str(tmp_path / "catapult" / "result.json"))["table"]
         assert [r["setting"] for r in table] == [f"eta*lambda0={s}" for s in settings], table
 

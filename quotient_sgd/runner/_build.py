@@ -130,7 +130,10 @@ def evaluate(params, batch, model_state=None, *, graphdef, task: str, last_token
     out = _head(model(batch["x"]), last_token)
     loss = jnp.mean(_example_losses(out, batch["y"], task))
     if task == "classification":
-        acc = jnp.mean((jnp.argmax(out, axis=-1) == batch["y"]).astype(jnp.float32))
+        # (the predicted class in the labels' dtype: with x64 on, argmax is int64 against the int32 labels, which
+        # strict dtype promotion refuses; every classification run failed at its first chunk's evaluation)
+        pred = jnp.argmax(out, axis=-1).astype(batch["y"].dtype)
+        acc = jnp.mean((pred == batch["y"]).astype(jnp.float32))
         return {"loss": loss, "accuracy": acc}
     return {"loss": loss}
 

@@ -419,8 +419,8 @@ def _config_load_error(argv: list[str]) -> str | None:
         return f"config file {path!r} is a directory; give a file defining get_config(), e.g. configs/tiny.py"
     try:
         cfg = load_config(path)
-    except ConfigError:
-        return None
+    except ConfigError as e:  # (load_config names a get_config() that needs arguments; the rest is the caller's)
+        return str(e) if str(e).startswith("cannot load the config file") else None
     except SystemExit as e:
         # (sys.exit() in the file or its get_config(), or an argparse parser there reading the command's own
         # arguments, ended the command: with status 0 and nothing done for sys.exit(0), without naming the file)

@@ -992,8 +992,15 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
     meanwhile raises a ``TypeError``, also in a plain ``ml_collections.ConfigDict``
     (:func:`~quotient_sgd.config._configdict.refuse_bool_numbers`); an override of an unknown key, of the wrong
     type, below a key that is no section, or of a whole section with a value raises :class:`ConfigError` naming the
-    dotted key, the value and what it takes."""
+    dotted key, the value and what it takes.  So does a ``path`` that is a directory or does not exist, a file whose
+    ``get_config`` cannot be called without arguments (it failed in a bare ``TypeError: get_config() missing 1
+    required positional argument``, naming no file), and overrides of a config that is no ``ConfigDict`` (a
+    ``get_config()`` returning ``None``: "config.steps = 3: config. is a value, not a section; set it as config.");
+    without overrides such a config is returned as it is (:func:`validate` refuses it)."""
     path = os.fspath(path)
+    if os.path.isdir(path):  # (it was said "not to exist")
+        raise ConfigError(f"config file {path!r} is a directory; give a file defining get_config(), e.g. "
+                          f"configs/tiny.py")
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist")
     from ._configdict import refuse_bool_numbers
@@ -1002,7 +1009,13 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         mod = config_module(path)
         if not hasattr(mod, "get_config"):
             raise ConfigError(f"config file {path!r} defines no get_config()")
+        _require_no_arguments(path, mod.get_config)
         cfg = mod.get_config()
+        if overrides and not hasattr(cfg, "keys"):
+            raise ConfigError(f"cannot load the config file {path!r}: get_config() returned {cfg!r} "
+                              f"({type(cfg).__name__}), not a ConfigDict, which the overrides {sorted(overrides)} "
+                              f"would set keys of; return the config (start from "
+                              f"quotient_sgd.config.default_config())")
         for key, value in (overrides or {}).items():
             node = cfg
             parts = key.split(".")
@@ -1037,6 +1050,26 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
                                   + (f" (as its value {current!r})" if current is not None else "")
                                   + f", got {type(value).__name__}") from None
     return cfg
+
+
+def _require_no_arguments(path: str, get_config) -> None:
+    """:class:`ConfigError` naming the config file ``path`` unless its ``get_config`` is a callable that takes no
+    arguments (every parameter has a default): :func:`load_config` and the command call ``get_config()``."""
+    import inspect
+
+    if not callable(get_config):
+        raise ConfigError(f"cannot load the config file {path!r}: its get_config is {type(get_config).__name__}, not a "
+                          f"function; define get_config() returning the config")
+    try:
+        sig = inspect.signature(get_config)
+    except (TypeError, ValueError):  # (a callable without a signature: called as it is)
+        return
+    try:
+        sig.bind()
+    except TypeError as e:
+        raise ConfigError(f"cannot load the config file {path!r}: get_config{sig} cannot be called without "
+                          f"arguments ({e}); the config is what get_config() returns: give its parameters defaults, "
+                          f"or call it yourself and validate what it returns") from None
 
 
 def missing_key_text(key: str, node) -> str:

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from quotient_sgd import data as qdata
@@ -33,3 +34,20 @@ def test_classification_evaluation_under_x64_counts_the_correct_predictions(x64)
     ce = np.log(np.exp(z).sum(axis=-1)) - z[np.arange(len(y)), y]
     np.testing.assert_allclose(float(ev["loss"]), ce.mean(), rtol=1e-5)
     assert jnp.dtype(ev["accuracy"].dtype) == jnp.float32
+
+
+def test_init_params_refuses_a_scale_that_is_no_finite_number_at_least_0():
+    """``init_params(b, seed, -1.0)`` (or NaN) returned the parameters of ``init_gauge = 0`` without a word (the
+    re-gauging is kept only where the scale is > 0), and ``True`` re-gauged with a scale of 1; ``config.init_gauge``
+    refuses all three.  Each is a ``ValueError`` naming ``init_gauge``, raised before anything is computed; the
+    scales allowed (0, None, a NumPy or JAX float, a traced value) still trace."""
+    from tests.helpers import tiny_settings as _tiny
+
+    b = build(_tiny())
+    for bad in (-1.0, -1e-30, float("nan"), float("inf"), True, np.bool_(False), "0.5", (0.5,), np.ones(2)):
+        with pytest.raises(ValueError, match=r"init_params: init_gauge=.* is not allowed; need a finite number >= 0"):
+            init_params(b, 0, bad)
+    shapes = jax.eval_shape(lambda: init_params(b, 0, 0.0))
+    for good in (0, None, np.float32(0.5), jnp.float32(2.0), 3):
+        assert jax.eval_shape(lambda g=good: init_params(b, 0, g)) == shapes
+    assert jax.eval_shape(jax.vmap(lambda g: init_params(b, 0, g)), jnp.ones(2)) is not None

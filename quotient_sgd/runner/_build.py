@@ -310,11 +310,32 @@ def _build(s: Settings) -> Built:
 def init_params(b: Built, seed, init_gauge):
     """Initial parameters for ``seed`` (traceable: usable under ``vmap`` over seeds), moved by a random element
     of the continuous symmetries of scale ``init_gauge`` when ``init_gauge > 0`` (same function, different
-    parameterisation).  ``b``: what :func:`build` returns (anything else raises ``TypeError``)."""
+    parameterisation; ``0`` or ``None``: not moved).  ``b``: what :func:`build` returns (anything else raises
+    ``TypeError``).  A concrete ``init_gauge`` that is not a finite number ``>= 0`` raises ``ValueError`` naming it
+    (as ``config.init_gauge`` is refused): a negative or NaN scale returned the unmoved parameters without a word,
+    and ``True`` moved them by a scale of 1."""
     if not isinstance(b, Built):
         raise TypeError(f"init_params: b must be the Built of quotient_sgd.runner.build(settings), got "
                         f"{type(b).__name__}" + ("; pass build(settings)" if isinstance(b, Settings) else ""))
+    _require_gauge_scale(init_gauge, "init_params")
     return init_model(b, seed, init_gauge)[0]
+
+
+def _require_gauge_scale(init_gauge, where: str) -> None:
+    """``ValueError`` naming ``where``'s ``init_gauge`` unless it is ``None``, a traced value, or a real number
+    (Python, NumPy or a 0-d array; not a bool) that is finite and ``>= 0``."""
+    if init_gauge is None or isinstance(init_gauge, jax.core.Tracer):
+        return
+    try:
+        a = np.asarray(init_gauge)
+    except Exception:  # noqa: BLE001  (no array at all: refused below)
+        a = None
+    ok = (a is not None and a.ndim == 0 and a.dtype.kind in "iuf" and not isinstance(init_gauge, (bool, np.bool_)))
+    if ok:
+        ok = math.isfinite(float(a)) and float(a) >= 0
+    if not ok:
+        raise ValueError(f"{where}: init_gauge={init_gauge!r} is not allowed; need a finite number >= 0 (the scale "
+                         f"of the random element of the continuous symmetries; 0 or None: not re-gauged)")
 
 
 def _int32_seed(seed, where: str):

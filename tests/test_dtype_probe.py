@@ -141,3 +141,24 @@ def test_predicted_charge_drift_of_low_precision_arguments():
                        - np.sum(d["layers"][1]["kernel"] ** 2, axis=1))
         got = np.asarray(pred["rescale/layers.0"], np.float64)
         np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-5 * np.max(np.abs(exact)), err_msg=str(dtype))
+
+
+def test_hessian_observables_of_bfloat16_parameters_are_evaluated_in_float32():
+    """sharpness_raw / _horizontal / _quotient / _preconditioned, hessian_extremes and dense_hessian evaluated the
+    loss at bfloat16 parameters in bfloat16 (the forward pass and its Hessian-vector products), where
+    quotient_trajectory evaluates it at their float32 widening: the dense Hessian of a 3-4-3 MLP came out 5.5e-3 of
+    its largest entry off the float64 one from the same numbers, its top eigenvalue 2.4e-3 off.  Here the Hessian of
+    sum(w^4) / 4 is diag(3 w^2), known exactly from the (bfloat16) numbers; in bfloat16 each entry was rounded."""
+    from quotient_sgd.observables import dense_hessian, hessian_extremes
+
+    w = jnp.asarray([0.3, -1.7, 0.9, 2.3, -0.45, 1.1], jnp.bfloat16)
+    exact = 3 * np.asarray(w, np.float64) ** 2
+
+    def loss(p):
+        return jnp.sum(p["w"] ** 4) / 4
+
+    dense = dense_hessian(loss, {"w": w})
+    assert dense.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(dense, np.float64), np.diag(exact), rtol=1e-6, atol=0)
+    ex = hessian_extremes(loss, {"w": w}, key=jax.random.key(0), num_matvecs=6)
+    np.testing.assert_allclose([float(ex.top[0]), float(ex.bottom[0])], [exact.max(), exact.min()], rtol=1e-5)

@@ -692,6 +692,20 @@ def hessian_extremes(
     return _hessian_extremes(loss_fn, params, project, key=key, num_matvecs=num_matvecs, k=k, method=method)
 
 
+def _vectors_like(ex: Extremes, params) -> Extremes:
+    """``ex`` with its Ritz vectors in the dtypes of ``params``' leaves (computed from their float32 widening)."""
+    leaves, treedef = jax.tree.flatten(params)
+    dts = [jnp.result_type(x) for x in leaves]
+
+    def cast(vecs):
+        vl = jax.tree.leaves(vecs)
+        if len(vl) != len(dts):
+            return vecs
+        return jax.tree.unflatten(jax.tree.structure(vecs), [v.astype(d) for v, d in zip(vl, dts)])
+
+    return ex._replace(top_vectors=cast(ex.top_vectors), bottom_vectors=cast(ex.bottom_vectors))
+
+
 def _hessian_extremes(loss_fn: Callable, params, project: Callable | None = None, *, key, num_matvecs: int = 20,
                       k: int = 1, method: str = "loop", restricted=None) -> Extremes:
     """:func:`hessian_extremes`, with the kind of breakdown threshold given (``restricted``, possibly a traced
@@ -700,8 +714,11 @@ def _hessian_extremes(loss_fn: Callable, params, project: Callable | None = None
     _check_key("hessian_extremes", key)
     _check_counts(num_matvecs, k)
     # a Python number among the parameters (which jax.grad takes) failed in the start vector's draw with
-    # "'float' object has no attribute 'dtype'"
-    params = jax.tree.map(jnp.asarray, params)
+    # "'float' object has no attribute 'dtype'"; bfloat16 / float16 parameters are evaluated in float32, as
+    # quotient_trajectory evaluates them (README: the observables run in float32); the Ritz vectors come back in
+    # the parameters' dtypes
+    given = jax.tree.map(jnp.asarray, params)
+    params = widen(given)
     v0 = tree_random_normal(key, params)
     if project is not None:
         v0 = project(v0)
@@ -713,16 +730,16 @@ def _hessian_extremes(loss_fn: Callable, params, project: Callable | None = None
     restart = _restart_for(k, fresh)
 
     if project is None:
-        return lanczos_extremes(hvp_operator(loss_fn, params), v0, num_matvecs=num_matvecs, k=k, method=method,
-                                restart=restart)
+        return _vectors_like(lanczos_extremes(hvp_operator(loss_fn, params), v0, num_matvecs=num_matvecs, k=k,
+                                              method=method, restart=restart), given)
     # Every Lanczos vector is a combination of v0 and earlier outputs of the operator, all horizontal, and on
     # horizontal vectors P H P = P H: one projection per product instead of two, applied to the residual
     # H q_j - alpha_j q_j - beta_{j-1} q_{j-1} (project_residuals), which also removes the rounding of q_j, q_{j-1}
     # off the horizontal space that the recurrence would otherwise amplify step after step.
     _, lin = jax.linearize(jax.grad(loss_fn), params)
-    return _lanczos_extremes(lin, v0, num_matvecs=num_matvecs, k=k, method=method, restart=restart, domain=project,
-                             project_residuals=True, reortho="full",
-                             restricted=True if restricted is None else restricted)
+    return _vectors_like(_lanczos_extremes(lin, v0, num_matvecs=num_matvecs, k=k, method=method, restart=restart,
+                                           domain=project, project_residuals=True, reortho="full",
+                                           restricted=True if restricted is None else restricted), given)
 
 
 def frozen_horizontal(group, params, *, max_elements: int = 2**24, max_build_flops: float = 2.0**30) -> Callable:
@@ -867,9 +884,11 @@ def sharpness_quotient(loss_fn, group, params, *, key, num_matvecs: int = 20, k:
     representative (not at a rescale unit with exactly one zero side, a GL head or chain with a rank-deficient
     factor: see :func:`grad_norm_canonical`)."""
     check_hessian_args("sharpness_quotient", loss_fn, group, with_group=True)
-    pc = group.canonicalize(params)
-    return hessian_extremes(loss_fn, pc, projection_for(group, pc, method), key=key, num_matvecs=num_matvecs, k=k,
-                            method=method)
+    # bfloat16 / float16 parameters: the canonical point of their float32 widening, not rounded back to them (the
+    # Ritz vectors in the parameters' dtypes)
+    pc = group.canonicalize(widen(params))
+    return _vectors_like(hessian_extremes(loss_fn, pc, projection_for(group, pc, method), key=key,
+                                          num_matvecs=num_matvecs, k=k, method=method), params)
 
 
 @observable(REDUCED_DYNAMICS, "sharpness_horizontal", "lambda_min_horizontal")
@@ -878,7 +897,7 @@ def sharpness_horizontal(loss_fn, group, params, *, key, num_matvecs: int = 20, 
     """Extremes of the horizontal Hessian ``P H P`` at the current point: the curvature the next step sees
     (stability, THEORY section 4, kind 2)."""
     check_hessian_args("sharpness_horizontal", loss_fn, group, with_group=True)
-    return hessian_extremes(
+    return hessian_extremes(  # (bfloat16 / float16 parameters evaluated in float32 there)
         loss_fn, params, projection_for(group, params, method), key=key, num_matvecs=num_matvecs, k=k,
         method=method
     )
@@ -918,7 +937,8 @@ def sharpness_preconditioned(loss_fn, params, preconditioner, *, key, num_matvec
     check_hessian_args("sharpness_preconditioned", loss_fn)
     _check_key("sharpness_preconditioned", key)
     _check_counts(num_matvecs, k)
-    params = jax.tree.map(jnp.asarray, params)  # (Python numbers: as in hessian_extremes)
+    given = jax.tree.map(jnp.asarray, params)
+    params = widen(given)  # (Python numbers, bfloat16 / float16: as in hessian_extremes)
     check_like("sharpness_preconditioned", "params", params, preconditioner=preconditioner)
     s = jax.tree.map(lambda p, x: jax.lax.rsqrt(jnp.asarray(p, x.dtype)), preconditioner, params)
     _, lin = jax.linearize(jax.grad(loss_fn), params)
@@ -928,14 +948,16 @@ def sharpness_preconditioned(loss_fn, params, preconditioner, *, key, num_matvec
 
     v0 = tree_random_normal(key, params)
     v0 = tree_scale(1 / tree_norm(v0), v0)
-    return lanczos_extremes(matvec, v0, num_matvecs=num_matvecs, k=k, method=method,
-                            restart=_restart_for(k, lambda j: tree_random_normal(jax.random.fold_in(key, j + 1),
-                                                                                 params)))
+    return _vectors_like(lanczos_extremes(
+        matvec, v0, num_matvecs=num_matvecs, k=k, method=method,
+        restart=_restart_for(k, lambda j: tree_random_normal(jax.random.fold_in(key, j + 1), params))), given)
 
 
 def dense_hessian(loss_fn: Callable, params, project: Callable | None = None) -> jax.Array:
     """The dense ``P H P`` in raveled coordinates (``jax.flatten_util.ravel_pytree`` order); small models only.
-    Parameters whose leaves have several dtypes are ravelled in their common one (:func:`_ravel`)."""
+    Parameters whose leaves have several dtypes are ravelled in their common one (:func:`_ravel`); bfloat16 /
+    float16 parameters are evaluated in float32, as :func:`hessian_extremes` evaluates them."""
+    params = widen(params)
     flat, unravel = _ravel(params)
     op = hvp_operator(loss_fn, params, project)
 

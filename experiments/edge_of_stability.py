@@ -62,12 +62,19 @@ def check_twin(cfg, graphdef, params, twin, x) -> None:
                          f"e.g. <= 10 (the default 0.3)")
 
 
+def learning_rate(cfg, loss, params, group, batch) -> tuple[float, float]:
+    """``(lr, lambda0)``: ``lambda0 = lambda_step(theta_0)`` of the balanced run (the horizontal sharpness from
+    :func:`_common.decomposition_fn`'s Lanczos with ``cfg.lanczos`` vectors and key 0) and ``lr = cfg.eta_lambda0 /
+    lambda0``; experiment 5 trains its MLP at this learning rate through this function."""
+    lam0 = float(C.decomposition_fn(loss, batch, group, cfg.lanczos, raw=True)(params, jax.random.key(0))
+                 ["sharpness_horizontal"])
+    return cfg.eta_lambda0 / lam0, lam0
+
+
 def run(cfg):
     graphdef, params, twin, group, batch = setup(cfg)
     loss = functools.partial(C.mse, graphdef)
-    d0 = C.decomposition_fn(loss, batch, group, cfg.lanczos, raw=True)
-    lam0 = float(d0(params, jax.random.key(0))["sharpness_horizontal"])
-    lr = cfg.eta_lambda0 / lam0
+    lr, lam0 = learning_rate(cfg, loss, params, group, batch)
     tx = optax.sgd(lr)
     res = {}
     for name, p0 in (("balanced", params), ("regauged", twin)):

@@ -74,7 +74,10 @@ def ground_truth(sub):
     0.25 below the value at ``grok_end`` (where the final rise starts); ``grok_mid`` = first step half-way
     between the two accuracies.  ``grokked``: the maximum exceeds 0.8 and the rise happens >= 500 steps after
     memorisation.  A run whose test accuracy never comes within 0.9 x its maximum after memorisation (it peaked
-    before) has no jump: ``grok_*`` stay -1 and ``grokked`` False."""
+    before) has no jump, nor has one with no step 0.25 below ``grok_end``'s value before it (a test accuracy that
+    stays flat, e.g. 0 after memorising, or rises by less than 0.25 in all): ``grok_*`` stay -1 and ``grokked``
+    False.  (The latter was given ``grok_start`` = the first evaluation: a flat accuracy of 0 memorised at step
+    1150 was tabulated as a jump 0-1150 of height 0.)"""
     s, tr, te = sub["step"], sub["train_accuracy"], sub["test_accuracy"]
     # running median over 5 evaluations: late loss spikes (slingshots) briefly collapse the test accuracy
     pad = np.pad(te, 2, mode="edge")
@@ -90,7 +93,9 @@ def ground_truth(sub):
         return out
     ie = int(after[0])
     below = np.nonzero((te <= te[ie] - 0.25) & (np.arange(len(s)) < ie))[0]
-    i0 = int(below[-1]) if below.size else 0
+    if below.size == 0:
+        return out  # no rise of 0.25 to grok_end: no jump
+    i0 = int(below[-1])
     mid = 0.5 * (te[i0] + te[ie])
     im = i0 + int(np.argmax(te[i0:ie + 1] >= mid))
     out.update(grok_start=int(s[i0]), grok_mid=int(s[im]), grok_end=int(s[ie]),

@@ -80,8 +80,10 @@ def run(cfg):
     lam = jax.jit(lambda p: obs.sharpness_quotient(full, group, p, key=jax.random.key(1),
                                                    num_matvecs=cfg.lanczos))
     ex0 = lam(params)
-    lr = ecfg.eta_lambda0 / float(obs.sharpness_horizontal(full, group, params, key=jax.random.key(0),
-                                                             num_matvecs=ecfg.lanczos).top[0])
+    # experiment 1's learning rate, by experiment 1's function: computed here by another path (an unjitted
+    # sharpness_horizontal), lambda_step(theta_0) differed in its last float32 digits (10.2029705 against experiment
+    # 1's 10.2029686), so the MLP was trained at another lr than experiment 1's
+    lr, _ = exp1.learning_rate(ecfg, loss, params, group, batch)
     tx = optax.sgd(lr)
     data = functools.partial(C._const_batch, batch)
     rows, slice_shocks = [], []

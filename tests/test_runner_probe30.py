@@ -51,3 +51,34 @@ def test_init_params_refuses_a_scale_that_is_no_finite_number_at_least_0():
     for good in (0, None, np.float32(0.5), jnp.float32(2.0), 3):
         assert jax.eval_shape(lambda g=good: init_params(b, 0, g)) == shapes
     assert jax.eval_shape(jax.vmap(lambda g: init_params(b, 0, g)), jnp.ones(2)) is not None
+
+
+def test_report_keeps_the_outputs_of_a_run_whose_trajectory_does_not_load(tmp_path):
+    """A finished run whose ``trajectory.npz`` no longer loads (torn by a crash of the machine) and whose
+    ``trajectory_parts/`` were removed (a finished run no longer reads them): ``report`` redrew its plots and
+    summary from an empty trajectory over those drawn from the whole one ("steps: 0 of 6", "trajectory read from
+    nothing: no trajectory.npz and no trajectory parts (a run stopped before its first chunk)"), exit status 0.
+    It is refused naming trajectory.npz and why, and nothing is written; ``load_trajectory`` says the file does
+    not load."""
+    import os
+    import warnings
+
+    from quotient_sgd.runner import RunDirError, load_trajectory, report
+    from quotient_sgd.runner._rundir import write_config, write_json
+
+    wd = tmp_path / "run"
+    (wd / "plots").mkdir(parents=True)
+    write_config(str(wd / "config.json"), tiny_settings(6))
+    write_json(str(wd / "run.json"), {"wall_s": 1.0, "resumed_from": 0, "diverged": None})
+    (wd / "trajectory.npz").write_bytes(b"PK\x03\x04 torn")
+    (wd / "summary.md").write_text("# Run `tiny`\n\n- steps: 6 of 6\n")
+    (wd / "plots" / "loss.png").write_bytes(b"drawn from 6 steps")
+    before = {p: p.read_bytes() for p in wd.rglob("*") if p.is_file()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (load_trajectory's warning that the file does not load)
+        with pytest.raises(RunDirError, match=r"trajectory\.npz holds no trajectory that loads.*BadZipFile"):
+            report(str(wd))
+        assert {p: p.read_bytes() for p in wd.rglob("*") if p.is_file()} == before
+        source = load_trajectory(str(wd)).source
+    assert "trajectory.npz does not load" in source and "no trajectory.npz" not in source, source
+    assert sorted(os.listdir(wd)) == ["config.json", "plots", "run.json", "summary.md", "trajectory.npz"]

@@ -700,7 +700,8 @@ def load_trajectory(run_dir: str | os.PathLike) -> dict[str, np.ndarray]:
         if not os.path.isfile(os.path.join(run_dir, "config.json")):
             raise FileNotFoundError(f"load_trajectory: {run_dir!r} is not a run directory (no config.json, no "
                                     f"trajectory.npz, no trajectory_parts/)")
-        out.source = "nothing: no trajectory.npz and no trajectory parts (a run stopped before its first chunk)"
+        out.source = (f"nothing: {unreadable}, and no trajectory part to read instead" if unreadable else
+                      "nothing: no trajectory.npz and no trajectory parts (a run stopped before its first chunk)")
         return out
     chunks, end = [], None
     for a in starts:

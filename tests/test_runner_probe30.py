@@ -76,9 +76,37 @@ def test_report_keeps_the_outputs_of_a_run_whose_trajectory_does_not_load(tmp_pa
     before = {p: p.read_bytes() for p in wd.rglob("*") if p.is_file()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # (load_trajectory's warning that the file does not load)
-        with pytest.raises(RunDirError, match=r"trajectory\.npz holds no trajectory that loads.*BadZipFile"):
+        with pytest.raises(RunDirError, match=r"trajectory\.npz holds no trajectory that loads.*BadZipFile.*the "
+                                              r"same `quotient-sgd run` command run again computes"):
             report(str(wd))
         assert {p: p.read_bytes() for p in wd.rglob("*") if p.is_file()} == before
         source = load_trajectory(str(wd)).source
     assert "trajectory.npz does not load" in source and "no trajectory.npz" not in source, source
     assert sorted(os.listdir(wd)) == ["config.json", "plots", "run.json", "summary.md", "trajectory.npz"]
+
+
+def test_a_finished_run_whose_trajectory_is_in_no_file_computes_it_again(tmp_path):
+    """Run again, the same finished run (its trajectory.npz torn, its trajectory_parts/ removed) assembled its
+    trajectory from no part: an empty trajectory.npz was written over the torn one, and its plots and summary
+    redrawn from it ("0 steps"), exit status 0.  It computes the steps again from the newest kept checkpoint its
+    parts reach (step 0: none), with a warning; the trajectory is the first one bit for bit (a deterministic run),
+    and so are the metric rows."""
+    import shutil
+
+    from quotient_sgd.runner import run
+
+    s = tiny_settings(3, **{"checkpoint.every": 2})
+    wd = str(tmp_path / "run")
+    first = run(s, wd).trajectory
+    with open(f"{wd}/metrics.jsonl") as f:
+        rows = f.read()
+    shutil.rmtree(f"{wd}/trajectory_parts")
+    with open(f"{wd}/trajectory.npz", "r+b") as f:
+        f.truncate(100)
+    with pytest.warns(RuntimeWarning, match="trajectory.npz does not load"):
+        again = run(s, wd)
+    assert again.steps_done == 3 and again.resumed_from == 0
+    with np.load(f"{wd}/trajectory.npz") as z:
+        assert sorted(z.files) == sorted(first) and all(np.array_equal(z[k], first[k]) for k in first)
+    with open(f"{wd}/metrics.jsonl") as f:
+        assert f.read() == rows

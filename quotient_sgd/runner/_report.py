@@ -574,13 +574,14 @@ def report(workdir: str) -> str:
         if not traj and os.path.isfile(os.path.join(workdir, "trajectory.npz")):
             # (a trajectory.npz that does not load, with no trajectory part to read instead: the plots and summary
             # were redrawn from an empty trajectory, "steps: 0 of 6 ... no trajectory.npz ... a run stopped before
-            # its first chunk", over those drawn from the whole trajectory of a finished run)
+            # its first chunk", over those drawn from the whole trajectory of the finished run)
             from ._rundir import RunDirError
 
             raise RunDirError(f"cannot report {workdir!r}: its trajectory.npz holds no trajectory that loads, and no "
                               f"trajectory part holds its steps instead ({getattr(traj, 'source', '')}); nothing was "
                               f"written: its plots/ and summary.md, drawn from the trajectory before, are kept. "
-                              f"Restore trajectory.npz, or remove it to report the run without its trajectory")
+                              f"Restore trajectory.npz; for a run (not a sweep member), the same `quotient-sgd run` "
+                              f"command run again computes the lost steps again (deterministic)")
         record = read_record(workdir) or {}
         diverged = run_divergence(workdir, traj, events)
         if not events and traj:

@@ -219,6 +219,27 @@ def first_missing_part(run_dir: str, end: int, every: int) -> int | None:
     return None
 
 
+def lost_trajectory(run_dir: str, s: Settings, diverged: dict | None) -> int | None:
+    """The first chunk whose steps a finished run (or one ended by ``diverged``) holds in no file, ``None`` when
+    its ``trajectory.npz`` loads or its trajectory parts hold every chunk: a ``trajectory.npz`` torn by a crash of
+    the machine, with ``trajectory_parts/`` removed (a finished run no longer reads them), was assembled again
+    from no part, an empty trajectory written over it, and the run's plots and summary redrawn from it ("0
+    steps"), exit status 0."""
+    import zipfile
+
+    path = os.path.join(run_dir, "trajectory.npz")
+    try:
+        with zipfile.ZipFile(path) as z:
+            if "step.npy" in z.namelist() and z.testzip() is None:
+                return None
+    except FileNotFoundError:
+        pass  # (removed: the parts make it again, when they hold every chunk)
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError, RuntimeError):
+        pass
+    end = s.steps if diverged is None else int(diverged["step"]) + 1
+    return first_missing_part(run_dir, end, s.checkpoint.every)
+
+
 def resume_point(kept: list[int], first_missing: int) -> int:
     """The step a resume restarts from when the trajectory parts lack the chunk starting at ``first_missing``: the
     newest of the ``kept`` checkpoints at or before it, else step 0."""
@@ -436,6 +457,15 @@ def _run(s: Settings, workdir: str, b: Built, resume: bool, max_chunks: int | No
         # run.json is written once its last step is
         diverged = (previous or {}).get("diverged")
         ended = diverged is not None or (resume and os.path.isfile(os.path.join(workdir, RECORD)))
+        if ended and lost_trajectory(workdir, s, diverged) is not None:
+            # (its trajectory is in no file: computed again, from the checkpoint its parts reach, as a resume would)
+            import warnings
+
+            warnings.warn(f"{workdir} holds a finished run whose trajectory.npz does not load, and its trajectory "
+                          f"parts lack the chunk from step {lost_trajectory(workdir, s, diverged)} on; computing its "
+                          f"steps again from the newest kept checkpoint they reach (deterministic: the same "
+                          f"trajectory)", RuntimeWarning, stacklevel=3)
+            ended, diverged, previous = False, None, None
         if not ended:
             parts.truncate(start)
             metrics.truncate(start)

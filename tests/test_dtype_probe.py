@@ -163,3 +163,23 @@ def test_hessian_observables_of_bfloat16_parameters_are_evaluated_in_float32():
     np.testing.assert_allclose(np.asarray(dense, np.float64), np.diag(exact), rtol=1e-6, atol=0)
     ex = hessian_extremes(loss, {"w": w}, key=jax.random.key(0), num_matvecs=6)
     np.testing.assert_allclose([float(ex.top[0]), float(ex.bottom[0])], [exact.max(), exact.min()], rtol=1e-5)
+
+
+def test_shock_and_fold_numbers_of_low_precision_or_mixed_arguments(x64):
+    """shock_number / fold_number multiplied lr by the curvature as they came: a float16 curvature of 6e4 at lr = 2
+    gave inf (the product in float16; the other step observables widen to float32), and a NumPy float64 learning
+    rate beside a float32 curvature (x64) failed under strict promotion with a bare TypePromotionError.  Now in the
+    curvature's dtype, at least float32: eta max(0, -+kappa) from the same numbers."""
+    from quotient_sgd.observables import fold_number, shock_number
+
+    kappa = jnp.asarray([-6e4, 3.0, 6e4], jnp.float16)
+    k64 = np.asarray(kappa, np.float64)
+    fold = fold_number(2.0, kappa)
+    assert fold.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(fold, np.float64), 2.0 * np.maximum(k64, 0), rtol=1e-7)
+    kappa32 = jnp.asarray([-2.5, 0.75], jnp.float32)
+    for lr in (np.float64(0.1), jnp.asarray(0.1, jnp.bfloat16)):
+        shock = shock_number(lr, kappa32)
+        assert shock.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(shock, np.float64),
+                                   float(np.float32(lr)) * np.maximum(-np.asarray(kappa32, np.float64), 0), rtol=1e-7)

@@ -188,7 +188,8 @@ def shock_number(lr, curvature) -> jax.Array:
     JAX's arithmetic naming nothing, a negative rate gave a negative shock number, silently)."""
     check_hyper("shock_number", "lr", lr)
     _check_curvature("shock_number", curvature)
-    return lr * jnp.maximum(-curvature, 0)
+    lr, curvature = _rate_and_curvature(lr, curvature)
+    return lr * jnp.maximum(-curvature, jnp.zeros_like(curvature))
 
 
 @observable(REDUCED_DYNAMICS, "fold_number")
@@ -197,7 +198,21 @@ def fold_number(lr, curvature) -> jax.Array:
     for :func:`shock_number`."""
     check_hyper("fold_number", "lr", lr)
     _check_curvature("fold_number", curvature)
-    return lr * jnp.maximum(curvature, 0)
+    lr, curvature = _rate_and_curvature(lr, curvature)
+    return lr * jnp.maximum(curvature, jnp.zeros_like(curvature))
+
+
+def _rate_and_curvature(lr, curvature):
+    """``(lr, curvature)`` as arrays of one floating dtype: the curvature's, at least float32 (bfloat16 / float16
+    widened, as the other step observables are; an integer curvature in JAX's default float dtype), with ``lr`` cast
+    to it.  Taken as they came, a float16 curvature of 6e4 at ``lr = 2`` gave a fold number of inf (the product in
+    float16), and an ``lr`` of another dtype than the curvature (a NumPy float64 learning rate beside a float32
+    curvature under x64, a float32 one beside float64) failed under strict promotion with a bare
+    ``TypePromotionError``."""
+    curvature = widen(jnp.asarray(curvature))
+    if not jnp.issubdtype(curvature.dtype, jnp.floating):
+        curvature = curvature.astype(jnp.result_type(float))
+    return jnp.asarray(lr).astype(curvature.dtype), curvature
 
 
 def _check_curvature(fn: str, curvature) -> None:

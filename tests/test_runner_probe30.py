@@ -110,3 +110,34 @@ def test_a_finished_run_whose_trajectory_is_in_no_file_computes_it_again(tmp_pat
         assert sorted(z.files) == sorted(first) and all(np.array_equal(z[k], first[k]) for k in first)
     with open(f"{wd}/metrics.jsonl") as f:
         assert f.read() == rows
+
+
+def test_a_finished_sweep_whose_member_trajectory_is_in_no_file_computes_it_again(tmp_path):
+    """The same for a sweep (test above: a run): run again, a finished sweep one of whose members had a torn
+    trajectory.npz and no trajectory_parts/ wrote an empty trajectory.npz for that member ("unfinished (0 of 3
+    steps)" in the table).  It resumes from the newest kept checkpoint the members' parts reach (step 0 here) and
+    computes every member's steps again: the same trajectories and rows, bit for bit."""
+    import shutil
+
+    from quotient_sgd.runner import sweep
+
+    s = tiny_settings(3, **{"checkpoint.every": 2, "sweep.seed": (), "sweep.members_per_device": 1})
+    wd = str(tmp_path / "sw")
+    one = jax.devices()[:1]  # (one member at a time on one device: the program a run of these settings compiles)
+    sweep(s, wd, devices=one)
+    member = [f"{wd}/members/{i:03d}" for i in range(2)]
+    first, rows = [], []
+    for m in member:
+        with np.load(f"{m}/trajectory.npz") as z, open(f"{m}/metrics.jsonl") as f:
+            first.append({k: z[k] for k in z.files})
+            rows.append(f.read())
+    shutil.rmtree(f"{member[1]}/trajectory_parts")
+    with open(f"{member[1]}/trajectory.npz", "r+b") as f:
+        f.truncate(100)
+    with pytest.warns(RuntimeWarning, match="has no trajectory part of the chunk from step 0 on"):
+        sweep(s, wd, devices=one)
+    for m, traj, text in zip(member, first, rows):
+        with np.load(f"{m}/trajectory.npz") as z:
+            assert sorted(z.files) == sorted(traj) and all(np.array_equal(z[k], traj[k]) for k in traj), m
+        with open(f"{m}/metrics.jsonl") as f:
+            assert f.read() == text, m

@@ -60,6 +60,7 @@ from ._run import (
     chunk_bounds,
     first_divergence,
     first_missing_part,
+    lost_trajectory,
     mend_metrics,
     require_tensorboard,
     resume_point,
@@ -1002,7 +1003,12 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
     layout = _Layout(schedule[0]["members_per_device"], nd, n, padded is not None)
     ckpt = Checkpoints(workdir, s.checkpoint.keep) if s.checkpoint.enabled else None
     progress["checkpoints"] = ckpt
-    if ckpt is not None and (old is None or old.get("wall_s") is None):  # (a finished sweep computes nothing)
+    # a finished sweep computes nothing, unless a member's trajectory is in no file (its trajectory.npz does not load
+    # and its parts are gone): its finished trajectory was assembled from no part, an empty one written over it
+    lost = (old is not None and old.get("wall_s") is not None
+            and any(lost_trajectory(os.path.join(workdir, "members", f"{i:03d}"), s, None) is not None
+                    for i in range(n)))
+    if ckpt is not None and (old is None or old.get("wall_s") is None or lost):
         _rewind_to_parts(workdir, ckpt, n, every)
     start = 0
     if ckpt is not None:
@@ -1012,7 +1018,7 @@ def _sweep(settings: Settings, workdir: str, progress: dict, *, members_per_devi
         if start:
             layout = _Layout(_layout_at(schedule, start), nd, n, padded is not None)
             states = _unpack(packed, make_states(layout, member_state))
-    if old is not None and old.get("wall_s") is not None and start < s.steps:
+    if old is not None and old.get("wall_s") is not None and start < s.steps and not lost:
         # a finished sweep (its wall time is recorded) computes nothing: it ended at its last checkpoint only when
         # every member had diverged by then; without checkpoints (checkpoints off), or with an older one (finished
         # with checkpoints off after an interruption), it ended at its last step

@@ -40,15 +40,28 @@ def test_hj_slices_trains_at_experiment_1s_learning_rate(monkeypatch):
     """Experiment 5 trains experiment 1's MLP at experiment 1's lr = eta_lambda0 / lambda_step(theta_0), but computed
     lambda_step(theta_0) by another path (an unjitted sharpness_horizontal): it differed in the last float32 digits
     (lambda0 10.2029705 against 10.2029686 at the CPU default run as a script; under the tests' compiler options
-    seed 3 at scale=test gives lr 0.34708516 against 0.34708524),
-    so its GD checkpoints were not experiment 1's.  The lr experiment 1's recorder is given is now experiment 5's,
-    bit for bit."""
+    seed 1 of an 8-4-1 MLP gave lr 0.24812274 against 0.24812270), so its GD checkpoints were not experiment 1's.
+    Both scripts now take the lr of one function, experiment 1's ``learning_rate``: here a stand-in whose value
+    no Lanczos run gives, and the lr each script trains at must be it (the scripts' models, Hessians and slices
+    are stubbed: only where the lr comes from is checked)."""
     import _common as C
 
     E1 = experiment_script("edge_of_stability")
     E5 = experiment_script("hj_slices")
-    cfg = C.load_config("hj_slices", ["scale=test", "checkpoints=[0]", "seed=3"])
+    monkeypatch.setattr(E5, "exp1", E1)
+    model = '["hidden=[4]", "num_examples=16", "lanczos=5"]'
+    cfg = C.load_config("hj_slices", ["scale=test", "checkpoints=[0]", "seed=1", f"model={model}"])
     ecfg = E5.model_config(cfg)
+    made = E1.setup(ecfg)
+    monkeypatch.setattr(E1, "setup", lambda c: made)
+    given = []
+
+    def learning_rate(c, loss, params, group, batch):
+        assert params is made[1] and group is made[3] and batch is made[4]
+        given.append(c.eta_lambda0 / 12.345)
+        return given[-1], 12.345
+
+    monkeypatch.setattr(E1, "learning_rate", learning_rate, raising=False)
 
     class Stop(Exception):
         pass
@@ -57,14 +70,13 @@ def test_hj_slices_trains_at_experiment_1s_learning_rate(monkeypatch):
         raise Stop(lr)
 
     monkeypatch.setattr(C, "record", record)
-    with pytest.raises(Stop) as info:
-        E1.run(ecfg)
-    lr1 = info.value.args[0]
-
-    # experiment 5 with its slices and its quotient Hessian stubbed out (only its lr is checked)
     fake = collections.namedtuple("Extremes", "bottom bottom_vectors")(np.asarray([-1.0], np.float32), None)
     monkeypatch.setattr(E5, "obs", types.SimpleNamespace(sharpness_quotient=lambda *a, **k: fake,
                                                          sharpness_horizontal=E5.obs.sharpness_horizontal))
     monkeypatch.setattr(E5, "_one_slice", lambda *a, **k: {})
     out = E5.run(cfg)
-    assert out["lr"] == lr1, (out["lr"], lr1)
+    assert given and out["lr"] == given[-1] == ecfg.eta_lambda0 / 12.345, (out["lr"], given)
+
+    with pytest.raises(Stop) as info:
+        E1.run(ecfg)
+    assert len(given) == 2 and info.value.args[0] == given[-1], (info.value.args, given)

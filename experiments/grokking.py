@@ -75,7 +75,8 @@ def ground_truth(sub):
     between the two accuracies.  ``grokked``: the maximum exceeds 0.8 and the rise happens >= 500 steps after
     memorisation.  A run whose test accuracy never comes within 0.9 x its maximum after memorisation (it peaked
     before) has no jump, nor has one with no step 0.25 below ``grok_end``'s value before it (a test accuracy that
-    stays flat, e.g. 0 after memorising, or rises by less than 0.25 in all): ``grok_*`` stay -1 and ``grokked``
+    stays flat, e.g. 0 after memorising, or rises by less than 0.25 in all), nor one already within 0.9 x its
+    maximum at the evaluation before memorisation (it generalised first): ``grok_*`` stay -1 and ``grokked``
     False.  (The latter was given ``grok_start`` = the first evaluation: a flat accuracy of 0 memorised at step
     1150 was tabulated as a jump 0-1150 of height 0.)"""
     s, tr, te = sub["step"], sub["train_accuracy"], sub["test_accuracy"]
@@ -92,6 +93,11 @@ def ground_truth(sub):
         # which failed in a bare IndexError after the whole run had trained)
         return out
     ie = int(after[0])
+    if ie > 0 and s[ie - 1] < mem and te[ie - 1] >= 0.9 * hi:
+        # within 0.9 x the maximum already before memorisation: it generalised first, and the rise ended before
+        # memorisation (grok_end was the memorisation step: a rise over steps 0-500, memorised at 1000, was
+        # tabulated as a jump 350-1000)
+        return out
     below = np.nonzero((te <= te[ie] - 0.25) & (np.arange(len(s)) < ie))[0]
     if below.size == 0:
         return out  # no rise of 0.25 to grok_end: no jump

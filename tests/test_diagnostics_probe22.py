@@ -36,6 +36,21 @@ def test_grokking_ground_truth_has_no_jump_where_the_test_accuracy_does_not_rise
     assert (gt["grok_start"], gt["grok_end"]) == (int(s[i0]), int(s[ie])) and not gt["grokked"], gt
 
 
+def test_grokking_ground_truth_has_no_jump_after_memorisation_where_it_generalised_first():
+    """A test accuracy that rises over steps 0-500 while the training set is memorised only at step 1000 was given
+    a jump ending at the memorisation step (grok_end 1000, the first evaluation after memorisation, against 450
+    where it first came within 0.9 x its maximum): the rise ended before memorisation, so there is no jump after
+    it.  The same rise ending after memorisation (memorised at step 200) is still read as before."""
+    G = experiment_script("grokking")
+    s = np.arange(0, 2000, 50)
+    te = np.clip(0.05 + 0.9 * s / 500, 0, 0.95)
+    gt = G.ground_truth({"step": s, "train_accuracy": np.where(s >= 1000, 1.0, 0.5), "test_accuracy": te})
+    assert gt["memorised"] == 1000 and (gt["grok_start"], gt["grok_mid"], gt["grok_end"]) == (-1, -1, -1), gt
+    gt = G.ground_truth({"step": s, "train_accuracy": np.where(s >= 200, 1.0, 0.5), "test_accuracy": te})
+    ie = int(np.argmax(te >= 0.9 * te.max()))
+    assert gt["memorised"] == 200 and gt["grok_end"] == int(s[ie]) and not gt["grokked"], gt
+
+
 def test_hj_slices_trains_at_experiment_1s_learning_rate(monkeypatch):
     """Experiment 5 trains experiment 1's MLP at experiment 1's lr = eta_lambda0 / lambda_step(theta_0), but computed
     lambda_step(theta_0) by another path (an unjitted sharpness_horizontal): it differed in the last float32 digits

@@ -141,3 +141,36 @@ def test_a_finished_sweep_whose_member_trajectory_is_in_no_file_computes_it_agai
             assert sorted(z.files) == sorted(traj) and all(np.array_equal(z[k], traj[k]) for k in traj), m
         with open(f"{m}/metrics.jsonl") as f:
             assert f.read() == text, m
+
+
+def test_report_keeps_the_table_of_a_sweep_whose_member_trajectory_does_not_load(tmp_path):
+    """``report`` of a sweep one of whose members has a torn trajectory.npz and no trajectory parts rewrote the
+    sweep's table with that member "unfinished (0 of 3 steps)" and its curve left out; it is refused naming the
+    member's trajectory.npz, and nothing is written."""
+    import json
+    import warnings
+
+    from quotient_sgd.config import Settings
+    from quotient_sgd.runner import RunDirError, report
+    from quotient_sgd.runner._sweep import member_settings
+
+    sw = tmp_path / "sw"
+    s = Settings().replace(**{"sweep.seed": (0, 1), "steps": 3})
+    members = [{"seed": 0}, {"seed": 1}]
+    for i, m in enumerate(members):
+        d = sw / "members" / f"{i:03d}"
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps(member_settings(s, i, m).to_dict()))
+        (d / "run.json").write_text(json.dumps({"wall_s": None, "resumed_from": None, "diverged": None}))
+        (d / "events.json").write_text("[]")
+    (sw / "members" / "001" / "trajectory.npz").write_bytes(b"PK\x03\x04 torn")
+    (sw / "sweep.json").write_text(json.dumps({
+        "config": s.to_dict(), "members": members, "num_devices": 1, "num_processes": 1, "members_per_device": 1,
+        "schedule": [{"from_step": 0, "members_per_device": 1}], "decided": True, "measured_cost": {}}))
+    (sw / "summary.md").write_text("| 001 | 1 | 2 | 0.1 | 0.2 | - | ok |\n")
+    before = {p: p.read_bytes() for p in sw.rglob("*") if p.is_file()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(RunDirError, match=r"members/001'? holds no trajectory that loads.*BadZipFile"):
+            report(str(sw))
+    assert {p: p.read_bytes() for p in sw.rglob("*") if p.is_file()} == before

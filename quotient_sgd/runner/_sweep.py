@@ -1351,6 +1351,13 @@ def _report_sweep(workdir: str, *, wall_s: float | None, plots: bool) -> str:
         except ConfigError as e:  # (the command said "its sweep.json's config is not a valid config")
             raise RunDirError(f"cannot report {workdir!r}: the config.json of its member {d!r} is not a valid "
                               f"config: {e}") from None
+        if not traj and os.path.isfile(os.path.join(d, "trajectory.npz")):
+            # (the member's row read "unfinished (0 of N steps)", its curve left out, over the sweep's own table)
+            raise RunDirError(f"cannot report {workdir!r}: the trajectory.npz of its member {d!r} holds no trajectory "
+                              f"that loads, and no trajectory part holds its steps instead "
+                              f"({getattr(traj, 'source', '')}); nothing was written: the sweep's summary.md and "
+                              f"plots/ are kept. Restore that trajectory.npz, or run the same `quotient-sgd sweep` "
+                              f"command again: it computes the lost steps again (deterministic)")
         ev = [r for r in metrics if "test_loss" in r]
         div = run_divergence(d, traj, events)
         done = len(traj.get("step", ()))

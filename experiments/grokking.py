@@ -113,13 +113,15 @@ def ground_truth(sub):
 def placement(events, gt, window):
     """Each transition event placed against the test-accuracy jump: lead (negative) / lag in steps from
     ``grok_mid``; events within ``window`` steps of ``[grok_start, grok_end]`` count as detections, others as
-    unmatched (not necessarily false: e.g. the memorisation transition)."""
+    unmatched (not necessarily false: e.g. the memorisation transition, matched within ``window`` steps of the
+    memorisation step of a run that memorised)."""
     rows = []
     for e in events:
         if e.kind != "transition":
             continue
         near = gt["grokked"] and gt["grok_start"] - window <= e.step <= gt["grok_end"] + window
-        near_mem = abs(e.step - gt["memorised"]) <= window
+        # (a run that never memorised has memorised = -1: an event within window of step -1 matched it)
+        near_mem = gt["memorised"] >= 0 and abs(e.step - gt["memorised"]) <= window
         rows.append({"step": e.step, "onset": e.details["onset_step"], "observable": e.details["observable"],
                      "variant": e.variant, "direction": e.details["direction"],
                      "lag_vs_grok_mid": e.step - gt["grok_mid"] if gt["grokked"] else None,

@@ -95,3 +95,17 @@ def test_hj_slices_trains_at_experiment_1s_learning_rate(monkeypatch):
     with pytest.raises(Stop) as info:
         E1.run(ecfg)
     assert len(given) == 2 and info.value.args[0] == given[-1], (info.value.args, given)
+
+
+def test_grokking_placement_matches_no_memorisation_in_a_run_that_never_memorised():
+    """Experiment 3's placement read ``memorised = -1`` (a run that never reached 0.99 training accuracy) as a
+    step: a transition event within ``window`` steps of step -1 was tabulated as matching memorisation."""
+    from quotient_sgd.diagnostics import Event
+
+    G = experiment_script("grokking")
+    ev = [Event(step=st, kind="transition", strength=1.0, variant="quotient",
+                details={"onset_step": 0, "observable": "loss", "direction": "decreasing"}) for st in (10, 400)]
+    gt = {"memorised": -1, "grokked": False, "grok_start": -1, "grok_mid": -1, "grok_end": -1}
+    assert [r["matches"] for r in G.placement(ev, gt, window=50)] == ["unmatched", "unmatched"]
+    # memorised at step 0: the event at 10 matches it, the one at 400 does not
+    assert [r["matches"] for r in G.placement(ev, dict(gt, memorised=0), window=50)] == ["memorisation", "unmatched"]

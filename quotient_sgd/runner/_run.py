@@ -457,14 +457,14 @@ def _run(s: Settings, workdir: str, b: Built, resume: bool, max_chunks: int | No
         # run.json is written once its last step is
         diverged = (previous or {}).get("diverged")
         ended = diverged is not None or (resume and os.path.isfile(os.path.join(workdir, RECORD)))
-        if ended and lost_trajectory(workdir, s, diverged) is not None:
+        lost = lost_trajectory(workdir, s, diverged) if ended else None
+        if lost is not None:
             # (its trajectory is in no file: computed again, from the checkpoint its parts reach, as a resume would)
             import warnings
 
             warnings.warn(f"{workdir} holds a finished run whose trajectory.npz does not load, and its trajectory "
-                          f"parts lack the chunk from step {lost_trajectory(workdir, s, diverged)} on; computing its "
-                          f"steps again from the newest kept checkpoint they reach (deterministic: the same "
-                          f"trajectory)", RuntimeWarning, stacklevel=3)
+                          f"parts lack the chunk from step {lost} on; computing its steps again from the newest kept "
+                          f"checkpoint they reach (deterministic: the same trajectory)", RuntimeWarning, stacklevel=3)
             ended, diverged, previous = False, None, None
         if not ended:
             parts.truncate(start)

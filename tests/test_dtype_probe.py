@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from quotient_sgd.models import MLP, Transformer
@@ -183,3 +184,13 @@ def test_shock_and_fold_numbers_of_low_precision_or_mixed_arguments(x64):
         assert shock.dtype == jnp.float32
         np.testing.assert_allclose(np.asarray(shock, np.float64),
                                    float(np.float32(lr)) * np.maximum(-np.asarray(kappa32, np.float64), 0), rtol=1e-7)
+
+
+def test_sgd_spec_takes_a_bfloat16_number():
+    """SGDSpec checked a concrete array's dtype with NumPy's issubdtype, which does not count bfloat16 as floating:
+    SGDSpec(jnp.bfloat16(0.1)) was refused as "need a finite number >= 0".  Accepted now, and held to the number it
+    holds as the other dtypes are (a negative bfloat16 rate is still refused)."""
+    spec = SGDSpec(jnp.asarray(0.1, jnp.bfloat16), momentum=jnp.asarray(0.5, jnp.bfloat16))
+    assert float(spec.learning_rate) == float(np.float32(jnp.asarray(0.1, jnp.bfloat16)))
+    with pytest.raises(ValueError, match="SGDSpec: learning_rate=.* need a finite number >= 0"):
+        SGDSpec(jnp.asarray(-0.1, jnp.bfloat16))

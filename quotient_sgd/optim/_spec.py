@@ -226,8 +226,10 @@ class SGDSpec:
             if isinstance(v, (jax.Array, np.ndarray)) and not isinstance(v, jax.core.Tracer):
                 # a concrete array is held to what the number it holds would be: np.array(nan), jnp.array(-0.1),
                 # a complex, string or bool array were accepted (refused as Python values)
+                # (jnp.issubdtype: NumPy does not count bfloat16 as floating, and jnp.bfloat16(0.1) was refused as
+                # "need a finite number >= 0")
                 dtype = np.asarray(v).dtype
-                if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)) or not (
+                if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)) or not (
                         0 <= float(v) < float("inf")):
                     raise ValueError(f"SGDSpec: {f}={v!r} is not allowed; need a finite number >= 0 (or the name of "
                                      f"an injected hyperparameter, or a schedule)")

@@ -194,3 +194,16 @@ def test_sgd_spec_takes_a_bfloat16_number():
     assert float(spec.learning_rate) == float(np.float32(jnp.asarray(0.1, jnp.bfloat16)))
     with pytest.raises(ValueError, match="SGDSpec: learning_rate=.* need a finite number >= 0"):
         SGDSpec(jnp.asarray(-0.1, jnp.bfloat16))
+
+
+def test_particle_moments_of_low_precision_particles():
+    """particle_moments summed and divided in the particles' dtype: in float16 the count of 70000 particles was
+    infinite (and so was their sum), the moments NaN.  Computed in float32 now: the moments of 70000 copies of
+    (1, -2) are (1, -2) and [[1, -2], [-2, 4]] exactly."""
+    from quotient_sgd.models import particle_moments
+
+    p = jnp.tile(jnp.asarray([[1.0, -2.0]], jnp.float16), (70000, 1))
+    m = particle_moments(p)
+    assert m["mean"].dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(m["mean"]), [1.0, -2.0])
+    np.testing.assert_array_equal(np.asarray(m["second_moment"]), [[1.0, -2.0], [-2.0, 4.0]])

@@ -119,14 +119,17 @@ def particle_moments(p: jax.Array) -> dict[str, jax.Array]:
 
     Returns ``{"mean": (k,), "second_moment": (k, k)}`` with ``mean = (1/n) sum_j p_j`` and
     ``second_moment = (1/n) sum_j p_j p_j^T``; both are invariant under permutations of the rows of ``p``.
-    Integer particles are read as the default float.  ``ValueError`` unless ``p`` is ``(n, k)`` with ``n >= 1``.
+    Integer particles are read as the default float, bfloat16 / float16 ones are computed in float32 (the dtype of
+    the result), as the model sums its particles: in float16 a count above 65504 was infinite, so the moments of
+    70000 particles were NaN, and the bfloat16 sums rounded at every particle.  ``ValueError`` unless ``p`` is
+    ``(n, k)`` with ``n >= 1``.
     """
     p = _particle_set("particle_moments", "p", p)
     if p.ndim != 2 or not p.shape[0]:
         # a 1-D p gave scalar moments, a 3-D one a bare matmul error, an empty one a NaN mean
         raise ValueError(f"particle_moments: p must be a particle set (n, k) with n >= 1 particles, got shape "
                          f"{p.shape}")
-    p = p.astype(_common_float(p))
+    p = p.astype(_common_float(p, low=False))
     n = jnp.asarray(p.shape[0], p.dtype)
     return {"mean": jnp.sum(p, axis=0) / n, "second_moment": (p.T @ p) / n}
 

@@ -66,13 +66,12 @@ def test_horizontal_of_a_float32_vector_at_bfloat16_parameters_is_not_rounded_to
     h = group.horizontal(params, v)
     assert {x.dtype for x in jax.tree.leaves(h)} == {jnp.dtype(jnp.float32)}
     np.testing.assert_allclose(_ravel64(h), exact, atol=1e-6 * scale)
-    frozen = frozen_horizontal(group, params)
-    hf = frozen(v)
+    # (one program for both vectors below)
+    vb = jax.tree.map(lambda x: x.astype(jnp.bfloat16), v)
+    hf, hb = jax.jit(lambda p, a, b: (frozen_horizontal(group, p)(a), frozen_horizontal(group, p)(b)))(params, v, vb)
     assert {x.dtype for x in jax.tree.leaves(hf)} == {jnp.dtype(jnp.float32)}
     np.testing.assert_allclose(_ravel64(hf), exact, atol=1e-6 * scale)
     # a vector in the parameters' own dtype comes back in it, the projection of its (exact) values
-    vb = jax.tree.map(lambda x: x.astype(jnp.bfloat16), v)
-    hb = frozen(vb)
     assert {x.dtype for x in jax.tree.leaves(hb)} == {jnp.dtype(jnp.bfloat16)}
     np.testing.assert_allclose(_ravel64(hb), _exact_horizontal(params, vb), atol=1e-2 * scale)
 
@@ -137,7 +136,7 @@ def test_predicted_charge_drift_of_low_precision_arguments():
         grads = jax.tree.map(lambda x: (size * x.astype(jnp.float32)).astype(dtype), grads)
         updates = jax.tree.map(lambda x: (-lr * x.astype(jnp.float32)).astype(dtype), grads)
         cross = jax.tree.map(jnp.zeros_like, charges(group, params))
-        pred, _ = predict_charge_drift(group, params, grads, updates, cross, lr=lr)
+        pred, _ = jax.jit(lambda *a: predict_charge_drift(group, *a, lr=lr))(params, grads, updates, cross)
         d = jax.tree.map(lambda x: np.asarray(x, np.float64), updates)
         exact = 0.5 * (np.sum(d["layers"][0]["kernel"] ** 2, axis=0) + d["layers"][0]["bias"] ** 2
                        - np.sum(d["layers"][1]["kernel"] ** 2, axis=1))
@@ -162,7 +161,7 @@ def test_hessian_observables_of_bfloat16_parameters_are_evaluated_in_float32():
     dense = dense_hessian(loss, {"w": w})
     assert dense.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(dense, np.float64), np.diag(exact), rtol=1e-6, atol=0)
-    ex = hessian_extremes(loss, {"w": w}, key=jax.random.key(0), num_matvecs=6)
+    ex = jax.jit(lambda p: hessian_extremes(loss, p, key=jax.random.key(0), num_matvecs=6))({"w": w})
     np.testing.assert_allclose([float(ex.top[0]), float(ex.bottom[0])], [exact.max(), exact.min()], rtol=1e-5)
 
 

@@ -206,3 +206,23 @@ def test_particle_moments_of_low_precision_particles():
     assert m["mean"].dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(m["mean"]), [1.0, -2.0])
     np.testing.assert_array_equal(np.asarray(m["second_moment"]), [[1.0, -2.0], [-2.0, 4.0]])
+
+
+def test_balanced_particles_of_float16_parameters():
+    """particles(balanced=True) balanced each particle from its squared norms in the parameters' dtype: in float16 a
+    squared norm above 65504 was infinite, so the particle (w_in, b; w_out) = (300, 0, 0; 0.01), a point of the
+    rescale orbit of (1.73, 0, 0; 1.73), came out (0, 0, 0; inf).  Now computed in float32 and rounded once: the
+    balanced point sqrt(|in| |out|) (in / |in|, out / |out|), in float64 from the same numbers, to float16's
+    rounding."""
+    from quotient_sgd.models import particles
+
+    params = {"w_in": jnp.asarray([[300.0, 0.0], [1.0, 2.0]], jnp.float16), "b": jnp.asarray([0.0, 0.5], jnp.float16),
+              "w_out": jnp.asarray([[0.01], [3.0]], jnp.float16)}
+    got = particles(params, balanced=True)
+    assert got.dtype == jnp.float16
+    pin = np.concatenate([np.asarray(params["w_in"], np.float64), np.asarray(params["b"], np.float64)[:, None]], 1)
+    out = np.asarray(params["w_out"], np.float64)
+    nin, nout = np.linalg.norm(pin, axis=1, keepdims=True), np.linalg.norm(out, axis=1, keepdims=True)
+    size = np.sqrt(nin * nout)
+    np.testing.assert_allclose(np.asarray(got, np.float64), np.concatenate([pin / nin * size, out / nout * size], 1),
+                               rtol=2e-3, atol=1e-3)

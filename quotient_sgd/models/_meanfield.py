@@ -105,12 +105,16 @@ def particles(params, *, balanced: bool = False) -> jax.Array:
     pin = jnp.concatenate([w_in, b[:, None]], axis=1)
     if balanced:
         # from the squared norms, a = (|out|^2 / |in|^2)^(1/4): the norms' sqrt'(0) is infinite, and a particle with
-        # a zero half (kept as it is, a = 1) made jax.grad of the balanced particles NaN
-        sin = jnp.sum(jnp.square(pin), axis=1)
-        sout = jnp.sum(jnp.square(w_out), axis=1)
+        # a zero half (kept as it is, a = 1) made jax.grad of the balanced particles NaN.  Computed in float32 at
+        # least and rounded once: in float16 a squared norm above 65504 (an entry of 256, a point of the rescale
+        # orbit) was infinite, and the particle (300, 0; 0.01) came out (0, 0; inf) instead of (1.73, 0; 1.73)
+        wide = _common_float(pin, low=False)
+        pw, ow = pin.astype(wide), w_out.astype(wide)
+        sin = jnp.sum(jnp.square(pw), axis=1)
+        sout = jnp.sum(jnp.square(ow), axis=1)
         ok = (sin > 0) & (sout > 0)
         a = jnp.where(ok, jnp.sqrt(jnp.sqrt(jnp.where(ok, sout, 1) / jnp.where(ok, sin, 1))), 1)[:, None]
-        pin, w_out = pin * a, w_out / a
+        pin, w_out = (pw * a).astype(dtype), (ow / a).astype(dtype)
     return jnp.concatenate([pin, w_out], axis=1)
 
 

@@ -226,3 +226,17 @@ def test_balanced_particles_of_float16_parameters():
     size = np.sqrt(nin * nout)
     np.testing.assert_allclose(np.asarray(got, np.float64), np.concatenate([pin / nin * size, out / nout * size], 1),
                                rtol=2e-3, atol=1e-3)
+
+
+def test_inverse_of_a_bfloat16_gl_element():
+    """group.inverse of a GL element held in bfloat16 / float16 (cast to the parameters' dtype; act and compose take
+    it) raised XLA:CPU's bare 'NotImplementedError: Unsupported dtype bfloat16' (no low-precision LU kernel).  It is
+    inverted in float32 and returned in the element's dtype: A A^-1 = I to that dtype's rounding."""
+    from quotient_sgd.symmetry import GL
+
+    group = GL(left=(("a",), None), right=(("b",), None), kind="vo", name="gl")
+    a = jnp.asarray([[2.0, 0.5, 0.0], [-1.0, 1.5, 0.25], [0.0, 0.75, -3.0]], jnp.bfloat16)
+    inv = group.inverse(a)
+    assert inv.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(a, np.float64) @ np.asarray(inv, np.float64), np.eye(3),
+                               atol=8 * float(jnp.finfo(jnp.bfloat16).eps))

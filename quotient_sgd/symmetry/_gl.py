@@ -296,6 +296,12 @@ class GL(Group):
                                  f"group") from None
 
     def _inverse(self, g):
+        # a bfloat16 / float16 element (one cast to low-precision parameters' dtype, which act and compose take) is
+        # inverted in float32 and returned in its dtype: XLA:CPU has no such LU kernel, and inverse raised its bare
+        # "NotImplementedError: Unsupported dtype bfloat16"
+        g = jnp.asarray(g)
+        if jnp.issubdtype(g.dtype, jnp.floating) and jnp.finfo(g.dtype).bits < 32:
+            return jnp.linalg.inv(g.astype(jnp.float32)).astype(g.dtype)
         return jnp.linalg.inv(g)
 
     def _cotransport(self, g, cot):

@@ -143,12 +143,15 @@ def shock_time(p0: Array, grid: AnyGrid) -> Array:
         raise ValueError("shock_time: p0 is not finite (a NaN or infinite entry); need a finite initial field.")
     if grid.ndim == 2:
         from ._curl import check_gradient_field
+        from ._solve import _check_periodic_tangential
 
         p0 = check_gradient_field(
             "shock_time", "p0", p0, grid, spectral=False, traced=False,
             advice="The shock time reads the Hessian of the loss as the Jacobian of p0 = grad L (THEORY section 3); "
                    "a rotational field has none.  Pass p0 = grad L, or the Hessian's smallest eigenvalue to "
                    "shock_time_from_hessian.")
+        # a tangential jump at a periodic seam is a curl the check above reads as grid-scale content (see there)
+        _check_periodic_tangential("shock_time", p0, grid, bounded="")
     if grid.ndim == 1:
         # the fourth-order differences ring beside a kink or a jump of p0 (one lobe of -jump / 12 dx beside an
         # expansion step, an undershoot below the smaller slope at a kink), and so does the parabola through a

@@ -315,6 +315,40 @@ def _check_periodic_values(name, u0, grid) -> None:
                 f"Grid(n, lo, hi, periodic=False) with scheme='fv' (or sample a periodic loss).")
 
 
+def _check_periodic_tangential(name, p0, grid, bounded: str = " with scheme='fv'") -> None:
+    """``ValueError`` naming ``p0`` when a known (not traced) 2-D gradient field jumps across the seam of a periodic
+    axis in its component along the other axis (the tangential one): that step, ``|p0[b][0] - p0[b][-1]|`` along
+    axis ``a``, exceeds :data:`_SEAM_RATIO` times the component's largest step along ``a`` inside (plus rounding).
+
+    The gradient of a continuous periodic u has a continuous tangential component across any line, the seam
+    included (its normal component may jump: a Riemann problem, as in 1-D); a tangential jump at the seam is the
+    gradient of a loss that is not periodic, a curl concentrated on the seam.  The curl check reads such a jump as
+    grid-scale content, within the derivatives' error: ``p0 = (y, x)``, the gradient of the saddle ``x y``, on a
+    periodic grid (relative curl 1.04 at the seam on 64 x 64 nodes, that of a rotation) passed it, and the solvers
+    integrated the gradient form of another equation without a word, where :func:`solve_hj` refuses ``u0 = x y``
+    as not periodic; :func:`shock_time` read the jump as a Hessian eigenvalue of -8 (t* = 0.12 for 1 on 16 x 16
+    nodes).  ``bounded``: what the advice adds to the bounded grid it suggests."""
+    a = _concrete_value(p0, None)
+    if a is None or a.size == 0:
+        return
+    rounding = 64 * float(np.finfo(a.dtype).eps) * float(np.max(np.abs(a)))
+    for axis, g in enumerate(grid.axes):
+        if not g.periodic:
+            continue
+        comp = a[1 - axis]
+        inner = float(np.max(np.abs(np.diff(comp, axis=axis))))
+        seam = float(np.max(np.abs(np.take(comp, 0, axis=axis) - np.take(comp, -1, axis=axis))))
+        if seam > _SEAM_RATIO * inner + rounding:
+            other, ratio = "xy"[1 - axis], seam / inner if inner > 0 else float("inf")
+            raise ValueError(
+                f"{name}: p0 is not the gradient of a periodic loss on this periodic grid: its component p_{other} "
+                f"jumps across the seam of axis {axis} by {seam:.4g}, {ratio:.3g} "
+                f"times its largest step along that axis inside ({inner:.4g}; at most {_SEAM_RATIO:g} allowed).  The "
+                f"gradient of a continuous periodic u is continuous along the seam (only the normal component p_"
+                f"{'xy'[axis]} may jump); this jump is a curl on the seam, e.g. p0 = (y, x) from the loss x y.  Sample "
+                f"the gradient of a periodic loss, or use a bounded grid, Grid(n, lo, hi, periodic=False){bounded}.")
+
+
 def _check_save_times(name, ts, t1) -> None:
     """``ValueError`` when known (not traced) save times are empty, not finite, or not non-decreasing within
     ``[0, t1]`` (the range only when ``t1`` is known too)."""
@@ -495,6 +529,8 @@ def _solve(form, name, y0, grid, *, nu, t1, ts, scheme, solver, rtol, atol, max_
         _check_periodic_values(name, y0, grid)
     if form == "burgers" and grid.ndim == 2:
         y0 = check_gradient_field(name, field, y0, grid, spectral=isinstance(scheme, Spectral), advice=_NOT_GRADIENT)
+        # (after the curl check, whose message a rotation such as (-y, x) gets: this one catches what it lets through)
+        _check_periodic_tangential(name, y0, grid)
     if isinstance(max_steps, bool) or not (isinstance(max_steps, (int, np.integer)) and max_steps >= 1):
         raise ValueError(f"{name}: max_steps={max_steps!r} is not allowed; need an integer >= 1.")
     # a Python int: the step budget is static (it sizes Diffrax's loop and buffers); a NumPy integer is an array to

@@ -813,12 +813,19 @@ def frozen_horizontal(group, params, *, max_elements: int = 2**24, max_build_flo
         keep = sv > jnp.max(sv, initial=0) * jnp.asarray(eps * max(basis.shape), sv.dtype)
         basis = vt * keep.astype(vt.dtype)[:, None]
 
+    _, unravel_wide = _ravel(widen(params))
+
     def project(v):
-        # v in float32 at least, returned in its own dtypes (a float32 vector at bfloat16 parameters is not rounded
-        # to them), as group.horizontal returns it
-        f, unravel_v = _ravel(widen(v))
-        out = unravel_v(_horizontal_flat(tm, basis, f.astype(tm.dtype)))
-        return jax.tree.map(lambda o, x: o.astype(jnp.result_type(x)), out, v)
+        # v in float32 at least, returned as group.horizontal returns it: in its own floating dtypes (a float32
+        # vector at bfloat16 parameters is not rounded to them), integer leaves in the parameters'
+        f, _ = _ravel(widen(v))
+        out = unravel_wide(_horizontal_flat(tm, basis, f.astype(tm.dtype)))
+
+        def back(o, x, p):
+            dt = jnp.result_type(x)
+            return o.astype(dt if jnp.issubdtype(dt, jnp.floating) else jnp.result_type(p))
+
+        return jax.tree.map(back, out, v, params)
 
     return project
 

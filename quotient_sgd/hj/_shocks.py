@@ -128,7 +128,9 @@ def shock_time(p0: Array, grid: AnyGrid) -> Array:
     curl ``|curl p0| / max|grad p0|`` (the same fourth-order differences) exceeds rounding plus their truncation
     error on the field at some node is refused with a ``ValueError`` naming p0 (``quotient_sgd/hj/_curl.py``); a
     traced one (under ``jit``, e.g. inside :func:`slice_flow`, whose p0 is built by these differences) is not
-    checked.
+    checked.  A known p0 whose tangential component jumps across the seam of a periodic axis (more than 4 times its
+    largest step inside: ``(y, x)`` from the loss ``x y`` on a periodic grid, read as t* = 0.12 for 1) is refused
+    too.
     For Hessian extremes known otherwise (e.g. Lanczos on a network loss) use :func:`shock_time_from_hessian`.
     Integer and boolean fields are read in the default float, half-precision ones in float32 (as the solvers
     do); a complex field or a ``grid`` that is not a :class:`Grid` / :class:`Grid2D` is refused by name.

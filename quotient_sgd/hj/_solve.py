@@ -835,8 +835,12 @@ def solve_burgers(p0, grid: AnyGrid, *, nu, t1, ts=None, scheme="spectral", solv
             node (fourth-order differences, and spectral derivatives with the spectral scheme; see
             ``quotient_sgd/hj/_curl.py``), else a ``ValueError`` names p0 with the measured curl and tolerance; a
             traced p0 (under ``jit`` / ``vmap``) is checked through ``equinox.error_if`` when the computation runs.
-            The check measures the value only: derivatives with respect to p0 are unchanged, in any direction;
-            finite differences in p0 must perturb it along gradients too.  (To solve from a value field, use
+            On a periodic axis a known p0's tangential component (``p_y`` across the seam of x, ``p_x`` across that
+            of y) must continue across the seam as between its neighbours, a step there of at most 4 times its
+            largest step inside, else a ``ValueError`` names p0: a jump there is the gradient of a loss that is not
+            periodic (``p0 = (y, x)`` from ``x y``), a curl on the seam; the normal component may jump (a Riemann
+            problem).  The check measures the value only: derivatives with respect to p0 are unchanged, in any
+            direction; finite differences in p0 must perturb it along gradients too.  (To solve from a value field, use
             :func:`solve_hj`.)
         grid: :class:`Grid` or :class:`Grid2D`.
         nu: viscosity, a real number >= 0 (differentiable, vmappable).

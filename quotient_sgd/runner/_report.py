@@ -567,21 +567,11 @@ def report(workdir: str) -> str:
                                 f"directory (with sweep.json)")
     if not os.path.exists(os.path.join(workdir, "config.json")):
         raise FileNotFoundError(f"{workdir!r} is not a run directory (no config.json) nor a sweep (no sweep.json)")
-    from ._rundir import outputs_lock
+    from ._rundir import check_trajectory_loaded, outputs_lock
 
     with outputs_lock(workdir):  # (the run finishing meanwhile writes its outputs after this report's, not before)
         s, traj, metrics, events = load_run(workdir)
-        if not traj and os.path.isfile(os.path.join(workdir, "trajectory.npz")):
-            # (a trajectory.npz that does not load, with no trajectory part to read instead: the plots and summary
-            # were redrawn from an empty trajectory, "steps: 0 of 6 ... no trajectory.npz ... a run stopped before
-            # its first chunk", over those drawn from the whole trajectory of the finished run)
-            from ._rundir import RunDirError
-
-            raise RunDirError(f"cannot report {workdir!r}: its trajectory.npz holds no trajectory that loads, and no "
-                              f"trajectory part holds its steps instead ({getattr(traj, 'source', '')}); nothing was "
-                              f"written: its plots/ and summary.md, drawn from the trajectory before, are kept. "
-                              f"Restore trajectory.npz; for a run (not a sweep member), the same `quotient-sgd run` "
-                              f"command run again computes the lost steps again (deterministic)")
+        check_trajectory_loaded(workdir, workdir, traj)
         record = read_record(workdir) or {}
         diverged = run_divergence(workdir, traj, events)
         if not events and traj:

@@ -45,6 +45,27 @@ class RunDirError(RuntimeError):
     """A run directory holds a different run (or something that is not a run)."""
 
 
+def check_trajectory_loaded(report_dir: str, run_dir: str, traj, *, member: bool = False) -> None:
+    """Refuse to report ``report_dir`` when the run ``run_dir`` (itself, or a sweep member) has a
+    ``trajectory.npz`` that does not load and no trajectory part holds its steps instead (``traj`` empty): the
+    plots and summary (a sweep's table) were redrawn from an empty trajectory ("steps: 0 of 6 ... a run stopped
+    before its first chunk", a member "unfinished (0 of N steps)") over those drawn from the whole trajectory.
+    :class:`RunDirError` naming the file; nothing is written."""
+    if traj or not os.path.isfile(os.path.join(run_dir, "trajectory.npz")):
+        return
+    if member:
+        what, kept = f"the trajectory.npz of its member {run_dir!r}", "the sweep's summary.md and plots/ are kept"
+        again = ("Restore that trajectory.npz, or run the same `quotient-sgd sweep` command again: it computes the "
+                 "lost steps again (deterministic)")
+    else:
+        what, kept = "its trajectory.npz", "its plots/ and summary.md, drawn from the trajectory before, are kept"
+        again = ("Restore trajectory.npz; for a run (not a sweep member), the same `quotient-sgd run` command run "
+                 "again computes the lost steps again (deterministic)")
+    raise RunDirError(f"cannot report {report_dir!r}: {what} holds no trajectory that loads, and no trajectory part "
+                      f"holds its steps instead ({getattr(traj, 'source', '')}); nothing was written: {kept}. "
+                      f"{again}")
+
+
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():

@@ -76,6 +76,7 @@ from ._rundir import (
     _flat,
     check_directory_path,
     check_not_inside_outputs,
+    check_trajectory_loaded,
     checkpoint_steps,
     config_diff,
     directory_path,
@@ -1351,13 +1352,7 @@ def _report_sweep(workdir: str, *, wall_s: float | None, plots: bool) -> str:
         except ConfigError as e:  # (the command said "its sweep.json's config is not a valid config")
             raise RunDirError(f"cannot report {workdir!r}: the config.json of its member {d!r} is not a valid "
                               f"config: {e}") from None
-        if not traj and os.path.isfile(os.path.join(d, "trajectory.npz")):
-            # (the member's row read "unfinished (0 of N steps)", its curve left out, over the sweep's own table)
-            raise RunDirError(f"cannot report {workdir!r}: the trajectory.npz of its member {d!r} holds no trajectory "
-                              f"that loads, and no trajectory part holds its steps instead "
-                              f"({getattr(traj, 'source', '')}); nothing was written: the sweep's summary.md and "
-                              f"plots/ are kept. Restore that trajectory.npz, or run the same `quotient-sgd sweep` "
-                              f"command again: it computes the lost steps again (deterministic)")
+        check_trajectory_loaded(workdir, d, traj, member=True)
         ev = [r for r in metrics if "test_loss" in r]
         div = run_divergence(d, traj, events)
         done = len(traj.get("step", ()))

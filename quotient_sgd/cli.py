@@ -98,8 +98,10 @@ def _enable_compilation_cache() -> None:
     except OSError:
         return
     jax.config.update("jax_compilation_cache_dir", path)
-    # the init and chunk programs of small models compile in 0.2-4 s: keep every one worth reading back
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    # the init and chunk programs of small models compile in 0.2-4 s: keep every one worth reading back (a threshold
+    # of the user's own, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS, is kept)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
 def _maybe_reexec(argv: list[str]) -> None:

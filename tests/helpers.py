@@ -268,3 +268,22 @@ def experiment_script(name: str):
 def never_run(*args, **kwargs):
     """A stand-in for an experiment's ``run`` in tests of overrides it must refuse before computing."""
     raise AssertionError("the experiment computed with overrides it should have refused")
+
+
+def sweep_records(sw, **over) -> None:
+    """The records of a finished two-member seed sweep directory ``sw`` (no trajectory: nothing is computed);
+    ``over`` replaces settings (e.g. ``steps=3``)."""
+    from quotient_sgd.config import Settings
+    from quotient_sgd.runner._sweep import member_settings
+
+    s = Settings().replace(**{"sweep.seed": (0, 1), **over})
+    members = [{"seed": 0}, {"seed": 1}]
+    for i, m in enumerate(members):
+        d = sw / "members" / f"{i:03d}"
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps(member_settings(s, i, m).to_dict()))
+        (d / "run.json").write_text(json.dumps({"wall_s": None, "resumed_from": None, "diverged": None}))
+        (d / "events.json").write_text("[]")
+    (sw / "sweep.json").write_text(json.dumps({
+        "config": s.to_dict(), "members": members, "num_devices": 1, "num_processes": 1, "members_per_device": 1,
+        "schedule": [{"from_step": 0, "members_per_device": 1}], "decided": True, "measured_cost": {}}))

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import load_trajectory, tiny_settings
+from helpers import load_trajectory, sweep_records, tiny_settings
 from quotient_sgd.config import load_config, unused_keys, validate
 from quotient_sgd.runner import report, run, sweep
 
@@ -228,26 +228,6 @@ def test_plots_a_report_drew_while_the_run_computed_do_not_outlive_it(tmp_path, 
 
 
 # ---- defect 8: a sweep member's record that does not parse --------------------------------------------------------
-def _sweep_records(sw) -> None:
-    """The records of a finished two-member sweep directory (no trajectory: nothing is computed)."""
-    import json
-
-    from quotient_sgd.config import Settings
-    from quotient_sgd.runner._sweep import member_settings
-
-    s = Settings().replace(**{"sweep.seed": (0, 1)})
-    members = [{"seed": 0}, {"seed": 1}]
-    for i, m in enumerate(members):
-        d = sw / "members" / f"{i:03d}"
-        d.mkdir(parents=True)
-        (d / "config.json").write_text(json.dumps(member_settings(s, i, m).to_dict()))
-        (d / "run.json").write_text(json.dumps({"wall_s": None, "resumed_from": None, "diverged": None}))
-        (d / "events.json").write_text("[]")
-    (sw / "sweep.json").write_text(json.dumps({
-        "config": s.to_dict(), "members": members, "num_devices": 1, "num_processes": 1, "members_per_device": 1,
-        "schedule": [{"from_step": 0, "members_per_device": 1}], "decided": True, "measured_cost": {}}))
-
-
 @pytest.mark.parametrize("name", ["events.json", "run.json", "config.json"])
 def test_a_sweep_members_record_that_does_not_parse_is_named(tmp_path, capsys, name):
     """``quotient-sgd report SWEEP`` (and ``sweep``) name a run directory's record that does not parse, but a
@@ -256,7 +236,7 @@ def test_a_sweep_members_record_that_does_not_parse_is_named(tmp_path, capsys, n
     from quotient_sgd.cli import main
 
     sw = tmp_path / "sw"
-    _sweep_records(sw)
+    sweep_records(sw)
     bad = sw / "members" / "001" / name
     bad.write_text(bad.read_text()[:-1])
     before = sorted(str(p) for p in sw.rglob("*"))
@@ -276,7 +256,7 @@ def test_a_sweep_members_invalid_config_is_named_as_the_members(tmp_path, capsys
     from quotient_sgd.cli import main
 
     sw = tmp_path / "sw"
-    _sweep_records(sw)
+    sweep_records(sw)
     path = sw / "members" / "001" / "config.json"
     cfg = json.loads(path.read_text())
     cfg["optim"]["lr"] = -1.0
@@ -298,7 +278,7 @@ def test_a_sweep_members_diverged_json_that_is_no_record_is_named(tmp_path, caps
     from quotient_sgd.cli import main
 
     sw = tmp_path / "sw"
-    _sweep_records(sw)
+    sweep_records(sw)
     (sw / "members" / "001" / "run.json").unlink()  # (an unfinished member: its diverged.json is read)
     (sw / "members" / "001" / "diverged.json").write_text(text)
     assert main(["quotient-sgd", "report", str(sw)]) == 2
@@ -321,7 +301,7 @@ def test_a_run_json_whose_values_are_no_record_is_named(tmp_path, capsys, record
     from quotient_sgd.cli import main
 
     sw = tmp_path / "sw"
-    _sweep_records(sw)
+    sweep_records(sw)
     member = sw / "members" / "000"
     (member / "run.json").write_text(json.dumps(record))
     assert main(["quotient-sgd", "report", str(member)]) == 2
@@ -348,7 +328,7 @@ def test_events_json_whose_events_are_no_events_is_detected_again(tmp_path, even
     from quotient_sgd.runner._report import read_events
 
     sw = tmp_path / "sw"
-    _sweep_records(sw)
+    sweep_records(sw)
     member = sw / "members" / "000"
     (member / "events.json").write_text(json.dumps(events))
     with pytest.warns(RuntimeWarning, match="not a list of events"):
@@ -372,7 +352,7 @@ def test_report_of_a_directory_it_cannot_write_is_named(tmp_path, capsys, monkey
     from quotient_sgd.runner import _report
 
     sw = tmp_path / "sw"
-    _sweep_records(sw)
+    sweep_records(sw)
     member = str(sw / "members" / "000")
 
     def refuse(path, *a, **k):

@@ -8,7 +8,7 @@ from flax import nnx
 
 from quotient_sgd import data as qdata
 from quotient_sgd.runner import build, init_params
-from tests.helpers import tiny_settings
+from helpers import sweep_records, tiny_settings
 
 
 def test_classification_evaluation_under_x64_counts_the_correct_predictions(x64):
@@ -41,7 +41,7 @@ def test_init_params_refuses_a_scale_that_is_no_finite_number_at_least_0():
     re-gauging is kept only where the scale is > 0), and ``True`` re-gauged with a scale of 1; ``config.init_gauge``
     refuses all three.  Each is a ``ValueError`` naming ``init_gauge``, raised before anything is computed; the
     scales allowed (0, None, a NumPy or JAX float, a traced value) still trace."""
-    from tests.helpers import tiny_settings as _tiny
+    from helpers import tiny_settings as _tiny
 
     b = build(_tiny())
     for bad in (-1.0, -1e-30, float("nan"), float("inf"), True, np.bool_(False), "0.5", (0.5,), np.ones(2)):
@@ -147,26 +147,13 @@ def test_report_keeps_the_table_of_a_sweep_whose_member_trajectory_does_not_load
     """``report`` of a sweep one of whose members has a torn trajectory.npz and no trajectory parts rewrote the
     sweep's table with that member "unfinished (0 of 3 steps)" and its curve left out; it is refused naming the
     member's trajectory.npz, and nothing is written."""
-    import json
     import warnings
 
-    from quotient_sgd.config import Settings
     from quotient_sgd.runner import RunDirError, report
-    from quotient_sgd.runner._sweep import member_settings
 
     sw = tmp_path / "sw"
-    s = Settings().replace(**{"sweep.seed": (0, 1), "steps": 3})
-    members = [{"seed": 0}, {"seed": 1}]
-    for i, m in enumerate(members):
-        d = sw / "members" / f"{i:03d}"
-        d.mkdir(parents=True)
-        (d / "config.json").write_text(json.dumps(member_settings(s, i, m).to_dict()))
-        (d / "run.json").write_text(json.dumps({"wall_s": None, "resumed_from": None, "diverged": None}))
-        (d / "events.json").write_text("[]")
+    sweep_records(sw, steps=3)
     (sw / "members" / "001" / "trajectory.npz").write_bytes(b"PK\x03\x04 torn")
-    (sw / "sweep.json").write_text(json.dumps({
-        "config": s.to_dict(), "members": members, "num_devices": 1, "num_processes": 1, "members_per_device": 1,
-        "schedule": [{"from_step": 0, "members_per_device": 1}], "decided": True, "measured_cost": {}}))
     (sw / "summary.md").write_text("| 001 | 1 | 2 | 0.1 | 0.2 | - | ok |\n")
     before = {p: p.read_bytes() for p in sw.rglob("*") if p.is_file()}
     with warnings.catch_warnings():

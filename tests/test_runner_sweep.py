@@ -161,9 +161,11 @@ def _vmapped_chunk_jaxpr(s, axes_fn):
     b = build(s)
     axes = axes_fn(b)
     init1 = init_program(b)
-    state1 = jax.device_get(init1(jnp.int32(0), jnp.float32(0), jnp.float32(0.05), jnp.float32(0), jnp.float32(0.9)))
-    state = jax.tree.map(lambda x, a: x if a is None else np.stack([x] * 4), state1, axes,
-                         is_leaf=lambda x: x is None)
+    # the state's shapes only (the jaxpr is traced, nothing runs): the init program is not compiled
+    state1 = jax.eval_shape(init1, jnp.int32(0), jnp.float32(0), jnp.float32(0.05), jnp.float32(0), jnp.float32(0.9))
+    state = jax.tree.map(lambda x, a: x if x is None else jax.ShapeDtypeStruct(x.shape if a is None else (4, *x.shape),
+                                                                                 x.dtype),
+                         state1, axes, is_leaf=lambda x: x is None)
     f = jax.vmap(functools.partial(chunk_step, b, 10, None), in_axes=(axes, 0, None, None, None),
                  out_axes=(axes, 0, 0))
     return jax.make_jaxpr(f)(state, jnp.arange(4, dtype=jnp.int32), None, b.dataset, jnp.int32(0)).jaxpr

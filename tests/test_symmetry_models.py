@@ -15,7 +15,25 @@ from hypothesis import strategies as st
 from quotient_sgd.models import CNN, MLP, Transformer
 from quotient_sgd.symmetry import GL, Rescale, Scale, Word
 
-from helpers import assert_tree_allclose, tree_norm
+from helpers import assert_tree_allclose
+
+
+def tree_norm(tree):
+    """The Euclidean norm of a tree, in numpy (float64): eager jnp compiled a square and a sum per leaf shape."""
+    return float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(tree))))
+
+
+def _sub(a, b):
+    return jax.tree.map(lambda x, y: np.asarray(x, np.float64) - np.asarray(y, np.float64), a, b)
+
+
+def _absmax(y):
+    return float(np.max(np.abs(np.asarray(y))))
+
+
+# the group law as one compiled program per group and element shapes (eager, its GL products, gathers and sums
+# compiled one by one)
+_compose = jax.jit(lambda G, g, h: G.compose(g, h), static_argnums=0)
 
 
 def _mlp():
@@ -78,15 +96,15 @@ def test_models_outputs_invariants_and_canonical_quantities(name):
     inv = G.invariants(p)
     gnorm_c = tree_norm(grad(c))
     for s in range(2):
-        g = G.compose(_push(G, p), G.sample(jax.random.key(10 + s), p, scale=1.0))
+        g = _compose(G, _push(G, p), G.sample(jax.random.key(10 + s), p, scale=1.0))
         gp = G.act(g, p)
-        ratio = float(tree_norm(gp) / tree_norm(p))
+        ratio = tree_norm(gp) / tree_norm(p)
         assert ratio >= 10 or ratio <= 0.1, ratio
-        np.testing.assert_allclose(apply(gp), y0, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(y0))))
+        np.testing.assert_allclose(apply(gp), y0, rtol=1e-5, atol=1e-5 * _absmax(y0))
         assert_tree_allclose(G.invariants(gp), inv, rtol=1e-4, atol=1e-5)
         cg = G.canonicalize(gp)
-        assert float(tree_norm(jax.tree.map(jnp.subtract, cg, c)) / tree_norm(c)) < 1e-4
-        np.testing.assert_allclose(apply(cg), y0, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(y0))))
+        assert tree_norm(_sub(cg, c)) / tree_norm(c) < 1e-4
+        np.testing.assert_allclose(apply(cg), y0, rtol=1e-5, atol=1e-5 * _absmax(y0))
         np.testing.assert_allclose(tree_norm(grad(cg)), gnorm_c, rtol=1e-4)
 
 
@@ -97,24 +115,30 @@ def test_models_gradient_horizontal(name):
     T = G.tangents(p)
     k = jax.tree.leaves(T)[0].shape[0]
     tl = jax.tree.leaves(T)
-    tnorm = jnp.sqrt(sum(jnp.sum(jnp.square(t).reshape(k, -1), axis=1) for t in tl))
+    # the products and norms in numpy, float64 (eager jnp compiled each operation per leaf shape)
+    tl = [np.asarray(t, np.float64).reshape(k, -1) for t in tl]
+    tnorm = np.sqrt(sum(np.sum(np.square(t), axis=1) for t in tl))
     grads = [grad(p)] + [grad(p, x[i:i + 1], y[i:i + 1]) for i in range(2)]
     for gr in grads:
-        dots = sum(jnp.sum((t * g[None]).reshape(k, -1), axis=1) for t, g in zip(tl, jax.tree.leaves(gr)))
-        assert bool(jnp.all(jnp.abs(dots) <= 1e-6 * tree_norm(gr) * tnorm + 1e-7 * tnorm)), \
-            (name, jnp.max(jnp.abs(dots)))
+        dots = sum(t @ np.asarray(g, np.float64).reshape(-1) for t, g in zip(tl, jax.tree.leaves(gr)))
+        assert bool(np.all(np.abs(dots) <= 1e-6 * tree_norm(gr) * tnorm + 1e-7 * tnorm)), \
+            (name, np.max(np.abs(dots)))
 
 
 @pytest.mark.parametrize("name", ["mlp", "transformer"])
-def test_models_projection_closed_forms_agree_with_generic(name, x64):
+def test_models_projection_closed_forms_agree_with_generic(name):
     from quotient_sgd.symmetry import vertical_generic
-    G, p, _, _ = _build(name)
-    p = jax.tree.map(lambda a: a.astype(jnp.float64), p)
-    v = jax.tree.map(lambda a: jax.random.normal(jax.random.key(3), a.shape, a.dtype), p)
-    V = G.vertical(p, v)
-    assert_tree_allclose(V, vertical_generic(G, p, v), rtol=1e-7, atol=1e-9)
-    H = G.horizontal(p, v)
-    assert_tree_allclose(G.horizontal(p, H), H, rtol=1e-8, atol=1e-10)
+    # the shared float32 model (built with float64 off: its initialisation is not compiled again under float64),
+    # its parameters cast to float64 and a random float64 vector drawn on the host (no compile per leaf shape)
+    G, p, _, _ = _setup(name)
+    with jax.enable_x64(True):
+        p = jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)), p)
+        rng = np.random.default_rng(3)
+        v = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape)), p)
+        V = G.vertical(p, v)
+        assert_tree_allclose(V, vertical_generic(G, p, v), rtol=1e-7, atol=1e-9)
+        H = G.horizontal(p, v)
+        assert_tree_allclose(G.horizontal(p, H), H, rtol=1e-8, atol=1e-10)
 
 
 _NNX_MLP_CASES = dict(hidden=st.lists(st.integers(2, 5), min_size=1, max_size=3),
@@ -144,9 +168,9 @@ def _check_nnx_mlp(hidden, activation, seed):
     g = G.sample(jax.random.key(seed + 1), p)
     gp = G.act(g, p)
     y0 = nnx.merge(graphdef, p, rest)(x)
-    np.testing.assert_allclose(nnx.merge(graphdef, gp, rest)(x), y0, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(y0))))
-    assert float(tree_norm(jax.tree.map(jnp.subtract, G.canonicalize(gp), G.canonicalize(p)))
-                 / tree_norm(G.canonicalize(p))) < 1e-3
+    np.testing.assert_allclose(nnx.merge(graphdef, gp, rest)(x), y0, rtol=1e-4, atol=1e-4 * _absmax(y0))
+    c = G.canonicalize(p)
+    assert tree_norm(_sub(G.canonicalize(gp), c)) / tree_norm(c) < 1e-3
 
 
 # (slow: test_models_outputs_invariants_and_canonical_quantities[transformer] checks the Transformer's invariants here)

@@ -47,8 +47,32 @@ CASES = _cases()
 CANONICAL = ["mlp", "attention", "layernorm", "batchnorm"]
 
 
+# The checks' own arithmetic (norms, differences, products of trees) runs in numpy, float64: eager jnp compiled
+# each operation per leaf shape.
+def _np(tree):
+    return [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
+
+
+def _norm(tree) -> float:
+    return float(np.sqrt(sum(np.sum(np.square(x)) for x in _np(tree))))
+
+
+def _dot(a, b) -> float:
+    return float(sum(np.sum(x * y) for x, y in zip(_np(a), _np(b))))
+
+
+def _diff(a, b):
+    return [x - y for x, y in zip(_np(a), _np(b))]
+
+
+def _rel_max(y, y0) -> float:
+    """``max |y - y0| / max |y0|``."""
+    y, y0 = np.asarray(y, np.float64), np.asarray(y0, np.float64)
+    return float(np.max(np.abs(y - y0)) / np.max(np.abs(y0)))
+
+
 def _rel(a, b):
-    return float(tree_norm(jax.tree.map(lambda x, y: x - y, a, b)) / tree_norm(b))
+    return _norm(_diff(a, b)) / _norm(b)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -58,7 +82,7 @@ def test_action_preserves_function_and_group_law(name):
     g, h = G.sample(jax.random.key(2), p), G.sample(jax.random.key(3), p)
     y0 = f(p, x)
     gp = G.act(g, p)
-    assert float(jnp.max(jnp.abs(f(gp, x) - y0)) / jnp.max(jnp.abs(y0))) < 1e-5
+    assert _rel_max(f(gp, x), y0) < 1e-5
     assert _rel(gp, p) > 0.1  # the parameters really moved
     assert_tree_allclose(G.act(G.inverse(g), gp), p, rtol=1e-4, atol=1e-5)
     assert_tree_allclose(G.act(G.compose(g, h), p), G.act(g, G.act(h, p)), rtol=1e-4, atol=1e-5)
@@ -77,13 +101,13 @@ def test_gradient_is_horizontal_per_example_and_batch(name):
 
     grad = jax.jit(jax.grad(loss))  # compiled once per batch shape (eager: op by op, every call)
     grads = [grad(p, x)] + [grad(p, x[i:i + 1]) for i in range(3)]
-    tnorm = jnp.sqrt(sum(jnp.sum(jnp.square(t).reshape(k, -1), axis=1) for t in jax.tree.leaves(T)))
+    tl = [t.reshape(k, -1) for t in _np(T)]
+    tnorm = np.sqrt(sum(np.sum(np.square(t), axis=1) for t in tl))
     for gr in grads:
-        dots = sum(jnp.sum((t * g[None]).reshape(k, -1), axis=1)
-                   for t, g in zip(jax.tree.leaves(T), jax.tree.leaves(gr)))
-        bound = 1e-6 * tree_norm(gr) * tnorm
+        dots = sum(t @ g.reshape(-1) for t, g in zip(tl, _np(gr)))
+        bound = 1e-6 * _norm(gr) * tnorm
         # float32 rounding of the dot products themselves: a few ulps of |grad| |v_i|
-        assert bool(jnp.all(jnp.abs(dots) <= jnp.maximum(bound, 2e-6 * tree_norm(gr) * tnorm))), (name, dots, bound)
+        assert bool(np.all(np.abs(dots) <= np.maximum(bound, 2e-6 * _norm(gr) * tnorm))), (name, dots, bound)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -92,7 +116,7 @@ def test_projections(name, x64):
     p = make(jax.random.key(0), jnp.float64)
     v = jax.tree.map(lambda a: jax.random.normal(jax.random.key(7), a.shape, a.dtype), p)
     V, H = G.vertical(p, v), G.horizontal(p, v)
-    assert_tree_allclose(jax.tree.map(jnp.add, V, H), v, rtol=1e-12, atol=1e-12)
+    assert_tree_allclose(jax.tree.map(lambda a, b: np.asarray(a) + np.asarray(b), V, H), v, rtol=1e-12, atol=1e-12)
     assert_tree_allclose(G.horizontal(p, H), H, rtol=1e-9, atol=1e-10)
     assert_tree_allclose(G.vertical(p, V), V, rtol=1e-9, atol=1e-10)
     T = G.tangents(p)
@@ -105,11 +129,11 @@ def test_projections(name, x64):
 
     for i in range(k):
         dot, norm_i = dot_and_norm(i)
-        assert abs(float(dot)) <= 1e-9 * float(norm_i * tree_norm(v))
+        assert abs(float(dot)) <= 1e-9 * float(norm_i) * _norm(v)
     assert_tree_allclose(V, vertical_generic(G, p, v), rtol=1e-8, atol=1e-10)
     # the vertical part lies in the span of the tangents: it is orthogonal to every horizontal vector
     w = jax.tree.map(lambda a: jax.random.normal(jax.random.key(8), a.shape, a.dtype), p)
-    assert abs(float(tree_dot(V, G.horizontal(p, w)))) <= 1e-9 * float(tree_norm(V) * tree_norm(w))
+    assert abs(_dot(V, G.horizontal(p, w))) <= 1e-9 * _norm(V) * _norm(w)
 
 
 @pytest.mark.parametrize("name", CANONICAL)
@@ -119,7 +143,7 @@ def test_canonicalize(name):
     c = G.canonicalize(p)
     assert_tree_allclose(G.canonicalize(c), c, rtol=1e-4, atol=1e-5)
     y0 = f(p, x)
-    assert float(jnp.max(jnp.abs(f(c, x) - y0)) / jnp.max(jnp.abs(y0))) < 1e-5
+    assert _rel_max(f(c, x), y0) < 1e-5
     for s in range(3):
         g = G.sample(jax.random.key(10 + s), p)
         assert _rel(G.canonicalize(G.act(g, p)), c) < 1e-4
@@ -181,15 +205,17 @@ def test_sgd_step_breaks_charges_by_the_exact_amount(x64):
         return -jnp.mean(jnp.take_along_axis(f(p, x), labels[:, None], axis=1))
 
     eta, lam = 0.7, 0.05
-    g = jax.grad(loss)(p)
-    new = jax.tree.map(lambda a, b: (1 - eta * lam) * a - eta * b, p, g)
+    g = jax.jit(jax.grad(loss))(p)  # (eager, the gradient dispatched and compiled op by op)
+    # the step and the prediction in numpy, float64 (eager jnp compiled each operation per shape)
+    new = jax.tree.map(lambda a, b: jnp.asarray((1 - eta * lam) * np.asarray(a) - eta * np.asarray(b)), p, g)
     Q, Qg, Qn = G.charges(p), G.charges(g), G.charges(new)
     for name in ("rescale/0", "rescale/1"):
-        pred = (1 - eta * lam) ** 2 * Q[name] + eta**2 * Qg[name]
+        pred = (1 - eta * lam) ** 2 * np.asarray(Q[name]) + eta**2 * np.asarray(Qg[name])
         np.testing.assert_allclose(Qn[name], pred, rtol=1e-10, atol=1e-12)
-        assert float(jnp.max(jnp.abs(Qn[name] - Q[name]))) > 1e-4  # really broken
+        assert float(np.max(np.abs(np.asarray(Qn[name]) - np.asarray(Q[name])))) > 1e-4  # really broken
     for k in ("kernel", "bias"):
-        np.testing.assert_allclose(Qn["translation"][k], (1 - eta * lam) * Q["translation"][k], rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(Qn["translation"][k], (1 - eta * lam) * np.asarray(Q["translation"][k]), rtol=1e-10,
+                                   atol=1e-12)
 
 
 def test_charges_conserved_by_gradient_flow(x64):
@@ -301,14 +327,14 @@ def test_align_and_quotient_distance(name):
     a = make(jax.random.key(0))
     g = G.sample(jax.random.key(1), a)
     ga = G.act(g, a)
-    raw = float(tree_norm(jax.tree.map(jnp.subtract, a, ga)))
+    raw = _norm(_diff(a, ga))
     assert raw > 0.5
-    assert float(quotient_distance(G, a, ga)) < 1e-4 * float(tree_norm(a))
+    assert float(quotient_distance(G, a, ga)) < 1e-4 * _norm(a)
     assert _rel(align(G, a, ga), a) < 1e-4
     b = make(jax.random.key(5))
     dab, dba = float(quotient_distance(G, a, b)), float(quotient_distance(G, b, a))
     assert dab == pytest.approx(dba, rel=1e-5)
-    assert dab <= float(tree_norm(jax.tree.map(jnp.subtract, a, b))) * (1 + 1e-6)
+    assert dab <= _norm(_diff(a, b)) * (1 + 1e-6)
     assert dab > 1e-2
 
 
@@ -340,7 +366,7 @@ def test_jit_and_vmap_over_group_elements():
     make, f, G, xs = CASES["mlp"]
     p, x = make(jax.random.key(0)), xs(jax.random.key(1))
     gs = jax.vmap(lambda k: G.sample(k, p))(jax.random.split(jax.random.key(2), 5))
-    ys = jax.vmap(lambda g: f(G.act(g, p), x))(gs)
+    ys = jax.jit(jax.vmap(lambda g: f(G.act(g, p), x)))(gs)  # (eager, the batched network compiled op by op)
     np.testing.assert_allclose(ys, jnp.broadcast_to(f(p, x), ys.shape), rtol=1e-4, atol=1e-5)
     cs = jax.jit(jax.vmap(lambda g: G.canonicalize(G.act(g, p))))(gs)
     c = G.canonicalize(p)
@@ -379,7 +405,7 @@ def _check_mlp_group(widths, activation, seed, scale):
     g = G.sample(k3, p, scale=scale)
     gp = G.act(g, p)
     y0 = _logprobs(p, x, activation)
-    assert float(jnp.max(jnp.abs(_logprobs(gp, x, activation) - y0))) <= 1e-4 * float(jnp.max(jnp.abs(y0)))
+    assert _rel_max(_logprobs(gp, x, activation), y0) <= 1e-4
     v = jax.tree.map(lambda a: jax.random.normal(k3, a.shape), p)
     H = G.horizontal(gp, v)
     assert_tree_allclose(G.horizontal(gp, H), H, rtol=1e-3, atol=1e-4)
@@ -395,7 +421,7 @@ def test_continuous_canonical_element_and_unordered_invariants(name):
     make, _, G, _ = CASES[name]
     p = make(jax.random.key(0))
     k = G.continuous_canonical_element(p)
-    np.testing.assert_allclose(tree_norm(G.act(k, p)), tree_norm(G.canonicalize(p)), rtol=1e-5)
+    np.testing.assert_allclose(_norm(G.act(k, p)), _norm(G.canonicalize(p)), rtol=1e-5)
     near = jax.tree.map(lambda a: a * (1 + 0.01 * jax.random.normal(jax.random.key(5), a.shape, a.dtype)), p)
     k_near = G.continuous_canonical_element(near)
     assert_tree_allclose(G.continuous_canonical_element(near, init=k), k_near, rtol=1e-4, atol=1e-5)
@@ -403,7 +429,7 @@ def test_continuous_canonical_element_and_unordered_invariants(name):
     g = G.sample(jax.random.key(1), p, scale=1.0)
     for un in (G.unordered_invariants(p), G.unordered_invariants(p, k), G.unordered_invariants(G.act(g, p))):
         for c in inv:
-            np.testing.assert_allclose(tree_norm(un[c]), tree_norm(inv[c]), rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(_norm(un[c]), _norm(inv[c]), rtol=1e-4, atol=1e-6)
 
 
 def test_sample_scale_and_align_layout_are_checked():
@@ -490,5 +516,5 @@ def test_float32_projection_at_unbalanced_point_matches_float64(name, scale, tol
     with jax.enable_x64(True):
         up = lambda t: jax.tree.map(lambda a: a.astype(jnp.float64), t)  # noqa: E731
         V64 = jax.jit(G.vertical)(up(gp), up(v))
-        err = float(tree_norm(jax.tree.map(jnp.subtract, up(V32), V64)) / tree_norm(up(v)))
+        err = _norm(_diff(V32, V64)) / _norm(v)
     assert err < tol, err

@@ -9,7 +9,13 @@ from flax import nnx
 from quotient_sgd.models import CNN, MLP, DeepLinear, MeanField, Transformer
 from quotient_sgd.symmetry import Product, Rescale, Scale, SymmetryError, Translation, verify
 
-from helpers import tree_rel_err
+
+def tree_rel_err(a, b) -> float:
+    """``|a - b| / max(|b|, tiny)`` over whole trees, in numpy (eager jnp compiled each operation per leaf shape)."""
+    la, lb = ([np.asarray(x, np.float64) for x in jax.tree.leaves(t)] for t in (a, b))
+    diff = np.sqrt(sum(np.sum(np.square(x - y)) for x, y in zip(la, lb)))
+    return float(diff / max(np.sqrt(sum(np.sum(np.square(y)) for y in lb)), 1e-30))
+
 
 ACTS = ["relu", "leaky_relu", "identity", "tanh", "gelu"]
 HOM = {"relu", "leaky_relu", "identity"}

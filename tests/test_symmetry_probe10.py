@@ -32,6 +32,11 @@ def test_mmd_of_particle_sets_of_different_dtypes_is_computed_in_their_common_dt
         mmd(jnp.asarray(p64, jnp.float32), jnp.asarray(q64, jnp.complex64))
 
 
+def _cast(tree, dtype):
+    """``tree`` with every leaf cast to ``dtype``, in NumPy (an eager ``astype`` compiles a program per shape)."""
+    return jax.tree.map(lambda x: jnp.asarray(np.asarray(x).astype(dtype)), tree)
+
+
 def _orthonormal(rng, shape, scales):
     """A ``(..., m, d)`` stack of matrices with orthonormal columns scaled by ``sqrt(scales)``."""
     q, _ = np.linalg.qr(rng.normal(size=shape))
@@ -39,7 +44,9 @@ def _orthonormal(rng, shape, scales):
 
 
 def _tree_err(a, b):
-    return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    """The largest entry of ``|a - b|`` over whole trees, in NumPy (eager ``jnp`` would compile each operation)."""
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 @pytest.mark.parametrize("dtype, tol", [(jnp.float64, 1e-10), (jnp.float32, 3e-5)])
@@ -64,7 +71,7 @@ def test_gl_canonical_point_is_unique_where_singular_values_repeat(x64, dtype, t
     c = group.canonicalize(p)
     assert _tree_err(group.canonicalize(c), c) < tol
     assert _tree_err(group.invariants(c), group.invariants(p)) < 10 * tol  # the same M per head
-    assert float(jnp.max(jnp.abs(group.charges(c)))) < 10 * tol  # balanced: zero charge
+    assert float(np.max(np.abs(np.asarray(group.charges(c))))) < 10 * tol  # balanced: zero charge
     for seed in range(3):
         g = group.sample(jax.random.key(seed), p, scale=0.5)
         assert _tree_err(group.canonicalize(group.act(g, p)), c) < 10 * tol, seed
@@ -96,7 +103,7 @@ def _grad_and_difference(f, params, seed, h):
     rng = np.random.default_rng(seed)
     ds = [jnp.asarray(rng.normal(size=x.shape)) for x in leaves]
     g = jax.tree.leaves(jax.grad(f)(params))
-    ana = sum(float(jnp.sum(a * d)) for a, d in zip(g, ds))
+    ana = sum(float(np.sum(np.asarray(a) * np.asarray(d))) for a, d in zip(g, ds))
 
     def at(t):
         return f(jax.tree.unflatten(tdef, [x + t * d for x, d in zip(leaves, ds)]))
@@ -158,26 +165,26 @@ def test_vertical_and_horizontal_take_a_vector_of_another_dtype(x64):
     rng = np.random.default_rng(0)
     v32 = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), p32)
     want = group.horizontal(p32, v32)
-    got = group.horizontal(p32, jax.tree.map(lambda x: x.astype(jnp.float64), v32))
+    got = group.horizontal(p32, _cast(v32, np.float64))
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         assert a.dtype == jnp.float64
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     # the reverse: float64 parameters, float32 vector, projected in float64 (horizontal: orthogonal to the tangents)
-    p64 = jax.tree.map(lambda x: x.astype(jnp.float64), p32)
+    p64 = _cast(p32, np.float64)
     h = group.horizontal(p64, v32)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(h))
     tangents = group.tangents(p64)
-    dots = sum(jnp.sum(t * x.astype(jnp.float64)[None], axis=tuple(range(1, t.ndim)))
+    dots = sum(np.sum(np.asarray(t) * np.asarray(x, np.float64)[None], axis=tuple(range(1, t.ndim)))
                for t, x in zip(jax.tree.leaves(tangents), jax.tree.leaves(h)))
-    assert float(jnp.max(jnp.abs(dots))) < 1e-6
-    vi = jax.tree.map(lambda x: jnp.ones(x.shape, jnp.int32), p32)
+    assert float(np.max(np.abs(dots))) < 1e-6
+    vi = jax.tree.map(lambda x: jnp.asarray(np.ones(x.shape, np.int32)), p32)
     vert = group.vertical(p32, vi)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(vert))
-    ones = jax.tree.map(lambda x: jnp.ones(x.shape, jnp.float32), p32)
+    ones = jax.tree.map(lambda x: jnp.asarray(np.ones(x.shape, np.float32)), p32)
     for a, b in zip(jax.tree.leaves(vert), jax.tree.leaves(group.vertical(p32, ones))):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(TypeError, match=r"horizontal: v has dtype complex64 at \('layers', 0, 'bias'\)"):
-        group.horizontal(p32, jax.tree.map(lambda x: x.astype(jnp.complex64), v32))
+        group.horizontal(p32, _cast(v32, np.complex64))
 
 
 def test_particles_and_moments_of_mixed_or_integer_dtypes(x64):
@@ -213,11 +220,12 @@ def test_act_reads_an_element_of_another_float_width_in_the_parameters_dtypes(x6
              (mlp_group((3, 4, 2), rescale=False, permutation=False),
               mlp_params(jax.random.key(1), (3, 4, 2), jnp.float64))]
     for group, p64 in cases:
-        p32 = jax.tree.map(lambda x: x.astype(jnp.float32), p64)
+        p32 = _cast(p64, np.float32)
         for p_from, p_to in ((p64, p32), (p32, p64)):
             g = group.sample(jax.random.key(2), p_from)
             got = group.act(g, p_to)
-            g_cast = jax.tree.map(lambda e, t: e.astype(t.dtype), g, group.sample(jax.random.key(2), p_to))
+            g_cast = jax.tree.map(lambda e, t: jnp.asarray(np.asarray(e).astype(t.dtype)), g,
+                                  group.sample(jax.random.key(2), p_to))
             want = group.act(g_cast, p_to)
             for a, b, x in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(p_to)):
                 assert a.dtype == x.dtype

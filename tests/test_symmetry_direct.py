@@ -12,7 +12,31 @@ from flax import nnx
 from quotient_sgd import models
 from quotient_sgd.symmetry import Product, Rescale
 from quotient_sgd.symmetry import _reduced
-from helpers import tree_dot, tree_norm
+
+
+# The checks' arithmetic on trees (casts, norms, products) runs in numpy: eager jnp compiled each operation per leaf
+# shape.
+def _cast(tree, dtype):
+    return jax.tree.map(lambda x: jnp.asarray(np.asarray(x).astype(dtype)), tree)
+
+
+def tree_norm(tree) -> float:
+    return float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(tree))))
+
+
+def _sub(a, b):
+    return jax.tree.map(lambda x, y: np.asarray(x, np.float64) - np.asarray(y, np.float64), a, b)
+
+
+def _tangent_dots(T, h):
+    """The products of every orbit tangent (leading axis of ``T``'s leaves) with ``h``."""
+    return sum(np.tensordot(np.asarray(t), np.asarray(x), axes=x.ndim) for t, x in zip(jax.tree.leaves(T),
+                                                                                       jax.tree.leaves(h)))
+
+
+def tree_dot(a, b):
+    """The Euclidean product of two trees (traced: jnp, inside the differentiated function)."""
+    return sum(jnp.sum(x * y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def _model(kind):
@@ -38,13 +62,13 @@ def test_float32_projection_far_from_balance_agrees_with_float64(kind, x64):
     worst = 0.0
     for s in range(4):
         k1, k2 = jax.random.split(jax.random.key(100 + s))
-        q32 = jax.tree.map(lambda x: x.astype(jnp.float32), group.act(group.sample(k1, p, 3.0), p))
-        v32 = jax.tree.map(lambda x: x.astype(jnp.float32), _normal(k2, p))
+        q32 = _cast(group.act(group.sample(k1, p, 3.0), p), np.float32)
+        v32 = _cast(_normal(k2, p), np.float32)
         h32 = group.horizontal(q32, v32)
         assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(h32))
-        h64 = group.horizontal(*(jax.tree.map(lambda x: x.astype(jnp.float64), t) for t in (q32, v32)))
-        err = float(tree_norm(jax.tree.map(lambda a, b: a.astype(jnp.float64) - b, h32, h64)))
-        worst = max(worst, err / float(tree_norm(v32)))
+        h64 = group.horizontal(*(_cast(t, np.float64) for t in (q32, v32)))
+        err = tree_norm(_sub(h32, h64))
+        worst = max(worst, err / tree_norm(v32))
     assert worst < 1e-3, worst
 
 
@@ -57,19 +81,22 @@ def test_projection_is_exact_and_differentiable_at_an_unbalanced_float64_point(x
     h = group.horizontal(p, v)
     # orthogonal to every orbit tangent, idempotent, and v - h is vertical (its own projection)
     T = group.tangents(p)
-    dots = sum(jnp.tensordot(t, x, axes=x.ndim) for t, x in zip(jax.tree.leaves(T), jax.tree.leaves(h)))
-    assert float(jnp.max(jnp.abs(dots))) < 1e-12 * float(tree_norm(v)) * float(tree_norm(T))
-    assert float(tree_norm(jax.tree.map(jnp.subtract, group.horizontal(p, h), h))) < 1e-12 * float(tree_norm(v))
-    vert = jax.tree.map(jnp.subtract, v, h)
-    assert float(tree_norm(group.horizontal(p, vert))) < 1e-10 * float(tree_norm(v))
+    dots = _tangent_dots(T, h)
+    assert float(np.max(np.abs(dots))) < 1e-12 * tree_norm(v) * tree_norm(T)
+    assert tree_norm(_sub(group.horizontal(p, h), h)) < 1e-12 * tree_norm(v)
+    vert = jax.tree.map(jnp.asarray, _sub(v, h))
+    assert tree_norm(group.horizontal(p, vert)) < 1e-10 * tree_norm(v)
 
     def f(p):
         return tree_dot(group.horizontal(p, v), w)
 
-    an = tree_dot(jax.grad(f)(p), d)
+    value_and_grad = jax.jit(jax.value_and_grad(f))  # one program for the gradient and f (eager: op by op)
+    an = float(sum(np.sum(np.asarray(a) * np.asarray(b)) for a, b in zip(jax.tree.leaves(value_and_grad(p)[1]),
+                                                                        jax.tree.leaves(d))))
     eps = 1e-6
-    fd = (f(jax.tree.map(lambda a, b: a + eps * b, p, d)) - f(jax.tree.map(lambda a, b: a - eps * b, p, d))) / (2 * eps)
-    assert abs(float(an - fd)) < 1e-6 * max(1.0, abs(float(fd)))
+    shifted = [jax.tree.map(lambda a, b: jnp.asarray(np.asarray(a) + s * eps * np.asarray(b)), p, d) for s in (1, -1)]
+    fd = (float(value_and_grad(shifted[0])[0]) - float(value_and_grad(shifted[1])[0])) / (2 * eps)
+    assert abs(an - fd) < 1e-6 * max(1.0, abs(fd))
 
 
 def test_dead_unit_gets_zero_coefficient_and_a_finite_gradient(x64):
@@ -87,9 +114,9 @@ def test_dead_unit_gets_zero_coefficient_and_a_finite_gradient(x64):
     np.testing.assert_array_equal(np.asarray(h["layers"][0]["kernel"][...][:, 2]),
                                   np.asarray(v["layers"][0]["kernel"][...][:, 2]))
     T = group.tangents(p)
-    dots = sum(jnp.tensordot(t, x, axes=x.ndim) for t, x in zip(jax.tree.leaves(T), jax.tree.leaves(h)))
-    assert float(jnp.max(jnp.abs(dots))) < 1e-12 * float(tree_norm(v)) * float(tree_norm(T))
-    g = jax.grad(lambda p: tree_dot(group.horizontal(p, v), v))(p)
+    dots = _tangent_dots(T, h)
+    assert float(np.max(np.abs(dots))) < 1e-12 * tree_norm(v) * tree_norm(T)
+    g = jax.jit(jax.grad(lambda p: tree_dot(group.horizontal(p, v), v)))(p)  # (eager: op by op)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(g))
 
 
@@ -118,6 +145,6 @@ def test_a_cluster_without_signs_is_still_projected_exactly(x64):
     v = _normal(ks[4], p)
     h = group.horizontal(p, v)
     T = group.tangents(p)
-    dots = sum(jnp.tensordot(t, x, axes=x.ndim) for t, x in zip(jax.tree.leaves(T), jax.tree.leaves(h)))
-    assert float(jnp.max(jnp.abs(dots))) < 1e-10
-    assert float(tree_norm(jax.tree.map(jnp.subtract, group.horizontal(p, h), h))) < 1e-10
+    dots = _tangent_dots(T, h)
+    assert float(np.max(np.abs(dots))) < 1e-10
+    assert tree_norm(_sub(group.horizontal(p, h), h)) < 1e-10

@@ -15,7 +15,9 @@ from quotient_sgd.symmetry import Permutation, Product, Rescale, Scale, Translat
 
 
 def _maxdiff(a, b):
-    return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    """The largest entry of ``|a - b|`` over whole trees, in NumPy (eager ``jnp`` would compile each operation)."""
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def _rand_like(tree, seed):
@@ -44,10 +46,14 @@ def _components():
 
 
 def _gauge_errors(comps, point):
+    return tuple(float(e) for e in _gauge_errors_compiled(comps, _tree.flatten(point)[0]))
+
+
+@functools.partial(jax.jit, static_argnums=0)  # (one program: op by op the canonical elements compiled each operation)
+def _gauge_errors_compiled(comps, flat):
     r, t, s, _ = comps
-    flat = _tree.flatten(point)[0]
-    return (float(jnp.max(jnp.abs(r._canonical_element(flat)))), float(jnp.abs(s._canonical_element(flat))),
-            float(jnp.max(jnp.abs(jnp.mean(flat[t.kernel], axis=1)))), float(jnp.abs(jnp.mean(flat[t.bias]))))
+    return (jnp.max(jnp.abs(r._canonical_element(flat))), jnp.abs(s._canonical_element(flat)),
+            jnp.max(jnp.abs(jnp.mean(flat[t.kernel], axis=1))), jnp.abs(jnp.mean(flat[t.bias])))
 
 
 @jax.jit  # one program per listing order, shared by the seeds (the group's fields are static: part of the key)
@@ -81,12 +87,17 @@ def _fd_check(f_and_grad, point, seed, eps=1e-6, rtol=1e-6):
     direction."""
     f, grad_f = f_and_grad
     grad = grad_f(point)
-    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(grad))
+    assert all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(grad))
     d = _rand_like(point, seed)
-    fd = (f(jax.tree.map(lambda x, y: x + eps * y, point, d)) - f(jax.tree.map(lambda x, y: x - eps * y, point, d)))
-    fd = float(fd) / (2 * eps)
-    an = float(sum(jnp.sum(a * b) for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(d))))
+    fd = float(f(_shifted(point, d, eps))) - float(f(_shifted(point, d, -eps)))
+    fd = fd / (2 * eps)
+    an = float(sum(np.sum(np.asarray(a) * np.asarray(b)) for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(d))))
     np.testing.assert_allclose(an, fd, rtol=rtol, atol=1e-8)
+
+
+def _shifted(point, d, t):
+    """``point + t d``, leaf by leaf in NumPy (eager ``jnp`` would compile each operation)."""
+    return jax.tree.map(lambda x, y: jnp.asarray(np.asarray(x) + t * np.asarray(y)), point, d)
 
 
 def _projection_sum(group, v, p):
@@ -133,9 +144,9 @@ def test_grad_of_the_dense_projection_at_dead_units_is_finite(x64):
     dead = _set_units(params, 0, lambda x, a: x * zero.reshape([-1 if i == a else 1 for i in range(x.ndim)]))
     f = _projection_functional(group, _rand_like(params, 4))
     grad = f[1](dead)
-    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(grad))
+    assert all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(grad))
     # (the projection jumps at a dead unit; near it, the derivative is the finite difference)
-    _fd_check(f, jax.tree.map(lambda x, y: x + 1e-2 * y, dead, _rand_like(params, 5)), 6)
+    _fd_check(f, _shifted(dead, _rand_like(params, 5), 1e-2), 6)
 
 
 def test_grad_of_the_deep_linear_projection_at_orthonormal_factors_is_the_finite_difference(x64):

@@ -7,6 +7,8 @@ computed basis against the semi-orthogonality level the scheme keeps."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,12 +23,11 @@ BOTTOM = np.array([-3.0, -2.5, -2.0])
 VERTICAL = np.array([50.0, -20.0])  # eigenvalues off the domain, more extreme than any on it: P must remove them
 
 
-def _operator(dtype, restricted: bool, seed: int = 0):
-    """``(A, P, U, ev)``: a symmetric ``A`` (in ``dtype``) with the eigenvalues ``ev`` (float64, ascending) on the
-    domain spanned by ``U``'s orthonormal columns, ``P = U U^T`` (``None`` on the whole space).  Restricted, ``A``
-    also has ``VERTICAL`` on two directions orthogonal to the domain."""
-    rng = np.random.default_rng(seed)
-    q, _ = np.linalg.qr(rng.standard_normal((N, N)))
+@functools.cache
+def _operator_float64(restricted: bool, seed: int):
+    """The float64 ``(A, P, U, ev)`` of :func:`_operator` (``P`` None on the whole space), built once per case for
+    the file and read only: its 240 x 240 QR and products took a noticeable share of each test's CPU time."""
+    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((N, N)))
     bulk = np.linspace(-1.0, 1.0, N - len(TOP) - len(BOTTOM) - (len(VERTICAL) if restricted else 0))
     ev = np.sort(np.concatenate([TOP, BOTTOM, bulk]))
     u = q[:, : ev.size]
@@ -35,8 +36,19 @@ def _operator(dtype, restricted: bool, seed: int = 0):
     if restricted:
         d = q[:, ev.size:]
         a = a + (d * VERTICAL) @ d.T
-        proj = jnp.asarray(u @ u.T, dtype)
-    return jnp.asarray(a, dtype), proj, u, ev
+        proj = u @ u.T
+    for x in (a, proj, u, ev):
+        if x is not None:
+            x.setflags(write=False)
+    return a, proj, u, ev
+
+
+def _operator(dtype, restricted: bool, seed: int = 0):
+    """``(A, P, U, ev)``: a symmetric ``A`` (in ``dtype``) with the eigenvalues ``ev`` (float64, ascending) on the
+    domain spanned by ``U``'s orthonormal columns, ``P = U U^T`` (``None`` on the whole space).  Restricted, ``A``
+    also has ``VERTICAL`` on two directions orthogonal to the domain."""
+    a, proj, u, ev = _operator_float64(restricted, seed)
+    return jnp.asarray(a, dtype), None if proj is None else jnp.asarray(proj, dtype), u, ev
 
 
 def _start(dtype, seed: int = 1):

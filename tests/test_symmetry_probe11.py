@@ -10,6 +10,16 @@ from helpers import dot_precisions
 from quotient_sgd.symmetry import Permutation, Product, Rescale
 
 
+def _sqnorm(p) -> float:
+    """The squared norm of a dict of arrays, in NumPy (eager ``jnp`` would compile each of its operations)."""
+    return float(sum(np.sum(np.square(np.asarray(x))) for x in p.values()))
+
+
+def _cast(dtype, tree):
+    """``tree`` with every leaf cast to ``dtype``, in NumPy (an eager ``astype`` compiles a program per shape)."""
+    return jax.tree.map(lambda x: jnp.asarray(np.asarray(x).astype(jnp.dtype(dtype))), tree)
+
+
 def _rel(a, b):
     a, b = (jax.tree.map(lambda x: np.asarray(x, np.float64), t) for t in (a, b))
     err = max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
@@ -52,7 +62,7 @@ def test_self_overlapping_rescale_canonicalizes_to_the_balanced_point_of_the_orb
         assert _rel(_rnn_apply(c, xs), _rnn_apply(p, xs)) < 1e-12
     # balanced: every unit's charge 1/2 (|in_j|^2 - |out_j|^2) vanishes at the canonical point
     charges = RNN_RESCALE.charges(RNN_RESCALE.canonicalize(p))
-    assert float(jnp.max(jnp.abs(charges))) < 1e-12 * float(sum(jnp.sum(jnp.square(x)) for x in p.values()))
+    assert float(np.max(np.abs(np.asarray(charges)))) < 1e-12 * _sqnorm(p)
 
 
 def test_self_overlapping_rescale_canonical_point_is_the_minimum_norm_point_and_differentiable(x64):
@@ -60,10 +70,10 @@ def test_self_overlapping_rescale_canonical_point_is_the_minimum_norm_point_and_
     through canonicalize / invariants (implicit differentiation at the minimum) is the central difference."""
     p = _rnn(jnp.float64, seed=3)
     c = RNN_RESCALE.canonicalize(p)
-    norm = float(sum(jnp.sum(jnp.square(x)) for x in c.values()))
+    norm = _sqnorm(c)
     for seed in range(4):
         moved = RNN_RESCALE.act(RNN_RESCALE.sample(jax.random.key(seed), c, scale=0.05), c)
-        assert norm <= float(sum(jnp.sum(jnp.square(x)) for x in moved.values())) * (1 + 1e-12)
+        assert norm <= _sqnorm(moved) * (1 + 1e-12)
     vec, unravel = ravel_pytree(p)
     rng = np.random.default_rng(4)
     d = jnp.asarray(rng.normal(size=vec.shape))
@@ -131,7 +141,7 @@ def test_compose_takes_elements_sampled_at_parameters_of_two_float_widths(x64):
     rng = np.random.default_rng(0)
     p64 = {"q": jnp.asarray(rng.normal(size=(2, 5, 3))), "k": jnp.asarray(rng.normal(size=(2, 5, 3))),
            "w": jnp.asarray(rng.normal(size=(4, 3)))}
-    p32 = jax.tree.map(lambda x: x.astype(jnp.float32), p64)
+    p32 = _cast(jnp.float32, p64)
     for G in (GL(left=("q", None), right=("k", None), kind="qk", name="gl"),
               Rescale(incoming=(("q", 2),), outgoing=(("k", 2),), name="r"), Translation(kernel="w", name="t")):
         g, h = G.sample(jax.random.key(0), p64), G.sample(jax.random.key(1), p32)
@@ -181,7 +191,7 @@ def test_parameters_of_two_float_widths_under_strict_promotion(x64):
     rng = np.random.default_rng(0)
     p = {"k": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "b": jnp.asarray(rng.normal(size=(4,))),
          "V": jnp.asarray(rng.normal(size=(4, 2)), jnp.float32), "bv": jnp.asarray(rng.normal(size=(2,)))}
-    p64 = jax.tree.map(lambda x: x.astype(jnp.float64), p)
+    p64 = _cast(jnp.float64, p)
     dtypes = jax.tree.map(lambda x: x.dtype, p)
     G = Rescale(incoming=(("k", 1), ("b", 0)), outgoing=(("V", 0),), name="r")
     with jax.numpy_dtype_promotion("strict"):
@@ -190,15 +200,15 @@ def test_parameters_of_two_float_widths_under_strict_promotion(x64):
         assert jax.tree.map(lambda x: x.dtype, q) == dtypes
         for fn in (G.canonicalize, lambda x: G.vertical(x, p64), lambda x: vertical_generic(G, x, p64)):
             out = fn(q)
-            assert _rel(out, fn(jax.tree.map(lambda x: x.astype(jnp.float64), q))) < 1e-6
+            assert _rel(out, fn(_cast(jnp.float64, q))) < 1e-6
         assert jax.tree.map(lambda x: x.dtype, G.canonicalize(q)) == dtypes
         assert _rel(G.invariants(q), G.invariants(p64)) < 1e-5
-        assert _rel(G.charges(q), G.charges(jax.tree.map(lambda x: x.astype(jnp.float64), q))) < 1e-6
+        assert _rel(G.charges(q), G.charges(_cast(jnp.float64, q))) < 1e-6
         assert float(quotient_distance(G, p, q)) < 1e-5
         gl = GL(left=("k", "b"), right=("V", None), kind="vo", name="gl")  # stacks [k; b]
         p2 = {"k": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32), "b": jnp.asarray(rng.normal(size=(3,))),
               "V": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)}
-        p2_64 = jax.tree.map(lambda x: x.astype(jnp.float64), p2)
+        p2_64 = _cast(jnp.float64, p2)
         q2 = gl.act(gl.sample(jax.random.key(1), p2), p2)
         assert _rel(gl.invariants(q2), gl.invariants(p2_64)) < 1e-5
         # the gradient carried to the canonical point (the observables' closed-form cotransport) too

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import diffrax
 import jax
 import jax.numpy as jnp
@@ -165,22 +167,25 @@ def test_canonicalize_and_invariants_exact_under_permutations_of_tied_units():
     norm and sum) are ordered from any starting order: canonicalize and the invariants stay bit-exact under
     permutations (their order followed the input's)."""
     make, f, G, xs = CASES["mlp"]
-    p = make(jax.random.key(0))
+    # the tied units written in numpy copies (eager .at[].set compiled a scatter per shape)
+    p = jax.tree.map(np.array, make(jax.random.key(0)))
     k0, b0, k1 = p["layers"][0]["kernel"], p["layers"][0]["bias"], p["layers"][1]["kernel"]
-    p["layers"][0]["kernel"] = k0.at[:, 2].set(k0[jnp.array([1, 2, 3, 4, 0]), 0])
-    p["layers"][0]["bias"] = b0.at[2].set(b0[0])
-    p["layers"][1]["kernel"] = k1.at[2].set(k1[0])
+    k0[:, 2] = k0[[1, 2, 3, 4, 0], 0]
+    b0[2] = b0[0]
+    k1[2] = k1[0]
+    p = jax.tree.map(jnp.asarray, p)
     swap = Product([G.component("perm/0")])
     word = Word((0,), (jnp.asarray([2, 1, 0, 3, 4, 5, 6], jnp.int32),))
     c, cs = swap.canonicalize(p), swap.canonicalize(swap.act(word, p))
-    assert all(bool(jnp.all(a == b)) for a, b in zip(jax.tree.leaves(cs), jax.tree.leaves(c)))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(cs), jax.tree.leaves(c)))
     A = attention_group()
-    q = jax.tree.map(lambda a: jnp.round(4 * a), attention_params(jax.random.key(0)))  # integers: exact sums
-    rows = jnp.asarray([1, 2, 3, 4, 5, 6, 7, 0])  # head 1: head 0 with its input rows reordered (W_QK reordered)
+    q = jax.tree.map(lambda a: np.round(4 * np.asarray(a)), attention_params(jax.random.key(0)))  # integers
+    rows = [1, 2, 3, 4, 5, 6, 7, 0]  # head 1: head 0 with its input rows reordered (W_QK reordered)
     for n in ("q", "k", "v", "o"):
-        q[n]["kernel"] = q[n]["kernel"].at[1].set(q[n]["kernel"][0][rows] if n in "qk" else q[n]["kernel"][0])
+        q[n]["kernel"][1] = q[n]["kernel"][0][rows] if n in "qk" else q[n]["kernel"][0]
     for n in ("q", "k", "v"):
-        q[n]["bias"] = q[n]["bias"].at[1].set(q[n]["bias"][0])
+        q[n]["bias"][1] = q[n]["bias"][0]
+    q = jax.tree.map(jnp.asarray, q)
     heads = Product([A.component("heads")])
     flip = Word((0,), (jnp.asarray([1, 0], jnp.int32),))
     inv = jax.jit(A.invariants)
@@ -296,10 +301,11 @@ def test_canonicalize_rank_deficient_heads_stays_finite():
     """A head whose QK or VO product has rank < d_head (a zero-initialised W_O, a zero W_Q column) has no balanced
     point on its orbit; canonicalize keeps that head (finite, same products) instead of applying a singular
     element (NaN)."""
-    p = attention_params(jax.random.key(0))
-    p["o"]["kernel"] = p["o"]["kernel"].at[1].set(0.0)
-    p["q"]["kernel"] = p["q"]["kernel"].at[0, :, 1].set(0.0)
-    p["q"]["bias"] = p["q"]["bias"].at[0, 1].set(0.0)
+    p = jax.tree.map(np.array, attention_params(jax.random.key(0)))  # (numpy copies: eager .at[].set compiled)
+    p["o"]["kernel"][1] = 0.0
+    p["q"]["kernel"][0, :, 1] = 0.0
+    p["q"]["bias"][0, 1] = 0.0
+    p = jax.tree.map(jnp.asarray, p)
     G = attention_group()
     for name in ("qk", "vo"):
         gl = G.component(name)
@@ -314,7 +320,9 @@ def test_deep_linear_rank_deficient_chain_canonicalize_stays_finite():
     widths = (4, 2, 2, 4)
     G = deep_linear_group(widths)
     p = deep_linear_params(jax.random.key(0), widths)
-    p["layers"][1]["kernel"] = p["layers"][1]["kernel"].at[:, 0].set(0.0)
+    p = jax.tree.map(np.array, p)  # (numpy copies: eager .at[].set compiled a scatter)
+    p["layers"][1]["kernel"][:, 0] = 0.0
+    p = jax.tree.map(jnp.asarray, p)
     c = G.canonicalize(p)
     assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(c))
     x = jnp.eye(4)
@@ -397,16 +405,26 @@ def test_property_mlp_group_more_examples(widths, activation, seed, scale):
     _check_mlp_group(widths, activation, seed, scale)
 
 
+@functools.partial(jax.jit, static_argnums=(1,))
+def _mlp_group_draws(key, ws):
+    """``(params, inputs, vector, sample key)`` of a drawn case, one compiled program per width list (eager, every
+    new shape compiled its draws one by one)."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    p, x = mlp_params(k1, ws), jax.random.normal(k2, (6, 3))
+    return p, x, jax.tree.map(lambda a: jax.random.normal(k3, a.shape), p), k3
+
+
+_logprobs_jit = jax.jit(_logprobs, static_argnums=(2,))  # (eager, the network compiled op by op per new shape)
+
+
 def _check_mlp_group(widths, activation, seed, scale):
     ws = (3, *widths, 2)
     G = mlp_group(ws)
-    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
-    p, x = mlp_params(k1, ws), jax.random.normal(k2, (6, 3))
+    p, x, v, k3 = _mlp_group_draws(jax.random.key(seed), ws)
     g = G.sample(k3, p, scale=scale)
     gp = G.act(g, p)
-    y0 = _logprobs(p, x, activation)
-    assert _rel_max(_logprobs(gp, x, activation), y0) <= 1e-4
-    v = jax.tree.map(lambda a: jax.random.normal(k3, a.shape), p)
+    y0 = _logprobs_jit(p, x, activation)
+    assert _rel_max(_logprobs_jit(gp, x, activation), y0) <= 1e-4
     H = G.horizontal(gp, v)
     assert_tree_allclose(G.horizontal(gp, H), H, rtol=1e-3, atol=1e-4)
     assert _rel(G.canonicalize(gp), G.canonicalize(p)) < 1e-3

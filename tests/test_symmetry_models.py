@@ -31,11 +31,6 @@ def _absmax(y):
     return float(np.max(np.abs(np.asarray(y))))
 
 
-# the group law as one compiled program per group and element shapes (eager, its GL products, gathers and sums
-# compiled one by one)
-_compose = jax.jit(lambda G, g, h: G.compose(g, h), static_argnums=0)
-
-
 def _mlp():
     return MLP(6, (8, 7), 4, activation="relu", classifier=True, rngs=nnx.Rngs(0)), \
         jax.random.normal(jax.random.key(1), (10, 6)), jnp.arange(10) % 4
@@ -89,6 +84,13 @@ def _push(G, params, c=4.0):
     return Word(tuple(idx), tuple(elems))
 
 
+@functools.partial(jax.jit, static_argnums=(0,))
+def _pushed_sample(G, p, key):
+    """``_push(G, p) o G.sample(key, p, scale=1.0)`` as one compiled program per group and shapes (eager, each
+    component's identity element compiled a program of its own, and the group law op by op)."""
+    return G.compose(_push(G, p), G.sample(key, p, scale=1.0))
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_models_outputs_invariants_and_canonical_quantities(name):
     G, p, apply, grad = _setup(name)
@@ -96,7 +98,7 @@ def test_models_outputs_invariants_and_canonical_quantities(name):
     inv = G.invariants(p)
     gnorm_c = tree_norm(grad(c))
     for s in range(2):
-        g = _compose(G, _push(G, p), G.sample(jax.random.key(10 + s), p, scale=1.0))
+        g = _pushed_sample(G, p, jax.random.key(10 + s))
         gp = G.act(g, p)
         ratio = tree_norm(gp) / tree_norm(p)
         assert ratio >= 10 or ratio <= 0.1, ratio

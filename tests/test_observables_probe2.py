@@ -154,9 +154,10 @@ def test_gradient_noise_of_a_transformer_against_the_dense_covariance(x64):
     per_example_grads = jax.jit(lambda p: jax.vmap(lambda t: ravel_pytree(t)[0])(jax.jacrev(example_losses)(p)))
     values = {}
     tangent_rows = _tangent_rows(group)
+    # one program for both elements (the scale an input)
+    move = jax.jit(lambda q, s: group.act(group.sample(jax.random.key(4), q, scale=s), q))
     for scale in (None, 0.0, 2.0):
-        p = params if scale is None else jax.jit(
-            lambda q, s=scale: group.act(group.sample(jax.random.key(4), q, scale=s), q))(params)
+        p = params if scale is None else move(params, scale)
         got = noise(p)
         per_example = np.asarray(per_example_grads(p))
         basis, _ = _horizontal_basis(tangent_rows, p)

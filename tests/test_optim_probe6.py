@@ -226,9 +226,10 @@ def test_value_must_be_the_scalar_loss(value):
     far from the cause; in a Python loop a wrong loss).  Now a ValueError naming value=."""
     params = init_mlp(jax.random.key(0))
     x, y = data(1)
-    grads = jax.grad(xent)(params, (x[0], y[0]))
     tx = quotient_trajectory(optax.sgd(0.1), mlp_group(), observables=("loss", "grad_norm"))
-    step = jax.jit(lambda v: observables_of(tx.update(grads, tx.init(params), params, value=v)[1])["loss"])
+    # the gradient inside the compiled step (eager, each op of the backward pass was compiled on its own)
+    step = jax.jit(lambda v: observables_of(tx.update(jax.grad(xent)(params, (x[0], y[0])), tx.init(params), params,
+                                                      value=v)[1])["loss"])
     with pytest.raises(ValueError, match=r"extra argument value= must be the scalar loss"):
         step(value)
     assert float(step(3)) == 3.0  # a scalar of any type is recorded in the parameters' dtype

@@ -114,6 +114,7 @@ def test_adam_preconditioner_reads_injected_decay_rates(x64):
     precond = adam_preconditioner()
     grads = [jax.tree.map(lambda a, i=i: jnp.cos(a + i), params) for i in range(3)]
 
+    @jax.jit  # one program (vmapped eagerly, each batched op was compiled on its own)
     @jax.vmap
     def gap(b2):
         state = set_hyperparams(tx.init(params), b2=b2)

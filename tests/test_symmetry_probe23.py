@@ -20,12 +20,13 @@ def test_canonical_gradient_of_low_precision_gl_models(dtype):
     # (a deep linear stack: the cheapest model with a GL component; a Transformer's heads take the same path)
     model, x = DeepLinear(3, [2, 2], 2, param_dtype=dtype, rngs=nnx.Rngs(0)), jnp.ones((4, 3))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    grads = jax.grad(lambda p: jnp.sum(jnp.sin(nnx.merge(graphdef, p, rest)(x).astype(jnp.float32))))(params)
+    # (the gradient one compiled program, the casts below in NumPy: eager jnp compiles each operation)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(nnx.merge(graphdef, p, rest)(x).astype(jnp.float32)))))(params)
     group = model.symmetries()
     k = group.canonical_element(params)
     got = canonical_gradient(group, params, grads, element=k)
 
-    up = lambda t: jax.tree.map(lambda a: a.astype(jnp.float32), t)  # noqa: E731
+    up = lambda t: jax.tree.map(lambda a: jnp.asarray(np.asarray(a).astype(np.float32)), t)  # noqa: E731
     p32, g32 = up(params), up(grads)
     _, vjp = jax.vjp(lambda phi: group.act(group.inverse(k), phi), group.act(k, p32))
     want = vjp(g32)[0]

@@ -53,6 +53,16 @@ def tree_rel_err(a, b) -> float:
     return float(tree_norm(diff) / jnp.maximum(tree_norm(b), 1e-30))
 
 
+def np_tree_norm(tree) -> float:
+    """The Euclidean norm of a tree, in NumPy float64 (eager jnp compiled a program per operation and leaf shape)."""
+    return float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(tree))))
+
+
+def np_tree_sub(a, b):
+    """``a - b`` leaf by leaf, in NumPy float64."""
+    return jax.tree.map(lambda x, y: np.asarray(x, np.float64) - np.asarray(y, np.float64), a, b)
+
+
 def horizontal_basis(tangents, rtol: float = 1e-10) -> tuple[np.ndarray, int]:
     """``(B, rank)``: the columns of ``B`` an orthonormal basis of the orthogonal complement of the rows of
     ``tangents`` (the orbit tangents, ravelled: a ``(k, P)`` matrix), from an SVD in NumPy (eager ``jnp`` would

@@ -13,19 +13,13 @@ from quotient_sgd import models
 from quotient_sgd.symmetry import Product, Rescale
 from quotient_sgd.symmetry import _reduced
 
+from helpers import np_tree_norm as tree_norm, np_tree_sub as _sub
+
 
 # The checks' arithmetic on trees (casts, norms, products) runs in numpy: eager jnp compiled each operation per leaf
 # shape.
 def _cast(tree, dtype):
     return jax.tree.map(lambda x: jnp.asarray(np.asarray(x).astype(dtype)), tree)
-
-
-def tree_norm(tree) -> float:
-    return float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(tree))))
-
-
-def _sub(a, b):
-    return jax.tree.map(lambda x, y: np.asarray(x, np.float64) - np.asarray(y, np.float64), a, b)
 
 
 def _tangent_dots(T, h):

@@ -15,16 +15,7 @@ from hypothesis import strategies as st
 from quotient_sgd.models import CNN, MLP, Transformer
 from quotient_sgd.symmetry import GL, Rescale, Scale, Word
 
-from helpers import assert_tree_allclose
-
-
-def tree_norm(tree):
-    """The Euclidean norm of a tree, in numpy (float64): eager jnp compiled a square and a sum per leaf shape."""
-    return float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(tree))))
-
-
-def _sub(a, b):
-    return jax.tree.map(lambda x, y: np.asarray(x, np.float64) - np.asarray(y, np.float64), a, b)
+from helpers import assert_tree_allclose, np_tree_norm as tree_norm, np_tree_sub as _sub
 
 
 def _absmax(y):

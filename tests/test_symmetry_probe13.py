@@ -13,11 +13,7 @@ import pytest
 from flax import nnx
 
 from quotient_sgd.models import CNN, MLP, LayerNorm, MeanField, Transformer
-
-
-def _norm(t) -> float:
-    """The Euclidean norm of a tree, in NumPy (eager ``jnp`` would compile each of its operations)."""
-    return float(np.sqrt(sum(np.sum(np.square(np.asarray(x))) for x in jax.tree.leaves(t))))
+from helpers import np_tree_norm as _norm
 
 
 def _cast(dtype, tree):

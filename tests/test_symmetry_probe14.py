@@ -11,6 +11,7 @@ from scipy.optimize import minimize
 
 from quotient_sgd.symmetry import align, quotient_distance
 from tests.symmetry_cases import attention_group, attention_params, mlp_group, mlp_params, normed_group, normed_params
+from helpers import np_tree_norm as _norm
 
 
 def _arrays(p):
@@ -43,11 +44,6 @@ def _one_sided_minimum(a, b, translation: bool) -> float:
         for start in (0.0, 1.0, -1.0):
             best = min(best, minimize(sqdist, np.full(n, start), method="BFGS", options={"gtol": 1e-12}).fun)
     return float(np.sqrt(best))
-
-
-def _norm(t) -> float:
-    """The Euclidean norm of a tree, in NumPy (eager ``jnp`` would compile each of its operations)."""
-    return float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(t))))
 
 
 def _dist(a, b) -> float:

@@ -13,6 +13,7 @@ from flax import nnx
 from quotient_sgd import models
 from quotient_sgd.symmetry import Product, _reduced
 from quotient_sgd.symmetry._vertical import vertical_generic
+from helpers import np_tree_norm as _norm
 
 
 def _f64(tree):
@@ -39,10 +40,6 @@ def _maxdiff(a, b):
     """The largest entry of ``|a - b|`` over two trees (in numpy: eager jnp compiled three operations per shape)."""
     return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(a),
                                                                                     jax.tree.leaves(b)))
-
-
-def _norm(tree):
-    return float(np.sqrt(sum(np.sum(np.square(np.asarray(x))) for x in jax.tree.leaves(tree))))
 
 
 def _randlike(tree, offset):

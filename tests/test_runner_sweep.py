@@ -248,7 +248,7 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 from quotient_sgd.runner._sweep import compile_seconds
 
 def f(x):
-    for i in range(20):  # a program that takes a measurable time to compile (~1 CPU s with XLA's defaults)
+    for i in range(60):  # a program that takes a measurable time to compile
         x = jnp.sin(x) * (i + 1.0) + jnp.cumsum(x)
     return x
 

@@ -371,12 +371,24 @@ def _check_same_layout(name: str, fa, fb) -> None:
                              f"{fb[path].shape} in params_b; they must come from the same architecture")
 
 
+@jax.jit
+def _all_finite(leaves: list) -> jax.Array:
+    """Whether every leaf is finite, as one compiled program (op by op, each leaf's test and reduction compiled a
+    program of its own for every new shape)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+@jax.jit
+def _symmetrised_distance(a: dict, ab: dict, b: dict, ba: dict) -> jax.Array:
+    """``sqrt(min(|a - ab|^2, |b - ba|^2))`` as one compiled program (the leaves keyed alike in all four)."""
+    return jnp.sqrt(jnp.minimum(_sqdist(a, ab), _sqdist(b, ba)))
+
+
 def _check_finite(name: str, fa: Flat, fb: Flat) -> None:
     """``ValueError`` naming the first parameter of ``params_a`` / ``params_b`` that holds a NaN or an infinity
     (checked only for concrete arrays: under ``jax.jit`` such parameters give NaN results instead)."""
     leaves = [*fa.values(), *fb.values()]
-    if any(isinstance(x, jax.core.Tracer) for x in leaves) or bool(
-            jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))):  # one host transfer when all is well
+    if any(isinstance(x, jax.core.Tracer) for x in leaves) or bool(_all_finite(leaves)):  # one program, one transfer
         return
     for arg, flat in (("params_a", fa), ("params_b", fb)):
         for path, x in flat.items():
@@ -506,4 +518,6 @@ def quotient_distance(group: Group, params_a, params_b, *, rounds: int = 3, iter
             fa, fb = _compiled(group, "_canonicalize_flat", fa), _compiled(group, "_canonicalize_flat", fb)
         ab = _align_flat(group, fa, fb, rounds, iters, restarts)
         ba = _align_flat(group, fb, fa, rounds, iters, restarts)
-    return jnp.sqrt(jnp.minimum(_sqdist(fa, ab), _sqdist(fb, ba)))
+    keys = list(fa)  # (numbered: jit sorts a dict's keys, and a path's parts need not compare with each other)
+    a, b, ab, ba = ({i: f[p] for i, p in enumerate(keys)} for f in (fa, fb, ab, ba))
+    return _symmetrised_distance(a, ab, b, ba)

@@ -38,7 +38,7 @@ import gc  # noqa: E402
 # test files (201 tests): 15 full collections took 17.7 s, against 5 taking 1.9 s with a full collection after
 # every 100 middle ones (CPU time of the run 117.7 -> 103.4 s, peak memory 3.58 -> 3.60 GB); on five others (166
 # tests) 12 took 4.6-6.7 s, against one of 0.6 s.  Young garbage is still collected as often; the oldest generation
-# is collected explicitly where compiled programs are freed (_free_compiled_programs below).
+# is collected explicitly after each test module, and what survives it frozen (_free_compiled_programs below).
 gc.set_threshold(700, 10, 100)
 
 import pytest  # noqa: E402
@@ -78,8 +78,14 @@ def _free_compiled_programs():
     yield
     mappings = _memory_mappings()
     if mappings is not None and mappings[0] > mappings[1] // 2:
+        gc.unfreeze()  # (what the caches held may now be cyclic garbage: let the collection below see it)
         jax.clear_caches()
-        gc.collect()
+    # What a module leaves alive (mostly JAX's caches) is moved out of the collector's sight (``gc.freeze``), so that
+    # the full collections of later modules scan only what those create.  Measured in one process on ten test
+    # files (201 tests): full collections 13.9 s -> 0.9 s, plus 2.0 s for these ten collections (the process's
+    # CPU time 369 -> 357 s).  Freezing keeps nothing alive; a frozen cycle is collected after the next unfreeze.
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture

@@ -232,10 +232,8 @@ def lost_trajectory(run_dir: str, s: Settings, diverged: dict | None) -> int | N
         with zipfile.ZipFile(path) as z:
             if "step.npy" in z.namelist() and z.testzip() is None:
                 return None
-    except FileNotFoundError:
-        pass  # (removed: the parts make it again, when they hold every chunk)
     except (OSError, zipfile.BadZipFile, EOFError, ValueError, RuntimeError):
-        pass
+        pass  # removed or torn: the parts make it again, when they hold every chunk
     end = s.steps if diverged is None else int(diverged["step"]) + 1
     return first_missing_part(run_dir, end, s.checkpoint.every)
 

@@ -11,7 +11,7 @@ from scipy.optimize import minimize
 
 from quotient_sgd.symmetry import align, quotient_distance
 from tests.symmetry_cases import attention_group, attention_params, mlp_group, mlp_params, normed_group, normed_params
-from helpers import np_tree_norm as _norm
+from helpers import np_tree_norm as _norm, np_tree_sub
 
 
 def _arrays(p):
@@ -47,7 +47,7 @@ def _one_sided_minimum(a, b, translation: bool) -> float:
 
 
 def _dist(a, b) -> float:
-    return _norm(jax.tree.map(lambda x, y: np.asarray(x, np.float64) - np.asarray(y, np.float64), a, b))
+    return _norm(np_tree_sub(a, b))
 
 
 def _zeroed(x, index):
